@@ -1,0 +1,177 @@
+"""QAIRN: a residual U-Net whose skip connections are gated by residual quality attention.
+
+Read top to bottom: config, building blocks, the network, Minkowski pooling. The design is pinned
+in DESIGN.md section 1 (Gedik, Venkataramanan, Bovik: "Joint Deep Image Restoration and
+Unsupervised Quality Assessment"); the trunk follows FBCNN without its QF predictor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qairn.kernels.gate import gated_blend_reference
+
+
+@dataclass(frozen=True)
+class QAIRNConfig:
+    widths: tuple[int, int, int, int] = (32, 64, 128, 256)
+    nb: int = 2  # residual blocks per U-Net level
+    rqa_div: int = 4  # RQAttention hidden width = max(rqa_min, C // rqa_div)
+    rqa_min: int = 16
+    # Global input residual (out = x + tail). Not in FBCNN/the paper; it makes a short CPU training
+    # start at the JPEG floor instead of at zero, so the small preset uses it.
+    residual: bool = False
+    p: float = 2.0  # Minkowski exponent for Q = mean(gamma**p)**(1/p)
+    preset: str = "custom"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> QAIRNConfig:
+        d = json.loads(text)
+        d["widths"] = tuple(d["widths"])
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, QAIRNConfig] = {
+    "paper": QAIRNConfig(widths=(64, 128, 256, 512), nb=4, residual=False, preset="paper"),
+    "small": QAIRNConfig(widths=(16, 32, 64, 128), nb=2, residual=True, preset="small"),
+    "tiny": QAIRNConfig(widths=(8, 16, 16, 32), nb=1, residual=True, rqa_min=4, preset="tiny"),
+}
+
+
+def preset(name: str, **overrides) -> QAIRNConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    d = asdict(PRESETS[name]) | overrides
+    d["widths"] = tuple(d["widths"])
+    return QAIRNConfig(**d)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=True)
+
+
+class ResBlock(nn.Module):
+    """x + conv3x3(relu(conv3x3(x))), with bias and no normalisation (FBCNN)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = conv3x3(c, c)
+        self.conv2 = conv3x3(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(x)))
+
+
+class RQAttention(nn.Module):
+    """Residual quality attention: a small autoencoder from (skip, decoder) to a 1-channel logit.
+
+    Two strided 3x3 convolutions go down (1/4 of the merge's resolution), two 2x2 transposed
+    convolutions come back up with additive (residual) links, a 3x3 conv gives the logit. The gate
+    gamma = sigmoid(logit) blends: out = gamma * skip + (1 - gamma) * dec (paper eq. 1).
+    """
+
+    def __init__(self, c: int, hidden: int):
+        super().__init__()
+        self.inp = conv3x3(2 * c, hidden)
+        self.down1 = conv3x3(hidden, hidden, stride=2)
+        self.down2 = conv3x3(hidden, hidden, stride=2)
+        self.up2 = nn.ConvTranspose2d(hidden, hidden, 2, stride=2)
+        self.up1 = nn.ConvTranspose2d(hidden, hidden, 2, stride=2)
+        self.out = conv3x3(hidden, 1)
+        # Start every gate at gamma = 0.5: neither path is preferred before training.
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def logit(self, skip: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        e0 = F.relu(self.inp(torch.cat([skip, dec], dim=1)))
+        e1 = F.relu(self.down1(e0))
+        e2 = F.relu(self.down2(e1))
+        d1 = F.relu(self.up2(e2)) + e1
+        d0 = F.relu(self.up1(d1)) + e0
+        return self.out(d0)
+
+
+class QAIRN(nn.Module):
+    # Three 2x downsamplings in the trunk, and the shallowest-placed gate (gamma3, at 1/4 scale)
+    # halves twice more inside its autoencoder: inputs are padded to a multiple of 16.
+    stride = 16
+
+    def __init__(self, config: QAIRNConfig = PRESETS["small"]):
+        super().__init__()
+        self.config = config
+        c0, c1, c2, c3 = config.widths
+        nb = config.nb
+
+        def blocks(c):
+            return [ResBlock(c) for _ in range(nb)]
+
+        self.head = conv3x3(3, c0)
+        self.down1 = nn.Sequential(*blocks(c0), nn.Conv2d(c0, c1, 2, stride=2))
+        self.down2 = nn.Sequential(*blocks(c1), nn.Conv2d(c1, c2, 2, stride=2))
+        self.down3 = nn.Sequential(*blocks(c2), nn.Conv2d(c2, c3, 2, stride=2))
+        self.body = nn.Sequential(*blocks(c3), *blocks(c3))
+        self.up3 = nn.Sequential(nn.ConvTranspose2d(c3, c2, 2, stride=2), *blocks(c2))
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(c2, c1, 2, stride=2), *blocks(c1))
+        self.up1 = nn.Sequential(nn.ConvTranspose2d(c1, c0, 2, stride=2), *blocks(c0))
+        self.tail = conv3x3(c0, 3)
+        if config.residual:
+            # Start as the identity (out = input): training begins at the JPEG floor.
+            nn.init.zeros_(self.tail.weight)
+            nn.init.zeros_(self.tail.bias)
+
+        def hidden(c):
+            return max(config.rqa_min, c // config.rqa_div)
+
+        self.rqa3 = RQAttention(c2, hidden(c2))  # 1/4 scale -> gamma3
+        self.rqa2 = RQAttention(c1, hidden(c1))  # 1/2 scale -> gamma2
+        self.rqa1 = RQAttention(c0, hidden(c0))  # full scale -> gamma1
+        # The gated blend; the Triton backend swaps in its fused op (same signature).
+        self.gate = gated_blend_reference
+
+    def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor):
+        return self.gate(rqa.logit(skip, dec), skip, dec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x: (N,3,H,W) RGB in [0,1]. Returns (restored, [gamma1, gamma2, gamma3]).
+
+        gamma1 is full resolution, gamma2 half, gamma3 quarter (of the padded input, cropped back).
+        """
+        h, w = x.shape[-2:]
+        ph, pw = -h % self.stride, -w % self.stride
+        xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+        x1 = self.head(xp)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        y = self.body(x4)
+        y = self.up3(y + x4)  # 1/8 merge: addition, as FBCNN
+        y, g3 = self.merge(self.rqa3, x3, y)
+        y = self.up2(y)
+        y, g2 = self.merge(self.rqa2, x2, y)
+        y = self.up1(y)
+        y, g1 = self.merge(self.rqa1, x1, y)
+        y = self.tail(y)
+        if self.config.residual:
+            y = y + xp
+        y = y[..., :h, :w]
+        gammas = [g1[..., :h, :w], g2[..., : -(-h // 2), : -(-w // 2)], g3[..., : -(-h // 4), : -(-w // 4)]]
+        return y, gammas
+
+
+def minkowski(gamma: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-image Minkowski mean (mean(gamma**p))**(1/p) over all but the batch dimension."""
+    g = gamma.float().flatten(1)
+    return g.pow(p).mean(dim=1).pow(1.0 / p)

@@ -1,0 +1,113 @@
+"""Training data: pristine images decoded once, random patches JPEG-compressed in workers.
+
+Every batch is a pure function of (seed, batch index), so a run is deterministic and resumes
+exactly where it stopped, whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTS = {".png", ".webp", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm"}
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no training images found")
+    return files
+
+
+def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[np.ndarray]:
+    """Decode every image once (BGR uint8); keep a .npz cache keyed by the file list."""
+    key = hashlib.sha1("\n".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / f"train-{key}.npz" if cache_dir else None
+    if cache is not None and cache.exists():
+        with np.load(cache) as z:
+            return [z[f"a{i}"] for i in range(len(files))]
+    images = []
+    for p in files:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"{p}: cannot decode training image")
+        images.append(img)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez(tmp, **{f"a{i}": a for i, a in enumerate(images)})
+        tmp.replace(cache)
+    return images
+
+
+def jpeg(bgr: np.ndarray, qf: int) -> np.ndarray:
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(qf)])
+    assert ok
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+
+
+class JPEGPatches(Dataset):
+    """Item i is a whole batch: (jpeg, clean) float tensors (B,3,P,P) RGB in [0,1], plus the QFs."""
+
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        batch: int = 16,
+        patch: int = 96,
+        qf_range: tuple[int, int] = (5, 95),
+        shift_prob: float = 0.5,
+        seed: int = 0,
+        length: int = 10**9,
+    ):
+        self.images = [im for im in images if min(im.shape[:2]) >= patch + 8]
+        if not self.images:
+            raise ValueError(f"no training image is at least {patch + 8} px on its short side")
+        # Sample images in proportion to their area so every pixel is equally likely.
+        areas = np.array([im.shape[0] * im.shape[1] for im in self.images], dtype=np.float64)
+        self.prob = areas / areas.sum()
+        self.batch, self.patch, self.qf_range = batch, patch, qf_range
+        self.shift_prob, self.seed, self.length = shift_prob, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sample(self, rng: np.random.Generator):
+        p = self.patch
+        img = self.images[rng.choice(len(self.images), p=self.prob)]
+        # Crop p+8 so the JPEG grid can be shifted by 0..7 relative to the patch (FBCNN).
+        h, w = img.shape[:2]
+        y, x = rng.integers(0, h - p - 8 + 1), rng.integers(0, w - p - 8 + 1)
+        crop = img[y : y + p + 8, x : x + p + 8]
+        k = int(rng.integers(0, 8))  # rotation by 90 k degrees, with flip for k >= 4
+        crop = np.rot90(crop, k % 4)
+        if k >= 4:
+            crop = crop[:, ::-1]
+        crop = np.ascontiguousarray(crop)
+        qf = int(rng.integers(self.qf_range[0], self.qf_range[1] + 1))
+        comp = jpeg(crop, qf)
+        if rng.random() < self.shift_prob:
+            dy, dx = rng.integers(0, 8, size=2)
+        else:
+            dy = dx = 0
+        sl = (slice(dy, dy + p), slice(dx, dx + p))
+        return comp[sl], crop[sl], qf
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, int(i)])
+        comps, cleans, qfs = zip(*(self.sample(rng) for _ in range(self.batch)))
+
+        def to_t(a):  # BGR uint8 HWC -> RGB float CHW
+            t = torch.from_numpy(np.stack(a)[..., ::-1].copy()).permute(0, 3, 1, 2)
+            return t.float().div_(255.0)
+
+        return to_t(comps), to_t(cleans), torch.tensor(qfs)
+
+
+def worker_init(_):
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)

@@ -1,0 +1,272 @@
+"""The training loop (DESIGN.md section 2): JPEG QF 5..95, 96x96 crops, batch 16, L1 + (1 - SSIM),
+Adam 2e-4 halved every 1e4 steps down to 1.25e-5. CPU, one GPU (AMP, channels_last) or many
+through torchrun (DistributedDataParallel). Checkpoints hold model, optimiser, step and RNG."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from qairn.metrics import ssim_torch
+from qairn.model import QAIRN, QAIRNConfig, preset
+from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "train"
+
+
+@dataclass
+class TrainArgs:
+    data: str = str(DEFAULT_DATA)
+    out: str = "runs/train"
+    preset: str = "small"
+    steps: int = 500_000
+    batch: int = 16
+    patch: int = 96
+    qf_min: int = 5
+    qf_max: int = 95
+    shift_prob: float = 0.5
+    lr: float = 2e-4
+    lr_halve_every: int = 10_000
+    lr_min: float = 1.25e-5
+    ssim_weight: float = 1.0
+    seed: int = 0
+    workers: int = 2
+    ckpt_every: int = 200
+    log_every: int = 10
+    val_holdout: int = 8  # images kept out of training, for validation and the p sweep
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, none
+    channels_last: bool = True
+    threads: int = 0  # torch CPU threads (0: torch default)
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    resume: bool = False
+    export: str = ""
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    return max(a.lr * 0.5 ** (step // a.lr_halve_every), a.lr_min)
+
+
+def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
+    """Deterministic train/validation split: every k-th image (sorted by name) is held out."""
+    files = list_images(data)
+    if holdout <= 0:
+        return files, []
+    k = max(len(files) // holdout, 1)
+    val = files[::k][:holdout]
+    return [f for f in files if f not in val], val
+
+
+def loss_fn(out: torch.Tensor, clean: torch.Tensor, ssim_weight: float):
+    l1 = F.l1_loss(out, clean)
+    s = ssim_torch(out.float(), clean.float())
+    return l1 + ssim_weight * (1 - s), l1, s
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(a: TrainArgs) -> Path:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(a.device)
+    if world > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    main = rank == 0
+    out = Path(a.out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+
+    torch.manual_seed(a.seed)
+    config = preset(a.preset)
+    model = QAIRN(config).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    step, seconds = 0, 0.0
+    if a.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if QAIRNConfig.from_json(ck["config"]) != config:
+            raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optim"])
+        step, seconds = ck["step"], ck["seconds"]
+        torch.set_rng_state(ck["torch_rng"])
+        if main:
+            print(f"resumed from {ckpt_path} at step {step} ({seconds / 3600:.2f} h trained)")
+    if a.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    amp = a.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+    train_files, val_files = split_files(a.data, a.val_holdout)
+    images = load_cached(train_files, out / "cache")
+    ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+    # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
+    indices = range(step * world + rank, a.steps * world, world)
+    loader = DataLoader(
+        torch.utils.data.Subset(ds, indices),
+        batch_size=None,
+        num_workers=a.workers,
+        worker_init_fn=worker_init,
+        persistent_workers=a.workers > 0,
+        prefetch_factor=4 if a.workers > 0 else None,
+    )
+
+    def save_checkpoint():
+        if not main:
+            return
+        ck = {
+            "model": model.state_dict(),
+            "optim": opt.state_dict(),
+            "step": step,
+            "seconds": seconds,
+            "config": config.to_json(),
+            "args": asdict(a),
+            "torch_rng": torch.get_rng_state(),
+            "val_files": [f.name for f in val_files],
+        }
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(ck, tmp)
+        tmp.replace(ckpt_path)
+
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):
+        stop["flag"] = True
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log_path = out / "log.csv"
+    new_log = not log_path.exists() or not a.resume
+    logf = open(log_path, "w" if new_log else "a", newline="") if main else None
+    writer = csv.writer(logf) if logf else None
+    if writer and new_log:
+        writer.writerow(["step", "loss", "l1", "ssim", "lr", "patches_per_s", "seconds"])
+    bar = tqdm(total=a.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    t_last, n_last = time.time(), 0
+    model.train()
+    try:
+        for jpeg_b, clean_b, _ in loader:
+            if stop["flag"] or step >= a.steps:
+                break
+            t0 = time.time()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, a)
+            mf = torch.channels_last if a.channels_last else torch.contiguous_format
+            jpeg_b = jpeg_b.to(device, non_blocking=True).contiguous(memory_format=mf)
+            clean_b = clean_b.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                restored, _ = net(jpeg_b)
+            loss, l1, s = loss_fn(restored.float(), clean_b, a.ssim_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            seconds += time.time() - t0
+            n_last += a.batch * world
+            if main and step % a.log_every == 0:
+                rate = n_last / max(time.time() - t_last, 1e-9)
+                t_last, n_last = time.time(), 0
+                writer.writerow([step, f"{loss.item():.5f}", f"{l1.item():.5f}", f"{s.item():.5f}",
+                                 f"{lr_at(step - 1, a):.3g}", f"{rate:.1f}", f"{seconds:.1f}"])
+                logf.flush()
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step - 1, a):.2g}", pps=f"{rate:.1f}")
+            bar.update(1)
+            if step % a.ckpt_every == 0:
+                save_checkpoint()
+            if a.max_seconds and seconds >= a.max_seconds:
+                break
+    finally:
+        bar.close()
+        save_checkpoint()
+        if logf:
+            logf.close()
+        for s_, h in old_handlers.items():
+            signal.signal(s_, h)
+    if main:
+        plot_log(log_path, out / "loss.png")
+        if a.export:
+            export_weights(model, a, step, seconds, val_files)
+    if world > 1:
+        dist.destroy_process_group()
+    return ckpt_path
+
+
+def plot_log(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(log_path)))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, label="L1 + (1 - SSIM)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def export_weights(model: QAIRN, a: TrainArgs, step: int, seconds: float, val_files: list[Path]) -> Path:
+    from qairn.weights_io import save_weights
+
+    summary = {"steps": step, "seconds": round(seconds, 1), "args": asdict(a),
+               "val_files": [f.name for f in val_files]}
+    return save_weights(model, a.export, training=summary)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    for f, default in asdict(TrainArgs()).items():
+        flag = "--" + f.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="qairn train", description=__doc__)
+    add_args(p)
+    ns = p.parse_args(argv)
+    train(TrainArgs(**vars(ns)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Save and load QAIRN weights as safetensors whose metadata says which architecture they need."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qairn.model import QAIRN, QAIRNConfig
+
+FORMAT = "qairn"
+FORMAT_VERSION = "1"
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable or not a qairn file."""
+
+
+def save_weights(model: QAIRN, path: str | Path, training: dict | None = None, dtype=None) -> Path:
+    """Write model weights + config (+ training summary) to a safetensors file, atomically."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": "QAIRN",
+        "config": model.config.to_json(),
+        "training": json.dumps(training or {}, sort_keys=True),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types across versions
+        raise WeightsError(f"{path}: not a safetensors file ({e})") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise WeightsError(f"{path}: not a qairn weights file (no qairn config in its metadata)")
+    return meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
+    """Rebuild the architecture the file asks for and load its weights (as float32)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        config = QAIRNConfig.from_json(meta["config"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise WeightsError(f"{path}: unreadable qairn config ({e})") from None
+    model = QAIRN(config)
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            state[k] = f.get_tensor(k).float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: weights do not match the config (missing {len(missing)}, unexpected {len(unexpected)})"
+        )
+    model.training_summary = json.loads(meta.get("training", "{}") or "{}")
+    return model.to(device).eval()
