@@ -7,44 +7,72 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
+
+
+def gaussian_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Normalised 1-D Gaussian taps (float64); the 2-D SSIM window is its outer product."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    g = g / g.sum()
+    g = torch.from_numpy(gaussian_1d(size, sigma))
     return (g[:, None] * g[None, :]).to(dtype)
 
 
-def ssim_torch(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduce: bool = True) -> torch.Tensor:
+def _ssim_from_moments(mu_x, mu_y, xx, yy, xy, c1, c2):
+    sxx = xx - mu_x**2
+    syy = yy - mu_y**2
+    sxy = xy - mu_x * mu_y
+    return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+
+
+def ssim_torch(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduce: bool = True
+) -> torch.Tensor:
     """SSIM of (N,C,H,W) tensors: Gaussian 11x11, sigma 1.5, K=(0.01, 0.03), valid region.
 
     Computed per channel and averaged over channels (and pixels). reduce=False gives one value per
-    image. Differentiable: the training loss is L1 + (1 - SSIM).
+    image. Differentiable: the training loss is L1 + (1 - SSIM). The Gaussian is separable, so the
+    window is applied as an 11x1 then a 1x11 convolution (same sums, about 5x fewer operations).
     """
     c = x.shape[1]
-    w = gaussian_window(dtype=x.dtype).to(x.device).expand(c, 1, 11, 11)
+    g = torch.from_numpy(gaussian_1d()).to(x.device, x.dtype)
+    gh, gv = g.view(1, 1, 1, 11).expand(c, 1, 1, 11), g.view(1, 1, 11, 1).expand(c, 1, 11, 1)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
 
     def filt(t):
-        return F.conv2d(t, w, groups=c)
+        return F.conv2d(F.conv2d(t, gh, groups=c), gv, groups=c)
 
-    mu_x, mu_y = filt(x), filt(y)
-    sxx = filt(x * x) - mu_x**2
-    syy = filt(y * y) - mu_y**2
-    sxy = filt(x * y) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    s = _ssim_from_moments(filt(x), filt(y), filt(x * x), filt(y * y), filt(x * y), c1, c2)
     return s.mean() if reduce else s.flatten(1).mean(1)
+
+
+def _gauss_valid(a: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Valid-region Gaussian filter of an HxW(xC) float64 array, one axis at a time."""
+    r = (len(g) - 1) // 2
+    a = ndimage.correlate1d(a, g, axis=0, mode="constant")[r:-r]
+    return ndimage.correlate1d(a, g, axis=1, mode="constant")[:, r:-r]
+
+
+def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SSIM map (valid region, per channel) of two uint8 HxW or HxWx3 images, L=255, float64."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim: shapes differ {a.shape} vs {b.shape}")
+    if min(a.shape[:2]) < 11:
+        raise ValueError(f"ssim: images must be at least 11x11, got {a.shape[:2]}")
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    g = gaussian_1d()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mom = [_gauss_valid(t, g) for t in (x, y, x * x, y * y, x * y)]
+    return _ssim_from_moments(*mom, c1, c2)
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two uint8 HxWx3 (or HxW) images, L=255, per channel then averaged (float64)."""
-    ta = torch.from_numpy(np.ascontiguousarray(a)).double()
-    tb = torch.from_numpy(np.ascontiguousarray(b)).double()
-    if ta.ndim == 2:
-        ta, tb = ta[..., None], tb[..., None]
-    ta, tb = ta.permute(2, 0, 1)[None], tb.permute(2, 0, 1)[None]
-    return float(ssim_torch(ta, tb, data_range=255.0))
+    return float(ssim_map(a, b).mean())
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,19 +92,23 @@ def rgb_to_y_studio(rgb: np.ndarray) -> np.ndarray:
 
 
 def blocking_effect_factor(y: np.ndarray, block: int = 8) -> float:
-    """BEF of Yim & Bovik (2011) on a single-channel float image (block boundaries of size `block`)."""
+    """BEF of Yim & Bovik (2011) on a single-channel image (block boundaries every `block` px).
+
+    The boundary counts are the paper's N_HB = H (W // B - 1) and N_VB = W (H // B - 1), as in the
+    common PSNR-B code; for sizes that are not multiples of B this is one column (row) fewer than
+    the boundaries actually summed. DESIGN section 3's floor table is reproduced with these counts.
+    """
     y = y.astype(np.float64)
     h, w = y.shape
-    # Horizontal neighbours (differences between columns j and j+1).
-    dh = (y[:, :-1] - y[:, 1:]) ** 2
+    dh = (y[:, :-1] - y[:, 1:]) ** 2  # horizontal neighbours: columns j and j+1
     dv = (y[:-1, :] - y[1:, :]) ** 2
     h_bound = np.zeros(w - 1, dtype=bool)
     h_bound[block - 1 :: block] = True
     v_bound = np.zeros(h - 1, dtype=bool)
     v_bound[block - 1 :: block] = True
-    n_hb = h * h_bound.sum()
+    n_hb = h * (w // block - 1)
+    n_vb = w * (h // block - 1)
     n_hbc = h * (w - 1) - n_hb
-    n_vb = w * v_bound.sum()
     n_vbc = w * (h - 1) - n_vb
     d_b = (dh[:, h_bound].sum() + dv[v_bound, :].sum()) / max(n_hb + n_vb, 1)
     d_bc = (dh[:, ~h_bound].sum() + dv[~v_bound, :].sum()) / max(n_hbc + n_vbc, 1)

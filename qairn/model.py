@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qairn.kernels.gate import gated_blend_reference
+from qairn.kernels.gate import gated_blend_reference, scale_cores
 
 
 @dataclass(frozen=True)
@@ -140,15 +140,25 @@ class QAIRN(nn.Module):
         # The gated blend; the Triton backend swaps in its fused op (same signature).
         self.gate = gated_blend_reference
 
-    def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor):
-        return self.gate(rqa.logit(skip, dec), skip, dec)
+    def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor, **pool):
+        return self.gate(rqa.logit(skip, dec), skip, dec, **pool)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, pool_p: float | None = None, cores: torch.Tensor | None = None):
         """x: (N,3,H,W) RGB in [0,1]. Returns (restored, [gamma1, gamma2, gamma3]).
 
         gamma1 is full resolution, gamma2 half, gamma3 quarter (of the padded input, cropped back).
+        Off by default: with pool_p, also returns [(sum1, count1), (sum2, count2), (sum3, count3)],
+        per image the sum of gamma**pool_p over its core box and the box's pixel count, taken by the
+        gate itself (one fused pass with the Triton backend). cores: (N,4) int (y0, y1, x0, x1) in
+        input pixels, default the whole image; each scale rounds it up (kernels.gate.scale_cores).
         """
         h, w = x.shape[-2:]
+
+        def pool(scale):  # the gate's pooling arguments at 1/scale resolution (none by default)
+            if pool_p is None:
+                return {}
+            return {"p": pool_p, "cores": scale_cores(cores, len(x), h, w, scale, x.device)}
+
         ph, pw = -h % self.stride, -w % self.stride
         xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
 
@@ -158,16 +168,18 @@ class QAIRN(nn.Module):
         x4 = self.down3(x3)
         y = self.body(x4)
         y = self.up3(y + x4)  # 1/8 merge: addition, as FBCNN
-        y, g3 = self.merge(self.rqa3, x3, y)
+        y, g3, *q3 = self.merge(self.rqa3, x3, y, **pool(4))
         y = self.up2(y)
-        y, g2 = self.merge(self.rqa2, x2, y)
+        y, g2, *q2 = self.merge(self.rqa2, x2, y, **pool(2))
         y = self.up1(y)
-        y, g1 = self.merge(self.rqa1, x1, y)
+        y, g1, *q1 = self.merge(self.rqa1, x1, y, **pool(1))
         y = self.tail(y)
         if self.config.residual:
             y = y + xp
         y = y[..., :h, :w]
         gammas = [g1[..., :h, :w], g2[..., : -(-h // 2), : -(-w // 2)], g3[..., : -(-h // 4), : -(-w // 4)]]
+        if pool_p is not None:
+            return y, gammas, [tuple(q1), tuple(q2), tuple(q3)]
         return y, gammas
 
 

@@ -1,11 +1,592 @@
-"""Sigmoid-gated skip blend with Minkowski pooling sums (plain-torch reference for now)."""
+"""Fused RQAttention merge: sigmoid gate, gated blend over all channels, Minkowski pooling sums.
+
+For logit (N,1,H,W) and skip, dec (N,C,H,W), one pass over memory computes
+
+    gamma = sigmoid(logit)
+    out   = gamma * skip + (1 - gamma) * dec                  (paper eq. 1)
+    pool_sum[n]   = sum of gamma**p over image n's core box   (fp32)
+    pool_count[n] = number of pixels in that box              (int64)
+
+so the quality score Q = (pool_sum / pool_count) ** (1/p) costs no extra read of gamma. A core box
+is (y0, y1, x0, x1), half-open, one per image: the tiled engine pools each tile's core only, and the
+sums and counts of all tiles of an image add up to the whole image's.
+
+Read top to bottom: plain-torch reference, Triton kernels and their launchers, the torch.library
+ops (Triton on CUDA, the reference elsewhere; autograd; ONNX decomposition), the public helpers.
+Triton is optional: without it everything here runs on the reference.
+
+Triton runs on CPU tensors only under the interpreter: TRITON_INTERPRET=1 must be set before
+triton is first imported. Powers are taken as exp2(p * log2(x)), which compiles and interprets alike.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference path needs no Triton
+    triton = None
+
+HAS_TRITON = triton is not None
 
 
-def gated_blend_reference(logit: torch.Tensor, skip: torch.Tensor, dec: torch.Tensor):
-    """gamma = sigmoid(logit); out = gamma*skip + (1-gamma)*dec. Returns (out, gamma)."""
+# ---------------------------------------------------------------------------------------------------
+# Reference (plain torch). Traceable: it is also the op's decomposition for ONNX export.
+# ---------------------------------------------------------------------------------------------------
+
+
+def core_mask(cores: Tensor | None, n: int, h: int, w: int, device) -> Tensor | None:
+    """(N,1,H,W) bool mask of each image's core box (y0, y1, x0, x1); None means the whole image."""
+    if cores is None:
+        return None
+    ys = torch.arange(h, device=device).view(1, 1, h, 1)
+    xs = torch.arange(w, device=device).view(1, 1, 1, w)
+    y0, y1, x0, x1 = cores.to(device).view(n, 4, 1, 1, 1).unbind(1)
+    return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
+
+
+def pool_reference(gamma: Tensor, p: float, cores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-image (sum of gamma**p, pixel count) over the core boxes; sums in fp32 (fp64 for fp64)."""
+    n, _, h, w = gamma.shape
+    g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))
+    gp = g.pow(p)
+    mask = core_mask(cores, n, h, w, gamma.device)
+    if mask is None:
+        return gp.sum(dim=(1, 2, 3)), torch.full((n,), h * w, dtype=torch.int64, device=gamma.device)
+    pool_sum = torch.where(mask, gp, torch.zeros_like(gp)).sum(dim=(1, 2, 3))
+    return pool_sum, mask.sum(dim=(1, 2, 3))
+
+
+def gated_blend_reference(logit: Tensor, skip: Tensor, dec: Tensor, p: float | None = None, cores=None):
+    """gamma = sigmoid(logit); out = gamma*skip + (1-gamma)*dec, in the inputs' dtype.
+
+    Returns (out, gamma); with p, returns (out, gamma, pool_sum, pool_count) (see the module doc).
+    """
     gamma = torch.sigmoid(logit)
-    return dec + gamma * (skip - dec), gamma
+    out = dec + gamma * (skip - dec)
+    if p is None:
+        return out, gamma
+    return out, gamma, *pool_reference(gamma, p, as_cores(cores, logit))
+
+
+def gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
+    """Gradients (logit, skip, dec) of gated_blend; None grads count as zero.
+
+    With g = sigmoid(logit): d out/d skip = g, d out/d dec = 1-g, d g/d logit = g(1-g), and
+    d (g**p)/d logit = p g**p (1-g), which needs neither g**(p-1) nor a division at g = 0.
+    """
+    compute = torch.promote_types(logit.dtype, torch.float32)
+    g = torch.sigmoid(logit.to(compute))
+    if grad_out is None:
+        grad_out = torch.zeros_like(skip)
+    go = grad_out.to(compute)
+    grad_skip = (go * g).to(skip.dtype)
+    grad_dec = (go * (1 - g)).to(dec.dtype)
+    grad_gamma_total = (go * (skip.to(compute) - dec.to(compute))).sum(dim=1, keepdim=True)
+    if grad_gamma is not None:
+        grad_gamma_total = grad_gamma_total + grad_gamma.to(compute)
+    grad_logit = grad_gamma_total * g * (1 - g)
+    if grad_pool_sum is not None:
+        n, _, h, w = logit.shape
+        d_pool = grad_pool_sum.to(compute).view(n, 1, 1, 1) * p * g.pow(p) * (1 - g)
+        mask = core_mask(cores, n, h, w, logit.device)
+        grad_logit = grad_logit + (d_pool if mask is None else torch.where(mask, d_pool, 0.0))
+    return grad_logit.to(logit.dtype), grad_skip, grad_dec
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels. A program owns BLOCK_P pixels of one image and loops over the channels, so gamma
+# is computed once per pixel and logit, skip, dec are each read once and out written once.
+# Pixels are the flattened (H,W) index; a tensor's address is n*s_n + c*s_c + pixel*s_p, which
+# covers contiguous NCHW (s_p = 1) and channels_last (s_c = 1) alike. HW is passed on its own so
+# that Triton's divisible-by-16 specialisation of it lets the masked loads vectorise.
+# ---------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _core_box(cores_ptr, n):
+        y0 = tl.load(cores_ptr + n * 4 + 0)
+        y1 = tl.load(cores_ptr + n * 4 + 1)
+        x0 = tl.load(cores_ptr + n * 4 + 2)
+        x1 = tl.load(cores_ptr + n * 4 + 3)
+        return y0, y1, x0, x1
+
+    @triton.jit
+    def _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES: tl.constexpr):
+        if HAS_CORES:
+            y0, y1, x0, x1 = _core_box(cores_ptr, n)
+            y = offs_p // W
+            x = offs_p - y * W
+            return mask_p & (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
+        else:
+            return mask_p
+
+    @triton.jit
+    def _gate_fwd_kernel(
+        logit_ptr, skip_ptr, dec_ptr, out_ptr, gamma_ptr, partial_ptr, cores_ptr,
+        C, HW, W, p, num_blocks,
+        s_logit_n, s_logit_p,
+        s_skip_n, s_skip_c, s_skip_p,
+        s_dec_n, s_dec_c, s_dec_p,
+        s_out_n, s_out_c, s_out_p,
+        s_gamma_n, s_gamma_p,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr,
+    ):  # fmt: skip
+        pid_p = tl.program_id(0)
+        n = tl.program_id(1)
+        n64 = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+
+        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
+        gamma = tl.sigmoid(logit.to(tl.float32))
+        if WRITE_GAMMA:
+            gamma_ptrs = gamma_ptr + n64 * s_gamma_n + offs_p * s_gamma_p
+            tl.store(gamma_ptrs, gamma.to(gamma_ptr.dtype.element_ty), mask=mask_p)
+        if POOL:
+            # One partial per program, summed in a fixed order by _pool_finish_kernel: deterministic.
+            gamma_p = tl.exp2(p * tl.log2(gamma))
+            in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
+            tl.store(partial_ptr + n * num_blocks + pid_p, tl.sum(tl.where(in_core, gamma_p, 0.0), axis=0))
+
+        g = gamma[None, :]
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = (offs_c[:, None] < C) & mask_p[None, :]
+            skip_ptrs = skip_ptr + n64 * s_skip_n + offs_c[:, None] * s_skip_c + offs_p[None, :] * s_skip_p
+            dec_ptrs = dec_ptr + n64 * s_dec_n + offs_c[:, None] * s_dec_c + offs_p[None, :] * s_dec_p
+            skip = tl.load(skip_ptrs, mask=mask, other=0.0).to(tl.float32)
+            dec = tl.load(dec_ptrs, mask=mask, other=0.0).to(tl.float32)
+            out = dec + g * (skip - dec)
+            out_ptrs = out_ptr + n64 * s_out_n + offs_c[:, None] * s_out_c + offs_p[None, :] * s_out_p
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pool_finish_kernel(
+        partial_ptr, cores_ptr, sum_ptr, count_ptr, num_blocks, H, W,
+        BLOCK: tl.constexpr, HAS_CORES: tl.constexpr,
+    ):  # fmt: skip
+        n = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for b0 in range(0, num_blocks, BLOCK):
+            offs = b0 + tl.arange(0, BLOCK)
+            acc += tl.load(partial_ptr + n * num_blocks + offs, mask=offs < num_blocks, other=0.0)
+        tl.store(sum_ptr + n, tl.sum(acc, axis=0))
+        # The count follows from the box clipped to the image; it equals the number of masked pixels.
+        if HAS_CORES:
+            y0, y1, x0, x1 = _core_box(cores_ptr, n)
+            rows = tl.maximum(tl.minimum(y1, H) - tl.maximum(y0, 0), 0).to(tl.int64)
+            cols = tl.maximum(tl.minimum(x1, W) - tl.maximum(x0, 0), 0).to(tl.int64)
+            tl.store(count_ptr + n, rows * cols)
+        else:
+            tl.store(count_ptr + n, tl.full([], 0, tl.int64) + H * W)
+
+    @triton.jit
+    def _gate_bwd_kernel(
+        grad_out_ptr, grad_gamma_ptr, grad_pool_ptr, logit_ptr, skip_ptr, dec_ptr,
+        grad_logit_ptr, grad_skip_ptr, grad_dec_ptr, cores_ptr,
+        C, HW, W, p,
+        s_go_n, s_go_c, s_go_p,
+        s_gg_n, s_gg_p,
+        s_logit_n, s_logit_p,
+        s_skip_n, s_skip_c, s_skip_p,
+        s_dec_n, s_dec_c, s_dec_p,
+        s_gs_n, s_gs_c, s_gs_p,
+        s_gd_n, s_gd_c, s_gd_p,
+        s_gl_n, s_gl_p,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr,
+    ):  # fmt: skip
+        pid_p = tl.program_id(0)
+        n = tl.program_id(1)
+        n64 = n.to(tl.int64)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+
+        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
+        gamma = tl.sigmoid(logit.to(tl.float32))
+        g = gamma[None, :]
+        grad_gamma = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum over channels of grad_out*(skip-dec)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask = (offs_c[:, None] < C) & mask_p[None, :]
+            oc = offs_c[:, None]
+            op = offs_p[None, :]
+            go = tl.load(grad_out_ptr + n64 * s_go_n + oc * s_go_c + op * s_go_p, mask=mask, other=0.0)
+            skip = tl.load(skip_ptr + n64 * s_skip_n + oc * s_skip_c + op * s_skip_p, mask=mask, other=0.0)
+            dec = tl.load(dec_ptr + n64 * s_dec_n + oc * s_dec_c + op * s_dec_p, mask=mask, other=0.0)
+            go = go.to(tl.float32)
+            grad_skip = go * g
+            gs_ptrs = grad_skip_ptr + n64 * s_gs_n + oc * s_gs_c + op * s_gs_p
+            gd_ptrs = grad_dec_ptr + n64 * s_gd_n + oc * s_gd_c + op * s_gd_p
+            tl.store(gs_ptrs, grad_skip.to(grad_skip_ptr.dtype.element_ty), mask=mask)
+            tl.store(gd_ptrs, (go - grad_skip).to(grad_dec_ptr.dtype.element_ty), mask=mask)
+            grad_gamma += tl.sum(go * (skip.to(tl.float32) - dec.to(tl.float32)), axis=0)
+
+        if HAS_GRAD_GAMMA:
+            gg_ptrs = grad_gamma_ptr + n64 * s_gg_n + offs_p * s_gg_p
+            grad_gamma += tl.load(gg_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+        grad_logit = grad_gamma * gamma * (1.0 - gamma)
+        if POOL:
+            grad_pool = tl.load(grad_pool_ptr + n).to(tl.float32)
+            gamma_p = tl.exp2(p * tl.log2(gamma))
+            in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
+            grad_logit += tl.where(in_core, grad_pool * p * gamma_p * (1.0 - gamma), 0.0)
+        gl_ptrs = grad_logit_ptr + n64 * s_gl_n + offs_p * s_gl_p
+        tl.store(gl_ptrs, grad_logit.to(grad_logit_ptr.dtype.element_ty), mask=mask_p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers. Callable directly (tests run them on CPU tensors under TRITON_INTERPRET=1); the op
+# below calls them for CUDA tensors.
+# ---------------------------------------------------------------------------------------------------
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _nchw_strides(t: Tensor) -> tuple[int, int, int] | None:
+    """(s_n, s_c, s_pixel) if (H,W) flatten into one pixel index with one stride, else None."""
+    _, _, h, w = t.shape
+    s_n, s_c, s_h, s_w = t.stride()
+    if h == 1:
+        return s_n, s_c, s_w
+    if w == 1:
+        return s_n, s_c, s_h
+    return (s_n, s_c, s_w) if s_h == w * s_w else None
+
+
+def _pixel_view(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    strides = _nchw_strides(t)
+    if strides is None:  # a strided view the kernel cannot walk: copy once
+        t = t.contiguous()
+        strides = _nchw_strides(t)
+    return t, strides
+
+
+def tile_config(c: int, channels_last: bool) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps). Fixed, not autotuned: the pooled sum's rounding depends on
+    BLOCK_P, and a fixed tile keeps it the same from run to run and machine to machine.
+
+    NCHW: pixels are contiguous, so long pixel rows and a few channels per step. channels_last:
+    channels are contiguous, so all (up to 64) channels of fewer pixels per step.
+    """
+    if channels_last and c > 1:
+        block_c = min(triton.next_power_of_2(c), 64)
+        return block_c, max(16, 4096 // block_c), 4
+    return min(triton.next_power_of_2(c), 4), 1024, 4
+
+
+def _check_runnable(t: Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton gate needs the triton package (pip install qairn[triton])")
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton gate runs on CPU tensors only with TRITON_INTERPRET=1 set")
+    if t.dtype not in TRITON_DTYPES:
+        raise TypeError(f"the Triton gate takes {TRITON_DTYPES}, got {t.dtype}")
+
+
+def _cores_arg(cores: Tensor | None, n: int, like: Tensor) -> Tensor:
+    if cores is None:
+        return like  # never read: HAS_CORES is False
+    if cores.shape != (n, 4):
+        raise ValueError(f"cores must be (N,4) = (y0, y1, x0, x1) per image, got {tuple(cores.shape)}")
+    return cores.to(device=like.device, dtype=torch.int32).contiguous()
+
+
+def gated_blend_triton(
+    logit: Tensor,
+    skip: Tensor,
+    dec: Tensor,
+    p: float | None = None,
+    cores: Tensor | None = None,
+    write_gamma: bool = True,
+    block_c: int | None = None,
+    block_p: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward. Returns (out, gamma, pool_sum, pool_count); gamma is empty (0,) unless
+    write_gamma, pool_sum and pool_count are empty (0,) when p is None. out has skip's layout.
+    block_c/block_p/num_warps override tile_config (for benchmarks and tests)."""
+    _check_runnable(skip)
+    n, c, h, w = skip.shape
+    if logit.shape != (n, 1, h, w) or dec.shape != skip.shape:
+        raise ValueError(
+            f"shapes: logit {tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
+        )
+    out = torch.empty_like(skip)  # before _pixel_view: the layout the op's fake promises
+    s_out = _nchw_strides(out)
+    gamma = torch.empty_like(logit) if write_gamma else logit.new_empty(0)
+    logit, s_logit = _pixel_view(logit)
+    skip, s_skip = _pixel_view(skip)
+    dec, s_dec = _pixel_view(dec)
+    s_gamma = _nchw_strides(gamma) if write_gamma else (0, 0, 0)
+
+    cfg_c, cfg_p, cfg_w = tile_config(c, channels_last=s_skip[1] == 1)
+    block_c, block_p, num_warps = block_c or cfg_c, block_p or cfg_p, num_warps or cfg_w
+    num_blocks = triton.cdiv(h * w, block_p)
+    pool = p is not None
+    partial = torch.empty((n, num_blocks) if pool else (0,), dtype=torch.float32, device=skip.device)
+    cores_arg = _cores_arg(cores, n, logit)
+
+    _gate_fwd_kernel[(num_blocks, n)](
+        logit, skip, dec, out, gamma, partial, cores_arg,
+        c, h * w, w, float(p or 0.0), num_blocks,
+        s_logit[0], s_logit[2],
+        *s_skip, *s_dec, *s_out,
+        s_gamma[0], s_gamma[2],
+        BLOCK_C=block_c, BLOCK_P=block_p,
+        WRITE_GAMMA=write_gamma, POOL=pool, HAS_CORES=cores is not None,
+        num_warps=num_warps,
+    )  # fmt: skip
+    if not pool:
+        empty = skip.new_empty(0, dtype=torch.float32)
+        return out, gamma, empty, empty.long()
+    pool_sum = torch.empty(n, dtype=torch.float32, device=skip.device)
+    pool_count = torch.empty(n, dtype=torch.int64, device=skip.device)
+    _pool_finish_kernel[(n,)](
+        partial, cores_arg, pool_sum, pool_count, num_blocks, h, w,
+        BLOCK=512, HAS_CORES=cores is not None,
+    )  # fmt: skip
+    return out, gamma, pool_sum, pool_count
+
+
+def gated_blend_backward_triton(
+    grad_out: Tensor | None,
+    grad_gamma: Tensor | None,
+    grad_pool_sum: Tensor | None,
+    logit: Tensor,
+    skip: Tensor,
+    dec: Tensor,
+    p: float | None,
+    cores: Tensor | None,
+    block_c: int | None = None,
+    block_p: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused backward: (grad_logit, grad_skip, grad_dec), each in its input's dtype and layout.
+    gamma is recomputed from logit (one read of N*H*W values) rather than saved."""
+    _check_runnable(skip)
+    n, c, h, w = skip.shape
+    if grad_out is None:
+        grad_out = torch.zeros_like(skip)
+    grad_logit = torch.empty_like(logit)  # before _pixel_view: the layouts the op's fake promises
+    grad_skip = torch.empty_like(skip)
+    grad_dec = torch.empty_like(dec)
+    grad_out, s_go = _pixel_view(grad_out)
+    logit, s_logit = _pixel_view(logit)
+    skip, s_skip = _pixel_view(skip)
+    dec, s_dec = _pixel_view(dec)
+    has_grad_gamma = grad_gamma is not None and grad_gamma.numel() > 0
+    if has_grad_gamma:
+        grad_gamma, s_gg = _pixel_view(grad_gamma)
+    else:
+        grad_gamma, s_gg = logit, (0, 0, 0)  # never read
+    pool = p is not None and grad_pool_sum is not None and grad_pool_sum.numel() > 0
+    grad_pool = grad_pool_sum.contiguous() if pool else logit
+
+    cfg_c, cfg_p, cfg_w = tile_config(c, channels_last=s_skip[1] == 1)
+    block_c, block_p, num_warps = block_c or cfg_c, block_p or cfg_p, num_warps or cfg_w
+    s_gl = _nchw_strides(grad_logit)
+    _gate_bwd_kernel[(triton.cdiv(h * w, block_p), n)](
+        grad_out, grad_gamma, grad_pool, logit, skip, dec,
+        grad_logit, grad_skip, grad_dec, _cores_arg(cores, n, logit),
+        c, h * w, w, float(p or 0.0),
+        *s_go, s_gg[0], s_gg[2], s_logit[0], s_logit[2], *s_skip, *s_dec,
+        *_nchw_strides(grad_skip), *_nchw_strides(grad_dec), s_gl[0], s_gl[2],
+        BLOCK_C=block_c, BLOCK_P=block_p,
+        HAS_GRAD_GAMMA=has_grad_gamma, POOL=pool, HAS_CORES=cores is not None,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return grad_logit, grad_skip, grad_dec
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library ops: one op each for forward and backward, so torch.compile and torch.export see a
+# single node. CUDA runs the Triton launchers; every other device (and fp64) runs the reference.
+# register_autograd wraps the pair in a torch.autograd.Function for training.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _gated_blend_impl(
+    logit: Tensor, skip: Tensor, dec: Tensor, p: float | None, cores: Tensor | None, write_gamma: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, gamma, pool_sum, pool_count); gamma is empty unless write_gamma, the pool empty if p is None."""
+    gamma = torch.sigmoid(logit)
+    out = torch.empty_like(skip)  # skip's layout, as the Triton path and the fake promise
+    torch.add(dec, gamma * (skip - dec), out=out)
+    if p is None:
+        pool_sum, pool_count = _empty_pool(logit)
+    else:
+        pool_sum, pool_count = pool_reference(gamma, p, cores)
+    return out, gamma if write_gamma else logit.new_empty(0), pool_sum, pool_count
+
+
+gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl, mutates_args=())
+
+
+@gated_blend_op.register_fake
+def _(logit, skip, dec, p, cores, write_gamma):
+    n = 0 if p is None else skip.shape[0]
+    pool_dtype = torch.promote_types(logit.dtype, torch.float32)
+    return (
+        torch.empty_like(skip),
+        torch.empty_like(logit) if write_gamma else logit.new_empty(0),
+        logit.new_empty(n, dtype=pool_dtype),
+        logit.new_empty(n, dtype=torch.int64),
+    )
+
+
+def _empty_pool(logit: Tensor) -> tuple[Tensor, Tensor]:
+    pool_dtype = torch.promote_types(logit.dtype, torch.float32)
+    return logit.new_empty(0, dtype=pool_dtype), logit.new_empty(0, dtype=torch.int64)
+
+
+def _gated_blend_backward_impl(
+    grad_out: Tensor | None,
+    grad_gamma: Tensor | None,
+    grad_pool_sum: Tensor | None,
+    logit: Tensor,
+    skip: Tensor,
+    dec: Tensor,
+    p: float | None,
+    cores: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_logit, grad_skip, grad_dec), each in its input's layout."""
+    grads = gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores)
+    return tuple(torch.empty_like(x).copy_(grad) for x, grad in zip((logit, skip, dec), grads, strict=True))
+
+
+gated_blend_backward_op = torch.library.custom_op(
+    "qairn::gated_blend_backward", _gated_blend_backward_impl, mutates_args=()
+)
+
+
+@gated_blend_backward_op.register_fake
+def _(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
+    return torch.empty_like(logit), torch.empty_like(skip), torch.empty_like(dec)
+
+
+def _triton_takes(*tensors: Tensor) -> bool:
+    return HAS_TRITON and all(t.dtype in TRITON_DTYPES for t in tensors)
+
+
+if HAS_TRITON:
+
+    @gated_blend_op.register_kernel("cuda")
+    def _(logit, skip, dec, p, cores, write_gamma):
+        if not _triton_takes(logit, skip, dec):
+            return _gated_blend_impl(logit, skip, dec, p, cores, write_gamma)
+        return gated_blend_triton(logit, skip, dec, p, cores, write_gamma)
+
+    @gated_blend_backward_op.register_kernel("cuda")
+    def _(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
+        if not _triton_takes(logit, skip, dec):
+            return _gated_blend_backward_impl(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores)
+        return gated_blend_backward_triton(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores)
+
+
+def _setup_context(ctx, inputs, output):
+    logit, skip, dec, p, cores, _ = inputs
+    ctx.save_for_backward(logit, skip, dec, cores)
+    ctx.p = p
+    ctx.set_materialize_grads(False)  # unused outputs (gamma, the pool) pass None, not zeros to read
+
+
+def _backward(ctx, grad_out, grad_gamma, grad_pool_sum, _grad_pool_count):
+    logit, skip, dec, cores = ctx.saved_tensors
+    if grad_gamma is not None and grad_gamma.numel() == 0:  # gamma was not written
+        grad_gamma = None
+    if grad_pool_sum is not None and grad_pool_sum.numel() == 0:
+        grad_pool_sum = None
+    grads = gated_blend_backward_op(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, ctx.p, cores)
+    return *grads, None, None, None
+
+
+gated_blend_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _gated_blend_decomposition(logit, skip, dec, p, cores, write_gamma):
+    """The op in standard torch ops, for exporters that cannot call it (ONNX)."""
+    gamma = torch.sigmoid(logit)
+    out = dec + gamma * (skip - dec)
+    pool_sum, pool_count = _empty_pool(logit) if p is None else pool_reference(gamma, p, cores)
+    return out, gamma if write_gamma else logit.new_empty(0), pool_sum, pool_count
+
+
+# torch.onnx.export (dynamo) decomposes every op found in torch._decomp's table before translating;
+# listing the op there makes a plain torch.onnx.export emit standard ONNX ops. torch.export's own
+# default decompositions do not read this table, so exported programs keep the single op.
+torch._decomp.register_decomposition(torch.ops.qairn.gated_blend.default)(_gated_blend_decomposition)
+
+
+def decompositions() -> dict:
+    """{op: decomposition}, for ExportedProgram.run_decompositions before other exporters."""
+    return {torch.ops.qairn.gated_blend.default: _gated_blend_decomposition}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+def as_cores(cores, like: Tensor) -> Tensor | None:
+    """None, an (N,4) tensor, or one (y0, y1, x0, x1) box for every image -> None or (N,4) int32."""
+    if cores is None:
+        return None
+    cores = torch.as_tensor(cores, dtype=torch.int32, device=like.device)
+    return cores.expand(like.shape[0], 4) if cores.dim() == 1 else cores
+
+
+def gated_blend(
+    logit: Tensor, skip: Tensor, dec: Tensor, p: float | None = None, cores=None, write_gamma=True
+):
+    """The fused, differentiable op; returns like gated_blend_reference: (out, gamma), or with p
+    (out, gamma, pool_sum, pool_count). cores: None (whole image), one (y0, y1, x0, x1) box, or an
+    (N,4) int tensor of boxes. write_gamma=False skips writing gamma (returned empty)."""
+    out, gamma, pool_sum, pool_count = gated_blend_op(
+        logit, skip, dec, p, as_cores(cores, logit), write_gamma
+    )
+    return (out, gamma) if p is None else (out, gamma, pool_sum, pool_count)
+
+
+def minkowski_from_sums(pool_sum: Tensor, pool_count: Tensor, p: float) -> Tensor:
+    """Q = (sum / count) ** (1/p); sum sums and counts over tiles first to pool a tiled image."""
+    return (pool_sum / pool_count).pow(1.0 / p)
+
+
+def scale_cores(cores: Tensor | None, n: int, h: int, w: int, scale: int, device=None) -> Tensor:
+    """Core boxes at 1/scale resolution, (N,4) int32. Coordinates round up, so boxes that tile an
+    image at full resolution still tile it at every scale, and the image's last box ends at
+    ceil(h/scale), where the model crops its lower-scale gammas. None means the whole h x w image."""
+    if cores is None:
+        cores = torch.zeros(n, 4, dtype=torch.int32, device=device)
+        cores[:, 1], cores[:, 3] = h, w  # fills, not a host copy: safe under CUDA graph capture
+    cores = as_cores(cores, torch.empty(n, 0, device=device if device is not None else cores.device))
+    return -torch.div(-cores, scale, rounding_mode="floor")
+
+
+GATE_BACKENDS = {"reference": gated_blend_reference, "eager": gated_blend_reference, "triton": gated_blend}
+
+
+def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Swap the gated blend of every QAIRN in model: "reference"/"eager" (plain torch) or "triton"
+    (the fused op: Triton on CUDA, the reference on other devices). Call it before torch.compile."""
+    if name not in GATE_BACKENDS:
+        raise ValueError(f"unknown gate backend {name!r}; choose one of {sorted(GATE_BACKENDS)}")
+    if name == "triton" and not HAS_TRITON:
+        raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
+    swapped = 0
+    for module in model.modules():
+        if hasattr(module, "gate") and hasattr(module, "rqa1"):
+            module.gate = GATE_BACKENDS[name]
+            swapped += 1
+    if not swapped:
+        raise ValueError("no QAIRN module (with .gate) found in model")
+    return model

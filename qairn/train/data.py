@@ -7,6 +7,8 @@ exactly where it stopped, whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 from pathlib import Path
 
 import cv2
@@ -39,7 +41,7 @@ def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[
         images.append(img)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # DDP ranks may race here
         np.savez(tmp, **{f"a{i}": a for i, a in enumerate(images)})
         tmp.replace(cache)
     return images
@@ -99,7 +101,7 @@ class JPEGPatches(Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, int(i)])
-        comps, cleans, qfs = zip(*(self.sample(rng) for _ in range(self.batch)))
+        comps, cleans, qfs = zip(*(self.sample(rng) for _ in range(self.batch)), strict=False)
 
         def to_t(a):  # BGR uint8 HWC -> RGB float CHW
             t = torch.from_numpy(np.stack(a)[..., ::-1].copy()).permute(0, 3, 1, 2)
@@ -109,5 +111,6 @@ class JPEGPatches(Dataset):
 
 
 def worker_init(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     cv2.setNumThreads(1)
     torch.set_num_threads(1)

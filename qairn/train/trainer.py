@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import signal
@@ -32,6 +31,8 @@ class TrainArgs:
     data: str = str(DEFAULT_DATA)
     out: str = "runs/train"
     preset: str = "small"
+    widths: str = ""  # override the preset's widths, e.g. "32,64,128,256"
+    nb: int = 0  # override the preset's residual blocks per level (0: the preset's)
     steps: int = 500_000
     batch: int = 16
     patch: int = 96
@@ -47,17 +48,36 @@ class TrainArgs:
     ckpt_every: int = 200
     log_every: int = 10
     val_holdout: int = 8  # images kept out of training, for validation and the p sweep
+    val_data: str = ""  # a separate validation folder: then all of --data trains and nothing is held out
     device: str = "auto"
     amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, none
     channels_last: bool = True
     threads: int = 0  # torch CPU threads (0: torch default)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
     resume: bool = False
-    export: str = ""
+    export: str = ""  # write shipping weights here at the end (fp16 when that costs < 0.02 dB)
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
     return max(a.lr * 0.5 ** (step // a.lr_halve_every), a.lr_min)
+
+
+def model_config(a: TrainArgs) -> QAIRNConfig:
+    overrides = {}
+    if a.widths:
+        overrides["widths"] = tuple(int(c) for c in a.widths.split(","))
+    if a.nb:
+        overrides["nb"] = a.nb
+    config = preset(a.preset, **overrides)
+    if overrides:  # name the variant, e.g. "small-w32-nb3"
+        config = preset(a.preset, **overrides, preset=f"{a.preset}-w{config.widths[0]}-nb{config.nb}")
+    return config
+
+
+def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
+    if a.val_data:
+        return list_images(a.data), list_images(a.val_data)
+    return split_files(a.data, a.val_holdout)
 
 
 def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
@@ -102,14 +122,14 @@ def train(a: TrainArgs) -> Path:
     ckpt_path = out / "checkpoint.pt"
 
     torch.manual_seed(a.seed)
-    config = preset(a.preset)
+    config = model_config(a)
     model = QAIRN(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     step, seconds = 0, 0.0
     if a.resume and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if QAIRNConfig.from_json(ck["config"]) != config:
-            raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset}")
+            raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         step, seconds = ck["step"], ck["seconds"]
@@ -126,7 +146,10 @@ def train(a: TrainArgs) -> Path:
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
 
-    train_files, val_files = split_files(a.data, a.val_holdout)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    train_files, val_files = train_val_files(a)
     images = load_cached(train_files, out / "cache")
     ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
     # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
@@ -138,6 +161,7 @@ def train(a: TrainArgs) -> Path:
         worker_init_fn=worker_init,
         persistent_workers=a.workers > 0,
         prefetch_factor=4 if a.workers > 0 else None,
+        pin_memory=device.type == "cuda",
     )
 
     def save_checkpoint():
@@ -159,6 +183,18 @@ def train(a: TrainArgs) -> Path:
 
     stop = {"flag": False}
 
+    def should_stop() -> bool:
+        want = stop["flag"] or bool(a.max_seconds and seconds >= a.max_seconds)
+        if world == 1:
+            return want
+        # Ranks must leave the loop at the same step (else one waits forever in an all-reduce):
+        # agree every log_every steps, so a rank's signal or time limit stops all of them together.
+        if step % a.log_every:
+            return False
+        t = torch.tensor([float(want)], device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def on_signal(signum, frame):
         stop["flag"] = True
 
@@ -174,7 +210,7 @@ def train(a: TrainArgs) -> Path:
     model.train()
     try:
         for jpeg_b, clean_b, _ in loader:
-            if stop["flag"] or step >= a.steps:
+            if step >= a.steps or should_stop():
                 break
             t0 = time.time()
             for g in opt.param_groups:
@@ -185,7 +221,8 @@ def train(a: TrainArgs) -> Path:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 restored, _ = net(jpeg_b)
             loss, l1, s = loss_fn(restored.float(), clean_b, a.ssim_weight)
-            if not torch.isfinite(loss):
+            # On a GPU, checking every step would stall the pipeline: check when logging.
+            if (device.type != "cuda" or step % a.log_every == 0) and not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {step}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -197,15 +234,22 @@ def train(a: TrainArgs) -> Path:
             if main and step % a.log_every == 0:
                 rate = n_last / max(time.time() - t_last, 1e-9)
                 t_last, n_last = time.time(), 0
-                writer.writerow([step, f"{loss.item():.5f}", f"{l1.item():.5f}", f"{s.item():.5f}",
-                                 f"{lr_at(step - 1, a):.3g}", f"{rate:.1f}", f"{seconds:.1f}"])
+                writer.writerow(
+                    [
+                        step,
+                        f"{loss.item():.5f}",
+                        f"{l1.item():.5f}",
+                        f"{s.item():.5f}",
+                        f"{lr_at(step - 1, a):.3g}",
+                        f"{rate:.1f}",
+                        f"{seconds:.1f}",
+                    ]
+                )
                 logf.flush()
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step - 1, a):.2g}", pps=f"{rate:.1f}")
             bar.update(1)
             if step % a.ckpt_every == 0:
                 save_checkpoint()
-            if a.max_seconds and seconds >= a.max_seconds:
-                break
     finally:
         bar.close()
         save_checkpoint()
@@ -216,7 +260,7 @@ def train(a: TrainArgs) -> Path:
     if main:
         plot_log(log_path, out / "loss.png")
         if a.export:
-            export_weights(model, a, step, seconds, val_files)
+            export_weights(model, a, step, seconds, val_files, device)
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
@@ -244,12 +288,33 @@ def plot_log(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def export_weights(model: QAIRN, a: TrainArgs, step: int, seconds: float, val_files: list[Path]) -> Path:
+def export_weights(
+    model: QAIRN,
+    a: TrainArgs,
+    step: int,
+    seconds: float,
+    val_files: list[Path],
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write the shipping file: fp16 when fp16-rounded weights lose < 0.02 dB of restored PSNR on the
+    held-out images (QF 10..40), else fp32; the check's numbers go into the metadata."""
+    from qairn.train.evaluate import fp16_check
     from qairn.weights_io import save_weights
 
-    summary = {"steps": step, "seconds": round(seconds, 1), "args": asdict(a),
-               "val_files": [f.name for f in val_files]}
-    return save_weights(model, a.export, training=summary)
+    decision = fp16_check(model, val_files, device=device)
+    print(
+        f"export: {decision['dtype']} ({decision.get('loss_db', math.nan):.4f} dB fp16 loss on "
+        f"{len(val_files)} held-out images) -> {a.export}"
+    )
+    summary = {
+        "steps": step,
+        "seconds": round(seconds, 1),
+        "args": asdict(a),
+        "val_files": [f.name for f in val_files],
+        "export": decision,
+    }
+    dtype = torch.float16 if decision["dtype"] == "fp16" else None
+    return save_weights(model, a.export, training=summary, dtype=dtype)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,43 @@
+"""The `qairn` command line: one subcommand per job, each implemented where its code lives."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function taking argv); imported lazily so `qairn score` stays quick.
+COMMANDS = {
+    "restore": ("qairn.engine.cli", "main_restore"),
+    "score": ("qairn.engine.cli", "main_score"),
+    "train": ("qairn.train.trainer", "main"),
+    "eval": ("qairn.train.evaluate", "main_eval"),
+    "eval-quality": ("qairn.train.evaluate", "main_quality"),
+    "export": ("qairn.export.cli", "main"),
+    "bench": ("qairn.engine.bench", "main"),
+    "video": ("qairn.engine.video", "main"),
+}
+
+USAGE = "usage: qairn {" + ",".join(COMMANDS) + "} ...   (qairn COMMAND -h for help)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from qairn import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"qairn: unknown command {name!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name]
+    rc = getattr(importlib.import_module(module), func)(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Inference backends behind one interface.
+
+A backend is a callable taking a float32 (N,3,h,w) RGB batch in [0,1] on the engine's device and
+returning (restored float32 (N,3,h,w), [gamma1, gamma2, gamma3] float32), like QAIRN.forward.
+`fixed_tile` is True for backends that want every tile at the planned full size (static engines).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from qairn.model import QAIRN
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# name -> "module:factory" for backends that live with their own subsystem (loaded lazily).
+EXTERNAL = {
+    "onnxruntime": "qairn.export.ort_backend:make_backend",
+    "tensorrt": "qairn.export.trt_backend:make_backend",
+}
+BACKENDS = ("eager", "compile", "triton", *EXTERNAL)
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+class TorchBackend:
+    """Eager PyTorch (optionally torch.compile'd, optionally with the Triton-fused gate)."""
+
+    fixed_tile = False
+
+    def __init__(self, model: QAIRN, device: torch.device, precision: str = "fp32", compile: bool = False,
+                 triton: bool = False, channels_last: bool | None = None):
+        self.dtype = PRECISIONS[precision]
+        self.device = device
+        self.channels_last = device.type == "cuda" if channels_last is None else channels_last
+        model = model.to(device=device, dtype=self.dtype).eval()
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if triton:
+            from qairn.kernels import gate
+
+            gate.use_gate_backend(model, "triton")
+        self.model = model
+        self.net = model
+        if compile:
+            # Static tile shapes: CUDA graphs ("reduce-overhead") replay the whole forward per batch.
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self.net = torch.compile(model, mode=mode, dynamic=False)
+            self.fixed_tile = True
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor):
+        x = x.to(self.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y, gammas = self.net(x)
+        # Clone: CUDA-graph outputs are overwritten by the next replay.
+        return y.float().clone(), [g.float().clone() for g in gammas]
+
+
+def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+    if name == "eager":
+        return TorchBackend(model, device, precision, **options)
+    if name == "compile":
+        return TorchBackend(model, device, precision, compile=True, **options)
+    if name == "triton":
+        return TorchBackend(model, device, precision, triton=True, **options)
+    if name in EXTERNAL:
+        module, func = EXTERNAL[name].split(":")
+        try:
+            factory = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as e:
+            raise BackendError(f"backend {name!r} is not available: {e}") from None
+        return factory(model, device, precision, **options)
+    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,200 @@
+"""`qairn restore` and `qairn score`: many files in, one clear line per problem, nothing lost."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from qairn.engine.imageio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    WRITE_SUFFIXES,
+    ImageError,
+    read_image,
+    write_atomic,
+    write_image,
+)
+
+
+class InputError(ValueError):
+    pass
+
+
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, directories (their images, sorted) and globs -> (paths, errors)."""
+    paths, errors = [], []
+    for item in items:
+        if any(ch in item for ch in "*?["):
+            hits = sorted(Path(h) for h in glob.glob(item, recursive=True))
+            hits = [h for h in hits if h.is_file()]
+            if not hits:
+                errors.append(f"{item}: no files match this pattern")
+            paths += hits
+            continue
+        p = Path(item)
+        if p.is_dir():
+            imgs = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not imgs:
+                errors.append(f"{p}: directory contains no images")
+            paths += imgs
+        elif not p.exists():
+            errors.append(f"{p}: no such file or directory")
+        else:
+            paths.append(p)
+    return paths, errors
+
+
+def output_paths(inputs: list[Path], out: str, suffix: str | None) -> list[Path]:
+    """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file."""
+    o = Path(out)
+    as_dir = o.is_dir() or out.endswith(("/", "\\")) or not o.suffix or len(inputs) > 1
+    if as_dir:
+        o.mkdir(parents=True, exist_ok=True)
+        sfx = suffix or ".png"  # lossless by default: re-encoding as JPEG would add artifacts back
+        names = [p.stem + sfx for p in inputs]
+        dup = {n for n in names if names.count(n) > 1}
+        # Same stem from different folders: keep them apart with the parent folder name.
+        return [o / (f"{p.parent.name}_{n}" if n in dup else n) for p, n in zip(inputs, names)]
+    if o.suffix.lower() not in WRITE_SUFFIXES:
+        raise InputError(f"{o}: unsupported output type {o.suffix!r}; use one of {sorted(WRITE_SUFFIXES)}")
+    return [o]
+
+
+def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
+    """gamma2 as a heat map (viridis, 0..1) at the image's size, PNG bytes."""
+    import cv2
+    from matplotlib import colormaps
+
+    rgb = (colormaps["viridis"](np.clip(gamma2, 0, 1))[..., :3] * 255).round().astype(np.uint8)
+    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST)
+    ok, buf = cv2.imencode(".png", rgb[..., ::-1])
+    return buf.tobytes()
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="image files, directories or globs")
+    p.add_argument("--weights", default=None, help="qairn safetensors weights (default: shipped)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--backend", default="eager", help="eager, compile, triton, onnxruntime, tensorrt")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--tile", type=int, default=512, help="tile size in pixels; 0 = whole image")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})")
+
+
+def make_restorer(a):
+    from qairn.engine.restorer import Restorer
+
+    return Restorer(weights=a.weights, device=a.device, backend=a.backend, precision=a.precision,
+                    tile=a.tile or None, overlap=a.overlap)
+
+
+def error(msg: str) -> None:
+    tqdm.write(f"qairn: error: {msg}", file=sys.stderr)
+
+
+def fatal(msg: str) -> int:
+    print(f"qairn: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main_restore(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="qairn restore", description="Remove JPEG artifacts from images.")
+    common_args(p)
+    p.add_argument("-o", "--output", required=True, help="output file, or directory for several inputs")
+    p.add_argument("--format", default=None, help="output suffix in a directory, e.g. .png (default)")
+    p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
+    p.add_argument("--json", default=None, help="write per-image Q1..Q3 to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
+    a = p.parse_args(argv)
+
+    inputs, errors = expand_inputs(a.inputs)
+    for e in errors:
+        error(e)
+    if not inputs:
+        return 1
+    try:
+        outputs = output_paths(inputs, a.output, a.format)
+    except (InputError, OSError) as e:
+        return fatal(str(e))
+    if a.format and a.format.lower() not in WRITE_SUFFIXES:
+        return fatal(f"--format {a.format}: use one of {sorted(WRITE_SUFFIXES)}")
+    try:
+        r = make_restorer(a)
+    except Exception as e:  # weights/backends/devices: one line, no traceback
+        return fatal(str(e).splitlines()[0])
+
+    failed = len(errors)
+    records = []
+    input_set = {q.resolve() for q in inputs}
+    for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
+        try:
+            if dst.resolve() in input_set and not a.overwrite:
+                raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
+            if dst.exists() and not a.overwrite:
+                raise InputError(f"{dst}: output exists (use --overwrite)")
+            if not dst.parent.is_dir():
+                raise InputError(f"{dst}: output folder does not exist")
+            img = read_image(src, a.max_pixels)
+            res = r.restore(img, return_maps=a.quality_map)
+            write_image(dst, res.image)
+            if a.quality_map:
+                qm = dst.with_name(dst.stem + ".quality.png")
+                write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
+            records.append({"path": str(src), "output": str(dst), **res.quality})
+        except (ImageError, InputError) as e:
+            failed += 1
+            error(str(e))
+        except OSError as e:
+            failed += 1
+            error(f"{dst}: cannot write ({e.strerror or e})")
+        except Exception as e:
+            failed += 1
+            error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if a.json:
+        try:
+            write_atomic(Path(a.json), (json.dumps(records, indent=2) + "\n").encode())
+        except OSError as e:
+            failed += 1
+            error(f"{a.json}: cannot write ({e.strerror or e})")
+    return 1 if failed else 0
+
+
+def main_score(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="qairn score", description="No-reference quality Q1..Q3 of images.")
+    common_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    a = p.parse_args(argv)
+
+    inputs, errors = expand_inputs(a.inputs)
+    for e in errors:
+        error(e)
+    if not inputs:
+        return 1
+    try:
+        r = make_restorer(a)
+    except Exception as e:
+        return fatal(str(e).splitlines()[0])
+    failed = len(errors)
+    if not a.json:
+        width = max(len(str(q)) for q in inputs)
+        print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
+    for src in tqdm(inputs, desc="score", unit="img", file=sys.stderr, disable=len(inputs) < 2):
+        try:
+            q = r.score(read_image(src, a.max_pixels))
+        except ImageError as e:
+            failed += 1
+            error(str(e))
+            continue
+        if a.json:
+            print(json.dumps({"path": str(src), **{k: round(v, 6) for k, v in q.items()}}), flush=True)
+        else:
+            print(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}", flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,208 @@
+"""Y'CbCr planes <-> R'G'B' tensors, computed on the engine's device, and `restore_yuv`.
+
+Matrices (luma weights Kr, Kb; Kg = 1 - Kr - Kb):
+  bt601  0.299,  0.114   SD video (BT.470BG / SMPTE 170M) and JPEG
+  bt709  0.2126, 0.0722  HD video
+  bt2020 0.2627, 0.0593  UHD video (non-constant luminance)
+Ranges, at `bits` per sample (s = 2**(bits-8)):
+  limited ("tv", "mpeg"): Y = s*(16 + 219 Y'),  C = s*(128 + 224 P)   P = Pb or Pr in [-0.5, 0.5]
+  full    ("pc", "jpeg"): Y = (2**bits-1) Y',   C = 2**(bits-1) + (2**bits-1) P
+JPEG (JFIF 1.02) uses BT.601 with full range (Y = 0.299 R + 0.587 G + 0.114 B, Cb = 128 + (B-Y)/1.772,
+Cr = 128 + (R-Y)/1.402, all 0..255): planes taken from a JPEG are restore_yuv(..., matrix="bt601",
+range="full"). Video is usually limited range, BT.709 for HD and BT.601 for SD.
+
+Chroma: 4:2:0 and 4:2:2 planes are upsampled with the triangle filter libjpeg uses ("fancy upsampling":
+bilinear, centred siting, edges replicated), so the network sees chroma as it did in training, and are
+downsampled by 2x2 (or 2x1) box averages.
+
+restore_yuv applies the restoration as a correction: out = in + down(M (restored - rgb)), with `rgb` the
+input converted to R'G'B' and clipped to [0, 1]. With no change to the picture the planes come back
+bit-exact (no chroma blur, no gamut clipping of super-whites or out-of-gamut colours), whatever the
+subsampling; the plain conversion round trip (planes_to_rgb, then rgb_to_planes) is measured in
+tests/test_color.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.2627, 0.0593)}
+MATRIX_ALIASES = {"601": "bt601", "bt470bg": "bt601", "smpte170m": "bt601", "709": "bt709", "2020": "bt2020"}
+RANGES = {"limited": "limited", "tv": "limited", "mpeg": "limited", "full": "full", "pc": "full", "jpeg": "full"}
+
+
+class ColorError(ValueError):
+    """Planes or colour parameters that cannot be converted; the message says what is wrong."""
+
+
+def check_matrix(matrix: str) -> str:
+    m = MATRIX_ALIASES.get(str(matrix).lower(), str(matrix).lower())
+    if m not in MATRICES:
+        raise ColorError(f"unknown colour matrix {matrix!r}; choose one of {', '.join(MATRICES)}")
+    return m
+
+
+def check_range(range: str) -> str:
+    r = RANGES.get(str(range).lower())
+    if r is None:
+        raise ColorError(f"unknown colour range {range!r}; choose 'limited' or 'full'")
+    return r
+
+
+def rgb_matrix(matrix: str) -> torch.Tensor:
+    """3x3 matrix taking (R', G', B') to (Y', Pb, Pr)."""
+    kr, kb = MATRICES[check_matrix(matrix)]
+    kg = 1.0 - kr - kb
+    return torch.tensor(
+        [
+            [kr, kg, kb],
+            [-0.5 * kr / (1 - kb), -0.5 * kg / (1 - kb), 0.5],
+            [0.5, -0.5 * kg / (1 - kr), -0.5 * kb / (1 - kr)],
+        ],
+        dtype=torch.float64,
+    )
+
+
+def levels(range: str, bits: int = 8) -> tuple[float, float, float, float]:
+    """(luma offset, luma scale, chroma offset, chroma scale) in code values."""
+    if check_range(range) == "limited":
+        s = 2.0 ** (bits - 8)
+        return 16 * s, 219 * s, 128 * s, 224 * s
+    top = 2.0**bits - 1
+    return 0.0, top, 2.0 ** (bits - 1), top
+
+
+def upsample(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N,h',w') chroma -> (N,h,w): libjpeg's triangle filter (bilinear, centred siting)."""
+    fy, fx = (2 if c.shape[-2] != h else 1), (2 if c.shape[-1] != w else 1)
+    if fy == fx == 1:
+        return c
+    up = F.interpolate(c[:, None], scale_factor=(fy, fx), mode="bilinear", align_corners=False)
+    return up[:, 0, :h, :w]
+
+
+def downsample(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N,H,W) full-resolution chroma -> (N,h,w) by box averages (edges replicated for odd sizes)."""
+    fy, fx = (2 if h != c.shape[-2] else 1), (2 if w != c.shape[-1] else 1)
+    if fy == fx == 1:
+        return c
+    ph, pw = h * fy - c.shape[-2], w * fx - c.shape[-1]
+    x = F.pad(c[:, None], (0, pw, 0, ph), mode="replicate") if ph or pw else c[:, None]
+    return F.avg_pool2d(x, (fy, fx))[:, 0]
+
+
+def chroma_size(h: int, w: int, u_shape) -> tuple[int, int]:
+    """Check a chroma plane's size against the luma size (4:4:4, 4:2:2 or 4:2:0) and return it."""
+    ch, cw = int(u_shape[-2]), int(u_shape[-1])
+    if ch not in (h, -(-h // 2)) or cw not in (w, -(-w // 2)) or (ch != h and cw == w):
+        raise ColorError(f"chroma planes of {cw}x{ch} do not fit a {w}x{h} luma plane "
+                         "(expected 4:4:4, 4:2:2 or 4:2:0)")
+    return ch, cw
+
+
+def planes_to_rgb(y, u, v, matrix: str = "bt709", range: str = "limited", bits: int = 8) -> torch.Tensor:
+    """(N,H,W) luma and (N,h,w) chroma code values (any dtype, any device) -> (N,3,H,W) float32 R'G'B'
+    in [0, 1] nominally, not clipped (values outside the RGB cube stay outside)."""
+    h, w = y.shape[-2:]
+    chroma_size(h, w, u.shape)
+    yo, ys, co, cs = levels(range, bits)
+    inv = torch.linalg.inv(rgb_matrix(matrix)).to(y.device, torch.float32)
+    yy = (y.float() - yo) / ys
+    pb = (upsample(u.float(), h, w) - co) / cs
+    pr = (upsample(v.float(), h, w) - co) / cs
+    return torch.einsum("ij,njhw->nihw", inv, torch.stack([yy, pb, pr], 1))
+
+
+def rgb_to_planes(rgb: torch.Tensor, csize: tuple[int, int], matrix: str = "bt709", range: str = "limited",
+                  bits: int = 8, offsets: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N,3,H,W) float R'G'B' -> float code values (N,H,W) luma and (N,h,w) chroma, not rounded.
+    offsets=False converts a difference of two pictures (no black level or chroma centre added)."""
+    yo, ys, co, cs = levels(range, bits)
+    if not offsets:
+        yo = co = 0.0
+    ypp = torch.einsum("ij,njhw->nihw", rgb_matrix(matrix).to(rgb.device, torch.float32), rgb.float())
+    h, w = csize
+    return yo + ys * ypp[:, 0], co + cs * downsample(ypp[:, 1], h, w), co + cs * downsample(ypp[:, 2], h, w)
+
+
+def quantize(plane: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return plane.round().clamp(0, 2**bits - 1).to(dtype)
+
+
+def plane_bits(dtype, bits: int | None) -> int:
+    """Sample depth of integer planes: 8 for uint8; uint16/int16/int32 need bits= (9..16)."""
+    name = str(dtype).replace("torch.", "")
+    if name == "uint8":
+        if bits not in (None, 8):
+            raise ColorError(f"uint8 planes hold 8-bit samples, not {bits}-bit")
+        return 8
+    if name in ("uint16", "int16", "int32"):
+        if bits is None or not 9 <= bits <= 16:
+            raise ColorError(f"{name} planes need bits= (9..16), e.g. bits=10 for 10-bit video")
+        return bits
+    raise ColorError(f"planes must be integer code values (uint8, or uint16 with bits=), not {name}")
+
+
+# ---- restoration on planes -----------------------------------------------------------------------
+def restore_planes(restorer, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str, range: str,
+                   bits: int, return_maps: bool = False):
+    """(N,H,W)/(N,h,w) integer planes already on the restorer's device -> (planes of the same dtype,
+    quality dict of (N,) tensors, maps or None), all on the device. See the module docstring."""
+    h, w = y.shape[-2:]
+    csize = chroma_size(h, w, u.shape)
+    if v.shape != u.shape:
+        raise ColorError(f"U and V planes differ in shape: {tuple(u.shape)} vs {tuple(v.shape)}")
+    rgb = planes_to_rgb(y, u, v, matrix, range, bits).clamp_(0, 1)
+    restored, q, maps = restorer.restore_tensor(rgb, return_maps)
+    dy, du, dv = rgb_to_planes(restored - rgb, csize, matrix, range, bits, offsets=False)
+    out = tuple(quantize(p.float() + d, bits, p.dtype) for p, d in ((y, dy), (u, du), (v, dv)))
+    return out, q, maps
+
+
+def _as_batch(p, name: str) -> torch.Tensor:
+    if isinstance(p, np.ndarray):
+        if p.dtype == np.uint16:  # torch has limited uint16 support: widen (lossless)
+            p = p.astype(np.int32)
+        p = torch.from_numpy(np.ascontiguousarray(p))
+    elif not isinstance(p, torch.Tensor):
+        raise ColorError(f"plane {name} must be a numpy array or torch tensor, not {type(p).__name__}")
+    if p.ndim not in (2, 3) or 0 in p.shape:
+        raise ColorError(f"plane {name} must be (H,W) or (N,H,W) and non-empty, got {tuple(p.shape)}")
+    return p[None] if p.ndim == 2 else p
+
+
+def restore_yuv(restorer, y, u, v, matrix: str = "bt709", range: str = "limited", bits: int | None = None,
+                return_maps: bool = False):
+    """Restore Y'CbCr planes (numpy or tensors, (H,W) or (N,H,W), 4:2:0/4:2:2/4:4:4) and return a Result
+    whose image is the (y, u, v) planes in the input's format (dtype, subsampling, device)."""
+    from qairn.engine.restorer import Result
+
+    matrix, range = check_matrix(matrix), check_range(range)
+    src = y
+    if {type(y), type(u), type(v)} - {np.ndarray, torch.Tensor} or len({type(y), type(u), type(v)}) != 1:
+        raise ColorError("y, u and v must all be numpy arrays or all torch tensors")
+    if len({str(p.dtype) for p in (y, u, v)}) != 1:
+        raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")
+    bits = plane_bits(y.dtype, bits)
+    planes = [_as_batch(p, n) for p, n in zip((y, u, v), "yuv")]
+    if len({p.shape[0] for p in planes}) != 1:
+        raise ColorError("y, u and v have different batch sizes")
+    dev = restorer.device
+    planes = [p.to(dev, non_blocking=True) for p in planes]
+    out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps)
+    info = {"matrix": matrix, "range": range, "bits": bits}
+    if isinstance(src, torch.Tensor):
+        out = tuple(o.to(src.device) if src.ndim == 3 else o[0].to(src.device) for o in out)
+        return Result(out, q, maps, info)
+    dtype = src.dtype
+    out = tuple(o.cpu().numpy().astype(dtype, copy=False) for o in out)
+    if src.ndim == 2:
+        out = tuple(o[0] for o in out)
+        quality = {k: float(t[0]) for k, t in q.items()}
+        maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
+    else:
+        quality = {k: t.cpu().numpy() for k, t in q.items()}
+        maps = [m[:, 0].float().cpu().numpy() for m in maps] if maps is not None else None
+    return Result(out, quality, maps, info)

@@ -1,0 +1,127 @@
+"""Image files in and out: EXIF orientation, 8/16-bit, a pixel limit checked before decoding,
+and atomic writes (temp name, then rename) so a failure never leaves a partial file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
+Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 200_000_000
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
+WRITE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+class ImageError(ValueError):
+    """A problem with one image file; the message names the file and the problem in one line."""
+
+
+def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    # EXIF orientation values 1..8 (see PIL.ImageOps.exif_transpose) as numpy ops.
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: np.swapaxes(a, 0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.rot90(a, 1)[::-1],
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image as RGB(A) or gray numpy, uint8 or uint16, EXIF orientation applied."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    fmt = path.suffix.lstrip(".").upper() or None
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the pixel limit "
+                                 f"of {max_pixels / 1e6:.0f} MP (raise it with --max-pixels)")
+            orientation = im.getexif().get(0x0112, 1)
+            sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
+            fmt = im.format
+            if not sixteen:
+                im.load()
+                if im.mode not in ("RGB", "RGBA", "L"):
+                    has_alpha = "A" in im.mode or "transparency" in im.info
+                    im = im.convert("RGBA" if has_alpha else "RGB")
+                arr = np.asarray(ImageOps.exif_transpose(im) if orientation != 1 else im)
+                return np.array(arr)  # writable copy
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
+            raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
+        raise ImageError(f"{path}: cannot decode ({msg})") from None
+    # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB).
+    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return _apply_orientation(arr, orientation)
+
+
+def _png_bit_depth(path: Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(25)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25:
+        return head[24]
+    return 0
+
+
+def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
+    suffix = suffix.lower()
+    if suffix not in WRITE_SUFFIXES:
+        raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
+    if arr.ndim == 3:
+        if suffix in (".jpg", ".jpeg", ".bmp") and arr.shape[2] == 4:
+            arr = arr[..., :3]  # these formats have no alpha
+        code = cv2.COLOR_RGBA2BGRA if arr.shape[2] == 4 else cv2.COLOR_RGB2BGR
+        arr = cv2.cvtColor(arr, code)
+    if arr.dtype == np.uint16 and suffix not in (".png", ".tif", ".tiff"):
+        arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(suffix, arr, params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {suffix} image")
+    return buf.tobytes()
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes to `path` via a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_image(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95) -> None:
+    path = Path(path)
+    write_atomic(path, encode_image(arr, path.suffix, jpeg_quality))

@@ -1,0 +1,208 @@
+"""The public inference API: qairn.Restorer restores JPEG-damaged images and scores their quality."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qairn.engine.backends import make_backend
+from qairn.engine.tiling import TilePlan, plan_tiles
+from qairn.model import QAIRN
+from qairn.weights_io import WeightsError, load_model
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "qairn-small.safetensors"
+SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
+
+
+def default_weights() -> Path:
+    if not DEFAULT_WEIGHTS.is_file():
+        raise WeightsError(
+            f"no weights are shipped yet ({DEFAULT_WEIGHTS} is missing): pass weights=PATH "
+            "(train some with `qairn train --export PATH`)"
+        )
+    return DEFAULT_WEIGHTS
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return device
+
+
+@dataclass
+class Result:
+    image: np.ndarray | torch.Tensor
+    quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
+    maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
+    info: dict = field(default_factory=dict)
+
+
+class Restorer:
+    """Restore images and score them, whole or in tiles, on any backend.
+
+    Restorer(weights=None, device="auto", backend="eager", precision="fp32", tile=512, overlap=32)
+    weights: a qairn safetensors file (default: the shipped weights) or model=: an in-memory QAIRN.
+    tile=None processes whole images; otherwise tiles of `tile` pixels overlapping by `overlap`.
+    """
+
+    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "auto",
+                 backend: str = "eager", precision: str = "fp32", tile: int | None = 512, overlap: int = 32,
+                 p: float | None = None, model: QAIRN | None = None, tile_batch: int = 4,
+                 channel_order: str = "rgb", **backend_options):
+        if model is None:
+            model = load_model(weights if weights is not None else default_weights())
+        self.config = model.config
+        self.p = float(p if p is not None else model.config.p)
+        self.device = resolve_device(device)
+        self.backend_name, self.precision = backend, precision
+        self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
+        if channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
+        self.channel_order = channel_order
+        self.backend = make_backend(backend, model, self.device, precision, **backend_options)
+
+    # ---- tensors -------------------------------------------------------------------------------
+    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False):
+        """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
+        maps or None), all on the engine's device."""
+        x = x.to(self.device, torch.float32)
+        n, _, h, w = x.shape
+        plan = plan_tiles(h, w, self.tile, self.overlap)
+        while True:
+            try:
+                return self._run_plan(x, plan, return_maps)
+            except torch.OutOfMemoryError:
+                if self.device.type != "cuda" or plan.count == 1 and plan.rows.tile <= 64:
+                    raise
+                tile = max(64, max(plan.rows.tile, plan.cols.tile) // 2)
+                warnings.warn(f"CUDA out of memory: retrying with tile {tile}", stacklevel=2)
+                torch.cuda.empty_cache()
+                self.tile = tile
+                plan = plan_tiles(h, w, tile, min(self.overlap, tile // 4))
+
+    def _run_plan(self, x: torch.Tensor, plan: TilePlan, return_maps: bool):
+        n, _, h, w = x.shape
+        hp, wp = plan.rows.length, plan.cols.length
+        xp = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
+        th, tw = plan.rows.tile, plan.cols.tile
+        if plan.count == 1:
+            y, gammas = self.backend(xp)
+            maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
+            q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
+            return y[..., :h, :w].clamp(0, 1), q, maps if return_maps else None
+
+        out = torch.zeros(n, 3, hp, wp, device=self.device)
+        sums = torch.zeros(3, n, device=self.device, dtype=torch.float64)
+        maps = [torch.zeros(n, 1, -(-hp // s), -(-wp // s), device=self.device) for s in SCALES] if return_maps else None
+        tiles = plan.tiles
+        for b in range(0, len(tiles), max(1, self.tile_batch // n)):
+            group = tiles[b : b + max(1, self.tile_batch // n)]
+            batch = torch.cat([xp[:, :, y0 : y0 + th, x0 : x0 + tw] for _, _, y0, x0 in group])
+            y, gammas = self.backend(batch)
+            for t, (i, j, y0, x0) in enumerate(group):
+                sl = slice(t * n, (t + 1) * n)
+                wgt = torch.from_numpy(plan.weight(i, j)).to(self.device)
+                out[:, :, y0 : y0 + th, x0 : x0 + tw] += y[sl] * wgt
+                for k, (g, s) in enumerate(zip(gammas, SCALES)):
+                    c0, c1, d0, d1 = plan.core(i, j, s)
+                    core = g[sl, :, c0:c1, d0:d1]
+                    sums[k] += core.double().pow(self.p).flatten(1).sum(1)
+                    if maps is not None:
+                        maps[k][:, :, y0 // s + c0 : y0 // s + c1, x0 // s + d0 : x0 // s + d1] = core
+        q = {}
+        for k, s in enumerate(SCALES):
+            count = -(-h // s) * -(-w // s)
+            q[f"Q{k + 1}"] = (sums[k] / count).pow(1.0 / self.p).float()
+        if maps is not None:
+            maps = [m[..., : -(-h // s), : -(-w // s)] for m, s in zip(maps, SCALES)]
+        return out[..., :h, :w].clamp(0, 1), q, maps
+
+    def _pool(self, gamma: torch.Tensor) -> torch.Tensor:
+        return gamma.double().pow(self.p).flatten(1).mean(1).pow(1.0 / self.p).float()
+
+    # ---- arrays and tensors from users -------------------------------------------------------------
+    def restore(self, img, return_maps: bool = False, channel_order: str | None = None) -> Result:
+        """Restore one image (HxWx3 RGB, HxW gray, HxWx4 RGBA; uint8, uint16 or float in [0,1]) or
+        a batch tensor (N,3,H,W) (uint8 or float in [0,1], any device: stays there)."""
+        order = channel_order or self.channel_order
+        if isinstance(img, torch.Tensor):
+            return self._restore_torch(img, return_maps, order)
+        x, meta = to_tensor(img, order)
+        y, q, maps = self.restore_tensor(x, return_maps)
+        image = from_tensor(y, meta)
+        quality = {k: float(v[0]) for k, v in q.items()}
+        maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
+        return Result(image, quality, maps)
+
+    def _restore_torch(self, t: torch.Tensor, return_maps: bool, order: str) -> Result:
+        if t.ndim != 4 or t.shape[1] != 3:
+            raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
+        x = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        if order == "bgr":
+            x = x.flip(1)
+        y, q, maps = self.restore_tensor(x, return_maps)
+        if order == "bgr":
+            y = y.flip(1)
+        y = y.to(t.device)
+        y = (y * 255.0).round().to(torch.uint8) if t.dtype == torch.uint8 else y.to(t.dtype)
+        return Result(y, q, maps)
+
+    def score(self, img, channel_order: str | None = None) -> dict:
+        """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors)."""
+        return self.restore(img, channel_order=channel_order).quality
+
+
+def to_tensor(img: np.ndarray, order: str = "rgb"):
+    """numpy image -> (1,3,H,W) float32 in [0,1], plus what is needed to convert back."""
+    if not isinstance(img, np.ndarray):
+        raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"expected HxW, HxWx3 or HxWx4 image, got shape {img.shape}")
+    if img.shape[0] == 0 or img.shape[1] == 0:
+        raise ValueError(f"empty image of shape {img.shape}")
+    if img.dtype == np.uint8:
+        scale = 255.0
+    elif img.dtype == np.uint16:
+        scale = 65535.0
+    elif img.dtype in (np.float32, np.float64):
+        scale = 1.0
+    else:
+        raise ValueError(f"unsupported image dtype {img.dtype} (use uint8, uint16 or float in [0,1])")
+    alpha = None
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    gray = img.ndim == 2
+    if gray:
+        rgb = np.repeat(img[..., None], 3, axis=2)
+    else:
+        rgb = img[..., :3]
+        if img.shape[2] == 4:
+            alpha = img[..., 3]
+        if order == "bgr":
+            rgb = rgb[..., ::-1]
+    x = torch.from_numpy(np.ascontiguousarray(rgb).astype(np.float32) / scale).permute(2, 0, 1)[None]
+    return x, {"dtype": img.dtype, "scale": scale, "gray": gray, "alpha": alpha, "order": order}
+
+
+def from_tensor(y: torch.Tensor, meta: dict) -> np.ndarray:
+    rgb = y[0].permute(1, 2, 0).float().cpu().numpy()
+    if meta["gray"]:
+        out = rgb.mean(axis=2)
+    else:
+        out = rgb[..., ::-1] if meta["order"] == "bgr" else rgb
+    if meta["scale"] != 1.0:
+        out = np.clip(np.round(out * meta["scale"]), 0, meta["scale"]).astype(meta["dtype"])
+    else:
+        out = out.astype(meta["dtype"])
+    if meta["alpha"] is not None:
+        out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
+    return np.ascontiguousarray(out)

@@ -1,0 +1,109 @@
+"""Tile plans for high-resolution inference.
+
+The image is first padded (replicate) to a multiple of the network stride, exactly as a
+whole-image forward would pad it; tiles are then cut from the padded image, all the same size, at
+origins on the 8x8 JPEG grid and the network stride (multiples of 16). Neighbouring tiles overlap by
+at least `overlap` pixels. Inside each overlap the outer quarter on either side is dropped (those
+pixels saw the least context) and a linear ramp blends the middle half, so seams are blended rather
+than cut. For quality pooling every pixel belongs to exactly one tile's core (the overlap is split at
+its 16-aligned middle), so summing gamma**p over cores gives the whole-image pooled value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ALIGN = 16  # lcm of the 8x8 JPEG grid and the network stride
+
+
+def ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    length: int  # padded length (multiple of ALIGN)
+    tile: int  # tile length along this axis (== length when one tile)
+    starts: tuple[int, ...]
+    cores: tuple[tuple[int, int], ...]  # [a, b) of each tile's core, in padded image coordinates
+    weights: tuple[np.ndarray, ...]  # blend weight profile of each tile (length `tile`)
+
+
+def plan_axis(length: int, tile: int, overlap: int) -> AxisPlan:
+    """Place tiles along one axis of `length` pixels (already a multiple of ALIGN)."""
+    assert length % ALIGN == 0 and tile % ALIGN == 0
+    if length <= tile:
+        return AxisPlan(length, length, (0,), ((0, length),), (np.ones(length, np.float32),))
+    last = length - tile
+    n = 2
+    while True:  # fewest tiles whose 16-aligned, evenly spread origins keep every overlap >= overlap
+        starts = tuple(sorted({int(round(i * last / (n - 1) / ALIGN)) * ALIGN for i in range(n)}))
+        if all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])):
+            break
+        n += 1
+    weights = [np.ones(tile, np.float32) for _ in starts]
+    cores = []
+    core_start = 0
+    for i, (s0, s1) in enumerate(zip(starts, starts[1:])):
+        ov_a, ov_b = s1, s0 + tile  # the overlap [ov_a, ov_b) in image coordinates
+        ov = ov_b - ov_a
+        margin = ov // 4
+        ramp_a, ramp_b = ov_a + margin, ov_b - margin
+        x = np.arange(ov_a, ov_b, dtype=np.float64) + 0.5
+        w_down = np.clip((ramp_b - x) / max(ramp_b - ramp_a, 1), 0.0, 1.0).astype(np.float32)
+        weights[i][ov_a - s0 :] = w_down
+        weights[i + 1][: ov_b - s1] = 1.0 - w_down
+        split = ov_a + (ov // 2) // ALIGN * ALIGN
+        cores.append((core_start, split))
+        core_start = split
+    cores.append((core_start, length))
+    return AxisPlan(length, tile, starts, tuple(cores), tuple(weights))
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    height: int  # original image size
+    width: int
+    rows: AxisPlan
+    cols: AxisPlan
+
+    @property
+    def tiles(self) -> list[tuple[int, int, int, int]]:
+        """(tile row index, tile col index, y0, x0) of every tile, row-major."""
+        return [(i, j, y, x) for i, y in enumerate(self.rows.starts) for j, x in enumerate(self.cols.starts)]
+
+    @property
+    def count(self) -> int:
+        return len(self.rows.starts) * len(self.cols.starts)
+
+    def weight(self, i: int, j: int) -> np.ndarray:
+        return np.outer(self.rows.weights[i], self.cols.weights[j])
+
+    def core(self, i: int, j: int, scale: int = 1) -> tuple[int, int, int, int]:
+        """Core box (y0, y1, x0, x1) of tile (i, j) in tile-local coordinates at 1/scale resolution,
+        clipped to the original (unpadded) image so padded pixels never enter the pooled quality."""
+        (ya, yb), (xa, xb) = self.rows.cores[i], self.cols.cores[j]
+        y0, x0 = self.rows.starts[i], self.cols.starts[j]
+        yb, xb = min(yb, self.height), min(xb, self.width)
+
+        def s(v):  # ceil division: a gamma pixel at 1/scale covers image pixels [s*v, s*v + s)
+            return -(-v // scale)
+
+        return s(ya - y0), s(yb - y0), s(xa - x0), s(xb - x0)
+
+
+def plan_tiles(height: int, width: int, tile: int | None, overlap: int) -> TilePlan:
+    """Plan tiles for an image; tile=None (or a tile covering the image) gives one whole-image tile."""
+    hp, wp = ceil_to(height, ALIGN), ceil_to(width, ALIGN)
+    if tile is None:
+        tile_h, tile_w = hp, wp
+    else:
+        tile = max(ALIGN, tile // ALIGN * ALIGN)
+        overlap = ceil_to(max(overlap, 0), ALIGN)
+        if tile < hp or tile < wp:
+            if tile <= overlap:
+                raise ValueError(f"tile {tile} must be larger than the overlap {overlap}")
+        tile_h, tile_w = min(tile, hp), min(tile, wp)
+    return TilePlan(height, width, plan_axis(hp, tile_h, overlap), plan_axis(wp, tile_w, overlap))

@@ -1,0 +1,127 @@
+"""Build gpu_pack/: everything a bare GPU machine needs to train and evaluate, in <= 40 MiB.
+
+    python scripts/build_train_pack.py [--src ../shared/data/train] [--live1 ../shared/data/live1]
+
+gpu_pack/live1/  the 29 LIVE1 references as lossless WebP (pixel-identical to the PNGs, checked)
+gpu_pack/val/    the training run's held-out images (trainer.split_files), copied byte for byte
+gpu_pack/train/  random crops (lossless WebP) of the other training images, one crop per image in
+                 turn, until the byte budget is spent
+gpu_pack/MANIFEST.json
+The pack is a pure function of its arguments (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qairn.train.data import list_images  # noqa: E402
+from qairn.train.trainer import split_files  # noqa: E402
+
+DATA = ROOT / ".." / "shared" / "data"
+
+
+def webp_lossless(bgr: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, 101])  # quality > 100: lossless
+    if not ok or not np.array_equal(cv2.imdecode(buf, cv2.IMREAD_COLOR), bgr):
+        raise RuntimeError("lossless WebP round trip failed")
+    return buf.tobytes()
+
+
+def read(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{path}: cannot read image")
+    return img
+
+
+def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=print) -> dict:
+    src, live1, out = Path(src), Path(live1), Path(out)
+    budget = int(budget_mib * 2**20)
+    if out.exists():
+        shutil.rmtree(out)
+    for d in ("live1", "val", "train"):
+        (out / d).mkdir(parents=True)
+    used = 0
+    for f in list_images(live1):
+        used += (out / "live1" / f"{f.stem}.webp").write_bytes(webp_lossless(read(f)))
+    train_files, val_files = split_files(str(src), holdout)
+    for f in val_files:
+        shutil.copyfile(f, out / "val" / f.name)
+        used += f.stat().st_size
+    if used >= budget:
+        raise SystemExit(f"LIVE1 + validation images alone take {used / 2**20:.1f} MiB > {budget_mib} MiB")
+    log(f"live1 + val: {used / 2**20:.1f} MiB; filling {budget_mib} MiB with {crop}x{crop} crops")
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_files))
+    images = {}
+    n_crops, rounds, full = 0, 0, False
+    while not full:
+        added = 0
+        for i in order:
+            f = train_files[i]
+            if f not in images:
+                images[f] = read(f)
+            img = images[f]
+            h, w = img.shape[:2]
+            if h < crop or w < crop:
+                continue
+            y, x = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            data = webp_lossless(np.ascontiguousarray(img[y : y + crop, x : x + crop]))
+            if used + len(data) > budget - 64 * 1024:  # keep room for the manifest
+                full = True
+                break
+            (out / "train" / f"{f.stem}_r{rounds}_y{y}_x{x}.webp").write_bytes(data)
+            used += len(data)
+            n_crops += 1
+            added += 1
+        rounds += 1
+        if added == 0:
+            break
+    manifest = {
+        "source_train": str(src.resolve()),
+        "source_live1": str(live1.resolve()),
+        "budget_mib": budget_mib,
+        "crop": crop,
+        "seed": seed,
+        "holdout": holdout,
+        "train_images": len(train_files),
+        "train_crops": n_crops,
+        "crop_rounds": rounds,
+        "val_files": [f.name for f in val_files],
+        "live1_files": len(list(out.glob("live1/*.webp"))),
+        "bytes": used,
+    }
+    (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(f"{out}: {n_crops} crops from {len(train_files)} images, {len(val_files)} val, "
+        f"{manifest['live1_files']} LIVE1; {total / 2**20:.2f} MiB")
+    return manifest
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", default=str(DATA / "train"))
+    ap.add_argument("--live1", default=str(DATA / "live1"))
+    ap.add_argument("--out", default=str(ROOT / "gpu_pack"))
+    ap.add_argument("--budget-mib", type=float, default=40.0)
+    ap.add_argument("--crop", type=int, default=192)
+    ap.add_argument("--val-holdout", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    build(a.src, a.live1, a.out, a.budget_mib, a.crop, a.val_holdout, a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

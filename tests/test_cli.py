@@ -1,0 +1,179 @@
+import json
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from qairn.cli import main
+from qairn.engine.imageio import ImageError, read_image
+
+
+@pytest.fixture
+def workdir(tmp_path, live1_image):
+    bgr = np.ascontiguousarray(live1_image[:96, :128, ::-1])
+    cv2.imwrite(str(tmp_path / "a.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 10])
+    cv2.imwrite(str(tmp_path / "b.png"), bgr)
+    return tmp_path
+
+
+def run(capsys, *args):
+    rc = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_lines(err):
+    return [ln for ln in err.splitlines() if "qairn: error:" in ln]
+
+
+def leftovers(folder):
+    return [p.name for p in folder.rglob("*") if p.name.endswith(".part") or p.name.startswith(".")]
+
+
+def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, capsys):
+    out = workdir / "out"
+    rc, _, err = run(capsys, "restore", workdir, "-o", out, "--weights", tiny_weights, "--quality-map",
+                     "--json", workdir / "q.json", "--tile", 64, "--overlap", 16)
+    assert rc == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a.quality.png", "b.png", "b.quality.png"]
+    restored = cv2.imread(str(out / "a.png"))
+    assert restored.shape == (96, 128, 3)
+    heat = cv2.imread(str(out / "a.quality.png"))
+    assert heat.shape == (96, 128, 3)
+    records = json.loads((workdir / "q.json").read_text())
+    assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
+    assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
+
+
+def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "single.webp", "--weights", tiny_weights)
+    assert rc == 0, err
+    assert (workdir / "single.webp").exists()
+    rc, _, err = run(capsys, "restore", str(workdir / "*.jpg"), "-o", workdir / "g/", "--weights", tiny_weights)
+    assert rc == 0, err
+    assert [p.name for p in (workdir / "g").iterdir()] == ["a.png"]
+
+
+def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights, capsys):
+    (workdir / "empty.jpg").write_bytes(b"")
+    (workdir / "text.png").write_text("hello, not an image")
+    data = (workdir / "a.jpg").read_bytes()
+    (workdir / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (workdir / "emptydir").mkdir()
+    out = workdir / "out"
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", workdir / "empty.jpg", workdir / "text.png",
+                     workdir / "trunc.jpg", workdir / "missing.png", workdir / "emptydir", "-o", out,
+                     "--weights", tiny_weights)
+    assert rc == 1
+    lines = error_lines(err)
+    assert len(lines) == 5, err
+    assert "Traceback" not in err
+    joined = "\n".join(lines)
+    assert "empty.jpg: empty file" in joined
+    assert "text.png: not an image" in joined
+    assert "trunc.jpg: truncated" in joined
+    assert "missing.png: no such file" in joined
+    assert "emptydir: directory contains no images" in joined
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the good one ran, nothing partial
+    assert leftovers(workdir) == []
+
+
+def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys):
+    src = workdir / "b.png"
+    before = src.read_bytes()
+    rc, _, err = run(capsys, "restore", src, "-o", src, "--weights", tiny_weights)
+    assert rc == 1 and "would overwrite an input" in err
+    assert src.read_bytes() == before
+    rc, _, _ = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
+    assert rc == 0
+    rc, _, err = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
+    assert rc == 1 and "output exists" in err
+    rc, _, err = run(capsys, "restore", src, "-o", src, "--weights", tiny_weights, "--overwrite")
+    assert rc == 0, err
+    assert src.read_bytes() != before
+
+
+def test_unwritable_output(workdir, tiny_weights, capsys):
+    blocker = workdir / "afile"
+    blocker.write_text("x")
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", blocker / "x.png", "--weights", tiny_weights)
+    assert rc == 1 and len(error_lines(err)) == 1 and "x.png" in err
+    assert leftovers(workdir) == []
+
+
+def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monkeypatch):
+    import qairn.engine.imageio as imageio
+
+    def boom(arr, suffix, q=95):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imageio, "encode_image", boom)
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "o.png", "--weights", tiny_weights)
+    assert rc == 1 and "o.png: cannot write (No space left on device)" in err
+    assert not (workdir / "o.png").exists() and leftovers(workdir) == []
+
+
+def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
+    # A PNG whose header claims 100000 x 100000 pixels with almost no data: a decompression bomb.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(ImageError, match="over the pixel limit"):
+        read_image(bomb)
+    small = tmp_path / "s.png"
+    cv2.imwrite(str(small), np.zeros((40, 50, 3), np.uint8))
+    rc, _, err = run(capsys, "restore", small, "-o", tmp_path / "o.png", "--weights", tiny_weights,
+                     "--max-pixels", 1000)
+    assert rc == 1 and "s.png: 50x40" in err and "pixel limit" in err
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # a white band on the left
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    path = tmp_path / "rot.jpg"
+    im.save(path, exif=exif, quality=95)
+    out = read_image(path)
+    assert out.shape == (40, 20, 3)
+    assert out[:10].mean() > 200 and out[-10:].mean() < 50  # the band is now on top
+
+
+def test_16bit_png_end_to_end(tmp_path, live1_image, tiny_weights, capsys):
+    img16 = (live1_image[:48, :64].astype(np.uint16) * 257)
+    src = tmp_path / "deep.png"
+    cv2.imwrite(str(src), img16[..., ::-1])
+    assert read_image(src).dtype == np.uint16
+    rc, _, err = run(capsys, "restore", src, "-o", tmp_path / "o.png", "--weights", tiny_weights)
+    assert rc == 0, err
+    out = cv2.imread(str(tmp_path / "o.png"), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16 and out.shape == (48, 64, 3)
+
+
+def test_score_table_and_json(workdir, tiny_weights, capsys):
+    rc, out, _ = run(capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights)
+    assert rc == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split()[-3:] == ["Q1", "Q2", "Q3"] and len(lines) == 3
+    rc, out, _ = run(capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights, "--json")
+    rows = [json.loads(ln) for ln in out.strip().splitlines()]
+    assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
+
+
+def test_bad_weights_one_line(workdir, tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("nope")
+    rc, _, err = run(capsys, "score", workdir / "a.jpg", "--weights", junk)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "junk.safetensors" in err
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2

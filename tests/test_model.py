@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+from conftest import lively_model
+from safetensors.torch import save_file
+
+import qairn
+from qairn.model import PRESETS, QAIRN, QAIRNConfig, minkowski, preset
+from qairn.weights_io import WeightsError, load_model, read_metadata, save_weights
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (17, 9), (33, 47), (1, 1), (96, 96)])
+def test_forward_shapes_and_gamma_scales(h, w):
+    m = lively_model()
+    y, (g1, g2, g3) = m(torch.rand(2, 3, h, w))
+    assert y.shape == (2, 3, h, w)
+    assert g1.shape == (2, 1, h, w)
+    assert g2.shape == (2, 1, -(-h // 2), -(-w // 2))
+    assert g3.shape == (2, 1, -(-h // 4), -(-w // 4))
+    for g in (g1, g2, g3):
+        assert 0 <= g.min() and g.max() <= 1
+
+
+def test_padding_is_replicate_and_cropped():
+    # An image already a multiple of 16 must give the same top-left result as its padded self.
+    m = lively_model()
+    x = torch.rand(1, 3, 32, 32)
+    y_full, _ = m(x)
+    y_crop, _ = m(x[..., :30, :29])
+    xp = torch.nn.functional.pad(x[..., :30, :29], (0, 3, 0, 2), mode="replicate")
+    y_pad, _ = m(xp)
+    torch.testing.assert_close(y_crop, y_pad[..., :30, :29])
+    assert not torch.allclose(y_crop, y_full[..., :30, :29])  # the padding content does matter
+
+
+def test_gate_blend_equation():
+    m = lively_model()
+    skip, dec = torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 8)
+    logit = torch.randn(1, 1, 8, 8)
+    out, gamma = m.gate(logit, skip, dec)
+    torch.testing.assert_close(gamma, torch.sigmoid(logit))
+    torch.testing.assert_close(out, gamma * skip + (1 - gamma) * dec)
+
+
+def test_presets():
+    paper = QAIRN(PRESETS["paper"])
+    assert paper.config.widths == (64, 128, 256, 512) and paper.config.nb == 4
+    small = QAIRN(PRESETS["small"])
+    n_small = sum(p.numel() for p in small.parameters())
+    assert 2 * n_small < 20e6, "small preset fp16 weights must fit the 20 MB repo budget"
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+
+
+def test_minkowski():
+    g = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    assert minkowski(g, 1.0).item() == pytest.approx(0.5)
+    assert minkowski(g, 2.0).item() == pytest.approx(0.5**0.5)
+    assert minkowski(torch.full((1, 5), 0.3), 3.0).item() == pytest.approx(0.3)
+
+
+def test_config_json_roundtrip():
+    c = preset("small", p=3.5)
+    assert QAIRNConfig.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="unknown config keys"):
+        QAIRNConfig.from_json(json.dumps({**json.loads(c.to_json()), "bogus": 1}))
+
+
+def test_save_load_rebuilds_architecture(tmp_path):
+    m = lively_model("tiny", p=4.0)
+    path = save_weights(m, tmp_path / "w.safetensors", training={"steps": 12})
+    meta = read_metadata(path)
+    assert meta["format"] == "qairn" and json.loads(meta["training"])["steps"] == 12
+    m2 = qairn.load_model(path)
+    assert m2.config == m.config and m2.config.p == 4.0
+    x = torch.rand(1, 3, 24, 40)
+    torch.testing.assert_close(m(x)[0], m2(x)[0])
+
+
+def test_save_fp16_loads_as_fp32(tmp_path):
+    m = lively_model()
+    path = save_weights(m, tmp_path / "w16.safetensors", dtype=torch.float16)
+    m2 = load_model(path)
+    assert all(p.dtype == torch.float32 for p in m2.parameters())
+    x = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(m(x)[0], m2(x)[0], atol=2e-2, rtol=0)
+
+
+def test_load_refuses_foreign_files(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(WeightsError, match="no such weights file"):
+        load_model(missing)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        load_model(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match="not a qairn weights file"):
+        load_model(foreign)
+    # A qairn header whose tensors do not fit the config.
+    bad = tmp_path / "bad.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bad), metadata={"format": "qairn", "config": preset("tiny").to_json()})
+    with pytest.raises(WeightsError, match="do not match"):
+        load_model(bad)

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+from conftest import lively_model
+
+import qairn
+from qairn.engine.tiling import ALIGN, plan_tiles
+from qairn.metrics import psnr
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(1023, 767, 256, 32), (512, 512, 128, 48), (17, 9, 512, 32),
+                                              (300, 1000, 160, 64), (1, 1, 64, 16)])
+def test_plan_properties(h, w, tile, overlap):
+    plan = plan_tiles(h, w, tile, overlap)
+    for ax in (plan.rows, plan.cols):
+        assert ax.length % ALIGN == 0 and ax.tile % ALIGN == 0
+        assert all(s % ALIGN == 0 for s in ax.starts)  # on the JPEG grid and the network stride
+        assert ax.starts[0] == 0 and ax.starts[-1] + ax.tile == ax.length
+        assert all(b - a <= ax.tile - overlap for a, b in zip(ax.starts, ax.starts[1:]))
+        # Cores partition the axis.
+        assert ax.cores[0][0] == 0 and ax.cores[-1][1] == ax.length
+        assert all(c[1] == d[0] for c, d in zip(ax.cores, ax.cores[1:]))
+    # Blend weights sum to one everywhere: a partition of unity.
+    acc = np.zeros((plan.rows.length, plan.cols.length))
+    for i, j, y, x in plan.tiles:
+        acc[y : y + plan.rows.tile, x : x + plan.cols.tile] += plan.weight(i, j)
+    np.testing.assert_allclose(acc, 1.0, atol=1e-6)
+
+
+def test_plan_rejects_overlap_larger_than_tile():
+    with pytest.raises(ValueError, match="larger than the overlap"):
+        plan_tiles(1000, 1000, 64, 64)
+
+
+def odd_crop(img, h, w):
+    big = np.concatenate([img, img[:, ::-1]], axis=1)
+    big = np.concatenate([big, big[::-1]], axis=0)
+    return np.ascontiguousarray(big[:h, :w])
+
+
+@pytest.mark.parametrize("h,w,tile,overlap", [(1023, 767, 256, 32), (512, 768, 192, 32), (17, 9, 512, 32),
+                                              (75, 61, 48, 16)])
+def test_tiled_matches_whole_image_on_live1(live1_image, h, w, tile, overlap):
+    model = lively_model()
+    img = odd_crop(live1_image, h, w)
+    whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img, return_maps=True)
+    tiled = qairn.Restorer(model=model, device="cpu", tile=tile, overlap=overlap).restore(img, return_maps=True)
+    assert tiled.image.shape == img.shape and tiled.image.dtype == np.uint8
+    assert psnr(whole.image, tiled.image) >= 50.0
+    for k in ("Q1", "Q2", "Q3"):
+        assert tiled.quality[k] == pytest.approx(whole.quality[k], rel=0.01)
+    for a, b in zip(whole.maps, tiled.maps):
+        assert a.shape == b.shape
+
+
+def test_overlap_matters(live1_image):
+    # Without overlap the seams show: the >= 50 dB test above is not vacuous.
+    model = lively_model()
+    img = odd_crop(live1_image, 400, 500)
+    whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img)
+    cut = qairn.Restorer(model=model, device="cpu", tile=128, overlap=0).restore(img)
+    blended = qairn.Restorer(model=model, device="cpu", tile=128, overlap=32).restore(img)
+    assert psnr(whole.image, cut.image) < psnr(whole.image, blended.image)
+
+
+def test_pooled_quality_equals_map_mean(live1_image):
+    model = lively_model()
+    img = odd_crop(live1_image, 300, 410)
+    r = qairn.Restorer(model=model, device="cpu", tile=128, overlap=32, p=3.0)
+    res = r.restore(img, return_maps=True)
+    for k, m in enumerate(res.maps):
+        expect = float(np.mean(m.astype(np.float64) ** 3.0) ** (1 / 3.0))
+        assert res.quality[f"Q{k + 1}"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_tiles_are_batched(live1_image, monkeypatch):
+    model = lively_model()
+    r = qairn.Restorer(model=model, device="cpu", tile=128, overlap=32, tile_batch=4)
+    sizes = []
+    inner = r.backend
+
+    def spy(x):
+        sizes.append(x.shape[0])
+        return inner(x)
+
+    r.backend = spy
+    r.restore(odd_crop(live1_image, 300, 300))
+    assert max(sizes) == 4 and sum(sizes) == plan_tiles(300, 300, 128, 32).count
+
+
+def test_gray_rgba_uint16_bgr_and_one_pixel(live1_image):
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=16)
+    img = odd_crop(live1_image, 70, 90)
+    rgb = r.restore(img).image
+    gray = r.restore(img[..., 1]).image
+    assert gray.shape == (70, 90) and gray.dtype == np.uint8
+    rgba = np.concatenate([img, np.full((70, 90, 1), 77, np.uint8)], axis=2)
+    out = r.restore(rgba).image
+    assert out.shape == (70, 90, 4) and (out[..., 3] == 77).all()
+    np.testing.assert_array_equal(out[..., :3], rgb)
+    bgr = r.restore(img[..., ::-1].copy(), channel_order="bgr").image
+    np.testing.assert_array_equal(bgr[..., ::-1], rgb)
+    img16 = img.astype(np.uint16) * 257
+    out16 = r.restore(img16).image
+    assert out16.dtype == np.uint16
+    assert np.abs(out16.astype(np.int64) // 257 - rgb.astype(np.int64)).max() <= 1
+    one = r.restore(img[:1, :1]).image
+    assert one.shape == (1, 1, 3)
+    q = r.score(img[:1, :1])
+    assert set(q) == {"Q1", "Q2", "Q3"} and all(0 <= v <= 1 for v in q.values())
+
+
+def test_tensor_input_stays_on_device_and_batches(live1_image):
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = odd_crop(live1_image, 48, 64)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    res = r.restore(torch.cat([x, x.flip(-1)]))
+    assert isinstance(res.image, torch.Tensor) and res.image.shape == (2, 3, 48, 64)
+    assert res.quality["Q2"].shape == (2,)
+    single = r.restore(img)
+    np.testing.assert_allclose(res.quality["Q2"][0].item(), single.quality["Q2"], rtol=1e-6)
+    u8 = r.restore(torch.from_numpy(img).permute(2, 0, 1)[None].contiguous())
+    assert u8.image.dtype == torch.uint8
+    np.testing.assert_array_equal(u8.image[0].permute(1, 2, 0).numpy(), single.image)
+
+
+def test_bad_arrays():
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError, match="shape"):
+        r.restore(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ValueError, match="dtype"):
+        r.restore(np.zeros((4, 4, 3), np.int32))
+    with pytest.raises(ValueError, match="empty"):
+        r.restore(np.zeros((0, 4, 3), np.uint8))
