@@ -104,8 +104,10 @@ def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=pri
     }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(f"{out}: {n_crops} crops from {len(train_files)} images, {len(val_files)} val, "
-        f"{manifest['live1_files']} LIVE1; {total / 2**20:.2f} MiB")
+    log(
+        f"{out}: {n_crops} crops from {len(train_files)} images, {len(val_files)} val, "
+        f"{manifest['live1_files']} LIVE1; {total / 2**20:.2f} MiB"
+    )
     return manifest
 
 

@@ -35,8 +35,22 @@ def leftovers(folder):
 
 def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, capsys):
     out = workdir / "out"
-    rc, _, err = run(capsys, "restore", workdir, "-o", out, "--weights", tiny_weights, "--quality-map",
-                     "--json", workdir / "q.json", "--tile", 64, "--overlap", 16)
+    rc, _, err = run(
+        capsys,
+        "restore",
+        workdir,
+        "-o",
+        out,
+        "--weights",
+        tiny_weights,
+        "--quality-map",
+        "--json",
+        workdir / "q.json",
+        "--tile",
+        64,
+        "--overlap",
+        16,
+    )
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["a.png", "a.quality.png", "b.png", "b.quality.png"]
     restored = cv2.imread(str(out / "a.png"))
@@ -49,10 +63,14 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
 
 
 def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
-    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "single.webp", "--weights", tiny_weights)
+    rc, _, err = run(
+        capsys, "restore", workdir / "a.jpg", "-o", workdir / "single.webp", "--weights", tiny_weights
+    )
     assert rc == 0, err
     assert (workdir / "single.webp").exists()
-    rc, _, err = run(capsys, "restore", str(workdir / "*.jpg"), "-o", workdir / "g/", "--weights", tiny_weights)
+    rc, _, err = run(
+        capsys, "restore", str(workdir / "*.jpg"), "-o", workdir / "g/", "--weights", tiny_weights
+    )
     assert rc == 0, err
     assert [p.name for p in (workdir / "g").iterdir()] == ["a.png"]
 
@@ -64,9 +82,20 @@ def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights
     (workdir / "trunc.jpg").write_bytes(data[: len(data) // 2])
     (workdir / "emptydir").mkdir()
     out = workdir / "out"
-    rc, _, err = run(capsys, "restore", workdir / "a.jpg", workdir / "empty.jpg", workdir / "text.png",
-                     workdir / "trunc.jpg", workdir / "missing.png", workdir / "emptydir", "-o", out,
-                     "--weights", tiny_weights)
+    rc, _, err = run(
+        capsys,
+        "restore",
+        workdir / "a.jpg",
+        workdir / "empty.jpg",
+        workdir / "text.png",
+        workdir / "trunc.jpg",
+        workdir / "missing.png",
+        workdir / "emptydir",
+        "-o",
+        out,
+        "--weights",
+        tiny_weights,
+    )
     assert rc == 1
     lines = error_lines(err)
     assert len(lines) == 5, err
@@ -123,14 +152,19 @@ def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
 
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
-                     + chunk(b"IEND", b""))
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + chunk(b"IEND", b"")
+    )
     with pytest.raises(ImageError, match="over the pixel limit"):
         read_image(bomb)
     small = tmp_path / "s.png"
     cv2.imwrite(str(small), np.zeros((40, 50, 3), np.uint8))
-    rc, _, err = run(capsys, "restore", small, "-o", tmp_path / "o.png", "--weights", tiny_weights,
-                     "--max-pixels", 1000)
+    rc, _, err = run(
+        capsys, "restore", small, "-o", tmp_path / "o.png", "--weights", tiny_weights, "--max-pixels", 1000
+    )
     assert rc == 1 and "s.png: 50x40" in err and "pixel limit" in err
 
 
@@ -148,7 +182,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_16bit_png_end_to_end(tmp_path, live1_image, tiny_weights, capsys):
-    img16 = (live1_image[:48, :64].astype(np.uint16) * 257)
+    img16 = live1_image[:48, :64].astype(np.uint16) * 257
     src = tmp_path / "deep.png"
     cv2.imwrite(str(src), img16[..., ::-1])
     assert read_image(src).dtype == np.uint16
@@ -163,7 +197,9 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     assert rc == 0
     lines = out.strip().splitlines()
     assert lines[0].split()[-3:] == ["Q1", "Q2", "Q3"] and len(lines) == 3
-    rc, out, _ = run(capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights, "--json")
+    rc, out, _ = run(
+        capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights, "--json"
+    )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
     assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
 

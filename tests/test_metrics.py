@@ -63,7 +63,7 @@ def test_ssim_matches_brute_force_and_torch():
     xa = (ta / 255).float().requires_grad_()
     s = metrics.ssim_torch(xa, (tb / 255).float())
     s.backward()
-    assert float(s) == pytest.approx(ref, abs=1e-5)
+    assert float(s.detach()) == pytest.approx(ref, abs=1e-5)
     assert torch.isfinite(xa.grad).all() and xa.grad.abs().sum() > 0
 
 
@@ -116,7 +116,12 @@ def test_psnr_b_no_blocking_when_smooth():
 
 
 # DESIGN.md section 3: the unrestored JPEG on the 29 LIVE1 images.
-FLOOR = {10: (25.69, 0.743, 24.20), 20: (28.06, 0.826, 26.49), 30: (29.37, 0.862, 27.84), 40: (30.28, 0.882, 28.83)}
+FLOOR = {
+    10: (25.69, 0.743, 24.20),
+    20: (28.06, 0.826, 26.49),
+    30: (29.37, 0.862, 27.84),
+    40: (30.28, 0.882, 28.83),
+}
 
 
 @pytest.mark.skipif(not LIVE1.is_dir(), reason=f"LIVE1 images not found at {LIVE1} (shared data absent)")

@@ -101,6 +101,8 @@ def test_load_refuses_foreign_files(tmp_path):
         load_model(foreign)
     # A qairn header whose tensors do not fit the config.
     bad = tmp_path / "bad.safetensors"
-    save_file({"w": torch.zeros(2)}, str(bad), metadata={"format": "qairn", "config": preset("tiny").to_json()})
+    save_file(
+        {"w": torch.zeros(2)}, str(bad), metadata={"format": "qairn", "config": preset("tiny").to_json()}
+    )
     with pytest.raises(WeightsError, match="do not match"):
         load_model(bad)

@@ -8,8 +8,10 @@ from qairn.engine.tiling import ALIGN, plan_tiles
 from qairn.metrics import psnr
 
 
-@pytest.mark.parametrize("h,w,tile,overlap", [(1023, 767, 256, 32), (512, 512, 128, 48), (17, 9, 512, 32),
-                                              (300, 1000, 160, 64), (1, 1, 64, 16)])
+@pytest.mark.parametrize(
+    "h,w,tile,overlap",
+    [(1023, 767, 256, 32), (512, 512, 128, 48), (17, 9, 512, 32), (300, 1000, 160, 64), (1, 1, 64, 16)],
+)
 def test_plan_properties(h, w, tile, overlap):
     plan = plan_tiles(h, w, tile, overlap)
     for ax in (plan.rows, plan.cols):
@@ -38,13 +40,16 @@ def odd_crop(img, h, w):
     return np.ascontiguousarray(big[:h, :w])
 
 
-@pytest.mark.parametrize("h,w,tile,overlap", [(1023, 767, 256, 32), (512, 768, 192, 32), (17, 9, 512, 32),
-                                              (75, 61, 48, 16)])
+@pytest.mark.parametrize(
+    "h,w,tile,overlap", [(1023, 767, 256, 32), (512, 768, 192, 32), (17, 9, 512, 32), (75, 61, 48, 16)]
+)
 def test_tiled_matches_whole_image_on_live1(live1_image, h, w, tile, overlap):
     model = lively_model()
     img = odd_crop(live1_image, h, w)
     whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img, return_maps=True)
-    tiled = qairn.Restorer(model=model, device="cpu", tile=tile, overlap=overlap).restore(img, return_maps=True)
+    tiled = qairn.Restorer(model=model, device="cpu", tile=tile, overlap=overlap).restore(
+        img, return_maps=True
+    )
     assert tiled.image.shape == img.shape and tiled.image.dtype == np.uint8
     assert psnr(whole.image, tiled.image) >= 50.0
     for k in ("Q1", "Q2", "Q3"):
@@ -132,3 +137,24 @@ def test_bad_arrays():
         r.restore(np.zeros((4, 4, 3), np.int32))
     with pytest.raises(ValueError, match="empty"):
         r.restore(np.zeros((0, 4, 3), np.uint8))
+
+
+def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
+    model = lively_model()
+    r = qairn.Restorer(model=model, device="cpu", tile=256, overlap=32)
+    inner = r.backend
+    seen = []
+
+    def limited(x):  # pretend the device holds at most 128x128 tiles
+        seen.append(x.shape[-1])
+        if x.shape[-1] * x.shape[-2] > 128 * 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r.backend = limited
+    img = odd_crop(live1_image, 300, 300)
+    with pytest.warns(UserWarning, match="retrying with tile 128"):
+        res = r.restore(img)
+    assert r.tile == 128 and seen[0] == 256 and seen[-1] == 128
+    whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img)
+    assert psnr(whole.image, res.image) >= 50.0

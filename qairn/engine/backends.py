@@ -31,8 +31,15 @@ class TorchBackend:
 
     fixed_tile = False
 
-    def __init__(self, model: QAIRN, device: torch.device, precision: str = "fp32", compile: bool = False,
-                 triton: bool = False, channels_last: bool | None = None):
+    def __init__(
+        self,
+        model: QAIRN,
+        device: torch.device,
+        precision: str = "fp32",
+        compile: bool = False,
+        triton: bool = False,
+        channels_last: bool | None = None,
+    ):
         self.dtype = PRECISIONS[precision]
         self.device = device
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last

@@ -53,8 +53,16 @@ BASELINE = "eager-fp32"
 CUDA_ONLY = ("triton", "tensorrt")  # backend names (or options) that need a CUDA device
 DEFAULTS = {
     "cuda": {
-        "backends": ["eager-fp32", "eager-fp16-cl", "eager-bf16-cl", "triton-fp16", "compile-fp16",
-                     "compile-triton-fp16", "tensorrt-fp16", "onnxruntime-fp32"],
+        "backends": [
+            "eager-fp32",
+            "eager-fp16-cl",
+            "eager-bf16-cl",
+            "triton-fp16",
+            "compile-fp16",
+            "compile-triton-fp16",
+            "tensorrt-fp16",
+            "onnxruntime-fp32",
+        ],
         "sizes": [(1920, 1080), (3840, 2160), (7680, 4320)],
         "tiles": [512],
         "warmup": 3,
@@ -62,10 +70,10 @@ DEFAULTS = {
         "case_budget_s": 20.0,
     },
     "cpu": {  # this is 2 busy cores here: keep the defaults small
-        "backends": ["eager-fp32", "eager-bf16-cl", "compile-fp32", "onnxruntime-fp32"],
+        "backends": ["eager-fp32", "eager-bf16-cl", "onnxruntime-fp32"],  # compile-fp32: minutes to build
         "sizes": [(256, 256), (512, 512)],
         "tiles": [512],
-        "warmup": 1,
+        "warmup": 2,
         "repeats": 3,
         "case_budget_s": 30.0,
     },
@@ -79,7 +87,8 @@ def bench_model(weights: str | None = None, preset: str | None = None) -> tuple[
     if weights is None and preset is None and DEFAULT_WEIGHTS.is_file():
         weights = str(DEFAULT_WEIGHTS)
     if weights is not None:
-        return load_model(weights), f"weights {Path(weights).name} (preset {load_model(weights).config.preset})"
+        model = load_model(weights)
+        return model, f"weights {Path(weights).name} (preset {model.config.preset})"
     name = preset or "small"
     torch.manual_seed(0)
     model = QAIRN(PRESETS[name]).eval()
@@ -103,13 +112,18 @@ def conv_layers(model: QAIRN, height: int = 512, width: int = 512, batch: int = 
                 macs = x.numel() * mod.out_channels // mod.groups * math.prod(mod.kernel_size)
             else:  # every output pixel gathers a kh x kw x cin patch
                 macs = out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
-            calls.append({"name": name, "module": mod, "shape": tuple(x.shape), "flops": 2 * macs})
+            calls.append(
+                {"name": name, "module": mod, "shape": tuple(x.shape), "flops": 2 * macs}
+            )  # mod: meta
 
         return record
 
     meta = copy.deepcopy(model).to("meta")
-    handles = [m.register_forward_hook(hook(n)) for n, m in meta.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in meta.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+    ]
     with torch.no_grad():
         meta(torch.empty(batch, 3, height, width, device="meta"))
     for h in handles:
@@ -120,6 +134,11 @@ def conv_layers(model: QAIRN, height: int = 512, width: int = 512, batch: int = 
 def gflop_per_mp(model: QAIRN) -> float:
     """Model GFLOPs per megapixel (at 512x512, a multiple of the network stride: no padding)."""
     return sum(c["flops"] for c in conv_layers(model)) / 1e9 / (512 * 512 / 1e6)
+
+
+def preset_gflop_per_mp(name: str) -> float:
+    with torch.device("meta"):
+        return gflop_per_mp(QAIRN(PRESETS[name]))
 
 
 def param_count(model: nn.Module) -> int:
@@ -145,8 +164,12 @@ def _version(module: str) -> str | None:
 
 def _driver() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -163,14 +186,29 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env["device"] = {
-            "type": "cuda", "name": p.name, "capability": f"{p.major}.{p.minor}",
-            "multiprocessors": p.multi_processor_count, "memory_gib": round(p.total_memory / 2**30, 2),
-            "driver": _driver(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "type": "cuda",
+            "name": p.name,
+            "capability": f"{p.major}.{p.minor}",
+            "multiprocessors": p.multi_processor_count,
+            "memory_gib": round(p.total_memory / 2**30, 2),
+            "driver": _driver(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
         }
     else:
         env["device"] = {"type": "cpu", "name": env["cpu"]["model"]}
-    env["tf32"] = {"cudnn_conv": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+    # fp32 convolutions and matmuls may run as TF32 (cuDNN convs do by default): the baseline's terms.
+    env["fp32_precision"] = {
+        "cudnn_conv": _fp32_precision(torch.backends.cudnn, "conv", torch.backends.cudnn.allow_tf32),
+        "matmul": _fp32_precision(torch.backends.cuda, "matmul", torch.backends.cuda.matmul.allow_tf32),
+    }
     return env
+
+
+def _fp32_precision(backend, op: str, legacy_allow_tf32: bool) -> str:
+    """torch >= 2.9 says "tf32"/"ieee"/"none" per op; older torch has allow_tf32 flags."""
+    value = getattr(getattr(backend, op, None), "fp32_precision", None)
+    return str(value) if value is not None else ("tf32" if legacy_allow_tf32 else "ieee")
 
 
 def _cpu_model() -> str:
@@ -184,17 +222,18 @@ def _cpu_model() -> str:
 
 
 def peak_matmul(device: torch.device) -> dict:
-    """Measured dense matmul rate in TFLOP/s per dtype (median of repeats, random operands)."""
+    """Measured dense matmul rate in TFLOP/s per dtype: the best of the repeats (a ceiling; random
+    operands, never zeros)."""
     if device.type == "cuda":
         n, dtypes, reps = 8192, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}, 10
     else:
-        n, dtypes, reps = 1024, {"fp32": torch.float32}, 5
+        n, dtypes, reps = 1024, {"fp32": torch.float32}, 10
     peaks = {}
     for name, dtype in dtypes.items():
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         times = measure(lambda a=a, b=b: a @ b, device, warmup=3, repeats=reps, budget_s=10.0)["ms"]
-        peaks[name] = 2 * n**3 / (statistics.median(times) * 1e-3) / 1e12
+        peaks[name] = 2 * n**3 / (min(times) * 1e-3) / 1e12
         del a, b
     return peaks
 
@@ -271,8 +310,16 @@ def make_restorer(model: QAIRN, label: str, device: torch.device, tile: int | No
     # compiled shape serves every image size; the others batch tiles as the Restorer does by default.
     static = name in ("compile", "tensorrt")
     batch = args.tile_batch or (1 if static else 4)
-    return Restorer(model=copy.deepcopy(model), device=device, backend=name, precision=precision, tile=tile,
-                    overlap=args.overlap, tile_batch=batch, **options)
+    return Restorer(
+        model=copy.deepcopy(model),
+        device=device,
+        backend=name,
+        precision=precision,
+        tile=tile,
+        overlap=args.overlap,
+        tile_batch=batch,
+        **options,
+    )
 
 
 def release(device: torch.device) -> None:
@@ -286,12 +333,20 @@ def release(device: torch.device) -> None:
 
 def case_row(label, size, tile, **fields) -> dict:
     name, precision, options = SPECS[label]
-    return {"backend": label, "engine": name, "precision": precision, "options": options,
-            "size": list(size), "tile": tile, **fields}
+    return {
+        "backend": label,
+        "engine": name,
+        "precision": precision,
+        "options": options,
+        "size": list(size),
+        "tile": tile,
+        **fields,
+    }
 
 
 def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> None:
     refs = {}  # (size, tile) -> eager fp32 (output on the CPU, quality, median ms)
+    frames = {size: synthetic_frame(size[1], size[0], torch.device("cpu"), args.seed) for size in args.sizes}
     deadline = time.monotonic() + args.budget_s if args.budget_s else math.inf
     for label in args.backends:
         reason = skip_reason(label, device)
@@ -306,14 +361,17 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                     try:
                         if restorer is None:
                             restorer = make_restorer(model, label, device, tile, args)
-                        restorer.tile = tile
-                        fields = time_case(restorer, label, size, tile, device, args, refs, report)
+                        restorer.tile, restorer.overlap = tile, args.overlap  # an OOM retry may change them
+                        x = frames[size].to(device)
+                        fields = time_case(restorer, label, x, tile, device, args, refs, report)
                         row = case_row(label, size, tile, status="ok", **fields)
                     except BackendError as e:
                         reason = str(e)
                         row = case_row(label, size, tile, status="skipped", reason=reason)
                     except Exception as e:  # report it and go on: one broken backend must not cost the run
-                        row = case_row(label, size, tile, status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+                        row = case_row(
+                            label, size, tile, status="failed", reason=f"{type(e).__name__}: {e}"[:500]
+                        )
                         if restorer is None:
                             reason = f"failed to build ({type(e).__name__})"
                 report["results"].append(row)
@@ -323,9 +381,8 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         release(device)
 
 
-def time_case(restorer, label, size, tile, device, args, refs, report) -> dict:
-    w, h = size
-    x = synthetic_frame(h, w, device, seed=args.seed)
+def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
+    h, w = x.shape[-2:]
     r = measure(lambda: restorer.restore_tensor(x), device, args.warmup, args.repeats, args.case_budget_s)
     peak_mib = None
     if device.type == "cuda":
@@ -337,27 +394,39 @@ def time_case(restorer, label, size, tile, device, args, refs, report) -> dict:
         torch.cuda.synchronize(device)
         peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
     y, q, _ = r["out"]
-    y, q = y.float().cpu(), {k: float(v[0]) for k, v in q.items()}
+    q = {k: float(v[0]) for k, v in q.items()}
     ms = statistics.median(r["ms"])
     mp = w * h / 1e6
-    key = (tuple(size), tile)
+    key = ((w, h), tile)
     fields = {}
     if label == BASELINE:
-        refs[key] = (y, q, ms)
+        refs[key] = (y.float().cpu(), q, ms)  # host memory: not counted against later backends
     if key in refs:
         ref_y, ref_q, ref_ms = refs[key]
         fields["speedup"] = ref_ms / ms
         if label != BASELINE:
-            fields["psnr_db"] = round(psnr(y, ref_y), 2)
+            fields["psnr_db"] = round(psnr(y, ref_y.to(y.device)), 2)
             fields["q_abs_err"] = max(abs(q[k] - ref_q[k]) for k in q)
-    plan = plan_tiles(h, w, tile, restorer.overlap)
+    plan = plan_tiles(h, w, restorer.tile, restorer.overlap)  # the tiles used (smaller after an OOM retry)
     _, peak = peak_for_floor(report["peak_tflops"])
-    floor_ms = report["model"]["gflop_per_mp"] * mp / (peak * 1e3)
+    floor_ms = report["model"]["gflop_per_mp"] * mp / peak  # GFLOP / (TFLOP/s) = ms
     return dict(
-        ms_median=ms, ms_min=min(r["ms"]), ms_all=[round(t, 4) for t in r["ms"]], warmup=args.warmup,
-        repeats=len(r["ms"]), tile_batch=restorer.tile_batch, tiles=plan.count,
-        work_ratio=plan.count * plan.rows.tile * plan.cols.tile / (w * h), mp_per_s=mp / (ms * 1e-3),
-        fps=1e3 / ms, peak_mem_mib=peak_mib, floor_ms=floor_ms, frac_of_peak=floor_ms / ms, quality=q, **fields,
+        ms_median=ms,
+        ms_min=min(r["ms"]),
+        ms_all=[round(t, 4) for t in r["ms"]],
+        warmup=args.warmup,
+        repeats=len(r["ms"]),
+        tile_batch=restorer.tile_batch,
+        tile_used=restorer.tile,
+        tiles=plan.count,
+        work_ratio=plan.count * plan.rows.tile * plan.cols.tile / (w * h),
+        mp_per_s=mp / (ms * 1e-3),
+        fps=1e3 / ms,
+        peak_mem_mib=peak_mib,
+        floor_ms=floor_ms,
+        frac_of_peak=floor_ms / ms,
+        quality=q,
+        **fields,
     )
 
 
@@ -371,7 +440,9 @@ def choose_best(report: dict, min_psnr: float) -> dict:
             continue
         key = "x".join(map(str, r["size"]))
         if key not in best or r["speedup"] > best[key]["speedup"]:
-            best[key] = {k: r[k] for k in ("backend", "tile", "speedup", "mp_per_s", "psnr_db", "peak_mem_mib")}
+            best[key] = {
+                k: r[k] for k in ("backend", "tile", "speedup", "mp_per_s", "psnr_db", "peak_mem_mib")
+            }
     return best
 
 
@@ -381,9 +452,19 @@ def targets(report: dict) -> dict:
     b4k = best.get("3840x2160")
     out = {"speedup_4k_ge_8": None, "mem_8k_le_4gib": None}
     if b4k:
-        out["speedup_4k_ge_8"] = {"backend": b4k["backend"], "speedup": b4k["speedup"], "met": b4k["speedup"] >= 8}
-        rows = [r for r in report["results"] if r["status"] == "ok" and r["backend"] == b4k["backend"]
-                and r["size"] == [7680, 4320] and r.get("peak_mem_mib") is not None]
+        out["speedup_4k_ge_8"] = {
+            "backend": b4k["backend"],
+            "speedup": b4k["speedup"],
+            "met": b4k["speedup"] >= 8,
+        }
+        rows = [
+            r
+            for r in report["results"]
+            if r["status"] == "ok"
+            and r["backend"] == b4k["backend"]
+            and r["size"] == [7680, 4320]
+            and r.get("peak_mem_mib") is not None
+        ]
         if rows:
             mib = min(r["peak_mem_mib"] for r in rows)
             out["mem_8k_le_4gib"] = {"backend": b4k["backend"], "peak_mem_mib": mib, "met": mib <= 4096}
@@ -391,8 +472,10 @@ def targets(report: dict) -> dict:
 
 
 # ---- printing and plotting -------------------------------------------------------------------------------
-COLUMNS = f"{'backend':<20} {'size':>9} {'tile':>5} {'ms':>9} {'MP/s':>8} {'fps':>7} {'speedup':>7} " \
-          f"{'PSNR dB':>7} {'peak MiB':>8} {'%peak':>6}"
+COLUMNS = (
+    f"{'backend':<20} {'size':>9} {'tile':>5} {'ms':>9} {'MP/s':>8} {'fps':>7} {'speedup':>7} "
+    f"{'PSNR dB':>7} {'peak MiB':>8} {'%peak':>6}"
+)
 
 
 def _fmt(v, spec, none="-"):
@@ -404,36 +487,57 @@ def format_row(r: dict) -> str:
     tile = str(r["tile"] or "whole")
     if r["status"] != "ok":
         return f"{r['backend']:<20} {size:>9} {tile:>5}   {r['status']}: {r.get('reason', '')}"
-    psnr_txt = "ref" if r["backend"] == BASELINE and r.get("psnr_db") is None else _fmt(r.get("psnr_db"), ".1f")
-    return (f"{r['backend']:<20} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {r['mp_per_s']:>8.2f} "
-            f"{r['fps']:>7.2f} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
-            f"{_fmt(r['peak_mem_mib'], '.0f'):>8} {100 * r['frac_of_peak']:>6.2f}")
+    psnr_txt = (
+        "ref" if r["backend"] == BASELINE and r.get("psnr_db") is None else _fmt(r.get("psnr_db"), ".1f")
+    )
+    return (
+        f"{r['backend']:<20} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {r['mp_per_s']:>8.2f} "
+        f"{r['fps']:>7.2f} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
+        f"{_fmt(r['peak_mem_mib'], '.0f'):>8} {100 * r['frac_of_peak']:>6.2f}"
+    )
 
 
 def header(report: dict) -> str:
     dev, m = report["env"]["device"], report["model"]
-    peaks = ", ".join(f"{k} {v:.1f}" for k, v in report["peak_tflops"].items())
+    peaks = ", ".join(f"{k} {v:.3g}" for k, v in report["peak_tflops"].items())
     name, peak = peak_for_floor(report["peak_tflops"])
-    return "\n".join([
-        f"qairn bench on {dev['name']} ({dev['type']})",
-        f"model: {m['source']}; {m['params'] / 1e6:.2f} M params, {m['gflop_per_mp']:.1f} GFLOP/MP "
-        f"(presets: {', '.join(f'{k} {v:.1f}' for k, v in m['presets_gflop_per_mp'].items())}; "
-        f"FBCNN {FBCNN_GFLOP_PER_MP:.0f})",
-        f"measured matmul peak TFLOP/s: {peaks}; compute floor at {name}: "
-        f"{m['gflop_per_mp'] / peak:.3f} ms/MP ({peak * 1e3 / m['gflop_per_mp']:.0f} MP/s)",
-    ])
+    return "\n".join(
+        [
+            f"qairn bench on {dev['name']} ({dev['type']})",
+            f"model: {m['source']}; {m['params'] / 1e6:.2f} M params, {m['gflop_per_mp']:.1f} GFLOP/MP "
+            f"(presets: {', '.join(f'{k} {v:.1f}' for k, v in m['presets_gflop_per_mp'].items())}; "
+            f"FBCNN {FBCNN_GFLOP_PER_MP:.0f})",
+            f"measured matmul peak TFLOP/s: {peaks}; compute floor at {name}: "
+            f"{m['gflop_per_mp'] / peak:.3g} ms/MP ({peak * 1e3 / m['gflop_per_mp']:.3g} MP/s)",
+        ]
+    )
 
 
 def format_table(report: dict) -> str:
-    lines = [header(report), "", COLUMNS] + [format_row(r) for r in report["results"]]
-    lines.append("%peak = model FLOPs of the image / time / measured peak (tile overlap and padding count "
-                 "against it); PSNR against eager fp32 at the same size and tile.")
+    return "\n".join([header(report), COLUMNS, *map(format_row, report["results"]), footer(report)])
+
+
+def footer(report: dict) -> str:
+    lines = []
+    lines.append(
+        "%peak = model FLOPs of the image / time / measured peak (tile overlap and padding count "
+        "against it); PSNR against eager fp32 at the same size and tile."
+    )
     for size, b in report.get("best", {}).items():
-        lines.append(f"best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32, PSNR {b['psnr_db']:.1f} dB")
-    wrong = {r["backend"] for r in report["results"] if r["status"] == "ok" and r.get("psnr_db") is not None
-             and r["psnr_db"] < report["settings"]["min_psnr"]}
+        lines.append(
+            f"best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32, PSNR {b['psnr_db']:.1f} dB"
+        )
+    wrong = {
+        r["backend"]
+        for r in report["results"]
+        if r["status"] == "ok"
+        and r.get("psnr_db") is not None
+        and r["psnr_db"] < report["settings"]["min_psnr"]
+    }
     if wrong:
-        lines.append(f"WRONG (PSNR < {report['settings']['min_psnr']} dB vs eager fp32): {', '.join(sorted(wrong))}")
+        lines.append(
+            f"WRONG (PSNR < {report['settings']['min_psnr']} dB vs eager fp32): {', '.join(sorted(wrong))}"
+        )
     return "\n".join(lines)
 
 
@@ -452,24 +556,37 @@ def write_plot(report: dict, path: str) -> None:
     for i, label in enumerate(labels):
         xs, ys, wrong = [], [], []
         for j, (size, tile) in enumerate(sizes):
-            r = next((r for r in rows if r["backend"] == label and "x".join(map(str, r["size"])) == size
-                      and r["tile"] == tile), None)
+            r = next(
+                (
+                    r
+                    for r in rows
+                    if r["backend"] == label and "x".join(map(str, r["size"])) == size and r["tile"] == tile
+                ),
+                None,
+            )
             if r is not None:
                 xs.append(j + (i - (len(labels) - 1) / 2) * width)
                 ys.append(r["mp_per_s"])
                 wrong.append(r.get("psnr_db") is not None and r["psnr_db"] < min_psnr)
         bars = ax.bar(xs, ys, width, label=label)
-        for bar, bad in zip(bars, wrong):
+        for bar, bad in zip(bars, wrong, strict=True):
             if bad:
                 bar.set_hatch("xx")
                 bar.set_edgecolor("red")
     name, peak = peak_for_floor(report["peak_tflops"])
-    ax.axhline(peak * 1e3 / report["model"]["gflop_per_mp"], color="k", ls="--", lw=1,
-               label=f"compute floor ({name} peak)")
+    ax.axhline(
+        peak * 1e3 / report["model"]["gflop_per_mp"],
+        color="k",
+        ls="--",
+        lw=1,
+        label=f"compute limit ({name} peak)",
+    )
     ax.set_yscale("log")
     ax.set_xticks(range(len(sizes)), [f"{s}\ntile {t or 'whole'}" for s, t in sizes])
     ax.set_ylabel("megapixels / s (log)")
-    ax.set_title(f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}"[:100], fontsize=9)
+    ax.set_title(
+        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}"[:100], fontsize=9
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -477,108 +594,90 @@ def write_plot(report: dict, path: str) -> None:
 
 
 # ---- video-like stream ----------------------------------------------------------------------------------
-def stream_naive(restorer: Restorer, frames: list[np.ndarray]) -> list[np.ndarray]:
-    """What a simple user loop does: one numpy frame at a time through the public API."""
-    return [restorer.restore(f).image for f in frames]
+def video_frames(w: int, h: int, count: int, seed: int) -> tuple[list[np.ndarray], list[tuple]]:
+    """`count` moving uint8 RGB frames, and the same frames as 4:2:0 limited-range BT.709 planes."""
+    base = (synthetic_frame(h, w, torch.device("cpu"), seed=seed)[0].permute(1, 2, 0) * 255).round()
+    base = base.to(torch.uint8).numpy()
+    r, g, b = (base[..., i].astype(np.float32) / 255 for i in range(3))
+    luma = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    cb, cr = (b - luma) / 1.8556, (r - luma) / 1.5748
+    planes = [np.round(16 + 219 * luma).astype(np.uint8)]
+    planes += [np.round(128 + 224 * c[::2, ::2]).astype(np.uint8) for c in (cb, cr)]
 
+    def roll(a, px):
+        return np.ascontiguousarray(np.roll(a, px, axis=1))
 
-def stream_pipelined(restorer: Restorer, frames: list[torch.Tensor]) -> list[torch.Tensor]:
-    """uint8 frames in pinned host memory; the copy stream uploads frame i+1 and downloads frame i-1
-    while the compute stream restores frame i (two slots, events between the streams)."""
-    dev = restorer.device
-    main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
-    h, w, _ = frames[0].shape
-    in_dev = [torch.empty(h, w, 3, dtype=torch.uint8, device=dev) for _ in range(2)]
-    out_dev = [torch.empty(h, w, 3, dtype=torch.uint8, device=dev) for _ in range(2)]
-    out_host = [torch.empty(h, w, 3, dtype=torch.uint8).pin_memory() for _ in range(2)]
-    loaded, consumed, produced, fetched = ([torch.cuda.Event() for _ in range(2)] for _ in range(4))
-    results = []
-
-    def upload(i):
-        k = i % 2
-        with torch.cuda.stream(side):
-            side.wait_event(consumed[k])  # the compute stream has read frame i-2 out of this slot
-            in_dev[k].copy_(frames[i], non_blocking=True)
-            loaded[k].record(side)
-
-    upload(0)
-    for i in range(len(frames)):
-        k = i % 2
-        if i + 1 < len(frames):
-            upload(i + 1)
-        main.wait_event(loaded[k])
-        x = in_dev[k].permute(2, 0, 1)[None].float().div_(255.0)
-        consumed[k].record(main)
-        y, _, _ = restorer.restore_tensor(x)
-        main.wait_event(fetched[k])  # frame i-2 has left out_dev[k]
-        out_dev[k].copy_(y[0].permute(1, 2, 0).mul(255.0).round_().clamp_(0, 255).to(torch.uint8))
-        produced[k].record(main)
-        with torch.cuda.stream(side):
-            side.wait_event(produced[k])
-            out_host[k].copy_(out_dev[k], non_blocking=True)
-            fetched[k].record(side)
-        if i >= 1:  # hand frame i-1 to the consumer while frame i computes
-            fetched[(i - 1) % 2].synchronize()
-            results.append(out_host[(i - 1) % 2].clone())
-    fetched[(len(frames) - 1) % 2].synchronize()
-    results.append(out_host[(len(frames) - 1) % 2].clone())
-    return results
+    rgb = [roll(base, 8 * i) for i in range(count)]
+    yuv = [(roll(planes[0], 8 * i), roll(planes[1], 4 * i), roll(planes[2], 4 * i)) for i in range(count)]
+    return rgb, yuv
 
 
 def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> None:
+    """Per backend: a plain loop of Restorer.restore calls, then Restorer.restore_stream (batched, pinned
+    host memory and copies overlapped with compute on CUDA) over RGB frames and over 4:2:0 planes."""
     w, h = args.sizes[0]
     tile = args.tiles[0]
-    base = (synthetic_frame(h, w, torch.device("cpu"), seed=args.seed)[0].permute(1, 2, 0) * 255).round()
-    base = base.to(torch.uint8).numpy()
-    frames = [np.roll(base, 8 * i, axis=1) for i in range(args.video)]  # moving content, one buffer each
+    rgb, yuv = video_frames(w, h, args.video, args.seed)
+    modes = {
+        "loop": lambda r, fr: [r.restore(f).image for f in fr],
+        "stream-rgb": lambda r, fr: [res.image for res in r.restore_stream(fr)],
+        "stream-yuv420": lambda r, fr: [
+            res.image for res in r.restore_stream(fr, matrix="bt709", range="limited")
+        ],
+    }
     for label in args.backends:
-        row = {"backend": label, "size": [w, h], "tile": tile, "frames": args.video}
         reason = skip_reason(label, device)
-        if reason:
-            report["results"].append({**row, "status": "skipped", "reason": reason})
-            continue
-        try:
-            restorer = make_restorer(model, label, device, tile, args)
-            row.update(status="ok", tile_batch=restorer.tile_batch)
-            stream_naive(restorer, frames[: max(1, args.warmup)])  # warm-up (compilation, autotuning)
-            t0 = time.perf_counter()
-            out = stream_naive(restorer, frames)
-            row["fps_naive"] = args.video / (time.perf_counter() - t0)
-            if device.type == "cuda":
-                pinned = [torch.from_numpy(f).pin_memory() for f in frames]
-                stream_pipelined(restorer, pinned[:2])
-                torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                piped = stream_pipelined(restorer, pinned)
-                row["fps_pipelined"] = args.video / (time.perf_counter() - t0)
-                diff = max(int((p.numpy().astype(np.int16) - o.astype(np.int16)).__abs__().max())
-                           for p, o in zip(piped, out))
-                row["max_abs_diff_u8"] = diff  # pipelined vs simple loop: the same frames should come out
-            else:
-                row["fps_pipelined"] = None
-                row["pipelined_reason"] = "pinned memory and copy streams need a CUDA device"
-            row["mp_per_s_naive"] = row["fps_naive"] * w * h / 1e6
-        except BackendError as e:
-            row.update(status="skipped", reason=str(e))
-        except Exception as e:
-            row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
-        report["results"].append(row)
-        save(report)
         restorer = None
+        outputs = {}
+        for mode, fn in modes.items():
+            frames = yuv if mode == "stream-yuv420" else rgb
+            row = {"backend": label, "mode": mode, "size": [w, h], "tile": tile, "frames": args.video}
+            if reason:
+                row.update(status="skipped", reason=reason)
+            else:
+                try:
+                    restorer = restorer or make_restorer(model, label, device, tile, args)
+                    fn(restorer, frames)  # warm-up pass: every batch shape compiled, autotuned, pinned
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    outputs[mode] = fn(restorer, frames)
+                    seconds = time.perf_counter() - t0
+                    row.update(
+                        status="ok",
+                        tile_batch=restorer.tile_batch,
+                        seconds=seconds,
+                        fps=args.video / seconds,
+                        mp_per_s=args.video * w * h / 1e6 / seconds,
+                    )
+                    if mode == "stream-rgb" and "loop" in outputs:  # the stream must give the loop's frames
+                        diffs = [
+                            np.abs(a.astype(np.int16) - b).max()
+                            for a, b in zip(outputs[mode], outputs["loop"], strict=True)
+                        ]
+                        row["max_abs_diff_u8_vs_loop"] = int(max(diffs))
+                except BackendError as e:
+                    reason = str(e)
+                    row.update(status="skipped", reason=reason)
+                except Exception as e:
+                    row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+            report["results"].append(row)
+            save(report)
+            print(format_video_row(row), flush=True)
+        del restorer, outputs
         release(device)
-        print(format_video_row(row), flush=True)
 
 
 def format_video_row(r: dict) -> str:
-    size = "x".join(map(str, r["size"]))
+    size, tile = "x".join(map(str, r["size"])), str(r["tile"] or "whole")
+    head = f"{r['backend']:<20} {r['mode']:<14} {size:>9} {tile:>5}"
     if r["status"] != "ok":
-        return f"{r['backend']:<20} {size:>9}   {r['status']}: {r.get('reason', '')}"
-    return (f"{r['backend']:<20} {size:>9} {r['frames']:>6} frames  simple loop {r['fps_naive']:8.2f} fps   "
-            f"pinned+overlapped {_fmt(r['fps_pipelined'], '8.2f', 'n/a'):>8} fps")
+        return f"{head}   {r['status']}: {r.get('reason', '')}"
+    return f"{head} {r['frames']:>4} frames {r['fps']:9.2f} fps {r['mp_per_s']:9.2f} MP/s"
 
 
 # ---- command line -------------------------------------------------------------------------------------
-def _sizes(text: str) -> list[tuple[int, int]]:
+def parse_sizes(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
         w, _, h = part.lower().partition("x")
@@ -586,11 +685,11 @@ def _sizes(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _tiles(text: str) -> list[int | None]:
+def parse_tiles(text: str) -> list[int | None]:
     return [None if t.strip() in ("0", "whole", "none") else int(t) for t in text.split(",")]
 
 
-def _backends(text: str) -> list[str]:
+def parse_backends(text: str) -> list[str]:
     labels = list(SPECS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in labels if b not in SPECS]
     if unknown:
@@ -599,30 +698,54 @@ def _backends(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qairn bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", type=_backends, help=f"comma list or 'all' ({', '.join(SPECS)}); "
-                   f"default: CUDA {','.join(DEFAULTS['cuda']['backends'])}; CPU "
-                   f"{','.join(DEFAULTS['cpu']['backends'])}. {BASELINE} always runs first")
-    p.add_argument("--sizes", type=_sizes, help="WxH list (default CUDA 1920x1080,3840x2160,7680x4320; "
-                   "CPU 256x256,512x512)")
-    p.add_argument("--tiles", type=_tiles, help="tile sizes, 0 = whole image (default 512)")
-    p.add_argument("--tile-batch", type=int, default=0,
-                   help="tiles per backend call (default 4; 1 for compiled/static backends)")
+    p = argparse.ArgumentParser(
+        prog="qairn bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--backends",
+        type=parse_backends,
+        help=f"comma list or 'all' ({', '.join(SPECS)}); "
+        f"default: CUDA {','.join(DEFAULTS['cuda']['backends'])}; CPU "
+        f"{','.join(DEFAULTS['cpu']['backends'])}. {BASELINE} always runs first (table mode)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        help="WxH list (default CUDA 1920x1080,3840x2160,7680x4320; CPU 256x256,512x512)",
+    )
+    p.add_argument("--tiles", type=parse_tiles, help="tile sizes, 0 = whole image (default 512)")
+    p.add_argument(
+        "--tile-batch",
+        type=int,
+        default=0,
+        help="tiles per backend call (default 4; 1 for compiled/static backends)",
+    )
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights if present)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="time a random-initialised preset instead")
     p.add_argument("--device", default="auto")
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default CUDA 3, CPU 1)")
-    p.add_argument("--repeats", type=int, help="timed calls per case, median reported (default CUDA 10, CPU 3)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--warmup", type=int, help="untimed calls per case (default CUDA 3, CPU 2)")
+    p.add_argument(
+        "--repeats", type=int, help="timed calls per case, median reported (default CUDA 10, CPU 3)"
+    )
     p.add_argument("--case-budget-s", type=float, help="seconds per case before repeats are cut (>= 1 kept)")
     p.add_argument("--budget-s", type=float, default=0, help="stop starting cases after this many seconds")
-    p.add_argument("--min-psnr", type=float, default=40.0, help="below this PSNR vs eager fp32 a backend is wrong")
+    p.add_argument(
+        "--min-psnr", type=float, default=40.0, help="below this PSNR vs eager fp32 a backend is wrong"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report (device, versions, settings, results) here")
     p.add_argument("--plot", help="write a PNG bar chart here")
-    p.add_argument("--video", type=int, default=0, metavar="FRAMES",
-                   help="stream FRAMES frames of the first size through one Restorer per backend")
+    p.add_argument(
+        "--video",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="stream FRAMES frames of the first size through one Restorer per backend",
+    )
     p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
     return p
 
@@ -630,15 +753,19 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     device = resolve(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.env:
         text = json.dumps(environment(device), indent=2)
-        print(text) if args.env == "-" else Path(args.env).write_text(text + "\n")
+        if args.env == "-":
+            print(text)
+        else:
+            Path(args.env).write_text(text + "\n")
         return 0
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.backends = args.backends or list(d["backends"])
-    if BASELINE in args.backends:
-        args.backends.remove(BASELINE)
-    args.backends.insert(0, BASELINE)
+    if not args.video:  # the table's reference runs first
+        args.backends = [BASELINE] + [b for b in args.backends if b != BASELINE]
     args.sizes = args.sizes or list(d["sizes"])
     args.tiles = args.tiles or list(d["tiles"])
     args.warmup = d["warmup"] if args.warmup is None else args.warmup
@@ -652,16 +779,25 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "video" if args.video else "table",
         "complete": False,
         "env": environment(device),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "env")},
-        "model": {"source": source, "config": json.loads(model.config.to_json()), "params": param_count(model),
-                  "gflop_per_mp": gflop_per_mp(model),
-                  "presets_gflop_per_mp": {k: gflop_per_mp(QAIRN(PRESETS[k])) for k in ("small", "paper")},
-                  "fbcnn_gflop_per_mp": FBCNN_GFLOP_PER_MP, "flop_convention": "2 per multiply-accumulate"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "env")}
+        | {"cudnn_benchmark": torch.backends.cudnn.benchmark},
+        "model": {
+            "source": source,
+            "config": json.loads(model.config.to_json()),
+            "params": param_count(model),
+            "gflop_per_mp": gflop_per_mp(model),
+            "presets_gflop_per_mp": {k: preset_gflop_per_mp(k) for k in ("small", "paper")},
+            "fbcnn_gflop_per_mp": FBCNN_GFLOP_PER_MP,
+            "flop_convention": "2 per multiply-accumulate",
+        },
         "peak_tflops": peak_matmul(device),
         "results": [],
     }
 
     def save(rep):
+        if rep["kind"] == "table":  # kept current, so a run cut short still names its best backend
+            rep["best"] = choose_best(rep, args.min_psnr)
+            rep["targets"] = targets(rep)
         if args.json:
             tmp = Path(args.json).with_suffix(".json.tmp")
             tmp.write_text(json.dumps(rep, indent=1, default=str) + "\n")
@@ -673,9 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(COLUMNS, flush=True)
         run_table(args, model, device, report, save)
-        report["best"] = choose_best(report, args.min_psnr)
-        report["targets"] = targets(report)
-        print("\n" + format_table(report))
+        save(report)
+        print(footer(report))
     report["complete"] = True
     save(report)
     if args.plot and not args.video:

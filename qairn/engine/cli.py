@@ -85,15 +85,25 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels; 0 = whole image")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})",
+    )
 
 
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
-    return Restorer(weights=a.weights, device=a.device, backend=a.backend, precision=a.precision,
-                    tile=a.tile or None, overlap=a.overlap)
+    return Restorer(
+        weights=a.weights,
+        device=a.device,
+        backend=a.backend,
+        precision=a.precision,
+        tile=a.tile or None,
+        overlap=a.overlap,
+    )
 
 
 def error(msg: str) -> None:

@@ -13,7 +13,8 @@ range="full"). Video is usually limited range, BT.709 for HD and BT.601 for SD.
 
 Chroma: 4:2:0 and 4:2:2 planes are upsampled with the triangle filter libjpeg uses ("fancy upsampling":
 bilinear, centred siting, edges replicated), so the network sees chroma as it did in training, and are
-downsampled by 2x2 (or 2x1) box averages.
+downsampled by 2x2 (or 2x1) box averages. (H.264/MPEG-2 site 4:2:0 chroma "left", a quarter pixel
+from centred; with the correction form below that offset moves only the correction, never the picture.)
 
 restore_yuv applies the restoration as a correction: out = in + down(M (restored - rgb)), with `rgb` the
 input converted to R'G'B' and clipped to [0, 1]. With no change to the picture the planes come back
@@ -30,7 +31,14 @@ import torch.nn.functional as F
 
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.2627, 0.0593)}
 MATRIX_ALIASES = {"601": "bt601", "bt470bg": "bt601", "smpte170m": "bt601", "709": "bt709", "2020": "bt2020"}
-RANGES = {"limited": "limited", "tv": "limited", "mpeg": "limited", "full": "full", "pc": "full", "jpeg": "full"}
+RANGES = {
+    "limited": "limited",
+    "tv": "limited",
+    "mpeg": "limited",
+    "full": "full",
+    "pc": "full",
+    "jpeg": "full",
+}
 
 
 class ColorError(ValueError):
@@ -97,8 +105,9 @@ def chroma_size(h: int, w: int, u_shape) -> tuple[int, int]:
     """Check a chroma plane's size against the luma size (4:4:4, 4:2:2 or 4:2:0) and return it."""
     ch, cw = int(u_shape[-2]), int(u_shape[-1])
     if ch not in (h, -(-h // 2)) or cw not in (w, -(-w // 2)) or (ch != h and cw == w):
-        raise ColorError(f"chroma planes of {cw}x{ch} do not fit a {w}x{h} luma plane "
-                         "(expected 4:4:4, 4:2:2 or 4:2:0)")
+        raise ColorError(
+            f"chroma planes of {cw}x{ch} do not fit a {w}x{h} luma plane (expected 4:4:4, 4:2:2 or 4:2:0)"
+        )
     return ch, cw
 
 
@@ -115,8 +124,14 @@ def planes_to_rgb(y, u, v, matrix: str = "bt709", range: str = "limited", bits: 
     return torch.einsum("ij,njhw->nihw", inv, torch.stack([yy, pb, pr], 1))
 
 
-def rgb_to_planes(rgb: torch.Tensor, csize: tuple[int, int], matrix: str = "bt709", range: str = "limited",
-                  bits: int = 8, offsets: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rgb_to_planes(
+    rgb: torch.Tensor,
+    csize: tuple[int, int],
+    matrix: str = "bt709",
+    range: str = "limited",
+    bits: int = 8,
+    offsets: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N,3,H,W) float R'G'B' -> float code values (N,H,W) luma and (N,h,w) chroma, not rounded.
     offsets=False converts a difference of two pictures (no black level or chroma centre added)."""
     yo, ys, co, cs = levels(range, bits)
@@ -146,8 +161,16 @@ def plane_bits(dtype, bits: int | None) -> int:
 
 
 # ---- restoration on planes -----------------------------------------------------------------------
-def restore_planes(restorer, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, matrix: str, range: str,
-                   bits: int, return_maps: bool = False):
+def restore_planes(
+    restorer,
+    y: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    matrix: str,
+    range: str,
+    bits: int,
+    return_maps: bool = False,
+):
     """(N,H,W)/(N,h,w) integer planes already on the restorer's device -> (planes of the same dtype,
     quality dict of (N,) tensors, maps or None), all on the device. See the module docstring."""
     h, w = y.shape[-2:]
@@ -173,8 +196,16 @@ def _as_batch(p, name: str) -> torch.Tensor:
     return p[None] if p.ndim == 2 else p
 
 
-def restore_yuv(restorer, y, u, v, matrix: str = "bt709", range: str = "limited", bits: int | None = None,
-                return_maps: bool = False):
+def restore_yuv(
+    restorer,
+    y,
+    u,
+    v,
+    matrix: str = "bt709",
+    range: str = "limited",
+    bits: int | None = None,
+    return_maps: bool = False,
+):
     """Restore Y'CbCr planes (numpy or tensors, (H,W) or (N,H,W), 4:2:0/4:2:2/4:4:4) and return a Result
     whose image is the (y, u, v) planes in the input's format (dtype, subsampling, device)."""
     from qairn.engine.restorer import Result

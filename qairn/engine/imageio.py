@@ -50,8 +50,10 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageError(f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the pixel limit "
-                                 f"of {max_pixels / 1e6:.0f} MP (raise it with --max-pixels)")
+                raise ImageError(
+                    f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the pixel limit "
+                    f"of {max_pixels / 1e6:.0f} MP (raise it with --max-pixels)"
+                )
             orientation = im.getexif().get(0x0112, 1)
             sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
             fmt = im.format
@@ -106,6 +108,10 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_atomic(path: str | Path, data: bytes) -> None:
     """Write bytes to `path` via a temp file in the same folder and an atomic rename."""
     path = Path(path)
@@ -113,6 +119,7 @@ def write_atomic(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         try:

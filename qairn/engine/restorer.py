@@ -54,10 +54,20 @@ class Restorer:
     tile=None processes whole images; otherwise tiles of `tile` pixels overlapping by `overlap`.
     """
 
-    def __init__(self, weights: str | Path | None = None, device: str | torch.device = "auto",
-                 backend: str = "eager", precision: str = "fp32", tile: int | None = 512, overlap: int = 32,
-                 p: float | None = None, model: QAIRN | None = None, tile_batch: int = 4,
-                 channel_order: str = "rgb", **backend_options):
+    def __init__(
+        self,
+        weights: str | Path | None = None,
+        device: str | torch.device = "auto",
+        backend: str = "eager",
+        precision: str = "fp32",
+        tile: int | None = 512,
+        overlap: int = 32,
+        p: float | None = None,
+        model: QAIRN | None = None,
+        tile_batch: int = 4,
+        channel_order: str = "rgb",
+        **backend_options,
+    ):
         if model is None:
             model = load_model(weights if weights is not None else default_weights())
         self.config = model.config
@@ -81,13 +91,17 @@ class Restorer:
             try:
                 return self._run_plan(x, plan, return_maps)
             except torch.OutOfMemoryError:
-                if self.device.type != "cuda" or plan.count == 1 and plan.rows.tile <= 64:
+                current = max(plan.rows.tile, plan.cols.tile)
+                if current <= 64:
                     raise
-                tile = max(64, max(plan.rows.tile, plan.cols.tile) // 2)
-                warnings.warn(f"CUDA out of memory: retrying with tile {tile}", stacklevel=2)
-                torch.cuda.empty_cache()
-                self.tile = tile
-                plan = plan_tiles(h, w, tile, min(self.overlap, tile // 4))
+                tile = current // 2
+                warnings.warn(
+                    f"out of device memory at tile {current}: retrying with tile {tile}", stacklevel=2
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.tile, self.overlap = tile, min(self.overlap, tile // 4)
+                plan = plan_tiles(h, w, tile, self.overlap)
 
     def _run_plan(self, x: torch.Tensor, plan: TilePlan, return_maps: bool):
         n, _, h, w = x.shape
@@ -102,15 +116,21 @@ class Restorer:
 
         out = torch.zeros(n, 3, hp, wp, device=self.device)
         sums = torch.zeros(3, n, device=self.device, dtype=torch.float64)
-        maps = [torch.zeros(n, 1, -(-hp // s), -(-wp // s), device=self.device) for s in SCALES] if return_maps else None
+        maps = (
+            [torch.zeros(n, 1, -(-hp // s), -(-wp // s), device=self.device) for s in SCALES]
+            if return_maps
+            else None
+        )
         tiles = plan.tiles
+        # Blend weights go to the device once per plan, not once per tile (a host sync each time).
+        weights = {(i, j): torch.from_numpy(plan.weight(i, j)).to(self.device) for i, j, _, _ in tiles}
         for b in range(0, len(tiles), max(1, self.tile_batch // n)):
             group = tiles[b : b + max(1, self.tile_batch // n)]
             batch = torch.cat([xp[:, :, y0 : y0 + th, x0 : x0 + tw] for _, _, y0, x0 in group])
             y, gammas = self.backend(batch)
             for t, (i, j, y0, x0) in enumerate(group):
                 sl = slice(t * n, (t + 1) * n)
-                wgt = torch.from_numpy(plan.weight(i, j)).to(self.device)
+                wgt = weights[i, j]
                 out[:, :, y0 : y0 + th, x0 : x0 + tw] += y[sl] * wgt
                 for k, (g, s) in enumerate(zip(gammas, SCALES)):
                     c0, c1, d0, d1 = plan.core(i, j, s)
@@ -159,6 +179,21 @@ class Restorer:
     def score(self, img, channel_order: str | None = None) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors)."""
         return self.restore(img, channel_order=channel_order).quality
+
+    # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
+    def restore_yuv(self, y, u, v, matrix="bt709", range="limited", bits=None, return_maps=False) -> Result:
+        """Restore Y'CbCr planes (4:2:0/4:2:2/4:4:4; numpy or tensors, (H,W) or (N,H,W)); converted on the
+        device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
+        from qairn.engine.color import restore_yuv
+
+        return restore_yuv(self, y, u, v, matrix, range, bits, return_maps)
+
+    def restore_stream(self, frames, batch: int = 4, **options):
+        """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
+        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream)."""
+        from qairn.engine.video import restore_stream
+
+        return restore_stream(self, frames, batch, **options)
 
 
 def to_tensor(img: np.ndarray, order: str = "rgb"):

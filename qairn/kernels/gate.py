@@ -15,13 +15,11 @@ Read top to bottom: plain-torch reference, Triton kernels and their launchers, t
 ops (Triton on CUDA, the reference elsewhere; autograd; ONNX decomposition), the public helpers.
 Triton is optional: without it everything here runs on the reference.
 
-Triton runs on CPU tensors only under the interpreter: TRITON_INTERPRET=1 must be set before
-triton is first imported. Powers are taken as exp2(p * log2(x)), which compiles and interprets alike.
+Triton runs on CPU tensors only under the interpreter: TRITON_INTERPRET=1 must be set before this
+module is imported. Powers are taken as exp2(p * log2(x)), which compiles and interprets alike.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
@@ -29,6 +27,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # the reference path needs no Triton
     triton = None
 
@@ -53,13 +52,18 @@ def core_mask(cores: Tensor | None, n: int, h: int, w: int, device) -> Tensor | 
 def pool_reference(gamma: Tensor, p: float, cores: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-image (sum of gamma**p, pixel count) over the core boxes; sums in fp32 (fp64 for fp64)."""
     n, _, h, w = gamma.shape
-    g = gamma.to(torch.promote_types(gamma.dtype, torch.float32))
-    gp = g.pow(p)
+    gp = gamma.to(torch.promote_types(gamma.dtype, torch.float32)).pow(p)
     mask = core_mask(cores, n, h, w, gamma.device)
     if mask is None:
         return gp.sum(dim=(1, 2, 3)), torch.full((n,), h * w, dtype=torch.int64, device=gamma.device)
     pool_sum = torch.where(mask, gp, torch.zeros_like(gp)).sum(dim=(1, 2, 3))
     return pool_sum, mask.sum(dim=(1, 2, 3))
+
+
+def _pool_gamma(logit: Tensor, gamma: Tensor) -> Tensor:
+    """The gate to pool, in fp32 (fp64 for fp64): pooled like the kernel, from the unrounded gate."""
+    compute = torch.promote_types(logit.dtype, torch.float32)
+    return gamma if gamma.dtype == compute else torch.sigmoid(logit.to(compute))
 
 
 def gated_blend_reference(logit: Tensor, skip: Tensor, dec: Tensor, p: float | None = None, cores=None):
@@ -71,7 +75,7 @@ def gated_blend_reference(logit: Tensor, skip: Tensor, dec: Tensor, p: float | N
     out = dec + gamma * (skip - dec)
     if p is None:
         return out, gamma
-    return out, gamma, *pool_reference(gamma, p, as_cores(cores, logit))
+    return out, gamma, *pool_reference(_pool_gamma(logit, gamma), p, as_cores(cores, logit))
 
 
 def gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
@@ -283,11 +287,15 @@ def tile_config(c: int, channels_last: bool) -> tuple[int, int, int]:
     return min(triton.next_power_of_2(c), 4), 1024, 4
 
 
+# triton.jit picks the interpreter when the decorator runs, i.e. when this module is imported.
+INTERPRETED = HAS_TRITON and isinstance(_gate_fwd_kernel, InterpretedFunction)
+
+
 def _check_runnable(t: Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the Triton gate needs the triton package (pip install qairn[triton])")
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("the Triton gate runs on CPU tensors only with TRITON_INTERPRET=1 set")
+    if not t.is_cuda and not INTERPRETED:
+        raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
     if t.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton gate takes {TRITON_DTYPES}, got {t.dtype}")
 
@@ -424,7 +432,7 @@ def _gated_blend_impl(
     if p is None:
         pool_sum, pool_count = _empty_pool(logit)
     else:
-        pool_sum, pool_count = pool_reference(gamma, p, cores)
+        pool_sum, pool_count = pool_reference(_pool_gamma(logit, gamma), p, cores)
     return out, gamma if write_gamma else logit.new_empty(0), pool_sum, pool_count
 
 
@@ -516,7 +524,9 @@ def _gated_blend_decomposition(logit, skip, dec, p, cores, write_gamma):
     """The op in standard torch ops, for exporters that cannot call it (ONNX)."""
     gamma = torch.sigmoid(logit)
     out = dec + gamma * (skip - dec)
-    pool_sum, pool_count = _empty_pool(logit) if p is None else pool_reference(gamma, p, cores)
+    pool_sum, pool_count = (
+        _empty_pool(logit) if p is None else pool_reference(_pool_gamma(logit, gamma), p, cores)
+    )
     return out, gamma if write_gamma else logit.new_empty(0), pool_sum, pool_count
 
 
@@ -582,11 +592,11 @@ def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"unknown gate backend {name!r}; choose one of {sorted(GATE_BACKENDS)}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
-    swapped = 0
-    for module in model.modules():
-        if hasattr(module, "gate") and hasattr(module, "rqa1"):
-            module.gate = GATE_BACKENDS[name]
-            swapped += 1
-    if not swapped:
-        raise ValueError("no QAIRN module (with .gate) found in model")
+    from qairn.model import QAIRN  # here, not at the top: qairn.model imports this module
+
+    qairns = [module for module in model.modules() if isinstance(module, QAIRN)]
+    if not qairns:
+        raise ValueError("no QAIRN module found in model")
+    for module in qairns:
+        module.gate = GATE_BACKENDS[name]
     return model

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 import zlib
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from pathlib import Path
@@ -88,9 +89,14 @@ class Inline(Executor):
         return f
 
 
+def _pool_init():
+    cv2.setNumThreads(1)  # a forked child must not use the parent's OpenCV thread pool
+
+
 def executor(workers: int) -> Executor:
-    # Metrics are numpy/scipy only: worker processes overlap them with restoration on a GPU.
-    return ProcessPoolExecutor(workers) if workers > 1 else Inline()
+    # Metrics are numpy/OpenCV only (no torch, no CUDA): worker processes overlap them with the
+    # restoration on a GPU.
+    return ProcessPoolExecutor(workers, initializer=_pool_init) if workers > 1 else Inline()
 
 
 def make_restorer(weights=None, model=None, device="cpu", tile=None, precision="fp32", p=None):
@@ -210,9 +216,12 @@ def main_eval(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N images only")
     ap.add_argument("--crop", type=int, default=0, help="centre crop of at most N x N (quick runs)")
     ap.add_argument("--workers", type=int, default=1, help="processes for the metrics")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
     restorer = None
     if not a.jpeg_only:
@@ -307,6 +316,14 @@ def minkowski_np(g: np.ndarray, p: float) -> float:
     return float(np.mean(g.astype(np.float64) ** p) ** (1.0 / p))
 
 
+def score_job(ref, img, maps, p_grid):
+    """SSIM to the reference and, for each p of p_grid, Q1..Q3 from the gamma maps (CPU work)."""
+    out = {"ssim": ssim(ref, img)}
+    if p_grid is not None:
+        out["grid"] = {f"Q{n + 1}": [minkowski_np(g, p) for p in p_grid] for n, g in enumerate(maps)}
+    return out
+
+
 def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, progress=True):
     """One record per (image, distortion, level): Q1..Q3 (at the restorer's p), SSIM to the reference,
     and with p_grid, Q1..Q3 for every p of the grid (from the same gamma maps)."""
@@ -322,27 +339,28 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
             img = distort(ref, kind, level, seed=zlib.crc32(f"{seed}:{name}:{level}".encode()))
             res = restorer.restore(img, return_maps=p_grid is not None)
             rec = {"image": name, "kind": kind, "level": level, **res.quality}
-            if p_grid is not None:
-                rec["grid"] = {
-                    f"Q{n + 1}": [minkowski_np(g, p) for p in p_grid] for n, g in enumerate(res.maps)
-                }
-            futures.append((rec, ex.submit(ssim, ref, img)))
+            futures.append((rec, ex.submit(score_job, ref, img, res.maps, p_grid)))
             recs.append(rec)
         for rec, fut in futures:
-            rec["ssim"] = fut.result()
+            rec.update(fut.result())
     return recs
 
 
 def logistic5(x, b1, b2, b3, b4, b5):
-    return b1 * (0.5 - 1.0 / (1.0 + np.exp(b2 * (x - b3)))) + b4 * x + b5
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> the logistic's limit, as intended
+        return b1 * (0.5 - 1.0 / (1.0 + np.exp(b2 * (x - b3)))) + b4 * x + b5
 
 
 def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
-    """PCC after the 5-parameter logistic of Sheikh, Sabir, Bovik (2006) maps x onto y."""
+    """PCC after the 5-parameter logistic of Sheikh, Sabir, Bovik (2006) maps x onto y
+    (NaN with fewer than 6 points: five parameters would fit anything)."""
+    if len(x) < 6:
+        return math.nan
     sx = x.std() or 1.0
     p0 = [y.max() - y.min(), np.sign(stats.pearsonr(x, y)[0] or 1.0) / sx, x.mean(), 0.0, y.mean()]
     try:
-        with np.errstate(over="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optimize.OptimizeWarning)
             b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=20000)
         return float(stats.pearsonr(logistic5(x, *b), y)[0])
     except (RuntimeError, ValueError):  # no fit: report the raw PCC (never better than a fit)
@@ -383,7 +401,7 @@ def format_table(title: str, table: dict) -> str:
     head = "  ".join(
         f"{q + ' ' + c:>9}" for q in ("Q1", "Q2", "Q3") for c in ("PCC", "PCClog", "SRCC", "KCC")
     )
-    lines = [title, f"{'':<14}" + head]
+    lines = [title, f"{'':<18}" + head]
     for kind, row in table.items():
         label = (
             kind
@@ -391,12 +409,13 @@ def format_table(title: str, table: dict) -> str:
             else f"{kind} ({'' if DISTORTIONS[kind][2] > 0 else '-'}{DISTORTIONS[kind][0]})"
         )
         vals = [row[q][c] for q in ("Q1", "Q2", "Q3") for c in ("pcc", "pcc_log", "srcc", "kcc")]
-        lines.append(f"{label:<14}" + "  ".join(f"{v:>9.3f}" for v in vals))
+        lines.append(f"{label:<18}" + "  ".join(f"{v:>9.3f}" for v in vals))
     return "\n".join(lines)
 
 
-def sweep_p(recs, p_grid=P_GRID, q: str = "Q2") -> dict:
-    """Pick p: the mean over distortion types of SRCC(Q(p), SSIM to the reference) is largest."""
+def sweep_p(recs, p_grid=P_GRID, q: str = "Q2", prefer: float = 2.0) -> dict:
+    """Pick p: the mean over distortion types of SRCC(Q(p), SSIM to the reference) is largest
+    (ties, to 1e-6: the p closest to `prefer`, on a log scale)."""
     rows = []
     for i, p in enumerate(p_grid):
         by_ssim, by_level = [], []
@@ -408,7 +427,7 @@ def sweep_p(recs, p_grid=P_GRID, q: str = "Q2") -> dict:
         rows.append(
             {"p": p, "srcc_ssim": float(np.nanmean(by_ssim)), "srcc_level": float(np.nanmean(by_level))}
         )
-    best = max(rows, key=lambda r: r["srcc_ssim"])
+    best = max(rows, key=lambda r: (round(r["srcc_ssim"], 6), -abs(math.log(r["p"] / prefer))))
     return {
         "p": best["p"],
         "criterion": f"max mean over distortion types of SRCC({q}(p), SSIM)",
@@ -498,9 +517,12 @@ def main_quality(argv=None) -> int:
     ap.add_argument("--val-data", default=None, help="held-out images (default: those of the training run)")
     ap.add_argument("--write-p", default=None, metavar="WEIGHTS", help="store the chosen p in this file")
     ap.add_argument("--no-report", action="store_true", help="skip the LIVE1 report (sweep only)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
         ap.error("--write-p needs --sweep-p")
     weights = a.weights or a.write_p
@@ -516,7 +538,7 @@ def main_quality(argv=None) -> int:
         if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
             raise SystemExit("refusing to choose p on the report's own images")
         recs = quality_records(restorer, val, a.crop, P_GRID, a.workers, a.seed)
-        sweep = sweep_p(recs)
+        sweep = sweep_p(recs, prefer=restorer.p)
         sweep["images"] = [Path(f).name for f in val]
         sweep["crop"] = a.crop
         print(f"p sweep on {len(val)} held-out training images (not LIVE1), {sweep['criterion']}:")

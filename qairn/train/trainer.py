@@ -317,17 +317,30 @@ def export_weights(
     return save_weights(model, a.export, training=summary, dtype=dtype)
 
 
+EXAMPLES = """examples:
+  qairn train --out runs/small --preset small --max-seconds 3600     (Ctrl-C stops with a checkpoint)
+  qairn train --out runs/small --preset small --resume               (continue where it stopped)
+  qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
+  torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
+"""
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     for f, default in asdict(TrainArgs()).items():
         flag = "--" + f.replace("_", "-")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            p.add_argument(flag, type=type(default), default=default)
+            p.add_argument(flag, type=type(default), default=default, help="(default: %(default)s)")
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="qairn train", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="qairn train",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_args(p)
     ns = p.parse_args(argv)
     train(TrainArgs(**vars(ns)))

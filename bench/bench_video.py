@@ -1,0 +1,119 @@
+"""Video throughput at 720p: Restorer.restore_stream on yuv420p planes, and the whole `qairn video`
+pipeline (PyAV decode + restore + libx264 encode + quality trace).
+
+Model: preset "small", random init (qairn.engine.bench.bench_model; no shipped weights yet). Frames:
+LIVE1 images resized to 1280x720 and JPEG-compressed at QF 30 (a synthetic picture if LIVE1 is absent).
+fps = frames / mean round time, stored in extra_info. On CPU only 2 frames per round (a 720p frame
+takes seconds here); on CUDA 32.
+
+    pytest bench/ -k 720p --benchmark-only
+(bench/conftest.py collects bench_*.py; naming the file on the command line collects it twice.)
+"""
+
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from qairn.engine import bench as qb
+from qairn.engine.restorer import Restorer
+from qairn.engine.video import VideoOptions, transcode
+
+av = pytest.importorskip("av", reason="PyAV (qairn[video]) is not installed")
+
+CUDA = torch.cuda.is_available()
+W, H = 1280, 720
+FRAMES = 32 if CUDA else 2
+LIVE1 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "live1"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return qb.bench_model(preset="small")[0]
+
+
+@pytest.fixture(scope="module")
+def rgb_frames():
+    files = sorted(LIVE1.glob("*.png"))[:FRAMES]
+    out = []
+    for i in range(FRAMES):
+        if files:
+            bgr = cv2.resize(cv2.imread(str(files[i % len(files)])), (W, H), interpolation=cv2.INTER_AREA)
+        else:
+            x = qb.synthetic_frame(H, W, torch.device("cpu"), seed=i)[0]
+            bgr = (x.permute(1, 2, 0).numpy()[..., ::-1] * 255).round().astype(np.uint8)
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 30])
+        out.append(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy())
+    return out
+
+
+@pytest.fixture(scope="module")
+def yuv_frames(rgb_frames):
+    out = []
+    for rgb in rgb_frames:
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        f = f.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+        out.append(
+            tuple(
+                np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].copy()
+                for p in f.planes
+            )
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, rgb_frames):
+    path = tmp_path_factory.mktemp("bench") / "clip720.mp4"
+    with av.open(str(path), "w") as o:
+        s = o.add_stream("libx264", rate=Fraction(30000, 1001))
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.codec_context.options = {"crf": "18", "preset": "ultrafast"}
+        for i, rgb in enumerate(rgb_frames):
+            f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+            f.pts = i
+            o.mux(s.encode(f))
+        o.mux(s.encode(None))
+    return path
+
+
+def record(benchmark, tile):
+    if getattr(benchmark, "stats", None) is None:  # --benchmark-disable
+        return
+    benchmark.extra_info.update(
+        frames=FRAMES,
+        size=f"{W}x{H}",
+        tile=tile,
+        threads=torch.get_num_threads(),
+        fps=FRAMES / benchmark.stats.stats.mean,
+        model="preset small, random init",
+    )
+
+
+@pytest.mark.parametrize("tile", [None, 512], ids=["whole", "tile512"])
+def test_stream_720p(benchmark, model, device, sync, yuv_frames, tile):
+    """restore_stream over yuv420p planes (numpy in, numpy out: the copies are part of the time)."""
+    r = Restorer(model=model, device=device, tile=tile)
+    list(r.restore_stream(yuv_frames[:1], batch=4))  # warm-up
+    benchmark.group = "video 720p"
+    benchmark.pedantic(
+        lambda: (list(r.restore_stream(yuv_frames, batch=4)), sync()), rounds=1 if not CUDA else 3
+    )
+    record(benchmark, tile)
+
+
+def test_transcode_720p(benchmark, model, device, clip, tmp_path):
+    """The whole `qairn video` pipeline: decode, restore (whole frames), encode (libx264 CRF 18 medium)."""
+    r = Restorer(model=model, device=device, tile=None)
+    out = tmp_path / "out.mp4"
+    benchmark.group = "video 720p"
+    s = benchmark.pedantic(
+        lambda: transcode(r, clip, out, VideoOptions(plot=False)),
+        rounds=1 if not CUDA else 3,
+        warmup_rounds=0,
+    )
+    assert s["frames"] == FRAMES
+    record(benchmark, None)

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The prepared GPU run: one call on a bare H100/H200 (torch, triton, numpy, opencv, onnx, onnxruntime,
+# pytest, pytest-benchmark, safetensors; no installs, no internet), in under 9 minutes:
+#
+#   PYTHONPATH=. bash bench/gpu_run.sh             # results under $OUT (else bench/results/run-DATE)
+#   QAIRN_GPU_DRYRUN=1 bash bench/gpu_run.sh       # every stage on tiny shapes on the CPU, ~1-2 min
+#
+# Stages (each under `timeout`, its log in the work folder; the summary is rewritten after each one,
+# so a run cut short still leaves its results):
+#   env       device, driver, versions                                     20 s
+#   tests     CUDA tests: kernels, backends' parity, export, video         100 s
+#   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot)              210 s
+#   kernels   bench/kernels/gpu_gate_report.py, if present                  50 s
+#   convutil  conv-trunk utilisation vs the measured fp16 peak              40 s
+#   video     16 4K frames through one Restorer, best backend               45 s
+#   profile   torch.profiler top ops of the best backend at 4K              35 s
+# Output (<= 8 files, the device tool's limit): gpu_run.json (everything, with GPU name and date),
+# bench.json (for bench/results/), bench.png, profile.txt, gate.json, logs.txt.
+# Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 500),
+# QAIRN_GPU_STAGES (default all, e.g. "env bench"), QAIRN_GPU_TESTS (a pytest -k expression),
+# QAIRN_GPU_KEEP_WORK=1 (keep the work folder: stage logs and outputs, compile caches).
+set -u
+OUTDIR=${OUT:-}
+if [ -n "$OUTDIR" ]; then mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd); fi
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+DRY=${QAIRN_GPU_DRYRUN:-0}
+BUDGET=${QAIRN_GPU_BUDGET_S:-500}
+STAGES=${QAIRN_GPU_STAGES:-env tests bench kernels convutil video profile}
+K='cuda or gpu or kernel or gate or triton or backend or parity or tensorrt or trt or onnx or export or compile'
+TESTS_K=${QAIRN_GPU_TESTS:-($K or video or stream) and not test_bench}  # tests/test_bench.py: CPU only
+OUTDIR=${OUTDIR:-$PWD/bench/results/run-$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUTDIR"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/qairn-gpu-run.XXXXXX")
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton"  # shared by the stages
+[ "${QAIRN_GPU_KEEP_WORK:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+: >"$WORK/stages.tsv"
+
+if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command before GPU minutes are spent
+  DEVICE=cpu
+  BENCH=(--preset tiny --sizes 64x64,96x128 --tiles 64,0 --warmup 1 --repeats 2 --threads 1
+         --backends eager-fp32,eager-bf16-cl,triton-fp16,compile-triton-fp16,tensorrt-fp16,onnxruntime-fp32)
+  VIDEO=(--preset tiny --sizes 64x64 --tiles 64 --video 3 --warmup 1 --threads 1)
+  CONV=(--presets tiny --shape 1x3x64x64 --repeats 3)
+  PROF=(--preset tiny --size 64x64 --tile 64 --iters 1)
+  TESTS=(--collect-only)
+  FALLBACK=eager-fp32
+else
+  DEVICE=cuda
+  BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512)
+  VIDEO=(--sizes 3840x2160 --tiles 512 --video 16)
+  CONV=(--presets small,paper --shape 4x3x512x512)
+  PROF=(--size 3840x2160 --tile 512)
+  TESTS=()
+  FALLBACK=eager-fp16-cl
+fi
+
+DRYFLAG=()
+[ "$DRY" = 1 ] && DRYFLAG=(--dryrun)
+summary() { "$PY" bench/gpu_summary.py --work "$WORK" --out "$OUTDIR" "${DRYFLAG[@]}" "$@"; }
+
+# stage NAME SECONDS COMMAND...: run under a time box cut to what is left of the budget.
+stage() {
+  local name=$1 box=$2 t0=$SECONDS rc
+  shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  local left=$((BUDGET - SECONDS - 10))  # 10 s kept for the summary
+  if [ "$left" -lt 15 ]; then
+    printf '%s\tno-time\t0\t0\n' "$name" >>"$WORK/stages.tsv"
+    echo "== $name: skipped, the budget is spent"
+    return 0
+  fi
+  [ "$box" -gt "$left" ] && box=$left
+  echo "== $name (time box ${box} s)"
+  timeout -k 5 "$box" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$box" >>"$WORK/stages.tsv"
+  tail -n 4 "$WORK/$name.log" | sed 's/^/   | /'
+  echo "   rc $rc in $((SECONDS - t0)) s"
+  summary >>"$WORK/summary.log" 2>&1
+}
+
+# Stages that are shell functions run as `bash -c NAME` under timeout: exported, with what they read.
+env_stage() {
+  if command -v nvidia-smi >/dev/null; then nvidia-smi; fi
+  "$PY" -m qairn.engine.bench --device "$DEVICE" --env "$WORK/env.json" && cat "$WORK/env.json"
+}
+
+kernels_stage() {
+  if [ ! -f bench/kernels/gpu_gate_report.py ]; then
+    echo "bench/kernels/gpu_gate_report.py is not there: nothing to run"
+    return 0
+  fi
+  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 40
+}
+
+export -f env_stage kernels_stage
+export PY WORK DEVICE
+
+best() { "$PY" bench/gpu_summary.py --best "$WORK/bench.json" --fallback "$FALLBACK"; }
+
+if [ "$DRY" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  echo "gpu_run: no CUDA device here (QAIRN_GPU_DRYRUN=1 runs the stages on the CPU)" >&2
+  exit 2
+fi
+echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
+
+stage env 20 bash -c env_stage
+stage tests 100 "$PY" -m pytest tests -v -p no:cacheprovider -rs --durations=10 -k "$TESTS_K" \
+  --junitxml "$WORK/tests.xml" "${TESTS[@]}"
+stage bench 210 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 170 \
+  --json "$WORK/bench.json" --plot "$WORK/bench.png"
+stage kernels 50 bash -c kernels_stage
+stage convutil 40 "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --json "$WORK/convutil.json"
+BEST=$(best)
+stage video 45 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" --json "$WORK/video.json"
+stage profile 35 "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" --backend "$BEST" \
+  --out "$WORK/profile.txt" --json "$WORK/profile.json"
+
+echo
+summary --final
+echo "gpu_run: done in $SECONDS s; files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"

@@ -1,0 +1,168 @@
+"""Gather the stages of bench/gpu_run.sh into one JSON (standard library only: runs in a blink).
+
+python bench/gpu_summary.py --work WORK --out OUT [--final]   # OUT/gpu_run.json, logs.txt, copies
+python bench/gpu_summary.py --best WORK/bench.json            # print the best backend's label
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+COPIED = ("bench.json", "bench.png", "profile.txt", "gate.json")  # with gpu_run.json and logs.txt: 6 files
+LOG_TAIL = 200_000  # characters kept of each stage's log
+
+
+def load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def best_label(bench: dict | None, fallback: str = "eager-fp16-cl") -> str:
+    best = (bench or {}).get("best") or {}
+    for size in ("3840x2160", *best):
+        if size in best:
+            return best[size]["backend"]
+    return fallback
+
+
+def stages(work: Path) -> list[dict]:
+    rows = []
+    path = work / "stages.tsv"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        name, rc, seconds, box = line.split("\t")
+        rows.append(
+            {
+                "stage": name,
+                "rc": rc if not rc.lstrip("-").isdigit() else int(rc),
+                "seconds": int(seconds),
+                "time_box_s": int(box),
+                "timed_out": rc in ("124", "137"),
+            }
+        )
+    return rows
+
+
+def junit(path: Path) -> dict | None:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return None
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    bad = [
+        f"{c.get('classname')}::{c.get('name')}"
+        for c in suite.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
+    ]
+    return {**counts, "not_passed": bad[:50]}
+
+
+def targets(bench: dict | None, convutil: dict | None) -> dict:
+    out = dict((bench or {}).get("targets") or {})
+    preset = (((bench or {}).get("model") or {}).get("config") or {}).get("preset", "small")
+    r = ((convutil or {}).get("presets") or {}).get(preset)
+    out["conv_trunk_ge_50pct_fp16_peak"] = (
+        None
+        if r is None
+        else {
+            "preset": preset,
+            "precision": convutil["precision"],
+            "conv_util": r["conv_util"],
+            "forward_util": r["forward_util"],
+            "met": r["conv_util"] >= 0.5,
+        }
+    )
+    return out
+
+
+def summarise(work: Path, out: Path, dryrun: bool) -> dict:
+    env = load(work / "env.json") or {}
+    bench = load(work / "bench.json")
+    convutil = load(work / "convutil.json")
+    summary = {
+        "gpu": (env.get("device") or {}).get("name"),
+        "date": env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dryrun": dryrun,
+        "stages": stages(work),
+        "env": env,
+        "tests": junit(work / "tests.xml"),
+        "targets": targets(bench, convutil),
+        "best": (bench or {}).get("best"),
+        "bench": bench,
+        "video": load(work / "video.json"),
+        "convutil": convutil,
+        "profile": load(work / "profile.json"),
+        "gate": load(work / "gate.json"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "gpu_run.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "gpu_run.json")
+    for name in COPIED:
+        if (work / name).is_file():
+            shutil.copyfile(work / name, out / name)
+    logs = []
+    for row in summary["stages"]:
+        log = work / f"{row['stage']}.log"
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        cut = f"[... first {len(text) - LOG_TAIL} characters cut ...]\n" if len(text) > LOG_TAIL else ""
+        logs.append(
+            f"===== {row['stage']}: rc {row['rc']}, {row['seconds']} s of {row['time_box_s']} s\n"
+            f"{cut}{text[-LOG_TAIL:]}"
+        )
+    (out / "logs.txt").write_text("\n".join(logs))
+    return summary
+
+
+def report(summary: dict) -> str:
+    lines = [f"gpu_run on {summary['gpu']} at {summary['date']}{' (DRY RUN)' if summary['dryrun'] else ''}"]
+    for s in summary["stages"]:
+        flag = "TIMED OUT" if s["timed_out"] else ("ok" if s["rc"] == 0 else f"rc {s['rc']}")
+        lines.append(f"  {s['stage']:<10} {flag:<10} {s['seconds']:>4} s / {s['time_box_s']} s")
+    if summary["tests"]:
+        t = summary["tests"]
+        lines.append(
+            f"  tests: {t['tests']} run, {t['failures']} failed, {t['errors']} errors, {t['skipped']} skipped"
+        )
+    for size, b in (summary["best"] or {}).items():
+        mem = "-" if b["peak_mem_mib"] is None else f"{b['peak_mem_mib']:.0f} MiB"
+        lines.append(
+            f"  best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32, "
+            f"PSNR {b['psnr_db']:.1f} dB, peak {mem}"
+        )
+    for name, t in summary["targets"].items():
+        lines.append(
+            f"  target {name}: {'not measured' if t is None else ('MET' if t['met'] else 'missed')} "
+            f"{'' if t is None else {k: v for k, v in t.items() if k != 'met'}}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work")
+    p.add_argument("--out")
+    p.add_argument("--dryrun", action="store_true")
+    p.add_argument("--final", action="store_true", help="also print the summary")
+    p.add_argument("--best", metavar="BENCH_JSON", help="print the best backend of a bench report")
+    p.add_argument("--fallback", default="eager-fp16-cl")
+    args = p.parse_args(argv)
+    if args.best:
+        print(best_label(load(Path(args.best)), args.fallback))
+        return 0
+    summary = summarise(Path(args.work), Path(args.out), args.dryrun)
+    if args.final:
+        print(report(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The gate's benchmark workload, shared by bench_gate.py (pytest-benchmark) and gpu_gate_report.py."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+# A 3840x2160 frame cut into 8 x 5 tiles of 512 + 2 x 16 overlap, batched: the full-resolution
+# merge sees (40, c0, 544, 544). c0 = 16 is the small preset, 64 the paper's.
+TILES_4K = (40, 544, 544)
+TILE_CORE = (16, 528, 16, 528)  # each tile pools its 512 x 512 core
+
+
+def make_inputs(n, c, h, w, dtype, device, channels_last=False, seed=0):
+    gen = torch.Generator(device).manual_seed(seed)
+    logit = torch.randn(n, 1, h, w, generator=gen, device=device, dtype=dtype).mul_(3)
+    skip = torch.randn(n, c, h, w, generator=gen, device=device, dtype=dtype)
+    dec = torch.randn(n, c, h, w, generator=gen, device=device, dtype=dtype)
+    if channels_last:
+        logit, skip, dec = (t.contiguous(memory_format=torch.channels_last) for t in (logit, skip, dec))
+    return logit, skip, dec
+
+
+def eager_sequence(logit, skip, dec, p):
+    """What the fused op replaces, op by op: sigmoid, mul, sub, mul, add, pow, mean."""
+    gamma = torch.sigmoid(logit)
+    out = gamma * skip + (1 - gamma) * dec
+    q = gamma.float().pow(p).mean(dim=(1, 2, 3))
+    return out, gamma, q
+
+
+def gate_bytes(logit, skip, write_gamma=False):
+    """Bytes the fused forward must move: logit, skip and dec read once, out (and gamma) written once."""
+    return logit.nbytes * (1 + write_gamma) + 3 * skip.nbytes
+
+
+def cuda_time_ms(fn, warmup=10, iters=50):
+    """Median milliseconds of fn() over iters CUDA-event-timed calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))

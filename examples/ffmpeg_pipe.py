@@ -1,0 +1,247 @@
+"""Restore video with your own FFmpeg: raw yuv420p frames in on stdin, restored frames out on stdout.
+
+As a filter between two FFmpeg processes (W x H and the frame rate must be those of the input):
+
+    ffmpeg -i in.mp4 -f rawvideo -pix_fmt yuv420p - \\
+      | python examples/ffmpeg_pipe.py --size 1280x720 --weights qairn.safetensors > restored.yuv
+    ffmpeg -f rawvideo -pix_fmt yuv420p -s 1280x720 -r 30000/1001 -i - ...   (or pipe straight into it)
+
+Or let this script run both FFmpeg processes (size and rate from ffprobe or PyAV, audio copied):
+
+    python examples/ffmpeg_pipe.py in.mp4 out.mp4 --weights qairn.safetensors [--crf 18]
+
+Raw frames carry no colour tags: --matrix/--range (default bt709, limited) say how to read them; the
+output is tagged with the same. The output is written under a temporary name and renamed when FFmpeg
+has finished, so a failed or interrupted run leaves no partial file. `qairn video` does all of this
+in-process with PyAV (and keeps timestamps and colour metadata); this is for pipelines built on FFmpeg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+import qairn
+
+FFMPEG_COLORSPACE = {"bt601": "smpte170m", "bt709": "bt709", "bt2020": "bt2020nc"}
+
+
+def read_frames(stream, width: int, height: int):
+    """Yield (y, u, v) uint8 planes of raw yuv420p frames read from a binary stream."""
+    cw, ch = -(-width // 2), -(-height // 2)
+    size = width * height + 2 * cw * ch
+    while True:
+        buf = stream.read(size)
+        if not buf:
+            return
+        while len(buf) < size:  # pipes may return short reads
+            more = stream.read(size - len(buf))
+            if not more:
+                raise ValueError(f"input ended inside a frame ({len(buf)} of {size} bytes): wrong --size?")
+            buf += more
+        a = np.frombuffer(buf, np.uint8)
+        y = a[: width * height].reshape(height, width)
+        u = a[width * height : width * height + cw * ch].reshape(ch, cw)
+        v = a[width * height + cw * ch :].reshape(ch, cw)
+        yield y, u, v
+
+
+def filter_raw(
+    restorer,
+    src,
+    dst,
+    width: int,
+    height: int,
+    batch: int = 4,
+    matrix: str = "bt709",
+    range: str = "limited",
+    trace=None,
+) -> int:
+    """Restore raw yuv420p frames from `src` into `dst` (binary streams); optional CSV trace of Q1..Q3."""
+    writer = csv.writer(trace, lineterminator="\n") if trace is not None else None
+    if writer:
+        writer.writerow(["frame", "Q1", "Q2", "Q3"])
+    n = 0
+    frames = read_frames(src, width, height)
+    for n, res in enumerate(restorer.restore_stream(frames, batch=batch, matrix=matrix, range=range), 1):
+        for plane in res.image:
+            dst.write(np.ascontiguousarray(plane).tobytes())
+        if writer:
+            writer.writerow([n - 1, *(f"{res.quality[k]:.6f}" for k in ("Q1", "Q2", "Q3"))])
+    dst.flush()
+    return n
+
+
+def probe(path: str) -> tuple[int, int, str]:
+    """(width, height, frame rate) of the first video stream, by ffprobe or else PyAV."""
+    if shutil.which("ffprobe"):
+        out = subprocess.run(
+            [
+                "ffprobe",
+                "-v",
+                "error",
+                "-select_streams",
+                "v:0",
+                "-show_entries",
+                "stream=width,height,avg_frame_rate",
+                "-of",
+                "json",
+                path,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        s = json.loads(out)["streams"][0]
+        return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
+    import av  # qairn[video]
+
+    with av.open(path) as c:
+        v = c.streams.video[0]
+        rate = v.average_rate or v.guessed_rate or Fraction(25)
+        return v.codec_context.width, v.codec_context.height, f"{rate.numerator}/{rate.denominator}"
+
+
+def run_ffmpeg(
+    restorer,
+    src: str,
+    dst: str,
+    width: int,
+    height: int,
+    rate: str,
+    crf: float = 18,
+    codec: str = "libx264",
+    batch: int = 4,
+    matrix: str = "bt709",
+    range: str = "limited",
+    ffmpeg: str = "ffmpeg",
+) -> int:
+    """Decode `src` with one FFmpeg, restore, encode into `dst` with another (audio copied)."""
+    dst_path = Path(dst)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{dst_path.stem}.", suffix=f".part{dst_path.suffix}", dir=dst_path.parent
+    )
+    os.close(fd)
+    tags = ["-colorspace", FFMPEG_COLORSPACE[matrix], "-color_range", "tv" if range == "limited" else "pc"]
+    dec_cmd = [
+        ffmpeg,
+        "-v",
+        "error",
+        "-nostdin",
+        "-i",
+        src,
+        "-map",
+        "0:v:0",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "yuv420p",
+        "-",
+    ]
+    enc_cmd = [
+        ffmpeg,
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "yuv420p",
+        "-s",
+        f"{width}x{height}",
+        "-r",
+        rate,
+        *tags,
+        "-i",
+        "-",
+        "-i",
+        src,
+        "-map",
+        "0:v",
+        "-map",
+        "1:a?",
+        "-c:a",
+        "copy",
+        "-c:v",
+        codec,
+        *(["-crf", f"{crf:g}"] if codec == "libx264" else []),
+        *tags,
+        tmp,
+    ]
+    dec = subprocess.Popen(dec_cmd, stdout=subprocess.PIPE)
+    enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
+    try:
+        n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
+        enc.stdin.close()
+        if dec.wait() != 0 or enc.wait() != 0:
+            raise RuntimeError(
+                f"ffmpeg failed (decoder exit {dec.returncode}, encoder exit {enc.returncode})"
+            )
+        os.replace(tmp, dst)
+        return n
+    finally:
+        for p in (dec, enc):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("input", nargs="?", help="video file (omit to filter raw frames from stdin to stdout)")
+    p.add_argument("output", nargs="?")
+    p.add_argument("--size", help="WxH of the raw frames (default: probed from INPUT)")
+    p.add_argument("--fps", help="frame rate, e.g. 30000/1001 (default: probed from INPUT)")
+    p.add_argument("--weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--matrix", default="bt709", choices=sorted(FFMPEG_COLORSPACE))
+    p.add_argument("--range", default="limited", choices=("limited", "full"))
+    p.add_argument("--crf", type=float, default=18)
+    p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
+    a = p.parse_args(argv)
+    restorer = qairn.Restorer(a.weights, device=a.device)
+    if a.input is None:
+        if not a.size:
+            p.error("--size WxH is needed when filtering stdin")
+        w, h = map(int, a.size.lower().split("x"))
+        with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
+            n = filter_raw(
+                restorer,
+                sys.stdin.buffer,
+                sys.stdout.buffer,
+                w,
+                h,
+                a.batch,
+                a.matrix,
+                a.range,
+                trace if a.trace else None,
+            )
+        print(f"restored {n} frames", file=sys.stderr)
+        return 0
+    if a.output is None:
+        p.error("give INPUT and OUTPUT, or neither (filter mode)")
+    w, h, rate = probe(a.input)
+    if a.size:
+        w, h = map(int, a.size.lower().split("x"))
+    n = run_ffmpeg(
+        restorer, a.input, a.output, w, h, a.fps or rate, a.crf, batch=a.batch, matrix=a.matrix, range=a.range
+    )
+    print(f"restored {n} frames into {a.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

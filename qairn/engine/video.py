@@ -1,0 +1,793 @@
+"""Video: restore decoded frames at stream speed (`restore_stream`), and `qairn video IN OUT`.
+
+restore_stream batches frames of one shape, converts them on the device and yields results in order.
+On CUDA it copies each batch in from pinned memory on one stream and the results out on another,
+so the copies of neighbouring batches overlap the compute, and the caller decodes and encodes batch
+k+1 while the device works on batch k.
+
+`qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
+restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
+encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
+timestamps, time base, frame rate and colour tags, copies the audio streams, and writes a per-frame
+quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
+partial output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qairn.engine.color import check_matrix, check_range, plane_bits, restore_planes
+from qairn.engine.imageio import write_atomic
+
+
+class VideoError(RuntimeError):
+    """A problem with a video file or its encoding; the message names the file and the problem."""
+
+
+# ---- streaming -------------------------------------------------------------------------------------
+@dataclass
+class _Job:
+    kind: str  # "yuv" or "rgb"
+    count: int
+    outputs: list  # batched outputs (tensors), on the host when the input was numpy
+    quality: torch.Tensor  # (3, N)
+    event: object = None  # CUDA event to wait on before reading outputs
+    meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
+    numpy: bool = True
+
+
+def _key(item):
+    if isinstance(item, (tuple, list)):
+        if len(item) != 3:
+            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {len(item)} planes")
+        return (
+            "yuv",
+            *((type(p), tuple(p.shape), str(p.dtype), str(getattr(p, "device", ""))) for p in item),
+        )
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return ("rgb", type(item), tuple(item.shape), str(item.dtype), str(getattr(item, "device", "")))
+    raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}")
+
+
+def _groups(frames, batch: int):
+    group, key = [], None
+    for item in frames:
+        k = _key(item)
+        if group and (k != key or len(group) == batch):
+            yield group
+            group = []
+        group.append(item)
+        key = k
+    if group:
+        yield group
+
+
+def _to_device(t: torch.Tensor, device: torch.device, copy_stream) -> torch.Tensor:
+    """Host tensor -> device. On CUDA: from pinned memory on the copy stream, ordered before compute."""
+    if copy_stream is None or t.device.type == "cuda":
+        return t.to(device)
+    t = t.pin_memory()
+    with torch.cuda.stream(copy_stream):
+        d = t.to(device, non_blocking=True)
+    torch.cuda.current_stream(device).wait_stream(copy_stream)
+    d.record_stream(torch.cuda.current_stream(device))
+    return d
+
+
+def _to_host(ts: list, copy_stream):
+    """Device tensors -> pinned host tensors, copied on the copy stream once compute is done."""
+    if copy_stream is None:
+        return [t.cpu() for t in ts], None
+    copy_stream.wait_stream(torch.cuda.current_stream(copy_stream.device))
+    with torch.cuda.stream(copy_stream):
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in ts]
+        for h, t in zip(host, ts):
+            h.copy_(t, non_blocking=True)
+            t.record_stream(copy_stream)
+        event = torch.cuda.Event()
+        event.record(copy_stream)
+    return host, event
+
+
+def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _Job:
+    from qairn.engine.restorer import to_tensor
+
+    copy_in, copy_out = streams or (None, None)
+    first = group[0]
+    if isinstance(first, (tuple, list)):
+        is_np = isinstance(first[0], np.ndarray)
+        if any(p.ndim != 2 for p in first):
+            raise ValueError(
+                f"Y'CbCr frames are (y, u, v) tuples of 2-D planes, got shapes {[p.shape for p in first]}"
+            )
+        depth = plane_bits(first[0].dtype, bits)
+        planes = []
+        for i in range(3):
+            if is_np:
+                p = torch.from_numpy(np.stack([f[i] for f in group]))
+                p = p.to(torch.int32) if p.dtype == torch.uint16 else p
+            else:
+                p = torch.stack([f[i] for f in group])
+            planes.append(_to_device(p, restorer.device, copy_in))
+        out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
+        job = _Job(
+            "yuv",
+            len(group),
+            list(out),
+            torch.stack([q["Q1"], q["Q2"], q["Q3"]]),
+            meta=[first[0].dtype] * len(group),
+            numpy=is_np,
+        )
+        on_host = is_np or first[0].device.type == "cpu"
+    else:
+        is_np = isinstance(first, np.ndarray)
+        if is_np:
+            pairs = [to_tensor(f, channel_order) for f in group]
+            x, meta = torch.cat([p[0] for p in pairs]), [p[1] for p in pairs]
+        else:
+            if first.ndim != 3 or first.shape[0] != 3:
+                raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
+            x = torch.stack(list(group))
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            x = x.flip(1) if channel_order == "bgr" else x
+            meta = [first.dtype] * len(group)
+        y, q, _ = restorer.restore_tensor(_to_device(x, restorer.device, copy_in))
+        job = _Job("rgb", len(group), [y], torch.stack([q["Q1"], q["Q2"], q["Q3"]]), meta=meta, numpy=is_np)
+        on_host = is_np or first.device.type == "cpu"
+    if on_host:
+        host, job.event = _to_host([*job.outputs, job.quality], copy_out)
+        job.outputs, job.quality = host[:-1], host[-1]
+    return job
+
+
+def _finish(job: _Job, channel_order):
+    from qairn.engine.restorer import Result, from_tensor
+
+    if job.event is not None:
+        job.event.synchronize()
+    q = job.quality.float().cpu().numpy()
+    for i in range(job.count):
+        quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
+        if job.kind == "yuv":
+            if job.numpy:
+                planes = tuple(o[i].numpy().astype(job.meta[i]) for o in job.outputs)
+            else:
+                planes = tuple(o[i].clone() for o in job.outputs)
+            yield Result(planes, quality)
+        elif job.numpy:
+            yield Result(from_tensor(job.outputs[0][i : i + 1], job.meta[i]), quality)
+        else:
+            y = job.outputs[0][i].clone()
+            y = y.flip(0) if channel_order == "bgr" else y
+            y = (y * 255.0).round().to(torch.uint8) if job.meta[i] == torch.uint8 else y.to(job.meta[i])
+            yield Result(y, quality)
+
+
+def restore_stream(
+    restorer,
+    frames,
+    batch: int = 4,
+    matrix: str = "bt709",
+    range: str = "limited",
+    bits: int | None = None,
+    channel_order: str | None = None,
+):
+    """Restore an iterable of frames, yielding one Result per frame, in order.
+
+    A frame is an RGB image (numpy HxWx3 as for Restorer.restore, or a (3,H,W) tensor) or a (y, u, v)
+    tuple of Y'CbCr planes (as for Restorer.restore_yuv, with matrix/range/bits for the whole stream).
+    Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
+    frames, tensors on the frame's device for tensor frames; quality values are floats.
+    """
+    matrix, crange = check_matrix(matrix), check_range(range)
+    order = channel_order or restorer.channel_order
+    cuda = restorer.device.type == "cuda"
+    streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
+    pending = None
+    for group in _groups(frames, max(1, int(batch))):
+        job = _launch(restorer, group, matrix, crange, bits, order, streams)
+        if not cuda:
+            yield from _finish(job, order)
+            continue
+        if pending is not None:  # the device works on `job` while batch k-1 is handed out
+            yield from _finish(pending, order)
+        pending = job
+    if pending is not None:
+        yield from _finish(pending, order)
+
+
+# ---- PyAV frames <-> planes --------------------------------------------------------------------------
+PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
+COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  # AVColorSpace -> matrix
+AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
+AV_RANGE = {"limited": 1, "full": 2}
+SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
+CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+PRESET_CODECS = {"libx264", "libx265"}
+DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
+
+
+def work_format(fmt) -> str:
+    """The planar Y'CbCr format frames are restored in: the frame's own when it is one, else the
+    closest one (same subsampling, 8/10/12/16 bits; RGB and other layouts become 4:4:4)."""
+    if PLANAR_YUV.match(fmt.name):
+        return fmt.name
+    comps = fmt.components
+    bits = max(c.bits for c in comps)
+    depth = "" if bits <= 8 else "10le" if bits <= 10 else "12le" if bits <= 12 else "16le"
+    sub = "444"
+    if not fmt.is_rgb and len(comps) >= 3:
+        sub = (
+            "420"
+            if comps[1].height < comps[0].height
+            else "422"
+            if comps[1].width < comps[0].width
+            else "444"
+        )
+    return f"yuv{sub}p{depth}"
+
+
+def format_bits(name: str) -> int:
+    m = re.search(r"p(\d+)le$", name)
+    return int(m.group(1)) if m else 8
+
+
+def frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Planes of a planar Y'CbCr frame as numpy (uint8, or uint16 for more than 8 bits)."""
+    dtype = np.uint16 if format_bits(frame.format.name) > 8 else np.uint8
+    out = []
+    for p in frame.planes[:3]:
+        a = np.frombuffer(p, dtype).reshape(p.height, p.line_size // np.dtype(dtype).itemsize)
+        out.append(a[:, : p.width].copy())
+    return tuple(out)
+
+
+def planes_frame(planes, fmt: str):
+    import av
+
+    y = planes[0]
+    frame = av.VideoFrame(y.shape[1], y.shape[0], fmt)
+    for p, data in zip(frame.planes, planes):
+        a = np.frombuffer(p, data.dtype).reshape(p.height, p.line_size // data.itemsize)
+        a[:, : p.width] = data
+    return frame
+
+
+def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str, str]:
+    """(matrix, range, note): the frame's tags, the options where given, else a guess (said in note)."""
+    note = ""
+    if matrix is None:
+        matrix = COLORSPACES.get(int(frame.colorspace))
+        if matrix is None:
+            matrix = "bt709" if frame.height >= 720 else "bt601"
+            note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
+    if crange is None:
+        tag = int(frame.color_range)
+        crange = "full" if tag == 2 or frame.format.name.startswith("yuvj") else "limited"
+    return check_matrix(matrix), check_range(crange), note
+
+
+# ---- transcoding ---------------------------------------------------------------------------------------
+@dataclass
+class VideoOptions:
+    codec: str | None = None  # None: libx264, else the first of DEFAULT_CODECS this PyAV can encode
+    crf: float = 18.0
+    preset: str = "medium"
+    bitrate: int | None = None  # bits/s; overrides crf
+    pix_fmt: str | None = None  # None: the source's format when the encoder takes it
+    codec_options: dict = field(default_factory=dict)
+    audio: bool = True
+    batch: int = 4
+    score_only: bool = False
+    quality_csv: str | Path | None = None  # None: OUT.quality.csv (IN.quality.csv with score_only)
+    write_quality: bool = True
+    plot: bool = True
+    matrix: str | None = None  # None: from the stream's tags
+    range: str | None = None
+    progress: bool = False
+    strict: bool = (
+        False  # damaged input (decoder-flagged frames, fewer frames than the header says) is an error
+    )
+
+
+def default_codec() -> str:
+    import av
+
+    for name in DEFAULT_CODECS:
+        try:
+            av.Codec(name, "w")
+            return name
+        except Exception:  # noqa: BLE001  (PyAV raises several error types for a missing encoder)
+            continue
+    raise VideoError(f"this PyAV build has none of the encoders {', '.join(DEFAULT_CODECS)}; pass --codec")
+
+
+def _temp_path(path: Path) -> Path:
+    """A hidden temp name beside `path`, keeping its extension so FFmpeg picks the same container."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temp file the permissions a new file would get (mkstemp makes 0600), rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    write_atomic(path, data)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _check_writable(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise VideoError(f"{path}: is a directory; give a file name for the {what}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise VideoError(f"{path}: cannot write the {what}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise VideoError(f"{path}: cannot write the {what}: directory {parent} is not writable")
+
+
+def _open_input(src: Path):
+    import av
+
+    if not src.exists():
+        raise VideoError(f"{src}: no such file")
+    if src.is_dir():
+        raise VideoError(f"{src}: is a directory, not a video")
+    if src.stat().st_size == 0:
+        raise VideoError(f"{src}: empty file (0 bytes)")
+    try:
+        inp = av.open(str(src))
+    except av.FFmpegError as e:
+        raise VideoError(
+            f"{src}: not a readable video (corrupt, truncated or unknown format: {_msg(e)})"
+        ) from None
+    if not inp.streams.video:
+        inp.close()
+        raise VideoError(f"{src}: has no video stream")
+    return inp
+
+
+def _msg(e: Exception) -> str:
+    import av
+
+    s = (e.strerror if isinstance(e, av.FFmpegError) else None) or str(e)
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _decode(inp, vstream, astreams, pending_audio: list, src: Path):
+    """Decoded video frames; audio packets are queued in pending_audio as they are demuxed."""
+    import av
+
+    audio_ids = {s.index for s in astreams}
+    index = 0
+    try:
+        for packet in inp.demux(vstream, *astreams):
+            if packet.stream.index in audio_ids:
+                if packet.dts is not None:
+                    pending_audio.append(packet)
+                continue
+            for frame in packet.decode():
+                yield frame
+                index += 1
+    except av.FFmpegError as e:
+        raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
+
+
+def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path):
+    import av
+
+    codec = opts.codec or default_codec()
+    try:
+        out = av.open(
+            str(tmp), "w", options={"movflags": "+faststart"} if tmp.suffix in (".mp4", ".mov") else {}
+        )
+    except (av.FFmpegError, ValueError) as e:
+        raise VideoError(f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov") from None
+    try:
+        rate = vstream.average_rate or vstream.guessed_rate or Fraction(25)
+        vs = out.add_stream(codec, rate=rate)
+    except (av.FFmpegError, ValueError) as e:
+        out.close()
+        raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+    supported = {f.name for f in (vs.codec_context.codec.video_formats or [])}
+    bits = format_bits(work_fmt)
+    pix_fmt, note = opts.pix_fmt, ""
+    if pix_fmt is None:
+        src_fmt = first.format.name
+        candidates = [src_fmt, work_fmt] + (["yuv420p10le"] if bits > 8 else []) + ["yuv420p"]
+        pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
+        if bits > 8 and format_bits(pix_fmt) <= 8:
+            note = f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}"
+    elif supported and pix_fmt not in supported:
+        out.close()
+        raise VideoError(
+            f"{dst}: {codec} cannot encode pixel format {pix_fmt} (it takes {', '.join(sorted(supported))})"
+        )
+    cc = vs.codec_context
+    vs.width, vs.height, vs.pix_fmt = first.width, first.height, pix_fmt
+    vs.time_base = vstream.time_base
+    cc.time_base = vstream.time_base
+    if vstream.codec_context.sample_aspect_ratio:
+        cc.sample_aspect_ratio = vstream.codec_context.sample_aspect_ratio
+    matrix, crange = color
+    cc.colorspace = int(first.colorspace) if int(first.colorspace) != 2 else AV_COLORSPACE[matrix]
+    cc.color_range = AV_RANGE[crange]
+    cc.color_primaries, cc.color_trc = int(first.color_primaries), int(first.color_trc)
+    options = dict(opts.codec_options)
+    if opts.bitrate:
+        cc.bit_rate = int(opts.bitrate)
+    elif codec in CRF_CODECS:
+        options.setdefault("crf", f"{opts.crf:g}")
+        if codec == "libvpx-vp9":
+            options.setdefault("b", "0")
+    if codec in PRESET_CODECS and opts.preset:
+        options.setdefault("preset", opts.preset)
+    cc.options = {k: str(v) for k, v in options.items()}
+    amap = {}
+    for s in astreams:
+        try:
+            amap[s.index] = out.add_stream_from_template(s)
+        except (av.FFmpegError, ValueError) as e:
+            out.close()
+            raise VideoError(
+                f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
+                f"({_msg(e)}); use .mkv, or --no-audio"
+            ) from None
+    try:
+        cc.open()
+    except av.FFmpegError as e:
+        out.close()
+        odd = (
+            " (4:2:0 and 4:2:2 need even sizes: try --pix-fmt yuv444p)"
+            if first.width % 2 or first.height % 2
+            else ""
+        )
+        raise VideoError(
+            f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(e)})"
+        ) from None
+    return out, vs, amap, codec, pix_fmt, note
+
+
+def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[Path]:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3"])
+    for r in rows:
+        w.writerow([r[0], "" if r[1] is None else r[1], f"{r[2]:.6f}", *(f"{q:.6f}" for q in r[3:])])
+    _write_file(csv_path, buf.getvalue().encode())
+    written = [csv_path]
+    if plot:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8, 3), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        t, q2 = [r[2] for r in rows], [r[4] for r in rows]
+        ax.plot(t, q2, lw=1)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("Q2")
+        ax.set_title(f"{title}: mean Q2 {np.mean(q2):.3f}", fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        png_path = csv_path.with_suffix(".png") if csv_path.suffix == ".csv" else Path(f"{csv_path}.png")
+        _write_file(png_path, png.getvalue())
+        written.append(png_path)
+    return written
+
+
+def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
+    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary."""
+    import av
+
+    opts = opts or VideoOptions()
+    src = Path(src)
+    dst = Path(dst) if dst is not None else None
+    if not opts.score_only:
+        if dst is None:
+            raise VideoError("no output file given (use --score-only to write only the quality trace)")
+        _check_writable(dst, "output video")
+        if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+            raise VideoError(f"{dst}: is the input file; write to another file")
+    csv_path = None
+    if opts.write_quality:
+        csv_path = Path(opts.quality_csv or f"{dst if dst is not None else src}.quality.csv")
+        _check_writable(csv_path, "quality trace")
+
+    inp = _open_input(src)
+    out = tmp = None
+    try:
+        vstream = inp.streams.video[0]
+        vstream.thread_type = "AUTO"
+        astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
+        pending_audio: list = []
+        frames = _decode(inp, vstream, astreams, pending_audio, src)
+        first = next(frames, None)
+        if first is None:
+            raise VideoError(f"{src}: the video stream has no frames")
+        work_fmt = work_format(first.format)
+        bits = format_bits(work_fmt)
+        matrix, crange, note = frame_color(first, opts.matrix, opts.range)
+        rate = vstream.average_rate or vstream.guessed_rate or Fraction(25)
+        tb = vstream.time_base or Fraction(1, 1000)
+        fmt_note = ""
+        if not opts.score_only:
+            tmp = _temp_path(dst)
+            out, vs, amap, codec, pix_fmt, fmt_note = _open_output(
+                tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
+            )
+        meta: deque = deque()
+        corrupt = []
+
+        def planes():
+            for i, frame in enumerate(_chain(first, frames)):
+                if frame.is_corrupt:
+                    corrupt.append(i)
+                if (frame.width, frame.height) != (first.width, first.height):
+                    raise VideoError(
+                        f"{src}: frame {i} is {frame.width}x{frame.height}, not "
+                        f"{first.width}x{first.height}: size changes are not supported"
+                    )
+                pts = frame.pts
+                t = float(pts * tb) if pts is not None else i / float(rate)
+                meta.append((i, pts, t))
+                if frame.format.name != work_fmt:
+                    frame = _reformat(frame, work_fmt, matrix, crange)
+                yield frame_planes(frame)
+
+        rows = []
+        start, shown = time.perf_counter(), time.perf_counter()
+        for res in restorer.restore_stream(
+            planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
+        ):
+            i, pts, t = meta.popleft()
+            q = res.quality
+            rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
+            if out is not None:
+                frame = planes_frame(res.image, work_fmt)
+                frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
+                if pix_fmt != work_fmt:
+                    frame = _reformat(frame, pix_fmt, matrix, crange)
+                frame.pts, frame.time_base = pts, tb
+                if pts is None:
+                    frame.pts = round(t / tb)
+                _mux(out, vs.encode(frame), dst)
+                _mux_audio(out, pending_audio, amap, dst)
+            if opts.progress and time.perf_counter() - shown > 5:
+                shown = time.perf_counter()
+                print(
+                    f"qairn: {src.name}: frame {i + 1} ({(i + 1) / (shown - start):.2f} fps)", file=sys.stderr
+                )
+        elapsed = time.perf_counter() - start
+        notes = [f"{src}: {n}" for n in (note, fmt_note) if n]
+        if corrupt:
+            notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
+        if vstream.frames and len(rows) < vstream.frames:
+            notes.append(f"{src}: the header says {vstream.frames} frames, {len(rows)} decoded (truncated?)")
+        if opts.strict and (corrupt or len(rows) < (vstream.frames or 0)):
+            raise VideoError(f"{notes[-1]} (--strict)")
+        if out is not None:
+            _mux(out, vs.encode(None), dst)
+            _mux_audio(out, pending_audio, amap, dst)
+            out.close()
+            out = None
+            _publish(tmp, dst)
+            tmp = None
+        written = [dst] if dst is not None and not opts.score_only else []
+        if csv_path is not None:
+            written += _write_quality(rows, csv_path, opts.plot, src.name)
+        return {
+            "frames": len(rows),
+            "seconds": elapsed,
+            "fps": len(rows) / max(elapsed, 1e-9),
+            "matrix": matrix,
+            "range": crange,
+            "bits": bits,
+            "written": written,
+            "notes": notes,
+            "codec": None if opts.score_only else codec,
+            "pix_fmt": None if opts.score_only else pix_fmt,
+            "mean_quality": {
+                k: float(np.mean([r[j] for r in rows])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
+            },
+        }
+    except av.FFmpegError as e:
+        raise VideoError(f"{dst or src}: {_msg(e)}") from None
+    finally:
+        if out is not None:
+            try:
+                out.close()
+            except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
+                pass
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        inp.close()
+
+
+def _reformat(frame, fmt: str, matrix: str, crange: str):
+    """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on)."""
+    cs, cr = SWS_COLORSPACE[matrix], "JPEG" if crange == "full" else "MPEG"
+    src = {} if frame.format.is_rgb else {"src_colorspace": cs, "src_color_range": cr}
+    return frame.reformat(format=fmt, dst_colorspace=cs, dst_color_range=cr, **src)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _mux(out, packets, dst: Path) -> None:
+    import av
+
+    try:
+        out.mux(packets)
+    except av.FFmpegError as e:
+        raise VideoError(f"{dst}: cannot write ({_msg(e)})") from None
+
+
+def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
+    while pending:
+        packet = pending.pop(0)
+        packet.stream = amap[packet.stream.index]
+        _mux(out, packet, dst)
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+def _parse_kv(s: str) -> tuple[str, str]:
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    return k, v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qairn video",
+        description=__doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="video file (anything FFmpeg reads)")
+    p.add_argument(
+        "output", nargs="?", help="output video (.mp4, .mkv, .mov, ...); optional with --score-only"
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
+    m.add_argument("--device", default="auto")
+    m.add_argument("--backend", default="eager")
+    m.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    m.add_argument("--tile", type=int, default=512, help="tile size in pixels (0: whole frames)")
+    m.add_argument("--overlap", type=int, default=32)
+    m.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
+    e = p.add_argument_group("encoding")
+    e.add_argument(
+        "--codec", help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available)"
+    )
+    e.add_argument(
+        "--crf", type=float, default=18.0, help="constant quality for x264/x265/vp9/av1 (default 18)"
+    )
+    e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
+    e.add_argument("--bitrate", type=int, help="target bits per second (overrides --crf)")
+    e.add_argument("--pix-fmt", help="output pixel format (default: the source's, when the encoder takes it)")
+    e.add_argument(
+        "--codec-option",
+        type=_parse_kv,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other encoder option (repeatable)",
+    )
+    e.add_argument("--no-audio", action="store_true", help="drop the audio instead of copying it")
+    c = p.add_argument_group("colour (default: from the stream's tags)")
+    c.add_argument("--matrix", choices=("bt601", "bt709", "bt2020"))
+    c.add_argument("--range", choices=("limited", "full"))
+    q = p.add_argument_group("quality trace")
+    q.add_argument("--score-only", action="store_true", help="write the quality trace, no video")
+    q.add_argument(
+        "--quality-csv", help="CSV path (default OUT.quality.csv, or IN.quality.csv with --score-only)"
+    )
+    q.add_argument("--no-quality", action="store_true", help="write no quality trace")
+    q.add_argument("--no-plot", action="store_true", help="no PNG plot of Q2 beside the CSV")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (writing nothing) when the input is damaged: frames the decoder flags, or fewer "
+        "frames than the header says; by default these are warnings",
+    )
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = VideoOptions(
+        codec=args.codec,
+        crf=args.crf,
+        preset=args.preset,
+        bitrate=args.bitrate,
+        pix_fmt=args.pix_fmt,
+        codec_options=dict(args.codec_option),
+        audio=not args.no_audio,
+        batch=args.batch,
+        score_only=args.score_only,
+        quality_csv=args.quality_csv,
+        write_quality=not args.no_quality,
+        plot=not args.no_plot,
+        matrix=args.matrix,
+        range=args.range,
+        progress=not args.quiet,
+        strict=args.strict,
+    )
+    if args.score_only and args.no_quality:
+        print("qairn: error: --score-only with --no-quality has nothing to write", file=sys.stderr)
+        return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        print("qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'", file=sys.stderr)
+        return 1
+    try:
+        from qairn.engine.restorer import Restorer
+
+        restorer = Restorer(
+            args.weights,
+            device=args.device,
+            backend=args.backend,
+            precision=args.precision,
+            tile=args.tile or None,
+            overlap=args.overlap,
+        )
+        summary = transcode(restorer, args.input, args.output, opts)
+    except KeyboardInterrupt:
+        print("qairn: interrupted; no output written", file=sys.stderr)
+        return 130
+    except (VideoError, ValueError, RuntimeError, OSError) as e:
+        print(f"qairn: error: {_msg(e)}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+    for n in summary["notes"]:
+        print(f"qairn: warning: {n}", file=sys.stderr)
+    if not args.quiet:
+        mq = summary["mean_quality"]
+        print(
+            f"qairn: {summary['frames']} frames at {summary['fps']:.2f} fps ({summary['matrix']}, "
+            f"{summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
+            f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}; wrote {', '.join(map(str, summary['written']))}",
+            file=sys.stderr,
+        )
+    return 0

@@ -1,0 +1,83 @@
+"""Where exported ONNX files, TensorRT engines and timing caches live, and how they are named.
+
+The cache folder is, in order: the `cache_dir` passed in, $QAIRN_CACHE_DIR, the package's own
+`qairn/.cache` (git-ignored), or the user cache dir (platformdirs) when the package dir is read-only
+(a system-wide install). Every file is written to a temporary name and renamed, so a crash or a
+second process never leaves a half-written engine behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+PACKAGE_CACHE = Path(__file__).resolve().parents[1] / ".cache"
+
+
+def writable_dir(path: Path) -> bool:
+    # os.access lies for root and for read-only mounts: really try to create a file.
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir(explicit: str | Path | None = None) -> Path:
+    """The folder for exported models and engines (created if needed)."""
+    if explicit is not None or os.environ.get("QAIRN_CACHE_DIR"):
+        path = Path(explicit if explicit is not None else os.environ["QAIRN_CACHE_DIR"]).expanduser()
+        if not writable_dir(path):
+            raise OSError(f"cache folder {path} is not writable")
+        return path
+    if writable_dir(PACKAGE_CACHE):
+        return PACKAGE_CACHE
+    import platformdirs
+
+    path = Path(platformdirs.user_cache_dir("qairn"))
+    if not writable_dir(path):
+        raise OSError(f"neither {PACKAGE_CACHE} nor {path} is writable: pass cache_dir=")
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_digest(model: torch.nn.Module, **options) -> str:
+    """sha256 of a QAIRN's config, weights and the export options: the ONNX cache key."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json().encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    h.update(torch.__version__.encode())  # another exporter may write another graph
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches and exports are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,217 @@
+"""`qairn export onnx|tensorrt WEIGHTS ...`: one export path for CPU servers and TensorRT GPUs.
+
+Every ONNX export is checked (onnx.checker, full) and run with ONNX Runtime against eager fp32 on real
+images (LIVE1 JPEGs when found, else --verify-images); the export fails when the error exceeds the
+documented tolerance (onnx_export.TOLERANCE) or any output is NaN/Inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qairn.export import onnx_export as ox
+
+# The repository's test images (../shared/data/live1 beside the checkout), when present.
+DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "live1"
+
+
+def shape_arg(text: str) -> tuple[int, int, int]:
+    try:
+        n, h, w = (int(v) for v in text.lower().replace("x", ",").split(","))
+        return ox.check_shape((n, h, w))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N,H,W (H, W multiples of 16): {e}") from None
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verification (ONNX Runtime vs eager fp32)")
+    g.add_argument(
+        "--verify-images",
+        type=Path,
+        default=None,
+        help=f"image folder or file (default: {DEFAULT_IMAGES} if present)",
+    )
+    g.add_argument(
+        "--verify-qf", default="10,40", help="JPEG qualities to test, comma separated (default 10,40)"
+    )
+    g.add_argument("--verify-limit", type=int, default=2, help="images to use; 0 = all (default 2)")
+    g.add_argument("--verify-crop", type=int, default=256, help="centre crop side in pixels; 0 = whole image")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qairn export", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="target", required=True)
+
+    o = sub.add_parser("onnx", help="export an ONNX file (opset >= 17)")
+    o.add_argument("weights", type=Path)
+    o.add_argument("-o", "--output", type=Path, required=True)
+    o.add_argument(
+        "--maps",
+        action="store_true",
+        help="output gamma maps instead of Q1..Q3 partial sums (the Restorer backends need maps)",
+    )
+    o.add_argument(
+        "--fp16", action="store_true", help="fp16 graph with fp32 islands (gate, pooling, last conv)"
+    )
+    o.add_argument(
+        "--io", choices=("fp32", "fp16"), default="fp32", help="dtype of input and restored output"
+    )
+    o.add_argument(
+        "--no-fp32-tail", dest="fp32_tail", action="store_false", help="fp16: run the last conv in fp16"
+    )
+    o.add_argument(
+        "--static",
+        type=shape_arg,
+        default=None,
+        metavar="N,H,W",
+        help="static input shape (a tile shape); default: dynamic N, H, W",
+    )
+    o.add_argument("--opset", type=int, default=17)
+    o.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    add_verify_args(o)
+
+    t = sub.add_parser("tensorrt", help="build a serialized TensorRT engine (needs TensorRT and a CUDA GPU)")
+    t.add_argument("weights", type=Path)
+    t.add_argument(
+        "-o", "--output", type=Path, default=None, help="engine file (default: in the cache folder)"
+    )
+    t.add_argument("--onnx", type=Path, default=None, help="build from this --maps export instead of WEIGHTS")
+    t.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    t.add_argument(
+        "--shape",
+        type=shape_arg,
+        default=(4, 512, 512),
+        metavar="N,H,W",
+        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512)",
+    )
+    t.add_argument("--dynamic", action="store_true", help="dynamic batch and size (slower than static)")
+    t.add_argument(
+        "--max-shape", type=shape_arg, default=None, metavar="N,H,W", help="dynamic: largest input"
+    )
+    t.add_argument(
+        "--strongly-typed", action="store_true", help="TensorRT 10: build the fp16 ONNX strongly typed"
+    )
+    t.add_argument("--workspace-gb", type=float, default=4.0)
+    t.add_argument("--cache-dir", type=Path, default=None)
+    t.add_argument("--device", default="cuda")
+    add_verify_args(t)
+    return p
+
+
+def verify_inputs(args) -> tuple[list, str]:
+    qfs = [int(q) for q in args.verify_qf.split(",") if q]
+    source = args.verify_images if args.verify_images is not None else DEFAULT_IMAGES
+    files = sorted(source.glob("*.png")) + sorted(source.glob("*.jpg")) if source.is_dir() else [source]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        note = f"no images at {source}: verified on a synthetic test card (pass --verify-images DIR)"
+        return [ox.synthetic_image(256, 256)], note
+    files = files[: args.verify_limit] if args.verify_limit > 0 else files
+    crop = (args.verify_crop, args.verify_crop) if args.verify_crop > 0 else None
+    return ox.jpeg_images(files, qfs, crop), f"{len(files)} images from {source} at QF {qfs}"
+
+
+def verify(path: Path, model, args) -> int:
+    images, note = verify_inputs(args)
+    stats = ox.verify_onnx(path, model, images)
+    print(f"{ox.summary(stats)} ({note})")
+    try:
+        ox.check_parity(stats, stats["precision"])
+    except ox.ExportError as e:
+        print(f"qairn export: verification failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_onnx(args) -> int:
+    from qairn.weights_io import load_model
+
+    model = load_model(args.weights)
+    precision = "fp16" if args.fp16 else "fp32"
+    if args.io == "fp16" and not args.fp16:
+        print("qairn export: --io fp16 needs --fp16", file=sys.stderr)
+        return 2
+    path = ox.export_onnx(
+        model,
+        args.output,
+        outputs="maps" if args.maps else "sums",
+        precision=precision,
+        io=args.io,
+        shape=args.static,
+        opset=args.opset,
+        exporter=args.exporter,
+        fp32_tail=args.fp32_tail,
+    )
+    shape = f"static {args.static}" if args.static else "dynamic N,H,W"
+    outputs = "maps" if args.maps else "sums"
+    print(
+        f"wrote {path} ({precision}, io {args.io}, {outputs}, {shape}, opset {args.opset}; onnx.checker ok)"
+    )
+    return verify(path, model, args)
+
+
+def main_tensorrt(args) -> int:
+    import torch
+
+    from qairn.engine.backends import BackendError
+    from qairn.export import trt_backend, trt_engine
+    from qairn.weights_io import load_model
+
+    try:
+        trt = trt_backend.import_tensorrt()
+    except BackendError as e:
+        print(f"qairn export: {e}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("qairn export: engines are built on the GPU they run on; no CUDA device found", file=sys.stderr)
+        return 2
+    model = load_model(args.weights)
+    strongly_typed = True if args.strongly_typed else None
+    typing = trt_engine.build_typing(
+        args.precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
+    )
+    onnx = args.onnx
+    if onnx is None:
+        # Verify the exact file the engine is built from before spending minutes on the build.
+        onnx = ox.cached_onnx(
+            model, args.cache_dir, outputs="maps", precision=trt_engine.onnx_precision(typing)
+        )
+        if verify(onnx, model, args):
+            return 1
+    backend = trt_backend.TrtBackend(
+        model,
+        torch.device(args.device),
+        args.precision,
+        engine=args.output,
+        onnx=onnx,
+        cache_dir=args.cache_dir,
+        shape=args.shape,
+        dynamic=args.dynamic,
+        max_shape=args.max_shape,
+        workspace_gb=args.workspace_gb,
+        strongly_typed=strongly_typed,
+    )
+    runner = backend.run if args.dynamic else backend.run.runner_for(args.shape)
+    spec = runner.spec
+    print(
+        f"wrote {runner.path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
+        f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
+        f"{trt_engine.sidecar_path(runner.path).name}, timing cache "
+        f"{trt_engine.timing_cache_path(runner.path.parent, spec).name}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return main_onnx(args) if args.target == "onnx" else main_tensorrt(args)
+    except (OSError, ValueError, ox.ExportError) as e:
+        print(f"qairn export: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

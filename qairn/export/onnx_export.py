@@ -1,0 +1,438 @@
+"""Export QAIRN to ONNX (fp32, or fp16 with fp32 islands) and verify it against eager PyTorch.
+
+Graph contract (what every exported file holds, whatever the flags):
+  input     "input"    (N,3,H,W) RGB in [0,1], float32 or float16 (--io); H and W multiples of 16
+                       (callers pad, replicate, as QAIRN.forward would: the pad is not in the graph).
+  outputs   "restored" (N,3,H,W), dtype of the input.
+            sums mode: "qsums" (N,3) float32: sum over pixels of gamma_k ** p for k = 1, 2, 3, so
+                       Q_k = (qsums[:, k-1] / count_k) ** (1/p), count_k = ceil(H/s) * ceil(W/s), s = 1, 2, 4.
+                       Partial sums (not means) so tiles and batches can be added up before pooling.
+            maps mode: "gamma1" (N,1,H,W), "gamma2" (N,1,H/2,W/2), "gamma3" (N,1,H/4,W/4), float32.
+  metadata  qairn.* keys: outputs, precision, io, p, config (see `read_metadata`).
+
+Exporter: the TorchScript exporter (`dynamo=False`) is the default. In torch 2.13 `torch.onnx.export`
+defaults to the dynamo exporter and warns that the TorchScript one is deprecated, but on this 2-core CPU
+the dynamo exporter takes 10-20 s for the tiny model (the TorchScript one 0.6 s), renames the opset
+17 request to 18 and converts back, and needs `Dim` arithmetic for the multiple-of-16 sizes. Both
+exports match eager to 2e-7 here; `exporter="dynamo"` is kept (and tested) for when the TorchScript
+exporter is removed. Whatever `model.gate` is (the Triton backend may install a torch.library op),
+the export uses the plain-torch reference gate: ONNX must hold standard ops only, and the reference
+defines what the fused op computes.
+
+FP16: the trunk runs in fp16; these stay fp32 (islands), because fp16 is unsafe there:
+  - the gate: sigmoid and the blend (DESIGN section 4);
+  - the quality sums: a sum of gamma**p over a 512x512 tile reaches 2.6e5 > 65504 (fp16 max);
+  - the last conv and the residual add (`fp32_tail`, default on): the restored image is the
+    output users see, and the 1/255 steps of a uint8 image are only ~4 fp16 ulps near 1.0.
+The fp16 graph is exported from the model with those parts in fp32, so the Casts are explicit and
+TensorRT 11 (strong typing only) builds exactly that. In the fp32 graph the same nodes are renamed
+with the prefix "fp32_island/" so the TensorRT 10 FP16-flag build can pin them to fp32 by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qairn.export.cache import cache_dir, model_digest, write_atomic
+from qairn.kernels.gate import gated_blend_reference
+from qairn.model import QAIRN
+
+INPUT = "input"
+MAP_OUTPUTS = ("restored", "gamma1", "gamma2", "gamma3")
+SUM_OUTPUTS = ("restored", "qsums")
+ISLAND_TAG = "fp32_island/"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Max abs error of an ONNX Runtime run against eager fp32 that `check_parity` accepts: images and
+# maps are in [0,1]; "qsums" is compared relative to its value (fp32 sums over 4e5 pixels already
+# differ by ~1e-5 between two summation orders). fp16: restored stays under half a uint8 step (1/255);
+# measured errors are in bench/bench_ort.py --parity (small preset, LIVE1, QF 10..40).
+TOLERANCE = {
+    "fp32": {"restored": 1e-4, "gamma": 1e-4, "qsums_rel": 1e-4},
+    "fp16": {"restored": 2e-3, "gamma": 2e-3, "qsums_rel": 1e-3},
+}
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def gated_blend_fp32(logit: torch.Tensor, skip: torch.Tensor, dec: torch.Tensor):
+    """The reference gate computed in fp32 inside an fp16 network; gamma stays fp32."""
+    out, gamma = gated_blend_reference(logit.float(), skip.float(), dec.float())
+    return out.to(skip.dtype), gamma
+
+
+class Float32Island(nn.Module):
+    """Run a submodule in fp32 whatever the dtype around it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float())
+
+
+class ExportModel(nn.Module):
+    """QAIRN in the graph contract above. A copy: the caller's model is left as it is."""
+
+    def __init__(
+        self,
+        model: QAIRN,
+        outputs: str = "sums",
+        precision: str = "fp32",
+        io: str = "fp32",
+        fp32_tail: bool = True,
+    ):
+        super().__init__()
+        if outputs not in ("sums", "maps"):
+            raise ValueError(f"outputs must be 'sums' or 'maps', not {outputs!r}")
+        if precision not in DTYPES or io not in DTYPES:
+            raise ValueError(f"precision and io must be one of {sorted(DTYPES)}")
+        net = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        net.gate = gated_blend_reference
+        if precision == "fp16":
+            net = net.half()
+            net.gate = gated_blend_fp32
+            if fp32_tail:
+                net.tail = Float32Island(net.tail)
+        self.net = net
+        self.outputs, self.p = outputs, float(model.config.p)
+        self.compute_dtype, self.io_dtype = DTYPES[precision], DTYPES[io]
+
+    def forward(self, x: torch.Tensor):
+        y, gammas = self.net(x.to(self.compute_dtype))
+        y = y.to(self.io_dtype)
+        gammas = [g.float() for g in gammas]
+        if self.outputs == "maps":
+            return (y, *gammas)
+        sums = torch.stack([g.pow(self.p).flatten(1).sum(1) for g in gammas], dim=1)
+        return y, sums
+
+
+def output_names(outputs: str) -> tuple[str, ...]:
+    return MAP_OUTPUTS if outputs == "maps" else SUM_OUTPUTS
+
+
+def check_shape(shape) -> tuple[int, int, int]:
+    n, h, w = (int(v) for v in shape)
+    if n < 1 or h < 16 or w < 16 or h % 16 or w % 16:
+        raise ValueError(f"static shape N,H,W = {n},{h},{w}: need N >= 1 and H, W multiples of 16")
+    return n, h, w
+
+
+def export_onnx(
+    model: QAIRN,
+    path: str | Path,
+    outputs: str = "sums",
+    precision: str = "fp32",
+    io: str = "fp32",
+    shape: tuple[int, int, int] | None = None,
+    opset: int = 17,
+    exporter: str = "torchscript",
+    fp32_tail: bool = True,
+) -> Path:
+    """Write `model` as ONNX to `path`. shape=None: dynamic N, H, W; else the static (N, H, W).
+    Checked with onnx.checker (full check, with shape inference) before it is written."""
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset {opset}: need >= 17")
+    wrapper = ExportModel(model, outputs, precision, io, fp32_tail).eval()
+    n, h, w = check_shape(shape) if shape is not None else (1, 64, 64)
+    example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(DTYPES[io])
+    names = output_names(outputs)
+    if exporter == "torchscript":
+        proto = _export_torchscript(wrapper, example, names, dynamic=shape is None, opset=opset)
+    elif exporter == "dynamo":
+        proto = _export_dynamo(wrapper, example, names, dynamic=shape is None, opset=opset)
+    else:
+        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    if precision == "fp32":
+        mark_fp32_islands(proto, tail=fp32_tail)
+    meta = {
+        "qairn.outputs": outputs,
+        "qairn.precision": precision,
+        "qairn.io": io,
+        "qairn.fp32_tail": str(bool(fp32_tail)).lower(),
+        "qairn.p": repr(float(model.config.p)),
+        "qairn.config": model.config.to_json(),
+        "qairn.exporter": exporter,
+    }
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto, full_check=True)
+    return write_atomic(path, proto.SerializeToString())
+
+
+def _export_torchscript(wrapper, example, names, dynamic: bool, opset: int):
+    import onnx
+
+    axes = None
+    if dynamic:
+        axes = {
+            INPUT: {0: "N", 2: "H", 3: "W"},
+            "restored": {0: "N", 2: "H", 3: "W"},
+            "qsums": {0: "N"},
+            "gamma1": {0: "N", 2: "H", 3: "W"},
+            "gamma2": {0: "N", 2: "H_2", 3: "W_2"},
+            "gamma3": {0: "N", 2: "H_4", 3: "W_4"},
+        }
+        axes = {k: v for k, v in axes.items() if k == INPUT or k in names}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The tracer warns that `if ph or pw` (pad to 16) is frozen: it is, by design (the graph
+        # contract says H, W are multiples of 16); and torch >= 2.9 flags the exporter as legacy.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=list(names),
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _export_dynamo(wrapper, example, names, dynamic: bool, opset: int):
+    import contextlib
+
+    dynamic_shapes = None
+    if dynamic:
+        dim = torch.export.Dim
+        # H = 16*h: the exporter then knows the pad-to-16 branch is never taken.
+        dynamic_shapes = {
+            "x": {
+                0: dim("N", min=1, max=4096),
+                2: 16 * dim("h", min=1, max=4096),
+                3: 16 * dim("w", min=1, max=4096),
+            }
+        }
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT],
+            output_names=list(names),
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    return program.model_proto
+
+
+def read_metadata(proto_or_path) -> dict:
+    import onnx
+
+    proto = proto_or_path
+    if not hasattr(proto, "metadata_props"):
+        proto = onnx.load(str(proto_or_path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+# ---- fp32 islands in the fp32 graph -------------------------------------------------------------
+def fp32_island_nodes(graph, tail: bool = True) -> set[int]:
+    """Indices of the nodes that must stay fp32 in an fp16 build (see the module docstring): each gate's
+    Sigmoid and blend (Sub, Mul, Add), the nodes only the quality outputs need, and (tail=True) the
+    last Conv and what follows it on the way to "restored". Float-valued nodes only."""
+    import onnx
+
+    nodes = list(graph.node)
+    producer = {t: i for i, node in enumerate(nodes) for t in node.output}
+    consumers = defaultdict(list)
+    for i, node in enumerate(nodes):
+        for t in node.input:
+            consumers[t].append(i)
+    inferred = onnx.shape_inference.infer_shapes(onnx.helper.make_model(graph)).graph
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    elem_type = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.output]}
+
+    def ancestors(tensors) -> set[int]:
+        seen, stack = set(), [producer[t] for t in tensors if t in producer]
+        while stack:
+            i = stack.pop()
+            if i not in seen:
+                seen.add(i)
+                stack += [producer[t] for t in nodes[i].input if t in producer]
+        return seen
+
+    def descendants(i: int) -> set[int]:
+        seen, stack = set(), [i]
+        while stack:
+            j = stack.pop()
+            if j not in seen:
+                seen.add(j)
+                stack += [k for t in nodes[j].output for k in consumers[t]]
+        return seen
+
+    island = set()
+    for i, node in enumerate(nodes):
+        if node.op_type != "Sigmoid":
+            continue
+        island.add(i)
+        gamma = node.output[0]
+        for j in consumers[gamma]:
+            if nodes[j].op_type != "Mul":
+                continue
+            island.add(j)
+            island |= {
+                producer[t] for t in nodes[j].input if t in producer and nodes[producer[t]].op_type == "Sub"
+            }
+            island |= {k for k in consumers[nodes[j].output[0]] if nodes[k].op_type == "Add"}
+    outputs = [o.name for o in graph.output]
+    to_image = ancestors(["restored"])
+    island |= ancestors([o for o in outputs if o != "restored"]) - to_image
+    if tail:
+        convs = [i for i in to_image if nodes[i].op_type == "Conv"]
+        if convs:
+            island |= descendants(max(convs)) & to_image  # nodes are stored in topological order
+    return {i for i in island if elem_type.get(nodes[i].output[0], onnx.TensorProto.FLOAT) in float_types}
+
+
+def mark_fp32_islands(proto, tail: bool = True) -> int:
+    nodes = proto.graph.node
+    marked = fp32_island_nodes(proto.graph, tail)
+    for i in marked:
+        name = nodes[i].name or f"{nodes[i].op_type}_{i}"
+        nodes[i].name = name if name.startswith(ISLAND_TAG) else ISLAND_TAG + name
+    return len(marked)
+
+
+# ---- cached exports for the backends -------------------------------------------------------------
+def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Path:
+    """Export `model` once per (weights, config, options, torch version) into the cache folder."""
+    options = {
+        "outputs": "maps",
+        "precision": "fp32",
+        "io": "fp32",
+        "shape": None,
+        "opset": 17,
+        "exporter": "torchscript",
+        "fp32_tail": True,
+    } | options
+    digest = model_digest(model, **options)
+    path = (
+        cache_dir(cache) / "onnx" / f"qairn-{model.config.preset}-{options['precision']}-{digest[:24]}.onnx"
+    )
+    if not path.is_file():
+        export_onnx(model, path, **options)
+        stats = verify_onnx(path, model, [synthetic_image(64, 96)])
+        check_parity(stats, options["precision"])
+    return path
+
+
+# ---- verification against eager ----------------------------------------------------------------
+def synthetic_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A deterministic RGB uint8 test card: smooth gradients, hard edges and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([xx / w, yy / h, ((xx // 8 + yy // 8) % 2) * 0.6 + 0.2], axis=2)
+    img += rng.normal(0, 0.05, img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+
+
+def jpeg_images(files, qfs=(10, 20, 30, 40), crop: tuple[int, int] | None = None, scale: float = 1.0):
+    """Real test inputs: each file (read as BGR by OpenCV), optionally downscaled and centre-cropped,
+    JPEG-compressed at each QF with OpenCV's codec (the evaluation protocol), returned as RGB uint8."""
+    import cv2
+
+    out = []
+    for f in files:
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ExportError(f"{f}: not an image OpenCV can read")
+        if scale != 1.0:
+            bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        if crop is not None:
+            ch, cw = min(crop[0], bgr.shape[0]), min(crop[1], bgr.shape[1])
+            y0, x0 = (bgr.shape[0] - ch) // 2, (bgr.shape[1] - cw) // 2
+            bgr = bgr[y0 : y0 + ch, x0 : x0 + cw]
+        for qf in qfs:
+            ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(qf)])
+            out.append((f"{Path(f).stem}@qf{qf}", cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()))
+    return out
+
+
+def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
+    """RGB uint8 HxWx3 -> (N,3,H,W) float32, replicate-padded to a multiple of 16, or cropped/padded
+    to a static (N, H, W) and repeated over the batch."""
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
+    h, w = x.shape[-2:]
+    n, th, tw = shape if shape is not None else (1, -(-h // 16) * 16, -(-w // 16) * 16)
+    x = x[..., :th, :tw]
+    x = F.pad(x, (0, tw - x.shape[-1], 0, th - x.shape[-2]), mode="replicate")
+    return x.expand(n, -1, -1, -1).contiguous()
+
+
+def static_shape(session) -> tuple[int, int, int] | None:
+    dims = session.get_inputs()[0].shape
+    n, _, h, w = dims
+    if all(isinstance(d, int) for d in (n, h, w)):
+        return n, h, w
+    return None
+
+
+def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecutionProvider",)) -> dict:
+    """Run the exported file with ONNX Runtime on `images` (RGB uint8 arrays, or (name, array) pairs)
+    and compare with the same model run eagerly in fp32. Returns the max abs error per output (qsums:
+    max relative error), whether every output was finite, and the number of images."""
+    import onnxruntime as ort
+
+    meta = read_metadata(path)
+    session = ort.InferenceSession(str(path), providers=list(providers))
+    reference = ExportModel(model, outputs=meta["qairn.outputs"], precision="fp32").eval()
+    in_dtype = NP_DTYPES[session.get_inputs()[0].type]
+    shape = static_shape(session)
+    names = [o.name for o in session.get_outputs()]
+    worst = {name: 0.0 for name in names}
+    finite, count = True, 0
+    for item in images:
+        img = item[1] if isinstance(item, tuple) else item
+        x = image_batch(img, shape)
+        with torch.inference_mode():
+            expected = [t.float().numpy() for t in reference(x)]
+        got = session.run(names, {INPUT: x.numpy().astype(in_dtype)})
+        for name, e, g in zip(names, expected, got):
+            g = g.astype(np.float32)
+            finite &= bool(np.isfinite(g).all())
+            err = np.abs(g - e)
+            if name == "qsums":
+                err = err / np.maximum(np.abs(e), 1.0)
+            worst[name] = max(worst[name], float(err.max()))
+        count += 1
+    return {"max_abs": worst, "finite": finite, "images": count, "precision": meta["qairn.precision"]}
+
+
+def check_parity(stats: dict, precision: str) -> None:
+    """Raise ExportError if verify_onnx's stats break the documented tolerance."""
+    tol = TOLERANCE[precision]
+    if not stats["finite"]:
+        raise ExportError(f"{precision} ONNX produced NaN or Inf")
+    for name, err in stats["max_abs"].items():
+        bound = tol["qsums_rel"] if name == "qsums" else tol["restored" if name == "restored" else "gamma"]
+        if err > bound:
+            raise ExportError(f"{precision} ONNX output {name!r} differs from eager by {err:.3g} > {bound:g}")
+
+
+def summary(stats: dict) -> str:
+    errs = ", ".join(f"{k} {v:.2e}" for k, v in stats["max_abs"].items())
+    return f"{stats['precision']} ONNX vs eager fp32 on {stats['images']} images: max abs err {errs}"

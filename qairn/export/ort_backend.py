@@ -1,0 +1,104 @@
+"""ONNX Runtime backend: `qairn.Restorer(backend="onnxruntime")`.
+
+Runs the exported model (the in-memory model is exported once per weights into the cache folder, or
+the file given as onnx=) with the CPU provider, or CUDA/TensorRT providers when the installed
+onnxruntime has them and the engine device is CUDA. Tiling, padding and pooling stay in the Restorer,
+so results match the eager backend (to 1e-4 in fp32). Inputs go through host numpy arrays: simple and
+provider-agnostic; a CUDA deployment that wants zero-copy should use backend="tensorrt".
+
+Options: onnx=PATH (an export with --maps outputs), cache_dir=DIR, threads=N (intra-op threads;
+default: ONNX Runtime's, one per physical core), providers=[...] (ONNX Runtime provider names).
+precision="fp32" or "fp16" (the fp16 export with fp32 islands; fp32 image I/O either way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qairn.engine.backends import BackendError
+from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, NP_DTYPES, cached_onnx, read_metadata, static_shape
+from qairn.export.shapes import FixedShapeRunner
+from qairn.model import QAIRN
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def default_providers(device: torch.device) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = [*GPU_PROVIDERS, "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    return [p for p in wanted if p in available]
+
+
+class OrtBackend:
+    fixed_tile = False
+
+    def __init__(
+        self,
+        model: QAIRN,
+        device: torch.device,
+        precision: str = "fp32",
+        onnx: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+        providers=None,
+    ):
+        import onnxruntime as ort
+
+        if precision not in ("fp32", "fp16"):
+            raise BackendError(f"backend 'onnxruntime' runs fp32 or fp16 exports, not {precision!r}")
+        self.device = device
+        self.path = (
+            Path(onnx)
+            if onnx is not None
+            else cached_onnx(model, cache_dir, outputs="maps", precision=precision)
+        )
+        outputs = read_metadata(self.path).get("qairn.outputs")
+        if outputs != "maps":
+            raise BackendError(
+                f"{self.path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        providers = list(providers) if providers is not None else default_providers(device)
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
+        self.static = static_shape(self.session)
+        self.run = self._run
+        if self.static is not None:
+            # A static file runs one shape only: fit calls into it (shapes.py), or say why not.
+            self.fixed_tile = True
+            self.run = FixedShapeRunner(self._static_runner, self.static)
+
+    def _static_runner(self, shape):
+        if shape != self.static:
+            raise BackendError(
+                f"{self.path} is static for N,H,W = {self.static} and cannot run {shape}: "
+                "export with dynamic shapes or with the Restorer's tile size"
+            )
+        return self._run
+
+    def _run(self, x: torch.Tensor):
+        feed = {INPUT: x.detach().to("cpu").numpy().astype(self.in_dtype, copy=False)}
+        outs = self.session.run(list(MAP_OUTPUTS), feed)
+        y, *gammas = (torch.from_numpy(np.asarray(o, dtype=np.float32)).to(self.device) for o in outs)
+        return y, gammas
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor):
+        return self.run(x.float().contiguous())
+
+
+def make_backend(model: QAIRN, device: torch.device, precision: str = "fp32", **options) -> OrtBackend:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise BackendError("backend 'onnxruntime' needs ONNX Runtime: pip install 'qairn[export]'") from None
+    return OrtBackend(model, device, precision, **options)

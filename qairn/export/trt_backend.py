@@ -1,0 +1,196 @@
+"""TensorRT backend: `qairn.Restorer(backend="tensorrt", precision="fp16")`.
+
+No pycuda: torch CUDA tensors are the bindings (set_tensor_address with their data_ptr) and the
+engine is enqueued with execute_async_v3 on the current torch stream, so it orders with the torch
+work around it and torch's caching allocator owns all memory.
+
+Shapes: static engines by default (the fastest), one per tile shape, built lazily on first use (or
+at construction for shape=(N,H,W)) and cached on disk; see shapes.py for how calls are fitted to them.
+Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512). An image
+smaller than the tile arrives whole and runs padded in a larger engine, or gets its own engine.
+dynamic=True builds one engine for any batch up to max_shape's and any size 16..max_shape (tuned for
+`shape`, default (4, 512, 512); max default 2048x2048).
+
+Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign),
+onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
+max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qairn.engine.backends import BackendError
+from qairn.export import trt_engine
+from qairn.export.cache import cache_dir as resolve_cache_dir
+from qairn.export.cache import sha256_file
+from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, cached_onnx, check_shape, read_metadata
+from qairn.export.shapes import FixedShapeRunner, fits, profile_shapes
+from qairn.model import QAIRN
+
+INSTALL_HINT = (
+    "backend 'tensorrt' needs TensorRT 10+ and a CUDA GPU: pip install tensorrt "
+    "(or use backend='onnxruntime' / 'compile')"
+)
+DEFAULT_SHAPE = (4, 512, 512)  # the Restorer's defaults: tile=512, tile_batch=4
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendError(f"{INSTALL_HINT} [import tensorrt: {e}]") from None
+    return trt
+
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    table = {
+        "FLOAT": torch.float32,
+        "HALF": torch.float16,
+        "BF16": torch.bfloat16,
+        "INT32": torch.int32,
+        "INT64": torch.int64,
+        "BOOL": torch.bool,
+        "UINT8": torch.uint8,
+        "INT8": torch.int8,
+    }
+    return table[trt_dtype.name]
+
+
+class TrtRunner:
+    """One deserialized engine and its execution context; call with an (N,3,H,W) CUDA tensor."""
+
+    def __init__(self, engine_bytes: bytes, device: torch.device):
+        trt = import_tensorrt()
+        self.device = device
+        with torch.cuda.device(device):
+            self.runtime = trt.Runtime(trt_engine.trt_logger(trt))
+            self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
+            if self.engine is None:
+                raise BackendError("TensorRT could not deserialize the engine (see the TensorRT log)")
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = {n: self.engine.get_tensor_mode(n) for n in names}
+        self.inputs = [n for n in names if mode[n] == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if mode[n] == trt.TensorIOMode.OUTPUT]
+        if self.inputs != [INPUT] or sorted(self.outputs) != sorted(MAP_OUTPUTS):
+            raise BackendError(
+                f"engine has inputs {self.inputs} and outputs {self.outputs}; the Restorer needs "
+                f"{INPUT!r} -> {list(MAP_OUTPUTS)} (export with --maps)"
+            )
+        self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        self.profile = [tuple(s) for s in self.engine.get_tensor_profile_shape(INPUT, 0)]
+
+    def __call__(self, x: torch.Tensor):
+        ctx = self.context
+        x = x.to(self.device, self.dtypes[INPUT]).contiguous()
+        if not ctx.set_input_shape(INPUT, tuple(x.shape)):
+            raise BackendError(f"input shape {tuple(x.shape)} is outside the engine's profile {self.profile}")
+        ctx.set_tensor_address(INPUT, x.data_ptr())
+        out = {}
+        for name in self.outputs:
+            out[name] = torch.empty(
+                tuple(ctx.get_tensor_shape(name)), dtype=self.dtypes[name], device=self.device
+            )
+            ctx.set_tensor_address(name, out[name].data_ptr())
+        # The current torch stream: TensorRT's kernels queue behind the torch ops that made `x`, and
+        # torch's allocator (stream-ordered) will not reuse `x` or the outputs before they finish.
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        y, *gammas = (out[n].float() for n in MAP_OUTPUTS)
+        return y, gammas
+
+
+class TrtBackend:
+    fixed_tile = True
+
+    def __init__(
+        self,
+        model: QAIRN,
+        device: torch.device,
+        precision: str = "fp16",
+        engine: str | Path | None = None,
+        onnx: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        shape=None,
+        dynamic: bool = False,
+        max_shape=None,
+        workspace_gb: float = 4.0,
+        strongly_typed: bool | None = None,
+    ):
+        trt = import_tensorrt()
+        if device.type != "cuda":
+            raise BackendError(f"backend 'tensorrt' runs on CUDA devices, not {device}")
+        self.device, self.precision = device, precision
+        self.typing = trt_engine.build_typing(
+            precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
+        )
+        if onnx is None:
+            onnx = cached_onnx(
+                model, cache_dir, outputs="maps", precision=trt_engine.onnx_precision(self.typing)
+            )
+        elif read_metadata(onnx).get("qairn.outputs") != "maps":
+            raise BackendError(
+                f"{onnx}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
+            )
+        self.onnx = Path(onnx)
+        self.onnx_sha256 = sha256_file(self.onnx)
+        self.trt_version = trt.__version__
+        self.gpu_name, self.capability = trt_engine.gpu_identity(device)
+        self.folder = resolve_cache_dir(cache_dir) / "engines"
+        self.workspace = int(workspace_gb * (1 << 30))
+        self.engine_file = Path(engine) if engine is not None else None
+        self.engine_file_used = False
+        if shape is None and self.engine_file is not None:
+            recorded = trt_engine.read_spec(self.engine_file)
+            shape = tuple(recorded["opt_shape"][i] for i in (0, 2, 3)) if recorded else None
+        self.dynamic, self.max_shape = dynamic, max_shape
+        if dynamic:
+            self.fixed_tile = False
+            self.run = self._runner(check_shape(shape or DEFAULT_SHAPE))
+        else:
+            self.run = FixedShapeRunner(self._runner, check_shape(shape) if shape is not None else None)
+
+    def spec(self, shape) -> trt_engine.EngineSpec:
+        lo, opt, hi = profile_shapes(shape, self.dynamic, self.max_shape)
+        return trt_engine.EngineSpec(
+            self.onnx_sha256,
+            self.gpu_name,
+            self.capability,
+            self.trt_version,
+            lo,
+            opt,
+            hi,
+            self.precision,
+            self.typing,
+        )
+
+    def _runner(self, shape) -> TrtRunner:
+        spec = self.spec(shape)
+        path = trt_engine.engine_path(self.folder, spec)
+        if self.engine_file is not None and not self.engine_file_used:
+            recorded = trt_engine.read_spec(self.engine_file)
+            if recorded is None or recorded["opt_shape"] == list(spec.opt_shape):
+                # The user's engine file is for this shape (or new): validate it, rebuild it there if stale.
+                path, self.engine_file_used = self.engine_file, True
+        with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
+            data = trt_engine.get_engine(self.onnx, spec, path, self.workspace)
+        runner = TrtRunner(data, self.device)
+        runner.spec, runner.path = spec, path
+        return runner
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor):
+        x = x.to(self.device, torch.float32)
+        if self.dynamic and not fits(tuple(x.shape), self.run.profile):
+            raise BackendError(
+                f"input {tuple(x.shape)} is outside the dynamic engine's profile {self.run.profile}: "
+                "pass max_shape= or use tiles"
+            )
+        return self.run(x)
+
+
+def make_backend(model: QAIRN, device: torch.device, precision: str = "fp32", **options) -> TrtBackend:
+    return TrtBackend(model, device, precision, **options)

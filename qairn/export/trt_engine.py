@@ -1,0 +1,234 @@
+"""Build, cache and validate serialized TensorRT engines.
+
+Which build (see onnx_export.py for the fp32 islands):
+  - TensorRT 10 ("fp16-flag"): the fp32 ONNX with BuilderFlag.FP16; the layers the exporter named
+    "fp32_island/..." are pinned to fp32 (layer precision + output type, OBEY_PRECISION_CONSTRAINTS).
+  - TensorRT 11 ("strong"): the FP16 flag is gone and every network is strongly typed, so the fp16
+    ONNX (fp32 islands as explicit Casts) is built as it is. TensorRT 10 takes this path too when
+    asked (strongly_typed=True).
+  - precision fp32: the fp32 ONNX, TF32 off.
+
+Engine cache: an engine is only valid for the ONNX it came from, the GPU model and compute capability,
+the TensorRT version, the optimization profile and the precision. Those fields are the EngineSpec;
+its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
+An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
+whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized. The timing cache (per
+GPU and TensorRT version, shared by all engines) lives in the same folder.
+
+Only `build_engine` and `gpu_identity` touch TensorRT/CUDA; everything else is plain Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qairn.export.cache import write_atomic
+from qairn.export.onnx_export import INPUT, ISLAND_TAG
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    onnx_sha256: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    trt_version: str
+    min_shape: tuple[int, int, int, int]
+    opt_shape: tuple[int, int, int, int]
+    max_shape: tuple[int, int, int, int]
+    precision: str  # "fp16" | "fp32"
+    typing: str  # "fp16-flag" | "strong" | "fp32"
+
+    def as_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as read back from a sidecar
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_json(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def dynamic(self) -> bool:
+        return not (self.min_shape == self.opt_shape == self.max_shape)
+
+
+def build_typing(
+    precision: str, trt_version: str, has_fp16_flag: bool, strongly_typed: bool | None = None
+) -> str:
+    """How to get `precision` out of this TensorRT: "fp32", "fp16-flag" (TensorRT 10) or "strong"."""
+    if precision == "fp32":
+        return "fp32"
+    if precision != "fp16":
+        raise EngineError(f"TensorRT engines are built in fp16 or fp32, not {precision!r}")
+    major = int(trt_version.split(".")[0])
+    if major >= 11 or not has_fp16_flag:
+        if strongly_typed is False:
+            raise EngineError(f"TensorRT {trt_version} has no FP16 builder flag: only strongly typed builds")
+        return "strong"
+    return "strong" if strongly_typed else "fp16-flag"
+
+
+def onnx_precision(typing: str) -> str:
+    """Which ONNX export a build reads: the fp16 graph only for strongly typed fp16 builds."""
+    return "fp16" if typing == "strong" else "fp32"
+
+
+def engine_path(folder: Path, spec: EngineSpec) -> Path:
+    return Path(folder) / f"qairn-{spec.precision}-{spec.key()[:24]}.engine"
+
+
+def sidecar_path(engine: Path) -> Path:
+    return engine.with_name(engine.name + ".json")
+
+
+def timing_cache_path(folder: Path, spec: EngineSpec) -> Path:
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", spec.gpu_name).strip("-").lower()
+    return Path(folder) / f"timing-{gpu}-sm{spec.compute_capability}-trt{spec.trt_version}.cache"
+
+
+def load_cached(engine: Path, spec: EngineSpec) -> tuple[bytes | None, str]:
+    """The engine bytes if `engine` was built for exactly `spec`, else (None, why not)."""
+    engine = Path(engine)
+    if not engine.is_file():
+        return None, "no engine yet"
+    try:
+        side = json.loads(sidecar_path(engine).read_text())
+    except (OSError, ValueError):
+        return None, f"{engine}: no readable sidecar {sidecar_path(engine).name}"
+    recorded = side.get("spec", {})
+    if recorded != spec.as_json():
+        changed = sorted(k for k in spec.as_json() if recorded.get(k) != spec.as_json()[k])
+        return None, f"{engine}: built for another {', '.join(changed)}"
+    data = engine.read_bytes()
+    if hashlib.sha256(data).hexdigest() != side.get("engine_sha256"):
+        return None, f"{engine}: contents do not match the sidecar's sha256"
+    return data, "cached"
+
+
+def store(engine: Path, spec: EngineSpec, data: bytes) -> Path:
+    # Engine first, then the sidecar: a crash in between leaves an engine that fails validation.
+    write_atomic(engine, data)
+    side = {"spec": spec.as_json(), "engine_sha256": hashlib.sha256(data).hexdigest(), "key": spec.key()}
+    write_atomic(sidecar_path(engine), json.dumps(side, indent=1, sort_keys=True).encode())
+    return engine
+
+
+def read_spec(engine: Path) -> dict | None:
+    try:
+        return json.loads(sidecar_path(Path(engine)).read_text())["spec"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def gpu_identity(device) -> tuple[str, str]:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return torch.cuda.get_device_name(device), f"{major}.{minor}"
+
+
+# ---- TensorRT ---------------------------------------------------------------------------------
+def trt_logger(trt):
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
+_LOGGER = None
+
+
+def pin_fp32_islands(trt, network) -> int:
+    """TensorRT 10 weak typing: keep the exporter's fp32 islands in fp32. The ONNX parser names each
+    layer after its ONNX node, so the islands are found by the exporter's name prefix."""
+    pinned = 0
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if ISLAND_TAG not in layer.name or layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE):
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            if layer.get_output(j).dtype == trt.float32:
+                layer.set_output_type(j, trt.float32)
+        pinned += 1
+    return pinned
+
+
+def build_engine(onnx_path: Path, spec: EngineSpec, workspace_bytes: int, timing_cache: Path | None) -> bytes:
+    """Parse the ONNX file, build a serialized engine for `spec`'s profile and precision, and persist
+    the timing cache. Raises EngineError with TensorRT's messages when parsing or building fails."""
+    import tensorrt as trt
+
+    logger = trt_logger(trt)
+    builder = trt.Builder(logger)
+    strong = spec.typing == "strong"
+    # TensorRT 10 opts in to strong typing with this flag; TensorRT 11 accepts and ignores it (every
+    # network is strongly typed there), and a later release may drop it.
+    strongly_typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    flags = 1 << int(strongly_typed_flag) if strong and strongly_typed_flag is not None else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT could not parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if spec.typing == "fp16-flag":
+        config.set_flag(trt.BuilderFlag.FP16)
+        pinned = pin_fp32_islands(trt, network)
+        if pinned == 0:
+            warnings.warn(
+                "no fp32-island layers found by name: sigmoid gates and quality sums may run in "
+                "fp16; build with strongly_typed=True instead",
+                stacklevel=2,
+            )
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    elif spec.typing == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 convs would lose ~3 digits
+
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT, spec.min_shape, spec.opt_shape, spec.max_shape)
+    config.add_optimization_profile(profile)
+
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("timing cache %s unusable: starting a fresh one", timing_cache)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT failed to build an engine for {onnx_path} (see the TensorRT log above)")
+    if timing_cache is not None:
+        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int) -> bytes:
+    """The engine for `spec` at path `engine`: the cached one if valid, else a fresh build stored there."""
+    data, why = load_cached(engine, spec)
+    if data is not None:
+        return data
+    if Path(engine).is_file():
+        warnings.warn(f"rebuilding TensorRT engine: {why}", stacklevel=2)
+    log.info(
+        "building TensorRT engine %s (%s %s, profile %s..%s)",
+        engine,
+        spec.precision,
+        spec.typing,
+        spec.min_shape,
+        spec.max_shape,
+    )
+    data = build_engine(onnx_path, spec, workspace_bytes, timing_cache_path(Path(engine).parent, spec))
+    store(engine, spec, data)
+    return data

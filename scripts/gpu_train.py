@@ -1,0 +1,235 @@
+"""Train on a bare GPU machine from gpu_pack/, then evaluate; results go to $OUT (or runs/gpu).
+
+    python scripts/gpu_train.py [--pack gpu_pack] [--out DIR] [--max-seconds 450] [--preset auto]
+
+--preset auto trains the largest QAIRN (widths c,2c,4c,8c with c a multiple of 8, nb blocks per level,
+the small preset's global residual) whose fp16 weights fit --max-mb MB; any preset name also works
+(paper, small, tiny). Steps: train (paper recipe, AMP bf16, channels_last) for --max-seconds, export
+(fp16 if it loses < 0.02 dB on the held-out images), choose p on the held-out images, evaluate on
+LIVE1 (Table I) and, time permitting, the quality study. The command must end inside the device's
+10-minute limit, so later steps are skipped when --deadline (seconds since start) comes near.
+Files come back from $OUT at 16 MiB each at most: weights larger than that are split in parts
+(rejoin with `cat weights.safetensors.part* > weights.safetensors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qairn.model import QAIRN, preset  # noqa: E402
+from qairn.train import evaluate as ev  # noqa: E402
+from qairn.train.data import list_images  # noqa: E402
+from qairn.train.trainer import TrainArgs, resolve_device, train  # noqa: E402
+from qairn.weights_io import read_metadata  # noqa: E402
+
+PART = 15 * 2**20  # below the 16 MiB a file from $OUT may have
+
+
+def n_params(config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in QAIRN(config).parameters())
+
+
+def largest_config(max_bytes: float, base: str = "small"):
+    """The (c, nb) with the most parameters whose fp16 weights take at most max_bytes."""
+    best = None
+    for nb in range(1, 5):
+        for c in range(8, 257, 8):  # the size grows with c: stop at the first one too large
+            n = n_params(preset(base, widths=(c, 2 * c, 4 * c, 8 * c), nb=nb))
+            if 2 * n > max_bytes:
+                break
+            if best is None or n > best[0]:
+                best = (n, c, nb)
+    return best
+
+
+class Tee:
+    """Print, and append to report.txt as we go (a run killed at the time limit still reports)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.write_text("")
+
+    def __call__(self, *args):
+        text = " ".join(str(a) for a in args)
+        print(text, flush=True)
+        with open(self.path, "a") as f:
+            f.write(text + "\n")
+
+
+def publish(weights: Path, out: Path) -> list[Path]:
+    """Copy the weights into out, in parts of PART bytes when larger (files from $OUT are limited)."""
+    for old in out.glob(weights.name + "*"):
+        old.unlink()
+    data = weights.read_bytes()
+    if len(data) <= PART:
+        shutil.copyfile(weights, out / weights.name)
+        return [out / weights.name]
+    parts = []
+    for i in range(0, len(data), PART):
+        parts.append(out / f"{weights.name}.part{i // PART}")
+        parts[-1].write_bytes(data[i : i + PART])
+    return parts
+
+
+def main(argv=None) -> int:
+    t_start = time.time()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pack", default=str(ROOT / "gpu_pack"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu"))
+    ap.add_argument("--work", default=None, help="checkpoint, cache, full weights (default: beside --out)")
+    ap.add_argument("--preset", default="auto")
+    ap.add_argument("--max-mb", type=float, default=20.0, help="fp16 weights limit for --preset auto (1e6 B)")
+    ap.add_argument("--max-seconds", type=float, default=450.0, help="training time")
+    ap.add_argument("--deadline", type=float, default=575.0, help="skip later steps past this (s)")
+    ap.add_argument("--steps", type=int, default=500_000)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--patch", type=int, default=96)
+    ap.add_argument("--lr-halve-every", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--quality-crop", type=int, default=0, help="centre crop for the quality steps (quick runs)"
+    )
+    a = ap.parse_args(argv)
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = (
+        Path(a.work) if a.work else (Path("/tmp/qairn-gpu-work") if os.environ.get("OUT") else out / "work")
+    )
+    pack = Path(a.pack)
+    if not (pack / "train").is_dir():
+        raise SystemExit(f"{pack}: no training pack (build it with scripts/build_train_pack.py)")
+    log = Tee(out / "report.txt")
+    dev = resolve_device(a.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    log(f"torch {torch.__version__}, device {dev} ({name}), {os.cpu_count()} CPUs, pack {pack}")
+    pool = 1 if dev.type == "cpu" else a.workers  # metric processes beside the GPU
+
+    weights = work / "weights.safetensors"
+    targs = TrainArgs(
+        data=str(pack / "train"),
+        val_data=str(pack / "val"),
+        out=str(work),
+        steps=a.steps,
+        batch=a.batch,
+        patch=a.patch,
+        lr_halve_every=a.lr_halve_every,
+        seed=a.seed,
+        workers=a.workers,
+        ckpt_every=2000,
+        log_every=50 if dev.type == "cuda" else 1,
+        device=str(dev),
+        max_seconds=a.max_seconds,
+        export=str(weights),
+    )
+    if a.preset == "auto":
+        n, c, nb = largest_config(a.max_mb * 1e6)
+        targs = replace(targs, preset="small", widths=f"{c},{2 * c},{4 * c},{8 * c}", nb=nb)
+        log(
+            f"model: widths ({c},{2 * c},{4 * c},{8 * c}), nb={nb}: {n / 1e6:.2f} M parameters, "
+            f"{2 * n / 1e6:.2f} MB in fp16 (limit {a.max_mb} MB)"
+        )
+    else:
+        targs = replace(targs, preset=a.preset)
+    log(f"train: {json.dumps(vars(targs))}")
+
+    train(targs)
+    for src, dst in (("log.csv", "train_log.csv"), ("loss.png", "loss.png")):
+        if (work / src).exists():
+            shutil.copyfile(work / src, out / dst)
+    publish(weights, out)
+    meta = read_metadata(weights)
+    summary = json.loads(meta["training"])
+    log(f"trained {summary['steps']} steps in {summary['seconds']:.0f} s; config {meta['config']}")
+    log(f"export: {json.dumps(summary['export'])}")
+    results = {"device": name, "config": json.loads(meta["config"]), "train": summary}
+
+    def time_left() -> float:
+        return a.deadline - (time.time() - t_start)
+
+    def save_results():
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    save_results()
+    val = list_images(pack / "val")
+    if time_left() > 40:
+        r = ev.make_restorer(weights, device=dev)
+        recs = ev.quality_records(r, val, a.quality_crop, ev.P_GRID, pool, progress=False)
+        sweep = ev.sweep_p(recs, prefer=r.p) | {"images": [f.name for f in val], "crop": a.quality_crop}
+        ev.write_p(weights, sweep["p"], sweep)
+        publish(weights, out)
+        log(f"p sweep on {len(val)} held-out training images: p = {sweep['p']:g} ({sweep['criterion']})")
+        for row in sweep["grid"]:
+            log(f"  p={row['p']:<5g} SRCC vs SSIM {row['srcc_ssim']:.4f}  vs level {row['srcc_level']:.4f}")
+        results["p_sweep"] = sweep
+        save_results()
+    else:
+        log("p sweep skipped (time)")
+
+    live1 = list_images(pack / "live1")
+    if time_left() > 20:
+        r = ev.make_restorer(weights, device=dev)
+        rows = ev.eval_restoration(live1, ev.QFS, r, pool, progress=False)
+        table = ev.summarize(rows)
+        log(ev.table1(table, len(live1), "LIVE1"))
+        sec = sum(x["seconds"] for x in rows) / len(rows)
+        log(f"{sec:.4f} s per image on {name} (eager fp32, whole images)")
+        results["eval"] = {"qfs": {str(k): v for k, v in table.items()}, "seconds_per_image": sec}
+        save_results()
+        (out / "eval.json").write_text(
+            json.dumps(
+                {
+                    "protocol": ev.PROTOCOL,
+                    "qfs": results["eval"]["qfs"],
+                    "images": rows,
+                    "published": ev.PUBLISHED,
+                    "seconds_per_image": sec,
+                    "device": name,
+                    "model": ev.describe(r),
+                },
+                indent=1,
+            )
+        )
+    else:
+        log("LIVE1 evaluation skipped (time)")
+
+    if time_left() > 45:
+        r = ev.make_restorer(weights, device=dev)
+        recs = ev.quality_records(r, live1, a.quality_crop, None, pool, progress=False)
+        tables = ev.quality_tables(recs)
+        log(ev.NOT_HUMAN)
+        log(
+            ev.format_table(
+                f"Q against distortion level (LIVE1, p={r.p:g}; Table II layout)", tables["level"]
+            )
+        )
+        log(ev.format_table("Q against SSIM to the reference (Table III layout)", tables["ssim"]))
+        results["quality"] = {"note": ev.NOT_HUMAN, "p": r.p, "tables": tables}
+        save_results()
+    else:
+        log("quality study skipped (time)")
+
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    if any(".part" in f for f in files):
+        log("weights are in parts: cat weights.safetensors.part* > weights.safetensors")
+    log(f"done in {time.time() - t_start:.0f} s; files in {out}: {files}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Fused gate (qairn/kernels/gate.py) against a float64 rendering of paper eq. 1 and Minkowski sums.
+
+Environment: the Triton-path tests run on CUDA when present; on CPU they run only when
+TRITON_INTERPRET=1 was set before qairn was imported (CI: `TRITON_INTERPRET=1 pytest`), and skip
+otherwise. Everything else runs on the plain-torch reference. Shapes stay tiny: the interpreter
+costs milliseconds per program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lively_model
+
+from qairn.kernels import gate
+from qairn.model import minkowski
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_RUNS = gate.HAS_TRITON and (DEVICE == "cuda" or gate.INTERPRETED)
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNS,
+    reason="triton not installed"
+    if not gate.HAS_TRITON
+    else "no CUDA, and TRITON_INTERPRET=1 was not set before import",
+)
+REPO = Path(__file__).resolve().parents[2]
+# Saturated gates (logit +-100) overflow exp and reach log2(0) in the interpreter's numpy, by design.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:overflow encountered in exp:RuntimeWarning",
+    "ignore:divide by zero encountered in log2:RuntimeWarning",
+)
+
+# (N, C, H, W): odd sizes, C not a power of two, C = 1, H = 1, and one with several pixel blocks.
+SHAPES = [(2, 3, 7, 9), (1, 16, 16, 16), (3, 5, 1, 13), (2, 1, 11, 4), (1, 6, 33, 35)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Output rounding of each dtype (the kernel computes in fp32 and rounds once).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+POOL_TOL = dict(rtol=2e-5, atol=1e-5)  # fp32 sums of exp2(p*log2(gamma)) for any input dtype
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def make_inputs(shape, dtype=torch.float32, layout="nchw", seed=0):
+    n, c, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    logit = 3 * torch.randn(n, 1, h, w, generator=gen)
+    logit.view(-1)[:2] = torch.tensor([-100.0, 100.0])[: logit.numel()]  # saturated gates, gamma ~ 0 and 1
+    skip, dec = torch.randn(2, n, c, h, w, generator=gen)
+    tensors = [t.to(DEVICE, dtype) for t in (logit, skip, dec)]
+    if layout == "channels_last":
+        tensors = [t.to(memory_format=torch.channels_last) for t in tensors]
+    return tensors
+
+
+def make_cores(n, h, w):
+    """Per-image boxes (y0, y1, x0, x1): inside, spilling over every edge, and empty."""
+    boxes = [(1, h - 1, 2, w), (-3, h + 5, -1, w // 2 + 1), (h // 2, h // 2, 0, w), (0, h, 1, 2)]
+    return torch.tensor([boxes[i % len(boxes)] for i in range(n)], dtype=torch.int32, device=DEVICE)
+
+
+def ideal(logit, skip, dec, p=None, cores=None):
+    """Paper eq. 1 in float64; the pool by slicing each box (independent of gate.core_mask)."""
+    g = torch.sigmoid(logit.double())
+    out = g * skip.double() + (1 - g) * dec.double()
+    if p is None:
+        return out, g, None, None
+    n, _, h, w = g.shape
+    boxes = cores.tolist() if cores is not None else [(0, h, 0, w)] * n
+    cores_g = [
+        g[i, 0, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] for i, (y0, y1, x0, x1) in enumerate(boxes)
+    ]
+    sums = torch.stack([core.pow(p).sum() for core in cores_g])
+    counts = torch.tensor([core.numel() for core in cores_g])
+    return out, g, sums, counts
+
+
+def assert_forward(result, expected, dtype):
+    out, gamma, pool_sum, pool_count = result
+    ref_out, ref_gamma, ref_sum, ref_count = expected
+    assert out.dtype == dtype and gamma.dtype == dtype
+    torch.testing.assert_close(out.double(), ref_out, **TOL[dtype])
+    torch.testing.assert_close(gamma.double(), ref_gamma, **TOL[dtype])
+    if ref_sum is not None:
+        assert pool_sum.dtype == torch.float32 and pool_count.dtype == torch.int64
+        torch.testing.assert_close(pool_sum.double(), ref_sum, **POOL_TOL)
+        assert pool_count.tolist() == ref_count.tolist()
+
+
+# --- Triton forward ---------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_forward(shape, dtype, layout):
+    logit, skip, dec = make_inputs(shape, dtype, layout)
+    cores = make_cores(shape[0], *shape[2:])
+    result = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=cores)
+    assert_forward(result, ideal(logit, skip, dec, 2.0, cores), dtype)
+    assert result[0].stride() == skip.stride()  # out keeps the input layout
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.5, 1.0, 3.0, 7.3])
+def test_triton_pool_exponents(p):
+    logit, skip, dec = make_inputs((2, 3, 9, 10))
+    result = gate.gated_blend_triton(logit, skip, dec, p=p)
+    assert_forward(result, ideal(logit, skip, dec, p), torch.float32)
+
+
+@needs_triton
+def test_triton_cores_forms():
+    """None, one box for all images, and a per-image (N,4) tensor mean the same thing as boxes."""
+    logit, skip, dec = make_inputs((3, 2, 8, 12))
+    whole = gate.gated_blend_triton(logit, skip, dec, p=2.0)
+    assert_forward(whole, ideal(logit, skip, dec, 2.0), torch.float32)
+    box = torch.tensor([2, 7, 3, 12], dtype=torch.int32, device=DEVICE)
+    one = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=gate.as_cores(box, logit))
+    assert_forward(one, ideal(logit, skip, dec, 2.0, box.expand(3, 4)), torch.float32)
+    empty = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=torch.tensor([[5, 2, 0, 12]] * 3))
+    assert empty[2].tolist() == [0.0] * 3 and empty[3].tolist() == [0] * 3
+
+
+@needs_triton
+def test_triton_optional_outputs():
+    logit, skip, dec = make_inputs((2, 3, 5, 6))
+    out, gamma, pool_sum, pool_count = gate.gated_blend_triton(logit, skip, dec, write_gamma=False)
+    assert gamma.numel() == 0 and pool_sum.numel() == 0 and pool_count.numel() == 0
+    torch.testing.assert_close(out.double(), ideal(logit, skip, dec)[0], **TOL[torch.float32])
+
+
+@needs_triton
+def test_triton_mixed_and_strided_layouts():
+    """skip channels_last, dec NCHW, logit a cropped view the kernel cannot walk (copied)."""
+    logit, skip, dec = make_inputs((2, 5, 9, 11))
+    skip = skip.to(memory_format=torch.channels_last)
+    wide_logit = torch.randn(2, 1, 9, 20, device=DEVICE)
+    logit = wide_logit[..., 3:14]
+    cores = make_cores(2, 9, 11)
+    result = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=cores)
+    assert_forward(result, ideal(logit, skip, dec, 2.0, cores), torch.float32)
+
+
+@needs_triton
+def test_triton_pool_is_deterministic_over_many_blocks():
+    logit, skip, dec = make_inputs((2, 3, 24, 24), torch.float16)
+    cores = make_cores(2, 24, 24)
+    first = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=cores, block_p=64)  # 9 blocks each
+    again = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=cores, block_p=64)
+    assert torch.equal(first[2], again[2]) and torch.equal(first[0], again[0])
+    assert_forward(first, ideal(logit, skip, dec, 2.0, cores), torch.float16)
+
+
+@needs_triton
+def test_triton_tiles_pool_to_the_whole_image():
+    """The tiled engine's case: overlapping tiles of one image in one batch, each pooling its own
+    core box; the tiles' sums and counts add up to the whole image's."""
+    logit, skip, dec = make_inputs((1, 2, 20, 28))
+    tiles = [(0, 0), (0, 12), (8, 0), (8, 12)]  # 12 x 16 tiles at these origins
+    cores = [(0, 10, 0, 14), (0, 10, 2, 16), (2, 12, 0, 14), (2, 12, 2, 16)]  # tile-local cores
+    crop = [(t[:, :, y : y + 12, x : x + 16]) for t in (logit, skip, dec) for y, x in tiles]
+    batch = [torch.cat(crop[i * 4 : i * 4 + 4]) for i in range(3)]
+    tiled = gate.gated_blend_triton(*batch, p=2.0, cores=torch.tensor(cores, device=DEVICE))
+    whole = gate.gated_blend_triton(logit, skip, dec, p=2.0)
+    assert tiled[3].sum().item() == whole[3].item() == 20 * 28
+    torch.testing.assert_close(tiled[2].sum(), whole[2][0], **POOL_TOL)
+
+
+# --- Triton backward --------------------------------------------------------------------------------
+
+
+def ideal_grads(logit, skip, dec, grad_out, grad_gamma, grad_pool_sum, p, cores):
+    leaves = [t.detach().double().requires_grad_() for t in (logit, skip, dec)]
+    out, g, pool_sum, _ = ideal(*leaves, p, cores)
+    loss = (out * grad_out.double()).sum()
+    if grad_gamma is not None:
+        loss = loss + (g * grad_gamma.double()).sum()
+    if grad_pool_sum is not None:
+        loss = loss + (pool_sum * grad_pool_sum.double()).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+def upstream_grads(logit, skip, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(skip.shape, generator=gen).to(DEVICE, skip.dtype)
+    grad_gamma = torch.randn(logit.shape, generator=gen).to(DEVICE, logit.dtype)
+    grad_pool_sum = torch.randn(logit.shape[0], generator=gen).to(DEVICE)
+    return (
+        grad_out.to(memory_format=torch.channels_last) if skip.stride(1) == 1 else grad_out,
+        grad_gamma,
+        grad_pool_sum,
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=str)
+def test_triton_backward(shape, dtype, layout):
+    logit, skip, dec = make_inputs(shape, dtype, layout)
+    cores = make_cores(shape[0], *shape[2:])
+    grad_out, grad_gamma, grad_pool_sum = upstream_grads(logit, skip)
+    grads = gate.gated_blend_backward_triton(
+        grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, 2.0, cores
+    )
+    expected = ideal_grads(logit, skip, dec, grad_out, grad_gamma, grad_pool_sum, 2.0, cores)
+    for grad, ref, x in zip(grads, expected, (logit, skip, dec), strict=True):
+        assert grad.dtype == x.dtype and grad.stride() == x.stride()
+        torch.testing.assert_close(grad.double(), ref, **TOL[dtype])
+
+
+@needs_triton
+def test_triton_backward_without_gamma_and_pool_grads():
+    logit, skip, dec = make_inputs((2, 3, 6, 7))
+    grad_out = torch.full((), 0.7, device=DEVICE).expand(skip.shape)  # as out.sum() * 0.7 gives: stride 0
+    grads = gate.gated_blend_backward_triton(grad_out, None, None, logit, skip, dec, None, None)
+    expected = ideal_grads(logit, skip, dec, grad_out, None, None, None, None)
+    for grad, ref in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad.double(), ref, **TOL[torch.float32])
+
+
+# --- The op: torch.library registration, autograd, compile, export, ONNX ----------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_op_forward_and_backward(dtype):
+    """The op on this machine's device: Triton on CUDA, the reference on CPU."""
+    if DEVICE == "cpu" and dtype != torch.float32:
+        pytest.skip("the CPU reference computes in the input dtype; half dtypes are checked on Triton")
+    logit, skip, dec = make_inputs((2, 4, 6, 5), dtype)
+    cores = make_cores(2, 6, 5)
+    leaves = [t.clone().requires_grad_() for t in (logit, skip, dec)]
+    out, gamma, pool_sum, pool_count = gate.gated_blend(*leaves, p=2.0, cores=cores)
+    assert_forward((out, gamma, pool_sum, pool_count), ideal(logit, skip, dec, 2.0, cores), dtype)
+    grad_out, grad_gamma, grad_pool_sum = upstream_grads(logit, skip)
+    torch.autograd.backward([out, gamma, pool_sum], [grad_out, grad_gamma, grad_pool_sum])
+    expected = ideal_grads(logit, skip, dec, grad_out, grad_gamma, grad_pool_sum, 2.0, cores)
+    for leaf, ref in zip(leaves, expected, strict=True):
+        torch.testing.assert_close(leaf.grad.double(), ref, **TOL[dtype])
+
+
+def test_op_gradcheck_float64_reference():
+    logit, skip, dec = (t.cpu().double().requires_grad_() for t in make_inputs((2, 3, 4, 5)))
+    logit.data.clamp_(-4, 4)  # keep the gate off saturation, where finite differences vanish
+    cores = make_cores(2, 4, 5).cpu()
+
+    def fn(logit, skip, dec):
+        return gate.gated_blend(logit, skip, dec, p=2.5, cores=cores)[:3]
+
+    assert torch.autograd.gradcheck(fn, (logit, skip, dec))
+    assert torch.autograd.gradcheck(lambda *x: gate.gated_blend(*x)[0], (logit, skip, dec))
+
+
+def test_opcheck():
+    """torch.library's own checks: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
+    logit, skip, dec = make_inputs((2, 3, 4, 5))
+    cores = make_cores(2, 4, 5)
+    for p, c, write_gamma in [(2.0, cores, True), (None, None, False), (1.5, None, True)]:
+        args = [t.clone().requires_grad_() for t in (logit, skip, dec)] + [p, c, write_gamma]
+        torch.library.opcheck(torch.ops.qairn.gated_blend.default, args)
+    grad_out, grad_gamma, grad_pool_sum = upstream_grads(logit, skip)
+    args = (grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, 2.0, cores)
+    torch.library.opcheck(torch.ops.qairn.gated_blend_backward.default, args)
+
+
+def test_compile_sees_one_op_forward_and_backward():
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    @torch.compile(backend=capture, fullgraph=True)
+    def f(logit, skip, dec, cores):
+        return gate.gated_blend(logit, skip, dec, p=2.0, cores=cores)
+
+    logit, skip, dec = make_inputs((2, 3, 4, 5))
+    out = f(logit, skip, dec, make_cores(2, 4, 5))
+    torch.testing.assert_close(out[0].double(), ideal(logit, skip, dec)[0], **TOL[torch.float32])
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.qairn.gated_blend.default) == 1
+    assert torch.sigmoid not in targets and torch.ops.aten.sigmoid.default not in targets
+
+    # AOT autograd traces the registered backward as one op too.
+    from torch._functorch.aot_autograd import aot_function, make_boxed_func
+
+    backward_graphs = []
+
+    def keep_backward(gm, _):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    fn = aot_function(
+        lambda *x: gate.gated_blend(*x)[0].sum(),
+        fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+        bw_compiler=keep_backward,
+    )
+    fn(*(t.clone().requires_grad_() for t in (logit, skip, dec))).backward()
+    bw_targets = [node.target for node in backward_graphs[0].graph.nodes]
+    assert torch.ops.qairn.gated_blend_backward.default in bw_targets
+
+
+class TinyGate(torch.nn.Module):
+    def forward(self, logit, skip, dec, cores):
+        out, gamma, pool_sum, pool_count = gate.gated_blend(logit, skip, dec, p=2.0, cores=cores)
+        return out, gamma, gate.minkowski_from_sums(pool_sum, pool_count, 2.0)
+
+
+def test_export_sees_one_op():
+    args = (*make_inputs((2, 3, 4, 5)), make_cores(2, 4, 5))
+    ep = torch.export.export(TinyGate(), args)
+    for program in (ep, ep.run_decompositions()):  # core-ATen decompositions keep the op whole
+        targets = [node.target for node in program.graph.nodes if node.op == "call_function"]
+        assert targets.count(torch.ops.qairn.gated_blend.default) == 1
+    decomposed = ep.run_decompositions(gate.decompositions())
+    targets = [node.target for node in decomposed.graph.nodes if node.op == "call_function"]
+    assert torch.ops.qairn.gated_blend.default not in targets
+    for got, want in zip(decomposed.module()(*args), TinyGate()(*args), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_onnx_export_uses_standard_ops_only(tmp_path):
+    pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo) needs onnxscript")
+    ort = pytest.importorskip("onnxruntime", reason="running the exported graph needs onnxruntime")
+    args = tuple(t.cpu() for t in make_inputs((2, 3, 6, 7))) + (make_cores(2, 6, 7).cpu(),)
+    path = tmp_path / "gate.onnx"
+    torch.onnx.export(TinyGate().eval(), args, str(path), dynamo=True, verbose=False)
+    import onnx
+
+    model = onnx.load(str(path))
+    domains = {(node.domain or "ai.onnx", node.op_type) for node in model.graph.node}
+    assert {d for d, _ in domains} == {"ai.onnx"}, domains
+    assert ("ai.onnx", "Sigmoid") in domains
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)}
+    for got, want in zip(session.run(None, feeds), TinyGate()(*args), strict=True):
+        torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_import_and_reference_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, qairn.kernels.gate as g, qairn.model as m\n"
+        "assert not g.HAS_TRITON\n"
+        "skip, dec = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)\n"
+        "out, gamma = g.gated_blend(torch.zeros(1, 1, 2, 2), skip, dec)\n"
+        "assert torch.equal(out, torch.full((1, 2, 2, 2), 0.5))\n"
+        "try:\n"
+        "    g.use_gate_backend(m.QAIRN(m.preset('tiny')), 'triton')\n"
+        "except RuntimeError:\n"
+        "    print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# --- The model ---------------------------------------------------------------------------------------
+
+
+def test_model_pooled_forward_matches_minkowski():
+    m = lively_model("tiny")
+    x = torch.rand(2, 3, 37, 45)  # not a multiple of 16: padded, and the padding must not be pooled
+    y, gammas = m(x)
+    y_pooled, gammas_pooled, pools = m(x, pool_p=2.0)
+    assert torch.equal(y, y_pooled)
+    for g, (pool_sum, pool_count) in zip(gammas, pools, strict=True):
+        assert pool_count.tolist() == [g[0].numel()] * 2
+        torch.testing.assert_close(gate.minkowski_from_sums(pool_sum, pool_count, 2.0), minkowski(g, 2.0))
+
+
+def test_model_pooled_core_boxes_partition_the_image():
+    m = lively_model("tiny")
+    x = torch.rand(1, 3, 37, 45)
+    _, _, whole = m(x, pool_p=3.0)
+    _, _, top = m(x, pool_p=3.0, cores=torch.tensor([[0, 18, 0, 45]]))
+    _, _, bottom = m(x, pool_p=3.0, cores=torch.tensor([[18, 37, 0, 45]]))
+    for (s, c), (s_top, c_top), (s_bot, c_bot) in zip(whole, top, bottom, strict=True):
+        assert (c_top + c_bot).item() == c.item()
+        torch.testing.assert_close(s_top + s_bot, s)
+
+
+@pytest.mark.skipif(not gate.HAS_TRITON, reason="triton not installed")
+def test_use_gate_backend():
+    m = lively_model("tiny").to(DEVICE)
+    x = torch.rand(2, 3, 32, 48, device=DEVICE)
+    y_ref, gammas_ref, pools_ref = m(x, pool_p=2.0)
+    assert gate.use_gate_backend(m, "triton").gate is gate.gated_blend
+    y, gammas, pools = m(x, pool_p=2.0)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(gammas + [s for s, _ in pools], gammas_ref + [s for s, _ in pools_ref], strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError):
+        gate.use_gate_backend(m, "tensorrt")
+
+
+@needs_triton
+def test_model_on_the_triton_kernels():
+    """The whole model with the Triton launchers as its gate (interpreted on CPU)."""
+
+    def triton_gate(logit, skip, dec, p=None, cores=None):
+        out, gamma, pool_sum, pool_count = gate.gated_blend_triton(logit, skip, dec, p, cores)
+        return (out, gamma) if p is None else (out, gamma, pool_sum, pool_count)
+
+    m = lively_model("tiny").to(DEVICE)
+    x = torch.rand(1, 3, 30, 33, device=DEVICE)
+    y_ref, gammas_ref, pools_ref = m(x, pool_p=2.0)
+    m.gate = triton_gate
+    y, gammas, pools = m(x, pool_p=2.0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for g, g_ref, (s, c), (s_ref, c_ref) in zip(gammas, gammas_ref, pools, pools_ref, strict=True):
+        torch.testing.assert_close(g, g_ref)
+        torch.testing.assert_close(s, s_ref, **POOL_TOL)
+        assert torch.equal(c, c_ref)
+
+
+# --- Compiled code (no GPU needed): the kernels compile for Hopper and vectorise -------------------
+
+PTX_SCRIPT = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qairn.kernels import gate
+
+def ptx(kernel, dtype, constexprs):
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            fixed = {"cores_ptr": "*i32", "partial_ptr": "*fp32", "grad_pool_ptr": "*fp32"}
+            sig[name] = fixed.get(name, dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:  # sizes and strides of a 16-aligned tile batch, as the launcher's specialisation sees them
+            sig[name] = "fp32" if name == "p" else "i32"
+            if name != "p":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return re.findall(r"(?:ld|st)\.global[.\w]*", asm)
+
+flags = dict(POOL=True, HAS_CORES=True)
+nchw = dict(BLOCK_C=4, BLOCK_P=1024, s_skip_p=1, s_dec_p=1, s_out_p=1, s_logit_p=1)
+cl = dict(BLOCK_C=64, BLOCK_P=64, s_skip_c=1, s_dec_c=1, s_out_c=1, s_logit_p=1)
+print(json.dumps({
+    "fwd_nchw_fp16": ptx(gate._gate_fwd_kernel, "*fp16", dict(nchw, s_gamma_p=1, WRITE_GAMMA=True, **flags)),
+    "fwd_cl_bf16": ptx(gate._gate_fwd_kernel, "*bf16", dict(cl, s_gamma_p=1, WRITE_GAMMA=True, **flags)),
+    "finish": ptx(gate._pool_finish_kernel, "*fp32", dict(BLOCK=512, HAS_CORES=True)),
+    "bwd_nchw_fp32": ptx(gate._gate_bwd_kernel, "*fp32", dict(
+        BLOCK_C=4, BLOCK_P=1024, s_go_p=1, s_skip_p=1, s_dec_p=1, s_gs_p=1, s_gd_p=1, s_logit_p=1,
+        s_gl_p=1, s_gg_p=1, HAS_GRAD_GAMMA=True, **flags)),
+}))
+"""
+
+
+@pytest.mark.skipif(not gate.HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(
+    DEVICE == "cuda", reason="on CUDA the other tests compile the kernels for the real device"
+)
+def test_kernels_compile_for_hopper_with_vector_access():
+    """Compiles (not interprets) the kernels for sm_90, which needs no GPU, and checks that the big
+    tensors move in 128-bit accesses: the interpreter cannot catch compile errors or slow code."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
+    result = subprocess.run(
+        [sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    access = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("fwd_nchw_fp16", "fwd_cl_bf16", "bwd_nchw_fp32"):
+        wide = [a for a in access[name] if ".v4." in a]
+        # skip, dec and out (bwd: grad_out, skip, dec, grad_skip, grad_dec) all vectorised.
+        assert sum(a.startswith("ld") for a in wide) >= 2 and any(a.startswith("st") for a in wide), access[
+            name
+        ]
+    assert access["finish"]

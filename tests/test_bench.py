@@ -1,0 +1,257 @@
+"""`qairn bench`, the bench/ suite and the prepared GPU run, checked on tiny shapes on the CPU.
+No test here asserts a timing: the numbers are reported, never judged."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from qairn.engine import bench as qb
+from qairn.model import PRESETS, QAIRN
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--preset", "tiny", "--threads", "1", "--warmup", "1", "--repeats", "1"]
+
+
+def bench_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_suite_collects():
+    """bench/ is no part of the test command, but it must keep importing and collecting."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "bench/"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "bench_model.py::" in text and "bench_engine.py::" in text, text
+    assert "error" not in text.splitlines()[-1].lower(), text
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_flops_match_torch_flop_counter(name):
+    with torch.device("meta"):
+        model = QAIRN(PRESETS[name])
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(2, 3, 64, 96, device="meta"))
+    ours = sum(c["flops"] for c in qb.conv_layers(model, 64, 96, batch=2))
+    assert ours == counter.get_total_flops()
+    assert qb.gflop_per_mp(model) == pytest.approx(ours / 1e9 / (2 * 64 * 96 / 1e6))
+
+
+def test_table_on_cpu(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = TINY + [
+        "--sizes",
+        "32x32,48x64",
+        "--tiles",
+        "32,0",
+        "--overlap",
+        "16",
+        "--backends",
+        "eager-bf16-cl,triton-fp16,tensorrt-fp16",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    assert qb.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["kind"] == "table"
+    assert (
+        report["env"]["device"]["type"] == "cpu" and report["env"]["versions"]["torch"] == torch.__version__
+    )
+    assert report["settings"]["sizes"] == [[32, 32], [48, 64]] and report["settings"]["tiles"] == [32, None]
+    assert report["model"]["gflop_per_mp"] > 0 and report["peak_tflops"]["fp32"] > 0
+    rows = report["results"]
+    assert [r["backend"] for r in rows[:4]] == ["eager-fp32"] * 4  # the baseline always runs first
+    for r in rows:
+        if r["backend"] == "eager-fp32":
+            assert r["status"] == "ok" and r["speedup"] == 1.0 and "psnr_db" not in r
+        elif r["backend"] == "eager-bf16-cl":
+            assert r["status"] == "ok" and r["speedup"] > 0 and 30 < r["psnr_db"] < 200
+            assert r["q_abs_err"] < 0.05
+        else:
+            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:  # fraction of the physical limit = achieved FLOP rate / measured peak
+        tflops = report["model"]["gflop_per_mp"] * r["mp_per_s"] / 1e3
+        assert r["frac_of_peak"] == pytest.approx(tflops / report["peak_tflops"]["fp32"])
+        assert r["fps"] == pytest.approx(1e3 / r["ms_median"])
+    assert all(r["tiles"] > 1 for r in ok if r["tile"] == 32 and r["size"] == [48, 64])
+    assert set(report["best"]) == {"32x32", "48x64"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wrong_backends_are_not_best():
+    def row(backend, speedup, psnr):
+        return {
+            "status": "ok",
+            "backend": backend,
+            "size": [64, 64],
+            "tile": 512,
+            "speedup": speedup,
+            "mp_per_s": 1.0,
+            "psnr_db": psnr,
+            "peak_mem_mib": None,
+        }
+
+    report = {
+        "results": [
+            row("eager-fp32", 1.0, None),
+            row("eager-fp16-cl", 9.0, 12.0),
+            row("eager-bf16-cl", 2.0, 48.0),
+        ],
+        "settings": {"min_psnr": 40.0},
+    }
+    best = qb.choose_best(report, 40.0)
+    assert best["64x64"]["backend"] == "eager-bf16-cl"
+    report["best"] = best
+    assert "WRONG (PSNR < 40.0 dB vs eager fp32): eager-fp16-cl" in qb.footer(report)
+
+
+def test_video_mode_on_cpu(tmp_path):
+    out = tmp_path / "video.json"
+    args = TINY + [
+        "--sizes",
+        "48x32",
+        "--tiles",
+        "0",
+        "--video",
+        "3",
+        "--backends",
+        "eager-fp32",
+        "--json",
+        str(out),
+    ]
+    assert qb.main(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in rows] == ["loop", "stream-rgb", "stream-yuv420"]
+    assert all(r["status"] == "ok" and r["fps"] > 0 for r in rows), rows
+    assert rows[1]["max_abs_diff_u8_vs_loop"] <= 1
+
+
+def test_conv_util_and_profile_on_cpu(tmp_path):
+    conv, prof = bench_script("conv_util"), bench_script("profile_best")
+    assert (
+        conv.main(
+            [
+                "--device",
+                "cpu",
+                "--presets",
+                "tiny",
+                "--shape",
+                "1x3x32x32",
+                "--repeats",
+                "1",
+                "--json",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
+    r = json.loads((tmp_path / "c.json").read_text())["presets"]["tiny"]
+    assert sum(layer["count"] for layer in r["layers"]) == len(qb.conv_layers(QAIRN(PRESETS["tiny"]), 32, 32))
+    assert r["conv_util"] > 0 and r["forward_util"] > 0
+    assert (
+        prof.main(
+            [
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--size",
+                "32x32",
+                "--tile",
+                "0",
+                "--iters",
+                "1",
+                "--out",
+                str(tmp_path / "p.txt"),
+                "--json",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
+    top = json.loads((tmp_path / "p.json").read_text())
+    assert top["backend"] == "eager-fp32" and top["top"] and "aten::" in (tmp_path / "p.txt").read_text()
+
+
+def test_gpu_summary(tmp_path):
+    summ = bench_script("gpu_summary")
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "stages.tsv").write_text("env\t0\t3\t20\nbench\t124\t210\t210\nvideo\tno-time\t0\t0\n")
+    (work / "env.json").write_text(
+        json.dumps({"device": {"name": "Test GPU"}, "date": "2026-01-01T00:00:00"})
+    )
+    best = {
+        "backend": "compile-fp16",
+        "tile": 512,
+        "speedup": 9.5,
+        "mp_per_s": 100.0,
+        "psnr_db": 55.0,
+        "peak_mem_mib": 900.0,
+    }
+    (work / "bench.json").write_text(
+        json.dumps(
+            {
+                "best": {"3840x2160": best},
+                "model": {"config": {"preset": "small"}},
+                "targets": {"speedup_4k_ge_8": None},
+            }
+        )
+    )
+    (work / "bench.log").write_text("table\n")
+    summary = summ.summarise(work, out, dryrun=False)
+    assert summary["gpu"] == "Test GPU" and summary["date"] == "2026-01-01T00:00:00"
+    assert [s["timed_out"] for s in summary["stages"]] == [False, True, False]
+    assert summary["targets"]["conv_trunk_ge_50pct_fp16_peak"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "gpu_run.json", "logs.txt"]
+    assert "===== bench: rc 124" in (out / "logs.txt").read_text()
+    assert summ.best_label(json.loads((work / "bench.json").read_text())) == "compile-fp16"
+    assert summ.best_label(None, "eager-fp32") == "eager-fp32"
+    assert "TIMED OUT" in summ.report(summary)
+
+
+def test_gpu_run_script_syntax():
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_run_dry_run(tmp_path):
+    """QAIRN_GPU_DRYRUN=1: the script's stages on tiny CPU shapes (here env + bench; the other stages'
+    programs are tested above in-process)."""
+    env = dict(
+        os.environ,
+        OUT=str(tmp_path),
+        PYTHON=sys.executable,
+        QAIRN_GPU_DRYRUN="1",
+        QAIRN_GPU_STAGES="env bench",
+        TMPDIR=str(tmp_path),
+    )
+    out = subprocess.run(
+        ["bash", "bench/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "gpu_run.json").read_text())
+    assert summary["dryrun"] and summary["gpu"] and summary["date"]
+    assert [(s["stage"], s["rc"]) for s in summary["stages"]] == [("env", 0), ("bench", 0)]
+    assert summary["bench"]["complete"] and summary["best"]
+    files = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert {"gpu_run.json", "bench.json", "bench.png", "logs.txt"} <= {p.name for p in files}
+    assert len(files) <= 8  # what the device tool brings back

@@ -1,0 +1,227 @@
+"""Y'CbCr conversion (qairn.engine.color) and Restorer.restore_yuv, on real images."""
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import live1_files, lively_model
+
+import qairn
+from qairn.engine import color
+from qairn.metrics import psnr
+
+MATRICES = ("bt601", "bt709")
+RANGES = ("limited", "full")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The CPU here is shared: two OpenMP threads fighting a background job run 10x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def identity_restorer(tile=None):
+    """A model whose picture output is its input (gates still random): tail zeroed, residual on."""
+    m = lively_model()
+    torch.nn.init.zeros_(m.tail.weight)
+    torch.nn.init.zeros_(m.tail.bias)
+    return qairn.Restorer(model=m, device="cpu", tile=tile, overlap=16)
+
+
+def jpeg(rgb: np.ndarray, qf: int) -> np.ndarray:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, qf])
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
+
+
+def to_planes(rgb: np.ndarray, matrix, crange, sub: str, bits: int = 8):
+    """Our own RGB -> quantised planes, (1,H,W) tensors; sub in '420', '444'."""
+    h, w = rgb.shape[:2]
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
+    csize = (-(-h // 2), -(-w // 2)) if sub == "420" else (h, w)
+    dtype = torch.uint8 if bits == 8 else torch.int32
+    return [color.quantize(p, bits, dtype) for p in color.rgb_to_planes(x, csize, matrix, crange, bits)]
+
+
+def planes_psnr(a, b, peak=255.0) -> float:
+    d = np.concatenate([(x.double() - y.double()).flatten().numpy() for x, y in zip(a, b)])
+    mse = float(np.mean(d**2))
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Three LIVE1 images, cropped to 192x160 (and one to an odd 151x97)."""
+    files = live1_files()[:3]
+    imgs = [cv2.imread(str(f), cv2.IMREAD_COLOR)[..., ::-1] for f in files]
+    return [np.ascontiguousarray(i[:160, :192]) for i in imgs] + [
+        np.ascontiguousarray(imgs[0][40:137, 20:171])
+    ]
+
+
+# ---- the conversion itself, against independent implementations --------------------------------------
+@pytest.mark.parametrize("matrix", ["bt601", "bt709", "bt2020"])
+@pytest.mark.parametrize("crange", RANGES)
+def test_matches_swscale_444(images, matrix, crange):
+    """Forward and inverse conversion agree with FFmpeg's swscale (via PyAV) to one code value."""
+    av = pytest.importorskip("av")
+    sws = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}[matrix]
+    cr = "MPEG" if crange == "limited" else "JPEG"
+    img = images[0]
+    f = av.VideoFrame.from_ndarray(img, format="rgb24")
+    g = f.reformat(format="yuv444p", dst_colorspace=sws, dst_color_range=cr, interpolation="BICUBIC")
+    ref = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in g.planes]
+    ours = to_planes(img, matrix, crange, "444")
+    for a, b in zip(ours, ref):
+        assert np.abs(a[0].numpy().astype(int) - b).max() <= 1
+    back_ref = g.reformat(format="rgb24", src_colorspace=sws, src_color_range=cr).to_ndarray()
+    planes = [torch.from_numpy(p.copy())[None] for p in ref]
+    back = (color.planes_to_rgb(*planes, matrix, crange).clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0)
+    assert np.abs(back.numpy().astype(int) - back_ref).max() <= 1
+
+
+def test_jpeg_is_bt601_full_range(images):
+    """libjpeg's own Y'CbCr (PIL's draft mode skips its colour conversion) converted with bt601/full
+    matches libjpeg's RGB decode; bt709 does not."""
+    import io
+
+    from PIL import Image
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(images[0][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 50])
+    im = Image.open(io.BytesIO(buf.tobytes()))
+    im.draft("YCbCr", im.size)
+    assert im.mode == "YCbCr"
+    planes = [torch.from_numpy(np.asarray(im)[..., i].copy())[None] for i in range(3)]
+    ref = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    for matrix, ok_ in (("bt601", True), ("bt709", False)):
+        rgb = (
+            (color.planes_to_rgb(*planes, matrix, "full").clamp(0, 1) * 255)
+            .round()
+            .byte()[0]
+            .permute(1, 2, 0)
+        )
+        err = np.abs(rgb.numpy().astype(int) - ref).max()
+        assert (err <= 1) if ok_ else (err > 5), f"{matrix}: max error {err}"
+
+
+def test_chroma_upsampling_matches_libjpeg(images):
+    """The JPEG's raw 4:2:0 chroma (FFmpeg's mjpeg decoder, no conversion) upsampled by us matches
+    libjpeg's "fancy" upsampled chroma (the IDCTs of the two decoders differ by one code value)."""
+    av = pytest.importorskip("av")
+    import io
+
+    from PIL import Image
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(images[0][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 50])
+    with av.open(io.BytesIO(buf.tobytes()), format="mjpeg") as c:
+        frame = next(c.decode(video=0))
+    assert frame.format.name == "yuvj420p"
+    im = Image.open(io.BytesIO(buf.tobytes()))
+    im.draft("YCbCr", im.size)
+    h, w = im.size[1], im.size[0]
+    for k in (1, 2):
+        raw = torch.from_numpy(_planes(frame)[k].copy())[None].float()
+        ours = color.upsample(raw, h, w)[0].round().numpy()
+        err = np.abs(ours - np.asarray(im)[..., k])
+        assert err.max() <= 2 and err.mean() < 0.2, (err.max(), err.mean())
+        nearest = raw.repeat_interleave(2, -1).repeat_interleave(2, -2)[0, :h, :w].numpy()
+        assert np.abs(nearest - np.asarray(im)[..., k]).mean() > 2 * err.mean()
+
+
+def _planes(frame):
+    return [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes]
+
+
+# ---- round trips -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("matrix", MATRICES)
+@pytest.mark.parametrize("crange", RANGES)
+@pytest.mark.parametrize("sub", ["420", "444"])
+def test_conversion_round_trip_loses_under_half_a_db(images, matrix, crange, sub):
+    """planes -> R'G'B' (clipped to [0,1]) -> planes, with no restoration, on JPEG-damaged real images:
+    PSNR against the pristine planes drops by < 0.5 dB."""
+    for img in images:
+        pristine = to_planes(img, matrix, crange, sub)
+        damaged = to_planes(jpeg(img, 30), matrix, crange, sub)
+        h, w = damaged[0].shape[-2:]
+        rgb = color.planes_to_rgb(*damaged, matrix, crange).clamp(0, 1)
+        back = [
+            color.quantize(p, 8, torch.uint8)
+            for p in color.rgb_to_planes(rgb, damaged[1].shape[-2:], matrix, crange)
+        ]
+        loss = planes_psnr(pristine, damaged) - planes_psnr(pristine, back)
+        assert loss < 0.5, f"{matrix} {crange} {sub}: round trip loses {loss:.3f} dB"
+        if sub == "444":  # no chroma resampling: only rounding and gamut clipping remain
+            assert planes_psnr(damaged, back) > 45
+
+
+@pytest.mark.parametrize("matrix", MATRICES)
+@pytest.mark.parametrize("crange", RANGES)
+def test_restore_yuv_identity_is_bit_exact(images, matrix, crange):
+    """With a model that leaves the picture alone, restore_yuv returns the planes unchanged: 4:2:0 and
+    4:4:4, odd sizes, 10-bit, numpy and tensors, whole and tiled."""
+    whole, tiled = identity_restorer(), identity_restorer(tile=64)
+    for img in images[2:]:  # one even and one odd size
+        for sub in ("420", "444"):
+            y, u, v = (p[0].numpy() for p in to_planes(jpeg(img, 20), matrix, crange, sub))
+            for r in (whole, tiled):
+                res = r.restore_yuv(y, u, v, matrix=matrix, range=crange)
+                for a, b in zip(res.image, (y, u, v)):
+                    assert a.dtype == np.uint8 and a.shape == b.shape
+                    np.testing.assert_array_equal(a, b)
+                assert set(res.quality) == {"Q1", "Q2", "Q3"} and 0 < res.quality["Q2"] < 1
+    y, u, v = (p[0].numpy().astype(np.uint16) for p in to_planes(images[0], matrix, crange, "420", bits=10))
+    res = whole.restore_yuv(y, u, v, matrix=matrix, range=crange, bits=10)
+    assert res.image[0].dtype == np.uint16
+    for a, b in zip(res.image, (y, u, v)):
+        np.testing.assert_array_equal(a, b)
+    t = [torch.from_numpy(p) for p in to_planes_np(images[3])]
+    res = whole.restore_yuv(*t, matrix=matrix, range=crange)
+    assert all(isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(res.image, t))
+
+
+def to_planes_np(img):
+    return [p[0].numpy() for p in to_planes(img, "bt709", "limited", "420")]
+
+
+def test_restore_yuv_matches_rgb_restore(images):
+    """restore_yuv on JPEG planes (bt601, full range, 4:4:4) agrees with Restorer.restore on the same
+    picture converted to RGB by OpenCV, a conversion independent of ours."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = jpeg(images[0], 20)
+    ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)  # JFIF: BT.601 full range
+    y, cr, cb = (np.ascontiguousarray(ycc[..., i]) for i in range(3))
+    res = r.restore_yuv(y, cb, cr, matrix="bt601", range="full")
+    y2, cb2, cr2 = res.image
+    ours = cv2.cvtColor(np.stack([y2, cr2, cb2], -1), cv2.COLOR_YCrCb2RGB)
+    ref = r.restore(cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB))
+    assert psnr(ours, ref.image) > 38
+    assert psnr(ours, img) < 35  # the model really changed the picture
+    assert abs(res.quality["Q2"] - ref.quality["Q2"]) < 2e-3
+
+
+def test_batched_planes_and_errors(images):
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    planes = [to_planes_np(jpeg(img, 20)) for img in images[:3]]
+    batch = [np.stack([p[i] for p in planes]) for i in range(3)]
+    res = r.restore_yuv(*batch)
+    assert res.image[0].shape == batch[0].shape and res.quality["Q2"].shape == (3,)
+    for k, p in enumerate(planes):
+        single = r.restore_yuv(*p)
+        for a, b in zip(single.image, res.image):
+            assert np.abs(a.astype(int) - b[k]).max() <= 1
+        assert abs(single.quality["Q2"] - res.quality["Q2"][k]) < 1e-5
+    y, u, v = planes[0]
+    with pytest.raises(color.ColorError, match="unknown colour matrix"):
+        r.restore_yuv(y, u, v, matrix="bt999")
+    with pytest.raises(color.ColorError, match="range"):
+        r.restore_yuv(y, u, v, range="studio")
+    with pytest.raises(color.ColorError, match="do not fit"):
+        r.restore_yuv(y, u[:-3], v[:-3])
+    with pytest.raises(color.ColorError, match="bits="):
+        r.restore_yuv(y.astype(np.uint16), u.astype(np.uint16), v.astype(np.uint16))
+    with pytest.raises(color.ColorError, match="integer"):
+        r.restore_yuv(y.astype(np.float32), u.astype(np.float32), v.astype(np.float32))

@@ -1,0 +1,252 @@
+"""`qairn eval` and `qairn eval-quality` on a tiny random model and small generated images."""
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import qairn
+from qairn.cli import main as cli
+from qairn.model import QAIRN, preset
+from qairn.train import evaluate as ev
+from qairn.weights_io import load_model, read_metadata, save_weights
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine has 2 cores; oversubscription is ~50x slower
+    yield
+    torch.set_num_threads(n)
+
+
+def synth_image(rng, h, w) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([120 + 80 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], axis=2)
+    img += cv2.GaussianBlur(rng.normal(0, 40, (h, w, 3)), (0, 0), 2.0)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_folder(path: Path, n: int, h: int, w: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(path / f"img{i:02d}.png"), synth_image(rng, h, w))
+    return path
+
+
+def make_weights(path: Path, scramble: bool = True) -> Path:
+    torch.manual_seed(0)
+    m = QAIRN(preset("tiny"))
+    if scramble:  # make the tail and the gates non-trivial (they start at zero)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "tail" in name or ".out." in name:
+                    p.normal_(0, 0.05)
+    return save_weights(m, path)
+
+
+def tensors(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("refs"), 2, 48, 64, seed=5)
+
+
+def test_eval_cli_table_json_plot(refs, tmp_path, capsys):
+    w = make_weights(tmp_path / "w.safetensors")
+    js, png = tmp_path / "e.json", tmp_path / "e.png"
+    rc = cli(
+        [
+            "eval",
+            "--data",
+            str(refs),
+            "--qf",
+            "10",
+            "30",
+            "--weights",
+            str(w),
+            "--device",
+            "cpu",
+            "--json",
+            str(js),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "QAIRN (paper)" in text and "27.25 / 0.803 / 26.90" in text and "FBCNN (paper)" in text
+    res = json.loads(js.read_text())
+    assert res["n_images"] == 2 and set(res["qfs"]) == {"10", "30"}
+    assert len(res["images"]) == 4 and res["cpu_seconds_per_image"] > 0
+    # Recompute one row independently: JPEG of the BGR file, restoration with the same weights.
+    row = next(r for r in res["images"] if r["image"] == "img01" and r["qf"] == 30)
+    bgr = cv2.imread(str(refs / "img01.png"))
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 30])
+    jp = cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]
+    ref = bgr[..., ::-1]
+    out = qairn.Restorer(weights=w, device="cpu", tile=None).restore(np.ascontiguousarray(jp)).image
+    assert row["jpeg"]["psnr"] == pytest.approx(qairn.metrics.psnr(ref, jp), abs=1e-9)
+    assert row["restored"]["psnr"] == pytest.approx(qairn.metrics.psnr(ref, out), abs=1e-9)
+    assert row["restored"]["psnr"] != row["jpeg"]["psnr"]  # the scrambled model does change images
+    mean10 = np.mean([r["restored"]["ssim"] for r in res["images"] if r["qf"] == 10])
+    assert res["qfs"]["10"]["restored"]["ssim"] == pytest.approx(mean10, abs=1e-12)
+    assert png.stat().st_size > 1000
+
+
+def test_identity_model_restores_to_the_jpeg(refs, tmp_path):
+    # The tiny preset starts as the identity (global residual, zero tail): restored == JPEG exactly.
+    w = make_weights(tmp_path / "id.safetensors", scramble=False)
+    r = ev.make_restorer(w, device="cpu")
+    s = ev.summarize(ev.eval_restoration(ev.list_images(refs), (10,), r, progress=False), (10,))
+    assert s[10]["restored"] == s[10]["jpeg"]
+
+
+def test_correlations_and_logistic():
+    x = np.linspace(-3, 3, 40)
+    y = 2.0 / (1 + np.exp(-3 * x)) + 0.1 * x  # a logistic of x: not linear
+    c = ev.correlations(x, y)
+    assert c["srcc"] == pytest.approx(1.0) and c["kcc"] == pytest.approx(1.0)
+    assert c["pcc"] < 0.97 and c["pcc_log"] == pytest.approx(1.0, abs=1e-6)
+    # Hand case: one swapped pair among 4 -> Kendall (5 - 1) / 6, Spearman 1 - 6*2/(4*15) = 0.8.
+    c = ev.correlations([1, 2, 3, 4], [1, 3, 2, 4])
+    assert c["kcc"] == pytest.approx(4 / 6) and c["srcc"] == pytest.approx(0.8)
+    assert ev.correlations([1, 2, 3, 4], [4, 3, 2, 1])["srcc"] == pytest.approx(-1.0)
+    assert math.isnan(ev.correlations([1, 1, 1], [1, 2, 3])["pcc"])
+
+
+def test_distortions_are_ordered():
+    rng = np.random.default_rng(0)
+    ref = synth_image(rng, 64, 64)
+    for kind, (_, levels, direction) in ev.DISTORTIONS.items():
+        s = [qairn.metrics.ssim(ref, ev.distort(ref, kind, lv, seed=1)) for lv in levels]
+        assert all(v < 1 for v in s), kind
+        # More distortion, lower SSIM (the two lowest JPEG 2000 rates can meet on a small image).
+        assert np.all(np.diff(s) * direction >= 0) and (s[-1] - s[0]) * direction > 0.05, (kind, s)
+    assert np.array_equal(ev.distort(ref, "noise", 10, seed=3), ev.distort(ref, "noise", 10, seed=3))
+    assert ev.minkowski_np(np.array([0.0, 1.0]), 2) == pytest.approx(math.sqrt(0.5))
+
+
+def test_eval_quality_sweep_writes_p(refs, tmp_path, capsys):
+    w = make_weights(tmp_path / "w.safetensors")
+    before, tensors_before = read_metadata(w), tensors(w)
+    val = make_folder(tmp_path / "val", 2, 40, 48, seed=9)
+    js, png = tmp_path / "q.json", tmp_path / "q.png"
+    rc = cli(
+        [
+            "eval-quality",
+            "--data",
+            str(refs),
+            "--sweep-p",
+            "--val-data",
+            str(val),
+            "--write-p",
+            str(w),
+            "--device",
+            "cpu",
+            "--json",
+            str(js),
+            "--plot",
+            str(png),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "NOT human opinion scores" in text and "Table II layout" in text and "Table III layout" in text
+    res = json.loads(js.read_text())
+    sweep = res["p_sweep"]
+    assert sweep["images"] == ["img00.png", "img01.png"]
+    assert sweep["p"] in ev.P_GRID
+    best = max(r["srcc_ssim"] for r in sweep["grid"])
+    assert next(r for r in sweep["grid"] if r["p"] == sweep["p"])["srcc_ssim"] == pytest.approx(
+        best, abs=1e-6
+    )
+    # The chosen p is in the file, the tensors are untouched, the sweep is recorded.
+    m = load_model(w)
+    assert m.config.p == sweep["p"] and res["p"] == sweep["p"]
+    assert json.loads(read_metadata(w)["p_sweep"])["p"] == sweep["p"]
+    assert read_metadata(w)["training"] == before["training"]
+    assert tensors(w).keys() == tensors_before.keys()
+    assert all(torch.equal(tensors(w)[k], v) for k, v in tensors_before.items())
+    recs = res["records"]
+    assert len(recs) == 2 * sum(len(v[1]) for v in ev.DISTORTIONS.values())
+    for kind in ev.DISTORTIONS:
+        for q in ("Q1", "Q2", "Q3"):
+            assert -1 <= res["tables"]["ssim"][kind][q]["srcc"] <= 1
+    assert {r["kind"] for r in recs} == set(ev.DISTORTIONS) and all(0 < r["Q2"] < 1 for r in recs)
+    assert png.stat().st_size > 1000
+
+
+def test_p_grid_matches_the_engine_pooling(refs, tmp_path):
+    # Q(p) computed from the returned maps equals the engine's own pooled score at the engine's p.
+    r = ev.make_restorer(make_weights(tmp_path / "g.safetensors"), device="cpu")
+    recs = ev.quality_records(r, ev.list_images(refs)[:1], p_grid=ev.P_GRID, progress=False)
+    i = ev.P_GRID.index(r.p)
+    for rec in recs[:5]:
+        for q in ("Q1", "Q2", "Q3"):
+            assert rec["grid"][q][i] == pytest.approx(rec[q], rel=1e-5)
+
+
+def test_validation_files_follow_the_weights(tmp_path):
+    train = make_folder(tmp_path / "train", 5, 40, 40, seed=1)
+    w = make_weights(tmp_path / "w.safetensors")
+    from qairn.train.trainer import split_files
+
+    assert ev.validation_files(w, str(train), 2, None) == split_files(str(train), 2)[1]
+    m = load_model(w)
+    save_weights(m, w, training={"val_files": ["img03.png"]})
+    assert ev.validation_files(w, str(train), 2, None) == [train / "img03.png"]
+    save_weights(m, w, training={"val_files": ["missing.png"]})
+    with pytest.raises(FileNotFoundError):
+        ev.validation_files(w, str(train), 2, None)
+
+
+def test_sweep_refuses_the_report_images(refs, tmp_path):
+    w = make_weights(tmp_path / "w.safetensors")
+    with pytest.raises(SystemExit):
+        cli(
+            [
+                "eval-quality",
+                "--data",
+                str(refs),
+                "--sweep-p",
+                "--val-data",
+                str(refs),
+                "--weights",
+                str(w),
+                "--device",
+                "cpu",
+            ]
+        )
+
+
+def test_sweep_picks_the_best_p_and_breaks_ties_towards_prefer():
+    def recs(good_p):
+        out = []
+        for kind in ev.DISTORTIONS:
+            for i in range(6):
+                grid = [i if (good_p is None or p == good_p) else -i for p in ev.P_GRID]
+                out.append({"kind": kind, "level": i, "ssim": 0.5 + i / 20, "grid": {"Q2": grid}})
+        return out
+
+    s = ev.sweep_p(recs(4.0))
+    assert s["p"] == 4.0 and next(r for r in s["grid"] if r["p"] == 4.0)["srcc_ssim"] == pytest.approx(1.0)
+    assert ev.sweep_p(recs(None), prefer=2.0)["p"] == 2.0  # all equal: keep the preferred p
+    assert ev.sweep_p(recs(None), prefer=8.0)["p"] == 8.0
+
+
+def test_metric_worker_processes_match_inline(refs, tmp_path):
+    r = ev.make_restorer(make_weights(tmp_path / "w.safetensors"), device="cpu")
+    files = ev.list_images(refs)
+    inline = ev.eval_restoration(files, (20,), r, workers=1, progress=False)
+    pooled = ev.eval_restoration(files, (20,), r, workers=2, progress=False)
+    assert [(x["jpeg"], x["restored"]) for x in inline] == [(x["jpeg"], x["restored"]) for x in pooled]

@@ -1,0 +1,118 @@
+"""backend="onnxruntime": same results as eager through the Restorer (tiled and whole), cache reuse."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import live1_files, lively_model
+
+import qairn
+from qairn.engine.backends import BackendError
+from qairn.export import onnx_export as ox
+from qairn.export.ort_backend import OrtBackend
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # 2 cores shared with a training job: a second torch thread only adds spin-waiting (10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lively_model("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def image():
+    # A real JPEG at an odd size: 150x200 pixels of a LIVE1 image at QF 20.
+    bgr = cv2.imread(str(live1_files()[0]), cv2.IMREAD_COLOR)[:150, :200]
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 20])
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()
+
+
+def restorers(model, cache, **kw):
+    ort_backend = qairn.Restorer(
+        model=model, device="cpu", backend="onnxruntime", cache_dir=cache, threads=1, **kw
+    )
+    eager = qairn.Restorer(model=model, device="cpu", backend="eager", **kw)
+    return ort_backend, eager
+
+
+@pytest.mark.parametrize("tile", [64, None])
+def test_restorer_matches_eager(model, cache, image, tile):
+    r_ort, r_eager = restorers(model, cache, tile=tile, overlap=16)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    y_ort, q_ort, maps_ort = r_ort.restore_tensor(x, return_maps=True)
+    y_eager, q_eager, maps_eager = r_eager.restore_tensor(x, return_maps=True)
+    assert y_ort.shape == (1, 3, 150, 200)
+    torch.testing.assert_close(y_ort, y_eager, atol=1e-4, rtol=0)
+    for a, b in zip(maps_ort, maps_eager):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for k in q_eager:
+        torch.testing.assert_close(q_ort[k], q_eager[k], atol=1e-5, rtol=0)
+    # uint8 in, uint8 out: at most one level apart (a 1e-7 difference can cross a rounding boundary)
+    a, b = r_ort.restore(image).image.astype(int), r_eager.restore(image).image.astype(int)
+    assert np.abs(a - b).max() <= 1 and (a != b).mean() < 1e-3
+
+
+def test_fp16_restorer_within_tolerance(model, cache, image):
+    r_eager = qairn.Restorer(model=model, device="cpu", backend="eager", tile=64, overlap=16)
+    r16 = qairn.Restorer(
+        model=model,
+        device="cpu",
+        backend="onnxruntime",
+        precision="fp16",
+        cache_dir=cache,
+        tile=64,
+        overlap=16,
+    )
+    a, b = r16.restore(image, return_maps=True), r_eager.restore(image, return_maps=True)
+    assert np.abs(a.image.astype(int) - b.image).max() <= 1  # tolerance 2e-3 < 1/255
+    for k in b.quality:
+        assert abs(a.quality[k] - b.quality[k]) < ox.TOLERANCE["fp16"]["gamma"]
+
+
+def test_onnx_cache_is_reused_and_keyed_by_weights(model, cache):
+    first = OrtBackend(model, torch.device("cpu"), cache_dir=cache).path
+    stamp = first.stat().st_mtime_ns
+    again = OrtBackend(model, torch.device("cpu"), cache_dir=cache).path
+    assert again == first and again.stat().st_mtime_ns == stamp
+    other = OrtBackend(lively_model("tiny", seed=4), torch.device("cpu"), cache_dir=cache).path
+    assert other != first
+    fp16 = OrtBackend(model, torch.device("cpu"), precision="fp16", cache_dir=cache).path
+    assert fp16 not in (first, other)
+
+
+def test_rejects_sums_export_and_bf16(model, tmp_path, cache):
+    path = ox.export_onnx(model, tmp_path / "sums.onnx", outputs="sums")
+    with pytest.raises(BackendError, match="--maps"):
+        qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path)
+    with pytest.raises(BackendError, match="fp32 or fp16"):
+        qairn.Restorer(model=model, device="cpu", backend="onnxruntime", precision="bf16", cache_dir=cache)
+
+
+def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
+    # A static 2x64x64 file behind the Restorer: tiles of 64, batches of 2, the last one filled up.
+    path = ox.export_onnx(model, tmp_path / "static.onnx", outputs="maps", shape=(2, 64, 64))
+    r_static = qairn.Restorer(
+        model=model, device="cpu", backend="onnxruntime", onnx=path, tile=64, overlap=16, tile_batch=2
+    )
+    assert r_static.backend.fixed_tile
+    r_eager = qairn.Restorer(model=model, device="cpu", backend="eager", tile=64, overlap=16, tile_batch=2)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    (y_static, q_static, _), (y_eager, q_eager, _) = r_static.restore_tensor(x), r_eager.restore_tensor(x)
+    torch.testing.assert_close(y_static, y_eager, atol=1e-4, rtol=0)
+    for k in q_eager:
+        torch.testing.assert_close(q_static[k], q_eager[k], atol=1e-5, rtol=0)
+    big = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, tile=None)
+    with pytest.raises(BackendError, match="static for N,H,W"):
+        big.restore(image)

@@ -1,0 +1,282 @@
+"""TensorRT path: everything that does not need TensorRT (cache keys and validation, shape plans,
+build choice, island pinning, the missing-TensorRT message), then build/run tests that need it."""
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import lively_model
+
+import qairn
+from qairn.engine.backends import BackendError
+from qairn.export import cache as qcache
+from qairn.export import trt_engine
+from qairn.export.cli import main as export_main
+from qairn.export.onnx_export import ISLAND_TAG
+from qairn.export.shapes import FixedShapeRunner, fits, profile_shapes
+
+try:
+    import tensorrt  # noqa: F401
+
+    TRT_ERROR = None
+except ImportError as e:  # the PyPI wheels are stubs that download from a host we cannot reach
+    TRT_ERROR = f"tensorrt not installed: {e}"
+needs_trt = pytest.mark.skipif(
+    TRT_ERROR is not None or not torch.cuda.is_available(),
+    reason=TRT_ERROR or "TensorRT needs a CUDA GPU; none found",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spec(**changes) -> trt_engine.EngineSpec:
+    fields = dict(
+        onnx_sha256="ab" * 32,
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        trt_version="10.3.0",
+        min_shape=(4, 3, 512, 512),
+        opt_shape=(4, 3, 512, 512),
+        max_shape=(4, 3, 512, 512),
+        precision="fp16",
+        typing="fp16-flag",
+    )
+    return trt_engine.EngineSpec(**(fields | changes))
+
+
+# ---- cache folder -------------------------------------------------------------------------------
+def test_cache_dir_explicit_env_package_and_user_fallback(tmp_path, monkeypatch):
+    monkeypatch.delenv("QAIRN_CACHE_DIR", raising=False)
+    assert qcache.cache_dir(tmp_path / "a") == tmp_path / "a" and (tmp_path / "a").is_dir()
+    monkeypatch.setenv("QAIRN_CACHE_DIR", str(tmp_path / "env"))
+    assert qcache.cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("QAIRN_CACHE_DIR")
+    monkeypatch.setattr(qcache, "PACKAGE_CACHE", tmp_path / "pkg")
+    assert qcache.cache_dir() == tmp_path / "pkg"
+    # A read-only package dir (simulated: a path under a file, which even root cannot create).
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(qcache, "PACKAGE_CACHE", tmp_path / "file" / "cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    assert qcache.cache_dir() == tmp_path / "user" / "qairn"
+    with pytest.raises(OSError, match="not writable"):
+        qcache.cache_dir(tmp_path / "file" / "x")
+
+
+# ---- engine cache ---------------------------------------------------------------------------------
+def test_engine_key_covers_every_field():
+    base = spec()
+    assert base.key() == spec().key()
+    changes = dict(
+        onnx_sha256="cd" * 32,
+        gpu_name="NVIDIA A100",
+        compute_capability="8.0",
+        trt_version="10.4.0",
+        min_shape=(1, 3, 16, 16),
+        opt_shape=(2, 3, 512, 512),
+        max_shape=(8, 3, 512, 512),
+        precision="fp32",
+        typing="strong",
+    )
+    keys = {base.key()} | {spec(**{k: v}).key() for k, v in changes.items()}
+    assert len(keys) == len(changes) + 1
+    assert not base.dynamic and spec(min_shape=(1, 3, 16, 16)).dynamic
+    folder = trt_engine.Path("/c")
+    assert trt_engine.engine_path(folder, base) != trt_engine.engine_path(folder, spec(trt_version="11.0.0"))
+    assert (
+        trt_engine.timing_cache_path(folder, base).name
+        == "timing-nvidia-h100-80gb-hbm3-sm9.0-trt10.3.0.cache"
+    )
+
+
+def test_stale_foreign_or_tampered_engines_are_not_loaded(tmp_path):
+    s = spec()
+    engine = trt_engine.engine_path(tmp_path, s)
+    assert trt_engine.load_cached(engine, s) == (None, "no engine yet")
+    trt_engine.store(engine, s, b"engine-bytes")
+    assert trt_engine.load_cached(engine, s) == (b"engine-bytes", "cached")
+    assert json.loads(trt_engine.sidecar_path(engine).read_text())["key"] == s.key()
+    for other, field in [
+        (spec(onnx_sha256="cd" * 32), "onnx_sha256"),
+        (spec(gpu_name="NVIDIA L4"), "gpu_name"),
+        (spec(trt_version="10.4.0"), "trt_version"),
+        (spec(compute_capability="8.9"), "compute_capability"),
+    ]:
+        data, why = trt_engine.load_cached(engine, other)
+        assert data is None and field in why
+    engine.write_bytes(b"engine-bytez")  # same size, other bytes
+    assert trt_engine.load_cached(engine, s)[0] is None
+    trt_engine.sidecar_path(engine).unlink()
+    assert "sidecar" in trt_engine.load_cached(engine, s)[1]
+
+
+def test_get_engine_builds_once_and_rebuilds_stale(tmp_path, monkeypatch):
+    builds = []
+
+    def fake_build(onnx_path, spec_, workspace, timing_cache):
+        builds.append(spec_)
+        timing_cache.write_bytes(b"timing")
+        return f"engine for {spec_.key()}".encode()
+
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    s = spec()
+    engine = tmp_path / "e.engine"
+    first = trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)
+    assert trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30) == first and len(builds) == 1
+    assert trt_engine.timing_cache_path(tmp_path, s).read_bytes() == b"timing"  # beside the engine
+    newer = spec(trt_version="10.4.0")  # the same file, found after a TensorRT upgrade
+    with pytest.warns(UserWarning, match="rebuilding TensorRT engine.*trt_version"):
+        fresh = trt_engine.get_engine(tmp_path / "m.onnx", newer, engine, 1 << 30)
+    assert fresh != first and len(builds) == 2 and trt_engine.load_cached(engine, newer)[0] == fresh
+
+
+def test_build_typing():
+    assert trt_engine.build_typing("fp16", "10.3.0", True) == "fp16-flag"
+    assert trt_engine.build_typing("fp16", "10.3.0", True, strongly_typed=True) == "strong"
+    assert trt_engine.build_typing("fp16", "11.1.0", False) == "strong"
+    assert trt_engine.build_typing("fp16", "11.1.0", True) == "strong"
+    assert trt_engine.build_typing("fp32", "11.1.0", False) == "fp32"
+    assert trt_engine.onnx_precision("strong") == "fp16" and trt_engine.onnx_precision("fp16-flag") == "fp32"
+    with pytest.raises(trt_engine.EngineError, match="strongly typed"):
+        trt_engine.build_typing("fp16", "11.0.0", False, strongly_typed=False)
+    with pytest.raises(trt_engine.EngineError, match="bf16"):
+        trt_engine.build_typing("bf16", "10.3.0", True)
+
+
+def test_pin_fp32_islands_by_onnx_node_name():
+    # A stand-in for a parsed INetworkDefinition: layers named after ONNX nodes, as the parser names them.
+    f32, i64 = "float32", "int64"
+    fake_trt = SimpleNamespace(float32=f32, LayerType=SimpleNamespace(CONSTANT="constant", SHAPE="shape"))
+
+    class Layer:
+        def __init__(self, name, type_="other", out=f32):
+            self.name, self.type, self.precision, self.out, self.set = name, type_, None, out, {}
+            self.num_outputs = 1
+
+        def get_output(self, j):
+            return SimpleNamespace(dtype=self.out)
+
+        def set_output_type(self, j, dtype):
+            self.set[j] = dtype
+
+    layers = [
+        Layer("/net/down1/Conv"),
+        Layer(ISLAND_TAG + "/net/Sigmoid"),
+        Layer(ISLAND_TAG + "Constant", "constant"),
+        Layer(ISLAND_TAG + "/net/Slice", out=i64),
+    ]
+    network = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
+    assert trt_engine.pin_fp32_islands(fake_trt, network) == 2
+    assert layers[0].precision is None and layers[2].precision is None
+    assert layers[1].precision == f32 and layers[1].set == {0: f32}
+    assert layers[3].precision == f32 and layers[3].set == {}  # int outputs keep their type
+
+
+# ---- shape plans ----------------------------------------------------------------------------------
+def test_profile_shapes():
+    assert profile_shapes((4, 512, 512)) == ((4, 3, 512, 512),) * 3
+    lo, opt, hi = profile_shapes((4, 512, 512), dynamic=True)
+    assert lo == (1, 3, 16, 16) and opt == (4, 3, 512, 512) and hi == (4, 3, 2048, 2048)
+    assert profile_shapes((2, 256, 256), True, (8, 1024, 768))[2] == (8, 3, 1024, 768)
+    assert fits((3, 3, 640, 480), (lo, opt, hi)) and not fits((5, 3, 64, 64), (lo, opt, hi))
+    with pytest.raises(ValueError, match="smaller"):
+        profile_shapes((4, 512, 512), True, (4, 256, 256))
+
+
+def test_fixed_shape_runner_feeds_engines_exact_shapes():
+    model = lively_model("tiny", seed=5)
+    built = []
+
+    def build(shape):  # a fake static engine: eager, but only for exactly this shape
+        built.append(shape)
+
+        def run(x):
+            assert tuple(x.shape) == (shape[0], 3, shape[1], shape[2])
+            with torch.inference_mode():
+                return model(x)
+
+        return run
+
+    runner = FixedShapeRunner(build, (4, 64, 64))
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    y, gammas = runner(x)  # 6 tiles: a batch of 4 and a batch of 2 filled up to 4
+    with torch.inference_mode():
+        y_ref, g_ref = model(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
+    for g, r in zip(gammas, g_ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
+    small = torch.rand(1, 3, 48, 32, generator=torch.Generator().manual_seed(1))
+    y, gammas = runner(small)  # fits the 64x64 engine: padded, then cropped back
+    assert built == [(4, 64, 64)]
+    assert y.shape == (1, 3, 48, 32) and [g.shape[-2:] for g in gammas] == [(48, 32), (24, 16), (12, 8)]
+    with torch.inference_mode():
+        y_ref = model(small)[0]
+    # Away from the padded border the receptive field sees the same pixels (tiling-sized error).
+    assert (y - y_ref)[..., :16, :16].abs().max() < 1e-3
+    runner(torch.rand(2, 3, 96, 64))  # fits no engine: gets its own
+    assert built == [(4, 64, 64), (2, 96, 64)]
+
+
+# ---- without TensorRT -----------------------------------------------------------------------------
+@pytest.mark.skipif(
+    TRT_ERROR is None, reason="tensorrt is installed: the missing-TensorRT message is not shown"
+)
+def test_missing_tensorrt_is_one_clear_line(tiny_weights, capsys):
+    with pytest.raises(BackendError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", backend="tensorrt")
+    message = str(e.value)
+    assert "\n" not in message and "pip install tensorrt" in message
+    assert export_main(["tensorrt", str(tiny_weights)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install tensorrt" in err
+
+
+# ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------
+@needs_trt
+@pytest.mark.parametrize("strongly_typed", [None, True])
+def test_tensorrt_build_run_and_cache(tmp_path, strongly_typed):
+    model = lively_model("tiny", seed=6)
+    options = dict(cache_dir=tmp_path, shape=(2, 64, 64), strongly_typed=strongly_typed)
+    kw = dict(model=model, device="cuda", tile=64, overlap=16, tile_batch=2)
+    r_trt = qairn.Restorer(backend="tensorrt", precision="fp16", **kw, **options)
+    r_eager = qairn.Restorer(backend="eager", **kw)
+    x = torch.rand(1, 3, 150, 200, generator=torch.Generator().manual_seed(0)).cuda()
+    (y, q, _), (y_ref, q_ref, _) = r_trt.restore_tensor(x), r_eager.restore_tensor(x)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref, atol=2e-3, rtol=0)
+    for k in q_ref:
+        torch.testing.assert_close(q[k], q_ref[k], atol=2e-3, rtol=0)
+    engines = sorted((tmp_path / "engines").glob("*.engine"))
+    assert len(engines) == 1 and list((tmp_path / "engines").glob("timing-*.cache"))
+    stamp = engines[0].stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cached, valid engine: no rebuild warning
+        qairn.Restorer(backend="tensorrt", precision="fp16", **kw, **options).restore_tensor(x)
+    assert engines[0].stat().st_mtime_ns == stamp
+
+
+@needs_trt
+def test_tensorrt_cli_engine_file(tiny_weights, tmp_path):
+    out = tmp_path / "tiny.engine"
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--shape", "2,64,64", "--cache-dir", str(tmp_path)]
+    assert export_main(argv + ["--verify-crop", "64", "--verify-limit", "1"]) == 0
+    assert out.is_file() and trt_engine.sidecar_path(out).is_file()
+    assert list(tmp_path.glob("timing-*.cache"))
+    r = qairn.Restorer(
+        weights=tiny_weights,
+        device="cuda",
+        backend="tensorrt",
+        precision="fp16",
+        engine=out,
+        cache_dir=tmp_path,
+        tile=64,
+        tile_batch=2,
+    )
+    assert r.backend.run.runners[(2, 64, 64)].path == out

@@ -1,0 +1,351 @@
+"""Training: the paper's defaults, deterministic data, resume, Ctrl-C, DDP (gloo, 2 processes),
+the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from qairn.model import QAIRN, preset
+from qairn.train import trainer
+from qairn.train.data import JPEGPatches, list_images, load_cached
+from qairn.weights_io import load_model, read_metadata
+
+ROOT = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI machine has 2 cores; oversubscription is ~50x slower
+    yield
+    torch.set_num_threads(n)
+
+
+def synth_image(rng, h, w) -> np.ndarray:
+    """A smooth, textured BGR test image: gradients, blurred noise, a few shapes."""
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([120 + 80 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], axis=2)
+    img += cv2.GaussianBlur(rng.normal(0, 40, (h, w, 3)), (0, 0), 2.0)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    for _ in range(4):
+        c = tuple(int(v) for v in rng.integers(0, 256, 3))
+        p0 = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.circle(img, p0, int(rng.integers(4, max(5, h // 4))), c, -1)
+    return img
+
+
+def make_folder(path: Path, n: int, h: int, w: int, seed: int, ext=".png") -> Path:
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(path / f"img{i:02d}{ext}"), synth_image(rng, h, w))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("train"), 6, 64, 80, seed=1)
+
+
+def tiny_args(data: Path, out: Path, **kw) -> trainer.TrainArgs:
+    a = trainer.TrainArgs(
+        data=str(data),
+        out=str(out),
+        preset="tiny",
+        steps=4,
+        batch=2,
+        patch=32,
+        workers=0,
+        ckpt_every=100,
+        log_every=1,
+        val_holdout=2,
+        device="cpu",
+        threads=1,
+    )
+    return replace(a, **kw)
+
+
+def cli_args(a: trainer.TrainArgs) -> list[str]:
+    out = []
+    for k, v in asdict(a).items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + flag[2:])
+        elif v != "":
+            out += [flag, str(v)]
+    return out
+
+
+def test_defaults_are_the_paper_recipe():
+    a = trainer.TrainArgs()
+    assert (a.batch, a.patch, a.qf_min, a.qf_max, a.ssim_weight) == (16, 96, 5, 95, 1.0)
+    assert (a.lr, a.lr_halve_every, a.lr_min) == (2e-4, 10_000, 1.25e-5)
+    assert 0 < a.shift_prob < 1
+    assert [trainer.lr_at(s, a) for s in (0, 9_999, 10_000, 20_000, 30_000, 40_000, 10**6)] == [
+        2e-4,
+        2e-4,
+        1e-4,
+        5e-5,
+        2.5e-5,
+        1.25e-5,
+        1.25e-5,
+    ]
+    # Every field is a flag with that default; --preset paper builds the paper's network.
+    import argparse
+
+    p = argparse.ArgumentParser()
+    trainer.add_args(p)
+    ns = p.parse_args(["--preset", "paper", "--widths", "32,64,128,256", "--nb", "3"])
+    assert ns.batch == 16 and ns.lr == 2e-4 and ns.qf_max == 95
+    assert trainer.model_config(trainer.TrainArgs(preset="paper")).widths == (64, 128, 256, 512)
+    cfg = trainer.model_config(trainer.TrainArgs(**vars(ns)))
+    assert (cfg.widths, cfg.nb, cfg.preset) == ((32, 64, 128, 256), 3, "paper-w32-nb3")
+
+
+def test_patches_deterministic_and_in_range(data):
+    images = load_cached(list_images(data))
+    ds = JPEGPatches(images, batch=3, patch=32, qf_range=(5, 95), seed=7)
+    j1, c1, q1 = ds[5]
+    j2, c2, q2 = JPEGPatches(images, batch=3, patch=32, qf_range=(5, 95), seed=7)[5]
+    assert torch.equal(j1, j2) and torch.equal(c1, c2) and torch.equal(q1, q2)
+    assert j1.shape == c1.shape == (3, 3, 32, 32) and j1.dtype == torch.float32
+    assert not torch.equal(ds[6][1], c1)  # another index, another batch
+    assert ((q1 >= 5) & (q1 <= 95)).all()
+    assert (j1 - c1).abs().mean() > 0  # compressed
+    # Worker processes give the same batches as the main process.
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [5]), batch_size=None, num_workers=1)
+    jw, cw, _ = next(iter(loader))
+    assert torch.equal(jw, j1) and torch.equal(cw, c1)
+
+
+def test_cache_roundtrip(data, tmp_path):
+    files = list_images(data)
+    a = load_cached(files, tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and not list(tmp_path.glob("*tmp*"))
+    b = load_cached(files, tmp_path)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
+    trainer.train(tiny_args(data, tmp_path / "a", steps=4))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=2))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=4, resume=True))
+    a, b = state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt")
+    assert a["step"] == b["step"] == 4
+    assert set(a) >= {"model", "optim", "step", "seconds", "config", "args", "torch_rng", "val_files"}
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    init = QAIRN(preset("tiny")).state_dict()
+    assert any(not torch.equal(a["model"][k], init[k]) for k in init)  # it did train
+    rows = (tmp_path / "b" / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    assert len(a["val_files"]) == 2
+    # Export only: resume with --steps 0 trains nothing and writes the checkpoint's weights.
+    w = tmp_path / "w.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "b", steps=0, resume=True, export=str(w)))
+    assert state(tmp_path / "b" / "checkpoint.pt")["step"] == 4
+    summary = json.loads(read_metadata(w)["training"])
+    assert summary["steps"] == 4 and summary["val_files"] == a["val_files"]
+    exported = load_model(w).state_dict()
+    half = summary["export"]["dtype"] == "fp16"
+    for k, v in b["model"].items():
+        assert torch.equal(exported[k], v.half().float() if half else v), k
+
+
+def run_until_logged(cmd, log: Path, timeout=120) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    t0 = time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"training did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
+    a = tiny_args(data, tmp_path, steps=100_000, ckpt_every=10_000)
+    proc = run_until_logged([sys.executable, "-m", "qairn.train.trainer", *cli_args(a)], tmp_path / "log.csv")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    ck = state(tmp_path / "checkpoint.pt")
+    assert 2 <= ck["step"] < 100_000
+    assert (tmp_path / "loss.png").exists()
+
+
+def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
+    """torchrun, 2 CPU processes: each rank trains on its own batches, DDP averages the gradients,
+    and the run stops on its time limit at the same step on both ranks (a hang fails the test).
+    The result must equal one process that averages the two ranks' gradients by hand."""
+    a = tiny_args(data, tmp_path, steps=10_000, max_seconds=1.0, log_every=2, ckpt_every=10_000)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "qairn.train.trainer",
+        *cli_args(a),
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    ck = state(tmp_path / "checkpoint.pt")
+    steps = ck["step"]
+    assert 2 <= steps < 10_000 and steps % 2 == 0  # stopped by time, at an agreed step
+    assert steps <= 400, "too many steps to replay in a test"
+
+    train_files, _ = trainer.split_files(str(data), a.val_holdout)
+    ds = JPEGPatches(load_cached(train_files), a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+    torch.manual_seed(a.seed)
+    model = QAIRN(preset("tiny")).to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    for s in range(steps):
+        grads = []
+        for rank in range(2):
+            jp, clean, _ = ds[2 * s + rank]
+            out, _ = model(jp.contiguous(memory_format=torch.channels_last))
+            loss = trainer.loss_fn(out, clean, a.ssim_weight)[0]
+            model.zero_grad()
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for p, g0, g1 in zip(model.parameters(), *grads, strict=True):
+            p.grad = (g0 + g1) / 2
+        for g in opt.param_groups:
+            g["lr"] = trainer.lr_at(s, a)
+        opt.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def scrambled_model(seed=0) -> QAIRN:
+    """A tiny QAIRN with random weights everywhere (the tail and gates too), so it changes images."""
+    torch.manual_seed(seed)
+    m = QAIRN(preset("tiny"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "tail" in name or ".out." in name:
+                p.normal_(0, 0.01)
+    return m
+
+
+def test_export_keeps_fp16_when_harmless(data, tmp_path):
+    m = scrambled_model()
+    _, val = trainer.split_files(str(data), 2)
+    a = tiny_args(data, tmp_path, export=str(tmp_path / "w.safetensors"))
+    trainer.export_weights(m, a, step=4, seconds=1.0, val_files=val)
+    meta = read_metadata(tmp_path / "w.safetensors")
+    dec = json.loads(meta["training"])["export"]
+    assert dec["dtype"] == "fp16" and abs(dec["loss_db"]) < 0.02 and dec["images"] == [f.name for f in val]
+    assert dec["psnr_fp32"] > 10
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert json.loads(meta["training"])["val_files"] == [f.name for f in val]
+    assert load_model(tmp_path / "w.safetensors").config == m.config
+
+
+def test_export_keeps_fp32_when_the_check_fails(data, tmp_path, monkeypatch):
+    # A threshold no rounding can meet: the check must say fp32, and the file must follow it.
+    from qairn.train import evaluate
+
+    check = evaluate.fp16_check
+    monkeypatch.setattr(evaluate, "fp16_check", lambda *a, **k: check(*a, **k, max_loss_db=-1.0))
+    m = scrambled_model()
+    _, val = trainer.split_files(str(data), 2)
+    a = tiny_args(data, tmp_path, export=str(tmp_path / "w.safetensors"))
+    trainer.export_weights(m, a, step=4, seconds=1.0, val_files=val)
+    dec = json.loads(read_metadata(tmp_path / "w.safetensors")["training"])["export"]
+    assert dec["dtype"] == "fp32" and dec["max_loss_db"] == -1.0 and dec["loss_db"] >= -1.0
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    assert torch.equal(load_model(tmp_path / "w.safetensors").tail.weight, m.tail.weight)
+
+
+def test_gpu_pack_and_entry_on_cpu(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 10, 72, 96, seed=2, ext=".webp")
+    live1 = make_folder(tmp_path / "live1", 2, 48, 64, seed=3)
+    pack = tmp_path / "pack"
+    budget = 0.25  # MiB
+    man = build_train_pack.build(src, live1, pack, budget_mib=budget, crop=56, holdout=2, log=lambda *a: None)
+    total = sum(p.stat().st_size for p in pack.rglob("*") if p.is_file())
+    assert total <= budget * 2**20
+    assert man["train_crops"] == len(list((pack / "train").glob("*.webp"))) > 0
+    _, val = trainer.split_files(str(src), 2)
+    assert sorted(p.name for p in (pack / "val").iterdir()) == sorted(f.name for f in val)
+    assert not any(p.name.startswith(tuple(f.stem + "_" for f in val)) for p in (pack / "train").iterdir())
+    for f in live1.iterdir():  # lossless
+        packed = cv2.imread(str(pack / "live1" / f"{f.stem}.webp"))
+        assert np.array_equal(packed, cv2.imread(str(f)))
+
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "scripts/gpu_train.py",
+        "--pack",
+        str(pack),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--batch",
+        "2",
+        "--patch",
+        "32",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    files = {p.name for p in out.iterdir() if p.is_file()}
+    assert {
+        "weights.safetensors",
+        "report.txt",
+        "results.json",
+        "eval.json",
+        "train_log.csv",
+        "loss.png",
+    } <= files
+    res = json.loads((out / "results.json").read_text())
+    assert res["train"]["steps"] == 3 and res["train"]["export"]["dtype"] in ("fp16", "fp32")
+    assert set(res["eval"]["qfs"]) == {"10", "20", "30", "40"} and "quality" in res
+    model = load_model(out / "weights.safetensors")
+    assert model.config.p == res["p_sweep"]["p"] and model.config.preset == "tiny"
+    assert "Q against SSIM" in (out / "report.txt").read_text()
+
+
+def test_largest_config_under_20mb():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_train
+
+    n, c, nb = gpu_train.largest_config(20e6)
+    assert 2 * n <= 20e6
+    assert gpu_train.n_params(preset("tiny")) == sum(p.numel() for p in QAIRN(preset("tiny")).parameters())
+    # Any larger candidate (one more block, or the next width) is over the limit.
+    for c2, nb2 in ((c, nb + 1), (c + 8, nb)):
+        assert 2 * gpu_train.n_params(preset("small", widths=(c2, 2 * c2, 4 * c2, 8 * c2), nb=nb2)) > 20e6

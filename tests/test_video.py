@@ -1,0 +1,417 @@
+"""Streaming (Restorer.restore_stream), `qairn video` (PyAV) and the FFmpeg pipe example, on short clips
+made here from real images with JPEG artifacts."""
+
+import csv
+import importlib.util
+import io
+import os
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, live1_files, lively_model
+
+import qairn
+from qairn.engine.video import VideoError, VideoOptions, main, transcode
+
+av = pytest.importorskip("av", reason="PyAV (qairn[video]) is not installed")
+
+RATE = Fraction(30000, 1001)  # NTSC: pts step 1001 in a 1/30000 time base
+TB = Fraction(1, 30000)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The CPU here is shared: two OpenMP threads fighting a background job run 10x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def identity_model():
+    """Random gates (so Q differs per frame) but a picture output equal to the input."""
+    m = lively_model()
+    torch.nn.init.zeros_(m.tail.weight)
+    torch.nn.init.zeros_(m.tail.bias)
+    return m
+
+
+@pytest.fixture(scope="module")
+def restorer():
+    return qairn.Restorer(model=identity_model(), device="cpu", tile=None)
+
+
+@pytest.fixture(scope="module")
+def frames_rgb():
+    """Six different LIVE1 images, 160x120, JPEG-compressed at QF 20."""
+    out = []
+    for f in live1_files()[:6]:
+        bgr = cv2.resize(cv2.imread(str(f)), (160, 120), interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 20])
+        out.append(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy())
+    return out
+
+
+def make_clip(path, frames, codec="libx264", pix_fmt="yuv420p", audio=True, tags=True, size=None):
+    """Encode RGB frames at 30000/1001 fps (BT.709 limited tags), with an AAC sine track if audio."""
+    o = av.open(str(path), "w")
+    s = o.add_stream(codec, rate=RATE)
+    h, w = frames[0].shape[:2] if size is None else size[::-1]
+    s.width, s.height, s.pix_fmt = w, h, pix_fmt
+    s.time_base = s.codec_context.time_base = TB
+    if tags:
+        cc = s.codec_context
+        cc.colorspace, cc.color_range, cc.color_primaries, cc.color_trc = 1, 1, 1, 1
+    if codec == "libx264":
+        s.codec_context.options = {"crf": "10"}
+    a = o.add_stream("aac", rate=16000, layout="mono") if audio else None
+    for i, rgb in enumerate(frames):
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (h, w) else rgb
+        f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        f = f.reformat(format=pix_fmt, dst_colorspace="ITU709", dst_color_range="MPEG")
+        f.pts, f.time_base = i * 1001, TB
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    if a is not None:
+        n = int(16000 * len(frames) / RATE)
+        wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000)).astype(np.float32)
+        for k in range(0, n, 1024):
+            af = av.AudioFrame.from_ndarray(wave[None, k : k + 1024], format="fltp", layout="mono")
+            af.sample_rate, af.pts = 16000, k
+            o.mux(a.encode(af))
+        o.mux(a.encode(None))
+    o.close()
+    return Path(path)
+
+
+def decode(path):
+    with av.open(str(path)) as c:
+        frames = list(c.decode(video=0))
+        v = c.streams.video[0].codec_context
+        tags = (int(v.colorspace), int(v.color_range), int(v.color_primaries), int(v.color_trc))
+        audio = [(s.codec_context.name, s.codec_context.sample_rate) for s in c.streams.audio]
+    with av.open(str(path)) as c:
+        apackets = (
+            [(float(p.pts * p.time_base), bytes(p)) for p in c.demux(audio=0) if p.size] if audio else []
+        )
+    return frames, tags, audio, apackets
+
+
+def y_plane(frame):
+    p = frame.planes[0]
+    return np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].astype(float)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def leftovers(folder: Path):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or ".part" in p.name)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory, frames_rgb):
+    return make_clip(tmp_path_factory.mktemp("clip") / "in.mp4", frames_rgb)
+
+
+# ---- restore_stream ------------------------------------------------------------------------------------
+def test_stream_in_order_and_equal_to_single_calls(restorer, frames_rgb):
+    """Batched streaming gives, in order, what one restore_yuv/restore call per frame gives; mixed
+    shapes and kinds are split into separate batches."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    yuv = []
+    for rgb in frames_rgb[:5]:
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        yuv.append(
+            tuple(
+                np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].copy()
+                for p in f.planes
+            )
+        )
+    small = tuple(p[:64, :80] if i == 0 else p[:32, :40] for i, p in enumerate(yuv[0]))
+    items = [yuv[0], yuv[1], small, yuv[2], frames_rgb[3], frames_rgb[4], yuv[3], yuv[4]]
+    got = list(r.restore_stream(iter(items), batch=3, matrix="bt601", range="limited"))
+    assert len(got) == len(items)
+    for item, res in zip(items, got):
+        if isinstance(item, tuple):
+            ref = r.restore_yuv(*item, matrix="bt601", range="limited")
+            for a, b in zip(res.image, ref.image):
+                assert a.shape == b.shape and a.dtype == np.uint8
+                assert np.abs(a.astype(int) - b).max() <= 1
+        else:
+            ref = r.restore(item)
+            assert res.image.shape == item.shape and np.abs(res.image.astype(int) - ref.image).max() <= 1
+        assert abs(res.quality["Q2"] - ref.quality["Q2"]) < 1e-5
+    assert len({round(res.quality["Q2"], 6) for res in got}) > 4  # frames really differ
+    # tensors in, tensors out
+    t = [tuple(torch.from_numpy(p) for p in f) for f in yuv[:2]]
+    out = list(restorer.restore_stream(t, batch=2, matrix="bt601"))
+    assert all(torch.equal(a, b) for f, res in zip(t, out) for a, b in zip(f, res.image))
+    with pytest.raises(TypeError, match="stream items"):
+        list(r.restore_stream(["not a frame"]))
+
+
+# ---- qairn video -----------------------------------------------------------------------------------------
+def test_video_keeps_frames_timestamps_audio_and_colour(restorer, clip, tmp_path):
+    out = tmp_path / "out.mp4"
+    summary = transcode(restorer, clip, out, VideoOptions(batch=4))
+    src, src_tags, src_audio, src_apk = decode(clip)
+    dst, dst_tags, dst_audio, dst_apk = decode(out)
+    assert summary["frames"] == len(src) == len(dst) == 6
+    assert summary["codec"] == "libx264" and summary["pix_fmt"] == "yuv420p"
+    # timestamps (in seconds) and frame rate preserved
+    assert [float(f.time) for f in dst] == pytest.approx([float(f.time) for f in src], abs=1e-6)
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].average_rate == RATE
+    # order: each output frame is closest to the input frame at the same index (identity model)
+    for i, f in enumerate(dst):
+        errs = [np.mean((y_plane(f) - y_plane(g)) ** 2) for g in src]
+        assert int(np.argmin(errs)) == i and 10 * np.log10(255**2 / errs[i]) > 35
+    assert dst_tags == src_tags == (1, 1, 1, 1)  # BT.709 matrix, limited range, primaries, transfer
+    assert dst_audio == src_audio == [("aac", 16000)] and dst_apk == src_apk and src_apk  # copied, same times
+    # quality trace: one row per frame, in order, equal to restore_yuv on the decoded input frame
+    rows = read_csv(f"{out}.quality.csv")
+    assert [int(r["frame"]) for r in rows] == list(range(6))
+    assert [float(r["time"]) for r in rows] == pytest.approx([float(f.time) for f in src], abs=1e-6)
+    for r, f in zip(rows, src):
+        planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in f.planes]
+        q = restorer.restore_yuv(*planes, matrix="bt709", range="limited").quality
+        assert [float(r[k]) for k in ("Q1", "Q2", "Q3")] == pytest.approx(
+            [q["Q1"], q["Q2"], q["Q3"]], abs=2e-6
+        )
+    assert Path(f"{out}.quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert leftovers(tmp_path) == []
+
+
+def test_score_only_writes_only_the_trace(restorer, clip, tmp_path):
+    csv_path = tmp_path / "trace.csv"
+    s = transcode(restorer, clip, None, VideoOptions(score_only=True, quality_csv=csv_path, plot=False))
+    assert s["frames"] == 6 and s["written"] == [csv_path]
+    assert len(read_csv(csv_path)) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.csv"]
+
+
+def test_cli(tiny_weights, clip, tmp_path, capsys):
+    out = tmp_path / "cli.mkv"
+    assert (
+        main(
+            [
+                str(clip),
+                str(out),
+                "--weights",
+                str(tiny_weights),
+                "--device",
+                "cpu",
+                "--tile",
+                "0",
+                "--crf",
+                "30",
+                "--preset",
+                "ultrafast",
+                "--no-plot",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert len(decode(out)[0]) == 6 and len(read_csv(f"{out}.quality.csv")) == 6
+    assert not Path(f"{out}.quality.png").exists()
+    assert (
+        main(
+            [
+                str(clip),
+                "--score-only",
+                "--weights",
+                str(tiny_weights),
+                "--device",
+                "cpu",
+                "-q",
+                "--quality-csv",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
+    assert len(read_csv(tmp_path / "s.csv")) == 6
+    capsys.readouterr()
+    assert main([str(tmp_path / "missing.mp4"), str(tmp_path / "x.mp4"), "--weights", str(tiny_weights)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qairn: error:") and "missing.mp4: no such file" in err and "\n" not in err
+    from qairn.cli import main as qairn_main
+
+    assert qairn_main(["video", str(clip), str(tmp_path / "y.mp4"), "--weights", str(tmp_path / "nope")]) == 1
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "y.mp4").exists()
+
+
+def test_lossless_odd_size_and_10_bit_are_bit_exact(restorer, frames_rgb, tmp_path):
+    """Odd sizes (4:2:0 with 75x47 luma) and 10-bit input through a lossless codec come back bit-exact
+    with an identity model: nothing in the conversion or the plumbing loses a code value."""
+    for name, pix_fmt, size in (("odd.mkv", "yuv420p", (75, 47)), ("ten.mkv", "yuv420p10le", (96, 64))):
+        src = make_clip(
+            tmp_path / name, frames_rgb[:3], codec="ffv1", pix_fmt=pix_fmt, audio=False, size=size
+        )
+        out = tmp_path / f"out_{name}"
+        s = transcode(restorer, src, out, VideoOptions(codec="ffv1", plot=False))
+        assert s["bits"] == (10 if "10" in pix_fmt else 8) and s["pix_fmt"] == pix_fmt
+        a, b = decode(src)[0], decode(out)[0]
+        assert len(a) == len(b) == 3
+        for fa, fb in zip(a, b):
+            assert fb.format.name == pix_fmt and (fb.width, fb.height) == size
+            assert all(bytes(pa) == bytes(pb) for pa, pb in zip(fa.planes, fb.planes))
+
+
+def test_odd_size_with_h264_is_a_clear_error_or_444(restorer, frames_rgb, tmp_path):
+    src = make_clip(tmp_path / "odd.mkv", frames_rgb[:2], codec="ffv1", audio=False, size=(75, 47))
+    with pytest.raises(VideoError, match=r"75x47 yuv420p .*--pix-fmt yuv444p"):
+        transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(plot=False))
+    assert leftovers(tmp_path) == [] and not (tmp_path / "o.mp4").exists()
+    s = transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", plot=False))
+    assert s["frames"] == 2 and decode(tmp_path / "o.mp4")[0][0].format.name == "yuv444p"
+    # a non-multiple-of-16 even size (like 1918x1078) in H.264
+    src = make_clip(tmp_path / "even.mp4", frames_rgb[:2], size=(158, 94))
+    s = transcode(restorer, src, tmp_path / "e.mp4", VideoOptions(plot=False))
+    assert s["frames"] == 2 and (
+        decode(tmp_path / "e.mp4")[0][0].width,
+        decode(tmp_path / "e.mp4")[0][0].height,
+    ) == (158, 94)
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(restorer, clip, frames_rgb, tmp_path):
+    data = clip.read_bytes()
+    cases = {
+        "empty.mp4": (b"", "empty file"),
+        "garbage.mp4": (os.urandom(4096), "not a readable video"),
+        "truncated.mp4": (data[: len(data) // 2], "not a readable video"),  # the index (moov) is lost
+    }
+    for name, (content, _) in cases.items():
+        (tmp_path / name).write_bytes(content)
+    # a video stream with no frames (the audio of the clip, remuxed with an empty video track)
+    with (
+        av.open(str(make_clip(tmp_path / "full.mkv", frames_rgb[:2]))) as i,
+        av.open(str(tmp_path / "zero.mkv"), "w") as o,
+    ):
+        o.add_stream_from_template(i.streams.video[0])
+        a = o.add_stream_from_template(i.streams.audio[0])
+        for p in i.demux(i.streams.audio[0]):
+            if p.dts is not None:
+                p.stream = a
+                o.mux(p)
+    cases["zero.mkv"] = (None, "has no frames")
+    with av.open(str(tmp_path / "audio.m4a"), "w") as o:  # audio only
+        s = o.add_stream("aac", rate=16000, layout="mono")
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 16000, 0
+        o.mux(s.encode(f))
+        o.mux(s.encode(None))
+    cases["audio.m4a"] = (None, "no video stream")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for name, (_, msg) in cases.items():
+        with pytest.raises(VideoError, match=msg) as e:
+            transcode(restorer, tmp_path / name, out_dir / "o.mp4")
+        assert str(e.value).startswith(str(tmp_path / name)) and "\n" not in str(e.value)
+    assert list(out_dir.iterdir()) == []
+    # a truncated Matroska file decodes up to the cut: fewer frames, still a valid output
+    full = make_clip(tmp_path / "six.mkv", frames_rgb)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    s = transcode(restorer, cut, out_dir / "cut.mkv", VideoOptions(plot=False))
+    assert 0 < s["frames"] < 6 and len(decode(out_dir / "cut.mkv")[0]) == s["frames"]
+
+
+def test_unwritable_output_and_interrupt_leave_nothing(restorer, clip, tmp_path, monkeypatch):
+    with pytest.raises(VideoError, match="does not exist"):
+        transcode(restorer, clip, tmp_path / "no" / "such" / "dir.mp4")
+    with pytest.raises(VideoError, match="is a directory"):
+        transcode(restorer, clip, tmp_path)
+    with pytest.raises(VideoError, match="is the input file"):
+        transcode(restorer, clip, clip)
+    with pytest.raises(VideoError, match="cannot write this container"):
+        transcode(restorer, clip, tmp_path / "out.unknownext")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # Ctrl-C on the third frame: KeyboardInterrupt propagates, no output, no temp file
+    calls = {"n": 0}
+    real = restorer.restore_tensor
+
+    def interrupted(x, return_maps=False):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(x, return_maps)
+
+    monkeypatch.setattr(restorer, "restore_tensor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transcode(restorer, clip, tmp_path / "out.mp4", VideoOptions(batch=1))
+    assert calls["n"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cli_interrupt_exit_code(clip, tmp_path, tiny_weights, monkeypatch, capsys):
+    import qairn.engine.video as video
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(video, "transcode", boom)
+    assert (
+        main([str(clip), str(tmp_path / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"]) == 130
+    )
+    assert "interrupted" in capsys.readouterr().err
+
+
+# ---- the FFmpeg pipe example --------------------------------------------------------------------------
+def load_example():
+    spec = importlib.util.spec_from_file_location("ffmpeg_pipe", REPO / "examples" / "ffmpeg_pipe.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pipe_example_filter(restorer, frames_rgb):
+    """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
+    bit-exact frames out, one trace row per frame."""
+    ex = load_example()
+    raw = io.BytesIO()
+    for rgb in frames_rgb[:3]:
+        f = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:47, :75]), format="rgb24").reformat(
+            format="yuv420p"
+        )
+        for p in f.planes:
+            raw.write(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].tobytes())
+    out, trace = io.BytesIO(), io.StringIO()
+    assert ex.filter_raw(restorer, io.BytesIO(raw.getvalue()), out, 75, 47, batch=2, trace=trace) == 3
+    assert out.getvalue() == raw.getvalue()
+    assert len(trace.getvalue().splitlines()) == 4
+    with pytest.raises(ValueError, match="inside a frame"):
+        ex.filter_raw(restorer, io.BytesIO(raw.getvalue()[:-10]), io.BytesIO(), 75, 47)
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no `ffmpeg` binary on PATH")
+def test_pipe_example_with_ffmpeg(tiny_weights, clip, tmp_path):
+    out = tmp_path / "piped.mp4"
+    cmd = [
+        sys.executable,
+        str(REPO / "examples" / "ffmpeg_pipe.py"),
+        str(clip),
+        str(out),
+        "--weights",
+        str(tiny_weights),
+        "--device",
+        "cpu",
+        "--size",
+        "160x120",
+        "--fps",
+        "30000/1001",
+    ]
+    subprocess.run(cmd, check=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    frames, tags, audio, _ = decode(out)
+    assert len(frames) == 6 and audio == [("aac", 16000)] and tags[:2] == (1, 1)
+    assert leftovers(tmp_path) == []
