@@ -158,3 +158,19 @@ def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
     assert r.tile == 128 and seen[0] == 256 and seen[-1] == 128
     whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img)
     assert psnr(whole.image, res.image) >= 50.0
+
+
+@pytest.mark.parametrize("tile", [None, 128])
+def test_fused_pooling_matches_pooling_the_maps(live1_image, tile):
+    # TorchBackend pools gamma**p inside the gate (forward_pooled); a backend without it gets its
+    # gamma maps pooled by the engine. Both must give the same Q.
+    model = lively_model()
+    img = odd_crop(live1_image, 200, 270)
+    r = qairn.Restorer(model=model, device="cpu", tile=tile, overlap=32, p=2.5)
+    assert hasattr(r.backend, "forward_pooled")
+    fused = r.restore(img).quality
+    inner = r.backend
+    r.backend = lambda x: inner(x)  # no forward_pooled: the engine pools the maps
+    maps = r.restore(img).quality
+    for k in fused:
+        assert fused[k] == pytest.approx(maps[k], rel=1e-5)

@@ -3,6 +3,7 @@
 A backend is a callable taking a float32 (N,3,h,w) RGB batch in [0,1] on the engine's device and
 returning (restored float32 (N,3,h,w), [gamma1, gamma2, gamma3] float32), like QAIRN.forward.
 `fixed_tile` is True for backends that want every tile at the planned full size (static engines).
+Backends that can pool quality inside the model also offer `forward_pooled(x, p, cores)`.
 """
 
 from __future__ import annotations
@@ -58,14 +59,23 @@ class TorchBackend:
             self.net = torch.compile(model, mode=mode, dynamic=False)
             self.fixed_tile = True
 
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
-        x = x.to(self.dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y, gammas = self.net(x)
+        y, gammas = self.net(self._prepare(x))
         # Clone: CUDA-graph outputs are overwritten by the next replay.
         return y.float().clone(), [g.float().clone() for g in gammas]
+
+    @torch.inference_mode()
+    def forward_pooled(self, x: torch.Tensor, p: float, cores: torch.Tensor):
+        """Like __call__, plus (3, N) float64 sums of gamma**p over each image's core box (input
+        pixels), taken inside the gate: with the Triton gate, in the same pass as the blend."""
+        y, gammas, pooled = self.net(self._prepare(x), pool_p=p, cores=cores)
+        sums = torch.stack([s.double() for s, _ in pooled])
+        return y.float().clone(), [g.float().clone() for g in gammas], sums
 
 
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):

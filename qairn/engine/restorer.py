@@ -108,10 +108,16 @@ class Restorer:
         hp, wp = plan.rows.length, plan.cols.length
         xp = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
         th, tw = plan.rows.tile, plan.cols.tile
+        fused = getattr(self.backend, "forward_pooled", None)
         if plan.count == 1:
-            y, gammas = self.backend(xp)
+            if fused is not None:
+                y, gammas, sums = fused(xp, self.p, torch.tensor([[0, h, 0, w]] * n, device=self.device))
+                q = self._q_from_sums(sums, h, w)
+            else:
+                y, gammas = self.backend(xp)
             maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
-            q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
+            if fused is None:
+                q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
             return y[..., :h, :w].clamp(0, 1), q, maps if return_maps else None
 
         out = torch.zeros(n, 3, hp, wp, device=self.device)
@@ -127,24 +133,34 @@ class Restorer:
         for b in range(0, len(tiles), max(1, self.tile_batch // n)):
             group = tiles[b : b + max(1, self.tile_batch // n)]
             batch = torch.cat([xp[:, :, y0 : y0 + th, x0 : x0 + tw] for _, _, y0, x0 in group])
-            y, gammas = self.backend(batch)
+            if fused is not None:  # quality sums over each tile's core, taken inside the gate
+                cores = torch.tensor([plan.core(i, j) for i, j, _, _ in group for _ in range(n)])
+                y, gammas, tile_sums = fused(batch, self.p, cores.to(self.device))
+            else:
+                y, gammas = self.backend(batch)
             for t, (i, j, y0, x0) in enumerate(group):
                 sl = slice(t * n, (t + 1) * n)
-                wgt = weights[i, j]
-                out[:, :, y0 : y0 + th, x0 : x0 + tw] += y[sl] * wgt
+                out[:, :, y0 : y0 + th, x0 : x0 + tw] += y[sl] * weights[i, j]
+                if fused is not None:
+                    sums += tile_sums[:, sl]
                 for k, (g, s) in enumerate(zip(gammas, SCALES)):
+                    if fused is not None and maps is None:
+                        continue
                     c0, c1, d0, d1 = plan.core(i, j, s)
                     core = g[sl, :, c0:c1, d0:d1]
-                    sums[k] += core.double().pow(self.p).flatten(1).sum(1)
+                    if fused is None:
+                        sums[k] += core.double().pow(self.p).flatten(1).sum(1)
                     if maps is not None:
                         maps[k][:, :, y0 // s + c0 : y0 // s + c1, x0 // s + d0 : x0 // s + d1] = core
-        q = {}
-        for k, s in enumerate(SCALES):
-            count = -(-h // s) * -(-w // s)
-            q[f"Q{k + 1}"] = (sums[k] / count).pow(1.0 / self.p).float()
+        q = self._q_from_sums(sums, h, w)
         if maps is not None:
             maps = [m[..., : -(-h // s), : -(-w // s)] for m, s in zip(maps, SCALES)]
         return out[..., :h, :w].clamp(0, 1), q, maps
+
+    def _q_from_sums(self, sums: torch.Tensor, h: int, w: int) -> dict:
+        """(3, N) sums of gamma**p over an h x w image at each gamma scale -> {"Q1","Q2","Q3"}."""
+        counts = [-(-h // s) * -(-w // s) for s in SCALES]
+        return {f"Q{k + 1}": (sums[k] / c).pow(1.0 / self.p).float() for k, c in enumerate(counts)}
 
     def _pool(self, gamma: torch.Tensor) -> torch.Tensor:
         return gamma.double().pow(self.p).flatten(1).mean(1).pow(1.0 / self.p).float()
