@@ -26,6 +26,10 @@ class QAIRNConfig:
     # Global input residual (out = x + tail). Not in FBCNN/the paper; it makes a short CPU training
     # start at the JPEG floor instead of at zero, so the small preset uses it.
     residual: bool = False
+    # Paper form (no global residual) started at the identity: head and tail pass RGB through three
+    # channels and the full-scale gate starts open (gamma1 ~ 0.95), so out ~ input at step 0 and
+    # training lowers gamma where restoration is needed - the reading of gamma as quality is kept.
+    identity_init: bool = False
     p: float = 2.0  # Minkowski exponent for Q = mean(gamma**p)**(1/p)
     preset: str = "custom"
 
@@ -46,6 +50,7 @@ class QAIRNConfig:
 PRESETS: dict[str, QAIRNConfig] = {
     "paper": QAIRNConfig(widths=(64, 128, 256, 512), nb=4, residual=False, preset="paper"),
     "small": QAIRNConfig(widths=(16, 32, 64, 128), nb=2, residual=True, preset="small"),
+    "small-gated": QAIRNConfig(widths=(16, 32, 64, 128), nb=2, identity_init=True, preset="small-gated"),
     "tiny": QAIRNConfig(widths=(8, 16, 16, 32), nb=1, residual=True, rqa_min=4, preset="tiny"),
 }
 
@@ -137,8 +142,22 @@ class QAIRN(nn.Module):
         self.rqa3 = RQAttention(c2, hidden(c2))  # 1/4 scale -> gamma3
         self.rqa2 = RQAttention(c1, hidden(c1))  # 1/2 scale -> gamma2
         self.rqa1 = RQAttention(c0, hidden(c0))  # full scale -> gamma1
+        if config.identity_init:
+            self._init_identity()
         # The gated blend; the Triton backend swaps in its fused op (same signature).
         self.gate = gated_blend_reference
+
+    @torch.no_grad()
+    def _init_identity(self) -> None:
+        # head: RGB into channels 0..2 unchanged; tail: channels 0..2 back out, nothing else.
+        self.head.weight[:3].zero_()
+        self.head.bias[:3].zero_()
+        self.tail.weight.zero_()
+        self.tail.bias.zero_()
+        for c in range(3):
+            self.head.weight[c, c, 1, 1] = 1.0
+            self.tail.weight[c, c, 1, 1] = 1.0
+        self.rqa1.out.bias.fill_(3.0)  # sigmoid(3) = 0.95: the input passes through the skip
 
     def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor, **pool):
         return self.gate(rqa.logit(skip, dec), skip, dec, **pool)

@@ -106,3 +106,15 @@ def test_load_refuses_foreign_files(tmp_path):
     )
     with pytest.raises(WeightsError, match="do not match"):
         load_model(bad)
+
+
+def test_identity_init_starts_near_the_input_with_gamma1_open():
+    torch.manual_seed(0)
+    m = QAIRN(preset("small-gated")).eval()
+    assert not m.config.residual
+    x = torch.rand(1, 3, 48, 64)
+    y, (g1, g2, g3) = m(x)
+    assert torch.allclose(g1, torch.full_like(g1, torch.sigmoid(torch.tensor(3.0)).item()))
+    # out = gamma1 * x + (1 - gamma1) * tail(dec): within 5% of the decoder's contribution.
+    plain = QAIRN(preset("small-gated", identity_init=False)).eval()
+    assert (y - x).abs().mean() < 0.1 * (plain(x)[0] - x).abs().mean()
