@@ -9,6 +9,7 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -96,7 +97,13 @@ def _pool_init():
 def executor(workers: int) -> Executor:
     # Metrics are numpy/OpenCV only (no torch, no CUDA): worker processes overlap them with the
     # restoration on a GPU.
-    return ProcessPoolExecutor(workers, initializer=_pool_init) if workers > 1 else Inline()
+    # spawn, not fork: a child forked while OpenCV's or OpenMP's thread pool holds a lock deadlocks
+    # (seen in CI: the child hung in cv2.setNumThreads inside the initializer).
+    if workers <= 1:
+        return Inline()
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init
+    )
 
 
 def make_restorer(weights=None, model=None, device="cpu", tile=None, precision="fp32", p=None):
