@@ -11,6 +11,15 @@ DATA = REPO / ".." / "shared" / "data"
 LIVE1 = DATA / "live1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # CI has 2 cores: a second torch thread only spin-waits against other work (10-50x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def live1_files() -> list[Path]:
     files = sorted(LIVE1.glob("*.png"))
     if not files:

@@ -16,15 +16,6 @@ MATRICES = ("bt601", "bt709")
 RANGES = ("limited", "full")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU here is shared: two OpenMP threads fighting a background job run 10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def identity_restorer(tile=None):
     """A model whose picture output is its input (gates still random): tail zeroed, residual on."""
     m = lively_model()

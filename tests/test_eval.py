@@ -17,14 +17,6 @@ from qairn.train import evaluate as ev
 from qairn.weights_io import load_model, read_metadata, save_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine has 2 cores; oversubscription is ~50x slower
-    yield
-    torch.set_num_threads(n)
-
-
 def synth_image(rng, h, w) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w] / max(h, w)
     img = np.stack([120 + 80 * np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], axis=2)

@@ -15,15 +15,6 @@ from qairn.export.cli import main as export_main
 from qairn.model import minkowski
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared with a training job: a second torch thread only adds spin-waiting (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return lively_model("tiny", seed=1)

@@ -12,15 +12,6 @@ from qairn.export import onnx_export as ox
 from qairn.export.ort_backend import OrtBackend
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 2 cores shared with a training job: a second torch thread only adds spin-waiting (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return lively_model("tiny", seed=3)

@@ -29,14 +29,6 @@ needs_trt = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spec(**changes) -> trt_engine.EngineSpec:
     fields = dict(
         onnx_sha256="ab" * 32,

@@ -25,14 +25,6 @@ ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine has 2 cores; oversubscription is ~50x slower
-    yield
-    torch.set_num_threads(n)
-
-
 def synth_image(rng, h, w) -> np.ndarray:
     """A smooth, textured BGR test image: gradients, blurred noise, a few shapes."""
     y, x = np.mgrid[0:h, 0:w] / max(h, w)

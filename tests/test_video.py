@@ -26,15 +26,6 @@ RATE = Fraction(30000, 1001)  # NTSC: pts step 1001 in a 1/30000 time base
 TB = Fraction(1, 30000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CPU here is shared: two OpenMP threads fighting a background job run 10x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def identity_model():
     """Random gates (so Q differs per frame) but a picture output equal to the input."""
     m = lively_model()
