@@ -17,12 +17,14 @@ import copy
 import json
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from qairn.engine import bench as qb
 from qairn.model import PRESETS, QAIRN
+from qairn.weights_io import load_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -84,6 +86,7 @@ def conv_util(model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: i
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="small,paper", help="presets to measure (random weights: speed only)")
+    p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
     p.add_argument("--shape", default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)")
     p.add_argument("--precision", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto")
@@ -105,8 +108,14 @@ def main(argv=None) -> int:
         "presets": {},
     }
     print(f"{report['env']['device']['name']}: measured {precision} matmul peak {peak:.3g} TFLOP/s")
-    for name in args.presets.split(","):
-        r = conv_util(QAIRN(PRESETS[name]).eval(), shape, DTYPES[precision], device, peak, args.repeats)
+    models = [
+        (name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets.split(",") if name
+    ]
+    models += [(Path(w).stem, lambda w=w: load_model(w)) for w in args.weights]
+    for name, build in models:
+        model = build()
+        r = conv_util(model, shape, DTYPES[precision], device, peak, args.repeats)
+        r["config"] = asdict(model.config)
         report["presets"][name] = r
         print(
             f"{name:>6} {args.shape}: {r['gflop']:.1f} GFLOP; convs alone {r['conv_ms']:.3f} ms = "

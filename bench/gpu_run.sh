@@ -7,18 +7,24 @@
 #
 # Stages (each under `timeout`, its log in the work folder; the summary is rewritten after each one,
 # so a run cut short still leaves its results):
-#   env       device, driver, versions                                     20 s
-#   tests     CUDA tests: kernels, backends' parity, export, video         100 s
-#   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot)              210 s
-#   kernels   bench/kernels/gpu_gate_report.py, if present                  50 s
-#   convutil  conv-trunk utilisation vs the measured fp16 peak              40 s
-#   video     16 4K frames through one Restorer, best backend               45 s
-#   profile   torch.profiler top ops of the best backend at 4K              35 s
+#   env       device, driver, versions                                          15 s
+#   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype  45 s
+#   tests     tests/kernels on CUDA (pytest-xdist when there)                    45 s
+#   train     scripts/gpu_train.py from gpu_pack/ (carry it), if present: train,
+#             p sweep, LIVE1 eval; QAIRN_GPU_TRAIN_S of training (default 150)   train + 75 s
+#   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), on the better
+#             weights (trained, if they beat the shipped ones on LIVE1)           120 s
+#   convutil  conv-trunk utilisation vs the measured fp16 peak                   20 s
+#   video     8 4K frames through one Restorer, best backend                     25 s
+#   profile   torch.profiler top ops of the best backend at 4K                   20 s
 # Output (<= 8 files, the device tool's limit): gpu_run.json (everything, with GPU name and date),
-# bench.json (for bench/results/), bench.png, profile.txt, gate.json, logs.txt.
-# Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 500),
+# bench.json (for bench/results/), bench.png, profile.txt, gate.json, logs.txt, and from training
+# weights.safetensors and train_log.csv.
+# Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 560),
 # QAIRN_GPU_STAGES (default all, e.g. "env bench"), QAIRN_GPU_TESTS (a pytest -k expression),
-# QAIRN_GPU_KEEP_WORK=1 (keep the work folder: stage logs and outputs, compile caches).
+# QAIRN_GPU_TRAIN_S, QAIRN_GPU_KEEP_WORK=1 (keep the work folder: stage logs and outputs, caches).
+# The device allows 600 s per command: run it as run(command="bash bench/gpu_run.sh",
+# carry=["gpu_pack"], timeout_s=595).
 set -u
 OUTDIR=${OUT:-}
 if [ -n "$OUTDIR" ]; then mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd); fi
@@ -26,10 +32,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DRY=${QAIRN_GPU_DRYRUN:-0}
-BUDGET=${QAIRN_GPU_BUDGET_S:-500}
-STAGES=${QAIRN_GPU_STAGES:-env tests bench kernels convutil video profile}
-K='cuda or gpu or kernel or gate or triton or backend or parity or tensorrt or trt or onnx or export or compile'
-TESTS_K=${QAIRN_GPU_TESTS:-($K or video or stream) and not test_bench}  # tests/test_bench.py: CPU only
+BUDGET=${QAIRN_GPU_BUDGET_S:-560}
+TRAIN_S=${QAIRN_GPU_TRAIN_S:-150}
+STAGES=${QAIRN_GPU_STAGES:-env kernels tests train bench convutil video profile}
+TESTS_K=${QAIRN_GPU_TESTS:-}  # only tests/kernels touch CUDA; the rest are CPU tests, run by CI
 OUTDIR=${OUTDIR:-$PWD/bench/results/run-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUTDIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/qairn-gpu-run.XXXXXX")
@@ -45,17 +51,25 @@ if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command 
   CONV=(--presets tiny --shape 1x3x64x64 --repeats 3)
   PROF=(--preset tiny --size 64x64 --tile 64 --iters 1)
   TESTS=(--collect-only)
+  TRAIN=(--preset tiny --device cpu --max-seconds 5 --deadline 60 --workers 1 --batch 4 --patch 48
+         --quality-crop 64)
+  TRAIN_BOX=90
   FALLBACK=eager-fp32
 else
   DEVICE=cuda
   BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512)
-  VIDEO=(--sizes 3840x2160 --tiles 512 --video 16)
-  CONV=(--presets small,paper --shape 4x3x512x512)
+  VIDEO=(--sizes 3840x2160 --tiles 512 --video 8)
+  CONV=(--presets small --shape 4x3x512x512)  # + the trained weights; paper: run conv_util.py alone
   PROF=(--size 3840x2160 --tile 512)
   TESTS=()
+  "$PY" -c 'import xdist' 2>/dev/null && TESTS=(-n 8)  # the kernels compile per dtype and layout: in parallel
+  # Batch 32 (the paper's is 16): a short run sees twice the patches for about the same step time.
+  TRAIN=(--max-seconds "$TRAIN_S" --deadline $((TRAIN_S + 65)) --max-mb 15 --batch 32)
+  TRAIN_BOX=$((TRAIN_S + 75))
   FALLBACK=eager-fp16-cl
 fi
 
+[ -n "$TESTS_K" ] && TESTS+=(-k "$TESTS_K")
 DRYFLAG=()
 [ "$DRY" = 1 ] && DRYFLAG=(--dryrun)
 summary() { "$PY" bench/gpu_summary.py --work "$WORK" --out "$OUTDIR" "${DRYFLAG[@]}" "$@"; }
@@ -92,10 +106,18 @@ kernels_stage() {
     echo "bench/kernels/gpu_gate_report.py is not there: nothing to run"
     return 0
   fi
-  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 40
+  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 38
 }
 
-export -f env_stage kernels_stage
+train_stage() {
+  if [ ! -d gpu_pack/train ]; then
+    echo "gpu_pack/ is not here (build it with scripts/build_train_pack.py and carry it): no training"
+    return 0
+  fi
+  "$PY" scripts/gpu_train.py --out "$WORK/train" --work "$WORK/trainwork" "$@"
+}
+
+export -f env_stage kernels_stage train_stage
 export PY WORK DEVICE
 
 best() { "$PY" bench/gpu_summary.py --best "$WORK/bench.json" --fallback "$FALLBACK"; }
@@ -106,16 +128,26 @@ if [ "$DRY" != 1 ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_
 fi
 echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
 
-stage env 20 bash -c env_stage
-stage tests 100 "$PY" -m pytest tests -v -p no:cacheprovider -rs --durations=10 -k "$TESTS_K" \
+stage env 15 bash -c env_stage
+stage kernels 45 bash -c kernels_stage
+stage tests 45 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
-stage bench 210 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 170 \
+stage train "$TRAIN_BOX" bash -c 'train_stage "$@"' train "${TRAIN[@]}"
+# Benchmark the weights we would ship: the trained ones if they beat the shipped ones on LIVE1.
+WEIGHTS=()
+if [ -f "$WORK/train/eval.json" ]; then
+  W=$("$PY" bench/gpu_summary.py --choose "$WORK/train" --shipped bench/results/eval_live1_small.json)
+  [ -n "$W" ] && WEIGHTS=(--weights "$W") && echo "   benchmarking the trained weights ($W)"
+fi
+[ "$DRY" = 1 ] && WEIGHTS=()  # the dry run's tiny preset stands in for any weights
+stage bench 120 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" "${WEIGHTS[@]}" --budget-s 100 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
-stage kernels 50 bash -c kernels_stage
-stage convutil 40 "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --json "$WORK/convutil.json"
+stage convutil 25 "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" "${WEIGHTS[@]}" --repeats 10 \
+  --json "$WORK/convutil.json"
 BEST=$(best)
-stage video 45 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" --json "$WORK/video.json"
-stage profile 35 "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" --backend "$BEST" \
+stage video 25 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" "${WEIGHTS[@]}" --backends "$BEST" \
+  --json "$WORK/video.json"
+stage profile 20 "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" "${WEIGHTS[@]}" --backend "$BEST" \
   --out "$WORK/profile.txt" --json "$WORK/profile.json"
 
 echo

@@ -2,6 +2,7 @@
 
 python bench/gpu_summary.py --work WORK --out OUT [--final]   # OUT/gpu_run.json, logs.txt, copies
 python bench/gpu_summary.py --best WORK/bench.json            # print the best backend's label
+python bench/gpu_summary.py --choose WORK/train --shipped EVAL  # print the trained weights if better
 """
 
 from __future__ import annotations
@@ -15,6 +16,35 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 COPIED = ("bench.json", "bench.png", "profile.txt", "gate.json")  # with gpu_run.json and logs.txt: 6 files
+TRAIN_COPIED = ("weights.safetensors", "train_log.csv")  # from WORK/train: 8 files, the device's limit
+MAX_COPY = 15 * 2**20  # a file from $OUT may have 16 MiB
+
+
+def mean_restored_psnr(eval_json: dict | None) -> float | None:
+    qfs = (eval_json or {}).get("qfs") or {}
+    vals = [qfs[q]["restored"]["psnr"] for q in ("10", "20", "30", "40") if q in qfs]
+    return sum(vals) / len(vals) if len(vals) == 4 else None
+
+
+def choose(train: Path, shipped_eval: Path) -> dict:
+    """Ship the better weights: the trained ones when their LIVE1 PSNR (mean over QF 10..40) beats
+    the shipped weights' evaluation, and they beat JPEG on every metric at every QF."""
+    trained, shipped = load(train / "eval.json"), load(shipped_eval)
+    ours, theirs = mean_restored_psnr(trained), mean_restored_psnr(shipped)
+    beats_jpeg = ours is not None and all(
+        v["gain"][m] > 0 for v in trained["qfs"].values() for m in ("psnr", "ssim", "psnrb")
+    )
+    better = ours is not None and beats_jpeg and (theirs is None or ours > theirs)
+    weights = train / "weights.safetensors"
+    return {
+        "trained_mean_psnr": ours,
+        "shipped_mean_psnr": theirs,
+        "trained_beats_jpeg_everywhere": beats_jpeg,
+        "use_trained": bool(better and weights.is_file()),
+        "weights": str(weights) if better and weights.is_file() else None,
+    }
+
+
 LOG_TAIL = 200_000  # characters kept of each stage's log
 
 
@@ -65,10 +95,20 @@ def junit(path: Path) -> dict | None:
     return {**counts, "not_passed": bad[:50]}
 
 
+def _arch(config: dict | None):
+    c = config or {}
+    return (list(c.get("widths") or ()), c.get("nb"), c.get("residual"), c.get("rqa_div"))
+
+
 def targets(bench: dict | None, convutil: dict | None) -> dict:
     out = dict((bench or {}).get("targets") or {})
-    preset = (((bench or {}).get("model") or {}).get("config") or {}).get("preset", "small")
-    r = ((convutil or {}).get("presets") or {}).get(preset)
+    config = ((bench or {}).get("model") or {}).get("config") or {}
+    preset = config.get("preset", "small")
+    measured = (convutil or {}).get("presets") or {}
+    # The entry with the benchmarked model's own config (trained weights), else its preset's.
+    same = [k for k, v in measured.items() if config and _arch(v.get("config")) == _arch(config)]
+    preset = same[-1] if same else preset
+    r = measured.get(preset)
     out["conv_trunk_ge_50pct_fp16_peak"] = (
         None
         if r is None
@@ -101,6 +141,9 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
         "convutil": convutil,
         "profile": load(work / "profile.json"),
         "gate": load(work / "gate.json"),
+        "train": load(work / "train" / "results.json"),
+        "train_eval": load(work / "train" / "eval.json"),
+        "weights_choice": load(work / "choice.json"),
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "gpu_run.json.tmp"
@@ -109,6 +152,10 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
     for name in COPIED:
         if (work / name).is_file():
             shutil.copyfile(work / name, out / name)
+    for name in TRAIN_COPIED:
+        src = work / "train" / name
+        if src.is_file() and src.stat().st_size <= MAX_COPY:
+            shutil.copyfile(src, out / name)
     logs = []
     for row in summary["stages"]:
         log = work / f"{row['stage']}.log"
@@ -138,6 +185,20 @@ def report(summary: dict) -> str:
             f"  best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32, "
             f"PSNR {b['psnr_db']:.1f} dB, peak {mem}"
         )
+    train = summary.get("train") or {}
+    if train:
+        t = train.get("train") or {}
+        widths = train["config"]["widths"]
+        lines.append(f"  train: {t.get('steps')} steps in {t.get('seconds') or 0:.0f} s, widths {widths}")
+        for qf, v in (((train.get("eval") or {}).get("qfs")) or {}).items():
+            r, j = v["restored"], v["jpeg"]
+            lines.append(
+                f"    LIVE1 QF{qf}: JPEG {j['psnr']:.2f}/{j['ssim']:.4f}/{j['psnrb']:.2f} -> "
+                f"{r['psnr']:.2f}/{r['ssim']:.4f}/{r['psnrb']:.2f}"
+            )
+    if summary.get("weights_choice"):
+        c = summary["weights_choice"]
+        lines.append(f"  weights benchmarked: {'trained' if c['use_trained'] else 'shipped'} {c}")
     for name, t in summary["targets"].items():
         lines.append(
             f"  target {name}: {'not measured' if t is None else ('MET' if t['met'] else 'missed')} "
@@ -154,7 +215,14 @@ def main(argv=None) -> int:
     p.add_argument("--final", action="store_true", help="also print the summary")
     p.add_argument("--best", metavar="BENCH_JSON", help="print the best backend of a bench report")
     p.add_argument("--fallback", default="eager-fp16-cl")
+    p.add_argument("--choose", metavar="TRAIN_DIR", help="write TRAIN_DIR/../choice.json, print the weights")
+    p.add_argument("--shipped", default="bench/results/eval_live1_small.json", help="shipped weights' eval")
     args = p.parse_args(argv)
+    if args.choose:
+        c = choose(Path(args.choose), Path(args.shipped))
+        (Path(args.choose).parent / "choice.json").write_text(json.dumps(c, indent=1) + "\n")
+        print(c["weights"] or "")
+        return 0
     if args.best:
         print(best_label(load(Path(args.best)), args.fallback))
         return 0

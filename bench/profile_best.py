@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="3840x2160")
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
+    p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rows", type=int, default=15)
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
     if qb.skip_reason(label, device):
         raise SystemExit(f"{label}: {qb.skip_reason(label, device)}")
     (w, h), tile = qb.parse_sizes(args.size)[0], args.tile or None
-    model, source = qb.bench_model(preset=args.preset)
+    model, source = qb.bench_model(args.weights, args.preset)
     opts = argparse.Namespace(tile_batch=0, overlap=32)
     restorer = qb.make_restorer(model, label, device, tile, opts)
     x = qb.synthetic_frame(h, w, device)

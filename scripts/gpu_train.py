@@ -149,6 +149,8 @@ def main(argv=None) -> int:
     log(f"train: {json.dumps(vars(targs))}")
 
     train(targs)
+    # The trainer turns TF32 on for speed; the evaluation below is the reference fp32 model.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for src, dst in (("log.csv", "train_log.csv"), ("loss.png", "loss.png")):
         if (work / src).exists():
             shutil.copyfile(work / src, out / dst)

@@ -54,12 +54,12 @@ CUDA_ONLY = ("triton", "tensorrt")  # backend names (or options) that need a CUD
 DEFAULTS = {
     "cuda": {
         "backends": [
-            "eager-fp32",
+            "eager-fp32",  # most wanted first: a --budget-s run cut short keeps these
             "eager-fp16-cl",
-            "eager-bf16-cl",
             "triton-fp16",
-            "compile-fp16",
             "compile-triton-fp16",
+            "compile-fp16",
+            "eager-bf16-cl",
             "tensorrt-fp16",
             "onnxruntime-fp32",
         ],
@@ -301,6 +301,14 @@ def skip_reason(label: str, device: torch.device) -> str | None:
     name, _, options = SPECS[label]
     if device.type != "cuda" and (name in CUDA_ONLY or options.get("triton")):
         return f"{name if name in CUDA_ONLY else 'the Triton gate'} needs a CUDA device"
+    if name == "onnxruntime" and device.type == "cuda":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime not installed"
+        if not set(ort.get_available_providers()) & {"CUDAExecutionProvider", "TensorrtExecutionProvider"}:
+            # Its CPU provider would time the host's cores in a GPU table.
+            return "this onnxruntime has no CUDA or TensorRT provider (install onnxruntime-gpu)"
     return None
 
 

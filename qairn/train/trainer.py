@@ -162,6 +162,9 @@ def train(a: TrainArgs) -> Path:
         persistent_workers=a.workers > 0,
         prefetch_factor=4 if a.workers > 0 else None,
         pin_memory=device.type == "cuda",
+        # Spawned, not forked: a child forked while OpenCV's thread pool holds a lock can deadlock in
+        # cv2.setNumThreads (seen once in the metric workers); spawning costs a second per worker.
+        multiprocessing_context="spawn" if a.workers > 0 else None,
     )
 
     def save_checkpoint():
