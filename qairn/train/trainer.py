@@ -211,11 +211,12 @@ def train(a: TrainArgs) -> Path:
     bar = tqdm(total=a.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     t_last, n_last = time.time(), 0
     model.train()
+    # Wall time, data waits included: on a GPU the step's host time is only its kernel launches.
+    seconds_before, t_run = seconds, time.time()
     try:
         for jpeg_b, clean_b, _ in loader:
             if step >= a.steps or should_stop():
                 break
-            t0 = time.time()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, a)
             mf = torch.channels_last if a.channels_last else torch.contiguous_format
@@ -232,7 +233,7 @@ def train(a: TrainArgs) -> Path:
             scaler.step(opt)
             scaler.update()
             step += 1
-            seconds += time.time() - t0
+            seconds = seconds_before + time.time() - t_run
             n_last += a.batch * world
             if main and step % a.log_every == 0:
                 rate = n_last / max(time.time() - t_last, 1e-9)
