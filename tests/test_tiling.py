@@ -174,3 +174,44 @@ def test_fused_pooling_matches_pooling_the_maps(live1_image, tile):
     maps = r.restore(img).quality
     for k in fused:
         assert fused[k] == pytest.approx(maps[k], rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["rgb", "gray", "bgr"])
+def test_conversions_match_the_numpy_reference(dtype, kind):
+    # to_tensor/from_tensor convert with torch where the pixels are (the device); this is the
+    # plain-numpy definition they must agree with.
+    from qairn.engine.restorer import from_tensor, to_tensor
+
+    rng = np.random.default_rng(3)
+    scale = {np.uint8: 255, np.uint16: 65535}.get(dtype, 1.0)
+    img = rng.integers(0, int(scale) + 1, (7, 11, 3)) if scale != 1.0 else rng.random((7, 11, 3))
+    img = img.astype(dtype)
+    src = img[..., 0] if kind == "gray" else img
+    x, meta = to_tensor(src, "bgr" if kind == "bgr" else "rgb", torch.device("cpu"))
+    ref = np.repeat(src[..., None], 3, 2) if kind == "gray" else src[..., ::-1] if kind == "bgr" else src
+    ref = ref.astype(np.float32) / np.float32(scale)
+    np.testing.assert_array_equal(x[0].permute(1, 2, 0).numpy(), ref)
+    y = torch.from_numpy(rng.random((1, 3, 7, 11), dtype=np.float32) * 1.2 - 0.1)  # out of range too
+    out = from_tensor(y, meta)
+    rgb = y[0].permute(1, 2, 0).numpy()
+    want = rgb.mean(axis=2) if kind == "gray" else rgb[..., ::-1] if kind == "bgr" else rgb
+    if scale != 1.0:
+        want = np.clip(np.round(want * scale), 0, scale)
+    assert out.dtype == dtype and out.shape == want.shape
+    np.testing.assert_allclose(out.astype(np.float64), want.astype(dtype).astype(np.float64), atol=1)
+    # Integer outputs may differ by one level only where the gray mean sums in another order.
+    if kind != "gray":
+        np.testing.assert_array_equal(out, want.astype(dtype))
+
+
+def test_plan_data_is_made_once_per_shape(live1_image):
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=16)
+    img = odd_crop(live1_image, 100, 130)
+    first = r.restore(img)
+    assert len(r._plan_cache) == 1
+    again = r.restore(img)  # a video's next frame: nothing rebuilt
+    assert len(r._plan_cache) == 1
+    np.testing.assert_array_equal(first.image, again.image)
+    r.restore(img[:80])
+    assert len(r._plan_cache) == 2

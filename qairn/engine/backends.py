@@ -58,6 +58,13 @@ class TorchBackend:
             mode = "reduce-overhead" if device.type == "cuda" else None
             self.net = torch.compile(model, mode=mode, dynamic=False)
             self.fixed_tile = True
+        self.graphs = compile and device.type == "cuda"
+
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        """float32 output the caller may keep: CUDA-graph outputs are overwritten by the next replay,
+        so those are cloned when .float() did not already copy; eager outputs are fresh anyway."""
+        f = t.float()
+        return f.clone() if self.graphs and f.data_ptr() == t.data_ptr() else f
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
@@ -66,8 +73,7 @@ class TorchBackend:
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
         y, gammas = self.net(self._prepare(x))
-        # Clone: CUDA-graph outputs are overwritten by the next replay.
-        return y.float().clone(), [g.float().clone() for g in gammas]
+        return self._own(y), [self._own(g) for g in gammas]
 
     @torch.inference_mode()
     def forward_pooled(self, x: torch.Tensor, p: float, cores: torch.Tensor):
@@ -75,7 +81,7 @@ class TorchBackend:
         pixels), taken inside the gate: with the Triton gate, in the same pass as the blend."""
         y, gammas, pooled = self.net(self._prepare(x), pool_p=p, cores=cores)
         sums = torch.stack([s.double() for s, _ in pooled])
-        return y.float().clone(), [g.float().clone() for g in gammas], sums
+        return self._own(y), [self._own(g) for g in gammas], sums
 
 
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):

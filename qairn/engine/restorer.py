@@ -75,6 +75,7 @@ class Restorer:
         self.device = resolve_device(device)
         self.backend_name, self.precision = backend, precision
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
+        self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         if channel_order not in ("rgb", "bgr"):
             raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
         self.channel_order = channel_order
@@ -109,9 +110,10 @@ class Restorer:
         xp = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
         th, tw = plan.rows.tile, plan.cols.tile
         fused = getattr(self.backend, "forward_pooled", None)
+        dev = self._plan_on_device(plan, n)
         if plan.count == 1:
             if fused is not None:
-                y, gammas, sums = fused(xp, self.p, torch.tensor([[0, h, 0, w]] * n, device=self.device))
+                y, gammas, sums = fused(xp, self.p, dev["cores"])
                 q = self._q_from_sums(sums, h, w)
             else:
                 y, gammas = self.backend(xp)
@@ -128,19 +130,19 @@ class Restorer:
             else None
         )
         tiles = plan.tiles
-        # Blend weights go to the device once per plan, not once per tile (a host sync each time).
-        weights = {(i, j): torch.from_numpy(plan.weight(i, j)).to(self.device) for i, j, _, _ in tiles}
-        for b in range(0, len(tiles), max(1, self.tile_batch // n)):
-            group = tiles[b : b + max(1, self.tile_batch // n)]
+        row_w, col_w = dev["row_weights"], dev["col_weights"]
+        step = max(1, self.tile_batch // n)
+        for b in range(0, len(tiles), step):
+            group = tiles[b : b + step]
             batch = torch.cat([xp[:, :, y0 : y0 + th, x0 : x0 + tw] for _, _, y0, x0 in group])
             if fused is not None:  # quality sums over each tile's core, taken inside the gate
-                cores = torch.tensor([plan.core(i, j) for i, j, _, _ in group for _ in range(n)])
-                y, gammas, tile_sums = fused(batch, self.p, cores.to(self.device))
+                y, gammas, tile_sums = fused(batch, self.p, dev["cores"][b * n : (b + len(group)) * n])
             else:
                 y, gammas = self.backend(batch)
             for t, (i, j, y0, x0) in enumerate(group):
                 sl = slice(t * n, (t + 1) * n)
-                out[:, :, y0 : y0 + th, x0 : x0 + tw] += y[sl] * weights[i, j]
+                # The blend weight is the outer product of the row and column ramps (never stored).
+                out[:, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(y[sl] * row_w[i][:, None], col_w[j][None, :])
                 if fused is not None:
                     sums += tile_sums[:, sl]
                 for k, (g, s) in enumerate(zip(gammas, SCALES)):
@@ -157,6 +159,24 @@ class Restorer:
             maps = [m[..., : -(-h // s), : -(-w // s)] for m, s in zip(maps, SCALES)]
         return out[..., :h, :w].clamp(0, 1), q, maps
 
+    def _plan_on_device(self, plan: TilePlan, n: int) -> dict:
+        """The plan's core boxes (one row per tile and image, tile order) and blend ramps, on the
+        device. Made once per plan shape and kept (a video's frames share one): copying small host
+        tensors per tile would make the host wait for the device at every tile."""
+        key = (plan.height, plan.width, plan.rows.tile, plan.cols.tile, plan.count, n, str(self.device))
+        cached = self._plan_cache.get(key)
+        if cached is None:
+            cores = [plan.core(i, j) for i, j, _, _ in plan.tiles for _ in range(n)]
+            cached = {
+                "cores": torch.tensor(cores, dtype=torch.int64).to(self.device),
+                "row_weights": torch.from_numpy(np.stack(plan.rows.weights)).float().to(self.device),
+                "col_weights": torch.from_numpy(np.stack(plan.cols.weights)).float().to(self.device),
+            }
+            if len(self._plan_cache) >= 8:  # a few sizes in flight at most; drop the oldest
+                self._plan_cache.pop(next(iter(self._plan_cache)))
+            self._plan_cache[key] = cached
+        return cached
+
     def _q_from_sums(self, sums: torch.Tensor, h: int, w: int) -> dict:
         """(3, N) sums of gamma**p over an h x w image at each gamma scale -> {"Q1","Q2","Q3"}."""
         counts = [-(-h // s) * -(-w // s) for s in SCALES]
@@ -172,7 +192,7 @@ class Restorer:
         order = channel_order or self.channel_order
         if isinstance(img, torch.Tensor):
             return self._restore_torch(img, return_maps, order)
-        x, meta = to_tensor(img, order)
+        x, meta = to_tensor(img, order, self.device)  # integers travel; converted on the device
         y, q, maps = self.restore_tensor(x, return_maps)
         image = from_tensor(y, meta)
         quality = {k: float(v[0]) for k, v in q.items()}
@@ -212,8 +232,10 @@ class Restorer:
         return restore_stream(self, frames, batch, **options)
 
 
-def to_tensor(img: np.ndarray, order: str = "rgb"):
-    """numpy image -> (1,3,H,W) float32 in [0,1], plus what is needed to convert back."""
+def to_tensor(img: np.ndarray, order: str = "rgb", device: torch.device | str | None = None):
+    """numpy image -> (1,3,H,W) float32 in [0,1] (on `device`, else the CPU), plus what is needed to
+    convert back. The pixels go to the device as they are (uint8: a quarter of float32's bytes) and are
+    converted there: for a 4K frame, numpy's float conversion alone costs more than the network."""
     if not isinstance(img, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
@@ -240,20 +262,31 @@ def to_tensor(img: np.ndarray, order: str = "rgb"):
             alpha = img[..., 3]
         if order == "bgr":
             rgb = rgb[..., ::-1]
-    x = torch.from_numpy(np.ascontiguousarray(rgb).astype(np.float32) / scale).permute(2, 0, 1)[None]
+    arr = np.ascontiguousarray(rgb)
+    if arr.dtype == np.uint16:  # torch's uint16 has few kernels: widen (16-bit input is rare and small)
+        arr = arr.astype(np.int32)
+    t = torch.from_numpy(arr)
+    if device is not None:
+        t = t.to(device)
+    x = t.permute(2, 0, 1)[None].to(torch.float32, memory_format=torch.contiguous_format)
+    if scale != 1.0:
+        x = x.div_(scale)
     return x, {"dtype": img.dtype, "scale": scale, "gray": gray, "alpha": alpha, "order": order}
 
 
 def from_tensor(y: torch.Tensor, meta: dict) -> np.ndarray:
-    rgb = y[0].permute(1, 2, 0).float().cpu().numpy()
+    """(1,3,H,W) float in [0,1] on any device -> numpy image like the one to_tensor took. Rounding to
+    integers happens where y is, so a GPU sends back uint8, not float32."""
+    chw = y[0].float()
     if meta["gray"]:
-        out = rgb.mean(axis=2)
-    else:
-        out = rgb[..., ::-1] if meta["order"] == "bgr" else rgb
-    if meta["scale"] != 1.0:
-        out = np.clip(np.round(out * meta["scale"]), 0, meta["scale"]).astype(meta["dtype"])
-    else:
-        out = out.astype(meta["dtype"])
+        chw = chw.mean(0, keepdim=True)
+    elif meta["order"] == "bgr":
+        chw = chw.flip(0)
+    scale = meta["scale"]
+    if scale != 1.0:
+        chw = (chw * scale).round_().clamp_(0, scale).to(torch.uint8 if scale == 255.0 else torch.int32)
+    out = chw.permute(1, 2, 0).contiguous().cpu().numpy()
+    out = (out[..., 0] if meta["gray"] else out).astype(meta["dtype"], copy=False)
     if meta["alpha"] is not None:
         out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
     return np.ascontiguousarray(out)
