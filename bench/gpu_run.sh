@@ -12,15 +12,15 @@
 #   tests     tests/kernels on CUDA (pytest-xdist when there)                    45 s
 #   train     scripts/gpu_train.py from gpu_pack/ (carry it), if present: train,
 #             p sweep, LIVE1 eval; QAIRN_GPU_TRAIN_S of training (default 150)   train + 75 s
-#   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), on the better
-#             weights (trained, if they beat the shipped ones on LIVE1)           120 s
+#   bench     qairn bench at 4K, 8K, 1080p, tiles 512, 1024 (+ plot), on the better
+#             weights (trained, if they beat the shipped ones on LIVE1)           150 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak                   20 s
-#   video     8 4K frames through one Restorer, best backend                     25 s
+#   video     8 4K frames through one Restorer, best backend                     40 s
 #   profile   torch.profiler top ops of the best backend at 4K                   20 s
 # Output (<= 8 files, the device tool's limit): gpu_run.json (everything, with GPU name and date),
 # bench.json (for bench/results/), bench.png, profile.txt, gate.json, logs.txt, and from training
 # weights.safetensors and train_log.csv.
-# Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 560),
+# Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 575),
 # QAIRN_GPU_STAGES (default all, e.g. "env bench"), QAIRN_GPU_TESTS (a pytest -k expression),
 # QAIRN_GPU_TRAIN_S, QAIRN_GPU_KEEP_WORK=1 (keep the work folder: stage logs and outputs, caches).
 # The device allows 600 s per command: run it as run(command="bash bench/gpu_run.sh",
@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DRY=${QAIRN_GPU_DRYRUN:-0}
-BUDGET=${QAIRN_GPU_BUDGET_S:-560}
+BUDGET=${QAIRN_GPU_BUDGET_S:-575}
 TRAIN_S=${QAIRN_GPU_TRAIN_S:-150}
 STAGES=${QAIRN_GPU_STAGES:-env kernels tests train bench convutil video profile}
 TESTS_K=${QAIRN_GPU_TESTS:-}  # only tests/kernels touch CUDA; the rest are CPU tests, run by CI
@@ -57,7 +57,7 @@ if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command 
   FALLBACK=eager-fp32
 else
   DEVICE=cuda
-  BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512)
+  BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512,1024)
   VIDEO=(--sizes 3840x2160 --tiles 512 --video 8)
   CONV=(--presets small --shape 4x3x512x512)  # + the trained weights; paper: run conv_util.py alone
   PROF=(--size 3840x2160 --tile 512)
@@ -140,12 +140,12 @@ if [ -f "$WORK/train/eval.json" ]; then
   [ -n "$W" ] && WEIGHTS=(--weights "$W") && echo "   benchmarking the trained weights ($W)"
 fi
 [ "$DRY" = 1 ] && WEIGHTS=()  # the dry run's tiny preset stands in for any weights
-stage bench 120 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" "${WEIGHTS[@]}" --budget-s 100 \
+stage bench 150 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" "${WEIGHTS[@]}" --budget-s 130 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
 stage convutil 25 "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" "${WEIGHTS[@]}" --repeats 10 \
   --json "$WORK/convutil.json"
 BEST=$(best)
-stage video 25 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" "${WEIGHTS[@]}" --backends "$BEST" \
+stage video 40 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" "${WEIGHTS[@]}" --backends "$BEST" \
   --json "$WORK/video.json"
 stage profile 20 "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" "${WEIGHTS[@]}" --backend "$BEST" \
   --out "$WORK/profile.txt" --json "$WORK/profile.json"

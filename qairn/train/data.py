@@ -66,11 +66,16 @@ class JPEGPatches(Dataset):
         seed: int = 0,
         length: int = 10**9,
     ):
-        self.images = [im for im in images if min(im.shape[:2]) >= patch + 8]
-        if not self.images:
+        kept = [im for im in images if min(im.shape[:2]) >= patch + 8]
+        if not kept:
             raise ValueError(f"no training image is at least {patch + 8} px on its short side")
+        # All pixels in one torch tensor: DataLoader workers (spawned) then receive it through shared
+        # memory instead of a pickled copy of the whole training set each.
+        self.pixels = torch.from_numpy(np.concatenate([im.reshape(-1) for im in kept]))
+        self.shapes = [im.shape for im in kept]
+        self.offsets = np.cumsum([0] + [im.size for im in kept])
         # Sample images in proportion to their area so every pixel is equally likely.
-        areas = np.array([im.shape[0] * im.shape[1] for im in self.images], dtype=np.float64)
+        areas = np.array([sh[0] * sh[1] for sh in self.shapes], dtype=np.float64)
         self.prob = areas / areas.sum()
         self.batch, self.patch, self.qf_range = batch, patch, qf_range
         self.shift_prob, self.seed, self.length = shift_prob, seed, length
@@ -80,7 +85,8 @@ class JPEGPatches(Dataset):
 
     def sample(self, rng: np.random.Generator):
         p = self.patch
-        img = self.images[rng.choice(len(self.images), p=self.prob)]
+        k = rng.choice(len(self.shapes), p=self.prob)
+        img = self.pixels[self.offsets[k] : self.offsets[k + 1]].numpy().reshape(self.shapes[k])
         # Crop p+8 so the JPEG grid can be shifted by 0..7 relative to the patch (FBCNN).
         h, w = img.shape[:2]
         y, x = rng.integers(0, h - p - 8 + 1), rng.integers(0, w - p - 8 + 1)

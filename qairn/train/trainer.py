@@ -213,8 +213,12 @@ def train(a: TrainArgs) -> Path:
     model.train()
     # Wall time, data waits included: on a GPU the step's host time is only its kernel launches.
     seconds_before, t_run = seconds, time.time()
+    # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
+    # coding on the CPU) and not the device sets the pace (--workers).
+    data_wait, t_ready, steps_run = 0.0, time.time(), 0
     try:
         for jpeg_b, clean_b, _ in loader:
+            data_wait += time.time() - t_ready
             if step >= a.steps or should_stop():
                 break
             for g in opt.param_groups:
@@ -233,6 +237,7 @@ def train(a: TrainArgs) -> Path:
             scaler.step(opt)
             scaler.update()
             step += 1
+            steps_run += 1
             seconds = seconds_before + time.time() - t_run
             n_last += a.batch * world
             if main and step % a.log_every == 0:
@@ -254,8 +259,16 @@ def train(a: TrainArgs) -> Path:
             bar.update(1)
             if step % a.ckpt_every == 0:
                 save_checkpoint()
+            t_ready = time.time()
     finally:
         bar.close()
+        if main and steps_run:
+            wall = time.time() - t_run
+            print(
+                f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting for "
+                f"data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
+                flush=True,
+            )
         save_checkpoint()
         if logf:
             logf.close()
