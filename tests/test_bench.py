@@ -255,3 +255,22 @@ def test_gpu_run_dry_run(tmp_path):
     files = [p for p in tmp_path.iterdir() if p.is_file()]
     assert {"gpu_run.json", "bench.json", "bench.png", "logs.txt"} <= {p.name for p in files}
     assert len(files) <= 8  # what the device tool brings back
+
+
+def test_paired_ratio_alternates_and_takes_the_median():
+    # A fake timer: B costs 1.5x A, with a drift that grows every call. Unpaired medians of A and of
+    # B would mix in the drift; the paired, alternating rounds give 1.5 back within the drift's step.
+    workload = bench_script("kernels/gate_workload")
+    calls = []
+
+    def timer(fn, n):
+        calls.append(fn)
+        return fn() * n * (1 + 1e-4 * len(calls))
+
+    r = workload.paired_ratio(lambda: 1.0, lambda: 1.5, rounds=10, calls=3, warmup=0, timer=timer)
+    assert r["median"] == pytest.approx(1.5, rel=1e-3)
+    assert r["q1"] <= r["median"] <= r["q3"]
+    assert len(calls) == 20
+    assert calls[0] is calls[3] and calls[1] is calls[2] and calls[0] is not calls[1]  # A B, B A, ...
+    seconds = workload.block_seconds(lambda: None, 3, device="cpu")
+    assert seconds >= 0

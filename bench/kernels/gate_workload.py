@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -47,3 +48,38 @@ def cuda_time_ms(fn, warmup=10, iters=50):
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
+
+
+def block_seconds(fn, calls: int, device: str = "cuda") -> float:
+    """Seconds for `calls` back-to-back fn() calls: CUDA events on a GPU, else the host clock."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - t0
+
+
+def paired_ratio(fn_a, fn_b, rounds: int = 40, calls: int = 5, warmup: int = 5, timer=None) -> dict:
+    """time(fn_b) / time(fn_a) as the median over rounds that time A and B back to back, alternating
+    which goes first, with the quartiles as the spread. Clock and thermal drift between two separate
+    medians can exceed a 2% difference; within a round both see the same state, so it cancels."""
+    timer = timer or block_seconds
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ratios = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a, b = timer(fn_a, calls), timer(fn_b, calls)
+        else:
+            b, a = timer(fn_b, calls), timer(fn_a, calls)
+        ratios.append(b / a)
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "rounds": rounds, "calls": calls}

@@ -33,7 +33,15 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gate_workload import TILE_CORE, TILES_4K, cuda_time_ms, eager_sequence, gate_bytes, make_inputs  # noqa: E402
+from gate_workload import (  # noqa: E402
+    TILE_CORE,
+    TILES_4K,
+    cuda_time_ms,
+    eager_sequence,
+    gate_bytes,
+    make_inputs,
+    paired_ratio,
+)
 
 DEVICE = "cuda"
 P = 2.0
@@ -79,6 +87,11 @@ def throughput(gate, c, dtype_name, layout, copy_gbps):
         "op_blend_pool_gamma": cuda_time_ms(lambda: gate.gated_blend(logit, skip, dec, P, cores)),
         "eager": cuda_time_ms(lambda: eager_sequence(logit, skip, dec, P)),
     }
+    # The pooling's cost is a difference of a few percent: measure it paired (see paired_ratio).
+    pool = paired_ratio(
+        lambda: fused(logit, skip, dec, write_gamma=False),
+        lambda: fused(logit, skip, dec, P, cores, write_gamma=False),
+    )
     moved = gate_bytes(logit, skip)
     gbps = moved / ms["blend_pool"] / 1e6
     return {
@@ -93,7 +106,9 @@ def throughput(gate, c, dtype_name, layout, copy_gbps):
         "frac_of_copy": gbps / copy_gbps,
         # The eager sequence also writes gamma: compare it with the fused op that does.
         "speedup_vs_eager": ms["eager"] / ms["blend_pool_gamma"],
-        "pool_overhead": ms["blend_pool"] / ms["blend"] - 1,
+        "pool_overhead": pool["median"] - 1,
+        "pool_overhead_quartiles": [pool["q1"] - 1, pool["q3"] - 1],
+        "pool_overhead_unpaired": ms["blend_pool"] / ms["blend"] - 1,
     }
 
 
@@ -284,6 +299,8 @@ def main(argv):
             "bytes_blend": "logit + skip + dec read once, out written once (gamma adds one N*H*W write)",
             "frac_of_copy": "GBps_blend_pool / device copy GB/s (copy counts its read and its write)",
             "eager": "sigmoid, mul, sub, mul, add, pow, mean (gate_workload.eager_sequence)",
+            "pool_overhead": "median over 40 paired rounds (5 calls each, order alternating) of "
+            "time(blend + pool) / time(blend) - 1, with its quartiles (gate_workload.paired_ratio)",
             "timing": "median of 50 CUDA-event-timed calls after 10 warm-up calls",
             "p": P,
             "budget_s": args.budget_s,
