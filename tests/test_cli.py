@@ -56,7 +56,7 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     restored = cv2.imread(str(out / "a.png"))
     assert restored.shape == (96, 128, 3)
     heat = cv2.imread(str(out / "a.quality.png"))
-    assert heat.shape == (96, 128, 3)
+    assert heat.shape[0] == 96 and heat.shape[1] > 2 * 128  # two panels with colour bars
     records = json.loads((workdir / "q.json").read_text())
     assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
@@ -213,3 +213,26 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
 
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
+
+
+def test_quality_map_fixed_and_stretched_panels():
+    from matplotlib import colormaps
+
+    from qairn.engine.cli import quality_map_png
+
+    gamma = np.tile(np.linspace(0.7, 0.9, 10, dtype=np.float32), (8, 1))  # a narrow band, as trained
+    png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (40, 32)), np.uint8), cv2.IMREAD_COLOR)
+    rgb = png[..., ::-1].astype(int)
+    assert rgb.shape[0] == 32
+    viridis = (colormaps["viridis"]([0.0, 0.7, 0.9, 1.0])[:, :3] * 255).round().astype(int)
+    fixed = rgb[20:, :40].reshape(-1, 3)  # below the title
+    width = png.shape[1]
+    stretched = rgb[20:, (width + 8) // 2 : (width + 8) // 2 + 40].reshape(-1, 3)
+
+    def has(pixels, colour):
+        return (np.abs(pixels - colour).sum(1) <= 3).any()
+
+    # Fixed scale: the band's own colours, not the ends of the map; stretched: both ends.
+    assert has(fixed, viridis[1]) and has(fixed, viridis[2])
+    assert not has(fixed, viridis[0]) and not has(fixed, viridis[3])
+    assert has(stretched, viridis[0]) and has(stretched, viridis[3])

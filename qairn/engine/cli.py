@@ -67,13 +67,37 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> list[Path]
 
 
 def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
-    """gamma2 as a heat map (viridis, 0..1) at the image's size, PNG bytes."""
+    """gamma2 as heat maps at the image's size, PNG bytes: left on the fixed 0..1 scale (comparable
+    across images), right stretched to this image's own range (where in the picture quality changes;
+    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar."""
     import cv2
     from matplotlib import colormaps
 
-    rgb = (colormaps["viridis"](np.clip(gamma2, 0, 1))[..., :3] * 255).round().astype(np.uint8)
-    rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST)
-    ok, buf = cv2.imencode(".png", rgb[..., ::-1])
+    w, h = size
+    lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
+
+    def panel(values: np.ndarray, vmin: float, vmax: float, title: str) -> np.ndarray:
+        unit = np.clip((values - vmin) / max(vmax - vmin, 1e-6), 0, 1)
+        rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)
+        bar_w = max(12, w // 40)
+        ramp = np.linspace(1, 0, h)[:, None].repeat(bar_w, 1)  # top = vmax
+        bar = (colormaps["viridis"](ramp)[..., :3] * 255).round().astype(np.uint8)
+        label_w = 8 * 6
+        canvas = np.full((h, w + bar_w + label_w + 8, 3), 255, np.uint8)
+        canvas[:, :w], canvas[:, w + 4 : w + 4 + bar_w] = rgb, bar
+        font, x = cv2.FONT_HERSHEY_SIMPLEX, w + bar_w + 6
+        cv2.putText(canvas, f"{vmax:.3f}", (x, 12), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, f"{vmin:.3f}", (x, h - 4), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, title, (4, 14), font, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        return canvas
+
+    fixed = panel(gamma2, 0.0, 1.0, "gamma2, 0..1")
+    stretched = panel(gamma2, lo, hi, "gamma2, stretched")
+    rgb = np.concatenate([fixed, np.full((h, 8, 3), 255, np.uint8), stretched], axis=1)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
+    if not ok:
+        raise RuntimeError("could not encode the quality map")
     return buf.tobytes()
 
 
