@@ -33,13 +33,15 @@ def test_restore_tensor(benchmark, model, device, sync, label, tile):
     if qb.skip_reason(label, device):
         pytest.skip(qb.skip_reason(label, device))
     name, precision, options = qb.SPECS[label]
+    options = dict(options)
+    tile_batch = options.pop("tile_batch", 1 if name == "compile" else 4)
     restorer = Restorer(
         model=copy.deepcopy(model),
         device=device,
         backend=name,
         precision=precision,
         tile=tile,
-        tile_batch=1 if name == "compile" else 4,
+        tile_batch=tile_batch,
         **options,
     )
     x = qb.synthetic_frame(*SIZE, device)

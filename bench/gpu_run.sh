@@ -11,10 +11,10 @@
 #   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype  45 s
 #   tests     tests/kernels on CUDA (pytest-xdist when there)                    45 s
 #   train     scripts/gpu_train.py from gpu_pack/ (carry it), if present: train,
-#             p sweep, LIVE1 eval; QAIRN_GPU_TRAIN_S of training (default 150)   train + 75 s
+#             p sweep, LIVE1 eval; QAIRN_GPU_TRAIN_S of training (default 140)   train + 75 s
 #   bench     qairn bench at 4K, 8K, 1080p, tiles 512, 1024 (+ plot), on the better
 #             weights (trained, if they beat the shipped ones on LIVE1)           150 s
-#   convutil  conv-trunk utilisation vs the measured fp16 peak                   20 s
+#   convutil  conv-trunk utilisation vs the measured fp16 peak (small, paper)    35 s
 #   video     8 4K frames through one Restorer, best backend                     40 s
 #   profile   torch.profiler top ops of the best backend at 4K                   20 s
 # Output (<= 8 files, the device tool's limit): gpu_run.json (everything, with GPU name and date),
@@ -33,7 +33,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DRY=${QAIRN_GPU_DRYRUN:-0}
 BUDGET=${QAIRN_GPU_BUDGET_S:-575}
-TRAIN_S=${QAIRN_GPU_TRAIN_S:-150}
+TRAIN_S=${QAIRN_GPU_TRAIN_S:-140}
 STAGES=${QAIRN_GPU_STAGES:-env kernels tests train bench convutil video profile}
 TESTS_K=${QAIRN_GPU_TESTS:-}  # only tests/kernels touch CUDA; the rest are CPU tests, run by CI
 OUTDIR=${OUTDIR:-$PWD/bench/results/run-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -59,7 +59,7 @@ else
   DEVICE=cuda
   BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512,1024)
   VIDEO=(--sizes 3840x2160 --tiles 512 --video 8)
-  CONV=(--presets small --shape 4x3x512x512)  # + the trained weights; paper: run conv_util.py alone
+  CONV=(--presets small,paper --shape 4x3x512x512)  # + the trained weights, if used
   PROF=(--size 3840x2160 --tile 512)
   TESTS=()
   "$PY" -c 'import xdist' 2>/dev/null && TESTS=(-n 8)  # the kernels compile per dtype and layout: in parallel
@@ -142,7 +142,7 @@ fi
 [ "$DRY" = 1 ] && WEIGHTS=()  # the dry run's tiny preset stands in for any weights
 stage bench 150 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" "${WEIGHTS[@]}" --budget-s 130 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
-stage convutil 25 "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" "${WEIGHTS[@]}" --repeats 10 \
+stage convutil 35 "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" "${WEIGHTS[@]}" --repeats 10 \
   --json "$WORK/convutil.json"
 BEST=$(best)
 stage video 40 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" "${WEIGHTS[@]}" --backends "$BEST" \

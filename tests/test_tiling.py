@@ -215,3 +215,34 @@ def test_plan_data_is_made_once_per_shape(live1_image):
     np.testing.assert_array_equal(first.image, again.image)
     r.restore(img[:80])
     assert len(r._plan_cache) == 2
+
+
+def test_static_backends_get_full_padded_batches(live1_image):
+    # A backend with fixed_tile (compiled graphs, engines) must see one batch shape for the whole
+    # image: the last batch is padded, and the padding changes neither picture nor quality.
+    img = odd_crop(live1_image, 100, 200)
+    count = plan_tiles(100, 200, 64, 16).count
+    assert count % 3  # so the last batch is short
+    free = qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=16, tile_batch=3)
+    static = qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=16, tile_batch=3)
+    shapes = []
+    inner = static.backend
+    pooled = inner.forward_pooled
+
+    class Static:
+        fixed_tile = True
+
+        def __call__(self, x):
+            shapes.append(tuple(x.shape))
+            return inner(x)
+
+        def forward_pooled(self, x, p, cores):
+            shapes.append(tuple(x.shape))
+            assert cores.shape[0] == x.shape[0]
+            return pooled(x, p, cores)
+
+    static.backend = Static()
+    want, got = free.restore(img), static.restore(img)
+    assert len(shapes) == -(-count // 3) and set(shapes) == {(3, 3, 64, 64)}
+    np.testing.assert_array_equal(got.image, want.image)
+    assert got.quality == pytest.approx(want.quality, abs=1e-6)

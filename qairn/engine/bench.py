@@ -46,6 +46,7 @@ SPECS = {
     "compile-fp16": ("compile", "fp16", {}),
     "triton-fp16": ("triton", "fp16", {}),
     "compile-triton-fp16": ("compile", "fp16", {"triton": True}),
+    "compile-triton-fp16-b4": ("compile", "fp16", {"triton": True, "tile_batch": 4}),
     "tensorrt-fp16": ("tensorrt", "fp16", {}),
     "onnxruntime-fp32": ("onnxruntime", "fp32", {}),
 }
@@ -58,6 +59,7 @@ DEFAULTS = {
             "eager-fp16-cl",
             "triton-fp16",
             "compile-triton-fp16",
+            "compile-triton-fp16-b4",  # 4 tiles per graph replay (last batch padded)
             "compile-fp16",
             "eager-bf16-cl",
             "tensorrt-fp16",
@@ -314,10 +316,12 @@ def skip_reason(label: str, device: torch.device) -> str | None:
 
 def make_restorer(model: QAIRN, label: str, device: torch.device, tile: int | None, args) -> Restorer:
     name, precision, options = SPECS[label]
-    # Static-shape backends (torch.compile + CUDA graphs, engines) get one tile per batch, so one
-    # compiled shape serves every image size; the others batch tiles as the Restorer does by default.
+    options = dict(options)
+    # Static-shape backends (torch.compile + CUDA graphs, engines) get one tile per batch unless the
+    # label says otherwise (the Restorer pads their last batch, so any batch is one compiled shape);
+    # the others batch tiles as the Restorer does by default.
     static = name in ("compile", "tensorrt")
-    batch = args.tile_batch or (1 if static else 4)
+    batch = args.tile_batch or options.pop("tile_batch", None) or (1 if static else 4)
     return Restorer(
         model=copy.deepcopy(model),
         device=device,

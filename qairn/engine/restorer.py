@@ -132,11 +132,19 @@ class Restorer:
         tiles = plan.tiles
         row_w, col_w = dev["row_weights"], dev["col_weights"]
         step = max(1, self.tile_batch // n)
+        # Static backends (compiled graphs, engines) get every batch full, the last one padded with
+        # repeats of its last tile (outputs dropped): one shape, one graph, for any image size.
+        pad = getattr(self.backend, "fixed_tile", False)
         for b in range(0, len(tiles), step):
             group = tiles[b : b + step]
-            batch = torch.cat([xp[:, :, y0 : y0 + th, x0 : x0 + tw] for _, _, y0, x0 in group])
+            crops = [xp[:, :, y0 : y0 + th, x0 : x0 + tw] for _, _, y0, x0 in group]
+            cores = dev["cores"][b * n : (b + len(group)) * n]
+            if pad and len(group) < step:
+                crops += [crops[-1]] * (step - len(group))
+                cores = torch.cat([cores] + [cores[-n:]] * (step - len(group)))
+            batch = torch.cat(crops)
             if fused is not None:  # quality sums over each tile's core, taken inside the gate
-                y, gammas, tile_sums = fused(batch, self.p, dev["cores"][b * n : (b + len(group)) * n])
+                y, gammas, tile_sums = fused(batch, self.p, cores)
             else:
                 y, gammas = self.backend(batch)
             for t, (i, j, y0, x0) in enumerate(group):
