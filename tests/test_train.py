@@ -341,3 +341,16 @@ def test_largest_config_under_20mb():
     # Any larger candidate (one more block, or the next width) is over the limit.
     for c2, nb2 in ((c, nb + 1), (c + 8, nb)):
         assert 2 * gpu_train.n_params(preset("small", widths=(c2, 2 * c2, 4 * c2, 8 * c2), nb=nb2)) > 20e6
+
+
+def test_paper_preset_trains_and_exports(data, tmp_path):
+    # The paper's 52 M-parameter network goes through the same loop (two steps of one 32 px patch
+    # here) and comes back from its weights file as the paper's architecture.
+    w = tmp_path / "paper.safetensors"
+    a = tiny_args(data, tmp_path, preset="paper", steps=2, batch=1, export=str(w))
+    trainer.train(a)
+    ck = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 2
+    model = load_model(w)
+    assert (model.config.widths, model.config.nb, model.config.preset) == ((64, 128, 256, 512), 4, "paper")
+    assert sum(p.numel() for p in model.parameters()) > 50e6
