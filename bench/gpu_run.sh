@@ -10,8 +10,9 @@
 #   env       device, driver, versions                                          15 s
 #   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype  45 s
 #   tests     tests/kernels on CUDA (pytest-xdist when there)                    45 s
-#   train     scripts/gpu_train.py from gpu_pack/ (carry it), if present: train,
-#             p sweep, LIVE1 eval; QAIRN_GPU_TRAIN_S of training (default 140)   train + 75 s
+#   train     scripts/gpu_train.py from gpu_pack/ (carry it), if present: train
+#             (the shipped weights further, or QAIRN_GPU_TRAIN=largest), p sweep,
+#             LIVE1 eval; QAIRN_GPU_TRAIN_S seconds of training (default 140)   train + 75 s
 #   bench     qairn bench at 4K, 8K, 1080p, tiles 512, 1024 (+ plot), on the better
 #             weights (trained, if they beat the shipped ones on LIVE1)           150 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak (small, paper)    35 s
@@ -22,7 +23,8 @@
 # weights.safetensors and train_log.csv.
 # Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 575),
 # QAIRN_GPU_STAGES (default all, e.g. "env bench"), QAIRN_GPU_TESTS (a pytest -k expression),
-# QAIRN_GPU_TRAIN_S, QAIRN_GPU_KEEP_WORK=1 (keep the work folder: stage logs and outputs, caches).
+# QAIRN_GPU_TRAIN (finetune, the default, or largest), QAIRN_GPU_TRAIN_S, QAIRN_GPU_KEEP_WORK=1
+# (keep the work folder: stage logs and outputs, caches).
 # The device allows 600 s per command: run it as run(command="bash bench/gpu_run.sh",
 # carry=["gpu_pack"], timeout_s=595).
 set -u
@@ -65,6 +67,10 @@ else
   "$PY" -c 'import xdist' 2>/dev/null && TESTS=(-n 8)  # the kernels compile per dtype and layout: in parallel
   # Batch 32 (the paper's is 16): a short run sees twice the patches for about the same step time.
   TRAIN=(--max-seconds "$TRAIN_S" --deadline $((TRAIN_S + 65)) --max-mb 15 --batch 32)
+  # finetune (default): the shipped weights trained further at lr 1e-4, the quickest way to better
+  # weights in a short run (the 7.3 M model trained from scratch for 185 s lost to them on
+  # 2026-11-27); largest: scripts/gpu_train.sh's default, the largest model that fits.
+  [ "${QAIRN_GPU_TRAIN:-finetune}" = finetune ] && TRAIN+=(--preset shipped --lr 1e-4)
   TRAIN_BOX=$((TRAIN_S + 75))
   FALLBACK=eager-fp16-cl
 fi

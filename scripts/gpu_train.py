@@ -90,7 +90,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", default=str(ROOT / "gpu_pack"))
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu"))
     ap.add_argument("--work", default=None, help="checkpoint, cache, full weights (default: beside --out)")
-    ap.add_argument("--preset", default="auto")
+    ap.add_argument(
+        "--preset",
+        default="auto",
+        help="auto (largest that fits --max-mb), shipped (continue the shipped weights), or a preset name",
+    )
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--max-mb", type=float, default=20.0, help="fp16 weights limit for --preset auto (1e6 B)")
     ap.add_argument("--max-seconds", type=float, default=450.0, help="training time")
     ap.add_argument("--deadline", type=float, default=575.0, help="skip later steps past this (s)")
@@ -128,6 +133,7 @@ def main(argv=None) -> int:
         steps=a.steps,
         batch=a.batch,
         patch=a.patch,
+        lr=a.lr,
         lr_halve_every=a.lr_halve_every,
         seed=a.seed,
         workers=a.workers,
@@ -144,6 +150,10 @@ def main(argv=None) -> int:
             f"model: widths ({c},{2 * c},{4 * c},{8 * c}), nb={nb}: {n / 1e6:.2f} M parameters, "
             f"{2 * n / 1e6:.2f} MB in fp16 (limit {a.max_mb} MB)"
         )
+    elif a.preset == "shipped":
+        shipped = ROOT / "qairn" / "weights" / "qairn-small.safetensors"
+        targs = replace(targs, preset="small", init=str(shipped))
+        log(f"model: the shipped weights ({shipped.name}), trained further")
     else:
         targs = replace(targs, preset=a.preset)
     log(f"train: {json.dumps(vars(targs))}")

@@ -354,3 +354,19 @@ def test_paper_preset_trains_and_exports(data, tmp_path):
     model = load_model(w)
     assert (model.config.widths, model.config.nb, model.config.preset) == ((64, 128, 256, 512), 4, "paper")
     assert sum(p.numel() for p in model.parameters()) > 50e6
+
+
+def test_init_from_weights(data, tmp_path):
+    # --init starts from a weights file (e.g. the shipped one): step 0, those weights, fresh optimiser.
+    first = tmp_path / "a"
+    trainer.train(tiny_args(data, first, steps=2, export=str(first / "w.safetensors")))
+    start = load_model(first / "w.safetensors")
+    second = tmp_path / "b"
+    a = tiny_args(data, second, steps=0, init=str(first / "w.safetensors"))
+    trainer.train(a)
+    ck = torch.load(second / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 0
+    for k, v in start.state_dict().items():
+        torch.testing.assert_close(ck["model"][k], v.float())
+    with pytest.raises(SystemExit, match="architecture differs"):
+        trainer.train(tiny_args(data, tmp_path / "c", steps=0, nb=2, init=str(first / "w.safetensors")))

@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from qairn.metrics import ssim_torch
 from qairn.model import QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
+from qairn.weights_io import load_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "train"
 
@@ -55,6 +56,7 @@ class TrainArgs:
     threads: int = 0  # torch CPU threads (0: torch default)
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
     resume: bool = False
+    init: str = ""  # start from these weights (same architecture; fresh optimiser, step 0), e.g. shipped
     export: str = ""  # write shipping weights here at the end (fp16 when that costs < 0.02 dB)
 
 
@@ -136,6 +138,13 @@ def train(a: TrainArgs) -> Path:
         torch.set_rng_state(ck["torch_rng"])
         if main:
             print(f"resumed from {ckpt_path} at step {step} ({seconds / 3600:.2f} h trained)")
+    elif a.init:
+        start = load_model(a.init)
+        if replace(start.config, p=config.p) != config:  # p is pooling only, chosen after training
+            raise SystemExit(f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides)")
+        model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        if main:
+            print(f"initialised from {a.init}")
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
