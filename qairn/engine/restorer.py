@@ -240,10 +240,9 @@ class Restorer:
         return restore_stream(self, frames, batch, **options)
 
 
-def to_tensor(img: np.ndarray, order: str = "rgb", device: torch.device | str | None = None):
-    """numpy image -> (1,3,H,W) float32 in [0,1] (on `device`, else the CPU), plus what is needed to
-    convert back. The pixels go to the device as they are (uint8: a quarter of float32's bytes) and are
-    converted there: for a 4K frame, numpy's float conversion alone costs more than the network."""
+def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
+    """Check a numpy image; return its HxWx3 RGB pixels as a contiguous array of their own numbers
+    (uint8, int32 for uint16, float) and what is needed to convert back."""
     if not isinstance(img, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
@@ -273,28 +272,49 @@ def to_tensor(img: np.ndarray, order: str = "rgb", device: torch.device | str | 
     arr = np.ascontiguousarray(rgb)
     if arr.dtype == np.uint16:  # torch's uint16 has few kernels: widen (16-bit input is rare and small)
         arr = arr.astype(np.int32)
+    return arr, {"dtype": img.dtype, "scale": scale, "gray": gray, "alpha": alpha, "order": order}
+
+
+def to_float(pixels: torch.Tensor, scale: float) -> torch.Tensor:
+    """(N,H,W,3) pixels (any numbers, any device) -> (N,3,H,W) float32 in [0,1] on the same device."""
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.div_(scale) if scale != 1.0 else x
+
+
+def to_pixels(y: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(N,3,H,W) float in [0,1] -> (N,H,W,C) in the image's own numbers, where y is: rounded and
+    clipped integers (uint8, or int32 for 16-bit), gray averaged to C=1, BGR reordered."""
+    y = y.float()
+    if meta["gray"]:
+        y = y.mean(1, keepdim=True)
+    elif meta["order"] == "bgr":
+        y = y.flip(1)
+    scale = meta["scale"]
+    if scale != 1.0:
+        y = (y * scale).round_().clamp_(0, scale).to(torch.uint8 if scale == 255.0 else torch.int32)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
+    """One HxWxC array from to_pixels (on the host) -> the numpy image, like the one given."""
+    out = (pixels[..., 0] if meta["gray"] else pixels).astype(meta["dtype"], copy=False)
+    if meta["alpha"] is not None:
+        out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
+    return np.ascontiguousarray(out)
+
+
+def to_tensor(img: np.ndarray, order: str = "rgb", device: torch.device | str | None = None):
+    """numpy image -> (1,3,H,W) float32 in [0,1] (on `device`, else the CPU), plus what is needed to
+    convert back. The pixels go to the device as they are (uint8: a quarter of float32's bytes) and are
+    converted there: for a 4K frame, numpy's float conversion alone costs more than the network."""
+    arr, meta = image_array(img, order)
     t = torch.from_numpy(arr)
     if device is not None:
         t = t.to(device)
-    x = t.permute(2, 0, 1)[None].to(torch.float32, memory_format=torch.contiguous_format)
-    if scale != 1.0:
-        x = x.div_(scale)
-    return x, {"dtype": img.dtype, "scale": scale, "gray": gray, "alpha": alpha, "order": order}
+    return to_float(t[None], meta["scale"]), meta
 
 
 def from_tensor(y: torch.Tensor, meta: dict) -> np.ndarray:
     """(1,3,H,W) float in [0,1] on any device -> numpy image like the one to_tensor took. Rounding to
     integers happens where y is, so a GPU sends back uint8, not float32."""
-    chw = y[0].float()
-    if meta["gray"]:
-        chw = chw.mean(0, keepdim=True)
-    elif meta["order"] == "bgr":
-        chw = chw.flip(0)
-    scale = meta["scale"]
-    if scale != 1.0:
-        chw = (chw * scale).round_().clamp_(0, scale).to(torch.uint8 if scale == 255.0 else torch.int32)
-    out = chw.permute(1, 2, 0).contiguous().cpu().numpy()
-    out = (out[..., 0] if meta["gray"] else out).astype(meta["dtype"], copy=False)
-    if meta["alpha"] is not None:
-        out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
-    return np.ascontiguousarray(out)
+    return from_pixels(to_pixels(y[:1], meta)[0].cpu().numpy(), meta)
