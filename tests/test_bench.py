@@ -274,3 +274,32 @@ def test_paired_ratio_alternates_and_takes_the_median():
     assert calls[0] is calls[3] and calls[1] is calls[2] and calls[0] is not calls[1]  # A B, B A, ...
     seconds = workload.block_seconds(lambda: None, 3, device="cpu")
     assert seconds >= 0
+
+
+def test_gpu_summary_ships_trained_weights_only_when_better(tmp_path):
+    summ = bench_script("gpu_summary")
+
+    def eval_json(path, restored_psnr, gain=0.5):
+        qfs = {
+            q: {
+                "restored": {"psnr": restored_psnr + i, "ssim": 0.8, "psnrb": 27.0},
+                "gain": {"psnr": gain, "ssim": 0.01, "psnrb": 1.0},
+            }
+            for i, q in enumerate(("10", "20", "30", "40"))
+        }
+        path.write_text(json.dumps({"qfs": qfs}))
+
+    train, shipped = tmp_path / "train", tmp_path / "shipped.json"
+    train.mkdir()
+    (train / "weights.safetensors").write_bytes(b"x")
+    eval_json(shipped, 26.0)
+    eval_json(train / "eval.json", 26.2)
+    c = summ.choose(train, shipped)
+    assert c["use_trained"] and c["weights"] == str(train / "weights.safetensors")
+    assert c["trained_mean_psnr"] == pytest.approx(27.7) and c["shipped_mean_psnr"] == pytest.approx(27.5)
+    eval_json(train / "eval.json", 25.9)  # worse than shipped
+    assert not summ.choose(train, shipped)["use_trained"]
+    eval_json(train / "eval.json", 26.2, gain=-0.1)  # better than shipped, yet worse than JPEG somewhere
+    assert not summ.choose(train, shipped)["use_trained"]
+    (train / "eval.json").unlink()  # the evaluation never ran
+    assert summ.choose(train, shipped)["weights"] is None
