@@ -38,13 +38,16 @@ def test_restores_the_readme_sample(shipped):
 
 
 def test_beats_jpeg_at_qf10_and_quality_orders_qf(shipped):
+    # Which gate follows which distortion is learned, not set: for the shipped weights (8593 steps)
+    # Q3 is the score that rises with the JPEG QF (SRCC 0.74 over LIVE1 crops in
+    # bench/results/quality_live1_small_crop256.json); Q2 follows noise and is flat in QF.
     f = next(p for p in live1_files() if p.stem == "buildings")
     ref = cv2.imread(str(f))[:256, :256]
-    gains, q2 = [], []
-    for qf in (10, 40):
+    gains, q3 = [], []
+    for qf in (10, 40, 80):
         jpg = cv2.imdecode(cv2.imencode(".jpg", ref, [cv2.IMWRITE_JPEG_QUALITY, qf])[1], cv2.IMREAD_COLOR)
         res = shipped.restore(jpg, channel_order="bgr")
         gains.append(psnr(ref, res.image) - psnr(ref, jpg))
-        q2.append(res.quality["Q2"])
-    assert min(gains) > 0.1, gains
-    assert q2[0] < q2[1], "a QF 10 JPEG should score lower than a QF 40 one"
+        q3.append(res.quality["Q3"])
+    assert min(gains[:2]) > 0.1, gains
+    assert q3[0] < q3[1] < q3[2], f"Q3 should rise from QF 10 to 40 to 80: {q3}"
