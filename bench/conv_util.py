@@ -7,6 +7,12 @@ utilisation is (sum of conv FLOPs) / (sum of conv times) / (measured peak matmul
 forward pass at the same shape is timed too (its FLOPs are all conv FLOPs, so the same ratio shows
 what the elementwise work and launch gaps cost).
 
+The roofline says what is physically possible: a layer cannot beat max(FLOPs / peak, bytes / copy
+bandwidth), its bytes being one read of input and weights and one write of the output (measured
+copy bandwidth of the device). Their sum over the trunk bounds its utilisation from above.
+On CUDA, each stride-1 3x3 conv also runs through the fused Triton kernel (qairn/kernels/conv3x3.py)
+over a few tilings (the best kept), and the whole forward again with those convs fused.
+
     python bench/conv_util.py --presets small,paper --shape 4x3x512x512 --json convutil.json
 """
 
@@ -23,6 +29,7 @@ from pathlib import Path
 import torch
 
 from qairn.engine import bench as qb
+from qairn.kernels import conv3x3 as cv
 from qairn.model import PRESETS, QAIRN
 from qairn.weights_io import load_model
 
@@ -33,7 +40,62 @@ def time_ms(fn, device, repeats: int) -> float:
     return statistics.median(qb.measure(fn, device, warmup=3, repeats=repeats, budget_s=5.0)["ms"])
 
 
-def conv_util(model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: int) -> dict:
+def copy_bandwidth(device, dtype, repeats: int) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write), or of 64 MiB on CPU."""
+    numel = (2**30 if device.type == "cuda" else 2**26) // torch.finfo(dtype).bits * 8
+    src = torch.empty(numel, device=device, dtype=dtype).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def min_bytes(module, shape, itemsize: int) -> int:
+    """One read of the input and the weights, one write of the output."""
+    n, cin, h, w = shape
+    s = module.stride[0]
+    oh, ow = (h * s, w * s) if isinstance(module, torch.nn.ConvTranspose2d) else (-(-h // s), -(-w // s))
+    return itemsize * (n * cin * h * w + n * module.out_channels * oh * ow + module.weight.numel())
+
+
+def triton_configs(cin: int, cout: int) -> list[tuple[int, int, int, int]]:
+    """The launcher's default tiling first, then a few others (pixels per program, warps)."""
+    block_m, block_n, block_k, warps = cv.tile_config(cin, cout)
+    others = [
+        (64, block_n, block_k, 4),
+        (128, block_n, block_k, 4),
+        (128, block_n, block_k, 8),
+        (256, block_n, block_k, 8),
+    ]
+    return list(dict.fromkeys([(block_m, block_n, block_k, warps), *others]))
+
+
+TRITON_MAX_CHANNELS = 128  # wider convs are cuDNN's ground (and their tilings cost compile time here)
+
+
+def time_triton(conv, x, device, repeats: int) -> dict | None:
+    """The fused kernel on this conv (bias, no epilogue): the best of a few tilings. On CPU only under
+    TRITON_INTERPRET=1 (the dry run), with the default tiling: that proves the code, not the speed."""
+    runs = device.type == "cuda" or cv.INTERPRETED
+    if not (runs and cv.HAS_TRITON and cv._fusable(conv, max_channels=TRITON_MAX_CHANNELS)):
+        return None
+    configs = triton_configs(conv.in_channels, conv.out_channels)
+    best = None
+    for config in configs if device.type == "cuda" else configs[:1]:
+        try:
+            ms = time_ms(
+                lambda c=config: cv.conv3x3_triton(x, conv.weight, conv.bias, config=c), device, repeats
+            )
+        except Exception as e:  # a tiling this device cannot run (shared memory): try the next
+            print(f"       triton {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        if best is None or ms < best["ms"]:
+            best = {"ms": ms, "config": list(config)}
+    return best
+
+
+def conv_util(
+    model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: int, bandwidth: float | None = None
+) -> dict:
     n, _, h, w = shape
     cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     groups = {}  # identical calls (module config + input shape) are timed once
@@ -49,6 +111,9 @@ def conv_util(model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: i
             conv = conv.to(device=device, dtype=dtype, memory_format=cl)
             x = torch.randn(g["shape"], device=device, dtype=dtype).contiguous(memory_format=cl)
             ms = time_ms(lambda conv=conv, x=x: conv(x), device, repeats)
+            nbytes = min_bytes(conv, g["shape"], x.element_size())
+            roof_ms = max(g["flops"] / (peak_tflops * 1e12), nbytes / bandwidth if bandwidth else 0.0) * 1e3
+            fused = time_triton(conv, x, device, repeats)
             layers.append(
                 {
                     "layer": key[0],
@@ -62,13 +127,24 @@ def conv_util(model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: i
                     "gflop": g["flops"] / 1e9,
                     "ms": ms,
                     "tflops": g["flops"] / (ms * 1e-3) / 1e12,
+                    "bytes": nbytes,
+                    "roofline_ms": roof_ms,
+                    "triton_ms": fused["ms"] if fused else None,
+                    "triton_config": fused["config"] if fused else None,
                 }
             )
         net = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=cl).eval()
         x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=cl)
         forward_ms = time_ms(lambda: net(x), device, repeats)
+        fused_forward_ms = None
+        if device.type == "cuda" and cv.HAS_TRITON:
+            cv.use_conv_backend(net, "triton")
+            fused_forward_ms = time_ms(lambda: net(x), device, repeats)
     flops = sum(layer["gflop"] * layer["count"] for layer in layers) * 1e9
     conv_ms = sum(layer["ms"] * layer["count"] for layer in layers)
+    # Per layer the faster of cuDNN and the fused kernel: what a conv backend choosing per layer gets.
+    best_ms = sum(min(layer["ms"], layer["triton_ms"] or layer["ms"]) * layer["count"] for layer in layers)
+    roof_ms = sum(layer["roofline_ms"] * layer["count"] for layer in layers)
     layers.sort(key=lambda layer: -layer["ms"] * layer["count"])
     return {
         "shape": list(shape),
@@ -79,6 +155,14 @@ def conv_util(model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: i
         "forward_tflops": flops / (forward_ms * 1e-3) / 1e12,
         "conv_util": flops / (conv_ms * 1e-3) / 1e12 / peak_tflops,
         "forward_util": flops / (forward_ms * 1e-3) / 1e12 / peak_tflops,
+        "best_conv_ms": best_ms,
+        "best_conv_util": flops / (best_ms * 1e-3) / 1e12 / peak_tflops,
+        "fused_forward_ms": fused_forward_ms,
+        "fused_forward_util": flops / (fused_forward_ms * 1e-3) / 1e12 / peak_tflops
+        if fused_forward_ms
+        else None,
+        "roofline_ms": roof_ms,
+        "roofline_util": flops / (roof_ms * 1e-3) / 1e12 / peak_tflops,
         "layers": layers,
     }
 
@@ -100,33 +184,50 @@ def main(argv=None) -> int:
     shape = tuple(int(v) for v in args.shape.lower().split("x"))
     peaks = qb.peak_matmul(device)
     peak = peaks.get(precision, max(peaks.values()))
+    bandwidth = copy_bandwidth(device, DTYPES[precision], args.repeats)
     report = {
         "env": qb.environment(device),
         "precision": precision,
         "peak_tflops": peaks,
         "peak_used": {"dtype": precision if precision in peaks else "max", "tflops": peak},
+        "copy_gbps": bandwidth / 1e9,
         "presets": {},
     }
-    print(f"{report['env']['device']['name']}: measured {precision} matmul peak {peak:.3g} TFLOP/s")
+    print(
+        f"{report['env']['device']['name']}: measured {precision} matmul peak {peak:.3g} TFLOP/s, "
+        f"copy {bandwidth / 1e9:.0f} GB/s"
+    )
     models = [
         (name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets.split(",") if name
     ]
     models += [(Path(w).stem, lambda w=w: load_model(w)) for w in args.weights]
     for name, build in models:
         model = build()
-        r = conv_util(model, shape, DTYPES[precision], device, peak, args.repeats)
+        r = conv_util(model, shape, DTYPES[precision], device, peak, args.repeats, bandwidth)
         r["config"] = asdict(model.config)
         report["presets"][name] = r
         print(
             f"{name:>6} {args.shape}: {r['gflop']:.1f} GFLOP; convs alone {r['conv_ms']:.3f} ms = "
             f"{r['conv_tflops']:.3g} TFLOP/s = {100 * r['conv_util']:.1f}% of peak; whole forward "
-            f"{r['forward_ms']:.3f} ms = {100 * r['forward_util']:.1f}% of peak"
+            f"{r['forward_ms']:.3f} ms = {100 * r['forward_util']:.1f}% of peak; "
+            f"roofline {r['roofline_ms']:.3f} ms = {100 * r['roofline_util']:.1f}% of peak"
         )
-        for layer in r["layers"][:6]:
+        if r["fused_forward_ms"]:
+            print(
+                f"       fused Triton convs: best per layer {r['best_conv_ms']:.3f} ms = "
+                f"{100 * r['best_conv_util']:.1f}% of peak; whole forward {r['fused_forward_ms']:.3f} ms = "
+                f"{100 * r['fused_forward_util']:.1f}% of peak"
+            )
+        for layer in r["layers"][:8]:
             print(
                 f"       {layer['layer']:<15} {layer['cin']:>4}->{layer['cout']:<4} k{layer['kernel'][0]} "
                 f"s{layer['stride'][0]} in {'x'.join(map(str, layer['input'])):<18} x{layer['count']:<2} "
-                f"{layer['ms']:8.3f} ms {layer['tflops']:8.3g} TFLOP/s"
+                f"{layer['ms']:8.3f} ms {layer['tflops']:8.3g} TFLOP/s roof {layer['roofline_ms']:7.3f} ms"
+                + (
+                    f" triton {layer['triton_ms']:7.3f} ms {layer['triton_config']}"
+                    if layer["triton_ms"]
+                    else ""
+                )
             )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

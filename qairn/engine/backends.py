@@ -28,7 +28,8 @@ class BackendError(RuntimeError):
 
 
 class TorchBackend:
-    """Eager PyTorch (optionally torch.compile'd, optionally with the Triton-fused gate)."""
+    """Eager PyTorch, optionally torch.compile'd, optionally with the Triton-fused gate (triton=True)
+    and the Triton-fused thin 3x3 convs (fused_conv=True, or the widest conv to fuse)."""
 
     fixed_tile = False
 
@@ -40,6 +41,7 @@ class TorchBackend:
         compile: bool = False,
         triton: bool = False,
         channels_last: bool | None = None,
+        fused_conv: bool | int = False,
     ):
         self.dtype = PRECISIONS[precision]
         self.device = device
@@ -51,6 +53,13 @@ class TorchBackend:
             from qairn.kernels import gate
 
             gate.use_gate_backend(model, "triton")
+        if fused_conv:
+            # Stride-1 3x3 convs at most 64 wide (or fused_conv, when an int) and their ReLU and
+            # residual add in one Triton kernel each (CUDA; the reference conv elsewhere).
+            from qairn.kernels import conv3x3
+
+            width = 64 if fused_conv is True else int(fused_conv)
+            conv3x3.use_conv_backend(model, "triton", max_channels=width)
         self.model = model
         self.net = model
         if compile:

@@ -47,6 +47,10 @@ SPECS = {
     "triton-fp16": ("triton", "fp16", {}),
     "compile-triton-fp16": ("compile", "fp16", {"triton": True}),
     "compile-triton-fp16-b4": ("compile", "fp16", {"triton": True, "tile_batch": 4}),
+    # + the fused 3x3 conv kernel for the thin layers (qairn/kernels/conv3x3.py)
+    "triton-conv-fp16": ("triton", "fp16", {"fused_conv": True}),
+    "compile-tconv-fp16": ("compile", "fp16", {"triton": True, "fused_conv": True}),
+    "compile-tconv-fp16-b4": ("compile", "fp16", {"triton": True, "fused_conv": True, "tile_batch": 4}),
     "tensorrt-fp16": ("tensorrt", "fp16", {}),
     "onnxruntime-fp32": ("onnxruntime", "fp32", {}),
 }
@@ -60,6 +64,9 @@ DEFAULTS = {
             "triton-fp16",
             "compile-triton-fp16",
             "compile-triton-fp16-b4",  # 4 tiles per graph replay (last batch padded)
+            "compile-tconv-fp16",  # + the fused thin-conv kernel
+            "compile-tconv-fp16-b4",
+            "triton-conv-fp16",
             "compile-fp16",
             "eager-bf16-cl",
             "tensorrt-fp16",
@@ -301,8 +308,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- the table ----------------------------------------------------------------------------------------
 def skip_reason(label: str, device: torch.device) -> str | None:
     name, _, options = SPECS[label]
-    if device.type != "cuda" and (name in CUDA_ONLY or options.get("triton")):
-        return f"{name if name in CUDA_ONLY else 'the Triton gate'} needs a CUDA device"
+    if device.type != "cuda" and name in CUDA_ONLY:
+        return f"{name} needs a CUDA device"
+    if device.type != "cuda" and (options.get("triton") or options.get("fused_conv")):
+        return "the Triton kernels need a CUDA device"
     if name == "onnxruntime" and device.type == "cuda":
         try:
             import onnxruntime as ort

@@ -210,15 +210,8 @@ class Restorer:
     def _restore_torch(self, t: torch.Tensor, return_maps: bool, order: str) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        x = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
-        if order == "bgr":
-            x = x.flip(1)
-        y, q, maps = self.restore_tensor(x, return_maps)
-        if order == "bgr":
-            y = y.flip(1)
-        y = y.to(t.device)
-        y = (y * 255.0).round().to(torch.uint8) if t.dtype == torch.uint8 else y.to(t.dtype)
-        return Result(y, q, maps)
+        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps)
+        return Result(batch_from_float(y.to(t.device), t.dtype, order), q, maps)
 
     def score(self, img, channel_order: str | None = None) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors)."""
@@ -301,6 +294,18 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
     if meta["alpha"] is not None:
         out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
     return np.ascontiguousarray(out)
+
+
+def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
+    """(N,3,H,W) uint8 or float in [0,1], RGB or BGR -> float32 RGB in [0,1], where t is."""
+    x = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    return x.flip(1) if order == "bgr" else x
+
+
+def batch_from_float(y: torch.Tensor, dtype: torch.dtype, order: str = "rgb") -> torch.Tensor:
+    """The inverse of batch_to_float: float32 RGB in [0,1] -> dtype (uint8 rounded) in order."""
+    y = y.flip(1) if order == "bgr" else y
+    return (y * 255.0).round().to(torch.uint8) if dtype == torch.uint8 else y.to(dtype)
 
 
 def to_tensor(img: np.ndarray, order: str = "rgb", device: torch.device | str | None = None):

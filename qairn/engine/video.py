@@ -108,7 +108,7 @@ def _to_host(ts: list, copy_stream):
 
 
 def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _Job:
-    from qairn.engine.restorer import image_array, to_float, to_pixels
+    from qairn.engine.restorer import batch_to_float, image_array, to_float, to_pixels
 
     copy_in, copy_out = streams or (None, None)
     first = group[0]
@@ -147,9 +147,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
         else:
             if first.ndim != 3 or first.shape[0] != 3:
                 raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
-            x = torch.stack(list(group))
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            x = x.flip(1) if channel_order == "bgr" else x
+            x = batch_to_float(torch.stack(list(group)), channel_order)
             meta = [first.dtype] * len(group)
         y, q, _ = restorer.restore_tensor(x if is_np else _to_device(x, restorer.device, copy_in))
         # numpy frames come back as their own integers, converted on the device (a quarter of the
@@ -164,7 +162,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
 
 
 def _finish(job: _Job, channel_order):
-    from qairn.engine.restorer import Result, from_pixels
+    from qairn.engine.restorer import Result, batch_from_float, from_pixels
 
     if job.event is not None:
         job.event.synchronize()
@@ -180,10 +178,9 @@ def _finish(job: _Job, channel_order):
         elif job.numpy:
             yield Result(from_pixels(job.outputs[0][i].numpy(), job.meta[i]), quality)
         else:
-            y = job.outputs[0][i].clone()
-            y = y.flip(0) if channel_order == "bgr" else y
-            y = (y * 255.0).round().to(torch.uint8) if job.meta[i] == torch.uint8 else y.to(job.meta[i])
-            yield Result(y, quality)
+            yield Result(
+                batch_from_float(job.outputs[0][i : i + 1], job.meta[i], channel_order)[0].clone(), quality
+            )
 
 
 def restore_stream(
