@@ -10,8 +10,9 @@ what the elementwise work and launch gaps cost).
 The roofline says what is physically possible: a layer cannot beat max(FLOPs / peak, bytes / copy
 bandwidth), its bytes being one read of input and weights and one write of the output (measured
 copy bandwidth of the device). Their sum over the trunk bounds its utilisation from above.
-On CUDA, each stride-1 3x3 conv also runs through the fused Triton kernel (qairn/kernels/conv3x3.py)
-over a few tilings (the best kept), and the whole forward again with those convs fused.
+On CUDA, each conv and transposed conv the fused Triton kernels take (qairn/kernels/conv.py,
+conv_transpose.py) also runs on them, over a few tilings (the best kept), and the whole forward runs
+again with the model's thin convs fused (qairn/kernels/fuse.py).
 
     python bench/conv_util.py --presets small,paper --shape 4x3x512x512 --json convutil.json
 """
@@ -29,7 +30,9 @@ from pathlib import Path
 import torch
 
 from qairn.engine import bench as qb
-from qairn.kernels import conv3x3 as cv
+from qairn.kernels import conv as cv
+from qairn.kernels import conv_transpose as ct
+from qairn.kernels import fuse
 from qairn.model import PRESETS, QAIRN
 from qairn.weights_io import load_model
 
@@ -70,21 +73,32 @@ def triton_configs(cin: int, cout: int) -> list[tuple[int, int, int, int]]:
 
 
 TRITON_MAX_CHANNELS = 128  # wider convs are cuDNN's ground (and their tilings cost compile time here)
+FUSE_WIDTHS = (16, 32, 64, 128)
 
 
 def time_triton(conv, x, device, repeats: int) -> dict | None:
     """The fused kernel on this conv (bias, no epilogue): the best of a few tilings. On CPU only under
     TRITON_INTERPRET=1 (the dry run), with the default tiling: that proves the code, not the speed."""
     runs = device.type == "cuda" or cv.INTERPRETED
-    if not (runs and cv.HAS_TRITON and cv._fusable(conv, max_channels=TRITON_MAX_CHANNELS)):
+    if not (runs and cv.HAS_TRITON):
+        return None
+    if fuse.fusable_conv(conv, TRITON_MAX_CHANNELS):
+
+        def call(c):
+            return cv.conv_triton(x, conv.weight, conv.bias, conv.stride[0], conv.padding[0], config=c)
+
+    elif fuse.fusable_conv_transpose(conv, TRITON_MAX_CHANNELS):
+
+        def call(c):
+            return ct.conv_transpose_triton(x, conv.weight, conv.bias, config=c)
+
+    else:
         return None
     configs = triton_configs(conv.in_channels, conv.out_channels)
     best = None
     for config in configs if device.type == "cuda" else configs[:1]:
         try:
-            ms = time_ms(
-                lambda c=config: cv.conv3x3_triton(x, conv.weight, conv.bias, config=c), device, repeats
-            )
+            ms = time_ms(lambda c=config: call(c), device, repeats)
         except Exception as e:  # a tiling this device cannot run (shared memory): try the next
             print(f"       triton {config}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
@@ -136,10 +150,12 @@ def conv_util(
         net = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=cl).eval()
         x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=cl)
         forward_ms = time_ms(lambda: net(x), device, repeats)
-        fused_forward_ms = None
+        # The whole forward with the convs up to each width fused (which width pays is the question).
+        fused_forward = {}
         if device.type == "cuda" and cv.HAS_TRITON:
-            cv.use_conv_backend(net, "triton")
-            fused_forward_ms = time_ms(lambda: net(x), device, repeats)
+            for width in FUSE_WIDTHS:
+                fuse.fuse_convs(fuse.unfuse_convs(net), max_channels=width)
+                fused_forward[str(width)] = time_ms(lambda: net(x), device, repeats)
     flops = sum(layer["gflop"] * layer["count"] for layer in layers) * 1e9
     conv_ms = sum(layer["ms"] * layer["count"] for layer in layers)
     # Per layer the faster of cuDNN and the fused kernel: what a conv backend choosing per layer gets.
@@ -157,10 +173,10 @@ def conv_util(
         "forward_util": flops / (forward_ms * 1e-3) / 1e12 / peak_tflops,
         "best_conv_ms": best_ms,
         "best_conv_util": flops / (best_ms * 1e-3) / 1e12 / peak_tflops,
-        "fused_forward_ms": fused_forward_ms,
-        "fused_forward_util": flops / (fused_forward_ms * 1e-3) / 1e12 / peak_tflops
-        if fused_forward_ms
-        else None,
+        "fused_forward_ms": fused_forward,  # {max_channels: ms}
+        "fused_forward_util": (
+            flops / (min(fused_forward.values()) * 1e-3) / 1e12 / peak_tflops if fused_forward else None
+        ),
         "roofline_ms": roof_ms,
         "roofline_util": flops / (roof_ms * 1e-3) / 1e12 / peak_tflops,
         "layers": layers,
@@ -213,10 +229,11 @@ def main(argv=None) -> int:
             f"roofline {r['roofline_ms']:.3f} ms = {100 * r['roofline_util']:.1f}% of peak"
         )
         if r["fused_forward_ms"]:
+            widths = ", ".join(f"<= {w}: {ms:.3f} ms" for w, ms in r["fused_forward_ms"].items())
             print(
                 f"       fused Triton convs: best per layer {r['best_conv_ms']:.3f} ms = "
-                f"{100 * r['best_conv_util']:.1f}% of peak; whole forward {r['fused_forward_ms']:.3f} ms = "
-                f"{100 * r['fused_forward_util']:.1f}% of peak"
+                f"{100 * r['best_conv_util']:.1f}% of peak; whole forward with convs fused up to {widths} "
+                f"(best {100 * r['fused_forward_util']:.1f}% of peak)"
             )
         for layer in r["layers"][:8]:
             print(

@@ -29,7 +29,7 @@ class BackendError(RuntimeError):
 
 class TorchBackend:
     """Eager PyTorch, optionally torch.compile'd, optionally with the Triton-fused gate (triton=True)
-    and the Triton-fused thin 3x3 convs (fused_conv=True, or the widest conv to fuse)."""
+    and the Triton-fused thin convs (fused_conv=True, or the widest conv to fuse)."""
 
     fixed_tile = False
 
@@ -54,12 +54,12 @@ class TorchBackend:
 
             gate.use_gate_backend(model, "triton")
         if fused_conv:
-            # Stride-1 3x3 convs at most 64 wide (or fused_conv, when an int) and their ReLU and
-            # residual add in one Triton kernel each (CUDA; the reference conv elsewhere).
-            from qairn.kernels import conv3x3
+            # Convs at most 64 wide (or fused_conv, when an int) with their ReLU and residual add
+            # in one Triton kernel each (CUDA; the reference conv elsewhere): kernels/fuse.py.
+            from qairn.kernels import fuse
 
-            width = 64 if fused_conv is True else int(fused_conv)
-            conv3x3.use_conv_backend(model, "triton", max_channels=width)
+            width = fuse.DEFAULT_MAX_CHANNELS if fused_conv is True else int(fused_conv)
+            fuse.use_conv_backend(model, "triton", max_channels=width)
         self.model = model
         self.net = model
         if compile:

@@ -47,7 +47,7 @@ SPECS = {
     "triton-fp16": ("triton", "fp16", {}),
     "compile-triton-fp16": ("compile", "fp16", {"triton": True}),
     "compile-triton-fp16-b4": ("compile", "fp16", {"triton": True, "tile_batch": 4}),
-    # + the fused 3x3 conv kernel for the thin layers (qairn/kernels/conv3x3.py)
+    # + the fused conv kernels for the thin layers (qairn/kernels/fuse.py)
     "triton-conv-fp16": ("triton", "fp16", {"fused_conv": True}),
     "compile-tconv-fp16": ("compile", "fp16", {"triton": True, "fused_conv": True}),
     "compile-tconv-fp16-b4": ("compile", "fp16", {"triton": True, "fused_conv": True, "tile_batch": 4}),

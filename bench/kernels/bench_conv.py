@@ -1,4 +1,4 @@
-"""pytest-benchmark of the fused 3x3 conv: `pytest bench/kernels/bench_conv3x3.py`.
+"""pytest-benchmark of the fused conv: `pytest bench/kernels/bench_conv.py`.
 
 A ResBlock (conv, ReLU, conv, residual add) two ways: cuDNN/ATen eager, and the fused op (two
 Triton kernels on CUDA; the reference on CPU, so that the CPU rows show what the op's fallback costs).
@@ -12,14 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qairn.kernels import conv3x3 as cv
+from qairn.kernels import conv as cv
+from qairn.kernels import fuse
 from qairn.model import ResBlock
 
 
 def resblock(c: int, dtype, device) -> tuple[ResBlock, ResBlock]:
     torch.manual_seed(0)
     plain = ResBlock(c).to(device=device, dtype=dtype).eval()
-    fused = cv.fuse_convs(ResBlock(c).to(device=device, dtype=dtype).eval())
+    fused = fuse.fuse_convs(ResBlock(c).to(device=device, dtype=dtype).eval())
     fused.load_state_dict(plain.state_dict())
     return plain, fused
 

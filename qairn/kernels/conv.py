@@ -1,0 +1,314 @@
+"""Fused convolution for thin layers: bias, ReLU and a residual add in the same pass.
+
+    out = conv2d(x, weight, bias, stride, padding)     (square k x k kernel, k <= 3, stride 1 or 2)
+    out = relu(out)            if relu
+    out = out + residual       if residual is given      (a ResBlock: x + conv2(relu(conv1(x))))
+
+Why: cuDNN runs the small model's 16- and 32-channel convs far below the memory floor (H200,
+2026-11-27: a 16->16 3x3 conv at 36 TFLOP/s and about 0.5 TB/s, an eighth of the copy bandwidth),
+and every ReLU and residual add is one more pass over memory. This kernel is an implicit GEMM: a
+program owns BLOCK_M output pixels of one image and BLOCK_N output channels and accumulates the
+taps' [BLOCK_M, Cin] x [Cin, BLOCK_N] products with tl.dot (tensor cores) in fp32. Each input pixel
+comes from DRAM about once (the taps overlap in L1/L2) and the output is written once, with the ReLU
+and the residual applied before the store: a ResBlock is two kernels instead of four.
+
+Read top to bottom: reference, kernel, launcher, the torch.library op (Triton on CUDA, the reference
+elsewhere; autograd by recomputing the reference; ONNX decomposition). qairn/kernels/fuse.py puts it
+into the model. Inference is the point (the engine runs under inference_mode); the backward exists
+so that a model with the kernel swapped in still trains.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # the reference path needs no Triton
+    triton = None
+
+HAS_TRITON = triton is not None
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_SIZES, STRIDES = (1, 2, 3), (1, 2)  # what the kernel is built and tested for
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reference (plain torch). Traceable: it is also the op's decomposition for ONNX export.
+# ---------------------------------------------------------------------------------------------------
+
+
+def conv_reference(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int = 1,
+    padding: int = 1,
+    relu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    out = F.conv2d(x, weight, bias, stride=stride, padding=padding)
+    if relu:
+        out = F.relu(out)
+    return out if residual is None else out + residual
+
+
+def out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernel. Output pixels are the flattened (H_OUT, W_OUT) index of one image; every tensor is
+# addressed with its own (n, c, h, w) strides, so channels_last (the fast case: a pixel's channels
+# are one contiguous row of the GEMM's A tile) and NCHW both work.
+# ---------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        if UPCAST:  # the interpreter's tl.dot misreads bf16 (triton 3.9): fp32 products there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:  # fp32 inputs: exact products, as the reference (no TF32 rounding)
+            return acc + tl.dot(a, b, input_precision="ieee")
+        return acc + tl.dot(a, b)
+
+    @triton.jit
+    def _epilogue(
+        acc, b_ptr, res_ptr, out_ptr, n, oy, ox, offs_n, mask_m, mask_n,
+        s_rn, s_rc, s_rh, s_rw, s_on, s_oc, s_oh, s_ow,
+        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+    ):  # fmt: skip
+        """bias, ReLU, residual, store: shared with conv_transpose.py."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if RELU:
+            acc = tl.maximum(acc, 0.0)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if HAS_RES:
+            r_ptrs = res_ptr + n * s_rn + (oy * s_rh + ox * s_rw)[:, None] + offs_n[None, :] * s_rc
+            acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        o_ptrs = out_ptr + n * s_on + (oy * s_oh + ox * s_ow)[:, None] + offs_n[None, :] * s_oc
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _conv_kernel(
+        x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
+        H, W, H_OUT, W_OUT, CIN, COUT,
+        s_xn, s_xc, s_xh, s_xw,
+        s_wo, s_wi, s_wh, s_ww,
+        s_rn, s_rc, s_rh, s_rw,
+        s_on, s_oc, s_oh, s_ow,
+        KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
+        pid_n = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < H_OUT * W_OUT
+        oy = offs_m // W_OUT
+        ox = offs_m - oy * W_OUT
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < COUT
+
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        x_img = x_ptr + n * s_xn
+        for tap in tl.static_range(KSIZE * KSIZE):
+            ky = tap // KSIZE
+            kx = tap % KSIZE
+            iy = oy * STRIDE + (ky - PAD)
+            ix = ox * STRIDE + (kx - PAD)
+            valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # zero padding
+            pix = iy * s_xh + ix * s_xw
+            for k0 in range(0, CIN, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < CIN
+                a_ptrs = x_img + pix[:, None] + offs_k[None, :] * s_xc
+                a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+                w_ptrs = w_ptr + offs_n[None, :] * s_wo + offs_k[:, None] * s_wi + ky * s_wh + kx * s_ww
+                b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE, UPCAST)
+
+        _epilogue(
+            acc, b_ptr, res_ptr, out_ptr, n, oy, ox, offs_n, mask_m, mask_n,
+            s_rn, s_rc, s_rh, s_rw, s_on, s_oc, s_oh, s_ow, HAS_BIAS, RELU, HAS_RES,
+        )  # fmt: skip
+
+
+# triton.jit picks the interpreter when the decorator runs, i.e. when this module is imported.
+INTERPRETED = HAS_TRITON and isinstance(_conv_kernel, InterpretedFunction)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher. Callable directly (tests run it on CPU tensors under TRITON_INTERPRET=1); the op below
+# calls it for CUDA tensors.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pow2(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(v)))
+
+
+def tile_config(cin: int, cout: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). tl.dot needs every dimension >= 16: thinner layers
+    (RGB in, 3 or 1 channels out) are masked up to 16. Wide outputs split over programs (BLOCK_N
+    <= 64), so the fp32 accumulator stays in registers; pixels per program shrink as it widens."""
+    block_n = _pow2(cout, 16, 64)
+    block_k = _pow2(cin, 16, 64)
+    block_m = 128 if block_n <= 32 else 64
+    return block_m, block_n, block_k, 4
+
+
+def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError(f"the Triton {what} needs the triton package (pip install qairn[triton])")
+    if not x.is_cuda and not INTERPRETED:
+        raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
+    if x.dtype not in TRITON_DTYPES or weight.dtype != x.dtype:
+        raise TypeError(
+            f"the Triton {what} takes x and weight of one of {TRITON_DTYPES}, got {x.dtype}, {weight.dtype}"
+        )
+
+
+def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> None:
+    if bias is not None and bias.shape != (out_shape[1],):
+        raise ValueError(f"bias must be ({out_shape[1]},), got {tuple(bias.shape)}")
+    if residual is not None and tuple(residual.shape) != tuple(out_shape):
+        raise ValueError(f"residual must be {tuple(out_shape)}, got {tuple(residual.shape)}")
+    # Offsets inside one image are int32 in the kernels (the batch offset is int64).
+    if biggest >= 2**31:
+        raise ValueError(f"one image of {biggest} elements is too large for the Triton kernels")
+
+
+def empty_like_layout(x: Tensor, shape) -> Tensor:
+    """A new (N,C,H,W) tensor in x's memory format: channels_last in, channels_last out."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def conv_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int = 1,
+    padding: int = 1,
+    relu: bool = False,
+    residual: Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> Tensor:
+    """The fused conv; out has x's memory format. config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
+    overrides tile_config (benchmarks, tests)."""
+    check_runnable(x, weight, "conv")
+    n, cin, h, w = x.shape
+    cout, k = weight.shape[0], weight.shape[-1]
+    if weight.shape[1:] != (cin, k, k) or k not in KERNEL_SIZES or stride not in STRIDES:
+        raise ValueError(
+            f"weight {tuple(weight.shape)}, stride {stride}: the Triton conv takes (Cout, {cin}, k, k) with "
+            f"k in {KERNEL_SIZES} and stride in {STRIDES} for x {tuple(x.shape)}"
+        )
+    ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
+    check_epilogue((n, cout, ho, wo), bias, residual, max(cin * h * w, cout * ho * wo))
+    out = empty_like_layout(x, (n, cout, ho, wo))
+    block_m, block_n, block_k, num_warps = config or tile_config(cin, cout)
+    res = residual if residual is not None else out  # never read without HAS_RES
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    grid = (triton.cdiv(ho * wo, block_m), n, triton.cdiv(cout, block_n))
+    _conv_kernel[grid](
+        x, weight, bias if bias is not None else weight, res, out,
+        h, w, ho, wo, cin, cout,
+        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+        KSIZE=k, STRIDE=stride, PAD=padding,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
+        IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library op: one node for torch.compile and torch.export. CUDA runs the Triton launcher;
+# every other device (and fp64) runs the reference.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _conv_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: int,
+    padding: int,
+    relu: bool,
+    residual: Tensor | None,
+) -> Tensor:
+    out = conv_reference(x, weight, bias, stride, padding, relu, residual)
+    return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
+
+
+conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
+
+
+@conv_op.register_fake
+def _(x, weight, bias, stride, padding, relu, residual):
+    n, _, h, w = x.shape
+    k = weight.shape[-1]
+    return empty_like_layout(
+        x, (n, weight.shape[0], out_size(h, k, stride, padding), out_size(w, k, stride, padding))
+    )
+
+
+def triton_takes(x: Tensor, weight: Tensor) -> bool:
+    return HAS_TRITON and x.dtype in TRITON_DTYPES and weight.dtype == x.dtype
+
+
+if HAS_TRITON:
+
+    @conv_op.register_kernel("cuda")
+    def _(x, weight, bias, stride, padding, relu, residual):
+        if not triton_takes(x, weight):
+            return _conv_impl(x, weight, bias, stride, padding, relu, residual)
+        return conv_triton(x, weight, bias, stride, padding, relu, residual)
+
+
+def recompute_backward(reference, x, weight, bias, has_residual: bool, grad_out, **kwargs):
+    """Gradients (x, weight, bias, residual) by differentiating the reference forward again: training
+    with the kernels swapped in is correct, if not fused (the residual's gradient is grad_out)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+        out = reference(leaves[0], leaves[1], leaves[2] if bias is not None else None, **kwargs)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    return grads[0], grads[1], grads[2] if bias is not None else None, grad_out if has_residual else None
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, relu, residual = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.stride, ctx.padding, ctx.relu, ctx.has_residual = stride, padding, relu, residual is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    kw = dict(stride=ctx.stride, padding=ctx.padding, relu=ctx.relu)
+    gx, gw, gb, gr = recompute_backward(conv_reference, x, weight, bias, ctx.has_residual, grad_out, **kw)
+    return gx, gw, gb, None, None, None, gr
+
+
+conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+# torch.onnx.export (dynamo) decomposes ops listed in torch._decomp's table: standard ONNX Conv/Relu/Add.
+torch._decomp.register_decomposition(torch.ops.qairn.conv2d.default)(conv_reference)
+
+
+def conv(
+    x, weight, bias=None, stride: int = 1, padding: int = 1, relu: bool = False, residual=None
+) -> Tensor:
+    """The fused op (Triton on CUDA, the reference elsewhere), differentiable."""
+    return conv_op(x, weight, bias, stride, padding, relu, residual)

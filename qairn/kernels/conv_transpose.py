@@ -1,0 +1,174 @@
+"""Fused 2x2, stride-2 transposed convolution: bias, ReLU and a residual add in the same pass.
+
+    out = conv_transpose2d(x, weight, bias, stride 2)   (N,Cin,H,W) -> (N,Cout,2H,2W)
+    out = relu(out)            if relu
+    out = out + residual       if residual is given      (RQAttention: d1 = relu(up2(e2)) + e1)
+
+Why: every upsampling of the model is one of these, and cuDNN ran them at 1-10 TFLOP/s on the H200
+(2026-11-27), slower per byte than anything else in the network. With a 2x2 kernel and stride 2 the
+four output phases do not overlap: output pixel (2y+dy, 2x+dx) is input pixel (y, x) times the
+[Cin, Cout] slice weight[:, :, dy, dx]. So a program owns BLOCK_M input pixels and BLOCK_N output
+channels and, per phase, runs one [BLOCK_M, Cin] x [Cin, BLOCK_N] tl.dot (the A tile comes from
+L1 after the first phase) and stores that phase with the epilogue of qairn/kernels/conv.py.
+
+Same structure as conv.py: reference, kernel, launcher, torch.library op with autograd (recomputed
+reference) and ONNX decomposition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qairn.kernels.conv import (
+    HAS_TRITON,
+    INTERPRETED,
+    check_epilogue,
+    check_runnable,
+    empty_like_layout,
+    recompute_backward,
+    tile_config,
+    triton_takes,
+)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from qairn.kernels.conv import _dot, _epilogue
+
+
+def conv_transpose_reference(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False, residual: Tensor | None = None
+) -> Tensor:
+    out = F.conv_transpose2d(x, weight, bias, stride=2)
+    if relu:
+        out = F.relu(out)
+    return out if residual is None else out + residual
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _conv_transpose_kernel(
+        x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
+        H, W, CIN, COUT,
+        s_xn, s_xc, s_xh, s_xw,
+        s_wi, s_wo, s_wh, s_ww,
+        s_rn, s_rc, s_rh, s_rw,
+        s_on, s_oc, s_oh, s_ow,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
+        pid_n = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < H * W
+        y = offs_m // W
+        x = offs_m - y * W
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < COUT
+        pix = x_ptr + n * s_xn + y * s_xh + x * s_xw
+
+        for phase in tl.static_range(4):
+            dy = phase // 2
+            dx = phase % 2
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, CIN, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < CIN
+                a = tl.load(
+                    pix[:, None] + offs_k[None, :] * s_xc, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+                )
+                w_ptrs = w_ptr + offs_k[:, None] * s_wi + offs_n[None, :] * s_wo + dy * s_wh + dx * s_ww
+                b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = _dot(a, b, acc, IEEE, UPCAST)
+            _epilogue(
+                acc, b_ptr, res_ptr, out_ptr, n, 2 * y + dy, 2 * x + dx, offs_n, mask_m, mask_n,
+                s_rn, s_rc, s_rh, s_rw, s_on, s_oc, s_oh, s_ow, HAS_BIAS, RELU, HAS_RES,
+            )  # fmt: skip
+
+
+def conv_transpose_triton(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    relu: bool = False,
+    residual: Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> Tensor:
+    """The fused transposed conv; out has x's memory format. config as conv.conv_triton's."""
+    check_runnable(x, weight, "transposed conv")
+    n, cin, h, w = x.shape
+    cout = weight.shape[1]
+    if weight.shape != (cin, cout, 2, 2):
+        raise ValueError(
+            f"weight must be ({cin}, Cout, 2, 2) for x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
+    check_epilogue((n, cout, 2 * h, 2 * w), bias, residual, max(cin * h * w, cout * 4 * h * w))
+    out = empty_like_layout(x, (n, cout, 2 * h, 2 * w))
+    block_m, block_n, block_k, num_warps = config or tile_config(cin, cout)
+    res = residual if residual is not None else out  # never read without HAS_RES
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    grid = (triton.cdiv(h * w, block_m), n, triton.cdiv(cout, block_n))
+    _conv_transpose_kernel[grid](
+        x, weight, bias if bias is not None else weight, res, out,
+        h, w, cin, cout,
+        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
+        IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def _conv_transpose_impl(
+    x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool, residual: Tensor | None
+) -> Tensor:
+    out = conv_transpose_reference(x, weight, bias, relu, residual)
+    return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
+
+
+conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_transpose_impl, mutates_args=())
+
+
+@conv_transpose_op.register_fake
+def _(x, weight, bias, relu, residual):
+    n, _, h, w = x.shape
+    return empty_like_layout(x, (n, weight.shape[1], 2 * h, 2 * w))
+
+
+if HAS_TRITON:
+
+    @conv_transpose_op.register_kernel("cuda")
+    def _(x, weight, bias, relu, residual):
+        if not triton_takes(x, weight):
+            return _conv_transpose_impl(x, weight, bias, relu, residual)
+        return conv_transpose_triton(x, weight, bias, relu, residual)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, relu, residual = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.relu, ctx.has_residual = relu, residual is not None
+
+
+def _backward(ctx, grad_out):
+    x, weight, bias = ctx.saved_tensors
+    gx, gw, gb, gr = recompute_backward(
+        conv_transpose_reference, x, weight, bias, ctx.has_residual, grad_out, relu=ctx.relu
+    )
+    return gx, gw, gb, None, gr
+
+
+conv_transpose_op.register_autograd(_backward, setup_context=_setup_context)
+torch._decomp.register_decomposition(torch.ops.qairn.conv_transpose2x2.default)(conv_transpose_reference)
+
+
+def conv_transpose(x, weight, bias=None, relu: bool = False, residual=None) -> Tensor:
+    """The fused op (Triton on CUDA, the reference elsewhere), differentiable."""
+    return conv_transpose_op(x, weight, bias, relu, residual)

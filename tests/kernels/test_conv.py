@@ -1,0 +1,265 @@
+"""Fused conv (qairn/kernels/conv.py) against F.conv2d in float64.
+
+Environment as tests/kernels/test_gate.py: the Triton-path tests run on CUDA when present; on CPU
+only when TRITON_INTERPRET=1 was set before qairn was imported, and skip otherwise. Everything else
+runs on the plain-torch reference. Shapes stay tiny: the interpreter costs milliseconds per program.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qairn.kernels import conv as cv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_RUNS = cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED)
+needs_triton = pytest.mark.skipif(
+    not TRITON_RUNS,
+    reason="triton not installed"
+    if not cv.HAS_TRITON
+    else "no CUDA, and TRITON_INTERPRET=1 was not set before import",
+)
+REPO = Path(__file__).resolve().parents[2]
+
+# (N, Cin, Cout, H, W): the model's thin layers (RGB in, 3 and 1 out), channel counts that are not
+# powers of two, several K steps (Cin 80 > BLOCK_K 64), several N programs (Cout 96 > 64), H = 1,
+# and enough pixels for several M programs.
+SHAPES = [
+    (2, 16, 16, 9, 13),
+    (1, 3, 16, 8, 7),
+    (1, 16, 3, 7, 5),
+    (1, 16, 1, 6, 6),
+    (1, 33, 17, 5, 7),
+    (1, 80, 96, 4, 5),
+    (2, 8, 8, 1, 11),
+    (1, 16, 16, 19, 17),
+]
+# (kernel, stride, padding): the model's 3x3 (stride 1 and 2, padding 1) and 2x2 stride-2 convs, and
+# the other combinations the kernel accepts.
+GEOMETRIES = [(3, 1, 1), (3, 2, 1), (2, 2, 0), (1, 1, 0), (3, 1, 0), (1, 2, 0)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Sums of Cin*k*k products: half inputs are rounded once on the way in and once on the way out.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+LAYOUTS = ["nchw", "channels_last"]
+
+
+def make_inputs(
+    shape, dtype=torch.float32, layout="nchw", geometry=(3, 1, 1), seed=0, bias=True, residual=True
+):
+    n, cin, cout, h, w = shape
+    k, s, p = geometry
+    ho, wo = cv.out_size(h, k, s, p), cv.out_size(w, k, s, p)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    weight = torch.randn(cout, cin, k, k, generator=gen) / (k * cin**0.5)  # outputs of order 1
+    b = torch.randn(cout, generator=gen) if bias else None
+    r = torch.randn(n, cout, ho, wo, generator=gen) if residual else None
+    to = dict(device=DEVICE, dtype=dtype)
+    x, weight = x.to(**to), weight.to(**to)
+    b = b.to(**to) if b is not None else None
+    r = r.to(**to) if r is not None else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = r.contiguous(memory_format=torch.channels_last) if r is not None else None
+    return x, weight, b, r
+
+
+def ideal(x, weight, bias=None, stride=1, padding=1, relu=False, residual=None):
+    b = None if bias is None else bias.double()
+    out = F.conv2d(x.double(), weight.double(), b, stride=stride, padding=padding)
+    if relu:
+        out = out.relu()
+    return out if residual is None else out + residual.double()
+
+
+def assert_layout(out, layout):
+    if layout == "channels_last" and out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert out.is_contiguous()
+
+
+# --- The Triton launcher -------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_forward(shape, dtype, layout):
+    x, weight, bias, residual = make_inputs(shape, dtype, layout)
+    relu = shape[1] % 2 == 0  # both epilogues over the shapes; all four below
+    out = cv.conv_triton(x, weight, bias, relu=relu, residual=residual)
+    assert out.dtype == dtype and out.shape == (shape[0], shape[2], shape[3], shape[4])
+    assert_layout(out, layout)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=relu, residual=residual), **TOL[dtype]
+    )
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 16, 16, 9, 13), (1, 3, 17, 8, 7), (1, 16, 32, 3, 6)], ids=str)
+def test_triton_kernel_stride_padding(shape, geometry, layout):
+    x, weight, bias, residual = make_inputs(shape, torch.float16, layout, geometry)
+    k, s, p = geometry
+    out = cv.conv_triton(x, weight, bias, s, p, relu=True, residual=residual)
+    assert_layout(out, layout)
+    want = ideal(x, weight, bias, s, p, relu=True, residual=residual)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float16])
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_triton_epilogues(bias, relu, residual):
+    x, weight, b, r = make_inputs((1, 16, 16, 6, 7), bias=bias, residual=residual)
+    out = cv.conv_triton(x, weight, b, relu=relu, residual=r)
+    torch.testing.assert_close(out.double(), ideal(x, weight, b, relu=relu, residual=r), **TOL[torch.float32])
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [(16, 16, 16, 1), (32, 16, 16, 2), (64, 32, 32, 4)], ids=str)
+def test_triton_tile_configs_agree(config):
+    """Other tilings (as a benchmark may pick) give the same result: masks and loops are right."""
+    x, weight, bias, residual = make_inputs((1, 40, 24, 7, 9), layout="channels_last")
+    out = cv.conv_triton(x, weight, bias, relu=True, residual=residual, config=config)
+    want = ideal(x, weight, bias, relu=True, residual=residual)
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
+
+
+@needs_triton
+def test_triton_mixed_layouts_and_views():
+    """x channels_last with an NCHW residual, and a non-contiguous slice of a bigger tensor."""
+    x, weight, bias, residual = make_inputs((2, 16, 16, 8, 8), layout="channels_last")
+    out = cv.conv_triton(x, weight, bias, residual=residual.contiguous())
+    torch.testing.assert_close(out.double(), ideal(x, weight, bias, residual=residual), **TOL[torch.float32])
+    wide = torch.randn(2, 32, 8, 8, device=DEVICE)
+    view = wide[:, 8:24]  # strided in n: not contiguous
+    out = cv.conv_triton(view, weight, bias)
+    torch.testing.assert_close(out.double(), ideal(view, weight, bias), **TOL[torch.float32])
+
+
+@needs_triton
+def test_triton_rejects_bad_arguments():
+    x, weight, bias, residual = make_inputs((1, 16, 16, 4, 4))
+    with pytest.raises(ValueError, match="weight"):
+        cv.conv_triton(x, weight[:, :8], bias)
+    with pytest.raises(ValueError, match="weight"):
+        cv.conv_triton(x, torch.randn(16, 16, 5, 5, device=DEVICE), bias)
+    with pytest.raises(ValueError, match="stride"):
+        cv.conv_triton(x, weight, bias, stride=3)
+    with pytest.raises(ValueError, match="bias"):
+        cv.conv_triton(x, weight, bias[:3])
+    with pytest.raises(ValueError, match="residual"):
+        cv.conv_triton(x, weight, bias, residual=residual[:, :3])
+    with pytest.raises(TypeError):
+        cv.conv_triton(x.double(), weight.double(), bias.double())
+
+
+# --- The op --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geometry", [(3, 1, 1), (3, 2, 1), (2, 2, 0)], ids=str)
+def test_op_forward(layout, geometry):
+    """The op on this machine's device (Triton on CUDA, the reference elsewhere), in x's layout."""
+    x, weight, bias, residual = make_inputs((2, 16, 8, 8, 6), layout=layout, geometry=geometry)
+    _, s, p = geometry
+    out = cv.conv(x, weight, bias, s, p, True, residual)
+    assert_layout(out, layout)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, s, p, True, residual), **TOL[torch.float32]
+    )
+
+
+def test_op_gradcheck_float64():
+    inputs = make_inputs((1, 4, 3, 5, 4), geometry=(3, 2, 1))
+    x, weight, bias, residual = (t.cpu().double().requires_grad_() for t in inputs)
+
+    def fn(x, weight, bias, residual):
+        return cv.conv(x, weight, bias, 2, 1, True, residual)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, bias, residual))
+    assert torch.autograd.gradcheck(lambda x, w: cv.conv(x, w[..., :2, :2], None, 2, 0), (x, weight))
+
+
+def test_opcheck():
+    """torch.library's own checks: schema, fake (meta) kernel, autograd registration, AOT dispatch."""
+    for geometry in [(3, 1, 1), (2, 2, 0)]:
+        x, weight, bias, residual = make_inputs((2, 4, 6, 6, 4), geometry=geometry)
+        _, s, p = geometry
+        for b, relu, r in [(bias, True, residual), (None, False, None)]:
+            args = [x.clone().requires_grad_(), weight.clone().requires_grad_(), b, s, p, relu, r]
+            torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
+
+
+# --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------
+
+PTX_SCRIPT = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qairn.kernels import conv as cv
+
+def ptx(dtype, k, stride, pad, block_m, block_n, block_k):
+    kernel = cv._conv_kernel
+    constexprs = dict(KSIZE=k, STRIDE=stride, PAD=pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                      HAS_BIAS=True, RELU=True, HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False,
+                      s_xc=1, s_rc=1, s_oc=1)
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = dtype if name.endswith("_ptr") else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", asm)))
+
+print(json.dumps({
+    "fp16_16x16": ptx("*fp16", 3, 1, 1, *cv.tile_config(16, 16)[:3]),
+    "bf16_32x32_s2": ptx("*bf16", 3, 2, 1, *cv.tile_config(32, 32)[:3]),
+    "fp16_3x16": ptx("*fp16", 3, 1, 1, *cv.tile_config(3, 16)[:3]),
+    "fp16_2x2_s2": ptx("*fp16", 2, 2, 0, *cv.tile_config(16, 32)[:3]),
+    "fp32_16x16": ptx("*fp32", 3, 1, 1, *cv.tile_config(16, 16)[:3]),
+}))
+"""
+
+
+def compiled_mma(script: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not cv.HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the other tests compile the kernel for the real device")
+def test_kernel_compiles_for_hopper_on_tensor_cores():
+    """Compiles (not interprets) the kernel for sm_90, which needs no GPU: half inputs must reach the
+    tensor cores (mma/wgmma), and fp32 must not (IEEE products, as the reference)."""
+    mma = compiled_mma(PTX_SCRIPT)
+    for name in ("fp16_16x16", "bf16_32x32_s2", "fp16_3x16", "fp16_2x2_s2"):
+        assert mma[name], (name, mma)
+    assert not mma["fp32_16x16"], mma

@@ -1,0 +1,140 @@
+"""Fused 2x2 stride-2 transposed conv (qairn/kernels/conv_transpose.py) against F.conv_transpose2d
+in float64. Environment and tolerances as tests/kernels/test_conv.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_conv import DEVICE, DTYPES, LAYOUTS, TOL, assert_layout, compiled_mma, needs_triton
+
+from qairn.kernels import conv as cv
+from qairn.kernels import conv_transpose as ct
+
+# (N, Cin, Cout, H, W) of the input: the model's up-samplings (16..128 channels), odd sizes, H = 1,
+# channel counts that are not powers of two, and several K and N steps.
+SHAPES = [
+    (2, 16, 16, 5, 7),
+    (1, 32, 16, 4, 4),
+    (1, 5, 3, 3, 6),
+    (2, 16, 8, 1, 9),
+    (1, 80, 96, 3, 3),
+    (1, 16, 16, 13, 11),
+]
+
+
+def make_inputs(shape, dtype=torch.float32, layout="nchw", seed=0, bias=True, residual=True):
+    n, cin, cout, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    weight = torch.randn(cin, cout, 2, 2, generator=gen) / cin**0.5
+    b = torch.randn(cout, generator=gen) if bias else None
+    r = torch.randn(n, cout, 2 * h, 2 * w, generator=gen) if residual else None
+    to = dict(device=DEVICE, dtype=dtype)
+    x, weight = x.to(**to), weight.to(**to)
+    b = b.to(**to) if b is not None else None
+    r = r.to(**to) if r is not None else None
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = r.contiguous(memory_format=torch.channels_last) if r is not None else None
+    return x, weight, b, r
+
+
+def ideal(x, weight, bias=None, relu=False, residual=None):
+    out = F.conv_transpose2d(x.double(), weight.double(), None if bias is None else bias.double(), stride=2)
+    if relu:
+        out = out.relu()
+    return out if residual is None else out + residual.double()
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_forward(shape, dtype, layout):
+    x, weight, bias, residual = make_inputs(shape, dtype, layout)
+    relu = shape[0] == 1
+    out = ct.conv_transpose_triton(x, weight, bias, relu, residual)
+    n, _, cout, h, w = shape
+    assert out.dtype == dtype and out.shape == (n, cout, 2 * h, 2 * w)
+    assert_layout(out, layout)
+    torch.testing.assert_close(out.double(), ideal(x, weight, bias, relu, residual), **TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_triton_epilogues(bias, relu, residual):
+    x, weight, b, r = make_inputs((1, 16, 16, 4, 5), bias=bias, residual=residual)
+    out = ct.conv_transpose_triton(x, weight, b, relu, r)
+    torch.testing.assert_close(out.double(), ideal(x, weight, b, relu, r), **TOL[torch.float32])
+
+
+@needs_triton
+def test_triton_rejects_bad_arguments():
+    x, weight, bias, residual = make_inputs((1, 16, 8, 4, 4))
+    with pytest.raises(ValueError, match="weight"):
+        ct.conv_transpose_triton(x, weight[:8], bias)
+    with pytest.raises(ValueError, match="weight"):
+        ct.conv_transpose_triton(x, torch.randn(16, 8, 3, 3, device=DEVICE), bias)
+    with pytest.raises(ValueError, match="residual"):
+        ct.conv_transpose_triton(x, weight, bias, residual=residual[..., :3])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_op_forward(layout):
+    x, weight, bias, residual = make_inputs((2, 16, 8, 4, 3), layout=layout)
+    out = ct.conv_transpose(x, weight, bias, True, residual)
+    assert_layout(out, layout)
+    torch.testing.assert_close(out.double(), ideal(x, weight, bias, True, residual), **TOL[torch.float32])
+
+
+def test_op_gradcheck_float64():
+    x, weight, bias, residual = (t.cpu().double().requires_grad_() for t in make_inputs((1, 3, 4, 3, 2)))
+    assert torch.autograd.gradcheck(
+        lambda *a: ct.conv_transpose(a[0], a[1], a[2], True, a[3]), (x, weight, bias, residual)
+    )
+
+
+def test_opcheck():
+    x, weight, bias, residual = make_inputs((2, 4, 6, 3, 4))
+    for b, relu, r in [(bias, True, residual), (None, False, None)]:
+        args = [x.clone().requires_grad_(), weight.clone().requires_grad_(), b, relu, r]
+        torch.library.opcheck(torch.ops.qairn.conv_transpose2x2.default, args)
+
+
+PTX_SCRIPT = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qairn.kernels import conv as cv, conv_transpose as ct
+
+def ptx(dtype, cin, cout):
+    kernel = ct._conv_transpose_kernel
+    block_m, block_n, block_k, _ = cv.tile_config(cin, cout)
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=True, RELU=True,
+                      HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False, s_xc=1, s_rc=1, s_oc=1)
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = dtype if name.endswith("_ptr") else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", asm)))
+
+print(json.dumps({
+    "fp16_32x16": ptx("*fp16", 32, 16), "bf16_16x16": ptx("*bf16", 16, 16), "fp32": ptx("*fp32", 16, 16),
+}))
+"""
+
+
+@pytest.mark.skipif(not cv.HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the other tests compile the kernel for the real device")
+def test_kernel_compiles_for_hopper_on_tensor_cores():
+    mma = compiled_mma(PTX_SCRIPT)
+    assert mma["fp16_32x16"] and mma["bf16_16x16"] and not mma["fp32"], mma

@@ -1,0 +1,150 @@
+"""Model surgery (qairn/kernels/fuse.py): QAIRN with its thin convs on the fused ops.
+
+On CPU the ops run their plain-torch reference, so the swap must not change a single output beyond
+float rounding; under TRITON_INTERPRET=1 one test runs the Triton launchers behind every fused conv.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import lively_model
+from test_conv import DEVICE, needs_triton
+
+from qairn.kernels import conv as cv
+from qairn.kernels import conv_transpose as ct
+from qairn.kernels import fuse
+from qairn.model import ResBlock, RQAttention
+
+TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-4)
+
+
+def run(m, x):
+    with torch.no_grad():
+        return m(x)
+
+
+def assert_same(got, want, tol):
+    (y, gammas), (y_ref, gammas_ref) = got, want
+    torch.testing.assert_close(y, y_ref, **tol)
+    for g, g_ref in zip(gammas, gammas_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, **tol)
+
+
+def test_fuse_keeps_weights_and_output():
+    m = lively_model("tiny").to(DEVICE)
+    x = torch.rand(2, 3, 32, 48, device=DEVICE)
+    keys, want = list(m.state_dict()), run(m, x)
+    fuse.use_conv_backend(m, "triton" if cv.HAS_TRITON else "reference")
+    # tiny: all 58 of its conv calls are <= 64 wide: 8 ResBlocks (16), 3 RQAttentions (18), head,
+    # tail, 3 down convs and 3 up convs.
+    assert fuse.fused_conv_count(m) == (2 * 8 + 6 * 3 + 2 + 3 + 3 if cv.HAS_TRITON else 0)
+    assert list(m.state_dict()) == keys
+    assert_same(run(m, x), want, TOL)
+    fuse.use_conv_backend(m, "reference")
+    assert fuse.fused_conv_count(m) == 0
+    assert {type(mod) for mod in m.modules()} == {type(mod) for mod in lively_model("tiny").modules()}
+    with pytest.raises(ValueError):
+        fuse.use_conv_backend(m, "cudnn")
+    with pytest.raises(ValueError, match="no QAIRN"):
+        fuse.use_conv_backend(torch.nn.Conv2d(3, 3, 3), "reference")
+
+
+def test_fuse_max_channels():
+    m = fuse.fuse_convs(lively_model("small"), max_channels=16)
+    fused = {name for name, mod in m.named_modules() if type(mod) in fuse.CALLS}
+    # small (widths 16, 32, 64, 128) at <= 16 wide: the full-scale level and the autoencoders' 16-wide
+    # layers; rqa1's input conv takes 32 channels (skip and decoder), so that block stays whole.
+    assert {"head", "tail", "down1.0", "down1.1", "up1.1", "up1.2", "rqa1.down1", "rqa1.up2"} <= fused
+    assert not any(
+        name.startswith(("down2", "down3", "body", "up2.", "up3", "rqa1.inp")) for name in fused
+    ), fused
+    assert type(m.rqa1) is RQAttention and type(m.down2[0]) is ResBlock
+    everything = fuse.fuse_convs(lively_model("small"), max_channels=128)
+    assert fuse.fused_conv_count(everything) == 58  # every conv call of the small model
+
+
+def test_backend_option_fused_conv():
+    """Restorer(..., fused_conv=...) reaches the model: same pictures (the reference op off CUDA)."""
+    from qairn.engine.backends import make_backend
+
+    x = torch.rand(1, 3, 32, 40, device=DEVICE)
+    plain = make_backend("eager", lively_model("tiny"), torch.device(DEVICE))
+    fused = make_backend("eager", lively_model("tiny"), torch.device(DEVICE), fused_conv=16)
+    assert fuse.fused_conv_count(plain.model) == 0
+    assert (
+        0 < fuse.fused_conv_count(fused.model) < fuse.fused_conv_count(fuse.fuse_convs(lively_model("tiny")))
+    )
+    (y_ref, g_ref), (y, g) = plain(x), fused(x)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(g[0], g_ref[0], **TOL)
+
+
+@needs_triton
+def test_model_on_the_triton_kernels(monkeypatch):
+    """The whole model with the Triton launchers behind every fused conv (interpreted on CPU)."""
+    m = lively_model("tiny").to(DEVICE)
+    x = torch.rand(1, 3, 20, 23, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    want = run(m, x)
+    fuse.fuse_convs(m)
+    monkeypatch.setattr(fuse, "conv_op", cv.conv_triton)  # the ops run the reference on CPU
+    monkeypatch.setattr(fuse, "conv_transpose_op", ct.conv_transpose_triton)
+    assert_same(run(m, x), want, dict(rtol=1e-4, atol=1e-4))
+
+
+def test_compile_export_and_onnx_see_the_ops(tmp_path):
+    m = lively_model("tiny")
+    x = torch.rand(1, 3, 32, 32)
+    want = run(m, x)
+    fuse.fuse_convs(m)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(m, backend=capture, fullgraph=True)(x)
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.ops.qairn.conv2d.default) == 2 * 8 + 4 * 3 + 2 + 3
+    assert targets.count(torch.ops.qairn.conv_transpose2x2.default) == 2 * 3 + 3
+
+    ep = torch.export.export(m, (x,))
+    decomposed = ep.run_decompositions(fuse.decompositions())
+    targets = {node.target for node in decomposed.graph.nodes if node.op == "call_function"}
+    assert not targets & {torch.ops.qairn.conv2d.default, torch.ops.qairn.conv_transpose2x2.default}
+    assert_same(decomposed.module()(x), want, dict(rtol=1e-5, atol=1e-5))
+
+
+class TinyBlocks(torch.nn.Module):
+    """A ResBlock and an RQAttention, fused: small enough for the dynamo ONNX exporter on CI."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = ResBlock(4)
+        self.rqa = RQAttention(4, 4)
+        torch.nn.init.normal_(self.rqa.out.weight, std=0.1)
+
+    def forward(self, x):
+        y = self.block(x)
+        return y, self.rqa.logit(x, y)
+
+
+def test_onnx_export_uses_standard_ops_only(tmp_path):
+    pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo) needs onnxscript")
+    ort = pytest.importorskip("onnxruntime", reason="running the exported graph needs onnxruntime")
+    import onnx
+
+    m = TinyBlocks().eval()
+    x = torch.randn(1, 4, 8, 12)
+    want = run(m, x)
+    fuse.fuse_convs(m)
+    path = tmp_path / "blocks.onnx"
+    torch.onnx.export(m, (x,), str(path), dynamo=True, verbose=False)
+    ops = {(node.domain or "ai.onnx", node.op_type) for node in onnx.load(str(path)).graph.node}
+    assert {d for d, _ in ops} == {"ai.onnx"}, ops
+    assert {("ai.onnx", "Conv"), ("ai.onnx", "ConvTranspose")} <= ops, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-5)
