@@ -9,9 +9,9 @@
 # so a run cut short still leaves its results):
 #   env       device, driver, versions                                          15 s
 #   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype  45 s
-#   tests     tests/kernels on CUDA (pytest-xdist when there): gate and conv     75 s
-#   bench     qairn bench at 4K, 8K, 1080p, tiles 512, 1024 (+ plot), on the
-#             shipped weights                                                    150 s
+#   tests     tests/kernels on CUDA (pytest-xdist when there): gate, convs      100 s
+#   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), every backend, on
+#             the shipped weights                                               170 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak and the roofline,
 #             cuDNN against the fused Triton conv per layer (small, paper)       90 s
 #   video     8 4K frames through one Restorer, best backend                     40 s
@@ -63,7 +63,7 @@ if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command 
   FALLBACK=eager-fp32
 else
   DEVICE=cuda
-  BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512,1024)
+  BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512)  # ~4 s a case: 12 labels x 3 sizes
   VIDEO=(--sizes 3840x2160 --tiles 512 --video 8)
   CONV=(--presets small,paper --shape 4x3x512x512)
   PROF=(--size 3840x2160 --tile 512)
@@ -141,9 +141,9 @@ echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] &&
 
 stage env 15 bash -c env_stage
 stage kernels 45 bash -c kernels_stage
-stage tests 75 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
+stage tests 100 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
-stage bench 150 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 130 \
+stage bench 170 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 150 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
 CONV_ENV=()
 [ "$DRY" = 1 ] && CONV_ENV=(env TRITON_INTERPRET=1)  # the fused-conv path, interpreted on tiny shapes

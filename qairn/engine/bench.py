@@ -61,11 +61,11 @@ DEFAULTS = {
         "backends": [
             "eager-fp32",  # most wanted first: a --budget-s run cut short keeps these
             "eager-fp16-cl",
-            "triton-fp16",
             "compile-triton-fp16",
+            "compile-tconv-fp16",  # + the fused thin-conv kernels
             "compile-triton-fp16-b4",  # 4 tiles per graph replay (last batch padded)
-            "compile-tconv-fp16",  # + the fused thin-conv kernel
             "compile-tconv-fp16-b4",
+            "triton-fp16",
             "triton-conv-fp16",
             "compile-fp16",
             "eager-bf16-cl",
