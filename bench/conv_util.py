@@ -60,18 +60,6 @@ def min_bytes(module, shape, itemsize: int) -> int:
     return itemsize * (n * cin * h * w + n * module.out_channels * oh * ow + module.weight.numel())
 
 
-def triton_configs(cin: int, cout: int) -> list[tuple[int, int, int, int]]:
-    """The launcher's default tiling first, then a few others (pixels per program, warps)."""
-    block_m, block_n, block_k, warps = cv.tile_config(cin, cout)
-    others = [
-        (64, block_n, block_k, 4),
-        (128, block_n, block_k, 4),
-        (128, block_n, block_k, 8),
-        (256, block_n, block_k, 8),
-    ]
-    return list(dict.fromkeys([(block_m, block_n, block_k, warps), *others]))
-
-
 TRITON_MAX_CHANNELS = 128  # wider convs are cuDNN's ground (and their tilings cost compile time here)
 FUSE_WIDTHS = (16, 32, 64, 128)
 
@@ -94,7 +82,7 @@ def time_triton(conv, x, device, repeats: int) -> dict | None:
 
     else:
         return None
-    configs = triton_configs(conv.in_channels, conv.out_channels)
+    configs = cv.candidate_configs(conv.in_channels, conv.out_channels)
     best = None
     for config in configs if device.type == "cuda" else configs[:1]:
         try:

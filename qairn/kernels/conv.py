@@ -20,6 +20,8 @@ so that a model with the kernel swapped in still trains.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -166,6 +168,56 @@ def tile_config(cin: int, cout: int) -> tuple[int, int, int, int]:
     return block_m, block_n, block_k, 4
 
 
+def candidate_configs(cin: int, cout: int) -> list[tuple[int, int, int, int]]:
+    """tile_config first, then other pixel counts per program and warp counts (same N and K tiles)."""
+    block_m, block_n, block_k, warps = tile_config(cin, cout)
+    others = [
+        (64, block_n, block_k, 4),
+        (128, block_n, block_k, 4),
+        (128, block_n, block_k, 8),
+        (256, block_n, block_k, 8),
+    ]
+    return list(dict.fromkeys([(block_m, block_n, block_k, warps), *others]))
+
+
+# On CUDA the first call of each layer shape times the candidate tilings and keeps the fastest
+# (QAIRN_CONV_TUNE=0 keeps tile_config). Not under CUDA-graph capture, where nothing may sync:
+# torch.compile's CUDA graphs run their warm-up calls eagerly first, and those tune.
+TUNE = os.environ.get("QAIRN_CONV_TUNE", "1") != "0"
+_tuned: dict = {}
+
+
+def cuda_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def pick_fastest(configs, launch, repeats: int = 5, timer=cuda_ms):
+    """The config whose launch(config) has the lowest median time (timer(fn) -> ms)."""
+    best, best_ms = configs[0], float("inf")
+    for config in configs:
+        try:
+            launch(config)  # compiles; a tiling the device cannot run raises here
+            times = sorted(timer(lambda c=config: launch(c)) for _ in range(repeats))
+        except Exception:  # noqa: BLE001 - out of shared memory or registers: not a candidate
+            continue
+        if times[len(times) // 2] < best_ms:
+            best, best_ms = config, times[len(times) // 2]
+    return best
+
+
+def choose_config(key: tuple, x: Tensor, cin: int, cout: int, launch):
+    if not (TUNE and x.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return _tuned.get(key, tile_config(cin, cout))
+    if key not in _tuned:
+        _tuned[key] = pick_fastest(candidate_configs(cin, cout), launch)
+    return _tuned[key]
+
+
 def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
     if not HAS_TRITON:
         raise RuntimeError(f"the Triton {what} needs the triton package (pip install qairn[triton])")
@@ -217,20 +269,26 @@ def conv_triton(
     ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
     check_epilogue((n, cout, ho, wo), bias, residual, max(cin * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
-    block_m, block_n, block_k, num_warps = config or tile_config(cin, cout)
     res = residual if residual is not None else out  # never read without HAS_RES
     upcast = INTERPRETED and x.dtype == torch.bfloat16
-    grid = (triton.cdiv(ho * wo, block_m), n, triton.cdiv(cout, block_n))
-    _conv_kernel[grid](
-        x, weight, bias if bias is not None else weight, res, out,
-        h, w, ho, wo, cin, cout,
-        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
-        KSIZE=k, STRIDE=stride, PAD=padding,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
-        IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
-        num_warps=num_warps,
-    )  # fmt: skip
+
+    def launch(cfg):
+        block_m, block_n, block_k, num_warps = cfg
+        grid = (triton.cdiv(ho * wo, block_m), n, triton.cdiv(cout, block_n))
+        _conv_kernel[grid](
+            x, weight, bias if bias is not None else weight, res, out,
+            h, w, ho, wo, cin, cout,
+            *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+            KSIZE=k, STRIDE=stride, PAD=padding,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
+            IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
+            num_warps=num_warps,
+        )  # fmt: skip
+
+    # Tuned once per layer shape and layout (the epilogue flags barely change the time).
+    key = ("conv", x.device, x.dtype, n, cin, cout, h, w, k, stride, padding, x.stride(), out.stride())
+    launch(config or choose_config(key, x, cin, cout, launch))
     return out
 
 

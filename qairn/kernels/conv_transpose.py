@@ -26,9 +26,9 @@ from qairn.kernels.conv import (
     INTERPRETED,
     check_epilogue,
     check_runnable,
+    choose_config,
     empty_like_layout,
     recompute_backward,
-    tile_config,
     triton_takes,
 )
 
@@ -110,19 +110,24 @@ def conv_transpose_triton(
         )
     check_epilogue((n, cout, 2 * h, 2 * w), bias, residual, max(cin * h * w, cout * 4 * h * w))
     out = empty_like_layout(x, (n, cout, 2 * h, 2 * w))
-    block_m, block_n, block_k, num_warps = config or tile_config(cin, cout)
     res = residual if residual is not None else out  # never read without HAS_RES
     upcast = INTERPRETED and x.dtype == torch.bfloat16
-    grid = (triton.cdiv(h * w, block_m), n, triton.cdiv(cout, block_n))
-    _conv_transpose_kernel[grid](
-        x, weight, bias if bias is not None else weight, res, out,
-        h, w, cin, cout,
-        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
-        IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
-        num_warps=num_warps,
-    )  # fmt: skip
+
+    def launch(cfg):
+        block_m, block_n, block_k, num_warps = cfg
+        grid = (triton.cdiv(h * w, block_m), n, triton.cdiv(cout, block_n))
+        _conv_transpose_kernel[grid](
+            x, weight, bias if bias is not None else weight, res, out,
+            h, w, cin, cout,
+            *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
+            IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
+            num_warps=num_warps,
+        )  # fmt: skip
+
+    key = ("conv_transpose", x.device, x.dtype, n, cin, cout, h, w, x.stride(), out.stride())
+    launch(config or choose_config(key, x, cin, cout, launch))
     return out
 
 

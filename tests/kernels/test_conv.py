@@ -172,6 +172,23 @@ def test_triton_rejects_bad_arguments():
         cv.conv_triton(x.double(), weight.double(), bias.double())
 
 
+def test_pick_fastest_takes_the_lowest_median_and_skips_failures():
+    times = {"a": iter([5.0, 1.0, 5.0]), "b": iter([2.0, 2.0, 9.0])}  # medians 5 and 2; "c" cannot run
+    launched = []
+
+    def launch(config):
+        if config == "c":
+            raise RuntimeError("out of resources")
+        launched.append(config)
+
+    def timer(fn):
+        fn()
+        return next(times[launched[-1]])
+
+    assert cv.pick_fastest(["a", "c", "b"], launch, repeats=3, timer=timer) == "b"
+    assert cv.pick_fastest(["c"], launch, timer=timer) == "c"  # nothing ran: the first, to fail loudly
+
+
 # --- The op --------------------------------------------------------------------------------------------
 
 
