@@ -12,6 +12,7 @@
 #   tests     tests/kernels on CUDA (pytest-xdist when there): gate, convs      100 s
 #   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), every backend, on
 #             the shipped weights                                               170 s
+#   bench1024 the same at tile 1024 (less overlap) for the compiled backends      45 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak and the roofline,
 #             cuDNN against the fused Triton conv per layer (small, paper)       90 s
 #   video     8 4K frames through one Restorer, best backend                     40 s
@@ -39,7 +40,7 @@ PY=${PYTHON:-python3}
 DRY=${QAIRN_GPU_DRYRUN:-0}
 BUDGET=${QAIRN_GPU_BUDGET_S:-575}
 TRAIN_S=${QAIRN_GPU_TRAIN_S:-}
-STAGES=${QAIRN_GPU_STAGES:-env kernels tests bench convutil video profile train}
+STAGES=${QAIRN_GPU_STAGES:-env kernels tests bench bench1024 convutil video profile train}
 TESTS_K=${QAIRN_GPU_TESTS:-}  # only tests/kernels touch CUDA; the rest are CPU tests, run by CI
 OUTDIR=${OUTDIR:-$PWD/bench/results/run-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUTDIR"
@@ -52,6 +53,8 @@ if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command 
   DEVICE=cpu
   BENCH=(--preset tiny --sizes 64x64,96x128 --tiles 64,0 --warmup 1 --repeats 2 --threads 1
          --backends eager-fp32,eager-bf16-cl,triton-fp16,compile-triton-fp16,compile-tconv-fp16,tensorrt-fp16,onnxruntime-fp32)
+  BENCH1024=(--preset tiny --sizes 96x128 --tiles 96 --warmup 1 --repeats 2 --threads 1
+             --backends eager-fp32,compile-tconv-fp16)
   VIDEO=(--preset tiny --sizes 64x64 --tiles 64 --video 3 --warmup 1 --threads 1)
   CONV=(--presets tiny --shape 1x3x32x32 --repeats 3)
   PROF=(--preset tiny --size 64x64 --tile 64 --iters 1)
@@ -64,6 +67,7 @@ if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command 
 else
   DEVICE=cuda
   BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512)  # ~4 s a case: 12 labels x 3 sizes
+  BENCH1024=(--sizes 3840x2160,7680x4320 --tiles 1024 --backends eager-fp32,compile-triton-fp16,compile-tconv-fp16)
   VIDEO=(--sizes 3840x2160 --tiles 512 --video 8)
   CONV=(--presets small,paper --shape 4x3x512x512)
   PROF=(--size 3840x2160 --tile 512)
@@ -145,6 +149,8 @@ stage tests 100 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durat
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
 stage bench 170 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 150 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
+stage bench1024 45 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH1024[@]}" --budget-s 35 \
+  --json "$WORK/bench1024.json"
 CONV_ENV=()
 [ "$DRY" = 1 ] && CONV_ENV=(env TRITON_INTERPRET=1)  # the fused-conv path, interpreted on tiny shapes
 stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --repeats 10 \

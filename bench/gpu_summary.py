@@ -141,6 +141,7 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
         "targets": targets(bench, convutil),
         "best": (bench or {}).get("best"),
         "bench": bench,
+        "bench_tile1024": load(work / "bench1024.json"),
         "video": load(work / "video.json"),
         "convutil": convutil,
         "profile": load(work / "profile.json"),
@@ -188,6 +189,10 @@ def report(summary: dict) -> str:
         lines.append(
             f"  best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32, "
             f"PSNR {b['psnr_db']:.1f} dB, peak {mem}"
+        )
+    for size, b in ((summary.get("bench_tile1024") or {}).get("best") or {}).items():
+        lines.append(
+            f"  tile 1024, best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32 (same tile)"
         )
     train = summary.get("train") or {}
     if train:
