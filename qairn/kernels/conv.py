@@ -1,6 +1,8 @@
 """Fused convolution for thin layers: bias, ReLU and a residual add in the same pass.
 
     out = conv2d(x, weight, bias, stride, padding)     (square k x k kernel, k <= 3, stride 1 or 2)
+    x may come in two parts, x and x2, concatenated along channels without being materialised
+    (RQAttention's input conv reads the skip and the decoder features this way)
     out = relu(out)            if relu
     out = out + residual       if residual is given      (a ResBlock: x + conv2(relu(conv1(x))))
 
@@ -51,7 +53,10 @@ def conv_reference(
     padding: int = 1,
     relu: bool = False,
     residual: Tensor | None = None,
+    x2: Tensor | None = None,
 ) -> Tensor:
+    if x2 is not None:
+        x = torch.cat([x, x2], dim=1)
     out = F.conv2d(x, weight, bias, stride=stride, padding=padding)
     if relu:
         out = F.relu(out)
@@ -99,15 +104,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _conv_kernel(
-        x_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
-        H, W, H_OUT, W_OUT, CIN, COUT,
+        x_ptr, x2_ptr, w_ptr, b_ptr, res_ptr, out_ptr,
+        H, W, H_OUT, W_OUT, CIN, CIN2, COUT,
         s_xn, s_xc, s_xh, s_xw,
+        s_x2n, s_x2c, s_x2h, s_x2w,
         s_wo, s_wi, s_wh, s_ww,
         s_rn, s_rc, s_rh, s_rw,
         s_on, s_oc, s_oh, s_ow,
         KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_X2: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
@@ -122,21 +128,30 @@ if HAS_TRITON:
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_img = x_ptr + n * s_xn
+        x2_img = x2_ptr + n * s_x2n
         for tap in tl.static_range(KSIZE * KSIZE):
             ky = tap // KSIZE
             kx = tap % KSIZE
             iy = oy * STRIDE + (ky - PAD)
             ix = ox * STRIDE + (kx - PAD)
             valid = mask_m & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)  # zero padding
-            pix = iy * s_xh + ix * s_xw
+            w_tap = w_ptr + offs_n[None, :] * s_wo + ky * s_wh + kx * s_ww
             for k0 in range(0, CIN, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < CIN
-                a_ptrs = x_img + pix[:, None] + offs_k[None, :] * s_xc
+                a_ptrs = x_img + (iy * s_xh + ix * s_xw)[:, None] + offs_k[None, :] * s_xc
                 a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
-                w_ptrs = w_ptr + offs_n[None, :] * s_wo + offs_k[:, None] * s_wi + ky * s_wh + kx * s_ww
-                b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                b = tl.load(w_tap + offs_k[:, None] * s_wi, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 acc = _dot(a, b, acc, IEEE, UPCAST)
+            if HAS_X2:  # the second part's channels follow the first's in the weight
+                for k0 in range(0, CIN2, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < CIN2
+                    a_ptrs = x2_img + (iy * s_x2h + ix * s_x2w)[:, None] + offs_k[None, :] * s_x2c
+                    a = tl.load(a_ptrs, mask=valid[:, None] & mask_k[None, :], other=0.0)
+                    w_ptrs = w_tap + (CIN + offs_k[:, None]) * s_wi
+                    b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                    acc = _dot(a, b, acc, IEEE, UPCAST)
 
         _epilogue(
             acc, b_ptr, res_ptr, out_ptr, n, oy, ox, offs_n, mask_m, mask_n,
@@ -254,41 +269,50 @@ def conv_triton(
     padding: int = 1,
     relu: bool = False,
     residual: Tensor | None = None,
+    x2: Tensor | None = None,
     config: tuple[int, int, int, int] | None = None,
 ) -> Tensor:
-    """The fused conv; out has x's memory format. config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps)
-    overrides tile_config (benchmarks, tests)."""
+    """The fused conv of x, or of x and x2 concatenated along channels; out has x's memory format.
+    config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the tuned tiling (benchmarks, tests)."""
     check_runnable(x, weight, "conv")
     n, cin, h, w = x.shape
+    cin2 = 0
+    if x2 is not None:
+        if x2.dim() != 4 or x2.shape[0] != n or x2.shape[2:] != x.shape[2:] or x2.dtype != x.dtype:
+            raise ValueError(
+                f"x2 must be (N, C2, H, W) like x {tuple(x.shape)} in {x.dtype}, got {tuple(x2.shape)}"
+            )
+        cin2 = x2.shape[1]
     cout, k = weight.shape[0], weight.shape[-1]
-    if weight.shape[1:] != (cin, k, k) or k not in KERNEL_SIZES or stride not in STRIDES:
+    if weight.shape[1:] != (cin + cin2, k, k) or k not in KERNEL_SIZES or stride not in STRIDES:
         raise ValueError(
-            f"weight {tuple(weight.shape)}, stride {stride}: the Triton conv takes (Cout, {cin}, k, k) with "
-            f"k in {KERNEL_SIZES} and stride in {STRIDES} for x {tuple(x.shape)}"
+            f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, stride {stride}: the Triton conv takes "
+            f"(Cout, {cin + cin2}, k, k) weights, k in {KERNEL_SIZES}, stride in {STRIDES}"
         )
     ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
-    check_epilogue((n, cout, ho, wo), bias, residual, max(cin * h * w, cout * ho * wo))
+    check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
     res = residual if residual is not None else out  # never read without HAS_RES
+    second = x2 if x2 is not None else x  # never read without HAS_X2
     upcast = INTERPRETED and x.dtype == torch.bfloat16
 
     def launch(cfg):
         block_m, block_n, block_k, num_warps = cfg
         grid = (triton.cdiv(ho * wo, block_m), n, triton.cdiv(cout, block_n))
         _conv_kernel[grid](
-            x, weight, bias if bias is not None else weight, res, out,
-            h, w, ho, wo, cin, cout,
-            *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+            x, second, weight, bias if bias is not None else weight, res, out,
+            h, w, ho, wo, cin, cin2, cout,
+            *x.stride(), *second.stride(), *weight.stride(), *res.stride(), *out.stride(),
             KSIZE=k, STRIDE=stride, PAD=padding,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None,
+            HAS_BIAS=bias is not None, RELU=relu, HAS_RES=residual is not None, HAS_X2=x2 is not None,
             IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast,
             num_warps=num_warps,
         )  # fmt: skip
 
     # Tuned once per layer shape and layout (the epilogue flags barely change the time).
-    key = ("conv", x.device, x.dtype, n, cin, cout, h, w, k, stride, padding, x.stride(), out.stride())
-    launch(config or choose_config(key, x, cin, cout, launch))
+    key = ("conv", x.device, x.dtype, n, cin, cin2, cout, h, w, k, stride, padding, x.stride(), out.stride())
+    launch(config or choose_config(key, x, max(cin, cin2), cout, launch))
     return out
 
 
@@ -306,8 +330,9 @@ def _conv_impl(
     padding: int,
     relu: bool,
     residual: Tensor | None,
+    x2: Tensor | None,
 ) -> Tensor:
-    out = conv_reference(x, weight, bias, stride, padding, relu, residual)
+    out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
     return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
 
 
@@ -315,7 +340,7 @@ conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
 
 
 @conv_op.register_fake
-def _(x, weight, bias, stride, padding, relu, residual):
+def _(x, weight, bias, stride, padding, relu, residual, x2):
     n, _, h, w = x.shape
     k = weight.shape[-1]
     return empty_like_layout(
@@ -330,33 +355,36 @@ def triton_takes(x: Tensor, weight: Tensor) -> bool:
 if HAS_TRITON:
 
     @conv_op.register_kernel("cuda")
-    def _(x, weight, bias, stride, padding, relu, residual):
-        if not triton_takes(x, weight):
-            return _conv_impl(x, weight, bias, stride, padding, relu, residual)
-        return conv_triton(x, weight, bias, stride, padding, relu, residual)
+    def _(x, weight, bias, stride, padding, relu, residual, x2):
+        if not triton_takes(x, weight) or (x2 is not None and x2.dtype != x.dtype):
+            return _conv_impl(x, weight, bias, stride, padding, relu, residual, x2)
+        return conv_triton(x, weight, bias, stride, padding, relu, residual, x2)
 
 
-def recompute_backward(reference, x, weight, bias, has_residual: bool, grad_out, **kwargs):
-    """Gradients (x, weight, bias, residual) by differentiating the reference forward again: training
-    with the kernels swapped in is correct, if not fused (the residual's gradient is grad_out)."""
+def recompute_backward(reference, tensors: dict, grad_out: Tensor, has_residual: bool, **kwargs) -> dict:
+    """Gradients of the tensors (a name -> tensor or None dict of the reference's arguments) by
+    differentiating the reference forward again: training with the kernels swapped in is correct, if
+    not fused. The residual is added last, so its gradient is grad_out itself."""
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
-        out = reference(leaves[0], leaves[1], leaves[2] if bias is not None else None, **kwargs)
-        grads = torch.autograd.grad(out, leaves, grad_out)
-    return grads[0], grads[1], grads[2] if bias is not None else None, grad_out if has_residual else None
+        leaves = {k: t.detach().requires_grad_() for k, t in tensors.items() if t is not None}
+        out = reference(**{k: leaves.get(k) for k in tensors}, **kwargs)
+        grads = dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad_out), strict=True))
+    return {k: grads.get(k) for k in tensors} | {"residual": grad_out if has_residual else None}
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, relu, residual = inputs
-    ctx.save_for_backward(x, weight, bias)
+    x, weight, bias, stride, padding, relu, residual, x2 = inputs
+    ctx.save_for_backward(x, weight, bias, x2)
     ctx.stride, ctx.padding, ctx.relu, ctx.has_residual = stride, padding, relu, residual is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, bias = ctx.saved_tensors
-    kw = dict(stride=ctx.stride, padding=ctx.padding, relu=ctx.relu)
-    gx, gw, gb, gr = recompute_backward(conv_reference, x, weight, bias, ctx.has_residual, grad_out, **kw)
-    return gx, gw, gb, None, None, None, gr
+    x, weight, bias, x2 = ctx.saved_tensors
+    g = recompute_backward(
+        conv_reference, dict(x=x, weight=weight, bias=bias, x2=x2), grad_out, ctx.has_residual,
+        stride=ctx.stride, padding=ctx.padding, relu=ctx.relu,
+    )  # fmt: skip
+    return g["x"], g["weight"], g["bias"], None, None, None, g["residual"], g["x2"]
 
 
 conv_op.register_autograd(_backward, setup_context=_setup_context)
@@ -366,7 +394,7 @@ torch._decomp.register_decomposition(torch.ops.qairn.conv2d.default)(conv_refere
 
 
 def conv(
-    x, weight, bias=None, stride: int = 1, padding: int = 1, relu: bool = False, residual=None
+    x, weight, bias=None, stride: int = 1, padding: int = 1, relu: bool = False, residual=None, x2=None
 ) -> Tensor:
     """The fused op (Triton on CUDA, the reference elsewhere), differentiable."""
-    return conv_op(x, weight, bias, stride, padding, relu, residual)
+    return conv_op(x, weight, bias, stride, padding, relu, residual, x2)

@@ -164,10 +164,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, weight, bias = ctx.saved_tensors
-    gx, gw, gb, gr = recompute_backward(
-        conv_transpose_reference, x, weight, bias, ctx.has_residual, grad_out, relu=ctx.relu
-    )
-    return gx, gw, gb, None, gr
+    tensors = dict(x=x, weight=weight, bias=bias)
+    g = recompute_backward(conv_transpose_reference, tensors, grad_out, ctx.has_residual, relu=ctx.relu)
+    return g["x"], g["weight"], g["bias"], None, g["residual"]
 
 
 conv_transpose_op.register_autograd(_backward, setup_context=_setup_context)

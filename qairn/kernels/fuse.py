@@ -26,7 +26,7 @@ DEFAULT_MAX_CHANNELS = 64
 
 class FusedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
-        return conv_op(x, self.weight, self.bias, self.stride[0], self.padding[0], False, None)
+        return conv_op(x, self.weight, self.bias, self.stride[0], self.padding[0], False, None, None)
 
 
 class FusedConvTranspose2d(nn.ConvTranspose2d):
@@ -38,18 +38,19 @@ class FusedResBlock(ResBlock):
     """ResBlock in two fused calls: h = relu(conv1(x)); out = conv2(h) + x."""
 
     def forward(self, x: Tensor) -> Tensor:
-        h = conv_op(x, self.conv1.weight, self.conv1.bias, 1, 1, True, None)
-        return conv_op(h, self.conv2.weight, self.conv2.bias, 1, 1, False, x)
+        h = conv_op(x, self.conv1.weight, self.conv1.bias, 1, 1, True, None, None)
+        return conv_op(h, self.conv2.weight, self.conv2.bias, 1, 1, False, x, None)
 
 
 class FusedRQAttention(RQAttention):
-    """RQAttention whose logit runs in six fused calls (ReLUs and skip adds in the epilogues)."""
+    """RQAttention whose logit runs in six fused calls: ReLUs and skip adds in the epilogues, and the
+    input conv reading skip and dec as the two halves of its input (no concatenated copy)."""
 
     def logit(self, skip: Tensor, dec: Tensor) -> Tensor:
-        def c(x, m, relu):
-            return conv_op(x, m.weight, m.bias, m.stride[0], m.padding[0], relu, None)
+        def c(x, m, relu, x2=None):
+            return conv_op(x, m.weight, m.bias, m.stride[0], m.padding[0], relu, None, x2)
 
-        e0 = c(torch.cat([skip, dec], dim=1), self.inp, True)
+        e0 = c(skip, self.inp, True, dec)
         e1 = c(e0, self.down1, True)
         e2 = c(e1, self.down2, True)
         d1 = conv_transpose_op(e2, self.up2.weight, self.up2.bias, True, e1)

@@ -144,6 +144,29 @@ def test_triton_tile_configs_agree(config):
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("split", [(16, 16), (3, 17), (40, 24)], ids=str)
+def test_triton_two_inputs(split, layout):
+    """x and x2 concatenated along channels without the copy: RQAttention's (skip, decoder) input."""
+    c1, c2 = split
+    x, weight, bias, residual = make_inputs((2, c1 + c2, 16, 7, 9), torch.float16, layout)
+    x1, x2 = x[:, :c1], x[:, c1:]  # views of one tensor; the kernel walks their strides
+    if layout == "nchw":
+        x1, x2 = x1.contiguous(), x2.contiguous()
+    out = cv.conv_triton(x1, weight, bias, relu=True, residual=residual, x2=x2)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=True, residual=residual), **TOL[torch.float16]
+    )
+    for s, p in [(2, 1)]:
+        out = cv.conv_triton(x1, weight, bias, s, p, x2=x2)
+        torch.testing.assert_close(out.double(), ideal(x, weight, bias, s, p), **TOL[torch.float16])
+    with pytest.raises(ValueError, match="x2"):
+        cv.conv_triton(x1, weight, bias, x2=x2[..., :3])
+    with pytest.raises(ValueError, match="Cout"):
+        cv.conv_triton(x1, weight[:, :c1], bias, x2=x2)
+
+
+@needs_triton
 def test_triton_mixed_layouts_and_views():
     """x channels_last with an NCHW residual, and a non-contiguous slice of a bigger tensor."""
     x, weight, bias, residual = make_inputs((2, 16, 16, 8, 8), layout="channels_last")
@@ -214,6 +237,10 @@ def test_op_gradcheck_float64():
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias, residual))
     assert torch.autograd.gradcheck(lambda x, w: cv.conv(x, w[..., :2, :2], None, 2, 0), (x, weight))
+    x1, x2 = x[:, :1].detach().clone().requires_grad_(), x[:, 1:].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, w: cv.conv(a, w, None, 1, 1, True, None, b), (x1, x2, weight)
+    )
 
 
 def test_opcheck():
@@ -222,8 +249,13 @@ def test_opcheck():
         x, weight, bias, residual = make_inputs((2, 4, 6, 6, 4), geometry=geometry)
         _, s, p = geometry
         for b, relu, r in [(bias, True, residual), (None, False, None)]:
-            args = [x.clone().requires_grad_(), weight.clone().requires_grad_(), b, s, p, relu, r]
+            args = [x.clone().requires_grad_(), weight.clone().requires_grad_(), b, s, p, relu, r, None]
             torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
+    # two inputs: x's channels, then x2's
+    x, weight, bias, residual = make_inputs((2, 6, 5, 5, 4))
+    x1, x2 = x[:, :4].contiguous().requires_grad_(), x[:, 4:].contiguous().requires_grad_()
+    args = [x1, weight.clone().requires_grad_(), bias, 1, 1, True, residual, x2]
+    torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
 
 
 # --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------
@@ -234,11 +266,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qairn.kernels import conv as cv
 
-def ptx(dtype, k, stride, pad, block_m, block_n, block_k):
+def ptx(dtype, k, stride, pad, block_m, block_n, block_k, x2=False):
     kernel = cv._conv_kernel
     constexprs = dict(KSIZE=k, STRIDE=stride, PAD=pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                      HAS_BIAS=True, RELU=True, HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False,
-                      s_xc=1, s_rc=1, s_oc=1)
+                      HAS_BIAS=True, RELU=True, HAS_RES=True, HAS_X2=x2, IEEE=dtype == "*fp32", UPCAST=False,
+                      s_xc=1, s_x2c=1, s_rc=1, s_oc=1)
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -256,6 +288,7 @@ print(json.dumps({
     "bf16_32x32_s2": ptx("*bf16", 3, 2, 1, *cv.tile_config(32, 32)[:3]),
     "fp16_3x16": ptx("*fp16", 3, 1, 1, *cv.tile_config(3, 16)[:3]),
     "fp16_2x2_s2": ptx("*fp16", 2, 2, 0, *cv.tile_config(16, 32)[:3]),
+    "fp16_two_inputs": ptx("*fp16", 3, 1, 1, *cv.tile_config(16, 16)[:3], x2=True),
     "fp32_16x16": ptx("*fp32", 3, 1, 1, *cv.tile_config(16, 16)[:3]),
 }))
 """
@@ -277,6 +310,6 @@ def test_kernel_compiles_for_hopper_on_tensor_cores():
     """Compiles (not interprets) the kernel for sm_90, which needs no GPU: half inputs must reach the
     tensor cores (mma/wgmma), and fp32 must not (IEEE products, as the reference)."""
     mma = compiled_mma(PTX_SCRIPT)
-    for name in ("fp16_16x16", "bf16_32x32_s2", "fp16_3x16", "fp16_2x2_s2"):
+    for name in ("fp16_16x16", "bf16_32x32_s2", "fp16_3x16", "fp16_2x2_s2", "fp16_two_inputs"):
         assert mma[name], (name, mma)
     assert not mma["fp32_16x16"], mma
