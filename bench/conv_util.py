@@ -171,6 +171,52 @@ def conv_util(
     }
 
 
+def write_plot(report: dict, path: str) -> None:
+    """Per layer group of each model: time on cuDNN, on the fused Triton kernel (when timed) and the
+    roofline floor, as bars (ms x count, log scale): where the trunk's time goes and what is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = list(report["presets"].items())
+    fig, axes = plt.subplots(
+        1, len(presets), figsize=(7 * len(presets), 0.32 * max(len(r["layers"]) for _, r in presets) + 1.8)
+    )
+    axes = [axes] if len(presets) == 1 else list(axes)
+    for ax, (name, r) in zip(axes, presets, strict=True):
+        layers = r["layers"][::-1]  # the costliest on top
+        ys = range(len(layers))
+        cudnn = [layer["ms"] * layer["count"] for layer in layers]
+        fused = [(layer["triton_ms"] or 0) * layer["count"] for layer in layers]
+        roof = [layer["roofline_ms"] * layer["count"] for layer in layers]
+        ax.barh([y + 0.27 for y in ys], cudnn, 0.27, label="cuDNN / ATen")
+        if any(fused):
+            ax.barh(list(ys), fused, 0.27, label="fused Triton kernel")
+        ax.barh([y - 0.27 for y in ys], roof, 0.27, color="0.6", label="roofline floor")
+        ax.set_yticks(
+            list(ys),
+            [
+                f"{'T' if layer['layer'] == 'ConvTranspose2d' else ''}{layer['cin']}->{layer['cout']} "
+                f"k{layer['kernel'][0]}s{layer['stride'][0]} {layer['input'][-2]}px x{layer['count']}"
+                for layer in layers
+            ],
+            fontsize=7,
+        )
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per forward (all calls of the layer)")
+        ax.set_title(
+            f"{name} {'x'.join(map(str, r['shape']))} {report['precision']}: convs {r['conv_ms']:.2f} ms = "
+            f"{100 * r['conv_util']:.1f}% of peak, roofline {100 * r['roofline_util']:.0f}%",
+            fontsize=8,
+        )
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"conv trunk on {report['env']['device']['name']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="small,paper", help="presets to measure (random weights: speed only)")
@@ -180,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write a PNG of the per-layer times against the roofline")
     args = p.parse_args(argv)
     device = qb.resolve(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
@@ -236,6 +283,8 @@ def main(argv=None) -> int:
             )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        write_plot(report, args.plot)
     return 0
 
 

@@ -23,7 +23,7 @@
 #             result beats the shipped weights; QAIRN_GPU_TRAIN_S caps the
 #             training seconds (default: all that is left, less 75 s)        rest
 # Output (<= 8 files, the device tool's limit): gpu_run.json (everything, with GPU name and date),
-# bench.json (for bench/results/), bench.png, profile.txt, gate.json, logs.txt, and from training
+# bench.json (for bench/results/), bench.png, profile.txt, convutil.png, logs.txt, and from training
 # weights.safetensors and train_log.csv.
 # Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 575),
 # QAIRN_GPU_STAGES (default all, e.g. "env bench"), QAIRN_GPU_TESTS (a pytest -k expression),
@@ -154,7 +154,7 @@ stage bench1024 45 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH1024[@
 CONV_ENV=()
 [ "$DRY" = 1 ] && CONV_ENV=(env TRITON_INTERPRET=1)  # the fused-conv path, interpreted on tiny shapes
 stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --repeats 10 \
-  --json "$WORK/convutil.json"
+  --json "$WORK/convutil.json" --plot "$WORK/convutil.png"
 BEST=$(best)
 stage video 40 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" \
   --json "$WORK/video.json"

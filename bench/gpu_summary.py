@@ -15,7 +15,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-COPIED = ("bench.json", "bench.png", "profile.txt", "gate.json")  # with gpu_run.json and logs.txt: 6 files
+# With gpu_run.json and logs.txt: 6 files (gate.json and the other stages' JSON are inside gpu_run.json).
+COPIED = ("bench.json", "bench.png", "profile.txt", "convutil.png")
 TRAIN_COPIED = ("weights.safetensors", "train_log.csv")  # from WORK/train: 8 files, the device's limit
 MAX_COPY = 15 * 2**20  # a file from $OUT may have 16 MiB
 

@@ -159,10 +159,13 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
                 "1",
                 "--json",
                 str(tmp_path / "c.json"),
+                "--plot",
+                str(tmp_path / "c.png"),
             ]
         )
         == 0
     )
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     r = json.loads((tmp_path / "c.json").read_text())["presets"]["tiny"]
     assert sum(layer["count"] for layer in r["layers"]) == len(qb.conv_layers(QAIRN(PRESETS["tiny"]), 32, 32))
     assert r["conv_util"] > 0 and r["forward_util"] > 0
