@@ -145,7 +145,8 @@ echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] &&
 
 stage env 15 bash -c env_stage
 stage kernels 45 bash -c kernels_stage
-stage tests 100 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
+# QAIRN_CONV_TUNE=0: the fused convs would time 4 tilings at every new test shape (one test tunes).
+stage tests 100 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
 stage bench 170 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 150 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"

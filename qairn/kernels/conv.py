@@ -198,8 +198,11 @@ def candidate_configs(cin: int, cout: int) -> list[tuple[int, int, int, int]]:
 # On CUDA the first call of each layer shape times the candidate tilings and keeps the fastest
 # (QAIRN_CONV_TUNE=0 keeps tile_config). Not under CUDA-graph capture, where nothing may sync:
 # torch.compile's CUDA graphs run their warm-up calls eagerly first, and those tune.
-TUNE = os.environ.get("QAIRN_CONV_TUNE", "1") != "0"
 _tuned: dict = {}
+
+
+def tuning() -> bool:
+    return os.environ.get("QAIRN_CONV_TUNE", "1") != "0"
 
 
 def cuda_ms(fn) -> float:
@@ -226,7 +229,7 @@ def pick_fastest(configs, launch, repeats: int = 5, timer=cuda_ms):
 
 
 def choose_config(key: tuple, x: Tensor, cin: int, cout: int, launch):
-    if not (TUNE and x.is_cuda) or torch.cuda.is_current_stream_capturing():
+    if not (x.is_cuda and tuning()) or torch.cuda.is_current_stream_capturing():
         return _tuned.get(key, tile_config(cin, cout))
     if key not in _tuned:
         _tuned[key] = pick_fastest(candidate_configs(cin, cout), launch)

@@ -212,6 +212,20 @@ def test_pick_fastest_takes_the_lowest_median_and_skips_failures():
     assert cv.pick_fastest(["c"], launch, timer=timer) == "c"  # nothing ran: the first, to fail loudly
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="tuning times CUDA kernels; no CUDA device")
+def test_tuned_tiling_gives_the_same_result(monkeypatch):
+    """The first call of a shape times the candidate tilings (the CUDA tests otherwise run with
+    QAIRN_CONV_TUNE=0 to save compiles) and keeps one; any of them computes the same conv."""
+    monkeypatch.setenv("QAIRN_CONV_TUNE", "1")
+    x, weight, bias, residual = make_inputs((2, 16, 16, 40, 52), torch.float16, "channels_last")
+    cv._tuned.clear()
+    out = cv.conv_triton(x, weight, bias, relu=True, residual=residual)
+    assert len(cv._tuned) == 1 and next(iter(cv._tuned.values())) in cv.candidate_configs(16, 16)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=True, residual=residual), **TOL[torch.float16]
+    )
+
+
 # --- The op --------------------------------------------------------------------------------------------
 
 
