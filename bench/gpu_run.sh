@@ -15,7 +15,7 @@
 #   bench1024 the same at tile 1024 (less overlap) for the compiled backends      45 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak and the roofline,
 #             cuDNN against the fused Triton conv per layer (small, paper)       90 s
-#   video     8 4K frames through one Restorer, best backend                     40 s
+#   video     8 4K frames through one Restorer, best backend (loop, streams)     60 s
 #   profile   torch.profiler top ops of the best backend at 4K                   20 s
 #   train     last, in what is left: scripts/gpu_train.py from gpu_pack/ (carry
 #             it), if present: train (the shipped weights further, or
@@ -157,7 +157,7 @@ CONV_ENV=()
 stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --repeats 10 \
   --json "$WORK/convutil.json" --plot "$WORK/convutil.png"
 BEST=$(best)
-stage video 40 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" \
+stage video 60 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" \
   --json "$WORK/video.json"
 stage profile 20 "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" --backend "$BEST" \
   --out "$WORK/profile.txt" --json "$WORK/profile.json"

@@ -658,7 +658,8 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
             else:
                 try:
                     restorer = restorer or make_restorer(model, label, device, tile, args)
-                    fn(restorer, frames)  # warm-up pass: every batch shape compiled, autotuned, pinned
+                    # Warm-up on one stream batch (4 frames): every shape compiled, autotuned, pinned.
+                    fn(restorer, frames[:4])
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
