@@ -19,6 +19,16 @@ from qairn.model import ResBlock, RQAttention
 TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """cuDNN's fp32 convs default to TF32 on CUDA (10-bit mantissa products); the fused fp32 kernels
+    take IEEE products. Compare like with like."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 def run(m, x):
     with torch.no_grad():
         return m(x)
