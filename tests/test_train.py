@@ -370,3 +370,19 @@ def test_init_from_weights(data, tmp_path):
         torch.testing.assert_close(ck["model"][k], v.float())
     with pytest.raises(SystemExit, match="architecture differs"):
         trainer.train(tiny_args(data, tmp_path / "c", steps=0, nb=2, init=str(first / "w.safetensors")))
+
+
+def test_unguarded_script_gets_a_clear_error(data, tmp_path):
+    """DataLoader workers are spawned and import the user's script: one that calls train() without
+    the __main__ guard must stop with a message saying so, not hang or fail obscurely."""
+    script = tmp_path / "unguarded.py"
+    a = tiny_args(data, tmp_path / "run", steps=1, workers=1)
+    script.write_text(
+        f"from qairn.train.trainer import TrainArgs, train\ntrain(TrainArgs(**{asdict(a)!r}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode != 0
+    assert 'call it under `if __name__ == "__main__":`' in result.stderr, result.stderr[-2000:]

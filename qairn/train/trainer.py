@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
 import os
 import signal
 import time
@@ -105,6 +106,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(a: TrainArgs) -> Path:
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        # A spawned DataLoader worker is importing the user's script, which calls train() again.
+        raise RuntimeError(
+            "qairn train() ran again inside a DataLoader worker (workers are spawned and import your "
+            'script): call it under `if __name__ == "__main__":`, or use workers=0'
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
