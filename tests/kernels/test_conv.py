@@ -274,28 +274,36 @@ def test_opcheck():
 
 # --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------
 
-PTX_SCRIPT = r"""
+# Compiles a kernel for sm_90 (no GPU needed) and lists its tensor-core instructions.
+PTX_HELPER = r"""
 import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qairn.kernels import conv as cv
+from qairn.kernels import conv as cv, conv_transpose as ct
 
-def ptx(dtype, k, stride, pad, block_m, block_n, block_k, x2=False):
-    kernel = cv._conv_kernel
-    constexprs = dict(KSIZE=k, STRIDE=stride, PAD=pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                      HAS_BIAS=True, RELU=True, HAS_RES=True, HAS_X2=x2, IEEE=dtype == "*fp32", UPCAST=False,
-                      s_xc=1, s_x2c=1, s_rc=1, s_oc=1)
+def mma(kernel, dtype, constexprs):
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        else:
+        else:  # pointers of dtype; sizes and strides 16-aligned, as the launcher's specialisation sees them
             sig[name] = dtype if name.endswith("_ptr") else "i32"
             attrs[(i,)] = [["tt.divisibility", 16]]
     consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
     asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", asm)))
+
+def epilogue(dtype):  # every epilogue on, channels contiguous (channels_last)
+    flags = dict(HAS_BIAS=True, RELU=True, HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False)
+    return dict(**flags, s_xc=1, s_rc=1, s_oc=1)
+"""
+
+PTX_SCRIPT = r"""
+def ptx(dtype, k, stride, pad, block_m, block_n, block_k, x2=False):
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    geometry = dict(KSIZE=k, STRIDE=stride, PAD=pad, HAS_X2=x2, s_x2c=1)
+    return mma(cv._conv_kernel, dtype, dict(**blocks, **geometry, **epilogue(dtype)))
 
 print(json.dumps({
     "fp16_16x16": ptx("*fp16", 3, 1, 1, *cv.tile_config(16, 16)[:3]),
@@ -312,7 +320,12 @@ def compiled_mma(script: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
+        [sys.executable, "-c", PTX_HELPER + script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -105,27 +105,10 @@ def test_opcheck():
 
 
 PTX_SCRIPT = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from qairn.kernels import conv as cv, conv_transpose as ct
-
 def ptx(dtype, cin, cout):
-    kernel = ct._conv_transpose_kernel
     block_m, block_n, block_k, _ = cv.tile_config(cin, cout)
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=True, RELU=True,
-                      HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False, s_xc=1, s_rc=1, s_oc=1)
-    sig, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = dtype if name.endswith("_ptr") else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", asm)))
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return mma(ct._conv_transpose_kernel, dtype, dict(**blocks, **epilogue(dtype)))
 
 print(json.dumps({
     "fp16_32x16": ptx("*fp16", 32, 16), "bf16_16x16": ptx("*bf16", 16, 16), "fp32": ptx("*fp32", 16, 16),
