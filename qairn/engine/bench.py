@@ -63,10 +63,10 @@ DEFAULTS = {
             "eager-fp16-cl",
             "compile-triton-fp16",
             "compile-tconv-fp16",  # + the fused thin-conv kernels
-            "compile-triton-fp16-b4",  # 4 tiles per graph replay (last batch padded)
-            "compile-tconv-fp16-b4",
+            "triton-conv-fp16",  # the same kernels without torch.compile and CUDA graphs
+            "compile-tconv-fp16-b4",  # 4 tiles per graph replay (last batch padded)
+            "compile-triton-fp16-b4",
             "triton-fp16",
-            "triton-conv-fp16",
             "compile-fp16",
             "eager-bf16-cl",
             "tensorrt-fp16",
