@@ -75,6 +75,22 @@ def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
     assert [p.name for p in (workdir / "g").iterdir()] == ["a.png"]
 
 
+def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, capsys):
+    pytest.importorskip("triton", reason="the fused conv backend needs triton")
+    outs = []
+    for extra in ([], ["--fused-conv"]):
+        out = workdir / f"fused{len(extra)}.png"
+        rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", out, "--weights", tiny_weights, *extra)
+        assert rc == 0, err
+        outs.append(cv2.imread(str(out)))
+    assert np.array_equal(outs[0], outs[1])  # off CUDA the fused ops run their plain-torch reference
+    rc, _, err = run(
+        capsys, "restore", workdir / "a.jpg", "-o", workdir / "x.png", "--weights", tiny_weights,
+        "--backend", "onnxruntime", "--fused-conv",
+    )  # fmt: skip
+    assert rc != 0 and "fused_conv runs on the torch backends" in err and len(err.strip().splitlines()) == 1
+
+
 def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights, capsys):
     (workdir / "empty.jpg").write_bytes(b"")
     (workdir / "text.png").write_text("hello, not an image")

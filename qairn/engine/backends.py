@@ -103,6 +103,8 @@ def make_backend(name: str, model: QAIRN, device: torch.device, precision: str =
     if name == "triton":
         return TorchBackend(model, device, precision, triton=True, **options)
     if name in EXTERNAL:
+        if options.get("fused_conv"):
+            raise BackendError(f"fused_conv runs on the torch backends (eager, compile, triton), not {name}")
         module, func = EXTERNAL[name].split(":")
         try:
             factory = getattr(importlib.import_module(module), func)

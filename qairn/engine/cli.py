@@ -107,6 +107,11 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument("--backend", default="eager", help="eager, compile, triton, onnxruntime, tensorrt")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument(
+        "--fused-conv",
+        action="store_true",
+        help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA; not yet timed)",
+    )
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels; 0 = whole image")
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     p.add_argument(
@@ -127,6 +132,7 @@ def make_restorer(a):
         precision=a.precision,
         tile=a.tile or None,
         overlap=a.overlap,
+        **({"fused_conv": True} if a.fused_conv else {}),
     )
 
 
