@@ -9,7 +9,7 @@
 # so a run cut short still leaves its results):
 #   env       device, driver, versions                                          15 s
 #   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype  45 s
-#   tests     tests/kernels on CUDA (pytest-xdist when there): gate, convs      100 s
+#   tests     tests/kernels on CUDA (pytest-xdist when there): gate, convs      110 s
 #   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), every backend, on
 #             the shipped weights                                               170 s
 #   bench1024 the same at tile 1024 (less overlap) for the compiled backends      45 s
@@ -72,7 +72,7 @@ else
   CONV=(--presets small,paper --shape 4x3x512x512)
   PROF=(--size 3840x2160 --tile 512)
   TESTS=()
-  "$PY" -c 'import xdist' 2>/dev/null && TESTS=(-n 8)  # the kernels compile per dtype and layout: in parallel
+  "$PY" -c 'import xdist' 2>/dev/null && TESTS=(-n 12)  # kernels compile per dtype, layout, tiling: in parallel
   # Batch 32 (the paper's is 16): a short run sees twice the patches for about the same step time.
   TRAIN=(--max-mb 15 --batch 32)
   TRAIN_TAIL=75
@@ -146,7 +146,7 @@ echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] &&
 stage env 15 bash -c env_stage
 stage kernels 45 bash -c kernels_stage
 # QAIRN_CONV_TUNE=0: the fused convs would time 4 tilings at every new test shape (one test tunes).
-stage tests 100 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
+stage tests 110 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
 stage bench 170 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 150 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
