@@ -56,7 +56,11 @@ def min_bytes(module, shape, itemsize: int) -> int:
     """One read of the input and the weights, one write of the output."""
     n, cin, h, w = shape
     s = module.stride[0]
-    oh, ow = (h * s, w * s) if isinstance(module, torch.nn.ConvTranspose2d) else (-(-h // s), -(-w // s))
+    if isinstance(module, torch.nn.ConvTranspose2d):
+        oh, ow = h * s, w * s
+    else:
+        k, p = module.kernel_size[0], module.padding[0]
+        oh, ow = cv.out_size(h, k, s, p), cv.out_size(w, k, s, p)
     return itemsize * (n * cin * h * w + n * module.out_channels * oh * ow + module.weight.numel())
 
 

@@ -428,7 +428,8 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         if label != BASELINE:
             fields["psnr_db"] = round(psnr(y, ref_y.to(y.device)), 2)
             fields["q_abs_err"] = max(abs(q[k] - ref_q[k]) for k in q)
-    plan = plan_tiles(h, w, restorer.tile_for(h, w), restorer.overlap)  # as used (smaller after an OOM retry)
+    tile_used = restorer.tile_for(h, w)  # as used (smaller after an OOM retry)
+    plan = plan_tiles(h, w, tile_used, restorer.overlap)
     _, peak = peak_for_floor(report["peak_tflops"])
     floor_ms = report["model"]["gflop_per_mp"] * mp / peak  # GFLOP / (TFLOP/s) = ms
     return dict(
@@ -438,7 +439,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         warmup=args.warmup,
         repeats=len(r["ms"]),
         tile_batch=restorer.tile_batch,
-        tile_used=restorer.tile_for(h, w),
+        tile_used=tile_used,
         tiles=plan.count,
         work_ratio=plan.count * plan.rows.tile * plan.cols.tile / (w * h),
         mp_per_s=mp / (ms * 1e-3),

@@ -28,6 +28,7 @@ from qairn.kernels.conv import (
     check_runnable,
     choose_config,
     empty_like_layout,
+    epilogue_reference,
     recompute_backward,
     triton_takes,
 )
@@ -42,10 +43,7 @@ if HAS_TRITON:
 def conv_transpose_reference(
     x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False, residual: Tensor | None = None
 ) -> Tensor:
-    out = F.conv_transpose2d(x, weight, bias, stride=2)
-    if relu:
-        out = F.relu(out)
-    return out if residual is None else out + residual
+    return epilogue_reference(F.conv_transpose2d(x, weight, bias, stride=2), relu, residual)
 
 
 if HAS_TRITON:

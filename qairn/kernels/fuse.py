@@ -109,8 +109,12 @@ def fuse_convs(module: nn.Module, max_channels: int = DEFAULT_MAX_CHANNELS) -> n
     return module
 
 
-UNFUSED = {FusedConv2d: nn.Conv2d, FusedConvTranspose2d: nn.ConvTranspose2d, FusedResBlock: ResBlock}
-UNFUSED[FusedRQAttention] = RQAttention
+UNFUSED = {
+    FusedConv2d: nn.Conv2d,
+    FusedConvTranspose2d: nn.ConvTranspose2d,
+    FusedResBlock: ResBlock,
+    FusedRQAttention: RQAttention,
+}
 
 
 def unfuse_convs(module: nn.Module) -> nn.Module:
