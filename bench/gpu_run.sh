@@ -8,11 +8,12 @@
 # Stages (each under `timeout`, its log in the work folder; the summary is rewritten after each one,
 # so a run cut short still leaves its results):
 #   env       device, driver, versions                                          15 s
-#   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype  45 s
+#   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype,
+#             the pooling's cost per tile config                              60 s
 #   tests     tests/kernels on CUDA (pytest-xdist when there): gate, convs      110 s
 #   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), every backend, on
 #             the shipped weights                                               170 s
-#   bench1024 the same at tile 1024 (less overlap) for the compiled backends      45 s
+#   bench1024 the same at tile 1024 (less overlap) for the compiled backends      30 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak and the roofline,
 #             cuDNN against the fused Triton conv per layer (small, paper)       90 s
 #   video     8 4K frames through one Restorer, best backend (loop, streams)     60 s
@@ -121,7 +122,7 @@ kernels_stage() {
     echo "bench/kernels/gpu_gate_report.py is not there: nothing to run"
     return 0
   fi
-  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 38
+  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 52
 }
 
 train_stage() {
@@ -144,13 +145,13 @@ fi
 echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] && echo ', DRY RUN on the CPU')"
 
 stage env 15 bash -c env_stage
-stage kernels 45 bash -c kernels_stage
+stage kernels 60 bash -c kernels_stage
 # QAIRN_CONV_TUNE=0: the fused convs would time 4 tilings at every new test shape (one test tunes).
 stage tests 110 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
 stage bench 170 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 150 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"
-stage bench1024 45 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH1024[@]}" --budget-s 35 \
+stage bench1024 30 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH1024[@]}" --budget-s 22 \
   --json "$WORK/bench1024.json"
 CONV_ENV=()
 [ "$DRY" = 1 ] && CONV_ENV=(env TRITON_INTERPRET=1)  # the fused-conv path, interpreted on tiny shapes

@@ -283,6 +283,57 @@ def test_paired_ratio_alternates_and_takes_the_median():
     assert seconds >= 0
 
 
+def test_gate_report_pool_jobs_run_interpreted(monkeypatch):
+    """The gate report's pooling jobs (tile sweep with paired overhead, finish-launch share) on tiny
+    CPU shapes through the interpreted kernels, with the host clock for CUDA events and graphs: a GPU
+    run must not lose them to a typo."""
+    from qairn.kernels import gate
+
+    if not gate.INTERPRETED:
+        pytest.skip("the gate kernels run on the CPU only with TRITON_INTERPRET=1 set before import")
+    interpret = os.environ.get("TRITON_INTERPRET")
+    try:
+        report = bench_script("kernels/gpu_gate_report")  # drops TRITON_INTERPRET on import
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    workload = bench_script("kernels/gate_workload")
+    monkeypatch.setattr(report, "DEVICE", "cpu")
+    monkeypatch.setattr(report, "TILES_4K", (2, 20, 36))
+    monkeypatch.setattr(report, "TILE_CORE", [2, 18, 3, 30])
+    monkeypatch.setattr(report, "graphed", lambda fn: fn)
+    monkeypatch.setattr(report, "cuda_time_ms", lambda fn: workload.block_seconds(fn, 1, "cpu") * 1e3)
+    timer = lambda fn, n: workload.block_seconds(fn, n, "cpu")  # noqa: E731
+    monkeypatch.setattr(
+        report,
+        "paired_ratio",
+        lambda a, b: workload.paired_ratio(a, b, rounds=2, calls=1, warmup=0, timer=timer),
+    )
+    monkeypatch.setattr(report, "SWEEP", {"nchw": [(4, 128, 4)], "channels_last": [(64, 32, 4)]})
+    deadline = float("inf")
+    rows = report.sweep(gate, 16, "channels_last", 1e3, deadline) + report.sweep(
+        gate, 6, "nchw", 1e3, deadline
+    )
+    # The default tile comes first; block_c is capped at C's power of two.
+    assert [(r["c"], r["block_c"], r["block_p"], r["default"]) for r in rows] == [
+        (16, 16, 256, True),
+        (16, 16, 32, False),
+        (6, 4, 1024, True),
+        (6, 4, 128, False),
+    ]
+    assert all(
+        r["ms"] > 0 and r["pool_overhead_graph_quartiles"][0] <= r["pool_overhead_graph_quartiles"][1]
+        for r in rows
+    )
+    finish = report.pool_finish(gate)
+    assert [(r["c"], r["layout"]) for r in finish] == [
+        (64, "nchw"),
+        (64, "channels_last"),
+        (16, "channels_last"),
+    ]
+    assert all(r["num_blocks"] >= 1 and r["finish_share_of_blend"] > 0 for r in finish)
+
+
 def test_gpu_summary_ships_trained_weights_only_when_better(tmp_path):
     summ = bench_script("gpu_summary")
 
