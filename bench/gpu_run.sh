@@ -16,8 +16,9 @@
 #   bench1024 the same at tile 1024 (less overlap) for the compiled backends      30 s
 #   convutil  conv-trunk utilisation vs the measured fp16 peak and the roofline,
 #             cuDNN against the fused Triton conv per layer (small, paper)       90 s
-#   video     8 4K frames through one Restorer, best backend (loop, streams)     60 s
-#   profile   torch.profiler top ops of the best backend at 4K                   20 s
+#   video     8 4K frames through one Restorer, best backend (loop, streams)     50 s
+#   profile   torch.profiler top ops of the best backend at 4K; host vs device
+#             time and the stacks of host stalls (perf hints: cudagraph skips)     30 s
 #   train     last, in what is left: scripts/gpu_train.py from gpu_pack/ (carry
 #             it), if present: train (the shipped weights further, or
 #             QAIRN_GPU_TRAIN=largest), p sweep, LIVE1 eval, and whether the
@@ -158,9 +159,9 @@ CONV_ENV=()
 stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --repeats 10 \
   --json "$WORK/convutil.json" --plot "$WORK/convutil.png"
 BEST=$(best)
-stage video 60 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" \
+stage video 50 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" \
   --json "$WORK/video.json"
-stage profile 20 "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" --backend "$BEST" \
+stage profile 30 env TORCH_LOGS=perf_hints "$PY" bench/profile_best.py --device "$DEVICE" "${PROF[@]}" --backend "$BEST" \
   --out "$WORK/profile.txt" --json "$WORK/profile.json"
 # Training last: it gets what the measurements left (they are the scarcer result).
 LEFT=$((BUDGET - SECONDS - 10))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,72 @@ def best_backend(report_path: str | None, device: torch.device) -> str:
     area = lambda size: int(size.split("x")[0]) * int(size.split("x")[1])
     size = "3840x2160" if "3840x2160" in best else max(best, key=area, default=None)
     return best[size]["backend"] if size else fallback
+
+
+# Host calls that make the host wait for the device (or copy from pageable memory, which can): when
+# the host is the bottleneck, these are where it stalls. Their Python stacks say which line issued them.
+STALLS = (
+    "cudaMemcpy",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+    "aten::item",
+)
+
+
+def stack_profile(activities):
+    """A profiler that records each op's Python stack. Since torch 2.4 the stacks reach
+    key_averages(group_by_stack_n=...) only with the (private) verbose experimental config."""
+    try:
+        from torch._C._profiler import _ExperimentalConfig
+
+        return profile(
+            activities=activities, with_stack=True, experimental_config=_ExperimentalConfig(verbose=True)
+        )
+    except (ImportError, TypeError):
+        return profile(activities=activities, with_stack=True)
+
+
+def host_device_balance(prof, stacked, wall_ms: float, iters: int, cuda: bool) -> dict:
+    """Per call: wall time (unprofiled), host time (self CPU of every op), device time (self device
+    time of every kernel and copy), and the stalls with their stacks. Device time well under the wall
+    time means the device waits for the host: faster kernels would not help, less host work would.
+    prof: `iters` calls; stacked: one call profiled with_stack (Python frames would crowd prof's table)."""
+    events = prof.key_averages()
+    host_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / iters
+    device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / iters
+    stalls = [
+        {
+            "op": e.key,
+            "calls_per_call": e.count,
+            "cpu_ms": e.cpu_time_total / 1e3,
+            "stack": [line for line in (e.stack or []) if "site-packages" not in line][:6],
+        }
+        for e in stacked.key_averages(group_by_stack_n=12)
+        if any(e.key.startswith(name) for name in STALLS)
+    ]
+    stalls.sort(key=lambda s: -s["cpu_ms"])
+    copies = [e for e in events if "Memcpy HtoD" in e.key or "Memcpy DtoH" in e.key]
+    return {
+        "wall_ms": wall_ms,
+        "host_ms_profiled": host_ms,
+        "device_ms": device_ms if cuda else None,
+        "device_busy": device_ms / wall_ms if cuda and wall_ms > 0 else None,
+        "host_copies_per_call": {e.key: e.count / iters for e in copies},
+        "stalls": stalls[:8],
+    }
+
+
+def balance_text(b: dict) -> str:
+    lines = [f"per call: wall {b['wall_ms']:.2f} ms unprofiled, host {b['host_ms_profiled']:.2f} ms profiled"]
+    if b["device_ms"] is not None:
+        lines[0] += f", device {b['device_ms']:.2f} ms ({100 * b['device_busy']:.0f}% of the wall time busy)"
+    for name, n in b["host_copies_per_call"].items():
+        lines.append(f"  {n:g} x {name} per call")
+    for s in b["stalls"]:
+        lines.append(f"  stall {s['op']}: {s['calls_per_call']:g} per call, {s['cpu_ms']:.3f} ms host")
+        lines += [f"      {line}" for line in s["stack"]]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -54,16 +121,27 @@ def main(argv=None) -> int:
     restorer = qb.make_restorer(model, label, device, tile, opts)
     x = qb.synthetic_frame(h, w, device)
     cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     for _ in range(3):
         restorer.restore_tensor(x)
-    if cuda:
-        torch.cuda.synchronize()
+    sync()
+    t0 = time.perf_counter()  # the wall clock without the profiler, to set host and device time against
+    for _ in range(args.iters):
+        restorer.restore_tensor(x)
+    sync()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.iters
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(args.iters):
             restorer.restore_tensor(x)
-        if cuda:
-            torch.cuda.synchronize()
+        sync()
+    with stack_profile(activities) as stacked:  # one more call, for the stalls' stacks
+        restorer.restore_tensor(x)
+        sync()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
     total = sum(getattr(e, key) for e in events) or 1.0
@@ -76,6 +154,7 @@ def main(argv=None) -> int:
         }
         for e in events[: args.rows]
     ]
+    balance = host_device_balance(prof, stacked, wall_ms, args.iters, cuda)
     title = (
         f"{label} on {qb.environment(device)['device']['name']}, {args.size} tile {tile}, {source}, "
         f"per call (of {args.iters})"
@@ -84,8 +163,9 @@ def main(argv=None) -> int:
     print(title)
     for t in top:
         print(f"  {100 * t['share']:5.1f}%  {t['self_ms']:9.3f} ms  {t['calls']:>6}  {t['op'][:90]}")
+    print(balance_text(balance))
     if args.out:
-        Path(args.out).write_text(title + "\n" + table + "\n")
+        Path(args.out).write_text(title + "\n" + table + "\n" + balance_text(balance) + "\n")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
@@ -97,6 +177,7 @@ def main(argv=None) -> int:
                     "sort": key,
                     "iters": args.iters,
                     "top": top,
+                    **balance,
                 },
                 indent=1,
             )

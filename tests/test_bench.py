@@ -196,6 +196,26 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
     )
     top = json.loads((tmp_path / "p.json").read_text())
     assert top["backend"] == "eager-fp32" and top["top"] and "aten::" in (tmp_path / "p.txt").read_text()
+    assert top["wall_ms"] > 0 and top["host_ms_profiled"] > 0 and top["device_ms"] is None
+    assert not any(".py(" in t["op"] for t in top["top"])  # Python frames only in the stacked pass
+
+
+def test_profile_names_the_line_that_stalls_the_host():
+    prof = bench_script("profile_best")
+    from torch.profiler import ProfilerActivity, profile
+
+    def waits_for_a_value():
+        return torch.ones(3).sum().item()  # on CUDA, .item() makes the host wait for the device
+
+    with profile(activities=[ProfilerActivity.CPU]) as plain:
+        waits_for_a_value()
+    with prof.stack_profile([ProfilerActivity.CPU]) as stacked:
+        waits_for_a_value()
+    b = prof.host_device_balance(plain, stacked, wall_ms=1.0, iters=1, cuda=False)
+    item = next(s for s in b["stalls"] if s["op"] == "aten::item")
+    assert item["calls_per_call"] == 1
+    assert any("waits_for_a_value" in line for line in item["stack"]), item["stack"]
+    assert "stall aten::item" in prof.balance_text(b)
 
 
 def test_gpu_summary(tmp_path):
