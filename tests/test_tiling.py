@@ -56,6 +56,12 @@ def test_tiled_matches_whole_image_on_live1(live1_image, h, w, tile, overlap):
         assert tiled.quality[k] == pytest.approx(whole.quality[k], rel=0.01)
     for a, b in zip(whole.maps, tiled.maps):
         assert a.shape == b.shape
+    # Without maps the backend skips their float copies; image and quality must not change.
+    for with_maps, restorer_tile in ((whole, None), (tiled, tile)):
+        bare = qairn.Restorer(model=model, device="cpu", tile=restorer_tile, overlap=overlap).restore(img)
+        assert bare.maps is None
+        np.testing.assert_array_equal(bare.image, with_maps.image)
+        assert bare.quality == with_maps.quality
 
 
 def test_overlap_matters(live1_image):
@@ -236,10 +242,10 @@ def test_static_backends_get_full_padded_batches(live1_image):
             shapes.append(tuple(x.shape))
             return inner(x)
 
-        def forward_pooled(self, x, p, cores):
+        def forward_pooled(self, x, p, cores, maps=True):
             shapes.append(tuple(x.shape))
             assert cores.shape[0] == x.shape[0]
-            return pooled(x, p, cores)
+            return pooled(x, p, cores, maps)
 
     static.backend = Static()
     want, got = free.restore(img), static.restore(img)

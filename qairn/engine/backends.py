@@ -3,7 +3,7 @@
 A backend is a callable taking a float32 (N,3,h,w) RGB batch in [0,1] on the engine's device and
 returning (restored float32 (N,3,h,w), [gamma1, gamma2, gamma3] float32), like QAIRN.forward.
 `fixed_tile` is True for backends that want every tile at the planned full size (static engines).
-Backends that can pool quality inside the model also offer `forward_pooled(x, p, cores)`.
+Backends that can pool quality inside the model also offer `forward_pooled(x, p, cores, maps)`.
 """
 
 from __future__ import annotations
@@ -79,8 +79,9 @@ class TorchBackend:
         return f.clone() if self.graphs and f.data_ptr() == t.data_ptr() else f
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # One copy for both the cast and the layout (a tile crop is a strided view anyway).
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.to(dtype=self.dtype, memory_format=layout)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
@@ -88,12 +89,13 @@ class TorchBackend:
         return self._own(y), [self._own(g) for g in gammas]
 
     @torch.inference_mode()
-    def forward_pooled(self, x: torch.Tensor, p: float, cores: torch.Tensor):
+    def forward_pooled(self, x: torch.Tensor, p: float, cores: torch.Tensor, maps: bool = True):
         """Like __call__, plus (3, N) float64 sums of gamma**p over each image's core box (input
-        pixels), taken inside the gate: with the Triton gate, in the same pass as the blend."""
+        pixels), taken inside the gate: with the Triton gate, in the same pass as the blend.
+        maps=False returns None for the gammas: quality alone needs no float copy of them."""
         y, gammas, pooled = self.net(self._prepare(x), pool_p=p, cores=cores)
-        sums = torch.stack([s.double() for s, _ in pooled])
-        return self._own(y), [self._own(g) for g in gammas], sums
+        sums = torch.stack([s for s, _ in pooled]).double()
+        return self._own(y), [self._own(g) for g in gammas] if maps else None, sums
 
 
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):

@@ -127,8 +127,10 @@ class Restorer:
         dev = self._plan_on_device(plan, n)
         if plan.count == 1:
             if fused is not None:
-                y, gammas, sums = fused(xp, self.p, dev["cores"])
+                y, gammas, sums = fused(xp, self.p, dev["cores"], maps=return_maps)
                 q = self._q_from_sums(sums, h, w)
+                if not return_maps:
+                    return y[..., :h, :w].clamp(0, 1), q, None
             else:
                 y, gammas = self.backend(xp)
             maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
@@ -156,9 +158,9 @@ class Restorer:
             if pad and len(group) < step:
                 crops += [crops[-1]] * (step - len(group))
                 cores = torch.cat([cores] + [cores[-n:]] * (step - len(group)))
-            batch = torch.cat(crops)
+            batch = torch.cat(crops) if len(crops) > 1 else crops[0]  # one crop: the backend copies it
             if fused is not None:  # quality sums over each tile's core, taken inside the gate
-                y, gammas, tile_sums = fused(batch, self.p, cores)
+                y, gammas, tile_sums = fused(batch, self.p, cores, maps=maps is not None)
             else:
                 y, gammas = self.backend(batch)
             for t, (i, j, y0, x0) in enumerate(group):
@@ -167,9 +169,9 @@ class Restorer:
                 out[:, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(y[sl] * row_w[i][:, None], col_w[j][None, :])
                 if fused is not None:
                     sums += tile_sums[:, sl]
-                for k, (g, s) in enumerate(zip(gammas, SCALES)):
-                    if fused is not None and maps is None:
+                    if maps is None:
                         continue
+                for k, (g, s) in enumerate(zip(gammas, SCALES)):
                     c0, c1, d0, d1 = plan.core(i, j, s)
                     core = g[sl, :, c0:c1, d0:d1]
                     if fused is None:
