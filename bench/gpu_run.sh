@@ -10,7 +10,8 @@
 #   env       device, driver, versions                                          15 s
 #   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype,
 #             the pooling's cost per tile config                              60 s
-#   tests     tests/kernels on CUDA (pytest-xdist when there): gate, convs      110 s
+#   tests     tests/kernels + test_cuda_graph.py on CUDA (xdist): gate, convs,
+#             whole-frame CUDA graphs                                          110 s
 #   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), every backend, on
 #             the shipped weights                                               170 s
 #   bench1024 the same at tile 1024 (less overlap) for the compiled backends      30 s
@@ -54,7 +55,7 @@ export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton" 
 if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command before GPU minutes are spent
   DEVICE=cpu
   BENCH=(--preset tiny --sizes 64x64,96x128 --tiles 64,0 --warmup 1 --repeats 2 --threads 1
-         --backends eager-fp32,eager-bf16-cl,triton-fp16,compile-triton-fp16,compile-tconv-fp16,tensorrt-fp16,onnxruntime-fp32)
+         --backends eager-fp32,eager-bf16-cl,triton-fp16,compile-triton-fp16,graph-triton-fp16,compile-tconv-fp16,tensorrt-fp16,onnxruntime-fp32)
   BENCH1024=(--preset tiny --sizes 96x128 --tiles 96 --warmup 1 --repeats 2 --threads 1
              --backends eager-fp32,compile-tconv-fp16)
   VIDEO=(--preset tiny --sizes 64x64 --tiles 64 --video 3 --warmup 1 --threads 1)
@@ -148,7 +149,7 @@ echo "gpu_run: output $OUTDIR, work $WORK, budget ${BUDGET} s$([ "$DRY" = 1 ] &&
 stage env 15 bash -c env_stage
 stage kernels 60 bash -c kernels_stage
 # QAIRN_CONV_TUNE=0: the fused convs would time 4 tilings at every new test shape (one test tunes).
-stage tests 110 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels -v -p no:cacheprovider -rs --durations=10 \
+stage tests 110 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels tests/test_cuda_graph.py -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
 stage bench 170 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH[@]}" --budget-s 150 \
   --json "$WORK/bench.json" --plot "$WORK/bench.png"

@@ -91,6 +91,19 @@ def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, c
     assert rc != 0 and "fused_conv runs on the torch backends" in err and len(err.strip().splitlines()) == 1
 
 
+def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
+    for extra, says in (
+        (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),
+        (["--backend", "compile"], "cuda_graph=True takes the eager or triton backend, not 'compile'"),
+    ):
+        out = workdir / "graph.png"
+        rc, _, err = run(
+            capsys, "restore", workdir / "a.jpg", "-o", out, "--weights", tiny_weights, "--cuda-graph", *extra
+        )
+        assert rc != 0 and says in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights, capsys):
     (workdir / "empty.jpg").write_bytes(b"")
     (workdir / "text.png").write_text("hello, not an image")

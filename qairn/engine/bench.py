@@ -51,6 +51,10 @@ SPECS = {
     "triton-conv-fp16": ("triton", "fp16", {"fused_conv": True}),
     "compile-tconv-fp16": ("compile", "fp16", {"triton": True, "fused_conv": True}),
     "compile-tconv-fp16-b4": ("compile", "fp16", {"triton": True, "fused_conv": True, "tile_batch": 4}),
+    # Each frame size's whole tiled restore in one CUDA graph (Restorer(cuda_graph=True)): no host work
+    # per tile. Without torch.compile: eager kernels, the Triton gate (and the fused convs).
+    "graph-triton-fp16": ("triton", "fp16", {"cuda_graph": True}),
+    "graph-tconv-fp16": ("triton", "fp16", {"cuda_graph": True, "fused_conv": True}),
     "tensorrt-fp16": ("tensorrt", "fp16", {}),
     "onnxruntime-fp32": ("onnxruntime", "fp32", {}),
 }
@@ -62,6 +66,8 @@ DEFAULTS = {
             "eager-fp32",  # most wanted first: a --budget-s run cut short keeps these
             "eager-fp16-cl",
             "compile-triton-fp16",
+            "graph-triton-fp16",  # the whole frame in one CUDA graph: is the host the bottleneck?
+            "graph-tconv-fp16",
             "compile-tconv-fp16",  # + the fused thin-conv kernels
             "triton-conv-fp16",  # the same kernels without torch.compile and CUDA graphs
             "compile-tconv-fp16-b4",  # 4 tiles per graph replay (last batch padded)
@@ -312,6 +318,8 @@ def skip_reason(label: str, device: torch.device) -> str | None:
         return f"{name} needs a CUDA device"
     if device.type != "cuda" and (options.get("triton") or options.get("fused_conv")):
         return "the Triton kernels need a CUDA device"
+    if device.type != "cuda" and options.get("cuda_graph"):
+        return "CUDA graphs need a CUDA device"
     if name == "onnxruntime" and device.type == "cuda":
         try:
             import onnxruntime as ort

@@ -114,6 +114,11 @@ def common_args(p: argparse.ArgumentParser) -> None:
         help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA; not yet timed)",
     )
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="eager/triton on CUDA: capture each image size's whole restore in one CUDA graph, replay it",
+    )
+    p.add_argument(
         "--tile",
         type=tile_arg,
         default="auto",
@@ -138,6 +143,7 @@ def make_restorer(a):
         precision=a.precision,
         tile=a.tile,
         overlap=a.overlap,
+        cuda_graph=a.cuda_graph,
         **({"fused_conv": True} if a.fused_conv else {}),
     )
 

@@ -47,6 +47,36 @@ class Result:
     info: dict = field(default_factory=dict)
 
 
+class FrameGraph:
+    """One input shape's whole restore (every tile, the blend, the quality sums) captured once in a
+    CUDA graph and replayed per call. Per-tile host work (crops, dozens of launches per tile,
+    blending) is paid once at capture, so a stream of same-sized frames is limited by the device
+    alone. The first two calls run eagerly on a side stream, as torch.cuda.graphs advises: cuDNN
+    picks its algorithms, Triton compiles and the fused convs tune outside the capture."""
+
+    def __init__(self, run, x: torch.Tensor):
+        self.input = x.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run(self.input)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = run(self.input)
+
+    def __call__(self, x: torch.Tensor):
+        self.input.copy_(x)
+        self.graph.replay()
+        y, q, maps = self.output  # overwritten by the next replay: the caller gets copies
+        return (
+            y.clone(),
+            {k: v.clone() for k, v in q.items()},
+            [m.clone() for m in maps] if maps is not None else None,
+        )
+
+
 class Restorer:
     """Restore images and score them, whole or in tiles, on any backend.
 
@@ -56,6 +86,8 @@ class Restorer:
     (the default), tiles of 512 unless the images are no bigger than one full batch of such tiles,
     which then go whole: no more memory, and no overlap to compute twice (a 768x512 image restored
     in 1.4 s instead of 2.1 s on this CPU). Static backends (compiled graphs, engines) always tile.
+    cuda_graph=True (CUDA, eager/triton backends): each input shape's whole restore is captured in
+    one CUDA graph on its first call and replayed after (FrameGraph); for streams of equal frames.
     """
 
     def __init__(
@@ -70,6 +102,7 @@ class Restorer:
         model: QAIRN | None = None,
         tile_batch: int = 4,
         channel_order: str = "rgb",
+        cuda_graph: bool = False,
         **backend_options,
     ):
         if model is None:
@@ -85,6 +118,15 @@ class Restorer:
         if channel_order not in ("rgb", "bgr"):
             raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
         self.channel_order = channel_order
+        if cuda_graph and backend not in ("eager", "triton"):
+            raise ValueError(
+                f"cuda_graph=True takes the eager or triton backend, not {backend!r} "
+                "(compile replays its own CUDA graphs; engines run their own streams)"
+            )
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA device, not {self.device}")
+        self.cuda_graph = cuda_graph
+        self._graphs: dict = {}  # (shape, tile plan, maps) -> FrameGraph
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
 
     # ---- tensors -------------------------------------------------------------------------------
@@ -96,8 +138,11 @@ class Restorer:
         plan = plan_tiles(h, w, self.tile_for(h, w, n), self.overlap)
         while True:
             try:
+                if self.cuda_graph:
+                    return self._frame_graph(x, plan, return_maps)(x)
                 return self._run_plan(x, plan, return_maps)
             except torch.OutOfMemoryError:
+                self._graphs.clear()
                 current = max(plan.rows.tile, plan.cols.tile)
                 if current <= 64:
                     raise
@@ -109,6 +154,15 @@ class Restorer:
                     torch.cuda.empty_cache()
                 self.tile, self.overlap = tile, min(self.overlap, tile // 4)
                 plan = plan_tiles(h, w, tile, self.overlap)
+
+    def _frame_graph(self, x: torch.Tensor, plan: TilePlan, return_maps: bool) -> FrameGraph:
+        key = (tuple(x.shape), plan.rows.tile, plan.cols.tile, self.overlap, return_maps)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._graphs) >= 2:  # each graph keeps its own memory pool: keep few
+                self._graphs.pop(next(iter(self._graphs)))
+            graph = self._graphs[key] = FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
+        return graph
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
         """The tile size used for n images of h x w (None: whole); resolves tile="auto"."""

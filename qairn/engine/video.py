@@ -691,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--overlap", type=int, default=32)
     m.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
+    m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
+    m.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each batch's whole restore in one CUDA graph and replay it (CUDA; eager/triton)",
+    )
     e = p.add_argument_group("encoding")
     e.add_argument(
         "--codec", help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available)"
@@ -774,6 +780,8 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             tile=args.tile,
             overlap=args.overlap,
+            cuda_graph=args.cuda_graph,
+            **({"fused_conv": True} if args.fused_conv else {}),
         )
         summary = transcode(restorer, args.input, args.output, opts)
     except KeyboardInterrupt:

@@ -1,0 +1,67 @@
+"""Restorer(cuda_graph=True): each input shape's whole tiled restore captured in one CUDA graph
+(engine.restorer.FrameGraph). Runs on CUDA only; the CPU refusals are in test_cli.py."""
+
+import numpy as np
+import pytest
+import torch
+
+import qairn
+from qairn.model import PRESETS, QAIRN
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def model():
+    torch.manual_seed(0)
+    m = QAIRN(PRESETS["tiny"])
+    for prm in m.parameters():  # weights that make the gates vary, so quality is not constant
+        prm.data.normal_(0, 0.1)
+    return m
+
+
+def frames(n, h, w, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.rand(n, 3, h, w, device="cuda", generator=g)
+
+
+@pytest.mark.parametrize("backend,precision", [("eager", "fp32"), ("triton", "fp16")])
+@pytest.mark.parametrize("tile,return_maps", [(64, False), (64, True), (None, False)])
+def test_graph_replay_matches_eager_and_owns_its_outputs(backend, precision, tile, return_maps):
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton backend needs triton")
+    m = model()
+    opts = dict(device="cuda", backend=backend, precision=precision, tile=tile, overlap=16, tile_batch=3)
+    eager = qairn.Restorer(model=m, **opts)
+    graph = qairn.Restorer(model=m, cuda_graph=True, **opts)
+    first, second = frames(2, 150, 190, seed=1), frames(2, 150, 190, seed=2)
+    # The same kernels run in both, so this is tight; a replay that read a stale input or returned a
+    # buffer a later replay overwrote would be off by tenths. (fp16: room for another cuDNN algorithm.)
+    atol = 1e-5 if precision == "fp32" else 2e-3
+    results = []
+    for x in (first, second, first):  # capture, then replays with new contents in the static input
+        want, got = eager.restore_tensor(x, return_maps), graph.restore_tensor(x, return_maps)
+        torch.testing.assert_close(got[0], want[0], atol=atol, rtol=0)
+        for k in ("Q1", "Q2", "Q3"):
+            torch.testing.assert_close(got[1][k], want[1][k], atol=atol, rtol=0)
+        if return_maps:
+            for a, b in zip(got[2], want[2]):
+                torch.testing.assert_close(a, b, atol=atol, rtol=0)
+        else:
+            assert got[2] is None
+        results.append(got)
+    assert len(graph._graphs) == 1  # one shape, one capture
+    # Results are copies: later replays did not overwrite the first call's picture.
+    torch.testing.assert_close(results[0][0], results[2][0], atol=0, rtol=0)
+    assert not torch.equal(results[0][0], results[1][0])
+
+
+def test_graph_per_shape_and_numpy_images():
+    r = qairn.Restorer(model=model(), device="cuda", tile=64, overlap=16, cuda_graph=True)
+    ref = qairn.Restorer(model=model(), device="cuda", tile=64, overlap=16)
+    rng = np.random.default_rng(0)
+    for h, w in ((100, 130), (90, 70), (100, 130)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        got, want = r.restore(img), ref.restore(img)
+        assert np.abs(got.image.astype(int) - want.image.astype(int)).max() <= 1
+        assert got.quality == pytest.approx(want.quality, abs=1e-5)
+    assert len(r._graphs) == 2
