@@ -94,7 +94,7 @@ def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, c
 def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
     for extra, says in (
         (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),
-        (["--backend", "compile"], "cuda_graph=True takes the eager or triton backend, not 'compile'"),
+        (["--backend", "onnxruntime"], "cuda_graph=True takes the eager, triton or compile backend"),
     ):
         out = workdir / "graph.png"
         rc, _, err = run(

@@ -42,6 +42,7 @@ class TorchBackend:
         triton: bool = False,
         channels_last: bool | None = None,
         fused_conv: bool | int = False,
+        cudagraphs: bool = True,
     ):
         self.dtype = PRECISIONS[precision]
         self.device = device
@@ -65,12 +66,12 @@ class TorchBackend:
             fuse.use_conv_backend(model, "triton", max_channels=width)
         self.model = model
         self.net = model
+        self.graphs = compile and cudagraphs and device.type == "cuda"
         if compile:
-            # Static tile shapes: CUDA graphs ("reduce-overhead") replay the whole forward per batch.
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self.net = torch.compile(model, mode=mode, dynamic=False)
+            # Static tile shapes: CUDA graphs ("reduce-overhead") replay the whole forward per batch,
+            # unless cudagraphs=False (the Restorer's cuda_graph captures whole frames instead).
+            self.net = torch.compile(model, mode="reduce-overhead" if self.graphs else None, dynamic=False)
             self.fixed_tile = True
-        self.graphs = compile and device.type == "cuda"
 
     def _own(self, t: torch.Tensor) -> torch.Tensor:
         """float32 output the caller may keep: CUDA-graph outputs are overwritten by the next replay,

@@ -55,6 +55,8 @@ SPECS = {
     # per tile. Without torch.compile: eager kernels, the Triton gate (and the fused convs).
     "graph-triton-fp16": ("triton", "fp16", {"cuda_graph": True}),
     "graph-tconv-fp16": ("triton", "fp16", {"cuda_graph": True, "fused_conv": True}),
+    # torch.compile's kernels (its per-batch graphs off) inside the frame graph, 4 tiles a batch
+    "graph-compile-triton-fp16": ("compile", "fp16", {"triton": True, "cuda_graph": True, "tile_batch": 4}),
     "tensorrt-fp16": ("tensorrt", "fp16", {}),
     "onnxruntime-fp32": ("onnxruntime", "fp32", {}),
 }
@@ -68,6 +70,7 @@ DEFAULTS = {
             "compile-triton-fp16",
             "graph-triton-fp16",  # the whole frame in one CUDA graph: is the host the bottleneck?
             "graph-tconv-fp16",
+            "graph-compile-triton-fp16",
             "compile-tconv-fp16",  # + the fused thin-conv kernels
             "triton-conv-fp16",  # the same kernels without torch.compile and CUDA graphs
             "compile-tconv-fp16-b4",  # 4 tiles per graph replay (last batch padded)

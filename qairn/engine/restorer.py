@@ -86,8 +86,10 @@ class Restorer:
     (the default), tiles of 512 unless the images are no bigger than one full batch of such tiles,
     which then go whole: no more memory, and no overlap to compute twice (a 768x512 image restored
     in 1.4 s instead of 2.1 s on this CPU). Static backends (compiled graphs, engines) always tile.
-    cuda_graph=True (CUDA, eager/triton backends): each input shape's whole restore is captured in
+    cuda_graph=True (CUDA; eager, triton, compile): each input shape's whole restore is captured in
     one CUDA graph on its first call and replayed after (FrameGraph); for streams of equal frames.
+    With compile, torch.compile's own per-batch CUDA graphs are turned off: the frame graph holds
+    the compiled kernels.
     """
 
     def __init__(
@@ -118,13 +120,15 @@ class Restorer:
         if channel_order not in ("rgb", "bgr"):
             raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
         self.channel_order = channel_order
-        if cuda_graph and backend not in ("eager", "triton"):
+        if cuda_graph and backend not in ("eager", "triton", "compile"):
             raise ValueError(
-                f"cuda_graph=True takes the eager or triton backend, not {backend!r} "
-                "(compile replays its own CUDA graphs; engines run their own streams)"
+                f"cuda_graph=True takes the eager, triton or compile backend, not {backend!r} "
+                "(engines run on their own streams)"
             )
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, not {self.device}")
+        if cuda_graph and backend == "compile":
+            backend_options["cudagraphs"] = False  # the frame graph holds the compiled kernels instead
         self.cuda_graph = cuda_graph
         self._graphs: dict = {}  # (shape, tile plan, maps) -> FrameGraph
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
