@@ -282,3 +282,49 @@ def test_tile_option_parses():
     for bad in ("big", "-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             tile_arg(bad)
+
+
+def test_frame_graph_logic_with_a_host_stand_in(live1_image, monkeypatch):
+    """Restorer(cuda_graph=True)'s bookkeeping on the CPU: a stand-in capture whose replay reruns the
+    restore on the static input and writes the results into the captured outputs in place, as a CUDA
+    graph's replay does. Fresh inputs must reach the replay; results must be copies that a later
+    replay does not overwrite; each shape gets one capture, and few are kept. (The real capture is
+    tested on CUDA in test_cuda_graph.py.)"""
+    from qairn.engine import restorer as rs
+
+    captures = []
+
+    def capture(run, x):
+        output = run(x)
+        captures.append(tuple(x.shape))
+
+        def replay():
+            y, q, maps = run(x)
+            output[0].copy_(y)
+            for k in q:
+                output[1][k].copy_(q[k])
+            for a, b in zip(output[2] or [], maps or []):
+                a.copy_(b)
+
+        return replay, output
+
+    monkeypatch.setattr(rs.FrameGraph, "capture", staticmethod(capture))
+    model = lively_model()
+    plain = qairn.Restorer(model=model, device="cpu", tile=64, overlap=16)
+    graphed = qairn.Restorer(model=model, device="cpu", tile=64, overlap=16)
+    graphed.cuda_graph = True  # past the CUDA check: the stand-in needs none
+    a = torch.from_numpy(odd_crop(live1_image, 100, 130)).permute(2, 0, 1)[None].float() / 255
+    b = a.flip(-1).contiguous()
+    c = torch.from_numpy(odd_crop(live1_image, 90, 70)).permute(2, 0, 1)[None].float() / 255
+    results = []
+    for x, maps in ((a, False), (b, False), (a, True), (c, False), (a, False)):
+        got, want = graphed.restore_tensor(x, maps), plain.restore_tensor(x, maps)
+        torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+        assert {k: float(v) for k, v in got[1].items()} == {k: float(v) for k, v in want[1].items()}
+        assert (got[2] is None) == (not maps)
+        results.append(got[0])
+    torch.testing.assert_close(results[0], results[4], atol=0, rtol=0)  # not overwritten by replays
+    assert not torch.equal(results[0], results[1])
+    # a (no maps), a (maps), c: three captures; only two kept, so a's came back for the last call.
+    assert captures == [(1, 3, 100, 130), (1, 3, 100, 130), (1, 3, 90, 70), (1, 3, 100, 130)]
+    assert len(graphed._graphs) == 2

@@ -56,19 +56,25 @@ class FrameGraph:
 
     def __init__(self, run, x: torch.Tensor):
         self.input = x.clone()
+        self.replay, self.output = self.capture(run, self.input)
+
+    @staticmethod
+    def capture(run, x: torch.Tensor):
+        """(replay, outputs): run(x) warmed up, then captured; replay() reruns it into outputs."""
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                run(self.input)
+                run(x)
         torch.cuda.current_stream(x.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = run(self.input)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = run(x)
+        return graph.replay, output
 
     def __call__(self, x: torch.Tensor):
         self.input.copy_(x)
-        self.graph.replay()
+        self.replay()
         y, q, maps = self.output  # overwritten by the next replay: the caller gets copies
         return (
             y.clone(),
