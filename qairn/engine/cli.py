@@ -116,7 +116,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="eager/triton on CUDA: capture each image size's whole restore in one CUDA graph, replay it",
+        help="CUDA (eager/triton/compile): one CUDA graph per image size, captured once, replayed",
     )
     p.add_argument(
         "--tile",

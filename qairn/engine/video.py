@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="capture each batch's whole restore in one CUDA graph and replay it (CUDA; eager/triton)",
+        help="one CUDA graph per batch shape, captured once, replayed (CUDA; eager/triton/compile)",
     )
     e = p.add_argument_group("encoding")
     e.add_argument(
@@ -771,18 +771,9 @@ def main(argv: list[str] | None = None) -> int:
         print("qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'", file=sys.stderr)
         return 1
     try:
-        from qairn.engine.restorer import Restorer
+        from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        restorer = Restorer(
-            args.weights,
-            device=args.device,
-            backend=args.backend,
-            precision=args.precision,
-            tile=args.tile,
-            overlap=args.overlap,
-            cuda_graph=args.cuda_graph,
-            **({"fused_conv": True} if args.fused_conv else {}),
-        )
+        restorer = make_restorer(args)
         summary = transcode(restorer, args.input, args.output, opts)
     except KeyboardInterrupt:
         print("qairn: interrupted; no output written", file=sys.stderr)
