@@ -60,6 +60,7 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     records = json.loads((workdir / "q.json").read_text())
     assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
+    assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
 
 
 def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
@@ -68,6 +69,9 @@ def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
     )
     assert rc == 0, err
     assert (workdir / "single.webp").exists()
+    last = err.strip().splitlines()[-1]  # the picture's quality, without asking for --json
+    assert last.startswith(f"qairn: restored {workdir / 'a.jpg'} -> {workdir / 'single.webp'} (Q1 0.")
+    assert ", Q2 0." in last and ", Q3 0." in last
     rc, _, err = run(
         capsys, "restore", str(workdir / "*.jpg"), "-o", workdir / "g/", "--weights", tiny_weights
     )

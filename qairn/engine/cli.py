@@ -216,7 +216,20 @@ def main_restore(argv=None) -> int:
         except OSError as e:
             failed += 1
             error(f"{a.json}: cannot write ({e.strerror or e})")
+    tqdm.write(restore_summary(records, len(inputs) + len(errors), failed), file=sys.stderr)
     return 1 if failed else 0
+
+
+def restore_summary(records: list[dict], total: int, failed: int) -> str:
+    """The closing line of `qairn restore`: what was written, with the quality of a single image."""
+    if len(records) == 1 and total == 1:
+        r = records[0]
+        quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
+        return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
+    where = f" into {Path(records[0]['output']).parent}" if records else ""
+    return f"qairn: restored {len(records)} of {total} images{where}" + (
+        f", {failed} failed" if failed else ""
+    )
 
 
 def main_score(argv=None) -> int:
