@@ -161,6 +161,50 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
         assert torch.equal(exported[k], v.half().float() if half else v), k
 
 
+def test_ema_weights_average_resume_and_export(data, tmp_path):
+    """--ema keeps an exponential moving average of the weights: checkpointed, resumed exactly (3+2
+    steps equal 5), started from the current weights when an older checkpoint has none, and what
+    --export writes; without --ema the raw weights are exported from the same checkpoint."""
+    trainer.train(tiny_args(data, tmp_path / "a", steps=5, ema=0.5))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=3, ema=0.5))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=5, ema=0.5, resume=True))
+    a, b = state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == 5 and a["ema"]["decay"] == 0.5
+    for k in a["model"]:
+        assert torch.equal(a["ema"]["avg"][k], b["ema"]["avg"][k]), k
+    assert any(not torch.equal(a["ema"]["avg"][k], a["model"][k].float()) for k in a["model"])
+
+    # The recurrence itself: avg <- d * avg + (1 - d) * weights.
+    m = QAIRN(preset("tiny"))
+    ema = trainer.EMA(m, 0.75)
+    before = {k: v.clone() for k, v in ema.avg.items()}
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.add_(1.0)
+    ema.update(m)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(ema.avg[k], 0.75 * before[k] + 0.25 * v, atol=1e-6, rtol=0)
+    assert all(torch.equal(x, y) for x, y in zip(ema.averaged(m).state_dict().values(), ema.avg.values()))
+
+    # An older checkpoint without an average: --ema starts it from the checkpoint's weights.
+    trainer.train(tiny_args(data, tmp_path / "c", steps=2))
+    trainer.train(tiny_args(data, tmp_path / "c", steps=2, ema=0.9, resume=True))
+    c = state(tmp_path / "c" / "checkpoint.pt")
+    assert c["ema"]["updates"] == 0
+    assert all(torch.equal(c["ema"]["avg"][k], c["model"][k].float()) for k in c["model"])
+
+    # Export: the average with --ema, the raw weights without.
+    for flag, want in ((0.5, a["ema"]["avg"]), (0.0, a["model"])):
+        w = tmp_path / f"w{flag}.safetensors"
+        trainer.train(tiny_args(data, tmp_path / "a", steps=0, resume=True, ema=flag, export=str(w)))
+        exported, half = load_model(w).state_dict(), json.loads(read_metadata(w)["training"])
+        half = half["export"]["dtype"] == "fp16"
+        for k, v in want.items():
+            assert torch.equal(exported[k], v.half().float() if half else v.float()), k
+    with pytest.raises(SystemExit, match="decay must be in"):
+        trainer.train(tiny_args(data, tmp_path / "d", steps=1, ema=1.5))
+
+
 def run_until_logged(cmd, log: Path, timeout=120) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     t0 = time.time()
