@@ -328,3 +328,18 @@ def test_frame_graph_logic_with_a_host_stand_in(live1_image, monkeypatch):
     # a (no maps), a (maps), c: three captures; only two kept, so a's came back for the last call.
     assert captures == [(1, 3, 100, 130), (1, 3, 100, 130), (1, 3, 90, 70), (1, 3, 100, 130)]
     assert len(graphed._graphs) == 2
+
+
+def test_auto_backend_and_precision():
+    """backend/precision "auto" (the defaults): eager fp32 on the CPU; fp16 on CUDA, through the
+    Triton gate when triton is there. Explicit choices pass through."""
+    from qairn.engine.restorer import resolve_auto
+    from qairn.kernels.gate import HAS_TRITON
+
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    assert (r.backend_name, r.precision) == ("eager", "fp32")
+    cuda = torch.device("cuda")
+    assert resolve_auto("auto", "auto", cuda) == ("triton" if HAS_TRITON else "eager", "fp16")
+    assert resolve_auto("compile", "bf16", cuda) == ("compile", "bf16")
+    assert resolve_auto("auto", "fp32", cuda)[1] == "fp32"
+    assert resolve_auto("onnxruntime", "auto", torch.device("cpu")) == ("onnxruntime", "fp32")

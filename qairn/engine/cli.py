@@ -106,8 +106,17 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", help="image files, directories or globs")
     p.add_argument("--weights", default=None, help="qairn safetensors weights (default: shipped)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--backend", default="eager", help="eager, compile, triton, onnxruntime, tensorrt")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (default: eager on CPU, triton on CUDA), eager, compile, triton, onnxruntime, tensorrt",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help="auto: fp32 on CPU, fp16 on CUDA",
+    )
     p.add_argument(
         "--fused-conv",
         action="store_true",

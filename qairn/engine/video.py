@@ -684,8 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
     m.add_argument("--device", default="auto")
-    m.add_argument("--backend", default="eager")
-    m.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    m.add_argument(
+        "--backend", default="auto", help="auto (default: eager on CPU, triton on CUDA), eager, ..."
+    )
+    m.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     m.add_argument(
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
