@@ -4,19 +4,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import lively_model as model
 
 import qairn
-from qairn.model import PRESETS, QAIRN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def model():
-    torch.manual_seed(0)
-    m = QAIRN(PRESETS["tiny"])
-    for prm in m.parameters():  # weights that make the gates vary, so quality is not constant
-        prm.data.normal_(0, 0.1)
-    return m
 
 
 def frames(n, h, w, seed):
