@@ -21,10 +21,9 @@ def frames(n, h, w, seed):
 def test_graph_replay_matches_eager_and_owns_its_outputs(backend, precision, tile, return_maps):
     if backend in ("triton", "compile"):
         pytest.importorskip("triton", reason="the triton and compile backends need triton")
-    m = model()
     opts = dict(device="cuda", backend=backend, precision=precision, tile=tile, overlap=16, tile_batch=3)
-    eager = qairn.Restorer(model=m, **opts)
-    graph = qairn.Restorer(model=m, cuda_graph=True, **opts)
+    eager = qairn.Restorer(model=model(), **opts)  # two copies of one seeded model: backends convert
+    graph = qairn.Restorer(model=model(), cuda_graph=True, **opts)  # and patch the module they get
     first, second = frames(2, 150, 190, seed=1), frames(2, 150, 190, seed=2)
     # The same kernels run in both, so this is tight; a replay that read a stale input or returned a
     # buffer a later replay overwrote would be off by tenths. (fp16: room for another cuDNN algorithm.)
