@@ -175,6 +175,46 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
     return summary
 
 
+def gate_lines(gate: dict) -> list[str]:
+    """The gate report's verdict (#4) and what the pooling costs, in a few lines."""
+    lines, v = [], gate.get("verdict")
+    if v:
+        graph = v.get("fp16_max_pool_overhead_graph")
+        pooling = f"pooling <= {v['fp16_max_pool_overhead']:+.1%} paired"
+        if graph is not None:
+            pooling += f" ({graph:+.1%} from graphs)"
+        verdict = "MET" if v["met"] else "missed"
+        lines.append(
+            f"  gate fp16: >= {v['fp16_min_frac_of_copy']:.0%} of copy, "
+            f">= {v['fp16_min_speedup_vs_eager']:.1f}x eager, {pooling}: targets {verdict}"
+        )
+    for r in gate.get("pool_finish") or []:
+        lines.append(
+            f"  gate C={r['c']} {r['layout']}: the summing launch is "
+            f"{r['finish_share_of_blend']:.1%} of the blend"
+        )
+    for r in gate.get("sweep") or []:
+        if r.get("pool_overhead_graph") is not None:
+            lines.append(
+                f"  gate sweep C={r.get('c')} {r['layout']} {r['block_c']}x{r['block_p']}/{r['num_warps']}"
+                f"{' (default)' if r.get('default') else ''}: {r['frac_of_copy']:.0%} of copy, "
+                f"pooling {r['pool_overhead_graph']:+.1%}"
+            )
+    return lines
+
+
+def profile_lines(prof: dict) -> list[str]:
+    """Whether the host or the device set the pace of the profiled backend."""
+    if not prof.get("wall_ms"):
+        return []
+    busy = prof.get("device_busy")
+    return [
+        f"  profile {prof.get('backend')}: {prof['wall_ms']:.1f} ms a frame, device busy "
+        + ("-" if busy is None else f"{busy:.0%}")
+        + f", host stalls: {', '.join(s['op'] for s in prof.get('stalls') or []) or 'none'}"
+    ]
+
+
 def report(summary: dict) -> str:
     lines = [f"gpu_run on {summary['gpu']} at {summary['date']}{' (DRY RUN)' if summary['dryrun'] else ''}"]
     for s in summary["stages"]:
@@ -209,6 +249,7 @@ def report(summary: dict) -> str:
     if summary.get("weights_choice"):
         c = summary["weights_choice"]
         lines.append(f"  trained weights beat the shipped ones on LIVE1: {c['use_trained']} {c}")
+    lines += gate_lines(summary.get("gate") or {}) + profile_lines(summary.get("profile") or {})
     for name, t in summary["targets"].items():
         lines.append(
             f"  target {name}: {'not measured' if t is None else ('MET' if t['met'] else 'missed')} "

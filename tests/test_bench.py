@@ -381,3 +381,36 @@ def test_gpu_summary_ships_trained_weights_only_when_better(tmp_path):
     assert not summ.choose(train, shipped)["use_trained"]
     (train / "eval.json").unlink()  # the evaluation never ran
     assert summ.choose(train, shipped)["weights"] is None
+
+
+def test_gpu_summary_says_where_the_gate_and_the_frame_time_stand():
+    summ = bench_script("gpu_summary")
+    gate = {
+        "verdict": {
+            "fp16_min_frac_of_copy": 0.936,
+            "fp16_min_speedup_vs_eager": 4.26,
+            "fp16_max_pool_overhead": 0.012,
+            "fp16_max_pool_overhead_graph": 0.004,
+            "met": True,
+        },
+        "pool_finish": [{"c": 16, "layout": "channels_last", "finish_share_of_blend": 0.011}],
+        "sweep": [
+            {"c": 16, "layout": "channels_last", "block_c": 16, "block_p": 256, "num_warps": 4,
+             "default": True, "frac_of_copy": 0.93, "pool_overhead_graph": 0.012},
+        ],
+    }  # fmt: skip
+    lines = summ.gate_lines(gate)
+    assert lines[0] == (
+        "  gate fp16: >= 94% of copy, >= 4.3x eager, pooling <= +1.2% paired (+0.4% from graphs): targets MET"
+    )
+    assert "summing launch is 1.1% of the blend" in lines[1] and "16x256/4 (default)" in lines[2]
+    assert summ.gate_lines({}) == [] and summ.profile_lines({}) == []
+    prof = {
+        "backend": "compile-triton-fp16",
+        "wall_ms": 53.2,
+        "device_busy": 0.69,
+        "stalls": [{"op": "cudaMemcpyAsync"}],
+    }
+    assert summ.profile_lines(prof) == [
+        "  profile compile-triton-fp16: 53.2 ms a frame, device busy 69%, host stalls: cudaMemcpyAsync"
+    ]
