@@ -232,8 +232,10 @@ def report(summary: dict) -> str:
             f"PSNR {b['psnr_db']:.1f} dB, peak {mem}"
         )
     for size, b in ((summary.get("bench_tile1024") or {}).get("best") or {}).items():
+        tile = b.get("tile") or "whole"
         lines.append(
-            f"  tile 1024, best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32 (same tile)"
+            f"  tile {tile}, best at {size}: {b['backend']} {b['speedup']:.2f}x eager fp32 (same tile), "
+            f"{b.get('mp_per_s') or 0:.0f} MP/s"
         )
     train = summary.get("train") or {}
     if train:
