@@ -201,6 +201,21 @@ def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
     assert rc == 1 and "s.png: 50x40" in err and "pixel limit" in err
 
 
+def test_animation_restores_its_first_frame_and_says_so(tmp_path, tiny_weights, capsys):
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match="anim.gif: 3 frames; only the first"):
+        first = read_image(tmp_path / "anim.gif")
+    with Image.open(tmp_path / "anim.gif") as im:  # GIF quantises: compare with the file's first frame
+        np.testing.assert_array_equal(first, np.asarray(im.convert("RGB")))
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "anim.gif", "-o", tmp_path / "a.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and "qairn: warning: " in err and "3 frames; only the first is restored" in err
+    assert (tmp_path / "a.png").exists()
+
+
 def test_exif_orientation_is_applied(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, :10] = 255  # a white band on the left

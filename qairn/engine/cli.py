@@ -161,6 +161,10 @@ def error(msg: str) -> None:
     tqdm.write(f"qairn: error: {msg}", file=sys.stderr)
 
 
+def warning(msg: str) -> None:
+    tqdm.write(f"qairn: warning: {msg}", file=sys.stderr)
+
+
 def fatal(msg: str) -> int:
     print(f"qairn: error: {msg}", file=sys.stderr)
     return 2
@@ -203,7 +207,7 @@ def main_restore(argv=None) -> int:
                 raise InputError(f"{dst}: output exists (use --overwrite)")
             if not dst.parent.is_dir():
                 raise InputError(f"{dst}: output folder does not exist")
-            img = read_image(src, a.max_pixels)
+            img = read_image(src, a.max_pixels, warn=warning)
             res = r.restore(img, return_maps=a.quality_map)
             write_image(dst, res.image)
             if a.quality_map:
@@ -262,7 +266,7 @@ def main_score(argv=None) -> int:
         print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
     for src in tqdm(inputs, desc="score", unit="img", file=sys.stderr, disable=len(inputs) < 2):
         try:
-            q = r.score(read_image(src, a.max_pixels))
+            q = r.score(read_image(src, a.max_pixels, warn=warning))
         except ImageError as e:
             failed += 1
             error(str(e))

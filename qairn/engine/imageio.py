@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import cv2
@@ -36,8 +37,10 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image as RGB(A) or gray numpy, uint8 or uint16, EXIF orientation applied."""
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
+    """Read an image as RGB(A) or gray numpy, uint8 or uint16, EXIF orientation applied. Of an
+    animation or a multi-page file only the first frame is read, and warn(message) says so
+    (default: warnings.warn)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -53,6 +56,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 raise ImageError(
                     f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the pixel limit "
                     f"of {max_pixels / 1e6:.0f} MP (raise it with --max-pixels)"
+                )
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1:
+                (warn or _warn)(
+                    f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
                 )
             orientation = im.getexif().get(0x0112, 1)
             sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
@@ -80,6 +88,10 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _apply_orientation(arr, orientation)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def _png_bit_depth(path: Path) -> int:
