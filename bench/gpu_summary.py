@@ -188,6 +188,12 @@ def gate_lines(gate: dict) -> list[str]:
             f"  gate fp16: >= {v['fp16_min_frac_of_copy']:.0%} of copy, "
             f">= {v['fp16_min_speedup_vs_eager']:.1f}x eager, {pooling}: targets {verdict}"
         )
+    model = gate.get("model_pool")
+    if model:
+        lines.append(
+            f"  quality pooling in the whole fp16 forward ({model['forward_ms']:.2f} ms): "
+            f"{model['pool_overhead_graph']:+.1%} from graphs"
+        )
     for r in gate.get("pool_finish") or []:
         lines.append(
             f"  gate C={r['c']} {r['layout']}: the summing launch is "

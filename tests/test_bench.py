@@ -345,6 +345,8 @@ def test_gate_report_pool_jobs_run_interpreted(monkeypatch):
         r["ms"] > 0 and r["pool_overhead_graph_quartiles"][0] <= r["pool_overhead_graph_quartiles"][1]
         for r in rows
     )
+    model = report.model_pool_overhead(gate, n=1, size=32, dtype=torch.float32)
+    assert model["shape"] == [1, 3, 32, 32] and model["forward_ms"] > 0 and model["p"] > 0
     finish = report.pool_finish(gate)
     assert [(r["c"], r["layout"]) for r in finish] == [
         (64, "nchw"),
@@ -394,6 +396,7 @@ def test_gpu_summary_says_where_the_gate_and_the_frame_time_stand():
             "met": True,
         },
         "pool_finish": [{"c": 16, "layout": "channels_last", "finish_share_of_blend": 0.011}],
+        "model_pool": {"forward_ms": 1.234, "pool_overhead_graph": 0.0071},
         "sweep": [
             {"c": 16, "layout": "channels_last", "block_c": 16, "block_p": 256, "num_warps": 4,
              "default": True, "frac_of_copy": 0.93, "pool_overhead_graph": 0.012},
@@ -403,7 +406,8 @@ def test_gpu_summary_says_where_the_gate_and_the_frame_time_stand():
     assert lines[0] == (
         "  gate fp16: >= 94% of copy, >= 4.3x eager, pooling <= +1.2% paired (+0.4% from graphs): targets MET"
     )
-    assert "summing launch is 1.1% of the blend" in lines[1] and "16x256/4 (default)" in lines[2]
+    assert lines[1] == "  quality pooling in the whole fp16 forward (1.23 ms): +0.7% from graphs"
+    assert "summing launch is 1.1% of the blend" in lines[2] and "16x256/4 (default)" in lines[3]
     assert summ.gate_lines({}) == [] and summ.profile_lines({}) == []
     prof = {
         "backend": "compile-triton-fp16",
