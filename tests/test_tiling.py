@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -343,3 +345,31 @@ def test_auto_backend_and_precision():
     assert resolve_auto("compile", "bf16", cuda) == ("compile", "bf16")
     assert resolve_auto("auto", "fp32", cuda)[1] == "fp32"
     assert resolve_auto("onnxruntime", "auto", torch.device("cpu")) == ("onnxruntime", "fp32")
+
+
+@pytest.mark.parametrize(
+    "img,says",
+    [
+        (
+            np.full((8, 9, 3), 200.0, np.float32),
+            "float images are taken in [0, 1], this one spans [200, 200]",
+        ),
+        (np.full((8, 9), -0.5), "spans [-0.5, -0.5]"),
+        (np.full((8, 9, 3), np.nan, np.float32), "NaN or infinity"),
+        (np.zeros((8, 9, 3), np.int32), "unsupported image dtype int32"),
+        (np.zeros((0, 9, 3), np.uint8), "empty image"),
+        (np.zeros((8, 9, 2), np.uint8), "expected HxW, HxWx3 or HxWx4"),
+    ],
+)
+def test_bad_arrays_are_refused_with_the_reason(img, says):
+    """A float image on the 0..255 scale would come back white without a word: refused instead."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError, match=re.escape(says)):
+        r.restore(img)
+
+
+def test_float_images_within_one_step_of_the_range_are_fine():
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.linspace(-0.003, 1.003, 8 * 9 * 3, dtype=np.float32).reshape(8, 9, 3)  # rounding overshoot
+    out = r.restore(img).image
+    assert out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1

@@ -348,6 +348,14 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         scale = 65535.0
     elif img.dtype in (np.float32, np.float64):
         scale = 1.0
+        lo, hi = float(np.min(img)), float(np.max(img))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError("the float image contains NaN or infinity")
+        if lo < -1 / 255 or hi > 1 + 1 / 255:  # more than one 8-bit step out: the wrong scale, not rounding
+            raise ValueError(
+                f"float images are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
+                "(divide 0..255 data by 255, or pass uint8)"
+            )
     else:
         raise ValueError(f"unsupported image dtype {img.dtype} (use uint8, uint16 or float in [0,1])")
     alpha = None
