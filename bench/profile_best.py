@@ -55,14 +55,41 @@ def stack_profile(activities):
         return profile(activities=activities, with_stack=True)
 
 
+def busy_ms(spans) -> float:
+    """Milliseconds covered by the union of (start_us, end_us) spans: overlapping kernels (streams)
+    and nested ranges count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total / 1e3
+
+
+def device_spans(prof) -> list[tuple[float, float]]:
+    """(start, end) in us of what ran on the GPU: kernels, copies, memsets. Not the annotation
+    ranges (e.g. torch.compile's "## Call CompiledFxGraph"), which span their kernels and would
+    count them twice if summed (the H200 profile's self CUDA column added up to over 100%)."""
+    from torch.autograd import DeviceType
+
+    return [
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+        and not getattr(e, "is_user_annotation", False)
+        and not e.name.startswith("## ")
+    ]
+
+
 def host_device_balance(prof, stacked, wall_ms: float, iters: int, cuda: bool) -> dict:
-    """Per call: wall time (unprofiled), host time (self CPU of every op), device time (self device
-    time of every kernel and copy), and the stalls with their stacks. Device time well under the wall
+    """Per call: wall time (unprofiled), host time (self CPU of every op), device busy time (the
+    union of kernel and copy spans), and the stalls with their stacks. Device time well under the wall
     time means the device waits for the host: faster kernels would not help, less host work would.
     prof: `iters` calls; stacked: one call profiled with_stack (Python frames would crowd prof's table)."""
     events = prof.key_averages()
     host_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / iters
-    device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / iters
+    device_ms = busy_ms(device_spans(prof)) / iters if cuda else None
     stalls = [
         {
             "op": e.key,
@@ -78,7 +105,7 @@ def host_device_balance(prof, stacked, wall_ms: float, iters: int, cuda: bool) -
     return {
         "wall_ms": wall_ms,
         "host_ms_profiled": host_ms,
-        "device_ms": device_ms if cuda else None,
+        "device_ms": device_ms,
         "device_busy": device_ms / wall_ms if cuda and wall_ms > 0 else None,
         "host_copies_per_call": {e.key: e.count / iters for e in copies},
         "stalls": stalls[:8],

@@ -200,6 +200,13 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
     assert not any(".py(" in t["op"] for t in top["top"])  # Python frames only in the stacked pass
 
 
+def test_device_busy_time_counts_overlaps_once():
+    prof = bench_script("profile_best")
+    assert prof.busy_ms([]) == 0
+    # Two overlapping kernels (0-3, 2-5), one nested in a longer span (10-20 holds 12-14), one apart.
+    assert prof.busy_ms([(2000, 5000), (0, 3000), (10000, 20000), (12000, 14000), (30000, 30500)]) == 15.5
+
+
 def test_profile_names_the_line_that_stalls_the_host():
     prof = bench_script("profile_best")
     from torch.profiler import ProfilerActivity, profile
