@@ -9,9 +9,9 @@
 # so a run cut short still leaves its results):
 #   env       device, driver, versions                                          15 s
 #   kernels   bench/kernels/gpu_gate_report.py: GB/s, speedup, errors per dtype,
-#             the pooling's cost per tile config                              60 s
+#             the pooling's cost (per tile config, in the whole forward)         60 s
 #   tests     tests/kernels + test_cuda_graph.py on CUDA (xdist): gate, convs,
-#             whole-frame CUDA graphs                                          110 s
+#             whole-frame CUDA graphs                                           110 s
 #   bench     qairn bench at 4K, 8K, 1080p, tile 512 (+ plot), every backend, on
 #             the shipped weights                                               170 s
 #   bench1024 4K at tile 1024 and whole frames (less or no overlap), uncompiled   30 s
@@ -19,7 +19,7 @@
 #             cuDNN against the fused Triton conv per layer (small, paper)       90 s
 #   video     8 4K frames through one Restorer, best backend (loop, streams)     50 s
 #   profile   torch.profiler top ops of the best backend at 4K; host vs device
-#             time and the stacks of host stalls (perf hints: cudagraph skips)     30 s
+#             time, the stacks of host stalls (perf hints: cudagraph skips)      30 s
 #   train     last, in what is left: scripts/gpu_train.py from gpu_pack/ (carry
 #             it), if present: train (the shipped weights further, or
 #             QAIRN_GPU_TRAIN=largest), p sweep, LIVE1 eval, and whether the
