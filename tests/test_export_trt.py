@@ -238,7 +238,7 @@ def test_tensorrt_build_run_and_cache(tmp_path, strongly_typed):
     options = dict(cache_dir=tmp_path, shape=(2, 64, 64), strongly_typed=strongly_typed)
     kw = dict(model=model, device="cuda", tile=64, overlap=16, tile_batch=2)
     r_trt = qairn.Restorer(backend="tensorrt", precision="fp16", **kw, **options)
-    r_eager = qairn.Restorer(backend="eager", **kw)
+    r_eager = qairn.Restorer(backend="eager", precision="fp32", **kw)  # the fp32 reference
     x = torch.rand(1, 3, 150, 200, generator=torch.Generator().manual_seed(0)).cuda()
     (y, q, _), (y_ref, q_ref, _) = r_trt.restore_tensor(x), r_eager.restore_tensor(x)
     assert torch.isfinite(y).all()
