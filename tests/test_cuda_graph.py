@@ -56,5 +56,5 @@ def test_graph_per_shape_and_numpy_images():
         img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         got, want = r.restore(img), ref.restore(img)
         assert np.abs(got.image.astype(int) - want.image.astype(int)).max() <= 1
-        assert got.quality == pytest.approx(want.quality, abs=1e-5)
+        assert got.quality == pytest.approx(want.quality, abs=2e-3)  # the CUDA default is fp16
     assert len(r._graphs) == 2
