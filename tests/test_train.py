@@ -193,14 +193,18 @@ def test_ema_weights_average_resume_and_export(data, tmp_path):
     assert c["ema"]["updates"] == 0
     assert all(torch.equal(c["ema"]["avg"][k], c["model"][k].float()) for k in c["model"])
 
-    # Export: the average with --ema, the raw weights without.
-    for flag, want in ((0.5, a["ema"]["avg"]), (0.0, a["model"])):
+    # Export: the average with --ema, the raw weights without; neither drops the checkpoint's average.
+    for flag, want in ((0.0, a["model"]), (0.5, a["ema"]["avg"])):
         w = tmp_path / f"w{flag}.safetensors"
         trainer.train(tiny_args(data, tmp_path / "a", steps=0, resume=True, ema=flag, export=str(w)))
         exported, half = load_model(w).state_dict(), json.loads(read_metadata(w)["training"])
         half = half["export"]["dtype"] == "fp16"
         for k, v in want.items():
             assert torch.equal(exported[k], v.half().float() if half else v.float()), k
+        kept = state(tmp_path / "a" / "checkpoint.pt")["ema"]
+        assert kept["updates"] == 5 and all(
+            torch.equal(kept["avg"][k], a["ema"]["avg"][k]) for k in kept["avg"]
+        )
     with pytest.raises(SystemExit, match="decay must be in"):
         trainer.train(tiny_args(data, tmp_path / "d", steps=1, ema=1.5))
 

@@ -158,6 +158,8 @@ def train(a: TrainArgs) -> Path:
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = None
+    # A resume without --ema (an export-only run, say) keeps the checkpoint's average as it was.
+    kept_ema = ck.get("ema") if a.resume and ckpt_path.exists() else None
     if a.ema:
         if not 0 < a.ema < 1:
             raise SystemExit(f"--ema {a.ema}: the decay must be in (0, 1), e.g. 0.999")
@@ -208,7 +210,7 @@ def train(a: TrainArgs) -> Path:
             "args": asdict(a),
             "torch_rng": torch.get_rng_state(),
             "val_files": [f.name for f in val_files],
-            "ema": ema.state_dict() if ema is not None else None,
+            "ema": ema.state_dict() if ema is not None else kept_ema,
         }
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(ck, tmp)
