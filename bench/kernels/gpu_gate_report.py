@@ -231,11 +231,13 @@ def sweep(gate, c, layout, copy_gbps, deadline):
     n, h, w = TILES_4K
     logit, skip, dec = make_inputs(n, c, h, w, torch.float16, DEVICE, layout == "channels_last")
     cores = gate.as_cores(torch.tensor(TILE_CORE), logit)
+    import triton
+
     default = gate.tile_config(c, layout == "channels_last")
     fused = gate.gated_blend_triton
     rows, seen = [], set()
     for block_c, block_p, num_warps in [default] + SWEEP[layout]:
-        block_c = min(block_c, next_pow2(c))
+        block_c = min(block_c, triton.next_power_of_2(c))
         if (block_c, block_p, num_warps) in seen:
             continue
         seen.add((block_c, block_p, num_warps))
@@ -262,10 +264,6 @@ def sweep(gate, c, layout, copy_gbps, deadline):
             )
         )
     return rows
-
-
-def next_pow2(x: int) -> int:
-    return 1 << (x - 1).bit_length()
 
 
 def model_pool_overhead(gate, n: int = 4, size: int = 544, dtype=torch.float16):

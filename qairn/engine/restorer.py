@@ -56,6 +56,15 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     return backend, precision
 
 
+def remember(cache: dict, key, make, keep: int):
+    """cache[key], made by make() on a miss; at most `keep` entries, the oldest dropped first."""
+    if key not in cache:
+        if len(cache) >= keep:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
+
+
 @dataclass
 class Result:
     image: np.ndarray | torch.Tensor
@@ -187,12 +196,11 @@ class Restorer:
 
     def _frame_graph(self, x: torch.Tensor, plan: TilePlan, return_maps: bool) -> FrameGraph:
         key = (tuple(x.shape), plan.rows.tile, plan.cols.tile, self.overlap, return_maps)
-        graph = self._graphs.get(key)
-        if graph is None:
-            if len(self._graphs) >= 2:  # each graph keeps its own memory pool: keep few
-                self._graphs.pop(next(iter(self._graphs)))
-            graph = self._graphs[key] = FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
-        return graph
+
+        def make():
+            return FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
+
+        return remember(self._graphs, key, make, keep=2)  # each graph keeps its own memory pool
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
         """The tile size used for n images of h x w (None: whole); resolves tile="auto"."""
@@ -272,18 +280,16 @@ class Restorer:
         device. Made once per plan shape and kept (a video's frames share one): copying small host
         tensors per tile would make the host wait for the device at every tile."""
         key = (plan.height, plan.width, plan.rows.tile, plan.cols.tile, plan.count, n, str(self.device))
-        cached = self._plan_cache.get(key)
-        if cached is None:
+
+        def make():
             cores = [plan.core(i, j) for i, j, _, _ in plan.tiles for _ in range(n)]
-            cached = {
+            return {
                 "cores": torch.tensor(cores, dtype=torch.int64).to(self.device),
                 "row_weights": torch.from_numpy(np.stack(plan.rows.weights)).float().to(self.device),
                 "col_weights": torch.from_numpy(np.stack(plan.cols.weights)).float().to(self.device),
             }
-            if len(self._plan_cache) >= 8:  # a few sizes in flight at most; drop the oldest
-                self._plan_cache.pop(next(iter(self._plan_cache)))
-            self._plan_cache[key] = cached
-        return cached
+
+        return remember(self._plan_cache, key, make, keep=8)  # a few sizes in flight at most
 
     def _q_from_sums(self, sums: torch.Tensor, h: int, w: int) -> dict:
         """(3, N) sums of gamma**p over an h x w image at each gamma scale -> {"Q1","Q2","Q3"}."""

@@ -164,9 +164,8 @@ def train(a: TrainArgs) -> Path:
         if not 0 < a.ema < 1:
             raise SystemExit(f"--ema {a.ema}: the decay must be in (0, 1), e.g. 0.999")
         ema = EMA(model, a.ema)
-        saved = ck.get("ema") if a.resume and ckpt_path.exists() else None
-        if saved is not None:
-            ema.load_state_dict(saved)
+        if kept_ema is not None:
+            ema.load_state_dict(kept_ema)
         elif main and step:
             print(f"ema: starting the average from the step-{step} weights")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -325,15 +324,16 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.avg = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        self.avg = {k: v.detach().float().clone() for k, v in state.items()}
+        self.names = [k for k, v in state.items() if v.is_floating_point()]  # what averages
         self.updates = 0
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        names = [k for k, v in model.state_dict().items() if v.is_floating_point()]
         current = model.state_dict()
         torch._foreach_lerp_(
-            [self.avg[k] for k in names], [current[k].float() for k in names], 1 - self.decay
+            [self.avg[k] for k in self.names], [current[k].float() for k in self.names], 1 - self.decay
         )
         self.updates += 1
 
