@@ -138,7 +138,8 @@ def train(a: TrainArgs) -> Path:
     model = QAIRN(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     step, seconds = 0, 0.0
-    if a.resume and ckpt_path.exists():
+    resumed = a.resume and ckpt_path.exists()
+    if resumed:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if QAIRNConfig.from_json(ck["config"]) != config:
             raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
@@ -159,7 +160,7 @@ def train(a: TrainArgs) -> Path:
         model = model.to(memory_format=torch.channels_last)
     ema = None
     # A resume without --ema (an export-only run, say) keeps the checkpoint's average as it was.
-    kept_ema = ck.get("ema") if a.resume and ckpt_path.exists() else None
+    kept_ema = ck.get("ema") if resumed else None
     if a.ema:
         if not 0 < a.ema < 1:
             raise SystemExit(f"--ema {a.ema}: the decay must be in (0, 1), e.g. 0.999")
@@ -302,7 +303,10 @@ def train(a: TrainArgs) -> Path:
                 f"data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
                 flush=True,
             )
-        save_checkpoint()
+        # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer may
+        # still be writing it, and an older copy written over it would set that trainer's file back.
+        if steps_run or not resumed:
+            save_checkpoint()
         if logf:
             logf.close()
         for s_, h in old_handlers.items():
