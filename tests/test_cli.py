@@ -79,6 +79,24 @@ def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
     assert [p.name for p in (workdir / "g").iterdir()] == ["a.png"]
 
 
+def test_same_names_get_distinct_outputs_and_repeats_run_once(workdir, tiny_weights, capsys):
+    # Same stem in one folder (a.jpg, a.png), the same name in two folders, and a.jpg named twice
+    # (by its path and by a glob): every input gets its own output and none is restored twice.
+    bgr = cv2.imread(str(workdir / "b.png"))
+    for d in ("x/img", "y/img"):
+        (workdir / d).mkdir(parents=True)
+        cv2.imwrite(str(workdir / d / "a.png"), bgr)
+    cv2.imwrite(str(workdir / "a.png"), bgr)
+    inputs = [workdir / "a.jpg", workdir / "a.png", workdir / "x/img/a.png", workdir / "y/img/a.png"]
+    rc, _, err = run(
+        capsys, "restore", *inputs, str(workdir / "*.jpg"), "-o", workdir / "out", "--weights", tiny_weights
+    )
+    assert rc == 0, err
+    names = sorted(p.name for p in (workdir / "out").iterdir())
+    assert names == ["a_jpg.png", "a_png.png", "x_img_a.png", "y_img_a.png"]
+    assert err.strip().splitlines()[-1] == f"qairn: restored 4 of 4 images into {workdir / 'out'}"
+
+
 def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, capsys):
     pytest.importorskip("triton", reason="the fused conv backend needs triton")
     outs = []

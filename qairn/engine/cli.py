@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,30 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             errors.append(f"{p}: no such file or directory")
         else:
             paths.append(p)
-    return paths, errors
+    # A file named twice (a glob and its folder, say) is restored once.
+    seen: set[Path] = set()
+    unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]
+    return unique, errors
+
+
+def unique_names(inputs: list[Path]) -> list[str]:
+    """One output name per input: its stem, and where stems collide, the folders that tell the inputs
+    apart (a/img/x.jpg, b/img/x.jpg -> a_img_x, b_img_x), then the suffix (x.bmp, x.tif -> x_bmp, x_tif)."""
+    names = [p.stem for p in inputs]
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    for idx in (g for g in groups.values() if len(g) > 1):
+        full = [inputs[i].resolve() for i in idx]
+        common = Path(os.path.commonpath([f.parent for f in full]))
+        for i, f in zip(idx, full):
+            names[i] = "_".join(f.parent.relative_to(common).parts + (f.stem,))
+        clash = [names[i] for i in idx]
+        for i, f in zip(idx, full):
+            if clash.count(names[i]) > 1:
+                names[i] += "_" + f.suffix.lstrip(".")
+    # Whatever still collides (a renamed a/x.png meeting an input a_x.png) gets its input's position.
+    return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 def output_paths(inputs: list[Path], out: str, suffix: str | None) -> list[Path]:
@@ -58,10 +82,7 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> list[Path]
     if as_dir:
         o.mkdir(parents=True, exist_ok=True)
         sfx = suffix or ".png"  # lossless by default: re-encoding as JPEG would add artifacts back
-        names = [p.stem + sfx for p in inputs]
-        dup = {n for n in names if names.count(n) > 1}
-        # Same stem from different folders: keep them apart with the parent folder name.
-        return [o / (f"{p.parent.name}_{n}" if n in dup else n) for p, n in zip(inputs, names)]
+        return [o / (n + sfx) for n in unique_names(inputs)]
     if o.suffix.lower() not in WRITE_SUFFIXES:
         raise InputError(f"{o}: unsupported output type {o.suffix!r}; use one of {sorted(WRITE_SUFFIXES)}")
     return [o]
