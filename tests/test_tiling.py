@@ -107,6 +107,13 @@ def test_gray_rgba_uint16_bgr_and_one_pixel(live1_image):
     rgb = r.restore(img).image
     gray = r.restore(img[..., 1]).image
     assert gray.shape == (70, 90) and gray.dtype == np.uint8
+    gray1 = r.restore(img[..., 1:2]).image  # HxWx1 comes back HxWx1, the same pixels
+    assert gray1.shape == (70, 90, 1)
+    np.testing.assert_array_equal(gray1[..., 0], gray)
+    f16 = r.restore((img / 255).astype(np.float16)).image  # computed in fp32, given back as fp16
+    assert f16.dtype == np.float16 and f16.shape == img.shape
+    f32 = r.restore((img / 255).astype(np.float16).astype(np.float32)).image
+    np.testing.assert_array_equal(f16, f32.astype(np.float16))
     rgba = np.concatenate([img, np.full((70, 90, 1), 77, np.uint8)], axis=2)
     out = r.restore(rgba).image
     assert out.shape == (70, 90, 4) and (out[..., 3] == 77).all()
@@ -358,7 +365,7 @@ def test_auto_backend_and_precision():
         (np.full((8, 9, 3), np.nan, np.float32), "NaN or infinity"),
         (np.zeros((8, 9, 3), np.int32), "unsupported image dtype int32"),
         (np.zeros((0, 9, 3), np.uint8), "empty image"),
-        (np.zeros((8, 9, 2), np.uint8), "expected HxW, HxWx3 or HxWx4"),
+        (np.zeros((8, 9, 2), np.uint8), "expected HxW, HxWx1, HxWx3 or HxWx4"),
     ],
 )
 def test_bad_arrays_are_refused_with_the_reason(img, says):

@@ -345,14 +345,14 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     if not isinstance(img, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"expected HxW, HxWx3 or HxWx4 image, got shape {img.shape}")
+        raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4 image, got shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"empty image of shape {img.shape}")
     if img.dtype == np.uint8:
         scale = 255.0
     elif img.dtype == np.uint16:
         scale = 65535.0
-    elif img.dtype in (np.float32, np.float64):
+    elif img.dtype in (np.float16, np.float32, np.float64):
         scale = 1.0
         lo, hi = float(np.min(img)), float(np.max(img))
         if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -365,7 +365,8 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     else:
         raise ValueError(f"unsupported image dtype {img.dtype} (use uint8, uint16 or float in [0,1])")
     alpha = None
-    if img.ndim == 3 and img.shape[2] == 1:
+    one_channel = img.ndim == 3 and img.shape[2] == 1  # given back as HxWx1, the shape it came in
+    if one_channel:
         img = img[..., 0]
     gray = img.ndim == 2
     if gray:
@@ -379,7 +380,10 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     arr = np.ascontiguousarray(rgb)
     if arr.dtype == np.uint16:  # torch's uint16 has few kernels: widen (16-bit input is rare and small)
         arr = arr.astype(np.int32)
-    return arr, {"dtype": img.dtype, "scale": scale, "gray": gray, "alpha": alpha, "order": order}
+    elif arr.dtype == np.float16:  # computed in fp32 like any float input, given back as fp16
+        arr = arr.astype(np.float32)
+    meta = {"dtype": img.dtype, "scale": scale, "gray": gray, "one_channel": one_channel}
+    return arr, meta | {"alpha": alpha, "order": order}
 
 
 def to_float(pixels: torch.Tensor, scale: float) -> torch.Tensor:
@@ -404,7 +408,9 @@ def to_pixels(y: torch.Tensor, meta: dict) -> torch.Tensor:
 
 def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
     """One HxWxC array from to_pixels (on the host) -> the numpy image, like the one given."""
-    out = (pixels[..., 0] if meta["gray"] else pixels).astype(meta["dtype"], copy=False)
+    out = (pixels[..., 0] if meta["gray"] and not meta["one_channel"] else pixels).astype(
+        meta["dtype"], copy=False
+    )
     if meta["alpha"] is not None:
         out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
     return np.ascontiguousarray(out)
