@@ -35,7 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qairn: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
-    rc = getattr(importlib.import_module(module), func)(rest)
+    from qairn.weights_io import WeightsError
+
+    try:
+        rc = getattr(importlib.import_module(module), func)(rest)
+    except (OSError, WeightsError) as e:
+        # A missing folder, an unreadable file, a file that is not our weights: the user's to fix, so
+        # one line that names it. Anything else is our bug and keeps its traceback.
+        print(f"qairn {name}: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

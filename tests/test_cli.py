@@ -277,6 +277,35 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "junk.safetensors" in err
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["eval", "--data", "{tmp}/none", "--qf", "10"], "qairn eval: error: {tmp}/none: no such folder"),
+        (["eval", "--data", "{tmp}/empty", "--qf", "10"], "qairn eval: error: {tmp}/empty: no images found"),
+        (["eval-quality", "--data", "{tmp}/none"], "qairn eval-quality: error: {tmp}/none: no such folder"),
+        (["train", "--data", "{tmp}/none", "--out", "{tmp}/run"], "qairn train: error: {tmp}/none: no such"),
+        # Refused before any work: the measurements would otherwise be lost at the end.
+        (
+            ["eval", "--data", "{tmp}/imgs", "--json", "{tmp}/no/e.json"],
+            "{tmp}/no/e.json: output folder does",
+        ),
+        (["bench", "--plot", "{tmp}/no/b.png"], "qairn bench: error: {tmp}/no/b.png: output folder does not"),
+        (
+            ["eval", "--data", "{tmp}/imgs", "--weights", "{tmp}/none.safetensors"],
+            "none.safetensors: no such",
+        ),
+    ],
+)
+def test_other_commands_fail_in_one_line(tmp_path, capsys, args, says):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.png"), np.zeros((16, 16, 3), np.uint8))
+    rc, out, err = run(capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("qairn ") and says.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "no").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
 

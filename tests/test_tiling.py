@@ -375,6 +375,26 @@ def test_bad_arrays_are_refused_with_the_reason(img, says):
         r.restore(img)
 
 
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (
+            {"tile": 64, "overlap": 60},
+            "overlap 60 (taken in steps of 16: 64) must be smaller than the tile 64",
+        ),
+        ({"overlap": 512}, "must be smaller than the tile 512"),  # tile="auto" cuts 512 tiles
+        ({"overlap": -1}, "overlap must be an int >= 0"),
+        ({"tile": 0}, "tile must be a positive int"),
+        ({"channel_order": "rbg"}, "channel_order must be 'rgb' or 'bgr'"),
+    ],
+)
+def test_bad_options_are_refused_when_the_restorer_is_made(options, says):
+    # Before, a too-wide overlap failed on each image in turn, and only on images larger than a tile.
+    with pytest.raises(ValueError, match=re.escape(says)):
+        qairn.Restorer(model=lively_model(), device="cpu", **options)
+    qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=48)  # the widest overlap that fits
+
+
 def test_float_images_within_one_step_of_the_range_are_fine():
     r = qairn.Restorer(model=lively_model(), device="cpu")
     img = np.linspace(-0.003, 1.003, 8 * 9 * 3, dtype=np.float32).reshape(8, 9, 3)  # rounding overshoot

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
+from qairn.engine.imageio import check_writable, save_figure
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -622,7 +623,7 @@ def write_plot(report: dict, path: str) -> None:
     )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -786,6 +787,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    check_writable(args.json, args.plot, None if args.env in (None, "-") else args.env)
     device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

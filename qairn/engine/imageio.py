@@ -141,6 +141,23 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def check_writable(*paths: str | Path | None) -> None:
+    """Refuse, before any work, output paths whose folder is missing (None: not asked for), so a long
+    evaluation or benchmark does not end by failing to write what it measured."""
+    for p in filter(None, paths):
+        if not Path(p).resolve().parent.is_dir():
+            raise FileNotFoundError(f"{p}: output folder does not exist")
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """A matplotlib figure as PNG, written atomically like every other output."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
+
+
 def write_image(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95) -> None:
     path = Path(path)
     write_atomic(path, encode_image(arr, path.suffix, jpeg_quality))

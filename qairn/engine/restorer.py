@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qairn.engine.backends import make_backend
-from qairn.engine.tiling import TilePlan, plan_tiles
+from qairn.engine.tiling import ALIGN, TilePlan, ceil_to, plan_tiles
 from qairn.model import QAIRN
 from qairn.weights_io import WeightsError, load_model
 
@@ -150,6 +150,15 @@ class Restorer:
         self.backend_name, self.precision = backend, precision
         if not (tile is None or tile == "auto" or (isinstance(tile, int) and tile > 0)):
             raise ValueError(f'tile must be a positive int, None (whole images) or "auto", not {tile!r}')
+        if not isinstance(overlap, int) or overlap < 0:
+            raise ValueError(f"overlap must be an int >= 0, not {overlap!r}")
+        largest = AUTO_TILE if tile == "auto" else tile
+        # Checked here, not per image: an overlap as wide as the tile leaves no core to restore.
+        if largest is not None and ceil_to(overlap, ALIGN) >= max(ALIGN, largest // ALIGN * ALIGN):
+            raise ValueError(
+                f"overlap {overlap} (taken in steps of {ALIGN}: {ceil_to(overlap, ALIGN)}) must be smaller "
+                f"than the tile {largest}"
+            )
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         if channel_order not in ("rgb", "bgr"):

@@ -24,6 +24,7 @@ import torch
 from scipy import optimize, stats
 from tqdm import tqdm
 
+from qairn.engine.imageio import check_writable, save_figure, write_atomic
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 
@@ -208,7 +209,7 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_figure(fig, png)
     plt.close(fig)
 
 
@@ -227,6 +228,7 @@ def main_eval(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
     a = ap.parse_args(argv)
+    check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
@@ -254,7 +256,7 @@ def main_eval(argv=None) -> int:
             f"on {restorer.device}"
         )
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_atomic(a.json, json.dumps(result, indent=1).encode())
     if a.plot:
         plot_restoration(summary, a.plot)
     return 0
@@ -506,7 +508,7 @@ def plot_quality(recs, png: str | Path, q: str = "Q2") -> None:
     axes[0].set_ylabel(f"{q} (one line per image)")
     fig.suptitle("generated distortions, not human scores", fontsize=9)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_figure(fig, png)
     plt.close(fig)
 
 
@@ -530,6 +532,7 @@ def main_quality(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
+    check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
@@ -586,7 +589,7 @@ def main_quality(argv=None) -> int:
         if a.plot:
             plot_quality(recs, a.plot)
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+        write_atomic(a.json, json.dumps(result, indent=1).encode())
     return 0
 
 

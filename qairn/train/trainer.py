@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from qairn.engine.imageio import save_figure
 from qairn.metrics import ssim_torch
 from qairn.model import QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
@@ -377,7 +378,7 @@ def plot_log(log_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    save_figure(fig, png)
     plt.close(fig)
 
 
