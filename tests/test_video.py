@@ -216,6 +216,15 @@ def test_cli(tiny_weights, clip, tmp_path, capsys):
     )
     assert len(decode(out)[0]) == 6 and len(read_csv(f"{out}.quality.csv")) == 6
     assert not Path(f"{out}.quality.png").exists()
+    # Again into the same file: refused in one line, the first result untouched, unless --overwrite.
+    capsys.readouterr()
+    before = out.read_bytes()
+    again = [str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu", "--no-plot", "-q"]
+    assert main(again) == 1 and out.read_bytes() == before
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn: error: {out}: the output video exists (use --overwrite)"
+    assert main([*again, "--overwrite", "--crf", "40", "--preset", "ultrafast"]) == 0
+    assert out.read_bytes() != before and len(decode(out)[0]) == 6
     assert (
         main(
             [

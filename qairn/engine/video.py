@@ -309,6 +309,7 @@ class VideoOptions:
     strict: bool = (
         False  # damaged input (decoder-flagged frames, fewer frames than the header says) is an error
     )
+    overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
 
 
 def default_codec() -> str:
@@ -345,7 +346,9 @@ def _write_file(path: Path, data: bytes) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _check_writable(path: Path, what: str) -> None:
+def _check_writable(path: Path, what: str, overwrite: bool = True) -> None:
+    if not overwrite and path.is_file():
+        raise VideoError(f"{path}: the {what} exists (use --overwrite)")
     if path.is_dir():
         raise VideoError(f"{path}: is a directory; give a file name for the {what}")
     parent = path.parent
@@ -477,6 +480,10 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     return out, vs, amap, codec, pix_fmt, note
 
 
+def _plot_path(csv_path: Path) -> Path:
+    return csv_path.with_suffix(".png") if csv_path.suffix == ".csv" else Path(f"{csv_path}.png")
+
+
 def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[Path]:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -501,7 +508,7 @@ def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[P
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png")
-        png_path = csv_path.with_suffix(".png") if csv_path.suffix == ".csv" else Path(f"{csv_path}.png")
+        png_path = _plot_path(csv_path)
         _write_file(png_path, png.getvalue())
         written.append(png_path)
     return written
@@ -517,13 +524,15 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
     if not opts.score_only:
         if dst is None:
             raise VideoError("no output file given (use --score-only to write only the quality trace)")
-        _check_writable(dst, "output video")
+        _check_writable(dst, "output video", opts.overwrite)
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
     csv_path = None
     if opts.write_quality:
         csv_path = Path(opts.quality_csv or f"{dst if dst is not None else src}.quality.csv")
-        _check_writable(csv_path, "quality trace")
+        _check_writable(csv_path, "quality trace", opts.overwrite)
+        if opts.plot:
+            _check_writable(_plot_path(csv_path), "quality plot", opts.overwrite)
 
     inp = _open_input(src)
     out = tmp = None
@@ -734,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, or fewer "
         "frames than the header says; by default these are warnings",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -761,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
         range=args.range,
         progress=not args.quiet,
         strict=args.strict,
+        overwrite=args.overwrite,
     )
     if args.score_only and args.no_quality:
         print("qairn: error: --score-only with --no-quality has nothing to write", file=sys.stderr)
