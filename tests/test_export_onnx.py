@@ -191,3 +191,46 @@ def test_cli_onnx(tiny_weights, tmp_path, capsys):
     assert ox.read_metadata(out)["qairn.outputs"] == "maps"
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--io", "fp16"]) == 2
     assert export_main(["onnx", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 1
+
+
+def test_cli_onnx_never_replaces_a_file_by_accident(tiny_weights, tmp_path, capsys, monkeypatch):
+    verify = ["--verify-images", str(live1_files()[0]), "--verify-crop", "64", "--verify-qf", "10"]
+    picture = tmp_path / "photo.png"
+    picture.write_bytes(b"not to be lost")
+    assert export_main(["onnx", str(tiny_weights), "-o", str(picture), *verify]) == 2
+    assert picture.read_bytes() == b"not to be lost"
+    out = tmp_path / "m.onnx"
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), *verify]) == 0
+    first = out.read_bytes()
+    capsys.readouterr()
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", *verify]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn export: {out}: exists (use --overwrite)"
+    # A graph that fails its check replaces nothing and leaves no file behind.
+    monkeypatch.setattr(ox, "check_parity", lambda *a: (_ for _ in ()).throw(ox.ExportError("too far")))
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", "--overwrite", *verify]) == 1
+    assert out.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "photo.png"]
+    monkeypatch.undo()
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", "--overwrite", *verify]) == 0
+    assert ox.read_metadata(out)["qairn.precision"] == "fp16"
+
+
+def test_shipped_weights_pass_the_fp16_check(tmp_path):
+    """The shipped weights pool with p = 64: their sums of gamma**64 carry 64x the relative error of
+    gamma, and failed a check on the sums; Q, what the sums are for, is checked instead. The Q error
+    reported is the one the pooled scores really have."""
+    from qairn.engine.restorer import default_weights
+    from qairn.weights_io import load_model
+
+    model = load_model(default_weights())
+    assert model.config.p == 64
+    path = ox.export_onnx(model, tmp_path / "s.onnx", outputs="sums", precision="fp16")
+    images = ox.jpeg_images(live1_files()[:2], qfs=(10, 40), crop=(128, 128))
+    stats = ox.verify_onnx(path, model, images)
+    ox.check_parity(stats, "fp16")
+    _, qsums = session(path).run(None, {"input": ox.image_batch(images[0][1], None).numpy()})
+    x = ox.image_batch(images[0][1], None)
+    with torch.inference_mode():
+        expected = ox.ExportModel(model, outputs="sums", precision="fp32")(x)[1].double().numpy()
+    pixels = np.array([128 * 128, 64 * 64, 32 * 32])
+    q_onnx, q_eager = ((s / pixels) ** (1 / 64) for s in (qsums.astype(np.float64), expected))
+    assert 0 < np.abs(q_onnx - q_eager).max() <= stats["max_abs"]["Q"] <= 2e-3

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from qairn.engine import imageio
+
 PACKAGE_CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
 
@@ -69,15 +71,8 @@ def model_digest(model: torch.nn.Module, **options) -> str:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
+    """imageio.write_atomic, creating the folder first (cache folders appear on first use)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; caches and exports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    imageio.write_atomic(path, data)
     return path

@@ -68,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
         metavar="N,H,W",
         help="static input shape (a tile shape); default: dynamic N, H, W",
     )
+    o.add_argument("--overwrite", action="store_true", help="replace an existing file at --output")
     o.add_argument("--opset", type=int, default=17)
     o.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     add_verify_args(o)
@@ -133,9 +134,19 @@ def main_onnx(args) -> int:
     if args.io == "fp16" and not args.fp16:
         print("qairn export: --io fp16 needs --fp16", file=sys.stderr)
         return 2
+    out = args.output
+    if out.suffix.lower() != ".onnx":
+        print(f"qairn export: {out}: name the ONNX file *.onnx", file=sys.stderr)
+        return 2
+    if out.exists() and not args.overwrite:
+        print(f"qairn export: {out}: exists (use --overwrite)", file=sys.stderr)
+        return 2
+    # Written beside the output and renamed only once verified: a graph that fails its check
+    # replaces nothing and is not left where a deployment would pick it up.
+    unverified = out.with_name(f".{out.name}.unverified")
     path = ox.export_onnx(
         model,
-        args.output,
+        unverified,
         outputs="maps" if args.maps else "sums",
         precision=precision,
         io=args.io,
@@ -144,12 +155,16 @@ def main_onnx(args) -> int:
         exporter=args.exporter,
         fp32_tail=args.fp32_tail,
     )
+    try:
+        if rc := verify(path, model, args):
+            return rc
+        path.replace(out)
+    finally:
+        path.unlink(missing_ok=True)
     shape = f"static {args.static}" if args.static else "dynamic N,H,W"
     outputs = "maps" if args.maps else "sums"
-    print(
-        f"wrote {path} ({precision}, io {args.io}, {outputs}, {shape}, opset {args.opset}; onnx.checker ok)"
-    )
-    return verify(path, model, args)
+    print(f"wrote {out} ({precision}, io {args.io}, {outputs}, {shape}, opset {args.opset}; onnx.checker ok)")
+    return 0
 
 
 def main_tensorrt(args) -> int:

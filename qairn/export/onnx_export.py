@@ -53,12 +53,14 @@ ISLAND_TAG = "fp32_island/"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Max abs error of an ONNX Runtime run against eager fp32 that `check_parity` accepts: images and
-# maps are in [0,1]; "qsums" is compared relative to its value (fp32 sums over 4e5 pixels already
-# differ by ~1e-5 between two summation orders). fp16: restored stays under half a uint8 step (1/255);
-# measured errors are in bench/bench_ort.py --parity (small preset, LIVE1, QF 10..40).
+# maps are in [0,1]. "qsums" is checked as what it is for, the pooled Q1..Q3: a Minkowski mean moves
+# by no more than the largest change of its gammas, so Q takes the gamma bound. (Checked as sums it
+# failed the shipped p = 64 weights in fp16: a sum of gamma**64 carries 64x gamma's relative error,
+# Q only 1/64 of the sum's.) fp16: restored stays under half a uint8 step (1/255); measured errors
+# are in bench/bench_ort.py --parity (small preset, LIVE1, QF 10..40).
 TOLERANCE = {
-    "fp32": {"restored": 1e-4, "gamma": 1e-4, "qsums_rel": 1e-4},
-    "fp16": {"restored": 2e-3, "gamma": 2e-3, "qsums_rel": 1e-3},
+    "fp32": {"restored": 1e-4, "gamma": 1e-4},
+    "fp16": {"restored": 2e-3, "gamma": 2e-3},
 }
 
 
@@ -394,7 +396,7 @@ def static_shape(session) -> tuple[int, int, int] | None:
 def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecutionProvider",)) -> dict:
     """Run the exported file with ONNX Runtime on `images` (RGB uint8 arrays, or (name, array) pairs)
     and compare with the same model run eagerly in fp32. Returns the max abs error per output (qsums:
-    max relative error), whether every output was finite, and the number of images."""
+    of the Q1..Q3 they pool to, as "Q"), whether every output was finite, and the number of images."""
     import onnxruntime as ort
 
     meta = read_metadata(path)
@@ -403,7 +405,8 @@ def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecution
     in_dtype = NP_DTYPES[session.get_inputs()[0].type]
     shape = static_shape(session)
     names = [o.name for o in session.get_outputs()]
-    worst = {name: 0.0 for name in names}
+    worst = {("Q" if name == "qsums" else name): 0.0 for name in names}
+    p = float(meta["qairn.p"])
     finite, count = True, 0
     for item in images:
         img = item[1] if isinstance(item, tuple) else item
@@ -414,10 +417,12 @@ def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecution
         for name, e, g in zip(names, expected, got):
             g = g.astype(np.float32)
             finite &= bool(np.isfinite(g).all())
-            err = np.abs(g - e)
             if name == "qsums":
-                err = err / np.maximum(np.abs(e), 1.0)
-            worst[name] = max(worst[name], float(err.max()))
+                h, w = x.shape[-2:]
+                pixels = np.array([-(-h // s) * -(-w // s) for s in (1, 2, 4)], np.float64)
+                g, e = ((np.maximum(v, 0) / pixels) ** (1 / p) for v in (g.astype(np.float64), e))
+                name = "Q"
+            worst[name] = max(worst[name], float(np.abs(g - e).max()))
         count += 1
     return {"max_abs": worst, "finite": finite, "images": count, "precision": meta["qairn.precision"]}
 
@@ -428,7 +433,7 @@ def check_parity(stats: dict, precision: str) -> None:
     if not stats["finite"]:
         raise ExportError(f"{precision} ONNX produced NaN or Inf")
     for name, err in stats["max_abs"].items():
-        bound = tol["qsums_rel"] if name == "qsums" else tol["restored" if name == "restored" else "gamma"]
+        bound = tol["restored" if name == "restored" else "gamma"]  # gamma1..3 and Q
         if err > bound:
             raise ExportError(f"{precision} ONNX output {name!r} differs from eager by {err:.3g} > {bound:g}")
 
