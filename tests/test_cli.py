@@ -61,6 +61,7 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
     assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
+    assert "tiles:" in err  # 96x128 in 64-pixel tiles: more than one batch, so the tile bar shows
 
 
 def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):

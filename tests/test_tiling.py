@@ -97,8 +97,17 @@ def test_tiles_are_batched(live1_image, monkeypatch):
         return inner(x)
 
     r.backend = spy
-    r.restore(odd_crop(live1_image, 300, 300))
-    assert max(sizes) == 4 and sum(sizes) == plan_tiles(300, 300, 128, 32).count
+    calls = []
+    img = odd_crop(live1_image, 300, 300)
+    res = r.restore(img, progress=lambda done, total: calls.append((done, total)))
+    count = plan_tiles(300, 300, 128, 32).count
+    assert max(sizes) == 4 and sum(sizes) == count
+    # progress: once per batch of tiles, in order, ending at (count, count); same picture without it.
+    assert calls == [(min(b + 4, count), count) for b in range(0, count, 4)]
+    np.testing.assert_array_equal(res.image, r.restore(img).image)
+    calls.clear()
+    qairn.Restorer(model=model, device="cpu", tile=None).restore(img, progress=lambda *a: calls.append(a))
+    assert calls == [(1, 1)]
 
 
 def test_gray_rgba_uint16_bgr_and_one_pixel(live1_image):

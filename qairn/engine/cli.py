@@ -178,6 +178,33 @@ def make_restorer(a):
     )
 
 
+class TileBar:
+    """A second, transient bar for the tiles of one large image (a 50 MP photo takes minutes on a
+    CPU with no other sign of life); images restored in one batch never show it."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total == 1:
+            return
+        if self.bar is None or self.bar.total != total:  # a retry with smaller tiles starts over
+            self.close()
+            self.bar = tqdm(total=total, desc="tiles", unit="tile", leave=False, position=1, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def error(msg: str) -> None:
     tqdm.write(f"qairn: error: {msg}", file=sys.stderr)
 
@@ -229,7 +256,8 @@ def main_restore(argv=None) -> int:
             if not dst.parent.is_dir():
                 raise InputError(f"{dst}: output folder does not exist")
             img = read_image(src, a.max_pixels, warn=warning)
-            res = r.restore(img, return_maps=a.quality_map)
+            with TileBar() as tiles:
+                res = r.restore(img, return_maps=a.quality_map, progress=tiles)
             write_image(dst, res.image)
             if a.quality_map:
                 qm = dst.with_name(dst.stem + ".quality.png")

@@ -178,17 +178,22 @@ class Restorer:
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
 
     # ---- tensors -------------------------------------------------------------------------------
-    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False):
+    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None):
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
-        maps or None), all on the engine's device."""
+        maps or None), all on the engine's device. progress(done, total) is called after each batch
+        of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
         plan = plan_tiles(h, w, self.tile_for(h, w, n), self.overlap)
         while True:
             try:
                 if self.cuda_graph:
-                    return self._frame_graph(x, plan, return_maps)(x)
-                return self._run_plan(x, plan, return_maps)
+                    result = self._frame_graph(x, plan, return_maps)(x)
+                else:
+                    result = self._run_plan(x, plan, return_maps, progress)
+                if progress is not None and (self.cuda_graph or plan.count == 1):
+                    progress(1, 1)  # one batch: a whole image, or a whole frame's graph replay
+                return result
             except torch.OutOfMemoryError:
                 self._graphs.clear()
                 current = max(plan.rows.tile, plan.cols.tile)
@@ -219,7 +224,7 @@ class Restorer:
         whole = n * h * w <= batch_pixels and not getattr(self.backend, "fixed_tile", False)
         return None if whole else AUTO_TILE
 
-    def _run_plan(self, x: torch.Tensor, plan: TilePlan, return_maps: bool):
+    def _run_plan(self, x: torch.Tensor, plan: TilePlan, return_maps: bool, progress=None):
         n, _, h, w = x.shape
         hp, wp = plan.rows.length, plan.cols.length
         xp = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
@@ -279,6 +284,8 @@ class Restorer:
                         sums[k] += core.double().pow(self.p).flatten(1).sum(1)
                     if maps is not None:
                         maps[k][:, :, y0 // s + c0 : y0 // s + c1, x0 // s + d0 : x0 // s + d1] = core
+            if progress is not None:
+                progress(b + len(group), len(tiles))
         q = self._q_from_sums(sums, h, w)
         if maps is not None:
             maps = [m[..., : -(-h // s), : -(-w // s)] for m, s in zip(maps, SCALES)]
@@ -309,23 +316,26 @@ class Restorer:
         return gamma.double().pow(self.p).flatten(1).mean(1).pow(1.0 / self.p).float()
 
     # ---- arrays and tensors from users -------------------------------------------------------------
-    def restore(self, img, return_maps: bool = False, channel_order: str | None = None) -> Result:
+    def restore(
+        self, img, return_maps: bool = False, channel_order: str | None = None, progress=None
+    ) -> Result:
         """Restore one image (HxWx3 RGB, HxW gray, HxWx4 RGBA; uint8, uint16 or float in [0,1]) or
-        a batch tensor (N,3,H,W) (uint8 or float in [0,1], any device: stays there)."""
+        a batch tensor (N,3,H,W) (uint8 or float in [0,1], any device: stays there).
+        progress(done, total): called after each batch of tiles, e.g. to drive a progress bar."""
         order = channel_order or self.channel_order
         if isinstance(img, torch.Tensor):
-            return self._restore_torch(img, return_maps, order)
+            return self._restore_torch(img, return_maps, order, progress)
         x, meta = to_tensor(img, order, self.device)  # integers travel; converted on the device
-        y, q, maps = self.restore_tensor(x, return_maps)
+        y, q, maps = self.restore_tensor(x, return_maps, progress)
         image = from_tensor(y, meta)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
         return Result(image, quality, maps)
 
-    def _restore_torch(self, t: torch.Tensor, return_maps: bool, order: str) -> Result:
+    def _restore_torch(self, t: torch.Tensor, return_maps: bool, order: str, progress=None) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps)
+        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress)
         return Result(batch_from_float(y.to(t.device), t.dtype, order), q, maps)
 
     def score(self, img, channel_order: str | None = None) -> dict:
