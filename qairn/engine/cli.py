@@ -315,7 +315,8 @@ def main_score(argv=None) -> int:
         print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
     for src in tqdm(inputs, desc="score", unit="img", file=sys.stderr, disable=len(inputs) < 2):
         try:
-            q = r.score(read_image(src, a.max_pixels, warn=warning))
+            with TileBar() as tiles:
+                q = r.score(read_image(src, a.max_pixels, warn=warning), progress=tiles)
         except ImageError as e:
             failed += 1
             error(str(e))

@@ -338,9 +338,9 @@ class Restorer:
         y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress)
         return Result(batch_from_float(y.to(t.device), t.dtype, order), q, maps)
 
-    def score(self, img, channel_order: str | None = None) -> dict:
+    def score(self, img, channel_order: str | None = None, progress=None) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors)."""
-        return self.restore(img, channel_order=channel_order).quality
+        return self.restore(img, channel_order=channel_order, progress=progress).quality
 
     # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
     def restore_yuv(self, y, u, v, matrix="bt709", range="limited", bits=None, return_maps=False) -> Result:
