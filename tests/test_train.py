@@ -163,6 +163,32 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
         assert torch.equal(exported[k], v.half().float() if half else v), k
 
 
+def test_validation_psnr_is_logged_and_leaves_training_alone(data, tmp_path):
+    """--val-every N: held-out PSNR at QF 10 and 40, raw and averaged, into val.csv and the plot;
+    the weights trained are the same as without it (validation runs on a copy)."""
+    import csv
+
+    trainer.train(tiny_args(data, tmp_path / "v", val_every=2, ema=0.5))
+    trainer.train(tiny_args(data, tmp_path / "n", val_every=0, ema=0.5))
+    rows = list(csv.DictReader(open(tmp_path / "v" / "val.csv")))
+    assert [r["step"] for r in rows] == ["2", "4"]
+    cols = ["psnr_qf10", "psnr_qf40", "ema_psnr_qf10", "ema_psnr_qf40"]
+    assert all(15 < float(r[c]) < 60 for r in rows for c in cols)
+    assert float(rows[-1]["psnr_qf40"]) > float(rows[-1]["psnr_qf10"])  # less to undo at QF 40
+    assert not (tmp_path / "n" / "val.csv").exists()
+    v, n = state(tmp_path / "v" / "checkpoint.pt"), state(tmp_path / "n" / "checkpoint.pt")
+    assert all(torch.equal(v["model"][k], n["model"][k]) for k in n["model"])
+    # The same numbers as validating the checkpoint's weights afresh.
+    m = QAIRN(preset("tiny"))
+    m.load_state_dict(v["model"])
+    files = trainer.train_val_files(tiny_args(data, tmp_path / "v"))[1]
+    fresh = trainer.validate(m, trainer.validation_pairs(files), "cpu")
+    assert fresh == {k: float(rows[-1][k]) for k in ("psnr_qf10", "psnr_qf40")}
+    # Resumed, it appends.
+    trainer.train(tiny_args(data, tmp_path / "v", steps=6, val_every=2, resume=True))
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "v" / "val.csv"))] == ["2", "4", "6"]
+
+
 def test_ema_weights_average_resume_and_export(data, tmp_path):
     """--ema keeps an exponential moving average of the weights: checkpointed, resumed exactly (3+2
     steps equal 5), started from the current weights when an older checkpoint has none, and what

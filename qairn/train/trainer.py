@@ -52,6 +52,9 @@ class TrainArgs:
     log_every: int = 10
     val_holdout: int = 8  # images kept out of training, for validation and the p sweep
     val_data: str = ""  # a separate validation folder: then all of --data trains and nothing is held out
+    # Every N steps: restored PSNR on the held-out images (QF 10 and 40, 256 px centre crops) into
+    # val.csv and the loss plot, for the raw weights and the average; 0 = off. Never LIVE1.
+    val_every: int = 1000
     device: str = "auto"
     amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, none
     channels_last: bool = True
@@ -217,6 +220,26 @@ def train(a: TrainArgs) -> Path:
         torch.save(ck, tmp)
         tmp.replace(ckpt_path)
 
+    val_pairs: list = []
+
+    def log_validation(at_step: int) -> None:
+        if not val_pairs:
+            val_pairs.extend(validation_pairs(val_files))
+        row = {"step": at_step} | validate(model, val_pairs, device)
+        if ema is not None:
+            row |= {f"ema_{k}": v for k, v in validate(ema.averaged(model), val_pairs, device).items()}
+        val_path = out / "val.csv"
+        fields = ["step"] + [f"{pre}psnr_qf{qf}" for pre in ("", "ema_") for qf in VAL_QFS]
+        new = not val_path.exists()
+        with open(val_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        tqdm.write(
+            f"validation at step {at_step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step")
+        )
+
     stop = {"flag": False}
 
     def should_stop() -> bool:
@@ -294,6 +317,10 @@ def train(a: TrainArgs) -> Path:
             bar.update(1)
             if step % a.ckpt_every == 0:
                 save_checkpoint()
+            if main and a.val_every and step % a.val_every == 0 and val_files:
+                t_val = time.time()
+                log_validation(step)
+                t_last += time.time() - t_val  # the logged patches/s are training's alone
             t_ready = time.time()
     finally:
         bar.close()
@@ -360,6 +387,34 @@ class EMA:
         self.updates = state["updates"]
 
 
+VAL_QFS, VAL_CROP = (10, 40), 256
+
+
+def validation_pairs(files: list[Path]) -> list[tuple[int, object, object]]:
+    """(qf, reference, JPEG) for each held-out image at each of VAL_QFS: made once per run."""
+    from qairn.train.evaluate import jpeg_rgb, read_rgb
+
+    refs = [read_rgb(f, VAL_CROP) for f in files]
+    return [(qf, ref, jpeg_rgb(ref, qf)) for ref in refs for qf in VAL_QFS]
+
+
+def validate(model: QAIRN, pairs: list, device) -> dict:
+    """Mean restored PSNR per QF on the validation pairs, from a copy (the Restorer moves its model
+    to its own layout and precision; the training model must not change)."""
+    import copy
+
+    import numpy as np
+
+    from qairn.metrics import psnr
+    from qairn.train.evaluate import make_restorer
+
+    r = make_restorer(model=copy.deepcopy(model).float().eval(), device=device)
+    by_qf = {qf: [] for qf in VAL_QFS}
+    for qf, ref, jpeg in pairs:
+        by_qf[qf].append(psnr(ref, r.restore(jpeg).image))
+    return {f"psnr_qf{qf}": round(float(np.mean(v)), 4) for qf, v in by_qf.items()}
+
+
 def plot_log(log_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -370,13 +425,28 @@ def plot_log(log_path: Path, png: Path) -> None:
     if not rows:
         return
     steps = [int(r["step"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, label="L1 + (1 - SSIM)")
+    val_path = log_path.with_name("val.csv")
+    val = list(csv.DictReader(open(val_path))) if val_path.exists() else []
+    fig, axes = plt.subplots(
+        1, 1 + len(VAL_QFS) * bool(val), figsize=(5 + 4 * bool(val) * 2, 4), squeeze=False
+    )
+    ax = axes[0, 0]
+    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
+    for ax, qf in zip(axes[0, 1:], VAL_QFS if val else ()):  # one panel per QF: their scales differ
+        for key, label in ((f"psnr_qf{qf}", "weights"), (f"ema_psnr_qf{qf}", "average (--ema)")):
+            pts = [(int(r["step"]), float(r[key])) for r in val if r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts), "o-", ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(f"held-out {VAL_CROP}px crops at QF {qf} (not LIVE1)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, png)
     plt.close(fig)
