@@ -137,7 +137,7 @@ def state(path: Path) -> dict:
 def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
     trainer.train(tiny_args(data, tmp_path / "a", steps=4))
     trainer.train(tiny_args(data, tmp_path / "b", steps=2))
-    trainer.train(tiny_args(data, tmp_path / "b", steps=4, resume=True))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=4, resume=True, lr_min=1e-5))
     a, b = state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt")
     assert a["step"] == b["step"] == 4
     assert set(a) >= {"model", "optim", "step", "seconds", "config", "args", "torch_rng", "val_files"}
@@ -157,6 +157,7 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
     assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
     summary = json.loads(read_metadata(w)["training"])
     assert summary["steps"] == 4 and summary["val_files"] == a["val_files"]
+    assert summary["args"]["lr_min"] == 1e-5  # the training run's arguments, not the export's
     exported = load_model(w).state_dict()
     half = summary["export"]["dtype"] == "fp16"
     for k, v in b["model"].items():

@@ -143,6 +143,7 @@ def train(a: TrainArgs) -> Path:
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     step, seconds = 0, 0.0
     resumed = a.resume and ckpt_path.exists()
+    trained_with = asdict(a)
     if resumed:
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if QAIRNConfig.from_json(ck["config"]) != config:
@@ -151,6 +152,7 @@ def train(a: TrainArgs) -> Path:
         opt.load_state_dict(ck["optim"])
         step, seconds = ck["step"], ck["seconds"]
         torch.set_rng_state(ck["torch_rng"])
+        trained_with = ck["args"]  # what the weights were last trained with, until this run trains
         if main:
             print(f"resumed from {ckpt_path} at step {step} ({seconds / 3600:.2f} h trained)")
     elif a.init:
@@ -343,7 +345,13 @@ def train(a: TrainArgs) -> Path:
         plot_log(log_path, out / "loss.png")
         if a.export:
             export_weights(
-                ema.averaged(model) if ema is not None else model, a, step, seconds, val_files, device
+                ema.averaged(model) if ema is not None else model,
+                a,
+                step,
+                seconds,
+                val_files,
+                device,
+                trained_with=asdict(a) if steps_run else trained_with,
             )
     if world > 1:
         dist.destroy_process_group()
@@ -459,6 +467,7 @@ def export_weights(
     seconds: float,
     val_files: list[Path],
     device: str | torch.device = "cpu",
+    trained_with: dict | None = None,
 ) -> Path:
     """Write the shipping file: fp16 when fp16-rounded weights lose < 0.02 dB of restored PSNR on the
     held-out images (QF 10..40), else fp32; the check's numbers go into the metadata."""
@@ -473,7 +482,9 @@ def export_weights(
     summary = {
         "steps": step,
         "seconds": round(seconds, 1),
-        "args": asdict(a),
+        # The arguments of the run that last trained these weights: an export-only run's own
+        # arguments (defaults, mostly) would misreport, e.g., the loss of a fine-tuning phase.
+        "args": trained_with or asdict(a),
         "val_files": [f.name for f in val_files],
         "export": decision,
     }
