@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from qairn.model import QAIRN, QAIRNConfig
 
@@ -32,10 +32,16 @@ def save_weights(model: QAIRN, path: str | Path, training: dict | None = None, d
         "config": model.config.to_json(),
         "training": json.dumps(training or {}, sort_keys=True),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_weights(path, tensors, meta)
     return path
+
+
+def write_weights(path: Path, tensors: dict, meta: dict) -> None:
+    """One safetensors file, atomically and with the usual permissions (safetensors' own writer
+    leaves files only their owner can read)."""
+    from qairn.engine.imageio import write_atomic
+
+    write_atomic(path, safetensors_bytes(tensors, metadata=meta))
 
 
 def read_metadata(path: str | Path) -> dict:

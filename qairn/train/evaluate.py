@@ -10,7 +10,6 @@ import copy
 import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 import warnings
@@ -450,10 +449,9 @@ def sweep_p(recs, p_grid=P_GRID, q: str = "Q2", prefer: float = 2.0) -> dict:
 def write_p(path: str | Path, p: float, info: dict) -> None:
     """Rewrite the weights file's config p (and record the sweep), atomically."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from qairn.model import QAIRNConfig
-    from qairn.weights_io import read_metadata
+    from qairn.weights_io import read_metadata, write_weights
 
     path = Path(path)
     meta = dict(read_metadata(path))
@@ -464,9 +462,7 @@ def write_p(path: str | Path, p: float, info: dict) -> None:
     meta["p_sweep"] = json.dumps(info, sort_keys=True)
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_weights(path, tensors, meta)
 
 
 def validation_files(weights, train_data: str, holdout: int, val_data: str | None) -> list[Path]:
