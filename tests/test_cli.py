@@ -177,6 +177,26 @@ def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys
     assert src.read_bytes() != before
 
 
+def test_quality_map_never_replaces_an_input_an_output_or_an_old_map(workdir, tiny_weights, capsys):
+    # b.png and b.quality.png restored into one folder: b's map would be the other's output.
+    cv2.imwrite(str(workdir / "b.quality.png"), cv2.imread(str(workdir / "b.png")))
+    out = workdir / "out"
+    args = ["--weights", tiny_weights, "--quality-map"]
+    rc, _, err = run(capsys, "restore", workdir / "b.png", workdir / "b.quality.png", "-o", out, *args)
+    says = "the quality map would replace another input or output; rename it"
+    assert rc == 1 and error_lines(err) == [f"qairn: error: {out / 'b.quality.png'}: {says}"]
+    assert sorted(p.name for p in out.iterdir()) == ["b.quality.png", "b.quality.quality.png"]
+    # An existing map is kept unless --overwrite, like any output.
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args)
+    assert rc == 0, err
+    (workdir / "a.png").unlink()
+    before = (workdir / "a.quality.png").read_bytes()
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args)
+    assert rc == 1 and "a.quality.png: quality map exists (use --overwrite)" in err
+    assert not (workdir / "a.png").exists() and (workdir / "a.quality.png").read_bytes() == before
+    assert run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args, "--overwrite")[0] == 0
+
+
 def test_unwritable_output(workdir, tiny_weights, capsys):
     blocker = workdir / "afile"
     blocker.write_text("x")

@@ -247,12 +247,18 @@ def main_restore(argv=None) -> int:
     failed = len(errors)
     records = []
     input_set = {q.resolve() for q in inputs}
+    output_set = {q.resolve() for q in outputs}
     for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
         try:
             if dst.resolve() in input_set and not a.overwrite:
                 raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
             if dst.exists() and not a.overwrite:
                 raise InputError(f"{dst}: output exists (use --overwrite)")
+            qm = dst.with_name(dst.stem + ".quality.png")
+            if a.quality_map and (qm.resolve() in input_set | output_set):  # e.g. a.png beside a.quality.png
+                raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
+            if a.quality_map and qm.exists() and not a.overwrite:
+                raise InputError(f"{qm}: quality map exists (use --overwrite)")
             if not dst.parent.is_dir():
                 raise InputError(f"{dst}: output folder does not exist")
             img = read_image(src, a.max_pixels, warn=warning)
@@ -260,7 +266,6 @@ def main_restore(argv=None) -> int:
                 res = r.restore(img, return_maps=a.quality_map, progress=tiles)
             write_image(dst, res.image)
             if a.quality_map:
-                qm = dst.with_name(dst.stem + ".quality.png")
                 write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
             records.append({"path": str(src), "output": str(dst), **res.quality})
         except (ImageError, InputError) as e:
