@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, function taking argv); imported lazily so `qairn score` stays quick.
@@ -35,13 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qairn: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
-    from qairn.weights_io import WeightsError
-
     try:
         rc = getattr(importlib.import_module(module), func)(rest)
-    except (OSError, WeightsError) as e:
-        # A missing folder, an unreadable file, a file that is not our weights: the user's to fix, so
-        # one line that names it. Anything else is our bug and keeps its traceback.
+    except (OSError, ValueError) as e:  # WeightsError is a ValueError
+        # A missing folder, an unreadable file, a file that is not our weights, options that do not
+        # fit together (an overlap as wide as the tile): the user's to fix, so one line that names
+        # it. QAIRN_DEBUG=1 shows the traceback; other exceptions always do.
+        if os.environ.get("QAIRN_DEBUG") == "1":
+            raise
         print(f"qairn {name}: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)

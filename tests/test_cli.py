@@ -315,6 +315,10 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             ["eval", "--data", "{tmp}/imgs", "--weights", "{tmp}/none.safetensors"],
             "none.safetensors: no such",
         ),
+        (
+            ["eval", "--data", "{tmp}/imgs", "--tile", "32"],
+            "overlap 32 (taken in steps of 16: 32) must be smaller",
+        ),
     ],
 )
 def test_other_commands_fail_in_one_line(tmp_path, capsys, args, says):
@@ -325,6 +329,12 @@ def test_other_commands_fail_in_one_line(tmp_path, capsys, args, says):
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("qairn ") and says.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "no").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("QAIRN_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        main(["eval", "--data", str(tmp_path / "none")])
 
 
 def test_unknown_command(capsys):
