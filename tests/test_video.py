@@ -274,6 +274,10 @@ def test_odd_size_with_h264_is_a_clear_error_or_444(restorer, frames_rgb, tmp_pa
     with pytest.raises(VideoError, match=r"75x47 yuv420p .*--pix-fmt yuv444p"):
         transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(plot=False))
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.mp4").exists()
+    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range).
+    with pytest.raises(VideoError) as e:
+        transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", crf=-5, plot=False))
+    assert "75x47 yuv444p" in str(e.value) and "even sizes" not in str(e.value)
     s = transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", plot=False))
     assert s["frames"] == 2 and decode(tmp_path / "o.mp4")[0][0].format.name == "yuv444p"
     # a non-multiple-of-16 even size (like 1918x1078) in H.264

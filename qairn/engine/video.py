@@ -469,9 +469,15 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         cc.open()
     except av.FFmpegError as e:
         out.close()
+        import av.video.format
+
+        # Only a chroma-subsampled format needs even sizes; otherwise the cause is elsewhere (the
+        # encoder's own message follows, e.g. a --crf outside its range).
+        comps = av.video.format.VideoFormat(pix_fmt, 64, 64).components
+        subsampled = len(comps) >= 3 and (comps[1].width, comps[1].height) != (64, 64)
         odd = (
             " (4:2:0 and 4:2:2 need even sizes: try --pix-fmt yuv444p)"
-            if first.width % 2 or first.height % 2
+            if subsampled and (first.width % 2 or first.height % 2)
             else ""
         )
         raise VideoError(
