@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qairn {name}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # raise SystemExit("message"): the same one line; argparse's exits pass
+        if not isinstance(e.code, str):
+            raise
+        print(f"qairn {name}: error: {e.code}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -319,6 +319,11 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             ["eval", "--data", "{tmp}/imgs", "--tile", "32"],
             "overlap 32 (taken in steps of 16: 32) must be smaller",
         ),
+        (
+            ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],
+            "qairn train: error: --batch 0",
+        ),
+        (["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--val-holdout", "1"], "has only 1 images"),
     ],
 )
 def test_other_commands_fail_in_one_line(tmp_path, capsys, args, says):

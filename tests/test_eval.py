@@ -202,9 +202,9 @@ def test_validation_files_follow_the_weights(tmp_path):
         ev.validation_files(w, str(train), 2, None)
 
 
-def test_sweep_refuses_the_report_images(refs, tmp_path):
+def test_sweep_refuses_the_report_images(refs, tmp_path, capsys):
     w = make_weights(tmp_path / "w.safetensors")
-    with pytest.raises(SystemExit):
+    assert (
         cli(
             [
                 "eval-quality",
@@ -219,6 +219,10 @@ def test_sweep_refuses_the_report_images(refs, tmp_path):
                 "cpu",
             ]
         )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.strip() == "qairn eval-quality: error: refusing to choose p on the report's own images"
 
 
 def test_sweep_picks_the_best_p_and_breaks_ties_towards_prefer():

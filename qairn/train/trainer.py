@@ -26,7 +26,7 @@ from qairn.model import QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
 from qairn.weights_io import load_model
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "train"
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "train"
 
 
 @dataclass
@@ -95,6 +95,10 @@ def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
     files = list_images(data)
     if holdout <= 0:
         return files, []
+    if holdout >= len(files):
+        raise SystemExit(
+            f"--val-holdout {holdout}: {data} has only {len(files)} images, none would be left to train"
+        )
     k = max(len(files) // holdout, 1)
     val = files[::k][:holdout]
     return [f for f in files if f not in val], val
@@ -112,7 +116,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_args(a: TrainArgs) -> None:
+    """Refuse arguments that cannot train, in one line, before any work."""
+    problems = [
+        (a.batch < 1, f"--batch {a.batch}: needs at least 1 patch"),
+        (a.patch < 16, f"--patch {a.patch}: needs at least 16 px (the network's stride)"),
+        (a.steps < 0, f"--steps {a.steps}: cannot be negative"),
+        (
+            not 0 <= a.qf_min <= a.qf_max <= 100,
+            f"--qf-min {a.qf_min} --qf-max {a.qf_max}: need 0 <= min <= max <= 100",
+        ),
+        (a.lr <= 0 or a.lr_min < 0, f"--lr {a.lr} --lr-min {a.lr_min}: need a positive rate"),
+        (a.ckpt_every < 1 or a.log_every < 1, "--ckpt-every and --log-every need at least 1"),
+        (a.val_every < 0 or a.val_holdout < 0, "--val-every and --val-holdout cannot be negative"),
+    ]
+    for bad, says in problems:
+        if bad:
+            raise SystemExit(says)
+
+
 def train(a: TrainArgs) -> Path:
+    check_args(a)
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned DataLoader worker is importing the user's script, which calls train() again.
         raise RuntimeError(
