@@ -46,6 +46,8 @@ def write_weights(path: Path, tensors: dict, meta: dict) -> None:
 
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder; give the .safetensors file")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     try:
