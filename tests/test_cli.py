@@ -255,6 +255,44 @@ def test_animation_restores_its_first_frame_and_says_so(tmp_path, tiny_weights, 
     assert (tmp_path / "a.png").exists()
 
 
+def test_colour_profile_is_kept(tmp_path, tiny_weights, capsys):
+    """A phone's Display P3 or a camera's Adobe RGB JPEG restored without its ICC profile would be
+    shown as sRGB, with other colours: PNG and JPEG outputs carry it over byte for byte."""
+    import io
+
+    from PIL import ImageCms
+
+    from qairn.engine.imageio import encode_image, with_icc
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rgb = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "p3.jpg", quality=30, icc_profile=icc)
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=30)
+    for name in ("o.png", "o.jpg"):
+        assert (
+            run(capsys, "restore", tmp_path / "p3.jpg", "-o", tmp_path / name, "--weights", tiny_weights)[0]
+            == 0
+        )
+        assert Image.open(tmp_path / name).info.get("icc_profile") == icc, name
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "p3.jpg", "-o", tmp_path / "o.webp", "--weights", tiny_weights
+    )
+    assert rc == 0 and "o.webp: .webp output drops the input's colour profile" in err
+    assert (
+        run(capsys, "restore", tmp_path / "plain.jpg", "-o", tmp_path / "p.png", "--weights", tiny_weights)[0]
+        == 0
+    )
+    assert b"iCCP" not in (tmp_path / "p.png").read_bytes()
+    # A profile larger than one JPEG segment is split and reassembled; 16-bit PNG pixels are untouched.
+    big = bytes(range(256)) * 300
+    for arr, sfx in ((rgb, ".jpg"), (rgb.astype(np.uint16) * 257, ".png")):
+        data = with_icc(encode_image(arr, sfx), sfx, big)
+        assert Image.open(io.BytesIO(data)).info.get("icc_profile") == big
+        back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if sfx == ".png":
+            np.testing.assert_array_equal(back[..., ::-1], arr)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, :10] = 255  # a white band on the left

@@ -14,9 +14,11 @@ from tqdm import tqdm
 
 from qairn.engine.imageio import (
     DEFAULT_MAX_PIXELS,
+    ICC_SUFFIXES,
     IMAGE_SUFFIXES,
     WRITE_SUFFIXES,
     ImageError,
+    read_icc,
     read_image,
     write_atomic,
     write_image,
@@ -264,7 +266,10 @@ def main_restore(argv=None) -> int:
             img = read_image(src, a.max_pixels, warn=warning)
             with TileBar() as tiles:
                 res = r.restore(img, return_maps=a.quality_map, progress=tiles)
-            write_image(dst, res.image)
+            icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
+            if icc and dst.suffix.lower() not in ICC_SUFFIXES:
+                warning(f"{dst}: {dst.suffix} output drops the input's colour profile; write .png to keep it")
+            write_image(dst, res.image, icc=icc)
             if a.quality_map:
                 write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
             records.append({"path": str(src), "output": str(dst), **res.quality})

@@ -158,6 +158,51 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def write_image(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95) -> None:
+ICC_SUFFIXES = {".png", ".jpg", ".jpeg"}  # where write_image keeps a colour profile
+
+
+def read_icc(path: str | Path) -> bytes | None:
+    """The file's embedded ICC colour profile, or None. Phones write Display P3 and cameras Adobe RGB:
+    an output without the profile would be shown as sRGB, with visibly different colours."""
+    try:
+        with Image.open(path) as im:
+            return im.info.get("icc_profile") or None
+    except (OSError, ValueError):
+        return None
+
+
+def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
+    """Encoded PNG or JPEG bytes with the ICC profile embedded: a PNG iCCP chunk after IHDR, or JPEG
+    APP2 ICC_PROFILE segments after SOI (and JFIF's APP0). Other formats come back unchanged."""
+    import struct
+    import zlib
+
+    suffix = suffix.lower()
+    if suffix == ".png":
+        body = b"ICC Profile\x00\x00" + zlib.compress(icc)  # name, NUL, compression method 0
+        chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+        at = 8 + 8 + 13 + 4  # signature, then IHDR (length, type, 13 data bytes, CRC)
+        return data[:at] + chunk + data[at:]
+    if suffix in (".jpg", ".jpeg"):
+        step = 65519  # the most one APP2 segment holds after its 14-byte ICC header
+        parts = [icc[i : i + step] for i in range(0, len(icc), step)]
+        segments = b"".join(
+            b"\xff\xe2"
+            + struct.pack(">H", 2 + 14 + len(part))
+            + b"ICC_PROFILE\x00"
+            + bytes([k + 1, len(parts)])
+            + part
+            for k, part in enumerate(parts)
+        )
+        at = 2
+        if data[2:4] == b"\xff\xe0":  # JFIF's APP0 must stay first
+            at = 4 + struct.unpack(">H", data[4:6])[0]
+        return data[:at] + segments + data[at:]
+    return data
+
+
+def write_image(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95, icc: bytes | None = None) -> None:
+    """Encode by the path's suffix and write atomically; icc: a colour profile to embed (PNG, JPEG)."""
     path = Path(path)
-    write_atomic(path, encode_image(arr, path.suffix, jpeg_quality))
+    data = encode_image(arr, path.suffix, jpeg_quality)
+    write_atomic(path, with_icc(data, path.suffix, icc) if icc else data)
