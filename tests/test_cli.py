@@ -283,6 +283,14 @@ def test_colour_profile_is_kept(tmp_path, tiny_weights, capsys):
         == 0
     )
     assert b"iCCP" not in (tmp_path / "p.png").read_bytes()
+    # A CMYK JPEG decodes to RGB: its CMYK profile would misdescribe the output, so it is dropped.
+    cmyk_icc = icc[:16] + b"CMYK" + icc[20:]
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", icc_profile=cmyk_icc)
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "cmyk.jpg", "-o", tmp_path / "c.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and "cmyk.jpg: its CMYK colour profile does not describe" in err
+    assert b"iCCP" not in (tmp_path / "c.png").read_bytes()
     # A profile larger than one JPEG segment is split and reassembled; 16-bit PNG pixels are untouched.
     big = bytes(range(256)) * 300
     for arr, sfx in ((rgb, ".jpg"), (rgb.astype(np.uint16) * 257, ".png")):

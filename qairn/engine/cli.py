@@ -18,6 +18,7 @@ from qairn.engine.imageio import (
     IMAGE_SUFFIXES,
     WRITE_SUFFIXES,
     ImageError,
+    icc_fits,
     read_icc,
     read_image,
     write_atomic,
@@ -267,6 +268,12 @@ def main_restore(argv=None) -> int:
             with TileBar() as tiles:
                 res = r.restore(img, return_maps=a.quality_map, progress=tiles)
             icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
+            if icc and not icc_fits(icc, res.image):
+                warning(
+                    f"{src}: its {icc[16:20].decode('ascii', 'replace').strip()} colour profile does "
+                    "not describe the RGB/gray pixels restored; the output has none"
+                )
+                icc = None
             if icc and dst.suffix.lower() not in ICC_SUFFIXES:
                 warning(f"{dst}: {dst.suffix} output drops the input's colour profile; write .png to keep it")
             write_image(dst, res.image, icc=icc)

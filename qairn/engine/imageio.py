@@ -171,6 +171,13 @@ def read_icc(path: str | Path) -> bytes | None:
         return None
 
 
+def icc_fits(icc: bytes, arr: np.ndarray) -> bool:
+    """Whether a profile's colour space (ICC header bytes 16-20) describes these pixels: an RGB
+    profile for colour, a gray one for gray. A CMYK JPEG's profile does not fit its RGB decode."""
+    space = icc[16:20]
+    return space == (b"GRAY" if arr.ndim == 2 else b"RGB ")
+
+
 def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
     """Encoded PNG or JPEG bytes with the ICC profile embedded: a PNG iCCP chunk after IHDR, or JPEG
     APP2 ICC_PROFILE segments after SOI (and JFIF's APP0). Other formats come back unchanged."""
