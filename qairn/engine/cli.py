@@ -19,6 +19,7 @@ from qairn.engine.imageio import (
     WRITE_SUFFIXES,
     ImageError,
     icc_fits,
+    icc_space,
     read_icc,
     read_image,
     write_atomic,
@@ -53,9 +54,10 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
         else:
             paths.append(p)
     # A file named twice (a glob and its folder, say) is restored once.
-    seen: set[Path] = set()
-    unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]
-    return unique, errors
+    unique = {}
+    for p in paths:
+        unique.setdefault(p.resolve(), p)
+    return list(unique.values()), errors
 
 
 def unique_names(inputs: list[Path]) -> list[str]:
@@ -250,7 +252,7 @@ def main_restore(argv=None) -> int:
     failed = len(errors)
     records = []
     input_set = {q.resolve() for q in inputs}
-    output_set = {q.resolve() for q in outputs}
+    taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
     for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
         try:
             if dst.resolve() in input_set and not a.overwrite:
@@ -258,7 +260,7 @@ def main_restore(argv=None) -> int:
             if dst.exists() and not a.overwrite:
                 raise InputError(f"{dst}: output exists (use --overwrite)")
             qm = dst.with_name(dst.stem + ".quality.png")
-            if a.quality_map and (qm.resolve() in input_set | output_set):  # e.g. a.png beside a.quality.png
+            if a.quality_map and qm.resolve() in taken:  # e.g. a.png beside a.quality.png
                 raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
             if a.quality_map and qm.exists() and not a.overwrite:
                 raise InputError(f"{qm}: quality map exists (use --overwrite)")
@@ -270,8 +272,8 @@ def main_restore(argv=None) -> int:
             icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
             if icc and not icc_fits(icc, res.image):
                 warning(
-                    f"{src}: its {icc[16:20].decode('ascii', 'replace').strip()} colour profile does "
-                    "not describe the RGB/gray pixels restored; the output has none"
+                    f"{src}: its {icc_space(icc)} colour profile does not describe the RGB/gray pixels "
+                    "restored; the output has none"
                 )
                 icc = None
             if icc and dst.suffix.lower() not in ICC_SUFFIXES:

@@ -171,11 +171,15 @@ def read_icc(path: str | Path) -> bytes | None:
         return None
 
 
+def icc_space(icc: bytes) -> str:
+    """A profile's colour space, from its header (bytes 16-20): "RGB", "GRAY", "CMYK", ..."""
+    return icc[16:20].decode("ascii", "replace").strip()
+
+
 def icc_fits(icc: bytes, arr: np.ndarray) -> bool:
-    """Whether a profile's colour space (ICC header bytes 16-20) describes these pixels: an RGB
-    profile for colour, a gray one for gray. A CMYK JPEG's profile does not fit its RGB decode."""
-    space = icc[16:20]
-    return space == (b"GRAY" if arr.ndim == 2 else b"RGB ")
+    """Whether a profile describes these pixels: an RGB profile for colour, a gray one for gray.
+    A CMYK JPEG's profile does not fit its RGB decode."""
+    return icc_space(icc) == ("GRAY" if arr.ndim == 2 else "RGB")
 
 
 def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:

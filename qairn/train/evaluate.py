@@ -262,6 +262,17 @@ def main_eval(argv=None) -> int:
 
 
 # ---- fp16 export check ---------------------------------------------------------------------------
+def jpeg_pairs(files, qfs, crop: int = 0) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(qf, reference, its protocol JPEG) for each file at each QF; crop > 0: centre crops."""
+    refs = [read_rgb(f, crop) for f in files]
+    return [(qf, ref, jpeg_rgb(ref, qf)) for ref in refs for qf in qfs]
+
+
+def restored_psnrs(restorer, pairs) -> list[float]:
+    """PSNR of each restored JPEG against its reference, in the pairs' order."""
+    return [psnr(ref, restorer.restore(jpeg).image) for _, ref, jpeg in pairs]
+
+
 def fp16_check(model, files, qfs=QFS, device="cpu", max_loss_db: float = 0.02, crop: int = 0) -> dict:
     """Restored PSNR on the held-out images with the fp32 weights and with fp16-rounded weights.
 
@@ -275,14 +286,9 @@ def fp16_check(model, files, qfs=QFS, device="cpu", max_loss_db: float = 0.02, c
         for t in m16.state_dict().values():
             if t.is_floating_point():
                 t.copy_(t.half().float())
-    r32, r16 = make_restorer(model=m32, device=device), make_restorer(model=m16, device=device)
-    p32, p16 = [], []
-    for f in files:
-        ref = read_rgb(f, crop)
-        for qf in qfs:
-            jp = jpeg_rgb(ref, qf)
-            p32.append(psnr(ref, r32.restore(jp).image))
-            p16.append(psnr(ref, r16.restore(jp).image))
+    pairs = jpeg_pairs(files, qfs, crop)
+    p32 = restored_psnrs(make_restorer(model=m32, device=device), pairs)
+    p16 = restored_psnrs(make_restorer(model=m16, device=device), pairs)
     loss = float(np.mean(p32) - np.mean(p16))
     return {
         "dtype": "fp16" if loss < max_loss_db else "fp32",

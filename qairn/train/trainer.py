@@ -5,6 +5,7 @@ through torchrun (DistributedDataParallel). Checkpoints hold model, optimiser, s
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import math
 import multiprocessing
@@ -403,8 +404,6 @@ class EMA:
 
     def averaged(self, model: torch.nn.Module) -> torch.nn.Module:
         """A copy of model holding the averaged weights."""
-        import copy
-
         out = copy.deepcopy(model)
         out.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.avg.items()})
         return out
@@ -424,27 +423,19 @@ VAL_QFS, VAL_CROP = (10, 40), 256
 
 def validation_pairs(files: list[Path]) -> list[tuple[int, object, object]]:
     """(qf, reference, JPEG) for each held-out image at each of VAL_QFS: made once per run."""
-    from qairn.train.evaluate import jpeg_rgb, read_rgb
+    from qairn.train.evaluate import jpeg_pairs
 
-    refs = [read_rgb(f, VAL_CROP) for f in files]
-    return [(qf, ref, jpeg_rgb(ref, qf)) for ref in refs for qf in VAL_QFS]
+    return jpeg_pairs(files, VAL_QFS, VAL_CROP)
 
 
 def validate(model: QAIRN, pairs: list, device) -> dict:
     """Mean restored PSNR per QF on the validation pairs, from a copy (the Restorer moves its model
     to its own layout and precision; the training model must not change)."""
-    import copy
+    from qairn.train.evaluate import make_restorer, restored_psnrs
 
-    import numpy as np
-
-    from qairn.metrics import psnr
-    from qairn.train.evaluate import make_restorer
-
-    r = make_restorer(model=copy.deepcopy(model).float().eval(), device=device)
-    by_qf = {qf: [] for qf in VAL_QFS}
-    for qf, ref, jpeg in pairs:
-        by_qf[qf].append(psnr(ref, r.restore(jpeg).image))
-    return {f"psnr_qf{qf}": round(float(np.mean(v)), 4) for qf, v in by_qf.items()}
+    values = restored_psnrs(make_restorer(model=copy.deepcopy(model).float().eval(), device=device), pairs)
+    by_qf = {qf: [v for (q, _, _), v in zip(pairs, values) if q == qf] for qf in VAL_QFS}
+    return {f"psnr_qf{qf}": round(sum(v) / len(v), 4) for qf, v in by_qf.items()}
 
 
 def plot_log(log_path: Path, png: Path) -> None:
