@@ -5,7 +5,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from qairn.cli import main
 from qairn.engine.imageio import ImageError, read_image
@@ -312,6 +312,45 @@ def test_exif_orientation_is_applied(tmp_path):
     out = read_image(path)
     assert out.shape == (40, 20, 3)
     assert out[:10].mean() > 200 and out[-10:].mean() < 50  # the band is now on top
+
+
+def test_exif_is_kept_upright(tmp_path, tiny_weights, capsys):
+    """A camera photo keeps its record (make, date, GPS) in PNG and JPEG outputs. The pixels were
+    turned upright on load, so the orientation tag goes (a viewer would rotate twice) and the EXIF
+    pixel size follows the output."""
+    from PIL import ExifTags
+
+    im = Image.fromarray((np.random.default_rng(1).random((24, 40, 3)) * 255).astype(np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display
+    exif[0x010F] = "QairnCam"  # Make
+    exif.get_ifd(ExifTags.IFD.Exif).update({0x9003: "2026:11:27 10:00:00", 0xA002: 40, 0xA003: 24})
+    exif.get_ifd(ExifTags.IFD.GPSInfo)[1] = "N"  # GPSLatitudeRef
+    im.save(tmp_path / "cam.jpg", exif=exif, quality=40)
+    for name in ("o.jpg", "o.png"):
+        rc, _, err = run(
+            capsys, "restore", tmp_path / "cam.jpg", "-o", tmp_path / name, "--weights", tiny_weights
+        )
+        assert rc == 0, err
+        out = Image.open(tmp_path / name)
+        assert out.size == (24, 40), name  # upright pixels
+        got = out.getexif()
+        assert got.get(0x010F) == "QairnCam" and 0x0112 not in got, name
+        sub = got.get_ifd(ExifTags.IFD.Exif)
+        assert sub.get(0x9003) == "2026:11:27 10:00:00" and (sub[0xA002], sub[0xA003]) == (24, 40), name
+        assert got.get_ifd(ExifTags.IFD.GPSInfo).get(1) == "N", name
+        assert ImageOps.exif_transpose(out).size == (24, 40), name  # a viewer shows it as restored
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "cam.jpg", "-o", tmp_path / "o.webp", "--weights", tiny_weights
+    )
+    assert rc == 0 and "o.webp: .webp output drops the input's EXIF" in err
+    # No EXIF in, none out.
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "bare.jpg")
+    assert (
+        run(capsys, "restore", tmp_path / "bare.jpg", "-o", tmp_path / "b.jpg", "--weights", tiny_weights)[0]
+        == 0
+    )
+    assert b"Exif" not in (tmp_path / "b.jpg").read_bytes()
 
 
 def test_16bit_png_end_to_end(tmp_path, live1_image, tiny_weights, capsys):

@@ -14,12 +14,14 @@ from tqdm import tqdm
 
 from qairn.engine.imageio import (
     DEFAULT_MAX_PIXELS,
+    EXIF_SUFFIXES,
     ICC_SUFFIXES,
     IMAGE_SUFFIXES,
     WRITE_SUFFIXES,
     ImageError,
     icc_fits,
     icc_space,
+    read_exif,
     read_icc,
     read_image,
     write_atomic,
@@ -276,9 +278,18 @@ def main_restore(argv=None) -> int:
                     "restored; the output has none"
                 )
                 icc = None
-            if icc and dst.suffix.lower() not in ICC_SUFFIXES:
-                warning(f"{dst}: {dst.suffix} output drops the input's colour profile; write .png to keep it")
-            write_image(dst, res.image, icc=icc)
+            exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
+            dropped = [
+                n
+                for n, v, keep in (("colour profile", icc, ICC_SUFFIXES), ("EXIF", exif, EXIF_SUFFIXES))
+                if v and dst.suffix.lower() not in keep
+            ]
+            if dropped:
+                warning(
+                    f"{dst}: {dst.suffix} output drops the input's {' and '.join(dropped)}; "
+                    "write .png to keep it"
+                )
+            write_image(dst, res.image, icc=icc, exif=exif)
             if a.quality_map:
                 write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
             records.append({"path": str(src), "output": str(dst), **res.quality})

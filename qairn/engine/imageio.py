@@ -4,6 +4,7 @@ and atomic writes (temp name, then rename) so a failure never leaves a partial f
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -185,7 +186,6 @@ def icc_fits(icc: bytes, arr: np.ndarray) -> bool:
 def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
     """Encoded PNG or JPEG bytes with the ICC profile embedded: a PNG iCCP chunk after IHDR, or JPEG
     APP2 ICC_PROFILE segments after SOI (and JFIF's APP0). Other formats come back unchanged."""
-    import struct
     import zlib
 
     suffix = suffix.lower()
@@ -212,8 +212,62 @@ def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
     return data
 
 
-def write_image(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95, icc: bytes | None = None) -> None:
-    """Encode by the path's suffix and write atomically; icc: a colour profile to embed (PNG, JPEG)."""
+EXIF_SUFFIXES = {".png", ".jpg", ".jpeg"}  # where write_image keeps EXIF metadata
+
+
+def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | None:
+    """The file's EXIF block (TIFF bytes, no "Exif" header) ready to go with the restored pixels, or None.
+    read_image has already turned the pixels upright, so the orientation tag is removed (a viewer would
+    rotate them twice), and size=(width, height) rewrites the EXIF pixel dimensions to match."""
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+            if not exif:
+                return None
+            exif.pop(0x0112, None)  # Orientation
+            if size is not None:
+                sub = exif.get_ifd(0x8769)  # the Exif IFD: PixelXDimension, PixelYDimension
+                for tag, value in zip((0xA002, 0xA003), size):
+                    if tag in sub:
+                        sub[tag] = value
+            data = exif.tobytes()
+    except (OSError, ValueError, SyntaxError, struct.error):
+        return None  # unreadable metadata is dropped, never a reason to fail the restore
+    return data[6:] if data.startswith(b"Exif\x00\x00") else data
+
+
+def with_exif(data: bytes, suffix: str, exif: bytes) -> bytes:
+    """Encoded PNG or JPEG bytes with an EXIF block embedded: a PNG eXIf chunk after IHDR, or a JPEG
+    APP1 "Exif" segment after SOI (and JFIF's APP0). Other formats come back unchanged."""
+    import zlib
+
+    suffix = suffix.lower()
+    if suffix == ".png":
+        chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+        at = 8 + 8 + 13 + 4  # signature, then IHDR
+        return data[:at] + chunk + data[at:]
+    if suffix in (".jpg", ".jpeg"):
+        body = b"Exif\x00\x00" + exif
+        if len(body) + 2 > 0xFFFF:
+            return data  # one APP1 segment is all EXIF may use; a block this big is dropped
+        at = 4 + struct.unpack(">H", data[4:6])[0] if data[2:4] == b"\xff\xe0" else 2
+        return data[:at] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[at:]
+    return data
+
+
+def write_image(
+    path: str | Path,
+    arr: np.ndarray,
+    jpeg_quality: int = 95,
+    icc: bytes | None = None,
+    exif: bytes | None = None,
+) -> None:
+    """Encode by the path's suffix and write atomically; icc: a colour profile, exif: an EXIF block
+    (read_exif) to embed (PNG, JPEG)."""
     path = Path(path)
     data = encode_image(arr, path.suffix, jpeg_quality)
-    write_atomic(path, with_icc(data, path.suffix, icc) if icc else data)
+    if icc:
+        data = with_icc(data, path.suffix, icc)
+    if exif:  # after the profile, so a JPEG reads SOI, APP0, APP1 (EXIF), APP2 (ICC) as viewers expect
+        data = with_exif(data, path.suffix, exif)
+    write_atomic(path, data)
