@@ -31,6 +31,21 @@ def test_plan_properties(h, w, tile, overlap):
     np.testing.assert_allclose(acc, 1.0, atol=1e-6)
 
 
+def test_blend_weights_are_a_partition_of_unity_for_every_plan():
+    """Rounding origins to 16 can make tiles i and i+2 overlap (e.g. 224 px, tile 128, overlap 48 puts
+    tiles at 0, 48, 96); blending only neighbours then stacked three weights into bright bands."""
+    from qairn.engine.tiling import plan_axis
+
+    for tile in range(32, 289, 32):
+        for overlap in range(0, tile, 16):
+            for length in range(tile + 16, 3 * tile + 100, 16):
+                ax = plan_axis(length, tile, overlap)
+                acc = np.zeros(length)
+                for s, w in zip(ax.starts, ax.weights):
+                    acc[s : s + tile] += w
+                assert np.abs(acc - 1).max() < 1e-6, (length, tile, overlap, ax.starts)
+
+
 def test_plan_rejects_overlap_larger_than_tile():
     with pytest.raises(ValueError, match="larger than the overlap"):
         plan_tiles(1000, 1000, 64, 64)
@@ -43,7 +58,8 @@ def odd_crop(img, h, w):
 
 
 @pytest.mark.parametrize(
-    "h,w,tile,overlap", [(1023, 767, 256, 32), (512, 768, 192, 32), (17, 9, 512, 32), (75, 61, 48, 16)]
+    "h,w,tile,overlap",
+    [(1023, 767, 256, 32), (512, 768, 192, 32), (17, 9, 512, 32), (75, 61, 48, 16), (48, 224, 128, 48)],
 )
 def test_tiled_matches_whole_image_on_live1(live1_image, h, w, tile, overlap):
     model = lively_model()

@@ -43,19 +43,37 @@ def plan_axis(length: int, tile: int, overlap: int) -> AxisPlan:
         if all(b - a <= tile - overlap for a, b in zip(starts, starts[1:])):
             break
         n += 1
-    weights = [np.ones(tile, np.float32) for _ in starts]
+    # Seam i (between tiles i and i+1) blends over the middle half of their overlap. Where rounding the
+    # origins to 16 makes tiles i and i+2 overlap too, the seams are narrowed so that they never cross;
+    # then tile i's weight, "past seam i-1 and not yet past seam i", sums to exactly 1 over the tiles.
+    ends = [s + tile for s in starts]
+    centres = [(s1 + e0) / 2 for s1, e0 in zip(starts[1:], ends)]
+    halves = []
+    for i, c in enumerate(centres):
+        h = (ends[i] - starts[i + 1]) / 4
+        if i > 0:
+            h = min(h, (c - centres[i - 1]) / 2)
+        if i + 1 < len(centres):
+            h = min(h, (centres[i + 1] - c) / 2)
+        halves.append(h)
+
+    def past(i: int, x: np.ndarray) -> np.ndarray:  # 0 before seam i, a linear ramp across it, 1 after
+        if i < 0:
+            return np.ones_like(x)
+        if i >= len(centres):
+            return np.zeros_like(x)
+        if halves[i] == 0:  # tiles that only touch: a hard cut at the shared edge
+            return (x >= centres[i]).astype(np.float64)
+        return np.clip((x - (centres[i] - halves[i])) / (2 * halves[i]), 0.0, 1.0)
+
+    weights = []
+    for i, s0 in enumerate(starts):
+        x = np.arange(s0, s0 + tile, dtype=np.float64) + 0.5  # pixel centres
+        weights.append((past(i - 1, x) * (1.0 - past(i, x))).astype(np.float32))
     cores = []
     core_start = 0
-    for i, (s0, s1) in enumerate(zip(starts, starts[1:])):
-        ov_a, ov_b = s1, s0 + tile  # the overlap [ov_a, ov_b) in image coordinates
-        ov = ov_b - ov_a
-        margin = ov // 4
-        ramp_a, ramp_b = ov_a + margin, ov_b - margin
-        x = np.arange(ov_a, ov_b, dtype=np.float64) + 0.5
-        w_down = np.clip((ramp_b - x) / max(ramp_b - ramp_a, 1), 0.0, 1.0).astype(np.float32)
-        weights[i][ov_a - s0 :] = w_down
-        weights[i + 1][: ov_b - s1] = 1.0 - w_down
-        split = ov_a + (ov // 2) // ALIGN * ALIGN
+    for s1, e0 in zip(starts[1:], ends):
+        split = s1 + ((e0 - s1) // 2) // ALIGN * ALIGN
         cores.append((core_start, split))
         core_start = split
     cores.append((core_start, length))
