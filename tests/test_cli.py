@@ -301,6 +301,20 @@ def test_colour_profile_is_kept(tmp_path, tiny_weights, capsys):
             np.testing.assert_array_equal(back[..., ::-1], arr)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(tmp_path, orientation):
+    """The 16-bit path turns pixels upright with numpy; it must agree with Pillow's exif_transpose."""
+    from qairn.engine.imageio import _apply_orientation
+
+    arr = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3)
+    im = Image.fromarray(arr)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.info["exif"] = exif.tobytes()
+    expected = np.asarray(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(_apply_orientation(arr, orientation), expected)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     arr = np.zeros((20, 40, 3), np.uint8)
     arr[:, :10] = 255  # a white band on the left
@@ -374,6 +388,83 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
     assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
+
+
+def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
+    Image.fromarray((np.random.default_rng(0).random((24, 20)) * 1000).astype(np.int32)).save(
+        workdir / "i32.tif"
+    )
+    rc, out, err = run(capsys, "score", workdir / "i32.tif", workdir / "b.png", "--weights", tiny_weights)
+    assert rc == 1 and "b.png" in out
+    assert error_lines(err) == [
+        f"qairn: error: {workdir / 'i32.tif'}: floating-point or signed pixels are not supported; "
+        "save as 8 or 16 bit"
+    ]
+
+
+def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights, capsys):
+    before = (workdir / "b.png").read_bytes()
+    out = workdir / "out"
+    rc, _, err = run(
+        capsys,
+        "restore",
+        workdir / "b.png",
+        "-o",
+        out,
+        "--json",
+        workdir / "b.png",
+        "--weights",
+        tiny_weights,
+    )
+    assert rc == 2 and "--json would replace an input or output image" in err
+    assert (workdir / "b.png").read_bytes() == before
+    rc, _, err = run(
+        capsys,
+        "restore",
+        workdir / "b.png",
+        "-o",
+        out,
+        "--json",
+        workdir / "no" / "q.json",
+        "--weights",
+        tiny_weights,
+    )
+    assert rc == 2 and "q.json: output folder does not exist" in err and not list(out.iterdir())
+    (workdir / "q.json").write_text("[]")
+    rc, _, err = run(
+        capsys,
+        "restore",
+        workdir / "b.png",
+        "-o",
+        out,
+        "--json",
+        workdir / "q.json",
+        "--weights",
+        tiny_weights,
+    )
+    assert rc == 2 and "q.json: exists (use --overwrite)" in err
+
+
+def test_file_names_with_glob_characters_are_taken_literally(workdir, tiny_weights, capsys):
+    src = workdir / "photo [1].png"
+    src.write_bytes((workdir / "b.png").read_bytes())
+    rc, _, err = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
+    assert rc == 0, err
+    assert (workdir / "o.png").exists()
+
+
+def test_sixteen_bit_tiff_and_ppm_keep_their_depth(tmp_path):
+    rgb16 = (np.random.default_rng(2).random((12, 10, 3)) * 65535).astype(np.uint16)
+    for name in ("t.tif", "p.ppm"):
+        cv2.imwrite(str(tmp_path / name), rgb16[..., ::-1])
+        got = read_image(tmp_path / name)
+        assert got.dtype == np.uint16, name
+        np.testing.assert_array_equal(got, rgb16)
+    Image.fromarray(np.random.default_rng(3).random((5, 5)).astype(np.float32), mode="F").save(
+        tmp_path / "f.tif"
+    )
+    with pytest.raises(ImageError, match="f.tif: floating-point or signed pixels are not supported"):
+        read_image(tmp_path / "f.tif")
 
 
 def test_bad_weights_one_line(workdir, tmp_path, capsys):

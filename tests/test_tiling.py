@@ -177,6 +177,27 @@ def test_bad_arrays():
         r.restore(np.zeros((4, 4, 3), np.int32))
     with pytest.raises(ValueError, match="empty"):
         r.restore(np.zeros((0, 4, 3), np.uint8))
+    # Tensors: 0..255 floats, integer types and NaN are refused, not clamped into a white picture.
+    with pytest.raises(ValueError, match=r"float tensors are taken in \[0, 1\], this one spans \[0, 255\]"):
+        r.restore(torch.full((1, 3, 8, 8), 255.0).index_fill_(2, torch.tensor([0]), 0.0))
+    with pytest.raises(ValueError, match="unsupported tensor dtype torch.int32"):
+        r.restore(torch.zeros((1, 3, 8, 8), dtype=torch.int32))
+    with pytest.raises(ValueError, match="spans"):
+        r.restore(torch.full((1, 3, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="channel_order must be 'rgb' or 'bgr', not 'BGR'"):
+        r.restore(np.zeros((8, 8, 3), np.uint8), channel_order="BGR")
+
+
+def test_restorers_do_not_change_the_model_they_are_given():
+    model = lively_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    img = np.full((16, 16, 3), 100, np.uint8)
+    first = qairn.Restorer(model=model, device="cpu")
+    expected = first.restore(img).image
+    qairn.Restorer(model=model, device="cpu", precision="bf16")  # would turn the shared model bf16
+    np.testing.assert_array_equal(first.restore(img).image, expected)
+    for k, v in model.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
 
 
 def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
@@ -195,9 +216,14 @@ def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
     img = odd_crop(live1_image, 300, 300)
     with pytest.warns(UserWarning, match="retrying with tile 128"):
         res = r.restore(img)
-    assert r.tile == 128 and seen[0] == 256 and seen[-1] == 128
+    assert seen[0] == 256 and seen[-1] == 128
     whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img)
     assert psnr(whole.image, res.image) >= 50.0
+    # The next frame of that shape goes straight to the tile that fits; other shapes keep the settings.
+    seen.clear()
+    r.restore(img)
+    assert set(seen) == {128}
+    assert r.tile == 256 and r.tile_for(64, 64) == 256
 
 
 @pytest.mark.parametrize("tile", [None, 128])

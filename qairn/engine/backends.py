@@ -8,6 +8,7 @@ Backends that can pool quality inside the model also offer `forward_pooled(x, p,
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import torch
@@ -50,7 +51,9 @@ class TorchBackend:
         # `qairn restore` of a LIVE1 image went from 4.3 s to 2.7 s with it (2026-11-27, busy machine;
         # outputs within 1/255).
         self.channels_last = True if channels_last is None else channels_last
-        model = model.to(device=device, dtype=self.dtype).eval()
+        # A copy: .to() and the kernel swaps below change a module in place, and the caller's model
+        # (or another Restorer sharing it) must not turn bf16 or channels_last under them.
+        model = copy.deepcopy(model).to(device=device, dtype=self.dtype).eval()
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if triton:

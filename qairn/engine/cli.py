@@ -38,7 +38,7 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     """Files, directories (their images, sorted) and globs -> (paths, errors)."""
     paths, errors = [], []
     for item in items:
-        if any(ch in item for ch in "*?["):
+        if any(ch in item for ch in "*?[") and not Path(item).exists():  # "photo [1].png" is a file
             hits = sorted(Path(h) for h in glob.glob(item, recursive=True))
             hits = [h for h in hits if h.is_file()]
             if not hits:
@@ -246,15 +246,22 @@ def main_restore(argv=None) -> int:
         return fatal(str(e))
     if a.format and a.format.lower() not in WRITE_SUFFIXES:
         return fatal(f"--format {a.format}: use one of {sorted(WRITE_SUFFIXES)}")
-    try:
-        r = make_restorer(a)
-    except Exception as e:  # weights/backends/devices: one line, no traceback
-        return fatal(str(e).splitlines()[0])
-
     failed = len(errors)
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
+    if a.json:  # checked before any work: a long run must not end unable to write its scores
+        json_path = Path(a.json).resolve()
+        if json_path in taken:
+            return fatal(f"{a.json}: --json would replace an input or output image")
+        if json_path.exists() and not a.overwrite:
+            return fatal(f"{a.json}: exists (use --overwrite)")
+        if not json_path.parent.is_dir():
+            return fatal(f"{a.json}: output folder does not exist")
+    try:
+        r = make_restorer(a)
+    except Exception as e:  # weights/backends/devices: one line, no traceback
+        return fatal(str(e).splitlines()[0])
     for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
         try:
             if dst.resolve() in input_set and not a.overwrite:
@@ -350,6 +357,10 @@ def main_score(argv=None) -> int:
         except ImageError as e:
             failed += 1
             error(str(e))
+            continue
+        except Exception as e:  # one file's problem (an unsupported pixel type, say) ends only that file
+            failed += 1
+            error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if a.json:
             print(json.dumps({"path": str(src), **{k: round(v, 6) for k, v in q.items()}}), flush=True)

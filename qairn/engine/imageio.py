@@ -32,7 +32,7 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
         4: lambda a: a[::-1],
         5: lambda a: np.swapaxes(a, 0, 1),
         6: lambda a: np.rot90(a, -1),
-        7: lambda a: np.rot90(a, 1)[::-1],
+        7: lambda a: np.rot90(a, -1)[::-1],  # transverse
         8: lambda a: np.rot90(a, 1),
     }
     return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
@@ -64,8 +64,16 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                     f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
                 )
             orientation = im.getexif().get(0x0112, 1)
-            sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
             fmt = im.format
+            signed_or_float = fmt == "TIFF" and {2, 3} & set(_as_tuple(im.tag_v2.get(339, 1)))  # SampleFormat
+            if im.mode == "F" or signed_or_float:
+                raise ImageError(
+                    f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
+                )
+            sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
+            # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
+            sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
+            sixteen = sixteen or (fmt == "PPM" and _pnm_maxval(path) > 255)
             if not sixteen:
                 im.load()
                 if im.mode not in ("RGB", "RGBA", "L"):
@@ -86,6 +94,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
+    if arr.dtype != np.uint16 and arr.dtype != np.uint8:
+        raise ImageError(f"{path}: {arr.dtype} pixels are not supported; save as 8 or 16 bit")
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _apply_orientation(arr, orientation)
@@ -93,6 +103,25 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
 
 def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
+
+
+def _as_tuple(v) -> tuple:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def _pnm_maxval(path: Path) -> int:
+    """The maxval of a binary or ASCII PPM/PGM header (P2, P3, P5, P6); > 255 means 16-bit samples."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    tokens = []
+    for line in head.split(b"\n"):
+        tokens += line.split(b"#", 1)[0].split()
+        if len(tokens) >= 4:
+            break
+    try:
+        return int(tokens[3])
+    except (IndexError, ValueError):
+        return 255
 
 
 def _png_bit_depth(path: Path) -> int:

@@ -161,6 +161,7 @@ class Restorer:
             )
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
+        self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
         if channel_order not in ("rgb", "bgr"):
             raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
         self.channel_order = channel_order
@@ -184,7 +185,8 @@ class Restorer:
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
-        plan = plan_tiles(h, w, self.tile_for(h, w, n), self.overlap)
+        tile, overlap = self._shrunk.get((n, h, w), (self.tile_for(h, w, n), self.overlap))
+        plan = plan_tiles(h, w, tile, overlap)
         while True:
             try:
                 if self.cuda_graph:
@@ -205,11 +207,21 @@ class Restorer:
                 )
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self.tile, self.overlap = tile, min(self.overlap, tile // 4)
-                plan = plan_tiles(h, w, tile, self.overlap)
+                # Remembered for this input shape only: the next frame of a stream goes straight to the
+                # tile that fits, and a long-lived Restorer does not tile its small frames for good.
+                self._shrunk[(n, h, w)] = tile, min(overlap, tile // 4)
+                tile, overlap = self._shrunk[(n, h, w)]
+                plan = plan_tiles(h, w, tile, overlap)
 
     def _frame_graph(self, x: torch.Tensor, plan: TilePlan, return_maps: bool) -> FrameGraph:
-        key = (tuple(x.shape), plan.rows.tile, plan.cols.tile, self.overlap, return_maps)
+        key = (
+            tuple(x.shape),
+            plan.rows.tile,
+            plan.cols.tile,
+            plan.rows.starts,
+            plan.cols.starts,
+            return_maps,
+        )
 
         def make():
             return FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
@@ -323,6 +335,8 @@ class Restorer:
         a batch tensor (N,3,H,W) (uint8 or float in [0,1], any device: stays there).
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar."""
         order = channel_order or self.channel_order
+        if order not in ("rgb", "bgr"):
+            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {order!r}")
         if isinstance(img, torch.Tensor):
             return self._restore_torch(img, return_maps, order, progress)
         x, meta = to_tensor(img, order, self.device)  # integers travel; converted on the device
@@ -437,7 +451,20 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
 
 def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
     """(N,3,H,W) uint8 or float in [0,1], RGB or BGR -> float32 RGB in [0,1], where t is."""
-    x = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+    if t.dtype == torch.uint8:
+        x = t.float() / 255.0
+    elif t.is_floating_point():
+        x = t.float()
+        lo, hi = (
+            float(v) for v in torch.aminmax(x)
+        )  # one small reduction: garbage in is refused, not clamped
+        if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
+            raise ValueError(
+                f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
+                "(divide 0..255 data by 255, or pass uint8)"
+            )
+    else:
+        raise ValueError(f"unsupported tensor dtype {t.dtype} (use uint8 or float in [0,1])")
     return x.flip(1) if order == "bgr" else x
 
 
