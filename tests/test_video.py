@@ -445,3 +445,61 @@ def test_stream_numpy_kinds_equal_single_calls(frames_rgb):
     for f, res in zip(bgr, got, strict=True):
         ref = r.restore(f, channel_order="bgr").image
         np.testing.assert_allclose(res.image.astype(int), ref, atol=1, rtol=0)
+
+
+def test_y4m_and_rgb_sources_get_the_right_rate_and_colour_tags(restorer, clip, frames_rgb, tmp_path):
+    # Y4M reads its frame rate from the time base: the source's 1/30000 would claim 30000 fps.
+    transcode(
+        restorer, clip, tmp_path / "o.y4m", VideoOptions(codec="rawvideo", audio=False, write_quality=False)
+    )
+    head = (tmp_path / "o.y4m").read_bytes()[:80].split(b"\n")[0].split()
+    assert b"F30000:1001" in head, head
+    with av.open(str(tmp_path / "o.y4m")) as c:
+        assert len(list(c.decode(video=0))) == 6
+    # An RGB source (PNG in MOV, colour tag 0 = RGB) is written as Y'CbCr: the tag names the matrix used.
+    src = make_clip(
+        tmp_path / "rgb.mov", frames_rgb[:2], codec="png", pix_fmt="rgb24", audio=False, tags=False
+    )
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    _, tags, _, _ = decode(tmp_path / "o.mkv")
+    assert tags[0] == {"bt601": 5, "bt709": 1}[s["matrix"]]
+    # --matrix overrides the source's tag in the output too.
+    s = transcode(restorer, clip, tmp_path / "m.mkv", VideoOptions(matrix="bt601", write_quality=False))
+    assert decode(tmp_path / "m.mkv")[1][0] == 5
+
+
+def test_frames_read_before_a_source_fails_are_still_restored(restorer, frames_rgb):
+    def source():
+        yield from frames_rgb[:6]
+        raise OSError("the pipe broke")
+
+    got = []
+    with pytest.raises(OSError, match="the pipe broke"):
+        for res in restorer.restore_stream(source(), batch=4):
+            got.append(res)
+    assert len(got) == 6
+
+
+def test_score_only_trace_sits_beside_the_input(restorer, clip, tmp_path):
+    src = tmp_path / "in.mp4"
+    shutil.copy(clip, src)
+    transcode(restorer, src, tmp_path / "ignored.mp4", VideoOptions(score_only=True, plot=False))
+    assert (tmp_path / "in.mp4.quality.csv").exists() and not (tmp_path / "ignored.mp4.quality.csv").exists()
+
+
+def test_an_edit_list_is_not_taken_for_truncation(restorer, tmp_path):
+    """An MP4 cut with `ffmpeg -ss ... -c copy` keeps pre-roll frames that its edit list hides: the
+    header counts them, the decoder does not show them. That is not a truncated file."""
+    o = av.open(str(tmp_path / "edit.mp4"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.options = {"bf": "0"}
+    for i in range(8):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i - 3, Fraction(1, 25)  # three frames before the start
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    summary = transcode(restorer, tmp_path / "edit.mp4", tmp_path / "o.mkv", VideoOptions(strict=True))
+    assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"])

@@ -70,7 +70,16 @@ def _key(item):
 
 def _groups(frames, batch: int):
     group, key = [], None
-    for item in frames:
+    it = iter(frames)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        except Exception:  # a source that fails mid-stream: the frames already read are still restored
+            if group:
+                yield group
+            raise
         k = _key(item)
         if group and (k != key or len(group) == batch):
             yield group
@@ -205,14 +214,20 @@ def restore_stream(
     cuda = restorer.device.type == "cuda"
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
-    for group in _groups(frames, max(1, int(batch))):
-        job = _launch(restorer, group, matrix, crange, bits, order, streams)
-        if not cuda:
+    try:
+        for group in _groups(frames, max(1, int(batch))):
+            job = _launch(restorer, group, matrix, crange, bits, order, streams)
+            if not cuda:
+                yield from _finish(job, order)
+                continue
+            if pending is not None:  # the device works on `job` while batch k-1 is handed out
+                yield from _finish(pending, order)
+            pending = job
+    except Exception:
+        if pending is not None:  # restored before the source failed: handed out, then the error
+            job, pending = pending, None
             yield from _finish(job, order)
-            continue
-        if pending is not None:  # the device works on `job` while batch k-1 is handed out
-            yield from _finish(pending, order)
-        pending = job
+        raise
     if pending is not None:
         yield from _finish(pending, order)
 
@@ -226,6 +241,7 @@ SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
 CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
 PRESET_CODECS = {"libx264", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
+CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
 
 
 def work_format(fmt) -> str:
@@ -365,7 +381,7 @@ def _open_input(src: Path):
         raise VideoError(f"{src}: no such file")
     if src.is_dir():
         raise VideoError(f"{src}: is a directory, not a video")
-    if src.stat().st_size == 0:
+    if src.is_file() and src.stat().st_size == 0:  # a pipe (/dev/stdin) has no size to check
         raise VideoError(f"{src}: empty file (0 bytes)")
     try:
         inp = av.open(str(src))
@@ -386,8 +402,10 @@ def _msg(e: Exception) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def _decode(inp, vstream, astreams, pending_audio: list, src: Path):
-    """Decoded video frames; audio packets are queued in pending_audio as they are demuxed."""
+def _decode(inp, vstream, astreams, pending_audio: list, src: Path, counts: dict):
+    """Decoded video frames; audio packets are queued in pending_audio as they are demuxed.
+    counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
+    list's pre-roll frames are demuxed and decoded, but not shown)."""
     import av
 
     audio_ids = {s.index for s in astreams}
@@ -398,6 +416,8 @@ def _decode(inp, vstream, astreams, pending_audio: list, src: Path):
                 if packet.dts is not None:
                     pending_audio.append(packet)
                 continue
+            if packet.size:
+                counts["packets"] = counts.get("packets", 0) + 1
             for frame in packet.decode():
                 yield frame
                 index += 1
@@ -437,12 +457,19 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         )
     cc = vs.codec_context
     vs.width, vs.height, vs.pix_fmt = first.width, first.height, pix_fmt
-    vs.time_base = vstream.time_base
-    cc.time_base = vstream.time_base
+    # Y4M and AVI read the frame rate from the stream's time base: there it must be 1/rate (the frames
+    # are then stamped by index); elsewhere the source's time base keeps its timestamps exact.
+    src_tb = vstream.time_base or Fraction(1, 1000)
+    out_tb = Fraction(1) / Fraction(rate) if out.format.name in CONSTANT_RATE_FORMATS else src_tb
+    vs.time_base = out_tb
+    cc.time_base = out_tb
     if vstream.codec_context.sample_aspect_ratio:
         cc.sample_aspect_ratio = vstream.codec_context.sample_aspect_ratio
     matrix, crange = color
-    cc.colorspace = int(first.colorspace) if int(first.colorspace) != 2 else AV_COLORSPACE[matrix]
+    # The source's tag where it names the matrix used (bt601 has two codes); otherwise, an RGB source
+    # (tag 0), an unspecified one or a --matrix override, the code of the matrix the planes are in.
+    same = COLORSPACES.get(int(first.colorspace)) == matrix
+    cc.colorspace = int(first.colorspace) if same else AV_COLORSPACE[matrix]
     cc.color_range = AV_RANGE[crange]
     cc.color_primaries, cc.color_trc = int(first.color_primaries), int(first.color_trc)
     options = dict(opts.codec_options)
@@ -483,7 +510,7 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         raise VideoError(
             f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(e)})"
         ) from None
-    return out, vs, amap, codec, pix_fmt, note
+    return out, vs, amap, codec, pix_fmt, note, out_tb
 
 
 def _plot_path(csv_path: Path) -> Path:
@@ -535,7 +562,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             raise VideoError(f"{dst}: is the input file; write to another file")
     csv_path = None
     if opts.write_quality:
-        csv_path = Path(opts.quality_csv or f"{dst if dst is not None else src}.quality.csv")
+        beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
+        csv_path = Path(opts.quality_csv or f"{beside}.quality.csv")
         _check_writable(csv_path, "quality trace", opts.overwrite)
         if opts.plot:
             _check_writable(_plot_path(csv_path), "quality plot", opts.overwrite)
@@ -547,7 +575,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         vstream.thread_type = "AUTO"
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
         pending_audio: list = []
-        frames = _decode(inp, vstream, astreams, pending_audio, src)
+        counts: dict = {}
+        frames = _decode(inp, vstream, astreams, pending_audio, src, counts)
         first = next(frames, None)
         if first is None:
             raise VideoError(f"{src}: the video stream has no frames")
@@ -559,7 +588,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         fmt_note = ""
         if not opts.score_only:
             tmp = _temp_path(dst)
-            out, vs, amap, codec, pix_fmt, fmt_note = _open_output(
+            out, vs, amap, codec, pix_fmt, fmt_note, out_tb = _open_output(
                 tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
             )
         meta: deque = deque()
@@ -595,8 +624,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 if pix_fmt != work_fmt:
                     frame = _reformat(frame, pix_fmt, matrix, crange)
                 frame.pts, frame.time_base = pts, tb
-                if pts is None:
-                    frame.pts = round(t / tb)
+                if pts is None or out_tb != tb:
+                    frame.pts, frame.time_base = round(t / out_tb), out_tb
                 _mux(out, vs.encode(frame), dst)
                 _mux_audio(out, pending_audio, amap, dst)
             if opts.progress and time.perf_counter() - shown > 5:
@@ -608,9 +637,13 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         notes = [f"{src}: {n}" for n in (note, fmt_note) if n]
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
-        if vstream.frames and len(rows) < vstream.frames:
-            notes.append(f"{src}: the header says {vstream.frames} frames, {len(rows)} decoded (truncated?)")
-        if opts.strict and (corrupt or len(rows) < (vstream.frames or 0)):
+        short = vstream.frames and counts.get("packets", 0) < vstream.frames
+        if short:
+            notes.append(
+                f"{src}: the header says {vstream.frames} frames, {counts.get('packets', 0)} found "
+                "(truncated?)"
+            )
+        if opts.strict and (corrupt or short):
             raise VideoError(f"{notes[-1]} (--strict)")
         if out is not None:
             _mux(out, vs.encode(None), dst)
