@@ -1,6 +1,7 @@
 """`qairn bench`, the bench/ suite and the prepared GPU run, checked on tiny shapes on the CPU.
 No test here asserts a timing: the numbers are reported, never judged."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -97,30 +98,74 @@ def test_table_on_cpu(tmp_path):
 
 
 def test_wrong_backends_are_not_best():
-    def row(backend, speedup, psnr):
+    def row(backend, ms, psnr, tile=512, ref_ms=100.0):
         return {
             "status": "ok",
             "backend": backend,
             "size": [64, 64],
-            "tile": 512,
-            "speedup": speedup,
-            "mp_per_s": 1.0,
+            "tile": tile,
+            "ms_median": ms,
+            "speedup": ref_ms / ms,  # against eager fp32 at the same tile, as run_table measures it
+            "mp_per_s": 64 * 64 / 1e6 / (ms * 1e-3),
             "psnr_db": psnr,
             "peak_mem_mib": None,
         }
 
     report = {
         "results": [
-            row("eager-fp32", 1.0, None),
-            row("eager-fp16-cl", 9.0, 12.0),
-            row("eager-bf16-cl", 2.0, 48.0),
+            row("eager-fp32", 100.0, None),
+            row("eager-fp16-cl", 10.0, 12.0),  # fastest, but the picture changed: wrong, not best
+            row("eager-bf16-cl", 50.0, 48.0),
         ],
         "settings": {"min_psnr": 40.0},
     }
     best = qb.choose_best(report, 40.0)
-    assert best["64x64"]["backend"] == "eager-bf16-cl"
+    assert best["64x64"]["backend"] == "eager-bf16-cl" and best["64x64"]["speedup"] == 2.0
     report["best"] = best
     assert "WRONG (PSNR < 40.0 dB vs eager fp32): eager-fp16-cl" in qb.footer(report)
+    # Across tiles: the fastest backend wins, and its speedup is against the fastest eager fp32 run,
+    # not the one at its own tile (here a slow baseline at tile 256 would give 2.5x).
+    report["results"] = [
+        row("eager-fp32", 100.0, None),
+        row("eager-fp32", 200.0, None, tile=256, ref_ms=200.0),
+        row("triton-fp16", 50.0, 60.0),
+        row("eager-fp16-cl", 80.0, 60.0, tile=256, ref_ms=200.0),
+    ]
+    best = qb.choose_best(report, 40.0)["64x64"]
+    assert best["backend"] == "triton-fp16" and best["speedup"] == 2.0 and best["baseline_ms"] == 100.0
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--video", "-2"], "--video must not be negative"),
+        (["--threads", "-1"], "--threads must not be negative"),
+        (["--sizes", "0x64"], "sizes must be positive"),
+        (["--sizes", "big"], "expected WxH sizes"),
+        (["--repeats", "0"], "--repeats must be at least 1"),
+        (["--video", "3", "--plot", "x.png"], "--video has no chart"),
+    ],
+)
+def test_bad_options_are_refused(args, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        qb.main(args)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_label_tile_batch_and_onnxruntime_threads(monkeypatch):
+    """--tile-batch must not collide with a label's own batch, and ONNX Runtime gets torch's threads."""
+    seen = {}
+
+    def fake_restorer(**kwargs):
+        seen.update(kwargs)
+
+    monkeypatch.setattr(qb, "Restorer", fake_restorer)
+    args = argparse.Namespace(tile_batch=2, overlap=32)
+    label = next(k for k, v in qb.SPECS.items() if "tile_batch" in v[2])
+    qb.make_restorer(torch.nn.Identity(), label, torch.device("cpu"), 512, args)
+    assert seen["tile_batch"] == 2
+    qb.make_restorer(torch.nn.Identity(), "onnxruntime-fp32", torch.device("cpu"), 512, args)
+    assert seen["threads"] == torch.get_num_threads()
 
 
 def test_video_mode_on_cpu(tmp_path):
