@@ -142,6 +142,7 @@ def main(argv=None) -> int:
         device=str(dev),
         max_seconds=a.max_seconds,
         export=str(weights),
+        overwrite=True,  # each run trains afresh (a rerun on a warm machine replaces the last one)
     )
     if a.preset == "auto":
         n, c, nb = largest_config(a.max_mb * 1e6)

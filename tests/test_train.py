@@ -227,9 +227,14 @@ def test_ema_weights_average_resume_and_export(data, tmp_path):
         )
 
     # Export: the average with --ema, the raw weights without; neither drops the checkpoint's average.
-    for flag, want in ((0.0, a["model"]), (0.5, a["ema"]["avg"])):
-        w = tmp_path / f"w{flag}.safetensors"
-        trainer.train(tiny_args(data, tmp_path / "a", steps=0, resume=True, ema=flag, export=str(w)))
+    # Not given again, --ema is the run's own (0.5): an export-only resume writes the average it trained.
+    for name, flag, given, want in (
+        ("raw", 0.0, {"ema"}, a["model"]),  # `--ema 0` given: the raw weights
+        ("kept", 0.0, None, a["ema"]["avg"]),  # nothing said: the run's average
+        ("avg", 0.5, None, a["ema"]["avg"]),
+    ):
+        w = tmp_path / f"w{name}.safetensors"
+        trainer.train(tiny_args(data, tmp_path / "a", steps=0, resume=True, ema=flag, export=str(w)), given)
         exported, half = load_model(w).state_dict(), json.loads(read_metadata(w)["training"])
         half = half["export"]["dtype"] == "fp16"
         for k, v in want.items():
@@ -467,3 +472,48 @@ def test_unguarded_script_gets_a_clear_error(data, tmp_path):
     )
     assert result.returncode != 0
     assert 'call it under `if __name__ == "__main__":`' in result.stderr, result.stderr[-2000:]
+
+
+def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, capsys):
+    """A resume trains on with the run's own schedule and data unless told otherwise; a typo in --out
+    or a forgotten --resume is refused instead of starting afresh or replacing the checkpoint."""
+    trainer.train(tiny_args(data, tmp_path / "r", steps=2, lr=1e-3, lr_halve_every=2, val_every=2))
+    with pytest.raises(SystemExit, match="no checkpoint to resume"):
+        trainer.train(
+            tiny_args(data, tmp_path / "typo", steps=0, resume=True, export=str(tmp_path / "w.safetensors"))
+        )
+    assert not (tmp_path / "w.safetensors").exists()
+    with pytest.raises(SystemExit, match="a run is already here; --resume continues it, --overwrite"):
+        trainer.train(tiny_args(data, tmp_path / "r", steps=2))
+    assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+    # Resumed with the defaults: lr 1e-3 halved every 2 steps goes on (5e-4 at steps 3-4), not 2e-4.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=4, resume=True, val_every=2))
+    rows = (tmp_path / "r" / "log.csv").read_text().splitlines()[1:]
+    assert [float(r.split(",")[4]) for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert state(tmp_path / "r" / "checkpoint.pt")["args"]["lr_halve_every"] == 2
+    # Given again, a setting wins and is said.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=5, resume=True, lr=2e-5, val_every=0), {"lr"})
+    assert "resume: --lr 2e-05 replaces the run's 0.001" in capsys.readouterr().out
+    # --overwrite starts again, and the old run's validation rows go with it.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=2, overwrite=True, val_every=2))
+    assert (tmp_path / "r" / "val.csv").read_text().count("\n") == 2  # header and step 2
+    # --max-seconds limits this run: a resume of a run that took longer still trains.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=3, resume=True, max_seconds=1e-6))
+    assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"lr_halve_every": 0}, "--lr-halve-every 0: needs at least 1"),
+        ({"max_seconds": -5.0}, "--max-seconds -5.0: cannot be negative"),
+        ({"amp": "fp8"}, "--amp fp8: use auto"),
+        ({"widths": "8,16"}, "--widths 8,16: needs four"),
+        ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
+        ({"export": "w.onnx"}, "weights are written as .safetensors"),
+    ],
+)
+def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, says):
+    with pytest.raises(SystemExit, match=says):
+        trainer.train(tiny_args(data, tmp_path / "x", **kw))
+    assert not (tmp_path / "x").exists()

@@ -67,6 +67,15 @@ class TrainArgs:
     # over about 1/(1 - ema) steps. Checkpointed beside the raw weights; --export writes it when on.
     ema: float = 0.0
     export: str = ""  # write shipping weights here at the end (fp16 when that costs < 0.02 dB)
+    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoint is replaced)
+
+
+# What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule.
+# Given again, the new value wins and is said (fine-tuning with another loss or rate is a resume too).
+RESUMED_ARGS = (
+    "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
+    "lr_halve_every", "lr_min", "ssim_weight", "seed", "val_holdout", "val_data", "ema", "channels_last",
+)  # fmt: skip
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
@@ -130,13 +139,45 @@ def check_args(a: TrainArgs) -> None:
         (a.lr <= 0 or a.lr_min < 0, f"--lr {a.lr} --lr-min {a.lr_min}: need a positive rate"),
         (a.ckpt_every < 1 or a.log_every < 1, "--ckpt-every and --log-every need at least 1"),
         (a.val_every < 0 or a.val_holdout < 0, "--val-every and --val-holdout cannot be negative"),
+        (a.lr_halve_every < 1, f"--lr-halve-every {a.lr_halve_every}: needs at least 1 step"),
+        (a.max_seconds < 0, f"--max-seconds {a.max_seconds}: cannot be negative (0 = no limit)"),
+        (a.amp not in ("auto", "bf16", "fp16", "none"), f"--amp {a.amp}: use auto, bf16, fp16 or none"),
+        (
+            bool(a.widths) and len(a.widths.split(",")) != 4,
+            f"--widths {a.widths}: needs four comma-separated widths, e.g. 32,64,128,256",
+        ),
     ]
     for bad, says in problems:
         if bad:
             raise SystemExit(says)
+    if a.export:
+        if Path(a.export).suffix != ".safetensors":
+            raise SystemExit(f"--export {a.export}: weights are written as .safetensors")
+        parent = Path(a.export).resolve().parent
+        if not parent.is_dir() and parent != Path(a.out).resolve():  # now, not after hours of training
+            raise SystemExit(f"--export {a.export}: output folder does not exist")
 
 
-def train(a: TrainArgs) -> Path:
+def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, say=print) -> TrainArgs:
+    """The arguments a resumed run trains with: the checkpoint's run's, except those given again.
+    explicit: the options given on this command line (None: those that differ from the defaults)."""
+    defaults = asdict(TrainArgs())
+    given = explicit if explicit is not None else {k for k, v in asdict(a).items() if v != defaults[k]}
+    changes = {}
+    for k in RESUMED_ARGS:
+        if k not in saved or saved[k] == getattr(a, k):
+            continue
+        if k in given:
+            if say:
+                say(f"resume: --{k.replace('_', '-')} {getattr(a, k)} replaces the run's {saved[k]}")
+        else:
+            changes[k] = saved[k]
+    return replace(a, **changes)
+
+
+def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
+    """Train (or resume, a.resume) into a.out. explicit: the options the user gave (the CLI passes
+    them); on resume the others come from the checkpoint (resumed_args)."""
     check_args(a)
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned DataLoader worker is importing the user's script, which calls train() again.
@@ -158,19 +199,31 @@ def train(a: TrainArgs) -> Path:
         torch.set_num_threads(a.threads)
     main = rank == 0
     out = Path(a.out)
+    ckpt_path = out / "checkpoint.pt"
+    ck = None
+    if a.resume:
+        if not ckpt_path.exists():
+            raise SystemExit(f"{ckpt_path}: no checkpoint to resume (is --out right?)")
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        a = resumed_args(a, ck.get("args", {}), explicit, say=print if main else None)
+        check_args(a)
+    elif ckpt_path.exists() and not a.overwrite:
+        raise SystemExit(
+            f"{ckpt_path}: a run is already here; --resume continues it, --overwrite starts it again"
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
+        if ck is None:  # a new run: no validation rows of an older one in its plot
+            (out / "val.csv").unlink(missing_ok=True)
 
     torch.manual_seed(a.seed)
     config = model_config(a)
     model = QAIRN(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     step, seconds = 0, 0.0
-    resumed = a.resume and ckpt_path.exists()
+    resumed = ck is not None
     trained_with = asdict(a)
     if resumed:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if QAIRNConfig.from_json(ck["config"]) != config:
             raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
         model.load_state_dict(ck["model"])
@@ -270,7 +323,8 @@ def train(a: TrainArgs) -> Path:
     stop = {"flag": False}
 
     def should_stop() -> bool:
-        want = stop["flag"] or bool(a.max_seconds and seconds >= a.max_seconds)
+        # --max-seconds limits this run, not the checkpoint's total: a resume always gets its time.
+        want = stop["flag"] or bool(a.max_seconds and seconds - seconds_before >= a.max_seconds)
         if world == 1:
             return want
         # Ranks must leave the loop at the same step (else one waits forever in an all-reduce):
@@ -509,7 +563,7 @@ def export_weights(
 
 EXAMPLES = """examples:
   qairn train --out runs/small --preset small --max-seconds 3600     (Ctrl-C stops with a checkpoint)
-  qairn train --out runs/small --preset small --resume               (continue where it stopped)
+  qairn train --out runs/small --resume                              (continue where it stopped, same settings)
   qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
   torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
 """
@@ -533,7 +587,13 @@ def main(argv=None) -> None:
     )
     add_args(p)
     ns = p.parse_args(argv)
-    train(TrainArgs(**vars(ns)))
+    # Which options were given: the same parser with every default suppressed parses only those.
+    probe = argparse.ArgumentParser(add_help=False)
+    add_args(probe)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(probe.parse_known_args(argv)[0]))
+    train(TrainArgs(**vars(ns)), explicit)
 
 
 if __name__ == "__main__":
