@@ -234,3 +234,40 @@ def test_shipped_weights_pass_the_fp16_check(tmp_path):
     pixels = np.array([128 * 128, 64 * 64, 32 * 32])
     q_onnx, q_eager = ((s / pixels) ** (1 / 64) for s in (qsums.astype(np.float64), expected))
     assert 0 < np.abs(q_onnx - q_eager).max() <= stats["max_abs"]["Q"] <= 2e-3
+
+
+def test_a_cached_export_that_fails_its_check_is_not_kept(model, tmp_path, monkeypatch):
+    """The backends' cache: a graph that fails verification must not be found, unchecked, next time."""
+    monkeypatch.setattr(ox, "check_parity", lambda *a: (_ for _ in ()).throw(ox.ExportError("too far")))
+    with pytest.raises(ox.ExportError, match="too far"):
+        ox.cached_onnx(model, tmp_path, precision="fp16")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    monkeypatch.undo()
+    path = ox.cached_onnx(model, tmp_path, precision="fp16")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [path]
+
+
+def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    (tmp_path / "webp").mkdir()
+    assert (
+        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-images", str(tmp_path / "no")]) == 1
+    )
+    assert "--verify-images" in capsys.readouterr().err and not out.exists()
+    # Other formats count (and a .PNG in capitals).
+    import cv2
+
+    crop = cv2.imread(str(live1_files()[0]))[:64, :64]
+    assert cv2.imwrite(str(tmp_path / "webp" / "a.webp"), crop)
+    argv = [
+        "onnx",
+        str(tiny_weights),
+        "-o",
+        str(out),
+        "--verify-images",
+        str(tmp_path / "webp"),
+        "--verify-qf",
+        "10",
+    ]
+    assert export_main(argv) == 0
+    assert "1 images from" in capsys.readouterr().out

@@ -11,7 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from qairn.engine.backends import BackendError
+from qairn.engine.imageio import IMAGE_SUFFIXES
 from qairn.export import onnx_export as ox
+from qairn.export.trt_engine import EngineError
 
 # The repository's test images (../shared/data/live1 beside the checkout), when present.
 DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "live1"
@@ -104,8 +107,13 @@ def parser() -> argparse.ArgumentParser:
 def verify_inputs(args) -> tuple[list, str]:
     qfs = [int(q) for q in args.verify_qf.split(",") if q]
     source = args.verify_images if args.verify_images is not None else DEFAULT_IMAGES
-    files = sorted(source.glob("*.png")) + sorted(source.glob("*.jpg")) if source.is_dir() else [source]
+    if source.is_dir():
+        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [source]
     files = [f for f in files if f.is_file()]
+    if not files and args.verify_images is not None:  # asked for by name: no quiet stand-in
+        raise ValueError(f"--verify-images {source}: no such file, or a folder without images")
     if not files:
         note = f"no images at {source}: verified on a synthetic test card (pass --verify-images DIR)"
         return [ox.synthetic_image(256, 256)], note
@@ -223,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return main_onnx(args) if args.target == "onnx" else main_tensorrt(args)
-    except (OSError, ValueError, ox.ExportError) as e:
-        print(f"qairn export: {e}", file=sys.stderr)
+    except (OSError, ValueError, ox.ExportError, BackendError, EngineError) as e:
+        print(f"qairn export: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 1
 
 

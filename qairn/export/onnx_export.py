@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -336,9 +337,16 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
         cache_dir(cache) / "onnx" / f"qairn-{model.config.preset}-{options['precision']}-{digest[:24]}.onnx"
     )
     if not path.is_file():
-        export_onnx(model, path, **options)
-        stats = verify_onnx(path, model, [synthetic_image(64, 96)])
-        check_parity(stats, options["precision"])
+        # Exported and checked under a temp name: a file that fails its check never enters the cache,
+        # where the next call (or a TensorRT build) would take it unchecked.
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
+        try:
+            export_onnx(model, tmp, **options)
+            stats = verify_onnx(tmp, model, [synthetic_image(64, 96)])
+            check_parity(stats, options["precision"])
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -563,7 +563,7 @@ def export_weights(
 
 EXAMPLES = """examples:
   qairn train --out runs/small --preset small --max-seconds 3600     (Ctrl-C stops with a checkpoint)
-  qairn train --out runs/small --resume                              (continue where it stopped, same settings)
+  qairn train --out runs/small --resume                              (continue it, same settings)
   qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
   torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
 """
