@@ -500,6 +500,18 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             "qairn train: error: --batch 0",
         ),
         (["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--val-holdout", "1"], "has only 1 images"),
+        (["eval", "--data", "{tmp}/imgs", "--qf", "150"], "--qf 150: JPEG quality factors are 1..100"),
+        (
+            [
+                "eval-quality",
+                "--weights",
+                "{tmp}/a.safetensors",
+                "--sweep-p",
+                "--write-p",
+                "{tmp}/b.safetensors",
+            ],
+            "p is swept for --weights",
+        ),
     ],
 )
 def test_other_commands_fail_in_one_line(tmp_path, capsys, args, says):

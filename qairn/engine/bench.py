@@ -824,14 +824,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     for name in ("video", "threads", "tile_batch", "overlap", "budget_s"):
         if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+            raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     for name in ("warmup", "case_budget_s"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+            raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.repeats is not None and args.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {args.repeats}")
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if args.video and args.plot:
-        p.error("--plot draws the backend table; --video has no chart (use --json)")
+        raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
     check_writable(args.json, args.plot, None if args.env in (None, "-") else args.env)
     device = resolve(args.device)
     if args.threads:

@@ -227,6 +227,9 @@ def main_eval(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
     a = ap.parse_args(argv)
+    bad_qf = [q for q in a.qf if not 1 <= q <= 100]
+    if bad_qf:
+        raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
     check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -539,6 +542,10 @@ def main_quality(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
         ap.error("--write-p needs --sweep-p")
+    if a.write_p and a.weights and Path(a.write_p).resolve() != Path(a.weights).resolve():
+        raise SystemExit(
+            f"--write-p {a.write_p}: p is swept for --weights {a.weights}; it belongs in that file"
+        )
     weights = a.weights or a.write_p
     restorer = make_restorer(weights, device=a.device, tile=a.tile or None)
     result = {
