@@ -230,6 +230,50 @@ def test_missing_tensorrt_is_one_clear_line(tiny_weights, capsys):
     assert "\n" not in err and "pip install tensorrt" in err
 
 
+def test_cli_never_replaces_an_engine_file_by_accident(tiny_weights, tmp_path, capsys):
+    """Checked before TensorRT is even imported: an existing -o needs --overwrite, and -o is an .engine."""
+    out = tmp_path / "mine.engine"
+    out.write_bytes(b"a user's engine")
+    assert export_main(["tensorrt", str(tiny_weights), "-o", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn export: {out}: exists (use --overwrite)"
+    assert export_main(["tensorrt", str(tiny_weights), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "engine files end in .engine" in capsys.readouterr().err
+    assert out.read_bytes() == b"a user's engine"
+
+
+def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, monkeypatch):
+    """With a stand-in for the tensorrt module: an --onnx graph of the other precision is refused
+    (the engine would be labelled fp16 from an fp32 graph), a user's engine of another precision is
+    refused rather than rebuilt over, and a dynamic engine stays dynamic."""
+    import sys
+
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    model = lively_model()
+    fp32 = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    cuda = torch.device("cuda")
+    with pytest.raises(BackendError, match="a fp32 graph, but a fp16 .strong. build reads the fp16 export"):
+        trt_backend.TrtBackend(model, cuda, "fp16", onnx=fp32, strongly_typed=True, cache_dir=tmp_path)
+    engine = tmp_path / "dyn.engine"
+    engine.write_bytes(b"engine")
+    spec = {"precision": "fp16", "min_shape": [1, 3, 64, 64], "opt_shape": [2, 3, 256, 256]}
+    spec["max_shape"] = [4, 3, 512, 512]
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": spec}))
+    with pytest.raises(BackendError, match="dyn.engine: a fp16 engine; asked for fp32"):
+        trt_backend.TrtBackend(model, cuda, "fp32", engine=engine, onnx=fp32, cache_dir=tmp_path)
+    built = []
+    monkeypatch.setattr(
+        trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(shape) or "runner"
+    )
+    b = trt_backend.TrtBackend(model, cuda, "fp16", engine=engine, onnx=fp32, cache_dir=tmp_path)
+    assert b.dynamic and not b.fixed_tile and b.max_shape == (4, 512, 512) and built == [(2, 256, 256)]
+
+
 # ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------
 @needs_trt
 @pytest.mark.parametrize("strongly_typed", [None, True])

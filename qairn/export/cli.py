@@ -98,6 +98,7 @@ def parser() -> argparse.ArgumentParser:
         "--strongly-typed", action="store_true", help="TensorRT 10: build the fp16 ONNX strongly typed"
     )
     t.add_argument("--workspace-gb", type=float, default=4.0)
+    t.add_argument("--overwrite", action="store_true", help="replace an existing engine file at --output")
     t.add_argument("--cache-dir", type=Path, default=None)
     t.add_argument("--device", default="cuda")
     add_verify_args(t)
@@ -182,6 +183,12 @@ def main_tensorrt(args) -> int:
     from qairn.export import trt_backend, trt_engine
     from qairn.weights_io import load_model
 
+    if args.output is not None and args.output.exists() and not args.overwrite:
+        print(f"qairn export: {args.output}: exists (use --overwrite)", file=sys.stderr)
+        return 2
+    if args.output is not None and args.output.suffix != ".engine":
+        print(f"qairn export: {args.output}: engine files end in .engine", file=sys.stderr)
+        return 2
     try:
         trt = trt_backend.import_tensorrt()
     except BackendError as e:
@@ -203,6 +210,9 @@ def main_tensorrt(args) -> int:
         )
         if verify(onnx, model, args):
             return 1
+    if args.output is not None and args.overwrite:
+        # Without its sidecar the old file is no longer taken for what it was: this build replaces it.
+        trt_engine.sidecar_path(args.output).unlink(missing_ok=True)
     backend = trt_backend.TrtBackend(
         model,
         torch.device(args.device),
@@ -216,8 +226,11 @@ def main_tensorrt(args) -> int:
         workspace_gb=args.workspace_gb,
         strongly_typed=strongly_typed,
     )
-    runner = backend.run if args.dynamic else backend.run.runner_for(args.shape)
+    runner = backend.run if backend.dynamic else backend.run.runner_for(args.shape)
     spec = runner.spec
+    if args.output is not None and Path(runner.path) != args.output:
+        print(f"qairn export: {args.output}: the engine went to {runner.path} instead", file=sys.stderr)
+        return 1
     print(
         f"wrote {runner.path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
         f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "

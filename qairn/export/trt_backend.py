@@ -135,6 +135,19 @@ class TrtBackend:
             raise BackendError(
                 f"{onnx}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
             )
+        elif read_metadata(onnx).get("qairn.precision") != trt_engine.onnx_precision(self.typing):
+            # A strongly typed fp16 build reads the fp16 graph, every other build the fp32 one: the
+            # engine's label must say what it was built from.
+            want = trt_engine.onnx_precision(self.typing)
+            raise BackendError(
+                f"{onnx}: a {read_metadata(onnx).get('qairn.precision')} graph, but a {precision} "
+                f"({self.typing}) build reads the {want} export"
+                + (
+                    " (qairn export onnx --fp16)"
+                    if want == "fp16"
+                    else " (qairn export onnx, without --fp16)"
+                )
+            )
         self.onnx = Path(onnx)
         self.onnx_sha256 = sha256_file(self.onnx)
         self.trt_version = trt.__version__
@@ -143,9 +156,20 @@ class TrtBackend:
         self.workspace = int(workspace_gb * (1 << 30))
         self.engine_file = Path(engine) if engine is not None else None
         self.engine_file_used = False
-        if shape is None and self.engine_file is not None:
-            recorded = trt_engine.read_spec(self.engine_file)
-            shape = tuple(recorded["opt_shape"][i] for i in (0, 2, 3)) if recorded else None
+        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
+        if recorded is not None:
+            # The user's engine says what it was built as: its shapes are taken, and a precision that
+            # differs is refused rather than rebuilt over their file.
+            if recorded.get("precision") not in (None, precision):
+                raise BackendError(
+                    f"{self.engine_file}: a {recorded['precision']} engine; asked for {precision} "
+                    "(pass the matching precision, or another engine file)"
+                )
+            if shape is None:
+                shape = tuple(recorded["opt_shape"][i] for i in (0, 2, 3))
+            if recorded["min_shape"] != recorded["max_shape"] and not dynamic:
+                dynamic = True
+                max_shape = max_shape or tuple(recorded["max_shape"][i] for i in (0, 2, 3))
         self.dynamic, self.max_shape = dynamic, max_shape
         if dynamic:
             self.fixed_tile = False
