@@ -120,9 +120,14 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_X2: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        pid_m = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
-        pid_n = tl.program_id(2)
+        # Images and pixel blocks share grid axis 0: CUDA caps axes 1 and 2 at 65535 (a batch of 70000
+        # patches); output-channel blocks, few, take axis 1.
+        num_m = tl.cdiv(H_OUT * W_OUT, BLOCK_M)
+        pid = tl.program_id(0)
+        n = pid // num_m
+        pid_m = pid - n * num_m
+        n = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
+        pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < H_OUT * W_OUT
         oy = offs_m // W_OUT
@@ -306,7 +311,7 @@ def conv_triton(
 
     def launch(cfg):
         block_m, block_n, block_k, num_warps = cfg
-        grid = (triton.cdiv(ho * wo, block_m), n, triton.cdiv(cout, block_n))
+        grid = (triton.cdiv(ho * wo, block_m) * n, triton.cdiv(cout, block_n))
         _conv_kernel[grid](
             x, second, weight, bias if bias is not None else weight, res, out,
             h, w, ho, wo, cin, cin2, cout,

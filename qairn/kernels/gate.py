@@ -141,12 +141,15 @@ if HAS_TRITON:
         s_out_n, s_out_c, s_out_p,
         s_gamma_n, s_gamma_p,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr,
+        WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
     ):  # fmt: skip
-        pid_p = tl.program_id(0)
-        n = tl.program_id(1)
+        # One flat grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535.
+        pid = tl.program_id(0)
+        n = pid // num_blocks
+        pid_p = pid - n * num_blocks
         n64 = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        # OFFSET: int32, or int64 where one image passes 2**31 elements (a whole 8K frame at 64 channels)
+        offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(OFFSET)
         mask_p = offs_p < HW
 
         logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
@@ -162,7 +165,7 @@ if HAS_TRITON:
 
         g = gamma[None, :]
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
+            offs_c = (c0 + tl.arange(0, BLOCK_C)).to(OFFSET)
             mask = (offs_c[:, None] < C) & mask_p[None, :]
             skip_ptrs = skip_ptr + n64 * s_skip_n + offs_c[:, None] * s_skip_c + offs_p[None, :] * s_skip_p
             dec_ptrs = dec_ptr + n64 * s_dec_n + offs_c[:, None] * s_dec_c + offs_p[None, :] * s_dec_p
@@ -196,7 +199,7 @@ if HAS_TRITON:
     def _gate_bwd_kernel(
         grad_out_ptr, grad_gamma_ptr, grad_pool_ptr, logit_ptr, skip_ptr, dec_ptr,
         grad_logit_ptr, grad_skip_ptr, grad_dec_ptr, cores_ptr,
-        C, HW, W, p,
+        C, HW, W, p, num_blocks,
         s_go_n, s_go_c, s_go_p,
         s_gg_n, s_gg_p,
         s_logit_n, s_logit_p,
@@ -206,12 +209,13 @@ if HAS_TRITON:
         s_gd_n, s_gd_c, s_gd_p,
         s_gl_n, s_gl_p,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr,
+        HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
     ):  # fmt: skip
-        pid_p = tl.program_id(0)
-        n = tl.program_id(1)
+        pid = tl.program_id(0)
+        n = pid // num_blocks
+        pid_p = pid - n * num_blocks
         n64 = n.to(tl.int64)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(OFFSET)
         mask_p = offs_p < HW
 
         logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
@@ -219,7 +223,7 @@ if HAS_TRITON:
         g = gamma[None, :]
         grad_gamma = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum over channels of grad_out*(skip-dec)
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
+            offs_c = (c0 + tl.arange(0, BLOCK_C)).to(OFFSET)
             mask = (offs_c[:, None] < C) & mask_p[None, :]
             oc = offs_c[:, None]
             op = offs_p[None, :]
@@ -300,6 +304,15 @@ def _check_runnable(t: Tensor) -> None:
         raise TypeError(f"the Triton gate takes {TRITON_DTYPES}, got {t.dtype}")
 
 
+def _offset_type(*tensors: Tensor):
+    """The kernels' in-image offset type: int32, or int64 where an element of one image lies 2**31 or
+    more elements from the image's start in any of these tensors (batch offsets are always int64)."""
+    reach = max(
+        sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) for t in tensors
+    )
+    return tl.int64 if reach >= 2**31 - 1 else tl.int32
+
+
 def _cores_arg(cores: Tensor | None, n: int, like: Tensor) -> Tensor:
     if cores is None:
         return like  # never read: HAS_CORES is False
@@ -331,6 +344,7 @@ def gated_blend_triton(
     out = torch.empty_like(skip)  # before _pixel_view: the layout the op's fake promises
     s_out = _nchw_strides(out)
     gamma = torch.empty_like(logit) if write_gamma else logit.new_empty(0)
+    offset = _offset_type(logit, skip, dec, out, gamma)
     logit, s_logit = _pixel_view(logit)
     skip, s_skip = _pixel_view(skip)
     dec, s_dec = _pixel_view(dec)
@@ -343,14 +357,14 @@ def gated_blend_triton(
     partial = torch.empty((n, num_blocks) if pool else (0,), dtype=torch.float32, device=skip.device)
     cores_arg = _cores_arg(cores, n, logit)
 
-    _gate_fwd_kernel[(num_blocks, n)](
+    _gate_fwd_kernel[(num_blocks * n,)](
         logit, skip, dec, out, gamma, partial, cores_arg,
         c, h * w, w, float(p or 0.0), num_blocks,
         s_logit[0], s_logit[2],
         *s_skip, *s_dec, *s_out,
         s_gamma[0], s_gamma[2],
         BLOCK_C=block_c, BLOCK_P=block_p,
-        WRITE_GAMMA=write_gamma, POOL=pool, HAS_CORES=cores is not None,
+        WRITE_GAMMA=write_gamma, POOL=pool, HAS_CORES=cores is not None, OFFSET=offset,
         num_warps=num_warps,
     )  # fmt: skip
     if not pool:
@@ -402,14 +416,16 @@ def gated_blend_backward_triton(
     cfg_c, cfg_p, cfg_w = tile_config(c, channels_last=s_skip[1] == 1)
     block_c, block_p, num_warps = block_c or cfg_c, block_p or cfg_p, num_warps or cfg_w
     s_gl = _nchw_strides(grad_logit)
-    _gate_bwd_kernel[(triton.cdiv(h * w, block_p), n)](
+    num_blocks = triton.cdiv(h * w, block_p)
+    offset = _offset_type(grad_out, grad_gamma, logit, skip, dec, grad_logit, grad_skip, grad_dec)
+    _gate_bwd_kernel[(num_blocks * n,)](
         grad_out, grad_gamma, grad_pool, logit, skip, dec,
         grad_logit, grad_skip, grad_dec, _cores_arg(cores, n, logit),
-        c, h * w, w, float(p or 0.0),
+        c, h * w, w, float(p or 0.0), num_blocks,
         *s_go, s_gg[0], s_gg[2], s_logit[0], s_logit[2], *s_skip, *s_dec,
         *_nchw_strides(grad_skip), *_nchw_strides(grad_dec), s_gl[0], s_gl[2],
         BLOCK_C=block_c, BLOCK_P=block_p,
-        HAS_GRAD_GAMMA=has_grad_gamma, POOL=pool, HAS_CORES=cores is not None,
+        HAS_GRAD_GAMMA=has_grad_gamma, POOL=pool, HAS_CORES=cores is not None, OFFSET=offset,
         num_warps=num_warps,
     )  # fmt: skip
     return grad_logit, grad_skip, grad_dec

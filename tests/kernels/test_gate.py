@@ -162,6 +162,27 @@ def test_triton_pool_is_deterministic_over_many_blocks():
 
 
 @needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA this would allocate 8.6 GB; the offsets are the same")
+def test_triton_offsets_past_two_to_the_31_within_one_image():
+    """A whole 8K frame at 64 channels passes 2**31 elements in one image: the in-image offsets must
+    then be 64-bit. A stand-in: a view whose channel 2 lies 2**31 elements from its start, on a lazily
+    allocated storage (only the pages touched are real); int32 offsets wrapped and read element 0."""
+    storage = torch.empty(2**32 + 64, dtype=torch.float16)
+    base = 2**31
+    storage[0] = 99.0  # where a wrapped offset lands
+    storage[base], storage[base + 2**30], storage[base + 2**31] = 1.0, 2.0, 3.0
+    skip = storage.as_strided((1, 3, 1, 1), (1, 2**30, 1, 1), storage_offset=base)
+    dec = torch.zeros(1, 3, 1, 1, dtype=torch.float16)
+    logit = torch.full((1, 1, 1, 1), 100.0, dtype=torch.float16)  # gamma = 1: out = skip
+    out = gate.gated_blend_triton(logit, skip, dec, p=2.0)[0]
+    assert out.flatten().tolist() == [1.0, 2.0, 3.0]
+    grad_out = torch.ones(1, 3, 1, 1, dtype=torch.float16)
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.float16)  # gamma = 0.5: grad_logit = sum(skip - dec) / 4
+    got = gate.gated_blend_backward_triton(grad_out, None, None, zero, skip, dec, None, None)[0]
+    assert got.item() == 1.5
+
+
+@needs_triton
 def test_triton_tiles_pool_to_the_whole_image():
     """The tiled engine's case: overlapping tiles of one image in one batch, each pooling its own
     core box; the tiles' sums and counts add up to the whole image's."""
@@ -452,13 +473,19 @@ def ptx(kernel, dtype, constexprs):
     asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     return re.findall(r"(?:ld|st)\.global[.\w]*", asm)
 
-flags = dict(POOL=True, HAS_CORES=True)
+flags = dict(POOL=True, HAS_CORES=True, OFFSET=triton.language.int32)
 nchw = dict(BLOCK_C=4, BLOCK_P=1024, s_skip_p=1, s_dec_p=1, s_out_p=1, s_logit_p=1)
 cl = dict(BLOCK_C=64, BLOCK_P=64, s_skip_c=1, s_dec_c=1, s_out_c=1, s_logit_p=1)
 print(json.dumps({
     "fwd_nchw_fp16": ptx(gate._gate_fwd_kernel, "*fp16", dict(nchw, s_gamma_p=1, WRITE_GAMMA=True, **flags)),
     "fwd_cl_bf16": ptx(gate._gate_fwd_kernel, "*bf16", dict(cl, s_gamma_p=1, WRITE_GAMMA=True, **flags)),
     "finish": ptx(gate._pool_finish_kernel, "*fp32", dict(BLOCK=512, HAS_CORES=True)),
+    # 64-bit in-image offsets (one image past 2**31 elements): must compile too.
+    "fwd_wide": ptx(gate._gate_fwd_kernel, "*fp16", dict(nchw, s_gamma_p=1, WRITE_GAMMA=True,
+                                                         **(flags | dict(OFFSET=triton.language.int64)))),
+    "bwd_wide": ptx(gate._gate_bwd_kernel, "*fp16", dict(
+        BLOCK_C=4, BLOCK_P=1024, s_go_p=1, s_skip_p=1, s_dec_p=1, s_gs_p=1, s_gd_p=1, s_logit_p=1,
+        s_gl_p=1, s_gg_p=1, HAS_GRAD_GAMMA=True, **(flags | dict(OFFSET=triton.language.int64)))),
     "bwd_nchw_fp32": ptx(gate._gate_bwd_kernel, "*fp32", dict(
         BLOCK_C=4, BLOCK_P=1024, s_go_p=1, s_skip_p=1, s_dec_p=1, s_gs_p=1, s_gd_p=1, s_logit_p=1,
         s_gl_p=1, s_gg_p=1, HAS_GRAD_GAMMA=True, **flags)),
@@ -486,4 +513,4 @@ def test_kernels_compile_for_hopper_with_vector_access():
         assert sum(a.startswith("ld") for a in wide) >= 2 and any(a.startswith("st") for a in wide), access[
             name
         ]
-    assert access["finish"]
+    assert access["finish"] and access["fwd_wide"] and access["bwd_wide"]
