@@ -128,6 +128,8 @@ def run_ffmpeg(
 ) -> int:
     """Decode `src` with one FFmpeg, restore, encode into `dst` with another (audio copied)."""
     dst_path = Path(dst)
+    if shutil.which(ffmpeg) is None:  # before the temp file: nothing to clean up
+        raise SystemExit(f"{ffmpeg}: not found on PATH (install FFmpeg)")
     fd, tmp = tempfile.mkstemp(
         prefix=f".{dst_path.stem}.", suffix=f".part{dst_path.suffix}", dir=dst_path.parent
     )
@@ -178,9 +180,10 @@ def run_ffmpeg(
         *tags,
         tmp,
     ]
-    dec = subprocess.Popen(dec_cmd, stdout=subprocess.PIPE)
-    enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
-    try:
+    dec = enc = None
+    try:  # started inside: a failed start still removes the temp file and stops the other process
+        dec = subprocess.Popen(dec_cmd, stdout=subprocess.PIPE)
+        enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
         n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
         enc.stdin.close()
         if dec.wait() != 0 or enc.wait() != 0:
@@ -191,7 +194,7 @@ def run_ffmpeg(
         return n
     finally:
         for p in (dec, enc):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
         if os.path.exists(tmp):
@@ -233,6 +236,8 @@ def main(argv=None) -> int:
         return 0
     if a.output is None:
         p.error("give INPUT and OUTPUT, or neither (filter mode)")
+    if not Path(a.input).is_file():
+        raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:
         w, h = map(int, a.size.lower().split("x"))

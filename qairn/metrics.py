@@ -1,4 +1,4 @@
-"""Image quality metrics: PSNR, SSIM (torch, differentiable) and PSNR-B, per DESIGN.md section 3."""
+"""Image quality metrics: PSNR, SSIM (torch, differentiable) and PSNR-B, per ../shared/DESIGN.md section 3."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """QAIRN: a residual U-Net whose skip connections are gated by residual quality attention.
 
 Read top to bottom: config, building blocks, the network, Minkowski pooling. The design is pinned
-in DESIGN.md section 1 (Gedik, Venkataramanan, Bovik: "Joint Deep Image Restoration and
+in ../shared/DESIGN.md section 1 (Gedik, Venkataramanan, Bovik: "Joint Deep Image Restoration and
 Unsupervised Quality Assessment"); the trunk follows FBCNN without its QF predictor.
 """
 

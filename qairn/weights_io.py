@@ -66,17 +66,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
     meta = read_metadata(path)
     try:
         config = QAIRNConfig.from_json(meta["config"])
+        model = QAIRN(config)  # a config that cannot build (three widths, say) is the file's fault too
     except (ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{path}: unreadable qairn config ({e})") from None
-    model = QAIRN(config)
     state = {}
     with safe_open(str(path), framework="pt") as f:
         for k in f.keys():
             state[k] = f.get_tensor(k).float()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError:  # a tensor of another size than the config builds
+        raise WeightsError(f"{path}: weights do not match the config (tensor sizes differ)") from None
     if missing or unexpected:
         raise WeightsError(
             f"{path}: weights do not match the config (missing {len(missing)}, unexpected {len(unexpected)})"
         )
-    model.training_summary = json.loads(meta.get("training", "{}") or "{}")
+    try:
+        model.training_summary = json.loads(meta.get("training", "{}") or "{}")
+    except ValueError:
+        raise WeightsError(f"{path}: unreadable training record in the metadata") from None
     return model.to(device).eval()

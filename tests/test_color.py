@@ -216,3 +216,23 @@ def test_batched_planes_and_errors(images):
         r.restore_yuv(y.astype(np.uint16), u.astype(np.uint16), v.astype(np.uint16))
     with pytest.raises(color.ColorError, match="integer"):
         r.restore_yuv(y.astype(np.float32), u.astype(np.float32), v.astype(np.float32))
+    # 16-bit codes do not fit int16 (they would read negative); 15-bit ones do.
+    with pytest.raises(color.ColorError, match=r"int16 planes need bits= \(9..15\)"):
+        r.restore_yuv(*(q.astype(np.int16) for q in (y, u, v)), bits=16)
+    assert r.restore_yuv(*(q.astype(np.int16) * 4 for q in (y, u, v)), bits=10).image[0].dtype == np.int16
+    assert color.check_matrix("bt2020nc") == "bt2020"
+    # One column wide, 4:2:0 chroma is (ceil(h/2), 1): not 4:4:0.
+    assert r.restore_yuv(y[:, :1], u[:, :1], v[:, :1]).image[0].shape == y[:, :1].shape
+
+
+def test_memmap_planes_of_a_raw_file(images, tmp_path):
+    """A raw .yuv file mapped in place gives np.memmap planes: numpy arrays like any other."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    y, u, v = to_planes_np(jpeg(images[0], 20))
+    mm = np.memmap(tmp_path / "f.yuv", np.uint8, "w+", shape=y.size + u.size + v.size)
+    mm[:] = np.concatenate([y.ravel(), u.ravel(), v.ravel()])
+    planes = (mm[: y.size].reshape(y.shape), mm[y.size : y.size + u.size].reshape(u.shape))
+    planes += (mm[y.size + u.size :].reshape(v.shape),)
+    got = r.restore_yuv(*planes)
+    for a, b in zip(got.image, r.restore_yuv(y, u, v).image):
+        np.testing.assert_array_equal(a, b)

@@ -106,6 +106,23 @@ def test_load_refuses_foreign_files(tmp_path):
     )
     with pytest.raises(WeightsError, match="do not match"):
         load_model(bad)
+    # Right names, wrong sizes; a config that cannot build; an unreadable training record.
+    state = {k: v[:1] if v.ndim else v for k, v in QAIRN(preset("tiny")).state_dict().items()}
+    save_file(state, str(bad), metadata={"format": "qairn", "config": preset("tiny").to_json()})
+    with pytest.raises(
+        WeightsError, match=r"bad.safetensors: weights do not match the config \(tensor sizes"
+    ):
+        load_model(bad)
+    three = preset("tiny").to_json().replace('"widths": [8, 16, 16, 32]', '"widths": [8, 16, 16]')
+    assert three != preset("tiny").to_json()
+    save_file({"w": torch.zeros(2)}, str(bad), metadata={"format": "qairn", "config": three})
+    with pytest.raises(WeightsError, match="bad.safetensors: unreadable qairn config"):
+        load_model(bad)
+    good = QAIRN(preset("tiny")).state_dict()
+    meta = {"format": "qairn", "config": preset("tiny").to_json(), "training": "{not json"}
+    save_file({k: v.contiguous() for k, v in good.items()}, str(bad), metadata=meta)
+    with pytest.raises(WeightsError, match="bad.safetensors: unreadable training record"):
+        load_model(bad)
 
 
 def test_identity_init_starts_near_the_input_with_gamma1_open():

@@ -517,3 +517,12 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     with pytest.raises(SystemExit, match=says):
         trainer.train(tiny_args(data, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
+
+
+def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path, tiny_weights):
+    """--nb or --widths equal to the preset's own rename the preset ("tiny-w8-nb1") but build the same
+    network: --init and --resume must accept it."""
+    nb = preset("tiny").nb
+    trainer.train(tiny_args(data, tmp_path / "i", steps=1, nb=nb, init=str(tiny_weights)))
+    trainer.train(tiny_args(data, tmp_path / "i", steps=2, resume=True))  # resumed without the override
+    assert state(tmp_path / "i" / "checkpoint.pt")["step"] == 2

@@ -97,7 +97,7 @@ DEFAULTS = {
         "case_budget_s": 30.0,
     },
 }
-FBCNN_GFLOP_PER_MP = 1420 / (512 * 512 / 1e6)  # DESIGN.md section 5: 1420 GFLOPs per 512x512 frame
+FBCNN_GFLOP_PER_MP = 1420 / (512 * 512 / 1e6)  # ../shared/DESIGN.md section 5: 1420 GFLOPs per 512x512 frame
 
 
 # ---- the model and its arithmetic ------------------------------------------------------------------

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.2627, 0.0593)}
-MATRIX_ALIASES = {"601": "bt601", "bt470bg": "bt601", "smpte170m": "bt601", "709": "bt709", "2020": "bt2020"}
+MATRIX_ALIASES = {
+    "601": "bt601",
+    "bt470bg": "bt601",
+    "smpte170m": "bt601",
+    "709": "bt709",
+    "2020": "bt2020",
+    "bt2020nc": "bt2020",
+}
 RANGES = {
     "limited": "limited",
     "tv": "limited",
@@ -104,7 +111,8 @@ def downsample(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
 def chroma_size(h: int, w: int, u_shape) -> tuple[int, int]:
     """Check a chroma plane's size against the luma size (4:4:4, 4:2:2 or 4:2:0) and return it."""
     ch, cw = int(u_shape[-2]), int(u_shape[-1])
-    if ch not in (h, -(-h // 2)) or cw not in (w, -(-w // 2)) or (ch != h and cw == w):
+    # 4:4:0 (halved rows, full columns) is refused, except one column wide, where 4:2:0 looks the same
+    if ch not in (h, -(-h // 2)) or cw not in (w, -(-w // 2)) or (ch != h and cw == w and w > 1):
         raise ColorError(
             f"chroma planes of {cw}x{ch} do not fit a {w}x{h} luma plane (expected 4:4:4, 4:2:2 or 4:2:0)"
         )
@@ -154,8 +162,9 @@ def plane_bits(dtype, bits: int | None) -> int:
             raise ColorError(f"uint8 planes hold 8-bit samples, not {bits}-bit")
         return 8
     if name in ("uint16", "int16", "int32"):
-        if bits is None or not 9 <= bits <= 16:
-            raise ColorError(f"{name} planes need bits= (9..16), e.g. bits=10 for 10-bit video")
+        top = 15 if name == "int16" else 16  # int16 holds 15-bit codes; 16-bit ones read negative
+        if bits is None or not 9 <= bits <= top:
+            raise ColorError(f"{name} planes need bits= (9..{top}), e.g. bits=10 for 10-bit video")
         return bits
     raise ColorError(f"planes must be integer code values (uint8, or uint16 with bits=), not {name}")
 
@@ -212,7 +221,9 @@ def restore_yuv(
 
     matrix, range = check_matrix(matrix), check_range(range)
     src = y
-    if {type(y), type(u), type(v)} - {np.ndarray, torch.Tensor} or len({type(y), type(u), type(v)}) != 1:
+    if all(isinstance(t, np.ndarray) for t in (y, u, v)):  # np.memmap planes of a raw file too
+        y, u, v = (np.asarray(t) for t in (y, u, v))
+    elif not all(isinstance(t, torch.Tensor) for t in (y, u, v)):
         raise ColorError("y, u and v must all be numpy arrays or all torch tensors")
     if len({str(p.dtype) for p in (y, u, v)}) != 1:
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")

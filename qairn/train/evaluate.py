@@ -30,11 +30,11 @@ from qairn.train.data import list_images
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 QFS = (10, 20, 30, 40)
 PROTOCOL = (
-    "DESIGN.md section 3: the PNG's BGR array is compressed with cv2.imencode at the QF and decoded; "
-    "PSNR over all RGB channels; SSIM 11x11 Gaussian sigma 1.5, valid region, per RGB channel; "
+    "../shared/DESIGN.md section 3: the PNG's BGR array is compressed with cv2.imencode at the QF and "
+    "decoded; PSNR over all RGB channels; SSIM 11x11 Gaussian sigma 1.5, valid region, per RGB channel; "
     "PSNR-B with the BEF of the studio-range BT.601 Y of the tested image; no border crop"
 )
-# Published on the same protocol (LIVE1 colour): PSNR, SSIM, PSNR-B. DESIGN.md section 3.
+# Published on the same protocol (LIVE1 colour): PSNR, SSIM, PSNR-B. ../shared/DESIGN.md section 3.
 PUBLISHED = {
     "QAIRN (paper)": {
         10: (27.25, 0.803, 26.90),

@@ -1,4 +1,4 @@
-"""The training loop (DESIGN.md section 2): JPEG QF 5..95, 96x96 crops, batch 16, L1 + (1 - SSIM),
+"""The training loop (../shared/DESIGN.md section 2): JPEG QF 5..95, 96x96 crops, batch 16, L1 + (1 - SSIM),
 Adam 2e-4 halved every 1e4 steps down to 1.25e-5. CPU, one GPU (AMP, channels_last) or many
 through torchrun (DistributedDataParallel). Checkpoints hold model, optimiser, step and RNG."""
 
@@ -224,7 +224,9 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     resumed = ck is not None
     trained_with = asdict(a)
     if resumed:
-        if QAIRNConfig.from_json(ck["config"]) != config:
+        if replace(QAIRNConfig.from_json(ck["config"]), preset="") != replace(
+            config, preset=""
+        ):  # not labels
             raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
@@ -235,7 +237,8 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             print(f"resumed from {ckpt_path} at step {step} ({seconds / 3600:.2f} h trained)")
     elif a.init:
         start = load_model(a.init)
-        if replace(start.config, p=config.p) != config:  # p is pooling only, chosen after training
+        # p is pooling only, chosen after training; the preset label ("small-w16-nb2") is only a name
+        if replace(start.config, p=config.p, preset="") != replace(config, preset=""):
             raise SystemExit(f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides)")
         model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
         if main:
