@@ -273,7 +273,8 @@ def test_colour_profile_is_kept(tmp_path, tiny_weights, capsys):
             run(capsys, "restore", tmp_path / "p3.jpg", "-o", tmp_path / name, "--weights", tiny_weights)[0]
             == 0
         )
-        assert Image.open(tmp_path / name).info.get("icc_profile") == icc, name
+        with Image.open(tmp_path / name) as im:
+            assert im.info.get("icc_profile") == icc, name
     rc, _, err = run(
         capsys, "restore", tmp_path / "p3.jpg", "-o", tmp_path / "o.webp", "--weights", tiny_weights
     )

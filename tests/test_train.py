@@ -171,7 +171,8 @@ def test_validation_psnr_is_logged_and_leaves_training_alone(data, tmp_path):
 
     trainer.train(tiny_args(data, tmp_path / "v", val_every=2, ema=0.5))
     trainer.train(tiny_args(data, tmp_path / "n", val_every=0, ema=0.5))
-    rows = list(csv.DictReader(open(tmp_path / "v" / "val.csv")))
+    with open(tmp_path / "v" / "val.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [r["step"] for r in rows] == ["2", "4"]
     cols = ["psnr_qf10", "psnr_qf40", "ema_psnr_qf10", "ema_psnr_qf40"]
     assert all(15 < float(r[c]) < 60 for r in rows for c in cols)
@@ -187,7 +188,8 @@ def test_validation_psnr_is_logged_and_leaves_training_alone(data, tmp_path):
     assert fresh == {k: float(rows[-1][k]) for k in ("psnr_qf10", "psnr_qf40")}
     # Resumed, it appends.
     trainer.train(tiny_args(data, tmp_path / "v", steps=6, val_every=2, resume=True))
-    assert [r["step"] for r in csv.DictReader(open(tmp_path / "v" / "val.csv"))] == ["2", "4", "6"]
+    with open(tmp_path / "v" / "val.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["2", "4", "6"]
 
 
 def test_ema_weights_average_resume_and_export(data, tmp_path):

@@ -501,12 +501,16 @@ def plot_log(log_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(log_path)))
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
     if not rows:
         return
     steps = [int(r["step"]) for r in rows]
     val_path = log_path.with_name("val.csv")
-    val = list(csv.DictReader(open(val_path))) if val_path.exists() else []
+    val = []
+    if val_path.exists():
+        with open(val_path, newline="") as f:
+            val = list(csv.DictReader(f))
     fig, axes = plt.subplots(
         1, 1 + len(VAL_QFS) * bool(val), figsize=(5 + 4 * bool(val) * 2, 4), squeeze=False
     )
