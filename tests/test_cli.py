@@ -347,14 +347,14 @@ def test_exif_is_kept_upright(tmp_path, tiny_weights, capsys):
             capsys, "restore", tmp_path / "cam.jpg", "-o", tmp_path / name, "--weights", tiny_weights
         )
         assert rc == 0, err
-        out = Image.open(tmp_path / name)
-        assert out.size == (24, 40), name  # upright pixels
-        got = out.getexif()
-        assert got.get(0x010F) == "QairnCam" and 0x0112 not in got, name
-        sub = got.get_ifd(ExifTags.IFD.Exif)
-        assert sub.get(0x9003) == "2026:11:27 10:00:00" and (sub[0xA002], sub[0xA003]) == (24, 40), name
-        assert got.get_ifd(ExifTags.IFD.GPSInfo).get(1) == "N", name
-        assert ImageOps.exif_transpose(out).size == (24, 40), name  # a viewer shows it as restored
+        with Image.open(tmp_path / name) as out:
+            assert out.size == (24, 40), name  # upright pixels
+            got = out.getexif()
+            assert got.get(0x010F) == "QairnCam" and 0x0112 not in got, name
+            sub = got.get_ifd(ExifTags.IFD.Exif)
+            assert sub.get(0x9003) == "2026:11:27 10:00:00" and (sub[0xA002], sub[0xA003]) == (24, 40), name
+            assert got.get_ifd(ExifTags.IFD.GPSInfo).get(1) == "N", name
+            assert ImageOps.exif_transpose(out).size == (24, 40), name  # a viewer shows it as restored
     rc, _, err = run(
         capsys, "restore", tmp_path / "cam.jpg", "-o", tmp_path / "o.webp", "--weights", tiny_weights
     )
