@@ -270,6 +270,16 @@ def _nchw_strides(t: Tensor) -> tuple[int, int, int] | None:
     return (s_n, s_c, s_w) if s_h == w * s_w else None
 
 
+def empty_pixels_like(t: Tensor) -> Tensor:
+    """torch.empty_like, except that a dense layout the kernels cannot address with one pixel stride
+    (H and W swapped, say) gets NCHW instead. The fakes use it too, so compiled graphs see the same
+    strides as the kernels write."""
+    out = torch.empty_like(t)
+    if out.dim() == 4 and _nchw_strides(out) is None:
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return out
+
+
 def _pixel_view(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     strides = _nchw_strides(t)
     if strides is None:  # a strided view the kernel cannot walk: copy once
@@ -341,9 +351,9 @@ def gated_blend_triton(
         raise ValueError(
             f"shapes: logit {tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
         )
-    out = torch.empty_like(skip)  # before _pixel_view: the layout the op's fake promises
+    out = empty_pixels_like(skip)  # before _pixel_view: the layout the op's fake promises
     s_out = _nchw_strides(out)
-    gamma = torch.empty_like(logit) if write_gamma else logit.new_empty(0)
+    gamma = empty_pixels_like(logit) if write_gamma else logit.new_empty(0)
     offset = _offset_type(logit, skip, dec, out, gamma)
     logit, s_logit = _pixel_view(logit)
     skip, s_skip = _pixel_view(skip)
@@ -398,9 +408,9 @@ def gated_blend_backward_triton(
     n, c, h, w = skip.shape
     if grad_out is None:
         grad_out = torch.zeros_like(skip)
-    grad_logit = torch.empty_like(logit)  # before _pixel_view: the layouts the op's fake promises
-    grad_skip = torch.empty_like(skip)
-    grad_dec = torch.empty_like(dec)
+    grad_logit = empty_pixels_like(logit)  # before _pixel_view: the layouts the op's fake promises
+    grad_skip = empty_pixels_like(skip)
+    grad_dec = empty_pixels_like(dec)
     grad_out, s_go = _pixel_view(grad_out)
     logit, s_logit = _pixel_view(logit)
     skip, s_skip = _pixel_view(skip)
@@ -443,13 +453,16 @@ def _gated_blend_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gamma, pool_sum, pool_count); gamma is empty unless write_gamma, the pool empty if p is None."""
     gamma = torch.sigmoid(logit)
-    out = torch.empty_like(skip)  # skip's layout, as the Triton path and the fake promise
+    out = empty_pixels_like(skip)  # skip's layout, as the Triton path and the fake promise
     torch.add(dec, gamma * (skip - dec), out=out)
     if p is None:
         pool_sum, pool_count = _empty_pool(logit)
     else:
         pool_sum, pool_count = pool_reference(_pool_gamma(logit, gamma), p, cores)
-    return out, gamma if write_gamma else logit.new_empty(0), pool_sum, pool_count
+    if not write_gamma:
+        return out, logit.new_empty(0), pool_sum, pool_count
+    layout = empty_pixels_like(logit)  # the layout the fake promises (sigmoid keeps an odd one)
+    return out, gamma if layout.stride() == gamma.stride() else layout.copy_(gamma), pool_sum, pool_count
 
 
 gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl, mutates_args=())
@@ -460,8 +473,8 @@ def _(logit, skip, dec, p, cores, write_gamma):
     n = 0 if p is None else skip.shape[0]
     pool_dtype = torch.promote_types(logit.dtype, torch.float32)
     return (
-        torch.empty_like(skip),
-        torch.empty_like(logit) if write_gamma else logit.new_empty(0),
+        empty_pixels_like(skip),
+        empty_pixels_like(logit) if write_gamma else logit.new_empty(0),
         logit.new_empty(n, dtype=pool_dtype),
         logit.new_empty(n, dtype=torch.int64),
     )
@@ -484,7 +497,7 @@ def _gated_blend_backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_logit, grad_skip, grad_dec), each in its input's layout."""
     grads = gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores)
-    return tuple(torch.empty_like(x).copy_(grad) for x, grad in zip((logit, skip, dec), grads, strict=True))
+    return tuple(empty_pixels_like(x).copy_(grad) for x, grad in zip((logit, skip, dec), grads, strict=True))
 
 
 gated_blend_backward_op = torch.library.custom_op(
@@ -494,7 +507,7 @@ gated_blend_backward_op = torch.library.custom_op(
 
 @gated_blend_backward_op.register_fake
 def _(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
-    return torch.empty_like(logit), torch.empty_like(skip), torch.empty_like(dec)
+    return empty_pixels_like(logit), empty_pixels_like(skip), empty_pixels_like(dec)
 
 
 def _triton_takes(*tensors: Tensor) -> bool:

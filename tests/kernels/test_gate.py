@@ -151,6 +151,45 @@ def test_triton_mixed_and_strided_layouts():
     assert_forward(result, ideal(logit, skip, dec, 2.0, cores), torch.float32)
 
 
+def test_odd_dense_layouts_get_nchw_outputs_as_the_fake_says():
+    """H and W swapped is dense but has no single pixel stride: outputs come back NCHW, on every path,
+    with the strides the op's fake promises (so compiled graphs agree with the kernels)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    logit = torch.randn(1, 1, 5, 4, device=DEVICE).transpose(2, 3)
+    skip = torch.randn(1, 2, 5, 4, device=DEVICE).transpose(2, 3)
+    dec = torch.randn(1, 2, 5, 4, device=DEVICE).transpose(2, 3)
+    out, gamma, pool_sum, _ = torch.ops.qairn.gated_blend(logit, skip, dec, 2.0, None, True)
+    ref_out, ref_gamma, ref_sum, _ = gate.gated_blend_reference(logit, skip, dec, 2.0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(gamma, ref_gamma)
+    torch.testing.assert_close(pool_sum, ref_sum)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.qairn.gated_blend(
+            *(mode.from_tensor(t) for t in (logit, skip, dec)), 2.0, None, True
+        )
+    assert (
+        [t.stride() for t in fake[:2]] == [out.stride(), gamma.stride()] == [(40, 20, 5, 1), (20, 20, 5, 1)]
+    )
+
+
+@needs_triton
+def test_triton_odd_dense_layouts():
+    torch.manual_seed(0)
+    logit, skip, dec = (torch.randn(1, c, 5, 4, device=DEVICE).transpose(2, 3) for c in (1, 2, 2))
+    out, gamma, pool_sum, _ = gate.gated_blend_triton(logit, skip, dec, p=2.0)
+    ref_out, ref_gamma, ref_sum, _ = gate.gated_blend_reference(logit, skip, dec, 2.0)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(pool_sum, ref_sum)
+    grads = gate.gated_blend_backward_triton(torch.ones_like(skip), None, None, logit, skip, dec, None, None)
+    want = gate.gated_blend_backward_reference(
+        torch.ones_like(skip), None, None, logit, skip, dec, None, None
+    )
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b)
+
+
 @needs_triton
 def test_triton_pool_is_deterministic_over_many_blocks():
     logit, skip, dec = make_inputs((2, 3, 24, 24), torch.float16)
