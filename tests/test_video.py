@@ -330,6 +330,22 @@ def test_bad_inputs_fail_clearly_and_write_nothing(restorer, clip, frames_rgb, t
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     s = transcode(restorer, cut, out_dir / "cut.mkv", VideoOptions(plot=False))
     assert 0 < s["frames"] < 6 and len(decode(out_dir / "cut.mkv")[0]) == s["frames"]
+    # Matroska keeps no frame count, but its header says how long it lasts: --strict sees the cut
+    # (without audio, which may rightly run on past the picture), and passes the whole file.
+    full = make_clip(tmp_path / "mute.mkv", frames_rgb, audio=False)
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
+    s = transcode(restorer, cut, out_dir / "cut2.mkv", VideoOptions(write_quality=False))
+    assert any("frames end at" in n and "truncated?" in n for n in s["notes"]), s["notes"]
+    with pytest.raises(VideoError, match="frames end at .* \\(--strict\\)"):
+        transcode(restorer, cut, out_dir / "cut3.mkv", VideoOptions(write_quality=False, strict=True))
+    s = transcode(restorer, full, out_dir / "whole.mkv", VideoOptions(write_quality=False, strict=True))
+    assert s["frames"] == 6 and s["notes"] == []
+    assert sorted(q.name for q in out_dir.iterdir()) == [
+        "cut.mkv",
+        "cut.mkv.quality.csv",
+        "cut2.mkv",
+        "whole.mkv",
+    ]
 
 
 def test_unwritable_output_and_interrupt_leave_nothing(restorer, clip, tmp_path, monkeypatch):

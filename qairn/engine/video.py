@@ -643,6 +643,19 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 f"{src}: the header says {vstream.frames} frames, {counts.get('packets', 0)} found "
                 "(truncated?)"
             )
+        elif not vstream.frames and rows:
+            # Matroska, WebM and Y4M keep no frame count: compare where the frames end with how long
+            # the header says the video lasts (the stream's duration, else the file's when it has no
+            # audio, which may rightly run on past the picture).
+            lasts = float(vstream.duration * tb) if vstream.duration else None
+            if lasts is None and inp.duration and not inp.streams.audio:
+                lasts = inp.duration / 1e6 - float((vstream.start_time or 0) * tb)
+            ends = rows[-1][2] - float((vstream.start_time or 0) * tb) + 1 / float(rate)
+            if lasts is not None and ends < lasts - 1.5 / float(rate):
+                short = True
+                notes.append(
+                    f"{src}: the header says {lasts:.3f} s, the frames end at {ends:.3f} s (truncated?)"
+                )
         if opts.strict and (corrupt or short):
             raise VideoError(f"{notes[-1]} (--strict)")
         if out is not None:
