@@ -793,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, or fewer "
-        "frames than the header says; by default these are warnings",
+        "frames (or, where it keeps no count, less time) than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
     p.add_argument("-q", "--quiet", action="store_true")
