@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         return 0
     if a.output is None:
         p.error("give INPUT and OUTPUT, or neither (filter mode)")
-    if not Path(a.input).is_file():
+    if "://" not in a.input and not Path(a.input).exists():  # URLs and named pipes go to FFmpeg as they are
         raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:

@@ -359,6 +359,28 @@ def test_exif_is_kept_upright(tmp_path, tiny_weights, capsys):
         capsys, "restore", tmp_path / "cam.jpg", "-o", tmp_path / "o.webp", "--weights", tiny_weights
     )
     assert rc == 0 and "o.webp: .webp output drops the input's EXIF" in err
+    # A TIFF's layout tags (strips, sample format) are not its record: none of them travel, and a TIFF
+    # without a record gets no "drops the input's EXIF" warning; its make and model do travel.
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "plain.tif")
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "plain.tif", "-o", tmp_path / "t.tif", "--weights", tiny_weights
+    )
+    assert rc == 0 and "EXIF" not in err
+    assert (
+        run(capsys, "restore", tmp_path / "plain.tif", "-o", tmp_path / "t.png", "--weights", tiny_weights)[0]
+        == 0
+    )
+    assert b"eXIf" not in (tmp_path / "t.png").read_bytes()
+    tagged = Image.fromarray(np.zeros((16, 16, 3), np.uint8))
+    tiff_exif = tagged.getexif()
+    tiff_exif[0x010F] = "QairnCam"
+    tagged.save(tmp_path / "cam.tif", exif=tiff_exif)
+    assert (
+        run(capsys, "restore", tmp_path / "cam.tif", "-o", tmp_path / "c.png", "--weights", tiny_weights)[0]
+        == 0
+    )
+    with Image.open(tmp_path / "c.png") as out:
+        assert dict(out.getexif()) == {0x010F: "QairnCam"}
     # No EXIF in, none out.
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "bare.jpg")
     assert (

@@ -493,6 +493,9 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
     rows = (tmp_path / "r" / "log.csv").read_text().splitlines()[1:]
     assert [float(r.split(",")[4]) for r in rows] == [1e-3, 1e-3, 5e-4, 5e-4]
     assert state(tmp_path / "r" / "checkpoint.pt")["args"]["lr_halve_every"] == 2
+    # The run's length is one of its settings: a bare resume of a finished 4-step run trains nothing.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=0, resume=True), {"resume"})
+    assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 4
     # Given again, a setting wins and is said.
     trainer.train(tiny_args(data, tmp_path / "r", steps=5, resume=True, lr=2e-5, val_every=0), {"lr"})
     assert "resume: --lr 2e-05 replaces the run's 0.001" in capsys.readouterr().out

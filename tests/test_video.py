@@ -519,3 +519,25 @@ def test_an_edit_list_is_not_taken_for_truncation(restorer, tmp_path):
     o.close()
     summary = transcode(restorer, tmp_path / "edit.mp4", tmp_path / "o.mkv", VideoOptions(strict=True))
     assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"])
+
+
+def test_variable_rate_source_into_y4m_keeps_every_frame(restorer, tmp_path):
+    """Y4M and AVI count frames, not time: a variable-rate source (a phone's) is written frame by frame,
+    where rounding its times to the average rate gave two frames one tick and the muxer refused them."""
+    o = av.open(str(tmp_path / "vfr.mkv"), "w")
+    s = o.add_stream("libx264", rate=30)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    times = [0, 17, 33, 50, 67, 83, 100, 150, 200, 250, 300]  # 60 fps, then 20 fps (ms)
+    for i, ms in enumerate(times):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = ms, Fraction(1, 1000)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    for name, codec in (("o.y4m", "rawvideo"), ("o.avi", None)):
+        summary = transcode(
+            restorer, tmp_path / "vfr.mkv", tmp_path / name, VideoOptions(codec=codec, write_quality=False)
+        )
+        with av.open(str(tmp_path / name)) as c:
+            assert len(list(c.decode(video=0))) == summary["frames"] == len(times), name

@@ -398,7 +398,8 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                     try:
                         if restorer is None:
                             restorer = make_restorer(model, label, device, tile, args)
-                        restorer.tile, restorer.overlap = tile, args.overlap  # an OOM retry may change them
+                        restorer.tile, restorer.overlap = tile, args.overlap
+                        restorer._shrunk.clear()  # what an earlier case's out-of-memory retry left
                         x = frames[size].to(device)
                         fields = time_case(restorer, label, x, tile, device, args, refs, report)
                         row = case_row(label, size, tile, status="ok", **fields)
@@ -444,8 +445,9 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         if label != BASELINE:
             fields["psnr_db"] = round(psnr(y, ref_y.to(y.device)), 2)
             fields["q_abs_err"] = max(abs(q[k] - ref_q[k]) for k in q)
-    tile_used = restorer.tile_for(h, w)  # as used (smaller after an OOM retry)
-    plan = plan_tiles(h, w, tile_used, restorer.overlap)
+    # As used: an out-of-memory retry runs this shape at a smaller tile and overlap from then on.
+    tile_used, overlap_used = restorer._shrunk.get((1, h, w), (restorer.tile_for(h, w), restorer.overlap))
+    plan = plan_tiles(h, w, tile_used, overlap_used)
     _, peak = peak_for_floor(report["peak_tflops"])
     floor_ms = report["model"]["gflop_per_mp"] * mp / peak  # GFLOP / (TFLOP/s) = ms
     return dict(

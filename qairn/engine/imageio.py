@@ -242,6 +242,9 @@ def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
 
 
 EXIF_SUFFIXES = {".png", ".jpg", ".jpeg"}  # where write_image keeps EXIF metadata
+# What a TIFF's first IFD says about the photo (the rest, strips and sample formats, is the file's own
+# layout): description, make, model, software, date, artist, copyright, the Exif and GPS IFDs.
+TIFF_RECORD_TAGS = {0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298, 0x8769, 0x8825}
 
 
 def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | None:
@@ -251,10 +254,13 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
     try:
         with Image.open(path) as im:
             exif = im.getexif()
+            if im.format == "TIFF":  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
+                for tag in [t for t in exif if t not in TIFF_RECORD_TAGS]:
+                    del exif[tag]
             if not exif:
                 return None
             exif.pop(0x0112, None)  # Orientation
-            if size is not None:
+            if size is not None and 0x8769 in exif:  # (reading an absent IFD would add an empty one)
                 sub = exif.get_ifd(0x8769)  # the Exif IFD: PixelXDimension, PixelYDimension
                 for tag, value in zip((0xA002, 0xA003), size):
                     if tag in sub:

@@ -455,9 +455,9 @@ def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
         x = t.float() / 255.0
     elif t.is_floating_point():
         x = t.float()
-        lo, hi = (
-            float(v) for v in torch.aminmax(x)
-        )  # one small reduction: garbage in is refused, not clamped
+        # On the CPU 0..255 floats or NaN are refused, not clamped into a white picture. On a GPU the
+        # check would cost a device-to-host sync per call (and stall restore_stream's overlap): skipped.
+        lo, hi = (float(v) for v in torch.aminmax(x)) if x.device.type == "cpu" else (0.0, 1.0)
         if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
             raise ValueError(
                 f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "

@@ -624,8 +624,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 if pix_fmt != work_fmt:
                     frame = _reformat(frame, pix_fmt, matrix, crange)
                 frame.pts, frame.time_base = pts, tb
-                if pts is None or out_tb != tb:
-                    frame.pts, frame.time_base = round(t / out_tb), out_tb
+                if out_tb != tb:  # Y4M, AVI: one tick per frame, so a variable-rate source keeps every frame
+                    frame.pts, frame.time_base = i, out_tb
+                elif pts is None:
+                    frame.pts = round(t / tb)
                 _mux(out, vs.encode(frame), dst)
                 _mux_audio(out, pending_audio, amap, dst)
             if opts.progress and time.perf_counter() - shown > 5:

@@ -73,7 +73,7 @@ class TrainArgs:
 # What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule.
 # Given again, the new value wins and is said (fine-tuning with another loss or rate is a resume too).
 RESUMED_ARGS = (
-    "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
+    "steps", "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
     "lr_halve_every", "lr_min", "ssim_weight", "seed", "val_holdout", "val_data", "ema", "channels_last",
 )  # fmt: skip
 
@@ -178,7 +178,8 @@ def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, sa
 def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     """Train (or resume, a.resume) into a.out. explicit: the options the user gave (the CLI passes
     them); on resume the others come from the checkpoint (resumed_args)."""
-    check_args(a)
+    if not a.resume:  # a resume is judged once its arguments are merged with the checkpoint's
+        check_args(a)
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned DataLoader worker is importing the user's script, which calls train() again.
         raise RuntimeError(
