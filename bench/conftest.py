@@ -34,3 +34,12 @@ def device() -> torch.device:
 def sync():
     """Call after the timed work: CUDA is asynchronous, the host clock must wait for the device."""
     return (lambda: torch.cuda.synchronize()) if CUDA else (lambda: None)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A benchmark that sets torch's thread count (bench_ort's 1- and 2-thread cases) must not leave it
+    set for the ones after it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -48,6 +48,12 @@ def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=pri
     src, live1, out = Path(src), Path(live1), Path(out)
     budget = int(budget_mib * 2**20)
     if out.exists():
+        # Only an earlier pack is replaced: never a folder that holds anything else (--out . or ~).
+        extra = {q.name for q in out.iterdir()} - {"MANIFEST.json", "live1", "val", "train"}
+        if extra:
+            raise SystemExit(
+                f"{out}: holds {', '.join(sorted(extra)[:3])}..., not a training pack; not replaced"
+            )
         shutil.rmtree(out)
     for d in ("live1", "val", "train"):
         (out / d).mkdir(parents=True)

@@ -145,7 +145,10 @@ def main(argv=None) -> int:
         overwrite=True,  # each run trains afresh (a rerun on a warm machine replaces the last one)
     )
     if a.preset == "auto":
-        n, c, nb = largest_config(a.max_mb * 1e6)
+        best = largest_config(a.max_mb * 1e6)
+        if best is None:
+            raise SystemExit(f"--max-mb {a.max_mb}: even the smallest model (widths 8..64, nb 1) is larger")
+        n, c, nb = best
         targs = replace(targs, preset="small", widths=f"{c},{2 * c},{4 * c},{8 * c}", nb=nb)
         log(
             f"model: widths ({c},{2 * c},{4 * c},{8 * c}), nb={nb}: {n / 1e6:.2f} M parameters, "

@@ -200,6 +200,24 @@ def test_validation_files_follow_the_weights(tmp_path):
     save_weights(m, w, training={"val_files": ["missing.png"]})
     with pytest.raises(FileNotFoundError):
         ev.validation_files(w, str(train), 2, None)
+    # A run that held nothing out (--val-holdout 0) trained on every image: none of them may choose p.
+    save_weights(m, w, training={"val_files": []})
+    with pytest.raises(SystemExit, match="held no images out"):
+        ev.validation_files(w, str(train), 2, None)
+
+
+def test_logistic_fit_finds_the_better_optimum_and_json_has_no_nan():
+    """A single start of the 5-parameter logistic can stop at a poor local optimum (or not converge and
+    fall back to |PCC|); several starts keep the best. NaN correlations are written as null."""
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 1, 40)
+    y = 1 / (1 + np.exp(-40 * (x - 0.8))) + 0.02 * rng.normal(size=x.size)  # a sharp step late on
+    fitted = ev.pcc_logistic(x, y)
+    assert fitted > abs(np.corrcoef(x, y)[0, 1]) + 0.05 and fitted > 0.97
+    assert ev.without_nan({"a": [1.0, float("nan")], "b": {"c": float("nan")}}) == {
+        "a": [1.0, None],
+        "b": {"c": None},
+    }
 
 
 def test_sweep_refuses_the_report_images(refs, tmp_path, capsys):

@@ -103,6 +103,9 @@ class ExportModel(nn.Module):
         if precision not in DTYPES or io not in DTYPES:
             raise ValueError(f"precision and io must be one of {sorted(DTYPES)}")
         net = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        from qairn.kernels.fuse import unfuse_convs
+
+        unfuse_convs(net)  # Triton convs swapped in (fused_conv) export as the standard ops they compute
         net.gate = gated_blend_reference
         if precision == "fp16":
             net = net.half()

@@ -89,7 +89,10 @@ def fusable_conv_transpose(m: nn.Module, max_channels: int) -> bool:
 
 
 def fuse_convs(module: nn.Module, max_channels: int = DEFAULT_MAX_CHANNELS) -> nn.Module:
-    """Put module's convs at most max_channels wide on the fused ops (see the module doc). In place."""
+    """Put module's convs at most max_channels wide on the fused ops (see the module doc). In place.
+    A second call starts from the plain modules: the same model fused twice, or at another width, is
+    fused as once."""
+    unfuse_convs(module)
     inside = set()  # convs of fused blocks: the block's forward reads their weights
     for m in module.modules():
         if id(m) in inside:

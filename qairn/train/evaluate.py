@@ -376,14 +376,23 @@ def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 6:
         return math.nan
     sx = x.std() or 1.0
-    p0 = [y.max() - y.min(), np.sign(stats.pearsonr(x, y)[0] or 1.0) / sx, x.mean(), 0.0, y.mean()]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optimize.OptimizeWarning)
-            b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=20000)
-        return float(stats.pearsonr(logistic5(x, *b), y)[0])
-    except (RuntimeError, ValueError):  # no fit: report the raw PCC (never better than a fit)
-        return float(abs(stats.pearsonr(x, y)[0]))
+    sign = np.sign(stats.pearsonr(x, y)[0] or 1.0)
+    best = float(abs(stats.pearsonr(x, y)[0]))  # no fit converges: the raw PCC (a fit is never worse)
+    # A least-squares fit of a logistic has local optima: start from several slopes and centres, keep
+    # the best fit that converged.
+    for scale in (0.5, 1.0, 3.0, 10.0):
+        for centre in np.quantile(x, (0.25, 0.5, 0.75)):
+            p0 = [y.max() - y.min(), sign * scale / sx, centre, 0.0, y.mean()]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # OptimizeWarning, overflow in exp far out
+                    b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=5000)
+                    fitted = logistic5(x, *b)
+                if np.all(np.isfinite(fitted)) and np.ptp(fitted) > 0:
+                    best = max(best, float(stats.pearsonr(fitted, y)[0]))
+            except (RuntimeError, ValueError):
+                continue
+    return best
 
 
 def correlations(x, y) -> dict:
@@ -479,13 +488,17 @@ def validation_files(weights, train_data: str, holdout: int, val_data: str | Non
     trainer.split_files on the training folder. Never LIVE1."""
     if val_data:
         return list_images(val_data)
+    from qairn.engine.restorer import default_weights
     from qairn.train.trainer import split_files
+    from qairn.weights_io import read_metadata
 
-    recorded = []
-    if weights:
-        from qairn.weights_io import read_metadata
-
-        recorded = json.loads(read_metadata(weights).get("training", "{}") or "{}").get("val_files", [])
+    weights = weights or default_weights()  # the shipped file records its held-out images too
+    training = json.loads(read_metadata(weights).get("training", "{}") or "{}")
+    recorded = training.get("val_files")
+    if recorded == []:  # trained on every image (--val-holdout 0): none of them is held out
+        raise SystemExit(
+            f"{weights}: its run held no images out (--val-holdout 0); sweep p on others with --val-data DIR"
+        )
     if recorded:
         files = [Path(train_data) / n for n in recorded]
         missing = [f.name for f in files if not f.is_file()]
@@ -542,6 +555,8 @@ def main_quality(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
         ap.error("--write-p needs --sweep-p")
+    if a.plot and a.no_report:
+        raise SystemExit("--plot draws the LIVE1 report, which --no-report skips")
     if a.write_p and a.weights and Path(a.write_p).resolve() != Path(a.weights).resolve():
         raise SystemExit(
             f"--write-p {a.write_p}: p is swept for --weights {a.weights}; it belongs in that file"
@@ -597,9 +612,19 @@ def main_quality(argv=None) -> int:
         }
         if a.plot:
             plot_quality(recs, a.plot)
-    if a.json:
-        write_atomic(a.json, json.dumps(result, indent=1).encode())
+    if a.json:  # NaN (a correlation over too few points) is not JSON: written as null
+        write_atomic(a.json, json.dumps(without_nan(result), indent=1, allow_nan=False).encode())
     return 0
+
+
+def without_nan(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, dict):
+        return {k: without_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [without_nan(x) for x in v]
+    return v
 
 
 if __name__ == "__main__":

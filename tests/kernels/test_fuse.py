@@ -14,7 +14,7 @@ from test_conv import DEVICE, needs_triton
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
 from qairn.kernels import fuse
-from qairn.model import ResBlock, RQAttention
+from qairn.model import QAIRN, ResBlock, RQAttention, preset
 
 TOL = dict(rtol=1e-5, atol=1e-5) if DEVICE == "cpu" else dict(rtol=1e-4, atol=1e-4)
 
@@ -158,3 +158,26 @@ def test_onnx_export_uses_standard_ops_only(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-5)
+
+
+def test_fusing_twice_or_at_another_width_is_fusing_once():
+    fresh = {
+        w: fuse.fused_conv_count(fuse.fuse_convs(QAIRN(preset("small")), max_channels=w)) for w in (16, 64)
+    }
+    m = QAIRN(preset("small"))
+    fuse.fuse_convs(m)
+    fuse.fuse_convs(m)
+    assert fuse.fused_conv_count(m) == fresh[64]
+    fuse.fuse_convs(m, max_channels=16)
+    assert fuse.fused_conv_count(m) == fresh[16]
+
+
+def test_a_fused_model_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnx", reason="onnx (qairn[export]) is not installed")
+    from qairn.export import onnx_export as ox
+
+    m = fuse.fuse_convs(QAIRN(preset("tiny")))
+    ox.export_onnx(m, tmp_path / "m.onnx")
+    import onnx
+
+    assert not any(n.domain == "qairn" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
