@@ -381,12 +381,12 @@ def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
     # A least-squares fit of a logistic has local optima: start from several slopes and centres, keep
     # the best fit that converged.
     for scale in (0.5, 1.0, 3.0, 10.0):
-        for centre in np.quantile(x, (0.25, 0.5, 0.75)):
+        for centre in (x.mean(), *np.quantile(x, (0.25, 0.5, 0.75))):
             p0 = [y.max() - y.min(), sign * scale / sx, centre, 0.0, y.mean()]
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # OptimizeWarning, overflow in exp far out
-                    b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=5000)
+                    b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=20000)
                     fitted = logistic5(x, *b)
                 if np.all(np.isfinite(fitted)) and np.ptp(fitted) > 0:
                     best = max(best, float(stats.pearsonr(fitted, y)[0]))
