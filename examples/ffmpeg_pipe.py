@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
         return 0
     if a.output is None:
         p.error("give INPUT and OUTPUT, or neither (filter mode)")
-    if "://" not in a.input and not Path(a.input).exists():  # URLs and named pipes go to FFmpeg as they are
+    # URLs and protocols (rtsp://, pipe:0, concat:a|b, file:x) and named pipes go to FFmpeg as they are.
+    if not re.match(r"^[a-z0-9+]{2,}:", a.input) and not Path(a.input).exists():
         raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:

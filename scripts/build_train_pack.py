@@ -47,13 +47,15 @@ def read(path: Path) -> np.ndarray:
 def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=print) -> dict:
     src, live1, out = Path(src), Path(live1), Path(out)
     budget = int(budget_mib * 2**20)
+    for given in (src, live1):
+        if given.resolve().is_relative_to(out.resolve()):
+            raise SystemExit(f"--out {out}: holds the source images ({given}); write the pack elsewhere")
     if out.exists():
-        # Only an earlier pack is replaced: never a folder that holds anything else (--out . or ~).
-        extra = {q.name for q in out.iterdir()} - {"MANIFEST.json", "live1", "val", "train"}
-        if extra:
-            raise SystemExit(
-                f"{out}: holds {', '.join(sorted(extra)[:3])}..., not a training pack; not replaced"
-            )
+        # Only an earlier pack (its MANIFEST.json says so) or an empty folder is replaced: never a folder
+        # that holds anything else (--out . or ~, or a data folder).
+        names = {q.name for q in out.iterdir()}
+        if names and ("MANIFEST.json" not in names or names - {"MANIFEST.json", "live1", "val", "train"}):
+            raise SystemExit(f"{out}: not a training pack (no MANIFEST.json, or other files); not replaced")
         shutil.rmtree(out)
     for d in ("live1", "val", "train"):
         (out / d).mkdir(parents=True)

@@ -381,6 +381,14 @@ def test_exif_is_kept_upright(tmp_path, tiny_weights, capsys):
     )
     with Image.open(tmp_path / "c.png") as out:
         assert dict(out.getexif()) == {0x010F: "QairnCam"}
+    # The resolution of a TIFF is its record (kept); its strips and sizes are not.
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "dpi.tif", dpi=(300, 300))
+    assert (
+        run(capsys, "restore", tmp_path / "dpi.tif", "-o", tmp_path / "d.png", "--weights", tiny_weights)[0]
+        == 0
+    )
+    with Image.open(tmp_path / "d.png") as out:
+        assert set(out.getexif()) == {0x011A, 0x011B, 0x0128}  # XResolution, YResolution, ResolutionUnit
     # No EXIF in, none out.
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "bare.jpg")
     assert (

@@ -378,6 +378,19 @@ def test_gpu_pack_and_entry_on_cpu(tmp_path):
     for f in live1.iterdir():  # lossless
         packed = cv2.imread(str(pack / "live1" / f"{f.stem}.webp"))
         assert np.array_equal(packed, cv2.imread(str(f)))
+    # A rebuild replaces the earlier pack; any other folder (or one holding the sources) is refused.
+    build_train_pack.build(src, live1, pack, budget_mib=budget, crop=56, holdout=2, log=lambda *a: None)
+    for bad in (tmp_path, tmp_path / "src"):
+        with pytest.raises(SystemExit, match="source images|not a training pack"):
+            build_train_pack.build(
+                src, live1, bad, budget_mib=budget, crop=56, holdout=2, log=lambda *a: None
+            )
+    other = tmp_path / "other"
+    (other / "train").mkdir(parents=True)
+    (other / "train" / "keep.png").write_bytes(b"data")
+    with pytest.raises(SystemExit, match="not a training pack"):
+        build_train_pack.build(src, live1, other, budget_mib=budget, crop=56, holdout=2, log=lambda *a: None)
+    assert (other / "train" / "keep.png").read_bytes() == b"data" and len(list(src.iterdir())) == 10
 
     out = tmp_path / "out"
     cmd = [

@@ -541,3 +541,29 @@ def test_variable_rate_source_into_y4m_keeps_every_frame(restorer, tmp_path):
         )
         with av.open(str(tmp_path / name)) as c:
             assert len(list(c.decode(video=0))) == summary["frames"] == len(times), name
+
+
+def test_strict_passes_whole_matroska_with_a_late_start_or_a_long_last_frame(restorer, tmp_path):
+    """The duration check must not call whole files truncated: a stream that starts at 10 s (its
+    DURATION tag counts from 0), or a slideshow whose last frame lasts a second."""
+    for name, times in (
+        ("late.mkv", [10000 + 40 * i for i in range(5)]),
+        ("hold.webm", [0, 40, 80, 120, 160]),
+    ):
+        o = av.open(str(tmp_path / name), "w")
+        codec = "libvpx-vp9" if name.endswith(".webm") else "libx264"
+        s = o.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i, ms in enumerate(times):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
+            f = f.reformat(format="yuv420p")
+            f.pts, f.time_base = ms, Fraction(1, 1000)
+            if name == "hold.webm" and i == len(times) - 1:
+                f.duration = 1000  # the last picture stays up for a second
+            o.mux(s.encode(f))
+        o.mux(s.encode(None))
+        o.close()
+        summary = transcode(
+            restorer, tmp_path / name, None, VideoOptions(score_only=True, write_quality=False, strict=True)
+        )
+        assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"]), name

@@ -242,9 +242,14 @@ def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
 
 
 EXIF_SUFFIXES = {".png", ".jpg", ".jpeg"}  # where write_image keeps EXIF metadata
-# What a TIFF's first IFD says about the photo (the rest, strips and sample formats, is the file's own
-# layout): description, make, model, software, date, artist, copyright, the Exif and GPS IFDs.
-TIFF_RECORD_TAGS = {0x010E, 0x010F, 0x0110, 0x0131, 0x0132, 0x013B, 0x8298, 0x8769, 0x8825}
+# A TIFF's first IFD mixes the photo's record (make, date, resolution, XMP, the Exif and GPS IFDs) with
+# the file's own layout: sizes, sample format, compression, strips and tiles, colour map, ICC profile
+# (kept on its own). The layout tags do not describe the restored file and are dropped.
+TIFF_LAYOUT_TAGS = {
+    0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0111, 0x0115, 0x0116, 0x0117, 0x0118,
+    0x0119, 0x011C, 0x013D, 0x0140, 0x0141, 0x0142, 0x0143, 0x0144, 0x0145, 0x014A, 0x0152, 0x0153,
+    0x0154, 0x0155, 0x015B, 0x0200, 0x0201, 0x0202, 0x0211, 0x0212, 0x0213, 0x0214, 0x8773,
+}  # fmt: skip
 
 
 def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | None:
@@ -255,7 +260,7 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
         with Image.open(path) as im:
             exif = im.getexif()
             if im.format == "TIFF":  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
-                for tag in [t for t in exif if t not in TIFF_RECORD_TAGS]:
+                for tag in [t for t in exif if t in TIFF_LAYOUT_TAGS]:
                     del exif[tag]
             if not exif:
                 return None

@@ -395,6 +395,16 @@ def _open_input(src: Path):
     return inp
 
 
+def _tag_seconds(metadata) -> float | None:
+    """A Matroska stream's DURATION tag ("HH:MM:SS.nnnnnnnnn") in seconds, or None."""
+    text = (metadata or {}).get("DURATION") or (metadata or {}).get("duration")
+    try:
+        h, m, sec = str(text).split(":")
+        return int(h) * 3600 + int(m) * 60 + float(sec)
+    except (TypeError, ValueError):
+        return None
+
+
 def _msg(e: Exception) -> str:
     import av
 
@@ -593,6 +603,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             )
         meta: deque = deque()
         corrupt = []
+        last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
 
         def planes():
             for i, frame in enumerate(_chain(first, frames)):
@@ -606,6 +617,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
                 meta.append((i, pts, t))
+                last_duration[0] = float(frame.duration * tb) if frame.duration else 0.0
                 if frame.format.name != work_fmt:
                     frame = _reformat(frame, work_fmt, matrix, crange)
                 yield frame_planes(frame)
@@ -647,12 +659,16 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             )
         elif not vstream.frames and rows:
             # Matroska, WebM and Y4M keep no frame count: compare where the frames end with how long
-            # the header says the video lasts (the stream's duration, else the file's when it has no
-            # audio, which may rightly run on past the picture).
+            # the header says the video lasts: the stream's duration or its Matroska DURATION tag, else
+            # the file's, only when the video is its one stream (audio or subtitles may run on).
+            start = float((vstream.start_time or 0) * tb)
             lasts = float(vstream.duration * tb) if vstream.duration else None
-            if lasts is None and inp.duration and not inp.streams.audio:
-                lasts = inp.duration / 1e6 - float((vstream.start_time or 0) * tb)
-            ends = rows[-1][2] - float((vstream.start_time or 0) * tb) + 1 / float(rate)
+            tag = _tag_seconds(vstream.metadata)  # where the stream ends, counted from 0 like the file's
+            if lasts is None and tag is not None:
+                lasts = tag - start
+            if lasts is None and inp.duration and len(inp.streams) == 1:
+                lasts = inp.duration / 1e6 - start
+            ends = rows[-1][2] - start + max(1 / float(rate), last_duration[0])
             if lasts is not None and ends < lasts - 1.5 / float(rate):
                 short = True
                 notes.append(

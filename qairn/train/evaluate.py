@@ -377,22 +377,30 @@ def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
         return math.nan
     sx = x.std() or 1.0
     sign = np.sign(stats.pearsonr(x, y)[0] or 1.0)
-    best = float(abs(stats.pearsonr(x, y)[0]))  # no fit converges: the raw PCC (a fit is never worse)
-    # A least-squares fit of a logistic has local optima: start from several slopes and centres, keep
-    # the best fit that converged.
-    for scale in (0.5, 1.0, 3.0, 10.0):
-        for centre in (x.mean(), *np.quantile(x, (0.25, 0.5, 0.75))):
-            p0 = [y.max() - y.min(), sign * scale / sx, centre, 0.0, y.mean()]
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # OptimizeWarning, overflow in exp far out
-                    b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=20000)
-                    fitted = logistic5(x, *b)
-                if np.all(np.isfinite(fitted)) and np.ptp(fitted) > 0:
-                    best = max(best, float(stats.pearsonr(fitted, y)[0]))
-            except (RuntimeError, ValueError):
-                continue
-    return best
+    raw = float(abs(stats.pearsonr(x, y)[0]))  # where no fit converges (a fit is never worse)
+
+    def fit(p0, maxfev):  # (sum of squared errors, PCC of the fitted values), or None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # OptimizeWarning, overflow in exp far out
+                b, _ = optimize.curve_fit(logistic5, x, y, p0=p0, maxfev=maxfev)
+                fitted = logistic5(x, *b)
+        except (RuntimeError, ValueError):
+            return None
+        if not np.all(np.isfinite(fitted)) or np.ptp(fitted) == 0:
+            return None
+        return float(np.sum((fitted - y) ** 2)), float(stats.pearsonr(fitted, y)[0])
+
+    best = fit([y.max() - y.min(), sign / sx, x.mean(), 0.0, y.mean()], 20000)
+    if best is None or best[1] < raw:
+        # The one start stopped early or in a poor local optimum: try other slopes and centres, and
+        # keep the fit with the least squared error (the fit's own criterion, not the best-looking PCC).
+        for scale in (0.5, 3.0, 10.0):
+            for centre in np.quantile(x, (0.25, 0.5, 0.75)):
+                f = fit([y.max() - y.min(), sign * scale / sx, centre, 0.0, y.mean()], 2000)
+                if f is not None and (best is None or f[0] < best[0]):
+                    best = f
+    return raw if best is None else max(best[1], raw)
 
 
 def correlations(x, y) -> dict:
@@ -503,7 +511,10 @@ def validation_files(weights, train_data: str, holdout: int, val_data: str | Non
         files = [Path(train_data) / n for n in recorded]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"held-out images recorded in {weights} not in {train_data}: {missing}")
+            raise FileNotFoundError(
+                f"held-out images recorded in {weights} not in {train_data}: {missing[:3]}... "
+                "(point --train-data at the run's training folder, or give the images with --val-data DIR)"
+            )
         return files
     return split_files(train_data, holdout)[1]
 
