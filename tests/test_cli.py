@@ -436,43 +436,20 @@ def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
 def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights, capsys):
     before = (workdir / "b.png").read_bytes()
     out = workdir / "out"
-    rc, _, err = run(
-        capsys,
-        "restore",
-        workdir / "b.png",
-        "-o",
-        out,
-        "--json",
-        workdir / "b.png",
-        "--weights",
-        tiny_weights,
-    )
+
+    def restore_with_json(json_path):
+        rc, _, err = run(
+            capsys, "restore", workdir / "b.png", "-o", out, "--json", json_path, "--weights", tiny_weights
+        )
+        return rc, err
+
+    rc, err = restore_with_json(workdir / "b.png")
     assert rc == 2 and "--json would replace an input or output image" in err
     assert (workdir / "b.png").read_bytes() == before
-    rc, _, err = run(
-        capsys,
-        "restore",
-        workdir / "b.png",
-        "-o",
-        out,
-        "--json",
-        workdir / "no" / "q.json",
-        "--weights",
-        tiny_weights,
-    )
+    rc, err = restore_with_json(workdir / "no" / "q.json")
     assert rc == 2 and "q.json: output folder does not exist" in err and not list(out.iterdir())
     (workdir / "q.json").write_text("[]")
-    rc, _, err = run(
-        capsys,
-        "restore",
-        workdir / "b.png",
-        "-o",
-        out,
-        "--json",
-        workdir / "q.json",
-        "--weights",
-        tiny_weights,
-    )
+    rc, err = restore_with_json(workdir / "q.json")
     assert rc == 2 and "q.json: exists (use --overwrite)" in err
 
 

@@ -398,8 +398,7 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                     try:
                         if restorer is None:
                             restorer = make_restorer(model, label, device, tile, args)
-                        restorer.tile, restorer.overlap = tile, args.overlap
-                        restorer._shrunk.clear()  # what an earlier case's out-of-memory retry left
+                        restorer.set_tiling(tile, args.overlap)  # and forget earlier cases' OOM retries
                         x = frames[size].to(device)
                         fields = time_case(restorer, label, x, tile, device, args, refs, report)
                         row = case_row(label, size, tile, status="ok", **fields)
@@ -446,7 +445,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
             fields["psnr_db"] = round(psnr(y, ref_y.to(y.device)), 2)
             fields["q_abs_err"] = max(abs(q[k] - ref_q[k]) for k in q)
     # As used: an out-of-memory retry runs this shape at a smaller tile and overlap from then on.
-    tile_used, overlap_used = restorer._shrunk.get((1, h, w), (restorer.tile_for(h, w), restorer.overlap))
+    tile_used, overlap_used = restorer.tiling_for(h, w)
     plan = plan_tiles(h, w, tile_used, overlap_used)
     _, peak = peak_for_floor(report["peak_tflops"])
     floor_ms = report["model"]["gflop_per_mp"] * mp / peak  # GFLOP / (TFLOP/s) = ms

@@ -185,7 +185,7 @@ class Restorer:
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
-        tile, overlap = self._shrunk.get((n, h, w), (self.tile_for(h, w, n), self.overlap))
+        tile, overlap = self.tiling_for(h, w, n)
         plan = plan_tiles(h, w, tile, overlap)
         while True:
             try:
@@ -227,6 +227,16 @@ class Restorer:
             return FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
 
         return remember(self._graphs, key, make, keep=2)  # each graph keeps its own memory pool
+
+    def tiling_for(self, h: int, w: int, n: int = 1) -> tuple[int | None, int]:
+        """(tile, overlap) that n images of h x w run at: tile_for's, or the smaller ones an
+        out-of-memory retry settled on for this shape."""
+        return self._shrunk.get((n, h, w), (self.tile_for(h, w, n), self.overlap))
+
+    def set_tiling(self, tile: int | str | None, overlap: int) -> None:
+        """New tile and overlap for the calls after, forgetting what out-of-memory retries settled on."""
+        self.tile, self.overlap = tile, overlap
+        self._shrunk.clear()
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
         """The tile size used for n images of h x w (None: whole); resolves tile="auto"."""

@@ -80,6 +80,16 @@ def out_size(size: int, k: int, stride: int, padding: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _batch_and_block(pixels, BLOCK_M: tl.constexpr):
+        """(image, pixel block) of this program. Images and pixel blocks share grid axis 0: CUDA caps
+        axes 1 and 2 at 65535 (a batch of 70000 patches); output-channel blocks, few, take axis 1.
+        The image index is int64: batch offsets of a 4K tile batch pass 2**31 elements."""
+        num_m = tl.cdiv(pixels, BLOCK_M)
+        pid = tl.program_id(0)
+        n = pid // num_m
+        return n.to(tl.int64), pid - n * num_m
+
+    @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         if UPCAST:  # the interpreter's tl.dot misreads bf16 (triton 3.9): fp32 products there
             a = a.to(tl.float32)
@@ -120,13 +130,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_X2: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        # Images and pixel blocks share grid axis 0: CUDA caps axes 1 and 2 at 65535 (a batch of 70000
-        # patches); output-channel blocks, few, take axis 1.
-        num_m = tl.cdiv(H_OUT * W_OUT, BLOCK_M)
-        pid = tl.program_id(0)
-        n = pid // num_m
-        pid_m = pid - n * num_m
-        n = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
+        n, pid_m = _batch_and_block(H_OUT * W_OUT, BLOCK_M)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < H_OUT * W_OUT

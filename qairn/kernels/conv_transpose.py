@@ -37,7 +37,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from qairn.kernels.conv import _dot, _epilogue
+    from qairn.kernels.conv import _batch_and_block, _dot, _epilogue
 
 
 def conv_transpose_reference(
@@ -60,13 +60,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        # Images and pixel blocks share grid axis 0: CUDA caps axes 1 and 2 at 65535 (a batch of 70000
-        # patches); output-channel blocks, few, take axis 1.
-        num_m = tl.cdiv(H * W, BLOCK_M)
-        pid = tl.program_id(0)
-        n = pid // num_m
-        pid_m = pid - n * num_m
-        n = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
+        n, pid_m = _batch_and_block(H * W, BLOCK_M)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < H * W
