@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qairn.kernels.gate import gated_blend_reference, scale_cores
+from qairn.kernels.gate import gated_blend_reference, minkowski_from_sums, scale_cores, scaled_pow
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,9 @@ class QAIRN(nn.Module):
 
         gamma1 is full resolution, gamma2 half, gamma3 quarter (of the padded input, cropped back).
         Off by default: with pool_p, also returns [(sum1, count1), (sum2, count2), (sum3, count3)],
-        per image the sum of gamma**pool_p over its core box and the box's pixel count, taken by the
-        gate itself (one fused pass with the Triton backend). cores: (N,4) int (y0, y1, x0, x1) in
+        per image the sum of gamma**pool_p over its core box (scaled by 2**96 against fp32 underflow:
+        kernels.gate.minkowski_from_sums pools it) and the box's pixel count, taken by the gate
+        itself (one fused pass with the Triton backend). cores: (N,4) int (y0, y1, x0, x1) in
         input pixels, default the whole image; each scale rounds it up (kernels.gate.scale_cores).
         """
         h, w = x.shape[-2:]
@@ -204,5 +205,6 @@ class QAIRN(nn.Module):
 
 def minkowski(gamma: torch.Tensor, p: float) -> torch.Tensor:
     """Per-image Minkowski mean (mean(gamma**p))**(1/p) over all but the batch dimension."""
+    # Through the gate's scaled powers: a plain fp32 gamma**p is 0 below gamma 0.2 at p = 64.
     g = gamma.float().flatten(1)
-    return g.pow(p).mean(dim=1).pow(1.0 / p)
+    return minkowski_from_sums(scaled_pow(g, p).mean(dim=1), 1, p)

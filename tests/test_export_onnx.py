@@ -76,10 +76,13 @@ def test_partial_sums_pool_to_eager_quality(model, exported):
     with torch.inference_mode():
         _, gammas = model(x)
     p = model.config.p
+    assert float(ox.read_metadata(exported["sums", "fp32"])["qairn.qsums_scale_log2"]) == 96
+    q = ox.q_from_qsums(qsums, 64, 96, p, 96)
     for k, (g, s) in enumerate(zip(gammas, (1, 2, 4))):
-        count = (64 // s) * (96 // s)
-        q = (torch.from_numpy(qsums[:, k]).double() / count) ** (1 / p)
-        torch.testing.assert_close(q.float(), minkowski(g, p), atol=1e-6, rtol=1e-5)
+        count = (64 // s) * (96 // s)  # the contract's formula, by hand once
+        by_hand = (torch.from_numpy(qsums[:, k]).double() / count) ** (1 / p) / 2 ** (96 / p)
+        torch.testing.assert_close(torch.from_numpy(q[:, k]), by_hand)
+        torch.testing.assert_close(by_hand.float(), minkowski(g, p), atol=1e-6, rtol=1e-5)
 
 
 def test_fp16_graph_keeps_islands_fp32(exported):
@@ -124,8 +127,9 @@ def test_fp32_islands_are_marked_for_tensorrt(exported):
     nodes = onnx.load(str(exported["sums", "fp32"])).graph.node
     marked = [n for n in nodes if n.name.startswith(ox.ISLAND_TAG)]
     by_op = lambda op: [n for n in marked if n.op_type == op]  # noqa: E731
-    assert len(by_op("Sigmoid")) == 3 and len(by_op("Sub")) == 3 and len(by_op("Mul")) == 3
-    assert len(by_op("ReduceSum")) == 3 and len(by_op("Pow")) == 3
+    # Gate: Sigmoid, Sub, Mul per scale; pooling: Log, Mul (by p), Add (the 2**96 scale), Exp, ReduceSum.
+    assert len(by_op("Sigmoid")) == 3 and len(by_op("Sub")) == 3 and len(by_op("Mul")) == 6
+    assert len(by_op("ReduceSum")) == 3 and len(by_op("Log")) == 3 and len(by_op("Exp")) == 3
     assert len(by_op("Conv")) == 1  # the tail only: the trunk stays fp16
     assert not any(n.name.startswith(ox.ISLAND_TAG) for n in nodes if n.op_type in ("ConvTranspose", "Relu"))
     graph = onnx.load(str(exported["sums", "fp32"])).graph
@@ -231,8 +235,7 @@ def test_shipped_weights_pass_the_fp16_check(tmp_path):
     x = ox.image_batch(images[0][1], None)
     with torch.inference_mode():
         expected = ox.ExportModel(model, outputs="sums", precision="fp32")(x)[1].double().numpy()
-    pixels = np.array([128 * 128, 64 * 64, 32 * 32])
-    q_onnx, q_eager = ((s / pixels) ** (1 / 64) for s in (qsums.astype(np.float64), expected))
+    q_onnx, q_eager = (ox.q_from_qsums(s, 128, 128, 64) for s in (qsums, expected))
     assert 0 < np.abs(q_onnx - q_eager).max() <= stats["max_abs"]["Q"] <= 2e-3
 
 

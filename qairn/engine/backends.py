@@ -13,6 +13,7 @@ import importlib
 
 import torch
 
+from qairn.kernels.gate import POOL_SCALE_LOG2
 from qairn.model import QAIRN
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -98,7 +99,8 @@ class TorchBackend:
         pixels), taken inside the gate: with the Triton gate, in the same pass as the blend.
         maps=False returns None for the gammas: quality alone needs no float copy of them."""
         y, gammas, pooled = self.net(self._prepare(x), pool_p=p, cores=cores)
-        sums = torch.stack([s for s, _ in pooled]).double()
+        # Unscaled in float64 (exact: a power of 2), where no gamma**p underflows.
+        sums = torch.stack([s for s, _ in pooled]).double() * 2.0**-POOL_SCALE_LOG2
         return self._own(y), [self._own(g) for g in gammas] if maps else None, sums
 
 

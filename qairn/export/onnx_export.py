@@ -4,9 +4,11 @@ Graph contract (what every exported file holds, whatever the flags):
   input     "input"    (N,3,H,W) RGB in [0,1], float32 or float16 (--io); H and W multiples of 16
                        (callers pad, replicate, as QAIRN.forward would: the pad is not in the graph).
   outputs   "restored" (N,3,H,W), dtype of the input.
-            sums mode: "qsums" (N,3) float32: sum over pixels of gamma_k ** p for k = 1, 2, 3, so
-                       Q_k = (qsums[:, k-1] / count_k) ** (1/p), count_k = ceil(H/s) * ceil(W/s), s = 1, 2, 4.
-                       Partial sums (not means) so tiles and batches can be added up before pooling.
+            sums mode: "qsums" (N,3) float32: sum over pixels of gamma_k ** p * 2**S for k = 1, 2, 3,
+                       S = 96 (metadata qairn.qsums_scale_log2; the gate kernel's scale, against fp32
+                       underflow at large p), so Q_k = (qsums[:, k-1] / count_k) ** (1/p) / 2**(S/p),
+                       count_k = ceil(H/s) * ceil(W/s), s = 1, 2, 4 (`q_from_qsums`). Partial sums
+                       (not means) so tiles and batches can be added up before pooling.
             maps mode: "gamma1" (N,1,H,W), "gamma2" (N,1,H/2,W/2), "gamma3" (N,1,H/4,W/4), float32.
   metadata  qairn.* keys: outputs, precision, io, p, config (see `read_metadata`).
 
@@ -21,7 +23,7 @@ defines what the fused op computes.
 
 FP16: the trunk runs in fp16; these stay fp32 (islands), because fp16 is unsafe there:
   - the gate: sigmoid and the blend (DESIGN section 4);
-  - the quality sums: a sum of gamma**p over a 512x512 tile reaches 2.6e5 > 65504 (fp16 max);
+  - the quality sums: scaled by 2**96, they are far past fp16's 65504;
   - the last conv and the residual add (`fp32_tail`, default on): the restored image is the
     output users see, and the 1/255 steps of a uint8 image are only ~4 fp16 ulps near 1.0.
 The fp16 graph is exported from the model with those parts in fp32, so the Casts are explicit and
@@ -44,13 +46,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.export.cache import cache_dir, model_digest, write_atomic
-from qairn.kernels.gate import gated_blend_reference
+from qairn.kernels.gate import POOL_SCALE_LOG2, gated_blend_reference, scaled_pow
 from qairn.model import QAIRN
 
 INPUT = "input"
 MAP_OUTPUTS = ("restored", "gamma1", "gamma2", "gamma3")
 SUM_OUTPUTS = ("restored", "qsums")
 ISLAND_TAG = "fp32_island/"
+GRAPH_VERSION = 2  # in the cache key: bump when an exported graph changes (2: qsums scaled by 2**96)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Max abs error of an ONNX Runtime run against eager fp32 that `check_parity` accepts: images and
@@ -122,7 +125,7 @@ class ExportModel(nn.Module):
         gammas = [g.float() for g in gammas]
         if self.outputs == "maps":
             return (y, *gammas)
-        sums = torch.stack([g.pow(self.p).flatten(1).sum(1) for g in gammas], dim=1)
+        sums = torch.stack([scaled_pow(g, self.p).flatten(1).sum(1) for g in gammas], dim=1)
         return y, sums
 
 
@@ -172,6 +175,7 @@ def export_onnx(
         "qairn.io": io,
         "qairn.fp32_tail": str(bool(fp32_tail)).lower(),
         "qairn.p": repr(float(model.config.p)),
+        "qairn.qsums_scale_log2": repr(POOL_SCALE_LOG2),
         "qairn.config": model.config.to_json(),
         "qairn.exporter": exporter,
     }
@@ -335,7 +339,7 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
         "exporter": "torchscript",
         "fp32_tail": True,
     } | options
-    digest = model_digest(model, **options)
+    digest = model_digest(model, graph=GRAPH_VERSION, **options)
     path = (
         cache_dir(cache) / "onnx" / f"qairn-{model.config.preset}-{options['precision']}-{digest[:24]}.onnx"
     )
@@ -418,6 +422,7 @@ def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecution
     names = [o.name for o in session.get_outputs()]
     worst = {("Q" if name == "qsums" else name): 0.0 for name in names}
     p = float(meta["qairn.p"])
+    scale = float(meta.get("qairn.qsums_scale_log2", 0.0))
     finite, count = True, 0
     for item in images:
         img = item[1] if isinstance(item, tuple) else item
@@ -429,13 +434,19 @@ def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecution
             g = g.astype(np.float32)
             finite &= bool(np.isfinite(g).all())
             if name == "qsums":
-                h, w = x.shape[-2:]
-                pixels = np.array([-(-h // s) * -(-w // s) for s in (1, 2, 4)], np.float64)
-                g, e = ((np.maximum(v, 0) / pixels) ** (1 / p) for v in (g.astype(np.float64), e))
+                g, e = (q_from_qsums(v, *x.shape[-2:], p, scale) for v in (g, e))
                 name = "Q"
             worst[name] = max(worst[name], float(np.abs(g - e).max()))
         count += 1
     return {"max_abs": worst, "finite": finite, "images": count, "precision": meta["qairn.precision"]}
+
+
+def q_from_qsums(qsums, h: int, w: int, p: float, scale_log2: float = POOL_SCALE_LOG2) -> np.ndarray:
+    """(N,3) "qsums" of an H x W input -> (N,3) float64 Q1..Q3 (sums of several tiles or frames
+    may be added first, with their pixel counts). scale_log2: the file's qairn.qsums_scale_log2."""
+    pixels = np.array([-(-h // s) * -(-w // s) for s in (1, 2, 4)], np.float64)
+    with np.errstate(divide="ignore"):  # a sum of 0 (every gate 0) pools to Q = 0
+        return np.exp2((np.log2(np.maximum(np.asarray(qsums, np.float64), 0) / pixels) - scale_log2) / p)
 
 
 def check_parity(stats: dict, precision: str) -> None:

@@ -4,10 +4,14 @@ For logit (N,1,H,W) and skip, dec (N,C,H,W), one pass over memory computes
 
     gamma = sigmoid(logit)
     out   = gamma * skip + (1 - gamma) * dec                  (paper eq. 1)
-    pool_sum[n]   = sum of gamma**p over image n's core box   (fp32)
-    pool_count[n] = number of pixels in that box              (int64)
+    pool_sum[n]   = sum of gamma**p * 2**POOL_SCALE_LOG2 over image n's core box   (fp32)
+    pool_count[n] = number of pixels in that box                                 (int64)
 
-so the quality score Q = (pool_sum / pool_count) ** (1/p) costs no extra read of gamma. A core box
+so the quality score Q = (pool_sum / pool_count) ** (1/p) / 2**(POOL_SCALE_LOG2 / p)
+(`minkowski_from_sums`) costs no extra read of gamma. Why the scale: fp32 ends at 2**-149, so at the
+shipped p = 64 a bare gamma**p is 0 for every gate below 0.2 (and loses digits below 0.25), and an
+image whose gates all sit there would score Q = 0. Scaled by 2**96, gates down to 0.09 keep full
+precision at p = 64 (0.0002 at p = 16), and a sum stays finite up to 2**32 pixels. A core box
 is (y0, y1, x0, x1), half-open, one per image: the tiled engine pools each tile's core only, and the
 sums and counts of all tiles of an image add up to the whole image's.
 
@@ -21,6 +25,8 @@ module is imported. Powers are taken as exp2(p * log2(x)), which compiles and in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,6 +38,8 @@ except ImportError:  # the reference path needs no Triton
     triton = None
 
 HAS_TRITON = triton is not None
+POOL_SCALE_LOG2 = 96.0  # pool sums are of gamma**p * 2**96 (module doc)
+_POOL_SCALE_LN = POOL_SCALE_LOG2 * math.log(2.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -49,10 +57,18 @@ def core_mask(cores: Tensor | None, n: int, h: int, w: int, device) -> Tensor | 
     return (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
 
 
+def scaled_pow(gamma: Tensor, p: float) -> Tensor:
+    """gamma**p * 2**POOL_SCALE_LOG2 as one exponential, so nothing underflows before the scale
+    applies. Natural exp and log, not the kernels' exp2 and log2: ONNX has no Exp2 (the TorchScript
+    exporter refuses aten::exp2)."""
+    return torch.exp(p * torch.log(gamma) + _POOL_SCALE_LN)
+
+
 def pool_reference(gamma: Tensor, p: float, cores: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per-image (sum of gamma**p, pixel count) over the core boxes; sums in fp32 (fp64 for fp64)."""
+    """Per-image (scaled sum of gamma**p, pixel count) over the core boxes; sums in fp32 (fp64 for
+    fp64)."""
     n, _, h, w = gamma.shape
-    gp = gamma.to(torch.promote_types(gamma.dtype, torch.float32)).pow(p)
+    gp = scaled_pow(gamma.to(torch.promote_types(gamma.dtype, torch.float32)), p)
     mask = core_mask(cores, n, h, w, gamma.device)
     if mask is None:
         return gp.sum(dim=(1, 2, 3)), torch.full((n,), h * w, dtype=torch.int64, device=gamma.device)
@@ -82,7 +98,8 @@ def gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, s
     """Gradients (logit, skip, dec) of gated_blend; None grads count as zero.
 
     With g = sigmoid(logit): d out/d skip = g, d out/d dec = 1-g, d g/d logit = g(1-g), and
-    d (g**p)/d logit = p g**p (1-g), which needs neither g**(p-1) nor a division at g = 0.
+    d (g**p)/d logit = p g**p (1-g), which needs neither g**(p-1) nor a division at g = 0 (g**p
+    scaled as the sums are: grad_pool_sum is the gradient of the scaled sum).
     """
     compute = torch.promote_types(logit.dtype, torch.float32)
     g = torch.sigmoid(logit.to(compute))
@@ -97,7 +114,7 @@ def gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, s
     grad_logit = grad_gamma_total * g * (1 - g)
     if grad_pool_sum is not None:
         n, _, h, w = logit.shape
-        d_pool = grad_pool_sum.to(compute).view(n, 1, 1, 1) * p * g.pow(p) * (1 - g)
+        d_pool = grad_pool_sum.to(compute).view(n, 1, 1, 1) * p * scaled_pow(g, p) * (1 - g)
         mask = core_mask(cores, n, h, w, logit.device)
         grad_logit = grad_logit + (d_pool if mask is None else torch.where(mask, d_pool, 0.0))
     return grad_logit.to(logit.dtype), grad_skip, grad_dec
@@ -112,6 +129,7 @@ def gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, s
 # ---------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
+    _POOL_SCALE_LOG2 = tl.constexpr(POOL_SCALE_LOG2)
 
     @triton.jit
     def _core_box(cores_ptr, n):
@@ -159,7 +177,7 @@ if HAS_TRITON:
             tl.store(gamma_ptrs, gamma.to(gamma_ptr.dtype.element_ty), mask=mask_p)
         if POOL:
             # One partial per program, summed in a fixed order by _pool_finish_kernel: deterministic.
-            gamma_p = tl.exp2(p * tl.log2(gamma))
+            gamma_p = tl.exp2(p * tl.log2(gamma) + _POOL_SCALE_LOG2)
             in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
             tl.store(partial_ptr + n * num_blocks + pid_p, tl.sum(tl.where(in_core, gamma_p, 0.0), axis=0))
 
@@ -244,7 +262,7 @@ if HAS_TRITON:
         grad_logit = grad_gamma * gamma * (1.0 - gamma)
         if POOL:
             grad_pool = tl.load(grad_pool_ptr + n).to(tl.float32)
-            gamma_p = tl.exp2(p * tl.log2(gamma))
+            gamma_p = tl.exp2(p * tl.log2(gamma) + _POOL_SCALE_LOG2)
             in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
             grad_logit += tl.where(in_core, grad_pool * p * gamma_p * (1.0 - gamma), 0.0)
         gl_ptrs = grad_logit_ptr + n64 * s_gl_n + offs_p * s_gl_p
@@ -596,8 +614,11 @@ def gated_blend(
 
 
 def minkowski_from_sums(pool_sum: Tensor, pool_count: Tensor, p: float) -> Tensor:
-    """Q = (sum / count) ** (1/p); sum sums and counts over tiles first to pool a tiled image."""
-    return (pool_sum / pool_count).pow(1.0 / p)
+    """Q = (mean of gamma**p) ** (1/p) from the scaled sums; add sums and counts over tiles first to
+    pool a tiled image. Unscaled in the log domain: no power of 2**(POOL_SCALE_LOG2/p) is formed, so
+    no p (p < 1 included) can overflow or underflow it."""
+    mean = pool_sum / pool_count
+    return torch.exp2((torch.log2(mean) - POOL_SCALE_LOG2) / p)
 
 
 def scale_cores(cores: Tensor | None, n: int, h: int, w: int, scale: int, device=None) -> Tensor:

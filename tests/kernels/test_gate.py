@@ -45,6 +45,7 @@ TOL = {
     torch.float16: dict(rtol=1e-3, atol=1e-3),
     torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
 }
+SCALE = 2.0**gate.POOL_SCALE_LOG2  # pool sums are of gamma**p * SCALE
 POOL_TOL = dict(rtol=2e-5, atol=1e-5)  # fp32 sums of exp2(p*log2(gamma)) for any input dtype
 LAYOUTS = ["nchw", "channels_last"]
 
@@ -78,7 +79,7 @@ def ideal(logit, skip, dec, p=None, cores=None):
     cores_g = [
         g[i, 0, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] for i, (y0, y1, x0, x1) in enumerate(boxes)
     ]
-    sums = torch.stack([core.pow(p).sum() for core in cores_g])
+    sums = torch.stack([core.pow(p).sum() for core in cores_g]) * SCALE  # gamma**p exact in float64
     counts = torch.tensor([core.numel() for core in cores_g])
     return out, g, sums, counts
 
@@ -116,6 +117,34 @@ def test_triton_pool_exponents(p):
     logit, skip, dec = make_inputs((2, 3, 9, 10))
     result = gate.gated_blend_triton(logit, skip, dec, p=p)
     assert_forward(result, ideal(logit, skip, dec, p), torch.float32)
+
+
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_low_gates_pool_at_large_p(path):
+    """Gates all in 0.1-0.2 at p = 64: a bare fp32 gamma**64 is 0 there (Q would be 0); the scaled
+    sums keep Q, and through the model's minkowski too."""
+    if path == "triton" and not gate.HAS_TRITON:
+        pytest.skip("triton not installed")
+    gen = torch.Generator().manual_seed(3)
+    g = 0.1 + 0.1 * torch.rand(2, 1, 6, 7, generator=gen)
+    logit = torch.log(g / (1 - g)).to(DEVICE)
+    skip, dec = torch.randn(2, 2, 2, 6, 7, generator=gen).to(DEVICE)
+    assert torch.sigmoid(logit).pow(64).sum() == 0  # the underflow this guards against
+    fn = gate.gated_blend_triton if path == "triton" else gate.gated_blend_reference
+    _, gamma, pool_sum, pool_count = fn(logit, skip, dec, p=64.0)
+    want = torch.sigmoid(logit.double()).flatten(1).pow(64).mean(1).pow(1 / 64)
+    got = gate.minkowski_from_sums(pool_sum, pool_count, 64.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(minkowski(gamma, 64.0).double(), want, rtol=1e-5, atol=0)
+
+
+def test_minkowski_from_sums_small_and_zero():
+    """p < 1 neither overflows nor underflows the unscaling; all-zero gates pool to 0."""
+    g = torch.full((1, 1, 4, 4), 0.3)
+    _, _, s, c = gate.gated_blend_reference(torch.logit(g), g, g, p=0.25)
+    assert gate.minkowski_from_sums(s, c, 0.25).item() == pytest.approx(0.3, rel=1e-5)
+    _, _, s, c = gate.gated_blend_reference(torch.full((1, 1, 4, 4), -200.0), g, g, p=2.0)
+    assert gate.minkowski_from_sums(s, c, 2.0).item() == 0
 
 
 @needs_triton
@@ -254,7 +283,8 @@ def upstream_grads(logit, skip, seed=1):
     gen = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(skip.shape, generator=gen).to(DEVICE, skip.dtype)
     grad_gamma = torch.randn(logit.shape, generator=gen).to(DEVICE, logit.dtype)
-    grad_pool_sum = torch.randn(logit.shape[0], generator=gen).to(DEVICE)
+    # As a loss on Q sends it: the sums are scaled by 2**96, their gradient by 2**-96.
+    grad_pool_sum = (torch.randn(logit.shape[0], generator=gen) / SCALE).to(DEVICE)
     return (
         grad_out.to(memory_format=torch.channels_last) if skip.stride(1) == 1 else grad_out,
         grad_gamma,
