@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +58,14 @@ def read_metadata(path: str | Path) -> dict:
         raise WeightsError(f"{path}: not a safetensors file ({e})") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise WeightsError(f"{path}: not a qairn weights file (no qairn config in its metadata)")
+    # Older files may lack these two; a file that names another architecture or a later format is
+    # not one this version can rebuild, even when its tensor names happen to fit.
+    if meta.get("arch", "QAIRN") != "QAIRN":
+        raise WeightsError(f"{path}: holds a {meta['arch']!r} network, not QAIRN")
+    if meta.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise WeightsError(
+            f"{path}: qairn weights format {meta['format_version']!r}; this qairn reads {FORMAT_VERSION!r}"
+        )
     return meta
 
 
@@ -66,21 +75,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
     meta = read_metadata(path)
     try:
         config = QAIRNConfig.from_json(meta["config"])
-        model = QAIRN(config)  # a config that cannot build (three widths, say) is the file's fault too
+        p = config.p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:
+            raise ValueError(f"Minkowski p must be a positive number, not {p!r}")
+        # Built on the meta device first: shapes only, so a garbled config (widths of 100000, say)
+        # is refused below instead of allocating gigabytes. A config that cannot build (three
+        # widths, say) is the file's fault too.
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in QAIRN(config).state_dict().items()}
     except (ValueError, TypeError, KeyError) as e:
         raise WeightsError(f"{path}: unreadable qairn config ({e})") from None
-    state = {}
     with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            state[k] = f.get_tensor(k).float()
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError:  # a tensor of another size than the config builds
-        raise WeightsError(f"{path}: weights do not match the config (tensor sizes differ)") from None
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing, unexpected = shapes.keys() - found.keys(), found.keys() - shapes.keys()
     if missing or unexpected:
         raise WeightsError(
             f"{path}: weights do not match the config (missing {len(missing)}, unexpected {len(unexpected)})"
         )
+    if found != shapes:  # a tensor of another size than the config builds
+        raise WeightsError(f"{path}: weights do not match the config (tensor sizes differ)")
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            state[k] = f.get_tensor(k).float()
+    # A diverged training exports NaN weights: they would restore every picture black, scored NaN.
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"{path}: weights hold NaN or infinity ({len(bad)} tensors, e.g. {bad[0]})")
+    model = QAIRN(config)
+    model.load_state_dict(state)
     try:
         model.training_summary = json.loads(meta.get("training", "{}") or "{}")
     except ValueError:

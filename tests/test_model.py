@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -123,6 +124,28 @@ def test_load_refuses_foreign_files(tmp_path):
     save_file({k: v.contiguous() for k, v in good.items()}, str(bad), metadata=meta)
     with pytest.raises(WeightsError, match="bad.safetensors: unreadable training record"):
         load_model(bad)
+
+
+def test_load_refuses_other_archs_formats_bad_p_huge_configs_and_nan(tmp_path):
+    good = {k: v.contiguous() for k, v in lively_model().state_dict().items()}
+    config = json.loads(preset("tiny").to_json())
+    base = {"format": "qairn", "config": json.dumps(config)}
+    cases = [
+        (good, {"arch": "SwinIR"}, "holds a 'SwinIR' network"),
+        (good, {"format_version": "2"}, "qairn weights format '2'"),
+        (good, {"config": json.dumps(config | {"p": 0})}, "p must be a positive number, not 0"),
+        (good, {"config": json.dumps(config | {"p": "x"})}, "p must be a positive number"),
+        # Refused from the header, before 100000-wide convs (3.6 TB) are allocated.
+        (good, {"config": json.dumps(config | {"widths": [100000] * 4})}, "tensor sizes differ"),
+        (good | {"head.bias": torch.full_like(good["head.bias"], float("nan"))}, {}, "NaN or infinity"),
+    ]
+    bad = tmp_path / "bad.safetensors"
+    for tensors, meta, says in cases:
+        save_file(tensors, str(bad), metadata=base | meta)
+        with pytest.raises(WeightsError, match=re.escape("bad.safetensors: ") + ".*" + re.escape(says)):
+            load_model(bad)
+    save_file(good, str(bad), metadata=base | {"arch": "QAIRN", "format_version": "1"})
+    assert load_model(bad).config == preset("tiny")
 
 
 def test_identity_init_starts_near_the_input_with_gamma1_open():
