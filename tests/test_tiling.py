@@ -186,6 +186,26 @@ def test_bad_arrays():
         r.restore(torch.full((1, 3, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="channel_order must be 'rgb' or 'bgr', not 'BGR'"):
         r.restore(np.zeros((8, 8, 3), np.uint8), channel_order="BGR")
+    with pytest.raises(ValueError, match=re.escape("empty image tensor of shape (1, 3, 0, 8)")):
+        r.restore(torch.zeros((1, 3, 0, 8)))  # was aminmax's "cannot compute ... over an empty dimension"
+    with pytest.raises(ValueError, match="empty image tensor"):
+        list(r.restore_stream([torch.zeros((3, 8, 0), dtype=torch.uint8)]))
+
+
+def test_read_only_arrays_reach_torch_writeable():
+    """torch.from_numpy warns of "undefined behavior" for a read-only array (np.frombuffer of decoded
+    bytes); the pixels handed to it are a writeable copy then, and the picture is the same."""
+    from qairn.engine.color import _as_batch
+    from qairn.engine.restorer import image_array
+
+    img = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    ro = img.copy()
+    ro.flags.writeable = False
+    for view in (ro, ro[..., 0], ro[..., :1]):
+        assert image_array(view)[0].flags.writeable
+    assert _as_batch(ro[..., 0], "y").numpy().flags.writeable
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    np.testing.assert_array_equal(r.restore(ro).image, r.restore(img).image)
 
 
 def test_restorers_do_not_change_the_model_they_are_given():
@@ -437,6 +457,9 @@ def test_bad_arrays_are_refused_with_the_reason(img, says):
         ({"overlap": -1}, "overlap must be an int >= 0"),
         ({"tile": 0}, "tile must be a positive int"),
         ({"channel_order": "rbg"}, "channel_order must be 'rgb' or 'bgr'"),
+        ({"tile": True}, "tile must be a positive int"),  # not tiles of one pixel (rounded up to 16)
+        ({"p": 0}, "the Minkowski exponent p must be a positive number, not 0.0"),  # not ZeroDivisionError
+        ({"p": float("nan")}, "p must be a positive number, not nan"),
     ],
 )
 def test_bad_options_are_refused_when_the_restorer_is_made(options, says):

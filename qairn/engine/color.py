@@ -197,7 +197,7 @@ def _as_batch(p, name: str) -> torch.Tensor:
     if isinstance(p, np.ndarray):
         if p.dtype == np.uint16:  # torch has limited uint16 support: widen (lossless)
             p = p.astype(np.int32)
-        p = torch.from_numpy(np.ascontiguousarray(p))
+        p = torch.from_numpy(np.require(p, requirements=["C", "W"]))  # read-only: torch warns
     elif not isinstance(p, torch.Tensor):
         raise ColorError(f"plane {name} must be a numpy array or torch tensor, not {type(p).__name__}")
     if p.ndim not in (2, 3) or 0 in p.shape:

@@ -145,10 +145,12 @@ class Restorer:
             model = load_model(weights if weights is not None else default_weights())
         self.config = model.config
         self.p = float(p if p is not None else model.config.p)
+        if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
+            raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         self.device = resolve_device(device)
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
-        if not (tile is None or tile == "auto" or (isinstance(tile, int) and tile > 0)):
+        if not (tile is None or tile == "auto" or (type(tile) is int and tile > 0)):  # True is an int
             raise ValueError(f'tile must be a positive int, None (whole images) or "auto", not {tile!r}')
         if not isinstance(overlap, int) or overlap < 0:
             raise ValueError(f"overlap must be an int >= 0, not {overlap!r}")
@@ -420,7 +422,9 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
             alpha = img[..., 3]
         if order == "bgr":
             rgb = rgb[..., ::-1]
-    arr = np.ascontiguousarray(rgb)
+    # Writeable too: torch.from_numpy warns of "undefined behavior" on a read-only array (np.frombuffer
+    # of a decoder's bytes), though nothing writes to it. Copied only when needed, like a strided view.
+    arr = np.require(rgb, requirements=["C", "W"])
     if arr.dtype == np.uint16:  # torch's uint16 has few kernels: widen (16-bit input is rare and small)
         arr = arr.astype(np.int32)
     elif arr.dtype == np.float16:  # computed in fp32 like any float input, given back as fp16
@@ -461,6 +465,8 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
 
 def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
     """(N,3,H,W) uint8 or float in [0,1], RGB or BGR -> float32 RGB in [0,1], where t is."""
+    if t.numel() == 0:
+        raise ValueError(f"empty image tensor of shape {tuple(t.shape)}")
     if t.dtype == torch.uint8:
         x = t.float() / 255.0
     elif t.is_floating_point():
