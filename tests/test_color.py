@@ -1,6 +1,7 @@
 """Y'CbCr conversion (qairn.engine.color) and Restorer.restore_yuv, on real images."""
 
 import math
+import re
 
 import cv2
 import numpy as np
@@ -236,3 +237,25 @@ def test_memmap_planes_of_a_raw_file(images, tmp_path):
     got = r.restore_yuv(*planes)
     for a, b in zip(got.image, r.restore_yuv(y, u, v).image):
         np.testing.assert_array_equal(a, b)
+
+
+def test_codes_beyond_the_sample_depth_are_refused():
+    """P010-style 10-bit samples sit in the top bits of 16 (codes up to 65472): with bits=10 they were
+    clamped to 1023 into a white picture without a word."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    rng = np.random.default_rng(0)
+    y, u, v = (rng.integers(64, 940, s, dtype=np.uint16) for s in ((9, 7), (5, 4), (5, 4)))
+    assert r.restore_yuv(y, u, v, bits=10).image[0].dtype == np.uint16  # true 10-bit codes pass
+    says = re.escape("plane y holds codes") + ".*" + re.escape("outside the 10-bit range 0..1023")
+    with pytest.raises(color.ColorError, match=says):
+        r.restore_yuv(y << 6, u << 6, v << 6, bits=10)
+    with pytest.raises(color.ColorError, match=says):
+        r.restore_yuv(
+            *(torch.from_numpy(p.astype(np.int32) << 6).to(torch.uint16) for p in (y, u, v)), bits=10
+        )
+    with pytest.raises(color.ColorError, match=says):
+        list(r.restore_stream([(y << 6, u << 6, v << 6)], bits=10))
+    negative = u.astype(np.int16)
+    negative[0, 0] = -1
+    with pytest.raises(color.ColorError, match=re.escape("plane u holds codes -1..")):
+        r.restore_yuv(y.astype(np.int16), negative, v.astype(np.int16), bits=10)

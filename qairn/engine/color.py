@@ -169,6 +169,20 @@ def plane_bits(dtype, bits: int | None) -> int:
     raise ColorError(f"planes must be integer code values (uint8, or uint16 with bits=), not {name}")
 
 
+def check_codes(plane: torch.Tensor, bits: int, name: str) -> None:
+    """Refuse host planes with codes outside 0..2**bits-1: MSB-aligned 16-bit samples (P010) given
+    bits=10, say, would otherwise be clamped into a wrong picture without a word. Planes already on a
+    GPU are not read (that would cost a device sync per call)."""
+    if plane.device.type != "cpu" or plane.dtype == torch.uint8:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(plane.to(torch.int32)))  # torch's uint16 has no aminmax
+    if lo < 0 or hi > 2**bits - 1:
+        raise ColorError(
+            f"plane {name} holds codes {lo}..{hi}, outside the {bits}-bit range 0..{2**bits - 1} "
+            f"(MSB-aligned samples such as P010: shift them right by {16 - bits}, or pass bits=16)"
+        )
+
+
 # ---- restoration on planes -----------------------------------------------------------------------
 def restore_planes(
     restorer,
@@ -229,6 +243,8 @@ def restore_yuv(
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")
     bits = plane_bits(y.dtype, bits)
     planes = [_as_batch(p, n) for p, n in zip((y, u, v), "yuv")]
+    for p, n in zip(planes, "yuv"):
+        check_codes(p, bits, n)
     if len({p.shape[0] for p in planes}) != 1:
         raise ColorError("y, u and v have different batch sizes")
     dev = restorer.device

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qairn.engine.color import check_matrix, check_range, plane_bits, restore_planes
+from qairn.engine.color import check_codes, check_matrix, check_range, plane_bits, restore_planes
 from qairn.engine.imageio import write_atomic
 from qairn.engine.tiling import tile_arg
 
@@ -136,6 +136,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
                 p = p.to(torch.int32) if p.dtype == torch.uint16 else p
             else:
                 p = torch.stack([f[i] for f in group])
+            check_codes(p, depth, "yuv"[i])
             planes.append(_to_device(p, restorer.device, copy_in))
         out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
         job = _Job(
