@@ -474,3 +474,54 @@ def test_float_images_within_one_step_of_the_range_are_fine():
     img = np.linspace(-0.003, 1.003, 8 * 9 * 3, dtype=np.float32).reshape(8, 9, 3)  # rounding overshoot
     out = r.restore(img).image
     assert out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+
+
+def test_one_restorer_from_several_threads():
+    """remember() (the plan and frame-graph caches) raced: two threads that missed at once popped the
+    same oldest entry, KeyError or "dictionary changed size during iteration"; now a lock."""
+    import sys
+    import threading
+
+    from qairn.engine.restorer import remember
+
+    cache, errors = {}, []
+
+    def work(k):
+        try:
+            for i in range(30000):
+                key = (k, i % 50)
+                assert remember(cache, key, lambda key=key: key, keep=8) == key
+        except Exception as e:  # any error is the failure
+            errors.append(repr(e))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: without the lock this failed in 6 runs of 6
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors and len(cache) <= 8, errors[:2]
+    # And the real thing: two threads, one Restorer, images of changing sizes, the same pictures.
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=32, overlap=16)
+    rng = np.random.default_rng(0)
+    imgs = [
+        rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in rng.integers(1, 60, (12, 2))
+    ]
+    expect = [r.restore(img).image for img in imgs]
+    got = {}
+
+    def run(k):
+        got[k] = [r.restore(img).image for img in imgs[k::2]]
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        for a, b in zip(got[k], expect[k::2]):
+            np.testing.assert_array_equal(a, b)

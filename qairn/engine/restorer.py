@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,13 +57,19 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     return backend, precision
 
 
+# One Restorer may serve several threads: two that missed at once both popped the same oldest entry
+# (KeyError). Reentrant: a frame graph's make() runs the plan, which remembers its device data.
+_REMEMBER_LOCK = threading.RLock()
+
+
 def remember(cache: dict, key, make, keep: int):
     """cache[key], made by make() on a miss; at most `keep` entries, the oldest dropped first."""
-    if key not in cache:
-        if len(cache) >= keep:
-            cache.pop(next(iter(cache)))
-        cache[key] = make()
-    return cache[key]
+    with _REMEMBER_LOCK:
+        if key not in cache:
+            if len(cache) >= keep:
+                cache.pop(next(iter(cache)))
+            cache[key] = make()
+        return cache[key]
 
 
 @dataclass
