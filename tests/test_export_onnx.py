@@ -274,3 +274,18 @@ def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path,
     ]
     assert export_main(argv) == 0
     assert "1 images from" in capsys.readouterr().out
+
+
+def test_verify_a_file_from_before_the_qsums_scale(model, crops, tmp_path, monkeypatch):
+    """A "sums" file exported before the 2**96 scale (no qairn.qsums_scale_log2, bare gamma**p sums)
+    verifies against today's eager model: each side's sums are unscaled with their own scale."""
+    with monkeypatch.context() as m:
+        m.setattr(ox, "scaled_pow", lambda g, p: g.pow(p))
+        path = ox.export_onnx(model, tmp_path / "old.onnx", outputs="sums", precision="fp32")
+    proto = onnx.load(str(path))
+    kept = [e for e in proto.metadata_props if e.key != "qairn.qsums_scale_log2"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(path))
+    stats = ox.verify_onnx(path, model, crops[:1])
+    assert stats["max_abs"]["Q"] <= 1e-5, stats

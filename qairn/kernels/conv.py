@@ -307,6 +307,11 @@ def conv_triton(
             f"(Cout, {cin + cin2}, k, k) weights, k in {KERNEL_SIZES}, stride in {STRIDES}"
         )
     ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
+    if padding < 0 or ho < 1 or wo < 1:  # F.conv2d refuses these; the kernel would crop, or write nothing
+        raise ValueError(
+            f"x {tuple(x.shape)}, padding {padding}: the Triton conv takes padding >= 0 and an input "
+            f"at least as large as its {k}x{k} kernel once padded"
+        )
     check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
     res = residual if residual is not None else out  # never read without HAS_RES

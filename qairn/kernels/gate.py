@@ -60,8 +60,11 @@ def core_mask(cores: Tensor | None, n: int, h: int, w: int, device) -> Tensor | 
 def scaled_pow(gamma: Tensor, p: float) -> Tensor:
     """gamma**p * 2**POOL_SCALE_LOG2 as one exponential, so nothing underflows before the scale
     applies. Natural exp and log, not the kernels' exp2 and log2: ONNX has no Exp2 (the TorchScript
-    exporter refuses aten::exp2)."""
-    return torch.exp(p * torch.log(gamma) + _POOL_SCALE_LN)
+    exporter refuses aten::exp2). A gate of exactly 0 (sigmoid saturates at logit -17 in fp16) gives 0
+    with gradient 0: log(0) is kept out of the graph, whose backward would be 0 * inf = NaN."""
+    positive = gamma > 0
+    safe = torch.where(positive, gamma, torch.ones_like(gamma))
+    return torch.where(positive, torch.exp(p * torch.log(safe) + _POOL_SCALE_LN), torch.zeros_like(gamma))
 
 
 def pool_reference(gamma: Tensor, p: float, cores: Tensor | None = None) -> tuple[Tensor, Tensor]:

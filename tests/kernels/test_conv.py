@@ -193,6 +193,12 @@ def test_triton_rejects_bad_arguments():
         cv.conv_triton(x, weight, bias, residual=residual[:, :3])
     with pytest.raises(TypeError):
         cv.conv_triton(x.double(), weight.double(), bias.double())
+    # What F.conv2d refuses: an input smaller than the kernel (a 1x1 image under a 2x2 stride-2 conv
+    # came back empty, under a 3x3 unpadded one as "negative dimension"), negative padding (cropped).
+    one = torch.randn(1, 16, 1, 1, device=DEVICE)
+    for w, s, p in [(weight[..., :2, :2], 2, 0), (weight, 1, 0), (weight[..., :1, :1], 1, -1)]:
+        with pytest.raises(ValueError, match="padding"):
+            cv.conv_triton(one if p >= 0 else x, w, bias, s, p)
 
 
 def test_pick_fastest_takes_the_lowest_median_and_skips_failures():
