@@ -374,6 +374,18 @@ def test_unwritable_output_and_interrupt_leave_nothing(restorer, clip, tmp_path,
     assert calls["n"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_quality_trace_never_replaces_the_input_or_the_output(restorer, clip, tmp_path):
+    src = tmp_path / "in.mp4"
+    src.write_bytes(clip.read_bytes())
+    out = tmp_path / "out.mkv"
+    with pytest.raises(VideoError, match="out.mkv: the quality trace would replace the output video"):
+        transcode(restorer, src, out, VideoOptions(quality_csv=out))
+    with pytest.raises(VideoError, match="in.mp4: the quality trace would replace the input video"):
+        transcode(restorer, src, None, VideoOptions(score_only=True, quality_csv=src, overwrite=True))
+    assert src.read_bytes() == clip.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
+
+
 def test_cli_interrupt_exit_code(clip, tmp_path, tiny_weights, monkeypatch, capsys):
     import qairn.engine.video as video
 

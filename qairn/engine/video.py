@@ -578,6 +578,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         _check_writable(csv_path, "quality trace", opts.overwrite)
         if opts.plot:
             _check_writable(_plot_path(csv_path), "quality plot", opts.overwrite)
+        # The trace and plot are written last: one named like the input or the output video
+        # (--quality-csv OUT) would replace it, even without --overwrite, as OUT did not exist yet.
+        taken = {src.resolve(): "input video"}
+        if not opts.score_only:
+            taken[dst.resolve()] = "output video"
+        for path in [csv_path] + ([_plot_path(csv_path)] if opts.plot else []):
+            if path.resolve() in taken:
+                raise VideoError(f"{path}: the quality trace would replace the {taken[path.resolve()]}")
 
     inp = _open_input(src)
     out = tmp = None
