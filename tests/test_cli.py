@@ -162,6 +162,23 @@ def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights
     assert leftovers(workdir) == []
 
 
+def test_unreadable_file_is_not_called_corrupt(workdir, tiny_weights, capsys, monkeypatch):
+    # chmod 000 does not stop root, so the PermissionError that open() would raise is made here.
+    real_open = Image.open
+
+    def denied(fp, *args, **kwargs):
+        if str(fp).endswith("a.jpg"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", denied)
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "o.png", "--weights", tiny_weights)
+    assert rc == 1 and error_lines(err) == [
+        f"qairn: error: {workdir / 'a.jpg'}: cannot read (Permission denied)"
+    ]
+    assert not (workdir / "o.png").exists()
+
+
 def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys):
     src = workdir / "b.png"
     before = src.read_bytes()

@@ -86,6 +86,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno is not None:  # permission denied, an I/O error: not the content
+            raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
             raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
