@@ -222,6 +222,20 @@ def test_unwritable_output(workdir, tiny_weights, capsys):
     assert leftovers(workdir) == []
 
 
+def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys):
+    out = workdir / "out"
+    for args in (
+        ["--weights", workdir / "missing.safetensors"],
+        ["--weights", tiny_weights, "--format", "jpg"],
+    ):
+        rc, _, err = run(capsys, "restore", workdir / "a.jpg", workdir / "b.png", "-o", out, *args)
+        assert rc == 2 and len(error_lines(err)) == 1 and not out.exists(), err
+    # OUT an existing file where a folder is needed: one line that says so, not "[Errno 17] File exists"
+    rc, _, err = run(capsys, "restore", workdir / "a.jpg", workdir / "b.png", "-o", workdir / "a.jpg")
+    says = "is a file; several inputs, or a name without a suffix, need a folder"
+    assert rc == 2 and error_lines(err) == [f"qairn: error: {workdir / 'a.jpg'}: {says}"], err
+
+
 def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monkeypatch):
     import qairn.engine.imageio as imageio
 
@@ -464,7 +478,7 @@ def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights
     assert rc == 2 and "--json would replace an input or output image" in err
     assert (workdir / "b.png").read_bytes() == before
     rc, err = restore_with_json(workdir / "no" / "q.json")
-    assert rc == 2 and "q.json: output folder does not exist" in err and not list(out.iterdir())
+    assert rc == 2 and "q.json: output folder does not exist" in err and not out.exists()
     (workdir / "q.json").write_text("[]")
     rc, err = restore_with_json(workdir / "q.json")
     assert rc == 2 and "q.json: exists (use --overwrite)" in err

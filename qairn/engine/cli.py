@@ -82,17 +82,20 @@ def unique_names(inputs: list[Path]) -> list[str]:
     return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def output_paths(inputs: list[Path], out: str, suffix: str | None) -> list[Path]:
-    """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file."""
+def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list[Path], Path | None]:
+    """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
+    Returns the output paths and the directory to create (None for a file), which the caller makes
+    only once every other check has passed: a refused run leaves no empty folder behind."""
     o = Path(out)
     as_dir = o.is_dir() or out.endswith(("/", "\\")) or not o.suffix or len(inputs) > 1
     if as_dir:
-        o.mkdir(parents=True, exist_ok=True)
+        if o.exists() and not o.is_dir():
+            raise InputError(f"{o}: is a file; several inputs, or a name without a suffix, need a folder")
         sfx = suffix or ".png"  # lossless by default: re-encoding as JPEG would add artifacts back
-        return [o / (n + sfx) for n in unique_names(inputs)]
+        return [o / (n + sfx) for n in unique_names(inputs)], o
     if o.suffix.lower() not in WRITE_SUFFIXES:
         raise InputError(f"{o}: unsupported output type {o.suffix!r}; use one of {sorted(WRITE_SUFFIXES)}")
-    return [o]
+    return [o], None
 
 
 def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
@@ -241,7 +244,7 @@ def main_restore(argv=None) -> int:
     if not inputs:
         return 1
     try:
-        outputs = output_paths(inputs, a.output, a.format)
+        outputs, folder = output_paths(inputs, a.output, a.format)
     except (InputError, OSError) as e:
         return fatal(str(e))
     if a.format and a.format.lower() not in WRITE_SUFFIXES:
@@ -262,6 +265,11 @@ def main_restore(argv=None) -> int:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback
         return fatal(str(e).splitlines()[0])
+    if folder is not None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return fatal(f"{folder}: cannot create the output folder ({e.strerror or e})")
     for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
         try:
             if dst.resolve() in input_set and not a.overwrite:
