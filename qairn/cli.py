@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qairn {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (outputs are renamed in only when whole)
+        if os.environ.get("QAIRN_DEBUG") == "1":
+            raise
+        print(f"qairn {name}: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as e:  # raise SystemExit("message"): the same one line; argparse's exits pass
         if not isinstance(e.code, str):
             raise

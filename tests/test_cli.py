@@ -1,6 +1,7 @@
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -246,6 +247,29 @@ def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monk
     rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "o.png", "--weights", tiny_weights)
     assert rc == 1 and "o.png: cannot write (No space left on device)" in err
     assert not (workdir / "o.png").exists() and leftovers(workdir) == []
+
+
+def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    import qairn.engine.cli as engine_cli
+
+    real = engine_cli.read_image
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_cli, "read_image", interrupted)
+    try:
+        rc, _, err = run(capsys, "restore", workdir, "-o", workdir / "out", "--weights", tiny_weights)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended `qairn restore` with a traceback")
+    assert (
+        rc == 130 and err.strip().splitlines()[-1] == "qairn restore: interrupted" and "Traceback" not in err
+    )
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.png"] and leftovers(workdir) == []
 
 
 def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
