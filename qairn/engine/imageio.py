@@ -55,8 +55,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(
-                    f"{path}: {w}x{h} = {w * h / 1e6:.0f} MP is over the pixel limit "
-                    f"of {max_pixels / 1e6:.0f} MP (raise it with --max-pixels)"
+                    f"{path}: {w}x{h} = {w * h / 1e6:.3g} MP is over the pixel limit "
+                    f"of {max_pixels / 1e6:.3g} MP (raise it with --max-pixels)"
                 )
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
