@@ -272,6 +272,18 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.png"] and leftovers(workdir) == []
 
 
+def test_jpeg_output_of_a_transparent_image_says_the_alpha_is_dropped(tmp_path, tiny_weights, capsys):
+    rgba = np.random.default_rng(0).integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "t.png")
+    for suffix, warned in ((".jpg", True), (".bmp", True), (".png", False)):
+        rc, _, err = run(
+            capsys, "restore", tmp_path / "t.png", "-o", tmp_path / f"o{suffix}", "--weights", tiny_weights
+        )
+        says = f"o{suffix}: {suffix} output drops the input's alpha channel; write .png to keep it"
+        assert rc == 0 and (says in err) == warned, err
+    assert cv2.imread(str(tmp_path / "o.png"), cv2.IMREAD_UNCHANGED).shape == (24, 32, 4)
+
+
 def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
     # A PNG whose header claims 100000 x 100000 pixels with almost no data: a decompression bomb.
     def chunk(kind, data):

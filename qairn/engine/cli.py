@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from qairn.engine.imageio import (
+    ALPHA_SUFFIXES,
     DEFAULT_MAX_PIXELS,
     EXIF_SUFFIXES,
     ICC_SUFFIXES,
@@ -294,9 +295,14 @@ def main_restore(argv=None) -> int:
                 )
                 icc = None
             exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
+            alpha = res.image.ndim == 3 and res.image.shape[2] == 4  # JPEG and BMP outputs have none
             dropped = [
                 n
-                for n, v, keep in (("colour profile", icc, ICC_SUFFIXES), ("EXIF", exif, EXIF_SUFFIXES))
+                for n, v, keep in (
+                    ("colour profile", icc, ICC_SUFFIXES),
+                    ("EXIF", exif, EXIF_SUFFIXES),
+                    ("alpha channel", alpha, ALPHA_SUFFIXES),
+                )
                 if v and dst.suffix.lower() not in keep
             ]
             if dropped:

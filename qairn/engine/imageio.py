@@ -18,6 +18,7 @@ Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 200_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
 WRITE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}  # the others are written without an alpha channel
 
 
 class ImageError(ValueError):
@@ -139,7 +140,7 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     if suffix not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
     if arr.ndim == 3:
-        if suffix in (".jpg", ".jpeg", ".bmp") and arr.shape[2] == 4:
+        if suffix not in ALPHA_SUFFIXES and arr.shape[2] == 4:
             arr = arr[..., :3]  # these formats have no alpha
         code = cv2.COLOR_RGBA2BGRA if arr.shape[2] == 4 else cv2.COLOR_RGB2BGR
         arr = cv2.cvtColor(arr, code)
