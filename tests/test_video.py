@@ -533,6 +533,19 @@ def test_an_edit_list_is_not_taken_for_truncation(restorer, tmp_path):
     assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"])
 
 
+def test_y4m_output_without_options_from_packed_and_10_bit_sources(restorer, frames_rgb, tmp_path):
+    # Y4M holds raw planar frames only: its default codec is rawvideo, its format the planar one.
+    for name, codec, pix_fmt, tag in (
+        ("s.avi", "rawvideo", "yuyv422", b"C422"),
+        ("s.mkv", "ffv1", "yuv420p10le", b"C420p10"),
+    ):
+        src = make_clip(tmp_path / name, frames_rgb[:2], codec=codec, pix_fmt=pix_fmt, audio=False)
+        dst = tmp_path / f"{name}.y4m"
+        s = transcode(restorer, src, dst, VideoOptions(write_quality=False))
+        assert s["codec"] == "rawvideo" and dst.read_bytes().split(b"\n")[0].split()[6] == tag
+        assert len(decode(dst)[0]) == 2
+
+
 def test_variable_rate_source_into_y4m_keeps_every_frame(restorer, tmp_path):
     """Y4M and AVI count frames, not time: a variable-rate source (a phone's) is written frame by frame,
     where rounding its times to the average rate gave two frames one tick and the muxer refused them."""

@@ -439,11 +439,14 @@ def _decode(inp, vstream, astreams, pending_audio: list, src: Path, counts: dict
 def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path):
     import av
 
-    codec = opts.codec or default_codec()
+    # Y4M holds only raw planar Y'CbCr frames; FFmpeg writes its 9- to 16-bit kinds only when allowed.
+    y4m = tmp.suffix.lower() == ".y4m"
+    codec = opts.codec or ("rawvideo" if y4m else default_codec())
+    options = (
+        {"movflags": "+faststart"} if tmp.suffix in (".mp4", ".mov") else {"strict": "-1"} if y4m else {}
+    )
     try:
-        out = av.open(
-            str(tmp), "w", options={"movflags": "+faststart"} if tmp.suffix in (".mp4", ".mov") else {}
-        )
+        out = av.open(str(tmp), "w", options=options)
     except (av.FFmpegError, ValueError) as e:
         raise VideoError(f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov") from None
     try:
@@ -457,7 +460,9 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     pix_fmt, note = opts.pix_fmt, ""
     if pix_fmt is None:
         src_fmt = first.format.name
-        candidates = [src_fmt, work_fmt] + (["yuv420p10le"] if bits > 8 else []) + ["yuv420p"]
+        candidates = (
+            ([] if y4m else [src_fmt]) + [work_fmt] + (["yuv420p10le"] if bits > 8 else []) + ["yuv420p"]
+        )
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
         if bits > 8 and format_bits(pix_fmt) <= 8:
             note = f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}"
@@ -789,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e = p.add_argument_group("encoding")
     e.add_argument(
-        "--codec", help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available)"
+        "--codec",
+        help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; .y4m: rawvideo)",
     )
     e.add_argument(
         "--crf", type=float, default=18.0, help="constant quality for x264/x265/vp9/av1 (default 18)"
