@@ -519,6 +519,9 @@ def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights
     (workdir / "q.json").write_text("[]")
     rc, err = restore_with_json(workdir / "q.json")
     assert rc == 2 and "q.json: exists (use --overwrite)" in err
+    # a folder is refused before the work too, even with --overwrite (it used to fail at the very end)
+    rc, _, err = run(capsys, "restore", workdir / "b.png", "-o", out, "--json", workdir, "--overwrite")
+    assert rc == 2 and "is a directory; give a file name for --json" in err and not out.exists()
 
 
 def test_file_names_with_glob_characters_are_taken_literally(workdir, tiny_weights, capsys):

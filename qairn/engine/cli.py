@@ -258,6 +258,8 @@ def main_restore(argv=None) -> int:
         json_path = Path(a.json).resolve()
         if json_path in taken:
             return fatal(f"{a.json}: --json would replace an input or output image")
+        if json_path.is_dir():
+            return fatal(f"{a.json}: is a directory; give a file name for --json")
         if json_path.exists() and not a.overwrite:
             return fatal(f"{a.json}: exists (use --overwrite)")
         if not json_path.parent.is_dir():
