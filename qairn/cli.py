@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 # subcommand -> (module, function taking argv); imported lazily so `qairn score` stays quick.
 COMMANDS = {
@@ -36,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qairn: unknown command {name!r}\n{USAGE}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
+    # SIGTERM (kill, a container stopping) ends a run as Ctrl-C does: the half-written temp file is
+    # removed on the way out instead of left behind. Commands with their own handler (train's
+    # checkpoint on signal, video) install it over this one for their run.
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         rc = getattr(importlib.import_module(module), func)(rest)
     except (OSError, ValueError) as e:  # WeightsError is a ValueError
@@ -56,7 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qairn {name}: error: {e.code}", file=sys.stderr)
         return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_term)
     return int(rc or 0)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

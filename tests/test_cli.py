@@ -272,6 +272,44 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.png"] and leftovers(workdir) == []
 
 
+def test_sigterm_ends_a_run_like_ctrl_c(workdir, tiny_weights, capsys, monkeypatch):
+    """kill (or a container stopping) mid-batch: the same one line, exit 130, no temp files, and
+    the process's own SIGTERM handler back afterwards."""
+    import os
+    import signal
+
+    import qairn.engine.cli as engine_cli
+
+    real = engine_cli.read_image
+
+    def killed(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, *args, **kwargs)
+
+    def unhandled(signum, frame):  # what runs if the CLI does not take SIGTERM (not pytest's death)
+        raise RuntimeError("SIGTERM reached the caller's handler")
+
+    monkeypatch.setattr(engine_cli, "read_image", killed)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        rc, _, err = run(capsys, "restore", workdir, "-o", workdir / "out", "--weights", tiny_weights)
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert rc == 130 and err.strip().splitlines()[-1] == "qairn restore: interrupted"
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.png"] and leftovers(workdir) == []
+
+
+def test_format_without_dot_and_gif_in_folders(workdir, tiny_weights, capsys):
+    Image.open(workdir / "b.png").save(workdir / "c.gif")
+    rc, _, err = run(
+        capsys, "restore", workdir, "-o", workdir / "out", "--format", "webp", "--weights", tiny_weights
+    )
+    assert rc == 0, err
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.webp", "b.webp", "c.webp"]
+
+
 def test_jpeg_output_of_a_transparent_image_says_the_alpha_is_dropped(tmp_path, tiny_weights, capsys):
     rgba = np.random.default_rng(0).integers(0, 256, (24, 32, 4), dtype=np.uint8)
     Image.fromarray(rgba).save(tmp_path / "t.png")

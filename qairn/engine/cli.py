@@ -244,6 +244,8 @@ def main_restore(argv=None) -> int:
         error(e)
     if not inputs:
         return 1
+    if a.format and not a.format.startswith("."):  # "png" means ".png"
+        a.format = "." + a.format
     try:
         outputs, folder = output_paths(inputs, a.output, a.format)
     except (InputError, OSError) as e:

@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 200_000_000
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2", ".gif"}
 WRITE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}  # the others are written without an alpha channel
 
