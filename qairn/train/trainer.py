@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import math
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from qairn.engine.imageio import save_figure
+from qairn.engine.imageio import save_figure, write_atomic
 from qairn.metrics import ssim_torch
 from qairn.model import QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
@@ -216,6 +217,9 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if ck is None:  # a new run: no validation rows of an older one in its plot
             (out / "val.csv").unlink(missing_ok=True)
+        else:
+            for name in ("log.csv", "val.csv"):
+                drop_rows_after(out / name, ck["step"])
 
     torch.manual_seed(a.seed)
     config = model_config(a)
@@ -288,6 +292,11 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
 
     def save_checkpoint():
         if not main:
+            return
+        if not all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point()):
+            # On CUDA the loss is checked every log_every steps only: a non-finite step may have reached
+            # the weights before the check raised. Keep the last good checkpoint.
+            tqdm.write(f"step {step}: the weights are not finite; the checkpoint is left as it was")
             return
         ck = {
             "model": model.state_dict(),
@@ -439,6 +448,20 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep a log's rows up to `step`: a run killed after its last checkpoint logged steps that the
+    resume trains again (and may have torn its last row); kept, they would each appear twice."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and int(r[0]) <= step]
+    if kept != rows:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        write_atomic(path, text.getvalue().encode())
 
 
 class EMA:
