@@ -567,6 +567,7 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
         ({"widths": "8,16"}, "--widths 8,16: needs four"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
+        ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),
     ],
 )
 def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, says):

@@ -154,6 +154,10 @@ def check_args(a: TrainArgs) -> None:
     if a.export:
         if Path(a.export).suffix != ".safetensors":
             raise SystemExit(f"--export {a.export}: weights are written as .safetensors")
+        if a.init and Path(a.init).resolve() == Path(a.export).resolve():
+            raise SystemExit(
+                f"--export {a.export}: is the --init file, which it would replace; export elsewhere"
+            )
         parent = Path(a.export).resolve().parent
         if not parent.is_dir() and parent != Path(a.out).resolve():  # now, not after hours of training
             raise SystemExit(f"--export {a.export}: output folder does not exist")
