@@ -77,6 +77,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:  # numpy would broadcast an HxWx1 or 1xWx3 image against the other
+        raise ValueError(f"mse: shapes differ {a.shape} vs {b.shape}")
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 

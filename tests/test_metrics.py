@@ -106,6 +106,15 @@ def test_psnr_b_counts_non_multiple_width():
     assert metrics.blocking_effect_factor(y) == pytest.approx(0.75 * 1024 / 36, abs=1e-12)
 
 
+def test_psnr_and_psnr_b_refuse_different_shapes():
+    # numpy broadcasting made these a number: an HxWx1 image against HxWx3, one row against all.
+    a = np.zeros((16, 16, 3), np.uint8)
+    for b in (np.full((16, 16, 1), 10, np.uint8), np.full((1, 16, 3), 10, np.uint8)):
+        for f in (metrics.psnr, metrics.psnr_b):
+            with pytest.raises(ValueError, match="shapes differ"):
+                f(a, b)
+
+
 def test_psnr_b_sides_under_two_blocks():
     # A 12 px side has Yim & Bovik count 12 // 8 - 1 = 0: its edge at 8 is no counted boundary, so it
     # must not be summed as one either (it was, over a count clamped to 1: BEF 3/log2(12) * 768).
