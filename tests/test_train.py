@@ -181,6 +181,26 @@ def test_resume_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
         assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"], name
 
 
+def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
+    """--amp fp16: the GradScaler's loss scale is part of the run's state. A resume that restarted it
+    at its initial value skipped steps (overflows) that the uninterrupted run took. CUDA's scaler, run
+    on the CPU, starting high enough (2**20) that its first step overflows and backs off."""
+    cpu_scaler = torch.amp.GradScaler
+
+    def scaler(device, enabled):
+        return cpu_scaler("cpu", init_scale=2.0**20, enabled=enabled)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    trainer.train(tiny_args(data, tmp_path / "a", steps=4, amp="fp16"))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=2, amp="fp16"))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=4, amp="fp16", resume=True))
+    a, b = state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt")
+    assert a["scaler"]["scale"] == 2.0**19  # it backed off once (a step skipped), then held
+    assert a["scaler"] == b["scaler"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
     """On CUDA the loss is checked only every --log-every steps, so a step can put NaN into the weights
     before the check raises: that state must not be written over the last good checkpoint."""

@@ -272,6 +272,8 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         amp = "bf16" if device.type == "cuda" else "none"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    if resumed and ck.get("scaler"):  # fp16's loss scale: restarted, the first steps would overflow again
+        scaler.load_state_dict(ck["scaler"])
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -312,6 +314,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "torch_rng": torch.get_rng_state(),
             "val_files": [f.name for f in val_files],
             "ema": ema.state_dict() if ema is not None else kept_ema,
+            "scaler": scaler.state_dict(),
         }
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(ck, tmp)
