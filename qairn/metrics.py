@@ -77,6 +77,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:  # numpy would broadcast an HxWx1 or 1xWx3 image against the other
+        raise ValueError(f"mse: shapes differ {a.shape} vs {b.shape}")
     return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
 
 
@@ -98,17 +100,21 @@ def blocking_effect_factor(y: np.ndarray, block: int = 8) -> float:
     The boundary counts are the paper's N_HB = H (W // B - 1) and N_VB = W (H // B - 1), as in the
     common PSNR-B code; for sizes that are not multiples of B this is one column (row) fewer than
     the boundaries actually summed. DESIGN section 3's floor table is reproduced with these counts.
+    A side shorter than two blocks counts no boundaries, and none of its pairs is summed as one (the
+    paper's count is 0 or negative there); an image one pixel thin has no blocking (BEF 0).
     """
     y = y.astype(np.float64)
     h, w = y.shape
+    if min(h, w) < 2:  # eta = log2(B) / log2(1) is undefined, and one direction has no pairs at all
+        return 0.0
     dh = (y[:, :-1] - y[:, 1:]) ** 2  # horizontal neighbours: columns j and j+1
     dv = (y[:-1, :] - y[1:, :]) ** 2
+    n_hb = h * max(w // block - 1, 0)
+    n_vb = w * max(h // block - 1, 0)
     h_bound = np.zeros(w - 1, dtype=bool)
-    h_bound[block - 1 :: block] = True
+    h_bound[block - 1 :: block] = n_hb > 0  # else a 9..15 px side would sum a boundary counted 0 times
     v_bound = np.zeros(h - 1, dtype=bool)
-    v_bound[block - 1 :: block] = True
-    n_hb = h * (w // block - 1)
-    n_vb = w * (h // block - 1)
+    v_bound[block - 1 :: block] = n_vb > 0
     n_hbc = h * (w - 1) - n_hb
     n_vbc = w * (h - 1) - n_vb
     d_b = (dh[:, h_bound].sum() + dv[v_bound, :].sum()) / max(n_hb + n_vb, 1)

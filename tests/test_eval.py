@@ -95,6 +95,15 @@ def test_eval_cli_table_json_plot(refs, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
+    make_folder(tmp_path / "d", 1, 40, 40, seed=0)
+    cv2.imwrite(str(tmp_path / "d" / "small.png"), np.zeros((9, 30, 3), np.uint8))
+    assert cli(["eval", "--data", str(tmp_path / "d"), "--jpeg-only", "--qf", "10"]) == 2
+    assert "small.png: 30x9 pixels; SSIM needs at least 11x11" in capsys.readouterr().err
+    assert cli(["eval", "--data", str(tmp_path / "d"), "--jpeg-only", "--crop", "8"]) == 2
+    assert "img00.png: 8x8 pixels after --crop" in capsys.readouterr().err
+
+
 def test_identity_model_restores_to_the_jpeg(refs, tmp_path):
     # The tiny preset starts as the identity (global residual, zero tail): restored == JPEG exactly.
     w = make_weights(tmp_path / "id.safetensors", scramble=False)

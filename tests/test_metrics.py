@@ -106,6 +106,39 @@ def test_psnr_b_counts_non_multiple_width():
     assert metrics.blocking_effect_factor(y) == pytest.approx(0.75 * 1024 / 36, abs=1e-12)
 
 
+def test_psnr_and_psnr_b_refuse_different_shapes():
+    # numpy broadcasting made these a number: an HxWx1 image against HxWx3, one row against all.
+    a = np.zeros((16, 16, 3), np.uint8)
+    for b in (np.full((16, 16, 1), 10, np.uint8), np.full((1, 16, 3), 10, np.uint8)):
+        for f in (metrics.psnr, metrics.psnr_b):
+            with pytest.raises(ValueError, match="shapes differ"):
+                f(a, b)
+
+
+def test_psnr_b_sides_under_two_blocks():
+    # A 12 px side has Yim & Bovik count 12 // 8 - 1 = 0: its edge at 8 is no counted boundary, so it
+    # must not be summed as one either (it was, over a count clamped to 1: BEF 3/log2(12) * 768).
+    v = np.full((12, 12), 100)
+    v[:, 8:] = 110
+    img = gray(v)
+    assert metrics.blocking_effect_factor(metrics.rgb_to_y_studio(img)) == 0.0
+    assert metrics.psnr_b(img, img) == math.inf
+    # The other side still counts: 12 rows x 40 columns, the same edge, N_HB = 12 (40//8 - 1) = 48.
+    v = np.full((12, 40), 100)
+    v[:, 8:] = 110
+    y = metrics.rgb_to_y_studio(gray(v))
+    assert metrics.blocking_effect_factor(y) == pytest.approx(3 / math.log2(12) * 12 * 64 / 48, abs=1e-12)
+    # One pixel thin: no pairs in one direction and eta = log2 8 / log2 1 undefined (was ZeroDivisionError).
+    v = np.full((1, 20), 100)
+    v[:, 8:] = 110
+    ref, img = gray(v + 1), gray(v)
+    assert metrics.blocking_effect_factor(metrics.rgb_to_y_studio(img)) == 0.0
+    assert metrics.psnr_b(ref, img) == pytest.approx(metrics.psnr(ref, img), abs=1e-12)
+    assert metrics.psnr_b(ref.transpose(1, 0, 2), img.transpose(1, 0, 2)) == pytest.approx(
+        metrics.psnr(ref, img)
+    )
+
+
 def test_psnr_b_no_blocking_when_smooth():
     # Edges only inside blocks: D_B <= D_Bc gives BEF 0 and PSNR-B = PSNR.
     v = np.full((16, 16), 100)

@@ -164,6 +164,64 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
         assert torch.equal(exported[k], v.half().float() if half else v), k
 
 
+def test_resume_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
+    """A run killed after its last checkpoint had logged steps that the resume trains again: those rows
+    are dropped, not kept beside the new ones (log.csv held 1,2,1,2 and the plot doubled back)."""
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    out = tmp_path / "b"
+    trainer.train(tiny_args(data, out, steps=0))
+    saved = (out / "checkpoint.pt").read_bytes()
+    trainer.train(tiny_args(data, out, steps=2, val_every=1, val_holdout=1, resume=True))
+    (out / "checkpoint.pt").write_bytes(saved)  # killed after step 2, last checkpoint at step 0
+    with open(out / "log.csv", "a") as f:
+        f.write("3,0.1")  # and torn in the middle of a row
+    trainer.train(tiny_args(data, out, steps=2, val_every=1, val_holdout=1, resume=True))
+    for name in ("log.csv", "val.csv"):
+        rows = (out / name).read_text().splitlines()
+        assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"], name
+
+
+def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
+    """--amp fp16: the GradScaler's loss scale is part of the run's state. A resume that restarted it
+    at its initial value skipped steps (overflows) that the uninterrupted run took. CUDA's scaler, run
+    on the CPU, starting high enough (2**20) that its first step overflows and backs off."""
+    cpu_scaler = torch.amp.GradScaler
+
+    def scaler(device, enabled):
+        return cpu_scaler("cpu", init_scale=2.0**20, enabled=enabled)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", scaler)
+    trainer.train(tiny_args(data, tmp_path / "a", steps=4, amp="fp16"))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=2, amp="fp16"))
+    trainer.train(tiny_args(data, tmp_path / "b", steps=4, amp="fp16", resume=True))
+    a, b = state(tmp_path / "a" / "checkpoint.pt"), state(tmp_path / "b" / "checkpoint.pt")
+    assert a["scaler"]["scale"] == 2.0**19  # it backed off once (a step skipped), then held
+    assert a["scaler"] == b["scaler"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
+    """On CUDA the loss is checked only every --log-every steps, so a step can put NaN into the weights
+    before the check raises: that state must not be written over the last good checkpoint."""
+    calls = {"n": 0}
+    loss_fn = trainer.loss_fn
+
+    def poisoned(out, clean, w):  # step 3: a finite loss with an infinite gradient (sqrt at 0)
+        calls["n"] += 1
+        loss, l1, s = loss_fn(out, clean, w)
+        if calls["n"] == 3:
+            loss = loss + torch.sqrt(out - out.detach()).sum()
+        return loss, l1, s
+
+    monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    with pytest.raises(FloatingPointError):
+        trainer.train(tiny_args(data, tmp_path / "r", steps=6, ckpt_every=1))
+    ck = state(tmp_path / "r" / "checkpoint.pt")
+    assert ck["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
 def test_validation_psnr_is_logged_and_leaves_training_alone(data, tmp_path):
     """--val-every N: held-out PSNR at QF 10 and 40, raw and averaged, into val.csv and the plot;
     the weights trained are the same as without it (validation runs on a copy)."""
@@ -529,6 +587,7 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
         ({"widths": "8,16"}, "--widths 8,16: needs four"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
+        ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),
     ],
 )
 def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, says):

@@ -65,6 +65,18 @@ def read_rgb(path: str | Path, crop: int = 0) -> np.ndarray:
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
+def read_reference(path: str | Path, crop: int = 0) -> np.ndarray:
+    """read_rgb for the metrics: SSIM's 11x11 window needs at least 11x11 pixels (said here, with the
+    file's name, rather than by ssim() deep in a metrics worker)."""
+    rgb = read_rgb(path, crop)
+    if min(rgb.shape[:2]) < 11:
+        h, w = rgb.shape[:2]
+        raise ValueError(
+            f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; SSIM needs at least 11x11"
+        )
+    return rgb
+
+
 def encode_rgb(rgb: np.ndarray, ext: str, params: list[int]) -> np.ndarray:
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
     if not ok:
@@ -134,7 +146,7 @@ def eval_restoration(files, qfs=QFS, restorer=None, workers: int = 1, crop: int 
     with executor(workers) as ex:
         bar = tqdm(total=len(files) * len(qfs), desc="eval", disable=not progress, dynamic_ncols=True)
         for f in files:
-            ref = read_rgb(f, crop)
+            ref = read_reference(f, crop)
             for qf in qfs:
                 jp = jpeg_rgb(ref, qf)
                 row = {"image": Path(f).stem, "qf": int(qf)}
@@ -352,7 +364,7 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
     with executor(workers) as ex:
         for f, kind, level in tqdm(jobs, desc="quality", disable=not progress, dynamic_ncols=True):
             if f not in refs:
-                refs = {f: read_rgb(f, crop)}
+                refs = {f: read_reference(f, crop)}
             ref = refs[f]
             name = Path(f).stem
             img = distort(ref, kind, level, seed=zlib.crc32(f"{seed}:{name}:{level}".encode()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import math
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from qairn.engine.imageio import save_figure
+from qairn.engine.imageio import save_figure, write_atomic
 from qairn.metrics import ssim_torch
 from qairn.model import QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
@@ -153,6 +154,10 @@ def check_args(a: TrainArgs) -> None:
     if a.export:
         if Path(a.export).suffix != ".safetensors":
             raise SystemExit(f"--export {a.export}: weights are written as .safetensors")
+        if a.init and Path(a.init).resolve() == Path(a.export).resolve():
+            raise SystemExit(
+                f"--export {a.export}: is the --init file, which it would replace; export elsewhere"
+            )
         parent = Path(a.export).resolve().parent
         if not parent.is_dir() and parent != Path(a.out).resolve():  # now, not after hours of training
             raise SystemExit(f"--export {a.export}: output folder does not exist")
@@ -216,6 +221,9 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if ck is None:  # a new run: no validation rows of an older one in its plot
             (out / "val.csv").unlink(missing_ok=True)
+        else:
+            for name in ("log.csv", "val.csv"):
+                drop_rows_after(out / name, ck["step"])
 
     torch.manual_seed(a.seed)
     config = model_config(a)
@@ -264,6 +272,8 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         amp = "bf16" if device.type == "cuda" else "none"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    if resumed and ck.get("scaler"):  # fp16's loss scale: restarted, the first steps would overflow again
+        scaler.load_state_dict(ck["scaler"])
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -289,6 +299,11 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     def save_checkpoint():
         if not main:
             return
+        if not all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point()):
+            # On CUDA the loss is checked every log_every steps only: a non-finite step may have reached
+            # the weights before the check raised. Keep the last good checkpoint.
+            tqdm.write(f"step {step}: the weights are not finite; the checkpoint is left as it was")
+            return
         ck = {
             "model": model.state_dict(),
             "optim": opt.state_dict(),
@@ -299,6 +314,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "torch_rng": torch.get_rng_state(),
             "val_files": [f.name for f in val_files],
             "ema": ema.state_dict() if ema is not None else kept_ema,
+            "scaler": scaler.state_dict(),
         }
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(ck, tmp)
@@ -439,6 +455,20 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep a log's rows up to `step`: a run killed after its last checkpoint logged steps that the
+    resume trains again (and may have torn its last row); kept, they would each appear twice."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and int(r[0]) <= step]
+    if kept != rows:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(kept)
+        write_atomic(path, text.getvalue().encode())
 
 
 class EMA:
