@@ -596,6 +596,25 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     assert not (tmp_path / "x").exists()
 
 
+def test_missing_data_leaves_no_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        trainer.train(tiny_args(tmp_path / "nothing", tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", 6, 64, 80, seed=2)
+    trainer.train(tiny_args(data, tmp_path / "r", steps=1))
+    capsys.readouterr()
+    trainer.train(tiny_args(data, tmp_path / "r", steps=2, resume=True))
+    assert "held-out images differ" not in capsys.readouterr().out
+    make_folder(tmp_path / "more", 3, 64, 80, seed=3)
+    for f in (tmp_path / "more").iterdir():
+        f.rename(data / f"zz_{f.name}")  # 9 images: every 4th is held out now, not every 3rd
+    trainer.train(tiny_args(data, tmp_path / "r", steps=3, resume=True))
+    assert "held-out images differ from the checkpoint's" in capsys.readouterr().out
+
+
 def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path, tiny_weights):
     """--nb or --widths equal to the preset's own rename the preset ("tiny-w8-nb1") but build the same
     network: --init and --resume must accept it."""

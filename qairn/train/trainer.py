@@ -217,6 +217,16 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         raise SystemExit(
             f"{ckpt_path}: a run is already here; --resume continues it, --overwrite starts it again"
         )
+    # Listed before --out is made: a missing or empty --data folder leaves no empty run folder behind.
+    train_files, val_files = train_val_files(a)
+    if ck is not None and main and ck.get("val_files") not in (None, [f.name for f in val_files]):
+        # The split is every k-th image of the folder: images added or removed move it, so earlier
+        # held-out images may now train and the validation curve jumps.
+        was, now = set(ck["val_files"]), {f.name for f in val_files}
+        print(
+            f"warning: the held-out images differ from the checkpoint's ({len(was - now)} left the "
+            f"held-out set, {len(now - was)} joined it): {a.data} changed since the run began"
+        )
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if ck is None:  # a new run: no validation rows of an older one in its plot
@@ -278,9 +288,11 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_files, val_files = train_val_files(a)
     images = load_cached(train_files, out / "cache")
-    ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+    try:
+        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+    except ValueError as e:  # no image large enough: say which folder
+        raise SystemExit(f"{a.data}: {e}") from None
     # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
     indices = range(step * world + rank, a.steps * world, world)
     loader = DataLoader(
