@@ -227,7 +227,7 @@ def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys
     out = workdir / "out"
     for args in (
         ["--weights", workdir / "missing.safetensors"],
-        ["--weights", tiny_weights, "--format", "jpg"],
+        ["--weights", tiny_weights, "--format", "xyz"],
     ):
         rc, _, err = run(capsys, "restore", workdir / "a.jpg", workdir / "b.png", "-o", out, *args)
         assert rc == 2 and len(error_lines(err)) == 1 and not out.exists(), err
