@@ -475,6 +475,7 @@ def test_bad_arrays_are_refused_with_the_reason(img, says):
         ({"tile": True}, "tile must be a positive int"),  # not tiles of one pixel (rounded up to 16)
         ({"p": 0}, "the Minkowski exponent p must be a positive number, not 0.0"),  # not ZeroDivisionError
         ({"p": float("nan")}, "p must be a positive number, not nan"),
+        ({"weights": "w.safetensors"}, "give weights= or model=, not both"),  # weights were ignored
     ],
 )
 def test_bad_options_are_refused_when_the_restorer_is_made(options, says):
@@ -482,6 +483,18 @@ def test_bad_options_are_refused_when_the_restorer_is_made(options, says):
     with pytest.raises(ValueError, match=re.escape(says)):
         qairn.Restorer(model=lively_model(), device="cpu", **options)
     qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=48)  # the widest overlap that fits
+
+
+def test_set_tiling_checks_like_the_constructor_and_takes_numpy_ints():
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=np.int64(128), overlap=np.int32(16))
+    assert (r.tile, r.overlap) == (128, 16) and type(r.tile) is int
+    with pytest.raises(ValueError, match="must be smaller than the tile 64"):
+        r.set_tiling(64, 64)
+    with pytest.raises(ValueError, match="tile must be a positive int"):
+        r.set_tiling(-5, 16)
+    assert (r.tile, r.overlap) == (128, 16)  # a refused call changes nothing
+    r.set_tiling(None, 0)
+    assert r.tile is None
 
 
 def test_float_images_within_one_step_of_the_range_are_fine():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -60,6 +61,24 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
 # One Restorer may serve several threads: two that missed at once both popped the same oldest entry
 # (KeyError). Reentrant: a frame graph's make() runs the plan, which remembers its device data.
 _REMEMBER_LOCK = threading.RLock()
+
+
+def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
+    """Checked once, not per image: (tile, overlap) as plain ints, or a ValueError saying why not."""
+    is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731 (True is an int)
+    if not (tile is None or (isinstance(tile, str) and tile == "auto") or (is_int(tile) and tile > 0)):
+        raise ValueError(f'tile must be a positive int, None (whole images) or "auto", not {tile!r}')
+    if not is_int(overlap) or overlap < 0:
+        raise ValueError(f"overlap must be an int >= 0, not {overlap!r}")
+    tile, overlap = (tile if tile is None or isinstance(tile, str) else int(tile)), int(overlap)
+    largest = AUTO_TILE if tile == "auto" else tile
+    # An overlap as wide as the tile leaves no core to restore.
+    if largest is not None and ceil_to(overlap, ALIGN) >= max(ALIGN, largest // ALIGN * ALIGN):
+        raise ValueError(
+            f"overlap {overlap} (taken in steps of {ALIGN}: {ceil_to(overlap, ALIGN)}) must be smaller "
+            f"than the tile {largest}"
+        )
+    return tile, overlap
 
 
 def remember(cache: dict, key, make, keep: int):
@@ -148,6 +167,8 @@ class Restorer:
         cuda_graph: bool = False,
         **backend_options,
     ):
+        if model is not None and weights is not None:
+            raise ValueError("give weights= or model=, not both (model= would win and weights= be ignored)")
         if model is None:
             model = load_model(weights if weights is not None else default_weights())
         self.config = model.config
@@ -157,17 +178,7 @@ class Restorer:
         self.device = resolve_device(device)
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
-        if not (tile is None or tile == "auto" or (type(tile) is int and tile > 0)):  # True is an int
-            raise ValueError(f'tile must be a positive int, None (whole images) or "auto", not {tile!r}')
-        if not isinstance(overlap, int) or overlap < 0:
-            raise ValueError(f"overlap must be an int >= 0, not {overlap!r}")
-        largest = AUTO_TILE if tile == "auto" else tile
-        # Checked here, not per image: an overlap as wide as the tile leaves no core to restore.
-        if largest is not None and ceil_to(overlap, ALIGN) >= max(ALIGN, largest // ALIGN * ALIGN):
-            raise ValueError(
-                f"overlap {overlap} (taken in steps of {ALIGN}: {ceil_to(overlap, ALIGN)}) must be smaller "
-                f"than the tile {largest}"
-            )
+        tile, overlap = check_tiling(tile, overlap)
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
@@ -244,7 +255,7 @@ class Restorer:
 
     def set_tiling(self, tile: int | str | None, overlap: int) -> None:
         """New tile and overlap for the calls after, forgetting what out-of-memory retries settled on."""
-        self.tile, self.overlap = tile, overlap
+        self.tile, self.overlap = check_tiling(tile, overlap)
         self._shrunk.clear()
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
