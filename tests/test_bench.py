@@ -249,6 +249,37 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
     assert not any(".py(" in t["op"] for t in top["top"])  # Python frames only in the stacked pass
 
 
+def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
+    """The GPU run's time box may stop conv_util in its second model: the first one's results stay."""
+    conv = bench_script("conv_util")
+    layer = {
+        "layer": "Conv2d",
+        "cin": 8,
+        "cout": 8,
+        "kernel": [3, 3],
+        "stride": [1, 1],
+        "input": [1, 8, 16, 16],
+    }
+    layer |= {"count": 4, "ms": 0.5, "tflops": 0.1, "triton_ms": None, "roofline_ms": 0.01}
+    done = {"shape": [1, 3, 16, 16], "layers": [layer], "gflop": 1.0, "fused_forward_ms": {}}
+    done |= {"conv_ms": 2.0, "conv_tflops": 0.5, "conv_util": 0.1, "roofline_ms": 0.4, "roofline_util": 0.5}
+    done |= {"forward_ms": 3.0, "forward_util": 0.05}
+
+    def second_model_cut_short(model, *args, **kwargs):
+        if model.config.widths != PRESETS["tiny"].widths:
+            raise KeyboardInterrupt  # what the time box's SIGINT raises
+        return dict(done)
+
+    monkeypatch.setattr(conv, "conv_util", second_model_cut_short)
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    monkeypatch.setattr(conv, "copy_bandwidth", lambda *args: 1e9)
+    args = ["--device", "cpu", "--presets", "tiny,small", "--json", str(tmp_path / "c.json")]
+    with pytest.raises(KeyboardInterrupt):
+        conv.main(args + ["--plot", str(tmp_path / "c.png")])
+    assert list(json.loads((tmp_path / "c.json").read_text())["presets"]) == ["tiny"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_device_busy_time_counts_overlaps_once():
     prof = bench_script("profile_best")
     assert prof.busy_ms([]) == 0
