@@ -97,6 +97,28 @@ def test_table_on_cpu(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_table_cut_short_keeps_its_plot(tmp_path, monkeypatch):
+    """The GPU run's time box interrupts qairn bench (SIGINT): the JSON and the plot keep the cases timed."""
+    timed = qb.time_case
+    calls = []
+
+    def interrupted_at_the_second_case(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return timed(*args)
+
+    monkeypatch.setattr(qb, "time_case", interrupted_at_the_second_case)
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = TINY + ["--sizes", "16x16,32x32", "--tiles", "0", "--backends", "eager-fp32"]
+    with pytest.raises(KeyboardInterrupt):
+        qb.main(args + ["--json", str(out), "--plot", str(png)])
+    report = json.loads(out.read_text())
+    assert not report["complete"] and [r["size"] for r in report["results"]] == [[16, 16]]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_wrong_backends_are_not_best():
     def row(backend, ms, psnr, tile=512, ref_ms=100.0):
         return {
