@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from qairn.engine import bench as qb
+from qairn.engine.imageio import save_figure, write_atomic
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
 from qairn.kernels import fuse
@@ -217,7 +218,7 @@ def write_plot(report: dict, path: str) -> None:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"conv trunk on {report['env']['device']['name']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)  # atomic: rewritten after each model
     plt.close(fig)
 
 
@@ -261,6 +262,11 @@ def main(argv=None) -> int:
         r = conv_util(model, shape, DTYPES[precision], device, peak, args.repeats, bandwidth)
         r["config"] = asdict(model.config)
         report["presets"][name] = r
+        # Written after each model: a run cut short by its time box keeps the models it finished.
+        if args.json:
+            write_atomic(args.json, (json.dumps(report, indent=1) + "\n").encode())
+        if args.plot:
+            write_plot(report, args.plot)
         print(
             f"{name:>6} {args.shape}: {r['gflop']:.1f} GFLOP; convs alone {r['conv_ms']:.3f} ms = "
             f"{r['conv_tflops']:.3g} TFLOP/s = {100 * r['conv_util']:.1f}% of peak; whole forward "
@@ -285,10 +291,6 @@ def main(argv=None) -> int:
                     else ""
                 )
             )
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    if args.plot:
-        write_plot(report, args.plot)
     return 0
 
 

@@ -97,6 +97,28 @@ def test_table_on_cpu(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_table_cut_short_keeps_its_plot(tmp_path, monkeypatch):
+    """The GPU run's time box interrupts qairn bench (SIGINT): the JSON and the plot keep the cases timed."""
+    timed = qb.time_case
+    calls = []
+
+    def interrupted_at_the_second_case(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return timed(*args)
+
+    monkeypatch.setattr(qb, "time_case", interrupted_at_the_second_case)
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = TINY + ["--sizes", "16x16,32x32", "--tiles", "0", "--backends", "eager-fp32"]
+    with pytest.raises(KeyboardInterrupt):
+        qb.main(args + ["--json", str(out), "--plot", str(png)])
+    report = json.loads(out.read_text())
+    assert not report["complete"] and [r["size"] for r in report["results"]] == [[16, 16]]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_wrong_backends_are_not_best():
     def row(backend, ms, psnr, tile=512, ref_ms=100.0):
         return {
@@ -247,6 +269,37 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
     assert top["backend"] == "eager-fp32" and top["top"] and "aten::" in (tmp_path / "p.txt").read_text()
     assert top["wall_ms"] > 0 and top["host_ms_profiled"] > 0 and top["device_ms"] is None
     assert not any(".py(" in t["op"] for t in top["top"])  # Python frames only in the stacked pass
+
+
+def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
+    """The GPU run's time box may stop conv_util in its second model: the first one's results stay."""
+    conv = bench_script("conv_util")
+    layer = {
+        "layer": "Conv2d",
+        "cin": 8,
+        "cout": 8,
+        "kernel": [3, 3],
+        "stride": [1, 1],
+        "input": [1, 8, 16, 16],
+    }
+    layer |= {"count": 4, "ms": 0.5, "tflops": 0.1, "triton_ms": None, "roofline_ms": 0.01}
+    done = {"shape": [1, 3, 16, 16], "layers": [layer], "gflop": 1.0, "fused_forward_ms": {}}
+    done |= {"conv_ms": 2.0, "conv_tflops": 0.5, "conv_util": 0.1, "roofline_ms": 0.4, "roofline_util": 0.5}
+    done |= {"forward_ms": 3.0, "forward_util": 0.05}
+
+    def second_model_cut_short(model, *args, **kwargs):
+        if model.config.widths != PRESETS["tiny"].widths:
+            raise KeyboardInterrupt  # what the time box's SIGINT raises
+        return dict(done)
+
+    monkeypatch.setattr(conv, "conv_util", second_model_cut_short)
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    monkeypatch.setattr(conv, "copy_bandwidth", lambda *args: 1e9)
+    args = ["--device", "cpu", "--presets", "tiny,small", "--json", str(tmp_path / "c.json")]
+    with pytest.raises(KeyboardInterrupt):
+        conv.main(args + ["--plot", str(tmp_path / "c.png")])
+    assert list(json.loads((tmp_path / "c.json").read_text())["presets"]) == ["tiny"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_device_busy_time_counts_overlaps_once():

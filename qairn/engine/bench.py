@@ -886,17 +886,19 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(args.json)
 
     print(header(report), flush=True)
-    if args.video:
-        run_video(args, model, device, report, save)
-    else:
-        print(COLUMNS, flush=True)
-        run_table(args, model, device, report, save)
+    try:
+        if args.video:
+            run_video(args, model, device, report, save)
+        else:
+            print(COLUMNS, flush=True)
+            run_table(args, model, device, report, save)
+            save(report)
+            print(footer(report))
+        report["complete"] = True
+    finally:  # also when cut short (the GPU run's time box interrupts): the cases timed so far
         save(report)
-        print(footer(report))
-    report["complete"] = True
-    save(report)
-    if args.plot and not args.video:
-        write_plot(report, args.plot)
+        if args.plot and not args.video:
+            write_plot(report, args.plot)
     return 0
 
 
