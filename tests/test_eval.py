@@ -122,6 +122,10 @@ def test_correlations_and_logistic():
     c = ev.correlations([1, 2, 3, 4], [1, 3, 2, 4])
     assert c["kcc"] == pytest.approx(4 / 6) and c["srcc"] == pytest.approx(0.8)
     assert ev.correlations([1, 2, 3, 4], [4, 3, 2, 1])["srcc"] == pytest.approx(-1.0)
+    # A score that falls as y rises: PCClog carries that sign, like PCC, SRCC and KCC beside it.
+    c = ev.correlations(-x, y)
+    assert c["srcc"] == pytest.approx(-1.0) and c["pcc_log"] == pytest.approx(-1.0, abs=1e-6)
+    assert -0.97 < c["pcc"] < 0
     assert math.isnan(ev.correlations([1, 1, 1], [1, 2, 3])["pcc"])
 
 

@@ -383,7 +383,9 @@ def logistic5(x, b1, b2, b3, b4, b5):
 
 
 def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
-    """PCC after the 5-parameter logistic of Sheikh, Sabir, Bovik (2006) maps x onto y
+    """PCC after the 5-parameter logistic of Sheikh, Sabir, Bovik (2006) maps x onto y, with the sign
+    of the raw PCC: the fitted values always rise with y, and an unsigned value beside the signed
+    PCC, SRCC and KCC read as if a score that runs against the level followed it
     (NaN with fewer than 6 points: five parameters would fit anything)."""
     if len(x) < 6:
         return math.nan
@@ -412,7 +414,7 @@ def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
                 f = fit([y.max() - y.min(), sign * scale / sx, centre, 0.0, y.mean()], 2000)
                 if f is not None and (best is None or f[0] < best[0]):
                     best = f
-    return raw if best is None else max(best[1], raw)
+    return sign * (raw if best is None else max(best[1], raw))
 
 
 def correlations(x, y) -> dict:
