@@ -104,6 +104,16 @@ def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     assert "img00.png: 8x8 pixels after --crop" in capsys.readouterr().err
 
 
+def test_images_too_small_for_jpeg_2000_are_named(tmp_path, capsys):
+    # OpenJPEG cannot encode a side under 32 pixels: the run ended in a traceback,
+    # "RuntimeError: cv2.imencode('.jp2') failed", naming neither the file nor the reason.
+    w = make_weights(tmp_path / "w.safetensors")
+    make_folder(tmp_path / "d", 1, 40, 40, seed=0)
+    args = ["eval-quality", "--data", str(tmp_path / "d"), "--weights", str(w), "--device", "cpu"]
+    assert cli(args + ["--crop", "24"]) == 2
+    assert "img00.png: 24x24 pixels after --crop; the JPEG 2000 distortion" in capsys.readouterr().err
+
+
 def test_identity_model_restores_to_the_jpeg(refs, tmp_path):
     # The tiny preset starts as the identity (global residual, zero tail): restored == JPEG exactly.
     w = make_weights(tmp_path / "id.safetensors", scramble=False)
