@@ -114,6 +114,14 @@ def test_images_too_small_for_jpeg_2000_are_named(tmp_path, capsys):
     assert "img00.png: 24x24 pixels after --crop; the JPEG 2000 distortion" in capsys.readouterr().err
 
 
+def test_a_folder_given_as_an_output_file_is_refused_before_the_run(refs, tmp_path, capsys):
+    # The rename onto a folder failed only at the end, after every image had been restored.
+    (tmp_path / "out").mkdir()
+    for args in (["eval", "--jpeg-only", "--json"], ["eval-quality", "--plot"]):
+        assert cli(args[:-1] + ["--data", str(refs), args[-1], str(tmp_path / "out")]) == 2
+        assert f"{tmp_path / 'out'}: is a directory; give a file name" in capsys.readouterr().err
+
+
 def test_identity_model_restores_to_the_jpeg(refs, tmp_path):
     # The tiny preset starts as the identity (global residual, zero tail): restored == JPEG exactly.
     w = make_weights(tmp_path / "id.safetensors", scramble=False)
