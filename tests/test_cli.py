@@ -57,7 +57,7 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     restored = cv2.imread(str(out / "a.png"))
     assert restored.shape == (96, 128, 3)
     heat = cv2.imread(str(out / "a.quality.png"))
-    assert heat.shape[0] == 96 and heat.shape[1] > 2 * 128  # two panels with colour bars
+    assert heat.shape[0] > 96 and heat.shape[1] > 2 * 128  # two panels with colour bars, titles above
     records = json.loads((workdir / "q.json").read_text())
     assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
@@ -651,19 +651,37 @@ def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
 
 
+def quality_map_layout(png: np.ndarray):
+    """(rows, [column runs]) of the coloured (viridis) part of a quality map picture: maps and bars
+    are coloured, the background white and the text black or grey."""
+    rgb = png.astype(int)
+    coloured = rgb.max(-1) - rgb.min(-1) > 30
+    rows = np.flatnonzero(coloured.any(1))
+    mid = coloured[(rows[0] + rows[-1]) // 2]
+    edges = np.flatnonzero(np.diff(np.r_[0, mid.astype(int), 0]))
+    return rows, list(zip(edges[::2], edges[1::2]))
+
+
 def test_quality_map_fixed_and_stretched_panels():
     from matplotlib import colormaps
 
     from qairn.engine.cli import quality_map_png
 
     gamma = np.tile(np.linspace(0.7, 0.9, 10, dtype=np.float32), (8, 1))  # a narrow band, as trained
-    png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (40, 32)), np.uint8), cv2.IMREAD_COLOR)
+    png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (20, 16)), np.uint8), cv2.IMREAD_COLOR)
     rgb = png[..., ::-1].astype(int)
-    assert rgb.shape[0] == 32
+    rows, runs = quality_map_layout(png)
+    zoom = 96 // 16  # a small image is enlarged by a whole factor
+    assert len(rows) == 16 * zoom and [b - a for a, b in runs[::2]] == [20 * zoom, 20 * zoom]  # map, bar, x2
     viridis = (colormaps["viridis"]([0.0, 0.7, 0.9, 1.0])[:, :3] * 255).round().astype(int)
-    fixed = rgb[20:, :40].reshape(-1, 3)  # below the title
-    width = png.shape[1]
-    stretched = rgb[20:, (width + 8) // 2 : (width + 8) // 2 + 40].reshape(-1, 3)
+    fixed = rgb[rows[0] : rows[-1] + 1, runs[0][0] : runs[0][1]]
+    stretched = rgb[rows[0] : rows[-1] + 1, runs[2][0] : runs[2][1]]
+    # Lined up with the image: map cell k covers image pixels 2k and 2k+1, i.e. 2 * zoom picture pixels.
+    assert (fixed == fixed[:1]).all() and (np.diff(fixed[0], axis=0) != 0).any(1).sum() == 9
+    assert all(
+        (fixed[0, 2 * zoom * k : 2 * zoom * (k + 1)] == fixed[0, 2 * zoom * k]).all() for k in range(10)
+    )
+    fixed, stretched = fixed.reshape(-1, 3), stretched.reshape(-1, 3)
 
     def has(pixels, colour):
         return (np.abs(pixels - colour).sum(1) <= 3).any()
@@ -672,3 +690,18 @@ def test_quality_map_fixed_and_stretched_panels():
     assert has(fixed, viridis[1]) and has(fixed, viridis[2])
     assert not has(fixed, viridis[0]) and not has(fixed, viridis[3])
     assert has(stretched, viridis[0]) and has(stretched, viridis[3])
+
+
+def test_quality_map_labels_are_readable_at_any_size():
+    from qairn.engine.cli import quality_map_png
+
+    # A fixed 8-pixel font could not be read on a photo seen whole, and white titles drawn over the
+    # map vanished where it was yellow; a 1-pixel image had no room for any label.
+    for w, h in ((800, 600), (1, 1), (300, 3)):
+        gamma = np.random.default_rng(0).random((-(-h // 2), -(-w // 2)), dtype=np.float32)
+        png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (w, h)), np.uint8), cv2.IMREAD_COLOR)
+        rows, _ = quality_map_layout(png)
+        dark = (png.astype(int).max(-1) < 80).any(1)  # rows that hold black text
+        assert dark[: rows[0]].any(), (w, h)  # the titles: black, above the maps
+        assert dark.sum() >= 0.05 * len(rows) and dark.sum() >= 15, (w, h)  # titles and bar labels
+        assert len(rows) >= min(96, 4096 // w * h), (w, h)

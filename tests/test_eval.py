@@ -104,6 +104,24 @@ def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     assert "img00.png: 8x8 pixels after --crop" in capsys.readouterr().err
 
 
+def test_images_too_small_for_jpeg_2000_are_named(tmp_path, capsys):
+    # OpenJPEG cannot encode a side under 32 pixels: the run ended in a traceback,
+    # "RuntimeError: cv2.imencode('.jp2') failed", naming neither the file nor the reason.
+    w = make_weights(tmp_path / "w.safetensors")
+    make_folder(tmp_path / "d", 1, 40, 40, seed=0)
+    args = ["eval-quality", "--data", str(tmp_path / "d"), "--weights", str(w), "--device", "cpu"]
+    assert cli(args + ["--crop", "24"]) == 2
+    assert "img00.png: 24x24 pixels after --crop; the JPEG 2000 distortion" in capsys.readouterr().err
+
+
+def test_a_folder_given_as_an_output_file_is_refused_before_the_run(refs, tmp_path, capsys):
+    # The rename onto a folder failed only at the end, after every image had been restored.
+    (tmp_path / "out").mkdir()
+    for args in (["eval", "--jpeg-only", "--json"], ["eval-quality", "--plot"]):
+        assert cli(args[:-1] + ["--data", str(refs), args[-1], str(tmp_path / "out")]) == 2
+        assert f"{tmp_path / 'out'}: is a directory; give a file name" in capsys.readouterr().err
+
+
 def test_identity_model_restores_to_the_jpeg(refs, tmp_path):
     # The tiny preset starts as the identity (global residual, zero tail): restored == JPEG exactly.
     w = make_weights(tmp_path / "id.safetensors", scramble=False)
@@ -122,6 +140,10 @@ def test_correlations_and_logistic():
     c = ev.correlations([1, 2, 3, 4], [1, 3, 2, 4])
     assert c["kcc"] == pytest.approx(4 / 6) and c["srcc"] == pytest.approx(0.8)
     assert ev.correlations([1, 2, 3, 4], [4, 3, 2, 1])["srcc"] == pytest.approx(-1.0)
+    # A score that falls as y rises: PCClog carries that sign, like PCC, SRCC and KCC beside it.
+    c = ev.correlations(-x, y)
+    assert c["srcc"] == pytest.approx(-1.0) and c["pcc_log"] == pytest.approx(-1.0, abs=1e-6)
+    assert -0.97 < c["pcc"] < 0
     assert math.isnan(ev.correlations([1, 1, 1], [1, 2, 3])["pcc"])
 
 

@@ -191,6 +191,16 @@ def test_score_only_writes_only_the_trace(restorer, clip, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.csv"]
 
 
+def test_quality_plot_of_one_frame_shows_its_point(tmp_path):
+    from qairn.engine.video import _write_quality
+
+    # A line through one point draws nothing: a one-frame video's plot came out as empty axes.
+    _write_quality([(0, 0, 0.0, 0.8, 0.7, 0.6)], tmp_path / "one.csv", True, "one.mp4")
+    png = cv2.imread(str(tmp_path / "one.png"))[..., ::-1].astype(int)
+    blue = np.abs(png - (31, 119, 180)).sum(-1) < 30  # matplotlib's first line colour
+    assert blue.sum() > 10
+
+
 def test_cli(tiny_weights, clip, tmp_path, capsys):
     out = tmp_path / "cli.mkv"
     assert (

@@ -30,6 +30,8 @@ from qairn.engine.imageio import (
 )
 from qairn.engine.tiling import tile_arg
 
+MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
+
 
 class InputError(ValueError):
     pass
@@ -102,32 +104,44 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
 def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     """gamma2 as heat maps at the image's size, PNG bytes: left on the fixed 0..1 scale (comparable
     across images), right stretched to this image's own range (where in the picture quality changes;
-    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar."""
+    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar.
+    Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
+    fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
+    yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
+    square), so that its labels fit beside it."""
     import cv2
     from matplotlib import colormaps
 
     w, h = size
+    zoom = max(1, min(-(-MIN_MAP_HEIGHT // h), max(1, 4096 // w)))
+    zw, zh = w * zoom, h * zoom
     lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, zh / 700)
+    thick = max(1, round(scale * 1.5))
+    (label_w, text_h), base = cv2.getTextSize("0.000", font, scale, thick)
+    gap = max(4, text_h // 2)
+    header = text_h + base + 2 * gap
+    bar_w = max(12, zw // 40)
 
     def panel(values: np.ndarray, vmin: float, vmax: float, title: str) -> np.ndarray:
         unit = np.clip((values - vmin) / max(vmax - vmin, 1e-6), 0, 1)
         rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
-        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)
-        bar_w = max(12, w // 40)
-        ramp = np.linspace(1, 0, h)[:, None].repeat(bar_w, 1)  # top = vmax
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)  # map cell k: pixels s*k..s*k+s-1
+        rgb = np.repeat(np.repeat(rgb, zoom, 0), zoom, 1)
+        ramp = np.linspace(1, 0, zh)[:, None].repeat(bar_w, 1)  # top = vmax
         bar = (colormaps["viridis"](ramp)[..., :3] * 255).round().astype(np.uint8)
-        label_w = 8 * 6
-        canvas = np.full((h, w + bar_w + label_w + 8, 3), 255, np.uint8)
-        canvas[:, :w], canvas[:, w + 4 : w + 4 + bar_w] = rgb, bar
-        font, x = cv2.FONT_HERSHEY_SIMPLEX, w + bar_w + 6
-        cv2.putText(canvas, f"{vmax:.3f}", (x, 12), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmin:.3f}", (x, h - 4), font, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, title, (4, 14), font, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+        title_w = cv2.getTextSize(title, font, scale, thick)[0][0]  # a narrow image's title runs on
+        canvas = np.full((header + zh, max(zw + bar_w + label_w + 3 * gap, title_w + gap), 3), 255, np.uint8)
+        canvas[header:, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
+        x, black = zw + bar_w + 2 * gap, (0, 0, 0)
+        cv2.putText(canvas, title, (0, header - gap - base), font, scale, black, thick, cv2.LINE_AA)
+        cv2.putText(canvas, f"{vmax:.3f}", (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
+        cv2.putText(canvas, f"{vmin:.3f}", (x, header + zh - base), font, scale, black, thick, cv2.LINE_AA)
         return canvas
 
     fixed = panel(gamma2, 0.0, 1.0, "gamma2, 0..1")
     stretched = panel(gamma2, lo, hi, "gamma2, stretched")
-    rgb = np.concatenate([fixed, np.full((h, 8, 3), 255, np.uint8), stretched], axis=1)
+    rgb = np.concatenate([fixed, np.full((header + zh, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise RuntimeError("could not encode the quality map")

@@ -180,6 +180,8 @@ def check_writable(*paths: str | Path | None) -> None:
     for p in filter(None, paths):
         if not Path(p).resolve().parent.is_dir():
             raise FileNotFoundError(f"{p}: output folder does not exist")
+        if Path(p).is_dir():  # the rename onto it would fail only after the whole run
+            raise IsADirectoryError(f"{p}: is a directory; give a file name")
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:

@@ -549,7 +549,8 @@ def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[P
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         t, q2 = [r[2] for r in rows], [r[4] for r in rows]
-        ax.plot(t, q2, lw=1)
+        # One frame: a line through one point draws nothing, so the point is marked.
+        ax.plot(t, q2, lw=1, marker="o" if len(rows) == 1 else None)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("Q2")
         ax.set_title(f"{title}: mean Q2 {np.mean(q2):.3f}", fontsize=9)

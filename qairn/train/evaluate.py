@@ -325,6 +325,7 @@ DISTORTIONS = {
     "blur": ("sigma", (0.5, 1.0, 1.5, 2.0, 3.0, 5.0), -1),
     "noise": ("sigma", (5.0, 10.0, 20.0, 30.0, 50.0), -1),
 }
+JP2K_MIN = 32  # OpenJPEG's default 6 resolutions halve a side 5 times: smaller images cannot be encoded
 # Both ends were chosen by some run (p=16 on the shipped weights, 0.25 on the H200 run): the range
 # reaches past them on both sides.
 P_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0)
@@ -365,6 +366,12 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
         for f, kind, level in tqdm(jobs, desc="quality", disable=not progress, dynamic_ncols=True):
             if f not in refs:
                 refs = {f: read_reference(f, crop)}
+                h, w = refs[f].shape[:2]
+                if min(h, w) < JP2K_MIN:  # else cv2.imencode('.jp2') fails with no word of why
+                    raise ValueError(
+                        f"{f}: {w}x{h} pixels{' after --crop' if crop else ''}; the JPEG 2000 distortion "
+                        f"(OpenJPEG, 5 wavelet levels) needs at least {JP2K_MIN}x{JP2K_MIN}"
+                    )
             ref = refs[f]
             name = Path(f).stem
             img = distort(ref, kind, level, seed=zlib.crc32(f"{seed}:{name}:{level}".encode()))
@@ -383,7 +390,9 @@ def logistic5(x, b1, b2, b3, b4, b5):
 
 
 def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
-    """PCC after the 5-parameter logistic of Sheikh, Sabir, Bovik (2006) maps x onto y
+    """PCC after the 5-parameter logistic of Sheikh, Sabir, Bovik (2006) maps x onto y, with the sign
+    of the raw PCC: the fitted values always rise with y, and an unsigned value beside the signed
+    PCC, SRCC and KCC read as if a score that runs against the level followed it
     (NaN with fewer than 6 points: five parameters would fit anything)."""
     if len(x) < 6:
         return math.nan
@@ -412,7 +421,7 @@ def pcc_logistic(x: np.ndarray, y: np.ndarray) -> float:
                 f = fit([y.max() - y.min(), sign * scale / sx, centre, 0.0, y.mean()], 2000)
                 if f is not None and (best is None or f[0] < best[0]):
                     best = f
-    return raw if best is None else max(best[1], raw)
+    return sign * (raw if best is None else max(best[1], raw))
 
 
 def correlations(x, y) -> dict:
