@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from qairn.engine.backends import make_backend
 from qairn.engine.tiling import ALIGN, TilePlan, ceil_to, plan_tiles
+from qairn.kernels.gate import MAX_POOL_P
 from qairn.model import QAIRN
 from qairn.weights_io import WeightsError, load_model
 
@@ -175,6 +176,11 @@ class Restorer:
         self.p = float(p if p is not None else model.config.p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
+        if self.p > MAX_POOL_P:
+            raise ValueError(
+                f"the Minkowski exponent p = {self.p:g} is over {MAX_POOL_P:g}: fp32 pooling sums lose every "
+                f"gate below {2 ** (-222 / self.p):.2f} (a map of such gates would score Q = 0)"
+            )
         self.device = resolve_device(device)
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
