@@ -84,14 +84,15 @@ def test_tiled_matches_whole_image_on_live1(live1_image, h, w, tile, overlap):
 
 def test_tiled_matches_whole_with_the_shipped_weights(live1_image):
     """The DESIGN bound with the weights users get, at the smallest tile the README says keeps it
-    (measured 56.6 dB; tile 64 with overlap 16 gave 47 dB), on a JPEG input as in real use."""
+    (192: 57.6 dB on this crop of bikes; tile 128 gives 49.1 dB here, under the bound), on a JPEG
+    input as in real use."""
     import cv2
 
-    img = odd_crop(live1_image, 200, 232)
+    img = np.ascontiguousarray(live1_image[128:384, 256:576])
     jpeg = cv2.imdecode(cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 10])[1], 1)
     jpeg = np.ascontiguousarray(jpeg[..., ::-1])
     whole = qairn.Restorer(device="cpu", tile=None).restore(jpeg)
-    tiled = qairn.Restorer(device="cpu", tile=128, overlap=32).restore(jpeg)
+    tiled = qairn.Restorer(device="cpu", tile=192, overlap=32).restore(jpeg)
     assert psnr(whole.image, tiled.image) >= 50.0
     for k in ("Q1", "Q2", "Q3"):
         assert tiled.quality[k] == pytest.approx(whole.quality[k], rel=0.01)
