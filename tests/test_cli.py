@@ -705,3 +705,50 @@ def test_quality_map_labels_are_readable_at_any_size():
         assert dark[: rows[0]].any(), (w, h)  # the titles: black, above the maps
         assert dark.sum() >= 0.05 * len(rows) and dark.sum() >= 15, (w, h)  # titles and bar labels
         assert len(rows) >= min(96, 4096 // w * h), (w, h)
+
+
+def command_parsers(monkeypatch) -> dict:
+    """Every `qairn COMMAND`'s argparse parser (export's subcommands each), as --help builds it."""
+    import argparse
+    import importlib
+
+    from qairn.cli import COMMANDS
+
+    seen = []
+
+    def capture(self, *args, **kwargs):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    parsers = {}
+    for name, (module, func) in COMMANDS.items():
+        seen.clear()
+        with pytest.raises(SystemExit):
+            getattr(importlib.import_module(module), func)([])
+        parsers[name] = seen[0]
+        for action in seen[0]._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.update({f"{name} {sub}": p for sub, p in action.choices.items()})
+    return parsers
+
+
+def test_every_option_of_every_command_has_help(monkeypatch, capsys):
+    import argparse
+    import re
+
+    parsers = command_parsers(monkeypatch)
+    assert {"restore", "score", "video", "train", "eval", "eval-quality", "bench", "export onnx"} <= set(
+        parsers
+    )
+    missing = []
+    for name, p in parsers.items():
+        assert p.format_help()  # renders
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            text = re.sub(r"\(default: [^)]*\)", "", action.help or "").strip()
+            # A help that only repeats the default, or trails off, tells the user nothing to act on.
+            if not text or text.endswith("..."):
+                missing.append(f"qairn {name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, "\n".join(missing)

@@ -800,10 +800,14 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="tiles per backend call (default 4; 1 for compiled/static backends)",
     )
-    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights if present)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="time a random-initialised preset instead")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--warmup", type=int, help="untimed calls per case (default CUDA 3, CPU 2)")
     p.add_argument(
@@ -814,7 +818,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-psnr", type=float, default=40.0, help="below this PSNR vs eager fp32 a backend is wrong"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default 0)")
     p.add_argument("--json", help="write the report (device, versions, settings, results) here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument(

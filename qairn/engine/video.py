@@ -777,15 +777,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
-    m.add_argument("--device", default="auto")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     m.add_argument(
-        "--backend", default="auto", help="auto (default: eager on CPU, triton on CUDA), eager, ..."
+        "--backend",
+        default="auto",
+        help="auto (default: eager on CPU, triton on CUDA), eager, compile, triton, onnxruntime, tensorrt",
     )
-    m.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    m.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="auto (default): fp32 on CPU, fp16 on CUDA",
+    )
     m.add_argument(
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
-    m.add_argument("--overlap", type=int, default=32)
+    m.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     m.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
     m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
     m.add_argument(
@@ -814,8 +821,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--no-audio", action="store_true", help="drop the audio instead of copying it")
     c = p.add_argument_group("colour (default: from the stream's tags)")
-    c.add_argument("--matrix", choices=("bt601", "bt709", "bt2020"))
-    c.add_argument("--range", choices=("limited", "full"))
+    c.add_argument(
+        "--matrix",
+        choices=("bt601", "bt709", "bt2020"),
+        help="Y'CbCr matrix of the frames (untagged: bt709 from 720 lines, else bt601)",
+    )
+    c.add_argument(
+        "--range",
+        choices=("limited", "full"),
+        help="limited (16-235) or full (0-255) levels (untagged: limited, yuvj formats full)",
+    )
     q = p.add_argument_group("quality trace")
     q.add_argument("--score-only", action="store_true", help="write the quality trace, no video")
     q.add_argument(
@@ -830,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
         "frames (or, where it keeps no count, less time) than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     return p
 
 

@@ -40,7 +40,12 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
         "--verify-qf", default="10,40", help="JPEG qualities to test, comma separated (default 10,40)"
     )
     g.add_argument("--verify-limit", type=int, default=2, help="images to use; 0 = all (default 2)")
-    g.add_argument("--verify-crop", type=int, default=256, help="centre crop side in pixels; 0 = whole image")
+    g.add_argument(
+        "--verify-crop",
+        type=int,
+        default=256,
+        help="centre crop side in pixels; 0 = whole image (default 256)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="target", required=True)
 
     o = sub.add_parser("onnx", help="export an ONNX file (opset >= 17)")
-    o.add_argument("weights", type=Path)
-    o.add_argument("-o", "--output", type=Path, required=True)
+    o.add_argument("weights", type=Path, help="qairn safetensors weights to export")
+    o.add_argument("-o", "--output", type=Path, required=True, help="the ONNX file to write (*.onnx)")
     o.add_argument(
         "--maps",
         action="store_true",
@@ -72,17 +77,24 @@ def parser() -> argparse.ArgumentParser:
         help="static input shape (a tile shape); default: dynamic N, H, W",
     )
     o.add_argument("--overwrite", action="store_true", help="replace an existing file at --output")
-    o.add_argument("--opset", type=int, default=17)
-    o.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    o.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or later (default 17)")
+    o.add_argument(
+        "--exporter",
+        choices=("torchscript", "dynamo"),
+        default="torchscript",
+        help="torch.onnx exporter (default torchscript; dynamo is slower to export)",
+    )
     add_verify_args(o)
 
     t = sub.add_parser("tensorrt", help="build a serialized TensorRT engine (needs TensorRT and a CUDA GPU)")
-    t.add_argument("weights", type=Path)
+    t.add_argument("weights", type=Path, help="qairn safetensors weights to build the engine for")
     t.add_argument(
         "-o", "--output", type=Path, default=None, help="engine file (default: in the cache folder)"
     )
     t.add_argument("--onnx", type=Path, default=None, help="build from this --maps export instead of WEIGHTS")
-    t.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    t.add_argument(
+        "--precision", choices=("fp16", "fp32"), default="fp16", help="engine precision (default fp16)"
+    )
     t.add_argument(
         "--shape",
         type=shape_arg,
@@ -97,10 +109,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--strongly-typed", action="store_true", help="TensorRT 10: build the fp16 ONNX strongly typed"
     )
-    t.add_argument("--workspace-gb", type=float, default=4.0)
+    t.add_argument(
+        "--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace limit in GiB (default 4)"
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing engine file at --output")
-    t.add_argument("--cache-dir", type=Path, default=None)
-    t.add_argument("--device", default="cuda")
+    t.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="engine and ONNX cache folder (default: $QAIRN_CACHE_DIR, else qairn's own cache folder)",
+    )
+    t.add_argument("--device", default="cuda", help="the CUDA device to build for and run on (default cuda)")
     add_verify_args(t)
     return p
 

@@ -227,16 +227,22 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
 def main_eval(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qairn eval", description="JPEG restoration metrics (paper Table I).")
     ap.add_argument("--data", default=str(DATA / "live1"), help="folder of lossless reference images")
-    ap.add_argument("--qf", type=int, nargs="+", default=list(QFS))
+    ap.add_argument(
+        "--qf", type=int, nargs="+", default=list(QFS), help="JPEG qualities (default 10 20 30 40)"
+    )
     ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
     ap.add_argument("--tile", type=int, default=0, help="tile size (0: whole images)")
     ap.add_argument("--jpeg-only", action="store_true", help="only the unrestored JPEG (the floor)")
     ap.add_argument("--limit", type=int, default=0, help="first N images only")
     ap.add_argument("--crop", type=int, default=0, help="centre crop of at most N x N (quick runs)")
     ap.add_argument("--workers", type=int, default=1, help="processes for the metrics")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the means per QF and every image's metrics here")
     ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
     a = ap.parse_args(argv)
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
@@ -566,20 +572,35 @@ def main_quality(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qairn eval-quality", description=__doc__)
     ap.add_argument("--data", default=str(DATA / "live1"), help="reference images for the report")
     ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
     ap.add_argument("--tile", type=int, default=0, help="tile size (0: whole images)")
     ap.add_argument("--limit", type=int, default=0, help="first N images only")
     ap.add_argument("--crop", type=int, default=0, help="centre crop of at most N x N (quick runs)")
     ap.add_argument("--workers", type=int, default=1, help="processes for SSIM")
     ap.add_argument("--seed", type=int, default=0, help="white-noise seed")
     ap.add_argument("--sweep-p", action="store_true", help="choose p on the training run's held-out images")
-    ap.add_argument("--train-data", default=str(DATA / "train"))
-    ap.add_argument("--val-holdout", type=int, default=8)
+    ap.add_argument(
+        "--train-data",
+        default=str(DATA / "train"),
+        help="--sweep-p: the run's training folder, where its held-out images are (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--val-holdout",
+        type=int,
+        default=8,
+        help="--sweep-p: images the run held out, where its weights do not name them (default 8)",
+    )
     ap.add_argument("--val-data", default=None, help="held-out images (default: those of the training run)")
     ap.add_argument("--write-p", default=None, metavar="WEIGHTS", help="store the chosen p in this file")
     ap.add_argument("--no-report", action="store_true", help="skip the LIVE1 report (sweep only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--json", default=None, help="write the tables, every record and the p sweep (--sweep-p) here"
+    )
     ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
     check_writable(a.json, a.plot)

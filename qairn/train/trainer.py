@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from qairn.engine.imageio import save_figure, write_atomic
 from qairn.metrics import ssim_torch
-from qairn.model import QAIRN, QAIRNConfig, preset
+from qairn.model import PRESETS, QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
 from qairn.weights_io import load_model
 
@@ -619,13 +619,57 @@ EXAMPLES = """examples:
 """
 
 
+# One line per option of `qairn train --help` (the defaults are appended).
+HELP = {
+    "data": "folder of lossless training images, searched recursively",
+    "out": "run folder: checkpoint.pt, log.csv, val.csv, loss.png",
+    "preset": f"model size: {', '.join(PRESETS)}",
+    "widths": "override the preset's four widths, e.g. 32,64,128,256 (empty: the preset's)",
+    "nb": "override the preset's residual blocks per level (0: the preset's)",
+    "steps": "stop after this many steps in all (a resume counts from its checkpoint's step)",
+    "batch": "patches per step in each process (DDP: times the number of processes)",
+    "patch": "patch side in pixels (at least 16)",
+    "qf_min": "lowest JPEG quality of the training inputs",
+    "qf_max": "highest JPEG quality of the training inputs",
+    "shift_prob": "share of patches whose 8x8 JPEG grid is shifted against the crop",
+    "lr": "Adam learning rate at step 0",
+    "lr_halve_every": "halve the learning rate every N steps",
+    "lr_min": "the learning rate never drops below this",
+    "ssim_weight": "loss = L1 + W * (1 - SSIM); 0: L1 alone",
+    "seed": "seed of the patches, crops and model initialisation",
+    "workers": "DataLoader worker processes (0: load in the training process)",
+    "ckpt_every": "write checkpoint.pt every N steps (and on Ctrl-C, SIGTERM and the end)",
+    "log_every": "append the loss to log.csv every N steps",
+    "val_holdout": "training images held out for validation and the p sweep (every k-th by name)",
+    "val_data": "a separate validation folder: then all of --data trains and nothing is held out",
+    "val_every": "restored PSNR of the held-out images (QF 10 and 40) into val.csv every N steps; 0: off",
+    "device": "auto (CUDA if present, else CPU), cpu, cuda or cuda:N",
+    "amp": "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none",
+    "channels_last": "channels_last memory format for the model and batches",
+    "threads": "torch CPU threads (0: torch's default)",
+    "max_seconds": "stop with a checkpoint after this much wall time of this run; 0: no limit",
+    "resume": "continue the run in --out with its own settings (an option given again replaces its value)",
+    "init": "start from these weights (same architecture; fresh optimiser, step 0), e.g. the shipped file",
+    "ema": "keep an exponential moving average of the weights, e.g. 0.999 (about 1000 steps); 0: off",
+    "export": "at the end, write shipping weights (safetensors; the average with --ema) here",
+    "overwrite": "start a new run in an --out that holds one (its checkpoint is replaced)",
+}
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     for f, default in asdict(TrainArgs()).items():
         flag = "--" + f.replace("_", "-")
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=HELP[f] + " (default: %(default)s)",
+            )
         else:
-            p.add_argument(flag, type=type(default), default=default, help="(default: %(default)s)")
+            p.add_argument(
+                flag, type=type(default), default=default, help=HELP[f] + " (default: %(default)s)"
+            )
 
 
 def main(argv=None) -> None:
