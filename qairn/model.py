@@ -19,6 +19,10 @@ from qairn.kernels.gate import gated_blend_reference, minkowski_from_sums, scale
 
 @dataclass(frozen=True)
 class QAIRNConfig:
+    """The architecture: saved in every weights file's metadata, from which load_model rebuilds it.
+    Build one with preset(name, **overrides); the bare defaults (widths 32..256, no residual) match no
+    preset."""
+
     widths: tuple[int, int, int, int] = (32, 64, 128, 256)
     nb: int = 2  # residual blocks per U-Net level
     rqa_div: int = 4  # RQAttention hidden width = max(rqa_min, C // rqa_div)
@@ -56,6 +60,8 @@ PRESETS: dict[str, QAIRNConfig] = {
 
 
 def preset(name: str, **overrides) -> QAIRNConfig:
+    """The config of a named preset (paper, small, small-gated, tiny) with fields replaced, e.g.
+    preset("small", widths=(32, 64, 128, 256), nb=3)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     d = asdict(PRESETS[name]) | overrides
@@ -109,6 +115,9 @@ class RQAttention(nn.Module):
 
 
 class QAIRN(nn.Module):
+    """The network: QAIRN(preset("small")) builds it untrained; qairn.load_model(path) loads weights.
+    forward(x) on (N,3,H,W) RGB in [0,1] returns (restored, [gamma1, gamma2, gamma3])."""
+
     # Three 2x downsamplings in the trunk, and the shallowest-placed gate (gamma3, at 1/4 scale)
     # halves twice more inside its autoencoder: inputs are padded to a multiple of 16.
     stride = 16

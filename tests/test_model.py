@@ -158,3 +158,15 @@ def test_identity_init_starts_near_the_input_with_gamma1_open():
     # out = gamma1 * x + (1 - gamma1) * tail(dec): within 5% of the decoder's contribution.
     plain = QAIRN(preset("small-gated", identity_init=False)).eval()
     assert (y - x).abs().mean() < 0.1 * (plain(x)[0] - x).abs().mean()
+
+
+def test_every_public_name_has_its_own_docstring():
+    # help(qairn.QAIRN) showed torch.nn.Module's text, help(qairn.Result) only its generated signature.
+    import qairn
+
+    for name in qairn.__all__:
+        obj = getattr(qairn, name)
+        if not callable(obj):
+            continue
+        doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
+        assert doc and not doc.startswith(f"{obj.__name__}("), name

@@ -94,6 +94,9 @@ def remember(cache: dict, key, make, keep: int):
 
 @dataclass
 class Result:
+    """What Restorer.restore returns: the restored image (the input's shape and type), its quality
+    {"Q1","Q2","Q3"} and, with return_maps=True, the gamma maps (full, 1/2 and 1/4 resolution)."""
+
     image: np.ndarray | torch.Tensor
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
