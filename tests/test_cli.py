@@ -647,6 +647,18 @@ def test_debug_env_shows_the_traceback(tmp_path, monkeypatch):
         main(["eval", "--data", str(tmp_path / "none")])
 
 
+def test_debug_env_shows_the_traceback_of_a_bad_file(workdir, tiny_weights, capsys, monkeypatch):
+    # The README: bad input gets one line naming the file, and QAIRN_DEBUG=1 adds the traceback.
+    (workdir / "t.jpg").write_bytes((workdir / "a.jpg").read_bytes()[:300])
+    for command in (["restore", "-o", workdir / "out"], ["score"]):
+        rc, _, err = run(capsys, command[0], workdir / "t.jpg", *command[1:], "--weights", tiny_weights)
+        assert rc == 1 and "Traceback" not in err and "t.jpg: truncated" in err
+        monkeypatch.setenv("QAIRN_DEBUG", "1")
+        rc, _, err = run(capsys, command[0], workdir / "t.jpg", *command[1:], "--weights", tiny_weights)
+        monkeypatch.delenv("QAIRN_DEBUG")
+        assert rc == 1 and "Traceback" in err and "ImageError" in err and "t.jpg: truncated" in err
+
+
 def test_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
 

@@ -256,6 +256,18 @@ def test_cli(tiny_weights, clip, tmp_path, capsys):
     assert main([str(tmp_path / "missing.mp4"), str(tmp_path / "x.mp4"), "--weights", str(tiny_weights)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("qairn: error:") and "missing.mp4: no such file" in err and "\n" not in err
+    os.environ["QAIRN_DEBUG"] = "1"  # the same one line, after the traceback
+    try:
+        assert (
+            main([str(tmp_path / "missing.mp4"), str(tmp_path / "x.mp4"), "--weights", str(tiny_weights)])
+            == 1
+        )
+    finally:
+        del os.environ["QAIRN_DEBUG"]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Traceback") and err.endswith(
+        "qairn: error: " + f"{tmp_path / 'missing.mp4'}: no such file"
+    )
     from qairn.cli import main as qairn_main
 
     assert qairn_main(["video", str(clip), str(tmp_path / "y.mp4"), "--weights", str(tmp_path / "nope")]) == 1

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,14 @@ class TileBar:
         self.close()
 
 
+def debug_traceback() -> None:
+    """QAIRN_DEBUG=1: the traceback of the error being reported in one line (inside an except block)."""
+    if os.environ.get("QAIRN_DEBUG") == "1" and sys.exc_info()[0] is not None:
+        traceback.print_exc(file=sys.stderr)
+
+
 def error(msg: str) -> None:
+    debug_traceback()
     tqdm.write(f"qairn: error: {msg}", file=sys.stderr)
 
 
@@ -239,6 +247,7 @@ def warning(msg: str) -> None:
 
 
 def fatal(msg: str) -> int:
+    debug_traceback()
     print(f"qairn: error: {msg}", file=sys.stderr)
     return 2
 

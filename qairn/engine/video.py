@@ -893,6 +893,9 @@ def main(argv: list[str] | None = None) -> int:
         print("qairn: interrupted; no output written", file=sys.stderr)
         return 130
     except (VideoError, ValueError, RuntimeError, OSError) as e:
+        from qairn.engine.cli import debug_traceback  # QAIRN_DEBUG=1, as for images
+
+        debug_traceback()
         print(f"qairn: error: {_msg(e)}", file=sys.stderr)
         return 1
     finally:
