@@ -180,7 +180,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="tile size in pixels, 0 = whole image, auto (default): whole up to 4 x 512^2 pixels, else 512",
     )
-    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument(
         "--max-pixels",
         type=int,
