@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     old_term = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         rc = getattr(importlib.import_module(module), func)(rest)
+    except BrokenPipeError:  # `qairn score ... | head`: the reader left; quiet, as cat is (before OSError)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush would fail again
+        return 141
     except (OSError, ValueError) as e:  # WeightsError is a ValueError
         # A missing folder, an unreadable file, a file that is not our weights, options that do not
         # fit together (an overlap as wide as the tile): the user's to fix, so one line that names

@@ -764,3 +764,17 @@ def test_every_option_of_every_command_has_help(monkeypatch, capsys):
             if not text or text.endswith("..."):
                 missing.append(f"qairn {name} {'/'.join(action.option_strings) or action.dest}")
     assert not missing, "\n".join(missing)
+
+
+def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
+    """`qairn score ... | head -1`: exit 141 like other tools, no 'Broken pipe' error or traceback."""
+    import subprocess
+    import sys
+
+    files = [str(workdir / "a.jpg")] * 40  # more rows than the pipe takes before the reader leaves
+    cmd = [sys.executable, "-m", "qairn.cli", "score", *files, "--weights", str(tiny_weights)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and "Broken pipe" not in err and "Traceback" not in err, err
