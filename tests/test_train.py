@@ -181,6 +181,22 @@ def test_resume_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
         assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"], name
 
 
+def test_export_only_resume_leaves_a_running_trainers_log_alone(data, tmp_path, monkeypatch):
+    """An export-only resume (--steps 0) may run beside the trainer still writing the folder: the rows
+    that trainer logged past its last checkpoint are its own, not a dead run's. Rewriting log.csv
+    dropped them, and the trainer's later rows went to the replaced file."""
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)
+    out = tmp_path / "r"
+    trainer.train(tiny_args(data, out, steps=1))
+    with open(out / "log.csv", "a") as live:  # still training: steps 2 and 3 logged past the checkpoint
+        live.write("2,0.1,0.1,0.1,0.001,1.0,1.0\n3,0.1,0.1,0.1,0.001,1.0,1.0\n")
+        live.flush()
+        trainer.train(tiny_args(data, out, steps=0, resume=True, export=str(tmp_path / "w.safetensors")))
+        live.write("4,0.1,0.1,0.1,0.001,1.0,1.0\n")
+    rows = (out / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
 def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
     """--amp fp16: the GradScaler's loss scale is part of the run's state. A resume that restarted it
     at its initial value skipped steps (overflows) that the uninterrupted run took. CUDA's scaler, run

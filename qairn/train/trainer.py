@@ -231,7 +231,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         if ck is None:  # a new run: no validation rows of an older one in its plot
             (out / "val.csv").unlink(missing_ok=True)
-        else:
+        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
             for name in ("log.csv", "val.csv"):
                 drop_rows_after(out / name, ck["step"])
 
