@@ -628,7 +628,13 @@ def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):
     for f in (tmp_path / "more").iterdir():
         f.rename(data / f"zz_{f.name}")  # 9 images: every 4th is held out now, not every 3rd
     trainer.train(tiny_args(data, tmp_path / "r", steps=3, resume=True))
-    assert "held-out images differ from the checkpoint's" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "held-out images differ from the checkpoint's" in said and "changed since the run began" in said
+    # A --val-holdout given anew moves the split too: the folder did not change, and is not blamed.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=4, resume=True, val_holdout=3))
+    said = capsys.readouterr().out
+    assert "held-out images differ" in said and ": --val-holdout changed" in said
+    assert "since the run began" not in said
 
 
 def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path, tiny_weights):

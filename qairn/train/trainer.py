@@ -223,9 +223,17 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         # The split is every k-th image of the folder: images added or removed move it, so earlier
         # held-out images may now train and the validation curve jumps.
         was, now = set(ck["val_files"]), {f.name for f in val_files}
+        # Options given anew on resume move the split too: then the folder is not what changed.
+        saved = ck.get("args", {})
+        moved = [
+            f"--{k.replace('_', '-')}"
+            for k in ("data", "val_data", "val_holdout")
+            if k in saved and saved[k] != getattr(a, k)
+        ]
+        why = f"{', '.join(moved)} changed" if moved else f"{a.data} changed since the run began"
         print(
             f"warning: the held-out images differ from the checkpoint's ({len(was - now)} left the "
-            f"held-out set, {len(now - was)} joined it): {a.data} changed since the run began"
+            f"held-out set, {len(now - was)} joined it): {why}"
         )
     if main:
         out.mkdir(parents=True, exist_ok=True)
