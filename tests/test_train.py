@@ -238,6 +238,27 @@ def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+def test_weights_made_non_finite_by_the_last_step_are_not_exported(data, tmp_path, monkeypatch):
+    """The loss is checked before its step: an infinite gradient in the last step left NaN weights that
+    the run exported (over --export, an unloadable file) and returned as if it had succeeded."""
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)
+    calls = {"n": 0}
+    loss_fn = trainer.loss_fn
+
+    def poisoned(out, clean, w):  # the last step: a finite loss with an infinite gradient (sqrt at 0)
+        calls["n"] += 1
+        loss, l1, s = loss_fn(out, clean, w)
+        if calls["n"] == 3:
+            loss = loss + torch.sqrt(out - out.detach()).sum()
+        return loss, l1, s
+
+    monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    w = tmp_path / "w.safetensors"
+    with pytest.raises(FloatingPointError, match="not finite after step 3: nothing exported"):
+        trainer.train(tiny_args(data, tmp_path / "r", steps=3, ckpt_every=1, export=str(w)))
+    assert not w.exists() and state(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+
+
 def test_validation_psnr_is_logged_and_leaves_training_alone(data, tmp_path):
     """--val-every N: held-out PSNR at QF 10 and 40, raw and averaged, into val.csv and the plot;
     the weights trained are the same as without it (validation runs on a copy)."""

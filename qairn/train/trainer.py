@@ -319,7 +319,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     def save_checkpoint():
         if not main:
             return
-        if not all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point()):
+        if not finite(model):
             # On CUDA the loss is checked every log_every steps only: a non-finite step may have reached
             # the weights before the check raised. Keep the last good checkpoint.
             tqdm.write(f"step {step}: the weights are not finite; the checkpoint is left as it was")
@@ -460,6 +460,11 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             logf.close()
         for s_, h in old_handlers.items():
             signal.signal(s_, h)
+    if not finite(model):  # an infinite gradient in the last steps, after their loss was checked
+        raise FloatingPointError(
+            f"the weights are not finite after step {step}: nothing exported; {ckpt_path} holds the last "
+            "finite ones"
+        )
     if main:
         plot_log(log_path, out / "loss.png")
         if a.export:
@@ -475,6 +480,10 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def finite(model: torch.nn.Module) -> bool:
+    return all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def drop_rows_after(path: Path, step: int) -> None:
