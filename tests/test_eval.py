@@ -295,3 +295,20 @@ def test_metric_worker_processes_match_inline(refs, tmp_path):
     inline = ev.eval_restoration(files, (20,), r, workers=1, progress=False)
     pooled = ev.eval_restoration(files, (20,), r, workers=2, progress=False)
     assert [(x["jpeg"], x["restored"]) for x in inline] == [(x["jpeg"], x["restored"]) for x in pooled]
+
+
+def test_interrupt_cancels_queued_metric_jobs():
+    """Ctrl-C or SIGTERM in eval: the queued metrics jobs are cancelled, not all waited for."""
+    import time
+
+    from qairn.train.evaluate import executor
+
+    futures = []
+    with pytest.raises(KeyboardInterrupt):
+        with executor(2) as ex:
+            futures = [ex.submit(time.sleep, 0.5) for _ in range(40)]
+            raise KeyboardInterrupt
+    deadline = time.monotonic() + 20  # the pool's manager thread cancels them just after the block
+    while sum(f.cancelled() for f in futures) < 30 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(f.cancelled() for f in futures) >= 30

@@ -6,6 +6,7 @@ held-out training images. These are generated distortions, not human opinion sco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -106,16 +107,24 @@ def _pool_init():
     cv2.setNumThreads(1)  # a forked child must not use the parent's OpenCV thread pool
 
 
-def executor(workers: int) -> Executor:
-    # Metrics are numpy/OpenCV only (no torch, no CUDA): worker processes overlap them with the
-    # restoration on a GPU.
+@contextlib.contextmanager
+def executor(workers: int):
+    """A metrics executor for a `with` block. Metrics are numpy/OpenCV only (no torch, no CUDA):
+    worker processes overlap them with the restoration on a GPU. Leaving the block by an exception
+    (Ctrl-C, SIGTERM) cancels the queued jobs instead of waiting for them all: on a GPU the queue
+    runs far ahead of the workers."""
+    if workers <= 1:
+        yield Inline()
+        return
     # spawn, not fork: a child forked while OpenCV's or OpenMP's thread pool holds a lock deadlocks
     # (seen in CI: the child hung in cv2.setNumThreads inside the initializer).
-    if workers <= 1:
-        return Inline()
-    return ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init
-    )
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init)
+    try:
+        yield ex
+    except BaseException:
+        ex.shutdown(wait=False, cancel_futures=True)
+        raise
+    ex.shutdown(wait=True)
 
 
 def make_restorer(weights=None, model=None, device="cpu", tile=None, precision="fp32", p=None):
