@@ -514,13 +514,13 @@ def test_one_restorer_from_several_threads():
 
     from qairn.engine.restorer import remember
 
-    cache, errors = {}, []
+    cache, errors, lock = {}, [], threading.RLock()  # a Restorer's caches share its own lock
 
     def work(k):
         try:
             for i in range(30000):
                 key = (k, i % 50)
-                assert remember(cache, key, lambda key=key: key, keep=8) == key
+                assert remember(cache, key, lambda key=key: key, keep=8, lock=lock) == key
         except Exception as e:  # any error is the failure
             errors.append(repr(e))
 

@@ -59,11 +59,6 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     return backend, precision
 
 
-# One Restorer may serve several threads: two that missed at once both popped the same oldest entry
-# (KeyError). Reentrant: a frame graph's make() runs the plan, which remembers its device data.
-_REMEMBER_LOCK = threading.RLock()
-
-
 def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     """Checked once, not per image: (tile, overlap) as plain ints, or a ValueError saying why not."""
     is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731 (True is an int)
@@ -82,9 +77,11 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     return tile, overlap
 
 
-def remember(cache: dict, key, make, keep: int):
-    """cache[key], made by make() on a miss; at most `keep` entries, the oldest dropped first."""
-    with _REMEMBER_LOCK:
+def remember(cache: dict, key, make, keep: int, lock):
+    """cache[key], made by make() on a miss; at most `keep` entries, the oldest dropped first.
+    Under the owner's lock: one Restorer may serve several threads, and two that missed at once
+    both popped the same oldest entry (KeyError)."""
+    with lock:
         if key not in cache:
             if len(cache) >= keep:
                 cache.pop(next(iter(cache)))
@@ -189,6 +186,10 @@ class Restorer:
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
         self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
+        # Per Restorer, not per process: a make() may capture a CUDA graph or compile, and Restorers on
+        # other threads (one per GPU) must not wait for it. Reentrant: a frame graph's make() runs the
+        # plan, which remembers its device data.
+        self._cache_lock = threading.RLock()
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
         if channel_order not in ("rgb", "bgr"):
@@ -255,7 +256,9 @@ class Restorer:
         def make():
             return FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
 
-        return remember(self._graphs, key, make, keep=2)  # each graph keeps its own memory pool
+        return remember(
+            self._graphs, key, make, keep=2, lock=self._cache_lock
+        )  # each graph keeps its own memory pool
 
     def tiling_for(self, h: int, w: int, n: int = 1) -> tuple[int | None, int]:
         """(tile, overlap) that n images of h x w run at: tile_for's, or the smaller ones an
@@ -356,7 +359,9 @@ class Restorer:
                 "col_weights": torch.from_numpy(np.stack(plan.cols.weights)).float().to(self.device),
             }
 
-        return remember(self._plan_cache, key, make, keep=8)  # a few sizes in flight at most
+        return remember(
+            self._plan_cache, key, make, keep=8, lock=self._cache_lock
+        )  # a few sizes in flight at most
 
     def _q_from_sums(self, sums: torch.Tensor, h: int, w: int) -> dict:
         """(3, N) sums of gamma**p over an h x w image at each gamma scale -> {"Q1","Q2","Q3"}."""
