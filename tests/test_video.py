@@ -568,6 +568,25 @@ def test_y4m_output_without_options_from_packed_and_10_bit_sources(restorer, fra
         assert len(decode(dst)[0]) == 2
 
 
+def test_gif_output_takes_the_gif_codec_in_colour(restorer, clip, frames_rgb, tmp_path):
+    """GIF holds only its own 256-colour codec and no audio: .gif gets it without options (the default
+    libx264 was refused, then the audio), in a colour palette format, with notes; pal8, which swscale
+    cannot write, is refused before any output exists, naming a format that works."""
+    dst = tmp_path / "o.gif"
+    s = transcode(restorer, clip, dst, VideoOptions(write_quality=False))
+    assert s["codec"] == "gif" and s["pix_fmt"] == "rgb8"
+    assert any("256 colours" in n for n in s["notes"])
+    assert any("holds no audio" in n for n in s["notes"])  # the clip's AAC is dropped, not refused
+    got = decode(dst)[0]
+    assert len(got) == len(frames_rgb)
+    # Colour survives the palette: the channels of a restored frame still differ (a gray GIF would not).
+    rgb = got[0].to_ndarray(format="rgb24").astype(float)
+    assert np.abs(rgb[..., 0] - rgb[..., 2]).mean() > 5
+    with pytest.raises(VideoError, match="pal8.*try --pix-fmt rgb8"):
+        transcode(restorer, clip, tmp_path / "p.gif", VideoOptions(pix_fmt="pal8", write_quality=False))
+    assert not list(tmp_path.glob("p*"))
+
+
 def test_variable_rate_source_into_y4m_keeps_every_frame(restorer, tmp_path):
     """Y4M and AVI count frames, not time: a variable-rate source (a phone's) is written frame by frame,
     where rounding its times to the average rate gave two frames one tick and the muxer refused them."""

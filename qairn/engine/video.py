@@ -243,6 +243,11 @@ CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
 PRESET_CODECS = {"libx264", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
+SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
+SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
+# Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
+FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
+PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
 
 
 def work_format(fmt) -> str:
@@ -440,8 +445,9 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     import av
 
     # Y4M holds only raw planar Y'CbCr frames; FFmpeg writes its 9- to 16-bit kinds only when allowed.
+    # GIF holds only its own codec (256-colour palettes).
     y4m = tmp.suffix.lower() == ".y4m"
-    codec = opts.codec or ("rawvideo" if y4m else default_codec())
+    codec = opts.codec or SUFFIX_CODECS.get(tmp.suffix.lower()) or default_codec()
     options = (
         {"movflags": "+faststart"} if tmp.suffix in (".mp4", ".mov") else {"strict": "-1"} if y4m else {}
     )
@@ -463,14 +469,28 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         candidates = (
             ([] if y4m else [src_fmt]) + [work_fmt] + (["yuv420p10le"] if bits > 8 else []) + ["yuv420p"]
         )
+        # An encoder that takes none of those (gif: palettes only) gets the first of its own formats
+        # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
+        candidates += [f for f in FALLBACK_FORMATS if f in supported]
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
         if bits > 8 and format_bits(pix_fmt) <= 8:
             note = f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}"
+        elif pix_fmt in PALETTE_FORMATS:
+            note = f"{codec} holds 256 colours at most: writing {pix_fmt} (a fixed palette; .mp4 keeps all)"
     elif supported and pix_fmt not in supported:
         out.close()
         raise VideoError(
             f"{dst}: {codec} cannot encode pixel format {pix_fmt} (it takes {', '.join(sorted(supported))})"
         )
+    try:  # swscale cannot write every format an encoder takes (pal8): say so before any work
+        _reformat(first, pix_fmt, *color)
+    except (av.FFmpegError, ValueError) as e:
+        out.close()
+        usable = [f for f in FALLBACK_FORMATS if f in supported]
+        hint = f"; try --pix-fmt {usable[0]}" if usable else ""
+        raise VideoError(
+            f"{dst}: cannot convert frames to pixel format {pix_fmt} ({_msg(e)}){hint}"
+        ) from None
     cc = vs.codec_context
     vs.width, vs.height, vs.pix_fmt = first.width, first.height, pix_fmt
     # Y4M and AVI read the frame rate from the stream's time base: there it must be 1/rate (the frames
@@ -599,6 +619,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         vstream = inp.streams.video[0]
         vstream.thread_type = "AUTO"
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
+        audio_note = ""
+        if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
+            audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
+            astreams = []
         pending_audio: list = []
         counts: dict = {}
         frames = _decode(inp, vstream, astreams, pending_audio, src, counts)
@@ -663,7 +687,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     f"qairn: {src.name}: frame {i + 1} ({(i + 1) / (shown - start):.2f} fps)", file=sys.stderr
                 )
         elapsed = time.perf_counter() - start
-        notes = [f"{src}: {n}" for n in (note, fmt_note) if n]
+        notes = [f"{src}: {n}" for n in (note, fmt_note, audio_note) if n]
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
@@ -803,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("encoding")
     e.add_argument(
         "--codec",
-        help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; .y4m: rawvideo)",
+        help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; .y4m: rawvideo, .gif: gif)",
     )
     e.add_argument(
         "--crf", type=float, default=18.0, help="constant quality for x264/x265/vp9/av1 (default 18)"
