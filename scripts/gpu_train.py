@@ -179,7 +179,10 @@ def main(argv=None) -> int:
         return a.deadline - (time.time() - t_start)
 
     def save_results():
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        # rewritten after each stage of a run that may be killed at its limit: temp name, then rename
+        tmp = out / "results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out / "results.json")
 
     save_results()
     val = list_images(pack / "val")

@@ -388,7 +388,11 @@ def jobs(gate, report, deadline):
 def save(report, path):
     report["verdict"] = verdict(report)
     report["elapsed_s"] = round(time.monotonic() - START, 1)
-    path.write_text(json.dumps(report, indent=1))
+    # The JSON is rewritten after every job and the run may be killed at its time limit at any
+    # moment: write a temp file and rename it, so the last complete report always survives.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
 
 
 def main(argv):
