@@ -827,7 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("encoding")
     e.add_argument(
         "--codec",
-        help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; .y4m: rawvideo, .gif: gif)",
+        help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
+        ".y4m: rawvideo, .gif: gif)",
     )
     e.add_argument(
         "--crf", type=float, default=18.0, help="constant quality for x264/x265/vp9/av1 (default 18)"
