@@ -22,6 +22,13 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 AUTO_TILE = 512  # tile="auto": tiles of this size for images bigger than one batch of them
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "qairn-small.safetensors"
 SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
+# Held for each CUDA-graph capture, and by our torch.cuda.empty_cache calls: one for the process.
+# torch.cuda.empty_cache empties every GPU's cache, and PyTorch's allocator asserts that no capture
+# is underway on a GPU whose cache it empties; torch.cuda.graph calls it on entry. So two Restorers
+# on two GPUs capturing at once from their threads (or one emptying its cache after running out of
+# memory while another captures) would crash. Held only for the capture itself (host work, once per
+# shape), not the warm-up before it, where compiling and tuning take their time.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def default_weights() -> Path:
@@ -113,17 +120,38 @@ class FrameGraph:
 
     @staticmethod
     def capture(run, x: torch.Tensor):
-        """(replay, outputs): run(x) warmed up, then captured; replay() reruns it into outputs."""
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run(x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run(x)
-        return graph.replay, output
+        """(replay, outputs): run(x) warmed up, then captured; replay() reruns it into outputs.
+
+        x is on the model's device, which is made current for all of it: torch.cuda.graph synchronizes
+        and captures on the *current* device, and Triton launches go there (a Restorer on cuda:1 of a
+        process whose current device is cuda:0). Warm-up and capture run on a side stream of our own
+        on that device: torch.cuda.graph's default capture stream is one for the whole process, made
+        on whichever device was current at its first use, and shared by captures on other threads.
+        capture_error_mode="thread_local": in the default "global" mode, a call that is unsafe during
+        a capture (cudaMalloc, a synchronize) made by *any* thread fails in that thread and spoils the
+        capture, so the other Restorers of a process (one per GPU, each on its own thread) would break
+        it with their ordinary work, and it would break theirs. thread_local checks only this thread,
+        which makes no such call inside the capture: the warm-up compiled and tuned first, and
+        PyTorch's allocator relaxes the mode for its own cudaMalloc. The capture itself holds
+        _CAPTURE_LOCK (why: see there).
+        """
+        device = x.device
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run(x)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                output = run(x)
+
+        def replay():
+            with torch.cuda.device(device):  # on the current stream of the graph's own device
+                graph.replay()
+
+        return replay, output
 
     def __call__(self, x: torch.Tensor):
         self.input.copy_(x)
@@ -236,7 +264,8 @@ class Restorer:
                     f"out of device memory at tile {current}: retrying with tile {tile}", stacklevel=2
                 )
                 if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
+                        torch.cuda.empty_cache()
                 # Remembered for this input shape only: the next frame of a stream goes straight to the
                 # tile that fits, and a long-lived Restorer does not tile its small frames for good.
                 self._shrunk[(n, h, w)] = tile, min(overlap, tile // 4)
