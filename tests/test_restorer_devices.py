@@ -5,9 +5,71 @@ faked; the real capture is tested on CUDA in test_cuda_graph.py)."""
 import contextlib
 from types import SimpleNamespace
 
+import cv2
+import numpy as np
+import pytest
 import torch
+from conftest import lively_model
 
+import qairn
+from qairn.cli import main
 from qairn.engine import restorer as rs
+
+
+def fake_gpus(monkeypatch, count: int, current: int = 0):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+
+
+@pytest.mark.parametrize(
+    "count, device, says",
+    [
+        (1, "cuda:3", "device 'cuda:3' requested, but this machine has 1 CUDA device (cuda:0)"),
+        (2, "cuda:2", "device 'cuda:2' requested, but this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
+        (0, "cuda", "device 'cuda' requested, but this machine has no CUDA device"),
+        (0, "cuda:0", "device 'cuda:0' requested, but this machine has no CUDA device"),
+    ],
+)
+def test_a_gpu_that_is_not_there_is_refused_at_construction(monkeypatch, count, device, says):
+    fake_gpus(monkeypatch, count)
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device=device)
+    assert str(e.value) == says
+
+
+def test_devices_that_are_there(monkeypatch):
+    fake_gpus(monkeypatch, 2, current=1)
+    assert rs.resolve_device("cuda:1") == torch.device("cuda", 1)
+    # A bare "cuda" (and "auto") is the GPU current now, index and all: the Restorer stays on it when
+    # a thread with another current GPU calls it later.
+    assert rs.resolve_device("cuda") == torch.device("cuda", 1)
+    assert rs.resolve_device("auto") == torch.device("cuda", 1)
+    fake_gpus(monkeypatch, 0)
+    assert rs.resolve_device("auto") == torch.device("cpu")
+    assert rs.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("command", ["restore", "score"])
+@pytest.mark.parametrize(
+    "count, device, says",
+    [
+        (1, "cuda:3", "device 'cuda:3' requested, but this machine has 1 CUDA device (cuda:0)"),
+        (0, "cuda", "device 'cuda' requested, but this machine has no CUDA device"),
+    ],
+)
+def test_the_cli_says_so_in_one_line(
+    tmp_path, live1_image, tiny_weights, capsys, monkeypatch, command, count, device, says
+):
+    src = tmp_path / "a.jpg"
+    cv2.imwrite(str(src), np.ascontiguousarray(live1_image[:64, :64, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 20])
+    fake_gpus(monkeypatch, count)
+    out = tmp_path / "out.png"
+    extra = ["-o", str(out)] if command == "restore" else []
+    rc = main([command, str(src), *extra, "--weights", str(tiny_weights), "--device", device])
+    _, err = capsys.readouterr()
+    assert rc != 0 and err.strip().splitlines() == [f"qairn: error: {says}"], err
+    assert "Traceback" not in err and not out.exists()
 
 
 class FakeCuda:

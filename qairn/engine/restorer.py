@@ -41,11 +41,27 @@ def default_weights() -> Path:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto" (CUDA if there is a GPU, else the CPU), or the device named. A CUDA device that is not
+    there (cuda:3 with one GPU, or cuda with none) is refused here, in one line naming it and what
+    there is, rather than at the first copy to it, deep inside the backend, as an "invalid device
+    ordinal" CUDA error. A bare "cuda" becomes the current CUDA device, index and all: the Restorer
+    stays on that GPU when later called from a thread where another one is current."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(device)!r} requested, but this machine has no CUDA device")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= count:
+        there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ValueError(
+            f"device {str(device)!r} requested, but this machine has {count} CUDA "
+            f"device{'s' if count > 1 else ''} ({there})"
+        )
     return device
 
 
@@ -198,6 +214,7 @@ class Restorer:
     ):
         if model is not None and weights is not None:
             raise ValueError("give weights= or model=, not both (model= would win and weights= be ignored)")
+        self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
         if model is None:
             model = load_model(weights if weights is not None else default_weights())
         self.config = model.config
@@ -209,7 +226,6 @@ class Restorer:
                 f"the Minkowski exponent p = {self.p:g} is over {MAX_POOL_P:g}: fp32 pooling sums lose every "
                 f"gate below {2 ** (-222 / self.p):.2f} (a map of such gates would score Q = 0)"
             )
-        self.device = resolve_device(device)
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
