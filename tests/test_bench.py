@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -192,6 +193,78 @@ def test_label_tile_batch_and_onnxruntime_threads(monkeypatch):
     assert seen["tile_batch"] == 2
     qb.make_restorer(torch.nn.Identity(), "onnxruntime-fp32", torch.device("cpu"), 512, args)
     assert seen["threads"] == torch.get_num_threads()
+
+
+def fake_gpus(monkeypatch, count: int) -> list:
+    """count GPUs, cuda:0 current; returns the list of devices torch.cuda.set_device was given."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    return made_current
+
+
+def test_device_is_checked_and_made_current(monkeypatch, capsys):
+    """--device cuda:N becomes the current device: CUDA events, synchronize and memory stats without
+    a device, and Triton launches, mean the current one (they measured cuda:0 before)."""
+    made_current = fake_gpus(monkeypatch, 2)
+    assert qb.resolve("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
+    assert qb.resolve("cuda") == torch.device("cuda", 0)  # the current one, with its index
+    assert qb.resolve("cpu") == torch.device("cpu") and len(made_current) == 2
+    from qairn.cli import main as cli
+
+    says = "device 'cuda:2' requested, but this machine has 2 CUDA devices (cuda:0 to cuda:1)"
+    assert cli(["bench", "--device", "cuda:2", "--env", "-"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qairn bench: error: --device: {says}"]
+    fake_gpus(monkeypatch, 0)
+    with pytest.raises(SystemExit, match="requested, but this machine has no CUDA device"):
+        qb.resolve("cuda")
+
+
+@pytest.mark.parametrize("script", ["conv_util", "profile_best"])
+def test_bench_scripts_take_their_device_through_resolve(monkeypatch, script):
+    module = bench_script(script)
+    asked = []
+
+    def resolve(device):
+        asked.append(device)
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(module.qb, "resolve", resolve)
+    with pytest.raises(SystemExit, match="stop here"):
+        module.main(["--device", "cuda:1"])
+    assert asked == ["cuda:1"]
+
+
+def test_measure_times_on_the_devices_own_stream(monkeypatch):
+    """Events recorded with no stream go on the current device's: on cuda:1 they must name its stream."""
+    streams, recorded = {}, []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.5
+
+    def current_stream(device=None):
+        return streams.setdefault(device, SimpleNamespace(device=device))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    gpu = torch.device("cuda", 1)
+    r = qb.measure(lambda: "out", gpu, warmup=1, repeats=2, budget_s=10.0)
+    assert r == {"ms": [1.5, 1.5], "out": "out"}
+    assert len(recorded) == 4 and all(s is streams[gpu] for s in recorded)
 
 
 def test_video_mode_on_cpu(tmp_path):
