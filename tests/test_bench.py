@@ -437,6 +437,42 @@ def test_gpu_summary(tmp_path):
     assert "TIMED OUT" in summ.report(summary)
 
 
+def test_gpu_summary_names_both_speedups_right():
+    """A best entry's "speedup" is against eager fp32 at its fastest tile (any tile of the run),
+    "speedup_same_tile" against eager fp32 at the best's own tile; the tile-1024 line printed the
+    first as "(same tile)"."""
+    summ = bench_script("gpu_summary")
+    report = {
+        "kind": "table",
+        "results": [
+            {"status": "ok", "backend": "eager-fp32", "size": [3840, 2160], "tile": 1024, "ms_median": 300.0},
+            {"status": "ok", "backend": "eager-fp32", "size": [3840, 2160], "tile": None, "ms_median": 200.0},
+            {"status": "ok", "backend": "triton-fp16", "size": [3840, 2160], "tile": 1024, "ms_median": 100.0,
+             "speedup": 3.0, "psnr_db": 60.0, "mp_per_s": 83.0, "peak_mem_mib": 500.0},
+        ],
+    }  # fmt: skip
+    best = qb.choose_best(report, min_psnr=40.0)["3840x2160"]
+    assert (best["speedup"], best["speedup_same_tile"]) == (2.0, 3.0)
+    summary = {
+        "gpu": "Test GPU",
+        "date": "today",
+        "dryrun": False,
+        "stages": [],
+        "tests": None,
+        "targets": {},
+    }
+    text = summ.report(
+        summary | {"best": {"3840x2160": best}, "bench_tile1024": {"best": {"3840x2160": best}}}
+    )
+    both = "triton-fp16 2.00x eager fp32 at its fastest tile, 3.00x eager fp32 at tile 1024"
+    assert f"  best at 3840x2160: {both}, PSNR 60.0 dB, peak 500 MiB" in text.splitlines()
+    assert f"  tile 1024, best at 3840x2160: {both}, 83 MP/s" in text.splitlines()
+    whole = best | {"tile": None, "speedup_same_tile": 1.25}
+    assert summ.speedups(whole) == "2.00x eager fp32 at its fastest tile, 1.25x eager fp32 on whole frames"
+    old = {k: v for k, v in best.items() if k != "speedup_same_tile"}  # a report from before the field
+    assert summ.speedups(old) == "2.00x eager fp32 at its fastest tile"
+
+
 def test_gpu_run_script_syntax():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
 
