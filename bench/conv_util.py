@@ -228,7 +228,9 @@ def main(argv=None) -> int:
     p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
     p.add_argument("--shape", default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)")
     p.add_argument("--precision", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (made the current CUDA device)"
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG of the per-layer times against the roofline")

@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (made the current CUDA device)"
+    )
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--out", help="write the profiler table here")
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
 
     def sync():
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
 
     for _ in range(3):
         restorer.restore_tensor(x)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,6 +195,78 @@ def test_label_tile_batch_and_onnxruntime_threads(monkeypatch):
     assert seen["threads"] == torch.get_num_threads()
 
 
+def fake_gpus(monkeypatch, count: int) -> list:
+    """count GPUs, cuda:0 current; returns the list of devices torch.cuda.set_device was given."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    return made_current
+
+
+def test_device_is_checked_and_made_current(monkeypatch, capsys):
+    """--device cuda:N becomes the current device: CUDA events, synchronize and memory stats without
+    a device, and Triton launches, mean the current one (they measured cuda:0 before)."""
+    made_current = fake_gpus(monkeypatch, 2)
+    assert qb.resolve("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
+    assert qb.resolve("cuda") == torch.device("cuda", 0)  # the current one, with its index
+    assert qb.resolve("cpu") == torch.device("cpu") and len(made_current) == 2
+    from qairn.cli import main as cli
+
+    says = "device 'cuda:2' requested, but this machine has 2 CUDA devices (cuda:0 to cuda:1)"
+    assert cli(["bench", "--device", "cuda:2", "--env", "-"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qairn bench: error: --device: {says}"]
+    fake_gpus(monkeypatch, 0)
+    with pytest.raises(SystemExit, match="requested, but this machine has no CUDA device"):
+        qb.resolve("cuda")
+
+
+@pytest.mark.parametrize("script", ["conv_util", "profile_best"])
+def test_bench_scripts_take_their_device_through_resolve(monkeypatch, script):
+    module = bench_script(script)
+    asked = []
+
+    def resolve(device):
+        asked.append(device)
+        raise SystemExit("stop here")
+
+    monkeypatch.setattr(module.qb, "resolve", resolve)
+    with pytest.raises(SystemExit, match="stop here"):
+        module.main(["--device", "cuda:1"])
+    assert asked == ["cuda:1"]
+
+
+def test_measure_times_on_the_devices_own_stream(monkeypatch):
+    """Events recorded with no stream go on the current device's: on cuda:1 they must name its stream."""
+    streams, recorded = {}, []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.5
+
+    def current_stream(device=None):
+        return streams.setdefault(device, SimpleNamespace(device=device))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    gpu = torch.device("cuda", 1)
+    r = qb.measure(lambda: "out", gpu, warmup=1, repeats=2, budget_s=10.0)
+    assert r == {"ms": [1.5, 1.5], "out": "out"}
+    assert len(recorded) == 4 and all(s is streams[gpu] for s in recorded)
+
+
 def test_video_mode_on_cpu(tmp_path):
     out = tmp_path / "video.json"
     args = TINY + [
@@ -362,6 +435,42 @@ def test_gpu_summary(tmp_path):
     assert summ.best_label(json.loads((work / "bench.json").read_text())) == "compile-fp16"
     assert summ.best_label(None, "eager-fp32") == "eager-fp32"
     assert "TIMED OUT" in summ.report(summary)
+
+
+def test_gpu_summary_names_both_speedups_right():
+    """A best entry's "speedup" is against eager fp32 at its fastest tile (any tile of the run),
+    "speedup_same_tile" against eager fp32 at the best's own tile; the tile-1024 line printed the
+    first as "(same tile)"."""
+    summ = bench_script("gpu_summary")
+    report = {
+        "kind": "table",
+        "results": [
+            {"status": "ok", "backend": "eager-fp32", "size": [3840, 2160], "tile": 1024, "ms_median": 300.0},
+            {"status": "ok", "backend": "eager-fp32", "size": [3840, 2160], "tile": None, "ms_median": 200.0},
+            {"status": "ok", "backend": "triton-fp16", "size": [3840, 2160], "tile": 1024, "ms_median": 100.0,
+             "speedup": 3.0, "psnr_db": 60.0, "mp_per_s": 83.0, "peak_mem_mib": 500.0},
+        ],
+    }  # fmt: skip
+    best = qb.choose_best(report, min_psnr=40.0)["3840x2160"]
+    assert (best["speedup"], best["speedup_same_tile"]) == (2.0, 3.0)
+    summary = {
+        "gpu": "Test GPU",
+        "date": "today",
+        "dryrun": False,
+        "stages": [],
+        "tests": None,
+        "targets": {},
+    }
+    text = summ.report(
+        summary | {"best": {"3840x2160": best}, "bench_tile1024": {"best": {"3840x2160": best}}}
+    )
+    both = "triton-fp16 2.00x eager fp32 at its fastest tile, 3.00x eager fp32 at tile 1024"
+    assert f"  best at 3840x2160: {both}, PSNR 60.0 dB, peak 500 MiB" in text.splitlines()
+    assert f"  tile 1024, best at 3840x2160: {both}, 83 MP/s" in text.splitlines()
+    whole = best | {"tile": None, "speedup_same_tile": 1.25}
+    assert summ.speedups(whole) == "2.00x eager fp32 at its fastest tile, 1.25x eager fp32 on whole frames"
+    old = {k: v for k, v in best.items() if k != "speedup_same_tile"}  # a report from before the field
+    assert summ.speedups(old) == "2.00x eager fp32 at its fastest tile"
 
 
 def test_gpu_run_script_syntax():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
 from qairn.engine.imageio import check_writable, save_figure
-from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer
+from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
 from qairn.weights_io import load_model
@@ -167,11 +167,17 @@ def param_count(model: nn.Module) -> int:
 
 # ---- the device -----------------------------------------------------------------------------------------
 def resolve(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("qairn bench: --device cuda asked for, but no CUDA device is available")
+    """--device as a torch.device with its index ("cuda" is the current GPU), refused in one line when
+    that GPU is not there. A CUDA device is also made the current one, for the rest of the process:
+    CUDA events record on the current device's stream, and torch.cuda calls without a device
+    (synchronize, memory stats, a Triton launch) mean the current device; left at cuda:0, a run on
+    --device cuda:1 would time and measure the wrong GPU."""
+    try:
+        device = resolve_device(device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 
@@ -286,10 +292,12 @@ def measure(fn, device: torch.device, warmup: int, repeats: int, budget_s: float
     for _ in range(n):
         out = None
         if cuda:
+            # On the device's own stream: record() with no stream means the *current* device's.
+            stream = torch.cuda.current_stream(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             out = fn()
-            end.record()
+            end.record(stream)
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:

@@ -22,6 +22,13 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 AUTO_TILE = 512  # tile="auto": tiles of this size for images bigger than one batch of them
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "qairn-small.safetensors"
 SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
+# Held for each CUDA-graph capture, and by our torch.cuda.empty_cache calls: one for the process.
+# torch.cuda.empty_cache empties every GPU's cache, and PyTorch's allocator asserts that no capture
+# is underway on a GPU whose cache it empties; torch.cuda.graph calls it on entry. So two Restorers
+# on two GPUs capturing at once from their threads (or one emptying its cache after running out of
+# memory while another captures) would crash. Held only for the capture itself (host work, once per
+# shape), not the warm-up before it, where compiling and tuning take their time.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def default_weights() -> Path:
@@ -34,11 +41,27 @@ def default_weights() -> Path:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """ "auto" (CUDA if there is a GPU, else the CPU), or the device named. A CUDA device that is not
+    there (cuda:3 with one GPU, or cuda with none) is refused here, in one line naming it and what
+    there is, rather than at the first copy to it, deep inside the backend, as an "invalid device
+    ordinal" CUDA error. A bare "cuda" becomes the current CUDA device, index and all: the Restorer
+    stays on that GPU when later called from a thread where another one is current."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ValueError(f"device {str(device)!r} requested, but this machine has no CUDA device")
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.index >= count:
+        there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ValueError(
+            f"device {str(device)!r} requested, but this machine has {count} CUDA "
+            f"device{'s' if count > 1 else ''} ({there})"
+        )
     return device
 
 
@@ -113,17 +136,38 @@ class FrameGraph:
 
     @staticmethod
     def capture(run, x: torch.Tensor):
-        """(replay, outputs): run(x) warmed up, then captured; replay() reruns it into outputs."""
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run(x)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run(x)
-        return graph.replay, output
+        """(replay, outputs): run(x) warmed up, then captured; replay() reruns it into outputs.
+
+        x is on the model's device, which is made current for all of it: torch.cuda.graph synchronizes
+        and captures on the *current* device, and Triton launches go there (a Restorer on cuda:1 of a
+        process whose current device is cuda:0). Warm-up and capture run on a side stream of our own
+        on that device: torch.cuda.graph's default capture stream is one for the whole process, made
+        on whichever device was current at its first use, and shared by captures on other threads.
+        capture_error_mode="thread_local": in the default "global" mode, a call that is unsafe during
+        a capture (cudaMalloc, a synchronize) made by *any* thread fails in that thread and spoils the
+        capture, so the other Restorers of a process (one per GPU, each on its own thread) would break
+        it with their ordinary work, and it would break theirs. thread_local checks only this thread,
+        which makes no such call inside the capture: the warm-up compiled and tuned first, and
+        PyTorch's allocator relaxes the mode for its own cudaMalloc. The capture itself holds
+        _CAPTURE_LOCK (why: see there).
+        """
+        device = x.device
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run(x)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with _CAPTURE_LOCK, torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                output = run(x)
+
+        def replay():
+            with torch.cuda.device(device):  # on the current stream of the graph's own device
+                graph.replay()
+
+        return replay, output
 
     def __call__(self, x: torch.Tensor):
         self.input.copy_(x)
@@ -170,6 +214,7 @@ class Restorer:
     ):
         if model is not None and weights is not None:
             raise ValueError("give weights= or model=, not both (model= would win and weights= be ignored)")
+        self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
         if model is None:
             model = load_model(weights if weights is not None else default_weights())
         self.config = model.config
@@ -181,7 +226,6 @@ class Restorer:
                 f"the Minkowski exponent p = {self.p:g} is over {MAX_POOL_P:g}: fp32 pooling sums lose every "
                 f"gate below {2 ** (-222 / self.p):.2f} (a map of such gates would score Q = 0)"
             )
-        self.device = resolve_device(device)
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
@@ -236,7 +280,8 @@ class Restorer:
                     f"out of device memory at tile {current}: retrying with tile {tile}", stacklevel=2
                 )
                 if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
+                        torch.cuda.empty_cache()
                 # Remembered for this input shape only: the next frame of a stream goes straight to the
                 # tile that fits, and a long-lived Restorer does not tile its small frames for good.
                 self._shrunk[(n, h, w)] = tile, min(overlap, tile // 4)

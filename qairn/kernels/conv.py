@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qairn.kernels.gate import on_device
+
 try:
     import triton
     import triton.language as tl
@@ -334,7 +336,8 @@ def conv_triton(
 
     # Tuned once per layer shape and layout (the epilogue flags barely change the time).
     key = ("conv", x.device, x.dtype, n, cin, cin2, cout, h, w, k, stride, padding, x.stride(), out.stride())
-    launch(config or choose_config(key, x, max(cin, cin2), cout, launch))
+    with on_device(x):  # x's GPU, for the launches and the tuning's events and capture check alike
+        launch(config or choose_config(key, x, max(cin, cin2), cout, launch))
     return out
 
 

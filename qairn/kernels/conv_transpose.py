@@ -29,6 +29,7 @@ from qairn.kernels.conv import (
     choose_config,
     empty_like_layout,
     epilogue_reference,
+    on_device,
     recompute_backward,
     triton_takes,
 )
@@ -124,7 +125,8 @@ def conv_transpose_triton(
         )  # fmt: skip
 
     key = ("conv_transpose", x.device, x.dtype, n, cin, cout, h, w, x.stride(), out.stride())
-    launch(config or choose_config(key, x, cin, cout, launch))
+    with on_device(x):  # x's GPU, for the launches and the tuning's events and capture check alike
+        launch(config or choose_config(key, x, cin, cout, launch))
     return out
 
 

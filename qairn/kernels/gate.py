@@ -27,6 +27,7 @@ module is imported. Powers are taken as exp2(p * log2(x)), which compiles and in
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -285,6 +286,15 @@ if HAS_TRITON:
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def on_device(t: Tensor):
+    """The context every Triton launch runs in: t's CUDA device made current (a no-op context for
+    CPU tensors, which run interpreted). A Triton launch compiles for and runs on the *current* CUDA
+    device, not its arguments' one: with tensors on cuda:1 while cuda:0 is current (one Restorer per
+    GPU, each on its own thread) it would go to the wrong GPU. Under it, torch.cuda's current stream,
+    events and is_current_stream_capturing also refer to t's device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _nchw_strides(t: Tensor) -> tuple[int, int, int] | None:
     """(s_n, s_c, s_pixel) if (H,W) flatten into one pixel index with one stride, else None."""
     _, _, h, w = t.shape
@@ -393,25 +403,27 @@ def gated_blend_triton(
     partial = torch.empty((n, num_blocks) if pool else (0,), dtype=torch.float32, device=skip.device)
     cores_arg = _cores_arg(cores, n, logit)
 
-    _gate_fwd_kernel[(num_blocks * n,)](
-        logit, skip, dec, out, gamma, partial, cores_arg,
-        c, h * w, w, float(p or 0.0), num_blocks,
-        s_logit[0], s_logit[2],
-        *s_skip, *s_dec, *s_out,
-        s_gamma[0], s_gamma[2],
-        BLOCK_C=block_c, BLOCK_P=block_p,
-        WRITE_GAMMA=write_gamma, POOL=pool, HAS_CORES=cores is not None, OFFSET=offset,
-        num_warps=num_warps,
-    )  # fmt: skip
+    with on_device(skip):
+        _gate_fwd_kernel[(num_blocks * n,)](
+            logit, skip, dec, out, gamma, partial, cores_arg,
+            c, h * w, w, float(p or 0.0), num_blocks,
+            s_logit[0], s_logit[2],
+            *s_skip, *s_dec, *s_out,
+            s_gamma[0], s_gamma[2],
+            BLOCK_C=block_c, BLOCK_P=block_p,
+            WRITE_GAMMA=write_gamma, POOL=pool, HAS_CORES=cores is not None, OFFSET=offset,
+            num_warps=num_warps,
+        )  # fmt: skip
     if not pool:
         empty = skip.new_empty(0, dtype=torch.float32)
         return out, gamma, empty, empty.long()
     pool_sum = torch.empty(n, dtype=torch.float32, device=skip.device)
     pool_count = torch.empty(n, dtype=torch.int64, device=skip.device)
-    _pool_finish_kernel[(n,)](
-        partial, cores_arg, pool_sum, pool_count, num_blocks, h, w,
-        BLOCK=512, HAS_CORES=cores is not None,
-    )  # fmt: skip
+    with on_device(skip):
+        _pool_finish_kernel[(n,)](
+            partial, cores_arg, pool_sum, pool_count, num_blocks, h, w,
+            BLOCK=512, HAS_CORES=cores is not None,
+        )  # fmt: skip
     return out, gamma, pool_sum, pool_count
 
 
@@ -454,16 +466,18 @@ def gated_blend_backward_triton(
     s_gl = _nchw_strides(grad_logit)
     num_blocks = triton.cdiv(h * w, block_p)
     offset = _offset_type(grad_out, grad_gamma, logit, skip, dec, grad_logit, grad_skip, grad_dec)
-    _gate_bwd_kernel[(num_blocks * n,)](
-        grad_out, grad_gamma, grad_pool, logit, skip, dec,
-        grad_logit, grad_skip, grad_dec, _cores_arg(cores, n, logit),
-        c, h * w, w, float(p or 0.0), num_blocks,
-        *s_go, s_gg[0], s_gg[2], s_logit[0], s_logit[2], *s_skip, *s_dec,
-        *_nchw_strides(grad_skip), *_nchw_strides(grad_dec), s_gl[0], s_gl[2],
-        BLOCK_C=block_c, BLOCK_P=block_p,
-        HAS_GRAD_GAMMA=has_grad_gamma, POOL=pool, HAS_CORES=cores is not None, OFFSET=offset,
-        num_warps=num_warps,
-    )  # fmt: skip
+    cores_arg = _cores_arg(cores, n, logit)
+    with on_device(skip):
+        _gate_bwd_kernel[(num_blocks * n,)](
+            grad_out, grad_gamma, grad_pool, logit, skip, dec,
+            grad_logit, grad_skip, grad_dec, cores_arg,
+            c, h * w, w, float(p or 0.0), num_blocks,
+            *s_go, s_gg[0], s_gg[2], s_logit[0], s_logit[2], *s_skip, *s_dec,
+            *_nchw_strides(grad_skip), *_nchw_strides(grad_dec), s_gl[0], s_gl[2],
+            BLOCK_C=block_c, BLOCK_P=block_p,
+            HAS_GRAD_GAMMA=has_grad_gamma, POOL=pool, HAS_CORES=cores is not None, OFFSET=offset,
+            num_warps=num_warps,
+        )  # fmt: skip
     return grad_logit, grad_skip, grad_dec
 
 

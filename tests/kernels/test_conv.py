@@ -232,6 +232,41 @@ def test_tuned_tiling_gives_the_same_result(monkeypatch):
     )
 
 
+@needs_triton
+def test_triton_launch_runs_under_on_device(monkeypatch):
+    """The launch (and, on CUDA, the tuning that times it) runs with x's GPU made current."""
+    from test_gate import launch_spy
+
+    launches = launch_spy(monkeypatch, cv, "_conv_kernel")
+    x, weight, bias, residual = make_inputs((1, 16, 16, 5, 6))
+    out = cv.conv_triton(x, weight, bias, relu=True, residual=residual)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=True, residual=residual), **TOL[torch.float32]
+    )
+    assert launches and all(name == "_conv_kernel" and inside and t is x for name, inside, t in launches)
+
+
+@pytest.mark.parametrize("tune", ["0", "1"])
+def test_op_on_the_second_gpu(monkeypatch, tune):
+    """Tensors on cuda:1 while cuda:0 is current: the launches, and the tuning's timed launches,
+    must go to cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    if not cv.HAS_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("QAIRN_CONV_TUNE", tune)
+    cv._tuned.clear()
+    x, weight, bias, residual = (
+        t.to("cuda:1") for t in make_inputs((2, 16, 16, 21, 19), torch.float16, "channels_last")
+    )
+    with torch.cuda.device(0):
+        out = cv.conv(x, weight, bias, relu=True, residual=residual)
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    want = ideal(*(t.cpu() for t in (x, weight, bias)), relu=True, residual=residual.cpu())
+    torch.testing.assert_close(out.cpu().double(), want, **TOL[torch.float16])
+
+
 # --- The op --------------------------------------------------------------------------------------------
 
 

@@ -82,6 +82,34 @@ def test_triton_rejects_bad_arguments():
         ct.conv_transpose_triton(x, weight, bias, residual=residual[..., :3])
 
 
+@needs_triton
+def test_triton_launch_runs_under_on_device(monkeypatch):
+    from test_gate import launch_spy
+
+    launches = launch_spy(monkeypatch, ct, "_conv_transpose_kernel")
+    x, weight, bias, residual = make_inputs((1, 16, 8, 3, 4))
+    out = ct.conv_transpose_triton(x, weight, bias, True, residual)
+    torch.testing.assert_close(out.double(), ideal(x, weight, bias, True, residual), **TOL[torch.float32])
+    assert launches and all(inside and t is x for _, inside, t in launches)
+
+
+def test_op_on_the_second_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the launches must go to cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    if not cv.HAS_TRITON:
+        pytest.skip("triton not installed")
+    x, weight, bias, residual = (
+        t.to("cuda:1") for t in make_inputs((2, 16, 8, 5, 7), torch.float16, "channels_last")
+    )
+    with torch.cuda.device(0):
+        out = ct.conv_transpose(x, weight, bias, True, residual)
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    want = ideal(*(t.cpu() for t in (x, weight, bias)), True, residual.cpu())
+    torch.testing.assert_close(out.cpu().double(), want, **TOL[torch.float16])
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_op_forward(layout):
     x, weight, bias, residual = make_inputs((2, 16, 8, 4, 3), layout=layout)

@@ -8,11 +8,13 @@ costs milliseconds per program.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -332,6 +334,103 @@ def test_triton_backward_without_gamma_and_pool_grads():
     expected = ideal_grads(logit, skip, dec, grad_out, None, None, None, None)
     for grad, ref in zip(grads, expected, strict=True):
         torch.testing.assert_close(grad.double(), ref, **TOL[torch.float32])
+
+
+# --- Devices: every launch runs on its tensors' GPU, not the current one ------------------------------
+
+
+def launch_spy(monkeypatch, module, *kernels):
+    """Swap module.on_device for a counting context and each named kernel for a wrapper that notes
+    whether it was launched inside it (then runs the real kernel). Returns the list of
+    (kernel name, inside, the tensor given to on_device) per launch."""
+    launches, entered = [], []
+
+    @contextlib.contextmanager
+    def on_device(t):
+        entered.append(t)
+        try:
+            yield
+        finally:
+            entered.pop()
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((self.name, bool(entered), entered[-1] if entered else None))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, "on_device", on_device)
+    for name in kernels:
+        monkeypatch.setattr(module, name, Spy(name, getattr(module, name)))
+    return launches
+
+
+def test_on_device_is_a_no_op_for_cpu_tensors(monkeypatch):
+    def no_cuda(*args):
+        raise AssertionError("torch.cuda.device was called for a CPU tensor")
+
+    monkeypatch.setattr(torch.cuda, "device", no_cuda)
+    context = gate.on_device(torch.zeros(2))
+    assert isinstance(context, contextlib.nullcontext)
+    with context:
+        pass
+
+
+def test_on_device_makes_the_tensors_gpu_current(monkeypatch):
+    """A CUDA tensor's device, with its index, goes to torch.cuda.device (faked: no GPU needed)."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: seen.append(d) or contextlib.nullcontext())
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    with gate.on_device(fake):
+        pass
+    assert seen == [torch.device("cuda", 1)]
+
+
+@needs_triton
+def test_triton_launches_run_under_on_device(monkeypatch):
+    launches = launch_spy(monkeypatch, gate, "_gate_fwd_kernel", "_pool_finish_kernel", "_gate_bwd_kernel")
+    logit, skip, dec = make_inputs((2, 3, 5, 6))
+    gate.gated_blend_triton(logit, skip, dec, p=2.0)
+    gate.gated_blend_backward_triton(*upstream_grads(logit, skip), logit, skip, dec, 2.0, None)
+    assert [(name, inside) for name, inside, _ in launches] == [
+        ("_gate_fwd_kernel", True),
+        ("_pool_finish_kernel", True),
+        ("_gate_bwd_kernel", True),
+    ]
+    assert all(t is skip for _, _, t in launches)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_op_on_the_second_gpu(layout):
+    """Tensors on cuda:1 while cuda:0 is current: the Triton launches must go to cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    if not gate.HAS_TRITON:
+        pytest.skip("triton not installed")
+    shape, cores = (2, 5, 9, 11), make_cores(2, 9, 11)
+    leaves = [t.to("cuda:1").requires_grad_() for t in make_inputs(shape, torch.float16, layout)]
+    with torch.cuda.device(0):
+        out, gamma, pool_sum, pool_count = gate.gated_blend(*leaves, p=2.0, cores=cores.to("cuda:1"))
+        grad_out, grad_gamma, grad_pool_sum = (g.to("cuda:1") for g in upstream_grads(leaves[0], leaves[1]))
+        torch.autograd.backward([out, gamma, pool_sum], [grad_out, grad_gamma, grad_pool_sum])
+        torch.cuda.synchronize(1)
+    assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    logit, skip, dec = (t.detach().cpu() for t in leaves)
+    cores = cores.cpu()
+    assert_forward(
+        (out.cpu(), gamma.cpu(), pool_sum.cpu(), pool_count.cpu()),
+        ideal(logit, skip, dec, 2.0, cores),
+        torch.float16,
+    )
+    grads = (grad_out.cpu(), grad_gamma.cpu(), grad_pool_sum.cpu())
+    expected = ideal_grads(logit, skip, dec, *grads, 2.0, cores)
+    for leaf, ref in zip(leaves, expected, strict=True):
+        torch.testing.assert_close(leaf.grad.cpu().double(), ref, **TOL[torch.float16])
 
 
 # --- The op: torch.library registration, autograd, compile, export, ONNX ----------------------------
