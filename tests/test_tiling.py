@@ -426,19 +426,54 @@ def test_frame_graph_logic_with_a_host_stand_in(live1_image, monkeypatch):
     assert len(graphed._graphs) == 2
 
 
-def test_auto_backend_and_precision():
+@pytest.mark.parametrize(
+    "capability, auto",
+    [((9, 0), ("triton", "fp16")), ((7, 5), ("triton", "fp16")), ((6, 1), ("eager", "fp32"))],
+)
+def test_auto_backend_and_precision(monkeypatch, capability, auto):
     """backend/precision "auto" (the defaults): eager fp32 on the CPU; fp16 on CUDA, through the
-    Triton gate when triton is there. Explicit choices pass through."""
+    Triton gate when triton is there, from compute capability 7.0 (tensor cores, and Triton's
+    oldest target); eager fp32 on older GPUs. Explicit choices pass through. (The GPU is faked.)"""
     from qairn.engine.restorer import resolve_auto
-    from qairn.kernels.gate import HAS_TRITON
+    from qairn.kernels import gate
 
+    monkeypatch.setattr(gate, "device_capability", lambda index: capability)
     r = qairn.Restorer(model=lively_model(), device="cpu")
     assert (r.backend_name, r.precision) == ("eager", "fp32")
-    cuda = torch.device("cuda")
-    assert resolve_auto("auto", "auto", cuda) == ("triton" if HAS_TRITON else "eager", "fp16")
+    cuda = torch.device("cuda", 0)
+    backend, precision = auto
+    assert resolve_auto("auto", "auto", cuda) == (backend if gate.HAS_TRITON else "eager", precision)
     assert resolve_auto("compile", "bf16", cuda) == ("compile", "bf16")
     assert resolve_auto("auto", "fp32", cuda)[1] == "fp32"
     assert resolve_auto("onnxruntime", "auto", torch.device("cpu")) == ("onnxruntime", "fp32")
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, compiles",
+    [
+        ((9, 0), torch.bfloat16, True),
+        ((8, 0), torch.bfloat16, True),
+        ((7, 5), torch.bfloat16, False),  # bf16 converts and tl.dot need Ampere
+        ((7, 5), torch.float16, True),
+        ((7, 0), torch.float32, True),
+        ((6, 1), torch.float16, False),  # before Volta Triton compiles nothing
+        ((6, 0), torch.float32, False),
+    ],
+)
+def test_triton_runs_only_where_it_compiles(monkeypatch, capability, dtype, compiles):
+    """The gate and conv ops take the Triton path on a GPU only where Triton can compile for it, and
+    the plain-torch reference elsewhere (instead of failing at the first call); CPU tensors (the
+    interpreter) always may."""
+    from qairn.kernels import conv, gate
+
+    asked = []
+    monkeypatch.setattr(gate, "device_capability", lambda index: asked.append(index) or capability)
+    assert gate.triton_compiles_for(torch.device("cuda", 1), dtype) is compiles
+    assert asked == [1]
+    assert gate.triton_compiles_for(torch.device("cpu"), dtype)
+    x = torch.zeros(1, 1, 4, 4, dtype=dtype)
+    assert gate._triton_takes(x, x, x) is gate.HAS_TRITON  # CPU tensors
+    assert conv.triton_takes(x, torch.zeros(1, 1, 3, 3, dtype=dtype)) is conv.HAS_TRITON
 
 
 @pytest.mark.parametrize(

@@ -70,15 +70,15 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     the CPU (no fast half precision on AVX2); on CUDA fp16, 1.6x eager fp32 with outputs 76.8 dB from
     it (H200, 4K, 2026-11-27), through the Triton gate when triton is installed (quality pooled in the
     blend's pass). torch.compile and engines stay opt-in: they compile for minutes first."""
-    cuda = device.type == "cuda"
+    from qairn.kernels.gate import HAS_TRITON, triton_compiles_for
+
+    # fp16 pays on tensor cores (compute capability 7.0 on); a Pascal GPU runs it at a fraction of
+    # its fp32 rate. Triton compiles for 7.0 on too: older GPUs get eager fp32.
+    cuda = device.type == "cuda" and triton_compiles_for(device, torch.float16)
     if precision == "auto":
         precision = "fp16" if cuda else "fp32"
     if backend == "auto":
-        backend = "eager"
-        if cuda:
-            from qairn.kernels.gate import HAS_TRITON
-
-            backend = "triton" if HAS_TRITON else "eager"
+        backend = "triton" if cuda and HAS_TRITON else "eager"
     return backend, precision
 
 

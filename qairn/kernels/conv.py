@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qairn.kernels.gate import on_device
+from qairn.kernels.gate import on_device, triton_compiles_for
 
 try:
     import triton
@@ -374,7 +374,12 @@ def _(x, weight, bias, stride, padding, relu, residual, x2):
 
 
 def triton_takes(x: Tensor, weight: Tensor) -> bool:
-    return HAS_TRITON and x.dtype in TRITON_DTYPES and weight.dtype == x.dtype
+    return (
+        HAS_TRITON
+        and x.dtype in TRITON_DTYPES
+        and weight.dtype == x.dtype
+        and triton_compiles_for(x.device, x.dtype)
+    )
 
 
 if HAS_TRITON:

@@ -28,6 +28,7 @@ module is imported. Powers are taken as exp2(p * log2(x)), which compiles and in
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -284,6 +285,27 @@ if HAS_TRITON:
 # ---------------------------------------------------------------------------------------------------
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton compiles for NVIDIA GPUs of compute capability 7.0 (Volta) and later only, and bf16
+# (converts, and the conv kernels' tl.dot) needs 8.0 (Ampere): older GPUs run the reference instead
+# of failing to compile at the first call.
+TRITON_MIN_CAPABILITY = (7, 0)
+TRITON_BF16_MIN_CAPABILITY = (8, 0)
+
+
+@functools.cache
+def device_capability(index: int) -> tuple[int, int]:
+    """(major, minor) compute capability of CUDA device `index` (asked once per device)."""
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def triton_compiles_for(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels can run on `device` in `dtype`: always on the CPU (the
+    interpreter); on CUDA, from compute capability 7.0, and 8.0 for bf16."""
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    needed = TRITON_BF16_MIN_CAPABILITY if dtype == torch.bfloat16 else TRITON_MIN_CAPABILITY
+    return device_capability(index) >= needed
 
 
 def on_device(t: Tensor):
@@ -551,7 +573,11 @@ def _(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
 
 
 def _triton_takes(*tensors: Tensor) -> bool:
-    return HAS_TRITON and all(t.dtype in TRITON_DTYPES for t in tensors)
+    return (
+        HAS_TRITON
+        and all(t.dtype in TRITON_DTYPES for t in tensors)
+        and triton_compiles_for(tensors[0].device, tensors[0].dtype)
+    )
 
 
 if HAS_TRITON:
