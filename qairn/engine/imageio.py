@@ -3,6 +3,7 @@ and atomic writes (temp name, then rename) so a failure never leaves a partial f
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import tempfile
@@ -52,7 +53,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         raise ImageError(f"{path}: empty file (0 bytes)")
     fmt = path.suffix.lstrip(".").upper() or None
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # the header only: nothing is decoded before the checks
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(
@@ -75,7 +76,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
             sixteen = sixteen or (fmt == "PPM" and _pnm_maxval(path) > 255)
-            if not sixteen:
+        # Decoded from bytes in memory, never from Pillow's memory map of the file: transposing a mapped
+        # uncompressed gray or RGBA TIFF (orientations 5-8) gave wrong pixels.
+        data = path.read_bytes()
+        if not sixteen:
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 if im.mode not in ("RGB", "RGBA", "L"):
                     has_alpha = "A" in im.mode or "transparency" in im.info
@@ -94,7 +99,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
         raise ImageError(f"{path}: cannot decode ({msg})") from None
     # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB).
-    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
     if arr.dtype != np.uint16 and arr.dtype != np.uint8:
