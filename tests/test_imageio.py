@@ -1,10 +1,14 @@
 """qairn.engine.imageio: reading and writing image files (depths, orientation, gray, round trips)."""
 
+import io
+import struct
+
+import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from qairn.engine.imageio import read_image, write_image
+from qairn.engine.imageio import read_image, with_exif, write_image
 
 TRANSPOSE = {  # EXIF orientation -> the Pillow operation that turns the stored pixels upright
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -26,11 +30,111 @@ def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
     return arr.reshape(h * w, *arr.shape[2:])[np.asarray(index)]
 
 
+def tiff_bytes(
+    arr: np.ndarray, orientation: int = 1, order: str = "<", big: bool = False, planar: int = 1
+) -> bytes:
+    """An uncompressed TIFF (classic or BigTIFF, either byte order, interleaved samples in one strip or
+    planar=2: one strip per plane) written by hand, so that depth, channels, layout and the orientation
+    tag are exactly what the test says."""
+    h, w = arr.shape[:2]
+    spp = 1 if arr.ndim == 2 else arr.shape[2]
+    layout = np.moveaxis(arr, 2, 0) if planar == 2 and spp > 1 else arr
+    pixels = np.ascontiguousarray(layout).astype(arr.dtype.newbyteorder(order)).tobytes()
+    pixels += b"\0" * (len(pixels) % 2)
+    head = 16 if big else 8
+    strips = spp if planar == 2 else 1
+    strip = len(arr.tobytes()) // strips
+    short, long_ = (3, "H"), (16 if big else 4, "Q" if big else "I")
+    entries = [
+        (256, long_, [w]),
+        (257, long_, [h]),
+        (258, short, [arr.dtype.itemsize * 8] * spp),
+        (259, short, [1]),  # no compression
+        (262, short, [1 if spp < 3 else 2]),  # min-is-black gray, or RGB
+        (273, long_, [head + k * strip for k in range(strips)]),  # the strips right after the header
+        (274, short, [orientation]),
+        (277, short, [spp]),
+        (278, long_, [h]),
+        (279, long_, [strip] * strips),
+        (284, short, [planar]),
+    ] + ([(338, short, [2])] if spp in (2, 4) else [])  # unassociated alpha
+    size, inline = (20, 8) if big else (12, 4)
+    ifd = head + len(pixels)
+    extra_at = ifd + (8 if big else 2) + size * len(entries) + (8 if big else 4)
+    table, extra = b"", b""
+    for tag, (kind, fmt), values in entries:
+        value = struct.pack(order + fmt * len(values), *values)
+        if len(value) > inline:
+            at = extra_at + len(extra)
+            extra += value
+            value = struct.pack(order + ("Q" if big else "I"), at)
+        table += struct.pack(order + ("HHQ" if big else "HHI"), tag, kind, len(values)) + value.ljust(
+            inline, b"\0"
+        )
+    mark = b"II" if order == "<" else b"MM"
+    if big:
+        header = mark + struct.pack(order + "HHHQ", 43, 8, 0, ifd)
+        directory = struct.pack(order + "Q", len(entries)) + table + struct.pack(order + "Q", 0)
+    else:
+        header = mark + struct.pack(order + "HI", 42, ifd)
+        directory = struct.pack(order + "H", len(entries)) + table + struct.pack(order + "I", 0)
+    return header + pixels + directory + extra
+
+
 def rand(shape, dtype, seed=0):
     return np.random.default_rng(seed).integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
 
 
 # ---- orientation ------------------------------------------------------------------------------------
+def test_hand_written_tiff_reads_as_written():
+    """The helper's files are real TIFFs: Pillow reads them back as written, orientation and all."""
+    for arr in (rand((5, 7), np.uint8), rand((5, 7), np.uint16), rand((5, 7, 3), np.uint8)):
+        for order, orientation in (("<", 3), (">", 6)):
+            with Image.open(io.BytesIO(tiff_bytes(arr, orientation, order))) as im:
+                assert im.getexif().get(0x0112) == orientation
+                np.testing.assert_array_equal(
+                    np.asarray(ImageOps.exif_transpose(im)), upright(arr, orientation)
+                )
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("channels", [0, 3, 4])
+def test_16bit_tiff_orientation_is_applied_once(tmp_path, orientation, channels):
+    """OpenCV's TIFF reader turns 16-bit pixels by the orientation tag itself; they were turned again."""
+    arr = rand((6, 4, channels) if channels else (6, 4), np.uint16, seed=orientation)
+    (tmp_path / "o.tif").write_bytes(tiff_bytes(arr, orientation))
+    got = read_image(tmp_path / "o.tif")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, upright(arr, orientation))
+
+
+@pytest.mark.parametrize("order, big", [(">", False), ("<", True)])  # (Pillow 13 cannot open MM BigTIFF)
+def test_16bit_tiff_orientation_big_endian_and_bigtiff(tmp_path, order, big):
+    arr = rand((5, 3, 3), np.uint16, seed=7)
+    for orientation in (1, 3, 6, 7):
+        (tmp_path / "o.tif").write_bytes(tiff_bytes(arr, orientation, order, big))
+        np.testing.assert_array_equal(read_image(tmp_path / "o.tif"), upright(arr, orientation))
+
+
+def test_16bit_tiff_written_by_pillow_with_orientation(tmp_path):
+    arr = rand((6, 4), np.uint16, seed=1)
+    for orientation in range(1, 9):
+        Image.fromarray(arr).save(tmp_path / "p.tif", tiffinfo={274: orientation})
+        np.testing.assert_array_equal(read_image(tmp_path / "p.tif"), upright(arr, orientation))
+
+
+def test_16bit_png_exif_orientation_is_applied(tmp_path):
+    """OpenCV leaves a PNG's eXIf orientation alone: read_image must still apply it (once)."""
+    arr = rand((6, 4, 3), np.uint16, seed=2)
+    exif = Image.new("L", (1, 1)).getexif()
+    exif[0x0112] = 6
+    block = exif.tobytes()
+    block = block[6:] if block.startswith(b"Exif\0\0") else block
+    ok, buf = cv2.imencode(".png", arr[..., ::-1])
+    (tmp_path / "o.png").write_bytes(with_exif(buf.tobytes(), ".png", block))
+    np.testing.assert_array_equal(read_image(tmp_path / "o.png"), upright(arr, 6))
+
+
 @pytest.mark.parametrize("mode, channels", [("L", 0), ("RGBA", 4), ("RGB", 3)])
 def test_8bit_uncompressed_tiff_orientation(tmp_path, mode, channels):
     """Pillow memory-maps uncompressed TIFFs; transposing the mapped gray/RGBA image (orientations

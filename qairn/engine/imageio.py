@@ -98,7 +98,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         if "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
             raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
         raise ImageError(f"{path}: cannot decode ({msg})") from None
-    # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB).
+    # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB). OpenCV's TIFF reader turns
+    # the pixels by the file's orientation tag itself; the tag is set to 1 in the bytes it gets, so the
+    # orientation is applied once, below, whatever OpenCV's version does.
+    if fmt == "TIFF":
+        data = _tiff_upright(data)
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
@@ -107,6 +111,32 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _apply_orientation(arr, orientation)
+
+
+def _tiff_upright(data: bytes) -> bytes:
+    """TIFF bytes with the first page's Orientation tag (274) set to 1 (classic and BigTIFF)."""
+    head = data[:4]
+    if head not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return data
+    bo = "<" if head[:2] == b"II" else ">"
+    big = head[2:] in (b"+\x00", b"\x00+")
+    try:
+        if big:
+            ifd = struct.unpack_from(bo + "Q", data, 8)[0]
+            count, first, size = struct.unpack_from(bo + "Q", data, ifd)[0], ifd + 8, 20
+        else:
+            ifd = struct.unpack_from(bo + "I", data, 4)[0]
+            count, first, size = struct.unpack_from(bo + "H", data, ifd)[0], ifd + 2, 12
+        for k in range(count):
+            at = first + k * size
+            tag, kind = struct.unpack_from(bo + "HH", data, at)
+            if tag == 274 and kind in (3, 4, 16):  # SHORT (LONG, LONG8): the value sits in the entry
+                out = bytearray(data)
+                struct.pack_into(bo + {3: "H", 4: "I", 16: "Q"}[kind], out, at + (12 if big else 8), 1)
+                return bytes(out)
+    except struct.error:  # a damaged directory: OpenCV will say what it makes of it
+        pass
+    return data
 
 
 def _warn(message: str) -> None:
