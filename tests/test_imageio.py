@@ -148,6 +148,31 @@ def test_8bit_uncompressed_tiff_orientation(tmp_path, mode, channels):
 
 
 # ---- depths and modes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("magic, maxval, channels", [(b"P5", 1023, 0), (b"P6", 4095, 3), (b"P5", 4095, 0)])
+def test_10_and_12_bit_pnm_fill_the_16_bit_range(tmp_path, magic, maxval, channels):
+    shape = (5, 7, channels) if channels else (5, 7)
+    codes = np.random.default_rng(maxval).integers(0, maxval + 1, shape).astype(np.uint16)
+    codes.flat[0], codes.flat[1] = 0, maxval  # both ends of the range
+    path = tmp_path / ("x.ppm" if channels else "x.pgm")
+    path.write_bytes(magic + b"\n# a comment\n7 5\n%d\n" % maxval + codes.astype(">u2").tobytes())
+    got = read_image(path)
+    assert got.dtype == np.uint16 and got.shape == shape
+    np.testing.assert_array_equal(got, np.round(codes * (65535 / maxval)).astype(np.uint16))
+    assert got.flat[0] == 0 and got.flat[1] == 65535
+
+
+def test_ascii_10_bit_pgm_and_full_16_bit_pnm(tmp_path):
+    codes = np.array([[0, 1, 512], [1000, 1022, 1023]], np.uint16)
+    text = " ".join(map(str, codes.flatten())).encode()
+    (tmp_path / "a.pgm").write_bytes(b"P2\n3 2\n1023\n" + text + b"\n")
+    np.testing.assert_array_equal(
+        read_image(tmp_path / "a.pgm"), np.round(codes * (65535 / 1023)).astype(np.uint16)
+    )
+    full = rand((4, 3), np.uint16, seed=4)  # maxval 65535: the samples as they are
+    (tmp_path / "f.pgm").write_bytes(b"P5 3 4 65535\n" + full.astype(">u2").tobytes())
+    np.testing.assert_array_equal(read_image(tmp_path / "f.pgm"), full)
+
+
 # ---- writing ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

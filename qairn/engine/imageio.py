@@ -75,7 +75,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
             # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
-            sixteen = sixteen or (fmt == "PPM" and _pnm_maxval(path) > 255)
+            maxval = _pnm_maxval(path) if fmt == "PPM" else 0
+            sixteen = sixteen or maxval > 255
         # Decoded from bytes in memory, never from Pillow's memory map of the file: transposing a mapped
         # uncompressed gray or RGBA TIFF (orientations 5-8) gave wrong pixels.
         data = path.read_bytes()
@@ -108,6 +109,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
     if arr.dtype != np.uint16 and arr.dtype != np.uint8:
         raise ImageError(f"{path}: {arr.dtype} pixels are not supported; save as 8 or 16 bit")
+    if 255 < maxval < 65535:  # 10- or 12-bit PGM/PPM samples (maxval 1023, 4095) fill the 16-bit range
+        arr = ((np.minimum(arr, maxval).astype(np.uint32) * 65535 + maxval // 2) // maxval).astype(np.uint16)
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _apply_orientation(arr, orientation)
@@ -148,9 +151,12 @@ def _as_tuple(v) -> tuple:
 
 
 def _pnm_maxval(path: Path) -> int:
-    """The maxval of a binary or ASCII PPM/PGM header (P2, P3, P5, P6); > 255 means 16-bit samples."""
+    """The maxval of a binary or ASCII PPM/PGM header (P2, P3, P5, P6); > 255 means 16-bit samples.
+    Bitmaps (P1, P4) have none: 1."""
     with open(path, "rb") as f:
         head = f.read(512)
+    if head[:2] not in (b"P2", b"P3", b"P5", b"P6"):
+        return 1
     tokens = []
     for line in head.split(b"\n"):
         tokens += line.split(b"#", 1)[0].split()
