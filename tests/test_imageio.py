@@ -147,6 +147,27 @@ def test_8bit_uncompressed_tiff_orientation(tmp_path, mode, channels):
         got[0, 0] = 0  # a writable array of its own
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("orientation", [6, 7])
+def test_converted_modes_are_turned_once(tmp_path, suffix, orientation):
+    """Palette and 1-bit images are converted before they are turned upright (Pillow turns a TIFF on
+    load): still exactly once."""
+    index = np.random.default_rng(orientation).integers(0, 4, (6, 4)).astype(np.uint8)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    bits = index % 2 == 1
+    for arr, expected in ((index, palette[index]), (bits, bits * np.uint8(255))):
+        im = Image.fromarray(arr, "P" if arr.dtype == np.uint8 else None)
+        if im.mode == "P":
+            im.putpalette(palette.flatten().tolist())
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        if suffix == ".tif":
+            im.save(tmp_path / f"c{suffix}", tiffinfo={274: orientation})
+        else:
+            im.save(tmp_path / f"c{suffix}", exif=exif)
+        np.testing.assert_array_equal(read_image(tmp_path / f"c{suffix}"), upright(expected, orientation))
+
+
 # ---- depths and modes ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("magic, maxval, channels", [(b"P5", 1023, 0), (b"P6", 4095, 3), (b"P5", 4095, 0)])
 def test_10_and_12_bit_pnm_fill_the_16_bit_range(tmp_path, magic, maxval, channels):
@@ -171,6 +192,23 @@ def test_ascii_10_bit_pgm_and_full_16_bit_pnm(tmp_path):
     full = rand((4, 3), np.uint16, seed=4)  # maxval 65535: the samples as they are
     (tmp_path / "f.pgm").write_bytes(b"P5 3 4 65535\n" + full.astype(">u2").tobytes())
     np.testing.assert_array_equal(read_image(tmp_path / "f.pgm"), full)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])
+def test_1_bit_images_are_gray(tmp_path, suffix):
+    bits = np.random.default_rng(5).integers(0, 2, (5, 9)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / f"b{suffix}")
+    with Image.open(tmp_path / f"b{suffix}") as im:
+        assert im.mode == "1"
+    got = read_image(tmp_path / f"b{suffix}")
+    assert got.dtype == np.uint8 and got.shape == (5, 9)
+    np.testing.assert_array_equal(got, bits * np.uint8(255))
+
+
+def test_1_bit_pbm_is_gray(tmp_path):
+    (tmp_path / "b.pbm").write_bytes(b"P1\n3 2\n1 0 1\n0 0 1\n")
+    got = read_image(tmp_path / "b.pbm")
+    np.testing.assert_array_equal(got, np.array([[0, 255, 0], [255, 255, 0]], np.uint8))  # 1 is black
 
 
 # ---- writing ----------------------------------------------------------------------------------------

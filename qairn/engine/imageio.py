@@ -83,7 +83,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         if not sixteen:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                if im.mode not in ("RGB", "RGBA", "L"):
+                if im.mode == "1" and "transparency" not in im.info:
+                    im = im.convert("L")  # 1-bit black and white is gray, not RGB
+                elif im.mode not in ("RGB", "RGBA", "L"):
                     has_alpha = "A" in im.mode or "transparency" in im.info
                     im = im.convert("RGBA" if has_alpha else "RGB")
                 arr = np.asarray(ImageOps.exif_transpose(im) if orientation != 1 else im)
