@@ -212,6 +212,19 @@ def test_1_bit_pbm_is_gray(tmp_path):
 
 
 # ---- writing ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp", ".jpg"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_one_channel_arrays_are_written_gray(tmp_path, suffix, dtype):
+    arr = rand((6, 5, 1), dtype, seed=6)
+    write_image(tmp_path / f"g{suffix}", arr)
+    with Image.open(tmp_path / f"g{suffix}") as im:
+        assert im.mode in ("L", "I;16", "I;16B", "I"), im.mode
+    got = read_image(tmp_path / f"g{suffix}")
+    assert got.shape == (6, 5)
+    if suffix in (".png", ".tif"):  # lossless, 16 bits kept
+        np.testing.assert_array_equal(got, arr[..., 0])
+
+
 @pytest.mark.parametrize("suffix", [".png", ".tif"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 @pytest.mark.parametrize("shape", [(7, 5), (7, 5, 3), (7, 5, 4)])
@@ -221,3 +234,11 @@ def test_round_trip_is_exact(tmp_path, suffix, dtype, shape):
     got = read_image(tmp_path / f"r{suffix}")
     assert got.dtype == dtype
     np.testing.assert_array_equal(got, arr)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".bmp"])
+def test_eight_bit_formats_take_16_bit_arrays_scaled(tmp_path, suffix):
+    arr = np.full((8, 8, 3), 257 * 200, np.uint16)
+    write_image(tmp_path / f"s{suffix}", arr)
+    got = read_image(tmp_path / f"s{suffix}")
+    assert got.dtype == np.uint8 and abs(int(got.mean()) - 200) <= 2

@@ -182,6 +182,8 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     suffix = suffix.lower()
     if suffix not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]  # HxWx1 (what the Restorer gives back for HxWx1) is a gray image
     if arr.ndim == 3:
         if suffix not in ALPHA_SUFFIXES and arr.shape[2] == 4:
             arr = arr[..., :3]  # these formats have no alpha
