@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from qairn.engine.imageio import read_image, with_exif, write_image
+from qairn.engine.imageio import ImageError, read_image, with_exif, write_image
 
 TRANSPOSE = {  # EXIF orientation -> the Pillow operation that turns the stored pixels upright
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -192,6 +192,22 @@ def test_ascii_10_bit_pgm_and_full_16_bit_pnm(tmp_path):
     full = rand((4, 3), np.uint16, seed=4)  # maxval 65535: the samples as they are
     (tmp_path / "f.pgm").write_bytes(b"P5 3 4 65535\n" + full.astype(">u2").tobytes())
     np.testing.assert_array_equal(read_image(tmp_path / "f.pgm"), full)
+
+
+def test_16_bit_tiff_with_separate_planes_is_refused_not_garbled(tmp_path):
+    """OpenCV reads a 16-bit TIFF's separate R, G, B planes as if interleaved: refused in one line.
+    8-bit planes (Pillow) and a one-plane 16-bit gray image are read as they are."""
+    rgb16 = rand((5, 3, 3), np.uint16, seed=8)
+    for order in "<>":
+        (tmp_path / "p.tif").write_bytes(tiff_bytes(rgb16, order=order, planar=2))
+        with pytest.raises(ImageError, match="p.tif: 16-bit TIFF with separate colour planes"):
+            read_image(tmp_path / "p.tif")
+    rgb8 = rand((5, 3, 3), np.uint8, seed=9)
+    (tmp_path / "p8.tif").write_bytes(tiff_bytes(rgb8, planar=2))
+    np.testing.assert_array_equal(read_image(tmp_path / "p8.tif"), rgb8)
+    gray16 = rand((5, 3), np.uint16, seed=10)
+    (tmp_path / "g.tif").write_bytes(tiff_bytes(gray16, order=">", planar=2))
+    np.testing.assert_array_equal(read_image(tmp_path / "g.tif"), gray16)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])

@@ -77,6 +77,12 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
             maxval = _pnm_maxval(path) if fmt == "PPM" else 0
             sixteen = sixteen or maxval > 255
+            if sixteen and fmt == "TIFF" and im.tag_v2.get(284, 1) == 2 and im.tag_v2.get(277, 1) > 1:
+                # OpenCV reads a 16-bit TIFF's separate colour planes as if interleaved: garbage pixels.
+                raise ImageError(
+                    f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
+                    "supported; save it with interleaved (contiguous) samples"
+                )
         # Decoded from bytes in memory, never from Pillow's memory map of the file: transposing a mapped
         # uncompressed gray or RGBA TIFF (orientations 5-8) gave wrong pixels.
         data = path.read_bytes()
