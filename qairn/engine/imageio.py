@@ -3,6 +3,7 @@ and atomic writes (temp name, then rename) so a failure never leaves a partial f
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import tempfile
@@ -52,7 +53,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         raise ImageError(f"{path}: empty file (0 bytes)")
     fmt = path.suffix.lstrip(".").upper() or None
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # the header only: nothing is decoded before the checks
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(
@@ -74,10 +75,23 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
             # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
-            sixteen = sixteen or (fmt == "PPM" and _pnm_maxval(path) > 255)
-            if not sixteen:
+            maxval = _pnm_maxval(path) if fmt == "PPM" else 0
+            sixteen = sixteen or maxval > 255
+            if sixteen and fmt == "TIFF" and im.tag_v2.get(284, 1) == 2 and im.tag_v2.get(277, 1) > 1:
+                # OpenCV reads a 16-bit TIFF's separate colour planes as if interleaved: garbage pixels.
+                raise ImageError(
+                    f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
+                    "supported; save it with interleaved (contiguous) samples"
+                )
+        # Decoded from bytes in memory, never from Pillow's memory map of the file: transposing a mapped
+        # uncompressed gray or RGBA TIFF (orientations 5-8) gave wrong pixels.
+        data = path.read_bytes()
+        if not sixteen:
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                if im.mode not in ("RGB", "RGBA", "L"):
+                if im.mode == "1" and "transparency" not in im.info:
+                    im = im.convert("L")  # 1-bit black and white is gray, not RGB
+                elif im.mode not in ("RGB", "RGBA", "L"):
                     has_alpha = "A" in im.mode or "transparency" in im.info
                     im = im.convert("RGBA" if has_alpha else "RGB")
                 arr = np.asarray(ImageOps.exif_transpose(im) if orientation != 1 else im)
@@ -93,15 +107,47 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         if "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
             raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
         raise ImageError(f"{path}: cannot decode ({msg})") from None
-    # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB).
-    arr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+    # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB). OpenCV's TIFF reader turns
+    # the pixels by the file's orientation tag itself; the tag is set to 1 in the bytes it gets, so the
+    # orientation is applied once, below, whatever OpenCV's version does.
+    if fmt == "TIFF":
+        data = _tiff_upright(data)
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if arr is None:
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
     if arr.dtype != np.uint16 and arr.dtype != np.uint8:
         raise ImageError(f"{path}: {arr.dtype} pixels are not supported; save as 8 or 16 bit")
+    if 255 < maxval < 65535:  # 10- or 12-bit PGM/PPM samples (maxval 1023, 4095) fill the 16-bit range
+        arr = ((np.minimum(arr, maxval).astype(np.uint32) * 65535 + maxval // 2) // maxval).astype(np.uint16)
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     return _apply_orientation(arr, orientation)
+
+
+def _tiff_upright(data: bytes) -> bytes:
+    """TIFF bytes with the first page's Orientation tag (274) set to 1 (classic and BigTIFF)."""
+    head = data[:4]
+    if head not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return data
+    bo = "<" if head[:2] == b"II" else ">"
+    big = head[2:] in (b"+\x00", b"\x00+")
+    try:
+        if big:
+            ifd = struct.unpack_from(bo + "Q", data, 8)[0]
+            count, first, size = struct.unpack_from(bo + "Q", data, ifd)[0], ifd + 8, 20
+        else:
+            ifd = struct.unpack_from(bo + "I", data, 4)[0]
+            count, first, size = struct.unpack_from(bo + "H", data, ifd)[0], ifd + 2, 12
+        for k in range(count):
+            at = first + k * size
+            tag, kind = struct.unpack_from(bo + "HH", data, at)
+            if tag == 274 and kind in (3, 4, 16):  # SHORT (LONG, LONG8): the value sits in the entry
+                out = bytearray(data)
+                struct.pack_into(bo + {3: "H", 4: "I", 16: "Q"}[kind], out, at + (12 if big else 8), 1)
+                return bytes(out)
+    except struct.error:  # a damaged directory: OpenCV will say what it makes of it
+        pass
+    return data
 
 
 def _warn(message: str) -> None:
@@ -113,9 +159,12 @@ def _as_tuple(v) -> tuple:
 
 
 def _pnm_maxval(path: Path) -> int:
-    """The maxval of a binary or ASCII PPM/PGM header (P2, P3, P5, P6); > 255 means 16-bit samples."""
+    """The maxval of a binary or ASCII PPM/PGM header (P2, P3, P5, P6); > 255 means 16-bit samples.
+    Bitmaps (P1, P4) have none: 1."""
     with open(path, "rb") as f:
         head = f.read(512)
+    if head[:2] not in (b"P2", b"P3", b"P5", b"P6"):
+        return 1
     tokens = []
     for line in head.split(b"\n"):
         tokens += line.split(b"#", 1)[0].split()
@@ -139,6 +188,8 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     suffix = suffix.lower()
     if suffix not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]  # HxWx1 (what the Restorer gives back for HxWx1) is a gray image
     if arr.ndim == 3:
         if suffix not in ALPHA_SUFFIXES and arr.shape[2] == 4:
             arr = arr[..., :3]  # these formats have no alpha

@@ -1,0 +1,260 @@
+"""qairn.engine.imageio: reading and writing image files (depths, orientation, gray, round trips)."""
+
+import io
+import struct
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from qairn.engine.imageio import ImageError, read_image, with_exif, write_image
+
+TRANSPOSE = {  # EXIF orientation -> the Pillow operation that turns the stored pixels upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """The stored pixels turned upright, by Pillow on an in-memory index image (not our numpy ops)."""
+    h, w = arr.shape[:2]
+    index = Image.fromarray(np.arange(h * w, dtype=np.int32).reshape(h, w))
+    if orientation in TRANSPOSE:
+        index = index.transpose(TRANSPOSE[orientation])
+    return arr.reshape(h * w, *arr.shape[2:])[np.asarray(index)]
+
+
+def tiff_bytes(
+    arr: np.ndarray, orientation: int = 1, order: str = "<", big: bool = False, planar: int = 1
+) -> bytes:
+    """An uncompressed TIFF (classic or BigTIFF, either byte order, interleaved samples in one strip or
+    planar=2: one strip per plane) written by hand, so that depth, channels, layout and the orientation
+    tag are exactly what the test says."""
+    h, w = arr.shape[:2]
+    spp = 1 if arr.ndim == 2 else arr.shape[2]
+    layout = np.moveaxis(arr, 2, 0) if planar == 2 and spp > 1 else arr
+    pixels = np.ascontiguousarray(layout).astype(arr.dtype.newbyteorder(order)).tobytes()
+    pixels += b"\0" * (len(pixels) % 2)
+    head = 16 if big else 8
+    strips = spp if planar == 2 else 1
+    strip = len(arr.tobytes()) // strips
+    short, long_ = (3, "H"), (16 if big else 4, "Q" if big else "I")
+    entries = [
+        (256, long_, [w]),
+        (257, long_, [h]),
+        (258, short, [arr.dtype.itemsize * 8] * spp),
+        (259, short, [1]),  # no compression
+        (262, short, [1 if spp < 3 else 2]),  # min-is-black gray, or RGB
+        (273, long_, [head + k * strip for k in range(strips)]),  # the strips right after the header
+        (274, short, [orientation]),
+        (277, short, [spp]),
+        (278, long_, [h]),
+        (279, long_, [strip] * strips),
+        (284, short, [planar]),
+    ] + ([(338, short, [2])] if spp in (2, 4) else [])  # unassociated alpha
+    size, inline = (20, 8) if big else (12, 4)
+    ifd = head + len(pixels)
+    extra_at = ifd + (8 if big else 2) + size * len(entries) + (8 if big else 4)
+    table, extra = b"", b""
+    for tag, (kind, fmt), values in entries:
+        value = struct.pack(order + fmt * len(values), *values)
+        if len(value) > inline:
+            at = extra_at + len(extra)
+            extra += value
+            value = struct.pack(order + ("Q" if big else "I"), at)
+        table += struct.pack(order + ("HHQ" if big else "HHI"), tag, kind, len(values)) + value.ljust(
+            inline, b"\0"
+        )
+    mark = b"II" if order == "<" else b"MM"
+    if big:
+        header = mark + struct.pack(order + "HHHQ", 43, 8, 0, ifd)
+        directory = struct.pack(order + "Q", len(entries)) + table + struct.pack(order + "Q", 0)
+    else:
+        header = mark + struct.pack(order + "HI", 42, ifd)
+        directory = struct.pack(order + "H", len(entries)) + table + struct.pack(order + "I", 0)
+    return header + pixels + directory + extra
+
+
+def rand(shape, dtype, seed=0):
+    return np.random.default_rng(seed).integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+
+
+# ---- orientation ------------------------------------------------------------------------------------
+def test_hand_written_tiff_reads_as_written():
+    """The helper's files are real TIFFs: Pillow reads them back as written, orientation and all."""
+    for arr in (rand((5, 7), np.uint8), rand((5, 7), np.uint16), rand((5, 7, 3), np.uint8)):
+        for order, orientation in (("<", 3), (">", 6)):
+            with Image.open(io.BytesIO(tiff_bytes(arr, orientation, order))) as im:
+                assert im.getexif().get(0x0112) == orientation
+                np.testing.assert_array_equal(
+                    np.asarray(ImageOps.exif_transpose(im)), upright(arr, orientation)
+                )
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("channels", [0, 3, 4])
+def test_16bit_tiff_orientation_is_applied_once(tmp_path, orientation, channels):
+    """OpenCV's TIFF reader turns 16-bit pixels by the orientation tag itself; they were turned again."""
+    arr = rand((6, 4, channels) if channels else (6, 4), np.uint16, seed=orientation)
+    (tmp_path / "o.tif").write_bytes(tiff_bytes(arr, orientation))
+    got = read_image(tmp_path / "o.tif")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, upright(arr, orientation))
+
+
+@pytest.mark.parametrize("order, big", [(">", False), ("<", True)])  # (Pillow 13 cannot open MM BigTIFF)
+def test_16bit_tiff_orientation_big_endian_and_bigtiff(tmp_path, order, big):
+    arr = rand((5, 3, 3), np.uint16, seed=7)
+    for orientation in (1, 3, 6, 7):
+        (tmp_path / "o.tif").write_bytes(tiff_bytes(arr, orientation, order, big))
+        np.testing.assert_array_equal(read_image(tmp_path / "o.tif"), upright(arr, orientation))
+
+
+def test_16bit_tiff_written_by_pillow_with_orientation(tmp_path):
+    arr = rand((6, 4), np.uint16, seed=1)
+    for orientation in range(1, 9):
+        Image.fromarray(arr).save(tmp_path / "p.tif", tiffinfo={274: orientation})
+        np.testing.assert_array_equal(read_image(tmp_path / "p.tif"), upright(arr, orientation))
+
+
+def test_16bit_png_exif_orientation_is_applied(tmp_path):
+    """OpenCV leaves a PNG's eXIf orientation alone: read_image must still apply it (once)."""
+    arr = rand((6, 4, 3), np.uint16, seed=2)
+    exif = Image.new("L", (1, 1)).getexif()
+    exif[0x0112] = 6
+    block = exif.tobytes()
+    block = block[6:] if block.startswith(b"Exif\0\0") else block
+    ok, buf = cv2.imencode(".png", arr[..., ::-1])
+    (tmp_path / "o.png").write_bytes(with_exif(buf.tobytes(), ".png", block))
+    np.testing.assert_array_equal(read_image(tmp_path / "o.png"), upright(arr, 6))
+
+
+@pytest.mark.parametrize("mode, channels", [("L", 0), ("RGBA", 4), ("RGB", 3)])
+def test_8bit_uncompressed_tiff_orientation(tmp_path, mode, channels):
+    """Pillow memory-maps uncompressed TIFFs; transposing the mapped gray/RGBA image (orientations
+    5-8) gave wrong pixels."""
+    arr = rand((6, 4, channels) if channels else (6, 4), np.uint8, seed=3)
+    for orientation in range(1, 9):
+        Image.fromarray(arr, mode).save(tmp_path / "o.tif", tiffinfo={274: orientation})
+        got = read_image(tmp_path / "o.tif")
+        np.testing.assert_array_equal(got, upright(arr, orientation), err_msg=f"orientation {orientation}")
+        got[0, 0] = 0  # a writable array of its own
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("orientation", [6, 7])
+def test_converted_modes_are_turned_once(tmp_path, suffix, orientation):
+    """Palette and 1-bit images are converted before they are turned upright (Pillow turns a TIFF on
+    load): still exactly once."""
+    index = np.random.default_rng(orientation).integers(0, 4, (6, 4)).astype(np.uint8)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)
+    bits = index % 2 == 1
+    for arr, expected in ((index, palette[index]), (bits, bits * np.uint8(255))):
+        im = Image.fromarray(arr, "P" if arr.dtype == np.uint8 else None)
+        if im.mode == "P":
+            im.putpalette(palette.flatten().tolist())
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        if suffix == ".tif":
+            im.save(tmp_path / f"c{suffix}", tiffinfo={274: orientation})
+        else:
+            im.save(tmp_path / f"c{suffix}", exif=exif)
+        np.testing.assert_array_equal(read_image(tmp_path / f"c{suffix}"), upright(expected, orientation))
+
+
+# ---- depths and modes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("magic, maxval, channels", [(b"P5", 1023, 0), (b"P6", 4095, 3), (b"P5", 4095, 0)])
+def test_10_and_12_bit_pnm_fill_the_16_bit_range(tmp_path, magic, maxval, channels):
+    shape = (5, 7, channels) if channels else (5, 7)
+    codes = np.random.default_rng(maxval).integers(0, maxval + 1, shape).astype(np.uint16)
+    codes.flat[0], codes.flat[1] = 0, maxval  # both ends of the range
+    path = tmp_path / ("x.ppm" if channels else "x.pgm")
+    path.write_bytes(magic + b"\n# a comment\n7 5\n%d\n" % maxval + codes.astype(">u2").tobytes())
+    got = read_image(path)
+    assert got.dtype == np.uint16 and got.shape == shape
+    np.testing.assert_array_equal(got, np.round(codes * (65535 / maxval)).astype(np.uint16))
+    assert got.flat[0] == 0 and got.flat[1] == 65535
+
+
+def test_ascii_10_bit_pgm_and_full_16_bit_pnm(tmp_path):
+    codes = np.array([[0, 1, 512], [1000, 1022, 1023]], np.uint16)
+    text = " ".join(map(str, codes.flatten())).encode()
+    (tmp_path / "a.pgm").write_bytes(b"P2\n3 2\n1023\n" + text + b"\n")
+    np.testing.assert_array_equal(
+        read_image(tmp_path / "a.pgm"), np.round(codes * (65535 / 1023)).astype(np.uint16)
+    )
+    full = rand((4, 3), np.uint16, seed=4)  # maxval 65535: the samples as they are
+    (tmp_path / "f.pgm").write_bytes(b"P5 3 4 65535\n" + full.astype(">u2").tobytes())
+    np.testing.assert_array_equal(read_image(tmp_path / "f.pgm"), full)
+
+
+def test_16_bit_tiff_with_separate_planes_is_refused_not_garbled(tmp_path):
+    """OpenCV reads a 16-bit TIFF's separate R, G, B planes as if interleaved: refused in one line.
+    8-bit planes (Pillow) and a one-plane 16-bit gray image are read as they are."""
+    rgb16 = rand((5, 3, 3), np.uint16, seed=8)
+    for order in "<>":
+        (tmp_path / "p.tif").write_bytes(tiff_bytes(rgb16, order=order, planar=2))
+        with pytest.raises(ImageError, match="p.tif: 16-bit TIFF with separate colour planes"):
+            read_image(tmp_path / "p.tif")
+    rgb8 = rand((5, 3, 3), np.uint8, seed=9)
+    (tmp_path / "p8.tif").write_bytes(tiff_bytes(rgb8, planar=2))
+    np.testing.assert_array_equal(read_image(tmp_path / "p8.tif"), rgb8)
+    gray16 = rand((5, 3), np.uint16, seed=10)
+    (tmp_path / "g.tif").write_bytes(tiff_bytes(gray16, order=">", planar=2))
+    np.testing.assert_array_equal(read_image(tmp_path / "g.tif"), gray16)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp"])
+def test_1_bit_images_are_gray(tmp_path, suffix):
+    bits = np.random.default_rng(5).integers(0, 2, (5, 9)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / f"b{suffix}")
+    with Image.open(tmp_path / f"b{suffix}") as im:
+        assert im.mode == "1"
+    got = read_image(tmp_path / f"b{suffix}")
+    assert got.dtype == np.uint8 and got.shape == (5, 9)
+    np.testing.assert_array_equal(got, bits * np.uint8(255))
+
+
+def test_1_bit_pbm_is_gray(tmp_path):
+    (tmp_path / "b.pbm").write_bytes(b"P1\n3 2\n1 0 1\n0 0 1\n")
+    got = read_image(tmp_path / "b.pbm")
+    np.testing.assert_array_equal(got, np.array([[0, 255, 0], [255, 255, 0]], np.uint8))  # 1 is black
+
+
+# ---- writing ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".bmp", ".jpg"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_one_channel_arrays_are_written_gray(tmp_path, suffix, dtype):
+    arr = rand((6, 5, 1), dtype, seed=6)
+    write_image(tmp_path / f"g{suffix}", arr)
+    with Image.open(tmp_path / f"g{suffix}") as im:
+        assert im.mode in ("L", "I;16", "I;16B", "I"), im.mode
+    got = read_image(tmp_path / f"g{suffix}")
+    assert got.shape == (6, 5)
+    if suffix in (".png", ".tif"):  # lossless, 16 bits kept
+        np.testing.assert_array_equal(got, arr[..., 0])
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("shape", [(7, 5), (7, 5, 3), (7, 5, 4)])
+def test_round_trip_is_exact(tmp_path, suffix, dtype, shape):
+    arr = rand(shape, dtype, seed=len(shape) + dtype().itemsize)
+    write_image(tmp_path / f"r{suffix}", arr)
+    got = read_image(tmp_path / f"r{suffix}")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, arr)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".webp", ".bmp"])
+def test_eight_bit_formats_take_16_bit_arrays_scaled(tmp_path, suffix):
+    arr = np.full((8, 8, 3), 257 * 200, np.uint16)
+    write_image(tmp_path / f"s{suffix}", arr)
+    got = read_image(tmp_path / f"s{suffix}")
+    assert got.dtype == np.uint8 and abs(int(got.mean()) - 200) <= 2
