@@ -262,6 +262,37 @@ def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
     assert r.tile == 256 and r.tile_for(64, 64) == 256
 
 
+def test_out_of_memory_inside_a_graph_capture_still_halves_the_tile(live1_image):
+    """An out-of-memory error inside a CUDA-graph capture reaches the Restorer replaced by the
+    capture's own error (torch.cuda.graph's exit), the OutOfMemoryError as its context: the retry
+    must see through it. Any other error still propagates at once."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=256, overlap=32)
+    inner = r.backend
+    seen = []
+
+    def capture_like(x):
+        seen.append(x.shape[-1])
+        if x.shape[-1] > 128:
+            try:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            finally:  # what torch.cuda.graph's __exit__ does: end the capture, which fails
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        return inner(x)
+
+    r.backend = capture_like
+    img = odd_crop(live1_image, 300, 300)
+    with pytest.warns(UserWarning, match="retrying with tile 128"):
+        r.restore(img)
+    assert seen[0] == 256 and seen[-1] == 128
+
+    def broken(x):
+        raise RuntimeError("something else")
+
+    r.backend = broken
+    with pytest.raises(RuntimeError, match="something else"):
+        r.restore(odd_crop(live1_image, 200, 200))
+
+
 @pytest.mark.parametrize("tile", [None, 128])
 def test_fused_pooling_matches_pooling_the_maps(live1_image, tile):
     # TorchBackend pools gamma**p inside the gate (forward_pooled); a backend without it gets its

@@ -123,6 +123,21 @@ class Result:
     info: dict = field(default_factory=dict)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is, or was raised while handling, a device out-of-memory error. Running out inside a
+    CUDA-graph capture raises the OutOfMemoryError in the body, and torch.cuda.graph's exit then ends
+    the spoiled capture with an error of its own ("operation not permitted when stream is capturing",
+    capture invalidated) that replaces it, with the OutOfMemoryError as its __context__: the tile
+    must shrink for that too."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class FrameGraph:
     """One input shape's whole restore (every tile, the blend, the quality sums) captured once in a
     CUDA graph and replayed per call. Per-tile host work (crops, dozens of launches per tile,
@@ -270,7 +285,9 @@ class Restorer:
                 if progress is not None and (self.cuda_graph or plan.count == 1):
                     progress(1, 1)  # one batch: a whole image, or a whole frame's graph replay
                 return result
-            except torch.OutOfMemoryError:
+            except Exception as e:
+                if not out_of_memory(e):
+                    raise
                 self._graphs.clear()
                 current = max(plan.rows.tile, plan.cols.tile)
                 if current <= 64:
