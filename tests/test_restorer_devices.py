@@ -29,6 +29,7 @@ def fake_gpus(monkeypatch, count: int, current: int = 0):
         (2, "cuda:2", "device 'cuda:2' requested, but this machine has 2 CUDA devices (cuda:0 to cuda:1)"),
         (0, "cuda", "device 'cuda' requested, but this machine has no CUDA device"),
         (0, "cuda:0", "device 'cuda:0' requested, but this machine has no CUDA device"),
+        (1, "gpu", "unknown device 'gpu': use cpu, cuda, cuda:N or auto"),
     ],
 )
 def test_a_gpu_that_is_not_there_is_refused_at_construction(monkeypatch, count, device, says):

@@ -625,6 +625,8 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
         ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),
+        ({"device": "cuda:99"}, "--device cuda:99: device 'cuda:99' requested, but this machine has"),
+        ({"device": "gpu"}, "--device gpu: unknown device 'gpu': use cpu, cuda, cuda:N or auto"),
     ],
 )
 def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, says):

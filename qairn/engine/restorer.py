@@ -48,7 +48,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     stays on that GPU when later called from a thread where another one is current."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's own message lists some twenty device types
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type != "cuda":
         return device
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

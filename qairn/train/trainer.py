@@ -121,10 +121,21 @@ def loss_fn(out: torch.Tensor, clean: torch.Tensor, ssim_weight: float):
     return l1 + ssim_weight * (1 - s), l1, s
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def resolve_device(name: str, make_current: bool = True) -> torch.device:
+    """--device as the engine takes it (a GPU that is not there refused in one line, a bare cuda
+    pinned to the current GPU's index), made current: autocast, the GradScaler, pinned-memory copies
+    and the Triton kernels work on the current CUDA device, so --device cuda:1 trained on cuda:0.
+    (Not under torchrun, where each process takes its LOCAL_RANK's GPU instead: making cuda:0
+    current first would give every process a context on it.)"""
+    from qairn.engine.restorer import resolve_device as engine_device
+
+    try:
+        device = engine_device(name)
+    except ValueError as e:
+        raise SystemExit(f"--device {name}: {e}") from None
+    if device.type == "cuda" and make_current:
+        torch.cuda.set_device(device)
+    return device
 
 
 def check_args(a: TrainArgs) -> None:
@@ -194,7 +205,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(a.device)
+    device = resolve_device(a.device, make_current=world == 1)
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
