@@ -206,6 +206,15 @@ def test_batched_planes_and_errors(images):
         for a, b in zip(single.image, res.image):
             assert np.abs(a.astype(int) - b[k]).max() <= 1
         assert abs(single.quality["Q2"] - res.quality["Q2"][k]) < 1e-5
+    # Tensors: (N,H,W) planes give (N,) scores and (N,1,h,w) maps; (H,W) planes lose that N throughout.
+    tb = r.restore_yuv(*(torch.from_numpy(b) for b in batch), return_maps=True)
+    assert tb.quality["Q2"].shape == (3,) and tb.maps[0].shape == (3, 1, *batch[0].shape[1:])
+    one = r.restore_yuv(*(torch.from_numpy(p) for p in planes[1]), return_maps=True)
+    assert one.image[0].shape == planes[1][0].shape
+    assert one.quality["Q2"].shape == () and float(one.quality["Q2"]) == pytest.approx(
+        float(tb.quality["Q2"][1])
+    )
+    assert [m.shape for m in one.maps] == [m.shape[1:] for m in tb.maps]
     y, u, v = planes[0]
     with pytest.raises(color.ColorError, match="unknown colour matrix"):
         r.restore_yuv(y, u, v, matrix="bt999")

@@ -230,7 +230,9 @@ def restore_yuv(
     return_maps: bool = False,
 ):
     """Restore Y'CbCr planes (numpy or tensors, (H,W) or (N,H,W), 4:2:0/4:2:2/4:4:4) and return a Result
-    whose image is the (y, u, v) planes in the input's format (dtype, subsampling, device)."""
+    whose image is the (y, u, v) planes in the input's format (dtype, subsampling, device). Quality
+    and maps: for numpy planes, floats and (H,W) arrays ((N,) and (N,H,W) for a batch); for tensors,
+    on the Restorer's device, (N,) tensors and (N,1,h,w) maps, without the N for (H,W) planes."""
     from qairn.engine.restorer import Result
 
     matrix, range = check_matrix(matrix), check_range(range)
@@ -251,8 +253,12 @@ def restore_yuv(
     planes = [p.to(dev, non_blocking=True) for p in planes]
     out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps)
     info = {"matrix": matrix, "range": range, "bits": bits}
-    if isinstance(src, torch.Tensor):
-        out = tuple(o.to(src.device) if src.ndim == 3 else o[0].to(src.device) for o in out)
+    if isinstance(src, torch.Tensor):  # quality and maps stay on the device (no host sync)
+        out = tuple(o.to(src.device) for o in out)
+        if src.ndim == 2:  # one frame in, one frame out: its batch dimension goes from all of it
+            out = tuple(o[0] for o in out)
+            q = {k: t[0] for k, t in q.items()}
+            maps = [m[0] for m in maps] if maps is not None else None
         return Result(out, q, maps, info)
     dtype = src.dtype
     out = tuple(o.cpu().numpy().astype(dtype, copy=False) for o in out)
