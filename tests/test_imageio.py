@@ -1,6 +1,7 @@
 """qairn.engine.imageio: reading and writing image files (depths, orientation, gray, round trips)."""
 
 import io
+import re
 import struct
 
 import cv2
@@ -258,3 +259,46 @@ def test_eight_bit_formats_take_16_bit_arrays_scaled(tmp_path, suffix):
     write_image(tmp_path / f"s{suffix}", arr)
     got = read_image(tmp_path / f"s{suffix}")
     assert got.dtype == np.uint8 and abs(int(got.mean()) - 200) <= 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".webp", ".jpg", ".bmp"])
+def test_gray_alpha_arrays_are_written(tmp_path, suffix, dtype):
+    """HxWx2 (gray + alpha) failed with a raw OpenCV channel error. PNG keeps it gray + alpha at 8 and
+    16 bits, 8-bit TIFF too; WebP (no gray mode) and 16-bit TIFF get RGBA, JPEG and BMP the gray."""
+    arr = rand((7, 5, 2), dtype, seed=11)
+    write_image(tmp_path / f"ga{suffix}", arr)
+    path = str(tmp_path / f"ga{suffix}")
+    got = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # BGRA for a gray + alpha PNG: gray in B, G and R
+    gray = arr[..., 0]
+    if suffix == ".png":
+        assert (tmp_path / "ga.png").read_bytes()[25] == 4  # IHDR colour type 4: gray + alpha
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got[..., [0, 3]], arr)
+        np.testing.assert_array_equal(got[..., 2], gray)
+    elif suffix == ".tif" and dtype == np.uint8:
+        with Image.open(path) as im:
+            assert im.mode == "LA"
+            np.testing.assert_array_equal(np.asarray(im), arr)
+    elif suffix in (".tif", ".webp"):
+        assert got.shape == (7, 5, 4)
+        if suffix == ".tif":
+            np.testing.assert_array_equal(got, arr[..., [0, 0, 0, 1]])
+    else:
+        assert got.shape == (7, 5)
+        if suffix == ".bmp":
+            np.testing.assert_array_equal(got, gray if dtype == np.uint8 else (gray / 257).round())
+
+
+@pytest.mark.parametrize(
+    "arr, says",
+    [
+        (np.zeros((4, 3, 5), np.uint8), "cannot write an array of shape (4, 3, 5) as an image"),
+        (np.zeros((4, 3, 2, 1), np.uint8), "cannot write an array of shape (4, 3, 2, 1) as an image"),
+        (np.zeros((4, 3), np.float32), "cannot write float32 pixels as an image (uint8 or uint16)"),
+    ],
+)
+def test_write_refuses_what_is_not_an_image_naming_the_path(tmp_path, arr, says):
+    with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'x.png'}: {says}")):
+        write_image(tmp_path / "x.png", arr)
+    assert list(tmp_path.iterdir()) == []

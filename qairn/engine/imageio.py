@@ -185,11 +185,29 @@ def _png_bit_depth(path: Path) -> int:
 
 
 def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
+    """uint8 or uint16 pixels (HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx3 RGB, HxWx4 RGBA) encoded by
+    the suffix. Gray + alpha stays gray + alpha in PNG (8 and 16 bits) and 8-bit TIFF; WebP has no gray
+    mode and is given RGBA, as is 16-bit TIFF (Pillow cannot read 16-bit gray + alpha TIFF back); JPEG
+    and BMP, which have no alpha, get the gray channel."""
     suffix = suffix.lower()
     if suffix not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)) or 0 in arr.shape:
+        raise ValueError(
+            f"cannot write an array of shape {arr.shape} as an image (HxW, HxWx1, HxWx2, HxWx3 or HxWx4)"
+        )
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"cannot write {arr.dtype} pixels as an image (uint8 or uint16)")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]  # HxWx1 (what the Restorer gives back for HxWx1) is a gray image
+    if arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha: OpenCV writes neither
+        if suffix == ".png":
+            return _png_gray_alpha(arr)
+        if suffix in (".tif", ".tiff") and arr.dtype == np.uint8:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(arr), "LA").save(buf, "TIFF", compression="tiff_lzw")
+            return buf.getvalue()
+        arr = arr[..., [0, 0, 0, 1]] if suffix in ALPHA_SUFFIXES else arr[..., 0]
     if arr.ndim == 3:
         if suffix not in ALPHA_SUFFIXES and arr.shape[2] == 4:
             arr = arr[..., :3]  # these formats have no alpha
@@ -202,6 +220,29 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     if not ok:
         raise ValueError(f"OpenCV could not encode a {suffix} image")
     return buf.tobytes()
+
+
+def _png_gray_alpha(arr: np.ndarray) -> bytes:
+    """An HxWx2 uint8 or uint16 array as a gray + alpha PNG (colour type 4), each row "Up" filtered."""
+    import zlib
+
+    h, w = arr.shape[:2]
+    depth = 8 * arr.dtype.itemsize
+    rows = np.ascontiguousarray(arr, arr.dtype.newbyteorder(">")).view(np.uint8).reshape(h, -1)
+    up = rows.copy()
+    up[1:] -= rows[:-1]  # uint8 arithmetic wraps: the PNG "Up" filter
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1).tobytes()  # filter type 2 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 4, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 _UMASK = os.umask(0)
@@ -361,7 +402,10 @@ def write_image(
     """Encode by the path's suffix and write atomically; icc: a colour profile, exif: an EXIF block
     (read_exif) to embed (PNG, JPEG)."""
     path = Path(path)
-    data = encode_image(arr, path.suffix, jpeg_quality)
+    try:
+        data = encode_image(arr, path.suffix, jpeg_quality)
+    except ValueError as e:  # an unknown suffix, an array that is not an image
+        raise ImageError(f"{path}: {e}") from None
     if icc:
         data = with_icc(data, path.suffix, icc)
     if exif:  # after the profile, so a JPEG reads SOI, APP0, APP1 (EXIF), APP2 (ICC) as viewers expect
