@@ -322,6 +322,31 @@ def test_jpeg_output_of_a_transparent_image_says_the_alpha_is_dropped(tmp_path, 
     assert cv2.imread(str(tmp_path / "o.png"), cv2.IMREAD_UNCHANGED).shape == (24, 32, 4)
 
 
+def test_gray_alpha_input_stays_gray_alpha(tmp_path, tiny_weights, capsys):
+    """An LA input was read as RGBA and written as colour; it stays gray + alpha, its alpha and its gray
+    colour profile kept, and a JPEG output (gray, no alpha) says the alpha is dropped."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    gray_icc = srgb[:16] + b"GRAY" + srgb[20:]  # only the header's colour space is looked at
+    rng = np.random.default_rng(1)
+    la = np.stack([rng.integers(0, 256, (24, 32)), np.arange(24 * 32).reshape(24, 32) % 256], axis=2)
+    Image.fromarray(la.astype(np.uint8), "LA").save(tmp_path / "la.png", icc_profile=gray_icc)
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "la.png", "-o", tmp_path / "o.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and "warning" not in err, err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "LA" and im.info.get("icc_profile") == gray_icc
+        np.testing.assert_array_equal(np.asarray(im)[..., 1], la[..., 1])
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "la.png", "-o", tmp_path / "o.jpg", "--weights", tiny_weights
+    )
+    assert rc == 0 and "o.jpg: .jpg output drops the input's alpha channel; write .png to keep it" in err, err
+    with Image.open(tmp_path / "o.jpg") as im:
+        assert im.mode == "L"
+
+
 def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
     # A PNG whose header claims 100000 x 100000 pixels with almost no data: a decompression bomb.
     def chunk(kind, data):

@@ -302,3 +302,65 @@ def test_write_refuses_what_is_not_an_image_naming_the_path(tmp_path, arr, says)
     with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'x.png'}: {says}")):
         write_image(tmp_path / "x.png", arr)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- gray + alpha -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_gray_alpha_files_are_read_gray_alpha(tmp_path, suffix, orientation):
+    """An LA file came back RGBA: a gray input became a colour output. It is HxWx2, turned once."""
+    arr = rand((6, 4, 2), np.uint8, seed=12)
+    im = Image.fromarray(arr, "LA")
+    if suffix == ".tif":
+        im.save(tmp_path / f"la{suffix}", tiffinfo={274: orientation})
+    else:
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(tmp_path / f"la{suffix}", exif=exif)
+    got = read_image(tmp_path / f"la{suffix}")
+    assert got.dtype == np.uint8 and got.shape == upright(arr, orientation).shape
+    np.testing.assert_array_equal(got, upright(arr, orientation))
+
+
+def test_16_bit_gray_alpha_png_is_read_gray_alpha(tmp_path):
+    arr = rand((6, 4, 2), np.uint16, seed=13)
+    write_image(tmp_path / "la16.png", arr)
+    got = read_image(tmp_path / "la16.png")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, arr)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_gray_alpha_round_trip_is_exact(tmp_path, dtype):
+    arr = rand((7, 5, 2), dtype, seed=14)
+    write_image(tmp_path / "r.png", arr)
+    np.testing.assert_array_equal(read_image(tmp_path / "r.png"), arr)
+    write_image(tmp_path / "r.tif", arr)  # 8-bit LA TIFF; 16 bits as RGBA (gray in R, G and B)
+    np.testing.assert_array_equal(
+        read_image(tmp_path / "r.tif"), arr if dtype == np.uint8 else arr[..., [0, 0, 0, 1]]
+    )
+
+
+def test_transparent_1_bit_and_gray_palette_images_are_gray(tmp_path):
+    """A 1-bit or gray-palette image with transparency came back RGBA, a gray GIF RGB: now gray (+ alpha).
+    A palette of colours is still RGB(A)."""
+    bits = np.random.default_rng(15).integers(0, 2, (5, 9)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "b.png", transparency=0)
+    got = read_image(tmp_path / "b.png")
+    assert got.shape == (5, 9, 2)
+    np.testing.assert_array_equal(got[..., 0], bits * np.uint8(255))
+    np.testing.assert_array_equal(got[..., 1], bits * np.uint8(255))  # the black pixels are transparent
+    gray = rand((5, 9), np.uint8, seed=16)
+    Image.fromarray(gray).save(tmp_path / "g.gif")
+    np.testing.assert_array_equal(read_image(tmp_path / "g.gif"), gray)  # a gray ramp: GIF keeps it
+    Image.fromarray(gray).save(tmp_path / "t.gif", transparency=int(gray[0, 0]))
+    got = read_image(tmp_path / "t.gif")
+    assert got.shape == (5, 9, 2)
+    np.testing.assert_array_equal(got[..., 0], gray)
+    np.testing.assert_array_equal(got[..., 1], np.where(gray == gray[0, 0], 0, 255))
+    colour = Image.fromarray(gray).convert("P")
+    colour.putpalette([v for k in range(256) for v in (k, 255 - k, k)])
+    colour.save(tmp_path / "c.png", transparency=int(gray[0, 0]))
+    got = read_image(tmp_path / "c.png")
+    assert got.shape == (5, 9, 4)
+    np.testing.assert_array_equal(got[..., 1], 255 - gray)

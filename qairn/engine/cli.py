@@ -322,7 +322,7 @@ def main_restore(argv=None) -> int:
                 )
                 icc = None
             exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
-            alpha = res.image.ndim == 3 and res.image.shape[2] == 4  # JPEG and BMP outputs have none
+            alpha = res.image.ndim == 3 and res.image.shape[2] in (2, 4)  # JPEG and BMP outputs have none
             dropped = [
                 n
                 for n, v, keep in (

@@ -41,9 +41,9 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
-    """Read an image as RGB(A) or gray numpy, uint8 or uint16, EXIF orientation applied. Of an
-    animation or a multi-page file only the first frame is read, and warn(message) says so
-    (default: warnings.warn)."""
+    """Read an image as RGB(A) or gray (HxW, or HxWx2 with alpha) numpy, uint8 or uint16, EXIF
+    orientation applied; 1-bit and gray-palette images are gray. Of an animation or a multi-page file
+    only the first frame is read, and warn(message) says so (default: warnings.warn)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -72,7 +72,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                 raise ImageError(
                     f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
                 )
-            sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
+            png_depth, png_colour = _png_ihdr(path)
+            sixteen = im.mode.startswith("I;16") or im.mode == "I" or png_depth == 16
             # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
             maxval = _pnm_maxval(path) if fmt == "PPM" else 0
@@ -89,13 +90,21 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         if not sixteen:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                if im.mode == "1" and "transparency" not in im.info:
-                    im = im.convert("L")  # 1-bit black and white is gray, not RGB
-                elif im.mode not in ("RGB", "RGBA", "L"):
-                    has_alpha = "A" in im.mode or "transparency" in im.info
-                    im = im.convert("RGBA" if has_alpha else "RGB")
-                arr = np.asarray(ImageOps.exif_transpose(im) if orientation != 1 else im)
-                return np.array(arr)  # writable copy
+                mode = im.mode
+                alpha = "A" in mode or "a" in mode or ("transparency" in im.info and mode in ("1", "P"))
+                # 1-bit black and white is gray, and gray with alpha stays gray + alpha (HxWx2), not RGBA.
+                gray = mode in ("1", "L", "LA", "La")
+                target = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
+                if mode != target:
+                    im = im.convert(target)
+                arr = np.array(ImageOps.exif_transpose(im) if orientation != 1 else im)  # writable copy
+                if (
+                    mode in ("P", "PA")
+                    and (arr[..., 0] == arr[..., 1]).all()
+                    and (arr[..., 1] == arr[..., 2]).all()
+                ):
+                    arr = np.ascontiguousarray(arr[..., [0, 3]] if alpha else arr[..., 0])  # a gray palette
+                return arr
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -121,6 +130,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         arr = ((np.minimum(arr, maxval).astype(np.uint32) * 65535 + maxval // 2) // maxval).astype(np.uint16)
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        if fmt == "PNG" and png_colour == 4 and arr.shape[2] == 4:  # gray + alpha, given as BGRA by OpenCV
+            arr = np.ascontiguousarray(arr[..., [0, 3]])
     return _apply_orientation(arr, orientation)
 
 
@@ -176,12 +187,14 @@ def _pnm_maxval(path: Path) -> int:
         return 255
 
 
-def _png_bit_depth(path: Path) -> int:
+def _png_ihdr(path: Path) -> tuple[int, int]:
+    """A PNG's bit depth and colour type (0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA); (0, -1) for
+    other files."""
     with open(path, "rb") as f:
-        head = f.read(25)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25:
-        return head[24]
-    return 0
+        head = f.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26:
+        return head[24], head[25]
+    return 0, -1
 
 
 def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
@@ -306,7 +319,7 @@ def icc_space(icc: bytes) -> str:
 def icc_fits(icc: bytes, arr: np.ndarray) -> bool:
     """Whether a profile describes these pixels: an RGB profile for colour, a gray one for gray.
     A CMYK JPEG's profile does not fit its RGB decode."""
-    return icc_space(icc) == ("GRAY" if arr.ndim == 2 else "RGB")
+    return icc_space(icc) == ("GRAY" if arr.ndim == 2 or arr.shape[2] <= 2 else "RGB")
 
 
 def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
