@@ -347,6 +347,29 @@ def test_gray_alpha_input_stays_gray_alpha(tmp_path, tiny_weights, capsys):
         assert im.mode == "L"
 
 
+def test_colour_key_transparency_is_kept(tmp_path, tiny_weights, capsys):
+    """A gray or RGB PNG with a colour key (tRNS) lost its transparency without a word; its output keeps
+    it as an alpha channel, as an RGBA input's does, and a JPEG output says it is dropped."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    rgb[:8, :8] = (10, 200, 30)  # the key: a transparent corner
+    Image.fromarray(rgb).save(tmp_path / "k.png", transparency=(10, 200, 30))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png", transparency=10)
+    for name, channels in (("k", 4), ("g", 2)):
+        src, dst = tmp_path / f"{name}.png", tmp_path / f"o{name}.png"
+        rc, _, err = run(capsys, "restore", src, "-o", dst, "--weights", tiny_weights)
+        assert rc == 0 and "warning" not in err, err
+        out = cv2.imread(str(dst), cv2.IMREAD_UNCHANGED)
+        assert out.shape == (24, 32, 4)  # OpenCV reads gray + alpha as BGRA
+        key = (rgb == (10, 200, 30)).all(axis=2) if channels == 4 else rgb[..., 0] == 10
+        np.testing.assert_array_equal(out[..., 3], np.where(key, 0, 255))
+        assert read_image(dst).shape == (24, 32, channels)
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "k.png", "-o", tmp_path / "o.jpg", "--weights", tiny_weights
+    )
+    assert rc == 0 and "o.jpg: .jpg output drops the input's alpha channel" in err, err
+
+
 def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
     # A PNG whose header claims 100000 x 100000 pixels with almost no data: a decompression bomb.
     def chunk(kind, data):

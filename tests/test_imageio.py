@@ -3,6 +3,7 @@
 import io
 import re
 import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -364,3 +365,55 @@ def test_transparent_1_bit_and_gray_palette_images_are_gray(tmp_path):
     got = read_image(tmp_path / "c.png")
     assert got.shape == (5, 9, 4)
     np.testing.assert_array_equal(got[..., 1], 255 - gray)
+
+
+# ---- colour-key transparency ------------------------------------------------------------------------
+def png_bytes(codes: np.ndarray, depth: int, trns: tuple[int, ...]) -> bytes:
+    """A gray (HxW) or RGB (HxWx3) PNG of these codes at this bit depth (1..16) with a tRNS colour key,
+    written by hand (Pillow writes no 16-bit RGB, OpenCV no tRNS)."""
+    h, w = codes.shape[:2]
+    samples = codes.reshape(h, -1).astype(np.uint16)
+    if depth == 16:
+        rows = [samples[y].astype(">u2").tobytes() for y in range(h)]
+    elif depth == 8:
+        rows = [samples[y].astype(np.uint8).tobytes() for y in range(h)]
+    else:  # packed, most significant bits first
+        per = 8 // depth
+        padded = np.zeros((h, -(-samples.shape[1] // per) * per), np.uint16)
+        padded[:, : samples.shape[1]] = samples
+        groups = padded.reshape(h, -1, per)
+        shifts = np.arange(per - 1, -1, -1) * depth
+        rows = [((groups[y] << shifts).sum(axis=1)).astype(np.uint8).tobytes() for y in range(h)]
+    raw = b"".join(b"\0" + r for r in rows)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 0 if codes.ndim == 2 else 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"tRNS", struct.pack(">" + "H" * len(trns), *trns))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels, depth", [(0, 8), (3, 8), (0, 16), (3, 16), (0, 1), (0, 2), (0, 4)])
+def test_colour_key_becomes_alpha(tmp_path, channels, depth):
+    """A gray or RGB PNG whose transparency is a colour key (tRNS) came back without it, silently: the
+    key is now an alpha channel (0 where the pixel is the key, full elsewhere), like an RGBA file's."""
+    shape = (6, 5, channels) if channels else (6, 5)
+    codes = np.random.default_rng(depth + channels).integers(0, 2**depth, shape)
+    codes[..., 1, :] = codes[..., 0, :]  # the key's pixel twice, and some more below
+    key = tuple(np.atleast_1d(codes[0, 0]))
+    codes[4:, 3] = codes[0, 0]
+    (tmp_path / "k.png").write_bytes(png_bytes(codes, depth, tuple(int(k) for k in key)))
+    got = read_image(tmp_path / "k.png")
+    dtype = np.uint16 if depth == 16 else np.uint8
+    top = np.iinfo(dtype).max
+    assert got.dtype == dtype and got.shape == (6, 5, (channels or 1) + 1)
+    scale = top // (2**depth - 1)  # 1-, 2- and 4-bit codes fill the 8-bit range
+    np.testing.assert_array_equal(got[..., :-1], (codes * scale).reshape(got[..., :-1].shape))
+    transparent = (codes == codes[0, 0]).all(axis=-1) if channels else codes == codes[0, 0]
+    np.testing.assert_array_equal(got[..., -1], np.where(transparent, 0, top))

@@ -73,6 +73,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                     f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
                 )
             png_depth, png_colour = _png_ihdr(path)
+            key = im.info.get("transparency")  # a colour key (PNG tRNS): pixels of this value are transparent
             sixteen = im.mode.startswith("I;16") or im.mode == "I" or png_depth == 16
             # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
@@ -91,7 +92,11 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 mode = im.mode
-                alpha = "A" in mode or "a" in mode or ("transparency" in im.info and mode in ("1", "P"))
+                if fmt == "PNG" and png_colour == 0 and png_depth in (2, 4) and isinstance(key, int):
+                    if key < 2**png_depth:  # Pillow fills 0..255 with 2- and 4-bit gray, not their key
+                        im.info["transparency"] = key * (255 // (2**png_depth - 1))
+                # A colour key (gray, RGB, palette) becomes an alpha channel, as an RGBA file's alpha is kept.
+                alpha = "A" in mode or "a" in mode or "transparency" in im.info
                 # 1-bit black and white is gray, and gray with alpha stays gray + alpha (HxWx2), not RGBA.
                 gray = mode in ("1", "L", "LA", "La")
                 target = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
@@ -132,6 +137,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
         if fmt == "PNG" and png_colour == 4 and arr.shape[2] == 4:  # gray + alpha, given as BGRA by OpenCV
             arr = np.ascontiguousarray(arr[..., [0, 3]])
+    elif fmt == "PNG" and png_colour == 0 and isinstance(key, int):  # OpenCV ignores a 16-bit gray key
+        arr = np.stack([arr, np.where(arr == key, 0, np.iinfo(arr.dtype).max).astype(arr.dtype)], axis=2)
     return _apply_orientation(arr, orientation)
 
 
