@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from qairn.cli import main
-from qairn.engine.imageio import ImageError, read_image
+from qairn.engine.imageio import ImageError, encode_image, read_image
 
 
 @pytest.fixture
@@ -368,6 +368,44 @@ def test_colour_key_transparency_is_kept(tmp_path, tiny_weights, capsys):
         capsys, "restore", tmp_path / "k.png", "-o", tmp_path / "o.jpg", "--weights", tiny_weights
     )
     assert rc == 0 and "o.jpg: .jpg output drops the input's alpha channel" in err, err
+
+
+def test_gray_to_webp_says_it_becomes_rgb(tmp_path, tiny_weights, capsys):
+    """WebP has no gray mode: a gray input written as .webp reads back RGB, which was not said. It is now,
+    like the other things an output format drops; so is 16-bit gray + alpha written to TIFF as RGBA."""
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    Image.fromarray(np.stack([gray, gray[::-1]], axis=2), "LA").save(tmp_path / "la.png")
+    (tmp_path / "la16.png").write_bytes(
+        encode_image(np.stack([gray, gray], axis=2).astype(np.uint16) * 257, ".png")
+    )
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    (tmp_path / "o").mkdir()
+    for src, dst, says in (
+        ("g.png", "g.webp", "g.webp: .webp output has no gray mode: the gray input is written as RGB; "),
+        ("la.png", "la.webp", "la.webp: .webp output has no gray mode: the gray input is written as RGBA; "),
+        (
+            "la16.png",
+            "la16.tif",
+            "la16.tif: .tif output is written without 16-bit gray + alpha: the gray input "
+            "is written as RGBA; ",
+        ),
+        ("g.png", "g.png", None),
+        ("la.png", "la.tif", None),
+        ("c.png", "c.webp", None),
+    ):
+        rc, _, err = run(
+            capsys, "restore", tmp_path / src, "-o", tmp_path / "o" / dst, "--weights", tiny_weights
+        )
+        assert rc == 0, err
+        if says:
+            assert f"{tmp_path / 'o' / says}write .png to keep it gray" in err, err
+        else:
+            assert "warning" not in err, err
+    assert read_image(tmp_path / "o" / "g.webp").shape == (24, 32, 3)
+    assert read_image(tmp_path / "o" / "la16.tif").shape == (24, 32, 4)
 
 
 def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):

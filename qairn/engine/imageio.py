@@ -242,6 +242,16 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
+def gray_as_colour(arr: np.ndarray, suffix: str) -> bool:
+    """Whether encode_image gives this gray (HxW, HxWx1) or gray + alpha (HxWx2) array colour channels: WebP
+    has no gray mode, and 16-bit gray + alpha TIFF is written as RGBA (Pillow cannot read it back)."""
+    suffix = suffix.lower()
+    if arr.ndim == 3 and arr.shape[2] > 2:
+        return False
+    gray_alpha = arr.ndim == 3 and arr.shape[2] == 2
+    return suffix == ".webp" or (gray_alpha and arr.dtype == np.uint16 and suffix in (".tif", ".tiff"))
+
+
 def _png_gray_alpha(arr: np.ndarray) -> bytes:
     """An HxWx2 uint8 or uint16 array as a gray + alpha PNG (colour type 4), each row "Up" filtered."""
     import zlib
