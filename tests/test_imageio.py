@@ -3,12 +3,13 @@
 import io
 import re
 import struct
+import warnings
 import zlib
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qairn.engine.imageio import ImageError, read_image, with_exif, write_image
 
@@ -110,7 +111,7 @@ def test_16bit_tiff_orientation_is_applied_once(tmp_path, orientation, channels)
     np.testing.assert_array_equal(got, upright(arr, orientation))
 
 
-@pytest.mark.parametrize("order, big", [(">", False), ("<", True)])  # (Pillow 13 cannot open MM BigTIFF)
+@pytest.mark.parametrize("order, big", [(">", False), ("<", True), (">", True)])  # MM BigTIFF: OpenCV
 def test_16bit_tiff_orientation_big_endian_and_bigtiff(tmp_path, order, big):
     arr = rand((5, 3, 3), np.uint16, seed=7)
     for orientation in (1, 3, 6, 7):
@@ -417,3 +418,91 @@ def test_colour_key_becomes_alpha(tmp_path, channels, depth):
     np.testing.assert_array_equal(got[..., :-1], (codes * scale).reshape(got[..., :-1].shape))
     transparent = (codes == codes[0, 0]).all(axis=-1) if channels else codes == codes[0, 0]
     np.testing.assert_array_equal(got[..., -1], np.where(transparent, 0, top))
+
+
+# ---- TIFFs Pillow cannot read: OpenCV ---------------------------------------------------------------
+def two_pages(data: bytes) -> bytes:
+    """tiff_bytes' BigTIFF with its directory copied as a second page (the same pixels)."""
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "Q", data, 8)[0]
+    count = struct.unpack_from(order + "Q", data, ifd)[0]
+    size = 8 + 20 * count + 8
+    out = bytearray(data + data[ifd : ifd + size])
+    struct.pack_into(order + "Q", out, ifd + size - 8, len(data))  # the first page's "next page"
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((3, 4), np.uint8),
+        ((3, 4, 3), np.uint8),
+        ((3, 4), np.uint16),
+        ((3, 4, 3), np.uint16),
+        ((3, 4, 4), np.uint16),
+    ],
+)
+@pytest.mark.parametrize("orientation", [1, 6, 7])
+def test_big_endian_bigtiff_is_read_by_opencv(tmp_path, shape, dtype, orientation):
+    """Pillow 13 does not recognise big-endian BigTIFF (its header check misses the byte order), so such a
+    file was "not an image"; OpenCV reads it, its orientation applied once."""
+    arr = rand(shape, dtype, seed=orientation)
+    data = tiff_bytes(arr, orientation, ">", big=True)
+    with pytest.raises(UnidentifiedImageError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow: "Corrupt EXIF data"
+        Image.open(io.BytesIO(data))
+    (tmp_path / "mm.tif").write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does Pillow's warning reach the user
+        got = read_image(tmp_path / "mm.tif")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, upright(arr, orientation))
+
+
+def test_big_endian_bigtiff_keeps_the_checks(tmp_path, monkeypatch):
+    """Through OpenCV too: the pixel limit before decoding, a warning for further pages, and a clear line
+    where OpenCV would lose samples (gray + alpha comes back as gray) or change them (8-bit RGBA comes
+    back premultiplied), or the file is damaged."""
+    arr = rand((3, 4), np.uint8, seed=20)
+    (tmp_path / "mm.tif").write_bytes(tiff_bytes(arr, order=">", big=True))
+    decoded = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
+    with pytest.raises(
+        ImageError, match=re.escape("mm.tif: 4x3 = 1.2e-05 MP is over the pixel limit of 1.1e-05 MP")
+    ):
+        read_image(tmp_path / "mm.tif", max_pixels=11)
+    assert decoded == []
+    (tmp_path / "pages.tif").write_bytes(two_pages(tiff_bytes(arr, order=">", big=True)))
+    with pytest.warns(UserWarning, match="pages.tif: 2 frames; only the first is restored"):
+        np.testing.assert_array_equal(read_image(tmp_path / "pages.tif"), arr)
+    (tmp_path / "la.tif").write_bytes(tiff_bytes(np.stack([arr, arr], axis=2), order=">", big=True))
+    says = (
+        "la.tif: cannot decode TIFF (Pillow does not recognise it; OpenCV reads its 2 samples of 8 bits as 1"
+    )
+    with pytest.raises(ImageError, match=re.escape(says)):
+        read_image(tmp_path / "la.tif")
+    (tmp_path / "rgba.tif").write_bytes(tiff_bytes(rand((3, 4, 4), np.uint8, seed=22), order=">", big=True))
+    with pytest.raises(
+        ImageError, match="rgba.tif: cannot decode TIFF .* OpenCV premultiplies its 8-bit alpha"
+    ):
+        read_image(tmp_path / "rgba.tif")
+    data = tiff_bytes(arr, order=">", big=True)
+    (tmp_path / "bad.tif").write_bytes(data[:8] + struct.pack(">Q", len(data) + 100) + data[16:])
+    with pytest.raises(
+        ImageError, match="bad.tif: cannot decode TIFF .Pillow does not recognise it; its first "
+    ):
+        read_image(tmp_path / "bad.tif")
+    (tmp_path / "junk.tif").write_bytes(b"MM\x00+" + bytes(40))
+    with pytest.raises(ImageError, match="junk.tif: cannot decode TIFF"):
+        read_image(tmp_path / "junk.tif")
+
+
+def test_16_bit_gray_alpha_tiff_is_refused_clearly(tmp_path):
+    """Pillow does not recognise 16-bit gray + alpha TIFF either, and OpenCV reads it as 8-bit gray:
+    refused in a line that says so, not called "not an image" nor read without its alpha."""
+    (tmp_path / "la16.tif").write_bytes(tiff_bytes(rand((3, 4, 2), np.uint16, seed=21)))
+    with pytest.raises(
+        ImageError, match=re.escape("reads its 2 samples of 16 bits as 1 of 8); save it as PNG")
+    ):
+        read_image(tmp_path / "la16.tif")

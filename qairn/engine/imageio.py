@@ -52,19 +52,18 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     fmt = path.suffix.lstrip(".").upper() or None
+    pillow_failed = None  # why Pillow could not read a TIFF, which OpenCV is then asked to
+    frames = None  # told once: by Pillow's header, else by the OpenCV fallback
     try:
-        with Image.open(path) as im:  # the header only: nothing is decoded before the checks
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"{path}: {w}x{h} = {w * h / 1e6:.3g} MP is over the pixel limit "
-                    f"of {max_pixels / 1e6:.3g} MP (raise it with --max-pixels)"
-                )
+        with warnings.catch_warnings():
+            if _magic(path) == b"MM\x00+":  # Pillow 13 warns "Corrupt EXIF data" on it, then gives up
+                warnings.simplefilter("ignore")
+            im = Image.open(path)
+        with im:  # the header only: nothing is decoded before the checks
+            _check_pixels(path, *im.size, max_pixels)
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
-                (warn or _warn)(
-                    f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
-                )
+                (warn or _warn)(_frames_message(path, frames))
             orientation = im.getexif().get(0x0112, 1)
             fmt = im.format
             signed_or_float = fmt == "TIFF" and {2, 3} & set(_as_tuple(im.tag_v2.get(339, 1)))  # SampleFormat
@@ -113,14 +112,21 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        if _magic(path) not in TIFF_MAGIC:
+            raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        pillow_failed = "Pillow does not recognise it"  # Pillow 13 misses big-endian BigTIFF's byte order
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, OSError) and e.errno is not None:  # permission denied, an I/O error: not the content
             raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
+        if _magic(path) in TIFF_MAGIC:
+            pillow_failed = f"Pillow: {msg}"
+        elif "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
             raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
-        raise ImageError(f"{path}: cannot decode ({msg})") from None
+        else:
+            raise ImageError(f"{path}: cannot decode ({msg})") from None
+    if pillow_failed is not None:
+        return _read_tiff_opencv(path, max_pixels, warn if frames is None else _quiet, pillow_failed)
     # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB). OpenCV's TIFF reader turns
     # the pixels by the file's orientation tag itself; the tag is set to 1 in the bytes it gets, so the
     # orientation is applied once, below, whatever OpenCV's version does.
@@ -142,10 +148,120 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     return _apply_orientation(arr, orientation)
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
+
+
+def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{path}: {w}x{h} = {w * h / 1e6:.3g} MP is over the pixel limit "
+            f"of {max_pixels / 1e6:.3g} MP (raise it with --max-pixels)"
+        )
+
+
+def _frames_message(path: Path, frames: int) -> str:
+    return f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
+
+
+def _magic(path: Path) -> bytes:
+    """The file's first 4 bytes (b"" if it cannot be read: open() will say why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
+    """The first page's image tags {tag: values} (size, samples, bits, layout, orientation) and the number
+    of pages, from classic or BigTIFF bytes in either byte order; struct.error if the first is damaged."""
+    bo = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    off, count_fmt, entry = (bo + "Q", bo + "Q", 20) if big else (bo + "I", bo + "H", 12)
+    kinds = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
+    at = struct.unpack_from(off, data, 8 if big else 4)[0]
+    count = struct.unpack_from(count_fmt, data, at)[0]
+    first = at + struct.calcsize(count_fmt)
+    tags = {}
+    for k in range(count):
+        e = first + k * entry
+        tag, kind = struct.unpack_from(bo + "HH", data, e)
+        n = struct.unpack_from(off, data, e + 4)[0]
+        if tag not in (256, 257, 258, 262, 274, 277, 284, 339) or kind not in kinds or not 0 < n <= 16:
+            continue
+        fmt = bo + kinds[kind] * n
+        where = e + 4 + struct.calcsize(off)
+        if struct.calcsize(fmt) > struct.calcsize(off):  # too long for the entry: stored elsewhere
+            where = struct.unpack_from(off, data, where)[0]
+        tags[tag] = struct.unpack_from(fmt, data, where)
+    pages, seen = 1, {at}
+    try:  # the pages after the first are only counted (a damaged chain ends the count)
+        at = struct.unpack_from(off, data, first + count * entry)[0]
+        while at and at not in seen:
+            seen.add(at)
+            pages += 1
+            count = struct.unpack_from(count_fmt, data, at)[0]
+            at = struct.unpack_from(off, data, at + struct.calcsize(count_fmt) + count * entry)[0]
+    except struct.error:
+        pass
+    return tags, pages
+
+
+def _read_tiff_opencv(path: Path, max_pixels: int, warn, why: str) -> np.ndarray:
+    """A TIFF Pillow cannot read (Pillow 13 does not recognise big-endian BigTIFF), decoded by OpenCV with
+    read_image's checks: the pixel limit before decoding, the first page only (with a warning), signed and
+    float samples refused, orientation applied once; refused where OpenCV would lose samples or bits (it
+    reads gray + alpha as 8-bit gray) or change them (it premultiplies 8-bit RGBA)."""
+    try:
+        data = path.read_bytes()
+        tags, pages = _tiff_first_page(data)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    except struct.error:
+        raise ImageError(
+            f"{path}: cannot decode TIFF ({why}; its first directory is damaged or cut off)"
+        ) from None
+
+    def one(tag: int, default: int) -> int:
+        return tags.get(tag, (default,))[0]
+
+    _check_pixels(path, one(256, 0), one(257, 0), max_pixels)
+    if pages > 1:
+        (warn or _warn)(_frames_message(path, pages))
+    if {2, 3} & set(tags.get(339, (1,))):  # SampleFormat: signed integers, floating point
+        raise ImageError(f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit")
+    bits, spp = max(tags.get(258, (1,))), one(277, 1)
+    if bits > 8 and one(284, 1) == 2 and spp > 1:
+        raise ImageError(
+            f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
+            "supported; save it with interleaved (contiguous) samples"
+        )
+    arr = cv2.imdecode(np.frombuffer(_tiff_upright(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageError(f"{path}: cannot decode TIFF ({why}; OpenCV cannot either)")
+    if arr.dtype != np.uint16 and arr.dtype != np.uint8:
+        raise ImageError(f"{path}: {arr.dtype} pixels are not supported; save as 8 or 16 bit")
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    # Gray (PhotometricInterpretation 0, 1) and RGB (2) must come back with every sample and every bit.
+    if arr.dtype != (np.uint16 if bits > 8 else np.uint8) or (one(262, 1) in (0, 1, 2) and channels != spp):
+        raise ImageError(
+            f"{path}: cannot decode TIFF ({why}; OpenCV reads its {spp} samples of {bits} bits as "
+            f"{channels} of {arr.dtype.itemsize * 8}); save it as PNG or classic TIFF"
+        )
+    if arr.dtype == np.uint8 and channels == 4:  # libtiff's RGBA reader, which OpenCV uses for 8 bits
+        raise ImageError(
+            f"{path}: cannot decode TIFF ({why}; OpenCV premultiplies its 8-bit alpha, changing the "
+            "colours); save it as PNG or classic TIFF"
+        )
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return _apply_orientation(arr, one(274, 1))
+
+
 def _tiff_upright(data: bytes) -> bytes:
     """TIFF bytes with the first page's Orientation tag (274) set to 1 (classic and BigTIFF)."""
     head = data[:4]
-    if head not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head not in TIFF_MAGIC:
         return data
     bo = "<" if head[:2] == b"II" else ">"
     big = head[2:] in (b"+\x00", b"\x00+")
@@ -170,6 +286,10 @@ def _tiff_upright(data: bytes) -> bytes:
 
 def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _as_tuple(v) -> tuple:
