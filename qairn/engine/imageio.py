@@ -182,6 +182,8 @@ def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
     at = struct.unpack_from(off, data, 8 if big else 4)[0]
     count = struct.unpack_from(count_fmt, data, at)[0]
     first = at + struct.calcsize(count_fmt)
+    if first + count * entry > len(data):  # a count no file this size holds: not read entry by entry
+        raise struct.error("the directory runs past the end of the file")
     tags = {}
     for k in range(count):
         e = first + k * entry
