@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from qairn.cli import main
-from qairn.engine.imageio import ImageError, read_image
+from qairn.engine.imageio import ImageError, encode_image, read_image
 
 
 @pytest.fixture
@@ -320,6 +320,92 @@ def test_jpeg_output_of_a_transparent_image_says_the_alpha_is_dropped(tmp_path, 
         says = f"o{suffix}: {suffix} output drops the input's alpha channel; write .png to keep it"
         assert rc == 0 and (says in err) == warned, err
     assert cv2.imread(str(tmp_path / "o.png"), cv2.IMREAD_UNCHANGED).shape == (24, 32, 4)
+
+
+def test_gray_alpha_input_stays_gray_alpha(tmp_path, tiny_weights, capsys):
+    """An LA input was read as RGBA and written as colour; it stays gray + alpha, its alpha and its gray
+    colour profile kept, and a JPEG output (gray, no alpha) says the alpha is dropped."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    gray_icc = srgb[:16] + b"GRAY" + srgb[20:]  # only the header's colour space is looked at
+    rng = np.random.default_rng(1)
+    la = np.stack([rng.integers(0, 256, (24, 32)), np.arange(24 * 32).reshape(24, 32) % 256], axis=2)
+    Image.fromarray(la.astype(np.uint8), "LA").save(tmp_path / "la.png", icc_profile=gray_icc)
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "la.png", "-o", tmp_path / "o.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and "warning" not in err, err
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "LA" and im.info.get("icc_profile") == gray_icc
+        np.testing.assert_array_equal(np.asarray(im)[..., 1], la[..., 1])
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "la.png", "-o", tmp_path / "o.jpg", "--weights", tiny_weights
+    )
+    assert rc == 0 and "o.jpg: .jpg output drops the input's alpha channel; write .png to keep it" in err, err
+    with Image.open(tmp_path / "o.jpg") as im:
+        assert im.mode == "L"
+
+
+def test_colour_key_transparency_is_kept(tmp_path, tiny_weights, capsys):
+    """A gray or RGB PNG with a colour key (tRNS) lost its transparency without a word; its output keeps
+    it as an alpha channel, as an RGBA input's does, and a JPEG output says it is dropped."""
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    rgb[:8, :8] = (10, 200, 30)  # the key: a transparent corner
+    Image.fromarray(rgb).save(tmp_path / "k.png", transparency=(10, 200, 30))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png", transparency=10)
+    for name, channels in (("k", 4), ("g", 2)):
+        src, dst = tmp_path / f"{name}.png", tmp_path / f"o{name}.png"
+        rc, _, err = run(capsys, "restore", src, "-o", dst, "--weights", tiny_weights)
+        assert rc == 0 and "warning" not in err, err
+        out = cv2.imread(str(dst), cv2.IMREAD_UNCHANGED)
+        assert out.shape == (24, 32, 4)  # OpenCV reads gray + alpha as BGRA
+        key = (rgb == (10, 200, 30)).all(axis=2) if channels == 4 else rgb[..., 0] == 10
+        np.testing.assert_array_equal(out[..., 3], np.where(key, 0, 255))
+        assert read_image(dst).shape == (24, 32, channels)
+    rc, _, err = run(
+        capsys, "restore", tmp_path / "k.png", "-o", tmp_path / "o.jpg", "--weights", tiny_weights
+    )
+    assert rc == 0 and "o.jpg: .jpg output drops the input's alpha channel" in err, err
+
+
+def test_gray_to_webp_says_it_becomes_rgb(tmp_path, tiny_weights, capsys):
+    """WebP has no gray mode: a gray input written as .webp reads back RGB, which was not said. It is now,
+    like the other things an output format drops; so is 16-bit gray + alpha written to TIFF as RGBA."""
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    Image.fromarray(np.stack([gray, gray[::-1]], axis=2), "LA").save(tmp_path / "la.png")
+    (tmp_path / "la16.png").write_bytes(
+        encode_image(np.stack([gray, gray], axis=2).astype(np.uint16) * 257, ".png")
+    )
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    (tmp_path / "o").mkdir()
+    for src, dst, says in (
+        ("g.png", "g.webp", "g.webp: .webp output has no gray mode: the gray input is written as RGB; "),
+        ("la.png", "la.webp", "la.webp: .webp output has no gray mode: the gray input is written as RGBA; "),
+        (
+            "la16.png",
+            "la16.tif",
+            "la16.tif: .tif output is written without 16-bit gray + alpha: the gray input "
+            "is written as RGBA; ",
+        ),
+        ("g.png", "g.png", None),
+        ("la.png", "la.tif", None),
+        ("c.png", "c.webp", None),
+    ):
+        rc, _, err = run(
+            capsys, "restore", tmp_path / src, "-o", tmp_path / "o" / dst, "--weights", tiny_weights
+        )
+        assert rc == 0, err
+        if says:
+            assert f"{tmp_path / 'o' / says}write .png to keep it gray" in err, err
+        else:
+            assert "warning" not in err, err
+    assert read_image(tmp_path / "o" / "g.webp").shape == (24, 32, 3)
+    assert read_image(tmp_path / "o" / "la16.tif").shape == (24, 32, 4)
 
 
 def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):

@@ -1,12 +1,15 @@
 """qairn.engine.imageio: reading and writing image files (depths, orientation, gray, round trips)."""
 
 import io
+import re
 import struct
+import warnings
+import zlib
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from qairn.engine.imageio import ImageError, read_image, with_exif, write_image
 
@@ -108,7 +111,7 @@ def test_16bit_tiff_orientation_is_applied_once(tmp_path, orientation, channels)
     np.testing.assert_array_equal(got, upright(arr, orientation))
 
 
-@pytest.mark.parametrize("order, big", [(">", False), ("<", True)])  # (Pillow 13 cannot open MM BigTIFF)
+@pytest.mark.parametrize("order, big", [(">", False), ("<", True), (">", True)])  # MM BigTIFF: OpenCV
 def test_16bit_tiff_orientation_big_endian_and_bigtiff(tmp_path, order, big):
     arr = rand((5, 3, 3), np.uint16, seed=7)
     for orientation in (1, 3, 6, 7):
@@ -258,3 +261,248 @@ def test_eight_bit_formats_take_16_bit_arrays_scaled(tmp_path, suffix):
     write_image(tmp_path / f"s{suffix}", arr)
     got = read_image(tmp_path / f"s{suffix}")
     assert got.dtype == np.uint8 and abs(int(got.mean()) - 200) <= 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".webp", ".jpg", ".bmp"])
+def test_gray_alpha_arrays_are_written(tmp_path, suffix, dtype):
+    """HxWx2 (gray + alpha) failed with a raw OpenCV channel error. PNG keeps it gray + alpha at 8 and
+    16 bits, 8-bit TIFF too; WebP (no gray mode) and 16-bit TIFF get RGBA, JPEG and BMP the gray."""
+    arr = rand((7, 5, 2), dtype, seed=11)
+    write_image(tmp_path / f"ga{suffix}", arr)
+    path = str(tmp_path / f"ga{suffix}")
+    got = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # BGRA for a gray + alpha PNG: gray in B, G and R
+    gray = arr[..., 0]
+    if suffix == ".png":
+        assert (tmp_path / "ga.png").read_bytes()[25] == 4  # IHDR colour type 4: gray + alpha
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got[..., [0, 3]], arr)
+        np.testing.assert_array_equal(got[..., 2], gray)
+    elif suffix == ".tif" and dtype == np.uint8:
+        with Image.open(path) as im:
+            assert im.mode == "LA"
+            np.testing.assert_array_equal(np.asarray(im), arr)
+    elif suffix in (".tif", ".webp"):
+        assert got.shape == (7, 5, 4)
+        if suffix == ".tif":
+            np.testing.assert_array_equal(got, arr[..., [0, 0, 0, 1]])
+    else:
+        assert got.shape == (7, 5)
+        if suffix == ".bmp":
+            np.testing.assert_array_equal(got, gray if dtype == np.uint8 else (gray / 257).round())
+
+
+@pytest.mark.parametrize(
+    "arr, says",
+    [
+        (np.zeros((4, 3, 5), np.uint8), "cannot write an array of shape (4, 3, 5) as an image"),
+        (np.zeros((4, 3, 2, 1), np.uint8), "cannot write an array of shape (4, 3, 2, 1) as an image"),
+        (np.zeros((4, 3), np.float32), "cannot write float32 pixels as an image (uint8 or uint16)"),
+    ],
+)
+def test_write_refuses_what_is_not_an_image_naming_the_path(tmp_path, arr, says):
+    with pytest.raises(ImageError, match=re.escape(f"{tmp_path / 'x.png'}: {says}")):
+        write_image(tmp_path / "x.png", arr)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- gray + alpha -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_gray_alpha_files_are_read_gray_alpha(tmp_path, suffix, orientation):
+    """An LA file came back RGBA: a gray input became a colour output. It is HxWx2, turned once."""
+    arr = rand((6, 4, 2), np.uint8, seed=12)
+    im = Image.fromarray(arr, "LA")
+    if suffix == ".tif":
+        im.save(tmp_path / f"la{suffix}", tiffinfo={274: orientation})
+    else:
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(tmp_path / f"la{suffix}", exif=exif)
+    got = read_image(tmp_path / f"la{suffix}")
+    assert got.dtype == np.uint8 and got.shape == upright(arr, orientation).shape
+    np.testing.assert_array_equal(got, upright(arr, orientation))
+
+
+def test_16_bit_gray_alpha_png_is_read_gray_alpha(tmp_path):
+    arr = rand((6, 4, 2), np.uint16, seed=13)
+    write_image(tmp_path / "la16.png", arr)
+    got = read_image(tmp_path / "la16.png")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, arr)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_gray_alpha_round_trip_is_exact(tmp_path, dtype):
+    arr = rand((7, 5, 2), dtype, seed=14)
+    write_image(tmp_path / "r.png", arr)
+    np.testing.assert_array_equal(read_image(tmp_path / "r.png"), arr)
+    write_image(tmp_path / "r.tif", arr)  # 8-bit LA TIFF; 16 bits as RGBA (gray in R, G and B)
+    np.testing.assert_array_equal(
+        read_image(tmp_path / "r.tif"), arr if dtype == np.uint8 else arr[..., [0, 0, 0, 1]]
+    )
+
+
+def test_transparent_1_bit_and_gray_palette_images_are_gray(tmp_path):
+    """A 1-bit or gray-palette image with transparency came back RGBA, a gray GIF RGB: now gray (+ alpha).
+    A palette of colours is still RGB(A)."""
+    bits = np.random.default_rng(15).integers(0, 2, (5, 9)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "b.png", transparency=0)
+    got = read_image(tmp_path / "b.png")
+    assert got.shape == (5, 9, 2)
+    np.testing.assert_array_equal(got[..., 0], bits * np.uint8(255))
+    np.testing.assert_array_equal(got[..., 1], bits * np.uint8(255))  # the black pixels are transparent
+    gray = rand((5, 9), np.uint8, seed=16)
+    Image.fromarray(gray).save(tmp_path / "g.gif")
+    np.testing.assert_array_equal(read_image(tmp_path / "g.gif"), gray)  # a gray ramp: GIF keeps it
+    Image.fromarray(gray).save(tmp_path / "t.gif", transparency=int(gray[0, 0]))
+    got = read_image(tmp_path / "t.gif")
+    assert got.shape == (5, 9, 2)
+    np.testing.assert_array_equal(got[..., 0], gray)
+    np.testing.assert_array_equal(got[..., 1], np.where(gray == gray[0, 0], 0, 255))
+    colour = Image.fromarray(gray).convert("P")
+    colour.putpalette([v for k in range(256) for v in (k, 255 - k, k)])
+    colour.save(tmp_path / "c.png", transparency=int(gray[0, 0]))
+    got = read_image(tmp_path / "c.png")
+    assert got.shape == (5, 9, 4)
+    np.testing.assert_array_equal(got[..., 1], 255 - gray)
+
+
+# ---- colour-key transparency ------------------------------------------------------------------------
+def png_bytes(codes: np.ndarray, depth: int, trns: tuple[int, ...]) -> bytes:
+    """A gray (HxW) or RGB (HxWx3) PNG of these codes at this bit depth (1..16) with a tRNS colour key,
+    written by hand (Pillow writes no 16-bit RGB, OpenCV no tRNS)."""
+    h, w = codes.shape[:2]
+    samples = codes.reshape(h, -1).astype(np.uint16)
+    if depth == 16:
+        rows = [samples[y].astype(">u2").tobytes() for y in range(h)]
+    elif depth == 8:
+        rows = [samples[y].astype(np.uint8).tobytes() for y in range(h)]
+    else:  # packed, most significant bits first
+        per = 8 // depth
+        padded = np.zeros((h, -(-samples.shape[1] // per) * per), np.uint16)
+        padded[:, : samples.shape[1]] = samples
+        groups = padded.reshape(h, -1, per)
+        shifts = np.arange(per - 1, -1, -1) * depth
+        rows = [((groups[y] << shifts).sum(axis=1)).astype(np.uint8).tobytes() for y in range(h)]
+    raw = b"".join(b"\0" + r for r in rows)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 0 if codes.ndim == 2 else 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"tRNS", struct.pack(">" + "H" * len(trns), *trns))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("channels, depth", [(0, 8), (3, 8), (0, 16), (3, 16), (0, 1), (0, 2), (0, 4)])
+def test_colour_key_becomes_alpha(tmp_path, channels, depth):
+    """A gray or RGB PNG whose transparency is a colour key (tRNS) came back without it, silently: the
+    key is now an alpha channel (0 where the pixel is the key, full elsewhere), like an RGBA file's."""
+    shape = (6, 5, channels) if channels else (6, 5)
+    codes = np.random.default_rng(depth + channels).integers(0, 2**depth, shape)
+    codes[..., 1, :] = codes[..., 0, :]  # the key's pixel twice, and some more below
+    key = tuple(np.atleast_1d(codes[0, 0]))
+    codes[4:, 3] = codes[0, 0]
+    (tmp_path / "k.png").write_bytes(png_bytes(codes, depth, tuple(int(k) for k in key)))
+    got = read_image(tmp_path / "k.png")
+    dtype = np.uint16 if depth == 16 else np.uint8
+    top = np.iinfo(dtype).max
+    assert got.dtype == dtype and got.shape == (6, 5, (channels or 1) + 1)
+    scale = top // (2**depth - 1)  # 1-, 2- and 4-bit codes fill the 8-bit range
+    np.testing.assert_array_equal(got[..., :-1], (codes * scale).reshape(got[..., :-1].shape))
+    transparent = (codes == codes[0, 0]).all(axis=-1) if channels else codes == codes[0, 0]
+    np.testing.assert_array_equal(got[..., -1], np.where(transparent, 0, top))
+
+
+# ---- TIFFs Pillow cannot read: OpenCV ---------------------------------------------------------------
+def two_pages(data: bytes) -> bytes:
+    """tiff_bytes' BigTIFF with its directory copied as a second page (the same pixels)."""
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "Q", data, 8)[0]
+    count = struct.unpack_from(order + "Q", data, ifd)[0]
+    size = 8 + 20 * count + 8
+    out = bytearray(data + data[ifd : ifd + size])
+    struct.pack_into(order + "Q", out, ifd + size - 8, len(data))  # the first page's "next page"
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [
+        ((3, 4), np.uint8),
+        ((3, 4, 3), np.uint8),
+        ((3, 4), np.uint16),
+        ((3, 4, 3), np.uint16),
+        ((3, 4, 4), np.uint16),
+    ],
+)
+@pytest.mark.parametrize("orientation", [1, 6, 7])
+def test_big_endian_bigtiff_is_read_by_opencv(tmp_path, shape, dtype, orientation):
+    """Pillow 13 does not recognise big-endian BigTIFF (its header check misses the byte order), so such a
+    file was "not an image"; OpenCV reads it, its orientation applied once."""
+    arr = rand(shape, dtype, seed=orientation)
+    data = tiff_bytes(arr, orientation, ">", big=True)
+    with pytest.raises(UnidentifiedImageError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow: "Corrupt EXIF data"
+        Image.open(io.BytesIO(data))
+    (tmp_path / "mm.tif").write_bytes(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does Pillow's warning reach the user
+        got = read_image(tmp_path / "mm.tif")
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, upright(arr, orientation))
+
+
+def test_big_endian_bigtiff_keeps_the_checks(tmp_path, monkeypatch):
+    """Through OpenCV too: the pixel limit before decoding, a warning for further pages, and a clear line
+    where OpenCV would lose samples (gray + alpha comes back as gray) or change them (8-bit RGBA comes
+    back premultiplied), or the file is damaged."""
+    arr = rand((3, 4), np.uint8, seed=20)
+    (tmp_path / "mm.tif").write_bytes(tiff_bytes(arr, order=">", big=True))
+    decoded = []
+    real = cv2.imdecode
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
+    with pytest.raises(
+        ImageError, match=re.escape("mm.tif: 4x3 = 1.2e-05 MP is over the pixel limit of 1.1e-05 MP")
+    ):
+        read_image(tmp_path / "mm.tif", max_pixels=11)
+    assert decoded == []
+    (tmp_path / "pages.tif").write_bytes(two_pages(tiff_bytes(arr, order=">", big=True)))
+    with pytest.warns(UserWarning, match="pages.tif: 2 frames; only the first is restored"):
+        np.testing.assert_array_equal(read_image(tmp_path / "pages.tif"), arr)
+    (tmp_path / "la.tif").write_bytes(tiff_bytes(np.stack([arr, arr], axis=2), order=">", big=True))
+    says = (
+        "la.tif: cannot decode TIFF (Pillow does not recognise it; OpenCV reads its 2 samples of 8 bits as 1"
+    )
+    with pytest.raises(ImageError, match=re.escape(says)):
+        read_image(tmp_path / "la.tif")
+    (tmp_path / "rgba.tif").write_bytes(tiff_bytes(rand((3, 4, 4), np.uint8, seed=22), order=">", big=True))
+    with pytest.raises(
+        ImageError, match="rgba.tif: cannot decode TIFF .* OpenCV premultiplies its 8-bit alpha"
+    ):
+        read_image(tmp_path / "rgba.tif")
+    data = tiff_bytes(arr, order=">", big=True)
+    (tmp_path / "bad.tif").write_bytes(data[:8] + struct.pack(">Q", len(data) + 100) + data[16:])
+    with pytest.raises(
+        ImageError, match="bad.tif: cannot decode TIFF .Pillow does not recognise it; its first "
+    ):
+        read_image(tmp_path / "bad.tif")
+    (tmp_path / "junk.tif").write_bytes(b"MM\x00+" + bytes(40))
+    with pytest.raises(ImageError, match="junk.tif: cannot decode TIFF"):
+        read_image(tmp_path / "junk.tif")
+
+
+def test_16_bit_gray_alpha_tiff_is_refused_clearly(tmp_path):
+    """Pillow does not recognise 16-bit gray + alpha TIFF either, and OpenCV reads it as 8-bit gray:
+    refused in a line that says so, not called "not an image" nor read without its alpha."""
+    (tmp_path / "la16.tif").write_bytes(tiff_bytes(rand((3, 4, 2), np.uint16, seed=21)))
+    with pytest.raises(
+        ImageError, match=re.escape("reads its 2 samples of 16 bits as 1 of 8); save it as PNG")
+    ):
+        read_image(tmp_path / "la16.tif")

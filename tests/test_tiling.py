@@ -159,6 +159,12 @@ def test_gray_rgba_uint16_bgr_and_one_pixel(live1_image):
     out = r.restore(rgba).image
     assert out.shape == (70, 90, 4) and (out[..., 3] == 77).all()
     np.testing.assert_array_equal(out[..., :3], rgb)
+    # Gray + alpha (what read_image gives for an LA file) was refused; it is gray, its alpha passed through.
+    gray_alpha = np.stack([img[..., 1], np.arange(70 * 90).reshape(70, 90).astype(np.uint8)], axis=2)
+    out = r.restore(gray_alpha).image
+    assert out.shape == (70, 90, 2) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[..., 0], gray)
+    np.testing.assert_array_equal(out[..., 1], gray_alpha[..., 1])
     bgr = r.restore(img[..., ::-1].copy(), channel_order="bgr").image
     np.testing.assert_array_equal(bgr[..., ::-1], rgb)
     img16 = img.astype(np.uint16) * 257
@@ -188,7 +194,7 @@ def test_tensor_input_stays_on_device_and_batches(live1_image):
 def test_bad_arrays():
     r = qairn.Restorer(model=lively_model(), device="cpu")
     with pytest.raises(ValueError, match="shape"):
-        r.restore(np.zeros((4, 4, 2), np.uint8))
+        r.restore(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match="dtype"):
         r.restore(np.zeros((4, 4, 3), np.int32))
     with pytest.raises(ValueError, match="empty"):
@@ -518,7 +524,7 @@ def test_triton_runs_only_where_it_compiles(monkeypatch, capability, dtype, comp
         (np.full((8, 9, 3), np.nan, np.float32), "NaN or infinity"),
         (np.zeros((8, 9, 3), np.int32), "unsupported image dtype int32"),
         (np.zeros((0, 9, 3), np.uint8), "empty image"),
-        (np.zeros((8, 9, 2), np.uint8), "expected HxW, HxWx1, HxWx3 or HxWx4"),
+        (np.zeros((8, 9, 5), np.uint8), "expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4"),
     ],
 )
 def test_bad_arrays_are_refused_with_the_reason(img, says):

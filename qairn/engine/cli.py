@@ -21,6 +21,7 @@ from qairn.engine.imageio import (
     IMAGE_SUFFIXES,
     WRITE_SUFFIXES,
     ImageError,
+    gray_as_colour,
     icc_fits,
     icc_space,
     read_exif,
@@ -322,7 +323,7 @@ def main_restore(argv=None) -> int:
                 )
                 icc = None
             exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
-            alpha = res.image.ndim == 3 and res.image.shape[2] == 4  # JPEG and BMP outputs have none
+            alpha = res.image.ndim == 3 and res.image.shape[2] in (2, 4)  # JPEG and BMP outputs have none
             dropped = [
                 n
                 for n, v, keep in (
@@ -336,6 +337,13 @@ def main_restore(argv=None) -> int:
                 warning(
                     f"{dst}: {dst.suffix} output drops the input's {' and '.join(dropped)}; "
                     "write .png to keep it"
+                )
+            if gray_as_colour(res.image, dst.suffix):  # a gray photo turning into three equal channels
+                webp = dst.suffix.lower() == ".webp"
+                why = "has no gray mode" if webp else "is written without 16-bit gray + alpha"
+                warning(
+                    f"{dst}: {dst.suffix} output {why}: the gray input is written as "
+                    f"{'RGBA' if alpha else 'RGB'}; write .png to keep it gray"
                 )
             write_image(dst, res.image, icc=icc, exif=exif)
             if a.quality_map:

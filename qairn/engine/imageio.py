@@ -41,9 +41,9 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
-    """Read an image as RGB(A) or gray numpy, uint8 or uint16, EXIF orientation applied. Of an
-    animation or a multi-page file only the first frame is read, and warn(message) says so
-    (default: warnings.warn)."""
+    """Read an image as RGB(A) or gray (HxW, or HxWx2 with alpha) numpy, uint8 or uint16, EXIF
+    orientation applied; 1-bit and gray-palette images are gray. Of an animation or a multi-page file
+    only the first frame is read, and warn(message) says so (default: warnings.warn)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -52,19 +52,18 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     fmt = path.suffix.lstrip(".").upper() or None
+    pillow_failed = None  # why Pillow could not read a TIFF, which OpenCV is then asked to
+    frames = None  # told once: by Pillow's header, else by the OpenCV fallback
     try:
-        with Image.open(path) as im:  # the header only: nothing is decoded before the checks
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"{path}: {w}x{h} = {w * h / 1e6:.3g} MP is over the pixel limit "
-                    f"of {max_pixels / 1e6:.3g} MP (raise it with --max-pixels)"
-                )
+        with warnings.catch_warnings():
+            if _magic(path) == b"MM\x00+":  # Pillow 13 warns "Corrupt EXIF data" on it, then gives up
+                warnings.simplefilter("ignore")
+            im = Image.open(path)
+        with im:  # the header only: nothing is decoded before the checks
+            _check_pixels(path, *im.size, max_pixels)
             frames = getattr(im, "n_frames", 1)
             if frames > 1:
-                (warn or _warn)(
-                    f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
-                )
+                (warn or _warn)(_frames_message(path, frames))
             orientation = im.getexif().get(0x0112, 1)
             fmt = im.format
             signed_or_float = fmt == "TIFF" and {2, 3} & set(_as_tuple(im.tag_v2.get(339, 1)))  # SampleFormat
@@ -72,7 +71,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                 raise ImageError(
                     f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
                 )
-            sixteen = im.mode.startswith("I;16") or im.mode == "I" or _png_bit_depth(path) == 16
+            png_depth, png_colour = _png_ihdr(path)
+            key = im.info.get("transparency")  # a colour key (PNG tRNS): pixels of this value are transparent
+            sixteen = im.mode.startswith("I;16") or im.mode == "I" or png_depth == 16
             # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
             sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
             maxval = _pnm_maxval(path) if fmt == "PPM" else 0
@@ -89,24 +90,43 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         if not sixteen:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                if im.mode == "1" and "transparency" not in im.info:
-                    im = im.convert("L")  # 1-bit black and white is gray, not RGB
-                elif im.mode not in ("RGB", "RGBA", "L"):
-                    has_alpha = "A" in im.mode or "transparency" in im.info
-                    im = im.convert("RGBA" if has_alpha else "RGB")
-                arr = np.asarray(ImageOps.exif_transpose(im) if orientation != 1 else im)
-                return np.array(arr)  # writable copy
+                mode = im.mode
+                if fmt == "PNG" and png_colour == 0 and png_depth in (2, 4) and isinstance(key, int):
+                    if key < 2**png_depth:  # Pillow fills 0..255 with 2- and 4-bit gray, not their key
+                        im.info["transparency"] = key * (255 // (2**png_depth - 1))
+                # A colour key (gray, RGB, palette) becomes an alpha channel, as an RGBA file's alpha is kept.
+                alpha = "A" in mode or "a" in mode or "transparency" in im.info
+                # 1-bit black and white is gray, and gray with alpha stays gray + alpha (HxWx2), not RGBA.
+                gray = mode in ("1", "L", "LA", "La")
+                target = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
+                if mode != target:
+                    im = im.convert(target)
+                arr = np.array(ImageOps.exif_transpose(im) if orientation != 1 else im)  # writable copy
+                if (
+                    mode in ("P", "PA")
+                    and (arr[..., 0] == arr[..., 1]).all()
+                    and (arr[..., 1] == arr[..., 2]).all()
+                ):
+                    arr = np.ascontiguousarray(arr[..., [0, 3]] if alpha else arr[..., 0])  # a gray palette
+                return arr
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        if _magic(path) not in TIFF_MAGIC:
+            raise ImageError(f"{path}: not an image (unrecognised format)") from None
+        pillow_failed = "Pillow does not recognise it"  # Pillow 13 misses big-endian BigTIFF's byte order
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, OSError) and e.errno is not None:  # permission denied, an I/O error: not the content
             raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
+        if _magic(path) in TIFF_MAGIC:
+            pillow_failed = f"Pillow: {msg}"
+        elif "truncated" in msg.lower() or fmt in ("JPEG", "JPG"):
             raise ImageError(f"{path}: truncated or corrupt {fmt} ({msg})") from None
-        raise ImageError(f"{path}: cannot decode ({msg})") from None
+        else:
+            raise ImageError(f"{path}: cannot decode ({msg})") from None
+    if pillow_failed is not None:
+        return _read_tiff_opencv(path, max_pixels, warn if frames is None else _quiet, pillow_failed)
     # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB). OpenCV's TIFF reader turns
     # the pixels by the file's orientation tag itself; the tag is set to 1 in the bytes it gets, so the
     # orientation is applied once, below, whatever OpenCV's version does.
@@ -121,13 +141,129 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         arr = ((np.minimum(arr, maxval).astype(np.uint32) * 65535 + maxval // 2) // maxval).astype(np.uint16)
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        if fmt == "PNG" and png_colour == 4 and arr.shape[2] == 4:  # gray + alpha, given as BGRA by OpenCV
+            arr = np.ascontiguousarray(arr[..., [0, 3]])
+    elif fmt == "PNG" and png_colour == 0 and isinstance(key, int):  # OpenCV ignores a 16-bit gray key
+        arr = np.stack([arr, np.where(arr == key, 0, np.iinfo(arr.dtype).max).astype(arr.dtype)], axis=2)
     return _apply_orientation(arr, orientation)
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
+
+
+def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{path}: {w}x{h} = {w * h / 1e6:.3g} MP is over the pixel limit "
+            f"of {max_pixels / 1e6:.3g} MP (raise it with --max-pixels)"
+        )
+
+
+def _frames_message(path: Path, frames: int) -> str:
+    return f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
+
+
+def _magic(path: Path) -> bytes:
+    """The file's first 4 bytes (b"" if it cannot be read: open() will say why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
+    """The first page's image tags {tag: values} (size, samples, bits, layout, orientation) and the number
+    of pages, from classic or BigTIFF bytes in either byte order; struct.error if the first is damaged."""
+    bo = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    off, count_fmt, entry = (bo + "Q", bo + "Q", 20) if big else (bo + "I", bo + "H", 12)
+    kinds = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
+    at = struct.unpack_from(off, data, 8 if big else 4)[0]
+    count = struct.unpack_from(count_fmt, data, at)[0]
+    first = at + struct.calcsize(count_fmt)
+    if first + count * entry > len(data):  # a count no file this size holds: not read entry by entry
+        raise struct.error("the directory runs past the end of the file")
+    tags = {}
+    for k in range(count):
+        e = first + k * entry
+        tag, kind = struct.unpack_from(bo + "HH", data, e)
+        n = struct.unpack_from(off, data, e + 4)[0]
+        if tag not in (256, 257, 258, 262, 274, 277, 284, 339) or kind not in kinds or not 0 < n <= 16:
+            continue
+        fmt = bo + kinds[kind] * n
+        where = e + 4 + struct.calcsize(off)
+        if struct.calcsize(fmt) > struct.calcsize(off):  # too long for the entry: stored elsewhere
+            where = struct.unpack_from(off, data, where)[0]
+        tags[tag] = struct.unpack_from(fmt, data, where)
+    pages, seen = 1, {at}
+    try:  # the pages after the first are only counted (a damaged chain ends the count)
+        at = struct.unpack_from(off, data, first + count * entry)[0]
+        while at and at not in seen:
+            seen.add(at)
+            pages += 1
+            count = struct.unpack_from(count_fmt, data, at)[0]
+            at = struct.unpack_from(off, data, at + struct.calcsize(count_fmt) + count * entry)[0]
+    except struct.error:
+        pass
+    return tags, pages
+
+
+def _read_tiff_opencv(path: Path, max_pixels: int, warn, why: str) -> np.ndarray:
+    """A TIFF Pillow cannot read (Pillow 13 does not recognise big-endian BigTIFF), decoded by OpenCV with
+    read_image's checks: the pixel limit before decoding, the first page only (with a warning), signed and
+    float samples refused, orientation applied once; refused where OpenCV would lose samples or bits (it
+    reads gray + alpha as 8-bit gray) or change them (it premultiplies 8-bit RGBA)."""
+    try:
+        data = path.read_bytes()
+        tags, pages = _tiff_first_page(data)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    except struct.error:
+        raise ImageError(
+            f"{path}: cannot decode TIFF ({why}; its first directory is damaged or cut off)"
+        ) from None
+
+    def one(tag: int, default: int) -> int:
+        return tags.get(tag, (default,))[0]
+
+    _check_pixels(path, one(256, 0), one(257, 0), max_pixels)
+    if pages > 1:
+        (warn or _warn)(_frames_message(path, pages))
+    if {2, 3} & set(tags.get(339, (1,))):  # SampleFormat: signed integers, floating point
+        raise ImageError(f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit")
+    bits, spp = max(tags.get(258, (1,))), one(277, 1)
+    if bits > 8 and one(284, 1) == 2 and spp > 1:
+        raise ImageError(
+            f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
+            "supported; save it with interleaved (contiguous) samples"
+        )
+    arr = cv2.imdecode(np.frombuffer(_tiff_upright(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageError(f"{path}: cannot decode TIFF ({why}; OpenCV cannot either)")
+    if arr.dtype != np.uint16 and arr.dtype != np.uint8:
+        raise ImageError(f"{path}: {arr.dtype} pixels are not supported; save as 8 or 16 bit")
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    # Gray (PhotometricInterpretation 0, 1) and RGB (2) must come back with every sample and every bit.
+    if arr.dtype != (np.uint16 if bits > 8 else np.uint8) or (one(262, 1) in (0, 1, 2) and channels != spp):
+        raise ImageError(
+            f"{path}: cannot decode TIFF ({why}; OpenCV reads its {spp} samples of {bits} bits as "
+            f"{channels} of {arr.dtype.itemsize * 8}); save it as PNG or classic TIFF"
+        )
+    if arr.dtype == np.uint8 and channels == 4:  # libtiff's RGBA reader, which OpenCV uses for 8 bits
+        raise ImageError(
+            f"{path}: cannot decode TIFF ({why}; OpenCV premultiplies its 8-bit alpha, changing the "
+            "colours); save it as PNG or classic TIFF"
+        )
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return _apply_orientation(arr, one(274, 1))
 
 
 def _tiff_upright(data: bytes) -> bytes:
     """TIFF bytes with the first page's Orientation tag (274) set to 1 (classic and BigTIFF)."""
     head = data[:4]
-    if head not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head not in TIFF_MAGIC:
         return data
     bo = "<" if head[:2] == b"II" else ">"
     big = head[2:] in (b"+\x00", b"\x00+")
@@ -154,6 +290,10 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
+def _quiet(message: str) -> None:
+    pass
+
+
 def _as_tuple(v) -> tuple:
     return v if isinstance(v, tuple) else (v,)
 
@@ -176,20 +316,40 @@ def _pnm_maxval(path: Path) -> int:
         return 255
 
 
-def _png_bit_depth(path: Path) -> int:
+def _png_ihdr(path: Path) -> tuple[int, int]:
+    """A PNG's bit depth and colour type (0 gray, 2 RGB, 3 palette, 4 gray + alpha, 6 RGBA); (0, -1) for
+    other files."""
     with open(path, "rb") as f:
-        head = f.read(25)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25:
-        return head[24]
-    return 0
+        head = f.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 26:
+        return head[24], head[25]
+    return 0, -1
 
 
 def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
+    """uint8 or uint16 pixels (HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx3 RGB, HxWx4 RGBA) encoded by
+    the suffix. Gray + alpha stays gray + alpha in PNG (8 and 16 bits) and 8-bit TIFF; WebP has no gray
+    mode and is given RGBA, as is 16-bit TIFF (Pillow cannot read 16-bit gray + alpha TIFF back); JPEG
+    and BMP, which have no alpha, get the gray channel."""
     suffix = suffix.lower()
     if suffix not in WRITE_SUFFIXES:
         raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)) or 0 in arr.shape:
+        raise ValueError(
+            f"cannot write an array of shape {arr.shape} as an image (HxW, HxWx1, HxWx2, HxWx3 or HxWx4)"
+        )
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"cannot write {arr.dtype} pixels as an image (uint8 or uint16)")
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[..., 0]  # HxWx1 (what the Restorer gives back for HxWx1) is a gray image
+    if arr.ndim == 3 and arr.shape[2] == 2:  # gray + alpha: OpenCV writes neither
+        if suffix == ".png":
+            return _png_gray_alpha(arr)
+        if suffix in (".tif", ".tiff") and arr.dtype == np.uint8:
+            buf = io.BytesIO()
+            Image.fromarray(np.ascontiguousarray(arr), "LA").save(buf, "TIFF", compression="tiff_lzw")
+            return buf.getvalue()
+        arr = arr[..., [0, 0, 0, 1]] if suffix in ALPHA_SUFFIXES else arr[..., 0]
     if arr.ndim == 3:
         if suffix not in ALPHA_SUFFIXES and arr.shape[2] == 4:
             arr = arr[..., :3]  # these formats have no alpha
@@ -202,6 +362,39 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     if not ok:
         raise ValueError(f"OpenCV could not encode a {suffix} image")
     return buf.tobytes()
+
+
+def gray_as_colour(arr: np.ndarray, suffix: str) -> bool:
+    """Whether encode_image gives this gray (HxW, HxWx1) or gray + alpha (HxWx2) array colour channels: WebP
+    has no gray mode, and 16-bit gray + alpha TIFF is written as RGBA (Pillow cannot read it back)."""
+    suffix = suffix.lower()
+    if arr.ndim == 3 and arr.shape[2] > 2:
+        return False
+    gray_alpha = arr.ndim == 3 and arr.shape[2] == 2
+    return suffix == ".webp" or (gray_alpha and arr.dtype == np.uint16 and suffix in (".tif", ".tiff"))
+
+
+def _png_gray_alpha(arr: np.ndarray) -> bytes:
+    """An HxWx2 uint8 or uint16 array as a gray + alpha PNG (colour type 4), each row "Up" filtered."""
+    import zlib
+
+    h, w = arr.shape[:2]
+    depth = 8 * arr.dtype.itemsize
+    rows = np.ascontiguousarray(arr, arr.dtype.newbyteorder(">")).view(np.uint8).reshape(h, -1)
+    up = rows.copy()
+    up[1:] -= rows[:-1]  # uint8 arithmetic wraps: the PNG "Up" filter
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1).tobytes()  # filter type 2 per row
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, 4, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 _UMASK = os.umask(0)
@@ -265,7 +458,7 @@ def icc_space(icc: bytes) -> str:
 def icc_fits(icc: bytes, arr: np.ndarray) -> bool:
     """Whether a profile describes these pixels: an RGB profile for colour, a gray one for gray.
     A CMYK JPEG's profile does not fit its RGB decode."""
-    return icc_space(icc) == ("GRAY" if arr.ndim == 2 else "RGB")
+    return icc_space(icc) == ("GRAY" if arr.ndim == 2 or arr.shape[2] <= 2 else "RGB")
 
 
 def with_icc(data: bytes, suffix: str, icc: bytes) -> bytes:
@@ -361,7 +554,10 @@ def write_image(
     """Encode by the path's suffix and write atomically; icc: a colour profile, exif: an EXIF block
     (read_exif) to embed (PNG, JPEG)."""
     path = Path(path)
-    data = encode_image(arr, path.suffix, jpeg_quality)
+    try:
+        data = encode_image(arr, path.suffix, jpeg_quality)
+    except ValueError as e:  # an unknown suffix, an array that is not an image
+        raise ImageError(f"{path}: {e}") from None
     if icc:
         data = with_icc(data, path.suffix, icc)
     if exif:  # after the profile, so a JPEG reads SOI, APP0, APP1 (EXIF), APP2 (ICC) as viewers expect

@@ -440,8 +440,9 @@ class Restorer:
     def restore(
         self, img, return_maps: bool = False, channel_order: str | None = None, progress=None
     ) -> Result:
-        """Restore one image (HxWx3 RGB, HxW gray, HxWx4 RGBA; uint8, uint16 or float in [0,1]) or
-        a batch tensor (N,3,H,W) (uint8 or float in [0,1], any device: stays there).
+        """Restore one image (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8, uint16
+        or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in [0,1], any
+        device: stays there).
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar."""
         order = channel_order or self.channel_order
         if order not in ("rgb", "bgr"):
@@ -486,8 +487,8 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     (uint8, int32 for uint16, float) and what is needed to convert back."""
     if not isinstance(img, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4 image, got shape {img.shape}")
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 2, 3, 4)):
+        raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"empty image of shape {img.shape}")
     if img.dtype == np.uint8:
@@ -510,6 +511,8 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     one_channel = img.ndim == 3 and img.shape[2] == 1  # given back as HxWx1, the shape it came in
     if one_channel:
         img = img[..., 0]
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha (what read_image gives for LA files)
+        img, alpha = img[..., 0], img[..., 1]
     gray = img.ndim == 2
     if gray:
         rgb = np.repeat(img[..., None], 3, axis=2)
@@ -555,8 +558,8 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
     out = (pixels[..., 0] if meta["gray"] and not meta["one_channel"] else pixels).astype(
         meta["dtype"], copy=False
     )
-    if meta["alpha"] is not None:
-        out = np.concatenate([out, meta["alpha"][..., None]], axis=2)
+    if meta["alpha"] is not None:  # RGB + alpha, or gray + alpha
+        out = np.concatenate([out if out.ndim == 3 else out[..., None], meta["alpha"][..., None]], axis=2)
     return np.ascontiguousarray(out)
 
 
