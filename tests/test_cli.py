@@ -322,6 +322,18 @@ def test_jpeg_output_of_a_transparent_image_says_the_alpha_is_dropped(tmp_path, 
     assert cv2.imread(str(tmp_path / "o.png"), cv2.IMREAD_UNCHANGED).shape == (24, 32, 4)
 
 
+def test_a_16_bit_input_written_at_8_bits_says_so(tmp_path, tiny_weights, capsys):
+    rgb16 = np.random.default_rng(1).integers(0, 65536, (24, 32, 3), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "d.png"), rgb16)
+    for suffix, warned in ((".jpg", True), (".webp", True), (".bmp", True), (".tif", False), (".png", False)):
+        rc, _, err = run(
+            capsys, "restore", tmp_path / "d.png", "-o", tmp_path / f"o{suffix}", "--weights", tiny_weights
+        )
+        says = f"o{suffix}: {suffix} output drops the input's 16-bit depth; write .png to keep it"
+        assert rc == 0 and (says in err) == warned, err
+    assert cv2.imread(str(tmp_path / "o.tif"), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+
+
 def test_gray_alpha_input_stays_gray_alpha(tmp_path, tiny_weights, capsys):
     """An LA input was read as RGBA and written as colour; it stays gray + alpha, its alpha and its gray
     colour profile kept, and a JPEG output (gray, no alpha) says the alpha is dropped."""

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from qairn.engine.imageio import (
     ALPHA_SUFFIXES,
+    DEEP_SUFFIXES,
     DEFAULT_MAX_PIXELS,
     EXIF_SUFFIXES,
     ICC_SUFFIXES,
@@ -330,6 +331,7 @@ def main_restore(argv=None) -> int:
                     ("colour profile", icc, ICC_SUFFIXES),
                     ("EXIF", exif, EXIF_SUFFIXES),
                     ("alpha channel", alpha, ALPHA_SUFFIXES),
+                    ("16-bit depth", res.image.dtype == np.uint16, DEEP_SUFFIXES),
                 )
                 if v and dst.suffix.lower() not in keep
             ]

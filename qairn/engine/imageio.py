@@ -20,6 +20,7 @@ DEFAULT_MAX_PIXELS = 200_000_000
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2", ".gif"}
 WRITE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}  # the others are written without an alpha channel
+DEEP_SUFFIXES = {".png", ".tif", ".tiff"}  # the others are written at 8 bits
 
 
 class ImageError(ValueError):
@@ -355,7 +356,7 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
             arr = arr[..., :3]  # these formats have no alpha
         code = cv2.COLOR_RGBA2BGRA if arr.shape[2] == 4 else cv2.COLOR_RGB2BGR
         arr = cv2.cvtColor(arr, code)
-    if arr.dtype == np.uint16 and suffix not in (".png", ".tif", ".tiff"):
+    if arr.dtype == np.uint16 and suffix not in DEEP_SUFFIXES:
         arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if suffix in (".jpg", ".jpeg") else []
     ok, buf = cv2.imencode(suffix, arr, params)
