@@ -506,3 +506,30 @@ def test_16_bit_gray_alpha_tiff_is_refused_clearly(tmp_path):
         ImageError, match=re.escape("reads its 2 samples of 16 bits as 1 of 8); save it as PNG")
     ):
         read_image(tmp_path / "la16.tif")
+
+
+def test_bigtiff_offsets_past_2_63_are_damaged_not_a_traceback(tmp_path):
+    """A BigTIFF offset is 64 bits; one past 2^63 made struct raise OverflowError (not struct.error), which
+    escaped read_image as a traceback: for the first directory it is now the one 'damaged' line, and in the
+    chain of further pages it ends the count like any other broken link."""
+    arr = rand((3, 4), np.uint8, seed=30)
+    data = tiff_bytes(arr, order=">", big=True)
+    (tmp_path / "far.tif").write_bytes(data[:8] + struct.pack(">Q", 2**64 - 1) + data[16:])
+    with pytest.raises(ImageError, match="far.tif: cannot decode TIFF .* first directory is damaged"):
+        read_image(tmp_path / "far.tif")
+    ifd = struct.unpack_from(">Q", data, 8)[0]
+    count = struct.unpack_from(">Q", data, ifd)[0]
+    nxt = bytearray(data)
+    struct.pack_into(">Q", nxt, ifd + 8 + 20 * count, 2**64 - 1)  # the first page's "next page"
+    (tmp_path / "next.tif").write_bytes(bytes(nxt))
+    np.testing.assert_array_equal(read_image(tmp_path / "next.tif"), arr)
+
+
+@pytest.mark.parametrize("order, big, dtype", [(">", True, np.uint8), ("<", False, np.uint16)])
+def test_opencv_refusing_a_size_is_an_image_error(tmp_path, order, big, dtype):
+    """OpenCV raises cv2.error (rather than returning None) for a side over its CV_IO_MAX_IMAGE_WIDTH (2^20),
+    which escaped read_image, for a TIFF it decodes (big-endian BigTIFF, 16 bits): now the one line."""
+    arr = np.zeros((1, 2**20 + 1), dtype)
+    (tmp_path / "wide.tif").write_bytes(tiff_bytes(arr, order=order, big=big))
+    with pytest.raises(ImageError, match="wide.tif: cannot decode"):
+        read_image(tmp_path / "wide.tif")

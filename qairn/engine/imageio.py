@@ -133,7 +133,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     # orientation is applied once, below, whatever OpenCV's version does.
     if fmt == "TIFF":
         data = _tiff_upright(data)
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = _imdecode(data)
     if arr is None:
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
     if arr.dtype != np.uint16 and arr.dtype != np.uint8:
@@ -205,7 +205,7 @@ def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
             pages += 1
             count = struct.unpack_from(count_fmt, data, at)[0]
             at = struct.unpack_from(off, data, at + struct.calcsize(count_fmt) + count * entry)[0]
-    except struct.error:
+    except (struct.error, OverflowError):  # OverflowError: a BigTIFF offset past 2^63
         pass
     return tags, pages
 
@@ -220,7 +220,7 @@ def _read_tiff_opencv(path: Path, max_pixels: int, warn, why: str) -> np.ndarray
         tags, pages = _tiff_first_page(data)
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
-    except struct.error:
+    except (struct.error, OverflowError):  # OverflowError: a BigTIFF offset past 2^63, which struct refuses
         raise ImageError(
             f"{path}: cannot decode TIFF ({why}; its first directory is damaged or cut off)"
         ) from None
@@ -239,7 +239,7 @@ def _read_tiff_opencv(path: Path, max_pixels: int, warn, why: str) -> np.ndarray
             f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
             "supported; save it with interleaved (contiguous) samples"
         )
-    arr = cv2.imdecode(np.frombuffer(_tiff_upright(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    arr = _imdecode(_tiff_upright(data))
     if arr is None:
         raise ImageError(f"{path}: cannot decode TIFF ({why}; OpenCV cannot either)")
     if arr.dtype != np.uint16 and arr.dtype != np.uint8:
@@ -282,9 +282,18 @@ def _tiff_upright(data: bytes) -> bytes:
                 out = bytearray(data)
                 struct.pack_into(bo + {3: "H", 4: "I", 16: "Q"}[kind], out, at + (12 if big else 8), 1)
                 return bytes(out)
-    except struct.error:  # a damaged directory: OpenCV will say what it makes of it
+    except (struct.error, OverflowError):  # a damaged directory: OpenCV will say what it makes of it
         pass
     return data
+
+
+def _imdecode(data: bytes) -> np.ndarray | None:
+    """cv2.imdecode of the bytes, None where OpenCV cannot decode them, including where it raises rather
+    than returning None (a width or height over its CV_IO_MAX_IMAGE_WIDTH/HEIGHT, say)."""
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
 
 
 def _warn(message: str) -> None:
