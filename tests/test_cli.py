@@ -168,8 +168,9 @@ def test_unreadable_file_is_not_called_corrupt(workdir, tiny_weights, capsys, mo
     real_open = Image.open
 
     def denied(fp, *args, **kwargs):
-        if str(fp).endswith("a.jpg"):
-            raise PermissionError(13, "Permission denied", str(fp))
+        name = str(getattr(fp, "name", fp))  # read_image opens the file itself and hands Pillow the object
+        if name.endswith("a.jpg"):
+            raise PermissionError(13, "Permission denied", name)
         return real_open(fp, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", denied)

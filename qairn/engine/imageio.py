@@ -56,60 +56,67 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     pillow_failed = None  # why Pillow could not read a TIFF, which OpenCV is then asked to
     frames = None  # told once: by Pillow's header, else by the OpenCV fallback
     try:
-        with warnings.catch_warnings():
-            if _magic(path) == b"MM\x00+":  # Pillow 13 warns "Corrupt EXIF data" on it, then gives up
-                warnings.simplefilter("ignore")
-            im = Image.open(path)
-        with im:  # the header only: nothing is decoded before the checks
-            _check_pixels(path, *im.size, max_pixels)
-            frames = getattr(im, "n_frames", 1)
-            if frames > 1:
-                (warn or _warn)(_frames_message(path, frames))
-            orientation = im.getexif().get(0x0112, 1)
-            fmt = im.format
-            signed_or_float = fmt == "TIFF" and {2, 3} & set(_as_tuple(im.tag_v2.get(339, 1)))  # SampleFormat
-            if im.mode == "F" or signed_or_float:
-                raise ImageError(
-                    f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
-                )
-            png_depth, png_colour = _png_ihdr(path)
-            key = im.info.get("transparency")  # a colour key (PNG tRNS): pixels of this value are transparent
-            sixteen = im.mode.startswith("I;16") or im.mode == "I" or png_depth == 16
-            # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
-            sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
-            maxval = _pnm_maxval(path) if fmt == "PPM" else 0
-            sixteen = sixteen or maxval > 255
-            if sixteen and fmt == "TIFF" and im.tag_v2.get(284, 1) == 2 and im.tag_v2.get(277, 1) > 1:
-                # OpenCV reads a 16-bit TIFF's separate colour planes as if interleaved: garbage pixels.
-                raise ImageError(
-                    f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
-                    "supported; save it with interleaved (contiguous) samples"
-                )
-        # Decoded from bytes in memory, never from Pillow's memory map of the file: transposing a mapped
-        # uncompressed gray or RGBA TIFF (orientations 5-8) gave wrong pixels.
-        data = path.read_bytes()
-        if not sixteen:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                mode = im.mode
-                if fmt == "PNG" and png_colour == 0 and png_depth in (2, 4) and isinstance(key, int):
-                    if key < 2**png_depth:  # Pillow fills 0..255 with 2- and 4-bit gray, not their key
-                        im.info["transparency"] = key * (255 // (2**png_depth - 1))
-                # A colour key (gray, RGB, palette) becomes an alpha channel, as an RGBA file's alpha is kept.
-                alpha = "A" in mode or "a" in mode or "transparency" in im.info
-                # 1-bit black and white is gray, and gray with alpha stays gray + alpha (HxWx2), not RGBA.
-                gray = mode in ("1", "L", "LA", "La")
-                target = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
-                if mode != target:
-                    im = im.convert(target)
-                arr = np.array(ImageOps.exif_transpose(im) if orientation != 1 else im)  # writable copy
-                if (
-                    mode in ("P", "PA")
-                    and (arr[..., 0] == arr[..., 1]).all()
-                    and (arr[..., 1] == arr[..., 2]).all()
-                ):
-                    arr = np.ascontiguousarray(arr[..., [0, 3]] if alpha else arr[..., 0])  # a gray palette
-                return arr
+        # Opened from a file object, not by name: Pillow memory-maps an uncompressed file it opened by
+        # name, and transposing a mapped gray or RGBA TIFF (orientations 5-8) gave wrong pixels. The image
+        # checked is the one decoded: a PNG's getexif() decodes it (to look for an eXIf chunk after the
+        # pixels), and a second decode of the file would double its read time.
+        with open(path, "rb") as f:
+            with warnings.catch_warnings():
+                if _magic(path) == b"MM\x00+":  # Pillow 13 warns "Corrupt EXIF data" on it, then gives up
+                    warnings.simplefilter("ignore")
+                im = Image.open(f)
+            with im:  # the header first: nothing is decoded before the pixel limit is checked
+                _check_pixels(path, *im.size, max_pixels)
+                frames = getattr(im, "n_frames", 1)
+                if frames > 1:
+                    (warn or _warn)(_frames_message(path, frames))
+                orientation = im.getexif().get(0x0112, 1)
+                fmt = im.format
+                signed_or_float = fmt == "TIFF" and {2, 3} & set(
+                    _as_tuple(im.tag_v2.get(339, 1))
+                )  # SampleFormat
+                if im.mode == "F" or signed_or_float:
+                    raise ImageError(
+                        f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
+                    )
+                png_depth, png_colour = _png_ihdr(path)
+                key = im.info.get(
+                    "transparency"
+                )  # a colour key (PNG tRNS): pixels of this value are transparent
+                sixteen = im.mode.startswith("I;16") or im.mode == "I" or png_depth == 16
+                # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
+                sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
+                maxval = _pnm_maxval(path) if fmt == "PPM" else 0
+                sixteen = sixteen or maxval > 255
+                if sixteen and fmt == "TIFF" and im.tag_v2.get(284, 1) == 2 and im.tag_v2.get(277, 1) > 1:
+                    # OpenCV reads a 16-bit TIFF's separate colour planes as if interleaved: garbage pixels.
+                    raise ImageError(
+                        f"{path}: 16-bit TIFF with separate colour planes (PlanarConfiguration 2) is not "
+                        "supported; save it with interleaved (contiguous) samples"
+                    )
+                if not sixteen:
+                    im.load()
+                    mode = im.mode
+                    if fmt == "PNG" and png_colour == 0 and png_depth in (2, 4) and isinstance(key, int):
+                        if key < 2**png_depth:  # Pillow fills 0..255 with 2- and 4-bit gray, not their key
+                            im.info["transparency"] = key * (255 // (2**png_depth - 1))
+                    # A colour key (gray, RGB, palette) becomes alpha, as an RGBA file's alpha is kept.
+                    alpha = "A" in mode or "a" in mode or "transparency" in im.info
+                    # 1-bit black and white is gray, and gray with alpha stays gray + alpha (HxWx2), not RGBA.
+                    gray = mode in ("1", "L", "LA", "La")
+                    target = ("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB")
+                    if mode != target:
+                        im = im.convert(target)
+                    arr = np.array(ImageOps.exif_transpose(im) if orientation != 1 else im)  # writable copy
+                    if (
+                        mode in ("P", "PA")
+                        and (arr[..., 0] == arr[..., 1]).all()
+                        and (arr[..., 1] == arr[..., 2]).all()
+                    ):
+                        arr = np.ascontiguousarray(
+                            arr[..., [0, 3]] if alpha else arr[..., 0]
+                        )  # a gray palette
+                    return arr
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -131,6 +138,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
     # 16-bit: OpenCV keeps the full depth (PIL would drop to 8 bits for RGB). OpenCV's TIFF reader turns
     # the pixels by the file's orientation tag itself; the tag is set to 1 in the bytes it gets, so the
     # orientation is applied once, below, whatever OpenCV's version does.
+    data = path.read_bytes()
     if fmt == "TIFF":
         data = _tiff_upright(data)
     arr = _imdecode(data)
