@@ -550,3 +550,16 @@ def test_an_8_bit_file_is_decoded_once(tmp_path, suffix, monkeypatch):
     got = read_image(tmp_path / f"a{suffix}")
     assert got.shape == arr.shape
     assert len(decoders) == 1, decoders
+
+
+def test_big_endian_bigtiff_profile_and_exif_lookups_are_quiet(tmp_path):
+    """read_image silenced Pillow's "Corrupt EXIF data" warning on a big-endian BigTIFF, but `qairn restore`
+    then asks read_icc and read_exif about the same file, which opened it with Pillow again: the raw
+    UserWarning (a site-packages path and line) was printed amid the run. They are quiet now too."""
+    from qairn.engine.imageio import read_exif, read_icc
+
+    (tmp_path / "mm.tif").write_bytes(tiff_bytes(rand((3, 4, 3), np.uint16, seed=32), order=">", big=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_icc(tmp_path / "mm.tif") is None
+        assert read_exif(tmp_path / "mm.tif", size=(4, 3)) is None

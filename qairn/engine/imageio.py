@@ -61,10 +61,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         # checked is the one decoded: a PNG's getexif() decodes it (to look for an eXIf chunk after the
         # pixels), and a second decode of the file would double its read time.
         with open(path, "rb") as f:
-            with warnings.catch_warnings():
-                if _magic(path) == b"MM\x00+":  # Pillow 13 warns "Corrupt EXIF data" on it, then gives up
-                    warnings.simplefilter("ignore")
-                im = Image.open(f)
+            im = _pillow_open(f, path)
             with im:  # the header first: nothing is decoded before the pixel limit is checked
                 _check_pixels(path, *im.size, max_pixels)
                 frames = getattr(im, "n_frames", 1)
@@ -170,6 +167,15 @@ def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
 
 def _frames_message(path: Path, frames: int) -> str:
     return f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
+
+
+def _pillow_open(fp, path: Path):
+    """Image.open(fp) of the file at path, without the "Corrupt EXIF data" warning Pillow 13 gives a
+    big-endian BigTIFF before it gives up on it (UnidentifiedImageError)."""
+    with warnings.catch_warnings():
+        if _magic(path) == b"MM\x00+":
+            warnings.simplefilter("ignore")
+        return Image.open(fp)
 
 
 def _magic(path: Path) -> bytes:
@@ -462,7 +468,7 @@ def read_icc(path: str | Path) -> bytes | None:
     """The file's embedded ICC colour profile, or None. Phones write Display P3 and cameras Adobe RGB:
     an output without the profile would be shown as sRGB, with visibly different colours."""
     try:
-        with Image.open(path) as im:
+        with _pillow_open(path, Path(path)) as im:
             return im.info.get("icc_profile") or None
     except (OSError, ValueError):
         return None
@@ -524,7 +530,7 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
     read_image has already turned the pixels upright, so the orientation tag is removed (a viewer would
     rotate them twice), and size=(width, height) rewrites the EXIF pixel dimensions to match."""
     try:
-        with Image.open(path) as im:
+        with _pillow_open(path, Path(path)) as im:
             exif = im.getexif()
             if im.format == "TIFF":  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
                 for tag in [t for t in exif if t in TIFF_LAYOUT_TAGS]:
