@@ -563,3 +563,55 @@ def test_big_endian_bigtiff_profile_and_exif_lookups_are_quiet(tmp_path):
         warnings.simplefilter("error")
         assert read_icc(tmp_path / "mm.tif") is None
         assert read_exif(tmp_path / "mm.tif", size=(4, 3)) is None
+
+
+# ---- damaged TIFF directories -----------------------------------------------------------------------
+def tiff_entry(data: bytes, page: int, tag: int) -> int:
+    """Where a little-endian classic TIFF's directory entry for `tag` on `page` (0: the first) starts."""
+    at = struct.unpack_from("<I", data, 4)[0]
+    for _ in range(page):
+        at = struct.unpack_from("<I", data, at + 2 + 12 * struct.unpack_from("<H", data, at)[0])[0]
+    for k in range(struct.unpack_from("<H", data, at)[0]):
+        if struct.unpack_from("<H", data, at + 2 + 12 * k)[0] == tag:
+            return at + 2 + 12 * k
+    raise KeyError(tag)
+
+
+@pytest.mark.parametrize(
+    "page, tag, kind, raised, outcome",
+    [
+        (1, 259, 1, KeyError, "first page"),  # the second page's Compression as BYTE: an unknown b"\x01"
+        (1, 256, 0, TypeError, "first page"),  # the second page's ImageWidth of no type: "Missing dimensions"
+        (0, 273, 2, TypeError, "Pillow: TypeError: "),  # StripOffsets as ASCII text
+        (0, 320, 4, KeyError, "read"),  # a palette's ColorMap as LONG: too long for the file, so dropped
+    ],
+)
+def test_damaged_tiff_tags_are_one_line_not_a_traceback(tmp_path, page, tag, kind, raised, outcome):
+    """Pillow raises TypeError or KeyError (not OSError) on some damaged classic TIFFs, when it counts the
+    pages or decodes the strips: they escaped read_image as tracebacks. Now they are what Pillow said,
+    and OpenCV is asked, as for the errors Pillow gives as OSError: it reads the first page of a file
+    whose second page is damaged, else the one 'cannot decode TIFF' line names the file and both."""
+    arr = rand((9, 7, 3), np.uint8, seed=40)
+    im = Image.fromarray(arr) if tag != 320 else Image.fromarray(arr[..., 0]).convert("P")
+    buf = io.BytesIO()
+    im.save(buf, "TIFF", save_all=True, append_images=[im])
+    data = bytearray(buf.getvalue())
+    struct.pack_into("<H", data, tiff_entry(data, page, tag) + 2, kind)  # the entry's type
+    with pytest.raises(raised), warnings.catch_warnings():  # what Pillow itself does with the file
+        warnings.simplefilter("ignore")  # "Tag data larger than file"
+        with Image.open(io.BytesIO(bytes(data))) as damaged:
+            assert damaged.n_frames == 2
+            damaged.load()
+    (tmp_path / "d.tif").write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if outcome.startswith("Pillow"):
+            with pytest.raises(ImageError, match=re.escape(f"d.tif: cannot decode TIFF ({outcome}")):
+                read_image(tmp_path / "d.tif")
+            return
+        got = read_image(tmp_path / "d.tif")
+    if outcome == "first page":
+        np.testing.assert_array_equal(got, arr)
+        assert any("d.tif: 2 frames" in str(w.message) for w in caught)
+    else:
+        assert got.shape == arr.shape[:2]  # OpenCV reads the indices as gray, without the colour map

@@ -3,6 +3,7 @@ and atomic writes (temp name, then rename) so a failure never leaves a partial f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -64,7 +65,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
             im = _pillow_open(f, path)
             with im:  # the header first: nothing is decoded before the pixel limit is checked
                 _check_pixels(path, *im.size, max_pixels)
-                frames = getattr(im, "n_frames", 1)
+                with _pillow_damage():  # a TIFF's page count reads every page's directory
+                    frames = getattr(im, "n_frames", 1)
                 if frames > 1:
                     (warn or _warn)(_frames_message(path, frames))
                 orientation = im.getexif().get(0x0112, 1)
@@ -92,7 +94,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                         "supported; save it with interleaved (contiguous) samples"
                     )
                 if not sixteen:
-                    im.load()
+                    with _pillow_damage():
+                        im.load()
                     mode = im.mode
                     if fmt == "PNG" and png_colour == 0 and png_depth in (2, 4) and isinstance(key, int):
                         if key < 2**png_depth:  # Pillow fills 0..255 with 2- and 4-bit gray, not their key
@@ -176,6 +179,19 @@ def _pillow_open(fp, path: Path):
         if _magic(path) == b"MM\x00+":
             warnings.simplefilter("ignore")
         return Image.open(fp)
+
+
+@contextlib.contextmanager
+def _pillow_damage():
+    """Pillow's errors on a damaged file, as ValueError: its TIFF plugin raises TypeError, KeyError,
+    IndexError, struct.error and the like where a tag has the wrong type or count, when it counts the
+    pages or decodes the strips. Only the Pillow calls inside are covered: the same exceptions from our
+    own code are bugs, and stay tracebacks."""
+    try:
+        yield
+    except (TypeError, KeyError, IndexError, ZeroDivisionError, struct.error) as e:
+        detail = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{type(e).__name__}: {detail}" if detail else type(e).__name__) from e
 
 
 def _magic(path: Path) -> bytes:
