@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 # We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
 Image.MAX_IMAGE_PIXELS = None
@@ -60,7 +60,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         # Opened from a file object, not by name: Pillow memory-maps an uncompressed file it opened by
         # name, and transposing a mapped gray or RGBA TIFF (orientations 5-8) gave wrong pixels. The image
         # checked is the one decoded: a PNG's getexif() decodes it (to look for an eXIf chunk after the
-        # pixels), and a second decode of the file would double its read time.
+        # pixels), and a second decode of the file would double its read time. A 16-bit PNG is decoded
+        # by OpenCV, so its EXIF is found without Pillow decoding it (_png_exif).
         with open(path, "rb") as f:
             im = _pillow_open(f, path)
             with im:  # the header first: nothing is decoded before the pixel limit is checked
@@ -69,8 +70,14 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                     frames = getattr(im, "n_frames", 1)
                 if frames > 1:
                     (warn or _warn)(_frames_message(path, frames))
-                orientation = im.getexif().get(0x0112, 1)
                 fmt = im.format
+                png_depth, png_colour = _png_ihdr(path)
+                png_whole = True  # whether a PNG runs to its IEND chunk (known for 16 bits only)
+                if fmt == "PNG" and png_depth == 16:
+                    exif, png_whole = _png_exif(im, path)
+                else:
+                    exif = im.getexif()
+                orientation = exif.get(0x0112, 1)
                 signed_or_float = fmt == "TIFF" and {2, 3} & set(
                     _as_tuple(im.tag_v2.get(339, 1))
                 )  # SampleFormat
@@ -78,7 +85,6 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                     raise ImageError(
                         f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
                     )
-                png_depth, png_colour = _png_ihdr(path)
                 key = im.info.get(
                     "transparency"
                 )  # a colour key (PNG tRNS): pixels of this value are transparent
@@ -143,6 +149,8 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
         data = _tiff_upright(data)
     arr = _imdecode(data)
     if arr is None:
+        if not png_whole:  # as Pillow says of an 8-bit PNG cut short
+            raise ImageError(f"{path}: truncated or corrupt PNG (it ends before its IEND chunk)")
         raise ImageError(f"{path}: cannot decode 16-bit {fmt} image")
     if arr.dtype != np.uint16 and arr.dtype != np.uint8:
         raise ImageError(f"{path}: {arr.dtype} pixels are not supported; save as 8 or 16 bit")
@@ -336,6 +344,41 @@ def _quiet(message: str) -> None:
 
 def _as_tuple(v) -> tuple:
     return v if isinstance(v, tuple) else (v,)
+
+
+def _png_exif(im: Image.Image, path: Path) -> tuple[Image.Exif, bool]:
+    """A PNG's EXIF, as im.getexif() gives it, without decoding the pixels, and whether the file runs to
+    its IEND chunk. PngImageFile.getexif() decodes the image to reach the chunks after the pixels (a late
+    eXIf, XMP or EXIF as text), which doubled a 16-bit PNG's read time as OpenCV then decodes it. Those
+    chunks are read here by Pillow's own chunk reader into im.info, as its load() would put them, and
+    Image.getexif (not PNG's, which would load) reads them from there."""
+    whole = False
+    with open(path, "rb") as f:
+        f.seek(8)  # the PNG signature
+        png = PngImagePlugin.PngStream(f)
+        pixels = after = False  # in the IDAT chunks, past them: where load() reads the chunks again
+        while True:
+            try:
+                cid, pos, length = png.read()
+            except (struct.error, SyntaxError):  # cut off, or a broken chunk: load() stops there too
+                break
+            after = after or (pixels and cid != b"IDAT")
+            pixels = pixels or cid == b"IDAT"
+            if cid == b"IEND" or (after and cid == b"fcTL"):  # the end, or an APNG's next frame
+                whole = True
+                break
+            if after:
+                try:
+                    png.call(cid, pos, length)
+                except (EOFError, AttributeError):  # a chunk load() skips (AttributeError: an unknown one)
+                    f.seek(pos + length)
+                except UnicodeDecodeError:  # load() stops at a text chunk it cannot decode
+                    break
+            else:  # read by Image.open already, or the pixels
+                f.seek(length, 1)
+            f.seek(4, 1)  # the CRC, which load() does not check either
+    im.info.update(png.im_info)
+    return Image.Image.getexif(im), whole
 
 
 def _pnm_maxval(path: Path) -> int:
