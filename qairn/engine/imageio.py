@@ -590,7 +590,8 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
     rotate them twice), and size=(width, height) rewrites the EXIF pixel dimensions to match."""
     try:
         with _pillow_open(path, Path(path)) as im:
-            exif = im.getexif()
+            # A PNG's getexif() decodes the pixels to see the chunks after them: read_image has done so.
+            exif = _png_exif(im, Path(path))[0] if im.format == "PNG" else im.getexif()
             if im.format == "TIFF":  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
                 for tag in [t for t in exif if t in TIFF_LAYOUT_TAGS]:
                     del exif[tag]
