@@ -708,3 +708,20 @@ def test_read_exif_does_not_decode_a_png(tmp_path, dtype, where, monkeypatch):
         found = Image.Exif()
         found.load(got)
         assert dict(found) == {0x010F: "Canon"}  # without the orientation, which read_image applies
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".jpg"])
+def test_an_exif_of_only_the_orientation_is_none(tmp_path, suffix):
+    """read_exif removes the orientation (read_image applies it), and an EXIF that had nothing else came
+    back as an empty block (a TIFF always has the tag): restore wrote it, and warned that a .webp or .bmp
+    output "drops the input's EXIF". There is nothing to carry: None."""
+    from qairn.engine.imageio import read_exif
+
+    arr = rand((3, 4, 3), np.uint8, seed=46)
+    if suffix == ".tif":
+        (tmp_path / "o.tif").write_bytes(tiff_bytes(arr, 6))
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(arr).save(tmp_path / "o.jpg", exif=exif)
+    assert read_exif(tmp_path / f"o{suffix}") is None

@@ -595,9 +595,9 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
             if im.format == "TIFF":  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
                 for tag in [t for t in exif if t in TIFF_LAYOUT_TAGS]:
                     del exif[tag]
-            if not exif:
-                return None
             exif.pop(0x0112, None)  # Orientation
+            if not exif:  # (after the orientation: a block of it alone would be written empty)
+                return None
             if size is not None and 0x8769 in exif:  # (reading an absent IFD would add an empty one)
                 sub = exif.get_ifd(0x8769)  # the Exif IFD: PixelXDimension, PixelYDimension
                 for tag, value in zip((0xA002, 0xA003), size):
