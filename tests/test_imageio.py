@@ -34,11 +34,11 @@ def upright(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def tiff_bytes(
-    arr: np.ndarray, orientation: int = 1, order: str = "<", big: bool = False, planar: int = 1
+    arr: np.ndarray, orientation: int = 1, order: str = "<", big: bool = False, planar: int = 1, extra=()
 ) -> bytes:
     """An uncompressed TIFF (classic or BigTIFF, either byte order, interleaved samples in one strip or
     planar=2: one strip per plane) written by hand, so that depth, channels, layout and the orientation
-    tag are exactly what the test says."""
+    tag are exactly what the test says; extra: more entries (tag, (type, struct format), values)."""
     h, w = arr.shape[:2]
     spp = 1 if arr.ndim == 2 else arr.shape[2]
     layout = np.moveaxis(arr, 2, 0) if planar == 2 and spp > 1 else arr
@@ -61,27 +61,51 @@ def tiff_bytes(
         (279, long_, [strip] * strips),
         (284, short, [planar]),
     ] + ([(338, short, [2])] if spp in (2, 4) else [])  # unassociated alpha
-    size, inline = (20, 8) if big else (12, 4)
+    entries = sorted(entries + list(extra), key=lambda e: e[0])
     ifd = head + len(pixels)
-    extra_at = ifd + (8 if big else 2) + size * len(entries) + (8 if big else 4)
-    table, extra = b"", b""
-    for tag, (kind, fmt), values in entries:
-        value = struct.pack(order + fmt * len(values), *values)
-        if len(value) > inline:
-            at = extra_at + len(extra)
-            extra += value
-            value = struct.pack(order + ("Q" if big else "I"), at)
-        table += struct.pack(order + ("HHQ" if big else "HHI"), tag, kind, len(values)) + value.ljust(
-            inline, b"\0"
-        )
     mark = b"II" if order == "<" else b"MM"
     if big:
         header = mark + struct.pack(order + "HHHQ", 43, 8, 0, ifd)
-        directory = struct.pack(order + "Q", len(entries)) + table + struct.pack(order + "Q", 0)
     else:
         header = mark + struct.pack(order + "HI", 42, ifd)
-        directory = struct.pack(order + "H", len(entries)) + table + struct.pack(order + "I", 0)
-    return header + pixels + directory + extra
+    return header + pixels + ifd_bytes(entries, order, big, ifd)
+
+
+def ifd_bytes(entries, order: str, big: bool, at: int) -> bytes:
+    """A TIFF directory to be placed at offset `at`, its values too long for an entry right after it.
+    An entry is (tag, (type, struct format of one value), the numbers of all its values)."""
+    size, inline = (20, 8) if big else (12, 4)
+    extra_at = at + (8 if big else 2) + size * len(entries) + (8 if big else 4)
+    table, extra = b"", b""
+    for tag, (kind, fmt), values in entries:
+        count = len(values) // len(fmt)  # a RATIONAL ("II") is two numbers
+        value = struct.pack(order + fmt * count, *values)
+        if len(value) > inline:
+            value_at = extra_at + len(extra)
+            extra += value + b"\0" * (len(value) % 2)
+            value = struct.pack(order + ("Q" if big else "I"), value_at)
+        table += struct.pack(order + ("HHQ" if big else "HHI"), tag, kind, count) + value.ljust(inline, b"\0")
+    count = struct.pack(order + ("Q" if big else "H"), len(entries))
+    return count + table + struct.pack(order + ("Q" if big else "I"), 0) + extra
+
+
+def with_sub_ifd(data: bytes, tag: int, entries) -> bytes:
+    """tiff_bytes' file with a directory (Exif, GPS) appended, its offset put in the first page's `tag`
+    entry (given to tiff_bytes in `extra` with a 0)."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\0", b"\0+")
+    size, off = (20, "Q") if big else (12, "I")
+    data += b"\0" * (len(data) % 2)
+    out = bytearray(data + ifd_bytes(entries, order, big, len(data)))
+    first = struct.unpack_from(order + off, data, 8 if big else 4)[0]
+    for k in range(struct.unpack_from(order + ("Q" if big else "H"), data, first)[0]):
+        entry = first + (8 if big else 2) + k * size
+        if struct.unpack_from(order + "H", data, entry)[0] == tag:
+            kind = struct.unpack_from(order + "H", data, entry + 2)[0]
+            at = entry + (12 if big else 8)  # the entry's value
+            struct.pack_into(order + ("Q" if kind in (16, 18) else "I"), out, at, len(data))
+            return bytes(out)
+    raise KeyError(tag)
 
 
 def rand(shape, dtype, seed=0):
@@ -725,3 +749,87 @@ def test_an_exif_of_only_the_orientation_is_none(tmp_path, suffix):
         exif[0x0112] = 6
         Image.fromarray(arr).save(tmp_path / "o.jpg", exif=exif)
     assert read_exif(tmp_path / f"o{suffix}") is None
+
+
+# ---- metadata of TIFFs Pillow cannot read -----------------------------------------------------------
+ICC = bytes(16) + b"RGB XYZ " + bytes(104) + b"a test profile"  # the colour space at bytes 16-20
+
+
+def tiff_with_metadata(arr: np.ndarray, order: str, big: bool) -> bytes:
+    """tiff_bytes' file with a maker, an ICC profile, and Exif and GPS directories (their pointers IFD8
+    in a BigTIFF, as libtiff writes them, LONG in a classic TIFF)."""
+    pointer = (18, "Q") if big else (4, "I")
+    text = (2, "B")  # ASCII, given as its bytes
+    data = tiff_bytes(
+        arr,
+        6,
+        order,
+        big,
+        extra=[
+            (271, text, list(b"Canon\0")),
+            (34665, pointer, [0]),
+            (34675, (7, "B"), list(ICC)),  # UNDEFINED
+            (34853, pointer, [0]),
+        ],
+    )
+    data = with_sub_ifd(
+        data,
+        34665,
+        [
+            (33434, (5, "II"), [1, 250]),  # ExposureTime, a RATIONAL
+            (36867, text, list(b"2020:01:02 03:04:05\0")),  # DateTimeOriginal
+            (40962, (4, "I"), [4000]),  # PixelXDimension
+            (40963, (4, "I"), [3000]),  # PixelYDimension
+        ],
+    )
+    return with_sub_ifd(data, 34853, [(0, (1, "B"), [2, 3, 0, 0])])  # GPSVersionID
+
+
+def test_big_endian_bigtiff_keeps_its_profile_and_exif(tmp_path):
+    """Pillow 13 cannot open a big-endian BigTIFF, so read_icc and read_exif gave None and `qairn restore`
+    wrote the output without the colour profile and EXIF, silently. They are now read from the file's
+    directories: the same as from a classic TIFF with the same tags, which Pillow reads."""
+    from qairn.engine.imageio import read_exif, read_icc
+
+    arr = rand((3, 4, 3), np.uint16, seed=44)
+    (tmp_path / "mm.tif").write_bytes(tiff_with_metadata(arr, ">", big=True))
+    (tmp_path / "ii.tif").write_bytes(tiff_with_metadata(arr, "<", big=False))
+    np.testing.assert_array_equal(read_image(tmp_path / "mm.tif"), upright(arr, 6))
+    assert read_icc(tmp_path / "ii.tif") == ICC  # Pillow's reading of the classic file
+    assert read_icc(tmp_path / "mm.tif") == ICC
+    blocks = [read_exif(tmp_path / name, size=(3, 4)) for name in ("ii.tif", "mm.tif")]
+    assert blocks[1] is not None and blocks[1][:4] == b"MM\0*"  # a classic TIFF header, as EXIF must be
+    read = []
+    for block in blocks:
+        exif = Image.Exif()
+        exif.load(block)
+        read.append((dict(exif), exif.get_ifd(0x8769), exif.get_ifd(0x8825)))
+    assert read[1] == read[0]
+    first, sub, gps = read[1]
+    assert first == {271: "Canon", 0x8769: first[0x8769], 0x8825: first[0x8825]}  # no layout, no orientation
+    assert sub == {33434: 1 / 250, 36867: "2020:01:02 03:04:05", 40962: 3, 40963: 4}  # the restored size
+    assert gps == {0: b"\x02\x03\x00\x00"}
+
+
+def test_damaged_big_endian_bigtiff_metadata_is_dropped_quietly(tmp_path):
+    """The directories read for the profile and EXIF may be damaged or cut off: nothing is carried, and
+    nothing is raised or printed."""
+    from qairn.engine.imageio import read_exif, read_icc
+
+    data = tiff_with_metadata(rand((3, 4, 3), np.uint16, seed=45), ">", big=True)
+    damaged = {
+        "junk": b"MM\0+" + bytes(40),
+        "far": data[:8] + struct.pack(">Q", 2**64 - 1) + data[16:],  # the first directory past 2^63
+        "cut": data[: len(data) - 60],  # in the GPS directory
+    }
+    for name, body in damaged.items():
+        (tmp_path / f"{name}.tif").write_bytes(body)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            icc, exif = read_icc(tmp_path / f"{name}.tif"), read_exif(tmp_path / f"{name}.tif")
+        if name != "cut":
+            assert icc is None and exif is None, name
+    assert icc == ICC  # what is whole is still read
+    found = Image.Exif()
+    found.load(exif)
+    assert found[271] == "Canon" and found.get_ifd(0x8825) == {}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
 # We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
 Image.MAX_IMAGE_PIXELS = None
@@ -212,12 +212,13 @@ def _magic(path: Path) -> bytes:
 
 
 def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
-    """The first page's image tags {tag: values} (size, samples, bits, layout, orientation) and the number
-    of pages, from classic or BigTIFF bytes in either byte order; struct.error if the first is damaged."""
+    """The first page's image tags {tag: values} (size, samples, bits, layout, orientation, and the
+    pointers to the Exif and GPS directories) and the number of pages, from classic or BigTIFF bytes in
+    either byte order; struct.error if the first is damaged."""
     bo = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
     off, count_fmt, entry = (bo + "Q", bo + "Q", 20) if big else (bo + "I", bo + "H", 12)
-    kinds = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
+    kinds = {1: "B", 3: "H", 4: "I", 13: "I", 16: "Q", 18: "Q"}  # BYTE, SHORT, LONG, IFD, LONG8, IFD8
     at = struct.unpack_from(off, data, 8 if big else 4)[0]
     count = struct.unpack_from(count_fmt, data, at)[0]
     first = at + struct.calcsize(count_fmt)
@@ -228,7 +229,11 @@ def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
         e = first + k * entry
         tag, kind = struct.unpack_from(bo + "HH", data, e)
         n = struct.unpack_from(off, data, e + 4)[0]
-        if tag not in (256, 257, 258, 262, 274, 277, 284, 339) or kind not in kinds or not 0 < n <= 16:
+        if (
+            tag not in (256, 257, 258, 262, 274, 277, 284, 339, 34665, 34853)
+            or kind not in kinds
+            or not 0 < n <= 16
+        ):
             continue
         fmt = bo + kinds[kind] * n
         where = e + 4 + struct.calcsize(off)
@@ -527,9 +532,11 @@ def read_icc(path: str | Path) -> bytes | None:
     """The file's embedded ICC colour profile, or None. Phones write Display P3 and cameras Adobe RGB:
     an output without the profile would be shown as sRGB, with visibly different colours."""
     try:
+        if _magic(Path(path)) == b"MM\x00+":  # Pillow 13 cannot open a big-endian BigTIFF
+            return _mm_bigtiff_metadata(Path(path))[0]
         with _pillow_open(path, Path(path)) as im:
             return im.info.get("icc_profile") or None
-    except (OSError, ValueError):
+    except (OSError, ValueError, SyntaxError, struct.error, OverflowError):
         return None
 
 
@@ -589,24 +596,65 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
     read_image has already turned the pixels upright, so the orientation tag is removed (a viewer would
     rotate them twice), and size=(width, height) rewrites the EXIF pixel dimensions to match."""
     try:
-        with _pillow_open(path, Path(path)) as im:
+        if _magic(Path(path)) == b"MM\x00+":  # Pillow 13 cannot open a big-endian BigTIFF
+            return _exif_block(_mm_bigtiff_metadata(Path(path))[1], True, size)
+        with _pillow_open(path, Path(path)) as im:  # open while the block is made: the Exif IFD is read then
             # A PNG's getexif() decodes the pixels to see the chunks after them: read_image has done so.
             exif = _png_exif(im, Path(path))[0] if im.format == "PNG" else im.getexif()
-            if im.format == "TIFF":  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
-                for tag in [t for t in exif if t in TIFF_LAYOUT_TAGS]:
-                    del exif[tag]
-            exif.pop(0x0112, None)  # Orientation
-            if not exif:  # (after the orientation: a block of it alone would be written empty)
-                return None
-            if size is not None and 0x8769 in exif:  # (reading an absent IFD would add an empty one)
-                sub = exif.get_ifd(0x8769)  # the Exif IFD: PixelXDimension, PixelYDimension
-                for tag, value in zip((0xA002, 0xA003), size):
-                    if tag in sub:
-                        sub[tag] = value
-            data = exif.tobytes()
-    except (OSError, ValueError, SyntaxError, struct.error):
+            return _exif_block(exif, im.format == "TIFF", size)
+    except (OSError, ValueError, SyntaxError, struct.error, OverflowError):
         return None  # unreadable metadata is dropped, never a reason to fail the restore
+
+
+def _exif_block(exif: Image.Exif, tiff: bool, size: tuple[int, int] | None) -> bytes | None:
+    """read_exif's block of this EXIF, None if there is nothing to carry."""
+    if tiff:  # Pillow gives a TIFF's whole first IFD: keep its record, not its layout
+        for tag in [t for t in exif if t in TIFF_LAYOUT_TAGS]:
+            del exif[tag]
+    exif.pop(0x0112, None)  # Orientation
+    if not exif:  # (after the orientation: a block of it alone would be written empty)
+        return None
+    if size is not None and 0x8769 in exif:  # (reading an absent IFD would add an empty one)
+        sub = exif.get_ifd(0x8769)  # the Exif IFD: PixelXDimension, PixelYDimension
+        for tag, value in zip((0xA002, 0xA003), size):
+            if tag in sub:
+                sub[tag] = value
+    data = exif.tobytes()
     return data[6:] if data.startswith(b"Exif\x00\x00") else data
+
+
+def _mm_bigtiff_metadata(path: Path) -> tuple[bytes | None, Image.Exif]:
+    """A big-endian BigTIFF's ICC profile and EXIF (its first directory, with the Exif and GPS directories
+    it points to), which Pillow 13 cannot open: it takes a BigTIFF for one where byte 2 is 43, true of
+    the little-endian mark only. Its directory reader still reads them, given a little-endian BigTIFF
+    mark and the byte order apart (prefix). The Exif and GPS pointers come from _tiff_first_page: a
+    BigTIFF has them as IFD8, a type Pillow skips."""
+    data = path.read_bytes()
+    tags, _ = _tiff_first_page(data)
+    fp = io.BytesIO(data)
+    head = b"II+\x00\x08\x00\x00\x00" + data[8:16]
+
+    def directory(at: int, group: int | None = None) -> dict:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(head, prefix=b"MM", group=group)
+        fp.seek(at)
+        ifd.load(fp)
+        return {k: v[0] if isinstance(v, tuple) and len(v) == 1 else v for k, v in ifd.items()}  # as Exif has
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's "Possibly corrupt EXIF data": what is damaged is dropped
+        first = directory(struct.unpack_from(">Q", data, 8)[0])
+        icc = first.pop(0x8773, None)
+        exif = Image.Exif()
+        for tag in (0x8769, 0x8825):  # Exif, GPS
+            first.pop(tag, None)
+            if tags.get(tag, (0,))[0]:  # (0: no directory)
+                sub = directory(tags[tag][0], tag)
+                sub.pop(0xA005, None)  # the Interop directory's pointer: not followed here, so not carried
+                exif.get_ifd(tag).update(sub)  # before exif[tag] is set: get_ifd would then look in a file
+                exif[tag] = tags[tag][0]
+        for tag, value in first.items():
+            exif[tag] = value
+    return (icc if isinstance(icc, bytes) and icc else None), exif
 
 
 def with_exif(data: bytes, suffix: str, exif: bytes) -> bytes:
