@@ -833,3 +833,23 @@ def test_damaged_big_endian_bigtiff_metadata_is_dropped_quietly(tmp_path):
     found = Image.Exif()
     found.load(exif)
     assert found[271] == "Canon" and found.get_ifd(0x8825) == {}
+
+
+def test_little_endian_bigtiff_exif_is_a_classic_block(tmp_path):
+    """Pillow opens a little-endian BigTIFF, but its EXIF came back with a BigTIFF header (b"II+"), which no
+    EXIF reader takes (Pillow's own fails on it), and without the Exif and GPS directories, whose IFD8
+    pointers Pillow skips. It is now read as the big-endian one is: the same EXIF as the classic file's."""
+    from qairn.engine.imageio import read_exif
+
+    arr = rand((3, 4, 3), np.uint8, seed=47)
+    (tmp_path / "big.tif").write_bytes(tiff_with_metadata(arr, "<", big=True))
+    (tmp_path / "classic.tif").write_bytes(tiff_with_metadata(arr, "<", big=False))
+    read = []
+    for name in ("classic.tif", "big.tif"):
+        block = read_exif(tmp_path / name, size=(3, 4))
+        assert block[2:4] in (b"*\0", b"\0*"), block[:8]
+        exif = Image.Exif()
+        exif.load(block)
+        read.append((dict(exif), exif.get_ifd(0x8769), exif.get_ifd(0x8825)))
+    assert read[1] == read[0]
+    assert read[1][1][36867] == "2020:01:02 03:04:05" and read[1][2] == {0: b"\x02\x03\x00\x00"}

@@ -533,7 +533,7 @@ def read_icc(path: str | Path) -> bytes | None:
     an output without the profile would be shown as sRGB, with visibly different colours."""
     try:
         if _magic(Path(path)) == b"MM\x00+":  # Pillow 13 cannot open a big-endian BigTIFF
-            return _mm_bigtiff_metadata(Path(path))[0]
+            return _bigtiff_metadata(Path(path))[0]
         with _pillow_open(path, Path(path)) as im:
             return im.info.get("icc_profile") or None
     except (OSError, ValueError, SyntaxError, struct.error, OverflowError):
@@ -596,8 +596,10 @@ def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | 
     read_image has already turned the pixels upright, so the orientation tag is removed (a viewer would
     rotate them twice), and size=(width, height) rewrites the EXIF pixel dimensions to match."""
     try:
-        if _magic(Path(path)) == b"MM\x00+":  # Pillow 13 cannot open a big-endian BigTIFF
-            return _exif_block(_mm_bigtiff_metadata(Path(path))[1], True, size)
+        # Pillow 13 cannot open a big-endian BigTIFF, and of a little-endian one it skips the Exif and GPS
+        # directories (IFD8 pointers) and writes the block with a BigTIFF header, which EXIF cannot have.
+        if _magic(Path(path)) in (b"MM\x00+", b"II+\x00"):
+            return _exif_block(_bigtiff_metadata(Path(path))[1], True, size)
         with _pillow_open(path, Path(path)) as im:  # open while the block is made: the Exif IFD is read then
             # A PNG's getexif() decodes the pixels to see the chunks after them: read_image has done so.
             exif = _png_exif(im, Path(path))[0] if im.format == "PNG" else im.getexif()
@@ -623,28 +625,29 @@ def _exif_block(exif: Image.Exif, tiff: bool, size: tuple[int, int] | None) -> b
     return data[6:] if data.startswith(b"Exif\x00\x00") else data
 
 
-def _mm_bigtiff_metadata(path: Path) -> tuple[bytes | None, Image.Exif]:
-    """A big-endian BigTIFF's ICC profile and EXIF (its first directory, with the Exif and GPS directories
-    it points to), which Pillow 13 cannot open: it takes a BigTIFF for one where byte 2 is 43, true of
-    the little-endian mark only. Its directory reader still reads them, given a little-endian BigTIFF
-    mark and the byte order apart (prefix). The Exif and GPS pointers come from _tiff_first_page: a
-    BigTIFF has them as IFD8, a type Pillow skips."""
+def _bigtiff_metadata(path: Path) -> tuple[bytes | None, Image.Exif]:
+    """A BigTIFF's ICC profile and EXIF (its first directory, with the Exif and GPS directories it points
+    to) as a classic TIFF's. Pillow 13 cannot open a big-endian one: it takes a BigTIFF for one where
+    byte 2 is 43, true of the little-endian mark only. Its directory reader still reads them, given a
+    little-endian BigTIFF mark and the byte order apart (prefix). The Exif and GPS pointers come from
+    _tiff_first_page: a BigTIFF has them as IFD8, a type Pillow skips."""
     data = path.read_bytes()
     tags, _ = _tiff_first_page(data)
     fp = io.BytesIO(data)
     head = b"II+\x00\x08\x00\x00\x00" + data[8:16]
+    order = ">" if data[:2] == b"MM" else "<"
 
     def directory(at: int, group: int | None = None) -> dict:
-        ifd = TiffImagePlugin.ImageFileDirectory_v2(head, prefix=b"MM", group=group)
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(head, prefix=data[:2], group=group)
         fp.seek(at)
         ifd.load(fp)
         return {k: v[0] if isinstance(v, tuple) and len(v) == 1 else v for k, v in ifd.items()}  # as Exif has
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow's "Possibly corrupt EXIF data": what is damaged is dropped
-        first = directory(struct.unpack_from(">Q", data, 8)[0])
+        first = directory(struct.unpack_from(order + "Q", data, 8)[0])
         icc = first.pop(0x8773, None)
-        exif = Image.Exif()
+        exif = Image.Exif()  # written as a classic TIFF structure, big-endian
         for tag in (0x8769, 0x8825):  # Exif, GPS
             first.pop(tag, None)
             if tags.get(tag, (0,))[0]:  # (0: no directory)
