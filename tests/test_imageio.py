@@ -38,7 +38,8 @@ def tiff_bytes(
 ) -> bytes:
     """An uncompressed TIFF (classic or BigTIFF, either byte order, interleaved samples in one strip or
     planar=2: one strip per plane) written by hand, so that depth, channels, layout and the orientation
-    tag are exactly what the test says; extra: more entries (tag, (type, struct format), values)."""
+    tag are exactly what the test says; extra: more entries (tag, (type, struct format), values), or ones
+    that replace the helper's."""
     h, w = arr.shape[:2]
     spp = 1 if arr.ndim == 2 else arr.shape[2]
     layout = np.moveaxis(arr, 2, 0) if planar == 2 and spp > 1 else arr
@@ -61,7 +62,7 @@ def tiff_bytes(
         (279, long_, [strip] * strips),
         (284, short, [planar]),
     ] + ([(338, short, [2])] if spp in (2, 4) else [])  # unassociated alpha
-    entries = sorted(entries + list(extra), key=lambda e: e[0])
+    entries = sorted({e[0]: e for e in entries + list(extra)}.values(), key=lambda e: e[0])  # extra wins
     ifd = head + len(pixels)
     mark = b"II" if order == "<" else b"MM"
     if big:
@@ -853,3 +854,22 @@ def test_little_endian_bigtiff_exif_is_a_classic_block(tmp_path):
         read.append((dict(exif), exif.get_ifd(0x8769), exif.get_ifd(0x8825)))
     assert read[1] == read[0]
     assert read[1][1][36867] == "2020:01:02 03:04:05" and read[1][2] == {0: b"\x02\x03\x00\x00"}
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_gray_palette_read_by_opencv_is_gray(tmp_path, orientation):
+    """Pillow's reading gives a palette TIFF whose colours are all gray as gray (HxW); read by OpenCV (a
+    big-endian BigTIFF, which Pillow cannot open) it came back RGB. Now gray too; colours stay RGB."""
+    codes = rand((5, 7), np.uint8, seed=48)
+    gray = [(255 - v) * 257 for v in range(256)] * 3  # 16-bit R, G and B ramps, the same: gray, reversed
+    colour = [v * 257 for v in range(256)] + [(255 - v) * 257 for v in range(256)] + [0] * 256
+    for name, palette in (("gray", gray), ("colour", colour)):
+        extra = [(262, (3, "H"), [3]), (320, (3, "H"), palette)]  # Photometric: palette, ColorMap
+        (tmp_path / "mm.tif").write_bytes(tiff_bytes(codes, orientation, ">", big=True, extra=extra))
+        (tmp_path / "ii.tif").write_bytes(tiff_bytes(codes, orientation, "<", extra=extra))  # Pillow's
+        got = read_image(tmp_path / "mm.tif")
+        np.testing.assert_array_equal(got, read_image(tmp_path / "ii.tif"))
+        if name == "gray":
+            np.testing.assert_array_equal(got, upright(255 - codes, orientation))
+        else:
+            assert got.shape == upright(codes, orientation).shape + (3,)

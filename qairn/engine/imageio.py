@@ -301,6 +301,10 @@ def _read_tiff_opencv(path: Path, max_pixels: int, warn, why: str) -> np.ndarray
         )
     if arr.ndim == 3:
         arr = cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA if arr.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    # OpenCV gives a palette's colours as RGB; of a gray palette read_image gives gray, as from Pillow.
+    if one(262, 1) == 3 and arr.ndim == 3 and arr.shape[2] == 3:
+        if (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all():
+            arr = np.ascontiguousarray(arr[..., 0])
     return _apply_orientation(arr, one(274, 1))
 
 
