@@ -873,3 +873,21 @@ def test_a_gray_palette_read_by_opencv_is_gray(tmp_path, orientation):
             np.testing.assert_array_equal(got, upright(255 - codes, orientation))
         else:
             assert got.shape == upright(codes, orientation).shape + (3,)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [(271, (5, "II"), [1, 2]), (0x011A, (1, "B"), [7])],  # Make as a RATIONAL, XResolution as a BYTE
+    ids=["AttributeError", "TypeError"],
+)
+def test_exif_of_a_damaged_type_is_dropped_not_raised(tmp_path, entry):
+    """Pillow reads an EXIF value of a type its tag cannot have, but its writer then raises AttributeError
+    or TypeError: read_exif let it out, and `qairn restore` failed the file (pixels and all) with Pillow's
+    message. Unwritable metadata is dropped, as unreadable metadata is."""
+    from qairn.engine.imageio import read_exif
+
+    ok, buf = cv2.imencode(".jpg", rand((6, 8, 3), np.uint8, seed=49))
+    block = b"MM\0*" + struct.pack(">I", 8) + ifd_bytes([entry], ">", False, 8)
+    (tmp_path / "x.jpg").write_bytes(with_exif(buf.tobytes(), ".jpg", block))
+    assert read_image(tmp_path / "x.jpg").shape == (6, 8, 3)
+    assert read_exif(tmp_path / "x.jpg") is None

@@ -625,7 +625,10 @@ def _exif_block(exif: Image.Exif, tiff: bool, size: tuple[int, int] | None) -> b
         for tag, value in zip((0xA002, 0xA003), size):
             if tag in sub:
                 sub[tag] = value
-    data = exif.tobytes()
+    try:
+        data = exif.tobytes()
+    except (AttributeError, TypeError):  # Pillow's writer, given a value of a type its tag cannot have
+        return None  # (a damaged file: Make as a RATIONAL, XResolution as BYTE): dropped like the unreadable
     return data[6:] if data.startswith(b"Exif\x00\x00") else data
 
 
