@@ -243,6 +243,28 @@ def test_cli_never_replaces_an_engine_file_by_accident(tiny_weights, tmp_path, c
     assert out.read_bytes() == b"a user's engine"
 
 
+@pytest.mark.parametrize(
+    "device, says",
+    [
+        ("cuda:3", "--device: device 'cuda:3' requested, but this machine has 1 CUDA device (cuda:0)"),
+        ("gpu", "--device: unknown device 'gpu': use cpu, cuda, cuda:N or auto"),
+        ("cpu", "--device: engines are built on a CUDA device, not cpu"),
+    ],
+)
+def test_cli_device_is_checked_first_in_one_line(tiny_weights, monkeypatch, capsys, device, says):
+    """qairn export tensorrt --device goes through the Restorer's resolve_device: a GPU that is not
+    there is one line before anything is exported (it was a torch error, deep in the build)."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("qairn.weights_io.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert export_main(["tensorrt", str(tiny_weights), "--device", device]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qairn export: {says}"]
+
+
 def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, monkeypatch):
     """With a stand-in for the tensorrt module: an --onnx graph of the other precision is refused
     (the engine would be labelled fp16 from an fp32 graph), a user's engine of another precision is
