@@ -1,9 +1,11 @@
 """pytest-benchmark suite: `pytest bench/ --benchmark-only` (small shapes on CPU, real ones on CUDA).
 
 Files here are named bench_*.py; this hook collects them (the test suite's python_files does not),
-so `pytest bench/` finds them without a config of its own.
+so `pytest bench/` finds them without a config of its own. The device: `--bench-device cuda:1` (or
+$QAIRN_BENCH_DEVICE); default the current GPU, else the CPU.
 """
 
+import os
 from fnmatch import fnmatch
 
 import pytest
@@ -21,19 +23,42 @@ def pytest_collect_file(file_path, parent):
     return pytest.Module.from_parent(parent, path=file_path)
 
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+def pytest_addoption(parser):
+    parser.addoption(
+        "--bench-device",
+        default=os.environ.get("QAIRN_BENCH_DEVICE", "auto"),
+        help="device the benchmarks run on: auto (the current GPU, else the CPU), cpu, cuda or cuda:N "
+        "(default $QAIRN_BENCH_DEVICE, else auto)",
+    )
 
 
 @pytest.fixture(scope="session")
-def device() -> torch.device:
-    return DEVICE
+def device(request) -> torch.device:
+    """The device benchmarked, with its index; a GPU is also made the current device, for the work
+    that names none (Triton launches, events, synchronize): CUDA_VISIBLE_DEVICES is not the only way."""
+    from qairn.engine.restorer import resolve_device
+
+    try:
+        device = resolve_device(request.config.getoption("--bench-device"))
+    except ValueError as e:
+        raise pytest.UsageError(f"--bench-device: {e}") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 @pytest.fixture(scope="session")
-def sync():
+def sync(device):
     """Call after the timed work: CUDA is asynchronous, the host clock must wait for the device."""
-    return (lambda: torch.cuda.synchronize()) if CUDA else (lambda: None)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+@pytest.fixture
+def gpu(device) -> torch.device:
+    """The benchmarked device for the CUDA-only benchmarks: skipped when it is the CPU."""
+    if device.type != "cuda":
+        pytest.skip(f"a CUDA benchmark; --bench-device is {device}")
+    return device
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,8 @@
 # Environment: OUT, PYTHON (default python3), QAIRN_GPU_DRYRUN, QAIRN_GPU_BUDGET_S (default 530),
 # QAIRN_GPU_STAGES (default all, e.g. "env bench"), QAIRN_GPU_TESTS (a pytest -k expression),
 # QAIRN_GPU_TRAIN (finetune, the default, or largest), QAIRN_GPU_TRAIN_S, QAIRN_GPU_KEEP_WORK=1
-# (keep the work folder: stage logs and outputs, caches).
+# (keep the work folder: stage logs and outputs, caches), QAIRN_GPU_DEVICE (default cuda, the current
+# GPU; cuda:N measures that one in every stage but tests and train, which take CUDA_VISIBLE_DEVICES).
 # One GPU run is 9 minutes: run it as run(command="bash bench/gpu_run.sh", carry=["gpu_pack"],
 # timeout_s=540); the budget keeps 10 s for the last summary.
 set -u
@@ -69,7 +70,7 @@ if [ "$DRY" = 1 ]; then  # tiny shapes on the CPU: proves every stage's command 
   TRAIN_MIN=5
   FALLBACK=eager-fp32
 else
-  DEVICE=cuda
+  DEVICE=${QAIRN_GPU_DEVICE:-cuda}  # cuda (the current GPU) or cuda:N; not tests and train
   BENCH=(--sizes 3840x2160,7680x4320,1920x1080 --tiles 512)  # ~4 s a case: 12 labels x 3 sizes
   # Less overlap, or none: 4K at tile 1024 and whole (a 4K frame's fp16 activations fit easily), on
   # the backends that need no compiling (the stage is short).
@@ -128,7 +129,7 @@ kernels_stage() {
     echo "bench/kernels/gpu_gate_report.py is not there: nothing to run"
     return 0
   fi
-  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 52
+  OUT="$WORK" "$PY" bench/kernels/gpu_gate_report.py "$WORK/gate.json" --budget-s 52 --device "$DEVICE"
 }
 
 train_stage() {

@@ -521,6 +521,97 @@ def test_paired_ratio_alternates_and_takes_the_median():
     assert seconds >= 0
 
 
+class FakeEvents:
+    """torch.cuda's events, streams and synchronize, noting the stream each event is recorded on and
+    the device each synchronize names."""
+
+    def __init__(self, monkeypatch):
+        self.streams, self.recorded, self.synced = {}, [], []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                pass
+
+            def record(self, stream=None):
+                fake.recorded.append(stream)
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, end):
+                return 2.0
+
+        def current_stream(device=None):
+            return self.streams.setdefault(device, SimpleNamespace(device=device))
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: fake.synced.append(device))
+
+
+def test_gate_workload_times_on_the_given_gpus_stream(monkeypatch):
+    """cuda_time_ms, block_seconds and paired_ratio record their events on the given GPU's stream and
+    wait for that GPU (they used the current GPU's: cuda:0, while the work ran on cuda:1)."""
+    workload = bench_script("kernels/gate_workload")
+    gpu = torch.device("cuda", 1)
+    fake = FakeEvents(monkeypatch)
+    assert workload.cuda_time_ms(lambda: None, warmup=1, iters=3, device=gpu) == 2.0
+    assert len(fake.recorded) == 6 and all(s is fake.streams[gpu] for s in fake.recorded)
+    assert fake.synced == [gpu]
+    fake.recorded.clear()
+    assert workload.block_seconds(lambda: None, 4, device="cuda:1") == 2e-3
+    r = workload.paired_ratio(lambda: None, lambda: None, rounds=2, calls=1, warmup=0, device=gpu)
+    assert r["median"] == 1.0
+    assert len(fake.recorded) == 2 + 8 and all(s is fake.streams[gpu] for s in fake.recorded)
+    # No device: the current GPU's stream, as before.
+    fake.recorded.clear()
+    workload.cuda_time_ms(lambda: None, warmup=0, iters=1)
+    assert fake.recorded == [fake.streams[None]] * 2
+
+
+def test_gate_report_measures_the_device_asked(tmp_path, monkeypatch):
+    """gpu_gate_report.py --device cuda:1: resolved (and made current) as qairn bench does, the
+    properties read from cuda:1 and the report says which GPU it measured (it had no --device, and
+    read GPU 0's properties whatever GPU was current)."""
+    if "TRITON_INTERPRET" in os.environ:  # the report drops it on import: put it back after
+        monkeypatch.setenv("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
+    report = bench_script("kernels/gpu_gate_report")
+    made_current = fake_gpus(monkeypatch, 2)
+    asked = []
+
+    def properties(device):
+        asked.append(device)
+        return SimpleNamespace(
+            name="Fake GPU", major=9, minor=0, multi_processor_count=132, total_memory=2**37
+        )
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(report, "jobs", lambda gate, report, deadline: iter(()))
+    out = tmp_path / "gate.json"
+    assert report.main(["gpu_gate_report.py", str(out), "--device", "cuda:1"]) == 0
+    gpu = torch.device("cuda", 1)
+    assert report.DEVICE == gpu and made_current == [gpu] and asked == [gpu]
+    env = json.loads(out.read_text())["environment"]
+    assert env["device"] == "cuda:1" and env["gpu"] == "Fake GPU"
+    assert report.main(["gpu_gate_report.py", str(out), "--device", "cpu"]) == 0  # a skip, as without CUDA
+    with pytest.raises(SystemExit, match="requested, but this machine has 2 CUDA devices"):
+        report.main(["gpu_gate_report.py", str(out), "--device", "cuda:2"])
+
+
+def test_bench_suite_takes_its_device_from_the_command_line():
+    """pytest bench/ --bench-device: the benchmarks' device fixture resolves it as the Restorer does;
+    a GPU that is not there is the Restorer's one line, not a CUDA error in the middle of a benchmark."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_model.py", "-k",
+         "test_gate_blend and fp32", "--benchmark-disable", "--bench-device", "cuda:99"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode != 0 and "--bench-device: device 'cuda:99' requested, but this machine has" in text
+
+
 def test_gate_report_pool_jobs_run_interpreted(monkeypatch):
     """The gate report's pooling jobs (tile sweep with paired overhead, finish-launch share) on tiny
     CPU shapes through the interpreted kernels, with the host clock for CUDA events and graphs: a GPU

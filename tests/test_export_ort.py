@@ -107,3 +107,69 @@ def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
     big = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, tile=None)
     with pytest.raises(BackendError, match="static for N,H,W"):
         big.restore(image)
+
+
+# ---- which GPU the providers run on (checked on the CPU: onnxruntime's session is watched) ----------
+GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """onnxruntime claiming the GPU providers, and every InferenceSession's providers recorded (the
+    last is the backend's: a first export is verified in a CPU session before it); the session itself
+    is a real CPU one, so the backend finishes construction as on a GPU machine."""
+    import onnxruntime as ort
+
+    real, made = ort.InferenceSession, []
+
+    def session(path, options=None, providers=None, **kw):
+        made.append(providers)
+        return real(path, options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_EPS))
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return made
+
+
+def test_gpu_providers_run_on_the_restorers_gpu(model, cache, sessions, monkeypatch):
+    """A Restorer on cuda:1 (cuda:0 current): the CUDA and TensorRT providers get device_id 1. Without
+    it ONNX Runtime runs them on GPU 0 (its default), whatever the Restorer's device."""
+    from qairn.kernels import gate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gate, "triton_compiles_for", lambda device, dtype: True)
+    r = qairn.Restorer(model=model, device="cuda:1", backend="onnxruntime", precision="fp32", cache_dir=cache)
+    assert r.device == torch.device("cuda", 1)
+    assert sessions[-1] == [
+        ("TensorrtExecutionProvider", {"device_id": 1}),
+        ("CUDAExecutionProvider", {"device_id": 1}),
+        "CPUExecutionProvider",
+    ]
+    # A bare "cuda" handed to the backend is the current GPU, as in the Restorer.
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    OrtBackend(model, torch.device("cuda"), cache_dir=cache)
+    assert sessions[-1][1] == ("CUDAExecutionProvider", {"device_id": 1})
+    # On the CPU: the CPU provider alone, by name, as before.
+    OrtBackend(model, torch.device("cpu"), cache_dir=cache)
+    assert sessions[-1] == ["CPUExecutionProvider"]
+
+
+def test_given_providers_get_the_device_unless_they_name_one(model, cache, sessions):
+    """providers= by name get device_id too; an entry with its own options keeps them, its own
+    device_id included; providers that are not CUDA's or TensorRT's are passed as they are."""
+    gpu = torch.device("cuda", 3)
+    OrtBackend(model, gpu, cache_dir=cache, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert sessions[-1] == [("CUDAExecutionProvider", {"device_id": 3}), "CPUExecutionProvider"]
+    given = [
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": True}),
+        ("CUDAExecutionProvider", {"device_id": 0}),
+        ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
+    ]
+    OrtBackend(model, gpu, cache_dir=cache, providers=given)
+    assert sessions[-1] == [
+        ("TensorrtExecutionProvider", {"device_id": 3, "trt_fp16_enable": True}),
+        ("CUDAExecutionProvider", {"device_id": 0}),
+        ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
+    ]

@@ -1,7 +1,9 @@
 """TensorRT path: everything that does not need TensorRT (cache keys and validation, shape plans,
 build choice, island pinning, the missing-TensorRT message), then build/run tests that need it."""
 
+import contextlib
 import json
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -241,6 +243,28 @@ def test_cli_never_replaces_an_engine_file_by_accident(tiny_weights, tmp_path, c
     assert out.read_bytes() == b"a user's engine"
 
 
+@pytest.mark.parametrize(
+    "device, says",
+    [
+        ("cuda:3", "--device: device 'cuda:3' requested, but this machine has 1 CUDA device (cuda:0)"),
+        ("gpu", "--device: unknown device 'gpu': use cpu, cuda, cuda:N or auto"),
+        ("cpu", "--device: engines are built on a CUDA device, not cpu"),
+    ],
+)
+def test_cli_device_is_checked_first_in_one_line(tiny_weights, monkeypatch, capsys, device, says):
+    """qairn export tensorrt --device goes through the Restorer's resolve_device: a GPU that is not
+    there is one line before anything is exported (it was a torch error, deep in the build)."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr("qairn.weights_io.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    assert export_main(["tensorrt", str(tiny_weights), "--device", device]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"qairn export: {says}"]
+
+
 def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, monkeypatch):
     """With a stand-in for the tensorrt module: an --onnx graph of the other precision is refused
     (the engine would be labelled fp16 from an fp32 graph), a user's engine of another precision is
@@ -256,7 +280,7 @@ def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, mon
     monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
     model = lively_model()
     fp32 = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", 0)  # as the Restorer passes it (a bare "cuda" asks torch for the current GPU)
     with pytest.raises(BackendError, match="a fp32 graph, but a fp16 .strong. build reads the fp16 export"):
         trt_backend.TrtBackend(model, cuda, "fp16", onnx=fp32, strongly_typed=True, cache_dir=tmp_path)
     engine = tmp_path / "dyn.engine"
@@ -272,6 +296,151 @@ def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, mon
     )
     b = trt_backend.TrtBackend(model, cuda, "fp16", engine=engine, onnx=fp32, cache_dir=tmp_path)
     assert b.dynamic and not b.fixed_tile and b.max_shape == (4, 512, 512) and built == [(2, 256, 256)]
+
+
+class FakeGpus:
+    """cuda:0 current, and a stand-in tensorrt whose engine, context and execution each note the
+    device current when TensorRT would bind to it; torch.cuda's device and stream faked to match."""
+
+    def __init__(self, monkeypatch):
+        self.current = torch.device("cuda", 0)
+        self.seen = []  # (what, current device)
+        fake = self
+
+        @contextlib.contextmanager
+        def device(d):
+            before = fake.current
+            fake.current = torch.device(d) if torch.device(d).index is not None else before
+            try:
+                yield
+            finally:
+                fake.current = before
+
+        def current_stream(d=None):
+            d = torch.device(d) if d is not None else fake.current
+            return SimpleNamespace(device=d, cuda_stream=f"stream of {d}")
+
+        for name, value in dict(
+            device=device, current_stream=current_stream, current_device=lambda: fake.current.index
+        ).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+        io = ["input", "restored", "gamma1", "gamma2", "gamma3"]
+        shape = (1, 3, 64, 64)
+
+        class Context:
+            def set_input_shape(self, name, s):
+                return True
+
+            def set_tensor_address(self, name, ptr):
+                pass
+
+            def get_tensor_shape(self, name):
+                return shape
+
+            def execute_async_v3(self, stream):
+                fake.seen.append((f"execute on {stream}", fake.current))
+                return True
+
+        class Engine:
+            num_io_tensors = len(io)
+
+            def get_tensor_name(self, i):
+                return io[i]
+
+            def get_tensor_mode(self, name):
+                return "in" if name == "input" else "out"
+
+            def get_tensor_dtype(self, name):
+                return SimpleNamespace(name="FLOAT")
+
+            def get_tensor_profile_shape(self, name, profile):
+                return [(1, 3, 16, 16), shape, (1, 3, 512, 512)]
+
+            def create_execution_context(self):
+                fake.seen.append(("context", fake.current))
+                return Context()
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                fake.seen.append(("deserialize", fake.current))
+                return Engine()
+
+        self.trt = SimpleNamespace(
+            __version__="10.9.0",
+            BuilderFlag=SimpleNamespace(FP16=1),
+            Runtime=Runtime,
+            Logger=SimpleNamespace(WARNING=2),
+            TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"),
+        )
+
+        def get_engine(onnx, spec, path, workspace):
+            fake.seen.append(("build", fake.current))
+            return b"engine"
+
+        def gpu_identity(device):
+            fake.seen.append(("identity", torch.device(device)))
+            return "Fake GPU", "9.0"
+
+        monkeypatch.setitem(sys.modules, "tensorrt", self.trt)
+        monkeypatch.setattr(trt_engine, "_LOGGER", "a logger")
+        monkeypatch.setattr(trt_engine, "get_engine", get_engine)
+        monkeypatch.setattr(trt_engine, "gpu_identity", gpu_identity)
+
+
+class FakeTensor:
+    """Enough of a CUDA tensor for TrtRunner: where it was put or made."""
+
+    def __init__(self, shape, device):
+        self.shape, self.device = tuple(shape), torch.device(device)
+
+    def to(self, device, dtype=None):
+        return FakeTensor(self.shape, device)
+
+    def contiguous(self):
+        return self
+
+    def data_ptr(self):
+        return id(self)
+
+    def float(self):
+        return self
+
+
+@pytest.mark.parametrize("asked", ["cuda:1", "cuda"])
+def test_engines_are_built_loaded_and_run_on_their_own_gpu(tmp_path, monkeypatch, asked):
+    """A TensorRT backend on cuda:1 while cuda:0 is current (a thread of a process serving several
+    GPUs): the engine is built, deserialized and given its context with cuda:1 current, its cache key
+    names cuda:1's model, and each call executes with cuda:1 current, on cuda:1's stream, into
+    buffers on cuda:1 (it ran with cuda:0 current before). A bare "cuda" is the GPU current at
+    construction, kept when another is current at the call."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpus = FakeGpus(monkeypatch)
+    gpu1 = torch.device("cuda", 1)
+    if asked == "cuda":
+        gpus.current = gpu1
+    b = trt_backend.TrtBackend(
+        model, torch.device(asked), "fp32", onnx=onnx, dynamic=True, cache_dir=tmp_path
+    )
+    gpus.current = torch.device("cuda", 0)
+    assert b.device == gpu1
+    assert gpus.seen == [("identity", gpu1), ("build", gpu1), ("deserialize", gpu1), ("context", gpu1)]
+    gpus.seen.clear()
+    made = []
+    monkeypatch.setattr(
+        torch, "empty", lambda shape, dtype, device: made.append(FakeTensor(shape, device)) or made[-1]
+    )
+    y, gammas = b(FakeTensor((1, 3, 64, 64), "cpu"))
+    assert gpus.seen == [("execute on stream of cuda:1", gpu1)]
+    assert len(made) == 4 and all(t.device == gpu1 for t in made) and y.device == gpu1
+    assert gpus.current == torch.device("cuda", 0)  # and the caller's GPU is current again
 
 
 # ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------

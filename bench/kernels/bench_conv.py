@@ -3,8 +3,9 @@
 A ResBlock (conv, ReLU, conv, residual add) two ways: cuDNN/ATen eager, and the fused op (two
 Triton kernels on CUDA; the reference on CPU, so that the CPU rows show what the op's fallback costs).
 The shapes are the small model's two top levels on a batch of four 544x544 tiles (512 + overlap)
-on CUDA, and one 128x128 tile on CPU. bench/conv_util.py times every layer of the model the same
-way, against the roofline. Triton is never timed under the interpreter.
+on CUDA (the GPU of --bench-device, see bench/conftest.py), and one 128x128 tile on CPU.
+bench/conv_util.py times every layer of the model the same way, against the roofline. Triton is
+never timed under the interpreter.
 """
 
 from __future__ import annotations
@@ -39,20 +40,18 @@ def test_resblock_cpu(benchmark, impl):
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [16, 32])
-def test_resblock_cuda(benchmark, impl, dtype, c):
+def test_resblock_cuda(benchmark, gpu, sync, impl, dtype, c):
     torch.backends.cudnn.benchmark = True
-    plain, fused = resblock(c, dtype, "cuda")
+    plain, fused = resblock(c, dtype, gpu)
     plain, fused = (b.to(memory_format=torch.channels_last) for b in (plain, fused))
     size = 544 if c == 16 else 272  # the model's level at 1 and 1/2 scale of a 512+32 tile
-    x = torch.randn(4, c, size, size, device="cuda", dtype=dtype).contiguous(
-        memory_format=torch.channels_last
-    )
+    x = torch.randn(4, c, size, size, device=gpu, dtype=dtype).contiguous(memory_format=torch.channels_last)
     block = plain if impl == "eager" else fused
 
     def step():
         with torch.inference_mode():
             block(x)
-        torch.cuda.synchronize()
+        sync()
 
     benchmark.pedantic(step, warmup_rounds=5, rounds=30)
     # Minimum traffic of the fused pair: x read twice (conv1, residual), h written and read, out written.

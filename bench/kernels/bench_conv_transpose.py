@@ -3,8 +3,8 @@
 The RQAttention decoder step `relu(conv_transpose2x2(e) + bias) + skip` two ways: ATen/cuDNN eager
 (transposed conv, ReLU, add: three kernels) and the fused op (one Triton kernel on CUDA; the
 reference on CPU, so that the CPU rows show what the op's fallback costs). Shapes: the small model's
-decoder steps from 1/2 to full scale of a batch of four 544x544 tiles on CUDA; one 128x128 tile on
-CPU. Triton is never timed under the interpreter.
+decoder steps from 1/2 to full scale of a batch of four 544x544 tiles on CUDA (the GPU of
+--bench-device, see bench/conftest.py); one 128x128 tile on CPU. Triton is never timed under the interpreter.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ def test_up_step_cpu(benchmark, impl):
 @pytest.mark.parametrize("impl", ["eager", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cin,cout,size", [(32, 16, 544), (64, 32, 272)])
-def test_up_step_cuda(benchmark, impl, dtype, cin, cout, size):
+def test_up_step_cuda(benchmark, gpu, sync, impl, dtype, cin, cout, size):
     torch.backends.cudnn.benchmark = True
-    args = inputs(cin, cout, 4, size, dtype, "cuda", channels_last=True)
+    args = inputs(cin, cout, 4, size, dtype, gpu, channels_last=True)
     fn = eager if impl == "eager" else fused
 
     def step():
         with torch.inference_mode():
             fn(*args)
-        torch.cuda.synchronize()
+        sync()
 
     benchmark.pedantic(step, warmup_rounds=5, rounds=30)
     x, _, _, skip = args

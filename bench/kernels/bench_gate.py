@@ -1,8 +1,9 @@
 """pytest-benchmark of the gate: `pytest bench/kernels/bench_gate.py`.
 
 CPU: the plain-torch reference (the op's CPU path) against the eager sequence, on a small batch.
-CUDA: the fused Triton op against the eager sequence on the 4K tile batch; see gpu_gate_report.py
-for bandwidth against copy and the JSON report. Triton is never timed under the interpreter.
+CUDA (the GPU of --bench-device, see bench/conftest.py): the fused Triton op against the eager
+sequence on the 4K tile batch; see gpu_gate_report.py for bandwidth against copy and the JSON
+report. Triton is never timed under the interpreter.
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ def test_gate_cpu(benchmark, impl):
 @pytest.mark.parametrize("impl", ["eager", "fused_blend", "fused_pool"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("c", [16, 64])
-def test_gate_cuda(benchmark, impl, dtype, c):
+def test_gate_cuda(benchmark, gpu, sync, impl, dtype, c):
     n, h, w = TILES_4K
-    logit, skip, dec = make_inputs(n, c, h, w, dtype, "cuda")
+    logit, skip, dec = make_inputs(n, c, h, w, dtype, gpu)
     cores = gate.as_cores(torch.tensor(TILE_CORE), logit)
 
     def step():
         run_gate(impl, logit, skip, dec, cores)
-        torch.cuda.synchronize()
+        sync()
 
     benchmark.extra_info["bytes_fused"] = gate_bytes(logit, skip)
     benchmark.pedantic(step, warmup_rounds=5, rounds=30)

@@ -36,28 +36,34 @@ def gate_bytes(logit, skip, write_gamma=False):
     return logit.nbytes * (1 + write_gamma) + 3 * skip.nbytes
 
 
-def cuda_time_ms(fn, warmup=10, iters=50):
-    """Median milliseconds of fn() over iters CUDA-event-timed calls, after warmup calls."""
+def cuda_time_ms(fn, warmup=10, iters=50, device=None):
+    """Median milliseconds of fn() over iters CUDA-event-timed calls, after warmup calls. The events
+    go on `device`'s current stream (default: the current GPU's), where fn's work on that GPU runs:
+    recorded with no stream, they would time the current GPU's stream whatever GPU fn uses."""
     for _ in range(warmup):
         fn()
+    stream = torch.cuda.current_stream(device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for start, end in zip(starts, ends, strict=True):
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
-    torch.cuda.synchronize()
+        end.record(stream)
+    torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))
 
 
-def block_seconds(fn, calls: int, device: str = "cuda") -> float:
-    """Seconds for `calls` back-to-back fn() calls: CUDA events on a GPU, else the host clock."""
-    if device == "cuda":
+def block_seconds(fn, calls: int, device="cuda") -> float:
+    """Seconds for `calls` back-to-back fn() calls: CUDA events on `device`'s current stream on a GPU
+    ("cuda": the current one, or "cuda:N"), else the host clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         for _ in range(calls):
             fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end) / 1e3
     t0 = time.perf_counter()
@@ -66,11 +72,14 @@ def block_seconds(fn, calls: int, device: str = "cuda") -> float:
     return time.perf_counter() - t0
 
 
-def paired_ratio(fn_a, fn_b, rounds: int = 40, calls: int = 5, warmup: int = 5, timer=None) -> dict:
+def paired_ratio(
+    fn_a, fn_b, rounds: int = 40, calls: int = 5, warmup: int = 5, timer=None, device="cuda"
+) -> dict:
     """time(fn_b) / time(fn_a) as the median over rounds that time A and B back to back, alternating
     which goes first, with the quartiles as the spread. Clock and thermal drift between two separate
-    medians can exceed a 2% difference; within a round both see the same state, so it cancels."""
-    timer = timer or block_seconds
+    medians can exceed a 2% difference; within a round both see the same state, so it cancels.
+    The default timer is block_seconds on `device`."""
+    timer = timer or (lambda fn, n: block_seconds(fn, n, device))
     for _ in range(warmup):
         fn_a()
         fn_b()

@@ -1,7 +1,7 @@
 """One-shot GPU report for the fused gate (qairn/kernels/gate.py), written as JSON.
 
-    python bench/kernels/gpu_gate_report.py [out.json] [--budget-s 40]
-    (default path $OUT/gate.json, else ./gate.json)
+    python bench/kernels/gpu_gate_report.py [out.json] [--budget-s 40] [--device cuda:N]
+    (default path $OUT/gate.json, else ./gate.json; default device: the current GPU)
 
 On CUDA it records the GPU and the torch/triton versions; device copy bandwidth; on the 4K tile
 batch (40 x C x 544 x 544, C = 16 and 64) the fused op's time, GB/s, fraction of copy bandwidth,
@@ -13,7 +13,10 @@ CUDA-event-timed calls after warm-up.
 Most of the time goes to compiling kernel variants (about one per dtype, layout and option set), so
 the work runs as a list of jobs, most wanted first, and stops starting new ones once --budget-s
 seconds have passed since start; the JSON is rewritten after every job and names the jobs skipped.
-Without CUDA it prints a skip message and exits 0.
+Without CUDA (or with --device cpu) it prints a skip message and exits 0. --device cuda:N measures
+that GPU (not only through CUDA_VISIBLE_DEVICES): it is made the current device for the run (raw
+Triton launches, CUDA-graph replays and empty_cache follow the current one), and the properties,
+events, streams and synchronizes name it too.
 """
 
 import os
@@ -33,17 +36,10 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gate_workload import (  # noqa: E402
-    TILE_CORE,
-    TILES_4K,
-    cuda_time_ms,
-    eager_sequence,
-    gate_bytes,
-    make_inputs,
-    paired_ratio,
-)
+import gate_workload  # noqa: E402
+from gate_workload import TILE_CORE, TILES_4K, eager_sequence, gate_bytes, make_inputs  # noqa: E402
 
-DEVICE = "cuda"
+DEVICE = torch.device("cuda")  # main() sets the GPU measured, with its index
 P = 2.0
 TARGETS = {"frac_of_copy_min": 0.80, "speedup_vs_eager_min": 2.5, "pool_overhead_max": 0.02}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,11 +47,22 @@ TOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 8e-3}  # relative to max(1,
 LAYOUTS = ("nchw", "channels_last")
 
 
+def cuda_time_ms(fn):
+    """gate_workload.cuda_time_ms on DEVICE's stream."""
+    return gate_workload.cuda_time_ms(fn, device=DEVICE)
+
+
+def paired_ratio(fn_a, fn_b):
+    """gate_workload.paired_ratio, timed on DEVICE's stream."""
+    return gate_workload.paired_ratio(fn_a, fn_b, device=DEVICE)
+
+
 def environment():
     import triton
 
-    props = torch.cuda.get_device_properties(0)
+    props = torch.cuda.get_device_properties(DEVICE)
     return {
+        "device": str(DEVICE),
         "gpu": props.name,
         "capability": f"{props.major}.{props.minor}",
         "sm_count": props.multi_processor_count,
@@ -78,16 +85,17 @@ def copy_bandwidth():
 def graphed(fn):
     """fn captured in a CUDA graph, returned as its replay: the engine runs the gate inside
     torch.compile's CUDA graphs, where launch gaps and host work vanish and only GPU time is left."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
-        for _ in range(3):
+    with torch.cuda.device(DEVICE):  # torch.cuda.graph captures on the current device
+        side = torch.cuda.Stream(DEVICE)
+        side.wait_stream(torch.cuda.current_stream(DEVICE))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs advises
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(DEVICE).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    return graph.replay  # on the current stream of the current device: main() made that DEVICE
 
 
 def throughput(gate, c, dtype_name, layout, copy_gbps):
@@ -399,9 +407,24 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("path", nargs="?", help="JSON output (default $OUT/gate.json, else ./gate.json)")
     parser.add_argument("--budget-s", type=float, default=40.0, help="start no job after this many seconds")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        help="cuda (the current GPU) or cuda:N, made the current device; cpu skips",
+    )
     args = parser.parse_args(argv[1:])
+    global DEVICE
+    if args.device == "cpu":
+        print("SKIP gpu_gate_report: --device cpu; the report measures a GPU, nothing measured.")
+        return 0
     if not torch.cuda.is_available():
         print("SKIP gpu_gate_report: no CUDA device (torch.cuda.is_available() is False); nothing measured.")
+        return 0
+    from qairn.engine import bench as qb
+
+    DEVICE = qb.resolve(args.device)  # checked (one line if not there), with its index, made current
+    if DEVICE.type != "cuda":
+        print(f"SKIP gpu_gate_report: --device {args.device} is not a GPU; nothing measured.")
         return 0
     from qairn.kernels import gate
 

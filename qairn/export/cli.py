@@ -119,7 +119,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="engine and ONNX cache folder (default: $QAIRN_CACHE_DIR, else qairn's own cache folder)",
     )
-    t.add_argument("--device", default="cuda", help="the CUDA device to build for and run on (default cuda)")
+    t.add_argument(
+        "--device",
+        default="cuda",
+        help="the CUDA device to build for and run on: cuda or cuda:N (default cuda)",
+    )
     add_verify_args(t)
     return p
 
@@ -199,6 +203,7 @@ def main_tensorrt(args) -> int:
     import torch
 
     from qairn.engine.backends import BackendError
+    from qairn.engine.restorer import resolve_device
     from qairn.export import trt_backend, trt_engine
     from qairn.weights_io import load_model
 
@@ -215,6 +220,16 @@ def main_tensorrt(args) -> int:
         return 2
     if not torch.cuda.is_available():
         print("qairn export: engines are built on the GPU they run on; no CUDA device found", file=sys.stderr)
+        return 2
+    try:
+        # As the Restorer resolves it: a GPU that is not there is one line, before minutes of export
+        # and verification; a bare "cuda" is the current GPU, by index.
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"qairn export: --device: {e}", file=sys.stderr)
+        return 2
+    if device.type != "cuda":
+        print(f"qairn export: --device: engines are built on a CUDA device, not {device}", file=sys.stderr)
         return 2
     model = load_model(args.weights)
     strongly_typed = True if args.strongly_typed else None
@@ -234,7 +249,7 @@ def main_tensorrt(args) -> int:
         trt_engine.sidecar_path(args.output).unlink(missing_ok=True)
     backend = trt_backend.TrtBackend(
         model,
-        torch.device(args.device),
+        device,
         args.precision,
         engine=args.output,
         onnx=onnx,

@@ -7,8 +7,13 @@ so results match the eager backend (to 1e-4 in fp32). Inputs go through host num
 provider-agnostic; a CUDA deployment that wants zero-copy should use backend="tensorrt".
 
 Options: onnx=PATH (an export with --maps outputs), cache_dir=DIR, threads=N (intra-op threads;
-default: ONNX Runtime's, one per physical core), providers=[...] (ONNX Runtime provider names).
-precision="fp32" or "fp16" (the fp16 export with fp32 islands; fp32 image I/O either way).
+default: ONNX Runtime's, one per physical core), providers=[...] (ONNX Runtime provider names, or
+(name, options) pairs). precision="fp32" or "fp16" (the fp16 export with fp32 islands; fp32 image I/O
+either way).
+
+GPU: the CUDA and TensorRT providers run on the engine's device. ONNX Runtime picks its GPU by the
+provider option device_id (default 0), not by torch's current device, so a Restorer on cuda:N gives
+both providers device_id=N, in providers= as well unless that entry sets its own device_id.
 """
 
 from __future__ import annotations
@@ -32,6 +37,29 @@ def default_providers(device: torch.device) -> list[str]:
     available = ort.get_available_providers()
     wanted = [*GPU_PROVIDERS, "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
     return [p for p in wanted if p in available]
+
+
+def gpu_index(device: torch.device) -> int | None:
+    """The CUDA ordinal of `device` (a bare "cuda": the current one), None off CUDA or without torch CUDA."""
+    if device.type != "cuda":
+        return None
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def on_device(providers, device: torch.device) -> list:
+    """providers (names or (name, options) pairs) with device_id set on the GPU ones to the engine's
+    GPU: without it, ONNX Runtime runs them on GPU 0 whatever the Restorer's device. An entry that
+    names its own device_id keeps it."""
+    index = gpu_index(device)
+    out = []
+    for entry in providers:
+        name, options = (entry, {}) if isinstance(entry, str) else entry
+        if name in GPU_PROVIDERS and index is not None:
+            options = {"device_id": index, **options}
+        out.append((name, dict(options)) if options else name)
+    return out
 
 
 class OrtBackend:
@@ -67,7 +95,7 @@ class OrtBackend:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        providers = list(providers) if providers is not None else default_providers(device)
+        providers = on_device(providers if providers is not None else default_providers(device), device)
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
         self.static = static_shape(self.session)

@@ -4,6 +4,11 @@ No pycuda: torch CUDA tensors are the bindings (set_tensor_address with their da
 engine is enqueued with execute_async_v3 on the current torch stream, so it orders with the torch
 work around it and torch's caching allocator owns all memory.
 
+GPUs: an engine and its execution contexts are bound to the GPU that was current when it was built
+or deserialized, and TensorRT enqueues on the calling thread's current GPU; so on cuda:N every build,
+deserialization and call runs with cuda:N current (whatever GPU the caller has current), its buffers
+live on cuda:N, and the engine cache key holds cuda:N's name and compute capability.
+
 Shapes: static engines by default (the fastest), one per tile shape, built lazily on first use (or
 at construction for shape=(N,H,W)) and cached on disk; see shapes.py for how calls are fitted to them.
 Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512). An image
@@ -84,6 +89,13 @@ class TrtRunner:
         self.profile = [tuple(s) for s in self.engine.get_tensor_profile_shape(INPUT, 0)]
 
     def __call__(self, x: torch.Tensor):
+        # With the engine's GPU current: an execution context is bound to the GPU its engine was
+        # deserialized on, and TensorRT enqueues on (and allocates for) the calling thread's current
+        # device, which is cuda:0 in a process that runs this Restorer on cuda:1.
+        with torch.cuda.device(self.device):
+            return self._execute(x)
+
+    def _execute(self, x: torch.Tensor):
         ctx = self.context
         x = x.to(self.device, self.dtypes[INPUT]).contiguous()
         if not ctx.set_input_shape(INPUT, tuple(x.shape)):
@@ -123,6 +135,10 @@ class TrtBackend:
         trt = import_tensorrt()
         if device.type != "cuda":
             raise BackendError(f"backend 'tensorrt' runs on CUDA devices, not {device}")
+        if device.index is None:
+            # A bare "cuda" is the GPU current now, kept: engines are built for, deserialized on and
+            # run on one GPU, whichever is current at a later call (another thread's).
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.precision = device, precision
         self.typing = trt_engine.build_typing(
             precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
