@@ -3,12 +3,14 @@
 As a filter between two FFmpeg processes (W x H and the frame rate must be those of the input):
 
     ffmpeg -i in.mp4 -f rawvideo -pix_fmt yuv420p - \\
-      | python examples/ffmpeg_pipe.py --size 1280x720 --weights qairn.safetensors > restored.yuv
+      | python examples/ffmpeg_pipe.py --size 1280x720 > restored.yuv
     ffmpeg -f rawvideo -pix_fmt yuv420p -s 1280x720 -r 30000/1001 -i - ...   (or pipe straight into it)
 
 Or let this script run both FFmpeg processes (size and rate from ffprobe or PyAV, audio copied):
 
-    python examples/ffmpeg_pipe.py in.mp4 out.mp4 --weights qairn.safetensors [--crf 18]
+    python examples/ffmpeg_pipe.py in.mp4 out.mp4 [--crf 18]
+
+--weights W.safetensors picks other weights than the shipped ones.
 
 Raw frames carry no colour tags: --matrix/--range (default bt709, limited) say how to read them; the
 output is tagged with the same. The output is written under a temporary name and renamed when FFmpeg
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("output", nargs="?")
     p.add_argument("--size", help="WxH of the raw frames (default: probed from INPUT)")
     p.add_argument("--fps", help="frame rate, e.g. 30000/1001 (default: probed from INPUT)")
-    p.add_argument("--weights")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", help="qairn safetensors weights (default: the shipped weights)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--matrix", default="bt709", choices=sorted(FFMPEG_COLORSPACE))
     p.add_argument("--range", default="limited", choices=("limited", "full"))

@@ -635,6 +635,15 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     assert not (tmp_path / "x").exists()
 
 
+def test_export_may_go_into_a_folder_that_out_creates(data, tmp_path):
+    """`--out runs/small --export runs/small.safetensors` in a fresh folder: runs/ does not exist yet,
+    but --out makes it (with its parents) before anything is exported; only a folder that nothing
+    creates is refused."""
+    w = tmp_path / "runs" / "w.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "runs" / "small", steps=1, val_every=0, export=str(w)))
+    assert w.is_file()
+
+
 def test_missing_data_leaves_no_run_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         trainer.train(tiny_args(tmp_path / "nothing", tmp_path / "x"))

@@ -235,7 +235,11 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
 
 def main_eval(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qairn eval", description="JPEG restoration metrics (paper Table I).")
-    ap.add_argument("--data", default=str(DATA / "live1"), help="folder of lossless reference images")
+    ap.add_argument(
+        "--data",
+        default=str(DATA / "live1"),
+        help=f"folder of lossless reference images (default: {DATA / 'live1'})",
+    )
     ap.add_argument(
         "--qf", type=int, nargs="+", default=list(QFS), help="JPEG qualities (default 10 20 30 40)"
     )
@@ -579,7 +583,11 @@ def plot_quality(recs, png: str | Path, q: str = "Q2") -> None:
 
 def main_quality(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qairn eval-quality", description=__doc__)
-    ap.add_argument("--data", default=str(DATA / "live1"), help="reference images for the report")
+    ap.add_argument(
+        "--data",
+        default=str(DATA / "live1"),
+        help=f"reference images for the report (default: {DATA / 'live1'})",
+    )
     ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
     ap.add_argument(
         "--device",

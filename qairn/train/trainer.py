@@ -169,8 +169,9 @@ def check_args(a: TrainArgs) -> None:
             raise SystemExit(
                 f"--export {a.export}: is the --init file, which it would replace; export elsewhere"
             )
-        parent = Path(a.export).resolve().parent
-        if not parent.is_dir() and parent != Path(a.out).resolve():  # now, not after hours of training
+        parent, out = Path(a.export).resolve().parent, Path(a.out).resolve()
+        # Now, not after hours of training; --out's folder and its parents are made before the export.
+        if not parent.is_dir() and parent != out and parent not in out.parents:
             raise SystemExit(f"--export {a.export}: output folder does not exist")
 
 
