@@ -164,6 +164,13 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
         assert torch.equal(exported[k], v.half().float() if half else v), k
 
 
+def test_a_run_shorter_than_log_every_logs_its_last_step(data, tmp_path):
+    trainer.train(tiny_args(data, tmp_path, steps=5, log_every=3))
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3", "5"]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
 def test_resume_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
     """A run killed after its last checkpoint had logged steps that the resume trains again: those rows
     are dropped, not kept beside the new ones (log.csv held 1,2,1,2 and the plot doubled back)."""

@@ -431,7 +431,8 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             steps_run += 1
             seconds = seconds_before + time.time() - t_run
             n_last += a.batch * world
-            if main and step % a.log_every == 0:
+            # The last step is logged too: a run shorter than --log-every would leave no loss curve.
+            if main and (step % a.log_every == 0 or step == a.steps):
                 rate = n_last / max(time.time() - t_last, 1e-9)
                 t_last, n_last = time.time(), 0
                 writer.writerow(
