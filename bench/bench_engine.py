@@ -1,6 +1,7 @@
 """End-to-end benchmarks: tile planning and Restorer calls per backend (small shapes on CPU)."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from qairn.engine import bench as qb
 from qairn.engine.restorer import Restorer
 from qairn.engine.tiling import plan_tiles
 
-CUDA = torch.cuda.is_available()
+# The benchmarked device, resolved from --bench-device by conftest.pytest_configure before import.
+CUDA = os.environ.get("QAIRN_BENCH_DEVICE", "").startswith("cuda")
 SIZE = (2160, 3840) if CUDA else (96, 128)  # (H, W): a 4K frame on CUDA
 TILE = 512 if CUDA else 64
 LABELS = ["eager-fp32", "eager-fp16-cl", "compile-fp16", "triton-fp16"] if CUDA else ["eager-fp32"]

@@ -1,12 +1,15 @@
 """Micro benchmarks: the network's pieces and whole forward passes (small shapes on CPU)."""
 
+import os
+
 import pytest
 import torch
 
 from qairn.kernels.gate import gated_blend, gated_blend_reference
 from qairn.model import PRESETS, QAIRN, ResBlock, RQAttention
 
-CUDA = torch.cuda.is_available()
+# The benchmarked device, resolved from --bench-device by conftest.pytest_configure before import.
+CUDA = os.environ.get("QAIRN_BENCH_DEVICE", "").startswith("cuda")
 HW = (1080, 1920) if CUDA else (64, 64)  # one full-HD frame on CUDA; 2 busy cores here
 PRECISIONS = ["fp32", "fp16", "bf16"] if CUDA else ["fp32"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -10,6 +10,7 @@ takes seconds here); on CUDA 32.
 (bench/conftest.py collects bench_*.py; naming the file on the command line collects it twice.)
 """
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from qairn.engine.video import VideoOptions, transcode
 
 av = pytest.importorskip("av", reason="PyAV (qairn[video]) is not installed")
 
-CUDA = torch.cuda.is_available()
+# The benchmarked device, resolved from --bench-device by conftest.pytest_configure before import.
+CUDA = os.environ.get("QAIRN_BENCH_DEVICE", "").startswith("cuda")
 W, H = 1280, 720
 FRAMES = 32 if CUDA else 2
 LIVE1 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "live1"

@@ -32,6 +32,19 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    # The bench modules choose their sizes and cases when imported (a 4K frame and fp16/bf16 for a
+    # GPU, tiny fp32 for the CPU), before any fixture runs: resolve the device first and hand it to
+    # them through the environment, so --bench-device cpu on a GPU machine runs the CPU sizes.
+    from qairn.engine.restorer import resolve_device
+
+    try:
+        device = resolve_device(config.getoption("--bench-device"))
+    except ValueError as e:
+        raise pytest.UsageError(f"--bench-device: {e}") from None
+    os.environ["QAIRN_BENCH_DEVICE"] = str(device)
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     """The device benchmarked, with its index; a GPU is also made the current device, for the work

@@ -612,6 +612,22 @@ def test_bench_suite_takes_its_device_from_the_command_line():
     assert out.returncode != 0 and "--bench-device: device 'cuda:99' requested, but this machine has" in text
 
 
+def test_bench_sizes_follow_the_bench_device_not_the_machine(tmp_path):
+    """The bench modules pick their sizes and precisions at import: on a GPU machine (faked here),
+    --bench-device cpu must collect the CPU cases (fp32 only), not fp16/bf16 at full HD on the CPU."""
+    (tmp_path / "fake_gpu_machine.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
+    env.pop("QAIRN_BENCH_DEVICE", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "fake_gpu_machine",
+         "bench/bench_model.py", "--collect-only", "--bench-device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert ids and all("fp16" not in i and "bf16" not in i for i in ids), ids
+
+
 def test_gate_report_pool_jobs_run_interpreted(monkeypatch):
     """The gate report's pooling jobs (tile sweep with paired overhead, finish-launch share) on tiny
     CPU shapes through the interpreted kernels, with the host clock for CUDA events and graphs: a GPU
