@@ -289,6 +289,33 @@ def test_sweep_picks_the_best_p_and_breaks_ties_towards_prefer():
     assert ev.sweep_p(recs(None), prefer=8.0)["p"] == 8.0
 
 
+def test_sweep_with_constant_scores_keeps_prefer_and_never_picks_nan():
+    # The H200 run's Q2 was constant at every p: every SRCC was NaN, and max() kept the first row (no
+    # comparison with NaN is true), so p = 0.25, the grid's first, was written into the weights.
+    def recs(q_of):
+        return [
+            {"kind": k, "level": i, "ssim": 0.5 + i / 20, "grid": {"Q2": [q_of(p, i) for p in ev.P_GRID]}}
+            for k in ev.DISTORTIONS
+            for i in range(6)
+        ]
+
+    s = ev.sweep_p(recs(lambda p, i: 0.7), prefer=8.0)
+    assert s["p"] == 8.0 and "nothing to choose p by" in s["note"]
+    assert all(r["srcc_ssim"] == 0.0 for r in s["grid"])
+    assert ev.sweep_p(recs(lambda p, i: 0.7), prefer=5.0)["p"] == 5.0  # kept, though not on the grid
+    # Constant (or NaN) only at the grid's first p: the p that ranks the images wins.
+    first = ev.P_GRID[0]
+    for dead in (0.7, math.nan):
+        s = ev.sweep_p(
+            recs(lambda p, i, dead=dead: dead if p == first else (i if p == 4.0 else -i)), prefer=2.0
+        )
+        assert s["p"] == 4.0 and "note" not in s
+        assert s["grid"][0]["srcc_ssim"] == 0.0
+    # A type with no records is left out of the mean, as before (not a zero-size ptp error).
+    jpeg_only = [r for r in recs(lambda p, i: i if p == 4.0 else -i) if r["kind"] == "jpeg"]
+    assert ev.sweep_p(jpeg_only)["grid"][ev.P_GRID.index(4.0)]["srcc_ssim"] == pytest.approx(1.0)
+
+
 def test_metric_worker_processes_match_inline(refs, tmp_path):
     r = ev.make_restorer(make_weights(tmp_path / "w.safetensors"), device="cpu")
     files = ev.list_images(refs)
