@@ -95,6 +95,18 @@ def test_eval_cli_table_json_plot(refs, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_cropped_eval_says_so_beside_the_published_columns(refs, capsys):
+    # --crop scores centre crops, but the table read "(2 images)" and "protocol: ... no border crop"
+    # beside the published whole-image numbers, with no word of the crop.
+    assert cli(["eval", "--data", str(refs), "--qf", "10", "--jpeg-only", "--crop", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "(2 images, centre crops of at most 32x32)" in text
+    assert "NOT the protocol's whole images: --crop 32" in text
+    assert cli(["eval", "--data", str(refs), "--qf", "10", "--jpeg-only"]) == 0
+    text = capsys.readouterr().out
+    assert "(2 images)" in text and "crop" not in text.replace("no border crop", "")
+
+
 def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     make_folder(tmp_path / "d", 1, 40, 40, seed=0)
     cv2.imwrite(str(tmp_path / "d" / "small.png"), np.zeros((9, 30, 3), np.uint8))

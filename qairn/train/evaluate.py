@@ -194,16 +194,26 @@ def cell(v) -> str:
     return f"{p:.2f} / {s:.3f} / {b:.2f}"
 
 
-def table1(summary: dict, n_images: int, data: str) -> str:
+def crop_note(crop: int) -> str:
+    return f", centre crops of at most {crop}x{crop}" if crop else ""
+
+
+def table1(summary: dict, n_images: int, data: str, crop: int = 0) -> str:
     cols = ["JPEG", "ours"] + list(PUBLISHED)
     lines = [
-        f"Restoration, {data} ({n_images} images), colour: mean PSNR (dB) / SSIM / PSNR-B (dB)",
+        f"Restoration, {data} ({n_images} images{crop_note(crop)}), colour: "
+        "mean PSNR (dB) / SSIM / PSNR-B (dB)",
         f"{'QF':>3}  " + "  ".join(f"{c:<22}" for c in cols),
     ]
     for qf, s in summary.items():
         vals = [s.get("jpeg"), s.get("restored")] + [PUBLISHED[k].get(qf) for k in PUBLISHED]
         lines.append(f"{qf:>3}  " + "  ".join(f"{cell(v):<22}" for v in vals))
     lines.append(f"protocol: {PROTOCOL}")
+    if crop:  # the published columns are whole images: say so under a table that sets them side by side
+        lines.append(
+            f"NOT the protocol's whole images: --crop {crop} scored centre crops, not comparable with the "
+            "published columns"
+        )
     return "\n".join(lines)
 
 
@@ -270,7 +280,7 @@ def main_eval(argv=None) -> int:
         restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None)
     rows = eval_restoration(files, a.qf, restorer, a.workers, a.crop)
     summary = summarize(rows, a.qf)
-    print(table1(summary, len(files), Path(a.data).name))
+    print(table1(summary, len(files), Path(a.data).name, a.crop))
     result = {
         "protocol": PROTOCOL,
         "data": str(a.data),
@@ -665,7 +675,10 @@ def main_quality(argv=None) -> int:
         sweep = sweep_p(recs, prefer=restorer.p)
         sweep["images"] = [Path(f).name for f in val]
         sweep["crop"] = a.crop
-        print(f"p sweep on {len(val)} held-out training images (not LIVE1), {sweep['criterion']}:")
+        print(
+            f"p sweep on {len(val)} held-out training images (not LIVE1{crop_note(a.crop)}), "
+            f"{sweep['criterion']}:"
+        )
         for r in sweep["grid"]:
             mark = "  <- chosen" if r["p"] == sweep["p"] else ""
             print(
@@ -686,7 +699,8 @@ def main_quality(argv=None) -> int:
         n = len(files)
         print(
             format_table(
-                f"Q against distortion level ({n} {Path(a.data).name} references, p={restorer.p:g}; "
+                f"Q against distortion level ({n} {Path(a.data).name} references{crop_note(a.crop)}, "
+                f"p={restorer.p:g}; "
                 "Table II layout)",
                 tables["level"],
             )
