@@ -107,6 +107,15 @@ def test_cropped_eval_says_so_beside_the_published_columns(refs, capsys):
     assert "(2 images)" in text and "crop" not in text.replace("no border crop", "")
 
 
+@pytest.mark.parametrize("cmd", ["eval", "eval-quality"])
+@pytest.mark.parametrize("opt", ["--limit", "--crop"])
+def test_negative_limit_or_crop_is_refused(refs, capsys, cmd, opt):
+    # --limit -1 silently dropped the last image ([:-1]); --crop -5 said "0x0 pixels after --crop".
+    assert cli([cmd, "--data", str(refs), "--jpeg-only" if cmd == "eval" else "--no-report", opt, "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn {cmd}: error: {opt} -1: must be 0 (all) or a positive number"
+
+
 def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     make_folder(tmp_path / "d", 1, 40, 40, seed=0)
     cv2.imwrite(str(tmp_path / "d" / "small.png"), np.zeros((9, 30, 3), np.uint8))

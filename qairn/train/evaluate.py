@@ -243,6 +243,13 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
     plt.close(fig)
 
 
+def check_counts(a) -> None:
+    """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image."""
+    for name in ("limit", "crop"):
+        if getattr(a, name) < 0:
+            raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 (all) or a positive number")
+
+
 def main_eval(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qairn eval", description="JPEG restoration metrics (paper Table I).")
     ap.add_argument(
@@ -271,6 +278,7 @@ def main_eval(argv=None) -> int:
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
     if bad_qf:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
+    check_counts(a)
     check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -648,6 +656,7 @@ def main_quality(argv=None) -> int:
     )
     ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
+    check_counts(a)
     check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
