@@ -124,8 +124,13 @@ def blocking_effect_factor(y: np.ndarray, block: int = 8) -> float:
 
 
 def psnr_b(ref: np.ndarray, test: np.ndarray) -> float:
-    """PSNR-B: 10 log10(255^2 / (MSE_rgb + BEF(Y of the tested image)))."""
+    """PSNR-B: 10 log10(255^2 / (MSE_rgb + BEF(Y of the tested image))); gray HxW or HxWx1: its BEF."""
     m = mse(ref, test)
-    y = rgb_to_y_studio(test) if test.ndim == 3 else test.astype(np.float64)
+    if test.ndim == 3 and test.shape[2] == 3:
+        y = rgb_to_y_studio(test)
+    elif test.ndim == 2 or (test.ndim == 3 and test.shape[2] == 1):  # as psnr and ssim take them
+        y = test.reshape(test.shape[:2]).astype(np.float64)
+    else:  # HxWx4 took the luma of RGB beside an MSE with alpha in it; HxWx1 was an IndexError
+        raise ValueError(f"psnr_b: an HxWx3 RGB or a gray image is needed, got shape {test.shape}")
     denom = m + blocking_effect_factor(y)
     return math.inf if denom == 0 else 10 * math.log10(255.0**2 / denom)

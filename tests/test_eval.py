@@ -95,6 +95,27 @@ def test_eval_cli_table_json_plot(refs, tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_cropped_eval_says_so_beside_the_published_columns(refs, capsys):
+    # --crop scores centre crops, but the table read "(2 images)" and "protocol: ... no border crop"
+    # beside the published whole-image numbers, with no word of the crop.
+    assert cli(["eval", "--data", str(refs), "--qf", "10", "--jpeg-only", "--crop", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "(2 images, centre crops of at most 32x32)" in text
+    assert "NOT the protocol's whole images: --crop 32" in text
+    assert cli(["eval", "--data", str(refs), "--qf", "10", "--jpeg-only"]) == 0
+    text = capsys.readouterr().out
+    assert "(2 images)" in text and "crop" not in text.replace("no border crop", "")
+
+
+@pytest.mark.parametrize("cmd", ["eval", "eval-quality"])
+@pytest.mark.parametrize("opt", ["--limit", "--crop"])
+def test_negative_limit_or_crop_is_refused(refs, capsys, cmd, opt):
+    # --limit -1 silently dropped the last image ([:-1]); --crop -5 said "0x0 pixels after --crop".
+    assert cli([cmd, "--data", str(refs), "--jpeg-only" if cmd == "eval" else "--no-report", opt, "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn {cmd}: error: {opt} -1: must be 0 (all) or a positive number"
+
+
 def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     make_folder(tmp_path / "d", 1, 40, 40, seed=0)
     cv2.imwrite(str(tmp_path / "d" / "small.png"), np.zeros((9, 30, 3), np.uint8))
@@ -287,6 +308,33 @@ def test_sweep_picks_the_best_p_and_breaks_ties_towards_prefer():
     assert s["p"] == 4.0 and next(r for r in s["grid"] if r["p"] == 4.0)["srcc_ssim"] == pytest.approx(1.0)
     assert ev.sweep_p(recs(None), prefer=2.0)["p"] == 2.0  # all equal: keep the preferred p
     assert ev.sweep_p(recs(None), prefer=8.0)["p"] == 8.0
+
+
+def test_sweep_with_constant_scores_keeps_prefer_and_never_picks_nan():
+    # The H200 run's Q2 was constant at every p: every SRCC was NaN, and max() kept the first row (no
+    # comparison with NaN is true), so p = 0.25, the grid's first, was written into the weights.
+    def recs(q_of):
+        return [
+            {"kind": k, "level": i, "ssim": 0.5 + i / 20, "grid": {"Q2": [q_of(p, i) for p in ev.P_GRID]}}
+            for k in ev.DISTORTIONS
+            for i in range(6)
+        ]
+
+    s = ev.sweep_p(recs(lambda p, i: 0.7), prefer=8.0)
+    assert s["p"] == 8.0 and "nothing to choose p by" in s["note"]
+    assert all(r["srcc_ssim"] == 0.0 for r in s["grid"])
+    assert ev.sweep_p(recs(lambda p, i: 0.7), prefer=5.0)["p"] == 5.0  # kept, though not on the grid
+    # Constant (or NaN) only at the grid's first p: the p that ranks the images wins.
+    first = ev.P_GRID[0]
+    for dead in (0.7, math.nan):
+        s = ev.sweep_p(
+            recs(lambda p, i, dead=dead: dead if p == first else (i if p == 4.0 else -i)), prefer=2.0
+        )
+        assert s["p"] == 4.0 and "note" not in s
+        assert s["grid"][0]["srcc_ssim"] == 0.0
+    # A type with no records is left out of the mean, as before (not a zero-size ptp error).
+    jpeg_only = [r for r in recs(lambda p, i: i if p == 4.0 else -i) if r["kind"] == "jpeg"]
+    assert ev.sweep_p(jpeg_only)["grid"][ev.P_GRID.index(4.0)]["srcc_ssim"] == pytest.approx(1.0)
 
 
 def test_metric_worker_processes_match_inline(refs, tmp_path):

@@ -115,6 +115,21 @@ def test_psnr_and_psnr_b_refuse_different_shapes():
                 f(a, b)
 
 
+def test_psnr_b_gray_hxwx1_and_refused_channels():
+    # HxWx1 gray (which psnr and ssim take) raised IndexError in the RGB luma; it is the HxW case.
+    v = np.full((16, 16), 100, np.uint8)
+    v[:, 8:] = 110  # one block edge, step 10: BEF = 0.75 * 16 * 100 / 32 (see test_psnr_b_hand)
+    ref = v.copy()
+    ref[0, 0] = 104  # MSE 16 / 256
+    expect = 10 * math.log10(255**2 / (0.75 * 1600 / 32 + 1 / 16))
+    assert metrics.psnr_b(ref, v) == pytest.approx(expect, abs=1e-12)
+    assert metrics.psnr_b(ref[..., None], v[..., None]) == pytest.approx(expect, abs=1e-12)
+    # Four channels: the luma of RGB beside an MSE with alpha in it was a silent mix; refused.
+    a = np.zeros((16, 16, 4), np.uint8)
+    with pytest.raises(ValueError, match=r"psnr_b: .* got shape \(16, 16, 4\)"):
+        metrics.psnr_b(a, a)
+
+
 def test_psnr_b_sides_under_two_blocks():
     # A 12 px side has Yim & Bovik count 12 // 8 - 1 = 0: its edge at 8 is no counted boundary, so it
     # must not be summed as one either (it was, over a count clamped to 1: BEF 3/log2(12) * 768).

@@ -194,16 +194,26 @@ def cell(v) -> str:
     return f"{p:.2f} / {s:.3f} / {b:.2f}"
 
 
-def table1(summary: dict, n_images: int, data: str) -> str:
+def crop_note(crop: int) -> str:
+    return f", centre crops of at most {crop}x{crop}" if crop else ""
+
+
+def table1(summary: dict, n_images: int, data: str, crop: int = 0) -> str:
     cols = ["JPEG", "ours"] + list(PUBLISHED)
     lines = [
-        f"Restoration, {data} ({n_images} images), colour: mean PSNR (dB) / SSIM / PSNR-B (dB)",
+        f"Restoration, {data} ({n_images} images{crop_note(crop)}), colour: "
+        "mean PSNR (dB) / SSIM / PSNR-B (dB)",
         f"{'QF':>3}  " + "  ".join(f"{c:<22}" for c in cols),
     ]
     for qf, s in summary.items():
         vals = [s.get("jpeg"), s.get("restored")] + [PUBLISHED[k].get(qf) for k in PUBLISHED]
         lines.append(f"{qf:>3}  " + "  ".join(f"{cell(v):<22}" for v in vals))
     lines.append(f"protocol: {PROTOCOL}")
+    if crop:  # the published columns are whole images: say so under a table that sets them side by side
+        lines.append(
+            f"NOT the protocol's whole images: --crop {crop} scored centre crops, not comparable with the "
+            "published columns"
+        )
     return "\n".join(lines)
 
 
@@ -231,6 +241,13 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
     fig.tight_layout()
     save_figure(fig, png)
     plt.close(fig)
+
+
+def check_counts(a) -> None:
+    """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image."""
+    for name in ("limit", "crop"):
+        if getattr(a, name) < 0:
+            raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 (all) or a positive number")
 
 
 def main_eval(argv=None) -> int:
@@ -261,6 +278,7 @@ def main_eval(argv=None) -> int:
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
     if bad_qf:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
+    check_counts(a)
     check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -270,7 +288,7 @@ def main_eval(argv=None) -> int:
         restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None)
     rows = eval_restoration(files, a.qf, restorer, a.workers, a.crop)
     summary = summarize(rows, a.qf)
-    print(table1(summary, len(files), Path(a.data).name))
+    print(table1(summary, len(files), Path(a.data).name, a.crop))
     result = {
         "protocol": PROTOCOL,
         "data": str(a.data),
@@ -345,8 +363,8 @@ DISTORTIONS = {
     "noise": ("sigma", (5.0, 10.0, 20.0, 30.0, 50.0), -1),
 }
 JP2K_MIN = 32  # OpenJPEG's default 6 resolutions halve a side 5 times: smaller images cannot be encoded
-# Both ends were chosen by some run (p=16 on the shipped weights, 0.25 on the H200 run): the range
-# reaches past them on both sides.
+# The range reaches past p=16 (once chosen on the shipped weights) on both sides. (The H200 run's 0.25
+# was no choice: its Q2 was constant at every p, all SRCC NaN, and sweep_p then took the first p.)
 P_GRID = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0)
 
 
@@ -489,27 +507,45 @@ def format_table(title: str, table: dict) -> str:
     return "\n".join(lines)
 
 
+def _srcc_or_zero(x, y) -> float:
+    """SRCC, 0 where it is undefined (a constant or NaN score ranks nothing): NaN would drop the type
+    from a nanmean, or win max() as the first row's NaN key (no comparison with NaN is true)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # (and no ConstantInputWarning)
+        return 0.0
+    r = float(stats.spearmanr(x, y)[0])
+    return 0.0 if math.isnan(r) else r
+
+
 def sweep_p(recs, p_grid=P_GRID, q: str = "Q2", prefer: float = 2.0) -> dict:
     """Pick p: the mean over distortion types of SRCC(Q(p), SSIM to the reference) is largest
-    (ties, to 1e-6: the p closest to `prefer`, on a log scale)."""
-    rows = []
+    (ties, to 1e-6: the p closest to `prefer`, on a log scale). A type on which Q(p) is constant
+    counts 0; where Q is constant at every p, all tie and `prefer` is kept, with a note."""
+    rows, ranked = [], False
     for i, p in enumerate(p_grid):
         by_ssim, by_level = [], []
         for kind, (_, _, direction) in DISTORTIONS.items():
             sel = [r for r in recs if r["kind"] == kind]
-            qs = [r["grid"][q][i] for r in sel]
-            by_ssim.append(stats.spearmanr(qs, [r["ssim"] for r in sel])[0])
-            by_level.append(stats.spearmanr(qs, [direction * r["level"] for r in sel])[0])
-        rows.append(
-            {"p": p, "srcc_ssim": float(np.nanmean(by_ssim)), "srcc_level": float(np.nanmean(by_level))}
-        )
+            if not sel:  # a type not in the records is not in the mean
+                continue
+            qs = np.array([r["grid"][q][i] for r in sel], np.float64)
+            ranked |= bool(np.ptp(qs) > 0)
+            by_ssim.append(_srcc_or_zero(qs, [r["ssim"] for r in sel]))
+            by_level.append(_srcc_or_zero(qs, [direction * r["level"] for r in sel]))
+        rows.append({"p": p, "srcc_ssim": float(np.mean(by_ssim)), "srcc_level": float(np.mean(by_level))})
     best = max(rows, key=lambda r: (round(r["srcc_ssim"], 6), -abs(math.log(r["p"] / prefer))))
-    return {
+    out = {
         "p": best["p"],
         "criterion": f"max mean over distortion types of SRCC({q}(p), SSIM)",
         "q": q,
         "grid": rows,
     }
+    if not ranked:  # the tie-break would take the grid's p nearest `prefer`, not `prefer` itself
+        out["p"] = float(prefer)
+        out["note"] = (
+            f"{q} is constant within each distortion type at every p: nothing to choose p by; "
+            f"p kept at {prefer:g}"
+        )
+    return out
 
 
 def write_p(path: str | Path, p: float, info: dict) -> None:
@@ -620,6 +656,7 @@ def main_quality(argv=None) -> int:
     )
     ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
+    check_counts(a)
     check_writable(a.json, a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -647,13 +684,18 @@ def main_quality(argv=None) -> int:
         sweep = sweep_p(recs, prefer=restorer.p)
         sweep["images"] = [Path(f).name for f in val]
         sweep["crop"] = a.crop
-        print(f"p sweep on {len(val)} held-out training images (not LIVE1), {sweep['criterion']}:")
+        print(
+            f"p sweep on {len(val)} held-out training images (not LIVE1{crop_note(a.crop)}), "
+            f"{sweep['criterion']}:"
+        )
         for r in sweep["grid"]:
             mark = "  <- chosen" if r["p"] == sweep["p"] else ""
             print(
                 f"  p={r['p']:<5g} SRCC vs SSIM {r['srcc_ssim']:.4f}  "
                 f"SRCC vs level {r['srcc_level']:.4f}{mark}"
             )
+        if "note" in sweep:
+            print(sweep["note"])
         result["p_sweep"] = sweep
         if a.write_p:
             write_p(a.write_p, sweep["p"], sweep)
@@ -666,7 +708,8 @@ def main_quality(argv=None) -> int:
         n = len(files)
         print(
             format_table(
-                f"Q against distortion level ({n} {Path(a.data).name} references, p={restorer.p:g}; "
+                f"Q against distortion level ({n} {Path(a.data).name} references{crop_note(a.crop)}, "
+                f"p={restorer.p:g}; "
                 "Table II layout)",
                 tables["level"],
             )
