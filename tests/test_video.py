@@ -633,3 +633,30 @@ def test_strict_passes_whole_matroska_with_a_late_start_or_a_long_last_frame(res
             restorer, tmp_path / name, None, VideoOptions(score_only=True, write_quality=False, strict=True)
         )
         assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"]), name
+
+
+def test_rotation_and_flips_are_kept(restorer, tmp_path):
+    """Phone video is stored sideways with a display matrix saying how to turn it: the output kept the
+    picture as stored but lost the matrix, so it played sideways. Every container that stores one gets
+    the source's (turns and flips), the others say what is lost."""
+    for name, degrees, hflip in (("r90.mp4", 90, False), ("r270f.mkv", 270, True)):
+        o = av.open(str(tmp_path / name), "w")
+        s = o.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.set_display_rotation(degrees, hflip=hflip)
+        for i in range(2):
+            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
+            f = f.reformat(format="yuv420p")
+            f.pts, f.time_base = i, Fraction(1, 25)
+            o.mux(s.encode(f))
+        o.mux(s.encode(None))
+        o.close()
+    for src, dst in (("r90.mp4", "o.mkv"), ("r90.mp4", "o.mov"), ("r270f.mkv", "o.mp4")):
+        s = transcode(restorer, tmp_path / src, tmp_path / dst, VideoOptions(write_quality=False))
+        with av.open(str(tmp_path / src)) as a, av.open(str(tmp_path / dst)) as b:
+            fa, fb = next(a.decode(video=0)), next(b.decode(video=0))
+            ma, mb = (bytes(next(d for d in f.side_data if d.type.name == "DISPLAYMATRIX")) for f in (fa, fb))
+            assert mb == ma and fb.rotation == fa.rotation != 0, (src, dst)
+        assert not any("keeps no rotation" in n for n in s["notes"])
+    s = transcode(restorer, tmp_path / "r90.mp4", tmp_path / "o.y4m", VideoOptions(write_quality=False))
+    assert any(".y4m keeps no rotation" in n and "not 90 degrees" in n for n in s["notes"]), s["notes"]

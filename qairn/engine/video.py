@@ -8,7 +8,7 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate and colour tags, copies the audio streams, and writes a per-frame
+timestamps, time base, frame rate, colour tags and rotation, copies the audio streams, and writes a per-frame
 quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
@@ -248,6 +248,8 @@ SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
 PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
+IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
+ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
 
 
 def work_format(fmt) -> str:
@@ -294,6 +296,16 @@ def planes_frame(planes, fmt: str):
         a = np.frombuffer(p, data.dtype).reshape(p.height, p.line_size // data.itemsize)
         a[:, : p.width] = data
     return frame
+
+
+def display_matrix(frame) -> tuple | None:
+    """The frame's display matrix (how a player rotates or flips it: phone video is stored sideways
+    with a 90 degree one), as FFmpeg's 9 integers, or None when it is shown as stored."""
+    for sd in frame.side_data:
+        if sd.type.name == "DISPLAYMATRIX":
+            m = tuple(int(v) for v in np.frombuffer(bytes(sd), np.int32)[:9])
+            return None if m == IDENTITY_MATRIX else m
+    return None
 
 
 def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str, str]:
@@ -463,7 +475,7 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
     supported = {f.name for f in (vs.codec_context.codec.video_formats or [])}
     bits = format_bits(work_fmt)
-    pix_fmt, note = opts.pix_fmt, ""
+    pix_fmt, notes = opts.pix_fmt, []
     if pix_fmt is None:
         src_fmt = first.format.name
         candidates = (
@@ -474,9 +486,11 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         candidates += [f for f in FALLBACK_FORMATS if f in supported]
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
         if bits > 8 and format_bits(pix_fmt) <= 8:
-            note = f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}"
+            notes.append(f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}")
         elif pix_fmt in PALETTE_FORMATS:
-            note = f"{codec} holds 256 colours at most: writing {pix_fmt} (a fixed palette; .mp4 keeps all)"
+            notes.append(
+                f"{codec} holds 256 colours at most: writing {pix_fmt} (a fixed palette; .mp4 keeps all)"
+            )
     elif supported and pix_fmt not in supported:
         out.close()
         raise VideoError(
@@ -493,6 +507,18 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         ) from None
     cc = vs.codec_context
     vs.width, vs.height, vs.pix_fmt = first.width, first.height, pix_fmt
+    # The frames are encoded as stored: without the source's display matrix a phone video (stored
+    # sideways, shown upright) would play sideways.
+    rotation = display_matrix(first)
+    if rotation is not None:
+        if out.format.name in ROTATING_FORMATS:
+            vs.set_display_matrix(rotation)
+        else:
+            turn = f"{first.rotation:g} degrees" if first.rotation else "flipped"
+            notes.append(
+                f"{dst.suffix} keeps no rotation: the picture is written as stored, not {turn} as the "
+                "source is shown (use .mp4, .mkv or .mov)"
+            )
     # Y4M and AVI read the frame rate from the stream's time base: there it must be 1/rate (the frames
     # are then stamped by index); elsewhere the source's time base keeps its timestamps exact.
     src_tb = vstream.time_base or Fraction(1, 1000)
@@ -546,7 +572,7 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         raise VideoError(
             f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(e)})"
         ) from None
-    return out, vs, amap, codec, pix_fmt, note, out_tb
+    return out, vs, amap, codec, pix_fmt, notes, out_tb
 
 
 def _plot_path(csv_path: Path) -> Path:
@@ -634,10 +660,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         matrix, crange, note = frame_color(first, opts.matrix, opts.range)
         rate = vstream.average_rate or vstream.guessed_rate or Fraction(25)
         tb = vstream.time_base or Fraction(1, 1000)
-        fmt_note = ""
+        out_notes = []
         if not opts.score_only:
             tmp = _temp_path(dst)
-            out, vs, amap, codec, pix_fmt, fmt_note, out_tb = _open_output(
+            out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
                 tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
             )
         meta: deque = deque()
@@ -687,7 +713,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     f"qairn: {src.name}: frame {i + 1} ({(i + 1) / (shown - start):.2f} fps)", file=sys.stderr
                 )
         elapsed = time.perf_counter() - start
-        notes = [f"{src}: {n}" for n in (note, fmt_note, audio_note) if n]
+        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note) if n]
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
