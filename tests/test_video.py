@@ -660,3 +660,20 @@ def test_rotation_and_flips_are_kept(restorer, tmp_path):
         assert not any("keeps no rotation" in n for n in s["notes"])
     s = transcode(restorer, tmp_path / "r90.mp4", tmp_path / "o.y4m", VideoOptions(write_quality=False))
     assert any(".y4m keeps no rotation" in n and "not 90 degrees" in n for n in s["notes"]), s["notes"]
+
+
+def test_encoders_without_the_source_format_get_one_that_loses_nothing(restorer, frames_rgb, tmp_path):
+    """ProRes takes only 10-bit 4:2:2 and 4:4:4: an 8-bit 4:2:0 source fell through to yuv420p, which
+    it refuses ("prores_ks cannot encode 160x120 yuv420p"). It now gets the smallest format of the
+    encoder's own that keeps the source's chroma and bits: 4:2:2 10-bit for 4:2:0, 4:4:4 for 4:4:4."""
+    for pix_fmt, want in (("yuv420p", "yuv422p10le"), ("yuv444p", "yuv444p10le")):
+        src = make_clip(
+            tmp_path / f"{pix_fmt}.mkv", frames_rgb[:2], codec="ffv1", pix_fmt=pix_fmt, audio=False
+        )
+        dst = tmp_path / f"{pix_fmt}.mov"
+        s = transcode(restorer, src, dst, VideoOptions(codec="prores_ks", write_quality=False))
+        assert s["pix_fmt"] == want and not s["notes"], s
+        a, b = decode(src)[0], decode(dst)[0]
+        assert len(b) == 2 and b[0].format.name[:7] == want[:7]  # ProRes 4444 decodes as 12-bit
+        y10 = b[0].to_ndarray(format="gray16le").astype(float) / 257  # 16-bit gray: the luma, full scale
+        assert np.abs(y10 - a[0].to_ndarray(format="gray").astype(float)).mean() < 2

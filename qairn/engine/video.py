@@ -478,8 +478,20 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     pix_fmt, notes = opts.pix_fmt, []
     if pix_fmt is None:
         src_fmt = first.format.name
+        # Then the encoder's own planar Y'CbCr formats that lose nothing (ProRes takes only 10-bit
+        # 4:2:2 and 4:4:4, DNxHD 4:2:2), the smallest first.
+        sub = PLANAR_YUV.match(work_fmt).group(1)  # "20", "22" or "44" (of 4:2:0, 4:2:2, 4:4:4)
+        keep = sorted(
+            (format_bits(f), m.group(1), f)
+            for f, m in ((f, PLANAR_YUV.match(f)) for f in supported)
+            if m and not f.startswith("yuvj") and format_bits(f) >= bits and m.group(1) >= sub
+        )
         candidates = (
-            ([] if y4m else [src_fmt]) + [work_fmt] + (["yuv420p10le"] if bits > 8 else []) + ["yuv420p"]
+            ([] if y4m else [src_fmt])
+            + [work_fmt]
+            + [f for *_, f in keep]
+            + (["yuv420p10le"] if bits > 8 else [])
+            + ["yuv420p"]
         )
         # An encoder that takes none of those (gif: palettes only) gets the first of its own formats
         # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
