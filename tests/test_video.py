@@ -677,3 +677,38 @@ def test_encoders_without_the_source_format_get_one_that_loses_nothing(restorer,
         assert len(b) == 2 and b[0].format.name[:7] == want[:7]  # ProRes 4444 decodes as 12-bit
         y10 = b[0].to_ndarray(format="gray16le").astype(float) / 257  # 16-bit gray: the luma, full scale
         assert np.abs(y10 - a[0].to_ndarray(format="gray").astype(float)).mean() < 2
+
+
+def test_mpeg_encoders_that_take_only_a_frame_rate_time_base(restorer, frames_rgb, tmp_path):
+    """MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535:
+    given the source's (1/1000 from Matroska, 1/90000 from a transport stream) they refused to open
+    ("mpeg2video cannot encode 160x120 yuv420p (Invalid argument)"). They now get one tick per frame,
+    starting where the source's frames start, and a variable-rate source is said to be evened out."""
+    mkv = make_clip(tmp_path / "s.mkv", frames_rgb[:3], codec="ffv1", audio=False)
+    ts = make_clip(tmp_path / "s.ts", frames_rgb[:3], audio=False)
+    for src, name, codec in (
+        (mkv, "o.ts", "mpeg2video"),
+        (mkv, "o.m1v.mkv", "mpeg1video"),
+        (ts, "o.mp4", "mpeg4"),
+    ):
+        s = transcode(restorer, src, tmp_path / name, VideoOptions(codec=codec, write_quality=False))
+        assert s["codec"] == codec and not any("frame times vary" in n for n in s["notes"]), s["notes"]
+        a, b = decode(src)[0], decode(tmp_path / name)[0]
+        # (muxers may shift every stream's start by a frame or two: B-frames, MPEG-PS preload)
+        assert np.diff([float(f.time) for f in b]) == pytest.approx(
+            np.diff([float(f.time) for f in a]), abs=1e-3
+        )
+    o = av.open(str(tmp_path / "vfr.mkv"), "w")
+    st = o.add_stream("ffv1", rate=25)
+    st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+    for i, ms in enumerate([10000, 10040, 10200]):  # from 10 s, as in a transport stream
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = ms, Fraction(1, 1000)
+        o.mux(st.encode(f))
+    o.mux(st.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "vfr.mkv", tmp_path / "v.mkv", VideoOptions(codec="mpeg2video"))
+    got = decode(tmp_path / "v.mkv")[0]
+    assert len(got) == 3 and 10 <= float(got[0].time) < 10.1  # where the source starts (and its audio)
+    assert any("frame times vary" in n and "moved by up to 0.120 s" in n for n in s["notes"]), s["notes"]

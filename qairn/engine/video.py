@@ -566,9 +566,17 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
                 f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
                 f"({_msg(e)}); use .mkv, or --no-audio"
             ) from None
-    try:
-        cc.open()
-    except av.FFmpegError as e:
+    # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
+    # (a transport stream's 1/90000): those get one tick per frame, as Y4M and AVI do.
+    for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
+        vs.time_base = cc.time_base = out_tb = tb
+        try:
+            cc.open()
+            error = None
+            break
+        except av.FFmpegError as e:
+            error = e
+    if error is not None:
         out.close()
         import av.video.format
 
@@ -582,7 +590,7 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
             else ""
         )
         raise VideoError(
-            f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(e)})"
+            f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(error)})"
         ) from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
 
@@ -699,7 +707,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     frame = _reformat(frame, work_fmt, matrix, crange)
                 yield frame_planes(frame)
 
-        rows = []
+        rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
         start, shown = time.perf_counter(), time.perf_counter()
         for res in restorer.restore_stream(
             planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
@@ -713,8 +721,13 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 if pix_fmt != work_fmt:
                     frame = _reformat(frame, pix_fmt, matrix, crange)
                 frame.pts, frame.time_base = pts, tb
-                if out_tb != tb:  # Y4M, AVI: one tick per frame, so a variable-rate source keeps every frame
-                    frame.pts, frame.time_base = i, out_tb
+                if out_tb != tb:  # Y4M, AVI, MPEG-1/2: one tick per frame (a variable-rate source keeps
+                    # every frame). The AVI muxer starts each stream at 0; others keep the copied audio's
+                    # times, so the video starts where the source's did.
+                    if i == 0 and out.format.name not in CONSTANT_RATE_FORMATS:
+                        first_tick = round(t / out_tb)
+                    frame.pts, frame.time_base = first_tick + i, out_tb
+                    moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
                 elif pts is None:
                     frame.pts = round(t / tb)
                 _mux(out, vs.encode(frame), dst)
@@ -726,6 +739,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 )
         elapsed = time.perf_counter() - start
         notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note) if n]
+        if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
+            notes.append(
+                f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
+                f"1/{float(1 / out_tb):g} s: frames are moved by up to {moved:.3f} s"
+            )
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
