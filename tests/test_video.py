@@ -712,3 +712,43 @@ def test_mpeg_encoders_that_take_only_a_frame_rate_time_base(restorer, frames_rg
     got = decode(tmp_path / "v.mkv")[0]
     assert len(got) == 3 and 10 <= float(got[0].time) < 10.1  # where the source starts (and its audio)
     assert any("frame times vary" in n and "moved by up to 0.120 s" in n for n in s["notes"]), s["notes"]
+
+
+def test_stream_languages_titles_and_dispositions_are_kept(restorer, frames_rgb, tmp_path):
+    """Copied audio tracks came out unnamed, as 'und' (no language), with the default flag wherever the
+    muxer put it: an English/French file lost which track is which and which one plays first."""
+    o = av.open(str(tmp_path / "multi.mkv"), "w")
+    o.metadata["title"] = "A film"
+    v = o.add_stream("ffv1", rate=25)
+    v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+    v.metadata["title"] = "picture"
+    tracks = []
+    for lang, title, disp in (("eng", "English", 0), ("fra", "Français", av.stream.Disposition.default)):
+        a = o.add_stream("aac", rate=16000, layout="mono")
+        a.metadata.update({"language": lang, "title": title})
+        a.disposition = disp
+        tracks.append(a)
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames_rgb[i][:48, :64]), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(v.encode(f))
+    o.mux(v.encode(None))
+    for a in tracks:
+        af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        af.sample_rate, af.pts = 16000, 0
+        o.mux(a.encode(af))
+        o.mux(a.encode(None))
+    o.close()
+    for name in ("o.mkv", "o.mp4"):
+        transcode(restorer, tmp_path / "multi.mkv", tmp_path / name, VideoOptions(write_quality=False))
+        with av.open(str(tmp_path / name)) as c:
+            audio = [
+                (s.language, s.metadata.get("title") or s.metadata.get("name"), int(s.disposition))
+                for s in c.streams.audio
+            ]
+            assert audio == [("eng", "English", 0), ("fra", "Français", 1)], (name, audio)
+            if name == "o.mkv":
+                assert (
+                    c.metadata.get("title") == "A film" and c.streams.video[0].metadata["title"] == "picture"
+                )

@@ -248,6 +248,8 @@ SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
 PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
+STREAM_TAGS = {"language", "title"}  # copied to each output stream from its source
+MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
 
@@ -566,6 +568,13 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
                 f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
                 f"({_msg(e)}); use .mkv, or --no-audio"
             ) from None
+    # The source's tags: copied audio tracks came out as 'und', unnamed, with no default track.
+    for k, v in vstream.container.metadata.items():
+        if k.lower() not in MUXER_TAGS:  # title, creation time, ...
+            out.metadata[k] = v
+    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams]:
+        o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in STREAM_TAGS})
+        o.disposition = s.disposition  # default, forced, hearing impaired, ...
     # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
     # (a transport stream's 1/90000): those get one tick per frame, as Y4M and AVI do.
     for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
