@@ -752,3 +752,27 @@ def test_stream_languages_titles_and_dispositions_are_kept(restorer, frames_rgb,
                 assert (
                     c.metadata.get("title") == "A film" and c.streams.video[0].metadata["title"] == "picture"
                 )
+
+
+def test_untagged_gray_keeps_its_levels(restorer, tmp_path):
+    """swscale takes gray as full range (0..255) whatever its tag; an untagged gray source was restored as
+    limited range and written tagged so: H.264 of a 0..255 ramp played back with 36 at 23 and 219 at 236
+    (blacks and whites crushed, up to 20 codes off), and a lossless copy lost codes (256 levels into 220)."""
+    ramp = np.tile(np.linspace(0, 255, 64).round().astype(np.uint8), (48, 1))
+    o = av.open(str(tmp_path / "gray.mkv"), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "gray"
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(ramp, format="gray")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    s = transcode(
+        restorer, tmp_path / "gray.mkv", tmp_path / "o.mkv", VideoOptions(codec="ffv1", write_quality=False)
+    )
+    assert s["range"] == "full" and decode(tmp_path / "o.mkv")[1][1] == 2  # tagged full range
+    assert np.array_equal(decode(tmp_path / "o.mkv")[0][0].to_ndarray(), ramp)  # bit-exact
+    transcode(restorer, tmp_path / "gray.mkv", tmp_path / "o.mp4", VideoOptions(crf=0, write_quality=False))
+    shown = decode(tmp_path / "o.mp4")[0][0].to_ndarray(format="rgb24")[..., 1].astype(int)
+    assert np.abs(shown - ramp).max() <= 2  # as a player shows it (was 20 off)

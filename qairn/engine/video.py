@@ -319,8 +319,11 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
             matrix = "bt709" if frame.height >= 720 else "bt601"
             note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
     if crange is None:
-        tag = int(frame.color_range)
-        crange = "full" if tag == 2 or frame.format.name.startswith("yuvj") else "limited"
+        # Untagged gray is full range, as swscale takes it (its gray codes are 0..255 whatever the tag):
+        # restored as limited, an H.264 of it was tagged limited and played with crushed blacks and whites.
+        tag, name = int(frame.color_range), frame.format.name
+        gray = tag == 0 and name.startswith(("gray", "ya"))
+        crange = "full" if tag == 2 or name.startswith("yuvj") or gray else "limited"
     return check_matrix(matrix), check_range(crange), note
 
 
@@ -919,7 +922,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--range",
         choices=("limited", "full"),
-        help="limited (16-235) or full (0-255) levels (untagged: limited, yuvj formats full)",
+        help="limited (16-235) or full (0-255) levels (untagged: limited; yuvj and gray formats full)",
     )
     q = p.add_argument_group("quality trace")
     q.add_argument("--score-only", action="store_true", help="write the quality trace, no video")
