@@ -776,3 +776,23 @@ def test_untagged_gray_keeps_its_levels(restorer, tmp_path):
     transcode(restorer, tmp_path / "gray.mkv", tmp_path / "o.mp4", VideoOptions(crf=0, write_quality=False))
     shown = decode(tmp_path / "o.mp4")[0][0].to_ndarray(format="rgb24")[..., 1].astype(int)
     assert np.abs(shown - ramp).max() <= 2  # as a player shows it (was 20 off)
+
+
+def test_a_container_that_refuses_a_stream_says_so_before_any_work(restorer, clip, tmp_path, monkeypatch):
+    """The muxer checks its streams when it writes its header, which came with the first encoded batch:
+    AAC into MPEG-PS failed after restoring frames, as '<out>: cannot write (Invalid argument)'. The
+    header is now written before any frame is restored, and the error names the streams and FFmpeg's
+    reason."""
+    calls = []
+    real = restorer.restore_tensor
+    monkeypatch.setattr(restorer, "restore_tensor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(VideoError) as e:
+        transcode(restorer, clip, tmp_path / "o.mpg", VideoOptions(codec="mpeg2video", write_quality=False))
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'o.mpg'}: this container cannot hold mpeg2video video and aac audio")
+    assert "Unsupported audio codec" in msg and msg.endswith("use .mkv, or --no-audio") and "\n" not in msg
+    assert calls == [] and list(tmp_path.iterdir()) == []
+    s = transcode(
+        restorer, clip, tmp_path / "o.mpg", VideoOptions(codec="mpeg2video", audio=False, plot=False)
+    )
+    assert s["frames"] == 6 and len(decode(tmp_path / "o.mpg")[0]) == 6

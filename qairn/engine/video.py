@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -432,7 +433,27 @@ def _msg(e: Exception) -> str:
     import av
 
     s = (e.strerror if isinstance(e, av.FFmpegError) else None) or str(e)
+    log = getattr(e, "log", None) if isinstance(e, av.FFmpegError) else None  # under _ffmpeg_reasons
+    if log and str(log[2]).strip():
+        s = f"{s}: {str(log[2]).strip()}"
     return s.splitlines()[0] if s else type(e).__name__
+
+
+@contextmanager
+def _ffmpeg_reasons():
+    """Keep FFmpeg's own reason for an error in it ("Invalid argument: Unsupported audio codec. Must be
+    one of mp1, mp2, ..."): PyAV keeps the last error line only while its logging is on. On for this
+    thread (the lines are captured, not printed) while the output is set up, and no longer: decoder
+    threads logging damaged frames would print to stderr."""
+    import av.logging
+
+    old = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR if old is None else old)
+    try:
+        with av.logging.Capture(local=True):
+            yield
+    finally:
+        av.logging.set_level(old)
 
 
 def _decode(inp, vstream, astreams, pending_audio: list, src: Path, counts: dict):
@@ -604,6 +625,13 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         raise VideoError(
             f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(error)})"
         ) from None
+    try:  # the muxer checks its streams as it writes the header: now, not after the first batch
+        out.start_encoding()
+    except av.FFmpegError as e:
+        what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
+        out.close()
+        hint = "; use .mkv, or --no-audio" if amap else "; use .mkv"
+        raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
 
 
@@ -695,9 +723,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         out_notes = []
         if not opts.score_only:
             tmp = _temp_path(dst)
-            out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
-                tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
-            )
+            with _ffmpeg_reasons():
+                out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
+                    tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
+                )
         meta: deque = deque()
         corrupt = []
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
