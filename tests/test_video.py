@@ -796,3 +796,32 @@ def test_a_container_that_refuses_a_stream_says_so_before_any_work(restorer, cli
         restorer, clip, tmp_path / "o.mpg", VideoOptions(codec="mpeg2video", audio=False, plot=False)
     )
     assert s["frames"] == 6 and len(decode(tmp_path / "o.mpg")[0]) == 6
+
+
+def test_the_bit_depth_note_says_what_is_written(restorer, tmp_path):
+    """The depth was read from the format's name ('p10le' at its end): a 10-bit gray source written as
+    10-bit gray10le was said to be 'writing 8-bit gray10le', and 12-bit written as 10-bit went unsaid."""
+    for name, pix_fmt, written, note in (
+        ("g.mkv", "gray10le", "gray10le", None),
+        (
+            "t.mkv",
+            "yuv420p12le",
+            "yuv420p10le",
+            "libx264 cannot encode yuv420p12le: writing 10-bit yuv420p10le",
+        ),
+    ):
+        o = av.open(str(tmp_path / name), "w")
+        s = o.add_stream("ffv1", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, pix_fmt
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 99, np.uint8), format="rgb24").reformat(
+            format=pix_fmt
+        )
+        f.pts, f.time_base = 0, Fraction(1, 25)
+        o.mux(s.encode(f))
+        o.mux(s.encode(None))
+        o.close()
+        s = transcode(restorer, tmp_path / name, tmp_path / f"o{name}", VideoOptions(write_quality=False))
+        assert s["pix_fmt"] == written
+        assert [n.split(": ", 1)[1] for n in s["notes"] if "-bit" in n] == ([note] if note else []), s[
+            "notes"
+        ]

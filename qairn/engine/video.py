@@ -523,12 +523,13 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
         candidates += [f for f in FALLBACK_FORMATS if f in supported]
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
-        if bits > 8 and format_bits(pix_fmt) <= 8:
-            notes.append(f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}")
-        elif pix_fmt in PALETTE_FORMATS:
+        depth = max(c.bits for c in av.VideoFormat(pix_fmt).components)  # gray10le, p010le: 10
+        if pix_fmt in PALETTE_FORMATS:
             notes.append(
                 f"{codec} holds 256 colours at most: writing {pix_fmt} (a fixed palette; .mp4 keeps all)"
             )
+        elif depth < bits:
+            notes.append(f"{codec} cannot encode {src_fmt}: writing {depth}-bit {pix_fmt}")
     elif supported and pix_fmt not in supported:
         out.close()
         raise VideoError(
