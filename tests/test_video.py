@@ -825,3 +825,41 @@ def test_the_bit_depth_note_says_what_is_written(restorer, tmp_path):
         assert [n.split(": ", 1)[1] for n in s["notes"] if "-bit" in n] == ([note] if note else []), s[
             "notes"
         ]
+
+
+def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):
+    """Subtitle streams were dropped without a word: a Matroska film with SRT subtitles came out of
+    .mkv without them. They are now copied as the audio is (same packets, same times, language kept);
+    a container that cannot hold them (.mp4 takes only mov_text) drops them with a note."""
+    o = av.open(str(tmp_path / "subs.mkv"), "w")
+    v = o.add_stream("ffv1", rate=25)
+    v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+    sub = o.add_mux_stream("subrip")
+    sub.metadata["language"] = "eng"
+    sub.time_base = Fraction(1, 1000)
+    cues = [(0, b"Hello"), (40, b"there")]
+    for i in range(3):
+        f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames_rgb[i][:48, :64]), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(v.encode(f))
+        if i < len(cues):
+            p = av.Packet(cues[i][1])
+            p.pts = p.dts = cues[i][0]
+            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
+            o.mux(p)
+    o.mux(v.encode(None))
+    o.close()
+
+    def cues_of(path):
+        with av.open(str(path)) as c:
+            langs = [s.language for s in c.streams.subtitles]
+            return langs, [(float(p.pts * p.time_base), bytes(p)) for p in c.demux(subtitles=0) if p.size]
+
+    s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert cues_of(tmp_path / "o.mkv") == (["eng"], [(0.0, b"Hello"), (0.04, b"there")])
+    assert not any("cannot hold" in n for n in s["notes"]) and len(decode(tmp_path / "o.mkv")[0]) == 3
+    s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
+    assert any(".mp4 cannot hold srt subtitles: 1 stream(s) dropped" in n for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert [st.type for st in c.streams] == ["video"]

@@ -8,8 +8,9 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate, colour tags and rotation, copies the audio streams, and writes a per-frame
-quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+timestamps, time base, frame rate, colour tags and rotation, copies the audio and subtitle streams,
+and writes a per-frame quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2
+(OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -245,6 +246,7 @@ PRESET_CODECS = {"libx264", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
+SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov"}  # muxers that keep (some) subtitles as subtitles
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -456,17 +458,18 @@ def _ffmpeg_reasons():
         av.logging.set_level(old)
 
 
-def _decode(inp, vstream, astreams, pending_audio: list, src: Path, counts: dict):
-    """Decoded video frames; audio packets are queued in pending_audio as they are demuxed.
+def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
+    """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
+    pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
     list's pre-roll frames are demuxed and decoded, but not shown)."""
     import av
 
-    audio_ids = {s.index for s in astreams}
+    copy_ids = {s.index for s in copied}
     index = 0
     try:
-        for packet in inp.demux(vstream, *astreams):
-            if packet.stream.index in audio_ids:
+        for packet in inp.demux(vstream, *copied):
+            if packet.stream.index in copy_ids:
                 if packet.dts is not None:
                     pending_audio.append(packet)
                 continue
@@ -583,11 +586,17 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     if codec in PRESET_CODECS and opts.preset:
         options.setdefault("preset", opts.preset)
     cc.options = {k: str(v) for k, v in options.items()}
-    amap = {}
+    amap, dropped = {}, []
     for s in astreams:
         try:
+            # (MPEG-TS would take text subtitles, as data no player reads.)
+            if s.type == "subtitle" and out.format.name not in SUBTITLE_FORMATS:
+                raise ValueError
             amap[s.index] = out.add_stream_from_template(s)
         except (av.FFmpegError, ValueError) as e:
+            if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
+                dropped.append(s.codec_context.name)
+                continue
             out.close()
             raise VideoError(
                 f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
@@ -597,7 +606,11 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     for k, v in vstream.container.metadata.items():
         if k.lower() not in MUXER_TAGS:  # title, creation time, ...
             out.metadata[k] = v
-    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams]:
+    if dropped:
+        notes.append(
+            f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: {len(dropped)} stream(s) dropped"
+        )
+    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams if s.index in amap]:
         o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in STREAM_TAGS})
         o.disposition = s.disposition  # default, forced, hearing impaired, ...
     # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
@@ -631,7 +644,7 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     except av.FFmpegError as e:
         what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
         out.close()
-        hint = "; use .mkv, or --no-audio" if amap else "; use .mkv"
+        hint = "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
         raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
 
@@ -710,6 +723,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
             audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
             astreams = []
+        # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
+        astreams += [] if opts.score_only else list(inp.streams.subtitles)
         pending_audio: list = []
         counts: dict = {}
         frames = _decode(inp, vstream, astreams, pending_audio, src, counts)
@@ -875,8 +890,9 @@ def _mux(out, packets, dst: Path) -> None:
 def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
     while pending:
         packet = pending.pop(0)
-        packet.stream = amap[packet.stream.index]
-        _mux(out, packet, dst)
+        if packet.stream.index in amap:  # not a subtitle stream the container could not take
+            packet.stream = amap[packet.stream.index]
+            _mux(out, packet, dst)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
