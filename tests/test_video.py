@@ -863,3 +863,18 @@ def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rg
     assert any(".mp4 cannot hold srt subtitles: 1 stream(s) dropped" in n for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert [st.type for st in c.streams] == ["video"]
+
+
+def test_dv_and_other_chroma_layouts_are_bit_exact(restorer, frames_rgb, tmp_path):
+    """4:1:1 (DV), 4:4:0 and 4:1:0 are restored as 4:4:4; swscale's default filters took them there and
+    back, so an unchanged picture came back with its chroma blurred (4:4:0 up to 25 codes off, 4:1:1
+    12). Each chroma sample is now copied out and one taken back: bit-exact."""
+    for pix_fmt, size in (("yuv411p", (75, 47)), ("yuv440p", (160, 120)), ("yuv410p", (160, 120))):
+        src = make_clip(
+            tmp_path / f"{pix_fmt}.mkv", frames_rgb[:2], codec="ffv1", pix_fmt=pix_fmt, audio=False, size=size
+        )
+        dst = tmp_path / f"o_{pix_fmt}.mkv"
+        s = transcode(restorer, src, dst, VideoOptions(codec="ffv1", write_quality=False))
+        assert s["pix_fmt"] == pix_fmt
+        for fa, fb in zip(decode(src)[0], decode(dst)[0], strict=True):
+            assert all(bytes(pa) == bytes(pb) for pa, pb in zip(fa.planes, fb.planes)), pix_fmt

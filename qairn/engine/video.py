@@ -259,22 +259,26 @@ ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a dis
 
 def work_format(fmt) -> str:
     """The planar Y'CbCr format frames are restored in: the frame's own when it is one, else the
-    closest one (same subsampling, 8/10/12/16 bits; RGB and other layouts become 4:4:4)."""
+    closest one (same subsampling, 8/10/12/16 bits; RGB and other layouts become 4:4:4, and so do
+    4:1:1 (DV), 4:4:0 and 4:1:0, which restore_planes does not take)."""
     if PLANAR_YUV.match(fmt.name):
         return fmt.name
-    comps = fmt.components
-    bits = max(c.bits for c in comps)
+    bits = max(c.bits for c in fmt.components)
     depth = "" if bits <= 8 else "10le" if bits <= 10 else "12le" if bits <= 12 else "16le"
-    sub = "444"
-    if not fmt.is_rgb and len(comps) >= 3:
-        sub = (
-            "420"
-            if comps[1].height < comps[0].height
-            else "422"
-            if comps[1].width < comps[0].width
-            else "444"
-        )
+    sub = {(2, 2): "420", (2, 1): "422"}.get(chroma_factors(fmt.name), "444")
     return f"yuv{sub}p{depth}"
+
+
+def chroma_factors(name: str) -> tuple[int, int]:
+    """How many luma samples one chroma sample spans (across, down): (2, 2) for 4:2:0, (4, 1) for 4:1:1,
+    (1, 1) for 4:4:4, RGB and gray."""
+    import av
+
+    f = av.VideoFormat(name, 64, 64)
+    if f.is_rgb or len(f.components) < 3:
+        return 1, 1
+    c = f.components[1]
+    return 64 // c.width, 64 // c.height
 
 
 def format_bits(name: str) -> int:
@@ -870,7 +874,12 @@ def _reformat(frame, fmt: str, matrix: str, crange: str):
     """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on)."""
     cs, cr = SWS_COLORSPACE[matrix], "JPEG" if crange == "full" else "MPEG"
     src = {} if frame.format.is_rgb else {"src_colorspace": cs, "src_color_range": cr}
-    return frame.reformat(format=fmt, dst_colorspace=cs, dst_color_range=cr, **src)
+    # 4:1:1, 4:4:0 and 4:1:0 are restored as 4:4:4: copying each chroma sample out and taking one back
+    # is exact (swscale's default filters blurred the chroma of an unchanged picture by up to 25 codes).
+    odd = {chroma_factors(frame.format.name), chroma_factors(fmt)} - {(1, 1), (2, 1), (2, 2)}
+    return frame.reformat(
+        format=fmt, dst_colorspace=cs, dst_color_range=cr, interpolation="POINT" if odd else None, **src
+    )
 
 
 def _chain(first, rest):
