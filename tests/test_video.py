@@ -878,3 +878,26 @@ def test_dv_and_other_chroma_layouts_are_bit_exact(restorer, frames_rgb, tmp_pat
         assert s["pix_fmt"] == pix_fmt
         for fa, fb in zip(decode(src)[0], decode(dst)[0], strict=True):
             assert all(bytes(pa) == bytes(pb) for pa, pb in zip(fa.planes, fb.planes)), pix_fmt
+
+
+def test_the_start_timecode_is_kept(restorer, tmp_path):
+    """A camera or edit's start timecode (a MOV's tmcd track, shown as the video's 'timecode' tag) was
+    lost: the restored clip started at 00:00:00:00 in an editor instead of 01:00:00:00."""
+    o = av.open(str(tmp_path / "tc.mov"), "w")
+    v = o.add_stream("libx264", rate=25)
+    v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+    v.metadata["timecode"] = "01:00:00:00"
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(v.encode(f))
+    o.mux(v.encode(None))
+    o.close()
+    for name in ("o.mov", "o.mkv"):
+        transcode(restorer, tmp_path / "tc.mov", tmp_path / name, VideoOptions(write_quality=False))
+        with av.open(str(tmp_path / name)) as c:
+            tags = {k.lower(): v for k, v in c.streams.video[0].metadata.items()}
+            assert tags.get("timecode") == "01:00:00:00", (name, tags)
+            if name == "o.mov":  # as a timecode track, which editors read
+                assert [s.type for s in c.streams] == ["video", "data"]

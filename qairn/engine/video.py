@@ -251,7 +251,7 @@ SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
 PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
-STREAM_TAGS = {"language", "title"}  # copied to each output stream from its source
+STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream from its source
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
