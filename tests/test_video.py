@@ -901,3 +901,26 @@ def test_the_start_timecode_is_kept(restorer, tmp_path):
             assert tags.get("timecode") == "01:00:00:00", (name, tags)
             if name == "o.mov":  # as a timecode track, which editors read
                 assert [s.type for s in c.streams] == ["video", "data"]
+
+
+def test_the_last_frame_keeps_its_duration(restorer, tmp_path):
+    """A GIF's or slideshow's last picture may stay up for seconds, and its duration is the only word on
+    it. The encoders leave packet durations 0 and the muxer gave the last frame 1/rate: a 0.9 s clip
+    (frames at 0, 0.1, 0.3, 0.4 s, the last held 0.5 s) came out 0.62 s long, in MP4 with B-frames too."""
+    o = av.open(str(tmp_path / "hold.mkv"), "w")
+    s = o.add_stream("ffv1", rate=Fraction(50, 11))  # the average rate: 4 frames in 0.88 s
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.time_base = s.codec_context.time_base = Fraction(1, 100)
+    for i, (pts, duration) in enumerate([(0, 10), (10, 20), (30, 10), (40, 50)]):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = pts, Fraction(1, 100)
+        for p in s.encode(f):
+            p.duration = duration
+            o.mux(p)
+    o.mux(s.encode(None))
+    o.close()
+    for name in ("o.mp4", "o.mkv"):
+        transcode(restorer, tmp_path / "hold.mkv", tmp_path / name, VideoOptions(write_quality=False))
+        with av.open(str(tmp_path / name)) as c:
+            assert c.duration == 900000 and len(list(c.decode(video=0))) == 4, (name, c.duration)

@@ -762,18 +762,19 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     )
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
-                meta.append((i, pts, t))
+                meta.append((i, pts, t, frame.duration))
                 last_duration[0] = float(frame.duration * tb) if frame.duration else 0.0
                 if frame.format.name != work_fmt:
                     frame = _reformat(frame, work_fmt, matrix, crange)
                 yield frame_planes(frame)
 
+        timing = _Durations()
         rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
         start, shown = time.perf_counter(), time.perf_counter()
         for res in restorer.restore_stream(
             planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
         ):
-            i, pts, t = meta.popleft()
+            i, pts, t, duration = meta.popleft()
             q = res.quality
             rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
             if out is not None:
@@ -791,7 +792,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
                 elif pts is None:
                     frame.pts = round(t / tb)
-                _mux(out, vs.encode(frame), dst)
+                else:
+                    timing.add(pts, duration)
+                _mux(out, timing.timed(vs.encode(frame)), dst)
                 _mux_audio(out, pending_audio, amap, dst)
             if opts.progress and time.perf_counter() - shown > 5:
                 shown = time.perf_counter()
@@ -833,7 +836,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if opts.strict and (corrupt or short):
             raise VideoError(f"{notes[-1]} (--strict)")
         if out is not None:
-            _mux(out, vs.encode(None), dst)
+            _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
             _mux_audio(out, pending_audio, amap, dst)
             out.close()
             out = None
@@ -868,6 +871,39 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         inp.close()
+
+
+class _Durations:
+    """Give encoded packets their frames' durations. The encoders leave them 0 and the muxer then gives
+    the last frame 1/rate: a GIF's or slideshow's last picture, shown for seconds, was cut short (a 0.9 s
+    GIF came out 0.62 s long). Durations are by presentation time (pts); MP4 and MOV end a track at its
+    last packet in decode order, which with B-frames is not the last shown, so that one gets what is
+    left to the end of the last frame shown."""
+
+    def __init__(self):
+        self.durations, self.start, self.last, self.first_dts = {}, None, None, None
+
+    def add(self, pts: int, duration: int | None) -> None:
+        """A frame sent to the encoder at pts, shown for duration (its time base; 0 or None: unknown)."""
+        self.start = pts if self.start is None else min(self.start, pts)
+        self.last = (pts, duration) if self.last is None or pts >= self.last[0] else self.last
+        if duration:
+            self.durations[pts] = duration
+
+    def timed(self, packets, flushing_format: str | None = None) -> list:
+        for p in packets:
+            self.first_dts = p.dts if self.first_dts is None else self.first_dts
+            p.duration = self.durations.pop(p.pts, None) or p.duration
+        if (
+            packets
+            and flushing_format in ("mov", "mp4")
+            and self.last
+            and self.last[1]
+            and packets[-1].dts is not None
+        ):
+            end = self.last[0] + self.last[1]
+            packets[-1].duration = max(1, end - self.start - (packets[-1].dts - self.first_dts))
+        return packets
 
 
 def _reformat(frame, fmt: str, matrix: str, crange: str):
