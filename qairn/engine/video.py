@@ -241,7 +241,20 @@ COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  #
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
-CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+CRF_CODECS = {"libx264", "libx265", "libvpx", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+# Encoders with no CRF but a fixed quantiser (--crf 18: q 3), which otherwise aim at 200 kb/s.
+QSCALE_CODECS = {
+    "mpeg4",
+    "mpeg2video",
+    "mpeg1video",
+    "mjpeg",
+    "msmpeg4",
+    "msmpeg4v2",
+    "wmv1",
+    "wmv2",
+    "h263p",
+    "flv",
+}
 PRESET_CODECS = {"libx264", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
@@ -583,13 +596,21 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     options = dict(opts.codec_options)
     if opts.bitrate:
         cc.bit_rate = int(opts.bitrate)
+    elif "b" in options:
+        pass  # --codec-option b=...: the encoder's own rate control
     elif codec in CRF_CODECS:
         options.setdefault("crf", f"{opts.crf:g}")
-        if codec == "libvpx-vp9":
-            options.setdefault("b", "0")
+        # VP9 takes b=0 for constant quality; VP8 ignores its CRF unless b caps it (then 200 kb/s)
+        options.setdefault("b", {"libvpx-vp9": "0", "libvpx": "100M"}.get(codec))
+    elif codec in QSCALE_CODECS:  # at their default 200 kb/s a 640x360 video came out at 25 dB
+        # (a fixed qscale needs a quality on each frame, which PyAV cannot set: pin the range instead)
+        cc.qscale = True
+        q = str(max(2, round(opts.crf / 6)))
+        options.setdefault("qmin", q)
+        options.setdefault("qmax", q)
     if codec in PRESET_CODECS and opts.preset:
         options.setdefault("preset", opts.preset)
-    cc.options = {k: str(v) for k, v in options.items()}
+    cc.options = {k: str(v) for k, v in options.items() if v is not None}
     amap, dropped = {}, []
     for s in astreams:
         try:
@@ -990,7 +1011,11 @@ def build_parser() -> argparse.ArgumentParser:
         ".y4m: rawvideo, .gif: gif)",
     )
     e.add_argument(
-        "--crf", type=float, default=18.0, help="constant quality for x264/x265/vp9/av1 (default 18)"
+        "--crf",
+        type=float,
+        default=18.0,
+        help="constant quality (default 18): CRF for x264/x265/VP8/VP9/AV1, a fixed quantiser crf/6 "
+        "for MPEG-1/2/4 and MJPEG",
     )
     e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
     e.add_argument("--bitrate", type=int, help="target bits per second (overrides --crf)")
