@@ -953,3 +953,22 @@ def test_crf_reaches_encoders_without_a_crf_option(restorer, frames_rgb, tmp_pat
     # (was 36.4, 36.3 and 27.3 dB here; short clips get more than 200 kb/s while rate control settles)
     assert got["m4.mkv"][0] > 39 and got["m2.mkv"][0] > 39 and got["v8.webm"][0] > 33, got
     assert got["m4q.mkv"][0] < got["m4.mkv"][0] - 3 and got["m4q.mkv"][1] < 0.6 * got["m4.mkv"][1], got
+
+
+def test_crf_and_preset_reach_libx264rgb(restorer, frames_rgb, tmp_path):
+    """libx264rgb (H.264 in RGB, for RGB sources kept RGB) is x264, but --crf and --preset went to libx264
+    only: it ran at x264's own CRF 23 whatever was asked."""
+    src = make_clip(
+        tmp_path / "rgb.mkv", frames_rgb[:3], codec="ffv1", pix_fmt="bgr0", audio=False, tags=False
+    )
+    sizes = {}
+    for crf in (10, 40):
+        s = transcode(
+            restorer,
+            src,
+            tmp_path / f"{crf}.mkv",
+            VideoOptions(codec="libx264rgb", crf=crf, write_quality=False),
+        )
+        assert s["pix_fmt"] == "bgr0"
+        sizes[crf] = (tmp_path / f"{crf}.mkv").stat().st_size
+    assert sizes[40] < sizes[10] / 2, sizes

@@ -241,7 +241,7 @@ COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  #
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
-CRF_CODECS = {"libx264", "libx265", "libvpx", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+CRF_CODECS = {"libx264", "libx264rgb", "libx265", "libvpx", "libvpx-vp9", "libsvtav1", "libaom-av1"}
 # Encoders with no CRF but a fixed quantiser (--crf 18: q 3), which otherwise aim at 200 kb/s.
 QSCALE_CODECS = {
     "mpeg4",
@@ -255,7 +255,7 @@ QSCALE_CODECS = {
     "h263p",
     "flv",
 }
-PRESET_CODECS = {"libx264", "libx265"}
+PRESET_CODECS = {"libx264", "libx264rgb", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
