@@ -566,6 +566,8 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         ) from None
     cc = vs.codec_context
     vs.width, vs.height, vs.pix_fmt = first.width, first.height, pix_fmt
+    if cc.name in ("libx265", "hevc_nvenc") and out.format.name in ("mov", "mp4"):
+        cc.codec_tag = "hvc1"  # FFmpeg's default hev1 does not play in QuickTime, Safari or on iOS
     # The frames are encoded as stored: without the source's display matrix a phone video (stored
     # sideways, shown upright) would play sideways.
     rotation = display_matrix(first)
