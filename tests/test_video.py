@@ -983,3 +983,27 @@ def test_hevc_in_mp4_is_tagged_to_play_on_apple_players(restorer, frames_rgb, tm
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert c.streams.video[0].codec_context.codec_tag == "hvc1"
         assert len(list(c.decode(video=0))) == 6
+
+
+def test_rotation_with_a_pyav_that_cannot_write_it_is_a_note(restorer, tmp_path, monkeypatch):
+    """Stream.set_display_matrix is new in PyAV 18 and qairn[video] takes PyAV 12 on: there a rotated
+    source must give a note, not an AttributeError traceback."""
+    import qairn.engine.video as video
+
+    o = av.open(str(tmp_path / "r.mp4"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.set_display_rotation(90)
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    monkeypatch.setattr(video, "_writes_rotation", lambda stream: False)
+    s = transcode(restorer, tmp_path / "r.mp4", tmp_path / "o.mp4", VideoOptions(write_quality=False))
+    assert any("this PyAV cannot write rotation" in n and "not 90 degrees" in n for n in s["notes"]), s[
+        "notes"
+    ]
+    assert decode(tmp_path / "o.mp4")[0][0].rotation == 0

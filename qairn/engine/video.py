@@ -324,10 +324,14 @@ def display_matrix(frame) -> tuple | None:
     """The frame's display matrix (how a player rotates or flips it: phone video is stored sideways
     with a 90 degree one), as FFmpeg's 9 integers, or None when it is shown as stored."""
     for sd in frame.side_data:
-        if sd.type.name == "DISPLAYMATRIX":
+        if "DISPLAYMATRIX" in str(getattr(sd.type, "name", sd.type)).upper():
             m = tuple(int(v) for v in np.frombuffer(bytes(sd), np.int32)[:9])
             return None if m == IDENTITY_MATRIX else m
     return None
+
+
+def _writes_rotation(stream) -> bool:
+    return hasattr(stream, "set_display_matrix")  # PyAV 18 on (qairn[video] takes PyAV 12 on)
 
 
 def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str, str]:
@@ -572,14 +576,20 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     # sideways, shown upright) would play sideways.
     rotation = display_matrix(first)
     if rotation is not None:
-        if out.format.name in ROTATING_FORMATS:
-            vs.set_display_matrix(rotation)
-        else:
-            turn = f"{first.rotation:g} degrees" if first.rotation else "flipped"
+        degrees = getattr(first, "rotation", None)
+        turn = f"{degrees:g} degrees" if degrees else "turned or flipped"
+        if out.format.name not in ROTATING_FORMATS:
             notes.append(
                 f"{dst.suffix} keeps no rotation: the picture is written as stored, not {turn} as the "
                 "source is shown (use .mp4, .mkv or .mov)"
             )
+        elif not _writes_rotation(vs):
+            notes.append(
+                f"this PyAV cannot write rotation: the picture is written as stored, not {turn} as the "
+                "source is shown (pip install -U av)"
+            )
+        else:
+            vs.set_display_matrix(rotation)
     # Y4M and AVI read the frame rate from the stream's time base: there it must be 1/rate (the frames
     # are then stamped by index); elsewhere the source's time base keeps its timestamps exact.
     src_tb = vstream.time_base or Fraction(1, 1000)
@@ -639,7 +649,8 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         )
     for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams if s.index in amap]:
         o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in STREAM_TAGS})
-        o.disposition = s.disposition  # default, forced, hearing impaired, ...
+        if hasattr(s, "disposition"):  # (PyAV 13 on)
+            o.disposition = s.disposition  # default, forced, hearing impaired, ...
     # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
     # (a transport stream's 1/90000): those get one tick per frame, as Y4M and AVI do.
     for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
