@@ -8,8 +8,9 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate and colour tags, copies the audio streams, and writes a per-frame
-quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+timestamps, time base, frame rate, colour tags and rotation, copies the audio and subtitle streams,
+and writes a per-frame quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2
+(OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -27,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -239,35 +241,57 @@ COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  #
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
-CRF_CODECS = {"libx264", "libx265", "libvpx-vp9", "libsvtav1", "libaom-av1"}
-PRESET_CODECS = {"libx264", "libx265"}
+CRF_CODECS = {"libx264", "libx264rgb", "libx265", "libvpx", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+# Encoders with no CRF but a fixed quantiser (--crf 18: q 3), which otherwise aim at 200 kb/s.
+QSCALE_CODECS = {
+    "mpeg4",
+    "mpeg2video",
+    "mpeg1video",
+    "mjpeg",
+    "msmpeg4",
+    "msmpeg4v2",
+    "wmv1",
+    "wmv2",
+    "h263p",
+    "flv",
+}
+PRESET_CODECS = {"libx264", "libx264rgb", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
+SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov"}  # muxers that keep (some) subtitles as subtitles
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
 PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
+STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream from its source
+MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
+IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
+ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
 
 
 def work_format(fmt) -> str:
     """The planar Y'CbCr format frames are restored in: the frame's own when it is one, else the
-    closest one (same subsampling, 8/10/12/16 bits; RGB and other layouts become 4:4:4)."""
+    closest one (same subsampling, 8/10/12/16 bits; RGB and other layouts become 4:4:4, and so do
+    4:1:1 (DV), 4:4:0 and 4:1:0, which restore_planes does not take)."""
     if PLANAR_YUV.match(fmt.name):
         return fmt.name
-    comps = fmt.components
-    bits = max(c.bits for c in comps)
+    bits = max(c.bits for c in fmt.components)
     depth = "" if bits <= 8 else "10le" if bits <= 10 else "12le" if bits <= 12 else "16le"
-    sub = "444"
-    if not fmt.is_rgb and len(comps) >= 3:
-        sub = (
-            "420"
-            if comps[1].height < comps[0].height
-            else "422"
-            if comps[1].width < comps[0].width
-            else "444"
-        )
+    sub = {(2, 2): "420", (2, 1): "422"}.get(chroma_factors(fmt.name), "444")
     return f"yuv{sub}p{depth}"
+
+
+def chroma_factors(name: str) -> tuple[int, int]:
+    """How many luma samples one chroma sample spans (across, down): (2, 2) for 4:2:0, (4, 1) for 4:1:1,
+    (1, 1) for 4:4:4, RGB and gray."""
+    import av
+
+    f = av.VideoFormat(name, 64, 64)
+    if f.is_rgb or len(f.components) < 3:
+        return 1, 1
+    c = f.components[1]
+    return 64 // c.width, 64 // c.height
 
 
 def format_bits(name: str) -> int:
@@ -296,6 +320,20 @@ def planes_frame(planes, fmt: str):
     return frame
 
 
+def display_matrix(frame) -> tuple | None:
+    """The frame's display matrix (how a player rotates or flips it: phone video is stored sideways
+    with a 90 degree one), as FFmpeg's 9 integers, or None when it is shown as stored."""
+    for sd in frame.side_data:
+        if "DISPLAYMATRIX" in str(getattr(sd.type, "name", sd.type)).upper():
+            m = tuple(int(v) for v in np.frombuffer(bytes(sd), np.int32)[:9])
+            return None if m == IDENTITY_MATRIX else m
+    return None
+
+
+def _writes_rotation(stream) -> bool:
+    return hasattr(stream, "set_display_matrix")  # PyAV 18 on (qairn[video] takes PyAV 12 on)
+
+
 def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str, str]:
     """(matrix, range, note): the frame's tags, the options where given, else a guess (said in note)."""
     note = ""
@@ -305,8 +343,11 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
             matrix = "bt709" if frame.height >= 720 else "bt601"
             note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
     if crange is None:
-        tag = int(frame.color_range)
-        crange = "full" if tag == 2 or frame.format.name.startswith("yuvj") else "limited"
+        # Untagged gray is full range, as swscale takes it (its gray codes are 0..255 whatever the tag):
+        # restored as limited, an H.264 of it was tagged limited and played with crushed blacks and whites.
+        tag, name = int(frame.color_range), frame.format.name
+        gray = tag == 0 and name.startswith(("gray", "ya"))
+        crange = "full" if tag == 2 or name.startswith("yuvj") or gray else "limited"
     return check_matrix(matrix), check_range(crange), note
 
 
@@ -415,20 +456,41 @@ def _msg(e: Exception) -> str:
     import av
 
     s = (e.strerror if isinstance(e, av.FFmpegError) else None) or str(e)
+    log = getattr(e, "log", None) if isinstance(e, av.FFmpegError) else None  # under _ffmpeg_reasons
+    if log and str(log[2]).strip():
+        s = f"{s}: {str(log[2]).strip()}"
     return s.splitlines()[0] if s else type(e).__name__
 
 
-def _decode(inp, vstream, astreams, pending_audio: list, src: Path, counts: dict):
-    """Decoded video frames; audio packets are queued in pending_audio as they are demuxed.
+@contextmanager
+def _ffmpeg_reasons():
+    """Keep FFmpeg's own reason for an error in it ("Invalid argument: Unsupported audio codec. Must be
+    one of mp1, mp2, ..."): PyAV keeps the last error line only while its logging is on. On for this
+    thread (the lines are captured, not printed) while the output is set up, and no longer: decoder
+    threads logging damaged frames would print to stderr."""
+    import av.logging
+
+    old = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR if old is None else old)
+    try:
+        with av.logging.Capture(local=True):
+            yield
+    finally:
+        av.logging.set_level(old)
+
+
+def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
+    """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
+    pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
     list's pre-roll frames are demuxed and decoded, but not shown)."""
     import av
 
-    audio_ids = {s.index for s in astreams}
+    copy_ids = {s.index for s in copied}
     index = 0
     try:
-        for packet in inp.demux(vstream, *astreams):
-            if packet.stream.index in audio_ids:
+        for packet in inp.demux(vstream, *copied):
+            if packet.stream.index in copy_ids:
                 if packet.dts is not None:
                     pending_audio.append(packet)
                 continue
@@ -463,20 +525,35 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
     supported = {f.name for f in (vs.codec_context.codec.video_formats or [])}
     bits = format_bits(work_fmt)
-    pix_fmt, note = opts.pix_fmt, ""
+    pix_fmt, notes = opts.pix_fmt, []
     if pix_fmt is None:
         src_fmt = first.format.name
+        # Then the encoder's own planar Y'CbCr formats that lose nothing (ProRes takes only 10-bit
+        # 4:2:2 and 4:4:4, DNxHD 4:2:2), the smallest first.
+        sub = PLANAR_YUV.match(work_fmt).group(1)  # "20", "22" or "44" (of 4:2:0, 4:2:2, 4:4:4)
+        keep = sorted(
+            (format_bits(f), m.group(1), f)
+            for f, m in ((f, PLANAR_YUV.match(f)) for f in supported)
+            if m and not f.startswith("yuvj") and format_bits(f) >= bits and m.group(1) >= sub
+        )
         candidates = (
-            ([] if y4m else [src_fmt]) + [work_fmt] + (["yuv420p10le"] if bits > 8 else []) + ["yuv420p"]
+            ([] if y4m else [src_fmt])
+            + [work_fmt]
+            + [f for *_, f in keep]
+            + (["yuv420p10le"] if bits > 8 else [])
+            + ["yuv420p"]
         )
         # An encoder that takes none of those (gif: palettes only) gets the first of its own formats
         # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
         candidates += [f for f in FALLBACK_FORMATS if f in supported]
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
-        if bits > 8 and format_bits(pix_fmt) <= 8:
-            note = f"{codec} cannot encode {src_fmt}: writing 8-bit {pix_fmt}"
-        elif pix_fmt in PALETTE_FORMATS:
-            note = f"{codec} holds 256 colours at most: writing {pix_fmt} (a fixed palette; .mp4 keeps all)"
+        depth = max(c.bits for c in av.VideoFormat(pix_fmt).components)  # gray10le, p010le: 10
+        if pix_fmt in PALETTE_FORMATS:
+            notes.append(
+                f"{codec} holds 256 colours at most: writing {pix_fmt} (a fixed palette; .mp4 keeps all)"
+            )
+        elif depth < bits:
+            notes.append(f"{codec} cannot encode {src_fmt}: writing {depth}-bit {pix_fmt}")
     elif supported and pix_fmt not in supported:
         out.close()
         raise VideoError(
@@ -493,6 +570,26 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         ) from None
     cc = vs.codec_context
     vs.width, vs.height, vs.pix_fmt = first.width, first.height, pix_fmt
+    if cc.name in ("libx265", "hevc_nvenc") and out.format.name in ("mov", "mp4"):
+        cc.codec_tag = "hvc1"  # FFmpeg's default hev1 does not play in QuickTime, Safari or on iOS
+    # The frames are encoded as stored: without the source's display matrix a phone video (stored
+    # sideways, shown upright) would play sideways.
+    rotation = display_matrix(first)
+    if rotation is not None:
+        degrees = getattr(first, "rotation", None)
+        turn = f"{degrees:g} degrees" if degrees else "turned or flipped"
+        if out.format.name not in ROTATING_FORMATS:
+            notes.append(
+                f"{dst.suffix} keeps no rotation: the picture is written as stored, not {turn} as the "
+                "source is shown (use .mp4, .mkv or .mov)"
+            )
+        elif not _writes_rotation(vs):
+            notes.append(
+                f"this PyAV cannot write rotation: the picture is written as stored, not {turn} as the "
+                "source is shown (pip install -U av)"
+            )
+        else:
+            vs.set_display_matrix(rotation)
     # Y4M and AVI read the frame rate from the stream's time base: there it must be 1/rate (the frames
     # are then stamped by index); elsewhere the source's time base keeps its timestamps exact.
     src_tb = vstream.time_base or Fraction(1, 1000)
@@ -511,26 +608,60 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     options = dict(opts.codec_options)
     if opts.bitrate:
         cc.bit_rate = int(opts.bitrate)
+    elif "b" in options:
+        pass  # --codec-option b=...: the encoder's own rate control
     elif codec in CRF_CODECS:
         options.setdefault("crf", f"{opts.crf:g}")
-        if codec == "libvpx-vp9":
-            options.setdefault("b", "0")
+        # VP9 takes b=0 for constant quality; VP8 ignores its CRF unless b caps it (then 200 kb/s)
+        options.setdefault("b", {"libvpx-vp9": "0", "libvpx": "100M"}.get(codec))
+    elif codec in QSCALE_CODECS:  # at their default 200 kb/s a 640x360 video came out at 25 dB
+        # (a fixed qscale needs a quality on each frame, which PyAV cannot set: pin the range instead)
+        cc.qscale = True
+        q = str(max(2, round(opts.crf / 6)))
+        options.setdefault("qmin", q)
+        options.setdefault("qmax", q)
     if codec in PRESET_CODECS and opts.preset:
         options.setdefault("preset", opts.preset)
-    cc.options = {k: str(v) for k, v in options.items()}
-    amap = {}
+    cc.options = {k: str(v) for k, v in options.items() if v is not None}
+    amap, dropped = {}, []
     for s in astreams:
         try:
+            # (MPEG-TS would take text subtitles, as data no player reads.)
+            if s.type == "subtitle" and out.format.name not in SUBTITLE_FORMATS:
+                raise ValueError
             amap[s.index] = out.add_stream_from_template(s)
         except (av.FFmpegError, ValueError) as e:
+            if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
+                dropped.append(s.codec_context.name)
+                continue
             out.close()
             raise VideoError(
                 f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
                 f"({_msg(e)}); use .mkv, or --no-audio"
             ) from None
-    try:
-        cc.open()
-    except av.FFmpegError as e:
+    # The source's tags: copied audio tracks came out as 'und', unnamed, with no default track.
+    for k, v in vstream.container.metadata.items():
+        if k.lower() not in MUXER_TAGS:  # title, creation time, ...
+            out.metadata[k] = v
+    if dropped:
+        notes.append(
+            f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: {len(dropped)} stream(s) dropped"
+        )
+    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams if s.index in amap]:
+        o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in STREAM_TAGS})
+        if hasattr(s, "disposition"):  # (PyAV 13 on)
+            o.disposition = s.disposition  # default, forced, hearing impaired, ...
+    # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
+    # (a transport stream's 1/90000): those get one tick per frame, as Y4M and AVI do.
+    for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
+        vs.time_base = cc.time_base = out_tb = tb
+        try:
+            cc.open()
+            error = None
+            break
+        except av.FFmpegError as e:
+            error = e
+    if error is not None:
         out.close()
         import av.video.format
 
@@ -544,9 +675,16 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
             else ""
         )
         raise VideoError(
-            f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(e)})"
+            f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(error)})"
         ) from None
-    return out, vs, amap, codec, pix_fmt, note, out_tb
+    try:  # the muxer checks its streams as it writes the header: now, not after the first batch
+        out.start_encoding()
+    except av.FFmpegError as e:
+        what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
+        out.close()
+        hint = "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
+        raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
+    return out, vs, amap, codec, pix_fmt, notes, out_tb
 
 
 def _plot_path(csv_path: Path) -> Path:
@@ -623,6 +761,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
             audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
             astreams = []
+        # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
+        astreams += [] if opts.score_only else list(inp.streams.subtitles)
         pending_audio: list = []
         counts: dict = {}
         frames = _decode(inp, vstream, astreams, pending_audio, src, counts)
@@ -634,12 +774,13 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         matrix, crange, note = frame_color(first, opts.matrix, opts.range)
         rate = vstream.average_rate or vstream.guessed_rate or Fraction(25)
         tb = vstream.time_base or Fraction(1, 1000)
-        fmt_note = ""
+        out_notes = []
         if not opts.score_only:
             tmp = _temp_path(dst)
-            out, vs, amap, codec, pix_fmt, fmt_note, out_tb = _open_output(
-                tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
-            )
+            with _ffmpeg_reasons():
+                out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
+                    tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
+                )
         meta: deque = deque()
         corrupt = []
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
@@ -655,18 +796,19 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     )
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
-                meta.append((i, pts, t))
+                meta.append((i, pts, t, frame.duration))
                 last_duration[0] = float(frame.duration * tb) if frame.duration else 0.0
                 if frame.format.name != work_fmt:
                     frame = _reformat(frame, work_fmt, matrix, crange)
                 yield frame_planes(frame)
 
-        rows = []
+        timing = _Durations()
+        rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
         start, shown = time.perf_counter(), time.perf_counter()
         for res in restorer.restore_stream(
             planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
         ):
-            i, pts, t = meta.popleft()
+            i, pts, t, duration = meta.popleft()
             q = res.quality
             rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
             if out is not None:
@@ -675,11 +817,18 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 if pix_fmt != work_fmt:
                     frame = _reformat(frame, pix_fmt, matrix, crange)
                 frame.pts, frame.time_base = pts, tb
-                if out_tb != tb:  # Y4M, AVI: one tick per frame, so a variable-rate source keeps every frame
-                    frame.pts, frame.time_base = i, out_tb
+                if out_tb != tb:  # Y4M, AVI, MPEG-1/2: one tick per frame (a variable-rate source keeps
+                    # every frame). The AVI muxer starts each stream at 0; others keep the copied audio's
+                    # times, so the video starts where the source's did.
+                    if i == 0 and out.format.name not in CONSTANT_RATE_FORMATS:
+                        first_tick = round(t / out_tb)
+                    frame.pts, frame.time_base = first_tick + i, out_tb
+                    moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
                 elif pts is None:
                     frame.pts = round(t / tb)
-                _mux(out, vs.encode(frame), dst)
+                else:
+                    timing.add(pts, duration)
+                _mux(out, timing.timed(vs.encode(frame)), dst)
                 _mux_audio(out, pending_audio, amap, dst)
             if opts.progress and time.perf_counter() - shown > 5:
                 shown = time.perf_counter()
@@ -687,7 +836,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     f"qairn: {src.name}: frame {i + 1} ({(i + 1) / (shown - start):.2f} fps)", file=sys.stderr
                 )
         elapsed = time.perf_counter() - start
-        notes = [f"{src}: {n}" for n in (note, fmt_note, audio_note) if n]
+        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note) if n]
+        if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
+            notes.append(
+                f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
+                f"1/{float(1 / out_tb):g} s: frames are moved by up to {moved:.3f} s"
+            )
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
@@ -716,7 +870,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if opts.strict and (corrupt or short):
             raise VideoError(f"{notes[-1]} (--strict)")
         if out is not None:
-            _mux(out, vs.encode(None), dst)
+            _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
             _mux_audio(out, pending_audio, amap, dst)
             out.close()
             out = None
@@ -753,11 +907,49 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         inp.close()
 
 
+class _Durations:
+    """Give encoded packets their frames' durations. The encoders leave them 0 and the muxer then gives
+    the last frame 1/rate: a GIF's or slideshow's last picture, shown for seconds, was cut short (a 0.9 s
+    GIF came out 0.62 s long). Durations are by presentation time (pts); MP4 and MOV end a track at its
+    last packet in decode order, which with B-frames is not the last shown, so that one gets what is
+    left to the end of the last frame shown."""
+
+    def __init__(self):
+        self.durations, self.start, self.last, self.first_dts = {}, None, None, None
+
+    def add(self, pts: int, duration: int | None) -> None:
+        """A frame sent to the encoder at pts, shown for duration (its time base; 0 or None: unknown)."""
+        self.start = pts if self.start is None else min(self.start, pts)
+        self.last = (pts, duration) if self.last is None or pts >= self.last[0] else self.last
+        if duration:
+            self.durations[pts] = duration
+
+    def timed(self, packets, flushing_format: str | None = None) -> list:
+        for p in packets:
+            self.first_dts = p.dts if self.first_dts is None else self.first_dts
+            p.duration = self.durations.pop(p.pts, None) or p.duration
+        if (
+            packets
+            and flushing_format in ("mov", "mp4")
+            and self.last
+            and self.last[1]
+            and packets[-1].dts is not None
+        ):
+            end = self.last[0] + self.last[1]
+            packets[-1].duration = max(1, end - self.start - (packets[-1].dts - self.first_dts))
+        return packets
+
+
 def _reformat(frame, fmt: str, matrix: str, crange: str):
     """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on)."""
     cs, cr = SWS_COLORSPACE[matrix], "JPEG" if crange == "full" else "MPEG"
     src = {} if frame.format.is_rgb else {"src_colorspace": cs, "src_color_range": cr}
-    return frame.reformat(format=fmt, dst_colorspace=cs, dst_color_range=cr, **src)
+    # 4:1:1, 4:4:0 and 4:1:0 are restored as 4:4:4: copying each chroma sample out and taking one back
+    # is exact (swscale's default filters blurred the chroma of an unchanged picture by up to 25 codes).
+    odd = {chroma_factors(frame.format.name), chroma_factors(fmt)} - {(1, 1), (2, 1), (2, 2)}
+    return frame.reformat(
+        format=fmt, dst_colorspace=cs, dst_color_range=cr, interpolation="POINT" if odd else None, **src
+    )
 
 
 def _chain(first, rest):
@@ -777,8 +969,9 @@ def _mux(out, packets, dst: Path) -> None:
 def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
     while pending:
         packet = pending.pop(0)
-        packet.stream = amap[packet.stream.index]
-        _mux(out, packet, dst)
+        if packet.stream.index in amap:  # not a subtitle stream the container could not take
+            packet.stream = amap[packet.stream.index]
+            _mux(out, packet, dst)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -831,7 +1024,11 @@ def build_parser() -> argparse.ArgumentParser:
         ".y4m: rawvideo, .gif: gif)",
     )
     e.add_argument(
-        "--crf", type=float, default=18.0, help="constant quality for x264/x265/vp9/av1 (default 18)"
+        "--crf",
+        type=float,
+        default=18.0,
+        help="constant quality (default 18): CRF for x264/x265/VP8/VP9/AV1, a fixed quantiser crf/6 "
+        "for MPEG-1/2/4 and MJPEG",
     )
     e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
     e.add_argument("--bitrate", type=int, help="target bits per second (overrides --crf)")
@@ -854,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--range",
         choices=("limited", "full"),
-        help="limited (16-235) or full (0-255) levels (untagged: limited, yuvj formats full)",
+        help="limited (16-235) or full (0-255) levels (untagged: limited; yuvj and gray formats full)",
     )
     q = p.add_argument_group("quality trace")
     q.add_argument("--score-only", action="store_true", help="write the quality trace, no video")
