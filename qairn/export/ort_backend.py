@@ -13,11 +13,14 @@ either way).
 
 GPU: the CUDA and TensorRT providers run on the engine's device. ONNX Runtime picks its GPU by the
 provider option device_id (default 0), not by torch's current device, so a Restorer on cuda:N gives
-both providers device_id=N, in providers= as well unless that entry sets its own device_id.
+both providers device_id=N, in providers= as well unless that entry sets its own device_id. A session
+that was asked for a GPU provider but runs on the CPU alone (an onnxruntime without the provider, or
+one whose CUDA libraries failed to load) is refused, as is a CUDA device with a CPU-only onnxruntime.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,29 @@ def on_device(providers, device: torch.device) -> list:
     return out
 
 
+def check_providers(asked, running: list[str], device: torch.device) -> None:
+    """Refuse a session that was asked for a GPU provider but runs without any. ONNX Runtime drops a
+    provider it does not have with a warning, and one that fails to load (CUDA or cuDNN libraries
+    missing) with a logged error and a retry on the CPU: the session then runs on the CPU while the
+    caller believes it is on the GPU. A GPU provider missing beside one that runs is only warned of."""
+    asked = [a if isinstance(a, str) else a[0] for a in asked]
+    gpu_asked = [a for a in asked if a in GPU_PROVIDERS]
+    gpu_running = [r for r in running if r in GPU_PROVIDERS]
+    if gpu_asked and not gpu_running:
+        instead = "pass device='cpu'" if device.type == "cuda" else "leave the GPU providers out"
+        raise BackendError(
+            f"backend 'onnxruntime' on {device}: ONNX Runtime was asked for {', '.join(gpu_asked)} but "
+            f"runs on {', '.join(running)} only (provider missing or failed to load: see ONNX Runtime's "
+            f"log above); install onnxruntime-gpu with the CUDA libraries it needs, or {instead}"
+        )
+    dropped = [a for a in gpu_asked if a not in running]
+    if dropped:
+        warnings.warn(
+            f"ONNX Runtime runs on {', '.join(running)}: {', '.join(dropped)} missing or failed to load",
+            stacklevel=3,
+        )
+
+
 class OrtBackend:
     fixed_tile = False
 
@@ -95,8 +121,17 @@ class OrtBackend:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        providers = on_device(providers if providers is not None else default_providers(device), device)
+        if providers is None:
+            providers = default_providers(device)
+            if device.type == "cuda" and not any(p in GPU_PROVIDERS for p in providers):
+                raise BackendError(
+                    f"backend 'onnxruntime' on {device}: this onnxruntime has no CUDA or TensorRT provider "
+                    f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu, "
+                    "or pass device='cpu'"
+                )
+        providers = on_device(providers, device)
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        check_providers(providers, self.session.get_providers(), device)
         self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
         self.static = static_shape(self.session)
         self.run = self._run
