@@ -362,7 +362,13 @@ class Restorer:
             maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
             if fused is None:
                 q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
-            return y[..., :h, :w].clamp(0, 1), q, maps if return_maps else None
+            if not return_maps:
+                return y[..., :h, :w].clamp(0, 1), q, None
+            # Backends run under inference_mode, so their gammas (and views of them) are inference
+            # tensors, which refuse in-place edits and autograd: the caller gets copies, as the tiled
+            # path's maps (made here) are ordinary tensors.
+            maps = [m.clone() if m.is_inference() else m for m in maps]
+            return y[..., :h, :w].clamp(0, 1), q, maps
 
         out = torch.zeros(n, 3, hp, wp, device=self.device)
         sums = torch.zeros(3, n, device=self.device, dtype=torch.float64)
