@@ -1,5 +1,6 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import lively_model
@@ -20,3 +21,13 @@ def test_tensor_maps_are_ordinary_tensors_whole_or_tiled(tile):
         for m in maps:
             assert not m.is_inference()
             m.mul_(255)  # raised on the whole-image pass
+
+
+@pytest.mark.parametrize("tile_batch", [2.5, 0, -3, "4", None, True])
+def test_tile_batch_is_checked_when_the_restorer_is_made(tile_batch):
+    """tile_batch=2.5 was kept and the first tiled image failed inside range() ("'float' object cannot
+    be interpreted as an integer"), "4" and None failed on max(); 0 and -3 became 1 without a word."""
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", tile=16, overlap=0, tile_batch=tile_batch)
+    assert str(e.value) == f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}"
+    assert qairn.Restorer(model=lively_model(), device="cpu", tile_batch=np.int64(3)).tile_batch == 3

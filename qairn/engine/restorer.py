@@ -248,7 +248,10 @@ class Restorer:
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
-        self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
+        # A float (2.5) was kept and failed at the first tiled image, inside range(); 0 became 1 unsaid.
+        if not isinstance(tile_batch, numbers.Integral) or isinstance(tile_batch, bool) or tile_batch < 1:
+            raise ValueError(f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}")
+        self.tile, self.overlap, self.tile_batch = tile, overlap, int(tile_batch)
         # Per Restorer, not per process: a make() may capture a CUDA graph or compile, and Restorers on
         # other threads (one per GPU) must not wait for it. Reentrant: a frame graph's make() runs the
         # plan, which remembers its device data.
