@@ -31,3 +31,26 @@ def test_tile_batch_is_checked_when_the_restorer_is_made(tile_batch):
         qairn.Restorer(model=lively_model(), device="cpu", tile=16, overlap=0, tile_batch=tile_batch)
     assert str(e.value) == f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}"
     assert qairn.Restorer(model=lively_model(), device="cpu", tile_batch=np.int64(3)).tile_batch == 3
+
+
+@pytest.mark.parametrize(
+    "bad, error, says",
+    [
+        (None, TypeError, "stream items are RGB images or (y, u, v) plane tuples, not NoneType"),
+        ((np.zeros((8, 8), np.uint8),) * 2, ValueError, "a Y'CbCr frame is a (y, u, v) tuple, got 2 planes"),
+    ],
+)
+def test_frames_read_before_an_item_that_is_no_frame_are_still_restored(bad, error, says):
+    """A source that raises mid-stream has the frames it gave restored and handed out first; a source
+    that gives something that is no frame (a decoder's None at the end) lost them: with batch=4, the
+    5th and 6th frames never came out."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frames = [np.full((9, 7, 3), 40 * i, np.uint8) for i in range(6)]
+    got = []
+    with pytest.raises(error) as e:
+        for res in r.restore_stream([*frames, bad, frames[0]], batch=4):
+            got.append(res)
+    assert str(e.value) == says
+    assert len(got) == 6
+    for res, frame in zip(got, frames):
+        np.testing.assert_array_equal(res.image, r.restore(frame).image)

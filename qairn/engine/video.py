@@ -74,13 +74,13 @@ def _groups(frames, batch: int):
     while True:
         try:
             item = next(it)
+            k = _key(item)  # an item that is no frame fails the stream as a failing source does
         except StopIteration:
             break
         except Exception:  # a source that fails mid-stream: the frames already read are still restored
             if group:
                 yield group
             raise
-        k = _key(item)
         if group and (k != key or len(group) == batch):
             yield group
             group = []
