@@ -54,3 +54,26 @@ def test_frames_read_before_an_item_that_is_no_frame_are_still_restored(bad, err
     assert len(got) == 6
     for res, frame in zip(got, frames):
         np.testing.assert_array_equal(res.image, r.restore(frame).image)
+
+
+def test_big_endian_arrays_are_restored_and_given_back_big_endian():
+    """np.frombuffer(pipe, ">u2") of an rgb48be or yuv420p10be stream was refused as "unsupported image
+    dtype >u2 (use uint8, uint16 ...)" (restore_yuv: "planes must be integer code values"): the same
+    numbers in the other byte order. They are restored as the native ones and given back as they came."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65536, (9, 7, 3)).astype(np.uint16)
+    for given in (img, (img / 65535).astype(np.float32)):
+        out = r.restore(given.astype(given.dtype.newbyteorder(">"))).image
+        assert out.dtype == given.dtype.newbyteorder(">")
+        np.testing.assert_array_equal(out, r.restore(given).image)
+        stream = [res.image for res in r.restore_stream([given.astype(out.dtype)] * 2, batch=1)]
+        np.testing.assert_array_equal(stream[1], out)
+    planes = (rng.integers(64, 941, (9, 7)), rng.integers(64, 961, (5, 4)), rng.integers(64, 961, (5, 4)))
+    planes = tuple(p.astype(np.uint16) for p in planes)
+    big = tuple(p.astype(">u2") for p in planes)
+    expect = r.restore_yuv(*planes, bits=10).image
+    for got in (r.restore_yuv(*big, bits=10).image, next(r.restore_stream([big], bits=10)).image):
+        for p, q in zip(got, expect):
+            assert p.dtype == np.dtype(">u2")
+            np.testing.assert_array_equal(p, q)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qairn.engine.backends import make_backend
+from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
 from qairn.model import QAIRN
@@ -501,6 +502,7 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"empty image of shape {img.shape}")
+    dtype, img = img.dtype, native(img)  # given back as dtype, big-endian ones too
     if img.dtype == np.uint8:
         scale = 255.0
     elif img.dtype == np.uint16:
@@ -539,7 +541,7 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         arr = arr.astype(np.int32)
     elif arr.dtype == np.float16:  # computed in fp32 like any float input, given back as fp16
         arr = arr.astype(np.float32)
-    meta = {"dtype": img.dtype, "scale": scale, "gray": gray, "one_channel": one_channel}
+    meta = {"dtype": dtype, "scale": scale, "gray": gray, "one_channel": one_channel}
     return arr, meta | {"alpha": alpha, "order": order}
 
 

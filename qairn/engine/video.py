@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qairn.engine.color import check_codes, check_matrix, check_range, plane_bits, restore_planes
+from qairn.engine.color import check_codes, check_matrix, check_range, native, plane_bits, restore_planes
 from qairn.engine.imageio import write_atomic
 from qairn.engine.tiling import tile_arg
 
@@ -128,11 +128,11 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
             raise ValueError(
                 f"Y'CbCr frames are (y, u, v) tuples of 2-D planes, got shapes {[p.shape for p in first]}"
             )
-        depth = plane_bits(first[0].dtype, bits)
+        depth = plane_bits(native(first[0]).dtype if is_np else first[0].dtype, bits)
         planes = []
         for i in range(3):
-            if is_np:
-                p = torch.from_numpy(np.stack([f[i] for f in group]))
+            if is_np:  # given back in the frames' own dtype (meta), byte order included
+                p = torch.from_numpy(native(np.stack([f[i] for f in group])))
                 p = p.to(torch.int32) if p.dtype == torch.uint16 else p
             else:
                 p = torch.stack([f[i] for f in group])
