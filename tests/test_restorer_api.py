@@ -77,3 +77,34 @@ def test_big_endian_arrays_are_restored_and_given_back_big_endian():
         for p, q in zip(got, expect):
             assert p.dtype == np.dtype(">u2")
             np.testing.assert_array_equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"rqa_div": 0}, "unreadable qairn config (integer division or modulo by zero)"),
+        ({"residual": "false"}, "unreadable qairn config (residual must be true or false, not 'false')"),
+        ({"identity_init": 1}, "unreadable qairn config (identity_init must be true or false, not 1)"),
+    ],
+)
+def test_a_weights_file_whose_config_is_garbled_is_refused(tmp_path, change, says):
+    """rqa_div 0 escaped load_model as a bare ZeroDivisionError traceback; residual "false" (a string)
+    was loaded as the global residual switched on, a different network from the one the file names,
+    which the tensor-shape check cannot see."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from qairn.weights_io import FORMAT, WeightsError
+
+    model = lively_model()
+    config = json.loads(model.config.to_json()) | change
+    bad = tmp_path / "bad.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(bad),
+        metadata={"format": FORMAT, "config": json.dumps(config)},
+    )
+    with pytest.raises(WeightsError) as e:
+        qairn.load_model(bad)
+    assert str(e.value) == f"{bad}: {says}"
