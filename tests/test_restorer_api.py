@@ -108,3 +108,23 @@ def test_a_weights_file_whose_config_is_garbled_is_refused(tmp_path, change, say
     with pytest.raises(WeightsError) as e:
         qairn.load_model(bad)
     assert str(e.value) == f"{bad}: {says}"
+
+
+def test_a_network_or_a_path_in_the_wrong_argument_is_refused_in_one_line():
+    """Restorer(model="w.safetensors") failed with "'str' object has no attribute 'config'", a state
+    dict likewise, and Restorer(net) (weights= is the first argument) with Path()'s "expected str,
+    bytes or os.PathLike object, not QAIRN"."""
+    net = lively_model()
+    cases = [
+        ({"model": "w.safetensors"}, "model= takes a QAIRN network (qairn.load_model(path)), not str; "),
+        (
+            {"model": net.state_dict()},
+            "model= takes a QAIRN network (qairn.load_model(path)), not OrderedDict",
+        ),
+        ({"weights": net}, "weights= takes the path of a qairn .safetensors file, not QAIRN; give a network"),
+        ({"weights": 3}, "weights= takes the path of a qairn .safetensors file, not int"),
+    ]
+    for options, says in cases:
+        with pytest.raises(TypeError) as e:
+            qairn.Restorer(device="cpu", **options)
+        assert str(e.value).startswith(says) and "\n" not in str(e.value)

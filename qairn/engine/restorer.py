@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -234,6 +235,17 @@ class Restorer:
     ):
         if model is not None and weights is not None:
             raise ValueError("give weights= or model=, not both (model= would win and weights= be ignored)")
+        # Checked here, not met later as "'str' object has no attribute 'config'" or as Path()'s error.
+        if model is not None and not isinstance(model, QAIRN):
+            raise TypeError(
+                f"model= takes a QAIRN network (qairn.load_model(path)), not {type(model).__name__}; "
+                "give a weights file as weights="
+            )
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(
+                f"weights= takes the path of a qairn .safetensors file, not {type(weights).__name__}"
+                + ("; give a network as model=" if isinstance(weights, QAIRN) else "")
+            )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
         if model is None:
             model = load_model(weights if weights is not None else default_weights())
