@@ -6,7 +6,7 @@ import numbers
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -247,10 +247,21 @@ class Restorer:
                 + ("; give a network as model=" if isinstance(weights, QAIRN) else "")
             )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
-        if model is None:
-            model = load_model(weights if weights is not None else default_weights())
-        self.config = model.config
-        self.p = float(p if p is not None else model.config.p)
+        config = None
+        if model is None and weights is None and backend == "onnxruntime" and backend_options.get("onnx"):
+            # The network that runs is the file's, and its metadata holds its config: the shipped
+            # weights (loaded for nothing) would pool its gates with their own p.
+            try:
+                from qairn.export.ort_backend import file_config
+            except ImportError:  # make_backend says what is missing
+                file_config = None
+            config = file_config(backend_options["onnx"]) if file_config is not None else None
+        if config is None:
+            if model is None:
+                model = load_model(weights if weights is not None else default_weights())
+            config = model.config
+        self.config = config
+        self.p = float(p if p is not None else config.p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         if self.p > MAX_POOL_P:
@@ -286,6 +297,14 @@ class Restorer:
         self.cuda_graph = cuda_graph
         self._graphs: dict = {}  # (shape, tile plan, maps) -> FrameGraph
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
+        ran = getattr(self.backend, "network_config", None)  # an exported file's own network
+        if ran is not None and ran != config:
+            differ = [f"{k} {v!r} there, {getattr(config, k)!r} given" for k, v in asdict(ran).items()]
+            differ = [d for d, (k, v) in zip(differ, asdict(ran).items()) if v != getattr(config, k)]
+            raise ValueError(
+                f"{self.backend.path} holds another network than the one given ({'; '.join(differ)}): "
+                "give the weights it was exported from, or neither weights= nor model= to use its own"
+            )
 
     # ---- tensors -------------------------------------------------------------------------------
     def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None):

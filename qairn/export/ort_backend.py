@@ -6,10 +6,11 @@ onnxruntime has them and the engine device is CUDA. Tiling, padding and pooling 
 so results match the eager backend (to 1e-4 in fp32). Inputs go through host numpy arrays: simple and
 provider-agnostic; a CUDA deployment that wants zero-copy should use backend="tensorrt".
 
-Options: onnx=PATH (an export with --maps outputs), cache_dir=DIR, threads=N (intra-op threads;
-default: ONNX Runtime's, one per physical core), providers=[...] (ONNX Runtime provider names, or
-(name, options) pairs). precision="fp32" or "fp16" (the fp16 export with fp32 islands; fp32 image I/O
-either way).
+Options: onnx=PATH (an export with --maps outputs; without weights= or model=, the Restorer takes the
+network's config, p included, from its metadata, and weights of another network are refused),
+cache_dir=DIR, threads=N (intra-op threads; default: ONNX Runtime's, one per physical core),
+providers=[...] (ONNX Runtime provider names, or (name, options) pairs). precision="fp32" or "fp16"
+(the fp16 export with fp32 islands; fp32 image I/O either way).
 
 GPU: the CUDA and TensorRT providers run on the engine's device. ONNX Runtime picks its GPU by the
 provider option device_id (default 0), not by torch's current device, so a Restorer on cuda:N gives
@@ -29,7 +30,7 @@ import torch
 from qairn.engine.backends import BackendError
 from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, NP_DTYPES, cached_onnx, read_metadata, static_shape
 from qairn.export.shapes import FixedShapeRunner
-from qairn.model import QAIRN
+from qairn.model import QAIRN, QAIRNConfig
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -65,6 +66,17 @@ def on_device(providers, device: torch.device) -> list:
     return out
 
 
+def file_config(path: str | Path) -> QAIRNConfig | None:
+    """The config of the network an export holds (its qairn.config metadata), None where it has none."""
+    text = read_metadata(path).get("qairn.config")
+    if text is None:
+        return None
+    try:
+        return QAIRNConfig.from_json(text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BackendError(f"{path}: unreadable qairn.config metadata ({e})") from None
+
+
 def check_providers(asked, running: list[str], device: torch.device) -> None:
     """Refuse a session that was asked for a GPU provider but runs without any. ONNX Runtime drops a
     provider it does not have with a warning, and one that fails to load (CUDA or cuDNN libraries
@@ -93,7 +105,7 @@ class OrtBackend:
 
     def __init__(
         self,
-        model: QAIRN,
+        model: QAIRN | None,  # None with onnx=: the file's network runs
         device: torch.device,
         precision: str = "fp32",
         onnx: str | Path | None = None,
@@ -112,6 +124,8 @@ class OrtBackend:
             else cached_onnx(model, cache_dir, outputs="maps", precision=precision)
         )
         outputs = read_metadata(self.path).get("qairn.outputs")
+        # The Restorer pools quality with this network's p (and refuses weights of another network).
+        self.network_config = file_config(self.path)
         if outputs != "maps":
             raise BackendError(
                 f"{self.path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
