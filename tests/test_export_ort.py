@@ -279,3 +279,24 @@ def test_an_onnx_file_alone_is_pooled_with_its_own_p(tmp_path, image, monkeypatc
         f"{path} holds another network than the one given (p 4.0 there, 2.0 given): give the weights it "
         "was exported from, or neither weights= nor model= to use its own"
     )
+
+
+def test_a_bare_or_misspelt_provider_name_is_not_run_on_the_cpu(model, cache, sessions):
+    """providers="CUDAExecutionProvider" (a string, not a list) was taken letter by letter and
+    providers=["cuda"] as it was: ONNX Runtime printed an "EP Error", dropped them and ran on the CPU,
+    which the GPU check cannot tell from a CPU provider asked for. A bare name is now a list of one,
+    and a name ONNX Runtime does not know is refused before anything is exported."""
+    gpu = torch.device("cuda", 1)
+    OrtBackend(model, gpu, cache_dir=cache, providers="CUDAExecutionProvider")
+    assert sessions[-1] == [("CUDAExecutionProvider", {"device_id": 1})]
+    OrtBackend(model, gpu, cache_dir=cache, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert sessions[-1] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    made = len(sessions)
+    for bad, name in ((["cuda"], "cuda"), ("CUDA", "CUDA"), ([("Cuda", {"device_id": 0})], "Cuda")):
+        with pytest.raises(BackendError) as e:
+            OrtBackend(model, gpu, cache_dir=cache, providers=bad)
+        assert str(e.value) == (
+            f"unknown ONNX Runtime provider {name!r} in providers=: use names such as "
+            "CUDAExecutionProvider, TensorrtExecutionProvider or CPUExecutionProvider"
+        )
+    assert len(sessions) == made  # refused before any session

@@ -52,10 +52,38 @@ def gpu_index(device: torch.device) -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
+def check_names(providers) -> list:
+    """providers= as a list, its names checked. A bare "CUDAExecutionProvider" was taken letter by
+    letter, and a misspelt name ("cuda"): ONNX Runtime prints an "EP Error", drops them and runs on
+    the CPU, which nothing after can tell from a CPU provider asked for."""
+    import onnxruntime as ort
+
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    known = set(ort.get_all_providers()) | set(ort.get_available_providers())
+    for entry in providers:
+        name = entry if isinstance(entry, str) else entry[0]
+        if name not in known:
+            raise BackendError(
+                f"unknown ONNX Runtime provider {name!r} in providers=: use names such as "
+                "CUDAExecutionProvider, TensorrtExecutionProvider or CPUExecutionProvider"
+            )
+    return providers
+
+
 def on_device(providers, device: torch.device) -> list:
-    """providers (names or (name, options) pairs) with device_id set on the GPU ones to the engine's
-    GPU: without it, ONNX Runtime runs them on GPU 0 whatever the Restorer's device. An entry that
-    names its own device_id keeps it."""
+    """providers (names or (name, options) pairs; None: default_providers) with device_id set on the
+    GPU ones to the engine's GPU: without it, ONNX Runtime runs them on GPU 0 whatever the Restorer's
+    device. An entry that names its own device_id keeps it."""
+    if providers is None:
+        providers = default_providers(device)
+        if device.type == "cuda" and not any(p in GPU_PROVIDERS for p in providers):
+            import onnxruntime as ort
+
+            raise BackendError(
+                f"backend 'onnxruntime' on {device}: this onnxruntime has no CUDA or TensorRT provider "
+                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu, "
+                "or pass device='cpu'"
+            )
     index = gpu_index(device)
     out = []
     for entry in providers:
@@ -118,6 +146,7 @@ class OrtBackend:
         if precision not in ("fp32", "fp16"):
             raise BackendError(f"backend 'onnxruntime' runs fp32 or fp16 exports, not {precision!r}")
         self.device = device
+        providers = on_device(check_names(providers) if providers is not None else None, device)
         self.path = (
             Path(onnx)
             if onnx is not None
@@ -135,15 +164,6 @@ class OrtBackend:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        if providers is None:
-            providers = default_providers(device)
-            if device.type == "cuda" and not any(p in GPU_PROVIDERS for p in providers):
-                raise BackendError(
-                    f"backend 'onnxruntime' on {device}: this onnxruntime has no CUDA or TensorRT provider "
-                    f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu, "
-                    "or pass device='cpu'"
-                )
-        providers = on_device(providers, device)
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         check_providers(providers, self.session.get_providers(), device)
         self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
