@@ -128,3 +128,22 @@ def test_a_network_or_a_path_in_the_wrong_argument_is_refused_in_one_line():
         with pytest.raises(TypeError) as e:
             qairn.Restorer(device="cpu", **options)
         assert str(e.value).startswith(says) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"channel_order": "BGR"}, "channel_order must be 'rgb' or 'bgr', not 'BGR'"),
+        ({"channel_order": "rbg"}, "channel_order must be 'rgb' or 'bgr', not 'rbg'"),
+        ({"matrix": "bt709x"}, "unknown colour matrix 'bt709x'; choose one of bt601, bt709, bt2020"),
+    ],
+)
+def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
+    """restore_stream(frames, channel_order="BGR") ran: anything but "bgr" was taken as RGB, so
+    OpenCV frames were restored with red and blue swapped, where restore() refuses "BGR". Now refused,
+    and when restore_stream is called, not at the first frame drawn from it."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frames = [np.zeros((9, 7, 3), np.uint8)]
+    with pytest.raises(ValueError) as e:
+        r.restore_stream(frames, **options)  # not iterated
+    assert str(e.value) == says

@@ -105,6 +105,12 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     return tile, overlap
 
 
+def check_order(order) -> str:
+    if order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {order!r}")
+    return order
+
+
 def remember(cache: dict, key, make, keep: int, lock):
     """cache[key], made by make() on a miss; at most `keep` entries, the oldest dropped first.
     Under the owner's lock: one Restorer may serve several threads, and two that missed at once
@@ -282,9 +288,7 @@ class Restorer:
         self._cache_lock = threading.RLock()
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
-        if channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
-        self.channel_order = channel_order
+        self.channel_order = check_order(channel_order)
         if cuda_graph and backend not in ("eager", "triton", "compile"):
             raise ValueError(
                 f"cuda_graph=True takes the eager, triton or compile backend, not {backend!r} "
@@ -486,9 +490,7 @@ class Restorer:
         or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in [0,1], any
         device: stays there).
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar."""
-        order = channel_order or self.channel_order
-        if order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {order!r}")
+        order = check_order(channel_order or self.channel_order)
         if isinstance(img, torch.Tensor):
             return self._restore_torch(img, return_maps, order, progress)
         x, meta = to_tensor(img, order, self.device)  # integers travel; converted on the device
@@ -518,9 +520,14 @@ class Restorer:
 
     def restore_stream(self, frames, batch: int = 4, **options):
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
-        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream)."""
+        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream). Options
+        are checked here, when called, not at the first frame the generator is asked for."""
+        from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
+        check_order(options.get("channel_order") or self.channel_order)
+        check_matrix(options.get("matrix", "bt709"))
+        check_range(options.get("range", "limited"))
         return restore_stream(self, frames, batch, **options)
 
 

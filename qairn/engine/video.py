@@ -210,8 +210,11 @@ def restore_stream(
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
     """
+    from qairn.engine.restorer import check_order
+
     matrix, crange = check_matrix(matrix), check_range(range)
-    order = channel_order or restorer.channel_order
+    # Anything but "bgr" was taken as RGB: "BGR" (OpenCV's spelling) restored swapped channels unsaid.
+    order = check_order(channel_order or restorer.channel_order)
     cuda = restorer.device.type == "cuda"
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
