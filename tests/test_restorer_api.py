@@ -147,3 +147,16 @@ def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
     with pytest.raises(ValueError) as e:
         r.restore_stream(frames, **options)  # not iterated
     assert str(e.value) == says
+
+
+def test_a_tensor_that_requires_grad_is_restored_without_a_warning():
+    """The range check turned the input's min and max into floats, and torch warned "Converting a
+    tensor with requires_grad=True to a scalar may lead to unexpected behavior" at every call."""
+    import warnings
+
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    x = torch.rand(1, 3, 9, 7, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = r.restore(x)
+    assert res.image.shape == (1, 3, 9, 7)

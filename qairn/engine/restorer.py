@@ -623,7 +623,9 @@ def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
         x = t.float()
         # On the CPU 0..255 floats or NaN are refused, not clamped into a white picture. On a GPU the
         # check would cost a device-to-host sync per call (and stall restore_stream's overlap): skipped.
-        lo, hi = (float(v) for v in torch.aminmax(x)) if x.device.type == "cpu" else (0.0, 1.0)
+        # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
+        # scalar" from inside qairn at every call.
+        lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
         if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
             raise ValueError(
                 f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
