@@ -78,12 +78,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
         p = config.p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < math.inf:
             raise ValueError(f"Minkowski p must be a positive number, not {p!r}")
+        # These change no tensor shape, so the shape check below cannot catch them: "false" (a string)
+        # would switch the global residual on.
+        for name in ("residual", "identity_init"):
+            if not isinstance(getattr(config, name), bool):
+                raise ValueError(f"{name} must be true or false, not {getattr(config, name)!r}")
         # Built on the meta device first: shapes only, so a garbled config (widths of 100000, say)
         # is refused below instead of allocating gigabytes. A config that cannot build (three
         # widths, say) is the file's fault too.
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in QAIRN(config).state_dict().items()}
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, ArithmeticError) as e:  # rqa_div 0: ZeroDivisionError
         raise WeightsError(f"{path}: unreadable qairn config ({e})") from None
     with safe_open(str(path), framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

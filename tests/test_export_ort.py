@@ -1,5 +1,7 @@
 """backend="onnxruntime": same results as eager through the Restorer (tiled and whole), cache reuse."""
 
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -113,18 +115,38 @@ def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
 GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+class Session:
+    """A real CPU session that reports the providers it was given (or `running`) as the ones it runs
+    on, as a session on a GPU machine would (or one that fell back to the CPU)."""
+
+    def __init__(self, real, path, options, providers, running=None):
+        self.real = real(path, options, providers=["CPUExecutionProvider"])
+        names = [p if isinstance(p, str) else p[0] for p in providers or ["CPUExecutionProvider"]]
+        self.running = names if running is None else running
+
+    def get_providers(self):
+        return list(self.running)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 @pytest.fixture
 def sessions(monkeypatch):
     """onnxruntime claiming the GPU providers, and every InferenceSession's providers recorded (the
     last is the backend's: a first export is verified in a CPU session before it); the session itself
-    is a real CPU one, so the backend finishes construction as on a GPU machine."""
+    is a real CPU one that says it runs on the providers asked for, so the backend finishes
+    construction as on a GPU machine. sessions.running = [...]: what the next sessions say instead."""
     import onnxruntime as ort
 
-    real, made = ort.InferenceSession, []
+    class Made(list):
+        running = None
+
+    real, made = ort.InferenceSession, Made()
 
     def session(path, options=None, providers=None, **kw):
         made.append(providers)
-        return real(path, options, providers=["CPUExecutionProvider"])
+        return Session(real, path, options, providers, made.running)
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: list(GPU_EPS))
     monkeypatch.setattr(ort, "InferenceSession", session)
@@ -173,3 +195,108 @@ def test_given_providers_get_the_device_unless_they_name_one(model, cache, sessi
         ("CUDAExecutionProvider", {"device_id": 0}),
         ("CPUExecutionProvider", {"arena_extend_strategy": "kSameAsRequested"}),
     ]
+
+
+def gpu_restorer(model, cache, **kw):
+    return qairn.Restorer(
+        model=model, device="cuda:0", backend="onnxruntime", precision="fp32", cache_dir=cache, **kw
+    )
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    from qairn.kernels import gate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gate, "triton_compiles_for", lambda device, dtype: True)
+
+
+def test_a_session_that_fell_back_to_the_cpu_is_refused(model, cache, sessions, one_gpu):
+    """ONNX Runtime drops a GPU provider it lacks, or one whose CUDA libraries fail to load, and runs on
+    the CPU; the Restorer on cuda:0 must not go on as if it were on the GPU. One that runs the CUDA
+    provider without TensorRT is only warned of."""
+    sessions.running = ["CPUExecutionProvider"]
+    with pytest.raises(BackendError) as e:
+        gpu_restorer(model, cache)
+    assert str(e.value) == (
+        "backend 'onnxruntime' on cuda:0: ONNX Runtime was asked for TensorrtExecutionProvider, "
+        "CUDAExecutionProvider but runs on CPUExecutionProvider only (provider missing or failed to load: "
+        "see ONNX Runtime's log above); install onnxruntime-gpu with the CUDA libraries it needs, "
+        "or pass device='cpu'"
+    )
+    sessions.running = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.warns(UserWarning, match="TensorrtExecutionProvider missing or failed to load"):
+        gpu_restorer(model, cache)
+    sessions.running = None  # runs on all it was asked for: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu_restorer(model, cache)
+    # Asked for by name on a CPU Restorer: refused too.
+    sessions.running = ["CPUExecutionProvider"]
+    with pytest.raises(BackendError, match="leave the GPU providers out"):
+        OrtBackend(model, torch.device("cpu"), cache_dir=cache, providers=["CUDAExecutionProvider"])
+
+
+def test_a_cpu_only_onnxruntime_is_refused_on_a_gpu(model, cache, sessions, one_gpu, monkeypatch):
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(BackendError) as e:
+        gpu_restorer(model, cache)
+    assert str(e.value) == (
+        "backend 'onnxruntime' on cuda:0: this onnxruntime has no CUDA or TensorRT provider "
+        "(it has CPUExecutionProvider); install onnxruntime-gpu, or pass device='cpu'"
+    )
+    # The CPU provider by name is the caller's choice: it runs.
+    OrtBackend(model, torch.device("cuda", 0), cache_dir=cache, providers=["CPUExecutionProvider"])
+
+
+def test_an_onnx_file_alone_is_pooled_with_its_own_p(tmp_path, image, monkeypatch):
+    """Restorer(backend="onnxruntime", onnx=PATH) without weights loaded the shipped weights for their
+    config and pooled the file's gates with their p (64) instead of the file's own (4 here): Q1 0.4897
+    where eager gave 0.4808 on a 40x50 crop. Now the file's config is taken from its metadata and no
+    weights are loaded (a missing shipped file is no obstacle); weights of another network are refused."""
+    from qairn.engine import restorer as rs
+
+    net = lively_model("tiny", seed=3, p=4.0)
+    path = ox.export_onnx(net, tmp_path / "p4.onnx", outputs="maps")
+    crop = np.ascontiguousarray(image[:40, :50])
+    monkeypatch.setattr(rs, "DEFAULT_WEIGHTS", tmp_path / "none.safetensors")  # nothing to load
+    r = qairn.Restorer(device="cpu", backend="onnxruntime", onnx=path)
+    assert r.p == 4.0 and r.config == net.config
+    expect = qairn.Restorer(model=net, device="cpu").score(crop)
+    got = r.score(crop)
+    for k in expect:
+        assert abs(got[k] - expect[k]) < 1e-5, (k, got, expect)
+    # An explicit p still wins; the same network given as model= runs; another one is refused.
+    assert qairn.Restorer(device="cpu", backend="onnxruntime", onnx=path, p=2).p == 2.0
+    qairn.Restorer(model=net, device="cpu", backend="onnxruntime", onnx=path)
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model("tiny", seed=3), device="cpu", backend="onnxruntime", onnx=path)
+    assert str(e.value) == (
+        f"{path} holds another network than the one given (p 4.0 there, 2.0 given): give the weights it "
+        "was exported from, or neither weights= nor model= to use its own"
+    )
+
+
+def test_a_bare_or_misspelt_provider_name_is_not_run_on_the_cpu(model, cache, sessions):
+    """providers="CUDAExecutionProvider" (a string, not a list) was taken letter by letter and
+    providers=["cuda"] as it was: ONNX Runtime printed an "EP Error", dropped them and ran on the CPU,
+    which the GPU check cannot tell from a CPU provider asked for. A bare name is now a list of one,
+    and a name ONNX Runtime does not know is refused before anything is exported."""
+    gpu = torch.device("cuda", 1)
+    OrtBackend(model, gpu, cache_dir=cache, providers="CUDAExecutionProvider")
+    assert sessions[-1] == [("CUDAExecutionProvider", {"device_id": 1})]
+    OrtBackend(model, gpu, cache_dir=cache, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert sessions[-1] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    made = len(sessions)
+    for bad, name in ((["cuda"], "cuda"), ("CUDA", "CUDA"), ([("Cuda", {"device_id": 0})], "Cuda")):
+        with pytest.raises(BackendError) as e:
+            OrtBackend(model, gpu, cache_dir=cache, providers=bad)
+        assert str(e.value) == (
+            f"unknown ONNX Runtime provider {name!r} in providers=: use names such as "
+            "CUDAExecutionProvider, TensorrtExecutionProvider or CPUExecutionProvider"
+        )
+    assert len(sessions) == made  # refused before any session

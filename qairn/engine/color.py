@@ -207,6 +207,12 @@ def restore_planes(
     return out, q, maps
 
 
+def native(a: np.ndarray) -> np.ndarray:
+    """a in this machine's byte order: big-endian samples (np.frombuffer(raw, ">u2") of a yuv420p10be or
+    rgb48be pipe) are the same numbers, but torch takes no such array and their dtype is not np.uint16."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
 def _as_batch(p, name: str) -> torch.Tensor:
     if isinstance(p, np.ndarray):
         if p.dtype == np.uint16:  # torch has limited uint16 support: widen (lossless)
@@ -238,7 +244,7 @@ def restore_yuv(
     matrix, range = check_matrix(matrix), check_range(range)
     src = y
     if all(isinstance(t, np.ndarray) for t in (y, u, v)):  # np.memmap planes of a raw file too
-        y, u, v = (np.asarray(t) for t in (y, u, v))
+        y, u, v = (native(np.asarray(t)) for t in (y, u, v))  # given back in src's byte order
     elif not all(isinstance(t, torch.Tensor) for t in (y, u, v)):
         raise ColorError("y, u and v must all be numpy arrays or all torch tensors")
     if len({str(p.dtype) for p in (y, u, v)}) != 1:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numbers
+import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qairn.engine.backends import make_backend
+from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
 from qairn.model import QAIRN
@@ -101,6 +103,12 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
             f"than the tile {largest}"
         )
     return tile, overlap
+
+
+def check_order(order) -> str:
+    if order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {order!r}")
+    return order
 
 
 def remember(cache: dict, key, make, keep: int, lock):
@@ -233,11 +241,33 @@ class Restorer:
     ):
         if model is not None and weights is not None:
             raise ValueError("give weights= or model=, not both (model= would win and weights= be ignored)")
+        # Checked here, not met later as "'str' object has no attribute 'config'" or as Path()'s error.
+        if model is not None and not isinstance(model, QAIRN):
+            raise TypeError(
+                f"model= takes a QAIRN network (qairn.load_model(path)), not {type(model).__name__}; "
+                "give a weights file as weights="
+            )
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(
+                f"weights= takes the path of a qairn .safetensors file, not {type(weights).__name__}"
+                + ("; give a network as model=" if isinstance(weights, QAIRN) else "")
+            )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
-        if model is None:
-            model = load_model(weights if weights is not None else default_weights())
-        self.config = model.config
-        self.p = float(p if p is not None else model.config.p)
+        config = None
+        if model is None and weights is None and backend == "onnxruntime" and backend_options.get("onnx"):
+            # The network that runs is the file's, and its metadata holds its config: the shipped
+            # weights (loaded for nothing) would pool its gates with their own p.
+            try:
+                from qairn.export.ort_backend import file_config
+            except ImportError:  # make_backend says what is missing
+                file_config = None
+            config = file_config(backend_options["onnx"]) if file_config is not None else None
+        if config is None:
+            if model is None:
+                model = load_model(weights if weights is not None else default_weights())
+            config = model.config
+        self.config = config
+        self.p = float(p if p is not None else config.p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         if self.p > MAX_POOL_P:
@@ -248,16 +278,17 @@ class Restorer:
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
-        self.tile, self.overlap, self.tile_batch = tile, overlap, max(1, tile_batch)
+        # A float (2.5) was kept and failed at the first tiled image, inside range(); 0 became 1 unsaid.
+        if not isinstance(tile_batch, numbers.Integral) or isinstance(tile_batch, bool) or tile_batch < 1:
+            raise ValueError(f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}")
+        self.tile, self.overlap, self.tile_batch = tile, overlap, int(tile_batch)
         # Per Restorer, not per process: a make() may capture a CUDA graph or compile, and Restorers on
         # other threads (one per GPU) must not wait for it. Reentrant: a frame graph's make() runs the
         # plan, which remembers its device data.
         self._cache_lock = threading.RLock()
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
-        if channel_order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {channel_order!r}")
-        self.channel_order = channel_order
+        self.channel_order = check_order(channel_order)
         if cuda_graph and backend not in ("eager", "triton", "compile"):
             raise ValueError(
                 f"cuda_graph=True takes the eager, triton or compile backend, not {backend!r} "
@@ -270,6 +301,14 @@ class Restorer:
         self.cuda_graph = cuda_graph
         self._graphs: dict = {}  # (shape, tile plan, maps) -> FrameGraph
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
+        ran = getattr(self.backend, "network_config", None)  # an exported file's own network
+        if ran is not None and ran != config:
+            differ = [f"{k} {v!r} there, {getattr(config, k)!r} given" for k, v in asdict(ran).items()]
+            differ = [d for d, (k, v) in zip(differ, asdict(ran).items()) if v != getattr(config, k)]
+            raise ValueError(
+                f"{self.backend.path} holds another network than the one given ({'; '.join(differ)}): "
+                "give the weights it was exported from, or neither weights= nor model= to use its own"
+            )
 
     # ---- tensors -------------------------------------------------------------------------------
     def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None):
@@ -362,7 +401,13 @@ class Restorer:
             maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
             if fused is None:
                 q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
-            return y[..., :h, :w].clamp(0, 1), q, maps if return_maps else None
+            if not return_maps:
+                return y[..., :h, :w].clamp(0, 1), q, None
+            # Backends run under inference_mode, so their gammas (and views of them) are inference
+            # tensors, which refuse in-place edits and autograd: the caller gets copies, as the tiled
+            # path's maps (made here) are ordinary tensors.
+            maps = [m.clone() if m.is_inference() else m for m in maps]
+            return y[..., :h, :w].clamp(0, 1), q, maps
 
         out = torch.zeros(n, 3, hp, wp, device=self.device)
         sums = torch.zeros(3, n, device=self.device, dtype=torch.float64)
@@ -445,9 +490,7 @@ class Restorer:
         or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in [0,1], any
         device: stays there).
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar."""
-        order = channel_order or self.channel_order
-        if order not in ("rgb", "bgr"):
-            raise ValueError(f"channel_order must be 'rgb' or 'bgr', not {order!r}")
+        order = check_order(channel_order or self.channel_order)
         if isinstance(img, torch.Tensor):
             return self._restore_torch(img, return_maps, order, progress)
         x, meta = to_tensor(img, order, self.device)  # integers travel; converted on the device
@@ -477,9 +520,14 @@ class Restorer:
 
     def restore_stream(self, frames, batch: int = 4, **options):
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
-        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream)."""
+        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream). Options
+        are checked here, when called, not at the first frame the generator is asked for."""
+        from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
+        check_order(options.get("channel_order") or self.channel_order)
+        check_matrix(options.get("matrix", "bt709"))
+        check_range(options.get("range", "limited"))
         return restore_stream(self, frames, batch, **options)
 
 
@@ -492,6 +540,7 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"empty image of shape {img.shape}")
+    dtype, img = img.dtype, native(img)  # given back as dtype, big-endian ones too
     if img.dtype == np.uint8:
         scale = 255.0
     elif img.dtype == np.uint16:
@@ -530,7 +579,7 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         arr = arr.astype(np.int32)
     elif arr.dtype == np.float16:  # computed in fp32 like any float input, given back as fp16
         arr = arr.astype(np.float32)
-    meta = {"dtype": img.dtype, "scale": scale, "gray": gray, "one_channel": one_channel}
+    meta = {"dtype": dtype, "scale": scale, "gray": gray, "one_channel": one_channel}
     return arr, meta | {"alpha": alpha, "order": order}
 
 
@@ -574,7 +623,9 @@ def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
         x = t.float()
         # On the CPU 0..255 floats or NaN are refused, not clamped into a white picture. On a GPU the
         # check would cost a device-to-host sync per call (and stall restore_stream's overlap): skipped.
-        lo, hi = (float(v) for v in torch.aminmax(x)) if x.device.type == "cpu" else (0.0, 1.0)
+        # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
+        # scalar" from inside qairn at every call.
+        lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
         if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
             raise ValueError(
                 f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "

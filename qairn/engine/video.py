@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qairn.engine.color import check_codes, check_matrix, check_range, plane_bits, restore_planes
+from qairn.engine.color import check_codes, check_matrix, check_range, native, plane_bits, restore_planes
 from qairn.engine.imageio import write_atomic
 from qairn.engine.tiling import tile_arg
 
@@ -76,13 +76,13 @@ def _groups(frames, batch: int):
     while True:
         try:
             item = next(it)
+            k = _key(item)  # an item that is no frame fails the stream as a failing source does
         except StopIteration:
             break
         except Exception:  # a source that fails mid-stream: the frames already read are still restored
             if group:
                 yield group
             raise
-        k = _key(item)
         if group and (k != key or len(group) == batch):
             yield group
             group = []
@@ -130,11 +130,11 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
             raise ValueError(
                 f"Y'CbCr frames are (y, u, v) tuples of 2-D planes, got shapes {[p.shape for p in first]}"
             )
-        depth = plane_bits(first[0].dtype, bits)
+        depth = plane_bits(native(first[0]).dtype if is_np else first[0].dtype, bits)
         planes = []
         for i in range(3):
-            if is_np:
-                p = torch.from_numpy(np.stack([f[i] for f in group]))
+            if is_np:  # given back in the frames' own dtype (meta), byte order included
+                p = torch.from_numpy(native(np.stack([f[i] for f in group])))
                 p = p.to(torch.int32) if p.dtype == torch.uint16 else p
             else:
                 p = torch.stack([f[i] for f in group])
@@ -212,8 +212,11 @@ def restore_stream(
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
     """
+    from qairn.engine.restorer import check_order
+
     matrix, crange = check_matrix(matrix), check_range(range)
-    order = channel_order or restorer.channel_order
+    # Anything but "bgr" was taken as RGB: "BGR" (OpenCV's spelling) restored swapped channels unsaid.
+    order = check_order(channel_order or restorer.channel_order)
     cuda = restorer.device.type == "cuda"
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None

@@ -6,18 +6,22 @@ onnxruntime has them and the engine device is CUDA. Tiling, padding and pooling 
 so results match the eager backend (to 1e-4 in fp32). Inputs go through host numpy arrays: simple and
 provider-agnostic; a CUDA deployment that wants zero-copy should use backend="tensorrt".
 
-Options: onnx=PATH (an export with --maps outputs), cache_dir=DIR, threads=N (intra-op threads;
-default: ONNX Runtime's, one per physical core), providers=[...] (ONNX Runtime provider names, or
-(name, options) pairs). precision="fp32" or "fp16" (the fp16 export with fp32 islands; fp32 image I/O
-either way).
+Options: onnx=PATH (an export with --maps outputs; without weights= or model=, the Restorer takes the
+network's config, p included, from its metadata, and weights of another network are refused),
+cache_dir=DIR, threads=N (intra-op threads; default: ONNX Runtime's, one per physical core),
+providers=[...] (ONNX Runtime provider names, or (name, options) pairs). precision="fp32" or "fp16"
+(the fp16 export with fp32 islands; fp32 image I/O either way).
 
 GPU: the CUDA and TensorRT providers run on the engine's device. ONNX Runtime picks its GPU by the
 provider option device_id (default 0), not by torch's current device, so a Restorer on cuda:N gives
-both providers device_id=N, in providers= as well unless that entry sets its own device_id.
+both providers device_id=N, in providers= as well unless that entry sets its own device_id. A session
+that was asked for a GPU provider but runs on the CPU alone (an onnxruntime without the provider, or
+one whose CUDA libraries failed to load) is refused, as is a CUDA device with a CPU-only onnxruntime.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +30,7 @@ import torch
 from qairn.engine.backends import BackendError
 from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, NP_DTYPES, cached_onnx, read_metadata, static_shape
 from qairn.export.shapes import FixedShapeRunner
-from qairn.model import QAIRN
+from qairn.model import QAIRN, QAIRNConfig
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -48,10 +52,38 @@ def gpu_index(device: torch.device) -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
+def check_names(providers) -> list:
+    """providers= as a list, its names checked. A bare "CUDAExecutionProvider" was taken letter by
+    letter, and a misspelt name ("cuda"): ONNX Runtime prints an "EP Error", drops them and runs on
+    the CPU, which nothing after can tell from a CPU provider asked for."""
+    import onnxruntime as ort
+
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    known = set(ort.get_all_providers()) | set(ort.get_available_providers())
+    for entry in providers:
+        name = entry if isinstance(entry, str) else entry[0]
+        if name not in known:
+            raise BackendError(
+                f"unknown ONNX Runtime provider {name!r} in providers=: use names such as "
+                "CUDAExecutionProvider, TensorrtExecutionProvider or CPUExecutionProvider"
+            )
+    return providers
+
+
 def on_device(providers, device: torch.device) -> list:
-    """providers (names or (name, options) pairs) with device_id set on the GPU ones to the engine's
-    GPU: without it, ONNX Runtime runs them on GPU 0 whatever the Restorer's device. An entry that
-    names its own device_id keeps it."""
+    """providers (names or (name, options) pairs; None: default_providers) with device_id set on the
+    GPU ones to the engine's GPU: without it, ONNX Runtime runs them on GPU 0 whatever the Restorer's
+    device. An entry that names its own device_id keeps it."""
+    if providers is None:
+        providers = default_providers(device)
+        if device.type == "cuda" and not any(p in GPU_PROVIDERS for p in providers):
+            import onnxruntime as ort
+
+            raise BackendError(
+                f"backend 'onnxruntime' on {device}: this onnxruntime has no CUDA or TensorRT provider "
+                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu, "
+                "or pass device='cpu'"
+            )
     index = gpu_index(device)
     out = []
     for entry in providers:
@@ -62,12 +94,46 @@ def on_device(providers, device: torch.device) -> list:
     return out
 
 
+def file_config(path: str | Path) -> QAIRNConfig | None:
+    """The config of the network an export holds (its qairn.config metadata), None where it has none."""
+    text = read_metadata(path).get("qairn.config")
+    if text is None:
+        return None
+    try:
+        return QAIRNConfig.from_json(text)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BackendError(f"{path}: unreadable qairn.config metadata ({e})") from None
+
+
+def check_providers(asked, running: list[str], device: torch.device) -> None:
+    """Refuse a session that was asked for a GPU provider but runs without any. ONNX Runtime drops a
+    provider it does not have with a warning, and one that fails to load (CUDA or cuDNN libraries
+    missing) with a logged error and a retry on the CPU: the session then runs on the CPU while the
+    caller believes it is on the GPU. A GPU provider missing beside one that runs is only warned of."""
+    asked = [a if isinstance(a, str) else a[0] for a in asked]
+    gpu_asked = [a for a in asked if a in GPU_PROVIDERS]
+    gpu_running = [r for r in running if r in GPU_PROVIDERS]
+    if gpu_asked and not gpu_running:
+        instead = "pass device='cpu'" if device.type == "cuda" else "leave the GPU providers out"
+        raise BackendError(
+            f"backend 'onnxruntime' on {device}: ONNX Runtime was asked for {', '.join(gpu_asked)} but "
+            f"runs on {', '.join(running)} only (provider missing or failed to load: see ONNX Runtime's "
+            f"log above); install onnxruntime-gpu with the CUDA libraries it needs, or {instead}"
+        )
+    dropped = [a for a in gpu_asked if a not in running]
+    if dropped:
+        warnings.warn(
+            f"ONNX Runtime runs on {', '.join(running)}: {', '.join(dropped)} missing or failed to load",
+            stacklevel=3,
+        )
+
+
 class OrtBackend:
     fixed_tile = False
 
     def __init__(
         self,
-        model: QAIRN,
+        model: QAIRN | None,  # None with onnx=: the file's network runs
         device: torch.device,
         precision: str = "fp32",
         onnx: str | Path | None = None,
@@ -80,12 +146,15 @@ class OrtBackend:
         if precision not in ("fp32", "fp16"):
             raise BackendError(f"backend 'onnxruntime' runs fp32 or fp16 exports, not {precision!r}")
         self.device = device
+        providers = on_device(check_names(providers) if providers is not None else None, device)
         self.path = (
             Path(onnx)
             if onnx is not None
             else cached_onnx(model, cache_dir, outputs="maps", precision=precision)
         )
         outputs = read_metadata(self.path).get("qairn.outputs")
+        # The Restorer pools quality with this network's p (and refuses weights of another network).
+        self.network_config = file_config(self.path)
         if outputs != "maps":
             raise BackendError(
                 f"{self.path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
@@ -95,8 +164,8 @@ class OrtBackend:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        providers = on_device(providers if providers is not None else default_providers(device), device)
         self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        check_providers(providers, self.session.get_providers(), device)
         self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
         self.static = static_shape(self.session)
         self.run = self._run

@@ -1,0 +1,162 @@
+"""The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import lively_model
+
+import qairn
+
+
+@pytest.mark.parametrize("tile", [None, 16])
+def test_tensor_maps_are_ordinary_tensors_whole_or_tiled(tile):
+    """The whole-image pass handed back views of the backend's gammas, made under inference_mode:
+    maps[k].mul_(255) raised "Inplace update to inference tensor outside InferenceMode", while the
+    tiled pass's maps took it. Both are ordinary tensors now."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=tile, overlap=0)
+    x = torch.rand(2, 3, 20, 30, generator=torch.Generator().manual_seed(0))
+    res = r.restore(x, return_maps=True)
+    y, u, v = (torch.full(s, 128, dtype=torch.uint8) for s in ((20, 30), (10, 15), (10, 15)))
+    for maps in (res.maps, r.restore_yuv(y, u, v, return_maps=True).maps):
+        for m in maps:
+            assert not m.is_inference()
+            m.mul_(255)  # raised on the whole-image pass
+
+
+@pytest.mark.parametrize("tile_batch", [2.5, 0, -3, "4", None, True])
+def test_tile_batch_is_checked_when_the_restorer_is_made(tile_batch):
+    """tile_batch=2.5 was kept and the first tiled image failed inside range() ("'float' object cannot
+    be interpreted as an integer"), "4" and None failed on max(); 0 and -3 became 1 without a word."""
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", tile=16, overlap=0, tile_batch=tile_batch)
+    assert str(e.value) == f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}"
+    assert qairn.Restorer(model=lively_model(), device="cpu", tile_batch=np.int64(3)).tile_batch == 3
+
+
+@pytest.mark.parametrize(
+    "bad, error, says",
+    [
+        (None, TypeError, "stream items are RGB images or (y, u, v) plane tuples, not NoneType"),
+        ((np.zeros((8, 8), np.uint8),) * 2, ValueError, "a Y'CbCr frame is a (y, u, v) tuple, got 2 planes"),
+    ],
+)
+def test_frames_read_before_an_item_that_is_no_frame_are_still_restored(bad, error, says):
+    """A source that raises mid-stream has the frames it gave restored and handed out first; a source
+    that gives something that is no frame (a decoder's None at the end) lost them: with batch=4, the
+    5th and 6th frames never came out."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frames = [np.full((9, 7, 3), 40 * i, np.uint8) for i in range(6)]
+    got = []
+    with pytest.raises(error) as e:
+        for res in r.restore_stream([*frames, bad, frames[0]], batch=4):
+            got.append(res)
+    assert str(e.value) == says
+    assert len(got) == 6
+    for res, frame in zip(got, frames):
+        np.testing.assert_array_equal(res.image, r.restore(frame).image)
+
+
+def test_big_endian_arrays_are_restored_and_given_back_big_endian():
+    """np.frombuffer(pipe, ">u2") of an rgb48be or yuv420p10be stream was refused as "unsupported image
+    dtype >u2 (use uint8, uint16 ...)" (restore_yuv: "planes must be integer code values"): the same
+    numbers in the other byte order. They are restored as the native ones and given back as they came."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 65536, (9, 7, 3)).astype(np.uint16)
+    for given in (img, (img / 65535).astype(np.float32)):
+        out = r.restore(given.astype(given.dtype.newbyteorder(">"))).image
+        assert out.dtype == given.dtype.newbyteorder(">")
+        np.testing.assert_array_equal(out, r.restore(given).image)
+        stream = [res.image for res in r.restore_stream([given.astype(out.dtype)] * 2, batch=1)]
+        np.testing.assert_array_equal(stream[1], out)
+    planes = (rng.integers(64, 941, (9, 7)), rng.integers(64, 961, (5, 4)), rng.integers(64, 961, (5, 4)))
+    planes = tuple(p.astype(np.uint16) for p in planes)
+    big = tuple(p.astype(">u2") for p in planes)
+    expect = r.restore_yuv(*planes, bits=10).image
+    for got in (r.restore_yuv(*big, bits=10).image, next(r.restore_stream([big], bits=10)).image):
+        for p, q in zip(got, expect):
+            assert p.dtype == np.dtype(">u2")
+            np.testing.assert_array_equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"rqa_div": 0}, "unreadable qairn config (integer division or modulo by zero)"),
+        ({"residual": "false"}, "unreadable qairn config (residual must be true or false, not 'false')"),
+        ({"identity_init": 1}, "unreadable qairn config (identity_init must be true or false, not 1)"),
+    ],
+)
+def test_a_weights_file_whose_config_is_garbled_is_refused(tmp_path, change, says):
+    """rqa_div 0 escaped load_model as a bare ZeroDivisionError traceback; residual "false" (a string)
+    was loaded as the global residual switched on, a different network from the one the file names,
+    which the tensor-shape check cannot see."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from qairn.weights_io import FORMAT, WeightsError
+
+    model = lively_model()
+    config = json.loads(model.config.to_json()) | change
+    bad = tmp_path / "bad.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(bad),
+        metadata={"format": FORMAT, "config": json.dumps(config)},
+    )
+    with pytest.raises(WeightsError) as e:
+        qairn.load_model(bad)
+    assert str(e.value) == f"{bad}: {says}"
+
+
+def test_a_network_or_a_path_in_the_wrong_argument_is_refused_in_one_line():
+    """Restorer(model="w.safetensors") failed with "'str' object has no attribute 'config'", a state
+    dict likewise, and Restorer(net) (weights= is the first argument) with Path()'s "expected str,
+    bytes or os.PathLike object, not QAIRN"."""
+    net = lively_model()
+    cases = [
+        ({"model": "w.safetensors"}, "model= takes a QAIRN network (qairn.load_model(path)), not str; "),
+        (
+            {"model": net.state_dict()},
+            "model= takes a QAIRN network (qairn.load_model(path)), not OrderedDict",
+        ),
+        ({"weights": net}, "weights= takes the path of a qairn .safetensors file, not QAIRN; give a network"),
+        ({"weights": 3}, "weights= takes the path of a qairn .safetensors file, not int"),
+    ]
+    for options, says in cases:
+        with pytest.raises(TypeError) as e:
+            qairn.Restorer(device="cpu", **options)
+        assert str(e.value).startswith(says) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        ({"channel_order": "BGR"}, "channel_order must be 'rgb' or 'bgr', not 'BGR'"),
+        ({"channel_order": "rbg"}, "channel_order must be 'rgb' or 'bgr', not 'rbg'"),
+        ({"matrix": "bt709x"}, "unknown colour matrix 'bt709x'; choose one of bt601, bt709, bt2020"),
+    ],
+)
+def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
+    """restore_stream(frames, channel_order="BGR") ran: anything but "bgr" was taken as RGB, so
+    OpenCV frames were restored with red and blue swapped, where restore() refuses "BGR". Now refused,
+    and when restore_stream is called, not at the first frame drawn from it."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frames = [np.zeros((9, 7, 3), np.uint8)]
+    with pytest.raises(ValueError) as e:
+        r.restore_stream(frames, **options)  # not iterated
+    assert str(e.value) == says
+
+
+def test_a_tensor_that_requires_grad_is_restored_without_a_warning():
+    """The range check turned the input's min and max into floats, and torch warned "Converting a
+    tensor with requires_grad=True to a scalar may lead to unexpected behavior" at every call."""
+    import warnings
+
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    x = torch.rand(1, 3, 9, 7, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = r.restore(x)
+    assert res.image.shape == (1, 3, 9, 7)
