@@ -683,3 +683,17 @@ def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path
     trainer.train(tiny_args(data, tmp_path / "i", steps=1, nb=nb, init=str(tiny_weights)))
     trainer.train(tiny_args(data, tmp_path / "i", steps=2, resume=True))  # resumed without the override
     assert state(tmp_path / "i" / "checkpoint.pt")["step"] == 2
+
+
+def test_cache_sees_an_image_edited_in_place(tmp_path):
+    # A PPM (or BMP) of the same shape has the same byte size: a cache keyed on names and sizes
+    # alone gave the old pixels back.
+    img = synth_image(np.random.default_rng(0), 24, 32)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "x.ppm"), img)
+    assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], img)
+    cv2.imwrite(str(folder / "x.ppm"), 255 - img)
+    st = (folder / "x.ppm").stat()
+    os.utime(folder / "x.ppm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse file-system clocks
+    assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], 255 - img)
