@@ -697,3 +697,13 @@ def test_cache_sees_an_image_edited_in_place(tmp_path):
     st = (folder / "x.ppm").stat()
     os.utime(folder / "x.ppm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse file-system clocks
     assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], 255 - img)
+
+
+def test_images_too_small_for_a_patch_are_named(data, tmp_path, capsys):
+    # They were left out of training without a word: a folder of mixed sizes trained on part of itself.
+    folder = make_folder(tmp_path / "mixed", 4, 64, 80, seed=3)
+    cv2.imwrite(str(folder / "small.png"), synth_image(np.random.default_rng(4), 36, 80))
+    trainer.train(tiny_args(folder, tmp_path / "out", steps=1, val_holdout=0))
+    out = capsys.readouterr().out
+    assert "note: 1 of 5 training images are under 40 px on a side (--patch 32 + 8)" in out
+    assert "not used: small.png\n" in out

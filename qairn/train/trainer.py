@@ -309,6 +309,14 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images = load_cached(train_files, out / "cache")
+    # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
+    small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
+    if main and small and len(small) < len(images):
+        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+        print(
+            f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
+            f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+        )
     try:
         ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
     except ValueError as e:  # no image large enough: say which folder
