@@ -707,3 +707,13 @@ def test_images_too_small_for_a_patch_are_named(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "note: 1 of 5 training images are under 40 px on a side (--patch 32 + 8)" in out
     assert "not used: small.png\n" in out
+
+
+def test_an_unreadable_held_out_image_is_refused_before_training(data, tmp_path):
+    # It was first read at the export (or at step --val-every): the whole run trained, then failed.
+    folder = make_folder(tmp_path / "data", 4, 64, 80, seed=3)
+    (folder / "aaa.png").write_bytes(b"not a png")  # first by name: always held out
+    w = tmp_path / "w.safetensors"
+    with pytest.raises(SystemExit, match=r"aaa\.png: cannot decode validation image"):
+        trainer.train(tiny_args(folder, tmp_path / "out", steps=2, val_every=0, export=str(w)))
+    assert not (tmp_path / "out").exists()

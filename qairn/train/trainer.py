@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import cv2
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -231,6 +232,11 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         )
     # Listed before --out is made: a missing or empty --data folder leaves no empty run folder behind.
     train_files, val_files = train_val_files(a)
+    # The held-out images are first read at the first validation or at the export, after hours of
+    # training: one that cannot be decoded is refused now instead.
+    for f in val_files:
+        if cv2.imread(str(f), cv2.IMREAD_COLOR) is None:
+            raise SystemExit(f"{f}: cannot decode validation image (held out for validation and export)")
     if ck is not None and main and ck.get("val_files") not in (None, [f.name for f in val_files]):
         # The split is every k-th image of the folder: images added or removed move it, so earlier
         # held-out images may now train and the validation curve jumps.
