@@ -717,3 +717,24 @@ def test_an_unreadable_held_out_image_is_refused_before_training(data, tmp_path)
     with pytest.raises(SystemExit, match=r"aaa\.png: cannot decode validation image"):
         trainer.train(tiny_args(folder, tmp_path / "out", steps=2, val_every=0, export=str(w)))
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_and_export_check_run_without_tf32(data, tmp_path, monkeypatch):
+    # On CUDA the trainer turns TF32 on for speed, and validation and the export's fp16-vs-fp32 check
+    # then ran with TF32 convolutions: the "fp32" PSNR they compare against was not fp32's.
+    from qairn.train import evaluate
+
+    seen = []
+    tf32 = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    for name in ("fp16_check", "restored_psnrs"):
+        real = getattr(evaluate, name)
+        monkeypatch.setattr(evaluate, name, lambda *x, real=real, **k: seen.append(tf32()) or real(*x, **k))
+    saved = tf32()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as on a GPU
+    try:
+        w = tmp_path / "w.safetensors"
+        trainer.train(tiny_args(data, tmp_path / "out", steps=2, val_every=2, export=str(w)))
+        assert tf32() == (True, True)  # put back afterwards
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert len(seen) >= 2 and set(seen) == {(False, False)}

@@ -5,6 +5,7 @@ through torchrun (DistributedDataParallel). Checkpoints hold model, optimiser, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import io
@@ -572,6 +573,19 @@ def validation_pairs(files: list[Path]) -> list[tuple[int, object, object]]:
     return jpeg_pairs(files, VAL_QFS, VAL_CROP)
 
 
+@contextlib.contextmanager
+def fp32_reference():
+    """TF32 off for a while: training turns it on (and cuDNN has it on by default), but validation and
+    the export's fp16 check compare restored PSNRs against the fp32 model, as the evaluation does."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@fp32_reference()
 def validate(model: QAIRN, pairs: list, device) -> dict:
     """Mean restored PSNR per QF on the validation pairs, from a copy (the Restorer moves its model
     to its own layout and precision; the training model must not change)."""
@@ -637,7 +651,8 @@ def export_weights(
     from qairn.train.evaluate import fp16_check
     from qairn.weights_io import save_weights
 
-    decision = fp16_check(model, val_files, device=device)
+    with fp32_reference():
+        decision = fp16_check(model, val_files, device=device)
     print(
         f"export: {decision['dtype']} ({decision.get('loss_db', math.nan):.4f} dB fp16 loss on "
         f"{len(val_files)} held-out images) -> {a.export}"
