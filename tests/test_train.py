@@ -222,6 +222,14 @@ def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
     assert a["scaler"] == b["scaler"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # A bare resume (`--out b --resume`, no --amp) keeps the run's fp16 and its loss scale: it fell
+    # back to --amp auto (bf16 on CUDA, none here) and dropped the scale.
+    trainer.train(tiny_args(data, tmp_path / "c", steps=2, amp="fp16"))
+    trainer.train(tiny_args(data, tmp_path / "c", steps=4, resume=True), {"resume", "out", "steps"})
+    c = state(tmp_path / "c" / "checkpoint.pt")
+    assert c["args"]["amp"] == "fp16" and c["scaler"] == a["scaler"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], c["model"][k]), k
 
 
 def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):

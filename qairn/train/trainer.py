@@ -78,6 +78,7 @@ class TrainArgs:
 RESUMED_ARGS = (
     "steps", "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
     "lr_halve_every", "lr_min", "ssim_weight", "seed", "val_holdout", "val_data", "ema", "channels_last",
+    "amp",
 )  # fmt: skip
 
 
