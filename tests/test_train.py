@@ -746,3 +746,13 @@ def test_validation_and_export_check_run_without_tf32(data, tmp_path, monkeypatc
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     assert len(seen) >= 2 and set(seen) == {(False, False)}
+
+
+def test_val_data_inside_the_training_folder_is_refused(tmp_path):
+    # --data is searched recursively, so --val-data DATA/val trained on its own validation images.
+    folder = make_folder(tmp_path / "data", 4, 64, 80, seed=3)
+    make_folder(folder / "val", 2, 64, 80, seed=4)
+    for val, n in ((folder / "val", 2), (folder, 6)):
+        with pytest.raises(SystemExit, match=rf"--val-data .*: {n} of its images are also training images"):
+            trainer.train(tiny_args(folder, tmp_path / "out", val_data=str(val)))
+        assert not (tmp_path / "out").exists()

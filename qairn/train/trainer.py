@@ -100,7 +100,16 @@ def model_config(a: TrainArgs) -> QAIRNConfig:
 
 def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
     if a.val_data:
-        return list_images(a.data), list_images(a.val_data)
+        train, val = list_images(a.data), list_images(a.val_data)
+        # --data is searched recursively: a --val-data inside it (or the same folder) would train on
+        # the images that validate it and choose p.
+        both = sorted({f.resolve() for f in train} & {f.resolve() for f in val})
+        if both:
+            raise SystemExit(
+                f"--val-data {a.val_data}: {len(both)} of its images are also training images in --data "
+                f"{a.data} (e.g. {both[0]}); keep the validation folder out of the training folder"
+            )
+        return train, val
     return split_files(a.data, a.val_holdout)
 
 
