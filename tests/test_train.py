@@ -756,3 +756,15 @@ def test_val_data_inside_the_training_folder_is_refused(tmp_path):
         with pytest.raises(SystemExit, match=rf"--val-data .*: {n} of its images are also training images"):
             trainer.train(tiny_args(folder, tmp_path / "out", val_data=str(val)))
         assert not (tmp_path / "out").exists()
+
+
+def test_a_data_folder_holding_live1_is_refused(tmp_path):
+    # --data ../shared/data (or the GPU pack's root) took in its live1/ test images too, silently.
+    root = tmp_path / "data"
+    make_folder(root / "train", 4, 64, 80, seed=3)
+    make_folder(root / "live1", 2, 64, 80, seed=4)
+    with pytest.raises(SystemExit, match=r"--data .*data: holds 2 LIVE1 test images \(.*live1\)"):
+        trainer.train(tiny_args(root, tmp_path / "out"))
+    with pytest.raises(SystemExit, match=r"--val-data .*live1: holds 2 LIVE1 test images"):
+        trainer.train(tiny_args(root / "train", tmp_path / "out", val_data=str(root / "live1")))
+    assert not (tmp_path / "out").exists()

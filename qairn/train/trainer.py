@@ -99,6 +99,15 @@ def model_config(a: TrainArgs) -> QAIRNConfig:
 
 
 def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
+    # Folders are searched recursively: --data ../shared/data or --data gpu_pack (instead of their
+    # train/) takes in the LIVE1 test images, which the recipe never trains or validates on.
+    for opt, folder in (("--data", a.data), ("--val-data", a.val_data)):
+        test = [f for f in (list_images(folder) if folder else []) if f.parent.name.lower() == "live1"]
+        if test:
+            raise SystemExit(
+                f"{opt} {folder}: holds {len(test)} LIVE1 test images ({test[0].parent}), which are never "
+                "trained or validated on; give the training folder itself (its train/)"
+            )
     if a.val_data:
         train, val = list_images(a.data), list_images(a.val_data)
         # --data is searched recursively: a --val-data inside it (or the same folder) would train on
