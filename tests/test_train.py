@@ -768,3 +768,11 @@ def test_a_data_folder_holding_live1_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--val-data .*live1: holds 2 LIVE1 test images"):
         trainer.train(tiny_args(root / "train", tmp_path / "out", val_data=str(root / "live1")))
     assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_the_data_folder_is_refused(tmp_path):
+    # The run's loss.png was found by the recursive search and trained on from the first resume.
+    folder = make_folder(tmp_path / "data", 4, 64, 80, seed=3)
+    with pytest.raises(SystemExit, match=r"--out .*run: is inside --data .*data, whose images"):
+        trainer.train(tiny_args(folder, folder / "run"))
+    assert not (folder / "run").exists()

@@ -183,6 +183,11 @@ def check_args(a: TrainArgs) -> None:
     for bad, says in problems:
         if bad:
             raise SystemExit(says)
+    out = Path(a.out).resolve()
+    for opt, folder in (("--data", a.data), ("--val-data", a.val_data)):
+        # The image folders are searched recursively: the run's loss.png would train (or validate).
+        if folder and (out == Path(folder).resolve() or Path(folder).resolve() in out.parents):
+            raise SystemExit(f"--out {a.out}: is inside {opt} {folder}, whose images it would add to")
     if a.export:
         if Path(a.export).suffix != ".safetensors":
             raise SystemExit(f"--export {a.export}: weights are written as .safetensors")
