@@ -776,3 +776,13 @@ def test_out_inside_the_data_folder_is_refused(tmp_path):
     with pytest.raises(SystemExit, match=r"--out .*run: is inside --data .*data, whose images"):
         trainer.train(tiny_args(folder, folder / "run"))
     assert not (folder / "run").exists()
+
+
+def test_lr_schedule_ends_and_a_low_lr_is_kept():
+    a = trainer.TrainArgs()  # the recipe: 2e-4 halved every 1e4 steps, down to 1.25e-5
+    assert [trainer.lr_at(s, a) for s in (0, 9999, 10000, 39999, 40000, 499_999)] == [
+        2e-4, 2e-4, 1e-4, 2.5e-5, 1.25e-5, 1.25e-5,
+    ]  # fmt: skip
+    # --lr below --lr-min (fine-tuning at 1e-5) trained at the floor, 1.25e-5, from step 0.
+    low = replace(a, lr=1e-5)
+    assert trainer.lr_at(0, low) == trainer.lr_at(10**5, low) == 1e-5

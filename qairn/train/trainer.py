@@ -83,7 +83,8 @@ RESUMED_ARGS = (
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
-    return max(a.lr * 0.5 ** (step // a.lr_halve_every), a.lr_min)
+    # The floor stops the halving; it never raises a --lr set below it (a fine-tuning rate, say).
+    return max(a.lr * 0.5 ** (step // a.lr_halve_every), min(a.lr_min, a.lr))
 
 
 def model_config(a: TrainArgs) -> QAIRNConfig:
