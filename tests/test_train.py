@@ -786,3 +786,11 @@ def test_lr_schedule_ends_and_a_low_lr_is_kept():
     # --lr below --lr-min (fine-tuning at 1e-5) trained at the floor, 1.25e-5, from step 0.
     low = replace(a, lr=1e-5)
     assert trainer.lr_at(0, low) == trainer.lr_at(10**5, low) == 1e-5
+
+
+def test_a_subfolder_named_like_an_image_is_searched_not_read(tmp_path):
+    # "set.png/" was listed as an image itself and stopped the run: "set.png: cannot decode training image".
+    make_folder(tmp_path / "data" / "set.png", 2, 64, 80, seed=3)
+    files = list_images(tmp_path / "data")
+    assert [f.name for f in files] == ["img00.png", "img01.png"]
+    assert len(load_cached(files)) == 2
