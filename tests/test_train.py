@@ -222,6 +222,14 @@ def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
     assert a["scaler"] == b["scaler"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # A bare resume (`--out b --resume`, no --amp) keeps the run's fp16 and its loss scale: it fell
+    # back to --amp auto (bf16 on CUDA, none here) and dropped the scale.
+    trainer.train(tiny_args(data, tmp_path / "c", steps=2, amp="fp16"))
+    trainer.train(tiny_args(data, tmp_path / "c", steps=4, resume=True), {"resume", "out", "steps"})
+    c = state(tmp_path / "c" / "checkpoint.pt")
+    assert c["args"]["amp"] == "fp16" and c["scaler"] == a["scaler"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], c["model"][k]), k
 
 
 def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
@@ -683,3 +691,106 @@ def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path
     trainer.train(tiny_args(data, tmp_path / "i", steps=1, nb=nb, init=str(tiny_weights)))
     trainer.train(tiny_args(data, tmp_path / "i", steps=2, resume=True))  # resumed without the override
     assert state(tmp_path / "i" / "checkpoint.pt")["step"] == 2
+
+
+def test_cache_sees_an_image_edited_in_place(tmp_path):
+    # A PPM (or BMP) of the same shape has the same byte size: a cache keyed on names and sizes
+    # alone gave the old pixels back.
+    img = synth_image(np.random.default_rng(0), 24, 32)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "x.ppm"), img)
+    assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], img)
+    cv2.imwrite(str(folder / "x.ppm"), 255 - img)
+    st = (folder / "x.ppm").stat()
+    os.utime(folder / "x.ppm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse file-system clocks
+    assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], 255 - img)
+
+
+def test_images_too_small_for_a_patch_are_named(data, tmp_path, capsys):
+    # They were left out of training without a word: a folder of mixed sizes trained on part of itself.
+    folder = make_folder(tmp_path / "mixed", 4, 64, 80, seed=3)
+    cv2.imwrite(str(folder / "small.png"), synth_image(np.random.default_rng(4), 36, 80))
+    trainer.train(tiny_args(folder, tmp_path / "out", steps=1, val_holdout=0))
+    out = capsys.readouterr().out
+    assert "note: 1 of 5 training images are under 40 px on a side (--patch 32 + 8)" in out
+    assert "not used: small.png\n" in out
+
+
+def test_an_unreadable_held_out_image_is_refused_before_training(data, tmp_path):
+    # It was first read at the export (or at step --val-every): the whole run trained, then failed.
+    folder = make_folder(tmp_path / "data", 4, 64, 80, seed=3)
+    (folder / "aaa.png").write_bytes(b"not a png")  # first by name: always held out
+    w = tmp_path / "w.safetensors"
+    with pytest.raises(SystemExit, match=r"aaa\.png: cannot decode validation image"):
+        trainer.train(tiny_args(folder, tmp_path / "out", steps=2, val_every=0, export=str(w)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_and_export_check_run_without_tf32(data, tmp_path, monkeypatch):
+    # On CUDA the trainer turns TF32 on for speed, and validation and the export's fp16-vs-fp32 check
+    # then ran with TF32 convolutions: the "fp32" PSNR they compare against was not fp32's.
+    from qairn.train import evaluate
+
+    seen = []
+    tf32 = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    for name in ("fp16_check", "restored_psnrs"):
+        real = getattr(evaluate, name)
+        monkeypatch.setattr(evaluate, name, lambda *x, real=real, **k: seen.append(tf32()) or real(*x, **k))
+    saved = tf32()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as on a GPU
+    try:
+        w = tmp_path / "w.safetensors"
+        trainer.train(tiny_args(data, tmp_path / "out", steps=2, val_every=2, export=str(w)))
+        assert tf32() == (True, True)  # put back afterwards
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert len(seen) >= 2 and set(seen) == {(False, False)}
+
+
+def test_val_data_inside_the_training_folder_is_refused(tmp_path):
+    # --data is searched recursively, so --val-data DATA/val trained on its own validation images.
+    folder = make_folder(tmp_path / "data", 4, 64, 80, seed=3)
+    make_folder(folder / "val", 2, 64, 80, seed=4)
+    for val, n in ((folder / "val", 2), (folder, 6)):
+        with pytest.raises(SystemExit, match=rf"--val-data .*: {n} of its images are also training images"):
+            trainer.train(tiny_args(folder, tmp_path / "out", val_data=str(val)))
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_data_folder_holding_live1_is_refused(tmp_path):
+    # --data ../shared/data (or the GPU pack's root) took in its live1/ test images too, silently.
+    root = tmp_path / "data"
+    make_folder(root / "train", 4, 64, 80, seed=3)
+    make_folder(root / "live1", 2, 64, 80, seed=4)
+    with pytest.raises(SystemExit, match=r"--data .*data: holds 2 LIVE1 test images \(.*live1\)"):
+        trainer.train(tiny_args(root, tmp_path / "out"))
+    with pytest.raises(SystemExit, match=r"--val-data .*live1: holds 2 LIVE1 test images"):
+        trainer.train(tiny_args(root / "train", tmp_path / "out", val_data=str(root / "live1")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_the_data_folder_is_refused(tmp_path):
+    # The run's loss.png was found by the recursive search and trained on from the first resume.
+    folder = make_folder(tmp_path / "data", 4, 64, 80, seed=3)
+    with pytest.raises(SystemExit, match=r"--out .*run: is inside --data .*data, whose images"):
+        trainer.train(tiny_args(folder, folder / "run"))
+    assert not (folder / "run").exists()
+
+
+def test_lr_schedule_ends_and_a_low_lr_is_kept():
+    a = trainer.TrainArgs()  # the recipe: 2e-4 halved every 1e4 steps, down to 1.25e-5
+    assert [trainer.lr_at(s, a) for s in (0, 9999, 10000, 39999, 40000, 499_999)] == [
+        2e-4, 2e-4, 1e-4, 2.5e-5, 1.25e-5, 1.25e-5,
+    ]  # fmt: skip
+    # --lr below --lr-min (fine-tuning at 1e-5) trained at the floor, 1.25e-5, from step 0.
+    low = replace(a, lr=1e-5)
+    assert trainer.lr_at(0, low) == trainer.lr_at(10**5, low) == 1e-5
+
+
+def test_a_subfolder_named_like_an_image_is_searched_not_read(tmp_path):
+    # "set.png/" was listed as an image itself and stopped the run: "set.png: cannot decode training image".
+    make_folder(tmp_path / "data" / "set.png", 2, 64, 80, seed=3)
+    files = list_images(tmp_path / "data")
+    assert [f.name for f in files] == ["img00.png", "img01.png"]
+    assert len(load_cached(files)) == 2

@@ -22,7 +22,8 @@ IMAGE_EXTS = {".png", ".webp", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm"}
 def list_images(folder: str | Path) -> list[Path]:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    # Files only: a folder may be named like an image ("set5.png/"); its images are found inside it.
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise FileNotFoundError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
     return files
@@ -30,7 +31,11 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[np.ndarray]:
     """Decode every image once (BGR uint8); keep a .npz cache keyed by the file list."""
-    key = hashlib.sha1("\n".join(f"{p.name}:{p.stat().st_size}" for p in files).encode()).hexdigest()[:12]
+    # Path, size and modification time: an image edited in place keeps its size (any BMP or PPM of
+    # the same shape does), and two folders may hold files of the same name.
+    stats = ((p, p.stat()) for p in files)
+    key = hashlib.sha1("\n".join(f"{p}:{st.st_size}:{st.st_mtime_ns}" for p, st in stats).encode())
+    key = key.hexdigest()[:12]
     cache = Path(cache_dir) / f"train-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
         with np.load(cache) as z:

@@ -5,6 +5,7 @@ through torchrun (DistributedDataParallel). Checkpoints hold model, optimiser, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import io
@@ -16,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import cv2
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -76,11 +78,13 @@ class TrainArgs:
 RESUMED_ARGS = (
     "steps", "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
     "lr_halve_every", "lr_min", "ssim_weight", "seed", "val_holdout", "val_data", "ema", "channels_last",
+    "amp",
 )  # fmt: skip
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
-    return max(a.lr * 0.5 ** (step // a.lr_halve_every), a.lr_min)
+    # The floor stops the halving; it never raises a --lr set below it (a fine-tuning rate, say).
+    return max(a.lr * 0.5 ** (step // a.lr_halve_every), min(a.lr_min, a.lr))
 
 
 def model_config(a: TrainArgs) -> QAIRNConfig:
@@ -96,8 +100,26 @@ def model_config(a: TrainArgs) -> QAIRNConfig:
 
 
 def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
+    # Folders are searched recursively: --data ../shared/data or --data gpu_pack (instead of their
+    # train/) takes in the LIVE1 test images, which the recipe never trains or validates on.
+    for opt, folder in (("--data", a.data), ("--val-data", a.val_data)):
+        test = [f for f in (list_images(folder) if folder else []) if f.parent.name.lower() == "live1"]
+        if test:
+            raise SystemExit(
+                f"{opt} {folder}: holds {len(test)} LIVE1 test images ({test[0].parent}), which are never "
+                "trained or validated on; give the training folder itself (its train/)"
+            )
     if a.val_data:
-        return list_images(a.data), list_images(a.val_data)
+        train, val = list_images(a.data), list_images(a.val_data)
+        # --data is searched recursively: a --val-data inside it (or the same folder) would train on
+        # the images that validate it and choose p.
+        both = sorted({f.resolve() for f in train} & {f.resolve() for f in val})
+        if both:
+            raise SystemExit(
+                f"--val-data {a.val_data}: {len(both)} of its images are also training images in --data "
+                f"{a.data} (e.g. {both[0]}); keep the validation folder out of the training folder"
+            )
+        return train, val
     return split_files(a.data, a.val_holdout)
 
 
@@ -162,6 +184,11 @@ def check_args(a: TrainArgs) -> None:
     for bad, says in problems:
         if bad:
             raise SystemExit(says)
+    out = Path(a.out).resolve()
+    for opt, folder in (("--data", a.data), ("--val-data", a.val_data)):
+        # The image folders are searched recursively: the run's loss.png would train (or validate).
+        if folder and (out == Path(folder).resolve() or Path(folder).resolve() in out.parents):
+            raise SystemExit(f"--out {a.out}: is inside {opt} {folder}, whose images it would add to")
     if a.export:
         if Path(a.export).suffix != ".safetensors":
             raise SystemExit(f"--export {a.export}: weights are written as .safetensors")
@@ -231,6 +258,11 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         )
     # Listed before --out is made: a missing or empty --data folder leaves no empty run folder behind.
     train_files, val_files = train_val_files(a)
+    # The held-out images are first read at the first validation or at the export, after hours of
+    # training: one that cannot be decoded is refused now instead.
+    for f in val_files:
+        if cv2.imread(str(f), cv2.IMREAD_COLOR) is None:
+            raise SystemExit(f"{f}: cannot decode validation image (held out for validation and export)")
     if ck is not None and main and ck.get("val_files") not in (None, [f.name for f in val_files]):
         # The split is every k-th image of the folder: images added or removed move it, so earlier
         # held-out images may now train and the validation curve jumps.
@@ -309,6 +341,14 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     images = load_cached(train_files, out / "cache")
+    # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
+    small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
+    if main and small and len(small) < len(images):
+        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+        print(
+            f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
+            f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+        )
     try:
         ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
     except ValueError as e:  # no image large enough: say which folder
@@ -558,6 +598,19 @@ def validation_pairs(files: list[Path]) -> list[tuple[int, object, object]]:
     return jpeg_pairs(files, VAL_QFS, VAL_CROP)
 
 
+@contextlib.contextmanager
+def fp32_reference():
+    """TF32 off for a while: training turns it on (and cuDNN has it on by default), but validation and
+    the export's fp16 check compare restored PSNRs against the fp32 model, as the evaluation does."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@fp32_reference()
 def validate(model: QAIRN, pairs: list, device) -> dict:
     """Mean restored PSNR per QF on the validation pairs, from a copy (the Restorer moves its model
     to its own layout and precision; the training model must not change)."""
@@ -623,7 +676,8 @@ def export_weights(
     from qairn.train.evaluate import fp16_check
     from qairn.weights_io import save_weights
 
-    decision = fp16_check(model, val_files, device=device)
+    with fp32_reference():
+        decision = fp16_check(model, val_files, device=device)
     print(
         f"export: {decision['dtype']} ({decision.get('loss_db', math.nan):.4f} dB fp16 loss on "
         f"{len(val_files)} held-out images) -> {a.export}"
