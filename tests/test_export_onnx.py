@@ -289,3 +289,16 @@ def test_verify_a_file_from_before_the_qsums_scale(model, crops, tmp_path, monke
     onnx.save(proto, str(path))
     stats = ox.verify_onnx(path, model, crops[:1])
     assert stats["max_abs"]["Q"] <= 1e-5, stats
+
+
+def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys):
+    """Past torch's newest opset (23 in torch 2.13) the exporter failed deep in tracing with a
+    RuntimeError carrying the whole Torch IR graph: a traceback, not one line."""
+    out = tmp_path / "m.onnx"
+    top = ox.max_opset()
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--opset", str(top + 1)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"qairn export: opset {top + 1}: need 17..{top} (the newest this torch {torch.__version__} exports)"
+    ]
+    assert not out.exists() and list(tmp_path.iterdir()) == []

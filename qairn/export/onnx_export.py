@@ -155,8 +155,10 @@ def export_onnx(
     Checked with onnx.checker (full check, with shape inference) before it is written."""
     import onnx
 
-    if opset < 17:
-        raise ValueError(f"opset {opset}: need >= 17")
+    top = max_opset()
+    if not 17 <= opset <= top:
+        # Past its newest opset the exporter fails deep in tracing, with the whole graph in its message.
+        raise ValueError(f"opset {opset}: need 17..{top} (the newest this torch {torch.__version__} exports)")
     wrapper = ExportModel(model, outputs, precision, io, fp32_tail).eval()
     n, h, w = check_shape(shape) if shape is not None else (1, 64, 64)
     example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(DTYPES[io])
@@ -184,6 +186,15 @@ def export_onnx(
         proto.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(proto, full_check=True)
     return write_atomic(path, proto.SerializeToString())
+
+
+def max_opset() -> int:
+    """The newest opset torch.onnx exports (a private constant: 23 in torch 2.13, assumed if gone)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:
+        return 23
+    return int(ONNX_MAX_OPSET)
 
 
 def _export_torchscript(wrapper, example, names, dynamic: bool, opset: int):
