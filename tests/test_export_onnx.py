@@ -302,3 +302,27 @@ def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys
         f"qairn export: opset {top + 1}: need 17..{top} (the newest this torch {torch.__version__} exports)"
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_two_threads_export_to_the_cache_at_once(model, tmp_path):
+    """Two Restorers made at once in one process (backend="onnxruntime" or "tensorrt") both call
+    cached_onnx: torch's exporter keeps global state, and the second export failed with
+    "AssertionError: GLOBALS.in_onnx_export must be ..."; both shared one temp name too."""
+    import threading
+
+    start, results = threading.Barrier(2), []
+
+    def export():
+        start.wait()
+        try:
+            results.append(ox.cached_onnx(model, tmp_path))
+        except Exception as e:  # noqa: BLE001 - reported below, with its type
+            results.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=export) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and isinstance(results[0], os.PathLike), results
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [results[0]]

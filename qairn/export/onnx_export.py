@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import threading
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -70,6 +71,12 @@ TOLERANCE = {
 
 class ExportError(RuntimeError):
     pass
+
+
+# torch.onnx.export keeps global state (GLOBALS.in_onnx_export): two exports at once in one process
+# fail with an AssertionError. One export at a time; cached_onnx holds it across check and rename, so
+# a second thread waits and then finds the file instead of exporting it again.
+_EXPORT_LOCK = threading.RLock()
 
 
 def gated_blend_fp32(logit: torch.Tensor, skip: torch.Tensor, dec: torch.Tensor):
@@ -163,12 +170,11 @@ def export_onnx(
     n, h, w = check_shape(shape) if shape is not None else (1, 64, 64)
     example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(DTYPES[io])
     names = output_names(outputs)
-    if exporter == "torchscript":
-        proto = _export_torchscript(wrapper, example, names, dynamic=shape is None, opset=opset)
-    elif exporter == "dynamo":
-        proto = _export_dynamo(wrapper, example, names, dynamic=shape is None, opset=opset)
-    else:
+    if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    export = _export_torchscript if exporter == "torchscript" else _export_dynamo
+    with _EXPORT_LOCK:
+        proto = export(wrapper, example, names, dynamic=shape is None, opset=opset)
     if precision == "fp32":
         mark_fp32_islands(proto, tail=fp32_tail)
     meta = {
@@ -354,17 +360,18 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
     path = (
         cache_dir(cache) / "onnx" / f"qairn-{model.config.preset}-{options['precision']}-{digest[:24]}.onnx"
     )
-    if not path.is_file():
-        # Exported and checked under a temp name: a file that fails its check never enters the cache,
-        # where the next call (or a TensorRT build) would take it unchecked.
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
-        try:
-            export_onnx(model, tmp, **options)
-            stats = verify_onnx(tmp, model, [synthetic_image(64, 96)])
-            check_parity(stats, options["precision"])
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with _EXPORT_LOCK:
+        if not path.is_file():
+            # Exported and checked under a temp name: a file that fails its check never enters the
+            # cache, where the next call (or a TensorRT build) would take it unchecked.
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
+            try:
+                export_onnx(model, tmp, **options)
+                stats = verify_onnx(tmp, model, [synthetic_image(64, 96)])
+                check_parity(stats, options["precision"])
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     return path
 
 
