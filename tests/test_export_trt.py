@@ -485,3 +485,18 @@ def test_tensorrt_cli_engine_file(tiny_weights, tmp_path):
         tile_batch=2,
     )
     assert r.backend.run.runners[(2, 64, 64)].path == out
+
+
+def test_cli_onnx_that_is_not_onnx_is_one_line(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt W --onnx F` with F the weights (or a truncated copy of an export): the
+    metadata read raised protobuf's DecodeError, a traceback, before anything said which file."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(tiny_weights), "--device", "cuda:0"]
+    assert export_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qairn export: {tiny_weights}: not an ONNX file ("), err

@@ -269,10 +269,14 @@ def _export_dynamo(wrapper, example, names, dynamic: bool, opset: int):
 
 def read_metadata(proto_or_path) -> dict:
     import onnx
+    from google.protobuf.message import DecodeError  # onnx's own dependency, optional like onnx
 
     proto = proto_or_path
     if not hasattr(proto, "metadata_props"):
-        proto = onnx.load(str(proto_or_path), load_external_data=False)
+        try:
+            proto = onnx.load(str(proto_or_path), load_external_data=False)
+        except DecodeError as e:  # weights passed as --onnx, a truncated copy: one line, not a traceback
+            raise ExportError(f"{proto_or_path}: not an ONNX file ({e})") from None
     return {p.key: p.value for p in proto.metadata_props}
 
 
