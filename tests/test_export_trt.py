@@ -500,3 +500,34 @@ def test_cli_onnx_that_is_not_onnx_is_one_line(tiny_weights, tmp_path, monkeypat
     assert export_main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"qairn export: {tiny_weights}: not an ONNX file ("), err
+
+
+def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
+    """Two processes (or threads) asking for the same engine at once both built it, and their
+    engine and sidecar writes could interleave into an engine that fails its sidecar's sha256 on the
+    next start (a rebuild of minutes). Now the second waits for the first and loads its engine."""
+    import threading
+    import time
+
+    builds = []
+
+    def fake_build(onnx_path, spec_, workspace, timing_cache):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # a build takes minutes: the other caller arrives meanwhile
+        return f"engine {len(builds)}".encode()
+
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    s, engine = spec(), tmp_path / "e.engine"
+    start, got = threading.Barrier(2), []
+
+    def get():
+        start.wait()
+        got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30))
+
+    threads = [threading.Thread(target=get) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and got == [b"engine 1"] * 2
+    assert trt_engine.load_cached(engine, s) == (b"engine 1", "cached")
