@@ -326,3 +326,16 @@ def test_two_threads_export_to_the_cache_at_once(model, tmp_path):
         t.join()
     assert len(set(results)) == 1 and isinstance(results[0], os.PathLike), results
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [results[0]]
+
+
+@pytest.mark.parametrize("qfs", ["", ",", "abc", "0", "10,101"])
+def test_cli_verify_qf_that_makes_no_images_is_refused(tiny_weights, tmp_path, capsys, qfs):
+    """--verify-qf "" gave no JPEGs: the export was "verified on 0 images: max abs err 0.00e+00" and
+    written. Now the list is refused before any work, and a check over no images is never a pass."""
+    out = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit) as e:
+        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", qfs])
+    assert e.value.code == 2 and "expected JPEG qualities 1..100" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ox.ExportError, match="verified on no images"):
+        ox.check_parity({"max_abs": {"restored": 0.0}, "finite": True, "images": 0}, "fp32")

@@ -28,6 +28,17 @@ def shape_arg(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected N,H,W (H, W multiples of 16): {e}") from None
 
 
+def qf_list(text: str) -> list[int]:
+    # An empty list verified on 0 images, and "passed" with errors of 0.
+    try:
+        qfs = [int(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        qfs = []
+    if not qfs or not all(1 <= q <= 100 for q in qfs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected JPEG qualities 1..100, comma separated")
+    return qfs
+
+
 def add_verify_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification (ONNX Runtime vs eager fp32)")
     g.add_argument(
@@ -37,7 +48,10 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
         help=f"image folder or file (default: {DEFAULT_IMAGES} if present)",
     )
     g.add_argument(
-        "--verify-qf", default="10,40", help="JPEG qualities to test, comma separated (default 10,40)"
+        "--verify-qf",
+        type=qf_list,
+        default="10,40",
+        help="JPEG qualities to test, comma separated (default 10,40)",
     )
     g.add_argument("--verify-limit", type=int, default=2, help="images to use; 0 = all (default 2)")
     g.add_argument(
@@ -129,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def verify_inputs(args) -> tuple[list, str]:
-    qfs = [int(q) for q in args.verify_qf.split(",") if q]
+    qfs = args.verify_qf
     source = args.verify_images if args.verify_images is not None else DEFAULT_IMAGES
     if source.is_dir():
         files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
