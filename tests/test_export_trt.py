@@ -531,3 +531,30 @@ def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
         t.join()
     assert len(builds) == 1 and got == [b"engine 1"] * 2
     assert trt_engine.load_cached(engine, s) == (b"engine 1", "cached")
+
+
+def test_backend_builds_a_static_onnx_at_its_own_shape(tmp_path, monkeypatch):
+    """An --onnx exported with --static 1,64,64 was given the default (4,512,512) profile (the CLI's
+    --shape default), a TensorRT build that fails deep in the builder; now its shape is taken, and
+    other shapes (or dynamic=True) are refused in one line."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    built = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(self.spec(shape)))
+    model = lively_model()
+    static = ox.export_onnx(model, tmp_path / "s.onnx", outputs="maps", shape=(1, 64, 64))
+    assert ox.static_input_shape(static) == (1, 64, 64)
+    cuda = torch.device("cuda", 0)
+    b = trt_backend.TrtBackend(model, cuda, "fp16", onnx=static, cache_dir=tmp_path)
+    assert [s.opt_shape for s in built] == [(1, 3, 64, 64)] and not b.dynamic
+    with pytest.raises(
+        BackendError, match=r"static for N,H,W = \(1, 64, 64\) and cannot run \(4, 512, 512\)"
+    ):
+        b.run.runner_for((4, 512, 512))
+    with pytest.raises(BackendError, match="dynamic engines need an export without --static"):
+        trt_backend.TrtBackend(model, cuda, "fp16", onnx=static, cache_dir=tmp_path, dynamic=True)

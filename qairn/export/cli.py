@@ -112,9 +112,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--shape",
         type=shape_arg,
-        default=(4, 512, 512),
+        default=None,
         metavar="N,H,W",
-        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512)",
+        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512, or a --static --onnx's)",
     )
     t.add_argument("--dynamic", action="store_true", help="dynamic batch and size (slower than static)")
     t.add_argument(
@@ -258,6 +258,8 @@ def main_tensorrt(args) -> int:
         )
         if verify(onnx, model, args):
             return 1
+    if args.shape is None:  # a --static export builds its own shape only
+        args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
     if args.output is not None and args.overwrite:
         # Without its sidecar the old file is no longer taken for what it was: this build replaces it.
         trt_engine.sidecar_path(args.output).unlink(missing_ok=True)

@@ -267,16 +267,20 @@ def _export_dynamo(wrapper, example, names, dynamic: bool, opset: int):
     return program.model_proto
 
 
-def read_metadata(proto_or_path) -> dict:
+def load_proto(path: str | Path):
     import onnx
     from google.protobuf.message import DecodeError  # onnx's own dependency, optional like onnx
 
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:  # weights passed as --onnx, a truncated copy: one line, not a traceback
+        raise ExportError(f"{path}: not an ONNX file ({e})") from None
+
+
+def read_metadata(proto_or_path) -> dict:
     proto = proto_or_path
     if not hasattr(proto, "metadata_props"):
-        try:
-            proto = onnx.load(str(proto_or_path), load_external_data=False)
-        except DecodeError as e:  # weights passed as --onnx, a truncated copy: one line, not a traceback
-            raise ExportError(f"{proto_or_path}: not an ONNX file ({e})") from None
+        proto = load_proto(proto_or_path)
     return {p.key: p.value for p in proto.metadata_props}
 
 
@@ -420,6 +424,13 @@ def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
     x = x[..., :th, :tw]
     x = F.pad(x, (0, tw - x.shape[-1], 0, th - x.shape[-2]), mode="replicate")
     return x.expand(n, -1, -1, -1).contiguous()
+
+
+def static_input_shape(path: str | Path) -> tuple[int, int, int] | None:
+    """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one."""
+    dims = load_proto(path).graph.input[0].type.tensor_type.shape.dim
+    n, _, h, w = (d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return (n, h, w) if None not in (n, h, w) else None
 
 
 def static_shape(session) -> tuple[int, int, int] | None:
