@@ -558,3 +558,10 @@ def test_backend_builds_a_static_onnx_at_its_own_shape(tmp_path, monkeypatch):
         b.run.runner_for((4, 512, 512))
     with pytest.raises(BackendError, match="dynamic engines need an export without --static"):
         trt_backend.TrtBackend(model, cuda, "fp16", onnx=static, cache_dir=tmp_path, dynamic=True)
+
+
+def test_cli_max_shape_without_dynamic_is_refused(tiny_weights, capsys):
+    """--max-shape 4,2048,2048 without --dynamic was dropped without a word: the engine was static at
+    --shape, not the 2048x2048 the user asked for. Refused before TensorRT is even imported."""
+    assert export_main(["tensorrt", str(tiny_weights), "--max-shape", "4,2048,2048"]) == 2
+    assert capsys.readouterr().err.strip() == "qairn export: --max-shape is for --dynamic engines"

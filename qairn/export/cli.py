@@ -221,6 +221,9 @@ def main_tensorrt(args) -> int:
     from qairn.export import trt_backend, trt_engine
     from qairn.weights_io import load_model
 
+    if args.max_shape is not None and not args.dynamic:  # a static engine has no larger shapes
+        print("qairn export: --max-shape is for --dynamic engines", file=sys.stderr)
+        return 2
     if args.output is not None and args.output.exists() and not args.overwrite:
         print(f"qairn export: {args.output}: exists (use --overwrite)", file=sys.stderr)
         return 2
