@@ -339,3 +339,15 @@ def test_cli_verify_qf_that_makes_no_images_is_refused(tiny_weights, tmp_path, c
     assert not out.exists()
     with pytest.raises(ox.ExportError, match="verified on no images"):
         ox.check_parity({"max_abs": {"restored": 0.0}, "finite": True, "images": 0}, "fp32")
+
+
+def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):
+    """-o typo/m.onnx created the folder typo/ (the export's writer makes cache folders) and wrote
+    the file there; an output folder that is not there is refused, as every other qairn output's."""
+    out = tmp_path / "typo" / "m.onnx"
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", "10"]) == 1
+    assert capsys.readouterr().err.strip() == f"qairn export: {out}: output folder does not exist"
+    assert not (tmp_path / "typo").exists()
+    engine = tmp_path / "typo" / "m.engine"  # checked before TensorRT is imported
+    assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 1
+    assert capsys.readouterr().err.strip() == f"qairn export: {engine}: output folder does not exist"

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import IMAGE_SUFFIXES
+from qairn.engine.imageio import IMAGE_SUFFIXES, check_writable
 from qairn.export import onnx_export as ox
 from qairn.export.trt_engine import EngineError
 
@@ -187,6 +187,7 @@ def main_onnx(args) -> int:
     if out.exists() and not args.overwrite:
         print(f"qairn export: {out}: exists (use --overwrite)", file=sys.stderr)
         return 2
+    check_writable(out)  # a typo in the folder is refused, not created (with the file's unverified twin)
     # Written beside the output and renamed only once verified: a graph that fails its check
     # replaces nothing and is not left where a deployment would pick it up.
     unverified = out.with_name(f".{out.name}.unverified")
@@ -230,6 +231,7 @@ def main_tensorrt(args) -> int:
     if args.output is not None and args.output.suffix != ".engine":
         print(f"qairn export: {args.output}: engine files end in .engine", file=sys.stderr)
         return 2
+    check_writable(args.output)
     try:
         trt = trt_backend.import_tensorrt()
     except BackendError as e:
