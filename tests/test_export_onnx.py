@@ -351,3 +351,22 @@ def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):
     engine = tmp_path / "typo" / "m.engine"  # checked before TensorRT is imported
     assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 1
     assert capsys.readouterr().err.strip() == f"qairn export: {engine}: output folder does not exist"
+
+
+def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path, monkeypatch, capsys):
+    """A --verify-images typo was found only after the model was loaded and exported (tens of seconds
+    for the small preset on a CPU, and the cached export's own check before a TensorRT build)."""
+    monkeypatch.setattr(ox, "export_onnx", lambda *a, **k: pytest.fail("exported first"))
+    argv = [
+        "onnx",
+        str(tiny_weights),
+        "-o",
+        str(tmp_path / "m.onnx"),
+        "--verify-images",
+        str(tmp_path / "no"),
+    ]
+    assert export_main(argv) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"qairn export: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
+    )

@@ -160,8 +160,8 @@ def verify_inputs(args) -> tuple[list, str]:
     return ox.jpeg_images(files, qfs, crop), f"{len(files)} images from {source} at QF {qfs}"
 
 
-def verify(path: Path, model, args) -> int:
-    images, note = verify_inputs(args)
+def verify(path: Path, model, inputs: tuple[list, str]) -> int:
+    images, note = inputs
     stats = ox.verify_onnx(path, model, images)
     print(f"{ox.summary(stats)} ({note})")
     try:
@@ -175,6 +175,7 @@ def verify(path: Path, model, args) -> int:
 def main_onnx(args) -> int:
     from qairn.weights_io import load_model
 
+    inputs = verify_inputs(args)  # a --verify-images typo is one line before the export, not after
     model = load_model(args.weights)
     precision = "fp16" if args.fp16 else "fp32"
     if args.io == "fp16" and not args.fp16:
@@ -203,7 +204,7 @@ def main_onnx(args) -> int:
         fp32_tail=args.fp32_tail,
     )
     try:
-        if rc := verify(path, model, args):
+        if rc := verify(path, model, inputs):
             return rc
         path.replace(out)
     finally:
@@ -250,6 +251,7 @@ def main_tensorrt(args) -> int:
     if device.type != "cuda":
         print(f"qairn export: --device: engines are built on a CUDA device, not {device}", file=sys.stderr)
         return 2
+    inputs = verify_inputs(args) if args.onnx is None else None  # only the cached export is verified
     model = load_model(args.weights)
     strongly_typed = True if args.strongly_typed else None
     typing = trt_engine.build_typing(
@@ -261,7 +263,7 @@ def main_tensorrt(args) -> int:
         onnx = ox.cached_onnx(
             model, args.cache_dir, outputs="maps", precision=trt_engine.onnx_precision(typing)
         )
-        if verify(onnx, model, args):
+        if verify(onnx, model, inputs):
             return 1
     if args.shape is None:  # a --static export builds its own shape only
         args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
