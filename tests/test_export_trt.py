@@ -565,3 +565,35 @@ def test_cli_max_shape_without_dynamic_is_refused(tiny_weights, capsys):
     --shape, not the 2048x2048 the user asked for. Refused before TensorRT is even imported."""
     assert export_main(["tensorrt", str(tiny_weights), "--max-shape", "4,2048,2048"]) == 2
     assert capsys.readouterr().err.strip() == "qairn export: --max-shape is for --dynamic engines"
+
+
+def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weights, tmp_path, monkeypatch):
+    """--overwrite deleted the old engine's sidecar before the build: a refused --onnx or a failed
+    build left an engine that no longer validates (the next run rebuilds over it). Now the new
+    engine is built in the cache folder and copied over -o, with its sidecar, only once built."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    old, new = spec(), spec(onnx_sha256="cd" * 32)
+    out = trt_engine.store(tmp_path / "mine.engine", old, b"old engine")
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(tmp_path / "m.onnx")]
+    argv += ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(tmp_path / "cache")]
+
+    def refused(*a, **k):
+        raise BackendError("m.onnx: refused")
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", refused)
+    assert export_main(argv) == 1
+    assert trt_engine.load_cached(out, old) == (b"old engine", "cached")
+
+    def built(model, device, precision, engine=None, cache_dir=None, **k):
+        path = trt_engine.store(cache_dir / "engines" / "new.engine", new, b"new engine")
+        runner = SimpleNamespace(spec=new, path=path)
+        return SimpleNamespace(dynamic=False, run=SimpleNamespace(runner_for=lambda shape: runner))
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", built)
+    assert export_main(argv) == 0
+    assert trt_engine.load_cached(out, new) == (b"new engine", "cached")

@@ -267,14 +267,14 @@ def main_tensorrt(args) -> int:
             return 1
     if args.shape is None:  # a --static export builds its own shape only
         args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
-    if args.output is not None and args.overwrite:
-        # Without its sidecar the old file is no longer taken for what it was: this build replaces it.
-        trt_engine.sidecar_path(args.output).unlink(missing_ok=True)
+    # --overwrite: built in the cache folder (the old file's recorded shapes are not taken) and copied
+    # over -o only once built, so a refused --onnx or a failed build leaves the old engine usable.
+    replace = args.output is not None and args.overwrite and args.output.exists()
     backend = trt_backend.TrtBackend(
         model,
         device,
         args.precision,
-        engine=args.output,
+        engine=None if replace else args.output,
         onnx=onnx,
         cache_dir=args.cache_dir,
         shape=args.shape,
@@ -284,15 +284,17 @@ def main_tensorrt(args) -> int:
         strongly_typed=strongly_typed,
     )
     runner = backend.run if backend.dynamic else backend.run.runner_for(args.shape)
-    spec = runner.spec
-    if args.output is not None and Path(runner.path) != args.output:
-        print(f"qairn export: {args.output}: the engine went to {runner.path} instead", file=sys.stderr)
+    spec, path = runner.spec, Path(runner.path)
+    if replace:
+        path = trt_engine.store(args.output, spec, path.read_bytes())
+    elif args.output is not None and path != args.output:
+        print(f"qairn export: {args.output}: the engine went to {path} instead", file=sys.stderr)
         return 1
     print(
-        f"wrote {runner.path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
+        f"wrote {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
         f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
-        f"{trt_engine.sidecar_path(runner.path).name}, timing cache "
-        f"{trt_engine.timing_cache_path(runner.path.parent, spec).name}"
+        f"{trt_engine.sidecar_path(path).name}, timing cache "
+        f"{trt_engine.timing_cache_path(Path(runner.path).parent, spec).name}"
     )
     return 0
 
