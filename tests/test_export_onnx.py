@@ -289,3 +289,84 @@ def test_verify_a_file_from_before_the_qsums_scale(model, crops, tmp_path, monke
     onnx.save(proto, str(path))
     stats = ox.verify_onnx(path, model, crops[:1])
     assert stats["max_abs"]["Q"] <= 1e-5, stats
+
+
+def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys):
+    """Past torch's newest opset (23 in torch 2.13) the exporter failed deep in tracing with a
+    RuntimeError carrying the whole Torch IR graph: a traceback, not one line."""
+    out = tmp_path / "m.onnx"
+    top = ox.max_opset()
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--opset", str(top + 1)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"qairn export: opset {top + 1}: need 17..{top} (the newest this torch {torch.__version__} exports)"
+    ]
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_two_threads_export_to_the_cache_at_once(model, tmp_path):
+    """Two Restorers made at once in one process (backend="onnxruntime" or "tensorrt") both call
+    cached_onnx: torch's exporter keeps global state, and the second export failed with
+    "AssertionError: GLOBALS.in_onnx_export must be ..."; both shared one temp name too."""
+    import threading
+
+    start, results = threading.Barrier(2), []
+
+    def export():
+        start.wait()
+        try:
+            results.append(ox.cached_onnx(model, tmp_path))
+        except Exception as e:  # noqa: BLE001 - reported below, with its type
+            results.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=export) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and isinstance(results[0], os.PathLike), results
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [results[0]]
+
+
+@pytest.mark.parametrize("qfs", ["", ",", "abc", "0", "10,101"])
+def test_cli_verify_qf_that_makes_no_images_is_refused(tiny_weights, tmp_path, capsys, qfs):
+    """--verify-qf "" gave no JPEGs: the export was "verified on 0 images: max abs err 0.00e+00" and
+    written. Now the list is refused before any work, and a check over no images is never a pass."""
+    out = tmp_path / "m.onnx"
+    with pytest.raises(SystemExit) as e:
+        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", qfs])
+    assert e.value.code == 2 and "expected JPEG qualities 1..100" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ox.ExportError, match="verified on no images"):
+        ox.check_parity({"max_abs": {"restored": 0.0}, "finite": True, "images": 0}, "fp32")
+
+
+def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):
+    """-o typo/m.onnx created the folder typo/ (the export's writer makes cache folders) and wrote
+    the file there; an output folder that is not there is refused, as every other qairn output's."""
+    out = tmp_path / "typo" / "m.onnx"
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", "10"]) == 1
+    assert capsys.readouterr().err.strip() == f"qairn export: {out}: output folder does not exist"
+    assert not (tmp_path / "typo").exists()
+    engine = tmp_path / "typo" / "m.engine"  # checked before TensorRT is imported
+    assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 1
+    assert capsys.readouterr().err.strip() == f"qairn export: {engine}: output folder does not exist"
+
+
+def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path, monkeypatch, capsys):
+    """A --verify-images typo was found only after the model was loaded and exported (tens of seconds
+    for the small preset on a CPU, and the cached export's own check before a TensorRT build)."""
+    monkeypatch.setattr(ox, "export_onnx", lambda *a, **k: pytest.fail("exported first"))
+    argv = [
+        "onnx",
+        str(tiny_weights),
+        "-o",
+        str(tmp_path / "m.onnx"),
+        "--verify-images",
+        str(tmp_path / "no"),
+    ]
+    assert export_main(argv) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"qairn export: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
+    )

@@ -485,3 +485,115 @@ def test_tensorrt_cli_engine_file(tiny_weights, tmp_path):
         tile_batch=2,
     )
     assert r.backend.run.runners[(2, 64, 64)].path == out
+
+
+def test_cli_onnx_that_is_not_onnx_is_one_line(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt W --onnx F` with F the weights (or a truncated copy of an export): the
+    metadata read raised protobuf's DecodeError, a traceback, before anything said which file."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(tiny_weights), "--device", "cuda:0"]
+    assert export_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qairn export: {tiny_weights}: not an ONNX file ("), err
+
+
+def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
+    """Two processes (or threads) asking for the same engine at once both built it, and their
+    engine and sidecar writes could interleave into an engine that fails its sidecar's sha256 on the
+    next start (a rebuild of minutes). Now the second waits for the first and loads its engine."""
+    import threading
+    import time
+
+    builds = []
+
+    def fake_build(onnx_path, spec_, workspace, timing_cache):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # a build takes minutes: the other caller arrives meanwhile
+        return f"engine {len(builds)}".encode()
+
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    s, engine = spec(), tmp_path / "e.engine"
+    start, got = threading.Barrier(2), []
+
+    def get():
+        start.wait()
+        got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30))
+
+    threads = [threading.Thread(target=get) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and got == [b"engine 1"] * 2
+    assert trt_engine.load_cached(engine, s) == (b"engine 1", "cached")
+
+
+def test_backend_builds_a_static_onnx_at_its_own_shape(tmp_path, monkeypatch):
+    """An --onnx exported with --static 1,64,64 was given the default (4,512,512) profile (the CLI's
+    --shape default), a TensorRT build that fails deep in the builder; now its shape is taken, and
+    other shapes (or dynamic=True) are refused in one line."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    built = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(self.spec(shape)))
+    model = lively_model()
+    static = ox.export_onnx(model, tmp_path / "s.onnx", outputs="maps", shape=(1, 64, 64))
+    assert ox.static_input_shape(static) == (1, 64, 64)
+    cuda = torch.device("cuda", 0)
+    b = trt_backend.TrtBackend(model, cuda, "fp16", onnx=static, cache_dir=tmp_path)
+    assert [s.opt_shape for s in built] == [(1, 3, 64, 64)] and not b.dynamic
+    with pytest.raises(
+        BackendError, match=r"static for N,H,W = \(1, 64, 64\) and cannot run \(4, 512, 512\)"
+    ):
+        b.run.runner_for((4, 512, 512))
+    with pytest.raises(BackendError, match="dynamic engines need an export without --static"):
+        trt_backend.TrtBackend(model, cuda, "fp16", onnx=static, cache_dir=tmp_path, dynamic=True)
+
+
+def test_cli_max_shape_without_dynamic_is_refused(tiny_weights, capsys):
+    """--max-shape 4,2048,2048 without --dynamic was dropped without a word: the engine was static at
+    --shape, not the 2048x2048 the user asked for. Refused before TensorRT is even imported."""
+    assert export_main(["tensorrt", str(tiny_weights), "--max-shape", "4,2048,2048"]) == 2
+    assert capsys.readouterr().err.strip() == "qairn export: --max-shape is for --dynamic engines"
+
+
+def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weights, tmp_path, monkeypatch):
+    """--overwrite deleted the old engine's sidecar before the build: a refused --onnx or a failed
+    build left an engine that no longer validates (the next run rebuilds over it). Now the new
+    engine is built in the cache folder and copied over -o, with its sidecar, only once built."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    old, new = spec(), spec(onnx_sha256="cd" * 32)
+    out = trt_engine.store(tmp_path / "mine.engine", old, b"old engine")
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(tmp_path / "m.onnx")]
+    argv += ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(tmp_path / "cache")]
+
+    def refused(*a, **k):
+        raise BackendError("m.onnx: refused")
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", refused)
+    assert export_main(argv) == 1
+    assert trt_engine.load_cached(out, old) == (b"old engine", "cached")
+
+    def built(model, device, precision, engine=None, cache_dir=None, **k):
+        path = trt_engine.store(cache_dir / "engines" / "new.engine", new, b"new engine")
+        runner = SimpleNamespace(spec=new, path=path)
+        return SimpleNamespace(dynamic=False, run=SimpleNamespace(runner_for=lambda shape: runner))
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", built)
+    assert export_main(argv) == 0
+    assert trt_engine.load_cached(out, new) == (b"new engine", "cached")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import IMAGE_SUFFIXES
+from qairn.engine.imageio import IMAGE_SUFFIXES, check_writable
 from qairn.export import onnx_export as ox
 from qairn.export.trt_engine import EngineError
 
@@ -28,6 +28,17 @@ def shape_arg(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected N,H,W (H, W multiples of 16): {e}") from None
 
 
+def qf_list(text: str) -> list[int]:
+    # An empty list verified on 0 images, and "passed" with errors of 0.
+    try:
+        qfs = [int(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        qfs = []
+    if not qfs or not all(1 <= q <= 100 for q in qfs):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected JPEG qualities 1..100, comma separated")
+    return qfs
+
+
 def add_verify_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification (ONNX Runtime vs eager fp32)")
     g.add_argument(
@@ -37,7 +48,10 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
         help=f"image folder or file (default: {DEFAULT_IMAGES} if present)",
     )
     g.add_argument(
-        "--verify-qf", default="10,40", help="JPEG qualities to test, comma separated (default 10,40)"
+        "--verify-qf",
+        type=qf_list,
+        default="10,40",
+        help="JPEG qualities to test, comma separated (default 10,40)",
     )
     g.add_argument("--verify-limit", type=int, default=2, help="images to use; 0 = all (default 2)")
     g.add_argument(
@@ -98,9 +112,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--shape",
         type=shape_arg,
-        default=(4, 512, 512),
+        default=None,
         metavar="N,H,W",
-        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512)",
+        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512, or a --static --onnx's)",
     )
     t.add_argument("--dynamic", action="store_true", help="dynamic batch and size (slower than static)")
     t.add_argument(
@@ -129,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def verify_inputs(args) -> tuple[list, str]:
-    qfs = [int(q) for q in args.verify_qf.split(",") if q]
+    qfs = args.verify_qf
     source = args.verify_images if args.verify_images is not None else DEFAULT_IMAGES
     if source.is_dir():
         files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -146,8 +160,8 @@ def verify_inputs(args) -> tuple[list, str]:
     return ox.jpeg_images(files, qfs, crop), f"{len(files)} images from {source} at QF {qfs}"
 
 
-def verify(path: Path, model, args) -> int:
-    images, note = verify_inputs(args)
+def verify(path: Path, model, inputs: tuple[list, str]) -> int:
+    images, note = inputs
     stats = ox.verify_onnx(path, model, images)
     print(f"{ox.summary(stats)} ({note})")
     try:
@@ -161,6 +175,7 @@ def verify(path: Path, model, args) -> int:
 def main_onnx(args) -> int:
     from qairn.weights_io import load_model
 
+    inputs = verify_inputs(args)  # a --verify-images typo is one line before the export, not after
     model = load_model(args.weights)
     precision = "fp16" if args.fp16 else "fp32"
     if args.io == "fp16" and not args.fp16:
@@ -173,6 +188,7 @@ def main_onnx(args) -> int:
     if out.exists() and not args.overwrite:
         print(f"qairn export: {out}: exists (use --overwrite)", file=sys.stderr)
         return 2
+    check_writable(out)  # a typo in the folder is refused, not created (with the file's unverified twin)
     # Written beside the output and renamed only once verified: a graph that fails its check
     # replaces nothing and is not left where a deployment would pick it up.
     unverified = out.with_name(f".{out.name}.unverified")
@@ -188,7 +204,7 @@ def main_onnx(args) -> int:
         fp32_tail=args.fp32_tail,
     )
     try:
-        if rc := verify(path, model, args):
+        if rc := verify(path, model, inputs):
             return rc
         path.replace(out)
     finally:
@@ -207,12 +223,16 @@ def main_tensorrt(args) -> int:
     from qairn.export import trt_backend, trt_engine
     from qairn.weights_io import load_model
 
+    if args.max_shape is not None and not args.dynamic:  # a static engine has no larger shapes
+        print("qairn export: --max-shape is for --dynamic engines", file=sys.stderr)
+        return 2
     if args.output is not None and args.output.exists() and not args.overwrite:
         print(f"qairn export: {args.output}: exists (use --overwrite)", file=sys.stderr)
         return 2
     if args.output is not None and args.output.suffix != ".engine":
         print(f"qairn export: {args.output}: engine files end in .engine", file=sys.stderr)
         return 2
+    check_writable(args.output)
     try:
         trt = trt_backend.import_tensorrt()
     except BackendError as e:
@@ -231,6 +251,7 @@ def main_tensorrt(args) -> int:
     if device.type != "cuda":
         print(f"qairn export: --device: engines are built on a CUDA device, not {device}", file=sys.stderr)
         return 2
+    inputs = verify_inputs(args) if args.onnx is None else None  # only the cached export is verified
     model = load_model(args.weights)
     strongly_typed = True if args.strongly_typed else None
     typing = trt_engine.build_typing(
@@ -242,16 +263,18 @@ def main_tensorrt(args) -> int:
         onnx = ox.cached_onnx(
             model, args.cache_dir, outputs="maps", precision=trt_engine.onnx_precision(typing)
         )
-        if verify(onnx, model, args):
+        if verify(onnx, model, inputs):
             return 1
-    if args.output is not None and args.overwrite:
-        # Without its sidecar the old file is no longer taken for what it was: this build replaces it.
-        trt_engine.sidecar_path(args.output).unlink(missing_ok=True)
+    if args.shape is None:  # a --static export builds its own shape only
+        args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
+    # --overwrite: built in the cache folder (the old file's recorded shapes are not taken) and copied
+    # over -o only once built, so a refused --onnx or a failed build leaves the old engine usable.
+    replace = args.output is not None and args.overwrite and args.output.exists()
     backend = trt_backend.TrtBackend(
         model,
         device,
         args.precision,
-        engine=args.output,
+        engine=None if replace else args.output,
         onnx=onnx,
         cache_dir=args.cache_dir,
         shape=args.shape,
@@ -261,15 +284,17 @@ def main_tensorrt(args) -> int:
         strongly_typed=strongly_typed,
     )
     runner = backend.run if backend.dynamic else backend.run.runner_for(args.shape)
-    spec = runner.spec
-    if args.output is not None and Path(runner.path) != args.output:
-        print(f"qairn export: {args.output}: the engine went to {runner.path} instead", file=sys.stderr)
+    spec, path = runner.spec, Path(runner.path)
+    if replace:
+        path = trt_engine.store(args.output, spec, path.read_bytes())
+    elif args.output is not None and path != args.output:
+        print(f"qairn export: {args.output}: the engine went to {path} instead", file=sys.stderr)
         return 1
     print(
-        f"wrote {runner.path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
+        f"wrote {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
         f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
-        f"{trt_engine.sidecar_path(runner.path).name}, timing cache "
-        f"{trt_engine.timing_cache_path(runner.path.parent, spec).name}"
+        f"{trt_engine.sidecar_path(path).name}, timing cache "
+        f"{trt_engine.timing_cache_path(Path(runner.path).parent, spec).name}"
     )
     return 0
 

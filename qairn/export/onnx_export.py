@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import threading
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -70,6 +71,12 @@ TOLERANCE = {
 
 class ExportError(RuntimeError):
     pass
+
+
+# torch.onnx.export keeps global state (GLOBALS.in_onnx_export): two exports at once in one process
+# fail with an AssertionError. One export at a time; cached_onnx holds it across check and rename, so
+# a second thread waits and then finds the file instead of exporting it again.
+_EXPORT_LOCK = threading.RLock()
 
 
 def gated_blend_fp32(logit: torch.Tensor, skip: torch.Tensor, dec: torch.Tensor):
@@ -155,18 +162,19 @@ def export_onnx(
     Checked with onnx.checker (full check, with shape inference) before it is written."""
     import onnx
 
-    if opset < 17:
-        raise ValueError(f"opset {opset}: need >= 17")
+    top = max_opset()
+    if not 17 <= opset <= top:
+        # Past its newest opset the exporter fails deep in tracing, with the whole graph in its message.
+        raise ValueError(f"opset {opset}: need 17..{top} (the newest this torch {torch.__version__} exports)")
     wrapper = ExportModel(model, outputs, precision, io, fp32_tail).eval()
     n, h, w = check_shape(shape) if shape is not None else (1, 64, 64)
     example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(DTYPES[io])
     names = output_names(outputs)
-    if exporter == "torchscript":
-        proto = _export_torchscript(wrapper, example, names, dynamic=shape is None, opset=opset)
-    elif exporter == "dynamo":
-        proto = _export_dynamo(wrapper, example, names, dynamic=shape is None, opset=opset)
-    else:
+    if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    export = _export_torchscript if exporter == "torchscript" else _export_dynamo
+    with _EXPORT_LOCK:
+        proto = export(wrapper, example, names, dynamic=shape is None, opset=opset)
     if precision == "fp32":
         mark_fp32_islands(proto, tail=fp32_tail)
     meta = {
@@ -184,6 +192,15 @@ def export_onnx(
         proto.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(proto, full_check=True)
     return write_atomic(path, proto.SerializeToString())
+
+
+def max_opset() -> int:
+    """The newest opset torch.onnx exports (a private constant: 23 in torch 2.13, assumed if gone)."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:
+        return 23
+    return int(ONNX_MAX_OPSET)
 
 
 def _export_torchscript(wrapper, example, names, dynamic: bool, opset: int):
@@ -250,12 +267,20 @@ def _export_dynamo(wrapper, example, names, dynamic: bool, opset: int):
     return program.model_proto
 
 
-def read_metadata(proto_or_path) -> dict:
+def load_proto(path: str | Path):
     import onnx
+    from google.protobuf.message import DecodeError  # onnx's own dependency, optional like onnx
 
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except DecodeError as e:  # weights passed as --onnx, a truncated copy: one line, not a traceback
+        raise ExportError(f"{path}: not an ONNX file ({e})") from None
+
+
+def read_metadata(proto_or_path) -> dict:
     proto = proto_or_path
     if not hasattr(proto, "metadata_props"):
-        proto = onnx.load(str(proto_or_path), load_external_data=False)
+        proto = load_proto(proto_or_path)
     return {p.key: p.value for p in proto.metadata_props}
 
 
@@ -343,17 +368,18 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
     path = (
         cache_dir(cache) / "onnx" / f"qairn-{model.config.preset}-{options['precision']}-{digest[:24]}.onnx"
     )
-    if not path.is_file():
-        # Exported and checked under a temp name: a file that fails its check never enters the cache,
-        # where the next call (or a TensorRT build) would take it unchecked.
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
-        try:
-            export_onnx(model, tmp, **options)
-            stats = verify_onnx(tmp, model, [synthetic_image(64, 96)])
-            check_parity(stats, options["precision"])
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with _EXPORT_LOCK:
+        if not path.is_file():
+            # Exported and checked under a temp name: a file that fails its check never enters the
+            # cache, where the next call (or a TensorRT build) would take it unchecked.
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
+            try:
+                export_onnx(model, tmp, **options)
+                stats = verify_onnx(tmp, model, [synthetic_image(64, 96)])
+                check_parity(stats, options["precision"])
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     return path
 
 
@@ -398,6 +424,13 @@ def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
     x = x[..., :th, :tw]
     x = F.pad(x, (0, tw - x.shape[-1], 0, th - x.shape[-2]), mode="replicate")
     return x.expand(n, -1, -1, -1).contiguous()
+
+
+def static_input_shape(path: str | Path) -> tuple[int, int, int] | None:
+    """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one."""
+    dims = load_proto(path).graph.input[0].type.tensor_type.shape.dim
+    n, _, h, w = (d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return (n, h, w) if None not in (n, h, w) else None
 
 
 def static_shape(session) -> tuple[int, int, int] | None:
@@ -453,6 +486,8 @@ def q_from_qsums(qsums, h: int, w: int, p: float, scale_log2: float = POOL_SCALE
 def check_parity(stats: dict, precision: str) -> None:
     """Raise ExportError if verify_onnx's stats break the documented tolerance."""
     tol = TOLERANCE[precision]
+    if stats["images"] == 0:  # every error is 0 over no images: not a pass
+        raise ExportError(f"{precision} ONNX was verified on no images")
     if not stats["finite"]:
         raise ExportError(f"{precision} ONNX produced NaN or Inf")
     for name, err in stats["max_abs"].items():

@@ -31,7 +31,14 @@ from qairn.engine.backends import BackendError
 from qairn.export import trt_engine
 from qairn.export.cache import cache_dir as resolve_cache_dir
 from qairn.export.cache import sha256_file
-from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, cached_onnx, check_shape, read_metadata
+from qairn.export.onnx_export import (
+    INPUT,
+    MAP_OUTPUTS,
+    cached_onnx,
+    check_shape,
+    read_metadata,
+    static_input_shape,
+)
 from qairn.export.shapes import FixedShapeRunner, fits, profile_shapes
 from qairn.model import QAIRN
 
@@ -186,6 +193,16 @@ class TrtBackend:
             if recorded["min_shape"] != recorded["max_shape"] and not dynamic:
                 dynamic = True
                 max_shape = max_shape or tuple(recorded["max_shape"][i] for i in (0, 2, 3))
+        # A --static export builds engines of its own shape only (any other profile fails deep in the
+        # TensorRT build): take that shape, and refuse others here in one line.
+        self.static_onnx = static_input_shape(self.onnx)
+        if self.static_onnx is not None:
+            if dynamic:
+                raise BackendError(
+                    f"{self.onnx}: a static export for N,H,W = {self.static_onnx}: dynamic engines need "
+                    "an export without --static"
+                )
+            shape = shape if shape is not None else self.static_onnx
         self.dynamic, self.max_shape = dynamic, max_shape
         if dynamic:
             self.fixed_tile = False
@@ -194,6 +211,11 @@ class TrtBackend:
             self.run = FixedShapeRunner(self._runner, check_shape(shape) if shape is not None else None)
 
     def spec(self, shape) -> trt_engine.EngineSpec:
+        if self.static_onnx is not None and tuple(shape) != self.static_onnx:
+            raise BackendError(
+                f"{self.onnx} is static for N,H,W = {self.static_onnx} and cannot run {tuple(shape)}: "
+                "export with dynamic shapes or with the Restorer's tile size"
+            )
         lo, opt, hi = profile_shapes(shape, self.dynamic, self.max_shape)
         return trt_engine.EngineSpec(
             self.onnx_sha256,

@@ -20,6 +20,7 @@ Only `build_engine` and `gpu_identity` touch TensorRT/CUDA; everything else is p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -214,8 +215,33 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_bytes: int, timing
     return bytes(serialized)
 
 
+@contextlib.contextmanager
+def build_lock(engine: Path):
+    """Held while an engine is looked up and built. Two processes (server workers started together)
+    would both build it, and their engine and sidecar writes could interleave into a pair that fails
+    validation next time; with the lock the second waits and loads the first one's engine. An flock
+    on a lock file beside the engine (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    with open(engine.with_name(f".{engine.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int) -> bytes:
     """The engine for `spec` at path `engine`: the cached one if valid, else a fresh build stored there."""
+    with build_lock(Path(engine)):
+        return _get_engine(onnx_path, spec, engine, workspace_bytes)
+
+
+def _get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int) -> bytes:
     data, why = load_cached(engine, spec)
     if data is not None:
         return data
