@@ -547,7 +547,9 @@ def test_bigtiff_offsets_past_2_63_are_damaged_not_a_traceback(tmp_path):
     nxt = bytearray(data)
     struct.pack_into(">Q", nxt, ifd + 8 + 20 * count, 2**64 - 1)  # the first page's "next page"
     (tmp_path / "next.tif").write_bytes(bytes(nxt))
-    np.testing.assert_array_equal(read_image(tmp_path / "next.tif"), arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one page: no "2 frames" warning for a link into nothing
+        np.testing.assert_array_equal(read_image(tmp_path / "next.tif"), arr)
 
 
 @pytest.mark.parametrize("order, big, dtype", [(">", True, np.uint8), ("<", False, np.uint16)])

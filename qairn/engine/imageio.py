@@ -245,8 +245,8 @@ def _tiff_first_page(data: bytes) -> tuple[dict[int, tuple[int, ...]], int]:
         at = struct.unpack_from(off, data, first + count * entry)[0]
         while at and at not in seen:
             seen.add(at)
-            pages += 1
             count = struct.unpack_from(count_fmt, data, at)[0]
+            pages += 1  # counted once its directory is there: a link into nothing is no page
             at = struct.unpack_from(off, data, at + struct.calcsize(count_fmt) + count * entry)[0]
     except (struct.error, OverflowError):  # OverflowError: a BigTIFF offset past 2^63
         pass
