@@ -107,6 +107,22 @@ def test_cropped_eval_says_so_beside_the_published_columns(refs, capsys):
     assert "(2 images)" in text and "crop" not in text.replace("no border crop", "")
 
 
+def test_eval_json_is_strict_json_when_an_image_comes_back_identical(tmp_path):
+    # A flat picture survives JPEG at QF 100 exactly: its PSNR is infinite, which was written as the bare
+    # word Infinity (not JSON: jq and JavaScript refuse the file).
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "gray.png"), np.full((32, 32, 3), 128, np.uint8))
+    js = tmp_path / "e.json"
+    assert cli(["eval", "--data", str(folder), "--qf", "100", "--jpeg-only", "--json", str(js)]) == 0
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    res = json.loads(js.read_text(), parse_constant=refuse)
+    assert res["images"][0]["jpeg"]["psnr"] is None and "infinite" in res["null_means"]
+
+
 @pytest.mark.parametrize("cmd", ["eval", "eval-quality"])
 @pytest.mark.parametrize("opt", ["--limit", "--crop"])
 def test_negative_limit_or_crop_is_refused(refs, capsys, cmd, opt):

@@ -307,7 +307,10 @@ def main_eval(argv=None) -> int:
             f"on {restorer.device}"
         )
     if a.json:
-        write_atomic(a.json, json.dumps(result, indent=1).encode())
+        # Strict JSON: an image that comes back identical has an infinite PSNR, which json.dumps wrote
+        # as the bare word Infinity that jq, JavaScript and most parsers refuse; it is null here.
+        result["null_means"] = "an infinite PSNR / PSNR-B: the image equals its reference"
+        write_atomic(a.json, json.dumps(without_nan(result), indent=1, allow_nan=False).encode())
     if a.plot:
         plot_restoration(summary, a.plot)
     return 0
@@ -731,7 +734,8 @@ def main_quality(argv=None) -> int:
 
 
 def without_nan(v):
-    if isinstance(v, float) and math.isnan(v):
+    """v with its NaN and infinite floats as None (JSON's null: strict JSON has no NaN or Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
         return {k: without_nan(x) for k, x in v.items()}
