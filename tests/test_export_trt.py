@@ -111,6 +111,31 @@ def test_stale_foreign_or_tampered_engines_are_not_loaded(tmp_path):
     assert "sidecar" in trt_engine.load_cached(engine, s)[1]
 
 
+def test_engines_built_by_older_build_code_are_stale(tmp_path, monkeypatch):
+    # The key had no version of the build code: pinning other fp32 islands (or other flags) would have
+    # reused the engines built before the change.
+    s = spec()
+    engine = trt_engine.engine_path(tmp_path, s)
+    trt_engine.store(engine, s, b"engine-bytes")
+    side = json.loads(trt_engine.sidecar_path(engine).read_text())
+    del side["spec"]["build_version"]  # a sidecar written before build versions
+    trt_engine.sidecar_path(engine).write_text(json.dumps(side))
+    data, why = trt_engine.load_cached(engine, s)
+    assert data is None and "build_version" in why
+    newer = spec(build_version=trt_engine.BUILD_VERSION + 1)
+    assert newer.key() != s.key() and trt_engine.engine_path(tmp_path, newer) != engine
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"spec"', '{"spec": [1]}', "null"])
+def test_a_sidecar_of_foreign_json_is_no_sidecar(tmp_path, text):
+    s = spec()
+    engine = trt_engine.engine_path(tmp_path, s)
+    trt_engine.store(engine, s, b"engine-bytes")
+    trt_engine.sidecar_path(engine).write_text(text)
+    assert "sidecar" in trt_engine.load_cached(engine, s)[1]
+    assert trt_engine.read_spec(engine) is None
+
+
 def test_get_engine_builds_once_and_rebuilds_stale(tmp_path, monkeypatch):
     builds = []
 

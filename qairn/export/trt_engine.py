@@ -39,6 +39,11 @@ class EngineError(RuntimeError):
     pass
 
 
+# Bump when build_engine changes what it builds from the same ONNX (the fp32 islands it pins, builder
+# flags): the engines cached by the old code are then stale, as GRAPH_VERSION does for the ONNX cache.
+BUILD_VERSION = 1
+
+
 @dataclass(frozen=True)
 class EngineSpec:
     onnx_sha256: str
@@ -50,6 +55,7 @@ class EngineSpec:
     max_shape: tuple[int, int, int, int]
     precision: str  # "fp16" | "fp32"
     typing: str  # "fp16-flag" | "strong" | "fp32"
+    build_version: int = BUILD_VERSION
 
     def as_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))  # tuples -> lists, as read back from a sidecar
@@ -104,6 +110,8 @@ def load_cached(engine: Path, spec: EngineSpec) -> tuple[bytes | None, str]:
     try:
         side = json.loads(sidecar_path(engine).read_text())
     except (OSError, ValueError):
+        side = None
+    if not isinstance(side, dict) or not isinstance(side.get("spec", {}), dict):  # JSON, but not ours
         return None, f"{engine}: no readable sidecar {sidecar_path(engine).name}"
     recorded = side.get("spec", {})
     if recorded != spec.as_json():
@@ -125,9 +133,10 @@ def store(engine: Path, spec: EngineSpec, data: bytes) -> Path:
 
 def read_spec(engine: Path) -> dict | None:
     try:
-        return json.loads(sidecar_path(Path(engine)).read_text())["spec"]
-    except (OSError, ValueError, KeyError):
+        spec = json.loads(sidecar_path(Path(engine)).read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError):  # TypeError: JSON that is not an object
         return None
+    return spec if isinstance(spec, dict) else None
 
 
 def gpu_identity(device) -> tuple[str, str]:
