@@ -160,3 +160,33 @@ def test_a_tensor_that_requires_grad_is_restored_without_a_warning():
         warnings.simplefilter("error")
         res = r.restore(x)
     assert res.image.shape == (1, 3, 9, 7)
+
+
+@pytest.mark.parametrize(
+    "backend, option, listed",
+    [
+        ("eager", "tile_size", "channels_last"),
+        ("onnxruntime", "onnx_path", "providers"),
+        ("tensorrt", "engin", "engine"),
+    ],
+)
+def test_a_misspelt_option_is_named_with_what_the_backend_takes(backend, option, listed):
+    # It reached the backend's __init__ and surfaced as "TorchBackend.__init__() got an unexpected keyword
+    # argument 'tile_size'" (or OrtBackend's, after ONNX Runtime was imported).
+    with pytest.raises(
+        TypeError, match=rf"unknown option {option}: neither a Restorer argument nor .*{listed}"
+    ):
+        qairn.Restorer(device="cpu", backend=backend, **{option: 1})
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import (torch.jit)
+def test_backend_options_the_bench_uses_are_still_taken():
+    # compile + the Triton gate is a backend option pair (qairn bench's compile-triton-fp16), not a typo.
+    for backend, options in [
+        ("compile", {"triton": True}),
+        ("eager", {"channels_last": True}),
+        ("triton", {}),
+    ]:
+        qairn.Restorer(device="cpu", backend=backend, precision="fp32", model=lively_model(), **options)
+    with pytest.raises(TypeError, match="unknown option triton: .*backend 'triton'"):
+        qairn.Restorer(device="cpu", backend="triton", model=lively_model(), triton=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 
 import torch
 
@@ -23,6 +24,20 @@ EXTERNAL = {
     "tensorrt": "qairn.export.trt_backend:make_backend",
 }
 BACKENDS = ("eager", "compile", "triton", *EXTERNAL)
+EXTERNAL_CLASSES = {"onnxruntime": "OrtBackend", "tensorrt": "TrtBackend"}  # in EXTERNAL's modules
+
+
+def check_options(name: str, cls: type, options: dict, set_here: tuple = ()) -> None:
+    """A misspelt Restorer option (tile_size=256) reached the backend as "TorchBackend.__init__() got an
+    unexpected keyword argument": say which option, and what this backend takes, in the user's terms."""
+    given = ("self", "model", "device", "precision", *set_here)  # by the Restorer and make_backend
+    own = [k for k in inspect.signature(cls.__init__).parameters if k not in given]
+    unknown = sorted(set(options) - set(own))
+    if unknown:
+        raise TypeError(
+            f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: neither a Restorer "
+            f"argument nor one of backend {name!r}'s ({', '.join(own) or 'none'})"
+        )
 
 
 class BackendError(RuntimeError):
@@ -107,6 +122,10 @@ class TorchBackend:
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+    if name in ("eager", "compile", "triton"):  # compile=True / triton=True are set below for these two
+        check_options(
+            name, TorchBackend, options, {"compile": ("compile",), "triton": ("triton",)}.get(name, ())
+        )
     if name == "eager":
         return TorchBackend(model, device, precision, **options)
     if name == "compile":
@@ -118,8 +137,10 @@ def make_backend(name: str, model: QAIRN, device: torch.device, precision: str =
             raise BackendError(f"fused_conv runs on the torch backends (eager, compile, triton), not {name}")
         module, func = EXTERNAL[name].split(":")
         try:
-            factory = getattr(importlib.import_module(module), func)
+            module = importlib.import_module(module)
+            factory, cls = getattr(module, func), getattr(module, EXTERNAL_CLASSES[name])
         except (ImportError, AttributeError) as e:
             raise BackendError(f"backend {name!r} is not available: {e}") from None
+        check_options(name, cls, options)
         return factory(model, device, precision, **options)
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
