@@ -171,6 +171,19 @@ def test_a_run_shorter_than_log_every_logs_its_last_step(data, tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+def test_resume_with_another_process_count_says_so(data, tmp_path, capsys):
+    # The batch per step is world x --batch and rank r takes indices step*world + r: resuming a 2-process
+    # run with one process changed both without a word.
+    trainer.train(tiny_args(data, tmp_path, steps=2))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["world"] == 1
+    ck["world"] = 2
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    trainer.train(tiny_args(data, tmp_path, steps=3, resume=True))
+    assert "trained with 2 process(es), this run has 1" in capsys.readouterr().out
+
+
 def test_resume_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
     """A run killed after its last checkpoint had logged steps that the resume trains again: those rows
     are dropped, not kept beside the new ones (log.csv held 1,2,1,2 and the plot doubled back)."""

@@ -306,6 +306,12 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         trained_with = ck["args"]  # what the weights were last trained with, until this run trains
         if main:
             print(f"resumed from {ckpt_path} at step {step} ({seconds / 3600:.2f} h trained)")
+        if main and ck.get("world", 1) != world:  # a step is world x --batch patches, rank r's indices
+            print(
+                f"note: the checkpoint was trained with {ck.get('world', 1)} process(es), this run has "
+                f"{world}: from step {step} each step takes {world} x {a.batch} patches, and the patches "
+                "differ from those of an uninterrupted run"
+            )
     elif a.init:
         start = load_model(a.init)
         # p is pooling only, chosen after training; the preset label ("small-w16-nb2") is only a name
@@ -387,6 +393,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "val_files": [f.name for f in val_files],
             "ema": ema.state_dict() if ema is not None else kept_ema,
             "scaler": scaler.state_dict(),
+            "world": world,
         }
         tmp = ckpt_path.with_suffix(".tmp")
         torch.save(ck, tmp)
