@@ -109,6 +109,11 @@ def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
     big = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, tile=None)
     with pytest.raises(BackendError, match="static for N,H,W"):
         big.restore(image)
+    # tile="auto" (the default) takes the file's own tile: it cut 512 tiles, which no 64x64 file runs.
+    auto = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, overlap=16)
+    assert auto.tile_for(*image.shape[:2]) == 64
+    y_auto, q_auto, _ = auto.restore_tensor(x)
+    torch.testing.assert_close(y_auto, y_eager, atol=1e-4, rtol=0)
 
 
 # ---- which GPU the providers run on (checked on the CPU: onnxruntime's session is watched) ----------

@@ -577,6 +577,7 @@ def test_backend_builds_a_static_onnx_at_its_own_shape(tmp_path, monkeypatch):
     cuda = torch.device("cuda", 0)
     b = trt_backend.TrtBackend(model, cuda, "fp16", onnx=static, cache_dir=tmp_path)
     assert [s.opt_shape for s in built] == [(1, 3, 64, 64)] and not b.dynamic
+    assert b.static_tile == 64  # what a Restorer's tile="auto" takes, not 512
     with pytest.raises(
         BackendError, match=r"static for N,H,W = \(1, 64, 64\) and cannot run \(4, 512, 512\)"
     ):

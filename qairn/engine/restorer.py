@@ -379,6 +379,8 @@ class Restorer:
         """The tile size used for n images of h x w (None: whole); resolves tile="auto"."""
         if self.tile != "auto":
             return self.tile
+        if getattr(self.backend, "static_tile", None):  # a static export runs its own tile size only
+            return self.backend.static_tile
         batch_pixels = self.tile_batch * AUTO_TILE**2  # what one batch of tiles holds anyway
         whole = n * h * w <= batch_pixels and not getattr(self.backend, "fixed_tile", False)
         return None if whole else AUTO_TILE

@@ -168,6 +168,10 @@ class OrtBackend:
         check_providers(providers, self.session.get_providers(), device)
         self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
         self.static = static_shape(self.session)
+        # tile="auto" takes a static file's own (square) tile: its 512 fits no other export's shape.
+        self.static_tile = (
+            self.static[1] if self.static is not None and self.static[1] == self.static[2] else None
+        )
         self.run = self._run
         if self.static is not None:
             # A static file runs one shape only: fit calls into it (shapes.py), or say why not.

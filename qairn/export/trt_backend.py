@@ -196,6 +196,8 @@ class TrtBackend:
         # A --static export builds engines of its own shape only (any other profile fails deep in the
         # TensorRT build): take that shape, and refuse others here in one line.
         self.static_onnx = static_input_shape(self.onnx)
+        square = self.static_onnx is not None and self.static_onnx[1] == self.static_onnx[2]
+        self.static_tile = self.static_onnx[1] if square else None  # what tile="auto" takes
         if self.static_onnx is not None:
             if dynamic:
                 raise BackendError(
