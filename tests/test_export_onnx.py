@@ -341,6 +341,14 @@ def test_cli_verify_qf_that_makes_no_images_is_refused(tiny_weights, tmp_path, c
         ox.check_parity({"max_abs": {"restored": 0.0}, "finite": True, "images": 0}, "fp32")
 
 
+@pytest.mark.parametrize("option", ["--verify-limit", "--verify-crop"])
+def test_cli_negative_verify_counts_are_refused(tiny_weights, tmp_path, capsys, option):
+    # --verify-limit -1 verified on all images and --verify-crop -5 on whole ones, without a word.
+    with pytest.raises(SystemExit) as e:
+        export_main(["onnx", str(tiny_weights), "-o", str(tmp_path / "m.onnx"), option, "-1"])
+    assert e.value.code == 2 and f"{option}: -1: must be 0 or a positive number" in capsys.readouterr().err
+
+
 def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):
     """-o typo/m.onnx created the folder typo/ (the export's writer makes cache folders) and wrote
     the file there; an output folder that is not there is refused, as every other qairn output's."""

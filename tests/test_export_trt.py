@@ -266,6 +266,9 @@ def test_cli_never_replaces_an_engine_file_by_accident(tiny_weights, tmp_path, c
     assert export_main(["tensorrt", str(tiny_weights), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "engine files end in .engine" in capsys.readouterr().err
     assert out.read_bytes() == b"a user's engine"
+    # Case aside, as .onnx is checked: M.ENGINE was refused as not ending in .engine.
+    export_main(["tensorrt", str(tiny_weights), "-o", str(tmp_path / "M.ENGINE")])
+    assert "end in .engine" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

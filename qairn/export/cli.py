@@ -39,6 +39,17 @@ def qf_list(text: str) -> list[int]:
     return qfs
 
 
+def count(text: str) -> int:
+    """0 (all / whole) or a positive number: -1 quietly meant all images, -5 the whole image."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: must be 0 or a positive number")
+    return n
+
+
 def add_verify_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification (ONNX Runtime vs eager fp32)")
     g.add_argument(
@@ -53,10 +64,10 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
         default="10,40",
         help="JPEG qualities to test, comma separated (default 10,40)",
     )
-    g.add_argument("--verify-limit", type=int, default=2, help="images to use; 0 = all (default 2)")
+    g.add_argument("--verify-limit", type=count, default=2, help="images to use; 0 = all (default 2)")
     g.add_argument(
         "--verify-crop",
-        type=int,
+        type=count,
         default=256,
         help="centre crop side in pixels; 0 = whole image (default 256)",
     )
@@ -229,7 +240,9 @@ def main_tensorrt(args) -> int:
     if args.output is not None and args.output.exists() and not args.overwrite:
         print(f"qairn export: {args.output}: exists (use --overwrite)", file=sys.stderr)
         return 2
-    if args.output is not None and args.output.suffix != ".engine":
+    if (
+        args.output is not None and args.output.suffix.lower() != ".engine"
+    ):  # as .onnx: M.ENGINE is an engine too
         print(f"qairn export: {args.output}: engine files end in .engine", file=sys.stderr)
         return 2
     check_writable(args.output)
