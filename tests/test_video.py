@@ -114,6 +114,18 @@ def clip(tmp_path_factory, frames_rgb):
     return make_clip(tmp_path_factory.mktemp("clip") / "in.mp4", frames_rgb)
 
 
+@pytest.mark.parametrize("ext", [".mp4", ".mkv"])
+def test_progress_bar_knows_how_many_frames_are_coming(restorer, frames_rgb, tmp_path, capsys, ext):
+    # It was a line every 5 s ("frame 120 (3.1 fps)"): no percentage, no time left. Matroska keeps no frame
+    # count; its duration x rate gives the total.
+    src = make_clip(tmp_path / f"in{ext}", frames_rgb, audio=False)
+    transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=True))
+    err = capsys.readouterr().err
+    assert f"in{ext}:" in err and "/6 [" in err and "frame/s" in err, err
+    transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=False))
+    assert "frame/s" not in capsys.readouterr().err
+
+
 # ---- restore_stream ------------------------------------------------------------------------------------
 def test_stream_in_order_and_equal_to_single_calls(restorer, frames_rgb):
     """Batched streaming gives, in order, what one restore_yuv/restore call per frame gives; mixed

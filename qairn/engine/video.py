@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from qairn.engine.color import check_codes, check_matrix, check_range, native, plane_bits, restore_planes
 from qairn.engine.imageio import write_atomic
@@ -355,6 +356,20 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
 
 
 # ---- transcoding ---------------------------------------------------------------------------------------
+def expected_frames(inp, vstream, rate) -> int | None:
+    """How many frames the progress bar expects: the header's count, else duration x rate (Matroska,
+    WebM and Y4M keep no count), else None (the bar counts without a total)."""
+    if vstream.frames:
+        return vstream.frames
+    if vstream.duration and vstream.time_base:
+        seconds = float(vstream.duration * vstream.time_base)
+    elif inp.duration:
+        seconds = inp.duration / 1_000_000  # FFmpeg's AV_TIME_BASE
+    else:
+        return None
+    return max(1, round(seconds * float(rate)))
+
+
 @dataclass
 class VideoOptions:
     codec: str | None = None  # None: libx264, else the first of DEFAULT_CODECS this PyAV can encode
@@ -807,37 +822,45 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
         timing = _Durations()
         rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
-        start, shown = time.perf_counter(), time.perf_counter()
-        for res in restorer.restore_stream(
-            planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
-        ):
-            i, pts, t, duration = meta.popleft()
-            q = res.quality
-            rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
-            if out is not None:
-                frame = planes_frame(res.image, work_fmt)
-                frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
-                if pix_fmt != work_fmt:
-                    frame = _reformat(frame, pix_fmt, matrix, crange)
-                frame.pts, frame.time_base = pts, tb
-                if out_tb != tb:  # Y4M, AVI, MPEG-1/2: one tick per frame (a variable-rate source keeps
-                    # every frame). The AVI muxer starts each stream at 0; others keep the copied audio's
-                    # times, so the video starts where the source's did.
-                    if i == 0 and out.format.name not in CONSTANT_RATE_FORMATS:
-                        first_tick = round(t / out_tb)
-                    frame.pts, frame.time_base = first_tick + i, out_tb
-                    moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
-                elif pts is None:
-                    frame.pts = round(t / tb)
-                else:
-                    timing.add(pts, duration)
-                _mux(out, timing.timed(vs.encode(frame)), dst)
-                _mux_audio(out, pending_audio, amap, dst)
-            if opts.progress and time.perf_counter() - shown > 5:
-                shown = time.perf_counter()
-                print(
-                    f"qairn: {src.name}: frame {i + 1} ({(i + 1) / (shown - start):.2f} fps)", file=sys.stderr
-                )
+        start = time.perf_counter()
+        bar = tqdm(
+            total=expected_frames(inp, vstream, rate),
+            unit="frame",
+            desc=src.name,
+            disable=not opts.progress,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        try:
+            for res in restorer.restore_stream(
+                planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
+            ):
+                i, pts, t, duration = meta.popleft()
+                q = res.quality
+                rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
+                if out is not None:
+                    frame = planes_frame(res.image, work_fmt)
+                    frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
+                    if pix_fmt != work_fmt:
+                        frame = _reformat(frame, pix_fmt, matrix, crange)
+                    frame.pts, frame.time_base = pts, tb
+                    if out_tb != tb:  # Y4M, AVI, MPEG-1/2: one tick per frame (a variable-rate source keeps
+                        # every frame). The AVI muxer starts each stream at 0; others keep the copied audio's
+                        # times, so the video starts where the source's did.
+                        if i == 0 and out.format.name not in CONSTANT_RATE_FORMATS:
+                            first_tick = round(t / out_tb)
+                        frame.pts, frame.time_base = first_tick + i, out_tb
+                        moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
+                    elif pts is None:
+                        frame.pts = round(t / tb)
+                    else:
+                        timing.add(pts, duration)
+                    _mux(out, timing.timed(vs.encode(frame)), dst)
+                    _mux_audio(out, pending_audio, amap, dst)
+                bar.update(1)
+        finally:
+            bar.close()
         elapsed = time.perf_counter() - start
         notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
