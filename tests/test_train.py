@@ -184,6 +184,30 @@ def test_resume_with_another_process_count_says_so(data, tmp_path, capsys):
     assert "trained with 2 process(es), this run has 1" in capsys.readouterr().out
 
 
+def test_train_puts_the_cuda_speed_settings_back(data, tmp_path, monkeypatch):
+    # A CUDA run turns on cudnn.benchmark and TF32 for itself; they stayed on for whatever the caller ran
+    # next (a validation, an evaluation in the same process). Faked here: the CPU run sets neither.
+    def gpu_like_run(a, explicit=None):
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        raise KeyboardInterrupt  # and even when it ends early
+
+    before = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    monkeypatch.setattr(trainer, "_train", gpu_like_run)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(tiny_args(data, tmp_path))
+    after = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    assert after == before
+
+
 def test_resume_after_a_crash_logs_each_step_once(data, tmp_path, monkeypatch):
     """A run killed after its last checkpoint had logged steps that the resume trains again: those rows
     are dropped, not kept beside the new ones (log.csv held 1,2,1,2 and the plot doubled back)."""

@@ -221,7 +221,25 @@ def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, sa
 
 def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     """Train (or resume, a.resume) into a.out. explicit: the options the user gave (the CLI passes
-    them); on resume the others come from the checkpoint (resumed_args)."""
+    them); on resume the others come from the checkpoint (resumed_args). The process-wide CUDA settings
+    a GPU run turns on for speed (cudnn.benchmark, TF32) are put back afterwards: a library caller's
+    own work after train() must not run in TF32 unasked."""
+    flags = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        return _train(a, explicit)
+    finally:
+        (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ) = flags
+
+
+def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if not a.resume:  # a resume is judged once its arguments are merged with the checkpoint's
         check_args(a)
     if getattr(multiprocessing.current_process(), "_inheriting", False):
