@@ -1,5 +1,6 @@
 """backend="onnxruntime": same results as eager through the Restorer (tiled and whole), cache reuse."""
 
+import re
 import warnings
 
 import cv2
@@ -91,6 +92,13 @@ def test_rejects_sums_export_and_bf16(model, tmp_path, cache):
         qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path)
     with pytest.raises(BackendError, match="fp32 or fp16"):
         qairn.Restorer(model=model, device="cpu", backend="onnxruntime", precision="bf16", cache_dir=cache)
+
+
+def test_a_missing_or_folder_onnx_path_is_one_line(tmp_path):
+    # protobuf's raw FileNotFoundError / IsADirectoryError ([Errno 2] ...) reached the caller.
+    for path, why in [(tmp_path / "typo.onnx", "No such file"), (tmp_path, "Is a directory")]:
+        with pytest.raises(ox.ExportError, match=rf"^{re.escape(str(path))}: cannot read \({why}"):
+            qairn.Restorer(device="cpu", backend="onnxruntime", onnx=path)
 
 
 def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):

@@ -275,6 +275,8 @@ def load_proto(path: str | Path):
         return onnx.load(str(path), load_external_data=False)
     except DecodeError as e:  # weights passed as --onnx, a truncated copy: one line, not a traceback
         raise ExportError(f"{path}: not an ONNX file ({e})") from None
+    except OSError as e:  # a typo in onnx=, a folder: protobuf's raw FileNotFoundError/IsADirectoryError
+        raise ExportError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def read_metadata(proto_or_path) -> dict:
