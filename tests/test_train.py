@@ -702,6 +702,21 @@ def test_missing_data_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
+    # The refusal ("cannot decode training image") came after --out was made: an empty run folder stayed.
+    folder = make_folder(tmp_path / "d", 5, 48, 48, seed=3)
+    bad = sorted(folder.glob("*.png"))[-1]
+    bad.write_bytes(b"not a png")
+    a = tiny_args(folder, tmp_path / "run", val_holdout=0)
+    with pytest.raises(ValueError, match="cannot decode training image"):
+        trainer.train(a)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is theirs: left in place
+    with pytest.raises(ValueError, match="cannot decode training image"):
+        trainer.train(replace(a, out=str(tmp_path / "kept")))
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):
     data = make_folder(tmp_path / "data", 6, 64, 80, seed=2)
     trainer.train(tiny_args(data, tmp_path / "r", steps=1))

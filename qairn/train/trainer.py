@@ -12,6 +12,7 @@ import io
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -297,6 +298,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"warning: the held-out images differ from the checkpoint's ({len(was - now)} left the "
             f"held-out set, {len(now - was)} joined it): {why}"
         )
+    made_out = main and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if ck is None:  # a new run: no validation rows of an older one in its plot
@@ -364,7 +366,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    images = load_cached(train_files, out / "cache")
+    try:
+        images = load_cached(train_files, out / "cache")
+    except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
     small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
     if main and small and len(small) < len(images):
