@@ -353,10 +353,11 @@ def tile_config(c: int, channels_last: bool) -> tuple[int, int, int]:
     NCHW: pixels are contiguous, so long pixel rows and a few channels per step. channels_last:
     channels are contiguous, so all (up to 64) channels of fewer pixels per step.
     """
+    block_c = triton.next_power_of_2(max(c, 1))  # C = 0 (an empty blend) still needs a 1-wide tile
     if channels_last and c > 1:
-        block_c = min(triton.next_power_of_2(c), 64)
+        block_c = min(block_c, 64)
         return block_c, max(16, 4096 // block_c), 4
-    return min(triton.next_power_of_2(c), 4), 1024, 4
+    return min(block_c, 4), 1024, 4
 
 
 # triton.jit picks the interpreter when the decorator runs, i.e. when this module is imported.

@@ -186,6 +186,27 @@ def test_triton_optional_outputs():
 
 
 @needs_triton
+@pytest.mark.parametrize("shape", [(2, 0, 3, 4), (2, 3, 0, 4)], ids=str)
+def test_triton_empty_tensors(shape):
+    """No channels (the kernel once tiled C = 0 with a 0-wide block: range step 0) or no pixels:
+    still the reference's empty blend and its pool over the gates."""
+    logit, skip, dec = make_inputs(shape)
+    cores = make_cores(shape[0], *shape[2:])
+    assert_forward(
+        gate.gated_blend_triton(logit, skip, dec, 2.0, cores),
+        ideal(logit, skip, dec, 2.0, cores),
+        torch.float32,
+    )
+    grad_out, grad_gamma, grad_pool_sum = upstream_grads(logit, skip)
+    grads = gate.gated_blend_backward_triton(
+        grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, 2.0, cores
+    )
+    expected = ideal_grads(logit, skip, dec, grad_out, grad_gamma, grad_pool_sum, 2.0, cores)
+    for grad, ref in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad.double(), ref, **TOL[torch.float32])
+
+
+@needs_triton
 def test_triton_mixed_and_strided_layouts():
     """skip channels_last, dec NCHW, logit a cropped view the kernel cannot walk (copied)."""
     logit, skip, dec = make_inputs((2, 5, 9, 11))
