@@ -273,6 +273,16 @@ def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, bigg
         raise ValueError(f"one image of {biggest} elements is too large for the Triton kernels")
 
 
+def addressable(t: Tensor | None) -> Tensor | None:
+    """t, or a dense copy of it where a view reaches 2**31 or more elements from its image's start
+    (a crop of a larger frame): offsets inside one image are int32 in the kernels, and it is a view's
+    strides, not check_epilogue's dense sizes, that they multiply."""
+    if t is None:
+        return None
+    reach = sum(max(size - 1, 0) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+    return t.contiguous() if reach >= 2**31 else t
+
+
 def empty_like_layout(x: Tensor, shape) -> Tensor:
     """A new (N,C,H,W) tensor in x's memory format: channels_last in, channels_last out."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -316,6 +326,7 @@ def conv_triton(
         )
     check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
+    x, x2, residual = addressable(x), addressable(x2), addressable(residual)  # after out: x's layout
     res = residual if residual is not None else out  # never read without HAS_RES
     second = x2 if x2 is not None else x  # never read without HAS_X2
     upcast = INTERPRETED and x.dtype == torch.bfloat16

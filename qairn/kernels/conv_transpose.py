@@ -24,6 +24,7 @@ from torch import Tensor
 from qairn.kernels.conv import (
     HAS_TRITON,
     INTERPRETED,
+    addressable,
     check_epilogue,
     check_runnable,
     choose_config,
@@ -108,6 +109,7 @@ def conv_transpose_triton(
         )
     check_epilogue((n, cout, 2 * h, 2 * w), bias, residual, max(cin * h * w, cout * 4 * h * w))
     out = empty_like_layout(x, (n, cout, 2 * h, 2 * w))
+    x, residual = addressable(x), addressable(residual)  # after out: x's layout
     res = residual if residual is not None else out  # never read without HAS_RES
     upcast = INTERPRETED and x.dtype == torch.bfloat16
 

@@ -201,6 +201,35 @@ def test_triton_rejects_bad_arguments():
             cv.conv_triton(one if p >= 0 else x, w, bias, s, p)
 
 
+@pytest.mark.skipif(not cv.HAS_TRITON, reason="triton not installed")
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_views_reaching_past_int32_reach_the_kernels_dense(monkeypatch, op):
+    """A crop of a huge frame: 16x4x4 elements, so check_epilogue's dense sizes pass, but 2**30
+    elements between channels. The kernels' in-image offsets are int32 and multiply the strides they
+    are given: they must get a dense copy. Meta tensors: nothing is allocated; the launch is recorded."""
+    from qairn.kernels import conv_transpose as ct
+
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(args)
+
+    monkeypatch.setattr(*((cv, "_conv_kernel") if op == "conv" else (ct, "_conv_transpose_kernel")), Spy())
+    monkeypatch.setattr(cv, "INTERPRETED", True)  # meta tensors through the CPU tensors' checks
+    far = torch.empty_strided((1, 16, 4, 4), (2**34, 2**30, 2**26, 1), device="meta")
+    if op == "conv":
+        residual = torch.empty_strided((1, 8, 4, 4), (2**34, 2**30, 2**26, 1), device="meta")
+        cv.conv_triton(far, torch.empty(8, 32, 3, 3, device="meta"), None, residual=residual, x2=far)
+    else:
+        residual = torch.empty_strided((1, 8, 8, 8), (2**34, 2**30, 2**26, 1), device="meta")
+        ct.conv_transpose_triton(far, torch.empty(16, 8, 2, 2, device="meta"), None, residual=residual)
+    (args,) = launched
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            assert sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31
+
+
 def test_pick_fastest_takes_the_lowest_median_and_skips_failures():
     times = {"a": iter([5.0, 1.0, 5.0]), "b": iter([2.0, 2.0, 9.0])}  # medians 5 and 2; "c" cannot run
     launched = []
