@@ -384,12 +384,13 @@ def _(x, weight, bias, stride, padding, relu, residual, x2):
     )
 
 
-def triton_takes(x: Tensor, weight: Tensor) -> bool:
+def triton_takes(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
+    """others: the bias, residual and x2, whose loads compile for their own dtypes (bf16: Ampere)."""
     return (
         HAS_TRITON
         and x.dtype in TRITON_DTYPES
         and weight.dtype == x.dtype
-        and triton_compiles_for(x.device, x.dtype)
+        and all(triton_compiles_for(t.device, t.dtype) for t in (x, *others) if t is not None)
     )
 
 
@@ -397,7 +398,7 @@ if HAS_TRITON:
 
     @conv_op.register_kernel("cuda")
     def _(x, weight, bias, stride, padding, relu, residual, x2):
-        if not triton_takes(x, weight) or (x2 is not None and x2.dtype != x.dtype):
+        if not triton_takes(x, weight, bias, residual, x2) or (x2 is not None and x2.dtype != x.dtype):
             return _conv_impl(x, weight, bias, stride, padding, relu, residual, x2)
         return conv_triton(x, weight, bias, stride, padding, relu, residual, x2)
 

@@ -152,7 +152,7 @@ if HAS_TRITON:
 
     @conv_transpose_op.register_kernel("cuda")
     def _(x, weight, bias, relu, residual):
-        if not triton_takes(x, weight):
+        if not triton_takes(x, weight, bias, residual):
             return _conv_transpose_impl(x, weight, bias, relu, residual)
         return conv_transpose_triton(x, weight, bias, relu, residual)
 

@@ -574,10 +574,9 @@ def _(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores):
 
 
 def _triton_takes(*tensors: Tensor) -> bool:
-    return (
-        HAS_TRITON
-        and all(t.dtype in TRITON_DTYPES for t in tensors)
-        and triton_compiles_for(tensors[0].device, tensors[0].dtype)
+    """Every input, not just the first: a bf16 skip under an fp16 logit needs Ampere as well."""
+    return HAS_TRITON and all(
+        t.dtype in TRITON_DTYPES and triton_compiles_for(t.device, t.dtype) for t in tensors
     )
 
 

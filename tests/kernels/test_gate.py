@@ -360,6 +360,22 @@ def test_triton_backward_without_gamma_and_pool_grads():
 # --- Devices: every launch runs on its tensors' GPU, not the current one ------------------------------
 
 
+def test_triton_is_not_taken_where_any_input_needs_a_newer_gpu(monkeypatch):
+    """On a Turing GPU (7.5) bf16 does not compile: the ops must take the reference when any input is
+    bf16, not only when the first one is (a bf16 skip under an fp16 logit, a bf16 bias or residual)."""
+    from qairn.kernels import conv
+
+    monkeypatch.setattr(gate, "device_capability", lambda index: (7, 5))
+    cuda = torch.device("cuda", 0)
+    fp16, bf16 = (SimpleNamespace(dtype=dtype, device=cuda) for dtype in (torch.float16, torch.bfloat16))
+    assert gate._triton_takes(fp16, fp16, fp16) is gate.HAS_TRITON
+    assert not gate._triton_takes(fp16, bf16, fp16)
+    assert not gate._triton_takes(fp16, fp16, bf16)
+    assert conv.triton_takes(fp16, fp16, fp16, fp16, None) is conv.HAS_TRITON
+    assert not conv.triton_takes(fp16, fp16, bf16, None, None)  # bias
+    assert not conv.triton_takes(fp16, fp16, None, bf16, None)  # residual
+
+
 def launch_spy(monkeypatch, module, *kernels):
     """Swap module.on_device for a counting context and each named kernel for a wrapper that notes
     whether it was launched inside it (then runs the real kernel). Returns the list of
