@@ -160,6 +160,22 @@ def test_onnx_export_uses_standard_ops_only(tmp_path):
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-5, atol=1e-5)
 
 
+def test_a_fused_transposed_conv_keeps_output_size():
+    """ConvTranspose2d(x, output_size) may ask for 2H+1 x 2W+1 (an implied output_padding); the fused
+    op only makes 2H x 2W, and returned that (4x6 where 5x7 was asked)."""
+    torch.manual_seed(0)
+    m = torch.nn.ConvTranspose2d(4, 3, 2, stride=2).to(DEVICE)
+    x = torch.randn(1, 4, 2, 3, device=DEVICE)
+    want = run(m, x), m(x, output_size=(5, 7)).detach()
+    fuse.fuse_convs(m)
+    assert type(m) is fuse.FusedConvTranspose2d
+    with torch.no_grad():
+        got = m(x), m(x, output_size=(5, 7))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, **TOL)
+
+
 def test_fusing_twice_or_at_another_width_is_fusing_once():
     fresh = {
         w: fuse.fused_conv_count(fuse.fuse_convs(QAIRN(preset("small")), max_channels=w)) for w in (16, 64)
