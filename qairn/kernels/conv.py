@@ -328,6 +328,7 @@ def conv_triton(
     out = empty_like_layout(x, (n, cout, ho, wo))
     x, x2, residual = addressable(x), addressable(x2), addressable(residual)  # after out: x's layout
     res = residual if residual is not None else out  # never read without HAS_RES
+    bias_arg = bias.contiguous() if bias is not None else weight  # read as b_ptr + channel
     second = x2 if x2 is not None else x  # never read without HAS_X2
     upcast = INTERPRETED and x.dtype == torch.bfloat16
 
@@ -335,7 +336,7 @@ def conv_triton(
         block_m, block_n, block_k, num_warps = cfg
         grid = (triton.cdiv(ho * wo, block_m) * n, triton.cdiv(cout, block_n))
         _conv_kernel[grid](
-            x, second, weight, bias if bias is not None else weight, res, out,
+            x, second, weight, bias_arg, res, out,
             h, w, ho, wo, cin, cin2, cout,
             *x.stride(), *second.stride(), *weight.stride(), *res.stride(), *out.stride(),
             KSIZE=k, STRIDE=stride, PAD=padding,

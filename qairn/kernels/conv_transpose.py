@@ -111,13 +111,14 @@ def conv_transpose_triton(
     out = empty_like_layout(x, (n, cout, 2 * h, 2 * w))
     x, residual = addressable(x), addressable(residual)  # after out: x's layout
     res = residual if residual is not None else out  # never read without HAS_RES
+    bias_arg = bias.contiguous() if bias is not None else weight  # read as b_ptr + channel
     upcast = INTERPRETED and x.dtype == torch.bfloat16
 
     def launch(cfg):
         block_m, block_n, block_k, num_warps = cfg
         grid = (triton.cdiv(h * w, block_m) * n, triton.cdiv(cout, block_n))
         _conv_transpose_kernel[grid](
-            x, weight, bias if bias is not None else weight, res, out,
+            x, weight, bias_arg, res, out,
             h, w, cin, cout,
             *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,

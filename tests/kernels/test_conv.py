@@ -230,6 +230,22 @@ def test_views_reaching_past_int32_reach_the_kernels_dense(monkeypatch, op):
             assert sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) < 2**31
 
 
+@needs_triton
+def test_triton_strided_bias():
+    """The kernels read the bias as bias_ptr + channel: a strided one (every other element of a
+    longer vector) gave other channels' biases, 2.9 off, in conv and transposed conv alike."""
+    from qairn.kernels import conv_transpose as ct
+
+    x, weight, _, _ = make_inputs((1, 3, 4, 5, 6))
+    bias = torch.randn(8, device=DEVICE)[::2]
+    torch.testing.assert_close(
+        cv.conv_triton(x, weight, bias).double(), ideal(x, weight, bias), **TOL[torch.float32]
+    )
+    up = torch.randn(3, 4, 2, 2, device=DEVICE)
+    want = F.conv_transpose2d(x.double(), up.double(), bias.double(), stride=2)
+    torch.testing.assert_close(ct.conv_transpose_triton(x, up, bias).double(), want, **TOL[torch.float32])
+
+
 def test_pick_fastest_takes_the_lowest_median_and_skips_failures():
     times = {"a": iter([5.0, 1.0, 5.0]), "b": iter([2.0, 2.0, 9.0])}  # medians 5 and 2; "c" cannot run
     launched = []
