@@ -263,14 +263,20 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
         )
 
 
-def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> None:
+def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> Tensor | None:
+    """Returns the residual expanded to out_shape: one that broadcasts to it (a (1,C,1,1) shift), as
+    the reference's out + residual takes, is read through stride 0."""
     if bias is not None and bias.shape != (out_shape[1],):
         raise ValueError(f"bias must be ({out_shape[1]},), got {tuple(bias.shape)}")
-    if residual is not None and tuple(residual.shape) != tuple(out_shape):
-        raise ValueError(f"residual must be {tuple(out_shape)}, got {tuple(residual.shape)}")
+    if residual is not None:
+        try:
+            residual = residual.expand(out_shape)
+        except RuntimeError:
+            raise ValueError(f"residual must be {tuple(out_shape)}, got {tuple(residual.shape)}") from None
     # Offsets inside one image are int32 in the kernels (the batch offset is int64).
     if biggest >= 2**31:
         raise ValueError(f"one image of {biggest} elements is too large for the Triton kernels")
+    return residual
 
 
 def addressable(t: Tensor | None) -> Tensor | None:
@@ -324,7 +330,7 @@ def conv_triton(
             f"x {tuple(x.shape)}, padding {padding}: the Triton conv takes padding >= 0 and an input "
             f"at least as large as its {k}x{k} kernel once padded"
         )
-    check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
+    residual = check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
     x, x2, residual = addressable(x), addressable(x2), addressable(residual)  # after out: x's layout
     res = residual if residual is not None else out  # never read without HAS_RES

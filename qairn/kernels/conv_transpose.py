@@ -107,7 +107,7 @@ def conv_transpose_triton(
         raise ValueError(
             f"weight must be ({cin}, Cout, 2, 2) for x {tuple(x.shape)}, got {tuple(weight.shape)}"
         )
-    check_epilogue((n, cout, 2 * h, 2 * w), bias, residual, max(cin * h * w, cout * 4 * h * w))
+    residual = check_epilogue((n, cout, 2 * h, 2 * w), bias, residual, max(cin * h * w, cout * 4 * h * w))
     out = empty_like_layout(x, (n, cout, 2 * h, 2 * w))
     x, residual = addressable(x), addressable(residual)  # after out: x's layout
     res = residual if residual is not None else out  # never read without HAS_RES

@@ -246,6 +246,26 @@ def test_triton_strided_bias():
     torch.testing.assert_close(ct.conv_transpose_triton(x, up, bias).double(), want, **TOL[torch.float32])
 
 
+@needs_triton
+def test_triton_broadcast_residual():
+    """A residual that broadcasts to the output (a (1,Cout,1,1) shift), which the op's reference adds
+    on the CPU, was refused on the Triton path ('residual must be (2, 16, 5, 6)'); both launchers
+    now read it through stride 0."""
+    from qairn.kernels import conv_transpose as ct
+
+    x, weight, bias, _ = make_inputs((2, 16, 16, 5, 6))
+    shift = torch.randn(1, 16, 1, 1, device=DEVICE)
+    want = ideal(x, weight, bias, relu=True, residual=shift)
+    torch.testing.assert_close(
+        cv.conv_triton(x, weight, bias, relu=True, residual=shift).double(), want, **TOL[torch.float32]
+    )
+    up = torch.randn(16, 16, 2, 2, device=DEVICE)
+    want = F.conv_transpose2d(x.double(), up.double(), stride=2) + shift.double()
+    torch.testing.assert_close(
+        ct.conv_transpose_triton(x, up, residual=shift).double(), want, **TOL[torch.float32]
+    )
+
+
 def test_pick_fastest_takes_the_lowest_median_and_skips_failures():
     times = {"a": iter([5.0, 1.0, 5.0]), "b": iter([2.0, 2.0, 9.0])}  # medians 5 and 2; "c" cannot run
     launched = []
