@@ -818,6 +818,20 @@ def test_quality_map_labels_are_readable_at_any_size():
         assert len(rows) >= min(96, 4096 // w * h), (w, h)
 
 
+def test_quality_map_bar_labels_do_not_overlap_on_a_flat_wide_image():
+    from qairn.engine.cli import quality_map_png
+
+    # 2560 x 4 cannot be enlarged (4096 pixels wide at most): its bar was 4 pixels tall and the labels
+    # 1.000 and 0.000 printed over each other. Below the titles, the label rows form two apart runs.
+    for w, h in ((2560, 4), (800, 600), (1, 1)):
+        gamma = np.random.default_rng(0).random((-(-h // 2), -(-w // 2)), dtype=np.float32)
+        png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (w, h)), np.uint8), cv2.IMREAD_COLOR)
+        rows, _ = quality_map_layout(png)
+        dark = (png[rows[0] :].astype(int).max(-1) < 80).any(1).astype(int)
+        starts = np.flatnonzero(np.diff(np.r_[0, dark]) == 1)
+        assert len(starts) == 2 and dark[-1] == 0, (w, h, len(starts))
+
+
 def command_parsers(monkeypatch) -> dict:
     """Every `qairn COMMAND`'s argparse parser (export's subcommands each), as --help builds it."""
     import argparse

@@ -111,7 +111,8 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
     fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
     yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
-    square), so that its labels fit beside it."""
+    square), so that its labels fit beside it; one too wide to enlarge (2560 x 4) keeps its height and
+    gets a colour bar taller than the map, so that the two bar labels do not print over each other."""
     import cv2
     from matplotlib import colormaps
 
@@ -125,26 +126,29 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     gap = max(4, text_h // 2)
     header = text_h + base + 2 * gap
     bar_w = max(12, zw // 40)
+    bar_h = max(zh, 2 * (text_h + base) + gap)  # room for both labels, one above the other
 
     def panel(values: np.ndarray, vmin: float, vmax: float, title: str) -> np.ndarray:
         unit = np.clip((values - vmin) / max(vmax - vmin, 1e-6), 0, 1)
         rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)  # map cell k: pixels s*k..s*k+s-1
         rgb = np.repeat(np.repeat(rgb, zoom, 0), zoom, 1)
-        ramp = np.linspace(1, 0, zh)[:, None].repeat(bar_w, 1)  # top = vmax
+        ramp = np.linspace(1, 0, bar_h)[:, None].repeat(bar_w, 1)  # top = vmax
         bar = (colormaps["viridis"](ramp)[..., :3] * 255).round().astype(np.uint8)
         title_w = cv2.getTextSize(title, font, scale, thick)[0][0]  # a narrow image's title runs on
-        canvas = np.full((header + zh, max(zw + bar_w + label_w + 3 * gap, title_w + gap), 3), 255, np.uint8)
-        canvas[header:, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
+        canvas = np.full(
+            (header + bar_h, max(zw + bar_w + label_w + 3 * gap, title_w + gap), 3), 255, np.uint8
+        )
+        canvas[header : header + zh, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
         x, black = zw + bar_w + 2 * gap, (0, 0, 0)
         cv2.putText(canvas, title, (0, header - gap - base), font, scale, black, thick, cv2.LINE_AA)
         cv2.putText(canvas, f"{vmax:.3f}", (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmin:.3f}", (x, header + zh - base), font, scale, black, thick, cv2.LINE_AA)
+        cv2.putText(canvas, f"{vmin:.3f}", (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
         return canvas
 
     fixed = panel(gamma2, 0.0, 1.0, "gamma2, 0..1")
     stretched = panel(gamma2, lo, hi, "gamma2, stretched")
-    rgb = np.concatenate([fixed, np.full((header + zh, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
+    rgb = np.concatenate([fixed, np.full((header + bar_h, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise RuntimeError("could not encode the quality map")
