@@ -224,6 +224,15 @@ def test_unwritable_output(workdir, tiny_weights, capsys):
     assert leftovers(workdir) == []
 
 
+def test_output_dash_is_refused_not_made_a_folder(workdir, tiny_weights, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)  # `-o -` made a folder named '-' here and wrote '-/a.png' into it
+    rc, out, err = run(capsys, "restore", workdir / "a.jpg", "-o", "-", "--weights", tiny_weights)
+    assert rc == 2 and out == "" and not (workdir / "-").exists()
+    assert error_lines(err) == [
+        "qairn: error: -o -: images are not written to standard output; give a file or folder name"
+    ]
+
+
 def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys):
     out = workdir / "out"
     for args in (

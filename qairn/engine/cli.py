@@ -92,6 +92,8 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
     """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
     Returns the output paths and the directory to create (None for a file), which the caller makes
     only once every other check has passed: a refused run leaves no empty folder behind."""
+    if out == "-":  # it made a folder named '-' and wrote into it
+        raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
     as_dir = o.is_dir() or out.endswith(("/", "\\")) or not o.suffix or len(inputs) > 1
     if as_dir:
