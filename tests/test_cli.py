@@ -65,6 +65,18 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     assert "tiles:" in err  # 96x128 in 64-pixel tiles: more than one batch, so the tile bar shows
 
 
+def test_json_file_paths_are_absolute(workdir, tiny_weights, capsys, monkeypatch):
+    # Relative inputs were recorded as given ('a.jpg', 'out/a.png'): meaningless to whoever reads
+    # scores/q.json later from another folder.
+    monkeypatch.chdir(workdir)
+    (workdir / "scores").mkdir()
+    args = ("restore", "a.jpg", "-o", "out", "--json", "scores/q.json", "--weights", tiny_weights)
+    rc, _, err = run(capsys, *args)
+    assert rc == 0, err
+    [record] = json.loads((workdir / "scores" / "q.json").read_text())
+    assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
+
+
 def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
     rc, _, err = run(
         capsys, "restore", workdir / "a.jpg", "-o", workdir / "single.webp", "--weights", tiny_weights

@@ -368,7 +368,13 @@ def main_restore(argv=None) -> int:
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if a.json:
         try:
-            write_atomic(Path(a.json), (json.dumps(records, indent=2) + "\n").encode())
+            # Absolute paths: the file is read later, from elsewhere, where a path relative to this run's
+            # working folder names nothing (symlinks kept: the names the user gave).
+            rows = [
+                {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])}
+                for r in records
+            ]
+            write_atomic(Path(a.json), (json.dumps(rows, indent=2) + "\n").encode())
         except OSError as e:
             failed += 1
             error(f"{a.json}: cannot write ({e.strerror or e})")
