@@ -218,6 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--crf", type=float, default=18)
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
     a = p.parse_args(argv)
+    if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
+        # checked before any work: the finished temp file was renamed over the video being read
+        raise SystemExit(f"{a.output}: would replace the input video; give another output name")
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:
         if not a.size:

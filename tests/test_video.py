@@ -460,6 +460,16 @@ def test_pipe_example_filter(restorer, frames_rgb):
         ex.filter_raw(restorer, io.BytesIO(raw.getvalue()[:-10]), io.BytesIO(), 75, 47)
 
 
+def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
+    # `ffmpeg_pipe.py in.mp4 in.mp4` renamed the finished output over the input; `./in.mp4` too.
+    ex = load_example()
+    before = clip.read_bytes()
+    for out in (clip, clip.parent / "." / clip.name):
+        with pytest.raises(SystemExit, match="would replace the input video"):
+            ex.main([str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert clip.read_bytes() == before
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no `ffmpeg` binary on PATH")
 def test_pipe_example_with_ffmpeg(tiny_weights, clip, tmp_path):
     out = tmp_path / "piped.mp4"
