@@ -204,11 +204,19 @@ def run_ffmpeg(
             os.unlink(tmp)
 
 
+def size_arg(text: str) -> tuple[int, int]:
+    """--size WxH: two positive whole numbers ('1280x720'), else argparse's one-line refusal."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or 0 in (w := int(m[1]), h := int(m[2])):
+        raise argparse.ArgumentTypeError(f"{text!r}: give width x height in pixels, e.g. 1280x720")
+    return w, h
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input", nargs="?", help="video file (omit to filter raw frames from stdin to stdout)")
     p.add_argument("output", nargs="?")
-    p.add_argument("--size", help="WxH of the raw frames (default: probed from INPUT)")
+    p.add_argument("--size", type=size_arg, help="WxH of the raw frames (default: probed from INPUT)")
     p.add_argument("--fps", help="frame rate, e.g. 30000/1001 (default: probed from INPUT)")
     p.add_argument("--weights", help="qairn safetensors weights (default: the shipped weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -225,7 +233,7 @@ def main(argv=None) -> int:
     if a.input is None:
         if not a.size:
             p.error("--size WxH is needed when filtering stdin")
-        w, h = map(int, a.size.lower().split("x"))
+        w, h = a.size
         with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
             n = filter_raw(
                 restorer,
@@ -247,7 +255,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:
-        w, h = map(int, a.size.lower().split("x"))
+        w, h = a.size
     n = run_ffmpeg(
         restorer, a.input, a.output, w, h, a.fps or rate, a.crf, batch=a.batch, matrix=a.matrix, range=a.range
     )

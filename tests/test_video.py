@@ -470,6 +470,14 @@ def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     assert clip.read_bytes() == before
 
 
+@pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
+def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
+    # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--size", size])
+    assert e.value.code == 2 and "give width x height in pixels" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no `ffmpeg` binary on PATH")
 def test_pipe_example_with_ffmpeg(tiny_weights, clip, tmp_path):
     out = tmp_path / "piped.mp4"
