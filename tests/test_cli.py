@@ -77,6 +77,15 @@ def test_json_file_paths_are_absolute(workdir, tiny_weights, capsys, monkeypatch
     assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
 
 
+def test_json_dash_goes_to_stdout(workdir, tiny_weights, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)  # `--json -` wrote a file named '-' here and nothing to stdout
+    rc, out, err = run(capsys, "restore", "a.jpg", "-o", "out", "--json", "-", "--weights", tiny_weights)
+    assert rc == 0, err
+    assert not (workdir / "-").exists()
+    [record] = json.loads(out)
+    assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
+
+
 def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
     rc, _, err = run(
         capsys, "restore", workdir / "a.jpg", "-o", workdir / "single.webp", "--weights", tiny_weights

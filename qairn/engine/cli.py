@@ -266,7 +266,7 @@ def main_restore(argv=None) -> int:
     p.add_argument("-o", "--output", required=True, help="output file, or directory for several inputs")
     p.add_argument("--format", default=None, help="output suffix in a directory, e.g. .png (default)")
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
-    p.add_argument("--json", default=None, help="write per-image Q1..Q3 to this JSON file")
+    p.add_argument("--json", default=None, help="write per-image Q1..Q3 to this JSON file (- for stdout)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
 
@@ -287,7 +287,8 @@ def main_restore(argv=None) -> int:
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
-    if a.json:  # checked before any work: a long run must not end unable to write its scores
+    # Checked before any work: a long run must not end unable to write its scores.
+    if a.json and a.json != "-":
         json_path = Path(a.json).resolve()
         if json_path in taken:
             return fatal(f"{a.json}: --json would replace an input or output image")
@@ -374,7 +375,12 @@ def main_restore(argv=None) -> int:
                 {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])}
                 for r in records
             ]
-            write_atomic(Path(a.json), (json.dumps(rows, indent=2) + "\n").encode())
+            text = json.dumps(rows, indent=2) + "\n"
+            if a.json == "-":  # it wrote a file named '-'; stdout carries nothing else
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                write_atomic(Path(a.json), text.encode())
         except OSError as e:
             failed += 1
             error(f"{a.json}: cannot write ({e.strerror or e})")
