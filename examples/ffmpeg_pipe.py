@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
         # checked before any work: the finished temp file was renamed over the video being read
         raise SystemExit(f"{a.output}: would replace the input video; give another output name")
+    if a.output is not None and not Path(a.output).absolute().parent.is_dir():  # mkstemp's traceback
+        raise SystemExit(f"{a.output}: output folder does not exist")
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:
         if not a.size:

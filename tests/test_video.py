@@ -470,6 +470,13 @@ def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     assert clip.read_bytes() == before
 
 
+def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
+    # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
+    with pytest.raises(SystemExit, match="output folder does not exist"):
+        load_example().main([str(clip), str(tmp_path / "no" / "out.mp4"), "--weights", str(tiny_weights)])
+    assert not (tmp_path / "no").exists()
+
+
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
 def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
     # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
