@@ -193,6 +193,9 @@ def run_ffmpeg(
             raise RuntimeError(
                 f"ffmpeg failed (decoder exit {dec.returncode}, encoder exit {enc.returncode})"
             )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600 and FFmpeg wrote into it as it was
         os.replace(tmp, dst)
         return n
     finally:

@@ -470,6 +470,22 @@ def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     assert clip.read_bytes() == before
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script; no POSIX modes")
+def test_pipe_example_output_gets_normal_permissions(tiny_weights, clip, tmp_path, monkeypatch):
+    # mkstemp makes its temp file 0600 and FFmpeg writes into it as it is: the video came out 0600,
+    # unreadable by anyone else. A stand-in ffmpeg that writes nothing shows the file's mode.
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out.mp4"
+    load_example().main([str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
     # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
     with pytest.raises(SystemExit, match="output folder does not exist"):
