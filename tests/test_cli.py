@@ -254,6 +254,16 @@ def test_output_dash_is_refused_not_made_a_folder(workdir, tiny_weights, capsys,
     ]
 
 
+def test_format_contradicting_the_output_file_is_refused(workdir, tiny_weights, capsys):
+    # -o x.png --format .jpg wrote a PNG and said nothing of the --format it ignored.
+    args = ("restore", workdir / "a.jpg", "--weights", tiny_weights, "-o")
+    rc, _, err = run(capsys, *args, workdir / "x.png", "--format", ".jpg")
+    assert rc == 2 and not (workdir / "x.png").exists()
+    says = f"--format .jpg contradicts -o {workdir / 'x.png'}; the output file's suffix sets its type"
+    assert error_lines(err) == [f"qairn: error: {says}"]
+    assert run(capsys, *args, workdir / "x.JPEG", "--format", "jpg")[0] == 0  # the same type, spelt otherwise
+
+
 def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys):
     out = workdir / "out"
     for args in (

@@ -283,6 +283,11 @@ def main_restore(argv=None) -> int:
         return fatal(str(e))
     if a.format and a.format.lower() not in WRITE_SUFFIXES:
         return fatal(f"--format {a.format}: use one of {sorted(WRITE_SUFFIXES)}")
+    # A file output's type is its suffix: a.jpg -o x.png --format .jpg wrote a PNG without a word.
+    same = {".jpeg": ".jpg", ".tiff": ".tif"}
+    kinds = {same.get(x, x) for x in ((a.format or "").lower(), outputs[0].suffix.lower())}
+    if a.format and folder is None and len(kinds) > 1:
+        return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
     failed = len(errors)
     records = []
     input_set = {q.resolve() for q in inputs}
