@@ -699,6 +699,11 @@ def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights
     # a folder is refused before the work too, even with --overwrite (it used to fail at the very end)
     rc, _, err = run(capsys, "restore", workdir / "b.png", "-o", out, "--json", workdir, "--overwrite")
     assert rc == 2 and "is a directory; give a file name for --json" in err and not out.exists()
+    # the quality map was written, then the scores went over it: out/b.quality.png held the JSON
+    out.mkdir()
+    args = ("restore", workdir / "b.png", "-o", out, "--quality-map", "--weights", tiny_weights)
+    rc, _, err = run(capsys, *args, "--json", out / "b.quality.png")
+    assert rc == 2 and "--json would replace an input or output image" in err and not any(out.iterdir())
 
 
 def test_file_names_with_glob_characters_are_taken_literally(workdir, tiny_weights, capsys):

@@ -295,7 +295,8 @@ def main_restore(argv=None) -> int:
     # Checked before any work: a long run must not end unable to write its scores.
     if a.json and a.json != "-":
         json_path = Path(a.json).resolve()
-        if json_path in taken:
+        maps = {d.with_name(d.stem + ".quality.png").resolve() for d in outputs} if a.quality_map else set()
+        if json_path in taken | maps:  # a map is written first, then the scores went over it
             return fatal(f"{a.json}: --json would replace an input or output image")
         if json_path.is_dir():
             return fatal(f"{a.json}: is a directory; give a file name for --json")
