@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -664,6 +665,18 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
     assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_pipe_is_refused_as_a_pipe(workdir, tiny_weights, capsys):
+    # `cat a.jpg | qairn score /dev/stdin` said 'empty file (0 bytes)': a pipe's size is 0.
+    fifo = workdir / "pipe.jpg"
+    os.mkfifo(fifo)
+    rc, out, err = run(capsys, "score", fifo, workdir / "a.jpg", "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert error_lines(err) == [
+        f"qairn: error: {fifo}: not a regular file (a pipe or device); save the image to a file first"
+    ]
 
 
 def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):

@@ -59,6 +59,8 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             paths += imgs
         elif not p.exists():
             errors.append(f"{p}: no such file or directory")
+        elif not p.is_file():  # a pipe (`cat a.jpg | qairn score /dev/stdin`) was an 'empty file'
+            errors.append(f"{p}: not a regular file (a pipe or device); save the image to a file first")
         else:
             paths.append(p)
     # A file named twice (a glob and its folder, say) is restored once.
