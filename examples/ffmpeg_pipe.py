@@ -229,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--crf", type=float, default=18)
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
     a = p.parse_args(argv)
+    if a.input is not None and a.trace:  # it was ignored: the run ended with no CSV and no word
+        p.error("--trace works in filter mode only (no INPUT, OUTPUT); `qairn video` writes a trace")
     if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
         # checked before any work: the finished temp file was renamed over the video being read
         raise SystemExit(f"{a.output}: would replace the input video; give another output name")

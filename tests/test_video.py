@@ -486,6 +486,12 @@ def test_pipe_example_output_gets_normal_permissions(tiny_weights, clip, tmp_pat
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_example().main([str(clip), str(tmp_path / "o.mp4"), "--trace", str(tmp_path / "t.csv")])
+    assert e.value.code == 2 and "--trace works in filter mode only" in capsys.readouterr().err
+
+
 def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
     # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
     with pytest.raises(SystemExit, match="output folder does not exist"):
