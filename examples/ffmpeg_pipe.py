@@ -189,7 +189,7 @@ def run_ffmpeg(
         enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
         n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
         enc.stdin.close()
-        if dec.wait() != 0 or enc.wait() != 0:
+        if (dec.wait(), enc.wait()) != (0, 0):  # both: `or` left the encoder's exit None in the message
             raise RuntimeError(
                 f"ffmpeg failed (decoder exit {dec.returncode}, encoder exit {enc.returncode})"
             )
@@ -263,9 +263,13 @@ def main(argv=None) -> int:
     w, h, rate = probe(a.input)
     if a.size:
         w, h = a.size
-    n = run_ffmpeg(
-        restorer, a.input, a.output, w, h, a.fps or rate, a.crf, batch=a.batch, matrix=a.matrix, range=a.range
-    )
+    args = (a.fps or rate, a.crf)
+    try:  # FFmpeg's own message is above; then one line, not a traceback
+        n = run_ffmpeg(
+            restorer, a.input, a.output, w, h, *args, batch=a.batch, matrix=a.matrix, range=a.range
+        )
+    except (RuntimeError, ValueError) as e:  # an FFmpeg exit code, a last frame cut short
+        raise SystemExit(f"{a.input}: {e}") from None
     print(f"restored {n} frames into {a.output}", file=sys.stderr)
     return 0
 

@@ -492,6 +492,21 @@ def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys)
     assert e.value.code == 2 and "--trace works in filter mode only" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_failing_ffmpeg_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
+    # A failing FFmpeg (an audio-only input: no 0:v:0 to map) ended in a RuntimeError traceback.
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit, match=r"ffmpeg failed \(decoder exit 1, encoder exit 1\)"):
+        load_example().main(
+            [str(clip), str(tmp_path / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
 def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
     # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
     with pytest.raises(SystemExit, match="output folder does not exist"):
