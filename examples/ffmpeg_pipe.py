@@ -105,11 +105,16 @@ def probe(path: str) -> tuple[int, int, str]:
             text=True,
             check=True,
         ).stdout
-        s = json.loads(out)["streams"][0]
+        streams = json.loads(out).get("streams") or []
+        if not streams:  # an audio-only file: IndexError's traceback
+            raise SystemExit(f"{path}: no video stream")
+        s = streams[0]
         return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
     import av  # qairn[video]
 
     with av.open(path) as c:
+        if not c.streams.video:
+            raise SystemExit(f"{path}: no video stream")
         v = c.streams.video[0]
         rate = v.average_rate or v.guessed_rate or Fraction(25)
         return v.codec_context.width, v.codec_context.height, f"{rate.numerator}/{rate.denominator}"

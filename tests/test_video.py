@@ -507,6 +507,19 @@ def test_pipe_example_failing_ffmpeg_is_one_line(tiny_weights, clip, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
 
+def test_pipe_example_audio_only_input_is_one_line(tmp_path, monkeypatch):
+    import wave
+
+    # probe() took streams[0] / streams.video[0] of a file with none: an IndexError traceback.
+    wav = tmp_path / "a.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setparams((1, 2, 8000, 0, "NONE", "not compressed"))
+        w.writeframes(b"\0\0" * 800)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # PyAV's path (ffprobe's is alike)
+    with pytest.raises(SystemExit, match="a.wav: no video stream"):
+        load_example().probe(str(wav))
+
+
 def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
     # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
     with pytest.raises(SystemExit, match="output folder does not exist"):
