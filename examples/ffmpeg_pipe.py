@@ -105,11 +105,16 @@ def probe(path: str) -> tuple[int, int, str]:
             text=True,
             check=True,
         ).stdout
-        s = json.loads(out)["streams"][0]
+        streams = json.loads(out).get("streams") or []
+        if not streams:  # an audio-only file: IndexError's traceback
+            raise SystemExit(f"{path}: no video stream")
+        s = streams[0]
         return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
     import av  # qairn[video]
 
     with av.open(path) as c:
+        if not c.streams.video:
+            raise SystemExit(f"{path}: no video stream")
         v = c.streams.video[0]
         rate = v.average_rate or v.guessed_rate or Fraction(25)
         return v.codec_context.width, v.codec_context.height, f"{rate.numerator}/{rate.denominator}"
@@ -189,10 +194,13 @@ def run_ffmpeg(
         enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
         n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
         enc.stdin.close()
-        if dec.wait() != 0 or enc.wait() != 0:
+        if (dec.wait(), enc.wait()) != (0, 0):  # both: `or` left the encoder's exit None in the message
             raise RuntimeError(
                 f"ffmpeg failed (decoder exit {dec.returncode}, encoder exit {enc.returncode})"
             )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600 and FFmpeg wrote into it as it was
         os.replace(tmp, dst)
         return n
     finally:
@@ -204,11 +212,19 @@ def run_ffmpeg(
             os.unlink(tmp)
 
 
+def size_arg(text: str) -> tuple[int, int]:
+    """--size WxH: two positive whole numbers ('1280x720'), else argparse's one-line refusal."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or 0 in (w := int(m[1]), h := int(m[2])):
+        raise argparse.ArgumentTypeError(f"{text!r}: give width x height in pixels, e.g. 1280x720")
+    return w, h
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input", nargs="?", help="video file (omit to filter raw frames from stdin to stdout)")
     p.add_argument("output", nargs="?")
-    p.add_argument("--size", help="WxH of the raw frames (default: probed from INPUT)")
+    p.add_argument("--size", type=size_arg, help="WxH of the raw frames (default: probed from INPUT)")
     p.add_argument("--fps", help="frame rate, e.g. 30000/1001 (default: probed from INPUT)")
     p.add_argument("--weights", help="qairn safetensors weights (default: the shipped weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
@@ -218,11 +234,18 @@ def main(argv=None) -> int:
     p.add_argument("--crf", type=float, default=18)
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
     a = p.parse_args(argv)
+    if a.input is not None and a.trace:  # it was ignored: the run ended with no CSV and no word
+        p.error("--trace works in filter mode only (no INPUT, OUTPUT); `qairn video` writes a trace")
+    if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
+        # checked before any work: the finished temp file was renamed over the video being read
+        raise SystemExit(f"{a.output}: would replace the input video; give another output name")
+    if a.output is not None and not Path(a.output).absolute().parent.is_dir():  # mkstemp's traceback
+        raise SystemExit(f"{a.output}: output folder does not exist")
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:
         if not a.size:
             p.error("--size WxH is needed when filtering stdin")
-        w, h = map(int, a.size.lower().split("x"))
+        w, h = a.size
         with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
             n = filter_raw(
                 restorer,
@@ -244,10 +267,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:
-        w, h = map(int, a.size.lower().split("x"))
-    n = run_ffmpeg(
-        restorer, a.input, a.output, w, h, a.fps or rate, a.crf, batch=a.batch, matrix=a.matrix, range=a.range
-    )
+        w, h = a.size
+    args = (a.fps or rate, a.crf)
+    try:  # FFmpeg's own message is above; then one line, not a traceback
+        n = run_ffmpeg(
+            restorer, a.input, a.output, w, h, *args, batch=a.batch, matrix=a.matrix, range=a.range
+        )
+    except (RuntimeError, ValueError) as e:  # an FFmpeg exit code, a last frame cut short
+        raise SystemExit(f"{a.input}: {e}") from None
     print(f"restored {n} frames into {a.output}", file=sys.stderr)
     return 0
 

@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -63,6 +64,27 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
     assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
     assert "tiles:" in err  # 96x128 in 64-pixel tiles: more than one batch, so the tile bar shows
+
+
+def test_json_file_paths_are_absolute(workdir, tiny_weights, capsys, monkeypatch):
+    # Relative inputs were recorded as given ('a.jpg', 'out/a.png'): meaningless to whoever reads
+    # scores/q.json later from another folder.
+    monkeypatch.chdir(workdir)
+    (workdir / "scores").mkdir()
+    args = ("restore", "a.jpg", "-o", "out", "--json", "scores/q.json", "--weights", tiny_weights)
+    rc, _, err = run(capsys, *args)
+    assert rc == 0, err
+    [record] = json.loads((workdir / "scores" / "q.json").read_text())
+    assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
+
+
+def test_json_dash_goes_to_stdout(workdir, tiny_weights, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)  # `--json -` wrote a file named '-' here and nothing to stdout
+    rc, out, err = run(capsys, "restore", "a.jpg", "-o", "out", "--json", "-", "--weights", tiny_weights)
+    assert rc == 0, err
+    assert not (workdir / "-").exists()
+    [record] = json.loads(out)
+    assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
 
 
 def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
@@ -222,6 +244,25 @@ def test_unwritable_output(workdir, tiny_weights, capsys):
     rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", blocker / "x.png", "--weights", tiny_weights)
     assert rc == 1 and len(error_lines(err)) == 1 and "x.png" in err
     assert leftovers(workdir) == []
+
+
+def test_output_dash_is_refused_not_made_a_folder(workdir, tiny_weights, capsys, monkeypatch):
+    monkeypatch.chdir(workdir)  # `-o -` made a folder named '-' here and wrote '-/a.png' into it
+    rc, out, err = run(capsys, "restore", workdir / "a.jpg", "-o", "-", "--weights", tiny_weights)
+    assert rc == 2 and out == "" and not (workdir / "-").exists()
+    assert error_lines(err) == [
+        "qairn: error: -o -: images are not written to standard output; give a file or folder name"
+    ]
+
+
+def test_format_contradicting_the_output_file_is_refused(workdir, tiny_weights, capsys):
+    # -o x.png --format .jpg wrote a PNG and said nothing of the --format it ignored.
+    args = ("restore", workdir / "a.jpg", "--weights", tiny_weights, "-o")
+    rc, _, err = run(capsys, *args, workdir / "x.png", "--format", ".jpg")
+    assert rc == 2 and not (workdir / "x.png").exists()
+    says = f"--format .jpg contradicts -o {workdir / 'x.png'}; the output file's suffix sets its type"
+    assert error_lines(err) == [f"qairn: error: {says}"]
+    assert run(capsys, *args, workdir / "x.JPEG", "--format", "jpg")[0] == 0  # the same type, spelt otherwise
 
 
 def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys):
@@ -626,6 +667,18 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_pipe_is_refused_as_a_pipe(workdir, tiny_weights, capsys):
+    # `cat a.jpg | qairn score /dev/stdin` said 'empty file (0 bytes)': a pipe's size is 0.
+    fifo = workdir / "pipe.jpg"
+    os.mkfifo(fifo)
+    rc, out, err = run(capsys, "score", fifo, workdir / "a.jpg", "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert error_lines(err) == [
+        f"qairn: error: {fifo}: not a regular file (a pipe or device); save the image to a file first"
+    ]
+
+
 def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
     Image.fromarray((np.random.default_rng(0).random((24, 20)) * 1000).astype(np.int32)).save(
         workdir / "i32.tif"
@@ -659,6 +712,11 @@ def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights
     # a folder is refused before the work too, even with --overwrite (it used to fail at the very end)
     rc, _, err = run(capsys, "restore", workdir / "b.png", "-o", out, "--json", workdir, "--overwrite")
     assert rc == 2 and "is a directory; give a file name for --json" in err and not out.exists()
+    # the quality map was written, then the scores went over it: out/b.quality.png held the JSON
+    out.mkdir()
+    args = ("restore", workdir / "b.png", "-o", out, "--quality-map", "--weights", tiny_weights)
+    rc, _, err = run(capsys, *args, "--json", out / "b.quality.png")
+    assert rc == 2 and "--json would replace an input or output image" in err and not any(out.iterdir())
 
 
 def test_file_names_with_glob_characters_are_taken_literally(workdir, tiny_weights, capsys):
@@ -816,6 +874,20 @@ def test_quality_map_labels_are_readable_at_any_size():
         assert dark[: rows[0]].any(), (w, h)  # the titles: black, above the maps
         assert dark.sum() >= 0.05 * len(rows) and dark.sum() >= 15, (w, h)  # titles and bar labels
         assert len(rows) >= min(96, 4096 // w * h), (w, h)
+
+
+def test_quality_map_bar_labels_do_not_overlap_on_a_flat_wide_image():
+    from qairn.engine.cli import quality_map_png
+
+    # 2560 x 4 cannot be enlarged (4096 pixels wide at most): its bar was 4 pixels tall and the labels
+    # 1.000 and 0.000 printed over each other. Below the titles, the label rows form two apart runs.
+    for w, h in ((2560, 4), (800, 600), (1, 1)):
+        gamma = np.random.default_rng(0).random((-(-h // 2), -(-w // 2)), dtype=np.float32)
+        png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (w, h)), np.uint8), cv2.IMREAD_COLOR)
+        rows, _ = quality_map_layout(png)
+        dark = (png[rows[0] :].astype(int).max(-1) < 80).any(1).astype(int)
+        starts = np.flatnonzero(np.diff(np.r_[0, dark]) == 1)
+        assert len(starts) == 2 and dark[-1] == 0, (w, h, len(starts))
 
 
 def command_parsers(monkeypatch) -> dict:

@@ -460,6 +460,81 @@ def test_pipe_example_filter(restorer, frames_rgb):
         ex.filter_raw(restorer, io.BytesIO(raw.getvalue()[:-10]), io.BytesIO(), 75, 47)
 
 
+def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
+    # `ffmpeg_pipe.py in.mp4 in.mp4` renamed the finished output over the input; `./in.mp4` too.
+    ex = load_example()
+    before = clip.read_bytes()
+    for out in (clip, clip.parent / "." / clip.name):
+        with pytest.raises(SystemExit, match="would replace the input video"):
+            ex.main([str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert clip.read_bytes() == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script; no POSIX modes")
+def test_pipe_example_output_gets_normal_permissions(tiny_weights, clip, tmp_path, monkeypatch):
+    # mkstemp makes its temp file 0600 and FFmpeg writes into it as it is: the video came out 0600,
+    # unreadable by anyone else. A stand-in ffmpeg that writes nothing shows the file's mode.
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out.mp4"
+    load_example().main([str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu"])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_example().main([str(clip), str(tmp_path / "o.mp4"), "--trace", str(tmp_path / "t.csv")])
+    assert e.value.code == 2 and "--trace works in filter mode only" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_failing_ffmpeg_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
+    # A failing FFmpeg (an audio-only input: no 0:v:0 to map) ended in a RuntimeError traceback.
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit, match=r"ffmpeg failed \(decoder exit 1, encoder exit 1\)"):
+        load_example().main(
+            [str(clip), str(tmp_path / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
+def test_pipe_example_audio_only_input_is_one_line(tmp_path, monkeypatch):
+    import wave
+
+    # probe() took streams[0] / streams.video[0] of a file with none: an IndexError traceback.
+    wav = tmp_path / "a.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setparams((1, 2, 8000, 0, "NONE", "not compressed"))
+        w.writeframes(b"\0\0" * 800)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # PyAV's path (ffprobe's is alike)
+    with pytest.raises(SystemExit, match="a.wav: no video stream"):
+        load_example().probe(str(wav))
+
+
+def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
+    # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
+    with pytest.raises(SystemExit, match="output folder does not exist"):
+        load_example().main([str(clip), str(tmp_path / "no" / "out.mp4"), "--weights", str(tiny_weights)])
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
+def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
+    # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--size", size])
+    assert e.value.code == 2 and "give width x height in pixels" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="no `ffmpeg` binary on PATH")
 def test_pipe_example_with_ffmpeg(tiny_weights, clip, tmp_path):
     out = tmp_path / "piped.mp4"

@@ -59,6 +59,8 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             paths += imgs
         elif not p.exists():
             errors.append(f"{p}: no such file or directory")
+        elif not p.is_file():  # a pipe (`cat a.jpg | qairn score /dev/stdin`) was an 'empty file'
+            errors.append(f"{p}: not a regular file (a pipe or device); save the image to a file first")
         else:
             paths.append(p)
     # A file named twice (a glob and its folder, say) is restored once.
@@ -92,6 +94,8 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
     """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
     Returns the output paths and the directory to create (None for a file), which the caller makes
     only once every other check has passed: a refused run leaves no empty folder behind."""
+    if out == "-":  # it made a folder named '-' and wrote into it
+        raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
     as_dir = o.is_dir() or out.endswith(("/", "\\")) or not o.suffix or len(inputs) > 1
     if as_dir:
@@ -111,7 +115,8 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
     fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
     yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
-    square), so that its labels fit beside it."""
+    square), so that its labels fit beside it; one too wide to enlarge (2560 x 4) keeps its height and
+    gets a colour bar taller than the map, so that the two bar labels do not print over each other."""
     import cv2
     from matplotlib import colormaps
 
@@ -125,26 +130,29 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     gap = max(4, text_h // 2)
     header = text_h + base + 2 * gap
     bar_w = max(12, zw // 40)
+    bar_h = max(zh, 2 * (text_h + base) + gap)  # room for both labels, one above the other
 
     def panel(values: np.ndarray, vmin: float, vmax: float, title: str) -> np.ndarray:
         unit = np.clip((values - vmin) / max(vmax - vmin, 1e-6), 0, 1)
         rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)  # map cell k: pixels s*k..s*k+s-1
         rgb = np.repeat(np.repeat(rgb, zoom, 0), zoom, 1)
-        ramp = np.linspace(1, 0, zh)[:, None].repeat(bar_w, 1)  # top = vmax
+        ramp = np.linspace(1, 0, bar_h)[:, None].repeat(bar_w, 1)  # top = vmax
         bar = (colormaps["viridis"](ramp)[..., :3] * 255).round().astype(np.uint8)
         title_w = cv2.getTextSize(title, font, scale, thick)[0][0]  # a narrow image's title runs on
-        canvas = np.full((header + zh, max(zw + bar_w + label_w + 3 * gap, title_w + gap), 3), 255, np.uint8)
-        canvas[header:, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
+        canvas = np.full(
+            (header + bar_h, max(zw + bar_w + label_w + 3 * gap, title_w + gap), 3), 255, np.uint8
+        )
+        canvas[header : header + zh, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
         x, black = zw + bar_w + 2 * gap, (0, 0, 0)
         cv2.putText(canvas, title, (0, header - gap - base), font, scale, black, thick, cv2.LINE_AA)
         cv2.putText(canvas, f"{vmax:.3f}", (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmin:.3f}", (x, header + zh - base), font, scale, black, thick, cv2.LINE_AA)
+        cv2.putText(canvas, f"{vmin:.3f}", (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
         return canvas
 
     fixed = panel(gamma2, 0.0, 1.0, "gamma2, 0..1")
     stretched = panel(gamma2, lo, hi, "gamma2, stretched")
-    rgb = np.concatenate([fixed, np.full((header + zh, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
+    rgb = np.concatenate([fixed, np.full((header + bar_h, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise RuntimeError("could not encode the quality map")
@@ -260,7 +268,7 @@ def main_restore(argv=None) -> int:
     p.add_argument("-o", "--output", required=True, help="output file, or directory for several inputs")
     p.add_argument("--format", default=None, help="output suffix in a directory, e.g. .png (default)")
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
-    p.add_argument("--json", default=None, help="write per-image Q1..Q3 to this JSON file")
+    p.add_argument("--json", default=None, help="write per-image Q1..Q3 to this JSON file (- for stdout)")
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
 
@@ -277,13 +285,20 @@ def main_restore(argv=None) -> int:
         return fatal(str(e))
     if a.format and a.format.lower() not in WRITE_SUFFIXES:
         return fatal(f"--format {a.format}: use one of {sorted(WRITE_SUFFIXES)}")
+    # A file output's type is its suffix: a.jpg -o x.png --format .jpg wrote a PNG without a word.
+    same = {".jpeg": ".jpg", ".tiff": ".tif"}
+    kinds = {same.get(x, x) for x in ((a.format or "").lower(), outputs[0].suffix.lower())}
+    if a.format and folder is None and len(kinds) > 1:
+        return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
     failed = len(errors)
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
-    if a.json:  # checked before any work: a long run must not end unable to write its scores
+    # Checked before any work: a long run must not end unable to write its scores.
+    if a.json and a.json != "-":
         json_path = Path(a.json).resolve()
-        if json_path in taken:
+        maps = {d.with_name(d.stem + ".quality.png").resolve() for d in outputs} if a.quality_map else set()
+        if json_path in taken | maps:  # a map is written first, then the scores went over it
             return fatal(f"{a.json}: --json would replace an input or output image")
         if json_path.is_dir():
             return fatal(f"{a.json}: is a directory; give a file name for --json")
@@ -362,7 +377,18 @@ def main_restore(argv=None) -> int:
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if a.json:
         try:
-            write_atomic(Path(a.json), (json.dumps(records, indent=2) + "\n").encode())
+            # Absolute paths: the file is read later, from elsewhere, where a path relative to this run's
+            # working folder names nothing (symlinks kept: the names the user gave).
+            rows = [
+                {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])}
+                for r in records
+            ]
+            text = json.dumps(rows, indent=2) + "\n"
+            if a.json == "-":  # it wrote a file named '-'; stdout carries nothing else
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            else:
+                write_atomic(Path(a.json), text.encode())
         except OSError as e:
             failed += 1
             error(f"{a.json}: cannot write ({e.strerror or e})")
