@@ -66,6 +66,21 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     assert "tiles:" in err  # 96x128 in 64-pixel tiles: more than one batch, so the tile bar shows
 
 
+def test_a_rerun_into_the_same_folder_skips_heat_maps_and_hidden_files(workdir, tiny_weights, capsys):
+    # Restoring a folder into itself twice restored its heat maps (a.quality.quality.png), and a macOS
+    # ._a.jpg (AppleDouble, not an image) failed the run (exit 1).
+    (workdir / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    for _ in range(2):
+        images = [p for p in workdir.iterdir() if p.suffix in (".png", ".jpg") and not p.name.startswith(".")]
+        inputs = [p for p in images if not p.name.endswith(".quality.png")]
+        args = [workdir, "-o", workdir, "--weights", tiny_weights, "--quality-map", "--overwrite"]
+        rc, _, err = run(capsys, "restore", *args)
+        assert rc == 0, err
+        assert f"restored {len(inputs)} of {len(inputs)} images" in err.strip().splitlines()[-1]
+    names = sorted(p.name for p in workdir.iterdir())
+    assert not [n for n in names if ".quality.quality" in n], names
+
+
 def test_json_file_paths_are_absolute(workdir, tiny_weights, capsys, monkeypatch):
     # Relative inputs were recorded as given ('a.jpg', 'out/a.png'): meaningless to whoever reads
     # scores/q.json later from another folder.

@@ -40,8 +40,19 @@ class InputError(ValueError):
     pass
 
 
+def scanned_image(f: Path) -> bool:
+    """Whether a folder scan takes f: an image, but not our own heat maps (a rerun into the same folder
+    restored a.quality.png into a.quality.quality.png) nor hidden files (macOS's ._a.jpg, not images).
+    Named on the command line (or by a glob) they are still taken."""
+    name = f.name.lower()
+    return (
+        f.suffix.lower() in IMAGE_SUFFIXES and not name.endswith(".quality.png") and not name.startswith(".")
+    )
+
+
 def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, directories (their images, sorted) and globs -> (paths, errors)."""
+    """Files, directories (their images, sorted; not heat maps or hidden files) and globs -> (paths,
+    errors)."""
     paths, errors = [], []
     for item in items:
         if any(ch in item for ch in "*?[") and not Path(item).exists():  # "photo [1].png" is a file
@@ -53,7 +64,7 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             continue
         p = Path(item)
         if p.is_dir():
-            imgs = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
             if not imgs:
                 errors.append(f"{p}: directory contains no images")
             paths += imgs
@@ -160,7 +171,11 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="image files, directories or globs")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, directories (their images; not *.quality.png heat maps or hidden files) or globs",
+    )
     p.add_argument("--weights", default=None, help="qairn safetensors weights (default: shipped)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     p.add_argument(
