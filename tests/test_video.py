@@ -470,15 +470,20 @@ def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     assert clip.read_bytes() == before
 
 
+def stand_in_ffmpeg(tmp_path, monkeypatch, exit_code: int) -> None:
+    """An `ffmpeg` first on PATH that writes nothing and exits with exit_code (no ffmpeg binary here)."""
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+
+
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script; no POSIX modes")
 def test_pipe_example_output_gets_normal_permissions(tiny_weights, clip, tmp_path, monkeypatch):
     # mkstemp makes its temp file 0600 and FFmpeg writes into it as it is: the video came out 0600,
     # unreadable by anyone else. A stand-in ffmpeg that writes nothing shows the file's mode.
-    fake = tmp_path / "bin" / "ffmpeg"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 0\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
     out = tmp_path / "out.mp4"
     load_example().main([str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu"])
     umask = os.umask(0)
@@ -495,11 +500,7 @@ def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys)
 @pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
 def test_pipe_example_failing_ffmpeg_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
     # A failing FFmpeg (an audio-only input: no 0:v:0 to map) ended in a RuntimeError traceback.
-    fake = tmp_path / "bin" / "ffmpeg"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nexit 1\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=1)
     with pytest.raises(SystemExit, match=r"ffmpeg failed \(decoder exit 1, encoder exit 1\)"):
         load_example().main(
             [str(clip), str(tmp_path / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"]
