@@ -303,8 +303,11 @@ class Restorer:
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
         ran = getattr(self.backend, "network_config", None)  # an exported file's own network
         if ran is not None and ran != config:
-            differ = [f"{k} {v!r} there, {getattr(config, k)!r} given" for k, v in asdict(ran).items()]
-            differ = [d for d, (k, v) in zip(differ, asdict(ran).items()) if v != getattr(config, k)]
+            differ = [
+                f"{k} {v!r} there, {getattr(config, k)!r} given"
+                for k, v in asdict(ran).items()
+                if v != getattr(config, k)
+            ]
             raise ValueError(
                 f"{self.backend.path} holds another network than the one given ({'; '.join(differ)}): "
                 "give the weights it was exported from, or neither weights= nor model= to use its own"

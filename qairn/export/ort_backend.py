@@ -94,9 +94,10 @@ def on_device(providers, device: torch.device) -> list:
     return out
 
 
-def file_config(path: str | Path) -> QAIRNConfig | None:
-    """The config of the network an export holds (its qairn.config metadata), None where it has none."""
-    text = read_metadata(path).get("qairn.config")
+def file_config(path: str | Path, metadata: dict | None = None) -> QAIRNConfig | None:
+    """The config of the network an export holds (its qairn.config metadata, read from the file unless
+    given), None where it has none."""
+    text = (metadata if metadata is not None else read_metadata(path)).get("qairn.config")
     if text is None:
         return None
     try:
@@ -152,9 +153,10 @@ class OrtBackend:
             if onnx is not None
             else cached_onnx(model, cache_dir, outputs="maps", precision=precision)
         )
-        outputs = read_metadata(self.path).get("qairn.outputs")
+        metadata = read_metadata(self.path)  # one parse of the file for both
+        outputs = metadata.get("qairn.outputs")
         # The Restorer pools quality with this network's p (and refuses weights of another network).
-        self.network_config = file_config(self.path)
+        self.network_config = file_config(self.path, metadata)
         if outputs != "maps":
             raise BackendError(
                 f"{self.path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
