@@ -149,7 +149,7 @@ def test_get_engine_builds_once_and_rebuilds_stale(tmp_path, monkeypatch):
     engine = tmp_path / "e.engine"
     first = trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)
     assert trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30) == first and len(builds) == 1
-    assert trt_engine.timing_cache_path(tmp_path, s).read_bytes() == b"timing"  # beside the engine
+    assert trt_engine.timing_cache_path(tmp_path, s).read_bytes() == b"timing"  # no folder: the engine's
     newer = spec(trt_version="10.4.0")  # the same file, found after a TensorRT upgrade
     with pytest.warns(UserWarning, match="rebuilding TensorRT engine.*trt_version"):
         fresh = trt_engine.get_engine(tmp_path / "m.onnx", newer, engine, 1 << 30)
@@ -405,7 +405,7 @@ class FakeGpus:
             TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"),
         )
 
-        def get_engine(onnx, spec, path, workspace):
+        def get_engine(onnx, spec, path, workspace, folder):
             fake.seen.append(("build", fake.current))
             return b"engine"
 
@@ -501,7 +501,7 @@ def test_tensorrt_cli_engine_file(tiny_weights, tmp_path):
     argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--shape", "2,64,64", "--cache-dir", str(tmp_path)]
     assert export_main(argv + ["--verify-crop", "64", "--verify-limit", "1"]) == 0
     assert out.is_file() and trt_engine.sidecar_path(out).is_file()
-    assert list(tmp_path.glob("timing-*.cache"))
+    assert list((tmp_path / "engines").glob("timing-*.cache"))
     r = qairn.Restorer(
         weights=tiny_weights,
         device="cuda",
@@ -621,8 +621,42 @@ def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weig
     def built(model, device, precision, engine=None, cache_dir=None, **k):
         path = trt_engine.store(cache_dir / "engines" / "new.engine", new, b"new engine")
         runner = SimpleNamespace(spec=new, path=path)
-        return SimpleNamespace(dynamic=False, run=SimpleNamespace(runner_for=lambda shape: runner))
+        run = SimpleNamespace(runner_for=lambda shape: runner)
+        return SimpleNamespace(dynamic=False, run=run, folder=cache_dir / "engines")
 
     monkeypatch.setattr(trt_backend, "TrtBackend", built)
     assert export_main(argv) == 0
     assert trt_engine.load_cached(out, new) == (b"new engine", "cached")
+
+
+def test_an_engine_written_to_a_users_folder_leaves_nothing_else_there(tiny_weights, tmp_path, monkeypatch):
+    """`qairn export tensorrt -o out/model.engine` left the build's lock file (.model.engine.lock) and
+    the timing cache (timing-*.cache) in out/ beside the engine: they belong to the cache folder,
+    where the next engine's build finds the timing cache."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+    def fake_build(onnx_path, spec_, workspace, timing_cache):
+        timing_cache.write_bytes(b"timing")
+        return b"engine"
+
+    monkeypatch.setattr(trt_engine, "build_engine", fake_build)
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device: SimpleNamespace())
+    model = lively_model()
+    cache = tmp_path / "cache"
+    onnx = ox.cached_onnx(model, cache, outputs="maps", precision="fp32")
+    out = tmp_path / "out" / "model.engine"
+    b = trt_backend.TrtBackend(
+        model, torch.device("cuda", 0), "fp16", engine=out, onnx=onnx, shape=(1, 64, 64), cache_dir=cache
+    )
+    assert b.run.runners[(1, 64, 64)].path == out
+    assert sorted(f.name for f in out.parent.iterdir()) == ["model.engine", "model.engine.json"]
+    assert [f.name for f in (cache / "engines").glob("timing-*.cache")] == [
+        trt_engine.timing_cache_path(cache / "engines", b.run.runners[(1, 64, 64)].spec).name
+    ]

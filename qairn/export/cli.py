@@ -307,7 +307,7 @@ def main_tensorrt(args) -> int:
         f"wrote {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
         f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
         f"{trt_engine.sidecar_path(path).name}, timing cache "
-        f"{trt_engine.timing_cache_path(Path(runner.path).parent, spec).name}"
+        f"{trt_engine.timing_cache_path(backend.folder, spec)}"
     )
     return 0
 

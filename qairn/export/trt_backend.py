@@ -240,7 +240,7 @@ class TrtBackend:
                 # The user's engine file is for this shape (or new): validate it, rebuild it there if stale.
                 path, self.engine_file_used = self.engine_file, True
         with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
-            data = trt_engine.get_engine(self.onnx, spec, path, self.workspace)
+            data = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
         runner = TrtRunner(data, self.device)
         runner.spec, runner.path = spec, path
         return runner

@@ -13,7 +13,8 @@ the TensorRT version, the optimization profile and the precision. Those fields a
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
 whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized. The timing cache (per
-GPU and TensorRT version, shared by all engines) lives in the same folder.
+GPU and TensorRT version, shared by all engines) and the build locks live in the cache folder, also
+for an engine written elsewhere (`qairn export tensorrt -o PATH`).
 
 Only `build_engine` and `gpu_identity` touch TensorRT/CUDA; everything else is plain Python.
 """
@@ -225,18 +226,20 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_bytes: int, timing
 
 
 @contextlib.contextmanager
-def build_lock(engine: Path):
+def build_lock(engine: Path, folder: Path):
     """Held while an engine is looked up and built. Two processes (server workers started together)
     would both build it, and their engine and sidecar writes could interleave into a pair that fails
     validation next time; with the lock the second waits and loads the first one's engine. An flock
-    on a lock file beside the engine (POSIX; elsewhere no lock)."""
+    (POSIX; elsewhere no lock) on a lock file in the cache `folder`, named after the engine's path:
+    not beside an engine written to a folder of the user's (`-o dir/model.engine`)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    engine.parent.mkdir(parents=True, exist_ok=True)
-    with open(engine.with_name(f".{engine.name}.lock"), "a") as f:
+    where = hashlib.sha256(str(Path(engine).resolve()).encode()).hexdigest()[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{Path(engine).name}.{where}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -244,13 +247,17 @@ def build_lock(engine: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int) -> bytes:
-    """The engine for `spec` at path `engine`: the cached one if valid, else a fresh build stored there."""
-    with build_lock(Path(engine)):
-        return _get_engine(onnx_path, spec, engine, workspace_bytes)
+def get_engine(
+    onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path | None = None
+) -> bytes:
+    """The engine for `spec` at path `engine`: the cached one if valid, else a fresh build stored there.
+    The build lock and the timing cache live in the cache `folder` (default: the engine's own)."""
+    folder = Path(folder) if folder is not None else Path(engine).parent
+    with build_lock(Path(engine), folder):
+        return _get_engine(onnx_path, spec, engine, workspace_bytes, folder)
 
 
-def _get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int) -> bytes:
+def _get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path) -> bytes:
     data, why = load_cached(engine, spec)
     if data is not None:
         return data
@@ -264,6 +271,6 @@ def _get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes
         spec.min_shape,
         spec.max_shape,
     )
-    data = build_engine(onnx_path, spec, workspace_bytes, timing_cache_path(Path(engine).parent, spec))
+    data = build_engine(onnx_path, spec, workspace_bytes, timing_cache_path(folder, spec))
     store(engine, spec, data)
     return data
