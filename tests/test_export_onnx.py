@@ -378,3 +378,16 @@ def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path,
         capsys.readouterr().err.strip()
         == f"qairn export: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
     )
+
+
+def test_verifying_a_foreign_onnx_file_is_one_line(model, tmp_path):
+    """An ONNX file qairn did not export (here a plain conv's) raised KeyError('qairn.outputs') from
+    verify_onnx, a traceback that named neither the file nor the problem."""
+    foreign = tmp_path / "conv.onnx"
+    conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+    torch.onnx.export(conv, (torch.rand(1, 3, 16, 16),), str(foreign), dynamo=False, input_names=["input"])
+    with pytest.raises(ox.ExportError) as e:
+        ox.verify_onnx(foreign, model, [ox.synthetic_image(16, 16)])
+    assert str(e.value) == (
+        f"{foreign}: not an ONNX file exported by qairn (no qairn.outputs, qairn.precision, qairn.p metadata)"
+    )

@@ -450,6 +450,13 @@ def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecution
     import onnxruntime as ort
 
     meta = read_metadata(path)
+    # A file qairn did not export (a plain conv's, another network's) has none of its metadata: one
+    # line naming the file, not a KeyError('qairn.outputs') traceback.
+    missing = [k for k in ("qairn.outputs", "qairn.precision", "qairn.p") if k not in meta]
+    if missing:
+        raise ExportError(f"{path}: not an ONNX file exported by qairn (no {', '.join(missing)} metadata)")
+    if meta["qairn.outputs"] not in ("sums", "maps"):
+        raise ExportError(f"{path}: unknown qairn.outputs {meta['qairn.outputs']!r} (expected sums or maps)")
     session = ort.InferenceSession(str(path), providers=list(providers))
     reference = ExportModel(model, outputs=meta["qairn.outputs"], precision="fp32").eval()
     in_dtype = NP_DTYPES[session.get_inputs()[0].type]
