@@ -348,8 +348,14 @@ class FakeGpus:
             d = torch.device(d) if d is not None else fake.current
             return SimpleNamespace(device=d, cuda_stream=f"stream of {d}")
 
+        def synchronize(d=None):
+            fake.seen.append(("synchronize", fake.current))
+
         for name, value in dict(
-            device=device, current_stream=current_stream, current_device=lambda: fake.current.index
+            device=device,
+            current_stream=current_stream,
+            current_device=lambda: fake.current.index,
+            synchronize=synchronize,
         ).items():
             monkeypatch.setattr(torch.cuda, name, value)
 
@@ -370,6 +376,9 @@ class FakeGpus:
                 fake.seen.append((f"execute on {stream}", fake.current))
                 return True
 
+            def __del__(self):
+                fake.seen.append(("free context", fake.current))
+
         class Engine:
             num_io_tensors = len(io)
 
@@ -389,6 +398,9 @@ class FakeGpus:
                 fake.seen.append(("context", fake.current))
                 return Context()
 
+            def __del__(self):
+                fake.seen.append(("free engine", fake.current))
+
         class Runtime:
             def __init__(self, logger):
                 pass
@@ -396,6 +408,9 @@ class FakeGpus:
             def deserialize_cuda_engine(self, data):
                 fake.seen.append(("deserialize", fake.current))
                 return Engine()
+
+            def __del__(self):
+                fake.seen.append(("free runtime", fake.current))
 
         self.trt = SimpleNamespace(
             __version__="10.9.0",
@@ -469,6 +484,37 @@ def test_engines_are_built_loaded_and_run_on_their_own_gpu(tmp_path, monkeypatch
     assert gpus.seen == [("execute on stream of cuda:1", gpu1)]
     assert len(made) == 4 and all(t.device == gpu1 for t in made) and y.device == gpu1
     assert gpus.current == torch.device("cuda", 0)  # and the caller's GPU is current again
+
+
+def test_close_frees_the_engines_now_on_their_own_gpu(tmp_path, monkeypatch):
+    """TrtRunner and TrtBackend had no teardown: an engine's GPU memory went only when the garbage
+    collector found it, and a static-shape backend and its runners refer to each other, so dropping
+    the Restorer freed nothing before the collector's next full pass. close() (or `with`) frees the
+    context, then the engine, then the runtime, with the engine's GPU current and its queued work
+    finished first; calls after it are refused in one line."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpus = FakeGpus(monkeypatch)
+    gpu1 = torch.device("cuda", 1)
+    with trt_backend.TrtBackend(model, gpu1, "fp32", onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path) as b:
+        assert ("free engine", gpu1) not in gpus.seen
+        gpus.seen.clear()
+    assert gpus.seen == [
+        ("synchronize", gpu1),
+        ("free context", gpu1),
+        ("free engine", gpu1),
+        ("free runtime", gpu1),
+    ]
+    assert gpus.current == torch.device("cuda", 0)
+    b.close()  # twice: nothing more to free
+    assert len(gpus.seen) == 4
+    with pytest.raises(BackendError, match="^this TensorRT backend was closed$"):
+        b(FakeTensor((1, 3, 64, 64), "cpu"))
+    with pytest.raises(BackendError, match="^this TensorRT engine was closed$"):
+        b.run.runners[(1, 64, 64)](FakeTensor((1, 3, 64, 64), "cpu"))
 
 
 # ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------

@@ -96,11 +96,32 @@ class TrtRunner:
         self.profile = [tuple(s) for s in self.engine.get_tensor_profile_shape(INPUT, 0)]
 
     def __call__(self, x: torch.Tensor):
+        if self.context is None:
+            raise BackendError("this TensorRT engine was closed")
         # With the engine's GPU current: an execution context is bound to the GPU its engine was
         # deserialized on, and TensorRT enqueues on (and allocates for) the calling thread's current
         # device, which is cuda:0 in a process that runs this Restorer on cuda:1.
         with torch.cuda.device(self.device):
             return self._execute(x)
+
+    def close(self) -> None:
+        """Free the context's and the engine's GPU memory now, not whenever the garbage collector
+        gets to them (TensorRT frees an object when its last reference goes). Waits for the work
+        already queued on the GPU, which still uses the context's memory. Closing twice is harmless."""
+        if self.context is None:
+            return
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            # The context before its engine, the engine before its runtime.
+            self.context = None
+            self.engine = None
+            self.runtime = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _execute(self, x: torch.Tensor):
         ctx = self.context
@@ -124,6 +145,7 @@ class TrtRunner:
 
 class TrtBackend:
     fixed_tile = True
+    closed = False
 
     def __init__(
         self,
@@ -245,8 +267,24 @@ class TrtBackend:
         runner.spec, runner.path = spec, path
         return runner
 
+    def close(self) -> None:
+        """Free every engine's GPU memory now (see TrtRunner.close); the backend runs no more calls.
+        Without it the memory stays until the garbage collector's next full pass: a static-shape
+        backend and its runners refer to each other, so dropping the last reference frees nothing."""
+        self.closed = True
+        for runner in [self.run] if self.dynamic else self.run.runners.values():
+            runner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
+        if self.closed:  # else a new tile shape would build (and keep) a new engine
+            raise BackendError("this TensorRT backend was closed")
         x = x.to(self.device, torch.float32)
         if self.dynamic and not fits(tuple(x.shape), self.run.profile):
             raise BackendError(
