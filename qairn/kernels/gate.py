@@ -150,6 +150,12 @@ if HAS_TRITON:
         return y0, y1, x0, x1
 
     @triton.jit
+    def _pixel_offsets(pid_p, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
+        """Block pid_p's pixel indices, in OFFSET. Cast before the product: pid_p * BLOCK_P in int32
+        wraps to negative indices (which pass the `< HW` mask) in an image of 2**31 - BLOCK_P pixels."""
+        return pid_p.to(OFFSET) * BLOCK_P + tl.arange(0, BLOCK_P).to(OFFSET)
+
+    @triton.jit
     def _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES: tl.constexpr):
         if HAS_CORES:
             y0, y1, x0, x1 = _core_box(cores_ptr, n)
@@ -177,7 +183,7 @@ if HAS_TRITON:
         pid_p = pid - n * num_blocks
         n64 = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
         # OFFSET: int32, or int64 where one image passes 2**31 elements (a whole 8K frame at 64 channels)
-        offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(OFFSET)
+        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
         mask_p = offs_p < HW
 
         logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
@@ -221,7 +227,8 @@ if HAS_TRITON:
             cols = tl.maximum(tl.minimum(x1, W) - tl.maximum(x0, 0), 0).to(tl.int64)
             tl.store(count_ptr + n, rows * cols)
         else:
-            tl.store(count_ptr + n, tl.full([], 0, tl.int64) + H * W)
+            # In int64 before the product: H * W in int32 wraps for an image of 2**31 pixels or more.
+            tl.store(count_ptr + n, (tl.full([], 0, tl.int64) + H) * W)
 
     @triton.jit
     def _gate_bwd_kernel(
@@ -243,7 +250,7 @@ if HAS_TRITON:
         n = pid // num_blocks
         pid_p = pid - n * num_blocks
         n64 = n.to(tl.int64)
-        offs_p = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(OFFSET)
+        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
         mask_p = offs_p < HW
 
         logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)

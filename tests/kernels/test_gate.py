@@ -289,6 +289,46 @@ def test_triton_offsets_past_two_to_the_31_within_one_image():
 
 
 @needs_triton
+def test_triton_pool_count_of_an_image_of_two_to_the_31_pixels():
+    """The whole-image pixel count was H * W in int32: for one image (or tile) of 2**31 pixels or more
+    it wrapped negative. Only the finishing kernel runs here, on one partial sum: no huge tensor."""
+    side = 46341  # side**2 = 2**31 + 4633
+    partial = torch.ones(1, 1, device=DEVICE)
+    cores = torch.tensor([[0, side, 0, side]], dtype=torch.int32, device=DEVICE)
+    for has_cores in (False, True):
+        pool_sum = torch.empty(1, device=DEVICE)
+        count = torch.empty(1, dtype=torch.int64, device=DEVICE)
+        with gate.on_device(partial):
+            gate._pool_finish_kernel[(1,)](
+                partial, cores, pool_sum, count, 1, side, side, BLOCK=512, HAS_CORES=has_cores
+            )
+        assert count.item() == side * side and pool_sum.item() == 1.0
+
+
+if gate.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from qairn.kernels.gate import _pixel_offsets
+
+    @triton.jit
+    def _pixel_offsets_kernel(out_ptr, pid_p, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
+        tl.store(out_ptr + tl.arange(0, BLOCK_P), _pixel_offsets(pid_p, BLOCK_P, OFFSET))
+
+
+@needs_triton
+def test_triton_pixel_offsets_past_two_to_the_31_within_one_image():
+    """The kernels' pixel indices were (pid_p * BLOCK_P + arange) in int32, cast to int64 only after
+    the product had wrapped: an image of 2**31 - BLOCK_P pixels or more read and pooled its last
+    blocks at negative indices (which pass the `< HW` mask). The helper, run for one such block."""
+    block, pid_p = 16, 2**27  # pid_p * block = 2**31
+    out = torch.empty(block, dtype=torch.int64, device=DEVICE)
+    with gate.on_device(out):
+        _pixel_offsets_kernel[(1,)](out, pid_p, BLOCK_P=block, OFFSET=tl.int64)
+    assert out.tolist() == [2**31 + k for k in range(block)]
+
+
+@needs_triton
 def test_triton_tiles_pool_to_the_whole_image():
     """The tiled engine's case: overlapping tiles of one image in one batch, each pooling its own
     core box; the tiles' sums and counts add up to the whole image's."""
@@ -700,6 +740,7 @@ print(json.dumps({
     "fwd_nchw_fp16": ptx(gate._gate_fwd_kernel, "*fp16", dict(nchw, s_gamma_p=1, WRITE_GAMMA=True, **flags)),
     "fwd_cl_bf16": ptx(gate._gate_fwd_kernel, "*bf16", dict(cl, s_gamma_p=1, WRITE_GAMMA=True, **flags)),
     "finish": ptx(gate._pool_finish_kernel, "*fp32", dict(BLOCK=512, HAS_CORES=True)),
+    "finish_whole": ptx(gate._pool_finish_kernel, "*fp32", dict(BLOCK=512, HAS_CORES=False)),
     # 64-bit in-image offsets (one image past 2**31 elements): must compile too.
     "fwd_wide": ptx(gate._gate_fwd_kernel, "*fp16", dict(nchw, s_gamma_p=1, WRITE_GAMMA=True,
                                                          **(flags | dict(OFFSET=triton.language.int64)))),
@@ -733,4 +774,4 @@ def test_kernels_compile_for_hopper_with_vector_access():
         assert sum(a.startswith("ld") for a in wide) >= 2 and any(a.startswith("st") for a in wide), access[
             name
         ]
-    assert access["finish"] and access["fwd_wide"] and access["bwd_wide"]
+    assert access["finish"] and access["finish_whole"] and access["fwd_wide"] and access["bwd_wide"]
