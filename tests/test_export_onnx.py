@@ -391,3 +391,19 @@ def test_verifying_a_foreign_onnx_file_is_one_line(model, tmp_path):
     assert str(e.value) == (
         f"{foreign}: not an ONNX file exported by qairn (no qairn.outputs, qairn.precision, qairn.p metadata)"
     )
+
+
+def test_cli_verify_images_folder_skips_hidden_files(tmp_path):
+    """A --verify-images folder copied from a Mac holds ._a.jpg (AppleDouble metadata, not an image)
+    beside a.jpg; it sorted first and failed the export: '._a.jpg: not an image OpenCV can read'."""
+    import argparse
+
+    import cv2
+
+    from qairn.export.cli import verify_inputs
+
+    assert cv2.imwrite(str(tmp_path / "a.jpg"), cv2.imread(str(live1_files()[0]))[:64, :64])
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a JPEG")
+    args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10], verify_limit=2, verify_crop=64)
+    images, note = verify_inputs(args)
+    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 images from")

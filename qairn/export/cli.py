@@ -56,7 +56,7 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
         "--verify-images",
         type=Path,
         default=None,
-        help=f"image folder or file (default: {DEFAULT_IMAGES} if present)",
+        help=f"image folder (its images; not hidden files) or file (default: {DEFAULT_IMAGES} if present)",
     )
     g.add_argument(
         "--verify-qf",
@@ -157,7 +157,10 @@ def verify_inputs(args) -> tuple[list, str]:
     qfs = args.verify_qf
     source = args.verify_images if args.verify_images is not None else DEFAULT_IMAGES
     if source.is_dir():
-        files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        # Not hidden files: macOS leaves ._a.jpg beside a.jpg on shared drives, and it is no image.
+        files = sorted(
+            f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+        )
     else:
         files = [source]
     files = [f for f in files if f.is_file()]
