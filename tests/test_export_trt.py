@@ -576,6 +576,31 @@ def test_cli_onnx_that_is_not_onnx_is_one_line(tiny_weights, tmp_path, monkeypat
     assert len(err) == 1 and err[0].startswith(f"qairn export: {tiny_weights}: not an ONNX file ("), err
 
 
+def test_cli_onnx_of_another_network_is_one_line(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt W --onnx F` with F another network's ONNX: its static shape was read
+    from its first input, so a 2-d input ended in 'not enough values to unpack (expected 4, got 2)'
+    (no file named) and a graph without inputs in an IndexError traceback."""
+    import onnx
+
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    linear, empty = tmp_path / "linear.onnx", tmp_path / "empty.onnx"
+    torch.onnx.export(
+        torch.nn.Linear(4, 2), (torch.rand(1, 4),), str(linear), dynamo=False, input_names=["input"]
+    )
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(empty))
+    for foreign in (linear, empty):
+        argv = ["tensorrt", str(tiny_weights), "--onnx", str(foreign), "--device", "cuda:0"]
+        assert export_main(argv) == 1
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"qairn export: {foreign}: not an ONNX file exported by qairn (no 4-d input named 'input')"
+        ]
+
+
 def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
     """Two processes (or threads) asking for the same engine at once both built it, and their
     engine and sidecar writes could interleave into an engine that fails its sidecar's sha256 on the

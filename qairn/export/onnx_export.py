@@ -430,7 +430,10 @@ def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
 
 def static_input_shape(path: str | Path) -> tuple[int, int, int] | None:
     """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one."""
-    dims = load_proto(path).graph.input[0].type.tensor_type.shape.dim
+    inputs = {i.name: i for i in load_proto(path).graph.input}
+    dims = inputs[INPUT].type.tensor_type.shape.dim if INPUT in inputs else []
+    if len(dims) != 4:  # another network's file: one line, not an IndexError or an unpacking error
+        raise ExportError(f"{path}: not an ONNX file exported by qairn (no 4-d input named {INPUT!r})")
     n, _, h, w = (d.dim_value if d.HasField("dim_value") else None for d in dims)
     return (n, h, w) if None not in (n, h, w) else None
 
