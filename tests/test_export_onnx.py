@@ -380,6 +380,7 @@ def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path,
     )
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 def test_verifying_a_foreign_onnx_file_is_one_line(model, tmp_path):
     """An ONNX file qairn did not export (here a plain conv's) raised KeyError('qairn.outputs') from
     verify_onnx, a traceback that named neither the file nor the problem."""

@@ -576,6 +576,7 @@ def test_cli_onnx_that_is_not_onnx_is_one_line(tiny_weights, tmp_path, monkeypat
     assert len(err) == 1 and err[0].startswith(f"qairn export: {tiny_weights}: not an ONNX file ("), err
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 def test_cli_onnx_of_another_network_is_one_line(tiny_weights, tmp_path, monkeypatch, capsys):
     """`qairn export tensorrt W --onnx F` with F another network's ONNX: its static shape was read
     from its first input, so a 2-d input ended in 'not enough values to unpack (expected 4, got 2)'
