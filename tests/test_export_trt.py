@@ -602,6 +602,30 @@ def test_cli_onnx_of_another_network_is_one_line(tiny_weights, tmp_path, monkeyp
         ]
 
 
+@pytest.mark.parametrize("size", ["inf", "0", "-1", "nan"])
+def test_workspace_size_must_be_a_positive_number(tiny_weights, tmp_path, monkeypatch, capsys, size):
+    """workspace_gb=inf raised OverflowError ('cannot convert float infinity to integer') after the
+    ONNX export, a traceback from `qairn export tensorrt --workspace-gb inf`; 0 and -1 went on to the
+    TensorRT builder. The backend and the CLI now refuse them first, in one line."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(trt_backend, "cached_onnx", lambda *a, **k: pytest.fail("exported first"))
+    with pytest.raises(
+        BackendError, match=f"^workspace_gb must be a positive number of GiB, not {float(size)!r}$"
+    ):
+        trt_backend.TrtBackend(lively_model(), torch.device("cuda", 0), "fp16", workspace_gb=float(size))
+    with pytest.raises(SystemExit) as e:
+        export_main(["tensorrt", str(tiny_weights), "--workspace-gb", size])
+    assert (
+        e.value.code == 2
+        and f"--workspace-gb: {size!r}: expected a size in GiB above 0" in capsys.readouterr().err
+    )
+
+
 def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
     """Two processes (or threads) asking for the same engine at once both built it, and their
     engine and sidecar writes could interleave into an engine that fails its sidecar's sha256 on the

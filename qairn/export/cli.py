@@ -50,6 +50,17 @@ def count(text: str) -> int:
     return n
 
 
+def gib(text: str) -> float:
+    """A workspace size in GiB: above 0 and finite (inf was an OverflowError traceback after the export)."""
+    try:
+        size = float(text)
+    except ValueError:
+        size = float("nan")
+    if not 0 < size < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a size in GiB above 0")
+    return size
+
+
 def add_verify_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification (ONNX Runtime vs eager fp32)")
     g.add_argument(
@@ -135,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
         "--strongly-typed", action="store_true", help="TensorRT 10: build the fp16 ONNX strongly typed"
     )
     t.add_argument(
-        "--workspace-gb", type=float, default=4.0, help="TensorRT builder workspace limit in GiB (default 4)"
+        "--workspace-gb", type=gib, default=4.0, help="TensorRT builder workspace limit in GiB (default 4)"
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing engine file at --output")
     t.add_argument(

@@ -164,6 +164,9 @@ class TrtBackend:
         trt = import_tensorrt()
         if device.type != "cuda":
             raise BackendError(f"backend 'tensorrt' runs on CUDA devices, not {device}")
+        # Checked before the export: inf raised OverflowError at int(), and 0 or -1 reached the builder.
+        if not 0 < float(workspace_gb) < float("inf"):
+            raise BackendError(f"workspace_gb must be a positive number of GiB, not {workspace_gb!r}")
         if device.index is None:
             # A bare "cuda" is the GPU current now, kept: engines are built for, deserialized on and
             # run on one GPU, whichever is current at a later call (another thread's).
