@@ -16,6 +16,10 @@ smaller than the tile arrives whole and runs padded in a larger engine, or gets 
 dynamic=True builds one engine for any batch up to max_shape's and any size 16..max_shape (tuned for
 `shape`, default (4, 512, 512); max default 2048x2048).
 
+Teardown: `restorer.backend.close()` (or `with TrtBackend(...)`) frees the engines' GPU memory at once;
+dropping the Restorer leaves it to the garbage collector's next full pass (the backend and its shape
+runner refer to each other).
+
 Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign),
 onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
 max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
