@@ -190,3 +190,24 @@ def test_backend_options_the_bench_uses_are_still_taken():
         qairn.Restorer(device="cpu", backend=backend, precision="fp32", model=lively_model(), **options)
     with pytest.raises(TypeError, match="unknown option triton: .*backend 'triton'"):
         qairn.Restorer(device="cpu", backend="triton", model=lively_model(), triton=True)
+
+
+@pytest.mark.parametrize("index", [0, 1, np.int64(1)])
+def test_an_int_device_is_that_cuda_device_as_in_torch(monkeypatch, index):
+    """torch.device(0) and tensor.to(0) take an int as a GPU index; Restorer(device=0) was refused as
+    "unknown device '0'". On a machine with two GPUs (faked here) it is cuda:N; with none it gets the
+    same one line as device="cuda:0", and True, a float or None are refused in one line too."""
+    from qairn.engine.restorer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(index) == torch.device("cuda", int(index))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device=index)
+    assert str(e.value) == f"device 'cuda:{index}' requested, but this machine has no CUDA device"
+    for bad in (True, -1, 1.0, None):
+        with pytest.raises(ValueError) as e:
+            resolve_device(bad)
+        assert str(e.value) == f"unknown device '{bad}': use cpu, cuda, cuda:N or auto"

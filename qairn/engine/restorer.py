@@ -47,12 +47,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     there (cuda:3 with one GPU, or cuda with none) is refused here, in one line naming it and what
     there is, rather than at the first copy to it, deep inside the backend, as an "invalid device
     ordinal" CUDA error. A bare "cuda" becomes the current CUDA device, index and all: the Restorer
-    stays on that GPU when later called from a thread where another one is current."""
+    stays on that GPU when later called from a thread where another one is current. An int N is
+    cuda:N, as torch.device(N) and .to(N) take it."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # torch.device(0) asks for the accelerator, and fails on a build without one before our "no CUDA
+    # device" line can say so. True is an int to Python, not a GPU.
+    if isinstance(device, numbers.Integral) and not isinstance(device, bool) and device >= 0:
+        device = f"cuda:{int(device)}"
     try:
         device = torch.device(device)
-    except RuntimeError:  # torch's own message lists some twenty device types
+    except (RuntimeError, TypeError):  # torch's own message lists some twenty device types
         raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type != "cuda":
         return device
