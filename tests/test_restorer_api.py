@@ -50,10 +50,51 @@ def test_frames_read_before_an_item_that_is_no_frame_are_still_restored(bad, err
     with pytest.raises(error) as e:
         for res in r.restore_stream([*frames, bad, frames[0]], batch=4):
             got.append(res)
-    assert str(e.value) == says
+    assert str(e.value) == f"frame 6: {says}"
     assert len(got) == 6
     for res, frame in zip(got, frames):
         np.testing.assert_array_equal(res.image, r.restore(frame).image)
+
+
+def bad_in_the_middle(kind: str) -> tuple[list, str]:
+    """Six frames of one kind and shape, the 6th (index 5) bad in a way only its pixels show."""
+    rng = np.random.default_rng(0)
+    if kind == "float":
+        frames = [rng.random((9, 7, 3), dtype=np.float32) for _ in range(6)]
+        frames[5] = frames[5] * 255
+        return frames, "frame 5: float images are taken in [0, 1]"
+    if kind == "tensor":
+        frames = [torch.rand(3, 9, 7, generator=torch.Generator().manual_seed(k)) for k in range(6)]
+        frames[5][0, 0, 0] = float("nan")
+        return frames, "frame 5: float tensors are taken in [0, 1]"
+    frames = [
+        tuple(rng.integers(64, 941, s, dtype=np.uint16) for s in ((10, 8), (5, 4), (5, 4))) for _ in range(6)
+    ]
+    frames[5] = (frames[5][0] << 6, *frames[5][1:])  # MSB-aligned (P010) codes given as 10-bit
+    return frames, "frame 5: plane y holds codes"
+
+
+@pytest.mark.parametrize("kind", ["float", "tensor", "yuv"])
+def test_a_bad_frame_in_a_batch_does_not_lose_the_good_frames_before_it(kind):
+    """A frame whose pixels are refused (a float frame in 0..255, NaN, 16-bit codes given as 10-bit)
+    failed its whole batch: with batch=4, frames 4 and 5 in one batch, frame 4 was never handed out
+    (4 results of 5) and the error did not say which frame it was about."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frames, says = bad_in_the_middle(kind)
+    got = []
+    with pytest.raises(ValueError) as e:
+        for res in r.restore_stream(frames, batch=4, bits=10 if kind == "yuv" else None):
+            got.append(res)
+    assert len(got) == 5
+    assert str(e.value).startswith(says) and "\n" not in str(e.value)
+    for res, frame in zip(got, frames):
+        if kind == "yuv":
+            want = r.restore_yuv(*frame, bits=10).image
+            assert all(np.array_equal(a, b) for a, b in zip(res.image, want))
+        elif kind == "tensor":
+            torch.testing.assert_close(res.image, r.restore(frame[None]).image[0], atol=1e-6, rtol=0)
+        else:
+            np.testing.assert_allclose(res.image, r.restore(frame).image, atol=1e-6, rtol=0)
 
 
 def test_big_endian_arrays_are_restored_and_given_back_big_endian():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import os
 import re
 import signal
@@ -71,26 +72,65 @@ def _key(item):
     raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}")
 
 
+def _name_frame(e: Exception, index: int) -> None:
+    """Prefix e's message with the index of the frame of the stream it is about (e is re-raised)."""
+    if e.args and isinstance(e.args[0], str):
+        e.args = (f"frame {index}: {e.args[0]}", *e.args[1:])
+
+
 def _groups(frames, batch: int):
-    group, key = [], None
+    """(index of the first frame, frames): consecutive frames of one kind and shape, `batch` at most."""
+    group, key, start = [], None, 0
     it = iter(frames)
-    while True:
+    for index in itertools.count():
         try:
             item = next(it)
-            k = _key(item)  # an item that is no frame fails the stream as a failing source does
         except StopIteration:
             break
         except Exception:  # a source that fails mid-stream: the frames already read are still restored
             if group:
-                yield group
+                yield start, group
+            raise
+        try:
+            k = _key(item)  # an item that is no frame fails the stream as a failing source does
+        except Exception as e:
+            _name_frame(e, index)
+            if group:
+                yield start, group
             raise
         if group and (k != key or len(group) == batch):
-            yield group
+            yield start, group
             group = []
+        if not group:
+            start = index
         group.append(item)
         key = k
     if group:
-        yield group
+        yield start, group
+
+
+def _jobs(restorer, frames, batch: int, *options):
+    """A launched job per group of frames. A bad frame (a float frame out of [0, 1], codes out of
+    range) fails its whole group, which lost the good frames read before it: such a group is launched
+    again frame by frame, so those are restored and handed out before the error, which names the frame."""
+    for start, group in _groups(frames, batch):
+        try:
+            job = _launch(restorer, group, *options)
+        except (ValueError, TypeError) as e:
+            if len(group) == 1:
+                _name_frame(e, start)
+                raise
+            job = None
+        if job is not None:
+            yield job
+            continue
+        for index, item in enumerate(group, start):
+            try:
+                job = _launch(restorer, [item], *options)
+            except (ValueError, TypeError) as e:
+                _name_frame(e, index)
+                raise
+            yield job
 
 
 def _to_device(t: torch.Tensor, device: torch.device, copy_stream) -> torch.Tensor:
@@ -222,8 +262,7 @@ def restore_stream(
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
     try:
-        for group in _groups(frames, max(1, int(batch))):
-            job = _launch(restorer, group, matrix, crange, bits, order, streams)
+        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams):
             if not cuda:
                 yield from _finish(job, order)
                 continue
