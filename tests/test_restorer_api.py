@@ -252,3 +252,33 @@ def test_an_int_device_is_that_cuda_device_as_in_torch(monkeypatch, index):
         with pytest.raises(ValueError) as e:
             resolve_device(bad)
         assert str(e.value) == f"unknown device '{bad}': use cpu, cuda, cuda:N or auto"
+
+
+def test_bits_is_the_sample_depth_of_rgb_frames_too():
+    """restore_stream(frames, bits=10) took bits for Y'CbCr planes only: 10-bit RGB frames in uint16
+    (gbrp10 unpacked) were scaled as 0..65535, a nearly black picture, and came back with codes up to
+    1515 for a 10-bit stream. Now they are restored as codes 0..1023, like the same picture in floats;
+    codes over 1023 and bits for frames that have no depth (float) or another one (uint8) are refused."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 1024, (16, 12, 3), dtype=np.uint16) for _ in range(3)]
+    got = list(r.restore_stream(frames, batch=2, bits=10))
+    for res, frame in zip(got, frames, strict=True):
+        want = np.round(r.restore(frame / np.float32(1023)).image * 1023)
+        assert res.image.dtype == np.uint16 and res.image.max() <= 1023
+        np.testing.assert_allclose(res.image, want, atol=1, rtol=0)
+        assert res.quality == pytest.approx(r.restore(frame / np.float32(1023)).quality, rel=1e-5)
+    # bits=16 is what uint16 frames are taken as anyway; 8 is uint8's own depth.
+    full = [f << 6 for f in frames[:1]]
+    assert np.array_equal(next(r.restore_stream(full, bits=16)).image, next(r.restore_stream(full)).image)
+    eight = np.zeros((8, 8, 3), np.uint8)
+    assert next(r.restore_stream([eight], bits=8)).image.shape == (8, 8, 3)
+    for frame, says in [
+        (full[0], f"frame 0: plane rgb holds codes {full[0].min()}..{full[0].max()}, outside the 10-bit"),
+        (np.zeros((8, 8, 3), np.float32), "frame 0: bits=10 is the sample depth of integer frames"),
+        (torch.zeros(3, 8, 8), "frame 0: bits=10 is the sample depth of integer frames"),
+        (eight, "frame 0: uint8 planes hold 8-bit samples, not 10-bit"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            list(r.restore_stream([frame], bits=10))
+        assert str(e.value).startswith(says), str(e.value)

@@ -38,7 +38,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qairn.engine.color import check_codes, check_matrix, check_range, native, plane_bits, restore_planes
+from qairn.engine.color import (
+    ColorError,
+    check_codes,
+    check_matrix,
+    check_range,
+    native,
+    plane_bits,
+    restore_planes,
+)
 from qairn.engine.imageio import write_atomic
 from qairn.engine.tiling import tile_arg
 
@@ -193,10 +201,15 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
         on_host = is_np or first[0].device.type == "cpu"
     else:
         is_np = isinstance(first, np.ndarray)
+        depth = None if bits is None else _rgb_bits(first.dtype, bits)
         if is_np:  # one shape and dtype per group (_key): the frames' own numbers go to the device
             pairs = [image_array(f, channel_order) for f in group]
             meta = [m for _, m in pairs]
-            pixels = _to_device(torch.from_numpy(np.stack([a for a, _ in pairs])), restorer.device, copy_in)
+            pixels = torch.from_numpy(np.stack([a for a, _ in pairs]))
+            if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
+                check_codes(pixels, depth, "rgb")
+                meta = [m | {"scale": 2.0**depth - 1} for m in meta]
+            pixels = _to_device(pixels, restorer.device, copy_in)
             x = to_float(pixels, meta[0]["scale"])
         else:
             if first.ndim != 3 or first.shape[0] != 3:
@@ -213,6 +226,15 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
         host, job.event = _to_host([*job.outputs, job.quality], copy_out)
         job.outputs, job.quality = host[:-1], host[-1]
     return job
+
+
+def _rgb_bits(dtype, bits: int) -> int:
+    """bits= for RGB frames, as for Y'CbCr planes: the sample depth of integer frames (8 for uint8,
+    9..16 for uint16). Float frames are in [0, 1] and have none."""
+    name = str(dtype).replace("torch.", "")
+    if "float" in name:
+        raise ColorError(f"bits={bits} is the sample depth of integer frames; {name} frames are in [0, 1]")
+    return plane_bits(dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype, bits)
 
 
 def _finish(job: _Job, channel_order):
@@ -250,6 +272,8 @@ def restore_stream(
 
     A frame is an RGB image (numpy HxWx3 as for Restorer.restore, or a (3,H,W) tensor) or a (y, u, v)
     tuple of Y'CbCr planes (as for Restorer.restore_yuv, with matrix/range/bits for the whole stream).
+    bits= is the sample depth of integer frames, RGB ones too: bits=10 takes uint16 RGB frames as codes
+    0..1023 and gives them back so; without it, RGB frames span their dtype (uint16: 0..65535).
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
     """
