@@ -164,6 +164,9 @@ class FrameGraph:
     def __init__(self, run, x: torch.Tensor):
         self.input = x.clone()
         self.replay, self.output = self.capture(run, self.input)
+        # One static input and output for every caller: a second thread's frame copied in between
+        # this one's copy and replay, or replayed before this one's outputs were cloned, swapped them.
+        self.lock = threading.Lock()
 
     @staticmethod
     def capture(run, x: torch.Tensor):
@@ -201,14 +204,16 @@ class FrameGraph:
         return replay, output
 
     def __call__(self, x: torch.Tensor):
-        self.input.copy_(x)
-        self.replay()
-        y, q, maps = self.output  # overwritten by the next replay: the caller gets copies
-        return (
-            y.clone(),
-            {k: v.clone() for k, v in q.items()},
-            [m.clone() for m in maps] if maps is not None else None,
-        )
+        # Threads on the device's default stream also queue the device work in this order.
+        with self.lock:
+            self.input.copy_(x)
+            self.replay()
+            y, q, maps = self.output  # overwritten by the next replay: the caller gets copies
+            return (
+                y.clone(),
+                {k: v.clone() for k, v in q.items()},
+                [m.clone() for m in maps] if maps is not None else None,
+            )
 
 
 class Restorer:
