@@ -190,6 +190,17 @@ def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
     assert str(e.value) == says
 
 
+@pytest.mark.parametrize("batch", [None, 2.5, "4", 0, -3, True])
+def test_stream_batch_is_checked_when_the_stream_is_asked_for(batch):
+    """restore_stream(frames, batch=None) failed at the first frame drawn with int()'s "argument must
+    be a string, a bytes-like object or a real number"; 2.5, "4", 0, -3 and True ran as 2, 4, 1, 1, 1."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore_stream([np.zeros((8, 8, 3), np.uint8)], batch=batch)  # not iterated
+    assert str(e.value) == f"batch must be an int >= 1 (frames per batch), not {batch!r}"
+    assert len(list(r.restore_stream([np.zeros((8, 8, 3), np.uint8)] * 3, batch=np.int64(2)))) == 3
+
+
 def test_a_tensor_that_requires_grad_is_restored_without_a_warning():
     """The range check turned the input's min and max into floats, and torch warned "Converting a
     tensor with requires_grad=True to a scalar may lead to unexpected behavior" at every call."""

@@ -540,6 +540,9 @@ class Restorer:
         from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
+        # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
+        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
         check_order(options.get("channel_order") or self.channel_order)
         check_matrix(options.get("matrix", "bt709"))
         check_range(options.get("range", "limited"))
