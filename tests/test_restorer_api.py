@@ -293,3 +293,27 @@ def test_bits_is_the_sample_depth_of_rgb_frames_too():
         with pytest.raises(ValueError) as e:
             list(r.restore_stream([frame], bits=10))
         assert str(e.value).startswith(says), str(e.value)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_source_that_reuses_one_buffer_with_batch_1(channels):
+    """A decoder that reads every frame into one buffer (readinto) yields the same array each time.
+    With batch=1 each frame was still held until the next one had been read, into that buffer, so
+    every result but the last was the restored next frame (3 wrong of 4)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (16, 12, channels), dtype=np.uint8) for _ in range(4)]
+
+    def reader():
+        buf = np.empty_like(frames[0])
+        for f in frames:
+            buf[...] = f
+            yield buf
+
+    got = [res.image for res in r.restore_stream(reader(), batch=1)]
+    wrong = [
+        i
+        for i, (a, f) in enumerate(zip(got, frames, strict=True))
+        if not np.array_equal(a, r.restore(f).image)
+    ]
+    assert wrong == []

@@ -106,13 +106,16 @@ def _groups(frames, batch: int):
             if group:
                 yield start, group
             raise
-        if group and (k != key or len(group) == batch):
+        if group and k != key:
             yield start, group
             group = []
         if not group:
             start = index
         group.append(item)
         key = k
+        if len(group) == batch:  # launched before the next frame is read, which may reuse this one's buffer
+            yield start, group
+            group = []
     if group:
         yield start, group
 
@@ -204,7 +207,9 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
         depth = None if bits is None else _rgb_bits(first.dtype, bits)
         if is_np:  # one shape and dtype per group (_key): the frames' own numbers go to the device
             pairs = [image_array(f, channel_order) for f in group]
-            meta = [m for _, m in pairs]
+            # Alpha is given back as it came: a copy, as on CUDA a batch is handed out only after the
+            # next one is launched, and the source may have reused its buffer by then.
+            meta = [m if m["alpha"] is None else m | {"alpha": m["alpha"].copy()} for _, m in pairs]
             pixels = torch.from_numpy(np.stack([a for a, _ in pairs]))
             if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
                 check_codes(pixels, depth, "rgb")
@@ -276,6 +281,9 @@ def restore_stream(
     0..1023 and gives them back so; without it, RGB frames span their dtype (uint16: 0..65535).
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
+    A batch's frames are held until it is launched: a source that decodes every frame into one buffer
+    must yield copies, or pass batch=1 (each frame is then launched, its pixels copied, before the
+    next one is read).
     """
     from qairn.engine.restorer import check_order
 
