@@ -317,3 +317,19 @@ def test_a_source_that_reuses_one_buffer_with_batch_1(channels):
         if not np.array_equal(a, r.restore(f).image)
     ]
     assert wrong == []
+
+
+@pytest.mark.parametrize(
+    "x", [torch.zeros(1, 3, 16, 16, dtype=torch.uint8), torch.zeros(3, 16, 16), torch.zeros(1, 4, 16, 16)]
+)
+def test_restore_tensor_refuses_what_is_not_a_float_batch(x):
+    """restore_tensor(uint8 batch) took 0..255 as floats: 90% of a random picture came back white
+    (restore() of it: 2%); a (3,H,W) tensor failed with "not enough values to unpack", and 4 channels
+    deep in the first conv."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore_tensor(x)
+    assert str(e.value) == (
+        f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
+        "(restore() takes uint8 tensors too)"
+    )

@@ -328,6 +328,13 @@ class Restorer:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device. progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
+        # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
+        # unpacking its shape. Float ranges are not read here: on a GPU that would cost a sync per call.
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
+                "(restore() takes uint8 tensors too)"
+            )
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
         tile, overlap = self.tiling_for(h, w, n)
