@@ -50,10 +50,51 @@ def test_frames_read_before_an_item_that_is_no_frame_are_still_restored(bad, err
     with pytest.raises(error) as e:
         for res in r.restore_stream([*frames, bad, frames[0]], batch=4):
             got.append(res)
-    assert str(e.value) == says
+    assert str(e.value) == f"frame 6: {says}"
     assert len(got) == 6
     for res, frame in zip(got, frames):
         np.testing.assert_array_equal(res.image, r.restore(frame).image)
+
+
+def bad_in_the_middle(kind: str) -> tuple[list, str]:
+    """Six frames of one kind and shape, the 6th (index 5) bad in a way only its pixels show."""
+    rng = np.random.default_rng(0)
+    if kind == "float":
+        frames = [rng.random((9, 7, 3), dtype=np.float32) for _ in range(6)]
+        frames[5] = frames[5] * 255
+        return frames, "frame 5: float images are taken in [0, 1]"
+    if kind == "tensor":
+        frames = [torch.rand(3, 9, 7, generator=torch.Generator().manual_seed(k)) for k in range(6)]
+        frames[5][0, 0, 0] = float("nan")
+        return frames, "frame 5: float tensors are taken in [0, 1]"
+    frames = [
+        tuple(rng.integers(64, 941, s, dtype=np.uint16) for s in ((10, 8), (5, 4), (5, 4))) for _ in range(6)
+    ]
+    frames[5] = (frames[5][0] << 6, *frames[5][1:])  # MSB-aligned (P010) codes given as 10-bit
+    return frames, "frame 5: plane y holds codes"
+
+
+@pytest.mark.parametrize("kind", ["float", "tensor", "yuv"])
+def test_a_bad_frame_in_a_batch_does_not_lose_the_good_frames_before_it(kind):
+    """A frame whose pixels are refused (a float frame in 0..255, NaN, 16-bit codes given as 10-bit)
+    failed its whole batch: with batch=4, frames 4 and 5 in one batch, frame 4 was never handed out
+    (4 results of 5) and the error did not say which frame it was about."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frames, says = bad_in_the_middle(kind)
+    got = []
+    with pytest.raises(ValueError) as e:
+        for res in r.restore_stream(frames, batch=4, bits=10 if kind == "yuv" else None):
+            got.append(res)
+    assert len(got) == 5
+    assert str(e.value).startswith(says) and "\n" not in str(e.value)
+    for res, frame in zip(got, frames):
+        if kind == "yuv":
+            want = r.restore_yuv(*frame, bits=10).image
+            assert all(np.array_equal(a, b) for a, b in zip(res.image, want))
+        elif kind == "tensor":
+            torch.testing.assert_close(res.image, r.restore(frame[None]).image[0], atol=1e-6, rtol=0)
+        else:
+            np.testing.assert_allclose(res.image, r.restore(frame).image, atol=1e-6, rtol=0)
 
 
 def test_big_endian_arrays_are_restored_and_given_back_big_endian():
@@ -149,6 +190,17 @@ def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
     assert str(e.value) == says
 
 
+@pytest.mark.parametrize("batch", [None, 2.5, "4", 0, -3, True])
+def test_stream_batch_is_checked_when_the_stream_is_asked_for(batch):
+    """restore_stream(frames, batch=None) failed at the first frame drawn with int()'s "argument must
+    be a string, a bytes-like object or a real number"; 2.5, "4", 0, -3 and True ran as 2, 4, 1, 1, 1."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore_stream([np.zeros((8, 8, 3), np.uint8)], batch=batch)  # not iterated
+    assert str(e.value) == f"batch must be an int >= 1 (frames per batch), not {batch!r}"
+    assert len(list(r.restore_stream([np.zeros((8, 8, 3), np.uint8)] * 3, batch=np.int64(2)))) == 3
+
+
 def test_a_tensor_that_requires_grad_is_restored_without_a_warning():
     """The range check turned the input's min and max into floats, and torch warned "Converting a
     tensor with requires_grad=True to a scalar may lead to unexpected behavior" at every call."""
@@ -190,3 +242,94 @@ def test_backend_options_the_bench_uses_are_still_taken():
         qairn.Restorer(device="cpu", backend=backend, precision="fp32", model=lively_model(), **options)
     with pytest.raises(TypeError, match="unknown option triton: .*backend 'triton'"):
         qairn.Restorer(device="cpu", backend="triton", model=lively_model(), triton=True)
+
+
+@pytest.mark.parametrize("index", [0, 1, np.int64(1)])
+def test_an_int_device_is_that_cuda_device_as_in_torch(monkeypatch, index):
+    """torch.device(0) and tensor.to(0) take an int as a GPU index; Restorer(device=0) was refused as
+    "unknown device '0'". On a machine with two GPUs (faked here) it is cuda:N; with none it gets the
+    same one line as device="cuda:0", and True, a float or None are refused in one line too."""
+    from qairn.engine.restorer import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(index) == torch.device("cuda", int(index))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device=index)
+    assert str(e.value) == f"device 'cuda:{index}' requested, but this machine has no CUDA device"
+    for bad in (True, -1, 1.0, None):
+        with pytest.raises(ValueError) as e:
+            resolve_device(bad)
+        assert str(e.value) == f"unknown device '{bad}': use cpu, cuda, cuda:N or auto"
+
+
+def test_bits_is_the_sample_depth_of_rgb_frames_too():
+    """restore_stream(frames, bits=10) took bits for Y'CbCr planes only: 10-bit RGB frames in uint16
+    (gbrp10 unpacked) were scaled as 0..65535, a nearly black picture, and came back with codes up to
+    1515 for a 10-bit stream. Now they are restored as codes 0..1023, like the same picture in floats;
+    codes over 1023 and bits for frames that have no depth (float) or another one (uint8) are refused."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 1024, (16, 12, 3), dtype=np.uint16) for _ in range(3)]
+    got = list(r.restore_stream(frames, batch=2, bits=10))
+    for res, frame in zip(got, frames, strict=True):
+        want = np.round(r.restore(frame / np.float32(1023)).image * 1023)
+        assert res.image.dtype == np.uint16 and res.image.max() <= 1023
+        np.testing.assert_allclose(res.image, want, atol=1, rtol=0)
+        assert res.quality == pytest.approx(r.restore(frame / np.float32(1023)).quality, rel=1e-5)
+    # bits=16 is what uint16 frames are taken as anyway; 8 is uint8's own depth.
+    full = [f << 6 for f in frames[:1]]
+    assert np.array_equal(next(r.restore_stream(full, bits=16)).image, next(r.restore_stream(full)).image)
+    eight = np.zeros((8, 8, 3), np.uint8)
+    assert next(r.restore_stream([eight], bits=8)).image.shape == (8, 8, 3)
+    for frame, says in [
+        (full[0], f"frame 0: plane rgb holds codes {full[0].min()}..{full[0].max()}, outside the 10-bit"),
+        (np.zeros((8, 8, 3), np.float32), "frame 0: bits=10 is the sample depth of integer frames"),
+        (torch.zeros(3, 8, 8), "frame 0: bits=10 is the sample depth of integer frames"),
+        (eight, "frame 0: uint8 planes hold 8-bit samples, not 10-bit"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            list(r.restore_stream([frame], bits=10))
+        assert str(e.value).startswith(says), str(e.value)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_source_that_reuses_one_buffer_with_batch_1(channels):
+    """A decoder that reads every frame into one buffer (readinto) yields the same array each time.
+    With batch=1 each frame was still held until the next one had been read, into that buffer, so
+    every result but the last was the restored next frame (3 wrong of 4)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (16, 12, channels), dtype=np.uint8) for _ in range(4)]
+
+    def reader():
+        buf = np.empty_like(frames[0])
+        for f in frames:
+            buf[...] = f
+            yield buf
+
+    got = [res.image for res in r.restore_stream(reader(), batch=1)]
+    wrong = [
+        i
+        for i, (a, f) in enumerate(zip(got, frames, strict=True))
+        if not np.array_equal(a, r.restore(f).image)
+    ]
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    "x", [torch.zeros(1, 3, 16, 16, dtype=torch.uint8), torch.zeros(3, 16, 16), torch.zeros(1, 4, 16, 16)]
+)
+def test_restore_tensor_refuses_what_is_not_a_float_batch(x):
+    """restore_tensor(uint8 batch) took 0..255 as floats: 90% of a random picture came back white
+    (restore() of it: 2%); a (3,H,W) tensor failed with "not enough values to unpack", and 4 channels
+    deep in the first conv."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore_tensor(x)
+    assert str(e.value) == (
+        f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
+        "(restore() takes uint8 tensors too)"
+    )

@@ -463,6 +463,49 @@ def test_frame_graph_logic_with_a_host_stand_in(live1_image, monkeypatch):
     assert len(graphed._graphs) == 2
 
 
+def test_one_frame_graph_from_two_threads(monkeypatch):
+    """A frame graph has one static input and output. Two threads restoring frames of one shape with
+    one Restorer(cuda_graph=True) swapped results: thread B's frame was copied in between thread A's
+    copy and replay (a stand-in replay that yields the GIL first, as a CUDA replay's launch does)."""
+    import threading
+    import time
+
+    from qairn.engine import restorer as rs
+
+    def capture(run, x):
+        output = run(x)
+
+        def replay():
+            time.sleep(0.002)
+            y, q, _ = run(x)
+            output[0].copy_(y)
+            for k in q:
+                output[1][k].copy_(q[k])
+
+        return replay, output
+
+    monkeypatch.setattr(rs.FrameGraph, "capture", staticmethod(capture))
+    model = lively_model()
+    plain = qairn.Restorer(model=model, device="cpu", tile=None)
+    graphed = qairn.Restorer(model=model, device="cpu", tile=None)
+    graphed.cuda_graph = True  # past the CUDA check: the stand-in needs none
+    frames = [torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    want = [plain.restore_tensor(x)[0] for x in frames]
+    graphed.restore_tensor(frames[0])  # captured here, before the threads
+    wrong = [0, 0]
+
+    def work(k):
+        for _ in range(10):
+            wrong[k] += not torch.equal(graphed.restore_tensor(frames[k])[0], want[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [0, 0]
+
+
 @pytest.mark.parametrize(
     "capability, auto",
     [((9, 0), ("triton", "fp16")), ((7, 5), ("triton", "fp16")), ((6, 1), ("eager", "fp32"))],

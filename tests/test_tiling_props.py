@@ -160,3 +160,46 @@ def test_too_little_overlap_is_not_exact(small_model):
     (yw, qw, mw), (yt, qt, mt) = restore_both(small_model, x, 96, 0)
     assert (yt - yw).abs().max() > 1e-4
     assert min((a - b).abs().max() for a, b in zip(mw, mt)) > 1e-3
+
+
+def test_edge_shapes_and_image_kinds_tile_exactly(small_model):
+    """The exactness above for what restore() takes: one-pixel rows and columns, an image smaller than
+    its tile, more tiles per batch than tiles, gray, 16-bit, float, BGR and alpha inputs (alpha passed
+    through untouched), each tiled against its whole-image restore."""
+    radius = receptive_radius(small_model)
+    overlap = ceil_to(4 * radius + 4, ALIGN)
+    tile = overlap + 3 * ALIGN
+    rng = np.random.default_rng(6)
+    base = rng.random((tile + 37, tile + 21, 4))
+    cases = [
+        ((base[:1, :, :3] * 255).round().astype(np.uint8), "rgb", 4),  # one row, two tiles
+        ((base[:, :1, :3] * 255).round().astype(np.uint8), "rgb", 4),  # one column
+        ((base[:17, :9, :3] * 255).round().astype(np.uint8), "rgb", 4),  # smaller than the tile
+        ((base[..., 0] * 65535).round().astype(np.uint16), "rgb", 64),  # gray 16-bit; 64 > 4 tiles
+        (base[..., :3].astype(np.float32), "bgr", 2),
+        ((base * 255).round().astype(np.uint8), "rgb", 4),  # RGBA
+        ((base[..., 2:] * 65535).round().astype(np.uint16), "rgb", 3),  # gray + alpha, 16-bit
+    ]
+    whole = qairn.Restorer(model=small_model, device="cpu", tile=None, p=2.0)
+    tiled_once = False
+    for img, order, batch in cases:
+        tiled = qairn.Restorer(
+            model=small_model, device="cpu", tile=tile, overlap=overlap, p=2.0, tile_batch=batch
+        )
+        a = whole.restore(img, return_maps=True, channel_order=order)
+        b = tiled.restore(img, return_maps=True, channel_order=order)
+        tiled_once |= plan_tiles(*img.shape[:2], tile, overlap).count > 1
+        assert b.image.shape == img.shape and b.image.dtype == img.dtype
+        # One code at most: the same float, a hair apart, may round either side of a half.
+        step = 1e-6 if img.dtype.kind == "f" else 1
+        np.testing.assert_allclose(
+            b.image.astype(np.float64), a.image, atol=step, rtol=0, err_msg=str(img.shape)
+        )
+        if img.ndim == 3 and img.shape[2] in (2, 4):
+            np.testing.assert_array_equal(b.image[..., -1], img[..., -1])
+        for k in a.quality:
+            assert b.quality[k] == pytest.approx(a.quality[k], rel=1e-5, abs=0)
+        for s, ma, mb in zip(SCALES, a.maps, b.maps):
+            assert ma.shape == mb.shape == (-(-img.shape[0] // s), -(-img.shape[1] // s))
+            np.testing.assert_allclose(mb, ma, atol=1e-5, rtol=0)
+    assert tiled_once

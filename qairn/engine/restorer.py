@@ -47,12 +47,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     there (cuda:3 with one GPU, or cuda with none) is refused here, in one line naming it and what
     there is, rather than at the first copy to it, deep inside the backend, as an "invalid device
     ordinal" CUDA error. A bare "cuda" becomes the current CUDA device, index and all: the Restorer
-    stays on that GPU when later called from a thread where another one is current."""
+    stays on that GPU when later called from a thread where another one is current. An int N is
+    cuda:N, as torch.device(N) and .to(N) take it."""
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # torch.device(0) asks for the accelerator, and fails on a build without one before our "no CUDA
+    # device" line can say so. True is an int to Python, not a GPU.
+    if isinstance(device, numbers.Integral) and not isinstance(device, bool) and device >= 0:
+        device = f"cuda:{int(device)}"
     try:
         device = torch.device(device)
-    except RuntimeError:  # torch's own message lists some twenty device types
+    except (RuntimeError, TypeError):  # torch's own message lists some twenty device types
         raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type != "cuda":
         return device
@@ -159,6 +164,9 @@ class FrameGraph:
     def __init__(self, run, x: torch.Tensor):
         self.input = x.clone()
         self.replay, self.output = self.capture(run, self.input)
+        # One static input and output for every caller: a second thread's frame copied in between
+        # this one's copy and replay, or replayed before this one's outputs were cloned, swapped them.
+        self.lock = threading.Lock()
 
     @staticmethod
     def capture(run, x: torch.Tensor):
@@ -196,14 +204,16 @@ class FrameGraph:
         return replay, output
 
     def __call__(self, x: torch.Tensor):
-        self.input.copy_(x)
-        self.replay()
-        y, q, maps = self.output  # overwritten by the next replay: the caller gets copies
-        return (
-            y.clone(),
-            {k: v.clone() for k, v in q.items()},
-            [m.clone() for m in maps] if maps is not None else None,
-        )
+        # Threads on the device's default stream also queue the device work in this order.
+        with self.lock:
+            self.input.copy_(x)
+            self.replay()
+            y, q, maps = self.output  # overwritten by the next replay: the caller gets copies
+            return (
+                y.clone(),
+                {k: v.clone() for k, v in q.items()},
+                [m.clone() for m in maps] if maps is not None else None,
+            )
 
 
 class Restorer:
@@ -318,6 +328,13 @@ class Restorer:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device. progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
+        # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
+        # unpacking its shape. Float ranges are not read here: on a GPU that would cost a sync per call.
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(
+                f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
+                "(restore() takes uint8 tensors too)"
+            )
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
         tile, overlap = self.tiling_for(h, w, n)
@@ -530,6 +547,9 @@ class Restorer:
         from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
+        # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
+        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
         check_order(options.get("channel_order") or self.channel_order)
         check_matrix(options.get("matrix", "bt709"))
         check_range(options.get("range", "limited"))

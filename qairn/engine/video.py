@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import os
 import re
 import signal
@@ -37,7 +38,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from qairn.engine.color import check_codes, check_matrix, check_range, native, plane_bits, restore_planes
+from qairn.engine.color import (
+    ColorError,
+    check_codes,
+    check_matrix,
+    check_range,
+    native,
+    plane_bits,
+    restore_planes,
+)
 from qairn.engine.imageio import write_atomic
 from qairn.engine.tiling import tile_arg
 
@@ -71,26 +80,68 @@ def _key(item):
     raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}")
 
 
+def _name_frame(e: Exception, index: int) -> None:
+    """Prefix e's message with the index of the frame of the stream it is about (e is re-raised)."""
+    if e.args and isinstance(e.args[0], str):
+        e.args = (f"frame {index}: {e.args[0]}", *e.args[1:])
+
+
 def _groups(frames, batch: int):
-    group, key = [], None
+    """(index of the first frame, frames): consecutive frames of one kind and shape, `batch` at most."""
+    group, key, start = [], None, 0
     it = iter(frames)
-    while True:
+    for index in itertools.count():
         try:
             item = next(it)
-            k = _key(item)  # an item that is no frame fails the stream as a failing source does
         except StopIteration:
             break
         except Exception:  # a source that fails mid-stream: the frames already read are still restored
             if group:
-                yield group
+                yield start, group
             raise
-        if group and (k != key or len(group) == batch):
-            yield group
+        try:
+            k = _key(item)  # an item that is no frame fails the stream as a failing source does
+        except Exception as e:
+            _name_frame(e, index)
+            if group:
+                yield start, group
+            raise
+        if group and k != key:
+            yield start, group
             group = []
+        if not group:
+            start = index
         group.append(item)
         key = k
+        if len(group) == batch:  # launched before the next frame is read, which may reuse this one's buffer
+            yield start, group
+            group = []
     if group:
-        yield group
+        yield start, group
+
+
+def _jobs(restorer, frames, batch: int, *options):
+    """A launched job per group of frames. A bad frame (a float frame out of [0, 1], codes out of
+    range) fails its whole group, which lost the good frames read before it: such a group is launched
+    again frame by frame, so those are restored and handed out before the error, which names the frame."""
+    for start, group in _groups(frames, batch):
+        try:
+            job = _launch(restorer, group, *options)
+        except (ValueError, TypeError) as e:
+            if len(group) == 1:
+                _name_frame(e, start)
+                raise
+            job = None
+        if job is not None:
+            yield job
+            continue
+        for index, item in enumerate(group, start):
+            try:
+                job = _launch(restorer, [item], *options)
+            except (ValueError, TypeError) as e:
+                _name_frame(e, index)
+                raise
+            yield job
 
 
 def _to_device(t: torch.Tensor, device: torch.device, copy_stream) -> torch.Tensor:
@@ -153,10 +204,17 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
         on_host = is_np or first[0].device.type == "cpu"
     else:
         is_np = isinstance(first, np.ndarray)
+        depth = None if bits is None else _rgb_bits(first.dtype, bits)
         if is_np:  # one shape and dtype per group (_key): the frames' own numbers go to the device
             pairs = [image_array(f, channel_order) for f in group]
-            meta = [m for _, m in pairs]
-            pixels = _to_device(torch.from_numpy(np.stack([a for a, _ in pairs])), restorer.device, copy_in)
+            # Alpha is given back as it came: a copy, as on CUDA a batch is handed out only after the
+            # next one is launched, and the source may have reused its buffer by then.
+            meta = [m if m["alpha"] is None else m | {"alpha": m["alpha"].copy()} for _, m in pairs]
+            pixels = torch.from_numpy(np.stack([a for a, _ in pairs]))
+            if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
+                check_codes(pixels, depth, "rgb")
+                meta = [m | {"scale": 2.0**depth - 1} for m in meta]
+            pixels = _to_device(pixels, restorer.device, copy_in)
             x = to_float(pixels, meta[0]["scale"])
         else:
             if first.ndim != 3 or first.shape[0] != 3:
@@ -173,6 +231,15 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
         host, job.event = _to_host([*job.outputs, job.quality], copy_out)
         job.outputs, job.quality = host[:-1], host[-1]
     return job
+
+
+def _rgb_bits(dtype, bits: int) -> int:
+    """bits= for RGB frames, as for Y'CbCr planes: the sample depth of integer frames (8 for uint8,
+    9..16 for uint16). Float frames are in [0, 1] and have none."""
+    name = str(dtype).replace("torch.", "")
+    if "float" in name:
+        raise ColorError(f"bits={bits} is the sample depth of integer frames; {name} frames are in [0, 1]")
+    return plane_bits(dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype, bits)
 
 
 def _finish(job: _Job, channel_order):
@@ -210,8 +277,13 @@ def restore_stream(
 
     A frame is an RGB image (numpy HxWx3 as for Restorer.restore, or a (3,H,W) tensor) or a (y, u, v)
     tuple of Y'CbCr planes (as for Restorer.restore_yuv, with matrix/range/bits for the whole stream).
+    bits= is the sample depth of integer frames, RGB ones too: bits=10 takes uint16 RGB frames as codes
+    0..1023 and gives them back so; without it, RGB frames span their dtype (uint16: 0..65535).
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
+    A batch's frames are held until it is launched: a source that decodes every frame into one buffer
+    must yield copies, or pass batch=1 (each frame is then launched, its pixels copied, before the
+    next one is read).
     """
     from qairn.engine.restorer import check_order
 
@@ -222,8 +294,7 @@ def restore_stream(
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
     try:
-        for group in _groups(frames, max(1, int(batch))):
-            job = _launch(restorer, group, matrix, crange, bits, order, streams)
+        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams):
             if not cuda:
                 yield from _finish(job, order)
                 continue
