@@ -122,6 +122,10 @@ def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
     assert auto.tile_for(*image.shape[:2]) == 64
     y_auto, q_auto, _ = auto.restore_tensor(x)
     torch.testing.assert_close(y_auto, y_eager, atol=1e-4, rtol=0)
+    # An overlap the file's 64-pixel tile cannot hold is refused when the Restorer is made, not at the
+    # first image (it passed the check against 512 before the file was opened).
+    with pytest.raises(ValueError, match="overlap 64 .* must be smaller than the tile 64"):
+        qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, overlap=64)
 
 
 # ---- which GPU the providers run on (checked on the CPU: onnxruntime's session is watched) ----------

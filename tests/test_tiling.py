@@ -244,7 +244,7 @@ def test_restorers_do_not_change_the_model_they_are_given():
 
 def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
     model = lively_model()
-    r = qairn.Restorer(model=model, device="cpu", tile=256, overlap=32)
+    r = qairn.Restorer(model=model, device="cpu", tile=256, overlap=48)
     inner = r.backend
     seen = []
 
@@ -256,7 +256,8 @@ def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
 
     r.backend = limited
     img = odd_crop(live1_image, 300, 300)
-    with pytest.warns(UserWarning, match="retrying with tile 128"):
+    # The overlap shrinks to a quarter of the new tile, and the warning says so.
+    with pytest.warns(UserWarning, match="retrying with tile 128, overlap 32"):
         res = r.restore(img)
     assert seen[0] == 256 and seen[-1] == 128
     whole = qairn.Restorer(model=model, device="cpu", tile=None).restore(img)

@@ -226,8 +226,8 @@ class Restorer:
     tile=None processes whole images; an int, tiles of `tile` pixels overlapping by `overlap`; "auto"
     (the default), tiles of 512 unless the images are no bigger than one full batch of such tiles,
     which then go whole: no more memory, and no overlap to compute twice (a 768x512 image restored
-    in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Static backends (compiled graphs,
-    engines) always tile.
+    in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under "auto", a static export (an ONNX
+    file or engine built for one N,H,W) always tiles, at its own tile size.
     cuda_graph=True (CUDA; eager, triton, compile): each input shape's whole restore is captured in
     one CUDA graph on its first call and replayed after (FrameGraph); for streams of equal frames.
     With compile, torch.compile's own per-batch CUDA graphs are turned off: the frame graph holds
@@ -311,6 +311,10 @@ class Restorer:
         self.cuda_graph = cuda_graph
         self._graphs: dict = {}  # (shape, tile plan, maps) -> FrameGraph
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
+        if self.tile == "auto" and getattr(self.backend, "static_tile", None):
+            # A static file's tile is known only now: an overlap of 48 on a 64-pixel file passed the check
+            # above (made against 512) and failed at the first image.
+            check_tiling(self.backend.static_tile, self.overlap)
         ran = getattr(self.backend, "network_config", None)  # an exported file's own network
         if ran is not None and ran != config:
             differ = [
@@ -356,8 +360,11 @@ class Restorer:
                 if current <= 64:
                     raise
                 tile = current // 2
+                # The overlap shrinks too (to a quarter of the tile at most): the warning says both.
                 warnings.warn(
-                    f"out of device memory at tile {current}: retrying with tile {tile}", stacklevel=2
+                    f"out of device memory at tile {current}: retrying with tile {tile}, "
+                    f"overlap {min(overlap, tile // 4)}",
+                    stacklevel=2,
                 )
                 if self.device.type == "cuda":
                     with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
