@@ -86,6 +86,18 @@ def test_onnx_cache_is_reused_and_keyed_by_weights(model, cache):
     assert fp16 not in (first, other)
 
 
+def test_a_given_onnx_file_runs_and_reports_its_own_precision(model, cache):
+    # An fp16 file given with precision "auto" on the CPU ran as fp16 but the Restorer said "fp32";
+    # asked for explicitly, the other precision is refused in one line instead of being ignored.
+    fp16 = OrtBackend(model, torch.device("cpu"), precision="fp16", cache_dir=cache).path
+    r = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=fp16)
+    assert (r.precision, r.backend.precision) == ("fp16", "fp16")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(fp16))} is a fp16 export: .* precision 'fp32'"):
+        qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=fp16, precision="fp32")
+    fp32 = OrtBackend(model, torch.device("cpu"), cache_dir=cache).path
+    assert qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=fp32).precision == "fp32"
+
+
 def test_rejects_sums_export_and_bf16(model, tmp_path, cache):
     path = ox.export_onnx(model, tmp_path / "sums.onnx", outputs="sums")
     with pytest.raises(BackendError, match="--maps"):

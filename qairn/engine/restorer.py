@@ -285,6 +285,7 @@ class Restorer:
                 f"the Minkowski exponent p = {self.p:g} is over {MAX_POOL_P:g}: fp32 pooling sums lose every "
                 f"gate below {2 ** (-222 / self.p):.2f} (a map of such gates would score Q = 0)"
             )
+        asked_precision = precision
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
@@ -311,6 +312,14 @@ class Restorer:
         self.cuda_graph = cuda_graph
         self._graphs: dict = {}  # (shape, tile plan, maps) -> FrameGraph
         self.backend = make_backend(backend, model, self.device, precision, **backend_options)
+        ran_precision = getattr(self.backend, "precision", precision)  # an ONNX file's own precision
+        if ran_precision != precision:
+            if asked_precision != "auto":
+                raise ValueError(
+                    f"{self.backend.path} is a {ran_precision} export: it cannot run at precision "
+                    f"{asked_precision!r} (give precision='auto' or '{ran_precision}', or export again)"
+                )
+            self.precision = ran_precision
         if self.tile == "auto" and getattr(self.backend, "static_tile", None):
             # A static file's tile is known only now: an overlap of 48 on a 64-pixel file passed the check
             # above (made against 512) and failed at the first image.

@@ -154,6 +154,9 @@ class OrtBackend:
             else cached_onnx(model, cache_dir, outputs="maps", precision=precision)
         )
         metadata = read_metadata(self.path)  # one parse of the file for both
+        # What runs is the file's precision, whatever was asked: the Restorer reports it, and refuses a
+        # precision asked for explicitly that the file does not hold.
+        self.precision = metadata.get("qairn.precision", precision)
         outputs = metadata.get("qairn.outputs")
         # The Restorer pools quality with this network's p (and refuses weights of another network).
         self.network_config = file_config(self.path, metadata)
