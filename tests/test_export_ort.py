@@ -98,6 +98,18 @@ def test_a_given_onnx_file_runs_and_reports_its_own_precision(model, cache):
     assert qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=fp32).precision == "fp32"
 
 
+def test_closing_frees_the_session_and_refuses_more_runs(model, tmp_path, image):
+    # A static file's runner refers back to its backend: without close() the session (GPU memory with
+    # the CUDA provider) waited for the garbage collector's next full pass.
+    path = ox.export_onnx(model, tmp_path / "static.onnx", outputs="maps", shape=(1, 64, 64))
+    with qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path) as r:
+        backend = r.backend
+        r.restore(image[:64, :64])
+    assert backend.session is None
+    with pytest.raises(BackendError, match="was closed"):
+        backend(torch.zeros(1, 3, 64, 64))
+
+
 def test_rejects_sums_export_and_bf16(model, tmp_path, cache):
     path = ox.export_onnx(model, tmp_path / "sums.onnx", outputs="sums")
     with pytest.raises(BackendError, match="--maps"):

@@ -333,3 +333,30 @@ def test_restore_tensor_refuses_what_is_not_a_float_batch(x):
         f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
         "(restore() takes uint8 tensors too)"
     )
+
+
+def test_a_closed_restorer_frees_its_backend_and_refuses_more_work():
+    # There was no close(): an engine's or session's memory waited for the garbage collector.
+    closed = []
+
+    class Backend:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, x):
+            return self.inner(x)
+
+        def close(self):
+            closed.append(True)
+
+    img = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    with qairn.Restorer(model=lively_model(), device="cpu") as r:
+        r.backend = Backend(r.backend)
+        assert r.restore(img).image.shape == img.shape
+    assert closed == [True] and r.closed
+    with pytest.raises(RuntimeError, match="^this Restorer was closed$"):
+        r.restore(img)
+    with pytest.raises(RuntimeError, match="^this Restorer was closed$"):
+        list(r.restore_stream([img]))
+    r.close()  # twice is harmless
+    assert closed == [True, True]

@@ -299,6 +299,7 @@ class Restorer:
         self._cache_lock = threading.RLock()
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
+        self.closed = False
         self.channel_order = check_order(channel_order)
         if cuda_graph and backend not in ("eager", "triton", "compile"):
             raise ValueError(
@@ -336,6 +337,28 @@ class Restorer:
                 "give the weights it was exported from, or neither weights= nor model= to use its own"
             )
 
+    def close(self) -> None:
+        """Free the device memory this Restorer holds now: its captured CUDA graphs, the tile plans
+        kept on the device, and an engine's or ONNX Runtime session's own memory (their close()).
+        A transcoder that switches models should not wait for the garbage collector. Later calls are
+        refused; closing twice is harmless. `with Restorer(...) as r:` closes on leaving."""
+        with self._cache_lock:
+            self._graphs.clear()
+            self._plan_cache.clear()
+            self.closed = True
+        close_backend = getattr(self.backend, "close", None)
+        if close_backend is not None:
+            close_backend()
+        if self.device.type == "cuda":
+            with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
+                torch.cuda.empty_cache()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     # ---- tensors -------------------------------------------------------------------------------
     def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None):
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
@@ -348,6 +371,8 @@ class Restorer:
                 f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
                 "(restore() takes uint8 tensors too)"
             )
+        if self.closed:  # the eager network would still run, an engine not: one rule for all
+            raise RuntimeError("this Restorer was closed")
         x = x.to(self.device, torch.float32)
         n, _, h, w = x.shape
         tile, overlap = self.tiling_for(h, w, n)

@@ -191,7 +191,21 @@ class OrtBackend:
             )
         return self._run
 
+    def close(self) -> None:
+        """Free the session (its GPU memory with the CUDA provider) now, not when the garbage collector
+        gets to it: a static file's runner refers back to this backend, so dropping the last reference
+        frees nothing. Closing twice is harmless; calls after it are refused."""
+        self.session = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def _run(self, x: torch.Tensor):
+        if self.session is None:
+            raise BackendError(f"this ONNX Runtime session ({self.path}) was closed")
         feed = {INPUT: x.detach().to("cpu").numpy().astype(self.in_dtype, copy=False)}
         outs = self.session.run(list(MAP_OUTPUTS), feed)
         y, *gammas = (torch.from_numpy(np.asarray(o, dtype=np.float32)).to(self.device) for o in outs)
