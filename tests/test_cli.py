@@ -329,6 +329,30 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.png"] and leftovers(workdir) == []
 
 
+def test_ctrl_c_keeps_the_json_scores_of_the_images_already_written(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # Ctrl-C at the second image: a.png was written, but q.json was never saved, losing its scores.
+    import qairn.engine.cli as engine_cli
+
+    real = engine_cli.read_image
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_cli, "read_image", interrupted)
+    q = workdir / "q.json"
+    rc, _, err = run(
+        capsys, "restore", workdir, "-o", workdir / "out", "--json", q, "--weights", tiny_weights
+    )
+    assert rc == 130 and err.strip().splitlines()[-1] == "qairn restore: interrupted", err
+    [record] = json.loads(q.read_text())
+    assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
+    assert 0 <= record["Q1"] <= 1 and leftovers(workdir) == []
+
+
 def test_sigterm_ends_a_run_like_ctrl_c(workdir, tiny_weights, capsys, monkeypatch):
     """kill (or a container stopping) mid-batch: the same one line, exit 130, no temp files, and
     the process's own SIGTERM handler back afterwards."""

@@ -277,6 +277,80 @@ def fatal(msg: str) -> int:
     return 2
 
 
+def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
+    """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
+    A problem raises: InputError or ImageError with its one line, OSError from the write."""
+    if dst.resolve() in input_set and not a.overwrite:
+        raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
+    if dst.exists() and not a.overwrite:
+        raise InputError(f"{dst}: output exists (use --overwrite)")
+    qm = dst.with_name(dst.stem + ".quality.png")
+    if a.quality_map and qm.resolve() in taken:  # e.g. a.png beside a.quality.png
+        raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
+    if a.quality_map and qm.exists() and not a.overwrite:
+        raise InputError(f"{qm}: quality map exists (use --overwrite)")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst}: output folder does not exist")
+    img = read_image(src, a.max_pixels, warn=warning)
+    with TileBar() as tiles:
+        res = r.restore(img, return_maps=a.quality_map, progress=tiles)
+    icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
+    if icc and not icc_fits(icc, res.image):
+        warning(
+            f"{src}: its {icc_space(icc)} colour profile does not describe the RGB/gray pixels "
+            "restored; the output has none"
+        )
+        icc = None
+    exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
+    alpha = res.image.ndim == 3 and res.image.shape[2] in (2, 4)  # JPEG and BMP outputs have none
+    dropped = [
+        n
+        for n, v, keep in (
+            ("colour profile", icc, ICC_SUFFIXES),
+            ("EXIF", exif, EXIF_SUFFIXES),
+            ("alpha channel", alpha, ALPHA_SUFFIXES),
+            ("16-bit depth", res.image.dtype == np.uint16, DEEP_SUFFIXES),
+        )
+        if v and dst.suffix.lower() not in keep
+    ]
+    if dropped:
+        warning(
+            f"{dst}: {dst.suffix} output drops the input's {' and '.join(dropped)}; write .png to keep it"
+        )
+    if gray_as_colour(res.image, dst.suffix):  # a gray photo turning into three equal channels
+        webp = dst.suffix.lower() == ".webp"
+        why = "has no gray mode" if webp else "is written without 16-bit gray + alpha"
+        warning(
+            f"{dst}: {dst.suffix} output {why}: the gray input is written as "
+            f"{'RGBA' if alpha else 'RGB'}; write .png to keep it gray"
+        )
+    write_image(dst, res.image, icc=icc, exif=exif)
+    if a.quality_map:
+        write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
+    return {"path": str(src), "output": str(dst), **res.quality}
+
+
+def write_records(json_arg: str, records: list[dict]) -> bool:
+    """restore --json: the scores as a JSON list, to stdout ('-') or atomically to a file; False if
+    it could not be written (said in one line)."""
+    # Absolute paths: the file is read later, from elsewhere, where a path relative to this run's
+    # working folder names nothing (symlinks kept: the names the user gave).
+    rows = [
+        {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])} for r in records
+    ]
+    text = json.dumps(rows, indent=2) + "\n"
+    try:
+        if json_arg == "-":  # it wrote a file named '-'; stdout carries nothing else
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            write_atomic(Path(json_arg), text.encode())
+    except OSError as e:
+        error(f"{json_arg}: cannot write ({e.strerror or e})")
+        return False
+    return True
+
+
 def main_restore(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qairn restore", description="Remove JPEG artifacts from images.")
     common_args(p)
@@ -330,83 +404,25 @@ def main_restore(argv=None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return fatal(f"{folder}: cannot create the output folder ({e.strerror or e})")
-    for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
-        try:
-            if dst.resolve() in input_set and not a.overwrite:
-                raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
-            if dst.exists() and not a.overwrite:
-                raise InputError(f"{dst}: output exists (use --overwrite)")
-            qm = dst.with_name(dst.stem + ".quality.png")
-            if a.quality_map and qm.resolve() in taken:  # e.g. a.png beside a.quality.png
-                raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
-            if a.quality_map and qm.exists() and not a.overwrite:
-                raise InputError(f"{qm}: quality map exists (use --overwrite)")
-            if not dst.parent.is_dir():
-                raise InputError(f"{dst}: output folder does not exist")
-            img = read_image(src, a.max_pixels, warn=warning)
-            with TileBar() as tiles:
-                res = r.restore(img, return_maps=a.quality_map, progress=tiles)
-            icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
-            if icc and not icc_fits(icc, res.image):
-                warning(
-                    f"{src}: its {icc_space(icc)} colour profile does not describe the RGB/gray pixels "
-                    "restored; the output has none"
-                )
-                icc = None
-            exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
-            alpha = res.image.ndim == 3 and res.image.shape[2] in (2, 4)  # JPEG and BMP outputs have none
-            dropped = [
-                n
-                for n, v, keep in (
-                    ("colour profile", icc, ICC_SUFFIXES),
-                    ("EXIF", exif, EXIF_SUFFIXES),
-                    ("alpha channel", alpha, ALPHA_SUFFIXES),
-                    ("16-bit depth", res.image.dtype == np.uint16, DEEP_SUFFIXES),
-                )
-                if v and dst.suffix.lower() not in keep
-            ]
-            if dropped:
-                warning(
-                    f"{dst}: {dst.suffix} output drops the input's {' and '.join(dropped)}; "
-                    "write .png to keep it"
-                )
-            if gray_as_colour(res.image, dst.suffix):  # a gray photo turning into three equal channels
-                webp = dst.suffix.lower() == ".webp"
-                why = "has no gray mode" if webp else "is written without 16-bit gray + alpha"
-                warning(
-                    f"{dst}: {dst.suffix} output {why}: the gray input is written as "
-                    f"{'RGBA' if alpha else 'RGB'}; write .png to keep it gray"
-                )
-            write_image(dst, res.image, icc=icc, exif=exif)
-            if a.quality_map:
-                write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
-            records.append({"path": str(src), "output": str(dst), **res.quality})
-        except (ImageError, InputError) as e:
-            failed += 1
-            error(str(e))
-        except OSError as e:
-            failed += 1
-            error(f"{dst}: cannot write ({e.strerror or e})")
-        except Exception as e:
-            failed += 1
-            error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if a.json:
-        try:
-            # Absolute paths: the file is read later, from elsewhere, where a path relative to this run's
-            # working folder names nothing (symlinks kept: the names the user gave).
-            rows = [
-                {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])}
-                for r in records
-            ]
-            text = json.dumps(rows, indent=2) + "\n"
-            if a.json == "-":  # it wrote a file named '-'; stdout carries nothing else
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            else:
-                write_atomic(Path(a.json), text.encode())
-        except OSError as e:
-            failed += 1
-            error(f"{a.json}: cannot write ({e.strerror or e})")
+    try:
+        for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
+            try:
+                records.append(restore_one(r, a, src, dst, input_set, taken))
+            except (ImageError, InputError) as e:
+                failed += 1
+                error(str(e))
+            except OSError as e:
+                failed += 1
+                error(f"{dst}: cannot write ({e.strerror or e})")
+            except Exception as e:
+                failed += 1
+                error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the images already written keep their scores
+        if a.json:
+            write_records(a.json, records)
+        raise
+    if a.json and not write_records(a.json, records):
+        failed += 1
     tqdm.write(restore_summary(records, len(inputs) + len(errors), failed), file=sys.stderr)
     return 1 if failed else 0
 
