@@ -929,6 +929,26 @@ def test_quality_map_bar_labels_do_not_overlap_on_a_flat_wide_image():
         assert len(starts) == 2 and dark[-1] == 0, (w, h, len(starts))
 
 
+def test_quality_map_colour_bars_say_which_end_is_better(monkeypatch):
+    # The bars were labelled 1.000 / 0.000 (0.900 / 0.700) only: nothing said that a high gamma is
+    # the good end. Each panel's upper label (drawn higher up) must say better, its lower one worse.
+    from qairn.engine.cli import quality_map_png
+
+    drawn = []
+    real = cv2.putText
+
+    def record(img, text, org, *args, **kwargs):
+        drawn.append((text, org[1]))
+        return real(img, text, org, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "putText", record)
+    quality_map_png(np.tile(np.linspace(0.7, 0.9, 10, dtype=np.float32), (8, 1)), (20, 16))
+    labels = [(t, y) for t, y in drawn if t[0].isdigit()]  # the titles start with a word
+    assert [t for t, _ in labels] == ["1.000 better", "0.000 worse", "0.900 better", "0.700 worse"]
+    assert labels[0][1] < labels[1][1] and labels[2][1] < labels[3][1]
+    assert any("quality" in t for t, _ in drawn if not t[0].isdigit())
+
+
 def command_parsers(monkeypatch) -> dict:
     """Every `qairn COMMAND`'s argparse parser (export's subcommands each), as --help builds it."""
     import argparse

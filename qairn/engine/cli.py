@@ -122,7 +122,9 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
 def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     """gamma2 as heat maps at the image's size, PNG bytes: left on the fixed 0..1 scale (comparable
     across images), right stretched to this image's own range (where in the picture quality changes;
-    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar.
+    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar whose
+    ends say which way is better: a high gamma means the encoder's features passed through, little
+    to restore (a colour bar of bare numbers left the reader to guess).
     Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
     fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
     yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
@@ -137,7 +139,7 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, zh / 700)
     thick = max(1, round(scale * 1.5))
-    (label_w, text_h), base = cv2.getTextSize("0.000", font, scale, thick)
+    (label_w, text_h), base = cv2.getTextSize("0.000 better", font, scale, thick)
     gap = max(4, text_h // 2)
     header = text_h + base + 2 * gap
     bar_w = max(12, zw // 40)
@@ -157,12 +159,13 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
         canvas[header : header + zh, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
         x, black = zw + bar_w + 2 * gap, (0, 0, 0)
         cv2.putText(canvas, title, (0, header - gap - base), font, scale, black, thick, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmax:.3f}", (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmin:.3f}", (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
+        top, bottom = f"{vmax:.3f} better", f"{vmin:.3f} worse"
+        cv2.putText(canvas, top, (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
+        cv2.putText(canvas, bottom, (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
         return canvas
 
-    fixed = panel(gamma2, 0.0, 1.0, "gamma2, 0..1")
-    stretched = panel(gamma2, lo, hi, "gamma2, stretched")
+    fixed = panel(gamma2, 0.0, 1.0, "quality gamma2, 0..1")
+    stretched = panel(gamma2, lo, hi, "quality gamma2, stretched")
     rgb = np.concatenate([fixed, np.full((header + bar_h, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
