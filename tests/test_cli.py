@@ -706,6 +706,18 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
 
 
+def test_score_json_paths_are_absolute_like_restore_json(workdir, tiny_weights, capsys, monkeypatch):
+    # score --json kept the path as typed ('a.jpg') while restore --json wrote it absolute.
+    monkeypatch.chdir(workdir)
+    rc, out, err = run(capsys, "score", "a.jpg", "--json", "--weights", tiny_weights)
+    assert rc == 0, err
+    [row] = [json.loads(ln) for ln in out.splitlines()]
+    rc, out, err = run(capsys, "restore", "a.jpg", "-o", "out", "--json", "-", "--weights", tiny_weights)
+    assert rc == 0, err
+    [record] = json.loads(out)
+    assert row["path"] == record["path"] == str(workdir / "a.jpg")
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
 def test_a_pipe_is_refused_as_a_pipe(workdir, tiny_weights, capsys):
     # `cat a.jpg | qairn score /dev/stdin` said 'empty file (0 bytes)': a pipe's size is 0.

@@ -473,8 +473,9 @@ def main_score(argv=None) -> int:
             failed += 1
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        if a.json:
-            print(json.dumps({"path": str(src), **{k: round(v, 6) for k, v in q.items()}}), flush=True)
+        if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
+            row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
+            print(json.dumps(row), flush=True)
         else:
             print(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}", flush=True)
     return 1 if failed else 0
