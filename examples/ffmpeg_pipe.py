@@ -8,14 +8,15 @@ As a filter between two FFmpeg processes (W x H and the frame rate must be those
 
 Or let this script run both FFmpeg processes (size and rate from ffprobe or PyAV, audio copied):
 
-    python examples/ffmpeg_pipe.py in.mp4 out.mp4 [--crf 18]
+    python examples/ffmpeg_pipe.py in.mp4 out.mp4 [--crf 18] [--overwrite]
 
 --weights W.safetensors picks other weights than the shipped ones.
 
 Raw frames carry no colour tags: --matrix/--range (default bt709, limited) say how to read them; the
 output is tagged with the same. The output is written under a temporary name and renamed when FFmpeg
-has finished, so a failed or interrupted run leaves no partial file. `qairn video` does all of this
-in-process with PyAV (and keeps timestamps and colour metadata); this is for pipelines built on FFmpeg.
+has finished, so a failed or interrupted run leaves no partial file; an existing output (or --trace
+file) is kept unless --overwrite. `qairn video` does all of this in-process with PyAV (and keeps
+timestamps and colour metadata); this is for pipelines built on FFmpeg.
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--range", default="limited", choices=("limited", "full"))
     p.add_argument("--crf", type=float, default=18)
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT or --trace file")
     a = p.parse_args(argv)
     if a.input is not None and a.trace:  # it was ignored: the run ended with no CSV and no word
         p.error("--trace works in filter mode only (no INPUT, OUTPUT); `qairn video` writes a trace")
@@ -241,6 +243,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"{a.output}: would replace the input video; give another output name")
     if a.output is not None and not Path(a.output).absolute().parent.is_dir():  # mkstemp's traceback
         raise SystemExit(f"{a.output}: output folder does not exist")
+    for out in (a.output, a.trace):  # checked before any work, as `qairn restore` does
+        if out is not None and Path(out).is_dir():  # the final rename failed with a traceback
+            raise SystemExit(f"{out}: is a directory; give a file name")
+        if out is not None and Path(out).exists() and not a.overwrite:  # it was replaced without a word
+            raise SystemExit(f"{out}: output exists (use --overwrite)")
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:
         if not a.size:

@@ -491,6 +491,29 @@ def test_pipe_example_output_gets_normal_permissions(tiny_weights, clip, tmp_pat
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_keeps_an_existing_output_unless_overwrite(tiny_weights, clip, tmp_path, monkeypatch):
+    # An existing out.mp4 was replaced without a word (by the stand-in's empty file: 14 bytes -> 0),
+    # an existing --trace CSV too, and a folder named as OUTPUT failed at the final rename.
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
+    out, trace, folder = tmp_path / "out.mp4", tmp_path / "t.csv", tmp_path / "folder"
+    out.write_bytes(b"precious video")
+    trace.write_text("old trace")
+    folder.mkdir()
+    model = ["--weights", str(tiny_weights), "--device", "cpu"]
+    for args, says in (
+        ([str(clip), str(out)], f"{out}: output exists (use --overwrite)"),
+        (["--size", "32x32", "--trace", str(trace)], f"{trace}: output exists (use --overwrite)"),
+        ([str(clip), str(folder), "--overwrite"], f"{folder}: is a directory; give a file name"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            load_example().main(args + model)
+        assert e.value.code == says
+    assert out.read_bytes() == b"precious video" and trace.read_text() == "old trace"
+    load_example().main([str(clip), str(out), "--overwrite"] + model)
+    assert out.read_bytes() == b""  # what the stand-in ffmpeg wrote
+
+
 def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load_example().main([str(clip), str(tmp_path / "o.mp4"), "--trace", str(tmp_path / "t.csv")])
