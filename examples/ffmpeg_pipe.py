@@ -241,12 +241,12 @@ def main(argv=None) -> int:
     if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
         # checked before any work: the finished temp file was renamed over the video being read
         raise SystemExit(f"{a.output}: would replace the input video; give another output name")
-    if a.output is not None and not Path(a.output).absolute().parent.is_dir():  # mkstemp's traceback
-        raise SystemExit(f"{a.output}: output folder does not exist")
-    for out in (a.output, a.trace):  # checked before any work, as `qairn restore` does
-        if out is not None and Path(out).is_dir():  # the final rename failed with a traceback
+    for out in filter(None, (a.output, a.trace)):  # checked before any work, as `qairn restore` does
+        if not Path(out).absolute().parent.is_dir():  # mkstemp's (open's) traceback
+            raise SystemExit(f"{out}: output folder does not exist")
+        if Path(out).is_dir():  # the final rename failed with a traceback
             raise SystemExit(f"{out}: is a directory; give a file name")
-        if out is not None and Path(out).exists() and not a.overwrite:  # it was replaced without a word
+        if Path(out).exists() and not a.overwrite:  # it was replaced without a word
             raise SystemExit(f"{out}: output exists (use --overwrite)")
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:

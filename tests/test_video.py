@@ -549,6 +549,10 @@ def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_
     with pytest.raises(SystemExit, match="output folder does not exist"):
         load_example().main([str(clip), str(tmp_path / "no" / "out.mp4"), "--weights", str(tiny_weights)])
     assert not (tmp_path / "no").exists()
+    # So did --trace's open(), once the model was loaded.
+    trace = tmp_path / "no" / "t.csv"
+    with pytest.raises(SystemExit, match=f"{trace}: output folder does not exist"):
+        load_example().main(["--size", "32x32", "--trace", str(trace), "--weights", str(tiny_weights)])
 
 
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
