@@ -136,6 +136,24 @@ def test_same_names_get_distinct_outputs_and_repeats_run_once(workdir, tiny_weig
     assert err.strip().splitlines()[-1] == f"qairn: restored 4 of 4 images into {workdir / 'out'}"
 
 
+def test_names_that_differ_only_in_case_get_distinct_outputs(workdir, tiny_weights, capsys):
+    # A.jpg and a.png went to out/A.png and out/a.png: one file on macOS and Windows, so the second
+    # was refused ('output exists') or, with --overwrite, replaced the first.
+    (workdir / "A.jpg").write_bytes((workdir / "a.jpg").read_bytes())
+    (workdir / "a.jpg").unlink()
+    bgr = cv2.imread(str(workdir / "b.png"))
+    cv2.imwrite(str(workdir / "a.png"), bgr)
+    (workdir / "c").mkdir()
+    cv2.imwrite(str(workdir / "c" / "B.png"), bgr)
+    rc, _, err = run(
+        capsys, "restore", workdir, workdir / "c", "-o", workdir / "out", "--weights", tiny_weights
+    )
+    assert rc == 0, err
+    names = sorted(p.name for p in (workdir / "out").iterdir())
+    assert len({n.casefold() for n in names}) == 4, names
+    assert names == ["A_jpg.png", "a_png.png", "b.png", "c_B.png"]
+
+
 def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, capsys):
     pytest.importorskip("triton", reason="the fused conv backend needs triton")
     outs = []

@@ -83,22 +83,25 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 def unique_names(inputs: list[Path]) -> list[str]:
     """One output name per input: its stem, and where stems collide, the folders that tell the inputs
-    apart (a/img/x.jpg, b/img/x.jpg -> a_img_x, b_img_x), then the suffix (x.bmp, x.tif -> x_bmp, x_tif)."""
+    apart (a/img/x.jpg, b/img/x.jpg -> a_img_x, b_img_x), then the suffix (x.bmp, x.tif -> x_bmp, x_tif).
+    Names are compared ignoring case: X.png and x.png are one file on macOS and Windows, where the
+    second output replaced the first."""
     names = [p.stem for p in inputs]
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(names):
-        groups.setdefault(n, []).append(i)
+        groups.setdefault(n.casefold(), []).append(i)
     for idx in (g for g in groups.values() if len(g) > 1):
         full = [inputs[i].resolve() for i in idx]
         common = Path(os.path.commonpath([f.parent for f in full]))
         for i, f in zip(idx, full):
             names[i] = "_".join(f.parent.relative_to(common).parts + (f.stem,))
-        clash = [names[i] for i in idx]
+        clash = [names[i].casefold() for i in idx]
         for i, f in zip(idx, full):
-            if clash.count(names[i]) > 1:
+            if clash.count(names[i].casefold()) > 1:
                 names[i] += "_" + f.suffix.lstrip(".")
     # Whatever still collides (a renamed a/x.png meeting an input a_x.png) gets its input's position.
-    return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    folded = [n.casefold() for n in names]
+    return [f"{n}_{i + 1}" if folded.count(n.casefold()) > 1 else n for i, n in enumerate(names)]
 
 
 def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list[Path], Path | None]:
