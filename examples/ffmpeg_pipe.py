@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,6 +223,23 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    """The command line. kill or a container stopping (SIGTERM) ends the run as Ctrl-C does: its
+    default killed Python outright, leaving the temp .part file and both FFmpeg processes behind."""
+    old_term = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # the temp file is gone and FFmpeg stopped: one line, not a traceback
+        print("ffmpeg_pipe: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input", nargs="?", help="video file (omit to filter raw frames from stdin to stdout)")
     p.add_argument("output", nargs="?")

@@ -514,6 +514,35 @@ def test_pipe_example_keeps_an_existing_output_unless_overwrite(tiny_weights, cl
     assert out.read_bytes() == b""  # what the stand-in ffmpeg wrote
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script; no SIGTERM")
+def test_pipe_example_sigterm_leaves_no_temp_file(tiny_weights, clip, tmp_path, monkeypatch, capsys):
+    # kill (SIGTERM) mid-run ended Python outright: .out.XXXX.part.mp4 and both FFmpegs were left
+    # behind. `unhandled` stands for that default here (pytest must not die).
+    import signal
+
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
+    ex = load_example()
+
+    def killed(*args, **kwargs):
+        assert [p.name for p in tmp_path.glob(".out.*.part.mp4")]  # the temp file is there
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the caller's handler")
+
+    monkeypatch.setattr(ex, "filter_raw", killed)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        rc = ex.main(
+            [str(clip), str(tmp_path / "out.mp4"), "--weights", str(tiny_weights), "--device", "cpu"]
+        )
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert rc == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "ffmpeg_pipe: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
 def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load_example().main([str(clip), str(tmp_path / "o.mp4"), "--trace", str(tmp_path / "t.csv")])
