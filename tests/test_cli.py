@@ -324,6 +324,37 @@ def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monk
     assert not (workdir / "o.png").exists() and leftovers(workdir) == []
 
 
+def test_a_failed_write_names_the_file_and_leaves_the_pair_whole(workdir, tiny_weights, capsys, monkeypatch):
+    # The quality map was written after the image: when it failed (disk full), the error named o.png,
+    # which had been written, and the run said 'restored 0 of 1' with o.png on disk.
+    import qairn.engine.cli as engine_cli
+    import qairn.engine.imageio as imageio
+
+    real = engine_cli.write_atomic
+
+    def full(path, data):
+        if Path(path).name.endswith(".quality.png"):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(engine_cli, "write_atomic", full)
+    args = ("restore", workdir / "a.jpg", "-o", workdir / "o.png", "--quality-map", "--weights", tiny_weights)
+    rc, _, err = run(capsys, *args)
+    says = f"qairn: error: {workdir / 'o.quality.png'}: cannot write (No space left on device)"
+    assert rc == 1 and error_lines(err) == [says], err
+    assert not (workdir / "o.png").exists() and leftovers(workdir) == []
+    # And an image that fails to write leaves no map behind.
+    monkeypatch.setattr(engine_cli, "write_atomic", real)
+
+    def boom(arr, suffix, q=95):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imageio, "encode_image", boom)
+    rc, _, err = run(capsys, *args)
+    assert rc == 1 and "o.png: cannot write (No space left on device)" in err
+    assert not (workdir / "o.png").exists() and not (workdir / "o.quality.png").exists()
+
+
 def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
     workdir, tiny_weights, capsys, monkeypatch
 ):

@@ -330,9 +330,17 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
             f"{dst}: {dst.suffix} output {why}: the gray input is written as "
             f"{'RGBA' if alpha else 'RGB'}; write .png to keep it gray"
         )
-    write_image(dst, res.image, icc=icc, exif=exif)
-    if a.quality_map:
-        write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
+    if a.quality_map:  # first: a map failing after the image had the written image reported as failed
+        try:
+            write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
+        except OSError as e:
+            raise InputError(f"{qm}: cannot write ({e.strerror or e})") from e
+    try:
+        write_image(dst, res.image, icc=icc, exif=exif)
+    except BaseException:  # no map without its image (a map is never an input: checked above)
+        if a.quality_map:
+            qm.unlink(missing_ok=True)
+        raise
     return {"path": str(src), "output": str(dst), **res.quality}
 
 
