@@ -355,6 +355,26 @@ def test_a_failed_write_names_the_file_and_leaves_the_pair_whole(workdir, tiny_w
     assert not (workdir / "o.png").exists() and not (workdir / "o.quality.png").exists()
 
 
+def test_a_json_that_cannot_be_written_is_not_counted_as_a_failed_image(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # Both images written, only q.json failing (a full disk) ended 'restored 2 of 2 images, 1 failed'.
+    import qairn.engine.cli as engine_cli
+
+    real = engine_cli.write_atomic
+
+    def full(path, data):
+        if Path(path).suffix == ".json":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(engine_cli, "write_atomic", full)
+    out, q = workdir / "out", workdir / "q.json"
+    rc, _, err = run(capsys, "restore", workdir, "-o", out, "--json", q, "--weights", tiny_weights)
+    assert rc == 1 and error_lines(err) == [f"qairn: error: {q}: cannot write (No space left on device)"]
+    assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
+
+
 def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
     workdir, tiny_weights, capsys, monkeypatch
 ):

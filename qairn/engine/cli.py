@@ -435,10 +435,10 @@ def main_restore(argv=None) -> int:
         if a.json:
             write_records(a.json, records)
         raise
-    if a.json and not write_records(a.json, records):
-        failed += 1
+    # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
+    json_written = not a.json or write_records(a.json, records)
     tqdm.write(restore_summary(records, len(inputs) + len(errors), failed), file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or not json_written else 0
 
 
 def restore_summary(records: list[dict], total: int, failed: int) -> str:
