@@ -279,6 +279,36 @@ def test_unwritable_output(workdir, tiny_weights, capsys):
     assert leftovers(workdir) == []
 
 
+def test_a_read_only_output_or_json_folder_is_refused_before_any_work(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # Every image was restored, then failed to write ('cannot write (Permission denied)'), and a
+    # read-only --json folder failed only at the end. Tests run as root, which chmod does not stop,
+    # so the operating system's answer is stood in for.
+    import qairn.engine.cli as engine_cli
+
+    ro = workdir / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real(path, mode))
+
+    def restorer_made(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", restorer_made)
+    for args, says in (
+        ([workdir / "a.jpg", workdir / "b.png", "-o", ro], f"{ro}: output folder is not writable"),
+        ([workdir / "a.jpg", "-o", ro / "o.png"], f"{ro}: output folder is not writable"),
+        (
+            [workdir / "a.jpg", "-o", workdir / "o", "--json", ro / "q.json"],
+            f"{ro / 'q.json'}: output folder is not writable",
+        ),
+    ):
+        rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
+        assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"], err
+    assert not any(ro.iterdir()) and not (workdir / "o").exists()
+
+
 def test_output_dash_is_refused_not_made_a_folder(workdir, tiny_weights, capsys, monkeypatch):
     monkeypatch.chdir(workdir)  # `-o -` made a folder named '-' here and wrote '-/a.png' into it
     rc, out, err = run(capsys, "restore", workdir / "a.jpg", "-o", "-", "--weights", tiny_weights)

@@ -365,6 +365,11 @@ def write_records(json_arg: str, records: list[dict]) -> bool:
     return True
 
 
+def writable(folder: Path) -> bool:
+    """Whether files can be made in folder (its mode, a read-only mount, chattr +i)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
 def main_restore(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qairn restore", description="Remove JPEG artifacts from images.")
     common_args(p)
@@ -409,6 +414,13 @@ def main_restore(argv=None) -> int:
             return fatal(f"{a.json}: exists (use --overwrite)")
         if not json_path.parent.is_dir():
             return fatal(f"{a.json}: output folder does not exist")
+        if not writable(json_path.parent):
+            return fatal(f"{a.json}: output folder is not writable")
+    # A read-only folder failed every image only once it was restored (a folder still to be made
+    # is checked by making it).
+    out_dir = folder or outputs[0].parent
+    if out_dir.is_dir() and not writable(out_dir):
+        return fatal(f"{out_dir}: output folder is not writable")
     try:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback
