@@ -262,6 +262,8 @@ def run(argv=None) -> int:
     for out in filter(None, (a.output, a.trace)):  # checked before any work, as `qairn restore` does
         if not Path(out).absolute().parent.is_dir():  # mkstemp's (open's) traceback
             raise SystemExit(f"{out}: output folder does not exist")
+        if not os.access(Path(out).absolute().parent, os.W_OK | os.X_OK):  # a PermissionError's traceback
+            raise SystemExit(f"{out}: output folder is not writable")
         if Path(out).is_dir():  # the final rename failed with a traceback
             raise SystemExit(f"{out}: is a directory; give a file name")
         if Path(out).exists() and not a.overwrite:  # it was replaced without a word

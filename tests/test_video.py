@@ -584,6 +584,20 @@ def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_
         load_example().main(["--size", "32x32", "--trace", str(trace), "--weights", str(tiny_weights)])
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_read_only_output_folder_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
+    # mkstemp's PermissionError ended in a traceback. Tests run as root, which chmod does not stop,
+    # so the operating system's answer is stood in for.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real(path, mode))
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
+    with pytest.raises(SystemExit, match=f"{ro / 'o.mp4'}: output folder is not writable"):
+        load_example().main([str(clip), str(ro / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert not any(ro.iterdir())
+
+
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
 def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
     # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
