@@ -254,6 +254,14 @@ def run(argv=None) -> int:
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT or --trace file")
     a = p.parse_args(argv)
+    # Mistakes in the command line are said before the model is loaded (seconds), not after.
+    if a.input is None and not a.size:
+        p.error("--size WxH is needed when filtering stdin")
+    if a.input is not None and a.output is None:
+        p.error("give INPUT and OUTPUT, or neither (filter mode)")
+    # URLs and protocols (rtsp://, pipe:0, concat:a|b, file:x) and named pipes go to FFmpeg as they are.
+    if a.input is not None and not re.match(r"^[a-z0-9+]{2,}:", a.input) and not Path(a.input).exists():
+        raise SystemExit(f"{a.input}: no such file")
     if a.input is not None and a.trace:  # it was ignored: the run ended with no CSV and no word
         p.error("--trace works in filter mode only (no INPUT, OUTPUT); `qairn video` writes a trace")
     if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
@@ -270,8 +278,6 @@ def run(argv=None) -> int:
             raise SystemExit(f"{out}: output exists (use --overwrite)")
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:
-        if not a.size:
-            p.error("--size WxH is needed when filtering stdin")
         w, h = a.size
         with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
             n = filter_raw(
@@ -287,11 +293,6 @@ def run(argv=None) -> int:
             )
         print(f"restored {n} frames", file=sys.stderr)
         return 0
-    if a.output is None:
-        p.error("give INPUT and OUTPUT, or neither (filter mode)")
-    # URLs and protocols (rtsp://, pipe:0, concat:a|b, file:x) and named pipes go to FFmpeg as they are.
-    if not re.match(r"^[a-z0-9+]{2,}:", a.input) and not Path(a.input).exists():
-        raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:
         w, h = a.size

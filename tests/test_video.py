@@ -598,6 +598,25 @@ def test_pipe_example_read_only_output_folder_is_one_line(tiny_weights, clip, tm
     assert not any(ro.iterdir())
 
 
+def test_pipe_example_says_command_line_mistakes_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    # A missing --size, a missing OUTPUT or a misspelt INPUT was said only once the model was loaded.
+    ex = load_example()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ex.qairn, "Restorer", loaded)
+    src = str(tmp_path / "in.mp4")
+    for args, says in (
+        ([], "--size WxH is needed when filtering stdin"),
+        ([src], "give INPUT and OUTPUT, or neither (filter mode)"),
+        ([src, str(tmp_path / "o.mp4")], f"{src}: no such file"),
+    ):
+        with pytest.raises(SystemExit) as e:  # argparse's exit 2 with its message, or the message
+            ex.main(args)
+        assert says in f"{e.value.code} {capsys.readouterr().err}"
+
+
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
 def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
     # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
