@@ -257,6 +257,8 @@ def run(argv=None) -> int:
     # Mistakes in the command line are said before the model is loaded (seconds), not after.
     if a.input is None and not a.size:
         p.error("--size WxH is needed when filtering stdin")
+    if a.input is None and sys.stdout.isatty():  # binary frames: megabytes of garbage on the screen
+        p.error("filter mode writes raw frames to stdout: redirect it to a file or pipe it into ffmpeg")
     if a.input is not None and a.output is None:
         p.error("give INPUT and OUTPUT, or neither (filter mode)")
     # URLs and protocols (rtsp://, pipe:0, concat:a|b, file:x) and named pipes go to FFmpeg as they are.

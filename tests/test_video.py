@@ -617,6 +617,14 @@ def test_pipe_example_says_command_line_mistakes_before_loading_the_model(tmp_pa
         assert says in f"{e.value.code} {capsys.readouterr().err}"
 
 
+def test_pipe_example_filter_refuses_to_write_frames_to_a_terminal(monkeypatch, capsys):
+    # Without `> out.yuv` the raw frames were printed to the terminal as binary garbage.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--size", "64x48"])
+    assert e.value.code == 2 and "redirect it to a file or pipe it into ffmpeg" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
 def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
     # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
