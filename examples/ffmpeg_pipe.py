@@ -261,8 +261,14 @@ def run(argv=None) -> int:
         p.error("filter mode writes raw frames to stdout: redirect it to a file or pipe it into ffmpeg")
     if a.input is not None and a.output is None:
         p.error("give INPUT and OUTPUT, or neither (filter mode)")
-    # URLs and protocols (rtsp://, pipe:0, concat:a|b, file:x) and named pipes go to FFmpeg as they are.
-    if a.input is not None and not re.match(r"^[a-z0-9+]{2,}:", a.input) and not Path(a.input).exists():
+    src = Path(a.input or "")
+    # URLs and protocols (rtsp://, concat:a|b, file:x) go to FFmpeg as they are. A pipe (pipe:0, a
+    # named pipe, /dev/stdin) cannot: it is read three times (probe, frames, audio), and the encoder
+    # took pipe:0 for its own stdin, the raw frames.
+    if a.input is not None and (a.input.startswith("pipe:") or src.exists() and not src.is_file()):
+        why = "is a directory" if src.is_dir() else "is a pipe, which would be read three times"
+        raise SystemExit(f"{a.input}: {why}; give a video file")
+    if a.input is not None and not re.match(r"^[a-z0-9+]{2,}:", a.input) and not src.exists():
         raise SystemExit(f"{a.input}: no such file")
     if a.input is not None and a.trace:  # it was ignored: the run ended with no CSV and no word
         p.error("--trace works in filter mode only (no INPUT, OUTPUT); `qairn video` writes a trace")

@@ -617,6 +617,24 @@ def test_pipe_example_says_command_line_mistakes_before_loading_the_model(tmp_pa
         assert says in f"{e.value.code} {capsys.readouterr().err}"
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_pipe_example_refuses_a_pipe_or_a_folder_as_input(tmp_path, monkeypatch):
+    # pipe:0 and named pipes were 'passed to FFmpeg as they are': ffprobe read the start of the stream,
+    # the decoder what was left, and the encoder took pipe:0 for its own stdin (the raw frames). A
+    # folder went on to the model and FFmpeg too.
+    ex = load_example()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ex.qairn, "Restorer", loaded)
+    fifo = tmp_path / "in.mp4"
+    os.mkfifo(fifo)
+    for src, says in (("pipe:0", "is a pipe"), (str(fifo), "is a pipe"), (str(tmp_path), "is a directory")):
+        with pytest.raises(SystemExit, match=f"{src}: {says}"):
+            ex.main([src, str(tmp_path / "o.mp4")])
+
+
 def test_pipe_example_filter_refuses_to_write_frames_to_a_terminal(monkeypatch, capsys):
     # Without `> out.yuv` the raw frames were printed to the terminal as binary garbage.
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
