@@ -817,6 +817,24 @@ def test_score_json_paths_are_absolute_like_restore_json(workdir, tiny_weights, 
     assert row["path"] == record["path"] == str(workdir / "a.jpg")
 
 
+def test_score_rows_are_not_printed_onto_the_progress_bar(workdir, tiny_weights, monkeypatch):
+    # One terminal shows stdout and stderr: each row came at the end of the bar's line, after its
+    # last carriage return ('score:  50%|#####  | 1/2 [...]b.png   0.4979 ...'). What a terminal
+    # shows of a line is what follows its last \r.
+    import io
+    import sys
+
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    assert (
+        main(["score", str(workdir / "a.jpg"), str(workdir / "b.png"), "--weights", str(tiny_weights)]) == 0
+    )
+    shown = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]
+    rows = [line for line in shown if "0." in line and not line.startswith("score:")]
+    assert [r.split()[0] for r in rows] == [str(workdir / "a.jpg"), str(workdir / "b.png")], shown
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
 def test_a_pipe_is_refused_as_a_pipe(workdir, tiny_weights, capsys):
     # `cat a.jpg | qairn score /dev/stdin` said 'empty file (0 bytes)': a pipe's size is 0.

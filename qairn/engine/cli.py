@@ -277,6 +277,13 @@ def warning(msg: str) -> None:
     tqdm.write(f"qairn: warning: {msg}", file=sys.stderr)
 
 
+def result(line: str) -> None:
+    """A line on stdout, clear of the progress bar: on a terminal showing both, print() put each
+    row at the end of the bar's line ('score:  33%|###3 | 1/3 [...]b.jpg   0.4979 ...')."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()  # rows go out as they come, to a pipe too
+
+
 def fatal(msg: str) -> int:
     debug_traceback()
     print(f"qairn: error: {msg}", file=sys.stderr)
@@ -498,7 +505,7 @@ def main_score(argv=None) -> int:
             continue
         if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
             row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
-            print(json.dumps(row), flush=True)
+            result(json.dumps(row))
         else:
-            print(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}", flush=True)
+            result(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
     return 1 if failed else 0
