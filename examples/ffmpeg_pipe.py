@@ -105,16 +105,22 @@ def probe(path: str) -> tuple[int, int, str]:
             ],
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout
-        streams = json.loads(out).get("streams") or []
+        )
+        if out.returncode != 0:  # a file that is not a video: CalledProcessError's traceback hid why
+            why = (out.stderr.strip().splitlines() or ["ffprobe failed"])[-1]
+            raise SystemExit(why if path in why else f"{path}: {why}")  # ffprobe names the file itself
+        streams = json.loads(out.stdout).get("streams") or []
         if not streams:  # an audio-only file: IndexError's traceback
             raise SystemExit(f"{path}: no video stream")
         s = streams[0]
         return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
     import av  # qairn[video]
 
-    with av.open(path) as c:
+    try:
+        c = av.open(path)
+    except av.error.FFmpegError as e:  # a file that is not a video: InvalidDataError's traceback
+        raise SystemExit(f"{path}: {e.strerror}") from None
+    with c:
         if not c.streams.video:
             raise SystemExit(f"{path}: no video stream")
         v = c.streams.video[0]

@@ -573,6 +573,27 @@ def test_pipe_example_audio_only_input_is_one_line(tmp_path, monkeypatch):
         load_example().probe(str(wav))
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffprobe is a shell script")
+def test_pipe_example_input_that_is_not_a_video_is_one_line(tmp_path, monkeypatch):
+    # probe() ended in a traceback: PyAV's InvalidDataError, or ffprobe's CalledProcessError with
+    # ffprobe's own message captured and never shown.
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # PyAV's path
+    with pytest.raises(SystemExit, match=f"{text}: Invalid data found when processing input"):
+        load_example().probe(str(text))
+    fake = tmp_path / "bin" / "ffprobe"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{text}: Invalid data found when processing input' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(fake) if name == "ffprobe" else which(name))
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit) as e:
+        load_example().probe(str(text))
+    assert e.value.code == f"{text}: Invalid data found when processing input"
+
+
 def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
     # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
     with pytest.raises(SystemExit, match="output folder does not exist"):
