@@ -624,6 +624,18 @@ def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
     assert rc == 1 and "s.png: 50x40 = 0.002 MP is over the pixel limit of 0.001 MP" in err, err
 
 
+def test_a_pixel_limit_below_one_is_refused_at_once(workdir, tiny_weights, capsys):
+    # --max-pixels 0 or -5 loaded the model, then failed every image: 'over the pixel limit of -5e-06 MP'.
+    for command in (["score"], ["restore", "-o", workdir / "out"]):
+        for limit in ("0", "-5", "lots"):
+            with pytest.raises(SystemExit) as e:  # argparse's refusal
+                run(capsys, *command, workdir / "a.jpg", "--max-pixels", limit, "--weights", tiny_weights)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"argument --max-pixels: '{limit}'" in err, err
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", "--max-pixels", "2e8", "--weights", tiny_weights)
+    assert rc == 0 and "a.jpg" in out, err
+
+
 def test_animation_restores_its_first_frame_and_says_so(tmp_path, tiny_weights, capsys):
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)) for _ in range(3)]

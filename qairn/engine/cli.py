@@ -176,6 +176,20 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     return buf.tobytes()
 
 
+def pixel_count(text: str) -> int:
+    """--max-pixels: a number above 0, 5e8 too; 0 or -5 failed every image in turn ('32x24 = 0.000768 MP
+    is over the pixel limit of -5e-06 MP')."""
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of pixels, e.g. 200000000 or 2e8"
+        ) from None
+    if not 1 <= n < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the pixel limit must be 1 or more")
+    return int(n)
+
+
 def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
@@ -214,7 +228,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument(
         "--max-pixels",
-        type=int,
+        type=pixel_count,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})",
     )
