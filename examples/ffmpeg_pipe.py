@@ -200,8 +200,12 @@ def run_ffmpeg(
     try:  # started inside: a failed start still removes the temp file and stops the other process
         dec = subprocess.Popen(dec_cmd, stdout=subprocess.PIPE)
         enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
-        n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
-        enc.stdin.close()
+        try:
+            n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
+            enc.stdin.close()
+        except BrokenPipeError:  # the encoder quit early (its message is above): a traceback said so
+            dec.kill()  # it may be blocked writing frames no one reads any more
+            raise RuntimeError(f"ffmpeg failed (decoder stopped, encoder exit {enc.wait()})") from None
         if (dec.wait(), enc.wait()) != (0, 0):  # both: `or` left the encoder's exit None in the message
             raise RuntimeError(
                 f"ffmpeg failed (decoder exit {dec.returncode}, encoder exit {enc.returncode})"

@@ -560,6 +560,27 @@ def test_pipe_example_failing_ffmpeg_is_one_line(tiny_weights, clip, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_encoder_quitting_early_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
+    # An encoder that quits at once (an unknown codec) ended in a BrokenPipeError traceback from the
+    # first frames written to it. Stand-ins: a decoder that stays (it is stopped), an encoder that exits 1.
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nfor last; do :; done\n[ "$last" = "-" ] && exec sleep 30\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    ex = load_example()
+
+    def flood(restorer, src, dst, *args, **kwargs):  # more than a pipe holds: fails once the encoder is gone
+        dst.write(bytes(1 << 20))
+        dst.flush()
+
+    monkeypatch.setattr(ex, "filter_raw", flood)
+    with pytest.raises(SystemExit, match=r"ffmpeg failed \(decoder stopped, encoder exit 1\)"):
+        ex.main([str(clip), str(tmp_path / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
 def test_pipe_example_audio_only_input_is_one_line(tmp_path, monkeypatch):
     import wave
 
