@@ -241,6 +241,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # the temp file is gone and FFmpeg stopped: one line, not a traceback
         print("ffmpeg_pipe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # filter mode: the FFmpeg reading stdout quit (its message is above)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        print("ffmpeg_pipe: the reader of stdout quit; stopped", file=sys.stderr)
+        return 141
     finally:
         signal.signal(signal.SIGTERM, old_term)
 

@@ -460,6 +460,30 @@ def test_pipe_example_filter(restorer, frames_rgb):
         ex.filter_raw(restorer, io.BytesIO(raw.getvalue()[:-10]), io.BytesIO(), 75, 47)
 
 
+def test_pipe_example_filter_whose_reader_quits_is_one_line(tiny_weights, frames_rgb, monkeypatch, capsys):
+    # `... | ffmpeg_pipe.py --size WxH | ffmpeg -i - <bad option>`: the downstream FFmpeg quitting
+    # ended in a BrokenPipeError traceback. stdout here is a real pipe whose reading end is closed.
+    raw = b"".join(
+        np.ascontiguousarray(
+            np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width]
+        ).tobytes()
+        for rgb in frames_rgb[:2]
+        for p in av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:32, :32]), format="rgb24")
+        .reformat(format="yuv420p")
+        .planes
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = io.TextIOWrapper(os.fdopen(write_end, "wb"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        rc = load_example().main(["--size", "32x32", "--weights", str(tiny_weights), "--device", "cpu"])
+    finally:
+        stdout.close()
+    assert rc == 141 and capsys.readouterr().err.strip() == "ffmpeg_pipe: the reader of stdout quit; stopped"
+
+
 def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     # `ffmpeg_pipe.py in.mp4 in.mp4` renamed the finished output over the input; `./in.mp4` too.
     ex = load_example()
