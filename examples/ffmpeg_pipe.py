@@ -301,18 +301,21 @@ def run(argv=None) -> int:
     restorer = qairn.Restorer(a.weights, device=a.device)
     if a.input is None:
         w, h = a.size
-        with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
-            n = filter_raw(
-                restorer,
-                sys.stdin.buffer,
-                sys.stdout.buffer,
-                w,
-                h,
-                a.batch,
-                a.matrix,
-                a.range,
-                trace if a.trace else None,
-            )
+        try:
+            with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
+                n = filter_raw(
+                    restorer,
+                    sys.stdin.buffer,
+                    sys.stdout.buffer,
+                    w,
+                    h,
+                    a.batch,
+                    a.matrix,
+                    a.range,
+                    trace if a.trace else None,
+                )
+        except ValueError as e:  # a last frame cut short (a wrong --size): one line, as with INPUT OUTPUT
+            raise SystemExit(f"stdin: {e}") from None
         print(f"restored {n} frames", file=sys.stderr)
         return 0
     w, h, rate = probe(a.input)

@@ -484,6 +484,16 @@ def test_pipe_example_filter_whose_reader_quits_is_one_line(tiny_weights, frames
     assert rc == 141 and capsys.readouterr().err.strip() == "ffmpeg_pipe: the reader of stdout quit; stopped"
 
 
+def test_pipe_example_filter_input_cut_inside_a_frame_is_one_line(tiny_weights, monkeypatch):
+    # A wrong --size (or a cut stream) ended the filter in a ValueError traceback; with INPUT OUTPUT
+    # it was already one line.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bytes(2000))))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--size", "32x32", "--weights", str(tiny_weights), "--device", "cpu"])
+    assert e.value.code == "stdin: input ended inside a frame (464 of 1536 bytes): wrong --size?"
+
+
 def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     # `ffmpeg_pipe.py in.mp4 in.mp4` renamed the finished output over the input; `./in.mp4` too.
     ex = load_example()
