@@ -298,7 +298,10 @@ def run(argv=None) -> int:
             raise SystemExit(f"{out}: is a directory; give a file name")
         if Path(out).exists() and not a.overwrite:  # it was replaced without a word
             raise SystemExit(f"{out}: output exists (use --overwrite)")
-    restorer = qairn.Restorer(a.weights, device=a.device)
+    try:
+        restorer = qairn.Restorer(a.weights, device=a.device)
+    except (OSError, ValueError) as e:  # no such weights file, no CUDA here: a traceback said so
+        raise SystemExit(str(e).splitlines()[0]) from None
     if a.input is None:
         w, h = a.size
         try:

@@ -494,6 +494,17 @@ def test_pipe_example_filter_input_cut_inside_a_frame_is_one_line(tiny_weights, 
     assert e.value.code == "stdin: input ended inside a frame (464 of 1536 bytes): wrong --size?"
 
 
+def test_pipe_example_bad_weights_are_one_line(clip, tmp_path):
+    # A missing weights file ended in a WeightsError traceback (and --device cuda without CUDA in a
+    # ValueError one).
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(SystemExit) as e:
+        load_example().main(
+            [str(clip), str(tmp_path / "o.mp4"), "--weights", str(missing), "--device", "cpu"]
+        )
+    assert e.value.code == f"{missing}: no such weights file"
+
+
 def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     # `ffmpeg_pipe.py in.mp4 in.mp4` renamed the finished output over the input; `./in.mp4` too.
     ex = load_example()
