@@ -256,15 +256,25 @@ def interrupt(signum, frame):
 def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input", nargs="?", help="video file (omit to filter raw frames from stdin to stdout)")
-    p.add_argument("output", nargs="?")
+    p.add_argument("output", nargs="?", help="video file to write (kept if it exists, unless --overwrite)")
     p.add_argument("--size", type=size_arg, help="WxH of the raw frames (default: probed from INPUT)")
     p.add_argument("--fps", help="frame rate, e.g. 30000/1001 (default: probed from INPUT)")
     p.add_argument("--weights", help="qairn safetensors weights (default: the shipped weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--matrix", default="bt709", choices=sorted(FFMPEG_COLORSPACE))
-    p.add_argument("--range", default="limited", choices=("limited", "full"))
-    p.add_argument("--crf", type=float, default=18)
+    p.add_argument("--batch", type=int, default=4, help="frames restored together (default: 4)")
+    p.add_argument(
+        "--matrix",
+        default="bt709",
+        choices=sorted(FFMPEG_COLORSPACE),
+        help="YUV matrix of the frames (default: bt709)",
+    )
+    p.add_argument(
+        "--range",
+        default="limited",
+        choices=("limited", "full"),
+        help="YUV range, limited = 16..235 (default: limited)",
+    )
+    p.add_argument("--crf", type=float, default=18, help="libx264 quality, lower is better (default: 18)")
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT or --trace file")
     a = p.parse_args(argv)

@@ -730,6 +730,23 @@ def test_pipe_example_filter_refuses_to_write_frames_to_a_terminal(monkeypatch, 
     assert e.value.code == 2 and "redirect it to a file or pipe it into ffmpeg" in capsys.readouterr().err
 
 
+def test_pipe_example_every_argument_has_help(monkeypatch):
+    # --help listed OUTPUT, --batch, --matrix, --range and --crf with nothing to say what they do.
+    import argparse
+
+    seen = []
+
+    def capture(self, argv=None):  # the parser as --help shows it, before any work
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        load_example().main([])
+    bare = [a.dest for a in seen[0]._actions if not a.help]
+    assert bare == [], bare
+
+
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])
 def test_pipe_example_refuses_a_bad_size_in_one_line(size, capsys):
     # '1280' and 'axb' ended in a ValueError traceback; '0x0' 'restored 0 frames' from any input.
