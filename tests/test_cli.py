@@ -1041,6 +1041,20 @@ def test_quality_map_fixed_and_stretched_panels():
     assert has(stretched, viridis[0]) and has(stretched, viridis[3])
 
 
+def test_quality_map_of_a_flat_gamma_is_not_painted_worst():
+    from matplotlib import colormaps
+
+    from qairn.engine.cli import quality_map_png
+
+    # gamma 0.8 everywhere: the stretched panel (range 0) was all the darkest colour, the 'worse' end.
+    png = cv2.imdecode(np.frombuffer(quality_map_png(np.full((4, 5), 0.8, np.float32), (10, 8)), np.uint8), 1)
+    rgb = png[..., ::-1].astype(int)
+    rows, runs = quality_map_layout(png)
+    stretched = rgb[rows[0] : rows[-1] + 1, runs[2][0] : runs[2][1]].reshape(-1, 3)
+    middle = (np.array(colormaps["viridis"](0.5)[:3]) * 255).round().astype(int)
+    assert (np.abs(stretched - middle).sum(1) <= 3).all(), stretched[0]
+
+
 def test_quality_map_labels_are_readable_at_any_size():
     from qairn.engine.cli import quality_map_png
 

@@ -149,7 +149,10 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     bar_h = max(zh, 2 * (text_h + base) + gap)  # room for both labels, one above the other
 
     def panel(values: np.ndarray, vmin: float, vmax: float, title: str) -> np.ndarray:
-        unit = np.clip((values - vmin) / max(vmax - vmin, 1e-6), 0, 1)
+        if vmax - vmin > 1e-6:
+            unit = np.clip((values - vmin) / (vmax - vmin), 0, 1)
+        else:  # a flat map stretched: mid colour, not the 'worse' end (0.8 everywhere showed as the worst)
+            unit = np.full_like(values, 0.5)
         rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)  # map cell k: pixels s*k..s*k+s-1
         rgb = np.repeat(np.repeat(rgb, zoom, 0), zoom, 1)
