@@ -236,6 +236,26 @@ def test_unreadable_file_is_not_called_corrupt(workdir, tiny_weights, capsys, mo
     assert not (workdir / "o.png").exists()
 
 
+def test_an_unreadable_folder_is_one_line_and_the_others_still_run(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # 'qairn score: error: [Errno 13] Permission denied: ...' ended the run (exit 2), other inputs not
+    # scored. chmod does not stop root, so the PermissionError is made here.
+    locked = workdir / "locked"
+    locked.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    rc, out, err = run(capsys, "score", locked, workdir / "a.jpg", "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert error_lines(err) == [f"qairn: error: {locked}: cannot read the folder (Permission denied)"]
+
+
 def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys):
     src = workdir / "b.png"
     before = src.read_bytes()

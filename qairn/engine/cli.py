@@ -64,7 +64,11 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             continue
         p = Path(item)
         if p.is_dir():
-            imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
+            try:
+                imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
+            except OSError as e:  # an unreadable folder ended the whole run, the other inputs untouched
+                errors.append(f"{p}: cannot read the folder ({e.strerror or e})")
+                continue
             if not imgs:
                 errors.append(f"{p}: directory contains no images")
             paths += imgs
