@@ -8,14 +8,15 @@ As a filter between two FFmpeg processes (W x H and the frame rate must be those
 
 Or let this script run both FFmpeg processes (size and rate from ffprobe or PyAV, audio copied):
 
-    python examples/ffmpeg_pipe.py in.mp4 out.mp4 [--crf 18]
+    python examples/ffmpeg_pipe.py in.mp4 out.mp4 [--crf 18] [--overwrite]
 
 --weights W.safetensors picks other weights than the shipped ones.
 
 Raw frames carry no colour tags: --matrix/--range (default bt709, limited) say how to read them; the
 output is tagged with the same. The output is written under a temporary name and renamed when FFmpeg
-has finished, so a failed or interrupted run leaves no partial file. `qairn video` does all of this
-in-process with PyAV (and keeps timestamps and colour metadata); this is for pipelines built on FFmpeg.
+has finished, so a failed or interrupted run leaves no partial file; an existing output (or --trace
+file) is kept unless --overwrite. `qairn video` does all of this in-process with PyAV (and keeps
+timestamps and colour metadata); this is for pipelines built on FFmpeg.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,16 +105,22 @@ def probe(path: str) -> tuple[int, int, str]:
             ],
             capture_output=True,
             text=True,
-            check=True,
-        ).stdout
-        streams = json.loads(out).get("streams") or []
+        )
+        if out.returncode != 0:  # a file that is not a video: CalledProcessError's traceback hid why
+            why = (out.stderr.strip().splitlines() or ["ffprobe failed"])[-1]
+            raise SystemExit(why if path in why else f"{path}: {why}")  # ffprobe names the file itself
+        streams = json.loads(out.stdout).get("streams") or []
         if not streams:  # an audio-only file: IndexError's traceback
             raise SystemExit(f"{path}: no video stream")
         s = streams[0]
         return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
     import av  # qairn[video]
 
-    with av.open(path) as c:
+    try:
+        c = av.open(path)
+    except av.error.FFmpegError as e:  # a file that is not a video: InvalidDataError's traceback
+        raise SystemExit(f"{path}: {e.strerror}") from None
+    with c:
         if not c.streams.video:
             raise SystemExit(f"{path}: no video stream")
         v = c.streams.video[0]
@@ -192,8 +200,12 @@ def run_ffmpeg(
     try:  # started inside: a failed start still removes the temp file and stops the other process
         dec = subprocess.Popen(dec_cmd, stdout=subprocess.PIPE)
         enc = subprocess.Popen(enc_cmd, stdin=subprocess.PIPE)
-        n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
-        enc.stdin.close()
+        try:
+            n = filter_raw(restorer, dec.stdout, enc.stdin, width, height, batch, matrix, range)
+            enc.stdin.close()
+        except BrokenPipeError:  # the encoder quit early (its message is above): a traceback said so
+            dec.kill()  # it may be blocked writing frames no one reads any more
+            raise RuntimeError(f"ffmpeg failed (decoder stopped, encoder exit {enc.wait()})") from None
         if (dec.wait(), enc.wait()) != (0, 0):  # both: `or` left the encoder's exit None in the message
             raise RuntimeError(
                 f"ffmpeg failed (decoder exit {dec.returncode}, encoder exit {enc.returncode})"
@@ -221,50 +233,104 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
+    """The command line. kill or a container stopping (SIGTERM) ends the run as Ctrl-C does: its
+    default killed Python outright, leaving the temp .part file and both FFmpeg processes behind."""
+    old_term = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # the temp file is gone and FFmpeg stopped: one line, not a traceback
+        print("ffmpeg_pipe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # filter mode: the FFmpeg reading stdout quit (its message is above)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        print("ffmpeg_pipe: the reader of stdout quit; stopped", file=sys.stderr)
+        return 141
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input", nargs="?", help="video file (omit to filter raw frames from stdin to stdout)")
-    p.add_argument("output", nargs="?")
+    p.add_argument("output", nargs="?", help="video file to write (kept if it exists, unless --overwrite)")
     p.add_argument("--size", type=size_arg, help="WxH of the raw frames (default: probed from INPUT)")
     p.add_argument("--fps", help="frame rate, e.g. 30000/1001 (default: probed from INPUT)")
     p.add_argument("--weights", help="qairn safetensors weights (default: the shipped weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--matrix", default="bt709", choices=sorted(FFMPEG_COLORSPACE))
-    p.add_argument("--range", default="limited", choices=("limited", "full"))
-    p.add_argument("--crf", type=float, default=18)
+    p.add_argument("--batch", type=int, default=4, help="frames restored together (default: 4)")
+    p.add_argument(
+        "--matrix",
+        default="bt709",
+        choices=sorted(FFMPEG_COLORSPACE),
+        help="YUV matrix of the frames (default: bt709)",
+    )
+    p.add_argument(
+        "--range",
+        default="limited",
+        choices=("limited", "full"),
+        help="YUV range, limited = 16..235 (default: limited)",
+    )
+    p.add_argument("--crf", type=float, default=18, help="libx264 quality, lower is better (default: 18)")
     p.add_argument("--trace", help="write a CSV of Q1..Q3 per frame (filter mode)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT or --trace file")
     a = p.parse_args(argv)
+    # Mistakes in the command line are said before the model is loaded (seconds), not after.
+    if a.input is None and not a.size:
+        p.error("--size WxH is needed when filtering stdin")
+    if a.input is None and sys.stdout.isatty():  # binary frames: megabytes of garbage on the screen
+        p.error("filter mode writes raw frames to stdout: redirect it to a file or pipe it into ffmpeg")
+    if a.input is not None and a.output is None:
+        p.error("give INPUT and OUTPUT, or neither (filter mode)")
+    src = Path(a.input or "")
+    # URLs and protocols (rtsp://, concat:a|b, file:x) go to FFmpeg as they are. A pipe (pipe:0, a
+    # named pipe, /dev/stdin) cannot: it is read three times (probe, frames, audio), and the encoder
+    # took pipe:0 for its own stdin, the raw frames.
+    if a.input is not None and (a.input.startswith("pipe:") or src.exists() and not src.is_file()):
+        why = "is a directory" if src.is_dir() else "is a pipe, which would be read three times"
+        raise SystemExit(f"{a.input}: {why}; give a video file")
+    if a.input is not None and not re.match(r"^[a-z0-9+]{2,}:", a.input) and not src.exists():
+        raise SystemExit(f"{a.input}: no such file")
     if a.input is not None and a.trace:  # it was ignored: the run ended with no CSV and no word
         p.error("--trace works in filter mode only (no INPUT, OUTPUT); `qairn video` writes a trace")
     if a.input is not None and a.output is not None and Path(a.output).resolve() == Path(a.input).resolve():
         # checked before any work: the finished temp file was renamed over the video being read
         raise SystemExit(f"{a.output}: would replace the input video; give another output name")
-    if a.output is not None and not Path(a.output).absolute().parent.is_dir():  # mkstemp's traceback
-        raise SystemExit(f"{a.output}: output folder does not exist")
-    restorer = qairn.Restorer(a.weights, device=a.device)
+    for out in filter(None, (a.output, a.trace)):  # checked before any work, as `qairn restore` does
+        if not Path(out).absolute().parent.is_dir():  # mkstemp's (open's) traceback
+            raise SystemExit(f"{out}: output folder does not exist")
+        if not os.access(Path(out).absolute().parent, os.W_OK | os.X_OK):  # a PermissionError's traceback
+            raise SystemExit(f"{out}: output folder is not writable")
+        if Path(out).is_dir():  # the final rename failed with a traceback
+            raise SystemExit(f"{out}: is a directory; give a file name")
+        if Path(out).exists() and not a.overwrite:  # it was replaced without a word
+            raise SystemExit(f"{out}: output exists (use --overwrite)")
+    try:
+        restorer = qairn.Restorer(a.weights, device=a.device)
+    except (OSError, ValueError) as e:  # no such weights file, no CUDA here: a traceback said so
+        raise SystemExit(str(e).splitlines()[0]) from None
     if a.input is None:
-        if not a.size:
-            p.error("--size WxH is needed when filtering stdin")
         w, h = a.size
-        with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
-            n = filter_raw(
-                restorer,
-                sys.stdin.buffer,
-                sys.stdout.buffer,
-                w,
-                h,
-                a.batch,
-                a.matrix,
-                a.range,
-                trace if a.trace else None,
-            )
+        try:
+            with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
+                n = filter_raw(
+                    restorer,
+                    sys.stdin.buffer,
+                    sys.stdout.buffer,
+                    w,
+                    h,
+                    a.batch,
+                    a.matrix,
+                    a.range,
+                    trace if a.trace else None,
+                )
+        except ValueError as e:  # a last frame cut short (a wrong --size): one line, as with INPUT OUTPUT
+            raise SystemExit(f"stdin: {e}") from None
         print(f"restored {n} frames", file=sys.stderr)
         return 0
-    if a.output is None:
-        p.error("give INPUT and OUTPUT, or neither (filter mode)")
-    # URLs and protocols (rtsp://, pipe:0, concat:a|b, file:x) and named pipes go to FFmpeg as they are.
-    if not re.match(r"^[a-z0-9+]{2,}:", a.input) and not Path(a.input).exists():
-        raise SystemExit(f"{a.input}: no such file")
     w, h, rate = probe(a.input)
     if a.size:
         w, h = a.size

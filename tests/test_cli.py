@@ -136,6 +136,24 @@ def test_same_names_get_distinct_outputs_and_repeats_run_once(workdir, tiny_weig
     assert err.strip().splitlines()[-1] == f"qairn: restored 4 of 4 images into {workdir / 'out'}"
 
 
+def test_names_that_differ_only_in_case_get_distinct_outputs(workdir, tiny_weights, capsys):
+    # A.jpg and a.png went to out/A.png and out/a.png: one file on macOS and Windows, so the second
+    # was refused ('output exists') or, with --overwrite, replaced the first.
+    (workdir / "A.jpg").write_bytes((workdir / "a.jpg").read_bytes())
+    (workdir / "a.jpg").unlink()
+    bgr = cv2.imread(str(workdir / "b.png"))
+    cv2.imwrite(str(workdir / "a.png"), bgr)
+    (workdir / "c").mkdir()
+    cv2.imwrite(str(workdir / "c" / "B.png"), bgr)
+    rc, _, err = run(
+        capsys, "restore", workdir, workdir / "c", "-o", workdir / "out", "--weights", tiny_weights
+    )
+    assert rc == 0, err
+    names = sorted(p.name for p in (workdir / "out").iterdir())
+    assert len({n.casefold() for n in names}) == 4, names
+    assert names == ["A_jpg.png", "a_png.png", "b.png", "c_B.png"]
+
+
 def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, capsys):
     pytest.importorskip("triton", reason="the fused conv backend needs triton")
     outs = []
@@ -218,6 +236,26 @@ def test_unreadable_file_is_not_called_corrupt(workdir, tiny_weights, capsys, mo
     assert not (workdir / "o.png").exists()
 
 
+def test_an_unreadable_folder_is_one_line_and_the_others_still_run(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # 'qairn score: error: [Errno 13] Permission denied: ...' ended the run (exit 2), other inputs not
+    # scored. chmod does not stop root, so the PermissionError is made here.
+    locked = workdir / "locked"
+    locked.mkdir()
+    real = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    rc, out, err = run(capsys, "score", locked, workdir / "a.jpg", "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert error_lines(err) == [f"qairn: error: {locked}: cannot read the folder (Permission denied)"]
+
+
 def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys):
     src = workdir / "b.png"
     before = src.read_bytes()
@@ -259,6 +297,36 @@ def test_unwritable_output(workdir, tiny_weights, capsys):
     rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", blocker / "x.png", "--weights", tiny_weights)
     assert rc == 1 and len(error_lines(err)) == 1 and "x.png" in err
     assert leftovers(workdir) == []
+
+
+def test_a_read_only_output_or_json_folder_is_refused_before_any_work(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # Every image was restored, then failed to write ('cannot write (Permission denied)'), and a
+    # read-only --json folder failed only at the end. Tests run as root, which chmod does not stop,
+    # so the operating system's answer is stood in for.
+    import qairn.engine.cli as engine_cli
+
+    ro = workdir / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real(path, mode))
+
+    def restorer_made(*args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", restorer_made)
+    for args, says in (
+        ([workdir / "a.jpg", workdir / "b.png", "-o", ro], f"{ro}: output folder is not writable"),
+        ([workdir / "a.jpg", "-o", ro / "o.png"], f"{ro}: output folder is not writable"),
+        (
+            [workdir / "a.jpg", "-o", workdir / "o", "--json", ro / "q.json"],
+            f"{ro / 'q.json'}: output folder is not writable",
+        ),
+    ):
+        rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
+        assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"], err
+    assert not any(ro.iterdir()) and not (workdir / "o").exists()
 
 
 def test_output_dash_is_refused_not_made_a_folder(workdir, tiny_weights, capsys, monkeypatch):
@@ -306,6 +374,57 @@ def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monk
     assert not (workdir / "o.png").exists() and leftovers(workdir) == []
 
 
+def test_a_failed_write_names_the_file_and_leaves_the_pair_whole(workdir, tiny_weights, capsys, monkeypatch):
+    # The quality map was written after the image: when it failed (disk full), the error named o.png,
+    # which had been written, and the run said 'restored 0 of 1' with o.png on disk.
+    import qairn.engine.cli as engine_cli
+    import qairn.engine.imageio as imageio
+
+    real = engine_cli.write_atomic
+
+    def full(path, data):
+        if Path(path).name.endswith(".quality.png"):
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(engine_cli, "write_atomic", full)
+    args = ("restore", workdir / "a.jpg", "-o", workdir / "o.png", "--quality-map", "--weights", tiny_weights)
+    rc, _, err = run(capsys, *args)
+    says = f"qairn: error: {workdir / 'o.quality.png'}: cannot write (No space left on device)"
+    assert rc == 1 and error_lines(err) == [says], err
+    assert not (workdir / "o.png").exists() and leftovers(workdir) == []
+    # And an image that fails to write leaves no map behind.
+    monkeypatch.setattr(engine_cli, "write_atomic", real)
+
+    def boom(arr, suffix, q=95):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(imageio, "encode_image", boom)
+    rc, _, err = run(capsys, *args)
+    assert rc == 1 and "o.png: cannot write (No space left on device)" in err
+    assert not (workdir / "o.png").exists() and not (workdir / "o.quality.png").exists()
+
+
+def test_a_json_that_cannot_be_written_is_not_counted_as_a_failed_image(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # Both images written, only q.json failing (a full disk) ended 'restored 2 of 2 images, 1 failed'.
+    import qairn.engine.cli as engine_cli
+
+    real = engine_cli.write_atomic
+
+    def full(path, data):
+        if Path(path).suffix == ".json":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(engine_cli, "write_atomic", full)
+    out, q = workdir / "out", workdir / "q.json"
+    rc, _, err = run(capsys, "restore", workdir, "-o", out, "--json", q, "--weights", tiny_weights)
+    assert rc == 1 and error_lines(err) == [f"qairn: error: {q}: cannot write (No space left on device)"]
+    assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
+
+
 def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
     workdir, tiny_weights, capsys, monkeypatch
 ):
@@ -327,6 +446,30 @@ def test_ctrl_c_in_a_batch_is_one_line_and_leaves_only_whole_outputs(
         rc == 130 and err.strip().splitlines()[-1] == "qairn restore: interrupted" and "Traceback" not in err
     )
     assert sorted(p.name for p in (workdir / "out").iterdir()) == ["a.png"] and leftovers(workdir) == []
+
+
+def test_ctrl_c_keeps_the_json_scores_of_the_images_already_written(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    # Ctrl-C at the second image: a.png was written, but q.json was never saved, losing its scores.
+    import qairn.engine.cli as engine_cli
+
+    real = engine_cli.read_image
+
+    def interrupted(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_cli, "read_image", interrupted)
+    q = workdir / "q.json"
+    rc, _, err = run(
+        capsys, "restore", workdir, "-o", workdir / "out", "--json", q, "--weights", tiny_weights
+    )
+    assert rc == 130 and err.strip().splitlines()[-1] == "qairn restore: interrupted", err
+    [record] = json.loads(q.read_text())
+    assert record["path"] == str(workdir / "a.jpg") and record["output"] == str(workdir / "out" / "a.png")
+    assert 0 <= record["Q1"] <= 1 and leftovers(workdir) == []
 
 
 def test_sigterm_ends_a_run_like_ctrl_c(workdir, tiny_weights, capsys, monkeypatch):
@@ -499,6 +642,18 @@ def test_pixel_limit_refuses_before_decoding(tmp_path, tiny_weights, capsys):
     )
     # not "0 MP is over the pixel limit of 0 MP": small limits keep their digits
     assert rc == 1 and "s.png: 50x40 = 0.002 MP is over the pixel limit of 0.001 MP" in err, err
+
+
+def test_a_pixel_limit_below_one_is_refused_at_once(workdir, tiny_weights, capsys):
+    # --max-pixels 0 or -5 loaded the model, then failed every image: 'over the pixel limit of -5e-06 MP'.
+    for command in (["score"], ["restore", "-o", workdir / "out"]):
+        for limit in ("0", "-5", "lots"):
+            with pytest.raises(SystemExit) as e:  # argparse's refusal
+                run(capsys, *command, workdir / "a.jpg", "--max-pixels", limit, "--weights", tiny_weights)
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and f"argument --max-pixels: '{limit}'" in err, err
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", "--max-pixels", "2e8", "--weights", tiny_weights)
+    assert rc == 0 and "a.jpg" in out, err
 
 
 def test_animation_restores_its_first_frame_and_says_so(tmp_path, tiny_weights, capsys):
@@ -680,6 +835,36 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
     assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
+
+
+def test_score_json_paths_are_absolute_like_restore_json(workdir, tiny_weights, capsys, monkeypatch):
+    # score --json kept the path as typed ('a.jpg') while restore --json wrote it absolute.
+    monkeypatch.chdir(workdir)
+    rc, out, err = run(capsys, "score", "a.jpg", "--json", "--weights", tiny_weights)
+    assert rc == 0, err
+    [row] = [json.loads(ln) for ln in out.splitlines()]
+    rc, out, err = run(capsys, "restore", "a.jpg", "-o", "out", "--json", "-", "--weights", tiny_weights)
+    assert rc == 0, err
+    [record] = json.loads(out)
+    assert row["path"] == record["path"] == str(workdir / "a.jpg")
+
+
+def test_score_rows_are_not_printed_onto_the_progress_bar(workdir, tiny_weights, monkeypatch):
+    # One terminal shows stdout and stderr: each row came at the end of the bar's line, after its
+    # last carriage return ('score:  50%|#####  | 1/2 [...]b.png   0.4979 ...'). What a terminal
+    # shows of a line is what follows its last \r.
+    import io
+    import sys
+
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    assert (
+        main(["score", str(workdir / "a.jpg"), str(workdir / "b.png"), "--weights", str(tiny_weights)]) == 0
+    )
+    shown = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]
+    rows = [line for line in shown if "0." in line and not line.startswith("score:")]
+    assert [r.split()[0] for r in rows] == [str(workdir / "a.jpg"), str(workdir / "b.png")], shown
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
@@ -876,6 +1061,20 @@ def test_quality_map_fixed_and_stretched_panels():
     assert has(stretched, viridis[0]) and has(stretched, viridis[3])
 
 
+def test_quality_map_of_a_flat_gamma_is_not_painted_worst():
+    from matplotlib import colormaps
+
+    from qairn.engine.cli import quality_map_png
+
+    # gamma 0.8 everywhere: the stretched panel (range 0) was all the darkest colour, the 'worse' end.
+    png = cv2.imdecode(np.frombuffer(quality_map_png(np.full((4, 5), 0.8, np.float32), (10, 8)), np.uint8), 1)
+    rgb = png[..., ::-1].astype(int)
+    rows, runs = quality_map_layout(png)
+    stretched = rgb[rows[0] : rows[-1] + 1, runs[2][0] : runs[2][1]].reshape(-1, 3)
+    middle = (np.array(colormaps["viridis"](0.5)[:3]) * 255).round().astype(int)
+    assert (np.abs(stretched - middle).sum(1) <= 3).all(), stretched[0]
+
+
 def test_quality_map_labels_are_readable_at_any_size():
     from qairn.engine.cli import quality_map_png
 
@@ -903,6 +1102,26 @@ def test_quality_map_bar_labels_do_not_overlap_on_a_flat_wide_image():
         dark = (png[rows[0] :].astype(int).max(-1) < 80).any(1).astype(int)
         starts = np.flatnonzero(np.diff(np.r_[0, dark]) == 1)
         assert len(starts) == 2 and dark[-1] == 0, (w, h, len(starts))
+
+
+def test_quality_map_colour_bars_say_which_end_is_better(monkeypatch):
+    # The bars were labelled 1.000 / 0.000 (0.900 / 0.700) only: nothing said that a high gamma is
+    # the good end. Each panel's upper label (drawn higher up) must say better, its lower one worse.
+    from qairn.engine.cli import quality_map_png
+
+    drawn = []
+    real = cv2.putText
+
+    def record(img, text, org, *args, **kwargs):
+        drawn.append((text, org[1]))
+        return real(img, text, org, *args, **kwargs)
+
+    monkeypatch.setattr(cv2, "putText", record)
+    quality_map_png(np.tile(np.linspace(0.7, 0.9, 10, dtype=np.float32), (8, 1)), (20, 16))
+    labels = [(t, y) for t, y in drawn if t[0].isdigit()]  # the titles start with a word
+    assert [t for t, _ in labels] == ["1.000 better", "0.000 worse", "0.900 better", "0.700 worse"]
+    assert labels[0][1] < labels[1][1] and labels[2][1] < labels[3][1]
+    assert any("quality" in t for t, _ in drawn if not t[0].isdigit())
 
 
 def command_parsers(monkeypatch) -> dict:

@@ -460,6 +460,51 @@ def test_pipe_example_filter(restorer, frames_rgb):
         ex.filter_raw(restorer, io.BytesIO(raw.getvalue()[:-10]), io.BytesIO(), 75, 47)
 
 
+def test_pipe_example_filter_whose_reader_quits_is_one_line(tiny_weights, frames_rgb, monkeypatch, capsys):
+    # `... | ffmpeg_pipe.py --size WxH | ffmpeg -i - <bad option>`: the downstream FFmpeg quitting
+    # ended in a BrokenPipeError traceback. stdout here is a real pipe whose reading end is closed.
+    raw = b"".join(
+        np.ascontiguousarray(
+            np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width]
+        ).tobytes()
+        for rgb in frames_rgb[:2]
+        for p in av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb[:32, :32]), format="rgb24")
+        .reformat(format="yuv420p")
+        .planes
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stdout = io.TextIOWrapper(os.fdopen(write_end, "wb"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        rc = load_example().main(["--size", "32x32", "--weights", str(tiny_weights), "--device", "cpu"])
+    finally:
+        stdout.close()
+    assert rc == 141 and capsys.readouterr().err.strip() == "ffmpeg_pipe: the reader of stdout quit; stopped"
+
+
+def test_pipe_example_filter_input_cut_inside_a_frame_is_one_line(tiny_weights, monkeypatch):
+    # A wrong --size (or a cut stream) ended the filter in a ValueError traceback; with INPUT OUTPUT
+    # it was already one line.
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(bytes(2000))))
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--size", "32x32", "--weights", str(tiny_weights), "--device", "cpu"])
+    assert e.value.code == "stdin: input ended inside a frame (464 of 1536 bytes): wrong --size?"
+
+
+def test_pipe_example_bad_weights_are_one_line(clip, tmp_path):
+    # A missing weights file ended in a WeightsError traceback (and --device cuda without CUDA in a
+    # ValueError one).
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(SystemExit) as e:
+        load_example().main(
+            [str(clip), str(tmp_path / "o.mp4"), "--weights", str(missing), "--device", "cpu"]
+        )
+    assert e.value.code == f"{missing}: no such weights file"
+
+
 def test_pipe_example_never_replaces_its_input(tiny_weights, clip, tmp_path):
     # `ffmpeg_pipe.py in.mp4 in.mp4` renamed the finished output over the input; `./in.mp4` too.
     ex = load_example()
@@ -491,6 +536,58 @@ def test_pipe_example_output_gets_normal_permissions(tiny_weights, clip, tmp_pat
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_keeps_an_existing_output_unless_overwrite(tiny_weights, clip, tmp_path, monkeypatch):
+    # An existing out.mp4 was replaced without a word (by the stand-in's empty file: 14 bytes -> 0),
+    # an existing --trace CSV too, and a folder named as OUTPUT failed at the final rename.
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
+    out, trace, folder = tmp_path / "out.mp4", tmp_path / "t.csv", tmp_path / "folder"
+    out.write_bytes(b"precious video")
+    trace.write_text("old trace")
+    folder.mkdir()
+    model = ["--weights", str(tiny_weights), "--device", "cpu"]
+    for args, says in (
+        ([str(clip), str(out)], f"{out}: output exists (use --overwrite)"),
+        (["--size", "32x32", "--trace", str(trace)], f"{trace}: output exists (use --overwrite)"),
+        ([str(clip), str(folder), "--overwrite"], f"{folder}: is a directory; give a file name"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            load_example().main(args + model)
+        assert e.value.code == says
+    assert out.read_bytes() == b"precious video" and trace.read_text() == "old trace"
+    load_example().main([str(clip), str(out), "--overwrite"] + model)
+    assert out.read_bytes() == b""  # what the stand-in ffmpeg wrote
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script; no SIGTERM")
+def test_pipe_example_sigterm_leaves_no_temp_file(tiny_weights, clip, tmp_path, monkeypatch, capsys):
+    # kill (SIGTERM) mid-run ended Python outright: .out.XXXX.part.mp4 and both FFmpegs were left
+    # behind. `unhandled` stands for that default here (pytest must not die).
+    import signal
+
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
+    ex = load_example()
+
+    def killed(*args, **kwargs):
+        assert [p.name for p in tmp_path.glob(".out.*.part.mp4")]  # the temp file is there
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):
+        raise RuntimeError("SIGTERM reached the caller's handler")
+
+    monkeypatch.setattr(ex, "filter_raw", killed)
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        rc = ex.main(
+            [str(clip), str(tmp_path / "out.mp4"), "--weights", str(tiny_weights), "--device", "cpu"]
+        )
+        assert signal.getsignal(signal.SIGTERM) is unhandled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert rc == 130 and capsys.readouterr().err.strip().splitlines()[-1] == "ffmpeg_pipe: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
 def test_pipe_example_refuses_a_trace_it_would_not_write(clip, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         load_example().main([str(clip), str(tmp_path / "o.mp4"), "--trace", str(tmp_path / "t.csv")])
@@ -508,6 +605,27 @@ def test_pipe_example_failing_ffmpeg_is_one_line(tiny_weights, clip, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_encoder_quitting_early_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
+    # An encoder that quits at once (an unknown codec) ended in a BrokenPipeError traceback from the
+    # first frames written to it. Stand-ins: a decoder that stays (it is stopped), an encoder that exits 1.
+    fake = tmp_path / "bin" / "ffmpeg"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nfor last; do :; done\n[ "$last" = "-" ] && exec sleep 30\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    ex = load_example()
+
+    def flood(restorer, src, dst, *args, **kwargs):  # more than a pipe holds: fails once the encoder is gone
+        dst.write(bytes(1 << 20))
+        dst.flush()
+
+    monkeypatch.setattr(ex, "filter_raw", flood)
+    with pytest.raises(SystemExit, match=r"ffmpeg failed \(decoder stopped, encoder exit 1\)"):
+        ex.main([str(clip), str(tmp_path / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin"]
+
+
 def test_pipe_example_audio_only_input_is_one_line(tmp_path, monkeypatch):
     import wave
 
@@ -521,11 +639,112 @@ def test_pipe_example_audio_only_input_is_one_line(tmp_path, monkeypatch):
         load_example().probe(str(wav))
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffprobe is a shell script")
+def test_pipe_example_input_that_is_not_a_video_is_one_line(tmp_path, monkeypatch):
+    # probe() ended in a traceback: PyAV's InvalidDataError, or ffprobe's CalledProcessError with
+    # ffprobe's own message captured and never shown.
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # PyAV's path
+    with pytest.raises(SystemExit, match=f"{text}: Invalid data found when processing input"):
+        load_example().probe(str(text))
+    fake = tmp_path / "bin" / "ffprobe"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho '{text}: Invalid data found when processing input' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(shutil, "which", lambda name: str(fake) if name == "ffprobe" else which(name))
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit) as e:
+        load_example().probe(str(text))
+    assert e.value.code == f"{text}: Invalid data found when processing input"
+
+
 def test_pipe_example_missing_output_folder_is_one_line(tiny_weights, clip, tmp_path):
     # The temp file's mkstemp raised FileNotFoundError with a traceback once FFmpeg was found.
     with pytest.raises(SystemExit, match="output folder does not exist"):
         load_example().main([str(clip), str(tmp_path / "no" / "out.mp4"), "--weights", str(tiny_weights)])
     assert not (tmp_path / "no").exists()
+    # So did --trace's open(), once the model was loaded.
+    trace = tmp_path / "no" / "t.csv"
+    with pytest.raises(SystemExit, match=f"{trace}: output folder does not exist"):
+        load_example().main(["--size", "32x32", "--trace", str(trace), "--weights", str(tiny_weights)])
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffmpeg is a shell script")
+def test_pipe_example_read_only_output_folder_is_one_line(tiny_weights, clip, tmp_path, monkeypatch):
+    # mkstemp's PermissionError ended in a traceback. Tests run as root, which chmod does not stop,
+    # so the operating system's answer is stood in for.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real(path, mode))
+    stand_in_ffmpeg(tmp_path, monkeypatch, exit_code=0)
+    with pytest.raises(SystemExit, match=f"{ro / 'o.mp4'}: output folder is not writable"):
+        load_example().main([str(clip), str(ro / "o.mp4"), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert not any(ro.iterdir())
+
+
+def test_pipe_example_says_command_line_mistakes_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    # A missing --size, a missing OUTPUT or a misspelt INPUT was said only once the model was loaded.
+    ex = load_example()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ex.qairn, "Restorer", loaded)
+    src = str(tmp_path / "in.mp4")
+    for args, says in (
+        ([], "--size WxH is needed when filtering stdin"),
+        ([src], "give INPUT and OUTPUT, or neither (filter mode)"),
+        ([src, str(tmp_path / "o.mp4")], f"{src}: no such file"),
+    ):
+        with pytest.raises(SystemExit) as e:  # argparse's exit 2 with its message, or the message
+            ex.main(args)
+        assert says in f"{e.value.code} {capsys.readouterr().err}"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_pipe_example_refuses_a_pipe_or_a_folder_as_input(tmp_path, monkeypatch):
+    # pipe:0 and named pipes were 'passed to FFmpeg as they are': ffprobe read the start of the stream,
+    # the decoder what was left, and the encoder took pipe:0 for its own stdin (the raw frames). A
+    # folder went on to the model and FFmpeg too.
+    ex = load_example()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(ex.qairn, "Restorer", loaded)
+    fifo = tmp_path / "in.mp4"
+    os.mkfifo(fifo)
+    for src, says in (("pipe:0", "is a pipe"), (str(fifo), "is a pipe"), (str(tmp_path), "is a directory")):
+        with pytest.raises(SystemExit, match=f"{src}: {says}"):
+            ex.main([src, str(tmp_path / "o.mp4")])
+
+
+def test_pipe_example_filter_refuses_to_write_frames_to_a_terminal(monkeypatch, capsys):
+    # Without `> out.yuv` the raw frames were printed to the terminal as binary garbage.
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        load_example().main(["--size", "64x48"])
+    assert e.value.code == 2 and "redirect it to a file or pipe it into ffmpeg" in capsys.readouterr().err
+
+
+def test_pipe_example_every_argument_has_help(monkeypatch):
+    # --help listed OUTPUT, --batch, --matrix, --range and --crf with nothing to say what they do.
+    import argparse
+
+    seen = []
+
+    def capture(self, argv=None):  # the parser as --help shows it, before any work
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        load_example().main([])
+    bare = [a.dest for a in seen[0]._actions if not a.help]
+    assert bare == [], bare
 
 
 @pytest.mark.parametrize("size", ["1280", "axb", "0x720"])

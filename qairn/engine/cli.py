@@ -64,7 +64,11 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             continue
         p = Path(item)
         if p.is_dir():
-            imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
+            try:
+                imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
+            except OSError as e:  # an unreadable folder ended the whole run, the other inputs untouched
+                errors.append(f"{p}: cannot read the folder ({e.strerror or e})")
+                continue
             if not imgs:
                 errors.append(f"{p}: directory contains no images")
             paths += imgs
@@ -83,22 +87,25 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 
 def unique_names(inputs: list[Path]) -> list[str]:
     """One output name per input: its stem, and where stems collide, the folders that tell the inputs
-    apart (a/img/x.jpg, b/img/x.jpg -> a_img_x, b_img_x), then the suffix (x.bmp, x.tif -> x_bmp, x_tif)."""
+    apart (a/img/x.jpg, b/img/x.jpg -> a_img_x, b_img_x), then the suffix (x.bmp, x.tif -> x_bmp, x_tif).
+    Names are compared ignoring case: X.png and x.png are one file on macOS and Windows, where the
+    second output replaced the first."""
     names = [p.stem for p in inputs]
     groups: dict[str, list[int]] = {}
     for i, n in enumerate(names):
-        groups.setdefault(n, []).append(i)
+        groups.setdefault(n.casefold(), []).append(i)
     for idx in (g for g in groups.values() if len(g) > 1):
         full = [inputs[i].resolve() for i in idx]
         common = Path(os.path.commonpath([f.parent for f in full]))
         for i, f in zip(idx, full):
             names[i] = "_".join(f.parent.relative_to(common).parts + (f.stem,))
-        clash = [names[i] for i in idx]
+        clash = [names[i].casefold() for i in idx]
         for i, f in zip(idx, full):
-            if clash.count(names[i]) > 1:
+            if clash.count(names[i].casefold()) > 1:
                 names[i] += "_" + f.suffix.lstrip(".")
     # Whatever still collides (a renamed a/x.png meeting an input a_x.png) gets its input's position.
-    return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    folded = [n.casefold() for n in names]
+    return [f"{n}_{i + 1}" if folded.count(n.casefold()) > 1 else n for i, n in enumerate(names)]
 
 
 def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list[Path], Path | None]:
@@ -122,7 +129,9 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
 def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     """gamma2 as heat maps at the image's size, PNG bytes: left on the fixed 0..1 scale (comparable
     across images), right stretched to this image's own range (where in the picture quality changes;
-    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar.
+    trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar whose
+    ends say which way is better: a high gamma means the encoder's features passed through, little
+    to restore (a colour bar of bare numbers left the reader to guess).
     Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
     fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
     yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
@@ -137,14 +146,17 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, zh / 700)
     thick = max(1, round(scale * 1.5))
-    (label_w, text_h), base = cv2.getTextSize("0.000", font, scale, thick)
+    (label_w, text_h), base = cv2.getTextSize("0.000 better", font, scale, thick)
     gap = max(4, text_h // 2)
     header = text_h + base + 2 * gap
     bar_w = max(12, zw // 40)
     bar_h = max(zh, 2 * (text_h + base) + gap)  # room for both labels, one above the other
 
     def panel(values: np.ndarray, vmin: float, vmax: float, title: str) -> np.ndarray:
-        unit = np.clip((values - vmin) / max(vmax - vmin, 1e-6), 0, 1)
+        if vmax - vmin > 1e-6:
+            unit = np.clip((values - vmin) / (vmax - vmin), 0, 1)
+        else:  # a flat map stretched: mid colour, not the 'worse' end (0.8 everywhere showed as the worst)
+            unit = np.full_like(values, 0.5)
         rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)  # map cell k: pixels s*k..s*k+s-1
         rgb = np.repeat(np.repeat(rgb, zoom, 0), zoom, 1)
@@ -157,17 +169,32 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
         canvas[header : header + zh, :zw], canvas[header:, zw + gap : zw + gap + bar_w] = rgb, bar
         x, black = zw + bar_w + 2 * gap, (0, 0, 0)
         cv2.putText(canvas, title, (0, header - gap - base), font, scale, black, thick, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmax:.3f}", (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
-        cv2.putText(canvas, f"{vmin:.3f}", (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
+        top, bottom = f"{vmax:.3f} better", f"{vmin:.3f} worse"
+        cv2.putText(canvas, top, (x, header + text_h), font, scale, black, thick, cv2.LINE_AA)
+        cv2.putText(canvas, bottom, (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
         return canvas
 
-    fixed = panel(gamma2, 0.0, 1.0, "gamma2, 0..1")
-    stretched = panel(gamma2, lo, hi, "gamma2, stretched")
+    fixed = panel(gamma2, 0.0, 1.0, "quality gamma2, 0..1")
+    stretched = panel(gamma2, lo, hi, "quality gamma2, stretched")
     rgb = np.concatenate([fixed, np.full((header + bar_h, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
         raise RuntimeError("could not encode the quality map")
     return buf.tobytes()
+
+
+def pixel_count(text: str) -> int:
+    """--max-pixels: a number above 0, 5e8 too; 0 or -5 failed every image in turn ('32x24 = 0.000768 MP
+    is over the pixel limit of -5e-06 MP')."""
+    try:
+        n = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give a number of pixels, e.g. 200000000 or 2e8"
+        ) from None
+    if not 1 <= n < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the pixel limit must be 1 or more")
+    return int(n)
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
@@ -208,7 +235,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument(
         "--max-pixels",
-        type=int,
+        type=pixel_count,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})",
     )
@@ -271,10 +298,104 @@ def warning(msg: str) -> None:
     tqdm.write(f"qairn: warning: {msg}", file=sys.stderr)
 
 
+def result(line: str) -> None:
+    """A line on stdout, clear of the progress bar: on a terminal showing both, print() put each
+    row at the end of the bar's line ('score:  33%|###3 | 1/3 [...]b.jpg   0.4979 ...')."""
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()  # rows go out as they come, to a pipe too
+
+
 def fatal(msg: str) -> int:
     debug_traceback()
     print(f"qairn: error: {msg}", file=sys.stderr)
     return 2
+
+
+def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
+    """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
+    A problem raises: InputError or ImageError with its one line, OSError from the write."""
+    if dst.resolve() in input_set and not a.overwrite:
+        raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
+    if dst.exists() and not a.overwrite:
+        raise InputError(f"{dst}: output exists (use --overwrite)")
+    qm = dst.with_name(dst.stem + ".quality.png")
+    if a.quality_map and qm.resolve() in taken:  # e.g. a.png beside a.quality.png
+        raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
+    if a.quality_map and qm.exists() and not a.overwrite:
+        raise InputError(f"{qm}: quality map exists (use --overwrite)")
+    if not dst.parent.is_dir():
+        raise InputError(f"{dst}: output folder does not exist")
+    img = read_image(src, a.max_pixels, warn=warning)
+    with TileBar() as tiles:
+        res = r.restore(img, return_maps=a.quality_map, progress=tiles)
+    icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
+    if icc and not icc_fits(icc, res.image):
+        warning(
+            f"{src}: its {icc_space(icc)} colour profile does not describe the RGB/gray pixels "
+            "restored; the output has none"
+        )
+        icc = None
+    exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
+    alpha = res.image.ndim == 3 and res.image.shape[2] in (2, 4)  # JPEG and BMP outputs have none
+    dropped = [
+        n
+        for n, v, keep in (
+            ("colour profile", icc, ICC_SUFFIXES),
+            ("EXIF", exif, EXIF_SUFFIXES),
+            ("alpha channel", alpha, ALPHA_SUFFIXES),
+            ("16-bit depth", res.image.dtype == np.uint16, DEEP_SUFFIXES),
+        )
+        if v and dst.suffix.lower() not in keep
+    ]
+    if dropped:
+        warning(
+            f"{dst}: {dst.suffix} output drops the input's {' and '.join(dropped)}; write .png to keep it"
+        )
+    if gray_as_colour(res.image, dst.suffix):  # a gray photo turning into three equal channels
+        webp = dst.suffix.lower() == ".webp"
+        why = "has no gray mode" if webp else "is written without 16-bit gray + alpha"
+        warning(
+            f"{dst}: {dst.suffix} output {why}: the gray input is written as "
+            f"{'RGBA' if alpha else 'RGB'}; write .png to keep it gray"
+        )
+    if a.quality_map:  # first: a map failing after the image had the written image reported as failed
+        try:
+            write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
+        except OSError as e:
+            raise InputError(f"{qm}: cannot write ({e.strerror or e})") from e
+    try:
+        write_image(dst, res.image, icc=icc, exif=exif)
+    except BaseException:  # no map without its image (a map is never an input: checked above)
+        if a.quality_map:
+            qm.unlink(missing_ok=True)
+        raise
+    return {"path": str(src), "output": str(dst), **res.quality}
+
+
+def write_records(json_arg: str, records: list[dict]) -> bool:
+    """restore --json: the scores as a JSON list, to stdout ('-') or atomically to a file; False if
+    it could not be written (said in one line)."""
+    # Absolute paths: the file is read later, from elsewhere, where a path relative to this run's
+    # working folder names nothing (symlinks kept: the names the user gave).
+    rows = [
+        {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])} for r in records
+    ]
+    text = json.dumps(rows, indent=2) + "\n"
+    try:
+        if json_arg == "-":  # it wrote a file named '-'; stdout carries nothing else
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            write_atomic(Path(json_arg), text.encode())
+    except OSError as e:
+        error(f"{json_arg}: cannot write ({e.strerror or e})")
+        return False
+    return True
+
+
+def writable(folder: Path) -> bool:
+    """Whether files can be made in folder (its mode, a read-only mount, chattr +i)."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def main_restore(argv=None) -> int:
@@ -321,6 +442,13 @@ def main_restore(argv=None) -> int:
             return fatal(f"{a.json}: exists (use --overwrite)")
         if not json_path.parent.is_dir():
             return fatal(f"{a.json}: output folder does not exist")
+        if not writable(json_path.parent):
+            return fatal(f"{a.json}: output folder is not writable")
+    # A read-only folder failed every image only once it was restored (a folder still to be made
+    # is checked by making it).
+    out_dir = folder or outputs[0].parent
+    if out_dir.is_dir() and not writable(out_dir):
+        return fatal(f"{out_dir}: output folder is not writable")
     try:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback
@@ -330,85 +458,27 @@ def main_restore(argv=None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return fatal(f"{folder}: cannot create the output folder ({e.strerror or e})")
-    for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
-        try:
-            if dst.resolve() in input_set and not a.overwrite:
-                raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
-            if dst.exists() and not a.overwrite:
-                raise InputError(f"{dst}: output exists (use --overwrite)")
-            qm = dst.with_name(dst.stem + ".quality.png")
-            if a.quality_map and qm.resolve() in taken:  # e.g. a.png beside a.quality.png
-                raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
-            if a.quality_map and qm.exists() and not a.overwrite:
-                raise InputError(f"{qm}: quality map exists (use --overwrite)")
-            if not dst.parent.is_dir():
-                raise InputError(f"{dst}: output folder does not exist")
-            img = read_image(src, a.max_pixels, warn=warning)
-            with TileBar() as tiles:
-                res = r.restore(img, return_maps=a.quality_map, progress=tiles)
-            icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
-            if icc and not icc_fits(icc, res.image):
-                warning(
-                    f"{src}: its {icc_space(icc)} colour profile does not describe the RGB/gray pixels "
-                    "restored; the output has none"
-                )
-                icc = None
-            exif = read_exif(src, size=(img.shape[1], img.shape[0]))  # camera, date, GPS: the photo's record
-            alpha = res.image.ndim == 3 and res.image.shape[2] in (2, 4)  # JPEG and BMP outputs have none
-            dropped = [
-                n
-                for n, v, keep in (
-                    ("colour profile", icc, ICC_SUFFIXES),
-                    ("EXIF", exif, EXIF_SUFFIXES),
-                    ("alpha channel", alpha, ALPHA_SUFFIXES),
-                    ("16-bit depth", res.image.dtype == np.uint16, DEEP_SUFFIXES),
-                )
-                if v and dst.suffix.lower() not in keep
-            ]
-            if dropped:
-                warning(
-                    f"{dst}: {dst.suffix} output drops the input's {' and '.join(dropped)}; "
-                    "write .png to keep it"
-                )
-            if gray_as_colour(res.image, dst.suffix):  # a gray photo turning into three equal channels
-                webp = dst.suffix.lower() == ".webp"
-                why = "has no gray mode" if webp else "is written without 16-bit gray + alpha"
-                warning(
-                    f"{dst}: {dst.suffix} output {why}: the gray input is written as "
-                    f"{'RGBA' if alpha else 'RGB'}; write .png to keep it gray"
-                )
-            write_image(dst, res.image, icc=icc, exif=exif)
-            if a.quality_map:
-                write_atomic(qm, quality_map_png(res.maps[1], (img.shape[1], img.shape[0])))
-            records.append({"path": str(src), "output": str(dst), **res.quality})
-        except (ImageError, InputError) as e:
-            failed += 1
-            error(str(e))
-        except OSError as e:
-            failed += 1
-            error(f"{dst}: cannot write ({e.strerror or e})")
-        except Exception as e:
-            failed += 1
-            error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    if a.json:
-        try:
-            # Absolute paths: the file is read later, from elsewhere, where a path relative to this run's
-            # working folder names nothing (symlinks kept: the names the user gave).
-            rows = [
-                {**r, "path": os.path.abspath(r["path"]), "output": os.path.abspath(r["output"])}
-                for r in records
-            ]
-            text = json.dumps(rows, indent=2) + "\n"
-            if a.json == "-":  # it wrote a file named '-'; stdout carries nothing else
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            else:
-                write_atomic(Path(a.json), text.encode())
-        except OSError as e:
-            failed += 1
-            error(f"{a.json}: cannot write ({e.strerror or e})")
+    try:
+        for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
+            try:
+                records.append(restore_one(r, a, src, dst, input_set, taken))
+            except (ImageError, InputError) as e:
+                failed += 1
+                error(str(e))
+            except OSError as e:
+                failed += 1
+                error(f"{dst}: cannot write ({e.strerror or e})")
+            except Exception as e:
+                failed += 1
+                error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the images already written keep their scores
+        if a.json:
+            write_records(a.json, records)
+        raise
+    # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
+    json_written = not a.json or write_records(a.json, records)
     tqdm.write(restore_summary(records, len(inputs) + len(errors), failed), file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or not json_written else 0
 
 
 def restore_summary(records: list[dict], total: int, failed: int) -> str:
@@ -454,8 +524,9 @@ def main_score(argv=None) -> int:
             failed += 1
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        if a.json:
-            print(json.dumps({"path": str(src), **{k: round(v, 6) for k, v in q.items()}}), flush=True)
+        if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
+            row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
+            result(json.dumps(row))
         else:
-            print(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}", flush=True)
+            result(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
     return 1 if failed else 0
