@@ -295,8 +295,14 @@ def test_unwritable_output(workdir, tiny_weights, capsys):
     blocker = workdir / "afile"
     blocker.write_text("x")
     rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", blocker / "x.png", "--weights", tiny_weights)
-    assert rc == 1 and len(error_lines(err)) == 1 and "x.png" in err
+    # Refused before any work (exit 2), as a missing --json folder is; it was found per image (exit 1).
+    assert rc == 2 and len(error_lines(err)) == 1 and "x.png: output folder does not exist" in err
     assert leftovers(workdir) == []
+    missing = workdir / "no" / "x.png"
+    rc, _, err = run(
+        capsys, "restore", workdir / "a.jpg", "-o", missing, "--weights", workdir / "nope.safetensors"
+    )
+    assert rc == 2 and f"{missing}: output folder does not exist" in err and "nope" not in err
 
 
 def test_a_read_only_output_or_json_folder_is_refused_before_any_work(

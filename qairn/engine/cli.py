@@ -447,6 +447,9 @@ def main_restore(argv=None) -> int:
     # A read-only folder failed every image only once it was restored (a folder still to be made
     # is checked by making it).
     out_dir = folder or outputs[0].parent
+    # One output file into a missing folder was found only after the model had loaded (exit 1).
+    if folder is None and not out_dir.is_dir():
+        return fatal(f"{outputs[0]}: output folder does not exist")
     if out_dir.is_dir() and not writable(out_dir):
         return fatal(f"{out_dir}: output folder is not writable")
     try:
