@@ -214,6 +214,10 @@ def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights
     assert "trunc.jpg: truncated" in joined
     assert "missing.png: no such file" in joined
     assert "emptydir: directory contains no images" in joined
+    # The closing line names the images that failed again (their lines scroll away in a long run);
+    # the two inputs never found were said at the start.
+    names = ", ".join(str(workdir / n) for n in ("empty.jpg", "text.png", "trunc.jpg"))
+    assert err.strip().splitlines()[-1] == f"qairn: restored 1 of 6 images into {out}, 5 failed ({names})"
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the good one ran, nothing partial
     assert leftovers(workdir) == []
 
@@ -1189,3 +1193,14 @@ def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait() == 141 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_the_closing_line_names_at_most_five_failed_images():
+    from qairn.engine.cli import restore_summary
+
+    records = [{"path": "/a.jpg", "output": "/out/a.png"}]
+    line = restore_summary(records, 8, 7, [f"b{i}.jpg" for i in range(7)])
+    assert (
+        line
+        == "qairn: restored 1 of 8 images into /out, 7 failed (b0.jpg, b1.jpg, b2.jpg, b3.jpg, b4.jpg ...)"
+    )

@@ -427,6 +427,7 @@ def main_restore(argv=None) -> int:
     if a.format and folder is None and len(kinds) > 1:
         return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
     failed = len(errors)
+    failed_names = []  # images that failed after the inputs were found, named again in the summary
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
@@ -465,34 +466,39 @@ def main_restore(argv=None) -> int:
         for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
             try:
                 records.append(restore_one(r, a, src, dst, input_set, taken))
+                continue
             except (ImageError, InputError) as e:
-                failed += 1
                 error(str(e))
             except OSError as e:
-                failed += 1
                 error(f"{dst}: cannot write ({e.strerror or e})")
             except Exception as e:
-                failed += 1
                 error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            failed += 1
+            failed_names.append(str(src))
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the images already written keep their scores
         if a.json:
             write_records(a.json, records)
         raise
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
-    tqdm.write(restore_summary(records, len(inputs) + len(errors), failed), file=sys.stderr)
+    tqdm.write(restore_summary(records, len(inputs) + len(errors), failed, failed_names), file=sys.stderr)
     return 1 if failed or not json_written else 0
 
 
-def restore_summary(records: list[dict], total: int, failed: int) -> str:
+SUMMARY_NAMES = 5  # failed images named in the closing line; the rest is "..."
+
+
+def restore_summary(records: list[dict], total: int, failed: int, failed_names=()) -> str:
     """The closing line of `qairn restore`: what was written, with the quality of a single image."""
     if len(records) == 1 and total == 1:
         r = records[0]
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
         return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
     where = f" into {Path(records[0]['output']).parent}" if records else ""
+    # The failed images named again: in a long run their error lines have scrolled away.
+    names = ", ".join(failed_names[:SUMMARY_NAMES]) + (" ..." if len(failed_names) > SUMMARY_NAMES else "")
     return f"qairn: restored {len(records)} of {total} images{where}" + (
-        f", {failed} failed" if failed else ""
+        f", {failed} failed" + (f" ({names})" if names else "") if failed else ""
     )
 
 
