@@ -1071,6 +1071,46 @@ def test_quality_map_fixed_and_stretched_panels():
     assert has(stretched, viridis[0]) and has(stretched, viridis[3])
 
 
+def test_quality_map_colours_are_matplotlibs_viridis_exactly():
+    # The map is coloured through a uint8 table (matplotlib's float64 RGBA copy took 32 bytes a cell);
+    # every cell must get the colour colormaps["viridis"] gives it, bin edges included.
+    from matplotlib import colormaps
+
+    from qairn.engine.cli import quality_map_png
+
+    rng = np.random.default_rng(3)
+    gamma = rng.random((48, 64), dtype=np.float32)
+    gamma[0, :5] = [0.0, 1.0, 0.5, 1 / 256, 255 / 256]  # the ends and bin edges
+    png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (128, 96)), np.uint8), cv2.IMREAD_COLOR)
+    rows, runs = quality_map_layout(png)
+    fixed = png[rows[0] : rows[-1] + 1, runs[0][0] : runs[0][1], ::-1]
+    expected = (colormaps["viridis"](gamma)[..., :3] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(fixed[::2, ::2], expected)
+
+
+def test_quality_map_of_a_huge_image_is_drawn_smaller_and_says_so(monkeypatch):
+    # Pixel for pixel, a 108 MP image's map took 46 s, 3.9 GB and a 402 MB PNG; over MAX_MAP_PIXELS it
+    # is drawn at 1/k size (here the limit is lowered, not the image enlarged).
+    import qairn.engine.cli as engine_cli
+
+    texts, put = [], cv2.putText
+    monkeypatch.setattr(
+        cv2, "putText", lambda img, text, *a, **k: texts.append(text) or put(img, text, *a, **k)
+    )
+    monkeypatch.setattr(engine_cli, "MAX_MAP_PIXELS", 200 * 200)
+    gamma = np.tile(np.linspace(0, 1, 300, dtype=np.float32), (200, 1))
+    png = cv2.imdecode(np.frombuffer(engine_cli.quality_map_png(gamma, (600, 400)), np.uint8), 1)
+    rows, runs = quality_map_layout(png)
+    assert len(rows) == 134 and runs[0][1] - runs[0][0] == 200  # 1/3: ceil(sqrt(6)) = 3
+    assert "quality gamma2, 0..1 (1/3 size)" in texts and "quality gamma2, stretched (1/3 size)" in texts
+    texts.clear()
+    monkeypatch.setattr(engine_cli, "MAX_MAP_PIXELS", 600 * 400)
+    png = cv2.imdecode(np.frombuffer(engine_cli.quality_map_png(gamma, (600, 400)), np.uint8), 1)
+    rows, runs = quality_map_layout(png)
+    assert len(rows) == 400 and runs[0][1] - runs[0][0] == 600  # at the limit: pixel for pixel
+    assert "quality gamma2, 0..1" in texts
+
+
 def test_quality_map_of_a_flat_gamma_is_not_painted_worst():
     from matplotlib import colormaps
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 import traceback
@@ -34,6 +35,9 @@ from qairn.engine.imageio import (
 from qairn.engine.tiling import tile_arg
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
+# Larger images get their quality map at 1/k size: pixel for pixel, a 200 MP photo's two panels took
+# several GB to draw and made a PNG no viewer shows whole (12 MP: 765 MB peak, 45 MB PNG).
+MAX_MAP_PIXELS = 4096 * 4096
 
 
 class InputError(ValueError):
@@ -141,8 +145,13 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     from matplotlib import colormaps
 
     w, h = size
+    shrink = math.ceil(math.sqrt(w * h / MAX_MAP_PIXELS))  # 1 up to MAX_MAP_PIXELS
+    w, h = -(-w // shrink), -(-h // shrink)
     zoom = max(1, min(-(-MIN_MAP_HEIGHT // h), max(1, 4096 // w)))
     zw, zh = w * zoom, h * zoom
+    # viridis as a 256-entry uint8 table, indexed as matplotlib bins [0, 1]: the same colours without
+    # its float64 RGBA copy of the map (32 bytes a cell).
+    lut = (colormaps["viridis"](np.arange(256) / 255)[:, :3] * 255).round().astype(np.uint8)
     lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, zh / 700)
     thick = max(1, round(scale * 1.5))
@@ -157,11 +166,11 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
             unit = np.clip((values - vmin) / (vmax - vmin), 0, 1)
         else:  # a flat map stretched: mid colour, not the 'worse' end (0.8 everywhere showed as the worst)
             unit = np.full_like(values, 0.5)
-        rgb = (colormaps["viridis"](unit)[..., :3] * 255).round().astype(np.uint8)
+        rgb = lut[np.minimum(unit * 256, 255).astype(np.uint8)]
         rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)  # map cell k: pixels s*k..s*k+s-1
         rgb = np.repeat(np.repeat(rgb, zoom, 0), zoom, 1)
         ramp = np.linspace(1, 0, bar_h)[:, None].repeat(bar_w, 1)  # top = vmax
-        bar = (colormaps["viridis"](ramp)[..., :3] * 255).round().astype(np.uint8)
+        bar = lut[np.minimum(ramp * 256, 255).astype(np.uint8)]
         title_w = cv2.getTextSize(title, font, scale, thick)[0][0]  # a narrow image's title runs on
         canvas = np.full(
             (header + bar_h, max(zw + bar_w + label_w + 3 * gap, title_w + gap), 3), 255, np.uint8
@@ -174,8 +183,9 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
         cv2.putText(canvas, bottom, (x, header + bar_h - base), font, scale, black, thick, cv2.LINE_AA)
         return canvas
 
-    fixed = panel(gamma2, 0.0, 1.0, "quality gamma2, 0..1")
-    stretched = panel(gamma2, lo, hi, "quality gamma2, stretched")
+    scale_note = f" (1/{shrink} size)" if shrink > 1 else ""
+    fixed = panel(gamma2, 0.0, 1.0, "quality gamma2, 0..1" + scale_note)
+    stretched = panel(gamma2, lo, hi, "quality gamma2, stretched" + scale_note)
     rgb = np.concatenate([fixed, np.full((header + bar_h, 2 * gap, 3), 255, np.uint8), stretched], axis=1)
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:
