@@ -158,6 +158,29 @@ def test_wrong_backends_are_not_best():
     assert best["backend"] == "triton-fp16" and best["speedup"] == 2.0 and best["baseline_ms"] == 100.0
 
 
+def test_a_backend_with_nan_output_is_wrong_not_best():
+    """fp16 overflow gives NaN pixels, so a NaN PSNR: NaN < min_psnr is False, and such a backend was
+    neither flagged WRONG nor kept out of "best" (here it won, at 10x)."""
+    nan_out = torch.full((1, 3, 4, 4), float("nan"))
+    psnr = qb.psnr(nan_out, torch.zeros(1, 3, 4, 4))
+
+    def row(backend, ms, psnr_db):
+        return {"status": "ok", "backend": backend, "size": [64, 64], "tile": 512, "ms_median": ms,
+                "speedup": 100.0 / ms, "mp_per_s": 1.0, "psnr_db": psnr_db, "peak_mem_mib": None}  # fmt: skip
+
+    report = {
+        "results": [
+            row("eager-fp32", 100.0, None),
+            row("eager-fp16-cl", 10.0, psnr),
+            row("eager-bf16-cl", 50.0, 48.0),
+        ],
+        "settings": {"min_psnr": 40.0},
+    }
+    report["best"] = qb.choose_best(report, 40.0)
+    assert report["best"]["64x64"]["backend"] == "eager-bf16-cl"
+    assert "WRONG (PSNR < 40.0 dB vs eager fp32): eager-fp16-cl" in qb.footer(report)
+
+
 @pytest.mark.parametrize(
     "args, says",
     [

@@ -485,6 +485,12 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
     )
 
 
+def too_far(r: dict, min_psnr: float) -> bool:
+    """Whether a compared backend's output is wrong: PSNR vs eager fp32 under min_psnr, or NaN (NaN
+    pixels, e.g. an fp16 overflow, compare False with everything: written as `not >=` on purpose)."""
+    return r.get("psnr_db") is not None and not r["psnr_db"] >= min_psnr
+
+
 def choose_best(report: dict, min_psnr: float) -> dict:
     """Per size: the fastest backend (any tile) whose output stays within min_psnr dB of eager fp32.
     Its speedup is against the fastest eager fp32 run at that size, whatever tile that used: a ratio
@@ -498,7 +504,7 @@ def choose_best(report: dict, min_psnr: float) -> dict:
     for r in report["results"]:
         if r["status"] != "ok" or r["backend"] == BASELINE or r.get("speedup") is None:
             continue
-        if r.get("psnr_db") is None or r["psnr_db"] < min_psnr:
+        if r.get("psnr_db") is None or too_far(r, min_psnr):
             continue
         key = "x".join(map(str, r["size"]))
         if key not in baseline:
@@ -595,17 +601,10 @@ def footer(report: dict) -> str:
             f"best at {size}: {b['backend']} (tile {b['tile'] or 'whole'}) {b['speedup']:.2f}x the fastest "
             f"eager fp32 run, PSNR {b['psnr_db']:.1f} dB"
         )
-    wrong = {
-        r["backend"]
-        for r in report["results"]
-        if r["status"] == "ok"
-        and r.get("psnr_db") is not None
-        and r["psnr_db"] < report["settings"]["min_psnr"]
-    }
+    min_psnr = report["settings"]["min_psnr"]
+    wrong = {r["backend"] for r in report["results"] if r["status"] == "ok" and too_far(r, min_psnr)}
     if wrong:
-        lines.append(
-            f"WRONG (PSNR < {report['settings']['min_psnr']} dB vs eager fp32): {', '.join(sorted(wrong))}"
-        )
+        lines.append(f"WRONG (PSNR < {min_psnr} dB vs eager fp32): {', '.join(sorted(wrong))}")
     return "\n".join(lines)
 
 
@@ -635,7 +634,7 @@ def write_plot(report: dict, path: str) -> None:
             if r is not None:
                 xs.append(j + (i - (len(labels) - 1) / 2) * width)
                 ys.append(r["mp_per_s"])
-                wrong.append(r.get("psnr_db") is not None and r["psnr_db"] < min_psnr)
+                wrong.append(too_far(r, min_psnr))
         bars = ax.bar(xs, ys, width, label=label)
         for bar, bad in zip(bars, wrong, strict=True):
             if bad:
