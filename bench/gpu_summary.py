@@ -245,7 +245,7 @@ def report(summary: dict) -> str:
     for size, b in (summary["best"] or {}).items():
         mem = "-" if b["peak_mem_mib"] is None else f"{b['peak_mem_mib']:.0f} MiB"
         lines.append(
-            f"  best at {size}: {b['backend']} {speedups(b)}, PSNR {b['psnr_db']:.1f} dB, peak {mem}"
+            f"  best at {size}: {b['backend']} {speedups(b)}, PSNR {float(b['psnr_db']):.1f} dB, peak {mem}"
         )
     for size, b in ((summary.get("bench_tile1024") or {}).get("best") or {}).items():
         lines.append(

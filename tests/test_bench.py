@@ -181,6 +181,34 @@ def test_a_backend_with_nan_output_is_wrong_not_best():
     assert "WRONG (PSNR < 40.0 dB vs eager fp32): eager-fp16-cl" in qb.footer(report)
 
 
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, monkeypatch):
+    """A backend whose output is bit-identical to eager fp32 has PSNR infinity; json.dumps wrote it as
+    the bare word Infinity, which no strict JSON reader (jq, JavaScript, Go) takes. Non-finite numbers
+    are now the strings "Infinity", "-Infinity", "NaN" (float() reads them back)."""
+    monkeypatch.setitem(qb.SPECS, "eager-fp32-twin", qb.SPECS["eager-fp32"])
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    out, env = tmp_path / "bench.json", tmp_path / "env.json"
+    args = TINY + ["--sizes", "16x16", "--tiles", "0", "--backends", "eager-fp32-twin", "--json", str(out)]
+    assert qb.main(args) == 0
+    report = strict_json(out.read_text())
+    twin = report["results"][1]
+    assert twin["backend"] == "eager-fp32-twin" and float(twin["psnr_db"]) == float("inf")
+    assert float(report["best"]["16x16"]["psnr_db"]) == float("inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temp file left
+    assert qb.main(["--device", "cpu", "--env", str(env)]) == 0
+    assert strict_json(env.read_text())["device"]["type"] == "cpu"
+    summ = bench_script("gpu_summary")
+    summary = {"gpu": "CPU", "date": "today", "dryrun": True, "stages": [], "tests": None, "targets": {}}
+    assert "PSNR inf dB" in summ.report(summary | {"best": report["best"]})
+
+
 @pytest.mark.parametrize(
     "args, says",
     [

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import check_writable, save_figure
+from qairn.engine.imageio import check_writable, save_figure, write_atomic
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -745,6 +745,25 @@ def format_video_row(r: dict) -> str:
 
 
 # ---- command line -------------------------------------------------------------------------------------
+def strict(obj):
+    """obj with its non-finite floats as the strings "Infinity", "-Infinity", "NaN" (float() reads them
+    back): a PSNR of identical outputs is infinite, and json.dumps writes bare Infinity/NaN, which
+    strict JSON readers (jq, JavaScript, Go) refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj, indent: int = 1) -> None:
+    """Strict JSON, written atomically (a temp file of its own, renamed in; removed if cut short)."""
+    text = json.dumps(strict(obj), indent=indent, default=str, allow_nan=False)
+    write_atomic(path, (text + "\n").encode())
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
@@ -857,11 +876,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.env:
-        text = json.dumps(environment(device), indent=2)
         if args.env == "-":
-            print(text)
+            print(json.dumps(strict(environment(device)), indent=2, allow_nan=False))
         else:
-            Path(args.env).write_text(text + "\n")
+            write_json(args.env, environment(device), indent=2)
         return 0
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.backends = args.backends or list(d["backends"])
@@ -900,9 +918,7 @@ def main(argv: list[str] | None = None) -> int:
             rep["best"] = choose_best(rep, args.min_psnr)
             rep["targets"] = targets(rep)
         if args.json:
-            tmp = Path(args.json).with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(rep, indent=1, default=str) + "\n")
-            tmp.replace(args.json)
+            write_json(args.json, rep)
 
     print(header(report), flush=True)
     try:
