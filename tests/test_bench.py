@@ -601,6 +601,47 @@ class FakeEvents:
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: fake.synced.append(device))
 
 
+def test_peak_memory_of_onnxruntime_and_tensorrt_says_torch_allocator_only(monkeypatch):
+    """ONNX Runtime and TensorRT allocate their working memory outside torch, so torch's peak is only
+    their inputs and outputs: the table, the JSON and the 8K memory target took it for the whole
+    (a TensorRT best "met" <= 4 GiB on its I/O buffers alone)."""
+    fake = FakeEvents(monkeypatch)
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 300 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 200 * 2**20)
+    x = torch.rand(1, 3, 8, 8)
+    restorer = SimpleNamespace(
+        restore_tensor=lambda x: (x, {"q": torch.tensor([0.5])}, None),
+        tiling_for=lambda h, w: (None, 0),
+        tile_batch=1,
+    )
+    args = SimpleNamespace(warmup=1, repeats=2, case_budget_s=10.0, overlap=0)
+    report = {"peak_tflops": {"fp16": 100.0}, "model": {"gflop_per_mp": 10.0}, "settings": {"min_psnr": 40.0}}
+    gpu, refs, rows = torch.device("cuda", 0), {}, []
+    for label in ("eager-fp32", "tensorrt-fp16", "eager-fp16-cl"):
+        fields = qb.time_case(restorer, label, x, None, gpu, args, refs, report)
+        rows.append(qb.case_row(label, (7680, 4320), None, status="ok", **fields))
+    assert fake.synced and [r["peak_mem_mib"] for r in rows] == [300.0] * 3
+    assert [r["peak_mem_scope"] for r in rows] == ["torch allocator", "torch allocator only"] + [
+        "torch allocator"
+    ]
+    assert qb.format_row(rows[1]).split()[-2] == "300*" and qb.format_row(rows[2]).split()[-2] == "300"
+    report["results"] = rows
+    report["best"] = {
+        "3840x2160": {"backend": "tensorrt-fp16", "tile": None, "speedup": 9.0, "psnr_db": 50.0}
+    }
+    assert "* peak MiB of tensorrt-fp16: torch's allocator only" in qb.footer(report)
+    mem = qb.targets(report)["mem_8k_le_4gib"]
+    assert mem["met"] is None and mem["peak_mem_scope"] == "torch allocator only"
+    report["best"]["3840x2160"]["backend"] = "eager-fp16-cl"
+    assert qb.targets(report)["mem_8k_le_4gib"]["met"] is True
+    summ = bench_script("gpu_summary")
+    summary = {"gpu": "GPU", "date": "today", "dryrun": False, "stages": [], "tests": None, "best": {}}
+    text = summ.report(summary | {"targets": {"mem_8k_le_4gib": mem}})
+    assert "target mem_8k_le_4gib: not measured (torch allocator only)" in text
+
+
 def test_gate_workload_times_on_the_given_gpus_stream(monkeypatch):
     """cuda_time_ms, block_seconds and paired_ratio record their events on the given GPU's stream and
     wait for that GPU (they used the current GPU's: cuda:0, while the work ran on cuda:1)."""
