@@ -18,6 +18,19 @@ from qairn.engine import bench as qb
 from qairn.model import PRESETS, QAIRN
 
 REPO = Path(__file__).resolve().parents[1]
+# A run of a few seconds: what a refused option would have started.
+FAST = [
+    "--device",
+    "cpu",
+    "--preset",
+    "tiny",
+    "--sizes",
+    "16x16",
+    "--backends",
+    "eager-fp32",
+    "--warmup",
+    "0",
+]
 TINY = ["--device", "cpu", "--preset", "tiny", "--threads", "1", "--warmup", "1", "--repeats", "1"]
 
 
@@ -218,6 +231,13 @@ def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, mo
         (["--sizes", "big"], "expected WxH sizes"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--video", "3", "--plot", "x.png"], "--video has no chart"),
+        # These ran before: every case a "failed" row, the run rc 0; or the options were dropped unsaid
+        # (no backend: the defaults; --case-budget-s 0: 30 s; NaN: never compared, never cut).
+        (FAST + ["--tiles", "16", "--overlap", "32"], "--tiles 16 with --overlap 32: overlap 32"),
+        (FAST + ["--backends", ","], "no backend named"),
+        (FAST + ["--case-budget-s", "0"], "--case-budget-s must be positive"),
+        (FAST + ["--min-psnr", "nan"], "--min-psnr must be a finite number, got nan"),
+        (FAST + ["--budget-s", "inf"], "--budget-s must be a finite number, got inf"),
     ],
 )
 def test_bad_options_are_refused(args, says, capsys):

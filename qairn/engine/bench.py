@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
 from qairn.engine.imageio import check_writable, save_figure, write_atomic
-from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, resolve_device
+from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
 from qairn.weights_io import load_model
@@ -817,6 +817,8 @@ def parse_tiles(text: str) -> list[int | None]:
 
 def parse_backends(text: str) -> list[str]:
     labels = list(SPECS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"no backend named; choose from {', '.join(SPECS)}")
     unknown = [b for b in labels if b not in SPECS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {', '.join(SPECS)}")
@@ -886,9 +888,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("video", "threads", "tile_batch", "overlap", "budget_s"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("warmup", "case_budget_s"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.warmup is not None and args.warmup < 0:
+        raise SystemExit(f"--warmup must not be negative, got {args.warmup}")
+    for name in ("budget_s", "case_budget_s", "min_psnr"):  # NaN compares False: never cut, never wrong
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.case_budget_s is not None and args.case_budget_s <= 0:
+        raise SystemExit(f"--case-budget-s must be positive, got {args.case_budget_s}")
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if args.video and args.plot:
@@ -909,9 +915,14 @@ def main(argv: list[str] | None = None) -> int:
         args.backends = [BASELINE] + [b for b in args.backends if b != BASELINE]
     args.sizes = args.sizes or list(d["sizes"])
     args.tiles = args.tiles or list(d["tiles"])
+    for tile in args.tiles:  # before any work, not as a "failed" row for every case
+        try:
+            check_tiling(tile, args.overlap)
+        except ValueError as e:
+            raise SystemExit(f"--tiles {tile or 0} with --overlap {args.overlap}: {e}") from None
     args.warmup = d["warmup"] if args.warmup is None else args.warmup
     args.repeats = d["repeats"] if args.repeats is None else args.repeats
-    args.case_budget_s = args.case_budget_s or d["case_budget_s"]
+    args.case_budget_s = d["case_budget_s"] if args.case_budget_s is None else args.case_budget_s
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
