@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -334,8 +335,36 @@ def test_measure_times_on_the_devices_own_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     gpu = torch.device("cuda", 1)
     r = qb.measure(lambda: "out", gpu, warmup=1, repeats=2, budget_s=10.0)
-    assert r == {"ms": [1.5, 1.5], "out": "out"}
+    assert r == {"ms": [1.5, 1.5], "out": "out", "warmup": 1}
     assert len(recorded) == 4 and all(s is streams[gpu] for s in recorded)
+
+
+def test_measure_reports_the_warm_up_calls_it_made():
+    """The row said "warmup": 0 for --warmup 0, though one untimed call always runs (it compiles and
+    sizes the budget), and --warmup 5 for a slow case whose warm-up stopped at the second call."""
+    calls = []
+
+    def fn(seconds):
+        calls.append(seconds)
+        time.sleep(seconds)
+        return len(calls)
+
+    r = qb.measure(lambda: fn(0.0), torch.device("cpu"), warmup=0, repeats=2, budget_s=10.0)
+    assert r["warmup"] == 1 and len(r["ms"]) == 2 and len(calls) == 3 and r["out"] == 3
+    calls.clear()
+    r = qb.measure(lambda: fn(0.03), torch.device("cpu"), warmup=5, repeats=1, budget_s=0.1)
+    assert r["warmup"] == 2 and len(calls) == 3  # the second call took over a quarter of 0.1 s
+    restorer = SimpleNamespace(
+        restore_tensor=lambda x: (x, {"q": torch.tensor([0.5])}, None),
+        tiling_for=lambda h, w: (None, 0),
+        tile_batch=1,
+    )
+    args = SimpleNamespace(warmup=0, repeats=1, case_budget_s=10.0)
+    report = {"peak_tflops": {"fp32": 1.0}, "model": {"gflop_per_mp": 1.0}}
+    fields = qb.time_case(
+        restorer, "eager-fp32", torch.rand(1, 3, 8, 8), None, torch.device("cpu"), args, {}, report
+    )
+    assert fields["warmup"] == 1
 
 
 def test_video_mode_on_cpu(tmp_path):

@@ -275,13 +275,16 @@ def peak_for_floor(peaks: dict) -> tuple[str, float]:
 
 # ---- timing -------------------------------------------------------------------------------------------
 def measure(fn, device: torch.device, warmup: int, repeats: int, budget_s: float) -> dict:
-    """Run fn `warmup` times untimed, then time up to `repeats` calls (CUDA events on CUDA). Slow cases
-    are cut short: no second warm-up when one took over a quarter of the budget, and only as many
-    repeats as fit in the budget (at least one). Returns {"ms": [...], "out": last output}."""
+    """Run fn `warmup` times untimed (at least once: the first call compiles and sizes the budget), then
+    time up to `repeats` calls (CUDA events on CUDA). Slow cases are cut short: no more warm-up once
+    the second call took over a quarter of the budget, and only as many repeats as fit in the budget
+    (at least one). Returns {"ms": [...], "out": last output, "warmup": untimed calls made}."""
     cuda = device.type == "cuda"
     last = 0.0
     out = None
+    done = 0
     for i in range(max(1, warmup)):
+        done += 1
         out = None
         t0 = time.perf_counter()
         out = fn()
@@ -307,7 +310,7 @@ def measure(fn, device: torch.device, warmup: int, repeats: int, budget_s: float
             t0 = time.perf_counter()
             out = fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": times, "out": out}
+    return {"ms": times, "out": out, "warmup": done}
 
 
 def synthetic_frame(height: int, width: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -473,7 +476,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         ms_median=ms,
         ms_min=min(r["ms"]),
         ms_all=[round(t, 4) for t in r["ms"]],
-        warmup=args.warmup,
+        warmup=r["warmup"],  # as run: at least one, fewer than asked when a call is slow
         repeats=len(r["ms"]),
         tile_batch=restorer.tile_batch,
         tile_used=tile_used,
@@ -859,7 +862,7 @@ def parser() -> argparse.ArgumentParser:
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default CUDA 3, CPU 2)")
+    p.add_argument("--warmup", type=int, help="untimed calls per case, at least 1 (default CUDA 3, CPU 2)")
     p.add_argument(
         "--repeats", type=int, help="timed calls per case, median reported (default CUDA 10, CPU 3)"
     )
