@@ -367,6 +367,36 @@ def test_measure_reports_the_warm_up_calls_it_made():
     assert fields["warmup"] == 1
 
 
+def test_plot_names_every_backend_beside_its_bars(tmp_path, monkeypatch):
+    """With a GPU run's 15 backends the chart was one legend over bars in matplotlib's 10 colours, so
+    eager-fp32 and triton-fp16 (and four more pairs) were the same colour; the legend also covered the
+    compute limit. Now each (size, tile) is a panel and each backend's name sits beside its bar."""
+    figures = []
+    monkeypatch.setattr(qb, "save_figure", lambda fig, path: figures.append(fig))
+    labels = qb.DEFAULTS["cuda"]["backends"]
+    rows = [
+        {"status": "ok", "backend": label, "size": size, "tile": 512, "mp_per_s": 10.0 + i,
+         "speedup": (10.0 + i) / 10.0, "psnr_db": 30.0 if label == "eager-bf16-cl" else 60.0}
+        for size in ([3840, 2160], [1920, 1080]) for i, label in enumerate(labels)
+    ]  # fmt: skip
+    report = {
+        "results": rows
+        + [{"status": "skipped", "backend": "tensorrt-fp16", "size": [640, 480], "tile": 512}],
+        "settings": {"min_psnr": 40.0},
+        "peak_tflops": {"fp16": 1.0},
+        "model": {"gflop_per_mp": 10.0, "source": "preset small"},
+        "env": {"device": {"name": "Test GPU"}},
+    }
+    qb.write_plot(report, str(tmp_path / "b.png"))
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["3840x2160, tile 512", "1920x1080, tile 512"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == labels  # the panels share these rows
+    for ax in axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert texts[0] == " 10  1.00x" and texts[labels.index("eager-bf16-cl")].endswith("WRONG")
+        assert [line.get_xdata()[0] for line in ax.lines] == [100.0]  # 1 TFLOP/s / 10 GFLOP/MP
+
+
 def test_video_mode_on_cpu(tmp_path):
     out = tmp_path / "video.json"
     args = TINY + [

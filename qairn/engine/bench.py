@@ -634,52 +634,64 @@ def footer(report: dict) -> str:
 
 
 def write_plot(report: dict, path: str) -> None:
+    """One panel per (size, tile), one horizontal bar per backend, named beside it: a legend of 15
+    backends repeats matplotlib's 10 colours. Each bar says its MP/s and speedup; wrong ones (PSNR
+    under --min-psnr) are red, hatched and say WRONG; the dashed line is the compute limit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r["status"] == "ok"]
-    sizes = list(dict.fromkeys(("x".join(map(str, r["size"])), r["tile"]) for r in rows))
+    cases = list(dict.fromkeys((tuple(r["size"]), r["tile"]) for r in rows))
     labels = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sizes) * max(1, len(labels)) / 3), 4.5))
-    width = 0.8 / max(1, len(labels))
     min_psnr = report["settings"]["min_psnr"]
-    for i, label in enumerate(labels):
-        xs, ys, wrong = [], [], []
-        for j, (size, tile) in enumerate(sizes):
+    name, peak = peak_for_floor(report["peak_tflops"])
+    limit = peak * 1e3 / report["model"]["gflop_per_mp"]
+    fig, axes = plt.subplots(
+        1,
+        max(1, len(cases)),
+        sharey=True,
+        squeeze=False,
+        figsize=(max(6.0, 4.2 * len(cases)), 1.6 + 0.3 * max(1, len(labels))),
+    )
+    if not cases:  # every case skipped or failed (or cut short before the first): say so
+        axes[0][0].set_title("no case timed", fontsize=9)
+    for ax, (size, tile) in zip(axes[0], cases):
+        low, top = limit, limit
+        for i, label in enumerate(labels):
             r = next(
-                (
-                    r
-                    for r in rows
-                    if r["backend"] == label and "x".join(map(str, r["size"])) == size and r["tile"] == tile
-                ),
+                (r for r in rows if r["backend"] == label and (tuple(r["size"]), r["tile"]) == (size, tile)),
                 None,
             )
-            if r is not None:
-                xs.append(j + (i - (len(labels) - 1) / 2) * width)
-                ys.append(r["mp_per_s"])
-                wrong.append(too_far(r, min_psnr))
-        bars = ax.bar(xs, ys, width, label=label)
-        for bar, bad in zip(bars, wrong, strict=True):
-            if bad:
-                bar.set_hatch("xx")
-                bar.set_edgecolor("red")
-    name, peak = peak_for_floor(report["peak_tflops"])
-    ax.axhline(
-        peak * 1e3 / report["model"]["gflop_per_mp"],
-        color="k",
-        ls="--",
-        lw=1,
-        label=f"compute limit ({name} peak)",
+            if r is None:
+                continue
+            bad = too_far(r, min_psnr)
+            color = "tab:red" if bad else "tab:gray" if label == BASELINE else "tab:blue"
+            ax.barh(i, r["mp_per_s"], color=color, hatch="xx" if bad else None)
+            speedup = "" if r.get("speedup") is None else f"  {r['speedup']:.2f}x"
+            ax.text(
+                r["mp_per_s"],
+                i,
+                f" {r['mp_per_s']:.3g}{speedup}{'  WRONG' if bad else ''}",
+                va="center",
+                fontsize=7,
+            )
+            low, top = min(low, r["mp_per_s"]), max(top, r["mp_per_s"])
+        ax.axvline(limit, color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        # Log bars start at the left edge: put it well below the slowest, whose bar would vanish; and
+        # leave room for the text after the longest one.
+        ax.set_xlim(low / 4, top * 6)
+        ax.set_xlabel("megapixels / s (log)", fontsize=8)
+        ax.set_title(f"{'x'.join(map(str, size))}, tile {tile or 'whole'}", fontsize=9)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].set_ylim(max(1, len(labels)) - 0.5, -0.5)  # the first backend (eager fp32) on top
+    fig.suptitle(
+        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}\n"
+        f"MP/s, speedup over eager fp32; dashed: compute limit at the {name} matmul peak ({limit:.3g} MP/s)",
+        fontsize=9,
     )
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(sizes)), [f"{s}\ntile {t or 'whole'}" for s, t in sizes])
-    ax.set_ylabel("megapixels / s (log)")
-    ax.set_title(
-        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}"[:100], fontsize=9
-    )
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
