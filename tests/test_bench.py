@@ -607,6 +607,26 @@ def test_gpu_run_script_syntax():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
 
 
+def test_gpu_run_dry_run_keeps_its_own_repeats(tmp_path):
+    """The dry run's conv_util command ended in "--repeats 3 --repeats 10" (the real run's 10 was
+    appended after it, and the last one wins): 10 interpreted Triton timings per layer, and the stage
+    ran out of its 90 s box on a busy CPU. Each command here is logged by a stand-in python."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(
+        os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake), QAIRN_GPU_DRYRUN="1", TMPDIR=str(tmp_path)
+    )
+    env["QAIRN_GPU_STAGES"] = "convutil"
+    out = subprocess.run(
+        ["bash", "bench/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    conv = [line for line in log.read_text().splitlines() if line.startswith("bench/conv_util.py")]
+    assert len(conv) == 1 and conv[0].count("--repeats") == 1 and "--repeats 3" in conv[0], conv
+
+
 @pytest.mark.slow
 def test_gpu_run_dry_run(tmp_path):
     """QAIRN_GPU_DRYRUN=1: the script's stages on tiny CPU shapes (here env + bench; the other stages'
