@@ -418,6 +418,35 @@ def test_video_mode_on_cpu(tmp_path):
     assert rows[1]["max_abs_diff_u8_vs_loop"] <= 1
 
 
+def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
+    """--video 6 streams batches of 4 and 2 frames: the warm-up ran one batch of 4 only, so the timed
+    pass met the batch of 2 first (on whole frames a new shape: torch.compile compiled it in the timing)."""
+    calls = []  # batch sizes given to the backend, and "clock" where the timing starts and ends
+    restore_tensor, clock = qb.Restorer.restore_tensor, time.perf_counter
+
+    def record(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return restore_tensor(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(qb.Restorer, "restore_tensor", record)
+    monkeypatch.setattr(qb.time, "perf_counter", lambda: calls.append("clock") or clock())
+    args = SimpleNamespace(
+        sizes=[(32, 32)], tiles=[None], video=6, seed=0, backends=["eager-fp32"], overlap=0, tile_batch=0
+    )
+    report = {"results": []}
+    qb.run_video(args, qb.bench_model(preset="tiny")[0], torch.device("cpu"), report, lambda r: None)
+    assert [r["mode"] for r in report["results"] if r["status"] == "ok"] == [
+        "loop",
+        "stream-rgb",
+        "stream-yuv420",
+    ]
+    clocks = [i for i, c in enumerate(calls) if c == "clock"]
+    assert len(clocks) == 6  # a start and an end per mode
+    for start, end, before in zip(clocks[0::2], clocks[1::2], [-1] + clocks[1::2]):
+        warm, timed = set(calls[before + 1 : start]), set(calls[start + 1 : end])
+        assert timed <= warm, (warm, timed)
+
+
 def test_conv_util_and_profile_on_cpu(tmp_path):
     conv, prof = bench_script("conv_util"), bench_script("profile_best")
     assert (
