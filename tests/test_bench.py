@@ -239,6 +239,12 @@ def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, mo
         (FAST + ["--case-budget-s", "0"], "--case-budget-s must be positive"),
         (FAST + ["--min-psnr", "nan"], "--min-psnr must be a finite number, got nan"),
         (FAST + ["--budget-s", "inf"], "--budget-s must be a finite number, got inf"),
+        # --video streamed the first size at the first tile and dropped the others unsaid
+        (FAST + ["--video", "2", "--sizes", "16x16,32x32"], "--video streams one size at one tile"),
+        (
+            FAST + ["--video", "2", "--tiles", "0,16", "--overlap", "0"],
+            "--video streams one size at one tile",
+        ),
     ],
 )
 def test_bad_options_are_refused(args, says, capsys):

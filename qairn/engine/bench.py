@@ -897,7 +897,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="FRAMES",
-        help="stream FRAMES frames of the first size through one Restorer per backend",
+        help="stream FRAMES frames of one size (--sizes) at one tile through one Restorer per backend",
     )
     p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
     return p
@@ -918,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--case-budget-s must be positive, got {args.case_budget_s}")
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if args.video and max(len(args.sizes or ()), len(args.tiles or ())) > 1:
+        raise SystemExit("--video streams one size at one tile: give one --sizes and one --tiles")
     if args.video and args.plot:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
     check_writable(args.json, args.plot, None if args.env in (None, "-") else args.env)
