@@ -257,6 +257,23 @@ def test_bad_options_are_refused(args, says, capsys):
     assert rc == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("output", ["--json", "--plot", "--env"])
+def test_an_output_over_the_weights_is_refused(tmp_path, output, capsys):
+    """--json (or --plot, --env) naming the --weights file wrote the report over the weights: the
+    model was gone after the run. Now one line, before any work, and the file is untouched."""
+    from qairn.cli import main as cli
+    from qairn.weights_io import save_weights
+
+    weights = tmp_path / "w.safetensors"
+    save_weights(QAIRN(PRESETS["tiny"]), weights)
+    before = weights.read_bytes()
+    rc = cli(["bench", *FAST, "--weights", str(weights), output, str(weights)])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        f"qairn bench: error: {output} {weights}: is the --weights file; write to another file"
+    )
+    assert weights.read_bytes() == before
+
+
 def test_label_tile_batch_and_onnxruntime_threads(monkeypatch):
     """--tile-batch must not collide with a label's own batch, and ONNX Runtime gets torch's threads."""
     seen = {}

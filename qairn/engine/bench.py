@@ -922,7 +922,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--video streams one size at one tile: give one --sizes and one --tiles")
     if args.video and args.plot:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
-    check_writable(args.json, args.plot, None if args.env in (None, "-") else args.env)
+    outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
+    check_writable(*outputs.values())
+    inputs = {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS}
+    for flag, out in outputs.items():  # the report renamed over the weights would leave no model
+        for what, path in inputs.items():
+            if out and path and Path(out).resolve() == Path(path).resolve():
+                raise SystemExit(f"{flag} {out}: is {what}; write to another file")
     device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
