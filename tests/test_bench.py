@@ -239,6 +239,8 @@ def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, mo
         (FAST + ["--case-budget-s", "0"], "--case-budget-s must be positive"),
         (FAST + ["--min-psnr", "nan"], "--min-psnr must be a finite number, got nan"),
         (FAST + ["--budget-s", "inf"], "--budget-s must be a finite number, got inf"),
+        # the plot was written over the report
+        (FAST + ["--json", "same.out", "--plot", "same.out"], "--json and --plot name the same file"),
         # --video streamed the first size at the first tile and dropped the others unsaid
         (FAST + ["--video", "2", "--sizes", "16x16,32x32"], "--video streams one size at one tile"),
         (
@@ -247,8 +249,10 @@ def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, mo
         ),
     ],
 )
-def test_bad_options_are_refused(args, says, capsys):
+def test_bad_options_are_refused(args, says, capsys, tmp_path, monkeypatch):
     from qairn.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)  # an option that is not refused writes its file here
 
     try:
         rc = cli(["bench", *args])

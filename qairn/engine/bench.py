@@ -924,6 +924,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
     check_writable(*outputs.values())
+    named = [(flag, Path(out).resolve()) for flag, out in outputs.items() if out]
+    for i, (flag, path) in enumerate(named):  # the last one written would replace the other
+        for other, other_path in named[i + 1 :]:
+            if path == other_path:
+                raise SystemExit(f"{flag} and {other} name the same file: {path}")
     inputs = {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS}
     for flag, out in outputs.items():  # the report renamed over the weights would leave no model
         for what, path in inputs.items():
