@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -472,6 +473,68 @@ def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
     for start, end, before in zip(clocks[0::2], clocks[1::2], [-1] + clocks[1::2]):
         warm, timed = set(calls[before + 1 : start]), set(calls[start + 1 : end])
         assert timed <= warm, (warm, timed)
+
+
+def test_bench_video_stream_warms_up_on_a_whole_batch(monkeypatch):
+    """bench_video's stream benchmark warmed up on one frame, then timed batches of 4: every first
+    round met the 4-frame shape (allocations, cuDNN choices; compiling, for a compiled backend)."""
+    pytest.importorskip("av")
+    module = bench_script("bench_video")
+    calls = []
+    restore_tensor = module.Restorer.restore_tensor
+
+    def record(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return restore_tensor(self, x, *args, **kwargs)
+
+    class Benchmark:
+        def pedantic(self, fn, rounds=1, **kwargs):
+            calls.append("timed")
+            fn()
+
+    monkeypatch.setattr(module.Restorer, "restore_tensor", record)
+    y, uv = torch.randint(16, 235, (16, 16), dtype=torch.uint8), torch.full((8, 8), 128, dtype=torch.uint8)
+    frames = [(y.numpy(), uv.numpy(), uv.numpy())] * 8
+    model = qb.bench_model(preset="tiny")[0]
+    module.test_stream_720p(Benchmark(), model, torch.device("cpu"), lambda: None, frames, None)
+    timed = calls.index("timed")
+    assert set(calls[timed + 1 :]) <= set(calls[:timed]), calls
+
+
+def test_bench_video_transcode_is_timed_warm(tmp_path, monkeypatch):
+    """bench_video's transcode benchmark timed a fresh Restorer (warmup_rounds=0, no call before):
+    its first round held every first-call cost, and on the CPU (1 round) it was all it timed."""
+    av = pytest.importorskip("av")
+    module = bench_script("bench_video")
+    calls = []
+
+    class Benchmark:
+        def pedantic(self, fn, rounds=1, warmup_rounds=0, **kwargs):
+            for _ in range(warmup_rounds):
+                fn()
+            calls.append("timed")
+            return fn()
+
+    restore_tensor = module.Restorer.restore_tensor
+    monkeypatch.setattr(
+        module.Restorer,
+        "restore_tensor",
+        lambda self, x, *a, **k: calls.append(1) or restore_tensor(self, x, *a, **k),
+    )
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as o:
+        s = o.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        for i in range(module.FRAMES):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 60 * i, np.uint8), format="rgb24").reformat(
+                format="yuv420p"
+            )
+            f.pts = i
+            o.mux(s.encode(f))
+        o.mux(s.encode(None))
+    model = qb.bench_model(preset="tiny")[0]
+    module.test_transcode_720p(Benchmark(), model, torch.device("cpu"), clip, tmp_path)
+    assert calls.index("timed") > 0, calls  # the Restorer ran before the clock
 
 
 def test_conv_util_and_profile_on_cpu(tmp_path):
