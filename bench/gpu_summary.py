@@ -129,9 +129,14 @@ def targets(bench: dict | None, convutil: dict | None) -> dict:
 
 
 def summarise(work: Path, out: Path, dryrun: bool) -> dict:
-    env = load(work / "env.json") or {}
     bench = load(work / "bench.json")
     convutil = load(work / "convutil.json")
+    video = load(work / "video.json")
+    # The env stage may have run out of its short box (CUDA start-up on a cold machine): the GPU and
+    # the date are also in each report that ran after it.
+    env = load(work / "env.json") or next(
+        (r["env"] for r in (bench, video, convutil) if r and r.get("env")), {}
+    )
     summary = {
         "gpu": (env.get("device") or {}).get("name"),
         "date": env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +148,7 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
         "best": (bench or {}).get("best"),
         "bench": bench,
         "bench_tile1024": load(work / "bench1024.json"),
-        "video": load(work / "video.json"),
+        "video": video,
         "convutil": convutil,
         "profile": load(work / "profile.json"),
         "gate": load(work / "gate.json"),

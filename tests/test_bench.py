@@ -686,6 +686,20 @@ def test_gpu_summary(tmp_path):
     assert "TIMED OUT" in summ.report(summary)
 
 
+def test_gpu_summary_names_the_gpu_without_the_env_stage(tmp_path):
+    """The env stage has a 15 s box (CUDA start-up and nvidia-smi on a cold machine): when it timed out,
+    gpu_run.json said "gpu": null and dated the run by the summary, though bench.json holds both."""
+    summ = bench_script("gpu_summary")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "stages.tsv").write_text("env\t124\t15\t15\nbench\t0\t70\t170\n")
+    env = {"device": {"name": "Test GPU"}, "date": "2026-01-01T00:00:00"}
+    (work / "bench.json").write_text(json.dumps({"env": env, "best": {}, "targets": {}}))
+    summary = summ.summarise(work, tmp_path / "out", dryrun=False)
+    assert (summary["gpu"], summary["date"], summary["env"]) == ("Test GPU", "2026-01-01T00:00:00", env)
+    assert summ.report(summary).startswith("gpu_run on Test GPU at 2026-01-01T00:00:00")
+
+
 def test_gpu_summary_names_both_speedups_right():
     """A best entry's "speedup" is against eager fp32 at its fastest tile (any tile of the run),
     "speedup_same_tile" against eager fp32 at the best's own tile; the tile-1024 line printed the
