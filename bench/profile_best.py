@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=list(qb.SPECS))
     p.add_argument("--from", dest="report", help="a `qairn bench --json` report: profile its best backend")
-    p.add_argument("--size", default="3840x2160")
+    p.add_argument("--size", type=qb.parse_sizes, default="3840x2160", help="WxH (default 3840x2160)")
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
@@ -140,11 +140,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the profiler table here")
     p.add_argument("--json", help="write the top ops here")
     args = p.parse_args(argv)
+    if args.iters < 1:
+        raise SystemExit(f"--iters must be at least 1, got {args.iters}")
+    if args.tile < 0:
+        raise SystemExit(f"--tile must not be negative, got {args.tile}")
     device = qb.resolve(args.device)
     label = args.backend or best_backend(args.report, device)
     if qb.skip_reason(label, device):
         raise SystemExit(f"{label}: {qb.skip_reason(label, device)}")
-    (w, h), tile = qb.parse_sizes(args.size)[0], args.tile or None
+    (w, h), tile = args.size[0], args.tile or None
     model, source = qb.bench_model(args.weights, args.preset)
     opts = argparse.Namespace(tile_batch=0, overlap=32)
     restorer = qb.make_restorer(model, label, device, tile, opts)
@@ -185,7 +189,7 @@ def main(argv=None) -> int:
     ]
     balance = host_device_balance(prof, stacked, wall_ms, args.iters, cuda)
     title = (
-        f"{label} on {qb.environment(device)['device']['name']}, {args.size} tile {tile}, {source}, "
+        f"{label} on {qb.environment(device)['device']['name']}, {w}x{h} tile {tile}, {source}, "
         f"per call (of {args.iters})"
     )
     table = prof.key_averages().table(sort_by=key, row_limit=args.rows)

@@ -624,6 +624,22 @@ def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--iters", "0"], "--iters must be at least 1, got 0"),  # was a ZeroDivisionError after the warm-up
+        (["--size", "big"], "expected WxH sizes like 1920x1080, got 'big'"),  # was a traceback
+        (["--tile", "-8"], "--tile must not be negative, got -8"),  # was a Restorer ValueError traceback
+    ],
+)
+def test_profile_refuses_bad_options_in_one_line(args, says, capsys):
+    prof = bench_script("profile_best")
+    base = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        prof.main(base + args)
+    assert says in str(e.value.code) + capsys.readouterr().err  # argparse's own: rc 2, stderr
+
+
 def test_device_busy_time_counts_overlaps_once():
     prof = bench_script("profile_best")
     assert prof.busy_ms([]) == 0
