@@ -593,6 +593,24 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
     assert not any(".py(" in t["op"] for t in top["top"])  # Python frames only in the stacked pass
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--shape", "abc"], "expected NxCxHxW with C = 3, like 4x3x512x512, got 'abc'"),  # int() traceback
+        (["--shape", "1x3x16"], "got '1x3x16'"),  # an unpacking traceback
+        (["--shape", "1x4x16x16"], "got '1x4x16x16'"),  # a conv's channel error after the peak was timed
+        (["--shape", "0x3x16x16"], "got '0x3x16x16'"),  # ran, and printed 0 TFLOP/s for every layer
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),  # timed once, said nothing
+    ],
+)
+def test_conv_util_refuses_bad_options_in_one_line(args, says, capsys, monkeypatch):
+    conv = bench_script("conv_util")
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--device", "cpu", "--presets", "tiny", "--shape", "1x3x16x16", *args])
+    assert says in str(e.value.code) + capsys.readouterr().err  # argparse's own: rc 2, stderr
+
+
 def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
     """The GPU run's time box may stop conv_util in its second model: the first one's results stay."""
     conv = bench_script("conv_util")
