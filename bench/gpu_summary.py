@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shutil
 import sys
 import xml.etree.ElementTree as ET
@@ -128,6 +129,18 @@ def targets(bench: dict | None, convutil: dict | None) -> dict:
     return out
 
 
+def strict(obj):
+    """obj with non-finite floats as the strings "NaN", "Infinity", "-Infinity" (as qairn bench writes
+    them): the stages' JSON may hold bare NaN (json.dumps' default), which strict readers refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def summarise(work: Path, out: Path, dryrun: bool) -> dict:
     bench = load(work / "bench.json")
     convutil = load(work / "convutil.json")
@@ -158,7 +171,7 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "gpu_run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.write_text(json.dumps(strict(summary), indent=1, allow_nan=False) + "\n")
     tmp.replace(out / "gpu_run.json")
     for name in COPIED:
         if (work / name).is_file():

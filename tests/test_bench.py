@@ -734,6 +734,19 @@ def test_gpu_summary_names_the_gpu_without_the_env_stage(tmp_path):
     assert summ.report(summary).startswith("gpu_run on Test GPU at 2026-01-01T00:00:00")
 
 
+def test_gpu_run_json_is_strict_json(tmp_path):
+    """The training stage's p sweep writes NaN correlations (json.dumps' bare NaN, as in
+    bench/results/h200_2026-11-27_train.json); gpu_summary copied them into gpu_run.json as NaN, which
+    strict JSON readers refuse. They are now the strings "NaN", "Infinity", "-Infinity"."""
+    summ = bench_script("gpu_summary")
+    work = tmp_path / "work"
+    (work / "train").mkdir(parents=True)
+    (work / "train" / "results.json").write_text('{"p_sweep": [{"p": 0.5, "srcc": NaN, "gain": Infinity}]}')
+    summ.summarise(work, tmp_path / "out", dryrun=True)
+    train = strict_json((tmp_path / "out" / "gpu_run.json").read_text())["train"]
+    assert train == {"p_sweep": [{"p": 0.5, "srcc": "NaN", "gain": "Infinity"}]}
+
+
 def test_gpu_summary_names_both_speedups_right():
     """A best entry's "speedup" is against eager fp32 at its fastest tile (any tile of the run),
     "speedup_same_tile" against eager fp32 at the best's own tile; the tile-1024 line printed the
