@@ -264,9 +264,8 @@ def report(summary: dict) -> str:
         mem = "-" if b["peak_mem_mib"] is None else f"{b['peak_mem_mib']:.0f} MiB"
         if b.get("peak_mem_scope") == "torch allocator only":
             mem += " (torch allocator only)"
-        lines.append(
-            f"  best at {size}: {b['backend']} {speedups(b)}, PSNR {float(b['psnr_db']):.1f} dB, peak {mem}"
-        )
+        psnr = "ref" if b.get("psnr_db") is None else f"{float(b['psnr_db']):.1f} dB"  # eager fp32 is the ref
+        lines.append(f"  best at {size}: {b['backend']} {speedups(b)}, PSNR {psnr}, peak {mem}")
     for size, b in ((summary.get("bench_tile1024") or {}).get("best") or {}).items():
         lines.append(
             f"  tile {b.get('tile') or 'whole'}, best at {size}: {b['backend']} {speedups(b)}, "

@@ -215,13 +215,36 @@ def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, mo
     report = strict_json(out.read_text())
     twin = report["results"][1]
     assert twin["backend"] == "eager-fp32-twin" and float(twin["psnr_db"]) == float("inf")
-    assert float(report["best"]["16x16"]["psnr_db"]) == float("inf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temp file left
     assert qb.main(["--device", "cpu", "--env", str(env)]) == 0
     assert strict_json(env.read_text())["device"]["type"] == "cpu"
     summ = bench_script("gpu_summary")
     summary = {"gpu": "CPU", "date": "today", "dryrun": True, "stages": [], "tests": None, "targets": {}}
-    assert "PSNR inf dB" in summ.report(summary | {"best": report["best"]})
+    assert "PSNR inf dB" in summ.report(summary | {"best": {"16x16": twin}})  # as if it were the best
+
+
+def test_best_is_eager_fp32_when_nothing_beats_it():
+    """With every other backend slower than eager fp32, "best" named the fastest of them (here at
+    0.83x): the footer said "best ... 0.83x", and gpu_run.sh streamed and profiled that slower one."""
+    report = {
+        "results": [
+            {"status": "ok", "backend": "eager-fp32", "size": [64, 64], "tile": 512, "ms_median": 100.0,
+             "speedup": 1.0, "mp_per_s": 0.04, "peak_mem_mib": None},
+            {"status": "ok", "backend": "eager-bf16-cl", "size": [64, 64], "tile": 512, "ms_median": 120.0,
+             "speedup": 100 / 120, "mp_per_s": 0.03, "psnr_db": 50.0, "peak_mem_mib": None},
+        ],
+        "settings": {"min_psnr": 40.0},
+    }  # fmt: skip
+    report["best"] = qb.choose_best(report, 40.0)
+    best = report["best"]["64x64"]
+    assert (best["backend"], best["speedup"], best["psnr_db"]) == ("eager-fp32", 1.0, None)
+    assert "best at 64x64: eager-fp32 (tile 512) 1.00x the fastest eager fp32 run, PSNR ref" in qb.footer(
+        report
+    )
+    summ = bench_script("gpu_summary")
+    summary = {"gpu": "GPU", "date": "today", "dryrun": False, "stages": [], "tests": None, "targets": {}}
+    assert "best at 64x64: eager-fp32 1.00x" in summ.report(summary | {"best": report["best"]})
+    assert summ.best_label(report) == "eager-fp32"
 
 
 @pytest.mark.parametrize(
