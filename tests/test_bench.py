@@ -247,6 +247,24 @@ def test_best_is_eager_fp32_when_nothing_beats_it():
     assert summ.best_label(report) == "eager-fp32"
 
 
+def test_table_rows_line_up_and_keep_small_rates():
+    """Labels longer than 20 characters (graph-compile-triton-fp16) pushed their row 5 columns right of
+    the header, and MP/s and fps were printed to 2 decimals: a small CPU case read 0.00 MP/s."""
+    fields = dict(status="ok", ms_median=812.5, mp_per_s=0.00123, fps=1.23, speedup=1.0, peak_mem_mib=None)
+    fields |= dict(frac_of_peak=0.012)
+    rows = [
+        qb.case_row(label, (48, 32), None, **fields) for label in ("eager-fp32", "graph-compile-triton-fp16")
+    ]
+    rows += [
+        qb.case_row(
+            "graph-compile-triton-fp16", (3840, 2160), 512, **fields | {"mp_per_s": 154.57, "fps": 18.6}
+        )
+    ]
+    lines = [qb.format_row(r) for r in rows]
+    assert all(len(line) == len(qb.COLUMNS) for line in lines), [qb.COLUMNS, *lines]
+    assert lines[0].split()[4:6] == ["0.00123", "1.23"] and lines[2].split()[4:6] == ["155", "18.6"]
+
+
 @pytest.mark.parametrize(
     "args, says",
     [

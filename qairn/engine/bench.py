@@ -562,8 +562,9 @@ def targets(report: dict) -> dict:
 
 
 # ---- printing and plotting -------------------------------------------------------------------------------
+LABEL_WIDTH = max(map(len, SPECS))  # the longest label (graph-compile-triton-fp16) keeps its row in line
 COLUMNS = (
-    f"{'backend':<20} {'size':>9} {'tile':>5} {'ms':>9} {'MP/s':>8} {'fps':>7} {'speedup':>7} "
+    f"{'backend':<{LABEL_WIDTH}} {'size':>9} {'tile':>5} {'ms':>9} {'MP/s':>8} {'fps':>7} {'speedup':>7} "
     f"{'PSNR dB':>7} {'peak MiB':>8} {'%peak':>6}"
 )
 
@@ -572,18 +573,23 @@ def _fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
+def _rate(v: float) -> str:
+    """3 significant digits (a small CPU case's 0.00123 MP/s, not 0.00), whole numbers from 100 up."""
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def format_row(r: dict) -> str:
     size = "x".join(map(str, r["size"]))
     tile = str(r["tile"] or "whole")
     if r["status"] != "ok":
-        return f"{r['backend']:<20} {size:>9} {tile:>5}   {r['status']}: {r.get('reason', '')}"
+        return f"{r['backend']:<{LABEL_WIDTH}} {size:>9} {tile:>5}   {r['status']}: {r.get('reason', '')}"
     psnr_txt = (
         "ref" if r["backend"] == BASELINE and r.get("psnr_db") is None else _fmt(r.get("psnr_db"), ".1f")
     )
     peak = _fmt(r["peak_mem_mib"], ".0f") + ("*" if r.get("peak_mem_scope") == "torch allocator only" else "")
     return (
-        f"{r['backend']:<20} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {r['mp_per_s']:>8.2f} "
-        f"{r['fps']:>7.2f} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
+        f"{r['backend']:<{LABEL_WIDTH}} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {_rate(r['mp_per_s']):>8} "
+        f"{_rate(r['fps']):>7} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
         f"{peak:>8} {100 * r['frac_of_peak']:>6.2f}"
     )
 
@@ -782,10 +788,10 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
 
 def format_video_row(r: dict) -> str:
     size, tile = "x".join(map(str, r["size"])), str(r["tile"] or "whole")
-    head = f"{r['backend']:<20} {r['mode']:<14} {size:>9} {tile:>5}"
+    head = f"{r['backend']:<{LABEL_WIDTH}} {r['mode']:<14} {size:>9} {tile:>5}"
     if r["status"] != "ok":
         return f"{head}   {r['status']}: {r.get('reason', '')}"
-    return f"{head} {r['frames']:>4} frames {r['fps']:9.2f} fps {r['mp_per_s']:9.2f} MP/s"
+    return f"{head} {r['frames']:>4} frames {_rate(r['fps']):>9} fps {_rate(r['mp_per_s']):>9} MP/s"
 
 
 # ---- command line -------------------------------------------------------------------------------------
