@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qairn.engine import bench as qb
+from qairn.engine.imageio import check_writable, write_atomic
 
 
 def best_backend(report_path: str | None, device: torch.device) -> str:
@@ -144,6 +145,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"--iters must be at least 1, got {args.iters}")
     if args.tile < 0:
         raise SystemExit(f"--tile must not be negative, got {args.tile}")
+    try:
+        check_writable(args.out, args.json)  # before the profiling, not after it
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     device = qb.resolve(args.device)
     label = args.backend or best_backend(args.report, device)
     if qb.skip_reason(label, device):
@@ -197,25 +202,13 @@ def main(argv=None) -> int:
     for t in top:
         print(f"  {100 * t['share']:5.1f}%  {t['self_ms']:9.3f} ms  {t['calls']:>6}  {t['op'][:90]}")
     print(balance_text(balance))
+    # Atomic: gpu_run.sh's time box may interrupt the write, and a cut file would be copied out.
     if args.out:
-        Path(args.out).write_text(title + "\n" + table + "\n" + balance_text(balance) + "\n")
+        write_atomic(args.out, (title + "\n" + table + "\n" + balance_text(balance) + "\n").encode())
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "backend": label,
-                    "size": [w, h],
-                    "tile": tile,
-                    "model": source,
-                    "sort": key,
-                    "iters": args.iters,
-                    "top": top,
-                    **balance,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        report = {"backend": label, "size": [w, h], "tile": tile, "model": source, "sort": key}
+        report |= {"iters": args.iters, "top": top, **balance}
+        write_atomic(args.json, (json.dumps(report, indent=1) + "\n").encode())
     return 0
 
 

@@ -689,10 +689,14 @@ def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
         (["--iters", "0"], "--iters must be at least 1, got 0"),  # was a ZeroDivisionError after the warm-up
         (["--size", "big"], "expected WxH sizes like 1920x1080, got 'big'"),  # was a traceback
         (["--tile", "-8"], "--tile must not be negative, got -8"),  # was a Restorer ValueError traceback
+        # a FileNotFoundError traceback once the profiling was done
+        (["--out", "no/such/dir/p.txt"], "no/such/dir/p.txt: output folder does not exist"),
+        (["--json", "no/such/dir/p.json"], "no/such/dir/p.json: output folder does not exist"),
     ],
 )
-def test_profile_refuses_bad_options_in_one_line(args, says, capsys):
+def test_profile_refuses_bad_options_in_one_line(args, says, capsys, tmp_path, monkeypatch):
     prof = bench_script("profile_best")
+    monkeypatch.chdir(tmp_path)
     base = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "1"]
     with pytest.raises(SystemExit) as e:
         prof.main(base + args)
