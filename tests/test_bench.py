@@ -642,10 +642,14 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
         (["--shape", "1x4x16x16"], "got '1x4x16x16'"),  # a conv's channel error after the peak was timed
         (["--shape", "0x3x16x16"], "got '0x3x16x16'"),  # ran, and printed 0 TFLOP/s for every layer
         (["--repeats", "0"], "--repeats must be at least 1, got 0"),  # timed once, said nothing
+        # a FileNotFoundError traceback once the first model was measured
+        (["--json", "no/such/dir/c.json"], "no/such/dir/c.json: output folder does not exist"),
+        (["--plot", "no/such/dir/c.png"], "no/such/dir/c.png: output folder does not exist"),
     ],
 )
-def test_conv_util_refuses_bad_options_in_one_line(args, says, capsys, monkeypatch):
+def test_conv_util_refuses_bad_options_in_one_line(args, says, capsys, monkeypatch, tmp_path):
     conv = bench_script("conv_util")
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
     with pytest.raises(SystemExit) as e:
         conv.main(["--device", "cpu", "--presets", "tiny", "--shape", "1x3x16x16", *args])
