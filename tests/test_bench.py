@@ -707,6 +707,28 @@ def test_profile_refuses_bad_options_in_one_line(args, says, capsys, tmp_path, m
     assert says in str(e.value.code) + capsys.readouterr().err  # argparse's own: rc 2, stderr
 
 
+def test_cuda_kernel_benchmarks_run_with_benchmark_disable(monkeypatch):
+    """pytest bench/kernels --benchmark-disable (a quick check that they run) on a GPU: pytest-benchmark
+    keeps no stats then, and the three CUDA benchmarks ended in AttributeError ('NoneType' object has
+    no attribute 'stats') computing their GB/s. Run here on the CPU with a disabled benchmark."""
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "kernels"))
+
+    class Disabled:  # what pytest-benchmark's fixture is with --benchmark-disable: one call, no stats
+        stats, extra_info = None, {}
+
+        def pedantic(self, fn, **kwargs):
+            fn()
+
+    gate_bench = bench_script("kernels/bench_gate")
+    monkeypatch.setattr(gate_bench, "TILES_4K", (1, 32, 32))
+    monkeypatch.setattr(gate_bench, "TILE_CORE", (0, 32, 0, 32))
+    cpu, sync = torch.device("cpu"), lambda: None
+    gate_bench.test_gate_cuda(Disabled(), cpu, sync, "eager", torch.float32, 16)
+    bench_script("kernels/bench_conv").test_resblock_cuda(Disabled(), cpu, sync, "eager", torch.float32, 32)
+    up = bench_script("kernels/bench_conv_transpose")
+    up.test_up_step_cuda(Disabled(), cpu, sync, "eager", torch.float32, 8, 4, 16)
+
+
 def test_device_busy_time_counts_overlaps_once():
     prof = bench_script("profile_best")
     assert prof.busy_ms([]) == 0
