@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qairn.engine import bench as qb
-from qairn.engine.imageio import save_figure, write_atomic
+from qairn.engine.imageio import check_writable, save_figure, write_atomic
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
 from qairn.kernels import fuse
@@ -222,11 +222,24 @@ def write_plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """NxCxHxW of the model's input: four positive numbers, C = 3 (RGB)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1 or shape[1] != 3:
+        raise argparse.ArgumentTypeError(f"expected NxCxHxW with C = 3, like 4x3x512x512, got {text!r}")
+    return shape
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="small,paper", help="presets to measure (random weights: speed only)")
     p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
-    p.add_argument("--shape", default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)")
+    p.add_argument(
+        "--shape", type=parse_shape, default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)"
+    )
     p.add_argument("--precision", choices=sorted(DTYPES), help="default fp16 on CUDA, fp32 on CPU")
     p.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or cuda:N (made the current CUDA device)"
@@ -235,11 +248,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write a PNG of the per-layer times against the roofline")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    try:
+        check_writable(args.json, args.plot)  # before the measuring, not after the first model
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     device = qb.resolve(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    shape = tuple(int(v) for v in args.shape.lower().split("x"))
+    shape = args.shape
     peaks = qb.peak_matmul(device)
     peak = peaks.get(precision, max(peaks.values()))
     bandwidth = copy_bandwidth(device, DTYPES[precision], args.repeats)
@@ -270,7 +289,8 @@ def main(argv=None) -> int:
         if args.plot:
             write_plot(report, args.plot)
         print(
-            f"{name:>6} {args.shape}: {r['gflop']:.1f} GFLOP; convs alone {r['conv_ms']:.3f} ms = "
+            f"{name:>6} {'x'.join(map(str, shape))}: {r['gflop']:.1f} GFLOP; "
+            f"convs alone {r['conv_ms']:.3f} ms = "
             f"{r['conv_tflops']:.3g} TFLOP/s = {100 * r['conv_util']:.1f}% of peak; whole forward "
             f"{r['forward_ms']:.3f} ms = {100 * r['forward_util']:.1f}% of peak; "
             f"roofline {r['roofline_ms']:.3f} ms = {100 * r['roofline_util']:.1f}% of peak"

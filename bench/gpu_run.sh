@@ -76,7 +76,7 @@ else
   # the backends that need no compiling (the stage is short).
   BENCH1024=(--sizes 3840x2160 --tiles 1024,0 --backends eager-fp32,graph-triton-fp16,triton-fp16)
   VIDEO=(--sizes 3840x2160 --tiles 512 --video 8)
-  CONV=(--presets small,paper --shape 4x3x512x512)
+  CONV=(--presets small,paper --shape 4x3x512x512 --repeats 10)
   PROF=(--size 3840x2160 --tile 512)
   TESTS=()
   "$PY" -c 'import xdist' 2>/dev/null && TESTS=(-n 12)  # kernels compile per dtype, layout, tiling: in parallel
@@ -162,7 +162,7 @@ stage bench1024 30 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH1024[@
   --json "$WORK/bench1024.json"
 CONV_ENV=()
 [ "$DRY" = 1 ] && CONV_ENV=(env TRITON_INTERPRET=1)  # the fused-conv path, interpreted on tiny shapes
-stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" --repeats 10 \
+stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" \
   --json "$WORK/convutil.json" --plot "$WORK/convutil.png"
 BEST=$(best)
 stage video 50 "$PY" -m qairn.engine.bench --device "$DEVICE" "${VIDEO[@]}" --backends "$BEST" \

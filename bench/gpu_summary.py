@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shutil
 import sys
 import xml.etree.ElementTree as ET
@@ -128,10 +129,27 @@ def targets(bench: dict | None, convutil: dict | None) -> dict:
     return out
 
 
+def strict(obj):
+    """obj with non-finite floats as the strings "NaN", "Infinity", "-Infinity" (as qairn bench writes
+    them): the stages' JSON may hold bare NaN (json.dumps' default), which strict readers refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def summarise(work: Path, out: Path, dryrun: bool) -> dict:
-    env = load(work / "env.json") or {}
     bench = load(work / "bench.json")
     convutil = load(work / "convutil.json")
+    video = load(work / "video.json")
+    # The env stage may have run out of its short box (CUDA start-up on a cold machine): the GPU and
+    # the date are also in each report that ran after it.
+    env = load(work / "env.json") or next(
+        (r["env"] for r in (bench, video, convutil) if r and r.get("env")), {}
+    )
     summary = {
         "gpu": (env.get("device") or {}).get("name"),
         "date": env.get("date") or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +161,7 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
         "best": (bench or {}).get("best"),
         "bench": bench,
         "bench_tile1024": load(work / "bench1024.json"),
-        "video": load(work / "video.json"),
+        "video": video,
         "convutil": convutil,
         "profile": load(work / "profile.json"),
         "gate": load(work / "gate.json"),
@@ -153,7 +171,7 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
     }
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "gpu_run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.write_text(json.dumps(strict(summary), indent=1, allow_nan=False) + "\n")
     tmp.replace(out / "gpu_run.json")
     for name in COPIED:
         if (work / name).is_file():
@@ -244,9 +262,10 @@ def report(summary: dict) -> str:
         )
     for size, b in (summary["best"] or {}).items():
         mem = "-" if b["peak_mem_mib"] is None else f"{b['peak_mem_mib']:.0f} MiB"
-        lines.append(
-            f"  best at {size}: {b['backend']} {speedups(b)}, PSNR {b['psnr_db']:.1f} dB, peak {mem}"
-        )
+        if b.get("peak_mem_scope") == "torch allocator only":
+            mem += " (torch allocator only)"
+        psnr = "ref" if b.get("psnr_db") is None else f"{float(b['psnr_db']):.1f} dB"  # eager fp32 is the ref
+        lines.append(f"  best at {size}: {b['backend']} {speedups(b)}, PSNR {psnr}, peak {mem}")
     for size, b in ((summary.get("bench_tile1024") or {}).get("best") or {}).items():
         lines.append(
             f"  tile {b.get('tile') or 'whole'}, best at {size}: {b['backend']} {speedups(b)}, "
@@ -268,9 +287,14 @@ def report(summary: dict) -> str:
         lines.append(f"  trained weights beat the shipped ones on LIVE1: {c['use_trained']} {c}")
     lines += gate_lines(summary.get("gate") or {}) + profile_lines(summary.get("profile") or {})
     for name, t in summary["targets"].items():
+        if t is None:
+            verdict = "not measured"
+        elif t["met"] is None:  # a number that cannot decide it (a peak torch's allocator only saw)
+            verdict = f"not measured ({t.get('peak_mem_scope') or 'unknown'})"
+        else:
+            verdict = "MET" if t["met"] else "missed"
         lines.append(
-            f"  target {name}: {'not measured' if t is None else ('MET' if t['met'] else 'missed')} "
-            f"{'' if t is None else {k: v for k, v in t.items() if k != 'met'}}"
+            f"  target {name}: {verdict} {'' if t is None else {k: v for k, v in t.items() if k != 'met'}}"
         )
     return "\n".join(lines)
 

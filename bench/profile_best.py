@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qairn.engine import bench as qb
+from qairn.engine.imageio import check_writable, write_atomic
 
 
 def best_backend(report_path: str | None, device: torch.device) -> str:
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=list(qb.SPECS))
     p.add_argument("--from", dest="report", help="a `qairn bench --json` report: profile its best backend")
-    p.add_argument("--size", default="3840x2160")
+    p.add_argument("--size", type=qb.parse_sizes, default="3840x2160", help="WxH (default 3840x2160)")
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
@@ -140,11 +141,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the profiler table here")
     p.add_argument("--json", help="write the top ops here")
     args = p.parse_args(argv)
+    if args.iters < 1:
+        raise SystemExit(f"--iters must be at least 1, got {args.iters}")
+    if args.tile < 0:
+        raise SystemExit(f"--tile must not be negative, got {args.tile}")
+    try:
+        check_writable(args.out, args.json)  # before the profiling, not after it
+    except OSError as e:
+        raise SystemExit(str(e)) from None
     device = qb.resolve(args.device)
     label = args.backend or best_backend(args.report, device)
     if qb.skip_reason(label, device):
         raise SystemExit(f"{label}: {qb.skip_reason(label, device)}")
-    (w, h), tile = qb.parse_sizes(args.size)[0], args.tile or None
+    (w, h), tile = args.size[0], args.tile or None
     model, source = qb.bench_model(args.weights, args.preset)
     opts = argparse.Namespace(tile_batch=0, overlap=32)
     restorer = qb.make_restorer(model, label, device, tile, opts)
@@ -185,7 +194,7 @@ def main(argv=None) -> int:
     ]
     balance = host_device_balance(prof, stacked, wall_ms, args.iters, cuda)
     title = (
-        f"{label} on {qb.environment(device)['device']['name']}, {args.size} tile {tile}, {source}, "
+        f"{label} on {qb.environment(device)['device']['name']}, {w}x{h} tile {tile}, {source}, "
         f"per call (of {args.iters})"
     )
     table = prof.key_averages().table(sort_by=key, row_limit=args.rows)
@@ -193,25 +202,13 @@ def main(argv=None) -> int:
     for t in top:
         print(f"  {100 * t['share']:5.1f}%  {t['self_ms']:9.3f} ms  {t['calls']:>6}  {t['op'][:90]}")
     print(balance_text(balance))
+    # Atomic: gpu_run.sh's time box may interrupt the write, and a cut file would be copied out.
     if args.out:
-        Path(args.out).write_text(title + "\n" + table + "\n" + balance_text(balance) + "\n")
+        write_atomic(args.out, (title + "\n" + table + "\n" + balance_text(balance) + "\n").encode())
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "backend": label,
-                    "size": [w, h],
-                    "tile": tile,
-                    "model": source,
-                    "sort": key,
-                    "iters": args.iters,
-                    "top": top,
-                    **balance,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+        report = {"backend": label, "size": [w, h], "tile": tile, "model": source, "sort": key}
+        report |= {"iters": args.iters, "top": top, **balance}
+        write_atomic(args.json, (json.dumps(report, indent=1) + "\n").encode())
     return 0
 
 

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,6 +20,19 @@ from qairn.engine import bench as qb
 from qairn.model import PRESETS, QAIRN
 
 REPO = Path(__file__).resolve().parents[1]
+# A run of a few seconds: what a refused option would have started.
+FAST = [
+    "--device",
+    "cpu",
+    "--preset",
+    "tiny",
+    "--sizes",
+    "16x16",
+    "--backends",
+    "eager-fp32",
+    "--warmup",
+    "0",
+]
 TINY = ["--device", "cpu", "--preset", "tiny", "--threads", "1", "--warmup", "1", "--repeats", "1"]
 
 
@@ -158,6 +173,98 @@ def test_wrong_backends_are_not_best():
     assert best["backend"] == "triton-fp16" and best["speedup"] == 2.0 and best["baseline_ms"] == 100.0
 
 
+def test_a_backend_with_nan_output_is_wrong_not_best():
+    """fp16 overflow gives NaN pixels, so a NaN PSNR: NaN < min_psnr is False, and such a backend was
+    neither flagged WRONG nor kept out of "best" (here it won, at 10x)."""
+    nan_out = torch.full((1, 3, 4, 4), float("nan"))
+    psnr = qb.psnr(nan_out, torch.zeros(1, 3, 4, 4))
+
+    def row(backend, ms, psnr_db):
+        return {"status": "ok", "backend": backend, "size": [64, 64], "tile": 512, "ms_median": ms,
+                "speedup": 100.0 / ms, "mp_per_s": 1.0, "psnr_db": psnr_db, "peak_mem_mib": None}  # fmt: skip
+
+    report = {
+        "results": [
+            row("eager-fp32", 100.0, None),
+            row("eager-fp16-cl", 10.0, psnr),
+            row("eager-bf16-cl", 50.0, 48.0),
+        ],
+        "settings": {"min_psnr": 40.0},
+    }
+    report["best"] = qb.choose_best(report, 40.0)
+    assert report["best"]["64x64"]["backend"] == "eager-bf16-cl"
+    assert "WRONG (PSNR < 40.0 dB vs eager fp32): eager-fp16-cl" in qb.footer(report)
+
+
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_report_is_strict_when_a_backend_matches_eager_exactly(tmp_path, monkeypatch):
+    """A backend whose output is bit-identical to eager fp32 has PSNR infinity; json.dumps wrote it as
+    the bare word Infinity, which no strict JSON reader (jq, JavaScript, Go) takes. Non-finite numbers
+    are now the strings "Infinity", "-Infinity", "NaN" (float() reads them back)."""
+    monkeypatch.setitem(qb.SPECS, "eager-fp32-twin", qb.SPECS["eager-fp32"])
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    out, env = tmp_path / "bench.json", tmp_path / "env.json"
+    args = TINY + ["--sizes", "16x16", "--tiles", "0", "--backends", "eager-fp32-twin", "--json", str(out)]
+    assert qb.main(args) == 0
+    report = strict_json(out.read_text())
+    twin = report["results"][1]
+    assert twin["backend"] == "eager-fp32-twin" and float(twin["psnr_db"]) == float("inf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temp file left
+    assert qb.main(["--device", "cpu", "--env", str(env)]) == 0
+    assert strict_json(env.read_text())["device"]["type"] == "cpu"
+    summ = bench_script("gpu_summary")
+    summary = {"gpu": "CPU", "date": "today", "dryrun": True, "stages": [], "tests": None, "targets": {}}
+    assert "PSNR inf dB" in summ.report(summary | {"best": {"16x16": twin}})  # as if it were the best
+
+
+def test_best_is_eager_fp32_when_nothing_beats_it():
+    """With every other backend slower than eager fp32, "best" named the fastest of them (here at
+    0.83x): the footer said "best ... 0.83x", and gpu_run.sh streamed and profiled that slower one."""
+    report = {
+        "results": [
+            {"status": "ok", "backend": "eager-fp32", "size": [64, 64], "tile": 512, "ms_median": 100.0,
+             "speedup": 1.0, "mp_per_s": 0.04, "peak_mem_mib": None},
+            {"status": "ok", "backend": "eager-bf16-cl", "size": [64, 64], "tile": 512, "ms_median": 120.0,
+             "speedup": 100 / 120, "mp_per_s": 0.03, "psnr_db": 50.0, "peak_mem_mib": None},
+        ],
+        "settings": {"min_psnr": 40.0},
+    }  # fmt: skip
+    report["best"] = qb.choose_best(report, 40.0)
+    best = report["best"]["64x64"]
+    assert (best["backend"], best["speedup"], best["psnr_db"]) == ("eager-fp32", 1.0, None)
+    assert "best at 64x64: eager-fp32 (tile 512) 1.00x the fastest eager fp32 run, PSNR ref" in qb.footer(
+        report
+    )
+    summ = bench_script("gpu_summary")
+    summary = {"gpu": "GPU", "date": "today", "dryrun": False, "stages": [], "tests": None, "targets": {}}
+    assert "best at 64x64: eager-fp32 1.00x" in summ.report(summary | {"best": report["best"]})
+    assert summ.best_label(report) == "eager-fp32"
+
+
+def test_table_rows_line_up_and_keep_small_rates():
+    """Labels longer than 20 characters (graph-compile-triton-fp16) pushed their row 5 columns right of
+    the header, and MP/s and fps were printed to 2 decimals: a small CPU case read 0.00 MP/s."""
+    fields = dict(status="ok", ms_median=812.5, mp_per_s=0.00123, fps=1.23, speedup=1.0, peak_mem_mib=None)
+    fields |= dict(frac_of_peak=0.012)
+    rows = [
+        qb.case_row(label, (48, 32), None, **fields) for label in ("eager-fp32", "graph-compile-triton-fp16")
+    ]
+    rows += [
+        qb.case_row(
+            "graph-compile-triton-fp16", (3840, 2160), 512, **fields | {"mp_per_s": 154.57, "fps": 18.6}
+        )
+    ]
+    lines = [qb.format_row(r) for r in rows]
+    assert all(len(line) == len(qb.COLUMNS) for line in lines), [qb.COLUMNS, *lines]
+    assert lines[0].split()[4:6] == ["0.00123", "1.23"] and lines[2].split()[4:6] == ["155", "18.6"]
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
@@ -167,16 +274,50 @@ def test_wrong_backends_are_not_best():
         (["--sizes", "big"], "expected WxH sizes"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--video", "3", "--plot", "x.png"], "--video has no chart"),
+        # These ran before: every case a "failed" row, the run rc 0; or the options were dropped unsaid
+        # (no backend: the defaults; --case-budget-s 0: 30 s; NaN: never compared, never cut).
+        (FAST + ["--tiles", "16", "--overlap", "32"], "--tiles 16 with --overlap 32: overlap 32"),
+        (FAST + ["--backends", ","], "no backend named"),
+        (FAST + ["--case-budget-s", "0"], "--case-budget-s must be positive"),
+        (FAST + ["--min-psnr", "nan"], "--min-psnr must be a finite number, got nan"),
+        (FAST + ["--budget-s", "inf"], "--budget-s must be a finite number, got inf"),
+        # the plot was written over the report
+        (FAST + ["--json", "same.out", "--plot", "same.out"], "--json and --plot name the same file"),
+        # --video streamed the first size at the first tile and dropped the others unsaid
+        (FAST + ["--video", "2", "--sizes", "16x16,32x32"], "--video streams one size at one tile"),
+        (
+            FAST + ["--video", "2", "--tiles", "0,16", "--overlap", "0"],
+            "--video streams one size at one tile",
+        ),
     ],
 )
-def test_bad_options_are_refused(args, says, capsys):
+def test_bad_options_are_refused(args, says, capsys, tmp_path, monkeypatch):
     from qairn.cli import main as cli
+
+    monkeypatch.chdir(tmp_path)  # an option that is not refused writes its file here
 
     try:
         rc = cli(["bench", *args])
     except SystemExit as e:  # argparse's own (a --sizes that does not parse): usage and the reason
         rc = e.code
     assert rc == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", ["--json", "--plot", "--env"])
+def test_an_output_over_the_weights_is_refused(tmp_path, output, capsys):
+    """--json (or --plot, --env) naming the --weights file wrote the report over the weights: the
+    model was gone after the run. Now one line, before any work, and the file is untouched."""
+    from qairn.cli import main as cli
+    from qairn.weights_io import save_weights
+
+    weights = tmp_path / "w.safetensors"
+    save_weights(QAIRN(PRESETS["tiny"]), weights)
+    before = weights.read_bytes()
+    rc = cli(["bench", *FAST, "--weights", str(weights), output, str(weights)])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        f"qairn bench: error: {output} {weights}: is the --weights file; write to another file"
+    )
+    assert weights.read_bytes() == before
 
 
 def test_label_tile_batch_and_onnxruntime_threads(monkeypatch):
@@ -263,8 +404,66 @@ def test_measure_times_on_the_devices_own_stream(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     gpu = torch.device("cuda", 1)
     r = qb.measure(lambda: "out", gpu, warmup=1, repeats=2, budget_s=10.0)
-    assert r == {"ms": [1.5, 1.5], "out": "out"}
+    assert r == {"ms": [1.5, 1.5], "out": "out", "warmup": 1}
     assert len(recorded) == 4 and all(s is streams[gpu] for s in recorded)
+
+
+def test_measure_reports_the_warm_up_calls_it_made():
+    """The row said "warmup": 0 for --warmup 0, though one untimed call always runs (it compiles and
+    sizes the budget), and --warmup 5 for a slow case whose warm-up stopped at the second call."""
+    calls = []
+
+    def fn(seconds):
+        calls.append(seconds)
+        time.sleep(seconds)
+        return len(calls)
+
+    r = qb.measure(lambda: fn(0.0), torch.device("cpu"), warmup=0, repeats=2, budget_s=10.0)
+    assert r["warmup"] == 1 and len(r["ms"]) == 2 and len(calls) == 3 and r["out"] == 3
+    calls.clear()
+    r = qb.measure(lambda: fn(0.03), torch.device("cpu"), warmup=5, repeats=1, budget_s=0.1)
+    assert r["warmup"] == 2 and len(calls) == 3  # the second call took over a quarter of 0.1 s
+    restorer = SimpleNamespace(
+        restore_tensor=lambda x: (x, {"q": torch.tensor([0.5])}, None),
+        tiling_for=lambda h, w: (None, 0),
+        tile_batch=1,
+    )
+    args = SimpleNamespace(warmup=0, repeats=1, case_budget_s=10.0)
+    report = {"peak_tflops": {"fp32": 1.0}, "model": {"gflop_per_mp": 1.0}}
+    fields = qb.time_case(
+        restorer, "eager-fp32", torch.rand(1, 3, 8, 8), None, torch.device("cpu"), args, {}, report
+    )
+    assert fields["warmup"] == 1
+
+
+def test_plot_names_every_backend_beside_its_bars(tmp_path, monkeypatch):
+    """With a GPU run's 15 backends the chart was one legend over bars in matplotlib's 10 colours, so
+    eager-fp32 and triton-fp16 (and four more pairs) were the same colour; the legend also covered the
+    compute limit. Now each (size, tile) is a panel and each backend's name sits beside its bar."""
+    figures = []
+    monkeypatch.setattr(qb, "save_figure", lambda fig, path: figures.append(fig))
+    labels = qb.DEFAULTS["cuda"]["backends"]
+    rows = [
+        {"status": "ok", "backend": label, "size": size, "tile": 512, "mp_per_s": 10.0 + i,
+         "speedup": (10.0 + i) / 10.0, "psnr_db": 30.0 if label == "eager-bf16-cl" else 60.0}
+        for size in ([3840, 2160], [1920, 1080]) for i, label in enumerate(labels)
+    ]  # fmt: skip
+    report = {
+        "results": rows
+        + [{"status": "skipped", "backend": "tensorrt-fp16", "size": [640, 480], "tile": 512}],
+        "settings": {"min_psnr": 40.0},
+        "peak_tflops": {"fp16": 1.0},
+        "model": {"gflop_per_mp": 10.0, "source": "preset small"},
+        "env": {"device": {"name": "Test GPU"}},
+    }
+    qb.write_plot(report, str(tmp_path / "b.png"))
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["3840x2160, tile 512", "1920x1080, tile 512"]
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == labels  # the panels share these rows
+    for ax in axes:
+        texts = [t.get_text() for t in ax.texts]
+        assert texts[0] == " 10  1.00x" and texts[labels.index("eager-bf16-cl")].endswith("WRONG")
+        assert [line.get_xdata()[0] for line in ax.lines] == [100.0]  # 1 TFLOP/s / 10 GFLOP/MP
 
 
 def test_video_mode_on_cpu(tmp_path):
@@ -286,6 +485,97 @@ def test_video_mode_on_cpu(tmp_path):
     assert [r["mode"] for r in rows] == ["loop", "stream-rgb", "stream-yuv420"]
     assert all(r["status"] == "ok" and r["fps"] > 0 for r in rows), rows
     assert rows[1]["max_abs_diff_u8_vs_loop"] <= 1
+
+
+def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
+    """--video 6 streams batches of 4 and 2 frames: the warm-up ran one batch of 4 only, so the timed
+    pass met the batch of 2 first (on whole frames a new shape: torch.compile compiled it in the timing)."""
+    calls = []  # batch sizes given to the backend, and "clock" where the timing starts and ends
+    restore_tensor, clock = qb.Restorer.restore_tensor, time.perf_counter
+
+    def record(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return restore_tensor(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(qb.Restorer, "restore_tensor", record)
+    monkeypatch.setattr(qb.time, "perf_counter", lambda: calls.append("clock") or clock())
+    args = SimpleNamespace(
+        sizes=[(32, 32)], tiles=[None], video=6, seed=0, backends=["eager-fp32"], overlap=0, tile_batch=0
+    )
+    report = {"results": []}
+    qb.run_video(args, qb.bench_model(preset="tiny")[0], torch.device("cpu"), report, lambda r: None)
+    assert [r["mode"] for r in report["results"] if r["status"] == "ok"] == [
+        "loop",
+        "stream-rgb",
+        "stream-yuv420",
+    ]
+    clocks = [i for i, c in enumerate(calls) if c == "clock"]
+    assert len(clocks) == 6  # a start and an end per mode
+    for start, end, before in zip(clocks[0::2], clocks[1::2], [-1] + clocks[1::2]):
+        warm, timed = set(calls[before + 1 : start]), set(calls[start + 1 : end])
+        assert timed <= warm, (warm, timed)
+
+
+def test_bench_video_stream_warms_up_on_a_whole_batch(monkeypatch):
+    """bench_video's stream benchmark warmed up on one frame, then timed batches of 4: every first
+    round met the 4-frame shape (allocations, cuDNN choices; compiling, for a compiled backend)."""
+    pytest.importorskip("av")
+    module = bench_script("bench_video")
+    calls = []
+    restore_tensor = module.Restorer.restore_tensor
+
+    def record(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return restore_tensor(self, x, *args, **kwargs)
+
+    class Benchmark:
+        def pedantic(self, fn, rounds=1, **kwargs):
+            calls.append("timed")
+            fn()
+
+    monkeypatch.setattr(module.Restorer, "restore_tensor", record)
+    y, uv = torch.randint(16, 235, (16, 16), dtype=torch.uint8), torch.full((8, 8), 128, dtype=torch.uint8)
+    frames = [(y.numpy(), uv.numpy(), uv.numpy())] * 8
+    model = qb.bench_model(preset="tiny")[0]
+    module.test_stream_720p(Benchmark(), model, torch.device("cpu"), lambda: None, frames, None)
+    timed = calls.index("timed")
+    assert set(calls[timed + 1 :]) <= set(calls[:timed]), calls
+
+
+def test_bench_video_transcode_is_timed_warm(tmp_path, monkeypatch):
+    """bench_video's transcode benchmark timed a fresh Restorer (warmup_rounds=0, no call before):
+    its first round held every first-call cost, and on the CPU (1 round) it was all it timed."""
+    av = pytest.importorskip("av")
+    module = bench_script("bench_video")
+    calls = []
+
+    class Benchmark:
+        def pedantic(self, fn, rounds=1, warmup_rounds=0, **kwargs):
+            for _ in range(warmup_rounds):
+                fn()
+            calls.append("timed")
+            return fn()
+
+    restore_tensor = module.Restorer.restore_tensor
+    monkeypatch.setattr(
+        module.Restorer,
+        "restore_tensor",
+        lambda self, x, *a, **k: calls.append(1) or restore_tensor(self, x, *a, **k),
+    )
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as o:
+        s = o.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = 32, 32, "yuv420p"
+        for i in range(module.FRAMES):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 60 * i, np.uint8), format="rgb24").reformat(
+                format="yuv420p"
+            )
+            f.pts = i
+            o.mux(s.encode(f))
+        o.mux(s.encode(None))
+    model = qb.bench_model(preset="tiny")[0]
+    module.test_transcode_720p(Benchmark(), model, torch.device("cpu"), clip, tmp_path)
+    assert calls.index("timed") > 0, calls  # the Restorer ran before the clock
 
 
 def test_conv_util_and_profile_on_cpu(tmp_path):
@@ -344,6 +634,28 @@ def test_conv_util_and_profile_on_cpu(tmp_path):
     assert not any(".py(" in t["op"] for t in top["top"])  # Python frames only in the stacked pass
 
 
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--shape", "abc"], "expected NxCxHxW with C = 3, like 4x3x512x512, got 'abc'"),  # int() traceback
+        (["--shape", "1x3x16"], "got '1x3x16'"),  # an unpacking traceback
+        (["--shape", "1x4x16x16"], "got '1x4x16x16'"),  # a conv's channel error after the peak was timed
+        (["--shape", "0x3x16x16"], "got '0x3x16x16'"),  # ran, and printed 0 TFLOP/s for every layer
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),  # timed once, said nothing
+        # a FileNotFoundError traceback once the first model was measured
+        (["--json", "no/such/dir/c.json"], "no/such/dir/c.json: output folder does not exist"),
+        (["--plot", "no/such/dir/c.png"], "no/such/dir/c.png: output folder does not exist"),
+    ],
+)
+def test_conv_util_refuses_bad_options_in_one_line(args, says, capsys, monkeypatch, tmp_path):
+    conv = bench_script("conv_util")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--device", "cpu", "--presets", "tiny", "--shape", "1x3x16x16", *args])
+    assert says in str(e.value.code) + capsys.readouterr().err  # argparse's own: rc 2, stderr
+
+
 def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
     """The GPU run's time box may stop conv_util in its second model: the first one's results stay."""
     conv = bench_script("conv_util")
@@ -373,6 +685,48 @@ def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
         conv.main(args + ["--plot", str(tmp_path / "c.png")])
     assert list(json.loads((tmp_path / "c.json").read_text())["presets"]) == ["tiny"]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--iters", "0"], "--iters must be at least 1, got 0"),  # was a ZeroDivisionError after the warm-up
+        (["--size", "big"], "expected WxH sizes like 1920x1080, got 'big'"),  # was a traceback
+        (["--tile", "-8"], "--tile must not be negative, got -8"),  # was a Restorer ValueError traceback
+        # a FileNotFoundError traceback once the profiling was done
+        (["--out", "no/such/dir/p.txt"], "no/such/dir/p.txt: output folder does not exist"),
+        (["--json", "no/such/dir/p.json"], "no/such/dir/p.json: output folder does not exist"),
+    ],
+)
+def test_profile_refuses_bad_options_in_one_line(args, says, capsys, tmp_path, monkeypatch):
+    prof = bench_script("profile_best")
+    monkeypatch.chdir(tmp_path)
+    base = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        prof.main(base + args)
+    assert says in str(e.value.code) + capsys.readouterr().err  # argparse's own: rc 2, stderr
+
+
+def test_cuda_kernel_benchmarks_run_with_benchmark_disable(monkeypatch):
+    """pytest bench/kernels --benchmark-disable (a quick check that they run) on a GPU: pytest-benchmark
+    keeps no stats then, and the three CUDA benchmarks ended in AttributeError ('NoneType' object has
+    no attribute 'stats') computing their GB/s. Run here on the CPU with a disabled benchmark."""
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "kernels"))
+
+    class Disabled:  # what pytest-benchmark's fixture is with --benchmark-disable: one call, no stats
+        stats, extra_info = None, {}
+
+        def pedantic(self, fn, **kwargs):
+            fn()
+
+    gate_bench = bench_script("kernels/bench_gate")
+    monkeypatch.setattr(gate_bench, "TILES_4K", (1, 32, 32))
+    monkeypatch.setattr(gate_bench, "TILE_CORE", (0, 32, 0, 32))
+    cpu, sync = torch.device("cpu"), lambda: None
+    gate_bench.test_gate_cuda(Disabled(), cpu, sync, "eager", torch.float32, 16)
+    bench_script("kernels/bench_conv").test_resblock_cuda(Disabled(), cpu, sync, "eager", torch.float32, 32)
+    up = bench_script("kernels/bench_conv_transpose")
+    up.test_up_step_cuda(Disabled(), cpu, sync, "eager", torch.float32, 8, 4, 16)
 
 
 def test_device_busy_time_counts_overlaps_once():
@@ -437,6 +791,33 @@ def test_gpu_summary(tmp_path):
     assert "TIMED OUT" in summ.report(summary)
 
 
+def test_gpu_summary_names_the_gpu_without_the_env_stage(tmp_path):
+    """The env stage has a 15 s box (CUDA start-up and nvidia-smi on a cold machine): when it timed out,
+    gpu_run.json said "gpu": null and dated the run by the summary, though bench.json holds both."""
+    summ = bench_script("gpu_summary")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "stages.tsv").write_text("env\t124\t15\t15\nbench\t0\t70\t170\n")
+    env = {"device": {"name": "Test GPU"}, "date": "2026-01-01T00:00:00"}
+    (work / "bench.json").write_text(json.dumps({"env": env, "best": {}, "targets": {}}))
+    summary = summ.summarise(work, tmp_path / "out", dryrun=False)
+    assert (summary["gpu"], summary["date"], summary["env"]) == ("Test GPU", "2026-01-01T00:00:00", env)
+    assert summ.report(summary).startswith("gpu_run on Test GPU at 2026-01-01T00:00:00")
+
+
+def test_gpu_run_json_is_strict_json(tmp_path):
+    """The training stage's p sweep writes NaN correlations (json.dumps' bare NaN, as in
+    bench/results/h200_2026-11-27_train.json); gpu_summary copied them into gpu_run.json as NaN, which
+    strict JSON readers refuse. They are now the strings "NaN", "Infinity", "-Infinity"."""
+    summ = bench_script("gpu_summary")
+    work = tmp_path / "work"
+    (work / "train").mkdir(parents=True)
+    (work / "train" / "results.json").write_text('{"p_sweep": [{"p": 0.5, "srcc": NaN, "gain": Infinity}]}')
+    summ.summarise(work, tmp_path / "out", dryrun=True)
+    train = strict_json((tmp_path / "out" / "gpu_run.json").read_text())["train"]
+    assert train == {"p_sweep": [{"p": 0.5, "srcc": "NaN", "gain": "Infinity"}]}
+
+
 def test_gpu_summary_names_both_speedups_right():
     """A best entry's "speedup" is against eager fp32 at its fastest tile (any tile of the run),
     "speedup_same_tile" against eager fp32 at the best's own tile; the tile-1024 line printed the
@@ -475,6 +856,26 @@ def test_gpu_summary_names_both_speedups_right():
 
 def test_gpu_run_script_syntax():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
+
+
+def test_gpu_run_dry_run_keeps_its_own_repeats(tmp_path):
+    """The dry run's conv_util command ended in "--repeats 3 --repeats 10" (the real run's 10 was
+    appended after it, and the last one wins): 10 interpreted Triton timings per layer, and the stage
+    ran out of its 90 s box on a busy CPU. Each command here is logged by a stand-in python."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(
+        os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake), QAIRN_GPU_DRYRUN="1", TMPDIR=str(tmp_path)
+    )
+    env["QAIRN_GPU_STAGES"] = "convutil"
+    out = subprocess.run(
+        ["bash", "bench/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    conv = [line for line in log.read_text().splitlines() if line.startswith("bench/conv_util.py")]
+    assert len(conv) == 1 and conv[0].count("--repeats") == 1 and "--repeats 3" in conv[0], conv
 
 
 @pytest.mark.slow
@@ -548,6 +949,47 @@ class FakeEvents:
         monkeypatch.setattr(torch.cuda, "Event", Event)
         monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: fake.synced.append(device))
+
+
+def test_peak_memory_of_onnxruntime_and_tensorrt_says_torch_allocator_only(monkeypatch):
+    """ONNX Runtime and TensorRT allocate their working memory outside torch, so torch's peak is only
+    their inputs and outputs: the table, the JSON and the 8K memory target took it for the whole
+    (a TensorRT best "met" <= 4 GiB on its I/O buffers alone)."""
+    fake = FakeEvents(monkeypatch)
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 300 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 200 * 2**20)
+    x = torch.rand(1, 3, 8, 8)
+    restorer = SimpleNamespace(
+        restore_tensor=lambda x: (x, {"q": torch.tensor([0.5])}, None),
+        tiling_for=lambda h, w: (None, 0),
+        tile_batch=1,
+    )
+    args = SimpleNamespace(warmup=1, repeats=2, case_budget_s=10.0, overlap=0)
+    report = {"peak_tflops": {"fp16": 100.0}, "model": {"gflop_per_mp": 10.0}, "settings": {"min_psnr": 40.0}}
+    gpu, refs, rows = torch.device("cuda", 0), {}, []
+    for label in ("eager-fp32", "tensorrt-fp16", "eager-fp16-cl"):
+        fields = qb.time_case(restorer, label, x, None, gpu, args, refs, report)
+        rows.append(qb.case_row(label, (7680, 4320), None, status="ok", **fields))
+    assert fake.synced and [r["peak_mem_mib"] for r in rows] == [300.0] * 3
+    assert [r["peak_mem_scope"] for r in rows] == ["torch allocator", "torch allocator only"] + [
+        "torch allocator"
+    ]
+    assert qb.format_row(rows[1]).split()[-2] == "300*" and qb.format_row(rows[2]).split()[-2] == "300"
+    report["results"] = rows
+    report["best"] = {
+        "3840x2160": {"backend": "tensorrt-fp16", "tile": None, "speedup": 9.0, "psnr_db": 50.0}
+    }
+    assert "* peak MiB of tensorrt-fp16: torch's allocator only" in qb.footer(report)
+    mem = qb.targets(report)["mem_8k_le_4gib"]
+    assert mem["met"] is None and mem["peak_mem_scope"] == "torch allocator only"
+    report["best"]["3840x2160"]["backend"] = "eager-fp16-cl"
+    assert qb.targets(report)["mem_8k_le_4gib"]["met"] is True
+    summ = bench_script("gpu_summary")
+    summary = {"gpu": "GPU", "date": "today", "dryrun": False, "stages": [], "tests": None, "best": {}}
+    text = summ.report(summary | {"targets": {"mem_8k_le_4gib": mem}})
+    assert "target mem_8k_le_4gib: not measured (torch allocator only)" in text
 
 
 def test_gate_workload_times_on_the_given_gpus_stream(monkeypatch):

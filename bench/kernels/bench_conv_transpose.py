@@ -60,4 +60,5 @@ def test_up_step_cuda(benchmark, gpu, sync, impl, dtype, cin, cout, size):
     x, _, _, skip = args
     nbytes = x.numel() * x.element_size() + 2 * skip.numel() * skip.element_size()  # x, skip in; out
     benchmark.extra_info["min_bytes"] = nbytes
-    benchmark.extra_info["GBps_at_min_bytes"] = nbytes / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:  # None with --benchmark-disable: nothing was timed
+        benchmark.extra_info["GBps_at_min_bytes"] = nbytes / benchmark.stats.stats.median / 1e9

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import check_writable, save_figure
-from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, resolve_device
+from qairn.engine.imageio import check_writable, save_figure, write_atomic
+from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
 from qairn.weights_io import load_model
@@ -64,6 +64,9 @@ SPECS = {
 }
 BASELINE = "eager-fp32"
 CUDA_ONLY = ("triton", "tensorrt")  # backend names (or options) that need a CUDA device
+# Engines with device memory of their own (ONNX Runtime's arena, TensorRT's activations and workspace),
+# which torch's allocator statistics do not see: their peak is only the inputs and outputs torch holds.
+OWN_MEMORY = ("onnxruntime", "tensorrt")
 DEFAULTS = {
     "cuda": {
         "backends": [
@@ -272,13 +275,16 @@ def peak_for_floor(peaks: dict) -> tuple[str, float]:
 
 # ---- timing -------------------------------------------------------------------------------------------
 def measure(fn, device: torch.device, warmup: int, repeats: int, budget_s: float) -> dict:
-    """Run fn `warmup` times untimed, then time up to `repeats` calls (CUDA events on CUDA). Slow cases
-    are cut short: no second warm-up when one took over a quarter of the budget, and only as many
-    repeats as fit in the budget (at least one). Returns {"ms": [...], "out": last output}."""
+    """Run fn `warmup` times untimed (at least once: the first call compiles and sizes the budget), then
+    time up to `repeats` calls (CUDA events on CUDA). Slow cases are cut short: no more warm-up once
+    the second call took over a quarter of the budget, and only as many repeats as fit in the budget
+    (at least one). Returns {"ms": [...], "out": last output, "warmup": untimed calls made}."""
     cuda = device.type == "cuda"
     last = 0.0
     out = None
+    done = 0
     for i in range(max(1, warmup)):
+        done += 1
         out = None
         t0 = time.perf_counter()
         out = fn()
@@ -304,7 +310,7 @@ def measure(fn, device: torch.device, warmup: int, repeats: int, budget_s: float
             t0 = time.perf_counter()
             out = fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms": times, "out": out}
+    return {"ms": times, "out": out, "warmup": done}
 
 
 def synthetic_frame(height: int, width: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -431,6 +437,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
     h, w = x.shape[-2:]
     r = measure(lambda: restorer.restore_tensor(x), device, args.warmup, args.repeats, args.case_budget_s)
     peak_mib = peak_alloc_mib = None
+    fields = {}
     if device.type == "cuda":
         # Warm-up (compilation, autotuning, graph capture) is excluded: reset, then one more call.
         # Device memory taken is the peak *reserved* after emptying the cache: a CUDA-graph replay
@@ -445,12 +452,13 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         torch.cuda.synchronize(device)
         peak_mib = torch.cuda.max_memory_reserved(device) / 2**20
         peak_alloc_mib = torch.cuda.max_memory_allocated(device) / 2**20
+        own = SPECS[label][0] in OWN_MEMORY
+        fields["peak_mem_scope"] = "torch allocator only" if own else "torch allocator"
     y, q, _ = r["out"]
     q = {k: float(v[0]) for k, v in q.items()}
     ms = statistics.median(r["ms"])
     mp = w * h / 1e6
     key = ((w, h), tile)
-    fields = {}
     if label == BASELINE:
         refs[key] = (y.float().cpu(), q, ms)  # host memory: not counted against later backends
     if key in refs:
@@ -468,7 +476,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         ms_median=ms,
         ms_min=min(r["ms"]),
         ms_all=[round(t, 4) for t in r["ms"]],
-        warmup=args.warmup,
+        warmup=r["warmup"],  # as run: at least one, fewer than asked when a call is slow
         repeats=len(r["ms"]),
         tile_batch=restorer.tile_batch,
         tile_used=tile_used,
@@ -485,8 +493,15 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
     )
 
 
+def too_far(r: dict, min_psnr: float) -> bool:
+    """Whether a compared backend's output is wrong: PSNR vs eager fp32 under min_psnr, or NaN (NaN
+    pixels, e.g. an fp16 overflow, compare False with everything: written as `not >=` on purpose)."""
+    return r.get("psnr_db") is not None and not r["psnr_db"] >= min_psnr
+
+
 def choose_best(report: dict, min_psnr: float) -> dict:
-    """Per size: the fastest backend (any tile) whose output stays within min_psnr dB of eager fp32.
+    """Per size: the fastest backend (any tile) whose output stays within min_psnr dB of eager fp32,
+    eager fp32 itself included (when nothing beats it, it is the best, at 1x, PSNR None: the reference).
     Its speedup is against the fastest eager fp32 run at that size, whatever tile that used: a ratio
     taken at one tile size would flatter a backend that only beat a badly tiled baseline."""
     baseline: dict = {}
@@ -496,17 +511,18 @@ def choose_best(report: dict, min_psnr: float) -> dict:
             baseline[key] = min(baseline.get(key, float("inf")), r["ms_median"])
     best = {}
     for r in report["results"]:
-        if r["status"] != "ok" or r["backend"] == BASELINE or r.get("speedup") is None:
+        if r["status"] != "ok" or r.get("speedup") is None:
             continue
-        if r.get("psnr_db") is None or r["psnr_db"] < min_psnr:
+        if r["backend"] != BASELINE and (r.get("psnr_db") is None or too_far(r, min_psnr)):
             continue
         key = "x".join(map(str, r["size"]))
         if key not in baseline:
             continue
         if key not in best or r["ms_median"] < best[key]["ms_median"]:
             best[key] = {
-                k: r[k] for k in ("backend", "tile", "ms_median", "mp_per_s", "psnr_db", "peak_mem_mib")
+                k: r.get(k) for k in ("backend", "tile", "ms_median", "mp_per_s", "psnr_db", "peak_mem_mib")
             }
+            best[key]["peak_mem_scope"] = r.get("peak_mem_scope")
             best[key]["speedup"] = baseline[key] / r["ms_median"]
             best[key]["speedup_same_tile"] = r["speedup"]
             best[key]["baseline_ms"] = baseline[key]
@@ -534,13 +550,21 @@ def targets(report: dict) -> dict:
         ]
         if rows:
             mib = min(r["peak_mem_mib"] for r in rows)
-            out["mem_8k_le_4gib"] = {"backend": b4k["backend"], "peak_mem_mib": mib, "met": mib <= 4096}
+            scope = rows[0].get("peak_mem_scope")
+            out["mem_8k_le_4gib"] = {
+                "backend": b4k["backend"],
+                "peak_mem_mib": mib,
+                "peak_mem_scope": scope,
+                # torch's count of an engine with memory of its own is a lower bound: cannot tell
+                "met": None if scope == "torch allocator only" else mib <= 4096,
+            }
     return out
 
 
 # ---- printing and plotting -------------------------------------------------------------------------------
+LABEL_WIDTH = max(map(len, SPECS))  # the longest label (graph-compile-triton-fp16) keeps its row in line
 COLUMNS = (
-    f"{'backend':<20} {'size':>9} {'tile':>5} {'ms':>9} {'MP/s':>8} {'fps':>7} {'speedup':>7} "
+    f"{'backend':<{LABEL_WIDTH}} {'size':>9} {'tile':>5} {'ms':>9} {'MP/s':>8} {'fps':>7} {'speedup':>7} "
     f"{'PSNR dB':>7} {'peak MiB':>8} {'%peak':>6}"
 )
 
@@ -549,18 +573,24 @@ def _fmt(v, spec, none="-"):
     return none if v is None else format(v, spec)
 
 
+def _rate(v: float) -> str:
+    """3 significant digits (a small CPU case's 0.00123 MP/s, not 0.00), whole numbers from 100 up."""
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def format_row(r: dict) -> str:
     size = "x".join(map(str, r["size"]))
     tile = str(r["tile"] or "whole")
     if r["status"] != "ok":
-        return f"{r['backend']:<20} {size:>9} {tile:>5}   {r['status']}: {r.get('reason', '')}"
+        return f"{r['backend']:<{LABEL_WIDTH}} {size:>9} {tile:>5}   {r['status']}: {r.get('reason', '')}"
     psnr_txt = (
         "ref" if r["backend"] == BASELINE and r.get("psnr_db") is None else _fmt(r.get("psnr_db"), ".1f")
     )
+    peak = _fmt(r["peak_mem_mib"], ".0f") + ("*" if r.get("peak_mem_scope") == "torch allocator only" else "")
     return (
-        f"{r['backend']:<20} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {r['mp_per_s']:>8.2f} "
-        f"{r['fps']:>7.2f} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
-        f"{_fmt(r['peak_mem_mib'], '.0f'):>8} {100 * r['frac_of_peak']:>6.2f}"
+        f"{r['backend']:<{LABEL_WIDTH}} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {_rate(r['mp_per_s']):>8} "
+        f"{_rate(r['fps']):>7} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
+        f"{peak:>8} {100 * r['frac_of_peak']:>6.2f}"
     )
 
 
@@ -593,69 +623,82 @@ def footer(report: dict) -> str:
     for size, b in report.get("best", {}).items():
         lines.append(
             f"best at {size}: {b['backend']} (tile {b['tile'] or 'whole'}) {b['speedup']:.2f}x the fastest "
-            f"eager fp32 run, PSNR {b['psnr_db']:.1f} dB"
+            f"eager fp32 run, PSNR {'ref' if b['psnr_db'] is None else format(b['psnr_db'], '.1f') + ' dB'}"
         )
-    wrong = {
-        r["backend"]
-        for r in report["results"]
-        if r["status"] == "ok"
-        and r.get("psnr_db") is not None
-        and r["psnr_db"] < report["settings"]["min_psnr"]
-    }
-    if wrong:
+    partial = sorted(
+        {r["backend"] for r in report["results"] if r.get("peak_mem_scope") == "torch allocator only"}
+    )
+    if partial:
         lines.append(
-            f"WRONG (PSNR < {report['settings']['min_psnr']} dB vs eager fp32): {', '.join(sorted(wrong))}"
+            f"* peak MiB of {', '.join(partial)}: torch's allocator only (inputs and outputs); "
+            "their engines' own device memory is not counted"
         )
+    min_psnr = report["settings"]["min_psnr"]
+    wrong = {r["backend"] for r in report["results"] if r["status"] == "ok" and too_far(r, min_psnr)}
+    if wrong:
+        lines.append(f"WRONG (PSNR < {min_psnr} dB vs eager fp32): {', '.join(sorted(wrong))}")
     return "\n".join(lines)
 
 
 def write_plot(report: dict, path: str) -> None:
+    """One panel per (size, tile), one horizontal bar per backend, named beside it: a legend of 15
+    backends repeats matplotlib's 10 colours. Each bar says its MP/s and speedup; wrong ones (PSNR
+    under --min-psnr) are red, hatched and say WRONG; the dashed line is the compute limit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in report["results"] if r["status"] == "ok"]
-    sizes = list(dict.fromkeys(("x".join(map(str, r["size"])), r["tile"]) for r in rows))
+    cases = list(dict.fromkeys((tuple(r["size"]), r["tile"]) for r in rows))
     labels = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(sizes) * max(1, len(labels)) / 3), 4.5))
-    width = 0.8 / max(1, len(labels))
     min_psnr = report["settings"]["min_psnr"]
-    for i, label in enumerate(labels):
-        xs, ys, wrong = [], [], []
-        for j, (size, tile) in enumerate(sizes):
+    name, peak = peak_for_floor(report["peak_tflops"])
+    limit = peak * 1e3 / report["model"]["gflop_per_mp"]
+    fig, axes = plt.subplots(
+        1,
+        max(1, len(cases)),
+        sharey=True,
+        squeeze=False,
+        figsize=(max(6.0, 4.2 * len(cases)), 1.6 + 0.3 * max(1, len(labels))),
+    )
+    if not cases:  # every case skipped or failed (or cut short before the first): say so
+        axes[0][0].set_title("no case timed", fontsize=9)
+    for ax, (size, tile) in zip(axes[0], cases):
+        low, top = limit, limit
+        for i, label in enumerate(labels):
             r = next(
-                (
-                    r
-                    for r in rows
-                    if r["backend"] == label and "x".join(map(str, r["size"])) == size and r["tile"] == tile
-                ),
+                (r for r in rows if r["backend"] == label and (tuple(r["size"]), r["tile"]) == (size, tile)),
                 None,
             )
-            if r is not None:
-                xs.append(j + (i - (len(labels) - 1) / 2) * width)
-                ys.append(r["mp_per_s"])
-                wrong.append(r.get("psnr_db") is not None and r["psnr_db"] < min_psnr)
-        bars = ax.bar(xs, ys, width, label=label)
-        for bar, bad in zip(bars, wrong, strict=True):
-            if bad:
-                bar.set_hatch("xx")
-                bar.set_edgecolor("red")
-    name, peak = peak_for_floor(report["peak_tflops"])
-    ax.axhline(
-        peak * 1e3 / report["model"]["gflop_per_mp"],
-        color="k",
-        ls="--",
-        lw=1,
-        label=f"compute limit ({name} peak)",
+            if r is None:
+                continue
+            bad = too_far(r, min_psnr)
+            color = "tab:red" if bad else "tab:gray" if label == BASELINE else "tab:blue"
+            ax.barh(i, r["mp_per_s"], color=color, hatch="xx" if bad else None)
+            speedup = "" if r.get("speedup") is None else f"  {r['speedup']:.2f}x"
+            ax.text(
+                r["mp_per_s"],
+                i,
+                f" {r['mp_per_s']:.3g}{speedup}{'  WRONG' if bad else ''}",
+                va="center",
+                fontsize=7,
+            )
+            low, top = min(low, r["mp_per_s"]), max(top, r["mp_per_s"])
+        ax.axvline(limit, color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        # Log bars start at the left edge: put it well below the slowest, whose bar would vanish; and
+        # leave room for the text after the longest one.
+        ax.set_xlim(low / 4, top * 6)
+        ax.set_xlabel("megapixels / s (log)", fontsize=8)
+        ax.set_title(f"{'x'.join(map(str, size))}, tile {tile or 'whole'}", fontsize=9)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].set_ylim(max(1, len(labels)) - 0.5, -0.5)  # the first backend (eager fp32) on top
+    fig.suptitle(
+        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}\n"
+        f"MP/s, speedup over eager fp32; dashed: compute limit at the {name} matmul peak ({limit:.3g} MP/s)",
+        fontsize=9,
     )
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(sizes)), [f"{s}\ntile {t or 'whole'}" for s, t in sizes])
-    ax.set_ylabel("megapixels / s (log)")
-    ax.set_title(
-        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}"[:100], fontsize=9
-    )
-    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -680,6 +723,9 @@ def video_frames(w: int, h: int, count: int, seed: int) -> tuple[list[np.ndarray
     return rgb, yuv
 
 
+STREAM_BATCH = 4  # frames per restore_stream batch
+
+
 def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> None:
     """Per backend: a plain loop of Restorer.restore calls, then Restorer.restore_stream (batched, pinned
     host memory and copies overlapped with compute on CUDA) over RGB frames and over 4:2:0 planes."""
@@ -688,9 +734,9 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
     rgb, yuv = video_frames(w, h, args.video, args.seed)
     modes = {
         "loop": lambda r, fr: [r.restore(f).image for f in fr],
-        "stream-rgb": lambda r, fr: [res.image for res in r.restore_stream(fr)],
+        "stream-rgb": lambda r, fr: [res.image for res in r.restore_stream(fr, STREAM_BATCH)],
         "stream-yuv420": lambda r, fr: [
-            res.image for res in r.restore_stream(fr, matrix="bt709", range="limited")
+            res.image for res in r.restore_stream(fr, STREAM_BATCH, matrix="bt709", range="limited")
         ],
     }
     for label in args.backends:
@@ -705,8 +751,11 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
             else:
                 try:
                     restorer = restorer or make_restorer(model, label, device, tile, args)
-                    # Warm-up on one stream batch (4 frames): every shape compiled, autotuned, pinned.
-                    fn(restorer, frames[:4])
+                    # Warm-up on every batch the timed pass meets (a full one, and the last, short one):
+                    # each shape compiled, autotuned and pinned before the clock starts.
+                    fn(restorer, frames[:STREAM_BATCH])
+                    if args.video % STREAM_BATCH:
+                        fn(restorer, frames[: args.video % STREAM_BATCH])
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
@@ -739,13 +788,32 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
 
 def format_video_row(r: dict) -> str:
     size, tile = "x".join(map(str, r["size"])), str(r["tile"] or "whole")
-    head = f"{r['backend']:<20} {r['mode']:<14} {size:>9} {tile:>5}"
+    head = f"{r['backend']:<{LABEL_WIDTH}} {r['mode']:<14} {size:>9} {tile:>5}"
     if r["status"] != "ok":
         return f"{head}   {r['status']}: {r.get('reason', '')}"
-    return f"{head} {r['frames']:>4} frames {r['fps']:9.2f} fps {r['mp_per_s']:9.2f} MP/s"
+    return f"{head} {r['frames']:>4} frames {_rate(r['fps']):>9} fps {_rate(r['mp_per_s']):>9} MP/s"
 
 
 # ---- command line -------------------------------------------------------------------------------------
+def strict(obj):
+    """obj with its non-finite floats as the strings "Infinity", "-Infinity", "NaN" (float() reads them
+    back): a PSNR of identical outputs is infinite, and json.dumps writes bare Infinity/NaN, which
+    strict JSON readers (jq, JavaScript, Go) refuse."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, obj, indent: int = 1) -> None:
+    """Strict JSON, written atomically (a temp file of its own, renamed in; removed if cut short)."""
+    text = json.dumps(strict(obj), indent=indent, default=str, allow_nan=False)
+    write_atomic(path, (text + "\n").encode())
+
+
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     out = []
     for part in text.split(","):
@@ -777,6 +845,8 @@ def parse_tiles(text: str) -> list[int | None]:
 
 def parse_backends(text: str) -> list[str]:
     labels = list(SPECS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(f"no backend named; choose from {', '.join(SPECS)}")
     unknown = [b for b in labels if b not in SPECS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {', '.join(SPECS)}")
@@ -817,7 +887,7 @@ def parser() -> argparse.ArgumentParser:
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--warmup", type=int, help="untimed calls per case (default CUDA 3, CPU 2)")
+    p.add_argument("--warmup", type=int, help="untimed calls per case, at least 1 (default CUDA 3, CPU 2)")
     p.add_argument(
         "--repeats", type=int, help="timed calls per case, median reported (default CUDA 10, CPU 3)"
     )
@@ -834,7 +904,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="FRAMES",
-        help="stream FRAMES frames of the first size through one Restorer per backend",
+        help="stream FRAMES frames of one size (--sizes) at one tile through one Restorer per backend",
     )
     p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
     return p
@@ -846,23 +916,39 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("video", "threads", "tile_batch", "overlap", "budget_s"):
         if getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
-    for name in ("warmup", "case_budget_s"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.warmup is not None and args.warmup < 0:
+        raise SystemExit(f"--warmup must not be negative, got {args.warmup}")
+    for name in ("budget_s", "case_budget_s", "min_psnr"):  # NaN compares False: never cut, never wrong
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.case_budget_s is not None and args.case_budget_s <= 0:
+        raise SystemExit(f"--case-budget-s must be positive, got {args.case_budget_s}")
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if args.video and max(len(args.sizes or ()), len(args.tiles or ())) > 1:
+        raise SystemExit("--video streams one size at one tile: give one --sizes and one --tiles")
     if args.video and args.plot:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
-    check_writable(args.json, args.plot, None if args.env in (None, "-") else args.env)
+    outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
+    check_writable(*outputs.values())
+    named = [(flag, Path(out).resolve()) for flag, out in outputs.items() if out]
+    for i, (flag, path) in enumerate(named):  # the last one written would replace the other
+        for other, other_path in named[i + 1 :]:
+            if path == other_path:
+                raise SystemExit(f"{flag} and {other} name the same file: {path}")
+    inputs = {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS}
+    for flag, out in outputs.items():  # the report renamed over the weights would leave no model
+        for what, path in inputs.items():
+            if out and path and Path(out).resolve() == Path(path).resolve():
+                raise SystemExit(f"{flag} {out}: is {what}; write to another file")
     device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.env:
-        text = json.dumps(environment(device), indent=2)
         if args.env == "-":
-            print(text)
+            print(json.dumps(strict(environment(device)), indent=2, allow_nan=False))
         else:
-            Path(args.env).write_text(text + "\n")
+            write_json(args.env, environment(device), indent=2)
         return 0
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.backends = args.backends or list(d["backends"])
@@ -870,9 +956,14 @@ def main(argv: list[str] | None = None) -> int:
         args.backends = [BASELINE] + [b for b in args.backends if b != BASELINE]
     args.sizes = args.sizes or list(d["sizes"])
     args.tiles = args.tiles or list(d["tiles"])
+    for tile in args.tiles:  # before any work, not as a "failed" row for every case
+        try:
+            check_tiling(tile, args.overlap)
+        except ValueError as e:
+            raise SystemExit(f"--tiles {tile or 0} with --overlap {args.overlap}: {e}") from None
     args.warmup = d["warmup"] if args.warmup is None else args.warmup
     args.repeats = d["repeats"] if args.repeats is None else args.repeats
-    args.case_budget_s = args.case_budget_s or d["case_budget_s"]
+    args.case_budget_s = d["case_budget_s"] if args.case_budget_s is None else args.case_budget_s
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -901,9 +992,7 @@ def main(argv: list[str] | None = None) -> int:
             rep["best"] = choose_best(rep, args.min_psnr)
             rep["targets"] = targets(rep)
         if args.json:
-            tmp = Path(args.json).with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(rep, indent=1, default=str) + "\n")
-            tmp.replace(args.json)
+            write_json(args.json, rep)
 
     print(header(report), flush=True)
     try:
