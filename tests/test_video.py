@@ -1095,3 +1095,58 @@ def test_rotation_with_a_pyav_that_cannot_write_it_is_a_note(restorer, tmp_path,
         "notes"
     ]
     assert decode(tmp_path / "o.mp4")[0][0].rotation == 0
+
+
+def mp4_atoms(data: bytes):
+    i = 0
+    while i < len(data):
+        n, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+        yield kind, data[i : i + n]
+        i += n
+
+
+def test_cover_art_is_not_taken_for_the_video_and_is_copied(restorer, tmp_path):
+    """An MP4 whose 'covr' picture sits before its track (udta before trak: FFmpeg lists the cover as
+    video stream 0) had the one-frame cover restored as the video; behind the video, the cover was
+    dropped unsaid. The video is restored; MP4 and Matroska keep the cover as it was, MOV says it drops it."""
+    o = av.open(str(tmp_path / "c.mp4"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    c = o.add_stream("mjpeg")
+    c.width, c.height, c.pix_fmt = 32, 32, "yuvj420p"
+    c.disposition = av.stream.Disposition.attached_pic
+    cover = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+    o.mux(c.encode(cover.reformat(format="yuvj420p")) + c.encode(None))
+    for i in range(3):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 60, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    out = b""  # mdat comes before moov: reordering moov's boxes moves no sample
+    for kind, box in mp4_atoms((tmp_path / "c.mp4").read_bytes()):
+        if kind == b"moov":
+            boxes = sorted(mp4_atoms(box[8:]), key=lambda k: {b"mvhd": 0, b"udta": 1}.get(k[0], 2))
+            box = box[:8] + b"".join(b for _, b in boxes)
+        out += box
+    src = tmp_path / "cover_first.mp4"
+    src.write_bytes(out)
+    with av.open(str(src)) as a:
+        assert [a.streams.video[0].codec_context.name, a.streams.video[1].codec_context.name] == [
+            "mjpeg",
+            "h264",
+        ]
+        picture = bytes(next(p for p in a.demux(video=0) if p.size))
+    for dst in ("o.mp4", "o.mkv"):
+        s = transcode(restorer, src, tmp_path / dst, VideoOptions(write_quality=False))
+        assert s["frames"] == 3 and not any("cover picture" in n for n in s["notes"]), s["notes"]
+        with av.open(str(tmp_path / dst)) as b:
+            video, kept = b.streams.video
+            assert (video.codec_context.width, video.codec_context.height) == (64, 48)
+            assert kept.disposition & av.stream.Disposition.attached_pic, dst
+            assert bytes(next(p for p in b.demux(kept) if p.size)) == picture, dst
+    s = transcode(restorer, src, tmp_path / "o.mov", VideoOptions(write_quality=False))
+    assert s["frames"] == 3 and any(".mov cannot hold the cover picture" in n for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.mov")) as b:
+        assert len(b.streams.video) == 1

@@ -9,6 +9,7 @@ k+1 while the device works on batch k.
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
 timestamps, time base, frame rate, colour tags and rotation, copies the audio and subtitle streams,
+cover pictures and attachments (fonts) where the container holds them,
 and writes a per-frame quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2
 (OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
@@ -272,6 +273,9 @@ STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream 
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
+COVER_FORMATS = {"mp4", "ipod"}  # muxers that store a cover picture ('covr'; MOV writes none)
+COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
+ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
 
 
 def work_format(fmt) -> str:
@@ -332,6 +336,14 @@ def display_matrix(frame) -> tuple | None:
             m = tuple(int(v) for v in np.frombuffer(bytes(sd), np.int32)[:9])
             return None if m == IDENTITY_MATRIX else m
     return None
+
+
+def is_cover(stream) -> bool:
+    """A cover picture (MP4 'covr', a Matroska image attachment): FFmpeg lists it as a video stream of
+    one frame, in some files before the video."""
+    import av
+
+    return bool(stream.disposition & av.stream.Disposition.attached_pic)
 
 
 def _writes_rotation(stream) -> bool:
@@ -509,7 +521,7 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
-                if packet.dts is not None:
+                if packet.dts is not None or (packet.size and is_cover(packet.stream)):  # a cover has no time
                     pending_audio.append(packet)
                 continue
             if packet.size:
@@ -521,7 +533,38 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
         raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
 
 
-def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path):
+def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
+    """Copy the source's cover pictures (their packets are demuxed first, so they are in `pending`) and
+    attachments (fonts for subtitles), where the container holds them; returns notes on what is dropped."""
+    import av
+
+    dropped, notes = [], []
+    packets = {p.stream.index: p for p in pending if is_cover(p.stream)}
+    for s in [s for s in inp.streams.video if is_cover(s)]:
+        name = s.codec_context.name
+        if s.index not in packets or name not in COVER_CODECS or not s.codec_context.width:
+            notes.append(f"a {name} cover picture that cannot be read or copied: dropped")
+        elif out.format.name in COVER_FORMATS:
+            amap[s.index] = out.add_stream_from_template(s)  # its packet is muxed as the audio is
+        elif out.format.name in ATTACHMENT_FORMATS:
+            ext, mimetype = COVER_CODECS[name]
+            filename = s.metadata.get("filename") or f"cover.{ext}"
+            out.add_attachment(filename, s.metadata.get("mimetype") or mimetype, bytes(packets[s.index]))
+        else:
+            dropped.append("the cover picture")
+    for s in inp.streams.attachments:
+        try:
+            if out.format.name not in ATTACHMENT_FORMATS:
+                raise ValueError
+            out.add_attachment(s.name, s.mimetype, bytes(s.data))
+        except (av.FFmpegError, ValueError, TypeError):
+            dropped.append(f"attachment {s.name}")
+    return notes + ([f"{dst.suffix} cannot hold {', '.join(dropped)}: dropped"] if dropped else [])
+
+
+def _open_output(
+    tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path, pending: list
+):
     import av
 
     # Y4M holds only raw planar Y'CbCr frames; FFmpeg writes its 9- to 16-bit kinds only when allowed.
@@ -665,7 +708,9 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         notes.append(
             f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: {len(dropped)} stream(s) dropped"
         )
-    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams if s.index in amap]:
+    notes += _copy_pictures(out, vstream.container, pending, amap, dst)
+    copied = [s for s in vstream.container.streams if s.index in amap]
+    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in copied]:
         o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in STREAM_TAGS})
         if hasattr(s, "disposition"):  # (PyAV 13 on)
             o.disposition = s.disposition  # default, forced, hearing impaired, ...
@@ -772,7 +817,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
     inp = _open_input(src)
     out = tmp = None
     try:
-        vstream = inp.streams.video[0]
+        videos = [s for s in inp.streams.video if not is_cover(s)]
+        if not videos:
+            raise VideoError(f"{src}: has only a cover picture, no video")
+        vstream = videos[0]  # not the cover, listed first in some MP4 files
         vstream.thread_type = "AUTO"
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
         audio_note = ""
@@ -783,7 +831,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
         pending_audio: list = []
         counts: dict = {}
-        frames = _decode(inp, vstream, astreams, pending_audio, src, counts)
+        covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
+        frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
         first = next(frames, None)
         if first is None:
             raise VideoError(f"{src}: the video stream has no frames")
@@ -797,7 +846,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             tmp = _temp_path(dst)
             with _ffmpeg_reasons():
                 out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
-                    tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
+                    tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst, pending_audio
                 )
         meta: deque = deque()
         corrupt = []
