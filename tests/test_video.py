@@ -1150,3 +1150,32 @@ def test_cover_art_is_not_taken_for_the_video_and_is_copied(restorer, tmp_path):
     assert s["frames"] == 3 and any(".mov cannot hold the cover picture" in n for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.mov")) as b:
         assert len(b.streams.video) == 1
+
+
+def test_anamorphic_pixels_keep_their_shape_or_say_so(restorer, tmp_path):
+    """A 4:3 pixel aspect ratio (DV, DVD) was dropped unsaid by FFV1 in Matroska and by Y4M (A0:0):
+    the picture played squashed. Where it is kept (H.264 headers, MP4) it is the source's; elsewhere
+    a note says so."""
+    o = av.open(str(tmp_path / "sar.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 60, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    for dst, codec, kept in (("o.mkv", None, True), ("f.mp4", "ffv1", True), ("f.mkv", "ffv1", False)):
+        s = transcode(
+            restorer, tmp_path / "sar.mkv", tmp_path / dst, VideoOptions(codec=codec, write_quality=False)
+        )
+        with av.open(str(tmp_path / dst)) as b:
+            assert (b.streams.video[0].sample_aspect_ratio == Fraction(4, 3)) == kept, dst
+        said = [n for n in s["notes"] if "pixel aspect ratio" in n]
+        assert bool(said) != kept, (dst, s["notes"])
+    assert "4:3 pixels will play square (64x48, not shown as 85x48)" in said[0]
+    s = transcode(restorer, tmp_path / "sar.mkv", tmp_path / "o.y4m", VideoOptions(write_quality=False))
+    assert b" A0:0 " in (tmp_path / "o.y4m").read_bytes().split(b"\n")[0]  # unknown
+    assert any("rawvideo in .y4m keeps no pixel aspect ratio" in n for n in s["notes"]), s["notes"]

@@ -273,6 +273,8 @@ STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream 
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
+SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
+SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
 COVER_FORMATS = {"mp4", "ipod"}  # muxers that store a cover picture ('covr'; MOV writes none)
 COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
 ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
@@ -657,8 +659,19 @@ def _open_output(
     out_tb = Fraction(1) / Fraction(rate) if out.format.name in CONSTANT_RATE_FORMATS else src_tb
     vs.time_base = out_tb
     cc.time_base = out_tb
-    if vstream.codec_context.sample_aspect_ratio:
-        cc.sample_aspect_ratio = vstream.codec_context.sample_aspect_ratio
+    # Anamorphic video (DVD, DV, HDV: pixels wider or narrower than tall) plays squashed without its pixel
+    # aspect ratio. MP4 and MOV store the encoder's; Matroska, WebM, Y4M and AVI store the muxer stream's,
+    # which PyAV cannot set, so there only codecs with it in their bitstream keep it.
+    sar = vstream.sample_aspect_ratio or vstream.codec_context.sample_aspect_ratio
+    if sar:
+        cc.sample_aspect_ratio = sar
+    if sar and sar != 1 and out.format.name not in SAR_FORMATS and cc.name not in SAR_CODECS:
+        shown = round(first.width * sar)
+        notes.append(
+            f"{codec} in {dst.suffix} keeps no pixel aspect ratio: the source's {sar.numerator}:"
+            f"{sar.denominator} pixels will play square ({first.width}x{first.height}, not shown as "
+            f"{shown}x{first.height}); use .mp4, or libx264"
+        )
     matrix, crange = color
     # The source's tag where it names the matrix used (bt601 has two codes); otherwise, an RGB source
     # (tag 0), an unspecified one or a --matrix override, the code of the matrix the planes are in.
