@@ -1179,3 +1179,44 @@ def test_anamorphic_pixels_keep_their_shape_or_say_so(restorer, tmp_path):
     s = transcode(restorer, tmp_path / "sar.mkv", tmp_path / "o.y4m", VideoOptions(write_quality=False))
     assert b" A0:0 " in (tmp_path / "o.y4m").read_bytes().split(b"\n")[0]  # unknown
     assert any("rawvideo in .y4m keeps no pixel aspect ratio" in n for n in s["notes"]), s["notes"]
+
+
+def test_hdr10_mastering_display_and_light_levels_are_kept(restorer, tmp_path):
+    """An HDR10 source (10-bit, BT.2020, PQ) kept its tags and depth, but lost its mastering display
+    (SMPTE ST 2086) and content light level: players then guess how bright it was graded. x264 and x265
+    now get them from the source's first frame; an encoder that cannot take them says so."""
+    o = av.open(str(tmp_path / "hdr.mkv"), "w")
+    s = o.add_stream("libx265", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p10le"
+    cc = s.codec_context
+    cc.colorspace, cc.color_range, cc.color_primaries, cc.color_trc = 9, 1, 9, 16  # BT.2020, PQ
+    cc.options = {
+        "x265-params": "log-level=error:master-display=G(13250,34500)B(7500,3000)R(34000,16000)"
+        "WP(15635,16450)L(10000000,50):max-cll=1000,400"
+    }
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 50 + i * 60, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p10le", dst_colorspace="BT2020", dst_color_range="MPEG")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+
+    def hdr(path):
+        with av.open(str(path)) as c:
+            f = next(c.decode(video=0))
+            kept = {d.type.name: bytes(d) for d in f.side_data if "SEI" not in d.type.name}
+            return f.format.name, (f.colorspace, f.color_primaries, f.color_trc), kept
+
+    source = hdr(tmp_path / "hdr.mkv")
+    assert set(source[2]) == {"MASTERING_DISPLAY_METADATA", "CONTENT_LIGHT_LEVEL"}
+    for dst, codec in (("o.mkv", None), ("o.mp4", "libx265")):
+        quiet = {"x265-params": "log-level=error"} if codec else {}  # (x265's own options are kept too)
+        opts = VideoOptions(codec=codec, write_quality=False, codec_options=quiet)
+        s = transcode(restorer, tmp_path / "hdr.mkv", tmp_path / dst, opts)
+        assert hdr(tmp_path / dst) == source, dst
+        assert not any("HDR10" in n for n in s["notes"]), s["notes"]
+    s = transcode(
+        restorer, tmp_path / "hdr.mkv", tmp_path / "f.mkv", VideoOptions(codec="ffv1", write_quality=False)
+    )
+    assert any("ffv1 cannot take the HDR10 mastering display" in n for n in s["notes"]), s["notes"]

@@ -8,7 +8,8 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate, colour tags and rotation, copies the audio and subtitle streams,
+timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1) and rotation,
+copies the audio and subtitle streams,
 cover pictures and attachments (fonts) where the container holds them,
 and writes a per-frame quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2
 (OUT.quality.png).
@@ -275,6 +276,7 @@ IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's disp
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
 SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
 SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
+HDR_PARAMS = {"libx264": "x264-params", "libx265": "x265-params", "libsvtav1": "svtav1-params"}
 COVER_FORMATS = {"mp4", "ipod"}  # muxers that store a cover picture ('covr'; MOV writes none)
 COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
 ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
@@ -333,11 +335,52 @@ def planes_frame(planes, fmt: str):
 def display_matrix(frame) -> tuple | None:
     """The frame's display matrix (how a player rotates or flips it: phone video is stored sideways
     with a 90 degree one), as FFmpeg's 9 integers, or None when it is shown as stored."""
+    data = side_data(frame, "DISPLAYMATRIX")
+    if data is None:
+        return None
+    m = tuple(int(v) for v in np.frombuffer(data, np.int32)[:9])
+    return None if m == IDENTITY_MATRIX else m
+
+
+def side_data(frame, kind: str) -> bytes | None:
     for sd in frame.side_data:
-        if "DISPLAYMATRIX" in str(getattr(sd.type, "name", sd.type)).upper():
-            m = tuple(int(v) for v in np.frombuffer(bytes(sd), np.int32)[:9])
-            return None if m == IDENTITY_MATRIX else m
+        if str(getattr(sd.type, "name", sd.type)).upper() == kind:
+            return bytes(sd)
     return None
+
+
+def hdr_params(frame, codec: str) -> tuple[dict, str]:
+    """The frame's HDR10 mastering display (primaries, white point, luminance) and content light level as
+    encoder options ({"x265-params": "master-display=...:max-cll=..."}), and a note when the encoder
+    cannot take them. Without them HDR10 players and TVs guess how bright the picture was graded."""
+    mdcv, cll = side_data(frame, "MASTERING_DISPLAY_METADATA"), side_data(frame, "CONTENT_LIGHT_LEVEL")
+    params = []
+    if mdcv is not None:
+        # AVMasteringDisplayMetadata: 10 AVRationals (R, G, B, white x/y; min, max luminance), two flags
+        v = np.frombuffer(mdcv, np.int32)
+        q = [Fraction(int(n), int(d)) if d else Fraction(0) for n, d in v[:20].reshape(10, 2)]
+        if v[20] and v[21]:  # has primaries, has luminance
+            # x264/x265 count xy in 1/50000 and cd/m2 in 1/10000 (SMPTE ST 2086); SVT-AV1 takes floats
+            units = (None, None) if codec == "libsvtav1" else (50000, 10000)
+
+            def two(pair, unit):
+                return ",".join(f"{float(x):g}" if unit is None else str(round(x * unit)) for x in pair)
+
+            # in the order G, B, R, white point, luminance max, min
+            xy = [q[2:4], q[4:6], q[0:2], q[6:8]]
+            text = "".join(f"{k}({two(c, units[0])})" for k, c in zip(("G", "B", "R", "WP"), xy))
+            name = "master-display" if codec == "libx265" else "mastering-display"
+            params.append(f"{name}={text}L({two((q[9], q[8]), units[1])})")
+    if cll is not None:
+        max_cll, max_fall = (int(x) for x in np.frombuffer(cll, np.uint32)[:2])
+        name = {"libx265": "max-cll", "libsvtav1": "content-light"}.get(codec, "cll")
+        params.append(f"{name}={max_cll},{max_fall}")
+    if not params:
+        return {}, ""
+    key = HDR_PARAMS.get(codec)
+    if key is None:
+        return {}, f"{codec} cannot take the HDR10 mastering display and light levels: dropped (use libx265)"
+    return {key: ":".join(params)}, ""
 
 
 def is_cover(stream) -> bool:
@@ -696,6 +739,12 @@ def _open_output(
         options.setdefault("qmax", q)
     if codec in PRESET_CODECS and opts.preset:
         options.setdefault("preset", opts.preset)
+    hdr, note = hdr_params(first, codec)
+    for k, v in hdr.items():  # added to the user's own x265-params, which win
+        own = options.get(k) or ""
+        v = ":".join(p for p in v.split(":") if f"{p.split('=')[0]}=" not in own)
+        options[k] = ":".join(x for x in (own, v) if x)
+    notes += [note] if note else []
     cc.options = {k: str(v) for k, v in options.items() if v is not None}
     amap, dropped = {}, []
     for s in astreams:
