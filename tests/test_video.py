@@ -1220,3 +1220,42 @@ def test_hdr10_mastering_display_and_light_levels_are_kept(restorer, tmp_path):
         restorer, tmp_path / "hdr.mkv", tmp_path / "f.mkv", VideoOptions(codec="ffv1", write_quality=False)
     )
     assert any("ffv1 cannot take the HDR10 mastering display" in n for n in s["notes"]), s["notes"]
+
+
+def test_interlaced_sources_keep_their_field_order(restorer, tmp_path):
+    """Interlaced video (bottom field first, as DV) came out flagged progressive, so players did not
+    deinterlace it and moving edges showed combs. x264 now codes it interlaced, Y4M and Matroska keep the
+    flag, and every output says the frames were restored whole."""
+    o = av.open(str(tmp_path / "bff.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.options = {"x264-params": "bff=1"}
+    for i in range(3):
+        rgb = np.random.default_rng(i).integers(0, 256, (48, 64, 3), np.uint8)
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    for dst, codec, how in (
+        ("o.mkv", None, "coded"),
+        ("o.y4m", None, "flagged"),
+        ("f.mkv", "ffv1", "flagged"),
+    ):
+        s = transcode(
+            restorer, tmp_path / "bff.mkv", tmp_path / dst, VideoOptions(codec=codec, write_quality=False)
+        )
+        with av.open(str(tmp_path / dst)) as b:
+            assert b.streams.video[0].codec_context.field_order == 3, dst  # AV_FIELD_BB
+        assert any(
+            f"interlaced (bottom field first): restored as whole frames, both fields together, and {how} "
+            "interlaced" in n
+            for n in s["notes"]
+        ), s["notes"]
+    assert b" Ib " in (tmp_path / "o.y4m").read_bytes().split(b"\n")[0]
+    s = transcode(
+        restorer, tmp_path / "bff.mkv", tmp_path / "o.avi", VideoOptions(codec="mpeg4", write_quality=False)
+    )
+    assert any(
+        "flagged progressive by mpeg4 in .avi (use libx264, or deinterlace first)" in n for n in s["notes"]
+    )

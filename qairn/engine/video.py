@@ -276,6 +276,9 @@ IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's disp
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
 SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
 SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
+TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
+FIELD_FORMATS = {"matroska", "mov", "mp4", "yuv4mpegpipe"}  # muxers that store the field order
+PROGRESSIVE_CODECS = {"mpeg1video", "mpeg2video", "mpeg4", "libopenh264"}  # say so in their own headers
 HDR_PARAMS = {"libx264": "x264-params", "libx265": "x265-params", "libsvtav1": "svtav1-params"}
 COVER_FORMATS = {"mp4", "ipod"}  # muxers that store a cover picture ('covr'; MOV writes none)
 COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
@@ -739,12 +742,27 @@ def _open_output(
         options.setdefault("qmax", q)
     if codec in PRESET_CODECS and opts.preset:
         options.setdefault("preset", opts.preset)
-    hdr, note = hdr_params(first, codec)
-    for k, v in hdr.items():  # added to the user's own x265-params, which win
-        own = options.get(k) or ""
-        v = ":".join(p for p in v.split(":") if f"{p.split('=')[0]}=" not in own)
-        options[k] = ":".join(x for x in (own, v) if x)
+    params, note = hdr_params(first, codec)
     notes += [note] if note else []
+    # Interlaced video (TV, DV, DVD) holds two fields taken 1/50 or 1/60 s apart in each frame: played
+    # as progressive, moving edges show combs. The field order goes to the container; x264 codes the
+    # fields as such.
+    field = vstream.codec_context.field_order
+    if field in TOP_FIELD_FIRST:
+        cc.field_order = field
+        top = "top" if TOP_FIELD_FIRST[field] else "bottom"
+        if codec in ("libx264", "libx264rgb"):
+            params["x264-params"] = ":".join(x for x in (params.get("x264-params"), f"{top[0]}ff=1") if x)
+            kept = "coded interlaced"
+        elif out.format.name in FIELD_FORMATS and codec not in PROGRESSIVE_CODECS:
+            kept = "flagged interlaced"
+        else:
+            kept = f"flagged progressive by {codec} in {dst.suffix} (use libx264, or deinterlace first)"
+        notes.append(
+            f"interlaced ({top} field first): restored as whole frames, both fields together, and {kept}"
+        )
+    for k, v in params.items():  # before the user's own x264-params, which win
+        options[k] = ":".join(x for x in (v, options.get(k)) if x)
     cc.options = {k: str(v) for k, v in options.items() if v is not None}
     amap, dropped = {}, []
     for s in astreams:
