@@ -1259,3 +1259,41 @@ def test_interlaced_sources_keep_their_field_order(restorer, tmp_path):
     assert any(
         "flagged progressive by mpeg4 in .avi (use libx264, or deinterlace first)" in n for n in s["notes"]
     )
+
+
+def test_a_stream_that_changes_size_is_scaled_to_the_first_size(restorer, tmp_path):
+    """An H.264 stream switching from 64x48 to 32x32 (an HLS recording changing bitrate, a TV capture at
+    an ad break) failed at the first smaller frame. Each frame is now restored at its own size and
+    scaled to the first size, with a note."""
+    data = b""
+    for (w, h), level in (((64, 48), 60), ((32, 32), 200)):
+        o = av.open(str(tmp_path / "part.h264"), "w", format="h264")
+        s = o.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(3):
+            f = av.VideoFrame.from_ndarray(np.full((h, w, 3), level, np.uint8), format="rgb24")
+            f = f.reformat(format="yuv420p")
+            f.pts, f.time_base = i, Fraction(1, 25)
+            o.mux(s.encode(f))
+        o.mux(s.encode(None))
+        o.close()
+        data += (tmp_path / "part.h264").read_bytes()
+    (tmp_path / "two.h264").write_bytes(data)
+    with av.open(str(tmp_path / "two.h264")) as c:
+        source = [(f.width, f.height, f.to_ndarray()[0, 0]) for f in c.decode(video=0)]
+    assert [f[:2] for f in source] == [(64, 48)] * 3 + [(32, 32)] * 3
+    s = transcode(
+        restorer,
+        tmp_path / "two.h264",
+        tmp_path / "o.mkv",
+        VideoOptions(quality_csv=tmp_path / "q.csv", plot=False),
+    )
+    assert s["frames"] == 6 and len(read_csv(tmp_path / "q.csv")) == 6
+    assert any(
+        "frame size changes (frame 3 is 32x32): frames of other sizes are scaled to 64x48" in n
+        for n in s["notes"]
+    )
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        out = [(f.width, f.height, f.to_ndarray()[0, 0]) for f in c.decode(video=0)]
+    assert [f[:2] for f in out] == [(64, 48)] * 6
+    assert all(abs(int(a[2]) - int(b[2])) <= 2 for a, b in zip(out, source)), (out, source)

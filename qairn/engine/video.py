@@ -929,18 +929,15 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst, pending_audio
                 )
         meta: deque = deque()
-        corrupt = []
+        corrupt, resized = [], []  # resized: the first frame of another size than the first
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
 
         def planes():
             for i, frame in enumerate(_chain(first, frames)):
                 if frame.is_corrupt:
                     corrupt.append(i)
-                if (frame.width, frame.height) != (first.width, first.height):
-                    raise VideoError(
-                        f"{src}: frame {i} is {frame.width}x{frame.height}, not "
-                        f"{first.width}x{first.height}: size changes are not supported"
-                    )
+                if (frame.width, frame.height) != (first.width, first.height) and not resized:
+                    resized.append(f"frame {i} is {frame.width}x{frame.height}")
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
                 meta.append((i, pts, t, frame.duration))
@@ -971,8 +968,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 if out is not None:
                     frame = planes_frame(res.image, work_fmt)
                     frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
-                    if pix_fmt != work_fmt:
-                        frame = _reformat(frame, pix_fmt, matrix, crange)
+                    # A stream that changes size (an HLS recording switching bitrates, a TV capture
+                    # at an ad break) is restored at each frame's size and scaled to the encoder's.
+                    size = (first.width, first.height)
+                    if pix_fmt != work_fmt or (frame.width, frame.height) != size:
+                        frame = _reformat(frame, pix_fmt, matrix, crange, size)
                     frame.pts, frame.time_base = pts, tb
                     if out_tb != tb:  # Y4M, AVI, MPEG-1/2: one tick per frame (a variable-rate source keeps
                         # every frame). The AVI muxer starts each stream at 0; others keep the copied audio's
@@ -996,6 +996,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
                 f"1/{float(1 / out_tb):g} s: frames are moved by up to {moved:.3f} s"
+            )
+        if resized and out is not None:
+            notes.append(
+                f"{src}: the frame size changes ({resized[0]}): frames of other sizes are scaled to "
+                f"{first.width}x{first.height}, the size of the first"
             )
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
@@ -1095,15 +1100,23 @@ class _Durations:
         return packets
 
 
-def _reformat(frame, fmt: str, matrix: str, crange: str):
-    """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on)."""
+def _reformat(frame, fmt: str, matrix: str, crange: str, size: tuple | None = None):
+    """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on);
+    scale to size (width, height) where given."""
     cs, cr = SWS_COLORSPACE[matrix], "JPEG" if crange == "full" else "MPEG"
     src = {} if frame.format.is_rgb else {"src_colorspace": cs, "src_color_range": cr}
     # 4:1:1, 4:4:0 and 4:1:0 are restored as 4:4:4: copying each chroma sample out and taking one back
     # is exact (swscale's default filters blurred the chroma of an unchanged picture by up to 25 codes).
     odd = {chroma_factors(frame.format.name), chroma_factors(fmt)} - {(1, 1), (2, 1), (2, 2)}
+    width, height = size or (None, None)
     return frame.reformat(
-        format=fmt, dst_colorspace=cs, dst_color_range=cr, interpolation="POINT" if odd else None, **src
+        width,
+        height,
+        format=fmt,
+        dst_colorspace=cs,
+        dst_color_range=cr,
+        interpolation="POINT" if odd else None,
+        **src,
     )
 
 
