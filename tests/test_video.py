@@ -1297,3 +1297,24 @@ def test_a_stream_that_changes_size_is_scaled_to_the_first_size(restorer, tmp_pa
         out = [(f.width, f.height, f.to_ndarray()[0, 0]) for f in c.decode(video=0)]
     assert [f[:2] for f in out] == [(64, 48)] * 6
     assert all(abs(int(a[2]) - int(b[2])) <= 2 for a, b in zip(out, source)), (out, source)
+
+
+def test_matroska_attachments_are_kept(restorer, tmp_path):
+    """Fonts attached for styled subtitles were dropped unsaid: the subtitles, copied, fell back to
+    another font. Matroska keeps them; MP4 says they are dropped."""
+    o = av.open(str(tmp_path / "fonts.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    o.add_attachment("title.ttf", "font/ttf", b"\0\1\0\0 not really a font")
+    for i in range(2):
+        f = av.VideoFrame(64, 48, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    transcode(restorer, tmp_path / "fonts.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        kept = [(a.name, a.mimetype, bytes(a.data)) for a in c.streams.attachments]
+    assert kept == [("title.ttf", "font/ttf", b"\0\1\0\0 not really a font")]
+    s = transcode(restorer, tmp_path / "fonts.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
+    assert any(".mp4 cannot hold attachment title.ttf: dropped" in n for n in s["notes"]), s["notes"]
