@@ -1318,3 +1318,24 @@ def test_matroska_attachments_are_kept(restorer, tmp_path):
     assert kept == [("title.ttf", "font/ttf", b"\0\1\0\0 not really a font")]
     s = transcode(restorer, tmp_path / "fonts.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
     assert any(".mp4 cannot hold attachment title.ttf: dropped" in n for n in s["notes"]), s["notes"]
+
+
+def test_a_second_video_stream_is_dropped_with_a_note(restorer, tmp_path):
+    """Only the first video stream is restored; a second one (another angle) was dropped unsaid."""
+    o = av.open(str(tmp_path / "two.mkv"), "w")
+    streams = [o.add_stream("libx264", rate=25) for _ in range(2)]
+    for s in streams:
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    for i in range(2):
+        for s in streams:
+            f = av.VideoFrame(64, 48, "yuv420p")
+            f.pts, f.time_base = i, Fraction(1, 25)
+            o.mux(s.encode(f))
+    for s in streams:
+        o.mux(s.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "two.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert s["frames"] == 2
+    assert any("1 more video stream(s) dropped: only the first is restored" in n for n in s["notes"]), s[
+        "notes"
+    ]

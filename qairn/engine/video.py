@@ -903,7 +903,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         vstream = videos[0]  # not the cover, listed first in some MP4 files
         vstream.thread_type = "AUTO"
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
-        audio_note = ""
+        audio_note = video_note = ""
+        if len(videos) > 1 and not opts.score_only:  # (a second angle, a picture-in-picture signer)
+            video_note = f"{len(videos) - 1} more video stream(s) dropped: only the first is restored"
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
             audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
             astreams = []
@@ -991,7 +993,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note) if n]
+        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
                 f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
