@@ -1339,3 +1339,17 @@ def test_a_second_video_stream_is_dropped_with_a_note(restorer, tmp_path):
     assert any("1 more video stream(s) dropped: only the first is restored" in n for n in s["notes"]), s[
         "notes"
     ]
+
+
+def test_interrupt_while_drawing_the_trace_leaves_nothing(restorer, clip, tmp_path, monkeypatch):
+    """The plot was drawn after the video was renamed into place: Ctrl-C there left OUT written while
+    the command said 'interrupted; no output written'."""
+    from matplotlib.figure import Figure
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        transcode(restorer, clip, tmp_path / "o.mkv", VideoOptions())
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

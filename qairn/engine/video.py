@@ -835,13 +835,20 @@ def _plot_path(csv_path: Path) -> Path:
 
 
 def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[Path]:
+    files = _quality_files(rows, csv_path, plot, title)
+    for path, data in files:
+        _write_file(path, data)
+    return [path for path, _ in files]
+
+
+def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[tuple[Path, bytes]]:
+    """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3"])
     for r in rows:
         w.writerow([r[0], "" if r[1] is None else r[1], f"{r[2]:.6f}", *(f"{q:.6f}" for q in r[3:])])
-    _write_file(csv_path, buf.getvalue().encode())
-    written = [csv_path]
+    files = [(csv_path, buf.getvalue().encode())]
     if plot:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -859,10 +866,8 @@ def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[P
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png")
-        png_path = _plot_path(csv_path)
-        _write_file(png_path, png.getvalue())
-        written.append(png_path)
-    return written
+        files.append((_plot_path(csv_path), png.getvalue()))
+    return files
 
 
 def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
@@ -1031,6 +1036,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 )
         if opts.strict and (corrupt or short):
             raise VideoError(f"{notes[-1]} (--strict)")
+        # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
+        # there left the video written under "interrupted; no output written".
+        trace = [] if csv_path is None else _quality_files(rows, csv_path, opts.plot, src.name)
         if out is not None:
             _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
             _mux_audio(out, pending_audio, amap, dst)
@@ -1039,8 +1047,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             _publish(tmp, dst)
             tmp = None
         written = [dst] if dst is not None and not opts.score_only else []
-        if csv_path is not None:
-            written += _write_quality(rows, csv_path, opts.plot, src.name)
+        for path, data in trace:
+            _write_file(path, data)
+            written.append(path)
         return {
             "frames": len(rows),
             "seconds": elapsed,
