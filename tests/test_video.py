@@ -1260,6 +1260,16 @@ def test_interlaced_sources_keep_their_field_order(restorer, tmp_path):
     assert any(
         "flagged progressive by mpeg4 in .avi (use libx264, or deinterlace first)" in n for n in s["notes"]
     )
+    # 50 lines, fields of 25 (as NTSC D1's 486): x264 failed to open ('Generic error') when asked for fields
+    o = av.open(str(tmp_path / "d1.mkv"), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt, s.codec_context.field_order = 64, 50, "yuv420p", 3
+    f = av.VideoFrame(64, 50, "yuv420p")
+    f.pts, f.time_base = 0, Fraction(1, 25)
+    o.mux(s.encode(f) + s.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "d1.mkv", tmp_path / "d1o.mkv", VideoOptions(write_quality=False))
+    assert any("and flagged interlaced" in n for n in s["notes"]), s["notes"]
 
 
 def test_a_stream_that_changes_size_is_scaled_to_the_first_size(restorer, tmp_path):

@@ -751,7 +751,7 @@ def _open_output(
     if field in TOP_FIELD_FIRST:
         cc.field_order = field
         top = "top" if TOP_FIELD_FIRST[field] else "bottom"
-        if codec in ("libx264", "libx264rgb"):
+        if codec in ("libx264", "libx264rgb") and first.height % 4 == 0:  # (x264 takes no odd field heights)
             params["x264-params"] = ":".join(x for x in (params.get("x264-params"), f"{top[0]}ff=1") if x)
             kept = "coded interlaced"
         elif out.format.name in FIELD_FORMATS and codec not in PROGRESSIVE_CODECS:
