@@ -1364,3 +1364,30 @@ def test_interrupt_while_drawing_the_trace_leaves_nothing(restorer, clip, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         transcode(restorer, clip, tmp_path / "o.mkv", VideoOptions())
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_matrix_qairn_cannot_convert_keeps_its_tag(restorer, tmp_path):
+    """A source tagged SMPTE 240M (or YCgCo, FCC) was said to be untagged and came out tagged BT.601:
+    players then showed its planes, still in 240M, in the wrong colours. The tag is kept now."""
+    o = av.open(str(tmp_path / "240m.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.colorspace = 7  # AVCOL_SPC_SMPTE240M
+    for i in range(2):
+        f = av.VideoFrame(64, 48, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "240m.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert int(next(c.decode(video=0)).colorspace) == 7
+    assert any(
+        "colour matrix smpte240m is not supported: restored as bt601, tagged smpte240m" in n
+        for n in s["notes"]
+    )
+    s = transcode(
+        restorer, tmp_path / "240m.mkv", tmp_path / "m.mp4", VideoOptions(matrix="bt709", write_quality=False)
+    )
+    with av.open(str(tmp_path / "m.mp4")) as c:  # --matrix says what the planes are in
+        assert int(next(c.decode(video=0)).colorspace) == 1

@@ -244,6 +244,7 @@ def restore_stream(
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
 COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  # AVColorSpace -> matrix
+MATRIX_NAMES = {4: "fcc", 7: "smpte240m", 8: "ycgco", 11: "smpte2085", 14: "ictcp"}  # (for notes)
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
@@ -402,10 +403,14 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
     """(matrix, range, note): the frame's tags, the options where given, else a guess (said in note)."""
     note = ""
     if matrix is None:
-        matrix = COLORSPACES.get(int(frame.colorspace))
+        tag = int(frame.colorspace)
+        matrix = COLORSPACES.get(tag)
         if matrix is None:
             matrix = "bt709" if frame.height >= 720 else "bt601"
             note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
+            if tag not in (0, 2) and not frame.format.is_rgb:  # tagged, with one qairn cannot convert
+                name = MATRIX_NAMES.get(tag, f"code {tag}")
+                note = f"colour matrix {name} is not supported: restored as {matrix}, tagged {name}"
     if crange is None:
         # Untagged gray is full range, as swscale takes it (its gray codes are 0..255 whatever the tag):
         # restored as limited, an H.264 of it was tagged limited and played with crushed blacks and whites.
@@ -719,10 +724,13 @@ def _open_output(
             f"{shown}x{first.height}); use .mp4, or libx264"
         )
     matrix, crange = color
-    # The source's tag where it names the matrix used (bt601 has two codes); otherwise, an RGB source
-    # (tag 0), an unspecified one or a --matrix override, the code of the matrix the planes are in.
-    same = COLORSPACES.get(int(first.colorspace)) == matrix
-    cc.colorspace = int(first.colorspace) if same else AV_COLORSPACE[matrix]
+    # The source's tag where it names the matrix used (bt601 has two codes) or one qairn has no
+    # conversion for (the planes stay in it: the output was tagged bt601 and played in wrong colours);
+    # otherwise, an RGB source (tag 0), an unspecified one or a --matrix override, the matrix used.
+    tag = int(first.colorspace)
+    same = COLORSPACES.get(tag) == matrix
+    other = tag not in COLORSPACES and tag not in (0, 2) and opts.matrix is None and not first.format.is_rgb
+    cc.colorspace = tag if same or other else AV_COLORSPACE[matrix]
     cc.color_range = AV_RANGE[crange]
     cc.color_primaries, cc.color_trc = int(first.color_primaries), int(first.color_trc)
     options = dict(opts.codec_options)
