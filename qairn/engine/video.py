@@ -8,11 +8,10 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1) and rotation,
-copies the audio and subtitle streams,
-cover pictures and attachments (fonts) where the container holds them,
-and writes a per-frame quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2
-(OUT.quality.png).
+timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1), rotation,
+pixel aspect ratio and field order, copies the audio and subtitle streams, cover pictures and
+attachments (fonts) where the container holds them, and writes a per-frame quality trace
+(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -348,7 +347,7 @@ def display_matrix(frame) -> tuple | None:
 
 def side_data(frame, kind: str) -> bytes | None:
     for sd in frame.side_data:
-        if str(getattr(sd.type, "name", sd.type)).upper() == kind:
+        if str(getattr(sd.type, "name", sd.type)).upper().split(".")[-1] == kind:  # (or "Type.KIND")
             return bytes(sd)
     return None
 
@@ -407,9 +406,10 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
         matrix = COLORSPACES.get(tag)
         if matrix is None:
             matrix = "bt709" if frame.height >= 720 else "bt601"
-            note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
-            if tag not in (0, 2) and not frame.format.is_rgb:  # tagged, with one qairn cannot convert
-                name = MATRIX_NAMES.get(tag, f"code {tag}")
+            name = MATRIX_NAMES.get(tag, f"code {tag}")
+            if tag in (0, 2) or frame.format.is_rgb:  # RGB, unspecified
+                note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
+            else:  # tagged, with a matrix qairn cannot convert
                 note = f"colour matrix {name} is not supported: restored as {matrix}, tagged {name}"
     if crange is None:
         # Untagged gray is full range, as swscale takes it (its gray codes are 0..255 whatever the tag):
