@@ -983,7 +983,8 @@ def test_the_start_timecode_is_kept(restorer, tmp_path):
     o.mux(v.encode(None))
     o.close()
     for name in ("o.mov", "o.mkv"):
-        transcode(restorer, tmp_path / "tc.mov", tmp_path / name, VideoOptions(write_quality=False))
+        s = transcode(restorer, tmp_path / "tc.mov", tmp_path / name, VideoOptions(write_quality=False))
+        assert not any("data stream" in n for n in s["notes"]), s["notes"]  # (the tmcd track is one)
         with av.open(str(tmp_path / name)) as c:
             tags = {k.lower(): v for k, v in c.streams.video[0].metadata.items()}
             assert tags.get("timecode") == "01:00:00:00", (name, tags)
@@ -1391,3 +1392,22 @@ def test_a_matrix_qairn_cannot_convert_keeps_its_tag(restorer, tmp_path):
     )
     with av.open(str(tmp_path / "m.mp4")) as c:  # --matrix says what the planes are in
         assert int(next(c.decode(video=0)).colorspace) == 1
+
+
+def test_a_data_stream_is_dropped_with_a_note(restorer, tmp_path):
+    """A transport stream's KLV metadata (drone position, MISB) was dropped unsaid."""
+    o = av.open(str(tmp_path / "klv.ts"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    d = o.add_data_stream("klv")
+    for i in range(2):
+        f = av.VideoFrame(64, 48, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+        p = av.Packet(b"\x06\x0e\x2b\x34" + bytes(12))
+        p.stream, p.pts, p.dts, p.time_base = d, i * 3600, i * 3600, Fraction(1, 90000)
+        o.mux(p)
+    o.mux(s.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "klv.ts", tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert any("1 data stream(s) dropped" in n for n in s["notes"]), s["notes"]

@@ -919,6 +919,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         audio_note = video_note = ""
         if len(videos) > 1 and not opts.score_only:  # (a second angle, a picture-in-picture signer)
             video_note = f"{len(videos) - 1} more video stream(s) dropped: only the first is restored"
+        # Data streams (KLV drone metadata, GoPro telemetry) are not copied; a MOV timecode track is
+        # kept as the video's timecode tag, from which the muxer writes it again.
+        data = [] if opts.score_only else [s for s in inp.streams.data if "timecode" not in s.metadata]
+        data_note = f"{len(data)} data stream(s) dropped (telemetry, KLV metadata)" if data else ""
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
             audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
             astreams = []
@@ -1006,7 +1010,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note) if n]
+        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note, data_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
                 f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
