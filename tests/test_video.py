@@ -1411,3 +1411,14 @@ def test_a_data_stream_is_dropped_with_a_note(restorer, tmp_path):
     o.close()
     s = transcode(restorer, tmp_path / "klv.ts", tmp_path / "o.mkv", VideoOptions(write_quality=False))
     assert any("1 data stream(s) dropped" in n for n in s["notes"]), s["notes"]
+
+
+def test_streams_without_dispositions_are_not_covers():
+    """PyAV 12 (which qairn[video] accepts) has no stream.disposition: every video failed in is_cover."""
+    from types import SimpleNamespace
+
+    from qairn.engine.video import is_cover
+
+    assert not is_cover(SimpleNamespace())
+    assert is_cover(SimpleNamespace(disposition=av.stream.Disposition.attached_pic))
+    assert not is_cover(SimpleNamespace(disposition=av.stream.Disposition.default))

@@ -280,6 +280,7 @@ TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB,
 FIELD_FORMATS = {"matroska", "mov", "mp4", "yuv4mpegpipe"}  # muxers that store the field order
 PROGRESSIVE_CODECS = {"mpeg1video", "mpeg2video", "mpeg4", "libopenh264"}  # say so in their own headers
 HDR_PARAMS = {"libx264": "x264-params", "libx265": "x265-params", "libsvtav1": "svtav1-params"}
+ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC
 COVER_FORMATS = {"mp4"}  # muxers that store a cover picture ('covr'; MOV writes none, M4V takes no JPEG)
 COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
 ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
@@ -388,10 +389,8 @@ def hdr_params(frame, codec: str) -> tuple[dict, str]:
 
 def is_cover(stream) -> bool:
     """A cover picture (MP4 'covr', a Matroska image attachment): FFmpeg lists it as a video stream of
-    one frame, in some files before the video."""
-    import av
-
-    return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    one frame, in some files before the video. (PyAV 12 shows no dispositions: none is a cover there.)"""
+    return bool(int(getattr(stream, "disposition", 0)) & ATTACHED_PIC)
 
 
 def _writes_rotation(stream) -> bool:
@@ -599,18 +598,18 @@ def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
             notes.append(f"a {name} cover picture that cannot be read or copied: dropped")
         elif out.format.name in COVER_FORMATS:
             amap[s.index] = out.add_stream_from_template(s)  # its packet is muxed as the audio is
-        elif out.format.name in ATTACHMENT_FORMATS:
+        elif out.format.name in ATTACHMENT_FORMATS and hasattr(out, "add_attachment"):  # (newer PyAV)
             ext, mimetype = COVER_CODECS[name]
             filename = s.metadata.get("filename") or f"cover.{ext}"
             out.add_attachment(filename, s.metadata.get("mimetype") or mimetype, bytes(packets[s.index]))
         else:
             dropped.append("the cover picture")
-    for s in inp.streams.attachments:
+    for s in getattr(inp.streams, "attachments", ()):  # (PyAV 13 on; data, add_attachment later)
         try:
             if out.format.name not in ATTACHMENT_FORMATS:
                 raise ValueError
             out.add_attachment(s.name, s.mimetype, bytes(s.data))
-        except (av.FFmpegError, ValueError, TypeError):
+        except (av.FFmpegError, ValueError, TypeError, AttributeError):
             dropped.append(f"attachment {s.name}")
     return notes + ([f"{dst.suffix} cannot hold {', '.join(dropped)}: dropped"] if dropped else [])
 
@@ -755,7 +754,7 @@ def _open_output(
     # Interlaced video (TV, DV, DVD) holds two fields taken 1/50 or 1/60 s apart in each frame: played
     # as progressive, moving edges show combs. The field order goes to the container; x264 codes the
     # fields as such.
-    field = vstream.codec_context.field_order
+    field = getattr(vstream.codec_context, "field_order", 0)  # (not in older PyAV)
     if field in TOP_FIELD_FIRST:
         cc.field_order = field
         top = "top" if TOP_FIELD_FIRST[field] else "bottom"
