@@ -8,9 +8,10 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate, colour tags and rotation, copies the audio and subtitle streams,
-and writes a per-frame quality trace (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2
-(OUT.quality.png).
+timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1), rotation,
+pixel aspect ratio and field order, copies the audio and subtitle streams, cover pictures and
+attachments (fonts) where the container holds them, and writes a per-frame quality trace
+(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -313,6 +314,7 @@ def restore_stream(
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
 COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  # AVColorSpace -> matrix
+MATRIX_NAMES = {4: "fcc", 7: "smpte240m", 8: "ycgco", 11: "smpte2085", 14: "ictcp"}  # (for notes)
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
@@ -343,6 +345,16 @@ STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream 
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
+SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
+SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
+TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
+FIELD_FORMATS = {"matroska", "mov", "mp4", "yuv4mpegpipe"}  # muxers that store the field order
+PROGRESSIVE_CODECS = {"mpeg1video", "mpeg2video", "mpeg4", "libopenh264"}  # say so in their own headers
+HDR_PARAMS = {"libx264": "x264-params", "libx265": "x265-params", "libsvtav1": "svtav1-params"}
+ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC
+COVER_FORMATS = {"mp4"}  # muxers that store a cover picture ('covr'; MOV writes none, M4V takes no JPEG)
+COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
+ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
 
 
 def work_format(fmt) -> str:
@@ -398,11 +410,58 @@ def planes_frame(planes, fmt: str):
 def display_matrix(frame) -> tuple | None:
     """The frame's display matrix (how a player rotates or flips it: phone video is stored sideways
     with a 90 degree one), as FFmpeg's 9 integers, or None when it is shown as stored."""
+    data = side_data(frame, "DISPLAYMATRIX")
+    if data is None:
+        return None
+    m = tuple(int(v) for v in np.frombuffer(data, np.int32)[:9])
+    return None if m == IDENTITY_MATRIX else m
+
+
+def side_data(frame, kind: str) -> bytes | None:
     for sd in frame.side_data:
-        if "DISPLAYMATRIX" in str(getattr(sd.type, "name", sd.type)).upper():
-            m = tuple(int(v) for v in np.frombuffer(bytes(sd), np.int32)[:9])
-            return None if m == IDENTITY_MATRIX else m
+        if str(getattr(sd.type, "name", sd.type)).upper().split(".")[-1] == kind:  # (or "Type.KIND")
+            return bytes(sd)
     return None
+
+
+def hdr_params(frame, codec: str) -> tuple[dict, str]:
+    """The frame's HDR10 mastering display (primaries, white point, luminance) and content light level as
+    encoder options ({"x265-params": "master-display=...:max-cll=..."}), and a note when the encoder
+    cannot take them. Without them HDR10 players and TVs guess how bright the picture was graded."""
+    mdcv, cll = side_data(frame, "MASTERING_DISPLAY_METADATA"), side_data(frame, "CONTENT_LIGHT_LEVEL")
+    params = []
+    if mdcv is not None:
+        # AVMasteringDisplayMetadata: 10 AVRationals (R, G, B, white x/y; min, max luminance), two flags
+        v = np.frombuffer(mdcv, np.int32)
+        q = [Fraction(int(n), int(d)) if d else Fraction(0) for n, d in v[:20].reshape(10, 2)]
+        if v[20] and v[21]:  # has primaries, has luminance
+            # x264/x265 count xy in 1/50000 and cd/m2 in 1/10000 (SMPTE ST 2086); SVT-AV1 takes floats
+            units = (None, None) if codec == "libsvtav1" else (50000, 10000)
+
+            def two(pair, unit):
+                return ",".join(f"{float(x):g}" if unit is None else str(round(x * unit)) for x in pair)
+
+            # in the order G, B, R, white point, luminance max, min
+            xy = [q[2:4], q[4:6], q[0:2], q[6:8]]
+            text = "".join(f"{k}({two(c, units[0])})" for k, c in zip(("G", "B", "R", "WP"), xy))
+            name = "master-display" if codec == "libx265" else "mastering-display"
+            params.append(f"{name}={text}L({two((q[9], q[8]), units[1])})")
+    if cll is not None:
+        max_cll, max_fall = (int(x) for x in np.frombuffer(cll, np.uint32)[:2])
+        name = {"libx265": "max-cll", "libsvtav1": "content-light"}.get(codec, "cll")
+        params.append(f"{name}={max_cll},{max_fall}")
+    if not params:
+        return {}, ""
+    key = HDR_PARAMS.get(codec)
+    if key is None:
+        return {}, f"{codec} cannot take the HDR10 mastering display and light levels: dropped (use libx265)"
+    return {key: ":".join(params)}, ""
+
+
+def is_cover(stream) -> bool:
+    """A cover picture (MP4 'covr', a Matroska image attachment): FFmpeg lists it as a video stream of
+    one frame, in some files before the video. (PyAV 12 shows no dispositions: none is a cover there.)"""
+    return bool(int(getattr(stream, "disposition", 0)) & ATTACHED_PIC)
 
 
 def _writes_rotation(stream) -> bool:
@@ -413,10 +472,15 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
     """(matrix, range, note): the frame's tags, the options where given, else a guess (said in note)."""
     note = ""
     if matrix is None:
-        matrix = COLORSPACES.get(int(frame.colorspace))
+        tag = int(frame.colorspace)
+        matrix = COLORSPACES.get(tag)
         if matrix is None:
             matrix = "bt709" if frame.height >= 720 else "bt601"
-            note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
+            name = MATRIX_NAMES.get(tag, f"code {tag}")
+            if tag in (0, 2) or frame.format.is_rgb:  # RGB, unspecified
+                note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
+            else:  # tagged, with a matrix qairn cannot convert
+                note = f"colour matrix {name} is not supported: restored as {matrix}, tagged {name}"
     if crange is None:
         # Untagged gray is full range, as swscale takes it (its gray codes are 0..255 whatever the tag):
         # restored as limited, an H.264 of it was tagged limited and played with crushed blacks and whites.
@@ -580,7 +644,7 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
-                if packet.dts is not None:
+                if packet.dts is not None or (packet.size and is_cover(packet.stream)):  # a cover has no time
                     pending_audio.append(packet)
                 continue
             if packet.size:
@@ -592,7 +656,38 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
         raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
 
 
-def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path):
+def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
+    """Copy the source's cover pictures (their packets are demuxed first, so they are in `pending`) and
+    attachments (fonts for subtitles), where the container holds them; returns notes on what is dropped."""
+    import av
+
+    dropped, notes = [], []
+    packets = {p.stream.index: p for p in pending if is_cover(p.stream)}
+    for s in [s for s in inp.streams.video if is_cover(s)]:
+        name = s.codec_context.name
+        if s.index not in packets or name not in COVER_CODECS or not s.codec_context.width:
+            notes.append(f"a {name} cover picture that cannot be read or copied: dropped")
+        elif out.format.name in COVER_FORMATS:
+            amap[s.index] = out.add_stream_from_template(s)  # its packet is muxed as the audio is
+        elif out.format.name in ATTACHMENT_FORMATS and hasattr(out, "add_attachment"):  # (newer PyAV)
+            ext, mimetype = COVER_CODECS[name]
+            filename = s.metadata.get("filename") or f"cover.{ext}"
+            out.add_attachment(filename, s.metadata.get("mimetype") or mimetype, bytes(packets[s.index]))
+        else:
+            dropped.append("the cover picture")
+    for s in getattr(inp.streams, "attachments", ()):  # (PyAV 13 on; data, add_attachment later)
+        try:
+            if out.format.name not in ATTACHMENT_FORMATS:
+                raise ValueError
+            out.add_attachment(s.name, s.mimetype, bytes(s.data))
+        except (av.FFmpegError, ValueError, TypeError, AttributeError):
+            dropped.append(f"attachment {s.name}")
+    return notes + ([f"{dst.suffix} cannot hold {', '.join(dropped)}: dropped"] if dropped else [])
+
+
+def _open_output(
+    tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path, pending: list
+):
     import av
 
     # Y4M holds only raw planar Y'CbCr frames; FFmpeg writes its 9- to 16-bit kinds only when allowed.
@@ -685,13 +780,27 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
     out_tb = Fraction(1) / Fraction(rate) if out.format.name in CONSTANT_RATE_FORMATS else src_tb
     vs.time_base = out_tb
     cc.time_base = out_tb
-    if vstream.codec_context.sample_aspect_ratio:
-        cc.sample_aspect_ratio = vstream.codec_context.sample_aspect_ratio
+    # Anamorphic video (DVD, DV, HDV: pixels wider or narrower than tall) plays squashed without its pixel
+    # aspect ratio. MP4 and MOV store the encoder's; Matroska, WebM, Y4M and AVI store the muxer stream's,
+    # which PyAV cannot set, so there only codecs with it in their bitstream keep it.
+    sar = vstream.sample_aspect_ratio or vstream.codec_context.sample_aspect_ratio
+    if sar:
+        cc.sample_aspect_ratio = sar
+    if sar and sar != 1 and out.format.name not in SAR_FORMATS and cc.name not in SAR_CODECS:
+        shown = round(first.width * sar)
+        notes.append(
+            f"{codec} in {dst.suffix} keeps no pixel aspect ratio: the source's {sar.numerator}:"
+            f"{sar.denominator} pixels will play square ({first.width}x{first.height}, not shown as "
+            f"{shown}x{first.height}); use .mp4, or libx264"
+        )
     matrix, crange = color
-    # The source's tag where it names the matrix used (bt601 has two codes); otherwise, an RGB source
-    # (tag 0), an unspecified one or a --matrix override, the code of the matrix the planes are in.
-    same = COLORSPACES.get(int(first.colorspace)) == matrix
-    cc.colorspace = int(first.colorspace) if same else AV_COLORSPACE[matrix]
+    # The source's tag where it names the matrix used (bt601 has two codes) or one qairn has no
+    # conversion for (the planes stay in it: the output was tagged bt601 and played in wrong colours);
+    # otherwise, an RGB source (tag 0), an unspecified one or a --matrix override, the matrix used.
+    tag = int(first.colorspace)
+    same = COLORSPACES.get(tag) == matrix
+    other = tag not in COLORSPACES and tag not in (0, 2) and opts.matrix is None and not first.format.is_rgb
+    cc.colorspace = tag if same or other else AV_COLORSPACE[matrix]
     cc.color_range = AV_RANGE[crange]
     cc.color_primaries, cc.color_trc = int(first.color_primaries), int(first.color_trc)
     options = dict(opts.codec_options)
@@ -711,6 +820,27 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         options.setdefault("qmax", q)
     if codec in PRESET_CODECS and opts.preset:
         options.setdefault("preset", opts.preset)
+    params, note = hdr_params(first, codec)
+    notes += [note] if note else []
+    # Interlaced video (TV, DV, DVD) holds two fields taken 1/50 or 1/60 s apart in each frame: played
+    # as progressive, moving edges show combs. The field order goes to the container; x264 codes the
+    # fields as such.
+    field = getattr(vstream.codec_context, "field_order", 0)  # (not in older PyAV)
+    if field in TOP_FIELD_FIRST:
+        cc.field_order = field
+        top = "top" if TOP_FIELD_FIRST[field] else "bottom"
+        if codec in ("libx264", "libx264rgb") and first.height % 4 == 0:  # (x264 takes no odd field heights)
+            params["x264-params"] = ":".join(x for x in (params.get("x264-params"), f"{top[0]}ff=1") if x)
+            kept = "coded interlaced"
+        elif out.format.name in FIELD_FORMATS and codec not in PROGRESSIVE_CODECS:
+            kept = "flagged interlaced"
+        else:
+            kept = f"flagged progressive by {codec} in {dst.suffix} (use libx264, or deinterlace first)"
+        notes.append(
+            f"interlaced ({top} field first): restored as whole frames, both fields together, and {kept}"
+        )
+    for k, v in params.items():  # before the user's own x264-params, which win
+        options[k] = ":".join(x for x in (v, options.get(k)) if x)
     cc.options = {k: str(v) for k, v in options.items() if v is not None}
     amap, dropped = {}, []
     for s in astreams:
@@ -736,7 +866,9 @@ def _open_output(tmp: Path, first, vstream, astreams, opts: VideoOptions, work_f
         notes.append(
             f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: {len(dropped)} stream(s) dropped"
         )
-    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in astreams if s.index in amap]:
+    notes += _copy_pictures(out, vstream.container, pending, amap, dst)
+    copied = [s for s in vstream.container.streams if s.index in amap]
+    for s, o in [(vstream, vs)] + [(s, amap[s.index]) for s in copied]:
         o.metadata.update({k: v for k, v in s.metadata.items() if k.lower() in STREAM_TAGS})
         if hasattr(s, "disposition"):  # (PyAV 13 on)
             o.disposition = s.disposition  # default, forced, hearing impaired, ...
@@ -781,13 +913,20 @@ def _plot_path(csv_path: Path) -> Path:
 
 
 def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[Path]:
+    files = _quality_files(rows, csv_path, plot, title)
+    for path, data in files:
+        _write_file(path, data)
+    return [path for path, _ in files]
+
+
+def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[tuple[Path, bytes]]:
+    """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3"])
     for r in rows:
         w.writerow([r[0], "" if r[1] is None else r[1], f"{r[2]:.6f}", *(f"{q:.6f}" for q in r[3:])])
-    _write_file(csv_path, buf.getvalue().encode())
-    written = [csv_path]
+    files = [(csv_path, buf.getvalue().encode())]
     if plot:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -805,10 +944,8 @@ def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[P
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png")
-        png_path = _plot_path(csv_path)
-        _write_file(png_path, png.getvalue())
-        written.append(png_path)
-    return written
+        files.append((_plot_path(csv_path), png.getvalue()))
+    return files
 
 
 def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
@@ -843,10 +980,19 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
     inp = _open_input(src)
     out = tmp = None
     try:
-        vstream = inp.streams.video[0]
+        videos = [s for s in inp.streams.video if not is_cover(s)]
+        if not videos:
+            raise VideoError(f"{src}: has only a cover picture, no video")
+        vstream = videos[0]  # not the cover, listed first in some MP4 files
         vstream.thread_type = "AUTO"
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
-        audio_note = ""
+        audio_note = video_note = ""
+        if len(videos) > 1 and not opts.score_only:  # (a second angle, a picture-in-picture signer)
+            video_note = f"{len(videos) - 1} more video stream(s) dropped: only the first is restored"
+        # Data streams (KLV drone metadata, GoPro telemetry) are not copied; a MOV timecode track is
+        # kept as the video's timecode tag, from which the muxer writes it again.
+        data = [] if opts.score_only else [s for s in inp.streams.data if "timecode" not in s.metadata]
+        data_note = f"{len(data)} data stream(s) dropped (telemetry, KLV metadata)" if data else ""
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
             audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
             astreams = []
@@ -854,7 +1000,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
         pending_audio: list = []
         counts: dict = {}
-        frames = _decode(inp, vstream, astreams, pending_audio, src, counts)
+        covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
+        frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
         first = next(frames, None)
         if first is None:
             raise VideoError(f"{src}: the video stream has no frames")
@@ -868,21 +1015,18 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             tmp = _temp_path(dst)
             with _ffmpeg_reasons():
                 out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
-                    tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst
+                    tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst, pending_audio
                 )
         meta: deque = deque()
-        corrupt = []
+        corrupt, resized = [], []  # resized: the first frame of another size than the first
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
 
         def planes():
             for i, frame in enumerate(_chain(first, frames)):
                 if frame.is_corrupt:
                     corrupt.append(i)
-                if (frame.width, frame.height) != (first.width, first.height):
-                    raise VideoError(
-                        f"{src}: frame {i} is {frame.width}x{frame.height}, not "
-                        f"{first.width}x{first.height}: size changes are not supported"
-                    )
+                if (frame.width, frame.height) != (first.width, first.height) and not resized:
+                    resized.append(f"frame {i} is {frame.width}x{frame.height}")
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
                 meta.append((i, pts, t, frame.duration))
@@ -913,8 +1057,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 if out is not None:
                     frame = planes_frame(res.image, work_fmt)
                     frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
-                    if pix_fmt != work_fmt:
-                        frame = _reformat(frame, pix_fmt, matrix, crange)
+                    # A stream that changes size (an HLS recording switching bitrates, a TV capture
+                    # at an ad break) is restored at each frame's size and scaled to the encoder's.
+                    size = (first.width, first.height)
+                    if pix_fmt != work_fmt or (frame.width, frame.height) != size:
+                        frame = _reformat(frame, pix_fmt, matrix, crange, size)
                     frame.pts, frame.time_base = pts, tb
                     if out_tb != tb:  # Y4M, AVI, MPEG-1/2: one tick per frame (a variable-rate source keeps
                         # every frame). The AVI muxer starts each stream at 0; others keep the copied audio's
@@ -933,11 +1080,16 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note) if n]
+        notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note, data_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
                 f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
                 f"1/{float(1 / out_tb):g} s: frames are moved by up to {moved:.3f} s"
+            )
+        if resized and out is not None:
+            notes.append(
+                f"{src}: the frame size changes ({resized[0]}): frames of other sizes are scaled to "
+                f"{first.width}x{first.height}, the size of the first"
             )
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
@@ -966,6 +1118,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 )
         if opts.strict and (corrupt or short):
             raise VideoError(f"{notes[-1]} (--strict)")
+        # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
+        # there left the video written under "interrupted; no output written".
+        trace = [] if csv_path is None else _quality_files(rows, csv_path, opts.plot, src.name)
         if out is not None:
             _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
             _mux_audio(out, pending_audio, amap, dst)
@@ -974,8 +1129,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             _publish(tmp, dst)
             tmp = None
         written = [dst] if dst is not None and not opts.score_only else []
-        if csv_path is not None:
-            written += _write_quality(rows, csv_path, opts.plot, src.name)
+        for path, data in trace:
+            _write_file(path, data)
+            written.append(path)
         return {
             "frames": len(rows),
             "seconds": elapsed,
@@ -1037,15 +1193,23 @@ class _Durations:
         return packets
 
 
-def _reformat(frame, fmt: str, matrix: str, crange: str):
-    """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on)."""
+def _reformat(frame, fmt: str, matrix: str, crange: str, size: tuple | None = None):
+    """Convert pixel formats with swscale, keeping the matrix and range (RGB sources take them on);
+    scale to size (width, height) where given."""
     cs, cr = SWS_COLORSPACE[matrix], "JPEG" if crange == "full" else "MPEG"
     src = {} if frame.format.is_rgb else {"src_colorspace": cs, "src_color_range": cr}
     # 4:1:1, 4:4:0 and 4:1:0 are restored as 4:4:4: copying each chroma sample out and taking one back
     # is exact (swscale's default filters blurred the chroma of an unchanged picture by up to 25 codes).
     odd = {chroma_factors(frame.format.name), chroma_factors(fmt)} - {(1, 1), (2, 1), (2, 2)}
+    width, height = size or (None, None)
     return frame.reformat(
-        format=fmt, dst_colorspace=cs, dst_color_range=cr, interpolation="POINT" if odd else None, **src
+        width,
+        height,
+        format=fmt,
+        dst_colorspace=cs,
+        dst_color_range=cr,
+        interpolation="POINT" if odd else None,
+        **src,
     )
 
 
