@@ -487,6 +487,24 @@ def test_video_mode_on_cpu(tmp_path):
     assert rows[1]["max_abs_diff_u8_vs_loop"] <= 1
 
 
+def test_video_rows_are_compared_with_eager_fp32s_frames(tmp_path, capsys):
+    # Video rows had no PSNR: a stream that changed the picture looked only faster. Each mode of another
+    # backend is now compared with eager fp32's frames of that mode; a median of passes is reported.
+    out = tmp_path / "video.json"
+    args = TINY + ["--sizes", "48x32", "--tiles", "0", "--video", "3", "--repeats", "2"]
+    assert qb.main(args + ["--backends", "eager-fp32,eager-bf16-cl", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    base, other = rows[:3], rows[3:]
+    assert [r["backend"] for r in other] == ["eager-bf16-cl"] * 3 and all(r["status"] == "ok" for r in rows)
+    assert all("psnr_db" not in r for r in base) and all(r["passes"] == 2 for r in rows)
+    assert all(20 < r["psnr_db"] < 80 for r in other), other  # bf16 changes the picture a little
+    assert "(median of 2)  PSNR" in capsys.readouterr().out
+    frames = [np.full((2, 3), 10, np.uint8), (np.full(4, 10, np.uint8), np.full(2, 10, np.uint8))]
+    shifted = [frames[0] + 1, (frames[1][0] + 1, frames[1][1] + 1)]
+    assert qb.frames_psnr(shifted, frames) == pytest.approx(20 * np.log10(255))
+    assert qb.frames_psnr(frames, frames) == float("inf")
+
+
 def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
     """--video 6 streams batches of 4 and 2 frames: the warm-up ran one batch of 4 only, so the timed
     pass met the batch of 2 first (on whole frames a new shape: torch.compile compiled it in the timing)."""
@@ -500,20 +518,27 @@ def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
     monkeypatch.setattr(qb.Restorer, "restore_tensor", record)
     monkeypatch.setattr(qb.time, "perf_counter", lambda: calls.append("clock") or clock())
     args = SimpleNamespace(
-        sizes=[(32, 32)], tiles=[None], video=6, seed=0, backends=["eager-fp32"], overlap=0, tile_batch=0
+        sizes=[(32, 32)],
+        tiles=[None],
+        video=6,
+        seed=0,
+        backends=["eager-fp32"],
+        overlap=0,
+        tile_batch=0,
+        repeats=3,
+        case_budget_s=600.0,
     )
     report = {"results": []}
     qb.run_video(args, qb.bench_model(preset="tiny")[0], torch.device("cpu"), report, lambda r: None)
-    assert [r["mode"] for r in report["results"] if r["status"] == "ok"] == [
-        "loop",
-        "stream-rgb",
-        "stream-yuv420",
-    ]
+    rows = [r for r in report["results"] if r["status"] == "ok"]
+    assert [r["mode"] for r in rows] == ["loop", "stream-rgb", "stream-yuv420"]
+    assert [r["passes"] for r in rows] == [3, 3, 3] and all(len(r["seconds_all"]) == 3 for r in rows)
     clocks = [i for i, c in enumerate(calls) if c == "clock"]
-    assert len(clocks) == 6  # a start and an end per mode
-    for start, end, before in zip(clocks[0::2], clocks[1::2], [-1] + clocks[1::2]):
-        warm, timed = set(calls[before + 1 : start]), set(calls[start + 1 : end])
-        assert timed <= warm, (warm, timed)
+    spans = [set(calls[a + 1 : b]) for a, b in zip(clocks[0::2], clocks[1::2])]
+    assert len(spans) == 3 * 4  # per mode: the untimed pass, then three timed ones
+    for mode, shapes in enumerate([{1}, {4, 2}, {4, 2}]):  # the loop restores one frame a call
+        warm, timed = spans[4 * mode], spans[4 * mode + 1 : 4 * mode + 4]
+        assert warm == shapes and all(t <= warm for t in timed), (warm, timed)
 
 
 def test_bench_video_stream_warms_up_on_a_whole_batch(monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
 import json
 import math
@@ -724,11 +725,24 @@ def video_frames(w: int, h: int, count: int, seed: int) -> tuple[list[np.ndarray
 
 
 STREAM_BATCH = 4  # frames per restore_stream batch
+VIDEO_PASSES = 3  # timed passes over the frames per mode (fewer with --repeats or a short case budget)
+
+
+def frames_psnr(frames: list, refs: list) -> float:
+    """PSNR in dB of uint8 frames (arrays, or tuples of planes) against the same frames of another run."""
+
+    def flat(fs):
+        return np.concatenate([np.ravel(p) for f in fs for p in (f if isinstance(f, tuple) else (f,))])
+
+    mse = float(np.mean((flat(frames).astype(np.float64) - flat(refs)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> None:
     """Per backend: a plain loop of Restorer.restore calls, then Restorer.restore_stream (batched, pinned
-    host memory and copies overlapped with compute on CUDA) over RGB frames and over 4:2:0 planes."""
+    host memory and copies overlapped with compute on CUDA) over RGB frames and over 4:2:0 planes.
+    Each mode: one untimed pass, then the median of up to VIDEO_PASSES timed passes; on CUDA the peak
+    device memory of one more pass; PSNR against eager fp32's frames of the same mode when it ran."""
     w, h = args.sizes[0]
     tile = args.tiles[0]
     rgb, yuv = video_frames(w, h, args.video, args.seed)
@@ -739,6 +753,7 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
             res.image for res in r.restore_stream(fr, STREAM_BATCH, matrix="bt709", range="limited")
         ],
     }
+    refs = {}  # mode -> eager fp32's frames
     for label in args.backends:
         reason = skip_reason(label, device)
         restorer = None
@@ -751,29 +766,41 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
             else:
                 try:
                     restorer = restorer or make_restorer(model, label, device, tile, args)
-                    # Warm-up on every batch the timed pass meets (a full one, and the last, short one):
-                    # each shape compiled, autotuned and pinned before the clock starts.
-                    fn(restorer, frames[:STREAM_BATCH])
-                    if args.video % STREAM_BATCH:
-                        fn(restorer, frames[: args.video % STREAM_BATCH])
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    outputs[mode] = fn(restorer, frames)
-                    seconds = time.perf_counter() - t0
+                    run = functools.partial(fn, restorer, frames)
+                    # The untimed pass meets every batch shape the timed ones do (the full batches and
+                    # the last, short one): each compiled, autotuned and pinned before the clock starts.
+                    r = measure(run, device, 1, min(args.repeats, VIDEO_PASSES), args.case_budget_s)
+                    outputs[mode] = r["out"]
+                    seconds = statistics.median(r["ms"]) / 1e3
                     row.update(
                         status="ok",
                         tile_batch=restorer.tile_batch,
+                        passes=len(r["ms"]),
                         seconds=seconds,
+                        seconds_all=[round(t / 1e3, 4) for t in r["ms"]],
                         fps=args.video / seconds,
                         mp_per_s=args.video * w * h / 1e6 / seconds,
                     )
+                    if device.type == "cuda":  # as in the table: reserved, in one more pass after a reset
+                        r = None
+                        torch.cuda.synchronize(device)
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(device)
+                        run()
+                        torch.cuda.synchronize(device)
+                        row["peak_mem_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
+                        own = SPECS[label][0] in OWN_MEMORY
+                        row["peak_mem_scope"] = "torch allocator only" if own else "torch allocator"
                     if mode == "stream-rgb" and "loop" in outputs:  # the stream must give the loop's frames
                         diffs = [
                             np.abs(a.astype(np.int16) - b).max()
                             for a, b in zip(outputs[mode], outputs["loop"], strict=True)
                         ]
                         row["max_abs_diff_u8_vs_loop"] = int(max(diffs))
+                    if label == BASELINE:
+                        refs[mode] = outputs[mode]
+                    elif mode in refs:  # a fast stream that changes the picture is wrong, not fast
+                        row["psnr_db"] = round(frames_psnr(outputs[mode], refs[mode]), 2)
                 except BackendError as e:
                     reason = str(e)
                     row.update(status="skipped", reason=reason)
@@ -791,7 +818,15 @@ def format_video_row(r: dict) -> str:
     head = f"{r['backend']:<{LABEL_WIDTH}} {r['mode']:<14} {size:>9} {tile:>5}"
     if r["status"] != "ok":
         return f"{head}   {r['status']}: {r.get('reason', '')}"
-    return f"{head} {r['frames']:>4} frames {_rate(r['fps']):>9} fps {_rate(r['mp_per_s']):>9} MP/s"
+    tail = f"  PSNR {_fmt(r.get('psnr_db'), '.1f')}" if "psnr_db" in r else ""
+    if r.get("peak_mem_mib") is not None:
+        tail += f"  peak {r['peak_mem_mib']:.0f} MiB" + (
+            "*" if r.get("peak_mem_scope", "").endswith("only") else ""
+        )
+    return (
+        f"{head} {r['frames']:>4} frames {_rate(r['fps']):>9} fps {_rate(r['mp_per_s']):>9} MP/s"
+        f"  (median of {r.get('passes', 1)}){tail}"
+    )
 
 
 # ---- command line -------------------------------------------------------------------------------------
