@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_defaults_are_the_paper_recipe():
 
 def test_patches_deterministic_and_in_range(data):
     images = load_cached(list_images(data))
-    ds = JPEGPatches(images, batch=3, patch=32, qf_range=(5, 95), seed=7)
+    ds = JPEGPatches(list(images), batch=3, patch=32, qf_range=(5, 95), seed=7)
     j1, c1, q1 = ds[5]
     j2, c2, q2 = JPEGPatches(images, batch=3, patch=32, qf_range=(5, 95), seed=7)[5]
     assert torch.equal(j1, j2) and torch.equal(c1, c2) and torch.equal(q1, q2)
@@ -120,6 +121,35 @@ def test_patches_deterministic_and_in_range(data):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [5]), batch_size=None, num_workers=1)
     jw, cw, _ = next(iter(loader))
     assert torch.equal(jw, j1) and torch.equal(cw, c1)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_patches_take_the_images_over_and_keep_their_pixels(data, shared):
+    # Training kept the decoded list beside the dataset's packed copy: every pixel twice in memory.
+    images = load_cached(list_images(data))
+    copies = [im.copy() for im in images]
+    ds = JPEGPatches(images, batch=1, patch=32, shared=shared)
+    assert images == [] and ds.pixels.is_shared() == shared
+    for k, im in enumerate(copies):
+        assert np.array_equal(ds.pixels[ds.offsets[k] : ds.offsets[k + 1]].numpy().reshape(ds.shapes[k]), im)
+
+
+def test_training_holds_the_decoded_images_once(data, tmp_path, monkeypatch):
+    decoded, alive, loss_fn = [], [], trainer.loss_fn
+
+    def load(*args, **kw):
+        images = load_cached(*args, **kw)
+        decoded.extend(weakref.ref(im) for im in images)
+        return images
+
+    def loss(*args, **kw):
+        alive.append(sum(r() is not None for r in decoded))
+        return loss_fn(*args, **kw)
+
+    monkeypatch.setattr(trainer, "load_cached", load)
+    monkeypatch.setattr(trainer, "loss_fn", loss)
+    trainer.train(tiny_args(data, tmp_path, steps=1))
+    assert len(decoded) == 4 and alive == [0]
 
 
 def test_cache_roundtrip(data, tmp_path):

@@ -72,15 +72,28 @@ class JPEGPatches(Dataset):
         shift_prob: float = 0.5,
         seed: int = 0,
         length: int = 10**9,
+        shared: bool = False,
     ):
+        """images: decoded BGR uint8 arrays. They are moved into one tensor and the list is emptied,
+        so that the pixels are held once (the training set is 255 MB decoded). shared: make that
+        tensor in shared memory, where DataLoader workers need it; moved there later, it would be
+        copied once more."""
         kept = [im for im in images if min(im.shape[:2]) >= patch + 8]
         if not kept:
             raise ValueError(f"no training image is at least {patch + 8} px on its short side")
-        # All pixels in one torch tensor: DataLoader workers (spawned) then receive it through shared
-        # memory instead of a pickled copy of the whole training set each.
-        self.pixels = torch.from_numpy(np.concatenate([im.reshape(-1) for im in kept]))
         self.shapes = [im.shape for im in kept]
         self.offsets = np.cumsum([0] + [im.size for im in kept])
+        # All pixels in one torch tensor: DataLoader workers (spawned) then receive it through shared
+        # memory instead of a pickled copy of the whole training set each.
+        n = int(self.offsets[-1])
+        if shared:  # made there directly: share_memory_() would fill all of it first, with a copy
+            self.pixels = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
+        else:
+            self.pixels = torch.empty(n, dtype=torch.uint8)
+        images.clear()  # each image is freed once copied: its only other reference is in `kept`
+        for k in range(len(kept)):
+            self.pixels[self.offsets[k] : self.offsets[k + 1]] = torch.from_numpy(kept[k].reshape(-1))
+            kept[k] = None
         # Sample images in proportion to their area so every pixel is equally likely.
         areas = np.array([sh[0] * sh[1] for sh in self.shapes], dtype=np.float64)
         self.prob = areas / areas.sum()

@@ -381,7 +381,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
         )
     try:
-        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+        # It takes the images over (the list is emptied): the pixels are held once, in ds.
+        shared = a.workers > 0
+        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared)
     except ValueError as e:  # no image large enough: say which folder
         raise SystemExit(f"{a.data}: {e}") from None
     # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
