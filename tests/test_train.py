@@ -4,6 +4,7 @@ the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU).
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -492,6 +493,48 @@ def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
         opt.step()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+from qairn.train import trainer
+loss_fn, calls = trainer.loss_fn, []
+def nan_on_rank_1(out, clean, w):  # the loss of step 1 is NaN on rank 1 only
+    calls.append(1)
+    loss, l1, s = loss_fn(out, clean, w)
+    return (loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else loss), l1, s
+trainer.loss_fn = nan_on_rank_1
+trainer.main(sys.argv[1:])
+"""
+
+
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(data, tmp_path):
+    """Two gloo processes started by hand (no torchrun to end the others when one fails); rank 1's
+    loss is NaN at step 1. Rank 0 went on alone into backward's all-reduce, whose peer had left: it
+    died of 'Connection closed by peer' (on NCCL: hung). Both must stop at step 1 and say why."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = tiny_args(data, tmp_path / "run", steps=4)
+    procs = []
+    for rank in range(2):
+        env = ENV | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(script), *cli_args(a)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    try:
+        outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode != 0 for p in procs] == [True, True]
+    assert "FloatingPointError: non-finite loss at step 1 (on another rank)" in outs[0], outs[0][-2000:]
+    assert "FloatingPointError: non-finite loss at step 1 (on rank 1)" in outs[1], outs[1][-2000:]
+    assert state(tmp_path / "run" / "checkpoint.pt")["step"] == 1  # the last finite weights
 
 
 def scrambled_model(seed=0) -> QAIRN:

@@ -455,11 +455,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             return want
         # Ranks must leave the loop at the same step (else one waits forever in an all-reduce):
         # agree every log_every steps, so a rank's signal or time limit stops all of them together.
-        if step % a.log_every:
-            return False
-        t = torch.tensor([float(want)], device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return False if step % a.log_every else any_rank(want, device)
 
     def on_signal(signum, frame):
         stop["flag"] = True
@@ -493,8 +489,13 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 restored, _ = net(jpeg_b)
             loss, l1, s = loss_fn(restored.float(), clean_b, a.ssim_weight)
             # On a GPU, checking every step would stall the pipeline: check when logging.
-            if (device.type != "cuda" or step % a.log_every == 0) and not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}")
+            if device.type != "cuda" or step % a.log_every == 0:
+                bad = not torch.isfinite(loss)
+                # All ranks stop together: a rank that went on alone would wait in backward's
+                # all-reduce for one that left (a hang on NCCL, a crash of unclear cause on gloo).
+                if any_rank(bad, device) if world > 1 else bad:
+                    where = "" if world == 1 else f" (on rank {rank})" if bad else " (on another rank)"
+                    raise FloatingPointError(f"non-finite loss at step {step}{where}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -567,6 +568,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag is set on any DDP process: every process calls it at the same step, and all get
+    the same answer."""
+    t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def finite(model: torch.nn.Module) -> bool:
