@@ -740,6 +740,20 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
     assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 3
 
 
+def test_a_bare_resume_keeps_the_runs_log_validation_and_checkpoint_intervals(data, tmp_path):
+    # They fell back to the defaults (10, 1000, 200): the resumed half of this log had only its last step.
+    trainer.train(tiny_args(data, tmp_path, steps=2, log_every=1, val_every=2, ckpt_every=1))
+    trainer.main(["--out", str(tmp_path), "--resume", "--steps", "4", "--workers", "0", "--threads", "1"])
+    assert [r.split(",")[0] for r in (tmp_path / "log.csv").read_text().splitlines()[1:]] == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
+    assert [r.split(",")[0] for r in (tmp_path / "val.csv").read_text().splitlines()[1:]] == ["2", "4"]
+    assert state(tmp_path / "checkpoint.pt")["args"]["ckpt_every"] == 1
+
+
 @pytest.mark.parametrize(
     "kw, says",
     [

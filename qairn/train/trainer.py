@@ -74,12 +74,13 @@ class TrainArgs:
     overwrite: bool = False  # start a new run in an --out that holds one (its checkpoint is replaced)
 
 
-# What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule.
+# What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule,
+# and how often it logs, validates and checkpoints (else a bare resume thins its log.csv and val.csv).
 # Given again, the new value wins and is said (fine-tuning with another loss or rate is a resume too).
 RESUMED_ARGS = (
     "steps", "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
     "lr_halve_every", "lr_min", "ssim_weight", "seed", "val_holdout", "val_data", "ema", "channels_last",
-    "amp",
+    "amp", "log_every", "val_every", "ckpt_every",
 )  # fmt: skip
 
 
