@@ -1,6 +1,7 @@
 """Training: the paper's defaults, deterministic data, resume, Ctrl-C, DDP (gloo, 2 processes),
 the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -319,6 +320,25 @@ def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeyp
     ck = state(tmp_path / "r" / "checkpoint.pt")
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_last_one_and_no_partial_file(data, tmp_path, monkeypatch):
+    # A full disk mid-write left a partial checkpoint.tmp beside the good checkpoint.pt, holding the space.
+    saves, torch_save = [], torch.save
+
+    def disk_full_after_the_first_save(obj, f):
+        saves.append(1)
+        if len(saves) == 1:
+            return torch_save(obj, f)
+        with contextlib.nullcontext(f) if hasattr(f, "write") else open(f, "wb") as out:  # a file or a path
+            out.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_after_the_first_save)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train(tiny_args(data, tmp_path, steps=4, ckpt_every=2))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.pt"]
+    assert state(tmp_path / "checkpoint.pt")["step"] == 2
 
 
 def test_weights_made_non_finite_by_the_last_step_are_not_exported(data, tmp_path, monkeypatch):

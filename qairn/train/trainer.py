@@ -423,9 +423,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "scaler": scaler.state_dict(),
             "world": world,
         }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        tmp.replace(ckpt_path)
+        save_atomic(ck, ckpt_path)
 
     val_pairs: list = []
 
@@ -569,6 +567,22 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file, flushed to disk, then renamed over path: a kill, a crash or a full
+    disk mid-write leaves the previous file whole (a rename of unflushed data can leave an empty file
+    after a crash), and a failed write leaves no partial copy taking the disk's space."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
