@@ -852,6 +852,30 @@ def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path
     assert state(tmp_path / "i" / "checkpoint.pt")["step"] == 2
 
 
+def test_a_torn_cache_is_decoded_again(data, tmp_path):
+    # A cache cut short (a crash just after it was written) stopped every later start with
+    # "BadZipFile: File is not a zip file", naming no file.
+    files = list_images(data)
+    images = load_cached(files, tmp_path)
+    (cache,) = tmp_path.glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    again = load_cached(files, tmp_path)
+    assert all(np.array_equal(x, y) for x, y in zip(images, again, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(images, load_cached(files, tmp_path), strict=True))
+    assert cache.stat().st_size > 1000  # written anew
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_partial_file(data, tmp_path, monkeypatch):
+    def disk_full(path, **arrays):
+        Path(path).write_bytes(b"part of the training set")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        load_cached(list_images(data), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cache_sees_an_image_edited_in_place(tmp_path):
     # A PPM (or BMP) of the same shape has the same byte size: a cache keyed on names and sizes
     # alone gave the old pixels back.

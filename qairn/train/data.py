@@ -38,8 +38,11 @@ def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[
     key = key.hexdigest()[:12]
     cache = Path(cache_dir) / f"train-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
-        with np.load(cache) as z:
-            return [z[f"a{i}"] for i in range(len(files))]
+        try:
+            with np.load(cache) as z:
+                return [z[f"a{i}"] for i in range(len(files))]
+        except Exception:  # torn by a crash (zipfile, numpy, EOF errors): it is only a cache, made anew
+            pass
     images = []
     for p in files:
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
@@ -49,8 +52,12 @@ def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # DDP ranks may race here
-        np.savez(tmp, **{f"a{i}": a for i, a in enumerate(images)})
-        tmp.replace(cache)
+        try:
+            np.savez(tmp, **{f"a{i}": a for i, a in enumerate(images)})
+            tmp.replace(cache)
+        except BaseException:  # a full disk: no partial copy of the training set left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return images
 
 
