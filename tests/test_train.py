@@ -774,6 +774,18 @@ def test_a_bare_resume_keeps_the_runs_log_validation_and_checkpoint_intervals(da
     assert state(tmp_path / "checkpoint.pt")["args"]["ckpt_every"] == 1
 
 
+def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
+    # Garbage gave "invalid literal for int() with base 10: 'arbage'" (no file named); another torch
+    # file a KeyError: 'step' traceback.
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_text("garbage")
+    with pytest.raises(SystemExit, match=f"{ckpt}: not a readable checkpoint"):
+        trainer.train(tiny_args(data, tmp_path, resume=True))
+    torch.save({"x": 1}, ckpt)
+    with pytest.raises(SystemExit, match=f"{ckpt}: not a qairn training checkpoint"):
+        trainer.train(tiny_args(data, tmp_path, resume=True))
+
+
 @pytest.mark.parametrize(
     "kw, says",
     [

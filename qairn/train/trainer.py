@@ -269,7 +269,15 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if a.resume:
         if not ckpt_path.exists():
             raise SystemExit(f"{ckpt_path}: no checkpoint to resume (is --out right?)")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain data only: unpickling anything else could run code from the file
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception:  # torch's errors vary (pickle, zip) and suggest weights_only=False: not said
+            raise SystemExit(
+                f"{ckpt_path}: not a readable checkpoint (cut short, not a torch file, or holding more "
+                "than tensors and plain data)"
+            ) from None
+        if not isinstance(ck, dict) or not {"model", "optim", "step", "config"} <= ck.keys():
+            raise SystemExit(f"{ckpt_path}: not a qairn training checkpoint (no model, optimiser and step)")
         a = resumed_args(a, ck.get("args", {}), explicit, say=print if main else None)
         check_args(a)
     elif ckpt_path.exists() and not a.overwrite:
