@@ -273,6 +273,13 @@ def test_export_only_resume_leaves_a_running_trainers_log_alone(data, tmp_path, 
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+def test_fp16_on_the_cpu_scales_the_loss(data, tmp_path):
+    # CUDA's GradScaler was made on every device: on the CPU it disabled itself (a warning), and fp16
+    # gradients too small for fp16 went to zero unscaled.
+    trainer.train(tiny_args(data, tmp_path, steps=1, amp="fp16"))
+    assert state(tmp_path / "checkpoint.pt")["scaler"].get("scale", 0) > 1  # {} when disabled
+
+
 def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
     """--amp fp16: the GradScaler's loss scale is part of the run's state. A resume that restarted it
     at its initial value skipped steps (overflows) that the uninterrupted run took. CUDA's scaler, run

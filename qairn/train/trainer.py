@@ -368,7 +368,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if resumed and ck.get("scaler"):  # fp16's loss scale: restarted, the first steps would overflow again
         scaler.load_state_dict(ck["scaler"])
 
