@@ -843,6 +843,14 @@ def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
     assert (tmp_path / "kept").is_dir()
 
 
+def test_images_all_too_small_leave_no_run_folder(tmp_path):
+    # Refused ("no training image is at least 40 px"), but --out stayed, holding the decoded-image cache.
+    folder = make_folder(tmp_path / "d", 3, 30, 30, seed=3)
+    with pytest.raises(SystemExit, match="no training image is at least 40 px"):
+        trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):
     data = make_folder(tmp_path / "data", 6, 64, 80, seed=2)
     trainer.train(tiny_args(data, tmp_path / "r", steps=1))

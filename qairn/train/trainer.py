@@ -393,7 +393,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         # It takes the images over (the list is emptied): the pixels are held once, in ds.
         shared = a.workers > 0
         ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared)
-    except ValueError as e:  # no image large enough: say which folder
+    except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
         raise SystemExit(f"{a.data}: {e}") from None
     # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
     indices = range(step * world + rank, a.steps * world, world)
