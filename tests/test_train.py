@@ -22,7 +22,7 @@ from safetensors import safe_open
 from qairn.model import QAIRN, preset
 from qairn.train import trainer
 from qairn.train.data import JPEGPatches, list_images, load_cached
-from qairn.weights_io import load_model, read_metadata
+from qairn.weights_io import WeightsError, load_model, read_metadata
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -841,6 +841,15 @@ def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
     with pytest.raises(ValueError, match="cannot decode training image"):
         trainer.train(replace(a, out=str(tmp_path / "kept")))
     assert (tmp_path / "kept").is_dir()
+
+
+def test_a_bad_init_or_ema_leaves_no_run_folder(data, tmp_path):
+    # Refused in one line, but after --out was made: an empty run folder stayed.
+    with pytest.raises(WeightsError, match="no such weights file"):
+        trainer.train(tiny_args(data, tmp_path / "a", init=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(SystemExit, match="decay must be in"):
+        trainer.train(tiny_args(data, tmp_path / "b", ema=2.0))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_images_all_too_small_leave_no_run_folder(tmp_path):

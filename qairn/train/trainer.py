@@ -307,15 +307,6 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"warning: the held-out images differ from the checkpoint's ({len(was - now)} left the "
             f"held-out set, {len(now - was)} joined it): {why}"
         )
-    made_out = main and not out.exists()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if ck is None:  # a new run: no validation rows of an older one in its plot
-            (out / "val.csv").unlink(missing_ok=True)
-        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
-            for name in ("log.csv", "val.csv"):
-                drop_rows_after(out / name, ck["step"])
-
     torch.manual_seed(a.seed)
     config = model_config(a)
     model = QAIRN(config).to(device)
@@ -375,6 +366,17 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # Made (and old logs trimmed) once the arguments, the checkpoint and --init have passed: a run
+    # refused before this leaves no empty run folder.
+    made_out = main and not out.exists()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ck is None:  # a new run: no validation rows of an older one in its plot
+            (out / "val.csv").unlink(missing_ok=True)
+        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
+            for name in ("log.csv", "val.csv"):
+                drop_rows_after(out / name, ck["step"])
+
     try:
         images = load_cached(train_files, out / "cache")
     except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
