@@ -1007,6 +1007,14 @@ def test_lr_schedule_ends_and_a_low_lr_is_kept():
     assert trainer.lr_at(0, low) == trainer.lr_at(10**5, low) == 1e-5
 
 
+def test_hidden_files_and_folders_are_not_training_images(tmp_path):
+    # macOS's AppleDouble "._img00.png" (not an image) stopped the run: "cannot decode training image".
+    data = make_folder(tmp_path / ".runs" / "data", 2, 64, 80, seed=3)  # a hidden parent is the user's
+    (data / "._img00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    make_folder(data / ".thumbnails", 1, 64, 80, seed=4)
+    assert [f.name for f in list_images(data)] == ["img00.png", "img01.png"]
+
+
 def test_a_subfolder_named_like_an_image_is_searched_not_read(tmp_path):
     # "set.png/" was listed as an image itself and stopped the run: "set.png: cannot decode training image".
     make_folder(tmp_path / "data" / "set.png", 2, 64, 80, seed=3)

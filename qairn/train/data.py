@@ -22,8 +22,15 @@ IMAGE_EXTS = {".png", ".webp", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm"}
 def list_images(folder: str | Path) -> list[Path]:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
+
     # Files only: a folder may be named like an image ("set5.png/"); its images are found inside it.
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    # Hidden ones are not images of the set (macOS's ._a.png, a .thumbnails/ folder) and are skipped.
+    def hidden(p):
+        return any(part.startswith(".") for part in p.relative_to(folder).parts)
+
+    files = sorted(
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not hidden(p)
+    )
     if not files:
         raise FileNotFoundError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
     return files
