@@ -118,7 +118,7 @@ class QAIRN(nn.Module):
     """The network: QAIRN(preset("small")) builds it untrained; qairn.load_model(path) loads weights.
     forward(x) on (N,3,H,W) RGB in [0,1] returns (restored, [gamma1, gamma2, gamma3])."""
 
-    # Three 2x downsamplings in the trunk, and the shallowest-placed gate (gamma3, at 1/4 scale)
+    # Three 2x downsamplings in the trunk, and the deepest gate (gamma3, at 1/4 scale)
     # halves twice more inside its autoencoder: inputs are padded to a multiple of 16.
     stride = 16
 
