@@ -158,14 +158,16 @@ class QAIRN(nn.Module):
 
     @torch.no_grad()
     def _init_identity(self) -> None:
-        # head: RGB into channels 0..2 unchanged; tail: channels 0..2 back out, nothing else.
+        # head: RGB into channels 0..2 unchanged; tail: channels 0..2 back out, nothing else. With the
+        # global residual the tail stays zero: the input is added back already (twice would double it).
         self.head.weight[:3].zero_()
         self.head.bias[:3].zero_()
         self.tail.weight.zero_()
         self.tail.bias.zero_()
         for c in range(3):
             self.head.weight[c, c, 1, 1] = 1.0
-            self.tail.weight[c, c, 1, 1] = 1.0
+            if not self.config.residual:
+                self.tail.weight[c, c, 1, 1] = 1.0
         self.rqa1.out.bias.fill_(3.0)  # sigmoid(3) = 0.95: the input passes through the skip
 
     def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor, **pool):

@@ -160,6 +160,15 @@ def test_identity_init_starts_near_the_input_with_gamma1_open():
     assert (y - x).abs().mean() < 0.1 * (plain(x)[0] - x).abs().mean()
 
 
+def test_identity_init_with_the_global_residual_starts_at_the_input():
+    # Both identities were applied: out started at about 1.95 x the input.
+    m = QAIRN(preset("small", identity_init=True)).eval()
+    x = torch.rand(1, 3, 48, 64)
+    y, (g1, _, _) = m(x)
+    torch.testing.assert_close(y, x)
+    assert torch.allclose(g1, torch.full_like(g1, torch.sigmoid(torch.tensor(3.0)).item()))
+
+
 def test_every_public_name_has_its_own_docstring():
     # help(qairn.QAIRN) showed torch.nn.Module's text, help(qairn.Result) only its generated signature.
     import qairn
