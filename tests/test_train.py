@@ -1015,6 +1015,21 @@ def test_hidden_files_and_folders_are_not_training_images(tmp_path):
     assert [f.name for f in list_images(data)] == ["img00.png", "img01.png"]
 
 
+def test_held_out_images_in_subfolders_are_recorded_where_they_are(tmp_path):
+    # Recorded by name only ("img00.png"), the held-out images of a folder of folders were not found
+    # by the p sweep, which looks for them in the training folder (FileNotFoundError).
+    from qairn.train.evaluate import validation_files
+
+    data = tmp_path / "data"
+    for sub, seed in (("a", 3), ("b", 4)):
+        make_folder(data / sub, 3, 64, 80, seed=seed)
+    w = tmp_path / "w.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "run", steps=1, export=str(w)))
+    held_out = trainer.split_files(str(data), 2)[1]
+    assert validation_files(w, str(data), 2, None) == held_out
+    assert state(tmp_path / "run" / "checkpoint.pt")["val_files"] == ["a/img00.png", "b/img00.png"]
+
+
 def test_a_subfolder_named_like_an_image_is_searched_not_read(tmp_path):
     # "set.png/" was listed as an image itself and stopped the run: "set.png: cannot decode training image".
     make_folder(tmp_path / "data" / "set.png", 2, 64, 80, seed=3)

@@ -125,6 +125,12 @@ def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
     return split_files(a.data, a.val_holdout)
 
 
+def held_out_names(files: list[Path], a: TrainArgs) -> list[str]:
+    """The held-out images as checkpoints and exports record them: paths under their folder. Names
+    alone lost subfolders (and two a/1.png, b/1.png were one name), so the p sweep could not find them."""
+    return [f.relative_to(a.val_data or a.data).as_posix() for f in files]
+
+
 def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
     """Deterministic train/validation split: every k-th image (sorted by name) is held out."""
     files = list_images(data)
@@ -291,10 +297,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     for f in val_files:
         if cv2.imread(str(f), cv2.IMREAD_COLOR) is None:
             raise SystemExit(f"{f}: cannot decode validation image (held out for validation and export)")
-    if ck is not None and main and ck.get("val_files") not in (None, [f.name for f in val_files]):
+    if ck is not None and main and ck.get("val_files") not in (None, held_out_names(val_files, a)):
         # The split is every k-th image of the folder: images added or removed move it, so earlier
         # held-out images may now train and the validation curve jumps.
-        was, now = set(ck["val_files"]), {f.name for f in val_files}
+        was, now = set(ck["val_files"]), set(held_out_names(val_files, a))
         # Options given anew on resume move the split too: then the folder is not what changed.
         saved = ck.get("args", {})
         moved = [
@@ -430,7 +436,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "config": config.to_json(),
             "args": asdict(a),
             "torch_rng": torch.get_rng_state(),
-            "val_files": [f.name for f in val_files],
+            "val_files": held_out_names(val_files, a),
             "ema": ema.state_dict() if ema is not None else kept_ema,
             "scaler": scaler.state_dict(),
             "world": world,
@@ -758,7 +764,7 @@ def export_weights(
         # The arguments of the run that last trained these weights: an export-only run's own
         # arguments (defaults, mostly) would misreport, e.g., the loss of a fine-tuning phase.
         "args": trained_with or asdict(a),
-        "val_files": [f.name for f in val_files],
+        "val_files": held_out_names(val_files, a),
         "export": decision,
     }
     dtype = torch.float16 if decision["dtype"] == "fp16" else None
