@@ -477,7 +477,6 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     def on_signal(signum, frame):
         stop["flag"] = True
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log_path = out / "log.csv"
     new_log = not log_path.exists() or not a.resume
     logf = open(log_path, "w" if new_log else "a", newline="") if main else None
@@ -492,6 +491,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for jpeg_b, clean_b, _ in loader:
             data_wait += time.time() - t_ready
@@ -549,22 +549,24 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 t_last += time.time() - t_val  # the logged patches/s are training's alone
             t_ready = time.time()
     finally:
-        bar.close()
-        if main and steps_run:
-            wall = time.time() - t_run
-            print(
-                f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting for "
-                f"data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
-                flush=True,
-            )
-        # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer may
-        # still be writing it, and an older copy written over it would set that trainer's file back.
-        if steps_run or not resumed:
-            save_checkpoint()
-        if logf:
-            logf.close()
-        for s_, h in old_handlers.items():
-            signal.signal(s_, h)
+        try:
+            bar.close()
+            if main and steps_run:
+                wall = time.time() - t_run
+                print(
+                    f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting "
+                    f"for data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
+                    flush=True,
+                )
+            # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer
+            # may still be writing it, and an older copy written over it would set that trainer's file back.
+            if steps_run or not resumed:
+                save_checkpoint()
+        finally:  # also when that last checkpoint fails (a full disk): Ctrl-C must stop the caller again
+            if logf:
+                logf.close()
+            for s_, h in old_handlers.items():
+                signal.signal(s_, h)
     if not finite(model):  # an infinite gradient in the last steps, after their loss was checked
         raise FloatingPointError(
             f"the weights are not finite after step {step}: nothing exported; {ckpt_path} holds the last "
