@@ -138,6 +138,8 @@ def test_load_refuses_other_archs_formats_bad_p_huge_configs_and_nan(tmp_path):
         # Refused from the header, before 100000-wide convs (3.6 TB) are allocated.
         (good, {"config": json.dumps(config | {"widths": [100000] * 4})}, "tensor sizes differ"),
         (good | {"head.bias": torch.full_like(good["head.bias"], float("nan"))}, {}, "NaN or infinity"),
+        # A RuntimeError traceback ("Trying to create tensor with negative dimension -8").
+        (good, {"config": json.dumps(config | {"widths": [-8, 16, 16, 32]})}, "unreadable qairn config"),
     ]
     bad = tmp_path / "bad.safetensors"
     for tensors, meta, says in cases:
