@@ -804,6 +804,11 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         ({"max_seconds": -5.0}, "--max-seconds -5.0: cannot be negative"),
         ({"amp": "fp8"}, "--amp fp8: use auto"),
         ({"widths": "8,16"}, "--widths 8,16: needs four"),
+        # A RuntimeError traceback (negative dimension), an int() error naming no option, and a
+        # network without residual blocks trained without a word.
+        ({"widths": "-8,16,16,32"}, "--widths -8,16,16,32: needs four comma-separated positive"),
+        ({"widths": "8,x,16,32"}, "--widths 8,x,16,32: needs four"),
+        ({"nb": -1}, "--nb -1: needs at least 1"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
         ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),

@@ -12,6 +12,7 @@ import io
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -185,9 +186,10 @@ def check_args(a: TrainArgs) -> None:
         (a.max_seconds < 0, f"--max-seconds {a.max_seconds}: cannot be negative (0 = no limit)"),
         (a.amp not in ("auto", "bf16", "fp16", "none"), f"--amp {a.amp}: use auto, bf16, fp16 or none"),
         (
-            bool(a.widths) and len(a.widths.split(",")) != 4,
-            f"--widths {a.widths}: needs four comma-separated widths, e.g. 32,64,128,256",
+            bool(a.widths) and not re.fullmatch(r" *0*[1-9][0-9]* *(, *0*[1-9][0-9]* *){3}", a.widths),
+            f"--widths {a.widths}: needs four comma-separated positive widths, e.g. 32,64,128,256",
         ),
+        (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
     ]
     for bad, says in problems:
         if bad:
