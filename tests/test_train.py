@@ -809,6 +809,9 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         ({"widths": "-8,16,16,32"}, "--widths -8,16,16,32: needs four comma-separated positive"),
         ({"widths": "8,x,16,32"}, "--widths 8,x,16,32: needs four"),
         ({"nb": -1}, "--nb -1: needs at least 1"),
+        # DataLoader's "num_workers option should be non-negative" after --out was made; a RuntimeError.
+        ({"workers": -1}, "--workers -1: cannot be negative"),
+        ({"threads": -1}, "--threads -1: cannot be negative"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
         ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),

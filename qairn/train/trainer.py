@@ -190,6 +190,8 @@ def check_args(a: TrainArgs) -> None:
             f"--widths {a.widths}: needs four comma-separated positive widths, e.g. 32,64,128,256",
         ),
         (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
+        (a.workers < 0, f"--workers {a.workers}: cannot be negative (0: load in the training process)"),
+        (a.threads < 0, f"--threads {a.threads}: cannot be negative (0: torch's default)"),
     ]
     for bad, says in problems:
         if bad:
