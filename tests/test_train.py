@@ -812,6 +812,8 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         # DataLoader's "num_workers option should be non-negative" after --out was made; a RuntimeError.
         ({"workers": -1}, "--workers -1: cannot be negative"),
         ({"threads": -1}, "--threads -1: cannot be negative"),
+        # "expected non-negative integer" from the first batch, after a step-0 checkpoint was written.
+        ({"seed": -1}, "--seed -1: cannot be negative"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
         ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),

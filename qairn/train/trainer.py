@@ -192,6 +192,7 @@ def check_args(a: TrainArgs) -> None:
         (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
         (a.workers < 0, f"--workers {a.workers}: cannot be negative (0: load in the training process)"),
         (a.threads < 0, f"--threads {a.threads}: cannot be negative (0: torch's default)"),
+        (a.seed < 0, f"--seed {a.seed}: cannot be negative (numpy's generators take none)"),
     ]
     for bad, says in problems:
         if bad:
