@@ -857,6 +857,21 @@ def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
     assert (tmp_path / "kept").is_dir()
 
 
+def test_a_new_run_that_fails_at_its_first_step_leaves_no_checkpoint(data, tmp_path, monkeypatch):
+    # It wrote a step-0 checkpoint on the way out, so the rerun (a smaller --batch, say) was refused:
+    # "a run is already here; --resume continues it, --overwrite starts it again".
+    def out_of_memory(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "loss_fn", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            trainer.train(tiny_args(data, tmp_path, steps=2))
+    assert not (tmp_path / "checkpoint.pt").exists()
+    trainer.train(tiny_args(data, tmp_path, steps=2, batch=1))
+    assert state(tmp_path / "checkpoint.pt")["step"] == 2
+
+
 def test_a_bad_init_or_ema_leaves_no_run_folder(data, tmp_path):
     # Refused in one line, but after --out was made: an empty run folder stayed.
     with pytest.raises(WeightsError, match="no such weights file"):

@@ -497,6 +497,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = False
     try:
         for jpeg_b, clean_b, _ in loader:
             data_wait += time.time() - t_ready
@@ -553,6 +554,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 log_validation(step)
                 t_last += time.time() - t_val  # the logged patches/s are training's alone
             t_ready = time.time()
+    except BaseException:
+        failed = True
+        raise
     finally:
         try:
             bar.close()
@@ -565,7 +569,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 )
             # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer
             # may still be writing it, and an older copy written over it would set that trainer's file back.
-            if steps_run or not resumed:
+            # A new run that failed before its first step (a GPU out of memory, say) writes none: its
+            # step-0 checkpoint would make the rerun "a run already here".
+            if steps_run or not (resumed or failed):
                 save_checkpoint()
         finally:  # also when that last checkpoint fails (a full disk): Ctrl-C must stop the caller again
             if logf:
