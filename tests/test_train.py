@@ -134,6 +134,8 @@ def test_patches_take_the_images_over_and_keep_their_pixels(data, shared):
     assert images == [] and ds.pixels.is_shared() == shared
     for k, im in enumerate(copies):
         assert np.array_equal(ds.pixels[ds.offsets[k] : ds.offsets[k + 1]].numpy().reshape(ds.shapes[k]), im)
+    # A tuple (or any other sequence) is taken as it was before: copied, not emptied.
+    assert torch.equal(JPEGPatches(tuple(copies), batch=1, patch=32, shared=shared).pixels, ds.pixels)
 
 
 def test_training_holds_the_decoded_images_once(data, tmp_path, monkeypatch):

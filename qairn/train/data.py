@@ -104,7 +104,8 @@ class JPEGPatches(Dataset):
             self.pixels = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
         else:
             self.pixels = torch.empty(n, dtype=torch.uint8)
-        images.clear()  # each image is freed once copied: its only other reference is in `kept`
+        if isinstance(images, list):  # each image is then freed once copied: its last reference is in `kept`
+            images.clear()
         for k in range(len(kept)):
             self.pixels[self.offsets[k] : self.offsets[k + 1]] = torch.from_numpy(kept[k].reshape(-1))
             kept[k] = None
