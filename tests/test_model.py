@@ -54,6 +54,38 @@ def test_presets():
         preset("huge")
 
 
+def test_paper_preset_is_the_design_architecture():
+    """DESIGN.md section 1 layer by layer: head 3 -> c0; per encoder level nb ResBlocks then a 2x2
+    stride-2 conv; 2*nb ResBlocks at c3 (FBCNN's encoder and decoder bodies); per decoder level a 2x2
+    stride-2 transposed conv then nb ResBlocks; tail c0 -> 3; RQAttention on the 1/4, 1/2 and full
+    scale merges, each from the concatenated skip and decoder maps to one logit, two strided convs
+    down and two transposed convs up."""
+    from qairn.model import ResBlock
+
+    with torch.device("meta"):
+        m = QAIRN(PRESETS["paper"])
+    c, nb = (64, 128, 256, 512), 4
+
+    def conv(layer):
+        return type(layer).__name__, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride
+
+    def res_blocks(seq, width):
+        blocks = [b for b in seq if isinstance(b, ResBlock)]
+        assert all(b.conv1.in_channels == b.conv2.out_channels == width for b in blocks)
+        return len(blocks)
+
+    assert conv(m.head)[1:3] == (3, c[0]) and conv(m.tail)[1:3] == (c[0], 3)
+    for i, (down, up) in enumerate(((m.down1, m.up1), (m.down2, m.up2), (m.down3, m.up3))):
+        assert res_blocks(down, c[i]) == nb and res_blocks(up, c[i]) == nb
+        assert conv(down[-1]) == ("Conv2d", c[i], c[i + 1], (2, 2), (2, 2))
+        assert conv(up[0]) == ("ConvTranspose2d", c[i + 1], c[i], (2, 2), (2, 2))
+    assert res_blocks(m.body, c[3]) == 2 * nb
+    for rqa, width in ((m.rqa1, c[0]), (m.rqa2, c[1]), (m.rqa3, c[2])):
+        hidden = max(16, width // 4)
+        assert conv(rqa.inp)[1:3] == (2 * width, hidden) and conv(rqa.out)[1:3] == (hidden, 1)
+        assert rqa.down1.stride == rqa.down2.stride == rqa.up1.stride == rqa.up2.stride == (2, 2)
+
+
 def test_minkowski():
     g = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     assert minkowski(g, 1.0).item() == pytest.approx(0.5)
