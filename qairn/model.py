@@ -118,7 +118,7 @@ class QAIRN(nn.Module):
     """The network: QAIRN(preset("small")) builds it untrained; qairn.load_model(path) loads weights.
     forward(x) on (N,3,H,W) RGB in [0,1] returns (restored, [gamma1, gamma2, gamma3])."""
 
-    # Three 2x downsamplings in the trunk, and the shallowest-placed gate (gamma3, at 1/4 scale)
+    # Three 2x downsamplings in the trunk, and the deepest gate (gamma3, at 1/4 scale)
     # halves twice more inside its autoencoder: inputs are padded to a multiple of 16.
     stride = 16
 
@@ -158,14 +158,16 @@ class QAIRN(nn.Module):
 
     @torch.no_grad()
     def _init_identity(self) -> None:
-        # head: RGB into channels 0..2 unchanged; tail: channels 0..2 back out, nothing else.
+        # head: RGB into channels 0..2 unchanged; tail: channels 0..2 back out, nothing else. With the
+        # global residual the tail stays zero: the input is added back already (twice would double it).
         self.head.weight[:3].zero_()
         self.head.bias[:3].zero_()
         self.tail.weight.zero_()
         self.tail.bias.zero_()
         for c in range(3):
             self.head.weight[c, c, 1, 1] = 1.0
-            self.tail.weight[c, c, 1, 1] = 1.0
+            if not self.config.residual:
+                self.tail.weight[c, c, 1, 1] = 1.0
         self.rqa1.out.bias.fill_(3.0)  # sigmoid(3) = 0.95: the input passes through the skip
 
     def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor, **pool):

@@ -88,7 +88,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
         # widths, say) is the file's fault too.
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in QAIRN(config).state_dict().items()}
-    except (ValueError, TypeError, KeyError, ArithmeticError) as e:  # rqa_div 0: ZeroDivisionError
+    # rqa_div 0: ZeroDivisionError; a negative width: torch's RuntimeError (negative dimension)
+    except (ValueError, TypeError, KeyError, ArithmeticError, RuntimeError) as e:
         raise WeightsError(f"{path}: unreadable qairn config ({e})") from None
     with safe_open(str(path), framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

@@ -54,6 +54,38 @@ def test_presets():
         preset("huge")
 
 
+def test_paper_preset_is_the_design_architecture():
+    """DESIGN.md section 1 layer by layer: head 3 -> c0; per encoder level nb ResBlocks then a 2x2
+    stride-2 conv; 2*nb ResBlocks at c3 (FBCNN's encoder and decoder bodies); per decoder level a 2x2
+    stride-2 transposed conv then nb ResBlocks; tail c0 -> 3; RQAttention on the 1/4, 1/2 and full
+    scale merges, each from the concatenated skip and decoder maps to one logit, two strided convs
+    down and two transposed convs up."""
+    from qairn.model import ResBlock
+
+    with torch.device("meta"):
+        m = QAIRN(PRESETS["paper"])
+    c, nb = (64, 128, 256, 512), 4
+
+    def conv(layer):
+        return type(layer).__name__, layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride
+
+    def res_blocks(seq, width):
+        blocks = [b for b in seq if isinstance(b, ResBlock)]
+        assert all(b.conv1.in_channels == b.conv2.out_channels == width for b in blocks)
+        return len(blocks)
+
+    assert conv(m.head)[1:3] == (3, c[0]) and conv(m.tail)[1:3] == (c[0], 3)
+    for i, (down, up) in enumerate(((m.down1, m.up1), (m.down2, m.up2), (m.down3, m.up3))):
+        assert res_blocks(down, c[i]) == nb and res_blocks(up, c[i]) == nb
+        assert conv(down[-1]) == ("Conv2d", c[i], c[i + 1], (2, 2), (2, 2))
+        assert conv(up[0]) == ("ConvTranspose2d", c[i + 1], c[i], (2, 2), (2, 2))
+    assert res_blocks(m.body, c[3]) == 2 * nb
+    for rqa, width in ((m.rqa1, c[0]), (m.rqa2, c[1]), (m.rqa3, c[2])):
+        hidden = max(16, width // 4)
+        assert conv(rqa.inp)[1:3] == (2 * width, hidden) and conv(rqa.out)[1:3] == (hidden, 1)
+        assert rqa.down1.stride == rqa.down2.stride == rqa.up1.stride == rqa.up2.stride == (2, 2)
+
+
 def test_minkowski():
     g = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
     assert minkowski(g, 1.0).item() == pytest.approx(0.5)
@@ -138,6 +170,8 @@ def test_load_refuses_other_archs_formats_bad_p_huge_configs_and_nan(tmp_path):
         # Refused from the header, before 100000-wide convs (3.6 TB) are allocated.
         (good, {"config": json.dumps(config | {"widths": [100000] * 4})}, "tensor sizes differ"),
         (good | {"head.bias": torch.full_like(good["head.bias"], float("nan"))}, {}, "NaN or infinity"),
+        # A RuntimeError traceback ("Trying to create tensor with negative dimension -8").
+        (good, {"config": json.dumps(config | {"widths": [-8, 16, 16, 32]})}, "unreadable qairn config"),
     ]
     bad = tmp_path / "bad.safetensors"
     for tensors, meta, says in cases:
@@ -158,6 +192,15 @@ def test_identity_init_starts_near_the_input_with_gamma1_open():
     # out = gamma1 * x + (1 - gamma1) * tail(dec): within 5% of the decoder's contribution.
     plain = QAIRN(preset("small-gated", identity_init=False)).eval()
     assert (y - x).abs().mean() < 0.1 * (plain(x)[0] - x).abs().mean()
+
+
+def test_identity_init_with_the_global_residual_starts_at_the_input():
+    # Both identities were applied: out started at about 1.95 x the input.
+    m = QAIRN(preset("small", identity_init=True)).eval()
+    x = torch.rand(1, 3, 48, 64)
+    y, (g1, _, _) = m(x)
+    torch.testing.assert_close(y, x)
+    assert torch.allclose(g1, torch.full_like(g1, torch.sigmoid(torch.tensor(3.0)).item()))
 
 
 def test_every_public_name_has_its_own_docstring():

@@ -1,12 +1,15 @@
 """Training: the paper's defaults, deterministic data, resume, Ctrl-C, DDP (gloo, 2 processes),
 the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU)."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from safetensors import safe_open
 from qairn.model import QAIRN, preset
 from qairn.train import trainer
 from qairn.train.data import JPEGPatches, list_images, load_cached
-from qairn.weights_io import load_model, read_metadata
+from qairn.weights_io import WeightsError, load_model, read_metadata
 
 ROOT = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -108,7 +111,7 @@ def test_defaults_are_the_paper_recipe():
 
 def test_patches_deterministic_and_in_range(data):
     images = load_cached(list_images(data))
-    ds = JPEGPatches(images, batch=3, patch=32, qf_range=(5, 95), seed=7)
+    ds = JPEGPatches(list(images), batch=3, patch=32, qf_range=(5, 95), seed=7)
     j1, c1, q1 = ds[5]
     j2, c2, q2 = JPEGPatches(images, batch=3, patch=32, qf_range=(5, 95), seed=7)[5]
     assert torch.equal(j1, j2) and torch.equal(c1, c2) and torch.equal(q1, q2)
@@ -120,6 +123,37 @@ def test_patches_deterministic_and_in_range(data):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [5]), batch_size=None, num_workers=1)
     jw, cw, _ = next(iter(loader))
     assert torch.equal(jw, j1) and torch.equal(cw, c1)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_patches_take_the_images_over_and_keep_their_pixels(data, shared):
+    # Training kept the decoded list beside the dataset's packed copy: every pixel twice in memory.
+    images = load_cached(list_images(data))
+    copies = [im.copy() for im in images]
+    ds = JPEGPatches(images, batch=1, patch=32, shared=shared)
+    assert images == [] and ds.pixels.is_shared() == shared
+    for k, im in enumerate(copies):
+        assert np.array_equal(ds.pixels[ds.offsets[k] : ds.offsets[k + 1]].numpy().reshape(ds.shapes[k]), im)
+    # A tuple (or any other sequence) is taken as it was before: copied, not emptied.
+    assert torch.equal(JPEGPatches(tuple(copies), batch=1, patch=32, shared=shared).pixels, ds.pixels)
+
+
+def test_training_holds_the_decoded_images_once(data, tmp_path, monkeypatch):
+    decoded, alive, loss_fn = [], [], trainer.loss_fn
+
+    def load(*args, **kw):
+        images = load_cached(*args, **kw)
+        decoded.extend(weakref.ref(im) for im in images)
+        return images
+
+    def loss(*args, **kw):
+        alive.append(sum(r() is not None for r in decoded))
+        return loss_fn(*args, **kw)
+
+    monkeypatch.setattr(trainer, "load_cached", load)
+    monkeypatch.setattr(trainer, "loss_fn", loss)
+    trainer.train(tiny_args(data, tmp_path, steps=1))
+    assert len(decoded) == 4 and alive == [0]
 
 
 def test_cache_roundtrip(data, tmp_path):
@@ -241,6 +275,13 @@ def test_export_only_resume_leaves_a_running_trainers_log_alone(data, tmp_path, 
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
 
+def test_fp16_on_the_cpu_scales_the_loss(data, tmp_path):
+    # CUDA's GradScaler was made on every device: on the CPU it disabled itself (a warning), and fp16
+    # gradients too small for fp16 went to zero unscaled.
+    trainer.train(tiny_args(data, tmp_path, steps=1, amp="fp16"))
+    assert state(tmp_path / "checkpoint.pt")["scaler"].get("scale", 0) > 1  # {} when disabled
+
+
 def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
     """--amp fp16: the GradScaler's loss scale is part of the run's state. A resume that restarted it
     at its initial value skipped steps (overflows) that the uninterrupted run took. CUDA's scaler, run
@@ -288,6 +329,29 @@ def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeyp
     ck = state(tmp_path / "r" / "checkpoint.pt")
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_last_one_and_no_partial_file(data, tmp_path, monkeypatch):
+    # A full disk mid-write left a partial checkpoint.tmp beside the good checkpoint.pt, holding the space.
+    saves, torch_save = [], torch.save
+
+    def disk_full_after_the_first_save(obj, f):
+        saves.append(1)
+        if len(saves) == 1:
+            return torch_save(obj, f)
+        with contextlib.nullcontext(f) if hasattr(f, "write") else open(f, "wb") as out:  # a file or a path
+            out.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_after_the_first_save)
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.train(tiny_args(data, tmp_path, steps=4, ckpt_every=2))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == ["checkpoint.pt"]
+    assert state(tmp_path / "checkpoint.pt")["step"] == 2
+    # The failed last checkpoint skipped the rest of the clean-up: the trainer's Ctrl-C handler stayed,
+    # so Ctrl-C only set a flag of the finished run and no longer stopped the calling program.
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
 
 
 def test_weights_made_non_finite_by_the_last_step_are_not_exported(data, tmp_path, monkeypatch):
@@ -462,6 +526,48 @@ def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
         opt.step()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+from qairn.train import trainer
+loss_fn, calls = trainer.loss_fn, []
+def nan_on_rank_1(out, clean, w):  # the loss of step 1 is NaN on rank 1 only
+    calls.append(1)
+    loss, l1, s = loss_fn(out, clean, w)
+    return (loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else loss), l1, s
+trainer.loss_fn = nan_on_rank_1
+trainer.main(sys.argv[1:])
+"""
+
+
+def test_ddp_a_non_finite_loss_on_one_rank_stops_every_rank(data, tmp_path):
+    """Two gloo processes started by hand (no torchrun to end the others when one fails); rank 1's
+    loss is NaN at step 1. Rank 0 went on alone into backward's all-reduce, whose peer had left: it
+    died of 'Connection closed by peer' (on NCCL: hung). Both must stop at step 1 and say why."""
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = tiny_args(data, tmp_path / "run", steps=4)
+    procs = []
+    for rank in range(2):
+        env = ENV | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(script), *cli_args(a)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    try:
+        outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode != 0 for p in procs] == [True, True]
+    assert "FloatingPointError: non-finite loss at step 1 (on another rank)" in outs[0], outs[0][-2000:]
+    assert "FloatingPointError: non-finite loss at step 1 (on rank 1)" in outs[1], outs[1][-2000:]
+    assert state(tmp_path / "run" / "checkpoint.pt")["step"] == 1  # the last finite weights
 
 
 def scrambled_model(seed=0) -> QAIRN:
@@ -667,6 +773,32 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
     assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 3
 
 
+def test_a_bare_resume_keeps_the_runs_log_validation_and_checkpoint_intervals(data, tmp_path):
+    # They fell back to the defaults (10, 1000, 200): the resumed half of this log had only its last step.
+    trainer.train(tiny_args(data, tmp_path, steps=2, log_every=1, val_every=2, ckpt_every=1))
+    trainer.main(["--out", str(tmp_path), "--resume", "--steps", "4", "--workers", "0", "--threads", "1"])
+    assert [r.split(",")[0] for r in (tmp_path / "log.csv").read_text().splitlines()[1:]] == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
+    assert [r.split(",")[0] for r in (tmp_path / "val.csv").read_text().splitlines()[1:]] == ["2", "4"]
+    assert state(tmp_path / "checkpoint.pt")["args"]["ckpt_every"] == 1
+
+
+def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
+    # Garbage gave "invalid literal for int() with base 10: 'arbage'" (no file named); another torch
+    # file a KeyError: 'step' traceback.
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_text("garbage")
+    with pytest.raises(SystemExit, match=f"{ckpt}: not a readable checkpoint"):
+        trainer.train(tiny_args(data, tmp_path, resume=True))
+    torch.save({"x": 1}, ckpt)
+    with pytest.raises(SystemExit, match=f"{ckpt}: not a qairn training checkpoint"):
+        trainer.train(tiny_args(data, tmp_path, resume=True))
+
+
 @pytest.mark.parametrize(
     "kw, says",
     [
@@ -674,6 +806,16 @@ def test_resume_keeps_the_runs_settings_and_refuses_mistakes(data, tmp_path, cap
         ({"max_seconds": -5.0}, "--max-seconds -5.0: cannot be negative"),
         ({"amp": "fp8"}, "--amp fp8: use auto"),
         ({"widths": "8,16"}, "--widths 8,16: needs four"),
+        # A RuntimeError traceback (negative dimension), an int() error naming no option, and a
+        # network without residual blocks trained without a word.
+        ({"widths": "-8,16,16,32"}, "--widths -8,16,16,32: needs four comma-separated positive"),
+        ({"widths": "8,x,16,32"}, "--widths 8,x,16,32: needs four"),
+        ({"nb": -1}, "--nb -1: needs at least 1"),
+        # DataLoader's "num_workers option should be non-negative" after --out was made; a RuntimeError.
+        ({"workers": -1}, "--workers -1: cannot be negative"),
+        ({"threads": -1}, "--threads -1: cannot be negative"),
+        # "expected non-negative integer" from the first batch, after a step-0 checkpoint was written.
+        ({"seed": -1}, "--seed -1: cannot be negative"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
         ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),
@@ -717,6 +859,38 @@ def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
     assert (tmp_path / "kept").is_dir()
 
 
+def test_a_new_run_that_fails_at_its_first_step_leaves_no_checkpoint(data, tmp_path, monkeypatch):
+    # It wrote a step-0 checkpoint on the way out, so the rerun (a smaller --batch, say) was refused:
+    # "a run is already here; --resume continues it, --overwrite starts it again".
+    def out_of_memory(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "loss_fn", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            trainer.train(tiny_args(data, tmp_path, steps=2))
+    assert not (tmp_path / "checkpoint.pt").exists()
+    trainer.train(tiny_args(data, tmp_path, steps=2, batch=1))
+    assert state(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_a_bad_init_or_ema_leaves_no_run_folder(data, tmp_path):
+    # Refused in one line, but after --out was made: an empty run folder stayed.
+    with pytest.raises(WeightsError, match="no such weights file"):
+        trainer.train(tiny_args(data, tmp_path / "a", init=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(SystemExit, match="decay must be in"):
+        trainer.train(tiny_args(data, tmp_path / "b", ema=2.0))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_images_all_too_small_leave_no_run_folder(tmp_path):
+    # Refused ("no training image is at least 40 px"), but --out stayed, holding the decoded-image cache.
+    folder = make_folder(tmp_path / "d", 3, 30, 30, seed=3)
+    with pytest.raises(SystemExit, match="no training image is at least 40 px"):
+        trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):
     data = make_folder(tmp_path / "data", 6, 64, 80, seed=2)
     trainer.train(tiny_args(data, tmp_path / "r", steps=1))
@@ -743,6 +917,30 @@ def test_an_override_equal_to_the_preset_is_the_same_architecture(data, tmp_path
     trainer.train(tiny_args(data, tmp_path / "i", steps=1, nb=nb, init=str(tiny_weights)))
     trainer.train(tiny_args(data, tmp_path / "i", steps=2, resume=True))  # resumed without the override
     assert state(tmp_path / "i" / "checkpoint.pt")["step"] == 2
+
+
+def test_a_torn_cache_is_decoded_again(data, tmp_path):
+    # A cache cut short (a crash just after it was written) stopped every later start with
+    # "BadZipFile: File is not a zip file", naming no file.
+    files = list_images(data)
+    images = load_cached(files, tmp_path)
+    (cache,) = tmp_path.glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:1000])
+    again = load_cached(files, tmp_path)
+    assert all(np.array_equal(x, y) for x, y in zip(images, again, strict=True))
+    assert all(np.array_equal(x, y) for x, y in zip(images, load_cached(files, tmp_path), strict=True))
+    assert cache.stat().st_size > 1000  # written anew
+
+
+def test_a_cache_that_cannot_be_written_leaves_no_partial_file(data, tmp_path, monkeypatch):
+    def disk_full(path, **arrays):
+        Path(path).write_bytes(b"part of the training set")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        load_cached(list_images(data), tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cache_sees_an_image_edited_in_place(tmp_path):
@@ -838,6 +1036,29 @@ def test_lr_schedule_ends_and_a_low_lr_is_kept():
     # --lr below --lr-min (fine-tuning at 1e-5) trained at the floor, 1.25e-5, from step 0.
     low = replace(a, lr=1e-5)
     assert trainer.lr_at(0, low) == trainer.lr_at(10**5, low) == 1e-5
+
+
+def test_hidden_files_and_folders_are_not_training_images(tmp_path):
+    # macOS's AppleDouble "._img00.png" (not an image) stopped the run: "cannot decode training image".
+    data = make_folder(tmp_path / ".runs" / "data", 2, 64, 80, seed=3)  # a hidden parent is the user's
+    (data / "._img00.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    make_folder(data / ".thumbnails", 1, 64, 80, seed=4)
+    assert [f.name for f in list_images(data)] == ["img00.png", "img01.png"]
+
+
+def test_held_out_images_in_subfolders_are_recorded_where_they_are(tmp_path):
+    # Recorded by name only ("img00.png"), the held-out images of a folder of folders were not found
+    # by the p sweep, which looks for them in the training folder (FileNotFoundError).
+    from qairn.train.evaluate import validation_files
+
+    data = tmp_path / "data"
+    for sub, seed in (("a", 3), ("b", 4)):
+        make_folder(data / sub, 3, 64, 80, seed=seed)
+    w = tmp_path / "w.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "run", steps=1, export=str(w)))
+    held_out = trainer.split_files(str(data), 2)[1]
+    assert validation_files(w, str(data), 2, None) == held_out
+    assert state(tmp_path / "run" / "checkpoint.pt")["val_files"] == ["a/img00.png", "b/img00.png"]
 
 
 def test_a_subfolder_named_like_an_image_is_searched_not_read(tmp_path):

@@ -22,8 +22,15 @@ IMAGE_EXTS = {".png", ".webp", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm"}
 def list_images(folder: str | Path) -> list[Path]:
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
+
     # Files only: a folder may be named like an image ("set5.png/"); its images are found inside it.
-    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    # Hidden ones are not images of the set (macOS's ._a.png, a .thumbnails/ folder) and are skipped.
+    def hidden(p):
+        return any(part.startswith(".") for part in p.relative_to(folder).parts)
+
+    files = sorted(
+        p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not hidden(p)
+    )
     if not files:
         raise FileNotFoundError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
     return files
@@ -38,8 +45,11 @@ def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[
     key = key.hexdigest()[:12]
     cache = Path(cache_dir) / f"train-{key}.npz" if cache_dir else None
     if cache is not None and cache.exists():
-        with np.load(cache) as z:
-            return [z[f"a{i}"] for i in range(len(files))]
+        try:
+            with np.load(cache) as z:
+                return [z[f"a{i}"] for i in range(len(files))]
+        except Exception:  # torn by a crash (zipfile, numpy, EOF errors): it is only a cache, made anew
+            pass
     images = []
     for p in files:
         img = cv2.imread(str(p), cv2.IMREAD_COLOR)
@@ -49,8 +59,12 @@ def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")  # DDP ranks may race here
-        np.savez(tmp, **{f"a{i}": a for i, a in enumerate(images)})
-        tmp.replace(cache)
+        try:
+            np.savez(tmp, **{f"a{i}": a for i, a in enumerate(images)})
+            tmp.replace(cache)
+        except BaseException:  # a full disk: no partial copy of the training set left behind
+            tmp.unlink(missing_ok=True)
+            raise
     return images
 
 
@@ -72,15 +86,29 @@ class JPEGPatches(Dataset):
         shift_prob: float = 0.5,
         seed: int = 0,
         length: int = 10**9,
+        shared: bool = False,
     ):
+        """images: decoded BGR uint8 arrays. They are moved into one tensor and the list is emptied,
+        so that the pixels are held once (the training set is 255 MB decoded). shared: make that
+        tensor in shared memory, where DataLoader workers need it; moved there later, it would be
+        copied once more."""
         kept = [im for im in images if min(im.shape[:2]) >= patch + 8]
         if not kept:
             raise ValueError(f"no training image is at least {patch + 8} px on its short side")
-        # All pixels in one torch tensor: DataLoader workers (spawned) then receive it through shared
-        # memory instead of a pickled copy of the whole training set each.
-        self.pixels = torch.from_numpy(np.concatenate([im.reshape(-1) for im in kept]))
         self.shapes = [im.shape for im in kept]
         self.offsets = np.cumsum([0] + [im.size for im in kept])
+        # All pixels in one torch tensor: DataLoader workers (spawned) then receive it through shared
+        # memory instead of a pickled copy of the whole training set each.
+        n = int(self.offsets[-1])
+        if shared:  # made there directly: share_memory_() would fill all of it first, with a copy
+            self.pixels = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
+        else:
+            self.pixels = torch.empty(n, dtype=torch.uint8)
+        if isinstance(images, list):  # each image is then freed once copied: its last reference is in `kept`
+            images.clear()
+        for k in range(len(kept)):
+            self.pixels[self.offsets[k] : self.offsets[k + 1]] = torch.from_numpy(kept[k].reshape(-1))
+            kept[k] = None
         # Sample images in proportion to their area so every pixel is equally likely.
         areas = np.array([sh[0] * sh[1] for sh in self.shapes], dtype=np.float64)
         self.prob = areas / areas.sum()

@@ -12,6 +12,7 @@ import io
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import time
@@ -74,12 +75,13 @@ class TrainArgs:
     overwrite: bool = False  # start a new run in an --out that holds one (its checkpoint is replaced)
 
 
-# What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule.
+# What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule,
+# and how often it logs, validates and checkpoints (else a bare resume thins its log.csv and val.csv).
 # Given again, the new value wins and is said (fine-tuning with another loss or rate is a resume too).
 RESUMED_ARGS = (
     "steps", "data", "preset", "widths", "nb", "batch", "patch", "qf_min", "qf_max", "shift_prob", "lr",
     "lr_halve_every", "lr_min", "ssim_weight", "seed", "val_holdout", "val_data", "ema", "channels_last",
-    "amp",
+    "amp", "log_every", "val_every", "ckpt_every",
 )  # fmt: skip
 
 
@@ -122,6 +124,12 @@ def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
             )
         return train, val
     return split_files(a.data, a.val_holdout)
+
+
+def held_out_names(files: list[Path], a: TrainArgs) -> list[str]:
+    """The held-out images as checkpoints and exports record them: paths under their folder. Names
+    alone lost subfolders (and two a/1.png, b/1.png were one name), so the p sweep could not find them."""
+    return [f.relative_to(a.val_data or a.data).as_posix() for f in files]
 
 
 def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
@@ -178,9 +186,13 @@ def check_args(a: TrainArgs) -> None:
         (a.max_seconds < 0, f"--max-seconds {a.max_seconds}: cannot be negative (0 = no limit)"),
         (a.amp not in ("auto", "bf16", "fp16", "none"), f"--amp {a.amp}: use auto, bf16, fp16 or none"),
         (
-            bool(a.widths) and len(a.widths.split(",")) != 4,
-            f"--widths {a.widths}: needs four comma-separated widths, e.g. 32,64,128,256",
+            bool(a.widths) and not re.fullmatch(r" *0*[1-9][0-9]* *(, *0*[1-9][0-9]* *){3}", a.widths),
+            f"--widths {a.widths}: needs four comma-separated positive widths, e.g. 32,64,128,256",
         ),
+        (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
+        (a.workers < 0, f"--workers {a.workers}: cannot be negative (0: load in the training process)"),
+        (a.threads < 0, f"--threads {a.threads}: cannot be negative (0: torch's default)"),
+        (a.seed < 0, f"--seed {a.seed}: cannot be negative (numpy's generators take none)"),
     ]
     for bad, says in problems:
         if bad:
@@ -268,7 +280,15 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if a.resume:
         if not ckpt_path.exists():
             raise SystemExit(f"{ckpt_path}: no checkpoint to resume (is --out right?)")
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain data only: unpickling anything else could run code from the file
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception:  # torch's errors vary (pickle, zip) and suggest weights_only=False: not said
+            raise SystemExit(
+                f"{ckpt_path}: not a readable checkpoint (cut short, not a torch file, or holding more "
+                "than tensors and plain data)"
+            ) from None
+        if not isinstance(ck, dict) or not {"model", "optim", "step", "config"} <= ck.keys():
+            raise SystemExit(f"{ckpt_path}: not a qairn training checkpoint (no model, optimiser and step)")
         a = resumed_args(a, ck.get("args", {}), explicit, say=print if main else None)
         check_args(a)
     elif ckpt_path.exists() and not a.overwrite:
@@ -282,10 +302,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     for f in val_files:
         if cv2.imread(str(f), cv2.IMREAD_COLOR) is None:
             raise SystemExit(f"{f}: cannot decode validation image (held out for validation and export)")
-    if ck is not None and main and ck.get("val_files") not in (None, [f.name for f in val_files]):
+    if ck is not None and main and ck.get("val_files") not in (None, held_out_names(val_files, a)):
         # The split is every k-th image of the folder: images added or removed move it, so earlier
         # held-out images may now train and the validation curve jumps.
-        was, now = set(ck["val_files"]), {f.name for f in val_files}
+        was, now = set(ck["val_files"]), set(held_out_names(val_files, a))
         # Options given anew on resume move the split too: then the folder is not what changed.
         saved = ck.get("args", {})
         moved = [
@@ -298,15 +318,6 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"warning: the held-out images differ from the checkpoint's ({len(was - now)} left the "
             f"held-out set, {len(now - was)} joined it): {why}"
         )
-    made_out = main and not out.exists()
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if ck is None:  # a new run: no validation rows of an older one in its plot
-            (out / "val.csv").unlink(missing_ok=True)
-        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
-            for name in ("log.csv", "val.csv"):
-                drop_rows_after(out / name, ck["step"])
-
     torch.manual_seed(a.seed)
     config = model_config(a)
     model = QAIRN(config).to(device)
@@ -359,13 +370,24 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if resumed and ck.get("scaler"):  # fp16's loss scale: restarted, the first steps would overflow again
         scaler.load_state_dict(ck["scaler"])
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # Made (and old logs trimmed) once the arguments, the checkpoint and --init have passed: a run
+    # refused before this leaves no empty run folder.
+    made_out = main and not out.exists()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ck is None:  # a new run: no validation rows of an older one in its plot
+            (out / "val.csv").unlink(missing_ok=True)
+        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
+            for name in ("log.csv", "val.csv"):
+                drop_rows_after(out / name, ck["step"])
+
     try:
         images = load_cached(train_files, out / "cache")
     except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
@@ -381,8 +403,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
         )
     try:
-        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
-    except ValueError as e:  # no image large enough: say which folder
+        # It takes the images over (the list is emptied): the pixels are held once, in ds.
+        shared = a.workers > 0
+        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared)
+    except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
+        if made_out:
+            shutil.rmtree(out, ignore_errors=True)
         raise SystemExit(f"{a.data}: {e}") from None
     # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
     indices = range(step * world + rank, a.steps * world, world)
@@ -415,14 +441,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "config": config.to_json(),
             "args": asdict(a),
             "torch_rng": torch.get_rng_state(),
-            "val_files": [f.name for f in val_files],
+            "val_files": held_out_names(val_files, a),
             "ema": ema.state_dict() if ema is not None else kept_ema,
             "scaler": scaler.state_dict(),
             "world": world,
         }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(ck, tmp)
-        tmp.replace(ckpt_path)
+        save_atomic(ck, ckpt_path)
 
     val_pairs: list = []
 
@@ -453,16 +477,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             return want
         # Ranks must leave the loop at the same step (else one waits forever in an all-reduce):
         # agree every log_every steps, so a rank's signal or time limit stops all of them together.
-        if step % a.log_every:
-            return False
-        t = torch.tensor([float(want)], device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return False if step % a.log_every else any_rank(want, device)
 
     def on_signal(signum, frame):
         stop["flag"] = True
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     log_path = out / "log.csv"
     new_log = not log_path.exists() or not a.resume
     logf = open(log_path, "w" if new_log else "a", newline="") if main else None
@@ -477,6 +496,8 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    failed = False
     try:
         for jpeg_b, clean_b, _ in loader:
             data_wait += time.time() - t_ready
@@ -491,8 +512,13 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 restored, _ = net(jpeg_b)
             loss, l1, s = loss_fn(restored.float(), clean_b, a.ssim_weight)
             # On a GPU, checking every step would stall the pipeline: check when logging.
-            if (device.type != "cuda" or step % a.log_every == 0) and not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}")
+            if device.type != "cuda" or step % a.log_every == 0:
+                bad = not torch.isfinite(loss)
+                # All ranks stop together: a rank that went on alone would wait in backward's
+                # all-reduce for one that left (a hang on NCCL, a crash of unclear cause on gloo).
+                if any_rank(bad, device) if world > 1 else bad:
+                    where = "" if world == 1 else f" (on rank {rank})" if bad else " (on another rank)"
+                    raise FloatingPointError(f"non-finite loss at step {step}{where}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -528,23 +554,30 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 log_validation(step)
                 t_last += time.time() - t_val  # the logged patches/s are training's alone
             t_ready = time.time()
+    except BaseException:
+        failed = True
+        raise
     finally:
-        bar.close()
-        if main and steps_run:
-            wall = time.time() - t_run
-            print(
-                f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting for "
-                f"data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
-                flush=True,
-            )
-        # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer may
-        # still be writing it, and an older copy written over it would set that trainer's file back.
-        if steps_run or not resumed:
-            save_checkpoint()
-        if logf:
-            logf.close()
-        for s_, h in old_handlers.items():
-            signal.signal(s_, h)
+        try:
+            bar.close()
+            if main and steps_run:
+                wall = time.time() - t_run
+                print(
+                    f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting "
+                    f"for data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
+                    flush=True,
+                )
+            # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer
+            # may still be writing it, and an older copy written over it would set that trainer's file back.
+            # A new run that failed before its first step (a GPU out of memory, say) writes none: its
+            # step-0 checkpoint would make the rerun "a run already here".
+            if steps_run or not (resumed or failed):
+                save_checkpoint()
+        finally:  # also when that last checkpoint fails (a full disk): Ctrl-C must stop the caller again
+            if logf:
+                logf.close()
+            for s_, h in old_handlers.items():
+                signal.signal(s_, h)
     if not finite(model):  # an infinite gradient in the last steps, after their loss was checked
         raise FloatingPointError(
             f"the weights are not finite after step {step}: nothing exported; {ckpt_path} holds the last "
@@ -565,6 +598,30 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temp file, flushed to disk, then renamed over path: a kill, a crash or a full
+    disk mid-write leaves the previous file whole (a rename of unflushed data can leave an empty file
+    after a crash), and a failed write leaves no partial copy taking the disk's space."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag is set on any DDP process: every process calls it at the same step, and all get
+    the same answer."""
+    t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def finite(model: torch.nn.Module) -> bool:
@@ -720,7 +777,7 @@ def export_weights(
         # The arguments of the run that last trained these weights: an export-only run's own
         # arguments (defaults, mostly) would misreport, e.g., the loss of a fine-tuning phase.
         "args": trained_with or asdict(a),
-        "val_files": [f.name for f in val_files],
+        "val_files": held_out_names(val_files, a),
         "export": decision,
     }
     dtype = torch.float16 if decision["dtype"] == "fp16" else None
