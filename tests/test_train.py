@@ -816,6 +816,11 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         ({"threads": -1}, "--threads -1: cannot be negative"),
         # "expected non-negative integer" from the first batch, after a step-0 checkpoint was written.
         ({"seed": -1}, "--seed -1: cannot be negative"),
+        # Taken without a word: a negative SSIM weight trains toward a worse SSIM, a NaN rate on NaNs.
+        ({"ssim_weight": -1.0}, "--ssim-weight -1.0: cannot be negative"),
+        ({"ssim_weight": float("nan")}, "--ssim-weight nan: cannot be negative"),
+        ({"shift_prob": 1.5}, "--shift-prob 1.5: a probability"),
+        ({"lr": float("nan")}, "--lr nan --lr-min .*: need a positive rate"),
         ({"export": "/no/such/dir/w.safetensors"}, "output folder does not exist"),
         ({"export": "w.onnx"}, "weights are written as .safetensors"),
         ({"init": "w.safetensors", "export": "./w.safetensors"}, "is the --init file"),
@@ -827,6 +832,14 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     with pytest.raises(SystemExit, match=says):
         trainer.train(tiny_args(data, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
+
+
+def test_init_with_resume_is_refused_not_ignored(data, tmp_path):
+    # --resume continued the checkpoint's weights and dropped --init without a word.
+    run = tmp_path / "run"
+    trainer.train(tiny_args(data, run, steps=1, val_every=0))
+    with pytest.raises(SystemExit, match="--init w.safetensors: a resume continues its checkpoint's weights"):
+        trainer.train(tiny_args(data, run, steps=2, val_every=0, resume=True, init="w.safetensors"))
 
 
 def test_export_may_go_into_a_folder_that_out_creates(data, tmp_path):

@@ -179,7 +179,14 @@ def check_args(a: TrainArgs) -> None:
             not 0 <= a.qf_min <= a.qf_max <= 100,
             f"--qf-min {a.qf_min} --qf-max {a.qf_max}: need 0 <= min <= max <= 100",
         ),
-        (a.lr <= 0 or a.lr_min < 0, f"--lr {a.lr} --lr-min {a.lr_min}: need a positive rate"),
+        # Written `not x > 0`: a NaN compares False with everything and was taken.
+        (not a.lr > 0 or not a.lr_min >= 0, f"--lr {a.lr} --lr-min {a.lr_min}: need a positive rate"),
+        (not a.ssim_weight >= 0, f"--ssim-weight {a.ssim_weight}: cannot be negative (0: L1 loss only)"),
+        (not 0 <= a.shift_prob <= 1, f"--shift-prob {a.shift_prob}: a probability, from 0 to 1"),
+        (
+            a.resume and bool(a.init),
+            f"--init {a.init}: a resume continues its checkpoint's weights; --init starts a new run",
+        ),
         (a.ckpt_every < 1 or a.log_every < 1, "--ckpt-every and --log-every need at least 1"),
         (a.val_every < 0 or a.val_holdout < 0, "--val-every and --val-holdout cannot be negative"),
         (a.lr_halve_every < 1, f"--lr-halve-every {a.lr_halve_every}: needs at least 1 step"),
