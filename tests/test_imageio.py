@@ -893,3 +893,21 @@ def test_exif_of_a_damaged_type_is_dropped_not_raised(tmp_path, entry):
     (tmp_path / "x.jpg").write_bytes(with_exif(buf.tobytes(), ".jpg", block))
     assert read_image(tmp_path / "x.jpg").shape == (6, 8, 3)
     assert read_exif(tmp_path / "x.jpg") is None
+
+
+def test_write_atomic_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypatch):
+    # Without an fsync, a crash just after the rename could leave the output empty on some file
+    # systems, where the old file had been whole: the data must be synced, and before the rename.
+    import os
+
+    import qairn.engine.imageio as imageio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        imageio.os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_size)) or real_fsync(fd)
+    )
+    monkeypatch.setattr(imageio.os, "replace", lambda a, b: events.append(("replace",)) or real_replace(a, b))
+    imageio.write_atomic(tmp_path / "x.bin", b"12345")
+    assert events == [("fsync", 5), ("replace",)]
+    assert (tmp_path / "x.bin").read_bytes() == b"12345" and os.listdir(tmp_path) == ["x.bin"]
