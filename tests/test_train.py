@@ -834,6 +834,18 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     assert not (tmp_path / "x").exists()
 
 
+def test_ddp_on_gpus_without_local_rank_is_refused(data, tmp_path, monkeypatch):
+    # Started by hand with RANK and WORLD_SIZE only, every rank took cuda:0 (LOCAL_RANK's default).
+    # No GPU here: the device is faked; the refusal comes before any process group or CUDA call.
+    monkeypatch.setattr(trainer, "resolve_device", lambda name, make_current=True: torch.device("cuda", 0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit, match="^rank 1 of 2: LOCAL_RANK is not set, so every process would train"):
+        trainer.train(tiny_args(data, tmp_path / "x", device="cuda"))
+    assert not (tmp_path / "x").exists()
+
+
 def test_init_with_resume_is_refused_not_ignored(data, tmp_path):
     # --resume continued the checkpoint's weights and dropped --init without a word.
     run = tmp_path / "run"

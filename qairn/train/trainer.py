@@ -272,6 +272,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(a.device, make_current=world == 1)
+    if world > 1 and device.type == "cuda" and "LOCAL_RANK" not in os.environ:
+        # Each rank's GPU is LOCAL_RANK (torchrun sets it): without it every rank took cuda:0.
+        raise SystemExit(
+            f"rank {rank} of {world}: LOCAL_RANK is not set, so every process would train on cuda:0; "
+            "launch with torchrun, or set LOCAL_RANK (this process's GPU on its machine)"
+        )
     if world > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
