@@ -69,7 +69,12 @@ def stages(work: Path) -> list[dict]:
     rows = []
     path = work / "stages.tsv"
     for line in path.read_text().splitlines() if path.is_file() else []:
-        name, rc, seconds, box = line.split("\t")
+        parts = line.split("\t")
+        # A line cut short (the run killed mid-write) must not cost the summary of a scarce GPU run.
+        if len(parts) != 4 or not (parts[2].isdigit() and parts[3].isdigit()):
+            rows.append({"stage": parts[0], "rc": "unreadable", "line": line, "timed_out": False})
+            continue
+        name, rc, seconds, box = parts
         rows.append(
             {
                 "stage": name,

@@ -779,6 +779,15 @@ def test_profile_names_the_line_that_stalls_the_host():
     assert "stall aten::item" in prof.balance_text(b)
 
 
+def test_gpu_summary_survives_a_stage_line_cut_short(tmp_path):
+    # A stages.tsv line cut short (the run killed mid-write) raised ValueError: no summary at all.
+    summ = bench_script("gpu_summary")
+    (tmp_path / "stages.tsv").write_text("env\t0\t3\t20\nbench\t12\n")
+    rows = summ.stages(tmp_path)
+    assert rows[0] == {"stage": "env", "rc": 0, "seconds": 3, "time_box_s": 20, "timed_out": False}
+    assert rows[1] == {"stage": "bench", "rc": "unreadable", "line": "bench\t12", "timed_out": False}
+
+
 def test_gpu_summary(tmp_path):
     summ = bench_script("gpu_summary")
     work, out = tmp_path / "work", tmp_path / "out"
