@@ -490,6 +490,26 @@ def test_op_forward_and_backward(dtype):
         torch.testing.assert_close(leaf.grad.double(), ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_pools_half_gates_from_the_fp32_sigmoid(dtype):
+    """The reference (the CPU op, and the decomposition ONNX exports) gives out and gamma in a half dtype
+    but pools gamma**p from the fp32 sigmoid of the logit, as the kernel does: pooling the rounded gate
+    would be off by p times its rounding (2e-3 in fp16, 1e-2 in bf16 at p = 2)."""
+    logit, skip, dec = (t.cpu() for t in make_inputs((2, 3, 6, 7), dtype))
+    cores = make_cores(2, 6, 7).cpu()
+    *_, want_sum, want_count = ideal(logit, skip, dec, 2.0, cores)
+    for fn in (gate.gated_blend_reference, gate.gated_blend):
+        _, gamma, pool_sum, pool_count = fn(logit, skip, dec, p=2.0, cores=cores)
+        assert gamma.dtype == dtype and pool_sum.dtype == torch.float32
+        torch.testing.assert_close(pool_sum.double(), want_sum, **POOL_TOL)
+        assert pool_count.tolist() == want_count.tolist()
+    # pool_reference itself takes a half gate in fp32 (its scaled powers pass fp16's 65504).
+    pool_sum, _ = gate.pool_reference(gamma, 2.0, cores)
+    want_sum = ideal(torch.logit(gamma.double()), skip, dec, 2.0, cores)[2]
+    assert pool_sum.dtype == torch.float32
+    torch.testing.assert_close(pool_sum.double(), want_sum, **POOL_TOL)
+
+
 def test_op_gradcheck_float64_reference():
     logit, skip, dec = (t.cpu().double().requires_grad_() for t in make_inputs((2, 3, 4, 5)))
     logit.data.clamp_(-4, 4)  # keep the gate off saturation, where finite differences vanish
