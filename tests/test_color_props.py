@@ -116,6 +116,16 @@ def test_flat_subsampled_chroma_comes_back():
             np.testing.assert_allclose(color.downsample(up, ch, cw), c, atol=1e-4)
 
 
+def test_downsample_is_a_box_average_by_hand():
+    """4:2:0 and 4:2:2 chroma is the mean of each 2x2 (2x1) box, the last row and column replicated for
+    odd sizes; a flat plane (above) cannot tell that from taking one sample of each box."""
+    c = torch.tensor([[[0.0, 4.0, 1.0], [8.0, 12.0, 3.0], [16.0, 20.0, 5.0]]])
+    # 4:2:0: (0 + 4 + 8 + 12) / 4; (1 + 1 + 3 + 3) / 4; (16 + 20 + 16 + 20) / 4; 5.
+    assert color.downsample(c, 2, 2).tolist() == [[[6.0, 2.0], [18.0, 5.0]]]
+    # 4:2:2: rows kept, (0 + 4) / 2 and (1 + 1) / 2 along each.
+    assert color.downsample(c, 3, 2).tolist() == [[[2.0, 1.0], [10.0, 3.0], [18.0, 5.0]]]
+
+
 # ---- restore_yuv -------------------------------------------------------------------------------------
 KINDS = [  # (numpy dtype, bits): the plane formats restore_yuv takes
     (np.uint8, None),
