@@ -28,16 +28,20 @@ def rgb_error_bound(matrix: str, crange: str, bits: int) -> float:
 
 # ---- the conversion --------------------------------------------------------------------------------
 def test_black_white_and_grey_land_on_the_nominal_codes():
+    # The codes written out from the module doc (they were taken from color.levels, the code under test):
+    # limited: black 16 s, white 235 s, chroma centre 128 s with s = 2**(bits - 8); full: 0, 2**bits - 1,
+    # 2**(bits - 1).
     for matrix in MATRICES:
         for crange in RANGES:
             for bits in (8, 10, 12, 16):
-                yo, ys, co, _ = color.levels(crange, bits)
+                s = 2 ** (bits - 8)
+                black, white, centre = (
+                    (16 * s, 235 * s, 128 * s) if crange == "limited" else (0, 2**bits - 1, 2 ** (bits - 1))
+                )
                 grey = torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1, 1).expand(3, 3, 1, 1)
                 y, u, v = color.rgb_to_planes(grey, (1, 1), matrix, crange, bits)
-                np.testing.assert_allclose(
-                    y.flatten(), [yo, yo + ys / 2, yo + ys], atol=1e-3 * 2 ** (bits - 8)
-                )
-                np.testing.assert_allclose(torch.cat([u, v]).flatten(), co, atol=1e-3 * 2 ** (bits - 8))
+                np.testing.assert_allclose(y.flatten(), [black, (black + white) / 2, white], atol=1e-3 * s)
+                np.testing.assert_allclose(torch.cat([u, v]).flatten(), centre, atol=1e-3 * s)
     # the documented anchors: 8-bit white (235, 128, 128) limited, (255, 128, 128) full; 10-bit black 64
     # limited, (0, 512, 512) full
     white = torch.ones(1, 3, 1, 1)
