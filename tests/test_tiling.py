@@ -141,6 +141,22 @@ def test_pooled_quality_equals_map_mean(live1_image):
         assert res.quality[f"Q{k + 1}"] == pytest.approx(expect, rel=1e-5)
 
 
+def test_whole_image_restore_is_the_model_forward():
+    """The Restorer pads to the stride itself (the model would pad by replicating the edges): on an image
+    that is no multiple of 16 its picture, maps and Q are those of the model's own forward. The tests
+    above compare the Restorer with itself, whole against tiled, which a wrong padding changes alike."""
+    model = lively_model()
+    x = torch.rand(1, 3, 37, 45, generator=torch.Generator().manual_seed(0))
+    r = qairn.Restorer(model=model, device="cpu", tile=None, p=3.0)
+    y, q, maps = r.restore_tensor(x, return_maps=True)
+    with torch.no_grad():
+        want, gammas = model(x)
+    torch.testing.assert_close(y, want.clamp(0, 1))
+    for k, (m, g) in enumerate(zip(maps, gammas, strict=True)):
+        torch.testing.assert_close(m, g)
+        assert float(q[f"Q{k + 1}"]) == pytest.approx(float(g.double().pow(3).mean().pow(1 / 3)), rel=1e-5)
+
+
 def test_tiles_are_batched(live1_image, monkeypatch):
     model = lively_model()
     r = qairn.Restorer(model=model, device="cpu", tile=128, overlap=32, tile_batch=4)
