@@ -12,7 +12,7 @@ from qairn.model import PRESETS, QAIRN, QAIRNConfig, minkowski, preset
 from qairn.weights_io import WeightsError, load_model, read_metadata, save_weights
 
 
-@pytest.mark.parametrize("h,w", [(16, 16), (17, 9), (33, 47), (1, 1), (96, 96)])
+@pytest.mark.parametrize("h,w", [(16, 16), (17, 9), (33, 47), (1, 1), (96, 96), (20, 40)])
 def test_forward_shapes_and_gamma_scales(h, w):
     m = lively_model()
     y, (g1, g2, g3) = m(torch.rand(2, 3, h, w))
