@@ -164,6 +164,15 @@ def test_scaled_pool_gradient_at_a_zero_gate():
     assert torch.isfinite(logit.grad).all() and logit.grad[0, 0, 0, 0] == 0
 
 
+def test_reference_takes_one_box_for_every_image():
+    """cores=(y0, y1, x0, x1) is one box for all N images, on the reference and the op as on Triton."""
+    logit, skip, dec = make_inputs((3, 2, 8, 12))
+    box = (2, 7, 3, 12)
+    want = ideal(logit, skip, dec, 2.0, torch.tensor([box] * 3))
+    for fn in (gate.gated_blend_reference, gate.gated_blend):
+        assert_forward(fn(logit, skip, dec, p=2.0, cores=box), want, torch.float32)
+
+
 @needs_triton
 def test_triton_cores_forms():
     """None, one box for all images, and a per-image (N,4) tensor mean the same thing as boxes."""
