@@ -255,6 +255,12 @@ def test_codes_beyond_the_sample_depth_are_refused():
     rng = np.random.default_rng(0)
     y, u, v = (rng.integers(64, 940, s, dtype=np.uint16) for s in ((9, 7), (5, 4), (5, 4)))
     assert r.restore_yuv(y, u, v, bits=10).image[0].dtype == np.uint16  # true 10-bit codes pass
+    top = y.copy()
+    top[0, 0] = 1023  # the largest 10-bit code passes, one more is refused
+    r.restore_yuv(top, u, v, bits=10)
+    top[0, 0] = 1024
+    with pytest.raises(color.ColorError, match=r"plane y holds codes \d+\.\.1024, outside"):
+        r.restore_yuv(top, u, v, bits=10)
     says = re.escape("plane y holds codes") + ".*" + re.escape("outside the 10-bit range 0..1023")
     with pytest.raises(color.ColorError, match=says):
         r.restore_yuv(y << 6, u << 6, v << 6, bits=10)

@@ -28,16 +28,20 @@ def rgb_error_bound(matrix: str, crange: str, bits: int) -> float:
 
 # ---- the conversion --------------------------------------------------------------------------------
 def test_black_white_and_grey_land_on_the_nominal_codes():
+    # The codes written out from the module doc (they were taken from color.levels, the code under test):
+    # limited: black 16 s, white 235 s, chroma centre 128 s with s = 2**(bits - 8); full: 0, 2**bits - 1,
+    # 2**(bits - 1).
     for matrix in MATRICES:
         for crange in RANGES:
             for bits in (8, 10, 12, 16):
-                yo, ys, co, _ = color.levels(crange, bits)
+                s = 2 ** (bits - 8)
+                black, white, centre = (
+                    (16 * s, 235 * s, 128 * s) if crange == "limited" else (0, 2**bits - 1, 2 ** (bits - 1))
+                )
                 grey = torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1, 1).expand(3, 3, 1, 1)
                 y, u, v = color.rgb_to_planes(grey, (1, 1), matrix, crange, bits)
-                np.testing.assert_allclose(
-                    y.flatten(), [yo, yo + ys / 2, yo + ys], atol=1e-3 * 2 ** (bits - 8)
-                )
-                np.testing.assert_allclose(torch.cat([u, v]).flatten(), co, atol=1e-3 * 2 ** (bits - 8))
+                np.testing.assert_allclose(y.flatten(), [black, (black + white) / 2, white], atol=1e-3 * s)
+                np.testing.assert_allclose(torch.cat([u, v]).flatten(), centre, atol=1e-3 * s)
     # the documented anchors: 8-bit white (235, 128, 128) limited, (255, 128, 128) full; 10-bit black 64
     # limited, (0, 512, 512) full
     white = torch.ones(1, 3, 1, 1)
@@ -114,6 +118,16 @@ def test_flat_subsampled_chroma_comes_back():
             up = color.upsample(c, h, w)
             assert up.shape == (1, h, w)
             np.testing.assert_allclose(color.downsample(up, ch, cw), c, atol=1e-4)
+
+
+def test_downsample_is_a_box_average_by_hand():
+    """4:2:0 and 4:2:2 chroma is the mean of each 2x2 (2x1) box, the last row and column replicated for
+    odd sizes; a flat plane (above) cannot tell that from taking one sample of each box."""
+    c = torch.tensor([[[0.0, 4.0, 1.0], [8.0, 12.0, 3.0], [16.0, 20.0, 5.0]]])
+    # 4:2:0: (0 + 4 + 8 + 12) / 4; (1 + 1 + 3 + 3) / 4; (16 + 20 + 16 + 20) / 4; 5.
+    assert color.downsample(c, 2, 2).tolist() == [[[6.0, 2.0], [18.0, 5.0]]]
+    # 4:2:2: rows kept, (0 + 4) / 2 and (1 + 1) / 2 along each.
+    assert color.downsample(c, 3, 2).tolist() == [[[2.0, 1.0], [10.0, 3.0], [18.0, 5.0]]]
 
 
 # ---- restore_yuv -------------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ def test_ssim_matches_brute_force_and_torch():
     ta = torch.from_numpy(a).permute(2, 0, 1)[None].double()
     tb = torch.from_numpy(b).permute(2, 0, 1)[None].double()
     assert float(metrics.ssim_torch(ta, tb, data_range=255.0)) == pytest.approx(ref, abs=1e-12)
+    # reduce=False: one SSIM per image of a batch (here the pair, and the pair against itself).
+    per_image = metrics.ssim_torch(torch.cat([ta, ta]), torch.cat([tb, ta]), data_range=255.0, reduce=False)
+    assert per_image.shape == (2,)
+    assert per_image.tolist() == pytest.approx([ref, 1.0], abs=1e-12)
     # The float32 training loss agrees and is differentiable.
     xa = (ta / 255).float().requires_grad_()
     s = metrics.ssim_torch(xa, (tb / 255).float())
@@ -81,6 +85,10 @@ def gray(v: np.ndarray) -> np.ndarray:
 def test_luma_studio():
     # Grey v: Y = round(16 + 219 v / 255).
     assert metrics.rgb_to_y_studio(gray(np.array([[0, 100, 110, 255]]))).tolist() == [[16, 102, 110, 235]]
+    # Pure red, green, blue: round(16 + 65.481) = 81, round(16 + 128.553) = 145, round(16 + 24.966) = 41
+    # (grey alone cannot tell the channels apart, nor can the LIVE1 floor to its 0.01 dB).
+    primaries = np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)
+    assert metrics.rgb_to_y_studio(primaries).tolist() == [[81, 145, 41]]
 
 
 def test_psnr_b_hand():
@@ -104,6 +112,21 @@ def test_psnr_b_counts_non_multiple_width():
     v[:, 8:] = 110
     y = metrics.rgb_to_y_studio(gray(v))
     assert metrics.blocking_effect_factor(y) == pytest.approx(0.75 * 1024 / 36, abs=1e-12)
+
+
+def test_bef_hand_with_steps_inside_blocks_and_both_directions():
+    """Every term of the BEF at once, where the cases above have D_Bc = 0 or one direction only.
+    16 rows x 24 columns: column steps of 4 at the block edges 7|8 and 15|16 and of 1 elsewhere, a row
+    step of 2 at 7|8. Boundary pairs: 16 rows x 2 x 16 + 24 columns x 4 = 608 over N_HB + N_VB = 16 x 2 +
+    24 x 1 = 56. Other pairs: 16 rows x 21 x 1 = 336 over N_HBc + N_VBc = (16 x 23 - 32) + (24 x 15 - 24)
+    = 672. eta = log2 8 / log2 16."""
+    cols = np.arange(24) + 3 * (np.arange(24) // 8)
+    rows = 2 * (np.arange(16) // 8)
+    y = rows[:, None] + cols[None, :]
+    bef = 0.75 * (608 / 56 - 336 / 672)
+    assert metrics.blocking_effect_factor(y) == pytest.approx(bef, abs=1e-12)
+    img = y.astype(np.uint8)  # gray: its own values are the luma
+    assert metrics.psnr_b(img, img) == pytest.approx(10 * math.log10(255**2 / bef), abs=1e-12)
 
 
 def test_psnr_and_psnr_b_refuse_different_shapes():

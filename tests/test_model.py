@@ -3,6 +3,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import lively_model
 from safetensors.torch import save_file
 
@@ -11,7 +12,7 @@ from qairn.model import PRESETS, QAIRN, QAIRNConfig, minkowski, preset
 from qairn.weights_io import WeightsError, load_model, read_metadata, save_weights
 
 
-@pytest.mark.parametrize("h,w", [(16, 16), (17, 9), (33, 47), (1, 1), (96, 96)])
+@pytest.mark.parametrize("h,w", [(16, 16), (17, 9), (33, 47), (1, 1), (96, 96), (20, 40)])
 def test_forward_shapes_and_gamma_scales(h, w):
     m = lively_model()
     y, (g1, g2, g3) = m(torch.rand(2, 3, h, w))
@@ -42,6 +43,49 @@ def test_gate_blend_equation():
     out, gamma = m.gate(logit, skip, dec)
     torch.testing.assert_close(gamma, torch.sigmoid(logit))
     torch.testing.assert_close(out, gamma * skip + (1 - gamma) * dec)
+
+
+def test_skips_merge_as_designed():
+    """DESIGN section 1, watched through forward hooks on a random model: the 1/8 merge adds the encoder's
+    features to the body's output; each RQAttention takes (skip = encoder, dec = decoder), its autoencoder
+    adds its encoder features back on the way up, and the merge is gamma * skip + (1 - gamma) * dec with
+    gamma = sigmoid(logit), returned as gamma1 (full scale), gamma2, gamma3 (1/4)."""
+    m = lively_model()
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            seen[name] = (args[0], out)
+
+        return hook
+
+    for name in ("head", "down1", "down2", "body", "up3", "up2", "up1", "tail"):
+        getattr(m, name).register_forward_hook(keep(name))
+    for k in (1, 2, 3):
+        for part in ("inp", "down1", "up2", "up1", "out"):
+            getattr(getattr(m, f"rqa{k}"), part).register_forward_hook(keep(f"rqa{k}.{part}"))
+    x = torch.rand(1, 3, 32, 48)  # a multiple of 16: no padding, no crop
+    with torch.no_grad():
+        _, gammas = m(x)
+    body_in, body_out = seen["body"]
+    torch.testing.assert_close(seen["up3"][0], body_out + body_in)
+    # (skip, decoder, merged): the encoder output, the decoder output, and what the next layer is fed.
+    merges = {
+        3: (seen["down2"][1], seen["up3"][1], seen["up2"][0]),
+        2: (seen["down1"][1], seen["up2"][1], seen["up1"][0]),
+        1: (seen["head"][1], seen["up1"][1], seen["tail"][0]),
+    }
+    for k, (skip, dec, merged) in merges.items():
+        rqa = {part: seen[f"rqa{k}.{part}"] for part in ("inp", "down1", "up2", "up1", "out")}
+        torch.testing.assert_close(rqa["inp"][0], torch.cat([skip, dec], dim=1))
+        torch.testing.assert_close(rqa["up1"][0], F.relu(rqa["up2"][1]) + F.relu(rqa["down1"][1]))
+        torch.testing.assert_close(rqa["out"][0], F.relu(rqa["up1"][1]) + F.relu(rqa["inp"][1]))
+        gamma = torch.sigmoid(rqa["out"][1])
+        torch.testing.assert_close(gammas[k - 1], gamma)
+        torch.testing.assert_close(merged, gamma * skip + (1 - gamma) * dec)
+        # The checks above can tell: gamma is not 1/2 everywhere (a blend swapped to gamma * dec +
+        # (1 - gamma) * skip would pass then), and skip and dec differ.
+        assert (gamma - 0.5).abs().max() > 0.005 and (skip - dec).abs().mean() > 0.01
 
 
 def test_presets():

@@ -31,6 +31,29 @@ def test_plan_properties(h, w, tile, overlap):
     np.testing.assert_allclose(acc, 1.0, atol=1e-6)
 
 
+def test_plan_axis_by_hand():
+    """Plans worked out by hand (the checks above hold for many plans, e.g. ones with a tile too many):
+    the fewest tiles at 16-aligned, evenly spread origins with overlaps of at least the overlap asked
+    for; cores split each overlap at its 16-aligned middle; a seam ramps over its overlap's middle half."""
+    from qairn.engine.tiling import plan_axis
+
+    # 1024 px, tiles of 256, overlap >= 32: steps <= 224, so 5 tiles (3 x 224 < 768 <= 4 x 224), 192
+    # apart. The overlaps [192, 256), [384, 448), ... are 64 wide: split at 224, 416, 608, 800.
+    ax = plan_axis(1024, 256, 32)
+    assert ax.starts == (0, 192, 384, 576, 768)
+    assert ax.cores == ((0, 224), (224, 416), (416, 608), (608, 800), (800, 1024))
+    # Seam 0 ramps over [208, 240), sampled at pixel centres; tile 0 weighs 1 before it and 0 after.
+    w0 = ax.weights[0]
+    assert (w0[:208] == 1).all() and (w0[240:] == 0).all()
+    np.testing.assert_allclose(w0[208:240], 1 - (np.arange(208, 240) + 0.5 - 208) / 32, atol=1e-7)
+    # A step of exactly tile - overlap is allowed: 704 px takes 3 tiles, not 4.
+    ax = plan_axis(704, 256, 32)
+    assert ax.starts == (0, 224, 448) and ax.cores == ((0, 240), (240, 464), (464, 704))
+    # Where two tiles reach, two: origins 0 and 144, the 112 px overlap split at 144 + 48.
+    ax = plan_axis(400, 256, 32)
+    assert ax.starts == (0, 144) and ax.cores == ((0, 192), (192, 400))
+
+
 def test_blend_weights_are_a_partition_of_unity_for_every_plan():
     """Rounding origins to 16 can make tiles i and i+2 overlap (e.g. 224 px, tile 128, overlap 48 puts
     tiles at 0, 48, 96); blending only neighbours then stacked three weights into bright bands."""
@@ -116,6 +139,22 @@ def test_pooled_quality_equals_map_mean(live1_image):
     for k, m in enumerate(res.maps):
         expect = float(np.mean(m.astype(np.float64) ** 3.0) ** (1 / 3.0))
         assert res.quality[f"Q{k + 1}"] == pytest.approx(expect, rel=1e-5)
+
+
+def test_whole_image_restore_is_the_model_forward():
+    """The Restorer pads to the stride itself (the model would pad by replicating the edges): on an image
+    that is no multiple of 16 its picture, maps and Q are those of the model's own forward. The tests
+    above compare the Restorer with itself, whole against tiled, which a wrong padding changes alike."""
+    model = lively_model()
+    x = torch.rand(1, 3, 37, 45, generator=torch.Generator().manual_seed(0))
+    r = qairn.Restorer(model=model, device="cpu", tile=None, p=3.0)
+    y, q, maps = r.restore_tensor(x, return_maps=True)
+    with torch.no_grad():
+        want, gammas = model(x)
+    torch.testing.assert_close(y, want.clamp(0, 1))
+    for k, (m, g) in enumerate(zip(maps, gammas, strict=True)):
+        torch.testing.assert_close(m, g)
+        assert float(q[f"Q{k + 1}"]) == pytest.approx(float(g.double().pow(3).mean().pow(1 / 3)), rel=1e-5)
 
 
 def test_tiles_are_batched(live1_image, monkeypatch):

@@ -164,6 +164,15 @@ def test_scaled_pool_gradient_at_a_zero_gate():
     assert torch.isfinite(logit.grad).all() and logit.grad[0, 0, 0, 0] == 0
 
 
+def test_reference_takes_one_box_for_every_image():
+    """cores=(y0, y1, x0, x1) is one box for all N images, on the reference and the op as on Triton."""
+    logit, skip, dec = make_inputs((3, 2, 8, 12))
+    box = (2, 7, 3, 12)
+    want = ideal(logit, skip, dec, 2.0, torch.tensor([box] * 3))
+    for fn in (gate.gated_blend_reference, gate.gated_blend):
+        assert_forward(fn(logit, skip, dec, p=2.0, cores=box), want, torch.float32)
+
+
 @needs_triton
 def test_triton_cores_forms():
     """None, one box for all images, and a per-image (N,4) tensor mean the same thing as boxes."""
@@ -528,6 +537,26 @@ def test_op_forward_and_backward(dtype):
     expected = ideal_grads(logit, skip, dec, grad_out, grad_gamma, grad_pool_sum, 2.0, cores)
     for leaf, ref in zip(leaves, expected, strict=True):
         torch.testing.assert_close(leaf.grad.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reference_pools_half_gates_from_the_fp32_sigmoid(dtype):
+    """The reference (the CPU op, and the decomposition ONNX exports) gives out and gamma in a half dtype
+    but pools gamma**p from the fp32 sigmoid of the logit, as the kernel does: pooling the rounded gate
+    would be off by p times its rounding (2e-3 in fp16, 1e-2 in bf16 at p = 2)."""
+    logit, skip, dec = (t.cpu() for t in make_inputs((2, 3, 6, 7), dtype))
+    cores = make_cores(2, 6, 7).cpu()
+    *_, want_sum, want_count = ideal(logit, skip, dec, 2.0, cores)
+    for fn in (gate.gated_blend_reference, gate.gated_blend):
+        _, gamma, pool_sum, pool_count = fn(logit, skip, dec, p=2.0, cores=cores)
+        assert gamma.dtype == dtype and pool_sum.dtype == torch.float32
+        torch.testing.assert_close(pool_sum.double(), want_sum, **POOL_TOL)
+        assert pool_count.tolist() == want_count.tolist()
+    # pool_reference itself takes a half gate in fp32 (its scaled powers pass fp16's 65504).
+    pool_sum, _ = gate.pool_reference(gamma, 2.0, cores)
+    want_sum = ideal(torch.logit(gamma.double()), skip, dec, 2.0, cores)[2]
+    assert pool_sum.dtype == torch.float32
+    torch.testing.assert_close(pool_sum.double(), want_sum, **POOL_TOL)
 
 
 def test_op_gradcheck_float64_reference():
