@@ -10,7 +10,8 @@ Options: onnx=PATH (an export with --maps outputs; without weights= or model=, t
 network's config, p included, from its metadata, and weights of another network are refused),
 cache_dir=DIR, threads=N (intra-op threads; default: ONNX Runtime's, one per physical core),
 providers=[...] (ONNX Runtime provider names, or (name, options) pairs). precision="fp32" or "fp16"
-(the fp16 export with fp32 islands; fp32 image I/O either way).
+picks the cached export (the fp16 one has fp32 islands; fp32 image I/O either way); with onnx= the
+file's own precision runs, and another one asked for explicitly is refused.
 
 GPU: the CUDA and TensorRT providers run on the engine's device. ONNX Runtime picks its GPU by the
 provider option device_id (default 0), not by torch's current device, so a Restorer on cuda:N gives
