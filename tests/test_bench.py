@@ -1219,3 +1219,13 @@ def test_gpu_summary_says_where_the_gate_and_the_frame_time_stand():
     assert summ.profile_lines(prof) == [
         "  profile compile-triton-fp16: 53.2 ms a frame, device busy 69%, host stalls: cudaMemcpyAsync"
     ]
+
+
+def test_help_states_the_budget_and_psnr_defaults():
+    """--help gave no default for --case-budget-s, --budget-s or --min-psnr: a reader could not tell
+    that a CPU case is cut after 30 s, that there is no overall budget, or where 'wrong' begins."""
+    text = " ".join(qb.parser().format_help().split())
+    cuda, cpu = qb.DEFAULTS["cuda"]["case_budget_s"], qb.DEFAULTS["cpu"]["case_budget_s"]
+    assert f"default CUDA {cuda:g}, CPU {cpu:g}" in text
+    assert "0: no budget" in text
+    assert f"(default {qb.parser().get_default('min_psnr'):g})" in text

@@ -926,10 +926,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, help="timed calls per case, median reported (default CUDA 10, CPU 3)"
     )
-    p.add_argument("--case-budget-s", type=float, help="seconds per case before repeats are cut (>= 1 kept)")
-    p.add_argument("--budget-s", type=float, default=0, help="stop starting cases after this many seconds")
     p.add_argument(
-        "--min-psnr", type=float, default=40.0, help="below this PSNR vs eager fp32 a backend is wrong"
+        "--case-budget-s",
+        type=float,
+        help="seconds per case before repeats are cut (>= 1 kept; default CUDA 20, CPU 30)",
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=0, help="stop starting cases after this many seconds (0: no budget)"
+    )
+    p.add_argument(
+        "--min-psnr",
+        type=float,
+        default=40.0,
+        help="below this PSNR vs eager fp32 a backend is wrong (default 40)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default 0)")
     p.add_argument("--json", help="write the report (device, versions, settings, results) here")
