@@ -1221,6 +1221,14 @@ def test_every_option_of_every_command_has_help(monkeypatch, capsys):
     assert not missing, "\n".join(missing)
 
 
+def test_restore_json_help_says_what_the_file_holds(monkeypatch):
+    """restore --json holds each image's absolute input and output paths beside Q1..Q3 (write_records);
+    its help said only 'per-image Q1..Q3', so a reader could not tell the file names the images."""
+    p = command_parsers(monkeypatch)["restore"]
+    text = " ".join(next(a.help for a in p._actions if "--json" in a.option_strings).split())
+    assert "absolute" in text and "output paths" in text and "Q1..Q3" in text
+
+
 def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
     """`qairn score ... | head -1`: exit 141 like other tools, no 'Broken pipe' error or traceback."""
     import subprocess

@@ -414,7 +414,11 @@ def main_restore(argv=None) -> int:
     p.add_argument("-o", "--output", required=True, help="output file, or directory for several inputs")
     p.add_argument("--format", default=None, help="output suffix in a directory, e.g. .png (default)")
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
-    p.add_argument("--json", default=None, help="write per-image Q1..Q3 to this JSON file (- for stdout)")
+    p.add_argument(
+        "--json",
+        default=None,
+        help="write each image's absolute input and output paths and Q1..Q3 to this JSON file (- for stdout)",
+    )
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
 
