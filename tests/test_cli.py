@@ -1229,6 +1229,13 @@ def test_restore_json_help_says_what_the_file_holds(monkeypatch):
     assert "absolute" in text and "output paths" in text and "Q1..Q3" in text
 
 
+def test_score_json_help_says_the_paths_are_absolute(monkeypatch):
+    """score --json lines hold the absolute path (main_score), as restore --json does; --help did not say."""
+    p = command_parsers(monkeypatch)["score"]
+    text = " ".join(next(a.help for a in p._actions if "--json" in a.option_strings).split())
+    assert "absolute path" in text
+
+
 def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
     """`qairn score ... | head -1`: exit 141 like other tools, no 'Broken pipe' error or traceback."""
     import subprocess

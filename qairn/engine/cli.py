@@ -519,7 +519,11 @@ def restore_summary(records: list[dict], total: int, failed: int, failed_names=(
 def main_score(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qairn score", description="No-reference quality Q1..Q3 of images.")
     common_args(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line (absolute path, Q1..Q3) instead of a table",
+    )
     a = p.parse_args(argv)
 
     inputs, errors = expand_inputs(a.inputs)
