@@ -378,6 +378,33 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
 
 
+# (kernel height, width, stride, padding): kernels and strides the reference takes and the Triton conv
+# is not built for.
+OTHER_GEOMETRIES = [(3, 1, 1, 0), (5, 5, 1, 2), (3, 3, 3, 1)]
+
+
+@pytest.mark.parametrize("geometry", OTHER_GEOMETRIES, ids=str)
+def test_opcheck_other_kernels(geometry):
+    """The fake kernel gives each side its own kernel size: a 3x1 kernel shrinks H only."""
+    kh, kw, s, p = geometry
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 4, 7, 8, generator=gen), torch.randn(5, 4, kh, kw, generator=gen)
+    torch.library.opcheck(torch.ops.qairn.conv2d.default, [x, weight, None, s, p, True, None, None])
+
+
+@needs_triton
+@pytest.mark.parametrize("geometry", OTHER_GEOMETRIES, ids=str)
+def test_cuda_kernel_falls_back_for_other_kernels(geometry):
+    """The op's CUDA kernel (run here on this machine's device) computes such convs on the reference
+    instead of refusing them, as the op does on every other device."""
+    kh, kw, s, p = geometry
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 4, 7, 8, generator=gen), torch.randn(5, 4, kh, kw, generator=gen)
+    x, weight = x.to(DEVICE), weight.to(DEVICE)
+    out = cv.conv_op._backend_fns["cuda"](x, weight, None, s, p, True, None, None)
+    torch.testing.assert_close(out, cv.conv_reference(x, weight, None, s, p, True))
+
+
 # --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------
 
 # Compiles a kernel for sm_90 (no GPU needed) and lists its tensor-core instructions.

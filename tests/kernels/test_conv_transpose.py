@@ -132,6 +132,20 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.qairn.conv_transpose2x2.default, args)
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 2)], ids=str)
+def test_other_kernels(kernel):
+    """The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1 x 2W+1): the fake kernel must
+    give that shape, and the op's CUDA kernel (run here on this machine's device, interpreted on CPU)
+    must compute it on the reference rather than refuse it."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 4, 3, 5, generator=gen), torch.randn(4, 5, *kernel, generator=gen)
+    torch.library.opcheck(torch.ops.qairn.conv_transpose2x2.default, [x, weight, None, True, None])
+    if cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED):
+        x, weight = x.to(DEVICE), weight.to(DEVICE)
+        out = ct.conv_transpose_op._backend_fns["cuda"](x, weight, None, True, None)
+        torch.testing.assert_close(out, ct.conv_transpose_reference(x, weight, None, True))
+
+
 PTX_SCRIPT = r"""
 def ptx(dtype, cin, cout):
     block_m, block_n, block_k, _ = cv.tile_config(cin, cout)
