@@ -109,8 +109,8 @@ if HAS_TRITON:
         """bias, ReLU, residual, store: shared with conv_transpose.py."""
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
+        if RELU:  # NaN stays NaN, as F.relu (tl.maximum's default returns 0 for it)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RES:
             r_ptrs = res_ptr + n * s_rn + (oy * s_rh + ox * s_rw)[:, None] + offs_n[None, :] * s_rc

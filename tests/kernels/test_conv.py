@@ -134,6 +134,19 @@ def test_triton_epilogues(bias, relu, residual):
 
 
 @needs_triton
+@pytest.mark.parametrize("relu", [False, True])
+def test_triton_keeps_nan_and_inf(relu):
+    """A NaN or inf in the input (a corrupt tile) reaches the output as in F.conv2d and F.relu: the
+    fused ReLU must not turn NaN into 0."""
+    x, weight, bias, _ = make_inputs((1, 16, 16, 5, 6), residual=False)
+    x[0, 0, 1, 1], x[0, 1, 3, 4] = float("nan"), float("inf")
+    out = cv.conv_triton(x, weight, bias, relu=relu)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=relu), equal_nan=True, **TOL[torch.float32]
+    )
+
+
+@needs_triton
 @pytest.mark.parametrize("config", [(16, 16, 16, 1), (32, 16, 16, 2), (64, 32, 32, 4)], ids=str)
 def test_triton_tile_configs_agree(config):
     """Other tilings (as a benchmark may pick) give the same result: masks and loops are right."""

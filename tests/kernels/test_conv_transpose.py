@@ -72,6 +72,17 @@ def test_triton_epilogues(bias, relu, residual):
 
 
 @needs_triton
+def test_triton_keeps_nan_and_inf():
+    """NaN and inf reach the output as in F.conv_transpose2d and F.relu (the fused ReLU kept 0)."""
+    x, weight, bias, _ = make_inputs((1, 16, 16, 3, 4), residual=False)
+    x[0, 0, 1, 1], x[0, 1, 2, 3] = float("nan"), float("inf")
+    out = ct.conv_transpose_triton(x, weight, bias, relu=True)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=True), equal_nan=True, **TOL[torch.float32]
+    )
+
+
+@needs_triton
 def test_triton_rejects_bad_arguments():
     x, weight, bias, residual = make_inputs((1, 16, 8, 4, 4))
     with pytest.raises(ValueError, match="weight"):
