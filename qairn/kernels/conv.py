@@ -109,8 +109,8 @@ if HAS_TRITON:
         """bias, ReLU, residual, store: shared with conv_transpose.py."""
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if RELU:
-            acc = tl.maximum(acc, 0.0)
+        if RELU:  # NaN stays NaN, as F.relu (tl.maximum's default returns 0 for it)
+            acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
         mask = mask_m[:, None] & mask_n[None, :]
         if HAS_RES:
             r_ptrs = res_ptr + n * s_rn + (oy * s_rh + ox * s_rw)[:, None] + offs_n[None, :] * s_rc
@@ -384,10 +384,11 @@ conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
 
 @conv_op.register_fake
 def _(x, weight, bias, stride, padding, relu, residual, x2):
+    # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
     n, _, h, w = x.shape
-    k = weight.shape[-1]
+    kh, kw = weight.shape[-2:]
     return empty_like_layout(
-        x, (n, weight.shape[0], out_size(h, k, stride, padding), out_size(w, k, stride, padding))
+        x, (n, weight.shape[0], out_size(h, kh, stride, padding), out_size(w, kw, stride, padding))
     )
 
 
@@ -401,11 +402,21 @@ def triton_takes(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:
     )
 
 
+def kernel_geometry(weight: Tensor, stride: int) -> bool:
+    """Whether the Triton conv is built for this kernel and stride (the reference takes any)."""
+    kh, kw = weight.shape[-2:]
+    return kh == kw and kh in KERNEL_SIZES and stride in STRIDES
+
+
 if HAS_TRITON:
 
     @conv_op.register_kernel("cuda")
     def _(x, weight, bias, stride, padding, relu, residual, x2):
-        if not triton_takes(x, weight, bias, residual, x2) or (x2 is not None and x2.dtype != x.dtype):
+        if (
+            not triton_takes(x, weight, bias, residual, x2)
+            or (x2 is not None and x2.dtype != x.dtype)
+            or not kernel_geometry(weight, stride)
+        ):
             return _conv_impl(x, weight, bias, stride, padding, relu, residual, x2)
         return conv_triton(x, weight, bias, stride, padding, relu, residual, x2)
 

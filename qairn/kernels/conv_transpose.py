@@ -145,15 +145,17 @@ conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_tr
 
 @conv_transpose_op.register_fake
 def _(x, weight, bias, relu, residual):
+    # The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1): (H-1)*2 + k per side.
     n, _, h, w = x.shape
-    return empty_like_layout(x, (n, weight.shape[1], 2 * h, 2 * w))
+    kh, kw = weight.shape[-2:]
+    return empty_like_layout(x, (n, weight.shape[1], 2 * (h - 1) + kh, 2 * (w - 1) + kw))
 
 
 if HAS_TRITON:
 
     @conv_transpose_op.register_kernel("cuda")
     def _(x, weight, bias, relu, residual):
-        if not triton_takes(x, weight, bias, residual):
+        if not triton_takes(x, weight, bias, residual) or weight.shape[-2:] != (2, 2):
             return _conv_transpose_impl(x, weight, bias, relu, residual)
         return conv_transpose_triton(x, weight, bias, relu, residual)
 

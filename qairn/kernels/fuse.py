@@ -26,6 +26,8 @@ DEFAULT_MAX_CHANNELS = 64
 
 class FusedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes: the op's fake and kernel want N
+            return self.forward(x[None])[0]
         return conv_op(x, self.weight, self.bias, self.stride[0], self.padding[0], False, None, None)
 
 
@@ -34,6 +36,8 @@ class FusedConvTranspose2d(nn.ConvTranspose2d):
         # output_size may ask for 2H+1 x 2W+1 (an implied output_padding); the op makes 2H x 2W only.
         if output_size is not None:
             return super().forward(x, output_size)
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.ConvTranspose2d takes
+            return self.forward(x[None])[0]
         return conv_transpose_op(x, self.weight, self.bias, False, None)
 
 

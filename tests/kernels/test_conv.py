@@ -134,6 +134,19 @@ def test_triton_epilogues(bias, relu, residual):
 
 
 @needs_triton
+@pytest.mark.parametrize("relu", [False, True])
+def test_triton_keeps_nan_and_inf(relu):
+    """A NaN or inf in the input (a corrupt tile) reaches the output as in F.conv2d and F.relu: the
+    fused ReLU must not turn NaN into 0."""
+    x, weight, bias, _ = make_inputs((1, 16, 16, 5, 6), residual=False)
+    x[0, 0, 1, 1], x[0, 1, 3, 4] = float("nan"), float("inf")
+    out = cv.conv_triton(x, weight, bias, relu=relu)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=relu), equal_nan=True, **TOL[torch.float32]
+    )
+
+
+@needs_triton
 @pytest.mark.parametrize("config", [(16, 16, 16, 1), (32, 16, 16, 2), (64, 32, 32, 4)], ids=str)
 def test_triton_tile_configs_agree(config):
     """Other tilings (as a benchmark may pick) give the same result: masks and loops are right."""
@@ -376,6 +389,33 @@ def test_opcheck():
     x1, x2 = x[:, :4].contiguous().requires_grad_(), x[:, 4:].contiguous().requires_grad_()
     args = [x1, weight.clone().requires_grad_(), bias, 1, 1, True, residual, x2]
     torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
+
+
+# (kernel height, width, stride, padding): kernels and strides the reference takes and the Triton conv
+# is not built for.
+OTHER_GEOMETRIES = [(3, 1, 1, 0), (5, 5, 1, 2), (3, 3, 3, 1)]
+
+
+@pytest.mark.parametrize("geometry", OTHER_GEOMETRIES, ids=str)
+def test_opcheck_other_kernels(geometry):
+    """The fake kernel gives each side its own kernel size: a 3x1 kernel shrinks H only."""
+    kh, kw, s, p = geometry
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 4, 7, 8, generator=gen), torch.randn(5, 4, kh, kw, generator=gen)
+    torch.library.opcheck(torch.ops.qairn.conv2d.default, [x, weight, None, s, p, True, None, None])
+
+
+@needs_triton
+@pytest.mark.parametrize("geometry", OTHER_GEOMETRIES, ids=str)
+def test_cuda_kernel_falls_back_for_other_kernels(geometry):
+    """The op's CUDA kernel (run here on this machine's device) computes such convs on the reference
+    instead of refusing them, as the op does on every other device."""
+    kh, kw, s, p = geometry
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 4, 7, 8, generator=gen), torch.randn(5, 4, kh, kw, generator=gen)
+    x, weight = x.to(DEVICE), weight.to(DEVICE)
+    out = cv.conv_op._backend_fns["cuda"](x, weight, None, s, p, True, None, None)
+    torch.testing.assert_close(out, cv.conv_reference(x, weight, None, s, p, True))
 
 
 # --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------

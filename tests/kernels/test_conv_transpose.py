@@ -72,6 +72,17 @@ def test_triton_epilogues(bias, relu, residual):
 
 
 @needs_triton
+def test_triton_keeps_nan_and_inf():
+    """NaN and inf reach the output as in F.conv_transpose2d and F.relu (the fused ReLU kept 0)."""
+    x, weight, bias, _ = make_inputs((1, 16, 16, 3, 4), residual=False)
+    x[0, 0, 1, 1], x[0, 1, 2, 3] = float("nan"), float("inf")
+    out = ct.conv_transpose_triton(x, weight, bias, relu=True)
+    torch.testing.assert_close(
+        out.double(), ideal(x, weight, bias, relu=True), equal_nan=True, **TOL[torch.float32]
+    )
+
+
+@needs_triton
 def test_triton_rejects_bad_arguments():
     x, weight, bias, residual = make_inputs((1, 16, 8, 4, 4))
     with pytest.raises(ValueError, match="weight"):
@@ -130,6 +141,20 @@ def test_opcheck():
     for b, relu, r in [(bias, True, residual), (None, False, None)]:
         args = [x.clone().requires_grad_(), weight.clone().requires_grad_(), b, relu, r]
         torch.library.opcheck(torch.ops.qairn.conv_transpose2x2.default, args)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 2)], ids=str)
+def test_other_kernels(kernel):
+    """The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1 x 2W+1): the fake kernel must
+    give that shape, and the op's CUDA kernel (run here on this machine's device, interpreted on CPU)
+    must compute it on the reference rather than refuse it."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 4, 3, 5, generator=gen), torch.randn(4, 5, *kernel, generator=gen)
+    torch.library.opcheck(torch.ops.qairn.conv_transpose2x2.default, [x, weight, None, True, None])
+    if cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED):
+        x, weight = x.to(DEVICE), weight.to(DEVICE)
+        out = ct.conv_transpose_op._backend_fns["cuda"](x, weight, None, True, None)
+        torch.testing.assert_close(out, ct.conv_transpose_reference(x, weight, None, True))
 
 
 PTX_SCRIPT = r"""

@@ -176,6 +176,28 @@ def test_a_fused_transposed_conv_keeps_output_size():
         torch.testing.assert_close(g, w, **TOL)
 
 
+@pytest.mark.parametrize("kind", ["conv", "conv_transpose"])
+def test_fused_convs_take_unbatched_input(monkeypatch, kind):
+    """nn.Conv2d and nn.ConvTranspose2d take a (C, H, W) input. The fused op's reference did too, but
+    its fake kernel (torch.compile, export) and the Triton launchers unpack (N, C, H, W)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    m = torch.nn.Conv2d(4, 5, 3, padding=1) if kind == "conv" else torch.nn.ConvTranspose2d(4, 5, 2, stride=2)
+    m = m.to(DEVICE)
+    x = torch.randn(4, 6, 7, device=DEVICE)
+    want = run(m, x)
+    fuse.fuse_convs(m)
+    assert type(m) in fuse.CALLS
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert run(m, mode.from_tensor(x)).shape == want.shape
+    torch.testing.assert_close(run(m, x), want, **TOL)
+    if cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED):  # the Triton launchers behind the op
+        monkeypatch.setattr(fuse, "conv_op", cv.conv_triton)
+        monkeypatch.setattr(fuse, "conv_transpose_op", ct.conv_transpose_triton)
+        torch.testing.assert_close(run(m, x), want, rtol=1e-4, atol=1e-4)
+
+
 def test_fusing_twice_or_at_another_width_is_fusing_once():
     fresh = {
         w: fuse.fused_conv_count(fuse.fuse_convs(QAIRN(preset("small")), max_channels=w)) for w in (16, 64)
