@@ -1221,6 +1221,27 @@ def test_every_option_of_every_command_has_help(monkeypatch, capsys):
     assert not missing, "\n".join(missing)
 
 
+def test_every_option_with_a_default_says_it_in_its_help(monkeypatch):
+    # --limit, --workers, --seed, --tile, --precision, --io, --budget-s and --video each had a default
+    # the help never gave, so a reader had to guess what leaving it out does.
+    import argparse
+
+    flags = (
+        argparse._HelpAction,
+        argparse._StoreTrueAction,
+        argparse._StoreFalseAction,
+        argparse._VersionAction,
+    )
+    silent = []
+    for name, p in command_parsers(monkeypatch).items():
+        for a in p._actions:
+            if isinstance(a, flags) or not a.option_strings or a.default in (None, argparse.SUPPRESS, []):
+                continue
+            if "default" not in (a.help or ""):
+                silent.append(f"qairn {name} {'/'.join(a.option_strings)} (default {a.default!r})")
+    assert not silent, "\n".join(silent)
+
+
 def test_restore_json_help_says_what_the_file_holds(monkeypatch):
     """restore --json holds each image's absolute input and output paths beside Q1..Q3 (write_records);
     its help said only 'per-image Q1..Q3', so a reader could not tell the file names the images."""

@@ -932,7 +932,10 @@ def parser() -> argparse.ArgumentParser:
         help="seconds per case before repeats are cut (>= 1 kept; default CUDA 20, CPU 30)",
     )
     p.add_argument(
-        "--budget-s", type=float, default=0, help="stop starting cases after this many seconds (0: no budget)"
+        "--budget-s",
+        type=float,
+        default=0,
+        help="stop starting cases after this many seconds (default 0: no budget)",
     )
     p.add_argument(
         "--min-psnr",
@@ -948,7 +951,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="FRAMES",
-        help="stream FRAMES frames of one size (--sizes) at one tile through one Restorer per backend",
+        help="stream FRAMES frames of one size (--sizes) at one tile through one Restorer per backend "
+        "(default 0: no stream)",
     )
     p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
     return p

@@ -224,7 +224,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "fp16", "bf16"],
-        help="auto: fp32 on CPU, fp16 on CUDA",
+        help="auto (default): fp32 on CPU, fp16 on CUDA",
     )
     p.add_argument(
         "--fused-conv",

@@ -100,7 +100,10 @@ def parser() -> argparse.ArgumentParser:
         "--fp16", action="store_true", help="fp16 graph with fp32 islands (gate, pooling, last conv)"
     )
     o.add_argument(
-        "--io", choices=("fp32", "fp16"), default="fp32", help="dtype of input and restored output"
+        "--io",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="dtype of input and restored output (default fp32)",
     )
     o.add_argument(
         "--no-fp32-tail", dest="fp32_tail", action="store_false", help="fp16: run the last conv in fp16"

@@ -266,11 +266,16 @@ def main_eval(argv=None) -> int:
         default="auto",
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
-    ap.add_argument("--tile", type=int, default=0, help="tile size (0: whole images)")
+    ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
     ap.add_argument("--jpeg-only", action="store_true", help="only the unrestored JPEG (the floor)")
-    ap.add_argument("--limit", type=int, default=0, help="first N images only")
-    ap.add_argument("--crop", type=int, default=0, help="centre crop of at most N x N (quick runs)")
-    ap.add_argument("--workers", type=int, default=1, help="processes for the metrics")
+    ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
+    ap.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="centre crop of at most N x N (quick runs; default 0: whole images)",
+    )
+    ap.add_argument("--workers", type=int, default=1, help="processes for the metrics (default 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="write the means per QF and every image's metrics here")
     ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
@@ -633,11 +638,16 @@ def main_quality(argv=None) -> int:
         default="auto",
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
-    ap.add_argument("--tile", type=int, default=0, help="tile size (0: whole images)")
-    ap.add_argument("--limit", type=int, default=0, help="first N images only")
-    ap.add_argument("--crop", type=int, default=0, help="centre crop of at most N x N (quick runs)")
-    ap.add_argument("--workers", type=int, default=1, help="processes for SSIM")
-    ap.add_argument("--seed", type=int, default=0, help="white-noise seed")
+    ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
+    ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
+    ap.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="centre crop of at most N x N (quick runs; default 0: whole images)",
+    )
+    ap.add_argument("--workers", type=int, default=1, help="processes for SSIM (default 1)")
+    ap.add_argument("--seed", type=int, default=0, help="white-noise seed (default 0)")
     ap.add_argument("--sweep-p", action="store_true", help="choose p on the training run's held-out images")
     ap.add_argument(
         "--train-data",
