@@ -409,3 +409,28 @@ def test_read_rgb_crops_the_centre(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
     assert np.array_equal(ev.read_rgb(tmp_path / "a.png", crop=10), rgb[5:15, 13:23])
     assert np.array_equal(ev.read_rgb(tmp_path / "a.png", crop=30), rgb[:, 3:33])  # taller than the image
+
+
+@pytest.mark.parametrize("loss, dtype", [(0.01, "fp16"), (0.1, "fp32")])
+def test_fp16_check_compares_rounded_weights_with_the_model(tmp_path, monkeypatch, loss, dtype):
+    # The PSNRs are given: each restorer is its model, scored by whether its weights are fp16-rounded.
+    def rounded(m):
+        return all(torch.equal(t, t.half().float()) for t in m.state_dict().values() if t.is_floating_point())
+
+    monkeypatch.setattr(ev, "make_restorer", lambda model, device: model)
+    monkeypatch.setattr(ev, "restored_psnrs", lambda m, pairs: [30.0 - loss * rounded(m)] * len(pairs))
+    model = QAIRN(preset("tiny"))
+    assert not rounded(model)
+    files = sorted(make_folder(tmp_path, 2, 24, 24, seed=0).glob("*.png"))
+    r = ev.fp16_check(model, files, qfs=(10, 40))
+    assert r["dtype"] == dtype and r["loss_db"] == pytest.approx(loss) and r["psnr_fp32"] == 30.0
+    assert not rounded(model)  # the caller's model is left as it was
+
+
+def test_jpeg_pairs_compress_each_image_at_each_qf(tmp_path):
+    files = sorted(make_folder(tmp_path, 2, 24, 24, seed=0).glob("*.png"))
+    pairs = ev.jpeg_pairs(files, (10, 40))
+    assert [qf for qf, _, _ in pairs] == [10, 40, 10, 40]
+    for qf, ref, jpeg in pairs:
+        assert np.array_equal(jpeg, ev.jpeg_rgb(ref, qf))
+    assert not np.array_equal(pairs[0][2], pairs[1][2])
