@@ -458,3 +458,27 @@ def test_verify_onnx_reports_non_finite_outputs(model, tmp_path):
     assert not stats["finite"]
     with pytest.raises(ox.ExportError, match="NaN or Inf"):
         ox.check_parity(stats, "fp32")
+
+
+def test_onnx_cache_key_covers_config_weights_options_and_torch(model, monkeypatch):
+    # Each part of the key was droppable: no test saw two exports that differ in one part share a name.
+    import dataclasses
+
+    from qairn.export.cache import model_digest
+
+    base = model_digest(model, precision="fp32")
+    assert model_digest(copy.deepcopy(model), precision="fp32") == base
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        next(nudged.parameters()).view(-1)[0] += 1e-3
+    other_p = copy.deepcopy(model)
+    other_p.config = dataclasses.replace(model.config, p=model.config.p + 1)
+    keys = {
+        base,
+        model_digest(nudged, precision="fp32"),
+        model_digest(other_p, precision="fp32"),
+        model_digest(model, precision="fp16"),
+    }
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    keys.add(model_digest(model, precision="fp32"))
+    assert len(keys) == 5
