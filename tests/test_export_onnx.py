@@ -482,3 +482,14 @@ def test_onnx_cache_key_covers_config_weights_options_and_torch(model, monkeypat
     monkeypatch.setattr(torch, "__version__", "0.0.0")
     keys.add(model_digest(model, precision="fp32"))
     assert len(keys) == 5
+
+
+def test_the_onnx_cache_key_holds_the_graph_version(model, tmp_path, monkeypatch):
+    # Without GRAPH_VERSION in the key, a graph change (such as the 2**96 qsums scale) reused old files.
+    seen = []
+    monkeypatch.setattr(ox, "model_digest", lambda m, **options: seen.append(options) or "ab" * 32)
+    path = tmp_path / "onnx" / f"qairn-{model.config.preset}-fp32-{'ab' * 12}.onnx"
+    path.parent.mkdir()
+    path.write_bytes(b"cached")  # found: nothing is exported
+    assert ox.cached_onnx(model, tmp_path) == path
+    assert seen[0]["graph"] == ox.GRAPH_VERSION and seen[0]["precision"] == "fp32"
