@@ -365,6 +365,7 @@ class FakeGpus:
     def __init__(self, monkeypatch):
         self.current = torch.device("cuda", 0)
         self.seen = []  # (what, current device)
+        self.specs = []  # the EngineSpec of each engine asked for
         fake = self
 
         @contextlib.contextmanager
@@ -454,6 +455,7 @@ class FakeGpus:
 
         def get_engine(onnx, spec, path, workspace, folder):
             fake.seen.append(("build", fake.current))
+            fake.specs.append(spec)
             return b"engine"
 
         def gpu_identity(device):
@@ -507,6 +509,9 @@ def test_engines_are_built_loaded_and_run_on_their_own_gpu(tmp_path, monkeypatch
     gpus.current = torch.device("cuda", 0)
     assert b.device == gpu1
     assert gpus.seen == [("identity", gpu1), ("build", gpu1), ("deserialize", gpu1), ("context", gpu1)]
+    [spec] = gpus.specs  # the key names this GPU, this TensorRT and this ONNX file
+    assert (spec.gpu_name, spec.compute_capability, spec.trt_version) == ("Fake GPU", "9.0", "10.9.0")
+    assert spec.onnx_sha256 == qcache.sha256_file(onnx) and (spec.precision, spec.typing) == ("fp32", "fp32")
     gpus.seen.clear()
     made = []
     monkeypatch.setattr(
