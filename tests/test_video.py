@@ -1668,3 +1668,15 @@ def test_frame_colour_tags_give_matrix_and_range():
     )
     assert frame_color(frame(5, 2), "bt709", "limited")[:2] == ("bt709", "limited")  # options win
     assert [frame_color(frame(2, 1, height=h), None, None)[0] for h in (719, 720)] == ["bt601", "bt709"]
+
+
+def test_10_bit_rgb_stream_frames_are_codes_0_to_1023():
+    # Read as 0..1024 (2**bits instead of 2**bits - 1), a 10-bit RGB stream came back with code 1024, one
+    # past 10 bits, and every level a little off; the 16-bit and 8-bit streams hid it.
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    rng = np.random.default_rng(0)
+    frames = [(rng.random((48, 64, 3)) ** 0.3 * 1023).round().astype(np.uint16) for _ in range(2)]
+    for f, res in zip(frames, r.restore_stream(frames, batch=2, bits=10), strict=True):
+        ref = r.restore(f.astype(np.float32) / 1023).image * 1023
+        assert res.image.dtype == np.uint16 and res.image.max() <= 1023
+        np.testing.assert_allclose(res.image.astype(float), ref, atol=0.51, rtol=0)  # rounding only
