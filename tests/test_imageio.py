@@ -937,3 +937,15 @@ def test_a_gray_profile_fits_gray_and_gray_alpha_pixels_only():
         assert icc_fits(gray, np.zeros(shape, np.uint8)) and not icc_fits(rgb, np.zeros(shape, np.uint8))
     for shape in [(4, 4, 3), (4, 4, 4)]:
         assert icc_fits(rgb, np.zeros(shape, np.uint8)) and not icc_fits(gray, np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".jpg"])
+def test_rgba_written_without_alpha_keeps_its_colours(suffix):
+    # Formats without alpha drop the fourth channel: dropping the first instead (GBA as RGB) passed.
+    from qairn.engine.imageio import encode_image
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 250, 255  # red, opaque
+    back = cv2.imdecode(np.frombuffer(encode_image(rgba, suffix), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert back.shape == (16, 16, 3)
+    np.testing.assert_allclose(back.astype(int), rgba[..., :3].astype(int), atol=4)
