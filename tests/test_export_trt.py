@@ -219,11 +219,12 @@ def test_profile_shapes_of_a_wide_tile_and_unaligned_max_shapes():
 
 
 def test_fixed_shape_runner_picks_the_largest_exact_batch_else_the_smallest_fitting_engine():
-    calls = []
+    calls, inputs = [], []
 
     def build(shape):
         def run(x):
             calls.append(shape)
+            inputs.append(x)
             n, _, h, w = x.shape
             return x.clone(), [torch.zeros(n, 1, h // s, w // s) for s in (1, 2, 4)]
 
@@ -239,6 +240,9 @@ def test_fixed_shape_runner_picks_the_largest_exact_batch_else_the_smallest_fitt
     x = torch.rand(1, 3, 80, 48)
     y, _ = runner(x)
     assert calls == [(1, 96, 96)] and torch.equal(y, x)  # the least padding of those that fit
+    padded = inputs[-1]  # replicated edges, not zeros: the border's outputs stay near the image's own
+    assert torch.equal(padded[..., 80:, :], padded[..., 79:80, :].expand(-1, -1, 16, -1))
+    assert torch.equal(padded[..., :, 48:], padded[..., :, 47:48].expand(-1, -1, -1, 48))
 
 
 def test_fixed_shape_runner_feeds_engines_exact_shapes():
