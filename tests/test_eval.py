@@ -434,3 +434,9 @@ def test_jpeg_pairs_compress_each_image_at_each_qf(tmp_path):
     for qf, ref, jpeg in pairs:
         assert np.array_equal(jpeg, ev.jpeg_rgb(ref, qf))
     assert not np.array_equal(pairs[0][2], pairs[1][2])
+
+
+def test_noise_is_clipped_not_wrapped():
+    # Without the clip, values over 255 wrapped around to dark pixels in uint8.
+    out = ev.distort(np.full((32, 32, 3), 250, np.uint8), "noise", 50.0)
+    assert (out == 255).mean() > 0.3 and out.min() > 20
