@@ -1229,3 +1229,30 @@ def test_help_states_the_budget_and_psnr_defaults():
     assert f"default CUDA {cuda:g}, CPU {cpu:g}" in text
     assert "0: no budget" in text
     assert f"(default {qb.parser().get_default('min_psnr'):g})" in text
+
+
+def test_time_case_arithmetic_against_the_eager_row(monkeypatch):
+    # Every timing figure of a row was checked only for presence: mean for median, an inverted speedup or
+    # compute floor fraction, MP/s off by 1e3, 20 log10 PSNR and the slowest peak all passed.
+    times = iter([[10.0, 30.0, 11.0], [5.0, 100.0, 4.0]])  # medians 11 and 5, means 17 and 36.3
+    monkeypatch.setattr(qb, "measure", lambda fn, *a: {"ms": next(times), "out": fn(), "warmup": 1})
+    x = torch.rand(1, 3, 100, 200, generator=torch.Generator().manual_seed(0))  # 0.02 MP
+
+    def restorer(shift, q2):
+        q = {"Q1": torch.tensor([0.5]), "Q2": torch.tensor([q2])}
+        return SimpleNamespace(
+            restore_tensor=lambda x: (x + shift, q, None), tiling_for=lambda h, w: (None, 0), tile_batch=1
+        )
+
+    args = SimpleNamespace(warmup=1, repeats=3, case_budget_s=10.0)
+    report = {"peak_tflops": {"fp32": 2.0, "fp16": 8.0}, "model": {"gflop_per_mp": 100.0}}
+    refs, cpu = {}, torch.device("cpu")
+    qb.time_case(restorer(0.0, 0.5), "eager-fp32", x, None, cpu, args, refs, report)
+    r = qb.time_case(restorer(0.1, 0.8), "eager-fp16-cl", x, None, cpu, args, refs, report)
+    assert r["ms_median"] == 5.0 and r["ms_min"] == 4.0 and r["speedup"] == pytest.approx(11 / 5)
+    assert r["mp_per_s"] == pytest.approx(0.02 / 5e-3) and r["fps"] == pytest.approx(200.0)
+    assert r["psnr_db"] == pytest.approx(20.0, abs=0.01)  # every pixel 0.1 off
+    assert r["q_abs_err"] == pytest.approx(0.3)
+    floor_ms = 100.0 * 0.02 / 8.0  # GFLOP/MP x MP / the fastest peak's TFLOP/s
+    assert r["floor_ms"] == pytest.approx(floor_ms) and r["frac_of_peak"] == pytest.approx(floor_ms / 5)
+    assert r["tiles"] == 1 and r["work_ratio"] == pytest.approx(112 * 208 / (100 * 200))  # padded to 16s

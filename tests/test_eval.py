@@ -376,3 +376,67 @@ def test_interrupt_cancels_queued_metric_jobs():
     while sum(f.cancelled() for f in futures) < 30 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sum(f.cancelled() for f in futures) >= 30
+
+
+def test_summary_means_each_qfs_own_images_and_gains_are_restored_minus_jpeg():
+    def row(qf, jpeg, restored):
+        return {
+            "qf": qf,
+            "jpeg": dict.fromkeys(ev.METRICS, jpeg),
+            "restored": dict.fromkeys(ev.METRICS, restored),
+        }
+
+    rows = [row(10, 1.0, 2.0), row(10, 2.0, 3.0), row(10, 6.0, 10.0), row(20, 100.0, 90.0)]
+    s = ev.summarize(rows, qfs=(10, 20))
+    assert s[10]["jpeg"] == dict.fromkeys(ev.METRICS, 3.0)  # the mean, not the median (2)
+    assert s[10]["gain"] == dict.fromkeys(ev.METRICS, 2.0)
+    assert s[20]["restored"] == dict.fromkeys(ev.METRICS, 90.0) and s[20]["gain"]["psnr"] == -10.0
+    assert ev.QFS == (10, 20, 30, 40)  # the paper's Table I rows, the --qf default
+
+
+def test_metrics_per_image_are_psnr_ssim_and_psnr_b(tmp_path):
+    from qairn.metrics import psnr, psnr_b, ssim
+
+    ref = synth_image(np.random.default_rng(0), 48, 64)
+    jp = ev.jpeg_rgb(ref, 10)
+    m = ev.measure(ref, jp)
+    assert m == {"psnr": psnr(ref, jp), "ssim": ssim(ref, jp), "psnrb": psnr_b(ref, jp)}
+    assert m["psnrb"] < m["psnr"]  # QF 10 blocks: PSNR-B's blocking penalty is not zero here
+
+
+def test_read_rgb_crops_the_centre(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "a.png"), rgb[..., ::-1])
+    assert np.array_equal(ev.read_rgb(tmp_path / "a.png", crop=10), rgb[5:15, 13:23])
+    assert np.array_equal(ev.read_rgb(tmp_path / "a.png", crop=30), rgb[:, 3:33])  # taller than the image
+
+
+@pytest.mark.parametrize("loss, dtype", [(0.01, "fp16"), (0.1, "fp32")])
+def test_fp16_check_compares_rounded_weights_with_the_model(tmp_path, monkeypatch, loss, dtype):
+    # The PSNRs are given: each restorer is its model, scored by whether its weights are fp16-rounded.
+    def rounded(m):
+        return all(torch.equal(t, t.half().float()) for t in m.state_dict().values() if t.is_floating_point())
+
+    monkeypatch.setattr(ev, "make_restorer", lambda model, device: model)
+    monkeypatch.setattr(ev, "restored_psnrs", lambda m, pairs: [30.0 - loss * rounded(m)] * len(pairs))
+    model = QAIRN(preset("tiny"))
+    assert not rounded(model)
+    files = sorted(make_folder(tmp_path, 2, 24, 24, seed=0).glob("*.png"))
+    r = ev.fp16_check(model, files, qfs=(10, 40))
+    assert r["dtype"] == dtype and r["loss_db"] == pytest.approx(loss) and r["psnr_fp32"] == 30.0
+    assert not rounded(model)  # the caller's model is left as it was
+
+
+def test_jpeg_pairs_compress_each_image_at_each_qf(tmp_path):
+    files = sorted(make_folder(tmp_path, 2, 24, 24, seed=0).glob("*.png"))
+    pairs = ev.jpeg_pairs(files, (10, 40))
+    assert [qf for qf, _, _ in pairs] == [10, 40, 10, 40]
+    for qf, ref, jpeg in pairs:
+        assert np.array_equal(jpeg, ev.jpeg_rgb(ref, qf))
+    assert not np.array_equal(pairs[0][2], pairs[1][2])
+
+
+def test_noise_is_clipped_not_wrapped():
+    # Without the clip, values over 255 wrapped around to dark pixels in uint8.
+    out = ev.distort(np.full((32, 32, 3), 250, np.uint8), "noise", 50.0)
+    assert (out == 255).mean() > 0.3 and out.min() > 20

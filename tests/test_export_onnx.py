@@ -408,3 +408,88 @@ def test_cli_verify_images_folder_skips_hidden_files(tmp_path):
     args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10], verify_limit=2, verify_crop=64)
     images, note = verify_inputs(args)
     assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 images from")
+
+
+def test_metadata_records_the_export(model, exported):
+    # verify_onnx reads p from the file for both sides, so a wrong qairn.p passed parity unnoticed.
+    meta = ox.read_metadata(exported["sums", "fp16"])
+    assert meta["qairn.p"] == repr(float(model.config.p)) and meta["qairn.config"] == model.config.to_json()
+    assert (meta["qairn.outputs"], meta["qairn.precision"], meta["qairn.io"]) == ("sums", "fp16", "fp32")
+    assert meta["qairn.fp32_tail"] == "true" and meta["qairn.exporter"] == "torchscript"
+
+
+def test_the_image_output_has_the_io_dtype_whatever_the_compute_dtype(model):
+    x = torch.rand(1, 3, 32, 32)
+    for precision, io, tail in [("fp16", "fp32", False), ("fp32", "fp16", True)]:
+        y, *gammas = ox.ExportModel(model, "maps", precision, io, fp32_tail=tail)(x.to(ox.DTYPES[io]))
+        assert y.dtype == ox.DTYPES[io] and all(g.dtype == torch.float32 for g in gammas)
+
+
+def test_check_parity_bounds_per_precision_and_output():
+    def stats(**errs):
+        return {"max_abs": errs, "finite": True, "images": 1}
+
+    ox.check_parity(stats(restored=0.9e-4, gamma1=0.9e-4), "fp32")
+    ox.check_parity(stats(restored=1.9e-3, Q=1.9e-3), "fp16")
+    for precision, errs in [
+        ("fp32", dict(restored=1.1e-4)),
+        ("fp32", dict(gamma2=1.1e-4)),
+        ("fp16", dict(restored=2.1e-3)),
+        ("fp16", dict(Q=2.1e-3)),
+    ]:
+        with pytest.raises(ox.ExportError, match="differs from eager"):
+            ox.check_parity(stats(**errs), precision)
+
+
+def test_q_from_qsums_counts_the_pixels_of_odd_sized_maps():
+    # A 6x10 input has gamma maps of 6x10, 3x5 and 2x3 (ceil): 60, 15 and 6 pixels.
+    p, q = 2.0, 0.5
+    pixels = np.array([60.0, 15.0, 6.0])
+    sums = pixels * q**p * 2.0**ox.POOL_SCALE_LOG2
+    np.testing.assert_allclose(ox.q_from_qsums(sums[None], 6, 10, p), [[q, q, q]], rtol=1e-12)
+
+
+def test_verify_onnx_reports_non_finite_outputs(model, tmp_path):
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        next(p for n, p in broken.named_parameters() if n.endswith("bias")).fill_(float("nan"))
+    path = ox.export_onnx(broken, tmp_path / "nan.onnx", outputs="maps")
+    stats = ox.verify_onnx(path, broken, [ox.synthetic_image(32, 32)])
+    assert not stats["finite"]
+    with pytest.raises(ox.ExportError, match="NaN or Inf"):
+        ox.check_parity(stats, "fp32")
+
+
+def test_onnx_cache_key_covers_config_weights_options_and_torch(model, monkeypatch):
+    # Each part of the key was droppable: no test saw two exports that differ in one part share a name.
+    import dataclasses
+
+    from qairn.export.cache import model_digest
+
+    base = model_digest(model, precision="fp32")
+    assert model_digest(copy.deepcopy(model), precision="fp32") == base
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():
+        next(nudged.parameters()).view(-1)[0] += 1e-3
+    other_p = copy.deepcopy(model)
+    other_p.config = dataclasses.replace(model.config, p=model.config.p + 1)
+    keys = {
+        base,
+        model_digest(nudged, precision="fp32"),
+        model_digest(other_p, precision="fp32"),
+        model_digest(model, precision="fp16"),
+    }
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    keys.add(model_digest(model, precision="fp32"))
+    assert len(keys) == 5
+
+
+def test_the_onnx_cache_key_holds_the_graph_version(model, tmp_path, monkeypatch):
+    # Without GRAPH_VERSION in the key, a graph change (such as the 2**96 qsums scale) reused old files.
+    seen = []
+    monkeypatch.setattr(ox, "model_digest", lambda m, **options: seen.append(options) or "ab" * 32)
+    path = tmp_path / "onnx" / f"qairn-{model.config.preset}-fp32-{'ab' * 12}.onnx"
+    path.parent.mkdir()
+    path.write_bytes(b"cached")  # found: nothing is exported
+    assert ox.cached_onnx(model, tmp_path) == path
+    assert seen[0]["graph"] == ox.GRAPH_VERSION and seen[0]["precision"] == "fp32"

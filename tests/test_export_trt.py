@@ -209,6 +209,42 @@ def test_profile_shapes():
         profile_shapes((4, 512, 512), True, (4, 256, 256))
 
 
+def test_profile_shapes_of_a_wide_tile_and_unaligned_max_shapes():
+    # Square tiles hid the width taking the height's bound, and only H was checked for alignment.
+    assert profile_shapes((2, 256, 4096), dynamic=True)[2] == (2, 3, 2048, 4096)
+    assert profile_shapes((2, 4096, 256), dynamic=True)[2] == (2, 3, 4096, 2048)
+    for max_shape in [(4, 1000, 1024), (4, 1024, 1000)]:
+        with pytest.raises(ValueError, match="multiples of 16"):
+            profile_shapes((4, 512, 512), True, max_shape)
+
+
+def test_fixed_shape_runner_picks_the_largest_exact_batch_else_the_smallest_fitting_engine():
+    calls, inputs = [], []
+
+    def build(shape):
+        def run(x):
+            calls.append(shape)
+            inputs.append(x)
+            n, _, h, w = x.shape
+            return x.clone(), [torch.zeros(n, 1, h // s, w // s) for s in (1, 2, 4)]
+
+        return run
+
+    runner = FixedShapeRunner(build)
+    for shape in [(2, 64, 64), (4, 64, 64), (1, 128, 128), (1, 96, 96)]:
+        runner.runner_for(shape)
+    x = torch.rand(4, 3, 64, 64)
+    y, _ = runner(x)
+    assert calls == [(4, 64, 64)] and torch.equal(y, x)  # one call of the 4-batch, not two of the 2
+    calls.clear()
+    x = torch.rand(1, 3, 80, 48)
+    y, _ = runner(x)
+    assert calls == [(1, 96, 96)] and torch.equal(y, x)  # the least padding of those that fit
+    padded = inputs[-1]  # replicated edges, not zeros: the border's outputs stay near the image's own
+    assert torch.equal(padded[..., 80:, :], padded[..., 79:80, :].expand(-1, -1, 16, -1))
+    assert torch.equal(padded[..., :, 48:], padded[..., :, 47:48].expand(-1, -1, -1, 48))
+
+
 def test_fixed_shape_runner_feeds_engines_exact_shapes():
     model = lively_model("tiny", seed=5)
     built = []
@@ -333,6 +369,7 @@ class FakeGpus:
     def __init__(self, monkeypatch):
         self.current = torch.device("cuda", 0)
         self.seen = []  # (what, current device)
+        self.specs = []  # the EngineSpec of each engine asked for
         fake = self
 
         @contextlib.contextmanager
@@ -422,6 +459,7 @@ class FakeGpus:
 
         def get_engine(onnx, spec, path, workspace, folder):
             fake.seen.append(("build", fake.current))
+            fake.specs.append(spec)
             return b"engine"
 
         def gpu_identity(device):
@@ -475,6 +513,9 @@ def test_engines_are_built_loaded_and_run_on_their_own_gpu(tmp_path, monkeypatch
     gpus.current = torch.device("cuda", 0)
     assert b.device == gpu1
     assert gpus.seen == [("identity", gpu1), ("build", gpu1), ("deserialize", gpu1), ("context", gpu1)]
+    [spec] = gpus.specs  # the key names this GPU, this TensorRT and this ONNX file
+    assert (spec.gpu_name, spec.compute_capability, spec.trt_version) == ("Fake GPU", "9.0", "10.9.0")
+    assert spec.onnx_sha256 == qcache.sha256_file(onnx) and (spec.precision, spec.typing) == ("fp32", "fp32")
     gpus.seen.clear()
     made = []
     monkeypatch.setattr(

@@ -911,3 +911,41 @@ def test_write_atomic_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypa
     imageio.write_atomic(tmp_path / "x.bin", b"12345")
     assert events == [("fsync", 5), ("replace",)]
     assert (tmp_path / "x.bin").read_bytes() == b"12345" and os.listdir(tmp_path) == ["x.bin"]
+
+
+def test_jpeg_icc_segments_are_numbered_from_one_after_jfif():
+    """The ICC spec numbers APP2 ICC_PROFILE segments from 1, and JFIF's APP0 must stay the first segment:
+    Pillow reads a profile numbered from 0 or put before APP0 all the same, so only the bytes tell."""
+    from qairn.engine.imageio import encode_image, with_icc
+
+    jpg = encode_image(np.zeros((16, 16, 3), np.uint8), ".jpg")
+    assert jpg[2:4] == b"\xff\xe0"  # OpenCV writes JFIF
+    icc = bytes(16) + b"RGB " + bytes(range(256)) * 300  # 76820 bytes: two segments
+    out = with_icc(jpg, ".jpg", icc)
+    assert out[2:4] == b"\xff\xe0"
+    heads = [i for i in range(len(out)) if out.startswith(b"\xff\xe2", i)]
+    assert [out[i + 4 : i + 18] for i in heads] == [b"ICC_PROFILE\x00\x01\x02", b"ICC_PROFILE\x00\x02\x02"]
+    with Image.open(io.BytesIO(out)) as im:
+        assert im.info["icc_profile"] == icc
+
+
+def test_a_gray_profile_fits_gray_and_gray_alpha_pixels_only():
+    from qairn.engine.imageio import icc_fits
+
+    gray, rgb = bytes(16) + b"GRAY" + bytes(8), bytes(16) + b"RGB " + bytes(8)
+    for shape in [(4, 4), (4, 4, 2)]:
+        assert icc_fits(gray, np.zeros(shape, np.uint8)) and not icc_fits(rgb, np.zeros(shape, np.uint8))
+    for shape in [(4, 4, 3), (4, 4, 4)]:
+        assert icc_fits(rgb, np.zeros(shape, np.uint8)) and not icc_fits(gray, np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".jpg"])
+def test_rgba_written_without_alpha_keeps_its_colours(suffix):
+    # Formats without alpha drop the fourth channel: dropping the first instead (GBA as RGB) passed.
+    from qairn.engine.imageio import encode_image
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 250, 255  # red, opaque
+    back = cv2.imdecode(np.frombuffer(encode_image(rgba, suffix), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
+    assert back.shape == (16, 16, 3)
+    np.testing.assert_allclose(back.astype(int), rgba[..., :3].astype(int), atol=4)

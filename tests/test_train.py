@@ -1092,3 +1092,38 @@ def test_a_subfolder_named_like_an_image_is_searched_not_read(tmp_path):
     files = list_images(tmp_path / "data")
     assert [f.name for f in files] == ["img00.png", "img01.png"]
     assert len(load_cached(files)) == 2
+
+
+def window_in(patch: np.ndarray, img: np.ndarray) -> tuple[int, int, int] | None:
+    """(k, y, x) where `patch` is the window at (y, x) of img turned as the dataset turns a crop
+    (rot90 k % 4, then a flip for k >= 4), or None. Random pixels: the first pixel finds the candidates."""
+    p = patch.shape[0]
+    for k in range(8):
+        t = np.rot90(img, k % 4)
+        t = t[:, ::-1] if k >= 4 else t
+        for y, x in zip(*np.nonzero((t == patch[0, 0]).all(axis=2)), strict=True):
+            if np.array_equal(t[y : y + p, x : x + p], patch):
+                return k, int(y), int(x)
+    return None
+
+
+def test_patches_are_windows_of_the_images_in_rgb_at_every_qf_and_shift():
+    # Only ranges and determinism were tested: an upper QF never drawn, crops that could not reach the
+    # last row, unshifted grids, uniform picks of images and BGR patches all passed.
+    rng = np.random.default_rng(3)
+    small, large = (rng.integers(0, 256, (40, w, 3), dtype=np.uint8) for w in (40, 360))  # p + 8 = 40 high
+    ds = JPEGPatches([small, large], batch=64, patch=32, qf_range=(7, 8), shift_prob=0.0, seed=1)
+    _, clean, qf = ds[0]
+    assert set(qf.tolist()) == {7, 8}
+    bgr = (clean.permute(0, 2, 3, 1).numpy()[..., ::-1] * 255).round().astype(np.uint8)
+    found = [(window_in(c, small), window_in(c, large)) for c in bgr]
+    assert all((a is None) != (b is None) for a, b in found)
+    from_small = [a for a, _ in found if a is not None]
+    assert 0 < len(from_small) < 64 / 4  # picked by area: 1 in 10 expected, not 1 in 2
+    assert len({b for _, b in found if b is not None}) > 8  # crops along the whole width, not one
+    # The small image is one crop: unshifted, each patch is the top-left corner of the turned crop.
+    assert all((y, x) == (0, 0) for _, y, x in from_small)
+    shifted = JPEGPatches([small], batch=64, patch=32, shift_prob=1.0, seed=1)[0][1]
+    shifts = [window_in(c, small)[1:] for c in (shifted.permute(0, 2, 3, 1).numpy()[..., ::-1] * 255).round()]
+    assert {y for y, _ in shifts} == {x for _, x in shifts} == set(range(8))
+    assert any(y != x for y, x in shifts)  # each axis shifted on its own

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -1641,3 +1642,41 @@ def test_streams_without_dispositions_are_not_covers():
     assert not is_cover(SimpleNamespace())
     assert is_cover(SimpleNamespace(disposition=av.stream.Disposition.attached_pic))
     assert not is_cover(SimpleNamespace(disposition=av.stream.Disposition.default))
+
+
+def test_frame_colour_tags_give_matrix_and_range():
+    # The clips of the other tests are bt709 or untagged: a bt470bg (PAL, 5) frame taken as bt709, or a
+    # full-range tag (2) on a yuv420p frame ignored, passed them all.
+    from qairn.engine.video import frame_color
+
+    def frame(colorspace, color_range, name="yuv420p", height=1080):
+        return SimpleNamespace(
+            colorspace=colorspace,
+            color_range=color_range,
+            height=height,
+            format=SimpleNamespace(name=name, is_rgb=False),
+        )
+
+    assert frame_color(frame(5, 1), None, None)[:2] == ("bt601", "limited")
+    assert frame_color(frame(6, 2), None, None)[:2] == ("bt601", "full")
+    assert frame_color(frame(1, 0), None, None)[:2] == ("bt709", "limited")
+    assert frame_color(frame(9, 2, "yuv420p10le"), None, None)[:2] == ("bt2020", "full")
+    assert frame_color(frame(0, 0, "yuvj420p", 480), None, None) == (
+        "bt601",
+        "full",
+        "no colour matrix tag: assuming bt601 for 480 lines",
+    )
+    assert frame_color(frame(5, 2), "bt709", "limited")[:2] == ("bt709", "limited")  # options win
+    assert [frame_color(frame(2, 1, height=h), None, None)[0] for h in (719, 720)] == ["bt601", "bt709"]
+
+
+def test_10_bit_rgb_stream_frames_are_codes_0_to_1023():
+    # Read as 0..1024 (2**bits instead of 2**bits - 1), a 10-bit RGB stream came back with code 1024, one
+    # past 10 bits, and every level a little off; the 16-bit and 8-bit streams hid it.
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    rng = np.random.default_rng(0)
+    frames = [(rng.random((48, 64, 3)) ** 0.3 * 1023).round().astype(np.uint16) for _ in range(2)]
+    for f, res in zip(frames, r.restore_stream(frames, batch=2, bits=10), strict=True):
+        ref = r.restore(f.astype(np.float32) / 1023).image * 1023
+        assert res.image.dtype == np.uint16 and res.image.max() <= 1023
+        np.testing.assert_allclose(res.image.astype(float), ref, atol=0.51, rtol=0)  # rounding only
