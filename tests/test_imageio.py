@@ -949,3 +949,56 @@ def test_rgba_written_without_alpha_keeps_its_colours(suffix):
     back = cv2.imdecode(np.frombuffer(encode_image(rgba, suffix), np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1]
     assert back.shape == (16, 16, 3)
     np.testing.assert_allclose(back.astype(int), rgba[..., :3].astype(int), atol=4)
+
+
+def _jpeg_markers(data: bytes) -> list[int]:
+    """The markers of a JPEG's segments from SOI up to SOS."""
+    markers, at = [], 2
+    while data[at + 1] != 0xDA:
+        markers.append(data[at + 1])
+        at += 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]
+    return markers
+
+
+def test_jpeg_metadata_segments_go_app0_exif_then_icc(tmp_path):
+    # Viewers expect SOI, APP0 (JFIF), APP1 (EXIF), APP2 (ICC): the profile inserted after the EXIF (so
+    # before it) still read back in Pillow, and passed.
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    icc = bytes(16) + b"RGB " + bytes(100)
+    write_image(tmp_path / "a.jpg", np.zeros((16, 16, 3), np.uint8), icc=icc, exif=exif.tobytes()[6:])
+    data = (tmp_path / "a.jpg").read_bytes()
+    assert _jpeg_markers(data)[:3] == [0xE0, 0xE1, 0xE2]
+    with Image.open(tmp_path / "a.jpg") as im:
+        assert im.getexif()[0x010F] == "Camera" and im.info["icc_profile"] == icc
+
+
+def test_an_exif_too_big_for_one_jpeg_segment_is_dropped(tmp_path):
+    # One APP1 segment holds at most 65533 bytes of EXIF: a bigger block is left out (the image and its
+    # profile written all the same); not checked, its length did not fit the segment's 16 bits.
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 70_000
+    icc = bytes(16) + b"RGB " + bytes(100)
+    arr = np.full((16, 16, 3), 200, np.uint8)
+    write_image(tmp_path / "a.jpg", arr, icc=icc, exif=exif.tobytes()[6:])
+    data = (tmp_path / "a.jpg").read_bytes()
+    assert 0xE1 not in _jpeg_markers(data)
+    with Image.open(tmp_path / "a.jpg") as im:
+        assert im.info["icc_profile"] == icc and not im.getexif()
+        np.testing.assert_allclose(np.asarray(im).astype(int), arr, atol=2)
+
+
+def test_a_tiffs_xmp_and_camera_tags_are_kept_and_its_layout_dropped(tmp_path):
+    # XMP (tag 700) is part of the photo's record, in a TIFF's first directory beside its layout: taken
+    # for a layout tag, it was dropped, and no test wrote a TIFF with XMP.
+    from PIL import TiffImagePlugin
+
+    from qairn.engine.imageio import read_exif
+
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/">qairn</x:xmpmeta>'
+    info = TiffImagePlugin.ImageFileDirectory_v2()
+    info[0x010F], info[0x02BC], info.tagtype[0x02BC] = "Camera", xmp, 1
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.tif", tiffinfo=info)
+    exif = Image.Exif()
+    exif.load(read_exif(tmp_path / "a.tif"))
+    assert dict(exif) == {0x010F: "Camera", 0x02BC: xmp}
