@@ -1127,3 +1127,19 @@ def test_patches_are_windows_of_the_images_in_rgb_at_every_qf_and_shift():
     shifts = [window_in(c, small)[1:] for c in (shifted.permute(0, 2, 3, 1).numpy()[..., ::-1] * 255).round()]
     assert {y for y, _ in shifts} == {x for _, x in shifts} == set(range(8))
     assert any(y != x for y, x in shifts)  # each axis shifted on its own
+
+
+def test_the_loss_is_l1_plus_weighted_one_minus_ssim():
+    # loss = L1 + --ssim-weight * (1 - SSIM): the weight ignored (always 1) passed every training test.
+    from qairn.metrics import ssim_torch
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(2, 3, 24, 24, generator=g)
+    out = (clean + 0.1 * torch.randn(2, 3, 24, 24, generator=g)).clamp(0, 1)
+    l1, s = (out - clean).abs().mean(), ssim_torch(out, clean)
+    assert 0.01 < float(1 - s) < 0.99
+    for w in (0.0, 0.5, 2.0):
+        loss, got_l1, got_s = trainer.loss_fn(out, clean, w)
+        torch.testing.assert_close(got_l1, l1)
+        torch.testing.assert_close(got_s, s)
+        torch.testing.assert_close(loss, l1 + w * (1 - s))
