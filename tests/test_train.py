@@ -2,6 +2,7 @@
 the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU)."""
 
 import contextlib
+import csv
 import json
 import os
 import signal
@@ -1143,3 +1144,20 @@ def test_the_loss_is_l1_plus_weighted_one_minus_ssim():
         torch.testing.assert_close(got_l1, l1)
         torch.testing.assert_close(got_s, s)
         torch.testing.assert_close(loss, l1 + w * (1 - s))
+
+
+def test_log_csv_columns_hold_what_their_header_says(data, tmp_path):
+    # log.csv's l1 and ssim columns swapped (or the loss written from another weight) passed: each row's
+    # loss is now checked to be its l1 + --ssim-weight * (1 - ssim), and the lr its step's.
+    a = tiny_args(data, tmp_path, steps=2, ssim_weight=0.5, lr_halve_every=1)
+    trainer.train(a)
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["step", "loss", "l1", "ssim", "lr", "patches_per_s", "seconds"]
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for r in rows:
+        l1, s = float(r["l1"]), float(r["ssim"])
+        assert 0 < l1 < 0.5 and 0 < s < 1 and l1 != s
+        assert abs(float(r["loss"]) - (l1 + 0.5 * (1 - s))) < 2e-5
+        assert float(r["lr"]) == pytest.approx(trainer.lr_at(int(r["step"]) - 1, a), rel=1e-3)
+    assert [float(r["lr"]) for r in rows] == [2e-4, 1e-4]
