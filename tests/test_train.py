@@ -1161,3 +1161,17 @@ def test_log_csv_columns_hold_what_their_header_says(data, tmp_path):
         assert abs(float(r["loss"]) - (l1 + 0.5 * (1 - s))) < 2e-5
         assert float(r["lr"]) == pytest.approx(trainer.lr_at(int(r["step"]) - 1, a), rel=1e-3)
     assert [float(r["lr"]) for r in rows] == [2e-4, 1e-4]
+
+
+def test_a_resume_adds_its_time_to_the_checkpoints(data, tmp_path):
+    # The trained time a resume records is the checkpoint's plus its own: counting only its own (the
+    # log's seconds and the checkpoint's starting from 0 again) passed every test.
+    trainer.train(tiny_args(data, tmp_path, steps=1))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ck["seconds"] = 5000.0
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    trainer.train(tiny_args(data, tmp_path, steps=2, resume=True))
+    seconds = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["seconds"]
+    assert 5000 < seconds < 5000 + 120
+    last = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")
+    assert last[0] == "2" and 5000 <= float(last[-1]) <= seconds + 0.1
