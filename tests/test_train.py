@@ -1175,3 +1175,14 @@ def test_a_resume_adds_its_time_to_the_checkpoints(data, tmp_path):
     assert 5000 < seconds < 5000 + 120
     last = (tmp_path / "log.csv").read_text().splitlines()[-1].split(",")
     assert last[0] == "2" and 5000 <= float(last[-1]) <= seconds + 0.1
+
+
+def test_a_resume_that_trains_without_ema_keeps_the_checkpoints_average(data, tmp_path):
+    # A resume given --ema 0 trains the raw weights alone; its checkpoints must still hold the run's
+    # average as it was (a later --ema resume or export goes on from it). Written as None, it passed.
+    trainer.train(tiny_args(data, tmp_path, steps=1, ema=0.5))
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["ema"]
+    trainer.train(tiny_args(data, tmp_path, steps=2, ema=0.0, resume=True), {"ema", "steps", "resume"})
+    after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert after["step"] == 2 and after["ema"]["updates"] == before["updates"] == 1
+    assert all(torch.equal(after["ema"]["avg"][k], v) for k, v in before["avg"].items())
