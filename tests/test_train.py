@@ -1146,11 +1146,21 @@ def test_the_loss_is_l1_plus_weighted_one_minus_ssim():
         torch.testing.assert_close(loss, l1 + w * (1 - s))
 
 
-def test_log_csv_columns_hold_what_their_header_says(data, tmp_path):
+def test_log_csv_columns_hold_what_their_header_says(data, tmp_path, monkeypatch):
     # log.csv's l1 and ssim columns swapped (or the loss written from another weight) passed: each row's
-    # loss is now checked to be its l1 + --ssim-weight * (1 - ssim), and the lr its step's.
+    # loss is now checked to be its l1 + --ssim-weight * (1 - ssim), and the lr its step's. So did the
+    # optimiser stepping with the next step's rate (the log said the right one): its rates are recorded.
+    rates = []
+
+    class Adam(torch.optim.Adam):
+        def step(self, *args, **kw):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kw)
+
+    monkeypatch.setattr(torch.optim, "Adam", Adam)
     a = tiny_args(data, tmp_path, steps=2, ssim_weight=0.5, lr_halve_every=1)
     trainer.train(a)
+    assert rates == [2e-4, 1e-4]
     with open(tmp_path / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["step", "loss", "l1", "ssim", "lr", "patches_per_s", "seconds"]
