@@ -1196,3 +1196,15 @@ def test_a_resume_that_trains_without_ema_keeps_the_checkpoints_average(data, tm
     after = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert after["step"] == 2 and after["ema"]["updates"] == before["updates"] == 1
     assert all(torch.equal(after["ema"]["avg"][k], v) for k, v in before["avg"].items())
+
+
+def test_validation_averages_each_qfs_psnrs(monkeypatch):
+    # val.csv's psnr_qf10 and psnr_qf40 are the mean restored PSNR of that QF's pairs: a wrong mean
+    # (or the QFs' values mixed) passed, as no test knew the PSNRs it averaged.
+    from qairn.train import evaluate
+
+    pairs = [(10, "a", None), (40, "a", None), (10, "b", None), (40, "b", None), (10, "c", None)]
+    monkeypatch.setattr(evaluate, "make_restorer", lambda **kw: None)
+    monkeypatch.setattr(evaluate, "restored_psnrs", lambda r, p: [30.0, 40.0, 32.0, 44.0, 34.0][: len(p)])
+    got = trainer.validate(QAIRN(preset("tiny")), pairs, "cpu")
+    assert got == {"psnr_qf10": 32.0, "psnr_qf40": 42.0}
