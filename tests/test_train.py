@@ -1208,3 +1208,25 @@ def test_validation_averages_each_qfs_psnrs(monkeypatch):
     monkeypatch.setattr(evaluate, "restored_psnrs", lambda r, p: [30.0, 40.0, 32.0, 44.0, 34.0][: len(p)])
     got = trainer.validate(QAIRN(preset("tiny")), pairs, "cpu")
     assert got == {"psnr_qf10": 32.0, "psnr_qf40": 42.0}
+
+
+def test_val_csv_ema_columns_are_the_averages(data, tmp_path, monkeypatch):
+    # val.csv's ema_ columns validated the raw weights a second time, and passed: each validated model is
+    # now told apart by a checksum of its weights, compared with the checkpoint's raw and average.
+    def checksum(state):
+        return sum(float(v.double().sum()) for v in state.values() if v.is_floating_point())
+
+    monkeypatch.setattr(
+        trainer,
+        "validate",
+        lambda model, pairs, device: {f"psnr_qf{q}": checksum(model.state_dict()) for q in (10, 40)},
+    )
+    trainer.train(tiny_args(data, tmp_path, steps=2, val_every=2, ema=0.75))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["ema"]["decay"] == 0.75 and ck["ema"]["updates"] == 2
+    with open(tmp_path / "val.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    raw, avg = checksum(ck["model"]), checksum(ck["ema"]["avg"])
+    assert abs(raw - avg) > 1e-2
+    assert float(row["psnr_qf10"]) == pytest.approx(raw, abs=1e-4)
+    assert float(row["ema_psnr_qf10"]) == pytest.approx(avg, abs=1e-4)
