@@ -493,15 +493,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write bytes to `path` via a temp file in the same folder and an atomic rename. The data reaches
+def write_atomic(path: str | Path, data) -> None:
+    """Write `data` to `path` via a temp file in the same folder and an atomic rename. data: bytes, or a
+    function that writes into the open file (`lambda f: torch.save(ckpt, f)`: a checkpoint is then not
+    built in memory first). The data reaches
     the disk before the rename: else a crash just after it could leave `path` empty or cut short
     (the rename is journaled before the data on some file systems), where the old file had been whole."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions

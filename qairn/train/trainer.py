@@ -459,7 +459,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "scaler": scaler.state_dict(),
             "world": world,
         }
-        save_atomic(ck, ckpt_path)
+        write_atomic(ckpt_path, lambda f: torch.save(ck, f))  # flushed to disk, then renamed in
 
     val_pairs: list = []
 
@@ -611,22 +611,6 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temp file, flushed to disk, then renamed over path: a kill, a crash or a full
-    disk mid-write leaves the previous file whole (a rename of unflushed data can leave an empty file
-    after a crash), and a failed write leaves no partial copy taking the disk's space."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
