@@ -68,6 +68,31 @@ CUDA_ONLY = ("triton", "tensorrt")  # backend names (or options) that need a CUD
 # Engines with device memory of their own (ONNX Runtime's arena, TensorRT's activations and workspace),
 # which torch's allocator statistics do not see: their peak is only the inputs and outputs torch holds.
 OWN_MEMORY = ("onnxruntime", "tensorrt")
+PARTIAL_MEMORY = "torch allocator only"  # the peak_mem_scope of those: a lower bound
+
+
+def memory_scope(label: str) -> str:
+    return PARTIAL_MEMORY if SPECS[label][0] in OWN_MEMORY else "torch allocator"
+
+
+def peak_call(fn, device: torch.device) -> tuple:
+    """fn() once more after emptying the cache and resetting the peaks (warm-up excluded): its output
+    and the peak MiB reserved and allocated. Reserved is what counts: a CUDA-graph replay allocates
+    nothing, its working memory sits in the graph's private pool, which only the reserved count sees
+    (the allocated peak would show just inputs, outputs and weights). Graphs kept for other sizes
+    count too: an upper bound, as a deployment would hold them."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    return (
+        out,
+        torch.cuda.max_memory_reserved(device) / 2**20,
+        torch.cuda.max_memory_allocated(device) / 2**20,
+    )
+
+
 DEFAULTS = {
     "cuda": {
         "backends": [
@@ -440,21 +465,9 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
     peak_mib = peak_alloc_mib = None
     fields = {}
     if device.type == "cuda":
-        # Warm-up (compilation, autotuning, graph capture) is excluded: reset, then one more call.
-        # Device memory taken is the peak *reserved* after emptying the cache: a CUDA-graph replay
-        # allocates nothing, its working memory sits in the graph's private pool, which only the
-        # reserved count sees (the allocated peak would show just inputs, outputs and weights).
-        # Graphs kept for other sizes count too: an upper bound, as a deployment would hold them.
-        r["out"] = None
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        r["out"] = restorer.restore_tensor(x)
-        torch.cuda.synchronize(device)
-        peak_mib = torch.cuda.max_memory_reserved(device) / 2**20
-        peak_alloc_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        own = SPECS[label][0] in OWN_MEMORY
-        fields["peak_mem_scope"] = "torch allocator only" if own else "torch allocator"
+        r["out"] = None  # freed before the measured call
+        r["out"], peak_mib, peak_alloc_mib = peak_call(lambda: restorer.restore_tensor(x), device)
+        fields["peak_mem_scope"] = memory_scope(label)
     y, q, _ = r["out"]
     q = {k: float(v[0]) for k, v in q.items()}
     ms = statistics.median(r["ms"])
@@ -557,7 +570,7 @@ def targets(report: dict) -> dict:
                 "peak_mem_mib": mib,
                 "peak_mem_scope": scope,
                 # torch's count of an engine with memory of its own is a lower bound: cannot tell
-                "met": None if scope == "torch allocator only" else mib <= 4096,
+                "met": None if scope == PARTIAL_MEMORY else mib <= 4096,
             }
     return out
 
@@ -587,7 +600,7 @@ def format_row(r: dict) -> str:
     psnr_txt = (
         "ref" if r["backend"] == BASELINE and r.get("psnr_db") is None else _fmt(r.get("psnr_db"), ".1f")
     )
-    peak = _fmt(r["peak_mem_mib"], ".0f") + ("*" if r.get("peak_mem_scope") == "torch allocator only" else "")
+    peak = _fmt(r["peak_mem_mib"], ".0f") + ("*" if r.get("peak_mem_scope") == PARTIAL_MEMORY else "")
     return (
         f"{r['backend']:<{LABEL_WIDTH}} {size:>9} {tile:>5} {r['ms_median']:>9.2f} {_rate(r['mp_per_s']):>8} "
         f"{_rate(r['fps']):>7} {_fmt(r.get('speedup'), '.2f'):>7} {psnr_txt:>7} "
@@ -626,9 +639,7 @@ def footer(report: dict) -> str:
             f"best at {size}: {b['backend']} (tile {b['tile'] or 'whole'}) {b['speedup']:.2f}x the fastest "
             f"eager fp32 run, PSNR {'ref' if b['psnr_db'] is None else format(b['psnr_db'], '.1f') + ' dB'}"
         )
-    partial = sorted(
-        {r["backend"] for r in report["results"] if r.get("peak_mem_scope") == "torch allocator only"}
-    )
+    partial = sorted({r["backend"] for r in report["results"] if r.get("peak_mem_scope") == PARTIAL_MEMORY})
     if partial:
         lines.append(
             f"* peak MiB of {', '.join(partial)}: torch's allocator only (inputs and outputs); "
@@ -783,14 +794,8 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                     )
                     if device.type == "cuda":  # as in the table: reserved, in one more pass after a reset
                         r = None
-                        torch.cuda.synchronize(device)
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats(device)
-                        run()
-                        torch.cuda.synchronize(device)
-                        row["peak_mem_mib"] = torch.cuda.max_memory_reserved(device) / 2**20
-                        own = SPECS[label][0] in OWN_MEMORY
-                        row["peak_mem_scope"] = "torch allocator only" if own else "torch allocator"
+                        row["peak_mem_mib"] = peak_call(run, device)[1]
+                        row["peak_mem_scope"] = memory_scope(label)
                     if mode == "stream-rgb" and "loop" in outputs:  # the stream must give the loop's frames
                         diffs = [
                             np.abs(a.astype(np.int16) - b).max()
@@ -821,7 +826,7 @@ def format_video_row(r: dict) -> str:
     tail = f"  PSNR {_fmt(r.get('psnr_db'), '.1f')}" if "psnr_db" in r else ""
     if r.get("peak_mem_mib") is not None:
         tail += f"  peak {r['peak_mem_mib']:.0f} MiB" + (
-            "*" if r.get("peak_mem_scope", "").endswith("only") else ""
+            "*" if r.get("peak_mem_scope") == PARTIAL_MEMORY else ""
         )
     return (
         f"{head} {r['frames']:>4} frames {_rate(r['fps']):>9} fps {_rate(r['mp_per_s']):>9} MP/s"
