@@ -440,7 +440,6 @@ def main_restore(argv=None) -> int:
     kinds = {same.get(x, x) for x in ((a.format or "").lower(), outputs[0].suffix.lower())}
     if a.format and folder is None and len(kinds) > 1:
         return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
-    failed = len(errors)
     failed_names = []  # images that failed after the inputs were found, named again in the summary
     records = []
     input_set = {q.resolve() for q in inputs}
@@ -487,7 +486,6 @@ def main_restore(argv=None) -> int:
                 error(f"{dst}: cannot write ({e.strerror or e})")
             except Exception as e:
                 error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            failed += 1
             failed_names.append(str(src))
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the images already written keep their scores
         if a.json:
@@ -495,6 +493,7 @@ def main_restore(argv=None) -> int:
         raise
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
+    failed = len(errors) + len(failed_names)  # inputs never found, and images that failed
     tqdm.write(restore_summary(records, len(inputs) + len(errors), failed, failed_names), file=sys.stderr)
     return 1 if failed or not json_written else 0
 
