@@ -42,6 +42,11 @@ def default_weights() -> Path:
     return DEFAULT_WEIGHTS
 
 
+def is_int(v) -> bool:
+    """An int of any kind (numpy's too), but not a bool: True is an int to Python."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """ "auto" (CUDA if there is a GPU, else the CPU), or the device named. A CUDA device that is not
     there (cuda:3 with one GPU, or cuda with none) is refused here, in one line naming it and what
@@ -52,8 +57,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # torch.device(0) asks for the accelerator, and fails on a build without one before our "no CUDA
-    # device" line can say so. True is an int to Python, not a GPU.
-    if isinstance(device, numbers.Integral) and not isinstance(device, bool) and device >= 0:
+    # device" line can say so. True is not a GPU.
+    if is_int(device) and device >= 0:
         device = f"cuda:{int(device)}"
     try:
         device = torch.device(device)
@@ -94,7 +99,6 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
 
 def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     """Checked once, not per image: (tile, overlap) as plain ints, or a ValueError saying why not."""
-    is_int = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731 (True is an int)
     if not (tile is None or (isinstance(tile, str) and tile == "auto") or (is_int(tile) and tile > 0)):
         raise ValueError(f'tile must be a positive int, None (whole images) or "auto", not {tile!r}')
     if not is_int(overlap) or overlap < 0:
@@ -290,7 +294,7 @@ class Restorer:
         self.backend_name, self.precision = backend, precision
         tile, overlap = check_tiling(tile, overlap)
         # A float (2.5) was kept and failed at the first tiled image, inside range(); 0 became 1 unsaid.
-        if not isinstance(tile_batch, numbers.Integral) or isinstance(tile_batch, bool) or tile_batch < 1:
+        if not is_int(tile_batch) or tile_batch < 1:
             raise ValueError(f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}")
         self.tile, self.overlap, self.tile_batch = tile, overlap, int(tile_batch)
         # Per Restorer, not per process: a make() may capture a CUDA graph or compile, and Restorers on
@@ -589,7 +593,7 @@ class Restorer:
         from qairn.engine.video import restore_stream
 
         # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
-        if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+        if not is_int(batch) or batch < 1:
             raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
         check_order(options.get("channel_order") or self.channel_order)
         check_matrix(options.get("matrix", "bt709"))
