@@ -710,3 +710,16 @@ def test_one_restorer_from_several_threads():
     for k in range(2):
         for a, b in zip(got[k], expect[k::2]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_set_tiling_checks_the_overlap_against_a_static_exports_own_tile():
+    """set_tiling("auto", 64) on a 64-pixel static export was taken (checked against 512, as the
+    constructor checks before the file is open) and every image then failed with "tile 64 must be
+    larger than the overlap 64"; the constructor refused the same pair. Refused now, nothing changed."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=16)
+    r.backend.static_tile = 64  # what a static ONNX file or engine of 64x64 tiles says
+    with pytest.raises(ValueError, match="must be smaller than the tile 64"):
+        r.set_tiling("auto", 64)
+    assert (r.tile, r.overlap) == (64, 16)
+    r.set_tiling("auto", 48)
+    assert r.tiling_for(100, 100) == (64, 48)

@@ -325,10 +325,9 @@ class Restorer:
                     f"{asked_precision!r} (give precision='auto' or '{ran_precision}', or export again)"
                 )
             self.precision = ran_precision
-        if self.tile == "auto" and getattr(self.backend, "static_tile", None):
-            # A static file's tile is known only now: an overlap of 48 on a 64-pixel file passed the check
-            # above (made against 512) and failed at the first image.
-            check_tiling(self.backend.static_tile, self.overlap)
+        # Again, now that a static file's tile is known: an overlap of 48 on a 64-pixel file passed the
+        # check above (made against 512) and failed at the first image.
+        self.set_tiling(self.tile, self.overlap)
         ran = getattr(self.backend, "network_config", None)  # an exported file's own network
         if ran is not None and ran != config:
             differ = [
@@ -436,8 +435,14 @@ class Restorer:
         return self._shrunk.get((n, h, w), (self.tile_for(h, w, n), self.overlap))
 
     def set_tiling(self, tile: int | str | None, overlap: int) -> None:
-        """New tile and overlap for the calls after, forgetting what out-of-memory retries settled on."""
-        self.tile, self.overlap = check_tiling(tile, overlap)
+        """New tile and overlap for the calls after, forgetting what out-of-memory retries settled on.
+        Checked as the constructor checks them, against a static export's own tile under "auto" too;
+        a refused call changes nothing."""
+        tile, overlap = check_tiling(tile, overlap)
+        static = getattr(self.backend, "static_tile", None)
+        if tile == "auto" and static:
+            check_tiling(static, overlap)
+        self.tile, self.overlap = tile, overlap
         self._shrunk.clear()
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
