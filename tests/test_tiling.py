@@ -723,3 +723,27 @@ def test_set_tiling_checks_the_overlap_against_a_static_exports_own_tile():
     assert (r.tile, r.overlap) == (64, 16)
     r.set_tiling("auto", 48)
     assert r.tiling_for(100, 100) == (64, 48)
+
+
+def test_an_out_of_memory_retry_drops_the_frame_graphs_under_the_cache_lock(live1_image):
+    """The retry cleared the frame-graph cache without the lock that remember() and close() take: a
+    thread whose remember() had just found the cache full then popped from an emptied dict
+    (StopIteration), or stored its new graph into a cache being cleared."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=256, overlap=32)
+    inner = r.backend
+    held = []
+
+    class Graphs(dict):
+        def clear(self):
+            held.append(r._cache_lock._is_owned())
+            super().clear()
+
+    def limited(x):
+        if x.shape[-1] > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r._graphs, r.backend = Graphs(), limited
+    with pytest.warns(UserWarning, match="retrying with tile 128"):
+        r.restore(odd_crop(live1_image, 300, 300))
+    assert held == [True]

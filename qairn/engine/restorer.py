@@ -392,7 +392,8 @@ class Restorer:
             except Exception as e:
                 if not out_of_memory(e):
                     raise
-                self._graphs.clear()
+                with self._cache_lock:  # as remember() and close(): not while a thread fills the cache
+                    self._graphs.clear()
                 current = max(plan.rows.tile, plan.cols.tile)
                 if current <= 64:
                     raise
