@@ -360,3 +360,17 @@ def test_a_closed_restorer_frees_its_backend_and_refuses_more_work():
         list(r.restore_stream([img]))
     r.close()  # twice is harmless
     assert closed == [True, True]
+
+
+@pytest.mark.parametrize("tile", [None, 16])
+def test_images_and_maps_come_back_contiguous_whole_or_tiled(tile):
+    """The whole-image pass handed back the network's own channels_last output (y.view(-1) raised
+    "view size is not compatible with input tensor's size and stride"), the tiled pass crops of its
+    padded map buffers; which one a caller got depended on the image size. Both are contiguous now."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=tile, overlap=0)
+    x = torch.rand(2, 3, 20, 30, generator=torch.Generator().manual_seed(0))
+    y, _, maps = r.restore_tensor(x, return_maps=True)
+    res = r.restore((x * 255).round().to(torch.uint8), return_maps=True)
+    for t in (y, *maps, res.image, *res.maps):
+        assert t.is_contiguous()
+    assert all(m.flags.c_contiguous for m in r.restore(np.zeros((20, 30, 3)), return_maps=True).maps)

@@ -143,6 +143,13 @@ class Result:
     info: dict = field(default_factory=dict)
 
 
+def finish(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A restored (padded) batch cut to the h x w image, clamped to [0, 1], contiguous: the network's
+    own output is channels_last, and whether a caller got it or a tiled blend's copy (contiguous)
+    depended on the image size."""
+    return y[..., :h, :w].clamp(0, 1).contiguous()
+
+
 def out_of_memory(e: BaseException) -> bool:
     """Whether e is, or was raised while handling, a device out-of-memory error. Running out inside a
     CUDA-graph capture raises the OutOfMemoryError in the body, and torch.cuda.graph's exit then ends
@@ -468,19 +475,20 @@ class Restorer:
                 y, gammas, sums = fused(xp, self.p, dev["cores"], maps=return_maps)
                 q = self._q_from_sums(sums, h, w)
                 if not return_maps:
-                    return y[..., :h, :w].clamp(0, 1), q, None
+                    return finish(y, h, w), q, None
             else:
                 y, gammas = self.backend(xp)
             maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
             if fused is None:
                 q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
             if not return_maps:
-                return y[..., :h, :w].clamp(0, 1), q, None
+                return finish(y, h, w), q, None
             # Backends run under inference_mode, so their gammas (and views of them) are inference
             # tensors, which refuse in-place edits and autograd: the caller gets copies, as the tiled
-            # path's maps (made here) are ordinary tensors.
-            maps = [m.clone() if m.is_inference() else m for m in maps]
-            return y[..., :h, :w].clamp(0, 1), q, maps
+            # path's maps (made here) are ordinary tensors. Contiguous, as those are.
+            contiguous = torch.contiguous_format
+            maps = [m.clone(memory_format=contiguous) if m.is_inference() else m.contiguous() for m in maps]
+            return finish(y, h, w), q, maps
 
         out = torch.zeros(n, 3, hp, wp, device=self.device)
         sums = torch.zeros(3, n, device=self.device, dtype=torch.float64)
@@ -526,8 +534,8 @@ class Restorer:
                 progress(b + len(group), len(tiles))
         q = self._q_from_sums(sums, h, w)
         if maps is not None:
-            maps = [m[..., : -(-h // s), : -(-w // s)] for m, s in zip(maps, SCALES)]
-        return out[..., :h, :w].clamp(0, 1), q, maps
+            maps = [m[..., : -(-h // s), : -(-w // s)].contiguous() for m, s in zip(maps, SCALES)]
+        return finish(out, h, w), q, maps
 
     def _plan_on_device(self, plan: TilePlan, n: int) -> dict:
         """The plan's core boxes (one row per tile and image, tile order) and blend ramps, on the
