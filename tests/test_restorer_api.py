@@ -374,3 +374,27 @@ def test_images_and_maps_come_back_contiguous_whole_or_tiled(tile):
     for t in (y, *maps, res.image, *res.maps):
         assert t.is_contiguous()
     assert all(m.flags.c_contiguous for m in r.restore(np.zeros((20, 30, 3)), return_maps=True).maps)
+
+
+def test_restore_takes_bits_for_one_image_as_restore_stream_does_for_frames():
+    """restore_stream(frames, bits=10) took 10-bit RGB in uint16 as codes 0..1023, but restore(), the
+    call for one image, had no bits=: the same frame was scaled as 0..65535 (a nearly black picture)
+    and could only be given as floats. Now restore(img, bits=10) and score(img, bits=10) match the
+    stream, and refuse the same things."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frame = np.random.default_rng(0).integers(0, 1024, (16, 12, 3), dtype=np.uint16)
+    streamed = next(r.restore_stream([frame], bits=10))
+    res = r.restore(frame, bits=10)
+    assert res.image.dtype == np.uint16
+    np.testing.assert_array_equal(res.image, streamed.image)
+    assert res.quality == pytest.approx(streamed.quality, rel=1e-6)
+    assert r.score(frame, bits=10) == res.quality
+    assert np.array_equal(r.restore(frame << 6, bits=16).image, r.restore(frame << 6).image)
+    for img, says in [
+        (frame << 6, "plane rgb holds codes"),
+        (np.zeros((8, 8, 3), np.float32), "bits=10 is the sample depth of integer frames"),
+        (torch.zeros(1, 3, 8, 8), "bits=10 is the sample depth of integer frames"),
+        (np.zeros((8, 8, 3), np.uint8), "uint8 planes hold 8-bit samples, not 10-bit"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            r.restore(img, bits=10)

@@ -565,16 +565,27 @@ class Restorer:
 
     # ---- arrays and tensors from users -------------------------------------------------------------
     def restore(
-        self, img, return_maps: bool = False, channel_order: str | None = None, progress=None
+        self,
+        img,
+        return_maps: bool = False,
+        channel_order: str | None = None,
+        progress=None,
+        bits: int | None = None,
     ) -> Result:
         """Restore one image (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8, uint16
         or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in [0,1], any
         device: stays there).
-        progress(done, total): called after each batch of tiles, e.g. to drive a progress bar."""
+        progress(done, total): called after each batch of tiles, e.g. to drive a progress bar.
+        bits: the sample depth of integer images, as restore_stream takes it: bits=10 takes uint16 as
+        codes 0..1023 and gives them back so; without it, uint16 spans 0..65535."""
         order = check_order(channel_order or self.channel_order)
         if isinstance(img, torch.Tensor):
+            if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
+                from qairn.engine.video import _rgb_bits
+
+                _rgb_bits(img.dtype, bits)
             return self._restore_torch(img, return_maps, order, progress)
-        x, meta = to_tensor(img, order, self.device)  # integers travel; converted on the device
+        x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
         y, q, maps = self.restore_tensor(x, return_maps, progress)
         image = from_tensor(y, meta)
         quality = {k: float(v[0]) for k, v in q.items()}
@@ -587,9 +598,9 @@ class Restorer:
         y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress)
         return Result(batch_from_float(y.to(t.device), t.dtype, order), q, maps)
 
-    def score(self, img, channel_order: str | None = None, progress=None) -> dict:
+    def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors)."""
-        return self.restore(img, channel_order=channel_order, progress=progress).quality
+        return self.restore(img, channel_order=channel_order, progress=progress, bits=bits).quality
 
     # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
     def restore_yuv(self, y, u, v, matrix="bt709", range="limited", bits=None, return_maps=False) -> Result:
@@ -726,12 +737,22 @@ def batch_from_float(y: torch.Tensor, dtype: torch.dtype, order: str = "rgb") ->
     return (y * 255.0).round().to(torch.uint8) if dtype == torch.uint8 else y.to(dtype)
 
 
-def to_tensor(img: np.ndarray, order: str = "rgb", device: torch.device | str | None = None):
+def to_tensor(
+    img: np.ndarray, order: str = "rgb", device: torch.device | str | None = None, bits: int | None = None
+):
     """numpy image -> (1,3,H,W) float32 in [0,1] (on `device`, else the CPU), plus what is needed to
     convert back. The pixels go to the device as they are (uint8: a quarter of float32's bytes) and are
-    converted there: for a 4K frame, numpy's float conversion alone costs more than the network."""
+    converted there: for a 4K frame, numpy's float conversion alone costs more than the network.
+    bits: the sample depth of an integer image (10: uint16 codes 0..1023), its dtype's by default."""
     arr, meta = image_array(img, order)
     t = torch.from_numpy(arr)
+    if bits is not None:
+        from qairn.engine.color import check_codes
+        from qairn.engine.video import _rgb_bits
+
+        depth = _rgb_bits(meta["dtype"], bits)
+        check_codes(t, depth, "rgb")  # 16-bit codes given as 10-bit are refused, not clamped
+        meta["scale"] = 2.0**depth - 1
     if device is not None:
         t = t.to(device)
     return to_float(t[None], meta["scale"]), meta
