@@ -398,3 +398,14 @@ def test_restore_takes_bits_for_one_image_as_restore_stream_does_for_frames():
     ]:
         with pytest.raises(ValueError, match=says):
             r.restore(img, bits=10)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 16, 16), (1, 3, 0, 16), (1, 3, 16, 0)])
+def test_restore_tensor_refuses_an_empty_batch_in_one_line(shape):
+    """restore() refused empty tensors, restore_tensor let them through to fail deep inside: "The
+    expanded size of the tensor (4) must match the existing size (0)" for no images, "Kernel size
+    can't be greater than actual input size" for no rows or columns."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore_tensor(torch.zeros(shape))
+    assert str(e.value) == f"empty image tensor of shape {shape}"

@@ -381,6 +381,8 @@ class Restorer:
                 f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
                 "(restore() takes uint8 tensors too)"
             )
+        if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
+            raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
         if self.closed:  # the eager network would still run, an engine not: one rule for all
             raise RuntimeError("this Restorer was closed")
         x = x.to(self.device, torch.float32)
