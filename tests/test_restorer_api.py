@@ -409,3 +409,22 @@ def test_restore_tensor_refuses_an_empty_batch_in_one_line(shape):
     with pytest.raises(ValueError) as e:
         r.restore_tensor(torch.zeros(shape))
     assert str(e.value) == f"empty image tensor of shape {shape}"
+
+
+@pytest.mark.parametrize("bits", ["10", 10.5, 7, 17, True])
+def test_bits_is_checked_when_called_in_one_line(bits):
+    """bits="10" failed with "'<=' not supported between instances of 'int' and 'str'" (from
+    restore_stream, at the first frame, though its options are checked when it is called); 10.5 was
+    taken, scaling uint16 codes by 2**10.5 - 1; True passed as 1 and was then said to need 9..16."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.zeros((8, 8, 3), np.uint16)
+    y, u, v = (np.zeros(s, np.uint16) for s in ((8, 8), (4, 4), (4, 4)))
+    for call in (
+        lambda: r.restore(img, bits=bits),
+        lambda: r.score(img, bits=bits),
+        lambda: r.restore_yuv(y, u, v, bits=bits),
+        lambda: r.restore_stream([img], bits=bits),  # not iterated: checked when called
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == f"bits must be an int from 8 to 16 (the sample depth), not {bits!r}"

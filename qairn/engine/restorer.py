@@ -120,6 +120,14 @@ def check_order(order) -> str:
     return order
 
 
+def check_bits(bits) -> int | None:
+    """bits=: None (the dtype's own depth) or the sample depth of integer frames. Which depths a dtype
+    holds (uint8: 8, uint16: 9..16) is checked with the frames."""
+    if bits is not None and not (is_int(bits) and 8 <= bits <= 16):
+        raise ValueError(f"bits must be an int from 8 to 16 (the sample depth), not {bits!r}")
+    return None if bits is None else int(bits)
+
+
 def remember(cache: dict, key, make, keep: int, lock):
     """cache[key], made by make() on a miss; at most `keep` entries, the oldest dropped first.
     Under the owner's lock: one Restorer may serve several threads, and two that missed at once
@@ -580,7 +588,7 @@ class Restorer:
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar.
         bits: the sample depth of integer images, as restore_stream takes it: bits=10 takes uint16 as
         codes 0..1023 and gives them back so; without it, uint16 spans 0..65535."""
-        order = check_order(channel_order or self.channel_order)
+        order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
@@ -610,7 +618,7 @@ class Restorer:
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
         from qairn.engine.color import restore_yuv
 
-        return restore_yuv(self, y, u, v, matrix, range, bits, return_maps)
+        return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
 
     def restore_stream(self, frames, batch: int = 4, **options):
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
@@ -625,6 +633,8 @@ class Restorer:
         check_order(options.get("channel_order") or self.channel_order)
         check_matrix(options.get("matrix", "bt709"))
         check_range(options.get("range", "limited"))
+        if "bits" in options:
+            options["bits"] = check_bits(options["bits"])
         return restore_stream(self, frames, batch, **options)
 
 
