@@ -428,3 +428,20 @@ def test_bits_is_checked_when_called_in_one_line(bits):
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value) == f"bits must be an int from 8 to 16 (the sample depth), not {bits!r}"
+
+
+@pytest.mark.parametrize(
+    "backend, option", [("eager", "compile"), ("triton", "compile"), ("eager", "triton")]
+)
+def test_compile_and_triton_are_backends_not_options_of_the_others(backend, option):
+    """Restorer(backend="eager", compile=True), offered by the unknown-option message itself ("one of
+    backend 'eager''s (compile, triton, ...)"), ran a torch.compile'd network reported as eager, cut
+    512 tiles where eager restores small images whole, and kept torch.compile's own CUDA graphs that
+    cuda_graph=True turns off for backend="compile" alone. Refused now, naming the backend to ask for."""
+    with pytest.raises(TypeError) as e:
+        qairn.Restorer(
+            device="cpu", backend=backend, precision="fp32", model=lively_model(), **{option: True}
+        )
+    assert str(e.value).startswith(f"unknown option {option}: ")
+    assert str(e.value).endswith(f"; for {option}, give backend={option!r}")
+    assert "compile" not in str(e.value).split("(")[1].split(")")[0]  # not listed as one of eager's

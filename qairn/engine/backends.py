@@ -37,6 +37,7 @@ def check_options(name: str, cls: type, options: dict, set_here: tuple = ()) -> 
         raise TypeError(
             f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: neither a Restorer "
             f"argument nor one of backend {name!r}'s ({', '.join(own) or 'none'})"
+            + "".join(f"; for {k}, give backend={k!r}" for k in unknown if k in BACKENDS)
         )
 
 
@@ -122,10 +123,12 @@ class TorchBackend:
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
-    if name in ("eager", "compile", "triton"):  # compile=True / triton=True are set below for these two
-        check_options(
-            name, TorchBackend, options, {"compile": ("compile",), "triton": ("triton",)}.get(name, ())
-        )
+    if name in ("eager", "compile", "triton"):
+        # compile=True and triton=True are set below, by the backends of those names: eager with
+        # compile=True ran a compiled network under the name "eager" (and the Restorer's cuda_graph
+        # turns torch.compile's own graphs off for backend="compile" only). compile takes triton=True.
+        set_here = {"eager": ("compile", "triton"), "compile": ("compile",), "triton": ("triton", "compile")}
+        check_options(name, TorchBackend, options, set_here[name])
     if name == "eager":
         return TorchBackend(model, device, precision, **options)
     if name == "compile":
