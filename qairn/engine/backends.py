@@ -93,6 +93,10 @@ class TorchBackend:
             self.net = torch.compile(model, mode="reduce-overhead" if self.graphs else None, dynamic=False)
             self.fixed_tile = True
 
+    def close(self) -> None:
+        """Let go of the network's device copy now (Restorer.close), not when the Restorer is collected."""
+        self.model = self.net = None
+
     def _own(self, t: torch.Tensor) -> torch.Tensor:
         """float32 output the caller may keep: CUDA-graph outputs are overwritten by the next replay,
         so those are cloned when .float() did not already copy; eager outputs are fresh anyway."""
