@@ -461,3 +461,12 @@ def test_close_lets_go_of_the_torch_backends_network():
     with pytest.raises(RuntimeError, match="^this Restorer was closed$"):
         r.restore(np.zeros((8, 8, 3), np.uint8))
     r.close()  # twice is harmless
+
+
+def test_a_closed_restorer_refuses_a_stream_when_it_is_asked_for():
+    """restore_stream checks its options when called, but a closed Restorer handed out a generator that
+    failed only at its first frame, far from the call that was wrong (and never, for no frames)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    r.close()
+    with pytest.raises(RuntimeError, match="^this Restorer was closed$"):
+        r.restore_stream([])

@@ -627,6 +627,8 @@ class Restorer:
         from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
+        if self.closed:  # here, not at the first frame
+            raise RuntimeError("this Restorer was closed")
         # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
         if not is_int(batch) or batch < 1:
             raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
