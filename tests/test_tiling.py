@@ -747,3 +747,25 @@ def test_an_out_of_memory_retry_drops_the_frame_graphs_under_the_cache_lock(live
     with pytest.warns(UserWarning, match="retrying with tile 128"):
         r.restore(odd_crop(live1_image, 300, 300))
     assert held == [True]
+
+
+def test_the_tile_reported_is_the_tile_that_runs():
+    """Tiles are cut in steps of 16, but tile_for/tiling_for (what qairn bench reports as tile_used)
+    said 100 for tile=100, which runs 96-pixel tiles, and an out-of-memory retry from a 400-pixel
+    whole image warned "retrying with tile 200" and ran 192."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=100, overlap=16)
+    assert r.tile_for(300, 300) == 96 and r.tiling_for(300, 300) == (96, 16)
+    assert plan_tiles(300, 300, *r.tiling_for(300, 300)).rows.tile == 96
+    r.set_tiling(None, 32)
+    inner, seen = r.backend, []
+
+    def limited(x):
+        seen.append(x.shape[-1])
+        if x.shape[-1] > 200:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r.backend = limited
+    with pytest.warns(UserWarning, match=r"at tile 400: retrying with tile 192, overlap 32"):
+        r.restore(np.zeros((400, 400, 3), np.uint8))
+    assert seen[-1] == 192 and r.tiling_for(400, 400) == (192, 32)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from qairn.engine.backends import make_backend
 from qairn.engine.color import native
-from qairn.engine.tiling import ALIGN, TilePlan, ceil_to, plan_tiles
+from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
 from qairn.model import QAIRN
 from qairn.weights_io import WeightsError, load_model
@@ -106,7 +106,7 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     tile, overlap = (tile if tile is None or isinstance(tile, str) else int(tile)), int(overlap)
     largest = AUTO_TILE if tile == "auto" else tile
     # An overlap as wide as the tile leaves no core to restore.
-    if largest is not None and ceil_to(overlap, ALIGN) >= max(ALIGN, largest // ALIGN * ALIGN):
+    if largest is not None and ceil_to(overlap, ALIGN) >= aligned_tile(largest):
         raise ValueError(
             f"overlap {overlap} (taken in steps of {ALIGN}: {ceil_to(overlap, ALIGN)}) must be smaller "
             f"than the tile {largest}"
@@ -242,7 +242,8 @@ class Restorer:
     weights: a qairn safetensors file (default: the shipped weights) or model=: an in-memory QAIRN.
     backend/precision "auto": eager fp32 on the CPU; on CUDA fp16, with the Triton gate when triton
     is installed (see resolve_auto).
-    tile=None processes whole images; an int, tiles of `tile` pixels overlapping by `overlap`; "auto"
+    tile=None processes whole images; an int, tiles of `tile` pixels (in steps of 16: 100 runs 96)
+    overlapping by `overlap`; "auto"
     (the default), tiles of 512 unless the images are no bigger than one full batch of such tiles,
     which then go whole: no more memory, and no overlap to compute twice (a 768x512 image restored
     in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under "auto", a static export (an ONNX
@@ -414,7 +415,7 @@ class Restorer:
                 current = max(plan.rows.tile, plan.cols.tile)
                 if current <= 64:
                     raise
-                tile = current // 2
+                tile = aligned_tile(current // 2)  # what runs, and what the warning names
                 # The overlap shrinks too (to a quarter of the tile at most): the warning says both.
                 warnings.warn(
                     f"out of device memory at tile {current}: retrying with tile {tile}, "
@@ -464,9 +465,10 @@ class Restorer:
         self._shrunk.clear()
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
-        """The tile size used for n images of h x w (None: whole); resolves tile="auto"."""
+        """The tile size used for n images of h x w (None: whole); resolves tile="auto". Tiles are cut
+        in steps of 16: tile=100 runs 96."""
         if self.tile != "auto":
-            return self.tile
+            return None if self.tile is None else aligned_tile(self.tile)
         if getattr(self.backend, "static_tile", None):  # a static export runs its own tile size only
             return self.backend.static_tile
         batch_pixels = self.tile_batch * AUTO_TILE**2  # what one batch of tiles holds anyway

@@ -22,6 +22,11 @@ def ceil_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def aligned_tile(tile: int) -> int:
+    """The tile that runs when `tile` is asked for: whole steps of ALIGN, one step at least."""
+    return max(ALIGN, tile // ALIGN * ALIGN)
+
+
 @dataclass(frozen=True)
 class AxisPlan:
     length: int  # padded length (multiple of ALIGN)
@@ -118,7 +123,7 @@ def plan_tiles(height: int, width: int, tile: int | None, overlap: int) -> TileP
     if tile is None:
         tile_h, tile_w = hp, wp
     else:
-        tile = max(ALIGN, tile // ALIGN * ALIGN)
+        tile = aligned_tile(tile)
         overlap = ceil_to(max(overlap, 0), ALIGN)
         if tile < hp or tile < wp:
             if tile <= overlap:
