@@ -769,3 +769,14 @@ def test_the_tile_reported_is_the_tile_that_runs():
     with pytest.warns(UserWarning, match=r"at tile 400: retrying with tile 192, overlap 32"):
         r.restore(np.zeros((400, 400, 3), np.uint8))
     assert seen[-1] == 192 and r.tiling_for(400, 400) == (192, 32)
+
+
+def test_a_refused_overlap_is_compared_with_the_tile_that_runs():
+    """tile=100, overlap=96 was refused as "overlap 96 (taken in steps of 16: 96) must be smaller than
+    the tile 100", which it is: the tile that runs is 96."""
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", tile=100, overlap=96)
+    assert str(e.value).endswith("must be smaller than the tile 100 (cut in steps of 16: 96)")
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=64)
+    assert str(e.value).endswith("must be smaller than the tile 64")

@@ -107,9 +107,10 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     largest = AUTO_TILE if tile == "auto" else tile
     # An overlap as wide as the tile leaves no core to restore.
     if largest is not None and ceil_to(overlap, ALIGN) >= aligned_tile(largest):
+        runs = aligned_tile(largest)
         raise ValueError(
             f"overlap {overlap} (taken in steps of {ALIGN}: {ceil_to(overlap, ALIGN)}) must be smaller "
-            f"than the tile {largest}"
+            f"than the tile {largest}" + (f" (cut in steps of {ALIGN}: {runs})" if runs != largest else "")
         )
     return tile, overlap
 
