@@ -780,3 +780,28 @@ def test_a_refused_overlap_is_compared_with_the_tile_that_runs():
     with pytest.raises(ValueError) as e:
         qairn.Restorer(model=lively_model(), device="cpu", tile=64, overlap=64)
     assert str(e.value).endswith("must be smaller than the tile 64")
+
+
+def test_a_frame_graph_keeps_the_plan_data_it_reads(monkeypatch):
+    """A CUDA graph reads the plan's device data (tile cores, blend ramps) at the addresses it had at
+    capture, but only the plan cache held it: a graph captured on a plan already in the cache (the same
+    frames with maps asked for) outlived it there once eight newer plans were made, and its replays
+    read freed memory. Stand-in capture as above; the plan cache is first in, first out."""
+    import gc
+    import weakref
+
+    from qairn.engine import restorer as rs
+
+    monkeypatch.setattr(rs.FrameGraph, "capture", staticmethod(lambda run, x: (lambda: None, run(x))))
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    r.cuda_graph = True  # past the CUDA check: the stand-in needs none
+    frame = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    r.restore_tensor(frame)
+    cores = weakref.ref(next(iter(r._plan_cache.values()))["cores"])
+    for size in range(32, 32 + 16 * 7, 16):  # seven other shapes: the plan cache is full
+        r.restore_tensor(torch.rand(1, 3, size, 16))
+    r.restore_tensor(frame, return_maps=True)  # a new graph on the plan that is oldest in the cache
+    r.restore_tensor(torch.rand(1, 3, 16, 32))  # one more plan: the oldest goes
+    gc.collect()
+    assert len(r._plan_cache) == 8 and any(g.input.shape == frame.shape for g in r._graphs.values())
+    assert cores() is not None

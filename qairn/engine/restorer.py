@@ -443,7 +443,11 @@ class Restorer:
         )
 
         def make():
-            return FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
+            graph = FrameGraph(lambda t: self._run_plan(t, plan, return_maps), x)
+            # Its replays read the plan's device data (cores, ramps) where it was at capture: kept with
+            # the graph, as the plan cache may drop it first (freed memory, read by every replay).
+            graph.plan_data = self._plan_on_device(plan, x.shape[0])
+            return graph
 
         return remember(
             self._graphs, key, make, keep=2, lock=self._cache_lock
