@@ -244,11 +244,15 @@ class Restorer:
     backend/precision "auto": eager fp32 on the CPU; on CUDA fp16, with the Triton gate when triton
     is installed (see resolve_auto).
     tile=None processes whole images; an int, tiles of `tile` pixels (in steps of 16: 100 runs 96)
-    overlapping by `overlap`; "auto"
-    (the default), tiles of 512 unless the images are no bigger than one full batch of such tiles,
-    which then go whole: no more memory, and no overlap to compute twice (a 768x512 image restored
-    in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under "auto", a static export (an ONNX
-    file or engine built for one N,H,W) always tiles, at its own tile size.
+    overlapping by `overlap`; "auto" (the default), tiles of 512 unless the images are no bigger than
+    one full batch of such tiles, which then go whole: no more memory, and no overlap to compute
+    twice (a 768x512 image restored in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under
+    "auto", a static export (an ONNX file or engine built for one N,H,W) always tiles, at its own
+    tile size. tile_batch: tiles per backend call. set_tiling() changes tile and overlap later.
+    p: the Minkowski exponent that pools the gamma maps into Q1..Q3 (default: the network's own).
+    channel_order: "rgb", or "bgr" (OpenCV's) for every call that does not say otherwise.
+    Other keyword arguments go to the backend (e.g. channels_last, fused_conv; onnx= for onnxruntime,
+    engine= for tensorrt); a misspelt one is refused with the list the backend takes.
     cuda_graph=True (CUDA; eager, triton, compile): each input shape's whole restore is captured in
     one CUDA graph on its first call and replayed after (FrameGraph); for streams of equal frames.
     With compile, torch.compile's own per-batch CUDA graphs are turned off: the frame graph holds
