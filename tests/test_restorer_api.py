@@ -470,3 +470,21 @@ def test_a_closed_restorer_refuses_a_stream_when_it_is_asked_for():
     r.close()
     with pytest.raises(RuntimeError, match="^this Restorer was closed$"):
         r.restore_stream([])
+
+
+def test_a_closed_torch_backend_says_so_as_the_engines_do():
+    """A torch backend used after close() (a thread still holding it, or a caller of the backend
+    itself) failed with "'NoneType' object is not callable"; ONNX Runtime and TensorRT say they were
+    closed, and so does it now."""
+    from qairn.engine.backends import BackendError
+
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    backend = r.backend
+    r.close()
+    x = torch.zeros(1, 3, 16, 16)
+    for call in (
+        lambda: backend(x),
+        lambda: backend.forward_pooled(x, 2.0, torch.zeros(1, 4, dtype=torch.int64)),
+    ):
+        with pytest.raises(BackendError, match="^this torch backend was closed$"):
+            call()

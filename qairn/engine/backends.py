@@ -104,6 +104,8 @@ class TorchBackend:
         return f.clone() if self.graphs and f.data_ptr() == t.data_ptr() else f
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.net is None:  # said here, before self.net(...) is called
+            raise BackendError("this torch backend was closed")
         # One copy for both the cast and the layout (a tile crop is a strided view anyway).
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.to(dtype=self.dtype, memory_format=layout)
