@@ -105,9 +105,9 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
         raise ValueError(f"overlap must be an int >= 0, not {overlap!r}")
     tile, overlap = (tile if tile is None or isinstance(tile, str) else int(tile)), int(overlap)
     largest = AUTO_TILE if tile == "auto" else tile
+    runs = None if largest is None else aligned_tile(largest)
     # An overlap as wide as the tile leaves no core to restore.
-    if largest is not None and ceil_to(overlap, ALIGN) >= aligned_tile(largest):
-        runs = aligned_tile(largest)
+    if runs is not None and ceil_to(overlap, ALIGN) >= runs:
         raise ValueError(
             f"overlap {overlap} (taken in steps of {ALIGN}: {ceil_to(overlap, ALIGN)}) must be smaller "
             f"than the tile {largest}" + (f" (cut in steps of {ALIGN}: {runs})" if runs != largest else "")
