@@ -488,3 +488,17 @@ def test_a_closed_torch_backend_says_so_as_the_engines_do():
     ):
         with pytest.raises(BackendError, match="^this torch backend was closed$"):
             call()
+
+
+def test_restore_tensor_refuses_floats_out_of_range_on_the_cpu_as_restore_does():
+    """restore() refused a CPU tensor in 0..255 or with NaN; restore_tensor, the call for float batches,
+    clamped 0..255 into a picture 90% white and turned NaN into NaN outputs scored Q = 0, unsaid.
+    (On a GPU neither reads the range: that would cost a device sync per call.)"""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    x = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for bad in (x * 255, nan):
+        with pytest.raises(ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans"):
+            r.restore_tensor(bad)
+    r.restore_tensor(x * (1 + 1 / 255))  # rounding overshoot is fine, as for restore()

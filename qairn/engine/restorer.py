@@ -390,7 +390,7 @@ class Restorer:
         maps or None), all on the engine's device. progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
-        # unpacking its shape. Float ranges are not read here: on a GPU that would cost a sync per call.
+        # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
@@ -400,7 +400,7 @@ class Restorer:
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
         if self.closed:  # the eager network would still run, an engine not: one rule for all
             raise RuntimeError("this Restorer was closed")
-        x = x.to(self.device, torch.float32)
+        x = check_float_range(x).to(self.device, torch.float32)
         n, _, h, w = x.shape
         tile, overlap = self.tiling_for(h, w, n)
         plan = plan_tiles(h, w, tile, overlap)
@@ -734,6 +734,21 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def check_float_range(x: torch.Tensor) -> torch.Tensor:
+    """x, refused if it lies on the CPU outside [0, 1] (0..255 floats, NaN) rather than clamped into a
+    white picture. On a GPU the check would cost a device-to-host sync per call (and stall
+    restore_stream's overlap): skipped."""
+    # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
+    # scalar" from inside qairn at every call.
+    lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
+    if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
+        raise ValueError(
+            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
+            "(divide 0..255 data by 255, or pass uint8)"
+        )
+    return x
+
+
 def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
     """(N,3,H,W) uint8 or float in [0,1], RGB or BGR -> float32 RGB in [0,1], where t is."""
     if t.numel() == 0:
@@ -741,17 +756,7 @@ def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
     if t.dtype == torch.uint8:
         x = t.float() / 255.0
     elif t.is_floating_point():
-        x = t.float()
-        # On the CPU 0..255 floats or NaN are refused, not clamped into a white picture. On a GPU the
-        # check would cost a device-to-host sync per call (and stall restore_stream's overlap): skipped.
-        # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
-        # scalar" from inside qairn at every call.
-        lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
-        if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
-            raise ValueError(
-                f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
-                "(divide 0..255 data by 255, or pass uint8)"
-            )
+        x = check_float_range(t.float())
     else:
         raise ValueError(f"unsupported tensor dtype {t.dtype} (use uint8 or float in [0,1])")
     return x.flip(1) if order == "bgr" else x
