@@ -144,12 +144,13 @@ def remember(cache: dict, key, make, keep: int, lock):
 @dataclass
 class Result:
     """What Restorer.restore returns: the restored image (the input's shape and type), its quality
-    {"Q1","Q2","Q3"} and, with return_maps=True, the gamma maps (full, 1/2 and 1/4 resolution)."""
+    {"Q1","Q2","Q3"} and, with return_maps=True, the gamma maps (full, 1/2 and 1/4 resolution).
+    For tensor input the image is on the input's device, the quality and maps on the Restorer's."""
 
     image: np.ndarray | torch.Tensor
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # restore_yuv: the matrix, range and bits it ran with
 
 
 def finish(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
