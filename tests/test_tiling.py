@@ -805,3 +805,23 @@ def test_a_frame_graph_keeps_the_plan_data_it_reads(monkeypatch):
     gc.collect()
     assert len(r._plan_cache) == 8 and any(g.input.shape == frame.shape for g in r._graphs.values())
     assert cores() is not None
+
+
+def test_an_out_of_memory_retry_does_not_undo_a_set_tiling_made_meanwhile(live1_image):
+    """A retry remembered its halved tile for the shape after set_tiling (from another thread) had
+    changed the tiling and forgotten the old retries: the shape then ran at a tile halved from the
+    old setting, not at the new one, until the next set_tiling."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=256, overlap=32)
+    inner = r.backend
+
+    def limited(x):
+        if x.shape[-1] > 128:
+            r.set_tiling(64, 16)  # what another thread does while this call runs out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r.backend = limited
+    img = odd_crop(live1_image, 300, 300)
+    with pytest.warns(UserWarning, match="retrying with tile 128"):
+        r.restore(img)  # this call still finishes at the tile it retried with
+    assert r.tiling_for(300, 300) == (64, 16)

@@ -403,6 +403,7 @@ class Restorer:
             raise RuntimeError("this Restorer was closed")
         x = check_float_range(x).to(self.device, torch.float32)
         n, _, h, w = x.shape
+        asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
         tile, overlap = self.tiling_for(h, w, n)
         plan = plan_tiles(h, w, tile, overlap)
         while True:
@@ -424,18 +425,20 @@ class Restorer:
                     raise
                 tile = aligned_tile(current // 2)  # what runs, and what the warning names
                 # The overlap shrinks too (to a quarter of the tile at most): the warning says both.
+                overlap = min(overlap, tile // 4)
                 warnings.warn(
-                    f"out of device memory at tile {current}: retrying with tile {tile}, "
-                    f"overlap {min(overlap, tile // 4)}",
+                    f"out of device memory at tile {current}: retrying with tile {tile}, overlap {overlap}",
                     stacklevel=2,
                 )
                 if self.device.type == "cuda":
                     with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
                         torch.cuda.empty_cache()
                 # Remembered for this input shape only: the next frame of a stream goes straight to the
-                # tile that fits, and a long-lived Restorer does not tile its small frames for good.
-                self._shrunk[(n, h, w)] = tile, min(overlap, tile // 4)
-                tile, overlap = self._shrunk[(n, h, w)]
+                # tile that fits, and a long-lived Restorer does not tile its small frames for good. Not
+                # once set_tiling (another thread) has changed the tiling meanwhile.
+                with self._cache_lock:
+                    if (self.tile, self.overlap) == asked:
+                        self._shrunk[(n, h, w)] = tile, overlap
                 plan = plan_tiles(h, w, tile, overlap)
 
     def _frame_graph(self, x: torch.Tensor, plan: TilePlan, return_maps: bool) -> FrameGraph:
@@ -472,8 +475,9 @@ class Restorer:
         static = getattr(self.backend, "static_tile", None)
         if tile == "auto" and static:
             check_tiling(static, overlap)
-        self.tile, self.overlap = tile, overlap
-        self._shrunk.clear()
+        with self._cache_lock:  # not between a retry's look at the tiling and its remembering
+            self.tile, self.overlap = tile, overlap
+            self._shrunk.clear()
 
     def tile_for(self, h: int, w: int, n: int = 1) -> int | None:
         """The tile size used for n images of h x w (None: whole); resolves tile="auto". Tiles are cut
