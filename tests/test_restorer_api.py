@@ -502,3 +502,14 @@ def test_restore_tensor_refuses_floats_out_of_range_on_the_cpu_as_restore_does()
         with pytest.raises(ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans"):
             r.restore_tensor(bad)
     r.restore_tensor(x * (1 + 1 / 255))  # rounding overshoot is fine, as for restore()
+
+
+@pytest.mark.parametrize("fused_conv", ["yes", 2.5, -1])
+def test_fused_conv_is_checked_when_the_restorer_is_made(fused_conv):
+    """fused_conv="yes" failed with "invalid literal for int() with base 10: 'yes'", 2.5 fused the
+    convs up to 2 channels wide and -1 none, without a word."""
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", fused_conv=fused_conv)
+    assert str(e.value) == (
+        f"fused_conv takes True, False or the widest conv to fuse (an int >= 1), not {fused_conv!r}"
+    )

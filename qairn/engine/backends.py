@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import numbers
 
 import torch
 
@@ -62,6 +63,11 @@ class TorchBackend:
         fused_conv: bool | int = False,
         cudagraphs: bool = True,
     ):
+        # "yes" failed inside int(), 2.5 became 2 and -1 fused nothing, unsaid. 0 is False.
+        if not (isinstance(fused_conv, numbers.Integral) and fused_conv >= 0):  # True is 1
+            raise ValueError(
+                f"fused_conv takes True, False or the widest conv to fuse (an int >= 1), not {fused_conv!r}"
+            )
         self.dtype = PRECISIONS[precision]
         self.device = device
         # channels_last by default everywhere: cuDNN's tensor-core convs want it, and on this 2-core CPU
