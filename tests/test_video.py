@@ -1680,3 +1680,31 @@ def test_10_bit_rgb_stream_frames_are_codes_0_to_1023():
         ref = r.restore(f.astype(np.float32) / 1023).image * 1023
         assert res.image.dtype == np.uint16 and res.image.max() <= 1023
         np.testing.assert_allclose(res.image.astype(float), ref, atol=0.51, rtol=0)  # rounding only
+
+
+def test_bt2020_constant_luminance_is_restored_with_a_note_and_keeps_its_tag(restorer, tmp_path):
+    """BT.2020 constant luminance (bt2020c) has no 3x3 matrix (its Y' is taken from linear light): it was
+    restored as non-constant BT.2020 without a word. Now it is said, and the tag is kept."""
+    from qairn.engine.video import frame_color
+
+    f = SimpleNamespace(colorspace=10, color_range=1, height=48, format=SimpleNamespace(name="yuv420p", is_rgb=False))
+    assert frame_color(f, None, None) == (
+        "bt2020",
+        "limited",
+        "colour matrix bt2020c (constant luminance) is not supported: restored as bt2020, tagged bt2020c "
+        "(constant luminance)",
+    )
+    o = av.open(str(tmp_path / "cl.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.colorspace = 10  # AVCOL_SPC_BT2020_CL
+    for i in range(2):
+        f = av.VideoFrame(64, 48, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "cl.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert s["matrix"] == "bt2020" and any("bt2020c (constant luminance)" in n for n in s["notes"]), s
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        assert int(next(c.decode(video=0)).colorspace) == 10

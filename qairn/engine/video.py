@@ -313,8 +313,18 @@ def restore_stream(
 
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
-COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  # AVColorSpace -> matrix
-MATRIX_NAMES = {4: "fcc", 7: "smpte240m", 8: "ycgco", 11: "smpte2085", 14: "ictcp"}  # (for notes)
+COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}  # AVColorSpace -> matrix
+MATRIX_NAMES = {  # (for notes)
+    4: "fcc",
+    7: "smpte240m",
+    8: "ycgco",
+    10: "bt2020c (constant luminance)",
+    11: "smpte2085",
+    14: "ictcp",
+}
+# BT.2020 constant luminance has no 3x3 matrix (its Y' is taken from linear light): the non-constant one
+# is the nearest.
+NEAREST_MATRICES = {10: "bt2020"}
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
@@ -475,7 +485,7 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
         tag = int(frame.colorspace)
         matrix = COLORSPACES.get(tag)
         if matrix is None:
-            matrix = "bt709" if frame.height >= 720 else "bt601"
+            matrix = NEAREST_MATRICES.get(tag) or ("bt709" if frame.height >= 720 else "bt601")
             name = MATRIX_NAMES.get(tag, f"code {tag}")
             if tag in (0, 2) or frame.format.is_rgb:  # RGB, unspecified
                 note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
