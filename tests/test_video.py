@@ -1687,7 +1687,9 @@ def test_bt2020_constant_luminance_is_restored_with_a_note_and_keeps_its_tag(res
     restored as non-constant BT.2020 without a word. Now it is said, and the tag is kept."""
     from qairn.engine.video import frame_color
 
-    f = SimpleNamespace(colorspace=10, color_range=1, height=48, format=SimpleNamespace(name="yuv420p", is_rgb=False))
+    f = SimpleNamespace(
+        colorspace=10, color_range=1, height=48, format=SimpleNamespace(name="yuv420p", is_rgb=False)
+    )
     assert frame_color(f, None, None) == (
         "bt2020",
         "limited",
@@ -1708,3 +1710,57 @@ def test_bt2020_constant_luminance_is_restored_with_a_note_and_keeps_its_tag(res
     assert s["matrix"] == "bt2020" and any("bt2020c (constant luminance)" in n for n in s["notes"]), s
     with av.open(str(tmp_path / "o.mkv")) as c:
         assert int(next(c.decode(video=0)).colorspace) == 10
+
+
+def hdr10plus_sei() -> bytes:
+    """An HEVC prefix SEI NAL unit, start code first, holding a minimal HDR10+ (SMPTE ST 2094-40) message:
+    one window, target display 400 cd/m2, maxscl 1000, average 100, no percentiles, no tone curve."""
+    fields = [(1, 8), (1, 2), (400, 27), (0, 1), (1000, 17), (1000, 17), (1000, 17), (100, 17)]
+    fields += [(0, 4), (0, 10), (0, 1), (0, 1), (0, 1)]
+    bits = "".join(format(v, f"0{n}b") for v, n in fields)
+    bits += "0" * (-len(bits) % 8)
+    # ITU-T T.35: country 0xB5 (US), provider 0x003C (Samsung), oriented code 1, application 4 (HDR10+)
+    t35 = bytes([0xB5, 0x00, 0x3C, 0x00, 0x01, 0x04]) + int(bits, 2).to_bytes(len(bits) // 8, "big")
+    rbsp = bytes([4, len(t35)]) + t35 + b"\x80"  # payload type 4 (T.35), its size, it, trailing bits
+    ebsp, zeros = bytearray(), 0
+    for b in rbsp:  # emulation prevention: no 00 00 0x (x <= 3) inside a NAL unit
+        if zeros == 2 and b <= 3:
+            ebsp.append(3)
+            zeros = 0
+        ebsp.append(b)
+        zeros = zeros + 1 if b == 0 else 0
+    return b"\0\0\0\1" + bytes([39 << 1, 1]) + bytes(ebsp)  # NAL type 39: prefix SEI
+
+
+def test_hdr10_plus_dynamic_metadata_dropped_is_said(restorer, tmp_path):
+    """HDR10+ (and Dolby Vision) per-scene metadata comes with each decoded frame; no encoder here is
+    given it, so the output played as plain HDR10, and nothing said so. Now a note names the file."""
+    o = av.open(str(tmp_path / "plain.hevc"), "w", format="hevc")
+    s = o.add_stream("libx265", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    s.codec_context.options = {"x265-params": "log-level=error"}
+    stream = b""
+    for i in range(3):
+        f = av.VideoFrame(64, 48, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        stream += b"".join(bytes(p) for p in s.encode(f))
+    stream += b"".join(bytes(p) for p in s.encode(None))
+    o.close()
+    # The SEI goes before each picture's slice (NAL types 0..31), after the parameter sets. (x265 starts
+    # some NAL units with 00 00 00 01, others with 00 00 01.)
+    nals = stream.split(b"\0\0\1")
+    sei = hdr10plus_sei()
+    src = tmp_path / "hdr10plus.hevc"
+    src.write_bytes(nals[0] + b"".join((sei if (n[0] >> 1) < 32 else b"") + b"\0\0\1" + n for n in nals[1:]))
+
+    def dynamic(path):
+        with av.open(str(path)) as c:
+            return [any(d.type.name == "DYNAMIC_HDR_PLUS" for d in f.side_data) for f in c.decode(video=0)]
+
+    assert dynamic(src) == [True] * 3
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="libx265", write_quality=False))
+    assert dynamic(tmp_path / "o.mkv") == [False] * 3
+    said = [n for n in s["notes"] if "HDR10+" in n]
+    assert said and said[0].startswith(f"{src}: "), s["notes"]
+    s = transcode(restorer, src, None, VideoOptions(score_only=True, plot=False))  # nothing is dropped
+    assert not any("HDR10+" in n for n in s["notes"]), s["notes"]

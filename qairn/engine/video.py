@@ -8,9 +8,10 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1), rotation,
-pixel aspect ratio and field order, copies the audio and subtitle streams, cover pictures and
-attachments (fonts) where the container holds them, and writes a per-frame quality trace
+timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1; HDR10+ and
+Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspect ratio and field
+order, copies the audio and subtitle streams, cover pictures and attachments (fonts) where the
+container holds them, and writes a per-frame quality trace
 (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
@@ -365,6 +366,13 @@ ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC
 COVER_FORMATS = {"mp4"}  # muxers that store a cover picture ('covr'; MOV writes none, M4V takes no JPEG)
 COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
 ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
+# Per-frame HDR metadata (scene by scene tone mapping) that no encoder here is given: dropped, with a note.
+DYNAMIC_HDR = {
+    "DYNAMIC_HDR_PLUS": "HDR10+",
+    "DOVI_RPU_BUFFER": "Dolby Vision",
+    "DOVI_METADATA": "Dolby Vision",
+    "DYNAMIC_HDR_VIVID": "HDR Vivid",
+}
 
 
 def work_format(fmt) -> str:
@@ -427,9 +435,13 @@ def display_matrix(frame) -> tuple | None:
     return None if m == IDENTITY_MATRIX else m
 
 
+def side_kind(sd) -> str:
+    return str(getattr(sd.type, "name", sd.type)).upper().split(".")[-1]  # "DISPLAYMATRIX" (or "Type.KIND")
+
+
 def side_data(frame, kind: str) -> bytes | None:
     for sd in frame.side_data:
-        if str(getattr(sd.type, "name", sd.type)).upper().split(".")[-1] == kind:  # (or "Type.KIND")
+        if side_kind(sd) == kind:
             return bytes(sd)
     return None
 
@@ -1029,6 +1041,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 )
         meta: deque = deque()
         corrupt, resized = [], []  # resized: the first frame of another size than the first
+        dynamic = set()  # "HDR10+", "Dolby Vision": per-frame metadata the output does not get
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
 
         def planes():
@@ -1037,6 +1050,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     corrupt.append(i)
                 if (frame.width, frame.height) != (first.width, first.height) and not resized:
                     resized.append(f"frame {i} is {frame.width}x{frame.height}")
+                dynamic.update(DYNAMIC_HDR[k] for k in map(side_kind, frame.side_data) if k in DYNAMIC_HDR)
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
                 meta.append((i, pts, t, frame.duration))
@@ -1100,6 +1114,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: the frame size changes ({resized[0]}): frames of other sizes are scaled to "
                 f"{first.width}x{first.height}, the size of the first"
+            )
+        if dynamic and out is not None:
+            notes.append(
+                f"{src}: {' and '.join(sorted(dynamic))} dynamic metadata (scene by scene tone mapping) "
+                "cannot be written: dropped; players tone-map the output from its static HDR tags only"
             )
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
