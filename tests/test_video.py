@@ -83,6 +83,30 @@ def make_clip(path, frames, codec="libx264", pix_fmt="yuv420p", audio=True, tags
     return Path(path)
 
 
+def flat_clip(
+    path, times=range(2), step=40, codec="libx264", rate=25, tb=Fraction(1, 25), setup=None, **context
+):
+    """A 64x48 yuv420p clip of flat gray frames (frame i at level i * step), one at each pts of `times`
+    (in time base tb), in the container path's suffix names. context: encoder settings (colorspace=7,
+    options={...}); setup(container, stream): anything more (a display matrix, tags, an attachment),
+    done before the first frame."""
+    o = av.open(str(path), "w")
+    s = o.add_stream(codec, rate=rate)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    for k, v in context.items():
+        setattr(s.codec_context, k, v)
+    if setup is not None:
+        setup(o, s)
+    for i, pts in enumerate(times):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * step, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = pts, tb
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    return Path(path)
+
+
 def decode(path):
     with av.open(str(path)) as c:
         frames = list(c.decode(video=0))
@@ -848,17 +872,7 @@ def test_score_only_trace_sits_beside_the_input(restorer, clip, tmp_path):
 def test_an_edit_list_is_not_taken_for_truncation(restorer, tmp_path):
     """An MP4 cut with `ffmpeg -ss ... -c copy` keeps pre-roll frames that its edit list hides: the
     header counts them, the decoder does not show them. That is not a truncated file."""
-    o = av.open(str(tmp_path / "edit.mp4"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.codec_context.options = {"bf": "0"}
-    for i in range(8):
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = i - 3, Fraction(1, 25)  # three frames before the start
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    flat_clip(tmp_path / "edit.mp4", range(-3, 5), step=20, options={"bf": "0"})  # 3 frames before the start
     summary = transcode(restorer, tmp_path / "edit.mp4", tmp_path / "o.mkv", VideoOptions(strict=True))
     assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"])
 
@@ -898,17 +912,8 @@ def test_gif_output_takes_the_gif_codec_in_colour(restorer, clip, frames_rgb, tm
 def test_variable_rate_source_into_y4m_keeps_every_frame(restorer, tmp_path):
     """Y4M and AVI count frames, not time: a variable-rate source (a phone's) is written frame by frame,
     where rounding its times to the average rate gave two frames one tick and the muxer refused them."""
-    o = av.open(str(tmp_path / "vfr.mkv"), "w")
-    s = o.add_stream("libx264", rate=30)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
     times = [0, 17, 33, 50, 67, 83, 100, 150, 200, 250, 300]  # 60 fps, then 20 fps (ms)
-    for i, ms in enumerate(times):
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 20, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = ms, Fraction(1, 1000)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    flat_clip(tmp_path / "vfr.mkv", times, step=20, rate=30, tb=Fraction(1, 1000))
     for name, codec in (("o.y4m", "rawvideo"), ("o.avi", None)):
         summary = transcode(
             restorer, tmp_path / "vfr.mkv", tmp_path / name, VideoOptions(codec=codec, write_quality=False)
@@ -947,18 +952,8 @@ def test_rotation_and_flips_are_kept(restorer, tmp_path):
     """Phone video is stored sideways with a display matrix saying how to turn it: the output kept the
     picture as stored but lost the matrix, so it played sideways. Every container that stores one gets
     the source's (turns and flips), the others say what is lost."""
-    for name, degrees, hflip in (("r90.mp4", 90, False), ("r270f.mkv", 270, True)):
-        o = av.open(str(tmp_path / name), "w")
-        s = o.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        s.set_display_rotation(degrees, hflip=hflip)
-        for i in range(2):
-            f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
-            f = f.reformat(format="yuv420p")
-            f.pts, f.time_base = i, Fraction(1, 25)
-            o.mux(s.encode(f))
-        o.mux(s.encode(None))
-        o.close()
+    flat_clip(tmp_path / "r90.mp4", setup=lambda o, s: s.set_display_rotation(90))
+    flat_clip(tmp_path / "r270f.mkv", setup=lambda o, s: s.set_display_rotation(270, hflip=True))
     for src, dst in (("r90.mp4", "o.mkv"), ("r90.mp4", "o.mov"), ("r270f.mkv", "o.mp4")):
         s = transcode(restorer, tmp_path / src, tmp_path / dst, VideoOptions(write_quality=False))
         with av.open(str(tmp_path / src)) as a, av.open(str(tmp_path / dst)) as b:
@@ -1006,16 +1001,8 @@ def test_mpeg_encoders_that_take_only_a_frame_rate_time_base(restorer, frames_rg
         assert np.diff([float(f.time) for f in b]) == pytest.approx(
             np.diff([float(f.time) for f in a]), abs=1e-3
         )
-    o = av.open(str(tmp_path / "vfr.mkv"), "w")
-    st = o.add_stream("ffv1", rate=25)
-    st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
-    for i, ms in enumerate([10000, 10040, 10200]):  # from 10 s, as in a transport stream
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = ms, Fraction(1, 1000)
-        o.mux(st.encode(f))
-    o.mux(st.encode(None))
-    o.close()
+    # from 10 s, as in a transport stream
+    flat_clip(tmp_path / "vfr.mkv", [10000, 10040, 10200], codec="ffv1", tb=Fraction(1, 1000))
     s = transcode(restorer, tmp_path / "vfr.mkv", tmp_path / "v.mkv", VideoOptions(codec="mpeg2video"))
     got = decode(tmp_path / "v.mkv")[0]
     assert len(got) == 3 and 10 <= float(got[0].time) < 10.1  # where the source starts (and its audio)
@@ -1191,17 +1178,7 @@ def test_dv_and_other_chroma_layouts_are_bit_exact(restorer, frames_rgb, tmp_pat
 def test_the_start_timecode_is_kept(restorer, tmp_path):
     """A camera or edit's start timecode (a MOV's tmcd track, shown as the video's 'timecode' tag) was
     lost: the restored clip started at 00:00:00:00 in an editor instead of 01:00:00:00."""
-    o = av.open(str(tmp_path / "tc.mov"), "w")
-    v = o.add_stream("libx264", rate=25)
-    v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
-    v.metadata["timecode"] = "01:00:00:00"
-    for i in range(2):
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(v.encode(f))
-    o.mux(v.encode(None))
-    o.close()
+    flat_clip(tmp_path / "tc.mov", setup=lambda o, s: s.metadata.update(timecode="01:00:00:00"))
     for name in ("o.mov", "o.mkv"):
         s = transcode(restorer, tmp_path / "tc.mov", tmp_path / name, VideoOptions(write_quality=False))
         assert not any("data stream" in n for n in s["notes"]), s["notes"]  # (the tmcd track is one)
@@ -1299,17 +1276,7 @@ def test_rotation_with_a_pyav_that_cannot_write_it_is_a_note(restorer, tmp_path,
     source must give a note, not an AttributeError traceback."""
     import qairn.engine.video as video
 
-    o = av.open(str(tmp_path / "r.mp4"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.set_display_rotation(90)
-    for i in range(2):
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 40, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    flat_clip(tmp_path / "r.mp4", setup=lambda o, s: s.set_display_rotation(90))
     monkeypatch.setattr(video, "_writes_rotation", lambda stream: False)
     s = transcode(restorer, tmp_path / "r.mp4", tmp_path / "o.mp4", VideoOptions(write_quality=False))
     assert any("this PyAV cannot write rotation" in n and "not 90 degrees" in n for n in s["notes"]), s[
@@ -1330,21 +1297,15 @@ def test_cover_art_is_not_taken_for_the_video_and_is_copied(restorer, tmp_path):
     """An MP4 whose 'covr' picture sits before its track (udta before trak: FFmpeg lists the cover as
     video stream 0) had the one-frame cover restored as the video; behind the video, the cover was
     dropped unsaid. The video is restored; MP4 and Matroska keep the cover as it was, MOV says it drops it."""
-    o = av.open(str(tmp_path / "c.mp4"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    c = o.add_stream("mjpeg")
-    c.width, c.height, c.pix_fmt = 32, 32, "yuvj420p"
-    c.disposition = av.stream.Disposition.attached_pic
-    cover = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
-    o.mux(c.encode(cover.reformat(format="yuvj420p")) + c.encode(None))
-    for i in range(3):
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 60, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+
+    def add_cover(o, s):
+        c = o.add_stream("mjpeg")
+        c.width, c.height, c.pix_fmt = 32, 32, "yuvj420p"
+        c.disposition = av.stream.Disposition.attached_pic
+        cover = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+        o.mux(c.encode(cover.reformat(format="yuvj420p")) + c.encode(None))
+
+    flat_clip(tmp_path / "c.mp4", range(3), step=60, setup=add_cover)
     out = b""  # mdat comes before moov: reordering moov's boxes moves no sample
     for kind, box in mp4_atoms((tmp_path / "c.mp4").read_bytes()):
         if kind == b"moov":
@@ -1378,17 +1339,7 @@ def test_anamorphic_pixels_keep_their_shape_or_say_so(restorer, tmp_path):
     """A 4:3 pixel aspect ratio (DV, DVD) was dropped unsaid by FFV1 in Matroska and by Y4M (A0:0):
     the picture played squashed. Where it is kept (H.264 headers, MP4) it is the source's; elsewhere
     a note says so."""
-    o = av.open(str(tmp_path / "sar.mkv"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
-    for i in range(2):
-        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 60, np.uint8), format="rgb24")
-        f = f.reformat(format="yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    flat_clip(tmp_path / "sar.mkv", step=60, sample_aspect_ratio=Fraction(4, 3))
     for dst, codec, kept in (("o.mkv", None, True), ("f.mp4", "ffv1", True), ("f.mkv", "ffv1", False)):
         s = transcode(
             restorer, tmp_path / "sar.mkv", tmp_path / dst, VideoOptions(codec=codec, write_quality=False)
@@ -1534,16 +1485,8 @@ def test_a_stream_that_changes_size_is_scaled_to_the_first_size(restorer, tmp_pa
 def test_matroska_attachments_are_kept(restorer, tmp_path):
     """Fonts attached for styled subtitles were dropped unsaid: the subtitles, copied, fell back to
     another font. Matroska keeps them; MP4 says they are dropped."""
-    o = av.open(str(tmp_path / "fonts.mkv"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    o.add_attachment("title.ttf", "font/ttf", b"\0\1\0\0 not really a font")
-    for i in range(2):
-        f = av.VideoFrame(64, 48, "yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    font = b"\0\1\0\0 not really a font"
+    flat_clip(tmp_path / "fonts.mkv", setup=lambda o, s: o.add_attachment("title.ttf", "font/ttf", font))
     transcode(restorer, tmp_path / "fonts.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
     with av.open(str(tmp_path / "o.mkv")) as c:
         kept = [(a.name, a.mimetype, bytes(a.data)) for a in c.streams.attachments]
@@ -1590,16 +1533,7 @@ def test_interrupt_while_drawing_the_trace_leaves_nothing(restorer, clip, tmp_pa
 def test_a_matrix_qairn_cannot_convert_keeps_its_tag(restorer, tmp_path):
     """A source tagged SMPTE 240M (or YCgCo, FCC) was said to be untagged and came out tagged BT.601:
     players then showed its planes, still in 240M, in the wrong colours. The tag is kept now."""
-    o = av.open(str(tmp_path / "240m.mkv"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.codec_context.colorspace = 7  # AVCOL_SPC_SMPTE240M
-    for i in range(2):
-        f = av.VideoFrame(64, 48, "yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    flat_clip(tmp_path / "240m.mkv", colorspace=7)  # AVCOL_SPC_SMPTE240M
     s = transcode(restorer, tmp_path / "240m.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert int(next(c.decode(video=0)).colorspace) == 7
@@ -1696,16 +1630,7 @@ def test_bt2020_constant_luminance_is_restored_with_a_note_and_keeps_its_tag(res
         "colour matrix bt2020c (constant luminance) is not supported: restored as bt2020, tagged bt2020c "
         "(constant luminance)",
     )
-    o = av.open(str(tmp_path / "cl.mkv"), "w")
-    s = o.add_stream("libx264", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.codec_context.colorspace = 10  # AVCOL_SPC_BT2020_CL
-    for i in range(2):
-        f = av.VideoFrame(64, 48, "yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        o.mux(s.encode(f))
-    o.mux(s.encode(None))
-    o.close()
+    flat_clip(tmp_path / "cl.mkv", colorspace=10)  # AVCOL_SPC_BT2020_CL
     s = transcode(restorer, tmp_path / "cl.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
     assert s["matrix"] == "bt2020" and any("bt2020c (constant luminance)" in n for n in s["notes"]), s
     with av.open(str(tmp_path / "o.mkv")) as c:
@@ -1735,17 +1660,8 @@ def hdr10plus_sei() -> bytes:
 def test_hdr10_plus_dynamic_metadata_dropped_is_said(restorer, tmp_path):
     """HDR10+ (and Dolby Vision) per-scene metadata comes with each decoded frame; no encoder here is
     given it, so the output played as plain HDR10, and nothing said so. Now a note names the file."""
-    o = av.open(str(tmp_path / "plain.hevc"), "w", format="hevc")
-    s = o.add_stream("libx265", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-    s.codec_context.options = {"x265-params": "log-level=error"}
-    stream = b""
-    for i in range(3):
-        f = av.VideoFrame(64, 48, "yuv420p")
-        f.pts, f.time_base = i, Fraction(1, 25)
-        stream += b"".join(bytes(p) for p in s.encode(f))
-    stream += b"".join(bytes(p) for p in s.encode(None))
-    o.close()
+    quiet = {"x265-params": "log-level=error"}
+    stream = flat_clip(tmp_path / "plain.hevc", range(3), codec="libx265", options=quiet).read_bytes()
     # The SEI goes before each picture's slice (NAL types 0..31), after the parameter sets. (x265 starts
     # some NAL units with 00 00 00 01, others with 00 00 01.)
     nals = stream.split(b"\0\0\1")
