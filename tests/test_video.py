@@ -1680,3 +1680,22 @@ def test_hdr10_plus_dynamic_metadata_dropped_is_said(restorer, tmp_path):
     assert said and said[0].startswith(f"{src}: "), s["notes"]
     s = transcode(restorer, src, None, VideoOptions(score_only=True, plot=False))  # nothing is dropped
     assert not any("HDR10+" in n for n in s["notes"]), s["notes"]
+
+
+def test_avi_with_b_frames_is_read_in_display_order(restorer, tmp_path):
+    """AVI stores no presentation times: the decoder hands B-frames out with their packets' times, in
+    decode order (pts 1, 4, 3, 5, 2 for 5 frames of x264), and an H.264 AVI (as qairn writes one) failed
+    with 'cannot write (Invalid argument)' when the encoder got them. Its frames now take the packet
+    times in order."""
+    src = flat_clip(tmp_path / "b.avi", range(5))
+    with av.open(str(src)) as c:
+        source = [(int(f.pts), int(f.to_ndarray()[0, 0])) for f in c.decode(video=0)]
+    assert sorted(source) != source  # (the source is what this test is about)
+    levels = [level for _, level in source]  # (the decoder's order is the display order)
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(quality_csv=tmp_path / "q.csv", plot=False))
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        out = [(float(f.time), int(f.to_ndarray()[0, 0])) for f in c.decode(video=0)]
+    assert s["frames"] == 5 and [level for _, level in out] == levels
+    assert [t for t, _ in out] == pytest.approx([0.04 * k for k in range(1, 6)])
+    times = [float(r["time"]) for r in read_csv(tmp_path / "q.csv")]
+    assert times == pytest.approx([t for t, _ in out])

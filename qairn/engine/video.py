@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import io
 import itertools
 import os
@@ -346,6 +347,9 @@ QSCALE_CODECS = {
 PRESET_CODECS = {"libx264", "libx264rgb", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
+# Containers that store no presentation times: each packet has its decode-order time, which the decoder
+# hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
+DECODE_ORDER_FORMATS = {"avi"}
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov"}  # muxers that keep (some) subtitles as subtitles
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
@@ -663,6 +667,8 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
 
     copy_ids = {s.index for s in copied}
     index = 0
+    reorder = inp.format.name in DECODE_ORDER_FORMATS
+    times: list = []  # (reorder) the packet times no frame has taken yet
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
@@ -671,7 +677,11 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 continue
             if packet.size:
                 counts["packets"] = counts.get("packets", 0) + 1
+                if reorder and packet.pts is not None:
+                    heapq.heappush(times, packet.pts)
             for frame in packet.decode():
+                if reorder:  # frames come out in display order: each takes the earliest time left
+                    frame.pts = heapq.heappop(times) if times else None
                 yield frame
                 index += 1
     except av.FFmpegError as e:
