@@ -1699,3 +1699,13 @@ def test_avi_with_b_frames_is_read_in_display_order(restorer, tmp_path):
     assert [t for t, _ in out] == pytest.approx([0.04 * k for k in range(1, 6)])
     times = [float(r["time"]) for r in read_csv(tmp_path / "q.csv")]
     assert times == pytest.approx([t for t, _ in out])
+
+
+def test_mp4_and_mov_in_capitals_start_with_their_index(restorer, tmp_path):
+    """+faststart (the index, moov, before the frames, so a browser plays the file while it downloads) went
+    to .mp4 and .mov only: a phone's IMG_0001.MOV, or O.MP4, came out with moov at the end; .m4v too."""
+    src = flat_clip(tmp_path / "s.mkv")
+    for name in ("o.mp4", "O.MP4", "o.MOV", "o.m4v"):
+        transcode(restorer, src, tmp_path / name, VideoOptions(write_quality=False))
+        atoms = [kind for kind, _ in mp4_atoms((tmp_path / name).read_bytes())]
+        assert atoms.index(b"moov") < atoms.index(b"mdat"), (name, atoms)

@@ -351,6 +351,7 @@ CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is
 # hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
 DECODE_ORDER_FORMATS = {"avi"}
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
+FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v"}  # index (moov) first: plays while it downloads
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov"}  # muxers that keep (some) subtitles as subtitles
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
@@ -726,9 +727,8 @@ def _open_output(
     # GIF holds only its own codec (256-colour palettes).
     y4m = tmp.suffix.lower() == ".y4m"
     codec = opts.codec or SUFFIX_CODECS.get(tmp.suffix.lower()) or default_codec()
-    options = (
-        {"movflags": "+faststart"} if tmp.suffix in (".mp4", ".mov") else {"strict": "-1"} if y4m else {}
-    )
+    faststart = tmp.suffix.lower() in FASTSTART_SUFFIXES
+    options = {"movflags": "+faststart"} if faststart else {"strict": "-1"} if y4m else {}
     try:
         out = av.open(str(tmp), "w", options=options)
     except (av.FFmpegError, ValueError) as e:
