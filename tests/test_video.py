@@ -1709,3 +1709,32 @@ def test_mp4_and_mov_in_capitals_start_with_their_index(restorer, tmp_path):
         transcode(restorer, src, tmp_path / name, VideoOptions(write_quality=False))
         atoms = [kind for kind, _ in mp4_atoms((tmp_path / name).read_bytes())]
         assert atoms.index(b"moov") < atoms.index(b"mdat"), (name, atoms)
+
+
+def test_rgb_and_gray_sources_get_no_matrix_warning(restorer, tmp_path):
+    """RGB frames (GIF, PNG, FFV1 bgr0) and gray ones have no colour matrix to read: they are converted
+    into one, and the output is tagged with it. Each of them still warned 'no colour matrix tag: assuming
+    bt601 for 48 lines', as an untagged Y'CbCr source does."""
+    from qairn.engine.video import frame_color
+
+    def frame(name, is_rgb):
+        return SimpleNamespace(
+            colorspace=2, color_range=0, height=48, format=SimpleNamespace(name=name, is_rgb=is_rgb)
+        )
+
+    for name, is_rgb in (("rgb8", True), ("bgr0", True), ("gray", False), ("ya8", False)):
+        assert frame_color(frame(name, is_rgb), None, None)[::2] == ("bt601", ""), name
+    assert "no colour matrix tag" in frame_color(frame("yuv420p", False), None, None)[2]
+    o = av.open(str(tmp_path / "s.gif"), "w")
+    s = o.add_stream("gif", rate=10)
+    s.width, s.height, s.pix_fmt = 64, 48, "rgb8"
+    for i in range(2):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
+        f.pts, f.time_base = i, Fraction(1, 10)
+        o.mux(s.encode(f.reformat(format="rgb8")))
+    o.mux(s.encode(None))
+    o.close()
+    s = transcode(restorer, tmp_path / "s.gif", tmp_path / "o.mp4", VideoOptions(write_quality=False))
+    assert s["frames"] == 2 and not any("matrix" in n for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert int(c.streams.video[0].codec_context.colorspace) == 5  # tagged with the matrix used
