@@ -14,15 +14,17 @@ Or let this script run both FFmpeg processes (size and rate from ffprobe or PyAV
 
 Raw frames carry no colour tags: --matrix/--range (default bt709, limited) say how to read them; the
 output is tagged with the same. The output is written under a temporary name and renamed when FFmpeg
-has finished, so a failed or interrupted run leaves no partial file; an existing output (or --trace
-file) is kept unless --overwrite. `qairn video` does all of this in-process with PyAV (and keeps
-timestamps and colour metadata); this is for pipelines built on FFmpeg.
+has finished (the --trace CSV when the last frame is restored), so a failed or interrupted run leaves
+no partial file; an existing output (or --trace file) is kept unless --overwrite. `qairn video` does
+all of this in-process with PyAV (and keeps timestamps and colour metadata); this is for pipelines
+built on FFmpeg.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import qairn
+from qairn.engine.imageio import write_atomic
 
 FFMPEG_COLORSPACE = {"bt601": "smpte170m", "bt709": "bt709", "bt2020": "bt2020nc"}
 
@@ -314,21 +317,17 @@ def run(argv=None) -> int:
         raise SystemExit(str(e).splitlines()[0]) from None
     if a.input is None:
         w, h = a.size
+        # The trace is kept in memory and written when the run ends: a wrong --size or Ctrl-C left it cut
+        # short (replacing the previous one with --overwrite).
+        trace = io.StringIO() if a.trace else None
         try:
-            with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
-                n = filter_raw(
-                    restorer,
-                    sys.stdin.buffer,
-                    sys.stdout.buffer,
-                    w,
-                    h,
-                    a.batch,
-                    a.matrix,
-                    a.range,
-                    trace if a.trace else None,
-                )
+            n = filter_raw(
+                restorer, sys.stdin.buffer, sys.stdout.buffer, w, h, a.batch, a.matrix, a.range, trace
+            )
         except ValueError as e:  # a last frame cut short (a wrong --size): one line, as with INPUT OUTPUT
             raise SystemExit(f"stdin: {e}") from None
+        if trace is not None:
+            write_atomic(a.trace, trace.getvalue().encode())
         print(f"restored {n} frames", file=sys.stderr)
         return 0
     w, h, rate = probe(a.input)

@@ -1738,3 +1738,34 @@ def test_rgb_and_gray_sources_get_no_matrix_warning(restorer, tmp_path):
     assert s["frames"] == 2 and not any("matrix" in n for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert int(c.streams.video[0].codec_context.colorspace) == 5  # tagged with the matrix used
+
+
+def test_pipe_example_trace_is_written_whole_or_not_at_all(tiny_weights, tmp_path, monkeypatch):
+    """The filter mode wrote --trace as it went: a wrong --size (or Ctrl-C) left a trace cut short, and
+    with --overwrite it had replaced the previous one. It is now written when the run ends."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("old trace")
+    args = [
+        "--size",
+        "32x32",
+        "--trace",
+        str(trace),
+        "--overwrite",
+        "--weights",
+        str(tiny_weights),
+        "--device",
+        "cpu",
+    ]
+    frame = bytes(32 * 32 * 3 // 2)
+
+    def run(stdin):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))
+        return load_example().main(args)
+
+    with pytest.raises(SystemExit, match="input ended inside a frame"):
+        run(frame + bytes(464))  # one frame, then a cut one
+    assert trace.read_text() == "old trace" and sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+    assert run(frame * 2) == 0
+    assert [r["frame"] for r in read_csv(trace)] == ["0", "1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
