@@ -1769,3 +1769,12 @@ def test_pipe_example_trace_is_written_whole_or_not_at_all(tiny_weights, tmp_pat
     assert run(frame * 2) == 0
     assert [r["frame"] for r in read_csv(trace)] == ["0", "1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
+
+
+def test_m4v_keeps_rotation(restorer, tmp_path):
+    """.m4v (FFmpeg's ipod muxer, an MP4) stores a display matrix as .mp4 does, but was not counted among
+    the containers that do: a phone video came out sideways, with a note saying .m4v keeps no rotation."""
+    src = flat_clip(tmp_path / "r90.mp4", setup=lambda o, s: s.set_display_rotation(90))
+    s = transcode(restorer, src, tmp_path / "o.m4v", VideoOptions(write_quality=False))
+    assert not any("rotation" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
+    assert decode(tmp_path / "o.m4v")[0][0].rotation == decode(src)[0][0].rotation != 0
