@@ -1206,10 +1206,14 @@ class _Durations:
     the last frame 1/rate: a GIF's or slideshow's last picture, shown for seconds, was cut short (a 0.9 s
     GIF came out 0.62 s long). Durations are by presentation time (pts); MP4 and MOV end a track at its
     last packet in decode order, which with B-frames is not the last shown, so that one gets what is
-    left to the end of the last frame shown."""
+    left to the end of the last frame shown.
+    It also repairs dts from an unset delay: libx265 given fewer frames than its B-frame delay (a 1- or
+    2-frame clip) stamps them, in some runs, dts -94611116461776 for pts 0, which the MP4 muxer refuses.
+    An encoder's real delay lies within the frames it was given before its first packet."""
 
     def __init__(self):
         self.durations, self.start, self.last, self.first_dts = {}, None, None, None
+        self.dts_shift = None  # added to every dts: 0, or what moves unset ones to start at the first frame
 
     def add(self, pts: int, duration: int | None) -> None:
         """A frame sent to the encoder at pts, shown for duration (its time base; 0 or None: unknown)."""
@@ -1220,6 +1224,13 @@ class _Durations:
 
     def timed(self, packets, flushing_format: str | None = None) -> list:
         for p in packets:
+            if p.dts is not None and self.start is not None:
+                if self.dts_shift is None:
+                    unset = p.dts < self.start - (self.last[0] - self.start) or (
+                        p.pts is not None and p.dts > p.pts
+                    )
+                    self.dts_shift = self.start - p.dts if unset else 0
+                p.dts += self.dts_shift
             self.first_dts = p.dts if self.first_dts is None else self.first_dts
             p.duration = self.durations.pop(p.pts, None) or p.duration
         if (
