@@ -1806,3 +1806,12 @@ def test_libx265_dts_from_an_unset_delay_are_repaired(restorer, tmp_path):
         )
         assert transcode(restorer, src, tmp_path / f"o{n}.mp4", opts)["frames"] == n
         assert len(decode(tmp_path / f"o{n}.mp4")[0]) == n
+
+
+def test_palette_sources_get_no_matrix_warning():
+    """pal8 frames (FLIC, MS RLE and QuickTime 8-bit video, paletted PNG) hold RGB colours, but PyAV does
+    not count pal8 as RGB: they still warned 'no colour matrix tag: assuming bt601 for 48 lines'."""
+    from qairn.engine.video import frame_color
+
+    f = SimpleNamespace(colorspace=2, color_range=0, height=48, format=av.VideoFormat("pal8"))
+    assert frame_color(f, None, None)[2] == ""

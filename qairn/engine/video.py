@@ -504,8 +504,8 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
         if matrix is None:
             matrix = NEAREST_MATRICES.get(tag) or ("bt709" if frame.height >= 720 else "bt601")
             name = MATRIX_NAMES.get(tag, f"code {tag}")
-            if frame.format.is_rgb or frame.format.name.startswith(("gray", "ya")):
-                pass  # no matrix to read: RGB and gray frames are converted into this one, and tagged so
+            if frame.format.is_rgb or frame.format.name.startswith(("gray", "ya", "pal")):
+                pass  # no matrix to read: RGB, gray and palette frames are converted into this one
             elif tag in (0, 2):  # RGB (on Y'CbCr frames), unspecified
                 note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
             else:  # tagged, with a matrix qairn cannot convert
