@@ -90,8 +90,15 @@ def filter_raw(
     return n
 
 
+def upright(width: int, height: int, rotation) -> tuple[int, int]:
+    """The size FFmpeg decodes frames to: it turns them upright (autorotate), so a phone video stored
+    sideways, shown turned 90 degrees, comes out height x width."""
+    return (height, width) if round(abs(float(rotation or 0))) % 180 == 90 else (width, height)
+
+
 def probe(path: str) -> tuple[int, int, str]:
-    """(width, height, frame rate) of the first video stream, by ffprobe or else PyAV."""
+    """(width, height, frame rate) of the first video stream as FFmpeg decodes it (turned upright), by
+    ffprobe or else PyAV."""
     if shutil.which("ffprobe"):
         out = subprocess.run(
             [
@@ -101,7 +108,7 @@ def probe(path: str) -> tuple[int, int, str]:
                 "-select_streams",
                 "v:0",
                 "-show_entries",
-                "stream=width,height,avg_frame_rate",
+                "stream=width,height,avg_frame_rate:stream_side_data=rotation:stream_tags=rotate",
                 "-of",
                 "json",
                 path,
@@ -116,7 +123,10 @@ def probe(path: str) -> tuple[int, int, str]:
         if not streams:  # an audio-only file: IndexError's traceback
             raise SystemExit(f"{path}: no video stream")
         s = streams[0]
-        return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
+        # the display matrix's rotation (FFmpeg 5 on), else the older 'rotate' tag
+        turns = [d["rotation"] for d in s.get("side_data_list", []) if "rotation" in d]
+        rotation = turns[0] if turns else s.get("tags", {}).get("rotate")
+        return *upright(int(s["width"]), int(s["height"]), rotation), s["avg_frame_rate"]
     import av  # qairn[video]
 
     try:
@@ -128,7 +138,13 @@ def probe(path: str) -> tuple[int, int, str]:
             raise SystemExit(f"{path}: no video stream")
         v = c.streams.video[0]
         rate = v.average_rate or v.guessed_rate or Fraction(25)
-        return v.codec_context.width, v.codec_context.height, f"{rate.numerator}/{rate.denominator}"
+        try:
+            first = next(c.decode(v), None)
+        except av.error.FFmpegError:  # (a damaged first frame: FFmpeg says so when it decodes)
+            first = None
+        rotation = getattr(first, "rotation", 0)  # (not in older PyAV)
+        size = upright(v.codec_context.width, v.codec_context.height, rotation)
+        return *size, f"{rate.numerator}/{rate.denominator}"
 
 
 def run_ffmpeg(

@@ -1815,3 +1815,28 @@ def test_palette_sources_get_no_matrix_warning():
 
     f = SimpleNamespace(colorspace=2, color_range=0, height=48, format=av.VideoFormat("pal8"))
     assert frame_color(f, None, None)[2] == ""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the stand-in ffprobe is a shell script")
+def test_pipe_example_probes_the_size_ffmpeg_decodes_a_rotated_video_to(tmp_path, monkeypatch):
+    """FFmpeg turns frames upright as it decodes them (autorotate): a phone video stored 64x48 and shown
+    turned 90 degrees comes out of the decoder 48x64. probe said 64x48, and as a frame has as many bytes
+    either way, each one was read as a sheared picture, restored and encoded without an error."""
+    ex = load_example()
+    r90 = str(flat_clip(tmp_path / "r90.mp4", setup=lambda o, s: s.set_display_rotation(90)))
+    r180 = str(flat_clip(tmp_path / "r180.mp4", setup=lambda o, s: s.set_display_rotation(180)))
+    if shutil.which("ffprobe") is None:  # PyAV's answer
+        assert ex.probe(r90) == (48, 64, "25/1") and ex.probe(r180)[:2] == (64, 48)
+    # ffprobe's (a stand-in printing JSON of ffprobe's shape: display matrix rotation, or the older tag)
+    fake = tmp_path / "bin" / "ffprobe"
+    fake.parent.mkdir()
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    for extra, size in (
+        ('"side_data_list": [{"side_data_type": "Display Matrix", "rotation": -90}]', (48, 64)),
+        ('"tags": {"rotate": "270"}', (48, 64)),
+        ('"side_data_list": [{"rotation": 180}]', (64, 48)),
+    ):
+        stream = f'{{"width": 64, "height": 48, "avg_frame_rate": "25/1", {extra}}}'
+        fake.write_text(f"#!/bin/sh\necho '{{\"streams\": [{stream}]}}'\n")
+        fake.chmod(0o755)
+        assert ex.probe(r90) == (*size, "25/1"), extra
