@@ -1840,3 +1840,24 @@ def test_pipe_example_probes_the_size_ffmpeg_decodes_a_rotated_video_to(tmp_path
         fake.write_text(f"#!/bin/sh\necho '{{\"streams\": [{stream}]}}'\n")
         fake.chmod(0o755)
         assert ex.probe(r90) == (*size, "25/1"), extra
+
+
+def test_m4v_keeps_mov_text_subtitles(restorer, tmp_path):
+    """.m4v (the ipod muxer) holds MP4's mov_text subtitles, but was not counted among the containers that
+    keep subtitles: an iTunes-style .mp4 with subtitles came out of .m4v without them, with a note."""
+    cues = [b"\0\5Hello", b"\0\5there"]  # mov_text: 16-bit length, then the text
+
+    def add_subtitles(o, s):
+        sub = o.add_mux_stream("mov_text")
+        sub.time_base = Fraction(1, 1000)
+        for i, cue in enumerate(cues):
+            p = av.Packet(cue)
+            p.pts = p.dts = i * 40
+            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
+            o.mux(p)
+
+    src = flat_clip(tmp_path / "s.mp4", range(3), setup=add_subtitles)
+    s = transcode(restorer, src, tmp_path / "o.m4v", VideoOptions(write_quality=False))
+    assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.m4v")) as c:
+        assert [bytes(p) for p in c.demux(subtitles=0) if p.size] == cues

@@ -352,7 +352,7 @@ CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is
 DECODE_ORDER_FORMATS = {"avi"}
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v"}  # index (moov) first: plays while it downloads
-SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov"}  # muxers that keep (some) subtitles as subtitles
+SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod"}  # muxers keeping (some) subtitles as such
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
