@@ -14,15 +14,17 @@ Or let this script run both FFmpeg processes (size and rate from ffprobe or PyAV
 
 Raw frames carry no colour tags: --matrix/--range (default bt709, limited) say how to read them; the
 output is tagged with the same. The output is written under a temporary name and renamed when FFmpeg
-has finished, so a failed or interrupted run leaves no partial file; an existing output (or --trace
-file) is kept unless --overwrite. `qairn video` does all of this in-process with PyAV (and keeps
-timestamps and colour metadata); this is for pipelines built on FFmpeg.
+has finished (the --trace CSV when the last frame is restored), so a failed or interrupted run leaves
+no partial file; an existing output (or --trace file) is kept unless --overwrite. `qairn video` does
+all of this in-process with PyAV (and keeps timestamps and colour metadata); this is for pipelines
+built on FFmpeg.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
@@ -37,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 import qairn
+from qairn.engine.imageio import write_atomic
 
 FFMPEG_COLORSPACE = {"bt601": "smpte170m", "bt709": "bt709", "bt2020": "bt2020nc"}
 
@@ -87,8 +90,15 @@ def filter_raw(
     return n
 
 
+def upright(width: int, height: int, rotation) -> tuple[int, int]:
+    """The size FFmpeg decodes frames to: it turns them upright (autorotate), so a phone video stored
+    sideways, shown turned 90 degrees, comes out height x width."""
+    return (height, width) if round(abs(float(rotation or 0))) % 180 == 90 else (width, height)
+
+
 def probe(path: str) -> tuple[int, int, str]:
-    """(width, height, frame rate) of the first video stream, by ffprobe or else PyAV."""
+    """(width, height, frame rate) of the first video stream as FFmpeg decodes it (turned upright), by
+    ffprobe or else PyAV."""
     if shutil.which("ffprobe"):
         out = subprocess.run(
             [
@@ -98,7 +108,7 @@ def probe(path: str) -> tuple[int, int, str]:
                 "-select_streams",
                 "v:0",
                 "-show_entries",
-                "stream=width,height,avg_frame_rate",
+                "stream=width,height,avg_frame_rate:stream_side_data=rotation:stream_tags=rotate",
                 "-of",
                 "json",
                 path,
@@ -113,7 +123,10 @@ def probe(path: str) -> tuple[int, int, str]:
         if not streams:  # an audio-only file: IndexError's traceback
             raise SystemExit(f"{path}: no video stream")
         s = streams[0]
-        return int(s["width"]), int(s["height"]), s["avg_frame_rate"]
+        # the display matrix's rotation (FFmpeg 5 on), else the older 'rotate' tag
+        turns = [d["rotation"] for d in s.get("side_data_list", []) if "rotation" in d]
+        rotation = turns[0] if turns else s.get("tags", {}).get("rotate")
+        return *upright(int(s["width"]), int(s["height"]), rotation), s["avg_frame_rate"]
     import av  # qairn[video]
 
     try:
@@ -125,7 +138,13 @@ def probe(path: str) -> tuple[int, int, str]:
             raise SystemExit(f"{path}: no video stream")
         v = c.streams.video[0]
         rate = v.average_rate or v.guessed_rate or Fraction(25)
-        return v.codec_context.width, v.codec_context.height, f"{rate.numerator}/{rate.denominator}"
+        try:
+            first = next(c.decode(v), None)
+        except av.error.FFmpegError:  # (a damaged first frame: FFmpeg says so when it decodes)
+            first = None
+        rotation = getattr(first, "rotation", 0)  # (not in older PyAV)
+        size = upright(v.codec_context.width, v.codec_context.height, rotation)
+        return *size, f"{rate.numerator}/{rate.denominator}"
 
 
 def run_ffmpeg(
@@ -314,21 +333,17 @@ def run(argv=None) -> int:
         raise SystemExit(str(e).splitlines()[0]) from None
     if a.input is None:
         w, h = a.size
+        # The trace is kept in memory and written when the run ends: a wrong --size or Ctrl-C left it cut
+        # short (replacing the previous one with --overwrite).
+        trace = io.StringIO() if a.trace else None
         try:
-            with open(a.trace, "w", newline="") if a.trace else open(os.devnull, "w") as trace:
-                n = filter_raw(
-                    restorer,
-                    sys.stdin.buffer,
-                    sys.stdout.buffer,
-                    w,
-                    h,
-                    a.batch,
-                    a.matrix,
-                    a.range,
-                    trace if a.trace else None,
-                )
+            n = filter_raw(
+                restorer, sys.stdin.buffer, sys.stdout.buffer, w, h, a.batch, a.matrix, a.range, trace
+            )
         except ValueError as e:  # a last frame cut short (a wrong --size): one line, as with INPUT OUTPUT
             raise SystemExit(f"stdin: {e}") from None
+        if trace is not None:
+            write_atomic(a.trace, trace.getvalue().encode())
         print(f"restored {n} frames", file=sys.stderr)
         return 0
     w, h, rate = probe(a.input)

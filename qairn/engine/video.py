@@ -8,9 +8,10 @@ k+1 while the device works on batch k.
 `qairn video` decodes with PyAV (the FFmpeg libraries in its wheel; no ffmpeg binary is needed),
 restores each frame in its own Y'CbCr format (matrix and range from the stream's colour tags),
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
-timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1), rotation,
-pixel aspect ratio and field order, copies the audio and subtitle streams, cover pictures and
-attachments (fonts) where the container holds them, and writes a per-frame quality trace
+timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1; HDR10+ and
+Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspect ratio and field
+order, copies the audio and subtitle streams, cover pictures and attachments (fonts) where the
+container holds them, and writes a per-frame quality trace
 (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import io
 import itertools
 import os
@@ -313,8 +315,18 @@ def restore_stream(
 
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
-COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020", 10: "bt2020"}  # AVColorSpace -> matrix
-MATRIX_NAMES = {4: "fcc", 7: "smpte240m", 8: "ycgco", 11: "smpte2085", 14: "ictcp"}  # (for notes)
+COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}  # AVColorSpace -> matrix
+MATRIX_NAMES = {  # (for notes)
+    4: "fcc",
+    7: "smpte240m",
+    8: "ycgco",
+    10: "bt2020c (constant luminance)",
+    11: "smpte2085",
+    14: "ictcp",
+}
+# BT.2020 constant luminance has no 3x3 matrix (its Y' is taken from linear light): the non-constant one
+# is the nearest.
+NEAREST_MATRICES = {10: "bt2020"}
 AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
@@ -335,8 +347,12 @@ QSCALE_CODECS = {
 PRESET_CODECS = {"libx264", "libx264rgb", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
+# Containers that store no presentation times: each packet has its decode-order time, which the decoder
+# hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
+DECODE_ORDER_FORMATS = {"avi"}
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
-SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov"}  # muxers that keep (some) subtitles as subtitles
+FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v"}  # index (moov) first: plays while it downloads
+SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod"}  # muxers keeping (some) subtitles as such
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -344,7 +360,7 @@ PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
 STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream from its source
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
-ROTATING_FORMATS = {"mov", "mp4", "matroska", "webm"}  # muxers that store a display matrix
+ROTATING_FORMATS = {"mov", "mp4", "ipod", "matroska", "webm"}  # muxers storing a display matrix (ipod: .m4v)
 SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
 SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
 TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
@@ -355,6 +371,13 @@ ATTACHED_PIC = 0x400  # AV_DISPOSITION_ATTACHED_PIC
 COVER_FORMATS = {"mp4"}  # muxers that store a cover picture ('covr'; MOV writes none, M4V takes no JPEG)
 COVER_CODECS = {"mjpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "bmp": ("bmp", "image/bmp")}
 ATTACHMENT_FORMATS = {"matroska"}  # muxers that store attachments (cover pictures, subtitle fonts)
+# Per-frame HDR metadata (scene by scene tone mapping) that no encoder here is given: dropped, with a note.
+DYNAMIC_HDR = {
+    "DYNAMIC_HDR_PLUS": "HDR10+",
+    "DOVI_RPU_BUFFER": "Dolby Vision",
+    "DOVI_METADATA": "Dolby Vision",
+    "DYNAMIC_HDR_VIVID": "HDR Vivid",
+}
 
 
 def work_format(fmt) -> str:
@@ -417,9 +440,13 @@ def display_matrix(frame) -> tuple | None:
     return None if m == IDENTITY_MATRIX else m
 
 
+def side_kind(sd) -> str:
+    return str(getattr(sd.type, "name", sd.type)).upper().split(".")[-1]  # "DISPLAYMATRIX" (or "Type.KIND")
+
+
 def side_data(frame, kind: str) -> bytes | None:
     for sd in frame.side_data:
-        if str(getattr(sd.type, "name", sd.type)).upper().split(".")[-1] == kind:  # (or "Type.KIND")
+        if side_kind(sd) == kind:
             return bytes(sd)
     return None
 
@@ -475,9 +502,11 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
         tag = int(frame.colorspace)
         matrix = COLORSPACES.get(tag)
         if matrix is None:
-            matrix = "bt709" if frame.height >= 720 else "bt601"
+            matrix = NEAREST_MATRICES.get(tag) or ("bt709" if frame.height >= 720 else "bt601")
             name = MATRIX_NAMES.get(tag, f"code {tag}")
-            if tag in (0, 2) or frame.format.is_rgb:  # RGB, unspecified
+            if frame.format.is_rgb or frame.format.name.startswith(("gray", "ya", "pal")):
+                pass  # no matrix to read: RGB, gray and palette frames are converted into this one
+            elif tag in (0, 2):  # RGB (on Y'CbCr frames), unspecified
                 note = f"no colour matrix tag: assuming {matrix} for {frame.height} lines"
             else:  # tagged, with a matrix qairn cannot convert
                 note = f"colour matrix {name} is not supported: restored as {matrix}, tagged {name}"
@@ -641,6 +670,8 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
 
     copy_ids = {s.index for s in copied}
     index = 0
+    reorder = inp.format.name in DECODE_ORDER_FORMATS
+    times: list = []  # (reorder) the packet times no frame has taken yet
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
@@ -649,7 +680,11 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 continue
             if packet.size:
                 counts["packets"] = counts.get("packets", 0) + 1
+                if reorder and packet.pts is not None:
+                    heapq.heappush(times, packet.pts)
             for frame in packet.decode():
+                if reorder:  # frames come out in display order: each takes the earliest time left
+                    frame.pts = heapq.heappop(times) if times else None
                 yield frame
                 index += 1
     except av.FFmpegError as e:
@@ -694,9 +729,8 @@ def _open_output(
     # GIF holds only its own codec (256-colour palettes).
     y4m = tmp.suffix.lower() == ".y4m"
     codec = opts.codec or SUFFIX_CODECS.get(tmp.suffix.lower()) or default_codec()
-    options = (
-        {"movflags": "+faststart"} if tmp.suffix in (".mp4", ".mov") else {"strict": "-1"} if y4m else {}
-    )
+    faststart = tmp.suffix.lower() in FASTSTART_SUFFIXES
+    options = {"movflags": "+faststart"} if faststart else {"strict": "-1"} if y4m else {}
     try:
         out = av.open(str(tmp), "w", options=options)
     except (av.FFmpegError, ValueError) as e:
@@ -1019,6 +1053,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 )
         meta: deque = deque()
         corrupt, resized = [], []  # resized: the first frame of another size than the first
+        dynamic = set()  # "HDR10+", "Dolby Vision": per-frame metadata the output does not get
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
 
         def planes():
@@ -1027,6 +1062,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     corrupt.append(i)
                 if (frame.width, frame.height) != (first.width, first.height) and not resized:
                     resized.append(f"frame {i} is {frame.width}x{frame.height}")
+                dynamic.update(DYNAMIC_HDR[k] for k in map(side_kind, frame.side_data) if k in DYNAMIC_HDR)
                 pts = frame.pts
                 t = float(pts * tb) if pts is not None else i / float(rate)
                 meta.append((i, pts, t, frame.duration))
@@ -1090,6 +1126,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: the frame size changes ({resized[0]}): frames of other sizes are scaled to "
                 f"{first.width}x{first.height}, the size of the first"
+            )
+        if dynamic and out is not None:
+            notes.append(
+                f"{src}: {' and '.join(sorted(dynamic))} dynamic metadata (scene by scene tone mapping) "
+                "cannot be written: dropped; players tone-map the output from its static HDR tags only"
             )
         if corrupt:
             notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
@@ -1165,10 +1206,14 @@ class _Durations:
     the last frame 1/rate: a GIF's or slideshow's last picture, shown for seconds, was cut short (a 0.9 s
     GIF came out 0.62 s long). Durations are by presentation time (pts); MP4 and MOV end a track at its
     last packet in decode order, which with B-frames is not the last shown, so that one gets what is
-    left to the end of the last frame shown."""
+    left to the end of the last frame shown.
+    It also repairs dts from an unset delay: libx265 given fewer frames than its B-frame delay (a 1- or
+    2-frame clip) stamps them, in some runs, dts -94611116461776 for pts 0, which the MP4 muxer refuses.
+    An encoder's real delay lies within the frames it was given before its first packet."""
 
     def __init__(self):
         self.durations, self.start, self.last, self.first_dts = {}, None, None, None
+        self.dts_shift = None  # added to every dts: 0, or what moves unset ones to start at the first frame
 
     def add(self, pts: int, duration: int | None) -> None:
         """A frame sent to the encoder at pts, shown for duration (its time base; 0 or None: unknown)."""
@@ -1179,6 +1224,13 @@ class _Durations:
 
     def timed(self, packets, flushing_format: str | None = None) -> list:
         for p in packets:
+            if p.dts is not None and self.start is not None:
+                if self.dts_shift is None:
+                    unset = p.dts < self.start - (self.last[0] - self.start) or (
+                        p.pts is not None and p.dts > p.pts
+                    )
+                    self.dts_shift = self.start - p.dts if unset else 0
+                p.dts += self.dts_shift
             self.first_dts = p.dts if self.first_dts is None else self.first_dts
             p.duration = self.durations.pop(p.pts, None) or p.duration
         if (
