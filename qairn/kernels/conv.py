@@ -263,6 +263,13 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
         )
 
 
+def check_batched(x: Tensor, what: str) -> None:
+    """The ops' fakes and launchers unpack (N, C, H, W), and x2 joins x along dim 1: an unbatched x
+    is refused on every path alike (the fused modules add the batch dimension, as torch's do)."""
+    if x.dim() != 4:
+        raise ValueError(f"the fused {what} takes a 4-d (N, C, H, W) x, got {tuple(x.shape)}")
+
+
 def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> Tensor | None:
     """Returns the residual expanded to out_shape: one that broadcasts to it (a (1,C,1,1) shift), as
     the reference's out + residual takes, is read through stride 0."""
@@ -310,6 +317,7 @@ def conv_triton(
     """The fused conv of x, or of x and x2 concatenated along channels; out has x's memory format.
     config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the tuned tiling (benchmarks, tests)."""
     check_runnable(x, weight, "conv")
+    check_batched(x, "conv")
     n, cin, h, w = x.shape
     cin2 = 0
     if x2 is not None:
@@ -375,6 +383,7 @@ def _conv_impl(
     residual: Tensor | None,
     x2: Tensor | None,
 ) -> Tensor:
+    check_batched(x, "conv")
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
     return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
 
@@ -385,6 +394,7 @@ conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
 @conv_op.register_fake
 def _(x, weight, bias, stride, padding, relu, residual, x2):
     # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
+    check_batched(x, "conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(

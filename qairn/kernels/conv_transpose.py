@@ -25,6 +25,7 @@ from qairn.kernels.conv import (
     HAS_TRITON,
     INTERPRETED,
     addressable,
+    check_batched,
     check_epilogue,
     check_runnable,
     choose_config,
@@ -101,6 +102,7 @@ def conv_transpose_triton(
 ) -> Tensor:
     """The fused transposed conv; out has x's memory format. config as conv.conv_triton's."""
     check_runnable(x, weight, "transposed conv")
+    check_batched(x, "transposed conv")
     n, cin, h, w = x.shape
     cout = weight.shape[1]
     if weight.shape != (cin, cout, 2, 2):
@@ -136,6 +138,7 @@ def conv_transpose_triton(
 def _conv_transpose_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool, residual: Tensor | None
 ) -> Tensor:
+    check_batched(x, "transposed conv")
     out = conv_transpose_reference(x, weight, bias, relu, residual)
     return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
 
@@ -146,6 +149,7 @@ conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_tr
 @conv_transpose_op.register_fake
 def _(x, weight, bias, relu, residual):
     # The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1): (H-1)*2 + k per side.
+    check_batched(x, "transposed conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(x, (n, weight.shape[1], 2 * (h - 1) + kh, 2 * (w - 1) + kw))

@@ -486,3 +486,20 @@ def test_kernel_compiles_for_hopper_on_tensor_cores():
     for name in ("fp16_16x16", "bf16_32x32_s2", "fp16_3x16", "fp16_2x2_s2", "fp16_two_inputs"):
         assert mma[name], (name, mma)
     assert not mma["fp32_16x16"], mma
+
+
+def test_op_refuses_unbatched_input_on_every_path():
+    """A (C, H, W) x ran on the CPU reference, but the fake kernel (torch.compile, export) and the
+    Triton launcher failed with 'not enough values to unpack (expected 4, got 3)', and with x2 the
+    reference concatenated along H. One ValueError now, on every path (fused modules add the batch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight = torch.randn(3, 6, 6), torch.randn(4, 3, 3, 3)
+    calls = [lambda x: cv.conv(x, weight), lambda x: cv.conv(x[:1], weight, x2=x[1:])]
+    if TRITON_RUNS:
+        calls.append(lambda x: cv.conv_triton(x.to(DEVICE), weight.to(DEVICE)))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"takes a 4-d \(N, C, H, W\) x, got \("):
+            call(x)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="4-d"):
+        cv.conv(mode.from_tensor(x), weight)
