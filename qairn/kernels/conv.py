@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qairn.kernels.gate import on_device, triton_compiles_for
+from qairn.kernels.gate import in_layout, on_device, triton_compiles_for
 
 try:
     import triton
@@ -385,7 +385,7 @@ def _conv_impl(
 ) -> Tensor:
     check_batched(x, "conv")
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
-    return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
+    return in_layout(out, empty_like_layout(x, out.shape))  # x's layout, as the Triton path and the fake
 
 
 conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())

@@ -31,6 +31,7 @@ from qairn.kernels.conv import (
     choose_config,
     empty_like_layout,
     epilogue_reference,
+    in_layout,
     on_device,
     recompute_backward,
     triton_takes,
@@ -140,7 +141,7 @@ def _conv_transpose_impl(
 ) -> Tensor:
     check_batched(x, "transposed conv")
     out = conv_transpose_reference(x, weight, bias, relu, residual)
-    return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
+    return in_layout(out, empty_like_layout(x, out.shape))  # x's layout, as the Triton path and the fake
 
 
 conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_transpose_impl, mutates_args=())

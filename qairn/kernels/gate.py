@@ -345,6 +345,12 @@ def empty_pixels_like(t: Tensor) -> Tensor:
     return out
 
 
+def in_layout(t: Tensor, layout: Tensor) -> Tensor:
+    """t with the strides of layout (an empty tensor in the layout an op's fake promises): t itself
+    where they already match (the CPU reference mostly keeps its inputs' layout), else copied in."""
+    return t if t.stride() == layout.stride() else layout.copy_(t)
+
+
 def _pixel_view(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     strides = _nchw_strides(t)
     if strides is None:  # a strided view the kernel cannot walk: copy once
@@ -531,8 +537,8 @@ def _gated_blend_impl(
         pool_sum, pool_count = pool_reference(_pool_gamma(logit, gamma), p, cores)
     if not write_gamma:
         return out, logit.new_empty(0), pool_sum, pool_count
-    layout = empty_pixels_like(logit)  # the layout the fake promises (sigmoid keeps an odd one)
-    return out, gamma if layout.stride() == gamma.stride() else layout.copy_(gamma), pool_sum, pool_count
+    # the layout the fake promises (sigmoid keeps an odd one)
+    return out, in_layout(gamma, empty_pixels_like(logit)), pool_sum, pool_count
 
 
 gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl, mutates_args=())
@@ -567,7 +573,9 @@ def _gated_blend_backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_logit, grad_skip, grad_dec), each in its input's layout."""
     grads = gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores)
-    return tuple(empty_pixels_like(x).copy_(grad) for x, grad in zip((logit, skip, dec), grads, strict=True))
+    return tuple(
+        in_layout(grad, empty_pixels_like(x)) for x, grad in zip((logit, skip, dec), grads, strict=True)
+    )
 
 
 gated_blend_backward_op = torch.library.custom_op(
