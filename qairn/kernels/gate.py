@@ -156,6 +156,24 @@ if HAS_TRITON:
         return pid_p.to(OFFSET) * BLOCK_P + tl.arange(0, BLOCK_P).to(OFFSET)
 
     @triton.jit
+    def _program_pixels(num_blocks, HW, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
+        """(image, image in int64, pixel block, its pixel indices, their mask) of this program. One flat
+        grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535. Batch offsets are int64
+        (a 4K tile batch passes 2**31 elements); OFFSET is int32, or int64 where one image does (a whole
+        8K frame at 64 channels)."""
+        pid = tl.program_id(0)
+        n = pid // num_blocks
+        pid_p = pid - n * num_blocks
+        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
+        return n, n.to(tl.int64), pid_p, offs_p, offs_p < HW
+
+    @triton.jit
+    def _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p):
+        """gamma = sigmoid(logit) of the block's pixels, in fp32."""
+        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
+        return tl.sigmoid(logit.to(tl.float32))
+
+    @triton.jit
     def _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES: tl.constexpr):
         if HAS_CORES:
             y0, y1, x0, x1 = _core_box(cores_ptr, n)
@@ -177,17 +195,8 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
         WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
     ):  # fmt: skip
-        # One flat grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535.
-        pid = tl.program_id(0)
-        n = pid // num_blocks
-        pid_p = pid - n * num_blocks
-        n64 = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
-        # OFFSET: int32, or int64 where one image passes 2**31 elements (a whole 8K frame at 64 channels)
-        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
-        mask_p = offs_p < HW
-
-        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
-        gamma = tl.sigmoid(logit.to(tl.float32))
+        n, n64, pid_p, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
+        gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
         if WRITE_GAMMA:
             gamma_ptrs = gamma_ptr + n64 * s_gamma_n + offs_p * s_gamma_p
             tl.store(gamma_ptrs, gamma.to(gamma_ptr.dtype.element_ty), mask=mask_p)
@@ -246,15 +255,8 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        n = pid // num_blocks
-        pid_p = pid - n * num_blocks
-        n64 = n.to(tl.int64)
-        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
-        mask_p = offs_p < HW
-
-        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
-        gamma = tl.sigmoid(logit.to(tl.float32))
+        n, n64, _, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
+        gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
         g = gamma[None, :]
         grad_gamma = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum over channels of grad_out*(skip-dec)
         for c0 in range(0, C, BLOCK_C):
