@@ -82,14 +82,18 @@ def out_size(size: int, k: int, stride: int, padding: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _batch_and_block(pixels, BLOCK_M: tl.constexpr):
-        """(image, pixel block) of this program. Images and pixel blocks share grid axis 0: CUDA caps
+    def _program_tile(H, W, COUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(image, row and column of BLOCK_M pixels of an H x W grid, their mask, BLOCK_N output
+        channels, their mask) of this program. Images and pixel blocks share grid axis 0: CUDA caps
         axes 1 and 2 at 65535 (a batch of 70000 patches); output-channel blocks, few, take axis 1.
         The image index is int64: batch offsets of a 4K tile batch pass 2**31 elements."""
-        num_m = tl.cdiv(pixels, BLOCK_M)
+        num_m = tl.cdiv(H * W, BLOCK_M)
         pid = tl.program_id(0)
         n = pid // num_m
-        return n.to(tl.int64), pid - n * num_m
+        offs_m = (pid - n * num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        y = offs_m // W
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return n.to(tl.int64), y, offs_m - y * W, offs_m < H * W, offs_n, offs_n < COUT
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -132,14 +136,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_X2: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        n, pid_m = _batch_and_block(H_OUT * W_OUT, BLOCK_M)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < H_OUT * W_OUT
-        oy = offs_m // W_OUT
-        ox = offs_m - oy * W_OUT
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < COUT
+        n, oy, ox, mask_m, offs_n, mask_n = _program_tile(H_OUT, W_OUT, COUT, BLOCK_M, BLOCK_N)
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_img = x_ptr + n * s_xn

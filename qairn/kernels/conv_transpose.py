@@ -41,7 +41,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from qairn.kernels.conv import _batch_and_block, _dot, _epilogue
+    from qairn.kernels.conv import _dot, _epilogue, _program_tile
 
 
 def conv_transpose_reference(
@@ -64,14 +64,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        n, pid_m = _batch_and_block(H * W, BLOCK_M)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < H * W
-        y = offs_m // W
-        x = offs_m - y * W
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < COUT
+        n, y, x, mask_m, offs_n, mask_n = _program_tile(H, W, COUT, BLOCK_M, BLOCK_N)
         pix = x_ptr + n * s_xn + y * s_xh + x * s_xw
 
         for phase in tl.static_range(4):
