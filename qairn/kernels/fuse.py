@@ -19,7 +19,8 @@ from torch import Tensor
 
 from qairn.kernels.conv import HAS_TRITON, KERNEL_SIZES, STRIDES, conv_op, conv_reference
 from qairn.kernels.conv_transpose import conv_transpose_op, conv_transpose_reference
-from qairn.model import QAIRN, ResBlock, RQAttention
+from qairn.kernels.gate import qairns_in
+from qairn.model import ResBlock, RQAttention
 
 DEFAULT_MAX_CHANNELS = 64
 
@@ -180,10 +181,7 @@ def use_conv_backend(model: nn.Module, name: str, max_channels: int = DEFAULT_MA
         raise ValueError(f"unknown conv backend {name!r}; choose 'triton' or 'reference'")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("conv backend 'triton' needs the triton package (pip install qairn[triton])")
-    qairns = [module for module in model.modules() if isinstance(module, QAIRN)]
-    if not qairns:
-        raise ValueError("no QAIRN module found in model")
-    for q in qairns:
+    for q in qairns_in(model):
         fuse_convs(q, max_channels) if name == "triton" else unfuse_convs(q)
     return model
 

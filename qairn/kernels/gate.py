@@ -707,11 +707,16 @@ def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"unknown gate backend {name!r}; choose one of {sorted(GATE_BACKENDS)}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
+    for module in qairns_in(model):
+        module.gate = GATE_BACKENDS[name]
+    return model
+
+
+def qairns_in(model: torch.nn.Module) -> list:
+    """Every QAIRN module in model, for the backend swaps; refuses a model with none."""
     from qairn.model import QAIRN  # here, not at the top: qairn.model imports this module
 
     qairns = [module for module in model.modules() if isinstance(module, QAIRN)]
     if not qairns:
         raise ValueError("no QAIRN module found in model")
-    for module in qairns:
-        module.gate = GATE_BACKENDS[name]
-    return model
+    return qairns
