@@ -7,15 +7,12 @@ runs on the plain-torch reference. Shapes stay tiny: the interpreter costs milli
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gate import compiled_for_hopper
 
 from qairn.kernels import conv as cv
 
@@ -420,25 +417,13 @@ def test_cuda_kernel_falls_back_for_other_kernels(geometry):
 
 # --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------
 
-# Compiles a kernel for sm_90 (no GPU needed) and lists its tensor-core instructions.
+# Follows test_gate.SM90_HELPER (sm90_ptx compiles a kernel for sm_90, no GPU needed): mma lists a
+# kernel's tensor-core instructions.
 PTX_HELPER = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from qairn.kernels import conv as cv, conv_transpose as ct
 
 def mma(kernel, dtype, constexprs):
-    sig, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:  # pointers of dtype; sizes and strides 16-aligned, as the launcher's specialisation sees them
-            sig[name] = dtype if name.endswith("_ptr") else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", asm)))
+    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", sm90_ptx(kernel, dtype, constexprs))))
 
 def epilogue(dtype):  # every epilogue on, channels contiguous (channels_last)
     flags = dict(HAS_BIAS=True, RELU=True, HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False)
@@ -463,18 +448,7 @@ print(json.dumps({
 
 
 def compiled_mma(script: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
-    result = subprocess.run(
-        [sys.executable, "-c", PTX_HELPER + script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return compiled_for_hopper(PTX_HELPER + script)
 
 
 @pytest.mark.skipif(not cv.HAS_TRITON, reason="triton not installed")
