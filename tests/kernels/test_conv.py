@@ -7,24 +7,12 @@ runs on the plain-torch reference. Shapes stay tiny: the interpreter costs milli
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gate import compiled_for_hopper
+from test_gate import DEVICE, TRITON_RUNS, compiled_for_hopper, needs_triton  # one environment
 
 from qairn.kernels import conv as cv
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RUNS = cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="triton not installed"
-    if not cv.HAS_TRITON
-    else "no CUDA, and TRITON_INTERPRET=1 was not set before import",
-)
-REPO = Path(__file__).resolve().parents[2]
 
 # (N, Cin, Cout, H, W): the model's thin layers (RGB in, 3 and 1 out), channel counts that are not
 # powers of two, several K steps (Cin 80 > BLOCK_K 64), several N programs (Cout 96 > 64), H = 1,
