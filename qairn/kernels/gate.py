@@ -348,9 +348,10 @@ def empty_pixels_like(t: Tensor) -> Tensor:
 
 
 def in_layout(t: Tensor, layout: Tensor) -> Tensor:
-    """t with the strides of layout (an empty tensor in the layout an op's fake promises): t itself
-    where they already match (the CPU reference mostly keeps its inputs' layout), else copied in."""
-    return t if t.stride() == layout.stride() else layout.copy_(t)
+    """t with the strides and dtype of layout (an empty tensor as an op's fake promises it): t itself
+    where they already match (the CPU reference mostly keeps its inputs' layout), else copied in (a
+    wider residual or bias promotes the reference's sum, not the op's output)."""
+    return t if t.stride() == layout.stride() and t.dtype == layout.dtype else layout.copy_(t)
 
 
 def _pixel_view(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:

@@ -465,3 +465,17 @@ def test_op_refuses_unbatched_input_on_every_path():
             call(x)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="4-d"):
         cv.conv(mode.from_tensor(x), weight)
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_op_output_takes_x_dtype_under_a_wider_residual(op):
+    """The fake kernel and the Triton launchers give out in x's dtype; the CPU reference's out + a
+    float64 residual is float64, which the op must not return as is."""
+    from qairn.kernels import conv_transpose as ct
+
+    x = torch.randn(1, 4, 5, 5)
+    if op == "conv":
+        out = cv.conv(x, torch.randn(4, 4, 3, 3), None, 1, 1, False, torch.randn(1, 4, 5, 5).double())
+    else:
+        out = ct.conv_transpose(x, torch.randn(4, 4, 2, 2), None, False, torch.randn(1, 4, 10, 10).double())
+    assert out.dtype == x.dtype
