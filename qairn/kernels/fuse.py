@@ -89,6 +89,8 @@ class FusedResBlock(ResBlock):
     """ResBlock in two fused calls: h = relu(conv1(x)); out = conv2(h) + x."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as ResBlock's nn.Conv2d take
+            return self.forward(x[None])[0]
         h = conv_op(x, self.conv1.weight, self.conv1.bias, *conv_args(self.conv1), True, None, None)
         return conv_op(h, self.conv2.weight, self.conv2.bias, *conv_args(self.conv2), False, x, None)
 

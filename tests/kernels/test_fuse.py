@@ -253,3 +253,19 @@ def test_fused_blocks_compute_their_convs_or_refuse_them():
     for m in unfit:
         with pytest.raises(ValueError, match="the fused .*cannot compute"):
             run(m.to(DEVICE), x)
+
+
+def test_a_fused_resblock_takes_unbatched_input():
+    """ResBlock's nn.Conv2d take a (C, H, W) input; the fused block's op refuses one (its fake and
+    launchers want N), so the block adds and drops the batch dimension as FusedConv2d does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    block = ResBlock(4).to(DEVICE)
+    x = torch.randn(4, 5, 6, device=DEVICE)
+    want = run(block, x)
+    fuse.fuse_convs(block)
+    assert type(block) is fuse.FusedResBlock
+    torch.testing.assert_close(run(block, x), want, **TOL)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert run(block, mode.from_tensor(x)).shape == want.shape
