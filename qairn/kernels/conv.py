@@ -276,7 +276,9 @@ def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, bigg
         try:
             residual = residual.expand(out_shape)
         except RuntimeError:
-            raise ValueError(f"residual must be {tuple(out_shape)}, got {tuple(residual.shape)}") from None
+            raise ValueError(
+                f"residual must broadcast to {tuple(out_shape)}, got {tuple(residual.shape)}"
+            ) from None
     # Offsets inside one image are int32 in the kernels (the batch offset is int64).
     if biggest >= 2**31:
         raise ValueError(f"one image of {biggest} elements is too large for the Triton kernels")
@@ -382,14 +384,10 @@ def _conv_impl(
 ) -> Tensor:
     check_batched(x, "conv")
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
-    return in_layout(out, empty_like_layout(x, out.shape))  # x's layout, as the Triton path and the fake
+    return as_promised(out, _conv_fake(x, weight, bias, stride, padding, relu, residual, x2), residual)
 
 
-conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
-
-
-@conv_op.register_fake
-def _(x, weight, bias, stride, padding, relu, residual, x2):
+def _conv_fake(x, weight, bias, stride, padding, relu, residual, x2):
     # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
     check_batched(x, "conv")
     n, _, h, w = x.shape
@@ -397,6 +395,19 @@ def _(x, weight, bias, stride, padding, relu, residual, x2):
     return empty_like_layout(
         x, (n, weight.shape[0], out_size(h, kh, stride, padding), out_size(w, kw, stride, padding))
     )
+
+
+def as_promised(out: Tensor, promised: Tensor, residual: Tensor | None) -> Tensor:
+    """The reference's out as the fake promised it: its layout and dtype (x's). out + residual also
+    broadcasts out to a larger residual ((2, C, H, W) on one image's conv), which the fake and the
+    Triton launchers do not: refused."""
+    if out.shape != promised.shape:
+        raise ValueError(f"residual must broadcast to {tuple(promised.shape)}, got {tuple(residual.shape)}")
+    return in_layout(out, promised)
+
+
+conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
+conv_op.register_fake(_conv_fake)
 
 
 def triton_takes(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:

@@ -25,13 +25,13 @@ from qairn.kernels.conv import (
     HAS_TRITON,
     INTERPRETED,
     addressable,
+    as_promised,
     check_batched,
     check_epilogue,
     check_runnable,
     choose_config,
     empty_like_layout,
     epilogue_reference,
-    in_layout,
     on_device,
     recompute_backward,
     triton_takes,
@@ -134,19 +134,19 @@ def _conv_transpose_impl(
 ) -> Tensor:
     check_batched(x, "transposed conv")
     out = conv_transpose_reference(x, weight, bias, relu, residual)
-    return in_layout(out, empty_like_layout(x, out.shape))  # x's layout, as the Triton path and the fake
+    return as_promised(out, _conv_transpose_fake(x, weight, bias, relu, residual), residual)
 
 
-conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_transpose_impl, mutates_args=())
-
-
-@conv_transpose_op.register_fake
-def _(x, weight, bias, relu, residual):
+def _conv_transpose_fake(x, weight, bias, relu, residual):
     # The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1): (H-1)*2 + k per side.
     check_batched(x, "transposed conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(x, (n, weight.shape[1], 2 * (h - 1) + kh, 2 * (w - 1) + kw))
+
+
+conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_transpose_impl, mutates_args=())
+conv_transpose_op.register_fake(_conv_transpose_fake)
 
 
 if HAS_TRITON:

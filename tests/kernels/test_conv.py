@@ -479,3 +479,17 @@ def test_op_output_takes_x_dtype_under_a_wider_residual(op):
     else:
         out = ct.conv_transpose(x, torch.randn(4, 4, 2, 2), None, False, torch.randn(1, 4, 10, 10).double())
     assert out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_op_refuses_a_residual_that_grows_the_output(op):
+    """out + residual broadcasts both ways: a (2, C, H, W) residual on one image's conv made the CPU
+    reference return two images where the fake kernel (and the Triton launchers) say one."""
+    from qairn.kernels import conv_transpose as ct
+
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"residual must broadcast to \(1, 4, (5, 5|10, 10)\), got \(2, "):
+        if op == "conv":
+            cv.conv(x, torch.randn(4, 4, 3, 3), None, 1, 1, False, torch.randn(2, 4, 5, 5))
+        else:
+            ct.conv_transpose(x, torch.randn(4, 4, 2, 2), None, False, torch.randn(2, 4, 10, 10))
