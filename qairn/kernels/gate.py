@@ -398,6 +398,15 @@ def _offset_type(*tensors: Tensor):
     return tl.int64 if reach >= 2**31 - 1 else tl.int32
 
 
+def check_shapes(logit: Tensor, skip: Tensor, dec: Tensor) -> None:
+    """The kernels take no broadcasting, and the op answers alike on every device (its fake too)."""
+    if skip.dim() != 4 or logit.shape != (skip.shape[0], 1, *skip.shape[2:]) or dec.shape != skip.shape:
+        raise ValueError(
+            "the gated blend takes logit (N, 1, H, W) and skip, dec (N, C, H, W) alike, got logit "
+            f"{tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
+        )
+
+
 def _cores_arg(cores: Tensor | None, n: int, like: Tensor) -> Tensor:
     if cores is None:
         return like  # never read: HAS_CORES is False
@@ -421,11 +430,8 @@ def gated_blend_triton(
     write_gamma, pool_sum and pool_count are empty (0,) when p is None. out has skip's layout.
     block_c/block_p/num_warps override tile_config (for benchmarks and tests)."""
     _check_runnable(skip)
+    check_shapes(logit, skip, dec)
     n, c, h, w = skip.shape
-    if logit.shape != (n, 1, h, w) or dec.shape != skip.shape:
-        raise ValueError(
-            f"shapes: logit {tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
-        )
     out = empty_pixels_like(skip)  # before _pixel_view: the layout the op's fake promises
     s_out = _nchw_strides(out)
     gamma = empty_pixels_like(logit) if write_gamma else logit.new_empty(0)
@@ -531,6 +537,7 @@ def _gated_blend_impl(
     logit: Tensor, skip: Tensor, dec: Tensor, p: float | None, cores: Tensor | None, write_gamma: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gamma, pool_sum, pool_count); gamma is empty unless write_gamma, the pool empty if p is None."""
+    check_shapes(logit, skip, dec)
     gamma = torch.sigmoid(logit)
     out = empty_pixels_like(skip)  # skip's layout, as the Triton path and the fake promise
     torch.add(dec, gamma * (skip - dec), out=out)
@@ -549,6 +556,7 @@ gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl
 
 @gated_blend_op.register_fake
 def _(logit, skip, dec, p, cores, write_gamma):
+    check_shapes(logit, skip, dec)
     n = 0 if p is None else skip.shape[0]
     pool_dtype = torch.promote_types(logit.dtype, torch.float32)
     return (

@@ -823,3 +823,26 @@ def test_kernels_compile_for_hopper_with_vector_access():
             name
         ]
     assert access["finish"] and access["finish_whole"] and access["fwd_wide"] and access["bwd_wide"]
+
+
+def test_op_refuses_shapes_the_triton_gate_refuses():
+    """The Triton launcher takes logit (N,1,H,W) and skip, dec (N,C,H,W) alike; the CPU reference
+    broadcast whatever it was given: a (1,1,1,4) logit on a 3x4 image pooled 4 pixels, not 12, and a
+    dec of 2 images on a skip of 1 resized out behind the fake's back. One ValueError on every path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logit, skip = torch.randn(1, 1, 3, 4), torch.randn(1, 2, 3, 4)
+    unfit = [
+        (logit[..., :1, :], skip, skip),
+        (logit, skip, torch.randn(2, 2, 3, 4)),
+        (logit, skip, skip[:, :1]),
+        (torch.randn(1, 2, 3, 4), skip, skip),
+    ]
+    for args in unfit:
+        with pytest.raises(ValueError, match=r"logit \(N, 1, H, W\) and skip, dec \(N, C, H, W\)"):
+            gate.gated_blend(*args, p=2.0)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="logit"):
+            gate.gated_blend(*(mode.from_tensor(t) for t in args), p=2.0)
+        if TRITON_RUNS:
+            with pytest.raises(ValueError, match=r"logit \(N, 1, H, W\)"):
+                gate.gated_blend_triton(*(t.to(DEVICE) for t in args), p=2.0)
