@@ -398,20 +398,27 @@ def _offset_type(*tensors: Tensor):
     return tl.int64 if reach >= 2**31 - 1 else tl.int32
 
 
-def check_shapes(logit: Tensor, skip: Tensor, dec: Tensor) -> None:
+def check_shapes(logit: Tensor, skip: Tensor, dec: Tensor, cores: Tensor | None = None) -> None:
     """The kernels take no broadcasting, and the op answers alike on every device (its fake too)."""
     if skip.dim() != 4 or logit.shape != (skip.shape[0], 1, *skip.shape[2:]) or dec.shape != skip.shape:
         raise ValueError(
             "the gated blend takes logit (N, 1, H, W) and skip, dec (N, C, H, W) alike, got logit "
             f"{tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
         )
+    check_cores(cores, skip.shape[0])
+
+
+def check_cores(cores: Tensor | None, n: int) -> None:
+    if cores is not None and cores.shape != (n, 4):
+        raise ValueError(
+            f"cores must be one (y0, y1, x0, x1) box or (N, 4), a box per image (N = {n}), "
+            f"got {tuple(cores.shape)}"
+        )
 
 
 def _cores_arg(cores: Tensor | None, n: int, like: Tensor) -> Tensor:
     if cores is None:
         return like  # never read: HAS_CORES is False
-    if cores.shape != (n, 4):
-        raise ValueError(f"cores must be (N,4) = (y0, y1, x0, x1) per image, got {tuple(cores.shape)}")
     return cores.to(device=like.device, dtype=torch.int32).contiguous()
 
 
@@ -430,7 +437,7 @@ def gated_blend_triton(
     write_gamma, pool_sum and pool_count are empty (0,) when p is None. out has skip's layout.
     block_c/block_p/num_warps override tile_config (for benchmarks and tests)."""
     _check_runnable(skip)
-    check_shapes(logit, skip, dec)
+    check_shapes(logit, skip, dec, cores)
     n, c, h, w = skip.shape
     out = empty_pixels_like(skip)  # before _pixel_view: the layout the op's fake promises
     s_out = _nchw_strides(out)
@@ -537,7 +544,7 @@ def _gated_blend_impl(
     logit: Tensor, skip: Tensor, dec: Tensor, p: float | None, cores: Tensor | None, write_gamma: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gamma, pool_sum, pool_count); gamma is empty unless write_gamma, the pool empty if p is None."""
-    check_shapes(logit, skip, dec)
+    check_shapes(logit, skip, dec, cores)
     gamma = torch.sigmoid(logit)
     out = empty_pixels_like(skip)  # skip's layout, as the Triton path and the fake promise
     torch.add(dec, gamma * (skip - dec), out=out)
@@ -556,7 +563,7 @@ gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl
 
 @gated_blend_op.register_fake
 def _(logit, skip, dec, p, cores, write_gamma):
-    check_shapes(logit, skip, dec)
+    check_shapes(logit, skip, dec, cores)
     n = 0 if p is None else skip.shape[0]
     pool_dtype = torch.promote_types(logit.dtype, torch.float32)
     return (
@@ -672,7 +679,10 @@ def as_cores(cores, like: Tensor) -> Tensor | None:
     if cores is None:
         return None
     cores = torch.as_tensor(cores, dtype=torch.int32, device=like.device)
-    return cores.expand(like.shape[0], 4) if cores.dim() == 1 else cores
+    if cores.shape == (4,):
+        cores = cores.expand(like.shape[0], 4)
+    check_cores(cores, like.shape[0])
+    return cores
 
 
 def gated_blend(

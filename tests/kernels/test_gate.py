@@ -846,3 +846,21 @@ def test_op_refuses_shapes_the_triton_gate_refuses():
         if TRITON_RUNS:
             with pytest.raises(ValueError, match=r"logit \(N, 1, H, W\)"):
                 gate.gated_blend_triton(*(t.to(DEVICE) for t in args), p=2.0)
+
+
+def test_cores_of_the_wrong_shape_are_refused_in_one_message():
+    """Cores for another batch size, or a box of 3 or 5 numbers, failed on the CPU inside a view or
+    an expand ("shape '[1, 4, 1, 1, 1]' is invalid for input of size 8") and passed the fake kernel;
+    the Triton launcher said what it takes. Every path now says it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logit, skip = torch.randn(1, 1, 3, 4), torch.randn(1, 2, 3, 4)
+    for cores in [torch.zeros(2, 4, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.zeros(1, 5)]:
+        for blend in (gate.gated_blend, gate.gated_blend_reference):
+            with pytest.raises(ValueError, match=r"cores must be .*\(N, 4\).*\(N = 1\), got \("):
+                blend(logit, skip, skip, p=2.0, cores=cores)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="cores"):
+            gate.gated_blend_op(*(mode.from_tensor(t) for t in (logit, skip, skip)), 2.0, cores, True)
+        if cores.dim() == 2:  # the op called with (N, 4) cores of another N
+            with pytest.raises(ValueError, match="cores must be"):
+                gate.gated_blend_op(logit, skip, skip, 2.0, cores, True)
