@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qairn.kernels.gate import on_device, triton_compiles_for
+from qairn.kernels.gate import in_layout, on_device, triton_compiles_for
 
 try:
     import triton
@@ -82,14 +82,18 @@ def out_size(size: int, k: int, stride: int, padding: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _batch_and_block(pixels, BLOCK_M: tl.constexpr):
-        """(image, pixel block) of this program. Images and pixel blocks share grid axis 0: CUDA caps
+    def _program_tile(H, W, COUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(image, row and column of BLOCK_M pixels of an H x W grid, their mask, BLOCK_N output
+        channels, their mask) of this program. Images and pixel blocks share grid axis 0: CUDA caps
         axes 1 and 2 at 65535 (a batch of 70000 patches); output-channel blocks, few, take axis 1.
         The image index is int64: batch offsets of a 4K tile batch pass 2**31 elements."""
-        num_m = tl.cdiv(pixels, BLOCK_M)
+        num_m = tl.cdiv(H * W, BLOCK_M)
         pid = tl.program_id(0)
         n = pid // num_m
-        return n.to(tl.int64), pid - n * num_m
+        offs_m = (pid - n * num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        y = offs_m // W
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return n.to(tl.int64), y, offs_m - y * W, offs_m < H * W, offs_n, offs_n < COUT
 
     @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
@@ -132,14 +136,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_X2: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        n, pid_m = _batch_and_block(H_OUT * W_OUT, BLOCK_M)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < H_OUT * W_OUT
-        oy = offs_m // W_OUT
-        ox = offs_m - oy * W_OUT
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < COUT
+        n, oy, ox, mask_m, offs_n, mask_n = _program_tile(H_OUT, W_OUT, COUT, BLOCK_M, BLOCK_N)
 
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_img = x_ptr + n * s_xn
@@ -263,6 +260,13 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
         )
 
 
+def check_batched(x: Tensor, what: str) -> None:
+    """The ops' fakes and launchers unpack (N, C, H, W), and x2 joins x along dim 1: an unbatched x
+    is refused on every path alike (the fused modules add the batch dimension, as torch's do)."""
+    if x.dim() != 4:
+        raise ValueError(f"the fused {what} takes a 4-d (N, C, H, W) x, got {tuple(x.shape)}")
+
+
 def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> Tensor | None:
     """Returns the residual expanded to out_shape: one that broadcasts to it (a (1,C,1,1) shift), as
     the reference's out + residual takes, is read through stride 0."""
@@ -272,7 +276,9 @@ def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, bigg
         try:
             residual = residual.expand(out_shape)
         except RuntimeError:
-            raise ValueError(f"residual must be {tuple(out_shape)}, got {tuple(residual.shape)}") from None
+            raise ValueError(
+                f"residual must broadcast to {tuple(out_shape)}, got {tuple(residual.shape)}"
+            ) from None
     # Offsets inside one image are int32 in the kernels (the batch offset is int64).
     if biggest >= 2**31:
         raise ValueError(f"one image of {biggest} elements is too large for the Triton kernels")
@@ -310,6 +316,7 @@ def conv_triton(
     """The fused conv of x, or of x and x2 concatenated along channels; out has x's memory format.
     config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the tuned tiling (benchmarks, tests)."""
     check_runnable(x, weight, "conv")
+    check_batched(x, "conv")
     n, cin, h, w = x.shape
     cin2 = 0
     if x2 is not None:
@@ -375,21 +382,32 @@ def _conv_impl(
     residual: Tensor | None,
     x2: Tensor | None,
 ) -> Tensor:
+    check_batched(x, "conv")
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
-    return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
+    return as_promised(out, _conv_fake(x, weight, bias, stride, padding, relu, residual, x2), residual)
 
 
-conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
-
-
-@conv_op.register_fake
-def _(x, weight, bias, stride, padding, relu, residual, x2):
+def _conv_fake(x, weight, bias, stride, padding, relu, residual, x2):
     # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
+    check_batched(x, "conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(
         x, (n, weight.shape[0], out_size(h, kh, stride, padding), out_size(w, kw, stride, padding))
     )
+
+
+def as_promised(out: Tensor, promised: Tensor, residual: Tensor | None) -> Tensor:
+    """The reference's out as the fake promised it: its layout and dtype (x's). out + residual also
+    broadcasts out to a larger residual ((2, C, H, W) on one image's conv), which the fake and the
+    Triton launchers do not: refused."""
+    if out.shape != promised.shape:
+        raise ValueError(f"residual must broadcast to {tuple(promised.shape)}, got {tuple(residual.shape)}")
+    return in_layout(out, promised)
+
+
+conv_op = torch.library.custom_op("qairn::conv2d", _conv_impl, mutates_args=())
+conv_op.register_fake(_conv_fake)
 
 
 def triton_takes(x: Tensor, weight: Tensor, *others: Tensor | None) -> bool:

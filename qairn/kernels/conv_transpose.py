@@ -25,6 +25,8 @@ from qairn.kernels.conv import (
     HAS_TRITON,
     INTERPRETED,
     addressable,
+    as_promised,
+    check_batched,
     check_epilogue,
     check_runnable,
     choose_config,
@@ -39,7 +41,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from qairn.kernels.conv import _batch_and_block, _dot, _epilogue
+    from qairn.kernels.conv import _dot, _epilogue, _program_tile
 
 
 def conv_transpose_reference(
@@ -62,14 +64,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
         IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
-        n, pid_m = _batch_and_block(H * W, BLOCK_M)
-        pid_n = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < H * W
-        y = offs_m // W
-        x = offs_m - y * W
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < COUT
+        n, y, x, mask_m, offs_n, mask_n = _program_tile(H, W, COUT, BLOCK_M, BLOCK_N)
         pix = x_ptr + n * s_xn + y * s_xh + x * s_xw
 
         for phase in tl.static_range(4):
@@ -101,6 +96,7 @@ def conv_transpose_triton(
 ) -> Tensor:
     """The fused transposed conv; out has x's memory format. config as conv.conv_triton's."""
     check_runnable(x, weight, "transposed conv")
+    check_batched(x, "transposed conv")
     n, cin, h, w = x.shape
     cout = weight.shape[1]
     if weight.shape != (cin, cout, 2, 2):
@@ -136,19 +132,21 @@ def conv_transpose_triton(
 def _conv_transpose_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool, residual: Tensor | None
 ) -> Tensor:
+    check_batched(x, "transposed conv")
     out = conv_transpose_reference(x, weight, bias, relu, residual)
-    return empty_like_layout(x, out.shape).copy_(out)  # x's layout, as the Triton path and the fake
+    return as_promised(out, _conv_transpose_fake(x, weight, bias, relu, residual), residual)
 
 
-conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_transpose_impl, mutates_args=())
-
-
-@conv_transpose_op.register_fake
-def _(x, weight, bias, relu, residual):
+def _conv_transpose_fake(x, weight, bias, relu, residual):
     # The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1): (H-1)*2 + k per side.
+    check_batched(x, "transposed conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(x, (n, weight.shape[1], 2 * (h - 1) + kh, 2 * (w - 1) + kw))
+
+
+conv_transpose_op = torch.library.custom_op("qairn::conv_transpose2x2", _conv_transpose_impl, mutates_args=())
+conv_transpose_op.register_fake(_conv_transpose_fake)
 
 
 if HAS_TRITON:

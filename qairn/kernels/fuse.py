@@ -19,16 +19,59 @@ from torch import Tensor
 
 from qairn.kernels.conv import HAS_TRITON, KERNEL_SIZES, STRIDES, conv_op, conv_reference
 from qairn.kernels.conv_transpose import conv_transpose_op, conv_transpose_reference
-from qairn.model import QAIRN, ResBlock, RQAttention
+from qairn.kernels.gate import qairns_in
+from qairn.model import ResBlock, RQAttention
 
 DEFAULT_MAX_CHANNELS = 64
+
+
+def op_computes_conv(m: nn.Conv2d) -> bool:
+    """Whether qairn::conv2d computes m: it takes one stride and one padding for both sides, zero
+    padding, no dilation or groups (any kernel: where the Triton kernel is not built, the reference)."""
+    return (
+        isinstance(m.padding, tuple)  # padding="same" is a str
+        and m.stride[0] == m.stride[1]
+        and m.padding[0] == m.padding[1]
+        and m.dilation == (1, 1)
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+    )
+
+
+def op_computes_conv_transpose(m: nn.ConvTranspose2d) -> bool:
+    """Whether qairn::conv_transpose2x2 computes m: stride 2, nothing else (any kernel: the reference)."""
+    return (
+        m.stride == (2, 2)
+        and m.padding == (0, 0)
+        and m.output_padding == (0, 0)
+        and m.dilation == (1, 1)
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+    )
+
+
+def conv_args(m: nn.Conv2d) -> tuple[int, int]:
+    """m's (stride, padding) for the op. A conv it cannot compute is refused: it would get another."""
+    if not op_computes_conv(m):
+        raise ValueError(
+            f"the fused conv op cannot compute {m}: it takes one stride and padding for both sides, "
+            "zero padding, no dilation or groups"
+        )
+    return m.stride[0], m.padding[0]
+
+
+def check_conv_transpose(m: nn.ConvTranspose2d) -> None:
+    if not op_computes_conv_transpose(m):
+        raise ValueError(
+            f"the fused transposed conv op cannot compute {m}: it takes stride 2 and nothing else"
+        )
 
 
 class FusedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes: the op's fake and kernel want N
             return self.forward(x[None])[0]
-        return conv_op(x, self.weight, self.bias, self.stride[0], self.padding[0], False, None, None)
+        return conv_op(x, self.weight, self.bias, *conv_args(self), False, None, None)
 
 
 class FusedConvTranspose2d(nn.ConvTranspose2d):
@@ -38,6 +81,7 @@ class FusedConvTranspose2d(nn.ConvTranspose2d):
             return super().forward(x, output_size)
         if x.dim() == 3:  # unbatched (C, H, W), as nn.ConvTranspose2d takes
             return self.forward(x[None])[0]
+        check_conv_transpose(self)
         return conv_transpose_op(x, self.weight, self.bias, False, None)
 
 
@@ -45,8 +89,10 @@ class FusedResBlock(ResBlock):
     """ResBlock in two fused calls: h = relu(conv1(x)); out = conv2(h) + x."""
 
     def forward(self, x: Tensor) -> Tensor:
-        h = conv_op(x, self.conv1.weight, self.conv1.bias, 1, 1, True, None, None)
-        return conv_op(h, self.conv2.weight, self.conv2.bias, 1, 1, False, x, None)
+        if x.dim() == 3:  # unbatched (C, H, W), as ResBlock's nn.Conv2d take
+            return self.forward(x[None])[0]
+        h = conv_op(x, self.conv1.weight, self.conv1.bias, *conv_args(self.conv1), True, None, None)
+        return conv_op(h, self.conv2.weight, self.conv2.bias, *conv_args(self.conv2), False, x, None)
 
 
 class FusedRQAttention(RQAttention):
@@ -55,43 +101,38 @@ class FusedRQAttention(RQAttention):
 
     def logit(self, skip: Tensor, dec: Tensor) -> Tensor:
         def c(x, m, relu, x2=None):
-            return conv_op(x, m.weight, m.bias, m.stride[0], m.padding[0], relu, None, x2)
+            return conv_op(x, m.weight, m.bias, *conv_args(m), relu, None, x2)
+
+        def up(x, m, skip):
+            check_conv_transpose(m)
+            return conv_transpose_op(x, m.weight, m.bias, True, skip)
 
         e0 = c(skip, self.inp, True, dec)
         e1 = c(e0, self.down1, True)
         e2 = c(e1, self.down2, True)
-        d1 = conv_transpose_op(e2, self.up2.weight, self.up2.bias, True, e1)
-        d0 = conv_transpose_op(d1, self.up1.weight, self.up1.bias, True, e0)
+        d1 = up(e2, self.up2, e1)
+        d0 = up(d1, self.up1, e0)
         return c(d0, self.out, False)
 
 
 def _narrow(m: nn.Module, max_channels: int) -> bool:
-    return max(m.in_channels, m.out_channels) <= max_channels and m.groups == 1 and m.dilation == (1, 1)
+    return max(m.in_channels, m.out_channels) <= max_channels
 
 
 def fusable_conv(m: nn.Module, max_channels: int) -> bool:
-    if type(m) is not nn.Conv2d or not isinstance(m.padding, tuple):  # padding="same" is a str
+    """The op computes m and on CUDA runs it on the Triton kernel."""
+    if type(m) is not nn.Conv2d or not op_computes_conv(m):
         return False
-    (k, k2), (s, s2), (p, p2) = m.kernel_size, m.stride, m.padding
-    return (
-        _narrow(m, max_channels)
-        and k == k2
-        and k in KERNEL_SIZES
-        and s == s2
-        and s in STRIDES
-        and p == p2
-        and m.padding_mode == "zeros"
-    )
+    k, k2 = m.kernel_size
+    return _narrow(m, max_channels) and k == k2 and k in KERNEL_SIZES and m.stride[0] in STRIDES
 
 
 def fusable_conv_transpose(m: nn.Module, max_channels: int) -> bool:
     return (
         type(m) is nn.ConvTranspose2d
+        and op_computes_conv_transpose(m)
         and _narrow(m, max_channels)
         and m.kernel_size == (2, 2)
-        and m.stride == (2, 2)
-        and m.padding == (0, 0)
-        and m.output_padding == (0, 0)
     )
 
 
@@ -142,10 +183,7 @@ def use_conv_backend(model: nn.Module, name: str, max_channels: int = DEFAULT_MA
         raise ValueError(f"unknown conv backend {name!r}; choose 'triton' or 'reference'")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("conv backend 'triton' needs the triton package (pip install qairn[triton])")
-    qairns = [module for module in model.modules() if isinstance(module, QAIRN)]
-    if not qairns:
-        raise ValueError("no QAIRN module found in model")
-    for q in qairns:
+    for q in qairns_in(model):
         fuse_convs(q, max_channels) if name == "triton" else unfuse_convs(q)
     return model
 

@@ -156,6 +156,24 @@ if HAS_TRITON:
         return pid_p.to(OFFSET) * BLOCK_P + tl.arange(0, BLOCK_P).to(OFFSET)
 
     @triton.jit
+    def _program_pixels(num_blocks, HW, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
+        """(image, image in int64, pixel block, its pixel indices, their mask) of this program. One flat
+        grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535. Batch offsets are int64
+        (a 4K tile batch passes 2**31 elements); OFFSET is int32, or int64 where one image does (a whole
+        8K frame at 64 channels)."""
+        pid = tl.program_id(0)
+        n = pid // num_blocks
+        pid_p = pid - n * num_blocks
+        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
+        return n, n.to(tl.int64), pid_p, offs_p, offs_p < HW
+
+    @triton.jit
+    def _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p):
+        """gamma = sigmoid(logit) of the block's pixels, in fp32."""
+        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
+        return tl.sigmoid(logit.to(tl.float32))
+
+    @triton.jit
     def _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES: tl.constexpr):
         if HAS_CORES:
             y0, y1, x0, x1 = _core_box(cores_ptr, n)
@@ -177,17 +195,8 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
         WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
     ):  # fmt: skip
-        # One flat grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535.
-        pid = tl.program_id(0)
-        n = pid // num_blocks
-        pid_p = pid - n * num_blocks
-        n64 = n.to(tl.int64)  # batch offsets of a 4K tile batch pass 2**31 elements
-        # OFFSET: int32, or int64 where one image passes 2**31 elements (a whole 8K frame at 64 channels)
-        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
-        mask_p = offs_p < HW
-
-        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
-        gamma = tl.sigmoid(logit.to(tl.float32))
+        n, n64, pid_p, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
+        gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
         if WRITE_GAMMA:
             gamma_ptrs = gamma_ptr + n64 * s_gamma_n + offs_p * s_gamma_p
             tl.store(gamma_ptrs, gamma.to(gamma_ptr.dtype.element_ty), mask=mask_p)
@@ -246,15 +255,8 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
         HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
-        n = pid // num_blocks
-        pid_p = pid - n * num_blocks
-        n64 = n.to(tl.int64)
-        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
-        mask_p = offs_p < HW
-
-        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
-        gamma = tl.sigmoid(logit.to(tl.float32))
+        n, n64, _, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
+        gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
         g = gamma[None, :]
         grad_gamma = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum over channels of grad_out*(skip-dec)
         for c0 in range(0, C, BLOCK_C):
@@ -345,6 +347,13 @@ def empty_pixels_like(t: Tensor) -> Tensor:
     return out
 
 
+def in_layout(t: Tensor, layout: Tensor) -> Tensor:
+    """t with the strides and dtype of layout (an empty tensor as an op's fake promises it): t itself
+    where they already match (the CPU reference mostly keeps its inputs' layout), else copied in (a
+    wider residual or bias promotes the reference's sum, not the op's output)."""
+    return t if t.stride() == layout.stride() and t.dtype == layout.dtype else layout.copy_(t)
+
+
 def _pixel_view(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     strides = _nchw_strides(t)
     if strides is None:  # a strided view the kernel cannot walk: copy once
@@ -389,11 +398,27 @@ def _offset_type(*tensors: Tensor):
     return tl.int64 if reach >= 2**31 - 1 else tl.int32
 
 
+def check_shapes(logit: Tensor, skip: Tensor, dec: Tensor, cores: Tensor | None = None) -> None:
+    """The kernels take no broadcasting, and the op answers alike on every device (its fake too)."""
+    if skip.dim() != 4 or logit.shape != (skip.shape[0], 1, *skip.shape[2:]) or dec.shape != skip.shape:
+        raise ValueError(
+            "the gated blend takes logit (N, 1, H, W) and skip, dec (N, C, H, W) alike, got logit "
+            f"{tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
+        )
+    check_cores(cores, skip.shape[0])
+
+
+def check_cores(cores: Tensor | None, n: int) -> None:
+    if cores is not None and cores.shape != (n, 4):
+        raise ValueError(
+            f"cores must be one (y0, y1, x0, x1) box or (N, 4), a box per image (N = {n}), "
+            f"got {tuple(cores.shape)}"
+        )
+
+
 def _cores_arg(cores: Tensor | None, n: int, like: Tensor) -> Tensor:
     if cores is None:
         return like  # never read: HAS_CORES is False
-    if cores.shape != (n, 4):
-        raise ValueError(f"cores must be (N,4) = (y0, y1, x0, x1) per image, got {tuple(cores.shape)}")
     return cores.to(device=like.device, dtype=torch.int32).contiguous()
 
 
@@ -412,11 +437,8 @@ def gated_blend_triton(
     write_gamma, pool_sum and pool_count are empty (0,) when p is None. out has skip's layout.
     block_c/block_p/num_warps override tile_config (for benchmarks and tests)."""
     _check_runnable(skip)
+    check_shapes(logit, skip, dec, cores)
     n, c, h, w = skip.shape
-    if logit.shape != (n, 1, h, w) or dec.shape != skip.shape:
-        raise ValueError(
-            f"shapes: logit {tuple(logit.shape)}, skip {tuple(skip.shape)}, dec {tuple(dec.shape)}"
-        )
     out = empty_pixels_like(skip)  # before _pixel_view: the layout the op's fake promises
     s_out = _nchw_strides(out)
     gamma = empty_pixels_like(logit) if write_gamma else logit.new_empty(0)
@@ -522,6 +544,7 @@ def _gated_blend_impl(
     logit: Tensor, skip: Tensor, dec: Tensor, p: float | None, cores: Tensor | None, write_gamma: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, gamma, pool_sum, pool_count); gamma is empty unless write_gamma, the pool empty if p is None."""
+    check_shapes(logit, skip, dec, cores)
     gamma = torch.sigmoid(logit)
     out = empty_pixels_like(skip)  # skip's layout, as the Triton path and the fake promise
     torch.add(dec, gamma * (skip - dec), out=out)
@@ -531,8 +554,8 @@ def _gated_blend_impl(
         pool_sum, pool_count = pool_reference(_pool_gamma(logit, gamma), p, cores)
     if not write_gamma:
         return out, logit.new_empty(0), pool_sum, pool_count
-    layout = empty_pixels_like(logit)  # the layout the fake promises (sigmoid keeps an odd one)
-    return out, gamma if layout.stride() == gamma.stride() else layout.copy_(gamma), pool_sum, pool_count
+    # the layout the fake promises (sigmoid keeps an odd one)
+    return out, in_layout(gamma, empty_pixels_like(logit)), pool_sum, pool_count
 
 
 gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl, mutates_args=())
@@ -540,6 +563,7 @@ gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl
 
 @gated_blend_op.register_fake
 def _(logit, skip, dec, p, cores, write_gamma):
+    check_shapes(logit, skip, dec, cores)
     n = 0 if p is None else skip.shape[0]
     pool_dtype = torch.promote_types(logit.dtype, torch.float32)
     return (
@@ -567,7 +591,9 @@ def _gated_blend_backward_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_logit, grad_skip, grad_dec), each in its input's layout."""
     grads = gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, skip, dec, p, cores)
-    return tuple(empty_pixels_like(x).copy_(grad) for x, grad in zip((logit, skip, dec), grads, strict=True))
+    return tuple(
+        in_layout(grad, empty_pixels_like(x)) for x, grad in zip((logit, skip, dec), grads, strict=True)
+    )
 
 
 gated_blend_backward_op = torch.library.custom_op(
@@ -653,7 +679,10 @@ def as_cores(cores, like: Tensor) -> Tensor | None:
     if cores is None:
         return None
     cores = torch.as_tensor(cores, dtype=torch.int32, device=like.device)
-    return cores.expand(like.shape[0], 4) if cores.dim() == 1 else cores
+    if cores.shape == (4,):
+        cores = cores.expand(like.shape[0], 4)
+    check_cores(cores, like.shape[0])
+    return cores
 
 
 def gated_blend(
@@ -697,11 +726,16 @@ def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"unknown gate backend {name!r}; choose one of {sorted(GATE_BACKENDS)}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
+    for module in qairns_in(model):
+        module.gate = GATE_BACKENDS[name]
+    return model
+
+
+def qairns_in(model: torch.nn.Module) -> list:
+    """Every QAIRN module in model, for the backend swaps; refuses a model with none."""
     from qairn.model import QAIRN  # here, not at the top: qairn.model imports this module
 
     qairns = [module for module in model.modules() if isinstance(module, QAIRN)]
     if not qairns:
         raise ValueError("no QAIRN module found in model")
-    for module in qairns:
-        module.gate = GATE_BACKENDS[name]
-    return model
+    return qairns

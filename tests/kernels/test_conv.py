@@ -7,27 +7,12 @@ runs on the plain-torch reference. Shapes stay tiny: the interpreter costs milli
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gate import DEVICE, TRITON_RUNS, compiled_for_hopper, needs_triton  # one environment
 
 from qairn.kernels import conv as cv
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RUNS = cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="triton not installed"
-    if not cv.HAS_TRITON
-    else "no CUDA, and TRITON_INTERPRET=1 was not set before import",
-)
-REPO = Path(__file__).resolve().parents[2]
 
 # (N, Cin, Cout, H, W): the model's thin layers (RGB in, 3 and 1 out), channel counts that are not
 # powers of two, several K steps (Cin 80 > BLOCK_K 64), several N programs (Cout 96 > 64), H = 1,
@@ -420,25 +405,13 @@ def test_cuda_kernel_falls_back_for_other_kernels(geometry):
 
 # --- Compiled code (no GPU needed): the kernel compiles for Hopper and uses tensor cores ---------------
 
-# Compiles a kernel for sm_90 (no GPU needed) and lists its tensor-core instructions.
+# Follows test_gate.SM90_HELPER (sm90_ptx compiles a kernel for sm_90, no GPU needed): mma lists a
+# kernel's tensor-core instructions.
 PTX_HELPER = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from qairn.kernels import conv as cv, conv_transpose as ct
 
 def mma(kernel, dtype, constexprs):
-    sig, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:  # pointers of dtype; sizes and strides 16-aligned, as the launcher's specialisation sees them
-            sig[name] = dtype if name.endswith("_ptr") else "i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", asm)))
+    return sorted(set(re.findall(r"\b(?:w?gmma|mma)\.[\w.]+", sm90_ptx(kernel, dtype, constexprs))))
 
 def epilogue(dtype):  # every epilogue on, channels contiguous (channels_last)
     flags = dict(HAS_BIAS=True, RELU=True, HAS_RES=True, IEEE=dtype == "*fp32", UPCAST=False)
@@ -463,18 +436,7 @@ print(json.dumps({
 
 
 def compiled_mma(script: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
-    result = subprocess.run(
-        [sys.executable, "-c", PTX_HELPER + script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return compiled_for_hopper(PTX_HELPER + script)
 
 
 @pytest.mark.skipif(not cv.HAS_TRITON, reason="triton not installed")
@@ -486,3 +448,48 @@ def test_kernel_compiles_for_hopper_on_tensor_cores():
     for name in ("fp16_16x16", "bf16_32x32_s2", "fp16_3x16", "fp16_2x2_s2", "fp16_two_inputs"):
         assert mma[name], (name, mma)
     assert not mma["fp32_16x16"], mma
+
+
+def test_op_refuses_unbatched_input_on_every_path():
+    """A (C, H, W) x ran on the CPU reference, but the fake kernel (torch.compile, export) and the
+    Triton launcher failed with 'not enough values to unpack (expected 4, got 3)', and with x2 the
+    reference concatenated along H. One ValueError now, on every path (fused modules add the batch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight = torch.randn(3, 6, 6), torch.randn(4, 3, 3, 3)
+    calls = [lambda x: cv.conv(x, weight), lambda x: cv.conv(x[:1], weight, x2=x[1:])]
+    if TRITON_RUNS:
+        calls.append(lambda x: cv.conv_triton(x.to(DEVICE), weight.to(DEVICE)))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"takes a 4-d \(N, C, H, W\) x, got \("):
+            call(x)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="4-d"):
+        cv.conv(mode.from_tensor(x), weight)
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_op_output_takes_x_dtype_under_a_wider_residual(op):
+    """The fake kernel and the Triton launchers give out in x's dtype; the CPU reference's out + a
+    float64 residual is float64, which the op must not return as is."""
+    from qairn.kernels import conv_transpose as ct
+
+    x = torch.randn(1, 4, 5, 5)
+    if op == "conv":
+        out = cv.conv(x, torch.randn(4, 4, 3, 3), None, 1, 1, False, torch.randn(1, 4, 5, 5).double())
+    else:
+        out = ct.conv_transpose(x, torch.randn(4, 4, 2, 2), None, False, torch.randn(1, 4, 10, 10).double())
+    assert out.dtype == x.dtype
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_op_refuses_a_residual_that_grows_the_output(op):
+    """out + residual broadcasts both ways: a (2, C, H, W) residual on one image's conv made the CPU
+    reference return two images where the fake kernel (and the Triton launchers) say one."""
+    from qairn.kernels import conv_transpose as ct
+
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"residual must broadcast to \(1, 4, (5, 5|10, 10)\), got \(2, "):
+        if op == "conv":
+            cv.conv(x, torch.randn(4, 4, 3, 3), None, 1, 1, False, torch.randn(2, 4, 5, 5))
+        else:
+            ct.conv_transpose(x, torch.randn(4, 4, 2, 2), None, False, torch.randn(2, 4, 10, 10))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_conv import DEVICE, DTYPES, LAYOUTS, TOL, assert_layout, compiled_mma, needs_triton
+from test_conv import DEVICE, DTYPES, LAYOUTS, TOL, TRITON_RUNS, assert_layout, compiled_mma, needs_triton
 
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
@@ -174,3 +174,18 @@ print(json.dumps({
 def test_kernel_compiles_for_hopper_on_tensor_cores():
     mma = compiled_mma(PTX_SCRIPT)
     assert mma["fp16_32x16"] and mma["bf16_16x16"] and not mma["fp32"], mma
+
+
+def test_op_refuses_unbatched_input_on_every_path():
+    """As test_conv's: the fake kernel and the Triton launcher failed to unpack a (C, H, W) x."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight = torch.randn(3, 2, 3), torch.randn(3, 4, 2, 2)
+    calls = [lambda x: ct.conv_transpose(x, weight)]
+    if TRITON_RUNS:
+        calls.append(lambda x: ct.conv_transpose_triton(x.to(DEVICE), weight.to(DEVICE)))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"takes a 4-d \(N, C, H, W\) x, got \("):
+            call(x)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="4-d"):
+        ct.conv_transpose(mode.from_tensor(x), weight)

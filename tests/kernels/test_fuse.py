@@ -219,3 +219,53 @@ def test_a_fused_model_exports_to_onnx(tmp_path):
     import onnx
 
     assert not any(n.domain == "qairn" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)
+
+
+def test_fused_blocks_compute_their_convs_or_refuse_them():
+    """FusedResBlock passed stride 1 and padding 1 whatever its convs said (a ResBlock of 1x1 convs,
+    which fuse_convs fuses, failed on a 7-wide where a 5-wide output was due), and FusedConv2d and
+    FusedConvTranspose2d built directly passed the op one side's stride and padding and nothing of
+    dilation, groups or the padding mode: each computed another conv without a word."""
+    torch.manual_seed(0)
+    block = ResBlock(4)
+    block.conv1, block.conv2 = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+    block = block.to(DEVICE)
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    want = run(block, x)
+    fuse.fuse_convs(block)
+    assert type(block) is fuse.FusedResBlock
+    torch.testing.assert_close(run(block, x), want, **TOL)
+
+    block.conv2 = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2).to(DEVICE)
+    unfit = [
+        block,
+        fuse.FusedConv2d(4, 4, 3, stride=(1, 2), padding=1),
+        fuse.FusedConv2d(4, 4, 3, padding=(1, 0)),
+        fuse.FusedConv2d(4, 4, 3, padding=2, dilation=2),
+        fuse.FusedConv2d(4, 4, 3, padding=1, groups=2),
+        fuse.FusedConv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        fuse.FusedConv2d(4, 4, 3, padding="same"),
+        fuse.FusedConvTranspose2d(4, 4, 2, stride=1),
+        fuse.FusedConvTranspose2d(4, 4, 2, stride=2, padding=1),
+        fuse.FusedConvTranspose2d(4, 4, 3, stride=2, output_padding=1),
+        fuse.FusedConvTranspose2d(4, 4, 2, stride=2, groups=2),
+    ]
+    for m in unfit:
+        with pytest.raises(ValueError, match="the fused .*cannot compute"):
+            run(m.to(DEVICE), x)
+
+
+def test_a_fused_resblock_takes_unbatched_input():
+    """ResBlock's nn.Conv2d take a (C, H, W) input; the fused block's op refuses one (its fake and
+    launchers want N), so the block adds and drops the batch dimension as FusedConv2d does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    block = ResBlock(4).to(DEVICE)
+    x = torch.randn(4, 5, 6, device=DEVICE)
+    want = run(block, x)
+    fuse.fuse_convs(block)
+    assert type(block) is fuse.FusedResBlock
+    torch.testing.assert_close(run(block, x), want, **TOL)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert run(block, mode.from_tensor(x)).shape == want.shape

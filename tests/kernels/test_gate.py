@@ -738,29 +738,54 @@ def test_model_on_the_triton_kernels():
 
 # --- Compiled code (no GPU needed): the kernels compile for Hopper and vectorise -------------------
 
-PTX_SCRIPT = r"""
+# The start of every compile script (here, test_conv, test_conv_transpose): sm90_ptx(kernel, ...) is
+# the kernel's PTX for sm_90, which needs no GPU.
+SM90_HELPER = r"""
 import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from qairn.kernels import gate
 
-def ptx(kernel, dtype, constexprs):
+def sm90_ptx(kernel, dtype, constexprs, types={}):
+    # Pointers of dtype, sizes and strides i32, unless types names another type; all but fp32 scalars
+    # 16-divisible: a 16-aligned tile batch, as the launcher's specialisation sees it.
     sig, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            fixed = {"cores_ptr": "*i32", "partial_ptr": "*fp32", "grad_pool_ptr": "*fp32"}
-            sig[name] = fixed.get(name, dtype)
+            continue
+        sig[name] = types.get(name, dtype if name.endswith("_ptr") else "i32")
+        if sig[name] != "fp32":
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:  # sizes and strides of a 16-aligned tile batch, as the launcher's specialisation sees them
-            sig[name] = "fp32" if name == "p" else "i32"
-            if name != "p":
-                attrs[(i,)] = [["tt.divisibility", 16]]
     consts = {(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-    return re.findall(r"(?:ld|st)\.global[.\w]*", asm)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+"""
+
+
+def compiled_for_hopper(script: str) -> dict:
+    """Runs SM90_HELPER + script in a fresh interpreter without TRITON_INTERPRET (the kernels must be
+    compiled, not interpreted) and returns the JSON of its last line."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
+    result = subprocess.run(
+        [sys.executable, "-c", SM90_HELPER + script],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PTX_SCRIPT = r"""
+from qairn.kernels import gate
+
+FIXED_TYPES = {"cores_ptr": "*i32", "partial_ptr": "*fp32", "grad_pool_ptr": "*fp32", "p": "fp32"}
+
+def ptx(kernel, dtype, constexprs):
+    return re.findall(r"(?:ld|st)\.global[.\w]*", sm90_ptx(kernel, dtype, constexprs, FIXED_TYPES))
 
 flags = dict(POOL=True, HAS_CORES=True, OFFSET=triton.language.int32)
 nchw = dict(BLOCK_C=4, BLOCK_P=1024, s_skip_p=1, s_dec_p=1, s_out_p=1, s_logit_p=1)
@@ -790,13 +815,7 @@ print(json.dumps({
 def test_kernels_compile_for_hopper_with_vector_access():
     """Compiles (not interprets) the kernels for sm_90, which needs no GPU, and checks that the big
     tensors move in 128-bit accesses: the interpreter cannot catch compile errors or slow code."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; fusion is its default
-    result = subprocess.run(
-        [sys.executable, "-c", PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=300, cwd=REPO
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    access = json.loads(result.stdout.strip().splitlines()[-1])
+    access = compiled_for_hopper(PTX_SCRIPT)
     for name in ("fwd_nchw_fp16", "fwd_cl_bf16", "bwd_nchw_fp32"):
         wide = [a for a in access[name] if ".v4." in a]
         # skip, dec and out (bwd: grad_out, skip, dec, grad_skip, grad_dec) all vectorised.
@@ -804,3 +823,44 @@ def test_kernels_compile_for_hopper_with_vector_access():
             name
         ]
     assert access["finish"] and access["finish_whole"] and access["fwd_wide"] and access["bwd_wide"]
+
+
+def test_op_refuses_shapes_the_triton_gate_refuses():
+    """The Triton launcher takes logit (N,1,H,W) and skip, dec (N,C,H,W) alike; the CPU reference
+    broadcast whatever it was given: a (1,1,1,4) logit on a 3x4 image pooled 4 pixels, not 12, and a
+    dec of 2 images on a skip of 1 resized out behind the fake's back. One ValueError on every path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logit, skip = torch.randn(1, 1, 3, 4), torch.randn(1, 2, 3, 4)
+    unfit = [
+        (logit[..., :1, :], skip, skip),
+        (logit, skip, torch.randn(2, 2, 3, 4)),
+        (logit, skip, skip[:, :1]),
+        (torch.randn(1, 2, 3, 4), skip, skip),
+    ]
+    for args in unfit:
+        with pytest.raises(ValueError, match=r"logit \(N, 1, H, W\) and skip, dec \(N, C, H, W\)"):
+            gate.gated_blend(*args, p=2.0)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="logit"):
+            gate.gated_blend(*(mode.from_tensor(t) for t in args), p=2.0)
+        if TRITON_RUNS:
+            with pytest.raises(ValueError, match=r"logit \(N, 1, H, W\)"):
+                gate.gated_blend_triton(*(t.to(DEVICE) for t in args), p=2.0)
+
+
+def test_cores_of_the_wrong_shape_are_refused_in_one_message():
+    """Cores for another batch size, or a box of 3 or 5 numbers, failed on the CPU inside a view or
+    an expand ("shape '[1, 4, 1, 1, 1]' is invalid for input of size 8") and passed the fake kernel;
+    the Triton launcher said what it takes. Every path now says it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logit, skip = torch.randn(1, 1, 3, 4), torch.randn(1, 2, 3, 4)
+    for cores in [torch.zeros(2, 4, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), torch.zeros(1, 5)]:
+        for blend in (gate.gated_blend, gate.gated_blend_reference):
+            with pytest.raises(ValueError, match=r"cores must be .*\(N, 4\).*\(N = 1\), got \("):
+                blend(logit, skip, skip, p=2.0, cores=cores)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="cores"):
+            gate.gated_blend_op(*(mode.from_tensor(t) for t in (logit, skip, skip)), 2.0, cores, True)
+        if cores.dim() == 2:  # the op called with (N, 4) cores of another N
+            with pytest.raises(ValueError, match="cores must be"):
+                gate.gated_blend_op(logit, skip, skip, 2.0, cores, True)
