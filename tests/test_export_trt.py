@@ -797,3 +797,26 @@ def test_an_engine_written_to_a_users_folder_leaves_nothing_else_there(tiny_weig
     assert [f.name for f in (cache / "engines").glob("timing-*.cache")] == [
         trt_engine.timing_cache_path(cache / "engines", b.run.runners[(1, 64, 64)].spec).name
     ]
+
+
+def test_backend_parses_a_users_onnx_once(tmp_path, monkeypatch):
+    """TrtBackend(onnx=F) parsed F with onnx.load three times before the TensorRT parser's own read
+    (metadata for its outputs, again for its precision, again for its input shape): seconds each for
+    a large export. One parse now serves every check."""
+    import onnx
+
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    static = ox.export_onnx(model, tmp_path / "s.onnx", outputs="maps", shape=(1, 64, 64))
+    loads = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    b = trt_backend.TrtBackend(model, torch.device("cuda", 0), "fp16", onnx=static, cache_dir=tmp_path)
+    assert b.static_onnx == (1, 64, 64) and loads == [str(static)]

@@ -428,9 +428,11 @@ def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
     return x.expand(n, -1, -1, -1).contiguous()
 
 
-def static_input_shape(path: str | Path) -> tuple[int, int, int] | None:
-    """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one."""
-    inputs = {i.name: i for i in load_proto(path).graph.input}
+def static_input_shape(path: str | Path, proto=None) -> tuple[int, int, int] | None:
+    """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one.
+    proto: the file already loaded (load_proto), else it is read from `path`."""
+    proto = proto if proto is not None else load_proto(path)
+    inputs = {i.name: i for i in proto.graph.input}
     dims = inputs[INPUT].type.tensor_type.shape.dim if INPUT in inputs else []
     if len(dims) != 4:  # another network's file: one line, not an IndexError or an unpacking error
         raise ExportError(f"{path}: not an ONNX file exported by qairn (no 4-d input named {INPUT!r})")

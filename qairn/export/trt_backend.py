@@ -40,6 +40,7 @@ from qairn.export.onnx_export import (
     MAP_OUTPUTS,
     cached_onnx,
     check_shape,
+    load_proto,
     read_metadata,
     static_input_shape,
 )
@@ -179,20 +180,21 @@ class TrtBackend:
         self.typing = trt_engine.build_typing(
             precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
         )
+        want = trt_engine.onnx_precision(self.typing)
         if onnx is None:
-            onnx = cached_onnx(
-                model, cache_dir, outputs="maps", precision=trt_engine.onnx_precision(self.typing)
-            )
-        elif read_metadata(onnx).get("qairn.outputs") != "maps":
+            onnx = cached_onnx(model, cache_dir, outputs="maps", precision=want)
+        # One parse serves every check below: a large export takes seconds to load.
+        proto = load_proto(onnx)
+        metadata = read_metadata(proto)
+        if metadata.get("qairn.outputs") != "maps":
             raise BackendError(
                 f"{onnx}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
             )
-        elif read_metadata(onnx).get("qairn.precision") != trt_engine.onnx_precision(self.typing):
+        if metadata.get("qairn.precision") != want:
             # A strongly typed fp16 build reads the fp16 graph, every other build the fp32 one: the
             # engine's label must say what it was built from.
-            want = trt_engine.onnx_precision(self.typing)
             raise BackendError(
-                f"{onnx}: a {read_metadata(onnx).get('qairn.precision')} graph, but a {precision} "
+                f"{onnx}: a {metadata.get('qairn.precision')} graph, but a {precision} "
                 f"({self.typing}) build reads the {want} export"
                 + (
                     " (qairn export onnx --fp16)"
@@ -224,7 +226,7 @@ class TrtBackend:
                 max_shape = max_shape or tuple(recorded["max_shape"][i] for i in (0, 2, 3))
         # A --static export builds engines of its own shape only (any other profile fails deep in the
         # TensorRT build): take that shape, and refuse others here in one line.
-        self.static_onnx = static_input_shape(self.onnx)
+        self.static_onnx = static_input_shape(self.onnx, proto)
         square = self.static_onnx is not None and self.static_onnx[1] == self.static_onnx[2]
         self.static_tile = self.static_onnx[1] if square else None  # what tile="auto" takes
         if self.static_onnx is not None:
