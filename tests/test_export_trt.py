@@ -820,3 +820,92 @@ def test_backend_parses_a_users_onnx_once(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
     b = trt_backend.TrtBackend(model, torch.device("cuda", 0), "fp16", onnx=static, cache_dir=tmp_path)
     assert b.static_onnx == (1, 64, 64) and loads == [str(static)]
+
+
+class FakeBuilderTrt:
+    """Enough of the tensorrt module for build_engine: a timing cache is a set of entries, serialized
+    as b"TC:a,b"; other bytes are rejected as TensorRT rejects a corrupt cache. `during_build` runs
+    while the engine builds (another process finishing its own build meanwhile)."""
+
+    def __init__(self, entry: str, during_build=lambda: None):
+        fake = self
+        self.BuilderFlag = SimpleNamespace()
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+        self.NetworkDefinitionCreationFlag = SimpleNamespace()
+
+        class Cache:
+            def __init__(self, entries):
+                self.entries = set(entries)
+
+            def combine(self, other, ignore_mismatch):
+                self.entries |= other.entries
+                return True
+
+            def serialize(self):
+                return b"TC:" + ",".join(sorted(self.entries)).encode()
+
+        class Config:
+            cache = None
+
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def add_optimization_profile(self, profile):
+                pass
+
+            def create_timing_cache(self, data):
+                if data and not data.startswith(b"TC:"):
+                    raise RuntimeError("Serialization assertion failed: corrupt timing cache")
+                return Cache(e for e in data[3:].decode().split(",") if e)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return "network"
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                during_build()
+                config.cache.entries.add(entry)
+                return b"engine"
+
+        self.Builder = Builder
+        self.OnnxParser = lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True)
+        fake.entry = entry
+
+
+def test_timing_cache_keeps_other_builds_entries_and_survives_a_corrupt_file(tmp_path, monkeypatch):
+    """Two processes building different engines both read the timing cache, build, and wrote their
+    own cache over it: the last writer dropped the other's timings (measured: 1 of 2 entries kept).
+    A cache file TensorRT rejects (a copy cut short) made every build fail. Now the file is merged
+    under a lock before it is replaced, and a corrupt one is warned of and started afresh."""
+    monkeypatch.setattr(trt_engine, "_LOGGER", "a logger")
+    timing = tmp_path / "timing.cache"
+    s = spec(typing="fp32", precision="fp32")
+
+    def other_process_finishes():
+        timing.write_bytes(b"TC:theirs")
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeBuilderTrt("ours", other_process_finishes))
+    assert trt_engine.build_engine(tmp_path / "m.onnx", s, 1 << 30, timing) == b"engine"
+    assert timing.read_bytes() == b"TC:ours,theirs"
+    timing.write_bytes(b"\x00garbage")
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeBuilderTrt("again"))
+    with pytest.warns(UserWarning, match=f"timing cache {timing}: unusable .*starting a fresh one"):
+        assert trt_engine.build_engine(tmp_path / "m.onnx", s, 1 << 30, timing) == b"engine"
+    assert timing.read_bytes() == b"TC:again"
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".timing.cache.lock", "timing.cache"]
