@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qairn.engine.backends import BackendError
+from qairn.engine.backends import BackendError, Closing
 from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, NP_DTYPES, cached_onnx, read_metadata, static_shape
 from qairn.export.shapes import FixedShapeRunner
 from qairn.model import QAIRN, QAIRNConfig
@@ -130,7 +130,7 @@ def check_providers(asked, running: list[str], device: torch.device) -> None:
         )
 
 
-class OrtBackend:
+class OrtBackend(Closing):
     fixed_tile = False
 
     def __init__(
@@ -197,12 +197,6 @@ class OrtBackend:
         gets to it: a static file's runner refers back to this backend, so dropping the last reference
         frees nothing. Closing twice is harmless; calls after it are refused."""
         self.session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _run(self, x: torch.Tensor):
         if self.session is None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from qairn.engine.backends import BackendError
+from qairn.engine.backends import BackendError, Closing
 from qairn.export import trt_engine
 from qairn.export.cache import cache_dir as resolve_cache_dir
 from qairn.export.cache import sha256_file
@@ -76,7 +76,7 @@ def torch_dtype(trt_dtype) -> torch.dtype:
     return table[trt_dtype.name]
 
 
-class TrtRunner:
+class TrtRunner(Closing):
     """One deserialized engine and its execution context; call with an (N,3,H,W) CUDA tensor."""
 
     def __init__(self, engine_bytes: bytes, device: torch.device):
@@ -122,12 +122,6 @@ class TrtRunner:
             self.engine = None
             self.runtime = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _execute(self, x: torch.Tensor):
         ctx = self.context
         x = x.to(self.device, self.dtypes[INPUT]).contiguous()
@@ -148,7 +142,7 @@ class TrtRunner:
         return y, gammas
 
 
-class TrtBackend:
+class TrtBackend(Closing):
     fixed_tile = True
     closed = False
 
@@ -283,12 +277,6 @@ class TrtBackend:
         self.closed = True
         for runner in [self.run] if self.dynamic else self.run.runners.values():
             runner.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
