@@ -909,3 +909,38 @@ def test_timing_cache_keeps_other_builds_entries_and_survives_a_corrupt_file(tmp
         assert trt_engine.build_engine(tmp_path / "m.onnx", s, 1 << 30, timing) == b"engine"
     assert timing.read_bytes() == b"TC:again"
     assert sorted(f.name for f in tmp_path.iterdir()) == [".timing.cache.lock", "timing.cache"]
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    [{"precision": "fp16"}, {"precision": "fp16", "opt_shape": [1, 3, 64]}, {"min_shape": "4,3,64,64"}],
+)
+def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, recorded):
+    """engine=F whose sidecar's spec lacked a shape, or held a 3-long one, ended TrtBackend in a bare
+    KeyError('opt_shape') or IndexError traceback naming no file. Such a sidecar is now unreadable,
+    as foreign JSON already was: the engine is validated and rebuilt like one without a sidecar."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    built = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(shape))
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    engine = tmp_path / "mine.engine"
+    engine.write_bytes(b"engine")
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
+    assert trt_engine.read_spec(engine) is None
+    b = trt_backend.TrtBackend(
+        model,
+        torch.device("cuda", 0),
+        "fp16",
+        engine=engine,
+        onnx=onnx,
+        shape=(1, 64, 64),
+        cache_dir=tmp_path,
+    )
+    assert not b.dynamic and built == [(1, 64, 64)]

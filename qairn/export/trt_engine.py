@@ -134,11 +134,18 @@ def store(engine: Path, spec: EngineSpec, data: bytes) -> Path:
 
 
 def read_spec(engine: Path) -> dict | None:
+    """The spec recorded beside `engine`, None without a sidecar or with one whose shapes are not
+    three (N,3,H,W) lists: the backend takes its shapes from them."""
     try:
         spec = json.loads(sidecar_path(Path(engine)).read_text())["spec"]
     except (OSError, ValueError, KeyError, TypeError):  # TypeError: JSON that is not an object
         return None
-    return spec if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        return None
+    shapes = [spec.get(k) for k in ("min_shape", "opt_shape", "max_shape")]
+    if not all(isinstance(s, list) and len(s) == 4 and all(type(d) is int for d in s) for s in shapes):
+        return None
+    return spec
 
 
 def gpu_identity(device) -> tuple[str, str]:
