@@ -286,6 +286,18 @@ def read_metadata(proto_or_path) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def check_maps_export(path: str | Path, metadata: dict) -> None:
+    """Refuse, in one line naming the file, an ONNX file the Restorer backends cannot run: another
+    network's (no qairn metadata) or a qairn export of Q sums (they need the gamma maps)."""
+    from qairn.engine.backends import BackendError
+
+    outputs = metadata.get("qairn.outputs")
+    if outputs is None:
+        raise BackendError(f"{path}: not an ONNX file exported by qairn (no qairn.outputs metadata)")
+    if outputs != "maps":
+        raise BackendError(f"{path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`")
+
+
 # ---- fp32 islands in the fp32 graph -------------------------------------------------------------
 def fp32_island_nodes(graph, tail: bool = True) -> set[int]:
     """Indices of the nodes that must stay fp32 in an fp16 build (see the module docstring): each gate's

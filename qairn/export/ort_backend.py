@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from qairn.engine.backends import BackendError, Closing
-from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, NP_DTYPES, cached_onnx, read_metadata, static_shape
+from qairn.export.onnx_export import (
+    INPUT,
+    MAP_OUTPUTS,
+    NP_DTYPES,
+    cached_onnx,
+    check_maps_export,
+    read_metadata,
+    static_shape,
+)
 from qairn.export.shapes import FixedShapeRunner
 from qairn.model import QAIRN, QAIRNConfig
 
@@ -158,13 +166,9 @@ class OrtBackend(Closing):
         # What runs is the file's precision, whatever was asked: the Restorer reports it, and refuses a
         # precision asked for explicitly that the file does not hold.
         self.precision = metadata.get("qairn.precision", precision)
-        outputs = metadata.get("qairn.outputs")
+        check_maps_export(self.path, metadata)
         # The Restorer pools quality with this network's p (and refuses weights of another network).
         self.network_config = file_config(self.path, metadata)
-        if outputs != "maps":
-            raise BackendError(
-                f"{self.path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
-            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:

@@ -39,6 +39,7 @@ from qairn.export.onnx_export import (
     INPUT,
     MAP_OUTPUTS,
     cached_onnx,
+    check_maps_export,
     check_shape,
     load_proto,
     read_metadata,
@@ -180,10 +181,7 @@ class TrtBackend(Closing):
         # One parse serves every check below: a large export takes seconds to load.
         proto = load_proto(onnx)
         metadata = read_metadata(proto)
-        if metadata.get("qairn.outputs") != "maps":
-            raise BackendError(
-                f"{onnx}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
-            )
+        check_maps_export(onnx, metadata)
         if metadata.get("qairn.precision") != want:
             # A strongly typed fp16 build reads the fp16 graph, every other build the fp32 one: the
             # engine's label must say what it was built from.
