@@ -418,6 +418,7 @@ class FakeGpus:
 
         class Engine:
             num_io_tensors = len(io)
+            device_memory_size_v2 = 5 << 20  # activation memory each execution context allocates
 
             def get_tensor_name(self, i):
                 return io[i]
@@ -944,3 +945,21 @@ def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, re
         cache_dir=tmp_path,
     )
     assert not b.dynamic and built == [(1, 64, 64)]
+
+
+def test_own_memory_counts_what_tensorrt_allocates_outside_torch(tmp_path, monkeypatch):
+    """TensorRT's execution contexts allocate their activation memory themselves (and the engine its
+    weights), so torch's peak statistics missed it: bench could only label TensorRT's peak a lower
+    bound. own_memory_bytes() adds up each engine's documented context memory and engine size."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    FakeGpus(monkeypatch)
+    gpu = torch.device("cuda", 0)
+    b = trt_backend.TrtBackend(model, gpu, "fp32", onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path)
+    one = (5 << 20) + len(b"engine")  # the fake context's memory and the fake engine's bytes
+    assert b.own_memory_bytes() == one
+    b.run.runner_for((2, 64, 64))  # a second tile shape: a second engine and context
+    assert b.own_memory_bytes() == 2 * one

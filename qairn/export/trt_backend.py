@@ -89,6 +89,12 @@ class TrtRunner(Closing):
             if self.engine is None:
                 raise BackendError("TensorRT could not deserialize the engine (see the TensorRT log)")
             self.context = self.engine.create_execution_context()
+        # What TensorRT allocates on the GPU itself, which torch's allocator statistics never see: the
+        # context's activation memory (device_memory_size_v2 from TensorRT 10.1, device_memory_size
+        # before) and the engine's weights and kernels, about the serialized engine's size.
+        activations = getattr(self.engine, "device_memory_size_v2", None)
+        activations = self.engine.device_memory_size if activations is None else activations
+        self.own_memory_bytes = int(activations) + len(engine_bytes)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = {n: self.engine.get_tensor_mode(n) for n in names}
         self.inputs = [n for n in names if mode[n] == trt.TensorIOMode.INPUT]
@@ -273,8 +279,17 @@ class TrtBackend(Closing):
         Without it the memory stays until the garbage collector's next full pass: a static-shape
         backend and its runners refer to each other, so dropping the last reference frees nothing."""
         self.closed = True
-        for runner in [self.run] if self.dynamic else self.run.runners.values():
+        for runner in self.runners():
             runner.close()
+
+    def runners(self) -> list[TrtRunner]:
+        """The engines built so far: one for a dynamic backend, one per tile shape for a static one."""
+        return [self.run] if self.dynamic else list(self.run.runners.values())
+
+    def own_memory_bytes(self) -> int:
+        """GPU memory TensorRT holds for these engines outside torch's allocator (see TrtRunner), so
+        missing from torch.cuda.max_memory_reserved: add it for the backend's real footprint."""
+        return sum(r.own_memory_bytes for r in self.runners())
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
