@@ -1,8 +1,9 @@
 """`qairn export onnx|tensorrt WEIGHTS ...`: one export path for CPU servers and TensorRT GPUs.
 
-Every ONNX export is checked (onnx.checker, full) and run with ONNX Runtime against eager fp32 on real
-images (LIVE1 JPEGs when found, else --verify-images); the export fails when the error exceeds the
-documented tolerance (onnx_export.TOLERANCE) or any output is NaN/Inf.
+Every ONNX export is checked (onnx.checker, full) and run with ONNX Runtime against eager fp32 on JPEGs
+of --verify-images, else of LIVE1 when found beside the checkout, else on a synthetic test card; the
+export fails when the error exceeds the documented tolerance (onnx_export.TOLERANCE) or any output is
+NaN/Inf. `tensorrt` verifies the export it builds from the same way, unless it is given as --onnx.
 """
 
 from __future__ import annotations
