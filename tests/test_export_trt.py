@@ -963,3 +963,28 @@ def test_own_memory_counts_what_tensorrt_allocates_outside_torch(tmp_path, monke
     assert b.own_memory_bytes() == one
     b.run.runner_for((2, 64, 64))  # a second tile shape: a second engine and context
     assert b.own_memory_bytes() == 2 * one
+
+
+def test_tile_auto_takes_the_static_engines_tile(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine=F) with F built for 2,256,256 (or shape=(1,64,64)) and the
+    default tile="auto" cut images into 512 tiles, which fit no engine but a new one: minutes of
+    build beside the user's unused engine. A static backend's tile is now its static_tile, as a
+    --static ONNX file's already was; a dynamic one runs any tile and has none."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    tile256 = {k: (2, 3, 256, 256) for k in ("min_shape", "opt_shape", "max_shape")}
+    engine = trt_engine.store(tmp_path / "mine.engine", spec(**tile256), b"engine")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    assert trt_backend.TrtBackend(model, gpu, "fp16", engine=engine, **kw).static_tile == 256
+    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 64), **kw).static_tile == 64
+    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 128), **kw).static_tile is None
+    assert trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, **kw).static_tile is None
+    assert trt_backend.TrtBackend(model, gpu, "fp16", **kw).static_tile is None  # no shape: 512 tiles

@@ -11,7 +11,8 @@ live on cuda:N, and the engine cache key holds cuda:N's name and compute capabil
 
 Shapes: static engines by default (the fastest), one per tile shape, built lazily on first use (or
 at construction for shape=(N,H,W)) and cached on disk; see shapes.py for how calls are fitted to them.
-Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512). An image
+Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512); with
+tile="auto" the Restorer takes a static engine's square tile (shape=, or the engine= file's). An image
 smaller than the tile arrives whole and runs padded in a larger engine, or gets its own engine.
 dynamic=True builds one engine for any batch up to max_shape's and any size 16..max_shape (tuned for
 `shape`, default (4, 512, 512); max default 2048x2048).
@@ -225,8 +226,6 @@ class TrtBackend(Closing):
         # A --static export builds engines of its own shape only (any other profile fails deep in the
         # TensorRT build): take that shape, and refuse others here in one line.
         self.static_onnx = static_input_shape(self.onnx, proto)
-        square = self.static_onnx is not None and self.static_onnx[1] == self.static_onnx[2]
-        self.static_tile = self.static_onnx[1] if square else None  # what tile="auto" takes
         if self.static_onnx is not None:
             if dynamic:
                 raise BackendError(
@@ -234,6 +233,10 @@ class TrtBackend(Closing):
                     "an export without --static"
                 )
             shape = shape if shape is not None else self.static_onnx
+        # What tile="auto" takes: the static engine's own (square) tile, asked for or recorded beside
+        # the user's engine. Else the Restorer cuts 512 tiles, which fit no engine but a new one.
+        square = shape is not None and not dynamic and shape[1] == shape[2]
+        self.static_tile = int(shape[1]) if square else None
         self.dynamic, self.max_shape = dynamic, max_shape
         if dynamic:
             self.fixed_tile = False
