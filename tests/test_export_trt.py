@@ -46,6 +46,18 @@ def spec(**changes) -> trt_engine.EngineSpec:
     return trt_engine.EngineSpec(**(fields | changes))
 
 
+def fake_tensorrt(monkeypatch) -> SimpleNamespace:
+    """A stand-in tensorrt module (10.9, with the FP16 builder flag) and GPU identity: enough for
+    TrtBackend up to the engine build, which the tests replace."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    return fake
+
+
 # ---- cache folder -------------------------------------------------------------------------------
 def test_cache_dir_explicit_env_package_and_user_fallback(tmp_path, monkeypatch):
     monkeypatch.delenv("QAIRN_CACHE_DIR", raising=False)
@@ -333,15 +345,10 @@ def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, mon
     """With a stand-in for the tensorrt module: an --onnx graph of the other precision is refused
     (the engine would be labelled fp16 from an fp32 graph), a user's engine of another precision is
     refused rather than rebuilt over, and a dynamic engine stays dynamic."""
-    import sys
-
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     model = lively_model()
     fp32 = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
     cuda = torch.device("cuda", 0)  # as the Restorer passes it (a bare "cuda" asks torch for the current GPU)
@@ -651,10 +658,7 @@ def test_workspace_size_must_be_a_positive_number(tiny_weights, tmp_path, monkey
     TensorRT builder. The backend and the CLI now refuse them first, in one line."""
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     monkeypatch.setattr(trt_backend, "cached_onnx", lambda *a, **k: pytest.fail("exported first"))
     with pytest.raises(
         BackendError, match=f"^workspace_gb must be a positive number of GiB, not {float(size)!r}$"
@@ -706,10 +710,7 @@ def test_backend_builds_a_static_onnx_at_its_own_shape(tmp_path, monkeypatch):
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     built = []
     monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(self.spec(shape)))
     model = lively_model()
@@ -774,10 +775,7 @@ def test_an_engine_written_to_a_users_folder_leaves_nothing_else_there(tiny_weig
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
 
     def fake_build(onnx_path, spec_, workspace, timing_cache):
@@ -809,10 +807,7 @@ def test_backend_parses_a_users_onnx_once(tmp_path, monkeypatch):
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
     model = lively_model()
     static = ox.export_onnx(model, tmp_path / "s.onnx", outputs="maps", shape=(1, 64, 64))
@@ -923,10 +918,7 @@ def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, re
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     built = []
     monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(shape))
     model = lively_model()
@@ -973,10 +965,7 @@ def test_tile_auto_takes_the_static_engines_tile(tmp_path, monkeypatch):
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
     model = lively_model()
     onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
