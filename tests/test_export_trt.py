@@ -977,3 +977,26 @@ def test_tile_auto_takes_the_static_engines_tile(tmp_path, monkeypatch):
     assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 128), **kw).static_tile is None
     assert trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, **kw).static_tile is None
     assert trt_backend.TrtBackend(model, gpu, "fp16", **kw).static_tile is None  # no shape: 512 tiles
+
+
+@pytest.mark.parametrize("option", ["shape", "max_shape"])
+def test_a_shape_of_two_numbers_is_one_clear_line(tmp_path, monkeypatch, option):
+    """Restorer(backend="tensorrt", shape=(512, 512)) (tile, tile: the batch forgotten) failed with
+    'not enough values to unpack (expected 3, got 2)' or an IndexError, naming no option."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    with pytest.raises(ValueError, match=rf"^{option}=\(512, 512\): expected \(N, H, W\)"):
+        trt_backend.TrtBackend(
+            model,
+            torch.device("cuda", 0),
+            "fp16",
+            onnx=onnx,
+            cache_dir=tmp_path,
+            dynamic=True,
+            **{option: (512, 512)},
+        )

@@ -140,8 +140,12 @@ def output_names(outputs: str) -> tuple[str, ...]:
     return MAP_OUTPUTS if outputs == "maps" else SUM_OUTPUTS
 
 
-def check_shape(shape) -> tuple[int, int, int]:
-    n, h, w = (int(v) for v in shape)
+def check_shape(shape, option: str = "shape") -> tuple[int, int, int]:
+    """(N, H, W) as ints, N >= 1 and H, W multiples of 16; `option` names the argument in the error."""
+    try:
+        n, h, w = (int(v) for v in shape)
+    except (TypeError, ValueError):  # (512, 512): the batch forgotten; unpacking named no option
+        raise ValueError(f"{option}={shape!r}: expected (N, H, W), three whole numbers") from None
     if n < 1 or h < 16 or w < 16 or h % 16 or w % 16:
         raise ValueError(f"static shape N,H,W = {n},{h},{w}: need N >= 1 and H, W multiples of 16")
     return n, h, w

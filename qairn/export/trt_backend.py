@@ -174,6 +174,9 @@ class TrtBackend(Closing):
         # Checked before the export: inf raised OverflowError at int(), and 0 or -1 reached the builder.
         if not 0 < float(workspace_gb) < float("inf"):
             raise BackendError(f"workspace_gb must be a positive number of GiB, not {workspace_gb!r}")
+        # Checked first: the shapes are read below (and a bad max_shape failed only at the first build).
+        shape = check_shape(shape, "shape") if shape is not None else None
+        max_shape = check_shape(max_shape, "max_shape") if max_shape is not None else None
         if device.index is None:
             # A bare "cuda" is the GPU current now, kept: engines are built for, deserialized on and
             # run on one GPU, whichever is current at a later call (another thread's).
