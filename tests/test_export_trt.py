@@ -1000,3 +1000,40 @@ def test_a_shape_of_two_numbers_is_one_clear_line(tmp_path, monkeypatch, option)
             dynamic=True,
             **{option: (512, 512)},
         )
+
+
+def test_dynamic_engine_with_a_small_max_shape_needs_no_tile_shape(tiny_weights, tmp_path, monkeypatch):
+    """`qairn export tensorrt W --dynamic --max-shape 1,1024,1024` (or dynamic=True, max_shape=...)
+    failed: 'max shape (1, 1024, 1024) is smaller than the tile shape (4, 512, 512)', a tile shape the
+    user never gave (the default). The default is now capped at max_shape: tuned for 1,512,512."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    built = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(self.spec(shape)))
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    trt_backend.TrtBackend(
+        model,
+        torch.device("cuda", 0),
+        "fp16",
+        onnx=onnx,
+        cache_dir=tmp_path,
+        dynamic=True,
+        max_shape=(1, 1024, 1024),
+    )
+    assert [(s.min_shape, s.opt_shape, s.max_shape) for s in built] == [
+        ((1, 3, 16, 16), (1, 3, 512, 512), (1, 3, 1024, 1024))
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    asked = []
+
+    def backend(model, device, precision, shape=None, **k):
+        asked.append(shape)
+        raise BackendError("stop here")
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", backend)
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--dynamic", "--max-shape", "1,1024,1024"]
+    assert export_main(argv + ["--device", "cuda:0"]) == 1 and asked == [None]

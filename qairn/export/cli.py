@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
         type=shape_arg,
         default=None,
         metavar="N,H,W",
-        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512, or a --static --onnx's)",
+        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512 within --max-shape, "
+        "or a --static --onnx's)",
     )
     t.add_argument("--dynamic", action="store_true", help="dynamic batch and size (slower than static)")
     t.add_argument(
@@ -296,7 +297,7 @@ def main_tensorrt(args) -> int:
         )
         if verify(onnx, model, inputs):
             return 1
-    if args.shape is None:  # a --static export builds its own shape only
+    if args.shape is None and not args.dynamic:  # a --static export builds its own shape only
         args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
     # --overwrite: built in the cache folder (the old file's recorded shapes are not taken) and copied
     # over -o only once built, so a refused --onnx or a failed build leaves the old engine usable.

@@ -15,7 +15,7 @@ Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 
 tile="auto" the Restorer takes a static engine's square tile (shape=, or the engine= file's). An image
 smaller than the tile arrives whole and runs padded in a larger engine, or gets its own engine.
 dynamic=True builds one engine for any batch up to max_shape's and any size 16..max_shape (tuned for
-`shape`, default (4, 512, 512); max default 2048x2048).
+`shape`, default (4, 512, 512) capped at max_shape; max default 2048x2048).
 
 Teardown: `restorer.backend.close()` (or `with TrtBackend(...)`) frees the engines' GPU memory at once;
 dropping the Restorer leaves it to the garbage collector's next full pass (the backend and its shape
@@ -243,7 +243,9 @@ class TrtBackend(Closing):
         self.dynamic, self.max_shape = dynamic, max_shape
         if dynamic:
             self.fixed_tile = False
-            self.run = self._runner(check_shape(shape or DEFAULT_SHAPE))
+            if shape is None:  # tuned for the Restorer's default tiles, within max_shape
+                shape = DEFAULT_SHAPE if max_shape is None else tuple(map(min, DEFAULT_SHAPE, max_shape))
+            self.run = self._runner(check_shape(shape))
         else:
             self.run = FixedShapeRunner(self._runner, check_shape(shape) if shape is not None else None)
 
