@@ -1037,3 +1037,36 @@ def test_dynamic_engine_with_a_small_max_shape_needs_no_tile_shape(tiny_weights,
     monkeypatch.setattr(trt_backend, "TrtBackend", backend)
     argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--dynamic", "--max-shape", "1,1024,1024"]
     assert export_main(argv + ["--device", "cuda:0"]) == 1 and asked == [None]
+
+
+def test_dynamic_engine_runs_batches_larger_than_its_own_in_chunks(tmp_path, monkeypatch):
+    """A dynamic engine for batches up to 2 refused a Restorer's batch of 5 tiles (tile_batch=5):
+    'outside the dynamic engine's profile: pass max_shape= or use tiles', though tiles were in use.
+    A larger batch now runs in engine-sized chunks, as static engines' batches already did."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    calls = []
+
+    class Runner:  # a dynamic engine for 1..2 x 16..512 x 16..512
+        profile = [(1, 3, 16, 16), (2, 3, 64, 64), (2, 3, 512, 512)]
+
+        def __call__(self, x):
+            calls.append(len(x))
+            n, _, h, w = x.shape
+            return x + 1, [torch.full((n, 1, h // s, w // s), float(s)) for s in (1, 2, 4)]
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: Runner())
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    b = trt_backend.TrtBackend(
+        model, torch.device("cuda", 0), "fp32", onnx=onnx, cache_dir=tmp_path, dynamic=True
+    )
+    b.device = torch.device("cpu")  # no GPU here: the fake engine runs on the CPU
+    x = torch.rand(5, 3, 64, 32)
+    y, gammas = b(x)
+    assert calls == [2, 2, 1] and torch.equal(y, x + 1)
+    assert [g.shape for g in gammas] == [(5, 1, 64, 32), (5, 1, 32, 16), (5, 1, 16, 8)]
+    with pytest.raises(BackendError, match="outside the dynamic engine's profile"):
+        b(torch.rand(1, 3, 1024, 64))  # larger than max_shape: no chunking helps

@@ -14,8 +14,8 @@ at construction for shape=(N,H,W)) and cached on disk; see shapes.py for how cal
 Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512); with
 tile="auto" the Restorer takes a static engine's square tile (shape=, or the engine= file's). An image
 smaller than the tile arrives whole and runs padded in a larger engine, or gets its own engine.
-dynamic=True builds one engine for any batch up to max_shape's and any size 16..max_shape (tuned for
-`shape`, default (4, 512, 512) capped at max_shape; max default 2048x2048).
+dynamic=True builds one engine for any batch up to max_shape's (larger ones run in chunks) and any size
+16..max_shape (tuned for `shape`, default (4, 512, 512) capped at max_shape; max default 2048x2048).
 
 Teardown: `restorer.backend.close()` (or `with TrtBackend(...)`) frees the engines' GPU memory at once;
 dropping the Restorer leaves it to the garbage collector's next full pass (the backend and its shape
@@ -304,12 +304,19 @@ class TrtBackend(Closing):
         if self.closed:  # else a new tile shape would build (and keep) a new engine
             raise BackendError("this TensorRT backend was closed")
         x = x.to(self.device, torch.float32)
-        if self.dynamic and not fits(tuple(x.shape), self.run.profile):
+        if not self.dynamic:
+            return self.run(x)
+        # A batch larger than the engine's (tile_batch above max_shape's N) runs in engine-sized chunks.
+        n, most = x.shape[0], self.run.profile[2][0]
+        if not fits((min(n, most), *x.shape[1:]), self.run.profile):
             raise BackendError(
                 f"input {tuple(x.shape)} is outside the dynamic engine's profile {self.run.profile}: "
                 "pass max_shape= or use tiles"
             )
-        return self.run(x)
+        if n <= most:
+            return self.run(x)
+        outs = [self.run(x[b : b + most]) for b in range(0, n, most)]
+        return torch.cat([y for y, _ in outs]), [torch.cat(g) for g in zip(*(gs for _, gs in outs))]
 
 
 def make_backend(model: QAIRN, device: torch.device, precision: str = "fp32", **options) -> TrtBackend:
