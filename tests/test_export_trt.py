@@ -46,6 +46,9 @@ def spec(**changes) -> trt_engine.EngineSpec:
     return trt_engine.EngineSpec(**(fields | changes))
 
 
+GPU0 = torch.device("cuda", 0)  # what the Restorer passes for "cuda" (no GPU needed to name one)
+
+
 def fake_tensorrt(monkeypatch) -> SimpleNamespace:
     """A stand-in tensorrt module (10.9, with the FP16 builder flag) and GPU identity: enough for
     TrtBackend up to the engine build, which the tests replace."""
@@ -992,13 +995,7 @@ def test_a_shape_of_two_numbers_is_one_clear_line(tmp_path, monkeypatch, option)
     onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
     with pytest.raises(ValueError, match=rf"^{option}=\(512, 512\): expected \(N, H, W\)"):
         trt_backend.TrtBackend(
-            model,
-            torch.device("cuda", 0),
-            "fp16",
-            onnx=onnx,
-            cache_dir=tmp_path,
-            dynamic=True,
-            **{option: (512, 512)},
+            model, GPU0, "fp16", onnx=onnx, cache_dir=tmp_path, dynamic=True, **{option: (512, 512)}
         )
 
 
@@ -1015,13 +1012,7 @@ def test_dynamic_engine_with_a_small_max_shape_needs_no_tile_shape(tiny_weights,
     model = lively_model()
     onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
     trt_backend.TrtBackend(
-        model,
-        torch.device("cuda", 0),
-        "fp16",
-        onnx=onnx,
-        cache_dir=tmp_path,
-        dynamic=True,
-        max_shape=(1, 1024, 1024),
+        model, GPU0, "fp16", onnx=onnx, cache_dir=tmp_path, dynamic=True, max_shape=(1, 1024, 1024)
     )
     assert [(s.min_shape, s.opt_shape, s.max_shape) for s in built] == [
         ((1, 3, 16, 16), (1, 3, 512, 512), (1, 3, 1024, 1024))
