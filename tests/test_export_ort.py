@@ -341,3 +341,16 @@ def test_a_bare_or_misspelt_provider_name_is_not_run_on_the_cpu(model, cache, se
             "CUDAExecutionProvider, TensorrtExecutionProvider or CPUExecutionProvider"
         )
     assert len(sessions) == made  # refused before any session
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
+def test_another_networks_onnx_is_named_as_such(tmp_path):
+    """onnx= another network's file (a Linear's): "the Restorer needs gamma maps; export with
+    `qairn export onnx --maps`", as if it were a qairn export of Q sums. It now says what it is."""
+    linear = tmp_path / "linear.onnx"
+    torch.onnx.export(
+        torch.nn.Linear(4, 2), (torch.rand(1, 4),), str(linear), dynamo=False, input_names=["input"]
+    )
+    with pytest.raises(BackendError) as e:
+        OrtBackend(None, torch.device("cpu"), onnx=linear)
+    assert str(e.value) == f"{linear}: not an ONNX file exported by qairn (no qairn.outputs metadata)"

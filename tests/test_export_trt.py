@@ -46,6 +46,21 @@ def spec(**changes) -> trt_engine.EngineSpec:
     return trt_engine.EngineSpec(**(fields | changes))
 
 
+GPU0 = torch.device("cuda", 0)  # what the Restorer passes for "cuda" (no GPU needed to name one)
+
+
+def fake_tensorrt(monkeypatch) -> SimpleNamespace:
+    """A stand-in tensorrt module (10.9, with the FP16 builder flag) and GPU identity: enough for
+    TrtBackend up to the engine build, which the tests replace."""
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    return fake
+
+
 # ---- cache folder -------------------------------------------------------------------------------
 def test_cache_dir_explicit_env_package_and_user_fallback(tmp_path, monkeypatch):
     monkeypatch.delenv("QAIRN_CACHE_DIR", raising=False)
@@ -333,15 +348,10 @@ def test_backend_takes_a_user_engines_shape_and_refuses_mismatches(tmp_path, mon
     """With a stand-in for the tensorrt module: an --onnx graph of the other precision is refused
     (the engine would be labelled fp16 from an fp32 graph), a user's engine of another precision is
     refused rather than rebuilt over, and a dynamic engine stays dynamic."""
-    import sys
-
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     model = lively_model()
     fp32 = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
     cuda = torch.device("cuda", 0)  # as the Restorer passes it (a bare "cuda" asks torch for the current GPU)
@@ -418,6 +428,7 @@ class FakeGpus:
 
         class Engine:
             num_io_tensors = len(io)
+            device_memory_size_v2 = 5 << 20  # activation memory each execution context allocates
 
             def get_tensor_name(self, i):
                 return io[i]
@@ -650,10 +661,7 @@ def test_workspace_size_must_be_a_positive_number(tiny_weights, tmp_path, monkey
     TensorRT builder. The backend and the CLI now refuse them first, in one line."""
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     monkeypatch.setattr(trt_backend, "cached_onnx", lambda *a, **k: pytest.fail("exported first"))
     with pytest.raises(
         BackendError, match=f"^workspace_gb must be a positive number of GiB, not {float(size)!r}$"
@@ -705,10 +713,7 @@ def test_backend_builds_a_static_onnx_at_its_own_shape(tmp_path, monkeypatch):
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     built = []
     monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(self.spec(shape)))
     model = lively_model()
@@ -773,10 +778,7 @@ def test_an_engine_written_to_a_users_folder_leaves_nothing_else_there(tiny_weig
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
-    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    fake_tensorrt(monkeypatch)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
 
     def fake_build(onnx_path, spec_, workspace, timing_cache):
@@ -797,3 +799,265 @@ def test_an_engine_written_to_a_users_folder_leaves_nothing_else_there(tiny_weig
     assert [f.name for f in (cache / "engines").glob("timing-*.cache")] == [
         trt_engine.timing_cache_path(cache / "engines", b.run.runners[(1, 64, 64)].spec).name
     ]
+
+
+def test_backend_parses_a_users_onnx_once(tmp_path, monkeypatch):
+    """TrtBackend(onnx=F) parsed F with onnx.load three times before the TensorRT parser's own read
+    (metadata for its outputs, again for its precision, again for its input shape): seconds each for
+    a large export. One parse now serves every check."""
+    import onnx
+
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    static = ox.export_onnx(model, tmp_path / "s.onnx", outputs="maps", shape=(1, 64, 64))
+    loads = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    b = trt_backend.TrtBackend(model, torch.device("cuda", 0), "fp16", onnx=static, cache_dir=tmp_path)
+    assert b.static_onnx == (1, 64, 64) and loads == [str(static)]
+
+
+class FakeBuilderTrt:
+    """Enough of the tensorrt module for build_engine: a timing cache is a set of entries, serialized
+    as b"TC:a,b"; other bytes are rejected as TensorRT rejects a corrupt cache. `during_build` runs
+    while the engine builds (another process finishing its own build meanwhile)."""
+
+    def __init__(self, entry: str, during_build=lambda: None):
+        fake = self
+        self.BuilderFlag = SimpleNamespace()
+        self.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+        self.NetworkDefinitionCreationFlag = SimpleNamespace()
+
+        class Cache:
+            def __init__(self, entries):
+                self.entries = set(entries)
+
+            def combine(self, other, ignore_mismatch):
+                self.entries |= other.entries
+                return True
+
+            def serialize(self):
+                return b"TC:" + ",".join(sorted(self.entries)).encode()
+
+        class Config:
+            cache = None
+
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def add_optimization_profile(self, profile):
+                pass
+
+            def create_timing_cache(self, data):
+                if data and not data.startswith(b"TC:"):
+                    raise RuntimeError("Serialization assertion failed: corrupt timing cache")
+                return Cache(e for e in data[3:].decode().split(",") if e)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                return "network"
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return SimpleNamespace(set_shape=lambda *a: None)
+
+            def build_serialized_network(self, network, config):
+                during_build()
+                config.cache.entries.add(entry)
+                return b"engine"
+
+        self.Builder = Builder
+        self.OnnxParser = lambda network, logger: SimpleNamespace(parse_from_file=lambda path: True)
+        fake.entry = entry
+
+
+def test_timing_cache_keeps_other_builds_entries_and_survives_a_corrupt_file(tmp_path, monkeypatch):
+    """Two processes building different engines both read the timing cache, build, and wrote their
+    own cache over it: the last writer dropped the other's timings (measured: 1 of 2 entries kept).
+    A cache file TensorRT rejects (a copy cut short) made every build fail. Now the file is merged
+    under a lock before it is replaced, and a corrupt one is warned of and started afresh."""
+    monkeypatch.setattr(trt_engine, "_LOGGER", "a logger")
+    timing = tmp_path / "timing.cache"
+    s = spec(typing="fp32", precision="fp32")
+
+    def other_process_finishes():
+        timing.write_bytes(b"TC:theirs")
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeBuilderTrt("ours", other_process_finishes))
+    assert trt_engine.build_engine(tmp_path / "m.onnx", s, 1 << 30, timing) == b"engine"
+    assert timing.read_bytes() == b"TC:ours,theirs"
+    timing.write_bytes(b"\x00garbage")
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeBuilderTrt("again"))
+    with pytest.warns(UserWarning, match=f"timing cache {timing}: unusable .*starting a fresh one"):
+        assert trt_engine.build_engine(tmp_path / "m.onnx", s, 1 << 30, timing) == b"engine"
+    assert timing.read_bytes() == b"TC:again"
+    assert sorted(f.name for f in tmp_path.iterdir()) == [".timing.cache.lock", "timing.cache"]
+
+
+@pytest.mark.parametrize(
+    "recorded",
+    [{"precision": "fp16"}, {"precision": "fp16", "opt_shape": [1, 3, 64]}, {"min_shape": "4,3,64,64"}],
+)
+def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, recorded):
+    """engine=F whose sidecar's spec lacked a shape, or held a 3-long one, ended TrtBackend in a bare
+    KeyError('opt_shape') or IndexError traceback naming no file. Such a sidecar is now unreadable,
+    as foreign JSON already was: the engine is validated and rebuilt like one without a sidecar."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    built = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(shape))
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    engine = tmp_path / "mine.engine"
+    engine.write_bytes(b"engine")
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
+    assert trt_engine.read_spec(engine) is None
+    b = trt_backend.TrtBackend(
+        model,
+        torch.device("cuda", 0),
+        "fp16",
+        engine=engine,
+        onnx=onnx,
+        shape=(1, 64, 64),
+        cache_dir=tmp_path,
+    )
+    assert not b.dynamic and built == [(1, 64, 64)]
+
+
+def test_own_memory_counts_what_tensorrt_allocates_outside_torch(tmp_path, monkeypatch):
+    """TensorRT's execution contexts allocate their activation memory themselves (and the engine its
+    weights), so torch's peak statistics missed it: bench could only label TensorRT's peak a lower
+    bound. own_memory_bytes() adds up each engine's documented context memory and engine size."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    FakeGpus(monkeypatch)
+    gpu = torch.device("cuda", 0)
+    b = trt_backend.TrtBackend(model, gpu, "fp32", onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path)
+    one = (5 << 20) + len(b"engine")  # the fake context's memory and the fake engine's bytes
+    assert b.own_memory_bytes() == one
+    b.run.runner_for((2, 64, 64))  # a second tile shape: a second engine and context
+    assert b.own_memory_bytes() == 2 * one
+
+
+def test_tile_auto_takes_the_static_engines_tile(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine=F) with F built for 2,256,256 (or shape=(1,64,64)) and the
+    default tile="auto" cut images into 512 tiles, which fit no engine but a new one: minutes of
+    build beside the user's unused engine. A static backend's tile is now its static_tile, as a
+    --static ONNX file's already was; a dynamic one runs any tile and has none."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    tile256 = {k: (2, 3, 256, 256) for k in ("min_shape", "opt_shape", "max_shape")}
+    engine = trt_engine.store(tmp_path / "mine.engine", spec(**tile256), b"engine")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    assert trt_backend.TrtBackend(model, gpu, "fp16", engine=engine, **kw).static_tile == 256
+    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 64), **kw).static_tile == 64
+    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 128), **kw).static_tile is None
+    assert trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, **kw).static_tile is None
+    assert trt_backend.TrtBackend(model, gpu, "fp16", **kw).static_tile is None  # no shape: 512 tiles
+
+
+@pytest.mark.parametrize("option", ["shape", "max_shape"])
+def test_a_shape_of_two_numbers_is_one_clear_line(tmp_path, monkeypatch, option):
+    """Restorer(backend="tensorrt", shape=(512, 512)) (tile, tile: the batch forgotten) failed with
+    'not enough values to unpack (expected 3, got 2)' or an IndexError, naming no option."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    with pytest.raises(ValueError, match=rf"^{option}=\(512, 512\): expected \(N, H, W\)"):
+        trt_backend.TrtBackend(
+            model, GPU0, "fp16", onnx=onnx, cache_dir=tmp_path, dynamic=True, **{option: (512, 512)}
+        )
+
+
+def test_dynamic_engine_with_a_small_max_shape_needs_no_tile_shape(tiny_weights, tmp_path, monkeypatch):
+    """`qairn export tensorrt W --dynamic --max-shape 1,1024,1024` (or dynamic=True, max_shape=...)
+    failed: 'max shape (1, 1024, 1024) is smaller than the tile shape (4, 512, 512)', a tile shape the
+    user never gave (the default). The default is now capped at max_shape: tuned for 1,512,512."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    built = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(self.spec(shape)))
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    trt_backend.TrtBackend(
+        model, GPU0, "fp16", onnx=onnx, cache_dir=tmp_path, dynamic=True, max_shape=(1, 1024, 1024)
+    )
+    assert [(s.min_shape, s.opt_shape, s.max_shape) for s in built] == [
+        ((1, 3, 16, 16), (1, 3, 512, 512), (1, 3, 1024, 1024))
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    asked = []
+
+    def backend(model, device, precision, shape=None, **k):
+        asked.append(shape)
+        raise BackendError("stop here")
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", backend)
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--dynamic", "--max-shape", "1,1024,1024"]
+    assert export_main(argv + ["--device", "cuda:0"]) == 1 and asked == [None]
+
+
+def test_dynamic_engine_runs_batches_larger_than_its_own_in_chunks(tmp_path, monkeypatch):
+    """A dynamic engine for batches up to 2 refused a Restorer's batch of 5 tiles (tile_batch=5):
+    'outside the dynamic engine's profile: pass max_shape= or use tiles', though tiles were in use.
+    A larger batch now runs in engine-sized chunks, as static engines' batches already did."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    calls = []
+
+    class Runner:  # a dynamic engine for 1..2 x 16..512 x 16..512
+        profile = [(1, 3, 16, 16), (2, 3, 64, 64), (2, 3, 512, 512)]
+
+        def __call__(self, x):
+            calls.append(len(x))
+            n, _, h, w = x.shape
+            return x + 1, [torch.full((n, 1, h // s, w // s), float(s)) for s in (1, 2, 4)]
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: Runner())
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    b = trt_backend.TrtBackend(
+        model, torch.device("cuda", 0), "fp32", onnx=onnx, cache_dir=tmp_path, dynamic=True
+    )
+    b.device = torch.device("cpu")  # no GPU here: the fake engine runs on the CPU
+    x = torch.rand(5, 3, 64, 32)
+    y, gammas = b(x)
+    assert calls == [2, 2, 1] and torch.equal(y, x + 1)
+    assert [g.shape for g in gammas] == [(5, 1, 64, 32), (5, 1, 32, 16), (5, 1, 16, 8)]
+    with pytest.raises(BackendError, match="outside the dynamic engine's profile"):
+        b(torch.rand(1, 3, 1024, 64))  # larger than max_shape: no chunking helps

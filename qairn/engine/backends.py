@@ -46,6 +46,16 @@ class BackendError(RuntimeError):
     pass
 
 
+class Closing:
+    """`with backend:` for backends whose close() frees an engine's memory at once."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class TorchBackend:
     """Eager PyTorch, optionally torch.compile'd, optionally with the Triton-fused gate (triton=True)
     and the Triton-fused thin convs (fused_conv=True, or the widest conv to fuse)."""

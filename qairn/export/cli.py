@@ -1,8 +1,9 @@
 """`qairn export onnx|tensorrt WEIGHTS ...`: one export path for CPU servers and TensorRT GPUs.
 
-Every ONNX export is checked (onnx.checker, full) and run with ONNX Runtime against eager fp32 on real
-images (LIVE1 JPEGs when found, else --verify-images); the export fails when the error exceeds the
-documented tolerance (onnx_export.TOLERANCE) or any output is NaN/Inf.
+Every ONNX export is checked (onnx.checker, full) and run with ONNX Runtime against eager fp32 on JPEGs
+of --verify-images, else of LIVE1 when found beside the checkout, else on a synthetic test card; the
+export fails when the error exceeds the documented tolerance (onnx_export.TOLERANCE) or any output is
+NaN/Inf. `tensorrt` verifies the export it builds from the same way, unless it is given as --onnx.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
         type=shape_arg,
         default=None,
         metavar="N,H,W",
-        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512, or a --static --onnx's)",
+        help="tile shape: the Restorer's tile_batch, tile, tile (default 4,512,512 within --max-shape, "
+        "or a --static --onnx's)",
     )
     t.add_argument("--dynamic", action="store_true", help="dynamic batch and size (slower than static)")
     t.add_argument(
@@ -295,7 +297,7 @@ def main_tensorrt(args) -> int:
         )
         if verify(onnx, model, inputs):
             return 1
-    if args.shape is None:  # a --static export builds its own shape only
+    if args.shape is None and not args.dynamic:  # a --static export builds its own shape only
         args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
     # --overwrite: built in the cache folder (the old file's recorded shapes are not taken) and copied
     # over -o only once built, so a refused --onnx or a failed build leaves the old engine usable.

@@ -140,8 +140,12 @@ def output_names(outputs: str) -> tuple[str, ...]:
     return MAP_OUTPUTS if outputs == "maps" else SUM_OUTPUTS
 
 
-def check_shape(shape) -> tuple[int, int, int]:
-    n, h, w = (int(v) for v in shape)
+def check_shape(shape, option: str = "shape") -> tuple[int, int, int]:
+    """(N, H, W) as ints, N >= 1 and H, W multiples of 16; `option` names the argument in the error."""
+    try:
+        n, h, w = (int(v) for v in shape)
+    except (TypeError, ValueError):  # (512, 512): the batch forgotten; unpacking named no option
+        raise ValueError(f"{option}={shape!r}: expected (N, H, W), three whole numbers") from None
     if n < 1 or h < 16 or w < 16 or h % 16 or w % 16:
         raise ValueError(f"static shape N,H,W = {n},{h},{w}: need N >= 1 and H, W multiples of 16")
     return n, h, w
@@ -286,6 +290,18 @@ def read_metadata(proto_or_path) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
 
 
+def check_maps_export(path: str | Path, metadata: dict) -> None:
+    """Refuse, in one line naming the file, an ONNX file the Restorer backends cannot run: another
+    network's (no qairn metadata) or a qairn export of Q sums (they need the gamma maps)."""
+    from qairn.engine.backends import BackendError
+
+    outputs = metadata.get("qairn.outputs")
+    if outputs is None:
+        raise BackendError(f"{path}: not an ONNX file exported by qairn (no qairn.outputs metadata)")
+    if outputs != "maps":
+        raise BackendError(f"{path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`")
+
+
 # ---- fp32 islands in the fp32 graph -------------------------------------------------------------
 def fp32_island_nodes(graph, tail: bool = True) -> set[int]:
     """Indices of the nodes that must stay fp32 in an fp16 build (see the module docstring): each gate's
@@ -428,9 +444,11 @@ def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
     return x.expand(n, -1, -1, -1).contiguous()
 
 
-def static_input_shape(path: str | Path) -> tuple[int, int, int] | None:
-    """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one."""
-    inputs = {i.name: i for i in load_proto(path).graph.input}
+def static_input_shape(path: str | Path, proto=None) -> tuple[int, int, int] | None:
+    """The (N, H, W) of a file exported with shape=(N, H, W) (--static), None for a dynamic one.
+    proto: the file already loaded (load_proto), else it is read from `path`."""
+    proto = proto if proto is not None else load_proto(path)
+    inputs = {i.name: i for i in proto.graph.input}
     dims = inputs[INPUT].type.tensor_type.shape.dim if INPUT in inputs else []
     if len(dims) != 4:  # another network's file: one line, not an IndexError or an unpacking error
         raise ExportError(f"{path}: not an ONNX file exported by qairn (no 4-d input named {INPUT!r})")

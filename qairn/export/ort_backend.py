@@ -28,8 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qairn.engine.backends import BackendError
-from qairn.export.onnx_export import INPUT, MAP_OUTPUTS, NP_DTYPES, cached_onnx, read_metadata, static_shape
+from qairn.engine.backends import BackendError, Closing
+from qairn.export.onnx_export import (
+    INPUT,
+    MAP_OUTPUTS,
+    NP_DTYPES,
+    cached_onnx,
+    check_maps_export,
+    read_metadata,
+    static_shape,
+)
 from qairn.export.shapes import FixedShapeRunner
 from qairn.model import QAIRN, QAIRNConfig
 
@@ -130,7 +138,7 @@ def check_providers(asked, running: list[str], device: torch.device) -> None:
         )
 
 
-class OrtBackend:
+class OrtBackend(Closing):
     fixed_tile = False
 
     def __init__(
@@ -158,13 +166,9 @@ class OrtBackend:
         # What runs is the file's precision, whatever was asked: the Restorer reports it, and refuses a
         # precision asked for explicitly that the file does not hold.
         self.precision = metadata.get("qairn.precision", precision)
-        outputs = metadata.get("qairn.outputs")
+        check_maps_export(self.path, metadata)
         # The Restorer pools quality with this network's p (and refuses weights of another network).
         self.network_config = file_config(self.path, metadata)
-        if outputs != "maps":
-            raise BackendError(
-                f"{self.path}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
-            )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -197,12 +201,6 @@ class OrtBackend:
         gets to it: a static file's runner refers back to this backend, so dropping the last reference
         frees nothing. Closing twice is harmless; calls after it are refused."""
         self.session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _run(self, x: torch.Tensor):
         if self.session is None:

@@ -11,10 +11,11 @@ live on cuda:N, and the engine cache key holds cuda:N's name and compute capabil
 
 Shapes: static engines by default (the fastest), one per tile shape, built lazily on first use (or
 at construction for shape=(N,H,W)) and cached on disk; see shapes.py for how calls are fitted to them.
-Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512). An image
+Build your engine for the Restorer's tiles: tile=512, tile_batch=4 -> shape=(4, 512, 512); with
+tile="auto" the Restorer takes a static engine's square tile (shape=, or the engine= file's). An image
 smaller than the tile arrives whole and runs padded in a larger engine, or gets its own engine.
-dynamic=True builds one engine for any batch up to max_shape's and any size 16..max_shape (tuned for
-`shape`, default (4, 512, 512); max default 2048x2048).
+dynamic=True builds one engine for any batch up to max_shape's (larger ones run in chunks) and any size
+16..max_shape (tuned for `shape`, default (4, 512, 512) capped at max_shape; max default 2048x2048).
 
 Teardown: `restorer.backend.close()` (or `with TrtBackend(...)`) frees the engines' GPU memory at once;
 dropping the Restorer leaves it to the garbage collector's next full pass (the backend and its shape
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from qairn.engine.backends import BackendError
+from qairn.engine.backends import BackendError, Closing
 from qairn.export import trt_engine
 from qairn.export.cache import cache_dir as resolve_cache_dir
 from qairn.export.cache import sha256_file
@@ -39,7 +40,9 @@ from qairn.export.onnx_export import (
     INPUT,
     MAP_OUTPUTS,
     cached_onnx,
+    check_maps_export,
     check_shape,
+    load_proto,
     read_metadata,
     static_input_shape,
 )
@@ -75,7 +78,7 @@ def torch_dtype(trt_dtype) -> torch.dtype:
     return table[trt_dtype.name]
 
 
-class TrtRunner:
+class TrtRunner(Closing):
     """One deserialized engine and its execution context; call with an (N,3,H,W) CUDA tensor."""
 
     def __init__(self, engine_bytes: bytes, device: torch.device):
@@ -87,6 +90,12 @@ class TrtRunner:
             if self.engine is None:
                 raise BackendError("TensorRT could not deserialize the engine (see the TensorRT log)")
             self.context = self.engine.create_execution_context()
+        # What TensorRT allocates on the GPU itself, which torch's allocator statistics never see: the
+        # context's activation memory (device_memory_size_v2 from TensorRT 10.1, device_memory_size
+        # before) and the engine's weights and kernels, about the serialized engine's size.
+        activations = getattr(self.engine, "device_memory_size_v2", None)
+        activations = self.engine.device_memory_size if activations is None else activations
+        self.own_memory_bytes = int(activations) + len(engine_bytes)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = {n: self.engine.get_tensor_mode(n) for n in names}
         self.inputs = [n for n in names if mode[n] == trt.TensorIOMode.INPUT]
@@ -121,12 +130,6 @@ class TrtRunner:
             self.engine = None
             self.runtime = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def _execute(self, x: torch.Tensor):
         ctx = self.context
         x = x.to(self.device, self.dtypes[INPUT]).contiguous()
@@ -147,7 +150,7 @@ class TrtRunner:
         return y, gammas
 
 
-class TrtBackend:
+class TrtBackend(Closing):
     fixed_tile = True
     closed = False
 
@@ -171,6 +174,9 @@ class TrtBackend:
         # Checked before the export: inf raised OverflowError at int(), and 0 or -1 reached the builder.
         if not 0 < float(workspace_gb) < float("inf"):
             raise BackendError(f"workspace_gb must be a positive number of GiB, not {workspace_gb!r}")
+        # Checked first: the shapes are read below (and a bad max_shape failed only at the first build).
+        shape = check_shape(shape, "shape") if shape is not None else None
+        max_shape = check_shape(max_shape, "max_shape") if max_shape is not None else None
         if device.index is None:
             # A bare "cuda" is the GPU current now, kept: engines are built for, deserialized on and
             # run on one GPU, whichever is current at a later call (another thread's).
@@ -179,20 +185,18 @@ class TrtBackend:
         self.typing = trt_engine.build_typing(
             precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
         )
+        want = trt_engine.onnx_precision(self.typing)
         if onnx is None:
-            onnx = cached_onnx(
-                model, cache_dir, outputs="maps", precision=trt_engine.onnx_precision(self.typing)
-            )
-        elif read_metadata(onnx).get("qairn.outputs") != "maps":
-            raise BackendError(
-                f"{onnx}: the Restorer needs gamma maps; export with `qairn export onnx --maps`"
-            )
-        elif read_metadata(onnx).get("qairn.precision") != trt_engine.onnx_precision(self.typing):
+            onnx = cached_onnx(model, cache_dir, outputs="maps", precision=want)
+        # One parse serves every check below: a large export takes seconds to load.
+        proto = load_proto(onnx)
+        metadata = read_metadata(proto)
+        check_maps_export(onnx, metadata)
+        if metadata.get("qairn.precision") != want:
             # A strongly typed fp16 build reads the fp16 graph, every other build the fp32 one: the
             # engine's label must say what it was built from.
-            want = trt_engine.onnx_precision(self.typing)
             raise BackendError(
-                f"{onnx}: a {read_metadata(onnx).get('qairn.precision')} graph, but a {precision} "
+                f"{onnx}: a {metadata.get('qairn.precision')} graph, but a {precision} "
                 f"({self.typing}) build reads the {want} export"
                 + (
                     " (qairn export onnx --fp16)"
@@ -224,9 +228,7 @@ class TrtBackend:
                 max_shape = max_shape or tuple(recorded["max_shape"][i] for i in (0, 2, 3))
         # A --static export builds engines of its own shape only (any other profile fails deep in the
         # TensorRT build): take that shape, and refuse others here in one line.
-        self.static_onnx = static_input_shape(self.onnx)
-        square = self.static_onnx is not None and self.static_onnx[1] == self.static_onnx[2]
-        self.static_tile = self.static_onnx[1] if square else None  # what tile="auto" takes
+        self.static_onnx = static_input_shape(self.onnx, proto)
         if self.static_onnx is not None:
             if dynamic:
                 raise BackendError(
@@ -234,10 +236,16 @@ class TrtBackend:
                     "an export without --static"
                 )
             shape = shape if shape is not None else self.static_onnx
+        # What tile="auto" takes: the static engine's own (square) tile, asked for or recorded beside
+        # the user's engine. Else the Restorer cuts 512 tiles, which fit no engine but a new one.
+        square = shape is not None and not dynamic and shape[1] == shape[2]
+        self.static_tile = int(shape[1]) if square else None
         self.dynamic, self.max_shape = dynamic, max_shape
         if dynamic:
             self.fixed_tile = False
-            self.run = self._runner(check_shape(shape or DEFAULT_SHAPE))
+            if shape is None:  # tuned for the Restorer's default tiles, within max_shape
+                shape = DEFAULT_SHAPE if max_shape is None else tuple(map(min, DEFAULT_SHAPE, max_shape))
+            self.run = self._runner(check_shape(shape))
         else:
             self.run = FixedShapeRunner(self._runner, check_shape(shape) if shape is not None else None)
 
@@ -279,26 +287,36 @@ class TrtBackend:
         Without it the memory stays until the garbage collector's next full pass: a static-shape
         backend and its runners refer to each other, so dropping the last reference frees nothing."""
         self.closed = True
-        for runner in [self.run] if self.dynamic else self.run.runners.values():
+        for runner in self.runners():
             runner.close()
 
-    def __enter__(self):
-        return self
+    def runners(self) -> list[TrtRunner]:
+        """The engines built so far: one for a dynamic backend, one per tile shape for a static one."""
+        return [self.run] if self.dynamic else list(self.run.runners.values())
 
-    def __exit__(self, *exc):
-        self.close()
+    def own_memory_bytes(self) -> int:
+        """GPU memory TensorRT holds for these engines outside torch's allocator (see TrtRunner), so
+        missing from torch.cuda.max_memory_reserved: add it for the backend's real footprint."""
+        return sum(r.own_memory_bytes for r in self.runners())
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor):
         if self.closed:  # else a new tile shape would build (and keep) a new engine
             raise BackendError("this TensorRT backend was closed")
         x = x.to(self.device, torch.float32)
-        if self.dynamic and not fits(tuple(x.shape), self.run.profile):
+        if not self.dynamic:
+            return self.run(x)
+        # A batch larger than the engine's (tile_batch above max_shape's N) runs in engine-sized chunks.
+        n, most = x.shape[0], self.run.profile[2][0]
+        if not fits((min(n, most), *x.shape[1:]), self.run.profile):
             raise BackendError(
                 f"input {tuple(x.shape)} is outside the dynamic engine's profile {self.run.profile}: "
                 "pass max_shape= or use tiles"
             )
-        return self.run(x)
+        if n <= most:
+            return self.run(x)
+        outs = [self.run(x[b : b + most]) for b in range(0, n, most)]
+        return torch.cat([y for y, _ in outs]), [torch.cat(g) for g in zip(*(gs for _, gs in outs))]
 
 
 def make_backend(model: QAIRN, device: torch.device, precision: str = "fp32", **options) -> TrtBackend:

@@ -13,8 +13,9 @@ the TensorRT version, the optimization profile and the precision. Those fields a
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
 whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized. The timing cache (per
-GPU and TensorRT version, shared by all engines) and the build locks live in the cache folder, also
-for an engine written elsewhere (`qairn export tensorrt -o PATH`).
+GPU and TensorRT version, shared by all engines; merged with the file under a lock when saved, as
+other processes save theirs) and the build locks live in the cache folder, also for an engine
+written elsewhere (`qairn export tensorrt -o PATH`).
 
 Only `build_engine` and `gpu_identity` touch TensorRT/CUDA; everything else is plain Python.
 """
@@ -133,11 +134,18 @@ def store(engine: Path, spec: EngineSpec, data: bytes) -> Path:
 
 
 def read_spec(engine: Path) -> dict | None:
+    """The spec recorded beside `engine`, None without a sidecar or with one whose shapes are not
+    three (N,3,H,W) lists: the backend takes its shapes from them."""
     try:
         spec = json.loads(sidecar_path(Path(engine)).read_text())["spec"]
     except (OSError, ValueError, KeyError, TypeError):  # TypeError: JSON that is not an object
         return None
-    return spec if isinstance(spec, dict) else None
+    if not isinstance(spec, dict):
+        return None
+    shapes = [spec.get(k) for k in ("min_shape", "opt_shape", "max_shape")]
+    if not all(isinstance(s, list) and len(s) == 4 and all(type(d) is int for d in s) for s in shapes):
+        return None
+    return spec
 
 
 def gpu_identity(device) -> tuple[str, str]:
@@ -211,18 +219,66 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_bytes: int, timing
     profile.set_shape(INPUT, spec.min_shape, spec.opt_shape, spec.max_shape)
     config.add_optimization_profile(profile)
 
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("timing cache %s unusable: starting a fresh one", timing_cache)
+    if not config.set_timing_cache(read_timing_cache(config, timing_cache), ignore_mismatch=False):
+        # Its header names another GPU or TensorRT: their timings would mislead this build.
+        warnings.warn(f"timing cache {timing_cache}: recorded elsewhere: starting a fresh one", stacklevel=2)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine for {onnx_path} (see the TensorRT log above)")
     if timing_cache is not None:
-        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        save_timing_cache(config, timing_cache)
     return bytes(serialized)
+
+
+def read_timing_cache(config, path: Path | None):
+    """The timing cache in `path` for this build, or a fresh one: none yet, or a file TensorRT cannot
+    read (cut short, another version's) is warned of, not a failed build."""
+    if path is None or not path.is_file():
+        return config.create_timing_cache(b"")
+    try:
+        cache = config.create_timing_cache(path.read_bytes())
+    except (OSError, RuntimeError) as e:  # RuntimeError: TensorRT's own, for bytes it cannot parse
+        cache, why = None, str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        why = "TensorRT could not read it (see its log above)"
+    if cache is None:
+        warnings.warn(f"timing cache {path}: unusable ({why}): starting a fresh one", stacklevel=3)
+        cache = config.create_timing_cache(b"")
+    return cache
+
+
+def save_timing_cache(config, path: Path) -> None:
+    """Write the build's timing cache to `path`, merged with what the file holds now: another process
+    may have saved its own build's timings since this build read it, and replacing the file would
+    drop them. Read, merge and replace run under a lock beside the file, one process at a time."""
+    cache = config.get_timing_cache()
+    with flocked(path.with_name(f".{path.name}.lock")):
+        if path.is_file():
+            try:
+                on_disk = config.create_timing_cache(path.read_bytes())
+            except (OSError, RuntimeError):
+                on_disk = None  # unreadable: ours replaces it
+            if on_disk is not None:
+                cache.combine(on_disk, ignore_mismatch=False)  # ours wins where both timed a tactic
+        write_atomic(path, bytes(cache.serialize()))
+
+
+@contextlib.contextmanager
+def flocked(lock_file: Path):
+    """An exclusive flock on `lock_file` (POSIX; elsewhere no lock), created with its folder."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -232,19 +288,9 @@ def build_lock(engine: Path, folder: Path):
     validation next time; with the lock the second waits and loads the first one's engine. An flock
     (POSIX; elsewhere no lock) on a lock file in the cache `folder`, named after the engine's path:
     not beside an engine written to a folder of the user's (`-o dir/model.engine`)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     where = hashlib.sha256(str(Path(engine).resolve()).encode()).hexdigest()[:12]
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".{Path(engine).name}.{where}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with flocked(Path(folder) / f".{Path(engine).name}.{where}.lock"):
+        yield
 
 
 def get_engine(
