@@ -214,9 +214,11 @@ def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights
     assert "trunc.jpg: truncated" in joined
     assert "missing.png: no such file" in joined
     assert "emptydir: directory contains no images" in joined
-    # The closing line names the images that failed again (their lines scroll away in a long run);
-    # the two inputs never found were said at the start.
-    names = ", ".join(str(workdir / n) for n in ("empty.jpg", "text.png", "trunc.jpg"))
+    # The closing line names the inputs that failed again (their lines scroll away in a long run):
+    # those never found first, as their lines came.
+    names = ", ".join(
+        str(workdir / n) for n in ("missing.png", "emptydir", "empty.jpg", "text.png", "trunc.jpg")
+    )
     assert err.strip().splitlines()[-1] == f"qairn: restored 1 of 6 images into {out}, 5 failed ({names})"
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the good one ran, nothing partial
     assert leftovers(workdir) == []
@@ -1275,8 +1277,19 @@ def test_the_closing_line_names_at_most_five_failed_images():
     from qairn.engine.cli import restore_summary
 
     records = [{"path": "/a.jpg", "output": "/out/a.png"}]
-    line = restore_summary(records, 8, 7, [f"b{i}.jpg" for i in range(7)])
+    line = restore_summary(records, 8, [f"b{i}.jpg" for i in range(7)])
     assert (
         line
         == "qairn: restored 1 of 8 images into /out, 7 failed (b0.jpg, b1.jpg, b2.jpg, b3.jpg, b4.jpg ...)"
     )
+
+
+def test_the_closing_line_names_inputs_never_found(workdir, tiny_weights, capsys):
+    # 'restored 1 of 3 images into out, 2 failed' counted a missing file and a glob matching nothing
+    # without naming them, while images that failed later were named.
+    out = workdir / "out"
+    args = [workdir / "a.jpg", workdir / "missing.jpg", workdir / "none*.png", "-o", out]
+    rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
+    assert rc == 1
+    names = f"{workdir / 'missing.jpg'}, {workdir / 'none*.png'}"
+    assert err.strip().splitlines()[-1] == f"qairn: restored 1 of 3 images into {out}, 2 failed ({names})"

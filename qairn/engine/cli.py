@@ -54,16 +54,16 @@ def scanned_image(f: Path) -> bool:
     )
 
 
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, directories (their images, sorted; not heat maps or hidden files) and globs -> (paths,
-    errors)."""
-    paths, errors = [], []
+    [(an input that gave no image, why)])."""
+    paths, missing = [], []
     for item in items:
         if any(ch in item for ch in "*?[") and not Path(item).exists():  # "photo [1].png" is a file
             hits = sorted(Path(h) for h in glob.glob(item, recursive=True))
             hits = [h for h in hits if h.is_file()]
             if not hits:
-                errors.append(f"{item}: no files match this pattern")
+                missing.append((item, "no files match this pattern"))
             paths += hits
             continue
         p = Path(item)
@@ -71,22 +71,22 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             try:
                 imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
             except OSError as e:  # an unreadable folder ended the whole run, the other inputs untouched
-                errors.append(f"{p}: cannot read the folder ({e.strerror or e})")
+                missing.append((str(p), f"cannot read the folder ({e.strerror or e})"))
                 continue
             if not imgs:
-                errors.append(f"{p}: directory contains no images")
+                missing.append((str(p), "directory contains no images"))
             paths += imgs
         elif not p.exists():
-            errors.append(f"{p}: no such file or directory")
+            missing.append((str(p), "no such file or directory"))
         elif not p.is_file():  # a pipe (`cat a.jpg | qairn score /dev/stdin`) was an 'empty file'
-            errors.append(f"{p}: not a regular file (a pipe or device); save the image to a file first")
+            missing.append((str(p), "not a regular file (a pipe or device); save the image to a file first"))
         else:
             paths.append(p)
     # A file named twice (a glob and its folder, say) is restored once.
     unique = {}
     for p in paths:
         unique.setdefault(p.resolve(), p)
-    return list(unique.values()), errors
+    return list(unique.values()), missing
 
 
 def unique_names(inputs: list[Path]) -> list[str]:
@@ -422,9 +422,9 @@ def main_restore(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
 
-    inputs, errors = expand_inputs(a.inputs)
-    for e in errors:
-        error(e)
+    inputs, missing = expand_inputs(a.inputs)
+    for name, why in missing:
+        error(f"{name}: {why}")
     if not inputs:
         return 1
     if a.format and not a.format.startswith("."):  # "png" means ".png"
@@ -440,7 +440,9 @@ def main_restore(argv=None) -> int:
     kinds = {same.get(x, x) for x in ((a.format or "").lower(), outputs[0].suffix.lower())}
     if a.format and folder is None and len(kinds) > 1:
         return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
-    failed_names = []  # images that failed after the inputs were found, named again in the summary
+    # Named again in the summary (their lines scroll away in a long run): inputs never found, then
+    # images that failed.
+    failed_names = [name for name, _ in missing]
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
@@ -493,25 +495,24 @@ def main_restore(argv=None) -> int:
         raise
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
-    failed = len(errors) + len(failed_names)  # inputs never found, and images that failed
-    tqdm.write(restore_summary(records, len(inputs) + len(errors), failed, failed_names), file=sys.stderr)
-    return 1 if failed or not json_written else 0
+    tqdm.write(restore_summary(records, len(inputs) + len(missing), failed_names), file=sys.stderr)
+    return 1 if failed_names or not json_written else 0
 
 
-SUMMARY_NAMES = 5  # failed images named in the closing line; the rest is "..."
+SUMMARY_NAMES = 5  # failed inputs named in the closing line; the rest is "..."
 
 
-def restore_summary(records: list[dict], total: int, failed: int, failed_names=()) -> str:
-    """The closing line of `qairn restore`: what was written, with the quality of a single image."""
+def restore_summary(records: list[dict], total: int, failed_names: list[str]) -> str:
+    """The closing line of `qairn restore`: what was written, with the quality of a single image, and
+    the inputs that failed or were never found."""
     if len(records) == 1 and total == 1:
         r = records[0]
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
         return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
     where = f" into {Path(records[0]['output']).parent}" if records else ""
-    # The failed images named again: in a long run their error lines have scrolled away.
     names = ", ".join(failed_names[:SUMMARY_NAMES]) + (" ..." if len(failed_names) > SUMMARY_NAMES else "")
     return f"qairn: restored {len(records)} of {total} images{where}" + (
-        f", {failed} failed" + (f" ({names})" if names else "") if failed else ""
+        f", {len(failed_names)} failed ({names})" if failed_names else ""
     )
 
 
@@ -525,16 +526,16 @@ def main_score(argv=None) -> int:
     )
     a = p.parse_args(argv)
 
-    inputs, errors = expand_inputs(a.inputs)
-    for e in errors:
-        error(e)
+    inputs, missing = expand_inputs(a.inputs)
+    for name, why in missing:
+        error(f"{name}: {why}")
     if not inputs:
         return 1
     try:
         r = make_restorer(a)
     except Exception as e:
         return fatal(str(e).splitlines()[0])
-    failed = len(errors)
+    failed = len(missing)
     if not a.json:
         width = max(len(str(q)) for q in inputs)
         print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
