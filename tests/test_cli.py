@@ -63,7 +63,6 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
     assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
-    assert "tiles:" in err  # 96x128 in 64-pixel tiles: more than one batch, so the tile bar shows
 
 
 def test_a_rerun_into_the_same_folder_skips_heat_maps_and_hidden_files(workdir, tiny_weights, capsys):
@@ -868,12 +867,17 @@ def test_score_rows_are_not_printed_onto_the_progress_bar(workdir, tiny_weights,
     import io
     import sys
 
-    screen = io.StringIO()
+    class Terminal(io.StringIO):  # a log gets no redraws: see test_progress_in_a_log_is_one_line_per_redraw
+        def isatty(self):
+            return True
+
+    screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stderr", screen)
     assert (
         main(["score", str(workdir / "a.jpg"), str(workdir / "b.png"), "--weights", str(tiny_weights)]) == 0
     )
+    assert "\rscore: 100%" in screen.getvalue()  # the bar is there, redrawn in place
     shown = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]
     rows = [line for line in shown if "0." in line and not line.startswith("score:")]
     assert [r.split()[0] for r in rows] == [str(workdir / "a.jpg"), str(workdir / "b.png")], shown
@@ -1293,3 +1297,19 @@ def test_the_closing_line_names_inputs_never_found(workdir, tiny_weights, capsys
     assert rc == 1
     names = f"{workdir / 'missing.jpg'}, {workdir / 'none*.png'}"
     assert err.strip().splitlines()[-1] == f"qairn: restored 1 of 3 images into {out}, 2 failed ({names})"
+
+
+def test_progress_in_a_log_is_one_line_per_redraw(workdir, tiny_weights, capsys, monkeypatch):
+    # `qairn restore ... 2> log.txt`: tqdm's redraws went back with '\r' (and up with ESC[A for the
+    # tile bar), so the log was one enormous line. LOG_EVERY_S = 0 draws every update.
+    import qairn.engine.cli as cli
+
+    monkeypatch.setattr(cli, "LOG_EVERY_S", 0)
+    args = [workdir / "a.jpg", workdir / "b.png", "-o", workdir / "out", "--tile", 64, "--overlap", 16]
+    rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
+    assert rc == 0, err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert any(ln.startswith("restore:  50%") for ln in lines)
+    assert any(ln.startswith("tiles:") for ln in lines)  # 96x128 in 64-pixel tiles: more than one batch
+    assert all(ln.strip() for ln in lines)  # no line left from tqdm clearing its own

@@ -266,6 +266,35 @@ def make_restorer(a):
     )
 
 
+# A bar written to a file or pipe: a line this often, the first after as long (a run shorter than
+# that shows only its closing line), instead of a redraw every 0.1 s.
+LOG_EVERY_S = 30
+
+
+class LogLines:
+    """Where a progress bar writes when stderr is not a terminal (`2> log.txt`, CI): each redraw on
+    a line of its own. tqdm goes back with '\r' (and up with ESC[A for the tile bar), which a log
+    keeps: a whole run was one enormous line."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s: str) -> None:
+        line = s.replace("\x1b[A", "").strip("\r\n ")  # a blank is tqdm clearing its line
+        if line:
+            self.f.write(line + "\n")
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm on stderr: redrawn in place on a terminal, elsewhere a line every LOG_EVERY_S seconds."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, **kwargs)
+    return tqdm(iterable, file=LogLines(sys.stderr), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S, **kwargs)
+
+
 class TileBar:
     """A second, transient bar for the tiles of one large image (a 50 MP photo takes minutes on a
     CPU with no other sign of life); images restored in one batch never show it."""
@@ -278,7 +307,7 @@ class TileBar:
             return
         if self.bar is None or self.bar.total != total:  # a retry with smaller tiles starts over
             self.close()
-            self.bar = tqdm(total=total, desc="tiles", unit="tile", leave=False, position=1, file=sys.stderr)
+            self.bar = progress_bar(total=total, desc="tiles", unit="tile", leave=False, position=1)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -478,7 +507,7 @@ def main_restore(argv=None) -> int:
         except OSError as e:
             return fatal(f"{folder}: cannot create the output folder ({e.strerror or e})")
     try:
-        for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
+        for src, dst in progress_bar(list(zip(inputs, outputs)), desc="restore", unit="img"):
             try:
                 records.append(restore_one(r, a, src, dst, input_set, taken))
                 continue
@@ -539,7 +568,7 @@ def main_score(argv=None) -> int:
     if not a.json:
         width = max(len(str(q)) for q in inputs)
         print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
-    for src in tqdm(inputs, desc="score", unit="img", file=sys.stderr, disable=len(inputs) < 2):
+    for src in progress_bar(inputs, desc="score", unit="img", disable=len(inputs) < 2):
         try:
             with TileBar() as tiles:
                 q = r.score(read_image(src, a.max_pixels, warn=warning), progress=tiles)

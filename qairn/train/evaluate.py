@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import torch
 from scipy import optimize, stats
-from tqdm import tqdm
 
+from qairn.engine.cli import progress_bar
 from qairn.engine.imageio import check_writable, save_figure, write_atomic
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
@@ -153,7 +153,7 @@ def eval_restoration(files, qfs=QFS, restorer=None, workers: int = 1, crop: int 
     """Per image and QF: metrics of the JPEG and (when restorer is given) of its restoration."""
     rows, futures = [], []
     with executor(workers) as ex:
-        bar = tqdm(total=len(files) * len(qfs), desc="eval", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(files) * len(qfs), desc="eval", disable=not progress, dynamic_ncols=True)
         for f in files:
             ref = read_reference(f, crop)
             for qf in qfs:
@@ -408,7 +408,7 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
     jobs = [(f, k, lv) for f in files for k, (_, levels, _) in DISTORTIONS.items() for lv in levels]
     refs = {}
     with executor(workers) as ex:
-        for f, kind, level in tqdm(jobs, desc="quality", disable=not progress, dynamic_ncols=True):
+        for f, kind, level in progress_bar(jobs, desc="quality", disable=not progress, dynamic_ncols=True):
             if f not in refs:
                 refs = {f: read_reference(f, crop)}
                 h, w = refs[f].shape[:2]
