@@ -1313,3 +1313,19 @@ def test_progress_in_a_log_is_one_line_per_redraw(workdir, tiny_weights, capsys,
     assert any(ln.startswith("restore:  50%") for ln in lines)
     assert any(ln.startswith("tiles:") for ln in lines)  # 96x128 in 64-pixel tiles: more than one batch
     assert all(ln.strip() for ln in lines)  # no line left from tqdm clearing its own
+
+
+def test_score_table_columns_line_up_with_wide_file_names(workdir, tiny_weights, capsys):
+    # A CJK name takes two terminal columns a character: its row's scores sat 5 columns right of the
+    # header's and of a.jpg's (padding counted characters).
+    import unicodedata
+
+    wide = workdir / "東京の写真.jpg"
+    wide.write_bytes((workdir / "a.jpg").read_bytes())
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", wide, "--weights", tiny_weights)
+    assert rc == 0, err
+
+    def columns(line):  # where 'Q3' or the row's last score ends, in terminal columns
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line.rstrip())
+
+    assert len({columns(line) for line in out.splitlines()}) == 1, out

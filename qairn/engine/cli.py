@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import traceback
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,18 @@ def common_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})",
     )
+
+
+def columns(text: str) -> int:
+    """Terminal columns text takes: two for a wide (CJK) character, none for a combining mark."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
+
+
+def pad(text: str, width: int) -> str:
+    """text padded to width terminal columns (f"{text:<{width}}" counts characters)."""
+    return text + " " * (width - columns(text))
 
 
 def make_restorer(a):
@@ -566,8 +579,8 @@ def main_score(argv=None) -> int:
         return fatal(str(e).splitlines()[0])
     failed = len(missing)
     if not a.json:
-        width = max(len(str(q)) for q in inputs)
-        print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
+        width = max(columns(str(q)) for q in inputs)
+        print(f"{pad('path', width)}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
     for src in progress_bar(inputs, desc="score", unit="img", disable=len(inputs) < 2):
         try:
             with TileBar() as tiles:
@@ -584,5 +597,5 @@ def main_score(argv=None) -> int:
             row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
             result(json.dumps(row))
         else:
-            result(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
+            result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
     return 1 if failed else 0
