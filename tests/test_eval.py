@@ -440,3 +440,14 @@ def test_noise_is_clipped_not_wrapped():
     # Without the clip, values over 255 wrapped around to dark pixels in uint8.
     out = ev.distort(np.full((32, 32, 3), 250, np.uint8), "noise", 50.0)
     assert (out == 255).mean() > 0.3 and out.min() > 20
+
+
+@pytest.mark.parametrize("cmd", ["eval", "eval-quality"])
+def test_negative_threads_is_refused_in_one_line(refs, capsys, cmd):
+    # --threads -1 ended in a traceback: 'RuntimeError: set_num_threads expects a positive integer'.
+    assert (
+        cli([cmd, "--data", str(refs), "--jpeg-only" if cmd == "eval" else "--no-report", "--threads", "-1"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn {cmd}: error: --threads -1: must be 0 (torch's default) or a positive number"

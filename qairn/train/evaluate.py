@@ -243,11 +243,16 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
     plt.close(fig)
 
 
+# option -> what its 0 means
+COUNTS = {"limit": "all", "crop": "all", "threads": "torch's default"}
+
+
 def check_counts(a) -> None:
-    """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image."""
-    for name in ("limit", "crop"):
+    """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image,
+    --threads -1 ended in torch's traceback."""
+    for name, zero in COUNTS.items():
         if getattr(a, name) < 0:
-            raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 (all) or a positive number")
+            raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 ({zero}) or a positive number")
 
 
 def main_eval(argv=None) -> int:
