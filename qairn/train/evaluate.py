@@ -243,6 +243,28 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
     plt.close(fig)
 
 
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """qairn eval's and eval-quality's model: its weights, device and tiling."""
+    ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
+    ap.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
+
+
+def subset_args(ap: argparse.ArgumentParser) -> None:
+    """qairn eval's and eval-quality's quick runs on fewer or smaller images."""
+    ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
+    ap.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        help="centre crop of at most N x N (quick runs; default 0: whole images)",
+    )
+
+
 # option -> what its 0 means
 COUNTS = {"limit": "all", "crop": "all", "threads": "torch's default"}
 
@@ -265,21 +287,9 @@ def main_eval(argv=None) -> int:
     ap.add_argument(
         "--qf", type=int, nargs="+", default=list(QFS), help="JPEG qualities (default 10 20 30 40)"
     )
-    ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
-    ap.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
+    model_args(ap)
     ap.add_argument("--jpeg-only", action="store_true", help="only the unrestored JPEG (the floor)")
-    ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
-    ap.add_argument(
-        "--crop",
-        type=int,
-        default=0,
-        help="centre crop of at most N x N (quick runs; default 0: whole images)",
-    )
+    subset_args(ap)
     ap.add_argument("--workers", type=int, default=1, help="processes for the metrics (default 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="write the means per QF and every image's metrics here")
@@ -637,20 +647,8 @@ def main_quality(argv=None) -> int:
         default=str(DATA / "live1"),
         help=f"reference images for the report (default: {DATA / 'live1'})",
     )
-    ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
-    ap.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
-    ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
-    ap.add_argument(
-        "--crop",
-        type=int,
-        default=0,
-        help="centre crop of at most N x N (quick runs; default 0: whole images)",
-    )
+    model_args(ap)
+    subset_args(ap)
     ap.add_argument("--workers", type=int, default=1, help="processes for SSIM (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="white-noise seed (default 0)")
     ap.add_argument("--sweep-p", action="store_true", help="choose p on the training run's held-out images")
