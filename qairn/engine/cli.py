@@ -363,6 +363,15 @@ def fatal(msg: str) -> int:
     return 2
 
 
+def found_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """expand_inputs for restore and score: (the images, the inputs that gave none), each of those
+    said in one line."""
+    inputs, missing = expand_inputs(items)
+    for name, why in missing:
+        error(f"{name}: {why}")
+    return inputs, [name for name, _ in missing]
+
+
 def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
     """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
     A problem raises: InputError or ImageError with its one line, OSError from the write."""
@@ -464,9 +473,7 @@ def main_restore(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
 
-    inputs, missing = expand_inputs(a.inputs)
-    for name, why in missing:
-        error(f"{name}: {why}")
+    inputs, missing = found_inputs(a.inputs)
     if not inputs:
         return 1
     if a.format and not a.format.startswith("."):  # "png" means ".png"
@@ -484,7 +491,7 @@ def main_restore(argv=None) -> int:
         return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
     # Named again in the summary (their lines scroll away in a long run): inputs never found, then
     # images that failed.
-    failed_names = [name for name, _ in missing]
+    failed_names = list(missing)
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
@@ -568,9 +575,7 @@ def main_score(argv=None) -> int:
     )
     a = p.parse_args(argv)
 
-    inputs, missing = expand_inputs(a.inputs)
-    for name, why in missing:
-        error(f"{name}: {why}")
+    inputs, missing = found_inputs(a.inputs)
     if not inputs:
         return 1
     try:
