@@ -1329,3 +1329,15 @@ def test_score_table_columns_line_up_with_wide_file_names(workdir, tiny_weights,
         return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line.rstrip())
 
     assert len({columns(line) for line in out.splitlines()}) == 1, out
+
+
+@pytest.mark.parametrize(
+    "cmd", [["eval", "--jpeg-only", "--data"], ["eval-quality", "--no-report", "--data"], ["bench", "--json"]]
+)
+def test_a_plot_not_named_png_is_refused_before_any_work(tmp_path, capsys, cmd):
+    # --plot r.pdf wrote PNG bytes into r.pdf (save_figure writes PNG whatever the name), after the run.
+    plot = tmp_path / "r.pdf"
+    rc, _, err = run(capsys, *cmd, tmp_path / "x", "--plot", plot)
+    says = f"--plot {plot}: the figure is written as PNG; give a name ending in .png"
+    assert rc == 2 and err.strip().splitlines() == [f"qairn {cmd[0]}: error: {says}"]
+    assert not plot.exists()

@@ -526,6 +526,13 @@ def check_writable(*paths: str | Path | None) -> None:
             raise IsADirectoryError(f"{p}: is a directory; give a file name")
 
 
+def check_figure(path: str | Path | None) -> None:
+    """--plot names a PNG (save_figure writes one): r.pdf or r.jpg got PNG bytes under its name,
+    found out only once the run was over. None: no figure asked for."""
+    if path and Path(path).suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: the figure is written as PNG; give a name ending in .png")
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
     """A matplotlib figure as PNG, written atomically like every other output."""
     import io

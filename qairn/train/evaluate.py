@@ -24,7 +24,7 @@ import torch
 from scipy import optimize, stats
 
 from qairn.engine.cli import progress_bar
-from qairn.engine.imageio import check_writable, save_figure, write_atomic
+from qairn.engine.imageio import check_figure, check_writable, save_figure, write_atomic
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 
@@ -300,6 +300,7 @@ def main_eval(argv=None) -> int:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
     check_counts(a)
     check_writable(a.json, a.plot)
+    check_figure(a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
@@ -674,6 +675,7 @@ def main_quality(argv=None) -> int:
     a = ap.parse_args(argv)
     check_counts(a)
     check_writable(a.json, a.plot)
+    check_figure(a.plot)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
