@@ -1341,3 +1341,11 @@ def test_a_plot_not_named_png_is_refused_before_any_work(tmp_path, capsys, cmd):
     says = f"--plot {plot}: the figure is written as PNG; give a name ending in .png"
     assert rc == 2 and err.strip().splitlines() == [f"qairn {cmd[0]}: error: {says}"]
     assert not plot.exists()
+
+
+def test_eval_quality_help_describes_eval_quality(monkeypatch):
+    # Its description was the module's docstring, which opens on the other command: 'Evaluation.
+    # `qairn eval`: JPEG restoration in the layout of the paper's Table I ...'.
+    text = " ".join(command_parsers(monkeypatch)["eval-quality"].description.split())
+    assert "qairn eval`" not in text and "Table I " not in text
+    assert "Tables II and III" in text and "not human opinion scores" in text

@@ -642,7 +642,12 @@ def plot_quality(recs, png: str | Path, q: str = "Q2") -> None:
 
 
 def main_quality(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qairn eval-quality", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="qairn eval-quality",
+        description="Q1..Q3 against distortions generated on reference images (the paper's Tables II "
+        "and III layout), and with --sweep-p the choice of the Minkowski exponent p on held-out "
+        "training images. Generated distortions, not human opinion scores.",
+    )
     ap.add_argument(
         "--data",
         default=str(DATA / "live1"),
