@@ -1349,3 +1349,14 @@ def test_eval_quality_help_describes_eval_quality(monkeypatch):
     text = " ".join(command_parsers(monkeypatch)["eval-quality"].description.split())
     assert "qairn eval`" not in text and "Table I " not in text
     assert "Tables II and III" in text and "not human opinion scores" in text
+
+
+def test_an_empty_input_or_output_name_is_refused(workdir, tiny_weights, capsys, monkeypatch):
+    # `qairn restore "$IN" -o "$OUT"` with a variable unset: '' is Path('.'), so an empty IN restored
+    # every image of the working folder and an empty OUT wrote beside them.
+    monkeypatch.chdir(workdir)
+    rc, _, err = run(capsys, "restore", "a.jpg", "-o", "", "--weights", tiny_weights)
+    assert rc == 2 and error_lines(err) == ["qairn: error: -o '': an empty name; give a file or folder name"]
+    rc, _, err = run(capsys, "score", "", "--weights", tiny_weights)
+    assert rc == 1 and error_lines(err) == ["qairn: error: '': an empty name, not a file or folder"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["a.jpg", "b.png"]

@@ -60,6 +60,9 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     [(an input that gave no image, why)])."""
     paths, missing = [], []
     for item in items:
+        if not item:  # an unset shell variable: Path("") is the working folder, whose images it took
+            missing.append(("''", "an empty name, not a file or folder"))
+            continue
         if any(ch in item for ch in "*?[") and not Path(item).exists():  # "photo [1].png" is a file
             hits = sorted(Path(h) for h in glob.glob(item, recursive=True))
             hits = [h for h in hits if h.is_file()]
@@ -117,6 +120,8 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
     """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
     Returns the output paths and the directory to create (None for a file), which the caller makes
     only once every other check has passed: a refused run leaves no empty folder behind."""
+    if not out:  # an unset shell variable: Path("") is the working folder, where it wrote
+        raise InputError("-o '': an empty name; give a file or folder name")
     if out == "-":  # it made a folder named '-' and wrote into it
         raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
