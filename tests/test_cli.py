@@ -1360,3 +1360,12 @@ def test_an_empty_input_or_output_name_is_refused(workdir, tiny_weights, capsys,
     rc, _, err = run(capsys, "score", "", "--weights", tiny_weights)
     assert rc == 1 and error_lines(err) == ["qairn: error: '': an empty name, not a file or folder"]
     assert sorted(p.name for p in workdir.iterdir()) == ["a.jpg", "b.png"]
+
+
+def test_qairn_alone_prints_its_usage_as_an_error(capsys):
+    # `qairn` with no command exited 2 with the usage on stdout: `qairn > out.txt` put it in the file
+    # and left the terminal blank. An error goes to stderr, as an unknown command's does; -h to stdout.
+    rc, out, err = run(capsys)
+    assert rc == 2 and out == "" and err.startswith("usage: qairn {restore,score,")
+    rc, out, err = run(capsys, "-h")
+    assert rc == 0 and err == "" and out.startswith("usage: qairn {restore,score,")
