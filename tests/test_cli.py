@@ -1369,3 +1369,25 @@ def test_qairn_alone_prints_its_usage_as_an_error(capsys):
     assert rc == 2 and out == "" and err.startswith("usage: qairn {restore,score,")
     rc, out, err = run(capsys, "-h")
     assert rc == 0 and err == "" and out.startswith("usage: qairn {restore,score,")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["restore", "{a}", "-o", "{tmp}/o.png", "--json", ""],
+        ["eval", "--jpeg-only", "--data", ""],
+        ["eval", "--jpeg-only", "--data", "{tmp}", "--json", ""],
+        ["eval-quality", "--no-report", "--data", "{tmp}", "--json", ""],
+        ["eval-quality", "--data", "{tmp}", "--plot", ""],
+    ],
+)
+def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch, args):
+    # An unset variable ('--json "$OUT"') wrote no JSON and said nothing (exit 0); --data '' took the
+    # working folder, Path('.'), and evaluated every image under it.
+    monkeypatch.chdir(workdir)
+    with pytest.raises(SystemExit) as e:
+        main([a.format(a=workdir / "a.jpg", tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(
+        ": an empty name, not a file or folder"
+    )

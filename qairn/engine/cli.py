@@ -27,6 +27,7 @@ from qairn.engine.imageio import (
     gray_as_colour,
     icc_fits,
     icc_space,
+    path_arg,
     read_exif,
     read_icc,
     read_image,
@@ -472,7 +473,7 @@ def main_restore(argv=None) -> int:
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
     p.add_argument(
         "--json",
-        default=None,
+        type=path_arg,
         help="write each image's absolute input and output paths and Q1..Q3 to this JSON file (- for stdout)",
     )
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")

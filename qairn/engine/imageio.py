@@ -3,6 +3,7 @@ and atomic writes (temp name, then rename) so a failure never leaves a partial f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -514,6 +515,15 @@ def write_atomic(path: str | Path, data) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def path_arg(text: str) -> str:
+    """argparse type of an option naming a file or folder: '' (an unset shell variable) is refused.
+    Path('') is the working folder: --data '' evaluated every image under it, and --json '' was
+    taken as not asked for, so that no report was written and nothing said."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name, not a file or folder")
+    return text
 
 
 def check_writable(*paths: str | Path | None) -> None:

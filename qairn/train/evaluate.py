@@ -24,7 +24,7 @@ import torch
 from scipy import optimize, stats
 
 from qairn.engine.cli import progress_bar
-from qairn.engine.imageio import check_figure, check_writable, save_figure, write_atomic
+from qairn.engine.imageio import check_figure, check_writable, path_arg, save_figure, write_atomic
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 
@@ -281,6 +281,7 @@ def main_eval(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qairn eval", description="JPEG restoration metrics (paper Table I).")
     ap.add_argument(
         "--data",
+        type=path_arg,
         default=str(DATA / "live1"),
         help=f"folder of lossless reference images (default: {DATA / 'live1'})",
     )
@@ -292,8 +293,8 @@ def main_eval(argv=None) -> int:
     subset_args(ap)
     ap.add_argument("--workers", type=int, default=1, help="processes for the metrics (default 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", default=None, help="write the means per QF and every image's metrics here")
-    ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
+    ap.add_argument("--json", type=path_arg, help="write the means per QF and every image's metrics here")
+    ap.add_argument("--plot", type=path_arg, help="PNG figure: metrics against QF")
     a = ap.parse_args(argv)
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
     if bad_qf:
@@ -650,6 +651,7 @@ def main_quality(argv=None) -> int:
     )
     ap.add_argument(
         "--data",
+        type=path_arg,
         default=str(DATA / "live1"),
         help=f"reference images for the report (default: {DATA / 'live1'})",
     )
@@ -660,6 +662,7 @@ def main_quality(argv=None) -> int:
     ap.add_argument("--sweep-p", action="store_true", help="choose p on the training run's held-out images")
     ap.add_argument(
         "--train-data",
+        type=path_arg,
         default=str(DATA / "train"),
         help="--sweep-p: the run's training folder, where its held-out images are (default: %(default)s)",
     )
@@ -669,14 +672,14 @@ def main_quality(argv=None) -> int:
         default=8,
         help="--sweep-p: images the run held out, where its weights do not name them (default 8)",
     )
-    ap.add_argument("--val-data", default=None, help="held-out images (default: those of the training run)")
-    ap.add_argument("--write-p", default=None, metavar="WEIGHTS", help="store the chosen p in this file")
+    ap.add_argument("--val-data", type=path_arg, help="held-out images (default: those of the training run)")
+    ap.add_argument("--write-p", type=path_arg, metavar="WEIGHTS", help="store the chosen p in this file")
     ap.add_argument("--no-report", action="store_true", help="skip the LIVE1 report (sweep only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument(
-        "--json", default=None, help="write the tables, every record and the p sweep (--sweep-p) here"
+        "--json", type=path_arg, help="write the tables, every record and the p sweep (--sweep-p) here"
     )
-    ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
+    ap.add_argument("--plot", type=path_arg, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
     check_counts(a)
     check_writable(a.json, a.plot)
