@@ -451,3 +451,14 @@ def test_negative_threads_is_refused_in_one_line(refs, capsys, cmd):
     )
     err = capsys.readouterr().err.strip()
     assert err == f"qairn {cmd}: error: --threads -1: must be 0 (torch's default) or a positive number"
+
+
+def test_a_qf_given_twice_is_measured_once(refs, tmp_path, capsys):
+    # --qf 10 10 compressed and measured every image twice at QF 10: twice the time, and each image's
+    # row twice in the JSON beside n_images.
+    js = tmp_path / "e.json"
+    assert cli(["eval", "--data", str(refs), "--jpeg-only", "--qf", "10", "20", "10", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert [(r["image"], r["qf"]) for r in res["images"]] == [
+        (name, qf) for name in ("img00", "img01") for qf in (10, 20)
+    ]

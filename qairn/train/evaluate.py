@@ -299,6 +299,7 @@ def main_eval(argv=None) -> int:
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
     if bad_qf:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
+    a.qf = list(dict.fromkeys(a.qf))  # --qf 10 10 measured every image twice at 10
     check_counts(a)
     check_writable(a.json, a.plot)
     check_figure(a.plot)
