@@ -462,3 +462,15 @@ def test_a_qf_given_twice_is_measured_once(refs, tmp_path, capsys):
     assert [(r["image"], r["qf"]) for r in res["images"]] == [
         (name, qf) for name in ("img00", "img01") for qf in (10, 20)
     ]
+
+
+@pytest.mark.parametrize("cmd", [["eval", "--jpeg-only"], ["eval-quality", "--limit", "1", "--crop", "32"]])
+def test_json_and_plot_naming_one_file_is_refused(refs, tmp_path, capsys, cmd):
+    # --json r.png --plot r.png: the figure was renamed over the report, which was lost, exit 0.
+    same = tmp_path / "r.png"
+    assert cli([*cmd, "--data", str(refs), "--json", str(same), "--plot", str(same)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"qairn {cmd[0]}: error: --json and --plot name the same file: {same}"
+    )
+    assert not same.exists()
