@@ -474,3 +474,16 @@ def test_json_and_plot_naming_one_file_is_refused(refs, tmp_path, capsys, cmd):
         == f"qairn {cmd[0]}: error: --json and --plot name the same file: {same}"
     )
     assert not same.exists()
+
+
+@pytest.mark.parametrize(
+    "cmd", [["eval", "--weights"], ["eval-quality", "--limit", "1", "--crop", "32", "--weights"]]
+)
+def test_a_json_over_the_weights_is_refused(refs, tmp_path, capsys, cmd):
+    # --json w.safetensors beside --weights w.safetensors renamed the report over the weights at the end.
+    w = make_weights(tmp_path / "w.safetensors")
+    before = w.read_bytes()
+    assert cli([*cmd, str(w), "--data", str(refs), "--device", "cpu", "--json", str(w)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn {cmd[0]}: error: --json {w}: is the weights file; write to another file"
+    assert w.read_bytes() == before

@@ -265,13 +265,16 @@ def subset_args(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def check_outputs(json_path: str | None, plot: str | None) -> None:
-    """--json and --plot, refused before any work: a missing folder, a figure not named .png, and
-    both naming one file (the figure was renamed over the report)."""
+def check_outputs(json_path: str | None, plot: str | None, weights: str | None) -> None:
+    """--json and --plot, refused before any work: a missing folder, a figure not named .png, both
+    naming one file (the figure was renamed over the report), a report over the weights file (the
+    model was gone after the run; a figure must end in .png)."""
     check_writable(json_path, plot)
     check_figure(plot)
     if json_path and plot and Path(json_path).resolve() == Path(plot).resolve():
         raise SystemExit(f"--json and --plot name the same file: {plot}")
+    if json_path and weights and Path(json_path).resolve() == Path(weights).resolve():
+        raise SystemExit(f"--json {json_path}: is the weights file; write to another file")
 
 
 # option -> what its 0 means
@@ -310,7 +313,7 @@ def main_eval(argv=None) -> int:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
     a.qf = list(dict.fromkeys(a.qf))  # --qf 10 10 measured every image twice at 10
     check_counts(a)
-    check_outputs(a.json, a.plot)
+    check_outputs(a.json, a.plot, a.weights)
     if a.threads:
         torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
@@ -691,7 +694,7 @@ def main_quality(argv=None) -> int:
     ap.add_argument("--plot", type=path_arg, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
     check_counts(a)
-    check_outputs(a.json, a.plot)
+    check_outputs(a.json, a.plot, a.weights or a.write_p)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
