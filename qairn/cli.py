@@ -25,9 +25,12 @@ USAGE = "usage: qairn {" + ",".join(COMMANDS) + "} ...   (qairn COMMAND -h for h
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a usage error: on stderr, as an unknown command's
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     if argv[0] in ("-V", "--version"):
         from qairn import __version__
 

@@ -63,7 +63,6 @@ def test_restore_directory_with_json_and_quality_map(workdir, tiny_weights, caps
     assert [r["path"].endswith(("a.jpg", "b.png")) for r in records] == [True, True]
     assert all(0 <= r[k] <= 1 for r in records for k in ("Q1", "Q2", "Q3"))
     assert err.strip().splitlines()[-1] == f"qairn: restored 2 of 2 images into {out}"
-    assert "tiles:" in err  # 96x128 in 64-pixel tiles: more than one batch, so the tile bar shows
 
 
 def test_a_rerun_into_the_same_folder_skips_heat_maps_and_hidden_files(workdir, tiny_weights, capsys):
@@ -214,9 +213,11 @@ def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights
     assert "trunc.jpg: truncated" in joined
     assert "missing.png: no such file" in joined
     assert "emptydir: directory contains no images" in joined
-    # The closing line names the images that failed again (their lines scroll away in a long run);
-    # the two inputs never found were said at the start.
-    names = ", ".join(str(workdir / n) for n in ("empty.jpg", "text.png", "trunc.jpg"))
+    # The closing line names the inputs that failed again (their lines scroll away in a long run):
+    # those never found first, as their lines came.
+    names = ", ".join(
+        str(workdir / n) for n in ("missing.png", "emptydir", "empty.jpg", "text.png", "trunc.jpg")
+    )
     assert err.strip().splitlines()[-1] == f"qairn: restored 1 of 6 images into {out}, 5 failed ({names})"
     assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # the good one ran, nothing partial
     assert leftovers(workdir) == []
@@ -866,12 +867,17 @@ def test_score_rows_are_not_printed_onto_the_progress_bar(workdir, tiny_weights,
     import io
     import sys
 
-    screen = io.StringIO()
+    class Terminal(io.StringIO):  # a log gets no redraws: see test_progress_in_a_log_is_one_line_per_redraw
+        def isatty(self):
+            return True
+
+    screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stderr", screen)
     assert (
         main(["score", str(workdir / "a.jpg"), str(workdir / "b.png"), "--weights", str(tiny_weights)]) == 0
     )
+    assert "\rscore: 100%" in screen.getvalue()  # the bar is there, redrawn in place
     shown = [line.split("\r")[-1] for line in screen.getvalue().split("\n")]
     rows = [line for line in shown if "0." in line and not line.startswith("score:")]
     assert [r.split()[0] for r in rows] == [str(workdir / "a.jpg"), str(workdir / "b.png")], shown
@@ -1275,8 +1281,113 @@ def test_the_closing_line_names_at_most_five_failed_images():
     from qairn.engine.cli import restore_summary
 
     records = [{"path": "/a.jpg", "output": "/out/a.png"}]
-    line = restore_summary(records, 8, 7, [f"b{i}.jpg" for i in range(7)])
+    line = restore_summary(records, 8, [f"b{i}.jpg" for i in range(7)])
     assert (
         line
         == "qairn: restored 1 of 8 images into /out, 7 failed (b0.jpg, b1.jpg, b2.jpg, b3.jpg, b4.jpg ...)"
+    )
+
+
+def test_the_closing_line_names_inputs_never_found(workdir, tiny_weights, capsys):
+    # 'restored 1 of 3 images into out, 2 failed' counted a missing file and a glob matching nothing
+    # without naming them, while images that failed later were named.
+    out = workdir / "out"
+    args = [workdir / "a.jpg", workdir / "missing.jpg", workdir / "none*.png", "-o", out]
+    rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
+    assert rc == 1
+    names = f"{workdir / 'missing.jpg'}, {workdir / 'none*.png'}"
+    assert err.strip().splitlines()[-1] == f"qairn: restored 1 of 3 images into {out}, 2 failed ({names})"
+
+
+def test_progress_in_a_log_is_one_line_per_redraw(workdir, tiny_weights, capsys, monkeypatch):
+    # `qairn restore ... 2> log.txt`: tqdm's redraws went back with '\r' (and up with ESC[A for the
+    # tile bar), so the log was one enormous line. LOG_EVERY_S = 0 draws every update.
+    import qairn.engine.cli as cli
+
+    monkeypatch.setattr(cli, "LOG_EVERY_S", 0)
+    args = [workdir / "a.jpg", workdir / "b.png", "-o", workdir / "out", "--tile", 64, "--overlap", 16]
+    rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
+    assert rc == 0, err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert any(ln.startswith("restore:  50%") for ln in lines)
+    assert any(ln.startswith("tiles:") for ln in lines)  # 96x128 in 64-pixel tiles: more than one batch
+    assert all(ln.strip() for ln in lines)  # no line left from tqdm clearing its own
+
+
+def test_score_table_columns_line_up_with_wide_file_names(workdir, tiny_weights, capsys):
+    # A CJK name takes two terminal columns a character: its row's scores sat 5 columns right of the
+    # header's and of a.jpg's (padding counted characters).
+    import unicodedata
+
+    wide = workdir / "東京の写真.jpg"
+    wide.write_bytes((workdir / "a.jpg").read_bytes())
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", wide, "--weights", tiny_weights)
+    assert rc == 0, err
+
+    def columns(line):  # where 'Q3' or the row's last score ends, in terminal columns
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line.rstrip())
+
+    assert len({columns(line) for line in out.splitlines()}) == 1, out
+
+
+@pytest.mark.parametrize(
+    "cmd", [["eval", "--jpeg-only", "--data"], ["eval-quality", "--no-report", "--data"], ["bench", "--json"]]
+)
+def test_a_plot_not_named_png_is_refused_before_any_work(tmp_path, capsys, cmd):
+    # --plot r.pdf wrote PNG bytes into r.pdf (save_figure writes PNG whatever the name), after the run.
+    plot = tmp_path / "r.pdf"
+    rc, _, err = run(capsys, *cmd, tmp_path / "x", "--plot", plot)
+    says = f"--plot {plot}: the figure is written as PNG; give a name ending in .png"
+    assert rc == 2 and err.strip().splitlines() == [f"qairn {cmd[0]}: error: {says}"]
+    assert not plot.exists()
+
+
+def test_eval_quality_help_describes_eval_quality(monkeypatch):
+    # Its description was the module's docstring, which opens on the other command: 'Evaluation.
+    # `qairn eval`: JPEG restoration in the layout of the paper's Table I ...'.
+    text = " ".join(command_parsers(monkeypatch)["eval-quality"].description.split())
+    assert "qairn eval`" not in text and "Table I " not in text
+    assert "Tables II and III" in text and "not human opinion scores" in text
+
+
+def test_an_empty_input_or_output_name_is_refused(workdir, tiny_weights, capsys, monkeypatch):
+    # `qairn restore "$IN" -o "$OUT"` with a variable unset: '' is Path('.'), so an empty IN restored
+    # every image of the working folder and an empty OUT wrote beside them.
+    monkeypatch.chdir(workdir)
+    rc, _, err = run(capsys, "restore", "a.jpg", "-o", "", "--weights", tiny_weights)
+    assert rc == 2 and error_lines(err) == ["qairn: error: -o '': an empty name; give a file or folder name"]
+    rc, _, err = run(capsys, "score", "", "--weights", tiny_weights)
+    assert rc == 1 and error_lines(err) == ["qairn: error: '': an empty name, not a file or folder"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["a.jpg", "b.png"]
+
+
+def test_qairn_alone_prints_its_usage_as_an_error(capsys):
+    # `qairn` with no command exited 2 with the usage on stdout: `qairn > out.txt` put it in the file
+    # and left the terminal blank. An error goes to stderr, as an unknown command's does; -h to stdout.
+    rc, out, err = run(capsys)
+    assert rc == 2 and out == "" and err.startswith("usage: qairn {restore,score,")
+    rc, out, err = run(capsys, "-h")
+    assert rc == 0 and err == "" and out.startswith("usage: qairn {restore,score,")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["restore", "{a}", "-o", "{tmp}/o.png", "--json", ""],
+        ["eval", "--jpeg-only", "--data", ""],
+        ["eval", "--jpeg-only", "--data", "{tmp}", "--json", ""],
+        ["eval-quality", "--no-report", "--data", "{tmp}", "--json", ""],
+        ["eval-quality", "--data", "{tmp}", "--plot", ""],
+    ],
+)
+def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch, args):
+    # An unset variable ('--json "$OUT"') wrote no JSON and said nothing (exit 0); --data '' took the
+    # working folder, Path('.'), and evaluated every image under it.
+    monkeypatch.chdir(workdir)
+    with pytest.raises(SystemExit) as e:
+        main([a.format(a=workdir / "a.jpg", tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(
+        ": an empty name, not a file or folder"
     )

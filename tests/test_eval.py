@@ -440,3 +440,50 @@ def test_noise_is_clipped_not_wrapped():
     # Without the clip, values over 255 wrapped around to dark pixels in uint8.
     out = ev.distort(np.full((32, 32, 3), 250, np.uint8), "noise", 50.0)
     assert (out == 255).mean() > 0.3 and out.min() > 20
+
+
+@pytest.mark.parametrize("cmd", ["eval", "eval-quality"])
+def test_negative_threads_is_refused_in_one_line(refs, capsys, cmd):
+    # --threads -1 ended in a traceback: 'RuntimeError: set_num_threads expects a positive integer'.
+    assert (
+        cli([cmd, "--data", str(refs), "--jpeg-only" if cmd == "eval" else "--no-report", "--threads", "-1"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn {cmd}: error: --threads -1: must be 0 (torch's default) or a positive number"
+
+
+def test_a_qf_given_twice_is_measured_once(refs, tmp_path, capsys):
+    # --qf 10 10 compressed and measured every image twice at QF 10: twice the time, and each image's
+    # row twice in the JSON beside n_images.
+    js = tmp_path / "e.json"
+    assert cli(["eval", "--data", str(refs), "--jpeg-only", "--qf", "10", "20", "10", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert [(r["image"], r["qf"]) for r in res["images"]] == [
+        (name, qf) for name in ("img00", "img01") for qf in (10, 20)
+    ]
+
+
+@pytest.mark.parametrize("cmd", [["eval", "--jpeg-only"], ["eval-quality", "--limit", "1", "--crop", "32"]])
+def test_json_and_plot_naming_one_file_is_refused(refs, tmp_path, capsys, cmd):
+    # --json r.png --plot r.png: the figure was renamed over the report, which was lost, exit 0.
+    same = tmp_path / "r.png"
+    assert cli([*cmd, "--data", str(refs), "--json", str(same), "--plot", str(same)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"qairn {cmd[0]}: error: --json and --plot name the same file: {same}"
+    )
+    assert not same.exists()
+
+
+@pytest.mark.parametrize(
+    "cmd", [["eval", "--weights"], ["eval-quality", "--limit", "1", "--crop", "32", "--weights"]]
+)
+def test_a_json_over_the_weights_is_refused(refs, tmp_path, capsys, cmd):
+    # --json w.safetensors beside --weights w.safetensors renamed the report over the weights at the end.
+    w = make_weights(tmp_path / "w.safetensors")
+    before = w.read_bytes()
+    assert cli([*cmd, str(w), "--data", str(refs), "--device", "cpu", "--json", str(w)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"qairn {cmd[0]}: error: --json {w}: is the weights file; write to another file"
+    assert w.read_bytes() == before

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import check_writable, save_figure, write_atomic
+from qairn.engine.imageio import check_figure, check_writable, save_figure, write_atomic
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -994,6 +994,7 @@ def main(argv: list[str] | None = None) -> int:
         for what, path in inputs.items():
             if out and path and Path(out).resolve() == Path(path).resolve():
                 raise SystemExit(f"{flag} {out}: is {what}; write to another file")
+    check_figure(args.plot)
     device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import traceback
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from qairn.engine.imageio import (
     gray_as_colour,
     icc_fits,
     icc_space,
+    path_arg,
     read_exif,
     read_icc,
     read_image,
@@ -54,16 +56,19 @@ def scanned_image(f: Path) -> bool:
     )
 
 
-def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+def expand_inputs(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, directories (their images, sorted; not heat maps or hidden files) and globs -> (paths,
-    errors)."""
-    paths, errors = [], []
+    [(an input that gave no image, why)])."""
+    paths, missing = [], []
     for item in items:
+        if not item:  # an unset shell variable: Path("") is the working folder, whose images it took
+            missing.append(("''", "an empty name, not a file or folder"))
+            continue
         if any(ch in item for ch in "*?[") and not Path(item).exists():  # "photo [1].png" is a file
             hits = sorted(Path(h) for h in glob.glob(item, recursive=True))
             hits = [h for h in hits if h.is_file()]
             if not hits:
-                errors.append(f"{item}: no files match this pattern")
+                missing.append((item, "no files match this pattern"))
             paths += hits
             continue
         p = Path(item)
@@ -71,22 +76,22 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
             try:
                 imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
             except OSError as e:  # an unreadable folder ended the whole run, the other inputs untouched
-                errors.append(f"{p}: cannot read the folder ({e.strerror or e})")
+                missing.append((str(p), f"cannot read the folder ({e.strerror or e})"))
                 continue
             if not imgs:
-                errors.append(f"{p}: directory contains no images")
+                missing.append((str(p), "directory contains no images"))
             paths += imgs
         elif not p.exists():
-            errors.append(f"{p}: no such file or directory")
+            missing.append((str(p), "no such file or directory"))
         elif not p.is_file():  # a pipe (`cat a.jpg | qairn score /dev/stdin`) was an 'empty file'
-            errors.append(f"{p}: not a regular file (a pipe or device); save the image to a file first")
+            missing.append((str(p), "not a regular file (a pipe or device); save the image to a file first"))
         else:
             paths.append(p)
     # A file named twice (a glob and its folder, say) is restored once.
     unique = {}
     for p in paths:
         unique.setdefault(p.resolve(), p)
-    return list(unique.values()), errors
+    return list(unique.values()), missing
 
 
 def unique_names(inputs: list[Path]) -> list[str]:
@@ -116,6 +121,8 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
     """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
     Returns the output paths and the directory to create (None for a file), which the caller makes
     only once every other check has passed: a refused run leaves no empty folder behind."""
+    if not out:  # an unset shell variable: Path("") is the working folder, where it wrote
+        raise InputError("-o '': an empty name; give a file or folder name")
     if out == "-":  # it made a folder named '-' and wrote into it
         raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
@@ -251,6 +258,18 @@ def common_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def columns(text: str) -> int:
+    """Terminal columns text takes: two for a wide (CJK) character, none for a combining mark."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text
+    )
+
+
+def pad(text: str, width: int) -> str:
+    """text padded to width terminal columns (f"{text:<{width}}" counts characters)."""
+    return text + " " * (width - columns(text))
+
+
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
@@ -266,6 +285,35 @@ def make_restorer(a):
     )
 
 
+# A bar written to a file or pipe: a line this often, the first after as long (a run shorter than
+# that shows only its closing line), instead of a redraw every 0.1 s.
+LOG_EVERY_S = 30
+
+
+class LogLines:
+    """Where a progress bar writes when stderr is not a terminal (`2> log.txt`, CI): each redraw on
+    a line of its own. tqdm goes back with '\r' (and up with ESC[A for the tile bar), which a log
+    keeps: a whole run was one enormous line."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s: str) -> None:
+        line = s.replace("\x1b[A", "").strip("\r\n ")  # a blank is tqdm clearing its line
+        if line:
+            self.f.write(line + "\n")
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm on stderr: redrawn in place on a terminal, elsewhere a line every LOG_EVERY_S seconds."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, **kwargs)
+    return tqdm(iterable, file=LogLines(sys.stderr), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S, **kwargs)
+
+
 class TileBar:
     """A second, transient bar for the tiles of one large image (a 50 MP photo takes minutes on a
     CPU with no other sign of life); images restored in one batch never show it."""
@@ -278,7 +326,7 @@ class TileBar:
             return
         if self.bar is None or self.bar.total != total:  # a retry with smaller tiles starts over
             self.close()
-            self.bar = tqdm(total=total, desc="tiles", unit="tile", leave=False, position=1, file=sys.stderr)
+            self.bar = progress_bar(total=total, desc="tiles", unit="tile", leave=False, position=1)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -319,6 +367,15 @@ def fatal(msg: str) -> int:
     debug_traceback()
     print(f"qairn: error: {msg}", file=sys.stderr)
     return 2
+
+
+def found_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
+    """expand_inputs for restore and score: (the images, the inputs that gave none), each of those
+    said in one line."""
+    inputs, missing = expand_inputs(items)
+    for name, why in missing:
+        error(f"{name}: {why}")
+    return inputs, [name for name, _ in missing]
 
 
 def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
@@ -416,15 +473,13 @@ def main_restore(argv=None) -> int:
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
     p.add_argument(
         "--json",
-        default=None,
+        type=path_arg,
         help="write each image's absolute input and output paths and Q1..Q3 to this JSON file (- for stdout)",
     )
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
 
-    inputs, errors = expand_inputs(a.inputs)
-    for e in errors:
-        error(e)
+    inputs, missing = found_inputs(a.inputs)
     if not inputs:
         return 1
     if a.format and not a.format.startswith("."):  # "png" means ".png"
@@ -440,7 +495,9 @@ def main_restore(argv=None) -> int:
     kinds = {same.get(x, x) for x in ((a.format or "").lower(), outputs[0].suffix.lower())}
     if a.format and folder is None and len(kinds) > 1:
         return fatal(f"--format {a.format} contradicts -o {a.output}; the output file's suffix sets its type")
-    failed_names = []  # images that failed after the inputs were found, named again in the summary
+    # Named again in the summary (their lines scroll away in a long run): inputs never found, then
+    # images that failed.
+    failed_names = list(missing)
     records = []
     input_set = {q.resolve() for q in inputs}
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
@@ -476,7 +533,7 @@ def main_restore(argv=None) -> int:
         except OSError as e:
             return fatal(f"{folder}: cannot create the output folder ({e.strerror or e})")
     try:
-        for src, dst in tqdm(list(zip(inputs, outputs)), desc="restore", unit="img", file=sys.stderr):
+        for src, dst in progress_bar(list(zip(inputs, outputs)), desc="restore", unit="img"):
             try:
                 records.append(restore_one(r, a, src, dst, input_set, taken))
                 continue
@@ -493,25 +550,24 @@ def main_restore(argv=None) -> int:
         raise
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
-    failed = len(errors) + len(failed_names)  # inputs never found, and images that failed
-    tqdm.write(restore_summary(records, len(inputs) + len(errors), failed, failed_names), file=sys.stderr)
-    return 1 if failed or not json_written else 0
+    tqdm.write(restore_summary(records, len(inputs) + len(missing), failed_names), file=sys.stderr)
+    return 1 if failed_names or not json_written else 0
 
 
-SUMMARY_NAMES = 5  # failed images named in the closing line; the rest is "..."
+SUMMARY_NAMES = 5  # failed inputs named in the closing line; the rest is "..."
 
 
-def restore_summary(records: list[dict], total: int, failed: int, failed_names=()) -> str:
-    """The closing line of `qairn restore`: what was written, with the quality of a single image."""
+def restore_summary(records: list[dict], total: int, failed_names: list[str]) -> str:
+    """The closing line of `qairn restore`: what was written, with the quality of a single image, and
+    the inputs that failed or were never found."""
     if len(records) == 1 and total == 1:
         r = records[0]
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
         return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
     where = f" into {Path(records[0]['output']).parent}" if records else ""
-    # The failed images named again: in a long run their error lines have scrolled away.
     names = ", ".join(failed_names[:SUMMARY_NAMES]) + (" ..." if len(failed_names) > SUMMARY_NAMES else "")
     return f"qairn: restored {len(records)} of {total} images{where}" + (
-        f", {failed} failed" + (f" ({names})" if names else "") if failed else ""
+        f", {len(failed_names)} failed ({names})" if failed_names else ""
     )
 
 
@@ -525,20 +581,18 @@ def main_score(argv=None) -> int:
     )
     a = p.parse_args(argv)
 
-    inputs, errors = expand_inputs(a.inputs)
-    for e in errors:
-        error(e)
+    inputs, missing = found_inputs(a.inputs)
     if not inputs:
         return 1
     try:
         r = make_restorer(a)
     except Exception as e:
         return fatal(str(e).splitlines()[0])
-    failed = len(errors)
+    failed = len(missing)
     if not a.json:
-        width = max(len(str(q)) for q in inputs)
-        print(f"{'path':<{width}}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
-    for src in tqdm(inputs, desc="score", unit="img", file=sys.stderr, disable=len(inputs) < 2):
+        width = max(columns(str(q)) for q in inputs)
+        print(f"{pad('path', width)}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
+    for src in progress_bar(inputs, desc="score", unit="img", disable=len(inputs) < 2):
         try:
             with TileBar() as tiles:
                 q = r.score(read_image(src, a.max_pixels, warn=warning), progress=tiles)
@@ -554,5 +608,5 @@ def main_score(argv=None) -> int:
             row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
             result(json.dumps(row))
         else:
-            result(f"{str(src):<{width}}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
+            result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
     return 1 if failed else 0

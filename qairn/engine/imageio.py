@@ -3,6 +3,7 @@ and atomic writes (temp name, then rename) so a failure never leaves a partial f
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -516,6 +517,15 @@ def write_atomic(path: str | Path, data) -> None:
         raise
 
 
+def path_arg(text: str) -> str:
+    """argparse type of an option naming a file or folder: '' (an unset shell variable) is refused.
+    Path('') is the working folder: --data '' evaluated every image under it, and --json '' was
+    taken as not asked for, so that no report was written and nothing said."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name, not a file or folder")
+    return text
+
+
 def check_writable(*paths: str | Path | None) -> None:
     """Refuse, before any work, output paths whose folder is missing (None: not asked for), so a long
     evaluation or benchmark does not end by failing to write what it measured."""
@@ -524,6 +534,13 @@ def check_writable(*paths: str | Path | None) -> None:
             raise FileNotFoundError(f"{p}: output folder does not exist")
         if Path(p).is_dir():  # the rename onto it would fail only after the whole run
             raise IsADirectoryError(f"{p}: is a directory; give a file name")
+
+
+def check_figure(path: str | Path | None) -> None:
+    """--plot names a PNG (save_figure writes one): r.pdf or r.jpg got PNG bytes under its name,
+    found out only once the run was over. None: no figure asked for."""
+    if path and Path(path).suffix.lower() != ".png":
+        raise ValueError(f"--plot {path}: the figure is written as PNG; give a name ending in .png")
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:

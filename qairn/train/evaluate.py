@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import torch
 from scipy import optimize, stats
-from tqdm import tqdm
 
-from qairn.engine.imageio import check_writable, save_figure, write_atomic
+from qairn.engine.cli import progress_bar
+from qairn.engine.imageio import check_figure, check_writable, path_arg, save_figure, write_atomic
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 
@@ -153,7 +153,7 @@ def eval_restoration(files, qfs=QFS, restorer=None, workers: int = 1, crop: int 
     """Per image and QF: metrics of the JPEG and (when restorer is given) of its restoration."""
     rows, futures = [], []
     with executor(workers) as ex:
-        bar = tqdm(total=len(files) * len(qfs), desc="eval", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=len(files) * len(qfs), desc="eval", disable=not progress, dynamic_ncols=True)
         for f in files:
             ref = read_reference(f, crop)
             for qf in qfs:
@@ -243,23 +243,8 @@ def plot_restoration(summary: dict, png: str | Path) -> None:
     plt.close(fig)
 
 
-def check_counts(a) -> None:
-    """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image."""
-    for name in ("limit", "crop"):
-        if getattr(a, name) < 0:
-            raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 (all) or a positive number")
-
-
-def main_eval(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qairn eval", description="JPEG restoration metrics (paper Table I).")
-    ap.add_argument(
-        "--data",
-        default=str(DATA / "live1"),
-        help=f"folder of lossless reference images (default: {DATA / 'live1'})",
-    )
-    ap.add_argument(
-        "--qf", type=int, nargs="+", default=list(QFS), help="JPEG qualities (default 10 20 30 40)"
-    )
+def model_args(ap: argparse.ArgumentParser) -> None:
+    """qairn eval's and eval-quality's model: its weights, device and tiling."""
     ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
     ap.add_argument(
         "--device",
@@ -267,7 +252,10 @@ def main_eval(argv=None) -> int:
         help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
     )
     ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
-    ap.add_argument("--jpeg-only", action="store_true", help="only the unrestored JPEG (the floor)")
+
+
+def subset_args(ap: argparse.ArgumentParser) -> None:
+    """qairn eval's and eval-quality's quick runs on fewer or smaller images."""
     ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
     ap.add_argument(
         "--crop",
@@ -275,16 +263,57 @@ def main_eval(argv=None) -> int:
         default=0,
         help="centre crop of at most N x N (quick runs; default 0: whole images)",
     )
+
+
+def check_outputs(json_path: str | None, plot: str | None, weights: str | None) -> None:
+    """--json and --plot, refused before any work: a missing folder, a figure not named .png, both
+    naming one file (the figure was renamed over the report), a report over the weights file (the
+    model was gone after the run; a figure must end in .png)."""
+    check_writable(json_path, plot)
+    check_figure(plot)
+    if json_path and plot and Path(json_path).resolve() == Path(plot).resolve():
+        raise SystemExit(f"--json and --plot name the same file: {plot}")
+    if json_path and weights and Path(json_path).resolve() == Path(weights).resolve():
+        raise SystemExit(f"--json {json_path}: is the weights file; write to another file")
+
+
+# option -> what its 0 means
+COUNTS = {"limit": "all", "crop": "all", "threads": "torch's default"}
+
+
+def check_counts(a) -> None:
+    """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image,
+    --threads -1 ended in torch's traceback."""
+    for name, zero in COUNTS.items():
+        if getattr(a, name) < 0:
+            raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 ({zero}) or a positive number")
+
+
+def main_eval(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qairn eval", description="JPEG restoration metrics (paper Table I).")
+    ap.add_argument(
+        "--data",
+        type=path_arg,
+        default=str(DATA / "live1"),
+        help=f"folder of lossless reference images (default: {DATA / 'live1'})",
+    )
+    ap.add_argument(
+        "--qf", type=int, nargs="+", default=list(QFS), help="JPEG qualities (default 10 20 30 40)"
+    )
+    model_args(ap)
+    ap.add_argument("--jpeg-only", action="store_true", help="only the unrestored JPEG (the floor)")
+    subset_args(ap)
     ap.add_argument("--workers", type=int, default=1, help="processes for the metrics (default 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", default=None, help="write the means per QF and every image's metrics here")
-    ap.add_argument("--plot", default=None, help="PNG figure: metrics against QF")
+    ap.add_argument("--json", type=path_arg, help="write the means per QF and every image's metrics here")
+    ap.add_argument("--plot", type=path_arg, help="PNG figure: metrics against QF")
     a = ap.parse_args(argv)
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
     if bad_qf:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
+    a.qf = list(dict.fromkeys(a.qf))  # --qf 10 10 measured every image twice at 10
     check_counts(a)
-    check_writable(a.json, a.plot)
+    check_outputs(a.json, a.plot, a.weights)
     if a.threads:
         torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
@@ -408,7 +437,7 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
     jobs = [(f, k, lv) for f in files for k, (_, levels, _) in DISTORTIONS.items() for lv in levels]
     refs = {}
     with executor(workers) as ex:
-        for f, kind, level in tqdm(jobs, desc="quality", disable=not progress, dynamic_ncols=True):
+        for f, kind, level in progress_bar(jobs, desc="quality", disable=not progress, dynamic_ncols=True):
             if f not in refs:
                 refs = {f: read_reference(f, crop)}
                 h, w = refs[f].shape[:2]
@@ -626,31 +655,26 @@ def plot_quality(recs, png: str | Path, q: str = "Q2") -> None:
 
 
 def main_quality(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qairn eval-quality", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="qairn eval-quality",
+        description="Q1..Q3 against distortions generated on reference images (the paper's Tables II "
+        "and III layout), and with --sweep-p the choice of the Minkowski exponent p on held-out "
+        "training images. Generated distortions, not human opinion scores.",
+    )
     ap.add_argument(
         "--data",
+        type=path_arg,
         default=str(DATA / "live1"),
         help=f"reference images for the report (default: {DATA / 'live1'})",
     )
-    ap.add_argument("--weights", default=None, help="qairn safetensors (default: the shipped weights)")
-    ap.add_argument(
-        "--device",
-        default="auto",
-        help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N (default: auto)",
-    )
-    ap.add_argument("--tile", type=int, default=0, help="tile size (default 0: whole images)")
-    ap.add_argument("--limit", type=int, default=0, help="first N images only (default 0: all)")
-    ap.add_argument(
-        "--crop",
-        type=int,
-        default=0,
-        help="centre crop of at most N x N (quick runs; default 0: whole images)",
-    )
+    model_args(ap)
+    subset_args(ap)
     ap.add_argument("--workers", type=int, default=1, help="processes for SSIM (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="white-noise seed (default 0)")
     ap.add_argument("--sweep-p", action="store_true", help="choose p on the training run's held-out images")
     ap.add_argument(
         "--train-data",
+        type=path_arg,
         default=str(DATA / "train"),
         help="--sweep-p: the run's training folder, where its held-out images are (default: %(default)s)",
     )
@@ -660,17 +684,17 @@ def main_quality(argv=None) -> int:
         default=8,
         help="--sweep-p: images the run held out, where its weights do not name them (default 8)",
     )
-    ap.add_argument("--val-data", default=None, help="held-out images (default: those of the training run)")
-    ap.add_argument("--write-p", default=None, metavar="WEIGHTS", help="store the chosen p in this file")
+    ap.add_argument("--val-data", type=path_arg, help="held-out images (default: those of the training run)")
+    ap.add_argument("--write-p", type=path_arg, metavar="WEIGHTS", help="store the chosen p in this file")
     ap.add_argument("--no-report", action="store_true", help="skip the LIVE1 report (sweep only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument(
-        "--json", default=None, help="write the tables, every record and the p sweep (--sweep-p) here"
+        "--json", type=path_arg, help="write the tables, every record and the p sweep (--sweep-p) here"
     )
-    ap.add_argument("--plot", default=None, help="PNG figure: Q2 against the level, one line per image")
+    ap.add_argument("--plot", type=path_arg, help="PNG figure: Q2 against the level, one line per image")
     a = ap.parse_args(argv)
     check_counts(a)
-    check_writable(a.json, a.plot)
+    check_outputs(a.json, a.plot, a.weights or a.write_p)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.write_p and not a.sweep_p:
