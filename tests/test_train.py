@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import asdict, replace
@@ -1230,3 +1231,22 @@ def test_val_csv_ema_columns_are_the_averages(data, tmp_path, monkeypatch):
     assert abs(raw - avg) > 1e-2
     assert float(row["psnr_qf10"]) == pytest.approx(raw, abs=1e-4)
     assert float(row["ema_psnr_qf10"]) == pytest.approx(avg, abs=1e-4)
+
+
+def test_train_runs_from_a_thread_other_than_the_main_one(data, tmp_path, monkeypatch):
+    # Signal handlers can only be set in the main thread: train() from a thread pool failed with
+    # "signal only works in main thread" after making the run folder, and wrote no checkpoint.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    errors = []
+
+    def run():
+        try:
+            trainer.train(tiny_args(data, tmp_path, steps=2))
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and not errors, errors
+    assert state(tmp_path / "checkpoint.pt")["step"] == 2

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -509,7 +510,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Python takes signal handlers in the main thread only: train() run from another (a thread pool, a
+    # notebook's worker) failed there with a ValueError after making the run folder. It trains without
+    # them: Ctrl-C and SIGTERM go to the main thread, the caller's; --max-seconds still stops the run.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+    old_handlers = {s: signal.signal(s, on_signal) for s in signals}
     failed = False
     try:
         for jpeg_b, clean_b, _ in loader:
