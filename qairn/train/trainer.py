@@ -280,6 +280,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "launch with torchrun, or set LOCAL_RANK (this process's GPU on its machine)"
         )
     if world > 1:
+        # A rank that fails (a bad image, a full disk) ends the others only through its exit: on gloo its
+        # closed sockets fail their next all-reduce at once ("Connection closed by peer"), but on NCCL
+        # they wait in it until its timeout (torch's default: 10 min). torchrun ends them at once;
+        # processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR set) have nobody to do it.
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
         if device.type == "cuda":
@@ -792,6 +796,7 @@ EXAMPLES = """examples:
   qairn train --out runs/small --resume                              (continue it, same settings)
   qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
   torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
+    (on GPUs use torchrun: started by hand, the others wait out NCCL's 10 min timeout when one fails)
 """
 
 
