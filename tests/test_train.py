@@ -1250,3 +1250,15 @@ def test_train_runs_from_a_thread_other_than_the_main_one(data, tmp_path, monkey
     thread.join(timeout=120)
     assert not thread.is_alive() and not errors, errors
     assert state(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_train_puts_the_callers_thread_count_back(data, tmp_path, monkeypatch):
+    # --threads 1 stayed in force after train() returned: the caller's own work ran on one thread.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer.train(tiny_args(data, tmp_path, steps=1, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -242,14 +242,15 @@ def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, sa
 
 def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     """Train (or resume, a.resume) into a.out. explicit: the options the user gave (the CLI passes
-    them); on resume the others come from the checkpoint (resumed_args). The process-wide CUDA settings
-    a GPU run turns on for speed (cudnn.benchmark, TF32) are put back afterwards: a library caller's
-    own work after train() must not run in TF32 unasked."""
+    them); on resume the others come from the checkpoint (resumed_args). The process-wide settings a
+    run changes (--threads; on a GPU cudnn.benchmark and TF32, for speed) are put back afterwards: a
+    library caller's own work after train() must not run in TF32, or on one thread, unasked."""
     flags = (
         torch.backends.cudnn.benchmark,
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
     )
+    threads = torch.get_num_threads()
     try:
         return _train(a, explicit)
     finally:
@@ -258,6 +259,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32,
         ) = flags
+        torch.set_num_threads(threads)
 
 
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
