@@ -1262,3 +1262,20 @@ def test_train_puts_the_callers_thread_count_back(data, tmp_path, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_init_keeps_the_p_chosen_for_its_weights(data, tmp_path, monkeypatch):
+    # --init from weights whose p was chosen by the sweep (the shipped file's is not the preset's) trained
+    # and exported them with the preset's p instead, and the resume of such a run must keep it too.
+    from qairn.train import evaluate
+
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    monkeypatch.setattr(evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32"})
+    start = tmp_path / "start.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "a", steps=0, export=str(start)))
+    chosen = 2 * preset("tiny").p + 1
+    evaluate.write_p(start, chosen, {"p": chosen})
+    out, w = tmp_path / "b", tmp_path / "w.safetensors"
+    trainer.train(tiny_args(data, out, steps=1, init=str(start)))
+    trainer.train(tiny_args(data, out, steps=2, resume=True, export=str(w)))
+    assert load_model(w).config.p == chosen

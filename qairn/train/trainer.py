@@ -346,10 +346,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     resumed = ck is not None
     trained_with = asdict(a)
     if resumed:
-        if replace(QAIRNConfig.from_json(ck["config"]), preset="") != replace(
-            config, preset=""
-        ):  # not labels
+        saved_config = QAIRNConfig.from_json(ck["config"])
+        # Not labels, nor p: a run begun with --init carries the p of its weights file (below).
+        if replace(saved_config, p=config.p, preset="") != replace(config, preset=""):
             raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
+        model.config = config = replace(config, p=saved_config.p)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         step, seconds = ck["step"], ck["seconds"]
@@ -369,6 +370,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         if replace(start.config, p=config.p, preset="") != replace(config, preset=""):
             raise SystemExit(f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides)")
         model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        # p pools the quality maps only and was chosen for these weights (the p sweep, after training):
+        # the export keeps it. It took the preset's (the shipped file's p is not), and so scored otherwise.
+        model.config = config = replace(config, p=start.config.p)
         if main:
             print(f"initialised from {a.init}")
     if a.channels_last:
