@@ -1279,3 +1279,18 @@ def test_init_keeps_the_p_chosen_for_its_weights(data, tmp_path, monkeypatch):
     trainer.train(tiny_args(data, out, steps=1, init=str(start)))
     trainer.train(tiny_args(data, out, steps=2, resume=True, export=str(w)))
     assert load_model(w).config.p == chosen
+
+
+def test_an_init_of_another_architecture_says_which(data, tmp_path, monkeypatch):
+    # "its architecture differs from --preset tiny (+ overrides)" left the user to guess the --widths
+    # and --nb of a file made with --preset auto (gpu_train): the differing values are now named.
+    from qairn.train import evaluate
+
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    monkeypatch.setattr(evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32"})
+    start = tmp_path / "start.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "a", steps=0, widths="8,16,24,32", export=str(start)))
+    with pytest.raises(
+        SystemExit, match=r"differs .*: widths 8,16,24,32 \(not 8,16,16,32\), nb 1 \(not 2\)$"
+    ):
+        trainer.train(tiny_args(data, tmp_path / "b", steps=0, nb=2, init=str(start)))

@@ -103,6 +103,20 @@ def model_config(a: TrainArgs) -> QAIRNConfig:
     return config
 
 
+def differences(have: QAIRNConfig, want: QAIRNConfig) -> str:
+    """Where a file's architecture differs from the options', e.g. "widths 16,32,64,128 (not
+    8,16,16,32), nb 2 (not 1)": the values to give with --preset, --widths and --nb."""
+
+    def show(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    return ", ".join(
+        f"{k} {show(v)} (not {show(getattr(want, k))})"
+        for k, v in asdict(have).items()
+        if k not in ("p", "preset") and v != getattr(want, k)
+    )
+
+
 def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
     # Folders are searched recursively: --data ../shared/data or --data gpu_pack (instead of their
     # train/) takes in the LIVE1 test images, which the recipe never trains or validates on.
@@ -349,7 +363,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         saved_config = QAIRNConfig.from_json(ck["config"])
         # Not labels, nor p: a run begun with --init carries the p of its weights file (below).
         if replace(saved_config, p=config.p, preset="") != replace(config, preset=""):
-            raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
+            raise SystemExit(
+                f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides): "
+                + differences(saved_config, config)
+            )
         model.config = config = replace(config, p=saved_config.p)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
@@ -368,7 +385,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         start = load_model(a.init)
         # p is pooling only, chosen after training; the preset label ("small-w16-nb2") is only a name
         if replace(start.config, p=config.p, preset="") != replace(config, preset=""):
-            raise SystemExit(f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides)")
+            raise SystemExit(
+                f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides): "
+                + differences(start.config, config)
+            )
         model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
         # p pools the quality maps only and was chosen for these weights (the p sweep, after training):
         # the export keeps it. It took the preset's (the shipped file's p is not), and so scored otherwise.
