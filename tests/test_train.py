@@ -3,6 +3,7 @@ the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU).
 
 import contextlib
 import csv
+import gc
 import json
 import os
 import signal
@@ -1294,3 +1295,30 @@ def test_an_init_of_another_architecture_says_which(data, tmp_path, monkeypatch)
         SystemExit, match=r"differs .*: widths 8,16,24,32 \(not 8,16,16,32\), nb 1 \(not 2\)$"
     ):
         trainer.train(tiny_args(data, tmp_path / "b", steps=0, nb=2, init=str(start)))
+
+
+def test_the_data_loader_is_let_go_when_train_returns(data, tmp_path, monkeypatch):
+    # A reference cycle through train's frame (torch makes one on its first Adam) kept the DataLoader, and
+    # its worker processes, to the interpreter's exit: `qairn train --resume --steps 0 --export` then
+    # ended with "DataLoader worker ... is killed by signal: Terminated". Made here by a cycle of our own.
+    loaders = []
+
+    class Recorded(trainer.DataLoader):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            loaders.append(weakref.ref(self))
+
+    def plot_in_a_cycle(*args):
+        cycle = [sys._getframe(1)]
+        cycle.append(cycle)
+
+    monkeypatch.setattr(trainer, "DataLoader", Recorded)
+    monkeypatch.setattr(trainer, "plot_log", plot_in_a_cycle)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        trainer.train(tiny_args(data, tmp_path, steps=1))
+        assert len(loaders) == 1 and loaders[0]() is None
+    finally:
+        if enabled:
+            gc.enable()

@@ -627,6 +627,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 logf.close()
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
+            # Its persistent workers stop now, not when the loader is collected: a reference cycle
+            # through this frame (torch makes one on its first Adam) kept them to the exit, where
+            # multiprocessing killed them and printed "DataLoader worker ... killed by signal".
+            del loader
     if not finite(model):  # an infinite gradient in the last steps, after their loss was checked
         raise FloatingPointError(
             f"the weights are not finite after step {step}: nothing exported; {ckpt_path} holds the last "
