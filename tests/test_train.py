@@ -1322,3 +1322,20 @@ def test_the_data_loader_is_let_go_when_train_returns(data, tmp_path, monkeypatc
     finally:
         if enabled:
             gc.enable()
+
+
+def test_a_failed_overwrite_leaves_no_half_of_the_old_run(data, tmp_path, monkeypatch):
+    # --overwrite truncated the old run's log.csv and deleted its val.csv at once, but its checkpoint
+    # stayed until the new run's first one: a new run that failed at its first step left the old
+    # checkpoint beside an empty log, and --resume continued it with its loss curve gone.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    trainer.train(tiny_args(data, tmp_path, steps=2))
+
+    def out_of_memory(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainer, "loss_fn", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train(tiny_args(data, tmp_path, steps=2, batch=1, overwrite=True))
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 or not (tmp_path / "checkpoint.pt").exists(), rows

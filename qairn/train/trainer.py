@@ -73,7 +73,7 @@ class TrainArgs:
     # over about 1/(1 - ema) steps. Checkpointed beside the raw weights; --export writes it when on.
     ema: float = 0.0
     export: str = ""  # write shipping weights here at the end (fp16 when that costs < 0.02 dB)
-    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoint is replaced)
+    overwrite: bool = False  # start a new run in an --out that holds one (deleting its checkpoint and logs)
 
 
 # What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule,
@@ -426,9 +426,8 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     made_out = main and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if ck is None:  # a new run: no validation rows of an older one in its plot
-            (out / "val.csv").unlink(missing_ok=True)
-        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
+        # Not in an export-only resume: a trainer may still be logging here.
+        if ck is not None and ck["step"] < a.steps:
             for name in ("log.csv", "val.csv"):
                 drop_rows_after(out / name, ck["step"])
 
@@ -527,6 +526,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         stop["flag"] = True
 
     log_path = out / "log.csv"
+    if main and ck is None:  # a new run (--overwrite): nothing of an older one is left to mix with it
+        # Its checkpoint too, as its log.csv is emptied: else a new run that failed before its first
+        # checkpoint left it beside that empty log, and --resume continued it without its curves.
+        for name in ("val.csv", "checkpoint.pt", "loss.png"):
+            (out / name).unlink(missing_ok=True)
     new_log = not log_path.exists() or not a.resume
     logf = open(log_path, "w" if new_log else "a", newline="") if main else None
     writer = csv.writer(logf) if logf else None
@@ -863,7 +867,7 @@ HELP = {
     "init": "start from these weights (same architecture; fresh optimiser, step 0), e.g. the shipped file",
     "ema": "keep an exponential moving average of the weights, e.g. 0.999 (about 1000 steps); 0: off",
     "export": "at the end, write shipping weights (safetensors; the average with --ema) here",
-    "overwrite": "start a new run in an --out that holds one (its checkpoint is replaced)",
+    "overwrite": "start a new run in an --out that holds one (its checkpoint and logs are deleted first)",
 }
 
 
