@@ -1339,3 +1339,12 @@ def test_a_failed_overwrite_leaves_no_half_of_the_old_run(data, tmp_path, monkey
         trainer.train(tiny_args(data, tmp_path, steps=2, batch=1, overwrite=True))
     rows = (tmp_path / "log.csv").read_text().splitlines()
     assert len(rows) == 3 or not (tmp_path / "checkpoint.pt").exists(), rows
+
+
+def test_an_export_without_held_out_images_says_why_it_is_fp32(data, tmp_path, capsys):
+    # --val-holdout 0 leaves nothing to check fp16 on: the export said "fp32 (nan dB fp16 loss on 0
+    # held-out images)"; it now gives the check's reason.
+    trainer.export_weights(
+        scrambled_model(), tiny_args(data, tmp_path, export=str(tmp_path / "w.safetensors")), 1, 1.0, []
+    )
+    assert "export: fp32 (no validation images to check fp16 on) ->" in capsys.readouterr().out

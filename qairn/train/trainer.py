@@ -9,7 +9,6 @@ import contextlib
 import copy
 import csv
 import io
-import math
 import multiprocessing
 import os
 import re
@@ -808,10 +807,12 @@ def export_weights(
 
     with fp32_reference():
         decision = fp16_check(model, val_files, device=device)
-    print(
-        f"export: {decision['dtype']} ({decision.get('loss_db', math.nan):.4f} dB fp16 loss on "
-        f"{len(val_files)} held-out images) -> {a.export}"
+    # No held-out image (--val-holdout 0), no loss to show ("nan dB ... on 0 images"): the reason instead.
+    why = (
+        decision.get("reason")
+        or f"{decision['loss_db']:.4f} dB fp16 loss on {len(val_files)} held-out images"
     )
+    print(f"export: {decision['dtype']} ({why}) -> {a.export}")
     summary = {
         "steps": step,
         "seconds": round(seconds, 1),
