@@ -1348,3 +1348,14 @@ def test_an_export_without_held_out_images_says_why_it_is_fp32(data, tmp_path, c
         scrambled_model(), tiny_args(data, tmp_path, export=str(tmp_path / "w.safetensors")), 1, 1.0, []
     )
     assert "export: fp32 (no validation images to check fp16 on) ->" in capsys.readouterr().out
+
+
+def test_a_resume_removes_checkpoints_torn_by_a_kill(data, tmp_path, monkeypatch):
+    # A checkpoint is written to a hidden temp file, renamed in when whole: a run killed while writing it
+    # (SIGKILL) left the temp file, a whole checkpoint's size, at every kill; the resume removes them.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    trainer.train(tiny_args(data, tmp_path, steps=1))
+    torn = tmp_path / ".checkpoint.pt.k2x9_a.part"
+    torn.write_bytes(b"cut short")
+    trainer.train(tiny_args(data, tmp_path, steps=2, resume=True))
+    assert not torn.exists() and state(tmp_path / "checkpoint.pt")["step"] == 2

@@ -429,6 +429,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         if ck is not None and ck["step"] < a.steps:
             for name in ("log.csv", "val.csv"):
                 drop_rows_after(out / name, ck["step"])
+            # A run killed while it wrote a checkpoint (SIGKILL after a preemption's grace period) left
+            # the hidden temp file, a whole checkpoint's size (the paper preset's: 0.6 GB), at each kill.
+            for part in out.glob(f".{ckpt_path.name}.*.part"):
+                part.unlink(missing_ok=True)
 
     try:
         images = load_cached(train_files, out / "cache")
