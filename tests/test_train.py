@@ -1359,3 +1359,31 @@ def test_a_resume_removes_checkpoints_torn_by_a_kill(data, tmp_path, monkeypatch
     torn.write_bytes(b"cut short")
     trainer.train(tiny_args(data, tmp_path, steps=2, resume=True))
     assert not torn.exists() and state(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [*run, "-m", "qairn.train.trainer", *cli_args(a)]
+
+
+def test_ddp_logs_the_loss_over_every_ranks_patches(data, tmp_path):
+    # Each DDP rank trains on its own patches and the gradients are averaged over all of them, but
+    # log.csv held rank 0's loss alone: half the step's patches with 2 processes, 1/8 with 8.
+    a = tiny_args(data, tmp_path, steps=1)
+    r = subprocess.run(torchrun_cmd(a), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    train_files, _ = trainer.split_files(str(data), a.val_holdout)
+    ds = JPEGPatches(load_cached(train_files), a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+    torch.manual_seed(a.seed)
+    model = QAIRN(preset("tiny")).to(memory_format=torch.channels_last)
+    losses = []  # step 1's loss on each rank: batch indices 0 and 1, the initial weights
+    with torch.no_grad():
+        for rank in range(2):
+            jp, clean, _ = ds[rank]
+            out, _ = model(jp.contiguous(memory_format=torch.channels_last))
+            losses.append(trainer.loss_fn(out, clean, a.ssim_weight)[0].item())
+    with open(tmp_path / "log.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert abs(losses[0] - losses[1]) > 1e-3  # else rank 0's loss alone would pass
+    assert float(row["loss"]) == pytest.approx(sum(losses) / 2, abs=2e-5)

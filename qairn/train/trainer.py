@@ -586,7 +586,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             seconds = seconds_before + time.time() - t_run
             n_last += a.batch * world
             # The last step is logged too: a run shorter than --log-every would leave no loss curve.
-            if main and (step % a.log_every == 0 or step == a.steps):
+            log_step = step % a.log_every == 0 or step == a.steps
+            if log_step and world > 1:  # the step's loss is over every rank's patches, not rank 0's alone
+                loss, l1, s = mean_over_ranks(torch.stack([loss.detach(), l1.detach(), s.detach()]), device)
+            if main and log_step:
                 rate = n_last / max(time.time() - t_last, 1e-9)
                 t_last, n_last = time.time(), 0
                 writer.writerow(
@@ -666,6 +669,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean of t over the DDP processes (every process calls it at the same step)."""
+    t = t.float().to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)  # a sum: gloo has no average
+    return t / dist.get_world_size()
 
 
 def finite(model: torch.nn.Module) -> bool:
