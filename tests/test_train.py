@@ -485,23 +485,18 @@ def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
     assert (tmp_path / "loss.png").exists()
 
 
+def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [*run, "-m", "qairn.train.trainer", *cli_args(a)]
+
+
 def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
     """torchrun, 2 CPU processes: each rank trains on its own batches, DDP averages the gradients,
     and the run stops on its time limit at the same step on both ranks (a hang fails the test).
     The result must equal one process that averages the two ranks' gradients by hand."""
     a = tiny_args(data, tmp_path, steps=10_000, max_seconds=1.0, log_every=2, ckpt_every=10_000)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "qairn.train.trainer",
-        *cli_args(a),
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(torchrun_cmd(a), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     ck = state(tmp_path / "checkpoint.pt")
     steps = ck["step"]
@@ -1359,12 +1354,6 @@ def test_a_resume_removes_checkpoints_torn_by_a_kill(data, tmp_path, monkeypatch
     torn.write_bytes(b"cut short")
     trainer.train(tiny_args(data, tmp_path, steps=2, resume=True))
     assert not torn.exists() and state(tmp_path / "checkpoint.pt")["step"] == 2
-
-
-def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
-    """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    return [*run, "-m", "qairn.train.trainer", *cli_args(a)]
 
 
 def test_ddp_logs_the_loss_over_every_ranks_patches(data, tmp_path):
