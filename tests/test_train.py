@@ -313,20 +313,24 @@ def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], c["model"][k]), k
 
 
-def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
-    """On CUDA the loss is checked only every --log-every steps, so a step can put NaN into the weights
-    before the check raises: that state must not be written over the last good checkpoint."""
-    calls = {"n": 0}
-    loss_fn = trainer.loss_fn
+def infinite_gradient_at_step(n: int):
+    """trainer.loss_fn, but step n's loss is finite with an infinite gradient (sqrt at 0)."""
+    calls, loss_fn = [], trainer.loss_fn
 
-    def poisoned(out, clean, w):  # step 3: a finite loss with an infinite gradient (sqrt at 0)
-        calls["n"] += 1
+    def poisoned(out, clean, w):
+        calls.append(1)
         loss, l1, s = loss_fn(out, clean, w)
-        if calls["n"] == 3:
+        if len(calls) == n:
             loss = loss + torch.sqrt(out - out.detach()).sum()
         return loss, l1, s
 
-    monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    return poisoned
+
+
+def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
+    """On CUDA the loss is checked only every --log-every steps, so a step can put NaN into the weights
+    before the check raises: that state must not be written over the last good checkpoint."""
+    monkeypatch.setattr(trainer, "loss_fn", infinite_gradient_at_step(3))
     with pytest.raises(FloatingPointError):
         trainer.train(tiny_args(data, tmp_path / "r", steps=6, ckpt_every=1))
     ck = state(tmp_path / "r" / "checkpoint.pt")
@@ -361,17 +365,7 @@ def test_weights_made_non_finite_by_the_last_step_are_not_exported(data, tmp_pat
     """The loss is checked before its step: an infinite gradient in the last step left NaN weights that
     the run exported (over --export, an unloadable file) and returned as if it had succeeded."""
     monkeypatch.setattr(trainer, "plot_log", lambda *a: None)
-    calls = {"n": 0}
-    loss_fn = trainer.loss_fn
-
-    def poisoned(out, clean, w):  # the last step: a finite loss with an infinite gradient (sqrt at 0)
-        calls["n"] += 1
-        loss, l1, s = loss_fn(out, clean, w)
-        if calls["n"] == 3:
-            loss = loss + torch.sqrt(out - out.detach()).sum()
-        return loss, l1, s
-
-    monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    monkeypatch.setattr(trainer, "loss_fn", infinite_gradient_at_step(3))  # the last step
     w = tmp_path / "w.safetensors"
     with pytest.raises(FloatingPointError, match="not finite after step 3: nothing exported"):
         trainer.train(tiny_args(data, tmp_path / "r", steps=3, ckpt_every=1, export=str(w)))
