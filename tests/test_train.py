@@ -1260,7 +1260,9 @@ def test_init_keeps_the_p_chosen_for_its_weights(data, tmp_path, monkeypatch):
     from qairn.train import evaluate
 
     monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
-    monkeypatch.setattr(evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32"})
+    monkeypatch.setattr(
+        evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32", "reason": "not checked here"}
+    )
     start = tmp_path / "start.safetensors"
     trainer.train(tiny_args(data, tmp_path / "a", steps=0, export=str(start)))
     chosen = 2 * preset("tiny").p + 1
@@ -1277,7 +1279,9 @@ def test_an_init_of_another_architecture_says_which(data, tmp_path, monkeypatch)
     from qairn.train import evaluate
 
     monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
-    monkeypatch.setattr(evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32"})
+    monkeypatch.setattr(
+        evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32", "reason": "not checked here"}
+    )
     start = tmp_path / "start.safetensors"
     trainer.train(tiny_args(data, tmp_path / "a", steps=0, widths="8,16,24,32", export=str(start)))
     with pytest.raises(
