@@ -3,12 +3,14 @@ the fp16 export check, and the GPU pack + entry script on the tiny preset (CPU).
 
 import contextlib
 import csv
+import gc
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import asdict, replace
@@ -311,20 +313,24 @@ def test_fp16_loss_scale_resumes(data, tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], c["model"][k]), k
 
 
-def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
-    """On CUDA the loss is checked only every --log-every steps, so a step can put NaN into the weights
-    before the check raises: that state must not be written over the last good checkpoint."""
-    calls = {"n": 0}
-    loss_fn = trainer.loss_fn
+def infinite_gradient_at_step(n: int):
+    """trainer.loss_fn, but step n's loss is finite with an infinite gradient (sqrt at 0)."""
+    calls, loss_fn = [], trainer.loss_fn
 
-    def poisoned(out, clean, w):  # step 3: a finite loss with an infinite gradient (sqrt at 0)
-        calls["n"] += 1
+    def poisoned(out, clean, w):
+        calls.append(1)
         loss, l1, s = loss_fn(out, clean, w)
-        if calls["n"] == 3:
+        if len(calls) == n:
             loss = loss + torch.sqrt(out - out.detach()).sum()
         return loss, l1, s
 
-    monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    return poisoned
+
+
+def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeypatch):
+    """On CUDA the loss is checked only every --log-every steps, so a step can put NaN into the weights
+    before the check raises: that state must not be written over the last good checkpoint."""
+    monkeypatch.setattr(trainer, "loss_fn", infinite_gradient_at_step(3))
     with pytest.raises(FloatingPointError):
         trainer.train(tiny_args(data, tmp_path / "r", steps=6, ckpt_every=1))
     ck = state(tmp_path / "r" / "checkpoint.pt")
@@ -359,17 +365,7 @@ def test_weights_made_non_finite_by_the_last_step_are_not_exported(data, tmp_pat
     """The loss is checked before its step: an infinite gradient in the last step left NaN weights that
     the run exported (over --export, an unloadable file) and returned as if it had succeeded."""
     monkeypatch.setattr(trainer, "plot_log", lambda *a: None)
-    calls = {"n": 0}
-    loss_fn = trainer.loss_fn
-
-    def poisoned(out, clean, w):  # the last step: a finite loss with an infinite gradient (sqrt at 0)
-        calls["n"] += 1
-        loss, l1, s = loss_fn(out, clean, w)
-        if calls["n"] == 3:
-            loss = loss + torch.sqrt(out - out.detach()).sum()
-        return loss, l1, s
-
-    monkeypatch.setattr(trainer, "loss_fn", poisoned)
+    monkeypatch.setattr(trainer, "loss_fn", infinite_gradient_at_step(3))  # the last step
     w = tmp_path / "w.safetensors"
     with pytest.raises(FloatingPointError, match="not finite after step 3: nothing exported"):
         trainer.train(tiny_args(data, tmp_path / "r", steps=3, ckpt_every=1, export=str(w)))
@@ -483,23 +479,18 @@ def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
     assert (tmp_path / "loss.png").exists()
 
 
+def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [*run, "-m", "qairn.train.trainer", *cli_args(a)]
+
+
 def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
     """torchrun, 2 CPU processes: each rank trains on its own batches, DDP averages the gradients,
     and the run stops on its time limit at the same step on both ranks (a hang fails the test).
     The result must equal one process that averages the two ranks' gradients by hand."""
     a = tiny_args(data, tmp_path, steps=10_000, max_seconds=1.0, log_every=2, ckpt_every=10_000)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "qairn.train.trainer",
-        *cli_args(a),
-    ]
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(torchrun_cmd(a), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     ck = state(tmp_path / "checkpoint.pt")
     steps = ck["step"]
@@ -1230,3 +1221,156 @@ def test_val_csv_ema_columns_are_the_averages(data, tmp_path, monkeypatch):
     assert abs(raw - avg) > 1e-2
     assert float(row["psnr_qf10"]) == pytest.approx(raw, abs=1e-4)
     assert float(row["ema_psnr_qf10"]) == pytest.approx(avg, abs=1e-4)
+
+
+def test_train_runs_from_a_thread_other_than_the_main_one(data, tmp_path, monkeypatch):
+    # Signal handlers can only be set in the main thread: train() from a thread pool failed with
+    # "signal only works in main thread" after making the run folder, and wrote no checkpoint.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    errors = []
+
+    def run():
+        try:
+            trainer.train(tiny_args(data, tmp_path, steps=2))
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and not errors, errors
+    assert state(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_train_puts_the_callers_thread_count_back(data, tmp_path, monkeypatch):
+    # --threads 1 stayed in force after train() returned: the caller's own work ran on one thread.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer.train(tiny_args(data, tmp_path, steps=1, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_init_keeps_the_p_chosen_for_its_weights(data, tmp_path, monkeypatch):
+    # --init from weights whose p was chosen by the sweep (the shipped file's is not the preset's) trained
+    # and exported them with the preset's p instead, and the resume of such a run must keep it too.
+    from qairn.train import evaluate
+
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    monkeypatch.setattr(
+        evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32", "reason": "not checked here"}
+    )
+    start = tmp_path / "start.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "a", steps=0, export=str(start)))
+    chosen = 2 * preset("tiny").p + 1
+    evaluate.write_p(start, chosen, {"p": chosen})
+    out, w = tmp_path / "b", tmp_path / "w.safetensors"
+    trainer.train(tiny_args(data, out, steps=1, init=str(start)))
+    trainer.train(tiny_args(data, out, steps=2, resume=True, export=str(w)))
+    assert load_model(w).config.p == chosen
+
+
+def test_an_init_of_another_architecture_says_which(data, tmp_path, monkeypatch):
+    # "its architecture differs from --preset tiny (+ overrides)" left the user to guess the --widths
+    # and --nb of a file made with --preset auto (gpu_train): the differing values are now named.
+    from qairn.train import evaluate
+
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    monkeypatch.setattr(
+        evaluate, "fp16_check", lambda *a, **k: {"dtype": "fp32", "reason": "not checked here"}
+    )
+    start = tmp_path / "start.safetensors"
+    trainer.train(tiny_args(data, tmp_path / "a", steps=0, widths="8,16,24,32", export=str(start)))
+    with pytest.raises(
+        SystemExit, match=r"differs .*: widths 8,16,24,32 \(not 8,16,16,32\), nb 1 \(not 2\)$"
+    ):
+        trainer.train(tiny_args(data, tmp_path / "b", steps=0, nb=2, init=str(start)))
+
+
+def test_the_data_loader_is_let_go_when_train_returns(data, tmp_path, monkeypatch):
+    # A reference cycle through train's frame (torch makes one on its first Adam) kept the DataLoader, and
+    # its worker processes, to the interpreter's exit: `qairn train --resume --steps 0 --export` then
+    # ended with "DataLoader worker ... is killed by signal: Terminated". Made here by a cycle of our own.
+    loaders = []
+
+    class Recorded(trainer.DataLoader):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            loaders.append(weakref.ref(self))
+
+    def plot_in_a_cycle(*args):
+        cycle = [sys._getframe(1)]
+        cycle.append(cycle)
+
+    monkeypatch.setattr(trainer, "DataLoader", Recorded)
+    monkeypatch.setattr(trainer, "plot_log", plot_in_a_cycle)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        trainer.train(tiny_args(data, tmp_path, steps=1))
+        assert len(loaders) == 1 and loaders[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_a_failed_overwrite_leaves_no_half_of_the_old_run(data, tmp_path, monkeypatch):
+    # --overwrite truncated the old run's log.csv and deleted its val.csv at once, but its checkpoint
+    # stayed until the new run's first one: a new run that failed at its first step left the old
+    # checkpoint beside an empty log, and --resume continued it with its loss curve gone.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    trainer.train(tiny_args(data, tmp_path, steps=2))
+
+    def out_of_memory(*args, **kw):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainer, "loss_fn", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train(tiny_args(data, tmp_path, steps=2, batch=1, overwrite=True))
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 or not (tmp_path / "checkpoint.pt").exists(), rows
+
+
+def test_an_export_without_held_out_images_says_why_it_is_fp32(data, tmp_path, capsys):
+    # --val-holdout 0 leaves nothing to check fp16 on: the export said "fp32 (nan dB fp16 loss on 0
+    # held-out images)"; it now gives the check's reason.
+    trainer.export_weights(
+        scrambled_model(), tiny_args(data, tmp_path, export=str(tmp_path / "w.safetensors")), 1, 1.0, []
+    )
+    assert "export: fp32 (no validation images to check fp16 on) ->" in capsys.readouterr().out
+
+
+def test_a_resume_removes_checkpoints_torn_by_a_kill(data, tmp_path, monkeypatch):
+    # A checkpoint is written to a hidden temp file, renamed in when whole: a run killed while writing it
+    # (SIGKILL) left the temp file, a whole checkpoint's size, at every kill; the resume removes them.
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    trainer.train(tiny_args(data, tmp_path, steps=1))
+    torn = tmp_path / ".checkpoint.pt.k2x9_a.part"
+    torn.write_bytes(b"cut short")
+    trainer.train(tiny_args(data, tmp_path, steps=2, resume=True))
+    assert not torn.exists() and state(tmp_path / "checkpoint.pt")["step"] == 2
+
+
+def test_ddp_logs_the_loss_over_every_ranks_patches(data, tmp_path):
+    # Each DDP rank trains on its own patches and the gradients are averaged over all of them, but
+    # log.csv held rank 0's loss alone: half the step's patches with 2 processes, 1/8 with 8.
+    a = tiny_args(data, tmp_path, steps=1)
+    r = subprocess.run(torchrun_cmd(a), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    train_files, _ = trainer.split_files(str(data), a.val_holdout)
+    ds = JPEGPatches(load_cached(train_files), a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)
+    torch.manual_seed(a.seed)
+    model = QAIRN(preset("tiny")).to(memory_format=torch.channels_last)
+    losses = []  # step 1's loss on each rank: batch indices 0 and 1, the initial weights
+    with torch.no_grad():
+        for rank in range(2):
+            jp, clean, _ = ds[rank]
+            out, _ = model(jp.contiguous(memory_format=torch.channels_last))
+            losses.append(trainer.loss_fn(out, clean, a.ssim_weight)[0].item())
+    with open(tmp_path / "log.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert abs(losses[0] - losses[1]) > 1e-3  # else rank 0's loss alone would pass
+    assert float(row["loss"]) == pytest.approx(sum(losses) / 2, abs=2e-5)

@@ -9,12 +9,12 @@ import contextlib
 import copy
 import csv
 import io
-import math
 import multiprocessing
 import os
 import re
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -72,7 +72,7 @@ class TrainArgs:
     # over about 1/(1 - ema) steps. Checkpointed beside the raw weights; --export writes it when on.
     ema: float = 0.0
     export: str = ""  # write shipping weights here at the end (fp16 when that costs < 0.02 dB)
-    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoint is replaced)
+    overwrite: bool = False  # start a new run in an --out that holds one (deleting its checkpoint and logs)
 
 
 # What a resumed run takes from its checkpoint unless given again: the run's data, model and schedule,
@@ -100,6 +100,20 @@ def model_config(a: TrainArgs) -> QAIRNConfig:
     if overrides:  # name the variant, e.g. "small-w32-nb3"
         config = preset(a.preset, **overrides, preset=f"{a.preset}-w{config.widths[0]}-nb{config.nb}")
     return config
+
+
+def differences(have: QAIRNConfig, want: QAIRNConfig) -> str:
+    """Where a file's architecture differs from the options', e.g. "widths 16,32,64,128 (not
+    8,16,16,32), nb 2 (not 1)": the values to give with --preset, --widths and --nb."""
+
+    def show(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    return ", ".join(
+        f"{k} {show(v)} (not {show(getattr(want, k))})"
+        for k, v in asdict(have).items()
+        if k not in ("p", "preset") and v != getattr(want, k)
+    )
 
 
 def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
@@ -241,14 +255,15 @@ def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, sa
 
 def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     """Train (or resume, a.resume) into a.out. explicit: the options the user gave (the CLI passes
-    them); on resume the others come from the checkpoint (resumed_args). The process-wide CUDA settings
-    a GPU run turns on for speed (cudnn.benchmark, TF32) are put back afterwards: a library caller's
-    own work after train() must not run in TF32 unasked."""
+    them); on resume the others come from the checkpoint (resumed_args). The process-wide settings a
+    run changes (--threads; on a GPU cudnn.benchmark and TF32, for speed) are put back afterwards: a
+    library caller's own work after train() must not run in TF32, or on one thread, unasked."""
     flags = (
         torch.backends.cudnn.benchmark,
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
     )
+    threads = torch.get_num_threads()
     try:
         return _train(a, explicit)
     finally:
@@ -257,6 +272,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             torch.backends.cuda.matmul.allow_tf32,
             torch.backends.cudnn.allow_tf32,
         ) = flags
+        torch.set_num_threads(threads)
 
 
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
@@ -279,6 +295,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             "launch with torchrun, or set LOCAL_RANK (this process's GPU on its machine)"
         )
     if world > 1:
+        # A rank that fails (a bad image, a full disk) ends the others only through its exit: on gloo its
+        # closed sockets fail their next all-reduce at once ("Connection closed by peer"), but on NCCL
+        # they wait in it until its timeout (torch's default: 10 min). torchrun ends them at once;
+        # processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR set) have nobody to do it.
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
         if device.type == "cuda":
@@ -339,10 +359,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     resumed = ck is not None
     trained_with = asdict(a)
     if resumed:
-        if replace(QAIRNConfig.from_json(ck["config"]), preset="") != replace(
-            config, preset=""
-        ):  # not labels
-            raise SystemExit(f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides)")
+        saved_config = QAIRNConfig.from_json(ck["config"])
+        # Not labels, nor p: a run begun with --init carries the p of its weights file (below).
+        if replace(saved_config, p=config.p, preset="") != replace(config, preset=""):
+            raise SystemExit(
+                f"{ckpt_path}: checkpoint config differs from --preset {a.preset} (+ overrides): "
+                + differences(saved_config, config)
+            )
+        model.config = config = replace(config, p=saved_config.p)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         step, seconds = ck["step"], ck["seconds"]
@@ -360,8 +384,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         start = load_model(a.init)
         # p is pooling only, chosen after training; the preset label ("small-w16-nb2") is only a name
         if replace(start.config, p=config.p, preset="") != replace(config, preset=""):
-            raise SystemExit(f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides)")
+            raise SystemExit(
+                f"{a.init}: its architecture differs from --preset {a.preset} (+ overrides): "
+                + differences(start.config, config)
+            )
         model.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        # p pools the quality maps only and was chosen for these weights (the p sweep, after training):
+        # the export keeps it. It took the preset's (the shipped file's p is not), and so scored otherwise.
+        model.config = config = replace(config, p=start.config.p)
         if main:
             print(f"initialised from {a.init}")
     if a.channels_last:
@@ -395,11 +425,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     made_out = main and not out.exists()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if ck is None:  # a new run: no validation rows of an older one in its plot
-            (out / "val.csv").unlink(missing_ok=True)
-        elif ck["step"] < a.steps:  # not in an export-only resume: a trainer may still be logging here
+        # Not in an export-only resume: a trainer may still be logging here.
+        if ck is not None and ck["step"] < a.steps:
             for name in ("log.csv", "val.csv"):
                 drop_rows_after(out / name, ck["step"])
+            # A run killed while it wrote a checkpoint (SIGKILL after a preemption's grace period) left
+            # the hidden temp file, a whole checkpoint's size (the paper preset's: 0.6 GB), at each kill.
+            for part in out.glob(f".{ckpt_path.name}.*.part"):
+                part.unlink(missing_ok=True)
 
     try:
         images = load_cached(train_files, out / "cache")
@@ -496,6 +529,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         stop["flag"] = True
 
     log_path = out / "log.csv"
+    if main and ck is None:  # a new run (--overwrite): nothing of an older one is left to mix with it
+        # Its checkpoint too, as its log.csv is emptied: else a new run that failed before its first
+        # checkpoint left it beside that empty log, and --resume continued it without its curves.
+        for name in ("val.csv", "checkpoint.pt", "loss.png"):
+            (out / name).unlink(missing_ok=True)
     new_log = not log_path.exists() or not a.resume
     logf = open(log_path, "w" if new_log else "a", newline="") if main else None
     writer = csv.writer(logf) if logf else None
@@ -509,7 +547,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Python takes signal handlers in the main thread only: train() run from another (a thread pool, a
+    # notebook's worker) failed there with a ValueError after making the run folder. It trains without
+    # them: Ctrl-C and SIGTERM go to the main thread, the caller's; --max-seconds still stops the run.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+    old_handlers = {s: signal.signal(s, on_signal) for s in signals}
     failed = False
     try:
         for jpeg_b, clean_b, _ in loader:
@@ -543,7 +586,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             seconds = seconds_before + time.time() - t_run
             n_last += a.batch * world
             # The last step is logged too: a run shorter than --log-every would leave no loss curve.
-            if main and (step % a.log_every == 0 or step == a.steps):
+            log_step = step % a.log_every == 0 or step == a.steps
+            if log_step and world > 1:  # the step's loss is over every rank's patches, not rank 0's alone
+                loss, l1, s = mean_over_ranks(torch.stack([loss.detach(), l1.detach(), s.detach()]), device)
+            if main and log_step:
                 rate = n_last / max(time.time() - t_last, 1e-9)
                 t_last, n_last = time.time(), 0
                 writer.writerow(
@@ -591,6 +637,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 logf.close()
             for s_, h in old_handlers.items():
                 signal.signal(s_, h)
+            # Its persistent workers stop now, not when the loader is collected: a reference cycle
+            # through this frame (torch makes one on its first Adam) kept them to the exit, where
+            # multiprocessing killed them and printed "DataLoader worker ... killed by signal".
+            del loader
     if not finite(model):  # an infinite gradient in the last steps, after their loss was checked
         raise FloatingPointError(
             f"the weights are not finite after step {step}: nothing exported; {ckpt_path} holds the last "
@@ -619,6 +669,13 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def mean_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean of t over the DDP processes (every process calls it at the same step)."""
+    t = t.float().to(device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)  # a sum: gloo has no average
+    return t / dist.get_world_size()
 
 
 def finite(model: torch.nn.Module) -> bool:
@@ -764,10 +821,12 @@ def export_weights(
 
     with fp32_reference():
         decision = fp16_check(model, val_files, device=device)
-    print(
-        f"export: {decision['dtype']} ({decision.get('loss_db', math.nan):.4f} dB fp16 loss on "
-        f"{len(val_files)} held-out images) -> {a.export}"
+    # No held-out image (--val-holdout 0), no loss to show ("nan dB ... on 0 images"): the reason instead.
+    why = (
+        decision.get("reason")
+        or f"{decision['loss_db']:.4f} dB fp16 loss on {len(val_files)} held-out images"
     )
+    print(f"export: {decision['dtype']} ({why}) -> {a.export}")
     summary = {
         "steps": step,
         "seconds": round(seconds, 1),
@@ -786,6 +845,7 @@ EXAMPLES = """examples:
   qairn train --out runs/small --resume                              (continue it, same settings)
   qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
   torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
+    (on GPUs use torchrun: started by hand, the others wait out NCCL's 10 min timeout when one fails)
 """
 
 
@@ -822,7 +882,7 @@ HELP = {
     "init": "start from these weights (same architecture; fresh optimiser, step 0), e.g. the shipped file",
     "ema": "keep an exponential moving average of the weights, e.g. 0.999 (about 1000 steps); 0: off",
     "export": "at the end, write shipping weights (safetensors; the average with --ema) here",
-    "overwrite": "start a new run in an --out that holds one (its checkpoint is replaced)",
+    "overwrite": "start a new run in an --out that holds one (its checkpoint and logs are deleted first)",
 }
 
 
