@@ -1256,3 +1256,16 @@ def test_time_case_arithmetic_against_the_eager_row(monkeypatch):
     floor_ms = 100.0 * 0.02 / 8.0  # GFLOP/MP x MP / the fastest peak's TFLOP/s
     assert r["floor_ms"] == pytest.approx(floor_ms) and r["frac_of_peak"] == pytest.approx(floor_ms / 5)
     assert r["tiles"] == 1 and r["work_ratio"] == pytest.approx(112 * 208 / (100 * 200))  # padded to 16s
+
+
+def test_gpu_summary_writes_its_logs_and_report_with_a_stage_line_cut_short(tmp_path):
+    # stages() kept the cut line, but summarise (logs.txt) and report (--final) read its seconds and
+    # time box: KeyError, so the run ended with no logs.txt and no printed summary.
+    summ = bench_script("gpu_summary")
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "stages.tsv").write_text("env\t0\t3\t20\nbench\t12\n")
+    (work / "bench.log").write_text("cut\n")
+    summary = summ.summarise(work, out, dryrun=False)
+    assert "===== bench: rc unreadable" in (out / "logs.txt").read_text()
+    assert "bench      rc unreadable" in summ.report(summary)
