@@ -87,9 +87,11 @@ def parity(weights: str | None, qfs: list[int], limit: int, threads: int) -> int
 
     from qairn.export import onnx_export as ox
 
+    files = sorted(LIVE1.glob("*.png"))[: limit or None]
+    if not files:  # no image compared is no parity shown: not a pass
+        raise SystemExit(f"no LIVE1 images in {LIVE1}: the parity check needs them")
     torch.set_num_threads(threads)
     model = load(weights)
-    files = sorted(LIVE1.glob("*.png"))[: limit or None]
     folder = REPO / ".cache" / "bench"
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

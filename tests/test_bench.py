@@ -1269,3 +1269,13 @@ def test_gpu_summary_writes_its_logs_and_report_with_a_stage_line_cut_short(tmp_
     summary = summ.summarise(work, out, dryrun=False)
     assert "===== bench: rc unreadable" in (out / "logs.txt").read_text()
     assert "bench      rc unreadable" in summ.report(summary)
+
+
+def test_ort_parity_refuses_a_missing_image_folder(tmp_path, monkeypatch):
+    # Without the LIVE1 images (a clone elsewhere, the device machine) the parity check compared nothing,
+    # printed "0 LIVE1 images ... within TOLERANCE: True" and exited 0: a pass on no evidence.
+    ort_bench = bench_script("bench_ort")
+    missing = tmp_path / "shared" / "data" / "live1"
+    monkeypatch.setattr(ort_bench, "LIVE1", missing)
+    with pytest.raises(SystemExit, match=f"no LIVE1 images in {missing}"):
+        ort_bench.parity(None, [10], limit=0, threads=1)
