@@ -233,9 +233,23 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return shape
 
 
+def parse_presets(text: str) -> list[str]:
+    """Comma list of model presets, checked before the peaks are measured."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    return names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="small,paper", help="presets to measure (random weights: speed only)")
+    p.add_argument(
+        "--presets",
+        type=parse_presets,
+        default="small,paper",
+        help="presets to measure (random weights: speed only)",
+    )
     p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
     p.add_argument(
         "--shape", type=parse_shape, default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)"
@@ -250,6 +264,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.presets and not args.weights:
+        raise SystemExit("--presets names none and no --weights given: nothing to measure")
     try:
         check_writable(args.json, args.plot)  # before the measuring, not after the first model
     except OSError as e:
@@ -274,9 +290,7 @@ def main(argv=None) -> int:
         f"{report['env']['device']['name']}: measured {precision} matmul peak {peak:.3g} TFLOP/s, "
         f"copy {bandwidth / 1e9:.0f} GB/s"
     )
-    models = [
-        (name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets.split(",") if name
-    ]
+    models = [(name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets]
     models += [(Path(w).stem, lambda w=w: load_model(w)) for w in args.weights]
     for name, build in models:
         model = build()

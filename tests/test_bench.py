@@ -1279,3 +1279,19 @@ def test_ort_parity_refuses_a_missing_image_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(ort_bench, "LIVE1", missing)
     with pytest.raises(SystemExit, match=f"no LIVE1 images in {missing}"):
         ort_bench.parity(None, [10], limit=0, threads=1)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--presets", "smal"], "unknown preset(s) ['smal']"),  # a KeyError traceback after the peak
+        (["--presets", ","], "nothing to measure"),  # ran the peaks, measured no model, exit 0
+    ],
+)
+def test_conv_util_refuses_unknown_presets_before_any_work(args, says, capsys, monkeypatch):
+    conv = bench_script("conv_util")
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    monkeypatch.setattr(conv, "copy_bandwidth", lambda *args: 1e9)
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--device", "cpu", "--shape", "1x3x16x16", *args])
+    assert says in str(e.value.code) + capsys.readouterr().err
