@@ -23,13 +23,19 @@ from qairn.engine.imageio import check_writable, write_atomic
 
 
 def best_backend(report_path: str | None, device: torch.device) -> str:
-    fallback = "eager-fp16-cl" if device.type == "cuda" else "eager-fp32"
-    if not report_path or not Path(report_path).is_file():
-        return fallback
-    best = json.loads(Path(report_path).read_text()).get("best") or {}
+    """The report's best backend (at 4K, else its largest size); without a report the default one.
+    A report that names none is refused: profiling the default would pass for its best."""
+    if not report_path:
+        return "eager-fp16-cl" if device.type == "cuda" else "eager-fp32"
+    try:
+        best = json.loads(Path(report_path).read_text()).get("best") or {}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--from {report_path}: not a readable qairn bench report ({e})") from None
+    if not best:
+        raise SystemExit(f"--from {report_path}: names no best backend (a --video report, or no case ran)")
     area = lambda size: int(size.split("x")[0]) * int(size.split("x")[1])
-    size = "3840x2160" if "3840x2160" in best else max(best, key=area, default=None)
-    return best[size]["backend"] if size else fallback
+    size = "3840x2160" if "3840x2160" in best else max(best, key=area)
+    return best[size]["backend"]
 
 
 # Host calls that make the host wait for the device (or copy from pageable memory, which can): when

@@ -1299,3 +1299,17 @@ def test_conv_util_refuses_unknown_presets_before_any_work(args, says, capsys, m
     with pytest.raises(SystemExit) as e:
         conv.main(["--device", "cpu", "--shape", "1x3x16x16", *args])
     assert says in str(e.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("report", [None, {"kind": "video", "results": []}])
+def test_profile_from_a_report_it_cannot_use_says_so(report, tmp_path, capsys):
+    # --from a missing file or a report without a best backend (a --video one) profiled eager-fp32 (the
+    # CPU fallback) without a word, as if it were the report's best.
+    prof = bench_script("profile_best")
+    path = tmp_path / "bench.json"
+    if report is not None:
+        path.write_text(json.dumps(report))
+    base = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        prof.main(base + ["--from", str(path)])
+    assert f"--from {path}: " in str(e.value.code)
