@@ -1313,3 +1313,10 @@ def test_profile_from_a_report_it_cannot_use_says_so(report, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         prof.main(base + ["--from", str(path)])
     assert f"--from {path}: " in str(e.value.code)
+
+
+def test_report_names_the_qairn_version_it_timed():
+    # --json and --env listed torch, triton, onnxruntime... but not the version of qairn itself.
+    import qairn
+
+    assert qb.environment(torch.device("cpu"))["versions"]["qairn"] == qairn.__version__

@@ -235,7 +235,9 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
-        "versions": {m: _version(m) for m in ("torch", "triton", "tensorrt", "onnxruntime", "onnx", "numpy")},
+        "versions": {
+            m: _version(m) for m in ("qairn", "torch", "triton", "tensorrt", "onnxruntime", "onnx", "numpy")
+        },
         "cpu": {"model": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
     if device.type == "cuda":
