@@ -1320,3 +1320,13 @@ def test_report_names_the_qairn_version_it_timed():
     import qairn
 
     assert qb.environment(torch.device("cpu"))["versions"]["qairn"] == qairn.__version__
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--env"])
+def test_python_m_bench_refuses_a_missing_output_folder_in_one_line(flag, tmp_path, monkeypatch):
+    # gpu_run.sh runs `python -m qairn.engine.bench`, not the qairn command that turns an OSError into one
+    # line: a missing output folder ended there in a FileNotFoundError traceback.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, flag, "no/such/dir/out"])
+    assert e.value.code == "no/such/dir/out: output folder does not exist"

@@ -850,6 +850,15 @@ def strict(obj):
     return obj
 
 
+def check_outputs(*paths: str | None) -> None:
+    """check_writable, refused in one line (SystemExit) also where no qairn command turns its OSError
+    into one: `python -m qairn.engine.bench` (as gpu_run.sh runs it) and the bench/ scripts."""
+    try:
+        check_writable(*paths)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
+
+
 def write_json(path: str, obj, indent: int = 1) -> None:
     """Strict JSON, written atomically (a temp file of its own, renamed in; removed if cut short)."""
     text = json.dumps(strict(obj), indent=indent, default=str, allow_nan=False)
@@ -985,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.video and args.plot:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
-    check_writable(*outputs.values())
+    check_outputs(*outputs.values())
     named = [(flag, Path(out).resolve()) for flag, out in outputs.items() if out]
     for i, (flag, path) in enumerate(named):  # the last one written would replace the other
         for other, other_path in named[i + 1 :]:
