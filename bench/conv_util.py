@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qairn.engine import bench as qb
-from qairn.engine.imageio import check_writable, save_figure, write_atomic
+from qairn.engine.imageio import save_figure, write_atomic
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
 from qairn.kernels import fuse
@@ -266,10 +266,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if not args.presets and not args.weights:
         raise SystemExit("--presets names none and no --weights given: nothing to measure")
-    try:
-        check_writable(args.json, args.plot)  # before the measuring, not after the first model
-    except OSError as e:
-        raise SystemExit(str(e)) from None
+    qb.check_outputs(args.json, args.plot)  # before the measuring, not after the first model
     device = qb.resolve(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":

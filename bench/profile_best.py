@@ -19,7 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qairn.engine import bench as qb
-from qairn.engine.imageio import check_writable, write_atomic
+from qairn.engine.imageio import write_atomic
 
 
 def best_backend(report_path: str | None, device: torch.device) -> str:
@@ -151,10 +151,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--iters must be at least 1, got {args.iters}")
     if args.tile < 0:
         raise SystemExit(f"--tile must not be negative, got {args.tile}")
-    try:
-        check_writable(args.out, args.json)  # before the profiling, not after it
-    except OSError as e:
-        raise SystemExit(str(e)) from None
+    qb.check_outputs(args.out, args.json)  # before the profiling, not after it
     device = qb.resolve(args.device)
     label = args.backend or best_backend(args.report, device)
     if qb.skip_reason(label, device):
