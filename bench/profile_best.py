@@ -131,11 +131,19 @@ def balance_text(b: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """One WxH (qairn bench's --sizes takes a list; the profile is of one frame size)."""
+    sizes = qb.parse_sizes(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"one WxH size, got {text!r}")
+    return sizes[0]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=list(qb.SPECS))
     p.add_argument("--from", dest="report", help="a `qairn bench --json` report: profile its best backend")
-    p.add_argument("--size", type=qb.parse_sizes, default="3840x2160", help="WxH (default 3840x2160)")
+    p.add_argument("--size", type=parse_size, default="3840x2160", help="WxH (default 3840x2160)")
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
     label = args.backend or best_backend(args.report, device)
     if qb.skip_reason(label, device):
         raise SystemExit(f"{label}: {qb.skip_reason(label, device)}")
-    (w, h), tile = args.size[0], args.tile or None
+    (w, h), tile = args.size, args.tile or None
     model, source = qb.bench_model(args.weights, args.preset)
     opts = argparse.Namespace(tile_batch=0, overlap=32)
     restorer = qb.make_restorer(model, label, device, tile, opts)

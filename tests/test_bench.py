@@ -1330,3 +1330,12 @@ def test_python_m_bench_refuses_a_missing_output_folder_in_one_line(flag, tmp_pa
     with pytest.raises(SystemExit) as e:
         qb.main([*FAST, flag, "no/such/dir/out"])
     assert e.value.code == "no/such/dir/out: output folder does not exist"
+
+
+def test_profile_takes_one_size(capsys):
+    # --size 16x16,32x32 (qairn bench's list syntax) profiled 16x16 alone and never said the rest went.
+    prof = bench_script("profile_best")
+    base = ["--device", "cpu", "--preset", "tiny", "--tile", "0", "--iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        prof.main(base + ["--size", "16x16,32x32"])
+    assert e.value.code == 2 and "one WxH size, got '16x16,32x32'" in capsys.readouterr().err
