@@ -1339,3 +1339,14 @@ def test_profile_takes_one_size(capsys):
     with pytest.raises(SystemExit) as e:
         prof.main(base + ["--size", "16x16,32x32"])
     assert e.value.code == 2 and "one WxH size, got '16x16,32x32'" in capsys.readouterr().err
+
+
+def test_video_compares_with_eager_fp32_listed_after(tmp_path):
+    # --video with --backends eager-bf16-cl,eager-fp32 ran them in that order: eager fp32's frames came
+    # too late, and the bf16 rows had no PSNR (the table always runs its reference first).
+    out = tmp_path / "video.json"
+    args = TINY + ["--sizes", "16x16", "--tiles", "0", "--video", "2", "--json", str(out)]
+    assert qb.main(args + ["--backends", "eager-bf16-cl,eager-fp32"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in rows] == ["eager-fp32"] * 3 + ["eager-bf16-cl"] * 3
+    assert all(r["psnr_db"] > 0 for r in rows[3:]), rows
