@@ -1350,3 +1350,18 @@ def test_video_compares_with_eager_fp32_listed_after(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["backend"] for r in rows] == ["eager-fp32"] * 3 + ["eager-bf16-cl"] * 3
     assert all(r["psnr_db"] > 0 for r in rows[3:]), rows
+
+
+def test_bench_video_says_which_frames_it_timed(tmp_path, monkeypatch):
+    # Without the LIVE1 images bench_video timed synthetic frames, and its extra_info said nothing of it:
+    # two runs' fps read alike though one restored LIVE1 pictures and the other generated ones.
+    pytest.importorskip("av")
+    module = bench_script("bench_video")
+    bench = SimpleNamespace(stats=SimpleNamespace(stats=SimpleNamespace(mean=2.0)), extra_info={})
+    monkeypatch.setattr(module, "LIVE1", tmp_path / "live1")
+    module.record(bench, None)
+    assert bench.extra_info["frames_from"] == f"synthetic (no LIVE1 images in {tmp_path / 'live1'})"
+    (tmp_path / "live1").mkdir()
+    (tmp_path / "live1" / "a.png").write_bytes(b"")
+    module.record(bench, None)
+    assert bench.extra_info["frames_from"] == f"LIVE1 ({tmp_path / 'live1'})"
