@@ -1365,3 +1365,14 @@ def test_bench_video_says_which_frames_it_timed(tmp_path, monkeypatch):
     (tmp_path / "live1" / "a.png").write_bytes(b"")
     module.record(bench, None)
     assert bench.extra_info["frames_from"] == f"LIVE1 ({tmp_path / 'live1'})"
+
+
+def test_video_report_names_the_one_size_it_streamed(tmp_path, monkeypatch):
+    # --video without --sizes streamed the first default size, but the report's settings listed every
+    # default size (CPU: 256x256 and 512x512), as if both had been streamed.
+    monkeypatch.setitem(qb.DEFAULTS["cpu"], "sizes", [(16, 16), (32, 32)])
+    out = tmp_path / "video.json"
+    assert qb.main(TINY + ["--video", "2", "--backends", "eager-fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["sizes"] == [[16, 16]] and report["settings"]["tiles"] == [512]
+    assert {tuple(r["size"]) for r in report["results"]} == {(16, 16)}

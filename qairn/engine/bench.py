@@ -967,8 +967,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="FRAMES",
-        help="stream FRAMES frames of one size (--sizes) at one tile through one Restorer per backend "
-        "(default 0: no stream)",
+        help="stream FRAMES frames of one size (--sizes; default the first of the defaults) at one tile "
+        "through one Restorer per backend (default 0: no stream)",
     )
     p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
     return p
@@ -1020,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     # its best backend alone), so that every backend after it gets its PSNR.
     if not args.video or BASELINE in args.backends:
         args.backends = [BASELINE] + [b for b in args.backends if b != BASELINE]
-    args.sizes = args.sizes or list(d["sizes"])
+    args.sizes = args.sizes or list(d["sizes"][:1] if args.video else d["sizes"])  # --video: one size
     args.tiles = args.tiles or list(d["tiles"])
     for tile in args.tiles:  # before any work, not as a "failed" row for every case
         try:
