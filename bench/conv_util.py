@@ -35,7 +35,7 @@ from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
 from qairn.kernels import fuse
 from qairn.model import PRESETS, QAIRN
-from qairn.weights_io import load_model
+from qairn.weights_io import WeightsError, load_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -267,6 +267,11 @@ def main(argv=None) -> int:
     if not args.presets and not args.weights:
         raise SystemExit("--presets names none and no --weights given: nothing to measure")
     qb.check_outputs(args.json, args.plot)  # before the measuring, not after the first model
+    for w in args.weights:  # and a bad weights file before the peaks and the presets are measured
+        try:
+            load_model(w)
+        except WeightsError as e:
+            raise SystemExit(str(e)) from None
     device = qb.resolve(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":

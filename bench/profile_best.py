@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from qairn.engine import bench as qb
 from qairn.engine.imageio import write_atomic
+from qairn.weights_io import WeightsError
 
 
 def best_backend(report_path: str | None, device: torch.device) -> str:
@@ -165,7 +166,10 @@ def main(argv=None) -> int:
     if qb.skip_reason(label, device):
         raise SystemExit(f"{label}: {qb.skip_reason(label, device)}")
     (w, h), tile = args.size, args.tile or None
-    model, source = qb.bench_model(args.weights, args.preset)
+    try:
+        model, source = qb.bench_model(args.weights, args.preset)
+    except WeightsError as e:
+        raise SystemExit(str(e)) from None
     opts = argparse.Namespace(tile_batch=0, overlap=32)
     restorer = qb.make_restorer(model, label, device, tile, opts)
     x = qb.synthetic_frame(h, w, device)

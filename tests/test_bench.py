@@ -1376,3 +1376,22 @@ def test_video_report_names_the_one_size_it_streamed(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["settings"]["sizes"] == [[16, 16]] and report["settings"]["tiles"] == [512]
     assert {tuple(r["size"]) for r in report["results"]} == {(16, 16)}
+
+
+@pytest.mark.parametrize("script", ["conv_util", "profile_best"])
+def test_bench_scripts_refuse_a_bad_weights_file_in_one_line(script, tmp_path, monkeypatch):
+    # conv_util measured the peaks and every preset first, then ended in a WeightsError traceback;
+    # profile_best ended in the same traceback.
+    module = bench_script(script)
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    monkeypatch.setattr(module, "copy_bandwidth", lambda *args: 1e9, raising=False)
+    measured = []
+    monkeypatch.setattr(module, "conv_util", lambda *args, **kw: measured.append(1), raising=False)
+    missing = tmp_path / "missing.safetensors"
+    args = {
+        "conv_util": ["--presets", "tiny", "--shape", "1x3x16x16"],
+        "profile_best": ["--size", "16x16", "--tile", "0", "--iters", "1"],
+    }[script]
+    with pytest.raises(SystemExit) as e:
+        module.main(["--device", "cpu", *args, "--weights", str(missing)])
+    assert e.value.code == f"{missing}: no such weights file" and not measured
