@@ -1395,3 +1395,11 @@ def test_bench_scripts_refuse_a_bad_weights_file_in_one_line(script, tmp_path, m
     with pytest.raises(SystemExit) as e:
         module.main(["--device", "cpu", *args, "--weights", str(missing)])
     assert e.value.code == f"{missing}: no such weights file" and not measured
+
+
+def test_python_m_bench_refuses_a_bad_weights_file_in_one_line(tmp_path):
+    # As gpu_run.sh starts it (python -m qairn.engine.bench), a missing --weights file was a traceback.
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, "--weights", str(missing)])
+    assert e.value.code == f"{missing}: no such weights file"

@@ -38,7 +38,7 @@ from qairn.engine.imageio import check_writable, save_figure, write_atomic
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
-from qairn.weights_io import load_model
+from qairn.weights_io import WeightsError, load_model
 
 # label -> (backend, precision, backend options). eager-fp32 (NCHW) is the baseline of every table.
 SPECS = {
@@ -1033,7 +1033,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    model, source = bench_model(args.weights, args.preset)
+    try:  # one line also for `python -m qairn.engine.bench`, which no qairn command wraps
+        model, source = bench_model(args.weights, args.preset)
+    except WeightsError as e:
+        raise SystemExit(str(e)) from None
     report = {
         "kind": "video" if args.video else "table",
         "complete": False,
