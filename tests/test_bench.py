@@ -1403,3 +1403,24 @@ def test_python_m_bench_refuses_a_bad_weights_file_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         qb.main([*FAST, "--weights", str(missing)])
     assert e.value.code == f"{missing}: no such weights file"
+
+
+def test_ort_parity_names_the_weights_it_compared(tmp_path, monkeypatch, capsys):
+    # Without --weights the parity check compared the shipped weights (bench_model's choice) but printed
+    # "(random init)", so its errors read as those of an untrained model.
+    import cv2
+
+    from qairn.weights_io import save_weights
+
+    pytest.importorskip("onnxruntime")
+    ort_bench = bench_script("bench_ort")
+    shipped = tmp_path / "shipped.safetensors"
+    save_weights(qb.bench_model(preset="tiny")[0], shipped)
+    monkeypatch.setattr(qb, "DEFAULT_WEIGHTS", shipped)
+    monkeypatch.delenv("QAIRN_BENCH_WEIGHTS", raising=False)
+    (tmp_path / "live1").mkdir()
+    cv2.imwrite(str(tmp_path / "live1" / "a.png"), np.full((16, 16, 3), 90, np.uint8))
+    monkeypatch.setattr(ort_bench, "LIVE1", tmp_path / "live1")
+    monkeypatch.setattr(ort_bench, "REPO", tmp_path)  # its exports go under REPO/.cache
+    ort_bench.parity(None, [10], limit=0, threads=1)
+    assert "weights shipped.safetensors (preset tiny), 1 LIVE1 images" in capsys.readouterr().out
