@@ -170,8 +170,7 @@ def main(argv=None) -> int:
         model, source = qb.bench_model(args.weights, args.preset)
     except WeightsError as e:
         raise SystemExit(str(e)) from None
-    opts = argparse.Namespace(tile_batch=0, overlap=32)
-    restorer = qb.make_restorer(model, label, device, tile, opts)
+    restorer = qb.make_restorer(model, label, device, tile, qb.parser().parse_args([]))  # bench's defaults
     x = qb.synthetic_frame(h, w, device)
     cuda = device.type == "cuda"
 
