@@ -1424,3 +1424,22 @@ def test_ort_parity_names_the_weights_it_compared(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(ort_bench, "REPO", tmp_path)  # its exports go under REPO/.cache
     ort_bench.parity(None, [10], limit=0, threads=1)
     assert "weights shipped.safetensors (preset tiny), 1 LIVE1 images" in capsys.readouterr().out
+
+
+def test_video_builds_a_broken_backend_once(tmp_path, monkeypatch):
+    # A backend that failed to build (not a BackendError: a compile error, say) was built again for each
+    # of the 3 modes in --video mode; the table builds it once and skips its other cases.
+    builds = []
+
+    def broken(*args):
+        builds.append(1)
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(qb, "make_restorer", broken)
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    out = tmp_path / "video.json"
+    args = ["--sizes", "16x16", "--tiles", "0", "--video", "2", "--backends", "eager-fp32"]
+    assert qb.main(TINY + args + ["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(builds) == 1 and [r["status"] for r in rows] == ["failed", "skipped", "skipped"]
+    assert rows[1]["reason"] == "failed to build (RuntimeError)"

@@ -813,6 +813,8 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                     row.update(status="skipped", reason=reason)
                 except Exception as e:
                     row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+                    if restorer is None:  # as in the table: not built again for each mode
+                        reason = f"failed to build ({type(e).__name__})"
             report["results"].append(row)
             save(report)
             print(format_video_row(row), flush=True)
