@@ -1443,3 +1443,13 @@ def test_video_builds_a_broken_backend_once(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["results"]
     assert len(builds) == 1 and [r["status"] for r in rows] == ["failed", "skipped", "skipped"]
     assert rows[1]["reason"] == "failed to build (RuntimeError)"
+
+
+@pytest.mark.parametrize("other", ["--json", "--plot"])
+def test_env_with_a_report_output_is_refused(other, tmp_path, monkeypatch):
+    # --env X with --json Y (or --plot) wrote X and returned: Y was never written, and nothing said so.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, "--env", "env.json", other, "out"])
+    assert e.value.code == f"--env writes the device and versions only: {other} would not be written"
+    assert not (tmp_path / "env.json").exists()

@@ -995,6 +995,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--video streams one size at one tile: give one --sizes and one --tiles")
     if args.video and args.plot:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
+    for flag in ("--json", "--plot"):
+        if args.env and getattr(args, flag[2:]):
+            raise SystemExit(f"--env writes the device and versions only: {flag} would not be written")
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
     check_outputs(*outputs.values())
     named = [(flag, Path(out).resolve()) for flag, out in outputs.items() if out]
