@@ -34,18 +34,8 @@ def test_restore_tensor(benchmark, model, device, sync, label, tile):
     """Restorer.restore_tensor on a frame already on the device (as `qairn bench` times it)."""
     if qb.skip_reason(label, device):
         pytest.skip(qb.skip_reason(label, device))
-    name, precision, options = qb.SPECS[label]
-    options = dict(options)
-    tile_batch = options.pop("tile_batch", 1 if name == "compile" else 4)
-    restorer = Restorer(
-        model=copy.deepcopy(model),
-        device=device,
-        backend=name,
-        precision=precision,
-        tile=tile,
-        tile_batch=tile_batch,
-        **options,
-    )
+    # As `qairn bench` builds it, with its default options (tile batch, overlap).
+    restorer = qb.make_restorer(model, label, device, tile, qb.parser().parse_args([]))
     x = qb.synthetic_frame(*SIZE, device)
     restorer.restore_tensor(x)  # warm-up: compilation, autotuning
     sync()

@@ -5,8 +5,8 @@ Speed (pytest-benchmark; the ratio is eager time / ONNX Runtime time of the same
     sizes: a LIVE1-sized image (768x512) and 1920x1080; 1 and 2 threads (torch and ONNX Runtime alike).
 Parity on the full LIVE1 set at every QF (fp32 and fp16 exports vs eager fp32):
     python bench/bench_ort.py --parity [--weights W.safetensors] [--qf 10,20,30,40] [--limit N]
-Weights: --weights / $QAIRN_BENCH_WEIGHTS, else the small preset with a fixed random init (speed does
-not depend on the values; parity numbers do, so pass trained weights for those).
+Weights: --weights / $QAIRN_BENCH_WEIGHTS, else the shipped weights, else the small preset with a fixed
+random init (speed does not depend on the values; parity numbers do, so pass trained weights for those).
 """
 
 from __future__ import annotations
@@ -27,17 +27,14 @@ LIVE1 = REPO / ".." / "shared" / "data" / "live1"
 SIZES = {"live1-768x512": (512, 768), "1920x1080": (1080, 1920)}
 
 
-def load(weights: str | None):
-    from qairn.weights_io import load_model
-
-    weights = weights or os.environ.get("QAIRN_BENCH_WEIGHTS")
-    if weights:
-        return load_model(weights)
+def load(weights: str | None) -> tuple:
+    """The model and where its weights came from (bench_model's words, printed with the parity)."""
     from qairn.engine.bench import bench_model
 
     # Not a bare QAIRN(preset): its tail and gate outputs start at zero, every gamma is 0.5 and any
     # parity check passes. bench_model gives every layer weights (the shipped file when present).
-    return bench_model(None, None)[0].eval()
+    model, source = bench_model(weights or os.environ.get("QAIRN_BENCH_WEIGHTS"), None)
+    return model.eval(), source
 
 
 def bench_image(h: int, w: int) -> np.ndarray:
@@ -54,7 +51,7 @@ def bench_image(h: int, w: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    return load(None)
+    return load(None)[0]
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -87,9 +84,11 @@ def parity(weights: str | None, qfs: list[int], limit: int, threads: int) -> int
 
     from qairn.export import onnx_export as ox
 
-    torch.set_num_threads(threads)
-    model = load(weights)
     files = sorted(LIVE1.glob("*.png"))[: limit or None]
+    if not files:  # no image compared is no parity shown: not a pass
+        raise SystemExit(f"no LIVE1 images in {LIVE1}: the parity check needs them")
+    torch.set_num_threads(threads)
+    model, source = load(weights)
     folder = REPO / ".cache" / "bench"
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -121,8 +120,7 @@ def parity(weights: str | None, qfs: list[int], limit: int, threads: int) -> int
                 ]
                 q_err[p, qf] = max(q_err[p, qf], *dq)
         print(f"[{i + 1}/{len(files)}] {f.stem} ({time.time() - start:.0f} s)", file=sys.stderr, flush=True)
-    source = weights or os.environ.get("QAIRN_BENCH_WEIGHTS") or "random init"
-    print(f"preset {model.config.preset} ({source}), {len(files)} LIVE1 images, max abs error vs eager fp32:")
+    print(f"{source}, {len(files)} LIVE1 images, max abs error vs eager fp32:")
     print("precision  QF  restored   gamma1     gamma2     gamma3     |dQ| max")
     for (p, qf), e in worst.items():
         print(f"{p:9s} {qf:3d}  " + "  ".join(f"{v:.2e}" for v in e) + f"   {q_err[p, qf]:.2e}")

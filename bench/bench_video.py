@@ -1,10 +1,10 @@
 """Video throughput at 720p: Restorer.restore_stream on yuv420p planes, and the whole `qairn video`
 pipeline (PyAV decode + restore + libx264 encode + quality trace).
 
-Model: preset "small", random init (qairn.engine.bench.bench_model; no shipped weights yet). Frames:
-LIVE1 images resized to 1280x720 and JPEG-compressed at QF 30 (a synthetic picture if LIVE1 is absent).
-fps = frames / mean round time, stored in extra_info. On CPU only 2 frames per round (a 720p frame
-takes seconds here); on CUDA 32.
+Model: preset "small", random init (qairn.engine.bench.bench_model; speed does not depend on the
+values). Frames: LIVE1 images resized to 1280x720 and JPEG-compressed at QF 30 (a synthetic picture if
+LIVE1 is absent). fps = frames / mean round time and the frames' source, stored in extra_info. On CPU
+only 2 frames per round (a 720p frame takes seconds here); on CUDA 32.
 
     pytest bench/ -k 720p --benchmark-only
 (bench/conftest.py collects bench_*.py; naming the file on the command line collects it twice.)
@@ -38,9 +38,13 @@ def model():
     return qb.bench_model(preset="small")[0]
 
 
+def live1_files() -> list[Path]:
+    return sorted(LIVE1.glob("*.png"))[:FRAMES]
+
+
 @pytest.fixture(scope="module")
 def rgb_frames():
-    files = sorted(LIVE1.glob("*.png"))[:FRAMES]
+    files = live1_files()
     out = []
     for i in range(FRAMES):
         if files:
@@ -93,6 +97,7 @@ def record(benchmark, tile):
         threads=torch.get_num_threads(),
         fps=FRAMES / benchmark.stats.stats.mean,
         model="preset small, random init",
+        frames_from=f"LIVE1 ({LIVE1})" if live1_files() else f"synthetic (no LIVE1 images in {LIVE1})",
     )
 
 

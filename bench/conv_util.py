@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 
 from qairn.engine import bench as qb
-from qairn.engine.imageio import check_writable, save_figure, write_atomic
+from qairn.engine.imageio import save_figure, write_atomic
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
 from qairn.kernels import fuse
 from qairn.model import PRESETS, QAIRN
-from qairn.weights_io import load_model
+from qairn.weights_io import WeightsError, load_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -233,9 +233,23 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
     return shape
 
 
+def parse_presets(text: str) -> list[str]:
+    """Comma list of model presets, checked before the peaks are measured."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+    return names
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="small,paper", help="presets to measure (random weights: speed only)")
+    p.add_argument(
+        "--presets",
+        type=parse_presets,
+        default="small,paper",
+        help="presets to measure (random weights: speed only)",
+    )
     p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
     p.add_argument(
         "--shape", type=parse_shape, default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)"
@@ -250,10 +264,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
-    try:
-        check_writable(args.json, args.plot)  # before the measuring, not after the first model
-    except OSError as e:
-        raise SystemExit(str(e)) from None
+    if not args.presets and not args.weights:
+        raise SystemExit("--presets names none and no --weights given: nothing to measure")
+    qb.check_outputs(args.json, args.plot)  # before the measuring, not after the first model
+    for w in args.weights:  # and a bad weights file before the peaks and the presets are measured
+        try:
+            load_model(w)
+        except WeightsError as e:
+            raise SystemExit(str(e)) from None
     device = qb.resolve(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if device.type == "cuda":
@@ -274,9 +292,7 @@ def main(argv=None) -> int:
         f"{report['env']['device']['name']}: measured {precision} matmul peak {peak:.3g} TFLOP/s, "
         f"copy {bandwidth / 1e9:.0f} GB/s"
     )
-    models = [
-        (name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets.split(",") if name
-    ]
+    models = [(name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets]
     models += [(Path(w).stem, lambda w=w: load_model(w)) for w in args.weights]
     for name, build in models:
         model = build()

@@ -191,7 +191,8 @@ def summarise(work: Path, out: Path, dryrun: bool) -> dict:
         text = log.read_text(errors="replace") if log.is_file() else ""
         cut = f"[... first {len(text) - LOG_TAIL} characters cut ...]\n" if len(text) > LOG_TAIL else ""
         logs.append(
-            f"===== {row['stage']}: rc {row['rc']}, {row['seconds']} s of {row['time_box_s']} s\n"
+            f"===== {row['stage']}: rc {row['rc']}, "
+            f"{row.get('seconds', '?')} s of {row.get('time_box_s', '?')} s\n"
             f"{cut}{text[-LOG_TAIL:]}"
         )
     (out / "logs.txt").write_text("\n".join(logs))
@@ -259,7 +260,10 @@ def report(summary: dict) -> str:
     lines = [f"gpu_run on {summary['gpu']} at {summary['date']}{' (DRY RUN)' if summary['dryrun'] else ''}"]
     for s in summary["stages"]:
         flag = "TIMED OUT" if s["timed_out"] else ("ok" if s["rc"] == 0 else f"rc {s['rc']}")
-        lines.append(f"  {s['stage']:<10} {flag:<10} {s['seconds']:>4} s / {s['time_box_s']} s")
+        # A line cut short (stages() keeps it as rc 'unreadable') has no seconds nor time box: '?'.
+        lines.append(
+            f"  {s['stage']:<10} {flag:<10} {s.get('seconds', '?'):>4} s / {s.get('time_box_s', '?')} s"
+        )
     if summary["tests"]:
         t = summary["tests"]
         lines.append(

@@ -19,17 +19,24 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from qairn.engine import bench as qb
-from qairn.engine.imageio import check_writable, write_atomic
+from qairn.engine.imageio import write_atomic
+from qairn.weights_io import WeightsError
 
 
 def best_backend(report_path: str | None, device: torch.device) -> str:
-    fallback = "eager-fp16-cl" if device.type == "cuda" else "eager-fp32"
-    if not report_path or not Path(report_path).is_file():
-        return fallback
-    best = json.loads(Path(report_path).read_text()).get("best") or {}
+    """The report's best backend (at 4K, else its largest size); without a report the default one.
+    A report that names none is refused: profiling the default would pass for its best."""
+    if not report_path:
+        return "eager-fp16-cl" if device.type == "cuda" else "eager-fp32"
+    try:
+        best = json.loads(Path(report_path).read_text()).get("best") or {}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--from {report_path}: not a readable qairn bench report ({e})") from None
+    if not best:
+        raise SystemExit(f"--from {report_path}: names no best backend (a --video report, or no case ran)")
     area = lambda size: int(size.split("x")[0]) * int(size.split("x")[1])
-    size = "3840x2160" if "3840x2160" in best else max(best, key=area, default=None)
-    return best[size]["backend"] if size else fallback
+    size = "3840x2160" if "3840x2160" in best else max(best, key=area)
+    return best[size]["backend"]
 
 
 # Host calls that make the host wait for the device (or copy from pageable memory, which can): when
@@ -125,11 +132,19 @@ def balance_text(b: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """One WxH (qairn bench's --sizes takes a list; the profile is of one frame size)."""
+    sizes = qb.parse_sizes(text)
+    if len(sizes) != 1:
+        raise argparse.ArgumentTypeError(f"one WxH size, got {text!r}")
+    return sizes[0]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=list(qb.SPECS))
     p.add_argument("--from", dest="report", help="a `qairn bench --json` report: profile its best backend")
-    p.add_argument("--size", type=qb.parse_sizes, default="3840x2160", help="WxH (default 3840x2160)")
+    p.add_argument("--size", type=parse_size, default="3840x2160", help="WxH (default 3840x2160)")
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
     p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
@@ -145,18 +160,17 @@ def main(argv=None) -> int:
         raise SystemExit(f"--iters must be at least 1, got {args.iters}")
     if args.tile < 0:
         raise SystemExit(f"--tile must not be negative, got {args.tile}")
-    try:
-        check_writable(args.out, args.json)  # before the profiling, not after it
-    except OSError as e:
-        raise SystemExit(str(e)) from None
+    qb.check_outputs(args.out, args.json)  # before the profiling, not after it
     device = qb.resolve(args.device)
     label = args.backend or best_backend(args.report, device)
     if qb.skip_reason(label, device):
         raise SystemExit(f"{label}: {qb.skip_reason(label, device)}")
-    (w, h), tile = args.size[0], args.tile or None
-    model, source = qb.bench_model(args.weights, args.preset)
-    opts = argparse.Namespace(tile_batch=0, overlap=32)
-    restorer = qb.make_restorer(model, label, device, tile, opts)
+    (w, h), tile = args.size, args.tile or None
+    try:
+        model, source = qb.bench_model(args.weights, args.preset)
+    except WeightsError as e:
+        raise SystemExit(str(e)) from None
+    restorer = qb.make_restorer(model, label, device, tile, qb.parser().parse_args([]))  # bench's defaults
     x = qb.synthetic_frame(h, w, device)
     cuda = device.type == "cuda"
 

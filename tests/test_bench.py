@@ -603,8 +603,12 @@ def test_bench_video_transcode_is_timed_warm(tmp_path, monkeypatch):
     assert calls.index("timed") > 0, calls  # the Restorer ran before the clock
 
 
-def test_conv_util_and_profile_on_cpu(tmp_path):
+def test_conv_util_and_profile_on_cpu(tmp_path, monkeypatch):
     conv, prof = bench_script("conv_util"), bench_script("profile_best")
+    # A peak and a bandwidth no CPU reaches: the roofline's bound then holds whatever the timings (the
+    # measured peak of a busy CPU once came out below its convs' rate: conv_util 1.098 > the roofline).
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1e3})
+    monkeypatch.setattr(conv, "copy_bandwidth", lambda *args: 1e15)
     assert (
         conv.main(
             [
@@ -1256,3 +1260,196 @@ def test_time_case_arithmetic_against_the_eager_row(monkeypatch):
     floor_ms = 100.0 * 0.02 / 8.0  # GFLOP/MP x MP / the fastest peak's TFLOP/s
     assert r["floor_ms"] == pytest.approx(floor_ms) and r["frac_of_peak"] == pytest.approx(floor_ms / 5)
     assert r["tiles"] == 1 and r["work_ratio"] == pytest.approx(112 * 208 / (100 * 200))  # padded to 16s
+
+
+def test_gpu_summary_writes_its_logs_and_report_with_a_stage_line_cut_short(tmp_path):
+    # stages() kept the cut line, but summarise (logs.txt) and report (--final) read its seconds and
+    # time box: KeyError, so the run ended with no logs.txt and no printed summary.
+    summ = bench_script("gpu_summary")
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    (work / "stages.tsv").write_text("env\t0\t3\t20\nbench\t12\n")
+    (work / "bench.log").write_text("cut\n")
+    summary = summ.summarise(work, out, dryrun=False)
+    assert "===== bench: rc unreadable" in (out / "logs.txt").read_text()
+    assert "bench      rc unreadable" in summ.report(summary)
+
+
+def test_ort_parity_refuses_a_missing_image_folder(tmp_path, monkeypatch):
+    # Without the LIVE1 images (a clone elsewhere, the device machine) the parity check compared nothing,
+    # printed "0 LIVE1 images ... within TOLERANCE: True" and exited 0: a pass on no evidence.
+    ort_bench = bench_script("bench_ort")
+    missing = tmp_path / "shared" / "data" / "live1"
+    monkeypatch.setattr(ort_bench, "LIVE1", missing)
+    with pytest.raises(SystemExit, match=f"no LIVE1 images in {missing}"):
+        ort_bench.parity(None, [10], limit=0, threads=1)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--presets", "smal"], "unknown preset(s) ['smal']"),  # a KeyError traceback after the peak
+        (["--presets", ","], "nothing to measure"),  # ran the peaks, measured no model, exit 0
+    ],
+)
+def test_conv_util_refuses_unknown_presets_before_any_work(args, says, capsys, monkeypatch):
+    conv = bench_script("conv_util")
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    monkeypatch.setattr(conv, "copy_bandwidth", lambda *args: 1e9)
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--device", "cpu", "--shape", "1x3x16x16", *args])
+    assert says in str(e.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("report", [None, {"kind": "video", "results": []}])
+def test_profile_from_a_report_it_cannot_use_says_so(report, tmp_path, capsys):
+    # --from a missing file or a report without a best backend (a --video one) profiled eager-fp32 (the
+    # CPU fallback) without a word, as if it were the report's best.
+    prof = bench_script("profile_best")
+    path = tmp_path / "bench.json"
+    if report is not None:
+        path.write_text(json.dumps(report))
+    base = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        prof.main(base + ["--from", str(path)])
+    assert f"--from {path}: " in str(e.value.code)
+
+
+def test_report_names_the_qairn_version_it_timed():
+    # --json and --env listed torch, triton, onnxruntime... but not the version of qairn itself.
+    import qairn
+
+    assert qb.environment(torch.device("cpu"))["versions"]["qairn"] == qairn.__version__
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot", "--env"])
+def test_python_m_bench_refuses_a_missing_output_folder_in_one_line(flag, tmp_path, monkeypatch):
+    # gpu_run.sh runs `python -m qairn.engine.bench`, not the qairn command that turns an OSError into one
+    # line: a missing output folder ended there in a FileNotFoundError traceback.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, flag, "no/such/dir/out"])
+    assert e.value.code == "no/such/dir/out: output folder does not exist"
+
+
+def test_profile_takes_one_size(capsys):
+    # --size 16x16,32x32 (qairn bench's list syntax) profiled 16x16 alone and never said the rest went.
+    prof = bench_script("profile_best")
+    base = ["--device", "cpu", "--preset", "tiny", "--tile", "0", "--iters", "1"]
+    with pytest.raises(SystemExit) as e:
+        prof.main(base + ["--size", "16x16,32x32"])
+    assert e.value.code == 2 and "one WxH size, got '16x16,32x32'" in capsys.readouterr().err
+
+
+def test_video_compares_with_eager_fp32_listed_after(tmp_path):
+    # --video with --backends eager-bf16-cl,eager-fp32 ran them in that order: eager fp32's frames came
+    # too late, and the bf16 rows had no PSNR (the table always runs its reference first).
+    out = tmp_path / "video.json"
+    args = TINY + ["--sizes", "16x16", "--tiles", "0", "--video", "2", "--json", str(out)]
+    assert qb.main(args + ["--backends", "eager-bf16-cl,eager-fp32"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["backend"] for r in rows] == ["eager-fp32"] * 3 + ["eager-bf16-cl"] * 3
+    assert all(r["psnr_db"] > 0 for r in rows[3:]), rows
+
+
+def test_bench_video_says_which_frames_it_timed(tmp_path, monkeypatch):
+    # Without the LIVE1 images bench_video timed synthetic frames, and its extra_info said nothing of it:
+    # two runs' fps read alike though one restored LIVE1 pictures and the other generated ones.
+    pytest.importorskip("av")
+    module = bench_script("bench_video")
+    bench = SimpleNamespace(stats=SimpleNamespace(stats=SimpleNamespace(mean=2.0)), extra_info={})
+    monkeypatch.setattr(module, "LIVE1", tmp_path / "live1")
+    module.record(bench, None)
+    assert bench.extra_info["frames_from"] == f"synthetic (no LIVE1 images in {tmp_path / 'live1'})"
+    (tmp_path / "live1").mkdir()
+    (tmp_path / "live1" / "a.png").write_bytes(b"")
+    module.record(bench, None)
+    assert bench.extra_info["frames_from"] == f"LIVE1 ({tmp_path / 'live1'})"
+
+
+def test_video_report_names_the_one_size_it_streamed(tmp_path, monkeypatch):
+    # --video without --sizes streamed the first default size, but the report's settings listed every
+    # default size (CPU: 256x256 and 512x512), as if both had been streamed.
+    monkeypatch.setitem(qb.DEFAULTS["cpu"], "sizes", [(16, 16), (32, 32)])
+    out = tmp_path / "video.json"
+    assert qb.main(TINY + ["--video", "2", "--backends", "eager-fp32", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["sizes"] == [[16, 16]] and report["settings"]["tiles"] == [512]
+    assert {tuple(r["size"]) for r in report["results"]} == {(16, 16)}
+
+
+@pytest.mark.parametrize("script", ["conv_util", "profile_best"])
+def test_bench_scripts_refuse_a_bad_weights_file_in_one_line(script, tmp_path, monkeypatch):
+    # conv_util measured the peaks and every preset first, then ended in a WeightsError traceback;
+    # profile_best ended in the same traceback.
+    module = bench_script(script)
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    monkeypatch.setattr(module, "copy_bandwidth", lambda *args: 1e9, raising=False)
+    measured = []
+    monkeypatch.setattr(module, "conv_util", lambda *args, **kw: measured.append(1), raising=False)
+    missing = tmp_path / "missing.safetensors"
+    args = {
+        "conv_util": ["--presets", "tiny", "--shape", "1x3x16x16"],
+        "profile_best": ["--size", "16x16", "--tile", "0", "--iters", "1"],
+    }[script]
+    with pytest.raises(SystemExit) as e:
+        module.main(["--device", "cpu", *args, "--weights", str(missing)])
+    assert e.value.code == f"{missing}: no such weights file" and not measured
+
+
+def test_python_m_bench_refuses_a_bad_weights_file_in_one_line(tmp_path):
+    # As gpu_run.sh starts it (python -m qairn.engine.bench), a missing --weights file was a traceback.
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, "--weights", str(missing)])
+    assert e.value.code == f"{missing}: no such weights file"
+
+
+def test_ort_parity_names_the_weights_it_compared(tmp_path, monkeypatch, capsys):
+    # Without --weights the parity check compared the shipped weights (bench_model's choice) but printed
+    # "(random init)", so its errors read as those of an untrained model.
+    import cv2
+
+    from qairn.weights_io import save_weights
+
+    pytest.importorskip("onnxruntime")
+    ort_bench = bench_script("bench_ort")
+    shipped = tmp_path / "shipped.safetensors"
+    save_weights(qb.bench_model(preset="tiny")[0], shipped)
+    monkeypatch.setattr(qb, "DEFAULT_WEIGHTS", shipped)
+    monkeypatch.delenv("QAIRN_BENCH_WEIGHTS", raising=False)
+    (tmp_path / "live1").mkdir()
+    cv2.imwrite(str(tmp_path / "live1" / "a.png"), np.full((16, 16, 3), 90, np.uint8))
+    monkeypatch.setattr(ort_bench, "LIVE1", tmp_path / "live1")
+    monkeypatch.setattr(ort_bench, "REPO", tmp_path)  # its exports go under REPO/.cache
+    ort_bench.parity(None, [10], limit=0, threads=1)
+    assert "weights shipped.safetensors (preset tiny), 1 LIVE1 images" in capsys.readouterr().out
+
+
+def test_video_builds_a_broken_backend_once(tmp_path, monkeypatch):
+    # A backend that failed to build (not a BackendError: a compile error, say) was built again for each
+    # of the 3 modes in --video mode; the table builds it once and skips its other cases.
+    builds = []
+
+    def broken(*args):
+        builds.append(1)
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(qb, "make_restorer", broken)
+    monkeypatch.setattr(qb, "peak_matmul", lambda device: {"fp32": 1.0})
+    out = tmp_path / "video.json"
+    args = ["--sizes", "16x16", "--tiles", "0", "--video", "2", "--backends", "eager-fp32"]
+    assert qb.main(TINY + args + ["--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(builds) == 1 and [r["status"] for r in rows] == ["failed", "skipped", "skipped"]
+    assert rows[1]["reason"] == "failed to build (RuntimeError)"
+
+
+@pytest.mark.parametrize("other", ["--json", "--plot"])
+def test_env_with_a_report_output_is_refused(other, tmp_path, monkeypatch):
+    # --env X with --json Y (or --plot) wrote X and returned: Y was never written, and nothing said so.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, "--env", "env.json", other, "out"])
+    assert e.value.code == f"--env writes the device and versions only: {other} would not be written"
+    assert not (tmp_path / "env.json").exists()

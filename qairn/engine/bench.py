@@ -38,7 +38,7 @@ from qairn.engine.imageio import check_figure, check_writable, save_figure, writ
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
-from qairn.weights_io import load_model
+from qairn.weights_io import WeightsError, load_model
 
 # label -> (backend, precision, backend options). eager-fp32 (NCHW) is the baseline of every table.
 SPECS = {
@@ -235,7 +235,9 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
-        "versions": {m: _version(m) for m in ("torch", "triton", "tensorrt", "onnxruntime", "onnx", "numpy")},
+        "versions": {
+            m: _version(m) for m in ("qairn", "torch", "triton", "tensorrt", "onnxruntime", "onnx", "numpy")
+        },
         "cpu": {"model": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
     if device.type == "cuda":
@@ -811,6 +813,8 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                     row.update(status="skipped", reason=reason)
                 except Exception as e:
                     row.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+                    if restorer is None:  # as in the table: not built again for each mode
+                        reason = f"failed to build ({type(e).__name__})"
             report["results"].append(row)
             save(report)
             print(format_video_row(row), flush=True)
@@ -846,6 +850,15 @@ def strict(obj):
     if isinstance(obj, (list, tuple)):
         return [strict(v) for v in obj]
     return obj
+
+
+def check_outputs(*paths: str | None) -> None:
+    """check_writable, refused in one line (SystemExit) also where no qairn command turns its OSError
+    into one: `python -m qairn.engine.bench` (as gpu_run.sh runs it) and the bench/ scripts."""
+    try:
+        check_writable(*paths)
+    except OSError as e:
+        raise SystemExit(str(e)) from None
 
 
 def write_json(path: str, obj, indent: int = 1) -> None:
@@ -904,7 +917,7 @@ def parser() -> argparse.ArgumentParser:
         type=parse_backends,
         help=f"comma list or 'all' ({', '.join(SPECS)}); "
         f"default: CUDA {','.join(DEFAULTS['cuda']['backends'])}; CPU "
-        f"{','.join(DEFAULTS['cpu']['backends'])}. {BASELINE} always runs first (table mode)",
+        f"{','.join(DEFAULTS['cpu']['backends'])}. {BASELINE} runs first (in --video mode when listed)",
     )
     p.add_argument(
         "--sizes",
@@ -956,8 +969,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="FRAMES",
-        help="stream FRAMES frames of one size (--sizes) at one tile through one Restorer per backend "
-        "(default 0: no stream)",
+        help="stream FRAMES frames of one size (--sizes; default the first of the defaults) at one tile "
+        "through one Restorer per backend (default 0: no stream)",
     )
     p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
     return p
@@ -982,8 +995,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--video streams one size at one tile: give one --sizes and one --tiles")
     if args.video and args.plot:
         raise SystemExit("--plot draws the backend table; --video has no chart (use --json)")
+    for flag in ("--json", "--plot"):
+        if args.env and getattr(args, flag[2:]):
+            raise SystemExit(f"--env writes the device and versions only: {flag} would not be written")
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
-    check_writable(*outputs.values())
+    check_outputs(*outputs.values())
     named = [(flag, Path(out).resolve()) for flag, out in outputs.items() if out]
     for i, (flag, path) in enumerate(named):  # the last one written would replace the other
         for other, other_path in named[i + 1 :]:
@@ -1006,9 +1022,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     d = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
     args.backends = args.backends or list(d["backends"])
-    if not args.video:  # the table's reference runs first
+    # The reference runs first: always in the table; in --video mode when asked for (the GPU run streams
+    # its best backend alone), so that every backend after it gets its PSNR.
+    if not args.video or BASELINE in args.backends:
         args.backends = [BASELINE] + [b for b in args.backends if b != BASELINE]
-    args.sizes = args.sizes or list(d["sizes"])
+    args.sizes = args.sizes or list(d["sizes"][:1] if args.video else d["sizes"])  # --video: one size
     args.tiles = args.tiles or list(d["tiles"])
     for tile in args.tiles:  # before any work, not as a "failed" row for every case
         try:
@@ -1021,7 +1039,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    model, source = bench_model(args.weights, args.preset)
+    try:  # one line also for `python -m qairn.engine.bench`, which no qairn command wraps
+        model, source = bench_model(args.weights, args.preset)
+    except WeightsError as e:
+        raise SystemExit(str(e)) from None
     report = {
         "kind": "video" if args.video else "table",
         "complete": False,
