@@ -1453,3 +1453,35 @@ def test_env_with_a_report_output_is_refused(other, tmp_path, monkeypatch):
         qb.main([*FAST, "--env", "env.json", other, "out"])
     assert e.value.code == f"--env writes the device and versions only: {other} would not be written"
     assert not (tmp_path / "env.json").exists()
+
+
+def test_tensorrt_peak_adds_the_engines_own_memory(monkeypatch):
+    """TrtBackend.own_memory_bytes() says what TensorRT holds outside torch (activations + engine):
+    bench added none of it, so a TensorRT peak stayed a lower bound ('*') that could never decide the
+    8K memory target. It is now added to torch's peak, and the scope says so."""
+    fake = FakeEvents(monkeypatch)
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 300 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 200 * 2**20)
+    restorer = SimpleNamespace(
+        restore_tensor=lambda x: (x, {"q": torch.tensor([0.5])}, None),
+        tiling_for=lambda h, w: (None, 0),
+        tile_batch=1,
+        backend=SimpleNamespace(own_memory_bytes=lambda: 5000 * 2**20),
+    )
+    args = SimpleNamespace(warmup=1, repeats=2, case_budget_s=10.0, overlap=0)
+    report = {"peak_tflops": {"fp16": 100.0}, "model": {"gflop_per_mp": 10.0}, "settings": {"min_psnr": 40.0}}
+    gpu, refs, rows = torch.device("cuda", 0), {}, []
+    x = torch.rand(1, 3, 8, 8)
+    for label in ("eager-fp32", "tensorrt-fp16"):
+        fields = qb.time_case(restorer, label, x, None, gpu, args, refs, report)
+        rows.append(qb.case_row(label, (7680, 4320), None, status="ok", **fields))
+    assert fake.synced and rows[1]["peak_mem_mib"] == 5300.0
+    assert rows[1]["peak_mem_scope"] == qb.ENGINE_MEMORY and qb.format_row(rows[1]).split()[-2] == "5300"
+    report["results"] = rows
+    report["best"] = {
+        "3840x2160": {"backend": "tensorrt-fp16", "tile": None, "speedup": 9.0, "psnr_db": 50.0}
+    }
+    assert "allocator only" not in qb.footer(report)
+    assert qb.targets(report)["mem_8k_le_4gib"]["met"] is False  # 5300 MiB > 4 GiB, now decided
