@@ -1302,9 +1302,9 @@ def test_the_closing_line_names_inputs_never_found(workdir, tiny_weights, capsys
 def test_progress_in_a_log_is_one_line_per_redraw(workdir, tiny_weights, capsys, monkeypatch):
     # `qairn restore ... 2> log.txt`: tqdm's redraws went back with '\r' (and up with ESC[A for the
     # tile bar), so the log was one enormous line. LOG_EVERY_S = 0 draws every update.
-    import qairn.engine.cli as cli
+    import qairn.engine.progress as progress
 
-    monkeypatch.setattr(cli, "LOG_EVERY_S", 0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)
     args = [workdir / "a.jpg", workdir / "b.png", "-o", workdir / "out", "--tile", 64, "--overlap", 16]
     rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
     assert rc == 0, err
