@@ -1374,3 +1374,20 @@ def test_ddp_logs_the_loss_over_every_ranks_patches(data, tmp_path):
         (row,) = list(csv.DictReader(f))
     assert abs(losses[0] - losses[1]) > 1e-3  # else rank 0's loss alone would pass
     assert float(row["loss"]) == pytest.approx(sum(losses) / 2, abs=2e-5)
+
+
+def test_the_progress_bar_in_a_log_is_a_line_per_redraw_with_the_loss(data, tmp_path, monkeypatch, capsys):
+    # `nohup qairn train ... > log 2>&1`: tqdm redrew the 500000-step bar with '\r' ten times a second
+    # and once more at every logged step (set_postfix), one enormous line. Off a terminal it is a line
+    # every LOG_EVERY_S seconds (0 here: every step), each with the last loss, lr and patches/s.
+    import qairn.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    trainer.train(tiny_args(data, tmp_path, steps=6, log_every=2, export=False))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train:")]
+    steps = [int(ln.split("/6")[0].split()[-1]) for ln in lines]
+    assert steps[:-1] == sorted(set(steps[:-1])), lines  # no extra line for a new loss; the last closes
+    assert steps[-1] == 6 and all(f"{k}=" in lines[-1] for k in ("loss", "lr", "pps")), lines
