@@ -1391,3 +1391,13 @@ def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch,
     assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(
         ": an empty name, not a file or folder"
     )
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-quality", "train"])
+def test_data_naming_a_file_says_it_is_not_a_folder(tmp_path, capsys, command):
+    # `qairn eval --data a.png` said "a.png: no such folder" of a file that is there.
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((16, 16, 3), np.uint8))
+    more = ["--out", tmp_path / "run"] if command == "train" else []
+    rc, _, err = run(capsys, command, "--data", image, *more)
+    assert rc == 2 and err.strip() == f"qairn {command}: error: {image}: a file, not a folder of images", err
