@@ -1401,3 +1401,19 @@ def test_data_naming_a_file_says_it_is_not_a_folder(tmp_path, capsys, command):
     more = ["--out", tmp_path / "run"] if command == "train" else []
     rc, _, err = run(capsys, command, "--data", image, *more)
     assert rc == 2 and err.strip() == f"qairn {command}: error: {image}: a file, not a folder of images", err
+
+
+def test_when_no_input_is_found_the_closing_line_and_json_say_so(workdir, capsys):
+    # None of the inputs found: no closing line, and --json not written, so the JSON of an earlier run
+    # stayed in place and read as this run's. It is now a run where every image failed: the closing
+    # line names them, the JSON holds no records, exit 1. No model is loaded, no folder made.
+    report = workdir / "r.json"
+    report.write_text('[{"path": "an earlier run"}]')
+    args = [workdir / "missing.jpg", workdir / "none*.png", "-o", workdir / "out", "--json", report]
+    rc, _, err = run(capsys, "restore", *args)
+    assert rc == 2 and err.strip().splitlines()[-1] == f"qairn: error: {report}: exists (use --overwrite)"
+    assert json.loads(report.read_text()) == [{"path": "an earlier run"}]
+    rc, _, err = run(capsys, "restore", *args, "--overwrite", "--weights", workdir / "none.safetensors")
+    names = f"{workdir / 'missing.jpg'}, {workdir / 'none*.png'}"
+    assert rc == 1 and err.strip().splitlines()[-1] == f"qairn: restored 0 of 2 images, 2 failed ({names})"
+    assert json.loads(report.read_text()) == [] and not (workdir / "out").exists()
