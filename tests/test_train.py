@@ -1391,3 +1391,42 @@ def test_the_progress_bar_in_a_log_is_a_line_per_redraw_with_the_loss(data, tmp_
     steps = [int(ln.split("/6")[0].split()[-1]) for ln in lines]
     assert steps[:-1] == sorted(set(steps[:-1])), lines  # no extra line for a new loss; the last closes
     assert steps[-1] == 6 and all(f"{k}=" in lines[-1] for k in ("loss", "lr", "pps")), lines
+
+
+def test_gpu_train_publishes_the_weights_whole_or_not_at_all(tmp_path, monkeypatch):
+    # scripts/gpu_train.py copies the weights into $OUT in parts (files from $OUT are limited in size),
+    # and again after the p sweep. It removed the earlier copy, then wrote each part in place: a run that
+    # stopped there (the device's time limit, a full disk) left parts missing or cut short.
+    import errno
+    import io
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_train
+
+    def disk_full_at_the_second_file(real_open=io.open):
+        opened = []
+
+        def open_(file, mode="r", *args, **kwargs):
+            if "w" in mode:
+                opened.append(file)
+                if len(opened) == 2:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(file, mode, *args, **kwargs)
+
+        return open_
+
+    monkeypatch.setattr(gpu_train, "PART", 8)
+    weights, out = tmp_path / "weights.safetensors", tmp_path / "out"
+    out.mkdir()
+    weights.write_bytes(b"the first weights")  # 17 bytes: 3 parts
+    gpu_train.publish(weights, out)
+    weights.write_bytes(b"the second weights")
+    with monkeypatch.context() as m:
+        m.setattr(io, "open", disk_full_at_the_second_file())
+        with pytest.raises(OSError, match="No space"):
+            gpu_train.publish(weights, out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"weights.safetensors.part{i}" for i in range(3)]  # nothing else left behind
+    assert b"".join((out / n).read_bytes() for n in names) == b"the first weights"
+    gpu_train.publish(weights, out)
+    assert b"".join((out / n).read_bytes() for n in names) == b"the second weights"
