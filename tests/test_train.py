@@ -1430,3 +1430,26 @@ def test_gpu_train_publishes_the_weights_whole_or_not_at_all(tmp_path, monkeypat
     assert b"".join((out / n).read_bytes() for n in names) == b"the first weights"
     gpu_train.publish(weights, out)
     assert b"".join((out / n).read_bytes() for n in names) == b"the second weights"
+
+
+def test_a_training_pack_build_cut_short_leaves_no_pack(tmp_path):
+    # build_train_pack wrote straight into --out and its MANIFEST.json last: a build stopped in between
+    # (Ctrl-C in the crop loop) left a pack that gpu_train took as whole, and that a rebuild refused
+    # ('not a training pack'), where an earlier pack had been.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    pack = tmp_path / "pack"
+    build = dict(budget_mib=0.2, crop=56, holdout=2)
+    first = build_train_pack.build(src, live1, pack, **build, log=lambda *a: None)
+
+    def interrupted(*a):  # called once LIVE1 and the held-out images are in, before the crops
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_train_pack.build(src, live1, pack, **build, seed=1, log=interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "pack", "src"]  # nothing half-built
+    assert json.loads((pack / "MANIFEST.json").read_text()) == first  # the earlier pack, whole
+    assert build_train_pack.build(src, live1, pack, **build, seed=1, log=lambda *a: None)["seed"] == 1
