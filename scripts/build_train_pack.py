@@ -46,7 +46,6 @@ def read(path: Path) -> np.ndarray:
 
 def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=print) -> dict:
     src, live1, out = Path(src), Path(live1), Path(out)
-    budget = int(budget_mib * 2**20)
     for given in (src, live1):
         if given.resolve().is_relative_to(out.resolve()):
             raise SystemExit(f"--out {out}: holds the source images ({given}); write the pack elsewhere")
@@ -56,7 +55,31 @@ def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=pri
         names = {q.name for q in out.iterdir()}
         if names and ("MANIFEST.json" not in names or names - {"MANIFEST.json", "live1", "val", "train"}):
             raise SystemExit(f"{out}: not a training pack (no MANIFEST.json, or other files); not replaced")
+    # Built beside it and renamed in when whole: written in place, a build cut short (Ctrl-C) left a pack
+    # without its manifest, which gpu_train took and a rebuild refused, the earlier pack gone.
+    building = out.with_name(f".{out.name}.building")
+    shutil.rmtree(building, ignore_errors=True)  # what a killed build left
+    try:
+        manifest = fill(src, live1, building, budget_mib, crop, holdout, seed, log)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    if out.exists():
         shutil.rmtree(out)
+    building.rename(out)
+    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    log(
+        f"{out}: {manifest['train_crops']} crops from {manifest['train_images']} images, "
+        f"{len(manifest['val_files'])} val, {manifest['live1_files']} LIVE1; {total / 2**20:.2f} MiB"
+    )
+    return manifest
+
+
+def fill(
+    src: Path, live1: Path, out: Path, budget_mib: float, crop: int, holdout: int, seed: int, log
+) -> dict:
+    """Write the pack into out (a new folder); its manifest."""
+    budget = int(budget_mib * 2**20)
     for d in ("live1", "val", "train"):
         (out / d).mkdir(parents=True)
     used = 0
@@ -111,11 +134,6 @@ def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=pri
         "bytes": used,
     }
     (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
-    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    log(
-        f"{out}: {n_crops} crops from {len(train_files)} images, {len(val_files)} val, "
-        f"{manifest['live1_files']} LIVE1; {total / 2**20:.2f} MiB"
-    )
     return manifest
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from qairn.engine.imageio import write_atomic  # noqa: E402
 from qairn.model import QAIRN, preset  # noqa: E402
 from qairn.train import evaluate as ev  # noqa: E402
 from qairn.train.data import list_images  # noqa: E402
@@ -70,18 +70,28 @@ class Tee:
 
 
 def publish(weights: Path, out: Path) -> list[Path]:
-    """Copy the weights into out, in parts of PART bytes when larger (files from $OUT are limited)."""
-    for old in out.glob(weights.name + "*"):
-        old.unlink()
+    """Copy the weights into out, in parts of PART bytes when larger (files from $OUT are limited).
+    Every new file is written whole (under a hidden name) before any is renamed in, and the earlier
+    copy's other files go last: removed first and written in place, a run stopped in between (its time
+    limit, a full disk) left parts missing or cut short, which `cat` joins without a word."""
     data = weights.read_bytes()
     if len(data) <= PART:
-        shutil.copyfile(weights, out / weights.name)
-        return [out / weights.name]
-    parts = []
-    for i in range(0, len(data), PART):
-        parts.append(out / f"{weights.name}.part{i // PART}")
-        parts[-1].write_bytes(data[i : i + PART])
-    return parts
+        chunks = {weights.name: data}
+    else:
+        chunks = {f"{weights.name}.part{i // PART}": data[i : i + PART] for i in range(0, len(data), PART)}
+    try:
+        for name, chunk in chunks.items():
+            write_atomic(out / f".{name}.new", chunk)
+    except BaseException:
+        for name in chunks:
+            (out / f".{name}.new").unlink(missing_ok=True)
+        raise
+    for name in chunks:
+        os.replace(out / f".{name}.new", out / name)
+    for old in out.glob(weights.name + "*"):
+        if old.name not in chunks:  # the whole file, or the parts of an earlier, larger copy
+            old.unlink()
+    return [out / name for name in chunks]
 
 
 def main(argv=None) -> int:
@@ -167,7 +177,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     for src, dst in (("log.csv", "train_log.csv"), ("loss.png", "loss.png")):
         if (work / src).exists():
-            shutil.copyfile(work / src, out / dst)
+            write_atomic(out / dst, (work / src).read_bytes())
     publish(weights, out)
     meta = read_metadata(weights)
     summary = json.loads(meta["training"])
@@ -180,9 +190,7 @@ def main(argv=None) -> int:
 
     def save_results():
         # rewritten after each stage of a run that may be killed at its limit: temp name, then rename
-        tmp = out / "results.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1))
-        os.replace(tmp, out / "results.json")
+        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
 
     save_results()
     val = list_images(pack / "val")
@@ -210,7 +218,8 @@ def main(argv=None) -> int:
         log(f"{sec:.4f} s per image on {name} (eager fp32, whole images)")
         results["eval"] = {"qfs": {str(k): v for k, v in table.items()}, "seconds_per_image": sec}
         save_results()
-        (out / "eval.json").write_text(
+        write_atomic(
+            out / "eval.json",
             json.dumps(
                 {
                     "protocol": ev.PROTOCOL,
@@ -222,7 +231,7 @@ def main(argv=None) -> int:
                     "model": ev.describe(r),
                 },
                 indent=1,
-            )
+            ).encode(),
         )
     else:
         log("LIVE1 evaluation skipped (time)")

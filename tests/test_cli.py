@@ -1302,9 +1302,9 @@ def test_the_closing_line_names_inputs_never_found(workdir, tiny_weights, capsys
 def test_progress_in_a_log_is_one_line_per_redraw(workdir, tiny_weights, capsys, monkeypatch):
     # `qairn restore ... 2> log.txt`: tqdm's redraws went back with '\r' (and up with ESC[A for the
     # tile bar), so the log was one enormous line. LOG_EVERY_S = 0 draws every update.
-    import qairn.engine.cli as cli
+    import qairn.engine.progress as progress
 
-    monkeypatch.setattr(cli, "LOG_EVERY_S", 0)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)
     args = [workdir / "a.jpg", workdir / "b.png", "-o", workdir / "out", "--tile", 64, "--overlap", 16]
     rc, _, err = run(capsys, "restore", *args, "--weights", tiny_weights)
     assert rc == 0, err
@@ -1391,3 +1391,29 @@ def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch,
     assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(
         ": an empty name, not a file or folder"
     )
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-quality", "train"])
+def test_data_naming_a_file_says_it_is_not_a_folder(tmp_path, capsys, command):
+    # `qairn eval --data a.png` said "a.png: no such folder" of a file that is there.
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.zeros((16, 16, 3), np.uint8))
+    more = ["--out", tmp_path / "run"] if command == "train" else []
+    rc, _, err = run(capsys, command, "--data", image, *more)
+    assert rc == 2 and err.strip() == f"qairn {command}: error: {image}: a file, not a folder of images", err
+
+
+def test_when_no_input_is_found_the_closing_line_and_json_say_so(workdir, capsys):
+    # None of the inputs found: no closing line, and --json not written, so the JSON of an earlier run
+    # stayed in place and read as this run's. It is now a run where every image failed: the closing
+    # line names them, the JSON holds no records, exit 1. No model is loaded, no folder made.
+    report = workdir / "r.json"
+    report.write_text('[{"path": "an earlier run"}]')
+    args = [workdir / "missing.jpg", workdir / "none*.png", "-o", workdir / "out", "--json", report]
+    rc, _, err = run(capsys, "restore", *args)
+    assert rc == 2 and err.strip().splitlines()[-1] == f"qairn: error: {report}: exists (use --overwrite)"
+    assert json.loads(report.read_text()) == [{"path": "an earlier run"}]
+    rc, _, err = run(capsys, "restore", *args, "--overwrite", "--weights", workdir / "none.safetensors")
+    names = f"{workdir / 'missing.jpg'}, {workdir / 'none*.png'}"
+    assert rc == 1 and err.strip().splitlines()[-1] == f"qairn: restored 0 of 2 images, 2 failed ({names})"
+    assert json.loads(report.read_text()) == [] and not (workdir / "out").exists()

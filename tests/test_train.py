@@ -1374,3 +1374,82 @@ def test_ddp_logs_the_loss_over_every_ranks_patches(data, tmp_path):
         (row,) = list(csv.DictReader(f))
     assert abs(losses[0] - losses[1]) > 1e-3  # else rank 0's loss alone would pass
     assert float(row["loss"]) == pytest.approx(sum(losses) / 2, abs=2e-5)
+
+
+def test_the_progress_bar_in_a_log_is_a_line_per_redraw_with_the_loss(data, tmp_path, monkeypatch, capsys):
+    # `nohup qairn train ... > log 2>&1`: tqdm redrew the 500000-step bar with '\r' ten times a second
+    # and once more at every logged step (set_postfix), one enormous line. Off a terminal it is a line
+    # every LOG_EVERY_S seconds (0 here: every step), each with the last loss, lr and patches/s.
+    import qairn.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # the slow part, not tested here
+    trainer.train(tiny_args(data, tmp_path, steps=6, log_every=2, export=False))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("train:")]
+    steps = [int(ln.split("/6")[0].split()[-1]) for ln in lines]
+    assert steps[:-1] == sorted(set(steps[:-1])), lines  # no extra line for a new loss; the last closes
+    assert steps[-1] == 6 and all(f"{k}=" in lines[-1] for k in ("loss", "lr", "pps")), lines
+
+
+def test_gpu_train_publishes_the_weights_whole_or_not_at_all(tmp_path, monkeypatch):
+    # scripts/gpu_train.py copies the weights into $OUT in parts (files from $OUT are limited in size),
+    # and again after the p sweep. It removed the earlier copy, then wrote each part in place: a run that
+    # stopped there (the device's time limit, a full disk) left parts missing or cut short.
+    import errno
+    import io
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_train
+
+    def disk_full_at_the_second_file(real_open=io.open):
+        opened = []
+
+        def open_(file, mode="r", *args, **kwargs):
+            if "w" in mode:
+                opened.append(file)
+                if len(opened) == 2:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real_open(file, mode, *args, **kwargs)
+
+        return open_
+
+    monkeypatch.setattr(gpu_train, "PART", 8)
+    weights, out = tmp_path / "weights.safetensors", tmp_path / "out"
+    out.mkdir()
+    weights.write_bytes(b"the first weights")  # 17 bytes: 3 parts
+    gpu_train.publish(weights, out)
+    weights.write_bytes(b"the second weights")
+    with monkeypatch.context() as m:
+        m.setattr(io, "open", disk_full_at_the_second_file())
+        with pytest.raises(OSError, match="No space"):
+            gpu_train.publish(weights, out)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"weights.safetensors.part{i}" for i in range(3)]  # nothing else left behind
+    assert b"".join((out / n).read_bytes() for n in names) == b"the first weights"
+    gpu_train.publish(weights, out)
+    assert b"".join((out / n).read_bytes() for n in names) == b"the second weights"
+
+
+def test_a_training_pack_build_cut_short_leaves_no_pack(tmp_path):
+    # build_train_pack wrote straight into --out and its MANIFEST.json last: a build stopped in between
+    # (Ctrl-C in the crop loop) left a pack that gpu_train took as whole, and that a rebuild refused
+    # ('not a training pack'), where an earlier pack had been.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    pack = tmp_path / "pack"
+    build = dict(budget_mib=0.2, crop=56, holdout=2)
+    first = build_train_pack.build(src, live1, pack, **build, log=lambda *a: None)
+
+    def interrupted(*a):  # called once LIVE1 and the held-out images are in, before the crops
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_train_pack.build(src, live1, pack, **build, seed=1, log=interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "pack", "src"]  # nothing half-built
+    assert json.loads((pack / "MANIFEST.json").read_text()) == first  # the earlier pack, whole
+    assert build_train_pack.build(src, live1, pack, **build, seed=1, log=lambda *a: None)["seed"] == 1

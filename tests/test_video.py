@@ -140,9 +140,14 @@ def clip(tmp_path_factory, frames_rgb):
 
 
 @pytest.mark.parametrize("ext", [".mp4", ".mkv"])
-def test_progress_bar_knows_how_many_frames_are_coming(restorer, frames_rgb, tmp_path, capsys, ext):
+def test_progress_bar_knows_how_many_frames_are_coming(
+    restorer, frames_rgb, tmp_path, capsys, monkeypatch, ext
+):
     # It was a line every 5 s ("frame 120 (3.1 fps)"): no percentage, no time left. Matroska keeps no frame
     # count; its duration x rate gives the total.
+    import qairn.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)  # a log's bar, as capsys is no terminal: every frame
     src = make_clip(tmp_path / f"in{ext}", frames_rgb, audio=False)
     transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=True))
     err = capsys.readouterr().err
@@ -1861,3 +1866,18 @@ def test_m4v_keeps_mov_text_subtitles(restorer, tmp_path):
     assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.m4v")) as c:
         assert [bytes(p) for p in c.demux(subtitles=0) if p.size] == cues
+
+
+def test_progress_in_a_log_is_one_line_per_redraw(restorer, frames_rgb, tmp_path, capsys, monkeypatch):
+    # `qairn video in.mp4 out.mp4 2> log.txt`: tqdm redrew the bar with '\r', so the log of a whole film
+    # was one enormous line. Off a terminal it is a line every LOG_EVERY_S seconds (0 here: every frame).
+    import qairn.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)
+    src = make_clip(tmp_path / "in.mp4", frames_rgb, audio=False)
+    transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    lines = err.splitlines()
+    assert any(ln.startswith("in.mp4:  50%") and "3/6 [" in ln for ln in lines), lines
+    assert all(ln.strip() for ln in lines)  # none left from the bar clearing itself (leave=False)

@@ -34,6 +34,7 @@ from qairn.engine.imageio import (
     write_atomic,
     write_image,
 )
+from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import tile_arg
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
@@ -285,35 +286,6 @@ def make_restorer(a):
     )
 
 
-# A bar written to a file or pipe: a line this often, the first after as long (a run shorter than
-# that shows only its closing line), instead of a redraw every 0.1 s.
-LOG_EVERY_S = 30
-
-
-class LogLines:
-    """Where a progress bar writes when stderr is not a terminal (`2> log.txt`, CI): each redraw on
-    a line of its own. tqdm goes back with '\r' (and up with ESC[A for the tile bar), which a log
-    keeps: a whole run was one enormous line."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, s: str) -> None:
-        line = s.replace("\x1b[A", "").strip("\r\n ")  # a blank is tqdm clearing its line
-        if line:
-            self.f.write(line + "\n")
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def progress_bar(iterable=None, **kwargs) -> tqdm:
-    """tqdm on stderr: redrawn in place on a terminal, elsewhere a line every LOG_EVERY_S seconds."""
-    if sys.stderr.isatty():
-        return tqdm(iterable, file=sys.stderr, **kwargs)
-    return tqdm(iterable, file=LogLines(sys.stderr), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S, **kwargs)
-
-
 class TileBar:
     """A second, transient bar for the tiles of one large image (a 50 MP photo takes minutes on a
     CPU with no other sign of life); images restored in one batch never show it."""
@@ -460,6 +432,22 @@ def write_records(json_arg: str, records: list[dict]) -> bool:
     return True
 
 
+def json_problem(json_path: Path, images: set[Path], overwrite: bool) -> str | None:
+    """Why restore --json could not be written to json_path (resolved), or None: checked before any
+    work, as a long run must not end unable to write its scores. images: inputs, outputs and maps."""
+    if json_path in images:  # a map is written first, then the scores went over it
+        return "--json would replace an input or output image"
+    if json_path.is_dir():
+        return "is a directory; give a file name for --json"
+    if json_path.exists() and not overwrite:
+        return "exists (use --overwrite)"
+    if not json_path.parent.is_dir():
+        return "output folder does not exist"
+    if not writable(json_path.parent):
+        return "output folder is not writable"
+    return None
+
+
 def writable(folder: Path) -> bool:
     """Whether files can be made in folder (its mode, a read-only mount, chattr +i)."""
     return os.access(folder, os.W_OK | os.X_OK)
@@ -480,7 +468,13 @@ def main_restore(argv=None) -> int:
     a = p.parse_args(argv)
 
     inputs, missing = found_inputs(a.inputs)
-    if not inputs:
+    if not inputs:  # a run where every image failed: the closing line, and a --json of no records
+        problem = a.json and a.json != "-" and json_problem(Path(a.json).resolve(), set(), a.overwrite)
+        if problem:
+            return fatal(f"{a.json}: {problem}")
+        if a.json:  # else an earlier run's file stayed, and read as this run's
+            write_records(a.json, [])
+        tqdm.write(restore_summary([], len(missing), missing), file=sys.stderr)
         return 1
     if a.format and not a.format.startswith("."):  # "png" means ".png"
         a.format = "." + a.format
@@ -503,18 +497,10 @@ def main_restore(argv=None) -> int:
     taken = input_set | {q.resolve() for q in outputs}  # what a quality map must not replace
     # Checked before any work: a long run must not end unable to write its scores.
     if a.json and a.json != "-":
-        json_path = Path(a.json).resolve()
         maps = {d.with_name(d.stem + ".quality.png").resolve() for d in outputs} if a.quality_map else set()
-        if json_path in taken | maps:  # a map is written first, then the scores went over it
-            return fatal(f"{a.json}: --json would replace an input or output image")
-        if json_path.is_dir():
-            return fatal(f"{a.json}: is a directory; give a file name for --json")
-        if json_path.exists() and not a.overwrite:
-            return fatal(f"{a.json}: exists (use --overwrite)")
-        if not json_path.parent.is_dir():
-            return fatal(f"{a.json}: output folder does not exist")
-        if not writable(json_path.parent):
-            return fatal(f"{a.json}: output folder is not writable")
+        problem = json_problem(Path(a.json).resolve(), taken | maps, a.overwrite)
+        if problem:
+            return fatal(f"{a.json}: {problem}")
     # A read-only folder failed every image only once it was restored (a folder still to be made
     # is checked by making it).
     out_dir = folder or outputs[0].parent

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from qairn.engine.color import (
     ColorError,
@@ -51,6 +50,7 @@ from qairn.engine.color import (
     restore_planes,
 )
 from qairn.engine.imageio import write_atomic
+from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import tile_arg
 
 
@@ -1074,14 +1074,13 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         timing = _Durations()
         rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
         start = time.perf_counter()
-        bar = tqdm(
+        bar = progress_bar(
             total=expected_frames(inp, vstream, rate),
             unit="frame",
             desc=src.name,
             disable=not opts.progress,
             leave=False,
             dynamic_ncols=True,
-            file=sys.stderr,
         )
         try:
             for res in restorer.restore_stream(

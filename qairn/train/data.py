@@ -20,6 +20,8 @@ IMAGE_EXTS = {".png", ".webp", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".ppm"}
 
 
 def list_images(folder: str | Path) -> list[Path]:
+    if Path(folder).is_file():  # the folder's own error ("no such folder") misled: the file is there
+        raise NotADirectoryError(f"{folder}: a file, not a folder of images")
     if not Path(folder).is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
 

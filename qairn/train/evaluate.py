@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 
-from qairn.engine.cli import progress_bar
 from qairn.engine.imageio import check_figure, check_writable, path_arg, save_figure, write_atomic
+from qairn.engine.progress import progress_bar
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 

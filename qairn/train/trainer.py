@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qairn.engine.imageio import save_figure, write_atomic
+from qairn.engine.progress import progress_bar
 from qairn.metrics import ssim_torch
 from qairn.model import PRESETS, QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
@@ -539,7 +540,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     writer = csv.writer(logf) if logf else None
     if writer and new_log:
         writer.writerow(["step", "loss", "l1", "ssim", "lr", "patches_per_s", "seconds"])
-    bar = tqdm(total=a.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    bar = progress_bar(total=a.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     t_last, n_last = time.time(), 0
     model.train()
     # Wall time, data waits included: on a GPU the step's host time is only its kernel launches.
@@ -604,7 +605,13 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                     ]
                 )
                 logf.flush()
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step - 1, a):.2g}", pps=f"{rate:.1f}")
+                # Shown at the bar's next redraw: a redraw now would put a line in a log every logged step.
+                postfix = {
+                    "loss": f"{loss.item():.4f}",
+                    "lr": f"{lr_at(step - 1, a):.2g}",
+                    "pps": f"{rate:.1f}",
+                }
+                bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if step % a.ckpt_every == 0:
                 save_checkpoint()

@@ -1,0 +1,36 @@
+"""Progress bars on stderr that a log can hold: redrawn in place on a terminal, elsewhere a plain line
+now and then (restore, score, eval, eval-quality, video, train)."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+# A bar written to a file or pipe: a line this often, the first after as long (a run shorter than
+# that shows only its closing line), instead of a redraw every 0.1 s.
+LOG_EVERY_S = 30
+
+
+class LogLines:
+    """Where a progress bar writes when stderr is not a terminal (`2> log.txt`, CI): each redraw on
+    a line of its own. tqdm goes back with '\r' (and up with ESC[A for the tile bar), which a log
+    keeps: a whole run was one enormous line."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, s: str) -> None:
+        line = s.replace("\x1b[A", "").strip("\r\n ")  # a blank is tqdm clearing its line
+        if line:
+            self.f.write(line + "\n")
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm:
+    """tqdm on stderr: redrawn in place on a terminal, elsewhere a line every LOG_EVERY_S seconds."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, file=sys.stderr, **kwargs)
+    return tqdm(iterable, file=LogLines(sys.stderr), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S, **kwargs)
