@@ -1417,3 +1417,11 @@ def test_when_no_input_is_found_the_closing_line_and_json_say_so(workdir, capsys
     names = f"{workdir / 'missing.jpg'}, {workdir / 'none*.png'}"
     assert rc == 1 and err.strip().splitlines()[-1] == f"qairn: restored 0 of 2 images, 2 failed ({names})"
     assert json.loads(report.read_text()) == [] and not (workdir / "out").exists()
+
+
+def test_restore_summary_of_one_input_says_image_not_images():
+    """One missing input ended 'restored 0 of 1 images, 1 failed (a.jpg)'."""
+    from qairn.engine.cli import restore_summary
+
+    assert restore_summary([], 1, ["a.jpg"]) == "qairn: restored 0 of 1 image, 1 failed (a.jpg)"
+    assert restore_summary([], 2, ["a.jpg", "b.jpg"]).startswith("qairn: restored 0 of 2 images, 2 failed")

@@ -552,7 +552,7 @@ def restore_summary(records: list[dict], total: int, failed_names: list[str]) ->
         return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
     where = f" into {Path(records[0]['output']).parent}" if records else ""
     names = ", ".join(failed_names[:SUMMARY_NAMES]) + (" ..." if len(failed_names) > SUMMARY_NAMES else "")
-    return f"qairn: restored {len(records)} of {total} images{where}" + (
+    return f"qairn: restored {len(records)} of {total} image{'s' * (total != 1)}{where}" + (
         f", {len(failed_names)} failed ({names})" if failed_names else ""
     )
 
