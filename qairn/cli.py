@@ -22,6 +22,19 @@ COMMANDS = {
 
 USAGE = "usage: qairn {" + ",".join(COMMANDS) + "} ...   (qairn COMMAND -h for help)"
 
+# `qairn -h`: what each command is for (the usage line alone named them and no more).
+SUMMARIES = {
+    "restore": "remove JPEG artifacts from images",
+    "score": "no-reference quality Q1..Q3 of images",
+    "train": "train a network (CPU, one GPU or DDP through torchrun)",
+    "eval": "JPEG restoration metrics on LIVE1 (paper Table I)",
+    "eval-quality": "Q1..Q3 against generated distortions; --sweep-p chooses p",
+    "export": "ONNX file or TensorRT engine from a weights file",
+    "bench": "speed of each backend, and how close it stays to eager fp32",
+    "video": "restore a video file (or --score-only), with a per-frame quality trace",
+}
+HELP = USAGE + "\n\ncommands:\n" + "".join(f"  {name:<13} {SUMMARIES[name]}\n" for name in COMMANDS)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -29,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     if argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(HELP, end="")
         return 0
     if argv[0] in ("-V", "--version"):
         from qairn import __version__

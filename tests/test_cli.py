@@ -1371,6 +1371,16 @@ def test_qairn_alone_prints_its_usage_as_an_error(capsys):
     assert rc == 0 and err == "" and out.startswith("usage: qairn {restore,score,")
 
 
+def test_qairn_help_says_what_each_command_does(capsys):
+    # `qairn -h` printed the usage line alone: eight command names and not a word of what they do.
+    rc, out, _ = run(capsys, "--help")
+    lines = out.splitlines()
+    assert rc == 0 and "commands:" in lines
+    listed = [line.split()[0] for line in lines[lines.index("commands:") + 1 :]]
+    assert listed == ["restore", "score", "train", "eval", "eval-quality", "export", "bench", "video"]
+    assert "  score         no-reference quality Q1..Q3 of images" in lines
+
+
 @pytest.mark.parametrize(
     "args",
     [
