@@ -248,8 +248,9 @@ class Restorer:
     overlapping by `overlap`; "auto" (the default), tiles of 512 unless the images are no bigger than
     one full batch of such tiles, which then go whole: no more memory, and no overlap to compute
     twice (a 768x512 image restored in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under
-    "auto", a static export (an ONNX file or engine built for one N,H,W) always tiles, at its own
-    tile size. tile_batch: tiles per backend call (N at least for a batch of N images).
+    "auto", backend="compile" always tiles (512: static shapes), and a static export (an ONNX file or
+    engine built for one N,H,W) at its own tile size. tile_batch: tiles per backend call (N at least
+    for a batch of N images).
     set_tiling() changes tile and overlap later.
     p: the Minkowski exponent that pools the gamma maps into Q1..Q3 (default: the network's own).
     channel_order: "rgb", or "bgr" (OpenCV's) for every call that does not say otherwise.
