@@ -487,3 +487,17 @@ def test_a_json_over_the_weights_is_refused(refs, tmp_path, capsys, cmd):
     err = capsys.readouterr().err.strip()
     assert err == f"qairn {cmd[0]}: error: --json {w}: is the weights file; write to another file"
     assert w.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["eval", "eval-quality"])
+def test_help_names_the_default_data_folder_plainly(capsys, command):
+    # The default read '/work/wt/docs/../shared/data/live1', where train and export say
+    # '/work/wt/shared/data/...': the same folder, written two ways.
+    with pytest.raises(SystemExit) as e:
+        cli([command, "-h"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert "/../" not in out.replace("- ", "-")
+    assert str(Path(qairn.__file__).resolve().parents[2] / "shared" / "data" / "live1") in out.replace(
+        "- ", "-"
+    )

@@ -28,7 +28,7 @@ from qairn.engine.progress import progress_bar
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared beside the checkout
 QFS = (10, 20, 30, 40)
 PROTOCOL = (
     "../shared/DESIGN.md section 3: the PNG's BGR array is compressed with cv2.imencode at the QF and "
