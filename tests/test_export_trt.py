@@ -1061,3 +1061,50 @@ def test_dynamic_engine_runs_batches_larger_than_its_own_in_chunks(tmp_path, mon
     assert [g.shape for g in gammas] == [(5, 1, 64, 32), (5, 1, 32, 16), (5, 1, 16, 8)]
     with pytest.raises(BackendError, match="outside the dynamic engine's profile"):
         b(torch.rand(1, 3, 1024, 64))  # larger than max_shape: no chunking helps
+
+
+def test_cli_overwrite_replaces_engine_and_sidecar_under_the_loaders_lock(
+    tiny_weights, tmp_path, monkeypatch
+):
+    """--overwrite copied the new engine, then its sidecar, over -o without the build lock that a
+    loader (a server's TrtBackend(engine=-o), same cache folder) holds while it validates the pair: one
+    reading in between saw the new engine beside the old sidecar, failed its sha256 and rebuilt over
+    the file. The copy now runs under that lock: a loader waits for the whole pair."""
+    import fcntl
+
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    old, new, cache = spec(), spec(onnx_sha256="cd" * 32), tmp_path / "cache"
+    out = trt_engine.store(tmp_path / "mine.engine", old, b"old engine")
+
+    def built(model, device, precision, engine=None, cache_dir=None, **k):
+        path = trt_engine.store(cache_dir / "engines" / "new.engine", new, b"new engine")
+        run = SimpleNamespace(runner_for=lambda shape: SimpleNamespace(spec=new, path=path))
+        return SimpleNamespace(dynamic=False, run=run, folder=cache_dir / "engines")
+
+    locked = []
+    real_store = trt_engine.store
+
+    def store(engine, spec_, data):
+        if engine == out:  # is the lock a loader of `out` takes held now? (flock: per open file)
+            for lock in (cache / "engines").glob(f".{out.name}.*.lock"):
+                with open(lock) as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(f, fcntl.LOCK_UN)
+                    except BlockingIOError:
+                        locked.append(lock)
+            assert locked, f"{out} replaced without its build lock"
+        return real_store(engine, spec_, data)
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", built)
+    monkeypatch.setattr(trt_engine, "store", store)
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(tmp_path / "m.onnx")]
+    assert export_main(argv + ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(cache)]) == 0
+    assert len(locked) == 1 and trt_engine.load_cached(out, new) == (b"new engine", "cached")
+    with trt_engine.build_lock(out, cache / "engines"):  # the very lock a loader takes (no wait: free)
+        assert [f for f in (cache / "engines").glob(f".{out.name}.*.lock")] == locked

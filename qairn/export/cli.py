@@ -318,7 +318,11 @@ def main_tensorrt(args) -> int:
     runner = backend.run if backend.dynamic else backend.run.runner_for(args.shape)
     spec, path = runner.spec, Path(runner.path)
     if replace:
-        path = trt_engine.store(args.output, spec, path.read_bytes())
+        # Under the lock a loader of -o takes (the build lock, in its cache folder): engine and sidecar
+        # are two renames, and a server reading between them saw a new engine with the old sidecar,
+        # failed its sha256 and rebuilt over the file.
+        with trt_engine.build_lock(args.output, backend.folder):
+            path = trt_engine.store(args.output, spec, path.read_bytes())
     elif args.output is not None and path != args.output:
         print(f"qairn export: {args.output}: the engine went to {path} instead", file=sys.stderr)
         return 1
