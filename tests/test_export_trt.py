@@ -162,12 +162,16 @@ def test_get_engine_builds_once_and_rebuilds_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_engine, "build_engine", fake_build)
     s = spec()
     engine = tmp_path / "e.engine"
-    first = trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)
-    assert trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30) == first and len(builds) == 1
+    first, built = trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)
+    assert built and len(builds) == 1
+    assert (
+        trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30) == (first, False) and len(builds) == 1
+    )
     assert trt_engine.timing_cache_path(tmp_path, s).read_bytes() == b"timing"  # no folder: the engine's
     newer = spec(trt_version="10.4.0")  # the same file, found after a TensorRT upgrade
     with pytest.warns(UserWarning, match="rebuilding TensorRT engine.*trt_version"):
-        fresh = trt_engine.get_engine(tmp_path / "m.onnx", newer, engine, 1 << 30)
+        fresh, built = trt_engine.get_engine(tmp_path / "m.onnx", newer, engine, 1 << 30)
+    assert built
     assert fresh != first and len(builds) == 2 and trt_engine.load_cached(engine, newer)[0] == fresh
 
 
@@ -471,7 +475,7 @@ class FakeGpus:
         def get_engine(onnx, spec, path, workspace, folder):
             fake.seen.append(("build", fake.current))
             fake.specs.append(spec)
-            return b"engine"
+            return b"engine", True
 
         def gpu_identity(device):
             fake.seen.append(("identity", torch.device(device)))
@@ -695,7 +699,7 @@ def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
 
     def get():
         start.wait()
-        got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30))
+        got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)[0])
 
     threads = [threading.Thread(target=get) for _ in range(2)]
     for t in threads:
@@ -1108,3 +1112,26 @@ def test_cli_overwrite_replaces_engine_and_sidecar_under_the_loaders_lock(
     assert len(locked) == 1 and trt_engine.load_cached(out, new) == (b"new engine", "cached")
     with trt_engine.build_lock(out, cache / "engines"):  # the very lock a loader takes (no wait: free)
         assert [f for f in (cache / "engines").glob(f".{out.name}.*.lock")] == locked
+
+
+def test_cli_says_when_the_engine_came_from_the_cache(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt` printed "wrote <engine>" when it had found a valid engine in the cache
+    and written nothing. The second run of the same export now says "reused cached engine"."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    builds = []
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: builds.append(a) or b"engine")
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device: SimpleNamespace())
+    cache = tmp_path / "cache"
+    onnx = ox.cached_onnx(lively_model(), cache, outputs="maps", precision="fp32")
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--shape", "1,64,64", "--device", "cuda:0"]
+    argv += ["--cache-dir", str(cache)]
+    assert export_main(argv) == 0 and len(builds) == 1
+    assert capsys.readouterr().out.startswith(f"wrote {cache / 'engines'}")
+    assert export_main(argv) == 0 and len(builds) == 1
+    assert capsys.readouterr().out.startswith(f"reused cached engine {cache / 'engines'}")

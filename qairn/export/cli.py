@@ -326,8 +326,10 @@ def main_tensorrt(args) -> int:
     elif args.output is not None and path != args.output:
         print(f"qairn export: {args.output}: the engine went to {path} instead", file=sys.stderr)
         return 1
+    # A valid engine found in the cache (or at -o) was loaded, not written: say so.
+    done = "wrote" if replace or runner.built else "reused cached engine"
     print(
-        f"wrote {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
+        f"{done} {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
         f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
         f"{trt_engine.sidecar_path(path).name}, timing cache "
         f"{trt_engine.timing_cache_path(backend.folder, spec)}"

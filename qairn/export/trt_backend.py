@@ -277,9 +277,9 @@ class TrtBackend(Closing):
                 # The user's engine file is for this shape (or new): validate it, rebuild it there if stale.
                 path, self.engine_file_used = self.engine_file, True
         with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
-            data = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
+            data, built = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
         runner = TrtRunner(data, self.device)
-        runner.spec, runner.path = spec, path
+        runner.spec, runner.path, runner.built = spec, path, built
         return runner
 
     def close(self) -> None:
