@@ -921,7 +921,7 @@ def test_timing_cache_keeps_other_builds_entries_and_survives_a_corrupt_file(tmp
 def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, recorded):
     """engine=F whose sidecar's spec lacked a shape, or held a 3-long one, ended TrtBackend in a bare
     KeyError('opt_shape') or IndexError traceback naming no file. Such a sidecar is now unreadable,
-    as foreign JSON already was: the engine is validated and rebuilt like one without a sidecar."""
+    as foreign JSON already was: the engine is refused like one without a sidecar."""
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
@@ -934,16 +934,11 @@ def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, re
     engine.write_bytes(b"engine")
     trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
     assert trt_engine.read_spec(engine) is None
-    b = trt_backend.TrtBackend(
-        model,
-        torch.device("cuda", 0),
-        "fp16",
-        engine=engine,
-        onnx=onnx,
-        shape=(1, 64, 64),
-        cache_dir=tmp_path,
-    )
-    assert not b.dynamic and built == [(1, 64, 64)]
+    with pytest.raises(BackendError, match=f"^{engine}: no readable sidecar mine.engine.json"):
+        trt_backend.TrtBackend(
+            model, GPU0, "fp16", engine=engine, onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path
+        )
+    assert built == []
 
 
 def test_own_memory_counts_what_tensorrt_allocates_outside_torch(tmp_path, monkeypatch):
@@ -1135,3 +1130,25 @@ def test_cli_says_when_the_engine_came_from_the_cache(tiny_weights, tmp_path, mo
     assert capsys.readouterr().out.startswith(f"wrote {cache / 'engines'}")
     assert export_main(argv) == 0 and len(builds) == 1
     assert capsys.readouterr().out.startswith(f"reused cached engine {cache / 'engines'}")
+
+
+def test_a_users_engine_without_a_sidecar_is_refused_not_rebuilt_over(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine=F) with F built by trtexec (no sidecar): qairn could not
+    validate it, so it rebuilt its own engine over the user's file, minutes later and without asking.
+    Now it refuses in one line, before the ONNX export, and says how to go on; F is left as it was."""
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(trt_backend, "cached_onnx", lambda *a, **k: pytest.fail("exported first"))
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: pytest.fail("built over the user's engine"))
+    engine = tmp_path / "trtexec.engine"
+    engine.write_bytes(b"trtexec's engine")
+    with pytest.raises(BackendError) as e:
+        trt_backend.TrtBackend(lively_model(), GPU0, "fp16", engine=engine, cache_dir=tmp_path)
+    assert str(e.value).splitlines() == [
+        f"{engine}: no readable sidecar trtexec.engine.json, so not an engine qairn can validate "
+        "(trtexec's?); pass another engine= path for qairn to build there, or replace it: "
+        f"qairn export tensorrt WEIGHTS -o {engine} --overwrite"
+    ]
+    assert engine.read_bytes() == b"trtexec's engine" and not trt_engine.sidecar_path(engine).exists()

@@ -21,7 +21,8 @@ Teardown: `restorer.backend.close()` (or `with TrtBackend(...)`) frees the engin
 dropping the Restorer leaves it to the garbage collector's next full pass (the backend and its shape
 runner refer to each other).
 
-Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign),
+Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign;
+one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over),
 onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
 max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
 """
@@ -186,6 +187,16 @@ class TrtBackend(Closing):
             precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
         )
         want = trt_engine.onnx_precision(self.typing)
+        self.engine_file = Path(engine) if engine is not None else None
+        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
+        if self.engine_file is not None and self.engine_file.is_file() and recorded is None:
+            # Not an engine qairn built (trtexec's), or one whose sidecar was lost: nothing says what it
+            # was built for, and the user's file is not ours to rebuild over. Refused before the export.
+            raise BackendError(
+                f"{self.engine_file}: no readable sidecar {trt_engine.sidecar_path(self.engine_file).name}, "
+                "so not an engine qairn can validate (trtexec's?); pass another engine= path for qairn to "
+                f"build there, or replace it: qairn export tensorrt WEIGHTS -o {self.engine_file} --overwrite"
+            )
         if onnx is None:
             onnx = cached_onnx(model, cache_dir, outputs="maps", precision=want)
         # One parse serves every check below: a large export takes seconds to load.
@@ -210,9 +221,7 @@ class TrtBackend(Closing):
         self.gpu_name, self.capability = trt_engine.gpu_identity(device)
         self.folder = resolve_cache_dir(cache_dir) / "engines"
         self.workspace = int(workspace_gb * (1 << 30))
-        self.engine_file = Path(engine) if engine is not None else None
         self.engine_file_used = False
-        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
         if recorded is not None:
             # The user's engine says what it was built as: its shapes are taken, and a precision that
             # differs is refused rather than rebuilt over their file.

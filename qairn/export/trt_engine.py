@@ -12,7 +12,8 @@ Engine cache: an engine is only valid for the ONNX it came from, the GPU model a
 the TensorRT version, the optimization profile and the precision. Those fields are the EngineSpec;
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
-whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized. The timing cache (per
+whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized (a user's engine=
+file without a readable sidecar is refused by the backend instead). The timing cache (per
 GPU and TensorRT version, shared by all engines; merged with the file under a lock when saved, as
 other processes save theirs) and the build locks live in the cache folder, also for an engine
 written elsewhere (`qairn export tensorrt -o PATH`).
