@@ -1152,3 +1152,39 @@ def test_a_users_engine_without_a_sidecar_is_refused_not_rebuilt_over(tmp_path, 
         f"qairn export tensorrt WEIGHTS -o {engine} --overwrite"
     ]
     assert engine.read_bytes() == b"trtexec's engine" and not trt_engine.sidecar_path(engine).exists()
+
+
+def test_an_fp16_onnx_on_tensorrt_10_names_the_strongly_typed_build(
+    tiny_weights, tmp_path, monkeypatch, capsys
+):
+    """`qairn export tensorrt W --onnx fp16.onnx` on TensorRT 10 (FP16 flag: reads the fp32 graph)
+    was told only to export again without --fp16; TensorRT 10 builds that very file strongly typed,
+    with --strongly-typed, which the message now names too (and which then takes the file)."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    taken = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: taken.append(self.typing))
+    fp16 = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp16")
+    argv = [
+        "tensorrt",
+        str(tiny_weights),
+        "--onnx",
+        str(fp16),
+        "--device",
+        "cuda:0",
+        "--cache-dir",
+        str(tmp_path),
+    ]
+    assert export_main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qairn export: {fp16}: a fp16 graph, but a fp16 (fp16-flag) build reads the fp32 export "
+        "(qairn export onnx, without --fp16; or build this one strongly typed: --strongly-typed, "
+        "strongly_typed=True)"
+    ]
+    kw = dict(onnx=fp16, cache_dir=tmp_path, shape=(1, 64, 64), strongly_typed=True)
+    trt_backend.TrtBackend(lively_model(), GPU0, "fp16", **kw)
+    assert taken == ["strong"]

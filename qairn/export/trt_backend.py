@@ -206,14 +206,12 @@ class TrtBackend(Closing):
         if metadata.get("qairn.precision") != want:
             # A strongly typed fp16 build reads the fp16 graph, every other build the fp32 one: the
             # engine's label must say what it was built from.
+            how = "qairn export onnx --fp16" if want == "fp16" else "qairn export onnx, without --fp16"
+            if precision == "fp16" and want == "fp32":  # TensorRT 10 builds the fp16 graph strongly typed
+                how += "; or build this one strongly typed: --strongly-typed, strongly_typed=True"
             raise BackendError(
                 f"{onnx}: a {metadata.get('qairn.precision')} graph, but a {precision} "
-                f"({self.typing}) build reads the {want} export"
-                + (
-                    " (qairn export onnx --fp16)"
-                    if want == "fp16"
-                    else " (qairn export onnx, without --fp16)"
-                )
+                f"({self.typing}) build reads the {want} export ({how})"
             )
         self.onnx = Path(onnx)
         self.onnx_sha256 = sha256_file(self.onnx)
