@@ -523,3 +523,23 @@ def test_the_fp16_check_says_what_it_measures_and_runs_real_fp16(model, crops, e
         ox.check_parity(broken, "fp16")
     fp32 = ox.verify_onnx(exported["sums", "fp32"], model, crops[:1])
     assert "torch_fp16" not in fp32 and "fp16 arithmetic" not in ox.summary(fp32)
+
+
+def test_cli_fp16_line_says_where_its_images_came_from_before_the_torch_crops(tiny_weights, tmp_path, capsys):
+    """The verify line ended in "(1 images from X at QF [10])" after the torch fp16 figures, which ran
+    on crops of the first images only: the note now follows the ONNX figures it describes."""
+    image = live1_files()[0]
+    argv = [
+        "onnx",
+        str(tiny_weights),
+        "-o",
+        str(tmp_path / "m.onnx"),
+        "--fp16",
+        "--verify-images",
+        str(image),
+    ]
+    assert export_main(argv + ["--verify-crop", "64", "--verify-qf", "10"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    onnx_part, torch_part = line.split("; the CPU provider runs fp16 layers in fp32")
+    assert onnx_part.endswith(f"(1 images from {image} at QF [10])")
+    assert "1 64x64 crops of them" in torch_part and "images from" not in torch_part

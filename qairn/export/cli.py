@@ -193,7 +193,7 @@ def verify_inputs(args) -> tuple[list, str]:
 def verify(path: Path, model, inputs: tuple[list, str]) -> int:
     images, note = inputs
     stats = ox.verify_onnx(path, model, images)
-    print(f"{ox.summary(stats)} ({note})")
+    print(ox.summary(stats, note))
     try:
         ox.check_parity(stats, stats["precision"])
     except ox.ExportError as e:

@@ -582,18 +582,21 @@ def check_parity(stats: dict, precision: str) -> None:
                 raise ExportError(f"{what} output {name!r} differs from eager by {err:.3g} > {bound:g}")
 
 
-def summary(stats: dict) -> str:
+def summary(stats: dict, source: str = "") -> str:
+    """verify_onnx's stats in one line; `source` (where the images came from) follows the ONNX figures
+    it describes, before the torch fp16 run's, which takes crops of the first images only."""
     errs = lambda errors: ", ".join(f"{k} {v:.2e}" for k, v in errors.items())  # noqa: E731
     line = (
         f"{stats['precision']} ONNX on {stats.get('provider', 'ONNX Runtime')} vs eager fp32 on "
         f"{stats['images']} images: max abs err {errs(stats['max_abs'])}"
     )
+    line += f" ({source})" if source else ""
     if "torch_fp16" in stats:
         fp16 = stats["torch_fp16"]
         side = fp16["side"]
         line += (
-            f" (the CPU provider runs fp16 layers in fp32: this is rounding at casts, not fp16 arithmetic); "
-            f"fp16 network in torch vs eager fp32 on {fp16['images']} {side}x{side} crops: "
-            f"max abs err {errs(fp16['max_abs'])}"
+            "; the CPU provider runs fp16 layers in fp32 (that is rounding at casts, not fp16 "
+            f"arithmetic), so the fp16 network in torch vs eager fp32 on {fp16['images']} {side}x{side} "
+            f"crops of them: max abs err {errs(fp16['max_abs'])}"
         )
     return line
