@@ -543,3 +543,19 @@ def test_cli_fp16_line_says_where_its_images_came_from_before_the_torch_crops(ti
     onnx_part, torch_part = line.split("; the CPU provider runs fp16 layers in fp32")
     assert onnx_part.endswith(f"(1 images from {image} at QF [10])")
     assert "1 64x64 crops of them" in torch_part and "images from" not in torch_part
+
+
+def test_two_exports_to_one_file_do_not_take_each_others_unverified_file(tiny_weights, tmp_path, monkeypatch):
+    """Every `qairn export onnx -o m.onnx` wrote its graph to the same .m.onnx.unverified: a second
+    export to m.onnx (a parallel make) overwrote the first one's file before it was verified and
+    renamed (so the first could rename the second's graph into place, verified against its own
+    weights), then deleted it. Each process now has its own; another's is left alone."""
+    out = tmp_path / "m.onnx"
+    others = tmp_path / ".m.onnx.unverified"  # another process's in-flight export (old name)
+    other = tmp_path / f".m.onnx.{os.getpid() + 1}.unverified"  # another process's (new name)
+    for f in (others, other):
+        f.write_bytes(b"another export's graph")
+    verify = ["--verify-images", str(live1_files()[0]), "--verify-crop", "64", "--verify-qf", "10"]
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), *verify]) == 0
+    assert others.read_bytes() == other.read_bytes() == b"another export's graph"
+    assert ox.read_metadata(out)["qairn.precision"] == "fp32"

@@ -9,6 +9,7 @@ NaN/Inf. `tensorrt` verifies the export it builds from the same way, unless it i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -221,7 +222,8 @@ def main_onnx(args) -> int:
     check_writable(out)  # a typo in the folder is refused, not created (with the file's unverified twin)
     # Written beside the output and renamed only once verified: a graph that fails its check
     # replaces nothing and is not left where a deployment would pick it up.
-    unverified = out.with_name(f".{out.name}.unverified")
+    # Named per process: two exports to one -o (a parallel make) each verify and rename their own file.
+    unverified = out.with_name(f".{out.name}.{os.getpid()}.unverified")
     path = ox.export_onnx(
         model,
         unverified,
