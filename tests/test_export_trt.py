@@ -1188,3 +1188,25 @@ def test_an_fp16_onnx_on_tensorrt_10_names_the_strongly_typed_build(
     kw = dict(onnx=fp16, cache_dir=tmp_path, shape=(1, 64, 64), strongly_typed=True)
     trt_backend.TrtBackend(lively_model(), GPU0, "fp16", **kw)
     assert taken == ["strong"]
+
+
+def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", onnx=F) with F exported from a p = 2 network ran F's network but
+    pooled its gates with the p = 64 of the shipped weights it loaded (no weights= given): every Q
+    silently wrong. The TensorRT backend now reports F's network, as the ONNX Runtime one does, and
+    the Restorer refuses the mismatch in one line naming F; F's own weights run."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model(p=2.0)
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    kw = dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"^{onnx} holds another network than the one given .*p 2.0 there"):
+        qairn.Restorer(**kw)  # the shipped weights: p = 64
+    r = qairn.Restorer(model=model, **kw)
+    assert r.p == 2.0 and r.backend.network_config == model.config

@@ -47,6 +47,7 @@ from qairn.export.onnx_export import (
     read_metadata,
     static_input_shape,
 )
+from qairn.export.ort_backend import file_config
 from qairn.export.shapes import FixedShapeRunner, fits, profile_shapes
 from qairn.model import QAIRN
 
@@ -214,6 +215,9 @@ class TrtBackend(Closing):
                 f"({self.typing}) build reads the {want} export ({how})"
             )
         self.onnx = Path(onnx)
+        # The network the engine runs is the file's: the Restorer refuses weights of another one, whose
+        # p would pool its gates (onnx= a p = 2 export beside the shipped p = 64 weights).
+        self.path, self.network_config = self.onnx, file_config(self.onnx, metadata)
         self.onnx_sha256 = sha256_file(self.onnx)
         self.trt_version = trt.__version__
         self.gpu_name, self.capability = trt_engine.gpu_identity(device)
