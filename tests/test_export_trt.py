@@ -746,6 +746,7 @@ def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weig
     """--overwrite deleted the old engine's sidecar before the build: a refused --onnx or a failed
     build left an engine that no longer validates (the next run rebuilds over it). Now the new
     engine is built in the cache folder and copied over -o, with its sidecar, only once built."""
+    from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
     fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
@@ -754,7 +755,8 @@ def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weig
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     old, new = spec(), spec(onnx_sha256="cd" * 32)
     out = trt_engine.store(tmp_path / "mine.engine", old, b"old engine")
-    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(tmp_path / "m.onnx")]
+    onnx = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")  # tiny_weights' network
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(onnx)]
     argv += ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(tmp_path / "cache")]
 
     def refused(*a, **k):
@@ -1071,6 +1073,7 @@ def test_cli_overwrite_replaces_engine_and_sidecar_under_the_loaders_lock(
     the file. The copy now runs under that lock: a loader waits for the whole pair."""
     import fcntl
 
+    from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
     fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
@@ -1102,7 +1105,8 @@ def test_cli_overwrite_replaces_engine_and_sidecar_under_the_loaders_lock(
 
     monkeypatch.setattr(trt_backend, "TrtBackend", built)
     monkeypatch.setattr(trt_engine, "store", store)
-    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(tmp_path / "m.onnx")]
+    onnx = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")  # tiny_weights' network
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(onnx)]
     assert export_main(argv + ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(cache)]) == 0
     assert len(locked) == 1 and trt_engine.load_cached(out, new) == (b"new engine", "cached")
     with trt_engine.build_lock(out, cache / "engines"):  # the very lock a loader takes (no wait: free)
@@ -1210,3 +1214,22 @@ def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatc
         qairn.Restorer(**kw)  # the shipped weights: p = 64
     r = qairn.Restorer(model=model, **kw)
     assert r.p == 2.0 and r.backend.network_config == model.config
+
+
+def test_cli_refuses_an_onnx_of_another_network_than_its_weights(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt W --onnx F` built F's engine whatever network F held: W was loaded and
+    then ignored, and nothing said the engine was not W's. Now F's network must be W's."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(trt_backend, "TrtBackend", lambda *a, **k: pytest.fail("built another network"))
+    other = ox.cached_onnx(lively_model(p=3.0, seed=3), tmp_path, outputs="maps", precision="fp32")
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(other), "--device", "cuda:0"]
+    assert export_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qairn export: --onnx {other} holds another network than {tiny_weights} (its p differ): "
+        "give the weights it was exported from"
+    ]

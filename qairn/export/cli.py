@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from qairn.engine.backends import BackendError
@@ -287,6 +288,20 @@ def main_tensorrt(args) -> int:
         return 2
     inputs = verify_inputs(args) if args.onnx is None else None  # only the cached export is verified
     model = load_model(args.weights)
+    if args.onnx is not None:
+        # The engine is built from --onnx alone: a file of another network would be labelled, and
+        # later run, as WEIGHTS' (and pooled with their p).
+        from qairn.export.ort_backend import file_config
+
+        theirs = file_config(args.onnx)
+        if theirs is not None and theirs != model.config:
+            differ = [k for k, v in asdict(theirs).items() if v != getattr(model.config, k)]
+            print(
+                f"qairn export: --onnx {args.onnx} holds another network than {args.weights} "
+                f"(its {', '.join(differ)} differ): give the weights it was exported from",
+                file=sys.stderr,
+            )
+            return 2
     strongly_typed = True if args.strongly_typed else None
     typing = trt_engine.build_typing(
         args.precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
