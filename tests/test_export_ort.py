@@ -354,3 +354,20 @@ def test_another_networks_onnx_is_named_as_such(tmp_path):
     with pytest.raises(BackendError) as e:
         OrtBackend(None, torch.device("cpu"), onnx=linear)
     assert str(e.value) == f"{linear}: not an ONNX file exported by qairn (no qairn.outputs metadata)"
+
+
+def test_one_name_and_options_pair_is_a_list_of_one(model, cache, sessions):
+    """providers=("CUDAExecutionProvider", {"device_id": 1}), one (name, options) pair rather than a
+    list of them, was read as two entries, the second a dict: a bare KeyError: 0 traceback. It is
+    now a list of one; an entry that is neither a name nor such a pair is one line naming it."""
+    gpu = torch.device("cuda", 1)
+    OrtBackend(model, gpu, cache_dir=cache, providers=("CUDAExecutionProvider", {"arena_extend_strategy": 1}))
+    assert sessions[-1] == [("CUDAExecutionProvider", {"device_id": 1, "arena_extend_strategy": 1})]
+    made = len(sessions)
+    for bad in ([{"device_id": 0}], [("CUDAExecutionProvider", "0")], [None]):
+        with pytest.raises(BackendError) as e:
+            OrtBackend(model, gpu, cache_dir=cache, providers=bad)
+        assert str(e.value) == (
+            f"providers= entry {bad[0]!r}: expected a provider name or a (name, options dict) pair"
+        )
+    assert len(sessions) == made  # refused before any session

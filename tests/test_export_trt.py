@@ -162,12 +162,16 @@ def test_get_engine_builds_once_and_rebuilds_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(trt_engine, "build_engine", fake_build)
     s = spec()
     engine = tmp_path / "e.engine"
-    first = trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)
-    assert trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30) == first and len(builds) == 1
+    first, built = trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)
+    assert built and len(builds) == 1
+    assert (
+        trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30) == (first, False) and len(builds) == 1
+    )
     assert trt_engine.timing_cache_path(tmp_path, s).read_bytes() == b"timing"  # no folder: the engine's
     newer = spec(trt_version="10.4.0")  # the same file, found after a TensorRT upgrade
     with pytest.warns(UserWarning, match="rebuilding TensorRT engine.*trt_version"):
-        fresh = trt_engine.get_engine(tmp_path / "m.onnx", newer, engine, 1 << 30)
+        fresh, built = trt_engine.get_engine(tmp_path / "m.onnx", newer, engine, 1 << 30)
+    assert built
     assert fresh != first and len(builds) == 2 and trt_engine.load_cached(engine, newer)[0] == fresh
 
 
@@ -471,7 +475,7 @@ class FakeGpus:
         def get_engine(onnx, spec, path, workspace, folder):
             fake.seen.append(("build", fake.current))
             fake.specs.append(spec)
-            return b"engine"
+            return b"engine", True
 
         def gpu_identity(device):
             fake.seen.append(("identity", torch.device(device)))
@@ -695,7 +699,7 @@ def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
 
     def get():
         start.wait()
-        got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30))
+        got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)[0])
 
     threads = [threading.Thread(target=get) for _ in range(2)]
     for t in threads:
@@ -742,6 +746,7 @@ def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weig
     """--overwrite deleted the old engine's sidecar before the build: a refused --onnx or a failed
     build left an engine that no longer validates (the next run rebuilds over it). Now the new
     engine is built in the cache folder and copied over -o, with its sidecar, only once built."""
+    from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
     fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
@@ -750,7 +755,8 @@ def test_cli_overwrite_keeps_the_old_engine_until_the_new_one_is_built(tiny_weig
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     old, new = spec(), spec(onnx_sha256="cd" * 32)
     out = trt_engine.store(tmp_path / "mine.engine", old, b"old engine")
-    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(tmp_path / "m.onnx")]
+    onnx = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")  # tiny_weights' network
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(onnx)]
     argv += ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(tmp_path / "cache")]
 
     def refused(*a, **k):
@@ -917,7 +923,7 @@ def test_timing_cache_keeps_other_builds_entries_and_survives_a_corrupt_file(tmp
 def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, recorded):
     """engine=F whose sidecar's spec lacked a shape, or held a 3-long one, ended TrtBackend in a bare
     KeyError('opt_shape') or IndexError traceback naming no file. Such a sidecar is now unreadable,
-    as foreign JSON already was: the engine is validated and rebuilt like one without a sidecar."""
+    as foreign JSON already was: the engine is refused like one without a sidecar."""
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
@@ -930,16 +936,11 @@ def test_a_sidecar_without_usable_shapes_is_no_sidecar(tmp_path, monkeypatch, re
     engine.write_bytes(b"engine")
     trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
     assert trt_engine.read_spec(engine) is None
-    b = trt_backend.TrtBackend(
-        model,
-        torch.device("cuda", 0),
-        "fp16",
-        engine=engine,
-        onnx=onnx,
-        shape=(1, 64, 64),
-        cache_dir=tmp_path,
-    )
-    assert not b.dynamic and built == [(1, 64, 64)]
+    with pytest.raises(BackendError, match=f"^{engine}: no readable sidecar mine.engine.json"):
+        trt_backend.TrtBackend(
+            model, GPU0, "fp16", engine=engine, onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path
+        )
+    assert built == []
 
 
 def test_own_memory_counts_what_tensorrt_allocates_outside_torch(tmp_path, monkeypatch):
@@ -1061,3 +1062,174 @@ def test_dynamic_engine_runs_batches_larger_than_its_own_in_chunks(tmp_path, mon
     assert [g.shape for g in gammas] == [(5, 1, 64, 32), (5, 1, 32, 16), (5, 1, 16, 8)]
     with pytest.raises(BackendError, match="outside the dynamic engine's profile"):
         b(torch.rand(1, 3, 1024, 64))  # larger than max_shape: no chunking helps
+
+
+def test_cli_overwrite_replaces_engine_and_sidecar_under_the_loaders_lock(
+    tiny_weights, tmp_path, monkeypatch
+):
+    """--overwrite copied the new engine, then its sidecar, over -o without the build lock that a
+    loader (a server's TrtBackend(engine=-o), same cache folder) holds while it validates the pair: one
+    reading in between saw the new engine beside the old sidecar, failed its sha256 and rebuilt over
+    the file. The copy now runs under that lock: a loader waits for the whole pair."""
+    import fcntl
+
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    old, new, cache = spec(), spec(onnx_sha256="cd" * 32), tmp_path / "cache"
+    out = trt_engine.store(tmp_path / "mine.engine", old, b"old engine")
+
+    def built(model, device, precision, engine=None, cache_dir=None, **k):
+        path = trt_engine.store(cache_dir / "engines" / "new.engine", new, b"new engine")
+        run = SimpleNamespace(runner_for=lambda shape: SimpleNamespace(spec=new, path=path))
+        return SimpleNamespace(dynamic=False, run=run, folder=cache_dir / "engines")
+
+    locked = []
+    real_store = trt_engine.store
+
+    def store(engine, spec_, data):
+        if engine == out:  # is the lock a loader of `out` takes held now? (flock: per open file)
+            for lock in (cache / "engines").glob(f".{out.name}.*.lock"):
+                with open(lock) as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        fcntl.flock(f, fcntl.LOCK_UN)
+                    except BlockingIOError:
+                        locked.append(lock)
+            assert locked, f"{out} replaced without its build lock"
+        return real_store(engine, spec_, data)
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", built)
+    monkeypatch.setattr(trt_engine, "store", store)
+    onnx = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")  # tiny_weights' network
+    argv = ["tensorrt", str(tiny_weights), "-o", str(out), "--overwrite", "--onnx", str(onnx)]
+    assert export_main(argv + ["--shape", "4,512,512", "--device", "cuda:0", "--cache-dir", str(cache)]) == 0
+    assert len(locked) == 1 and trt_engine.load_cached(out, new) == (b"new engine", "cached")
+    with trt_engine.build_lock(out, cache / "engines"):  # the very lock a loader takes (no wait: free)
+        assert [f for f in (cache / "engines").glob(f".{out.name}.*.lock")] == locked
+
+
+def test_cli_says_when_the_engine_came_from_the_cache(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt` printed "wrote <engine>" when it had found a valid engine in the cache
+    and written nothing. The second run of the same export now says "reused cached engine"."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    builds = []
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: builds.append(a) or b"engine")
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device: SimpleNamespace())
+    cache = tmp_path / "cache"
+    onnx = ox.cached_onnx(lively_model(), cache, outputs="maps", precision="fp32")
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--shape", "1,64,64", "--device", "cuda:0"]
+    argv += ["--cache-dir", str(cache)]
+    assert export_main(argv) == 0 and len(builds) == 1
+    assert capsys.readouterr().out.startswith(f"wrote {cache / 'engines'}")
+    assert export_main(argv) == 0 and len(builds) == 1
+    assert capsys.readouterr().out.startswith(f"reused cached engine {cache / 'engines'}")
+
+
+def test_a_users_engine_without_a_sidecar_is_refused_not_rebuilt_over(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine=F) with F built by trtexec (no sidecar): qairn could not
+    validate it, so it rebuilt its own engine over the user's file, minutes later and without asking.
+    Now it refuses in one line, before the ONNX export, and says how to go on; F is left as it was."""
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(trt_backend, "cached_onnx", lambda *a, **k: pytest.fail("exported first"))
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: pytest.fail("built over the user's engine"))
+    engine = tmp_path / "trtexec.engine"
+    engine.write_bytes(b"trtexec's engine")
+    with pytest.raises(BackendError) as e:
+        trt_backend.TrtBackend(lively_model(), GPU0, "fp16", engine=engine, cache_dir=tmp_path)
+    assert str(e.value).splitlines() == [
+        f"{engine}: no readable sidecar trtexec.engine.json, so not an engine qairn can validate "
+        "(trtexec's?); pass another engine= path for qairn to build there, or replace it: "
+        f"qairn export tensorrt WEIGHTS -o {engine} --overwrite"
+    ]
+    assert engine.read_bytes() == b"trtexec's engine" and not trt_engine.sidecar_path(engine).exists()
+
+
+def test_an_fp16_onnx_on_tensorrt_10_names_the_strongly_typed_build(
+    tiny_weights, tmp_path, monkeypatch, capsys
+):
+    """`qairn export tensorrt W --onnx fp16.onnx` on TensorRT 10 (FP16 flag: reads the fp32 graph)
+    was told only to export again without --fp16; TensorRT 10 builds that very file strongly typed,
+    with --strongly-typed, which the message now names too (and which then takes the file)."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    taken = []
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: taken.append(self.typing))
+    fp16 = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp16")
+    argv = [
+        "tensorrt",
+        str(tiny_weights),
+        "--onnx",
+        str(fp16),
+        "--device",
+        "cuda:0",
+        "--cache-dir",
+        str(tmp_path),
+    ]
+    assert export_main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qairn export: {fp16}: a fp16 graph, but a fp16 (fp16-flag) build reads the fp32 export "
+        "(qairn export onnx, without --fp16; or build this one strongly typed: --strongly-typed, "
+        "strongly_typed=True)"
+    ]
+    kw = dict(onnx=fp16, cache_dir=tmp_path, shape=(1, 64, 64), strongly_typed=True)
+    trt_backend.TrtBackend(lively_model(), GPU0, "fp16", **kw)
+    assert taken == ["strong"]
+
+
+def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", onnx=F) with F exported from a p = 2 network ran F's network but
+    pooled its gates with the p = 64 of the shipped weights it loaded (no weights= given): every Q
+    silently wrong. The TensorRT backend now reports F's network, as the ONNX Runtime one does, and
+    the Restorer refuses the mismatch in one line naming F; F's own weights run."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model(p=2.0)
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    kw = dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=f"^{onnx} holds another network than the one given .*p 2.0 there"):
+        qairn.Restorer(**kw)  # the shipped weights: p = 64
+    r = qairn.Restorer(model=model, **kw)
+    assert r.p == 2.0 and r.backend.network_config == model.config
+
+
+def test_cli_refuses_an_onnx_of_another_network_than_its_weights(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt W --onnx F` built F's engine whatever network F held: W was loaded and
+    then ignored, and nothing said the engine was not W's. Now F's network must be W's."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(trt_backend, "TrtBackend", lambda *a, **k: pytest.fail("built another network"))
+    other = ox.cached_onnx(lively_model(p=3.0, seed=3), tmp_path, outputs="maps", precision="fp32")
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(other), "--device", "cuda:0"]
+    assert export_main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"qairn export: --onnx {other} holds another network than {tiny_weights} (its p differ): "
+        "give the weights it was exported from"
+    ]

@@ -9,7 +9,9 @@ NaN/Inf. `tensorrt` verifies the export it builds from the same way, unless it i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from qairn.engine.backends import BackendError
@@ -193,7 +195,7 @@ def verify_inputs(args) -> tuple[list, str]:
 def verify(path: Path, model, inputs: tuple[list, str]) -> int:
     images, note = inputs
     stats = ox.verify_onnx(path, model, images)
-    print(f"{ox.summary(stats)} ({note})")
+    print(ox.summary(stats, note))
     try:
         ox.check_parity(stats, stats["precision"])
     except ox.ExportError as e:
@@ -221,7 +223,8 @@ def main_onnx(args) -> int:
     check_writable(out)  # a typo in the folder is refused, not created (with the file's unverified twin)
     # Written beside the output and renamed only once verified: a graph that fails its check
     # replaces nothing and is not left where a deployment would pick it up.
-    unverified = out.with_name(f".{out.name}.unverified")
+    # Named per process: two exports to one -o (a parallel make) each verify and rename their own file.
+    unverified = out.with_name(f".{out.name}.{os.getpid()}.unverified")
     path = ox.export_onnx(
         model,
         unverified,
@@ -285,6 +288,20 @@ def main_tensorrt(args) -> int:
         return 2
     inputs = verify_inputs(args) if args.onnx is None else None  # only the cached export is verified
     model = load_model(args.weights)
+    if args.onnx is not None:
+        # The engine is built from --onnx alone: a file of another network would be labelled, and
+        # later run, as WEIGHTS' (and pooled with their p).
+        from qairn.export.ort_backend import file_config
+
+        theirs = file_config(args.onnx)
+        if theirs is not None and theirs != model.config:
+            differ = [k for k, v in asdict(theirs).items() if v != getattr(model.config, k)]
+            print(
+                f"qairn export: --onnx {args.onnx} holds another network than {args.weights} "
+                f"(its {', '.join(differ)} differ): give the weights it was exported from",
+                file=sys.stderr,
+            )
+            return 2
     strongly_typed = True if args.strongly_typed else None
     typing = trt_engine.build_typing(
         args.precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
@@ -318,12 +335,18 @@ def main_tensorrt(args) -> int:
     runner = backend.run if backend.dynamic else backend.run.runner_for(args.shape)
     spec, path = runner.spec, Path(runner.path)
     if replace:
-        path = trt_engine.store(args.output, spec, path.read_bytes())
+        # Under the lock a loader of -o takes (the build lock, in its cache folder): engine and sidecar
+        # are two renames, and a server reading between them saw a new engine with the old sidecar,
+        # failed its sha256 and rebuilt over the file.
+        with trt_engine.build_lock(args.output, backend.folder):
+            path = trt_engine.store(args.output, spec, path.read_bytes())
     elif args.output is not None and path != args.output:
         print(f"qairn export: {args.output}: the engine went to {path} instead", file=sys.stderr)
         return 1
+    # A valid engine found in the cache (or at -o) was loaded, not written: say so.
+    done = "wrote" if replace or runner.built else "reused cached engine"
     print(
-        f"wrote {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
+        f"{done} {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
         f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
         f"{trt_engine.sidecar_path(path).name}, timing cache "
         f"{trt_engine.timing_cache_path(backend.folder, spec)}"

@@ -64,12 +64,19 @@ def gpu_index(device: torch.device) -> int | None:
 def check_names(providers) -> list:
     """providers= as a list, its names checked. A bare "CUDAExecutionProvider" was taken letter by
     letter, and a misspelt name ("cuda"): ONNX Runtime prints an "EP Error", drops them and runs on
-    the CPU, which nothing after can tell from a CPU provider asked for."""
+    the CPU, which nothing after can tell from a CPU provider asked for. One (name, options) pair is a
+    list of one too (it ended in a bare KeyError: 0)."""
     import onnxruntime as ort
 
-    providers = [providers] if isinstance(providers, str) else list(providers)
+    one_pair = isinstance(providers, tuple) and len(providers) == 2 and isinstance(providers[1], dict)
+    providers = [providers] if isinstance(providers, str) or one_pair else list(providers)
     known = set(ort.get_all_providers()) | set(ort.get_available_providers())
     for entry in providers:
+        pair = isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], dict)
+        if not (isinstance(entry, str) or pair and isinstance(entry[0], str)):
+            raise BackendError(
+                f"providers= entry {entry!r}: expected a provider name or a (name, options dict) pair"
+            )
         name = entry if isinstance(entry, str) else entry[0]
         if name not in known:
             raise BackendError(

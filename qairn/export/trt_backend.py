@@ -21,7 +21,8 @@ Teardown: `restorer.backend.close()` (or `with TrtBackend(...)`) frees the engin
 dropping the Restorer leaves it to the garbage collector's next full pass (the backend and its shape
 runner refer to each other).
 
-Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign),
+Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign;
+one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over),
 onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
 max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
 """
@@ -46,6 +47,7 @@ from qairn.export.onnx_export import (
     read_metadata,
     static_input_shape,
 )
+from qairn.export.ort_backend import file_config
 from qairn.export.shapes import FixedShapeRunner, fits, profile_shapes
 from qairn.model import QAIRN
 
@@ -186,6 +188,16 @@ class TrtBackend(Closing):
             precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
         )
         want = trt_engine.onnx_precision(self.typing)
+        self.engine_file = Path(engine) if engine is not None else None
+        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
+        if self.engine_file is not None and self.engine_file.is_file() and recorded is None:
+            # Not an engine qairn built (trtexec's), or one whose sidecar was lost: nothing says what it
+            # was built for, and the user's file is not ours to rebuild over. Refused before the export.
+            raise BackendError(
+                f"{self.engine_file}: no readable sidecar {trt_engine.sidecar_path(self.engine_file).name}, "
+                "so not an engine qairn can validate (trtexec's?); pass another engine= path for qairn to "
+                f"build there, or replace it: qairn export tensorrt WEIGHTS -o {self.engine_file} --overwrite"
+            )
         if onnx is None:
             onnx = cached_onnx(model, cache_dir, outputs="maps", precision=want)
         # One parse serves every check below: a large export takes seconds to load.
@@ -195,24 +207,23 @@ class TrtBackend(Closing):
         if metadata.get("qairn.precision") != want:
             # A strongly typed fp16 build reads the fp16 graph, every other build the fp32 one: the
             # engine's label must say what it was built from.
+            how = "qairn export onnx --fp16" if want == "fp16" else "qairn export onnx, without --fp16"
+            if precision == "fp16" and want == "fp32":  # TensorRT 10 builds the fp16 graph strongly typed
+                how += "; or build this one strongly typed: --strongly-typed, strongly_typed=True"
             raise BackendError(
                 f"{onnx}: a {metadata.get('qairn.precision')} graph, but a {precision} "
-                f"({self.typing}) build reads the {want} export"
-                + (
-                    " (qairn export onnx --fp16)"
-                    if want == "fp16"
-                    else " (qairn export onnx, without --fp16)"
-                )
+                f"({self.typing}) build reads the {want} export ({how})"
             )
         self.onnx = Path(onnx)
+        # The network the engine runs is the file's: the Restorer refuses weights of another one, whose
+        # p would pool its gates (onnx= a p = 2 export beside the shipped p = 64 weights).
+        self.path, self.network_config = self.onnx, file_config(self.onnx, metadata)
         self.onnx_sha256 = sha256_file(self.onnx)
         self.trt_version = trt.__version__
         self.gpu_name, self.capability = trt_engine.gpu_identity(device)
         self.folder = resolve_cache_dir(cache_dir) / "engines"
         self.workspace = int(workspace_gb * (1 << 30))
-        self.engine_file = Path(engine) if engine is not None else None
         self.engine_file_used = False
-        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
         if recorded is not None:
             # The user's engine says what it was built as: its shapes are taken, and a precision that
             # differs is refused rather than rebuilt over their file.
@@ -277,9 +288,9 @@ class TrtBackend(Closing):
                 # The user's engine file is for this shape (or new): validate it, rebuild it there if stale.
                 path, self.engine_file_used = self.engine_file, True
         with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
-            data = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
+            data, built = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
         runner = TrtRunner(data, self.device)
-        runner.spec, runner.path = spec, path
+        runner.spec, runner.path, runner.built = spec, path, built
         return runner
 
     def close(self) -> None:

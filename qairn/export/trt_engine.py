@@ -12,7 +12,8 @@ Engine cache: an engine is only valid for the ONNX it came from, the GPU model a
 the TensorRT version, the optimization profile and the precision. Those fields are the EngineSpec;
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
-whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized. The timing cache (per
+whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized (a user's engine=
+file without a readable sidecar is refused by the backend instead). The timing cache (per
 GPU and TensorRT version, shared by all engines; merged with the file under a lock when saved, as
 other processes save theirs) and the build locks live in the cache folder, also for an engine
 written elsewhere (`qairn export tensorrt -o PATH`).
@@ -295,18 +296,21 @@ def build_lock(engine: Path, folder: Path):
 
 def get_engine(
     onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path | None = None
-) -> bytes:
-    """The engine for `spec` at path `engine`: the cached one if valid, else a fresh build stored there.
-    The build lock and the timing cache live in the cache `folder` (default: the engine's own)."""
+) -> tuple[bytes, bool]:
+    """The engine for `spec` at path `engine` and whether it was built now: the cached one if valid
+    (False), else a fresh build stored there (True). The build lock and the timing cache live in the
+    cache `folder` (default: the engine's own)."""
     folder = Path(folder) if folder is not None else Path(engine).parent
     with build_lock(Path(engine), folder):
         return _get_engine(onnx_path, spec, engine, workspace_bytes, folder)
 
 
-def _get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path) -> bytes:
+def _get_engine(
+    onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path
+) -> tuple[bytes, bool]:
     data, why = load_cached(engine, spec)
     if data is not None:
-        return data
+        return data, False
     if Path(engine).is_file():
         warnings.warn(f"rebuilding TensorRT engine: {why}", stacklevel=2)
     log.info(
@@ -319,4 +323,4 @@ def _get_engine(onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes
     )
     data = build_engine(onnx_path, spec, workspace_bytes, timing_cache_path(folder, spec))
     store(engine, spec, data)
-    return data
+    return data, True
