@@ -13,6 +13,7 @@ from conftest import lively_model
 
 import qairn
 from qairn.engine.backends import BackendError
+from qairn.engine.restorer import default_weights
 from qairn.export import cache as qcache
 from qairn.export import trt_engine
 from qairn.export.cli import main as export_main
@@ -1211,7 +1212,7 @@ def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatc
     onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
     kw = dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=f"^{onnx} holds another network than the one given .*p 2.0 there"):
-        qairn.Restorer(**kw)  # the shipped weights: p = 64
+        qairn.Restorer(weights=default_weights(), **kw)  # the shipped weights: p = 64
     r = qairn.Restorer(model=model, **kw)
     assert r.p == 2.0 and r.backend.network_config == model.config
 
@@ -1233,3 +1234,25 @@ def test_cli_refuses_an_onnx_of_another_network_than_its_weights(tiny_weights, t
         f"qairn export: --onnx {other} holds another network than {tiny_weights} (its p differ): "
         "give the weights it was exported from"
     ]
+
+
+def test_a_tensorrt_restorer_without_weights_runs_the_onnx_files_own_network(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", onnx=F) with neither weights= nor model= loaded the shipped
+    weights, then refused F's network as "another network than the one given ... or neither weights=
+    nor model= to use its own", which is what the user had done. As with ONNX Runtime, the file's
+    own config (and p) now runs; given weights of another network are still refused."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model(p=2.0)
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    kw = dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path)
+    r = qairn.Restorer(**kw)
+    assert r.p == 2.0 and r.config == model.config
+    with pytest.raises(ValueError, match="holds another network than the one given"):
+        qairn.Restorer(model=lively_model(p=3.0), **kw)

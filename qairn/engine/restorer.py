@@ -292,7 +292,12 @@ class Restorer:
             )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
         config = None
-        if model is None and weights is None and backend == "onnxruntime" and backend_options.get("onnx"):
+        if (
+            model is None
+            and weights is None
+            and backend in ("onnxruntime", "tensorrt")
+            and backend_options.get("onnx")
+        ):
             # The network that runs is the file's, and its metadata holds its config: the shipped
             # weights (loaded for nothing) would pool its gates with their own p.
             try:
