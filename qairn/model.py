@@ -173,7 +173,13 @@ class QAIRN(nn.Module):
     def merge(self, rqa: RQAttention, skip: torch.Tensor, dec: torch.Tensor, **pool):
         return self.gate(rqa.logit(skip, dec), skip, dec, **pool)
 
-    def forward(self, x: torch.Tensor, pool_p: float | None = None, cores: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        pool_p: float | None = None,
+        cores: torch.Tensor | None = None,
+        image: bool = True,
+    ):
         """x: (N,3,H,W) RGB in [0,1]. Returns (restored, [gamma1, gamma2, gamma3]).
 
         gamma1 is full resolution, gamma2 half, gamma3 quarter (of the padded input, cropped back).
@@ -182,6 +188,7 @@ class QAIRN(nn.Module):
         kernels.gate.minkowski_from_sums pools it) and the box's pixel count, taken by the gate
         itself (one fused pass with the Triton backend). cores: (N,4) int (y0, y1, x0, x1) in
         input pixels, default the whole image; each scale rounds it up (kernels.gate.scale_cores).
+        image=False: quality only; restored is None, the tail after the last gate is not run.
         """
         h, w = x.shape[-2:]
 
@@ -204,11 +211,14 @@ class QAIRN(nn.Module):
         y, g2, *q2 = self.merge(self.rqa2, x2, y, **pool(2))
         y = self.up1(y)
         y, g1, *q1 = self.merge(self.rqa1, x1, y, **pool(1))
-        y = self.tail(y)
-        if self.config.residual:
-            y = y + xp
-        y = y[..., :h, :w]
         gammas = [g1[..., :h, :w], g2[..., : -(-h // 2), : -(-w // 2)], g3[..., : -(-h // 4), : -(-w // 4)]]
+        if image:
+            y = self.tail(y)
+            if self.config.residual:
+                y = y + xp
+            y = y[..., :h, :w]
+        else:
+            y = None
         if pool_p is not None:
             return y, gammas, [tuple(q1), tuple(q2), tuple(q3)]
         return y, gammas

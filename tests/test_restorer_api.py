@@ -513,3 +513,18 @@ def test_fused_conv_is_checked_when_the_restorer_is_made(fused_conv):
     assert str(e.value) == (
         f"fused_conv takes True, False or the widest conv to fuse (an int >= 1), not {fused_conv!r}"
     )
+
+
+@pytest.mark.parametrize("tile", [None, 32])
+def test_score_gives_restores_quality_exactly_without_making_the_image(tile):
+    """score() skips the network's tail, the tiles' blend and the copy back: the quality it gives is
+    still restore()'s to the bit, for arrays and tensors, whole or tiled."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=tile, overlap=16)
+    img = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    assert r.score(img) == r.restore(img).quality
+    batch = torch.from_numpy(np.stack([img, img[::-1].copy()])).permute(0, 3, 1, 2)
+    q, restored = r.score(batch), r.restore(batch).quality
+    assert all(torch.equal(q[k], restored[k]) for k in restored)
+    y, q, maps = r.restore_tensor(batch.float() / 255, return_maps=True, image=False)
+    assert y is None and all(torch.equal(q[k], restored[k]) for k in restored)
+    assert all(torch.equal(m, n) for m, n in zip(maps, r.restore(batch, return_maps=True).maps))

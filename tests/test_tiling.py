@@ -415,10 +415,10 @@ def test_static_backends_get_full_padded_batches(live1_image):
             shapes.append(tuple(x.shape))
             return inner(x)
 
-        def forward_pooled(self, x, p, cores, maps=True):
+        def forward_pooled(self, x, p, cores, maps=True, image=True):
             shapes.append(tuple(x.shape))
             assert cores.shape[0] == x.shape[0]
-            return pooled(x, p, cores, maps)
+            return pooled(x, p, cores, maps, image)
 
     static.backend = Static()
     want, got = free.restore(img), static.restore(img)

@@ -3,7 +3,7 @@
 A backend is a callable taking a float32 (N,3,h,w) RGB batch in [0,1] on the engine's device and
 returning (restored float32 (N,3,h,w), [gamma1, gamma2, gamma3] float32), like QAIRN.forward.
 `fixed_tile` is True for backends that want every tile at the planned full size (static engines).
-Backends that can pool quality inside the model also offer `forward_pooled(x, p, cores, maps)`.
+Backends that can pool quality inside the model also offer `forward_pooled(x, p, cores, maps, image)`.
 """
 
 from __future__ import annotations
@@ -132,14 +132,18 @@ class TorchBackend:
         return self._own(y), [self._own(g) for g in gammas]
 
     @torch.inference_mode()
-    def forward_pooled(self, x: torch.Tensor, p: float, cores: torch.Tensor, maps: bool = True):
+    def forward_pooled(
+        self, x: torch.Tensor, p: float, cores: torch.Tensor, maps: bool = True, image: bool = True
+    ):
         """Like __call__, plus (3, N) float64 sums of gamma**p over each image's core box (input
         pixels), taken inside the gate: with the Triton gate, in the same pass as the blend.
-        maps=False returns None for the gammas: quality alone needs no float copy of them."""
-        y, gammas, pooled = self.net(self._prepare(x), pool_p=p, cores=cores)
+        maps=False returns None for the gammas: quality alone needs no float copy of them.
+        image=False returns None for the restored batch, whose tail is then not run."""
+        y, gammas, pooled = self.net(self._prepare(x), pool_p=p, cores=cores, image=image)
         # Unscaled in float64 (exact: a power of 2), where no gamma**p underflows.
         sums = torch.stack([s for s, _ in pooled]).double() * 2.0**-POOL_SCALE_LOG2
-        return self._own(y), [self._own(g) for g in gammas] if maps else None, sums
+        y = self._own(y) if image else None
+        return y, [self._own(g) for g in gammas] if maps else None, sums
 
 
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):

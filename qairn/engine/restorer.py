@@ -392,10 +392,12 @@ class Restorer:
         self.close()
 
     # ---- tensors -------------------------------------------------------------------------------
-    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None):
+    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None, image: bool = True):
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device. progress(done, total) is called after each batch
-        of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1)."""
+        of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
+        image=False: quality (and maps) only, restored is None: the network's tail, the blend of the
+        tiles and the crop are skipped (on the torch backends; the quality is the same numbers)."""
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
         # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
@@ -414,10 +416,11 @@ class Restorer:
         plan = plan_tiles(h, w, tile, overlap)
         while True:
             try:
-                if self.cuda_graph:
-                    result = self._frame_graph(x, plan, return_maps)(x)
+                if self.cuda_graph:  # one graph makes it all: the image is dropped after
+                    y, q, maps = self._frame_graph(x, plan, return_maps)(x)
+                    result = (y if image else None), q, maps
                 else:
-                    result = self._run_plan(x, plan, return_maps, progress)
+                    result = self._run_plan(x, plan, return_maps, progress, image)
                 if progress is not None and (self.cuda_graph or plan.count == 1):
                     progress(1, 1)  # one batch: a whole image, or a whole frame's graph replay
                 return result
@@ -496,7 +499,9 @@ class Restorer:
         whole = n * h * w <= batch_pixels and not getattr(self.backend, "fixed_tile", False)
         return None if whole else AUTO_TILE
 
-    def _run_plan(self, x: torch.Tensor, plan: TilePlan, return_maps: bool, progress=None):
+    def _run_plan(
+        self, x: torch.Tensor, plan: TilePlan, return_maps: bool, progress=None, image: bool = True
+    ):
         n, _, h, w = x.shape
         hp, wp = plan.rows.length, plan.cols.length
         xp = F.pad(x, (0, wp - w, 0, hp - h), mode="replicate") if (hp, wp) != (h, w) else x
@@ -505,25 +510,25 @@ class Restorer:
         dev = self._plan_on_device(plan, n)
         if plan.count == 1:
             if fused is not None:
-                y, gammas, sums = fused(xp, self.p, dev["cores"], maps=return_maps)
+                y, gammas, sums = fused(xp, self.p, dev["cores"], maps=return_maps, image=image)
                 q = self._q_from_sums(sums, h, w)
                 if not return_maps:
-                    return finish(y, h, w), q, None
+                    return finish(y, h, w) if image else None, q, None
             else:
                 y, gammas = self.backend(xp)
             maps = [g[..., : -(-h // s), : -(-w // s)] for g, s in zip(gammas, SCALES)]
             if fused is None:
                 q = {f"Q{k + 1}": self._pool(m) for k, m in enumerate(maps)}
             if not return_maps:
-                return finish(y, h, w), q, None
+                return finish(y, h, w) if image else None, q, None
             # Backends run under inference_mode, so their gammas (and views of them) are inference
             # tensors, which refuse in-place edits and autograd: the caller gets copies, as the tiled
             # path's maps (made here) are ordinary tensors. Contiguous, as those are.
             contiguous = torch.contiguous_format
             maps = [m.clone(memory_format=contiguous) if m.is_inference() else m.contiguous() for m in maps]
-            return finish(y, h, w), q, maps
+            return finish(y, h, w) if image else None, q, maps
 
-        out = torch.zeros(n, 3, hp, wp, device=self.device)
+        out = torch.zeros(n, 3, hp, wp, device=self.device) if image else None
         sums = torch.zeros(3, n, device=self.device, dtype=torch.float64)
         maps = (
             [torch.zeros(n, 1, -(-hp // s), -(-wp // s), device=self.device) for s in SCALES]
@@ -545,13 +550,15 @@ class Restorer:
                 cores = torch.cat([cores] + [cores[-n:]] * (step - len(group)))
             batch = torch.cat(crops) if len(crops) > 1 else crops[0]  # one crop: the backend copies it
             if fused is not None:  # quality sums over each tile's core, taken inside the gate
-                y, gammas, tile_sums = fused(batch, self.p, cores, maps=maps is not None)
+                y, gammas, tile_sums = fused(batch, self.p, cores, maps=maps is not None, image=image)
             else:
                 y, gammas = self.backend(batch)
             for t, (i, j, y0, x0) in enumerate(group):
                 sl = slice(t * n, (t + 1) * n)
-                # The blend weight is the outer product of the row and column ramps (never stored).
-                out[:, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(y[sl] * row_w[i][:, None], col_w[j][None, :])
+                if image:  # the blend weight is the outer product of the row and column ramps (never stored)
+                    out[:, :, y0 : y0 + th, x0 : x0 + tw].addcmul_(
+                        y[sl] * row_w[i][:, None], col_w[j][None, :]
+                    )
                 if fused is not None:
                     sums += tile_sums[:, sl]
                     if maps is None:
@@ -568,7 +575,7 @@ class Restorer:
         q = self._q_from_sums(sums, h, w)
         if maps is not None:
             maps = [m[..., : -(-h // s), : -(-w // s)].contiguous() for m, s in zip(maps, SCALES)]
-        return finish(out, h, w), q, maps
+        return finish(out, h, w) if image else None, q, maps
 
     def _plan_on_device(self, plan: TilePlan, n: int) -> dict:
         """The plan's core boxes (one row per tile and image, tile order) and blend ramps, on the
@@ -611,29 +618,35 @@ class Restorer:
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar.
         bits: the sample depth of integer images, as restore_stream takes it: bits=10 takes uint16 as
         codes 0..1023 and gives them back so; without it, uint16 spans 0..65535."""
+        return self._restore(img, return_maps, channel_order, progress, bits)
+
+    def _restore(self, img, return_maps, channel_order, progress, bits, image: bool = True) -> Result:
+        """restore(); image=False leaves Result.image None and skips making it (score)."""
         order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
 
                 _rgb_bits(img.dtype, bits)
-            return self._restore_torch(img, return_maps, order, progress)
+            return self._restore_torch(img, return_maps, order, progress, image)
         x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
-        y, q, maps = self.restore_tensor(x, return_maps, progress)
-        image = from_tensor(y, meta)
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
-        return Result(image, quality, maps)
+        return Result(from_tensor(y, meta) if image else None, quality, maps)
 
-    def _restore_torch(self, t: torch.Tensor, return_maps: bool, order: str, progress=None) -> Result:
+    def _restore_torch(
+        self, t: torch.Tensor, return_maps: bool, order: str, progress=None, image=True
+    ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress)
-        return Result(batch_from_float(y.to(t.device), t.dtype, order), q, maps)
+        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress, image)
+        return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
     def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
-        """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors)."""
-        return self.restore(img, channel_order=channel_order, progress=progress, bits=bits).quality
+        """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors), the numbers restore(img).quality
+        gives, without making the restored image (the network's tail, the tiles' blend, the copy back)."""
+        return self._restore(img, False, channel_order, progress, bits, image=False).quality
 
     # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
     def restore_yuv(self, y, u, v, matrix="bt709", range="limited", bits=None, return_maps=False) -> Result:
