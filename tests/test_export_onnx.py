@@ -590,3 +590,12 @@ def test_the_torch_fp16_check_runs_its_convolutions_on_fp32_kernels(model, crops
                 native[name] = max(native.get(name, 0.0), float((e - h.float()).abs().max()))
     for name, err in stats["max_abs"].items():
         assert 0 < err and native[name] / 2 <= err <= 2 * native[name], (name, err, native[name])
+
+
+def test_verify_summary_of_one_image_says_image():
+    """A --verify-images of one file printed 'vs eager fp32 on 1 images'."""
+    from qairn.export.onnx_export import summary
+
+    stats = {"precision": "fp32", "provider": "CPUExecutionProvider", "images": 1, "max_abs": {"Q": 0.0}}
+    assert "vs eager fp32 on 1 image: max abs err Q 0.00e+00" in summary(stats)
+    assert "on 2 images:" in summary(stats | {"images": 2})

@@ -604,7 +604,7 @@ def summary(stats: dict, source: str = "") -> str:
     errs = lambda errors: ", ".join(f"{k} {v:.2e}" for k, v in errors.items())  # noqa: E731
     line = (
         f"{stats['precision']} ONNX on {stats.get('provider', 'ONNX Runtime')} vs eager fp32 on "
-        f"{stats['images']} images: max abs err {errs(stats['max_abs'])}"
+        f"{stats['images']} image{'s' * (stats['images'] != 1)}: max abs err {errs(stats['max_abs'])}"
     )
     line += f" ({source})" if source else ""
     if "torch_fp16" in stats:
