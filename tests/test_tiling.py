@@ -845,3 +845,13 @@ def test_set_tiling_forgets_the_tile_an_out_of_memory_retry_settled_on(live1_ima
     assert r.tiling_for(300, 300) == (128, 32)
     r.set_tiling(256, 48)
     assert r.tiling_for(300, 300) == (256, 48)
+
+
+def test_a_tile_smaller_than_one_step_runs_one_step():
+    """tile=8 is a positive int and taken: it runs one step of 16, not 0-pixel tiles (which refused
+    every overlap, 0 included, or divided by zero in the plan)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=8, overlap=0)
+    assert r.tiling_for(40, 40) == (16, 0)
+    assert plan_tiles(40, 40, 8, 0).rows.tile == 16
+    res = r.restore(np.zeros((40, 40, 3), np.uint8))
+    assert res.image.shape == (40, 40, 3)
