@@ -1425,3 +1425,19 @@ def test_restore_summary_of_one_input_says_image_not_images():
 
     assert restore_summary([], 1, ["a.jpg"]) == "qairn: restored 0 of 1 image, 1 failed (a.jpg)"
     assert restore_summary([], 2, ["a.jpg", "b.jpg"]).startswith("qairn: restored 0 of 2 images, 2 failed")
+
+
+def test_a_progress_line_in_a_log_holds_no_cursor_moves():
+    """The tile bar (position=1) redraws with ESC[A (cursor up) and '\\r': in a log (`2> log.txt`) each
+    redraw is a plain line of its own, with no escape codes left in it, and tqdm's blank clearing
+    writes are no lines at all."""
+    import io
+
+    from qairn.engine.progress import LogLines
+
+    buf = io.StringIO()
+    log = LogLines(buf)
+    log.write("\x1b[A\rtiles:  50%|#####     | 2/4\r")
+    log.write("\r    \r")
+    log.write("\n\x1b[A")
+    assert buf.getvalue() == "tiles:  50%|#####     | 2/4\n"
