@@ -1441,3 +1441,22 @@ def test_a_progress_line_in_a_log_holds_no_cursor_moves():
     log.write("\r    \r")
     log.write("\n\x1b[A")
     assert buf.getvalue() == "tiles:  50%|#####     | 2/4\n"
+
+
+def test_a_progress_bar_in_a_log_writes_no_opening_line(monkeypatch):
+    """Off a terminal the first line comes after LOG_EVERY_S, as the later ones: a log of many short
+    runs (one `qairn restore` per file in a loop) got a '0%' line from each."""
+    import io
+    import sys
+
+    from qairn.engine.progress import progress_bar
+
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    bar = progress_bar(total=3, desc="restore")
+    try:
+        assert buf.getvalue() == ""
+        bar.update(1)
+        assert buf.getvalue() == ""
+    finally:
+        bar.close()
