@@ -1061,3 +1061,18 @@ def test_dynamic_engine_runs_batches_larger_than_its_own_in_chunks(tmp_path, mon
     assert [g.shape for g in gammas] == [(5, 1, 64, 32), (5, 1, 32, 16), (5, 1, 16, 8)]
     with pytest.raises(BackendError, match="outside the dynamic engine's profile"):
         b(torch.rand(1, 3, 1024, 64))  # larger than max_shape: no chunking helps
+
+
+def test_a_dynamic_engine_tuned_for_a_square_shape_has_no_static_tile(tmp_path, monkeypatch):
+    """dynamic=True with shape=(1, 64, 64) (the shape it is tuned for) runs any tile: tile="auto" must
+    not take 64 from it and cut every image into 64-pixel tiles, as it does for a static engine."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    b = trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, shape=(1, 64, 64), **kw)
+    assert b.dynamic and b.static_tile is None
