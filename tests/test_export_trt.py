@@ -1076,3 +1076,18 @@ def test_a_dynamic_engine_tuned_for_a_square_shape_has_no_static_tile(tmp_path, 
     gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
     b = trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, shape=(1, 64, 64), **kw)
     assert b.dynamic and b.static_tile is None
+
+
+@pytest.mark.parametrize("dims", [[1, 3, 64.0, 64], [1, 3, "64", 64], [1, 3, True, 64]])
+def test_a_sidecar_whose_shapes_are_not_whole_numbers_is_no_sidecar(tmp_path, dims):
+    """A hand-edited sidecar with 64.0, "64" or true in a shape went on to the backend as its shapes;
+    such a spec is unreadable, as one with a shape missing is."""
+    engine = tmp_path / "mine.engine"
+    engine.write_bytes(b"engine")
+    good = [1, 3, 64, 64]
+    recorded = {"precision": "fp16", "min_shape": good, "opt_shape": dims, "max_shape": good}
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
+    assert trt_engine.read_spec(engine) is None
+    recorded["opt_shape"] = good
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
+    assert trt_engine.read_spec(engine) == recorded
