@@ -1435,3 +1435,38 @@ def test_restore_summary_of_one_input_says_image_not_images():
 
     assert restore_summary([], 1, ["a.jpg"]) == "qairn: restored 0 of 1 image, 1 failed (a.jpg)"
     assert restore_summary([], 2, ["a.jpg", "b.jpg"]).startswith("qairn: restored 0 of 2 images, 2 failed")
+
+
+def test_a_progress_line_in_a_log_holds_no_cursor_moves():
+    """The tile bar (position=1) redraws with ESC[A (cursor up) and '\\r': in a log (`2> log.txt`) each
+    redraw is a plain line of its own, with no escape codes left in it, and tqdm's blank clearing
+    writes are no lines at all."""
+    import io
+
+    from qairn.engine.progress import LogLines
+
+    buf = io.StringIO()
+    log = LogLines(buf)
+    log.write("\x1b[A\rtiles:  50%|#####     | 2/4\r")
+    log.write("\r    \r")
+    log.write("\n\x1b[A")
+    assert buf.getvalue() == "tiles:  50%|#####     | 2/4\n"
+
+
+def test_a_progress_bar_in_a_log_writes_no_opening_line(monkeypatch):
+    """Off a terminal the first line comes after LOG_EVERY_S, as the later ones: a log of many short
+    runs (one `qairn restore` per file in a loop) got a '0%' line from each."""
+    import io
+    import sys
+
+    from qairn.engine.progress import progress_bar
+
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    bar = progress_bar(total=3, desc="restore")
+    try:
+        assert buf.getvalue() == ""
+        bar.update(1)
+        assert buf.getvalue() == ""
+    finally:
+        bar.close()

@@ -1256,3 +1256,33 @@ def test_a_tensorrt_restorer_without_weights_runs_the_onnx_files_own_network(tmp
     assert r.p == 2.0 and r.config == model.config
     with pytest.raises(ValueError, match="holds another network than the one given"):
         qairn.Restorer(model=lively_model(p=3.0), **kw)
+
+
+def test_a_dynamic_engine_tuned_for_a_square_shape_has_no_static_tile(tmp_path, monkeypatch):
+    """dynamic=True with shape=(1, 64, 64) (the shape it is tuned for) runs any tile: tile="auto" must
+    not take 64 from it and cut every image into 64-pixel tiles, as it does for a static engine."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    b = trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, shape=(1, 64, 64), **kw)
+    assert b.dynamic and b.static_tile is None
+
+
+@pytest.mark.parametrize("dims", [[1, 3, 64.0, 64], [1, 3, "64", 64], [1, 3, True, 64]])
+def test_a_sidecar_whose_shapes_are_not_whole_numbers_is_no_sidecar(tmp_path, dims):
+    """A hand-edited sidecar with 64.0, "64" or true in a shape went on to the backend as its shapes;
+    such a spec is unreadable, as one with a shape missing is."""
+    engine = tmp_path / "mine.engine"
+    engine.write_bytes(b"engine")
+    good = [1, 3, 64, 64]
+    recorded = {"precision": "fp16", "min_shape": good, "opt_shape": dims, "max_shape": good}
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
+    assert trt_engine.read_spec(engine) is None
+    recorded["opt_shape"] = good
+    trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
+    assert trt_engine.read_spec(engine) == recorded

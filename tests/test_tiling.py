@@ -825,3 +825,33 @@ def test_an_out_of_memory_retry_does_not_undo_a_set_tiling_made_meanwhile(live1_
     with pytest.warns(UserWarning, match="retrying with tile 128"):
         r.restore(img)  # this call still finishes at the tile it retried with
     assert r.tiling_for(300, 300) == (64, 16)
+
+
+def test_set_tiling_forgets_the_tile_an_out_of_memory_retry_settled_on(live1_image):
+    """set_tiling says it forgets the retries: a shape that once ran out of memory at 256 must run at
+    the tiling asked for afterwards, not at the halved tile remembered for it."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=256, overlap=48)
+    inner = r.backend
+
+    def limited(x):
+        if x.shape[-1] * x.shape[-2] > 128 * 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r.backend = limited
+    img = odd_crop(live1_image, 300, 300)
+    with pytest.warns(UserWarning, match="retrying with tile 128"):
+        r.restore(img)
+    assert r.tiling_for(300, 300) == (128, 32)
+    r.set_tiling(256, 48)
+    assert r.tiling_for(300, 300) == (256, 48)
+
+
+def test_a_tile_smaller_than_one_step_runs_one_step():
+    """tile=8 is a positive int and taken: it runs one step of 16, not 0-pixel tiles (which refused
+    every overlap, 0 included, or divided by zero in the plan)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=8, overlap=0)
+    assert r.tiling_for(40, 40) == (16, 0)
+    assert plan_tiles(40, 40, 8, 0).rows.tile == 16
+    res = r.restore(np.zeros((40, 40, 3), np.uint8))
+    assert res.image.shape == (40, 40, 3)

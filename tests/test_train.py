@@ -1453,3 +1453,23 @@ def test_a_training_pack_build_cut_short_leaves_no_pack(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "pack", "src"]  # nothing half-built
     assert json.loads((pack / "MANIFEST.json").read_text()) == first  # the earlier pack, whole
     assert build_train_pack.build(src, live1, pack, **build, seed=1, log=lambda *a: None)["seed"] == 1
+
+
+def test_gpu_train_publish_removes_the_parts_of_an_earlier_larger_copy(tmp_path, monkeypatch):
+    # A smaller copy after a larger one (or a whole file after parts, and back) must leave only its own
+    # files: a stale weights.safetensors.part2 is joined by `cat weights.safetensors.part*` unsaid.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_train
+
+    monkeypatch.setattr(gpu_train, "PART", 8)
+    weights, out = tmp_path / "weights.safetensors", tmp_path / "out"
+    out.mkdir()
+    weights.write_bytes(b"the first weights")  # 17 bytes: 3 parts
+    gpu_train.publish(weights, out)
+    weights.write_bytes(b"smaller!!")  # 9 bytes: 2 parts
+    gpu_train.publish(weights, out)
+    assert sorted(p.name for p in out.iterdir()) == [f"weights.safetensors.part{i}" for i in range(2)]
+    weights.write_bytes(b"whole")
+    assert gpu_train.publish(weights, out) == [out / "weights.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["weights.safetensors"]
+    assert (out / "weights.safetensors").read_bytes() == b"whole"
