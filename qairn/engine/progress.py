@@ -7,8 +7,9 @@ import sys
 
 from tqdm import tqdm
 
-# A bar written to a file or pipe: a line this often, the first after as long (a run shorter than
-# that shows only its closing line), instead of a redraw every 0.1 s.
+# A bar written to a file or pipe: a line this often, the first after as long, instead of a redraw
+# every 0.1 s. A run shorter than that writes no bar line at all (tqdm's delay= skips the closing one
+# too): the commands' own closing lines say what was done.
 LOG_EVERY_S = 30
 
 
