@@ -192,7 +192,7 @@ def test_cli_onnx(tiny_weights, tmp_path, capsys):
     assert export_main(argv) == 0
     text = capsys.readouterr().out
     assert (
-        "fp16 ONNX on CPUExecutionProvider vs eager fp32 on 1 images" in text and "static (1, 64, 64)" in text
+        "fp16 ONNX on CPUExecutionProvider vs eager fp32 on 1 image:" in text and "static (1, 64, 64)" in text
     )
     assert ox.read_metadata(out)["qairn.outputs"] == "maps"
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--io", "fp16"]) == 2
@@ -593,7 +593,7 @@ def test_the_torch_fp16_check_runs_its_convolutions_on_fp32_kernels(model, crops
 
 
 def test_verify_summary_of_one_image_says_image():
-    """A --verify-images of one file printed 'vs eager fp32 on 1 images'."""
+    """A --verify-images of one file printed 'vs eager fp32 on 1 image:'."""
     from qairn.export.onnx_export import summary
 
     stats = {"precision": "fp32", "provider": "CPUExecutionProvider", "images": 1, "max_abs": {"Q": 0.0}}
