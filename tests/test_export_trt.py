@@ -1195,11 +1195,9 @@ def test_an_fp16_onnx_on_tensorrt_10_names_the_strongly_typed_build(
     assert taken == ["strong"]
 
 
-def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatch):
-    """Restorer(backend="tensorrt", onnx=F) with F exported from a p = 2 network ran F's network but
-    pooled its gates with the p = 64 of the shipped weights it loaded (no weights= given): every Q
-    silently wrong. The TensorRT backend now reports F's network, as the ONNX Runtime one does, and
-    the Restorer refuses the mismatch in one line naming F; F's own weights run."""
+def trt_restorer_of_a_p2_export(tmp_path, monkeypatch):
+    """A p = 2 network, its --maps ONNX export, and the Restorer options that run it on a stand-in
+    TensorRT (no engine is built)."""
     from qairn.export import onnx_export as ox
     from qairn.export import trt_backend
 
@@ -1210,7 +1208,19 @@ def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatc
     monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
     model = lively_model(p=2.0)
     onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
-    kw = dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path)
+    return (
+        model,
+        onnx,
+        dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path),
+    )
+
+
+def test_a_restorer_refuses_an_onnx_file_of_another_network(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", onnx=F) with F exported from a p = 2 network ran F's network but
+    pooled its gates with the p = 64 of the shipped weights it loaded (no weights= given): every Q
+    silently wrong. The TensorRT backend now reports F's network, as the ONNX Runtime one does, and
+    the Restorer refuses the mismatch in one line naming F; F's own weights run."""
+    model, onnx, kw = trt_restorer_of_a_p2_export(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match=f"^{onnx} holds another network than the one given .*p 2.0 there"):
         qairn.Restorer(weights=default_weights(), **kw)  # the shipped weights: p = 64
     r = qairn.Restorer(model=model, **kw)
@@ -1241,17 +1251,7 @@ def test_a_tensorrt_restorer_without_weights_runs_the_onnx_files_own_network(tmp
     weights, then refused F's network as "another network than the one given ... or neither weights=
     nor model= to use its own", which is what the user had done. As with ONNX Runtime, the file's
     own config (and p) now runs; given weights of another network are still refused."""
-    from qairn.export import onnx_export as ox
-    from qairn.export import trt_backend
-
-    fake_tensorrt(monkeypatch)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
-    model = lively_model(p=2.0)
-    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
-    kw = dict(device="cuda:0", backend="tensorrt", precision="fp16", onnx=onnx, cache_dir=tmp_path)
+    model, onnx, kw = trt_restorer_of_a_p2_export(tmp_path, monkeypatch)
     r = qairn.Restorer(**kw)
     assert r.p == 2.0 and r.config == model.config
     with pytest.raises(ValueError, match="holds another network than the one given"):
