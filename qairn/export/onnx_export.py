@@ -424,13 +424,18 @@ def jpeg_images(files, qfs=(10, 20, 30, 40), crop: tuple[int, int] | None = None
         if scale != 1.0:
             bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         if crop is not None:
-            ch, cw = min(crop[0], bgr.shape[0]), min(crop[1], bgr.shape[1])
-            y0, x0 = (bgr.shape[0] - ch) // 2, (bgr.shape[1] - cw) // 2
-            bgr = bgr[y0 : y0 + ch, x0 : x0 + cw]
+            bgr = centre_crop(bgr, *crop)
         for qf in qfs:
             ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(qf)])
             out.append((f"{Path(f).stem}@qf{qf}", cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1].copy()))
     return out
+
+
+def centre_crop(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centre height x width of an HxWxC image (all of a side that is shorter)."""
+    ch, cw = min(height, img.shape[0]), min(width, img.shape[1])
+    y0, x0 = (img.shape[0] - ch) // 2, (img.shape[1] - cw) // 2
+    return img[y0 : y0 + ch, x0 : x0 + cw]
 
 
 def image_batch(img: np.ndarray, shape: tuple | None) -> torch.Tensor:
@@ -561,9 +566,7 @@ def torch_fp16_errors(reference: nn.Module, fp16: nn.Module, names, images, p: f
     many crops ran."""
     worst = {("Q" if name == "qsums" else name): 0.0 for name in names}
     for img in images:
-        h, w = img.shape[:2]
-        y0, x0 = max(0, (h - FP16_CROP) // 2), max(0, (w - FP16_CROP) // 2)
-        x = image_batch(img[y0 : y0 + FP16_CROP, x0 : x0 + FP16_CROP], None)
+        x = image_batch(centre_crop(img, FP16_CROP, FP16_CROP), None)
         with torch.inference_mode():
             expected = [t.float().numpy() for t in reference(x)]
             with Fp16ConvsInFp32():
