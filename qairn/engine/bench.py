@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import check_figure, check_writable, save_figure, write_atomic
+from qairn.engine.imageio import check_distinct, check_figure, check_writable, save_figure, write_atomic
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -1016,16 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--env writes the device and versions only: {flag} would not be written")
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
     check_outputs(*outputs.values())
-    named = [(flag, Path(out).resolve()) for flag, out in outputs.items() if out]
-    for i, (flag, path) in enumerate(named):  # the last one written would replace the other
-        for other, other_path in named[i + 1 :]:
-            if path == other_path:
-                raise SystemExit(f"{flag} and {other} name the same file: {path}")
-    inputs = {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS}
-    for flag, out in outputs.items():  # the report renamed over the weights would leave no model
-        for what, path in inputs.items():
-            if out and path and Path(out).resolve() == Path(path).resolve():
-                raise SystemExit(f"{flag} {out}: is {what}; write to another file")
+    check_distinct(outputs, {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS})
     check_figure(args.plot)
     device = resolve(args.device)
     if args.threads:

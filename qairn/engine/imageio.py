@@ -536,6 +536,20 @@ def check_writable(*paths: str | Path | None) -> None:
             raise IsADirectoryError(f"{p}: is a directory; give a file name")
 
 
+def check_distinct(outputs: dict, inputs: dict) -> None:
+    """Refuse, before any work, outputs ({flag: path or None}) naming one file (the last written
+    replaced the other) or an input ({what: path or None}; a report renamed over the weights left no
+    model): SystemExit in one line."""
+    named = [(flag, out, Path(out).resolve()) for flag, out in outputs.items() if out]
+    for i, (flag, out, path) in enumerate(named):
+        for other, other_out, other_path in named[i + 1 :]:
+            if path == other_path:
+                raise SystemExit(f"{flag} and {other} name the same file: {other_out}")
+        for what, src in inputs.items():
+            if src and path == Path(src).resolve():
+                raise SystemExit(f"{flag} {out}: is {what}; write to another file")
+
+
 def check_figure(path: str | Path | None) -> None:
     """--plot names a PNG (save_figure writes one): r.pdf or r.jpg got PNG bytes under its name,
     found out only once the run was over. None: no figure asked for."""

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 
-from qairn.engine.imageio import check_figure, check_writable, path_arg, save_figure, write_atomic
+from qairn.engine.imageio import (
+    check_distinct,
+    check_figure,
+    check_writable,
+    path_arg,
+    save_figure,
+    write_atomic,
+)
 from qairn.engine.progress import progress_bar
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
@@ -271,10 +278,7 @@ def check_outputs(json_path: str | None, plot: str | None, weights: str | None) 
     model was gone after the run; a figure must end in .png)."""
     check_writable(json_path, plot)
     check_figure(plot)
-    if json_path and plot and Path(json_path).resolve() == Path(plot).resolve():
-        raise SystemExit(f"--json and --plot name the same file: {plot}")
-    if json_path and weights and Path(json_path).resolve() == Path(weights).resolve():
-        raise SystemExit(f"--json {json_path}: is the weights file; write to another file")
+    check_distinct({"--json": json_path, "--plot": plot}, {"the weights file": weights})
 
 
 # option -> what its 0 means
