@@ -371,3 +371,12 @@ def test_one_name_and_options_pair_is_a_list_of_one(model, cache, sessions):
             f"providers= entry {bad[0]!r}: expected a provider name or a (name, options dict) pair"
         )
     assert len(sessions) == made  # refused before any session
+
+
+def test_threads_must_be_a_whole_number_from_zero(model, cache):
+    # ONNX Runtime takes any int: -1 (a "use every core" guess) and -5 quietly ran with its default
+    # thread pool, as 0 does; 1.5 was cut to 1 and True ran as 1 thread. Refused before the export.
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(BackendError, match=rf"^threads={bad!r}: expected 0 \(ONNX Runtime's default\)"):
+            OrtBackend(model, torch.device("cpu"), cache_dir=cache, threads=bad)
+    assert OrtBackend(model, torch.device("cpu"), cache_dir=cache, threads=0).session is not None

@@ -8,7 +8,8 @@ provider-agnostic; a CUDA deployment that wants zero-copy should use backend="te
 
 Options: onnx=PATH (an export with --maps outputs; without weights= or model=, the Restorer takes the
 network's config, p included, from its metadata, and weights of another network are refused),
-cache_dir=DIR, threads=N (intra-op threads; default: ONNX Runtime's, one per physical core),
+cache_dir=DIR, threads=N (intra-op threads; None or 0: ONNX Runtime's default, one per physical core;
+a negative or fractional count is refused: ONNX Runtime takes a negative one as its default),
 providers=[...] (ONNX Runtime provider names, or (name, options) pairs). precision="fp32" or "fp16"
 picks the cached export (the fp16 one has fp32 islands; fp32 image I/O either way); with onnx= the
 file's own precision runs, and another one asked for explicitly is refused.
@@ -145,6 +146,18 @@ def check_providers(asked, running: list[str], device: torch.device) -> None:
         )
 
 
+def check_threads(threads) -> None:
+    """None, 0 (both ONNX Runtime's default) or a positive int, as the CLIs' --threads. ONNX Runtime
+    runs any negative count with its default pool, so threads=-1 looked like a setting that worked;
+    int() cut 1.5 to 1 and took True as 1."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise BackendError(
+            f"threads={threads!r}: expected 0 (ONNX Runtime's default) or a positive number of threads"
+        )
+
+
 class OrtBackend(Closing):
     fixed_tile = False
 
@@ -162,6 +175,7 @@ class OrtBackend(Closing):
 
         if precision not in ("fp32", "fp16"):
             raise BackendError(f"backend 'onnxruntime' runs fp32 or fp16 exports, not {precision!r}")
+        check_threads(threads)
         self.device = device
         providers = on_device(check_names(providers) if providers is not None else None, device)
         self.path = (
