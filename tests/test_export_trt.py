@@ -1286,3 +1286,42 @@ def test_a_sidecar_whose_shapes_are_not_whole_numbers_is_no_sidecar(tmp_path, di
     recorded["opt_shape"] = good
     trt_engine.sidecar_path(engine).write_text(json.dumps({"spec": recorded}))
     assert trt_engine.read_spec(engine) == recorded
+
+
+def test_cli_verifies_a_given_onnx_only_when_asked(tiny_weights, tmp_path, monkeypatch, capsys):
+    """`qairn export tensorrt W --onnx F --verify-qf 10` ignored --verify-*: F, exported from other
+    weights of W's network, was built as W's engine. Now --verify-* checks F against W before the
+    build; without them F is built as it is (it was verified when it was exported)."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    built = []
+
+    class Built(Exception):
+        pass
+
+    def backend(*a, **k):
+        built.append(k["onnx"])
+        raise Built
+
+    monkeypatch.setattr(trt_backend, "TrtBackend", backend)
+    other = ox.cached_onnx(lively_model(seed=5), tmp_path, outputs="maps", precision="fp32")
+    card = tmp_path / "card.png"
+    import cv2
+
+    cv2.imwrite(str(card), ox.synthetic_image(64, 64))
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(other), "--device", "cuda:0"]
+    with pytest.raises(Built):
+        export_main(argv)
+    assert built == [other]
+    verify = ["--verify-images", str(card), "--verify-qf", "20"]
+    assert export_main([*argv, *verify]) == 1
+    assert "verification failed: fp32 ONNX output 'restored' differs" in capsys.readouterr().err
+    assert built == [other]
+    mine = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")
+    with pytest.raises(Built):
+        export_main(["tensorrt", str(tiny_weights), "--onnx", str(mine), "--device", "cuda:0", *verify])
+    assert built == [other, mine] and "on 1 image: " in capsys.readouterr().out

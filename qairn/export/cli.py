@@ -3,7 +3,8 @@
 Every ONNX export is checked (onnx.checker, full) and run with ONNX Runtime against eager fp32 on JPEGs
 of --verify-images, else of LIVE1 when found beside the checkout, else on a synthetic test card; the
 export fails when the error exceeds the documented tolerance (onnx_export.TOLERANCE) or any output is
-NaN/Inf. `tensorrt` verifies the export it builds from the same way, unless it is given as --onnx.
+NaN/Inf. `tensorrt` verifies the export it builds from the same way; a file given as --onnx only when a
+--verify-* option is given too (against WEIGHTS, before the build).
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ def gib(text: str) -> float:
     return size
 
 
+# The --verify-* options' defaults, filled in by verify_inputs: parsed as None, so `tensorrt --onnx`
+# can tell options given (verify the file) from none (build it as it is).
+VERIFY_DEFAULTS = {"verify_qf": [10, 40], "verify_limit": 2, "verify_crop": 256}
+
+
+def verify_asked(args) -> bool:
+    return any(getattr(args, k) is not None for k in ("verify_images", *VERIFY_DEFAULTS))
+
+
 def add_verify_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("verification (ONNX Runtime vs eager fp32)")
     g.add_argument(
@@ -75,14 +85,14 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--verify-qf",
         type=qf_list,
-        default="10,40",
+        default=None,
         help="JPEG qualities to test, comma separated (default 10,40)",
     )
-    g.add_argument("--verify-limit", type=count, default=2, help="images to use; 0 = all (default 2)")
+    g.add_argument("--verify-limit", type=count, default=None, help="images to use; 0 = all (default 2)")
     g.add_argument(
         "--verify-crop",
         type=count,
-        default=256,
+        default=None,
         help="centre crop side in pixels; 0 = whole image (default 256)",
     )
 
@@ -133,7 +143,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument(
         "-o", "--output", type=Path, default=None, help="engine file (default: in the cache folder)"
     )
-    t.add_argument("--onnx", type=Path, default=None, help="build from this --maps export instead of WEIGHTS")
+    t.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="build from this --maps export instead of WEIGHTS' (verified against WEIGHTS with --verify-*)",
+    )
     t.add_argument(
         "--precision", choices=("fp16", "fp32"), default="fp16", help="engine precision (default fp16)"
     )
@@ -172,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def verify_inputs(args) -> tuple[list, str]:
+    for name, default in VERIFY_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     qfs = args.verify_qf
     source = args.verify_images if args.verify_images is not None else DEFAULT_IMAGES
     if source.is_dir():
@@ -286,7 +304,9 @@ def main_tensorrt(args) -> int:
     if device.type != "cuda":
         print(f"qairn export: --device: engines are built on a CUDA device, not {device}", file=sys.stderr)
         return 2
-    inputs = verify_inputs(args) if args.onnx is None else None  # only the cached export is verified
+    # The cached export is always verified; a given --onnx only when asked (--verify-*): it was checked
+    # when it was exported, but perhaps from other weights of the same network.
+    inputs = verify_inputs(args) if args.onnx is None or verify_asked(args) else None
     model = load_model(args.weights)
     if args.onnx is not None:
         # The engine is built from --onnx alone: a file of another network would be labelled, and
@@ -302,6 +322,8 @@ def main_tensorrt(args) -> int:
                 file=sys.stderr,
             )
             return 2
+        if inputs is not None and verify(args.onnx, model, inputs):
+            return 1
     strongly_typed = True if args.strongly_typed else None
     typing = trt_engine.build_typing(
         args.precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
