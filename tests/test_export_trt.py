@@ -1325,3 +1325,35 @@ def test_cli_verifies_a_given_onnx_only_when_asked(tiny_weights, tmp_path, monke
     with pytest.raises(Built):
         export_main(["tensorrt", str(tiny_weights), "--onnx", str(mine), "--device", "cuda:0", *verify])
     assert built == [other, mine] and "on 1 image: " in capsys.readouterr().out
+
+
+def test_onnx_files_with_external_weights_of_their_own_get_their_own_engines(tmp_path, monkeypatch):
+    """The engine key held the sha256 of the .onnx file alone. Saved with external data (weights in
+    model.onnx.data beside it, as onnx does for files past 2 GB), two exports of one network with
+    different weights are the same .onnx bytes: both got one key, and the second ran the first's
+    cached engine. The key now covers the external data files too (a single file keeps its sha256)."""
+    import onnx
+
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    keys, files = [], []
+    for seed in (0, 1):
+        one = ox.export_onnx(lively_model(seed=seed), tmp_path / f"one{seed}.onnx", outputs="maps")
+        folder = tmp_path / f"w{seed}"
+        folder.mkdir()
+        proto = onnx.load(str(one))
+        onnx.save(
+            proto, str(folder / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0
+        )
+        files.append((folder / "m.onnx").read_bytes())
+        b = trt_backend.TrtBackend(None, GPU0, "fp16", onnx=folder / "m.onnx", cache_dir=tmp_path)
+        keys.append(b.spec((1, 64, 64)).key())
+        single = trt_backend.TrtBackend(None, GPU0, "fp16", onnx=one, cache_dir=tmp_path)
+        assert single.onnx_sha256 == qcache.sha256_file(one)
+    assert files[0] == files[1] and keys[0] != keys[1]
+    (tmp_path / "w1" / "m.data").unlink()
+    with pytest.raises(ox.ExportError, match=r"m.onnx: its external data file .*m.data is missing"):
+        trt_backend.TrtBackend(None, GPU0, "fp16", onnx=tmp_path / "w1" / "m.onnx", cache_dir=tmp_path)

@@ -34,6 +34,7 @@ with the prefix "fp32_island/" so the TensorRT 10 FP16-flag build can pin them t
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import threading
@@ -281,6 +282,42 @@ def load_proto(path: str | Path):
         raise ExportError(f"{path}: not an ONNX file ({e})") from None
     except OSError as e:  # a typo in onnx=, a folder: protobuf's raw FileNotFoundError/IsADirectoryError
         raise ExportError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def external_data_files(proto) -> list[str]:
+    """The files (relative to the ONNX file's folder) that hold tensors of `proto` saved as external
+    data (onnx.save(..., save_as_external_data=True)), each once, sorted; [] for a single file."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                yield from [a.t, *a.tensors]
+                for g in [a.g, *a.graphs]:
+                    yield from tensors(g)
+
+    found = {ExternalDataInfo(t).location for t in tensors(proto.graph) if uses_external_data(t)}
+    return sorted(found)
+
+
+def network_sha256(path: str | Path, proto) -> str:
+    """What identifies the network an ONNX file runs: its sha256, or with external data, the sha256
+    of that and of each external file's name and bytes (the .onnx alone names its weights' files,
+    not what they hold). `proto`: the file loaded without its external data (load_proto)."""
+    from qairn.export.cache import sha256_file
+
+    path = Path(path)
+    names = external_data_files(proto)
+    if not names:
+        return sha256_file(path)
+    h = hashlib.sha256(sha256_file(path).encode())
+    for name in names:
+        data = path.parent / name
+        if not data.is_file():
+            raise ExportError(f"{path}: its external data file {data} is missing")
+        h.update(f"|{name}|{sha256_file(data)}".encode())
+    return h.hexdigest()
 
 
 def read_metadata(proto_or_path) -> dict:

@@ -36,7 +36,6 @@ import torch
 from qairn.engine.backends import BackendError, Closing
 from qairn.export import trt_engine
 from qairn.export.cache import cache_dir as resolve_cache_dir
-from qairn.export.cache import sha256_file
 from qairn.export.onnx_export import (
     INPUT,
     MAP_OUTPUTS,
@@ -44,6 +43,7 @@ from qairn.export.onnx_export import (
     check_maps_export,
     check_shape,
     load_proto,
+    network_sha256,
     read_metadata,
     static_input_shape,
 )
@@ -218,7 +218,7 @@ class TrtBackend(Closing):
         # The network the engine runs is the file's: the Restorer refuses weights of another one, whose
         # p would pool its gates (onnx= a p = 2 export beside the shipped p = 64 weights).
         self.path, self.network_config = self.onnx, file_config(self.onnx, metadata)
-        self.onnx_sha256 = sha256_file(self.onnx)
+        self.onnx_sha256 = network_sha256(self.onnx, proto)  # with its external weights, if any
         self.trt_version = trt.__version__
         self.gpu_name, self.capability = trt_engine.gpu_identity(device)
         self.folder = resolve_cache_dir(cache_dir) / "engines"

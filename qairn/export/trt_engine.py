@@ -49,7 +49,7 @@ BUILD_VERSION = 1
 
 @dataclass(frozen=True)
 class EngineSpec:
-    onnx_sha256: str
+    onnx_sha256: str  # onnx_export.network_sha256: the file's, and its external data's if any
     gpu_name: str
     compute_capability: str  # "9.0"
     trt_version: str
