@@ -288,7 +288,12 @@ def build_lock(engine: Path, folder: Path):
     would both build it, and their engine and sidecar writes could interleave into a pair that fails
     validation next time; with the lock the second waits and loads the first one's engine. An flock
     (POSIX; elsewhere no lock) on a lock file in the cache `folder`, named after the engine's path:
-    not beside an engine written to a folder of the user's (`-o dir/model.engine`)."""
+    not beside an engine written to a folder of the user's (`-o dir/model.engine`).
+
+    So two writers of one engine path with different cache folders (two QAIRN_CACHE_DIRs, one -o)
+    hold different locks. Left so: engine and sidecar are each renamed into place whole, and
+    load_cached takes an engine only if its bytes hash to its sidecar's sha256, which is written with
+    the spec it was built for; a mixed pair from such a race is rebuilt (minutes), never run."""
     where = hashlib.sha256(str(Path(engine).resolve()).encode()).hexdigest()[:12]
     with flocked(Path(folder) / f".{Path(engine).name}.{where}.lock"):
         yield
