@@ -297,13 +297,31 @@ def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys
     """Past torch's newest opset (23 in torch 2.13) the exporter failed deep in tracing with a
     RuntimeError carrying the whole Torch IR graph: a traceback, not one line."""
     out = tmp_path / "m.onnx"
-    top = ox.max_opset()
-    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--opset", str(top + 1)]) == 1
+    top = ox.max_opset("dynamo")
+    argv = ["onnx", str(tiny_weights), "-o", str(out), "--exporter", "dynamo", "--opset", str(top + 1)]
+    assert export_main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"qairn export: opset {top + 1}: need 17..{top} (the newest this torch {torch.__version__} exports)"
+        f"qairn export: opset {top + 1}: need 17..{top} (the newest torch {torch.__version__}'s "
+        "dynamo exporter writes)"
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_opset_past_the_torchscript_exporters_is_refused(model, tmp_path):
+    """opset 21..23 passed the 17..23 check (the dynamo exporter's range) with the default torchscript
+    exporter, whose newest is 20: torch warned "Exporting to ONNX opset version 21 is not supported"
+    and wrote opset-20 nodes into a file that declares 21. Now refused, naming the dynamo exporter."""
+    top, newest = ox.max_opset("torchscript"), ox.max_opset("dynamo")
+    if newest <= top:
+        pytest.skip(f"torch {torch.__version__}: the torchscript exporter writes every opset dynamo does")
+    with pytest.raises(ValueError) as e:
+        ox.export_onnx(model, tmp_path / "m.onnx", opset=top + 1)
+    assert str(e.value) == (
+        f"opset {top + 1}: need 17..{top} (the newest torch {torch.__version__}'s torchscript exporter "
+        f"writes; exporter='dynamo' writes up to {newest})"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_two_threads_export_to_the_cache_at_once(model, tmp_path):

@@ -129,7 +129,12 @@ def parser() -> argparse.ArgumentParser:
         help="static input shape (a tile shape); default: dynamic N, H, W",
     )
     o.add_argument("--overwrite", action="store_true", help="replace an existing file at --output")
-    o.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or later (default 17)")
+    o.add_argument(
+        "--opset",
+        type=int,
+        default=17,
+        help="ONNX opset from 17 (default 17); up to 20 with torchscript, 23 with dynamo in torch 2.13",
+    )
     o.add_argument(
         "--exporter",
         choices=("torchscript", "dynamo"),

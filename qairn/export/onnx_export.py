@@ -167,16 +167,24 @@ def export_onnx(
     Checked with onnx.checker (full check, with shape inference) before it is written."""
     import onnx
 
-    top = max_opset()
+    if exporter not in ("torchscript", "dynamo"):
+        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    top = max_opset(exporter)
     if not 17 <= opset <= top:
-        # Past its newest opset the exporter fails deep in tracing, with the whole graph in its message.
-        raise ValueError(f"opset {opset}: need 17..{top} (the newest this torch {torch.__version__} exports)")
+        # Past its newest opset the dynamo exporter fails deep in tracing, with the whole graph in its
+        # message; the torchscript one warns "not supported" and writes older nodes under the new number.
+        other = max_opset("dynamo")
+        hint = (
+            f"; exporter='dynamo' writes up to {other}" if exporter == "torchscript" and other > top else ""
+        )
+        raise ValueError(
+            f"opset {opset}: need 17..{top} (the newest torch {torch.__version__}'s {exporter} exporter "
+            f"writes{hint})"
+        )
     wrapper = ExportModel(model, outputs, precision, io, fp32_tail).eval()
     n, h, w = check_shape(shape) if shape is not None else (1, 64, 64)
     example = torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0)).to(DTYPES[io])
     names = output_names(outputs)
-    if exporter not in ("torchscript", "dynamo"):
-        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
     export = _export_torchscript if exporter == "torchscript" else _export_dynamo
     with _EXPORT_LOCK:
         proto = export(wrapper, example, names, dynamic=shape is None, opset=opset)
@@ -199,13 +207,14 @@ def export_onnx(
     return write_atomic(path, proto.SerializeToString())
 
 
-def max_opset() -> int:
-    """The newest opset torch.onnx exports (a private constant: 23 in torch 2.13, assumed if gone)."""
-    try:
-        from torch.onnx._constants import ONNX_MAX_OPSET
-    except ImportError:
-        return 23
-    return int(ONNX_MAX_OPSET)
+def max_opset(exporter: str = "torchscript") -> int:
+    """The newest opset `exporter` writes (private constants: in torch 2.13 20 for the torchscript
+    exporter, 23 for dynamo; those assumed if gone)."""
+    from torch.onnx import _constants
+
+    if exporter == "torchscript":
+        return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    return int(getattr(_constants, "ONNX_MAX_OPSET", 23))
 
 
 def _export_torchscript(wrapper, example, names, dynamic: bool, opset: int):
