@@ -317,6 +317,8 @@ def conv_triton(
     config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the tuned tiling (benchmarks, tests)."""
     check_runnable(x, weight, "conv")
     check_batched(x, "conv")
+    if bias is not None and bias.dtype != x.dtype:  # as F.conv2d (the kernel would add it in fp32)
+        raise TypeError(f"the Triton conv takes a bias of x's dtype {x.dtype}, got {bias.dtype}")
     n, cin, h, w = x.shape
     cin2 = 0
     if x2 is not None:
@@ -433,6 +435,7 @@ if HAS_TRITON:
         if (
             not triton_takes(x, weight, bias, residual, x2)
             or (x2 is not None and x2.dtype != x.dtype)
+            or (bias is not None and bias.dtype != x.dtype)  # the reference refuses it, as on the CPU
             or not kernel_geometry(weight, stride)
         ):
             return _conv_impl(x, weight, bias, stride, padding, relu, residual, x2)

@@ -229,6 +229,19 @@ def test_views_reaching_past_int32_reach_the_kernels_dense(monkeypatch, op):
 
 
 @needs_triton
+def test_a_bias_of_another_dtype_is_refused_as_f_conv2d_refuses_it():
+    """An fp16 bias under an fp32 conv: F.conv2d (the CPU op) refuses it; the Triton launcher read it
+    and added it in fp32, so the same call ran on CUDA and failed on the CPU. Now the launcher refuses
+    it, and the op's CUDA kernel leaves it to the reference, which refuses it as on the CPU."""
+    x, weight, bias, _ = make_inputs((1, 8, 8, 4, 4))
+    with pytest.raises(TypeError, match="bias of x's dtype torch.float32, got torch.float16"):
+        cv.conv_triton(x, weight, bias.half())
+    for kernel in (cv.conv_op, cv.conv_op._backend_fns["cuda"]):
+        with pytest.raises(RuntimeError, match="bias type"):
+            kernel(x, weight, bias.half(), 1, 1, False, None, None)
+
+
+@needs_triton
 def test_triton_strided_bias():
     """The kernels read the bias as bias_ptr + channel: a strided one (every other element of a
     longer vector) gave other channels' biases, 2.9 off, in conv and transposed conv alike."""
