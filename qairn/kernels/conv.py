@@ -73,6 +73,18 @@ def out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
+def out_hw(x: Tensor, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    """(H_out, W_out) of x's conv. Refuses what F.conv2d refuses, on every path alike: the op's fake
+    divided by a stride of 0, and sized a negative padding's crop, for a run that then failed."""
+    h, w = x.shape[-2:]
+    if stride < 1 or padding < 0 or h + 2 * padding < kh or w + 2 * padding < kw:
+        raise ValueError(
+            f"x {tuple(x.shape)}, {kh}x{kw} kernel, stride {stride}, padding {padding}: the fused conv takes "
+            "stride >= 1, padding >= 0 and an input at least as large as its kernel once padded"
+        )
+    return out_size(h, kh, stride, padding), out_size(w, kw, stride, padding)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Triton kernel. Output pixels are the flattened (H_OUT, W_OUT) index of one image; every tensor is
 # addressed with its own (n, c, h, w) strides, so channels_last (the fast case: a pixel's channels
@@ -333,12 +345,7 @@ def conv_triton(
             f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, stride {stride}: the Triton conv takes "
             f"(Cout, {cin + cin2}, k, k) weights, k in {KERNEL_SIZES}, stride in {STRIDES}"
         )
-    ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
-    if padding < 0 or ho < 1 or wo < 1:  # F.conv2d refuses these; the kernel would crop, or write nothing
-        raise ValueError(
-            f"x {tuple(x.shape)}, padding {padding}: the Triton conv takes padding >= 0 and an input "
-            f"at least as large as its {k}x{k} kernel once padded"
-        )
+    ho, wo = out_hw(x, k, k, stride, padding)  # else the kernel would crop, or write nothing
     residual = check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
     x, x2, residual = addressable(x), addressable(x2), addressable(residual)  # after out: x's layout
@@ -385,6 +392,7 @@ def _conv_impl(
     x2: Tensor | None,
 ) -> Tensor:
     check_batched(x, "conv")
+    out_hw(x, *weight.shape[-2:], stride, padding)
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
     return as_promised(out, _conv_fake(x, weight, bias, stride, padding, relu, residual, x2), residual)
 
@@ -392,10 +400,8 @@ def _conv_impl(
 def _conv_fake(x, weight, bias, stride, padding, relu, residual, x2):
     # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
     check_batched(x, "conv")
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[-2:]
     return empty_like_layout(
-        x, (n, weight.shape[0], out_size(h, kh, stride, padding), out_size(w, kw, stride, padding))
+        x, (x.shape[0], weight.shape[0], *out_hw(x, *weight.shape[-2:], stride, padding))
     )
 
 

@@ -389,6 +389,22 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
 
 
+@pytest.mark.parametrize("stride,padding,size", [(0, 1, 5), (-1, 1, 5), (1, -1, 5), (1, 0, 2)])
+def test_op_and_its_fake_refuse_bad_stride_and_padding_alike(stride, padding, size):
+    """F.conv2d refuses stride < 1, padding < 0 and an input smaller than the kernel once padded; the
+    op's fake divided by a stride of 0 (ZeroDivisionError), made a (1, 4, 1, 1) output of padding -1
+    and a negative size of the small input, so torch.compile traced what then failed at run time.
+    Both now refuse in one ValueError."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight = torch.randn(1, 4, size, size), torch.randn(4, 4, 3, 3)
+    says = "stride >= 1, padding >= 0 and an input at least as large as its kernel once padded"
+    with pytest.raises(ValueError, match=says):
+        cv.conv(x, weight, None, stride, padding)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match=says):
+        cv.conv(mode.from_tensor(x), mode.from_tensor(weight), None, stride, padding)
+
+
 # (kernel height, width, stride, padding): kernels and strides the reference takes and the Triton conv
 # is not built for.
 OTHER_GEOMETRIES = [(3, 1, 1, 0), (5, 5, 1, 2), (3, 3, 3, 1)]
