@@ -476,6 +476,34 @@ def _backward(ctx, grad_out):
 
 conv_op.register_autograd(_backward, setup_context=_setup_context)
 
+
+def autocast_inputs(*tensors: Tensor | None) -> tuple:
+    """The tensors as torch.autocast casts a conv's inputs: floating-point ones but fp64 to its dtype."""
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def _conv_autocast(x, weight, bias, stride, padding, relu, residual, x2):
+    """The op under torch.autocast, as its reference runs there: the conv in the autocast dtype (the
+    op alone kept fp32 in fp32: a fused model's gammas came out fp32, and CUDA ran the fp32 kernel),
+    then out + residual promoting (a wider residual is added after the op, not in it)."""
+    x, weight, bias, x2 = autocast_inputs(x, weight, bias, x2)
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is None or residual.dtype == x.dtype:
+            return conv_op(x, weight, bias, stride, padding, relu, residual, x2)
+        return conv_op(x, weight, bias, stride, padding, relu, None, x2) + residual
+
+
+# torch.library.register_autocast casts to one dtype fixed at registration, not the caller's autocast
+# dtype: the kernels go in by dispatch key instead. The library object must live as long as they do.
+autocast_lib = torch.library.Library("qairn", "FRAGMENT")
+AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
+for key in AUTOCAST_KEYS:
+    autocast_lib.impl("conv2d", _conv_autocast, key)
+
 # torch.onnx.export (dynamo) decomposes ops listed in torch._decomp's table: standard ONNX Conv/Relu/Add.
 torch._decomp.register_decomposition(torch.ops.qairn.conv2d.default)(conv_reference)
 
