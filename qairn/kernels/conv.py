@@ -274,9 +274,12 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
 
 def check_batched(x: Tensor, what: str) -> None:
     """The ops' fakes and launchers unpack (N, C, H, W), and x2 joins x along dim 1: an unbatched x
-    is refused on every path alike (the fused modules add the batch dimension, as torch's do)."""
+    is refused on every path alike (the fused modules add the batch dimension, as torch's do). So is an
+    image of no pixels, which F.conv2d and F.conv_transpose2d refuse (the launchers and fakes sized it)."""
     if x.dim() != 4:
         raise ValueError(f"the fused {what} takes a 4-d (N, C, H, W) x, got {tuple(x.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"the fused {what} takes an image of at least one pixel, got x {tuple(x.shape)}")
 
 
 def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> Tensor | None:
