@@ -73,6 +73,18 @@ def out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
+def out_hw(x: Tensor, kh: int, kw: int, stride: int, padding: int) -> tuple[int, int]:
+    """(H_out, W_out) of x's conv. Refuses what F.conv2d refuses, on every path alike: the op's fake
+    divided by a stride of 0, and sized a negative padding's crop, for a run that then failed."""
+    h, w = x.shape[-2:]
+    if stride < 1 or padding < 0 or h + 2 * padding < kh or w + 2 * padding < kw:
+        raise ValueError(
+            f"x {tuple(x.shape)}, {kh}x{kw} kernel, stride {stride}, padding {padding}: the fused conv takes "
+            "stride >= 1, padding >= 0 and an input at least as large as its kernel once padded"
+        )
+    return out_size(h, kh, stride, padding), out_size(w, kw, stride, padding)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Triton kernel. Output pixels are the flattened (H_OUT, W_OUT) index of one image; every tensor is
 # addressed with its own (n, c, h, w) strides, so channels_last (the fast case: a pixel's channels
@@ -262,9 +274,12 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
 
 def check_batched(x: Tensor, what: str) -> None:
     """The ops' fakes and launchers unpack (N, C, H, W), and x2 joins x along dim 1: an unbatched x
-    is refused on every path alike (the fused modules add the batch dimension, as torch's do)."""
+    is refused on every path alike (the fused modules add the batch dimension, as torch's do). So is an
+    image of no pixels, which F.conv2d and F.conv_transpose2d refuse (the launchers and fakes sized it)."""
     if x.dim() != 4:
         raise ValueError(f"the fused {what} takes a 4-d (N, C, H, W) x, got {tuple(x.shape)}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"the fused {what} takes an image of at least one pixel, got x {tuple(x.shape)}")
 
 
 def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> Tensor | None:
@@ -317,6 +332,8 @@ def conv_triton(
     config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the tuned tiling (benchmarks, tests)."""
     check_runnable(x, weight, "conv")
     check_batched(x, "conv")
+    if bias is not None and bias.dtype != x.dtype:  # as F.conv2d (the kernel would add it in fp32)
+        raise TypeError(f"the Triton conv takes a bias of x's dtype {x.dtype}, got {bias.dtype}")
     n, cin, h, w = x.shape
     cin2 = 0
     if x2 is not None:
@@ -331,12 +348,7 @@ def conv_triton(
             f"x {tuple(x.shape)}, weight {tuple(weight.shape)}, stride {stride}: the Triton conv takes "
             f"(Cout, {cin + cin2}, k, k) weights, k in {KERNEL_SIZES}, stride in {STRIDES}"
         )
-    ho, wo = out_size(h, k, stride, padding), out_size(w, k, stride, padding)
-    if padding < 0 or ho < 1 or wo < 1:  # F.conv2d refuses these; the kernel would crop, or write nothing
-        raise ValueError(
-            f"x {tuple(x.shape)}, padding {padding}: the Triton conv takes padding >= 0 and an input "
-            f"at least as large as its {k}x{k} kernel once padded"
-        )
+    ho, wo = out_hw(x, k, k, stride, padding)  # else the kernel would crop, or write nothing
     residual = check_epilogue((n, cout, ho, wo), bias, residual, max(max(cin, cin2) * h * w, cout * ho * wo))
     out = empty_like_layout(x, (n, cout, ho, wo))
     x, x2, residual = addressable(x), addressable(x2), addressable(residual)  # after out: x's layout
@@ -383,6 +395,7 @@ def _conv_impl(
     x2: Tensor | None,
 ) -> Tensor:
     check_batched(x, "conv")
+    out_hw(x, *weight.shape[-2:], stride, padding)
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
     return as_promised(out, _conv_fake(x, weight, bias, stride, padding, relu, residual, x2), residual)
 
@@ -390,10 +403,8 @@ def _conv_impl(
 def _conv_fake(x, weight, bias, stride, padding, relu, residual, x2):
     # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
     check_batched(x, "conv")
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[-2:]
     return empty_like_layout(
-        x, (n, weight.shape[0], out_size(h, kh, stride, padding), out_size(w, kw, stride, padding))
+        x, (x.shape[0], weight.shape[0], *out_hw(x, *weight.shape[-2:], stride, padding))
     )
 
 
@@ -433,6 +444,7 @@ if HAS_TRITON:
         if (
             not triton_takes(x, weight, bias, residual, x2)
             or (x2 is not None and x2.dtype != x.dtype)
+            or (bias is not None and bias.dtype != x.dtype)  # the reference refuses it, as on the CPU
             or not kernel_geometry(weight, stride)
         ):
             return _conv_impl(x, weight, bias, stride, padding, relu, residual, x2)
@@ -466,6 +478,34 @@ def _backward(ctx, grad_out):
 
 
 conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def autocast_inputs(*tensors: Tensor | None) -> tuple:
+    """The tensors as torch.autocast casts a conv's inputs: floating-point ones but fp64 to its dtype."""
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def _conv_autocast(x, weight, bias, stride, padding, relu, residual, x2):
+    """The op under torch.autocast, as its reference runs there: the conv in the autocast dtype (the
+    op alone kept fp32 in fp32: a fused model's gammas came out fp32, and CUDA ran the fp32 kernel),
+    then out + residual promoting (a wider residual is added after the op, not in it)."""
+    x, weight, bias, x2 = autocast_inputs(x, weight, bias, x2)
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is None or residual.dtype == x.dtype:
+            return conv_op(x, weight, bias, stride, padding, relu, residual, x2)
+        return conv_op(x, weight, bias, stride, padding, relu, None, x2) + residual
+
+
+# torch.library.register_autocast casts to one dtype fixed at registration, not the caller's autocast
+# dtype: the kernels go in by dispatch key instead. The library object must live as long as they do.
+autocast_lib = torch.library.Library("qairn", "FRAGMENT")
+AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
+for key in AUTOCAST_KEYS:
+    autocast_lib.impl("conv2d", _conv_autocast, key)
 
 # torch.onnx.export (dynamo) decomposes ops listed in torch._decomp's table: standard ONNX Conv/Relu/Add.
 torch._decomp.register_decomposition(torch.ops.qairn.conv2d.default)(conv_reference)

@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qairn.kernels.conv import (
+    AUTOCAST_KEYS,
     HAS_TRITON,
     INTERPRETED,
     addressable,
     as_promised,
+    autocast_inputs,
+    autocast_lib,
     check_batched,
     check_epilogue,
     check_runnable,
@@ -172,6 +175,20 @@ def _backward(ctx, grad_out):
 
 
 conv_transpose_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _conv_transpose_autocast(x, weight, bias, relu, residual):
+    """As conv._conv_autocast: the transposed conv in the autocast dtype, out + residual promoting."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is None or residual.dtype == x.dtype:
+            return conv_transpose_op(x, weight, bias, relu, residual)
+        return conv_transpose_op(x, weight, bias, relu, None) + residual
+
+
+for key in AUTOCAST_KEYS:
+    autocast_lib.impl("conv_transpose2x2", _conv_transpose_autocast, key)
+
 torch._decomp.register_decomposition(torch.ops.qairn.conv_transpose2x2.default)(conv_transpose_reference)
 
 

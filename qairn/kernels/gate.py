@@ -68,10 +68,11 @@ def scaled_pow(gamma: Tensor, p: float) -> Tensor:
     """gamma**p * 2**POOL_SCALE_LOG2 as one exponential, so nothing underflows before the scale
     applies. Natural exp and log, not the kernels' exp2 and log2: ONNX has no Exp2 (the TorchScript
     exporter refuses aten::exp2). A gate of exactly 0 (sigmoid saturates at logit -17 in fp16) gives 0
-    with gradient 0: log(0) is kept out of the graph, whose backward would be 0 * inf = NaN."""
-    positive = gamma > 0
-    safe = torch.where(positive, gamma, torch.ones_like(gamma))
-    return torch.where(positive, torch.exp(p * torch.log(safe) + _POOL_SCALE_LN), torch.zeros_like(gamma))
+    with gradient 0: log(0) is kept out of the graph, whose backward would be 0 * inf = NaN. A NaN gate
+    stays NaN, as in the kernels (a `gamma > 0` test pooled it as 0: a score from a broken map)."""
+    zero = gamma == 0
+    safe = torch.where(zero, torch.ones_like(gamma), gamma)
+    return torch.where(zero, torch.zeros_like(gamma), torch.exp(p * torch.log(safe) + _POOL_SCALE_LN))
 
 
 def pool_reference(gamma: Tensor, p: float, cores: Tensor | None = None) -> tuple[Tensor, Tensor]:

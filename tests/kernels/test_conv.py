@@ -229,6 +229,19 @@ def test_views_reaching_past_int32_reach_the_kernels_dense(monkeypatch, op):
 
 
 @needs_triton
+def test_a_bias_of_another_dtype_is_refused_as_f_conv2d_refuses_it():
+    """An fp16 bias under an fp32 conv: F.conv2d (the CPU op) refuses it; the Triton launcher read it
+    and added it in fp32, so the same call ran on CUDA and failed on the CPU. Now the launcher refuses
+    it, and the op's CUDA kernel leaves it to the reference, which refuses it as on the CPU."""
+    x, weight, bias, _ = make_inputs((1, 8, 8, 4, 4))
+    with pytest.raises(TypeError, match="bias of x's dtype torch.float32, got torch.float16"):
+        cv.conv_triton(x, weight, bias.half())
+    for kernel in (cv.conv_op, cv.conv_op._backend_fns["cuda"]):
+        with pytest.raises(RuntimeError, match="bias type"):
+            kernel(x, weight, bias.half(), 1, 1, False, None, None)
+
+
+@needs_triton
 def test_triton_strided_bias():
     """The kernels read the bias as bias_ptr + channel: a strided one (every other element of a
     longer vector) gave other channels' biases, 2.9 off, in conv and transposed conv alike."""
@@ -374,6 +387,22 @@ def test_opcheck():
     x1, x2 = x[:, :4].contiguous().requires_grad_(), x[:, 4:].contiguous().requires_grad_()
     args = [x1, weight.clone().requires_grad_(), bias, 1, 1, True, residual, x2]
     torch.library.opcheck(torch.ops.qairn.conv2d.default, args)
+
+
+@pytest.mark.parametrize("stride,padding,size", [(0, 1, 5), (-1, 1, 5), (1, -1, 5), (1, 0, 2)])
+def test_op_and_its_fake_refuse_bad_stride_and_padding_alike(stride, padding, size):
+    """F.conv2d refuses stride < 1, padding < 0 and an input smaller than the kernel once padded; the
+    op's fake divided by a stride of 0 (ZeroDivisionError), made a (1, 4, 1, 1) output of padding -1
+    and a negative size of the small input, so torch.compile traced what then failed at run time.
+    Both now refuse in one ValueError."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight = torch.randn(1, 4, size, size), torch.randn(4, 4, 3, 3)
+    says = "stride >= 1, padding >= 0 and an input at least as large as its kernel once padded"
+    with pytest.raises(ValueError, match=says):
+        cv.conv(x, weight, None, stride, padding)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match=says):
+        cv.conv(mode.from_tensor(x), mode.from_tensor(weight), None, stride, padding)
 
 
 # (kernel height, width, stride, padding): kernels and strides the reference takes and the Triton conv

@@ -189,3 +189,28 @@ def test_op_refuses_unbatched_input_on_every_path():
             call(x)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="4-d"):
         ct.conv_transpose(mode.from_tensor(x), weight)
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_an_empty_image_is_refused_on_every_path(op):
+    """F.conv2d and F.conv_transpose2d refuse an image of 0 rows ('Only zero batch or zero channel
+    inputs are supported'): so did the ops on the CPU, but the Triton launchers and the fakes gave an
+    output (a (1, 3, 2, 6) one of padding and bias for a 1x1 conv of padding 1, a (1, 3, 0, 8) one for
+    the transposed conv). Every path now refuses it in one ValueError; a batch of 0 images still runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(1, 4, 0, 4)
+    if op == "conv":
+        weight = torch.randn(3, 4, 1, 1)
+        calls = [lambda x, w: cv.conv(x, w, None, 1, 1), lambda x, w: cv.conv_triton(x, w, None, 1, 1)]
+    else:
+        weight = torch.randn(4, 3, 2, 2)
+        calls = [lambda x, w: ct.conv_transpose(x, w), lambda x, w: ct.conv_transpose_triton(x, w)]
+    if not TRITON_RUNS:
+        calls = calls[:1]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"an image of at least one pixel, got x \(1, 4, 0, 4\)"):
+            call(x.to(DEVICE), weight.to(DEVICE))
+        assert call(x.new_empty(0, 4, 3, 4).to(DEVICE), weight.to(DEVICE)).shape[0] == 0
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="one pixel"):
+        calls[0](mode.from_tensor(x), mode.from_tensor(weight))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import lively_model
 from test_conv import DEVICE, needs_triton
 
@@ -269,3 +270,35 @@ def test_a_fused_resblock_takes_unbatched_input():
     torch.testing.assert_close(run(block, x), want, **TOL)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         assert run(block, mode.from_tensor(x)).shape == want.shape
+
+
+def test_fused_convs_follow_autocast_as_the_torch_convs_do():
+    """Under torch.autocast a torch conv runs in the autocast dtype and out + residual promotes. The
+    fused ops ignored autocast: on the CPU their reference ran in bf16 and was copied back to fp32 (a
+    fused model's gammas came out fp32, the plain model's bf16), and on CUDA the fp32 Triton kernel
+    ran. They now cast as F.conv2d does, and add a wider residual after the conv, as the reference."""
+    m = lively_model("tiny").eval()
+    fused = fuse.fuse_convs(lively_model("tiny").eval())
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (y, gammas), (y_ref, gammas_ref) = fused(x), m(x)
+    for got, want in zip([y, *gammas], [y_ref, *gammas_ref], strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+    conv, up = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ConvTranspose2d(4, 4, 2, stride=2)
+    x = torch.randn(1, 4, 5, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for out, want in [
+            (cv.conv(x, conv.weight, conv.bias, 1, 1, True, x), F.relu(conv(x)) + x),
+            (cv.conv(x, conv.weight, conv.bias, 1, 1), conv(x)),
+            (
+                ct.conv_transpose(x, up.weight, up.bias, True, x.repeat(1, 1, 2, 2)),
+                F.relu(up(x)) + x.repeat(1, 1, 2, 2),
+            ),
+            (ct.conv_transpose(x, up.weight, up.bias), up(x)),
+        ]:
+            assert out.dtype == want.dtype
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+            (grad,) = torch.autograd.grad(out.float().sum(), x)
+            torch.testing.assert_close(grad, torch.autograd.grad(want.float().sum(), x)[0])

@@ -164,6 +164,22 @@ def test_scaled_pool_gradient_at_a_zero_gate():
     assert torch.isfinite(logit.grad).all() and logit.grad[0, 0, 0, 0] == 0
 
 
+@pytest.mark.parametrize("path", ["reference", "triton"])
+def test_a_nan_gate_pools_to_nan_on_every_path(path):
+    """A NaN logit (an fp16 overflow upstream) gives a NaN gate. The Triton kernel pooled it to a NaN
+    sum; the reference's scaled powers took NaN > 0 as false and pooled it as a gate of 0, so the CPU,
+    the ONNX export and model.minkowski gave a plausible score from a broken map where CUDA gave NaN."""
+    if path == "triton" and not TRITON_RUNS:
+        pytest.skip("triton not installed, or no CUDA and TRITON_INTERPRET=1 not set before import")
+    logit, skip, dec = make_inputs((2, 2, 3, 4))
+    logit[0, 0, 1, 2] = float("nan")
+    fn = gate.gated_blend_triton if path == "triton" else gate.gated_blend_reference
+    _, gamma, pool_sum, _ = fn(logit, skip, dec, p=2.0)
+    assert pool_sum[0].isnan() and pool_sum[1].isfinite()
+    q = minkowski(gamma, 2.0)
+    assert q[0].isnan() and q[1].isfinite()
+
+
 def test_reference_takes_one_box_for_every_image():
     """cores=(y0, y1, x0, x1) is one box for all N images, on the reference and the op as on Triton."""
     logit, skip, dec = make_inputs((3, 2, 8, 12))
