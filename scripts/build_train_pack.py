@@ -46,6 +46,13 @@ def read(path: Path) -> np.ndarray:
 
 def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=print) -> dict:
     src, live1, out = Path(src), Path(live1), Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        # The pack is built beside --out and renamed over it: '.' has no name to build beside (a
+        # ValueError traceback), and an earlier pack replaced there would delete the folder one is in.
+        raise SystemExit(
+            f"--out {out}: is the current folder (or holds it); name the pack's folder, e.g. gpu_pack"
+        )
     for given in (src, live1):
         if given.resolve().is_relative_to(out.resolve()):
             raise SystemExit(f"--out {out}: holds the source images ({given}); write the pack elsewhere")

@@ -1473,3 +1473,24 @@ def test_gpu_train_publish_removes_the_parts_of_an_earlier_larger_copy(tmp_path,
     assert gpu_train.publish(weights, out) == [out / "weights.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == ["weights.safetensors"]
     assert (out / "weights.safetensors").read_bytes() == b"whole"
+
+
+def test_a_training_pack_into_the_current_folder_is_refused_in_one_line(tmp_path, monkeypatch):
+    # `build_train_pack.py --out .` in an empty folder passed the 'not a training pack' check and then
+    # failed with a ValueError traceback ("PosixPath('.') has an empty name") from Path.with_name.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 3, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", str(here), ".."):
+        with pytest.raises(SystemExit, match="is the current folder"):
+            build_train_pack.build(src, live1, out, budget_mib=0.2, crop=56, holdout=1, log=lambda *a: None)
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "here",
+        "live1",
+        "src",
+    ]
