@@ -1494,3 +1494,26 @@ def test_a_training_pack_into_the_current_folder_is_refused_in_one_line(tmp_path
         "live1",
         "src",
     ]
+
+
+def test_the_closing_steps_per_second_leave_validation_out(data, tmp_path, monkeypatch, capsys):
+    # The closing line divided the steps by the run's wall time, validations included: a run that
+    # validated often showed a fraction of its training rate. A clock that jumps 1000 s in each
+    # validation shows it: "4 steps in 1000.x s (0.00 steps/s)".
+    import re
+
+    real_time, late = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real_time() + late[0])
+    validate = trainer.validate
+
+    def slow_validate(*args):
+        late[0] += 1000.0
+        return validate(*args)
+
+    monkeypatch.setattr(trainer, "validate", slow_validate)
+    trainer.train(tiny_args(data, tmp_path / "r", val_every=2))
+    said = capsys.readouterr().out
+    m = re.search(r"4 steps in ([\d.]+) s of training \(([\d.]+) steps/s\).*; validation ([\d.]+) s", said)
+    assert m, said
+    training, rate, validation = map(float, m.groups())
+    assert validation >= 2000 and training < 1000 and rate > 4 / 1000

@@ -548,6 +548,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
+    val_time = 0.0  # rank 0's validations: left out of the closing line's steps/s
     # Python takes signal handlers in the main thread only: train() run from another (a thread pool, a
     # notebook's worker) failed there with a ValueError after making the run folder. It trains without
     # them: Ctrl-C and SIGTERM go to the main thread, the caller's; --max-seconds still stops the run.
@@ -619,6 +620,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 t_val = time.time()
                 log_validation(step)
                 t_last += time.time() - t_val  # the logged patches/s are training's alone
+                val_time += time.time() - t_val
             t_ready = time.time()
     except BaseException:
         failed = True
@@ -627,10 +629,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         try:
             bar.close()
             if main and steps_run:
-                wall = time.time() - t_run
+                # Training's own rate: with validation inside, a run validating often showed a fraction
+                # of its real steps/s.
+                wall = time.time() - t_run - val_time
+                validated = f"; validation {val_time:.1f} s" if val_time else ""
                 print(
-                    f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting "
-                    f"for data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
+                    f"{steps_run} steps in {wall:.1f} s of training ({steps_run / max(wall, 1e-9):.2f} "
+                    f"steps/s); waiting for data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)"
+                    f"{validated}",
                     flush=True,
                 )
             # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer
