@@ -1517,3 +1517,17 @@ def test_the_closing_steps_per_second_leave_validation_out(data, tmp_path, monke
     assert m, said
     training, rate, validation = map(float, m.groups())
     assert validation >= 2000 and training < 1000 and rate > 4 / 1000
+
+
+def test_an_export_only_resume_decodes_no_training_image(data, tmp_path, monkeypatch):
+    # --resume --steps 0 --export decoded the whole training set (load_cached) and made its patches
+    # and DataLoader, then trained nothing.
+    out = tmp_path / "r"
+    trainer.train(tiny_args(data, out, steps=2))
+
+    def no_decoding(*args, **kw):
+        raise AssertionError("an export-only run decoded the training images")
+
+    monkeypatch.setattr(trainer, "load_cached", no_decoding)
+    trainer.train(tiny_args(data, out, steps=0, resume=True, export=str(tmp_path / "w.safetensors")))
+    assert read_metadata(tmp_path / "w.safetensors") and state(out / "checkpoint.pt")["step"] == 2

@@ -435,42 +435,49 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             for part in out.glob(f".{ckpt_path.name}.*.part"):
                 part.unlink(missing_ok=True)
 
-    try:
-        images = load_cached(train_files, out / "cache")
-    except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
-        if made_out:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
-    small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
-    if main and small and len(small) < len(images):
-        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
-        print(
-            f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
-            f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+    # An export-only resume (its checkpoint's step already at --steps) trains nothing: decoding the whole
+    # training set (255 MB, a minute or more) and starting DataLoader workers for it was wasted.
+    export_only = ck is not None and step >= a.steps
+    loader = ()
+    if not export_only:
+        try:
+            images = load_cached(train_files, out / "cache")
+        except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
+            if made_out:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
+        small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
+        if main and small and len(small) < len(images):
+            more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+            print(
+                f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
+                f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+            )
+        try:
+            # It takes the images over (the list is emptied): the pixels are held once, in ds.
+            shared = a.workers > 0
+            ds = JPEGPatches(
+                images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared
+            )
+        except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
+            if made_out:
+                shutil.rmtree(out, ignore_errors=True)
+            raise SystemExit(f"{a.data}: {e}") from None
+        # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
+        indices = range(step * world + rank, a.steps * world, world)
+        loader = DataLoader(
+            torch.utils.data.Subset(ds, indices),
+            batch_size=None,
+            num_workers=a.workers,
+            worker_init_fn=worker_init,
+            persistent_workers=a.workers > 0,
+            prefetch_factor=4 if a.workers > 0 else None,
+            pin_memory=device.type == "cuda",
+            # Spawned, not forked: a child forked while OpenCV's thread pool holds a lock can deadlock in
+            # cv2.setNumThreads (seen once in the metric workers); spawning costs a second per worker.
+            multiprocessing_context="spawn" if a.workers > 0 else None,
         )
-    try:
-        # It takes the images over (the list is emptied): the pixels are held once, in ds.
-        shared = a.workers > 0
-        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared)
-    except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
-        if made_out:
-            shutil.rmtree(out, ignore_errors=True)
-        raise SystemExit(f"{a.data}: {e}") from None
-    # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
-    indices = range(step * world + rank, a.steps * world, world)
-    loader = DataLoader(
-        torch.utils.data.Subset(ds, indices),
-        batch_size=None,
-        num_workers=a.workers,
-        worker_init_fn=worker_init,
-        persistent_workers=a.workers > 0,
-        prefetch_factor=4 if a.workers > 0 else None,
-        pin_memory=device.type == "cuda",
-        # Spawned, not forked: a child forked while OpenCV's thread pool holds a lock can deadlock in
-        # cv2.setNumThreads (seen once in the metric workers); spawning costs a second per worker.
-        multiprocessing_context="spawn" if a.workers > 0 else None,
-    )
 
     def save_checkpoint():
         if not main:
