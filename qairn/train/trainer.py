@@ -305,6 +305,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
+    # The stop check (Ctrl-C, SIGTERM, --max-seconds) is agreed every step, on a CPU (gloo) group: on
+    # NCCL its .item() would wait for the GPU each step; on gloo it costs well under a millisecond.
+    stop_group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
     if a.threads:
         torch.set_num_threads(a.threads)
     main = rank == 0
@@ -529,9 +532,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         want = stop["flag"] or bool(a.max_seconds and seconds - seconds_before >= a.max_seconds)
         if world == 1:
             return want
-        # Ranks must leave the loop at the same step (else one waits forever in an all-reduce):
-        # agree every log_every steps, so a rank's signal or time limit stops all of them together.
-        return False if step % a.log_every else any_rank(want, device)
+        # Ranks must leave the loop at the same step (else one waits forever in an all-reduce): agree
+        # every step, so a rank's signal or time limit stops all of them at the next (not up to
+        # --log-every steps later, long steps each on a large model).
+        return any_rank(want, device, stop_group)
 
     def on_signal(signum, frame):
         stop["flag"] = True
@@ -683,11 +687,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     return ckpt_path
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device, group=None) -> bool:
     """Whether flag is set on any DDP process: every process calls it at the same step, and all get
-    the same answer."""
-    t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    the same answer. group: a gloo group to agree on the CPU (None: the default group)."""
+    on_device = group is None and dist.get_backend() == "nccl"
+    t = torch.tensor([float(flag)], device=device if on_device else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
