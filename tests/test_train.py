@@ -520,9 +520,10 @@ def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
         torch.testing.assert_close(ck["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def ranks_by_hand(script_text: str, a: trainer.TrainArgs, tmp_path: Path, world: int = 2):
+def ranks_by_hand(script_text: str, a: trainer.TrainArgs, tmp_path: Path, world: int = 2, others=True):
     """Start `world` gloo processes by hand (RANK, WORLD_SIZE, MASTER_ADDR: no torchrun to end the
-    others when one fails), each running script_text with a's options: their exit codes and outputs."""
+    others when one fails), each running script_text with a's options: their exit codes and outputs.
+    others=False: wait for rank 0 only, and kill the others (code None, output '')."""
     script = tmp_path / "ranks_by_hand.py"
     script.write_text(script_text)
     with socket.socket() as s:
@@ -537,11 +538,11 @@ def ranks_by_hand(script_text: str, a: trainer.TrainArgs, tmp_path: Path, world:
             subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         )
     try:
-        outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+        outs = [p.communicate(timeout=120)[0].decode() for p in (procs if others else procs[:1])]
     finally:
         for p in procs:
             p.kill()
-    return [p.returncode for p in procs], outs
+    return [p.returncode for p in procs], outs + [""] * (world - len(outs))
 
 
 NAN_ON_RANK_1 = """
@@ -812,6 +813,7 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         # DataLoader's "num_workers option should be non-negative" after --out was made; a RuntimeError.
         ({"workers": -1}, "--workers -1: cannot be negative"),
         ({"threads": -1}, "--threads -1: cannot be negative"),
+        ({"ddp_timeout": 0.0}, "--ddp-timeout 0.0: needs a positive number of seconds"),
         # "expected non-negative integer" from the first batch, after a step-0 checkpoint was written.
         ({"seed": -1}, "--seed -1: cannot be negative"),
         # Taken without a word: a negative SSIM weight trains toward a worse SSIM, a NaN rate on NaNs.
@@ -1560,3 +1562,25 @@ def test_ddp_ctrl_c_on_one_rank_stops_every_rank_at_the_next_step(data, tmp_path
     codes, outs = ranks_by_hand(CTRL_C_ON_RANK_1, a, tmp_path)
     assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert state(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+
+
+HANG_ON_RANK_1 = """
+import os, sys, time
+from qairn.train import trainer
+loss_fn, calls = trainer.loss_fn, []
+def hang_on_rank_1(out, clean, w):  # rank 1 stops answering at step 1 (a stuck GPU, a lost node)
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        time.sleep(3600)
+    return loss_fn(out, clean, w)
+trainer.loss_fn = hang_on_rank_1
+trainer.main(sys.argv[1:])
+"""
+
+
+def test_ddp_a_rank_that_stops_answering_fails_the_others_after_ddp_timeout(data, tmp_path):
+    # The process group had torch's default timeout (10 min): rank 0 waited that long in its all-reduce
+    # for a rank that hung (here past the test's 120 s). --ddp-timeout 3 ends it after 3 s.
+    a = tiny_args(data, tmp_path / "run", steps=4, ddp_timeout=3.0)
+    codes, outs = ranks_by_hand(HANG_ON_RANK_1, a, tmp_path, others=False)
+    assert codes[0] not in (0, None) and "timed out" in outs[0].lower(), outs[0][-2000:]

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import datetime
 import io
 import multiprocessing
 import os
@@ -66,6 +67,9 @@ class TrainArgs:
     amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, none
     channels_last: bool = True
     threads: int = 0  # torch CPU threads (0: torch default)
+    # DDP: how long a process waits in a collective for the others before it fails. torch's default
+    # (10 min) kept the other ranks of a failed one started by hand waiting that long on NCCL.
+    ddp_timeout: float = 300.0
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
     resume: bool = False
     init: str = ""  # start from these weights (same architecture; fresh optimiser, step 0), e.g. shipped
@@ -214,6 +218,7 @@ def check_args(a: TrainArgs) -> None:
         (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
         (a.workers < 0, f"--workers {a.workers}: cannot be negative (0: load in the training process)"),
         (a.threads < 0, f"--threads {a.threads}: cannot be negative (0: torch's default)"),
+        (not a.ddp_timeout > 0, f"--ddp-timeout {a.ddp_timeout}: needs a positive number of seconds"),
         (a.seed < 0, f"--seed {a.seed}: cannot be negative (numpy's generators take none)"),
     ]
     for bad, says in problems:
@@ -295,19 +300,23 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"rank {rank} of {world}: LOCAL_RANK is not set, so every process would train on cuda:0; "
             "launch with torchrun, or set LOCAL_RANK (this process's GPU on its machine)"
         )
+    timeout = datetime.timedelta(seconds=a.ddp_timeout)
     if world > 1:
         # A rank that fails (a bad image, a full disk) ends the others only through its exit: on gloo its
         # closed sockets fail their next all-reduce at once ("Connection closed by peer"), but on NCCL
-        # they wait in it until its timeout (torch's default: 10 min). torchrun ends them at once;
-        # processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR set) have nobody to do it.
+        # they wait in it until the timeout (--ddp-timeout; torch's default: 10 min). torchrun ends them
+        # at once; processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR set) have nobody to do it.
+        # The timeout must outlast what rank 0 does alone while the others wait: validation, checkpoints.
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
     # The stop check (Ctrl-C, SIGTERM, --max-seconds) is agreed every step, on a CPU (gloo) group: on
     # NCCL its .item() would wait for the GPU each step; on gloo it costs well under a millisecond.
-    stop_group = dist.new_group(backend="gloo") if world > 1 and device.type == "cuda" else None
+    stop_group = (
+        dist.new_group(backend="gloo", timeout=timeout) if world > 1 and device.type == "cuda" else None
+    )
     if a.threads:
         torch.set_num_threads(a.threads)
     main = rank == 0
@@ -870,7 +879,7 @@ EXAMPLES = """examples:
   qairn train --out runs/small --resume                              (continue it, same settings)
   qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
   torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
-    (on GPUs use torchrun: started by hand, the others wait out NCCL's 10 min timeout when one fails)
+    (on GPUs use torchrun: started by hand, the others wait out --ddp-timeout (300 s) when one fails)
 """
 
 
@@ -902,6 +911,8 @@ HELP = {
     "amp": "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none",
     "channels_last": "channels_last memory format for the model and batches",
     "threads": "torch CPU threads (0: torch's default)",
+    "ddp_timeout": "DDP: seconds a process waits for the others in a collective before failing "
+    "(torch's default: 600; it must outlast a validation and a checkpoint)",
     "max_seconds": "stop with a checkpoint after this much wall time of this run; 0: no limit",
     "resume": "continue the run in --out with its own settings (an option given again replaces its value)",
     "init": "start from these weights (same architecture; fresh optimiser, step 0), e.g. the shipped file",
