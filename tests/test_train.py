@@ -814,6 +814,8 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         ({"workers": -1}, "--workers -1: cannot be negative"),
         ({"threads": -1}, "--threads -1: cannot be negative"),
         ({"ddp_timeout": 0.0}, "--ddp-timeout 0.0: needs a positive number of seconds"),
+        # timedelta's OverflowError traceback, when the process group was made
+        ({"ddp_timeout": float("inf")}, "--ddp-timeout inf: needs a positive number of seconds"),
         # "expected non-negative integer" from the first batch, after a step-0 checkpoint was written.
         ({"seed": -1}, "--seed -1: cannot be negative"),
         # Taken without a word: a negative SSIM weight trains toward a worse SSIM, a NaN rate on NaNs.
@@ -832,6 +834,15 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     with pytest.raises(SystemExit, match=says):
         trainer.train(tiny_args(data, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
+
+
+def test_a_resume_refuses_a_bad_ddp_timeout_before_the_process_group(data, tmp_path):
+    # A resume's arguments are checked once merged with the checkpoint's, after the process group is
+    # made: --ddp-timeout (this run's own) reached timedelta() unchecked, a ValueError traceback.
+    trainer.train(tiny_args(data, tmp_path / "r", steps=1))
+    with pytest.raises(SystemExit, match="--ddp-timeout nan: needs a positive number of seconds"):
+        trainer.train(tiny_args(data, tmp_path / "r", steps=2, resume=True, ddp_timeout=float("nan")))
+    assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 1
 
 
 def test_ddp_on_gpus_without_local_rank_is_refused(data, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import copy
 import csv
 import datetime
 import io
+import math
 import multiprocessing
 import os
 import re
@@ -218,7 +219,10 @@ def check_args(a: TrainArgs) -> None:
         (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
         (a.workers < 0, f"--workers {a.workers}: cannot be negative (0: load in the training process)"),
         (a.threads < 0, f"--threads {a.threads}: cannot be negative (0: torch's default)"),
-        (not a.ddp_timeout > 0, f"--ddp-timeout {a.ddp_timeout}: needs a positive number of seconds"),
+        (
+            not 0 < a.ddp_timeout < math.inf,
+            f"--ddp-timeout {a.ddp_timeout}: needs a positive number of seconds",
+        ),
         (a.seed < 0, f"--seed {a.seed}: cannot be negative (numpy's generators take none)"),
     ]
     for bad, says in problems:
@@ -284,6 +288,8 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if not a.resume:  # a resume is judged once its arguments are merged with the checkpoint's
         check_args(a)
+    else:  # but --ddp-timeout is this run's own, and is used before the merge
+        check_args(replace(TrainArgs(), ddp_timeout=a.ddp_timeout))
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned DataLoader worker is importing the user's script, which calls train() again.
         raise RuntimeError(
