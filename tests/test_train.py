@@ -1595,3 +1595,28 @@ def test_ddp_a_rank_that_stops_answering_fails_the_others_after_ddp_timeout(data
     a = tiny_args(data, tmp_path / "run", steps=4, ddp_timeout=3.0)
     codes, outs = ranks_by_hand(HANG_ON_RANK_1, a, tmp_path, others=False)
     assert codes[0] not in (0, None) and "timed out" in outs[0].lower(), outs[0][-2000:]
+
+
+@pytest.mark.parametrize(
+    "crop, says",
+    [
+        (0, "--crop 0: needs at least 24 px"),  # a cv2.error traceback (an empty image to encode)
+        (-5, "--crop -5: needs at least 24 px"),
+        (1000, "no training image is at least 1000 px on a side"),  # a pack of 0 training crops
+        (64, "--budget-mib 0.07: no room for one 64x64 crop"),  # likewise
+    ],
+)
+def test_a_training_pack_crop_that_gives_no_crops_is_refused(tmp_path, crop, says):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 3, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    with pytest.raises(SystemExit, match=says):
+        budget = (
+            0.07 if crop == 64 else 0.2
+        )  # 0.07 MiB: less than a crop over the 64 KiB kept for the manifest
+        build_train_pack.build(
+            src, live1, tmp_path / "pack", budget_mib=budget, crop=crop, holdout=1, log=print
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
