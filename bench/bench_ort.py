@@ -1,8 +1,10 @@
 """ONNX Runtime vs eager PyTorch on this CPU, through qairn.Restorer (default tiles: 512, overlap 32).
 
 Speed (pytest-benchmark; the ratio is eager time / ONNX Runtime time of the same group):
-    pytest bench/bench_ort.py --benchmark-group-by=group --benchmark-columns=mean,stddev,rounds
-    sizes: a LIVE1-sized image (768x512) and 1920x1080; 1 and 2 threads (torch and ONNX Runtime alike).
+    pytest bench/ -k ort --benchmark-only --benchmark-group-by=group --benchmark-columns=mean,stddev,rounds
+    sizes: a LIVE1-sized image (768x512) and 1920x1080 beside a GPU (--bench-device cuda: its host's
+    CPU); with --bench-device cpu, 384x256 (one tile) and 640x360 (two 512 tiles): 1080p took about 3
+    minutes a case on 2 busy cores. 1 and 2 threads (torch and ONNX Runtime alike).
 Parity on the full LIVE1 set at every QF (fp32 and fp16 exports vs eager fp32):
     python bench/bench_ort.py --parity [--weights W.safetensors] [--qf 10,20,30,40] [--limit N]
 Weights: --weights / $QAIRN_BENCH_WEIGHTS, else the shipped weights, else the small preset with a fixed
@@ -24,7 +26,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LIVE1 = REPO / ".." / "shared" / "data" / "live1"
-SIZES = {"live1-768x512": (512, 768), "1920x1080": (1080, 1920)}
+# The benchmarked device, resolved from --bench-device by conftest.pytest_configure before import.
+CUDA = os.environ.get("QAIRN_BENCH_DEVICE", "").startswith("cuda")
+if CUDA:
+    SIZES = {"live1-768x512": (512, 768), "1920x1080": (1080, 1920)}
+else:
+    SIZES = {"384x256": (256, 384), "640x360": (360, 640)}
 
 
 def load(weights: str | None) -> tuple:

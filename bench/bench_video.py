@@ -1,12 +1,12 @@
-"""Video throughput at 720p: Restorer.restore_stream on yuv420p planes, and the whole `qairn video`
-pipeline (PyAV decode + restore + libx264 encode + quality trace).
+"""Video throughput: Restorer.restore_stream on yuv420p planes, and the whole `qairn video` pipeline
+(PyAV decode + restore + libx264 encode + quality trace). 32 frames of 720p per round on CUDA; on the
+CPU 2 frames of 640x360 (still two 512 tiles wide), as 720p took minutes on 2 busy cores.
 
 Model: preset "small", random init (qairn.engine.bench.bench_model; speed does not depend on the
-values). Frames: LIVE1 images resized to 1280x720 and JPEG-compressed at QF 30 (a synthetic picture if
-LIVE1 is absent). fps = frames / mean round time and the frames' source, stored in extra_info. On CPU
-only 2 frames per round (a 720p frame takes seconds here); on CUDA 32.
+values). Frames: LIVE1 images resized to the frame size and JPEG-compressed at QF 30 (a synthetic
+picture if LIVE1 is absent). fps = frames / mean round time and the frames' source, stored in extra_info.
 
-    pytest bench/ -k 720p --benchmark-only
+    pytest bench/ -k video --benchmark-only
 (bench/conftest.py collects bench_*.py; naming the file on the command line collects it twice.)
 """
 
@@ -27,7 +27,7 @@ av = pytest.importorskip("av", reason="PyAV (qairn[video]) is not installed")
 
 # The benchmarked device, resolved from --bench-device by conftest.pytest_configure before import.
 CUDA = os.environ.get("QAIRN_BENCH_DEVICE", "").startswith("cuda")
-W, H = 1280, 720
+W, H = (1280, 720) if CUDA else (640, 360)
 FRAMES = 32 if CUDA else 2
 BATCH = 4  # frames per restore_stream batch (on CPU all FRAMES in one)
 LIVE1 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "live1"
@@ -74,7 +74,7 @@ def yuv_frames(rgb_frames):
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory, rgb_frames):
-    path = tmp_path_factory.mktemp("bench") / "clip720.mp4"
+    path = tmp_path_factory.mktemp("bench") / "clip.mp4"
     with av.open(str(path), "w") as o:
         s = o.add_stream("libx264", rate=Fraction(30000, 1001))
         s.width, s.height, s.pix_fmt = W, H, "yuv420p"
@@ -102,23 +102,23 @@ def record(benchmark, tile):
 
 
 @pytest.mark.parametrize("tile", [None, 512], ids=["whole", "tile512"])
-def test_stream_720p(benchmark, model, device, sync, yuv_frames, tile):
+def test_stream(benchmark, model, device, sync, yuv_frames, tile):
     """restore_stream over yuv420p planes (numpy in, numpy out: the copies are part of the time)."""
     r = Restorer(model=model, device=device, tile=tile)
     # Warm-up on a whole batch: the shape every timed batch has (FRAMES is a multiple of BATCH).
     list(r.restore_stream(yuv_frames[:BATCH], batch=BATCH))
-    benchmark.group = "video 720p"
+    benchmark.group = f"video {W}x{H}"
     benchmark.pedantic(
         lambda: (list(r.restore_stream(yuv_frames, batch=BATCH)), sync()), rounds=1 if not CUDA else 3
     )
     record(benchmark, tile)
 
 
-def test_transcode_720p(benchmark, model, device, clip, tmp_path):
+def test_transcode(benchmark, model, device, clip, tmp_path):
     """The whole `qairn video` pipeline: decode, restore (whole frames), encode (libx264 CRF 18 medium)."""
     r = Restorer(model=model, device=device, tile=None)
     out = tmp_path / "out.mp4"
-    benchmark.group = "video 720p"
+    benchmark.group = f"video {W}x{H}"
     s = benchmark.pedantic(
         lambda: transcode(r, clip, out, VideoOptions(plot=False)),
         rounds=1 if not CUDA else 3,

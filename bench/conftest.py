@@ -1,5 +1,5 @@
 """pytest-benchmark suite: `pytest bench/ --benchmark-only` (small shapes on CPU, real ones on CUDA;
-bench_ort and bench_video time real sizes on the CPU too: `-k "not ort and not 720p"` skips them).
+bench_ort, ONNX Runtime on the host CPU, times its real sizes only beside a GPU: --bench-device cuda).
 
 Files here are named bench_*.py; this hook collects them (the test suite's python_files does not),
 so `pytest bench/` finds them without a config of its own. The device: `--bench-device cuda:1` (or

@@ -46,6 +46,16 @@ def read(path: Path) -> np.ndarray:
 
 def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=print) -> dict:
     src, live1, out = Path(src), Path(live1), Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        # The pack is built beside --out and renamed over it: '.' has no name to build beside (a
+        # ValueError traceback), and an earlier pack replaced there would delete the folder one is in.
+        raise SystemExit(
+            f"--out {out}: is the current folder (or holds it); name the pack's folder, e.g. gpu_pack"
+        )
+    # Smaller crops hold no training patch (the trainer's least: --patch 16 + 8 for the grid shift).
+    if crop < 24:
+        raise SystemExit(f"--crop {crop}: needs at least 24 px (--patch 16 + 8, the trainer's smallest)")
     for given in (src, live1):
         if given.resolve().is_relative_to(out.resolve()):
             raise SystemExit(f"--out {out}: holds the source images ({given}); write the pack elsewhere")
@@ -119,6 +129,12 @@ def fill(
         rounds += 1
         if added == 0:
             break
+    if n_crops == 0:  # a pack without training images: gpu_train would fail on it later
+        if full:
+            raise SystemExit(
+                f"--budget-mib {budget_mib}: no room for one {crop}x{crop} crop after LIVE1 + val"
+            )
+        raise SystemExit(f"{src}: no training image is at least {crop} px on a side (--crop {crop})")
     manifest = {
         "source_train": str(src.resolve()),
         "source_live1": str(live1.resolve()),

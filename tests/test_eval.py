@@ -268,6 +268,11 @@ def test_validation_files_follow_the_weights(tmp_path):
     save_weights(m, w, training={"val_files": ["missing.png"]})
     with pytest.raises(FileNotFoundError):
         ev.validation_files(w, str(train), 2, None)
+    # A run given --val-data recorded its images under that folder: they were looked for in the training
+    # folder, whose own img00.png and img01.png (training images) then chose p.
+    val = make_folder(tmp_path / "val", 2, 40, 40, seed=2)
+    save_weights(m, w, training={"val_files": ["img00.png", "img01.png"], "args": {"val_data": str(val)}})
+    assert ev.validation_files(w, str(train), 2, None) == [val / "img00.png", val / "img01.png"]
     # A run that held nothing out (--val-holdout 0) trained on every image: none of them may choose p.
     save_weights(m, w, training={"val_files": []})
     with pytest.raises(SystemExit, match="held no images out"):

@@ -625,12 +625,19 @@ def validation_files(weights, train_data: str, holdout: int, val_data: str | Non
             f"{weights}: its run held no images out (--val-holdout 0); sweep p on others with --val-data DIR"
         )
     if recorded:
-        files = [Path(train_data) / n for n in recorded]
+        # A run given --val-data recorded its images' paths under that folder, not the training folder.
+        folder = training.get("args", {}).get("val_data") or train_data
+        files = [Path(folder) / n for n in recorded]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
+            where = (
+                "the run's --val-data"
+                if folder != train_data
+                else "point --train-data at the run's training folder"
+            )
             raise FileNotFoundError(
-                f"held-out images recorded in {weights} not in {train_data}: {missing[:3]}... "
-                "(point --train-data at the run's training folder, or give the images with --val-data DIR)"
+                f"held-out images recorded in {weights} not in {folder}: {missing[:3]}... "
+                f"({where}, or give the images with --val-data DIR)"
             )
         return files
     return split_files(train_data, holdout)[1]

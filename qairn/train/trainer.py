@@ -8,7 +8,9 @@ import argparse
 import contextlib
 import copy
 import csv
+import datetime
 import io
+import math
 import multiprocessing
 import os
 import re
@@ -66,6 +68,9 @@ class TrainArgs:
     amp: str = "auto"  # auto (bf16 on CUDA), bf16, fp16, none
     channels_last: bool = True
     threads: int = 0  # torch CPU threads (0: torch default)
+    # DDP: how long a process waits in a collective for the others before it fails. torch's default
+    # (10 min) kept the other ranks of a failed one started by hand waiting that long on NCCL.
+    ddp_timeout: float = 300.0
     max_seconds: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
     resume: bool = False
     init: str = ""  # start from these weights (same architecture; fresh optimiser, step 0), e.g. shipped
@@ -214,6 +219,10 @@ def check_args(a: TrainArgs) -> None:
         (a.nb < 0, f"--nb {a.nb}: needs at least 1 residual block per level (0: the preset's)"),
         (a.workers < 0, f"--workers {a.workers}: cannot be negative (0: load in the training process)"),
         (a.threads < 0, f"--threads {a.threads}: cannot be negative (0: torch's default)"),
+        (
+            not 0 < a.ddp_timeout < math.inf,
+            f"--ddp-timeout {a.ddp_timeout}: needs a positive number of seconds",
+        ),
         (a.seed < 0, f"--seed {a.seed}: cannot be negative (numpy's generators take none)"),
     ]
     for bad, says in problems:
@@ -279,6 +288,8 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if not a.resume:  # a resume is judged once its arguments are merged with the checkpoint's
         check_args(a)
+    else:  # but --ddp-timeout is this run's own, and is used before the merge
+        check_args(replace(TrainArgs(), ddp_timeout=a.ddp_timeout))
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A spawned DataLoader worker is importing the user's script, which calls train() again.
         raise RuntimeError(
@@ -295,16 +306,23 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"rank {rank} of {world}: LOCAL_RANK is not set, so every process would train on cuda:0; "
             "launch with torchrun, or set LOCAL_RANK (this process's GPU on its machine)"
         )
+    timeout = datetime.timedelta(seconds=a.ddp_timeout)
     if world > 1:
         # A rank that fails (a bad image, a full disk) ends the others only through its exit: on gloo its
         # closed sockets fail their next all-reduce at once ("Connection closed by peer"), but on NCCL
-        # they wait in it until its timeout (torch's default: 10 min). torchrun ends them at once;
-        # processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR set) have nobody to do it.
+        # they wait in it until the timeout (--ddp-timeout; torch's default: 10 min). torchrun ends them
+        # at once; processes started by hand (RANK, WORLD_SIZE, MASTER_ADDR set) have nobody to do it.
+        # The timeout must outlast what rank 0 does alone while the others wait: validation, checkpoints.
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
+    # The stop check (Ctrl-C, SIGTERM, --max-seconds) is agreed every step, on a CPU (gloo) group: on
+    # NCCL its .item() would wait for the GPU each step; on gloo it costs well under a millisecond.
+    stop_group = (
+        dist.new_group(backend="gloo", timeout=timeout) if world > 1 and device.type == "cuda" else None
+    )
     if a.threads:
         torch.set_num_threads(a.threads)
     main = rank == 0
@@ -435,42 +453,49 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             for part in out.glob(f".{ckpt_path.name}.*.part"):
                 part.unlink(missing_ok=True)
 
-    try:
-        images = load_cached(train_files, out / "cache")
-    except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
-        if made_out:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
-    small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
-    if main and small and len(small) < len(images):
-        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
-        print(
-            f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
-            f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+    # An export-only resume (its checkpoint's step already at --steps) trains nothing: decoding the whole
+    # training set (255 MB, a minute or more) and starting DataLoader workers for it was wasted.
+    export_only = ck is not None and step >= a.steps
+    loader = ()
+    if not export_only:
+        try:
+            images = load_cached(train_files, out / "cache")
+        except ValueError:  # an undecodable training image: refused, and the run folder made for it goes too
+            if made_out:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        # JPEGPatches leaves out images too small for one crop (patch + 8 for the grid shift): say which.
+        small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
+        if main and small and len(small) < len(images):
+            more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+            print(
+                f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
+                f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+            )
+        try:
+            # It takes the images over (the list is emptied): the pixels are held once, in ds.
+            shared = a.workers > 0
+            ds = JPEGPatches(
+                images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared
+            )
+        except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
+            if made_out:
+                shutil.rmtree(out, ignore_errors=True)
+            raise SystemExit(f"{a.data}: {e}") from None
+        # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
+        indices = range(step * world + rank, a.steps * world, world)
+        loader = DataLoader(
+            torch.utils.data.Subset(ds, indices),
+            batch_size=None,
+            num_workers=a.workers,
+            worker_init_fn=worker_init,
+            persistent_workers=a.workers > 0,
+            prefetch_factor=4 if a.workers > 0 else None,
+            pin_memory=device.type == "cuda",
+            # Spawned, not forked: a child forked while OpenCV's thread pool holds a lock can deadlock in
+            # cv2.setNumThreads (seen once in the metric workers); spawning costs a second per worker.
+            multiprocessing_context="spawn" if a.workers > 0 else None,
         )
-    try:
-        # It takes the images over (the list is emptied): the pixels are held once, in ds.
-        shared = a.workers > 0
-        ds = JPEGPatches(images, a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed, shared=shared)
-    except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
-        if made_out:
-            shutil.rmtree(out, ignore_errors=True)
-        raise SystemExit(f"{a.data}: {e}") from None
-    # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
-    indices = range(step * world + rank, a.steps * world, world)
-    loader = DataLoader(
-        torch.utils.data.Subset(ds, indices),
-        batch_size=None,
-        num_workers=a.workers,
-        worker_init_fn=worker_init,
-        persistent_workers=a.workers > 0,
-        prefetch_factor=4 if a.workers > 0 else None,
-        pin_memory=device.type == "cuda",
-        # Spawned, not forked: a child forked while OpenCV's thread pool holds a lock can deadlock in
-        # cv2.setNumThreads (seen once in the metric workers); spawning costs a second per worker.
-        multiprocessing_context="spawn" if a.workers > 0 else None,
-    )
 
     def save_checkpoint():
         if not main:
@@ -522,9 +547,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         want = stop["flag"] or bool(a.max_seconds and seconds - seconds_before >= a.max_seconds)
         if world == 1:
             return want
-        # Ranks must leave the loop at the same step (else one waits forever in an all-reduce):
-        # agree every log_every steps, so a rank's signal or time limit stops all of them together.
-        return False if step % a.log_every else any_rank(want, device)
+        # Ranks must leave the loop at the same step (else one waits forever in an all-reduce): agree
+        # every step, so a rank's signal or time limit stops all of them at the next (not up to
+        # --log-every steps later, long steps each on a large model).
+        return any_rank(want, device, stop_group)
 
     def on_signal(signum, frame):
         stop["flag"] = True
@@ -548,6 +574,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     # Host time spent waiting for the next batch: where it is most of the run, the DataLoader (JPEG
     # coding on the CPU) and not the device sets the pace (--workers).
     data_wait, t_ready, steps_run = 0.0, time.time(), 0
+    val_time = 0.0  # rank 0's validations: left out of the closing line's steps/s
     # Python takes signal handlers in the main thread only: train() run from another (a thread pool, a
     # notebook's worker) failed there with a ValueError after making the run folder. It trains without
     # them: Ctrl-C and SIGTERM go to the main thread, the caller's; --max-seconds still stops the run.
@@ -619,6 +646,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 t_val = time.time()
                 log_validation(step)
                 t_last += time.time() - t_val  # the logged patches/s are training's alone
+                val_time += time.time() - t_val
             t_ready = time.time()
     except BaseException:
         failed = True
@@ -627,10 +655,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         try:
             bar.close()
             if main and steps_run:
-                wall = time.time() - t_run
+                # Training's own rate: with validation inside, a run validating often showed a fraction
+                # of its real steps/s.
+                wall = time.time() - t_run - val_time
+                validated = f"; validation {val_time:.1f} s" if val_time else ""
                 print(
-                    f"{steps_run} steps in {wall:.1f} s ({steps_run / max(wall, 1e-9):.2f} steps/s); waiting "
-                    f"for data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)",
+                    f"{steps_run} steps in {wall:.1f} s of training ({steps_run / max(wall, 1e-9):.2f} "
+                    f"steps/s); waiting for data {data_wait:.1f} s ({100 * data_wait / max(wall, 1e-9):.0f}%)"
+                    f"{validated}",
                     flush=True,
                 )
             # A resume that trained nothing (an export-only run) leaves the checkpoint alone: a trainer
@@ -670,11 +702,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     return ckpt_path
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
+def any_rank(flag: bool, device: torch.device, group=None) -> bool:
     """Whether flag is set on any DDP process: every process calls it at the same step, and all get
-    the same answer."""
-    t = torch.tensor([float(flag)], device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    the same answer. group: a gloo group to agree on the CPU (None: the default group)."""
+    on_device = group is None and dist.get_backend() == "nccl"
+    t = torch.tensor([float(flag)], device=device if on_device else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
@@ -852,7 +885,7 @@ EXAMPLES = """examples:
   qairn train --out runs/small --resume                              (continue it, same settings)
   qairn train --out runs/small --preset small --resume --steps 0 --export w.safetensors  (export only)
   torchrun --nproc-per-node 2 -m qairn.train.trainer --out runs/ddp  (DDP; gloo on CPU, nccl on GPU)
-    (on GPUs use torchrun: started by hand, the others wait out NCCL's 10 min timeout when one fails)
+    (on GPUs use torchrun: started by hand, the others wait out --ddp-timeout (300 s) when one fails)
 """
 
 
@@ -884,6 +917,8 @@ HELP = {
     "amp": "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 or none",
     "channels_last": "channels_last memory format for the model and batches",
     "threads": "torch CPU threads (0: torch's default)",
+    "ddp_timeout": "DDP: seconds a process waits for the others in a collective before failing "
+    "(torch's default: 600; it must outlast a validation and a checkpoint)",
     "max_seconds": "stop with a checkpoint after this much wall time of this run; 0: no limit",
     "resume": "continue the run in --out with its own settings (an option given again replaces its value)",
     "init": "start from these weights (same architecture; fresh optimiser, step 0), e.g. the shipped file",
