@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"qairn {name}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # train's non-finite loss or weights: the run's fault, not a usage error
+        if os.environ.get("QAIRN_DEBUG") == "1":
+            raise
+        print(f"qairn {name}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (outputs are renamed in only when whole)
         if os.environ.get("QAIRN_DEBUG") == "1":
             raise

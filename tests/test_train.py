@@ -338,6 +338,19 @@ def test_non_finite_weights_never_replace_the_checkpoint(data, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
+def test_qairn_train_of_a_non_finite_loss_says_so_in_one_line(data, tmp_path, monkeypatch, capsys):
+    """`qairn train` whose loss went NaN ended in a whole FloatingPointError traceback: the CLI caught
+    only OSError/ValueError. It is one line (exit 1), and the checkpoint keeps the last finite weights."""
+    from qairn import cli
+
+    monkeypatch.setattr(trainer, "loss_fn", infinite_gradient_at_step(3))
+    rc = cli.main(["train", *cli_args(tiny_args(data, tmp_path / "r", steps=6, ckpt_every=1))])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("qairn train: error: ") and "Traceback" not in err, err
+    assert "not finite" in err or "non-finite" in err, err
+    assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 2
+
+
 def test_a_checkpoint_write_that_fails_leaves_the_last_one_and_no_partial_file(data, tmp_path, monkeypatch):
     # A full disk mid-write left a partial checkpoint.tmp beside the good checkpoint.pt, holding the space.
     saves, torch_save = [], torch.save
