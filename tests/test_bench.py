@@ -896,9 +896,9 @@ def test_gpu_run_script_syntax():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
 
 
-def gpu_run_calls(tmp_path, stages: str) -> list[str]:
+def gpu_run_calls(tmp_path, stages: str, **extra_env) -> list[str]:
     """The commands a dry run of gpu_run.sh with these QAIRN_GPU_STAGES gives its python (a stand-in
-    that logs its arguments and does nothing else), one line each."""
+    that logs its arguments and does nothing else), one line each. Its work folder is in tmp_path."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
@@ -907,6 +907,7 @@ def gpu_run_calls(tmp_path, stages: str) -> list[str]:
         os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake), QAIRN_GPU_DRYRUN="1", TMPDIR=str(tmp_path)
     )
     env["QAIRN_GPU_STAGES"] = stages
+    env.update(extra_env)
     out = subprocess.run(
         ["bash", "bench/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )
@@ -930,6 +931,17 @@ def test_gpu_run_records_the_environment_whatever_the_stages(tmp_path):
     env = [i for i, line in enumerate(calls) if line.startswith("-m qairn.engine.bench") and "--env" in line]
     conv = [i for i, line in enumerate(calls) if line.startswith("bench/conv_util.py")]
     assert len(env) == 1 and len(conv) == 1 and env[0] < conv[0], calls
+
+
+def test_gpu_run_says_when_it_has_no_training_pack(tmp_path):
+    """Without gpu_pack/ (not built, or not carried) the train stage trained nothing and was reported
+    "train ok 0 s", as if it had trained. It is now skipped as "no-pack", as "no-time" when out of time."""
+    if (REPO / "gpu_pack" / "train").is_dir():
+        pytest.skip("this checkout has a gpu_pack/")
+    calls = gpu_run_calls(tmp_path, "train", QAIRN_GPU_KEEP_WORK="1")
+    (stages,) = tmp_path.glob("qairn-gpu-run.*/stages.tsv")
+    assert "train\tno-pack\t0\t0" in stages.read_text().splitlines()
+    assert not any("gpu_train.py" in line for line in calls)
 
 
 @pytest.mark.slow
