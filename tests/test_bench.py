@@ -896,10 +896,9 @@ def test_gpu_run_script_syntax():
     assert subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_run.sh")]).returncode == 0
 
 
-def test_gpu_run_dry_run_keeps_its_own_repeats(tmp_path):
-    """The dry run's conv_util command ended in "--repeats 3 --repeats 10" (the real run's 10 was
-    appended after it, and the last one wins): 10 interpreted Triton timings per layer, and the stage
-    ran out of its 90 s box on a busy CPU. Each command here is logged by a stand-in python."""
+def gpu_run_calls(tmp_path, stages: str, **extra_env) -> list[str]:
+    """The commands a dry run of gpu_run.sh with these QAIRN_GPU_STAGES gives its python (a stand-in
+    that logs its arguments and does nothing else), one line each. Its work folder is in tmp_path."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
@@ -907,13 +906,42 @@ def test_gpu_run_dry_run_keeps_its_own_repeats(tmp_path):
     env = dict(
         os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake), QAIRN_GPU_DRYRUN="1", TMPDIR=str(tmp_path)
     )
-    env["QAIRN_GPU_STAGES"] = "convutil"
+    env["QAIRN_GPU_STAGES"] = stages
+    env.update(extra_env)
     out = subprocess.run(
         ["bash", "bench/gpu_run.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    conv = [line for line in log.read_text().splitlines() if line.startswith("bench/conv_util.py")]
+    return log.read_text().splitlines()
+
+
+def test_gpu_run_dry_run_keeps_its_own_repeats(tmp_path):
+    """The dry run's conv_util command ended in "--repeats 3 --repeats 10" (the real run's 10 was
+    appended after it, and the last one wins): 10 interpreted Triton timings per layer, and the stage
+    ran out of its 90 s box on a busy CPU."""
+    conv = [line for line in gpu_run_calls(tmp_path, "convutil") if line.startswith("bench/conv_util.py")]
     assert len(conv) == 1 and conv[0].count("--repeats") == 1 and "--repeats 3" in conv[0], conv
+
+
+def test_gpu_run_records_the_environment_whatever_the_stages(tmp_path):
+    """QAIRN_GPU_STAGES without env (a rerun of the tests or of the training alone) ran no env stage:
+    gpu_run.json then held results with no GPU name, driver or versions ("gpu": null, "env": {}; the
+    summary's fallback reads bench, video and convutil only). env now always runs, first."""
+    calls = gpu_run_calls(tmp_path, "convutil")
+    env = [i for i, line in enumerate(calls) if line.startswith("-m qairn.engine.bench") and "--env" in line]
+    conv = [i for i, line in enumerate(calls) if line.startswith("bench/conv_util.py")]
+    assert len(env) == 1 and len(conv) == 1 and env[0] < conv[0], calls
+
+
+def test_gpu_run_says_when_it_has_no_training_pack(tmp_path):
+    """Without gpu_pack/ (not built, or not carried) the train stage trained nothing and was reported
+    "train ok 0 s", as if it had trained. It is now skipped as "no-pack", as "no-time" when out of time."""
+    if (REPO / "gpu_pack" / "train").is_dir():
+        pytest.skip("this checkout has a gpu_pack/")
+    calls = gpu_run_calls(tmp_path, "train", QAIRN_GPU_KEEP_WORK="1")
+    (stages,) = tmp_path.glob("qairn-gpu-run.*/stages.tsv")
+    assert "train\tno-pack\t0\t0" in stages.read_text().splitlines()
+    assert not any("gpu_train.py" in line for line in calls)
 
 
 @pytest.mark.slow
