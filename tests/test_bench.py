@@ -933,6 +933,17 @@ def test_gpu_run_records_the_environment_whatever_the_stages(tmp_path):
     assert len(env) == 1 and len(conv) == 1 and env[0] < conv[0], calls
 
 
+def test_gpu_run_tests_the_gate_first_and_names_every_kernel_test_file(tmp_path):
+    """The tests stage ran tests/kernels in name order: conv, conv_transpose, fuse, then the gate (issue
+    #4's op) last, so a stage cut by its 110 s time box lost the gate's CUDA results first. The gate's
+    file now comes first; the files are named one by one, so each kernel test file must be named."""
+    (call,) = [line for line in gpu_run_calls(tmp_path, "tests") if line.startswith("-m pytest")]
+    paths = [a for a in call.split() if a.startswith("tests/")]
+    assert paths[0] == "tests/kernels/test_gate.py", paths
+    kernel_files = {str(p.relative_to(REPO)) for p in (REPO / "tests" / "kernels").glob("test_*.py")}
+    assert kernel_files <= set(paths) and "tests/test_cuda_graph.py" in paths, paths
+
+
 def test_gpu_run_says_when_it_has_no_training_pack(tmp_path):
     """Without gpu_pack/ (not built, or not carried) the train stage trained nothing and was reported
     "train ok 0 s", as if it had trained. It is now skipped as "no-pack", as "no-time" when out of time."""
