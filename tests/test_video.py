@@ -1850,18 +1850,8 @@ def test_pipe_example_probes_the_size_ffmpeg_decodes_a_rotated_video_to(tmp_path
 def test_m4v_keeps_mov_text_subtitles(restorer, tmp_path):
     """.m4v (the ipod muxer) holds MP4's mov_text subtitles, but was not counted among the containers that
     keep subtitles: an iTunes-style .mp4 with subtitles came out of .m4v without them, with a note."""
-    cues = [b"\0\5Hello", b"\0\5there"]  # mov_text: 16-bit length, then the text
-
-    def add_subtitles(o, s):
-        sub = o.add_mux_stream("mov_text")
-        sub.time_base = Fraction(1, 1000)
-        for i, cue in enumerate(cues):
-            p = av.Packet(cue)
-            p.pts = p.dts = i * 40
-            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
-            o.mux(p)
-
-    src = flat_clip(tmp_path / "s.mp4", range(3), setup=add_subtitles)
+    cues = [b"\0\5Hello", b"\0\5there"]
+    src = mov_text_clip(tmp_path / "s.mp4", cues)
     s = transcode(restorer, src, tmp_path / "o.m4v", VideoOptions(write_quality=False))
     assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.m4v")) as c:
@@ -1881,3 +1871,37 @@ def test_progress_in_a_log_is_one_line_per_redraw(restorer, frames_rgb, tmp_path
     lines = err.splitlines()
     assert any(ln.startswith("in.mp4:  50%") and "3/6 [" in ln for ln in lines), lines
     assert all(ln.strip() for ln in lines)  # none left from the bar clearing itself (leave=False)
+
+
+def mov_text_clip(path, cues=(b"\0\5Hello", b"\0\5there"), setup=None):
+    """flat_clip with a mov_text subtitle track of `cues` (16-bit length, then the text), one every 40 ms."""
+
+    def add_subtitles(o, s):
+        if setup is not None:
+            setup(o, s)
+        sub = o.add_mux_stream("mov_text")
+        sub.time_base = Fraction(1, 1000)
+        for i, cue in enumerate(cues):
+            p = av.Packet(cue)
+            p.pts = p.dts = i * 40
+            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
+            o.mux(p)
+
+    return flat_clip(path, range(3), setup=add_subtitles)
+
+
+@pytest.mark.parametrize("ext", [".3gp", ".3g2"])
+def test_3gp_keeps_rotation_subtitles_and_starts_with_its_index(restorer, tmp_path, ext):
+    """3GP (FFmpeg's 3gp and 3g2 muxers) is an MP4 that stores a display matrix, mov_text subtitles and
+    takes +faststart, but was in none of those lists: a phone's .3gp came out sideways, without its
+    subtitles (two notes saying so) and with its index (moov) after the frames."""
+    cues = [b"\0\5Hello", b"\0\5there"]
+    src = mov_text_clip(tmp_path / "s.mp4", cues, setup=lambda o, s: s.set_display_rotation(90))
+    s = transcode(restorer, src, tmp_path / f"o{ext}", VideoOptions(write_quality=False))
+    notes = [n.split(": ", 1)[1] for n in s["notes"]]
+    assert not any(w in n for n in notes for w in ("rotation", "subtitles")), notes
+    assert decode(tmp_path / f"o{ext}")[0][0].rotation == decode(src)[0][0].rotation != 0
+    with av.open(str(tmp_path / f"o{ext}")) as c:
+        assert [bytes(p) for p in c.demux(subtitles=0) if p.size] == cues
+    atoms = [kind for kind, _ in mp4_atoms((tmp_path / f"o{ext}").read_bytes())]
+    assert atoms.index(b"moov") < atoms.index(b"mdat"), atoms

@@ -351,8 +351,9 @@ CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is
 # hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
 DECODE_ORDER_FORMATS = {"avi"}
 SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
-FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v"}  # index (moov) first: plays while it downloads
-SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod"}  # muxers keeping (some) subtitles as such
+# index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
+FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
+SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -360,7 +361,8 @@ PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
 STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream from its source
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
-ROTATING_FORMATS = {"mov", "mp4", "ipod", "matroska", "webm"}  # muxers storing a display matrix (ipod: .m4v)
+# muxers storing a display matrix (ipod: .m4v)
+ROTATING_FORMATS = {"mov", "mp4", "ipod", "3gp", "3g2", "matroska", "webm"}
 SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
 SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
 TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
