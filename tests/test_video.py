@@ -1905,3 +1905,19 @@ def test_3gp_keeps_rotation_subtitles_and_starts_with_its_index(restorer, tmp_pa
         assert [bytes(p) for p in c.demux(subtitles=0) if p.size] == cues
     atoms = [kind for kind, _ in mp4_atoms((tmp_path / f"o{ext}").read_bytes())]
     assert atoms.index(b"moov") < atoms.index(b"mdat"), atoms
+
+
+def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
+    """Matroska cannot hold MP4's mov_text subtitles: a phone's or iTunes' .mp4 came out of .mkv without
+    them, with a note. They are now decoded and written again as SRT, each cue at its own times."""
+    src = mov_text_clip(tmp_path / "s.mp4", [b"\0\5Hello", b"\0\0", b"\0\x0bthere\nyou <"])  # \0\0: a gap
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        assert [st.codec_context.codec.id for st in c.streams.subtitles] == [av.Codec("subrip").id]
+        cues = [
+            (float(p.pts * p.time_base), float(p.duration * p.time_base), bytes(p))
+            for p in c.demux(subtitles=0)
+            if p.size
+        ]
+    assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]

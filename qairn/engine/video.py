@@ -354,6 +354,8 @@ SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one 
 # index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
+# Text subtitles a container refuses (MP4's mov_text in Matroska) are decoded and written again in its own.
+TEXT_SUBTITLE_ENCODERS = {"matroska": "subrip"}
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -887,7 +889,10 @@ def _open_output(
             amap[s.index] = out.add_stream_from_template(s)
         except (av.FFmpegError, ValueError) as e:
             if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
-                dropped.append(s.codec_context.name)
+                try:
+                    amap[s.index] = _text_subtitle_stream(out, s)
+                except (av.FFmpegError, ValueError):
+                    dropped.append(s.codec_context.name)
                 continue
             out.close()
             raise VideoError(
@@ -942,6 +947,39 @@ def _open_output(
         hint = "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
         raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
+
+
+def _text_subtitle_stream(out, s):
+    """An output stream writing the text subtitles of s in the container's own text format (mov_text into
+    Matroska: SRT, styles kept as <b>, <i>, <font color>); ValueError where there is none or s is bitmaps.
+    The source's decoder is opened here: its ASS header (styles) is what the encoder starts from."""
+    encoder = TEXT_SUBTITLE_ENCODERS.get(out.format.name)
+    if encoder is None or not s.codec_context.codec.text_sub:
+        raise ValueError(f"no conversion of {s.codec_context.name} subtitles into {out.format.name}")
+    s.codec_context.open()
+    o = out.add_stream(encoder)
+    o.time_base = o.codec_context.time_base = s.time_base or Fraction(1, 1000)
+    o.codec_context.subtitle_header = s.codec_context.subtitle_header
+    o.codec_context.open()
+    return o
+
+
+def _converted_subtitles(packet, stream) -> list:
+    """A text subtitle packet decoded and encoded again by `stream` (_text_subtitle_stream), at the packet's
+    own times; none for an empty cue (mov_text marks a gap with one)."""
+    from av.subtitles.subtitle import SubtitleSet
+
+    cues = packet.stream.codec_context.decode2(packet) if packet.size else None
+    pts = packet.pts if packet.pts is not None else packet.dts
+    packets = []
+    for cue in cues or ():
+        p = stream.codec_context.encode_subtitle(
+            SubtitleSet.create(cue.ass, 0, int(packet.duration or 0), pts)
+        )
+        p.pts = p.dts = pts
+        p.duration, p.time_base, p.stream = packet.duration, packet.time_base, stream
+        packets.append(p)
+    return packets
 
 
 def _plot_path(csv_path: Path) -> Path:
@@ -1283,8 +1321,13 @@ def _mux(out, packets, dst: Path) -> None:
 def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
     while pending:
         packet = pending.pop(0)
-        if packet.stream.index in amap:  # not a subtitle stream the container could not take
-            packet.stream = amap[packet.stream.index]
+        if packet.stream.index not in amap:  # a subtitle stream the container could not take
+            continue
+        stream = amap[packet.stream.index]
+        if stream.codec_context.codec.id != packet.stream.codec_context.codec.id:  # text subtitles, converted
+            _mux(out, _converted_subtitles(packet, stream), dst)
+        else:
+            packet.stream = stream
             _mux(out, packet, dst)
 
 
