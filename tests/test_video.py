@@ -1921,3 +1921,16 @@ def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
             if p.size
         ]
     assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]
+
+
+def test_score_only_skips_the_picture_and_scores_the_same(restorer, clip, tmp_path, monkeypatch):
+    """--score-only ran the whole network, tail, tile blend and crop included, for a picture it dropped:
+    it now asks restore_tensor for the quality only (image=False), which gives the same numbers."""
+    transcode(restorer, clip, tmp_path / "o.mkv", VideoOptions(plot=False))
+    calls = []
+    real = restorer.restore_tensor
+    monkeypatch.setattr(restorer, "restore_tensor", lambda *a, **k: calls.append(k) or real(*a, **k))
+    csv_path = tmp_path / "scores.csv"
+    s = transcode(restorer, clip, None, VideoOptions(score_only=True, quality_csv=csv_path, plot=False))
+    assert calls and all(k.get("image") is False for k in calls), calls
+    assert s["frames"] == 6 and read_csv(csv_path) == read_csv(tmp_path / "o.mkv.quality.csv")

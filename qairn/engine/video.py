@@ -47,6 +47,7 @@ from qairn.engine.color import (
     check_range,
     native,
     plane_bits,
+    planes_to_rgb,
     restore_planes,
 )
 from qairn.engine.imageio import write_atomic
@@ -63,7 +64,7 @@ class VideoError(RuntimeError):
 class _Job:
     kind: str  # "yuv" or "rgb"
     count: int
-    outputs: list  # batched outputs (tensors), on the host when the input was numpy
+    outputs: list  # batched outputs (tensors), on the host when the input was numpy; [] for quality only
     quality: torch.Tensor  # (3, N)
     event: object = None  # CUDA event to wait on before reading outputs
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
@@ -174,7 +175,7 @@ def _to_host(ts: list, copy_stream):
     return host, event
 
 
-def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _Job:
+def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image) -> _Job:
     from qairn.engine.restorer import batch_to_float, image_array, to_float, to_pixels
 
     copy_in, copy_out = streams or (None, None)
@@ -195,11 +196,16 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
                 p = torch.stack([f[i] for f in group])
             check_codes(p, depth, "yuv"[i])
             planes.append(_to_device(p, restorer.device, copy_in))
-        out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
+        if image:
+            out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
+        else:  # the quality of the RGB restore_planes restores, without the picture
+            out, q, _ = restorer.restore_tensor(
+                planes_to_rgb(*planes, matrix, crange, depth).clamp_(0, 1), image=False
+            )
         job = _Job(
             "yuv",
             len(group),
-            list(out),
+            list(out) if image else [],
             torch.stack([q["Q1"], q["Q2"], q["Q3"]]),
             meta=[first[0].dtype] * len(group),
             numpy=is_np,
@@ -224,11 +230,16 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
                 raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
             x = batch_to_float(torch.stack(list(group)), channel_order)
             meta = [first.dtype] * len(group)
-        y, q, _ = restorer.restore_tensor(x if is_np else _to_device(x, restorer.device, copy_in))
+        y, q, _ = restorer.restore_tensor(
+            x if is_np else _to_device(x, restorer.device, copy_in), image=image
+        )
         # numpy frames come back as their own integers, converted on the device (a quarter of the
         # float32 bytes over the bus for uint8, and no float work on the host).
-        y = to_pixels(y, meta[0]) if is_np else y
-        job = _Job("rgb", len(group), [y], torch.stack([q["Q1"], q["Q2"], q["Q3"]]), meta=meta, numpy=is_np)
+        y = to_pixels(y, meta[0]) if is_np and image else y
+        outputs = [y] if image else []
+        job = _Job(
+            "rgb", len(group), outputs, torch.stack([q["Q1"], q["Q2"], q["Q3"]]), meta=meta, numpy=is_np
+        )
         on_host = is_np or first.device.type == "cpu"
     if on_host:
         host, job.event = _to_host([*job.outputs, job.quality], copy_out)
@@ -253,7 +264,9 @@ def _finish(job: _Job, channel_order):
     q = job.quality.float().cpu().numpy()
     for i in range(job.count):
         quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
-        if job.kind == "yuv":
+        if not job.outputs:  # image=False
+            yield Result(None, quality)
+        elif job.kind == "yuv":
             if job.numpy:
                 planes = tuple(o[i].numpy().astype(job.meta[i]) for o in job.outputs)
             else:
@@ -275,6 +288,7 @@ def restore_stream(
     range: str = "limited",
     bits: int | None = None,
     channel_order: str | None = None,
+    image: bool = True,
 ):
     """Restore an iterable of frames, yielding one Result per frame, in order.
 
@@ -284,6 +298,7 @@ def restore_stream(
     0..1023 and gives them back so; without it, RGB frames span their dtype (uint16: 0..65535).
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
+    image=False: quality only (each Result's image is None), as Restorer.restore_tensor(image=False).
     A batch's frames are held until it is launched: a source that decodes every frame into one buffer
     must yield copies, or pass batch=1 (each frame is then launched, its pixels copied, before the
     next one is read).
@@ -297,7 +312,7 @@ def restore_stream(
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
     try:
-        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams):
+        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams, image):
             if not cuda:
                 yield from _finish(job, order)
                 continue
@@ -1123,9 +1138,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             dynamic_ncols=True,
         )
         try:
-            for res in restorer.restore_stream(
-                planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
-            ):
+            # --score-only: the quality alone (the network's tail, tile blend and crop skipped)
+            stream = restorer.restore_stream(
+                planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits, image=out is not None
+            )
+            for res in stream:
                 i, pts, t, duration = meta.popleft()
                 q = res.quality
                 rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
