@@ -1934,3 +1934,15 @@ def test_score_only_skips_the_picture_and_scores_the_same(restorer, clip, tmp_pa
     s = transcode(restorer, clip, None, VideoOptions(score_only=True, quality_csv=csv_path, plot=False))
     assert calls and all(k.get("image") is False for k in calls), calls
     assert s["frames"] == 6 and read_csv(csv_path) == read_csv(tmp_path / "o.mkv.quality.csv")
+
+
+def test_progress_bar_of_an_edit_list_ends_at_the_frames_decoded(restorer, tmp_path, capsys, monkeypatch):
+    """An MP4 whose edit list hides pre-roll frames counts them in its header (8) but decodes 5: the bar
+    ended at 5/8 (62%). Its total is now set to the frames decoded once the stream ends."""
+    import qairn.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)  # a log's bar, as capsys is no terminal: every frame
+    src = flat_clip(tmp_path / "edit.mp4", range(-3, 5), step=20, options={"bf": "0"})
+    transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=True))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("edit.mp4:")]
+    assert "5/5 [" in lines[-1] and "100%" in lines[-1], lines

@@ -1169,6 +1169,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                     _mux(out, timing.timed(vs.encode(frame)), dst)
                     _mux_audio(out, pending_audio, amap, dst)
                 bar.update(1)
+            # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
+            # the bar ends at the frames decoded, redrawn where it was shown at all.
+            if bar.total != bar.n:
+                bar.total = bar.n
+                if getattr(bar, "last_print_n", 0):  # (a disabled bar has none)
+                    bar.refresh()
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
