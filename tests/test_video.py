@@ -1946,3 +1946,19 @@ def test_progress_bar_of_an_edit_list_ends_at_the_frames_decoded(restorer, tmp_p
     transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=True))
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("edit.mp4:")]
     assert "5/5 [" in lines[-1] and "100%" in lines[-1], lines
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [("http://example.com/a.mp4", "o.mp4"), ("rtsp://cam.local/live", None), ("in", "rtmp://x/live")],
+)
+def test_urls_are_refused_in_one_line_naming_them(restorer, clip, tmp_path, monkeypatch, src, dst):
+    """A URL was taken as a path, its '//' folded: 'http:/example.com/a.mp4: no such file', or for an
+    rtsp camera with --score-only a trace 'rtsp:/cam.local/live.quality.csv' in a missing directory."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(clip, tmp_path / "in")
+    url = src if dst is None or "://" in src else dst
+    with pytest.raises(VideoError) as e:
+        transcode(restorer, src, dst, VideoOptions(score_only=dst is None))
+    assert str(e.value).startswith(f"{url}: ") and "URL" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

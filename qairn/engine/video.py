@@ -329,6 +329,7 @@ def restore_stream(
 
 
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # http://, rtsp://, file://, ...
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
 COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}  # AVColorSpace -> matrix
 MATRIX_NAMES = {  # (for notes)
@@ -1042,6 +1043,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
     import av
 
     opts = opts or VideoOptions()
+    # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
+    for name, verb in ((src, "reads"), (dst, "writes")):
+        if name is not None and URL.match(str(name)):
+            raise VideoError(f"{name}: is a URL; qairn video {verb} local files only")
     src = Path(src)
     dst = Path(dst) if dst is not None else None
     if not opts.score_only:
@@ -1368,7 +1373,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="video file (anything FFmpeg reads)")
+    p.add_argument("input", help="video file (anything FFmpeg reads; a local file, not a URL)")
     p.add_argument(
         "output", nargs="?", help="output video (.mp4, .mkv, .mov, ...); optional with --score-only"
     )
