@@ -1962,3 +1962,19 @@ def test_urls_are_refused_in_one_line_naming_them(restorer, clip, tmp_path, monk
         transcode(restorer, src, dst, VideoOptions(score_only=dst is None))
     assert str(e.value).startswith(f"{url}: ") and "URL" in str(e.value) and "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
+    """A damaged variable-rate source with two frames at one time (pts 0, 0, 1, 2): MP4 and MOV refused
+    the second ('o.mp4: cannot write (Invalid argument)'), Matroska kept both at 0 (one never shown).
+    It is dropped, as ffmpeg drops it, with a note; the quality trace keeps every frame."""
+    src = flat_clip(tmp_path / "dup.mkv", times=[0, 0, 1, 2], codec="ffv1")
+    for name in ("o.mp4", "o.mkv"):
+        s = transcode(restorer, src, tmp_path / name, VideoOptions(plot=False))
+        frames = decode(tmp_path / name)[0]
+        assert [float(f.time) for f in frames] == [0.0, 0.04, 0.08], name
+        assert len(read_csv(tmp_path / f"{name}.quality.csv")) == 4
+        assert any(
+            "1 frame(s) at or before the previous frame's time dropped (first: frame 1" in n
+            for n in s["notes"]
+        ), s["notes"]

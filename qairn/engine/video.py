@@ -1133,6 +1133,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
         timing = _Durations()
         rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
+        last_pts, unordered = None, []  # unordered: (index, time) of frames dropped for their time
         start = time.perf_counter()
         bar = progress_bar(
             total=expected_frames(inp, vstream, rate),
@@ -1169,9 +1170,16 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                         moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
                     elif pts is None:
                         frame.pts = round(t / tb)
+                    # A time at or before the previous frame's (a damaged variable-rate source): MP4 and MOV
+                    # refused it ("cannot write (Invalid argument)"), a player shows one of the two. Dropped,
+                    # as ffmpeg drops it.
+                    if last_pts is not None and frame.pts <= last_pts:
+                        unordered.append((i, t))
                     else:
-                        timing.add(pts, duration)
-                    _mux(out, timing.timed(vs.encode(frame)), dst)
+                        if out_tb == tb and pts is not None:
+                            timing.add(pts, duration)
+                        last_pts = frame.pts
+                        _mux(out, timing.timed(vs.encode(frame)), dst)
                     _mux_audio(out, pending_audio, amap, dst)
                 bar.update(1)
             # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
@@ -1188,6 +1196,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
                 f"1/{float(1 / out_tb):g} s: frames are moved by up to {moved:.3f} s"
+            )
+        if unordered:
+            i, t = unordered[0]
+            notes.append(
+                f"{src}: {len(unordered)} frame(s) at or before the previous frame's time dropped "
+                f"(first: frame {i} at {t:.3f} s); the quality trace keeps them"
             )
         if resized and out is not None:
             notes.append(
