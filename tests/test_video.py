@@ -1978,3 +1978,14 @@ def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tm
             "1 frame(s) at or before the previous frame's time dropped (first: frame 1" in n
             for n in s["notes"]
         ), s["notes"]
+
+
+def test_libx265_writes_no_settings_to_stderr(restorer, tmp_path, capfd):
+    """libx265 wrote about 25 lines of its settings ('x265 [info]: ...') to stderr on every run, around
+    qairn's one-line notes; only its errors are shown now (its own log-level, which x265-params can set)."""
+    src = flat_clip(tmp_path / "s.mkv")
+    capfd.readouterr()
+    transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="libx265", write_quality=False))
+    err = capfd.readouterr().err
+    assert "x265 [info]" not in err, err
+    assert [f.width for f in decode(tmp_path / "o.mkv")[0]] == [64, 64]

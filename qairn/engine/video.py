@@ -876,6 +876,8 @@ def _open_output(
         options.setdefault("preset", opts.preset)
     params, note = hdr_params(first, codec)
     notes += [note] if note else []
+    if codec == "libx265":  # else it writes some 25 lines of its settings to stderr on every run
+        params["x265-params"] = ":".join(x for x in ("log-level=error", params.get("x265-params")) if x)
     # Interlaced video (TV, DV, DVD) holds two fields taken 1/50 or 1/60 s apart in each frame: played
     # as progressive, moving edges show combs. The field order goes to the container; x264 codes the
     # fields as such.
