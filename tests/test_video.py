@@ -1989,3 +1989,15 @@ def test_libx265_writes_no_settings_to_stderr(restorer, tmp_path, capfd):
     err = capfd.readouterr().err
     assert "x265 [info]" not in err, err
     assert [f.width for f in decode(tmp_path / "o.mkv")[0]] == [64, 64]
+
+
+@pytest.mark.skipif("libvpx-vp9" not in av.codecs_available, reason="this PyAV build has no libvpx-vp9")
+def test_webm_output_gets_vp9_without_options(restorer, tmp_path):
+    """WebM takes VP8, VP9 and AV1 only: o.webm failed with "cannot encode with 'libx264' ('webm' format
+    does not support 'libx264' codec)" unless --codec was given. It now gets libvpx-vp9."""
+    s = transcode(
+        restorer, flat_clip(tmp_path / "s.mkv"), tmp_path / "o.webm", VideoOptions(write_quality=False)
+    )
+    assert s["codec"] == "libvpx-vp9"
+    with av.open(str(tmp_path / "o.webm")) as c:
+        assert c.streams.video[0].codec_context.name == "vp9" and len(list(c.decode(video=0))) == 2

@@ -366,7 +366,8 @@ CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is
 # Containers that store no presentation times: each packet has its decode-order time, which the decoder
 # hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
 DECODE_ORDER_FORMATS = {"avi"}
-SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
+# Containers that hold one codec only, or (WebM: VP8, VP9, AV1) no H.264: their default codec.
+SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif", ".webm": "libvpx-vp9"}
 # index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
@@ -1422,7 +1423,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--codec",
         help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
-        ".y4m: rawvideo, .gif: gif)",
+        ".y4m: rawvideo, .gif: gif, .webm: libvpx-vp9)",
     )
     e.add_argument(
         "--crf",
