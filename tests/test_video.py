@@ -1850,18 +1850,8 @@ def test_pipe_example_probes_the_size_ffmpeg_decodes_a_rotated_video_to(tmp_path
 def test_m4v_keeps_mov_text_subtitles(restorer, tmp_path):
     """.m4v (the ipod muxer) holds MP4's mov_text subtitles, but was not counted among the containers that
     keep subtitles: an iTunes-style .mp4 with subtitles came out of .m4v without them, with a note."""
-    cues = [b"\0\5Hello", b"\0\5there"]  # mov_text: 16-bit length, then the text
-
-    def add_subtitles(o, s):
-        sub = o.add_mux_stream("mov_text")
-        sub.time_base = Fraction(1, 1000)
-        for i, cue in enumerate(cues):
-            p = av.Packet(cue)
-            p.pts = p.dts = i * 40
-            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
-            o.mux(p)
-
-    src = flat_clip(tmp_path / "s.mp4", range(3), setup=add_subtitles)
+    cues = [b"\0\5Hello", b"\0\5there"]
+    src = mov_text_clip(tmp_path / "s.mp4", cues)
     s = transcode(restorer, src, tmp_path / "o.m4v", VideoOptions(write_quality=False))
     assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.m4v")) as c:
@@ -1881,3 +1871,133 @@ def test_progress_in_a_log_is_one_line_per_redraw(restorer, frames_rgb, tmp_path
     lines = err.splitlines()
     assert any(ln.startswith("in.mp4:  50%") and "3/6 [" in ln for ln in lines), lines
     assert all(ln.strip() for ln in lines)  # none left from the bar clearing itself (leave=False)
+
+
+def mov_text_clip(path, cues=(b"\0\5Hello", b"\0\5there"), setup=None):
+    """flat_clip with a mov_text subtitle track of `cues` (16-bit length, then the text), one every 40 ms."""
+
+    def add_subtitles(o, s):
+        if setup is not None:
+            setup(o, s)
+        sub = o.add_mux_stream("mov_text")
+        sub.time_base = Fraction(1, 1000)
+        for i, cue in enumerate(cues):
+            p = av.Packet(cue)
+            p.pts = p.dts = i * 40
+            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
+            o.mux(p)
+
+    return flat_clip(path, range(3), setup=add_subtitles)
+
+
+@pytest.mark.parametrize("ext", [".3gp", ".3g2"])
+def test_3gp_keeps_rotation_subtitles_and_starts_with_its_index(restorer, tmp_path, ext):
+    """3GP (FFmpeg's 3gp and 3g2 muxers) is an MP4 that stores a display matrix, mov_text subtitles and
+    takes +faststart, but was in none of those lists: a phone's .3gp came out sideways, without its
+    subtitles (two notes saying so) and with its index (moov) after the frames."""
+    cues = [b"\0\5Hello", b"\0\5there"]
+    src = mov_text_clip(tmp_path / "s.mp4", cues, setup=lambda o, s: s.set_display_rotation(90))
+    s = transcode(restorer, src, tmp_path / f"o{ext}", VideoOptions(write_quality=False))
+    notes = [n.split(": ", 1)[1] for n in s["notes"]]
+    assert not any(w in n for n in notes for w in ("rotation", "subtitles")), notes
+    assert decode(tmp_path / f"o{ext}")[0][0].rotation == decode(src)[0][0].rotation != 0
+    with av.open(str(tmp_path / f"o{ext}")) as c:
+        assert [bytes(p) for p in c.demux(subtitles=0) if p.size] == cues
+    atoms = [kind for kind, _ in mp4_atoms((tmp_path / f"o{ext}").read_bytes())]
+    assert atoms.index(b"moov") < atoms.index(b"mdat"), atoms
+
+
+def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
+    """Matroska cannot hold MP4's mov_text subtitles: a phone's or iTunes' .mp4 came out of .mkv without
+    them, with a note. They are now decoded and written again as SRT, each cue at its own times."""
+    src = mov_text_clip(tmp_path / "s.mp4", [b"\0\5Hello", b"\0\0", b"\0\x0bthere\nyou <"])  # \0\0: a gap
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        assert [st.codec_context.codec.id for st in c.streams.subtitles] == [av.Codec("subrip").id]
+        cues = [
+            (float(p.pts * p.time_base), float(p.duration * p.time_base), bytes(p))
+            for p in c.demux(subtitles=0)
+            if p.size
+        ]
+    assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]
+
+
+def test_score_only_skips_the_picture_and_scores_the_same(restorer, clip, tmp_path, monkeypatch):
+    """--score-only ran the whole network, tail, tile blend and crop included, for a picture it dropped:
+    it now asks restore_tensor for the quality only (image=False), which gives the same numbers."""
+    transcode(restorer, clip, tmp_path / "o.mkv", VideoOptions(plot=False))
+    calls = []
+    real = restorer.restore_tensor
+    monkeypatch.setattr(restorer, "restore_tensor", lambda *a, **k: calls.append(k) or real(*a, **k))
+    csv_path = tmp_path / "scores.csv"
+    s = transcode(restorer, clip, None, VideoOptions(score_only=True, quality_csv=csv_path, plot=False))
+    assert calls and all(k.get("image") is False for k in calls), calls
+    assert s["frames"] == 6 and read_csv(csv_path) == read_csv(tmp_path / "o.mkv.quality.csv")
+
+
+def test_progress_bar_of_an_edit_list_ends_at_the_frames_decoded(restorer, tmp_path, capsys, monkeypatch):
+    """An MP4 whose edit list hides pre-roll frames counts them in its header (8) but decodes 5: the bar
+    ended at 5/8 (62%). Its total is now set to the frames decoded once the stream ends."""
+    import qairn.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0)  # a log's bar, as capsys is no terminal: every frame
+    src = flat_clip(tmp_path / "edit.mp4", range(-3, 5), step=20, options={"bf": "0"})
+    transcode(restorer, src, None, VideoOptions(score_only=True, plot=False, progress=True))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("edit.mp4:")]
+    assert "5/5 [" in lines[-1] and "100%" in lines[-1], lines
+
+
+@pytest.mark.parametrize(
+    "src, dst",
+    [("http://example.com/a.mp4", "o.mp4"), ("rtsp://cam.local/live", None), ("in", "rtmp://x/live")],
+)
+def test_urls_are_refused_in_one_line_naming_them(restorer, clip, tmp_path, monkeypatch, src, dst):
+    """A URL was taken as a path, its '//' folded: 'http:/example.com/a.mp4: no such file', or for an
+    rtsp camera with --score-only a trace 'rtsp:/cam.local/live.quality.csv' in a missing directory."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(clip, tmp_path / "in")
+    url = src if dst is None or "://" in src else dst
+    with pytest.raises(VideoError) as e:
+        transcode(restorer, src, dst, VideoOptions(score_only=dst is None))
+    assert str(e.value).startswith(f"{url}: ") and "URL" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
+    """A damaged variable-rate source with two frames at one time (pts 0, 0, 1, 2): MP4 and MOV refused
+    the second ('o.mp4: cannot write (Invalid argument)'), Matroska kept both at 0 (one never shown).
+    It is dropped, as ffmpeg drops it, with a note; the quality trace keeps every frame."""
+    src = flat_clip(tmp_path / "dup.mkv", times=[0, 0, 1, 2], codec="ffv1")
+    for name in ("o.mp4", "o.mkv"):
+        s = transcode(restorer, src, tmp_path / name, VideoOptions(plot=False))
+        frames = decode(tmp_path / name)[0]
+        assert [float(f.time) for f in frames] == [0.0, 0.04, 0.08], name
+        assert len(read_csv(tmp_path / f"{name}.quality.csv")) == 4
+        assert any(
+            "1 frame(s) at or before the previous frame's time dropped (first: frame 1" in n
+            for n in s["notes"]
+        ), s["notes"]
+
+
+def test_libx265_writes_no_settings_to_stderr(restorer, tmp_path, capfd):
+    """libx265 wrote about 25 lines of its settings ('x265 [info]: ...') to stderr on every run, around
+    qairn's one-line notes; only its errors are shown now (its own log-level, which x265-params can set)."""
+    src = flat_clip(tmp_path / "s.mkv")
+    capfd.readouterr()
+    transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="libx265", write_quality=False))
+    err = capfd.readouterr().err
+    assert "x265 [info]" not in err, err
+    assert [f.width for f in decode(tmp_path / "o.mkv")[0]] == [64, 64]
+
+
+@pytest.mark.skipif("libvpx-vp9" not in av.codecs_available, reason="this PyAV build has no libvpx-vp9")
+def test_webm_output_gets_vp9_without_options(restorer, tmp_path):
+    """WebM takes VP8, VP9 and AV1 only: o.webm failed with "cannot encode with 'libx264' ('webm' format
+    does not support 'libx264' codec)" unless --codec was given. It now gets libvpx-vp9."""
+    s = transcode(
+        restorer, flat_clip(tmp_path / "s.mkv"), tmp_path / "o.webm", VideoOptions(write_quality=False)
+    )
+    assert s["codec"] == "libvpx-vp9"
+    with av.open(str(tmp_path / "o.webm")) as c:
+        assert c.streams.video[0].codec_context.name == "vp9" and len(list(c.decode(video=0))) == 2

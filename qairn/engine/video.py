@@ -47,6 +47,7 @@ from qairn.engine.color import (
     check_range,
     native,
     plane_bits,
+    planes_to_rgb,
     restore_planes,
 )
 from qairn.engine.imageio import write_atomic
@@ -63,7 +64,7 @@ class VideoError(RuntimeError):
 class _Job:
     kind: str  # "yuv" or "rgb"
     count: int
-    outputs: list  # batched outputs (tensors), on the host when the input was numpy
+    outputs: list  # batched outputs (tensors), on the host when the input was numpy; [] for quality only
     quality: torch.Tensor  # (3, N)
     event: object = None  # CUDA event to wait on before reading outputs
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
@@ -174,7 +175,7 @@ def _to_host(ts: list, copy_stream):
     return host, event
 
 
-def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _Job:
+def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image) -> _Job:
     from qairn.engine.restorer import batch_to_float, image_array, to_float, to_pixels
 
     copy_in, copy_out = streams or (None, None)
@@ -195,11 +196,16 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
                 p = torch.stack([f[i] for f in group])
             check_codes(p, depth, "yuv"[i])
             planes.append(_to_device(p, restorer.device, copy_in))
-        out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
+        if image:
+            out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
+        else:  # the quality of the RGB restore_planes restores, without the picture
+            out, q, _ = restorer.restore_tensor(
+                planes_to_rgb(*planes, matrix, crange, depth).clamp_(0, 1), image=False
+            )
         job = _Job(
             "yuv",
             len(group),
-            list(out),
+            list(out) if image else [],
             torch.stack([q["Q1"], q["Q2"], q["Q3"]]),
             meta=[first[0].dtype] * len(group),
             numpy=is_np,
@@ -224,11 +230,16 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams) -> _J
                 raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
             x = batch_to_float(torch.stack(list(group)), channel_order)
             meta = [first.dtype] * len(group)
-        y, q, _ = restorer.restore_tensor(x if is_np else _to_device(x, restorer.device, copy_in))
+        y, q, _ = restorer.restore_tensor(
+            x if is_np else _to_device(x, restorer.device, copy_in), image=image
+        )
         # numpy frames come back as their own integers, converted on the device (a quarter of the
         # float32 bytes over the bus for uint8, and no float work on the host).
-        y = to_pixels(y, meta[0]) if is_np else y
-        job = _Job("rgb", len(group), [y], torch.stack([q["Q1"], q["Q2"], q["Q3"]]), meta=meta, numpy=is_np)
+        y = to_pixels(y, meta[0]) if is_np and image else y
+        outputs = [y] if image else []
+        job = _Job(
+            "rgb", len(group), outputs, torch.stack([q["Q1"], q["Q2"], q["Q3"]]), meta=meta, numpy=is_np
+        )
         on_host = is_np or first.device.type == "cpu"
     if on_host:
         host, job.event = _to_host([*job.outputs, job.quality], copy_out)
@@ -253,7 +264,9 @@ def _finish(job: _Job, channel_order):
     q = job.quality.float().cpu().numpy()
     for i in range(job.count):
         quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
-        if job.kind == "yuv":
+        if not job.outputs:  # image=False
+            yield Result(None, quality)
+        elif job.kind == "yuv":
             if job.numpy:
                 planes = tuple(o[i].numpy().astype(job.meta[i]) for o in job.outputs)
             else:
@@ -275,6 +288,7 @@ def restore_stream(
     range: str = "limited",
     bits: int | None = None,
     channel_order: str | None = None,
+    image: bool = True,
 ):
     """Restore an iterable of frames, yielding one Result per frame, in order.
 
@@ -284,6 +298,7 @@ def restore_stream(
     0..1023 and gives them back so; without it, RGB frames span their dtype (uint16: 0..65535).
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
+    image=False: quality only (each Result's image is None), as Restorer.restore_tensor(image=False).
     A batch's frames are held until it is launched: a source that decodes every frame into one buffer
     must yield copies, or pass batch=1 (each frame is then launched, its pixels copied, before the
     next one is read).
@@ -297,7 +312,7 @@ def restore_stream(
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
     try:
-        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams):
+        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams, image):
             if not cuda:
                 yield from _finish(job, order)
                 continue
@@ -314,6 +329,7 @@ def restore_stream(
 
 
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # http://, rtsp://, file://, ...
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
 COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}  # AVColorSpace -> matrix
 MATRIX_NAMES = {  # (for notes)
@@ -350,9 +366,13 @@ CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is
 # Containers that store no presentation times: each packet has its decode-order time, which the decoder
 # hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
 DECODE_ORDER_FORMATS = {"avi"}
-SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif"}  # containers that hold one codec only
-FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v"}  # index (moov) first: plays while it downloads
-SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod"}  # muxers keeping (some) subtitles as such
+# Containers that hold one codec only, or (WebM: VP8, VP9, AV1) no H.264: their default codec.
+SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif", ".webm": "libvpx-vp9"}
+# index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
+FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
+SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
+# Text subtitles a container refuses (MP4's mov_text in Matroska) are decoded and written again in its own.
+TEXT_SUBTITLE_ENCODERS = {"matroska": "subrip"}
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -360,7 +380,8 @@ PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
 STREAM_TAGS = {"language", "title", "timecode"}  # copied to each output stream from its source
 MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "duration"}  # not copied
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
-ROTATING_FORMATS = {"mov", "mp4", "ipod", "matroska", "webm"}  # muxers storing a display matrix (ipod: .m4v)
+# muxers storing a display matrix (ipod: .m4v)
+ROTATING_FORMATS = {"mov", "mp4", "ipod", "3gp", "3g2", "matroska", "webm"}
 SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
 SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
 TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
@@ -856,6 +877,8 @@ def _open_output(
         options.setdefault("preset", opts.preset)
     params, note = hdr_params(first, codec)
     notes += [note] if note else []
+    if codec == "libx265":  # else it writes some 25 lines of its settings to stderr on every run
+        params["x265-params"] = ":".join(x for x in ("log-level=error", params.get("x265-params")) if x)
     # Interlaced video (TV, DV, DVD) holds two fields taken 1/50 or 1/60 s apart in each frame: played
     # as progressive, moving edges show combs. The field order goes to the container; x264 codes the
     # fields as such.
@@ -885,7 +908,10 @@ def _open_output(
             amap[s.index] = out.add_stream_from_template(s)
         except (av.FFmpegError, ValueError) as e:
             if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
-                dropped.append(s.codec_context.name)
+                try:
+                    amap[s.index] = _text_subtitle_stream(out, s)
+                except (av.FFmpegError, ValueError):
+                    dropped.append(s.codec_context.name)
                 continue
             out.close()
             raise VideoError(
@@ -942,6 +968,39 @@ def _open_output(
     return out, vs, amap, codec, pix_fmt, notes, out_tb
 
 
+def _text_subtitle_stream(out, s):
+    """An output stream writing the text subtitles of s in the container's own text format (mov_text into
+    Matroska: SRT, styles kept as <b>, <i>, <font color>); ValueError where there is none or s is bitmaps.
+    The source's decoder is opened here: its ASS header (styles) is what the encoder starts from."""
+    encoder = TEXT_SUBTITLE_ENCODERS.get(out.format.name)
+    if encoder is None or not s.codec_context.codec.text_sub:
+        raise ValueError(f"no conversion of {s.codec_context.name} subtitles into {out.format.name}")
+    s.codec_context.open()
+    o = out.add_stream(encoder)
+    o.time_base = o.codec_context.time_base = s.time_base or Fraction(1, 1000)
+    o.codec_context.subtitle_header = s.codec_context.subtitle_header
+    o.codec_context.open()
+    return o
+
+
+def _converted_subtitles(packet, stream) -> list:
+    """A text subtitle packet decoded and encoded again by `stream` (_text_subtitle_stream), at the packet's
+    own times; none for an empty cue (mov_text marks a gap with one)."""
+    from av.subtitles.subtitle import SubtitleSet
+
+    cues = packet.stream.codec_context.decode2(packet) if packet.size else None
+    pts = packet.pts if packet.pts is not None else packet.dts
+    packets = []
+    for cue in cues or ():
+        p = stream.codec_context.encode_subtitle(
+            SubtitleSet.create(cue.ass, 0, int(packet.duration or 0), pts)
+        )
+        p.pts = p.dts = pts
+        p.duration, p.time_base, p.stream = packet.duration, packet.time_base, stream
+        packets.append(p)
+    return packets
+
+
 def _plot_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".png") if csv_path.suffix == ".csv" else Path(f"{csv_path}.png")
 
@@ -987,6 +1046,10 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
     import av
 
     opts = opts or VideoOptions()
+    # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
+    for name, verb in ((src, "reads"), (dst, "writes")):
+        if name is not None and URL.match(str(name)):
+            raise VideoError(f"{name}: is a URL; qairn video {verb} local files only")
     src = Path(src)
     dst = Path(dst) if dst is not None else None
     if not opts.score_only:
@@ -1073,6 +1136,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
         timing = _Durations()
         rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
+        last_pts, unordered = None, []  # unordered: (index, time) of frames dropped for their time
         start = time.perf_counter()
         bar = progress_bar(
             total=expected_frames(inp, vstream, rate),
@@ -1083,9 +1147,11 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             dynamic_ncols=True,
         )
         try:
-            for res in restorer.restore_stream(
-                planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits
-            ):
+            # --score-only: the quality alone (the network's tail, tile blend and crop skipped)
+            stream = restorer.restore_stream(
+                planes(), batch=opts.batch, matrix=matrix, range=crange, bits=bits, image=out is not None
+            )
+            for res in stream:
                 i, pts, t, duration = meta.popleft()
                 q = res.quality
                 rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
@@ -1107,11 +1173,24 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                         moved = max(moved, abs(t - rows[0][2] - i * float(out_tb)))
                     elif pts is None:
                         frame.pts = round(t / tb)
+                    # A time at or before the previous frame's (a damaged variable-rate source): MP4 and MOV
+                    # refused it ("cannot write (Invalid argument)"), a player shows one of the two. Dropped,
+                    # as ffmpeg drops it.
+                    if last_pts is not None and frame.pts <= last_pts:
+                        unordered.append((i, t))
                     else:
-                        timing.add(pts, duration)
-                    _mux(out, timing.timed(vs.encode(frame)), dst)
+                        if out_tb == tb and pts is not None:
+                            timing.add(pts, duration)
+                        last_pts = frame.pts
+                        _mux(out, timing.timed(vs.encode(frame)), dst)
                     _mux_audio(out, pending_audio, amap, dst)
                 bar.update(1)
+            # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
+            # the bar ends at the frames decoded, redrawn where it was shown at all.
+            if bar.total != bar.n:
+                bar.total = bar.n
+                if getattr(bar, "last_print_n", 0):  # (a disabled bar has none)
+                    bar.refresh()
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
@@ -1120,6 +1199,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: the frame times vary, and {codec} in {dst.suffix} takes one frame every "
                 f"1/{float(1 / out_tb):g} s: frames are moved by up to {moved:.3f} s"
+            )
+        if unordered:
+            i, t = unordered[0]
+            notes.append(
+                f"{src}: {len(unordered)} frame(s) at or before the previous frame's time dropped "
+                f"(first: frame {i} at {t:.3f} s); the quality trace keeps them"
             )
         if resized and out is not None:
             notes.append(
@@ -1281,8 +1366,13 @@ def _mux(out, packets, dst: Path) -> None:
 def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
     while pending:
         packet = pending.pop(0)
-        if packet.stream.index in amap:  # not a subtitle stream the container could not take
-            packet.stream = amap[packet.stream.index]
+        if packet.stream.index not in amap:  # a subtitle stream the container could not take
+            continue
+        stream = amap[packet.stream.index]
+        if stream.codec_context.codec.id != packet.stream.codec_context.codec.id:  # text subtitles, converted
+            _mux(out, _converted_subtitles(packet, stream), dst)
+        else:
+            packet.stream = stream
             _mux(out, packet, dst)
 
 
@@ -1300,7 +1390,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="video file (anything FFmpeg reads)")
+    p.add_argument("input", help="video file (anything FFmpeg reads; a local file, not a URL)")
     p.add_argument(
         "output", nargs="?", help="output video (.mp4, .mkv, .mov, ...); optional with --score-only"
     )
@@ -1333,7 +1423,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--codec",
         help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
-        ".y4m: rawvideo, .gif: gif)",
+        ".y4m: rawvideo, .gif: gif, .webm: libvpx-vp9)",
     )
     e.add_argument(
         "--crf",
