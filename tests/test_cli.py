@@ -907,6 +907,20 @@ def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
     ]
 
 
+def test_score_ends_with_a_line_naming_the_inputs_that_failed(workdir, tiny_weights, capsys):
+    # score said each failure once, among (or, in a long run, far above) the table rows, and ended
+    # without the closing line restore gives: 'scored 1 of 3 images, 2 failed (...)' names them again.
+    (workdir / "bad.jpg").write_bytes(b"not a jpeg")
+    missing, bad = workdir / "missing.jpg", workdir / "bad.jpg"
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", missing, bad, "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert err.strip().splitlines()[-1] == f"qairn: scored 1 of 3 images, 2 failed ({missing}, {bad})"
+    rc, _, err = run(capsys, "score", missing, "--weights", tiny_weights)  # nothing found at all
+    assert rc == 1 and err.strip().splitlines()[-1] == f"qairn: scored 0 of 1 image, 1 failed ({missing})"
+    rc, _, err = run(capsys, "score", workdir / "a.jpg", "--weights", tiny_weights)  # all well: the table
+    assert rc == 0 and "scored" not in err
+
+
 def test_json_never_replaces_an_image_and_is_checked_first(workdir, tiny_weights, capsys):
     before = (workdir / "b.png").read_bytes()
     out = workdir / "out"

@@ -551,10 +551,24 @@ def restore_summary(records: list[dict], total: int, failed_names: list[str]) ->
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
         return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
     where = f" into {Path(records[0]['output']).parent}" if records else ""
+    written = f"qairn: restored {len(records)} of {total} image{'s' * (total != 1)}{where}"
+    return written + failures(failed_names)
+
+
+def failures(failed_names: list[str]) -> str:
+    """The closing line's tail: ', 2 failed (a.jpg, b.jpg)', the first SUMMARY_NAMES named; '' for none."""
+    if not failed_names:
+        return ""
     names = ", ".join(failed_names[:SUMMARY_NAMES]) + (" ..." if len(failed_names) > SUMMARY_NAMES else "")
-    return f"qairn: restored {len(records)} of {total} image{'s' * (total != 1)}{where}" + (
-        f", {len(failed_names)} failed ({names})" if failed_names else ""
-    )
+    return f", {len(failed_names)} failed ({names})"
+
+
+def score_summary(total: int, failed_names: list[str]) -> str:
+    """The closing line of `qairn score`, said only when something failed: the table is the result,
+    but in a long run the error lines have scrolled away, so (as restore does) they are named again:
+    inputs never found, then images that failed."""
+    scored = total - len(failed_names)
+    return f"qairn: scored {scored} of {total} image{'s' * (total != 1)}" + failures(failed_names)
 
 
 def main_score(argv=None) -> int:
@@ -569,12 +583,13 @@ def main_score(argv=None) -> int:
 
     inputs, missing = found_inputs(a.inputs)
     if not inputs:
+        tqdm.write(score_summary(len(missing), missing), file=sys.stderr)
         return 1
     try:
         r = make_restorer(a)
     except Exception as e:
         return fatal(str(e).splitlines()[0])
-    failed = len(missing)
+    failed_names = list(missing)
     if not a.json:
         width = max(columns(str(q)) for q in inputs)
         print(f"{pad('path', width)}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
@@ -583,11 +598,11 @@ def main_score(argv=None) -> int:
             with TileBar() as tiles:
                 q = r.score(read_image(src, a.max_pixels, warn=warning), progress=tiles)
         except ImageError as e:
-            failed += 1
+            failed_names.append(str(src))
             error(str(e))
             continue
         except Exception as e:  # one file's problem (an unsupported pixel type, say) ends only that file
-            failed += 1
+            failed_names.append(str(src))
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
@@ -595,4 +610,7 @@ def main_score(argv=None) -> int:
             result(json.dumps(row))
         else:
             result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
-    return 1 if failed else 0
+    if failed_names:
+        tqdm.write(score_summary(len(inputs) + len(missing), failed_names), file=sys.stderr)
+        return 1
+    return 0
