@@ -1964,6 +1964,24 @@ def test_urls_are_refused_in_one_line_naming_them(restorer, clip, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
 
+def test_qairn_video_refuses_bad_file_names_before_loading_the_model(clip, tmp_path, monkeypatch, capsys):
+    """A URL input, or an output that exists without --overwrite, was refused only after the model had
+    loaded (make_restorer: a second or more on a CPU, minutes for a TensorRT engine build)."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    taken = tmp_path / "taken.mp4"
+    taken.write_bytes(b"keep")
+    assert main(["http://example.com/a.mp4", str(tmp_path / "o.mp4")]) == 1
+    assert main([str(clip), str(taken)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "is a URL" in err[0] and str(taken) in err[1], err
+    assert taken.read_bytes() == b"keep"
+
+
 def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
     """A damaged variable-rate source with two frames at one time (pts 0, 0, 1, 2): MP4 and MOV refused
     the second ('o.mp4: cannot write (Invalid argument)'), Matroska kept both at 0 (one never shown).

@@ -1041,11 +1041,9 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
     return files
 
 
-def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
-    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary."""
-    import av
-
-    opts = opts or VideoOptions()
+def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
+    """The checks of the file names alone (URLs, a missing or taken output, a trace over a video), done
+    before the model is loaded: a mistyped command fails at once. Returns (src, dst, csv_path)."""
     # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
@@ -1073,7 +1071,15 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         for path in [csv_path] + ([_plot_path(csv_path)] if opts.plot else []):
             if path.resolve() in taken:
                 raise VideoError(f"{path}: the quality trace would replace the {taken[path.resolve()]}")
+    return src, dst, csv_path
 
+
+def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
+    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary."""
+    import av
+
+    opts = opts or VideoOptions()
+    src, dst, csv_path = check_paths(src, dst, opts)
     inp = _open_input(src)
     out = tmp = None
     try:
@@ -1511,6 +1517,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
+        check_paths(args.input, args.output, opts)  # before the model loads; transcode checks again
         restorer = make_restorer(args)
         summary = transcode(restorer, args.input, args.output, opts)
     except KeyboardInterrupt:
