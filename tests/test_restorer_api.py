@@ -528,3 +528,26 @@ def test_score_gives_restores_quality_exactly_without_making_the_image(tile):
     y, q, maps = r.restore_tensor(batch.float() / 255, return_maps=True, image=False)
     assert y is None and all(torch.equal(q[k], restored[k]) for k in restored)
     assert all(torch.equal(m, n) for m, n in zip(maps, r.restore(batch, return_maps=True).maps))
+
+
+SWITCHES = ["cuda_graph", "channels_last", "triton"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import (torch.jit)
+@pytest.mark.parametrize(
+    "option, value",
+    [(o, v) for o in SWITCHES for v in ["no", 1, 0, 2.0]] + [("cuda_graph", None), ("triton", None)],
+)
+def test_switches_take_true_or_false_only(option, value):
+    """cuda_graph="no" and channels_last="no" were taken as true (any truthy value turned them on; on
+    the CPU, cuda_graph="no" was refused as "cuda_graph=True needs a CUDA device"). Refused now, as
+    tile_batch and overlap are. (channels_last=None is its default: on.)"""
+    backend = "compile" if option == "triton" else "eager"
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", backend=backend, **{option: value})
+    assert str(e.value) == f"{option} must be True or False, not {value!r}"
+
+
+def test_switches_take_numpy_bools():
+    r = qairn.Restorer(model=lively_model(), device="cpu", cuda_graph=np.False_, channels_last=np.False_)
+    assert r.cuda_graph is False and r.backend.channels_last is False

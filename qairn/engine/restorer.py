@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qairn.engine.backends import make_backend
+from qairn.engine.backends import check_switch, make_backend
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
@@ -334,6 +334,7 @@ class Restorer:
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
         self.closed = False
         self.channel_order = check_order(channel_order)
+        cuda_graph = check_switch("cuda_graph", cuda_graph)
         if cuda_graph and backend not in ("eager", "triton", "compile"):
             raise ValueError(
                 f"cuda_graph=True takes the eager, triton or compile backend, not {backend!r} "
