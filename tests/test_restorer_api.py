@@ -551,3 +551,66 @@ def test_switches_take_true_or_false_only(option, value):
 def test_switches_take_numpy_bools():
     r = qairn.Restorer(model=lively_model(), device="cpu", cuda_graph=np.False_, channels_last=np.False_)
     assert r.cuda_graph is False and r.backend.channels_last is False
+
+
+def test_close_waits_for_a_restore_running_in_another_thread():
+    """close() freed the backend (an ORT session, an engine) at once, while another thread's restore()
+    was still inside it: that call went on with a closed backend. close() now waits for calls of
+    other threads to end, and only then closes the backend."""
+    import threading
+
+    events = []
+    inside, release, settled = threading.Event(), threading.Event(), threading.Event()
+
+    class Backend:  # the real network, held inside its call until released
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, x):
+            inside.set()
+            release.wait()
+            events.append("call ended")
+            return self.inner(x)
+
+        def close(self):
+            events.append("backend closed")
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    r.backend = Backend(r.backend)
+
+    class Watched(threading.Condition):  # says when close() has begun to wait
+        def wait(self, timeout=None):
+            settled.set()
+            return super().wait(timeout)
+
+    r._calls_changed = Watched(threading.Lock())
+    img = np.random.default_rng(0).integers(0, 256, (9, 17, 3), dtype=np.uint8)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(r.restore(img)))
+    worker.start()
+    inside.wait()
+
+    def close():
+        r.close()
+        settled.set()  # the old close() returned without waiting
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    settled.wait()
+    release.set()
+    worker.join()
+    closer.join()
+    assert events == ["call ended", "backend closed"]
+    assert results[0].image.shape == img.shape
+
+
+def test_close_from_inside_a_call_does_not_wait_for_that_call():
+    """A progress callback that closes the Restorer: close() must not wait for the call it is in (it
+    would wait for ever); that call's next tiles are refused, as any call after close()."""
+    from qairn.engine.backends import BackendError
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=16, overlap=0, tile_batch=1)
+    img = np.random.default_rng(0).integers(0, 256, (16, 40, 3), dtype=np.uint8)
+    with pytest.raises(BackendError, match="^this torch backend was closed$"):
+        r.restore(img, progress=lambda done, total: r.close())
+    assert r.closed

@@ -333,6 +333,10 @@ class Restorer:
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
         self.closed = False
+        # The threads inside restore_tensor now (one entry per call): close() waits for them to leave
+        # before it frees the backend they run on.
+        self._callers: list[int] = []
+        self._calls_changed = threading.Condition()
         self.channel_order = check_order(channel_order)
         cuda_graph = check_switch("cuda_graph", cuda_graph)
         if cuda_graph and backend not in ("eager", "triton", "compile"):
@@ -374,11 +378,17 @@ class Restorer:
         """Free the device memory this Restorer holds now: its captured CUDA graphs, the tile plans
         kept on the device, and an engine's or ONNX Runtime session's own memory (their close()).
         A transcoder that switches models should not wait for the garbage collector. Later calls are
-        refused; closing twice is harmless. `with Restorer(...) as r:` closes on leaving."""
+        refused; closing twice is harmless. `with Restorer(...) as r:` closes on leaving.
+        Calls running in other threads end first: close() waits for them."""
+        me = threading.get_ident()
+        with self._calls_changed:
+            self.closed = True  # no call starts from now on
+            # Not for a call of this very thread (close() from a progress callback), which cannot end
+            # before this returns: its next backend call is refused instead ("... was closed").
+            self._calls_changed.wait_for(lambda: all(t == me for t in self._callers))
         with self._cache_lock:
             self._graphs.clear()
             self._plan_cache.clear()
-            self.closed = True
         close_backend = getattr(self.backend, "close", None)
         if close_backend is not None:
             close_backend()
@@ -399,6 +409,18 @@ class Restorer:
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
         image=False: quality (and maps) only, restored is None: the network's tail, the blend of the
         tiles and the crop are skipped (on the torch backends; the quality is the same numbers)."""
+        with self._calls_changed:
+            if self.closed:  # the eager network would still run, an engine not: one rule for all
+                raise RuntimeError("this Restorer was closed")
+            self._callers.append(threading.get_ident())
+        try:
+            return self._restore_tensor(x, return_maps, progress, image)
+        finally:
+            with self._calls_changed:
+                self._callers.remove(threading.get_ident())
+                self._calls_changed.notify_all()
+
+    def _restore_tensor(self, x: torch.Tensor, return_maps: bool, progress, image: bool):
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
         # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
@@ -408,8 +430,6 @@ class Restorer:
             )
         if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
-        if self.closed:  # the eager network would still run, an engine not: one rule for all
-            raise RuntimeError("this Restorer was closed")
         x = check_float_range(x).to(self.device, torch.float32)
         n, _, h, w = x.shape
         asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
