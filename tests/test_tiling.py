@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,6 +307,41 @@ def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
     r.restore(img)
     assert set(seen) == {128}
     assert r.tile == 256 and r.tile_for(64, 64) == 256
+
+
+@pytest.mark.parametrize("call", ["restore", "restore tensor", "score", "restore_tensor", "restore_yuv"])
+def test_the_out_of_memory_warning_points_at_the_users_call(call):
+    """The "retrying with tile ..." warning had stacklevel=2: it named qairn/engine/restorer.py (the
+    _restore() that called restore_tensor), not the line of the user's call, whatever the entry."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=128, overlap=16)
+    inner = r.backend
+
+    def limited(x):  # pretend the device holds at most 64x64 tiles
+        if x.shape[-1] > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r.backend = limited
+    img = np.random.default_rng(0).integers(0, 256, (40, 150, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    y = np.zeros((40, 150), np.uint8) + 128
+    uv = np.zeros((20, 75), np.uint8) + 128
+    calls = {
+        "restore": lambda: r.restore(img),
+        "restore tensor": lambda: r.restore(x),
+        "score": lambda: r.score(img),
+        "restore_tensor": lambda: r.restore_tensor(x / 255.0),
+        "restore_yuv": lambda: r.restore_yuv(y, uv, uv),
+    }
+    with pytest.warns(UserWarning, match="retrying with tile 64") as warned:
+        calls[call]()
+    assert [(Path(w.filename).name, w.lineno) for w in warned] == [
+        (Path(__file__).name, line_of(calls[call]))
+    ]
+
+
+def line_of(f) -> int:
+    return f.__code__.co_firstlineno
 
 
 def test_out_of_memory_inside_a_graph_capture_still_halves_the_tile(live1_image):
