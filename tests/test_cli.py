@@ -989,7 +989,7 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],
             "qairn train: error: --batch 0",
         ),
-        (["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--val-holdout", "1"], "has only 1 images"),
+        (["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--val-holdout", "1"], "has only 1 image,"),
         (["eval", "--data", "{tmp}/imgs", "--qf", "150"], "--qf 150: JPEG quality factors are 1..100"),
         (
             [
