@@ -418,24 +418,34 @@ class Restorer:
         self.close()
 
     # ---- tensors -------------------------------------------------------------------------------
-    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None, image: bool = True):
+    def restore_tensor(
+        self,
+        x: torch.Tensor,
+        return_maps: bool = False,
+        progress=None,
+        image: bool = True,
+        *,
+        in_range: bool = False,
+    ):
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device. progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
         image=False: quality (and maps) only, restored is None: the network's tail, the blend of the
-        tiles and the crop are skipped (on the torch backends; the quality is the same numbers)."""
+        tiles and the crop are skipped (on the torch backends; the quality is the same numbers).
+        in_range=True: x is known to lie in [0, 1] (restore() made it from integers, or has read its
+        range), so its range is not read again (a read of every value, on the CPU)."""
         with self._calls_changed:
             if self.closed:  # the eager network would still run, an engine not: one rule for all
                 raise RuntimeError("this Restorer was closed")
             self._callers.append(threading.get_ident())
         try:
-            return self._restore_tensor(x, return_maps, progress, image)
+            return self._restore_tensor(x, return_maps, progress, image, in_range)
         finally:
             with self._calls_changed:
                 self._callers.remove(threading.get_ident())
                 self._calls_changed.notify_all()
 
-    def _restore_tensor(self, x: torch.Tensor, return_maps: bool, progress, image: bool):
+    def _restore_tensor(self, x: torch.Tensor, return_maps: bool, progress, image: bool, in_range: bool):
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
         # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
@@ -445,7 +455,7 @@ class Restorer:
             )
         if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
-        x = check_float_range(x).to(self.device, torch.float32)
+        x = (x if in_range else check_float_range(x)).to(self.device, torch.float32)
         n, _, h, w = x.shape
         asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
         tile, overlap = self.tiling_for(h, w, n)
@@ -666,7 +676,8 @@ class Restorer:
                 _rgb_bits(img.dtype, bits)
             return self._restore_torch(img, return_maps, order, progress, image)
         x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
-        y, q, maps = self.restore_tensor(x, return_maps, progress, image)
+        # In [0, 1]: made from integers, or its range read by image_array.
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
         return Result(from_tensor(y, meta) if image else None, quality, maps)
@@ -676,7 +687,8 @@ class Restorer:
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress, image)
+        x = batch_to_float(t, order)  # its range read there, if float
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
     def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
