@@ -667,6 +667,9 @@ def test_bad_arrays_are_refused_with_the_reason(img, says):
         ({"tile": True}, "tile must be a positive int"),  # not tiles of one pixel (rounded up to 16)
         ({"p": 0}, "the Minkowski exponent p must be a positive number, not 0.0"),  # not ZeroDivisionError
         ({"p": float("nan")}, "p must be a positive number, not nan"),
+        ({"p": True}, "p must be a positive number, not True"),  # was p = 1
+        ({"p": "64"}, "p must be a positive number, not '64'"),  # was float("64")
+        ({"p": "high"}, "p must be a positive number, not 'high'"),  # was float()'s own message
         ({"p": 500}, "p = 500 is over 128: fp32 pooling sums lose every gate below 0.74"),
         ({"weights": "w.safetensors"}, "give weights= or model=, not both"),  # weights were ignored
     ],

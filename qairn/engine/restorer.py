@@ -325,7 +325,11 @@ class Restorer:
                 model = load_model(weights if weights is not None else default_weights())
             config = model.config
         self.config = config
-        self.p = float(p if p is not None else config.p)
+        p = config.p if p is None else p
+        # True ran as p = 1 and "64" as 64.0; "high" met float()'s own message.
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise ValueError(f"the Minkowski exponent p must be a positive number, not {p!r}")
+        self.p = float(p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         if self.p > MAX_POOL_P:
