@@ -498,9 +498,13 @@ def test_restore_tensor_refuses_floats_out_of_range_on_the_cpu_as_restore_does()
     x = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
-    for bad in (x * 255, nan):
-        with pytest.raises(ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans"):
-            r.restore_tensor(bad)
+    with pytest.raises(
+        ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans \[0.02032, 255\]"
+    ):
+        r.restore_tensor(x * 255)
+    # One NaN was said as "spans [nan, nan] (divide 0..255 data by 255, or pass uint8)".
+    with pytest.raises(ValueError, match=r"^float tensors are taken in \[0, 1\], this one holds NaN$"):
+        r.restore_tensor(nan)
     r.restore_tensor(x * (1 + 1 / 255))  # rounding overshoot is fine, as for restore()
 
 

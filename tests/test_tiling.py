@@ -244,7 +244,7 @@ def test_bad_arrays():
         r.restore(torch.full((1, 3, 8, 8), 255.0).index_fill_(2, torch.tensor([0]), 0.0))
     with pytest.raises(ValueError, match="unsupported tensor dtype torch.int32"):
         r.restore(torch.zeros((1, 3, 8, 8), dtype=torch.int32))
-    with pytest.raises(ValueError, match="spans"):
+    with pytest.raises(ValueError, match="this one holds NaN"):
         r.restore(torch.full((1, 3, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="channel_order must be 'rgb' or 'bgr', not 'BGR'"):
         r.restore(np.zeros((8, 8, 3), np.uint8), channel_order="BGR")

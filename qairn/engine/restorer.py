@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -817,7 +818,9 @@ def check_float_range(x: torch.Tensor) -> torch.Tensor:
     # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
     # scalar" from inside qairn at every call.
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
-    if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
+    if math.isnan(lo) or math.isnan(hi):  # said as "spans [nan, nan]", with advice for 0..255 data
+        raise ValueError("float tensors are taken in [0, 1], this one holds NaN")
+    if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):
         raise ValueError(
             f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
             "(divide 0..255 data by 255, or pass uint8)"
