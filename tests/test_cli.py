@@ -1470,3 +1470,16 @@ def test_a_progress_bar_in_a_log_writes_no_opening_line(monkeypatch):
         assert buf.getvalue() == ""
     finally:
         bar.close()
+
+
+def test_a_run_that_wrote_nothing_leaves_no_output_folder(workdir, tiny_weights, capsys):
+    """The output folder (and its missing parents) was made before the images were read: a run whose
+    every image failed (a corrupt JPEG) left an empty out/new/ behind. A folder that was there stays."""
+    (workdir / "bad.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)))
+    out = workdir / "out" / "new"
+    rc, _, err = run(capsys, "restore", workdir / "bad.jpg", "-o", f"{out}/", "--weights", tiny_weights)
+    assert rc == 1 and "bad.jpg: not an image" in err
+    assert not (workdir / "out").exists()
+    (workdir / "kept").mkdir()
+    rc, _, _ = run(capsys, "restore", workdir / "bad.jpg", "-o", workdir / "kept", "--weights", tiny_weights)
+    assert rc == 1 and (workdir / "kept").is_dir()
