@@ -644,3 +644,22 @@ def test_the_float_range_is_read_once_and_not_for_integer_input(monkeypatch):
         reads.clear()
         call()
         assert len(reads) == expected, name
+
+
+@pytest.mark.parametrize("entry", ["restore", "restore tensor", "restore_tensor", "restore_yuv"])
+def test_return_maps_takes_true_or_false_only(entry):
+    """return_maps="no" returned the maps (any truthy value asked for them), as cuda_graph="no" turned the
+    graphs on. Refused now with the same line."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = np.zeros((8, 8, 3), np.uint8)
+    plane = np.zeros((8, 8), np.uint8)
+    calls = {
+        "restore": lambda v: r.restore(img, return_maps=v),
+        "restore tensor": lambda v: r.restore(torch.zeros(1, 3, 8, 8), return_maps=v),
+        "restore_tensor": lambda v: r.restore_tensor(torch.zeros(1, 3, 8, 8), return_maps=v),
+        "restore_yuv": lambda v: r.restore_yuv(plane, plane, plane, return_maps=v),
+    }
+    with pytest.raises(ValueError) as e:
+        calls[entry]("no")
+    assert str(e.value) == "return_maps must be True or False, not 'no'"
+    calls[entry](np.True_)

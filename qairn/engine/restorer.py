@@ -439,6 +439,7 @@ class Restorer:
         tiles and the crop are skipped (on the torch backends; the quality is the same numbers).
         in_range=True: x is known to lie in [0, 1] (restore() made it from integers, or has read its
         range), so its range is not read again (a read of every value, on the CPU)."""
+        return_maps = check_switch("return_maps", return_maps)
         with self._calls_changed:
             if self.closed:  # the eager network would still run, an engine not: one rule for all
                 raise RuntimeError("this Restorer was closed")
@@ -674,6 +675,7 @@ class Restorer:
     def _restore(self, img, return_maps, channel_order, progress, bits, image: bool = True) -> Result:
         """restore(); image=False leaves Result.image None and skips making it (score)."""
         order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
+        return_maps = check_switch("return_maps", return_maps)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
@@ -707,6 +709,7 @@ class Restorer:
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
         from qairn.engine.color import restore_yuv
 
+        return_maps = check_switch("return_maps", return_maps)
         return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
 
     def restore_stream(self, frames, batch: int = 4, **options):
