@@ -107,7 +107,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
     # A diverged training exports NaN weights: they would restore every picture black, scored NaN.
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
-        raise WeightsError(f"{path}: weights hold NaN or infinity ({len(bad)} tensors, e.g. {bad[0]})")
+        raise WeightsError(
+            f"{path}: weights hold NaN or infinity ({len(bad)} tensor{'s' * (len(bad) != 1)}, e.g. {bad[0]})"
+        )
     model = QAIRN(config)
     model.load_state_dict(state)
     try:

@@ -1003,7 +1003,7 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],
             "qairn train: error: --batch 0",
         ),
-        (["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--val-holdout", "1"], "has only 1 images"),
+        (["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--val-holdout", "1"], "has only 1 image,"),
         (["eval", "--data", "{tmp}/imgs", "--qf", "150"], "--qf 150: JPEG quality factors are 1..100"),
         (
             [
@@ -1484,3 +1484,16 @@ def test_a_progress_bar_in_a_log_writes_no_opening_line(monkeypatch):
         assert buf.getvalue() == ""
     finally:
         bar.close()
+
+
+def test_a_run_that_wrote_nothing_leaves_no_output_folder(workdir, tiny_weights, capsys):
+    """The output folder (and its missing parents) was made before the images were read: a run whose
+    every image failed (a corrupt JPEG) left an empty out/new/ behind. A folder that was there stays."""
+    (workdir / "bad.jpg").write_bytes(b"\xff\xd8\xff" + bytes(range(256)))
+    out = workdir / "out" / "new"
+    rc, _, err = run(capsys, "restore", workdir / "bad.jpg", "-o", f"{out}/", "--weights", tiny_weights)
+    assert rc == 1 and "bad.jpg: not an image" in err
+    assert not (workdir / "out").exists()
+    (workdir / "kept").mkdir()
+    rc, _, _ = run(capsys, "restore", workdir / "bad.jpg", "-o", workdir / "kept", "--weights", tiny_weights)
+    assert rc == 1 and (workdir / "kept").is_dir()

@@ -275,7 +275,7 @@ def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path,
         "10",
     ]
     assert export_main(argv) == 0
-    assert "1 images from" in capsys.readouterr().out
+    assert "1 image from" in capsys.readouterr().out
 
 
 def test_verify_a_file_from_before_the_qsums_scale(model, crops, tmp_path, monkeypatch):
@@ -427,7 +427,7 @@ def test_cli_verify_images_folder_skips_hidden_files(tmp_path):
     (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a JPEG")
     args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10], verify_limit=2, verify_crop=64)
     images, note = verify_inputs(args)
-    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 images from")
+    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 image from")
 
 
 def test_metadata_records_the_export(model, exported):
@@ -559,8 +559,8 @@ def test_cli_fp16_line_says_where_its_images_came_from_before_the_torch_crops(ti
     assert export_main(argv + ["--verify-crop", "64", "--verify-qf", "10"]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     onnx_part, torch_part = line.split("; the CPU provider runs fp16 layers in fp32")
-    assert onnx_part.endswith(f"(1 images from {image} at QF [10])")
-    assert "1 64x64 crops of them" in torch_part and "images from" not in torch_part
+    assert onnx_part.endswith(f"(1 image from {image} at QF [10])")
+    assert "1 64x64 crop of them" in torch_part and "image from" not in torch_part
 
 
 def test_two_exports_to_one_file_do_not_take_each_others_unverified_file(tiny_weights, tmp_path, monkeypatch):

@@ -498,9 +498,13 @@ def test_restore_tensor_refuses_floats_out_of_range_on_the_cpu_as_restore_does()
     x = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
     nan = x.clone()
     nan[0, 0, 0, 0] = float("nan")
-    for bad in (x * 255, nan):
-        with pytest.raises(ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans"):
-            r.restore_tensor(bad)
+    with pytest.raises(
+        ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans \[0.02032, 255\]"
+    ):
+        r.restore_tensor(x * 255)
+    # One NaN was said as "spans [nan, nan] (divide 0..255 data by 255, or pass uint8)".
+    with pytest.raises(ValueError, match=r"^float tensors are taken in \[0, 1\], this one holds NaN$"):
+        r.restore_tensor(nan)
     r.restore_tensor(x * (1 + 1 / 255))  # rounding overshoot is fine, as for restore()
 
 
@@ -528,3 +532,134 @@ def test_score_gives_restores_quality_exactly_without_making_the_image(tile):
     y, q, maps = r.restore_tensor(batch.float() / 255, return_maps=True, image=False)
     assert y is None and all(torch.equal(q[k], restored[k]) for k in restored)
     assert all(torch.equal(m, n) for m, n in zip(maps, r.restore(batch, return_maps=True).maps))
+
+
+SWITCHES = ["cuda_graph", "channels_last", "triton"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import (torch.jit)
+@pytest.mark.parametrize(
+    "option, value",
+    [(o, v) for o in SWITCHES for v in ["no", 1, 0, 2.0]] + [("cuda_graph", None), ("triton", None)],
+)
+def test_switches_take_true_or_false_only(option, value):
+    """cuda_graph="no" and channels_last="no" were taken as true (any truthy value turned them on; on
+    the CPU, cuda_graph="no" was refused as "cuda_graph=True needs a CUDA device"). Refused now, as
+    tile_batch and overlap are. (channels_last=None is its default: on.)"""
+    backend = "compile" if option == "triton" else "eager"
+    with pytest.raises(ValueError) as e:
+        qairn.Restorer(model=lively_model(), device="cpu", backend=backend, **{option: value})
+    assert str(e.value) == f"{option} must be True or False, not {value!r}"
+
+
+def test_switches_take_numpy_bools():
+    r = qairn.Restorer(model=lively_model(), device="cpu", cuda_graph=np.False_, channels_last=np.False_)
+    assert r.cuda_graph is False and r.backend.channels_last is False
+
+
+def test_close_waits_for_a_restore_running_in_another_thread():
+    """close() freed the backend (an ORT session, an engine) at once, while another thread's restore()
+    was still inside it: that call went on with a closed backend. close() now waits for calls of
+    other threads to end, and only then closes the backend."""
+    import threading
+
+    events = []
+    inside, release, settled = threading.Event(), threading.Event(), threading.Event()
+
+    class Backend:  # the real network, held inside its call until released
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, x):
+            inside.set()
+            release.wait()
+            events.append("call ended")
+            return self.inner(x)
+
+        def close(self):
+            events.append("backend closed")
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    r.backend = Backend(r.backend)
+
+    class Watched(threading.Condition):  # says when close() has begun to wait
+        def wait(self, timeout=None):
+            settled.set()
+            return super().wait(timeout)
+
+    r._calls_changed = Watched(threading.Lock())
+    img = np.random.default_rng(0).integers(0, 256, (9, 17, 3), dtype=np.uint8)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(r.restore(img)))
+    worker.start()
+    inside.wait()
+
+    def close():
+        r.close()
+        settled.set()  # the old close() returned without waiting
+
+    closer = threading.Thread(target=close)
+    closer.start()
+    settled.wait()
+    release.set()
+    worker.join()
+    closer.join()
+    assert events == ["call ended", "backend closed"]
+    assert results[0].image.shape == img.shape
+
+
+def test_close_from_inside_a_call_does_not_wait_for_that_call():
+    """A progress callback that closes the Restorer: close() must not wait for the call it is in (it
+    would wait for ever); that call's next tiles are refused, as any call after close()."""
+    from qairn.engine.backends import BackendError
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=16, overlap=0, tile_batch=1)
+    img = np.random.default_rng(0).integers(0, 256, (16, 40, 3), dtype=np.uint8)
+    with pytest.raises(BackendError, match="^this torch backend was closed$"):
+        r.restore(img, progress=lambda done, total: r.close())
+    assert r.closed
+
+
+def test_the_float_range_is_read_once_and_not_for_integer_input(monkeypatch):
+    """restore() of a uint8 image read the min and max of the float batch it had made itself from the
+    integers (in [0, 1] by construction: ~0.24 ms a call), and a float tensor had its range read twice
+    (by restore() and again by restore_tensor). Checked only where the data came in as floats now."""
+    from qairn.engine import restorer as restorer_module
+
+    reads = []
+    check = restorer_module.check_float_range
+    monkeypatch.setattr(restorer_module, "check_float_range", lambda x: reads.append(1) or check(x))
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = np.random.default_rng(0).integers(0, 256, (9, 17, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+    calls = {
+        "uint8 array": (lambda: r.restore(img), 0),
+        "uint16 array": (lambda: r.restore(img.astype(np.uint16) * 257), 0),
+        "uint8 tensor": (lambda: r.restore(x), 0),
+        "float tensor": (lambda: r.restore(x / 255.0), 1),
+        "restore_tensor": (lambda: r.restore_tensor(x / 255.0), 1),
+        "restore_tensor in_range": (lambda: r.restore_tensor(x / 255.0, in_range=True), 0),
+    }
+    for name, (call, expected) in calls.items():
+        reads.clear()
+        call()
+        assert len(reads) == expected, name
+
+
+@pytest.mark.parametrize("entry", ["restore", "restore tensor", "restore_tensor", "restore_yuv"])
+def test_return_maps_takes_true_or_false_only(entry):
+    """return_maps="no" returned the maps (any truthy value asked for them), as cuda_graph="no" turned the
+    graphs on. Refused now with the same line."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = np.zeros((8, 8, 3), np.uint8)
+    plane = np.zeros((8, 8), np.uint8)
+    calls = {
+        "restore": lambda v: r.restore(img, return_maps=v),
+        "restore tensor": lambda v: r.restore(torch.zeros(1, 3, 8, 8), return_maps=v),
+        "restore_tensor": lambda v: r.restore_tensor(torch.zeros(1, 3, 8, 8), return_maps=v),
+        "restore_yuv": lambda v: r.restore_yuv(plane, plane, plane, return_maps=v),
+    }
+    with pytest.raises(ValueError) as e:
+        calls[entry]("no")
+    assert str(e.value) == "return_maps must be True or False, not 'no'"
+    calls[entry](np.True_)

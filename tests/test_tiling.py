@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,7 +244,7 @@ def test_bad_arrays():
         r.restore(torch.full((1, 3, 8, 8), 255.0).index_fill_(2, torch.tensor([0]), 0.0))
     with pytest.raises(ValueError, match="unsupported tensor dtype torch.int32"):
         r.restore(torch.zeros((1, 3, 8, 8), dtype=torch.int32))
-    with pytest.raises(ValueError, match="spans"):
+    with pytest.raises(ValueError, match="this one holds NaN"):
         r.restore(torch.full((1, 3, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="channel_order must be 'rgb' or 'bgr', not 'BGR'"):
         r.restore(np.zeros((8, 8, 3), np.uint8), channel_order="BGR")
@@ -306,6 +307,41 @@ def test_out_of_memory_halves_the_tile_and_resumes(live1_image):
     r.restore(img)
     assert set(seen) == {128}
     assert r.tile == 256 and r.tile_for(64, 64) == 256
+
+
+@pytest.mark.parametrize("call", ["restore", "restore tensor", "score", "restore_tensor", "restore_yuv"])
+def test_the_out_of_memory_warning_points_at_the_users_call(call):
+    """The "retrying with tile ..." warning had stacklevel=2: it named qairn/engine/restorer.py (the
+    _restore() that called restore_tensor), not the line of the user's call, whatever the entry."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=128, overlap=16)
+    inner = r.backend
+
+    def limited(x):  # pretend the device holds at most 64x64 tiles
+        if x.shape[-1] > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return inner(x)
+
+    r.backend = limited
+    img = np.random.default_rng(0).integers(0, 256, (40, 150, 3), dtype=np.uint8)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    y = np.zeros((40, 150), np.uint8) + 128
+    uv = np.zeros((20, 75), np.uint8) + 128
+    calls = {
+        "restore": lambda: r.restore(img),
+        "restore tensor": lambda: r.restore(x),
+        "score": lambda: r.score(img),
+        "restore_tensor": lambda: r.restore_tensor(x / 255.0),
+        "restore_yuv": lambda: r.restore_yuv(y, uv, uv),
+    }
+    with pytest.warns(UserWarning, match="retrying with tile 64") as warned:
+        calls[call]()
+    assert [(Path(w.filename).name, w.lineno) for w in warned] == [
+        (Path(__file__).name, line_of(calls[call]))
+    ]
+
+
+def line_of(f) -> int:
+    return f.__code__.co_firstlineno
 
 
 def test_out_of_memory_inside_a_graph_capture_still_halves_the_tile(live1_image):
@@ -631,6 +667,9 @@ def test_bad_arrays_are_refused_with_the_reason(img, says):
         ({"tile": True}, "tile must be a positive int"),  # not tiles of one pixel (rounded up to 16)
         ({"p": 0}, "the Minkowski exponent p must be a positive number, not 0.0"),  # not ZeroDivisionError
         ({"p": float("nan")}, "p must be a positive number, not nan"),
+        ({"p": True}, "p must be a positive number, not True"),  # was p = 1
+        ({"p": "64"}, "p must be a positive number, not '64'"),  # was float("64")
+        ({"p": "high"}, "p must be a positive number, not 'high'"),  # was float()'s own message
         ({"p": 500}, "p = 500 is over 128: fp32 pooling sums lose every gate below 0.74"),
         ({"weights": "w.safetensors"}, "give weights= or model=, not both"),  # weights were ignored
     ],

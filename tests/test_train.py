@@ -1012,7 +1012,7 @@ def test_images_too_small_for_a_patch_are_named(data, tmp_path, capsys):
     cv2.imwrite(str(folder / "small.png"), synth_image(np.random.default_rng(4), 36, 80))
     trainer.train(tiny_args(folder, tmp_path / "out", steps=1, val_holdout=0))
     out = capsys.readouterr().out
-    assert "note: 1 of 5 training images are under 40 px on a side (--patch 32 + 8)" in out
+    assert "note: 1 of 5 training images is under 40 px on a side (--patch 32 + 8) and is not used" in out
     assert "not used: small.png\n" in out
 
 

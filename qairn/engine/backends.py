@@ -13,6 +13,7 @@ import importlib
 import inspect
 import numbers
 
+import numpy as np
 import torch
 
 from qairn.kernels.gate import POOL_SCALE_LOG2
@@ -40,6 +41,13 @@ def check_options(name: str, cls: type, options: dict, set_here: tuple = ()) -> 
             f"argument nor one of backend {name!r}'s ({', '.join(own) or 'none'})"
             + "".join(f"; for {k}, give backend={k!r}" for k in unknown if k in BACKENDS)
         )
+
+
+def check_switch(name: str, value) -> bool:
+    """An on/off option as a bool. Taken by its truth, "no" turned it on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, not {value!r}")
+    return bool(value)
 
 
 class BackendError(RuntimeError):
@@ -78,6 +86,8 @@ class TorchBackend:
             raise ValueError(
                 f"fused_conv takes True, False or the widest conv to fuse (an int >= 1), not {fused_conv!r}"
             )
+        triton = check_switch("triton", triton)
+        channels_last = None if channels_last is None else check_switch("channels_last", channels_last)
         self.dtype = PRECISIONS[precision]
         self.device = device
         # channels_last by default everywhere: cuDNN's tensor-core convs want it, and on this 2-core CPU

@@ -453,6 +453,17 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def remove_empty(folder: Path, top: Path) -> None:
+    """Remove folder and its parents up to top, as far as they are empty."""
+    for d in [folder, *folder.parents]:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something else wrote there), or gone
+            return
+        if d == top:
+            return
+
+
 def main_restore(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qairn restore", description="Remove JPEG artifacts from images.")
     common_args(p)
@@ -513,7 +524,9 @@ def main_restore(argv=None) -> int:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback
         return fatal(str(e).splitlines()[0])
+    made = None  # the topmost folder this run makes, removed again if no image is written
     if folder is not None:
+        made = next((d for d in [*reversed(folder.parents), folder] if not d.exists()), None)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -534,6 +547,8 @@ def main_restore(argv=None) -> int:
         if a.json:
             write_records(a.json, records)
         raise
+    if made is not None and not records:  # every image failed: no empty folder left behind
+        remove_empty(folder, made)
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
     tqdm.write(restore_summary(records, len(inputs) + len(missing), failed_names), file=sys.stderr)

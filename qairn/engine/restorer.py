@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
+import sys
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qairn.engine.backends import make_backend
+from qairn.engine.backends import check_switch, make_backend
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
@@ -31,6 +33,20 @@ SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
 # memory while another captures) would crash. Held only for the capture itself (host work, once per
 # shape), not the warm-up before it, where compiling and tuning take their time.
 _CAPTURE_LOCK = threading.Lock()
+
+
+# Not resolved: compared with code objects' file names, which take the form the import found.
+QAIRN_DIR = str(Path(__file__).parents[1]) + os.sep
+
+
+def user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for its caller, that names the first frame outside qairn: the
+    user's restore(), score(), restore_yuv() or restore_tensor() line, reached through different
+    depths of qairn's own calls."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(QAIRN_DIR):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def default_weights() -> Path:
@@ -310,7 +326,11 @@ class Restorer:
                 model = load_model(weights if weights is not None else default_weights())
             config = model.config
         self.config = config
-        self.p = float(p if p is not None else config.p)
+        p = config.p if p is None else p
+        # True ran as p = 1 and "64" as 64.0; "high" met float()'s own message.
+        if isinstance(p, bool) or not isinstance(p, numbers.Real):
+            raise ValueError(f"the Minkowski exponent p must be a positive number, not {p!r}")
+        self.p = float(p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         if self.p > MAX_POOL_P:
@@ -333,7 +353,12 @@ class Restorer:
         self._plan_cache: dict = {}  # plan shape -> its core boxes and blend ramps on the device
         self._shrunk: dict = {}  # (n, h, w) -> (tile, overlap) that fit after an out-of-memory retry
         self.closed = False
+        # The threads inside restore_tensor now (one entry per call): close() waits for them to leave
+        # before it frees the backend they run on.
+        self._callers: list[int] = []
+        self._calls_changed = threading.Condition()
         self.channel_order = check_order(channel_order)
+        cuda_graph = check_switch("cuda_graph", cuda_graph)
         if cuda_graph and backend not in ("eager", "triton", "compile"):
             raise ValueError(
                 f"cuda_graph=True takes the eager, triton or compile backend, not {backend!r} "
@@ -373,11 +398,17 @@ class Restorer:
         """Free the device memory this Restorer holds now: its captured CUDA graphs, the tile plans
         kept on the device, and an engine's or ONNX Runtime session's own memory (their close()).
         A transcoder that switches models should not wait for the garbage collector. Later calls are
-        refused; closing twice is harmless. `with Restorer(...) as r:` closes on leaving."""
+        refused; closing twice is harmless. `with Restorer(...) as r:` closes on leaving.
+        Calls running in other threads end first: close() waits for them."""
+        me = threading.get_ident()
+        with self._calls_changed:
+            self.closed = True  # no call starts from now on
+            # Not for a call of this very thread (close() from a progress callback), which cannot end
+            # before this returns: its next backend call is refused instead ("... was closed").
+            self._calls_changed.wait_for(lambda: all(t == me for t in self._callers))
         with self._cache_lock:
             self._graphs.clear()
             self._plan_cache.clear()
-            self.closed = True
         close_backend = getattr(self.backend, "close", None)
         if close_backend is not None:
             close_backend()
@@ -392,12 +423,35 @@ class Restorer:
         self.close()
 
     # ---- tensors -------------------------------------------------------------------------------
-    def restore_tensor(self, x: torch.Tensor, return_maps: bool = False, progress=None, image: bool = True):
+    def restore_tensor(
+        self,
+        x: torch.Tensor,
+        return_maps: bool = False,
+        progress=None,
+        image: bool = True,
+        *,
+        in_range: bool = False,
+    ):
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device. progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
         image=False: quality (and maps) only, restored is None: the network's tail, the blend of the
-        tiles and the crop are skipped (on the torch backends; the quality is the same numbers)."""
+        tiles and the crop are skipped (on the torch backends; the quality is the same numbers).
+        in_range=True: x is known to lie in [0, 1] (restore() made it from integers, or has read its
+        range), so its range is not read again (a read of every value, on the CPU)."""
+        return_maps = check_switch("return_maps", return_maps)
+        with self._calls_changed:
+            if self.closed:  # the eager network would still run, an engine not: one rule for all
+                raise RuntimeError("this Restorer was closed")
+            self._callers.append(threading.get_ident())
+        try:
+            return self._restore_tensor(x, return_maps, progress, image, in_range)
+        finally:
+            with self._calls_changed:
+                self._callers.remove(threading.get_ident())
+                self._calls_changed.notify_all()
+
+    def _restore_tensor(self, x: torch.Tensor, return_maps: bool, progress, image: bool, in_range: bool):
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
         # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
@@ -407,9 +461,7 @@ class Restorer:
             )
         if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
-        if self.closed:  # the eager network would still run, an engine not: one rule for all
-            raise RuntimeError("this Restorer was closed")
-        x = check_float_range(x).to(self.device, torch.float32)
+        x = (x if in_range else check_float_range(x)).to(self.device, torch.float32)
         n, _, h, w = x.shape
         asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
         tile, overlap = self.tiling_for(h, w, n)
@@ -437,7 +489,7 @@ class Restorer:
                 overlap = min(overlap, tile // 4)
                 warnings.warn(
                     f"out of device memory at tile {current}: retrying with tile {tile}, overlap {overlap}",
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
                 if self.device.type == "cuda":
                     with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
@@ -623,6 +675,7 @@ class Restorer:
     def _restore(self, img, return_maps, channel_order, progress, bits, image: bool = True) -> Result:
         """restore(); image=False leaves Result.image None and skips making it (score)."""
         order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
+        return_maps = check_switch("return_maps", return_maps)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
@@ -630,7 +683,8 @@ class Restorer:
                 _rgb_bits(img.dtype, bits)
             return self._restore_torch(img, return_maps, order, progress, image)
         x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
-        y, q, maps = self.restore_tensor(x, return_maps, progress, image)
+        # In [0, 1]: made from integers, or its range read by image_array.
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
         return Result(from_tensor(y, meta) if image else None, quality, maps)
@@ -640,7 +694,8 @@ class Restorer:
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        y, q, maps = self.restore_tensor(batch_to_float(t, order), return_maps, progress, image)
+        x = batch_to_float(t, order)  # its range read there, if float
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
     def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
@@ -654,6 +709,7 @@ class Restorer:
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
         from qairn.engine.color import restore_yuv
 
+        return_maps = check_switch("return_maps", return_maps)
         return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
 
     def restore_stream(self, frames, batch: int = 4, **options):
@@ -765,7 +821,9 @@ def check_float_range(x: torch.Tensor) -> torch.Tensor:
     # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
     # scalar" from inside qairn at every call.
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
-    if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):  # NaN fails this too
+    if math.isnan(lo) or math.isnan(hi):  # said as "spans [nan, nan]", with advice for 0..255 data
+        raise ValueError("float tensors are taken in [0, 1], this one holds NaN")
+    if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):
         raise ValueError(
             f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
             "(divide 0..255 data by 255, or pass uint8)"

@@ -212,7 +212,8 @@ def verify_inputs(args) -> tuple[list, str]:
         return [ox.synthetic_image(256, 256)], note
     files = files[: args.verify_limit] if args.verify_limit > 0 else files
     crop = (args.verify_crop, args.verify_crop) if args.verify_crop > 0 else None
-    return ox.jpeg_images(files, qfs, crop), f"{len(files)} images from {source} at QF {qfs}"
+    note = f"{len(files)} image{'s' * (len(files) != 1)} from {source} at QF {qfs}"
+    return ox.jpeg_images(files, qfs, crop), note
 
 
 def verify(path: Path, model, inputs: tuple[list, str]) -> int:

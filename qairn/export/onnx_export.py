@@ -662,6 +662,6 @@ def summary(stats: dict, source: str = "") -> str:
         line += (
             "; the CPU provider runs fp16 layers in fp32 (that is rounding at casts, not fp16 "
             f"arithmetic), so the fp16 network in torch vs eager fp32 on {fp16['images']} {side}x{side} "
-            f"crops of them: max abs err {errs(fp16['max_abs'])}"
+            f"crop{'s' * (fp16['images'] != 1)} of them: max abs err {errs(fp16['max_abs'])}"
         )
     return line

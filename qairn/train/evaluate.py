@@ -208,7 +208,7 @@ def crop_note(crop: int) -> str:
 def table1(summary: dict, n_images: int, data: str, crop: int = 0) -> str:
     cols = ["JPEG", "ours"] + list(PUBLISHED)
     lines = [
-        f"Restoration, {data} ({n_images} images{crop_note(crop)}), colour: "
+        f"Restoration, {data} ({n_images} image{'s' * (n_images != 1)}{crop_note(crop)}), colour: "
         "mean PSNR (dB) / SSIM / PSNR-B (dB)",
         f"{'QF':>3}  " + "  ".join(f"{c:<22}" for c in cols),
     ]
@@ -733,8 +733,8 @@ def main_quality(argv=None) -> int:
         sweep["images"] = [Path(f).name for f in val]
         sweep["crop"] = a.crop
         print(
-            f"p sweep on {len(val)} held-out training images (not LIVE1{crop_note(a.crop)}), "
-            f"{sweep['criterion']}:"
+            f"p sweep on {len(val)} held-out training image{'s' * (len(val) != 1)} "
+            f"(not LIVE1{crop_note(a.crop)}), {sweep['criterion']}:"
         )
         for r in sweep["grid"]:
             mark = "  <- chosen" if r["p"] == sweep["p"] else ""

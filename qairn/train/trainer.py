@@ -129,8 +129,9 @@ def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
         test = [f for f in (list_images(folder) if folder else []) if f.parent.name.lower() == "live1"]
         if test:
             raise SystemExit(
-                f"{opt} {folder}: holds {len(test)} LIVE1 test images ({test[0].parent}), which are never "
-                "trained or validated on; give the training folder itself (its train/)"
+                f"{opt} {folder}: holds {len(test)} LIVE1 test image{'s' * (len(test) != 1)} "
+                f"({test[0].parent}), never trained or validated on; give the training folder itself "
+                "(its train/)"
             )
     if a.val_data:
         train, val = list_images(a.data), list_images(a.val_data)
@@ -139,8 +140,10 @@ def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
         both = sorted({f.resolve() for f in train} & {f.resolve() for f in val})
         if both:
             raise SystemExit(
-                f"--val-data {a.val_data}: {len(both)} of its images are also training images in --data "
-                f"{a.data} (e.g. {both[0]}); keep the validation folder out of the training folder"
+                f"--val-data {a.val_data}: {len(both)} of its images "
+                + ("is also a training image" if len(both) == 1 else "are also training images")
+                + f" in --data {a.data} (e.g. {both[0]}); "
+                "keep the validation folder out of the training folder"
             )
         return train, val
     return split_files(a.data, a.val_holdout)
@@ -159,7 +162,8 @@ def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
         return files, []
     if holdout >= len(files):
         raise SystemExit(
-            f"--val-holdout {holdout}: {data} has only {len(files)} images, none would be left to train"
+            f"--val-holdout {holdout}: {data} has only {len(files)} image{'s' * (len(files) != 1)}, "
+            "none would be left to train"
         )
     k = max(len(files) // holdout, 1)
     val = files[::k][:holdout]
@@ -468,9 +472,10 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         small = [f.name for f, im in zip(train_files, images) if min(im.shape[:2]) < a.patch + 8]
         if main and small and len(small) < len(images):
             more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+            are = "is" if len(small) == 1 else "are"
             print(
-                f"note: {len(small)} of {len(images)} training images are under {a.patch + 8} px on a side "
-                f"(--patch {a.patch} + 8) and are not used: {', '.join(small[:3])}{more}"
+                f"note: {len(small)} of {len(images)} training images {are} under {a.patch + 8} px on a "
+                f"side (--patch {a.patch} + 8) and {are} not used: {', '.join(small[:3])}{more}"
             )
         try:
             # It takes the images over (the list is emptied): the pixels are held once, in ds.
@@ -862,10 +867,8 @@ def export_weights(
     with fp32_reference():
         decision = fp16_check(model, val_files, device=device)
     # No held-out image (--val-holdout 0), no loss to show ("nan dB ... on 0 images"): the reason instead.
-    why = (
-        decision.get("reason")
-        or f"{decision['loss_db']:.4f} dB fp16 loss on {len(val_files)} held-out images"
-    )
+    held_out = f"{len(val_files)} held-out image{'s' * (len(val_files) != 1)}"
+    why = decision.get("reason") or f"{decision['loss_db']:.4f} dB fp16 loss on {held_out}"
     print(f"export: {decision['dtype']} ({why}) -> {a.export}")
     summary = {
         "steps": step,
