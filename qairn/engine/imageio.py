@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
+from qairn.warn import warn
+
 # We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 200_000_000
@@ -345,7 +347,7 @@ def _imdecode(data: bytes) -> np.ndarray | None:
 
 
 def _warn(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
+    warn(message)
 
 
 def _quiet(message: str) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import sys
 import threading
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
 from qairn.model import QAIRN
+from qairn.warn import warn
 from qairn.weights_io import WeightsError, load_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -33,20 +32,6 @@ SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
 # memory while another captures) would crash. Held only for the capture itself (host work, once per
 # shape), not the warm-up before it, where compiling and tuning take their time.
 _CAPTURE_LOCK = threading.Lock()
-
-
-# Not resolved: compared with code objects' file names, which take the form the import found.
-QAIRN_DIR = str(Path(__file__).parents[1]) + os.sep
-
-
-def user_stacklevel() -> int:
-    """warnings.warn's stacklevel, for its caller, that names the first frame outside qairn: the
-    user's restore(), score(), restore_yuv() or restore_tensor() line, reached through different
-    depths of qairn's own calls."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(QAIRN_DIR):
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 def default_weights() -> Path:
@@ -487,10 +472,7 @@ class Restorer:
                 tile = aligned_tile(current // 2)  # what runs, and what the warning names
                 # The overlap shrinks too (to a quarter of the tile at most): the warning says both.
                 overlap = min(overlap, tile // 4)
-                warnings.warn(
-                    f"out of device memory at tile {current}: retrying with tile {tile}, overlap {overlap}",
-                    stacklevel=user_stacklevel(),
-                )
+                warn(f"out of device memory at tile {current}: retrying with tile {tile}, overlap {overlap}")
                 if self.device.type == "cuda":
                     with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
                         torch.cuda.empty_cache()

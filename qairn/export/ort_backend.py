@@ -23,7 +23,6 @@ one whose CUDA libraries failed to load) is refused, as is a CUDA device with a 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from qairn.export.onnx_export import (
 )
 from qairn.export.shapes import FixedShapeRunner
 from qairn.model import QAIRN, QAIRNConfig
+from qairn.warn import warn
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -140,10 +140,7 @@ def check_providers(asked, running: list[str], device: torch.device) -> None:
         )
     dropped = [a for a in gpu_asked if a not in running]
     if dropped:
-        warnings.warn(
-            f"ONNX Runtime runs on {', '.join(running)}: {', '.join(dropped)} missing or failed to load",
-            stacklevel=3,
-        )
+        warn(f"ONNX Runtime runs on {', '.join(running)}: {', '.join(dropped)} missing or failed to load")
 
 
 _FP16_CPU_WARNED = False
@@ -157,10 +154,9 @@ def warn_fp16_on_cpu() -> None:
     if _FP16_CPU_WARNED:
         return
     _FP16_CPU_WARNED = True
-    warnings.warn(
+    warn(
         "backend 'onnxruntime' fp16 on the CPU provider: its layers run in fp32 between casts, at fp32 "
-        "speed or slower and with fp16 rounding; use precision='fp32' on the CPU",
-        stacklevel=4,
+        "speed or slower and with fp16 rounding; use precision='fp32' on the CPU"
     )
 
 

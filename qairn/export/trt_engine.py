@@ -28,12 +28,12 @@ import hashlib
 import json
 import logging
 import re
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qairn.export.cache import write_atomic
 from qairn.export.onnx_export import INPUT, ISLAND_TAG
+from qairn.warn import warn
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +207,9 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_bytes: int, timing
         config.set_flag(trt.BuilderFlag.FP16)
         pinned = pin_fp32_islands(trt, network)
         if pinned == 0:
-            warnings.warn(
+            warn(
                 "no fp32-island layers found by name: sigmoid gates and quality sums may run in "
-                "fp16; build with strongly_typed=True instead",
-                stacklevel=2,
+                "fp16; build with strongly_typed=True instead"
             )
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     elif spec.typing == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
@@ -222,7 +221,7 @@ def build_engine(onnx_path: Path, spec: EngineSpec, workspace_bytes: int, timing
 
     if not config.set_timing_cache(read_timing_cache(config, timing_cache), ignore_mismatch=False):
         # Its header names another GPU or TensorRT: their timings would mislead this build.
-        warnings.warn(f"timing cache {timing_cache}: recorded elsewhere: starting a fresh one", stacklevel=2)
+        warn(f"timing cache {timing_cache}: recorded elsewhere: starting a fresh one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -244,7 +243,7 @@ def read_timing_cache(config, path: Path | None):
     else:
         why = "TensorRT could not read it (see its log above)"
     if cache is None:
-        warnings.warn(f"timing cache {path}: unusable ({why}): starting a fresh one", stacklevel=3)
+        warn(f"timing cache {path}: unusable ({why}): starting a fresh one")
         cache = config.create_timing_cache(b"")
     return cache
 
@@ -317,7 +316,7 @@ def _get_engine(
     if data is not None:
         return data, False
     if Path(engine).is_file():
-        warnings.warn(f"rebuilding TensorRT engine: {why}", stacklevel=2)
+        warn(f"rebuilding TensorRT engine: {why}")
     log.info(
         "building TensorRT engine %s (%s %s, profile %s..%s)",
         engine,
