@@ -192,7 +192,8 @@ def test_cli_onnx(tiny_weights, tmp_path, capsys):
     assert export_main(argv) == 0
     text = capsys.readouterr().out
     assert (
-        "fp16 ONNX on CPUExecutionProvider vs eager fp32 on 1 image:" in text and "static (1, 64, 64)" in text
+        f"fp16 ONNX on CPUExecutionProvider vs eager fp32 on 1 image at QF 10 from {image}:" in text
+        and "static (1, 64, 64)" in text
     )
     assert ox.read_metadata(out)["qairn.outputs"] == "maps"
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--io", "fp16"]) == 2
@@ -275,7 +276,7 @@ def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path,
         "10",
     ]
     assert export_main(argv) == 0
-    assert "1 image from" in capsys.readouterr().out
+    assert "1 image at QF 10 from" in capsys.readouterr().out
 
 
 def test_verify_a_file_from_before_the_qsums_scale(model, crops, tmp_path, monkeypatch):
@@ -427,7 +428,25 @@ def test_cli_verify_images_folder_skips_hidden_files(tmp_path):
     (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a JPEG")
     args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10], verify_limit=2, verify_crop=64)
     images, note = verify_inputs(args)
-    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 image from")
+    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 image at QF 10 from")
+
+
+def test_cli_verify_line_says_images_times_qfs(tmp_path):
+    """2 images at 2 QFs read "on 4 images: ... (2 images from DIR at QF [10, 40])": 4 was the
+    image x QF pairs, and the QFs a Python list. It now says what it measured, once."""
+    import argparse
+
+    import cv2
+
+    from qairn.export.cli import verify_inputs
+
+    for name in ("a.jpg", "b.jpg"):
+        assert cv2.imwrite(str(tmp_path / name), cv2.imread(str(live1_files()[0]))[:32, :32])
+    args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10, 40], verify_limit=2, verify_crop=32)
+    images, note = verify_inputs(args)
+    assert len(images) == 4 and note == f"2 images x 2 QFs (10, 40) from {tmp_path}"
+    stats = {"precision": "fp32", "images": 4, "max_abs": {"Q": 0.0}}
+    assert f"vs eager fp32 on 2 images x 2 QFs (10, 40) from {tmp_path}: max abs" in ox.summary(stats, note)
 
 
 def test_metadata_records_the_export(model, exported):
@@ -559,7 +578,7 @@ def test_cli_fp16_line_says_where_its_images_came_from_before_the_torch_crops(ti
     assert export_main(argv + ["--verify-crop", "64", "--verify-qf", "10"]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     onnx_part, torch_part = line.split("; the CPU provider runs fp16 layers in fp32")
-    assert onnx_part.endswith(f"(1 image from {image} at QF [10])")
+    assert f"vs eager fp32 on 1 image at QF 10 from {image}: max abs err" in onnx_part
     assert "1 64x64 crop of them" in torch_part and "image from" not in torch_part
 
 

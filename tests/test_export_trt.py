@@ -1324,7 +1324,7 @@ def test_cli_verifies_a_given_onnx_only_when_asked(tiny_weights, tmp_path, monke
     mine = ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")
     with pytest.raises(Built):
         export_main(["tensorrt", str(tiny_weights), "--onnx", str(mine), "--device", "cuda:0", *verify])
-    assert built == [other, mine] and "on 1 image: " in capsys.readouterr().out
+    assert built == [other, mine] and f"on 1 image at QF 20 from {card}: " in capsys.readouterr().out
 
 
 def test_onnx_files_with_external_weights_of_their_own_get_their_own_engines(tmp_path, monkeypatch):

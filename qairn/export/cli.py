@@ -208,11 +208,14 @@ def verify_inputs(args) -> tuple[list, str]:
     if not files and args.verify_images is not None:  # asked for by name: no quiet stand-in
         raise ValueError(f"--verify-images {source}: no such file, or a folder without images")
     if not files:
-        note = f"no images at {source}: verified on a synthetic test card (pass --verify-images DIR)"
+        note = f"a synthetic test card (no images at {source}; pass --verify-images DIR)"
         return [ox.synthetic_image(256, 256)], note
     files = files[: args.verify_limit] if args.verify_limit > 0 else files
     crop = (args.verify_crop, args.verify_crop) if args.verify_crop > 0 else None
-    note = f"{len(files)} image{'s' * (len(files) != 1)} from {source} at QF {qfs}"
+    # What was measured, plainly: "2 images x 2 QFs (10, 40) from DIR", not "4 images ... at QF [10, 40]".
+    images = f"{len(files)} image{'s' * (len(files) != 1)}"
+    qualities = f"at QF {qfs[0]}" if len(qfs) == 1 else f"x {len(qfs)} QFs ({', '.join(map(str, qfs))})"
+    note = f"{images} {qualities} from {source}"
     return ox.jpeg_images(files, qfs, crop), note
 
 

@@ -648,14 +648,15 @@ def check_parity(stats: dict, precision: str) -> None:
 
 
 def summary(stats: dict, source: str = "") -> str:
-    """verify_onnx's stats in one line; `source` (where the images came from) follows the ONNX figures
-    it describes, before the torch fp16 run's, which takes crops of the first images only."""
+    """verify_onnx's stats in one line; `source` ("2 images x 2 QFs (10, 40) from DIR") says what the
+    ONNX figures were measured on, in place of the bare count, before the torch fp16 run's figures,
+    which take crops of the first images only."""
     errs = lambda errors: ", ".join(f"{k} {v:.2e}" for k, v in errors.items())  # noqa: E731
+    measured = source or f"{stats['images']} image{'s' * (stats['images'] != 1)}"
     line = (
         f"{stats['precision']} ONNX on {stats.get('provider', 'ONNX Runtime')} vs eager fp32 on "
-        f"{stats['images']} image{'s' * (stats['images'] != 1)}: max abs err {errs(stats['max_abs'])}"
+        f"{measured}: max abs err {errs(stats['max_abs'])}"
     )
-    line += f" ({source})" if source else ""
     if "torch_fp16" in stats:
         fp16 = stats["torch_fp16"]
         side = fp16["side"]
