@@ -197,7 +197,7 @@ def test_cli_onnx(tiny_weights, tmp_path, capsys):
     )
     assert ox.read_metadata(out)["qairn.outputs"] == "maps"
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--io", "fp16"]) == 2
-    assert export_main(["onnx", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 1
+    assert export_main(["onnx", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
 
 
 def test_cli_onnx_never_replaces_a_file_by_accident(tiny_weights, tmp_path, capsys, monkeypatch):
@@ -211,14 +211,33 @@ def test_cli_onnx_never_replaces_a_file_by_accident(tiny_weights, tmp_path, caps
     first = out.read_bytes()
     capsys.readouterr()
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", *verify]) == 2
-    assert capsys.readouterr().err.strip() == f"qairn export: {out}: exists (use --overwrite)"
+    assert capsys.readouterr().err.strip() == f"qairn export: error: {out}: exists (use --overwrite)"
     # A graph that fails its check replaces nothing and leaves no file behind.
     monkeypatch.setattr(ox, "check_parity", lambda *a: (_ for _ in ()).throw(ox.ExportError("too far")))
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", "--overwrite", *verify]) == 1
+    assert capsys.readouterr().err.strip() == "qairn export: error: verification failed: too far"
     assert out.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "photo.png"]
     monkeypatch.undo()
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", "--overwrite", *verify]) == 0
     assert ox.read_metadata(out)["qairn.precision"] == "fp16"
+
+
+def test_export_errors_read_as_every_qairn_commands(tiny_weights, tmp_path, capsys, monkeypatch):
+    """`qairn export` printed "qairn export: X: ..." and exited 1 for a missing weights file, where every
+    other command prints "qairn CMD: error: ..." and exits 2 for a usage or input error. A failed
+    verification is no usage error: still 1, in the same form."""
+    from qairn import cli as qairn_cli
+    from qairn.export import cli as export_cli
+
+    missing, out = tmp_path / "missing.safetensors", tmp_path / "m.onnx"
+    assert qairn_cli.main(["export", "onnx", str(missing), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qairn export: error: {missing}"), err
+    # A cached export that missed its tolerance (tensorrt's) reaches main as a VerificationError.
+    too_far = lambda args: (_ for _ in ()).throw(ox.VerificationError("output 'Q' differs"))  # noqa: E731
+    monkeypatch.setattr(export_cli, "main_onnx", too_far)
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == "qairn export: error: output 'Q' differs"
 
 
 def test_shipped_weights_pass_the_fp16_check(tmp_path):
@@ -257,7 +276,7 @@ def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path,
     out = tmp_path / "m.onnx"
     (tmp_path / "webp").mkdir()
     assert (
-        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-images", str(tmp_path / "no")]) == 1
+        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-images", str(tmp_path / "no")]) == 2
     )
     assert "--verify-images" in capsys.readouterr().err and not out.exists()
     # Other formats count (and a .PNG in capitals).
@@ -300,10 +319,10 @@ def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys
     out = tmp_path / "m.onnx"
     top = ox.max_opset("dynamo")
     argv = ["onnx", str(tiny_weights), "-o", str(out), "--exporter", "dynamo", "--opset", str(top + 1)]
-    assert export_main(argv) == 1
+    assert export_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"qairn export: opset {top + 1}: need 17..{top} (the newest torch {torch.__version__}'s "
+        f"qairn export: error: opset {top + 1}: need 17..{top} (the newest torch {torch.__version__}'s "
         "dynamo exporter writes)"
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -374,12 +393,12 @@ def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):
     """-o typo/m.onnx created the folder typo/ (the export's writer makes cache folders) and wrote
     the file there; an output folder that is not there is refused, as every other qairn output's."""
     out = tmp_path / "typo" / "m.onnx"
-    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", "10"]) == 1
-    assert capsys.readouterr().err.strip() == f"qairn export: {out}: output folder does not exist"
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", "10"]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn export: error: {out}: output folder does not exist"
     assert not (tmp_path / "typo").exists()
     engine = tmp_path / "typo" / "m.engine"  # checked before TensorRT is imported
-    assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 1
-    assert capsys.readouterr().err.strip() == f"qairn export: {engine}: output folder does not exist"
+    assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn export: error: {engine}: output folder does not exist"
 
 
 def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path, monkeypatch, capsys):
@@ -394,10 +413,10 @@ def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path,
         "--verify-images",
         str(tmp_path / "no"),
     ]
-    assert export_main(argv) == 1
+    assert export_main(argv) == 2
     assert (
         capsys.readouterr().err.strip()
-        == f"qairn export: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
+        == f"qairn export: error: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
     )
 
 

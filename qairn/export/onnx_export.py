@@ -74,6 +74,10 @@ class ExportError(RuntimeError):
     pass
 
 
+class VerificationError(ExportError):
+    """The export ran but missed the tolerance: a failed check, not a usage error (exit 1, not 2)."""
+
+
 # torch.onnx.export keeps global state (GLOBALS.in_onnx_export): two exports at once in one process
 # fail with an AssertionError. One export at a time; cached_onnx holds it across check and rename, so
 # a second thread waits and then finds the file instead of exporting it again.
@@ -631,12 +635,12 @@ def q_from_qsums(qsums, h: int, w: int, p: float, scale_log2: float = POOL_SCALE
 
 
 def check_parity(stats: dict, precision: str) -> None:
-    """Raise ExportError if verify_onnx's stats (and its torch fp16 run) break the documented tolerance."""
+    """Raise VerificationError if verify_onnx's stats (or its torch fp16 run) break the tolerance."""
     tol = TOLERANCE[precision]
     if stats["images"] == 0:  # every error is 0 over no images: not a pass
-        raise ExportError(f"{precision} ONNX was verified on no images")
+        raise VerificationError(f"{precision} ONNX was verified on no images")
     if not stats["finite"]:
-        raise ExportError(f"{precision} ONNX produced NaN or Inf")
+        raise VerificationError(f"{precision} ONNX produced NaN or Inf")
     runs = [(f"{precision} ONNX", stats["max_abs"])]
     if "torch_fp16" in stats:
         runs.append(("fp16 network in torch", stats["torch_fp16"]["max_abs"]))
@@ -644,7 +648,7 @@ def check_parity(stats: dict, precision: str) -> None:
         for name, err in errors.items():
             bound = tol["restored" if name == "restored" else "gamma"]  # gamma1..3 and Q
             if not err <= bound:  # NaN too
-                raise ExportError(f"{what} output {name!r} differs from eager by {err:.3g} > {bound:g}")
+                raise VerificationError(f"{what} output {name!r} differs from eager by {err:.3g} > {bound:g}")
 
 
 def summary(stats: dict, source: str = "") -> str:
