@@ -328,6 +328,23 @@ def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("shape", [(1, 512.7, 512), (True, 64, 64), (1, "64", 64), (1, 64.0, 64)])
+def test_a_static_shape_of_non_integers_is_refused(shape):
+    """check_shape ran int() on each value: (1, 512.7, 512) silently became (1, 512, 512), and
+    True a batch of 1."""
+    with pytest.raises(ValueError, match=r"^shape=.*: expected \(N, H, W\), three whole numbers$"):
+        ox.check_shape(shape)
+    assert ox.check_shape((np.int64(2), 64, 128)) == (2, 64, 128)  # numpy's ints are whole numbers
+
+
+@pytest.mark.parametrize("opset", [17.5, True, "17"])
+def test_an_opset_that_is_no_whole_number_is_refused(model, tmp_path, opset):
+    """export_onnx(opset=17.5) passed the 17..20 range check and reached the exporter."""
+    with pytest.raises(ValueError, match=r"^opset=.*: expected a whole number$"):
+        ox.export_onnx(model, tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_an_opset_past_the_torchscript_exporters_is_refused(model, tmp_path):
     """opset 21..23 passed the 17..23 check (the dynamo exporter's range) with the default torchscript
     exporter, whose newest is 20: torch warned "Exporting to ONNX opset version 21 is not supported"

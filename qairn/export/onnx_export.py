@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import numbers
 import os
 import threading
 import warnings
@@ -145,12 +146,22 @@ def output_names(outputs: str) -> tuple[str, ...]:
     return MAP_OUTPUTS if outputs == "maps" else SUM_OUTPUTS
 
 
+def is_whole(value) -> bool:
+    """An int (numpy's too), not a float with a fraction to drop nor a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_shape(shape, option: str = "shape") -> tuple[int, int, int]:
     """(N, H, W) as ints, N >= 1 and H, W multiples of 16; `option` names the argument in the error."""
     try:
-        n, h, w = (int(v) for v in shape)
-    except (TypeError, ValueError):  # (512, 512): the batch forgotten; unpacking named no option
-        raise ValueError(f"{option}={shape!r}: expected (N, H, W), three whole numbers") from None
+        values = tuple(shape)
+    except TypeError:
+        values = ()
+    # (512, 512), the batch forgotten: unpacking named no option. Not int() on each value: 512.7
+    # became 512 and True a batch of 1, silently.
+    if len(values) != 3 or not all(is_whole(v) for v in values):
+        raise ValueError(f"{option}={shape!r}: expected (N, H, W), three whole numbers")
+    n, h, w = (int(v) for v in values)
     if n < 1 or h < 16 or w < 16 or h % 16 or w % 16:
         raise ValueError(f"static shape N,H,W = {n},{h},{w}: need N >= 1 and H, W multiples of 16")
     return n, h, w
@@ -173,6 +184,8 @@ def export_onnx(
 
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    if not is_whole(opset):  # 17.5 passed the range check below
+        raise ValueError(f"opset={opset!r}: expected a whole number")
     top = max_opset(exporter)
     if not 17 <= opset <= top:
         # Past its newest opset the dynamo exporter fails deep in tracing, with the whole graph in its
