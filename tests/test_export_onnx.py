@@ -2,6 +2,7 @@
 
 import copy
 import os
+import time
 
 import numpy as np
 import onnx
@@ -238,6 +239,26 @@ def test_export_errors_read_as_every_qairn_commands(tiny_weights, tmp_path, caps
     monkeypatch.setattr(export_cli, "main_onnx", too_far)
     assert export_main(["onnx", str(tiny_weights), "-o", str(out)]) == 1
     assert capsys.readouterr().err.strip() == "qairn export: error: output 'Q' differs"
+
+
+def test_a_crashed_exports_part_files_are_removed_by_the_next_export(tmp_path):
+    """kill -9 during a cached export skips the finally that removes its .part.onnx: the file stayed in
+    the cache folder forever. The next export removes part files over an hour old whose writer is gone."""
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    hour_ago = time.time() - 3700
+    dead = folder / ".qairn-tiny-fp32-0123.4194305.part.onnx"  # past pid_max: no such process
+    alive = folder / f".qairn-tiny-fp32-4567.{os.getpid()}.part.onnx"  # a live export, slow to start
+    fresh = folder / ".qairn-tiny-fp16-89ab.4194305.part.onnx"  # minutes old: perhaps on another host
+    engine_part = folder / ".qairn-fp16-cdef.engine.k3j2h1g0.part"  # write_atomic's, no pid
+    other = folder / "notes.part"  # not one of ours
+    for f in (dead, alive, fresh, engine_part, other):
+        f.write_bytes(b"half a graph")
+        if f is not fresh:
+            os.utime(f, (hour_ago, hour_ago))
+    ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")
+    assert not dead.exists() and not engine_part.exists()
+    assert alive.exists() and fresh.exists() and other.exists()
 
 
 def test_shipped_weights_pass_the_fp16_check(tmp_path):

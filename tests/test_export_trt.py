@@ -3,7 +3,9 @@ build choice, island pinning, the missing-TensorRT message), then build/run test
 
 import contextlib
 import json
+import os
 import sys
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -150,6 +152,18 @@ def test_a_sidecar_of_foreign_json_is_no_sidecar(tmp_path, text):
     trt_engine.sidecar_path(engine).write_text(text)
     assert "sidecar" in trt_engine.load_cached(engine, s)[1]
     assert trt_engine.read_spec(engine) is None
+
+
+def test_a_killed_builds_engine_part_file_is_removed_by_the_next_build(tmp_path, monkeypatch):
+    """kill -9 while an engine was stored left its write_atomic temp file in the cache folder forever;
+    the next build removes it once over an hour old (a fresh one may be another build's, in progress)."""
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: b"engine")
+    stale, fresh = tmp_path / ".e.engine.k3j2h1g0.part", tmp_path / ".f.engine.a1b2c3d4.part"
+    for f in (stale, fresh):
+        f.write_bytes(b"half an engine")
+    os.utime(stale, (time.time() - 3700,) * 2)
+    assert trt_engine.get_engine(tmp_path / "m.onnx", spec(), tmp_path / "e.engine", 1 << 30)[1]
+    assert not stale.exists() and fresh.exists()
 
 
 def test_get_engine_builds_once_and_rebuilds_stale(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qairn.export.cache import cache_dir, model_digest, write_atomic
+from qairn.export.cache import cache_dir, model_digest, remove_stale_parts, write_atomic
 from qairn.kernels.gate import POOL_SCALE_LOG2, gated_blend_reference, scaled_pow
 from qairn.model import QAIRN
 
@@ -451,6 +451,7 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
     )
     with _EXPORT_LOCK:
         if not path.is_file():
+            remove_stale_parts(path.parent)
             # Exported and checked under a temp name: a file that fails its check never enters the
             # cache, where the next call (or a TensorRT build) would take it unchecked.
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
