@@ -316,6 +316,18 @@ def test_sweep_refuses_the_report_images(refs, tmp_path, capsys):
     assert err.strip() == "qairn eval-quality: error: refusing to choose p on the report's own images"
 
 
+@pytest.mark.parametrize("extra", [[], ["--sweep-p", "--val-data", "nodir"]])
+def test_eval_quality_checks_its_images_before_the_note(tmp_path, capsys, extra):
+    """--data nodir printed the long "NOTE: these are distortions generated here..." and only then its
+    one-line error (the folder was read after the model was loaded)."""
+    w = make_weights(tmp_path / "w.safetensors")
+    data = ["--data", str(tmp_path / "nodir")] if not extra else ["--data", str(tmp_path), "--no-report"]
+    extra = [str(tmp_path / v) if v == "nodir" else v for v in extra]
+    assert cli(["eval-quality", *data, *extra, "--weights", str(w), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == f"qairn eval-quality: error: {tmp_path / 'nodir'}: no such folder"
+
+
 def test_sweep_picks_the_best_p_and_breaks_ties_towards_prefer():
     def recs(good_p):
         out = []

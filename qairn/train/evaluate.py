@@ -717,6 +717,15 @@ def main_quality(argv=None) -> int:
             f"--write-p {a.write_p}: p is swept for --weights {a.weights}; it belongs in that file"
         )
     weights = a.weights or a.write_p
+    # The images first: a --data typo was one line of error after the long NOTE below.
+    val = (
+        validation_files(weights, a.train_data, a.val_holdout, a.val_data)[: a.limit or None]
+        if a.sweep_p
+        else []
+    )
+    if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
+        raise SystemExit("refusing to choose p on the report's own images")
+    files = [] if a.no_report else list_images(a.data)[: a.limit or None]
     restorer = make_restorer(weights, device=a.device, tile=a.tile or None)
     result = {
         "note": NOT_HUMAN,
@@ -725,9 +734,6 @@ def main_quality(argv=None) -> int:
     }
     print(NOT_HUMAN)
     if a.sweep_p:
-        val = validation_files(weights, a.train_data, a.val_holdout, a.val_data)[: a.limit or None]
-        if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
-            raise SystemExit("refusing to choose p on the report's own images")
         recs = quality_records(restorer, val, a.crop, P_GRID, a.workers, a.seed)
         sweep = sweep_p(recs, prefer=restorer.p)
         sweep["images"] = [Path(f).name for f in val]
@@ -750,7 +756,6 @@ def main_quality(argv=None) -> int:
             print(f"wrote p={sweep['p']:g} into {a.write_p}")
         restorer.p = float(sweep["p"])
     if not a.no_report:
-        files = list_images(a.data)[: a.limit or None]
         recs = quality_records(restorer, files, a.crop, None, a.workers, a.seed)
         tables = quality_tables(recs)
         n = len(files)
