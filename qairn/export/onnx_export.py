@@ -117,7 +117,7 @@ class ExportModel(nn.Module):
         if outputs not in ("sums", "maps"):
             raise ValueError(f"outputs must be 'sums' or 'maps', not {outputs!r}")
         if precision not in DTYPES or io not in DTYPES:
-            raise ValueError(f"precision and io must be one of {sorted(DTYPES)}")
+            raise ValueError(f"precision and io must be one of {', '.join(sorted(DTYPES))}")
         net = copy.deepcopy(model).to("cpu", torch.float32).eval()
         from qairn.kernels.fuse import unfuse_convs
 
