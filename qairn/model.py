@@ -47,7 +47,7 @@ class QAIRNConfig:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+            raise ValueError(f"unknown config keys {', '.join(sorted(unknown))}")
         return cls(**d)
 
 
@@ -63,7 +63,7 @@ def preset(name: str, **overrides) -> QAIRNConfig:
     """The config of a named preset (paper, small, small-gated, tiny) with fields replaced, e.g.
     preset("small", widths=(32, 64, 128, 256), nb=3)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
     d = asdict(PRESETS[name]) | overrides
     d["widths"] = tuple(d["widths"])
     return QAIRNConfig(**d)

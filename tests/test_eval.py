@@ -316,6 +316,34 @@ def test_sweep_refuses_the_report_images(refs, tmp_path, capsys):
     assert err.strip() == "qairn eval-quality: error: refusing to choose p on the report's own images"
 
 
+@pytest.mark.parametrize("extra", [[], ["--sweep-p", "--val-data", "nodir"]])
+def test_eval_quality_checks_its_images_before_the_note(tmp_path, capsys, extra):
+    """--data nodir printed the long "NOTE: these are distortions generated here..." and only then its
+    one-line error (the folder was read after the model was loaded)."""
+    w = make_weights(tmp_path / "w.safetensors")
+    data = ["--data", str(tmp_path / "nodir")] if not extra else ["--data", str(tmp_path), "--no-report"]
+    extra = [str(tmp_path / v) if v == "nodir" else v for v in extra]
+    assert cli(["eval-quality", *data, *extra, "--weights", str(w), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == f"qairn eval-quality: error: {tmp_path / 'nodir'}: no such folder"
+
+
+def test_the_plot_says_how_many_images_its_means_are_of(tmp_path, monkeypatch):
+    """qairn eval --limit 3 --plot drew the 3 images' means beside the papers' 29-image numbers with
+    nothing on the figure saying 3 (the table header did)."""
+    figures = []
+    monkeypatch.setattr(ev, "save_figure", lambda fig, png: figures.append(fig))
+    row = {"psnr": 28.0, "ssim": 0.8, "psnrb": 27.5}
+    summary = {10: {"jpeg": row, "restored": row}, 20: {"jpeg": row, "restored": row}}
+    ev.plot_restoration(summary, tmp_path / "p.png", 3, "live1", crop=64)
+    (fig,) = figures
+    assert fig._suptitle.get_text() == (
+        "live1: means of 3 images, centre crops of at most 64x64; the published rows: the 29 LIVE1 images"
+    )
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[:3] == ["JPEG (3 images)", "ours (3 images)", "QAIRN (paper), 29 images"]
+
+
 def test_sweep_picks_the_best_p_and_breaks_ties_towards_prefer():
     def recs(good_p):
         out = []

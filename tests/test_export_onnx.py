@@ -2,6 +2,7 @@
 
 import copy
 import os
+import time
 
 import numpy as np
 import onnx
@@ -192,11 +193,12 @@ def test_cli_onnx(tiny_weights, tmp_path, capsys):
     assert export_main(argv) == 0
     text = capsys.readouterr().out
     assert (
-        "fp16 ONNX on CPUExecutionProvider vs eager fp32 on 1 image:" in text and "static (1, 64, 64)" in text
+        f"fp16 ONNX on CPUExecutionProvider vs eager fp32 on 1 image at QF 10 from {image}:" in text
+        and "static (1, 64, 64)" in text
     )
     assert ox.read_metadata(out)["qairn.outputs"] == "maps"
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--io", "fp16"]) == 2
-    assert export_main(["onnx", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 1
+    assert export_main(["onnx", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
 
 
 def test_cli_onnx_never_replaces_a_file_by_accident(tiny_weights, tmp_path, capsys, monkeypatch):
@@ -210,14 +212,53 @@ def test_cli_onnx_never_replaces_a_file_by_accident(tiny_weights, tmp_path, caps
     first = out.read_bytes()
     capsys.readouterr()
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", *verify]) == 2
-    assert capsys.readouterr().err.strip() == f"qairn export: {out}: exists (use --overwrite)"
+    assert capsys.readouterr().err.strip() == f"qairn export: error: {out}: exists (use --overwrite)"
     # A graph that fails its check replaces nothing and leaves no file behind.
     monkeypatch.setattr(ox, "check_parity", lambda *a: (_ for _ in ()).throw(ox.ExportError("too far")))
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", "--overwrite", *verify]) == 1
+    assert capsys.readouterr().err.strip() == "qairn export: error: verification failed: too far"
     assert out.read_bytes() == first and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "photo.png"]
     monkeypatch.undo()
     assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--fp16", "--overwrite", *verify]) == 0
     assert ox.read_metadata(out)["qairn.precision"] == "fp16"
+
+
+def test_export_errors_read_as_every_qairn_commands(tiny_weights, tmp_path, capsys, monkeypatch):
+    """`qairn export` printed "qairn export: X: ..." and exited 1 for a missing weights file, where every
+    other command prints "qairn CMD: error: ..." and exits 2 for a usage or input error. A failed
+    verification is no usage error: still 1, in the same form."""
+    from qairn import cli as qairn_cli
+    from qairn.export import cli as export_cli
+
+    missing, out = tmp_path / "missing.safetensors", tmp_path / "m.onnx"
+    assert qairn_cli.main(["export", "onnx", str(missing), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qairn export: error: {missing}"), err
+    # A cached export that missed its tolerance (tensorrt's) reaches main as a VerificationError.
+    too_far = lambda args: (_ for _ in ()).throw(ox.VerificationError("output 'Q' differs"))  # noqa: E731
+    monkeypatch.setattr(export_cli, "main_onnx", too_far)
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == "qairn export: error: output 'Q' differs"
+
+
+def test_a_crashed_exports_part_files_are_removed_by_the_next_export(tmp_path):
+    """kill -9 during a cached export skips the finally that removes its .part.onnx: the file stayed in
+    the cache folder forever. The next export removes part files over an hour old whose writer is gone."""
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    hour_ago = time.time() - 3700
+    dead = folder / ".qairn-tiny-fp32-0123.4194305.part.onnx"  # past pid_max: no such process
+    alive = folder / f".qairn-tiny-fp32-4567.{os.getpid()}.part.onnx"  # a live export, slow to start
+    fresh = folder / ".qairn-tiny-fp16-89ab.4194305.part.onnx"  # minutes old: perhaps on another host
+    engine_part = folder / ".qairn-fp16-cdef.engine.k3j2h1g0.part"  # write_atomic's, no pid
+    other = folder / "notes.part"  # not one of ours
+    for f in (dead, alive, fresh, engine_part, other):
+        f.write_bytes(b"half a graph")
+        if f is not fresh:
+            os.utime(f, (hour_ago, hour_ago))
+    ox.cached_onnx(lively_model(), tmp_path, outputs="maps", precision="fp32")
+    assert not dead.exists() and not engine_part.exists()
+    assert alive.exists() and fresh.exists() and other.exists()
 
 
 def test_shipped_weights_pass_the_fp16_check(tmp_path):
@@ -256,7 +297,7 @@ def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path,
     out = tmp_path / "m.onnx"
     (tmp_path / "webp").mkdir()
     assert (
-        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-images", str(tmp_path / "no")]) == 1
+        export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-images", str(tmp_path / "no")]) == 2
     )
     assert "--verify-images" in capsys.readouterr().err and not out.exists()
     # Other formats count (and a .PNG in capitals).
@@ -275,7 +316,7 @@ def test_cli_verify_images_named_but_missing_is_an_error(tiny_weights, tmp_path,
         "10",
     ]
     assert export_main(argv) == 0
-    assert "1 image from" in capsys.readouterr().out
+    assert "1 image at QF 10 from" in capsys.readouterr().out
 
 
 def test_verify_a_file_from_before_the_qsums_scale(model, crops, tmp_path, monkeypatch):
@@ -299,13 +340,30 @@ def test_an_opset_torch_cannot_export_is_one_line(tiny_weights, tmp_path, capsys
     out = tmp_path / "m.onnx"
     top = ox.max_opset("dynamo")
     argv = ["onnx", str(tiny_weights), "-o", str(out), "--exporter", "dynamo", "--opset", str(top + 1)]
-    assert export_main(argv) == 1
+    assert export_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"qairn export: opset {top + 1}: need 17..{top} (the newest torch {torch.__version__}'s "
+        f"qairn export: error: opset {top + 1}: need 17..{top} (the newest torch {torch.__version__}'s "
         "dynamo exporter writes)"
     ]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(1, 512.7, 512), (True, 64, 64), (1, "64", 64), (1, 64.0, 64)])
+def test_a_static_shape_of_non_integers_is_refused(shape):
+    """check_shape ran int() on each value: (1, 512.7, 512) silently became (1, 512, 512), and
+    True a batch of 1."""
+    with pytest.raises(ValueError, match=r"^shape=.*: expected \(N, H, W\), three whole numbers$"):
+        ox.check_shape(shape)
+    assert ox.check_shape((np.int64(2), 64, 128)) == (2, 64, 128)  # numpy's ints are whole numbers
+
+
+@pytest.mark.parametrize("opset", [17.5, True, "17"])
+def test_an_opset_that_is_no_whole_number_is_refused(model, tmp_path, opset):
+    """export_onnx(opset=17.5) passed the 17..20 range check and reached the exporter."""
+    with pytest.raises(ValueError, match=r"^opset=.*: expected a whole number$"):
+        ox.export_onnx(model, tmp_path / "m.onnx", opset=opset)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_an_opset_past_the_torchscript_exporters_is_refused(model, tmp_path):
@@ -373,12 +431,12 @@ def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):
     """-o typo/m.onnx created the folder typo/ (the export's writer makes cache folders) and wrote
     the file there; an output folder that is not there is refused, as every other qairn output's."""
     out = tmp_path / "typo" / "m.onnx"
-    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", "10"]) == 1
-    assert capsys.readouterr().err.strip() == f"qairn export: {out}: output folder does not exist"
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--verify-qf", "10"]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn export: error: {out}: output folder does not exist"
     assert not (tmp_path / "typo").exists()
     engine = tmp_path / "typo" / "m.engine"  # checked before TensorRT is imported
-    assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 1
-    assert capsys.readouterr().err.strip() == f"qairn export: {engine}: output folder does not exist"
+    assert export_main(["tensorrt", str(tiny_weights), "-o", str(engine)]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn export: error: {engine}: output folder does not exist"
 
 
 def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path, monkeypatch, capsys):
@@ -393,10 +451,10 @@ def test_cli_verify_images_are_checked_before_the_export(tiny_weights, tmp_path,
         "--verify-images",
         str(tmp_path / "no"),
     ]
-    assert export_main(argv) == 1
+    assert export_main(argv) == 2
     assert (
         capsys.readouterr().err.strip()
-        == f"qairn export: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
+        == f"qairn export: error: --verify-images {tmp_path / 'no'}: no such file, or a folder without images"
     )
 
 
@@ -427,7 +485,25 @@ def test_cli_verify_images_folder_skips_hidden_files(tmp_path):
     (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a JPEG")
     args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10], verify_limit=2, verify_crop=64)
     images, note = verify_inputs(args)
-    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 image from")
+    assert [name for name, _ in images] == ["a@qf10"] and note.startswith("1 image at QF 10 from")
+
+
+def test_cli_verify_line_says_images_times_qfs(tmp_path):
+    """2 images at 2 QFs read "on 4 images: ... (2 images from DIR at QF [10, 40])": 4 was the
+    image x QF pairs, and the QFs a Python list. It now says what it measured, once."""
+    import argparse
+
+    import cv2
+
+    from qairn.export.cli import verify_inputs
+
+    for name in ("a.jpg", "b.jpg"):
+        assert cv2.imwrite(str(tmp_path / name), cv2.imread(str(live1_files()[0]))[:32, :32])
+    args = argparse.Namespace(verify_images=tmp_path, verify_qf=[10, 40], verify_limit=2, verify_crop=32)
+    images, note = verify_inputs(args)
+    assert len(images) == 4 and note == f"2 images x 2 QFs (10, 40) from {tmp_path}"
+    stats = {"precision": "fp32", "images": 4, "max_abs": {"Q": 0.0}}
+    assert f"vs eager fp32 on 2 images x 2 QFs (10, 40) from {tmp_path}: max abs" in ox.summary(stats, note)
 
 
 def test_metadata_records_the_export(model, exported):
@@ -559,7 +635,7 @@ def test_cli_fp16_line_says_where_its_images_came_from_before_the_torch_crops(ti
     assert export_main(argv + ["--verify-crop", "64", "--verify-qf", "10"]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     onnx_part, torch_part = line.split("; the CPU provider runs fp16 layers in fp32")
-    assert onnx_part.endswith(f"(1 image from {image} at QF [10])")
+    assert f"vs eager fp32 on 1 image at QF 10 from {image}: max abs err" in onnx_part
     assert "1 64x64 crop of them" in torch_part and "image from" not in torch_part
 
 

@@ -154,6 +154,29 @@ def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
         qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, overlap=64)
 
 
+def test_a_static_files_tile_gets_a_fitting_overlap_unless_one_is_given(model, tmp_path, image):
+    """A static 16x16 file with the default tiling failed with "overlap 32 ... must be smaller than the
+    tile 16": tile="auto" took the file's 16, the default overlap stayed 32. Without an overlap given,
+    a static file's tile now gets a quarter of it in steps of 16, up to 32; one given is still checked."""
+    path = ox.export_onnx(model, tmp_path / "s16.onnx", outputs="maps", shape=(1, 16, 16))
+    r = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path)
+    assert r.tiling_for(40, 56) == (16, 0)
+    x = torch.from_numpy(image[:40, :56]).permute(2, 0, 1)[None].float() / 255
+    assert r.restore_tensor(x)[0].shape == (1, 3, 40, 56)
+    with pytest.raises(ValueError, match="overlap 32 .* must be smaller than the tile 16"):
+        qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path, overlap=32)
+    with pytest.raises(ValueError, match="overlap 16 .* must be smaller than the tile 16"):
+        r.set_tiling("auto", 16)
+    r.backend.static_tile = 64  # what a 64x64 file says: a quarter of 64
+    r.set_tiling("auto")
+    assert r.tiling_for(150, 200) == (64, 16)
+    r.backend.static_tile = 256
+    r.set_tiling("auto")
+    assert r.tiling_for(150, 200) == (256, 32)
+    r.set_tiling(128)  # no static tile in use: the usual 32
+    assert r.tiling_for(150, 200) == (128, 32)
+
+
 # ---- which GPU the providers run on (checked on the CPU: onnxruntime's session is watched) ----------
 GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

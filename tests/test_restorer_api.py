@@ -663,3 +663,34 @@ def test_return_maps_takes_true_or_false_only(entry):
         calls[entry]("no")
     assert str(e.value) == "return_maps must be True or False, not 'no'"
     calls[entry](np.True_)
+
+
+def test_option_errors_list_their_choices_plainly():
+    """The precision error read "choose one of ['bf16', 'fp16', 'fp32']", a Python list without "auto",
+    which the Restorer takes; the preset, write-suffix, gate-backend and export-dtype errors were lists
+    too."""
+    from qairn.engine.backends import BackendError
+    from qairn.engine.imageio import encode_image
+    from qairn.export.onnx_export import ExportModel
+    from qairn.kernels.gate import use_gate_backend
+    from qairn.model import preset
+
+    model = lively_model()
+    with pytest.raises(
+        BackendError, match=r"^unknown precision 'fp64'; choose one of auto, bf16, fp16, fp32$"
+    ):
+        qairn.Restorer(model=model, device="cpu", precision="fp64")
+    with pytest.raises(BackendError, match=r"^unknown backend 'eagre'; choose one of auto, eager, compile, "):
+        qairn.Restorer(model=model, device="cpu", backend="eagre")
+    with pytest.raises(
+        ValueError, match=r"^unknown preset 'huge'; choose one of paper, small, small-gated, tiny$"
+    ):
+        preset("huge")
+    with pytest.raises(ValueError, match=r"; use one of \.bmp, \.jpeg, \.jpg, \.png, \.tif, \.tiff, \.webp$"):
+        encode_image(np.zeros((4, 4, 3), np.uint8), ".gif")
+    with pytest.raises(
+        ValueError, match=r"^unknown gate backend 'fast'; choose one of eager, reference, triton$"
+    ):
+        use_gate_backend(model, "fast")
+    with pytest.raises(ValueError, match=r"^precision and io must be one of fp16, fp32$"):
+        ExportModel(model, "maps", "bf16", "fp32", True)

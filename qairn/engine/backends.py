@@ -158,7 +158,7 @@ class TorchBackend:
 
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):
     if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(sorted(PRECISIONS))}")
     if name in ("eager", "compile", "triton"):
         # compile=True and triton=True are set below, by the backends of those names: eager with
         # compile=True ran a compiled network under the name "eager" (and the Restorer's cuda_graph

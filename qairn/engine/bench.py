@@ -918,7 +918,9 @@ def parse_backends(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"no backend named; choose from {', '.join(SPECS)}")
     unknown = [b for b in labels if b not in SPECS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown}; choose from {', '.join(SPECS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(SPECS)}"
+        )
     return labels
 
 

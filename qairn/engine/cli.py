@@ -134,7 +134,9 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
         sfx = suffix or ".png"  # lossless by default: re-encoding as JPEG would add artifacts back
         return [o / (n + sfx) for n in unique_names(inputs)], o
     if o.suffix.lower() not in WRITE_SUFFIXES:
-        raise InputError(f"{o}: unsupported output type {o.suffix!r}; use one of {sorted(WRITE_SUFFIXES)}")
+        raise InputError(
+            f"{o}: unsupported output type {o.suffix!r}; use one of {', '.join(sorted(WRITE_SUFFIXES))}"
+        )
     return [o], None
 
 
@@ -494,7 +496,7 @@ def main_restore(argv=None) -> int:
     except (InputError, OSError) as e:
         return fatal(str(e))
     if a.format and a.format.lower() not in WRITE_SUFFIXES:
-        return fatal(f"--format {a.format}: use one of {sorted(WRITE_SUFFIXES)}")
+        return fatal(f"--format {a.format}: use one of {', '.join(sorted(WRITE_SUFFIXES))}")
     # A file output's type is its suffix: a.jpg -o x.png --format .jpg wrote a PNG without a word.
     same = {".jpeg": ".jpg", ".tiff": ".tif"}
     kinds = {same.get(x, x) for x in ((a.format or "").lower(), outputs[0].suffix.lower())}

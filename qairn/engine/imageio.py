@@ -428,7 +428,7 @@ def encode_image(arr: np.ndarray, suffix: str, jpeg_quality: int = 95) -> bytes:
     and BMP, which have no alpha, get the gray channel."""
     suffix = suffix.lower()
     if suffix not in WRITE_SUFFIXES:
-        raise ValueError(f"cannot write {suffix!r} images; use one of {sorted(WRITE_SUFFIXES)}")
+        raise ValueError(f"cannot write {suffix!r} images; use one of {', '.join(sorted(WRITE_SUFFIXES))}")
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)) or 0 in arr.shape:
         raise ValueError(
             f"cannot write an array of shape {arr.shape} as an image (HxW, HxWx1, HxWx2, HxWx3 or HxWx4)"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qairn.engine.backends import check_switch, make_backend
+from qairn.engine.backends import BACKENDS, PRECISIONS, BackendError, check_switch, make_backend
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
@@ -23,6 +23,7 @@ from qairn.weights_io import WeightsError, load_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 AUTO_TILE = 512  # tile="auto": tiles of this size for images bigger than one batch of them
+DEFAULT_OVERLAP = 32
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "qairn-small.safetensors"
 SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
 # Held for each CUDA-graph capture, and by our torch.cuda.empty_cache calls: one for the process.
@@ -88,6 +89,14 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     blend's pass). torch.compile and engines stay opt-in: they compile for minutes first."""
     from qairn.kernels.gate import HAS_TRITON, triton_compiles_for
 
+    # Named here, where "auto" is one of the choices: make_backend's errors listed all but it.
+    if precision != "auto" and precision not in PRECISIONS:
+        raise BackendError(
+            f"unknown precision {precision!r}; choose one of auto, {', '.join(sorted(PRECISIONS))}"
+        )
+    if backend != "auto" and backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+
     # fp16 pays on tensor cores (compute capability 7.0 on); a Pascal GPU runs it at a fraction of
     # its fp32 rate. Triton compiles for 7.0 on too: older GPUs get eager fp32.
     cuda = device.type == "cuda" and triton_compiles_for(device, torch.float16)
@@ -114,6 +123,13 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
             f"than the tile {largest}" + (f" (cut in steps of {ALIGN}: {runs})" if runs != largest else "")
         )
     return tile, overlap
+
+
+def static_overlap(tile: int) -> int:
+    """The overlap a static file's tile gets when none is given: a quarter of it, in the steps of ALIGN
+    that overlaps run in, up to the default 32 (0 for a 16..63 tile). 32 on a 16-pixel file's tiles
+    was refused as wider than the tile."""
+    return min(DEFAULT_OVERLAP, tile // 4 // ALIGN * ALIGN)
 
 
 def check_order(order) -> str:
@@ -241,7 +257,7 @@ class FrameGraph:
 class Restorer:
     """Restore images and score them, whole or in tiles, on any backend.
 
-    Restorer(weights=None, device="auto", backend="auto", precision="auto", tile="auto", overlap=32)
+    Restorer(weights=None, device="auto", backend="auto", precision="auto", tile="auto", overlap=None)
     weights: a qairn safetensors file (default: the shipped weights) or model=: an in-memory QAIRN.
     backend/precision "auto": eager fp32 on the CPU; on CUDA fp16, with the Triton gate when triton
     is installed (see resolve_auto).
@@ -250,8 +266,10 @@ class Restorer:
     one full batch of such tiles, which then go whole: no more memory, and no overlap to compute
     twice (a 768x512 image restored in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under
     "auto", backend="compile" always tiles (512: static shapes), and a static export (an ONNX file or
-    engine built for one N,H,W) at its own tile size. tile_batch: tiles per backend call (N at least
-    for a batch of N images).
+    engine built for one N,H,W) at its own tile size. overlap=None (the default): 32, or for a static
+    export's own tile a quarter of it in steps of 16 up to 32 (0 for tiles under 64); an overlap given is
+    checked against the tile and refused if it does not fit. tile_batch: tiles per backend call (N at
+    least for a batch of N images).
     set_tiling() changes tile and overlap later.
     p: the Minkowski exponent that pools the gamma maps into Q1..Q3 (default: the network's own).
     channel_order: "rgb", or "bgr" (OpenCV's) for every call that does not say otherwise.
@@ -270,7 +288,7 @@ class Restorer:
         backend: str = "auto",
         precision: str = "auto",
         tile: int | str | None = "auto",
-        overlap: int = 32,
+        overlap: int | None = None,
         p: float | None = None,
         model: QAIRN | None = None,
         tile_batch: int = 4,
@@ -326,7 +344,8 @@ class Restorer:
         asked_precision = precision
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
-        tile, overlap = check_tiling(tile, overlap)
+        overlap_given = overlap is not None
+        tile, overlap = check_tiling(tile, overlap if overlap_given else DEFAULT_OVERLAP)
         # A float (2.5) was kept and failed at the first tiled image, inside range(); 0 became 1 unsaid.
         if not is_int(tile_batch) or tile_batch < 1:
             raise ValueError(f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}")
@@ -366,7 +385,7 @@ class Restorer:
             self.precision = ran_precision
         # Again, now that a static file's tile is known: an overlap of 48 on a 64-pixel file passed the
         # check above (made against 512) and failed at the first image.
-        self.set_tiling(self.tile, self.overlap)
+        self.set_tiling(self.tile, self.overlap if overlap_given else None)
         ran = getattr(self.backend, "network_config", None)  # an exported file's own network
         if ran is not None and ran != config:
             differ = [
@@ -510,14 +529,15 @@ class Restorer:
         out-of-memory retry settled on for this shape."""
         return self._shrunk.get((n, h, w), (self.tile_for(h, w, n), self.overlap))
 
-    def set_tiling(self, tile: int | str | None, overlap: int) -> None:
+    def set_tiling(self, tile: int | str | None, overlap: int | None = None) -> None:
         """New tile and overlap for the calls after, forgetting what out-of-memory retries settled on.
         Checked as the constructor checks them, against a static export's own tile under "auto" too;
-        a refused call changes nothing."""
-        tile, overlap = check_tiling(tile, overlap)
+        a refused call changes nothing. overlap=None: as the constructor's default."""
+        given = overlap is not None
+        tile, overlap = check_tiling(tile, overlap if given else DEFAULT_OVERLAP)
         static = getattr(self.backend, "static_tile", None)
         if tile == "auto" and static:
-            check_tiling(static, overlap)
+            overlap = check_tiling(static, overlap if given else static_overlap(static))[1]
         with self._cache_lock:  # not between a retry's look at the tiling and its remembering
             self.tile, self.overlap = tile, overlap
             self._shrunk.clear()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +21,9 @@ import torch
 from qairn.engine import imageio
 
 PACKAGE_CACHE = Path(__file__).resolve().parents[1] / ".cache"
+# Temp files of writes in progress: cached_onnx's ".STEM.PID.part.onnx", write_atomic's ".NAME.XXXXXXXX.part".
+PART_FILE = re.compile(r"^\..+\.(?:(?P<pid>\d+)\.part\.onnx|\w{8}\.part)$")
+STALE_PART_S = 3600
 
 
 def writable_dir(path: Path) -> bool:
@@ -76,3 +81,28 @@ def write_atomic(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     imageio.write_atomic(path, data)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process, alive
+        return True
+    return True
+
+
+def remove_stale_parts(folder: Path) -> None:
+    """Remove the temp files of writes killed midway (kill -9 skips the cleanup that removes them),
+    which stayed in the cache folder forever: those over an hour old (a write in progress keeps its
+    file's mtime fresh) and, when the name carries a pid, whose process is gone. On a cache shared
+    between hosts the pid may be another host's: the age alone keeps a live write's file."""
+    stale = time.time() - STALE_PART_S
+    for f in Path(folder).glob(".*.part*"):
+        match = PART_FILE.match(f.name)
+        try:
+            if match and f.stat().st_mtime < stale and not (match["pid"] and pid_alive(int(match["pid"]))):
+                f.unlink()
+        except OSError:  # removed by another process first, or not ours to remove
+            pass

@@ -24,6 +24,12 @@ from qairn.export.trt_engine import EngineError
 DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "live1"
 
 
+def error(msg: str, rc: int = 2) -> int:
+    """One line, in every qairn command's form: 2 for a usage or input error, 1 for a failed check."""
+    print(f"qairn export: error: {msg}", file=sys.stderr)
+    return rc
+
+
 def shape_arg(text: str) -> tuple[int, int, int]:
     try:
         n, h, w = (int(v) for v in text.lower().replace("x", ",").split(","))
@@ -208,11 +214,14 @@ def verify_inputs(args) -> tuple[list, str]:
     if not files and args.verify_images is not None:  # asked for by name: no quiet stand-in
         raise ValueError(f"--verify-images {source}: no such file, or a folder without images")
     if not files:
-        note = f"no images at {source}: verified on a synthetic test card (pass --verify-images DIR)"
+        note = f"a synthetic test card (no images at {source}; pass --verify-images DIR)"
         return [ox.synthetic_image(256, 256)], note
     files = files[: args.verify_limit] if args.verify_limit > 0 else files
     crop = (args.verify_crop, args.verify_crop) if args.verify_crop > 0 else None
-    note = f"{len(files)} image{'s' * (len(files) != 1)} from {source} at QF {qfs}"
+    # What was measured, plainly: "2 images x 2 QFs (10, 40) from DIR", not "4 images ... at QF [10, 40]".
+    images = f"{len(files)} image{'s' * (len(files) != 1)}"
+    qualities = f"at QF {qfs[0]}" if len(qfs) == 1 else f"x {len(qfs)} QFs ({', '.join(map(str, qfs))})"
+    note = f"{images} {qualities} from {source}"
     return ox.jpeg_images(files, qfs, crop), note
 
 
@@ -223,8 +232,7 @@ def verify(path: Path, model, inputs: tuple[list, str]) -> int:
     try:
         ox.check_parity(stats, stats["precision"])
     except ox.ExportError as e:
-        print(f"qairn export: verification failed: {e}", file=sys.stderr)
-        return 1
+        return error(f"verification failed: {e}", 1)
     return 0
 
 
@@ -235,15 +243,12 @@ def main_onnx(args) -> int:
     model = load_model(args.weights)
     precision = "fp16" if args.fp16 else "fp32"
     if args.io == "fp16" and not args.fp16:
-        print("qairn export: --io fp16 needs --fp16", file=sys.stderr)
-        return 2
+        return error("--io fp16 needs --fp16")
     out = args.output
     if out.suffix.lower() != ".onnx":
-        print(f"qairn export: {out}: name the ONNX file *.onnx", file=sys.stderr)
-        return 2
+        return error(f"{out}: name the ONNX file *.onnx")
     if out.exists() and not args.overwrite:
-        print(f"qairn export: {out}: exists (use --overwrite)", file=sys.stderr)
-        return 2
+        return error(f"{out}: exists (use --overwrite)")
     check_writable(out)  # a typo in the folder is refused, not created (with the file's unverified twin)
     # Written beside the output and renamed only once verified: a graph that fails its check
     # replaces nothing and is not left where a deployment would pick it up.
@@ -281,35 +286,28 @@ def main_tensorrt(args) -> int:
     from qairn.weights_io import load_model
 
     if args.max_shape is not None and not args.dynamic:  # a static engine has no larger shapes
-        print("qairn export: --max-shape is for --dynamic engines", file=sys.stderr)
-        return 2
+        return error("--max-shape is for --dynamic engines")
     if args.output is not None and args.output.exists() and not args.overwrite:
-        print(f"qairn export: {args.output}: exists (use --overwrite)", file=sys.stderr)
-        return 2
+        return error(f"{args.output}: exists (use --overwrite)")
     if (
         args.output is not None and args.output.suffix.lower() != ".engine"
     ):  # as .onnx: M.ENGINE is an engine too
-        print(f"qairn export: {args.output}: engine files end in .engine", file=sys.stderr)
-        return 2
+        return error(f"{args.output}: engine files end in .engine")
     check_writable(args.output)
     try:
         trt = trt_backend.import_tensorrt()
     except BackendError as e:
-        print(f"qairn export: {e}", file=sys.stderr)
-        return 2
+        return error(str(e))
     if not torch.cuda.is_available():
-        print("qairn export: engines are built on the GPU they run on; no CUDA device found", file=sys.stderr)
-        return 2
+        return error("engines are built on the GPU they run on; no CUDA device found")
     try:
         # As the Restorer resolves it: a GPU that is not there is one line, before minutes of export
         # and verification; a bare "cuda" is the current GPU, by index.
         device = resolve_device(args.device)
     except ValueError as e:
-        print(f"qairn export: --device: {e}", file=sys.stderr)
-        return 2
+        return error(f"--device: {e}")
     if device.type != "cuda":
-        print(f"qairn export: --device: engines are built on a CUDA device, not {device}", file=sys.stderr)
-        return 2
+        return error(f"--device: engines are built on a CUDA device, not {device}")
     # The cached export is always verified; a given --onnx only when asked (--verify-*): it was checked
     # when it was exported, but perhaps from other weights of the same network.
     inputs = verify_inputs(args) if args.onnx is None or verify_asked(args) else None
@@ -322,12 +320,10 @@ def main_tensorrt(args) -> int:
         theirs = file_config(args.onnx)
         if theirs is not None and theirs != model.config:
             differ = [k for k, v in asdict(theirs).items() if v != getattr(model.config, k)]
-            print(
-                f"qairn export: --onnx {args.onnx} holds another network than {args.weights} "
-                f"(its {', '.join(differ)} differ): give the weights it was exported from",
-                file=sys.stderr,
+            return error(
+                f"--onnx {args.onnx} holds another network than {args.weights} "
+                f"(its {', '.join(differ)} differ): give the weights it was exported from"
             )
-            return 2
         if inputs is not None and verify(args.onnx, model, inputs):
             return 1
     strongly_typed = True if args.strongly_typed else None
@@ -369,8 +365,7 @@ def main_tensorrt(args) -> int:
         with trt_engine.build_lock(args.output, backend.folder):
             path = trt_engine.store(args.output, spec, path.read_bytes())
     elif args.output is not None and path != args.output:
-        print(f"qairn export: {args.output}: the engine went to {path} instead", file=sys.stderr)
-        return 1
+        return error(f"{args.output}: the engine went to {path} instead", 1)
     # A valid engine found in the cache (or at -o) was loaded, not written: say so.
     done = "wrote" if replace or runner.built else "reused cached engine"
     print(
@@ -387,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return main_onnx(args) if args.target == "onnx" else main_tensorrt(args)
     except (OSError, ValueError, ox.ExportError, BackendError, EngineError) as e:
-        print(f"qairn export: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 1
+        # The user's to fix (a missing file, a file that is no qairn export, options that do not fit):
+        # 2, as every qairn command's usage errors. An export that missed its tolerance, or TensorRT
+        # failing to build, is a failure instead: 1.
+        failed = isinstance(e, (ox.VerificationError, EngineError))
+        return error(str(e).splitlines()[0] if str(e) else type(e).__name__, 1 if failed else 2)
 
 
 if __name__ == "__main__":

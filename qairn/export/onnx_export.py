@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import numbers
 import os
 import threading
 import warnings
@@ -47,7 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qairn.export.cache import cache_dir, model_digest, write_atomic
+from qairn.export.cache import cache_dir, model_digest, remove_stale_parts, write_atomic
 from qairn.kernels.gate import POOL_SCALE_LOG2, gated_blend_reference, scaled_pow
 from qairn.model import QAIRN
 
@@ -72,6 +73,10 @@ TOLERANCE = {
 
 class ExportError(RuntimeError):
     pass
+
+
+class VerificationError(ExportError):
+    """The export ran but missed the tolerance: a failed check, not a usage error (exit 1, not 2)."""
 
 
 # torch.onnx.export keeps global state (GLOBALS.in_onnx_export): two exports at once in one process
@@ -112,7 +117,7 @@ class ExportModel(nn.Module):
         if outputs not in ("sums", "maps"):
             raise ValueError(f"outputs must be 'sums' or 'maps', not {outputs!r}")
         if precision not in DTYPES or io not in DTYPES:
-            raise ValueError(f"precision and io must be one of {sorted(DTYPES)}")
+            raise ValueError(f"precision and io must be one of {', '.join(sorted(DTYPES))}")
         net = copy.deepcopy(model).to("cpu", torch.float32).eval()
         from qairn.kernels.fuse import unfuse_convs
 
@@ -141,12 +146,22 @@ def output_names(outputs: str) -> tuple[str, ...]:
     return MAP_OUTPUTS if outputs == "maps" else SUM_OUTPUTS
 
 
+def is_whole(value) -> bool:
+    """An int (numpy's too), not a float with a fraction to drop nor a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_shape(shape, option: str = "shape") -> tuple[int, int, int]:
     """(N, H, W) as ints, N >= 1 and H, W multiples of 16; `option` names the argument in the error."""
     try:
-        n, h, w = (int(v) for v in shape)
-    except (TypeError, ValueError):  # (512, 512): the batch forgotten; unpacking named no option
-        raise ValueError(f"{option}={shape!r}: expected (N, H, W), three whole numbers") from None
+        values = tuple(shape)
+    except TypeError:
+        values = ()
+    # (512, 512), the batch forgotten: unpacking named no option. Not int() on each value: 512.7
+    # became 512 and True a batch of 1, silently.
+    if len(values) != 3 or not all(is_whole(v) for v in values):
+        raise ValueError(f"{option}={shape!r}: expected (N, H, W), three whole numbers")
+    n, h, w = (int(v) for v in values)
     if n < 1 or h < 16 or w < 16 or h % 16 or w % 16:
         raise ValueError(f"static shape N,H,W = {n},{h},{w}: need N >= 1 and H, W multiples of 16")
     return n, h, w
@@ -169,6 +184,8 @@ def export_onnx(
 
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    if not is_whole(opset):  # 17.5 passed the range check below
+        raise ValueError(f"opset={opset!r}: expected a whole number")
     top = max_opset(exporter)
     if not 17 <= opset <= top:
         # Past its newest opset the dynamo exporter fails deep in tracing, with the whole graph in its
@@ -434,6 +451,7 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
     )
     with _EXPORT_LOCK:
         if not path.is_file():
+            remove_stale_parts(path.parent)
             # Exported and checked under a temp name: a file that fails its check never enters the
             # cache, where the next call (or a TensorRT build) would take it unchecked.
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.onnx")
@@ -631,12 +649,12 @@ def q_from_qsums(qsums, h: int, w: int, p: float, scale_log2: float = POOL_SCALE
 
 
 def check_parity(stats: dict, precision: str) -> None:
-    """Raise ExportError if verify_onnx's stats (and its torch fp16 run) break the documented tolerance."""
+    """Raise VerificationError if verify_onnx's stats (or its torch fp16 run) break the tolerance."""
     tol = TOLERANCE[precision]
     if stats["images"] == 0:  # every error is 0 over no images: not a pass
-        raise ExportError(f"{precision} ONNX was verified on no images")
+        raise VerificationError(f"{precision} ONNX was verified on no images")
     if not stats["finite"]:
-        raise ExportError(f"{precision} ONNX produced NaN or Inf")
+        raise VerificationError(f"{precision} ONNX produced NaN or Inf")
     runs = [(f"{precision} ONNX", stats["max_abs"])]
     if "torch_fp16" in stats:
         runs.append(("fp16 network in torch", stats["torch_fp16"]["max_abs"]))
@@ -644,18 +662,19 @@ def check_parity(stats: dict, precision: str) -> None:
         for name, err in errors.items():
             bound = tol["restored" if name == "restored" else "gamma"]  # gamma1..3 and Q
             if not err <= bound:  # NaN too
-                raise ExportError(f"{what} output {name!r} differs from eager by {err:.3g} > {bound:g}")
+                raise VerificationError(f"{what} output {name!r} differs from eager by {err:.3g} > {bound:g}")
 
 
 def summary(stats: dict, source: str = "") -> str:
-    """verify_onnx's stats in one line; `source` (where the images came from) follows the ONNX figures
-    it describes, before the torch fp16 run's, which takes crops of the first images only."""
+    """verify_onnx's stats in one line; `source` ("2 images x 2 QFs (10, 40) from DIR") says what the
+    ONNX figures were measured on, in place of the bare count, before the torch fp16 run's figures,
+    which take crops of the first images only."""
     errs = lambda errors: ", ".join(f"{k} {v:.2e}" for k, v in errors.items())  # noqa: E731
+    measured = source or f"{stats['images']} image{'s' * (stats['images'] != 1)}"
     line = (
         f"{stats['precision']} ONNX on {stats.get('provider', 'ONNX Runtime')} vs eager fp32 on "
-        f"{stats['images']} image{'s' * (stats['images'] != 1)}: max abs err {errs(stats['max_abs'])}"
+        f"{measured}: max abs err {errs(stats['max_abs'])}"
     )
-    line += f" ({source})" if source else ""
     if "torch_fp16" in stats:
         fp16 = stats["torch_fp16"]
         side = fp16["side"]

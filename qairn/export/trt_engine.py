@@ -31,7 +31,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qairn.export.cache import write_atomic
+from qairn.export.cache import remove_stale_parts, write_atomic
 from qairn.export.onnx_export import INPUT, ISLAND_TAG
 from qairn.warn import warn
 
@@ -325,6 +325,7 @@ def _get_engine(
         spec.min_shape,
         spec.max_shape,
     )
+    remove_stale_parts(folder)
     data = build_engine(onnx_path, spec, workspace_bytes, timing_cache_path(folder, spec))
     store(engine, spec, data)
     return data, True

@@ -268,7 +268,8 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
         raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
     if x.dtype not in TRITON_DTYPES or weight.dtype != x.dtype:
         raise TypeError(
-            f"the Triton {what} takes x and weight of one of {TRITON_DTYPES}, got {x.dtype}, {weight.dtype}"
+            f"the Triton {what} takes x and weight of one of {', '.join(map(str, TRITON_DTYPES))}, "
+            f"got {x.dtype}, {weight.dtype}"
         )
 
 

@@ -724,7 +724,7 @@ def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """Swap the gated blend of every QAIRN in model: "reference"/"eager" (plain torch) or "triton"
     (the fused op: Triton on CUDA, the reference on other devices). Call it before torch.compile."""
     if name not in GATE_BACKENDS:
-        raise ValueError(f"unknown gate backend {name!r}; choose one of {sorted(GATE_BACKENDS)}")
+        raise ValueError(f"unknown gate backend {name!r}; choose one of {', '.join(sorted(GATE_BACKENDS))}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
     for module in qairns_in(model):

@@ -224,23 +224,28 @@ def table1(summary: dict, n_images: int, data: str, crop: int = 0) -> str:
     return "\n".join(lines)
 
 
-def plot_restoration(summary: dict, png: str | Path) -> None:
+def plot_restoration(summary: dict, png: str | Path, n_images: int, data: str, crop: int = 0) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     qfs = list(summary)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    # --limit 3 drew 3 images' means beside the papers' 29 with nothing saying so: the legend and the
+    # title give each line's image count, as the table's header does.
+    ours = f"{n_images} image{'s' * (n_images != 1)}"
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.9))
+    fig.suptitle(
+        f"{data}: means of {ours}{crop_note(crop)}; the published rows: the 29 LIVE1 images", fontsize=10
+    )
     for ax, (i, m) in zip(axes, enumerate(METRICS), strict=False):
         for key, style in (("jpeg", "o-"), ("restored", "s-")):
             if key in summary[qfs[0]]:
-                ax.plot(
-                    qfs, [summary[q][key][m] for q in qfs], style, label="JPEG" if key == "jpeg" else "ours"
-                )
+                label = f"{'JPEG' if key == 'jpeg' else 'ours'} ({ours})"
+                ax.plot(qfs, [summary[q][key][m] for q in qfs], style, label=label)
         for name, rows in PUBLISHED.items():
             q = [q for q in qfs if q in rows]
-            ax.plot(q, [rows[x][i] for x in q], "x--", label=name)
+            ax.plot(q, [rows[x][i] for x in q], "x--", label=f"{name}, 29 images")
         ax.set_xlabel("JPEG quality factor")
         ax.set_title({"psnr": "PSNR (dB)", "ssim": "SSIM", "psnrb": "PSNR-B (dB)"}[m])
         ax.grid(alpha=0.3)
@@ -350,7 +355,7 @@ def main_eval(argv=None) -> int:
         result["null_means"] = "an infinite PSNR / PSNR-B: the image equals its reference"
         write_atomic(a.json, json.dumps(without_nan(result), indent=1, allow_nan=False).encode())
     if a.plot:
-        plot_restoration(summary, a.plot)
+        plot_restoration(summary, a.plot, len(files), Path(a.data).name, a.crop)
     return 0
 
 
@@ -717,6 +722,15 @@ def main_quality(argv=None) -> int:
             f"--write-p {a.write_p}: p is swept for --weights {a.weights}; it belongs in that file"
         )
     weights = a.weights or a.write_p
+    # The images first: a --data typo was one line of error after the long NOTE below.
+    val = (
+        validation_files(weights, a.train_data, a.val_holdout, a.val_data)[: a.limit or None]
+        if a.sweep_p
+        else []
+    )
+    if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
+        raise SystemExit("refusing to choose p on the report's own images")
+    files = [] if a.no_report else list_images(a.data)[: a.limit or None]
     restorer = make_restorer(weights, device=a.device, tile=a.tile or None)
     result = {
         "note": NOT_HUMAN,
@@ -725,9 +739,6 @@ def main_quality(argv=None) -> int:
     }
     print(NOT_HUMAN)
     if a.sweep_p:
-        val = validation_files(weights, a.train_data, a.val_holdout, a.val_data)[: a.limit or None]
-        if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
-            raise SystemExit("refusing to choose p on the report's own images")
         recs = quality_records(restorer, val, a.crop, P_GRID, a.workers, a.seed)
         sweep = sweep_p(recs, prefer=restorer.p)
         sweep["images"] = [Path(f).name for f in val]
@@ -750,7 +761,6 @@ def main_quality(argv=None) -> int:
             print(f"wrote p={sweep['p']:g} into {a.write_p}")
         restorer.p = float(sweep["p"])
     if not a.no_report:
-        files = list_images(a.data)[: a.limit or None]
         recs = quality_records(restorer, files, a.crop, None, a.workers, a.seed)
         tables = quality_tables(recs)
         n = len(files)
