@@ -71,10 +71,15 @@ class _Job:
     numpy: bool = True
 
 
+def _counted(n: int, noun: str) -> str:
+    """'1 frame', '2 damaged frames': a count with its noun (last word plural), singular for one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _key(item):
     if isinstance(item, (tuple, list)):
         if len(item) != 3:
-            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {len(item)} planes")
+            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {_counted(len(item), 'plane')}")
         return (
             "yuv",
             *((type(p), tuple(p.shape), str(p.dtype), str(getattr(p, "device", ""))) for p in item),
@@ -924,7 +929,8 @@ def _open_output(
             out.metadata[k] = v
     if dropped:
         notes.append(
-            f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: {len(dropped)} stream(s) dropped"
+            f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: "
+            f"{_counted(len(dropped), 'stream')} dropped"
         )
     notes += _copy_pictures(out, vstream.container, pending, amap, dst)
     copied = [s for s in vstream.container.streams if s.index in amap]
@@ -1091,13 +1097,15 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
         audio_note = video_note = ""
         if len(videos) > 1 and not opts.score_only:  # (a second angle, a picture-in-picture signer)
-            video_note = f"{len(videos) - 1} more video stream(s) dropped: only the first is restored"
+            video_note = (
+                f"{_counted(len(videos) - 1, 'more video stream')} dropped: only the first is restored"
+            )
         # Data streams (KLV drone metadata, GoPro telemetry) are not copied; a MOV timecode track is
         # kept as the video's timecode tag, from which the muxer writes it again.
         data = [] if opts.score_only else [s for s in inp.streams.data if "timecode" not in s.metadata]
-        data_note = f"{len(data)} data stream(s) dropped (telemetry, KLV metadata)" if data else ""
+        data_note = f"{_counted(len(data), 'data stream')} dropped (telemetry, KLV metadata)" if data else ""
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
-            audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
+            audio_note = f"{dst.suffix} holds no audio: {_counted(len(astreams), 'audio stream')} dropped"
             astreams = []
         # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
@@ -1209,7 +1217,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if unordered:
             i, t = unordered[0]
             notes.append(
-                f"{src}: {len(unordered)} frame(s) at or before the previous frame's time dropped "
+                f"{src}: {_counted(len(unordered), 'frame')} at or before the previous frame's time dropped "
                 f"(first: frame {i} at {t:.3f} s); the quality trace keeps them"
             )
         if resized and out is not None:
@@ -1223,12 +1231,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 "cannot be written: dropped; players tone-map the output from its static HDR tags only"
             )
         if corrupt:
-            notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
+            notes.append(
+                f"{src}: the decoder flagged {_counted(len(corrupt), 'damaged frame')}, first {corrupt[0]}"
+            )
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
         if short:
             notes.append(
-                f"{src}: the header says {vstream.frames} frames, {counts.get('packets', 0)} found "
-                "(truncated?)"
+                f"{src}: the header says {_counted(vstream.frames, 'frame')}, "
+                f"{counts.get('packets', 0)} found (truncated?)"
             )
         elif not vstream.frames and rows:
             # Matroska, WebM and Y4M keep no frame count: compare where the frames end with how long
@@ -1537,8 +1547,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         mq = summary["mean_quality"]
         print(
-            f"qairn: {summary['frames']} frames at {summary['fps']:.2f} fps ({summary['matrix']}, "
-            f"{summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
+            f"qairn: {_counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
+            f"({summary['matrix']}, {summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
             f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}; wrote {', '.join(map(str, summary['written']))}",
             file=sys.stderr,
         )
