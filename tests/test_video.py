@@ -1905,6 +1905,27 @@ def test_3gp_keeps_rotation_subtitles_and_starts_with_its_index(restorer, tmp_pa
     assert atoms.index(b"moov") < atoms.index(b"mdat"), atoms
 
 
+@pytest.mark.parametrize("ext", [".3gp", ".3g2"])
+def test_3gp_keeps_the_pixel_aspect_ratio_without_a_note(restorer, tmp_path, ext):
+    """3GP stores the pixel aspect ratio as MP4 does ('pasp'), but was not in SAR_FORMATS: an H.263
+    .3gp of a 4:3-pixel source kept the 4:3 and yet said 'keeps no pixel aspect ratio'."""
+    o = av.open(str(tmp_path / "sar.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)  # (FFV1 in Matroska keeps no pixel aspect ratio)
+    s.width, s.height, s.pix_fmt = 128, 96, "yuv420p"  # a size H.263 takes
+    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+    for i in range(2):
+        f = av.VideoFrame(128, 96, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    dst = tmp_path / f"o{ext}"
+    s = transcode(restorer, tmp_path / "sar.mkv", dst, VideoOptions(codec="h263", write_quality=False))
+    assert not any("pixel aspect ratio" in n for n in s["notes"]), s["notes"]
+    with av.open(str(dst)) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
+
+
 def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
     """Matroska cannot hold MP4's mov_text subtitles: a phone's or iTunes' .mp4 came out of .mkv without
     them, with a note. They are now decoded and written again as SRT, each cue at its own times."""

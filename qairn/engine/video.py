@@ -387,8 +387,15 @@ MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "d
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 # muxers storing a display matrix (ipod: .m4v)
 ROTATING_FORMATS = {"mov", "mp4", "ipod", "3gp", "3g2", "matroska", "webm"}
-SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
-SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
+# muxers that store the pixel aspect ratio PyAV gives them (ipod: .m4v; 3gp, 3g2: MP4s for phones)
+SAR_FORMATS = {"mp4", "mov", "ipod", "3gp", "3g2"}
+SAR_CODECS = {
+    "libx264",
+    "libx264rgb",
+    "libx265",
+    "mpeg4",
+    "mpeg2video",
+}  # encoders storing it in their headers
 TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
 FIELD_FORMATS = {"matroska", "mov", "mp4", "yuv4mpegpipe"}  # muxers that store the field order
 PROGRESSIVE_CODECS = {"mpeg1video", "mpeg2video", "mpeg4", "libopenh264"}  # say so in their own headers
@@ -841,8 +848,8 @@ def _open_output(
     vs.time_base = out_tb
     cc.time_base = out_tb
     # Anamorphic video (DVD, DV, HDV: pixels wider or narrower than tall) plays squashed without its pixel
-    # aspect ratio. MP4 and MOV store the encoder's; Matroska, WebM, Y4M and AVI store the muxer stream's,
-    # which PyAV cannot set, so there only codecs with it in their bitstream keep it.
+    # aspect ratio. MP4, MOV and 3GP store the encoder's; Matroska, WebM, Y4M and AVI store the muxer
+    # stream's, which PyAV cannot set, so there only codecs with it in their bitstream keep it.
     sar = vstream.sample_aspect_ratio or vstream.codec_context.sample_aspect_ratio
     if sar:
         cc.sample_aspect_ratio = sar
