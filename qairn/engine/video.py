@@ -1241,11 +1241,13 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: the decoder flagged {_counted(len(corrupt), 'damaged frame')}, first {corrupt[0]}"
             )
+        # Packets are compared, so that an edit list's hidden pre-roll is not taken for truncation; the
+        # note says the frames decoded (an MP4's index lists packets cut off too: 4 counted, 3 decoded).
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
         if short:
             notes.append(
-                f"{src}: the header says {_counted(vstream.frames, 'frame')}, "
-                f"{counts.get('packets', 0)} found (truncated?)"
+                f"{src}: the header says {_counted(vstream.frames, 'frame')}, {len(rows)} decoded "
+                "(truncated?)"
             )
         elif not vstream.frames and rows:
             # Matroska, WebM and Y4M keep no frame count: compare where the frames end with how long
