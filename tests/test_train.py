@@ -625,6 +625,27 @@ def test_export_keeps_fp32_when_the_check_fails(data, tmp_path, monkeypatch):
     assert torch.equal(load_model(tmp_path / "w.safetensors").tail.weight, m.tail.weight)
 
 
+def test_an_image_restored_exactly_leaves_the_metadata_finite(tmp_path):
+    """A flat gray image (its JPEGs decode to it exactly) through a model that changes nothing: PSNR inf
+    for fp32 and fp16, and the fp16 loss inf - inf = NaN went into the weights' metadata ("NaN",
+    "Infinity": not JSON) and turned the export fp32. Identical images now count as 100 dB."""
+    cv2.imwrite(str(tmp_path / "flat.png"), np.full((32, 32, 3), 128, np.uint8))
+    m = QAIRN(preset("tiny"))
+    torch.nn.init.zeros_(m.tail.weight)  # the output is the input
+    torch.nn.init.zeros_(m.tail.bias)
+    val = [tmp_path / "flat.png"]
+    assert trainer.validate(m, trainer.validation_pairs(val), "cpu") == {
+        "psnr_qf10": 100.0,
+        "psnr_qf40": 100.0,
+    }
+    a = tiny_args(tmp_path, tmp_path / "run", export=str(tmp_path / "w.safetensors"))
+    trainer.export_weights(m, a, step=1, seconds=1.0, val_files=val)
+    text = read_metadata(tmp_path / "w.safetensors")["training"]
+    dec = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the metadata"))["export"]
+    assert dec["psnr_fp32"] == dec["psnr_fp16"] == 100.0 and dec["loss_db"] == 0.0
+    assert dec["dtype"] == "fp16"
+
+
 def test_gpu_pack_and_entry_on_cpu(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import build_train_pack
