@@ -351,6 +351,28 @@ def test_qairn_train_of_a_non_finite_loss_says_so_in_one_line(data, tmp_path, mo
     assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 2
 
 
+def test_a_non_finite_loss_says_a_resume_repeats_it_and_another_seed_does_not(data, tmp_path, monkeypatch):
+    """Batches are a function of (seed, step): a resume after a NaN loss met the same batch and the
+    same NaN at the same step, and the error said nothing of it. It now says what to change."""
+    from qairn.train.trainer import loss_fn
+
+    keys = []
+
+    def nan_on_the_third_batch(out, clean, w):
+        keys.append(round(float(clean.sum()), 2))
+        loss, l1, s = loss_fn(out, clean, w)
+        return (loss * float("nan") if len(keys) > 2 and keys[-1] == keys[2] else loss), l1, s
+
+    monkeypatch.setattr(trainer, "loss_fn", nan_on_the_third_batch)
+    hint = "resuming repeats the same batches: resume with a lower --lr or another --seed"
+    with pytest.raises(FloatingPointError, match=f"non-finite loss at step 2; {hint}"):
+        trainer.train(tiny_args(data, tmp_path, steps=4))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2;"):
+        trainer.train(tiny_args(data, tmp_path, steps=4, resume=True))
+    trainer.train(tiny_args(data, tmp_path, steps=4, resume=True, seed=1))
+    assert state(tmp_path / "checkpoint.pt")["step"] == 4
+
+
 def test_a_checkpoint_write_that_fails_leaves_the_last_one_and_no_partial_file(data, tmp_path, monkeypatch):
     # A full disk mid-write left a partial checkpoint.tmp beside the good checkpoint.pt, holding the space.
     saves, torch_save = [], torch.save

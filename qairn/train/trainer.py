@@ -607,7 +607,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 # all-reduce for one that left (a hang on NCCL, a crash of unclear cause on gloo).
                 if any_rank(bad, device) if world > 1 else bad:
                     where = "" if world == 1 else f" (on rank {rank})" if bad else " (on another rank)"
-                    raise FloatingPointError(f"non-finite loss at step {step}{where}")
+                    # Batches are a function of (seed, step): a resume meets the same batch again.
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step}{where}; resuming repeats the same batches: "
+                        "resume with a lower --lr or another --seed"
+                    )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
