@@ -6,6 +6,7 @@ import csv
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -981,6 +982,17 @@ def test_images_all_too_small_leave_no_run_folder(tmp_path):
     with pytest.raises(SystemExit, match="no training image is at least 40 px"):
         trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_too_small_for_the_held_out_images_says_how_to_train_on_it(tmp_path):
+    """--val-holdout is 8 by default: a folder of 1 to 8 images was refused ("--val-holdout 8: ... none
+    would be left to train") with no word of how to train on it at all."""
+    folder = make_folder(tmp_path / "d", 1, 64, 80, seed=3)
+    says = f"--val-holdout 8: {folder} has only 1 image, none would be left to train (--val-holdout 0: none"
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=8))
+    assert not (tmp_path / "run").exists()
+    trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0, steps=1))
 
 
 def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):

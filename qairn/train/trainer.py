@@ -160,10 +160,10 @@ def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
     files = list_images(data)
     if holdout <= 0:
         return files, []
-    if holdout >= len(files):
+    if holdout >= len(files):  # (8 by default: a folder of a few images is refused unasked; say the way out)
         raise SystemExit(
             f"--val-holdout {holdout}: {data} has only {len(files)} image{'s' * (len(files) != 1)}, "
-            "none would be left to train"
+            "none would be left to train (--val-holdout 0: none held out)"
         )
     k = max(len(files) // holdout, 1)
     val = files[::k][:holdout]
