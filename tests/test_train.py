@@ -984,6 +984,14 @@ def test_images_all_too_small_leave_no_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_images_all_too_small_say_which_option_sets_the_size(tmp_path):
+    """A folder of 64x64 images at the default --patch 96 was refused with 'no training image is at least
+    104 px on its short side', naming no option (the note on some small images names --patch)."""
+    folder = make_folder(tmp_path / "d", 3, 30, 30, seed=3)
+    with pytest.raises(SystemExit, match=r"at least 40 px on its short side \(--patch 32 \+ 8\)$"):
+        trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0))
+
+
 def test_a_folder_too_small_for_the_held_out_images_says_how_to_train_on_it(tmp_path):
     """--val-holdout is 8 by default: a folder of 1 to 8 images was refused ("--val-holdout 8: ... none
     would be left to train") with no word of how to train on it at all."""

@@ -486,7 +486,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
             if made_out:
                 shutil.rmtree(out, ignore_errors=True)
-            raise SystemExit(f"{a.data}: {e}") from None
+            raise SystemExit(f"{a.data}: {e} (--patch {a.patch} + 8)") from None
         # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
         indices = range(step * world + rank, a.steps * world, world)
         loader = DataLoader(
