@@ -669,6 +669,18 @@ def test_an_image_restored_exactly_leaves_the_metadata_finite(tmp_path):
     assert dec["dtype"] == "fp16"
 
 
+def test_loss_plot_of_one_logged_step_shows_its_point(tmp_path):
+    """--steps under --log-every logs the last step alone: a line through one point draws nothing, and
+    loss.png showed empty axes (blue in its legend only: 35 pixels)."""
+    (tmp_path / "log.csv").write_text(
+        "step,loss,l1,ssim,lr,patches_per_s,seconds\n3,0.72,0.2,0.48,2e-4,1.1,5.3\n"
+    )
+    trainer.plot_log(tmp_path / "log.csv", tmp_path / "loss.png")
+    png = cv2.imread(str(tmp_path / "loss.png"))[..., ::-1].astype(int)
+    blue = np.abs(png - (31, 119, 180)).sum(-1) < 30  # matplotlib's first line colour
+    assert blue.sum() > 60
+
+
 def test_gpu_pack_and_entry_on_cpu(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import build_train_pack

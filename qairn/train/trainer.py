@@ -833,7 +833,9 @@ def plot_log(log_path: Path, png: Path) -> None:
         1, 1 + len(VAL_QFS) * bool(val), figsize=(5 + 4 * bool(val) * 2, 4), squeeze=False
     )
     ax = axes[0, 0]
-    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, label="training loss")
+    # One logged step (--steps under --log-every) is a line through one point, which draws nothing.
+    dot = "o" if len(rows) == 1 else None
+    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, marker=dot, ms=4, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
