@@ -2071,3 +2071,12 @@ def test_counts_of_one_are_singular(tiny_weights, tmp_path, capsys):
         main([str(src), "--score-only", "--no-plot", "--weights", str(tiny_weights), "--device", "cpu"]) == 0
     )
     assert "qairn: 1 frame at " in capsys.readouterr().err
+
+
+def test_qairn_video_refuses_a_batch_under_1_as_a_usage_error(clip, capsys):
+    """--batch 0 was refused only after the model loaded and the input opened, as 'batch must be an int
+    >= 1 (frames per batch), not 0', naming no option; it is now argparse's error on --batch."""
+    with pytest.raises(SystemExit) as e:
+        main([str(clip), "--score-only", "--batch", "0"])
+    assert e.value.code == 2
+    assert "argument --batch: needs at least 1 frame, got 0" in capsys.readouterr().err

@@ -1409,6 +1409,14 @@ def _parse_kv(s: str) -> tuple[str, str]:
     return k, v
 
 
+def _batch_arg(text: str) -> int:
+    """--batch, checked before the model loads (restore_stream refused 0 after, naming no option)."""
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1 frame, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qairn video",
@@ -1437,7 +1445,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
     m.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
-    m.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
+    m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
     m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
     m.add_argument(
         "--cuda-graph",
