@@ -6,6 +6,7 @@ import csv
 import gc
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -351,6 +352,28 @@ def test_qairn_train_of_a_non_finite_loss_says_so_in_one_line(data, tmp_path, mo
     assert state(tmp_path / "r" / "checkpoint.pt")["step"] == 2
 
 
+def test_a_non_finite_loss_says_a_resume_repeats_it_and_another_seed_does_not(data, tmp_path, monkeypatch):
+    """Batches are a function of (seed, step): a resume after a NaN loss met the same batch and the
+    same NaN at the same step, and the error said nothing of it. It now says what to change."""
+    from qairn.train.trainer import loss_fn
+
+    keys = []
+
+    def nan_on_the_third_batch(out, clean, w):
+        keys.append(round(float(clean.sum()), 2))
+        loss, l1, s = loss_fn(out, clean, w)
+        return (loss * float("nan") if len(keys) > 2 and keys[-1] == keys[2] else loss), l1, s
+
+    monkeypatch.setattr(trainer, "loss_fn", nan_on_the_third_batch)
+    hint = "resuming repeats the same batches: resume with a lower --lr or another --seed"
+    with pytest.raises(FloatingPointError, match=f"non-finite loss at step 2; {hint}"):
+        trainer.train(tiny_args(data, tmp_path, steps=4))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 2;"):
+        trainer.train(tiny_args(data, tmp_path, steps=4, resume=True))
+    trainer.train(tiny_args(data, tmp_path, steps=4, resume=True, seed=1))
+    assert state(tmp_path / "checkpoint.pt")["step"] == 4
+
+
 def test_a_checkpoint_write_that_fails_leaves_the_last_one_and_no_partial_file(data, tmp_path, monkeypatch):
     # A full disk mid-write left a partial checkpoint.tmp beside the good checkpoint.pt, holding the space.
     saves, torch_save = [], torch.save
@@ -623,6 +646,39 @@ def test_export_keeps_fp32_when_the_check_fails(data, tmp_path, monkeypatch):
     with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     assert torch.equal(load_model(tmp_path / "w.safetensors").tail.weight, m.tail.weight)
+
+
+def test_an_image_restored_exactly_leaves_the_metadata_finite(tmp_path):
+    """A flat gray image (its JPEGs decode to it exactly) through a model that changes nothing: PSNR inf
+    for fp32 and fp16, and the fp16 loss inf - inf = NaN went into the weights' metadata ("NaN",
+    "Infinity": not JSON) and turned the export fp32. Identical images now count as 100 dB."""
+    cv2.imwrite(str(tmp_path / "flat.png"), np.full((32, 32, 3), 128, np.uint8))
+    m = QAIRN(preset("tiny"))
+    torch.nn.init.zeros_(m.tail.weight)  # the output is the input
+    torch.nn.init.zeros_(m.tail.bias)
+    val = [tmp_path / "flat.png"]
+    assert trainer.validate(m, trainer.validation_pairs(val), "cpu") == {
+        "psnr_qf10": 100.0,
+        "psnr_qf40": 100.0,
+    }
+    a = tiny_args(tmp_path, tmp_path / "run", export=str(tmp_path / "w.safetensors"))
+    trainer.export_weights(m, a, step=1, seconds=1.0, val_files=val)
+    text = read_metadata(tmp_path / "w.safetensors")["training"]
+    dec = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the metadata"))["export"]
+    assert dec["psnr_fp32"] == dec["psnr_fp16"] == 100.0 and dec["loss_db"] == 0.0
+    assert dec["dtype"] == "fp16"
+
+
+def test_loss_plot_of_one_logged_step_shows_its_point(tmp_path):
+    """--steps under --log-every logs the last step alone: a line through one point draws nothing, and
+    loss.png showed empty axes (blue in its legend only: 35 pixels)."""
+    (tmp_path / "log.csv").write_text(
+        "step,loss,l1,ssim,lr,patches_per_s,seconds\n3,0.72,0.2,0.48,2e-4,1.1,5.3\n"
+    )
+    trainer.plot_log(tmp_path / "log.csv", tmp_path / "loss.png")
+    png = cv2.imread(str(tmp_path / "loss.png"))[..., ::-1].astype(int)
+    blue = np.abs(png - (31, 119, 180)).sum(-1) < 30  # matplotlib's first line colour
+    assert blue.sum() > 60
 
 
 def test_gpu_pack_and_entry_on_cpu(tmp_path):
@@ -938,6 +994,25 @@ def test_images_all_too_small_leave_no_run_folder(tmp_path):
     with pytest.raises(SystemExit, match="no training image is at least 40 px"):
         trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0))
     assert not (tmp_path / "run").exists()
+
+
+def test_images_all_too_small_say_which_option_sets_the_size(tmp_path):
+    """A folder of 64x64 images at the default --patch 96 was refused with 'no training image is at least
+    104 px on its short side', naming no option (the note on some small images names --patch)."""
+    folder = make_folder(tmp_path / "d", 3, 30, 30, seed=3)
+    with pytest.raises(SystemExit, match=r"at least 40 px on its short side \(--patch 32 \+ 8\)$"):
+        trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0))
+
+
+def test_a_folder_too_small_for_the_held_out_images_says_how_to_train_on_it(tmp_path):
+    """--val-holdout is 8 by default: a folder of 1 to 8 images was refused ("--val-holdout 8: ... none
+    would be left to train") with no word of how to train on it at all."""
+    folder = make_folder(tmp_path / "d", 1, 64, 80, seed=3)
+    says = f"--val-holdout 8: {folder} has only 1 image, none would be left to train (--val-holdout 0: none"
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=8))
+    assert not (tmp_path / "run").exists()
+    trainer.train(tiny_args(folder, tmp_path / "run", val_holdout=0, steps=1))
 
 
 def test_resume_says_when_the_held_out_images_changed(tmp_path, capsys):

@@ -882,6 +882,27 @@ def test_an_edit_list_is_not_taken_for_truncation(restorer, tmp_path):
     assert summary["frames"] == 5 and not any("truncated" in n for n in summary["notes"])
 
 
+def test_a_truncated_mp4_says_how_many_frames_were_decoded(restorer, tmp_path):
+    """A faststart MP4 (index first) cut short: its packets are listed in the index, and those partly
+    in the file were counted as found: 'the header says 8 frames, 4 found' when 3 were decoded."""
+    o = av.open(str(tmp_path / "whole.mp4"), "w", options={"movflags": "faststart"})
+    s = o.add_stream("libx264", rate=25, options={"bf": "0"})
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    noise = np.random.default_rng(0).integers(0, 256, (8, 48, 64, 3), dtype=np.uint8)  # large packets
+    for i, rgb in enumerate(noise):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    data = (tmp_path / "whole.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    s = transcode(restorer, tmp_path / "cut.mp4", None, VideoOptions(score_only=True, plot=False))
+    assert 0 < s["frames"] < 8
+    said = [n for n in s["notes"] if "header says" in n]
+    assert said == [f"{tmp_path / 'cut.mp4'}: the header says 8 frames, {s['frames']} decoded (truncated?)"]
+
+
 def test_y4m_output_without_options_from_packed_and_10_bit_sources(restorer, frames_rgb, tmp_path):
     # Y4M holds raw planar frames only: its default codec is rawvideo, its format the planar one.
     for name, codec, pix_fmt, tag in (
@@ -1160,7 +1181,7 @@ def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rg
     assert cues_of(tmp_path / "o.mkv") == (["eng"], [(0.0, b"Hello"), (0.04, b"there")])
     assert not any("cannot hold" in n for n in s["notes"]) and len(decode(tmp_path / "o.mkv")[0]) == 3
     s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
-    assert any(".mp4 cannot hold srt subtitles: 1 stream(s) dropped" in n for n in s["notes"]), s["notes"]
+    assert any(".mp4 cannot hold srt subtitles: 1 stream dropped" in n for n in s["notes"]), s["notes"]
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert [st.type for st in c.streams] == ["video"]
 
@@ -1516,9 +1537,7 @@ def test_a_second_video_stream_is_dropped_with_a_note(restorer, tmp_path):
     o.close()
     s = transcode(restorer, tmp_path / "two.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
     assert s["frames"] == 2
-    assert any("1 more video stream(s) dropped: only the first is restored" in n for n in s["notes"]), s[
-        "notes"
-    ]
+    assert any("1 more video stream dropped: only the first is restored" in n for n in s["notes"]), s["notes"]
 
 
 def test_interrupt_while_drawing_the_trace_leaves_nothing(restorer, clip, tmp_path, monkeypatch):
@@ -1569,7 +1588,7 @@ def test_a_data_stream_is_dropped_with_a_note(restorer, tmp_path):
     o.mux(s.encode(None))
     o.close()
     s = transcode(restorer, tmp_path / "klv.ts", tmp_path / "o.mkv", VideoOptions(write_quality=False))
-    assert any("1 data stream(s) dropped" in n for n in s["notes"]), s["notes"]
+    assert any("1 data stream dropped" in n for n in s["notes"]), s["notes"]
 
 
 def test_streams_without_dispositions_are_not_covers():
@@ -1907,6 +1926,27 @@ def test_3gp_keeps_rotation_subtitles_and_starts_with_its_index(restorer, tmp_pa
     assert atoms.index(b"moov") < atoms.index(b"mdat"), atoms
 
 
+@pytest.mark.parametrize("ext", [".3gp", ".3g2"])
+def test_3gp_keeps_the_pixel_aspect_ratio_without_a_note(restorer, tmp_path, ext):
+    """3GP stores the pixel aspect ratio as MP4 does ('pasp'), but was not in SAR_FORMATS: an H.263
+    .3gp of a 4:3-pixel source kept the 4:3 and yet said 'keeps no pixel aspect ratio'."""
+    o = av.open(str(tmp_path / "sar.mkv"), "w")
+    s = o.add_stream("libx264", rate=25)  # (FFV1 in Matroska keeps no pixel aspect ratio)
+    s.width, s.height, s.pix_fmt = 128, 96, "yuv420p"  # a size H.263 takes
+    s.codec_context.sample_aspect_ratio = Fraction(4, 3)
+    for i in range(2):
+        f = av.VideoFrame(128, 96, "yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    dst = tmp_path / f"o{ext}"
+    s = transcode(restorer, tmp_path / "sar.mkv", dst, VideoOptions(codec="h263", write_quality=False))
+    assert not any("pixel aspect ratio" in n for n in s["notes"]), s["notes"]
+    with av.open(str(dst)) as c:
+        assert c.streams.video[0].sample_aspect_ratio == Fraction(4, 3)
+
+
 def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
     """Matroska cannot hold MP4's mov_text subtitles: a phone's or iTunes' .mp4 came out of .mkv without
     them, with a note. They are now decoded and written again as SRT, each cue at its own times."""
@@ -1993,8 +2033,7 @@ def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tm
         assert [float(f.time) for f in frames] == [0.0, 0.04, 0.08], name
         assert len(read_csv(tmp_path / f"{name}.quality.csv")) == 4
         assert any(
-            "1 frame(s) at or before the previous frame's time dropped (first: frame 1" in n
-            for n in s["notes"]
+            "1 frame at or before the previous frame's time dropped (first: frame 1" in n for n in s["notes"]
         ), s["notes"]
 
 
@@ -2019,3 +2058,25 @@ def test_webm_output_gets_vp9_without_options(restorer, tmp_path):
     assert s["codec"] == "libvpx-vp9"
     with av.open(str(tmp_path / "o.webm")) as c:
         assert c.streams.video[0].codec_context.name == "vp9" and len(list(c.decode(video=0))) == 2
+
+
+def test_counts_of_one_are_singular(tiny_weights, tmp_path, capsys):
+    """'got 1 planes', 'qairn: 1 frames at ...': a count of one takes the singular."""
+    from qairn.engine.video import _key
+
+    with pytest.raises(ValueError, match=r"tuple, got 1 plane$"):
+        _key((np.zeros((8, 8), np.uint8),))
+    src = flat_clip(tmp_path / "one.mkv", times=[0], codec="ffv1")
+    assert (
+        main([str(src), "--score-only", "--no-plot", "--weights", str(tiny_weights), "--device", "cpu"]) == 0
+    )
+    assert "qairn: 1 frame at " in capsys.readouterr().err
+
+
+def test_qairn_video_refuses_a_batch_under_1_as_a_usage_error(clip, capsys):
+    """--batch 0 was refused only after the model loaded and the input opened, as 'batch must be an int
+    >= 1 (frames per batch), not 0', naming no option; it is now argparse's error on --batch."""
+    with pytest.raises(SystemExit) as e:
+        main([str(clip), "--score-only", "--batch", "0"])
+    assert e.value.code == 2
+    assert "argument --batch: needs at least 1 frame, got 0" in capsys.readouterr().err

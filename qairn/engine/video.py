@@ -71,10 +71,15 @@ class _Job:
     numpy: bool = True
 
 
+def _counted(n: int, noun: str) -> str:
+    """'1 frame', '2 damaged frames': a count with its noun (last word plural), singular for one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _key(item):
     if isinstance(item, (tuple, list)):
         if len(item) != 3:
-            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {len(item)} planes")
+            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {_counted(len(item), 'plane')}")
         return (
             "yuv",
             *((type(p), tuple(p.shape), str(p.dtype), str(getattr(p, "device", ""))) for p in item),
@@ -382,8 +387,15 @@ MUXER_TAGS = {"encoder", "major_brand", "minor_version", "compatible_brands", "d
 IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's display matrix, 16.16/2.30
 # muxers storing a display matrix (ipod: .m4v)
 ROTATING_FORMATS = {"mov", "mp4", "ipod", "3gp", "3g2", "matroska", "webm"}
-SAR_FORMATS = {"mp4", "mov", "ipod"}  # muxers that store the pixel aspect ratio PyAV gives them
-SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}  # ... in their own headers
+# muxers that store the pixel aspect ratio PyAV gives them (ipod: .m4v; 3gp, 3g2: MP4s for phones)
+SAR_FORMATS = {"mp4", "mov", "ipod", "3gp", "3g2"}
+SAR_CODECS = {
+    "libx264",
+    "libx264rgb",
+    "libx265",
+    "mpeg4",
+    "mpeg2video",
+}  # encoders storing it in their headers
 TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
 FIELD_FORMATS = {"matroska", "mov", "mp4", "yuv4mpegpipe"}  # muxers that store the field order
 PROGRESSIVE_CODECS = {"mpeg1video", "mpeg2video", "mpeg4", "libopenh264"}  # say so in their own headers
@@ -836,8 +848,8 @@ def _open_output(
     vs.time_base = out_tb
     cc.time_base = out_tb
     # Anamorphic video (DVD, DV, HDV: pixels wider or narrower than tall) plays squashed without its pixel
-    # aspect ratio. MP4 and MOV store the encoder's; Matroska, WebM, Y4M and AVI store the muxer stream's,
-    # which PyAV cannot set, so there only codecs with it in their bitstream keep it.
+    # aspect ratio. MP4, MOV and 3GP store the encoder's; Matroska, WebM, Y4M and AVI store the muxer
+    # stream's, which PyAV cannot set, so there only codecs with it in their bitstream keep it.
     sar = vstream.sample_aspect_ratio or vstream.codec_context.sample_aspect_ratio
     if sar:
         cc.sample_aspect_ratio = sar
@@ -924,7 +936,8 @@ def _open_output(
             out.metadata[k] = v
     if dropped:
         notes.append(
-            f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: {len(dropped)} stream(s) dropped"
+            f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: "
+            f"{_counted(len(dropped), 'stream')} dropped"
         )
     notes += _copy_pictures(out, vstream.container, pending, amap, dst)
     copied = [s for s in vstream.container.streams if s.index in amap]
@@ -1091,13 +1104,15 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
         audio_note = video_note = ""
         if len(videos) > 1 and not opts.score_only:  # (a second angle, a picture-in-picture signer)
-            video_note = f"{len(videos) - 1} more video stream(s) dropped: only the first is restored"
+            video_note = (
+                f"{_counted(len(videos) - 1, 'more video stream')} dropped: only the first is restored"
+            )
         # Data streams (KLV drone metadata, GoPro telemetry) are not copied; a MOV timecode track is
         # kept as the video's timecode tag, from which the muxer writes it again.
         data = [] if opts.score_only else [s for s in inp.streams.data if "timecode" not in s.metadata]
-        data_note = f"{len(data)} data stream(s) dropped (telemetry, KLV metadata)" if data else ""
+        data_note = f"{_counted(len(data), 'data stream')} dropped (telemetry, KLV metadata)" if data else ""
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
-            audio_note = f"{dst.suffix} holds no audio: {len(astreams)} audio stream(s) dropped"
+            audio_note = f"{dst.suffix} holds no audio: {_counted(len(astreams), 'audio stream')} dropped"
             astreams = []
         # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
@@ -1209,7 +1224,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if unordered:
             i, t = unordered[0]
             notes.append(
-                f"{src}: {len(unordered)} frame(s) at or before the previous frame's time dropped "
+                f"{src}: {_counted(len(unordered), 'frame')} at or before the previous frame's time dropped "
                 f"(first: frame {i} at {t:.3f} s); the quality trace keeps them"
             )
         if resized and out is not None:
@@ -1223,11 +1238,15 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 "cannot be written: dropped; players tone-map the output from its static HDR tags only"
             )
         if corrupt:
-            notes.append(f"{src}: the decoder flagged {len(corrupt)} damaged frame(s), first {corrupt[0]}")
+            notes.append(
+                f"{src}: the decoder flagged {_counted(len(corrupt), 'damaged frame')}, first {corrupt[0]}"
+            )
+        # Packets are compared, so that an edit list's hidden pre-roll is not taken for truncation; the
+        # note says the frames decoded (an MP4's index lists packets cut off too: 4 counted, 3 decoded).
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
         if short:
             notes.append(
-                f"{src}: the header says {vstream.frames} frames, {counts.get('packets', 0)} found "
+                f"{src}: the header says {_counted(vstream.frames, 'frame')}, {len(rows)} decoded "
                 "(truncated?)"
             )
         elif not vstream.frames and rows:
@@ -1390,6 +1409,14 @@ def _parse_kv(s: str) -> tuple[str, str]:
     return k, v
 
 
+def _batch_arg(text: str) -> int:
+    """--batch, checked before the model loads (restore_stream refused 0 after, naming no option)."""
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1 frame, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qairn video",
@@ -1418,7 +1445,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
     m.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
-    m.add_argument("--batch", type=int, default=4, help="frames per batch (default 4)")
+    m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
     m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
     m.add_argument(
         "--cuda-graph",
@@ -1537,8 +1564,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         mq = summary["mean_quality"]
         print(
-            f"qairn: {summary['frames']} frames at {summary['fps']:.2f} fps ({summary['matrix']}, "
-            f"{summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
+            f"qairn: {_counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
+            f"({summary['matrix']}, {summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
             f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}; wrote {', '.join(map(str, summary['written']))}",
             file=sys.stderr,
         )

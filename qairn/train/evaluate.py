@@ -366,9 +366,14 @@ def jpeg_pairs(files, qfs, crop: int = 0) -> list[tuple[int, np.ndarray, np.ndar
     return [(qf, ref, jpeg_rgb(ref, qf)) for ref in refs for qf in qfs]
 
 
+# A restored image equal to its reference (a flat image) has an infinite PSNR: the fp16 check's loss was
+# then inf - inf = NaN, written into the weights' metadata as NaN (not JSON). It counts as this many dB.
+PSNR_CAP_DB = 100.0
+
+
 def restored_psnrs(restorer, pairs) -> list[float]:
-    """PSNR of each restored JPEG against its reference, in the pairs' order."""
-    return [psnr(ref, restorer.restore(jpeg).image) for _, ref, jpeg in pairs]
+    """PSNR of each restored JPEG against its reference, in the pairs' order, at most PSNR_CAP_DB."""
+    return [min(psnr(ref, restorer.restore(jpeg).image), PSNR_CAP_DB) for _, ref, jpeg in pairs]
 
 
 def fp16_check(model, files, qfs=QFS, device="cpu", max_loss_db: float = 0.02, crop: int = 0) -> dict:

@@ -160,10 +160,10 @@ def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
     files = list_images(data)
     if holdout <= 0:
         return files, []
-    if holdout >= len(files):
+    if holdout >= len(files):  # (8 by default: a folder of a few images is refused unasked; say the way out)
         raise SystemExit(
             f"--val-holdout {holdout}: {data} has only {len(files)} image{'s' * (len(files) != 1)}, "
-            "none would be left to train"
+            "none would be left to train (--val-holdout 0: none held out)"
         )
     k = max(len(files) // holdout, 1)
     val = files[::k][:holdout]
@@ -486,7 +486,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         except ValueError as e:  # no image large enough: say which folder, and leave no run folder (as above)
             if made_out:
                 shutil.rmtree(out, ignore_errors=True)
-            raise SystemExit(f"{a.data}: {e}") from None
+            raise SystemExit(f"{a.data}: {e} (--patch {a.patch} + 8)") from None
         # Rank r takes batch indices step*world + r: every rank sees different, reproducible patches.
         indices = range(step * world + rank, a.steps * world, world)
         loader = DataLoader(
@@ -607,7 +607,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 # all-reduce for one that left (a hang on NCCL, a crash of unclear cause on gloo).
                 if any_rank(bad, device) if world > 1 else bad:
                     where = "" if world == 1 else f" (on rank {rank})" if bad else " (on another rank)"
-                    raise FloatingPointError(f"non-finite loss at step {step}{where}")
+                    # Batches are a function of (seed, step): a resume meets the same batch again.
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step}{where}; resuming repeats the same batches: "
+                        "resume with a lower --lr or another --seed"
+                    )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -829,7 +833,9 @@ def plot_log(log_path: Path, png: Path) -> None:
         1, 1 + len(VAL_QFS) * bool(val), figsize=(5 + 4 * bool(val) * 2, 4), squeeze=False
     )
     ax = axes[0, 0]
-    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, label="training loss")
+    # One logged step (--steps under --log-every) is a line through one point, which draws nothing.
+    dot = "o" if len(rows) == 1 else None
+    ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.6, marker=dot, ms=4, label="training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
