@@ -667,6 +667,30 @@ def test_a_pixel_limit_below_one_is_refused_at_once(workdir, tiny_weights, capsy
     assert rc == 0 and "a.jpg" in out, err
 
 
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--overlap", "-4"], "argument --overlap: the overlap must not be negative, got -4"),
+        (["--overlap", "abc"], "argument --overlap: expected an overlap in pixels (0 or more), got 'abc'"),
+        (["--tile", "abc"], "argument --tile: expected auto, 0 or a tile size in pixels, got 'abc'"),
+        (["--tile", "8", "--overlap", "32"], "--tile 8 with --overlap 32: overlap 32 (taken in steps"),
+        (["--overlap", "600"], "--tile auto with --overlap 600: overlap 600 (taken in steps of 16: 608)"),
+    ],
+)
+def test_bad_tiling_options_are_refused_before_the_model_loads(workdir, capsys, monkeypatch, options, says):
+    # --overlap -4 loaded the model, then said 'overlap must be an int >= 0, not -4', naming no option.
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    for command in (["score"], ["restore", "-o", workdir / "out"]):
+        with pytest.raises(SystemExit) as e:
+            run(capsys, *command, workdir / "a.jpg", *options)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err, err
+    assert not (workdir / "out").exists()
+
+
 def test_animation_restores_its_first_frame_and_says_so(tmp_path, tiny_weights, capsys):
     rng = np.random.default_rng(0)
     frames = [Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)) for _ in range(3)]

@@ -2080,3 +2080,26 @@ def test_qairn_video_refuses_a_batch_under_1_as_a_usage_error(clip, capsys):
         main([str(clip), "--score-only", "--batch", "0"])
     assert e.value.code == 2
     assert "argument --batch: needs at least 1 frame, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--overlap", "-4"], "argument --overlap: the overlap must not be negative, got -4"),
+        (["--tile", "8", "--overlap", "32"], "--tile 8 with --overlap 32: overlap 32 (taken in steps"),
+    ],
+)
+def test_qairn_video_refuses_bad_tiling_options_before_the_model_loads(
+    clip, capsys, monkeypatch, options, says
+):
+    """--overlap -4 was refused only after the model loaded, as 'overlap must be an int >= 0', naming no
+    option; restore and score share the check."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    with pytest.raises(SystemExit) as e:
+        main([str(clip), "--score-only", *options])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err, err

@@ -35,7 +35,7 @@ from qairn.engine.imageio import (
     write_image,
 )
 from qairn.engine.progress import progress_bar
-from qairn.engine.tiling import tile_arg
+from qairn.engine.tiling import overlap_arg, tile_arg
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
 # Larger images get their quality map at 1/k size: pixel for pixel, a 200 MP photo's two panels took
@@ -252,13 +252,25 @@ def common_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="tile size in pixels, 0 = whole image, auto (default): whole up to 4 x 512^2 pixels, else 512",
     )
-    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument("--overlap", type=overlap_arg, default=32, help="tile overlap in pixels (default 32)")
     p.add_argument(
         "--max-pixels",
         type=pixel_count,
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})",
     )
+
+
+def check_tile_options(p: argparse.ArgumentParser, a) -> None:
+    """--tile against --overlap, as argparse's error before the model loads: an overlap as wide as the
+    tile was refused only once it had loaded, naming neither option. (The Restorer checks again, against
+    a static export's own tile.)"""
+    from qairn.engine.restorer import check_tiling
+
+    try:
+        check_tiling(a.tile, a.overlap)
+    except ValueError as e:
+        p.error(f"--tile {a.tile or 0} with --overlap {a.overlap}: {e}")
 
 
 def columns(text: str) -> int:
@@ -479,6 +491,7 @@ def main_restore(argv=None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
+    check_tile_options(p, a)
 
     inputs, missing = found_inputs(a.inputs)
     if not inputs:  # a run where every image failed: the closing line, and a --json of no records
@@ -597,6 +610,7 @@ def main_score(argv=None) -> int:
         help="one JSON object per line (absolute path, Q1..Q3) instead of a table",
     )
     a = p.parse_args(argv)
+    check_tile_options(p, a)
 
     inputs, missing = found_inputs(a.inputs)
     if not inputs:

@@ -145,3 +145,17 @@ def tile_arg(text: str) -> int | str | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"the tile size must not be negative, got {value}")
     return value or None
+
+
+def overlap_arg(text: str) -> int:
+    """The --overlap option: pixels, 0 or more. -4 was refused only once the model had loaded, as
+    'overlap must be an int >= 0', naming no option."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an overlap in pixels (0 or more), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the overlap must not be negative, got {value}")
+    return value

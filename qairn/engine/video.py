@@ -52,7 +52,7 @@ from qairn.engine.color import (
 )
 from qairn.engine.imageio import write_atomic
 from qairn.engine.progress import progress_bar
-from qairn.engine.tiling import tile_arg
+from qairn.engine.tiling import overlap_arg, tile_arg
 
 
 class VideoError(RuntimeError):
@@ -1444,7 +1444,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
-    m.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    m.add_argument("--overlap", type=overlap_arg, default=32, help="tile overlap in pixels (default 32)")
     m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
     m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
     m.add_argument(
@@ -1511,7 +1511,11 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from qairn.engine.cli import check_tile_options  # before the model loads, as restore and score do
+
+    check_tile_options(parser, args)
     opts = VideoOptions(
         codec=args.codec,
         crf=args.crf,
