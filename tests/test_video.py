@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, live1_files, lively_model
 
 import qairn
-from qairn.engine.video import VideoError, VideoOptions, main, transcode
+from qairn.engine.video import VideoError, VideoOptions, build_parser, main, transcode
 
 av = pytest.importorskip("av", reason="PyAV (qairn[video]) is not installed")
 
@@ -2103,3 +2103,25 @@ def test_qairn_video_refuses_bad_tiling_options_before_the_model_loads(
         main([str(clip), "--score-only", *options])
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err, err
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["--bitrate", "0"], "argument --bitrate: expected bits per second, 1 or more (e.g. 2000000), got 0"),
+        (["--bitrate", "-5"], "argument --bitrate: expected bits per second, 1 or more"),
+        (["--bitrate", "2M"], "argument --bitrate: expected bits per second, 1 or more"),
+        (["--crf", "-3"], "argument --crf: expected a number, 0 or more, got -3"),
+        (["--crf", "nan"], "argument --crf: expected a number, 0 or more, got nan"),
+        (["--crf", "inf"], "argument --crf: expected a number, 0 or more, got inf"),
+    ],
+)
+def test_qairn_video_refuses_a_bad_bitrate_or_crf_as_a_usage_error(tmp_path, capsys, options, says):
+    """--bitrate 0 fell back to --crf without a word; --bitrate -5, --crf -3 and --crf nan reached the
+    encoder, which refused them only after the model had loaded."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), *options])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err, err
+    ok = build_parser().parse_args(["in.mp4", "out.mp4", "--crf", "0", "--bitrate", "500000"])
+    assert (ok.crf, ok.bitrate) == (0.0, 500000)

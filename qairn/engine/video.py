@@ -1417,6 +1417,26 @@ def _batch_arg(text: str) -> int:
     return value
 
 
+def _crf_arg(text: str) -> float:
+    """--crf: a finite number, 0 or more (the top depends on the encoder: 51 for x264, 63 for VP9, which
+    says so itself). -3 and nan reached the encoder, which refused them after the model had loaded."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number, 0 or more, got {text}")
+    return value
+
+
+def _bitrate_arg(text: str) -> int:
+    """--bitrate, bits per second: 0 fell back to --crf without a word, and -5 reached the encoder."""
+    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected bits per second, 1 or more (e.g. 2000000), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qairn video",
@@ -1460,13 +1480,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--crf",
-        type=float,
+        type=_crf_arg,
         default=18.0,
         help="constant quality (default 18): CRF for x264/x265/VP8/VP9/AV1, a fixed quantiser crf/6 "
         "for MPEG-1/2/4 and MJPEG",
     )
     e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
-    e.add_argument("--bitrate", type=int, help="target bits per second (overrides --crf)")
+    e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
     e.add_argument("--pix-fmt", help="output pixel format (default: the source's, when the encoder takes it)")
     e.add_argument(
         "--codec-option",
