@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,6 +24,13 @@ class WeightsError(ValueError):
 def save_weights(model: QAIRN, path: str | Path, training: dict | None = None, dtype=None) -> Path:
     """Write model weights + config (+ training summary) to a safetensors file, atomically."""
     path = Path(path)
+    # NaN and infinity are not JSON: json.dumps wrote bare NaN, which strict readers refuse.
+    for where, value in (("config", asdict(model.config)), ("training", training or {})):
+        bad = non_finite(value, where)
+        if bad:
+            raise ValueError(
+                f"{path}: {bad} is not a finite number; the weights' metadata (JSON) has no NaN or infinity"
+            )
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
@@ -31,10 +39,23 @@ def save_weights(model: QAIRN, path: str | Path, training: dict | None = None, d
         "format_version": FORMAT_VERSION,
         "arch": "QAIRN",
         "config": model.config.to_json(),
-        "training": json.dumps(training or {}, sort_keys=True),
+        "training": json.dumps(training or {}, sort_keys=True, allow_nan=False),
     }
     write_weights(path, tensors, meta)
     return path
+
+
+def non_finite(value, where: str) -> str | None:
+    """The first NaN or infinity in value (nested dicts and lists), as 'where.key[i] = nan', or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} = {value}"
+    if isinstance(value, dict):
+        named = [(f"{where}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        named = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        named = []
+    return next((bad for name, v in named if (bad := non_finite(v, name))), None)
 
 
 def write_weights(path: Path, tensors: dict, meta: dict) -> None:

@@ -155,6 +155,24 @@ def test_save_load_rebuilds_architecture(tmp_path):
     torch.testing.assert_close(m(x)[0], m2(x)[0])
 
 
+@pytest.mark.parametrize(
+    "training, p, says",
+    [
+        ({"export": {"loss_db": float("nan")}}, 4.0, "training.export.loss_db = nan is not a finite number"),
+        ({"curve": [1.0, float("-inf")]}, 4.0, r"training.curve\[1\] = -inf is not a finite number"),
+        ({"steps": 12}, float("inf"), "config.p = inf is not a finite number"),
+    ],
+)
+def test_save_refuses_non_finite_metadata(tmp_path, training, p, says):
+    # json.dumps wrote {"export": {"loss_db": NaN}} into the metadata: not JSON, which strict readers refuse.
+    m = lively_model("tiny")
+    m.config = preset("tiny", p=p)
+    path = tmp_path / "w.safetensors"
+    with pytest.raises(ValueError, match=f"w.safetensors: {says}; the weights' metadata"):
+        save_weights(m, path, training=training)
+    assert not path.exists()
+
+
 def test_save_fp16_loads_as_fp32(tmp_path):
     m = lively_model()
     path = save_weights(m, tmp_path / "w16.safetensors", dtype=torch.float16)
