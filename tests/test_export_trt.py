@@ -1153,6 +1153,29 @@ def test_cli_says_when_the_engine_came_from_the_cache(tiny_weights, tmp_path, mo
     assert capsys.readouterr().out.startswith(f"reused cached engine {cache / 'engines'}")
 
 
+def test_cli_exits_1_when_tensorrt_cannot_load_the_engine_it_built(
+    tiny_weights, tmp_path, monkeypatch, capsys
+):
+    """TensorRT failing to deserialize (or execute) an engine is a runtime failure, as a missed
+    verification is: `qairn export tensorrt` exited 2, the code of a usage error."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake = fake_tensorrt(monkeypatch)
+    fake.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: None)
+    monkeypatch.setattr(trt_engine, "trt_logger", lambda trt: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: b"engine")
+    cache = tmp_path / "cache"
+    onnx = ox.cached_onnx(lively_model(), cache, outputs="maps", precision="fp32")
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--shape", "1,64,64", "--device", "cuda:0"]
+    assert export_main(argv + ["--cache-dir", str(cache)]) == 1
+    assert "TensorRT could not deserialize the engine" in capsys.readouterr().err
+    assert issubclass(trt_backend.TrtRuntimeError, BackendError)  # Restorer callers catch it as before
+
+
 def test_a_users_engine_without_a_sidecar_is_refused_not_rebuilt_over(tmp_path, monkeypatch):
     """Restorer(backend="tensorrt", engine=F) with F built by trtexec (no sidecar): qairn could not
     validate it, so it rebuilt its own engine over the user's file, minutes later and without asking.

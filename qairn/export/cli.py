@@ -18,6 +18,7 @@ from pathlib import Path
 from qairn.engine.backends import BackendError
 from qairn.engine.imageio import IMAGE_SUFFIXES, check_writable
 from qairn.export import onnx_export as ox
+from qairn.export.trt_backend import TrtRuntimeError
 from qairn.export.trt_engine import EngineError
 
 # The repository's test images (../shared/data/live1 beside the checkout), when present.
@@ -384,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, ox.ExportError, BackendError, EngineError) as e:
         # The user's to fix (a missing file, a file that is no qairn export, options that do not fit):
         # 2, as every qairn command's usage errors. An export that missed its tolerance, or TensorRT
-        # failing to build, is a failure instead: 1.
-        failed = isinstance(e, (ox.VerificationError, EngineError))
+        # failing to build, load or run the engine, is a failure instead: 1.
+        failed = isinstance(e, (ox.VerificationError, EngineError, TrtRuntimeError))
         return error(str(e).splitlines()[0] if str(e) else type(e).__name__, 1 if failed else 2)
 
 

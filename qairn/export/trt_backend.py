@@ -80,6 +80,11 @@ def torch_dtype(trt_dtype) -> torch.dtype:
     return table[trt_dtype.name]
 
 
+class TrtRuntimeError(BackendError):
+    """TensorRT failing on an engine it built or validated (cannot deserialize it, cannot execute it):
+    a failure, as a missed verification is, not a problem with the user's input."""
+
+
 class TrtRunner(Closing):
     """One deserialized engine and its execution context; call with an (N,3,H,W) CUDA tensor."""
 
@@ -90,7 +95,7 @@ class TrtRunner(Closing):
             self.runtime = trt.Runtime(trt_engine.trt_logger(trt))
             self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
             if self.engine is None:
-                raise BackendError("TensorRT could not deserialize the engine (see the TensorRT log)")
+                raise TrtRuntimeError("TensorRT could not deserialize the engine (see the TensorRT log)")
             self.context = self.engine.create_execution_context()
         # What TensorRT allocates on the GPU itself, which torch's allocator statistics never see: the
         # context's activation memory (device_memory_size_v2 from TensorRT 10.1, device_memory_size
@@ -147,7 +152,7 @@ class TrtRunner(Closing):
         # The current torch stream: TensorRT's kernels queue behind the torch ops that made `x`, and
         # torch's allocator (stream-ordered) will not reuse `x` or the outputs before they finish.
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            raise TrtRuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         y, *gammas = (out[n].float() for n in MAP_OUTPUTS)
         return y, gammas
 
