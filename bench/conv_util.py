@@ -238,7 +238,11 @@ def parse_presets(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in PRESETS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown preset(s) {unknown}; choose from {', '.join(PRESETS)}")
+        # As qairn.model.preset says it: a Python list (['smal']) is no option value.
+        raise argparse.ArgumentTypeError(
+            f"unknown preset{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+            f"choose one of {', '.join(sorted(PRESETS))}"
+        )
     return names
 
 

@@ -1327,7 +1327,9 @@ def test_ort_parity_refuses_a_missing_image_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--presets", "smal"], "unknown preset(s) ['smal']"),  # a KeyError traceback after the peak
+        # a KeyError traceback after the peak; then a Python list, "unknown preset(s) ['smal']"
+        (["--presets", "smal"], "argument --presets: unknown preset 'smal'; choose one of paper, small,"),
+        (["--presets", "tiny,x,y"], "argument --presets: unknown presets 'x', 'y'; choose one of paper,"),
         (["--presets", ","], "nothing to measure"),  # ran the peaks, measured no model, exit 0
     ],
 )
