@@ -1521,3 +1521,32 @@ def test_a_run_that_wrote_nothing_leaves_no_output_folder(workdir, tiny_weights,
     (workdir / "kept").mkdir()
     rc, _, _ = run(capsys, "restore", workdir / "bad.jpg", "-o", workdir / "kept", "--weights", tiny_weights)
     assert rc == 1 and (workdir / "kept").is_dir()
+
+
+@pytest.mark.parametrize("command", ["score", "restore", "video"])
+def test_no_overlap_option_leaves_the_restorer_its_own_default(command, tmp_path, monkeypatch):
+    """The CLIs passed overlap=32 when --overlap was not given, so the Restorer took it as chosen: a
+    static export with 16- or 32-pixel tiles, whose default overlap is fitted to its tile, was refused
+    ("overlap 32 ... must be smaller than the tile 16"). No --overlap now passes None."""
+    import qairn.engine.restorer as restorer_mod
+
+    seen = []
+
+    def restorer(**options):  # stands in for the model: the run ends here, with an error line
+        seen.append(options["overlap"])
+        raise RuntimeError("stand-in Restorer")
+
+    monkeypatch.setattr(restorer_mod, "Restorer", restorer)
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample_q10.jpg"
+    out = ["-o", str(tmp_path / "o.png")] if command == "restore" else []
+    if command == "video":
+        from qairn.engine.video import main as run
+
+        out = [str(tmp_path / "o.mp4")]
+    else:
+        import qairn.engine.cli as engine_cli
+
+        run = getattr(engine_cli, f"main_{command}")
+    for extra in ([], ["--overlap", "16"]):
+        assert run([str(sample), *out, *extra]) != 0
+    assert seen == [None, 16]

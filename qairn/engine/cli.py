@@ -252,7 +252,11 @@ def common_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="tile size in pixels, 0 = whole image, auto (default): whole up to 4 x 512^2 pixels, else 512",
     )
-    p.add_argument("--overlap", type=overlap_arg, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument(
+        "--overlap",
+        type=overlap_arg,
+        help="tile overlap in pixels (default 32; a static export's own tile: a quarter of it, up to 32)",
+    )
     p.add_argument(
         "--max-pixels",
         type=pixel_count,
@@ -265,12 +269,14 @@ def check_tile_options(p: argparse.ArgumentParser, a) -> None:
     """--tile against --overlap, as argparse's error before the model loads: an overlap as wide as the
     tile was refused only once it had loaded, naming neither option. (The Restorer checks again, against
     a static export's own tile.)"""
-    from qairn.engine.restorer import check_tiling
+    from qairn.engine.restorer import DEFAULT_OVERLAP, check_tiling
 
+    # No --overlap: None goes on to the Restorer, which fits its default to a static export's tile.
+    overlap = DEFAULT_OVERLAP if a.overlap is None else a.overlap
     try:
-        check_tiling(a.tile, a.overlap)
+        check_tiling(a.tile, overlap)
     except ValueError as e:
-        p.error(f"--tile {a.tile or 0} with --overlap {a.overlap}: {e}")
+        p.error(f"--tile {a.tile or 0} with --overlap {overlap}: {e}")
 
 
 def columns(text: str) -> int:

@@ -1464,7 +1464,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
-    m.add_argument("--overlap", type=overlap_arg, default=32, help="tile overlap in pixels (default 32)")
+    m.add_argument(
+        "--overlap",
+        type=overlap_arg,
+        help="tile overlap in pixels (default 32; a static export's own tile: a quarter of it, up to 32)",
+    )
     m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
     m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
     m.add_argument(
