@@ -585,7 +585,7 @@ class VideoOptions:
     range: str | None = None
     progress: bool = False
     strict: bool = (
-        False  # damaged input (decoder-flagged frames, fewer frames than the header says) is an error
+        False  # damaged input (decoder-flagged frames, a cut packet, fewer frames than the header says)
     )
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
 
@@ -713,6 +713,10 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 continue
             if packet.size:
                 counts["packets"] = counts.get("packets", 0) + 1
+                # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
+                # drops it without an error, so this flag is the one sign of the damage.
+                if packet.is_corrupt and "damaged" not in counts:
+                    counts["damaged"] = counts["packets"] - 1
                 if reorder and packet.pts is not None:
                     heapq.heappush(times, packet.pts)
             for frame in packet.decode():
@@ -1266,7 +1270,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 notes.append(
                     f"{src}: the header says {lasts:.3f} s, the frames end at {ends:.3f} s (truncated?)"
                 )
-        if opts.strict and (corrupt or short):
+        damaged = counts.get("damaged")
+        if damaged is not None and not short:  # (a short file's note says it already)
+            notes.append(
+                f"{src}: corrupt or truncated video near frame {damaged} (a packet cut short or damaged)"
+            )
+        if opts.strict and (corrupt or short or damaged is not None):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
