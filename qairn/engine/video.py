@@ -677,12 +677,20 @@ def _msg(e: Exception) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+AV_LOG_QUIET = -8  # FFmpeg's level below PANIC: its own callback prints nothing
+
+
 @contextmanager
 def _ffmpeg_reasons():
     """Keep FFmpeg's own reason for an error in it ("Invalid argument: Unsupported audio codec. Must be
     one of mp1, mp2, ..."): PyAV keeps the last error line only while its logging is on. On for this
     thread (the lines are captured, not printed) while the output is set up, and no longer: decoder
-    threads logging damaged frames would print to stderr."""
+    threads logging damaged frames would print to stderr, and a decoder freed while its threads wait in
+    PyAV's callback for the lock the freeing thread holds hangs.
+    Where PyAV's logging was off, it is left muted (FFmpeg's own callback, silenced) rather than off:
+    set_level(None) while a decoder thread is inside PyAV's callback, past its level check, made that
+    thread compare its level with None ("TypeError: '<=' not supported", a traceback on stderr).
+    _logging_back turns it off once the decoder is closed."""
     import av.logging
 
     old = av.logging.get_level()
@@ -691,7 +699,20 @@ def _ffmpeg_reasons():
         with av.logging.Capture(local=True):
             yield
     finally:
-        av.logging.set_level(old)
+        if old is None:
+            av.logging.set_libav_level(AV_LOG_QUIET)
+            av.logging.restore_default_callback()
+        else:
+            av.logging.set_level(old)
+
+
+def _logging_back(old) -> None:
+    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then), once no decoder is left."""
+    import av.logging
+
+    if old is None and av.logging.get_level() is not None:
+        av.logging.set_level(None)
+        av.logging.set_libav_level(av.logging.INFO)  # FFmpeg's default, which PyAV leaves as it is
 
 
 def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
@@ -1097,6 +1118,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts)
+    log_level = av.logging.get_level()  # (set back by _logging_back, once the decoder is closed)
     inp = _open_input(src)
     out = tmp = None
     try:
@@ -1317,6 +1339,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         inp.close()
+        _logging_back(log_level)
 
 
 class _Durations:
