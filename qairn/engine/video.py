@@ -585,7 +585,7 @@ class VideoOptions:
     range: str | None = None
     progress: bool = False
     strict: bool = (
-        False  # damaged input (decoder-flagged frames, fewer frames than the header says) is an error
+        False  # damaged input (decoder-flagged frames, a cut packet, fewer frames than the header says)
     )
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
 
@@ -677,12 +677,20 @@ def _msg(e: Exception) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+AV_LOG_QUIET = -8  # FFmpeg's level below PANIC: its own callback prints nothing
+
+
 @contextmanager
 def _ffmpeg_reasons():
     """Keep FFmpeg's own reason for an error in it ("Invalid argument: Unsupported audio codec. Must be
     one of mp1, mp2, ..."): PyAV keeps the last error line only while its logging is on. On for this
     thread (the lines are captured, not printed) while the output is set up, and no longer: decoder
-    threads logging damaged frames would print to stderr."""
+    threads logging damaged frames would print to stderr, and a decoder freed while its threads wait in
+    PyAV's callback for the lock the freeing thread holds hangs.
+    Where PyAV's logging was off, it is left muted (FFmpeg's own callback, silenced) rather than off:
+    set_level(None) while a decoder thread is inside PyAV's callback, past its level check, made that
+    thread compare its level with None ("TypeError: '<=' not supported", a traceback on stderr).
+    _logging_back turns it off once the decoder is closed."""
     import av.logging
 
     old = av.logging.get_level()
@@ -691,7 +699,20 @@ def _ffmpeg_reasons():
         with av.logging.Capture(local=True):
             yield
     finally:
-        av.logging.set_level(old)
+        if old is None:
+            av.logging.set_libav_level(AV_LOG_QUIET)
+            av.logging.restore_default_callback()
+        else:
+            av.logging.set_level(old)
+
+
+def _logging_back(old) -> None:
+    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then), once no decoder is left."""
+    import av.logging
+
+    if old is None and av.logging.get_level() is not None:
+        av.logging.set_level(None)
+        av.logging.set_libav_level(av.logging.INFO)  # FFmpeg's default, which PyAV leaves as it is
 
 
 def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
@@ -713,6 +734,10 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 continue
             if packet.size:
                 counts["packets"] = counts.get("packets", 0) + 1
+                # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
+                # drops it without an error, so this flag is the one sign of the damage.
+                if packet.is_corrupt and "damaged" not in counts:
+                    counts["damaged"] = counts["packets"] - 1
                 if reorder and packet.pts is not None:
                     heapq.heappush(times, packet.pts)
             for frame in packet.decode():
@@ -1093,6 +1118,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts)
+    log_level = av.logging.get_level()  # (set back by _logging_back, once the decoder is closed)
     inp = _open_input(src)
     out = tmp = None
     try:
@@ -1266,7 +1292,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 notes.append(
                     f"{src}: the header says {lasts:.3f} s, the frames end at {ends:.3f} s (truncated?)"
                 )
-        if opts.strict and (corrupt or short):
+        damaged = counts.get("damaged")
+        if damaged is not None and not short:  # (a short file's note says it already)
+            notes.append(
+                f"{src}: corrupt or truncated video near frame {damaged} (a packet cut short or damaged)"
+            )
+        if opts.strict and (corrupt or short or damaged is not None):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
@@ -1308,6 +1339,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         inp.close()
+        _logging_back(log_level)
 
 
 class _Durations:
