@@ -1554,8 +1554,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="fail (writing nothing) when the input is damaged: frames the decoder flags, or fewer "
-        "frames (or, where it keeps no count, less time) than the header says; by default these are warnings",
+        help="fail (writing nothing) when the input is damaged: frames the decoder flags, packets the "
+        "demuxer flags as cut short or damaged, or fewer frames (or, where it keeps no count, less time) "
+        "than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
