@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from qairn.messages import counted
 from qairn.model import QAIRN, QAIRNConfig
 
 FORMAT = "qairn"
@@ -129,7 +130,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise WeightsError(
-            f"{path}: weights hold NaN or infinity ({len(bad)} tensor{'s' * (len(bad) != 1)}, e.g. {bad[0]})"
+            f"{path}: weights hold NaN or infinity ({counted(len(bad), 'tensor')}, e.g. {bad[0]})"
         )
     model = QAIRN(config)
     model.load_state_dict(state)

@@ -424,7 +424,7 @@ def test_fp16_on_the_cpu_provider_is_warned_of_once(model, cache, monkeypatch):
 
 def test_warnings_name_the_callers_line_not_qairns(model, cache, monkeypatch):
     """The fp16-on-CPU warning, reached through Restorer -> make_backend -> OrtBackend, named
-    qairn/engine/backends.py:184 (a fixed stacklevel counted from another depth). qairn.warn.warn()
+    qairn/engine/backends.py:184 (a fixed stacklevel counted from another depth). qairn.messages.warn()
     walks to the first frame outside qairn: here, this test's Restorer(...) line."""
     from qairn.export import ort_backend
 

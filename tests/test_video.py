@@ -426,11 +426,11 @@ def test_unwritable_output_and_interrupt_leave_nothing(restorer, clip, tmp_path,
     calls = {"n": 0}
     real = restorer.restore_tensor
 
-    def interrupted(x, return_maps=False):
+    def interrupted(x, return_maps=False, **options):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(x, return_maps)
+        return real(x, return_maps, **options)
 
     monkeypatch.setattr(restorer, "restore_tensor", interrupted)
     with pytest.raises(KeyboardInterrupt):

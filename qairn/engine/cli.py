@@ -36,6 +36,7 @@ from qairn.engine.imageio import (
 )
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
+from qairn.messages import counted
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
 # Larger images get their quality map at 1/k size: pixel for pixel, a 200 MP photo's two panels took
@@ -587,7 +588,7 @@ def restore_summary(records: list[dict], total: int, failed_names: list[str]) ->
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
         return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
     where = f" into {Path(records[0]['output']).parent}" if records else ""
-    written = f"qairn: restored {len(records)} of {total} image{'s' * (total != 1)}{where}"
+    written = f"qairn: restored {len(records)} of {counted(total, 'image')}{where}"
     return written + failures(failed_names)
 
 
@@ -604,7 +605,7 @@ def score_summary(total: int, failed_names: list[str]) -> str:
     but in a long run the error lines have scrolled away, so (as restore does) they are named again:
     inputs never found, then images that failed."""
     scored = total - len(failed_names)
-    return f"qairn: scored {scored} of {total} image{'s' * (total != 1)}" + failures(failed_names)
+    return f"qairn: scored {scored} of {counted(total, 'image')}" + failures(failed_names)
 
 
 def main_score(argv=None) -> int:

@@ -193,15 +193,20 @@ def restore_planes(
     range: str,
     bits: int,
     return_maps: bool = False,
+    image: bool = True,
 ):
     """(N,H,W)/(N,h,w) integer planes already on the restorer's device -> (planes of the same dtype,
-    quality dict of (N,) tensors, maps or None), all on the device. See the module docstring."""
+    quality dict of (N,) tensors, maps or None), all on the device. See the module docstring.
+    image=False: quality (and maps) only, the planes None (Restorer.restore_tensor(image=False))."""
     h, w = y.shape[-2:]
     csize = chroma_size(h, w, u.shape)
     if v.shape != u.shape:
         raise ColorError(f"U and V planes differ in shape: {tuple(u.shape)} vs {tuple(v.shape)}")
     rgb = planes_to_rgb(y, u, v, matrix, range, bits).clamp_(0, 1)
-    restored, q, maps = restorer.restore_tensor(rgb, return_maps)
+    # in_range: clamped just now, so restore_tensor need not read every value again to check.
+    restored, q, maps = restorer.restore_tensor(rgb, return_maps, image=image, in_range=True)
+    if not image:
+        return None, q, maps
     dy, du, dv = rgb_to_planes(restored - rgb, csize, matrix, range, bits, offsets=False)
     out = tuple(quantize(p.float() + d, bits, p.dtype) for p, d in ((y, dy), (u, du), (v, dv)))
     return out, q, maps

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, UnidentifiedImageError
 
-from qairn.warn import warn
+from qairn.messages import warn
 
 # We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
 Image.MAX_IMAGE_PIXELS = None

@@ -17,8 +17,8 @@ from qairn.engine.backends import BACKENDS, PRECISIONS, BackendError, check_swit
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
+from qairn.messages import warn
 from qairn.model import QAIRN
-from qairn.warn import warn
 from qairn.weights_io import WeightsError, load_model
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -677,7 +677,6 @@ class Restorer:
     def _restore(self, img, return_maps, channel_order, progress, bits, image: bool = True) -> Result:
         """restore(); image=False leaves Result.image None and skips making it (score)."""
         order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
-        return_maps = check_switch("return_maps", return_maps)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
@@ -711,7 +710,6 @@ class Restorer:
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
         from qairn.engine.color import restore_yuv
 
-        return_maps = check_switch("return_maps", return_maps)
         return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
 
     def restore_stream(self, frames, batch: int = 4, **options):

@@ -132,30 +132,27 @@ def plan_tiles(height: int, width: int, tile: int | None, overlap: int) -> TileP
     return TilePlan(height, width, plan_axis(hp, tile_h, overlap), plan_axis(wp, tile_w, overlap))
 
 
-def tile_arg(text: str) -> int | str | None:
-    """The --tile option: "auto", 0 (whole images) or a tile size in pixels."""
+def _pixels_arg(text: str, expected: str, name: str) -> int:
+    """An option's count of pixels, 0 or more, or argparse's error naming what was expected."""
     import argparse
 
-    if text == "auto":
-        return "auto"
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, 0 or a tile size in pixels, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if value < 0:
-        raise argparse.ArgumentTypeError(f"the tile size must not be negative, got {value}")
-    return value or None
+        raise argparse.ArgumentTypeError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def tile_arg(text: str) -> int | str | None:
+    """The --tile option: "auto", 0 (whole images) or a tile size in pixels."""
+    if text == "auto":
+        return "auto"
+    return _pixels_arg(text, "auto, 0 or a tile size in pixels", "the tile size") or None
 
 
 def overlap_arg(text: str) -> int:
     """The --overlap option: pixels, 0 or more. -4 was refused only once the model had loaded, as
     'overlap must be an int >= 0', naming no option."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an overlap in pixels (0 or more), got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"the overlap must not be negative, got {value}")
-    return value
+    return _pixels_arg(text, "an overlap in pixels (0 or more)", "the overlap")

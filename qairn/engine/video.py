@@ -47,12 +47,12 @@ from qairn.engine.color import (
     check_range,
     native,
     plane_bits,
-    planes_to_rgb,
     restore_planes,
 )
 from qairn.engine.imageio import write_atomic
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
+from qairn.messages import counted
 
 
 class VideoError(RuntimeError):
@@ -71,15 +71,10 @@ class _Job:
     numpy: bool = True
 
 
-def _counted(n: int, noun: str) -> str:
-    """'1 frame', '2 damaged frames': a count with its noun (last word plural), singular for one."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _key(item):
     if isinstance(item, (tuple, list)):
         if len(item) != 3:
-            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {_counted(len(item), 'plane')}")
+            raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {counted(len(item), 'plane')}")
         return (
             "yuv",
             *((type(p), tuple(p.shape), str(p.dtype), str(getattr(p, "device", ""))) for p in item),
@@ -201,12 +196,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
                 p = torch.stack([f[i] for f in group])
             check_codes(p, depth, "yuv"[i])
             planes.append(_to_device(p, restorer.device, copy_in))
-        if image:
-            out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth)
-        else:  # the quality of the RGB restore_planes restores, without the picture
-            out, q, _ = restorer.restore_tensor(
-                planes_to_rgb(*planes, matrix, crange, depth).clamp_(0, 1), image=False
-            )
+        out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth, image=image)
         job = _Job(
             "yuv",
             len(group),
@@ -389,13 +379,8 @@ IDENTITY_MATRIX = (1 << 16, 0, 0, 0, 1 << 16, 0, 0, 0, 1 << 30)  # FFmpeg's disp
 ROTATING_FORMATS = {"mov", "mp4", "ipod", "3gp", "3g2", "matroska", "webm"}
 # muxers that store the pixel aspect ratio PyAV gives them (ipod: .m4v; 3gp, 3g2: MP4s for phones)
 SAR_FORMATS = {"mp4", "mov", "ipod", "3gp", "3g2"}
-SAR_CODECS = {
-    "libx264",
-    "libx264rgb",
-    "libx265",
-    "mpeg4",
-    "mpeg2video",
-}  # encoders storing it in their headers
+# ... and the encoders that store it in their own headers (kept by any container)
+SAR_CODECS = {"libx264", "libx264rgb", "libx265", "mpeg4", "mpeg2video"}
 TOP_FIELD_FIRST = {2: True, 3: False, 4: False, 5: True}  # AVFieldOrder TT, BB, TB, BT: shown top first?
 FIELD_FORMATS = {"matroska", "mov", "mp4", "yuv4mpegpipe"}  # muxers that store the field order
 PROGRESSIVE_CODECS = {"mpeg1video", "mpeg2video", "mpeg4", "libopenh264"}  # say so in their own headers
@@ -962,7 +947,7 @@ def _open_output(
     if dropped:
         notes.append(
             f"{dst.suffix} cannot hold {', '.join(dropped)} subtitles: "
-            f"{_counted(len(dropped), 'stream')} dropped"
+            f"{counted(len(dropped), 'stream')} dropped"
         )
     notes += _copy_pictures(out, vstream.container, pending, amap, dst)
     copied = [s for s in vstream.container.streams if s.index in amap]
@@ -1131,14 +1116,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         audio_note = video_note = ""
         if len(videos) > 1 and not opts.score_only:  # (a second angle, a picture-in-picture signer)
             video_note = (
-                f"{_counted(len(videos) - 1, 'more video stream')} dropped: only the first is restored"
+                f"{counted(len(videos) - 1, 'more video stream')} dropped: only the first is restored"
             )
         # Data streams (KLV drone metadata, GoPro telemetry) are not copied; a MOV timecode track is
         # kept as the video's timecode tag, from which the muxer writes it again.
         data = [] if opts.score_only else [s for s in inp.streams.data if "timecode" not in s.metadata]
-        data_note = f"{_counted(len(data), 'data stream')} dropped (telemetry, KLV metadata)" if data else ""
+        data_note = f"{counted(len(data), 'data stream')} dropped (telemetry, KLV metadata)" if data else ""
         if astreams and dst.suffix.lower() in SILENT_SUFFIXES:
-            audio_note = f"{dst.suffix} holds no audio: {_counted(len(astreams), 'audio stream')} dropped"
+            audio_note = f"{dst.suffix} holds no audio: {counted(len(astreams), 'audio stream')} dropped"
             astreams = []
         # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
@@ -1250,7 +1235,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if unordered:
             i, t = unordered[0]
             notes.append(
-                f"{src}: {_counted(len(unordered), 'frame')} at or before the previous frame's time dropped "
+                f"{src}: {counted(len(unordered), 'frame')} at or before the previous frame's time dropped "
                 f"(first: frame {i} at {t:.3f} s); the quality trace keeps them"
             )
         if resized and out is not None:
@@ -1265,15 +1250,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             )
         if corrupt:
             notes.append(
-                f"{src}: the decoder flagged {_counted(len(corrupt), 'damaged frame')}, first {corrupt[0]}"
+                f"{src}: the decoder flagged {counted(len(corrupt), 'damaged frame')}, first {corrupt[0]}"
             )
         # Packets are compared, so that an edit list's hidden pre-roll is not taken for truncation; the
         # note says the frames decoded (an MP4's index lists packets cut off too: 4 counted, 3 decoded).
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
         if short:
             notes.append(
-                f"{src}: the header says {_counted(vstream.frames, 'frame')}, {len(rows)} decoded "
-                "(truncated?)"
+                f"{src}: the header says {counted(vstream.frames, 'frame')}, {len(rows)} decoded (truncated?)"
             )
         elif not vstream.frames and rows:
             # Matroska, WebM and Y4M keep no frame count: compare where the frames end with how long
@@ -1441,9 +1425,13 @@ def _parse_kv(s: str) -> tuple[str, str]:
     return k, v
 
 
+def _whole_number(text: str) -> int | None:
+    return int(text) if text.strip().lstrip("+-").isdigit() else None
+
+
 def _batch_arg(text: str) -> int:
     """--batch, checked before the model loads (restore_stream refused 0 after, naming no option)."""
-    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    value = _whole_number(text)
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"needs at least 1 frame, got {text}")
     return value
@@ -1463,7 +1451,7 @@ def _crf_arg(text: str) -> float:
 
 def _bitrate_arg(text: str) -> int:
     """--bitrate, bits per second: 0 fell back to --crf without a word, and -5 reached the encoder."""
-    value = int(text) if text.strip().lstrip("+-").isdigit() else None
+    value = _whole_number(text)
     if value is None or value < 1:
         raise argparse.ArgumentTypeError(f"expected bits per second, 1 or more (e.g. 2000000), got {text}")
     return value
@@ -1625,7 +1613,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         mq = summary["mean_quality"]
         print(
-            f"qairn: {_counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
+            f"qairn: {counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
             f"({summary['matrix']}, {summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
             f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}; wrote {', '.join(map(str, summary['written']))}",
             file=sys.stderr,

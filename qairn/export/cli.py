@@ -20,6 +20,7 @@ from qairn.engine.imageio import IMAGE_SUFFIXES, check_writable
 from qairn.export import onnx_export as ox
 from qairn.export.trt_backend import TrtRuntimeError
 from qairn.export.trt_engine import EngineError
+from qairn.messages import counted
 
 # The repository's test images (../shared/data/live1 beside the checkout), when present.
 DEFAULT_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "live1"
@@ -220,7 +221,7 @@ def verify_inputs(args) -> tuple[list, str]:
     files = files[: args.verify_limit] if args.verify_limit > 0 else files
     crop = (args.verify_crop, args.verify_crop) if args.verify_crop > 0 else None
     # What was measured, plainly: "2 images x 2 QFs (10, 40) from DIR", not "4 images ... at QF [10, 40]".
-    images = f"{len(files)} image{'s' * (len(files) != 1)}"
+    images = counted(len(files), "image")
     qualities = f"at QF {qfs[0]}" if len(qfs) == 1 else f"x {len(qfs)} QFs ({', '.join(map(str, qfs))})"
     note = f"{images} {qualities} from {source}"
     return ox.jpeg_images(files, qfs, crop), note

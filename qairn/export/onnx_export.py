@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from qairn.export.cache import cache_dir, model_digest, remove_stale_parts, write_atomic
 from qairn.kernels.gate import POOL_SCALE_LOG2, gated_blend_reference, scaled_pow
+from qairn.messages import counted
 from qairn.model import QAIRN
 
 INPUT = "input"
@@ -670,7 +671,7 @@ def summary(stats: dict, source: str = "") -> str:
     ONNX figures were measured on, in place of the bare count, before the torch fp16 run's figures,
     which take crops of the first images only."""
     errs = lambda errors: ", ".join(f"{k} {v:.2e}" for k, v in errors.items())  # noqa: E731
-    measured = source or f"{stats['images']} image{'s' * (stats['images'] != 1)}"
+    measured = source or counted(stats["images"], "image")
     line = (
         f"{stats['precision']} ONNX on {stats.get('provider', 'ONNX Runtime')} vs eager fp32 on "
         f"{measured}: max abs err {errs(stats['max_abs'])}"

@@ -39,8 +39,8 @@ from qairn.export.onnx_export import (
     static_shape,
 )
 from qairn.export.shapes import FixedShapeRunner
+from qairn.messages import warn
 from qairn.model import QAIRN, QAIRNConfig
-from qairn.warn import warn
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 

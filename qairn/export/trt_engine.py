@@ -33,7 +33,7 @@ from pathlib import Path
 
 from qairn.export.cache import remove_stale_parts, write_atomic
 from qairn.export.onnx_export import INPUT, ISLAND_TAG
-from qairn.warn import warn
+from qairn.messages import warn
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ from qairn.engine.imageio import (
     write_atomic,
 )
 from qairn.engine.progress import progress_bar
+from qairn.messages import counted
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
 
@@ -208,7 +209,7 @@ def crop_note(crop: int) -> str:
 def table1(summary: dict, n_images: int, data: str, crop: int = 0) -> str:
     cols = ["JPEG", "ours"] + list(PUBLISHED)
     lines = [
-        f"Restoration, {data} ({n_images} image{'s' * (n_images != 1)}{crop_note(crop)}), colour: "
+        f"Restoration, {data} ({counted(n_images, 'image')}{crop_note(crop)}), colour: "
         "mean PSNR (dB) / SSIM / PSNR-B (dB)",
         f"{'QF':>3}  " + "  ".join(f"{c:<22}" for c in cols),
     ]
@@ -233,7 +234,7 @@ def plot_restoration(summary: dict, png: str | Path, n_images: int, data: str, c
     qfs = list(summary)
     # --limit 3 drew 3 images' means beside the papers' 29 with nothing saying so: the legend and the
     # title give each line's image count, as the table's header does.
-    ours = f"{n_images} image{'s' * (n_images != 1)}"
+    ours = counted(n_images, "image")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.9))
     fig.suptitle(
         f"{data}: means of {ours}{crop_note(crop)}; the published rows: the 29 LIVE1 images", fontsize=10
@@ -749,7 +750,7 @@ def main_quality(argv=None) -> int:
         sweep["images"] = [Path(f).name for f in val]
         sweep["crop"] = a.crop
         print(
-            f"p sweep on {len(val)} held-out training image{'s' * (len(val) != 1)} "
+            f"p sweep on {counted(len(val), 'held-out training image')} "
             f"(not LIVE1{crop_note(a.crop)}), {sweep['criterion']}:"
         )
         for r in sweep["grid"]:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from qairn.engine.imageio import save_figure, write_atomic
 from qairn.engine.progress import progress_bar
+from qairn.messages import counted
 from qairn.metrics import ssim_torch
 from qairn.model import PRESETS, QAIRN, QAIRNConfig, preset
 from qairn.train.data import JPEGPatches, list_images, load_cached, worker_init
@@ -129,7 +130,7 @@ def train_val_files(a: TrainArgs) -> tuple[list[Path], list[Path]]:
         test = [f for f in (list_images(folder) if folder else []) if f.parent.name.lower() == "live1"]
         if test:
             raise SystemExit(
-                f"{opt} {folder}: holds {len(test)} LIVE1 test image{'s' * (len(test) != 1)} "
+                f"{opt} {folder}: holds {counted(len(test), 'LIVE1 test image')} "
                 f"({test[0].parent}), never trained or validated on; give the training folder itself "
                 "(its train/)"
             )
@@ -162,7 +163,7 @@ def split_files(data: str, holdout: int) -> tuple[list[Path], list[Path]]:
         return files, []
     if holdout >= len(files):  # (8 by default: a folder of a few images is refused unasked; say the way out)
         raise SystemExit(
-            f"--val-holdout {holdout}: {data} has only {len(files)} image{'s' * (len(files) != 1)}, "
+            f"--val-holdout {holdout}: {data} has only {counted(len(files), 'image')}, "
             "none would be left to train (--val-holdout 0: none held out)"
         )
     k = max(len(files) // holdout, 1)
@@ -873,7 +874,7 @@ def export_weights(
     with fp32_reference():
         decision = fp16_check(model, val_files, device=device)
     # No held-out image (--val-holdout 0), no loss to show ("nan dB ... on 0 images"): the reason instead.
-    held_out = f"{len(val_files)} held-out image{'s' * (len(val_files) != 1)}"
+    held_out = counted(len(val_files), "held-out image")
     why = decision.get("reason") or f"{decision['loss_db']:.4f} dB fp16 loss on {held_out}"
     print(f"export: {decision['dtype']} ({why}) -> {a.export}")
     summary = {
