@@ -399,6 +399,7 @@ class FakeGpus:
         self.current = torch.device("cuda", 0)
         self.seen = []  # (what, current device)
         self.specs = []  # the EngineSpec of each engine asked for
+        self.execute_ok = True  # what execute_async_v3 returns
         fake = self
 
         @contextlib.contextmanager
@@ -440,7 +441,7 @@ class FakeGpus:
 
             def execute_async_v3(self, stream):
                 fake.seen.append((f"execute on {stream}", fake.current))
-                return True
+                return fake.execute_ok
 
             def __del__(self):
                 fake.seen.append(("free context", fake.current))
@@ -586,6 +587,32 @@ def test_close_frees_the_engines_now_on_their_own_gpu(tmp_path, monkeypatch):
         b(FakeTensor((1, 3, 64, 64), "cpu"))
     with pytest.raises(BackendError, match="^this TensorRT engine was closed$"):
         b.run.runners[(1, 64, 64)](FakeTensor((1, 3, 64, 64), "cpu"))
+
+
+def test_an_engine_that_fails_to_execute_is_one_line_naming_it(tmp_path, monkeypatch):
+    """execute_async_v3 returning False (TensorRT refused to enqueue: see its log) is a TrtRuntimeError,
+    a failure of TensorRT rather than of the caller's input, in one line naming the engine file and
+    the input shape; the caller's GPU is current again after it, and the backend still runs."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpus = FakeGpus(monkeypatch)
+    gpu1 = torch.device("cuda", 1)
+    b = trt_backend.TrtBackend(model, gpu1, "fp32", onnx=onnx, dynamic=True, cache_dir=tmp_path)
+    monkeypatch.setattr(torch, "empty", lambda shape, dtype, device: FakeTensor(shape, device))
+    engine = b.run.path
+    gpus.execute_ok = False
+    with pytest.raises(trt_backend.TrtRuntimeError) as e:
+        b(FakeTensor((1, 3, 64, 64), "cpu"))
+    assert str(e.value) == (
+        f"{engine}: TensorRT failed to execute the engine on input (1, 3, 64, 64) (see the TensorRT log)"
+    )
+    assert gpus.current == torch.device("cuda", 0)
+    gpus.execute_ok = True
+    y, gammas = b(FakeTensor((1, 3, 64, 64), "cpu"))
+    assert y.shape == (1, 3, 64, 64) and y.device == gpu1
 
 
 # ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------
@@ -809,7 +836,7 @@ def test_an_engine_written_to_a_users_folder_leaves_nothing_else_there(tiny_weig
         return b"engine"
 
     monkeypatch.setattr(trt_engine, "build_engine", fake_build)
-    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device: SimpleNamespace())
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device, path: SimpleNamespace(path=path))
     model = lively_model()
     cache = tmp_path / "cache"
     onnx = ox.cached_onnx(model, cache, outputs="maps", precision="fp32")
@@ -1142,7 +1169,7 @@ def test_cli_says_when_the_engine_came_from_the_cache(tiny_weights, tmp_path, mo
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     builds = []
     monkeypatch.setattr(trt_engine, "build_engine", lambda *a: builds.append(a) or b"engine")
-    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device: SimpleNamespace())
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device, path: SimpleNamespace(path=path))
     cache = tmp_path / "cache"
     onnx = ox.cached_onnx(lively_model(), cache, outputs="maps", precision="fp32")
     argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--shape", "1,64,64", "--device", "cuda:0"]
@@ -1172,7 +1199,8 @@ def test_cli_exits_1_when_tensorrt_cannot_load_the_engine_it_built(
     onnx = ox.cached_onnx(lively_model(), cache, outputs="maps", precision="fp32")
     argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--shape", "1,64,64", "--device", "cuda:0"]
     assert export_main(argv + ["--cache-dir", str(cache)]) == 1
-    assert "TensorRT could not deserialize the engine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "engines/qairn-fp16-" in err and ".engine: TensorRT could not deserialize the engine" in err
     assert issubclass(trt_backend.TrtRuntimeError, BackendError)  # Restorer callers catch it as before
 
 

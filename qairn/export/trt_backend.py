@@ -86,16 +86,21 @@ class TrtRuntimeError(BackendError):
 
 
 class TrtRunner(Closing):
-    """One deserialized engine and its execution context; call with an (N,3,H,W) CUDA tensor."""
+    """One deserialized engine and its execution context; call with an (N,3,H,W) CUDA tensor. `path`
+    (the engine's file) names it in TensorRT's failures: a backend may hold one engine per tile shape."""
 
-    def __init__(self, engine_bytes: bytes, device: torch.device):
+    def __init__(self, engine_bytes: bytes, device: torch.device, path: str | Path | None = None):
         trt = import_tensorrt()
         self.device = device
+        self.path = path
+        self.label = f"{path}: " if path is not None else ""
         with torch.cuda.device(device):
             self.runtime = trt.Runtime(trt_engine.trt_logger(trt))
             self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
             if self.engine is None:
-                raise TrtRuntimeError("TensorRT could not deserialize the engine (see the TensorRT log)")
+                raise TrtRuntimeError(
+                    f"{self.label}TensorRT could not deserialize the engine (see the TensorRT log)"
+                )
             self.context = self.engine.create_execution_context()
         # What TensorRT allocates on the GPU itself, which torch's allocator statistics never see: the
         # context's activation memory (device_memory_size_v2 from TensorRT 10.1, device_memory_size
@@ -152,7 +157,10 @@ class TrtRunner(Closing):
         # The current torch stream: TensorRT's kernels queue behind the torch ops that made `x`, and
         # torch's allocator (stream-ordered) will not reuse `x` or the outputs before they finish.
         if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
-            raise TrtRuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            raise TrtRuntimeError(
+                f"{self.label}TensorRT failed to execute the engine on input {tuple(x.shape)} "
+                "(see the TensorRT log)"
+            )
         y, *gammas = (out[n].float() for n in MAP_OUTPUTS)
         return y, gammas
 
@@ -294,8 +302,8 @@ class TrtBackend(Closing):
                 path, self.engine_file_used = self.engine_file, True
         with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
             data, built = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
-        runner = TrtRunner(data, self.device)
-        runner.spec, runner.path, runner.built = spec, path, built
+        runner = TrtRunner(data, self.device, path)
+        runner.spec, runner.built = spec, built
         return runner
 
     def close(self) -> None:
