@@ -419,12 +419,21 @@ def test_cli_verify_qf_that_makes_no_images_is_refused(tiny_weights, tmp_path, c
         ox.check_parity({"max_abs": {"restored": 0.0}, "finite": True, "images": 0}, "fp32")
 
 
-@pytest.mark.parametrize("option", ["--verify-limit", "--verify-crop"])
-def test_cli_negative_verify_counts_are_refused(tiny_weights, tmp_path, capsys, option):
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--verify-limit", "-1", "the image count must not be negative, got -1"),
+        ("--verify-crop", "-5", "the crop side must not be negative, got -5"),
+        ("--verify-limit", "two", "expected a number of images (0 = all), got 'two'"),
+        ("--verify-crop", "1.5", "expected a crop side in pixels (0 = whole image), got '1.5'"),
+    ],
+)
+def test_cli_negative_verify_counts_are_refused(tiny_weights, tmp_path, capsys, option, value, says):
     # --verify-limit -1 verified on all images and --verify-crop -5 on whole ones, without a word.
+    # Parsed as qairn's --tile and --overlap are (tiling.zero_or_more), and said the same way.
     with pytest.raises(SystemExit) as e:
-        export_main(["onnx", str(tiny_weights), "-o", str(tmp_path / "m.onnx"), option, "-1"])
-    assert e.value.code == 2 and f"{option}: -1: must be 0 or a positive number" in capsys.readouterr().err
+        export_main(["onnx", str(tiny_weights), "-o", str(tmp_path / "m.onnx"), option, value])
+    assert e.value.code == 2 and f"argument {option}: {says}" in capsys.readouterr().err
 
 
 def test_cli_onnx_output_folder_must_exist(tiny_weights, tmp_path, capsys):

@@ -132,8 +132,9 @@ def plan_tiles(height: int, width: int, tile: int | None, overlap: int) -> TileP
     return TilePlan(height, width, plan_axis(hp, tile_h, overlap), plan_axis(wp, tile_w, overlap))
 
 
-def _pixels_arg(text: str, expected: str, name: str) -> int:
-    """An option's count of pixels, 0 or more, or argparse's error naming what was expected."""
+def zero_or_more(text: str, expected: str, name: str) -> int:
+    """An option's whole number, 0 or more (pixels, images), or argparse's error naming what was
+    expected: -4 is one line at parse time, not a quiet "all" or an error after the model loads."""
     import argparse
 
     try:
@@ -149,10 +150,10 @@ def tile_arg(text: str) -> int | str | None:
     """The --tile option: "auto", 0 (whole images) or a tile size in pixels."""
     if text == "auto":
         return "auto"
-    return _pixels_arg(text, "auto, 0 or a tile size in pixels", "the tile size") or None
+    return zero_or_more(text, "auto, 0 or a tile size in pixels", "the tile size") or None
 
 
 def overlap_arg(text: str) -> int:
     """The --overlap option: pixels, 0 or more. -4 was refused only once the model had loaded, as
     'overlap must be an int >= 0', naming no option."""
-    return _pixels_arg(text, "an overlap in pixels (0 or more)", "the overlap")
+    return zero_or_more(text, "an overlap in pixels (0 or more)", "the overlap")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qairn.engine.backends import BackendError
 from qairn.engine.imageio import IMAGE_SUFFIXES, check_writable
+from qairn.engine.tiling import zero_or_more
 from qairn.export import onnx_export as ox
 from qairn.export.trt_backend import TrtRuntimeError
 from qairn.export.trt_engine import EngineError
@@ -51,15 +52,14 @@ def qf_list(text: str) -> list[int]:
     return qfs
 
 
-def count(text: str) -> int:
-    """0 (all / whole) or a positive number: -1 quietly meant all images, -5 the whole image."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n}: must be 0 or a positive number")
-    return n
+def image_count(text: str) -> int:
+    """--verify-limit: -1 quietly meant all images."""
+    return zero_or_more(text, "a number of images (0 = all)", "the image count")
+
+
+def crop_side(text: str) -> int:
+    """--verify-crop: -5 quietly meant the whole image."""
+    return zero_or_more(text, "a crop side in pixels (0 = whole image)", "the crop side")
 
 
 def gib(text: str) -> float:
@@ -96,10 +96,12 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="JPEG qualities to test, comma separated (default 10,40)",
     )
-    g.add_argument("--verify-limit", type=count, default=None, help="images to use; 0 = all (default 2)")
+    g.add_argument(
+        "--verify-limit", type=image_count, default=None, help="images to use; 0 = all (default 2)"
+    )
     g.add_argument(
         "--verify-crop",
-        type=count,
+        type=crop_side,
         default=None,
         help="centre crop side in pixels; 0 = whole image (default 256)",
     )
