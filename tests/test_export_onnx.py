@@ -2,6 +2,7 @@
 
 import copy
 import os
+import sys
 import time
 
 import numpy as np
@@ -417,6 +418,29 @@ def test_cli_verify_qf_that_makes_no_images_is_refused(tiny_weights, tmp_path, c
     assert not out.exists()
     with pytest.raises(ox.ExportError, match="verified on no images"):
         ox.check_parity({"max_abs": {"restored": 0.0}, "finite": True, "images": 0}, "fp32")
+
+
+@pytest.mark.parametrize("target", ["onnx", "tensorrt"])
+@pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
+def test_cli_without_onnx_or_onnxruntime_is_one_line(
+    tiny_weights, tmp_path, monkeypatch, capsys, target, missing
+):
+    """qairn export needs onnx to export and onnxruntime to verify: without either it ended in a
+    ModuleNotFoundError traceback, after loading the weights (and, without onnxruntime, exporting);
+    tensorrt checks them before TensorRT itself, which this machine lacks."""
+    from qairn import weights_io
+
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails, as when it is not installed
+    monkeypatch.setattr(weights_io, "load_model", lambda path: pytest.fail("weights loaded first"))
+    out = tmp_path / ("m.onnx" if target == "onnx" else "m.engine")
+    assert export_main([target, str(tiny_weights), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    why = {"onnx": "to export and read ONNX files", "onnxruntime": "to verify the export"}[missing]
+    assert err == f"qairn export: error: {missing} is not installed ({why}): pip install 'qairn[export]'\n"
+    assert os.listdir(tmp_path) == []
+    if target == "tensorrt" and missing == "onnxruntime":  # a given --onnx is verified only when asked
+        assert export_main([target, str(tiny_weights), "--onnx", str(tmp_path / "m.onnx")]) == 2
+        assert "pip install tensorrt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

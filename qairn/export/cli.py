@@ -10,6 +10,7 @@ NaN/Inf. `tensorrt` verifies the export it builds from the same way; a file give
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import asdict
@@ -381,8 +382,28 @@ def main_tensorrt(args) -> int:
     return 0
 
 
+# What each optional package is for: without one, an import deep in the export was a traceback.
+EXPORT_PACKAGES = {"onnx": "to export and read ONNX files", "onnxruntime": "to verify the export"}
+
+
+def missing_package(verifies: bool) -> str | None:
+    """One line naming an export package that is not installed, None when all are."""
+    for name, why in EXPORT_PACKAGES.items():
+        if name == "onnxruntime" and not verifies:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return f"{name} is not installed ({why}): pip install 'qairn[export]'"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Before the weights are loaded: `tensorrt --onnx F` verifies (runs onnxruntime) only when asked.
+    verifies = args.target == "onnx" or args.onnx is None or verify_asked(args)
+    if missing := missing_package(verifies):
+        return error(missing)
     try:
         return main_onnx(args) if args.target == "onnx" else main_tensorrt(args)
     except (OSError, ValueError, ox.ExportError, BackendError, EngineError) as e:
