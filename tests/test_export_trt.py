@@ -104,8 +104,20 @@ def test_engine_key_covers_every_field():
     assert trt_engine.engine_path(folder, base) != trt_engine.engine_path(folder, spec(trt_version="11.0.0"))
     assert (
         trt_engine.timing_cache_path(folder, base).name
-        == "timing-nvidia-h100-80gb-hbm3-sm9.0-trt10.3.0.cache"
+        == "timing-nvidia-h100-80gb-hbm3-sm9.0-trt10.3.0-fp16-flag.cache"
     )
+
+
+def test_builds_with_other_builder_flags_keep_separate_timing_caches():
+    """TensorRT's timing cache holds, per layer, the tactic that won under the build's flags, and its
+    documentation says a cache is specific to flags that change the layer implementation, such as
+    TF32. fp32 builds clear TF32 and fp16 builds keep it: one shared file let an fp32 engine take the
+    TF32 tactic an fp16 build timed for the same fp32 layer (an fp32 island), about 3 digits lost."""
+    folder = trt_engine.Path("/c")
+    names = {
+        trt_engine.timing_cache_path(folder, spec(typing=t)).name for t in ("fp32", "fp16-flag", "strong")
+    }
+    assert len(names) == 3
 
 
 def test_stale_foreign_or_tampered_engines_are_not_loaded(tmp_path):

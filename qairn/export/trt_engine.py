@@ -13,9 +13,9 @@ the TensorRT version, the optimization profile and the precision. Those fields a
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
 whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized (a user's engine=
-file without a readable sidecar is refused by the backend instead). The timing cache (per
-GPU and TensorRT version, shared by all engines; merged with the file under a lock when saved, as
-other processes save theirs) and the build locks live in the cache folder, also for an engine
+file without a readable sidecar is refused by the backend instead). The timing cache (per GPU,
+TensorRT version and build typing, shared by those engines; merged with the file under a lock when
+saved, as other processes save theirs) and the build locks live in the cache folder, also for an engine
 written elsewhere (`qairn export tensorrt -o PATH`).
 
 Only `build_engine` and `gpu_identity` touch TensorRT/CUDA; everything else is plain Python.
@@ -101,8 +101,12 @@ def sidecar_path(engine: Path) -> Path:
 
 
 def timing_cache_path(folder: Path, spec: EngineSpec) -> Path:
+    """One timing cache per GPU, TensorRT and build typing. The typing too: a cache keeps each layer's
+    winning tactic, and TensorRT documents it as specific to flags that change the layer implementation
+    (TF32, on in fp16 builds, off in fp32 ones), so an fp32 build could take an fp16 build's TF32 one."""
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", spec.gpu_name).strip("-").lower()
-    return Path(folder) / f"timing-{gpu}-sm{spec.compute_capability}-trt{spec.trt_version}.cache"
+    name = f"timing-{gpu}-sm{spec.compute_capability}-trt{spec.trt_version}-{spec.typing}.cache"
+    return Path(folder) / name
 
 
 def load_cached(engine: Path, spec: EngineSpec) -> tuple[bytes | None, str]:
