@@ -412,6 +412,7 @@ class FakeGpus:
         self.seen = []  # (what, current device)
         self.specs = []  # the EngineSpec of each engine asked for
         self.execute_ok = True  # what execute_async_v3 returns
+        self.unloadable = set()  # engine bytes deserialize_cuda_engine refuses (returns None)
         fake = self
 
         @contextlib.contextmanager
@@ -487,7 +488,7 @@ class FakeGpus:
 
             def deserialize_cuda_engine(self, data):
                 fake.seen.append(("deserialize", fake.current))
-                return Engine()
+                return None if data in fake.unloadable else Engine()
 
             def __del__(self):
                 fake.seen.append(("free runtime", fake.current))
@@ -625,6 +626,40 @@ def test_an_engine_that_fails_to_execute_is_one_line_naming_it(tmp_path, monkeyp
     gpus.execute_ok = True
     y, gammas = b(FakeTensor((1, 3, 64, 64), "cpu"))
     assert y.shape == (1, 3, 64, 64) and y.device == gpu1
+
+
+def test_a_cached_engine_tensorrt_cannot_load_is_rebuilt_once(tmp_path, monkeypatch):
+    """An engine whose bytes match its sidecar but which this TensorRT cannot deserialize (a cache
+    shared with another TensorRT build of the same version string, a plan TensorRT itself calls
+    corrupt) failed every Restorer start with 'could not deserialize' until the user found and
+    deleted the file. It is rebuilt once, with a warning; an engine built just now that fails is
+    still an error, not a loop."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    real_get_engine = trt_engine.get_engine
+    gpus = FakeGpus(monkeypatch)
+    monkeypatch.setattr(trt_engine, "get_engine", real_get_engine)
+    builds = []
+    monkeypatch.setattr(
+        trt_engine, "build_engine", lambda *a: builds.append(a) or f"plan {len(builds)}".encode()
+    )
+    options = dict(onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path)
+    first = trt_backend.TrtBackend(model, GPU0, "fp32", **options).run.runners[(1, 64, 64)]
+    assert first.built and len(builds) == 1
+    gpus.unloadable.add(b"plan 1")
+    with pytest.warns(UserWarning, match="rebuilding TensorRT engine: .*could not deserialize"):
+        again = trt_backend.TrtBackend(model, GPU0, "fp32", **options).run.runners[(1, 64, 64)]
+    assert again.built and again.path == first.path and len(builds) == 2
+    assert trt_engine.load_cached(first.path, first.spec) == (b"plan 2", "cached")
+    gpus.unloadable.add(b"plan 3")  # built now and refused: the error, once
+    trt_engine.sidecar_path(first.path).unlink()
+    with pytest.warns(UserWarning, match="no readable sidecar"):
+        with pytest.raises(trt_backend.TrtRuntimeError, match="could not deserialize"):
+            trt_backend.TrtBackend(model, GPU0, "fp32", **options)
+    assert len(builds) == 3
 
 
 # ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------

@@ -49,6 +49,7 @@ from qairn.export.onnx_export import (
 )
 from qairn.export.ort_backend import file_config
 from qairn.export.shapes import FixedShapeRunner, fits, profile_shapes
+from qairn.messages import warn
 from qairn.model import QAIRN
 
 INSTALL_HINT = (
@@ -302,7 +303,19 @@ class TrtBackend(Closing):
                 path, self.engine_file_used = self.engine_file, True
         with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
             data, built = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
-        runner = TrtRunner(data, self.device, path)
+        try:
+            runner = TrtRunner(data, self.device, path)
+        except TrtRuntimeError as e:
+            if built:  # built just now and still refused: TensorRT's own failure, not a stale file
+                raise
+            # Bytes that match their sidecar yet this TensorRT cannot load (a cache shared with another
+            # build of the same version string): else every start failed until the file was deleted.
+            warn(f"rebuilding TensorRT engine: {e}")
+            with torch.cuda.device(self.device):
+                data, built = trt_engine.get_engine(
+                    self.onnx, spec, path, self.workspace, self.folder, unusable=data
+                )
+            runner = TrtRunner(data, self.device, path)
         runner.spec, runner.built = spec, built
         return runner
 

@@ -13,7 +13,8 @@ the TensorRT version, the optimization profile and the precision. Those fields a
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
 whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized (a user's engine=
-file without a readable sidecar is refused by the backend instead). The timing cache (per GPU,
+file without a readable sidecar is refused by the backend instead); one that passes and still fails
+to deserialize is rebuilt once by the backend (get_engine's `unusable`). The timing cache (per GPU,
 TensorRT version and build typing, shared by those engines; merged with the file under a lock when
 saved, as other processes save theirs) and the build locks live in the cache folder, also for an engine
 written elsewhere (`qairn export tensorrt -o PATH`).
@@ -303,23 +304,34 @@ def build_lock(engine: Path, folder: Path):
 
 
 def get_engine(
-    onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path | None = None
+    onnx_path: Path,
+    spec: EngineSpec,
+    engine: Path,
+    workspace_bytes: int,
+    folder: Path | None = None,
+    unusable: bytes | None = None,
 ) -> tuple[bytes, bool]:
     """The engine for `spec` at path `engine` and whether it was built now: the cached one if valid
     (False), else a fresh build stored there (True). The build lock and the timing cache live in the
-    cache `folder` (default: the engine's own)."""
+    cache `folder` (default: the engine's own). unusable: cached bytes TensorRT could not deserialize,
+    rebuilt even though they match their sidecar (unless another process has replaced them since)."""
     folder = Path(folder) if folder is not None else Path(engine).parent
     with build_lock(Path(engine), folder):
-        return _get_engine(onnx_path, spec, engine, workspace_bytes, folder)
+        return _get_engine(onnx_path, spec, engine, workspace_bytes, folder, unusable)
 
 
 def _get_engine(
-    onnx_path: Path, spec: EngineSpec, engine: Path, workspace_bytes: int, folder: Path
+    onnx_path: Path,
+    spec: EngineSpec,
+    engine: Path,
+    workspace_bytes: int,
+    folder: Path,
+    unusable: bytes | None,
 ) -> tuple[bytes, bool]:
     data, why = load_cached(engine, spec)
-    if data is not None:
+    if data is not None and data != unusable:
         return data, False
-    if Path(engine).is_file():
+    if Path(engine).is_file() and data is None:  # unusable ones were warned of by the caller
         warn(f"rebuilding TensorRT engine: {why}")
     log.info(
         "building TensorRT engine %s (%s %s, profile %s..%s)",
