@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from types import SimpleNamespace
@@ -413,6 +414,8 @@ class FakeGpus:
         self.specs = []  # the EngineSpec of each engine asked for
         self.execute_ok = True  # what execute_async_v3 returns
         self.unloadable = set()  # engine bytes deserialize_cuda_engine refuses (returns None)
+        self.after_input_address = None  # called by the context once the input's address is set
+        self.executed = []  # (thread, {tensor: thread that set its address}) per execution
         fake = self
 
         @contextlib.contextmanager
@@ -443,17 +446,24 @@ class FakeGpus:
         shape = (1, 3, 64, 64)
 
         class Context:
+            def __init__(self):
+                self.addresses = {}  # tensor name -> the thread that set its address
+
             def set_input_shape(self, name, s):
                 return True
 
             def set_tensor_address(self, name, ptr):
-                pass
+                self.addresses[name] = threading.get_ident()
+                if name == "input" and fake.after_input_address is not None:
+                    fake.after_input_address()
 
             def get_tensor_shape(self, name):
                 return shape
 
             def execute_async_v3(self, stream):
                 fake.seen.append((f"execute on {stream}", fake.current))
+                # Whose buffers this execution reads and writes: every one should be the caller's.
+                fake.executed.append((threading.get_ident(), dict(self.addresses)))
                 return fake.execute_ok
 
             def __del__(self):
@@ -660,6 +670,48 @@ def test_a_cached_engine_tensorrt_cannot_load_is_rebuilt_once(tmp_path, monkeypa
         with pytest.raises(trt_backend.TrtRuntimeError, match="could not deserialize"):
             trt_backend.TrtBackend(model, GPU0, "fp32", **options)
     assert len(builds) == 3
+
+
+def test_two_threads_never_share_the_execution_context_at_once(tmp_path, monkeypatch):
+    """One Restorer may serve several threads, but a TensorRT execution context may not be used by
+    two at once (its input shape and tensor addresses are the context's state): a second thread that
+    set its own between the first one's input address and its execute_async_v3 made the first run
+    read the second one's input. Calls now take the context one at a time; one on another CUDA stream
+    than the last first waits for that stream (the context's activation memory is shared)."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpus = FakeGpus(monkeypatch)
+    b = trt_backend.TrtBackend(model, GPU0, "fp32", onnx=onnx, dynamic=True, cache_dir=tmp_path)
+    monkeypatch.setattr(torch, "empty", lambda shape, dtype, device: FakeTensor(shape, device))
+    other = threading.Thread(target=b, args=(FakeTensor((1, 3, 64, 64), "cpu"),))
+
+    def second_caller_arrives():
+        gpus.after_input_address = None
+        other.start()
+        other.join(timeout=0.5)  # with the context taken, it waits (its result is checked below)
+
+    gpus.after_input_address = second_caller_arrives
+    b(FakeTensor((1, 3, 64, 64), "cpu"))
+    other.join()
+    assert len(gpus.executed) == 2
+    for caller, setters in gpus.executed:
+        assert set(setters.values()) == {caller}
+
+    waited = []
+    streams = iter(
+        [
+            SimpleNamespace(name=n, cuda_stream=n, wait_stream=lambda s, n=n: waited.append((n, s.name)))
+            for n in "ab"
+        ]
+    )
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: next(streams))
+    b.run.last_stream = None
+    b(FakeTensor((1, 3, 64, 64), "cpu"))
+    b(FakeTensor((1, 3, 64, 64), "cpu"))
+    assert waited == [("b", "a")]
 
 
 # ---- with TensorRT (skipped here: it cannot be installed on these machines) --------------------

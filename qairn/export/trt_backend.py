@@ -2,7 +2,8 @@
 
 No pycuda: torch CUDA tensors are the bindings (set_tensor_address with their data_ptr) and the
 engine is enqueued with execute_async_v3 on the current torch stream, so it orders with the torch
-work around it and torch's caching allocator owns all memory.
+work around it and torch's caching allocator owns all memory. Threads: an execution context takes
+one call at a time (TensorRT's rule), and a call on another stream than the last waits for that one.
 
 GPUs: an engine and its execution contexts are bound to the GPU that was current when it was built
 or deserialized, and TensorRT enqueues on the calling thread's current GPU; so on cuda:N every build,
@@ -29,6 +30,7 @@ max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 alw
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -95,6 +97,8 @@ class TrtRunner(Closing):
         self.device = device
         self.path = path
         self.label = f"{path}: " if path is not None else ""
+        self.lock = threading.Lock()  # one call in the execution context at a time (see _execute)
+        self.last_stream = None  # the stream of the last execution
         with torch.cuda.device(device):
             self.runtime = trt.Runtime(trt_engine.trt_logger(trt))
             self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
@@ -136,7 +140,7 @@ class TrtRunner(Closing):
         already queued on the GPU, which still uses the context's memory. Closing twice is harmless."""
         if self.context is None:
             return
-        with torch.cuda.device(self.device):
+        with self.lock, torch.cuda.device(self.device):  # not while a call is enqueueing
             torch.cuda.synchronize(self.device)
             # The context before its engine, the engine before its runtime.
             self.context = None
@@ -144,8 +148,16 @@ class TrtRunner(Closing):
             self.runtime = None
 
     def _execute(self, x: torch.Tensor):
-        ctx = self.context
         x = x.to(self.device, self.dtypes[INPUT]).contiguous()
+        # One call at a time: the input shape and tensor addresses are the context's own state (a
+        # second thread's, set before this one's execute, made it read that thread's input), and
+        # TensorRT allows no two threads in one context's API at once.
+        with self.lock:
+            out = self._enqueue(self.context, x)
+        y, *gammas = (out[n].float() for n in MAP_OUTPUTS)
+        return y, gammas
+
+    def _enqueue(self, ctx, x: torch.Tensor) -> dict:
         if not ctx.set_input_shape(INPUT, tuple(x.shape)):
             raise BackendError(f"input shape {tuple(x.shape)} is outside the engine's profile {self.profile}")
         ctx.set_tensor_address(INPUT, x.data_ptr())
@@ -156,14 +168,19 @@ class TrtRunner(Closing):
             )
             ctx.set_tensor_address(name, out[name].data_ptr())
         # The current torch stream: TensorRT's kernels queue behind the torch ops that made `x`, and
-        # torch's allocator (stream-ordered) will not reuse `x` or the outputs before they finish.
-        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+        # torch's allocator (stream-ordered) will not reuse `x` or the outputs before they finish. A
+        # stream other than the last call's first waits for it: the context's activation memory is
+        # one, and the last run may still be using it there.
+        stream = torch.cuda.current_stream(self.device)
+        if self.last_stream is not None and self.last_stream != stream:
+            stream.wait_stream(self.last_stream)
+        if not ctx.execute_async_v3(stream.cuda_stream):
             raise TrtRuntimeError(
                 f"{self.label}TensorRT failed to execute the engine on input {tuple(x.shape)} "
                 "(see the TensorRT log)"
             )
-        y, *gammas = (out[n].float() for n in MAP_OUTPUTS)
-        return y, gammas
+        self.last_stream = stream
+        return out
 
 
 class TrtBackend(Closing):
