@@ -326,6 +326,28 @@ def test_fixed_shape_runner_feeds_engines_exact_shapes():
     assert built == [(4, 64, 64), (2, 96, 64)]
 
 
+def test_two_threads_asking_for_a_new_engine_shape_get_one_engine():
+    """Two threads whose tiles need the same new engine shape at once (a static TensorRT backend
+    serving two streams) both built it: two engines deserialized, the first dropped from the
+    runner's table but never closed, its GPU memory held until the garbage collector's next pass.
+    The second now waits for the first one's engine."""
+    built = []
+    second = None
+
+    def build(shape):
+        built.append(shape)
+        if len(built) == 1:  # the other thread arrives while this one builds
+            second.start()
+            second.join(timeout=0.5)
+        return lambda x: (x, [x[:, :1], x[:, :1, ::2, ::2], x[:, :1, ::4, ::4]])
+
+    runner = FixedShapeRunner(build)
+    second = threading.Thread(target=runner.runner_for, args=((1, 64, 64),))
+    first = runner.runner_for((1, 64, 64))
+    second.join()
+    assert built == [(1, 64, 64)] and runner.runners == {(1, 64, 64): first}
+
+
 # ---- without TensorRT -----------------------------------------------------------------------------
 @pytest.mark.skipif(
     TRT_ERROR is None, reason="tensorrt is installed: the missing-TensorRT message is not shown"

@@ -12,6 +12,7 @@ one, built for its own shape.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -55,13 +56,18 @@ class FixedShapeRunner:
     def __init__(self, build: Callable[[Shape], Callable], shape: Shape | None = None):
         self.build = build
         self.runners: dict[Shape, Callable] = {}
+        # One build at a time: two threads needing a new shape at once both built it, and the engine
+        # dropped from the table held its GPU memory, unclosed, until the garbage collector came.
+        self.building = threading.Lock()
         if shape is not None:
             self.runner_for(tuple(shape))
 
     def runner_for(self, shape: Shape) -> Callable:
         if shape not in self.runners:
-            log.info("preparing an engine for N,H,W = %s", shape)
-            self.runners[shape] = self.build(shape)
+            with self.building:
+                if shape not in self.runners:  # not built by another thread while this one waited
+                    log.info("preparing an engine for N,H,W = %s", shape)
+                    self.runners[shape] = self.build(shape)
         return self.runners[shape]
 
     def pick(self, n: int, h: int, w: int) -> Shape:
