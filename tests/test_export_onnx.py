@@ -652,6 +652,17 @@ def test_the_fp16_check_says_what_it_measures_and_runs_real_fp16(model, crops, e
     assert "torch_fp16" not in fp32 and "fp16 arithmetic" not in ox.summary(fp32)
 
 
+def test_the_fp16_line_names_the_crop_sizes_that_ran(model, exported):
+    """The torch fp16 run takes 64x64 centre crops, an image smaller than that whole: the line said
+    "2 64x64 crops" of a 1x1 and a 3x5 image."""
+    rng = np.random.default_rng(0)
+    tiny = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(1, 1), (3, 5)]]
+    line = ox.summary(ox.verify_onnx(exported["maps", "fp16"], model, tiny))
+    assert "on 2 crops (1x1, 3x5) of them" in line and "64x64" not in line
+    line = ox.summary(ox.verify_onnx(exported["maps", "fp16"], model, tiny[:1]))
+    assert "on 1 1x1 crop of them" in line
+
+
 def test_cli_fp16_line_says_where_its_images_came_from_before_the_torch_crops(tiny_weights, tmp_path, capsys):
     """The verify line ended in "(1 images from X at QF [10])" after the torch fp16 figures, which ran
     on crops of the first images only: the note now follows the ONNX figures it describes."""

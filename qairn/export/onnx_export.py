@@ -630,15 +630,18 @@ def torch_fp16_errors(reference: nn.Module, fp16: nn.Module, names, images, p: f
     computes them) against `reference` (fp32) on FP16_CROP-pixel centre crops of `images`, plus how
     many crops ran."""
     worst = {("Q" if name == "qsums" else name): 0.0 for name in names}
+    sizes = []  # what ran: an image smaller than the crop runs whole
     for img in images:
-        x = image_batch(centre_crop(img, FP16_CROP, FP16_CROP), None)
+        crop = centre_crop(img, FP16_CROP, FP16_CROP)
+        sizes.append(crop.shape[:2])
+        x = image_batch(crop, None)
         with torch.inference_mode():
             expected = [t.float().numpy() for t in reference(x)]
             with Fp16ConvsInFp32():
                 got = [t.float().numpy() for t in fp16(x.to(fp16.io_dtype))]
         for name, err in output_errors(names, expected, got, x, p, POOL_SCALE_LOG2).items():
             worst[name] = max(worst[name], err)
-    return {"max_abs": worst, "images": len(images), "side": FP16_CROP}
+    return {"max_abs": worst, "images": len(images), "sizes": sizes}
 
 
 def q_from_qsums(qsums, h: int, w: int, p: float, scale_log2: float = POOL_SCALE_LOG2) -> np.ndarray:
@@ -678,10 +681,15 @@ def summary(stats: dict, source: str = "") -> str:
     )
     if "torch_fp16" in stats:
         fp16 = stats["torch_fp16"]
-        side = fp16["side"]
+        # The crops' real sizes: "2 64x64 crops" was said of images smaller than 64x64 too.
+        sizes = sorted({f"{h}x{w}" for h, w in fp16["sizes"]})
+        if len(sizes) == 1:
+            crops = counted(fp16["images"], f"{sizes[0]} crop")
+        else:
+            crops = f"{counted(fp16['images'], 'crop')} ({', '.join(sizes)})"
         line += (
             "; the CPU provider runs fp16 layers in fp32 (that is rounding at casts, not fp16 "
-            f"arithmetic), so the fp16 network in torch vs eager fp32 on {fp16['images']} {side}x{side} "
-            f"crop{'s' * (fp16['images'] != 1)} of them: max abs err {errs(fp16['max_abs'])}"
+            f"arithmetic), so the fp16 network in torch vs eager fp32 on {crops} of them: "
+            f"max abs err {errs(fp16['max_abs'])}"
         )
     return line
