@@ -1,6 +1,7 @@
 """backend="onnxruntime": same results as eager through the Restorer (tiled and whole), cache reuse."""
 
 import re
+import sys
 import warnings
 
 import cv2
@@ -118,6 +119,22 @@ def test_rejects_sums_export_and_bf16(model, tmp_path, cache):
         qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path)
     with pytest.raises(BackendError, match="fp32 or fp16"):
         qairn.Restorer(model=model, device="cpu", backend="onnxruntime", precision="bf16", cache_dir=cache)
+
+
+@pytest.mark.parametrize("given_file", [False, True])
+def test_a_restorer_without_the_onnx_package_says_what_to_install(tmp_path, monkeypatch, given_file):
+    """Restorer(backend="onnxruntime") without the onnx package (onnxruntime alone installed) ended in
+    a bare ModuleNotFoundError from deep in the export or the metadata read, where a missing
+    onnxruntime is 'needs ONNX Runtime: pip install ...'."""
+    model = lively_model()
+    onnx_file = ox.cached_onnx(model, tmp_path, outputs="maps") if given_file else None
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import fails, as when it is not installed
+    options = dict(onnx=onnx_file) if given_file else dict(model=model, cache_dir=tmp_path / "fresh")
+    with pytest.raises(ox.ExportError) as e:
+        qairn.Restorer(device="cpu", backend="onnxruntime", **options)
+    assert str(e.value) == (
+        "onnx is not installed (to export and read ONNX files): pip install 'qairn[export]'"
+    )
 
 
 def test_a_missing_or_folder_onnx_path_is_one_line(tmp_path):

@@ -10,7 +10,6 @@ NaN/Inf. `tensorrt` verifies the export it builds from the same way; a file give
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from dataclasses import asdict
@@ -382,19 +381,16 @@ def main_tensorrt(args) -> int:
     return 0
 
 
-# What each optional package is for: without one, an import deep in the export was a traceback.
-EXPORT_PACKAGES = {"onnx": "to export and read ONNX files", "onnxruntime": "to verify the export"}
-
-
 def missing_package(verifies: bool) -> str | None:
-    """One line naming an export package that is not installed, None when all are."""
-    for name, why in EXPORT_PACKAGES.items():
+    """One line naming an export package that is not installed (else met deep in the export, as a
+    traceback), None when all are."""
+    for name in ox.EXPORT_PACKAGES:
         if name == "onnxruntime" and not verifies:
             continue
         try:
-            importlib.import_module(name)
-        except ImportError:
-            return f"{name} is not installed ({why}): pip install 'qairn[export]'"
+            ox.require(name)
+        except ox.ExportError as e:
+            return str(e)
     return None
 
 

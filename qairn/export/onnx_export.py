@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import io
 import numbers
 import os
@@ -74,6 +75,20 @@ TOLERANCE = {
 
 class ExportError(RuntimeError):
     pass
+
+
+# The optional packages (qairn[export]) and what each is for: without one, the import deep in an
+# export or a backend was a bare ModuleNotFoundError.
+EXPORT_PACKAGES = {"onnx": "to export and read ONNX files", "onnxruntime": "to verify the export"}
+
+
+def require(package: str):
+    """The module `package` (onnx, onnxruntime), or an ExportError saying what to install."""
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        why = EXPORT_PACKAGES[package]
+        raise ExportError(f"{package} is not installed ({why}): pip install 'qairn[export]'") from None
 
 
 class VerificationError(ExportError):
@@ -181,7 +196,7 @@ def export_onnx(
 ) -> Path:
     """Write `model` as ONNX to `path`. shape=None: dynamic N, H, W; else the static (N, H, W).
     Checked with onnx.checker (full check, with shape inference) before it is written."""
-    import onnx
+    onnx = require("onnx")
 
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
@@ -300,7 +315,7 @@ def _export_dynamo(wrapper, example, names, dynamic: bool, opset: int):
 
 
 def load_proto(path: str | Path):
-    import onnx
+    onnx = require("onnx")
     from google.protobuf.message import DecodeError  # onnx's own dependency, optional like onnx
 
     try:
@@ -539,7 +554,7 @@ def verify_onnx(path: str | Path, model: QAIRN, images, providers=("CPUExecution
     and compare with the same model run eagerly in fp32. Returns the max abs error per output (qsums:
     of the Q1..Q3 they pool to, as "Q"), whether every output was finite, the number of images and
     the provider that ran. An fp16 file on the CPU provider also gets "torch_fp16": see below."""
-    import onnxruntime as ort
+    ort = require("onnxruntime")
 
     meta = read_metadata(path)
     # A file qairn did not export (a plain conv's, another network's) has none of its metadata: one
