@@ -490,15 +490,21 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple:
     )
 
 
+def without_autocast(run, x: Tensor, residual: Tensor | None) -> Tensor:
+    """run(residual) with autocast off, x being run's cast input: a residual wider than x is not passed
+    to the op but added after it, so that out + residual promotes as the reference's does."""
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is None or residual.dtype == x.dtype:
+            return run(residual)
+        return run(None) + residual
+
+
 def _conv_autocast(x, weight, bias, stride, padding, relu, residual, x2):
     """The op under torch.autocast, as its reference runs there: the conv in the autocast dtype (the
     op alone kept fp32 in fp32: a fused model's gammas came out fp32, and CUDA ran the fp32 kernel),
-    then out + residual promoting (a wider residual is added after the op, not in it)."""
+    then out + residual promoting."""
     x, weight, bias, x2 = autocast_inputs(x, weight, bias, x2)
-    with torch.autocast(x.device.type, enabled=False):
-        if residual is None or residual.dtype == x.dtype:
-            return conv_op(x, weight, bias, stride, padding, relu, residual, x2)
-        return conv_op(x, weight, bias, stride, padding, relu, None, x2) + residual
+    return without_autocast(lambda res: conv_op(x, weight, bias, stride, padding, relu, res, x2), x, residual)
 
 
 # torch.library.register_autocast casts to one dtype fixed at registration, not the caller's autocast

@@ -38,6 +38,7 @@ from qairn.kernels.conv import (
     on_device,
     recompute_backward,
     triton_takes,
+    without_autocast,
 )
 
 if HAS_TRITON:
@@ -180,10 +181,7 @@ conv_transpose_op.register_autograd(_backward, setup_context=_setup_context)
 def _conv_transpose_autocast(x, weight, bias, relu, residual):
     """As conv._conv_autocast: the transposed conv in the autocast dtype, out + residual promoting."""
     x, weight, bias = autocast_inputs(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):
-        if residual is None or residual.dtype == x.dtype:
-            return conv_transpose_op(x, weight, bias, relu, residual)
-        return conv_transpose_op(x, weight, bias, relu, None) + residual
+    return without_autocast(lambda res: conv_transpose_op(x, weight, bias, relu, res), x, residual)
 
 
 for key in AUTOCAST_KEYS:
