@@ -597,19 +597,17 @@ gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl
 @gated_blend_op.register_fake
 def _(logit, skip, dec, p, cores, write_gamma):
     check_shapes(logit, skip, dec, cores)
-    n = 0 if p is None else skip.shape[0]
-    pool_dtype = torch.promote_types(logit.dtype, torch.float32)
     return (
         empty_pixels_like(skip),
         empty_pixels_like(logit) if write_gamma else logit.new_empty(0),
-        logit.new_empty(n, dtype=pool_dtype),
-        logit.new_empty(n, dtype=torch.int64),
+        *_empty_pool(logit, 0 if p is None else skip.shape[0]),
     )
 
 
-def _empty_pool(logit: Tensor) -> tuple[Tensor, Tensor]:
+def _empty_pool(logit: Tensor, n: int = 0) -> tuple[Tensor, Tensor]:
+    """(pool_sum, pool_count) of n images, uninitialised; n = 0: what the op returns without p."""
     pool_dtype = torch.promote_types(logit.dtype, torch.float32)
-    return logit.new_empty(0, dtype=pool_dtype), logit.new_empty(0, dtype=torch.int64)
+    return logit.new_empty(n, dtype=pool_dtype), logit.new_empty(n, dtype=torch.int64)
 
 
 def _gated_blend_backward_impl(
