@@ -100,7 +100,7 @@ def conv_transpose_triton(
 ) -> Tensor:
     """The fused transposed conv; out has x's memory format. config as conv.conv_triton's."""
     check_runnable(x, weight, "transposed conv")
-    check_batched(x, "transposed conv")
+    check_batched(x, weight, "transposed conv")
     n, cin, h, w = x.shape
     cout = weight.shape[1]
     if weight.shape != (cin, cout, 2, 2):
@@ -136,14 +136,14 @@ def conv_transpose_triton(
 def _conv_transpose_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool, residual: Tensor | None
 ) -> Tensor:
-    check_batched(x, "transposed conv")
+    check_batched(x, weight, "transposed conv")
     out = conv_transpose_reference(x, weight, bias, relu, residual)
     return as_promised(out, _conv_transpose_fake(x, weight, bias, relu, residual), residual)
 
 
 def _conv_transpose_fake(x, weight, bias, relu, residual):
     # The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1): (H-1)*2 + k per side.
-    check_batched(x, "transposed conv")
+    check_batched(x, weight, "transposed conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(x, (n, weight.shape[1], 2 * (h - 1) + kh, 2 * (w - 1) + kw))
