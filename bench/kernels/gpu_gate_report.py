@@ -309,6 +309,7 @@ def pool_finish(gate):
     per-program reductions are."""
     n, h, w = TILES_4K
     rows = []
+    gate.load_triton()  # _pool_finish_kernel is launched directly, not through a launcher
     for c, layout in ((64, "nchw"), (64, "channels_last"), (16, "channels_last")):
         logit, skip, dec = make_inputs(n, c, h, w, torch.float16, DEVICE, layout == "channels_last")
         block_c, block_p, num_warps = gate.tile_config(c, layout == "channels_last")

@@ -273,14 +273,21 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
         )
 
 
-def check_batched(x: Tensor, what: str) -> None:
+def check_batched(x: Tensor, weight: Tensor, what: str) -> None:
     """The ops' fakes and launchers unpack (N, C, H, W), and x2 joins x along dim 1: an unbatched x
     is refused on every path alike (the fused modules add the batch dimension, as torch's do). So is an
-    image of no pixels, which F.conv2d and F.conv_transpose2d refuse (the launchers and fakes sized it)."""
+    image of no pixels, which F.conv2d and F.conv_transpose2d refuse (the launchers and fakes sized it),
+    and a weight of no input or output channels (its dims 0 and 1 in both ops): F.conv2d gave (N, 0, H, W)
+    for no input channels where the fake says (N, Cout, H, W), and both refuse the rest."""
     if x.dim() != 4:
         raise ValueError(f"the fused {what} takes a 4-d (N, C, H, W) x, got {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"the fused {what} takes an image of at least one pixel, got x {tuple(x.shape)}")
+    if 0 in weight.shape[:2]:
+        raise ValueError(
+            f"the fused {what} takes a weight of at least one input and one output channel, "
+            f"got weight {tuple(weight.shape)}"
+        )
 
 
 def check_epilogue(out_shape, bias: Tensor | None, residual: Tensor | None, biggest: int) -> Tensor | None:
@@ -332,7 +339,7 @@ def conv_triton(
     """The fused conv of x, or of x and x2 concatenated along channels; out has x's memory format.
     config = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) overrides the tuned tiling (benchmarks, tests)."""
     check_runnable(x, weight, "conv")
-    check_batched(x, "conv")
+    check_batched(x, weight, "conv")
     if bias is not None and bias.dtype != x.dtype:  # as F.conv2d (the kernel would add it in fp32)
         raise TypeError(f"the Triton conv takes a bias of x's dtype {x.dtype}, got {bias.dtype}")
     n, cin, h, w = x.shape
@@ -395,7 +402,7 @@ def _conv_impl(
     residual: Tensor | None,
     x2: Tensor | None,
 ) -> Tensor:
-    check_batched(x, "conv")
+    check_batched(x, weight, "conv")
     out_hw(x, *weight.shape[-2:], stride, padding)
     out = conv_reference(x, weight, bias, stride, padding, relu, residual, x2)
     return as_promised(out, _conv_fake(x, weight, bias, stride, padding, relu, residual, x2), residual)
@@ -403,7 +410,7 @@ def _conv_impl(
 
 def _conv_fake(x, weight, bias, stride, padding, relu, residual, x2):
     # The reference takes any kernel (a 3x1 one too): each side has its own kernel size.
-    check_batched(x, "conv")
+    check_batched(x, weight, "conv")
     return empty_like_layout(
         x, (x.shape[0], weight.shape[0], *out_hw(x, *weight.shape[-2:], stride, padding))
     )
@@ -490,15 +497,21 @@ def autocast_inputs(*tensors: Tensor | None) -> tuple:
     )
 
 
+def without_autocast(run, x: Tensor, residual: Tensor | None) -> Tensor:
+    """run(residual) with autocast off, x being run's cast input: a residual wider than x is not passed
+    to the op but added after it, so that out + residual promotes as the reference's does."""
+    with torch.autocast(x.device.type, enabled=False):
+        if residual is None or residual.dtype == x.dtype:
+            return run(residual)
+        return run(None) + residual
+
+
 def _conv_autocast(x, weight, bias, stride, padding, relu, residual, x2):
     """The op under torch.autocast, as its reference runs there: the conv in the autocast dtype (the
     op alone kept fp32 in fp32: a fused model's gammas came out fp32, and CUDA ran the fp32 kernel),
-    then out + residual promoting (a wider residual is added after the op, not in it)."""
+    then out + residual promoting."""
     x, weight, bias, x2 = autocast_inputs(x, weight, bias, x2)
-    with torch.autocast(x.device.type, enabled=False):
-        if residual is None or residual.dtype == x.dtype:
-            return conv_op(x, weight, bias, stride, padding, relu, residual, x2)
-        return conv_op(x, weight, bias, stride, padding, relu, None, x2) + residual
+    return without_autocast(lambda res: conv_op(x, weight, bias, stride, padding, relu, res, x2), x, residual)
 
 
 # torch.library.register_autocast casts to one dtype fixed at registration, not the caller's autocast

@@ -38,6 +38,7 @@ from qairn.kernels.conv import (
     on_device,
     recompute_backward,
     triton_takes,
+    without_autocast,
 )
 
 if HAS_TRITON:
@@ -99,7 +100,7 @@ def conv_transpose_triton(
 ) -> Tensor:
     """The fused transposed conv; out has x's memory format. config as conv.conv_triton's."""
     check_runnable(x, weight, "transposed conv")
-    check_batched(x, "transposed conv")
+    check_batched(x, weight, "transposed conv")
     n, cin, h, w = x.shape
     cout = weight.shape[1]
     if weight.shape != (cin, cout, 2, 2):
@@ -135,14 +136,14 @@ def conv_transpose_triton(
 def _conv_transpose_impl(
     x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool, residual: Tensor | None
 ) -> Tensor:
-    check_batched(x, "transposed conv")
+    check_batched(x, weight, "transposed conv")
     out = conv_transpose_reference(x, weight, bias, relu, residual)
     return as_promised(out, _conv_transpose_fake(x, weight, bias, relu, residual), residual)
 
 
 def _conv_transpose_fake(x, weight, bias, relu, residual):
     # The reference takes any kernel at stride 2 (a 3x3 one makes 2H+1): (H-1)*2 + k per side.
-    check_batched(x, "transposed conv")
+    check_batched(x, weight, "transposed conv")
     n, _, h, w = x.shape
     kh, kw = weight.shape[-2:]
     return empty_like_layout(x, (n, weight.shape[1], 2 * (h - 1) + kh, 2 * (w - 1) + kw))
@@ -180,10 +181,7 @@ conv_transpose_op.register_autograd(_backward, setup_context=_setup_context)
 def _conv_transpose_autocast(x, weight, bias, relu, residual):
     """As conv._conv_autocast: the transposed conv in the autocast dtype, out + residual promoting."""
     x, weight, bias = autocast_inputs(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False):
-        if residual is None or residual.dtype == x.dtype:
-            return conv_transpose_op(x, weight, bias, relu, residual)
-        return conv_transpose_op(x, weight, bias, relu, None) + residual
+    return without_autocast(lambda res: conv_transpose_op(x, weight, bias, relu, res), x, residual)
 
 
 for key in AUTOCAST_KEYS:

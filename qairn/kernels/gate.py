@@ -22,26 +22,24 @@ ops (Triton on CUDA, the reference elsewhere; autograd; ONNX decomposition), the
 Triton is optional: without it everything here runs on the reference.
 
 Triton runs on CPU tensors only under the interpreter: TRITON_INTERPRET=1 must be set before this
-module is imported. Powers are taken as exp2(p * log2(x)), which compiles and interprets alike.
+module is imported. Triton itself is imported on the first launch (load_triton), not here. Powers
+are taken as exp2(p * log2(x)), which compiles and interprets alike.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
+import os
+import threading
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # the reference path needs no Triton
-    triton = None
-
-HAS_TRITON = triton is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # the reference path needs no Triton
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
 POOL_SCALE_LOG2 = 96.0  # pool sums are of gamma**p * 2**96 (module doc)
 # Terms underflow for gates below 2**(-222/p) even scaled: 0.09 at p = 64, 0.30 at 128, 0.74 at 500.
 # Past 128 a map of middling gates would pool to Q = 0: the engine refuses such p.
@@ -139,154 +137,191 @@ def gated_blend_backward_reference(grad_out, grad_gamma, grad_pool_sum, logit, s
 # that Triton's divisible-by-16 specialisation of it lets the masked loads vectorise.
 # ---------------------------------------------------------------------------------------------------
 
-if HAS_TRITON:
-    _POOL_SCALE_LOG2 = tl.constexpr(POOL_SCALE_LOG2)
+# Until load_triton(), the first launch, runs, the kernels are plain functions marked @jit: import
+# triton takes 0.3-0.5 s, which `import qairn` would cost every CPU run, and CPU runs launch nothing.
+# load_triton then does what a module-level @triton.jit would have done at import.
+triton = tl = None  # bound by load_triton
+_POOL_SCALE_LOG2 = None  # tl.constexpr(POOL_SCALE_LOG2), made by load_triton
+_JIT_FUNCTIONS = {}  # name: the plain function, for load_triton
+_load_lock = threading.Lock()
 
-    @triton.jit
-    def _core_box(cores_ptr, n):
-        y0 = tl.load(cores_ptr + n * 4 + 0)
-        y1 = tl.load(cores_ptr + n * 4 + 1)
-        x0 = tl.load(cores_ptr + n * 4 + 2)
-        x1 = tl.load(cores_ptr + n * 4 + 3)
-        return y0, y1, x0, x1
 
-    @triton.jit
-    def _pixel_offsets(pid_p, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
-        """Block pid_p's pixel indices, in OFFSET. Cast before the product: pid_p * BLOCK_P in int32
-        wraps to negative indices (which pass the `< HW` mask) in an image of 2**31 - BLOCK_P pixels."""
-        return pid_p.to(OFFSET) * BLOCK_P + tl.arange(0, BLOCK_P).to(OFFSET)
+def jit(fn):
+    """triton.jit, put off until load_triton."""
+    _JIT_FUNCTIONS[fn.__name__] = fn
+    return fn
 
-    @triton.jit
-    def _program_pixels(num_blocks, HW, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
-        """(image, image in int64, pixel block, its pixel indices, their mask) of this program. One flat
-        grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535. Batch offsets are int64
-        (a 4K tile batch passes 2**31 elements); OFFSET is int32, or int64 where one image does (a whole
-        8K frame at 64 channels)."""
-        pid = tl.program_id(0)
-        n = pid // num_blocks
-        pid_p = pid - n * num_blocks
-        offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
-        return n, n.to(tl.int64), pid_p, offs_p, offs_p < HW
 
-    @triton.jit
-    def _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p):
-        """gamma = sigmoid(logit) of the block's pixels, in fp32."""
-        logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
-        return tl.sigmoid(logit.to(tl.float32))
+def load_triton() -> None:
+    """Imports triton and puts the @jit functions' kernels in their place (interpreted where
+    TRITON_INTERPRET=1 was set at import, as the kernels' callers expect). Once; thread-safe: a kernel
+    replaced after another compiled against it would fail that one's next launch."""
+    global triton, tl, _POOL_SCALE_LOG2
+    with _load_lock:
+        if tl is not None:
+            return
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
 
-    @triton.jit
-    def _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES: tl.constexpr):
-        if HAS_CORES:
-            y0, y1, x0, x1 = _core_box(cores_ptr, n)
-            y = offs_p // W
-            x = offs_p - y * W
-            return mask_p & (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
-        else:
-            return mask_p
+        make_kernel = InterpretedFunction if INTERPRETED else triton.jit
+        for name, fn in _JIT_FUNCTIONS.items():
+            globals()[name] = make_kernel(fn)
+        _POOL_SCALE_LOG2 = triton.language.constexpr(POOL_SCALE_LOG2)
+        tl = triton.language
 
-    @triton.jit
-    def _gate_fwd_kernel(
-        logit_ptr, skip_ptr, dec_ptr, out_ptr, gamma_ptr, partial_ptr, cores_ptr,
-        C, HW, W, p, num_blocks,
-        s_logit_n, s_logit_p,
-        s_skip_n, s_skip_c, s_skip_p,
-        s_dec_n, s_dec_c, s_dec_p,
-        s_out_n, s_out_c, s_out_p,
-        s_gamma_n, s_gamma_p,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
-    ):  # fmt: skip
-        n, n64, pid_p, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
-        gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
-        if WRITE_GAMMA:
-            gamma_ptrs = gamma_ptr + n64 * s_gamma_n + offs_p * s_gamma_p
-            tl.store(gamma_ptrs, gamma.to(gamma_ptr.dtype.element_ty), mask=mask_p)
-        if POOL:
-            # One partial per program, summed in a fixed order by _pool_finish_kernel: deterministic.
-            gamma_p = tl.exp2(p * tl.log2(gamma) + _POOL_SCALE_LOG2)
-            in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
-            tl.store(partial_ptr + n * num_blocks + pid_p, tl.sum(tl.where(in_core, gamma_p, 0.0), axis=0))
 
-        g = gamma[None, :]
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = (c0 + tl.arange(0, BLOCK_C)).to(OFFSET)
-            mask = (offs_c[:, None] < C) & mask_p[None, :]
-            skip_ptrs = skip_ptr + n64 * s_skip_n + offs_c[:, None] * s_skip_c + offs_p[None, :] * s_skip_p
-            dec_ptrs = dec_ptr + n64 * s_dec_n + offs_c[:, None] * s_dec_c + offs_p[None, :] * s_dec_p
-            skip = tl.load(skip_ptrs, mask=mask, other=0.0).to(tl.float32)
-            dec = tl.load(dec_ptrs, mask=mask, other=0.0).to(tl.float32)
-            out = dec + g * (skip - dec)
-            out_ptrs = out_ptr + n64 * s_out_n + offs_c[:, None] * s_out_c + offs_p[None, :] * s_out_p
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+@jit
+def _core_box(cores_ptr, n):
+    y0 = tl.load(cores_ptr + n * 4 + 0)
+    y1 = tl.load(cores_ptr + n * 4 + 1)
+    x0 = tl.load(cores_ptr + n * 4 + 2)
+    x1 = tl.load(cores_ptr + n * 4 + 3)
+    return y0, y1, x0, x1
 
-    @triton.jit
-    def _pool_finish_kernel(
-        partial_ptr, cores_ptr, sum_ptr, count_ptr, num_blocks, H, W,
-        BLOCK: tl.constexpr, HAS_CORES: tl.constexpr,
-    ):  # fmt: skip
-        n = tl.program_id(0)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for b0 in range(0, num_blocks, BLOCK):
-            offs = b0 + tl.arange(0, BLOCK)
-            acc += tl.load(partial_ptr + n * num_blocks + offs, mask=offs < num_blocks, other=0.0)
-        tl.store(sum_ptr + n, tl.sum(acc, axis=0))
-        # The count follows from the box clipped to the image; it equals the number of masked pixels.
-        if HAS_CORES:
-            y0, y1, x0, x1 = _core_box(cores_ptr, n)
-            rows = tl.maximum(tl.minimum(y1, H) - tl.maximum(y0, 0), 0).to(tl.int64)
-            cols = tl.maximum(tl.minimum(x1, W) - tl.maximum(x0, 0), 0).to(tl.int64)
-            tl.store(count_ptr + n, rows * cols)
-        else:
-            # In int64 before the product: H * W in int32 wraps for an image of 2**31 pixels or more.
-            tl.store(count_ptr + n, (tl.full([], 0, tl.int64) + H) * W)
 
-    @triton.jit
-    def _gate_bwd_kernel(
-        grad_out_ptr, grad_gamma_ptr, grad_pool_ptr, logit_ptr, skip_ptr, dec_ptr,
-        grad_logit_ptr, grad_skip_ptr, grad_dec_ptr, cores_ptr,
-        C, HW, W, p, num_blocks,
-        s_go_n, s_go_c, s_go_p,
-        s_gg_n, s_gg_p,
-        s_logit_n, s_logit_p,
-        s_skip_n, s_skip_c, s_skip_p,
-        s_dec_n, s_dec_c, s_dec_p,
-        s_gs_n, s_gs_c, s_gs_p,
-        s_gd_n, s_gd_c, s_gd_p,
-        s_gl_n, s_gl_p,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
-    ):  # fmt: skip
-        n, n64, _, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
-        gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
-        g = gamma[None, :]
-        grad_gamma = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum over channels of grad_out*(skip-dec)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = (c0 + tl.arange(0, BLOCK_C)).to(OFFSET)
-            mask = (offs_c[:, None] < C) & mask_p[None, :]
-            oc = offs_c[:, None]
-            op = offs_p[None, :]
-            go = tl.load(grad_out_ptr + n64 * s_go_n + oc * s_go_c + op * s_go_p, mask=mask, other=0.0)
-            skip = tl.load(skip_ptr + n64 * s_skip_n + oc * s_skip_c + op * s_skip_p, mask=mask, other=0.0)
-            dec = tl.load(dec_ptr + n64 * s_dec_n + oc * s_dec_c + op * s_dec_p, mask=mask, other=0.0)
-            go = go.to(tl.float32)
-            grad_skip = go * g
-            gs_ptrs = grad_skip_ptr + n64 * s_gs_n + oc * s_gs_c + op * s_gs_p
-            gd_ptrs = grad_dec_ptr + n64 * s_gd_n + oc * s_gd_c + op * s_gd_p
-            tl.store(gs_ptrs, grad_skip.to(grad_skip_ptr.dtype.element_ty), mask=mask)
-            tl.store(gd_ptrs, (go - grad_skip).to(grad_dec_ptr.dtype.element_ty), mask=mask)
-            grad_gamma += tl.sum(go * (skip.to(tl.float32) - dec.to(tl.float32)), axis=0)
+@jit
+def _pixel_offsets(pid_p, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
+    """Block pid_p's pixel indices, in OFFSET. Cast before the product: pid_p * BLOCK_P in int32
+    wraps to negative indices (which pass the `< HW` mask) in an image of 2**31 - BLOCK_P pixels."""
+    return pid_p.to(OFFSET) * BLOCK_P + tl.arange(0, BLOCK_P).to(OFFSET)
 
-        if HAS_GRAD_GAMMA:
-            gg_ptrs = grad_gamma_ptr + n64 * s_gg_n + offs_p * s_gg_p
-            grad_gamma += tl.load(gg_ptrs, mask=mask_p, other=0.0).to(tl.float32)
-        grad_logit = grad_gamma * gamma * (1.0 - gamma)
-        if POOL:
-            grad_pool = tl.load(grad_pool_ptr + n).to(tl.float32)
-            gamma_p = tl.exp2(p * tl.log2(gamma) + _POOL_SCALE_LOG2)
-            in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
-            grad_logit += tl.where(in_core, grad_pool * p * gamma_p * (1.0 - gamma), 0.0)
-        gl_ptrs = grad_logit_ptr + n64 * s_gl_n + offs_p * s_gl_p
-        tl.store(gl_ptrs, grad_logit.to(grad_logit_ptr.dtype.element_ty), mask=mask_p)
+
+@jit
+def _program_pixels(num_blocks, HW, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr):
+    """(image, image in int64, pixel block, its pixel indices, their mask) of this program. One flat
+    grid axis (images x pixel blocks): CUDA caps grid axes 1 and 2 at 65535. Batch offsets are int64
+    (a 4K tile batch passes 2**31 elements); OFFSET is int32, or int64 where one image does (a whole
+    8K frame at 64 channels)."""
+    pid = tl.program_id(0)
+    n = pid // num_blocks
+    pid_p = pid - n * num_blocks
+    offs_p = _pixel_offsets(pid_p, BLOCK_P, OFFSET)
+    return n, n.to(tl.int64), pid_p, offs_p, offs_p < HW
+
+
+@jit
+def _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p):
+    """gamma = sigmoid(logit) of the block's pixels, in fp32."""
+    logit = tl.load(logit_ptr + n64 * s_logit_n + offs_p * s_logit_p, mask=mask_p, other=0.0)
+    return tl.sigmoid(logit.to(tl.float32))
+
+
+@jit
+def _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES: tl.constexpr):
+    if HAS_CORES:
+        y0, y1, x0, x1 = _core_box(cores_ptr, n)
+        y = offs_p // W
+        x = offs_p - y * W
+        return mask_p & (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
+    else:
+        return mask_p
+
+
+@jit
+def _gate_fwd_kernel(
+    logit_ptr, skip_ptr, dec_ptr, out_ptr, gamma_ptr, partial_ptr, cores_ptr,
+    C, HW, W, p, num_blocks,
+    s_logit_n, s_logit_p,
+    s_skip_n, s_skip_c, s_skip_p,
+    s_dec_n, s_dec_c, s_dec_p,
+    s_out_n, s_out_c, s_out_p,
+    s_gamma_n, s_gamma_p,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    WRITE_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
+):  # fmt: skip
+    n, n64, pid_p, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
+    gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
+    if WRITE_GAMMA:
+        gamma_ptrs = gamma_ptr + n64 * s_gamma_n + offs_p * s_gamma_p
+        tl.store(gamma_ptrs, gamma.to(gamma_ptr.dtype.element_ty), mask=mask_p)
+    if POOL:
+        # One partial per program, summed in a fixed order by _pool_finish_kernel: deterministic.
+        gamma_p = tl.exp2(p * tl.log2(gamma) + _POOL_SCALE_LOG2)
+        in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
+        tl.store(partial_ptr + n * num_blocks + pid_p, tl.sum(tl.where(in_core, gamma_p, 0.0), axis=0))
+
+    g = gamma[None, :]
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = (c0 + tl.arange(0, BLOCK_C)).to(OFFSET)
+        mask = (offs_c[:, None] < C) & mask_p[None, :]
+        skip_ptrs = skip_ptr + n64 * s_skip_n + offs_c[:, None] * s_skip_c + offs_p[None, :] * s_skip_p
+        dec_ptrs = dec_ptr + n64 * s_dec_n + offs_c[:, None] * s_dec_c + offs_p[None, :] * s_dec_p
+        skip = tl.load(skip_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dec = tl.load(dec_ptrs, mask=mask, other=0.0).to(tl.float32)
+        out = dec + g * (skip - dec)
+        out_ptrs = out_ptr + n64 * s_out_n + offs_c[:, None] * s_out_c + offs_p[None, :] * s_out_p
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _pool_finish_kernel(
+    partial_ptr, cores_ptr, sum_ptr, count_ptr, num_blocks, H, W,
+    BLOCK: tl.constexpr, HAS_CORES: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for b0 in range(0, num_blocks, BLOCK):
+        offs = b0 + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + n * num_blocks + offs, mask=offs < num_blocks, other=0.0)
+    tl.store(sum_ptr + n, tl.sum(acc, axis=0))
+    # The count follows from the box clipped to the image; it equals the number of masked pixels.
+    if HAS_CORES:
+        y0, y1, x0, x1 = _core_box(cores_ptr, n)
+        rows = tl.maximum(tl.minimum(y1, H) - tl.maximum(y0, 0), 0).to(tl.int64)
+        cols = tl.maximum(tl.minimum(x1, W) - tl.maximum(x0, 0), 0).to(tl.int64)
+        tl.store(count_ptr + n, rows * cols)
+    else:
+        # In int64 before the product: H * W in int32 wraps for an image of 2**31 pixels or more.
+        tl.store(count_ptr + n, (tl.full([], 0, tl.int64) + H) * W)
+
+
+@jit
+def _gate_bwd_kernel(
+    grad_out_ptr, grad_gamma_ptr, grad_pool_ptr, logit_ptr, skip_ptr, dec_ptr,
+    grad_logit_ptr, grad_skip_ptr, grad_dec_ptr, cores_ptr,
+    C, HW, W, p, num_blocks,
+    s_go_n, s_go_c, s_go_p,
+    s_gg_n, s_gg_p,
+    s_logit_n, s_logit_p,
+    s_skip_n, s_skip_c, s_skip_p,
+    s_dec_n, s_dec_c, s_dec_p,
+    s_gs_n, s_gs_c, s_gs_p,
+    s_gd_n, s_gd_c, s_gd_p,
+    s_gl_n, s_gl_p,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_GRAD_GAMMA: tl.constexpr, POOL: tl.constexpr, HAS_CORES: tl.constexpr, OFFSET: tl.constexpr,
+):  # fmt: skip
+    n, n64, _, offs_p, mask_p = _program_pixels(num_blocks, HW, BLOCK_P, OFFSET)
+    gamma = _load_gate(logit_ptr, n64, offs_p, mask_p, s_logit_n, s_logit_p)
+    g = gamma[None, :]
+    grad_gamma = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum over channels of grad_out*(skip-dec)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = (c0 + tl.arange(0, BLOCK_C)).to(OFFSET)
+        mask = (offs_c[:, None] < C) & mask_p[None, :]
+        oc = offs_c[:, None]
+        op = offs_p[None, :]
+        go = tl.load(grad_out_ptr + n64 * s_go_n + oc * s_go_c + op * s_go_p, mask=mask, other=0.0)
+        skip = tl.load(skip_ptr + n64 * s_skip_n + oc * s_skip_c + op * s_skip_p, mask=mask, other=0.0)
+        dec = tl.load(dec_ptr + n64 * s_dec_n + oc * s_dec_c + op * s_dec_p, mask=mask, other=0.0)
+        go = go.to(tl.float32)
+        grad_skip = go * g
+        gs_ptrs = grad_skip_ptr + n64 * s_gs_n + oc * s_gs_c + op * s_gs_p
+        gd_ptrs = grad_dec_ptr + n64 * s_gd_n + oc * s_gd_c + op * s_gd_p
+        tl.store(gs_ptrs, grad_skip.to(grad_skip_ptr.dtype.element_ty), mask=mask)
+        tl.store(gd_ptrs, (go - grad_skip).to(grad_dec_ptr.dtype.element_ty), mask=mask)
+        grad_gamma += tl.sum(go * (skip.to(tl.float32) - dec.to(tl.float32)), axis=0)
+
+    if HAS_GRAD_GAMMA:
+        gg_ptrs = grad_gamma_ptr + n64 * s_gg_n + offs_p * s_gg_p
+        grad_gamma += tl.load(gg_ptrs, mask=mask_p, other=0.0).to(tl.float32)
+    grad_logit = grad_gamma * gamma * (1.0 - gamma)
+    if POOL:
+        grad_pool = tl.load(grad_pool_ptr + n).to(tl.float32)
+        gamma_p = tl.exp2(p * tl.log2(gamma) + _POOL_SCALE_LOG2)
+        in_core = _in_core(offs_p, mask_p, cores_ptr, n, W, HAS_CORES)
+        grad_logit += tl.where(in_core, grad_pool * p * gamma_p * (1.0 - gamma), 0.0)
+    gl_ptrs = grad_logit_ptr + n64 * s_gl_n + offs_p * s_gl_p
+    tl.store(gl_ptrs, grad_logit.to(grad_logit_ptr.dtype.element_ty), mask=mask_p)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -370,15 +405,11 @@ def tile_config(c: int, channels_last: bool) -> tuple[int, int, int]:
     NCHW: pixels are contiguous, so long pixel rows and a few channels per step. channels_last:
     channels are contiguous, so all (up to 64) channels of fewer pixels per step.
     """
-    block_c = triton.next_power_of_2(max(c, 1))  # C = 0 (an empty blend) still needs a 1-wide tile
+    block_c = 1 << (max(c, 1) - 1).bit_length()  # a power of 2; C = 0 (an empty blend) still needs 1
     if channels_last and c > 1:
         block_c = min(block_c, 64)
         return block_c, max(16, 4096 // block_c), 4
     return min(block_c, 4), 1024, 4
-
-
-# triton.jit picks the interpreter when the decorator runs, i.e. when this module is imported.
-INTERPRETED = HAS_TRITON and isinstance(_gate_fwd_kernel, InterpretedFunction)
 
 
 def _check_runnable(t: Tensor) -> None:
@@ -388,6 +419,7 @@ def _check_runnable(t: Tensor) -> None:
         raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
     if t.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton gate takes {TRITON_DTYPES}, got {t.dtype}")
+    load_triton()
 
 
 def _offset_type(*tensors: Tensor):
@@ -565,19 +597,17 @@ gated_blend_op = torch.library.custom_op("qairn::gated_blend", _gated_blend_impl
 @gated_blend_op.register_fake
 def _(logit, skip, dec, p, cores, write_gamma):
     check_shapes(logit, skip, dec, cores)
-    n = 0 if p is None else skip.shape[0]
-    pool_dtype = torch.promote_types(logit.dtype, torch.float32)
     return (
         empty_pixels_like(skip),
         empty_pixels_like(logit) if write_gamma else logit.new_empty(0),
-        logit.new_empty(n, dtype=pool_dtype),
-        logit.new_empty(n, dtype=torch.int64),
+        *_empty_pool(logit, 0 if p is None else skip.shape[0]),
     )
 
 
-def _empty_pool(logit: Tensor) -> tuple[Tensor, Tensor]:
+def _empty_pool(logit: Tensor, n: int = 0) -> tuple[Tensor, Tensor]:
+    """(pool_sum, pool_count) of n images, uninitialised; n = 0: what the op returns without p."""
     pool_dtype = torch.promote_types(logit.dtype, torch.float32)
-    return logit.new_empty(0, dtype=pool_dtype), logit.new_empty(0, dtype=torch.int64)
+    return logit.new_empty(n, dtype=pool_dtype), logit.new_empty(n, dtype=torch.int64)
 
 
 def _gated_blend_backward_impl(

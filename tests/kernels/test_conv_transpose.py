@@ -214,3 +214,33 @@ def test_an_empty_image_is_refused_on_every_path(op):
         assert call(x.new_empty(0, 4, 3, 4).to(DEVICE), weight.to(DEVICE)).shape[0] == 0
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="one pixel"):
         calls[0](mode.from_tensor(x), mode.from_tensor(weight))
+
+
+@pytest.mark.parametrize("op", ["conv", "conv_transpose"])
+def test_a_weight_of_no_channels_is_refused_on_every_path(op):
+    """A weight of 0 input or 0 output channels: F.conv2d returned (1, 0, 5, 5) for a (2, 0, 3, 3)
+    weight where the fake promised (1, 2, 5, 5), so the CPU op failed with AttributeError inside its own
+    error message; F.conv2d (0 out) and F.conv_transpose2d refuse the others, where the Triton launchers
+    gave the bias or an empty output. One ValueError on every path now."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if op == "conv":
+        cases = [
+            (torch.randn(1, 0, 5, 5), torch.randn(2, 0, 3, 3)),
+            (torch.randn(1, 3, 5, 5), torch.randn(0, 3, 3, 3)),
+        ]
+        calls = [lambda x, w: cv.conv(x, w, None, 1, 1), lambda x, w: cv.conv_triton(x, w, None, 1, 1)]
+    else:
+        cases = [
+            (torch.randn(1, 0, 2, 2), torch.randn(0, 3, 2, 2)),
+            (torch.randn(1, 3, 2, 2), torch.randn(3, 0, 2, 2)),
+        ]
+        calls = [lambda x, w: ct.conv_transpose(x, w), lambda x, w: ct.conv_transpose_triton(x, w)]
+    if not TRITON_RUNS:
+        calls = calls[:1]
+    for x, weight in cases:
+        for call in calls:
+            with pytest.raises(ValueError, match=r"at least one input and one output channel, got weight \("):
+                call(x.to(DEVICE), weight.to(DEVICE))
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match="channel"):
+            calls[0](mode.from_tensor(x), mode.from_tensor(weight))

@@ -320,6 +320,7 @@ def test_triton_pool_count_of_an_image_of_two_to_the_31_pixels():
     side = 46341  # side**2 = 2**31 + 4633
     partial = torch.ones(1, 1, device=DEVICE)
     cores = torch.tensor([[0, side, 0, side]], dtype=torch.int32, device=DEVICE)
+    gate.load_triton()  # a kernel launched directly, not through a launcher
     for has_cores in (False, True):
         pool_sum = torch.empty(1, device=DEVICE)
         count = torch.empty(1, dtype=torch.int64, device=DEVICE)
@@ -334,6 +335,7 @@ if gate.HAS_TRITON:
     import triton
     import triton.language as tl
 
+    gate.load_triton()  # _pixel_offsets, which the kernel below calls, must be a Triton kernel by now
     from qairn.kernels.gate import _pixel_offsets
 
     @triton.jit
@@ -693,6 +695,20 @@ def test_import_and_reference_without_triton():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_import_and_cpu_restore_leave_triton_unimported():
+    """import triton takes 0.3-0.5 s, which every CPU run paid at `import qairn` for kernels it never
+    launches: the gate loads it on its first launch instead."""
+    code = (
+        "import sys, numpy as np, qairn\n"
+        "qairn.Restorer(device='cpu').restore(np.zeros((16, 16, 3), np.uint8))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 # --- The model ---------------------------------------------------------------------------------------
 
 
@@ -797,6 +813,7 @@ def compiled_for_hopper(script: str) -> dict:
 
 PTX_SCRIPT = r"""
 from qairn.kernels import gate
+gate.load_triton()
 
 FIXED_TYPES = {"cores_ptr": "*i32", "partial_ptr": "*fp32", "grad_pool_ptr": "*fp32", "p": "fp32"}
 
