@@ -457,7 +457,8 @@ class Restorer:
 
     def _restore_tensor(self, x: torch.Tensor, return_maps: bool, progress, image: bool, in_range: bool):
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
-        # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
+        # unpacking its shape. Float ranges are read on the CPU only (check_float_range): before the copy
+        # to a GPU Restorer, after the copy of a GPU's tensor to a CPU one.
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
@@ -465,6 +466,8 @@ class Restorer:
             )
         if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
+        if not in_range and x.device.type != "cpu":
+            x = x.to(self.device)  # a GPU's tensor for a CPU Restorer: its range is read once it is here
         x = (x if in_range else check_float_range(x)).to(self.device, torch.float32)
         n, _, h, w = x.shape
         asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
@@ -695,8 +698,9 @@ class Restorer:
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        x = batch_to_float(t, order)  # its range read there, if float
-        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
+        x = batch_to_float(t, order)  # its range read there, if float and on the CPU
+        in_range = t.dtype == torch.uint8 or t.device.type == "cpu"  # else read by restore_tensor
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
     def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
@@ -817,7 +821,8 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
 def check_float_range(x: torch.Tensor) -> torch.Tensor:
     """x, refused if it lies on the CPU outside [0, 1] (0..255 floats, NaN) rather than clamped into a
     white picture. On a GPU the check would cost a device-to-host sync per call (and stall
-    restore_stream's overlap): skipped."""
+    restore_stream's overlap): skipped. (A GPU's tensor given to a CPU Restorer is checked once it is
+    on the CPU: restore_tensor.)"""
     # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
     # scalar" from inside qairn at every call.
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
