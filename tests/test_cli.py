@@ -1019,9 +1019,9 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             ["eval", "--data", "{tmp}/imgs", "--weights", "{tmp}/none.safetensors"],
             "none.safetensors: no such",
         ),
-        (
-            ["eval", "--data", "{tmp}/imgs", "--tile", "32"],
-            "overlap 32 (taken in steps of 16: 32) must be smaller",
+        (  # (--tile 32 was refused here too, for an overlap never given: it runs now)
+            ["eval", "--data", "{tmp}/imgs", "--tile", "-5"],
+            'tile must be a positive int, None (whole images) or "auto", not -5',
         ),
         (
             ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],
@@ -1550,3 +1550,27 @@ def test_no_overlap_option_leaves_the_restorer_its_own_default(command, tmp_path
     for extra in ([], ["--overlap", "16"]):
         assert run([str(sample), *out, *extra]) != 0
     assert seen == [None, 16]
+
+
+def test_restore_with_a_tile_of_32_and_no_overlap_runs(workdir, tiny_weights, capsys):
+    """--tile 32 was refused as "--tile 32 with --overlap 32: overlap 32 ... must be smaller than the tile
+    32", naming an --overlap never given; it runs now, with the overlap a 32-pixel tile fits (0)."""
+    out = workdir / "o.png"
+    rc, _, err = run(
+        capsys, "restore", workdir / "a.jpg", "-o", out, "--tile", "32", "--weights", tiny_weights
+    )
+    assert rc == 0 and error_lines(err) == [] and out.exists()
+    with pytest.raises(SystemExit):  # an --overlap given is still checked, by argparse
+        main(
+            [
+                "restore",
+                str(workdir / "a.jpg"),
+                "-o",
+                str(workdir / "p.png"),
+                "--tile",
+                "32",
+                "--overlap",
+                "32",
+            ]
+        )
+    assert "--tile 32 with --overlap 32: overlap 32" in capsys.readouterr().err

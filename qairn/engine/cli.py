@@ -256,7 +256,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overlap",
         type=overlap_arg,
-        help="tile overlap in pixels (default 32; a static export's own tile: a quarter of it, up to 32)",
+        help="tile overlap in pixels (default 32; a static export's own tile, and a tile of 32 or less: "
+        "a quarter of it, up to 32)",
     )
     p.add_argument(
         "--max-pixels",
@@ -270,10 +271,10 @@ def check_tile_options(p: argparse.ArgumentParser, a) -> None:
     """--tile against --overlap, as argparse's error before the model loads: an overlap as wide as the
     tile was refused only once it had loaded, naming neither option. (The Restorer checks again, against
     a static export's own tile.)"""
-    from qairn.engine.restorer import DEFAULT_OVERLAP, check_tiling
+    from qairn.engine.restorer import check_tiling, default_overlap
 
-    # No --overlap: None goes on to the Restorer, which fits its default to a static export's tile.
-    overlap = DEFAULT_OVERLAP if a.overlap is None else a.overlap
+    # No --overlap: None goes on to the Restorer, which fits its default to a small or static tile.
+    overlap = default_overlap(a.tile) if a.overlap is None else a.overlap
     try:
         check_tiling(a.tile, overlap)
     except ValueError as e:
