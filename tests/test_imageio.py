@@ -1065,3 +1065,19 @@ def test_a_whole_jpeg_is_read_without_a_corrupt_data_warning(tmp_path, kind):
     said = []
     read_image(path, warn=said.append)
     assert said == []
+
+
+def test_a_jpeg_with_a_second_picture_is_not_called_a_moving_picture(tmp_path):
+    """A phone JPEG holding a second picture (MPO: an HDR gain map, a depth map, a preview, a stereo
+    pair's other view), which Pillow counts as 2 frames, warned "2 frames; only the first is restored
+    (qairn video takes moving pictures)": neither is a frame, and qairn video cannot read it."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8))
+    gain_map = Image.fromarray(rng.integers(0, 256, (20, 28), np.uint8))
+    photo.save(tmp_path / "hdr.jpg", "MPO", save_all=True, append_images=[gain_map])
+    said = []
+    assert read_image(tmp_path / "hdr.jpg", warn=said.append).shape == (40, 56, 3)
+    assert said == [
+        f"{tmp_path / 'hdr.jpg'}: a JPEG holding 2 pictures (MPO: previews, a depth or HDR gain map, or "
+        "a stereo pair's other view); only the first, the photo, is restored"
+    ]

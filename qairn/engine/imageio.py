@@ -72,7 +72,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                 with _pillow_damage():  # a TIFF's page count reads every page's directory
                     frames = getattr(im, "n_frames", 1)
                 if frames > 1:
-                    (warn or _warn)(_frames_message(path, frames))
+                    (warn or _warn)(_frames_message(path, frames, im.format))
                 fmt = im.format
                 png_depth, png_colour = _png_ihdr(path)
                 png_whole = True  # whether a PNG runs to its IEND chunk (known for 16 bits only)
@@ -234,7 +234,12 @@ def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def _frames_message(path: Path, frames: int) -> str:
+def _frames_message(path: Path, frames: int, fmt: str | None = None) -> str:
+    if fmt == "MPO":  # Pillow's frames of a phone JPEG: a photo and what goes with it, not a moving picture
+        return (
+            f"{path}: a JPEG holding {frames} pictures (MPO: previews, a depth or HDR gain map, or a stereo "
+            "pair's other view); only the first, the photo, is restored"
+        )
     return f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
 
 
