@@ -1574,3 +1574,22 @@ def test_restore_with_a_tile_of_32_and_no_overlap_runs(workdir, tiny_weights, ca
             ]
         )
     assert "--tile 32 with --overlap 32: overlap 32" in capsys.readouterr().err
+
+
+def test_overwrite_never_replaces_another_input(workdir, tiny_weights, capsys, monkeypatch):
+    """a.jpg and z/a.png -o z are named a.png and z_a.png: a.jpg's output is the input z/a.png. With
+    --overwrite it replaced z/a.png before z/a.png was read, so z_a.png restored a.jpg a second time
+    and the RGBA original was lost, with 'restored 2 of 2 images'. --overwrite replaces an input with
+    its own restoration only; this one is refused in one line."""
+    monkeypatch.chdir(workdir)
+    (workdir / "z").mkdir()
+    cv2.imwrite("z/a.png", np.full((8, 8, 4), 200, np.uint8))
+    original = (workdir / "z" / "a.png").read_bytes()
+    rc, _, err = run(
+        capsys, "restore", "a.jpg", "z/a.png", "-o", "z", "--overwrite", "--weights", tiny_weights
+    )
+    assert rc == 1 and error_lines(err) == [
+        "qairn: error: z/a.png: is another input; a.jpg's output would replace it (give another -o)"
+    ]
+    assert (workdir / "z" / "a.png").read_bytes() == original
+    assert read_image(workdir / "z" / "z_a.png").shape == (8, 8, 4)

@@ -375,6 +375,9 @@ def found_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
     """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
     A problem raises: InputError or ImageError with its one line, OSError from the write."""
+    if dst.resolve() in input_set and dst.resolve() != src.resolve():  # --overwrite or not: it would be
+        # replaced before it is read (or after, by another image), its original lost
+        raise InputError(f"{dst}: is another input; {src}'s output would replace it (give another -o)")
     if dst.resolve() in input_set and not a.overwrite:
         raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
     if dst.exists() and not a.overwrite:
