@@ -1019,9 +1019,9 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
             ["eval", "--data", "{tmp}/imgs", "--weights", "{tmp}/none.safetensors"],
             "none.safetensors: no such",
         ),
-        (
-            ["eval", "--data", "{tmp}/imgs", "--tile", "32"],
-            "overlap 32 (taken in steps of 16: 32) must be smaller",
+        (  # (--tile 32 was refused here too, for an overlap never given: it runs now)
+            ["eval", "--data", "{tmp}/imgs", "--tile", "-5"],
+            'tile must be a positive int, None (whole images) or "auto", not -5',
         ),
         (
             ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],
@@ -1550,3 +1550,46 @@ def test_no_overlap_option_leaves_the_restorer_its_own_default(command, tmp_path
     for extra in ([], ["--overlap", "16"]):
         assert run([str(sample), *out, *extra]) != 0
     assert seen == [None, 16]
+
+
+def test_restore_with_a_tile_of_32_and_no_overlap_runs(workdir, tiny_weights, capsys):
+    """--tile 32 was refused as "--tile 32 with --overlap 32: overlap 32 ... must be smaller than the tile
+    32", naming an --overlap never given; it runs now, with the overlap a 32-pixel tile fits (0)."""
+    out = workdir / "o.png"
+    rc, _, err = run(
+        capsys, "restore", workdir / "a.jpg", "-o", out, "--tile", "32", "--weights", tiny_weights
+    )
+    assert rc == 0 and error_lines(err) == [] and out.exists()
+    with pytest.raises(SystemExit):  # an --overlap given is still checked, by argparse
+        main(
+            [
+                "restore",
+                str(workdir / "a.jpg"),
+                "-o",
+                str(workdir / "p.png"),
+                "--tile",
+                "32",
+                "--overlap",
+                "32",
+            ]
+        )
+    assert "--tile 32 with --overlap 32: overlap 32" in capsys.readouterr().err
+
+
+def test_overwrite_never_replaces_another_input(workdir, tiny_weights, capsys, monkeypatch):
+    """a.jpg and z/a.png -o z are named a.png and z_a.png: a.jpg's output is the input z/a.png. With
+    --overwrite it replaced z/a.png before z/a.png was read, so z_a.png restored a.jpg a second time
+    and the RGBA original was lost, with 'restored 2 of 2 images'. --overwrite replaces an input with
+    its own restoration only; this one is refused in one line."""
+    monkeypatch.chdir(workdir)
+    (workdir / "z").mkdir()
+    cv2.imwrite("z/a.png", np.full((8, 8, 4), 200, np.uint8))
+    original = (workdir / "z" / "a.png").read_bytes()
+    rc, _, err = run(
+        capsys, "restore", "a.jpg", "z/a.png", "-o", "z", "--overwrite", "--weights", tiny_weights
+    )
+    assert rc == 1 and error_lines(err) == [
+        "qairn: error: z/a.png: is another input; a.jpg's output would replace it (give another -o)"
+    ]
+    assert (workdir / "z" / "a.png").read_bytes() == original
+    assert read_image(workdir / "z" / "z_a.png").shape == (8, 8, 4)

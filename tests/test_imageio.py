@@ -1018,3 +1018,66 @@ def test_the_suffixes_said_to_keep_metadata_are_those_that_keep_it(tmp_path, suf
     with Image.open(path) as im:
         assert (im.info.get("icc_profile") == icc) == (suffix.lower() in ICC_SUFFIXES)
         assert (im.getexif().get(0x010F) == "Camera") == (suffix.lower() in EXIF_SUFFIXES)
+
+
+def restart_jpeg(tmp_path, name: str = "rst.jpg") -> tuple:
+    """A 64x64 noise JPEG with a restart marker after every MCU (a restart interval of 1, as cameras
+    write them), its path and bytes."""
+    rng = np.random.default_rng(0)
+    ok, enc = cv2.imencode(
+        ".jpg", rng.integers(0, 256, (64, 64, 3), np.uint8), [cv2.IMWRITE_JPEG_RST_INTERVAL, 1]
+    )
+    path = tmp_path / name
+    path.write_bytes(enc.tobytes())
+    return path, enc.tobytes()
+
+
+def test_a_jpeg_with_zeroed_compressed_data_is_read_with_a_warning_naming_it(tmp_path):
+    # Pillow decodes it without a word (libjpeg's "Corrupt JPEG data" warning is dropped); the zeroed
+    # bytes took restart markers with them, so the markers that remain are out of turn.
+    path, data = restart_jpeg(tmp_path)
+    mid = (data.index(b"\xff\xda") + len(data)) // 2
+    path.write_bytes(data[:mid] + bytes(64) + data[mid + 64 :])
+    Image.open(path).load()  # what Pillow itself does: no error
+    said = []
+    arr = read_image(path, warn=said.append)
+    assert arr.shape == (64, 64, 3)
+    assert len(said) == 1 and said[0].startswith(f"{path}: corrupt JPEG data (a restart marker out of turn")
+    assert said[0].endswith("the picture is taken as decoded, damage included")
+
+
+@pytest.mark.parametrize("kind", ["restart", "progressive", "exif thumbnail"])
+def test_a_whole_jpeg_is_read_without_a_corrupt_data_warning(tmp_path, kind):
+    # Restart markers in turn, a progressive file's several scans and tables, and an EXIF segment that
+    # holds a whole JPEG (markers inside a segment's payload) are not damage.
+    if kind == "restart":
+        path, _ = restart_jpeg(tmp_path)
+    else:
+        path = tmp_path / "a.jpg"
+        img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 56, 3), np.uint8))
+        exif = Image.Exif()
+        if kind == "exif thumbnail":
+            thumb = io.BytesIO()
+            img.resize((8, 8)).save(thumb, "JPEG")
+            exif[0x010F] = "Camera"
+            exif.get_ifd(0x8769)[0x927C] = thumb.getvalue()  # MakerNote holding a JPEG
+        img.save(path, "JPEG", progressive=kind == "progressive", exif=exif)
+    said = []
+    read_image(path, warn=said.append)
+    assert said == []
+
+
+def test_a_jpeg_with_a_second_picture_is_not_called_a_moving_picture(tmp_path):
+    """A phone JPEG holding a second picture (MPO: an HDR gain map, a depth map, a preview, a stereo
+    pair's other view), which Pillow counts as 2 frames, warned "2 frames; only the first is restored
+    (qairn video takes moving pictures)": neither is a frame, and qairn video cannot read it."""
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8))
+    gain_map = Image.fromarray(rng.integers(0, 256, (20, 28), np.uint8))
+    photo.save(tmp_path / "hdr.jpg", "MPO", save_all=True, append_images=[gain_map])
+    said = []
+    assert read_image(tmp_path / "hdr.jpg", warn=said.append).shape == (40, 56, 3)
+    assert said == [
+        f"{tmp_path / 'hdr.jpg'}: a JPEG holding 2 pictures (MPO: previews, a depth or HDR gain map, or "
+        "a stereo pair's other view); only the first, the photo, is restored"
+    ]

@@ -694,3 +694,32 @@ def test_option_errors_list_their_choices_plainly():
         use_gate_backend(model, "fast")
     with pytest.raises(ValueError, match=r"^precision and io must be one of fp16, fp32$"):
         ExportModel(model, "maps", "bf16", "fp32", True)
+
+
+class SaysCuda(torch.Tensor):
+    """A CPU tensor that says it lies on a GPU (there is none here), as a CUDA tensor given to a CPU
+    Restorer would: its copy to the Restorer (.to) is a plain CPU tensor."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    def to(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).to(*args, **kwargs)
+
+
+@pytest.mark.parametrize("entry", ["restore", "score", "restore_tensor"])
+def test_a_gpu_tensor_given_to_a_cpu_restorer_has_its_range_checked_as_a_cpu_one(entry):
+    """The range was read for CPU tensors only (on a GPU it costs a sync per call): a CUDA tensor in
+    0..255 given to a CPU Restorer was clamped into a white picture, unsaid, though it was copied to
+    the CPU anyway. Its range is read once it is there now."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    x = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(0))
+    call = getattr(r, entry)
+    assert (x * 255).as_subclass(SaysCuda).device.type == "cuda"
+    with pytest.raises(
+        ValueError, match=r"^float tensors are taken in \[0, 1\], this one spans \[0.02032, 255\]"
+    ):
+        call((x * 255).as_subclass(SaysCuda))
+    if entry != "restore":  # (which would give the picture back to a GPU that is not there)
+        call(x.as_subclass(SaysCuda))  # in range: runs

@@ -894,3 +894,20 @@ def test_a_tile_smaller_than_one_step_runs_one_step():
     assert plan_tiles(40, 40, 8, 0).rows.tile == 16
     res = r.restore(np.zeros((40, 40, 3), np.uint8))
     assert res.image.shape == (40, 40, 3)
+
+
+@pytest.mark.parametrize(
+    "tile, runs, overlap", [(16, 16, 0), (32, 32, 0), (40, 32, 0), (48, 48, 32), (64, 64, 32)]
+)
+def test_a_tile_the_default_overlap_does_not_fit_gets_a_fitting_one(tile, runs, overlap):
+    """Restorer(tile=32) and `qairn restore --tile 32` were refused with "overlap 32 ... must be smaller
+    than the tile 32", an overlap never given. As a static file's tile, a tile of 32 or less now gets a
+    quarter of it (0); larger tiles keep 32, and an overlap given is still checked."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=tile)
+    assert r.tiling_for(70, 90) == (runs, overlap)
+    img = np.random.default_rng(0).integers(0, 256, (70, 90, 3), np.uint8)
+    assert r.restore(img).image.shape == (70, 90, 3)
+    r.set_tiling(tile)
+    assert r.tiling_for(70, 90) == (runs, overlap)
+    with pytest.raises(ValueError, match="must be smaller than the tile"):
+        qairn.Restorer(model=lively_model(), device="cpu", tile=32, overlap=32)

@@ -256,7 +256,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overlap",
         type=overlap_arg,
-        help="tile overlap in pixels (default 32; a static export's own tile: a quarter of it, up to 32)",
+        help="tile overlap in pixels (default 32; a static export's own tile, and a tile of 32 or less: "
+        "a quarter of it, up to 32)",
     )
     p.add_argument(
         "--max-pixels",
@@ -270,10 +271,10 @@ def check_tile_options(p: argparse.ArgumentParser, a) -> None:
     """--tile against --overlap, as argparse's error before the model loads: an overlap as wide as the
     tile was refused only once it had loaded, naming neither option. (The Restorer checks again, against
     a static export's own tile.)"""
-    from qairn.engine.restorer import DEFAULT_OVERLAP, check_tiling
+    from qairn.engine.restorer import check_tiling, default_overlap
 
-    # No --overlap: None goes on to the Restorer, which fits its default to a static export's tile.
-    overlap = DEFAULT_OVERLAP if a.overlap is None else a.overlap
+    # No --overlap: None goes on to the Restorer, which fits its default to a small or static tile.
+    overlap = default_overlap(a.tile) if a.overlap is None else a.overlap
     try:
         check_tiling(a.tile, overlap)
     except ValueError as e:
@@ -374,6 +375,9 @@ def found_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
 def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
     """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
     A problem raises: InputError or ImageError with its one line, OSError from the write."""
+    if dst.resolve() in input_set and dst.resolve() != src.resolve():  # --overwrite or not: it would be
+        # replaced before it is read (or after, by another image), its original lost
+        raise InputError(f"{dst}: is another input; {src}'s output would replace it (give another -o)")
     if dst.resolve() in input_set and not a.overwrite:
         raise InputError(f"{dst}: would overwrite an input (use --overwrite)")
     if dst.exists() and not a.overwrite:

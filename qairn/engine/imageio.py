@@ -72,7 +72,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                 with _pillow_damage():  # a TIFF's page count reads every page's directory
                     frames = getattr(im, "n_frames", 1)
                 if frames > 1:
-                    (warn or _warn)(_frames_message(path, frames))
+                    (warn or _warn)(_frames_message(path, frames, im.format))
                 fmt = im.format
                 png_depth, png_colour = _png_ihdr(path)
                 png_whole = True  # whether a PNG runs to its IEND chunk (known for 16 bits only)
@@ -125,6 +125,14 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                         arr = np.ascontiguousarray(
                             arr[..., [0, 3]] if alpha else arr[..., 0]
                         )  # a gray palette
+                    if fmt in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a second picture after it
+                        f.seek(0)
+                        damage = _jpeg_damage(f.read())
+                        if damage:
+                            (warn or _warn)(
+                                f"{path}: corrupt JPEG data ({damage}); "
+                                "the picture is taken as decoded, damage included"
+                            )
                     return arr
     except ImageError:
         raise
@@ -171,6 +179,55 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, either byte order
 
 
+# Markers that may end a JPEG scan: tables (DHT, DAC, DQT, DRI), DNL, APPn, COM, the next scan, EOI.
+SCAN_END_MARKERS = {0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)}
+
+
+def _jpeg_damage(data: bytes) -> str | None:
+    """Where a JPEG's marker structure is broken, up to its first EOI, or None. libjpeg reports such
+    damage ("Corrupt JPEG data") as a warning, which Pillow drops: it decodes a restart marker without
+    a restart interval, or out of turn, or an APPn segment in the middle of the compressed picture,
+    without a word. Damage that makes no stray marker (bytes overwritten by zeros, say) is not seen:
+    that takes a Huffman decode of the whole picture."""
+    buf = np.frombuffer(data, np.uint8)
+    # Every marker: 0xFF then a code (0x00 is a stuffed 0xFF byte of the data, 0xFF a fill byte).
+    ff = np.flatnonzero(buf[:-1] == 0xFF)  # (one mask of the file's size; the rest are a few in 100)
+    after = buf[ff + 1]
+    marks = ff[(after != 0x00) & (after != 0xFF)]
+    at, interval = 2, 0  # after SOI; the restart interval in MCUs (DRI), 0: none
+    while at + 4 <= len(data):
+        while data[at] == 0xFF and data[at + 1] == 0xFF:  # fill bytes before a marker
+            at += 1
+        code = data[at + 1]
+        if data[at] == 0xFF and (code == 0x01 or 0xD0 <= code <= 0xD7):  # TEM, RSTn: no length, libjpeg
+            at += 2  # passes over them here
+            continue
+        if data[at] != 0xFF or code not in SCAN_END_MARKERS and not 0xC0 <= code <= 0xCF:
+            return f"no marker where one is due, at byte {at}"
+        if code == 0xD9:
+            return None
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if code == 0xDD:
+            interval = int.from_bytes(data[at + 4 : at + 6], "big")
+        if code != 0xDA:
+            at = end
+            continue
+        turn = 0  # the scan's compressed data: restart markers in turn, up to the marker that ends it
+        for m in marks[np.searchsorted(marks, end) :].tolist():
+            code = data[m + 1]
+            if not 0xD0 <= code <= 0xD7:
+                if code not in SCAN_END_MARKERS:
+                    return f"a stray marker 0xFF{code:02X} in the compressed picture, at byte {m}"
+                at = m
+                break
+            if not interval or code != 0xD0 + turn:
+                return f"a restart marker out of turn in the compressed picture, at byte {m}"
+            turn = (turn + 1) % 8
+        else:
+            return None  # cut short: Pillow says so, or fills the rest
+    return None
+
+
 def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
         raise ImageError(
@@ -179,7 +236,12 @@ def _check_pixels(path: Path, w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def _frames_message(path: Path, frames: int) -> str:
+def _frames_message(path: Path, frames: int, fmt: str | None = None) -> str:
+    if fmt == "MPO":  # Pillow's frames of a phone JPEG: a photo and what goes with it, not a moving picture
+        return (
+            f"{path}: a JPEG holding {frames} pictures (MPO: previews, a depth or HDR gain map, or a stereo "
+            "pair's other view); only the first, the photo, is restored"
+        )
     return f"{path}: {frames} frames; only the first is restored (qairn video takes moving pictures)"
 
 

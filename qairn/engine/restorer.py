@@ -125,6 +125,15 @@ def check_tiling(tile, overlap) -> tuple[int | str | None, int]:
     return tile, overlap
 
 
+def default_overlap(tile) -> int:
+    """The overlap a tile (an int, None or "auto") gets when none is given: DEFAULT_OVERLAP, or where it
+    does not fit the tile that runs (16 or 32 pixels), static_overlap's. --tile 32 was refused with
+    "overlap 32 ... must be smaller than the tile 32", an overlap the user never gave."""
+    if is_int(tile) and tile > 0 and DEFAULT_OVERLAP >= aligned_tile(tile):  # (a bad tile: check_tiling)
+        return static_overlap(aligned_tile(tile))
+    return DEFAULT_OVERLAP
+
+
 def static_overlap(tile: int) -> int:
     """The overlap a static file's tile gets when none is given: a quarter of it, in the steps of ALIGN
     that overlaps run in, up to the default 32 (0 for a 16..63 tile). 32 on a 16-pixel file's tiles
@@ -267,9 +276,9 @@ class Restorer:
     twice (a 768x512 image restored in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under
     "auto", backend="compile" always tiles (512: static shapes), and a static export (an ONNX file or
     engine built for one N,H,W) at its own tile size. overlap=None (the default): 32, or for a static
-    export's own tile a quarter of it in steps of 16 up to 32 (0 for tiles under 64); an overlap given is
-    checked against the tile and refused if it does not fit. tile_batch: tiles per backend call (N at
-    least for a batch of N images).
+    export's own tile, and a tile of 32 or less, a quarter of it in steps of 16 up to 32 (0 for tiles
+    under 64); an overlap given is checked against the tile and refused if it does not fit.
+    tile_batch: tiles per backend call (N at least for a batch of N images).
     set_tiling() changes tile and overlap later.
     p: the Minkowski exponent that pools the gamma maps into Q1..Q3 (default: the network's own).
     channel_order: "rgb", or "bgr" (OpenCV's) for every call that does not say otherwise.
@@ -345,7 +354,7 @@ class Restorer:
         backend, precision = resolve_auto(backend, precision, self.device)
         self.backend_name, self.precision = backend, precision
         overlap_given = overlap is not None
-        tile, overlap = check_tiling(tile, overlap if overlap_given else DEFAULT_OVERLAP)
+        tile, overlap = check_tiling(tile, overlap if overlap_given else default_overlap(tile))
         # A float (2.5) was kept and failed at the first tiled image, inside range(); 0 became 1 unsaid.
         if not is_int(tile_batch) or tile_batch < 1:
             raise ValueError(f"tile_batch must be an int >= 1 (tiles per batch), not {tile_batch!r}")
@@ -457,7 +466,8 @@ class Restorer:
 
     def _restore_tensor(self, x: torch.Tensor, return_maps: bool, progress, image: bool, in_range: bool):
         # A uint8 tensor was taken as 0..255 floats, nearly all white after the clamp; (3,H,W) failed
-        # unpacking its shape. Float ranges are read on the CPU only (check_float_range).
+        # unpacking its shape. Float ranges are read on the CPU only (check_float_range): before the copy
+        # to a GPU Restorer, after the copy of a GPU's tensor to a CPU one.
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
@@ -465,6 +475,8 @@ class Restorer:
             )
         if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
+        if not in_range and x.device.type != "cpu":
+            x = x.to(self.device)  # a GPU's tensor for a CPU Restorer: its range is read once it is here
         x = (x if in_range else check_float_range(x)).to(self.device, torch.float32)
         n, _, h, w = x.shape
         asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
@@ -534,7 +546,7 @@ class Restorer:
         Checked as the constructor checks them, against a static export's own tile under "auto" too;
         a refused call changes nothing. overlap=None: as the constructor's default."""
         given = overlap is not None
-        tile, overlap = check_tiling(tile, overlap if given else DEFAULT_OVERLAP)
+        tile, overlap = check_tiling(tile, overlap if given else default_overlap(tile))
         static = getattr(self.backend, "static_tile", None)
         if tile == "auto" and static:
             overlap = check_tiling(static, overlap if given else static_overlap(static))[1]
@@ -695,8 +707,9 @@ class Restorer:
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
-        x = batch_to_float(t, order)  # its range read there, if float
-        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
+        x = batch_to_float(t, order)  # its range read there, if float and on the CPU
+        in_range = t.dtype == torch.uint8 or t.device.type == "cpu"  # else read by restore_tensor
+        y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
     def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
@@ -817,7 +830,8 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
 def check_float_range(x: torch.Tensor) -> torch.Tensor:
     """x, refused if it lies on the CPU outside [0, 1] (0..255 floats, NaN) rather than clamped into a
     white picture. On a GPU the check would cost a device-to-host sync per call (and stall
-    restore_stream's overlap): skipped."""
+    restore_stream's overlap): skipped. (A GPU's tensor given to a CPU Restorer is checked once it is
+    on the CPU: restore_tensor.)"""
     # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
     # scalar" from inside qairn at every call.
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
