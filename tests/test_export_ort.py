@@ -194,6 +194,24 @@ def test_a_static_files_tile_gets_a_fitting_overlap_unless_one_is_given(model, t
     assert r.tiling_for(150, 200) == (128, 32)
 
 
+def test_a_non_square_static_file_runs_tile_auto_at_its_largest_square(model, tmp_path, image):
+    """A --static 1,32,64 file had no static_tile: tile="auto" cut 512 tiles (or ran a small image
+    whole), which the file refuses ("is static for N,H,W = (1, 32, 64) and cannot run (1, 112, 160)").
+    It now takes the largest square its shape holds (32), each tile padded into the file's 32x64."""
+    path = ox.export_onnx(model, tmp_path / "s32x64.onnx", outputs="maps", shape=(1, 32, 64))
+    r = qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=path)
+    assert r.tiling_for(100, 150) == (32, 0)
+    r_eager = qairn.Restorer(model=model, device="cpu", backend="eager", tile=32, overlap=0)
+    x = torch.from_numpy(image[:100, :150]).permute(2, 0, 1)[None].float() / 255
+    (y, q, _), (y_eager, q_eager, _) = r.restore_tensor(x), r_eager.restore_tensor(x)
+    assert y.shape == (1, 3, 100, 150)
+    # Tiles run padded to 32x64: the network sees replicated pixels past each tile's right edge,
+    # which only the outputs near that edge feel (no overlap blends them away at tile 32).
+    assert (y - y_eager).abs().mean() < 0.02
+    for k in q_eager:  # pooled over each tile's core only: the padding is not scored
+        torch.testing.assert_close(q[k], q_eager[k], atol=2e-3, rtol=0)
+
+
 # ---- which GPU the providers run on (checked on the CPU: onnxruntime's session is watched) ----------
 GPU_EPS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 

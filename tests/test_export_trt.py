@@ -1143,7 +1143,8 @@ def test_tile_auto_takes_the_static_engines_tile(tmp_path, monkeypatch):
     gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
     assert trt_backend.TrtBackend(model, gpu, "fp16", engine=engine, **kw).static_tile == 256
     assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 64), **kw).static_tile == 64
-    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 128), **kw).static_tile is None
+    # A non-square engine: the largest square it holds, each tile padded into the engine's 64x128.
+    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 128), **kw).static_tile == 64
     assert trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, **kw).static_tile is None
     assert trt_backend.TrtBackend(model, gpu, "fp16", **kw).static_tile is None  # no shape: 512 tiles
 

@@ -215,10 +215,9 @@ class OrtBackend(Closing):
             warn_fp16_on_cpu()
         self.in_dtype = NP_DTYPES[self.session.get_inputs()[0].type]
         self.static = static_shape(self.session)
-        # tile="auto" takes a static file's own (square) tile: its 512 fits no other export's shape.
-        self.static_tile = (
-            self.static[1] if self.static is not None and self.static[1] == self.static[2] else None
-        )
+        # tile="auto" takes a static file's own tile: its 512 fits no other export's shape. A non-square
+        # file's is the largest square it holds; each tile is padded into the file's shape (shapes.py).
+        self.static_tile = min(self.static[1:]) if self.static is not None else None
         self.run = self._run
         if self.static is not None:
             # A static file runs one shape only: fit calls into it (shapes.py), or say why not.

@@ -278,10 +278,10 @@ class TrtBackend(Closing):
                     "an export without --static"
                 )
             shape = shape if shape is not None else self.static_onnx
-        # What tile="auto" takes: the static engine's own (square) tile, asked for or recorded beside
-        # the user's engine. Else the Restorer cuts 512 tiles, which fit no engine but a new one.
-        square = shape is not None and not dynamic and shape[1] == shape[2]
-        self.static_tile = int(shape[1]) if square else None
+        # What tile="auto" takes: the static engine's own tile, asked for or recorded beside the user's
+        # engine; for a non-square one the largest square it holds, each tile padded into its shape.
+        # Else the Restorer cuts 512 tiles, which fit no engine but a new one (none, for a --static file).
+        self.static_tile = int(min(shape[1:])) if shape is not None and not dynamic else None
         self.dynamic, self.max_shape = dynamic, max_shape
         if dynamic:
             self.fixed_tile = False
