@@ -1462,6 +1462,33 @@ def test_a_dynamic_engine_tuned_for_a_square_shape_has_no_static_tile(tmp_path, 
     assert b.dynamic and b.static_tile is None
 
 
+def test_tile_auto_runs_no_image_whole_that_a_dynamic_engine_cannot_take(tmp_path, monkeypatch):
+    """tile="auto" ran images of up to a batch of tiles' pixels whole: a 4000x200 picture (0.8 MP)
+    went whole to a dynamic engine whose profile stops at 2048x2048, which refused it ("outside the
+    dynamic engine's profile ... pass max_shape= or use tiles"). The backend now says its largest
+    H, W (max_hw); larger images get tiles, no larger than that."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_backend.TrtBackend, "_runner", lambda self, shape: "runner")
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    assert trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, **kw).max_hw == (2048, 2048)
+    small = trt_backend.TrtBackend(model, gpu, "fp16", dynamic=True, max_shape=(2, 256, 384), **kw)
+    assert small.max_hw == (256, 384)
+    assert trt_backend.TrtBackend(model, gpu, "fp16", shape=(1, 64, 64), **kw).max_hw is None  # static
+
+    r = qairn.Restorer(model=model, device="cpu")  # tile="auto"; its backend stands in for the engine
+    r.backend.max_hw = (2048, 2048)
+    assert r.tile_for(200, 1000) is None  # whole, as before
+    assert r.tile_for(200, 4000) == 512
+    r.backend.max_hw = small.max_hw
+    assert r.tile_for(200, 300) is None
+    assert r.tile_for(200, 400) == 256  # tiles no larger than the engine runs
+
+
 @pytest.mark.parametrize("dims", [[1, 3, 64.0, 64], [1, 3, "64", 64], [1, 3, True, 64]])
 def test_a_sidecar_whose_shapes_are_not_whole_numbers_is_no_sidecar(tmp_path, dims):
     """A hand-edited sidecar with 64.0, "64" or true in a shape went on to the backend as its shapes;

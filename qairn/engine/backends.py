@@ -3,6 +3,7 @@
 A backend is a callable taking a float32 (N,3,h,w) RGB batch in [0,1] on the engine's device and
 returning (restored float32 (N,3,h,w), [gamma1, gamma2, gamma3] float32), like QAIRN.forward.
 `fixed_tile` is True for backends that want every tile at the planned full size (static engines).
+`max_hw` (H, W), where set, is the largest input a backend runs (a dynamic engine's profile).
 Backends that can pool quality inside the model also offer `forward_pooled(x, p, cores, maps, image)`.
 """
 

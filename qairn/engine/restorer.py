@@ -563,6 +563,12 @@ class Restorer:
             return self.backend.static_tile
         batch_pixels = self.tile_batch * AUTO_TILE**2  # what one batch of tiles holds anyway
         whole = n * h * w <= batch_pixels and not getattr(self.backend, "fixed_tile", False)
+        # A dynamic engine runs sizes up to its profile's largest only (2048 square by default): a
+        # 4000x200 image holds fewer pixels than a batch of tiles, but no such engine runs it whole.
+        largest = getattr(self.backend, "max_hw", None)
+        if largest is not None:
+            whole = whole and h <= largest[0] and w <= largest[1]
+            return None if whole else min(AUTO_TILE, *largest)
         return None if whole else AUTO_TILE
 
     def _run_plan(

@@ -186,6 +186,7 @@ class TrtRunner(Closing):
 class TrtBackend(Closing):
     fixed_tile = True
     closed = False
+    max_hw = None  # a dynamic engine's largest H, W: what tile="auto" may run whole
 
     def __init__(
         self,
@@ -287,7 +288,9 @@ class TrtBackend(Closing):
             self.fixed_tile = False
             if shape is None:  # tuned for the Restorer's default tiles, within max_shape
                 shape = DEFAULT_SHAPE if max_shape is None else tuple(map(min, DEFAULT_SHAPE, max_shape))
-            self.run = self._runner(check_shape(shape))
+            shape = check_shape(shape)
+            self.max_hw = tuple(profile_shapes(shape, True, max_shape)[2][2:])
+            self.run = self._runner(shape)
         else:
             self.run = FixedShapeRunner(self._runner, check_shape(shape) if shape is not None else None)
 
