@@ -923,6 +923,47 @@ def test_an_mp4_cut_inside_its_last_frame_is_damaged(restorer, tmp_path):
     assert s["notes"][-1] == f"{cut}: corrupt or truncated video near frame 7 (a packet cut short or damaged)"
 
 
+def damaged_ffv1(path, packet: int, frames: int = 8):
+    """An FFV1 .mkv of `frames` frames of 64x48 noise (one packet each, at 0.04 s steps) whose packet
+    number `packet` has its middle bytes scrambled: FFmpeg's decoder refuses it (Invalid data)."""
+    src = Path(str(path) + ".whole.mkv")
+    o = av.open(str(src), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    noise = np.random.default_rng(0).integers(0, 256, (frames, 48, 64, 3), dtype=np.uint8)
+    for i, rgb in enumerate(noise):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    with av.open(str(src)) as c:
+        pos, size = [(p.pos, p.size) for p in c.demux(video=0) if p.size][packet]
+    data = bytearray(src.read_bytes())
+    middle = slice(pos + size // 4, pos + size * 3 // 4)
+    data[middle] = bytes(b ^ 0x5A for b in data[middle])
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+def test_a_packet_the_decoder_refuses_is_skipped_with_a_warning(restorer, tmp_path):
+    """A damaged packet in the middle of the video ended the whole run ('corrupt or truncated video near
+    frame 4'), where the damage the decoder conceals or the demuxer flags is a warning. The packet is
+    now skipped with one warning naming the file and its time (with frame threads FFmpeg reports it at a
+    later packet); --strict fails on it."""
+    src = damaged_ffv1(tmp_path / "bad.mkv", packet=4)
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert s["frames"] == 7 and len(decode(tmp_path / "o.mkv")[0]) == 7
+    said = [n for n in s["notes"] if "could not decode" in n]
+    assert said == [
+        f"{src}: skipped 1 video packet the decoder could not decode "
+        "(first at 0.160 s: Invalid data found when processing input)"
+    ], s["notes"]
+    with pytest.raises(VideoError, match=r"bad\.mkv: skipped 1 video packet .* \(--strict\)$"):
+        transcode(restorer, src, tmp_path / "p.mkv", VideoOptions(write_quality=False, strict=True))
+    assert not (tmp_path / "p.mkv").exists() and leftovers(tmp_path) == []
+
+
 def test_pyav_logging_is_off_again_after_a_damaged_input(restorer, tmp_path):
     """The output is set up with PyAV's logging on (for FFmpeg's reasons in errors); set off again while
     decoder threads logged the damage, a thread inside PyAV's callback compared its level with None and

@@ -570,7 +570,7 @@ class VideoOptions:
     range: str | None = None
     progress: bool = False
     strict: bool = (
-        False  # damaged input (decoder-flagged frames, a cut packet, fewer frames than the header says)
+        False  # damaged input (decoder-flagged frames, a cut or refused packet, fewer frames than counted)
     )
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
 
@@ -704,13 +704,18 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
     """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
     pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
-    list's pre-roll frames are demuxed and decoded, but not shown)."""
+    list's pre-roll frames are demuxed and decoded, but not shown).
+    counts["lost"]: the times (s, or None) of packets the decoder refused, which are skipped, and
+    counts["lost_reason"] its first error."""
     import av
 
     copy_ids = {s.index for s in copied}
     index = 0
     reorder = inp.format.name in DECODE_ORDER_FORMATS
-    times: list = []  # (reorder) the packet times no frame has taken yet
+    # The packet times no frame has taken yet. A frame-threaded decoder reports a damaged packet at a
+    # later one (0.24 s for 0.16 s): the earliest time left is the one lost.
+    times: list = []
+    lost = counts.setdefault("lost", [])
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
@@ -723,11 +728,24 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 # drops it without an error, so this flag is the one sign of the damage.
                 if packet.is_corrupt and "damaged" not in counts:
                     counts["damaged"] = counts["packets"] - 1
-                if reorder and packet.pts is not None:
+                if packet.pts is not None:
                     heapq.heappush(times, packet.pts)
-            for frame in packet.decode():
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
+                pts = heapq.heappop(times) if times else None
+                lost.append(None if pts is None else float(pts * vstream.time_base))
+                counts.setdefault("lost_reason", _msg(e))
+                continue
+            for frame in frames:
                 if reorder:  # frames come out in display order: each takes the earliest time left
                     frame.pts = heapq.heappop(times) if times else None
+                elif frame.pts is None:
+                    if times:
+                        heapq.heappop(times)
+                else:  # it takes its own time, and those before it (pre-roll an edit list hides)
+                    while times and times[0] <= frame.pts:
+                        heapq.heappop(times)
                 yield frame
                 index += 1
     except av.FFmpegError as e:
@@ -1281,7 +1299,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: corrupt or truncated video near frame {damaged} (a packet cut short or damaged)"
             )
-        if opts.strict and (corrupt or short or damaged is not None):
+        lost = counts["lost"]
+        if lost:
+            where = "" if lost[0] is None else f" at {lost[0]:.3f} s"
+            notes.append(
+                f"{src}: skipped {counted(len(lost), 'video packet')} the decoder could not decode "
+                f"(first{where}: {counts['lost_reason']})"
+            )
+        if opts.strict and (corrupt or short or damaged is not None or lost):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
@@ -1543,8 +1568,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, packets the "
-        "demuxer flags as cut short or damaged, or fewer frames (or, where it keeps no count, less time) "
-        "than the header says; by default these are warnings",
+        "demuxer flags as cut short or damaged, packets the decoder refuses (skipped), or fewer frames "
+        "(or, where it keeps no count, less time) than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
