@@ -964,6 +964,22 @@ def test_a_packet_the_decoder_refuses_is_skipped_with_a_warning(restorer, tmp_pa
     assert not (tmp_path / "p.mkv").exists() and leftovers(tmp_path) == []
 
 
+def test_a_damaged_last_packet_is_not_lost_unsaid(restorer, tmp_path):
+    """Frame threads drop a damaged last packet without an error (one elsewhere gives an error, at a
+    later packet): 7 frames of 8 came out with no warning, and --strict passed. The packet times left
+    with no frame when the decoder is drained are the skipped packets; the error, where the decoder
+    gives one (without frame threads), is said instead."""
+    src = damaged_ffv1(tmp_path / "bad.mkv", packet=7)
+    s = transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False))
+    said = [n for n in s["notes"] if "could not decode" in n]
+    assert s["frames"] == 7 and len(said) == 1, s["notes"]
+    assert said[0].startswith(
+        f"{src}: skipped 1 video packet the decoder could not decode (first at 0.280 s: "
+    )
+    with pytest.raises(VideoError, match=r"skipped 1 video packet .* \(--strict\)$"):
+        transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False, strict=True))
+
+
 def test_pyav_logging_is_off_again_after_a_damaged_input(restorer, tmp_path):
     """The output is set up with PyAV's logging on (for FFmpeg's reasons in errors); set off again while
     decoder threads logged the damage, a thread inside PyAV's callback compared its level with None and

@@ -705,8 +705,8 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
     pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
     list's pre-roll frames are demuxed and decoded, but not shown).
-    counts["lost"]: the times (s, or None) of packets the decoder refused, which are skipped, and
-    counts["lost_reason"] its first error."""
+    counts["lost"]: the times (s, or None) of packets the decoder refused or gave no frame for, which
+    are skipped, and counts["lost_reason"] the first error."""
     import av
 
     copy_ids = {s.index for s in copied}
@@ -716,6 +716,7 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
     # later one (0.24 s for 0.16 s): the earliest time left is the one lost.
     times: list = []
     lost = counts.setdefault("lost", [])
+    flagged = set()  # times of the packets the demuxer flagged (said by counts["damaged"] already)
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
@@ -728,14 +729,17 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 # drops it without an error, so this flag is the one sign of the damage.
                 if packet.is_corrupt and "damaged" not in counts:
                     counts["damaged"] = counts["packets"] - 1
-                if packet.pts is not None:
+                if packet.is_corrupt and packet.pts is not None:
+                    flagged.add(packet.pts)
+                if packet.pts is not None and not getattr(packet, "is_discard", False):  # (not shown)
                     heapq.heappush(times, packet.pts)
             try:
                 frames = packet.decode()
             except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
                 pts = heapq.heappop(times) if times else None
-                lost.append(None if pts is None else float(pts * vstream.time_base))
-                counts.setdefault("lost_reason", _msg(e))
+                if pts not in flagged:
+                    lost.append(None if pts is None else float(pts * vstream.time_base))
+                    counts.setdefault("lost_reason", _msg(e))
                 continue
             for frame in frames:
                 if reorder:  # frames come out in display order: each takes the earliest time left
@@ -748,6 +752,12 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                         heapq.heappop(times)
                 yield frame
                 index += 1
+        # Frame threads drop a damaged last packet with no error (a damaged one elsewhere gives one at
+        # a later packet): its time is left when the decoder is drained.
+        left = [float(pts * vstream.time_base) for pts in sorted(times) if pts not in flagged]
+        if left:
+            lost += left
+            counts.setdefault("lost_reason", "no frame came out of it")
     except av.FFmpegError as e:
         raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
 
