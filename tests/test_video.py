@@ -994,6 +994,35 @@ def test_pyav_logging_is_off_again_after_a_damaged_input(restorer, tmp_path):
     assert av.logging.get_level() is None
 
 
+def ffmpeg_log_level():
+    """FFmpeg's own log level (av_log_get_level: PyAV sets it but does not read it), looked up through
+    PyAV's logging module (OpenCV loads a libavutil of its own); None where it cannot be."""
+    import ctypes
+
+    try:
+        return int(ctypes.CDLL(av.logging.__file__).av_log_get_level())
+    except (OSError, AttributeError):
+        return None
+
+
+def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
+    """FFmpeg's log level is muted while the decoder's threads may log, then set back once the input is
+    closed: it was set to INFO, FFmpeg's default, whatever level the caller had set."""
+    if ffmpeg_log_level() is None:
+        pytest.skip("FFmpeg's av_log_get_level cannot be looked up through PyAV's module here")
+    av.logging.set_libav_level(av.logging.WARNING)
+    try:
+        assert ffmpeg_log_level() == av.logging.WARNING
+        transcode(restorer, clip, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+        assert ffmpeg_log_level() == av.logging.WARNING and av.logging.get_level() is None
+        av.logging.set_libav_level(av.logging.ERROR)
+        with pytest.raises(VideoError):
+            transcode(restorer, clip, tmp_path / "o.y4m", VideoOptions(write_quality=False, pix_fmt="pal8"))
+        assert ffmpeg_log_level() == av.logging.ERROR
+    finally:
+        av.logging.set_libav_level(av.logging.INFO)
+
+
 def test_y4m_output_without_options_from_packed_and_10_bit_sources(restorer, frames_rgb, tmp_path):
     # Y4M holds raw planar frames only: its default codec is rawvideo, its format the planar one.
     for name, codec, pix_fmt, tag in (

@@ -691,13 +691,29 @@ def _ffmpeg_reasons():
             av.logging.set_level(old)
 
 
-def _logging_back(old) -> None:
-    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then), once no decoder is left."""
+def _logging_back(old, old_libav: int | None) -> None:
+    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then; old_libav: FFmpeg's, from
+    _libav_level, None for unknown), once no decoder is left."""
     import av.logging
 
     if old is None and av.logging.get_level() is not None:
         av.logging.set_level(None)
-        av.logging.set_libav_level(av.logging.INFO)  # FFmpeg's default, which PyAV leaves as it is
+        # (unknown: FFmpeg's default, INFO)
+        av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
+
+
+def _libav_level() -> int | None:
+    """FFmpeg's own log level, which _ffmpeg_reasons mutes: PyAV sets it but cannot read it, so it is read
+    through PyAV's own logging module (its symbols include those of the libavutil it was linked with; OpenCV
+    loads another one); None where that cannot be done."""
+    import ctypes
+
+    import av.logging
+
+    try:
+        return int(ctypes.CDLL(av.logging.__file__).av_log_get_level())
+    except (OSError, AttributeError):
+        return None
 
 
 def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
@@ -1131,7 +1147,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts)
-    log_level = av.logging.get_level()  # (set back by _logging_back, once the decoder is closed)
+    # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
+    log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src)
     out = tmp = None
     try:
@@ -1358,7 +1375,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         inp.close()
-        _logging_back(log_level)
+        _logging_back(*log_levels)
 
 
 class _Durations:
