@@ -2245,3 +2245,12 @@ def test_qairn_video_refuses_a_bad_bitrate_or_crf_as_a_usage_error(tmp_path, cap
     assert e.value.code == 2 and says in err, err
     ok = build_parser().parse_args(["in.mp4", "out.mp4", "--crf", "0", "--bitrate", "500000"])
     assert (ok.crf, ok.bitrate) == (0.0, 500000)
+
+
+@pytest.mark.parametrize("bitrate", [0, -5])
+def test_video_options_refuse_a_bitrate_under_1(bitrate):
+    """VideoOptions(bitrate=0) fell back to the CRF without a word (-5 reached the encoder), where
+    `qairn video --bitrate 0` is refused."""
+    with pytest.raises(ValueError, match=rf"^bitrate is bits per second, 1 or more .*, got {bitrate}; "):
+        VideoOptions(bitrate=bitrate)
+    assert VideoOptions(bitrate=1).bitrate == 1 and VideoOptions().bitrate is None

@@ -574,6 +574,14 @@ class VideoOptions:
     )
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
 
+    def __post_init__(self):
+        # 0 fell back to the CRF without a word (as --bitrate 0 did), and -5 reached the encoder.
+        if self.bitrate is not None and not self.bitrate >= 1:
+            raise ValueError(
+                f"bitrate is bits per second, 1 or more (e.g. 2000000), got {self.bitrate}; "
+                "None for constant quality (crf)"
+            )
+
 
 def default_codec() -> str:
     import av
