@@ -1268,17 +1268,14 @@ def test_the_bit_depth_note_says_what_is_written(restorer, tmp_path):
         ]
 
 
-def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):
-    """Subtitle streams were dropped without a word: a Matroska film with SRT subtitles came out of
-    .mkv without them. They are now copied as the audio is (same packets, same times, language kept);
-    a container that cannot hold them (.mp4 takes only mov_text) drops them with a note."""
-    o = av.open(str(tmp_path / "subs.mkv"), "w")
+def srt_clip(path, frames_rgb, cues=((0, b"Hello"), (40, b"there"))):
+    """A 3-frame 64x48 FFV1 .mkv with an English SRT track of `cues` ((ms, text), 40 ms each)."""
+    o = av.open(str(path), "w")
     v = o.add_stream("ffv1", rate=25)
     v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
     sub = o.add_mux_stream("subrip")
     sub.metadata["language"] = "eng"
     sub.time_base = Fraction(1, 1000)
-    cues = [(0, b"Hello"), (40, b"there")]
     for i in range(3):
         f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames_rgb[i][:48, :64]), format="rgb24")
         f = f.reformat(format="yuv420p")
@@ -1291,19 +1288,66 @@ def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rg
             o.mux(p)
     o.mux(v.encode(None))
     o.close()
+    return Path(path)
 
-    def cues_of(path):
-        with av.open(str(path)) as c:
-            langs = [s.language for s in c.streams.subtitles]
-            return langs, [(float(p.pts * p.time_base), bytes(p)) for p in c.demux(subtitles=0) if p.size]
 
-    s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
-    assert cues_of(tmp_path / "o.mkv") == (["eng"], [(0.0, b"Hello"), (0.04, b"there")])
+def subtitle_cues(path):
+    """(codec, language) of each subtitle stream, and (start s, length s, bytes) of the first one's cues."""
+    with av.open(str(path)) as c:
+        streams = [(s.codec_context.name, s.language) for s in c.streams.subtitles]
+        cues = [
+            (float(p.pts * p.time_base), float(p.duration * p.time_base), bytes(p))
+            for p in c.demux(subtitles=0)
+            if p.size
+        ]
+    return streams, cues
+
+
+def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):
+    """Subtitle streams were dropped without a word: a Matroska film with SRT subtitles came out of
+    .mkv without them. They are now copied as the audio is (same packets, same times, language kept);
+    a container that cannot hold them (.avi holds none) drops them with a note."""
+    src = srt_clip(tmp_path / "subs.mkv", frames_rgb)
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert subtitle_cues(tmp_path / "o.mkv") == (
+        [("srt", "eng")],
+        [(0.0, 0.04, b"Hello"), (0.04, 0.04, b"there")],
+    )
     assert not any("cannot hold" in n for n in s["notes"]) and len(decode(tmp_path / "o.mkv")[0]) == 3
-    s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
-    assert any(".mp4 cannot hold srt subtitles: 1 stream dropped" in n for n in s["notes"]), s["notes"]
-    with av.open(str(tmp_path / "o.mp4")) as c:
+    s = transcode(restorer, src, tmp_path / "o.avi", VideoOptions(write_quality=False))
+    said = [n for n in s["notes"] if "subtitles" in n.split(": ", 1)[1]]
+    assert said == [f"{src}: .avi cannot hold srt subtitles: 1 stream dropped"], s["notes"]
+    with av.open(str(tmp_path / "o.avi")) as c:
         assert [st.type for st in c.streams] == ["video"]
+
+
+@pytest.mark.parametrize(
+    "source, ext, expected",
+    [
+        ("srt", ".mp4", ("mov_text", [b"\0\5Hello", b"\0\5there"])),
+        ("srt", ".mov", ("mov_text", [b"\0\5Hello", b"\0\5there"])),
+        ("srt", ".webm", ("webvtt", [b"Hello", b"there"])),
+        ("mov_text", ".webm", ("webvtt", [b"Hello", b"there"])),
+    ],
+)
+def test_text_subtitles_are_written_in_the_containers_own_format(
+    restorer, frames_rgb, tmp_path, source, ext, expected
+):
+    """Only mov_text into .mkv was converted: SRT into .mp4 or .mov and SRT or mov_text into .webm were
+    dropped ('.mp4 cannot hold srt subtitles: 1 stream dropped'). Text subtitles are now decoded and
+    written again as mov_text (MP4, MOV) or WebVTT (WebM), each cue at its own times, language kept."""
+    if ext == ".webm" and "libvpx-vp9" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libvpx-vp9 (WebM's default encoder)")
+    if source == "srt":
+        src = srt_clip(tmp_path / "s.mkv", frames_rgb)
+    else:
+        src = mov_text_clip(tmp_path / "s.mp4", [b"\0\5Hello", b"\0\5there"])
+    s = transcode(restorer, src, tmp_path / f"o{ext}", VideoOptions(write_quality=False))
+    assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
+    streams, cues = subtitle_cues(tmp_path / f"o{ext}")
+    codec, texts = expected
+    assert streams == [(codec, "eng" if source == "srt" else None)]
+    assert cues == [(0.0, 0.04, texts[0]), (0.04, 0.04, texts[1])]
 
 
 def test_dv_and_other_chroma_layouts_are_bit_exact(restorer, frames_rgb, tmp_path):

@@ -366,8 +366,13 @@ SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif", ".webm": "libvpx-vp9"}
 # index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
-# Text subtitles a container refuses (MP4's mov_text in Matroska) are decoded and written again in its own.
-TEXT_SUBTITLE_ENCODERS = {"matroska": "subrip"}
+# Text subtitles a container refuses (MP4's mov_text in Matroska, SRT in MP4, either in WebM) are decoded
+# and written again in its own format.
+TEXT_SUBTITLE_ENCODERS = {
+    "matroska": "subrip",
+    "webm": "webvtt",
+    **dict.fromkeys(("mp4", "mov", "ipod", "3gp", "3g2"), "mov_text"),
+}
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -1045,7 +1050,8 @@ def _open_output(
 
 def _text_subtitle_stream(out, s):
     """An output stream writing the text subtitles of s in the container's own text format (mov_text into
-    Matroska: SRT, styles kept as <b>, <i>, <font color>); ValueError where there is none or s is bitmaps.
+    Matroska: SRT, styles kept as <b>, <i>, <font color>; SRT into MP4: mov_text; either into WebM:
+    WebVTT); ValueError where there is none or s is bitmaps.
     The source's decoder is opened here: its ASS header (styles) is what the encoder starts from."""
     encoder = TEXT_SUBTITLE_ENCODERS.get(out.format.name)
     if encoder is None or not s.codec_context.codec.text_sub:
