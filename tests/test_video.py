@@ -2127,6 +2127,24 @@ def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
     assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]
 
 
+def test_a_damaged_subtitle_cue_is_skipped_with_a_warning(restorer, tmp_path):
+    """A text cue the subtitle decoder refuses (here a 1-byte mov_text cue) ended the whole run when the
+    subtitles were converted (mov_text into .mkv), as 'o.mkv: Invalid data found when processing input',
+    naming neither the source nor the subtitles. The cue is skipped with one warning, as a damaged video
+    packet is; --strict fails on it."""
+    src = mov_text_clip(tmp_path / "s.mp4", [b"\0\5Hello", b"\xff", b"\0\5there"])
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert [c[2] for c in subtitle_cues(tmp_path / "o.mkv")[1]] == [b"Hello", b"there"]
+    said = [n for n in s["notes"] if "subtitle" in n.split(": ", 1)[1]]
+    assert said == [
+        f"{src}: skipped 1 subtitle cue that could not be read "
+        "(first at 0.040 s: Invalid data found when processing input)"
+    ], s["notes"]
+    with pytest.raises(VideoError, match=r"s\.mp4: skipped 1 subtitle cue .* \(--strict\)$"):
+        transcode(restorer, src, tmp_path / "p.mkv", VideoOptions(write_quality=False, strict=True))
+    assert not (tmp_path / "p.mkv").exists() and leftovers(tmp_path) == []
+
+
 def test_score_only_skips_the_picture_and_scores_the_same(restorer, clip, tmp_path, monkeypatch):
     """--score-only ran the whole network, tail, tile blend and crop included, for a picture it dropped:
     it now asks restore_tensor for the quality only (image=False), which gives the same numbers."""

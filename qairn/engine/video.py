@@ -1064,13 +1064,19 @@ def _text_subtitle_stream(out, s):
     return o
 
 
-def _converted_subtitles(packet, stream) -> list:
+def _converted_subtitles(packet, stream, lost_cues: list) -> list:
     """A text subtitle packet decoded and encoded again by `stream` (_text_subtitle_stream), at the packet's
-    own times; none for an empty cue (mov_text marks a gap with one)."""
+    own times; none for an empty cue (mov_text marks a gap with one), nor for one the decoder refuses,
+    which is added to lost_cues as (time in s, reason)."""
+    import av
     from av.subtitles.subtitle import SubtitleSet
 
-    cues = packet.stream.codec_context.decode2(packet) if packet.size else None
     pts = packet.pts if packet.pts is not None else packet.dts
+    try:  # a damaged cue ended the whole run
+        cues = packet.stream.codec_context.decode2(packet) if packet.size else None
+    except av.FFmpegError as e:
+        lost_cues.append((float(pts * packet.time_base), _msg(e)))
+        return []
     packets = []
     for cue in cues or ():
         p = stream.codec_context.encode_subtitle(
@@ -1187,6 +1193,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
         pending_audio: list = []
+        lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
         counts: dict = {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
@@ -1274,7 +1281,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                             timing.add(pts, duration)
                         last_pts = frame.pts
                         _mux(out, timing.timed(vs.encode(frame)), dst)
-                    _mux_audio(out, pending_audio, amap, dst)
+                    _mux_audio(out, pending_audio, amap, dst, lost_cues)
                 bar.update(1)
             # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
             # the bar ends at the frames decoded, redrawn where it was shown at all.
@@ -1285,6 +1292,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
+        if out is not None:  # the encoder's last frames, and the rest of the audio and subtitles
+            _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
+            _mux_audio(out, pending_audio, amap, dst, lost_cues)
         notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note, data_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
@@ -1347,14 +1357,18 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 f"{src}: skipped {counted(len(lost), 'video packet')} the decoder could not decode "
                 f"(first{where}: {counts['lost_reason']})"
             )
-        if opts.strict and (corrupt or short or damaged is not None or lost):
+        if lost_cues:
+            t, reason = lost_cues[0]
+            notes.append(
+                f"{src}: skipped {counted(len(lost_cues), 'subtitle cue')} that could not be read "
+                f"(first at {t:.3f} s: {reason})"
+            )
+        if opts.strict and (corrupt or short or damaged is not None or lost or lost_cues):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
         trace = [] if csv_path is None else _quality_files(rows, csv_path, opts.plot, src.name)
         if out is not None:
-            _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
-            _mux_audio(out, pending_audio, amap, dst)
             out.close()
             out = None
             _publish(tmp, dst)
@@ -1470,14 +1484,15 @@ def _mux(out, packets, dst: Path) -> None:
         raise VideoError(f"{dst}: cannot write ({_msg(e)})") from None
 
 
-def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
+def _mux_audio(out, pending: list, amap: dict, dst: Path, lost_cues: list) -> None:
+    """Mux the queued packets of the copied streams; lost_cues: see _converted_subtitles."""
     while pending:
         packet = pending.pop(0)
         if packet.stream.index not in amap:  # a subtitle stream the container could not take
             continue
         stream = amap[packet.stream.index]
         if stream.codec_context.codec.id != packet.stream.codec_context.codec.id:  # text subtitles, converted
-            _mux(out, _converted_subtitles(packet, stream), dst)
+            _mux(out, _converted_subtitles(packet, stream, lost_cues), dst)
         else:
             packet.stream = stream
             _mux(out, packet, dst)
@@ -1609,8 +1624,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, packets the "
-        "demuxer flags as cut short or damaged, packets the decoder refuses (skipped), or fewer frames "
-        "(or, where it keeps no count, less time) than the header says; by default these are warnings",
+        "demuxer flags as cut short or damaged, packets the decoder refuses (skipped), subtitle cues that "
+        "cannot be read for conversion (skipped), or fewer frames (or, where it keeps no count, less "
+        "time) than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
