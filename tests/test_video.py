@@ -2204,6 +2204,33 @@ def test_qairn_video_refuses_bad_file_names_before_loading_the_model(clip, tmp_p
     assert taken.read_bytes() == b"keep"
 
 
+@pytest.mark.parametrize(
+    "codec, says",
+    [
+        ("nosuch", "--codec nosuch: this PyAV build has no such encoder"),
+        ("aac", "--codec aac: is an audio encoder, not a video one"),
+        ("subrip", "--codec subrip: is a subtitle encoder, not a video one"),
+    ],
+)
+def test_qairn_video_refuses_an_unknown_or_non_video_codec_before_loading_the_model(
+    clip, tmp_path, monkeypatch, capsys, codec, says
+):
+    """--codec nosuch was refused only after the model had loaded, as 'o.mkv: cannot encode with
+    'nosuch' (nosuch)'; --codec aac and --codec subrip ended in a traceback (TypeError: audio stream
+    `rate` must be: int | None; AttributeError: ... has no attribute 'width')."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    assert main(["--codec", codec, str(clip), str(tmp_path / "o.mkv")]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"qairn: error: {says}"]
+    with pytest.raises(VideoError, match=f"^{says}$"):
+        transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
     """A damaged variable-rate source with two frames at one time (pts 0, 0, 1, 2): MP4 and MOV refused
     the second ('o.mp4: cannot write (Invalid argument)'), Matroska kept both at 0 (one never shown).

@@ -1128,15 +1128,33 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
     return files
 
 
+def check_encoder(name: str) -> None:
+    """--codec names a video encoder of this PyAV build. An unknown one was refused only after the model
+    had loaded ("cannot encode with 'nosuch' (nosuch)"); an audio or subtitle one ended in a traceback."""
+    import av
+
+    try:
+        kind = av.Codec(name, "w").type
+    except ValueError:  # (UnknownCodecError)
+        raise VideoError(f"--codec {name}: this PyAV build has no such encoder") from None
+    if kind != "video":
+        raise VideoError(
+            f"--codec {name}: is {'an' if kind[0] in 'aeiou' else 'a'} {kind} encoder, not a video one"
+        )
+
+
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
-    """The checks of the file names alone (URLs, a missing or taken output, a trace over a video), done
-    before the model is loaded: a mistyped command fails at once. Returns (src, dst, csv_path)."""
+    """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
+    the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
+    (src, dst, csv_path)."""
     # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
             raise VideoError(f"{name}: is a URL; qairn video {verb} local files only")
     src = Path(src)
     dst = Path(dst) if dst is not None else None
+    if opts.codec is not None and not opts.score_only:
+        check_encoder(opts.codec)
     if not opts.score_only:
         if dst is None:
             raise VideoError("no output file given (use --score-only to write only the quality trace)")
