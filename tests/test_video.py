@@ -2231,6 +2231,30 @@ def test_qairn_video_refuses_an_unknown_or_non_video_codec_before_loading_the_mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_codec_option_the_encoder_does_not_have_is_refused(restorer, tmp_path):
+    """--codec-option nosuchopt=1 (or a typo: x264opt for x264opts) was ignored without a word, and the
+    video encoded as if it was not given. FFmpeg hands back the options an encoder did not take; one of
+    the user's is now an error, before any frame is restored. Options the encoder has still work."""
+    src = flat_clip(tmp_path / "s.mkv", range(2))
+    with pytest.raises(
+        VideoError, match=r"o\.mkv: libx264 has no option 'x264opt' \(--codec-option x264opt=ref=1\)$"
+    ):
+        transcode(
+            restorer,
+            src,
+            tmp_path / "o.mkv",
+            VideoOptions(write_quality=False, codec_options={"x264opt": "ref=1"}),
+        )
+    assert leftovers(tmp_path) == [] and not (tmp_path / "o.mkv").exists()
+    s = transcode(
+        restorer,
+        src,
+        tmp_path / "o.mkv",
+        VideoOptions(write_quality=False, codec_options={"g": "1", "x264opts": "ref=1"}),
+    )
+    assert s["frames"] == 2 and all(f.key_frame for f in decode(tmp_path / "o.mkv")[0])
+
+
 def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
     """A damaged variable-rate source with two frames at one time (pts 0, 0, 1, 2): MP4 and MOV refused
     the second ('o.mp4: cannot write (Invalid argument)'), Matroska kept both at 0 (one never shown).

@@ -1038,6 +1038,12 @@ def _open_output(
         raise VideoError(
             f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(error)})"
         ) from None
+    # FFmpeg hands back the options the encoder did not take: a mistyped --codec-option was ignored unsaid.
+    unused = [k for k in opts.codec_options if k in (cc.options or {})]
+    if unused:
+        out.close()
+        k = unused[0]
+        raise VideoError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={opts.codec_options[k]})")
     try:  # the muxer checks its streams as it writes the header: now, not after the first batch
         out.start_encoding()
     except av.FFmpegError as e:
