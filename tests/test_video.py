@@ -923,9 +923,10 @@ def test_an_mp4_cut_inside_its_last_frame_is_damaged(restorer, tmp_path):
     assert s["notes"][-1] == f"{cut}: corrupt or truncated video near frame 7 (a packet cut short or damaged)"
 
 
-def damaged_ffv1(path, packet: int, frames: int = 8):
+def damaged_ffv1(path, packet: int, frames: int = 8, scrambled=(0.25, 0.75)):
     """An FFV1 .mkv of `frames` frames of 64x48 noise (one packet each, at 0.04 s steps) whose packet
-    number `packet` has its middle bytes scrambled: FFmpeg's decoder refuses it (Invalid data)."""
+    number `packet` has its bytes from `scrambled[0]` to `scrambled[1]` of its size scrambled: FFmpeg's
+    decoder refuses it (Invalid data)."""
     src = Path(str(path) + ".whole.mkv")
     o = av.open(str(src), "w")
     s = o.add_stream("ffv1", rate=25)
@@ -940,8 +941,8 @@ def damaged_ffv1(path, packet: int, frames: int = 8):
     with av.open(str(src)) as c:
         pos, size = [(p.pos, p.size) for p in c.demux(video=0) if p.size][packet]
     data = bytearray(src.read_bytes())
-    middle = slice(pos + size // 4, pos + size * 3 // 4)
-    data[middle] = bytes(b ^ 0x5A for b in data[middle])
+    bad = slice(pos + int(size * scrambled[0]), pos + int(size * scrambled[1]))
+    data[bad] = bytes(b ^ 0x5A for b in data[bad])
     Path(path).write_bytes(bytes(data))
     return Path(path)
 
@@ -978,6 +979,19 @@ def test_a_damaged_last_packet_is_not_lost_unsaid(restorer, tmp_path):
     )
     with pytest.raises(VideoError, match=r"skipped 1 video packet .* \(--strict\)$"):
         transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False, strict=True))
+
+
+def test_a_video_whose_one_packet_cannot_be_decoded_says_so(restorer, tmp_path):
+    """A one-frame video whose packet the decoder refuses said 'the video stream has no frames' (since
+    refused packets are skipped; before, 'corrupt or truncated video near frame 0'), as if it were empty.
+    It now says the frames could not be decoded, and why."""
+    src = damaged_ffv1(tmp_path / "bad.mkv", packet=0, frames=1, scrambled=(0.125, 1))
+    with pytest.raises(VideoError) as e:
+        transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False))
+    assert str(e.value).startswith(
+        f"{src}: no frame could be decoded: skipped 1 video packet the decoder could not decode "
+        "(first at 0.000 s: "
+    ), e.value
 
 
 def test_pyav_logging_is_off_again_after_a_damaged_input(restorer, tmp_path):

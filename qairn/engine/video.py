@@ -1222,6 +1222,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
         first = next(frames, None)
+        if first is None and counts["lost"]:  # (it is not empty: "has no frames" said it was)
+            raise VideoError(f"{src}: no frame could be decoded: {_lost_packets(counts)}")
         if first is None:
             raise VideoError(f"{src}: the video stream has no frames")
         work_fmt = work_format(first.format)
@@ -1376,11 +1378,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             )
         lost = counts["lost"]
         if lost:
-            where = "" if lost[0] is None else f" at {lost[0]:.3f} s"
-            notes.append(
-                f"{src}: skipped {counted(len(lost), 'video packet')} the decoder could not decode "
-                f"(first{where}: {counts['lost_reason']})"
-            )
+            notes.append(f"{src}: {_lost_packets(counts)}")
         if lost_cues:
             t, reason = lost_cues[0]
             notes.append(
@@ -1428,6 +1426,16 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             tmp.unlink(missing_ok=True)
         inp.close()
         _logging_back(*log_levels)
+
+
+def _lost_packets(counts: dict) -> str:
+    """What _decode's counts say of the packets the decoder refused (or gave no frame for)."""
+    lost = counts["lost"]
+    where = "" if lost[0] is None else f" at {lost[0]:.3f} s"
+    return (
+        f"skipped {counted(len(lost), 'video packet')} the decoder could not decode "
+        f"(first{where}: {counts['lost_reason']})"
+    )
 
 
 class _Durations:
