@@ -338,9 +338,11 @@ def test_odd_size_with_h264_is_a_clear_error_or_444(restorer, frames_rgb, tmp_pa
     with pytest.raises(VideoError, match=r"75x47 yuv420p .*--pix-fmt yuv444p"):
         transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(plot=False))
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.mp4").exists()
-    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range).
+    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range, given as
+    # x264's own option: VideoOptions refuses crf=-5).
     with pytest.raises(VideoError) as e:
-        transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", crf=-5, plot=False))
+        opts = VideoOptions(pix_fmt="yuv444p", codec_options={"crf": "-5"}, plot=False)
+        transcode(restorer, src, tmp_path / "o.mp4", opts)
     assert "75x47 yuv444p" in str(e.value) and "even sizes" not in str(e.value)
     s = transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", plot=False))
     assert s["frames"] == 2 and decode(tmp_path / "o.mp4")[0][0].format.name == "yuv444p"
@@ -2372,6 +2374,16 @@ def test_qairn_video_refuses_a_bad_bitrate_or_crf_as_a_usage_error(tmp_path, cap
     assert e.value.code == 2 and says in err, err
     ok = build_parser().parse_args(["in.mp4", "out.mp4", "--crf", "0", "--bitrate", "500000"])
     assert (ok.crf, ok.bitrate) == (0.0, 500000)
+
+
+@pytest.mark.parametrize("crf", [float("nan"), float("inf"), -3])
+def test_video_options_refuse_a_crf_that_is_not_a_number_0_or_more(crf):
+    """VideoOptions(crf=nan) with an MPEG-4 encoder ended in 'cannot convert float NaN to integer' (inf:
+    an OverflowError), and crf=-30 was taken as quantiser 2 without a word; `qairn video --crf` refuses
+    these. (x264 refused them in its own words.)"""
+    with pytest.raises(ValueError, match=rf"^crf is a number, 0 or more \(default 18\), got {crf}$"):
+        VideoOptions(crf=crf)
+    assert VideoOptions(crf=0).crf == 0
 
 
 @pytest.mark.parametrize("bitrate", [0, -5])

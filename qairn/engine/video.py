@@ -580,6 +580,9 @@ class VideoOptions:
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
 
     def __post_init__(self):
+        # As --crf: nan ended in a bare "cannot convert float NaN to integer" for MPEG-4, -30 was q 2.
+        if not 0 <= self.crf < float("inf"):
+            raise ValueError(f"crf is a number, 0 or more (default 18), got {self.crf}")
         # 0 fell back to the CRF without a word (as --bitrate 0 did), and -5 reached the encoder.
         if self.bitrate is not None and not self.bitrate >= 1:
             raise ValueError(
