@@ -10,9 +10,12 @@ restores each frame in its own Y'CbCr format (matrix and range from the stream's
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
 timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1; HDR10+ and
 Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspect ratio and field
-order, copies the audio and subtitle streams, cover pictures and attachments (fonts) where the
-container holds them, and writes a per-frame quality trace
+order, copies the audio and subtitle streams (text subtitles are converted to the container's own
+SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
+where the container holds them, and writes a per-frame quality trace
 (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+A damaged input (frames the decoder flags, packets it refuses, a file cut short) is restored as far as
+it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
