@@ -926,10 +926,10 @@ def test_an_mp4_cut_inside_its_last_frame_is_damaged(restorer, tmp_path):
 
 
 def damaged_ffv1(path, packet: int, frames: int = 8, scrambled=(0.25, 0.75)):
-    """An FFV1 .mkv of `frames` frames of 64x48 noise (one packet each, at 0.04 s steps) whose packet
-    number `packet` has its bytes from `scrambled[0]` to `scrambled[1]` of its size scrambled: FFmpeg's
-    decoder refuses it (Invalid data)."""
-    src = Path(str(path) + ".whole.mkv")
+    """An FFV1 video (in path's container) of `frames` frames of 64x48 noise (one packet each, at 0.04 s
+    steps) whose packet number `packet` has its bytes from `scrambled[0]` to `scrambled[1]` of its size
+    scrambled: FFmpeg's decoder refuses it (Invalid data)."""
+    src = Path(f"{path}.whole{Path(path).suffix}")
     o = av.open(str(src), "w")
     s = o.add_stream("ffv1", rate=25)
     s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
@@ -949,20 +949,23 @@ def damaged_ffv1(path, packet: int, frames: int = 8, scrambled=(0.25, 0.75)):
     return Path(path)
 
 
-def test_a_packet_the_decoder_refuses_is_skipped_with_a_warning(restorer, tmp_path):
+@pytest.mark.parametrize("ext", [".mkv", ".avi"])
+def test_a_packet_the_decoder_refuses_is_skipped_with_a_warning(restorer, tmp_path, ext):
     """A damaged packet in the middle of the video ended the whole run ('corrupt or truncated video near
     frame 4'), where the damage the decoder conceals or the demuxer flags is a warning. The packet is
     now skipped with one warning naming the file and its time (with frame threads FFmpeg reports it at a
-    later packet); --strict fails on it."""
-    src = damaged_ffv1(tmp_path / "bad.mkv", packet=4)
+    later packet); --strict fails on it. The frames after it keep their times (an AVI's frames take the
+    packet times in order: the skipped packet's time goes with it)."""
+    src = damaged_ffv1(tmp_path / f"bad{ext}", packet=4)
     s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
-    assert s["frames"] == 7 and len(decode(tmp_path / "o.mkv")[0]) == 7
+    times = [round(float(f.pts * f.time_base), 3) for f in decode(tmp_path / "o.mkv")[0]]
+    assert s["frames"] == 7 and times == [0, 0.04, 0.08, 0.12, 0.2, 0.24, 0.28]
     said = [n for n in s["notes"] if "could not decode" in n]
     assert said == [
         f"{src}: skipped 1 video packet the decoder could not decode "
         "(first at 0.160 s: Invalid data found when processing input)"
     ], s["notes"]
-    with pytest.raises(VideoError, match=r"bad\.mkv: skipped 1 video packet .* \(--strict\)$"):
+    with pytest.raises(VideoError, match=rf"bad\{ext}: skipped 1 video packet .* \(--strict\)$"):
         transcode(restorer, src, tmp_path / "p.mkv", VideoOptions(write_quality=False, strict=True))
     assert not (tmp_path / "p.mkv").exists() and leftovers(tmp_path) == []
 
