@@ -2274,6 +2274,19 @@ def test_a_codec_option_the_encoder_does_not_have_is_refused(restorer, tmp_path)
     assert s["frames"] == 2 and all(f.key_frame for f in decode(tmp_path / "o.mkv")[0])
 
 
+@pytest.mark.parametrize("ext", [".avi", ".mkv"])
+def test_mjpeg_output_of_a_limited_range_source_is_written_full_range(restorer, tmp_path, ext):
+    """--codec mjpeg (an MJPEG .avi) of any ordinary limited-range source failed: 'mjpeg cannot encode
+    64x48 yuv420p (Invalid argument: Non full-range YUV is non-standard, ...)'. MJPEG writes full-range
+    Y'CbCr (yuvj), to which the frames are now converted: the picture keeps its levels."""
+    src = flat_clip(tmp_path / "s.mkv", range(3), step=100)
+    s = transcode(restorer, src, tmp_path / f"o{ext}", VideoOptions(codec="mjpeg", write_quality=False))
+    out = decode(tmp_path / f"o{ext}")[0]
+    assert s["pix_fmt"] == out[0].format.name == "yuvj420p" and int(out[0].color_range) == 2
+    levels = [f.to_ndarray(format="rgb24").mean() for f in out]
+    assert np.allclose(levels, [f.to_ndarray(format="rgb24").mean() for f in decode(src)[0]], atol=2), levels
+
+
 def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
     """A damaged variable-rate source with two frames at one time (pts 0, 0, 1, 2): MP4 and MOV refused
     the second ('o.mp4: cannot write (Invalid argument)'), Matroska kept both at 0 (one never shown).

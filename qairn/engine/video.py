@@ -871,6 +871,11 @@ def _open_output(
         # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
         candidates += [f for f in FALLBACK_FORMATS if f in supported]
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
+        # MJPEG refuses limited-range Y'CbCr ("Non full-range YUV is non-standard"): an MJPEG .avi of any
+        # ordinary source failed. Its full-range twin (yuvj) keeps the levels; swscale converts.
+        twin = f"yuvj{pix_fmt[3:]}"  # (yuv420p: yuvj420p)
+        if vs.codec_context.name == "mjpeg" and color[1] == "limited" and twin in supported:
+            pix_fmt = twin
         depth = max(c.bits for c in av.VideoFormat(pix_fmt).components)  # gray10le, p010le: 10
         if pix_fmt in PALETTE_FORMATS:
             notes.append(
