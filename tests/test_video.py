@@ -338,9 +338,11 @@ def test_odd_size_with_h264_is_a_clear_error_or_444(restorer, frames_rgb, tmp_pa
     with pytest.raises(VideoError, match=r"75x47 yuv420p .*--pix-fmt yuv444p"):
         transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(plot=False))
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.mp4").exists()
-    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range).
+    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range, given as
+    # x264's own option: VideoOptions refuses crf=-5).
     with pytest.raises(VideoError) as e:
-        transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", crf=-5, plot=False))
+        opts = VideoOptions(pix_fmt="yuv444p", codec_options={"crf": "-5"}, plot=False)
+        transcode(restorer, src, tmp_path / "o.mp4", opts)
     assert "75x47 yuv444p" in str(e.value) and "even sizes" not in str(e.value)
     s = transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", plot=False))
     assert s["frames"] == 2 and decode(tmp_path / "o.mp4")[0][0].format.name == "yuv444p"
@@ -923,6 +925,80 @@ def test_an_mp4_cut_inside_its_last_frame_is_damaged(restorer, tmp_path):
     assert s["notes"][-1] == f"{cut}: corrupt or truncated video near frame 7 (a packet cut short or damaged)"
 
 
+def damaged_ffv1(path, packet: int, frames: int = 8, scrambled=(0.25, 0.75)):
+    """An FFV1 video (in path's container) of `frames` frames of 64x48 noise (one packet each, at 0.04 s
+    steps) whose packet number `packet` has its bytes from `scrambled[0]` to `scrambled[1]` of its size
+    scrambled: FFmpeg's decoder refuses it (Invalid data)."""
+    src = Path(f"{path}.whole{Path(path).suffix}")
+    o = av.open(str(src), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    noise = np.random.default_rng(0).integers(0, 256, (frames, 48, 64, 3), dtype=np.uint8)
+    for i, rgb in enumerate(noise):
+        f = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    with av.open(str(src)) as c:
+        pos, size = [(p.pos, p.size) for p in c.demux(video=0) if p.size][packet]
+    data = bytearray(src.read_bytes())
+    bad = slice(pos + int(size * scrambled[0]), pos + int(size * scrambled[1]))
+    data[bad] = bytes(b ^ 0x5A for b in data[bad])
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
+@pytest.mark.parametrize("ext", [".mkv", ".avi"])
+def test_a_packet_the_decoder_refuses_is_skipped_with_a_warning(restorer, tmp_path, ext):
+    """A damaged packet in the middle of the video ended the whole run ('corrupt or truncated video near
+    frame 4'), where the damage the decoder conceals or the demuxer flags is a warning. The packet is
+    now skipped with one warning naming the file and its time (with frame threads FFmpeg reports it at a
+    later packet); --strict fails on it. The frames after it keep their times (an AVI's frames take the
+    packet times in order: the skipped packet's time goes with it)."""
+    src = damaged_ffv1(tmp_path / f"bad{ext}", packet=4)
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    times = [round(float(f.pts * f.time_base), 3) for f in decode(tmp_path / "o.mkv")[0]]
+    assert s["frames"] == 7 and times == [0, 0.04, 0.08, 0.12, 0.2, 0.24, 0.28]
+    said = [n for n in s["notes"] if "could not decode" in n]
+    assert said == [
+        f"{src}: skipped 1 video packet the decoder could not decode "
+        "(first at 0.160 s: Invalid data found when processing input)"
+    ], s["notes"]
+    with pytest.raises(VideoError, match=rf"bad\{ext}: skipped 1 video packet .* \(--strict\)$"):
+        transcode(restorer, src, tmp_path / "p.mkv", VideoOptions(write_quality=False, strict=True))
+    assert not (tmp_path / "p.mkv").exists() and leftovers(tmp_path) == []
+
+
+def test_a_damaged_last_packet_is_not_lost_unsaid(restorer, tmp_path):
+    """Frame threads drop a damaged last packet without an error (one elsewhere gives an error, at a
+    later packet): 7 frames of 8 came out with no warning, and --strict passed. The packet times left
+    with no frame when the decoder is drained are the skipped packets; the error, where the decoder
+    gives one (without frame threads), is said instead."""
+    src = damaged_ffv1(tmp_path / "bad.mkv", packet=7)
+    s = transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False))
+    said = [n for n in s["notes"] if "could not decode" in n]
+    assert s["frames"] == 7 and len(said) == 1, s["notes"]
+    assert said[0].startswith(
+        f"{src}: skipped 1 video packet the decoder could not decode (first at 0.280 s: "
+    )
+    with pytest.raises(VideoError, match=r"skipped 1 video packet .* \(--strict\)$"):
+        transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False, strict=True))
+
+
+def test_a_video_whose_one_packet_cannot_be_decoded_says_so(restorer, tmp_path):
+    """A one-frame video whose packet the decoder refuses said 'the video stream has no frames' (since
+    refused packets are skipped; before, 'corrupt or truncated video near frame 0'), as if it were empty.
+    It now says the frames could not be decoded, and why."""
+    src = damaged_ffv1(tmp_path / "bad.mkv", packet=0, frames=1, scrambled=(0.125, 1))
+    with pytest.raises(VideoError) as e:
+        transcode(restorer, src, None, VideoOptions(score_only=True, write_quality=False))
+    assert str(e.value).startswith(
+        f"{src}: no frame could be decoded: skipped 1 video packet the decoder could not decode "
+        "(first at 0.000 s: "
+    ), e.value
+
+
 def test_pyav_logging_is_off_again_after_a_damaged_input(restorer, tmp_path):
     """The output is set up with PyAV's logging on (for FFmpeg's reasons in errors); set off again while
     decoder threads logged the damage, a thread inside PyAV's callback compared its level with None and
@@ -935,6 +1011,35 @@ def test_pyav_logging_is_off_again_after_a_damaged_input(restorer, tmp_path):
     with pytest.raises(VideoError, match="--strict"):
         transcode(restorer, cut, tmp_path / "p.mkv", VideoOptions(write_quality=False, strict=True))
     assert av.logging.get_level() is None
+
+
+def ffmpeg_log_level():
+    """FFmpeg's own log level (av_log_get_level: PyAV sets it but does not read it), looked up through
+    PyAV's logging module (OpenCV loads a libavutil of its own); None where it cannot be."""
+    import ctypes
+
+    try:
+        return int(ctypes.CDLL(av.logging.__file__).av_log_get_level())
+    except (OSError, AttributeError):
+        return None
+
+
+def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
+    """FFmpeg's log level is muted while the decoder's threads may log, then set back once the input is
+    closed: it was set to INFO, FFmpeg's default, whatever level the caller had set."""
+    if ffmpeg_log_level() is None:
+        pytest.skip("FFmpeg's av_log_get_level cannot be looked up through PyAV's module here")
+    av.logging.set_libav_level(av.logging.WARNING)
+    try:
+        assert ffmpeg_log_level() == av.logging.WARNING
+        transcode(restorer, clip, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+        assert ffmpeg_log_level() == av.logging.WARNING and av.logging.get_level() is None
+        av.logging.set_libav_level(av.logging.ERROR)
+        with pytest.raises(VideoError):
+            transcode(restorer, clip, tmp_path / "o.y4m", VideoOptions(write_quality=False, pix_fmt="pal8"))
+        assert ffmpeg_log_level() == av.logging.ERROR
+    finally:
+        av.logging.set_libav_level(av.logging.INFO)
 
 
 def test_y4m_output_without_options_from_packed_and_10_bit_sources(restorer, frames_rgb, tmp_path):
@@ -1182,17 +1287,14 @@ def test_the_bit_depth_note_says_what_is_written(restorer, tmp_path):
         ]
 
 
-def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):
-    """Subtitle streams were dropped without a word: a Matroska film with SRT subtitles came out of
-    .mkv without them. They are now copied as the audio is (same packets, same times, language kept);
-    a container that cannot hold them (.mp4 takes only mov_text) drops them with a note."""
-    o = av.open(str(tmp_path / "subs.mkv"), "w")
+def srt_clip(path, frames_rgb, cues=((0, b"Hello"), (40, b"there"))):
+    """A 3-frame 64x48 FFV1 .mkv with an English SRT track of `cues` ((ms, text), 40 ms each)."""
+    o = av.open(str(path), "w")
     v = o.add_stream("ffv1", rate=25)
     v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
     sub = o.add_mux_stream("subrip")
     sub.metadata["language"] = "eng"
     sub.time_base = Fraction(1, 1000)
-    cues = [(0, b"Hello"), (40, b"there")]
     for i in range(3):
         f = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames_rgb[i][:48, :64]), format="rgb24")
         f = f.reformat(format="yuv420p")
@@ -1205,19 +1307,66 @@ def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rg
             o.mux(p)
     o.mux(v.encode(None))
     o.close()
+    return Path(path)
 
-    def cues_of(path):
-        with av.open(str(path)) as c:
-            langs = [s.language for s in c.streams.subtitles]
-            return langs, [(float(p.pts * p.time_base), bytes(p)) for p in c.demux(subtitles=0) if p.size]
 
-    s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mkv", VideoOptions(write_quality=False))
-    assert cues_of(tmp_path / "o.mkv") == (["eng"], [(0.0, b"Hello"), (0.04, b"there")])
+def subtitle_cues(path):
+    """(codec, language) of each subtitle stream, and (start s, length s, bytes) of the first one's cues."""
+    with av.open(str(path)) as c:
+        streams = [(s.codec_context.name, s.language) for s in c.streams.subtitles]
+        cues = [
+            (float(p.pts * p.time_base), float(p.duration * p.time_base), bytes(p))
+            for p in c.demux(subtitles=0)
+            if p.size
+        ]
+    return streams, cues
+
+
+def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):
+    """Subtitle streams were dropped without a word: a Matroska film with SRT subtitles came out of
+    .mkv without them. They are now copied as the audio is (same packets, same times, language kept);
+    a container that cannot hold them (.avi holds none) drops them with a note."""
+    src = srt_clip(tmp_path / "subs.mkv", frames_rgb)
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert subtitle_cues(tmp_path / "o.mkv") == (
+        [("srt", "eng")],
+        [(0.0, 0.04, b"Hello"), (0.04, 0.04, b"there")],
+    )
     assert not any("cannot hold" in n for n in s["notes"]) and len(decode(tmp_path / "o.mkv")[0]) == 3
-    s = transcode(restorer, tmp_path / "subs.mkv", tmp_path / "o.mp4", VideoOptions(write_quality=False))
-    assert any(".mp4 cannot hold srt subtitles: 1 stream dropped" in n for n in s["notes"]), s["notes"]
-    with av.open(str(tmp_path / "o.mp4")) as c:
+    s = transcode(restorer, src, tmp_path / "o.avi", VideoOptions(write_quality=False))
+    said = [n for n in s["notes"] if "subtitles" in n.split(": ", 1)[1]]
+    assert said == [f"{src}: .avi cannot hold srt subtitles: 1 stream dropped"], s["notes"]
+    with av.open(str(tmp_path / "o.avi")) as c:
         assert [st.type for st in c.streams] == ["video"]
+
+
+@pytest.mark.parametrize(
+    "source, ext, expected",
+    [
+        ("srt", ".mp4", ("mov_text", [b"\0\5Hello", b"\0\5there"])),
+        ("srt", ".mov", ("mov_text", [b"\0\5Hello", b"\0\5there"])),
+        ("srt", ".webm", ("webvtt", [b"Hello", b"there"])),
+        ("mov_text", ".webm", ("webvtt", [b"Hello", b"there"])),
+    ],
+)
+def test_text_subtitles_are_written_in_the_containers_own_format(
+    restorer, frames_rgb, tmp_path, source, ext, expected
+):
+    """Only mov_text into .mkv was converted: SRT into .mp4 or .mov and SRT or mov_text into .webm were
+    dropped ('.mp4 cannot hold srt subtitles: 1 stream dropped'). Text subtitles are now decoded and
+    written again as mov_text (MP4, MOV) or WebVTT (WebM), each cue at its own times, language kept."""
+    if ext == ".webm" and "libvpx-vp9" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libvpx-vp9 (WebM's default encoder)")
+    if source == "srt":
+        src = srt_clip(tmp_path / "s.mkv", frames_rgb)
+    else:
+        src = mov_text_clip(tmp_path / "s.mp4", [b"\0\5Hello", b"\0\5there"])
+    s = transcode(restorer, src, tmp_path / f"o{ext}", VideoOptions(write_quality=False))
+    assert not any("subtitles" in n.split(": ", 1)[1] for n in s["notes"]), s["notes"]
+    streams, cues = subtitle_cues(tmp_path / f"o{ext}")
+    codec, texts = expected
+    assert streams == [(codec, "eng" if source == "srt" else None)]
+    assert cues == [(0.0, 0.04, texts[0]), (0.04, 0.04, texts[1])]
 
 
 def test_dv_and_other_chroma_layouts_are_bit_exact(restorer, frames_rgb, tmp_path):
@@ -1997,6 +2146,24 @@ def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
     assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]
 
 
+def test_a_damaged_subtitle_cue_is_skipped_with_a_warning(restorer, tmp_path):
+    """A text cue the subtitle decoder refuses (here a 1-byte mov_text cue) ended the whole run when the
+    subtitles were converted (mov_text into .mkv), as 'o.mkv: Invalid data found when processing input',
+    naming neither the source nor the subtitles. The cue is skipped with one warning, as a damaged video
+    packet is; --strict fails on it."""
+    src = mov_text_clip(tmp_path / "s.mp4", [b"\0\5Hello", b"\xff", b"\0\5there"])
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(write_quality=False))
+    assert [c[2] for c in subtitle_cues(tmp_path / "o.mkv")[1]] == [b"Hello", b"there"]
+    said = [n for n in s["notes"] if "subtitle" in n.split(": ", 1)[1]]
+    assert said == [
+        f"{src}: skipped 1 subtitle cue that could not be read "
+        "(first at 0.040 s: Invalid data found when processing input)"
+    ], s["notes"]
+    with pytest.raises(VideoError, match=r"s\.mp4: skipped 1 subtitle cue .* \(--strict\)$"):
+        transcode(restorer, src, tmp_path / "p.mkv", VideoOptions(write_quality=False, strict=True))
+    assert not (tmp_path / "p.mkv").exists() and leftovers(tmp_path) == []
+
+
 def test_score_only_skips_the_picture_and_scores_the_same(restorer, clip, tmp_path, monkeypatch):
     """--score-only ran the whole network, tail, tile blend and crop included, for a picture it dropped:
     it now asks restore_tensor for the quality only (image=False), which gives the same numbers."""
@@ -2054,6 +2221,70 @@ def test_qairn_video_refuses_bad_file_names_before_loading_the_model(clip, tmp_p
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "is a URL" in err[0] and str(taken) in err[1], err
     assert taken.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(
+    "codec, says",
+    [
+        ("nosuch", "--codec nosuch: this PyAV build has no such encoder"),
+        ("aac", "--codec aac: is an audio encoder, not a video one"),
+        ("subrip", "--codec subrip: is a subtitle encoder, not a video one"),
+    ],
+)
+def test_qairn_video_refuses_an_unknown_or_non_video_codec_before_loading_the_model(
+    clip, tmp_path, monkeypatch, capsys, codec, says
+):
+    """--codec nosuch was refused only after the model had loaded, as 'o.mkv: cannot encode with
+    'nosuch' (nosuch)'; --codec aac and --codec subrip ended in a traceback (TypeError: audio stream
+    `rate` must be: int | None; AttributeError: ... has no attribute 'width')."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    assert main(["--codec", codec, str(clip), str(tmp_path / "o.mkv")]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"qairn: error: {says}"]
+    with pytest.raises(VideoError, match=f"^{says}$"):
+        transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_codec_option_the_encoder_does_not_have_is_refused(restorer, tmp_path):
+    """--codec-option nosuchopt=1 (or a typo: x264opt for x264opts) was ignored without a word, and the
+    video encoded as if it was not given. FFmpeg hands back the options an encoder did not take; one of
+    the user's is now an error, before any frame is restored. Options the encoder has still work."""
+    src = flat_clip(tmp_path / "s.mkv", range(2))
+    with pytest.raises(
+        VideoError, match=r"o\.mkv: libx264 has no option 'x264opt' \(--codec-option x264opt=ref=1\)$"
+    ):
+        transcode(
+            restorer,
+            src,
+            tmp_path / "o.mkv",
+            VideoOptions(write_quality=False, codec_options={"x264opt": "ref=1"}),
+        )
+    assert leftovers(tmp_path) == [] and not (tmp_path / "o.mkv").exists()
+    s = transcode(
+        restorer,
+        src,
+        tmp_path / "o.mkv",
+        VideoOptions(write_quality=False, codec_options={"g": "1", "x264opts": "ref=1"}),
+    )
+    assert s["frames"] == 2 and all(f.key_frame for f in decode(tmp_path / "o.mkv")[0])
+
+
+@pytest.mark.parametrize("ext", [".avi", ".mkv"])
+def test_mjpeg_output_of_a_limited_range_source_is_written_full_range(restorer, tmp_path, ext):
+    """--codec mjpeg (an MJPEG .avi) of any ordinary limited-range source failed: 'mjpeg cannot encode
+    64x48 yuv420p (Invalid argument: Non full-range YUV is non-standard, ...)'. MJPEG writes full-range
+    Y'CbCr (yuvj), to which the frames are now converted: the picture keeps its levels."""
+    src = flat_clip(tmp_path / "s.mkv", range(3), step=100)
+    s = transcode(restorer, src, tmp_path / f"o{ext}", VideoOptions(codec="mjpeg", write_quality=False))
+    out = decode(tmp_path / f"o{ext}")[0]
+    assert s["pix_fmt"] == out[0].format.name == "yuvj420p" and int(out[0].color_range) == 2
+    levels = [f.to_ndarray(format="rgb24").mean() for f in out]
+    assert np.allclose(levels, [f.to_ndarray(format="rgb24").mean() for f in decode(src)[0]], atol=2), levels
 
 
 def test_a_frame_at_the_previous_frames_time_is_dropped_with_a_note(restorer, tmp_path):
@@ -2159,3 +2390,22 @@ def test_qairn_video_refuses_a_bad_bitrate_or_crf_as_a_usage_error(tmp_path, cap
     assert e.value.code == 2 and says in err, err
     ok = build_parser().parse_args(["in.mp4", "out.mp4", "--crf", "0", "--bitrate", "500000"])
     assert (ok.crf, ok.bitrate) == (0.0, 500000)
+
+
+@pytest.mark.parametrize("crf", [float("nan"), float("inf"), -3])
+def test_video_options_refuse_a_crf_that_is_not_a_number_0_or_more(crf):
+    """VideoOptions(crf=nan) with an MPEG-4 encoder ended in 'cannot convert float NaN to integer' (inf:
+    an OverflowError), and crf=-30 was taken as quantiser 2 without a word; `qairn video --crf` refuses
+    these. (x264 refused them in its own words.)"""
+    with pytest.raises(ValueError, match=rf"^crf is a number, 0 or more \(default 18\), got {crf}$"):
+        VideoOptions(crf=crf)
+    assert VideoOptions(crf=0).crf == 0
+
+
+@pytest.mark.parametrize("bitrate", [0, -5])
+def test_video_options_refuse_a_bitrate_under_1(bitrate):
+    """VideoOptions(bitrate=0) fell back to the CRF without a word (-5 reached the encoder), where
+    `qairn video --bitrate 0` is refused."""
+    with pytest.raises(ValueError, match=rf"^bitrate is bits per second, 1 or more .*, got {bitrate}; "):
+        VideoOptions(bitrate=bitrate)
+    assert VideoOptions(bitrate=1).bitrate == 1 and VideoOptions().bitrate is None

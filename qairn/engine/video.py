@@ -10,9 +10,12 @@ restores each frame in its own Y'CbCr format (matrix and range from the stream's
 encodes with the codec and quality asked for (default H.264 via libx264, CRF 18), keeps the frame
 timestamps, time base, frame rate, colour tags (HDR10 light levels with x264/x265/SVT-AV1; HDR10+ and
 Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspect ratio and field
-order, copies the audio and subtitle streams, cover pictures and attachments (fonts) where the
-container holds them, and writes a per-frame quality trace
+order, copies the audio and subtitle streams (text subtitles are converted to the container's own
+SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
+where the container holds them, and writes a per-frame quality trace
 (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+A damaged input (frames the decoder flags, packets it refuses, a file cut short) is restored as far as
+it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -366,8 +369,13 @@ SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif", ".webm": "libvpx-vp9"}
 # index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
-# Text subtitles a container refuses (MP4's mov_text in Matroska) are decoded and written again in its own.
-TEXT_SUBTITLE_ENCODERS = {"matroska": "subrip"}
+# Text subtitles a container refuses (MP4's mov_text in Matroska, SRT in MP4, either in WebM) are decoded
+# and written again in its own format.
+TEXT_SUBTITLE_ENCODERS = {
+    "matroska": "subrip",
+    "webm": "webvtt",
+    **dict.fromkeys(("mp4", "mov", "ipod", "3gp", "3g2"), "mov_text"),
+}
 SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
@@ -570,9 +578,20 @@ class VideoOptions:
     range: str | None = None
     progress: bool = False
     strict: bool = (
-        False  # damaged input (decoder-flagged frames, a cut packet, fewer frames than the header says)
+        False  # damaged input (decoder-flagged frames, a cut or refused packet, fewer frames than counted)
     )
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
+
+    def __post_init__(self):
+        # As --crf: nan ended in a bare "cannot convert float NaN to integer" for MPEG-4, -30 was q 2.
+        if not 0 <= self.crf < float("inf"):
+            raise ValueError(f"crf is a number, 0 or more (default 18), got {self.crf}")
+        # 0 fell back to the CRF without a word (as --bitrate 0 did), and -5 reached the encoder.
+        if self.bitrate is not None and not self.bitrate >= 1:
+            raise ValueError(
+                f"bitrate is bits per second, 1 or more (e.g. 2000000), got {self.bitrate}; "
+                "None for constant quality (crf)"
+            )
 
 
 def default_codec() -> str:
@@ -691,26 +710,48 @@ def _ffmpeg_reasons():
             av.logging.set_level(old)
 
 
-def _logging_back(old) -> None:
-    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then), once no decoder is left."""
+def _logging_back(old, old_libav: int | None) -> None:
+    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then; old_libav: FFmpeg's, from
+    _libav_level, None for unknown), once no decoder is left."""
     import av.logging
 
     if old is None and av.logging.get_level() is not None:
         av.logging.set_level(None)
-        av.logging.set_libav_level(av.logging.INFO)  # FFmpeg's default, which PyAV leaves as it is
+        # (unknown: FFmpeg's default, INFO)
+        av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
+
+
+def _libav_level() -> int | None:
+    """FFmpeg's own log level, which _ffmpeg_reasons mutes: PyAV sets it but cannot read it, so it is read
+    through PyAV's own logging module (its symbols include those of the libavutil it was linked with; OpenCV
+    loads another one); None where that cannot be done."""
+    import ctypes
+
+    import av.logging
+
+    try:
+        return int(ctypes.CDLL(av.logging.__file__).av_log_get_level())
+    except (OSError, AttributeError):
+        return None
 
 
 def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
     """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
     pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
-    list's pre-roll frames are demuxed and decoded, but not shown)."""
+    list's pre-roll frames are demuxed and decoded, but not shown).
+    counts["lost"]: the times (s, or None) of packets the decoder refused or gave no frame for, which
+    are skipped, and counts["lost_reason"] the first error."""
     import av
 
     copy_ids = {s.index for s in copied}
     index = 0
     reorder = inp.format.name in DECODE_ORDER_FORMATS
-    times: list = []  # (reorder) the packet times no frame has taken yet
+    # The packet times no frame has taken yet. A frame-threaded decoder reports a damaged packet at a
+    # later one (0.24 s for 0.16 s): the earliest time left is the one lost.
+    times: list = []
+    lost = counts.setdefault("lost", [])
+    flagged = set()  # times of the packets the demuxer flagged (said by counts["damaged"] already)
     try:
         for packet in inp.demux(vstream, *copied):
             if packet.stream.index in copy_ids:
@@ -723,13 +764,35 @@ def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
                 # drops it without an error, so this flag is the one sign of the damage.
                 if packet.is_corrupt and "damaged" not in counts:
                     counts["damaged"] = counts["packets"] - 1
-                if reorder and packet.pts is not None:
+                if packet.is_corrupt and packet.pts is not None:
+                    flagged.add(packet.pts)
+                if packet.pts is not None and not getattr(packet, "is_discard", False):  # (not shown)
                     heapq.heappush(times, packet.pts)
-            for frame in packet.decode():
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
+                pts = heapq.heappop(times) if times else None
+                if pts not in flagged:
+                    lost.append(None if pts is None else float(pts * vstream.time_base))
+                    counts.setdefault("lost_reason", _msg(e))
+                continue
+            for frame in frames:
                 if reorder:  # frames come out in display order: each takes the earliest time left
                     frame.pts = heapq.heappop(times) if times else None
+                elif frame.pts is None:
+                    if times:
+                        heapq.heappop(times)
+                else:  # it takes its own time, and those before it (pre-roll an edit list hides)
+                    while times and times[0] <= frame.pts:
+                        heapq.heappop(times)
                 yield frame
                 index += 1
+        # Frame threads drop a damaged last packet with no error (a damaged one elsewhere gives one at
+        # a later packet): its time is left when the decoder is drained.
+        left = [float(pts * vstream.time_base) for pts in sorted(times) if pts not in flagged]
+        if left:
+            lost += left
+            counts.setdefault("lost_reason", "no frame came out of it")
     except av.FFmpegError as e:
         raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
 
@@ -808,6 +871,11 @@ def _open_output(
         # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
         candidates += [f for f in FALLBACK_FORMATS if f in supported]
         pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
+        # MJPEG refuses limited-range Y'CbCr ("Non full-range YUV is non-standard"): an MJPEG .avi of any
+        # ordinary source failed. Its full-range twin (yuvj) keeps the levels; swscale converts.
+        twin = f"yuvj{pix_fmt[3:]}"  # (yuv420p: yuvj420p)
+        if vs.codec_context.name == "mjpeg" and color[1] == "limited" and twin in supported:
+            pix_fmt = twin
         depth = max(c.bits for c in av.VideoFormat(pix_fmt).components)  # gray10le, p010le: 10
         if pix_fmt in PALETTE_FORMATS:
             notes.append(
@@ -981,6 +1049,12 @@ def _open_output(
         raise VideoError(
             f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(error)})"
         ) from None
+    # FFmpeg hands back the options the encoder did not take: a mistyped --codec-option was ignored unsaid.
+    unused = [k for k in opts.codec_options if k in (cc.options or {})]
+    if unused:
+        out.close()
+        k = unused[0]
+        raise VideoError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={opts.codec_options[k]})")
     try:  # the muxer checks its streams as it writes the header: now, not after the first batch
         out.start_encoding()
     except av.FFmpegError as e:
@@ -993,7 +1067,8 @@ def _open_output(
 
 def _text_subtitle_stream(out, s):
     """An output stream writing the text subtitles of s in the container's own text format (mov_text into
-    Matroska: SRT, styles kept as <b>, <i>, <font color>); ValueError where there is none or s is bitmaps.
+    Matroska: SRT, styles kept as <b>, <i>, <font color>; SRT into MP4: mov_text; either into WebM:
+    WebVTT); ValueError where there is none or s is bitmaps.
     The source's decoder is opened here: its ASS header (styles) is what the encoder starts from."""
     encoder = TEXT_SUBTITLE_ENCODERS.get(out.format.name)
     if encoder is None or not s.codec_context.codec.text_sub:
@@ -1006,13 +1081,19 @@ def _text_subtitle_stream(out, s):
     return o
 
 
-def _converted_subtitles(packet, stream) -> list:
+def _converted_subtitles(packet, stream, lost_cues: list) -> list:
     """A text subtitle packet decoded and encoded again by `stream` (_text_subtitle_stream), at the packet's
-    own times; none for an empty cue (mov_text marks a gap with one)."""
+    own times; none for an empty cue (mov_text marks a gap with one), nor for one the decoder refuses,
+    which is added to lost_cues as (time in s, reason)."""
+    import av
     from av.subtitles.subtitle import SubtitleSet
 
-    cues = packet.stream.codec_context.decode2(packet) if packet.size else None
     pts = packet.pts if packet.pts is not None else packet.dts
+    try:  # a damaged cue ended the whole run
+        cues = packet.stream.codec_context.decode2(packet) if packet.size else None
+    except av.FFmpegError as e:
+        lost_cues.append((float(pts * packet.time_base), _msg(e)))
+        return []
     packets = []
     for cue in cues or ():
         p = stream.codec_context.encode_subtitle(
@@ -1064,15 +1145,33 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
     return files
 
 
+def check_encoder(name: str) -> None:
+    """--codec names a video encoder of this PyAV build. An unknown one was refused only after the model
+    had loaded ("cannot encode with 'nosuch' (nosuch)"); an audio or subtitle one ended in a traceback."""
+    import av
+
+    try:
+        kind = av.Codec(name, "w").type
+    except ValueError:  # (UnknownCodecError)
+        raise VideoError(f"--codec {name}: this PyAV build has no such encoder") from None
+    if kind != "video":
+        raise VideoError(
+            f"--codec {name}: is {'an' if kind[0] in 'aeiou' else 'a'} {kind} encoder, not a video one"
+        )
+
+
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
-    """The checks of the file names alone (URLs, a missing or taken output, a trace over a video), done
-    before the model is loaded: a mistyped command fails at once. Returns (src, dst, csv_path)."""
+    """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
+    the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
+    (src, dst, csv_path)."""
     # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
             raise VideoError(f"{name}: is a URL; qairn video {verb} local files only")
     src = Path(src)
     dst = Path(dst) if dst is not None else None
+    if opts.codec is not None and not opts.score_only:
+        check_encoder(opts.codec)
     if not opts.score_only:
         if dst is None:
             raise VideoError("no output file given (use --score-only to write only the quality trace)")
@@ -1103,7 +1202,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts)
-    log_level = av.logging.get_level()  # (set back by _logging_back, once the decoder is closed)
+    # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
+    log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src)
     out = tmp = None
     try:
@@ -1128,10 +1228,13 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
         pending_audio: list = []
+        lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
         counts: dict = {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
         first = next(frames, None)
+        if first is None and counts["lost"]:  # (it is not empty: "has no frames" said it was)
+            raise VideoError(f"{src}: no frame could be decoded: {_lost_packets(counts)}")
         if first is None:
             raise VideoError(f"{src}: the video stream has no frames")
         work_fmt = work_format(first.format)
@@ -1215,7 +1318,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                             timing.add(pts, duration)
                         last_pts = frame.pts
                         _mux(out, timing.timed(vs.encode(frame)), dst)
-                    _mux_audio(out, pending_audio, amap, dst)
+                    _mux_audio(out, pending_audio, amap, dst, lost_cues)
                 bar.update(1)
             # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
             # the bar ends at the frames decoded, redrawn where it was shown at all.
@@ -1226,6 +1329,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
+        if out is not None:  # the encoder's last frames, and the rest of the audio and subtitles
+            _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
+            _mux_audio(out, pending_audio, amap, dst, lost_cues)
         notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note, data_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
@@ -1281,14 +1387,21 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             notes.append(
                 f"{src}: corrupt or truncated video near frame {damaged} (a packet cut short or damaged)"
             )
-        if opts.strict and (corrupt or short or damaged is not None):
+        lost = counts["lost"]
+        if lost:
+            notes.append(f"{src}: {_lost_packets(counts)}")
+        if lost_cues:
+            t, reason = lost_cues[0]
+            notes.append(
+                f"{src}: skipped {counted(len(lost_cues), 'subtitle cue')} that could not be read "
+                f"(first at {t:.3f} s: {reason})"
+            )
+        if opts.strict and (corrupt or short or damaged is not None or lost or lost_cues):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
         trace = [] if csv_path is None else _quality_files(rows, csv_path, opts.plot, src.name)
         if out is not None:
-            _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
-            _mux_audio(out, pending_audio, amap, dst)
             out.close()
             out = None
             _publish(tmp, dst)
@@ -1323,7 +1436,17 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         inp.close()
-        _logging_back(log_level)
+        _logging_back(*log_levels)
+
+
+def _lost_packets(counts: dict) -> str:
+    """What _decode's counts say of the packets the decoder refused (or gave no frame for)."""
+    lost = counts["lost"]
+    where = "" if lost[0] is None else f" at {lost[0]:.3f} s"
+    return (
+        f"skipped {counted(len(lost), 'video packet')} the decoder could not decode "
+        f"(first{where}: {counts['lost_reason']})"
+    )
 
 
 class _Durations:
@@ -1404,14 +1527,15 @@ def _mux(out, packets, dst: Path) -> None:
         raise VideoError(f"{dst}: cannot write ({_msg(e)})") from None
 
 
-def _mux_audio(out, pending: list, amap: dict, dst: Path) -> None:
+def _mux_audio(out, pending: list, amap: dict, dst: Path, lost_cues: list) -> None:
+    """Mux the queued packets of the copied streams; lost_cues: see _converted_subtitles."""
     while pending:
         packet = pending.pop(0)
         if packet.stream.index not in amap:  # a subtitle stream the container could not take
             continue
         stream = amap[packet.stream.index]
         if stream.codec_context.codec.id != packet.stream.codec_context.codec.id:  # text subtitles, converted
-            _mux(out, _converted_subtitles(packet, stream), dst)
+            _mux(out, _converted_subtitles(packet, stream, lost_cues), dst)
         else:
             packet.stream = stream
             _mux(out, packet, dst)
@@ -1543,8 +1667,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, packets the "
-        "demuxer flags as cut short or damaged, or fewer frames (or, where it keeps no count, less time) "
-        "than the header says; by default these are warnings",
+        "demuxer flags as cut short or damaged, packets the decoder refuses (skipped), subtitle cues that "
+        "cannot be read for conversion (skipped), or fewer frames (or, where it keeps no count, less "
+        "time) than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
