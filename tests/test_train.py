@@ -181,6 +181,8 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
     assert set(a) >= {"model", "optim", "step", "seconds", "config", "args", "torch_rng", "val_files"}
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # The RNG state a checkpoint saves: each start of the DataLoader drew from it, so it differed.
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
     init = QAIRN(preset("tiny")).state_dict()
     assert any(not torch.equal(a["model"][k], init[k]) for k in init)  # it did train
     rows = (tmp_path / "b" / "log.csv").read_text().splitlines()

@@ -495,6 +495,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             batch_size=None,
             num_workers=a.workers,
             worker_init_fn=worker_init,
+            # Its own generator: starting to iterate draws a seed, which from torch's global one moved
+            # the RNG state that checkpoints save, so a resumed run's differed from an uninterrupted one.
+            generator=torch.Generator().manual_seed(a.seed),
             persistent_workers=a.workers > 0,
             prefetch_factor=4 if a.workers > 0 else None,
             pin_memory=device.type == "cuda",
