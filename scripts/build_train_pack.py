@@ -6,6 +6,7 @@ gpu_pack/live1/  the 29 LIVE1 references as lossless WebP (pixel-identical to th
 gpu_pack/val/    the training run's held-out images (trainer.split_files), copied byte for byte
 gpu_pack/train/  random crops (lossless WebP) of the other training images, one crop per image in
                  turn, until the byte budget is spent
+Both keep the subfolders of --src (a/x.png and b/x.png are two images).
 gpu_pack/MANIFEST.json
 The pack is a pure function of its arguments (seeded).
 """
@@ -97,7 +98,10 @@ def fill(
         used += (out / "live1" / f"{f.stem}.webp").write_bytes(webp_lossless(read(f)))
     train_files, val_files = split_files(str(src), holdout)
     for f in val_files:
-        shutil.copyfile(f, out / "val" / f.name)
+        # Under their subfolders: flat, a/x.png and b/x.png were one file, the second over the first.
+        dest = out / "val" / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
         used += f.stat().st_size
     if used >= budget:
         raise SystemExit(f"LIVE1 + validation images alone take {used / 2**20:.1f} MiB > {budget_mib} MiB")
@@ -122,7 +126,9 @@ def fill(
             if used + len(data) > budget - 64 * 1024:  # keep room for the manifest
                 full = True
                 break
-            (out / "train" / f"{f.stem}_r{rounds}_y{y}_x{x}.webp").write_bytes(data)
+            dest = out / "train" / f.relative_to(src).parent / f"{f.stem}_r{rounds}_y{y}_x{x}.webp"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
             used += len(data)
             n_crops += 1
             added += 1
@@ -145,7 +151,7 @@ def fill(
         "train_images": len(train_files),
         "train_crops": n_crops,
         "crop_rounds": rounds,
-        "val_files": [f.name for f in val_files],
+        "val_files": [f.relative_to(src).as_posix() for f in val_files],
         "live1_files": len(list(out.glob("live1/*.webp"))),
         "bytes": used,
     }

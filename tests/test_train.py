@@ -755,6 +755,25 @@ def test_gpu_pack_and_entry_on_cpu(tmp_path):
     assert "Q against SSIM" in (out / "report.txt").read_text()
 
 
+def test_a_training_pack_keeps_same_named_images_of_two_subfolders_apart(tmp_path):
+    # val/ and train/ were flat: a/img00.png and b/img00.png, both held out, were copied to one
+    # val/img00.png (the second over the first), and their crops of an image the crop's size (at y 0,
+    # x 0 each round) to one train/img01_r0_y0_x0.webp, each still counted in the manifest.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = tmp_path / "src"
+    make_folder(src / "a", 4, 56, 56, seed=2)
+    make_folder(src / "b", 4, 56, 56, seed=3)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=4)
+    pack = tmp_path / "pack"
+    man = build_train_pack.build(src, live1, pack, budget_mib=1, crop=56, holdout=2, log=lambda *a: None)
+    assert man["val_files"] == ["a/img00.png", "b/img00.png"]
+    assert [f.relative_to(pack / "val").as_posix() for f in list_images(pack / "val")] == man["val_files"]
+    crops = list_images(pack / "train")
+    assert len(crops) == man["train_crops"] and {f.parent.name for f in crops} == {"a", "b"}
+
+
 def test_largest_config_under_20mb():
     sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_train
