@@ -69,6 +69,13 @@ class Tee:
             f.write(text + "\n")
 
 
+def strict_json(obj) -> bytes:
+    """JSON that strict parsers (jq, JavaScript) read: json.dumps wrote an infinite PSNR (a LIVE1 image
+    its JPEG leaves unchanged) and a NaN correlation (a score constant over a distortion) as the bare
+    words Infinity and NaN, which lose the whole file there. They are null, as in qairn eval --json."""
+    return json.dumps(ev.without_nan(obj), indent=1, allow_nan=False).encode()
+
+
 def publish(weights: Path, out: Path) -> list[Path]:
     """Copy the weights into out, in parts of PART bytes when larger (files from $OUT are limited).
     Every new file is written whole (under a hidden name) before any is renamed in, and the earlier
@@ -190,7 +197,7 @@ def main(argv=None) -> int:
 
     def save_results():
         # rewritten after each stage of a run that may be killed at its limit: temp name, then rename
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        write_atomic(out / "results.json", strict_json(results))
 
     save_results()
     val = list_images(pack / "val")
@@ -220,7 +227,7 @@ def main(argv=None) -> int:
         save_results()
         write_atomic(
             out / "eval.json",
-            json.dumps(
+            strict_json(
                 {
                     "protocol": ev.PROTOCOL,
                     "qfs": results["eval"]["qfs"],
@@ -229,9 +236,8 @@ def main(argv=None) -> int:
                     "seconds_per_image": sec,
                     "device": name,
                     "model": ev.describe(r),
-                },
-                indent=1,
-            ).encode(),
+                }
+            ),
         )
     else:
         log("LIVE1 evaluation skipped (time)")

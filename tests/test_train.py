@@ -774,6 +774,34 @@ def test_a_training_pack_keeps_same_named_images_of_two_subfolders_apart(tmp_pat
     assert len(crops) == man["train_crops"] and {f.parent.name for f in crops} == {"a", "b"}
 
 
+def test_gpu_train_writes_strict_json_when_a_score_is_not_finite(tmp_path):
+    # A LIVE1 image its JPEG leaves unchanged (flat: PSNR infinite) and scores that rank nothing (SSIM 1
+    # at every level: correlations NaN, as the H200 run's constant Q2 gave) were written as the bare
+    # words Infinity and NaN, which jq, JavaScript and strict parsers refuse: the whole file is lost.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = tmp_path / "live1"
+    live1.mkdir()
+    cv2.imwrite(str(live1 / "flat.png"), np.full((48, 64, 3), 128, np.uint8))
+    pack = tmp_path / "pack"
+    build_train_pack.build(src, live1, pack, budget_mib=0.25, crop=56, holdout=1, log=lambda *a: None)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "scripts/gpu_train.py", "--pack", str(pack), "--out", str(out), "--preset"]
+    cmd += ["tiny", "--steps", "1", "--batch", "1", "--patch", "32", "--workers", "0", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    results = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    evaluation = json.loads((out / "eval.json").read_text(), parse_constant=refuse)
+    assert results["quality"]["tables"]["ssim"]["jpeg"]["Q2"]["srcc"] is None
+    assert evaluation["images"][0]["jpeg"]["psnr"] is None
+
+
 def test_largest_config_under_20mb():
     sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_train
