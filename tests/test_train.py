@@ -998,6 +998,20 @@ def test_missing_data_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_torchrun_entry_refuses_an_empty_data_folder_in_one_line(tmp_path):
+    # `python -m qairn.train.trainer` (what torchrun starts, once per rank) called main() bare: an empty
+    # or unreadable --data ended in a FileNotFoundError or ValueError traceback where `qairn train` says
+    # one line.
+    (tmp_path / "empty").mkdir()
+    a = tiny_args(tmp_path / "empty", tmp_path / "run")
+    cmd = [sys.executable, "-m", "qairn.train.trainer", *cli_args(a)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"qairn train: error: {tmp_path / 'empty'}: no images found (looked for .bmp")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
     # The refusal ("cannot decode training image") came after --out was made: an empty run folder stayed.
     folder = make_folder(tmp_path / "d", 5, 48, 48, seed=3)

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -976,4 +977,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # As `qairn train`: torchrun starts this module once per rank, and a bad --data (empty, unreadable)
+    # was then a traceback per rank instead of the command's one line (and exit code).
+    from qairn.cli import main as qairn_main
+
+    sys.exit(qairn_main(["train", *sys.argv[1:]]))
