@@ -57,6 +57,11 @@ def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=pri
     # Smaller crops hold no training patch (the trainer's least: --patch 16 + 8 for the grid shift).
     if crop < 24:
         raise SystemExit(f"--crop {crop}: needs at least 24 px (--patch 16 + 8, the trainer's smallest)")
+    if holdout < 1:  # an empty val/: gpu_train (its --val-data) then failed on the GPU machine
+        raise SystemExit(
+            f"--val-holdout {holdout}: gpu_train validates, checks the fp16 export and chooses p on the "
+            "pack's val/ images; hold out at least 1"
+        )
     for given in (src, live1):
         if given.resolve().is_relative_to(out.resolve()):
             raise SystemExit(f"--out {out}: holds the source images ({given}); write the pack elsewhere")

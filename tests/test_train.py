@@ -1771,3 +1771,18 @@ def test_a_training_pack_crop_that_gives_no_crops_is_refused(tmp_path, crop, say
             src, live1, tmp_path / "pack", budget_mib=budget, crop=crop, holdout=1, log=print
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
+
+
+@pytest.mark.parametrize("holdout", [0, -1])
+def test_a_training_pack_without_held_out_images_is_refused(tmp_path, holdout):
+    # --val-holdout 0 built a pack with an empty val/, which gpu_train takes as --val-data (validation,
+    # the export's fp16 check, the p sweep): on the GPU machine it then ended in a FileNotFoundError
+    # traceback ('pack/val: no images found') before training.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 3, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    with pytest.raises(SystemExit, match=f"--val-holdout {holdout}: gpu_train validates"):
+        build_train_pack.build(src, live1, tmp_path / "pack", budget_mib=0.2, crop=56, holdout=holdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
