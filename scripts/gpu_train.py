@@ -127,6 +127,13 @@ def main(argv=None) -> int:
         "--quality-crop", type=int, default=0, help="centre crop for the quality steps (quick runs)"
     )
     a = ap.parse_args(argv)
+    # Now, not after the training's minutes: the quality steps (p sweep, LIVE1 study) fail on crops
+    # under JPEG 2000's least (a negative crop cut nothing at all).
+    if a.quality_crop < 0 or 0 < a.quality_crop < ev.JP2K_MIN:
+        raise SystemExit(
+            f"--quality-crop {a.quality_crop}: 0 (whole images) or at least {ev.JP2K_MIN} px (the JPEG "
+            "2000 distortion's least)"
+        )
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

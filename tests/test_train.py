@@ -1786,3 +1786,17 @@ def test_a_training_pack_without_held_out_images_is_refused(tmp_path, holdout):
     with pytest.raises(SystemExit, match=f"--val-holdout {holdout}: gpu_train validates"):
         build_train_pack.build(src, live1, tmp_path / "pack", budget_mib=0.2, crop=56, holdout=holdout)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
+
+
+@pytest.mark.parametrize("crop", [20, -5])
+def test_gpu_train_refuses_a_quality_crop_too_small_before_training(tmp_path, crop):
+    # The quality steps come after the training: --quality-crop 20 (under JPEG 2000's 32 px) or -5 ended
+    # the p sweep in a ValueError traceback ('20x20 pixels after --crop', '0x0 pixels') once the
+    # training's minutes were spent, and the LIVE1 evaluation never ran.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_train
+
+    argv = ["--pack", str(tmp_path / "pack"), "--out", str(tmp_path / "out"), "--quality-crop", str(crop)]
+    with pytest.raises(SystemExit, match=f"--quality-crop {crop}: 0 .whole images. or at least 32 px"):
+        gpu_train.main(argv)
+    assert not (tmp_path / "out").exists()
