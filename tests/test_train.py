@@ -1142,6 +1142,9 @@ def test_cache_sees_an_image_edited_in_place(tmp_path):
     st = (folder / "x.ppm").stat()
     os.utime(folder / "x.ppm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse file-system clocks
     assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], 255 - img)
+    # The copy of the old pixels goes: each edit of --data left another whole decoded training set in
+    # the run's cache/ (255 MB for shared/data/train), never read again.
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_images_too_small_for_a_patch_are_named(data, tmp_path, capsys):
