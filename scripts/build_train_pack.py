@@ -6,6 +6,7 @@ gpu_pack/live1/  the 29 LIVE1 references as lossless WebP (pixel-identical to th
 gpu_pack/val/    the training run's held-out images (trainer.split_files), copied byte for byte
 gpu_pack/train/  random crops (lossless WebP) of the other training images, one crop per image in
                  turn, until the byte budget is spent
+Both keep the subfolders of --src (a/x.png and b/x.png are two images).
 gpu_pack/MANIFEST.json
 The pack is a pure function of its arguments (seeded).
 """
@@ -56,6 +57,11 @@ def build(src, live1, out, budget_mib=40.0, crop=192, holdout=8, seed=0, log=pri
     # Smaller crops hold no training patch (the trainer's least: --patch 16 + 8 for the grid shift).
     if crop < 24:
         raise SystemExit(f"--crop {crop}: needs at least 24 px (--patch 16 + 8, the trainer's smallest)")
+    if holdout < 1:  # an empty val/: gpu_train (its --val-data) then failed on the GPU machine
+        raise SystemExit(
+            f"--val-holdout {holdout}: gpu_train validates, checks the fp16 export and chooses p on the "
+            "pack's val/ images; hold out at least 1"
+        )
     for given in (src, live1):
         if given.resolve().is_relative_to(out.resolve()):
             raise SystemExit(f"--out {out}: holds the source images ({given}); write the pack elsewhere")
@@ -97,7 +103,10 @@ def fill(
         used += (out / "live1" / f"{f.stem}.webp").write_bytes(webp_lossless(read(f)))
     train_files, val_files = split_files(str(src), holdout)
     for f in val_files:
-        shutil.copyfile(f, out / "val" / f.name)
+        # Under their subfolders: flat, a/x.png and b/x.png were one file, the second over the first.
+        dest = out / "val" / f.relative_to(src)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
         used += f.stat().st_size
     if used >= budget:
         raise SystemExit(f"LIVE1 + validation images alone take {used / 2**20:.1f} MiB > {budget_mib} MiB")
@@ -122,7 +131,9 @@ def fill(
             if used + len(data) > budget - 64 * 1024:  # keep room for the manifest
                 full = True
                 break
-            (out / "train" / f"{f.stem}_r{rounds}_y{y}_x{x}.webp").write_bytes(data)
+            dest = out / "train" / f.relative_to(src).parent / f"{f.stem}_r{rounds}_y{y}_x{x}.webp"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(data)
             used += len(data)
             n_crops += 1
             added += 1
@@ -145,7 +156,7 @@ def fill(
         "train_images": len(train_files),
         "train_crops": n_crops,
         "crop_rounds": rounds,
-        "val_files": [f.name for f in val_files],
+        "val_files": [f.relative_to(src).as_posix() for f in val_files],
         "live1_files": len(list(out.glob("live1/*.webp"))),
         "bytes": used,
     }

@@ -69,6 +69,13 @@ class Tee:
             f.write(text + "\n")
 
 
+def strict_json(obj) -> bytes:
+    """JSON that strict parsers (jq, JavaScript) read: json.dumps wrote an infinite PSNR (a LIVE1 image
+    its JPEG leaves unchanged) and a NaN correlation (a score constant over a distortion) as the bare
+    words Infinity and NaN, which lose the whole file there. They are null, as in qairn eval --json."""
+    return json.dumps(ev.without_nan(obj), indent=1, allow_nan=False).encode()
+
+
 def publish(weights: Path, out: Path) -> list[Path]:
     """Copy the weights into out, in parts of PART bytes when larger (files from $OUT are limited).
     Every new file is written whole (under a hidden name) before any is renamed in, and the earlier
@@ -120,6 +127,13 @@ def main(argv=None) -> int:
         "--quality-crop", type=int, default=0, help="centre crop for the quality steps (quick runs)"
     )
     a = ap.parse_args(argv)
+    # Now, not after the training's minutes: the quality steps (p sweep, LIVE1 study) fail on crops
+    # under JPEG 2000's least (a negative crop cut nothing at all).
+    if a.quality_crop < 0 or 0 < a.quality_crop < ev.JP2K_MIN:
+        raise SystemExit(
+            f"--quality-crop {a.quality_crop}: 0 (whole images) or at least {ev.JP2K_MIN} px (the JPEG "
+            "2000 distortion's least)"
+        )
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +204,7 @@ def main(argv=None) -> int:
 
     def save_results():
         # rewritten after each stage of a run that may be killed at its limit: temp name, then rename
-        write_atomic(out / "results.json", json.dumps(results, indent=1).encode())
+        write_atomic(out / "results.json", strict_json(results))
 
     save_results()
     val = list_images(pack / "val")
@@ -220,7 +234,7 @@ def main(argv=None) -> int:
         save_results()
         write_atomic(
             out / "eval.json",
-            json.dumps(
+            strict_json(
                 {
                     "protocol": ev.PROTOCOL,
                     "qfs": results["eval"]["qfs"],
@@ -229,9 +243,8 @@ def main(argv=None) -> int:
                     "seconds_per_image": sec,
                     "device": name,
                     "model": ev.describe(r),
-                },
-                indent=1,
-            ).encode(),
+                }
+            ),
         )
     else:
         log("LIVE1 evaluation skipped (time)")

@@ -279,6 +279,20 @@ def test_validation_files_follow_the_weights(tmp_path):
         ev.validation_files(w, str(train), 2, None)
 
 
+def test_a_sweep_told_to_hold_no_images_out_is_refused(tmp_path, capsys):
+    # Weights that do not name their held-out images fall back to --val-holdout: at 0 (or below) the sweep
+    # ran on no image at all, printed a grid of nan SRCCs and "Q2 is constant ... p kept", and exited 0
+    # (with --write-p, recording that sweep in the weights).
+    train = make_folder(tmp_path / "train", 5, 40, 40, seed=1)
+    w = make_weights(tmp_path / "w.safetensors")
+    for holdout in ("0", "-2"):
+        argv = ["eval-quality", "--sweep-p", "--train-data", str(train), "--val-holdout", holdout]
+        assert cli([*argv, "--write-p", str(w), "--no-report", "--device", "cpu"]) == 2
+        out, err = capsys.readouterr()
+        assert f"--val-holdout {holdout}: no held-out image to choose p on" in err and "nan" not in out
+    assert "p_sweep" not in read_metadata(w)
+
+
 def test_logistic_fit_finds_the_better_optimum_and_json_has_no_nan():
     """A single start of the 5-parameter logistic can stop at a poor local optimum (or not converge and
     fall back to |PCC|); several starts keep the best. NaN correlations are written as null."""

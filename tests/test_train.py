@@ -181,6 +181,8 @@ def test_train_is_deterministic_and_resumes_exactly(data, tmp_path):
     assert set(a) >= {"model", "optim", "step", "seconds", "config", "args", "torch_rng", "val_files"}
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # The RNG state a checkpoint saves: each start of the DataLoader drew from it, so it differed.
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
     init = QAIRN(preset("tiny")).state_dict()
     assert any(not torch.equal(a["model"][k], init[k]) for k in init)  # it did train
     rows = (tmp_path / "b" / "log.csv").read_text().splitlines()
@@ -753,6 +755,53 @@ def test_gpu_pack_and_entry_on_cpu(tmp_path):
     assert "Q against SSIM" in (out / "report.txt").read_text()
 
 
+def test_a_training_pack_keeps_same_named_images_of_two_subfolders_apart(tmp_path):
+    # val/ and train/ were flat: a/img00.png and b/img00.png, both held out, were copied to one
+    # val/img00.png (the second over the first), and their crops of an image the crop's size (at y 0,
+    # x 0 each round) to one train/img01_r0_y0_x0.webp, each still counted in the manifest.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = tmp_path / "src"
+    make_folder(src / "a", 4, 56, 56, seed=2)
+    make_folder(src / "b", 4, 56, 56, seed=3)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=4)
+    pack = tmp_path / "pack"
+    man = build_train_pack.build(src, live1, pack, budget_mib=1, crop=56, holdout=2, log=lambda *a: None)
+    assert man["val_files"] == ["a/img00.png", "b/img00.png"]
+    assert [f.relative_to(pack / "val").as_posix() for f in list_images(pack / "val")] == man["val_files"]
+    crops = list_images(pack / "train")
+    assert len(crops) == man["train_crops"] and {f.parent.name for f in crops} == {"a", "b"}
+
+
+def test_gpu_train_writes_strict_json_when_a_score_is_not_finite(tmp_path):
+    # A LIVE1 image its JPEG leaves unchanged (flat: PSNR infinite) and scores that rank nothing (SSIM 1
+    # at every level: correlations NaN, as the H200 run's constant Q2 gave) were written as the bare
+    # words Infinity and NaN, which jq, JavaScript and strict parsers refuse: the whole file is lost.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = tmp_path / "live1"
+    live1.mkdir()
+    cv2.imwrite(str(live1 / "flat.png"), np.full((48, 64, 3), 128, np.uint8))
+    pack = tmp_path / "pack"
+    build_train_pack.build(src, live1, pack, budget_mib=0.25, crop=56, holdout=1, log=lambda *a: None)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "scripts/gpu_train.py", "--pack", str(pack), "--out", str(out), "--preset"]
+    cmd += ["tiny", "--steps", "1", "--batch", "1", "--patch", "32", "--workers", "0", "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    results = json.loads((out / "results.json").read_text(), parse_constant=refuse)
+    evaluation = json.loads((out / "eval.json").read_text(), parse_constant=refuse)
+    assert results["quality"]["tables"]["ssim"]["jpeg"]["Q2"]["srcc"] is None
+    assert evaluation["images"][0]["jpeg"]["psnr"] is None
+
+
 def test_largest_config_under_20mb():
     sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_train
@@ -949,6 +998,20 @@ def test_missing_data_leaves_no_run_folder(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_torchrun_entry_refuses_an_empty_data_folder_in_one_line(tmp_path):
+    # `python -m qairn.train.trainer` (what torchrun starts, once per rank) called main() bare: an empty
+    # or unreadable --data ended in a FileNotFoundError or ValueError traceback where `qairn train` says
+    # one line.
+    (tmp_path / "empty").mkdir()
+    a = tiny_args(tmp_path / "empty", tmp_path / "run")
+    cmd = [sys.executable, "-m", "qairn.train.trainer", *cli_args(a)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    [line] = r.stderr.splitlines()
+    assert line.startswith(f"qairn train: error: {tmp_path / 'empty'}: no images found (looked for .bmp")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_corrupt_training_image_leaves_no_run_folder(tmp_path):
     # The refusal ("cannot decode training image") came after --out was made: an empty run folder stayed.
     folder = make_folder(tmp_path / "d", 5, 48, 48, seed=3)
@@ -1079,6 +1142,9 @@ def test_cache_sees_an_image_edited_in_place(tmp_path):
     st = (folder / "x.ppm").stat()
     os.utime(folder / "x.ppm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse file-system clocks
     assert np.array_equal(load_cached(list_images(folder), tmp_path / "cache")[0], 255 - img)
+    # The copy of the old pixels goes: each edit of --data left another whole decoded training set in
+    # the run's cache/ (255 MB for shared/data/train), never read again.
+    assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_images_too_small_for_a_patch_are_named(data, tmp_path, capsys):
@@ -1708,3 +1774,32 @@ def test_a_training_pack_crop_that_gives_no_crops_is_refused(tmp_path, crop, say
             src, live1, tmp_path / "pack", budget_mib=budget, crop=crop, holdout=1, log=print
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
+
+
+@pytest.mark.parametrize("holdout", [0, -1])
+def test_a_training_pack_without_held_out_images_is_refused(tmp_path, holdout):
+    # --val-holdout 0 built a pack with an empty val/, which gpu_train takes as --val-data (validation,
+    # the export's fp16 check, the p sweep): on the GPU machine it then ended in a FileNotFoundError
+    # traceback ('pack/val: no images found') before training.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 3, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    with pytest.raises(SystemExit, match=f"--val-holdout {holdout}: gpu_train validates"):
+        build_train_pack.build(src, live1, tmp_path / "pack", budget_mib=0.2, crop=56, holdout=holdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
+
+
+@pytest.mark.parametrize("crop", [20, -5])
+def test_gpu_train_refuses_a_quality_crop_too_small_before_training(tmp_path, crop):
+    # The quality steps come after the training: --quality-crop 20 (under JPEG 2000's 32 px) or -5 ended
+    # the p sweep in a ValueError traceback ('20x20 pixels after --crop', '0x0 pixels') once the
+    # training's minutes were spent, and the LIVE1 evaluation never ran.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_train
+
+    argv = ["--pack", str(tmp_path / "pack"), "--out", str(tmp_path / "out"), "--quality-crop", str(crop)]
+    with pytest.raises(SystemExit, match=f"--quality-crop {crop}: 0 .whole images. or at least 32 px"):
+        gpu_train.main(argv)
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def load_cached(files: list[Path], cache_dir: str | Path | None = None) -> list[
         except BaseException:  # a full disk: no partial copy of the training set left behind
             tmp.unlink(missing_ok=True)
             raise
+        # Caches of other file lists (--data edited, given another way) are never read again and each
+        # held the whole decoded set. Whole caches only: another DDP rank's temp file is in the making.
+        for old in cache.parent.glob("train-*.npz"):
+            if old != cache and re.fullmatch(r"train-[0-9a-f]{12}\.npz", old.name):
+                old.unlink(missing_ok=True)
     return images
 
 

@@ -651,6 +651,11 @@ def validation_files(weights, train_data: str, holdout: int, val_data: str | Non
                 f"({where}, or give the images with --val-data DIR)"
             )
         return files
+    if holdout < 1:  # else the sweep ran on no image: a grid of nan SRCCs, and p "kept", exit 0
+        raise SystemExit(
+            f"--val-holdout {holdout}: no held-out image to choose p on ({weights} does not name its "
+            "run's); give the run's number of held-out images, or the images with --val-data DIR"
+        )
     return split_files(train_data, holdout)[1]
 
 

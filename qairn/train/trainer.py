@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -495,6 +496,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             batch_size=None,
             num_workers=a.workers,
             worker_init_fn=worker_init,
+            # Its own generator: starting to iterate draws a seed, which from torch's global one moved
+            # the RNG state that checkpoints save, so a resumed run's differed from an uninterrupted one.
+            generator=torch.Generator().manual_seed(a.seed),
             persistent_workers=a.workers > 0,
             prefetch_factor=4 if a.workers > 0 else None,
             pin_memory=device.type == "cuda",
@@ -973,4 +977,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # As `qairn train`: torchrun starts this module once per rank, and a bad --data (empty, unreadable)
+    # was then a traceback per rank instead of the command's one line (and exit code).
+    from qairn.cli import main as qairn_main
+
+    sys.exit(qairn_main(["train", *sys.argv[1:]]))
