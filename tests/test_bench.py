@@ -765,6 +765,48 @@ def test_device_busy_time_counts_overlaps_once():
     assert prof.busy_ms([(2000, 5000), (0, 3000), (10000, 20000), (12000, 14000), (30000, 30500)]) == 15.5
 
 
+def test_profile_shares_leave_the_compiled_graphs_range_out_on_the_device():
+    """The top ops' shares of device time counted torch.compile's "## Call CompiledFxGraph" range as well
+    as the kernels inside it: on the H200 (2026-11-27) the range took the first row at 46% and every
+    kernel half its share. On the device the ranges are now left out; on the CPU their self time stays."""
+    prof = bench_script("profile_best")
+
+    def event(key, device_us, cpu_us, annotation=False):
+        return SimpleNamespace(
+            key=key,
+            count=3,
+            self_device_time_total=device_us,
+            self_cpu_time_total=cpu_us,
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        event("## Call CompiledFxGraph abc ##", 9000.0, 300.0, annotation=True),  # spans both kernels
+        event("sm90_xmma_fprop", 6000.0, 0.0),
+        event("triton_poi_fused_relu", 3000.0, 0.0),
+        event("aten::copy_", 0.0, 600.0),
+    ]
+    top = prof.top_ops(events, "self_device_time_total", iters=3, rows=2)
+    assert [(t["op"], round(t["share"], 3), t["self_ms"]) for t in top] == [
+        ("sm90_xmma_fprop", 0.667, 2.0),
+        ("triton_poi_fused_relu", 0.333, 1.0),
+    ]
+    top = prof.top_ops(events, "self_cpu_time_total", iters=3, rows=1)
+    assert [(t["op"], round(t["share"], 3)) for t in top] == [("aten::copy_", 0.667)]
+
+
+def test_profile_text_says_per_call_and_totals_apart(tmp_path):
+    """profile.txt's title said "per call (of 3)" above torch's table, which sums the 3 calls (the
+    H200's 103.5 ms for a 34.5 ms call). The per-call list now comes first; torch's table says it
+    holds totals."""
+    prof = bench_script("profile_best")
+    args = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "2"]
+    assert prof.main([*args, "--out", str(tmp_path / "p.txt")]) == 0
+    text = (tmp_path / "p.txt").read_text()
+    assert "per call (of" not in text and "2 profiled calls" in text.splitlines()[0]
+    assert "self ms per call" in text and "totals over the 2 calls" in text
+
+
 def test_profile_names_the_line_that_stalls_the_host():
     prof = bench_script("profile_best")
     from torch.profiler import ProfilerActivity, profile
