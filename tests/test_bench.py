@@ -1335,6 +1335,35 @@ def test_gpu_summary_says_where_the_gate_and_the_frame_time_stand():
     ]
 
 
+def test_gpu_summary_gives_the_gate_numbers_issue_4_asks_for():
+    """#4's note needs the gate's GB/s against copy bandwidth, its speedup over eager at fp16 and the max
+    error per dtype: the summary printed only the worst fractions (">= 94% of copy, >= 4.3x eager")
+    and no error at all, so the note's numbers had to be dug out of gpu_run.json."""
+    summ = bench_script("gpu_summary")
+    gate = {
+        "copy": {"GBps": 4277.0},
+        "throughput": [
+            {"dtype": "float16", "shape": [40, 64, 544, 544], "layout": "nchw", "GBps_blend_pool": 4002.4,
+             "frac_of_copy": 0.9358, "speedup_vs_eager": 4.2645},
+            {"dtype": "bfloat16", "shape": [40, 64, 544, 544], "layout": "nchw", "GBps_blend_pool": 3990.0,
+             "frac_of_copy": 0.933, "speedup_vs_eager": 4.1},
+        ],
+        "correctness": [
+            {"dtype": "float32", "layout": "nchw", "max_err": {"out": 1e-7, "grad_dec": 3e-7}, "pass": True},
+            {"dtype": "float32", "layout": "channels_last", "max_err": {"out": 2e-7}, "pass": True},
+            {"dtype": "float16", "layout": "nchw", "max_err": {"out": 4.9e-4, "gamma": 2e-4}, "pass": True},
+            {"dtype": "bfloat16", "layout": "channels_last", "max_err": {"out": 0.0123}, "pass": False},
+        ],
+    }  # fmt: skip
+    lines = summ.gate_lines(gate)
+    assert "  gate fp16 C=64 nchw: 4002 GB/s blend+pool = 94% of copy (4277 GB/s), 4.26x eager" in lines
+    assert not any("C=64 nchw: 3990" in line for line in lines)  # fp16 only: the targets' dtype
+    assert lines[-1] == (
+        "  gate max error vs the float64 reference (|err| / max(1, |ref|), out, gamma, grads): "
+        "float32 3e-07, float16 0.00049, bfloat16 0.012; OVER TOLERANCE: bfloat16 channels_last"
+    )
+
+
 def test_help_states_the_budget_and_psnr_defaults():
     """--help gave no default for --case-budget-s, --budget-s or --min-psnr: a reader could not tell
     that a CPU case is cut after 30 s, that there is no overall budget, or where 'wrong' begins."""
