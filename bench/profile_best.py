@@ -36,7 +36,13 @@ def best_backend(report_path: str | None, device: torch.device) -> str:
         raise SystemExit(f"--from {report_path}: names no best backend (a --video report, or no case ran)")
     area = lambda size: int(size.split("x")[0]) * int(size.split("x")[1])
     size = "3840x2160" if "3840x2160" in best else max(best, key=area)
-    return best[size]["backend"]
+    label = best[size]["backend"]
+    if label not in qb.SPECS:  # a report of another qairn version: a KeyError traceback further on
+        raise SystemExit(
+            f"--from {report_path}: its best backend {label!r} is unknown here; "
+            f"give --backend, one of {', '.join(qb.SPECS)}"
+        )
+    return label
 
 
 # Host calls that make the host wait for the device (or copy from pageable memory, which can): when

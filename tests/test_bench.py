@@ -278,6 +278,9 @@ def test_table_rows_line_up_and_keep_small_rates():
         # (no backend: the defaults; --case-budget-s 0: 30 s; NaN: never compared, never cut).
         (FAST + ["--tiles", "16", "--overlap", "32"], "--tiles 16 with --overlap 32: overlap 32"),
         (FAST + ["--backends", ","], "no backend named"),
+        # the bad name once (it was "unknown backend(s) foo, foo"), the valid ones and 'all' named
+        (FAST + ["--backends", "foo,foo"], "unknown backend 'foo'; choose from eager-fp32, eager-fp16-cl,"),
+        (FAST + ["--backends", "foo"], "onnxruntime-fp32 (a comma list), or all\n"),
         (FAST + ["--case-budget-s", "0"], "--case-budget-s must be positive"),
         (FAST + ["--min-psnr", "nan"], "--min-psnr must be a finite number, got nan"),
         (FAST + ["--budget-s", "inf"], "--budget-s must be a finite number, got inf"),
@@ -1471,6 +1474,24 @@ def test_python_m_bench_refuses_a_missing_output_folder_in_one_line(flag, tmp_pa
     with pytest.raises(SystemExit) as e:
         qb.main([*FAST, flag, "no/such/dir/out"])
     assert e.value.code == "no/such/dir/out: output folder does not exist"
+
+
+def test_profile_from_a_report_of_an_unknown_backend_says_so_in_one_line(tmp_path):
+    """A report whose best backend is no label of this version (renamed since) ended in a KeyError
+    traceback from SPECS[label] when gpu_run.sh profiled it; it is now refused in one line."""
+    prof = bench_script("profile_best")
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"best": {"3840x2160": {"backend": "compile-old-fp16"}}}))
+    with pytest.raises(SystemExit) as e:
+        prof.main(["--device", "cpu", "--from", str(path)])
+    message = str(e.value.code)
+    assert message.startswith(f"--from {path}: its best backend 'compile-old-fp16' is unknown here;")
+    assert "one of eager-fp32, " in message and "\n" not in message
+
+
+def test_bench_times_a_backend_named_twice_once():
+    assert qb.parse_backends("eager-fp32, eager-bf16-cl,eager-fp32") == ["eager-fp32", "eager-bf16-cl"]
+    assert qb.parse_backends("all") == list(qb.SPECS)
 
 
 def test_profile_takes_one_size(capsys):

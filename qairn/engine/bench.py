@@ -912,14 +912,20 @@ def parse_tiles(text: str) -> list[int | None]:
     return tiles
 
 
+def backend_choices() -> str:
+    return f"choose from {', '.join(SPECS)} (a comma list), or all"
+
+
 def parse_backends(text: str) -> list[str]:
-    labels = list(SPECS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
+    # Each label once: a repeated one was timed twice and drawn as two bars of one name.
+    names = dict.fromkeys(b.strip() for b in text.split(",") if b.strip())
+    labels = list(SPECS) if list(names) == ["all"] else list(names)
     if not labels:
-        raise argparse.ArgumentTypeError(f"no backend named; choose from {', '.join(SPECS)}")
+        raise argparse.ArgumentTypeError(f"no backend named; {backend_choices()}")
     unknown = [b for b in labels if b not in SPECS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(SPECS)}"
+            f"unknown backend{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; {backend_choices()}"
         )
     return labels
 
