@@ -128,6 +128,8 @@ def targets(bench: dict | None, convutil: dict | None) -> dict:
             "best_conv_util": r.get("best_conv_util"),
             "fused_forward_util": r.get("fused_forward_util"),
             "roofline_util": r.get("roofline_util"),  # the most this trunk can reach on this device
+            # False: the time box cut the fused Triton part, best_conv_util is cuDNN's alone
+            "triton_timed": r.get("complete", True),
             "met": max(r["conv_util"], r.get("best_conv_util") or 0.0) >= 0.5,
         }
     )

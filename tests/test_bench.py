@@ -719,6 +719,35 @@ def test_conv_util_keeps_the_models_it_finished(tmp_path, monkeypatch):
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_conv_util_keeps_cudnns_numbers_when_the_triton_tilings_are_cut(tmp_path, monkeypatch):
+    """The fused Triton convs compile a kernel per tiling after each layer's cuDNN timing, and the
+    model's numbers were written only once all of it was done: a time box that ran out in the
+    tilings (slow compiles) left no conv utilisation at all for #6's target, though cuDNN's was known.
+    The cuDNN part is now written first, marked incomplete."""
+    conv = bench_script("conv_util")
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: {"fp32": 1e3})
+    monkeypatch.setattr(conv, "copy_bandwidth", lambda *args: 1e15)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt  # what the time box's SIGINT raises in a compile
+
+    monkeypatch.setattr(conv, "time_triton", interrupted)
+    args = ["--device", "cpu", "--presets", "tiny", "--shape", "1x3x16x16", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        conv.main([*args, "--json", str(tmp_path / "c.json")])
+    r = json.loads((tmp_path / "c.json").read_text())["presets"]["tiny"]
+    assert r["complete"] is False and r["conv_util"] > 0 and r["best_conv_util"] == r["conv_util"]
+    assert r["config"]["widths"] == list(PRESETS["tiny"].widths)
+    bench = {"model": {"config": {"preset": "tiny"}}}
+    target = bench_script("gpu_summary").targets(bench, {"precision": "fp32", "presets": {"tiny": r}})
+    assert target["conv_trunk_ge_50pct_fp16_peak"]["triton_timed"] is False
+    monkeypatch.setattr(conv, "time_triton", lambda *args: {"ms": 1e-3, "config": [64, 16, 16, 4]})
+    assert conv.main([*args, "--json", str(tmp_path / "c.json")]) == 0
+    r = json.loads((tmp_path / "c.json").read_text())["presets"]["tiny"]
+    assert r["complete"] is True and all(layer["triton_ms"] == 1e-3 for layer in r["layers"])
+    assert r["best_conv_util"] > r["conv_util"]
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
