@@ -1523,6 +1523,20 @@ def test_bench_times_a_backend_named_twice_once():
     assert qb.parse_backends("all") == list(qb.SPECS)
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bench_refuses_a_folder_that_takes_no_file_before_timing(flag, capsys):
+    """A folder that exists but takes no file (/proc here; a read-only one for a user) passed the
+    check, so the first case was timed and the first report write failed: a traceback from
+    `python -m qairn.engine.bench` (gpu_run.sh's way), naming the temp file '/proc/.x.json.*.part'."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (Linux): a folder that takes no file, even for root")
+    path = "/proc/x.png" if flag == "--plot" else "/proc/x.json"
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, flag, path])
+    assert str(e.value.code).startswith(f"{path}: cannot write in its folder (")
+    assert qb.COLUMNS not in capsys.readouterr().out  # refused before any case ran
+
+
 def test_profile_takes_one_size(capsys):
     # --size 16x16,32x32 (qairn bench's list syntax) profiled 16x16 alone and never said the rest went.
     prof = bench_script("profile_best")

@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -870,11 +871,19 @@ def strict(obj):
 
 def check_outputs(*paths: str | None) -> None:
     """check_writable, refused in one line (SystemExit) also where no qairn command turns its OSError
-    into one: `python -m qairn.engine.bench` (as gpu_run.sh runs it) and the bench/ scripts."""
+    into one: `python -m qairn.engine.bench` (as gpu_run.sh runs it) and the bench/ scripts. And a
+    file is made and removed in each folder: a folder that exists but takes no file (read-only, /proc)
+    failed only at the first report, after the first case was timed, naming the temp file."""
     try:
         check_writable(*paths)
     except OSError as e:
         raise SystemExit(str(e)) from None
+    for path in filter(None, paths):
+        try:
+            with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent, prefix=".qairn-probe-"):
+                pass
+        except OSError as e:
+            raise SystemExit(f"{path}: cannot write in its folder ({e.strerror or e})") from None
 
 
 def write_json(path: str, obj, indent: int = 1) -> None:
