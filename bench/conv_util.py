@@ -293,6 +293,7 @@ def main(argv=None) -> int:
     if not args.presets and not args.weights:
         raise SystemExit("--presets names none and no --weights given: nothing to measure")
     qb.check_outputs(args.json, args.plot)  # before the measuring, not after the first model
+    qb.check_plot(args.plot)  # a PNG, named so
     for w in args.weights:  # and a bad weights file before the peaks and the presets are measured
         try:
             load_model(w)

@@ -1537,6 +1537,22 @@ def test_bench_refuses_a_folder_that_takes_no_file_before_timing(flag, capsys):
     assert qb.COLUMNS not in capsys.readouterr().out  # refused before any case ran
 
 
+def test_plot_that_is_no_png_is_refused_in_one_line(tmp_path, monkeypatch):
+    """`python -m qairn.engine.bench --plot r.jpg` (gpu_run.sh's way) ended in a ValueError traceback,
+    and conv_util --plot c.jpg wrote PNG bytes under the .jpg name after the whole run."""
+    with pytest.raises(SystemExit) as e:
+        qb.main([*FAST, "--plot", str(tmp_path / "r.jpg")])
+    assert (
+        str(e.value.code)
+        == f"--plot {tmp_path / 'r.jpg'}: the figure is written as PNG; give a name ending in .png"
+    )
+    conv = bench_script("conv_util")
+    monkeypatch.setattr(conv.qb, "peak_matmul", lambda device: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--device", "cpu", "--presets", "tiny", "--plot", str(tmp_path / "c.jpg")])
+    assert "give a name ending in .png" in str(e.value.code) and not (tmp_path / "c.jpg").exists()
+
+
 def test_profile_takes_one_size(capsys):
     # --size 16x16,32x32 (qairn bench's list syntax) profiled 16x16 alone and never said the rest went.
     prof = bench_script("profile_best")

@@ -886,6 +886,14 @@ def check_outputs(*paths: str | None) -> None:
             raise SystemExit(f"{path}: cannot write in its folder ({e.strerror or e})") from None
 
 
+def check_plot(path: str | None) -> None:
+    """check_figure (--plot names a .png), refused in one line (SystemExit) as check_outputs is."""
+    try:
+        check_figure(path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
 def write_json(path: str, obj, indent: int = 1) -> None:
     """Strict JSON, written atomically (a temp file of its own, renamed in; removed if cut short)."""
     text = json.dumps(strict(obj), indent=indent, default=str, allow_nan=False)
@@ -1034,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
     check_outputs(*outputs.values())
     check_distinct(outputs, {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS})
-    check_figure(args.plot)
+    check_plot(args.plot)
     device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
