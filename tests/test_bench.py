@@ -1553,6 +1553,12 @@ def test_plot_that_is_no_png_is_refused_in_one_line(tmp_path, monkeypatch):
     assert "give a name ending in .png" in str(e.value.code) and not (tmp_path / "c.jpg").exists()
 
 
+def test_budget_cut_names_the_budget_as_given(capsys):
+    # --budget-s 0.5 (or 0.001) cut the later cases "time budget of 0 s spent"
+    qb.main([*TINY, "--sizes", "16x16,24x24", "--backends", "eager-fp32", "--budget-s", "0.001"])
+    assert "skipped: time budget of 0.001 s spent" in capsys.readouterr().out
+
+
 def test_profile_takes_one_size(capsys):
     # --size 16x16,32x32 (qairn bench's list syntax) profiled 16x16 alone and never said the rest went.
     prof = bench_script("profile_best")

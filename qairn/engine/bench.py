@@ -439,6 +439,11 @@ def case_row(label, size, tile, **fields) -> dict:
     }
 
 
+def budget_spent(budget_s: float) -> str:
+    """The reason of a case the --budget-s cut: as given (a budget of 0.5 s read "0 s")."""
+    return f"time budget of {budget_s:g} s spent"
+
+
 def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> None:
     refs = {}  # (size, tile) -> eager fp32 (output on the CPU, quality, median ms)
     frames = {size: synthetic_frame(size[1], size[0], torch.device("cpu"), args.seed) for size in args.sizes}
@@ -449,7 +454,7 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         for size in args.sizes:
             for tile in args.tiles:
                 if reason is None and time.monotonic() > deadline:
-                    reason = f"time budget of {args.budget_s:.0f} s spent"
+                    reason = budget_spent(args.budget_s)
                 if reason is not None:
                     row = case_row(label, size, tile, status="skipped", reason=reason)
                 else:
