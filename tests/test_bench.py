@@ -530,6 +530,7 @@ def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
         tile_batch=0,
         repeats=3,
         case_budget_s=600.0,
+        budget_s=0,
     )
     report = {"results": []}
     qb.run_video(args, qb.bench_model(preset="tiny")[0], torch.device("cpu"), report, lambda r: None)
@@ -1557,6 +1558,16 @@ def test_budget_cut_names_the_budget_as_given(capsys):
     # --budget-s 0.5 (or 0.001) cut the later cases "time budget of 0 s spent"
     qb.main([*TINY, "--sizes", "16x16,24x24", "--backends", "eager-fp32", "--budget-s", "0.001"])
     assert "skipped: time budget of 0.001 s spent" in capsys.readouterr().out
+
+
+def test_video_mode_keeps_to_the_budget(tmp_path):
+    """--budget-s was read by the table alone: --video streamed every backend in every mode whatever
+    the budget."""
+    args = [*TINY, "--sizes", "16x16", "--video", "2", "--backends", "eager-fp32,eager-bf16-cl"]
+    qb.main([*args, "--budget-s", "0.001", "--json", str(tmp_path / "v.json")])
+    rows = json.loads((tmp_path / "v.json").read_text())["results"]
+    assert len(rows) == 6  # the first mode may start (as in the table): the later ones are cut
+    assert all(r["status"] == "skipped" and r["reason"] == "time budget of 0.001 s spent" for r in rows[1:])
 
 
 def test_profile_takes_one_size(capsys):

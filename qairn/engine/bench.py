@@ -787,6 +787,7 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         ],
     }
     refs = {}  # mode -> eager fp32's frames
+    deadline = time.monotonic() + args.budget_s if args.budget_s else math.inf  # as in the table
     for label in args.backends:
         reason = skip_reason(label, device)
         restorer = None
@@ -794,6 +795,8 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         for mode, fn in modes.items():
             frames = yuv if mode == "stream-yuv420" else rgb
             row = {"backend": label, "mode": mode, "size": [w, h], "tile": tile, "frames": args.video}
+            if reason is None and time.monotonic() > deadline:
+                reason = budget_spent(args.budget_s)
             if reason:
                 row.update(status="skipped", reason=reason)
             else:
