@@ -276,7 +276,13 @@ def main(argv=None) -> int:
         default="small,paper",
         help="presets to measure (random weights: speed only)",
     )
-    p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
+    p.add_argument(
+        "--weights",
+        type=qb.path_arg,
+        action="append",
+        default=[],
+        help="also measure this weights file's model",
+    )
     p.add_argument(
         "--shape", type=parse_shape, default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)"
     )
@@ -285,8 +291,8 @@ def main(argv=None) -> int:
         "--device", default="auto", help="auto, cpu, cuda or cuda:N (made the current CUDA device)"
     )
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG of the per-layer times against the roofline")
+    p.add_argument("--json", type=qb.path_arg, help="write the results here")
+    p.add_argument("--plot", type=qb.path_arg, help="write a PNG of the per-layer times against the roofline")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")

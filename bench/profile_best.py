@@ -173,18 +173,23 @@ def parse_size(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=list(qb.SPECS))
-    p.add_argument("--from", dest="report", help="a `qairn bench --json` report: profile its best backend")
+    p.add_argument(
+        "--from",
+        dest="report",
+        type=qb.path_arg,
+        help="a `qairn bench --json` report: profile its best backend",
+    )
     p.add_argument("--size", type=parse_size, default="3840x2160", help="WxH (default 3840x2160)")
     p.add_argument("--tile", type=int, default=512, help="0 = whole image")
     p.add_argument("--preset", choices=sorted(qb.PRESETS))
-    p.add_argument("--weights", help="qairn safetensors (default: the shipped weights)")
+    p.add_argument("--weights", type=qb.path_arg, help="qairn safetensors (default: the shipped weights)")
     p.add_argument(
         "--device", default="auto", help="auto, cpu, cuda or cuda:N (made the current CUDA device)"
     )
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--rows", type=int, default=15)
-    p.add_argument("--out", help="write the profiler table here")
-    p.add_argument("--json", help="write the top ops here")
+    p.add_argument("--out", type=qb.path_arg, help="write the profiler table here")
+    p.add_argument("--json", type=qb.path_arg, help="write the top ops here")
     args = p.parse_args(argv)
     if args.iters < 1:
         raise SystemExit(f"--iters must be at least 1, got {args.iters}")

@@ -1570,6 +1570,22 @@ def test_video_mode_keeps_to_the_budget(tmp_path):
     assert all(r["status"] == "skipped" and r["reason"] == "time budget of 0.001 s spent" for r in rows[1:])
 
 
+@pytest.mark.parametrize(
+    "script, flag",
+    [("qairn bench", f) for f in ("--json", "--plot", "--env", "--weights")]
+    + [("conv_util", f) for f in ("--json", "--plot", "--weights")]
+    + [("profile_best", f) for f in ("--json", "--out", "--from", "--weights")],
+)
+def test_an_empty_file_name_is_refused(script, flag, capsys):
+    """An unset variable (--json "$OUT_JSON") was taken as no --json: the run went on, wrote no report
+    and said nothing (exit 0); --weights '' failed to load '' after the work was set up."""
+    main = qb.main if script == "qairn bench" else bench_script(script).main
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", flag, ""])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.endswith(f"argument {flag}: an empty name, not a file or folder"), err
+
+
 def test_profile_takes_one_size(capsys):
     # --size 16x16,32x32 (qairn bench's list syntax) profiled 16x16 alone and never said the rest went.
     prof = bench_script("profile_best")

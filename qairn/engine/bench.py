@@ -35,7 +35,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import check_distinct, check_figure, check_writable, save_figure, write_atomic
+from qairn.engine.imageio import (
+    check_distinct,
+    check_figure,
+    check_writable,
+    path_arg,
+    save_figure,
+    write_atomic,
+)
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -981,7 +988,9 @@ def parser() -> argparse.ArgumentParser:
         help="tiles per backend call (default 4; 1 for compiled/static backends)",
     )
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
-    p.add_argument("--weights", help="qairn safetensors (default: the shipped weights if present)")
+    p.add_argument(
+        "--weights", type=path_arg, help="qairn safetensors (default: the shipped weights if present)"
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="time a random-initialised preset instead")
     p.add_argument(
         "--device",
@@ -1011,8 +1020,10 @@ def parser() -> argparse.ArgumentParser:
         help="below this PSNR vs eager fp32 a backend is wrong (default 40)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default 0)")
-    p.add_argument("--json", help="write the report (device, versions, settings, results) here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument(
+        "--json", type=path_arg, help="write the report (device, versions, settings, results) here"
+    )
+    p.add_argument("--plot", type=path_arg, help="write a PNG bar chart here")
     p.add_argument(
         "--video",
         type=int,
@@ -1021,7 +1032,9 @@ def parser() -> argparse.ArgumentParser:
         help="stream FRAMES frames of one size (--sizes; default the first of the defaults) at one tile "
         "through one Restorer per backend (default 0: no stream)",
     )
-    p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
+    p.add_argument(
+        "--env", type=path_arg, metavar="JSON", help="only write the device/versions JSON here ('-': print)"
+    )
     return p
 
 
