@@ -1218,6 +1218,10 @@ def test_gate_report_measures_the_device_asked(tmp_path, monkeypatch):
     assert report.DEVICE == gpu and made_current == [gpu] and asked == [gpu]
     env = json.loads(out.read_text())["environment"]
     assert env["device"] == "cuda:1" and env["gpu"] == "Fake GPU"
+    # The errors' measure and the units are stated (max_err read as an absolute error otherwise)
+    definitions = json.loads(out.read_text())["definitions"]
+    assert "/ max(1, |reference|)" in definitions["max_err"] and definitions["tolerance"] == report.TOL
+    assert "GBps: 1e9 bytes a second" in definitions["units"]
     assert report.main(["gpu_gate_report.py", str(out), "--device", "cpu"]) == 0  # a skip, as without CUDA
     with pytest.raises(SystemExit, match="requested, but this machine has 2 CUDA devices"):
         report.main(["gpu_gate_report.py", str(out), "--device", "cuda:2"])
