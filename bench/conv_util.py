@@ -101,8 +101,18 @@ def time_triton(conv, x, device, repeats: int) -> dict | None:
 
 
 def conv_util(
-    model: QAIRN, shape, dtype, device, peak_tflops: float, repeats: int, bandwidth: float | None = None
+    model: QAIRN,
+    shape,
+    dtype,
+    device,
+    peak_tflops: float,
+    repeats: int,
+    bandwidth: float | None = None,
+    progress=None,
 ) -> dict:
+    """The trunk's numbers: cuDNN per layer and the whole forward first (handed to progress(result),
+    marked "complete": False), then the fused Triton kernels, which compile a kernel per tiling: on a
+    slow compile the time box cut the whole model and kept none of its numbers, cuDNN's included."""
     n, _, h, w = shape
     cl = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     groups = {}  # identical calls (module config + input shape) are timed once
@@ -111,7 +121,7 @@ def conv_util(
         key = (type(m).__name__, m.in_channels, m.out_channels, m.kernel_size, m.stride, call["shape"])
         groups.setdefault(key, {"names": [], "flops": call["flops"], "shape": call["shape"]})
         groups[key]["names"].append(call["name"])
-    layers = []
+    layers, operands = [], []
     with torch.inference_mode():
         for key, g in groups.items():
             conv = copy.deepcopy(model.get_submodule(g["names"][0]))  # the recorded module is on meta
@@ -120,7 +130,7 @@ def conv_util(
             ms = time_ms(lambda conv=conv, x=x: conv(x), device, repeats)
             nbytes = min_bytes(conv, g["shape"], x.element_size())
             roof_ms = max(g["flops"] / (peak_tflops * 1e12), nbytes / bandwidth if bandwidth else 0.0) * 1e3
-            fused = time_triton(conv, x, device, repeats)
+            operands.append((conv, x))
             layers.append(
                 {
                     "layer": key[0],
@@ -136,25 +146,36 @@ def conv_util(
                     "tflops": g["flops"] / (ms * 1e-3) / 1e12,
                     "bytes": nbytes,
                     "roofline_ms": roof_ms,
-                    "triton_ms": fused["ms"] if fused else None,
-                    "triton_config": fused["config"] if fused else None,
+                    "triton_ms": None,
+                    "triton_config": None,
                 }
             )
         net = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=cl).eval()
         x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=cl)
         forward_ms = time_ms(lambda: net(x), device, repeats)
+        if progress is not None:
+            progress(trunk_summary(shape, layers, forward_ms, {}, peak_tflops) | {"complete": False})
+        for layer, (conv, layer_x) in zip(layers, operands, strict=True):
+            fused = time_triton(conv, layer_x, device, repeats)
+            if fused:
+                layer["triton_ms"], layer["triton_config"] = fused["ms"], fused["config"]
         # The whole forward with the convs up to each width fused (which width pays is the question).
         fused_forward = {}
         if device.type == "cuda" and cv.HAS_TRITON:
             for width in FUSE_WIDTHS:
                 fuse.fuse_convs(fuse.unfuse_convs(net), max_channels=width)
                 fused_forward[str(width)] = time_ms(lambda: net(x), device, repeats)
+    return trunk_summary(shape, layers, forward_ms, fused_forward, peak_tflops) | {"complete": True}
+
+
+def trunk_summary(
+    shape, layers: list[dict], forward_ms: float, fused_forward: dict, peak_tflops: float
+) -> dict:
     flops = sum(layer["gflop"] * layer["count"] for layer in layers) * 1e9
     conv_ms = sum(layer["ms"] * layer["count"] for layer in layers)
     # Per layer the faster of cuDNN and the fused kernel: what a conv backend choosing per layer gets.
     best_ms = sum(min(layer["ms"], layer["triton_ms"] or layer["ms"]) * layer["count"] for layer in layers)
     roof_ms = sum(layer["roofline_ms"] * layer["count"] for layer in layers)
-    layers.sort(key=lambda layer: -layer["ms"] * layer["count"])
     return {
         "shape": list(shape),
         "gflop": flops / 1e9,
@@ -166,13 +187,14 @@ def conv_util(
         "forward_util": flops / (forward_ms * 1e-3) / 1e12 / peak_tflops,
         "best_conv_ms": best_ms,
         "best_conv_util": flops / (best_ms * 1e-3) / 1e12 / peak_tflops,
-        "fused_forward_ms": fused_forward,  # {max_channels: ms}
+        "fused_forward_ms": dict(fused_forward),  # {max_channels: ms}
         "fused_forward_util": (
             flops / (min(fused_forward.values()) * 1e-3) / 1e12 / peak_tflops if fused_forward else None
         ),
         "roofline_ms": roof_ms,
         "roofline_util": flops / (roof_ms * 1e-3) / 1e12 / peak_tflops,
-        "layers": layers,
+        # the costliest first; copies, so a later update of the list does not change a saved report
+        "layers": [dict(layer) for layer in sorted(layers, key=lambda layer: -layer["ms"] * layer["count"])],
     }
 
 
@@ -254,7 +276,13 @@ def main(argv=None) -> int:
         default="small,paper",
         help="presets to measure (random weights: speed only)",
     )
-    p.add_argument("--weights", action="append", default=[], help="also measure this weights file's model")
+    p.add_argument(
+        "--weights",
+        type=qb.path_arg,
+        action="append",
+        default=[],
+        help="also measure this weights file's model",
+    )
     p.add_argument(
         "--shape", type=parse_shape, default="4x3x512x512", help="NxCxHxW input (default: a batch of 4 tiles)"
     )
@@ -263,14 +291,15 @@ def main(argv=None) -> int:
         "--device", default="auto", help="auto, cpu, cuda or cuda:N (made the current CUDA device)"
     )
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--plot", help="write a PNG of the per-layer times against the roofline")
+    p.add_argument("--json", type=qb.path_arg, help="write the results here")
+    p.add_argument("--plot", type=qb.path_arg, help="write a PNG of the per-layer times against the roofline")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be at least 1, got {args.repeats}")
     if not args.presets and not args.weights:
         raise SystemExit("--presets names none and no --weights given: nothing to measure")
     qb.check_outputs(args.json, args.plot)  # before the measuring, not after the first model
+    qb.check_plot(args.plot)  # a PNG, named so
     for w in args.weights:  # and a bad weights file before the peaks and the presets are measured
         try:
             load_model(w)
@@ -298,16 +327,29 @@ def main(argv=None) -> int:
     )
     models = [(name, lambda name=name: QAIRN(PRESETS[name]).eval()) for name in args.presets]
     models += [(Path(w).stem, lambda w=w: load_model(w)) for w in args.weights]
-    for name, build in models:
-        model = build()
-        r = conv_util(model, shape, DTYPES[precision], device, peak, args.repeats, bandwidth)
-        r["config"] = asdict(model.config)
-        report["presets"][name] = r
-        # Written after each model: a run cut short by its time box keeps the models it finished.
+
+    def save(name, model, r):
+        # Written after each model, and after its cuDNN part: a run cut short by its time box keeps
+        # what it finished.
+        report["presets"][name] = r | {"config": asdict(model.config)}
         if args.json:
             write_atomic(args.json, (json.dumps(report, indent=1) + "\n").encode())
         if args.plot:
             write_plot(report, args.plot)
+
+    for name, build in models:
+        model = build()
+        r = conv_util(
+            model,
+            shape,
+            DTYPES[precision],
+            device,
+            peak,
+            args.repeats,
+            bandwidth,
+            progress=lambda partial, name=name, model=model: save(name, model, partial),
+        )
+        save(name, model, r)
         print(
             f"{name:>6} {'x'.join(map(str, shape))}: {r['gflop']:.1f} GFLOP; "
             f"convs alone {r['conv_ms']:.3f} ms = "

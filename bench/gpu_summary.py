@@ -128,6 +128,8 @@ def targets(bench: dict | None, convutil: dict | None) -> dict:
             "best_conv_util": r.get("best_conv_util"),
             "fused_forward_util": r.get("fused_forward_util"),
             "roofline_util": r.get("roofline_util"),  # the most this trunk can reach on this device
+            # False: the time box cut the fused Triton part, best_conv_util is cuDNN's alone
+            "triton_timed": r.get("complete", True),
             "met": max(r["conv_util"], r.get("best_conv_util") or 0.0) >= 0.5,
         }
     )
@@ -230,6 +232,26 @@ def gate_lines(gate: dict) -> list[str]:
                 f"{' (default)' if r.get('default') else ''}: {r['frac_of_copy']:.0%} of copy, "
                 f"pooling {r['pool_overhead_graph']:+.1%}"
             )
+    # #4's note asks for the GB/s against copy, the speedup and the max error per dtype: the verdict
+    # above gives only the worst fractions.
+    copy_gbps = (gate.get("copy") or {}).get("GBps")
+    for r in gate.get("throughput") or []:
+        if r["dtype"] == "float16":
+            lines.append(
+                f"  gate fp16 C={r['shape'][1]} {r['layout']}: {r['GBps_blend_pool']:.0f} GB/s blend+pool = "
+                f"{r['frac_of_copy']:.0%} of copy ({copy_gbps or 0:.0f} GB/s), "
+                f"{r['speedup_vs_eager']:.2f}x eager"
+            )
+    worst = {}  # dtype -> the largest error of any output or gradient, any layout
+    for r in gate.get("correctness") or []:
+        worst[r["dtype"]] = max(worst.get(r["dtype"], 0.0), *r["max_err"].values())
+    if worst:
+        failed = [f"{r['dtype']} {r['layout']}" for r in gate["correctness"] if not r.get("pass")]
+        lines.append(
+            "  gate max error vs the float64 reference (|err| / max(1, |ref|), out, gamma, grads): "
+            + ", ".join(f"{dtype} {err:.2g}" for dtype, err in worst.items())
+            + (f"; OVER TOLERANCE: {', '.join(failed)}" if failed else "; all within tolerance")
+        )
     return lines
 
 

@@ -446,6 +446,10 @@ def main(argv):
             "time(blend + pool) / time(blend) - 1, with its quartiles (gate_workload.paired_ratio)",
             "pool_overhead_graph": "the same, each side replayed from a CUDA graph (no launch gaps)",
             "timing": "median of 50 CUDA-event-timed calls after 10 warm-up calls",
+            "units": "ms: milliseconds per call; GBps: 1e9 bytes a second (the bytes of bytes_blend)",
+            "max_err": "per output and gradient: max |Triton - float64 reference| / max(1, |reference|), "
+            "the reference computed on the same low-precision inputs; pass: all within tolerance",
+            "tolerance": TOL,
             "p": P,
             "budget_s": args.budget_s,
         },

@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +35,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
-from qairn.engine.imageio import check_distinct, check_figure, check_writable, save_figure, write_atomic
+from qairn.engine.imageio import (
+    check_distinct,
+    check_figure,
+    check_writable,
+    path_arg,
+    save_figure,
+    write_atomic,
+)
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -438,6 +446,11 @@ def case_row(label, size, tile, **fields) -> dict:
     }
 
 
+def budget_spent(budget_s: float) -> str:
+    """The reason of a case the --budget-s cut: as given (a budget of 0.5 s read "0 s")."""
+    return f"time budget of {budget_s:g} s spent"
+
+
 def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> None:
     refs = {}  # (size, tile) -> eager fp32 (output on the CPU, quality, median ms)
     frames = {size: synthetic_frame(size[1], size[0], torch.device("cpu"), args.seed) for size in args.sizes}
@@ -448,7 +461,7 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         for size in args.sizes:
             for tile in args.tiles:
                 if reason is None and time.monotonic() > deadline:
-                    reason = f"time budget of {args.budget_s:.0f} s spent"
+                    reason = budget_spent(args.budget_s)
                 if reason is not None:
                     row = case_row(label, size, tile, status="skipped", reason=reason)
                 else:
@@ -781,6 +794,7 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         ],
     }
     refs = {}  # mode -> eager fp32's frames
+    deadline = time.monotonic() + args.budget_s if args.budget_s else math.inf  # as in the table
     for label in args.backends:
         reason = skip_reason(label, device)
         restorer = None
@@ -788,6 +802,8 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
         for mode, fn in modes.items():
             frames = yuv if mode == "stream-yuv420" else rgb
             row = {"backend": label, "mode": mode, "size": [w, h], "tile": tile, "frames": args.video}
+            if reason is None and time.monotonic() > deadline:
+                reason = budget_spent(args.budget_s)
             if reason:
                 row.update(status="skipped", reason=reason)
             else:
@@ -870,10 +886,26 @@ def strict(obj):
 
 def check_outputs(*paths: str | None) -> None:
     """check_writable, refused in one line (SystemExit) also where no qairn command turns its OSError
-    into one: `python -m qairn.engine.bench` (as gpu_run.sh runs it) and the bench/ scripts."""
+    into one: `python -m qairn.engine.bench` (as gpu_run.sh runs it) and the bench/ scripts. And a
+    file is made and removed in each folder: a folder that exists but takes no file (read-only, /proc)
+    failed only at the first report, after the first case was timed, naming the temp file."""
     try:
         check_writable(*paths)
     except OSError as e:
+        raise SystemExit(str(e)) from None
+    for path in filter(None, paths):
+        try:
+            with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent, prefix=".qairn-probe-"):
+                pass
+        except OSError as e:
+            raise SystemExit(f"{path}: cannot write in its folder ({e.strerror or e})") from None
+
+
+def check_plot(path: str | None) -> None:
+    """check_figure (--plot names a .png), refused in one line (SystemExit) as check_outputs is."""
+    try:
+        check_figure(path)
+    except ValueError as e:
         raise SystemExit(str(e)) from None
 
 
@@ -912,14 +944,20 @@ def parse_tiles(text: str) -> list[int | None]:
     return tiles
 
 
+def backend_choices() -> str:
+    return f"choose from {', '.join(SPECS)} (a comma list), or all"
+
+
 def parse_backends(text: str) -> list[str]:
-    labels = list(SPECS) if text == "all" else [b.strip() for b in text.split(",") if b.strip()]
+    # Each label once: a repeated one was timed twice and drawn as two bars of one name.
+    names = dict.fromkeys(b.strip() for b in text.split(",") if b.strip())
+    labels = list(SPECS) if list(names) == ["all"] else list(names)
     if not labels:
-        raise argparse.ArgumentTypeError(f"no backend named; choose from {', '.join(SPECS)}")
+        raise argparse.ArgumentTypeError(f"no backend named; {backend_choices()}")
     unknown = [b for b in labels if b not in SPECS]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(SPECS)}"
+            f"unknown backend{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; {backend_choices()}"
         )
     return labels
 
@@ -950,7 +988,9 @@ def parser() -> argparse.ArgumentParser:
         help="tiles per backend call (default 4; 1 for compiled/static backends)",
     )
     p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
-    p.add_argument("--weights", help="qairn safetensors (default: the shipped weights if present)")
+    p.add_argument(
+        "--weights", type=path_arg, help="qairn safetensors (default: the shipped weights if present)"
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="time a random-initialised preset instead")
     p.add_argument(
         "--device",
@@ -980,8 +1020,10 @@ def parser() -> argparse.ArgumentParser:
         help="below this PSNR vs eager fp32 a backend is wrong (default 40)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic frames (default 0)")
-    p.add_argument("--json", help="write the report (device, versions, settings, results) here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument(
+        "--json", type=path_arg, help="write the report (device, versions, settings, results) here"
+    )
+    p.add_argument("--plot", type=path_arg, help="write a PNG bar chart here")
     p.add_argument(
         "--video",
         type=int,
@@ -990,7 +1032,9 @@ def parser() -> argparse.ArgumentParser:
         help="stream FRAMES frames of one size (--sizes; default the first of the defaults) at one tile "
         "through one Restorer per backend (default 0: no stream)",
     )
-    p.add_argument("--env", metavar="JSON", help="only write the device/versions JSON here ('-': print)")
+    p.add_argument(
+        "--env", type=path_arg, metavar="JSON", help="only write the device/versions JSON here ('-': print)"
+    )
     return p
 
 
@@ -1019,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {"--json": args.json, "--plot": args.plot, "--env": None if args.env == "-" else args.env}
     check_outputs(*outputs.values())
     check_distinct(outputs, {"the --weights file": args.weights, "the shipped weights": DEFAULT_WEIGHTS})
-    check_figure(args.plot)
+    check_plot(args.plot)
     device = resolve(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
