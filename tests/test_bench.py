@@ -113,6 +113,17 @@ def test_table_on_cpu(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_small_tiles_without_an_overlap_get_restores_default(tmp_path):
+    """qairn bench --tiles 16 (no --overlap) was refused: "--tiles 16 with --overlap 32: overlap 32 ...
+    must be smaller than the tile 16", an overlap never given, while qairn restore --tile 16 runs with
+    an overlap of 0. bench now takes restore's default per tile, and its rows say the overlap used."""
+    out = tmp_path / "bench.json"
+    args = TINY + ["--sizes", "48x64", "--tiles", "16,32,64", "--backends", "eager-fp32", "--json", str(out)]
+    assert qb.main(args) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["tile_used"], r["overlap_used"]) for r in rows] == [(16, 0), (32, 0), (64, 32)]
+
+
 def test_table_cut_short_keeps_its_plot(tmp_path, monkeypatch):
     """The GPU run's time box interrupts qairn bench (SIGINT): the JSON and the plot keep the cases timed."""
     timed = qb.time_case

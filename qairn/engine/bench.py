@@ -43,7 +43,7 @@ from qairn.engine.imageio import (
     save_figure,
     write_atomic,
 )
-from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, resolve_device
+from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, default_overlap, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
 from qairn.weights_io import WeightsError, load_model
@@ -523,6 +523,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
         repeats=len(r["ms"]),
         tile_batch=restorer.tile_batch,
         tile_used=tile_used,
+        overlap_used=overlap_used,
         tiles=plan.count,
         work_ratio=plan.count * plan.rows.tile * plan.cols.tile / (w * h),
         mp_per_s=mp / (ms * 1e-3),
@@ -987,7 +988,12 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="tiles per backend call (default 4; 1 for compiled/static backends)",
     )
-    p.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels (default 32)")
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="tile overlap in pixels (default 32; for tiles under 64, as qairn restore: a quarter, 0)",
+    )
     p.add_argument(
         "--weights", type=path_arg, help="qairn safetensors (default: the shipped weights if present)"
     )
@@ -1042,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
     for name in ("video", "threads", "tile_batch", "overlap", "budget_s"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise SystemExit(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
     if args.warmup is not None and args.warmup < 0:
         raise SystemExit(f"--warmup must not be negative, got {args.warmup}")
@@ -1083,7 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
     args.tiles = args.tiles or list(d["tiles"])
     for tile in args.tiles:  # before any work, not as a "failed" row for every case
         try:
-            check_tiling(tile, args.overlap)
+            check_tiling(tile, default_overlap(tile) if args.overlap is None else args.overlap)
         except ValueError as e:
             raise SystemExit(f"--tiles {tile or 0} with --overlap {args.overlap}: {e}") from None
     args.warmup = d["warmup"] if args.warmup is None else args.warmup
