@@ -1770,3 +1770,70 @@ def test_bench_ort_and_video_time_small_frames_on_the_cpu(device, monkeypatch):
         assert video.W > 512  # the tile512 case still tiles
     else:
         assert (1080, 1920) in ort_sizes and (video.W, video.H) == (1280, 720)
+
+
+def test_each_case_measures_its_own_peak_without_earlier_frame_graphs(monkeypatch):
+    """A Restorer(cuda_graph=True) keeps its last 2 frame graphs, each with its own memory pool, so the
+    8K case's peak held the 4K graph's pool too, and the "8K within 4 GB" verdict was judged on both.
+    The table now drops the Restorer's device caches before each case (after its tiling is set)."""
+    calls = []
+
+    class Stand:
+        tile_batch = 1
+
+        def set_tiling(self, tile, overlap=None):
+            calls.append(("set_tiling", tile))
+
+        def drop_caches(self):
+            calls.append(("drop_caches",))
+
+    def time_case(restorer, label, x, tile, device, args, refs, report):
+        calls.append(("time", tuple(x.shape[-2:]), tile))
+        return {}
+
+    monkeypatch.setattr(qb, "make_restorer", lambda *a: Stand())
+    monkeypatch.setattr(qb, "time_case", time_case)
+    monkeypatch.setattr(qb, "format_row", lambda row: row["status"])
+    args = SimpleNamespace(
+        backends=["eager-fp32"],
+        sizes=[(32, 16), (64, 32)],
+        tiles=[16, None],
+        seed=0,
+        budget_s=0,
+        overlap=None,
+    )
+    qb.run_table(args, None, torch.device("cpu"), {"results": []}, lambda report: None)
+    assert [c[0] for c in calls] == ["set_tiling", "drop_caches", "time"] * 4
+    assert [c[1:] for c in calls if c[0] == "time"] == [
+        ((16, 32), 16),
+        ((16, 32), None),
+        ((32, 64), 16),
+        ((32, 64), None),
+    ]
+
+
+def test_drop_caches_frees_the_frame_graphs_and_tile_plans(monkeypatch):
+    """Restorer.drop_caches(): the frame graphs (each its own memory pool on CUDA) and the tile plans
+    kept for earlier shapes are let go; the next call captures again and restores the same."""
+    from conftest import lively_model
+
+    from qairn.engine import restorer as rs
+
+    captures = []
+
+    def capture(run, x):
+        captures.append(tuple(x.shape))
+        output = run(x)
+        return (lambda: None), output  # replays of one input: the captured output stays right
+
+    monkeypatch.setattr(rs.FrameGraph, "capture", staticmethod(capture))
+    r = rs.Restorer(model=lively_model(), device="cpu", tile=16, overlap=0)
+    r.cuda_graph = True  # past the CUDA check: the stand-in capture needs none
+    x = torch.rand(1, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    first = r.restore_tensor(x)[0]
+    r.restore_tensor(x[..., :20])
+    assert len(r._graphs) == 2 and len(r._plan_cache) == 2
+    r.drop_caches()
+    assert not r._graphs and not r._plan_cache
+    torch.testing.assert_close(r.restore_tensor(x)[0], first, atol=0, rtol=0)
+    assert captures == [(1, 3, 24, 40), (1, 3, 24, 20), (1, 3, 24, 40)]

@@ -101,8 +101,8 @@ def peak_call(fn, device: torch.device) -> tuple:
     """fn() once more after emptying the cache and resetting the peaks (warm-up excluded): its output
     and the peak MiB reserved and allocated. Reserved is what counts: a CUDA-graph replay allocates
     nothing, its working memory sits in the graph's private pool, which only the reserved count sees
-    (the allocated peak would show just inputs, outputs and weights). Graphs kept for other sizes
-    count too: an upper bound, as a deployment would hold them."""
+    (the allocated peak would show just inputs, outputs and weights). The callers drop the Restorer's
+    graphs of earlier cases first (Restorer.drop_caches): each peak is its own case's alone."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -469,6 +469,9 @@ def run_table(args, model: QAIRN, device: torch.device, report: dict, save) -> N
                         if restorer is None:
                             restorer = make_restorer(model, label, device, tile, args)
                         restorer.set_tiling(tile, args.overlap)  # and forget earlier cases' OOM retries
+                        # Each case's peak memory its own: a frame graph kept from an earlier size
+                        # (cuda_graph labels keep 2, each with its own pool) counted in the 8K peak.
+                        restorer.drop_caches()
                         x = frames[size].to(device)
                         fields = time_case(restorer, label, x, tile, device, args, refs, report)
                         row = case_row(label, size, tile, status="ok", **fields)
@@ -810,6 +813,7 @@ def run_video(args, model: QAIRN, device: torch.device, report: dict, save) -> N
             else:
                 try:
                     restorer = restorer or make_restorer(model, label, device, tile, args)
+                    restorer.drop_caches()  # as in the table: each mode's peak its own (batch shapes)
                     run = functools.partial(fn, restorer, frames)
                     # The untimed pass meets every batch shape the timed ones do (the full batches and
                     # the last, short one): each compiled, autotuned and pinned before the clock starts.

@@ -419,12 +419,20 @@ class Restorer:
             # Not for a call of this very thread (close() from a progress callback), which cannot end
             # before this returns: its next backend call is refused instead ("... was closed").
             self._calls_changed.wait_for(lambda: all(t == me for t in self._callers))
-        with self._cache_lock:
-            self._graphs.clear()
-            self._plan_cache.clear()
         close_backend = getattr(self.backend, "close", None)
         if close_backend is not None:
             close_backend()
+        self.drop_caches()  # after the backend: what it let go of goes back to the device too
+
+    def drop_caches(self) -> None:
+        """Free what this Restorer keeps on the device for earlier calls (the captured CUDA graphs,
+        each with its own memory pool, and the tile plans) and hand it back to the device; the next
+        call remakes what it needs. For a Restorer that moves on to other frame sizes for good, or a
+        benchmark whose every size's peak memory must be its own. A call running in another thread
+        keeps the graph it replays until it returns."""
+        with self._cache_lock:  # as remember(): not while a thread fills the cache
+            self._graphs.clear()
+            self._plan_cache.clear()
         if self.device.type == "cuda":
             with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
                 torch.cuda.empty_cache()
