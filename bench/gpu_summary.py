@@ -323,6 +323,12 @@ def speedups(b: dict) -> str:
     return text
 
 
+def rate(v: float) -> str:
+    """As qairn bench's table: 3 significant digits (a CPU dry run's 0.00123 MP/s, not 0), whole
+    numbers from 100 up."""
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
 def where(tile) -> str:
     return f"at tile {tile}" if tile else "on whole frames"
 
@@ -359,7 +365,7 @@ def report(summary: dict) -> str:
     for size, b in ((summary.get("bench_tile1024") or {}).get("best") or {}).items():
         lines.append(
             f"  tile {b.get('tile') or 'whole'}, best at {size}: {b['backend']} {speedups(b)}, "
-            f"{b.get('mp_per_s') or 0:.0f} MP/s"
+            f"{rate(b.get('mp_per_s') or 0)} MP/s"
         )
     train = summary.get("train") or {}
     if train:

@@ -1903,3 +1903,15 @@ def test_gpu_summary_takes_the_8x_target_over_both_4k_reports(tmp_path):
         "bench.json",
         512,
     )
+
+
+def test_gpu_summary_keeps_a_small_tile1024_rate():
+    """The bench1024 line rounded MP/s to a whole number: a CPU dry run's rates read "0 MP/s"."""
+    summ = bench_script("gpu_summary")
+    best = {"backend": "eager-fp32", "tile": 96, "speedup": 1.0, "speedup_same_tile": 1.0}
+    summary = {"gpu": "CPU", "date": "today", "dryrun": True, "stages": [], "tests": None, "targets": {}}
+    for mp_per_s, shown in ((0.00123, "0.00123 MP/s"), (12.345, "12.3 MP/s"), (1234.5, "1234 MP/s")):
+        text = summ.report(
+            summary | {"best": {}, "bench_tile1024": {"best": {"96x128": best | {"mp_per_s": mp_per_s}}}}
+        )
+        assert text.splitlines()[-1].endswith(f", {shown}")
