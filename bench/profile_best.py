@@ -100,6 +100,11 @@ def device_spans(prof) -> list[tuple[float, float]]:
     ]
 
 
+def calls(n: int, what: str = "call") -> str:
+    """'1 call', '3 calls': the dry run profiles one."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def top_ops(events, key: str, iters: int, rows: int) -> list[dict]:
     """The `rows` ops with the most self time (`key`) per call, with their share of the total. On the
     device the annotation ranges are left out of both: counted, they took the first row and halved
@@ -234,7 +239,7 @@ def main(argv=None) -> int:
     balance = host_device_balance(prof, stacked, wall_ms, args.iters, cuda)
     title = (
         f"{label} on {qb.environment(device)['device']['name']}, {w}x{h} tile {tile or 'whole'}, {source}, "
-        f"{args.iters} profiled calls"
+        f"{calls(args.iters, 'profiled call')}"
     )
     where = "device" if cuda else "CPU"
     lines = [f"  share of {where} self time, self ms per call, count per call, op"]
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
     # torch's own table sums the calls, and its Self CUDA column counts each annotation range on top of
     # the kernels inside it: kept below the per-call list for its other columns, labelled so.
     table = prof.key_averages().table(sort_by=key, row_limit=args.rows)
-    table_title = f"torch.profiler's table: totals over the {args.iters} calls (annotation ranges included)"
+    table_title = f"torch.profiler's table: totals over the {calls(args.iters)} (annotation ranges included)"
     print(title, *lines, balance_text(balance), sep="\n")
     # Atomic: gpu_run.sh's time box may interrupt the write, and a cut file would be copied out.
     if args.out:

@@ -1915,3 +1915,14 @@ def test_gpu_summary_keeps_a_small_tile1024_rate():
             summary | {"best": {}, "bench_tile1024": {"best": {"96x128": best | {"mp_per_s": mp_per_s}}}}
         )
         assert text.splitlines()[-1].endswith(f", {shown}")
+
+
+def test_profile_of_one_call_says_call(tmp_path):
+    """--iters 1 (the dry run's) titled the profile "1 profiled calls" and torch's table "totals over
+    the 1 calls"."""
+    prof = bench_script("profile_best")
+    args = ["--device", "cpu", "--preset", "tiny", "--size", "16x16", "--tile", "0", "--iters", "1"]
+    assert prof.main([*args, "--out", str(tmp_path / "p.txt")]) == 0
+    text = (tmp_path / "p.txt").read_text()
+    assert text.splitlines()[0].endswith(", 1 profiled call") and "totals over the 1 call " in text
+    assert "calls" not in text.splitlines()[0]
