@@ -329,6 +329,20 @@ def rate(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
 
 
+def target_fields(t: dict) -> str:
+    """A target's numbers as the note will quote them: utilisations in percent, other numbers as
+    rate() writes them, a missing one as '-'."""
+
+    def value(k, v):
+        if v is None:
+            return "-"
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        return f"{100 * v:.3g}%" if k.endswith("_util") else rate(v)
+
+    return ", ".join(f"{k} {value(k, v)}" for k, v in t.items() if k != "met")
+
+
 def where(tile) -> str:
     return f"at tile {tile}" if tile else "on whole frames"
 
@@ -392,9 +406,7 @@ def report(summary: dict) -> str:
             verdict = f"not measured ({t.get('peak_mem_scope') or 'unknown'})"
         else:
             verdict = "MET" if t["met"] else "missed"
-        lines.append(
-            f"  target {name}: {verdict} {'' if t is None else {k: v for k, v in t.items() if k != 'met'}}"
-        )
+        lines.append(f"  target {name}: {verdict}{'' if t is None else ' ' + target_fields(t)}")
     return "\n".join(lines)
 
 

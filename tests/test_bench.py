@@ -1926,3 +1926,27 @@ def test_profile_of_one_call_says_call(tmp_path):
     text = (tmp_path / "p.txt").read_text()
     assert text.splitlines()[0].endswith(", 1 profiled call") and "totals over the 1 call " in text
     assert "calls" not in text.splitlines()[0]
+
+
+def test_gpu_summary_target_lines_read_as_numbers():
+    """The memory and conv-trunk target lines printed their dicts as Python reprs, utilisations as
+    fractions of 17 digits ('conv_util': 0.00040294777454784455): now key value pairs, utilisations in
+    percent and MiB whole."""
+    summ = bench_script("gpu_summary")
+    conv = {"preset": "small", "precision": "fp16", "conv_util": 0.06412345678,
+            "forward_util": 0.0004029477, "best_conv_util": 0.1234, "fused_forward_util": None,
+            "roofline_util": 0.5612, "triton_timed": True, "met": False}  # fmt: skip
+    mem = {
+        "backend": "graph-triton-fp16",
+        "peak_mem_mib": 1295.4321,
+        "peak_mem_scope": "torch allocator",
+        "met": True,
+    }
+    summary = {"gpu": "GPU", "date": "today", "dryrun": False, "stages": [], "tests": None, "best": {}}
+    lines = summ.report(summary | {"targets": {"mem_8k_le_4gib": mem, "conv": conv}}).splitlines()
+    assert lines[-2:] == [
+        "  target mem_8k_le_4gib: MET backend graph-triton-fp16, peak_mem_mib 1295, "
+        "peak_mem_scope torch allocator",
+        "  target conv: missed preset small, precision fp16, conv_util 6.41%, forward_util 0.0403%, "
+        "best_conv_util 12.3%, fused_forward_util -, roofline_util 56.1%, triton_timed True",
+    ]
