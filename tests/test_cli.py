@@ -373,6 +373,21 @@ def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys
     assert rc == 2 and error_lines(err) == [f"qairn: error: {workdir / 'a.jpg'}: {says}"], err
 
 
+def test_several_inputs_into_an_output_named_like_an_image_are_refused(workdir, tiny_weights, capsys):
+    # `qairn restore *.jpg -o out.png` with a glob matching two files made a folder named out.png.
+    inputs = (workdir / "a.jpg", workdir / "b.png")
+    for name in ("out.png", "Out.JPG"):
+        rc, _, err = run(capsys, "restore", *inputs, "-o", workdir / name, "--weights", tiny_weights)
+        says = f"-o {workdir / name} looks like a file but 2 inputs were given: give a folder"
+        assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"], err
+        assert not (workdir / name).exists()
+    # A folder of that name, existing or ending in '/', is still a folder.
+    (workdir / "old.png").mkdir()
+    for out in (workdir / "old.png", f"{workdir / 'new.png'}/"):
+        rc, _, err = run(capsys, "restore", *inputs, "-o", out, "--weights", tiny_weights)
+        assert rc == 0 and sorted(p.name for p in Path(out).iterdir()) == ["a.png", "b.png"], err
+
+
 def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monkeypatch):
     import qairn.engine.imageio as imageio
 

@@ -121,6 +121,7 @@ def unique_names(inputs: list[Path]) -> list[str]:
 
 def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list[Path], Path | None]:
     """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
+    Several inputs into a name with an image suffix (out.png) that is no folder yet are refused.
     Returns the output paths and the directory to create (None for a file), which the caller makes
     only once every other check has passed: a refused run leaves no empty folder behind."""
     if not out:  # an unset shell variable: Path("") is the working folder, where it wrote
@@ -128,10 +129,15 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
     if out == "-":  # it made a folder named '-' and wrote into it
         raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
-    as_dir = o.is_dir() or out.endswith(("/", "\\")) or not o.suffix or len(inputs) > 1
+    named_dir = o.is_dir() or out.endswith(("/", "\\"))
+    as_dir = named_dir or not o.suffix or len(inputs) > 1
     if as_dir:
         if o.exists() and not o.is_dir():
             raise InputError(f"{o}: is a file; several inputs, or a name without a suffix, need a folder")
+        # A glob that matched two files made a folder named out.png; an existing folder of that name
+        # (or out.png/) is still taken.
+        if not named_dir and o.suffix.lower() in IMAGE_SUFFIXES:
+            raise InputError(f"-o {out} looks like a file but {len(inputs)} inputs were given: give a folder")
         sfx = suffix or ".png"  # lossless by default: re-encoding as JPEG would add artifacts back
         return [o / (n + sfx) for n in unique_names(inputs)], o
     if o.suffix.lower() not in WRITE_SUFFIXES:
