@@ -160,8 +160,12 @@ def load_triton() -> None:
     with _load_lock:
         if tl is not None:
             return
-        import triton
-        from triton.runtime.interpreter import InterpretedFunction
+        try:
+            import triton
+            from triton.runtime.interpreter import InterpretedFunction
+        except Exception as e:  # installed but broken (a missing shared library, another torch's build)
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise ImportError(f"triton is installed but cannot be imported: {type(e).__name__}: {why}") from e
 
         make_kernel = InterpretedFunction if INTERPRETED else triton.jit
         for name, fn in _JIT_FUNCTIONS.items():
@@ -757,6 +761,11 @@ def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"unknown gate backend {name!r}; choose one of {', '.join(sorted(GATE_BACKENDS))}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
+    if name == "triton":  # a broken install is refused here, not at every image's first launch
+        try:
+            load_triton()
+        except ImportError as e:
+            raise RuntimeError(f"gate backend 'triton': {e}") from e
     for module in qairns_in(model):
         module.gate = GATE_BACKENDS[name]
     return model
