@@ -1456,6 +1456,30 @@ def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch,
     )
 
 
+def test_an_empty_format_is_refused(workdir, tiny_weights, capsys):
+    # --format "$FMT" with the variable unset was taken as no --format: PNGs, without a word (exit 0).
+    out = workdir / "out"
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "restore",
+                str(workdir / "a.jpg"),
+                "-o",
+                str(out),
+                "--format",
+                "",
+                "--weights",
+                str(tiny_weights),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not out.exists()
+    assert (
+        err.strip().splitlines()[-1]
+        == "qairn restore: error: argument --format: an empty suffix; give one such as .png"
+    )
+
+
 @pytest.mark.parametrize("command", ["eval", "eval-quality", "train"])
 def test_data_naming_a_file_says_it_is_not_a_folder(tmp_path, capsys, command):
     # `qairn eval --data a.png` said "a.png: no such folder" of a file that is there.

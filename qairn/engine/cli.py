@@ -224,6 +224,14 @@ def pixel_count(text: str) -> int:
     return int(n)
 
 
+def suffix_arg(text: str) -> str:
+    """--format: a suffix, "png" meaning ".png". '' (an unset shell variable) was taken as no --format
+    and wrote PNGs without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty suffix; give one such as .png")
+    return text if text.startswith(".") else "." + text
+
+
 def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
@@ -499,7 +507,9 @@ def main_restore(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qairn restore", description="Remove JPEG artifacts from images.")
     common_args(p)
     p.add_argument("-o", "--output", required=True, help="output file, or directory for several inputs")
-    p.add_argument("--format", default=None, help="output suffix in a directory, e.g. .png (default)")
+    p.add_argument(
+        "--format", type=suffix_arg, default=None, help="output suffix in a directory, e.g. .png (default)"
+    )
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
     p.add_argument(
         "--json",
@@ -519,8 +529,6 @@ def main_restore(argv=None) -> int:
             write_records(a.json, [])
         tqdm.write(restore_summary([], len(missing), missing), file=sys.stderr)
         return 1
-    if a.format and not a.format.startswith("."):  # "png" means ".png"
-        a.format = "." + a.format
     try:
         outputs, folder = output_paths(inputs, a.output, a.format)
     except (InputError, OSError) as e:
