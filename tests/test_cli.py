@@ -1456,6 +1456,26 @@ def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch,
     )
 
 
+def test_json_in_or_at_the_output_folder_this_run_makes(workdir, tiny_weights, capsys):
+    # --json out/q.json with -o out (to be made) was refused: 'output folder does not exist'. --json out
+    # with -o out/sub passed the check, restored every image, then failed: 'out: cannot write (Is a
+    # directory)', exit 1.
+    inputs = (workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights)
+    out = workdir / "out"
+    rc, _, err = run(capsys, "restore", *inputs, "-o", out, "--json", out / "q.json")
+    assert rc == 0, err
+    records = json.loads((out / "q.json").read_text())
+    assert [os.path.basename(r["output"]) for r in records] == ["a.png", "b.png"]
+    # Every image failed: the folder made was removed before the JSON went into it ('No such file').
+    (workdir / "bad.png").write_bytes(b"junk")
+    args = ("-o", workdir / "o2/", "--json", workdir / "o2/q.json", "--weights", tiny_weights)
+    rc, _, err = run(capsys, "restore", workdir / "bad.png", *args)
+    assert rc == 1 and json.loads((workdir / "o2" / "q.json").read_text()) == [], err
+    rc, _, err = run(capsys, "restore", *inputs, "-o", workdir / "new" / "sub", "--json", workdir / "new")
+    says = f"{workdir / 'new'}: is a directory; give a file name for --json"
+    assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"] and not (workdir / "new").exists(), err
+
+
 def test_an_empty_format_is_refused(workdir, tiny_weights, capsys):
     # --format "$FMT" with the variable unset was taken as no --format: PNGs, without a word (exit 0).
     out = workdir / "out"

@@ -471,17 +471,21 @@ def write_records(json_arg: str, records: list[dict]) -> bool:
     return True
 
 
-def json_problem(json_path: Path, images: set[Path], overwrite: bool) -> str | None:
+def json_problem(
+    json_path: Path, images: set[Path], overwrite: bool, folder: Path | None = None
+) -> str | None:
     """Why restore --json could not be written to json_path (resolved), or None: checked before any
-    work, as a long run must not end unable to write its scores. images: inputs, outputs and maps."""
+    work, as a long run must not end unable to write its scores. images: inputs, outputs and maps;
+    folder: the output folder (resolved) of a run that makes it, with its missing parents, or None."""
+    made = {d for d in ([folder, *folder.parents] if folder is not None else []) if not d.exists()}
     if json_path in images:  # a map is written first, then the scores went over it
         return "--json would replace an input or output image"
-    if json_path.is_dir():
+    if json_path.is_dir() or json_path in made:  # made: it failed after every image was restored
         return "is a directory; give a file name for --json"
     if json_path.exists() and not overwrite:
         return "exists (use --overwrite)"
-    if not json_path.parent.is_dir():
-        return "output folder does not exist"
+    if not json_path.parent.is_dir():  # -o out --json out/q.json: out is made before the scores
+        return None if json_path.parent in made else "output folder does not exist"
     if not writable(json_path.parent):
         return "output folder is not writable"
     return None
@@ -549,7 +553,8 @@ def main_restore(argv=None) -> int:
     # Checked before any work: a long run must not end unable to write its scores.
     if a.json and a.json != "-":
         maps = {d.with_name(d.stem + ".quality.png").resolve() for d in outputs} if a.quality_map else set()
-        problem = json_problem(Path(a.json).resolve(), taken | maps, a.overwrite)
+        made = folder.resolve() if folder is not None else None
+        problem = json_problem(Path(a.json).resolve(), taken | maps, a.overwrite, made)
         if problem:
             return fatal(f"{a.json}: {problem}")
     # A read-only folder failed every image only once it was restored (a folder still to be made
@@ -587,10 +592,10 @@ def main_restore(argv=None) -> int:
         if a.json:
             write_records(a.json, records)
         raise
-    if made is not None and not records:  # every image failed: no empty folder left behind
-        remove_empty(folder, made)
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
+    if made is not None and not records:  # every image failed: no empty folder left behind (after the
+        remove_empty(folder, made)  # JSON, which may lie in it: -o out --json out/q.json)
     tqdm.write(restore_summary(records, len(inputs) + len(missing), failed_names), file=sys.stderr)
     return 1 if failed_names or not json_written else 0
 
