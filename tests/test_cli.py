@@ -1476,6 +1476,26 @@ def test_json_in_or_at_the_output_folder_this_run_makes(workdir, tiny_weights, c
     assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"] and not (workdir / "new").exists(), err
 
 
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("inf", "'inf': the pixel limit must be a finite number"),
+        ("1e400", "'1e400': the pixel limit must be a finite number"),
+        ("0", "'0': the pixel limit must be 1 or more"),
+        ("nan", "'nan': the pixel limit must be 1 or more"),
+    ],
+)
+def test_max_pixels_out_of_range_says_why(workdir, capsys, value, says):
+    # --max-pixels inf (or 1e400, inf as a float) was refused as 'the pixel limit must be 1 or more'.
+    with pytest.raises(SystemExit) as e:
+        main(["restore", str(workdir / "a.jpg"), "-o", str(workdir / "o.png"), "--max-pixels", value])
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and err.strip().splitlines()[-1] == f"qairn restore: error: argument --max-pixels: {says}"
+    )
+
+
 def test_an_empty_format_is_refused(workdir, tiny_weights, capsys):
     # --format "$FMT" with the variable unset was taken as no --format: PNGs, without a word (exit 0).
     out = workdir / "out"

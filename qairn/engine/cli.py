@@ -219,7 +219,9 @@ def pixel_count(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give a number of pixels, e.g. 200000000 or 2e8"
         ) from None
-    if not 1 <= n < float("inf"):
+    if n == float("inf"):  # 1e400 too: 'must be 1 or more' said of a number above it
+        raise argparse.ArgumentTypeError(f"{text!r}: the pixel limit must be a finite number")
+    if not n >= 1:  # nan as well
         raise argparse.ArgumentTypeError(f"{text!r}: the pixel limit must be 1 or more")
     return int(n)
 
