@@ -373,6 +373,21 @@ def test_refused_run_leaves_no_empty_output_folder(workdir, tiny_weights, capsys
     assert rc == 2 and error_lines(err) == [f"qairn: error: {workdir / 'a.jpg'}: {says}"], err
 
 
+def test_several_inputs_into_an_output_named_like_an_image_are_refused(workdir, tiny_weights, capsys):
+    # `qairn restore *.jpg -o out.png` with a glob matching two files made a folder named out.png.
+    inputs = (workdir / "a.jpg", workdir / "b.png")
+    for name in ("out.png", "Out.JPG"):
+        rc, _, err = run(capsys, "restore", *inputs, "-o", workdir / name, "--weights", tiny_weights)
+        says = f"-o {workdir / name} looks like a file but 2 inputs were given: give a folder"
+        assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"], err
+        assert not (workdir / name).exists()
+    # A folder of that name, existing or ending in '/', is still a folder.
+    (workdir / "old.png").mkdir()
+    for out in (workdir / "old.png", f"{workdir / 'new.png'}/"):
+        rc, _, err = run(capsys, "restore", *inputs, "-o", out, "--weights", tiny_weights)
+        assert rc == 0 and sorted(p.name for p in Path(out).iterdir()) == ["a.png", "b.png"], err
+
+
 def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monkeypatch):
     import qairn.engine.imageio as imageio
 
@@ -1438,6 +1453,70 @@ def test_an_empty_file_option_is_refused(workdir, tmp_path, capsys, monkeypatch,
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(
         ": an empty name, not a file or folder"
+    )
+
+
+def test_json_in_or_at_the_output_folder_this_run_makes(workdir, tiny_weights, capsys):
+    # --json out/q.json with -o out (to be made) was refused: 'output folder does not exist'. --json out
+    # with -o out/sub passed the check, restored every image, then failed: 'out: cannot write (Is a
+    # directory)', exit 1.
+    inputs = (workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights)
+    out = workdir / "out"
+    rc, _, err = run(capsys, "restore", *inputs, "-o", out, "--json", out / "q.json")
+    assert rc == 0, err
+    records = json.loads((out / "q.json").read_text())
+    assert [os.path.basename(r["output"]) for r in records] == ["a.png", "b.png"]
+    # Every image failed: the folder made was removed before the JSON went into it ('No such file').
+    (workdir / "bad.png").write_bytes(b"junk")
+    args = ("-o", workdir / "o2/", "--json", workdir / "o2/q.json", "--weights", tiny_weights)
+    rc, _, err = run(capsys, "restore", workdir / "bad.png", *args)
+    assert rc == 1 and json.loads((workdir / "o2" / "q.json").read_text()) == [], err
+    rc, _, err = run(capsys, "restore", *inputs, "-o", workdir / "new" / "sub", "--json", workdir / "new")
+    says = f"{workdir / 'new'}: is a directory; give a file name for --json"
+    assert rc == 2 and error_lines(err) == [f"qairn: error: {says}"] and not (workdir / "new").exists(), err
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("inf", "'inf': the pixel limit must be a finite number"),
+        ("1e400", "'1e400': the pixel limit must be a finite number"),
+        ("0", "'0': the pixel limit must be 1 or more"),
+        ("nan", "'nan': the pixel limit must be 1 or more"),
+    ],
+)
+def test_max_pixels_out_of_range_says_why(workdir, capsys, value, says):
+    # --max-pixels inf (or 1e400, inf as a float) was refused as 'the pixel limit must be 1 or more'.
+    with pytest.raises(SystemExit) as e:
+        main(["restore", str(workdir / "a.jpg"), "-o", str(workdir / "o.png"), "--max-pixels", value])
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and err.strip().splitlines()[-1] == f"qairn restore: error: argument --max-pixels: {says}"
+    )
+
+
+def test_an_empty_format_is_refused(workdir, tiny_weights, capsys):
+    # --format "$FMT" with the variable unset was taken as no --format: PNGs, without a word (exit 0).
+    out = workdir / "out"
+    with pytest.raises(SystemExit) as e:
+        main(
+            [
+                "restore",
+                str(workdir / "a.jpg"),
+                "-o",
+                str(out),
+                "--format",
+                "",
+                "--weights",
+                str(tiny_weights),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and not out.exists()
+    assert (
+        err.strip().splitlines()[-1]
+        == "qairn restore: error: argument --format: an empty suffix; give one such as .png"
     )
 
 

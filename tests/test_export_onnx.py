@@ -619,7 +619,9 @@ def test_the_onnx_cache_key_holds_the_graph_version(model, tmp_path, monkeypatch
     monkeypatch.setattr(ox, "model_digest", lambda m, **options: seen.append(options) or "ab" * 32)
     path = tmp_path / "onnx" / f"qairn-{model.config.preset}-fp32-{'ab' * 12}.onnx"
     path.parent.mkdir()
-    path.write_bytes(b"cached")  # found: nothing is exported
+    proto = onnx.ModelProto()
+    proto.metadata_props.add(key="qairn.outputs", value="maps")
+    path.write_bytes(proto.SerializeToString())  # found: nothing is exported
     assert ox.cached_onnx(model, tmp_path) == path
     assert seen[0]["graph"] == ox.GRAPH_VERSION and seen[0]["precision"] == "fp32"
 
@@ -737,3 +739,29 @@ def test_verify_summary_of_one_image_says_image():
     stats = {"precision": "fp32", "provider": "CPUExecutionProvider", "images": 1, "max_abs": {"Q": 0.0}}
     assert "vs eager fp32 on 1 image: max abs err Q 0.00e+00" in summary(stats)
     assert "on 2 images:" in summary(stats | {"images": 2})
+
+
+def test_a_damaged_file_in_the_onnx_cache_is_exported_again_once(model, tmp_path):
+    """A truncated file in qairn's own ONNX cache failed every start ('not an ONNX file (Error parsing
+    message ...)') until the user deleted it. The cache's file is exported again, with a warning; an
+    ONNX file the user names still fails in one line."""
+    import qairn
+
+    path = ox.cached_onnx(model, tmp_path)
+    whole = onnx.load(str(path))
+    no_metadata = onnx.load(str(path))
+    no_metadata.ClearField("metadata_props")  # cut where the metadata starts: it still parses
+    for damaged, says in [
+        (path.read_bytes()[: path.stat().st_size // 2], "not an ONNX file (Error parsing message"),
+        (no_metadata.SerializeToString(), "not an ONNX file exported by qairn (no qairn.outputs metadata)"),
+    ]:
+        path.write_bytes(damaged)
+        with pytest.warns(UserWarning) as caught:
+            assert ox.cached_onnx(model, tmp_path) == path
+        assert len(caught) == 1
+        assert str(caught[0].message).startswith(f"re-exporting the cached ONNX file: {path}: {says}")
+        assert onnx.load(str(path)).metadata_props == whole.metadata_props  # whole again
+    user_file = tmp_path / "mine.onnx"
+    user_file.write_bytes(damaged[: len(damaged) // 2])
+    with pytest.raises(ox.ExportError, match=f"^{user_file}: not an ONNX file \\("):
+        qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=user_file)

@@ -723,3 +723,45 @@ def test_a_gpu_tensor_given_to_a_cpu_restorer_has_its_range_checked_as_a_cpu_one
         call((x * 255).as_subclass(SaysCuda))
     if entry != "restore":  # (which would give the picture back to a GPU that is not there)
         call(x.as_subclass(SaysCuda))  # in range: runs
+
+
+def test_a_triton_that_fails_to_import_runs_auto_eager_and_refuses_an_explicit_triton(monkeypatch):
+    """triton is imported on the gate's first launch: a broken install (installed, import fails) on
+    CUDA with backend="auto" failed every restore with an ImportError, where it had run eager. The
+    GPU is faked: compute capability 9.0, triton installed."""
+    import warnings
+
+    from qairn.engine.restorer import resolve_auto
+    from qairn.kernels import gate
+
+    broken = "triton is installed but cannot be imported: ImportError: libcuda.so.1: cannot open"
+
+    def load_triton():
+        raise ImportError(broken)
+
+    monkeypatch.setattr(gate, "device_capability", lambda index: (9, 0))
+    monkeypatch.setattr(gate, "HAS_TRITON", True)
+    monkeypatch.setattr(gate, "load_triton", load_triton)
+    cuda = torch.device("cuda", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_auto("auto", "auto", cuda) == ("eager", "fp16")
+    assert [str(w.message) for w in caught] == [f"backend auto runs eager: {broken}"]
+    assert resolve_auto("triton", "auto", cuda) == ("triton", "fp16")  # asked for: refused when built
+    with pytest.raises(RuntimeError, match=f"^gate backend 'triton': {broken}$"):
+        qairn.Restorer(model=lively_model(), device="cpu", backend="triton")
+
+
+def test_load_triton_says_in_one_line_that_triton_cannot_be_imported(monkeypatch):
+    import sys
+
+    from qairn.kernels import gate
+
+    monkeypatch.setattr(gate, "tl", None)  # not loaded yet
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    with pytest.raises(ImportError) as e:
+        gate.load_triton()
+    assert str(e.value) == (
+        "triton is installed but cannot be imported: ModuleNotFoundError: import of triton halted; "
+        "None in sys.modules"
+    )

@@ -121,6 +121,7 @@ def unique_names(inputs: list[Path]) -> list[str]:
 
 def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list[Path], Path | None]:
     """OUT is a directory (existing, ending in '/', without a suffix, or several inputs) or a file.
+    Several inputs into a name with an image suffix (out.png) that is no folder yet are refused.
     Returns the output paths and the directory to create (None for a file), which the caller makes
     only once every other check has passed: a refused run leaves no empty folder behind."""
     if not out:  # an unset shell variable: Path("") is the working folder, where it wrote
@@ -128,10 +129,15 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
     if out == "-":  # it made a folder named '-' and wrote into it
         raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
-    as_dir = o.is_dir() or out.endswith(("/", "\\")) or not o.suffix or len(inputs) > 1
+    named_dir = o.is_dir() or out.endswith(("/", "\\"))
+    as_dir = named_dir or not o.suffix or len(inputs) > 1
     if as_dir:
         if o.exists() and not o.is_dir():
             raise InputError(f"{o}: is a file; several inputs, or a name without a suffix, need a folder")
+        # A glob that matched two files made a folder named out.png; an existing folder of that name
+        # (or out.png/) is still taken.
+        if not named_dir and o.suffix.lower() in IMAGE_SUFFIXES:
+            raise InputError(f"-o {out} looks like a file but {len(inputs)} inputs were given: give a folder")
         sfx = suffix or ".png"  # lossless by default: re-encoding as JPEG would add artifacts back
         return [o / (n + sfx) for n in unique_names(inputs)], o
     if o.suffix.lower() not in WRITE_SUFFIXES:
@@ -213,9 +219,19 @@ def pixel_count(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give a number of pixels, e.g. 200000000 or 2e8"
         ) from None
-    if not 1 <= n < float("inf"):
+    if n == float("inf"):  # 1e400 too: 'must be 1 or more' said of a number above it
+        raise argparse.ArgumentTypeError(f"{text!r}: the pixel limit must be a finite number")
+    if not n >= 1:  # nan as well
         raise argparse.ArgumentTypeError(f"{text!r}: the pixel limit must be 1 or more")
     return int(n)
+
+
+def suffix_arg(text: str) -> str:
+    """--format: a suffix, "png" meaning ".png". '' (an unset shell variable) was taken as no --format
+    and wrote PNGs without a word."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty suffix; give one such as .png")
+    return text if text.startswith(".") else "." + text
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
@@ -457,17 +473,21 @@ def write_records(json_arg: str, records: list[dict]) -> bool:
     return True
 
 
-def json_problem(json_path: Path, images: set[Path], overwrite: bool) -> str | None:
+def json_problem(
+    json_path: Path, images: set[Path], overwrite: bool, folder: Path | None = None
+) -> str | None:
     """Why restore --json could not be written to json_path (resolved), or None: checked before any
-    work, as a long run must not end unable to write its scores. images: inputs, outputs and maps."""
+    work, as a long run must not end unable to write its scores. images: inputs, outputs and maps;
+    folder: the output folder (resolved) of a run that makes it, with its missing parents, or None."""
+    made = {d for d in ([folder, *folder.parents] if folder is not None else []) if not d.exists()}
     if json_path in images:  # a map is written first, then the scores went over it
         return "--json would replace an input or output image"
-    if json_path.is_dir():
+    if json_path.is_dir() or json_path in made:  # made: it failed after every image was restored
         return "is a directory; give a file name for --json"
     if json_path.exists() and not overwrite:
         return "exists (use --overwrite)"
-    if not json_path.parent.is_dir():
-        return "output folder does not exist"
+    if not json_path.parent.is_dir():  # -o out --json out/q.json: out is made before the scores
+        return None if json_path.parent in made else "output folder does not exist"
     if not writable(json_path.parent):
         return "output folder is not writable"
     return None
@@ -493,7 +513,9 @@ def main_restore(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qairn restore", description="Remove JPEG artifacts from images.")
     common_args(p)
     p.add_argument("-o", "--output", required=True, help="output file, or directory for several inputs")
-    p.add_argument("--format", default=None, help="output suffix in a directory, e.g. .png (default)")
+    p.add_argument(
+        "--format", type=suffix_arg, default=None, help="output suffix in a directory, e.g. .png (default)"
+    )
     p.add_argument("--quality-map", action="store_true", help="write a gamma2 heat map beside each output")
     p.add_argument(
         "--json",
@@ -513,8 +535,6 @@ def main_restore(argv=None) -> int:
             write_records(a.json, [])
         tqdm.write(restore_summary([], len(missing), missing), file=sys.stderr)
         return 1
-    if a.format and not a.format.startswith("."):  # "png" means ".png"
-        a.format = "." + a.format
     try:
         outputs, folder = output_paths(inputs, a.output, a.format)
     except (InputError, OSError) as e:
@@ -535,7 +555,8 @@ def main_restore(argv=None) -> int:
     # Checked before any work: a long run must not end unable to write its scores.
     if a.json and a.json != "-":
         maps = {d.with_name(d.stem + ".quality.png").resolve() for d in outputs} if a.quality_map else set()
-        problem = json_problem(Path(a.json).resolve(), taken | maps, a.overwrite)
+        made = folder.resolve() if folder is not None else None
+        problem = json_problem(Path(a.json).resolve(), taken | maps, a.overwrite, made)
         if problem:
             return fatal(f"{a.json}: {problem}")
     # A read-only folder failed every image only once it was restored (a folder still to be made
@@ -573,10 +594,10 @@ def main_restore(argv=None) -> int:
         if a.json:
             write_records(a.json, records)
         raise
-    if made is not None and not records:  # every image failed: no empty folder left behind
-        remove_empty(folder, made)
     # Not counted with the images: 'restored 2 of 2 images, 1 failed' when only the JSON failed.
     json_written = not a.json or write_records(a.json, records)
+    if made is not None and not records:  # every image failed: no empty folder left behind (after the
+        remove_empty(folder, made)  # JSON, which may lie in it: -o out --json out/q.json)
     tqdm.write(restore_summary(records, len(inputs) + len(missing), failed_names), file=sys.stderr)
     return 1 if failed_names or not json_written else 0
 

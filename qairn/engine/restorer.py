@@ -87,7 +87,7 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     the CPU (no fast half precision on AVX2); on CUDA fp16, 1.6x eager fp32 with outputs 76.8 dB from
     it (H200, 4K, 2026-11-27), through the Triton gate when triton is installed (quality pooled in the
     blend's pass). torch.compile and engines stay opt-in: they compile for minutes first."""
-    from qairn.kernels.gate import HAS_TRITON, triton_compiles_for
+    from qairn.kernels.gate import HAS_TRITON, load_triton, triton_compiles_for
 
     # Named here, where "auto" is one of the choices: make_backend's errors listed all but it.
     if precision != "auto" and precision not in PRECISIONS:
@@ -102,8 +102,16 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
     cuda = device.type == "cuda" and triton_compiles_for(device, torch.float16)
     if precision == "auto":
         precision = "fp16" if cuda else "fp32"
+    if backend == "auto" and cuda and HAS_TRITON:
+        # HAS_TRITON says installed, not importable: a broken install, which ran eager while triton was
+        # imported with qairn, would fail every restore at the gate's first launch.
+        try:
+            load_triton()
+            backend = "triton"
+        except ImportError as e:
+            warn(f"backend auto runs eager: {e}")
     if backend == "auto":
-        backend = "triton" if cuda and HAS_TRITON else "eager"
+        backend = "eager"
     return backend, precision
 
 

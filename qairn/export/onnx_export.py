@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from qairn.export.cache import cache_dir, model_digest, remove_stale_parts, write_atomic
 from qairn.kernels.gate import POOL_SCALE_LOG2, gated_blend_reference, scaled_pow
-from qairn.messages import counted
+from qairn.messages import counted, warn
 from qairn.model import QAIRN
 
 INPUT = "input"
@@ -466,7 +466,10 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
         cache_dir(cache) / "onnx" / f"qairn-{model.config.preset}-{options['precision']}-{digest[:24]}.onnx"
     )
     with _EXPORT_LOCK:
-        if not path.is_file():
+        damaged = path.is_file() and cache_problem(path)
+        if damaged:  # qairn's own file, rewritten; else every start failed until the user deleted it
+            warn(f"re-exporting the cached ONNX file: {damaged}")
+        if damaged or not path.is_file():
             remove_stale_parts(path.parent)
             # Exported and checked under a temp name: a file that fails its check never enters the
             # cache, where the next call (or a TensorRT build) would take it unchecked.
@@ -479,6 +482,18 @@ def cached_onnx(model: QAIRN, cache: str | Path | None = None, **options) -> Pat
             finally:
                 tmp.unlink(missing_ok=True)
     return path
+
+
+def cache_problem(path: Path) -> str | None:
+    """Why a cached export cannot be used (a truncated or overwritten file), or None. A file cut at a
+    field boundary still parses: its metadata, which comes last, is then missing."""
+    try:
+        metadata = read_metadata(path)
+    except ExportError as e:
+        return str(e)
+    if "qairn.outputs" not in metadata:
+        return f"{path}: not an ONNX file exported by qairn (no qairn.outputs metadata)"
+    return None
 
 
 # ---- verification against eager ----------------------------------------------------------------

@@ -160,8 +160,12 @@ def load_triton() -> None:
     with _load_lock:
         if tl is not None:
             return
-        import triton
-        from triton.runtime.interpreter import InterpretedFunction
+        try:
+            import triton
+            from triton.runtime.interpreter import InterpretedFunction
+        except Exception as e:  # installed but broken (a missing shared library, another torch's build)
+            why = str(e).splitlines()[0] if str(e) else ""
+            raise ImportError(f"triton is installed but cannot be imported: {type(e).__name__}: {why}") from e
 
         make_kernel = InterpretedFunction if INTERPRETED else triton.jit
         for name, fn in _JIT_FUNCTIONS.items():
@@ -412,13 +416,18 @@ def tile_config(c: int, channels_last: bool) -> tuple[int, int, int]:
     return min(block_c, 4), 1024, 4
 
 
-def _check_runnable(t: Tensor) -> None:
+def _check_runnable(logit: Tensor, skip: Tensor, dec: Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the Triton gate needs the triton package (pip install qairn[triton])")
-    if not t.is_cuda and not INTERPRETED:
+    if not skip.is_cuda and not INTERPRETED:
         raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
-    if t.dtype not in TRITON_DTYPES:
-        raise TypeError(f"the Triton gate takes {TRITON_DTYPES}, got {t.dtype}")
+    # Each input, not skip's alone: an fp64 logit got fp32 pool sums where the op's fake promises fp64
+    # (the op sends such inputs to the reference; this guards calls to the launchers themselves).
+    dtypes = [t.dtype for t in (logit, skip, dec)]
+    if not all(dtype in TRITON_DTYPES for dtype in dtypes):
+        takes = ", ".join(str(dtype).removeprefix("torch.") for dtype in TRITON_DTYPES)
+        got = ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise ValueError(f"the Triton gate takes logit, skip, dec in {takes}, got {got}")
     load_triton()
 
 
@@ -469,7 +478,7 @@ def gated_blend_triton(
     """Fused forward. Returns (out, gamma, pool_sum, pool_count); gamma is empty (0,) unless
     write_gamma, pool_sum and pool_count are empty (0,) when p is None. out has skip's layout.
     block_c/block_p/num_warps override tile_config (for benchmarks and tests)."""
-    _check_runnable(skip)
+    _check_runnable(logit, skip, dec)
     check_shapes(logit, skip, dec, cores)
     n, c, h, w = skip.shape
     out = empty_pixels_like(skip)  # before _pixel_view: the layout the op's fake promises
@@ -527,7 +536,7 @@ def gated_blend_backward_triton(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused backward: (grad_logit, grad_skip, grad_dec), each in its input's dtype and layout.
     gamma is recomputed from logit (one read of N*H*W values) rather than saved."""
-    _check_runnable(skip)
+    _check_runnable(logit, skip, dec)
     n, c, h, w = skip.shape
     if grad_out is None:
         grad_out = torch.zeros_like(skip)
@@ -757,6 +766,11 @@ def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise ValueError(f"unknown gate backend {name!r}; choose one of {', '.join(sorted(GATE_BACKENDS))}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
+    if name == "triton":  # a broken install is refused here, not at every image's first launch
+        try:
+            load_triton()
+        except ImportError as e:
+            raise RuntimeError(f"gate backend 'triton': {e}") from e
     for module in qairns_in(model):
         module.gate = GATE_BACKENDS[name]
     return model

@@ -243,6 +243,36 @@ def test_triton_mixed_and_strided_layouts():
     assert_forward(result, ideal(logit, skip, dec, 2.0, cores), torch.float32)
 
 
+@needs_triton
+def test_triton_launchers_refuse_an_input_in_a_dtype_the_kernels_do_not_take():
+    """Only skip's dtype was checked: an fp64 logit given to the launcher got an fp32 pool sum where the
+    op's fake promises fp64 (the op sends fp64 to the reference). Mixed dtypes the kernels take still
+    run, with the outputs' dtypes the fake promises: out as skip, gamma as logit, the pool in fp32."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    logit, skip, dec = make_inputs((1, 2, 3, 4))
+    says = r"^the Triton gate takes logit, skip, dec in float32, float16, bfloat16, got "
+    for args, got in [
+        ((logit.double(), skip, dec), "float64, float32, float32"),
+        ((logit, skip, dec.double()), "float32, float32, float64"),
+        ((logit, skip.int(), dec), "float32, int32, float32"),
+    ]:
+        with pytest.raises(ValueError, match=says + got + "$"):
+            gate.gated_blend_triton(*args, p=2.0)
+        with pytest.raises(ValueError, match=says + got + "$"):
+            gate.gated_blend_backward_triton(torch.ones_like(skip), None, None, *args, 2.0, None)
+    mixed = (logit.half(), skip, dec.bfloat16())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = gate.gated_blend_op(*(mode.from_tensor(t) for t in mixed), 2.0, None, True)
+    result = gate.gated_blend_triton(*mixed, p=2.0)
+    assert (
+        [t.dtype for t in result]
+        == [t.dtype for t in fake]
+        == [torch.float32, torch.float16, torch.float32, torch.int64]
+    )
+    torch.testing.assert_close(result[0].double(), ideal(*mixed)[0], **TOL[torch.bfloat16])
+
+
 def test_odd_dense_layouts_get_nchw_outputs_as_the_fake_says():
     """H and W swapped is dense but has no single pixel stride: outputs come back NCHW, on every path,
     with the strides the op's fake promises (so compiled graphs agree with the kernels)."""
