@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -338,10 +339,10 @@ def test_odd_size_with_h264_is_a_clear_error_or_444(restorer, frames_rgb, tmp_pa
     with pytest.raises(VideoError, match=r"75x47 yuv420p .*--pix-fmt yuv444p"):
         transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(plot=False))
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.mp4").exists()
-    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range, given as
-    # x264's own option: VideoOptions refuses crf=-5).
+    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a profile without 4:4:4,
+    # which the encoder takes in 4:2:0, as it was checked before the input was read).
     with pytest.raises(VideoError) as e:
-        opts = VideoOptions(pix_fmt="yuv444p", codec_options={"crf": "-5"}, plot=False)
+        opts = VideoOptions(pix_fmt="yuv444p", codec_options={"profile": "baseline"}, plot=False)
         transcode(restorer, src, tmp_path / "o.mp4", opts)
     assert "75x47 yuv444p" in str(e.value) and "even sizes" not in str(e.value)
     s = transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", plot=False))
@@ -2409,3 +2410,52 @@ def test_video_options_refuse_a_bitrate_under_1(bitrate):
     with pytest.raises(ValueError, match=rf"^bitrate is bits per second, 1 or more .*, got {bitrate}; "):
         VideoOptions(bitrate=bitrate)
     assert VideoOptions(bitrate=1).bitrate == 1 and VideoOptions().bitrate is None
+
+
+@pytest.mark.parametrize(
+    "codec, args, options, says",
+    [
+        (
+            "libx264",
+            ["--preset", "fastest"],
+            {"preset": "fastest"},
+            r"--preset fastest: libx264 refuses it \(Error setting preset/tune fastest/\(null\)\.\)",
+        ),
+        (
+            "libx264",
+            ["--codec-option", "g=abc"],
+            {"codec_options": {"g": "abc"}},
+            r'--codec-option g=abc: libx264 refuses it \(Unable to parse "g" option value "abc"\)',
+        ),
+        pytest.param(
+            "libvpx-vp9",
+            ["--crf", "70"],
+            {"crf": 70},
+            r"--crf 70: libvpx-vp9 refuses it \(Value 70\.000000 for parameter 'crf' out of range "
+            r"\[-1 - 63\]\)",
+            marks=pytest.mark.skipif(
+                "libvpx-vp9" not in av.codecs_available, reason="this PyAV build has no libvpx-vp9"
+            ),
+        ),
+    ],
+)
+def test_an_encoder_setting_it_refuses_is_named_before_the_model_loads(
+    clip, tmp_path, monkeypatch, capfd, codec, args, options, says
+):
+    """--preset fastest was refused only after the model had loaded, as 'o.mkv: libx264 cannot encode
+    64x48 yuv420p (Invalid argument: Error setting preset/tune fastest/(null).)', blaming the size, and
+    x264 printed 'x264 [error]: invalid preset' twice. The encoder is now opened on a small frame with
+    each setting first: one line naming the setting, a ValueError from the library."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    capfd.readouterr()
+    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 1
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and re.fullmatch(f"qairn: error: {says}", err[0]), err
+    with pytest.raises(ValueError, match=f"^{says}$"):
+        transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec, **options))
+    assert list(tmp_path.iterdir()) == []

@@ -62,6 +62,11 @@ class VideoError(RuntimeError):
     """A problem with a video file or its encoding; the message names the file and the problem."""
 
 
+class EncoderOptionError(VideoError, ValueError):
+    """An encoder setting (--preset, --crf, --codec-option) the encoder refuses: a bad argument, as
+    VideoOptions' own checks say with a ValueError."""
+
+
 # ---- streaming -------------------------------------------------------------------------------------
 @dataclass
 class _Job:
@@ -606,6 +611,11 @@ def default_codec() -> str:
     raise VideoError(f"this PyAV build has none of the encoders {', '.join(DEFAULT_CODECS)}; pass --codec")
 
 
+def output_codec(path: Path, opts: VideoOptions) -> str:
+    """The encoder for an output named `path`: --codec, else the container's own, else default_codec()."""
+    return opts.codec or SUFFIX_CODECS.get(path.suffix.lower()) or default_codec()
+
+
 def _temp_path(path: Path) -> Path:
     """A hidden temp name beside `path`, keeping its extension so FFmpeg picks the same container."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".part{path.suffix}", dir=path.parent)
@@ -834,7 +844,7 @@ def _open_output(
     # Y4M holds only raw planar Y'CbCr frames; FFmpeg writes its 9- to 16-bit kinds only when allowed.
     # GIF holds only its own codec (256-colour palettes).
     y4m = tmp.suffix.lower() == ".y4m"
-    codec = opts.codec or SUFFIX_CODECS.get(tmp.suffix.lower()) or default_codec()
+    codec = output_codec(tmp, opts)
     faststart = tmp.suffix.lower() in FASTSTART_SUFFIXES
     options = {"movflags": "+faststart"} if faststart else {"strict": "-1"} if y4m else {}
     try:
@@ -948,23 +958,12 @@ def _open_output(
     cc.colorspace = tag if same or other else AV_COLORSPACE[matrix]
     cc.color_range = AV_RANGE[crange]
     cc.color_primaries, cc.color_trc = int(first.color_primaries), int(first.color_trc)
-    options = dict(opts.codec_options)
     if opts.bitrate:
         cc.bit_rate = int(opts.bitrate)
-    elif "b" in options:
-        pass  # --codec-option b=...: the encoder's own rate control
-    elif codec in CRF_CODECS:
-        options.setdefault("crf", f"{opts.crf:g}")
-        # VP9 takes b=0 for constant quality; VP8 ignores its CRF unless b caps it (then 200 kb/s)
-        options.setdefault("b", {"libvpx-vp9": "0", "libvpx": "100M"}.get(codec))
-    elif codec in QSCALE_CODECS:  # at their default 200 kb/s a 640x360 video came out at 25 dB
-        # (a fixed qscale needs a quality on each frame, which PyAV cannot set: pin the range instead)
+    quality = _quality_options(codec, opts)
+    if "qmax" in quality:  # (a fixed qscale needs a quality on each frame, which PyAV cannot set)
         cc.qscale = True
-        q = str(max(2, round(opts.crf / 6)))
-        options.setdefault("qmin", q)
-        options.setdefault("qmax", q)
-    if codec in PRESET_CODECS and opts.preset:
-        options.setdefault("preset", opts.preset)
+    options = {**quality, **_preset_option(codec, opts), **opts.codec_options}  # the user's own win
     params, note = hdr_params(first, codec)
     notes += [note] if note else []
     if codec == "libx265":  # else it writes some 25 lines of its settings to stderr on every run
@@ -1065,6 +1064,24 @@ def _open_output(
     return out, vs, amap, codec, pix_fmt, notes, out_tb
 
 
+def _quality_options(codec: str, opts: VideoOptions) -> dict:
+    """The encoder options --crf becomes: none with --bitrate, or the user's own b=... (the encoder's own
+    rate control); a value None is not set."""
+    if opts.bitrate or "b" in opts.codec_options:
+        return {}
+    if codec in CRF_CODECS:
+        # VP9 takes b=0 for constant quality; VP8 ignores its CRF unless b caps it (then 200 kb/s)
+        return {"crf": f"{opts.crf:g}", "b": {"libvpx-vp9": "0", "libvpx": "100M"}.get(codec)}
+    if codec in QSCALE_CODECS:  # at their default 200 kb/s a 640x360 video came out at 25 dB
+        q = str(max(2, round(opts.crf / 6)))  # (pinned range: the quantiser)
+        return {"qmin": q, "qmax": q}
+    return {}
+
+
+def _preset_option(codec: str, opts: VideoOptions) -> dict:
+    return {"preset": opts.preset} if codec in PRESET_CODECS and opts.preset else {}
+
+
 def _text_subtitle_stream(out, s):
     """An output stream writing the text subtitles of s in the container's own text format (mov_text into
     Matroska: SRT, styles kept as <b>, <i>, <font color>; SRT into MP4: mov_text; either into WebM:
@@ -1160,6 +1177,92 @@ def check_encoder(name: str) -> None:
         )
 
 
+PROBE_SIZE = (128, 96)  # SQCIF: H.263 takes only a few sizes, this one among them
+
+
+@contextmanager
+def _stderr_muted():
+    """fd 2 to /dev/null: x264 and x265 print some errors and their settings there themselves, not
+    through FFmpeg's log ("x264 [error]: invalid preset 'fastest'"), around the one-line error said."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to mute
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _probe(codec: str, options: dict) -> tuple[str | None, set]:
+    """Open `codec` on a small frame with `options`, in each pixel format it takes until one opens (an
+    option may hold for some only: profile=high10). Returns (None, the options it does not have) once
+    one opens, else (its first complaint, set())."""
+    import av
+    import av.logging
+
+    formats = [f.name for f in (av.Codec(codec, "w").video_formats or [])] or ["yuv420p"]
+    formats.sort(key=lambda f: f != "yuv420p")
+    reason = None
+    levels = av.logging.get_level(), _libav_level()
+    # (PyAV drops a line that repeats the one before: the second probe of a run would hear no reason)
+    skip_repeated = av.logging.get_skip_repeated()
+    av.logging.set_skip_repeated(False)
+    try:
+        for fmt in formats:
+            cc = av.CodecContext.create(codec, "w")
+            cc.width, cc.height = PROBE_SIZE
+            cc.pix_fmt, cc.time_base = fmt, Fraction(1, 25)
+            cc.options = {k: str(v) for k, v in options.items() if v is not None}
+            error = None
+            with _stderr_muted(), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
+                try:
+                    cc.open()
+                    unused = set(cc.options or {})
+                except (av.FFmpegError, ValueError) as e:
+                    error = e
+                cc = None  # freed while stderr is muted: x265 says "encoded 0 frames" as it closes
+            if error is None:
+                return None, unused
+            own = [line for level, name, line in logs if level <= av.logging.ERROR and name == codec]
+            reason = reason or (own[0].strip() if own else _msg(error))
+    finally:
+        av.logging.set_skip_repeated(skip_repeated)
+        _logging_back(*levels)
+    return reason, set()
+
+
+def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
+    """The encoder settings, checked by opening the encoder on a small frame before the model loads: a
+    bad --preset was refused after it, as "o.mp4: libx264 cannot encode 64x48 yuv420p (... Error setting
+    preset/tune fastest/(null).)", and x264 printed its own error line twice. Each setting is tried
+    alone, so the one named is the one refused; an encoder that does not open here at all (one for a
+    GPU not present) is left to the real run to explain."""
+    if _probe(codec, {})[0] is not None:
+        return
+    user = opts.codec_options
+    quality = {k: v for k, v in _quality_options(codec, opts).items() if k not in user and v is not None}
+    settings = [
+        (f"--preset {opts.preset}", _preset_option(codec, opts)),
+        (f"--crf {opts.crf:g}", quality),
+        *((f"--codec-option {k}={v}", {k: v}) for k, v in user.items()),
+    ]
+    for name, options in settings:
+        if not options:
+            continue
+        reason, unused = _probe(codec, options)
+        if reason is not None:
+            raise EncoderOptionError(f"{name}: {codec} refuses it ({reason})")
+        if unused & set(user):  # FFmpeg hands back the options the encoder does not have
+            k = next(iter(unused & set(user)))
+            raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
+
+
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
     """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
     the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
@@ -1178,6 +1281,7 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         _check_writable(dst, "output video", opts.overwrite)
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
+        check_encoder_options(output_codec(dst, opts), opts, dst)
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
