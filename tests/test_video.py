@@ -2459,3 +2459,36 @@ def test_an_encoder_setting_it_refuses_is_named_before_the_model_loads(
     with pytest.raises(ValueError, match=f"^{says}$"):
         transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec, **options))
     assert list(tmp_path.iterdir()) == []
+
+
+def has_encoder(name: str) -> bool:
+    try:
+        av.Codec(name, "w")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(not has_encoder("libvpx-vp9"), reason="this PyAV build has no libvpx-vp9")
+def test_ivf_output_gets_vp9_and_drops_the_audio_with_a_note(restorer, clip, tmp_path):
+    """IVF holds VP8, VP9 or AV1 and no audio: o.ivf failed, after the model loaded, with "cannot encode
+    with 'libx264' ('ivf' format does not support 'libx264' codec)" unless --codec was given."""
+    s = transcode(restorer, clip, tmp_path / "o.ivf", VideoOptions(write_quality=False))
+    assert s["codec"] == "libvpx-vp9"
+    assert any(n.endswith(".ivf holds no audio: 1 audio stream dropped") for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.ivf")) as c:
+        assert c.streams.video[0].codec_context.name == "vp9" and len(list(c.decode(video=0))) == 6
+
+
+def test_ogv_output_gets_theora_or_is_refused_before_any_work(restorer, tmp_path):
+    """Ogg video holds Theora: o.ogv failed, after the model loaded, with "this container cannot hold
+    libx264 video (Invalid argument: Unsupported codec id in stream 0)". It gets libtheora, or where this
+    PyAV build has none, a refusal naming it before the input is read."""
+    src = flat_clip(tmp_path / "s.mkv")
+    if not has_encoder("libtheora"):
+        with pytest.raises(VideoError, match=r"o\.ogv: \.ogv is written with libtheora, which this PyAV"):
+            transcode(None, src, tmp_path / "o.ogv", VideoOptions(write_quality=False))
+        assert leftovers(tmp_path) == [] and not (tmp_path / "o.ogv").exists()
+        return
+    s = transcode(restorer, src, tmp_path / "o.ogv", VideoOptions(write_quality=False))
+    assert s["codec"] == "libtheora" and len(decode(tmp_path / "o.ogv")[0]) == 2

@@ -369,8 +369,15 @@ CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is
 # Containers that store no presentation times: each packet has its decode-order time, which the decoder
 # hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
 DECODE_ORDER_FORMATS = {"avi"}
-# Containers that hold one codec only, or (WebM: VP8, VP9, AV1) no H.264: their default codec.
-SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif", ".webm": "libvpx-vp9"}
+# Containers that hold one codec only, or (WebM and IVF: VP8, VP9, AV1; Ogg: Theora) no H.264: their
+# default codec, where this PyAV build has it.
+SUFFIX_CODECS = {
+    ".y4m": "rawvideo",
+    ".gif": "gif",
+    ".webm": "libvpx-vp9",
+    ".ivf": "libvpx-vp9",
+    ".ogv": "libtheora",
+}
 # index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
@@ -381,7 +388,11 @@ TEXT_SUBTITLE_ENCODERS = {
     "webm": "webvtt",
     **dict.fromkeys(("mp4", "mov", "ipod", "3gp", "3g2"), "mov_text"),
 }
-SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
+SILENT_SUFFIXES = {
+    ".y4m",
+    ".gif",
+    ".ivf",
+}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
 PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
@@ -612,8 +623,21 @@ def default_codec() -> str:
 
 
 def output_codec(path: Path, opts: VideoOptions) -> str:
-    """The encoder for an output named `path`: --codec, else the container's own, else default_codec()."""
-    return opts.codec or SUFFIX_CODECS.get(path.suffix.lower()) or default_codec()
+    """The encoder for an output named `path`: --codec, else the container's own (.ivf and .ogv refused
+    libx264, the default, only after the model had loaded), else default_codec()."""
+    import av
+
+    own = SUFFIX_CODECS.get(path.suffix.lower())
+    if opts.codec or own is None:
+        return opts.codec or default_codec()
+    try:
+        av.Codec(own, "w")
+    except Exception:  # noqa: BLE001  (PyAV raises several error types for a missing encoder)
+        raise VideoError(
+            f"{path}: {path.suffix} is written with {own}, which this PyAV build cannot encode; "
+            "use .mkv, or another --codec"
+        ) from None
+    return own
 
 
 def _temp_path(path: Path) -> Path:
@@ -1728,7 +1752,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--codec",
         help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
-        ".y4m: rawvideo, .gif: gif, .webm: libvpx-vp9)",
+        ".y4m: rawvideo, .gif: gif, .webm and .ivf: libvpx-vp9, .ogv: libtheora)",
     )
     e.add_argument(
         "--crf",
