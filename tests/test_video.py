@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -2492,3 +2493,41 @@ def test_ogv_output_gets_theora_or_is_refused_before_any_work(restorer, tmp_path
         return
     s = transcode(restorer, src, tmp_path / "o.ogv", VideoOptions(write_quality=False))
     assert s["codec"] == "libtheora" and len(decode(tmp_path / "o.ogv")[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "codec, args, options, says",
+    [
+        ("libx264", ["--crf", "60"], {"crf": 60}, "--crf 60: libx264"),
+        (
+            "libx264",
+            ["--codec-option", "crf=52"],
+            {"codec_options": {"crf": "52"}},
+            "--codec-option crf=52: libx264",
+        ),
+        ("libx265", ["--crf", "51.5"], {"crf": 51.5}, "--crf 51.5: libx265"),
+    ],
+)
+def test_a_crf_over_the_encoders_top_is_refused_before_the_model_loads(
+    clip, tmp_path, monkeypatch, capsys, codec, args, options, says
+):
+    """x264 took --crf 60 (or 99) as 51 without a word: the outputs were byte for byte the same; x265
+    refused it only after the model had loaded, as 'Cannot open libx265 encoder.'."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qairn: error: {says}"), err
+    with pytest.raises(ValueError, match=rf"^{re.escape(says)} takes 0 to 51 \(51: the smallest, worst\)$"):
+        transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec, **options))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crf_51_and_a_bitrate_with_crf_60_still_encode(restorer, tmp_path):
+    src = flat_clip(tmp_path / "s.mkv")
+    for opts in (VideoOptions(crf=51, write_quality=False), VideoOptions(crf=60, bitrate=100_000)):
+        assert transcode(restorer, src, tmp_path / "o.mkv", replace(opts, write_quality=False))["frames"] == 2

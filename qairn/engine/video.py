@@ -350,6 +350,9 @@ AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
 CRF_CODECS = {"libx264", "libx264rgb", "libx265", "libvpx", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+# The top of the CRF scale where the encoder's option does not say it: x264 took --crf 60 as 51 unsaid,
+# x265 refused it as "Cannot open libx265 encoder". (VP8, VP9 and SVT-AV1 refuse over 63 themselves.)
+CRF_MAX = {"libx264": 51, "libx264rgb": 51, "libx265": 51}
 # Encoders with no CRF but a fixed quantiser (--crf 18: q 3), which otherwise aim at 200 kb/s.
 QSCALE_CODECS = {
     "mpeg4",
@@ -1267,9 +1270,17 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
     preset/tune fastest/(null).)", and x264 printed its own error line twice. Each setting is tried
     alone, so the one named is the one refused; an encoder that does not open here at all (one for a
     GPU not present) is left to the real run to explain."""
+    user = opts.codec_options
+    crf = _quality_options(codec, opts).get("crf")
+    name = f"--crf {opts.crf:g}" if "crf" not in user else f"--codec-option crf={user['crf']}"
+    try:
+        crf = float(user.get("crf", crf))
+    except (TypeError, ValueError):  # (none, or one the probe below names)
+        crf = None
+    if crf is not None and crf > CRF_MAX.get(codec, float("inf")):
+        raise EncoderOptionError(f"{name}: {codec} takes 0 to {CRF_MAX[codec]} (51: the smallest, worst)")
     if _probe(codec, {})[0] is not None:
         return
-    user = opts.codec_options
     quality = {k: v for k, v in _quality_options(codec, opts).items() if k not in user and v is not None}
     settings = [
         (f"--preset {opts.preset}", _preset_option(codec, opts)),
@@ -1690,8 +1701,8 @@ def _batch_arg(text: str) -> int:
 
 
 def _crf_arg(text: str) -> float:
-    """--crf: a finite number, 0 or more (the top depends on the encoder: 51 for x264, 63 for VP9, which
-    says so itself). -3 and nan reached the encoder, which refused them after the model had loaded."""
+    """--crf: a finite number, 0 or more (the top depends on the encoder: 51 for x264, 63 for VP9, checked
+    by check_encoder_options). -3 and nan reached the encoder, which refused them after the model loaded."""
     try:
         value = float(text)
     except ValueError:
@@ -1758,8 +1769,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--crf",
         type=_crf_arg,
         default=18.0,
-        help="constant quality (default 18): CRF for x264/x265/VP8/VP9/AV1, a fixed quantiser crf/6 "
-        "for MPEG-1/2/4 and MJPEG",
+        help="constant quality (default 18): CRF for x264/x265 (0-51), VP8/VP9/AV1 (0-63), a fixed "
+        "quantiser crf/6 for MPEG-1/2/4 and MJPEG",
     )
     e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
     e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
