@@ -2531,3 +2531,26 @@ def test_crf_51_and_a_bitrate_with_crf_60_still_encode(restorer, tmp_path):
     src = flat_clip(tmp_path / "s.mkv")
     for opts in (VideoOptions(crf=51, write_quality=False), VideoOptions(crf=60, bitrate=100_000)):
         assert transcode(restorer, src, tmp_path / "o.mkv", replace(opts, write_quality=False))["frames"] == 2
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("o.xyz", "cannot write this container (Could not determine output format); use .mp4, .mkv or .mov"),
+        ("o.png", "cannot encode with 'libx264' ('image2' format does not support 'libx264' codec)"),
+    ],
+)
+def test_a_container_that_cannot_be_written_is_refused_before_the_model_loads(
+    clip, tmp_path, monkeypatch, capsys, name, says
+):
+    """o.xyz (no such container) and o.png (an image, not H.264) were refused only after the model had
+    loaded and the input's first frame was decoded."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    assert main([str(clip), str(tmp_path / name)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"qairn: error: {tmp_path / name}: {says}"]
+    assert list(tmp_path.iterdir()) == []

@@ -1298,6 +1298,30 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
 
 
+def check_container(dst: Path, codec: str) -> None:
+    """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
+    container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
+    the model had loaded. A hidden file beside dst is opened, as the output will be, and removed."""
+    import av
+
+    probe = _temp_path(dst)
+    try:
+        try:
+            out = av.open(str(probe), "w")
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(
+                f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
+            ) from None
+        try:
+            out.add_stream(codec, rate=25)
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+        finally:
+            out.close()
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
     """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
     the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
@@ -1316,7 +1340,9 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         _check_writable(dst, "output video", opts.overwrite)
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
-        check_encoder_options(output_codec(dst, opts), opts, dst)
+        codec = output_codec(dst, opts)
+        check_container(dst, codec)
+        check_encoder_options(codec, opts, dst)
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
