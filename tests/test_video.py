@@ -2428,6 +2428,17 @@ def test_video_options_refuse_a_bitrate_under_1(bitrate):
             {"codec_options": {"g": "abc"}},
             r'--codec-option g=abc: libx264 refuses it \(Unable to parse "g" option value "abc"\)',
         ),
+        ("mpeg4", ["--preset", "fastest"], {"preset": "fastest"}, "--preset fastest: mpeg4 has no presets"),
+        pytest.param(
+            "libsvtav1",
+            ["--preset", "20"],
+            {"preset": "20"},
+            r"--preset 20: libsvtav1 refuses it \(Value 20\.000000 for parameter 'preset' out of range "
+            r"\[-2 - 13\]\)",
+            marks=pytest.mark.skipif(
+                "libsvtav1" not in av.codecs_available, reason="this PyAV build has no libsvtav1"
+            ),
+        ),
         pytest.param(
             "libvpx-vp9",
             ["--crf", "70"],
@@ -2446,7 +2457,8 @@ def test_an_encoder_setting_it_refuses_is_named_before_the_model_loads(
     """--preset fastest was refused only after the model had loaded, as 'o.mkv: libx264 cannot encode
     64x48 yuv420p (Invalid argument: Error setting preset/tune fastest/(null).)', blaming the size, and
     x264 printed 'x264 [error]: invalid preset' twice. The encoder is now opened on a small frame with
-    each setting first: one line naming the setting, a ValueError from the library."""
+    each setting first: one line naming the setting, a ValueError from the library. --preset went to
+    x264 and x265 only: mpeg4 (no presets) ignored it without a word, and SVT-AV1 (presets 0..13) too."""
     import qairn.engine.cli as engine_cli
 
     def no_model(args):

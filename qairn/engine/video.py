@@ -366,7 +366,6 @@ QSCALE_CODECS = {
     "h263p",
     "flv",
 }
-PRESET_CODECS = {"libx264", "libx264rgb", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
 # Containers that store no presentation times: each packet has its decode-order time, which the decoder
@@ -583,7 +582,7 @@ def expected_frames(inp, vstream, rate) -> int | None:
 class VideoOptions:
     codec: str | None = None  # None: libx264, else the first of DEFAULT_CODECS this PyAV can encode
     crf: float = 18.0
-    preset: str = "medium"
+    preset: str | None = None  # None: the encoder's own (x264, x265: medium); refused where it has none
     bitrate: int | None = None  # bits/s; overrides crf
     pix_fmt: str | None = None  # None: the source's format when the encoder takes it
     codec_options: dict = field(default_factory=dict)
@@ -1106,7 +1105,7 @@ def _quality_options(codec: str, opts: VideoOptions) -> dict:
 
 
 def _preset_option(codec: str, opts: VideoOptions) -> dict:
-    return {"preset": opts.preset} if codec in PRESET_CODECS and opts.preset else {}
+    return {"preset": opts.preset} if opts.preset else {}
 
 
 def _text_subtitle_stream(out, s):
@@ -1293,6 +1292,8 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
         reason, unused = _probe(codec, options)
         if reason is not None:
             raise EncoderOptionError(f"{name}: {codec} refuses it ({reason})")
+        if "preset" in unused and "preset" not in user:  # (was passed to x264 and x265 only, else ignored)
+            raise EncoderOptionError(f"{name}: {codec} has no presets")
         if unused & set(user):  # FFmpeg hands back the options the encoder does not have
             k = next(iter(unused & set(user)))
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
@@ -1798,7 +1799,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="constant quality (default 18): CRF for x264/x265 (0-51), VP8/VP9/AV1 (0-63), a fixed "
         "quantiser crf/6 for MPEG-1/2/4 and MJPEG",
     )
-    e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
+    e.add_argument(
+        "--preset",
+        help="the encoder's speed preset (x264/x265: ultrafast .. placebo, default medium; SVT-AV1: 0-13)",
+    )
     e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
     e.add_argument("--pix-fmt", help="output pixel format (default: the source's, when the encoder takes it)")
     e.add_argument(
