@@ -2566,3 +2566,11 @@ def test_a_container_that_cannot_be_written_is_refused_before_the_model_loads(
     assert main([str(clip), str(tmp_path / name)]) == 1
     assert capsys.readouterr().err.splitlines() == [f"qairn: error: {tmp_path / name}: {says}"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preset_given_as_a_codec_option_wins_over_preset(restorer, tmp_path):
+    """--codec-option preset=fast wins over --preset (the user's own options win): a --preset it
+    replaced was still checked, and --preset fastest refused a run that would use preset fast."""
+    src = flat_clip(tmp_path / "s.mkv")
+    opts = VideoOptions(preset="fastest", codec_options={"preset": "fast"}, write_quality=False)
+    assert transcode(restorer, src, tmp_path / "o.mkv", opts)["frames"] == 2

@@ -1105,7 +1105,8 @@ def _quality_options(codec: str, opts: VideoOptions) -> dict:
 
 
 def _preset_option(codec: str, opts: VideoOptions) -> dict:
-    return {"preset": opts.preset} if opts.preset else {}
+    # (--codec-option preset=... wins, as the user's own options do: --preset is then not checked)
+    return {"preset": opts.preset} if opts.preset and "preset" not in opts.codec_options else {}
 
 
 def _text_subtitle_stream(out, s):
