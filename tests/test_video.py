@@ -2574,3 +2574,15 @@ def test_a_preset_given_as_a_codec_option_wins_over_preset(restorer, tmp_path):
     src = flat_clip(tmp_path / "s.mkv")
     opts = VideoOptions(preset="fastest", codec_options={"preset": "fast"}, write_quality=False)
     assert transcode(restorer, src, tmp_path / "o.mkv", opts)["frames"] == 2
+
+
+def test_a_preset_is_refused_where_the_encoder_could_not_be_checked_before(restorer, tmp_path, monkeypatch):
+    """An encoder that does not open on the small frame of the early check (one for a GPU not present)
+    is not checked there; at the real open a --preset it does not have was ignored without a word."""
+    import qairn.engine.video as video
+
+    monkeypatch.setattr(video, "_probe", lambda codec, options: ("does not open here", set()))
+    src = flat_clip(tmp_path / "s.mkv")
+    with pytest.raises(ValueError, match=r"^--preset fast: mpeg4 has no presets$"):
+        transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="mpeg4", preset="fast", plot=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mkv"]

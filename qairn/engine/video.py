@@ -1076,6 +1076,11 @@ def _open_output(
         ) from None
     # FFmpeg hands back the options the encoder did not take: a mistyped --codec-option was ignored unsaid.
     unused = [k for k in opts.codec_options if k in (cc.options or {})]
+    # (check_encoder_options says so first where the encoder opens on a small frame: not a GPU one
+    # without its GPU)
+    if "preset" in (cc.options or {}) and "preset" not in opts.codec_options:
+        out.close()
+        raise EncoderOptionError(f"--preset {opts.preset}: {codec} has no presets")
     if unused:
         out.close()
         k = unused[0]
