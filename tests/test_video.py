@@ -5,9 +5,11 @@ import csv
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -338,10 +340,10 @@ def test_odd_size_with_h264_is_a_clear_error_or_444(restorer, frames_rgb, tmp_pa
     with pytest.raises(VideoError, match=r"75x47 yuv420p .*--pix-fmt yuv444p"):
         transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(plot=False))
     assert leftovers(tmp_path) == [] and not (tmp_path / "o.mp4").exists()
-    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a CRF out of range, given as
-    # x264's own option: VideoOptions refuses crf=-5).
+    # Already 4:4:4: an encoder failure is not blamed on the odd size (here, a profile without 4:4:4,
+    # which the encoder takes in 4:2:0, as it was checked before the input was read).
     with pytest.raises(VideoError) as e:
-        opts = VideoOptions(pix_fmt="yuv444p", codec_options={"crf": "-5"}, plot=False)
+        opts = VideoOptions(pix_fmt="yuv444p", codec_options={"profile": "baseline"}, plot=False)
         transcode(restorer, src, tmp_path / "o.mp4", opts)
     assert "75x47 yuv444p" in str(e.value) and "even sizes" not in str(e.value)
     s = transcode(restorer, src, tmp_path / "o.mp4", VideoOptions(pix_fmt="yuv444p", plot=False))
@@ -2409,3 +2411,178 @@ def test_video_options_refuse_a_bitrate_under_1(bitrate):
     with pytest.raises(ValueError, match=rf"^bitrate is bits per second, 1 or more .*, got {bitrate}; "):
         VideoOptions(bitrate=bitrate)
     assert VideoOptions(bitrate=1).bitrate == 1 and VideoOptions().bitrate is None
+
+
+@pytest.mark.parametrize(
+    "codec, args, options, says",
+    [
+        (
+            "libx264",
+            ["--preset", "fastest"],
+            {"preset": "fastest"},
+            r"--preset fastest: libx264 refuses it \(Error setting preset/tune fastest/\(null\)\.\)",
+        ),
+        (
+            "libx264",
+            ["--codec-option", "g=abc"],
+            {"codec_options": {"g": "abc"}},
+            r'--codec-option g=abc: libx264 refuses it \(Unable to parse "g" option value "abc"\)',
+        ),
+        ("mpeg4", ["--preset", "fastest"], {"preset": "fastest"}, "--preset fastest: mpeg4 has no presets"),
+        pytest.param(
+            "libsvtav1",
+            ["--preset", "20"],
+            {"preset": "20"},
+            r"--preset 20: libsvtav1 refuses it \(Value 20\.000000 for parameter 'preset' out of range "
+            r"\[-2 - 13\]\)",
+            marks=pytest.mark.skipif(
+                "libsvtav1" not in av.codecs_available, reason="this PyAV build has no libsvtav1"
+            ),
+        ),
+        pytest.param(
+            "libvpx-vp9",
+            ["--crf", "70"],
+            {"crf": 70},
+            r"--crf 70: libvpx-vp9 refuses it \(Value 70\.000000 for parameter 'crf' out of range "
+            r"\[-1 - 63\]\)",
+            marks=pytest.mark.skipif(
+                "libvpx-vp9" not in av.codecs_available, reason="this PyAV build has no libvpx-vp9"
+            ),
+        ),
+    ],
+)
+def test_an_encoder_setting_it_refuses_is_named_before_the_model_loads(
+    clip, tmp_path, monkeypatch, capfd, codec, args, options, says
+):
+    """--preset fastest was refused only after the model had loaded, as 'o.mkv: libx264 cannot encode
+    64x48 yuv420p (Invalid argument: Error setting preset/tune fastest/(null).)', blaming the size, and
+    x264 printed 'x264 [error]: invalid preset' twice. The encoder is now opened on a small frame with
+    each setting first: one line naming the setting, a ValueError from the library. --preset went to
+    x264 and x265 only: mpeg4 (no presets) ignored it without a word, and SVT-AV1 (presets 0..13) too."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    capfd.readouterr()
+    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 1
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and re.fullmatch(f"qairn: error: {says}", err[0]), err
+    with pytest.raises(ValueError, match=f"^{says}$"):
+        transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec, **options))
+    assert list(tmp_path.iterdir()) == []
+
+
+def has_encoder(name: str) -> bool:
+    try:
+        av.Codec(name, "w")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.skipif(not has_encoder("libvpx-vp9"), reason="this PyAV build has no libvpx-vp9")
+def test_ivf_output_gets_vp9_and_drops_the_audio_with_a_note(restorer, clip, tmp_path):
+    """IVF holds VP8, VP9 or AV1 and no audio: o.ivf failed, after the model loaded, with "cannot encode
+    with 'libx264' ('ivf' format does not support 'libx264' codec)" unless --codec was given."""
+    s = transcode(restorer, clip, tmp_path / "o.ivf", VideoOptions(write_quality=False))
+    assert s["codec"] == "libvpx-vp9"
+    assert any(n.endswith(".ivf holds no audio: 1 audio stream dropped") for n in s["notes"]), s["notes"]
+    with av.open(str(tmp_path / "o.ivf")) as c:
+        assert c.streams.video[0].codec_context.name == "vp9" and len(list(c.decode(video=0))) == 6
+
+
+def test_ogv_output_gets_theora_or_is_refused_before_any_work(restorer, tmp_path):
+    """Ogg video holds Theora: o.ogv failed, after the model loaded, with "this container cannot hold
+    libx264 video (Invalid argument: Unsupported codec id in stream 0)". It gets libtheora, or where this
+    PyAV build has none, a refusal naming it before the input is read."""
+    src = flat_clip(tmp_path / "s.mkv")
+    if not has_encoder("libtheora"):
+        with pytest.raises(VideoError, match=r"o\.ogv: \.ogv is written with libtheora, which this PyAV"):
+            transcode(None, src, tmp_path / "o.ogv", VideoOptions(write_quality=False))
+        assert leftovers(tmp_path) == [] and not (tmp_path / "o.ogv").exists()
+        return
+    s = transcode(restorer, src, tmp_path / "o.ogv", VideoOptions(write_quality=False))
+    assert s["codec"] == "libtheora" and len(decode(tmp_path / "o.ogv")[0]) == 2
+
+
+@pytest.mark.parametrize(
+    "codec, args, options, says",
+    [
+        ("libx264", ["--crf", "60"], {"crf": 60}, "--crf 60: libx264"),
+        (
+            "libx264",
+            ["--codec-option", "crf=52"],
+            {"codec_options": {"crf": "52"}},
+            "--codec-option crf=52: libx264",
+        ),
+        ("libx265", ["--crf", "51.5"], {"crf": 51.5}, "--crf 51.5: libx265"),
+    ],
+)
+def test_a_crf_over_the_encoders_top_is_refused_before_the_model_loads(
+    clip, tmp_path, monkeypatch, capsys, codec, args, options, says
+):
+    """x264 took --crf 60 (or 99) as 51 without a word: the outputs were byte for byte the same; x265
+    refused it only after the model had loaded, as 'Cannot open libx265 encoder.'."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"qairn: error: {says}"), err
+    with pytest.raises(ValueError, match=rf"^{re.escape(says)} takes 0 to 51 \(51: the smallest, worst\)$"):
+        transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec, **options))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crf_51_and_a_bitrate_with_crf_60_still_encode(restorer, tmp_path):
+    src = flat_clip(tmp_path / "s.mkv")
+    for opts in (VideoOptions(crf=51, write_quality=False), VideoOptions(crf=60, bitrate=100_000)):
+        assert transcode(restorer, src, tmp_path / "o.mkv", replace(opts, write_quality=False))["frames"] == 2
+
+
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("o.xyz", "cannot write this container (Could not determine output format); use .mp4, .mkv or .mov"),
+        ("o.png", "cannot encode with 'libx264' ('image2' format does not support 'libx264' codec)"),
+    ],
+)
+def test_a_container_that_cannot_be_written_is_refused_before_the_model_loads(
+    clip, tmp_path, monkeypatch, capsys, name, says
+):
+    """o.xyz (no such container) and o.png (an image, not H.264) were refused only after the model had
+    loaded and the input's first frame was decoded."""
+    import qairn.engine.cli as engine_cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    assert main([str(clip), str(tmp_path / name)]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"qairn: error: {tmp_path / name}: {says}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preset_given_as_a_codec_option_wins_over_preset(restorer, tmp_path):
+    """--codec-option preset=fast wins over --preset (the user's own options win): a --preset it
+    replaced was still checked, and --preset fastest refused a run that would use preset fast."""
+    src = flat_clip(tmp_path / "s.mkv")
+    opts = VideoOptions(preset="fastest", codec_options={"preset": "fast"}, write_quality=False)
+    assert transcode(restorer, src, tmp_path / "o.mkv", opts)["frames"] == 2
+
+
+def test_a_preset_is_refused_where_the_encoder_could_not_be_checked_before(restorer, tmp_path, monkeypatch):
+    """An encoder that does not open on the small frame of the early check (one for a GPU not present)
+    is not checked there; at the real open a --preset it does not have was ignored without a word."""
+    import qairn.engine.video as video
+
+    monkeypatch.setattr(video, "_probe", lambda codec, options: ("does not open here", set()))
+    src = flat_clip(tmp_path / "s.mkv")
+    with pytest.raises(ValueError, match=r"^--preset fast: mpeg4 has no presets$"):
+        transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="mpeg4", preset="fast", plot=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mkv"]

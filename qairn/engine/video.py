@@ -62,6 +62,11 @@ class VideoError(RuntimeError):
     """A problem with a video file or its encoding; the message names the file and the problem."""
 
 
+class EncoderOptionError(VideoError, ValueError):
+    """An encoder setting (--preset, --crf, --codec-option) the encoder refuses: a bad argument, as
+    VideoOptions' own checks say with a ValueError."""
+
+
 # ---- streaming -------------------------------------------------------------------------------------
 @dataclass
 class _Job:
@@ -345,6 +350,9 @@ AV_COLORSPACE = {"bt601": 5, "bt709": 1, "bt2020": 9}
 AV_RANGE = {"limited": 1, "full": 2}
 SWS_COLORSPACE = {"bt601": "ITU601", "bt709": "ITU709", "bt2020": "BT2020"}
 CRF_CODECS = {"libx264", "libx264rgb", "libx265", "libvpx", "libvpx-vp9", "libsvtav1", "libaom-av1"}
+# The top of the CRF scale where the encoder's option does not say it: x264 took --crf 60 as 51 unsaid,
+# x265 refused it as "Cannot open libx265 encoder". (VP8, VP9 and SVT-AV1 refuse over 63 themselves.)
+CRF_MAX = {"libx264": 51, "libx264rgb": 51, "libx265": 51}
 # Encoders with no CRF but a fixed quantiser (--crf 18: q 3), which otherwise aim at 200 kb/s.
 QSCALE_CODECS = {
     "mpeg4",
@@ -358,14 +366,20 @@ QSCALE_CODECS = {
     "h263p",
     "flv",
 }
-PRESET_CODECS = {"libx264", "libx264rgb", "libx265"}
 DEFAULT_CODECS = ("libx264", "libopenh264", "mpeg4")  # first one this PyAV build can encode
 CONSTANT_RATE_FORMATS = {"yuv4mpegpipe", "avi"}  # containers whose time base is the frame rate
 # Containers that store no presentation times: each packet has its decode-order time, which the decoder
 # hands on to the frame shown last (an H.264 AVI's frames came out at pts 1, 4, 3, 5, 2).
 DECODE_ORDER_FORMATS = {"avi"}
-# Containers that hold one codec only, or (WebM: VP8, VP9, AV1) no H.264: their default codec.
-SUFFIX_CODECS = {".y4m": "rawvideo", ".gif": "gif", ".webm": "libvpx-vp9"}
+# Containers that hold one codec only, or (WebM and IVF: VP8, VP9, AV1; Ogg: Theora) no H.264: their
+# default codec, where this PyAV build has it.
+SUFFIX_CODECS = {
+    ".y4m": "rawvideo",
+    ".gif": "gif",
+    ".webm": "libvpx-vp9",
+    ".ivf": "libvpx-vp9",
+    ".ogv": "libtheora",
+}
 # index (moov) first: plays while it downloads (3GP and 3G2 are MP4s, for phones)
 FASTSTART_SUFFIXES = {".mp4", ".mov", ".m4v", ".3gp", ".3g2"}
 SUBTITLE_FORMATS = {"matroska", "webm", "mp4", "mov", "ipod", "3gp", "3g2"}  # keep (some) subtitles as such
@@ -376,7 +390,11 @@ TEXT_SUBTITLE_ENCODERS = {
     "webm": "webvtt",
     **dict.fromkeys(("mp4", "mov", "ipod", "3gp", "3g2"), "mov_text"),
 }
-SILENT_SUFFIXES = {".y4m", ".gif"}  # containers without audio: a source's audio is dropped, with a note
+SILENT_SUFFIXES = {
+    ".y4m",
+    ".gif",
+    ".ivf",
+}  # containers without audio: a source's audio is dropped, with a note
 # Pixel formats to fall back on when an encoder takes neither the source's nor the work format.
 FALLBACK_FORMATS = ("yuv444p", "rgb24", "bgr24", "rgb8", "bgr8", "gray")  # swscale cannot write pal8
 PALETTE_FORMATS = {"rgb8", "bgr8", "pal8", "rgb4_byte", "bgr4_byte"}
@@ -564,7 +582,7 @@ def expected_frames(inp, vstream, rate) -> int | None:
 class VideoOptions:
     codec: str | None = None  # None: libx264, else the first of DEFAULT_CODECS this PyAV can encode
     crf: float = 18.0
-    preset: str = "medium"
+    preset: str | None = None  # None: the encoder's own (x264, x265: medium); refused where it has none
     bitrate: int | None = None  # bits/s; overrides crf
     pix_fmt: str | None = None  # None: the source's format when the encoder takes it
     codec_options: dict = field(default_factory=dict)
@@ -604,6 +622,24 @@ def default_codec() -> str:
         except Exception:  # noqa: BLE001  (PyAV raises several error types for a missing encoder)
             continue
     raise VideoError(f"this PyAV build has none of the encoders {', '.join(DEFAULT_CODECS)}; pass --codec")
+
+
+def output_codec(path: Path, opts: VideoOptions) -> str:
+    """The encoder for an output named `path`: --codec, else the container's own (.ivf and .ogv refused
+    libx264, the default, only after the model had loaded), else default_codec()."""
+    import av
+
+    own = SUFFIX_CODECS.get(path.suffix.lower())
+    if opts.codec or own is None:
+        return opts.codec or default_codec()
+    try:
+        av.Codec(own, "w")
+    except Exception:  # noqa: BLE001  (PyAV raises several error types for a missing encoder)
+        raise VideoError(
+            f"{path}: {path.suffix} is written with {own}, which this PyAV build cannot encode; "
+            "use .mkv, or another --codec"
+        ) from None
+    return own
 
 
 def _temp_path(path: Path) -> Path:
@@ -834,7 +870,7 @@ def _open_output(
     # Y4M holds only raw planar Y'CbCr frames; FFmpeg writes its 9- to 16-bit kinds only when allowed.
     # GIF holds only its own codec (256-colour palettes).
     y4m = tmp.suffix.lower() == ".y4m"
-    codec = opts.codec or SUFFIX_CODECS.get(tmp.suffix.lower()) or default_codec()
+    codec = output_codec(tmp, opts)
     faststart = tmp.suffix.lower() in FASTSTART_SUFFIXES
     options = {"movflags": "+faststart"} if faststart else {"strict": "-1"} if y4m else {}
     try:
@@ -948,23 +984,12 @@ def _open_output(
     cc.colorspace = tag if same or other else AV_COLORSPACE[matrix]
     cc.color_range = AV_RANGE[crange]
     cc.color_primaries, cc.color_trc = int(first.color_primaries), int(first.color_trc)
-    options = dict(opts.codec_options)
     if opts.bitrate:
         cc.bit_rate = int(opts.bitrate)
-    elif "b" in options:
-        pass  # --codec-option b=...: the encoder's own rate control
-    elif codec in CRF_CODECS:
-        options.setdefault("crf", f"{opts.crf:g}")
-        # VP9 takes b=0 for constant quality; VP8 ignores its CRF unless b caps it (then 200 kb/s)
-        options.setdefault("b", {"libvpx-vp9": "0", "libvpx": "100M"}.get(codec))
-    elif codec in QSCALE_CODECS:  # at their default 200 kb/s a 640x360 video came out at 25 dB
-        # (a fixed qscale needs a quality on each frame, which PyAV cannot set: pin the range instead)
+    quality = _quality_options(codec, opts)
+    if "qmax" in quality:  # (a fixed qscale needs a quality on each frame, which PyAV cannot set)
         cc.qscale = True
-        q = str(max(2, round(opts.crf / 6)))
-        options.setdefault("qmin", q)
-        options.setdefault("qmax", q)
-    if codec in PRESET_CODECS and opts.preset:
-        options.setdefault("preset", opts.preset)
+    options = {**quality, **_preset_option(codec, opts), **opts.codec_options}  # the user's own win
     params, note = hdr_params(first, codec)
     notes += [note] if note else []
     if codec == "libx265":  # else it writes some 25 lines of its settings to stderr on every run
@@ -1051,6 +1076,11 @@ def _open_output(
         ) from None
     # FFmpeg hands back the options the encoder did not take: a mistyped --codec-option was ignored unsaid.
     unused = [k for k in opts.codec_options if k in (cc.options or {})]
+    # (check_encoder_options says so first where the encoder opens on a small frame: not a GPU one
+    # without its GPU)
+    if "preset" in (cc.options or {}) and "preset" not in opts.codec_options:
+        out.close()
+        raise EncoderOptionError(f"--preset {opts.preset}: {codec} has no presets")
     if unused:
         out.close()
         k = unused[0]
@@ -1063,6 +1093,25 @@ def _open_output(
         hint = "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
         raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
+
+
+def _quality_options(codec: str, opts: VideoOptions) -> dict:
+    """The encoder options --crf becomes: none with --bitrate, or the user's own b=... (the encoder's own
+    rate control); a value None is not set."""
+    if opts.bitrate or "b" in opts.codec_options:
+        return {}
+    if codec in CRF_CODECS:
+        # VP9 takes b=0 for constant quality; VP8 ignores its CRF unless b caps it (then 200 kb/s)
+        return {"crf": f"{opts.crf:g}", "b": {"libvpx-vp9": "0", "libvpx": "100M"}.get(codec)}
+    if codec in QSCALE_CODECS:  # at their default 200 kb/s a 640x360 video came out at 25 dB
+        q = str(max(2, round(opts.crf / 6)))  # (pinned range: the quantiser)
+        return {"qmin": q, "qmax": q}
+    return {}
+
+
+def _preset_option(codec: str, opts: VideoOptions) -> dict:
+    # (--codec-option preset=... wins, as the user's own options do: --preset is then not checked)
+    return {"preset": opts.preset} if opts.preset and "preset" not in opts.codec_options else {}
 
 
 def _text_subtitle_stream(out, s):
@@ -1160,6 +1209,126 @@ def check_encoder(name: str) -> None:
         )
 
 
+PROBE_SIZE = (128, 96)  # SQCIF: H.263 takes only a few sizes, this one among them
+
+
+@contextmanager
+def _stderr_muted():
+    """fd 2 to /dev/null: x264 and x265 print some errors and their settings there themselves, not
+    through FFmpeg's log ("x264 [error]: invalid preset 'fastest'"), around the one-line error said."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to mute
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _probe(codec: str, options: dict) -> tuple[str | None, set]:
+    """Open `codec` on a small frame with `options`, in each pixel format it takes until one opens (an
+    option may hold for some only: profile=high10). Returns (None, the options it does not have) once
+    one opens, else (its first complaint, set())."""
+    import av
+    import av.logging
+
+    formats = [f.name for f in (av.Codec(codec, "w").video_formats or [])] or ["yuv420p"]
+    formats.sort(key=lambda f: f != "yuv420p")
+    reason = None
+    levels = av.logging.get_level(), _libav_level()
+    # (PyAV drops a line that repeats the one before: the second probe of a run would hear no reason)
+    skip_repeated = av.logging.get_skip_repeated()
+    av.logging.set_skip_repeated(False)
+    try:
+        for fmt in formats:
+            cc = av.CodecContext.create(codec, "w")
+            cc.width, cc.height = PROBE_SIZE
+            cc.pix_fmt, cc.time_base = fmt, Fraction(1, 25)
+            cc.options = {k: str(v) for k, v in options.items() if v is not None}
+            error = None
+            with _stderr_muted(), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
+                try:
+                    cc.open()
+                    unused = set(cc.options or {})
+                except (av.FFmpegError, ValueError) as e:
+                    error = e
+                cc = None  # freed while stderr is muted: x265 says "encoded 0 frames" as it closes
+            if error is None:
+                return None, unused
+            own = [line for level, name, line in logs if level <= av.logging.ERROR and name == codec]
+            reason = reason or (own[0].strip() if own else _msg(error))
+    finally:
+        av.logging.set_skip_repeated(skip_repeated)
+        _logging_back(*levels)
+    return reason, set()
+
+
+def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
+    """The encoder settings, checked by opening the encoder on a small frame before the model loads: a
+    bad --preset was refused after it, as "o.mp4: libx264 cannot encode 64x48 yuv420p (... Error setting
+    preset/tune fastest/(null).)", and x264 printed its own error line twice. Each setting is tried
+    alone, so the one named is the one refused; an encoder that does not open here at all (one for a
+    GPU not present) is left to the real run to explain."""
+    user = opts.codec_options
+    crf = _quality_options(codec, opts).get("crf")
+    name = f"--crf {opts.crf:g}" if "crf" not in user else f"--codec-option crf={user['crf']}"
+    try:
+        crf = float(user.get("crf", crf))
+    except (TypeError, ValueError):  # (none, or one the probe below names)
+        crf = None
+    if crf is not None and crf > CRF_MAX.get(codec, float("inf")):
+        raise EncoderOptionError(f"{name}: {codec} takes 0 to {CRF_MAX[codec]} (51: the smallest, worst)")
+    if _probe(codec, {})[0] is not None:
+        return
+    quality = {k: v for k, v in _quality_options(codec, opts).items() if k not in user and v is not None}
+    settings = [
+        (f"--preset {opts.preset}", _preset_option(codec, opts)),
+        (f"--crf {opts.crf:g}", quality),
+        *((f"--codec-option {k}={v}", {k: v}) for k, v in user.items()),
+    ]
+    for name, options in settings:
+        if not options:
+            continue
+        reason, unused = _probe(codec, options)
+        if reason is not None:
+            raise EncoderOptionError(f"{name}: {codec} refuses it ({reason})")
+        if "preset" in unused and "preset" not in user:  # (was passed to x264 and x265 only, else ignored)
+            raise EncoderOptionError(f"{name}: {codec} has no presets")
+        if unused & set(user):  # FFmpeg hands back the options the encoder does not have
+            k = next(iter(unused & set(user)))
+            raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
+
+
+def check_container(dst: Path, codec: str) -> None:
+    """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
+    container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
+    the model had loaded. A hidden file beside dst is opened, as the output will be, and removed."""
+    import av
+
+    probe = _temp_path(dst)
+    try:
+        try:
+            out = av.open(str(probe), "w")
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(
+                f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
+            ) from None
+        try:
+            out.add_stream(codec, rate=25)
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+        finally:
+            out.close()
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
     """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
     the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
@@ -1178,6 +1347,9 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         _check_writable(dst, "output video", opts.overwrite)
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
+        codec = output_codec(dst, opts)
+        check_container(dst, codec)
+        check_encoder_options(codec, opts, dst)
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
@@ -1562,8 +1734,8 @@ def _batch_arg(text: str) -> int:
 
 
 def _crf_arg(text: str) -> float:
-    """--crf: a finite number, 0 or more (the top depends on the encoder: 51 for x264, 63 for VP9, which
-    says so itself). -3 and nan reached the encoder, which refused them after the model had loaded."""
+    """--crf: a finite number, 0 or more (the top depends on the encoder: 51 for x264, 63 for VP9, checked
+    by check_encoder_options). -3 and nan reached the encoder, which refused them after the model loaded."""
     try:
         value = float(text)
     except ValueError:
@@ -1624,16 +1796,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--codec",
         help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
-        ".y4m: rawvideo, .gif: gif, .webm: libvpx-vp9)",
+        ".y4m: rawvideo, .gif: gif, .webm and .ivf: libvpx-vp9, .ogv: libtheora)",
     )
     e.add_argument(
         "--crf",
         type=_crf_arg,
         default=18.0,
-        help="constant quality (default 18): CRF for x264/x265/VP8/VP9/AV1, a fixed quantiser crf/6 "
-        "for MPEG-1/2/4 and MJPEG",
+        help="constant quality (default 18): CRF for x264/x265 (0-51), VP8/VP9/AV1 (0-63), a fixed "
+        "quantiser crf/6 for MPEG-1/2/4 and MJPEG",
     )
-    e.add_argument("--preset", default="medium", help="x264/x265 speed preset (default medium)")
+    e.add_argument(
+        "--preset",
+        help="the encoder's speed preset (x264/x265: ultrafast .. placebo, default medium; SVT-AV1: 0-13)",
+    )
     e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
     e.add_argument("--pix-fmt", help="output pixel format (default: the source's, when the encoder takes it)")
     e.add_argument(
