@@ -765,3 +765,22 @@ def test_load_triton_says_in_one_line_that_triton_cannot_be_imported(monkeypatch
         "triton is installed but cannot be imported: ModuleNotFoundError: import of triton halted; "
         "None in sys.modules"
     )
+
+
+@pytest.mark.parametrize("progress", [5, True, "bar"])
+def test_a_progress_that_is_not_callable_is_refused_before_the_work(progress):
+    """progress=5 ran the whole network first and then failed with "'int' object is not callable",
+    from inside qairn, after the image was restored (whole images call progress once, at the end)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.zeros((8, 8, 3), np.uint8)
+    ran = []
+    r.backend.net.register_forward_hook(lambda *_: ran.append(1))
+    for call in (
+        lambda: r.restore(img, progress=progress),
+        lambda: r.score(img, progress=progress),
+        lambda: r.restore_tensor(torch.zeros(1, 3, 8, 8), progress=progress),
+    ):
+        with pytest.raises(TypeError) as e:
+            call()
+        assert str(e.value) == f"progress must be a function progress(done, total) or None, not {progress!r}"
+    assert not ran

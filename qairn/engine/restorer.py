@@ -469,6 +469,10 @@ class Restorer:
         in_range=True: x is known to lie in [0, 1] (restore() made it from integers, or has read its
         range), so its range is not read again (a read of every value, on the CPU)."""
         return_maps = check_switch("return_maps", return_maps)
+        # Checked before the work: a whole image calls it once, at the end, so progress=5 failed with
+        # "'int' object is not callable" after the image was restored.
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function progress(done, total) or None, not {progress!r}")
         with self._calls_changed:
             if self.closed:  # the eager network would still run, an engine not: one rule for all
                 raise RuntimeError("this Restorer was closed")
