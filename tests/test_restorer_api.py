@@ -784,3 +784,20 @@ def test_a_progress_that_is_not_callable_is_refused_before_the_work(progress):
             call()
         assert str(e.value) == f"progress must be a function progress(done, total) or None, not {progress!r}"
     assert not ran
+
+
+@pytest.mark.parametrize("order", ["", 0, False])
+def test_an_empty_or_false_channel_order_is_refused_not_taken_as_the_default(order):
+    """channel_order="" (or 0, False) was taken as "not given": the Restorer's own order ran unsaid,
+    where "BGR" or "xyz" were refused. Only None means the Restorer's order."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", channel_order="bgr")
+    img = np.zeros((8, 8, 3), np.uint8)
+    for call in (
+        lambda: r.restore(img, channel_order=order),
+        lambda: r.score(img, channel_order=order),
+        lambda: r.restore_stream([img], channel_order=order),  # not iterated: checked when called
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == f"channel_order must be 'rgb' or 'bgr', not {order!r}"
+    assert r.restore(img, channel_order=None).image.shape == img.shape

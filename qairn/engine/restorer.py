@@ -714,7 +714,9 @@ class Restorer:
 
     def _restore(self, img, return_maps, channel_order, progress, bits, image: bool = True) -> Result:
         """restore(); image=False leaves Result.image None and skips making it (score)."""
-        order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
+        # None, not any false value: channel_order="" ran as the Restorer's own order, unsaid.
+        order = check_order(self.channel_order if channel_order is None else channel_order)
+        bits = check_bits(bits)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
@@ -763,7 +765,8 @@ class Restorer:
         # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
         if not is_int(batch) or batch < 1:
             raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
-        check_order(options.get("channel_order") or self.channel_order)
+        order = options.get("channel_order")
+        check_order(self.channel_order if order is None else order)
         check_matrix(options.get("matrix", "bt709"))
         check_range(options.get("range", "limited"))
         if "bits" in options:
