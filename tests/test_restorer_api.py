@@ -288,7 +288,7 @@ def test_bits_is_the_sample_depth_of_rgb_frames_too():
         (full[0], f"frame 0: plane rgb holds codes {full[0].min()}..{full[0].max()}, outside the 10-bit"),
         (np.zeros((8, 8, 3), np.float32), "frame 0: bits=10 is the sample depth of integer frames"),
         (torch.zeros(3, 8, 8), "frame 0: bits=10 is the sample depth of integer frames"),
-        (eight, "frame 0: uint8 planes hold 8-bit samples, not 10-bit"),
+        (eight, "frame 0: uint8 frames hold 8-bit samples, not 10-bit"),
     ]:
         with pytest.raises(ValueError) as e:
             list(r.restore_stream([frame], bits=10))
@@ -394,7 +394,7 @@ def test_restore_takes_bits_for_one_image_as_restore_stream_does_for_frames():
         (frame << 6, "plane rgb holds codes"),
         (np.zeros((8, 8, 3), np.float32), "bits=10 is the sample depth of integer frames"),
         (torch.zeros(1, 3, 8, 8), "bits=10 is the sample depth of integer frames"),
-        (np.zeros((8, 8, 3), np.uint8), "uint8 planes hold 8-bit samples, not 10-bit"),
+        (np.zeros((8, 8, 3), np.uint8), "uint8 frames hold 8-bit samples, not 10-bit"),
     ]:
         with pytest.raises(ValueError, match=says):
             r.restore(img, bits=10)
@@ -801,3 +801,29 @@ def test_an_empty_or_false_channel_order_is_refused_not_taken_as_the_default(ord
             call()
         assert str(e.value) == f"channel_order must be 'rgb' or 'bgr', not {order!r}"
     assert r.restore(img, channel_order=None).image.shape == img.shape
+
+
+def test_a_bits_that_does_not_fit_an_rgb_image_says_so_in_its_own_words():
+    """restore(uint16 image, bits=8) said "uint16 planes need bits= (9..16)": bits was given, and the
+    image is no plane. uint8 images with bits=10 were "planes" too. Y'CbCr planes keep their words."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    y, u, v = (np.zeros(s, np.uint16) for s in ((8, 8), (4, 4), (4, 4)))
+    for call, says in [
+        (
+            lambda: r.restore(np.zeros((8, 8, 3), np.uint16), bits=8),
+            "uint16 frames hold 9..16-bit samples, not 8-bit",
+        ),
+        (
+            lambda: r.restore(np.zeros((8, 8, 3), np.uint8), bits=10),
+            "uint8 frames hold 8-bit samples, not 10-bit",
+        ),
+        (
+            lambda: r.restore(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), bits=9),
+            "uint8 frames hold 8-bit samples, not 9-bit",
+        ),
+        (lambda: r.restore_yuv(y, u, v, bits=8), "uint16 planes hold 9..16-bit samples, not 8-bit"),
+        (lambda: r.restore_yuv(y, u, v), "uint16 planes need bits= (9..16), e.g. bits=10 for 10-bit video"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == says

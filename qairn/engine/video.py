@@ -251,7 +251,7 @@ def _rgb_bits(dtype, bits: int) -> int:
     name = str(dtype).replace("torch.", "")
     if "float" in name:
         raise ColorError(f"bits={bits} is the sample depth of integer frames; {name} frames are in [0, 1]")
-    return plane_bits(dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype, bits)
+    return plane_bits(dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype, bits, "frames")
 
 
 def _finish(job: _Job, channel_order):
