@@ -827,3 +827,21 @@ def test_a_bits_that_does_not_fit_an_rgb_image_says_so_in_its_own_words():
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value) == says
+
+
+@pytest.mark.parametrize(
+    "shape, says",
+    [
+        ((2, 8, 9, 3), "; for a batch of frames, use restore_stream(frames) or an (N,3,H,W) tensor"),
+        ((3, 8, 9), "; channels first? give HxWxC (img.transpose(1, 2, 0))"),
+        ((8, 9, 5), ""),
+    ],
+)
+def test_a_batch_or_channels_first_array_is_refused_with_what_to_do(shape, says):
+    """np.stack(frames) (N,H,W,3), the batch a transcoder reaches for first, and a CHW array (what
+    torchvision and PyAV's planar formats give) were refused only as "expected HxW, HxWx1, HxWx2,
+    HxWx3 or HxWx4 image, got shape (2, 8, 9, 3)", with no word of the ways that do take them."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore(np.zeros(shape, np.uint8))
+    assert str(e.value) == f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {shape}{says}"

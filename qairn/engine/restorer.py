@@ -780,7 +780,13 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     if not isinstance(img, np.ndarray):
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 2, 3, 4)):
-        raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}")
+        # What the two shapes a transcoder is likely to have at hand can be given as instead.
+        hint = ""
+        if img.ndim == 4:
+            hint = "; for a batch of frames, use restore_stream(frames) or an (N,3,H,W) tensor"
+        elif img.ndim == 3 and img.shape[0] in (1, 3, 4):
+            hint = "; channels first? give HxWxC (img.transpose(1, 2, 0))"
+        raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}{hint}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"empty image of shape {img.shape}")
     dtype, img = img.dtype, native(img)  # given back as dtype, big-endian ones too
