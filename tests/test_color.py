@@ -274,3 +274,13 @@ def test_codes_beyond_the_sample_depth_are_refused():
     negative[0, 0] = -1
     with pytest.raises(color.ColorError, match=re.escape("plane u holds codes -1..")):
         r.restore_yuv(y.astype(np.int16), negative, v.astype(np.int16), bits=10)
+
+
+def test_planes_of_different_batch_sizes_are_named_with_their_shapes():
+    """An RGB image given as y (HxWx3, taken as 8 frames of 8x3) said only "y, u and v have different
+    batch sizes", with no shape to see which plane was wrong or how."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    u = np.zeros((4, 4), np.uint8)
+    with pytest.raises(color.ColorError) as e:
+        r.restore_yuv(np.zeros((8, 8, 3), np.uint8), u, u)
+    assert str(e.value) == "y, u and v have different batch sizes: shapes (8, 8, 3), (4, 4), (4, 4)"

@@ -259,11 +259,12 @@ def restore_yuv(
     if len({str(p.dtype) for p in (y, u, v)}) != 1:
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")
     bits = plane_bits(y.dtype, bits)
+    shapes = ", ".join(str(tuple(p.shape)) for p in (y, u, v))  # as given: an HxWx3 y is 8 frames here
     planes = [_as_batch(p, n) for p, n in zip((y, u, v), "yuv")]
     for p, n in zip(planes, "yuv"):
         check_codes(p, bits, n)
     if len({p.shape[0] for p in planes}) != 1:
-        raise ColorError("y, u and v have different batch sizes")
+        raise ColorError(f"y, u and v have different batch sizes: shapes {shapes}")
     dev = restorer.device
     planes = [p.to(dev, non_blocking=True) for p in planes]
     out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps)
