@@ -845,3 +845,13 @@ def test_a_batch_or_channels_first_array_is_refused_with_what_to_do(shape, says)
     with pytest.raises(ValueError) as e:
         r.restore(np.zeros(shape, np.uint8))
     assert str(e.value) == f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {shape}{says}"
+
+
+def test_an_empty_weights_path_is_refused_as_such():
+    """weights="" (an unset environment variable, say) was read as the current folder and refused as
+    ".: is a folder; give the .safetensors file", naming a path the caller never gave."""
+    with pytest.raises(qairn.WeightsError) as e:
+        qairn.Restorer(weights="", device="cpu")
+    assert str(e.value) == "weights path is empty: give a .safetensors file, or None for the shipped weights"
+    with pytest.raises(qairn.WeightsError, match="^weights path is empty"):
+        qairn.load_model("")
