@@ -177,6 +177,9 @@ def test_a_network_or_a_path_in_the_wrong_argument_is_refused_in_one_line():
         ({"channel_order": "BGR"}, "channel_order must be 'rgb' or 'bgr', not 'BGR'"),
         ({"channel_order": "rbg"}, "channel_order must be 'rgb' or 'bgr', not 'rbg'"),
         ({"matrix": "bt709x"}, "unknown colour matrix 'bt709x'; choose one of bt601, bt709, bt2020"),
+        # image="no" handed out images (taken by its truth) and image=0 quality only, unsaid.
+        ({"image": "no"}, "image must be True or False, not 'no'"),
+        ({"image": 0}, "image must be True or False, not 0"),
     ],
 )
 def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
@@ -855,3 +858,12 @@ def test_an_empty_weights_path_is_refused_as_such():
     assert str(e.value) == "weights path is empty: give a .safetensors file, or None for the shipped weights"
     with pytest.raises(qairn.WeightsError, match="^weights path is empty"):
         qairn.load_model("")
+
+
+def test_restore_tensor_takes_image_true_or_false_only():
+    """restore_tensor(x, image="no") made the image, as "no" is true; image=0 skipped it."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    for image in ("no", 0, None):
+        with pytest.raises(ValueError) as e:
+            r.restore_tensor(torch.zeros(1, 3, 8, 8), image=image)
+        assert str(e.value) == f"image must be True or False, not {image!r}"

@@ -468,7 +468,7 @@ class Restorer:
         tiles and the crop are skipped (on the torch backends; the quality is the same numbers).
         in_range=True: x is known to lie in [0, 1] (restore() made it from integers, or has read its
         range), so its range is not read again (a read of every value, on the CPU)."""
-        return_maps = check_switch("return_maps", return_maps)
+        return_maps, image = check_switch("return_maps", return_maps), check_switch("image", image)
         # Checked before the work: a whole image calls it once, at the end, so progress=5 failed with
         # "'int' object is not callable" after the image was restored.
         if progress is not None and not callable(progress):
@@ -771,6 +771,8 @@ class Restorer:
         check_range(options.get("range", "limited"))
         if "bits" in options:
             options["bits"] = check_bits(options["bits"])
+        if "image" in options:  # "no" was taken by its truth: images made
+            options["image"] = check_switch("image", options["image"])
         return restore_stream(self, frames, batch, **options)
 
 
