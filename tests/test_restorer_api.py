@@ -867,3 +867,23 @@ def test_restore_tensor_takes_image_true_or_false_only():
         with pytest.raises(ValueError) as e:
             r.restore_tensor(torch.zeros(1, 3, 8, 8), image=image)
         assert str(e.value) == f"image must be True or False, not {image!r}"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [np.zeros((8, 6, 3), np.uint8), np.zeros((8, 6), np.uint8), torch.zeros(3, 8, 6, dtype=torch.uint8)],
+    ids=["hwc", "gray", "chw-tensor"],
+)
+def test_one_frame_given_as_the_stream_is_refused_when_the_stream_is_called(frame):
+    """restore_stream(frame) iterated the frame's rows: an 8x6 RGB image gave 8 "frames" of 6x3 gray,
+    restored without a word; a gray image or a (3,H,W) tensor failed at the first row with a shape
+    error about a frame that was never given. A stack of frames, (N,H,W,3), is still a stream."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore_stream(frame)  # not iterated
+    assert str(e.value) == (
+        f"restore_stream takes an iterable of frames, not one frame of shape {tuple(frame.shape)}: "
+        "give [frame], or call restore(frame)"
+    )
+    stack = np.zeros((2, 8, 6, 3), np.uint8)
+    assert [res.image.shape for res in r.restore_stream(stack)] == [(8, 6, 3)] * 2

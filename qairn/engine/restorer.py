@@ -762,6 +762,16 @@ class Restorer:
 
         if self.closed:  # here, not at the first frame
             raise RuntimeError("this Restorer was closed")
+        # One frame iterates as its rows: an HxWx3 image ran as H gray "frames" of Wx3, unsaid. A stack
+        # of frames (N,H,W,3), or of (3,H,W) tensors, is a stream.
+        one_array = isinstance(frames, np.ndarray) and (
+            frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 2, 3, 4))
+        )
+        if one_array or (isinstance(frames, torch.Tensor) and frames.ndim <= 3):
+            raise TypeError(
+                f"restore_stream takes an iterable of frames, not one frame of shape {tuple(frames.shape)}: "
+                "give [frame], or call restore(frame)"
+            )
         # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
         if not is_int(batch) or batch < 1:
             raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
