@@ -887,3 +887,18 @@ def test_one_frame_given_as_the_stream_is_refused_when_the_stream_is_called(fram
     )
     stack = np.zeros((2, 8, 6, 3), np.uint8)
     assert [res.image.shape for res in r.restore_stream(stack)] == [(8, 6, 3)] * 2
+
+
+def test_the_public_methods_hint_every_argument():
+    """An editor or type checker saw restore(img, progress=...), score and restore_yuv(y, u, v, matrix,
+    range, bits, return_maps) without types: img, progress and all of restore_yuv's were unhinted."""
+    import inspect
+    import typing
+
+    for name in ("restore", "score", "restore_yuv", "restore_stream", "restore_tensor"):
+        method = getattr(qairn.Restorer, name)
+        hints = typing.get_type_hints(method)
+        params = inspect.signature(method).parameters.values()
+        named = [p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD]
+        assert [n for n in named if n not in hints] == [], name
+        assert "return" in hints, name

@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
 # memory while another captures) would crash. Held only for the capture itself (host work, once per
 # shape), not the warm-up before it, where compiling and tuning take their time.
 _CAPTURE_LOCK = threading.Lock()
+Progress = Callable[[int, int], object]  # progress(done, total), after each batch of tiles
 
 
 def default_weights() -> Path:
@@ -456,11 +458,11 @@ class Restorer:
         self,
         x: torch.Tensor,
         return_maps: bool = False,
-        progress=None,
+        progress: Progress | None = None,
         image: bool = True,
         *,
         in_range: bool = False,
-    ):
+    ) -> tuple[torch.Tensor | None, dict, list | None]:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device. progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
@@ -698,10 +700,10 @@ class Restorer:
     # ---- arrays and tensors from users -------------------------------------------------------------
     def restore(
         self,
-        img,
+        img: np.ndarray | torch.Tensor,
         return_maps: bool = False,
         channel_order: str | None = None,
-        progress=None,
+        progress: Progress | None = None,
         bits: int | None = None,
     ) -> Result:
         """Restore one image (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8, uint16
@@ -740,20 +742,35 @@ class Restorer:
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
-    def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
+    def score(
+        self,
+        img: np.ndarray | torch.Tensor,
+        channel_order: str | None = None,
+        progress: Progress | None = None,
+        bits: int | None = None,
+    ) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors), the numbers restore(img).quality
         gives, without making the restored image (the network's tail, the tiles' blend, the copy back)."""
         return self._restore(img, False, channel_order, progress, bits, image=False).quality
 
     # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
-    def restore_yuv(self, y, u, v, matrix="bt709", range="limited", bits=None, return_maps=False) -> Result:
+    def restore_yuv(
+        self,
+        y: np.ndarray | torch.Tensor,
+        u: np.ndarray | torch.Tensor,
+        v: np.ndarray | torch.Tensor,
+        matrix: str = "bt709",
+        range: str = "limited",
+        bits: int | None = None,
+        return_maps: bool = False,
+    ) -> Result:
         """Restore Y'CbCr planes (4:2:0/4:2:2/4:4:4; numpy or tensors, (H,W) or (N,H,W)); converted on the
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
         from qairn.engine.color import restore_yuv
 
         return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
 
-    def restore_stream(self, frames, batch: int = 4, **options):
+    def restore_stream(self, frames: Iterable, batch: int = 4, **options) -> Iterator[Result]:
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
         options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream). Options
         are checked here, when called, not at the first frame the generator is asked for."""
