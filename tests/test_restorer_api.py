@@ -902,3 +902,21 @@ def test_the_public_methods_hint_every_argument():
         named = [p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD]
         assert [n for n in named if n not in hints] == [], name
         assert "return" in hints, name
+
+
+@pytest.mark.parametrize(
+    "shape, says",
+    [
+        ((3, 8, 6), "; one image: give it as t[None]"),
+        ((8, 6, 3), "; channels last? give t.permute(2, 0, 1)[None]"),
+        ((2, 8, 6, 3), "; channels last? give t.permute(0, 3, 1, 2)"),
+        ((8, 6), ""),
+    ],
+)
+def test_a_tensor_of_another_layout_is_refused_with_what_to_do(shape, says):
+    """torchvision.io.decode_image gives (3,H,W) uint8, the first tensor a transcoder has at hand; it
+    was refused only as "tensor input must be (N,3,H,W), got (3, 8, 6)", as were channels-last ones."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore(torch.zeros(shape, dtype=torch.uint8))
+    assert str(e.value) == f"tensor input must be (N,3,H,W), got {shape}{says}"

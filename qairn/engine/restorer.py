@@ -736,7 +736,15 @@ class Restorer:
         self, t: torch.Tensor, return_maps: bool, order: str, progress=None, image=True
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
-            raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
+            # The layouts decoders give (torchvision's (3,H,W); channels last), and how to pass them.
+            hint = ""
+            if t.ndim == 3 and t.shape[0] == 3:
+                hint = "; one image: give it as t[None]"
+            elif t.ndim == 3 and t.shape[2] == 3:
+                hint = "; channels last? give t.permute(2, 0, 1)[None]"
+            elif t.ndim == 4 and t.shape[3] == 3:
+                hint = "; channels last? give t.permute(0, 3, 1, 2)"
+            raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}{hint}")
         x = batch_to_float(t, order)  # its range read there, if float and on the CPU
         in_range = t.dtype == torch.uint8 or t.device.type == "cpu"  # else read by restore_tensor
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
