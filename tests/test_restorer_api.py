@@ -920,3 +920,25 @@ def test_a_tensor_of_another_layout_is_refused_with_what_to_do(shape, says):
     with pytest.raises(ValueError) as e:
         r.restore(torch.zeros(shape, dtype=torch.uint8))
     assert str(e.value) == f"tensor input must be (N,3,H,W), got {shape}{says}"
+
+
+def test_a_pil_image_or_a_pyav_frame_is_refused_with_how_to_make_an_array():
+    """A Pillow image or a PyAV VideoFrame, what a decoder hands over, was refused only as "expected a
+    numpy array or torch tensor, got Image"; each now says the one call that makes the array."""
+    from PIL import Image
+
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore(Image.new("RGB", (8, 6)))
+    assert str(e.value) == "expected a numpy array or torch tensor, got Image; give np.asarray(img)"
+    av = pytest.importorskip("av", reason="PyAV is not installed")
+    frame = av.VideoFrame.from_ndarray(np.zeros((6, 8, 3), np.uint8), format="rgb24")
+    with pytest.raises(TypeError) as e:
+        r.restore(frame)
+    assert str(e.value) == (
+        "expected a numpy array or torch tensor, got VideoFrame; give frame.to_ndarray(format='rgb24'), "
+        "or its planes to restore_yuv"
+    )
+    with pytest.raises(TypeError) as e:
+        r.restore([[1, 2]])
+    assert str(e.value) == "expected a numpy array or torch tensor, got list"

@@ -815,7 +815,13 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     """Check a numpy image; return its HxWx3 RGB pixels as a contiguous array of their own numbers
     (uint8, int32 for uint16, float) and what is needed to convert back."""
     if not isinstance(img, np.ndarray):
-        raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
+        # What decoders hand over: a PyAV frame, a Pillow image (which numpy reads as it is).
+        hint = ""
+        if hasattr(img, "to_ndarray"):
+            hint = "; give frame.to_ndarray(format='rgb24'), or its planes to restore_yuv"
+        elif hasattr(img, "__array_interface__") or hasattr(img, "__array__"):
+            hint = "; give np.asarray(img)"
+        raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}{hint}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 2, 3, 4)):
         # What the two shapes a transcoder is likely to have at hand can be given as instead.
         hint = ""
