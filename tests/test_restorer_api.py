@@ -1,5 +1,7 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -942,3 +944,17 @@ def test_a_pil_image_or_a_pyav_frame_is_refused_with_how_to_make_an_array():
     with pytest.raises(TypeError) as e:
         r.restore([[1, 2]])
     assert str(e.value) == "expected a numpy array or torch tensor, got list"
+
+
+def test_restore_streams_docstring_names_every_option_it_takes():
+    """help(Restorer.restore_stream) listed "matrix, range, bits, channel_order": image=False (quality
+    only, what a QC pass wants) was not among them, though README names it."""
+    import inspect
+
+    from qairn.engine.video import restore_stream
+
+    options = [
+        p for p in inspect.signature(restore_stream).parameters if p not in ("restorer", "frames", "batch")
+    ]
+    doc = qairn.Restorer.restore_stream.__doc__
+    assert [o for o in options if not re.search(rf"\b{o}\b", doc)] == []  # "images" is not image

@@ -780,8 +780,9 @@ class Restorer:
 
     def restore_stream(self, frames: Iterable, batch: int = 4, **options) -> Iterator[Result]:
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
-        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream). Options
-        are checked here, when called, not at the first frame the generator is asked for."""
+        options: matrix, range, bits, channel_order, and image=False for quality only (each Result's
+        image None; see qairn.engine.video.restore_stream). Options are checked here, when called, not
+        at the first frame the generator is asked for."""
         from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
