@@ -958,3 +958,15 @@ def test_restore_streams_docstring_names_every_option_it_takes():
     ]
     doc = qairn.Restorer.restore_stream.__doc__
     assert [o for o in options if not re.search(rf"\b{o}\b", doc)] == []  # "images" is not image
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_an_infinite_float_tensor_is_refused_as_such(bad):
+    """A tensor holding infinity was refused as "spans [inf, inf] (divide 0..255 data by 255, or pass
+    uint8)", advice for another mistake; the same numpy image says "NaN or infinity"."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    x = torch.zeros(1, 3, 8, 8).index_fill_(2, torch.tensor([0]), bad)
+    for call in (lambda: r.restore(x), lambda: r.restore_tensor(x)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == "float tensors are taken in [0, 1], this one holds infinity"

@@ -916,6 +916,8 @@ def check_float_range(x: torch.Tensor) -> torch.Tensor:
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
     if math.isnan(lo) or math.isnan(hi):  # said as "spans [nan, nan]", with advice for 0..255 data
         raise ValueError("float tensors are taken in [0, 1], this one holds NaN")
+    if math.isinf(lo) or math.isinf(hi):  # as NaN: no scale makes it fit
+        raise ValueError("float tensors are taken in [0, 1], this one holds infinity")
     if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):
         raise ValueError(
             f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
