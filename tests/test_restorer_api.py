@@ -970,3 +970,27 @@ def test_an_infinite_float_tensor_is_refused_as_such(bad):
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value) == "float tensors are taken in [0, 1], this one holds infinity"
+
+
+def test_floats_just_out_of_range_are_not_told_to_divide_by_255():
+    """RGB made from Y'CbCr in floats overshoots [0, 1] a little (out-of-gamut colours): such a frame
+    was told "divide 0..255 data by 255, or pass uint8", which would make it black. Advice for 0..255
+    data is kept for values over 2."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.linspace(-0.03, 1.04, 8 * 8 * 3, dtype=np.float32).reshape(8, 8, 3)
+    clip = "(clip a colour conversion's overshoot to [0, 1] first)"
+    for call, says in [
+        (lambda: r.restore(img), f"float images are taken in [0, 1], this one spans [-0.03, 1.04] {clip}"),
+        (
+            lambda: r.restore(torch.from_numpy(img).permute(2, 0, 1)[None]),
+            f"float tensors are taken in [0, 1], this one spans [-0.03, 1.04] {clip}",
+        ),
+        (
+            lambda: r.restore(img * 255),
+            "float images are taken in [0, 1], this one spans [-7.65, 265.2] "
+            "(divide 0..255 data by 255, or pass uint8)",
+        ),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == says

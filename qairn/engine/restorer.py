@@ -845,8 +845,7 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
             raise ValueError("the float image contains NaN or infinity")
         if lo < -1 / 255 or hi > 1 + 1 / 255:  # more than one 8-bit step out: the wrong scale, not rounding
             raise ValueError(
-                f"float images are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
-                "(divide 0..255 data by 255, or pass uint8)"
+                f"float images are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] {range_advice(hi)}"
             )
     else:
         raise ValueError(f"unsupported image dtype {img.dtype} (use uint8, uint16 or float in [0,1])")
@@ -920,10 +919,17 @@ def check_float_range(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("float tensors are taken in [0, 1], this one holds infinity")
     if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):
         raise ValueError(
-            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
-            "(divide 0..255 data by 255, or pass uint8)"
+            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] {range_advice(hi)}"
         )
     return x
+
+
+def range_advice(hi: float) -> str:
+    """What to do with floats out of [0, 1]: 0..255 data reach far over 1; RGB converted from Y'CbCr
+    overshoots a little (out-of-gamut colours), and dividing that by 255 would make it black."""
+    if hi > 2:
+        return "(divide 0..255 data by 255, or pass uint8)"
+    return "(clip a colour conversion's overshoot to [0, 1] first)"
 
 
 def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
