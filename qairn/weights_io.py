@@ -98,7 +98,13 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
-    """Rebuild the architecture the file asks for and load its weights (as float32)."""
+    """Rebuild the architecture the file asks for and load its weights (as float32), on `device` as
+    Restorer(device=...) takes it ("auto" too)."""
+    # Checked first and said as the Restorer says it: torch's own errors ("gpu": a list of twenty
+    # device types; "cuda" without one: an AssertionError) came after the whole file was read.
+    from qairn.engine.restorer import resolve_device  # (it imports this module)
+
+    device = None if device is None else resolve_device(device)
     path = weights_path(path)
     meta = read_metadata(path)
     try:
