@@ -1,6 +1,7 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -944,6 +945,19 @@ def test_a_pil_image_or_a_pyav_frame_is_refused_with_how_to_make_an_array():
     with pytest.raises(TypeError) as e:
         r.restore([[1, 2]])
     assert str(e.value) == "expected a numpy array or torch tensor, got list"
+
+
+@pytest.mark.parametrize("path", ["in.jpg", Path("in.jpg")], ids=["str", "Path"])
+def test_a_file_path_given_as_the_image_is_refused_with_how_to_read_it(path):
+    """restore("in.jpg") said "expected a numpy array or torch tensor, got str", and nothing of the
+    reader qairn has, which keeps 16 bits, alpha and EXIF orientation as `qairn restore` does."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore(path)
+    assert str(e.value) == (
+        f"expected a numpy array or torch tensor, got {type(path).__name__}; "
+        "read the file first: qairn.engine.imageio.read_image(path)"
+    )
 
 
 def test_restore_streams_docstring_names_every_option_it_takes():

@@ -816,9 +816,11 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     """Check a numpy image; return its HxWx3 RGB pixels as a contiguous array of their own numbers
     (uint8, int32 for uint16, float) and what is needed to convert back."""
     if not isinstance(img, np.ndarray):
-        # What decoders hand over: a PyAV frame, a Pillow image (which numpy reads as it is).
+        # A file name, or what decoders hand over: a PyAV frame, a Pillow image (numpy reads it as it is).
         hint = ""
-        if hasattr(img, "to_ndarray"):
+        if isinstance(img, (str, os.PathLike)):
+            hint = "; read the file first: qairn.engine.imageio.read_image(path)"
+        elif hasattr(img, "to_ndarray"):
             hint = "; give frame.to_ndarray(format='rgb24'), or its planes to restore_yuv"
         elif hasattr(img, "__array_interface__") or hasattr(img, "__array__"):
             hint = "; give np.asarray(img)"
