@@ -1008,3 +1008,14 @@ def test_floats_just_out_of_range_are_not_told_to_divide_by_255():
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value) == says
+
+
+@pytest.mark.parametrize("name", ["restore", "score", "restore_yuv", "restore_tensor"])
+def test_each_public_methods_docstring_names_its_arguments(name):
+    """help(r.restore) said nothing of return_maps (the per-region heat maps a QC report wants) or
+    channel_order; restore_yuv's said nothing of bits or return_maps, score's nothing of bits."""
+    import inspect
+
+    method = getattr(qairn.Restorer, name)
+    params = [p for p in inspect.signature(method).parameters if p != "self"]
+    assert [p for p in params if not re.search(rf"\b{p}\b", method.__doc__)] == []

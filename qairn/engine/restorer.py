@@ -464,7 +464,8 @@ class Restorer:
         in_range: bool = False,
     ) -> tuple[torch.Tensor | None, dict, list | None]:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
-        maps or None), all on the engine's device. progress(done, total) is called after each batch
+        maps or None), all on the engine's device; return_maps=True: the maps, (N,1,h,w) each (see
+        restore). progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
         image=False: quality (and maps) only, restored is None: the network's tail, the blend of the
         tiles and the crop are skipped (on the torch backends; the quality is the same numbers).
@@ -706,9 +707,12 @@ class Restorer:
         progress: Progress | None = None,
         bits: int | None = None,
     ) -> Result:
-        """Restore one image (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8, uint16
-        or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in [0,1], any
-        device: stays there).
+        """Restore one image `img` (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8,
+        uint16 or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in
+        [0,1], any device: stays there). Returns a Result: the image, quality {"Q1","Q2","Q3"}.
+        return_maps=True: Result.maps, the gate maps gamma1..3 at full, 1/2 and 1/4 resolution, values
+        in [0, 1] (high: little to restore), pooled into Q1..Q3: where in the picture quality is lost.
+        channel_order: "rgb" or "bgr" (OpenCV's); None: the Restorer's own.
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar.
         bits: the sample depth of integer images, as restore_stream takes it: bits=10 takes uint16 as
         codes 0..1023 and gives them back so; without it, uint16 spans 0..65535."""
@@ -758,7 +762,8 @@ class Restorer:
         bits: int | None = None,
     ) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors), the numbers restore(img).quality
-        gives, without making the restored image (the network's tail, the tiles' blend, the copy back)."""
+        gives, without making the restored image (the network's tail, the tiles' blend, the copy back).
+        img, channel_order, progress and bits: as restore() takes them."""
         return self._restore(img, False, channel_order, progress, bits, image=False).quality
 
     # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
@@ -773,7 +778,9 @@ class Restorer:
         return_maps: bool = False,
     ) -> Result:
         """Restore Y'CbCr planes (4:2:0/4:2:2/4:4:4; numpy or tensors, (H,W) or (N,H,W)); converted on the
-        device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
+        device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full".
+        bits: the sample depth (8 for uint8; uint16 planes need it, e.g. bits=10). return_maps=True:
+        Result.maps, as restore() gives them, at the luma plane's size."""
         from qairn.engine.color import restore_yuv
 
         return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
