@@ -1019,3 +1019,18 @@ def test_each_public_methods_docstring_names_its_arguments(name):
     method = getattr(qairn.Restorer, name)
     params = [p for p in inspect.signature(method).parameters if p != "self"]
     assert [p for p in params if not re.search(rf"\b{p}\b", method.__doc__)] == []
+
+
+def test_pyav_frames_given_as_the_stream_are_refused_with_how_to_pass_them():
+    """restore_stream(container.decode(video=0)), the first thing a PyAV user writes, failed with
+    "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame", and no word of
+    the two calls that turn a frame into one."""
+    av = pytest.importorskip("av", reason="PyAV is not installed")
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frame = av.VideoFrame.from_ndarray(np.zeros((6, 8, 3), np.uint8), format="rgb24")
+    with pytest.raises(TypeError) as e:
+        list(r.restore_stream([frame]))
+    assert str(e.value) == (
+        "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame; give "
+        "frame.to_ndarray(format='rgb24'), or its planes"
+    )

@@ -84,7 +84,9 @@ def _key(item):
         )
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return ("rgb", type(item), tuple(item.shape), str(item.dtype), str(getattr(item, "device", "")))
-    raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}")
+    # A PyAV frame is what decode() yields: say the calls that turn one into a frame taken here.
+    hint = "; give frame.to_ndarray(format='rgb24'), or its planes" if hasattr(item, "to_ndarray") else ""
+    raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}{hint}")
 
 
 def _name_frame(e: Exception, index: int) -> None:
