@@ -67,8 +67,14 @@ def write_weights(path: Path, tensors: dict, meta: dict) -> None:
     write_atomic(path, safetensors_bytes(tensors, metadata=meta))
 
 
+def weights_path(path: str | Path) -> Path:
+    if str(path) == "":  # Path("") is ".", which was refused as "a folder" by a name never given
+        raise WeightsError("weights path is empty: give a .safetensors file, or None for the shipped weights")
+    return Path(path)
+
+
 def read_metadata(path: str | Path) -> dict:
-    path = Path(path)
+    path = weights_path(path)
     if path.is_dir():
         raise WeightsError(f"{path}: is a folder; give the .safetensors file")
     if not path.is_file():
@@ -92,8 +98,14 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> QAIRN:
-    """Rebuild the architecture the file asks for and load its weights (as float32)."""
-    path = Path(path)
+    """Rebuild the architecture the file asks for and load its weights (as float32), on `device` as
+    Restorer(device=...) takes it ("auto" too)."""
+    # Checked first and said as the Restorer says it: torch's own errors ("gpu": a list of twenty
+    # device types; "cuda" without one: an AssertionError) came after the whole file was read.
+    from qairn.engine.restorer import resolve_device  # (it imports this module)
+
+    device = None if device is None else resolve_device(device)
+    path = weights_path(path)
     meta = read_metadata(path)
     try:
         config = QAIRNConfig.from_json(meta["config"])

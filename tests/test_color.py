@@ -227,7 +227,7 @@ def test_batched_planes_and_errors(images):
     with pytest.raises(color.ColorError, match="integer"):
         r.restore_yuv(y.astype(np.float32), u.astype(np.float32), v.astype(np.float32))
     # 16-bit codes do not fit int16 (they would read negative); 15-bit ones do.
-    with pytest.raises(color.ColorError, match=r"int16 planes need bits= \(9..15\)"):
+    with pytest.raises(color.ColorError, match=r"^int16 planes hold 9..15-bit samples, not 16-bit$"):
         r.restore_yuv(*(q.astype(np.int16) for q in (y, u, v)), bits=16)
     assert r.restore_yuv(*(q.astype(np.int16) * 4 for q in (y, u, v)), bits=10).image[0].dtype == np.int16
     assert color.check_matrix("bt2020nc") == "bt2020"
@@ -274,3 +274,13 @@ def test_codes_beyond_the_sample_depth_are_refused():
     negative[0, 0] = -1
     with pytest.raises(color.ColorError, match=re.escape("plane u holds codes -1..")):
         r.restore_yuv(y.astype(np.int16), negative, v.astype(np.int16), bits=10)
+
+
+def test_planes_of_different_batch_sizes_are_named_with_their_shapes():
+    """An RGB image given as y (HxWx3, taken as 8 frames of 8x3) said only "y, u and v have different
+    batch sizes", with no shape to see which plane was wrong or how."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    u = np.zeros((4, 4), np.uint8)
+    with pytest.raises(color.ColorError) as e:
+        r.restore_yuv(np.zeros((8, 8, 3), np.uint8), u, u)
+    assert str(e.value) == "y, u and v have different batch sizes: shapes (8, 8, 3), (4, 4), (4, 4)"

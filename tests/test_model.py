@@ -275,3 +275,23 @@ def test_every_public_name_has_its_own_docstring():
             continue
         doc = obj.__dict__.get("__doc__") if isinstance(obj, type) else obj.__doc__
         assert doc and not doc.startswith(f"{obj.__name__}("), name
+
+
+@pytest.mark.parametrize(
+    "device, says",
+    [
+        ("gpu", "unknown device 'gpu': use cpu, cuda, cuda:N or auto"),
+        ("cuda:7", "device 'cuda:7' requested, but this machine has "),
+    ],
+)
+def test_load_model_refuses_a_device_as_the_restorer_does(tmp_path, device, says):
+    """load_model(path, device="gpu") met torch's list of some twenty device types, and "cuda" on a
+    machine without one an AssertionError ("Torch not compiled with CUDA enabled"), after the whole
+    file was read; Restorer(device=...) says it in one line first."""
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    path = save_weights(lively_model(), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError) as e:
+        load_model(path, device=device)
+    assert str(e.value).startswith(says)
+    assert next(load_model(path, device=torch.device("cpu")).parameters()).device.type == "cpu"

@@ -1,5 +1,8 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +180,9 @@ def test_a_network_or_a_path_in_the_wrong_argument_is_refused_in_one_line():
         ({"channel_order": "BGR"}, "channel_order must be 'rgb' or 'bgr', not 'BGR'"),
         ({"channel_order": "rbg"}, "channel_order must be 'rgb' or 'bgr', not 'rbg'"),
         ({"matrix": "bt709x"}, "unknown colour matrix 'bt709x'; choose one of bt601, bt709, bt2020"),
+        # image="no" handed out images (taken by its truth) and image=0 quality only, unsaid.
+        ({"image": "no"}, "image must be True or False, not 'no'"),
+        ({"image": 0}, "image must be True or False, not 0"),
     ],
 )
 def test_stream_options_are_checked_when_the_stream_is_asked_for(options, says):
@@ -288,7 +294,7 @@ def test_bits_is_the_sample_depth_of_rgb_frames_too():
         (full[0], f"frame 0: plane rgb holds codes {full[0].min()}..{full[0].max()}, outside the 10-bit"),
         (np.zeros((8, 8, 3), np.float32), "frame 0: bits=10 is the sample depth of integer frames"),
         (torch.zeros(3, 8, 8), "frame 0: bits=10 is the sample depth of integer frames"),
-        (eight, "frame 0: uint8 planes hold 8-bit samples, not 10-bit"),
+        (eight, "frame 0: uint8 frames hold 8-bit samples, not 10-bit"),
     ]:
         with pytest.raises(ValueError) as e:
             list(r.restore_stream([frame], bits=10))
@@ -394,7 +400,7 @@ def test_restore_takes_bits_for_one_image_as_restore_stream_does_for_frames():
         (frame << 6, "plane rgb holds codes"),
         (np.zeros((8, 8, 3), np.float32), "bits=10 is the sample depth of integer frames"),
         (torch.zeros(1, 3, 8, 8), "bits=10 is the sample depth of integer frames"),
-        (np.zeros((8, 8, 3), np.uint8), "uint8 planes hold 8-bit samples, not 10-bit"),
+        (np.zeros((8, 8, 3), np.uint8), "uint8 frames hold 8-bit samples, not 10-bit"),
     ]:
         with pytest.raises(ValueError, match=says):
             r.restore(img, bits=10)
@@ -764,4 +770,267 @@ def test_load_triton_says_in_one_line_that_triton_cannot_be_imported(monkeypatch
     assert str(e.value) == (
         "triton is installed but cannot be imported: ModuleNotFoundError: import of triton halted; "
         "None in sys.modules"
+    )
+
+
+@pytest.mark.parametrize("progress", [5, True, "bar"])
+def test_a_progress_that_is_not_callable_is_refused_before_the_work(progress):
+    """progress=5 ran the whole network first and then failed with "'int' object is not callable",
+    from inside qairn, after the image was restored (whole images call progress once, at the end)."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.zeros((8, 8, 3), np.uint8)
+    ran = []
+    r.backend.net.register_forward_hook(lambda *_: ran.append(1))
+    for call in (
+        lambda: r.restore(img, progress=progress),
+        lambda: r.score(img, progress=progress),
+        lambda: r.restore_tensor(torch.zeros(1, 3, 8, 8), progress=progress),
+    ):
+        with pytest.raises(TypeError) as e:
+            call()
+        assert str(e.value) == f"progress must be a function progress(done, total) or None, not {progress!r}"
+    assert not ran
+
+
+@pytest.mark.parametrize("order", ["", 0, False])
+def test_an_empty_or_false_channel_order_is_refused_not_taken_as_the_default(order):
+    """channel_order="" (or 0, False) was taken as "not given": the Restorer's own order ran unsaid,
+    where "BGR" or "xyz" were refused. Only None means the Restorer's order."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", channel_order="bgr")
+    img = np.zeros((8, 8, 3), np.uint8)
+    for call in (
+        lambda: r.restore(img, channel_order=order),
+        lambda: r.score(img, channel_order=order),
+        lambda: r.restore_stream([img], channel_order=order),  # not iterated: checked when called
+    ):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == f"channel_order must be 'rgb' or 'bgr', not {order!r}"
+    assert r.restore(img, channel_order=None).image.shape == img.shape
+
+
+def test_a_bits_that_does_not_fit_an_rgb_image_says_so_in_its_own_words():
+    """restore(uint16 image, bits=8) said "uint16 planes need bits= (9..16)": bits was given, and the
+    image is no plane. uint8 images with bits=10 were "planes" too. Y'CbCr planes keep their words."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    y, u, v = (np.zeros(s, np.uint16) for s in ((8, 8), (4, 4), (4, 4)))
+    for call, says in [
+        (
+            lambda: r.restore(np.zeros((8, 8, 3), np.uint16), bits=8),
+            "uint16 frames hold 9..16-bit samples, not 8-bit",
+        ),
+        (
+            lambda: r.restore(np.zeros((8, 8, 3), np.uint8), bits=10),
+            "uint8 frames hold 8-bit samples, not 10-bit",
+        ),
+        (
+            lambda: r.restore(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), bits=9),
+            "uint8 frames hold 8-bit samples, not 9-bit",
+        ),
+        (lambda: r.restore_yuv(y, u, v, bits=8), "uint16 planes hold 9..16-bit samples, not 8-bit"),
+        (lambda: r.restore_yuv(y, u, v), "uint16 planes need bits= (9..16), e.g. bits=10 for 10-bit video"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == says
+
+
+@pytest.mark.parametrize(
+    "shape, says",
+    [
+        ((2, 8, 9, 3), "; for a batch of frames, use restore_stream(frames) or an (N,3,H,W) tensor"),
+        ((3, 8, 9), "; channels first? give HxWxC (img.transpose(1, 2, 0))"),
+        ((8, 9, 5), ""),
+    ],
+)
+def test_a_batch_or_channels_first_array_is_refused_with_what_to_do(shape, says):
+    """np.stack(frames) (N,H,W,3), the batch a transcoder reaches for first, and a CHW array (what
+    torchvision and PyAV's planar formats give) were refused only as "expected HxW, HxWx1, HxWx2,
+    HxWx3 or HxWx4 image, got shape (2, 8, 9, 3)", with no word of the ways that do take them."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore(np.zeros(shape, np.uint8))
+    assert str(e.value) == f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {shape}{says}"
+
+
+def test_an_empty_weights_path_is_refused_as_such():
+    """weights="" (an unset environment variable, say) was read as the current folder and refused as
+    ".: is a folder; give the .safetensors file", naming a path the caller never gave."""
+    with pytest.raises(qairn.WeightsError) as e:
+        qairn.Restorer(weights="", device="cpu")
+    assert str(e.value) == "weights path is empty: give a .safetensors file, or None for the shipped weights"
+    with pytest.raises(qairn.WeightsError, match="^weights path is empty"):
+        qairn.load_model("")
+
+
+def test_restore_tensor_takes_image_true_or_false_only():
+    """restore_tensor(x, image="no") made the image, as "no" is true; image=0 skipped it."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    for image in ("no", 0, None):
+        with pytest.raises(ValueError) as e:
+            r.restore_tensor(torch.zeros(1, 3, 8, 8), image=image)
+        assert str(e.value) == f"image must be True or False, not {image!r}"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [np.zeros((8, 6, 3), np.uint8), np.zeros((8, 6), np.uint8), torch.zeros(3, 8, 6, dtype=torch.uint8)],
+    ids=["hwc", "gray", "chw-tensor"],
+)
+def test_one_frame_given_as_the_stream_is_refused_when_the_stream_is_called(frame):
+    """restore_stream(frame) iterated the frame's rows: an 8x6 RGB image gave 8 "frames" of 6x3 gray,
+    restored without a word; a gray image or a (3,H,W) tensor failed at the first row with a shape
+    error about a frame that was never given. A stack of frames, (N,H,W,3), is still a stream."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore_stream(frame)  # not iterated
+    assert str(e.value) == (
+        f"restore_stream takes an iterable of frames, not one frame of shape {tuple(frame.shape)}: "
+        "give [frame], or call restore(frame)"
+    )
+    stack = np.zeros((2, 8, 6, 3), np.uint8)
+    assert [res.image.shape for res in r.restore_stream(stack)] == [(8, 6, 3)] * 2
+
+
+def test_the_public_methods_hint_every_argument():
+    """An editor or type checker saw restore(img, progress=...), score and restore_yuv(y, u, v, matrix,
+    range, bits, return_maps) without types: img, progress and all of restore_yuv's were unhinted."""
+    import inspect
+    import typing
+
+    for name in ("restore", "score", "restore_yuv", "restore_stream", "restore_tensor"):
+        method = getattr(qairn.Restorer, name)
+        hints = typing.get_type_hints(method)
+        params = inspect.signature(method).parameters.values()
+        named = [p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD]
+        assert [n for n in named if n not in hints] == [], name
+        assert "return" in hints, name
+
+
+@pytest.mark.parametrize(
+    "shape, says",
+    [
+        ((3, 8, 6), "; one image: give it as t[None]"),
+        ((8, 6, 3), "; channels last? give t.permute(2, 0, 1)[None]"),
+        ((2, 8, 6, 3), "; channels last? give t.permute(0, 3, 1, 2)"),
+        ((8, 6), ""),
+    ],
+)
+def test_a_tensor_of_another_layout_is_refused_with_what_to_do(shape, says):
+    """torchvision.io.decode_image gives (3,H,W) uint8, the first tensor a transcoder has at hand; it
+    was refused only as "tensor input must be (N,3,H,W), got (3, 8, 6)", as were channels-last ones."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(ValueError) as e:
+        r.restore(torch.zeros(shape, dtype=torch.uint8))
+    assert str(e.value) == f"tensor input must be (N,3,H,W), got {shape}{says}"
+
+
+def test_a_pil_image_or_a_pyav_frame_is_refused_with_how_to_make_an_array():
+    """A Pillow image or a PyAV VideoFrame, what a decoder hands over, was refused only as "expected a
+    numpy array or torch tensor, got Image"; each now says the one call that makes the array."""
+    from PIL import Image
+
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore(Image.new("RGB", (8, 6)))
+    assert str(e.value) == "expected a numpy array or torch tensor, got Image; give np.asarray(img)"
+    av = pytest.importorskip("av", reason="PyAV is not installed")
+    frame = av.VideoFrame.from_ndarray(np.zeros((6, 8, 3), np.uint8), format="rgb24")
+    with pytest.raises(TypeError) as e:
+        r.restore(frame)
+    assert str(e.value) == (
+        "expected a numpy array or torch tensor, got VideoFrame; give frame.to_ndarray(format='rgb24'), "
+        "or its planes to restore_yuv"
+    )
+    with pytest.raises(TypeError) as e:
+        r.restore([[1, 2]])
+    assert str(e.value) == "expected a numpy array or torch tensor, got list"
+
+
+@pytest.mark.parametrize("path", ["in.jpg", Path("in.jpg")], ids=["str", "Path"])
+def test_a_file_path_given_as_the_image_is_refused_with_how_to_read_it(path):
+    """restore("in.jpg") said "expected a numpy array or torch tensor, got str", and nothing of the
+    reader qairn has, which keeps 16 bits, alpha and EXIF orientation as `qairn restore` does."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore(path)
+    assert str(e.value) == (
+        f"expected a numpy array or torch tensor, got {type(path).__name__}; "
+        "read the file first: qairn.engine.imageio.read_image(path)"
+    )
+
+
+def test_restore_streams_docstring_names_every_option_it_takes():
+    """help(Restorer.restore_stream) listed "matrix, range, bits, channel_order": image=False (quality
+    only, what a QC pass wants) was not among them, though README names it."""
+    import inspect
+
+    from qairn.engine.video import restore_stream
+
+    options = [
+        p for p in inspect.signature(restore_stream).parameters if p not in ("restorer", "frames", "batch")
+    ]
+    doc = qairn.Restorer.restore_stream.__doc__
+    assert [o for o in options if not re.search(rf"\b{o}\b", doc)] == []  # "images" is not image
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_an_infinite_float_tensor_is_refused_as_such(bad):
+    """A tensor holding infinity was refused as "spans [inf, inf] (divide 0..255 data by 255, or pass
+    uint8)", advice for another mistake; the same numpy image says "NaN or infinity"."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    x = torch.zeros(1, 3, 8, 8).index_fill_(2, torch.tensor([0]), bad)
+    for call in (lambda: r.restore(x), lambda: r.restore_tensor(x)):
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == "float tensors are taken in [0, 1], this one holds infinity"
+
+
+def test_floats_just_out_of_range_are_not_told_to_divide_by_255():
+    """RGB made from Y'CbCr in floats overshoots [0, 1] a little (out-of-gamut colours): such a frame
+    was told "divide 0..255 data by 255, or pass uint8", which would make it black. Advice for 0..255
+    data is kept for values over 2."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.linspace(-0.03, 1.04, 8 * 8 * 3, dtype=np.float32).reshape(8, 8, 3)
+    clip = "(clip a colour conversion's overshoot to [0, 1] first)"
+    for call, says in [
+        (lambda: r.restore(img), f"float images are taken in [0, 1], this one spans [-0.03, 1.04] {clip}"),
+        (
+            lambda: r.restore(torch.from_numpy(img).permute(2, 0, 1)[None]),
+            f"float tensors are taken in [0, 1], this one spans [-0.03, 1.04] {clip}",
+        ),
+        (
+            lambda: r.restore(img * 255),
+            "float images are taken in [0, 1], this one spans [-7.65, 265.2] "
+            "(divide 0..255 data by 255, or pass uint8)",
+        ),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == says
+
+
+@pytest.mark.parametrize("name", ["restore", "score", "restore_yuv", "restore_tensor"])
+def test_each_public_methods_docstring_names_its_arguments(name):
+    """help(r.restore) said nothing of return_maps (the per-region heat maps a QC report wants) or
+    channel_order; restore_yuv's said nothing of bits or return_maps, score's nothing of bits."""
+    import inspect
+
+    method = getattr(qairn.Restorer, name)
+    params = [p for p in inspect.signature(method).parameters if p != "self"]
+    assert [p for p in params if not re.search(rf"\b{p}\b", method.__doc__)] == []
+
+
+def test_pyav_frames_given_as_the_stream_are_refused_with_how_to_pass_them():
+    """restore_stream(container.decode(video=0)), the first thing a PyAV user writes, failed with
+    "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame", and no word of
+    the two calls that turn a frame into one."""
+    av = pytest.importorskip("av", reason="PyAV is not installed")
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    frame = av.VideoFrame.from_ndarray(np.zeros((6, 8, 3), np.uint8), format="rgb24")
+    with pytest.raises(TypeError) as e:
+        list(r.restore_stream([frame]))
+    assert str(e.value) == (
+        "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame; give "
+        "frame.to_ndarray(format='rgb24'), or its planes"
     )

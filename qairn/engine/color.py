@@ -154,17 +154,21 @@ def quantize(plane: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor
     return plane.round().clamp(0, 2**bits - 1).to(dtype)
 
 
-def plane_bits(dtype, bits: int | None) -> int:
-    """Sample depth of integer planes: 8 for uint8; uint16/int16/int32 need bits= (9..16)."""
+def plane_bits(dtype, bits: int | None, what: str = "planes") -> int:
+    """Sample depth of integer planes: 8 for uint8; uint16/int16/int32 need bits= (9..16).
+    what: what the errors call them ("frames" for RGB images)."""
     name = str(dtype).replace("torch.", "")
     if name == "uint8":
         if bits not in (None, 8):
-            raise ColorError(f"uint8 planes hold 8-bit samples, not {bits}-bit")
+            raise ColorError(f"uint8 {what} hold 8-bit samples, not {bits}-bit")
         return 8
     if name in ("uint16", "int16", "int32"):
         top = 15 if name == "int16" else 16  # int16 holds 15-bit codes; 16-bit ones read negative
-        if bits is None or not 9 <= bits <= top:
-            raise ColorError(f"{name} planes need bits= (9..{top}), e.g. bits=10 for 10-bit video")
+        if bits is None:
+            raise ColorError(f"{name} {what} need bits= (9..{top}), e.g. bits=10 for 10-bit video")
+        # Not "need bits=" when bits=8 was given.
+        if not 9 <= bits <= top:
+            raise ColorError(f"{name} {what} hold 9..{top}-bit samples, not {bits}-bit")
         return bits
     raise ColorError(f"planes must be integer code values (uint8, or uint16 with bits=), not {name}")
 
@@ -255,11 +259,12 @@ def restore_yuv(
     if len({str(p.dtype) for p in (y, u, v)}) != 1:
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")
     bits = plane_bits(y.dtype, bits)
+    shapes = ", ".join(str(tuple(p.shape)) for p in (y, u, v))  # as given: an HxWx3 y is 8 frames here
     planes = [_as_batch(p, n) for p, n in zip((y, u, v), "yuv")]
     for p, n in zip(planes, "yuv"):
         check_codes(p, bits, n)
     if len({p.shape[0] for p in planes}) != 1:
-        raise ColorError("y, u and v have different batch sizes")
+        raise ColorError(f"y, u and v have different batch sizes: shapes {shapes}")
     dev = restorer.device
     planes = [p.to(dev, non_blocking=True) for p in planes]
     out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps)

@@ -6,6 +6,7 @@ import math
 import numbers
 import os
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ SCALES = (1, 2, 4)  # gamma1, gamma2, gamma3 resolutions relative to the image
 # memory while another captures) would crash. Held only for the capture itself (host work, once per
 # shape), not the warm-up before it, where compiling and tuning take their time.
 _CAPTURE_LOCK = threading.Lock()
+Progress = Callable[[int, int], object]  # progress(done, total), after each batch of tiles
 
 
 def default_weights() -> Path:
@@ -456,19 +458,24 @@ class Restorer:
         self,
         x: torch.Tensor,
         return_maps: bool = False,
-        progress=None,
+        progress: Progress | None = None,
         image: bool = True,
         *,
         in_range: bool = False,
-    ):
+    ) -> tuple[torch.Tensor | None, dict, list | None]:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
-        maps or None), all on the engine's device. progress(done, total) is called after each batch
+        maps or None), all on the engine's device; return_maps=True: the maps, (N,1,h,w) each (see
+        restore). progress(done, total) is called after each batch
         of tiles; a whole image, or a frame under cuda_graph (one replay), is one batch: (1, 1).
         image=False: quality (and maps) only, restored is None: the network's tail, the blend of the
         tiles and the crop are skipped (on the torch backends; the quality is the same numbers).
         in_range=True: x is known to lie in [0, 1] (restore() made it from integers, or has read its
         range), so its range is not read again (a read of every value, on the CPU)."""
-        return_maps = check_switch("return_maps", return_maps)
+        return_maps, image = check_switch("return_maps", return_maps), check_switch("image", image)
+        # Checked before the work: a whole image calls it once, at the end, so progress=5 failed with
+        # "'int' object is not callable" after the image was restored.
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a function progress(done, total) or None, not {progress!r}")
         with self._calls_changed:
             if self.closed:  # the eager network would still run, an engine not: one rule for all
                 raise RuntimeError("this Restorer was closed")
@@ -694,15 +701,18 @@ class Restorer:
     # ---- arrays and tensors from users -------------------------------------------------------------
     def restore(
         self,
-        img,
+        img: np.ndarray | torch.Tensor,
         return_maps: bool = False,
         channel_order: str | None = None,
-        progress=None,
+        progress: Progress | None = None,
         bits: int | None = None,
     ) -> Result:
-        """Restore one image (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8, uint16
-        or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in [0,1], any
-        device: stays there).
+        """Restore one image `img` (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8,
+        uint16 or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in
+        [0,1], any device: stays there). Returns a Result: the image, quality {"Q1","Q2","Q3"}.
+        return_maps=True: Result.maps, the gate maps gamma1..3 at full, 1/2 and 1/4 resolution, values
+        in [0, 1] (high: little to restore), pooled into Q1..Q3: where in the picture quality is lost.
+        channel_order: "rgb" or "bgr" (OpenCV's); None: the Restorer's own.
         progress(done, total): called after each batch of tiles, e.g. to drive a progress bar.
         bits: the sample depth of integer images, as restore_stream takes it: bits=10 takes uint16 as
         codes 0..1023 and gives them back so; without it, uint16 spans 0..65535."""
@@ -710,7 +720,9 @@ class Restorer:
 
     def _restore(self, img, return_maps, channel_order, progress, bits, image: bool = True) -> Result:
         """restore(); image=False leaves Result.image None and skips making it (score)."""
-        order, bits = check_order(channel_order or self.channel_order), check_bits(bits)
+        # None, not any false value: channel_order="" ran as the Restorer's own order, unsaid.
+        order = check_order(self.channel_order if channel_order is None else channel_order)
+        bits = check_bits(bits)
         if isinstance(img, torch.Tensor):
             if bits is not None:  # uint8 tensors hold 8-bit samples, float ones have no depth
                 from qairn.engine.video import _rgb_bits
@@ -728,42 +740,82 @@ class Restorer:
         self, t: torch.Tensor, return_maps: bool, order: str, progress=None, image=True
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
-            raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}")
+            # The layouts decoders give (torchvision's (3,H,W); channels last), and how to pass them.
+            hint = ""
+            if t.ndim == 3 and t.shape[0] == 3:
+                hint = "; one image: give it as t[None]"
+            elif t.ndim == 3 and t.shape[2] == 3:
+                hint = "; channels last? give t.permute(2, 0, 1)[None]"
+            elif t.ndim == 4 and t.shape[3] == 3:
+                hint = "; channels last? give t.permute(0, 3, 1, 2)"
+            raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}{hint}")
         x = batch_to_float(t, order)  # its range read there, if float and on the CPU
         in_range = t.dtype == torch.uint8 or t.device.type == "cpu"  # else read by restore_tensor
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
 
-    def score(self, img, channel_order: str | None = None, progress=None, bits: int | None = None) -> dict:
+    def score(
+        self,
+        img: np.ndarray | torch.Tensor,
+        channel_order: str | None = None,
+        progress: Progress | None = None,
+        bits: int | None = None,
+    ) -> dict:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors), the numbers restore(img).quality
-        gives, without making the restored image (the network's tail, the tiles' blend, the copy back)."""
+        gives, without making the restored image (the network's tail, the tiles' blend, the copy back).
+        img, channel_order, progress and bits: as restore() takes them."""
         return self._restore(img, False, channel_order, progress, bits, image=False).quality
 
     # ---- video: Y'CbCr planes and frame streams (qairn.engine.color, qairn.engine.video) -------------
-    def restore_yuv(self, y, u, v, matrix="bt709", range="limited", bits=None, return_maps=False) -> Result:
+    def restore_yuv(
+        self,
+        y: np.ndarray | torch.Tensor,
+        u: np.ndarray | torch.Tensor,
+        v: np.ndarray | torch.Tensor,
+        matrix: str = "bt709",
+        range: str = "limited",
+        bits: int | None = None,
+        return_maps: bool = False,
+    ) -> Result:
         """Restore Y'CbCr planes (4:2:0/4:2:2/4:4:4; numpy or tensors, (H,W) or (N,H,W)); converted on the
-        device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full"."""
+        device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full".
+        bits: the sample depth (8 for uint8; uint16 planes need it, e.g. bits=10). return_maps=True:
+        Result.maps, as restore() gives them, at the luma plane's size."""
         from qairn.engine.color import restore_yuv
 
         return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
 
-    def restore_stream(self, frames, batch: int = 4, **options):
+    def restore_stream(self, frames: Iterable, batch: int = 4, **options) -> Iterator[Result]:
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
-        options: matrix, range, bits, channel_order (see qairn.engine.video.restore_stream). Options
-        are checked here, when called, not at the first frame the generator is asked for."""
+        options: matrix, range, bits, channel_order, and image=False for quality only (each Result's
+        image None; see qairn.engine.video.restore_stream). Options are checked here, when called, not
+        at the first frame the generator is asked for."""
         from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
 
         if self.closed:  # here, not at the first frame
             raise RuntimeError("this Restorer was closed")
+        # One frame iterates as its rows: an HxWx3 image ran as H gray "frames" of Wx3, unsaid. A stack
+        # of frames (N,H,W,3), or of (3,H,W) tensors, is a stream.
+        one_array = isinstance(frames, np.ndarray) and (
+            frames.ndim == 2 or (frames.ndim == 3 and frames.shape[2] in (1, 2, 3, 4))
+        )
+        if one_array or (isinstance(frames, torch.Tensor) and frames.ndim <= 3):
+            raise TypeError(
+                f"restore_stream takes an iterable of frames, not one frame of shape {tuple(frames.shape)}: "
+                "give [frame], or call restore(frame)"
+            )
         # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
         if not is_int(batch) or batch < 1:
             raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
-        check_order(options.get("channel_order") or self.channel_order)
+        order = options.get("channel_order")
+        check_order(self.channel_order if order is None else order)
         check_matrix(options.get("matrix", "bt709"))
         check_range(options.get("range", "limited"))
         if "bits" in options:
             options["bits"] = check_bits(options["bits"])
+        if "image" in options:  # "no" was taken by its truth: images made
+            options["image"] = check_switch("image", options["image"])
         return restore_stream(self, frames, batch, **options)
 
 
@@ -771,9 +823,23 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     """Check a numpy image; return its HxWx3 RGB pixels as a contiguous array of their own numbers
     (uint8, int32 for uint16, float) and what is needed to convert back."""
     if not isinstance(img, np.ndarray):
-        raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}")
+        # A file name, or what decoders hand over: a PyAV frame, a Pillow image (numpy reads it as it is).
+        hint = ""
+        if isinstance(img, (str, os.PathLike)):
+            hint = "; read the file first: qairn.engine.imageio.read_image(path)"
+        elif hasattr(img, "to_ndarray"):
+            hint = "; give frame.to_ndarray(format='rgb24'), or its planes to restore_yuv"
+        elif hasattr(img, "__array_interface__") or hasattr(img, "__array__"):
+            hint = "; give np.asarray(img)"
+        raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}{hint}")
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 2, 3, 4)):
-        raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}")
+        # What the two shapes a transcoder is likely to have at hand can be given as instead.
+        hint = ""
+        if img.ndim == 4:
+            hint = "; for a batch of frames, use restore_stream(frames) or an (N,3,H,W) tensor"
+        elif img.ndim == 3 and img.shape[0] in (1, 3, 4):
+            hint = "; channels first? give HxWxC (img.transpose(1, 2, 0))"
+        raise ValueError(f"expected HxW, HxWx1, HxWx2, HxWx3 or HxWx4 image, got shape {img.shape}{hint}")
     if img.shape[0] == 0 or img.shape[1] == 0:
         raise ValueError(f"empty image of shape {img.shape}")
     dtype, img = img.dtype, native(img)  # given back as dtype, big-endian ones too
@@ -788,8 +854,7 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
             raise ValueError("the float image contains NaN or infinity")
         if lo < -1 / 255 or hi > 1 + 1 / 255:  # more than one 8-bit step out: the wrong scale, not rounding
             raise ValueError(
-                f"float images are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
-                "(divide 0..255 data by 255, or pass uint8)"
+                f"float images are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] {range_advice(hi)}"
             )
     else:
         raise ValueError(f"unsupported image dtype {img.dtype} (use uint8, uint16 or float in [0,1])")
@@ -859,12 +924,21 @@ def check_float_range(x: torch.Tensor) -> torch.Tensor:
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
     if math.isnan(lo) or math.isnan(hi):  # said as "spans [nan, nan]", with advice for 0..255 data
         raise ValueError("float tensors are taken in [0, 1], this one holds NaN")
+    if math.isinf(lo) or math.isinf(hi):  # as NaN: no scale makes it fit
+        raise ValueError("float tensors are taken in [0, 1], this one holds infinity")
     if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):
         raise ValueError(
-            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
-            "(divide 0..255 data by 255, or pass uint8)"
+            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] {range_advice(hi)}"
         )
     return x
+
+
+def range_advice(hi: float) -> str:
+    """What to do with floats out of [0, 1]: 0..255 data reach far over 1; RGB converted from Y'CbCr
+    overshoots a little (out-of-gamut colours), and dividing that by 255 would make it black."""
+    if hi > 2:
+        return "(divide 0..255 data by 255, or pass uint8)"
+    return "(clip a colour conversion's overshoot to [0, 1] first)"
 
 
 def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:

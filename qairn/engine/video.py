@@ -89,7 +89,9 @@ def _key(item):
         )
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return ("rgb", type(item), tuple(item.shape), str(item.dtype), str(getattr(item, "device", "")))
-    raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}")
+    # A PyAV frame is what decode() yields: say the calls that turn one into a frame taken here.
+    hint = "; give frame.to_ndarray(format='rgb24'), or its planes" if hasattr(item, "to_ndarray") else ""
+    raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}{hint}")
 
 
 def _name_frame(e: Exception, index: int) -> None:
@@ -256,7 +258,7 @@ def _rgb_bits(dtype, bits: int) -> int:
     name = str(dtype).replace("torch.", "")
     if "float" in name:
         raise ColorError(f"bits={bits} is the sample depth of integer frames; {name} frames are in [0, 1]")
-    return plane_bits(dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype, bits)
+    return plane_bits(dtype.newbyteorder("=") if isinstance(dtype, np.dtype) else dtype, bits, "frames")
 
 
 def _finish(job: _Job, channel_order):
