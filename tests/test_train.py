@@ -517,6 +517,29 @@ def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
     assert (tmp_path / "loss.png").exists()
 
 
+def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data, tmp_path):
+    # Slurm's preemption, systemd's stop and `kill -- -PGID` signal the DataLoader workers too: the run
+    # saved its checkpoint, then ended in "DataLoader worker (pid N) is killed by signal: Terminated",
+    # a traceback and exit 1. It must end as a SIGTERM to the training process alone does.
+    a = tiny_args(data, tmp_path, steps=100_000, ckpt_every=1, workers=2, val_every=0)
+    cmd = [sys.executable, "-m", "qairn.train.trainer", *cli_args(a)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    t0 = time.time()
+    while not (tmp_path / "checkpoint.pt").exists():
+        if proc.poll() is not None or time.time() - t0 > 120:
+            proc.kill()
+            raise AssertionError(f"training did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    lines = out.decode().strip().splitlines()
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert len(lines) == 1 and re.fullmatch(r"\d+ steps in .* of training .*", lines[0]), lines
+    assert state(tmp_path / "checkpoint.pt")["step"] >= 1
+
+
 def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
     """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
