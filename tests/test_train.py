@@ -1814,6 +1814,28 @@ def test_a_training_pack_without_held_out_images_is_refused(tmp_path, holdout):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
 
 
+def test_a_training_pack_leaves_out_held_out_images_too_small_for_the_p_sweep(tmp_path):
+    # A held-out image under 32 px was copied into val/, and gpu_train's p sweep (JPEG 2000, 5 wavelet
+    # levels) then failed on it after the whole training: it is left out with a note, as the trainer
+    # leaves out training images too small for a patch; with none left, the pack is refused.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    cv2.imwrite(str(src / "img00.png"), np.full((24, 40, 3), 90, np.uint8))  # held out (every 2nd)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    said = []
+    man = build_train_pack.build(
+        src, live1, tmp_path / "pack", budget_mib=0.3, crop=56, holdout=2, log=said.append
+    )
+    assert man["val_files"] == ["img02.png"]
+    assert [f.name for f in list_images(tmp_path / "pack" / "val")] == ["img02.png"]
+    assert any("img00.png" in s and "40x24" in s and "32" in s for s in said), said
+    with pytest.raises(SystemExit, match="every held-out image is under 32 px"):
+        build_train_pack.build(src, live1, tmp_path / "none", budget_mib=0.3, crop=56, holdout=1)
+    assert not (tmp_path / "none").exists() and not (tmp_path / ".none.building").exists()
+
+
 @pytest.mark.parametrize("crop", [20, -5])
 def test_gpu_train_refuses_a_quality_crop_too_small_before_training(tmp_path, crop):
     # The quality steps come after the training: --quality-crop 20 (under JPEG 2000's 32 px) or -5 ended
