@@ -151,6 +151,22 @@ def test_images_too_small_for_jpeg_2000_are_named(tmp_path, capsys):
     assert "img00.png: 24x24 pixels after --crop; the JPEG 2000 distortion" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["report", "sweep"])
+def test_an_image_too_small_for_jpeg_2000_is_refused_before_any_work(tmp_path, capsys, where):
+    # The size was checked as each image was reached: a small last image was refused after the
+    # images before it were distorted, restored and scored (minutes each on a CPU), after the NOTE.
+    w = make_weights(tmp_path / "w.safetensors")
+    d = make_folder(tmp_path / "d", 1, 40, 40, seed=0)
+    cv2.imwrite(str(d / "zsmall.png"), np.zeros((20, 48, 3), np.uint8))
+    run = ["--data", str(d)] if where == "report" else ["--no-report", "--sweep-p", "--val-data", str(d)]
+    assert cli(["eval-quality", *run, "--weights", str(w), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == (
+        f"qairn eval-quality: error: {d / 'zsmall.png'}: 48x20 pixels; the JPEG 2000 distortion "
+        "(OpenJPEG, 5 wavelet levels) needs at least 32x32"
+    )
+
+
 def test_a_folder_given_as_an_output_file_is_refused_before_the_run(refs, tmp_path, capsys):
     # The rename onto a folder failed only at the end, after every image had been restored.
     (tmp_path / "out").mkdir()

@@ -445,6 +445,33 @@ def score_job(ref, img, maps, p_grid):
     return out
 
 
+def too_small_for_jp2k(path, w: int, h: int, crop: int) -> str:
+    return (
+        f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; the JPEG 2000 distortion "
+        f"(OpenJPEG, 5 wavelet levels) needs at least {JP2K_MIN}x{JP2K_MIN}"
+    )
+
+
+def check_quality_sizes(files, crop: int = 0) -> None:
+    """Refuse an image too small for the JPEG 2000 distortion before any work: quality_records reached
+    it only after the images before it (minutes each on a CPU). From the file's header: Pillow reads
+    no pixels for its size."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter, as cv2.imread turns it
+                    w, h = h, w
+        except Exception:  # not Pillow's to read: the image's own error comes when it is decoded
+            continue
+        if crop:
+            w, h = min(w, crop), min(h, crop)
+        if min(w, h) < JP2K_MIN:
+            raise ValueError(too_small_for_jp2k(f, w, h, crop))
+
+
 def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, progress=True):
     """One record per (image, distortion, level): Q1..Q3 (at the restorer's p), SSIM to the reference,
     and with p_grid, Q1..Q3 for every p of the grid (from the same gamma maps)."""
@@ -457,10 +484,7 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
                 refs = {f: read_reference(f, crop)}
                 h, w = refs[f].shape[:2]
                 if min(h, w) < JP2K_MIN:  # else cv2.imencode('.jp2') fails with no word of why
-                    raise ValueError(
-                        f"{f}: {w}x{h} pixels{' after --crop' if crop else ''}; the JPEG 2000 distortion "
-                        f"(OpenJPEG, 5 wavelet levels) needs at least {JP2K_MIN}x{JP2K_MIN}"
-                    )
+                    raise ValueError(too_small_for_jp2k(f, w, h, crop))
             ref = refs[f]
             name = Path(f).stem
             img = distort(ref, kind, level, seed=zlib.crc32(f"{seed}:{name}:{level}".encode()))
@@ -742,6 +766,7 @@ def main_quality(argv=None) -> int:
     if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
         raise SystemExit("refusing to choose p on the report's own images")
     files = [] if a.no_report else list_images(a.data)[: a.limit or None]
+    check_quality_sizes([*val, *files], a.crop)
     restorer = make_restorer(weights, device=a.device, tile=a.tile or None)
     result = {
         "note": NOT_HUMAN,
