@@ -825,6 +825,25 @@ def test_gpu_train_writes_strict_json_when_a_score_is_not_finite(tmp_path):
     assert evaluation["images"][0]["jpeg"]["psnr"] is None
 
 
+def test_gpu_train_refuses_a_pack_image_too_small_for_the_quality_steps_before_training(tmp_path):
+    # A LIVE1 (or held-out) image under 32 px in the pack (an older build, a --live1 of one's own)
+    # ended the quality study in a ValueError traceback after the training's minutes.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+    import gpu_train
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    cv2.imwrite(str(live1 / "tiny.png"), np.full((24, 40, 3), 90, np.uint8))
+    pack = tmp_path / "pack"
+    build_train_pack.build(src, live1, pack, budget_mib=0.3, crop=56, holdout=1, log=lambda *a: None)
+    argv = ["--pack", str(pack), "--out", str(tmp_path / "out"), "--preset", "tiny", "--steps", "1"]
+    argv += ["--batch", "1", "--patch", "32", "--workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="tiny.webp: 40x24 pixels; the JPEG 2000 distortion"):
+        gpu_train.main(argv)
+    assert not (tmp_path / "out" / "work").exists()
+
+
 def test_largest_config_under_20mb():
     sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_train
