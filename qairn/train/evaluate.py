@@ -74,16 +74,41 @@ def read_rgb(path: str | Path, crop: int = 0) -> np.ndarray:
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
+SSIM_MIN = 11  # SSIM's 11x11 window
+
+
 def read_reference(path: str | Path, crop: int = 0) -> np.ndarray:
     """read_rgb for the metrics: SSIM's 11x11 window needs at least 11x11 pixels (said here, with the
     file's name, rather than by ssim() deep in a metrics worker)."""
     rgb = read_rgb(path, crop)
-    if min(rgb.shape[:2]) < 11:
-        h, w = rgb.shape[:2]
-        raise ValueError(
-            f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; SSIM needs at least 11x11"
-        )
+    h, w = rgb.shape[:2]
+    if min(h, w) < SSIM_MIN:
+        raise ValueError(too_small_for_ssim(path, w, h, crop))
     return rgb
+
+
+def too_small_for_ssim(path, w: int, h: int, crop: int) -> str:
+    return (
+        f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; SSIM needs at least {SSIM_MIN}x{SSIM_MIN}"
+    )
+
+
+def header_sizes(files, crop: int = 0):
+    """(file, width, height) of each image as read_rgb gives it (EXIF quarter turns, --crop), from its
+    header alone: Pillow reads no pixels for the size. A file Pillow cannot read is left out: its own
+    error comes when it is decoded. For refusing a small image before any work: the checks as each
+    image is reached came after the images before it (minutes each on a CPU)."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter, as cv2.imread turns it
+                    w, h = h, w
+        except Exception:
+            continue
+        yield (f, min(w, crop), min(h, crop)) if crop else (f, w, h)
 
 
 def encode_rgb(rgb: np.ndarray, ext: str, params: list[int]) -> np.ndarray:
@@ -327,6 +352,9 @@ def main_eval(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
+    for f, w, h in header_sizes(files, a.crop):  # before any work (read_reference checks it again)
+        if min(w, h) < SSIM_MIN:
+            raise ValueError(too_small_for_ssim(f, w, h, a.crop))
     restorer = None
     if not a.jpeg_only:
         restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None)
@@ -453,21 +481,8 @@ def too_small_for_jp2k(path, w: int, h: int, crop: int) -> str:
 
 
 def check_quality_sizes(files, crop: int = 0) -> None:
-    """Refuse an image too small for the JPEG 2000 distortion before any work: quality_records reached
-    it only after the images before it (minutes each on a CPU). From the file's header: Pillow reads
-    no pixels for its size."""
-    from PIL import Image
-
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter, as cv2.imread turns it
-                    w, h = h, w
-        except Exception:  # not Pillow's to read: the image's own error comes when it is decoded
-            continue
-        if crop:
-            w, h = min(w, crop), min(h, crop)
+    """Refuse an image too small for the JPEG 2000 distortion before any work (header_sizes)."""
+    for f, w, h in header_sizes(files, crop):
         if min(w, h) < JP2K_MIN:
             raise ValueError(too_small_for_jp2k(f, w, h, crop))
 
