@@ -834,9 +834,9 @@ def test_gpu_train_refuses_a_pack_image_too_small_for_the_quality_steps_before_t
 
     src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
     live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
-    cv2.imwrite(str(live1 / "tiny.png"), np.full((24, 40, 3), 90, np.uint8))
     pack = tmp_path / "pack"
     build_train_pack.build(src, live1, pack, budget_mib=0.3, crop=56, holdout=1, log=lambda *a: None)
+    cv2.imwrite(str(pack / "live1" / "tiny.webp"), np.full((24, 40, 3), 90, np.uint8))  # an older pack's
     argv = ["--pack", str(pack), "--out", str(tmp_path / "out"), "--preset", "tiny", "--steps", "1"]
     argv += ["--batch", "1", "--patch", "32", "--workers", "0", "--device", "cpu"]
     with pytest.raises(SystemExit, match="tiny.webp: 40x24 pixels; the JPEG 2000 distortion"):
@@ -1853,6 +1853,19 @@ def test_a_training_pack_leaves_out_held_out_images_too_small_for_the_p_sweep(tm
     with pytest.raises(SystemExit, match="every held-out image is under 32 px"):
         build_train_pack.build(src, live1, tmp_path / "none", budget_mib=0.3, crop=56, holdout=1)
     assert not (tmp_path / "none").exists() and not (tmp_path / ".none.building").exists()
+
+
+def test_a_training_pack_with_a_live1_image_too_small_for_the_quality_study_is_refused(tmp_path):
+    # A --live1 image under 32 px was packed; gpu_train refuses the pack, but on the GPU machine.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    cv2.imwrite(str(live1 / "tiny.png"), np.full((24, 40, 3), 90, np.uint8))
+    with pytest.raises(SystemExit, match="tiny.png: 40x24 pixels; the JPEG 2000 distortion"):
+        build_train_pack.build(src, live1, tmp_path / "pack", budget_mib=0.3, crop=56, holdout=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
 
 
 @pytest.mark.parametrize("crop", [20, -5])
