@@ -2,8 +2,10 @@
 
     python scripts/build_train_pack.py [--src ../shared/data/train] [--live1 ../shared/data/live1]
 
-gpu_pack/live1/  the 29 LIVE1 references as lossless WebP (pixel-identical to the PNGs, checked)
-gpu_pack/val/    the training run's held-out images (trainer.split_files), copied byte for byte
+gpu_pack/live1/  the 29 LIVE1 references as lossless WebP (pixel-identical to the PNGs, checked); one under
+                 32 px (too small for the quality study's JPEG 2000) is refused
+gpu_pack/val/    the training run's held-out images (trainer.split_files), copied byte for byte; those
+                 under 32 px (too small for the p sweep's JPEG 2000) are left out, with a note
 gpu_pack/train/  random crops (lossless WebP) of the other training images, one crop per image in
                  turn, until the byte budget is spent
 Both keep the subfolders of --src (a/x.png and b/x.png are two images).
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qairn.train.data import list_images  # noqa: E402
+from qairn.train.evaluate import JP2K_MIN, too_small_for_jp2k  # noqa: E402
 from qairn.train.trainer import split_files  # noqa: E402
 
 DATA = ROOT / ".." / "shared" / "data"
@@ -100,8 +103,28 @@ def fill(
         (out / d).mkdir(parents=True)
     used = 0
     for f in list_images(live1):
-        used += (out / "live1" / f"{f.stem}.webp").write_bytes(webp_lossless(read(f)))
+        img = read(f)
+        h, w = img.shape[:2]
+        if min(h, w) < JP2K_MIN:  # gpu_train refuses the pack then, but on the GPU machine
+            raise SystemExit(too_small_for_jp2k(f, w, h, crop=0))
+        used += (out / "live1" / f"{f.stem}.webp").write_bytes(webp_lossless(img))
     train_files, val_files = split_files(str(src), holdout)
+    # gpu_train's p sweep distorts the held-out images with JPEG 2000, which fails under 32 px after the
+    # whole training: such an image is left out (neither held out nor trained), as the trainer leaves
+    # out training images too small for a patch.
+    small = {f: read(f).shape[:2] for f in val_files}
+    small = {f: hw for f, hw in small.items() if min(hw) < JP2K_MIN}
+    for f, (h, w) in small.items():
+        log(
+            f"note: held-out image {f.relative_to(src)} is {w}x{h} px, under the p sweep's {JP2K_MIN} "
+            "(JPEG 2000): not used"
+        )
+    if small and len(small) == len(val_files):
+        raise SystemExit(
+            f"--val-holdout {holdout}: every held-out image is under {JP2K_MIN} px (the p sweep's least, "
+            f"JPEG 2000), e.g. {next(iter(small))}; none left for val/"
+        )
+    val_files = [f for f in val_files if f not in small]
     for f in val_files:
         # Under their subfolders: flat, a/x.png and b/x.png were one file, the second over the first.
         dest = out / "val" / f.relative_to(src)

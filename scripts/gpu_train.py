@@ -143,6 +143,10 @@ def main(argv=None) -> int:
     pack = Path(a.pack)
     if not (pack / "train").is_dir():
         raise SystemExit(f"{pack}: no training pack (build it with scripts/build_train_pack.py)")
+    try:  # the p sweep and the quality study come after the training: their images are checked now
+        ev.check_quality_sizes([*list_images(pack / "val"), *list_images(pack / "live1")], a.quality_crop)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
     log = Tee(out / "report.txt")
     dev = resolve_device(a.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -141,6 +141,21 @@ def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     assert "img00.png: 8x8 pixels after --crop" in capsys.readouterr().err
 
 
+def test_eval_refuses_an_image_under_the_ssim_window_before_any_work(tmp_path, capsys, monkeypatch):
+    # The size was checked as each image was reached: a small last image was refused after the images
+    # before it were compressed, restored and measured at every QF.
+    d = make_folder(tmp_path / "d", 1, 40, 40, seed=0)
+    cv2.imwrite(str(d / "zsmall.png"), np.zeros((9, 30, 3), np.uint8))
+    compressed, jpeg_rgb = [], ev.jpeg_rgb
+    monkeypatch.setattr(ev, "jpeg_rgb", lambda rgb, qf: compressed.append(qf) or jpeg_rgb(rgb, qf))
+    assert cli(["eval", "--data", str(d), "--jpeg-only", "--qf", "10", "20"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        compressed == []
+        and err == f"qairn eval: error: {d / 'zsmall.png'}: 30x9 pixels; SSIM needs at least 11x11"
+    )
+
+
 def test_images_too_small_for_jpeg_2000_are_named(tmp_path, capsys):
     # OpenJPEG cannot encode a side under 32 pixels: the run ended in a traceback,
     # "RuntimeError: cv2.imencode('.jp2') failed", naming neither the file nor the reason.
@@ -149,6 +164,22 @@ def test_images_too_small_for_jpeg_2000_are_named(tmp_path, capsys):
     args = ["eval-quality", "--data", str(tmp_path / "d"), "--weights", str(w), "--device", "cpu"]
     assert cli(args + ["--crop", "24"]) == 2
     assert "img00.png: 24x24 pixels after --crop; the JPEG 2000 distortion" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["report", "sweep"])
+def test_an_image_too_small_for_jpeg_2000_is_refused_before_any_work(tmp_path, capsys, where):
+    # The size was checked as each image was reached: a small last image was refused after the
+    # images before it were distorted, restored and scored (minutes each on a CPU), after the NOTE.
+    w = make_weights(tmp_path / "w.safetensors")
+    d = make_folder(tmp_path / "d", 1, 40, 40, seed=0)
+    cv2.imwrite(str(d / "zsmall.png"), np.zeros((20, 48, 3), np.uint8))
+    run = ["--data", str(d)] if where == "report" else ["--no-report", "--sweep-p", "--val-data", str(d)]
+    assert cli(["eval-quality", *run, "--weights", str(w), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == (
+        f"qairn eval-quality: error: {d / 'zsmall.png'}: 48x20 pixels; the JPEG 2000 distortion "
+        "(OpenJPEG, 5 wavelet levels) needs at least 32x32"
+    )
 
 
 def test_a_folder_given_as_an_output_file_is_refused_before_the_run(refs, tmp_path, capsys):

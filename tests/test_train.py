@@ -517,6 +517,29 @@ def test_ctrl_c_saves_a_checkpoint(data, tmp_path):
     assert (tmp_path / "loss.png").exists()
 
 
+def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data, tmp_path):
+    # Slurm's preemption, systemd's stop and `kill -- -PGID` signal the DataLoader workers too: the run
+    # saved its checkpoint, then ended in "DataLoader worker (pid N) is killed by signal: Terminated",
+    # a traceback and exit 1. It must end as a SIGTERM to the training process alone does.
+    a = tiny_args(data, tmp_path, steps=100_000, ckpt_every=1, workers=2, val_every=0)
+    cmd = [sys.executable, "-m", "qairn.train.trainer", *cli_args(a)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    t0 = time.time()
+    while not (tmp_path / "checkpoint.pt").exists():
+        if proc.poll() is not None or time.time() - t0 > 120:
+            proc.kill()
+            raise AssertionError(f"training did not start: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    lines = out.decode().strip().splitlines()
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert len(lines) == 1 and re.fullmatch(r"\d+ steps in .* of training .*", lines[0]), lines
+    assert state(tmp_path / "checkpoint.pt")["step"] >= 1
+
+
 def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
     """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
@@ -800,6 +823,25 @@ def test_gpu_train_writes_strict_json_when_a_score_is_not_finite(tmp_path):
     evaluation = json.loads((out / "eval.json").read_text(), parse_constant=refuse)
     assert results["quality"]["tables"]["ssim"]["jpeg"]["Q2"]["srcc"] is None
     assert evaluation["images"][0]["jpeg"]["psnr"] is None
+
+
+def test_gpu_train_refuses_a_pack_image_too_small_for_the_quality_steps_before_training(tmp_path):
+    # A LIVE1 (or held-out) image under 32 px in the pack (an older build, a --live1 of one's own)
+    # ended the quality study in a ValueError traceback after the training's minutes.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+    import gpu_train
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    pack = tmp_path / "pack"
+    build_train_pack.build(src, live1, pack, budget_mib=0.3, crop=56, holdout=1, log=lambda *a: None)
+    cv2.imwrite(str(pack / "live1" / "tiny.webp"), np.full((24, 40, 3), 90, np.uint8))  # an older pack's
+    argv = ["--pack", str(pack), "--out", str(tmp_path / "out"), "--preset", "tiny", "--steps", "1"]
+    argv += ["--batch", "1", "--patch", "32", "--workers", "0", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="tiny.webp: 40x24 pixels; the JPEG 2000 distortion"):
+        gpu_train.main(argv)
+    assert not (tmp_path / "out" / "work").exists()
 
 
 def test_largest_config_under_20mb():
@@ -1788,6 +1830,41 @@ def test_a_training_pack_without_held_out_images_is_refused(tmp_path, holdout):
     live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
     with pytest.raises(SystemExit, match=f"--val-holdout {holdout}: gpu_train validates"):
         build_train_pack.build(src, live1, tmp_path / "pack", budget_mib=0.2, crop=56, holdout=holdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
+
+
+def test_a_training_pack_leaves_out_held_out_images_too_small_for_the_p_sweep(tmp_path):
+    # A held-out image under 32 px was copied into val/, and gpu_train's p sweep (JPEG 2000, 5 wavelet
+    # levels) then failed on it after the whole training: it is left out with a note, as the trainer
+    # leaves out training images too small for a patch; with none left, the pack is refused.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    cv2.imwrite(str(src / "img00.png"), np.full((24, 40, 3), 90, np.uint8))  # held out (every 2nd)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    said = []
+    man = build_train_pack.build(
+        src, live1, tmp_path / "pack", budget_mib=0.3, crop=56, holdout=2, log=said.append
+    )
+    assert man["val_files"] == ["img02.png"]
+    assert [f.name for f in list_images(tmp_path / "pack" / "val")] == ["img02.png"]
+    assert any("img00.png" in s and "40x24" in s and "32" in s for s in said), said
+    with pytest.raises(SystemExit, match="every held-out image is under 32 px"):
+        build_train_pack.build(src, live1, tmp_path / "none", budget_mib=0.3, crop=56, holdout=1)
+    assert not (tmp_path / "none").exists() and not (tmp_path / ".none.building").exists()
+
+
+def test_a_training_pack_with_a_live1_image_too_small_for_the_quality_study_is_refused(tmp_path):
+    # A --live1 image under 32 px was packed; gpu_train refuses the pack, but on the GPU machine.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    cv2.imwrite(str(live1 / "tiny.png"), np.full((24, 40, 3), 90, np.uint8))
+    with pytest.raises(SystemExit, match="tiny.png: 40x24 pixels; the JPEG 2000 distortion"):
+        build_train_pack.build(src, live1, tmp_path / "pack", budget_mib=0.3, crop=56, holdout=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live1", "src"]
 
 

@@ -74,16 +74,41 @@ def read_rgb(path: str | Path, crop: int = 0) -> np.ndarray:
     return np.ascontiguousarray(bgr[..., ::-1])
 
 
+SSIM_MIN = 11  # SSIM's 11x11 window
+
+
 def read_reference(path: str | Path, crop: int = 0) -> np.ndarray:
     """read_rgb for the metrics: SSIM's 11x11 window needs at least 11x11 pixels (said here, with the
     file's name, rather than by ssim() deep in a metrics worker)."""
     rgb = read_rgb(path, crop)
-    if min(rgb.shape[:2]) < 11:
-        h, w = rgb.shape[:2]
-        raise ValueError(
-            f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; SSIM needs at least 11x11"
-        )
+    h, w = rgb.shape[:2]
+    if min(h, w) < SSIM_MIN:
+        raise ValueError(too_small_for_ssim(path, w, h, crop))
     return rgb
+
+
+def too_small_for_ssim(path, w: int, h: int, crop: int) -> str:
+    return (
+        f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; SSIM needs at least {SSIM_MIN}x{SSIM_MIN}"
+    )
+
+
+def header_sizes(files, crop: int = 0):
+    """(file, width, height) of each image as read_rgb gives it (EXIF quarter turns, --crop), from its
+    header alone: Pillow reads no pixels for the size. A file Pillow cannot read is left out: its own
+    error comes when it is decoded. For refusing a small image before any work: the checks as each
+    image is reached came after the images before it (minutes each on a CPU)."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # turned a quarter, as cv2.imread turns it
+                    w, h = h, w
+        except Exception:
+            continue
+        yield (f, min(w, crop), min(h, crop)) if crop else (f, w, h)
 
 
 def encode_rgb(rgb: np.ndarray, ext: str, params: list[int]) -> np.ndarray:
@@ -327,6 +352,9 @@ def main_eval(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     files = list_images(a.data)[: a.limit or None]
+    for f, w, h in header_sizes(files, a.crop):  # before any work (read_reference checks it again)
+        if min(w, h) < SSIM_MIN:
+            raise ValueError(too_small_for_ssim(f, w, h, a.crop))
     restorer = None
     if not a.jpeg_only:
         restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None)
@@ -445,6 +473,20 @@ def score_job(ref, img, maps, p_grid):
     return out
 
 
+def too_small_for_jp2k(path, w: int, h: int, crop: int) -> str:
+    return (
+        f"{path}: {w}x{h} pixels{' after --crop' if crop else ''}; the JPEG 2000 distortion "
+        f"(OpenJPEG, 5 wavelet levels) needs at least {JP2K_MIN}x{JP2K_MIN}"
+    )
+
+
+def check_quality_sizes(files, crop: int = 0) -> None:
+    """Refuse an image too small for the JPEG 2000 distortion before any work (header_sizes)."""
+    for f, w, h in header_sizes(files, crop):
+        if min(w, h) < JP2K_MIN:
+            raise ValueError(too_small_for_jp2k(f, w, h, crop))
+
+
 def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, progress=True):
     """One record per (image, distortion, level): Q1..Q3 (at the restorer's p), SSIM to the reference,
     and with p_grid, Q1..Q3 for every p of the grid (from the same gamma maps)."""
@@ -457,10 +499,7 @@ def quality_records(restorer, files, crop=0, p_grid=None, workers=1, seed=0, pro
                 refs = {f: read_reference(f, crop)}
                 h, w = refs[f].shape[:2]
                 if min(h, w) < JP2K_MIN:  # else cv2.imencode('.jp2') fails with no word of why
-                    raise ValueError(
-                        f"{f}: {w}x{h} pixels{' after --crop' if crop else ''}; the JPEG 2000 distortion "
-                        f"(OpenJPEG, 5 wavelet levels) needs at least {JP2K_MIN}x{JP2K_MIN}"
-                    )
+                    raise ValueError(too_small_for_jp2k(f, w, h, crop))
             ref = refs[f]
             name = Path(f).stem
             img = distort(ref, kind, level, seed=zlib.crc32(f"{seed}:{name}:{level}".encode()))
@@ -742,6 +781,7 @@ def main_quality(argv=None) -> int:
     if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
         raise SystemExit("refusing to choose p on the report's own images")
     files = [] if a.no_report else list_images(a.data)[: a.limit or None]
+    check_quality_sizes([*val, *files], a.crop)
     restorer = make_restorer(weights, device=a.device, tile=a.tile or None)
     result = {
         "note": NOT_HUMAN,

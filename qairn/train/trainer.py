@@ -550,7 +550,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"validation at step {at_step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step")
         )
 
-    stop = {"flag": False}
+    stop = {"flag": False, "fetching": False}
 
     def should_stop() -> bool:
         # --max-seconds limits this run, not the checkpoint's total: a resume always gets its time.
@@ -564,6 +564,38 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
 
     def on_signal(signum, frame):
         stop["flag"] = True
+
+    def batches(loader):
+        """The loader's batches; after a stop signal, one None instead (the loop then stops, agreeing
+        with the other ranks). A SIGTERM to the whole process group (Slurm's preemption, systemd's
+        stop, kill -- -PGID) kills the workers too, and torch's SIGCHLD handler raised "DataLoader
+        worker ... is killed by signal" wherever the loop was: a traceback and exit 1, or a last
+        checkpoint cut short. Python runs the pending SIGTERM's handler before SIGCHLD's (by number),
+        so the flag is set before any worker's exit is seen: from then on an exit is the stop's."""
+        loaded = iter(loader)  # starts the workers, and torch's SIGCHLD handler (once per process)
+        torch_on_child_exit = signal.getsignal(signal.SIGCHLD)
+        if in_main_thread and a.workers > 0 and callable(torch_on_child_exit):
+
+            def on_child_exit(signum, frame):
+                # Raised only while waiting for a batch, which it ends (else up to 5 s, torch's check).
+                if not stop["flag"] or stop["fetching"]:
+                    torch_on_child_exit(signum, frame)
+
+            old_handlers.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, on_child_exit))
+        while not stop["flag"]:  # (a stop during the last step: its workers may be gone)
+            stop["fetching"] = True
+            try:
+                batch = next(loaded)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if not (stop["flag"] and str(e).startswith("DataLoader worker")):
+                    raise
+                break
+            finally:
+                stop["fetching"] = False
+            yield batch
+        yield None
 
     log_path = out / "log.csv"
     if main and ck is None:  # a new run (--overwrite): nothing of an older one is left to mix with it
@@ -592,11 +624,13 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
     old_handlers = {s: signal.signal(s, on_signal) for s in signals}
     failed = False
+    batch_iter = batches(loader)
     try:
-        for jpeg_b, clean_b, _ in loader:
+        for batch in batch_iter:
             data_wait += time.time() - t_ready
-            if step >= a.steps or should_stop():
+            if step >= a.steps or should_stop() or batch is None:
                 break
+            jpeg_b, clean_b, _ = batch
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, a)
             mf = torch.channels_last if a.channels_last else torch.contiguous_format
@@ -693,7 +727,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             # Its persistent workers stop now, not when the loader is collected: a reference cycle
             # through this frame (torch makes one on its first Adam) kept them to the exit, where
             # multiprocessing killed them and printed "DataLoader worker ... killed by signal".
-            del loader
+            del loader, batch_iter
     if not finite(model):  # an infinite gradient in the last steps, after their loss was checked
         raise FloatingPointError(
             f"the weights are not finite after step {step}: nothing exported; {ckpt_path} holds the last "
