@@ -117,6 +117,20 @@ def test_restore_single_file_and_glob(workdir, tiny_weights, capsys):
     assert [p.name for p in (workdir / "g").iterdir()] == ["a.png"]
 
 
+def test_a_dark_16_bit_file_is_not_taken_for_10_bit_samples(workdir, tiny_weights, capsys, recwarn):
+    """The Restorer warns that uint16 pixels all under 1024 may be 10-bit samples given without bits=10;
+    a 16-bit PNG is 16-bit however dark, so restore and score read it as such, without that warning."""
+    dark = np.random.default_rng(0).integers(0, 1000, (24, 24, 3), dtype=np.uint16)
+    cv2.imwrite(str(workdir / "dark16.png"), dark)
+    for command in (
+        ["restore", workdir / "dark16.png", "-o", workdir / "out.png"],
+        ["score", workdir / "dark16.png"],
+    ):
+        rc, _, err = run(capsys, *command, "--weights", tiny_weights)
+        assert rc == 0, err
+    assert not [w for w in recwarn if "under 1024" in str(w.message)]
+
+
 def test_same_names_get_distinct_outputs_and_repeats_run_once(workdir, tiny_weights, capsys):
     # Same stem in one folder (a.jpg, a.png), the same name in two folders, and a.jpg named twice
     # (by its path and by a glob): every input gets its own output and none is restored twice.

@@ -1,6 +1,7 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1034,3 +1035,21 @@ def test_pyav_frames_given_as_the_stream_are_refused_with_how_to_pass_them():
         "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame; give "
         "frame.to_ndarray(format='rgb24'), or its planes"
     )
+
+
+def test_ten_bit_samples_in_uint16_without_bits_are_warned_of():
+    """10-bit RGB in uint16 given without bits=10 was taken as 16-bit without a word: a nearly black
+    picture (codes 0..1023 of 65535) and its scores. restore and restore_stream now warn; bits=10, true
+    16-bit data and an all-black frame do not."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    ten_bit = np.random.default_rng(0).integers(0, 1024, (16, 16, 3), dtype=np.uint16)
+    with pytest.warns(UserWarning, match="uint16 pixels all under 1024 .* pass bits=10"):
+        r.restore(ten_bit)
+    with pytest.warns(UserWarning, match="uint16 pixels all under 1024"):
+        list(r.restore_stream([ten_bit, ten_bit]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r.restore(ten_bit, bits=10)
+        list(r.restore_stream([ten_bit], bits=10))
+        r.restore(ten_bit * 64)  # 16-bit data
+        r.restore(np.zeros((16, 16, 3), np.uint16))  # black is black at any depth

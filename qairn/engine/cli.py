@@ -388,6 +388,12 @@ def found_inputs(items: list[str]) -> tuple[list[Path], list[str]]:
     return inputs, [name for name, _ in missing]
 
 
+def file_bits(img) -> int | None:
+    """16 for a 16-bit file's pixels: PNG and TIFF store them so, however dark (the Restorer's hint that
+    uint16 values all under 1024 may be 10-bit samples is for decoders' frames, not for files)."""
+    return 16 if img.dtype == np.uint16 else None
+
+
 def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
     """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
     A problem raises: InputError or ImageError with its one line, OSError from the write."""
@@ -407,7 +413,7 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
     with TileBar() as tiles:
-        res = r.restore(img, return_maps=a.quality_map, progress=tiles)
+        res = r.restore(img, return_maps=a.quality_map, progress=tiles, bits=file_bits(img))
     icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
     if icc and not icc_fits(icc, res.image):
         warning(
@@ -659,7 +665,8 @@ def main_score(argv=None) -> int:
     for src in progress_bar(inputs, desc="score", unit="img", disable=len(inputs) < 2):
         try:
             with TileBar() as tiles:
-                q = r.score(read_image(src, a.max_pixels, warn=warning), progress=tiles)
+                img = read_image(src, a.max_pixels, warn=warning)
+                q = r.score(img, progress=tiles, bits=file_bits(img))
         except ImageError as e:
             failed_names.append(str(src))
             error(str(e))

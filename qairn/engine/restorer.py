@@ -884,6 +884,16 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     return arr, meta | {"alpha": alpha, "order": order}
 
 
+def hint_sample_depth(pixels, dtype, bits) -> None:
+    """Warns where uint16 pixels given without bits= all sit under 1024: 10-bit samples (what a 10-bit
+    decoder hands over in uint16) taken as 16-bit restore as a nearly black picture, with its scores."""
+    if bits is None and dtype == np.uint16 and 0 < int(pixels.max()) < 1024:
+        warn(
+            "uint16 pixels all under 1024 are taken as 16-bit samples (a nearly black picture): "
+            "for 10-bit samples pass bits=10"
+        )
+
+
 def to_float(pixels: torch.Tensor, scale: float) -> torch.Tensor:
     """(N,H,W,3) pixels (any numbers, any device) -> (N,3,H,W) float32 in [0,1] on the same device."""
     x = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
@@ -968,6 +978,7 @@ def to_tensor(
     converted there: for a 4K frame, numpy's float conversion alone costs more than the network.
     bits: the sample depth of an integer image (10: uint16 codes 0..1023), its dtype's by default."""
     arr, meta = image_array(img, order)
+    hint_sample_depth(arr, meta["dtype"], bits)
     t = torch.from_numpy(arr)
     if bits is not None:
         from qairn.engine.color import check_codes

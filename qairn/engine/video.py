@@ -186,7 +186,7 @@ def _to_host(ts: list, copy_stream):
 
 
 def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image) -> _Job:
-    from qairn.engine.restorer import batch_to_float, image_array, to_float, to_pixels
+    from qairn.engine.restorer import batch_to_float, hint_sample_depth, image_array, to_float, to_pixels
 
     copy_in, copy_out = streams or (None, None)
     first = group[0]
@@ -225,6 +225,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             # next one is launched, and the source may have reused its buffer by then.
             meta = [m if m["alpha"] is None else m | {"alpha": m["alpha"].copy()} for _, m in pairs]
             pixels = torch.from_numpy(np.stack([a for a, _ in pairs]))
+            hint_sample_depth(pixels, first.dtype, bits)
             if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
                 check_codes(pixels, depth, "rgb")
                 meta = [m | {"scale": 2.0**depth - 1} for m in meta]
