@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"
 
+from qairn.engine.backends import BackendError  # noqa: E402
+from qairn.engine.color import ColorError  # noqa: E402
 from qairn.engine.restorer import Restorer, Result  # noqa: E402
 from qairn.model import PRESETS, QAIRN, QAIRNConfig, minkowski, preset  # noqa: E402
 from qairn.weights_io import WeightsError, load_model, save_weights  # noqa: E402
@@ -17,5 +19,21 @@ __all__ = [
     "load_model",
     "save_weights",
     "WeightsError",
+    "BackendError",
+    "ColorError",
+    "ImageError",
+    "VideoError",
     "__version__",
 ]
+
+# The errors a caller catches, under one name each. The image and video ones live in modules that import
+# Pillow/OpenCV and PyAV helpers: loaded when first asked for, so `import qairn` stays light.
+_LAZY = {"ImageError": "qairn.engine.imageio", "VideoError": "qairn.engine.video"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qairn' has no attribute {name!r}")

@@ -1053,3 +1053,18 @@ def test_ten_bit_samples_in_uint16_without_bits_are_warned_of():
         list(r.restore_stream([ten_bit], bits=10))
         r.restore(ten_bit * 64)  # 16-bit data
         r.restore(np.zeros((16, 16, 3), np.uint16))  # black is black at any depth
+
+
+def test_the_errors_a_caller_catches_are_qairns_own_names():
+    """BackendError, ColorError, ImageError and VideoError were reachable only from qairn's submodules;
+    `except qairn.BackendError` failed with an AttributeError. They are exported, the image and video
+    ones on first use (their modules import Pillow, OpenCV and PyAV helpers)."""
+    from qairn.engine import backends, color, imageio, video
+
+    assert (qairn.BackendError, qairn.ColorError) == (backends.BackendError, color.ColorError)
+    assert (qairn.ImageError, qairn.VideoError) == (imageio.ImageError, video.VideoError)
+    assert {"BackendError", "ColorError", "ImageError", "VideoError"} <= set(qairn.__all__)
+    with pytest.raises(qairn.BackendError, match="unknown backend 'nope'"):
+        qairn.Restorer(model=lively_model(), device="cpu", backend="nope")
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        getattr(qairn, "Nope")  # noqa: B009 (an attribute that is not there)
