@@ -1068,3 +1068,36 @@ def test_the_errors_a_caller_catches_are_qairns_own_names():
         qairn.Restorer(model=lively_model(), device="cpu", backend="nope")
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         getattr(qairn, "Nope")  # noqa: B009 (an attribute that is not there)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_stream_gives_each_frame_its_maps_as_restore_does(batch):
+    """restore_stream had no return_maps: a QC report of where each frame loses quality had to call
+    restore() frame by frame, unbatched. Each Result now holds the maps restore() (RGB) or
+    restore_yuv() (planes) gives for that frame: same shapes, dtypes and numbers."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    g = np.random.default_rng(0)
+    rgb = [g.integers(0, 256, (16, 24, 3), dtype=np.uint8) for _ in range(3)]
+    yuv = [
+        tuple(g.integers(16, 236, s, dtype=np.uint8) for s in ((16, 24), (8, 12), (8, 12))) for _ in range(3)
+    ]
+    tensors = [torch.from_numpy(f).permute(2, 0, 1).contiguous() for f in rgb]
+    cases = [
+        (rgb, [r.restore(f, return_maps=True).maps for f in rgb]),
+        (yuv, [r.restore_yuv(*f, return_maps=True).maps for f in yuv]),
+        (tensors, [[m[0] for m in r.restore(t[None], return_maps=True).maps] for t in tensors]),
+    ]
+    for frames, expected in cases:
+        for image in (True, False):
+            got = [res.maps for res in r.restore_stream(frames, batch, return_maps=True, image=image)]
+            assert len(got) == len(expected)
+            for maps, want in zip(got, expected):
+                assert [(type(m), m.shape, m.dtype) for m in maps] == [
+                    (type(m), m.shape, m.dtype) for m in want
+                ]
+                for m, w in zip(maps, want):
+                    np.testing.assert_allclose(np.asarray(m), np.asarray(w), atol=1e-6)
+        assert all(res.maps is None for res in r.restore_stream(frames, batch))
+    with pytest.raises(ValueError) as e:
+        r.restore_stream(rgb, return_maps="no")
+    assert str(e.value) == "return_maps must be True or False, not 'no'"

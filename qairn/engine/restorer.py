@@ -787,8 +787,9 @@ class Restorer:
 
     def restore_stream(self, frames: Iterable, batch: int = 4, **options) -> Iterator[Result]:
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
-        options: matrix, range, bits, channel_order, and image=False for quality only (each Result's
-        image None; see qairn.engine.video.restore_stream). Options are checked here, when called, not
+        options: matrix, range, bits, channel_order, image=False for quality only (each Result's
+        image None) and return_maps=True for each frame's maps, as restore() gives them (see
+        qairn.engine.video.restore_stream). Options are checked here, when called, not
         at the first frame the generator is asked for."""
         from qairn.engine.color import check_matrix, check_range
         from qairn.engine.video import restore_stream
@@ -814,8 +815,9 @@ class Restorer:
         check_range(options.get("range", "limited"))
         if "bits" in options:
             options["bits"] = check_bits(options["bits"])
-        if "image" in options:  # "no" was taken by its truth: images made
-            options["image"] = check_switch("image", options["image"])
+        for switch in ("image", "return_maps"):  # "no" was taken by its truth: images made
+            if switch in options:
+                options[switch] = check_switch(switch, options[switch])
         return restore_stream(self, frames, batch, **options)
 
 

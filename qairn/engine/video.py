@@ -77,6 +77,7 @@ class _Job:
     event: object = None  # CUDA event to wait on before reading outputs
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
     numpy: bool = True
+    maps: list | None = None  # return_maps: [gamma1..3], (N,1,h,w) each; on the host for numpy frames
 
 
 def _key(item):
@@ -185,7 +186,7 @@ def _to_host(ts: list, copy_stream):
     return host, event
 
 
-def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image) -> _Job:
+def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image, return_maps) -> _Job:
     from qairn.engine.restorer import batch_to_float, hint_sample_depth, image_array, to_float, to_pixels
 
     copy_in, copy_out = streams or (None, None)
@@ -206,7 +207,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
                 p = torch.stack([f[i] for f in group])
             check_codes(p, depth, "yuv"[i])
             planes.append(_to_device(p, restorer.device, copy_in))
-        out, q, _ = restore_planes(restorer, *planes, matrix, crange, depth, image=image)
+        out, q, maps = restore_planes(restorer, *planes, matrix, crange, depth, return_maps, image)
         job = _Job(
             "yuv",
             len(group),
@@ -214,6 +215,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             torch.stack([q["Q1"], q["Q2"], q["Q3"]]),
             meta=[first[0].dtype] * len(group),
             numpy=is_np,
+            maps=maps,
         )
         on_host = is_np or first[0].device.type == "cpu"
     else:
@@ -236,20 +238,23 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
                 raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
             x = batch_to_float(torch.stack(list(group)), channel_order)
             meta = [first.dtype] * len(group)
-        y, q, _ = restorer.restore_tensor(
-            x if is_np else _to_device(x, restorer.device, copy_in), image=image
+        y, q, maps = restorer.restore_tensor(
+            x if is_np else _to_device(x, restorer.device, copy_in), return_maps, image=image
         )
         # numpy frames come back as their own integers, converted on the device (a quarter of the
         # float32 bytes over the bus for uint8, and no float work on the host).
         y = to_pixels(y, meta[0]) if is_np and image else y
         outputs = [y] if image else []
-        job = _Job(
-            "rgb", len(group), outputs, torch.stack([q["Q1"], q["Q2"], q["Q3"]]), meta=meta, numpy=is_np
-        )
+        quality = torch.stack([q["Q1"], q["Q2"], q["Q3"]])
+        job = _Job("rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps)
         on_host = is_np or first.device.type == "cpu"
     if on_host:
-        host, job.event = _to_host([*job.outputs, job.quality], copy_out)
-        job.outputs, job.quality = host[:-1], host[-1]
+        # The maps of numpy frames come back as arrays, as restore() gives them; those of tensor frames
+        # stay on the Restorer's device, as restore() leaves them.
+        maps = job.maps if is_np and job.maps is not None else []
+        host, job.event = _to_host([*job.outputs, *maps, job.quality], copy_out)
+        job.outputs, job.quality = host[: len(job.outputs)], host[-1]
+        job.maps = host[len(job.outputs) : -1] if maps else job.maps
     return job
 
 
@@ -270,20 +275,24 @@ def _finish(job: _Job, channel_order):
     q = job.quality.float().cpu().numpy()
     for i in range(job.count):
         quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
+        # As restore() and restore_yuv() give them for one frame: (h,w) float32 arrays for numpy frames,
+        # (1,h,w) tensors on the Restorer's device for tensor frames (restore_yuv's for (H,W) planes).
+        maps = None
+        if job.maps is not None:
+            maps = [m[i, 0].float().numpy() if job.numpy else m[i].clone() for m in job.maps]
         if not job.outputs:  # image=False
-            yield Result(None, quality)
+            yield Result(None, quality, maps)
         elif job.kind == "yuv":
             if job.numpy:
                 planes = tuple(o[i].numpy().astype(job.meta[i]) for o in job.outputs)
             else:
                 planes = tuple(o[i].clone() for o in job.outputs)
-            yield Result(planes, quality)
+            yield Result(planes, quality, maps)
         elif job.numpy:
-            yield Result(from_pixels(job.outputs[0][i].numpy(), job.meta[i]), quality)
+            yield Result(from_pixels(job.outputs[0][i].numpy(), job.meta[i]), quality, maps)
         else:
-            yield Result(
-                batch_from_float(job.outputs[0][i : i + 1], job.meta[i], channel_order)[0].clone(), quality
-            )
+            image = batch_from_float(job.outputs[0][i : i + 1], job.meta[i], channel_order)[0].clone()
+            yield Result(image, quality, maps)
 
 
 def restore_stream(
@@ -295,6 +304,7 @@ def restore_stream(
     bits: int | None = None,
     channel_order: str | None = None,
     image: bool = True,
+    return_maps: bool = False,
 ):
     """Restore an iterable of frames, yielding one Result per frame, in order.
 
@@ -305,6 +315,8 @@ def restore_stream(
     Consecutive frames of one shape are restored `batch` at a time. Results hold numpy arrays for numpy
     frames, tensors on the frame's device for tensor frames; quality values are floats.
     image=False: quality only (each Result's image is None), as Restorer.restore_tensor(image=False).
+    return_maps=True: each Result's maps, as restore() (RGB) and restore_yuv() (planes) give them for one
+    frame: (h,w) float32 arrays for numpy frames, (1,h,w) tensors on the Restorer's device for tensors.
     A batch's frames are held until it is launched: a source that decodes every frame into one buffer
     must yield copies, or pass batch=1 (each frame is then launched, its pixels copied, before the
     next one is read).
@@ -318,7 +330,8 @@ def restore_stream(
     streams = (torch.cuda.Stream(restorer.device), torch.cuda.Stream(restorer.device)) if cuda else None
     pending = None
     try:
-        for job in _jobs(restorer, frames, max(1, int(batch)), matrix, crange, bits, order, streams, image):
+        options = matrix, crange, bits, order, streams, image, return_maps
+        for job in _jobs(restorer, frames, max(1, int(batch)), *options):
             if not cuda:
                 yield from _finish(job, order)
                 continue
