@@ -1101,3 +1101,17 @@ def test_stream_gives_each_frame_its_maps_as_restore_does(batch):
     with pytest.raises(ValueError) as e:
         r.restore_stream(rgb, return_maps="no")
     assert str(e.value) == "return_maps must be True or False, not 'no'"
+
+
+def test_stream_yuv_results_say_the_matrix_range_and_bits_they_ran_with():
+    """Result.info was {} for restore_stream's (y, u, v) items, while restore_yuv fills in the matrix,
+    range and bits; a transcoder logging what it ran with got them from one call and not the other."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    planes = tuple(np.full(s, 512, np.uint16) for s in ((8, 12), (4, 6), (4, 6)))
+    options = dict(matrix="bt2020", range="full", bits=10)
+    want = r.restore_yuv(*planes, **options).info
+    assert want == {"matrix": "bt2020", "range": "full", "bits": 10}
+    for image in (True, False):
+        assert [res.info for res in r.restore_stream([planes] * 3, 2, image=image, **options)] == [want] * 3
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    assert [res.info for res in r.restore_stream([rgb])] == [r.restore(rgb).info] == [{}]

@@ -186,7 +186,7 @@ class Result:
     image: np.ndarray | torch.Tensor
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
-    info: dict = field(default_factory=dict)  # restore_yuv: the matrix, range and bits it ran with
+    info: dict = field(default_factory=dict)  # restore_yuv, restore_stream's planes: matrix, range, bits
 
 
 def finish(y: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -78,6 +78,7 @@ class _Job:
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
     numpy: bool = True
     maps: list | None = None  # return_maps: [gamma1..3], (N,1,h,w) each; on the host for numpy frames
+    info: dict = field(default_factory=dict)  # yuv: the matrix, range and bits, as restore_yuv says them
 
 
 def _key(item):
@@ -216,6 +217,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             meta=[first[0].dtype] * len(group),
             numpy=is_np,
             maps=maps,
+            info={"matrix": matrix, "range": crange, "bits": depth},
         )
         on_host = is_np or first[0].device.type == "cpu"
     else:
@@ -275,24 +277,25 @@ def _finish(job: _Job, channel_order):
     q = job.quality.float().cpu().numpy()
     for i in range(job.count):
         quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
+        info = dict(job.info)  # each Result its own
         # As restore() and restore_yuv() give them for one frame: (h,w) float32 arrays for numpy frames,
         # (1,h,w) tensors on the Restorer's device for tensor frames (restore_yuv's for (H,W) planes).
         maps = None
         if job.maps is not None:
             maps = [m[i, 0].float().numpy() if job.numpy else m[i].clone() for m in job.maps]
         if not job.outputs:  # image=False
-            yield Result(None, quality, maps)
+            yield Result(None, quality, maps, info)
         elif job.kind == "yuv":
             if job.numpy:
                 planes = tuple(o[i].numpy().astype(job.meta[i]) for o in job.outputs)
             else:
                 planes = tuple(o[i].clone() for o in job.outputs)
-            yield Result(planes, quality, maps)
+            yield Result(planes, quality, maps, info)
         elif job.numpy:
-            yield Result(from_pixels(job.outputs[0][i].numpy(), job.meta[i]), quality, maps)
+            yield Result(from_pixels(job.outputs[0][i].numpy(), job.meta[i]), quality, maps, info)
         else:
             image = batch_from_float(job.outputs[0][i : i + 1], job.meta[i], channel_order)[0].clone()
-            yield Result(image, quality, maps)
+            yield Result(image, quality, maps, info)
 
 
 def restore_stream(
