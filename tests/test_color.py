@@ -284,3 +284,27 @@ def test_planes_of_different_batch_sizes_are_named_with_their_shapes():
     with pytest.raises(color.ColorError) as e:
         r.restore_yuv(np.zeros((8, 8, 3), np.uint8), u, u)
     assert str(e.value) == "y, u and v have different batch sizes: shapes (8, 8, 3), (4, 4), (4, 4)"
+
+
+def test_restore_yuv_image_false_gives_the_quality_only_without_making_the_planes(monkeypatch):
+    """restore_yuv had no image=False (restore_stream and score have): a QC pass on planes made the
+    restored planes only to drop them. Now the quality (and maps) are the same numbers, the image is
+    None, and restore_tensor is asked for the quality only, as restore_stream(image=False) does."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    g = np.random.default_rng(0)
+    planes = [g.integers(64, 960, s, dtype=np.uint16) for s in ((2, 16, 24), (2, 8, 12), (2, 8, 12))]
+    calls, real = [], r.restore_tensor
+    monkeypatch.setattr(r, "restore_tensor", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for y, u, v in (planes, [p[0] for p in planes], [torch.from_numpy(p.astype(np.int32)) for p in planes]):
+        full = r.restore_yuv(y, u, v, bits=10, return_maps=True)
+        calls.clear()
+        res = r.restore_yuv(y, u, v, bits=10, return_maps=True, image=False)
+        assert [k.get("image") for k in calls] == [False]
+        assert res.image is None and res.info == full.info
+        for k in full.quality:
+            np.testing.assert_array_equal(np.asarray(res.quality[k]), np.asarray(full.quality[k]))
+        for m, n in zip(res.maps, full.maps):
+            np.testing.assert_array_equal(np.asarray(m), np.asarray(n))
+    with pytest.raises(ValueError) as e:
+        r.restore_yuv(*planes, bits=10, image="no")
+    assert str(e.value) == "image must be True or False, not 'no'"

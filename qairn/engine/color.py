@@ -243,11 +243,13 @@ def restore_yuv(
     range: str = "limited",
     bits: int | None = None,
     return_maps: bool = False,
+    image: bool = True,
 ):
     """Restore Y'CbCr planes (numpy or tensors, (H,W) or (N,H,W), 4:2:0/4:2:2/4:4:4) and return a Result
     whose image is the (y, u, v) planes in the input's format (dtype, subsampling, device). Quality
     and maps: for numpy planes, floats and (H,W) arrays ((N,) and (N,H,W) for a batch); for tensors,
-    on the Restorer's device, (N,) tensors and (N,1,h,w) maps, without the N for (H,W) planes."""
+    on the Restorer's device, (N,) tensors and (N,1,h,w) maps, without the N for (H,W) planes.
+    image=False: quality (and maps) only, the image None (restore_planes(image=False))."""
     from qairn.engine.restorer import Result
 
     matrix, range = check_matrix(matrix), check_range(range)
@@ -267,19 +269,19 @@ def restore_yuv(
         raise ColorError(f"y, u and v have different batch sizes: shapes {shapes}")
     dev = restorer.device
     planes = [p.to(dev, non_blocking=True) for p in planes]
-    out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps)
+    out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps, image)
     info = {"matrix": matrix, "range": range, "bits": bits}
     if isinstance(src, torch.Tensor):  # quality and maps stay on the device (no host sync)
-        out = tuple(o.to(src.device) for o in out)
+        out = tuple(o.to(src.device) for o in out) if image else None
         if src.ndim == 2:  # one frame in, one frame out: its batch dimension goes from all of it
-            out = tuple(o[0] for o in out)
+            out = tuple(o[0] for o in out) if image else None
             q = {k: t[0] for k, t in q.items()}
             maps = [m[0] for m in maps] if maps is not None else None
         return Result(out, q, maps, info)
     dtype = src.dtype
-    out = tuple(o.cpu().numpy().astype(dtype, copy=False) for o in out)
+    out = tuple(o.cpu().numpy().astype(dtype, copy=False) for o in out) if image else None
     if src.ndim == 2:
-        out = tuple(o[0] for o in out)
+        out = tuple(o[0] for o in out) if image else None
         quality = {k: float(t[0]) for k, t in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
     else:

@@ -776,14 +776,17 @@ class Restorer:
         range: str = "limited",
         bits: int | None = None,
         return_maps: bool = False,
+        image: bool = True,
     ) -> Result:
         """Restore Y'CbCr planes (4:2:0/4:2:2/4:4:4; numpy or tensors, (H,W) or (N,H,W)); converted on the
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full".
         bits: the sample depth (8 for uint8; uint16 planes need it, e.g. bits=10). return_maps=True:
-        Result.maps, as restore() gives them, at the luma plane's size."""
+        Result.maps, as restore() gives them, at the luma plane's size. image=False: quality (and maps)
+        only, Result.image None: the network's tail, the tiles' blend and the planes are not made."""
         from qairn.engine.color import restore_yuv
 
-        return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps)
+        image = check_switch("image", image)  # before the planes are read and converted
+        return restore_yuv(self, y, u, v, matrix, range, check_bits(bits), return_maps, image)
 
     def restore_stream(self, frames: Iterable, batch: int = 4, **options) -> Iterator[Result]:
         """Yield a Result per frame (RGB images or (y, u, v) tuples), in order, `batch` frames at a time;
