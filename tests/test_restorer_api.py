@@ -1115,3 +1115,24 @@ def test_stream_yuv_results_say_the_matrix_range_and_bits_they_ran_with():
         assert [res.info for res in r.restore_stream([planes] * 3, 2, image=image, **options)] == [want] * 3
     rgb = np.zeros((8, 12, 3), np.uint8)
     assert [res.info for res in r.restore_stream([rgb])] == [r.restore(rgb).info] == [{}]
+
+
+@pytest.mark.parametrize("chroma", [(4, 6), (8, 6)], ids=["420", "422"])
+@pytest.mark.parametrize("kind", [tuple, list, "tensors"])
+def test_one_plane_frame_given_as_the_stream_is_refused_when_the_stream_is_called(chroma, kind):
+    """restore_stream((y, u, v)) iterated the planes as three gray images: three Results, restored from
+    a luma and two chroma planes taken as pictures, without a word. Planes of a 4:2:0 or 4:2:2 set
+    (u and v of one size, smaller than y) are refused; equal sizes are three gray frames (4:4:4 cannot
+    be told from them) and still run."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    planes = [np.full(s, 128, np.uint8) for s in ((8, 12), chroma, chroma)]
+    frames = [torch.from_numpy(p) for p in planes] if kind == "tensors" else kind(planes)
+    with pytest.raises(TypeError) as e:
+        r.restore_stream(frames)  # not iterated
+    assert str(e.value) == (
+        f"restore_stream takes an iterable of frames, not one (y, u, v) frame of planes (8, 12), {chroma}, "
+        f"{chroma}: give [(y, u, v)], or call restore_yuv(y, u, v)"
+    )
+    assert [res.image[0].shape for res in r.restore_stream([tuple(planes)])] == [(8, 12)]
+    gray = tuple(np.full((8, 12), 128, np.uint8) for _ in range(3))
+    assert [res.image.shape for res in r.restore_stream(gray)] == [(8, 12)] * 3

@@ -809,6 +809,14 @@ class Restorer:
                 f"restore_stream takes an iterable of frames, not one frame of shape {tuple(frames.shape)}: "
                 "give [frame], or call restore(frame)"
             )
+        # (y, u, v) as the stream ran as three gray images, unsaid. Told apart by a 4:2:0/4:2:2 plane set's
+        # sizes; equal sizes are legal gray frames too (4:4:4 cannot be told from them).
+        if is_plane_set(frames):
+            shapes = ", ".join(str(tuple(p.shape)) for p in frames)
+            raise TypeError(
+                f"restore_stream takes an iterable of frames, not one (y, u, v) frame of planes {shapes}: "
+                "give [(y, u, v)], or call restore_yuv(y, u, v)"
+            )
         # As tile_batch: batch=2.5 or "4" ran as int() made them, 0 as 1, None failed at the first frame.
         if not is_int(batch) or batch < 1:
             raise ValueError(f"batch must be an int >= 1 (frames per batch), not {batch!r}")
@@ -822,6 +830,18 @@ class Restorer:
             if switch in options:
                 options[switch] = check_switch(switch, options[switch])
         return restore_stream(self, frames, batch, **options)
+
+
+def is_plane_set(frames) -> bool:
+    """Whether frames is a (y, u, v) tuple (or list) of 2-D planes of a 4:2:0 or 4:2:2 frame: u and v of
+    one size, half y's width (and height, for 4:2:0), rounded up."""
+    if not isinstance(frames, (tuple, list)) or len(frames) != 3:
+        return False
+    if not all(isinstance(p, (np.ndarray, torch.Tensor)) and p.ndim == 2 for p in frames):
+        return False
+    (h, w), u, v = frames[0].shape, tuple(frames[1].shape), tuple(frames[2].shape)
+    half = (h + 1) // 2, (w + 1) // 2
+    return u == v and u != (h, w) and u in (half, (h, half[1]))
 
 
 def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
