@@ -338,7 +338,7 @@ def test_restore_tensor_refuses_what_is_not_a_float_batch(x):
         r.restore_tensor(x)
     assert str(e.value) == (
         f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
-        "(restore() takes uint8 tensors too)"
+        "(restore() takes uint8 and uint16 tensors too)"
     )
 
 
@@ -1136,3 +1136,29 @@ def test_one_plane_frame_given_as_the_stream_is_refused_when_the_stream_is_calle
     assert [res.image[0].shape for res in r.restore_stream([tuple(planes)])] == [(8, 12)]
     gray = tuple(np.full((8, 12), 128, np.uint8) for _ in range(3))
     assert [res.image.shape for res in r.restore_stream(gray)] == [(8, 12)] * 3
+
+
+def test_uint16_tensors_are_taken_as_numpy_uint16_is_with_or_without_bits():
+    """A 10-bit GPU pipeline's uint16 (N,3,H,W) batch was refused ("unsupported tensor dtype
+    torch.uint16 (use uint8 or float in [0,1])"): it had to be converted to float first, though numpy
+    uint16 (and bits=10) is taken. Now restore/score/restore_stream take it as the same numpy image:
+    the same pixels back in uint16, the same quality, the same refusals and warning."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    img = np.random.default_rng(0).integers(0, 1024, (16, 12, 3), dtype=np.uint16)
+    t = torch.from_numpy(img.astype(np.int32)).permute(2, 0, 1)[None].to(torch.uint16)
+    for bits, pixels, tensor in [(10, img, t), (None, img << 6, t.to(torch.int32).mul(64).to(torch.uint16))]:
+        want = r.restore(pixels, bits=bits)
+        got = r.restore(tensor, bits=bits)
+        assert got.image.dtype == torch.uint16 and got.image.shape == tensor.shape
+        np.testing.assert_array_equal(got.image[0].permute(1, 2, 0).to(torch.int32).numpy(), want.image)
+        assert {k: float(v[0]) for k, v in got.quality.items()} == pytest.approx(want.quality, rel=1e-6)
+        assert {k: float(v[0]) for k, v in r.score(tensor, bits=bits).items()} == pytest.approx(want.quality)
+        streamed = next(r.restore_stream([tensor[0]], bits=bits))
+        assert streamed.image.dtype == torch.uint16 and torch.equal(streamed.image, got.image[0])
+        flip = lambda x: x.to(torch.int32).flip(1)  # noqa: E731 (torch's uint16 has no flip)
+        bgr = r.restore(flip(tensor).to(torch.uint16), bits=bits, channel_order="bgr").image
+        assert torch.equal(flip(bgr), got.image.to(torch.int32))
+    with pytest.raises(ValueError, match=r"plane rgb holds codes 0\.\.65344, outside the 10-bit range"):
+        r.restore(t.to(torch.int32).mul(64).to(torch.uint16), bits=10)
+    with pytest.warns(UserWarning, match="for 10-bit samples pass bits=10"):
+        r.restore(t)

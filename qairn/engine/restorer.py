@@ -494,7 +494,7 @@ class Restorer:
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
             raise ValueError(
                 f"restore_tensor takes (N,3,H,W) float in [0, 1], not {x.dtype} of shape {tuple(x.shape)} "
-                "(restore() takes uint8 tensors too)"
+                "(restore() takes uint8 and uint16 tensors too)"
             )
         if x.numel() == 0:  # else met deep inside, as a conv's or an expand's size error
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
@@ -708,8 +708,8 @@ class Restorer:
         bits: int | None = None,
     ) -> Result:
         """Restore one image `img` (HxWx3 RGB, HxW or HxWx1 gray, HxWx2 gray + alpha, HxWx4 RGBA; uint8,
-        uint16 or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8 or float in
-        [0,1], any device: stays there). Returns a Result: the image, quality {"Q1","Q2","Q3"}.
+        uint16 or float in [0,1]; alpha passed through) or a batch tensor (N,3,H,W) (uint8, uint16 or
+        float in [0,1], any device: stays there). Returns a Result: the image, quality {"Q1","Q2","Q3"}.
         return_maps=True: Result.maps, the gate maps gamma1..3 at full, 1/2 and 1/4 resolution, values
         in [0, 1] (high: little to restore), pooled into Q1..Q3: where in the picture quality is lost.
         channel_order: "rgb" or "bgr" (OpenCV's); None: the Restorer's own.
@@ -728,7 +728,7 @@ class Restorer:
                 from qairn.engine.video import _rgb_bits
 
                 _rgb_bits(img.dtype, bits)
-            return self._restore_torch(img, return_maps, order, progress, image)
+            return self._restore_torch(img, return_maps, order, progress, image, bits)
         x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
         # In [0, 1]: made from integers, or its range read by image_array.
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
@@ -737,7 +737,7 @@ class Restorer:
         return Result(from_tensor(y, meta) if image else None, quality, maps)
 
     def _restore_torch(
-        self, t: torch.Tensor, return_maps: bool, order: str, progress=None, image=True
+        self, t: torch.Tensor, return_maps: bool, order: str, progress=None, image=True, bits=None
     ) -> Result:
         if t.ndim != 4 or t.shape[1] != 3:
             # The layouts decoders give (torchvision's (3,H,W); channels last), and how to pass them.
@@ -749,10 +749,10 @@ class Restorer:
             elif t.ndim == 4 and t.shape[3] == 3:
                 hint = "; channels last? give t.permute(0, 3, 1, 2)"
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}{hint}")
-        x = batch_to_float(t, order)  # its range read there, if float and on the CPU
-        in_range = t.dtype == torch.uint8 or t.device.type == "cpu"  # else read by restore_tensor
+        x = batch_to_float(t, order, bits)  # its range read there, if float and on the CPU
+        in_range = not t.is_floating_point() or t.device.type == "cpu"  # else read by restore_tensor
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
-        return Result(batch_from_float(y.to(t.device), t.dtype, order) if image else None, q, maps)
+        return Result(batch_from_float(y.to(t.device), t.dtype, order, bits) if image else None, q, maps)
 
     def score(
         self,
@@ -976,23 +976,40 @@ def range_advice(hi: float) -> str:
     return "(clip a colour conversion's overshoot to [0, 1] first)"
 
 
-def batch_to_float(t: torch.Tensor, order: str = "rgb") -> torch.Tensor:
-    """(N,3,H,W) uint8 or float in [0,1], RGB or BGR -> float32 RGB in [0,1], where t is."""
+def batch_to_float(t: torch.Tensor, order: str = "rgb", bits: int | None = None) -> torch.Tensor:
+    """(N,3,H,W) uint8, uint16 (bits: its sample depth, 16 if None) or float in [0,1], RGB or BGR ->
+    float32 RGB in [0,1], where t is."""
     if t.numel() == 0:
         raise ValueError(f"empty image tensor of shape {tuple(t.shape)}")
     if t.dtype == torch.uint8:
         x = t.float() / 255.0
+    elif t.dtype == torch.uint16:
+        # torch's uint16 has no max or compare kernels: widened to int32 (lossless), as numpy uint16 is.
+        # Its codes are read on the CPU only (on a GPU, a device sync per call), as numpy's are.
+        wide = t.to(torch.int32)
+        if wide.device.type == "cpu":
+            from qairn.engine.color import check_codes
+
+            hint_sample_depth(wide, np.uint16, bits)
+            if bits is not None:  # 16-bit codes given as 10-bit are refused, not clamped
+                check_codes(wide, bits, "rgb")
+        x = wide.float() / (2.0 ** (bits or 16) - 1)
     elif t.is_floating_point():
         x = check_float_range(t.float())
     else:
-        raise ValueError(f"unsupported tensor dtype {t.dtype} (use uint8 or float in [0,1])")
+        raise ValueError(f"unsupported tensor dtype {t.dtype} (use uint8, uint16 or float in [0,1])")
     return x.flip(1) if order == "bgr" else x
 
 
-def batch_from_float(y: torch.Tensor, dtype: torch.dtype, order: str = "rgb") -> torch.Tensor:
-    """The inverse of batch_to_float: float32 RGB in [0,1] -> dtype (uint8 rounded) in order."""
+def batch_from_float(
+    y: torch.Tensor, dtype: torch.dtype, order: str = "rgb", bits: int | None = None
+) -> torch.Tensor:
+    """The inverse of batch_to_float: float32 RGB in [0,1] -> dtype (integers rounded) in order."""
     y = y.flip(1) if order == "bgr" else y
-    return (y * 255.0).round().to(torch.uint8) if dtype == torch.uint8 else y.to(dtype)
+    if dtype in (torch.uint8, torch.uint16):
+        top = 255.0 if dtype == torch.uint8 else 2.0 ** (bits or 16) - 1
+        return (y * top).round().to(dtype)
+    return y.to(dtype)
 
 
 def to_tensor(

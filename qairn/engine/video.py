@@ -79,6 +79,7 @@ class _Job:
     numpy: bool = True
     maps: list | None = None  # return_maps: [gamma1..3], (N,1,h,w) each; on the host for numpy frames
     info: dict = field(default_factory=dict)  # yuv: the matrix, range and bits, as restore_yuv says them
+    depth: int | None = None  # RGB tensor frames: bits= (uint16 codes), given back so
 
 
 def _key(item):
@@ -238,7 +239,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         else:
             if first.ndim != 3 or first.shape[0] != 3:
                 raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
-            x = batch_to_float(torch.stack(list(group)), channel_order)
+            x = batch_to_float(torch.stack(list(group)), channel_order, depth)
             meta = [first.dtype] * len(group)
         y, q, maps = restorer.restore_tensor(
             x if is_np else _to_device(x, restorer.device, copy_in), return_maps, image=image
@@ -248,7 +249,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         y = to_pixels(y, meta[0]) if is_np and image else y
         outputs = [y] if image else []
         quality = torch.stack([q["Q1"], q["Q2"], q["Q3"]])
-        job = _Job("rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps)
+        job = _Job("rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps, depth=depth)
         on_host = is_np or first.device.type == "cpu"
     if on_host:
         # The maps of numpy frames come back as arrays, as restore() gives them; those of tensor frames
@@ -294,7 +295,8 @@ def _finish(job: _Job, channel_order):
         elif job.numpy:
             yield Result(from_pixels(job.outputs[0][i].numpy(), job.meta[i]), quality, maps, info)
         else:
-            image = batch_from_float(job.outputs[0][i : i + 1], job.meta[i], channel_order)[0].clone()
+            image = batch_from_float(job.outputs[0][i : i + 1], job.meta[i], channel_order, job.depth)[0]
+            image = image.clone()
             yield Result(image, quality, maps, info)
 
 
