@@ -24,8 +24,9 @@
 #   convutil  conv-trunk utilisation vs the measured fp16 peak and the roofline
 #             (#6), cuDNN against the fused Triton conv per layer (small, then
 #             paper; the dry run's interpreted convs took 79 s on 2 busy cores)  90 s
-#   tests     tests/kernels + test_cuda_graph.py on CUDA (xdist): gate, convs,
-#             whole-frame CUDA graphs                                            80 s
+#   tests     tests/kernels + test_cuda_paths.py + test_cuda_graph.py on CUDA
+#             (xdist): gate, the Restorer's CUDA-only paths, whole-frame CUDA
+#             graphs, convs                                                      80 s
 #   bench1024 4K at tile 1024 and whole frames (less or no overlap), uncompiled   30 s
 #   video     8 4K frames through one Restorer, best backend (loop, streams)     30 s
 #   train     last, in what is left: scripts/gpu_train.py from gpu_pack/ (carry
@@ -56,7 +57,8 @@ STAGES=${QAIRN_GPU_STAGES:-env kernels tests bench bench1024 convutil video prof
 # env always runs (a few seconds): without it, a run of other stages alone (the tests, the training)
 # left gpu_run.json with no GPU name, driver or versions for its results.
 case " $STAGES " in *" env "*) ;; *) STAGES="env $STAGES" ;; esac
-TESTS_K=${QAIRN_GPU_TESTS:-}  # only tests/kernels touch CUDA; the rest are CPU tests, run by CI
+# Only tests/kernels, test_cuda_paths.py and test_cuda_graph.py touch CUDA; the rest are CPU tests, run by CI.
+TESTS_K=${QAIRN_GPU_TESTS:-}
 OUTDIR=${OUTDIR:-$PWD/bench/results/run-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUTDIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/qairn-gpu-run.XXXXXX")
@@ -172,11 +174,13 @@ CONV_ENV=()
 stage convutil 90 "${CONV_ENV[@]}" "$PY" bench/conv_util.py --device "$DEVICE" "${CONV[@]}" \
   --json "$WORK/convutil.json" --plot "$WORK/convutil.png"
 # QAIRN_CONV_TUNE=0: the fused convs would time 4 tilings at every new test shape (one test tunes).
-# The gate's tests first (issue #4's op): a time box that cuts the stage keeps what ran. Tests of the
+# The gate's tests first (issue #4's op): a time box that cuts the stage keeps what ran. Then the
+# Restorer's paths that run only on CUDA outside the kernels (test_cuda_paths.py: seconds, and no CI
+# runs them on a GPU), then the frame graphs and the fused convs. Tests of the
 # ONNX files and of an import without triton exercise the CPU path only, which CI runs: not here.
 [ -z "$TESTS_K" ] && TESTS+=(-k "not onnx and not without_triton")
-stage tests 80 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels/test_gate.py tests/test_cuda_graph.py \
-  tests/kernels/test_fuse.py tests/kernels/test_conv.py tests/kernels/test_conv_transpose.py -v -p no:cacheprovider -rs --durations=10 \
+stage tests 80 env QAIRN_CONV_TUNE=0 "$PY" -m pytest tests/kernels/test_gate.py tests/test_cuda_paths.py \
+  tests/test_cuda_graph.py tests/kernels/test_fuse.py tests/kernels/test_conv.py tests/kernels/test_conv_transpose.py -v -p no:cacheprovider -rs --durations=10 \
   --junitxml "$WORK/tests.xml" "${TESTS[@]}"
 stage bench1024 30 "$PY" -m qairn.engine.bench --device "$DEVICE" "${BENCH1024[@]}" --budget-s 22 \
   --json "$WORK/bench1024.json"

@@ -1022,10 +1022,11 @@ def test_gpu_run_records_the_environment_whatever_the_stages(tmp_path):
 def test_gpu_run_tests_the_gate_first_and_names_every_kernel_test_file(tmp_path):
     """The tests stage ran tests/kernels in name order: conv, conv_transpose, fuse, then the gate (issue
     #4's op) last, so a stage cut by its 110 s time box lost the gate's CUDA results first. The gate's
-    file now comes first; the files are named one by one, so each kernel test file must be named."""
+    file now comes first, then test_cuda_paths.py (the Restorer's CUDA-only paths: seconds); the files are
+    named one by one, so each kernel test file must be named."""
     (call,) = [line for line in gpu_run_calls(tmp_path, "tests") if line.startswith("-m pytest")]
     paths = [a for a in call.split() if a.startswith("tests/")]
-    assert paths[0] == "tests/kernels/test_gate.py", paths
+    assert paths[:2] == ["tests/kernels/test_gate.py", "tests/test_cuda_paths.py"], paths
     kernel_files = {str(p.relative_to(REPO)) for p in (REPO / "tests" / "kernels").glob("test_*.py")}
     assert kernel_files <= set(paths) and "tests/test_cuda_graph.py" in paths, paths
 
