@@ -288,3 +288,22 @@ def test_backends_match_eager_fp32(device, backend, precision, options, least_db
             assert float((got[1][k] - ref[1][k]).abs().max()) <= most_dq, (k, got[1][k], ref[1][k])
         for a, b in zip(got[2], ref[2]):
             assert a.shape == b.shape and float((a - b).abs().max()) <= 10 * most_dq
+
+
+# ---- a GPU's frames and planes given to a CPU Restorer -------------------------------------------------
+def test_a_cpu_restorer_reads_device_planes_only_once_they_are_copied(device):
+    """restore_yuv copied a GPU's planes to a CPU Restorer with non_blocking=True: a device-to-host copy
+    returns before its bytes are there, and the colour conversion read them at once. The device is kept
+    busy first, so that the copy cannot be done in time by luck."""
+    y, u, v = planes(70, device)
+    if device.type == "cuda":
+        torch.cuda._sleep(300_000_000)  # ~0.2 s of the device's time: work queued after it waits
+        y, u, v = (p.clone() for p in (y, u, v))  # queued after the sleep: ready only once it ends
+    r = restorer("cpu")
+    got = r.restore_yuv(y, u, v)
+    want = r.restore_yuv(*(p.cpu().numpy() for p in planes(70, device)))
+    for a, b in zip(got.image, want.image):
+        assert a.device == y.device
+        np.testing.assert_array_equal(a.cpu().numpy(), b)
+    for k in ("Q1", "Q2", "Q3"):
+        assert float(got.quality[k]) == pytest.approx(want.quality[k], abs=1e-6)

@@ -268,7 +268,9 @@ def restore_yuv(
     if len({p.shape[0] for p in planes}) != 1:
         raise ColorError(f"y, u and v have different batch sizes: shapes {shapes}")
     dev = restorer.device
-    planes = [p.to(dev, non_blocking=True) for p in planes]
+    # non_blocking for a host's planes only: a GPU's planes copied to a CPU Restorer so would be read
+    # by the colour conversion before their bytes arrive (a device-to-host copy returns at once).
+    planes = [p.to(dev, non_blocking=p.device.type == "cpu") for p in planes]
     out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps, image)
     info = {"matrix": matrix, "range": range, "bits": bits}
     if isinstance(src, torch.Tensor):  # quality and maps stay on the device (no host sync)
