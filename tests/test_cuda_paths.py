@@ -307,3 +307,20 @@ def test_a_cpu_restorer_reads_device_planes_only_once_they_are_copied(device):
         np.testing.assert_array_equal(a.cpu().numpy(), b)
     for k in ("Q1", "Q2", "Q3"):
         assert float(got.quality[k]) == pytest.approx(want.quality[k], abs=1e-6)
+
+
+def test_restore_stream_gives_tensor_frames_back_on_their_device_from_a_cpu_restorer(device):
+    """A GPU's tensor frames (and planes) streamed through a CPU Restorer came back on the CPU, while
+    restore() and restore_yuv() give them back on their own device, as restore_stream says it does."""
+    r = restorer("cpu")
+    x = batch(80, 2, device)
+    yuv = [planes(81 + i, device) for i in range(2)]
+    results = list(r.restore_stream([*x, *yuv], batch=2))
+    for i, got in enumerate(results[:2]):
+        assert got.image.device == x.device and got.image.shape == (3, H, W)
+        torch.testing.assert_close(got.image, r.restore(x[i : i + 1]).image[0], atol=1e-6, rtol=0)
+    for frame, got in zip(yuv, results[2:]):
+        want = r.restore_yuv(*frame)
+        for a, b in zip(got.image, want.image):
+            assert a.device == b.device == frame[0].device
+            assert torch.equal(a, b)

@@ -221,6 +221,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             info={"matrix": matrix, "range": crange, "bits": depth},
         )
         on_host = is_np or first[0].device.type == "cpu"
+        home = None if is_np else first[0].device
     else:
         is_np = isinstance(first, np.ndarray)
         depth = None if bits is None else _rgb_bits(first.dtype, bits)
@@ -251,6 +252,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         quality = torch.stack([q["Q1"], q["Q2"], q["Q3"]])
         job = _Job("rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps, depth=depth)
         on_host = is_np or first.device.type == "cpu"
+        home = None if is_np else first.device
     if on_host:
         # The maps of numpy frames come back as arrays, as restore() gives them; those of tensor frames
         # stay on the Restorer's device, as restore() leaves them.
@@ -258,6 +260,10 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         host, job.event = _to_host([*job.outputs, *maps, job.quality], copy_out)
         job.outputs, job.quality = host[: len(job.outputs)], host[-1]
         job.maps = host[len(job.outputs) : -1] if maps else job.maps
+    elif home != restorer.device:
+        # A GPU's frames through a CPU Restorer (or another GPU's) go back where they came from, as
+        # restore() and restore_yuv() give them back: they came back on the Restorer's device.
+        job.outputs = [o.to(home) for o in job.outputs]
     return job
 
 
