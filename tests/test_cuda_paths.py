@@ -324,3 +324,25 @@ def test_restore_stream_gives_tensor_frames_back_on_their_device_from_a_cpu_rest
         for a, b in zip(got.image, want.image):
             assert a.device == b.device == frame[0].device
             assert torch.equal(a, b)
+
+
+def test_a_cpu_restorer_reads_the_codes_of_a_device_uint16_tensor(device):
+    """A GPU's uint16 tensor given to a CPU Restorer was converted on the GPU, where its codes are not
+    read: 16-bit codes given as bits=10 became values up to 64 and a white picture, unsaid, and 10-bit
+    codes without bits= got no hint. The copy to the CPU is made anyway: they are read there, as a
+    CPU tensor's are (and as a GPU's float tensor's range is)."""
+    r = restorer("cpu")
+    wide = uint16_codes(90, 1, 65535, device)
+    with pytest.raises(ValueError, match=r"outside the 10-bit range 0\.\.1023"):
+        r.restore(wide, bits=10)
+    with pytest.raises(ValueError, match=r"^frame 0: .*outside the 10-bit range 0\.\.1023"):
+        list(r.restore_stream(list(wide), bits=10))
+    t = uint16_codes(91, 1, 1023, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = r.restore(t)
+        want = r.restore(t.cpu())  # warns too
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and "pass bits=10" in said[0] and said[0] == said[1], said
+    assert got.image.dtype == torch.uint16 and got.image.device == t.device
+    torch.testing.assert_close(got.image.cpu(), want.image, atol=0, rtol=0)

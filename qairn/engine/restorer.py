@@ -749,8 +749,11 @@ class Restorer:
             elif t.ndim == 4 and t.shape[3] == 3:
                 hint = "; channels last? give t.permute(0, 3, 1, 2)"
             raise ValueError(f"tensor input must be (N,3,H,W), got {tuple(t.shape)}{hint}")
-        x = batch_to_float(t, order, bits)  # its range read there, if float and on the CPU
-        in_range = not t.is_floating_point() or t.device.type == "cpu"  # else read by restore_tensor
+        # A GPU's tensor for a CPU Restorer is copied anyway: first, so that its numbers are read as a CPU
+        # tensor's are (float range, uint16 codes against bits=, the 10-bit hint), not skipped as on a GPU.
+        src = t.cpu() if self.device.type == "cpu" else t
+        x = batch_to_float(src, order, bits)  # its range read there, if float and on the CPU
+        in_range = not src.is_floating_point() or src.device.type == "cpu"  # else read by restore_tensor
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order, bits) if image else None, q, maps)
 

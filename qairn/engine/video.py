@@ -240,7 +240,9 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         else:
             if first.ndim != 3 or first.shape[0] != 3:
                 raise ValueError(f"RGB tensor frames must be (3,H,W), got {tuple(first.shape)}")
-            x = batch_to_float(torch.stack(list(group)), channel_order, depth)
+            stack = torch.stack(list(group))
+            # A GPU's frames for a CPU Restorer are read on the CPU, as restore() reads them (uint16 codes).
+            x = batch_to_float(stack.cpu() if restorer.device.type == "cpu" else stack, channel_order, depth)
             meta = [first.dtype] * len(group)
         y, q, maps = restorer.restore_tensor(
             x if is_np else _to_device(x, restorer.device, copy_in), return_maps, image=image
