@@ -1573,3 +1573,14 @@ def test_onnx_files_with_external_weights_of_their_own_get_their_own_engines(tmp
     (tmp_path / "w1" / "m.data").unlink()
     with pytest.raises(ox.ExportError, match=r"m.onnx: its external data file .*m.data is missing"):
         trt_backend.TrtBackend(None, GPU0, "fp16", onnx=tmp_path / "w1" / "m.onnx", cache_dir=tmp_path)
+
+
+def test_max_shape_help_says_its_default_and_matches_the_profile(capsys):
+    """`qairn export tensorrt --help` gave --max-shape as "dynamic: largest input" with no default, so
+    a user could not tell which images a dynamic engine takes whole; it now says the profile's own."""
+    with pytest.raises(SystemExit):
+        export_main(["tensorrt", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "default: --shape's N, 2048x2048 or --shape's H, W if larger" in help_text
+    assert profile_shapes((4, 512, 512), True)[2] == (4, 3, 2048, 2048)
+    assert profile_shapes((4, 512, 4096), True)[2] == (4, 3, 2048, 4096)

@@ -911,3 +911,25 @@ def test_a_tile_the_default_overlap_does_not_fit_gets_a_fitting_one(tile, runs, 
     assert r.tiling_for(70, 90) == (runs, overlap)
     with pytest.raises(ValueError, match="must be smaller than the tile"):
         qairn.Restorer(model=lively_model(), device="cpu", tile=32, overlap=32)
+
+
+@pytest.mark.parametrize("command", ["restore", "video", "bench"])
+def test_overlap_help_gives_the_tiles_that_get_no_overlap(command, capsys):
+    """--overlap's help said 'a tile of 32 or less: a quarter of it, up to 32' (read as 8 for --tile 32),
+    video's left small tiles out and bench's said 'for tiles under 64 ... 0', though a 48..63 tile gets
+    32: default_overlap gives 0 below 48 and 32 from 48. Each help now says so."""
+    from qairn.engine.bench import parser as bench_parser
+    from qairn.engine.restorer import default_overlap
+    from qairn.engine.video import build_parser as video_parser
+
+    assert [default_overlap(t) for t in (16, 32, 47, 48, 63, 64)] == [0, 0, 0, 32, 32, 32]
+    if command == "restore":
+        from qairn.cli import main
+
+        with pytest.raises(SystemExit):
+            main(["restore", "--help"])
+        text = capsys.readouterr().out
+    else:
+        text = (video_parser() if command == "video" else bench_parser()).format_help()
+    text = " ".join(text.split())
+    assert "0 for a tile under 48" in text

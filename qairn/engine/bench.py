@@ -996,7 +996,7 @@ def parser() -> argparse.ArgumentParser:
         "--overlap",
         type=int,
         default=None,
-        help="tile overlap in pixels (default 32; for tiles under 64, as qairn restore: a quarter, 0)",
+        help="tile overlap in pixels (default 32; 0 for a tile under 48, as qairn restore gives)",
     )
     p.add_argument(
         "--weights", type=path_arg, help="qairn safetensors (default: the shipped weights if present)"

@@ -272,8 +272,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overlap",
         type=overlap_arg,
-        help="tile overlap in pixels (default 32; a static export's own tile, and a tile of 32 or less: "
-        "a quarter of it, up to 32)",
+        help="tile overlap in pixels (default 32; 0 for a tile under 48; a static export's own tile: a "
+        "quarter of it in steps of 16, up to 32)",
     )
     p.add_argument(
         "--max-pixels",

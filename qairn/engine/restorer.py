@@ -285,9 +285,9 @@ class Restorer:
     one full batch of such tiles, which then go whole: no more memory, and no overlap to compute
     twice (a 768x512 image restored in 0.7-0.8 s instead of 1.1 s at tile 512 on this CPU). Under
     "auto", backend="compile" always tiles (512: static shapes), and a static export (an ONNX file or
-    engine built for one N,H,W) at its own tile size. overlap=None (the default): 32, or for a static
-    export's own tile, and a tile of 32 or less, a quarter of it in steps of 16 up to 32 (0 for tiles
-    under 64); an overlap given is checked against the tile and refused if it does not fit.
+    engine built for one N,H,W) at its own tile size. overlap=None (the default): 32; 0 for a tile under 48;
+    for a static export's own tile, a quarter of it in steps of 16 up to 32 (0 for tiles under 64);
+    an overlap given is checked against the tile and refused if it does not fit.
     tile_batch: tiles per backend call (N at least for a batch of N images).
     set_tiling() changes tile and overlap later.
     p: the Minkowski exponent that pools the gamma maps into Q1..Q3 (default: the network's own).

@@ -1812,7 +1812,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--overlap",
         type=overlap_arg,
-        help="tile overlap in pixels (default 32; a static export's own tile: a quarter of it, up to 32)",
+        help="tile overlap in pixels (default 32; 0 for a tile under 48; a static export's own tile: a "
+        "quarter of it in steps of 16, up to 32)",
     )
     m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
     m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")

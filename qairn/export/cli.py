@@ -177,7 +177,12 @@ def parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--dynamic", action="store_true", help="dynamic batch and size (slower than static)")
     t.add_argument(
-        "--max-shape", type=shape_arg, default=None, metavar="N,H,W", help="dynamic: largest input"
+        "--max-shape",
+        type=shape_arg,
+        default=None,
+        metavar="N,H,W",
+        help="dynamic: largest input (default: --shape's N, 2048x2048 or --shape's H, W if larger); "
+        "the Restorer cuts larger images into tiles",
     )
     t.add_argument(
         "--strongly-typed", action="store_true", help="TensorRT 10: build the fp16 ONNX strongly typed"
