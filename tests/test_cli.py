@@ -704,6 +704,8 @@ def test_a_pixel_limit_below_one_is_refused_at_once(workdir, tiny_weights, capsy
         (["--tile", "abc"], "argument --tile: expected auto, 0 or a tile size in pixels, got 'abc'"),
         (["--tile", "8", "--overlap", "32"], "--tile 8 with --overlap 32: overlap 32 (taken in steps"),
         (["--overlap", "600"], "--tile auto with --overlap 600: overlap 600 (taken in steps of 16: 608)"),
+        # whole images: the overlap was ignored without a word
+        (["--tile", "0", "--overlap", "5"], "--tile 0 with --overlap 5: whole images are not tiled"),
     ],
 )
 def test_bad_tiling_options_are_refused_before_the_model_loads(workdir, capsys, monkeypatch, options, says):

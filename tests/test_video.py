@@ -2354,6 +2354,7 @@ def test_qairn_video_refuses_a_batch_under_1_as_a_usage_error(clip, capsys):
     [
         (["--overlap", "-4"], "argument --overlap: the overlap must not be negative, got -4"),
         (["--tile", "8", "--overlap", "32"], "--tile 8 with --overlap 32: overlap 32 (taken in steps"),
+        (["--tile", "0", "--overlap", "5"], "--tile 0 with --overlap 5: whole images are not tiled"),
     ],
 )
 def test_qairn_video_refuses_bad_tiling_options_before_the_model_loads(

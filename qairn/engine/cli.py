@@ -289,6 +289,12 @@ def check_tile_options(p: argparse.ArgumentParser, a) -> None:
     a static export's own tile.)"""
     from qairn.engine.restorer import check_tiling, default_overlap
 
+    # Whole images have no tiles: --tile 0 --overlap 5 ran without a word of the overlap given. (Only a
+    # CUDA out-of-memory retry cuts a whole image into tiles, and its overlap is the default's.)
+    if a.tile is None and a.overlap is not None:
+        p.error(
+            f"--tile 0 with --overlap {a.overlap}: whole images are not tiled; drop --overlap or give a tile"
+        )
     # No --overlap: None goes on to the Restorer, which fits its default to a small or static tile.
     overlap = default_overlap(a.tile) if a.overlap is None else a.overlap
     try:
