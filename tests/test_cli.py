@@ -183,6 +183,30 @@ def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, c
     assert rc != 0 and "fused_conv runs on the torch backends" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["score", "restore", "video"])
+def test_fused_conv_off_cuda_says_the_plain_convs_run(command, tmp_path, monkeypatch, capsys):
+    """--fused-conv (its help: CUDA) ran on the CPU without a word, on the plain convs: now one warning,
+    before the model loads; no warning where the flag is refused anyway (onnxruntime)."""
+    import qairn.engine.restorer as restorer_mod
+
+    def restorer(**options):  # stands in for the model: the run ends here, with an error line
+        raise RuntimeError("stand-in Restorer")
+
+    monkeypatch.setattr(restorer_mod, "Restorer", restorer)
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample_q10.jpg"
+    out = ["-o", str(tmp_path / "o.png")] if command == "restore" else []
+    if command == "video":
+        out = [str(tmp_path / "o.mp4")]
+    for backend, warned in (("auto", 1), ("eager", 1), ("onnxruntime", 0)):
+        args = [command, sample, *out, "--device", "cpu", "--fused-conv", "--backend", backend]
+        rc, _, err = run(capsys, *args)
+        said = [ln for ln in err.splitlines() if "warning: --fused-conv" in ln]
+        assert rc != 0 and "stand-in Restorer" in err, err
+        assert len(said) == warned, err
+    rc, _, err = run(capsys, command, sample, *out, "--device", "cpu", "--fused-conv")
+    assert "--fused-conv: the fused Triton convs run on CUDA only; on cpu the plain convs run" in err, err
+
+
 def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
     for extra, says in (
         (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),

@@ -256,7 +256,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fused-conv",
         action="store_true",
-        help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA; not yet timed)",
+        help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA, not yet timed; "
+        "elsewhere the plain convs run, with a warning)",
     )
     p.add_argument(
         "--cuda-graph",
@@ -315,9 +316,25 @@ def pad(text: str, width: int) -> str:
     return text + " " * (width - columns(text))
 
 
+def warn_fused_conv_off_cuda(a) -> None:
+    """--fused-conv (CUDA, says its help) ran on the CPU without a word, on the plain convs (the fused
+    ops' reference there): one warning. Not refused as --cuda-graph is: the run is the same picture."""
+    from qairn.engine.restorer import resolve_device
+
+    if not a.fused_conv or a.backend not in ("auto", "eager", "compile", "triton"):  # others refuse it
+        return
+    try:
+        device = resolve_device(a.device)
+    except ValueError:  # (a device that is not there: the Restorer's one line says so)
+        return
+    if device.type != "cuda":
+        warning(f"--fused-conv: the fused Triton convs run on CUDA only; on {device} the plain convs run")
+
+
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
+    warn_fused_conv_off_cuda(a)  # before the model loads
     return Restorer(
         weights=a.weights,
         device=a.device,

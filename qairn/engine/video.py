@@ -1789,7 +1789,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="tile overlap in pixels (default 32; a static export's own tile: a quarter of it, up to 32)",
     )
     m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
-    m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
+    m.add_argument(
+        "--fused-conv",
+        action="store_true",
+        help="thin convs on the fused Triton kernels (CUDA; elsewhere the plain convs, with a warning)",
+    )
     m.add_argument(
         "--cuda-graph",
         action="store_true",
