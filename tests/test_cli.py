@@ -207,6 +207,26 @@ def test_fused_conv_off_cuda_says_the_plain_convs_run(command, tmp_path, monkeyp
     assert "--fused-conv: the fused Triton convs run on CUDA only; on cpu the plain convs run" in err, err
 
 
+def test_one_output_file_taken_is_refused_before_the_model_loads(workdir, capsys, monkeypatch):
+    """a.jpg -o o.png with o.png there (or its quality map, or o.png the input) loaded the model first,
+    then failed the image: exit 1, 'restored 0 of 1 image'. Known up front: exit 2, the model unloaded."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    (workdir / "o.png").write_bytes(b"kept")
+    (workdir / "m.quality.png").write_bytes(b"kept")
+    for src, dst, extra, says in (
+        ("a.jpg", "o.png", [], "o.png: output exists (use --overwrite)"),
+        ("a.jpg", "m.png", ["--quality-map"], "m.quality.png: quality map exists (use --overwrite)"),
+        ("b.png", "b.png", [], "b.png: would overwrite an input (use --overwrite)"),
+    ):
+        rc, _, err = run(capsys, "restore", workdir / src, "-o", workdir / dst, *extra)
+        assert rc == 2 and error_lines(err) == [f"qairn: error: {workdir / says}"], err
+    assert (workdir / "o.png").read_bytes() == b"kept" and not (workdir / "m.png").exists()
+
+
 def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
     for extra, says in (
         (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),
@@ -303,12 +323,12 @@ def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys
     src = workdir / "b.png"
     before = src.read_bytes()
     rc, _, err = run(capsys, "restore", src, "-o", src, "--weights", tiny_weights)
-    assert rc == 1 and "would overwrite an input" in err
+    assert rc == 2 and "would overwrite an input" in err  # before the model loads
     assert src.read_bytes() == before
     rc, _, _ = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
     assert rc == 0
     rc, _, err = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
-    assert rc == 1 and "output exists" in err
+    assert rc == 2 and "output exists" in err
     rc, _, err = run(capsys, "restore", src, "-o", src, "--weights", tiny_weights, "--overwrite")
     assert rc == 0, err
     assert src.read_bytes() != before
@@ -329,7 +349,7 @@ def test_quality_map_never_replaces_an_input_an_output_or_an_old_map(workdir, ti
     (workdir / "a.png").unlink()
     before = (workdir / "a.quality.png").read_bytes()
     rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args)
-    assert rc == 1 and "a.quality.png: quality map exists (use --overwrite)" in err
+    assert rc == 2 and "a.quality.png: quality map exists (use --overwrite)" in err
     assert not (workdir / "a.png").exists() and (workdir / "a.quality.png").read_bytes() == before
     assert run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args, "--overwrite")[0] == 0
 

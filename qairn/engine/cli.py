@@ -417,9 +417,9 @@ def file_bits(img) -> int | None:
     return 16 if img.dtype == np.uint16 else None
 
 
-def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
-    """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
-    A problem raises: InputError or ImageError with its one line, OSError from the write."""
+def check_output(a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> None:
+    """dst (and its quality map) may be written for src: not another input, nor an existing file
+    without --overwrite. InputError with its one line."""
     if dst.resolve() in input_set and dst.resolve() != src.resolve():  # --overwrite or not: it would be
         # replaced before it is read (or after, by another image), its original lost
         raise InputError(f"{dst}: is another input; {src}'s output would replace it (give another -o)")
@@ -432,6 +432,13 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
     if a.quality_map and qm.exists() and not a.overwrite:
         raise InputError(f"{qm}: quality map exists (use --overwrite)")
+
+
+def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
+    """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
+    A problem raises: InputError or ImageError with its one line, OSError from the write."""
+    check_output(a, src, dst, input_set, taken)  # (a single output file: checked up front too)
+    qm = dst.with_name(dst.stem + ".quality.png")
     if not dst.parent.is_dir():
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
@@ -596,6 +603,11 @@ def main_restore(argv=None) -> int:
         return fatal(f"{outputs[0]}: output folder does not exist")
     if out_dir.is_dir() and not writable(out_dir):
         return fatal(f"{out_dir}: output folder is not writable")
+    if folder is None:  # one output file: found taken only after the model had loaded (exit 1)
+        try:
+            check_output(a, inputs[0], outputs[0], input_set, taken)
+        except InputError as e:
+            return fatal(str(e))
     try:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback
