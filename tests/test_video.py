@@ -2587,3 +2587,36 @@ def test_a_preset_is_refused_where_the_encoder_could_not_be_checked_before(resto
     with pytest.raises(ValueError, match=r"^--preset fast: mpeg4 has no presets$"):
         transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="mpeg4", preset="fast", plot=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mkv"]
+
+
+def _no_model(monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+
+
+@pytest.mark.parametrize(
+    "name, codec, says",
+    [
+        (
+            "o.webm",
+            None,
+            "o.webm: cannot copy audio (aac) into this container ('webm' format does not support",
+        ),
+        ("o.mpg", "mpeg2video", "o.mpg: this container cannot hold mpeg2video video and aac audio (Invalid"),
+    ],
+)
+def test_audio_the_output_cannot_hold_is_refused_before_the_model_loads(
+    clip, tmp_path, capsys, monkeypatch, name, codec, says
+):
+    """AAC into .webm or .mpg was refused only after the model loaded and the first frame decoded: the
+    input's audio streams are now tried against the output container in check_paths, from their headers."""
+    if name.endswith(".webm") and "libvpx-vp9" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libvpx-vp9")
+    _no_model(monkeypatch)
+    out = tmp_path / name
+    rc = main([str(clip), str(out), "--no-quality", *(["--codec", codec] if codec else [])])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"qairn: error: {tmp_path / says}" in err and "use .mkv, or --no-audio" in err, err
+    assert "model was loaded" not in err and list(tmp_path.iterdir()) == []

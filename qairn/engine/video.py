@@ -1308,12 +1308,16 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
 
 
-def check_container(dst: Path, codec: str) -> None:
+def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True) -> None:
     """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
     container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
-    the model had loaded. A hidden file beside dst is opened, as the output will be, and removed."""
+    the model had loaded. A hidden file beside dst is opened, as the output will be, and removed.
+    src (a file; None: not looked at): its streams, read from their headers, must fit too (see
+    _check_streams_fit)."""
     import av
+    import av.logging
 
+    levels = av.logging.get_level(), _libav_level()  # set back once the probe and input are closed
     probe = _temp_path(dst)
     try:
         try:
@@ -1323,13 +1327,74 @@ def check_container(dst: Path, codec: str) -> None:
                 f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
             ) from None
         try:
-            out.add_stream(codec, rate=25)
-        except (av.FFmpegError, ValueError) as e:
-            raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+            try:
+                vs = out.add_stream(codec, rate=25)
+            except (av.FFmpegError, ValueError) as e:
+                raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+            if src is not None and audio and dst.suffix.lower() not in SILENT_SUFFIXES:
+                with _stderr_muted():  # (x264 and x265 print their settings, opening and closing)
+                    _check_streams_fit(src, out, vs, dst, audio)
+                    out.close()  # (x265 says "encoded 0 frames"; closing again below does nothing)
         finally:
             out.close()
     finally:
         probe.unlink(missing_ok=True)
+        _logging_back(*levels)
+
+
+def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
+    """The input's streams against the output container `out` (a probe with the video stream vs), from
+    the input's headers: AAC audio into .webm or .mpg was refused only once the model had loaded and the
+    first frame decoded. Decided as _open_output decides; what the headers do not say is left to it."""
+    import av
+
+    inp = _open_input(src)
+    try:
+        videos = [s for s in inp.streams.video if not is_cover(s)]
+        if not videos:  # (transcode says so)
+            return
+        astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
+        if not astreams:
+            return
+        for s in astreams:
+            try:
+                out.add_stream_from_template(s)
+            except (av.FFmpegError, ValueError) as e:
+                raise VideoError(
+                    f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
+                    f"({_msg(e)}); use .mkv, or --no-audio"
+                ) from None
+        # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there), which needs
+        # the video encoder open: on a small frame, where it opens here at all.
+        if not _open_probe_encoder(vs):
+            return
+        with _ffmpeg_reasons():
+            try:
+                out.start_encoding()
+            except av.FFmpegError as e:
+                what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
+                raise VideoError(
+                    f"{dst}: this container cannot hold {what} ({_msg(e)}); use .mkv, or --no-audio"
+                ) from None
+    finally:
+        inp.close()
+
+
+def _open_probe_encoder(vs) -> bool:
+    """Open the probe's video encoder on a PROBE_SIZE frame (yuv420p, else its first pixel format);
+    False where it does not open here (a GPU encoder without its GPU)."""
+    import av
+
+    cc = vs.codec_context
+    formats = [f.name for f in (cc.codec.video_formats or [])] or ["yuv420p"]
+    cc.width, cc.height = PROBE_SIZE
+    cc.pix_fmt = "yuv420p" if "yuv420p" in formats else formats[0]
+    cc.time_base = Fraction(1, 25)
+    try:
+        cc.open()
+    except (av.FFmpegError, ValueError):
+        return False
+    return True
 
 
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
@@ -1351,7 +1416,8 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
         codec = output_codec(dst, opts)
-        check_container(dst, codec)
+        # (a pipe is left alone: it can be read once only, by the run)
+        check_container(dst, codec, src if src.is_file() else None, opts.audio)
         check_encoder_options(codec, opts, dst)
     csv_path = None
     if opts.write_quality:
