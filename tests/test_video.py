@@ -2620,3 +2620,21 @@ def test_audio_the_output_cannot_hold_is_refused_before_the_model_loads(
     err = capsys.readouterr().err
     assert rc == 1 and f"qairn: error: {tmp_path / says}" in err and "use .mkv, or --no-audio" in err, err
     assert "model was loaded" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_video_into_a_single_image_file_is_refused_before_the_model_loads(
+    clip, tmp_path, capsys, monkeypatch
+):
+    """A 6-frame clip into o.png (--codec png) restored every frame, then failed as 'o.png: cannot write
+    (Invalid argument)': an image file holds one picture. Refused up front; a one-frame input still goes."""
+    _no_model(monkeypatch)
+    out = tmp_path / "o.png"
+    rc = main([str(clip), str(out), "--codec", "png", "--no-audio", "--no-quality"])
+    err = capsys.readouterr().err
+    says = f"{out}: holds one picture, but {clip} has 6 frames; write a video container (.mp4, .mkv)"
+    assert rc == 1 and f"qairn: error: {says}" in err and "model was loaded" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    from qairn.engine.video import check_paths
+
+    one = flat_clip(tmp_path / "one.mp4", times=[0])
+    check_paths(one, out, VideoOptions(codec="png", audio=False, write_quality=False))  # not refused

@@ -1331,7 +1331,8 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 vs = out.add_stream(codec, rate=25)
             except (av.FFmpegError, ValueError) as e:
                 raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
-            if src is not None and audio and dst.suffix.lower() not in SILENT_SUFFIXES:
+            single = out.format.name == "image2"
+            if src is not None and (single or (audio and dst.suffix.lower() not in SILENT_SUFFIXES)):
                 with _stderr_muted():  # (x264 and x265 print their settings, opening and closing)
                     _check_streams_fit(src, out, vs, dst, audio)
                     out.close()  # (x265 says "encoded 0 frames"; closing again below does nothing)
@@ -1345,7 +1346,8 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
 def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
     """The input's streams against the output container `out` (a probe with the video stream vs), from
     the input's headers: AAC audio into .webm or .mpg was refused only once the model had loaded and the
-    first frame decoded. Decided as _open_output decides; what the headers do not say is left to it."""
+    first frame decoded, and a 6-frame video into o.png failed after the whole restore, as "cannot write
+    (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it."""
     import av
 
     inp = _open_input(src)
@@ -1353,6 +1355,13 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
         videos = [s for s in inp.streams.video if not is_cover(s)]
         if not videos:  # (transcode says so)
             return
+        rate = videos[0].average_rate or videos[0].guessed_rate or Fraction(25)
+        frames = expected_frames(inp, videos[0], rate)
+        if out.format.name == "image2" and frames is not None and frames > 1:
+            raise VideoError(
+                f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
+                "write a video container (.mp4, .mkv)"
+            )
         astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
         if not astreams:
             return
