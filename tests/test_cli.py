@@ -446,6 +446,36 @@ def test_several_inputs_into_an_output_named_like_an_image_are_refused(workdir, 
         assert rc == 0 and sorted(p.name for p in Path(out).iterdir()) == ["a.png", "b.png"], err
 
 
+def test_an_output_named_out_dot_or_dot_png_is_refused(workdir, tiny_weights, capsys, monkeypatch):
+    """-o out. and -o .png have no suffix to Python, so one input went into a new folder of that name
+    (out./a.png, a hidden .png/a.png). Refused in one line; an existing folder of that name, or one
+    written with '/', is still taken, and so are -o . and -o .."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    for name, says in (
+        ("out.", "ends in '.': give a file name with its type, such as out.png, or a folder"),
+        (".png", "is a hidden name with no stem: give a file name such as out.png, or .png/ for a folder"),
+        (".JPG", "is a hidden name with no stem: give a file name such as out.jpg, or .JPG/ for a folder"),
+    ):
+        rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / name)
+        assert rc == 2 and error_lines(err) == [f"qairn: error: -o {workdir / name}: {says}"], err
+        assert not (workdir / name).exists()
+    from qairn.engine.cli import output_paths
+
+    (workdir / "old.").mkdir()
+    inputs = [workdir / "a.jpg"]
+    assert output_paths(inputs, str(workdir / "old."), None) == (
+        [workdir / "old." / "a.png"],
+        workdir / "old.",
+    )
+    assert output_paths(inputs, f"{workdir / '.png'}/", None)[1] == workdir / ".png"
+    assert output_paths(inputs, ".", None) == ([Path("a.png")], Path("."))
+    assert output_paths(inputs, "..", None)[1] == Path("..")
+
+
 def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monkeypatch):
     import qairn.engine.imageio as imageio
 

@@ -130,6 +130,16 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
         raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
     named_dir = o.is_dir() or out.endswith(("/", "\\"))
+    # Python gives out. and .png no suffix: one input went into a new folder of that name.
+    if not named_dir and o.name not in ("", "..") and o.name.endswith("."):
+        raise InputError(
+            f"-o {out}: ends in '.': give a file name with its type, such as {o.name}png, or a folder"
+        )
+    if not named_dir and o.name.lower() in IMAGE_SUFFIXES:
+        raise InputError(
+            f"-o {out}: is a hidden name with no stem: give a file name such as out{o.name.lower()}, "
+            f"or {o.name}/ for a folder"
+        )
     as_dir = named_dir or not o.suffix or len(inputs) > 1
     if as_dir:
         if o.exists() and not o.is_dir():
