@@ -1126,7 +1126,7 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
         ),
         (  # (--tile 32 was refused here too, for an overlap never given: it runs now)
             ["eval", "--data", "{tmp}/imgs", "--tile", "-5"],
-            'tile must be a positive int, None (whole images) or "auto", not -5',
+            "--tile -5: must be 0 (whole images) or a positive number",  # (was the Restorer's line)
         ),
         (
             ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],
