@@ -2638,3 +2638,19 @@ def test_a_video_into_a_single_image_file_is_refused_before_the_model_loads(
 
     one = flat_clip(tmp_path / "one.mp4", times=[0])
     check_paths(one, out, VideoOptions(codec="png", audio=False, write_quality=False))  # not refused
+
+
+def test_a_pixel_format_the_encoder_does_not_take_is_refused_before_the_model_loads(
+    clip, tmp_path, capsys, monkeypatch
+):
+    """--pix-fmt nosuch (or one libx264 does not take) was refused only after the model loaded and the
+    first frame decoded; the encoder's list is read in check_paths now, the same line."""
+    _no_model(monkeypatch)
+    for fmt in ("nosuch", "rgb48le"):
+        rc = main(
+            [str(clip), str(tmp_path / "o.mp4"), "--pix-fmt", fmt, "--no-quality", "--codec", "libx264"]
+        )
+        err = capsys.readouterr().err
+        says = f"qairn: error: {tmp_path / 'o.mp4'}: libx264 cannot encode pixel format {fmt} (it takes gray,"
+        assert rc == 1 and says in err and "model was loaded" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -1406,6 +1406,18 @@ def _open_probe_encoder(vs) -> bool:
     return True
 
 
+def check_pix_fmt(codec: str, pix_fmt: str | None, dst: Path) -> None:
+    """--pix-fmt names a format the encoder takes: one it does not (or no format at all) was refused only
+    after the model had loaded and the first frame decoded, in the line _open_output still says."""
+    import av
+
+    supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
+    if pix_fmt is not None and supported and pix_fmt not in supported:
+        raise VideoError(
+            f"{dst}: {codec} cannot encode pixel format {pix_fmt} (it takes {', '.join(sorted(supported))})"
+        )
+
+
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
     """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
     the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
@@ -1428,6 +1440,7 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         # (a pipe is left alone: it can be read once only, by the run)
         check_container(dst, codec, src if src.is_file() else None, opts.audio)
         check_encoder_options(codec, opts, dst)
+        check_pix_fmt(codec, opts.pix_fmt, dst)
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
