@@ -2654,3 +2654,15 @@ def test_a_pixel_format_the_encoder_does_not_take_is_refused_before_the_model_lo
         says = f"qairn: error: {tmp_path / 'o.mp4'}: libx264 cannot encode pixel format {fmt} (it takes gray,"
         assert rc == 1 and says in err and "model was loaded" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quality_csv_with_no_quality_is_refused(clip, tmp_path, capsys, monkeypatch):
+    """--quality-csv x.csv --no-quality wrote no trace without a word (exit 0); the two contradict each
+    other, as --score-only with --no-quality do: refused in one line, before the model loads."""
+    _no_model(monkeypatch)
+    rc = main([str(clip), str(tmp_path / "o.mp4"), "--quality-csv", str(tmp_path / "x.csv"), "--no-quality"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "qairn: error: --quality-csv with --no-quality: no trace is written", (
+        err
+    )
+    assert list(tmp_path.iterdir()) == []

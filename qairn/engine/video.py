@@ -1978,6 +1978,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.score_only and args.no_quality:
         print("qairn: error: --score-only with --no-quality has nothing to write", file=sys.stderr)
         return 2
+    if args.quality_csv is not None and args.no_quality:  # (it was ignored without a word)
+        print("qairn: error: --quality-csv with --no-quality: no trace is written", file=sys.stderr)
+        return 2
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
