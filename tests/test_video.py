@@ -2666,3 +2666,20 @@ def test_quality_csv_with_no_quality_is_refused(clip, tmp_path, capsys, monkeypa
         err
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_given_with_score_only_is_said_to_be_ignored(clip, tmp_path, capsys, monkeypatch):
+    """qairn video IN OUT --score-only wrote no OUT and put the trace beside IN, without a word: OUT
+    looked like the video (or the trace's place) it would write. One warning now, before the model loads."""
+
+    def restorer(**options):
+        raise RuntimeError("stand-in Restorer")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", restorer)
+    out = tmp_path / "out.mp4"
+    assert main([str(clip), str(out), "--score-only", "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    says = f"qairn: warning: --score-only writes no video: {out} is ignored (the trace: {clip}.quality.csv)"
+    assert says in err.splitlines(), err
+    assert main([str(clip), "--score-only", "--no-plot"]) == 1  # no OUT: nothing to say
+    assert "warning" not in capsys.readouterr().err

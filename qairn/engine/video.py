@@ -1852,7 +1852,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="video file (anything FFmpeg reads; a local file, not a URL)")
     p.add_argument(
-        "output", nargs="?", help="output video (.mp4, .mkv, .mov, ...); optional with --score-only"
+        "output",
+        nargs="?",
+        help="output video (.mp4, .mkv, .mov, ...); none with --score-only (ignored, with a warning)",
     )
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
@@ -1981,6 +1983,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quality_csv is not None and args.no_quality:  # (it was ignored without a word)
         print("qairn: error: --quality-csv with --no-quality: no trace is written", file=sys.stderr)
         return 2
+    if args.score_only and args.output is not None:  # (taken for the video, or the trace's place)
+        trace = args.quality_csv or f"{args.input}.quality.csv"
+        print(
+            f"qairn: warning: --score-only writes no video: {args.output} is ignored (the trace: {trace})",
+            file=sys.stderr,
+        )
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
