@@ -2683,3 +2683,34 @@ def test_an_output_given_with_score_only_is_said_to_be_ignored(clip, tmp_path, c
     assert says in err.splitlines(), err
     assert main([str(clip), "--score-only", "--no-plot"]) == 1  # no OUT: nothing to say
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["{clip}", "{tmp}/o.mp4", "--quality-csv", ""], "argument --quality-csv: an empty name, not a file"),
+        (
+            ["{clip}", "{tmp}/o.mp4", "--preset", ""],
+            "argument --preset: an empty value; give one or leave it",
+        ),
+        (
+            ["{clip}", "{tmp}/o.mp4", "--pix-fmt", ""],
+            "argument --pix-fmt: an empty value; give one or leave it",
+        ),
+        (
+            ["{clip}", "{tmp}/o.mp4", "--codec", ""],
+            "argument --codec: an empty value; give one or leave it out",
+        ),
+        (["{clip}", ""], "argument output: an empty name, not a file or folder"),
+        (["", "{tmp}/o.mp4"], "argument input: an empty name, not a file or folder"),
+    ],
+)
+def test_empty_video_options_are_refused_as_usage_errors(clip, tmp_path, capsys, options, says):
+    """An unset shell variable: --quality-csv '' and --preset '' were taken as not given (the trace went
+    to its default place, the encoder's own preset, unsaid), OUT '' and IN '' were '.: is a directory',
+    --pix-fmt '' and --codec '' were refused with a blank name after the option."""
+    with pytest.raises(SystemExit) as e:
+        main([o.format(clip=clip, tmp=tmp_path) for o in options])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -52,7 +52,7 @@ from qairn.engine.color import (
     plane_bits,
     restore_planes,
 )
-from qairn.engine.imageio import write_atomic
+from qairn.engine.imageio import path_arg, write_atomic
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
@@ -1844,16 +1844,25 @@ def _bitrate_arg(text: str) -> int:
     return value
 
 
+def _value_arg(text: str) -> str:
+    """--codec, --preset, --pix-fmt: '' (an unset shell variable) was taken as not given (--preset) or
+    refused naming a blank (--codec , --pix-fmt)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty value; give one or leave it out")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qairn video",
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="video file (anything FFmpeg reads; a local file, not a URL)")
+    p.add_argument("input", type=path_arg, help="video file (anything FFmpeg reads; a local file, not a URL)")
     p.add_argument(
         "output",
         nargs="?",
+        type=path_arg,
         help="output video (.mp4, .mkv, .mov, ...); none with --score-only (ignored, with a warning)",
     )
     m = p.add_argument_group("model")
@@ -1892,6 +1901,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("encoding")
     e.add_argument(
         "--codec",
+        type=_value_arg,
         help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
         ".y4m: rawvideo, .gif: gif, .webm and .ivf: libvpx-vp9, .ogv: libtheora)",
     )
@@ -1904,10 +1914,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--preset",
+        type=_value_arg,
         help="the encoder's speed preset (x264/x265: ultrafast .. placebo, default medium; SVT-AV1: 0-13)",
     )
     e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
-    e.add_argument("--pix-fmt", help="output pixel format (default: the source's, when the encoder takes it)")
+    e.add_argument(
+        "--pix-fmt",
+        type=_value_arg,
+        help="output pixel format (default: the source's, when the encoder takes it)",
+    )
     e.add_argument(
         "--codec-option",
         type=_parse_kv,
@@ -1931,7 +1946,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quality trace")
     q.add_argument("--score-only", action="store_true", help="write the quality trace, no video")
     q.add_argument(
-        "--quality-csv", help="CSV path (default OUT.quality.csv, or IN.quality.csv with --score-only)"
+        "--quality-csv",
+        type=path_arg,
+        help="CSV path (default OUT.quality.csv, or IN.quality.csv with --score-only)",
     )
     q.add_argument("--no-quality", action="store_true", help="write no quality trace")
     q.add_argument("--no-plot", action="store_true", help="no PNG plot of Q2 beside the CSV")
