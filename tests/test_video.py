@@ -2714,3 +2714,11 @@ def test_empty_video_options_are_refused_as_usage_errors(clip, tmp_path, capsys,
     err = capsys.readouterr().err
     assert e.value.code == 2 and says in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_codec_option_without_a_key_is_a_usage_error(clip, tmp_path, capsys):
+    """--codec-option =5 got past argparse and was refused as "libx264 has no option ''" (exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(clip), str(tmp_path / "o.mp4"), "--codec-option", "=5"])
+    assert e.value.code == 2
+    assert "argument --codec-option: expected KEY=VALUE, got '=5'" in capsys.readouterr().err

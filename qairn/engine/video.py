@@ -1806,9 +1806,9 @@ def _mux_audio(out, pending: list, amap: dict, dst: Path, lost_cues: list) -> No
 
 # ---- command line ---------------------------------------------------------------------------------------
 def _parse_kv(s: str) -> tuple[str, str]:
-    if "=" not in s:
+    k, eq, v = s.partition("=")
+    if not eq or not k:  # (=5 was refused later, as "libx264 has no option ''")
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
-    k, v = s.split("=", 1)
     return k, v
 
 
