@@ -183,6 +183,50 @@ def test_fused_conv_flag_same_picture_and_clear_refusal(workdir, tiny_weights, c
     assert rc != 0 and "fused_conv runs on the torch backends" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", ["score", "restore", "video"])
+def test_fused_conv_off_cuda_says_the_plain_convs_run(command, tmp_path, monkeypatch, capsys):
+    """--fused-conv (its help: CUDA) ran on the CPU without a word, on the plain convs: now one warning,
+    before the model loads; no warning where the flag is refused anyway (onnxruntime)."""
+    import qairn.engine.restorer as restorer_mod
+
+    def restorer(**options):  # stands in for the model: the run ends here, with an error line
+        raise RuntimeError("stand-in Restorer")
+
+    monkeypatch.setattr(restorer_mod, "Restorer", restorer)
+    sample = Path(__file__).resolve().parents[1] / "examples" / "sample_q10.jpg"
+    out = ["-o", str(tmp_path / "o.png")] if command == "restore" else []
+    if command == "video":
+        out = [str(tmp_path / "o.mp4")]
+    for backend, warned in (("auto", 1), ("eager", 1), ("onnxruntime", 0)):
+        args = [command, sample, *out, "--device", "cpu", "--fused-conv", "--backend", backend]
+        rc, _, err = run(capsys, *args)
+        said = [ln for ln in err.splitlines() if "warning: --fused-conv" in ln]
+        assert rc != 0 and "stand-in Restorer" in err, err
+        assert len(said) == warned, err
+    rc, _, err = run(capsys, command, sample, *out, "--device", "cpu", "--fused-conv")
+    assert "--fused-conv: the fused Triton convs run on CUDA only; on cpu the plain convs run" in err, err
+
+
+def test_one_output_file_taken_is_refused_before_the_model_loads(workdir, capsys, monkeypatch):
+    """a.jpg -o o.png with o.png there (or its quality map, or o.png the input) loaded the model first,
+    then failed the image: exit 1, 'restored 0 of 1 image'. Known up front: exit 2, the model unloaded."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    (workdir / "o.png").write_bytes(b"kept")
+    (workdir / "m.quality.png").write_bytes(b"kept")
+    for src, dst, extra, says in (
+        ("a.jpg", "o.png", [], "o.png: output exists (use --overwrite)"),
+        ("a.jpg", "m.png", ["--quality-map"], "m.quality.png: quality map exists (use --overwrite)"),
+        ("b.png", "b.png", [], "b.png: would overwrite an input (use --overwrite)"),
+    ):
+        rc, _, err = run(capsys, "restore", workdir / src, "-o", workdir / dst, *extra)
+        assert rc == 2 and error_lines(err) == [f"qairn: error: {workdir / says}"], err
+    assert (workdir / "o.png").read_bytes() == b"kept" and not (workdir / "m.png").exists()
+
+
 def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
     for extra, says in (
         (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),
@@ -279,12 +323,12 @@ def test_never_overwrites_input_or_existing_output(workdir, tiny_weights, capsys
     src = workdir / "b.png"
     before = src.read_bytes()
     rc, _, err = run(capsys, "restore", src, "-o", src, "--weights", tiny_weights)
-    assert rc == 1 and "would overwrite an input" in err
+    assert rc == 2 and "would overwrite an input" in err  # before the model loads
     assert src.read_bytes() == before
     rc, _, _ = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
     assert rc == 0
     rc, _, err = run(capsys, "restore", src, "-o", workdir / "o.png", "--weights", tiny_weights)
-    assert rc == 1 and "output exists" in err
+    assert rc == 2 and "output exists" in err
     rc, _, err = run(capsys, "restore", src, "-o", src, "--weights", tiny_weights, "--overwrite")
     assert rc == 0, err
     assert src.read_bytes() != before
@@ -305,7 +349,7 @@ def test_quality_map_never_replaces_an_input_an_output_or_an_old_map(workdir, ti
     (workdir / "a.png").unlink()
     before = (workdir / "a.quality.png").read_bytes()
     rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args)
-    assert rc == 1 and "a.quality.png: quality map exists (use --overwrite)" in err
+    assert rc == 2 and "a.quality.png: quality map exists (use --overwrite)" in err
     assert not (workdir / "a.png").exists() and (workdir / "a.quality.png").read_bytes() == before
     assert run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "a.png", *args, "--overwrite")[0] == 0
 
@@ -400,6 +444,36 @@ def test_several_inputs_into_an_output_named_like_an_image_are_refused(workdir, 
     for out in (workdir / "old.png", f"{workdir / 'new.png'}/"):
         rc, _, err = run(capsys, "restore", *inputs, "-o", out, "--weights", tiny_weights)
         assert rc == 0 and sorted(p.name for p in Path(out).iterdir()) == ["a.png", "b.png"], err
+
+
+def test_an_output_named_out_dot_or_dot_png_is_refused(workdir, tiny_weights, capsys, monkeypatch):
+    """-o out. and -o .png have no suffix to Python, so one input went into a new folder of that name
+    (out./a.png, a hidden .png/a.png). Refused in one line; an existing folder of that name, or one
+    written with '/', is still taken, and so are -o . and -o .."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    for name, says in (
+        ("out.", "ends in '.': give a file name with its type, such as out.png, or a folder"),
+        (".png", "is a hidden name with no stem: give a file name such as out.png, or .png/ for a folder"),
+        (".JPG", "is a hidden name with no stem: give a file name such as out.jpg, or .JPG/ for a folder"),
+    ):
+        rc, _, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / name)
+        assert rc == 2 and error_lines(err) == [f"qairn: error: -o {workdir / name}: {says}"], err
+        assert not (workdir / name).exists()
+    from qairn.engine.cli import output_paths
+
+    (workdir / "old.").mkdir()
+    inputs = [workdir / "a.jpg"]
+    assert output_paths(inputs, str(workdir / "old."), None) == (
+        [workdir / "old." / "a.png"],
+        workdir / "old.",
+    )
+    assert output_paths(inputs, f"{workdir / '.png'}/", None)[1] == workdir / ".png"
+    assert output_paths(inputs, ".", None) == ([Path("a.png")], Path("."))
+    assert output_paths(inputs, "..", None)[1] == Path("..")
 
 
 def test_failed_write_leaves_no_partial_file(workdir, tiny_weights, capsys, monkeypatch):
@@ -704,6 +778,8 @@ def test_a_pixel_limit_below_one_is_refused_at_once(workdir, tiny_weights, capsy
         (["--tile", "abc"], "argument --tile: expected auto, 0 or a tile size in pixels, got 'abc'"),
         (["--tile", "8", "--overlap", "32"], "--tile 8 with --overlap 32: overlap 32 (taken in steps"),
         (["--overlap", "600"], "--tile auto with --overlap 600: overlap 600 (taken in steps of 16: 608)"),
+        # whole images: the overlap was ignored without a word
+        (["--tile", "0", "--overlap", "5"], "--tile 0 with --overlap 5: whole images are not tiled"),
     ],
 )
 def test_bad_tiling_options_are_refused_before_the_model_loads(workdir, capsys, monkeypatch, options, says):
@@ -1050,7 +1126,7 @@ def test_bad_weights_one_line(workdir, tmp_path, capsys):
         ),
         (  # (--tile 32 was refused here too, for an overlap never given: it runs now)
             ["eval", "--data", "{tmp}/imgs", "--tile", "-5"],
-            'tile must be a positive int, None (whole images) or "auto", not -5',
+            "--tile -5: must be 0 (whole images) or a positive number",  # (was the Restorer's line)
         ),
         (
             ["train", "--data", "{tmp}/imgs", "--out", "{tmp}/run", "--batch", "0"],

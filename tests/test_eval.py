@@ -132,6 +132,23 @@ def test_negative_limit_or_crop_is_refused(refs, capsys, cmd, opt):
     assert err == f"qairn {cmd}: error: {opt} -1: must be 0 (all) or a positive number"
 
 
+@pytest.mark.parametrize("cmd", ["eval", "eval-quality"])
+@pytest.mark.parametrize(
+    "opt, says",
+    [
+        (["--tile", "-5"], "--tile -5: must be 0 (whole images) or a positive number"),
+        (["--workers", "0"], "--workers 0: must be 1 or more (processes)"),
+        (["--workers", "-2"], "--workers -2: must be 1 or more (processes)"),
+    ],
+)
+def test_negative_tile_or_workers_under_1_are_refused(refs, capsys, monkeypatch, cmd, opt, says):
+    # --tile -5 loaded the model, then 'tile must be a positive int, None (whole images) or "auto", not
+    # -5', naming no option; --workers 0 and -2 ran as 1 without a word.
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", None)  # (called: a TypeError, not exit 2)
+    assert cli([cmd, "--data", str(refs), "--jpeg-only" if cmd == "eval" else "--no-report", *opt]) == 2
+    assert capsys.readouterr().err.strip() == f"qairn {cmd}: error: {says}"
+
+
 def test_images_under_the_ssim_window_are_named(tmp_path, capsys):
     make_folder(tmp_path / "d", 1, 40, 40, seed=0)
     cv2.imwrite(str(tmp_path / "d" / "small.png"), np.zeros((9, 30, 3), np.uint8))

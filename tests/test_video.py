@@ -2354,6 +2354,7 @@ def test_qairn_video_refuses_a_batch_under_1_as_a_usage_error(clip, capsys):
     [
         (["--overlap", "-4"], "argument --overlap: the overlap must not be negative, got -4"),
         (["--tile", "8", "--overlap", "32"], "--tile 8 with --overlap 32: overlap 32 (taken in steps"),
+        (["--tile", "0", "--overlap", "5"], "--tile 0 with --overlap 5: whole images are not tiled"),
     ],
 )
 def test_qairn_video_refuses_bad_tiling_options_before_the_model_loads(
@@ -2586,3 +2587,138 @@ def test_a_preset_is_refused_where_the_encoder_could_not_be_checked_before(resto
     with pytest.raises(ValueError, match=r"^--preset fast: mpeg4 has no presets$"):
         transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="mpeg4", preset="fast", plot=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.mkv"]
+
+
+def _no_model(monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+
+
+@pytest.mark.parametrize(
+    "name, codec, says",
+    [
+        (
+            "o.webm",
+            None,
+            "o.webm: cannot copy audio (aac) into this container ('webm' format does not support",
+        ),
+        ("o.mpg", "mpeg2video", "o.mpg: this container cannot hold mpeg2video video and aac audio (Invalid"),
+    ],
+)
+def test_audio_the_output_cannot_hold_is_refused_before_the_model_loads(
+    clip, tmp_path, capsys, monkeypatch, name, codec, says
+):
+    """AAC into .webm or .mpg was refused only after the model loaded and the first frame decoded: the
+    input's audio streams are now tried against the output container in check_paths, from their headers."""
+    if name.endswith(".webm") and "libvpx-vp9" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libvpx-vp9")
+    _no_model(monkeypatch)
+    out = tmp_path / name
+    rc = main([str(clip), str(out), "--no-quality", *(["--codec", codec] if codec else [])])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"qairn: error: {tmp_path / says}" in err and "use .mkv, or --no-audio" in err, err
+    assert "model was loaded" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_video_into_a_single_image_file_is_refused_before_the_model_loads(
+    clip, tmp_path, capsys, monkeypatch
+):
+    """A 6-frame clip into o.png (--codec png) restored every frame, then failed as 'o.png: cannot write
+    (Invalid argument)': an image file holds one picture. Refused up front; a one-frame input still goes."""
+    _no_model(monkeypatch)
+    out = tmp_path / "o.png"
+    rc = main([str(clip), str(out), "--codec", "png", "--no-audio", "--no-quality"])
+    err = capsys.readouterr().err
+    says = f"{out}: holds one picture, but {clip} has 6 frames; write a video container (.mp4, .mkv)"
+    assert rc == 1 and f"qairn: error: {says}" in err and "model was loaded" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    from qairn.engine.video import check_paths
+
+    one = flat_clip(tmp_path / "one.mp4", times=[0])
+    check_paths(one, out, VideoOptions(codec="png", audio=False, write_quality=False))  # not refused
+
+
+def test_a_pixel_format_the_encoder_does_not_take_is_refused_before_the_model_loads(
+    clip, tmp_path, capsys, monkeypatch
+):
+    """--pix-fmt nosuch (or one libx264 does not take) was refused only after the model loaded and the
+    first frame decoded; the encoder's list is read in check_paths now, the same line."""
+    _no_model(monkeypatch)
+    for fmt in ("nosuch", "rgb48le"):
+        rc = main(
+            [str(clip), str(tmp_path / "o.mp4"), "--pix-fmt", fmt, "--no-quality", "--codec", "libx264"]
+        )
+        err = capsys.readouterr().err
+        says = f"qairn: error: {tmp_path / 'o.mp4'}: libx264 cannot encode pixel format {fmt} (it takes gray,"
+        assert rc == 1 and says in err and "model was loaded" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quality_csv_with_no_quality_is_refused(clip, tmp_path, capsys, monkeypatch):
+    """--quality-csv x.csv --no-quality wrote no trace without a word (exit 0); the two contradict each
+    other, as --score-only with --no-quality do: refused in one line, before the model loads."""
+    _no_model(monkeypatch)
+    rc = main([str(clip), str(tmp_path / "o.mp4"), "--quality-csv", str(tmp_path / "x.csv"), "--no-quality"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == "qairn: error: --quality-csv with --no-quality: no trace is written", (
+        err
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_given_with_score_only_is_said_to_be_ignored(clip, tmp_path, capsys, monkeypatch):
+    """qairn video IN OUT --score-only wrote no OUT and put the trace beside IN, without a word: OUT
+    looked like the video (or the trace's place) it would write. One warning now, before the model loads."""
+
+    def restorer(**options):
+        raise RuntimeError("stand-in Restorer")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", restorer)
+    out = tmp_path / "out.mp4"
+    assert main([str(clip), str(out), "--score-only", "--no-plot"]) == 1
+    err = capsys.readouterr().err
+    says = f"qairn: warning: --score-only writes no video: {out} is ignored (the trace: {clip}.quality.csv)"
+    assert says in err.splitlines(), err
+    assert main([str(clip), "--score-only", "--no-plot"]) == 1  # no OUT: nothing to say
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, says",
+    [
+        (["{clip}", "{tmp}/o.mp4", "--quality-csv", ""], "argument --quality-csv: an empty name, not a file"),
+        (
+            ["{clip}", "{tmp}/o.mp4", "--preset", ""],
+            "argument --preset: an empty value; give one or leave it",
+        ),
+        (
+            ["{clip}", "{tmp}/o.mp4", "--pix-fmt", ""],
+            "argument --pix-fmt: an empty value; give one or leave it",
+        ),
+        (
+            ["{clip}", "{tmp}/o.mp4", "--codec", ""],
+            "argument --codec: an empty value; give one or leave it out",
+        ),
+        (["{clip}", ""], "argument output: an empty name, not a file or folder"),
+        (["", "{tmp}/o.mp4"], "argument input: an empty name, not a file or folder"),
+    ],
+)
+def test_empty_video_options_are_refused_as_usage_errors(clip, tmp_path, capsys, options, says):
+    """An unset shell variable: --quality-csv '' and --preset '' were taken as not given (the trace went
+    to its default place, the encoder's own preset, unsaid), OUT '' and IN '' were '.: is a directory',
+    --pix-fmt '' and --codec '' were refused with a blank name after the option."""
+    with pytest.raises(SystemExit) as e:
+        main([o.format(clip=clip, tmp=tmp_path) for o in options])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and says in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_codec_option_without_a_key_is_a_usage_error(clip, tmp_path, capsys):
+    """--codec-option =5 got past argparse and was refused as "libx264 has no option ''" (exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        main([str(clip), str(tmp_path / "o.mp4"), "--codec-option", "=5"])
+    assert e.value.code == 2
+    assert "argument --codec-option: expected KEY=VALUE, got '=5'" in capsys.readouterr().err

@@ -130,6 +130,16 @@ def output_paths(inputs: list[Path], out: str, suffix: str | None) -> tuple[list
         raise InputError("-o -: images are not written to standard output; give a file or folder name")
     o = Path(out)
     named_dir = o.is_dir() or out.endswith(("/", "\\"))
+    # Python gives out. and .png no suffix: one input went into a new folder of that name.
+    if not named_dir and o.name not in ("", "..") and o.name.endswith("."):
+        raise InputError(
+            f"-o {out}: ends in '.': give a file name with its type, such as {o.name}png, or a folder"
+        )
+    if not named_dir and o.name.lower() in IMAGE_SUFFIXES:
+        raise InputError(
+            f"-o {out}: is a hidden name with no stem: give a file name such as out{o.name.lower()}, "
+            f"or {o.name}/ for a folder"
+        )
     as_dir = named_dir or not o.suffix or len(inputs) > 1
     if as_dir:
         if o.exists() and not o.is_dir():
@@ -256,7 +266,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fused-conv",
         action="store_true",
-        help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA; not yet timed)",
+        help="eager/compile/triton: run the thin convs on the fused Triton kernels (CUDA, not yet timed; "
+        "elsewhere the plain convs run, with a warning)",
     )
     p.add_argument(
         "--cuda-graph",
@@ -289,6 +300,12 @@ def check_tile_options(p: argparse.ArgumentParser, a) -> None:
     a static export's own tile.)"""
     from qairn.engine.restorer import check_tiling, default_overlap
 
+    # Whole images have no tiles: --tile 0 --overlap 5 ran without a word of the overlap given. (Only a
+    # CUDA out-of-memory retry cuts a whole image into tiles, and its overlap is the default's.)
+    if a.tile is None and a.overlap is not None:
+        p.error(
+            f"--tile 0 with --overlap {a.overlap}: whole images are not tiled; drop --overlap or give a tile"
+        )
     # No --overlap: None goes on to the Restorer, which fits its default to a small or static tile.
     overlap = default_overlap(a.tile) if a.overlap is None else a.overlap
     try:
@@ -309,9 +326,25 @@ def pad(text: str, width: int) -> str:
     return text + " " * (width - columns(text))
 
 
+def warn_fused_conv_off_cuda(a) -> None:
+    """--fused-conv (CUDA, says its help) ran on the CPU without a word, on the plain convs (the fused
+    ops' reference there): one warning. Not refused as --cuda-graph is: the run is the same picture."""
+    from qairn.engine.restorer import resolve_device
+
+    if not a.fused_conv or a.backend not in ("auto", "eager", "compile", "triton"):  # others refuse it
+        return
+    try:
+        device = resolve_device(a.device)
+    except ValueError:  # (a device that is not there: the Restorer's one line says so)
+        return
+    if device.type != "cuda":
+        warning(f"--fused-conv: the fused Triton convs run on CUDA only; on {device} the plain convs run")
+
+
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
+    warn_fused_conv_off_cuda(a)  # before the model loads
     return Restorer(
         weights=a.weights,
         device=a.device,
@@ -394,9 +427,9 @@ def file_bits(img) -> int | None:
     return 16 if img.dtype == np.uint16 else None
 
 
-def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
-    """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
-    A problem raises: InputError or ImageError with its one line, OSError from the write."""
+def check_output(a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> None:
+    """dst (and its quality map) may be written for src: not another input, nor an existing file
+    without --overwrite. InputError with its one line."""
     if dst.resolve() in input_set and dst.resolve() != src.resolve():  # --overwrite or not: it would be
         # replaced before it is read (or after, by another image), its original lost
         raise InputError(f"{dst}: is another input; {src}'s output would replace it (give another -o)")
@@ -409,6 +442,13 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         raise InputError(f"{qm}: the quality map would replace another input or output; rename it")
     if a.quality_map and qm.exists() and not a.overwrite:
         raise InputError(f"{qm}: quality map exists (use --overwrite)")
+
+
+def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Path]) -> dict:
+    """Restore src into dst (and its quality map) for `qairn restore`'s options a; its JSON record.
+    A problem raises: InputError or ImageError with its one line, OSError from the write."""
+    check_output(a, src, dst, input_set, taken)  # (a single output file: checked up front too)
+    qm = dst.with_name(dst.stem + ".quality.png")
     if not dst.parent.is_dir():
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
@@ -573,6 +613,11 @@ def main_restore(argv=None) -> int:
         return fatal(f"{outputs[0]}: output folder does not exist")
     if out_dir.is_dir() and not writable(out_dir):
         return fatal(f"{out_dir}: output folder is not writable")
+    if folder is None:  # one output file: found taken only after the model had loaded (exit 1)
+        try:
+            check_output(a, inputs[0], outputs[0], input_set, taken)
+        except InputError as e:
+            return fatal(str(e))
     try:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback

@@ -52,7 +52,7 @@ from qairn.engine.color import (
     plane_bits,
     restore_planes,
 )
-from qairn.engine.imageio import write_atomic
+from qairn.engine.imageio import path_arg, write_atomic
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
@@ -1334,12 +1334,16 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
 
 
-def check_container(dst: Path, codec: str) -> None:
+def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True) -> None:
     """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
     container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
-    the model had loaded. A hidden file beside dst is opened, as the output will be, and removed."""
+    the model had loaded. A hidden file beside dst is opened, as the output will be, and removed.
+    src (a file; None: not looked at): its streams, read from their headers, must fit too (see
+    _check_streams_fit)."""
     import av
+    import av.logging
 
+    levels = av.logging.get_level(), _libav_level()  # set back once the probe and input are closed
     probe = _temp_path(dst)
     try:
         try:
@@ -1349,13 +1353,95 @@ def check_container(dst: Path, codec: str) -> None:
                 f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
             ) from None
         try:
-            out.add_stream(codec, rate=25)
-        except (av.FFmpegError, ValueError) as e:
-            raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+            try:
+                vs = out.add_stream(codec, rate=25)
+            except (av.FFmpegError, ValueError) as e:
+                raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+            single = out.format.name == "image2"
+            if src is not None and (single or (audio and dst.suffix.lower() not in SILENT_SUFFIXES)):
+                with _stderr_muted():  # (x264 and x265 print their settings, opening and closing)
+                    _check_streams_fit(src, out, vs, dst, audio)
+                    out.close()  # (x265 says "encoded 0 frames"; closing again below does nothing)
         finally:
             out.close()
     finally:
         probe.unlink(missing_ok=True)
+        _logging_back(*levels)
+
+
+def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
+    """The input's streams against the output container `out` (a probe with the video stream vs), from
+    the input's headers: AAC audio into .webm or .mpg was refused only once the model had loaded and the
+    first frame decoded, and a 6-frame video into o.png failed after the whole restore, as "cannot write
+    (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it."""
+    import av
+
+    inp = _open_input(src)
+    try:
+        videos = [s for s in inp.streams.video if not is_cover(s)]
+        if not videos:  # (transcode says so)
+            return
+        rate = videos[0].average_rate or videos[0].guessed_rate or Fraction(25)
+        frames = expected_frames(inp, videos[0], rate)
+        if out.format.name == "image2" and frames is not None and frames > 1:
+            raise VideoError(
+                f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
+                "write a video container (.mp4, .mkv)"
+            )
+        astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
+        if not astreams:
+            return
+        for s in astreams:
+            try:
+                out.add_stream_from_template(s)
+            except (av.FFmpegError, ValueError) as e:
+                raise VideoError(
+                    f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
+                    f"({_msg(e)}); use .mkv, or --no-audio"
+                ) from None
+        # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there), which needs
+        # the video encoder open: on a small frame, where it opens here at all.
+        if not _open_probe_encoder(vs):
+            return
+        with _ffmpeg_reasons():
+            try:
+                out.start_encoding()
+            except av.FFmpegError as e:
+                what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
+                raise VideoError(
+                    f"{dst}: this container cannot hold {what} ({_msg(e)}); use .mkv, or --no-audio"
+                ) from None
+    finally:
+        inp.close()
+
+
+def _open_probe_encoder(vs) -> bool:
+    """Open the probe's video encoder on a PROBE_SIZE frame (yuv420p, else its first pixel format);
+    False where it does not open here (a GPU encoder without its GPU)."""
+    import av
+
+    cc = vs.codec_context
+    formats = [f.name for f in (cc.codec.video_formats or [])] or ["yuv420p"]
+    cc.width, cc.height = PROBE_SIZE
+    cc.pix_fmt = "yuv420p" if "yuv420p" in formats else formats[0]
+    cc.time_base = Fraction(1, 25)
+    try:
+        cc.open()
+    except (av.FFmpegError, ValueError):
+        return False
+    return True
+
+
+def check_pix_fmt(codec: str, pix_fmt: str | None, dst: Path) -> None:
+    """--pix-fmt names a format the encoder takes: one it does not (or no format at all) was refused only
+    after the model had loaded and the first frame decoded, in the line _open_output still says."""
+    import av
+
+    supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
+    if pix_fmt is not None and supported and pix_fmt not in supported:
+        raise VideoError(
+            f"{dst}: {codec} cannot encode pixel format {pix_fmt} (it takes {', '.join(sorted(supported))})"
+        )
 
 
 def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
@@ -1377,8 +1463,10 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
         codec = output_codec(dst, opts)
-        check_container(dst, codec)
+        # (a pipe is left alone: it can be read once only, by the run)
+        check_container(dst, codec, src if src.is_file() else None, opts.audio)
         check_encoder_options(codec, opts, dst)
+        check_pix_fmt(codec, opts.pix_fmt, dst)
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
@@ -1744,9 +1832,9 @@ def _mux_audio(out, pending: list, amap: dict, dst: Path, lost_cues: list) -> No
 
 # ---- command line ---------------------------------------------------------------------------------------
 def _parse_kv(s: str) -> tuple[str, str]:
-    if "=" not in s:
+    k, eq, v = s.partition("=")
+    if not eq or not k:  # (=5 was refused later, as "libx264 has no option ''")
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
-    k, v = s.split("=", 1)
     return k, v
 
 
@@ -1782,15 +1870,26 @@ def _bitrate_arg(text: str) -> int:
     return value
 
 
+def _value_arg(text: str) -> str:
+    """--codec, --preset, --pix-fmt: '' (an unset shell variable) was taken as not given (--preset) or
+    refused naming a blank (--codec , --pix-fmt)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty value; give one or leave it out")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qairn video",
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="video file (anything FFmpeg reads; a local file, not a URL)")
+    p.add_argument("input", type=path_arg, help="video file (anything FFmpeg reads; a local file, not a URL)")
     p.add_argument(
-        "output", nargs="?", help="output video (.mp4, .mkv, .mov, ...); optional with --score-only"
+        "output",
+        nargs="?",
+        type=path_arg,
+        help="output video (.mp4, .mkv, .mov, ...); none with --score-only (ignored, with a warning)",
     )
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
@@ -1816,7 +1915,11 @@ def build_parser() -> argparse.ArgumentParser:
         "quarter of it in steps of 16, up to 32)",
     )
     m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
-    m.add_argument("--fused-conv", action="store_true", help="thin convs on the fused Triton kernels (CUDA)")
+    m.add_argument(
+        "--fused-conv",
+        action="store_true",
+        help="thin convs on the fused Triton kernels (CUDA; elsewhere the plain convs, with a warning)",
+    )
     m.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -1825,6 +1928,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("encoding")
     e.add_argument(
         "--codec",
+        type=_value_arg,
         help=f"video encoder (default: the first of {', '.join(DEFAULT_CODECS)} available; "
         ".y4m: rawvideo, .gif: gif, .webm and .ivf: libvpx-vp9, .ogv: libtheora)",
     )
@@ -1837,10 +1941,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--preset",
+        type=_value_arg,
         help="the encoder's speed preset (x264/x265: ultrafast .. placebo, default medium; SVT-AV1: 0-13)",
     )
     e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
-    e.add_argument("--pix-fmt", help="output pixel format (default: the source's, when the encoder takes it)")
+    e.add_argument(
+        "--pix-fmt",
+        type=_value_arg,
+        help="output pixel format (default: the source's, when the encoder takes it)",
+    )
     e.add_argument(
         "--codec-option",
         type=_parse_kv,
@@ -1864,7 +1973,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = p.add_argument_group("quality trace")
     q.add_argument("--score-only", action="store_true", help="write the quality trace, no video")
     q.add_argument(
-        "--quality-csv", help="CSV path (default OUT.quality.csv, or IN.quality.csv with --score-only)"
+        "--quality-csv",
+        type=path_arg,
+        help="CSV path (default OUT.quality.csv, or IN.quality.csv with --score-only)",
     )
     q.add_argument("--no-quality", action="store_true", help="write no quality trace")
     q.add_argument("--no-plot", action="store_true", help="no PNG plot of Q2 beside the CSV")
@@ -1913,6 +2024,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.score_only and args.no_quality:
         print("qairn: error: --score-only with --no-quality has nothing to write", file=sys.stderr)
         return 2
+    if args.quality_csv is not None and args.no_quality:  # (it was ignored without a word)
+        print("qairn: error: --quality-csv with --no-quality: no trace is written", file=sys.stderr)
+        return 2
+    if args.score_only and args.output is not None:  # (taken for the video, or the trace's place)
+        trace = args.quality_csv or f"{args.input}.quality.csv"
+        print(
+            f"qairn: warning: --score-only writes no video: {args.output} is ignored (the trace: {trace})",
+            file=sys.stderr,
+        )
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:

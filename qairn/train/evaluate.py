@@ -313,15 +313,18 @@ def check_outputs(json_path: str | None, plot: str | None, weights: str | None) 
 
 
 # option -> what its 0 means
-COUNTS = {"limit": "all", "crop": "all", "threads": "torch's default"}
+COUNTS = {"limit": "all", "crop": "all", "threads": "torch's default", "tile": "whole images"}
 
 
 def check_counts(a) -> None:
     """--limit -1 took all images but the last (a slice), --crop -5 failed as a '0x0 pixels' image,
-    --threads -1 ended in torch's traceback."""
+    --threads -1 ended in torch's traceback, --tile -5 was refused once the model had loaded, naming no
+    option, and --workers 0 or -2 ran as 1 without a word."""
     for name, zero in COUNTS.items():
         if getattr(a, name) < 0:
             raise SystemExit(f"--{name} {getattr(a, name)}: must be 0 ({zero}) or a positive number")
+    if a.workers < 1:
+        raise SystemExit(f"--workers {a.workers}: must be 1 or more (processes)")
 
 
 def main_eval(argv=None) -> int:
