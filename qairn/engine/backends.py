@@ -52,7 +52,8 @@ def check_switch(name: str, value) -> bool:
 
 
 class BackendError(RuntimeError):
-    pass
+    """A backend that cannot be made or cannot run here (unknown name or precision, a missing package, no
+    such device, an engine or ONNX file that does not fit); the message says which and why."""
 
 
 class Closing:
