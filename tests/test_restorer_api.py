@@ -1066,6 +1066,16 @@ def test_the_errors_a_caller_catches_are_qairns_own_names():
     assert {"BackendError", "ColorError", "ImageError", "VideoError"} <= set(qairn.__all__)
     with pytest.raises(qairn.BackendError, match="unknown backend 'nope'"):
         qairn.Restorer(model=lively_model(), device="cpu", backend="nope")
+
+
+@pytest.mark.parametrize("option", [{"backend": "nope"}, {"precision": "fp8"}])
+def test_an_unknown_backend_or_precision_is_a_value_error_too(option):
+    """An unknown backend or precision name raised BackendError, a RuntimeError, so `except ValueError`
+    (which catches every other bad argument of the Restorer: tile, overlap, p, channel_order...) missed
+    it. It is now both: a ValueError, and still a BackendError for callers that catch that."""
+    for caught in (ValueError, qairn.BackendError):
+        with pytest.raises(caught, match="unknown (backend 'nope'|precision 'fp8')"):
+            qairn.Restorer(model=lively_model(), device="cpu", **option)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         getattr(qairn, "Nope")  # noqa: B009 (an attribute that is not there)
 

@@ -56,6 +56,11 @@ class BackendError(RuntimeError):
     such device, an engine or ONNX file that does not fit); the message says which and why."""
 
 
+class UnknownOptionError(BackendError, ValueError):
+    """An unknown backend or precision name: a bad argument (a ValueError, as the Restorer's other
+    argument checks raise) as well as a BackendError, which callers caught before it was both."""
+
+
 class Closing:
     """`with backend:` for backends whose close() frees an engine's memory at once."""
 
@@ -160,7 +165,9 @@ class TorchBackend:
 
 def make_backend(name: str, model: QAIRN, device: torch.device, precision: str = "fp32", **options):
     if precision not in PRECISIONS:
-        raise BackendError(f"unknown precision {precision!r}; choose one of {', '.join(sorted(PRECISIONS))}")
+        raise UnknownOptionError(
+            f"unknown precision {precision!r}; choose one of {', '.join(sorted(PRECISIONS))}"
+        )
     if name in ("eager", "compile", "triton"):
         # compile=True and triton=True are set below, by the backends of those names: eager with
         # compile=True ran a compiled network under the name "eager" (and the Restorer's cuda_graph
@@ -184,4 +191,4 @@ def make_backend(name: str, model: QAIRN, device: torch.device, precision: str =
             raise BackendError(f"backend {name!r} is not available: {e}") from None
         check_options(name, cls, options)
         return factory(model, device, precision, **options)
-    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise UnknownOptionError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

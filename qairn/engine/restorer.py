@@ -14,7 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qairn.engine.backends import BACKENDS, PRECISIONS, BackendError, check_switch, make_backend
+from qairn.engine.backends import (
+    BACKENDS,
+    PRECISIONS,
+    UnknownOptionError,
+    check_switch,
+    make_backend,
+)
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
@@ -93,11 +99,11 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
 
     # Named here, where "auto" is one of the choices: make_backend's errors listed all but it.
     if precision != "auto" and precision not in PRECISIONS:
-        raise BackendError(
+        raise UnknownOptionError(
             f"unknown precision {precision!r}; choose one of auto, {', '.join(sorted(PRECISIONS))}"
         )
     if backend != "auto" and backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+        raise UnknownOptionError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
 
     # fp16 pays on tensor cores (compute capability 7.0 on); a Pascal GPU runs it at a fraction of
     # its fp32 rate. Triton compiles for 7.0 on too: older GPUs get eager fp32.
