@@ -2395,6 +2395,16 @@ def test_qairn_video_refuses_a_bad_bitrate_or_crf_as_a_usage_error(tmp_path, cap
     assert (ok.crf, ok.bitrate) == (0.0, 500000)
 
 
+def test_qairn_video_refuses_crf_with_bitrate(tmp_path, capsys):
+    """--crf 20 --bitrate 500000 encoded at the bitrate and dropped the --crf without a word (its default
+    18 could not be told from a given 18). Both given is now a usage error; --bitrate alone still runs."""
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--crf", "20", "--bitrate", "500000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--crf and --bitrate: give one" in err, err
+    assert build_parser().parse_args(["in.mp4", "out.mp4", "--bitrate", "500000"]).crf is None
+
+
 @pytest.mark.parametrize("crf", [float("nan"), float("inf"), -3])
 def test_video_options_refuse_a_crf_that_is_not_a_number_0_or_more(crf):
     """VideoOptions(crf=nan) with an MPEG-4 encoder ended in 'cannot convert float NaN to integer' (inf:

@@ -1935,9 +1935,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--crf",
         type=_crf_arg,
-        default=18.0,
-        help="constant quality (default 18): CRF for x264/x265 (0-51), VP8/VP9/AV1 (0-63), a fixed "
-        "quantiser crf/6 for MPEG-1/2/4 and MJPEG",
+        help="constant quality (default 18; not with --bitrate): CRF for x264/x265 (0-51), VP8/VP9/AV1 "
+        "(0-63), a fixed quantiser crf/6 for MPEG-1/2/4 and MJPEG",
     )
     e.add_argument(
         "--preset",
@@ -2002,9 +2001,11 @@ def main(argv: list[str] | None = None) -> int:
     from qairn.engine.cli import check_tile_options  # before the model loads, as restore and score do
 
     check_tile_options(parser, args)
+    if args.crf is not None and args.bitrate is not None:  # the bitrate won, and the --crf went unsaid
+        parser.error("--crf and --bitrate: give one (--crf a constant quality, --bitrate a rate)")
     opts = VideoOptions(
         codec=args.codec,
-        crf=args.crf,
+        crf=VideoOptions.crf if args.crf is None else args.crf,
         preset=args.preset,
         bitrate=args.bitrate,
         pix_fmt=args.pix_fmt,
