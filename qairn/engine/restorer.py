@@ -918,10 +918,18 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
     return arr, meta | {"alpha": alpha, "order": order}
 
 
-def hint_sample_depth(pixels, dtype, bits) -> None:
-    """Warns where uint16 pixels given without bits= all sit under 1024: 10-bit samples (what a 10-bit
-    decoder hands over in uint16) taken as 16-bit restore as a nearly black picture, with its scores."""
-    if bits is None and dtype == np.uint16 and 0 < int(pixels.max()) < 1024:
+def check_samples(pixels, dtype, bits: int | None) -> None:
+    """Integer RGB pixels (numpy, or a tensor on the CPU: a GPU's are not read, a device sync per call)
+    of a frame given as dtype, against its sample depth bits. Given: 16-bit codes given as 10-bit are
+    refused, not clamped. Not given: uint16 pixels all under 1024 get a warning, as 10-bit samples (what
+    a 10-bit decoder hands over in uint16) taken as 16-bit restore as a nearly black picture."""
+    if isinstance(pixels, torch.Tensor) and pixels.device.type != "cpu":
+        return
+    if bits is not None:
+        from qairn.engine.color import check_codes
+
+        check_codes(torch.as_tensor(pixels), bits, "rgb")
+    elif dtype == np.uint16 and 0 < int(pixels.max()) < 1024:
         warn(
             "uint16 pixels all under 1024 are taken as 16-bit samples (a nearly black picture): "
             "for 10-bit samples pass bits=10"
@@ -996,12 +1004,7 @@ def batch_to_float(t: torch.Tensor, order: str = "rgb", bits: int | None = None)
         # torch's uint16 has no max or compare kernels: widened to int32 (lossless), as numpy uint16 is.
         # Its codes are read on the CPU only (on a GPU, a device sync per call), as numpy's are.
         wide = t.to(torch.int32)
-        if wide.device.type == "cpu":
-            from qairn.engine.color import check_codes
-
-            hint_sample_depth(wide, np.uint16, bits)
-            if bits is not None:  # 16-bit codes given as 10-bit are refused, not clamped
-                check_codes(wide, bits, "rgb")
+        check_samples(wide, np.uint16, bits)
         x = wide.float() / (2.0 ** (bits or 16) - 1)
     elif t.is_floating_point():
         x = check_float_range(t.float())
@@ -1029,15 +1032,13 @@ def to_tensor(
     converted there: for a 4K frame, numpy's float conversion alone costs more than the network.
     bits: the sample depth of an integer image (10: uint16 codes 0..1023), its dtype's by default."""
     arr, meta = image_array(img, order)
-    hint_sample_depth(arr, meta["dtype"], bits)
     t = torch.from_numpy(arr)
     if bits is not None:
-        from qairn.engine.color import check_codes
         from qairn.engine.video import _rgb_bits
 
-        depth = _rgb_bits(meta["dtype"], bits)
-        check_codes(t, depth, "rgb")  # 16-bit codes given as 10-bit are refused, not clamped
-        meta["scale"] = 2.0**depth - 1
+        bits = _rgb_bits(meta["dtype"], bits)
+        meta["scale"] = 2.0**bits - 1
+    check_samples(t, meta["dtype"], bits)
     if device is not None:
         t = t.to(device)
     return to_float(t[None], meta["scale"]), meta

@@ -189,7 +189,7 @@ def _to_host(ts: list, copy_stream):
 
 
 def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image, return_maps) -> _Job:
-    from qairn.engine.restorer import batch_to_float, hint_sample_depth, image_array, to_float, to_pixels
+    from qairn.engine.restorer import batch_to_float, check_samples, image_array, to_float, to_pixels
 
     copy_in, copy_out = streams or (None, None)
     first = group[0]
@@ -231,9 +231,8 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             # next one is launched, and the source may have reused its buffer by then.
             meta = [m if m["alpha"] is None else m | {"alpha": m["alpha"].copy()} for _, m in pairs]
             pixels = torch.from_numpy(np.stack([a for a, _ in pairs]))
-            hint_sample_depth(pixels, first.dtype, bits)
+            check_samples(pixels, first.dtype, depth)
             if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
-                check_codes(pixels, depth, "rgb")
                 meta = [m | {"scale": 2.0**depth - 1} for m in meta]
             pixels = _to_device(pixels, restorer.device, copy_in)
             x = to_float(pixels, meta[0]["scale"])
@@ -1842,12 +1841,16 @@ def _whole_number(text: str) -> int | None:
     return int(text) if text.strip().lstrip("+-").isdigit() else None
 
 
-def _batch_arg(text: str) -> int:
-    """--batch, checked before the model loads (restore_stream refused 0 after, naming no option)."""
+def _one_or_more(text: str, expected: str) -> int:
     value = _whole_number(text)
     if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"needs at least 1 frame, got {text}")
+        raise argparse.ArgumentTypeError(f"{expected}, got {text}")
     return value
+
+
+def _batch_arg(text: str) -> int:
+    """--batch, checked before the model loads (restore_stream refused 0 after, naming no option)."""
+    return _one_or_more(text, "needs at least 1 frame")
 
 
 def _crf_arg(text: str) -> float:
@@ -1864,10 +1867,7 @@ def _crf_arg(text: str) -> float:
 
 def _bitrate_arg(text: str) -> int:
     """--bitrate, bits per second: 0 fell back to --crf without a word, and -5 reached the encoder."""
-    value = _whole_number(text)
-    if value is None or value < 1:
-        raise argparse.ArgumentTypeError(f"expected bits per second, 1 or more (e.g. 2000000), got {text}")
-    return value
+    return _one_or_more(text, "expected bits per second, 1 or more (e.g. 2000000)")
 
 
 def _value_arg(text: str) -> str:
@@ -1943,7 +1943,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_value_arg,
         help="the encoder's speed preset (x264/x265: ultrafast .. placebo, default medium; SVT-AV1: 0-13)",
     )
-    e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (overrides --crf)")
+    e.add_argument("--bitrate", type=_bitrate_arg, help="target bits per second (instead of --crf)")
     e.add_argument(
         "--pix-fmt",
         type=_value_arg,
