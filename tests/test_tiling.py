@@ -933,3 +933,17 @@ def test_overlap_help_gives_the_tiles_that_get_no_overlap(command, capsys):
         text = (video_parser() if command == "video" else bench_parser()).format_help()
     text = " ".join(text.split())
     assert "0 for a tile under 48" in text
+
+
+@pytest.mark.parametrize("precision, backend", [("bf16", "eager"), ("fp16", "triton"), ("fp32", "triton")])
+def test_auto_backend_asks_for_the_triton_gate_in_the_precision_given(monkeypatch, precision, backend):
+    """backend="auto" with precision="bf16" on a Turing GPU (7.5: fp16 Triton, no bf16) chose the
+    Triton gate, whose kernels need 8.0 for bf16: the check was made for fp16 whatever was asked.
+    (The GPU and triton are faked.)"""
+    from qairn.engine.restorer import resolve_auto
+    from qairn.kernels import gate
+
+    monkeypatch.setattr(gate, "device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(gate, "HAS_TRITON", True)
+    monkeypatch.setattr(gate, "load_triton", lambda: None)
+    assert resolve_auto("auto", precision, torch.device("cuda", 0)) == (backend, precision)

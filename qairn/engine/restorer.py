@@ -107,9 +107,11 @@ def resolve_auto(backend: str, precision: str, device: torch.device) -> tuple[st
 
     # fp16 pays on tensor cores (compute capability 7.0 on); a Pascal GPU runs it at a fraction of
     # its fp32 rate. Triton compiles for 7.0 on too: older GPUs get eager fp32.
-    cuda = device.type == "cuda" and triton_compiles_for(device, torch.float16)
     if precision == "auto":
-        precision = "fp16" if cuda else "fp32"
+        precision = "fp16" if device.type == "cuda" and triton_compiles_for(device, torch.float16) else "fp32"
+    # The gate's kernels in the precision that runs: bf16 needs 8.0, and a Turing GPU asked for bf16
+    # got the Triton backend, whose kernels cannot compile there.
+    cuda = device.type == "cuda" and triton_compiles_for(device, PRECISIONS[precision])
     if backend == "auto" and cuda and HAS_TRITON:
         # HAS_TRITON says installed, not importable: a broken install, which ran eager while triton was
         # imported with qairn, would fail every restore at the gate's first launch.
