@@ -1172,3 +1172,57 @@ def test_uint16_tensors_are_taken_as_numpy_uint16_is_with_or_without_bits():
         r.restore(t.to(torch.int32).mul(64).to(torch.uint16), bits=10)
     with pytest.warns(UserWarning, match="for 10-bit samples pass bits=10"):
         r.restore(t)
+
+
+# ---- pickling: process pools ---------------------------------------------------------------------
+def test_a_restorer_pickles_to_its_arguments_and_restores_bit_identically():
+    """Transcoders hand work to process pools: pickle.dumps(Restorer(...)) raised "cannot pickle
+    '_thread.RLock' object". It now travels as its arguments (an in-memory model as its weights,
+    copied when the Restorer was made) and is rebuilt on arrival."""
+    import pickle
+
+    model = lively_model()
+    r = qairn.Restorer(model=model, device="cpu", tile=32, overlap=8, tile_batch=2, channel_order="bgr", p=3)
+    with torch.no_grad():  # changed after: the Restorer runs (and carries) the weights it was given
+        next(model.parameters()).add_(1)
+    img = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    want = r.restore(img, return_maps=True)
+    back = pickle.loads(pickle.dumps(r))
+    assert (back.tile, back.overlap, back.tile_batch, back.channel_order, back.p) == (32, 8, 2, "bgr", 3.0)
+    assert (back.backend_name, back.precision, back.device) == ("eager", "fp32", torch.device("cpu"))
+    got = back.restore(img, return_maps=True)
+    np.testing.assert_array_equal(got.image, want.image)
+    assert got.quality == want.quality
+    for g, w in zip(got.maps, want.maps):
+        np.testing.assert_array_equal(g, w)
+    r.close()
+    with pytest.raises(TypeError, match="^cannot pickle a closed Restorer$"):
+        pickle.dumps(r)
+
+
+def test_a_restorer_pickled_from_a_weights_file_carries_the_path_not_the_weights(tmp_path):
+    import pickle
+
+    from qairn.weights_io import save_weights
+
+    path = save_weights(lively_model(), tmp_path / "w.safetensors")
+    r = qairn.Restorer(weights=path, device="cpu", tile=None)
+    data = pickle.dumps(r)
+    assert len(data) < 10_000  # the path, not the tensors
+    img = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(pickle.loads(data).restore(img).image, r.restore(img).image)
+
+
+@pytest.mark.slow  # a spawned worker imports torch: 5 s on a busy 2-core machine
+def test_a_restorer_goes_through_a_spawned_process_pool():
+    import concurrent.futures
+    import multiprocessing
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        got = pool.submit(r.restore, img).result(timeout=120)
+    want = r.restore(img)
+    np.testing.assert_array_equal(got.image, want.image)
+    assert got.quality == want.quality

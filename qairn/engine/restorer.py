@@ -306,6 +306,10 @@ class Restorer:
     one CUDA graph on its first call and replayed after (FrameGraph); for streams of equal frames.
     With compile, torch.compile's own per-batch CUDA graphs are turned off: the frame graph holds
     the compiled kernels.
+    A Restorer pickles (for process pools) as its arguments, rebuilt where it is unpickled: the weights
+    file's path (read again there), or a model='s weights as they were when the Restorer was made;
+    the device, backend, precision, tile and overlap it runs with. Caches, CUDA graphs, compiled
+    networks and engines are made again. A closed Restorer does not pickle.
     """
 
     def __init__(
@@ -337,6 +341,16 @@ class Restorer:
                 + ("; give a network as model=" if isinstance(weights, QAIRN) else "")
             )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
+        # What a pickled Restorer carries (__reduce__); the rest is settled after. An in-memory network
+        # travels as its weights, copied now: the caller may go on training it, and the Restorer runs
+        # (and hands on) the weights it was given.
+        self._arguments = dict(
+            weights=weights, tile_batch=tile_batch, channel_order=channel_order, cuda_graph=cuda_graph
+        ) | dict(backend_options)
+        self._network = None
+        if model is not None:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self._network = model.config, state
         config = None
         if (
             model is None
@@ -424,6 +438,22 @@ class Restorer:
                 f"{self.backend.path} holds another network than the one given ({'; '.join(differ)}): "
                 "give the weights it was exported from, or neither weights= nor model= to use its own"
             )
+
+    def __reduce__(self):
+        """Pickled as its arguments (a process pool's worker rebuilds it): caches, graphs, compiled
+        networks and engines are made again where it arrives. Device, backend, precision, tile and
+        overlap are those that run here (auto resolved, set_tiling's)."""
+        if self.closed:
+            raise TypeError("cannot pickle a closed Restorer")
+        settled = dict(
+            device=str(self.device),
+            backend=self.backend_name,
+            precision=self.precision,
+            tile=self.tile,
+            overlap=self.overlap,
+            p=self.p,
+        )
+        return rebuild_restorer, (type(self), self._arguments | settled, self._network)
 
     def close(self) -> None:
         """Free the device memory this Restorer holds now: its captured CUDA graphs, the tile plans
@@ -841,6 +871,17 @@ class Restorer:
             if switch in options:
                 options[switch] = check_switch(switch, options[switch])
         return restore_stream(self, frames, batch, **options)
+
+
+def rebuild_restorer(cls, arguments: dict, network) -> Restorer:
+    """A pickled Restorer, made again from its arguments; network: (config, weights) of one made
+    from model=, else None."""
+    if network is not None:
+        config, state = network
+        model = QAIRN(config)
+        model.load_state_dict(state)
+        arguments = arguments | {"model": model.eval()}
+    return cls(**arguments)
 
 
 def is_plane_set(frames) -> bool:
