@@ -346,3 +346,24 @@ def test_a_cpu_restorer_reads_the_codes_of_a_device_uint16_tensor(device):
     assert len(said) == 2 and "pass bits=10" in said[0] and said[0] == said[1], said
     assert got.image.dtype == torch.uint16 and got.image.device == t.device
     torch.testing.assert_close(got.image.cpu(), want.image, atol=0, rtol=0)
+
+
+def test_a_cpu_restorer_reads_the_codes_of_device_uint16_planes(device):
+    """As for uint16 tensors above: a GPU's uint16 planes given to a CPU Restorer's restore_yuv (or
+    restore_stream) were not read, being on a GPU, though copied to the CPU anyway: 16-bit codes given
+    as bits=10 were clamped into a wrong picture, unsaid. They are read once on the CPU now."""
+    r = restorer("cpu")
+    rng = np.random.default_rng(92)
+    y, u, v = (
+        torch.from_numpy(rng.integers(0, 65536, shape).astype(np.uint16)).to(device)
+        for shape in ((H, W), (-(-H // 2), -(-W // 2)), (-(-H // 2), -(-W // 2)))
+    )
+    with pytest.raises(ValueError, match=r"^plane y holds codes .*outside the 10-bit range 0\.\.1023"):
+        r.restore_yuv(y, u, v, bits=10)
+    with pytest.raises(
+        ValueError, match=r"^frame 0: plane y holds codes .*outside the 10-bit range 0\.\.1023"
+    ):
+        list(r.restore_stream([(y, u, v)], bits=10))
+    ten = [p // 64 for p in (y.to(torch.int32), u.to(torch.int32), v.to(torch.int32))]
+    got = r.restore_yuv(*(p.to(torch.uint16) for p in ten), bits=10)  # in range: restored, back on device
+    assert all(p.device == device and p.dtype == torch.uint16 for p in got.image)

@@ -1226,3 +1226,30 @@ def test_a_restorer_goes_through_a_spawned_process_pool():
     want = r.restore(img)
     np.testing.assert_array_equal(got.image, want.image)
     assert got.quality == want.quality
+
+
+def test_a_gpu_uint16_plane_for_a_cpu_restorer_has_its_codes_read_on_the_cpu():
+    """restore_yuv and restore_stream read uint16 plane codes on the CPU only (a GPU's would cost a sync
+    per call), so a GPU's P010-style planes (16-bit codes) given bits=10 and a CPU Restorer were clamped
+    into a wrong picture unsaid, though they were copied to the CPU anyway. The GPU is faked (SaysCuda)."""
+    from qairn.engine.color import ColorError, checked_planes
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    rng = np.random.default_rng(3)
+    y, u, v = (
+        torch.from_numpy(rng.integers(0, 65536, shape).astype(np.uint16)).as_subclass(SaysCuda)
+        for shape in ((16, 24), (8, 12), (8, 12))
+    )
+    outside = r"^plane y holds codes \d+\.\.\d+, outside the 10-bit range 0\.\.1023"
+    with pytest.raises(ColorError, match=outside):
+        r.restore_yuv(y, u, v, bits=10, image=False)
+    with pytest.raises(
+        ValueError, match=r"^frame 0: plane y holds codes .*outside the 10-bit range 0\.\.1023"
+    ):
+        list(r.restore_stream([(y, u, v)], bits=10, image=False))
+    # The helper: read where the planes go to the CPU; a GPU Restorer's planes stay unread (no sync).
+    with pytest.raises(ColorError, match=outside):
+        checked_planes([y, u, v], torch.device("cpu"), 10)
+    assert checked_planes([y], torch.device("cuda", 0), 10)[0] is y
+    codes = torch.arange(1024, dtype=torch.int32).reshape(32, 32).as_subclass(SaysCuda)
+    assert type(checked_planes([codes], torch.device("cpu"), 10)[0]) is torch.Tensor  # on the CPU now

@@ -187,6 +187,17 @@ def check_codes(plane: torch.Tensor, bits: int, name: str) -> None:
         )
 
 
+def checked_planes(planes: list, device: torch.device, bits: int) -> list:
+    """(y, u, v) integer planes with their codes checked (check_codes) on the way to a Restorer on
+    device: a CPU Restorer's are copied to it first, and read there, so a GPU's planes are read as a
+    host's are (they go to the CPU anyway); a GPU Restorer's stay where they are, a GPU's unread."""
+    if device.type == "cpu":
+        planes = [p.to(device) for p in planes]
+    for p, name in zip(planes, "yuv"):
+        check_codes(p, bits, name)
+    return planes
+
+
 # ---- restoration on planes -----------------------------------------------------------------------
 def restore_planes(
     restorer,
@@ -262,12 +273,10 @@ def restore_yuv(
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")
     bits = plane_bits(y.dtype, bits)
     shapes = ", ".join(str(tuple(p.shape)) for p in (y, u, v))  # as given: an HxWx3 y is 8 frames here
-    planes = [_as_batch(p, n) for p, n in zip((y, u, v), "yuv")]
-    for p, n in zip(planes, "yuv"):
-        check_codes(p, bits, n)
+    dev = restorer.device
+    planes = checked_planes([_as_batch(p, n) for p, n in zip((y, u, v), "yuv")], dev, bits)
     if len({p.shape[0] for p in planes}) != 1:
         raise ColorError(f"y, u and v have different batch sizes: shapes {shapes}")
-    dev = restorer.device
     # non_blocking for a host's planes only: a GPU's planes copied to a CPU Restorer so would be read
     # by the colour conversion before their bytes arrive (a device-to-host copy returns at once).
     planes = [p.to(dev, non_blocking=p.device.type == "cpu") for p in planes]

@@ -45,9 +45,9 @@ import torch
 
 from qairn.engine.color import (
     ColorError,
-    check_codes,
     check_matrix,
     check_range,
+    checked_planes,
     native,
     plane_bits,
     restore_planes,
@@ -207,8 +207,10 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
                 p = p.to(torch.int32) if p.dtype == torch.uint16 else p
             else:
                 p = torch.stack([f[i] for f in group])
-            check_codes(p, depth, "yuv"[i])
-            planes.append(_to_device(p, restorer.device, copy_in))
+            planes.append(p)
+        # A GPU's planes for a CPU Restorer are read on the CPU, as restore_yuv reads them (their codes).
+        planes = checked_planes(planes, restorer.device, depth)
+        planes = [_to_device(p, restorer.device, copy_in) for p in planes]
         out, q, maps = restore_planes(restorer, *planes, matrix, crange, depth, return_maps, image)
         job = _Job(
             "yuv",
