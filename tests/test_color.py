@@ -308,3 +308,53 @@ def test_restore_yuv_image_false_gives_the_quality_only_without_making_the_plane
     with pytest.raises(ValueError) as e:
         r.restore_yuv(*planes, bits=10, image="no")
     assert str(e.value) == "image must be True or False, not 'no'"
+
+
+def test_pyav_colorspace_and_color_range_codes_are_taken_as_names():
+    """PyAV frames give frame.colorspace and frame.color_range as ints (ITU-T H.273 codes; av 18's
+    Colorspace and ColorRange enums are IntEnums of them): restore_yuv(..., matrix=frame.colorspace)
+    was refused as "unknown colour matrix 1". Codes 1, 5/6, 9 and ranges 1, 2 are taken; another
+    code is refused in one line naming it."""
+    assert [color.check_matrix(c) for c in (1, 5, 6, 9, np.int64(1))] == [
+        "bt709",
+        "bt601",
+        "bt601",
+        "bt2020",
+        "bt709",
+    ]
+    assert [color.check_range(c) for c in (1, 2, np.uint8(2))] == ["limited", "full", "full"]
+    with pytest.raises(color.ColorError, match=r"^colour matrix code 2 \(unspecified\) .*: name the matrix"):
+        color.check_matrix(2)
+    with pytest.raises(color.ColorError, match=r"^colour matrix code 7 is not supported"):
+        color.check_matrix(7)
+    with pytest.raises(color.ColorError, match=r"^colour range code 0 \(unspecified\)"):
+        color.check_range(0)
+    with pytest.raises(color.ColorError, match=r"^unknown colour matrix True"):
+        color.check_matrix(True)
+    r = identity_restorer()
+    rng = np.random.default_rng(5)
+    y = rng.integers(16, 236, (16, 16), dtype=np.uint8)
+    u, v = (rng.integers(16, 241, (8, 8), dtype=np.uint8) for _ in "uv")
+    want = r.restore_yuv(y, u, v, matrix="bt601", range="full")
+    got = r.restore_yuv(y, u, v, matrix=5, range=2)
+    assert got.info == want.info == {"matrix": "bt601", "range": "full", "bits": 8}
+    assert all(np.array_equal(a, b) for a, b in zip(got.image, want.image))
+    (frame,) = r.restore_stream([(y, u, v)], matrix=5, range=2)
+    assert frame.info == want.info
+
+
+def test_pyav_enum_values_are_taken_as_their_codes():
+    av = pytest.importorskip("av", reason="PyAV is not installed")
+    from av.video.reformatter import ColorRange, Colorspace
+
+    assert (
+        color.check_matrix(Colorspace.ITU709) == "bt709" and color.check_matrix(Colorspace.BT2020) == "bt2020"
+    )
+    assert color.check_range(ColorRange.JPEG) == "full" and color.check_range(ColorRange.MPEG) == "limited"
+    frame = av.VideoFrame(16, 16, "yuv420p")
+    frame.colorspace, frame.color_range = Colorspace.ITU601, ColorRange.MPEG
+    assert (color.check_matrix(frame.colorspace), color.check_range(frame.color_range)) == (
+        "bt601",
+        "limited",
+    )
+    assert color.check_matrix("ITU709") == "bt709"  # the enum's name, as a string

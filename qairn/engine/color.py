@@ -9,7 +9,8 @@ Ranges, at `bits` per sample (s = 2**(bits-8)):
   full    ("pc", "jpeg"): Y = (2**bits-1) Y',   C = 2**(bits-1) + (2**bits-1) P
 JPEG (JFIF 1.02) uses BT.601 with full range (Y = 0.299 R + 0.587 G + 0.114 B, Cb = 128 + (B-Y)/1.772,
 Cr = 128 + (R-Y)/1.402, all 0..255): planes taken from a JPEG are restore_yuv(..., matrix="bt601",
-range="full"). Video is usually limited range, BT.709 for HD and BT.601 for SD.
+range="full"). Video is usually limited range, BT.709 for HD and BT.601 for SD. Matrix and range are
+also taken as ITU-T H.273 codes, as PyAV frames give them (frame.colorspace, frame.color_range).
 
 Chroma: 4:2:0 and 4:2:2 planes are upsampled with the triangle filter libjpeg uses ("fancy upsampling":
 bilinear, centred siting, edges replicated), so the network sees chroma as it did in training, and are
@@ -25,6 +26,8 @@ tests/test_color.py.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,8 @@ MATRIX_ALIASES = {
     "709": "bt709",
     "2020": "bt2020",
     "bt2020nc": "bt2020",
+    "itu601": "bt601",  # av.video.reformatter.Colorspace's names
+    "itu709": "bt709",
 }
 RANGES = {
     "limited": "limited",
@@ -48,18 +53,48 @@ RANGES = {
 }
 
 
+# ITU-T H.273 codes, as PyAV frames give them (frame.colorspace, frame.color_range: ints; av's
+# Colorspace and ColorRange enums are IntEnums of the same codes).
+MATRIX_CODES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}
+RANGE_CODES = {1: "limited", 2: "full"}
+UNSPECIFIED_MATRIX, UNSPECIFIED_RANGE = 2, 0
+
+
 class ColorError(ValueError):
     """Planes or colour parameters that cannot be converted; the message says what is wrong."""
 
 
-def check_matrix(matrix: str) -> str:
+def is_code(value) -> bool:
+    """An H.273 code: an int of any kind (numpy's, an IntEnum), but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_matrix(matrix: str | int) -> str:
+    """The matrix's name: from a name or alias, or from an H.273 code (PyAV's frame.colorspace)."""
+    if is_code(matrix):
+        code = int(matrix)
+        if code in MATRIX_CODES:
+            return MATRIX_CODES[code]
+        taken = "codes 1 (bt709), 5 and 6 (bt601) and 9 (bt2020)"
+        if code == UNSPECIFIED_MATRIX:
+            raise ColorError(f"colour matrix code 2 (unspecified) takes no guess: name the matrix ({taken})")
+        raise ColorError(f"colour matrix code {code} is not supported; qairn converts {taken}")
     m = MATRIX_ALIASES.get(str(matrix).lower(), str(matrix).lower())
     if m not in MATRICES:
         raise ColorError(f"unknown colour matrix {matrix!r}; choose one of {', '.join(MATRICES)}")
     return m
 
 
-def check_range(range: str) -> str:
+def check_range(range: str | int) -> str:
+    """'limited' or 'full': from a name or alias, or from an H.273 code (PyAV's frame.color_range)."""
+    if is_code(range):
+        code = int(range)
+        if code in RANGE_CODES:
+            return RANGE_CODES[code]
+        said = " (unspecified)" if code == UNSPECIFIED_RANGE else ""
+        raise ColorError(
+            f"colour range code {code}{said} is not one qairn takes: 1 (limited, video's usual) or 2 (full)"
+        )
     r = RANGES.get(str(range).lower())
     if r is None:
         raise ColorError(f"unknown colour range {range!r}; choose 'limited' or 'full'")
@@ -250,8 +285,8 @@ def restore_yuv(
     y,
     u,
     v,
-    matrix: str = "bt709",
-    range: str = "limited",
+    matrix: str | int = "bt709",
+    range: str | int = "limited",
     bits: int | None = None,
     return_maps: bool = False,
     image: bool = True,

@@ -813,14 +813,16 @@ class Restorer:
         y: np.ndarray | torch.Tensor,
         u: np.ndarray | torch.Tensor,
         v: np.ndarray | torch.Tensor,
-        matrix: str = "bt709",
-        range: str = "limited",
+        matrix: str | int = "bt709",
+        range: str | int = "limited",
         bits: int | None = None,
         return_maps: bool = False,
         image: bool = True,
     ) -> Result:
         """Restore Y'CbCr planes (4:2:0/4:2:2/4:4:4; numpy or tensors, (H,W) or (N,H,W)); converted on the
         device. Result.image is (y, u, v) in the input's format. JPEG is matrix="bt601", range="full".
+        matrix and range: names, or the H.273 codes a PyAV frame gives (matrix=frame.colorspace,
+        range=frame.color_range); an unspecified or unsupported code is refused, naming it.
         bits: the sample depth (8 for uint8; uint16 planes need it, e.g. bits=10). return_maps=True:
         Result.maps, as restore() gives them, at the luma plane's size. image=False: quality (and maps)
         only, Result.image None: the network's tail, the tiles' blend and the planes are not made."""

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from qairn.engine.color import (
+    MATRIX_CODES,
     ColorError,
     check_matrix,
     check_range,
@@ -364,7 +365,7 @@ def restore_stream(
 # ---- PyAV frames <-> planes --------------------------------------------------------------------------
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # http://, rtsp://, file://, ...
 PLANAR_YUV = re.compile(r"^yuvj?4(20|22|44)p(\d+le)?$")
-COLORSPACES = {1: "bt709", 5: "bt601", 6: "bt601", 9: "bt2020"}  # AVColorSpace -> matrix
+COLORSPACES = MATRIX_CODES  # AVColorSpace -> matrix
 MATRIX_NAMES = {  # (for notes)
     4: "fcc",
     7: "smpte240m",
