@@ -227,6 +227,31 @@ def test_one_output_file_taken_is_refused_before_the_model_loads(workdir, capsys
     assert (workdir / "o.png").read_bytes() == b"kept" and not (workdir / "m.png").exists()
 
 
+def test_outputs_of_several_inputs_taken_are_refused_before_the_model_loads(workdir, capsys, monkeypatch):
+    """a.jpg b.png c.png -o out with out/b.png there (an earlier run's) loaded the model, then failed
+    that image after it: the single output's check (above) was made for one input only. All are checked
+    up front now: exit 2, one line naming the first taken output, the model unloaded, nothing written."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", loaded)
+    out = workdir / "out"
+    out.mkdir()
+    cv2.imwrite(str(workdir / "c.png"), cv2.imread(str(workdir / "b.png")))
+    inputs = [workdir / n for n in ("a.jpg", "b.png", "c.png")]
+    (out / "b.png").write_bytes(b"kept")
+    rc, _, err = run(capsys, "restore", *inputs, "-o", out)
+    assert rc == 2 and error_lines(err) == [f"qairn: error: {out / 'b.png'}: output exists (use --overwrite)"]
+    (out / "c.quality.png").write_bytes(b"kept")
+    rc, _, err = run(capsys, "restore", *inputs, "-o", out, "--quality-map")
+    assert rc == 2 and error_lines(err) == [
+        f"qairn: error: {out / 'b.png'}: output exists (use --overwrite); 2 of the 3 outputs are there"
+    ], err
+    assert sorted(p.name for p in out.iterdir()) == ["b.png", "c.quality.png"]
+    assert (out / "b.png").read_bytes() == b"kept"
+
+
 def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
     for extra, says in (
         (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),

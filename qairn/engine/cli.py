@@ -618,6 +618,20 @@ def main_restore(argv=None) -> int:
             check_output(a, inputs[0], outputs[0], input_set, taken)
         except InputError as e:
             return fatal(str(e))
+    elif not a.overwrite:
+        # Outputs already there (an earlier run's) failed their images one by one after the model had
+        # loaded. (Clashes between this run's own names stay per image: the others still run.)
+        there = [
+            (src, dst)
+            for src, dst in zip(inputs, outputs)
+            if dst.exists() or (a.quality_map and dst.with_name(dst.stem + ".quality.png").exists())
+        ]
+        if there:
+            try:
+                check_output(a, *there[0], input_set, taken)
+            except InputError as e:
+                more = f"; {len(there)} of the {len(outputs)} outputs are there" if len(there) > 1 else ""
+                return fatal(f"{e}{more}")
     try:
         r = make_restorer(a)
     except Exception as e:  # weights/backends/devices: one line, no traceback
