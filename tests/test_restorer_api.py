@@ -755,8 +755,9 @@ def test_a_triton_that_fails_to_import_runs_auto_eager_and_refuses_an_explicit_t
         assert resolve_auto("auto", "auto", cuda) == ("eager", "fp16")
     assert [str(w.message) for w in caught] == [f"backend auto runs eager: {broken}"]
     assert resolve_auto("triton", "auto", cuda) == ("triton", "fp16")  # asked for: refused when built
+    # (by the gate swap a CUDA Restorer makes; a CPU one never imports triton: it runs the reference)
     with pytest.raises(RuntimeError, match=f"^gate backend 'triton': {broken}$"):
-        qairn.Restorer(model=lively_model(), device="cpu", backend="triton")
+        gate.use_gate_backend(lively_model(), "triton")
 
 
 def test_load_triton_says_in_one_line_that_triton_cannot_be_imported(monkeypatch):
@@ -1253,3 +1254,24 @@ def test_a_gpu_uint16_plane_for_a_cpu_restorer_has_its_codes_read_on_the_cpu():
     assert checked_planes([y], torch.device("cuda", 0), 10)[0] is y
     codes = torch.arange(1024, dtype=torch.int32).reshape(32, 32).as_subclass(SaysCuda)
     assert type(checked_planes([codes], torch.device("cpu"), 10)[0]) is torch.Tensor  # on the CPU now
+
+
+def test_a_cpu_restorer_on_the_triton_backend_leaves_triton_unimported(monkeypatch):
+    """backend="triton" on the CPU imported triton when the Restorer was made (0.4 s), though CPU
+    tensors never launch a Triton kernel: the gate op's Triton kernel is registered for CUDA, and the
+    CPU runs its reference. It is imported at a CUDA launch only now. A missing triton is still refused
+    up front, in one line."""
+    from qairn.kernels import gate
+
+    def load_triton():
+        raise AssertionError("triton was imported")
+
+    monkeypatch.setattr(gate, "HAS_TRITON", True)
+    monkeypatch.setattr(gate, "load_triton", load_triton)
+    img = np.random.default_rng(4).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    got = qairn.Restorer(model=lively_model(), device="cpu", backend="triton", tile=None).restore(img)
+    want = qairn.Restorer(model=lively_model(), device="cpu", backend="eager", tile=None).restore(img)
+    np.testing.assert_array_equal(got.image, want.image)
+    monkeypatch.setattr(gate, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match=r"^gate backend 'triton' needs the triton package"):
+        qairn.Restorer(model=lively_model(), device="cpu", backend="triton")

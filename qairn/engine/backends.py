@@ -109,7 +109,9 @@ class TorchBackend:
         if triton:
             from qairn.kernels import gate
 
-            gate.use_gate_backend(model, "triton")
+            # The op's Triton kernel is CUDA's (CPU tensors run its reference): on the CPU, where it never
+            # launches, triton is not imported (0.4 s, and a broken install would refuse a CPU run).
+            gate.use_gate_backend(model, "triton", load=device.type == "cuda")
         if fused_conv:
             # Convs at most 64 wide (or fused_conv, when an int) with their ReLU and residual add
             # in one Triton kernel each (CUDA; the reference conv elsewhere): kernels/fuse.py.

@@ -759,14 +759,16 @@ def scale_cores(cores: Tensor | None, n: int, h: int, w: int, scale: int, device
 GATE_BACKENDS = {"reference": gated_blend_reference, "eager": gated_blend_reference, "triton": gated_blend}
 
 
-def use_gate_backend(model: torch.nn.Module, name: str) -> torch.nn.Module:
+def use_gate_backend(model: torch.nn.Module, name: str, load: bool = True) -> torch.nn.Module:
     """Swap the gated blend of every QAIRN in model: "reference"/"eager" (plain torch) or "triton"
-    (the fused op: Triton on CUDA, the reference on other devices). Call it before torch.compile."""
+    (the fused op: Triton on CUDA, the reference on other devices). Call it before torch.compile.
+    load=False: triton is imported at the first CUDA launch, not now (for a model that runs on the CPU,
+    which never launches one: the import costs 0.4 s). A missing triton is refused either way."""
     if name not in GATE_BACKENDS:
         raise ValueError(f"unknown gate backend {name!r}; choose one of {', '.join(sorted(GATE_BACKENDS))}")
     if name == "triton" and not HAS_TRITON:
         raise RuntimeError("gate backend 'triton' needs the triton package (pip install qairn[triton])")
-    if name == "triton":  # a broken install is refused here, not at every image's first launch
+    if name == "triton" and load:  # a broken install is refused here, not at every image's first launch
         try:
             load_triton()
         except ImportError as e:
