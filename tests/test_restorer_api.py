@@ -635,7 +635,9 @@ def test_the_float_range_is_read_once_and_not_for_integer_input(monkeypatch):
 
     reads = []
     check = restorer_module.check_float_range
-    monkeypatch.setattr(restorer_module, "check_float_range", lambda x: reads.append(1) or check(x))
+    monkeypatch.setattr(
+        restorer_module, "check_float_range", lambda x, *a, **k: reads.append(1) or check(x, *a, **k)
+    )
     r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
     img = np.random.default_rng(0).integers(0, 256, (9, 17, 3), dtype=np.uint8)
     x = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
@@ -1275,3 +1277,19 @@ def test_a_cpu_restorer_on_the_triton_backend_leaves_triton_unimported(monkeypat
     monkeypatch.setattr(gate, "HAS_TRITON", False)
     with pytest.raises(RuntimeError, match=r"^gate backend 'triton' needs the triton package"):
         qairn.Restorer(model=lively_model(), device="cpu", backend="triton")
+
+
+def test_restore_tensor_does_not_advise_uint8_which_it_refuses():
+    """restore_tensor(0..255 floats) advised "divide 0..255 data by 255, or pass uint8", and refused
+    the uint8 tensor passed then ("restore_tensor takes (N,3,H,W) float in [0, 1]"): restore() is the
+    one that takes it."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    x = torch.linspace(0, 255, 3 * 16 * 16).reshape(1, 3, 16, 16)
+    with pytest.raises(ValueError) as e:
+        r.restore_tensor(x)
+    assert str(e.value) == (
+        "float tensors are taken in [0, 1], this one spans [0, 255] "
+        "(divide 0..255 data by 255, or give uint8 to restore())"
+    )
+    with pytest.raises(ValueError, match=r"or pass uint8\)$"):  # restore() takes uint8: that advice stays
+        r.restore(x)

@@ -538,7 +538,7 @@ class Restorer:
             raise ValueError(f"empty image tensor of shape {tuple(x.shape)}")
         if not in_range and x.device.type != "cpu":
             x = x.to(self.device)  # a GPU's tensor for a CPU Restorer: its range is read once it is here
-        x = (x if in_range else check_float_range(x)).to(self.device, torch.float32)
+        x = (x if in_range else check_float_range(x, uint8_taken=False)).to(self.device, torch.float32)
         n, _, h, w = x.shape
         asked = self.tile, self.overlap  # what an out-of-memory retry settles on holds for these only
         tile, overlap = self.tiling_for(h, w, n)
@@ -1011,11 +1011,12 @@ def from_pixels(pixels: np.ndarray, meta: dict) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def check_float_range(x: torch.Tensor) -> torch.Tensor:
+def check_float_range(x: torch.Tensor, uint8_taken: bool = True) -> torch.Tensor:
     """x, refused if it lies on the CPU outside [0, 1] (0..255 floats, NaN) rather than clamped into a
     white picture. On a GPU the check would cost a device-to-host sync per call (and stall
     restore_stream's overlap): skipped. (A GPU's tensor given to a CPU Restorer is checked once it is
-    on the CPU: restore_tensor.)"""
+    on the CPU: restore_tensor.) uint8_taken=False: the caller (restore_tensor) takes floats only, and
+    its advice for 0..255 data names restore() for uint8."""
     # detach: a tensor that requires grad warned "Converting a tensor with requires_grad=True to a
     # scalar" from inside qairn at every call.
     lo, hi = (float(v) for v in torch.aminmax(x.detach())) if x.device.type == "cpu" else (0.0, 1.0)
@@ -1025,16 +1026,17 @@ def check_float_range(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("float tensors are taken in [0, 1], this one holds infinity")
     if not (lo >= -1 / 255 and hi <= 1 + 1 / 255):
         raise ValueError(
-            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] {range_advice(hi)}"
+            f"float tensors are taken in [0, 1], this one spans [{lo:.4g}, {hi:.4g}] "
+            + range_advice(hi, uint8_taken)
         )
     return x
 
 
-def range_advice(hi: float) -> str:
+def range_advice(hi: float, uint8_taken: bool = True) -> str:
     """What to do with floats out of [0, 1]: 0..255 data reach far over 1; RGB converted from Y'CbCr
     overshoots a little (out-of-gamut colours), and dividing that by 255 would make it black."""
     if hi > 2:
-        return "(divide 0..255 data by 255, or pass uint8)"
+        return f"(divide 0..255 data by 255, or {'pass uint8' if uint8_taken else 'give uint8 to restore()'})"
     return "(clip a colour conversion's overshoot to [0, 1] first)"
 
 
