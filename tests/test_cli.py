@@ -1762,3 +1762,22 @@ def test_overwrite_never_replaces_another_input(workdir, tiny_weights, capsys, m
     ]
     assert (workdir / "z" / "a.png").read_bytes() == original
     assert read_image(workdir / "z" / "z_a.png").shape == (8, 8, 4)
+
+
+def test_an_image_under_the_network_stride_is_scored_with_a_warning(workdir, tiny_weights, capsys):
+    """A 7x5 image is mostly the replicate padding up to the network's 16 x 16: with the shipped weights
+    a 1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60 whatever its colour, a row like any other. score and
+    restore now say so, naming the file; a 16 x 16 image is scored without a word of it."""
+    bgr = cv2.imread(str(workdir / "b.png"))
+    cv2.imwrite(str(workdir / "tiny.png"), bgr[:5, :7])
+    cv2.imwrite(str(workdir / "s16.png"), bgr[:16, :16])
+    says = "7x5 pixels, under the network's 16 on a side: its Q1..Q3 mostly measure the padding"
+    rc, out, err = run(capsys, "score", workdir / "tiny.png", workdir / "s16.png", "--weights", tiny_weights)
+    assert rc == 0 and "tiny.png" in out and "s16.png" in out
+    assert [ln for ln in err.splitlines() if "warning" in ln] == [
+        f"qairn: warning: {workdir / 'tiny.png'}: {says}"
+    ], err
+    rc, _, err = run(
+        capsys, "restore", workdir / "tiny.png", "-o", workdir / "o.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and f"qairn: warning: {workdir / 'tiny.png'}: {says}" in err, err

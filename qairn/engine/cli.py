@@ -35,7 +35,7 @@ from qairn.engine.imageio import (
     write_image,
 )
 from qairn.engine.progress import progress_bar
-from qairn.engine.tiling import overlap_arg, tile_arg
+from qairn.engine.tiling import ALIGN, overlap_arg, tile_arg
 from qairn.messages import counted
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
@@ -218,6 +218,16 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     if not ok:
         raise RuntimeError("could not encode the quality map")
     return buf.tobytes()
+
+
+def score_caveat(img: np.ndarray) -> str | None:
+    """Why img's Q1..Q3 say little of its quality, or None. Under the network's stride (16) on a side,
+    most of what the gates see is the replicate padding: a 1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60
+    with the shipped weights, whatever its colour, as a row like any other."""
+    h, w = img.shape[:2]
+    if min(h, w) < ALIGN:
+        return f"{w}x{h} pixels, under the network's {ALIGN} on a side: its Q1..Q3 mostly measure the padding"
+    return None
 
 
 def pixel_count(text: str) -> int:
@@ -452,6 +462,9 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
     if not dst.parent.is_dir():
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
+    caveat = score_caveat(img)
+    if caveat:
+        warning(f"{src}: {caveat}")
     with TileBar() as tiles:
         res = r.restore(img, return_maps=a.quality_map, progress=tiles, bits=file_bits(img))
     icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
@@ -711,6 +724,9 @@ def main_score(argv=None) -> int:
         try:
             with TileBar() as tiles:
                 img = read_image(src, a.max_pixels, warn=warning)
+                caveat = score_caveat(img)
+                if caveat:
+                    warning(f"{src}: {caveat}")
                 q = r.score(img, progress=tiles, bits=file_bits(img))
         except ImageError as e:
             failed_names.append(str(src))
