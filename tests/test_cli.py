@@ -1804,3 +1804,16 @@ def test_a_flat_image_is_scored_with_a_warning(workdir, tiny_weights, capsys):
         capsys, "restore", workdir / "flat.png", "-o", workdir / "o.png", "--weights", tiny_weights
     )
     assert rc == 0 and f"qairn: warning: {workdir / 'flat.png'}: {says}" in err, err
+
+
+def test_quality_map_text_of_a_tall_image_leaves_the_maps_most_of_the_width():
+    from qairn.engine.cli import quality_map_png
+
+    # The font followed the picture's height alone: a 400 x 3000 scroll capture got labels 4.3 times
+    # the size of a 768 x 512 photo's, and its two maps filled a quarter of the picture's width, the
+    # rest white space around the bar labels (40 x 2000: 4%). The font follows the height up to twice
+    # the width (a 512 x 768 portrait's maps: 66% of the width, as before).
+    for w, h in ((400, 3000), (768, 512)):
+        gamma = np.random.default_rng(0).random((-(-h // 2), -(-w // 2)), dtype=np.float32)
+        png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (w, h)), np.uint8), cv2.IMREAD_COLOR)
+        assert 2 * w / png.shape[1] >= 0.55, (w, h, png.shape)

@@ -163,11 +163,12 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar whose
     ends say which way is better: a high gamma means the encoder's features passed through, little
     to restore (a colour bar of bare numbers left the reader to guess).
-    Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
-    fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
-    yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
-    square), so that its labels fit beside it; one too wide to enlarge (2560 x 4) keeps its height and
-    gets a colour bar taller than the map, so that the two bar labels do not print over each other."""
+    Titles sit in a white band above the maps, in black, at a size that follows the picture's (its
+    height, up to twice its width): a fixed 8-pixel font was unreadable on a photo viewed whole, and
+    white titles vanished on the map's yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by
+    a whole factor (each pixel a square), so that its labels fit beside it; one too wide to enlarge
+    (2560 x 4) keeps its height and gets a colour bar taller than the map, so that the two bar labels do
+    not print over each other."""
     import cv2
 
     w, h = size
@@ -180,7 +181,9 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     # reversed copy of the picture) and matplotlib is not imported (0.12-0.18 s of a `qairn restore`).
     lut = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_VIRIDIS)[:, 0]
     lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, zh / 700)
+    # From the height, but at most twice the width: from the height alone, a 400 x 3000 scroll
+    # capture's labels took three quarters of the picture's width, its maps a quarter.
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(zh, 2 * zw) / 700)
     thick = max(1, round(scale * 1.5))
     (label_w, text_h), base = cv2.getTextSize("0.000 better", font, scale, thick)
     gap = max(4, text_h // 2)
