@@ -1817,3 +1817,25 @@ def test_quality_map_text_of_a_tall_image_leaves_the_maps_most_of_the_width():
         gamma = np.random.default_rng(0).random((-(-h // 2), -(-w // 2)), dtype=np.float32)
         png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (w, h)), np.uint8), cv2.IMREAD_COLOR)
         assert 2 * w / png.shape[1] >= 0.55, (w, h, png.shape)
+
+
+def test_score_json_and_restore_json_give_one_image_the_same_numbers(workdir, tiny_weights, capsys):
+    """score --json rounded Q1..Q3 to 6 decimals (as the video trace does) and restore --json wrote the
+    float32 in full: a QC script joining the two on the path saw 0.895367 against 0.8953672647476196."""
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", "--json", "--weights", tiny_weights)
+    assert rc == 0, err
+    [row] = [json.loads(ln) for ln in out.splitlines()]
+    rc, out, err = run(
+        capsys,
+        "restore",
+        workdir / "a.jpg",
+        "-o",
+        workdir / "o.png",
+        "--json",
+        "-",
+        "--weights",
+        tiny_weights,
+    )
+    assert rc == 0, err
+    [record] = json.loads(out)
+    assert {q: record[q] for q in ("Q1", "Q2", "Q3")} == {q: row[q] for q in ("Q1", "Q2", "Q3")}

@@ -516,7 +516,13 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         if a.quality_map:
             qm.unlink(missing_ok=True)
         raise
-    return {"path": str(src), "output": str(dst), **res.quality}
+    return {"path": str(src), "output": str(dst), **json_quality(res.quality)}
+
+
+def json_quality(quality: dict) -> dict:
+    """Q1..Q3 as score --json, restore --json and the video trace write them: 6 decimals (a float32's
+    digits beyond are noise, and restore --json's full ones did not match score --json's)."""
+    return {k: round(v, 6) for k, v in quality.items()}
 
 
 def write_records(json_arg: str, records: list[dict]) -> bool:
@@ -745,7 +751,7 @@ def main_score(argv=None) -> int:
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
-            row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
+            row = {"path": os.path.abspath(src), **json_quality(q)}
             result(json.dumps(row))
         else:
             result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
