@@ -1787,3 +1787,80 @@ def test_overwrite_never_replaces_another_input(workdir, tiny_weights, capsys, m
     ]
     assert (workdir / "z" / "a.png").read_bytes() == original
     assert read_image(workdir / "z" / "z_a.png").shape == (8, 8, 4)
+
+
+def test_an_image_under_the_network_stride_is_scored_with_a_warning(workdir, tiny_weights, capsys):
+    """A 7x5 image is mostly the replicate padding up to the network's 16 x 16: with the shipped weights
+    a 1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60 whatever its colour, a row like any other. score and
+    restore now say so, naming the file; a 16 x 16 image is scored without a word of it."""
+    bgr = cv2.imread(str(workdir / "b.png"))
+    cv2.imwrite(str(workdir / "tiny.png"), bgr[:5, :7])
+    cv2.imwrite(str(workdir / "s16.png"), bgr[:16, :16])
+    says = "7x5 pixels, under the network's 16 on a side: its Q1..Q3 mostly measure the padding"
+    rc, out, err = run(capsys, "score", workdir / "tiny.png", workdir / "s16.png", "--weights", tiny_weights)
+    assert rc == 0 and "tiny.png" in out and "s16.png" in out
+    assert [ln for ln in err.splitlines() if "warning" in ln] == [
+        f"qairn: warning: {workdir / 'tiny.png'}: {says}"
+    ], err
+    rc, _, err = run(
+        capsys, "restore", workdir / "tiny.png", "-o", workdir / "o.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and f"qairn: warning: {workdir / 'tiny.png'}: {says}" in err, err
+
+
+def test_a_flat_image_is_scored_with_a_warning(workdir, tiny_weights, capsys):
+    """An image of one colour holds nothing to judge, yet scored like any other: with the shipped weights
+    a flat black 64x64 scored Q2 0.768, above every LIVE1 JPEG tried, and white 0.643. score and restore
+    now say so, naming the file; a flat alpha channel over varied colours is no flat image."""
+    flat = np.zeros((24, 32, 4), np.uint8)
+    flat[..., 3] = np.arange(32, dtype=np.uint8)  # the colour is flat, the alpha is not
+    cv2.imwrite(str(workdir / "flat.png"), flat)
+    rgba = np.concatenate([cv2.imread(str(workdir / "b.png")), np.full((96, 128, 1), 255, np.uint8)], axis=2)
+    cv2.imwrite(str(workdir / "opaque.png"), rgba)
+    says = "every pixel has one colour: a flat image holds nothing to judge, its Q1..Q3 say nothing of it"
+    rc, out, err = run(
+        capsys, "score", workdir / "flat.png", workdir / "opaque.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and "flat.png" in out and "opaque.png" in out
+    assert [ln for ln in err.splitlines() if "warning" in ln] == [
+        f"qairn: warning: {workdir / 'flat.png'}: {says}"
+    ], err
+    rc, _, err = run(
+        capsys, "restore", workdir / "flat.png", "-o", workdir / "o.png", "--weights", tiny_weights
+    )
+    assert rc == 0 and f"qairn: warning: {workdir / 'flat.png'}: {says}" in err, err
+
+
+def test_quality_map_text_of_a_tall_image_leaves_the_maps_most_of_the_width():
+    from qairn.engine.cli import quality_map_png
+
+    # The font followed the picture's height alone: a 400 x 3000 scroll capture got labels 4.3 times
+    # the size of a 768 x 512 photo's, and its two maps filled a quarter of the picture's width, the
+    # rest white space around the bar labels (40 x 2000: 4%). The font follows the height up to twice
+    # the width (a 512 x 768 portrait's maps: 66% of the width, as before).
+    for w, h in ((400, 3000), (768, 512)):
+        gamma = np.random.default_rng(0).random((-(-h // 2), -(-w // 2)), dtype=np.float32)
+        png = cv2.imdecode(np.frombuffer(quality_map_png(gamma, (w, h)), np.uint8), cv2.IMREAD_COLOR)
+        assert 2 * w / png.shape[1] >= 0.55, (w, h, png.shape)
+
+
+def test_score_json_and_restore_json_give_one_image_the_same_numbers(workdir, tiny_weights, capsys):
+    """score --json rounded Q1..Q3 to 6 decimals (as the video trace does) and restore --json wrote the
+    float32 in full: a QC script joining the two on the path saw 0.895367 against 0.8953672647476196."""
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", "--json", "--weights", tiny_weights)
+    assert rc == 0, err
+    [row] = [json.loads(ln) for ln in out.splitlines()]
+    rc, out, err = run(
+        capsys,
+        "restore",
+        workdir / "a.jpg",
+        "-o",
+        workdir / "o.png",
+        "--json",
+        "-",
+        "--weights",
+        tiny_weights,
+    )
+    assert rc == 0, err
+    [record] = json.loads(out)
+    assert {q: record[q] for q in ("Q1", "Q2", "Q3")} == {q: row[q] for q in ("Q1", "Q2", "Q3")}

@@ -35,7 +35,7 @@ from qairn.engine.imageio import (
     write_image,
 )
 from qairn.engine.progress import progress_bar
-from qairn.engine.tiling import overlap_arg, tile_arg
+from qairn.engine.tiling import ALIGN, overlap_arg, tile_arg
 from qairn.messages import counted
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
@@ -163,11 +163,12 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     trained gates often sit in a narrow band such as 0.7..0.9), each with a labelled colour bar whose
     ends say which way is better: a high gamma means the encoder's features passed through, little
     to restore (a colour bar of bare numbers left the reader to guess).
-    Titles sit in a white band above the maps, in black, at a size that follows the picture's: a
-    fixed 8-pixel font was unreadable on a photo viewed whole, and white titles vanished on the map's
-    yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by a whole factor (each pixel a
-    square), so that its labels fit beside it; one too wide to enlarge (2560 x 4) keeps its height and
-    gets a colour bar taller than the map, so that the two bar labels do not print over each other."""
+    Titles sit in a white band above the maps, in black, at a size that follows the picture's (its
+    height, up to twice its width): a fixed 8-pixel font was unreadable on a photo viewed whole, and
+    white titles vanished on the map's yellow. An image under MIN_MAP_HEIGHT pixels tall is enlarged by
+    a whole factor (each pixel a square), so that its labels fit beside it; one too wide to enlarge
+    (2560 x 4) keeps its height and gets a colour bar taller than the map, so that the two bar labels do
+    not print over each other."""
     import cv2
 
     w, h = size
@@ -180,7 +181,9 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     # reversed copy of the picture) and matplotlib is not imported (0.12-0.18 s of a `qairn restore`).
     lut = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_VIRIDIS)[:, 0]
     lo, hi = float(np.min(gamma2)), float(np.max(gamma2))
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, zh / 700)
+    # From the height, but at most twice the width: from the height alone, a 400 x 3000 scroll
+    # capture's labels took three quarters of the picture's width, its maps a quarter.
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(zh, 2 * zw) / 700)
     thick = max(1, round(scale * 1.5))
     (label_w, text_h), base = cv2.getTextSize("0.000 better", font, scale, thick)
     gap = max(4, text_h // 2)
@@ -218,6 +221,21 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     if not ok:
         raise RuntimeError("could not encode the quality map")
     return buf.tobytes()
+
+
+def score_caveat(img: np.ndarray) -> str | None:
+    """Why img's Q1..Q3 say little of its quality, or None. Under the network's stride (16) on a side,
+    most of what the gates see is the replicate padding: a 1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60
+    with the shipped weights, whatever its colour, as a row like any other. A flat image (one colour;
+    its alpha aside) holds nothing to judge, yet scored like a photo: flat black Q2 0.768, above every
+    LIVE1 JPEG tried, flat white 0.643."""
+    h, w = img.shape[:2]
+    if min(h, w) < ALIGN:
+        return f"{w}x{h} pixels, under the network's {ALIGN} on a side: its Q1..Q3 mostly measure the padding"
+    colour = img if img.ndim == 2 else img[..., : 1 if img.shape[2] <= 2 else 3]  # (gray) + alpha
+    if colour.min() == colour.max():
+        return "every pixel has one colour: a flat image holds nothing to judge, its Q1..Q3 say nothing of it"
+    return None
 
 
 def pixel_count(text: str) -> int:
@@ -452,6 +470,9 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
     if not dst.parent.is_dir():
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
+    caveat = score_caveat(img)
+    if caveat:
+        warning(f"{src}: {caveat}")
     with TileBar() as tiles:
         res = r.restore(img, return_maps=a.quality_map, progress=tiles, bits=file_bits(img))
     icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
@@ -495,7 +516,13 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         if a.quality_map:
             qm.unlink(missing_ok=True)
         raise
-    return {"path": str(src), "output": str(dst), **res.quality}
+    return {"path": str(src), "output": str(dst), **json_quality(res.quality)}
+
+
+def json_quality(quality: dict) -> dict:
+    """Q1..Q3 as score --json, restore --json and the video trace write them: 6 decimals (a float32's
+    digits beyond are noise, and restore --json's full ones did not match score --json's)."""
+    return {k: round(v, 6) for k, v in quality.items()}
 
 
 def write_records(json_arg: str, records: list[dict]) -> bool:
@@ -725,6 +752,9 @@ def main_score(argv=None) -> int:
         try:
             with TileBar() as tiles:
                 img = read_image(src, a.max_pixels, warn=warning)
+                caveat = score_caveat(img)
+                if caveat:
+                    warning(f"{src}: {caveat}")
                 q = r.score(img, progress=tiles, bits=file_bits(img))
         except ImageError as e:
             failed_names.append(str(src))
@@ -735,7 +765,7 @@ def main_score(argv=None) -> int:
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
-            row = {"path": os.path.abspath(src), **{k: round(v, 6) for k, v in q.items()}}
+            row = {"path": os.path.abspath(src), **json_quality(q)}
             result(json.dumps(row))
         else:
             result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
