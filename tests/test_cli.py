@@ -999,7 +999,46 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
         capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights, "--json"
     )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
-    assert [set(r) for r in rows] == [{"path", "Q1", "Q2", "Q3"}] * 2
+    keys = {"path", "Q1", "Q2", "Q3", "p", "weights", "weights_sha256"}
+    assert [set(r) for r in rows] == [keys] * 2
+
+
+def test_score_and_restore_json_say_which_weights_and_p_gave_the_scores(workdir, tiny_weights, capsys):
+    # The rows held only the path and Q1..Q3: a QC log could not tell scores of other weights (or
+    # another p) from these, though the README says they do not compare.
+    import dataclasses
+    import hashlib
+
+    from qairn.weights_io import load_model, save_weights
+
+    other = workdir / "other.safetensors"  # the same network, pooled with another exponent
+    model = load_model(tiny_weights)
+    model.config = dataclasses.replace(model.config, p=4.0)
+    save_weights(model, other, training={"steps": 0, "note": "p 4"})
+    rows = []
+    for w in (tiny_weights, other):
+        rc, out, err = run(capsys, "score", workdir / "a.jpg", "--json", "--weights", w)
+        assert rc == 0, err
+        rows.append(json.loads(out))
+    rc, _, err = run(
+        capsys,
+        "restore",
+        workdir / "a.jpg",
+        "-o",
+        workdir / "r.png",
+        "--json",
+        workdir / "r.json",
+        "--weights",
+        tiny_weights,
+    )
+    assert rc == 0, err
+    [restored] = json.loads((workdir / "r.json").read_text())
+    sha = hashlib.sha256(Path(tiny_weights).read_bytes()).hexdigest()[:16]
+    assert rows[0]["weights"] == restored["weights"] == str(Path(tiny_weights).resolve())
+    assert rows[0]["weights_sha256"] == restored["weights_sha256"] == sha
+    assert rows[0]["p"] == restored["p"] == load_model(tiny_weights).config.p
+    assert rows[1]["p"] == 4.0 and rows[1]["weights_sha256"] != sha
+    assert rows[1]["Q2"] != rows[0]["Q2"]  # the exponent changed the score, and the row says why
 
 
 def test_score_json_paths_are_absolute_like_restore_json(workdir, tiny_weights, capsys, monkeypatch):
