@@ -42,12 +42,13 @@ def n_params(config) -> int:
         return sum(p.numel() for p in QAIRN(config).parameters())
 
 
-def largest_config(max_bytes: float, base: str = "small"):
-    """The (c, nb) with the most parameters whose fp16 weights take at most max_bytes."""
+def largest_config(max_bytes: float):
+    """(parameters, c, nb) of the small preset at widths (c, 2c, 4c, 8c) and nb blocks with the most
+    parameters whose fp16 weights take at most max_bytes; None if even c = 8, nb = 1 is larger."""
     best = None
     for nb in range(1, 5):
         for c in range(8, 257, 8):  # the size grows with c: stop at the first one too large
-            n = n_params(preset(base, widths=(c, 2 * c, 4 * c, 8 * c), nb=nb))
+            n = n_params(preset("small", widths=(c, 2 * c, 4 * c, 8 * c), nb=nb))
             if 2 * n > max_bytes:
                 break
             if best is None or n > best[0]:
