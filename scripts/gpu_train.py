@@ -3,8 +3,9 @@
     python scripts/gpu_train.py [--pack gpu_pack] [--out DIR] [--max-seconds 450] [--preset auto]
 
 --preset auto trains the largest QAIRN (widths c,2c,4c,8c with c a multiple of 8, nb blocks per level,
-the small preset's global residual) whose fp16 weights fit --max-mb MB; any preset name also works
-(paper, small, tiny). Steps: train (paper recipe, AMP bf16, channels_last) for --max-seconds, export
+the small preset's global residual) whose fp16 weights fit --max-mb MB; shipped trains the shipped
+weights further; any preset name also works (paper, small, small-gated, tiny).
+Steps: train (paper recipe, AMP bf16, channels_last) for --max-seconds, export
 (fp16 if it loses < 0.02 dB on the held-out images), choose p on the held-out images, evaluate on
 LIVE1 (Table I) and, time permitting, the quality study. The command must end inside the device's
 10-minute limit, so later steps are skipped when --deadline (seconds since start) comes near.
