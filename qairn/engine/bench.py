@@ -616,8 +616,8 @@ COLUMNS = (
 )
 
 
-def _fmt(v, spec, none="-"):
-    return none if v is None else format(v, spec)
+def _fmt(v, spec) -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def _rate(v: float) -> str:
