@@ -48,7 +48,8 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
     """Read an image as RGB(A) or gray (HxW, or HxWx2 with alpha) numpy, uint8 or uint16, EXIF
     orientation applied; 1-bit and gray-palette images are gray. Of an animation or a multi-page file
-    only the first frame is read, and warn(message) says so (default: warnings.warn)."""
+    only the first frame is read, and warn(message) says so, as it does of a damaged JPEG decoded as it
+    is (default: qairn.messages.warn, a UserWarning naming the caller's line)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -408,7 +409,7 @@ def _imdecode(data: bytes) -> np.ndarray | None:
         return None
 
 
-def _warn(message: str) -> None:
+def _warn(message: str) -> None:  # read_image's own `warn` argument hides messages.warn there
     warn(message)
 
 
