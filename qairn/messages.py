@@ -2,8 +2,9 @@
 
 warn(): a UserWarning that names the caller's line outside qairn, however deep qairn's own calls go.
 A fixed stacklevel named a line inside qairn whenever the same warning was reached by a path of another
-depth (Restorer(...) -> backends.make -> OrtBackend -> the warning: backends.py:184). Python 3.12's
-warnings.warn(skip_file_prefixes=...) does this; 3.11 has no such option, so the frames are walked here.
+depth (Restorer(...) -> backends.make_backend -> OrtBackend -> the warning: a line of backends.py).
+Python 3.12's warnings.warn(skip_file_prefixes=...) does this; 3.11 has no such option, so the frames
+are walked here.
 
 counted(): '1 image', '2 images': a count with its noun, singular for one ("1 images" was said).
 """

@@ -17,11 +17,6 @@ def gaussian_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
     return g / g.sum()
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:
-    g = torch.from_numpy(gaussian_1d(size, sigma))
-    return (g[:, None] * g[None, :]).to(dtype)
-
-
 def _ssim_from_moments(mu_x, mu_y, xx, yy, xy, c1, c2):
     sxx = xx - mu_x**2
     syy = yy - mu_y**2

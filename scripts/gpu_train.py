@@ -3,8 +3,9 @@
     python scripts/gpu_train.py [--pack gpu_pack] [--out DIR] [--max-seconds 450] [--preset auto]
 
 --preset auto trains the largest QAIRN (widths c,2c,4c,8c with c a multiple of 8, nb blocks per level,
-the small preset's global residual) whose fp16 weights fit --max-mb MB; any preset name also works
-(paper, small, tiny). Steps: train (paper recipe, AMP bf16, channels_last) for --max-seconds, export
+the small preset's global residual) whose fp16 weights fit --max-mb MB; shipped trains the shipped
+weights further; any preset name also works (paper, small, small-gated, tiny).
+Steps: train (paper recipe, AMP bf16, channels_last) for --max-seconds, export
 (fp16 if it loses < 0.02 dB on the held-out images), choose p on the held-out images, evaluate on
 LIVE1 (Table I) and, time permitting, the quality study. The command must end inside the device's
 10-minute limit, so later steps are skipped when --deadline (seconds since start) comes near.
@@ -42,12 +43,13 @@ def n_params(config) -> int:
         return sum(p.numel() for p in QAIRN(config).parameters())
 
 
-def largest_config(max_bytes: float, base: str = "small"):
-    """The (c, nb) with the most parameters whose fp16 weights take at most max_bytes."""
+def largest_config(max_bytes: float):
+    """(parameters, c, nb) of the small preset at widths (c, 2c, 4c, 8c) and nb blocks with the most
+    parameters whose fp16 weights take at most max_bytes; None if even c = 8, nb = 1 is larger."""
     best = None
     for nb in range(1, 5):
         for c in range(8, 257, 8):  # the size grows with c: stop at the first one too large
-            n = n_params(preset(base, widths=(c, 2 * c, 4 * c, 8 * c), nb=nb))
+            n = n_params(preset("small", widths=(c, 2 * c, 4 * c, 8 * c), nb=nb))
             if 2 * n > max_bytes:
                 break
             if best is None or n > best[0]:

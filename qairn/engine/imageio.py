@@ -48,7 +48,8 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
     """Read an image as RGB(A) or gray (HxW, or HxWx2 with alpha) numpy, uint8 or uint16, EXIF
     orientation applied; 1-bit and gray-palette images are gray. Of an animation or a multi-page file
-    only the first frame is read, and warn(message) says so (default: warnings.warn)."""
+    only the first frame is read, and warn(message) says so, as it does of a damaged JPEG decoded as it
+    is (default: qairn.messages.warn, a UserWarning naming the caller's line)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -81,16 +82,14 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                 else:
                     exif = im.getexif()
                 orientation = exif.get(0x0112, 1)
-                signed_or_float = fmt == "TIFF" and {2, 3} & set(
-                    _as_tuple(im.tag_v2.get(339, 1))
-                )  # SampleFormat
+                # TIFF tag 339 is SampleFormat: 2 signed integers, 3 floating point
+                signed_or_float = fmt == "TIFF" and {2, 3} & set(_as_tuple(im.tag_v2.get(339, 1)))
                 if im.mode == "F" or signed_or_float:
                     raise ImageError(
                         f"{path}: floating-point or signed pixels are not supported; save as 8 or 16 bit"
                     )
-                key = im.info.get(
-                    "transparency"
-                )  # a colour key (PNG tRNS): pixels of this value are transparent
+                # A colour key (PNG tRNS): pixels of this value are transparent.
+                key = im.info.get("transparency")
                 sixteen = im.mode.startswith("I;16") or im.mode == "I" or png_depth == 16
                 # Pillow opens 16-bit RGB TIFF and PPM as 8-bit RGB: their headers tell.
                 sixteen = sixteen or (fmt == "TIFF" and max(_as_tuple(im.tag_v2.get(258, 8))) > 8)
@@ -117,14 +116,13 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None
                     if mode != target:
                         im = im.convert(target)
                     arr = np.array(ImageOps.exif_transpose(im) if orientation != 1 else im)  # writable copy
-                    if (
+                    gray_palette = (
                         mode in ("P", "PA")
                         and (arr[..., 0] == arr[..., 1]).all()
                         and (arr[..., 1] == arr[..., 2]).all()
-                    ):
-                        arr = np.ascontiguousarray(
-                            arr[..., [0, 3]] if alpha else arr[..., 0]
-                        )  # a gray palette
+                    )
+                    if gray_palette:
+                        arr = np.ascontiguousarray(arr[..., [0, 3]] if alpha else arr[..., 0])
                     if fmt in ("JPEG", "MPO"):  # MPO: a phone's JPEG with a second picture after it
                         f.seek(0)
                         damage = _jpeg_damage(f.read())
@@ -408,7 +406,7 @@ def _imdecode(data: bytes) -> np.ndarray | None:
         return None
 
 
-def _warn(message: str) -> None:
+def _warn(message: str) -> None:  # read_image's own `warn` argument hides messages.warn there
     warn(message)
 
 

@@ -458,7 +458,7 @@ def check_cores(cores: Tensor | None, n: int) -> None:
         )
 
 
-def _cores_arg(cores: Tensor | None, n: int, like: Tensor) -> Tensor:
+def _cores_arg(cores: Tensor | None, like: Tensor) -> Tensor:
     if cores is None:
         return like  # never read: HAS_CORES is False
     return cores.to(device=like.device, dtype=torch.int32).contiguous()
@@ -495,7 +495,7 @@ def gated_blend_triton(
     num_blocks = triton.cdiv(h * w, block_p)
     pool = p is not None
     partial = torch.empty((n, num_blocks) if pool else (0,), dtype=torch.float32, device=skip.device)
-    cores_arg = _cores_arg(cores, n, logit)
+    cores_arg = _cores_arg(cores, logit)
 
     with on_device(skip):
         _gate_fwd_kernel[(num_blocks * n,)](
@@ -560,7 +560,7 @@ def gated_blend_backward_triton(
     s_gl = _nchw_strides(grad_logit)
     num_blocks = triton.cdiv(h * w, block_p)
     offset = _offset_type(grad_out, grad_gamma, logit, skip, dec, grad_logit, grad_skip, grad_dec)
-    cores_arg = _cores_arg(cores, n, logit)
+    cores_arg = _cores_arg(cores, logit)
     with on_device(skip):
         _gate_bwd_kernel[(num_blocks * n,)](
             grad_out, grad_gamma, grad_pool, logit, skip, dec,
