@@ -1584,3 +1584,27 @@ def test_max_shape_help_says_its_default_and_matches_the_profile(capsys):
     assert "default: --shape's N, 2048x2048 or --shape's H, W if larger" in help_text
     assert profile_shapes((4, 512, 512), True)[2] == (4, 3, 2048, 2048)
     assert profile_shapes((4, 512, 4096), True)[2] == (4, 3, 2048, 4096)
+
+
+def test_a_new_engine_file_gets_the_export_clis_default_shape_at_once(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine=F) with no F yet and no shape built F lazily for the first
+    call's shape (one 256x384 image whole: a (1,256,384) engine), which the next process took as its
+    static tile while 512 tiles went to engines in the cache. F is now built at once for the shape
+    `qairn export tensorrt -o F` builds by default, 4,512,512; a static export keeps its own."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    built = []
+    monkeypatch.setattr(
+        trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(shape) or "runner"
+    )
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    b = trt_backend.TrtBackend(model, gpu, "fp16", engine=tmp_path / "new.engine", **kw)
+    assert built == [(4, 512, 512)] and b.static_tile == 512
+    trt_backend.TrtBackend(model, gpu, "fp16", engine=tmp_path / "new.engine", shape=(1, 64, 64), **kw)
+    assert built[-1] == (1, 64, 64)
+    trt_backend.TrtBackend(model, gpu, "fp16", **kw)  # no engine= file: built lazily, as before
+    assert len(built) == 2

@@ -23,7 +23,8 @@ dropping the Restorer leaves it to the garbage collector's next full pass (the b
 runner refer to each other).
 
 Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign;
-one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over),
+one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over; a path with no
+file yet is built there now, for shape= or, as `qairn export tensorrt -o PATH` builds, 4,512,512),
 onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
 max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
 """
@@ -279,6 +280,11 @@ class TrtBackend(Closing):
                     "an export without --static"
                 )
             shape = shape if shape is not None else self.static_onnx
+        if self.engine_file is not None and recorded is None and shape is None and not dynamic:
+            # A new engine= file is built now for the shape `qairn export tensorrt -o F` builds: else it
+            # held whatever the first call had (one small image whole, say), which the next process then
+            # took as its static tile, while the Restorer's 512 tiles went to engines in the cache.
+            shape = DEFAULT_SHAPE
         # What tile="auto" takes: the static engine's own tile, asked for or recorded beside the user's
         # engine; for a non-square one the largest square it holds, each tile padded into its shape.
         # Else the Restorer cuts 512 tiles, which fit no engine but a new one (none, for a --static file).
