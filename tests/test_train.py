@@ -844,6 +844,25 @@ def test_gpu_train_refuses_a_pack_image_too_small_for_the_quality_steps_before_t
     assert not (tmp_path / "out" / "work").exists()
 
 
+def test_gpu_train_refuses_a_pack_of_crops_too_small_for_its_patch_before_training(tmp_path):
+    # build_train_pack.py --crop 56 (anything under 104) and gpu_train.py's default --patch 96: each
+    # patch needs a crop of 96 + 8, so the trainer found no training image only once it had started.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+    import gpu_train
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    pack = tmp_path / "pack"
+    build_train_pack.build(src, live1, pack, budget_mib=0.3, crop=56, holdout=1, log=lambda *a: None)
+    argv = ["--pack", str(pack), "--out", str(tmp_path / "out"), "--preset", "tiny", "--steps", "1"]
+    argv += ["--batch", "1", "--workers", "0", "--device", "cpu"]
+    says = "its training crops are 56 px, too small for --patch 96 (needs 104: "
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        gpu_train.main(argv)
+    assert not (tmp_path / "out" / "work").exists()
+
+
 def test_largest_config_under_20mb():
     sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_train
