@@ -1899,3 +1899,26 @@ def test_gpu_train_refuses_a_quality_crop_too_small_before_training(tmp_path, cr
     with pytest.raises(SystemExit, match=f"--quality-crop {crop}: 0 .whole images. or at least 32 px"):
         gpu_train.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("killed_by, stops", [("Terminated", True), ("Segmentation fault", False)])
+def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, monkeypatch, killed_by, stops):
+    # Since c977582 a "DataLoader worker ... killed by signal" error after a stop signal was taken as
+    # the stop's (a SIGTERM to the process group kills the workers too), whatever had killed the
+    # worker: a segfault or the OOM killer's SIGKILL met during a stop ended the run as a clean stop.
+    # Only a worker killed by the signal this process received is the stop's now.
+    class CrashingPatches(trainer.JPEGPatches):
+        def __getitem__(self, i):
+            if i == 2:
+                signal.raise_signal(signal.SIGTERM)  # the stop; its handler runs before this returns
+                raise RuntimeError(f"DataLoader worker (pid 7) is killed by signal: {killed_by}. ")
+            return super().__getitem__(i)
+
+    monkeypatch.setattr(trainer, "JPEGPatches", CrashingPatches)
+    a = tiny_args(data, tmp_path, steps=100, val_every=0)
+    if stops:
+        trainer.train(a)
+        assert state(tmp_path / "checkpoint.pt")["step"] == 2
+    else:
+        with pytest.raises(RuntimeError, match="killed by signal: Segmentation fault"):
+            trainer.train(a)
