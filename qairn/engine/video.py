@@ -1923,7 +1923,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="one CUDA graph per batch shape, captured once, replayed (CUDA; eager/triton/compile)",
+        help="one CUDA graph per batch shape, captured once, replayed (CUDA; eager/triton/compile; "
+        "elsewhere none, with a warning)",
     )
     e = p.add_argument_group("encoding")
     e.add_argument(
