@@ -4,6 +4,7 @@ build choice, island pinning, the missing-TensorRT message), then build/run test
 import contextlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -1608,3 +1609,23 @@ def test_a_new_engine_file_gets_the_export_clis_default_shape_at_once(tmp_path, 
     assert built[-1] == (1, 64, 64)
     trt_backend.TrtBackend(model, gpu, "fp16", **kw)  # no engine= file: built lazily, as before
     assert len(built) == 2
+
+
+def test_an_engine_path_that_is_a_folder_is_refused_before_the_build(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine="runs") with runs/ a folder exported, built the engine
+    (minutes on a GPU) and only then failed to rename it onto the folder; `qairn export tensorrt -o`
+    refuses it first. So does the backend now, in one line."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: pytest.fail("built the engine"))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU here
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    says = f"{runs}: is a directory; give the engine's file name, e.g. {runs / 'qairn.engine'}"
+    with pytest.raises(BackendError, match=f"^{re.escape(says)}$"):
+        trt_backend.TrtBackend(model, GPU0, "fp16", engine=runs, onnx=onnx, cache_dir=tmp_path)
+    assert list(runs.iterdir()) == []
