@@ -1901,8 +1901,18 @@ def test_gpu_train_refuses_a_quality_crop_too_small_before_training(tmp_path, cr
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("killed_by, stops", [("Terminated", True), ("Segmentation fault", False)])
-def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, monkeypatch, killed_by, stops):
+@pytest.mark.parametrize(
+    "stop, died, stops",
+    [
+        (signal.SIGTERM, "is killed by signal: Terminated", True),
+        (signal.SIGTERM, "is killed by signal: Segmentation fault", False),
+        (signal.SIGTERM, "exited unexpectedly with exit code 1", False),
+        # Ctrl-C to a worker still starting: its KeyboardInterrupt, outside torch's loop, is exit code 1.
+        (signal.SIGINT, "exited unexpectedly with exit code 1", True),
+        (signal.SIGINT, "is killed by signal: Killed", False),
+    ],
+)
+def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, monkeypatch, stop, died, stops):
     # Since c977582 a "DataLoader worker ... killed by signal" error after a stop signal was taken as
     # the stop's (a SIGTERM to the process group kills the workers too), whatever had killed the
     # worker: a segfault or the OOM killer's SIGKILL met during a stop ended the run as a clean stop.
@@ -1910,8 +1920,8 @@ def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, mo
     class CrashingPatches(trainer.JPEGPatches):
         def __getitem__(self, i):
             if i == 2:
-                signal.raise_signal(signal.SIGTERM)  # the stop; its handler runs before this returns
-                raise RuntimeError(f"DataLoader worker (pid 7) is killed by signal: {killed_by}. ")
+                signal.raise_signal(stop)  # the stop; its handler runs before this returns
+                raise RuntimeError(f"DataLoader worker (pid 7) {died}. ")
             return super().__getitem__(i)
 
     monkeypatch.setattr(trainer, "JPEGPatches", CrashingPatches)
@@ -1920,5 +1930,5 @@ def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, mo
         trainer.train(a)
         assert state(tmp_path / "checkpoint.pt")["step"] == 2
     else:
-        with pytest.raises(RuntimeError, match="killed by signal: Segmentation fault"):
+        with pytest.raises(RuntimeError, match=re.escape(died)):
             trainer.train(a)

@@ -295,9 +295,14 @@ def killed_by(message: str, signals) -> bool:
     """Is `message` torch's error for a DataLoader worker killed by one of `signals` (the stop signals
     this process received, which reach its workers too when sent to its whole process group)? torch
     names the signal as strsignal() does: 'DataLoader worker (pid 7) is killed by signal: Terminated.'"""
-    return message.startswith("DataLoader worker") and any(
-        f"is killed by signal: {signal.strsignal(s)}." in message for s in signals
-    )
+    if not message.startswith("DataLoader worker"):
+        return False
+    stops = [f"is killed by signal: {signal.strsignal(s)}." for s in signals]
+    if signal.SIGINT in signals:
+        # Ctrl-C reaches a worker still starting (before torch's loop, which catches it) as a
+        # KeyboardInterrupt: multiprocessing ends that process with exit code 1.
+        stops.append("exited unexpectedly with exit code 1.")
+    return any(stop in message for stop in stops)
 
 
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
