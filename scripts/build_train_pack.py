@@ -193,7 +193,12 @@ def main(argv=None) -> int:
     ap.add_argument("--live1", default=str(DATA / "live1"))
     ap.add_argument("--out", default=str(ROOT / "gpu_pack"))
     ap.add_argument("--budget-mib", type=float, default=40.0)
-    ap.add_argument("--crop", type=int, default=192)
+    ap.add_argument(
+        "--crop",
+        type=int,
+        default=192,
+        help="training crop side (default 192); gpu_train.py --patch P needs P + 8 (104 for its default 96)",
+    )
     ap.add_argument("--val-holdout", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

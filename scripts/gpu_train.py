@@ -38,6 +38,14 @@ from qairn.weights_io import read_metadata  # noqa: E402
 PART = 15 * 2**20  # below the 16 MiB a file from $OUT may have
 
 
+def pack_crop(pack: Path) -> int | None:
+    """The side of the pack's training crops, as its MANIFEST.json records it (None: not recorded)."""
+    try:
+        return int(json.loads((pack / "MANIFEST.json").read_text())["crop"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def n_params(config) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in QAIRN(config).parameters())
@@ -145,6 +153,15 @@ def main(argv=None) -> int:
     pack = Path(a.pack)
     if not (pack / "train").is_dir():
         raise SystemExit(f"{pack}: no training pack (build it with scripts/build_train_pack.py)")
+    # Each training patch is cut from a crop of --patch + 8 (the JPEG grid's shift): a pack of smaller
+    # crops (build_train_pack.py --crop 100) has none, which the trainer found only once it had started.
+    crop = pack_crop(pack)
+    if crop is not None and crop < a.patch + 8:
+        raise SystemExit(
+            f"{pack}: its training crops are {crop} px, too small for --patch {a.patch} (needs "
+            f"{a.patch + 8}: the patch + 8 for the JPEG grid shift); pass --patch {crop - 8} or rebuild "
+            f"with --crop {a.patch + 8}"
+        )
     try:  # the p sweep and the quality study come after the training: their images are checked now
         ev.check_quality_sizes([*list_images(pack / "val"), *list_images(pack / "live1")], a.quality_crop)
     except (OSError, ValueError) as e:

@@ -252,17 +252,29 @@ def test_outputs_of_several_inputs_taken_are_refused_before_the_model_loads(work
     assert (out / "b.png").read_bytes() == b"kept"
 
 
-def test_cuda_graph_flag_refused_in_one_line_where_it_cannot_run(workdir, tiny_weights, capsys):
-    for extra, says in (
-        (["--device", "cpu"], "cuda_graph=True needs a CUDA device"),
-        (["--backend", "onnxruntime"], "cuda_graph=True takes the eager, triton or compile backend"),
-    ):
-        out = workdir / "graph.png"
-        rc, _, err = run(
-            capsys, "restore", workdir / "a.jpg", "-o", out, "--weights", tiny_weights, "--cuda-graph", *extra
-        )
-        assert rc != 0 and says in err and len(err.strip().splitlines()) == 1, err
-        assert not out.exists()
+def test_cuda_graph_flag_refused_in_one_line_with_a_backend_that_cannot_take_it(
+    workdir, tiny_weights, capsys
+):
+    out = workdir / "graph.png"
+    args = ["restore", workdir / "a.jpg", "-o", out, "--weights", tiny_weights, "--cuda-graph"]
+    rc, _, err = run(capsys, *args, "--backend", "onnxruntime")
+    says = "cuda_graph=True takes the eager, triton or compile backend"
+    assert rc != 0 and says in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cuda_graph_flag_off_cuda_warns_and_runs_as_fused_conv_does(workdir, tiny_weights, capsys):
+    # --cuda-graph on the CPU was refused (exit 2) while --fused-conv there warned and ran: both only
+    # speed up CUDA runs and change no output, so both now warn once and the run goes on without them.
+    out = workdir / "graph.png"
+    args = ["restore", workdir / "a.jpg", "-o", out, "--weights", tiny_weights, "--device", "cpu"]
+    rc, _, err = run(capsys, *args, "--cuda-graph", "--fused-conv")
+    warned = [ln for ln in err.splitlines() if "warning:" in ln]
+    assert rc == 0 and out.exists(), err
+    assert warned == [
+        "qairn: warning: --fused-conv: the fused Triton convs run on CUDA only; on cpu the plain convs run",
+        "qairn: warning: --cuda-graph: CUDA graphs need a CUDA device; on cpu the run goes on without one",
+    ], err
 
 
 def test_bad_inputs_each_get_one_line_and_others_still_run(workdir, tiny_weights, capsys):

@@ -144,6 +144,16 @@ def test_a_missing_or_folder_onnx_path_is_one_line(tmp_path):
             qairn.Restorer(device="cpu", backend="onnxruntime", onnx=path)
 
 
+def test_an_unusable_onnx_file_is_a_backend_error_as_the_readme_says_to_catch(tmp_path):
+    # ExportError was a bare RuntimeError: `except (ValueError, qairn.BackendError)`, what the README
+    # lists for a caller, missed Restorer(backend="onnxruntime", onnx="typo.onnx") and a file that is
+    # no qairn export, though both mean the backend cannot run.
+    (tmp_path / "text.onnx").write_text("not a graph")
+    for path in (tmp_path / "typo.onnx", tmp_path / "text.onnx"):
+        with pytest.raises(qairn.BackendError, match=re.escape(str(path))):
+            qairn.Restorer(device="cpu", backend="onnxruntime", onnx=path)
+
+
 def test_static_onnx_runs_restorer_tiles(model, tmp_path, image):
     # A static 2x64x64 file behind the Restorer: tiles of 64, batches of 2, the last one filled up.
     path = ox.export_onnx(model, tmp_path / "static.onnx", outputs="maps", shape=(2, 64, 64))

@@ -4,6 +4,7 @@ build choice, island pinning, the missing-TensorRT message), then build/run test
 import contextlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -1584,3 +1585,47 @@ def test_max_shape_help_says_its_default_and_matches_the_profile(capsys):
     assert "default: --shape's N, 2048x2048 or --shape's H, W if larger" in help_text
     assert profile_shapes((4, 512, 512), True)[2] == (4, 3, 2048, 2048)
     assert profile_shapes((4, 512, 4096), True)[2] == (4, 3, 2048, 4096)
+
+
+def test_a_new_engine_file_gets_the_export_clis_default_shape_at_once(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine=F) with no F yet and no shape built F lazily for the first
+    call's shape (one 256x384 image whole: a (1,256,384) engine), which the next process took as its
+    static tile while 512 tiles went to engines in the cache. F is now built at once for the shape
+    `qairn export tensorrt -o F` builds by default, 4,512,512; a static export keeps its own."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    built = []
+    monkeypatch.setattr(
+        trt_backend.TrtBackend, "_runner", lambda self, shape: built.append(shape) or "runner"
+    )
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    gpu, kw = torch.device("cuda", 0), dict(onnx=onnx, cache_dir=tmp_path)
+    b = trt_backend.TrtBackend(model, gpu, "fp16", engine=tmp_path / "new.engine", **kw)
+    assert built == [(4, 512, 512)] and b.static_tile == 512
+    trt_backend.TrtBackend(model, gpu, "fp16", engine=tmp_path / "new.engine", shape=(1, 64, 64), **kw)
+    assert built[-1] == (1, 64, 64)
+    trt_backend.TrtBackend(model, gpu, "fp16", **kw)  # no engine= file: built lazily, as before
+    assert len(built) == 2
+
+
+def test_an_engine_path_that_is_a_folder_is_refused_before_the_build(tmp_path, monkeypatch):
+    """Restorer(backend="tensorrt", engine="runs") with runs/ a folder exported, built the engine
+    (minutes on a GPU) and only then failed to rename it onto the folder; `qairn export tensorrt -o`
+    refuses it first. So does the backend now, in one line."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: pytest.fail("built the engine"))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # no GPU here
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    says = f"{runs}: is a directory; give the engine's file name, e.g. {runs / 'qairn.engine'}"
+    with pytest.raises(BackendError, match=f"^{re.escape(says)}$"):
+        trt_backend.TrtBackend(model, GPU0, "fp16", engine=runs, onnx=onnx, cache_dir=tmp_path)
+    assert list(runs.iterdir()) == []

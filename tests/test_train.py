@@ -844,6 +844,25 @@ def test_gpu_train_refuses_a_pack_image_too_small_for_the_quality_steps_before_t
     assert not (tmp_path / "out" / "work").exists()
 
 
+def test_gpu_train_refuses_a_pack_of_crops_too_small_for_its_patch_before_training(tmp_path):
+    # build_train_pack.py --crop 56 (anything under 104) and gpu_train.py's default --patch 96: each
+    # patch needs a crop of 96 + 8, so the trainer found no training image only once it had started.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_train_pack
+    import gpu_train
+
+    src = make_folder(tmp_path / "src", 4, 72, 96, seed=2)
+    live1 = make_folder(tmp_path / "live1", 1, 48, 64, seed=3)
+    pack = tmp_path / "pack"
+    build_train_pack.build(src, live1, pack, budget_mib=0.3, crop=56, holdout=1, log=lambda *a: None)
+    argv = ["--pack", str(pack), "--out", str(tmp_path / "out"), "--preset", "tiny", "--steps", "1"]
+    argv += ["--batch", "1", "--workers", "0", "--device", "cpu"]
+    says = "its training crops are 56 px, too small for --patch 96 (needs 104: "
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        gpu_train.main(argv)
+    assert not (tmp_path / "out" / "work").exists()
+
+
 def test_largest_config_under_20mb():
     sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_train
@@ -1880,3 +1899,36 @@ def test_gpu_train_refuses_a_quality_crop_too_small_before_training(tmp_path, cr
     with pytest.raises(SystemExit, match=f"--quality-crop {crop}: 0 .whole images. or at least 32 px"):
         gpu_train.main(argv)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "stop, died, stops",
+    [
+        (signal.SIGTERM, "is killed by signal: Terminated", True),
+        (signal.SIGTERM, "is killed by signal: Segmentation fault", False),
+        (signal.SIGTERM, "exited unexpectedly with exit code 1", False),
+        # Ctrl-C to a worker still starting: its KeyboardInterrupt, outside torch's loop, is exit code 1.
+        (signal.SIGINT, "exited unexpectedly with exit code 1", True),
+        (signal.SIGINT, "is killed by signal: Killed", False),
+    ],
+)
+def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, monkeypatch, stop, died, stops):
+    # Since c977582 a "DataLoader worker ... killed by signal" error after a stop signal was taken as
+    # the stop's (a SIGTERM to the process group kills the workers too), whatever had killed the
+    # worker: a segfault or the OOM killer's SIGKILL met during a stop ended the run as a clean stop.
+    # Only a worker killed by the signal this process received is the stop's now.
+    class CrashingPatches(trainer.JPEGPatches):
+        def __getitem__(self, i):
+            if i == 2:
+                signal.raise_signal(stop)  # the stop; its handler runs before this returns
+                raise RuntimeError(f"DataLoader worker (pid 7) {died}. ")
+            return super().__getitem__(i)
+
+    monkeypatch.setattr(trainer, "JPEGPatches", CrashingPatches)
+    a = tiny_args(data, tmp_path, steps=100, val_every=0)
+    if stops:
+        trainer.train(a)
+        assert state(tmp_path / "checkpoint.pt")["step"] == 2
+    else:
+        with pytest.raises(RuntimeError, match=re.escape(died)):
+            trainer.train(a)

@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -2732,3 +2733,15 @@ def test_a_codec_option_without_a_key_is_a_usage_error(clip, tmp_path, capsys):
         main([str(clip), str(tmp_path / "o.mp4"), "--codec-option", "=5"])
     assert e.value.code == 2
     assert "argument --codec-option: expected KEY=VALUE, got '=5'" in capsys.readouterr().err
+
+
+def test_a_missing_pyav_is_exit_2_as_every_missing_optional_package(tmp_path, monkeypatch, capsys):
+    # qairn video without PyAV exited 1, a failed run's code, where `qairn export` without onnx,
+    # onnxruntime or tensorrt and `qairn restore --backend onnxruntime|tensorrt` without them exit 2:
+    # a package to install is the user's to fix, as a usage error is.
+    monkeypatch.setitem(sys.modules, "av", None)  # import fails, as when it is not installed
+    before = signal.getsignal(signal.SIGTERM)  # (it returned with its SIGTERM handler left installed)
+    assert main([str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert err == "qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'\n"
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -292,7 +292,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="CUDA (eager/triton/compile): one CUDA graph per image size, captured once, replayed",
+        help="CUDA (eager/triton/compile): one CUDA graph per image size, captured once, replayed "
+        "(elsewhere none, with a warning)",
     )
     p.add_argument(
         "--tile",
@@ -346,25 +347,32 @@ def pad(text: str, width: int) -> str:
     return text + " " * (width - columns(text))
 
 
-def warn_fused_conv_off_cuda(a) -> None:
-    """--fused-conv (CUDA, says its help) ran on the CPU without a word, on the plain convs (the fused
-    ops' reference there): one warning. Not refused as --cuda-graph is: the run is the same picture."""
+def drop_cuda_only_options(a) -> None:
+    """--fused-conv and --cuda-graph speed up CUDA runs and change no output: on another device each is
+    one warning and the run goes on without it (the fused convs' plain-torch reference, or no graph), so
+    one command line serves a GPU machine and a CPU one (--device auto). --cuda-graph was refused there
+    while --fused-conv warned. Backends that take neither still refuse them (the Restorer's line)."""
     from qairn.engine.restorer import resolve_device
 
-    if not a.fused_conv or a.backend not in ("auto", "eager", "compile", "triton"):  # others refuse it
+    if not (a.fused_conv or a.cuda_graph) or a.backend not in ("auto", "eager", "compile", "triton"):
         return
     try:
         device = resolve_device(a.device)
     except ValueError:  # (a device that is not there: the Restorer's one line says so)
         return
-    if device.type != "cuda":
+    if device.type == "cuda":
+        return
+    if a.fused_conv:
         warning(f"--fused-conv: the fused Triton convs run on CUDA only; on {device} the plain convs run")
+    if a.cuda_graph:
+        warning(f"--cuda-graph: CUDA graphs need a CUDA device; on {device} the run goes on without one")
+        a.cuda_graph = False
 
 
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
-    warn_fused_conv_off_cuda(a)  # before the model loads
+    drop_cuda_only_options(a)  # before the model loads
     return Restorer(
         weights=a.weights,
         device=a.device,

@@ -1926,7 +1926,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="one CUDA graph per batch shape, captured once, replayed (CUDA; eager/triton/compile)",
+        help="one CUDA graph per batch shape, captured once, replayed (CUDA; eager/triton/compile; "
+        "elsewhere none, with a warning)",
     )
     e = p.add_argument_group("encoding")
     e.add_argument(
@@ -2037,13 +2038,13 @@ def main(argv: list[str] | None = None) -> int:
             f"qairn: warning: --score-only writes no video: {args.output} is ignored (the trace: {trace})",
             file=sys.stderr,
         )
-    main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         import av  # noqa: F401
-    except ImportError:
+    except ImportError:  # 2, as every qairn command's missing optional package: the user's to install
         print("qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'", file=sys.stderr)
-        return 1
+        return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qairn.engine.backends import BackendError
 from qairn.export.cache import cache_dir, model_digest, remove_stale_parts, write_atomic
 from qairn.kernels.gate import POOL_SCALE_LOG2, gated_blend_reference, scaled_pow
 from qairn.messages import counted, warn
@@ -73,8 +74,10 @@ TOLERANCE = {
 }
 
 
-class ExportError(RuntimeError):
-    pass
+class ExportError(BackendError):
+    """An ONNX file that cannot be written, read or used (not installed, not a qairn export). A
+    BackendError: behind Restorer(backend="onnxruntime"|"tensorrt") it is the backend that cannot run,
+    and `except qairn.BackendError` is what the README tells a caller to catch."""
 
 
 # The optional packages (qairn[export]) and what each is for: without one, the import deep in an

@@ -23,7 +23,9 @@ dropping the Restorer leaves it to the garbage collector's next full pass (the b
 runner refer to each other).
 
 Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign;
-one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over),
+one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over, and so is a
+folder; a path with no file yet is built there now, for shape= or, as `qairn export tensorrt -o PATH`
+builds, 4,512,512),
 onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
 max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
 """
@@ -230,6 +232,13 @@ class TrtBackend(Closing):
                 "so not an engine qairn can validate (trtexec's?); pass another engine= path for qairn to "
                 f"build there, or replace it: qairn export tensorrt WEIGHTS -o {self.engine_file} --overwrite"
             )
+        if self.engine_file is not None and self.engine_file.is_dir():
+            # A new engine is written there only after its build (minutes), which then failed to rename
+            # it onto the folder: refused now, as `qairn export tensorrt -o` refuses it.
+            raise BackendError(
+                f"{self.engine_file}: is a directory; give the engine's file name, e.g. "
+                f"{self.engine_file / 'qairn.engine'}"
+            )
         if onnx is None:
             onnx = cached_onnx(model, cache_dir, outputs="maps", precision=want)
         # One parse serves every check below: a large export takes seconds to load.
@@ -279,6 +288,11 @@ class TrtBackend(Closing):
                     "an export without --static"
                 )
             shape = shape if shape is not None else self.static_onnx
+        if self.engine_file is not None and recorded is None and shape is None and not dynamic:
+            # A new engine= file is built now for the shape `qairn export tensorrt -o F` builds: else it
+            # held whatever the first call had (one small image whole, say), which the next process then
+            # took as its static tile, while the Restorer's 512 tiles went to engines in the cache.
+            shape = DEFAULT_SHAPE
         # What tile="auto" takes: the static engine's own tile, asked for or recorded beside the user's
         # engine; for a non-square one the largest square it holds, each tile padded into its shape.
         # Else the Restorer cuts 512 tiles, which fit no engine but a new one (none, for a --static file).

@@ -291,6 +291,20 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         torch.set_num_threads(threads)
 
 
+def killed_by(message: str, signals) -> bool:
+    """Is `message` torch's error for a DataLoader worker killed by one of `signals` (the stop signals
+    this process received, which reach its workers too when sent to its whole process group)? torch
+    names the signal as strsignal() does: 'DataLoader worker (pid 7) is killed by signal: Terminated.'"""
+    if not message.startswith("DataLoader worker"):
+        return False
+    stops = [f"is killed by signal: {signal.strsignal(s)}." for s in signals]
+    if signal.SIGINT in signals:
+        # Ctrl-C reaches a worker still starting (before torch's loop, which catches it) as a
+        # KeyboardInterrupt: multiprocessing ends that process with exit code 1.
+        stops.append("exited unexpectedly with exit code 1.")
+    return any(stop in message for stop in stops)
+
+
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     if not a.resume:  # a resume is judged once its arguments are merged with the checkpoint's
         check_args(a)
@@ -550,7 +564,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             f"validation at step {at_step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step")
         )
 
-    stop = {"flag": False, "fetching": False}
+    stop = {"flag": False, "fetching": False, "signals": set()}
 
     def should_stop() -> bool:
         # --max-seconds limits this run, not the checkpoint's total: a resume always gets its time.
@@ -564,6 +578,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
 
     def on_signal(signum, frame):
         stop["flag"] = True
+        stop["signals"].add(signum)
 
     def batches(loader):
         """The loader's batches; after a stop signal, one None instead (the loop then stops, agreeing
@@ -571,7 +586,8 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         stop, kill -- -PGID) kills the workers too, and torch's SIGCHLD handler raised "DataLoader
         worker ... is killed by signal" wherever the loop was: a traceback and exit 1, or a last
         checkpoint cut short. Python runs the pending SIGTERM's handler before SIGCHLD's (by number),
-        so the flag is set before any worker's exit is seen: from then on an exit is the stop's."""
+        so the flag is set before any worker's exit is seen. A worker killed by that same signal is the
+        stop's; one that crashed otherwise (a segfault, the OOM killer's SIGKILL) is still an error."""
         loaded = iter(loader)  # starts the workers, and torch's SIGCHLD handler (once per process)
         torch_on_child_exit = signal.getsignal(signal.SIGCHLD)
         if in_main_thread and a.workers > 0 and callable(torch_on_child_exit):
@@ -589,7 +605,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             except StopIteration:
                 return
             except RuntimeError as e:
-                if not (stop["flag"] and str(e).startswith("DataLoader worker")):
+                if not (stop["flag"] and killed_by(str(e), stop["signals"])):
                     raise
                 break
             finally:
