@@ -1915,3 +1915,16 @@ def test_score_json_and_restore_json_give_one_image_the_same_numbers(workdir, ti
     assert rc == 0, err
     [record] = json.loads(out)
     assert {q: record[q] for q in ("Q1", "Q2", "Q3")} == {q: row[q] for q in ("Q1", "Q2", "Q3")}
+
+
+def test_python_dash_m_qairn_runs_the_command_line():
+    # `python -m qairn` failed ("No module named qairn.__main__"): the command was reachable only
+    # through the console script, which an environment's PATH may not hold.
+    import subprocess
+    import sys
+
+    run_m = [sys.executable, "-m", "qairn"]
+    helped = subprocess.run([*run_m, "-h"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: qairn {restore,score,"), helped.stderr
+    bad = subprocess.run([*run_m, "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
