@@ -927,6 +927,31 @@ def test_an_mp4_cut_inside_its_last_frame_is_damaged(restorer, tmp_path):
     assert s["notes"][-1] == f"{cut}: corrupt or truncated video near frame 7 (a packet cut short or damaged)"
 
 
+def test_a_demux_error_mid_file_keeps_the_frames_before_it(restorer, tmp_path):
+    """The demuxer failing mid-file (a Y4M whose fourth frame header is overwritten: Invalid data) ended
+    the whole run with 'corrupt or truncated video near frame 3' and no output, though three frames had
+    been read. Now those are restored into a complete output, with one warning naming the file and the
+    time; --strict fails on it and writes nothing."""
+    whole = flat_clip(tmp_path / "whole.y4m", range(6), codec="rawvideo")
+    data = whole.read_bytes()
+    fourth = [m.start() for m in re.finditer(b"FRAME", data)][3]
+    src = tmp_path / "bad.y4m"
+    src.write_bytes(data[:fourth] + b"XRAME" + data[fourth + 5 :])
+    out = tmp_path / "out" / "o.mkv"
+    out.parent.mkdir()
+    s = transcode(restorer, src, out, VideoOptions(write_quality=False))
+    assert s["frames"] == 3 and len(decode(out)[0]) == 3
+    said = [n for n in s["notes"] if "read past" in n or "truncated" in n]
+    assert said == [
+        f"{src}: cannot be read past 0.120 s, after 3 frames (Invalid data found when processing input)"
+    ]
+    with pytest.raises(VideoError, match=r"^\S+bad.y4m: cannot be read past 0.120 s.*\(--strict\)$"):
+        transcode(
+            restorer, src, tmp_path / "out" / "strict.mkv", VideoOptions(write_quality=False, strict=True)
+        )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.mkv"]
+
+
 def damaged_ffv1(path, packet: int, frames: int = 8, scrambled=(0.25, 0.75)):
     """An FFV1 video (in path's container) of `frames` frames of 64x48 noise (one packet each, at 0.04 s
     steps) whose packet number `packet` has its bytes from `scrambled[0]` to `scrambled[1]` of its size

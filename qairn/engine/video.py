@@ -14,8 +14,8 @@ order, copies the audio and subtitle streams (text subtitles are converted to th
 SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
 where the container holds them, and writes a per-frame quality trace
 (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
-A damaged input (frames the decoder flags, packets it refuses, a file cut short) is restored as far as
-it decodes, with a warning; --strict makes that an error.
+A damaged input (frames the decoder flags, packets it refuses, a file cut short or unreadable past some
+point) is restored as far as it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -799,66 +799,85 @@ def _libav_level() -> int | None:
         return None
 
 
-def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
+def _decode(inp, vstream, copied, pending_audio: list, counts: dict):
     """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
     pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
     list's pre-roll frames are demuxed and decoded, but not shown).
     counts["lost"]: the times (s, or None) of packets the decoder refused or gave no frame for, which
-    are skipped, and counts["lost_reason"] the first error."""
+    are skipped, and counts["lost_reason"] the first error.
+    counts["unreadable"]: (time in s, reason) where the demuxer failed mid-file (a damaged container):
+    the frames before it are decoded and yielded, and the rest of the file is not read."""
     import av
 
     copy_ids = {s.index for s in copied}
-    index = 0
     reorder = inp.format.name in DECODE_ORDER_FORMATS
     # The packet times no frame has taken yet. A frame-threaded decoder reports a damaged packet at a
     # later one (0.24 s for 0.16 s): the earliest time left is the one lost.
     times: list = []
     lost = counts.setdefault("lost", [])
     flagged = set()  # times of the packets the demuxer flagged (said by counts["damaged"] already)
-    try:
-        for packet in inp.demux(vstream, *copied):
-            if packet.stream.index in copy_ids:
-                if packet.dts is not None or (packet.size and is_cover(packet.stream)):  # a cover has no time
-                    pending_audio.append(packet)
-                continue
-            if packet.size:
-                counts["packets"] = counts.get("packets", 0) + 1
-                # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
-                # drops it without an error, so this flag is the one sign of the damage.
-                if packet.is_corrupt and "damaged" not in counts:
-                    counts["damaged"] = counts["packets"] - 1
-                if packet.is_corrupt and packet.pts is not None:
-                    flagged.add(packet.pts)
-                if packet.pts is not None and not getattr(packet, "is_discard", False):  # (not shown)
-                    heapq.heappush(times, packet.pts)
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
-                pts = heapq.heappop(times) if times else None
-                if pts not in flagged:
-                    lost.append(None if pts is None else float(pts * vstream.time_base))
-                    counts.setdefault("lost_reason", _msg(e))
-                continue
-            for frame in frames:
-                if reorder:  # frames come out in display order: each takes the earliest time left
-                    frame.pts = heapq.heappop(times) if times else None
-                elif frame.pts is None:
-                    if times:
-                        heapq.heappop(times)
-                else:  # it takes its own time, and those before it (pre-roll an edit list hides)
-                    while times and times[0] <= frame.pts:
-                        heapq.heappop(times)
-                yield frame
-                index += 1
-        # Frame threads drop a damaged last packet with no error (a damaged one elsewhere gives one at
-        # a later packet): its time is left when the decoder is drained.
-        left = [float(pts * vstream.time_base) for pts in sorted(times) if pts not in flagged]
-        if left:
-            lost += left
-            counts.setdefault("lost_reason", "no frame came out of it")
-    except av.FFmpegError as e:
-        raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
+    read_to = 0.0  # the end of the last video packet demuxed, in s
+
+    def shown(frames):
+        for frame in frames:
+            if reorder:  # frames come out in display order: each takes the earliest time left
+                frame.pts = heapq.heappop(times) if times else None
+            elif frame.pts is None:
+                if times:
+                    heapq.heappop(times)
+            else:  # it takes its own time, and those before it (pre-roll an edit list hides)
+                while times and times[0] <= frame.pts:
+                    heapq.heappop(times)
+            yield frame
+
+    packets = inp.demux(vstream, *copied)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.FFmpegError as e:
+            # A damaged container mid-file (a Y4M frame header overwritten): the run ended there with
+            # an error and no output at all. The frames read so far are restored, with a warning.
+            counts["unreadable"] = (read_to, _msg(e))
+            try:  # the decoder's delayed frames (frame threads, B-frames): the file's end is not coming
+                yield from shown(vstream.codec_context.decode(None))
+            except av.FFmpegError:
+                pass
+            break
+        if packet.stream.index in copy_ids:
+            if packet.dts is not None or (packet.size and is_cover(packet.stream)):  # a cover has no time
+                pending_audio.append(packet)
+            continue
+        if packet.size:
+            counts["packets"] = counts.get("packets", 0) + 1
+            # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
+            # drops it without an error, so this flag is the one sign of the damage.
+            if packet.is_corrupt and "damaged" not in counts:
+                counts["damaged"] = counts["packets"] - 1
+            if packet.is_corrupt and packet.pts is not None:
+                flagged.add(packet.pts)
+            if packet.pts is not None and not getattr(packet, "is_discard", False):  # (not shown)
+                heapq.heappush(times, packet.pts)
+            when = packet.pts if packet.pts is not None else packet.dts
+            if when is not None:
+                read_to = max(read_to, float((when + (packet.duration or 0)) * vstream.time_base))
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
+            pts = heapq.heappop(times) if times else None
+            if pts not in flagged:
+                lost.append(None if pts is None else float(pts * vstream.time_base))
+                counts.setdefault("lost_reason", _msg(e))
+            continue
+        yield from shown(frames)
+    # Frame threads drop a damaged last packet with no error (a damaged one elsewhere gives one at
+    # a later packet): its time is left when the decoder is drained.
+    left = [float(pts * vstream.time_base) for pts in sorted(times) if pts not in flagged]
+    if left:
+        lost += left
+        counts.setdefault("lost_reason", "no frame came out of it")
 
 
 def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
@@ -1519,8 +1538,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
         counts: dict = {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
-        frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
+        frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
         first = next(frames, None)
+        if first is None and "unreadable" in counts:
+            raise VideoError(
+                f"{src}: corrupt or truncated video: no frame could be read ({counts['unreadable'][1]})"
+            )
         if first is None and counts["lost"]:  # (it is not empty: "has no frames" said it was)
             raise VideoError(f"{src}: no frame could be decoded: {_lost_packets(counts)}")
         if first is None:
@@ -1648,8 +1671,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             )
         # Packets are compared, so that an edit list's hidden pre-roll is not taken for truncation; the
         # note says the frames decoded (an MP4's index lists packets cut off too: 4 counted, 3 decoded).
+        unreadable = counts.get("unreadable")
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
-        if short:
+        if unreadable:  # a demux error mid-file: this says where the frames end (not also "truncated?")
+            notes.append(
+                f"{src}: cannot be read past {unreadable[0]:.3f} s, after {counted(len(rows), 'frame')} "
+                f"({unreadable[1]})"
+            )
+        elif short:
             notes.append(
                 f"{src}: the header says {counted(vstream.frames, 'frame')}, {len(rows)} decoded (truncated?)"
             )
@@ -1684,7 +1713,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 f"{src}: skipped {counted(len(lost_cues), 'subtitle cue')} that could not be read "
                 f"(first at {t:.3f} s: {reason})"
             )
-        if opts.strict and (corrupt or short or damaged is not None or lost or lost_cues):
+        if opts.strict and (corrupt or short or damaged is not None or lost or lost_cues or unreadable):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
@@ -1982,7 +2011,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, packets the "
-        "demuxer flags as cut short or damaged, packets the decoder refuses (skipped), subtitle cues that "
+        "demuxer flags as cut short or damaged, a file the demuxer cannot read past some point (the frames "
+        "before it are kept), packets the decoder refuses (skipped), subtitle cues that "
         "cannot be read for conversion (skipped), or fewer frames (or, where it keeps no count, less "
         "time) than the header says; by default these are warnings",
     )
