@@ -1051,6 +1051,31 @@ def ffmpeg_log_level():
         return None
 
 
+def test_encoder_probe_mutes_fd_2_only_for_encoders_that_print_there(clip, tmp_path, monkeypatch, capfd):
+    """The encoder probes before the model loads pointed fd 2 (the whole process's stderr) at /dev/null
+    for every encoder, so another thread's output meanwhile was lost. FFmpeg's own encoders and libvpx log
+    through FFmpeg's log, which av.logging.Capture takes: only those that print there themselves (x264's
+    "invalid preset", x265's and SVT-AV1's banners) are still muted."""
+    import qairn.engine.video as video
+
+    muted = []
+    real = os.dup2
+
+    def dup2(fd, fd2, *args, **kwargs):
+        muted.append(fd2)
+        return real(fd, fd2, *args, **kwargs)
+
+    monkeypatch.setattr(video.os, "dup2", dup2)
+    for codec in ("mpeg4", "libvpx-vp9"):  # (the clip has audio: the container check opens an encoder too)
+        video.check_paths(clip, tmp_path / "o.mkv", VideoOptions(codec=codec))
+    with pytest.raises(VideoError, match=r"--crf 99: libvpx-vp9 refuses it \(.*out of range"):
+        video.check_paths(clip, tmp_path / "o.mkv", VideoOptions(codec="libvpx-vp9", crf=99))
+    assert 2 not in muted and capfd.readouterr().err == ""
+    with pytest.raises(VideoError, match="--preset fastest: libx264 refuses it"):
+        video.check_paths(clip, tmp_path / "o.mkv", VideoOptions(preset="fastest"))
+    assert 2 in muted and capfd.readouterr().err == ""  # (x264 printed "x264 [error]: invalid preset")
+
+
 def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
     """FFmpeg's log level is muted while the decoder's threads may log, then set back once the input is
     closed: it was set to INFO, FFmpeg's default, whatever level the caller had set."""

@@ -1259,10 +1259,19 @@ def check_encoder(name: str) -> None:
 PROBE_SIZE = (128, 96)  # SQCIF: H.263 takes only a few sizes, this one among them
 
 
+# Encoders that print to fd 2 themselves, not through FFmpeg's log (which av.logging.Capture takes):
+# "x264 [error]: invalid preset 'fastest'", x265's and SVT-AV1's banners and settings.
+SELF_PRINTING_ENCODERS = {"libx264", "libx264rgb", "libx265", "libsvtav1"}
+
+
 @contextmanager
-def _stderr_muted():
-    """fd 2 to /dev/null: x264 and x265 print some errors and their settings there themselves, not
-    through FFmpeg's log ("x264 [error]: invalid preset 'fastest'"), around the one-line error said."""
+def _stderr_muted(codec: str):
+    """fd 2 to /dev/null while `codec` is probed, where it prints there itself (SELF_PRINTING_ENCODERS),
+    around the one-line error said. fd 2 is the whole process's: another thread's output meanwhile is
+    lost, so the others (FFmpeg's own encoders, libvpx: their lines are captured) are not muted."""
+    if codec not in SELF_PRINTING_ENCODERS:
+        yield
+        return
     sys.stderr.flush()
     try:
         saved = os.dup(2)
@@ -1299,7 +1308,7 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
             cc.pix_fmt, cc.time_base = fmt, Fraction(1, 25)
             cc.options = {k: str(v) for k, v in options.items() if v is not None}
             error = None
-            with _stderr_muted(), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
+            with _stderr_muted(codec), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
                 try:
                     cc.open()
                     unused = set(cc.options or {})
@@ -1377,7 +1386,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
             single = out.format.name == "image2"
             if src is not None and (single or (audio and dst.suffix.lower() not in SILENT_SUFFIXES)):
-                with _stderr_muted():  # (x264 and x265 print their settings, opening and closing)
+                with _stderr_muted(codec):  # (x265 prints its settings, opening and closing)
                     _check_streams_fit(src, out, vs, dst, audio)
                     out.close()  # (x265 says "encoded 0 frames"; closing again below does nothing)
         finally:
