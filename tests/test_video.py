@@ -1374,6 +1374,29 @@ def subtitle_cues(path):
     return streams, cues
 
 
+def test_subtitles_the_output_cannot_hold_are_refused_before_the_model_loads(tmp_path):
+    """The check before the model loads tried only the audio against the output container: an ASS track
+    without its header (styles), which MP4's mov_text cannot be written from, failed only once the model
+    had loaded and the first frame decoded ('this container cannot hold libx264 video and mov_text
+    subtitle'), and so did H.264 into .ogg from a source without audio. Subtitles and cover pictures are
+    now added to the probe as the output adds them, and the muxer's header is always tried."""
+    from qairn.engine.video import check_paths
+
+    def add_ass(o, s):
+        o.add_mux_stream("ass").time_base = Fraction(1, 1000)
+
+    src = flat_clip(tmp_path / "ass.mkv", setup=add_ass)
+    with pytest.raises(
+        VideoError, match=r"o.mp4: this container cannot hold libx264 video and mov_text subtitle"
+    ):
+        check_paths(src, tmp_path / "o.mp4", VideoOptions(audio=False))
+    check_paths(src, tmp_path / "o.mkv", VideoOptions())  # (Matroska keeps ASS as it is)
+    mute = flat_clip(tmp_path / "mute.mkv")
+    with pytest.raises(VideoError, match=r"o.ogg: this container cannot hold libx264 video .*; use .mkv$"):
+        check_paths(mute, tmp_path / "o.ogg", VideoOptions())
+    assert leftovers(tmp_path) == []
+
+
 def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):
     """Subtitle streams were dropped without a word: a Matroska film with SRT subtitles came out of
     .mkv without them. They are now copied as the audio is (same packets, same times, language kept);

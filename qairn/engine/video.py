@@ -1061,25 +1061,11 @@ def _open_output(
     for k, v in params.items():  # before the user's own x264-params, which win
         options[k] = ":".join(x for x in (v, options.get(k)) if x)
     cc.options = {k: str(v) for k, v in options.items() if v is not None}
-    amap, dropped = {}, []
-    for s in astreams:
-        try:
-            # (MPEG-TS would take text subtitles, as data no player reads.)
-            if s.type == "subtitle" and out.format.name not in SUBTITLE_FORMATS:
-                raise ValueError
-            amap[s.index] = out.add_stream_from_template(s)
-        except (av.FFmpegError, ValueError) as e:
-            if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
-                try:
-                    amap[s.index] = _text_subtitle_stream(out, s)
-                except (av.FFmpegError, ValueError):
-                    dropped.append(s.codec_context.name)
-                continue
-            out.close()
-            raise VideoError(
-                f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
-                f"({_msg(e)}); use .mkv, or --no-audio"
-            ) from None
+    try:
+        amap, dropped = _add_copied_streams(out, astreams, dst)
+    except VideoError:
+        out.close()
+        raise
     # The source's tags: copied audio tracks came out as 'und', unnamed, with no default track.
     for k, v in vstream.container.metadata.items():
         if k.lower() not in MUXER_TAGS:  # title, creation time, ...
@@ -1140,6 +1126,33 @@ def _open_output(
         hint = "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
         raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
+
+
+def _add_copied_streams(out, astreams, dst: Path) -> tuple[dict, list]:
+    """Add the copied audio and subtitle streams to `out`: the output, or check_container's probe, so
+    that both decide alike. Returns ({source index: output stream}, the codecs of the subtitle streams
+    dropped); audio the container refuses is a VideoError."""
+    import av
+
+    amap, dropped = {}, []
+    for s in astreams:
+        try:
+            # (MPEG-TS would take text subtitles, as data no player reads.)
+            if s.type == "subtitle" and out.format.name not in SUBTITLE_FORMATS:
+                raise ValueError
+            amap[s.index] = out.add_stream_from_template(s)
+        except (av.FFmpegError, ValueError) as e:
+            if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
+                try:
+                    amap[s.index] = _text_subtitle_stream(out, s)
+                except (av.FFmpegError, ValueError):
+                    dropped.append(s.codec_context.name)
+                continue
+            raise VideoError(
+                f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
+                f"({_msg(e)}); use .mkv, or --no-audio"
+            ) from None
+    return amap, dropped
 
 
 def _quality_options(codec: str, opts: VideoOptions) -> dict:
@@ -1384,11 +1397,13 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 vs = out.add_stream(codec, rate=25)
             except (av.FFmpegError, ValueError) as e:
                 raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
-            single = out.format.name == "image2"
-            if src is not None and (single or (audio and dst.suffix.lower() not in SILENT_SUFFIXES)):
+            if src is not None:
                 with _stderr_muted(codec):  # (x265 prints its settings, opening and closing)
                     _check_streams_fit(src, out, vs, dst, audio)
-                    out.close()  # (x265 says "encoded 0 frames"; closing again below does nothing)
+                    try:  # (x265 says "encoded 0 frames"; closing again below does nothing)
+                        out.close()
+                    except av.FFmpegError:  # a trailer without frames (GIF refuses one): no matter here
+                        pass
         finally:
             out.close()
     finally:
@@ -1415,19 +1430,17 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
                 f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
                 "write a video container (.mp4, .mkv)"
             )
+        # The streams transcode copies, added as _open_output adds them (subtitles converted or dropped,
+        # a cover picture where the container keeps one): subtitles and covers were left out, so a
+        # subtitle stream the muxer refuses failed only once the model had loaded.
         astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
-        if not astreams:
-            return
-        for s in astreams:
-            try:
+        astreams += list(inp.streams.subtitles)
+        _add_copied_streams(out, astreams, dst)
+        for s in inp.streams.video:
+            if is_cover(s) and out.format.name in COVER_FORMATS and s.codec_context.name in COVER_CODECS:
                 out.add_stream_from_template(s)
-            except (av.FFmpegError, ValueError) as e:
-                raise VideoError(
-                    f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
-                    f"({_msg(e)}); use .mkv, or --no-audio"
-                ) from None
-        # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there), which needs
-        # the video encoder open: on a small frame, where it opens here at all.
+        # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there, Ogg H.264),
+        # which needs the video encoder open: on a small frame, where it opens here at all.
         if not _open_probe_encoder(vs):
             return
         with _ffmpeg_reasons():
@@ -1435,9 +1448,10 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
                 out.start_encoding()
             except av.FFmpegError as e:
                 what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
-                raise VideoError(
-                    f"{dst}: this container cannot hold {what} ({_msg(e)}); use .mkv, or --no-audio"
-                ) from None
+                hint = (
+                    "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
+                )
+                raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     finally:
         inp.close()
 
