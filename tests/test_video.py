@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -473,6 +475,54 @@ def load_example():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextmanager
+def stdin_pipe(data: bytes):
+    """fd 0 (/dev/stdin) the read end of a pipe a thread writes `data` into, then closes."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+
+    def feed():
+        with os.fdopen(write_end, "wb") as w:
+            try:
+                w.write(data)
+            except BrokenPipeError:  # (a reader that stops early)
+                pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)  # (closes the pipe's read end: a writer still waiting gets EPIPE)
+        os.close(saved)
+        writer.join()
+
+
+def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, capsys):
+    """'qairn video - OUT' said "-: no such file", once the model had loaded; '-' is now standard input
+    (/dev/stdin). With --score-only the trace of a pipe went beside it: /dev/stdin.quality.csv, written
+    into /dev (as root); that is refused before the model loads, asking for --quality-csv."""
+    data = flat_clip(tmp_path / "f.mkv", range(3)).read_bytes()
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-plot"]
+    with stdin_pipe(data):
+        assert main(["-", str(tmp_path / "o.mkv"), *model]) == 0
+    assert len(decode(tmp_path / "o.mkv")[0]) == 3 and len(read_csv(tmp_path / "o.mkv.quality.csv")) == 3
+    capsys.readouterr()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    with stdin_pipe(b""):
+        assert main(["-", "--score-only", *model]) == 1
+    err = capsys.readouterr().err
+    said = "/dev/stdin: is not a file, so the trace has no place beside it; give --quality-csv"
+    assert err == f"qairn: error: {said}\n"
+    assert not Path("/dev/stdin.quality.csv").exists()
 
 
 def test_pipe_example_filter(restorer, frames_rgb):

@@ -1493,7 +1493,9 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
             raise VideoError(f"{name}: is a URL; qairn video {verb} local files only")
-    src = Path(src)
+    # "-", the usual name for standard input, was taken as a file ("-: no such file", once the model
+    # had loaded): it is read as /dev/stdin, a pipe (a container that needs no seeking: .mkv, .ts, .y4m).
+    src = Path("/dev/stdin") if str(src) == "-" else Path(src)
     dst = Path(dst) if dst is not None else None
     if opts.codec is not None and not opts.score_only:
         check_encoder(opts.codec)
@@ -1511,6 +1513,9 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
+        if beside == src and opts.quality_csv is None and src.exists() and not src.is_file():
+            # (a pipe's trace went beside it: /dev/stdin.quality.csv, written into /dev as root)
+            raise VideoError(f"{src}: is not a file, so the trace has no place beside it; give --quality-csv")
         csv_path = Path(opts.quality_csv or f"{beside}.quality.csv")
         _check_writable(csv_path, "quality trace", opts.overwrite)
         if opts.plot:
@@ -1936,7 +1941,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=path_arg, help="video file (anything FFmpeg reads; a local file, not a URL)")
+    p.add_argument(
+        "input",
+        type=path_arg,
+        help="video file (anything FFmpeg reads; a local file, not a URL); - or /dev/stdin: a pipe",
+    )
     p.add_argument(
         "output",
         nargs="?",
