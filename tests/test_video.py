@@ -525,6 +525,35 @@ def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, 
     assert not Path("/dev/stdin.quality.csv").exists()
 
 
+def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tmp_path, monkeypatch, capsys):
+    """A pipe (- or /dev/stdin) can be read once only, so no check looked at it before the model loaded:
+    an empty pipe, text, or audio alone through it failed only after the model had loaded (as did a
+    missing file). The input is now opened before the model loads, and the run reads what was opened."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    with av.open(str(tmp_path / "a.mka"), "w") as o:  # audio only
+        s = o.add_stream("flac", rate=16000, layout="mono")
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
+        f.sample_rate, f.pts = 16000, 0
+        o.mux(s.encode(f) + s.encode(None))
+    cases = [
+        (b"", "/dev/stdin: not a readable video"),
+        (b"hello\n", "/dev/stdin: not a readable video"),
+        ((tmp_path / "a.mka").read_bytes(), "/dev/stdin: has no video stream"),
+    ]
+    for data, said in cases:
+        with stdin_pipe(data):
+            assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"qairn: error: {said}") and err.count("\n") == 1, err
+    assert main([str(tmp_path / "none.mkv"), str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+    assert capsys.readouterr().err == f"qairn: error: {tmp_path / 'none.mkv'}: no such file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mka"]
+
+
 def test_pipe_example_filter(restorer, frames_rgb):
     """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
     bit-exact frames out, one trace row per frame."""

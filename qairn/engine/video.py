@@ -1531,15 +1531,17 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     return src, dst, csv_path
 
 
-def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
-    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary."""
+def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=None) -> dict:
+    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary.
+    inp: src already opened (_open_input), as the CLI opens it before the model loads (a pipe can be read
+    once only); it is closed here."""
     import av
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts)
     # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     log_levels = av.logging.get_level(), _libav_level()
-    inp = _open_input(src)
+    inp = _open_input(src) if inp is None else inp
     out = tmp = None
     try:
         videos = [s for s in inp.streams.video if not is_cover(s)]
@@ -2103,12 +2105,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'", file=sys.stderr)
         return 1
+    opened = None
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        check_paths(args.input, args.output, opts)  # before the model loads; transcode checks again
+        src, _, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
+        # The input is opened before the model loads and the run reads that: a pipe (which can be read
+        # once only, so no check had looked at it) that is empty or carries no video, and a missing
+        # file, failed only after the model had loaded.
+        opened = _open_input(src)
         restorer = make_restorer(args)
-        summary = transcode(restorer, args.input, args.output, opts)
+        summary = transcode(restorer, args.input, args.output, opts, inp=opened)
     except KeyboardInterrupt:
         print("qairn: interrupted; no output written", file=sys.stderr)
         return 130
@@ -2119,6 +2126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qairn: error: {_msg(e)}", file=sys.stderr)
         return 1
     finally:
+        if opened is not None:  # (closed by transcode where it ran; closing again does nothing)
+            opened.close()
         if main_thread:
             signal.signal(signal.SIGTERM, old)
     for n in summary["notes"]:
