@@ -1155,6 +1155,21 @@ def test_encoder_probe_mutes_fd_2_only_for_encoders_that_print_there(clip, tmp_p
     assert 2 in muted and capfd.readouterr().err == ""  # (x264 printed "x264 [error]: invalid preset")
 
 
+def test_the_container_check_leaves_no_x265_lines_on_stderr(clip, tmp_path, capfd):
+    """check_container's probe encoder (libx265) was freed after fd 2 was unmuted: every libx265 run
+    began with "encoded 0 frames" twice, among blank lines, on stderr. It is now freed while muted, on
+    an error too."""
+    from qairn.engine.video import check_paths
+
+    if "libx265" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx265")
+    for src in (clip, flat_clip(tmp_path / "mute.mkv")):  # with audio and without
+        check_paths(src, tmp_path / "o.mkv", VideoOptions(codec="libx265"))
+    with pytest.raises(VideoError, match="this container cannot hold"):  # (Ogg holds no HEVC: refused)
+        check_paths(clip, tmp_path / "o.ogg", VideoOptions(codec="libx265"))
+    assert capfd.readouterr().err == ""
+
+
 def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
     """FFmpeg's log level is muted while the decoder's threads may log, then set back once the input is
     closed: it was set to INFO, FFmpeg's default, whatever level the caller had set."""

@@ -1385,27 +1385,34 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
 
     levels = av.logging.get_level(), _libav_level()  # set back once the probe and input are closed
     probe = _temp_path(dst)
+    out = vs = None
     try:
-        try:
-            out = av.open(str(probe), "w")
-        except (av.FFmpegError, ValueError) as e:
-            raise VideoError(
-                f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
-            ) from None
-        try:
+        # x265 prints its settings as it opens and "encoded 0 frames" as it is freed, which is when the
+        # probe's last reference goes: muted until then (below, on an error too).
+        with _stderr_muted(codec):
             try:
-                vs = out.add_stream(codec, rate=25)
-            except (av.FFmpegError, ValueError) as e:
-                raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
-            if src is not None:
-                with _stderr_muted(codec):  # (x265 prints its settings, opening and closing)
+                try:
+                    out = av.open(str(probe), "w")
+                except (av.FFmpegError, ValueError) as e:
+                    raise VideoError(
+                        f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
+                    ) from None
+                try:
+                    vs = out.add_stream(codec, rate=25)
+                except (av.FFmpegError, ValueError) as e:
+                    raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+                if src is not None:
                     _check_streams_fit(src, out, vs, dst, audio)
-                    try:  # (x265 says "encoded 0 frames"; closing again below does nothing)
+            except VideoError as e:  # (its traceback's frames, and its context's, hold the probe: dropped)
+                e.__context__ = None
+                raise e.with_traceback(None) from None
+            finally:
+                if out is not None:
+                    try:
                         out.close()
                     except av.FFmpegError:  # a trailer without frames (GIF refuses one): no matter here
                         pass
-        finally:
-            out.close()
+                out = vs = None
     finally:
         probe.unlink(missing_ok=True)
         _logging_back(*levels)
