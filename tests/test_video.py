@@ -502,6 +502,25 @@ def stdin_pipe(data: bytes):
         writer.join()
 
 
+def test_svt_av1_prints_errors_only_under_the_cli(tiny_weights, tmp_path):
+    """qairn video --codec libsvtav1 printed some 20 'Svt[info]' and 'Svt[warn]' lines (banner, settings)
+    on every run. SVT-AV1 reads its log level from SVT_LOG once per process: the CLI sets errors only,
+    unless the user set one. (A process of its own: this one may have opened SVT-AV1 already.)"""
+    if "libsvtav1" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libsvtav1")
+    src = flat_clip(tmp_path / "f.mkv")
+    run = "import sys; from qairn.engine.video import main; sys.exit(main(sys.argv[1:]))"
+    args = [str(src), str(tmp_path / "o.mkv"), "--codec", "libsvtav1", "--weights", str(tiny_weights)]
+    env = {k: v for k, v in os.environ.items() if k != "SVT_LOG"} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", run, *args, "--device", "cpu", "-q", "--no-quality", "--matrix", "bt601"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, capsys):
     """'qairn video - OUT' said "-: no such file", once the model had loaded; '-' is now standard input
     (/dev/stdin). With --score-only the trace of a pipe went beside it: /dev/stdin.quality.csv, written

@@ -2105,6 +2105,10 @@ def main(argv: list[str] | None = None) -> int:
             f"qairn: warning: --score-only writes no video: {args.output} is ignored (the trace: {trace})",
             file=sys.stderr,
         )
+    # SVT-AV1 printed some 20 lines of banner and settings on every run (x265 is given log-level=error).
+    # It reads its level from the environment once, as the process first opens it: errors only, unless
+    # the user set one.
+    os.environ.setdefault("SVT_LOG", "1")
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
