@@ -544,6 +544,28 @@ def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, 
     assert not Path("/dev/stdin.quality.csv").exists()
 
 
+def test_a_terminal_as_standard_input_is_refused(tmp_path, monkeypatch, capsys):
+    """'qairn video - OUT' typed at a terminal (no pipe) waited, silently, for a video to be typed in:
+    refused in one line, before the model loads."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    leader, follower = os.openpty()
+    os.write(leader, b"hello\n" + b"\x04" * 64)  # (a line, then EOFs: the old code read them, no hang)
+    saved = os.dup(0)
+    os.dup2(follower, 0)
+    try:
+        assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, leader, follower):
+            os.close(fd)
+    said = "/dev/stdin: standard input is a terminal; pipe a video into it (... | qairn video - OUT)"
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+
+
 def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tmp_path, monkeypatch, capsys):
     """A pipe (- or /dev/stdin) can be read once only, so no check looked at it before the model loaded:
     an empty pipe, text, or audio alone through it failed only after the model had loaded (as did a

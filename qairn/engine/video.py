@@ -1503,6 +1503,10 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     # "-", the usual name for standard input, was taken as a file ("-: no such file", once the model
     # had loaded): it is read as /dev/stdin, a pipe (a container that needs no seeking: .mkv, .ts, .y4m).
     src = Path("/dev/stdin") if str(src) == "-" else Path(src)
+    if src == Path("/dev/stdin") and os.isatty(0):  # (it waited for a video typed in, silently)
+        raise VideoError(
+            f"{src}: standard input is a terminal; pipe a video into it (... | qairn video - OUT)"
+        )
     dst = Path(dst) if dst is not None else None
     if opts.codec is not None and not opts.score_only:
         check_encoder(opts.codec)
