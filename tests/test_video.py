@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -476,6 +478,124 @@ def load_example():
     return mod
 
 
+@contextmanager
+def stdin_pipe(data: bytes):
+    """fd 0 (/dev/stdin) the read end of a pipe a thread writes `data` into, then closes."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    os.close(read_end)
+
+    def feed():
+        with os.fdopen(write_end, "wb") as w:
+            try:
+                w.write(data)
+            except BrokenPipeError:  # (a reader that stops early)
+                pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)  # (closes the pipe's read end: a writer still waiting gets EPIPE)
+        os.close(saved)
+        writer.join()
+
+
+def test_svt_av1_prints_errors_only_under_the_cli(tiny_weights, tmp_path):
+    """qairn video --codec libsvtav1 printed some 20 'Svt[info]' and 'Svt[warn]' lines (banner, settings)
+    on every run. SVT-AV1 reads its log level from SVT_LOG once per process: the CLI sets errors only,
+    unless the user set one. (A process of its own: this one may have opened SVT-AV1 already.)"""
+    if "libsvtav1" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libsvtav1")
+    src = flat_clip(tmp_path / "f.mkv")
+    run = "import sys; from qairn.engine.video import main; sys.exit(main(sys.argv[1:]))"
+    args = [str(src), str(tmp_path / "o.mkv"), "--codec", "libsvtav1", "--weights", str(tiny_weights)]
+    env = {k: v for k, v in os.environ.items() if k != "SVT_LOG"} | {"PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", run, *args, "--device", "cpu", "-q", "--no-quality", "--matrix", "bt601"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, capsys):
+    """'qairn video - OUT' said "-: no such file", once the model had loaded; '-' is now standard input
+    (/dev/stdin). With --score-only the trace of a pipe went beside it: /dev/stdin.quality.csv, written
+    into /dev (as root); that is refused before the model loads, asking for --quality-csv."""
+    data = flat_clip(tmp_path / "f.mkv", range(3)).read_bytes()
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-plot"]
+    with stdin_pipe(data):
+        assert main(["-", str(tmp_path / "o.mkv"), *model]) == 0
+    assert len(decode(tmp_path / "o.mkv")[0]) == 3 and len(read_csv(tmp_path / "o.mkv.quality.csv")) == 3
+    capsys.readouterr()
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    with stdin_pipe(b""):
+        assert main(["-", "--score-only", *model]) == 1
+    err = capsys.readouterr().err
+    said = "/dev/stdin: is not a file, so the trace has no place beside it; give --quality-csv"
+    assert err == f"qairn: error: {said}\n"
+    assert not Path("/dev/stdin.quality.csv").exists()
+
+
+def test_a_terminal_as_standard_input_is_refused(tmp_path, monkeypatch, capsys):
+    """'qairn video - OUT' typed at a terminal (no pipe) waited, silently, for a video to be typed in:
+    refused in one line, before the model loads."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    leader, follower = os.openpty()
+    os.write(leader, b"hello\n" + b"\x04" * 64)  # (a line, then EOFs: the old code read them, no hang)
+    saved = os.dup(0)
+    os.dup2(follower, 0)
+    try:
+        assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, leader, follower):
+            os.close(fd)
+    said = "/dev/stdin: standard input is a terminal; pipe a video into it (... | qairn video - OUT)"
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+
+
+def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tmp_path, monkeypatch, capsys):
+    """A pipe (- or /dev/stdin) can be read once only, so no check looked at it before the model loaded:
+    an empty pipe, text, or audio alone through it failed only after the model had loaded (as did a
+    missing file). The input is now opened before the model loads, and the run reads what was opened."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    with av.open(str(tmp_path / "a.mka"), "w") as o:  # audio only
+        s = o.add_stream("flac", rate=16000, layout="mono")
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
+        f.sample_rate, f.pts = 16000, 0
+        o.mux(s.encode(f) + s.encode(None))
+    cases = [
+        (b"", "/dev/stdin: not a readable video"),
+        (b"hello\n", "/dev/stdin: not a readable video"),
+        ((tmp_path / "a.mka").read_bytes(), "/dev/stdin: has no video stream"),
+    ]
+    for data, said in cases:
+        with stdin_pipe(data):
+            assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"qairn: error: {said}") and err.count("\n") == 1, err
+    assert main([str(tmp_path / "none.mkv"), str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+    assert capsys.readouterr().err == f"qairn: error: {tmp_path / 'none.mkv'}: no such file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mka"]
+
+
 def test_pipe_example_filter(restorer, frames_rgb):
     """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
     bit-exact frames out, one trace row per frame."""
@@ -928,6 +1048,31 @@ def test_an_mp4_cut_inside_its_last_frame_is_damaged(restorer, tmp_path):
     assert s["notes"][-1] == f"{cut}: corrupt or truncated video near frame 7 (a packet cut short or damaged)"
 
 
+def test_a_demux_error_mid_file_keeps_the_frames_before_it(restorer, tmp_path):
+    """The demuxer failing mid-file (a Y4M whose fourth frame header is overwritten: Invalid data) ended
+    the whole run with 'corrupt or truncated video near frame 3' and no output, though three frames had
+    been read. Now those are restored into a complete output, with one warning naming the file and the
+    time; --strict fails on it and writes nothing."""
+    whole = flat_clip(tmp_path / "whole.y4m", range(6), codec="rawvideo")
+    data = whole.read_bytes()
+    fourth = [m.start() for m in re.finditer(b"FRAME", data)][3]
+    src = tmp_path / "bad.y4m"
+    src.write_bytes(data[:fourth] + b"XRAME" + data[fourth + 5 :])
+    out = tmp_path / "out" / "o.mkv"
+    out.parent.mkdir()
+    s = transcode(restorer, src, out, VideoOptions(write_quality=False))
+    assert s["frames"] == 3 and len(decode(out)[0]) == 3
+    said = [n for n in s["notes"] if "read past" in n or "truncated" in n]
+    assert said == [
+        f"{src}: cannot be read past 0.120 s, after 3 frames (Invalid data found when processing input)"
+    ]
+    with pytest.raises(VideoError, match=r"^\S+bad.y4m: cannot be read past 0.120 s.*\(--strict\)$"):
+        transcode(
+            restorer, src, tmp_path / "out" / "strict.mkv", VideoOptions(write_quality=False, strict=True)
+        )
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.mkv"]
+
+
 def damaged_ffv1(path, packet: int, frames: int = 8, scrambled=(0.25, 0.75)):
     """An FFV1 video (in path's container) of `frames` frames of 64x48 noise (one packet each, at 0.04 s
     steps) whose packet number `packet` has its bytes from `scrambled[0]` to `scrambled[1]` of its size
@@ -1025,6 +1170,46 @@ def ffmpeg_log_level():
         return int(ctypes.CDLL(av.logging.__file__).av_log_get_level())
     except (OSError, AttributeError):
         return None
+
+
+def test_encoder_probe_mutes_fd_2_only_for_encoders_that_print_there(clip, tmp_path, monkeypatch, capfd):
+    """The encoder probes before the model loads pointed fd 2 (the whole process's stderr) at /dev/null
+    for every encoder, so another thread's output meanwhile was lost. FFmpeg's own encoders and libvpx log
+    through FFmpeg's log, which av.logging.Capture takes: only those that print there themselves (x264's
+    "invalid preset", x265's and SVT-AV1's banners) are still muted."""
+    import qairn.engine.video as video
+
+    muted = []
+    real = os.dup2
+
+    def dup2(fd, fd2, *args, **kwargs):
+        muted.append(fd2)
+        return real(fd, fd2, *args, **kwargs)
+
+    monkeypatch.setattr(video.os, "dup2", dup2)
+    for codec in ("mpeg4", "libvpx-vp9"):  # (the clip has audio: the container check opens an encoder too)
+        video.check_paths(clip, tmp_path / "o.mkv", VideoOptions(codec=codec))
+    with pytest.raises(VideoError, match=r"--crf 99: libvpx-vp9 refuses it \(.*out of range"):
+        video.check_paths(clip, tmp_path / "o.mkv", VideoOptions(codec="libvpx-vp9", crf=99))
+    assert 2 not in muted and capfd.readouterr().err == ""
+    with pytest.raises(VideoError, match="--preset fastest: libx264 refuses it"):
+        video.check_paths(clip, tmp_path / "o.mkv", VideoOptions(preset="fastest"))
+    assert 2 in muted and capfd.readouterr().err == ""  # (x264 printed "x264 [error]: invalid preset")
+
+
+def test_the_container_check_leaves_no_x265_lines_on_stderr(clip, tmp_path, capfd):
+    """check_container's probe encoder (libx265) was freed after fd 2 was unmuted: every libx265 run
+    began with "encoded 0 frames" twice, among blank lines, on stderr. It is now freed while muted, on
+    an error too."""
+    from qairn.engine.video import check_paths
+
+    if "libx265" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx265")
+    for src in (clip, flat_clip(tmp_path / "mute.mkv")):  # with audio and without
+        check_paths(src, tmp_path / "o.mkv", VideoOptions(codec="libx265"))
+    with pytest.raises(VideoError, match="this container cannot hold"):  # (Ogg holds no HEVC: refused)
+        check_paths(clip, tmp_path / "o.ogg", VideoOptions(codec="libx265"))
+    assert capfd.readouterr().err == ""
 
 
 def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
@@ -1323,6 +1508,29 @@ def subtitle_cues(path):
             if p.size
         ]
     return streams, cues
+
+
+def test_subtitles_the_output_cannot_hold_are_refused_before_the_model_loads(tmp_path):
+    """The check before the model loads tried only the audio against the output container: an ASS track
+    without its header (styles), which MP4's mov_text cannot be written from, failed only once the model
+    had loaded and the first frame decoded ('this container cannot hold libx264 video and mov_text
+    subtitle'), and so did H.264 into .ogg from a source without audio. Subtitles and cover pictures are
+    now added to the probe as the output adds them, and the muxer's header is always tried."""
+    from qairn.engine.video import check_paths
+
+    def add_ass(o, s):
+        o.add_mux_stream("ass").time_base = Fraction(1, 1000)
+
+    src = flat_clip(tmp_path / "ass.mkv", setup=add_ass)
+    with pytest.raises(
+        VideoError, match=r"o.mp4: this container cannot hold libx264 video and mov_text subtitle"
+    ):
+        check_paths(src, tmp_path / "o.mp4", VideoOptions(audio=False))
+    check_paths(src, tmp_path / "o.mkv", VideoOptions())  # (Matroska keeps ASS as it is)
+    mute = flat_clip(tmp_path / "mute.mkv")
+    with pytest.raises(VideoError, match=r"o.ogg: this container cannot hold libx264 video .*; use .mkv$"):
+        check_paths(mute, tmp_path / "o.ogg", VideoOptions())
+    assert leftovers(tmp_path) == []
 
 
 def test_subtitles_are_copied_where_the_container_holds_them(restorer, frames_rgb, tmp_path):

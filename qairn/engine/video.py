@@ -14,8 +14,8 @@ order, copies the audio and subtitle streams (text subtitles are converted to th
 SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
 where the container holds them, and writes a per-frame quality trace
 (OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
-A damaged input (frames the decoder flags, packets it refuses, a file cut short) is restored as far as
-it decodes, with a warning; --strict makes that an error.
+A damaged input (frames the decoder flags, packets it refuses, a file cut short or unreadable past some
+point) is restored as far as it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
 partial output behind.
 """
@@ -802,66 +802,85 @@ def _libav_level() -> int | None:
         return None
 
 
-def _decode(inp, vstream, copied, pending_audio: list, src: Path, counts: dict):
+def _decode(inp, vstream, copied, pending_audio: list, counts: dict):
     """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
     pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
     list's pre-roll frames are demuxed and decoded, but not shown).
     counts["lost"]: the times (s, or None) of packets the decoder refused or gave no frame for, which
-    are skipped, and counts["lost_reason"] the first error."""
+    are skipped, and counts["lost_reason"] the first error.
+    counts["unreadable"]: (time in s, reason) where the demuxer failed mid-file (a damaged container):
+    the frames before it are decoded and yielded, and the rest of the file is not read."""
     import av
 
     copy_ids = {s.index for s in copied}
-    index = 0
     reorder = inp.format.name in DECODE_ORDER_FORMATS
     # The packet times no frame has taken yet. A frame-threaded decoder reports a damaged packet at a
     # later one (0.24 s for 0.16 s): the earliest time left is the one lost.
     times: list = []
     lost = counts.setdefault("lost", [])
     flagged = set()  # times of the packets the demuxer flagged (said by counts["damaged"] already)
-    try:
-        for packet in inp.demux(vstream, *copied):
-            if packet.stream.index in copy_ids:
-                if packet.dts is not None or (packet.size and is_cover(packet.stream)):  # a cover has no time
-                    pending_audio.append(packet)
-                continue
-            if packet.size:
-                counts["packets"] = counts.get("packets", 0) + 1
-                # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
-                # drops it without an error, so this flag is the one sign of the damage.
-                if packet.is_corrupt and "damaged" not in counts:
-                    counts["damaged"] = counts["packets"] - 1
-                if packet.is_corrupt and packet.pts is not None:
-                    flagged.add(packet.pts)
-                if packet.pts is not None and not getattr(packet, "is_discard", False):  # (not shown)
-                    heapq.heappush(times, packet.pts)
-            try:
-                frames = packet.decode()
-            except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
-                pts = heapq.heappop(times) if times else None
-                if pts not in flagged:
-                    lost.append(None if pts is None else float(pts * vstream.time_base))
-                    counts.setdefault("lost_reason", _msg(e))
-                continue
-            for frame in frames:
-                if reorder:  # frames come out in display order: each takes the earliest time left
-                    frame.pts = heapq.heappop(times) if times else None
-                elif frame.pts is None:
-                    if times:
-                        heapq.heappop(times)
-                else:  # it takes its own time, and those before it (pre-roll an edit list hides)
-                    while times and times[0] <= frame.pts:
-                        heapq.heappop(times)
-                yield frame
-                index += 1
-        # Frame threads drop a damaged last packet with no error (a damaged one elsewhere gives one at
-        # a later packet): its time is left when the decoder is drained.
-        left = [float(pts * vstream.time_base) for pts in sorted(times) if pts not in flagged]
-        if left:
-            lost += left
-            counts.setdefault("lost_reason", "no frame came out of it")
-    except av.FFmpegError as e:
-        raise VideoError(f"{src}: corrupt or truncated video near frame {index} ({_msg(e)})") from None
+    read_to = 0.0  # the end of the last video packet demuxed, in s
+
+    def shown(frames):
+        for frame in frames:
+            if reorder:  # frames come out in display order: each takes the earliest time left
+                frame.pts = heapq.heappop(times) if times else None
+            elif frame.pts is None:
+                if times:
+                    heapq.heappop(times)
+            else:  # it takes its own time, and those before it (pre-roll an edit list hides)
+                while times and times[0] <= frame.pts:
+                    heapq.heappop(times)
+            yield frame
+
+    packets = inp.demux(vstream, *copied)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            break
+        except av.FFmpegError as e:
+            # A damaged container mid-file (a Y4M frame header overwritten): the run ended there with
+            # an error and no output at all. The frames read so far are restored, with a warning.
+            counts["unreadable"] = (read_to, _msg(e))
+            try:  # the decoder's delayed frames (frame threads, B-frames): the file's end is not coming
+                yield from shown(vstream.codec_context.decode(None))
+            except av.FFmpegError:
+                pass
+            break
+        if packet.stream.index in copy_ids:
+            if packet.dts is not None or (packet.size and is_cover(packet.stream)):  # a cover has no time
+                pending_audio.append(packet)
+            continue
+        if packet.size:
+            counts["packets"] = counts.get("packets", 0) + 1
+            # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
+            # drops it without an error, so this flag is the one sign of the damage.
+            if packet.is_corrupt and "damaged" not in counts:
+                counts["damaged"] = counts["packets"] - 1
+            if packet.is_corrupt and packet.pts is not None:
+                flagged.add(packet.pts)
+            if packet.pts is not None and not getattr(packet, "is_discard", False):  # (not shown)
+                heapq.heappush(times, packet.pts)
+            when = packet.pts if packet.pts is not None else packet.dts
+            if when is not None:
+                read_to = max(read_to, float((when + (packet.duration or 0)) * vstream.time_base))
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as e:  # a damaged packet: skipped, as the decoder skips the ones it flags
+            pts = heapq.heappop(times) if times else None
+            if pts not in flagged:
+                lost.append(None if pts is None else float(pts * vstream.time_base))
+                counts.setdefault("lost_reason", _msg(e))
+            continue
+        yield from shown(frames)
+    # Frame threads drop a damaged last packet with no error (a damaged one elsewhere gives one at
+    # a later packet): its time is left when the decoder is drained.
+    left = [float(pts * vstream.time_base) for pts in sorted(times) if pts not in flagged]
+    if left:
+        lost += left
+        counts.setdefault("lost_reason", "no frame came out of it")
 
 
 def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
@@ -1045,25 +1064,11 @@ def _open_output(
     for k, v in params.items():  # before the user's own x264-params, which win
         options[k] = ":".join(x for x in (v, options.get(k)) if x)
     cc.options = {k: str(v) for k, v in options.items() if v is not None}
-    amap, dropped = {}, []
-    for s in astreams:
-        try:
-            # (MPEG-TS would take text subtitles, as data no player reads.)
-            if s.type == "subtitle" and out.format.name not in SUBTITLE_FORMATS:
-                raise ValueError
-            amap[s.index] = out.add_stream_from_template(s)
-        except (av.FFmpegError, ValueError) as e:
-            if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
-                try:
-                    amap[s.index] = _text_subtitle_stream(out, s)
-                except (av.FFmpegError, ValueError):
-                    dropped.append(s.codec_context.name)
-                continue
-            out.close()
-            raise VideoError(
-                f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
-                f"({_msg(e)}); use .mkv, or --no-audio"
-            ) from None
+    try:
+        amap, dropped = _add_copied_streams(out, astreams, dst)
+    except VideoError:
+        out.close()
+        raise
     # The source's tags: copied audio tracks came out as 'und', unnamed, with no default track.
     for k, v in vstream.container.metadata.items():
         if k.lower() not in MUXER_TAGS:  # title, creation time, ...
@@ -1124,6 +1129,33 @@ def _open_output(
         hint = "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
         raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     return out, vs, amap, codec, pix_fmt, notes, out_tb
+
+
+def _add_copied_streams(out, astreams, dst: Path) -> tuple[dict, list]:
+    """Add the copied audio and subtitle streams to `out`: the output, or check_container's probe, so
+    that both decide alike. Returns ({source index: output stream}, the codecs of the subtitle streams
+    dropped); audio the container refuses is a VideoError."""
+    import av
+
+    amap, dropped = {}, []
+    for s in astreams:
+        try:
+            # (MPEG-TS would take text subtitles, as data no player reads.)
+            if s.type == "subtitle" and out.format.name not in SUBTITLE_FORMATS:
+                raise ValueError
+            amap[s.index] = out.add_stream_from_template(s)
+        except (av.FFmpegError, ValueError) as e:
+            if s.type == "subtitle":  # MP4 takes only mov_text, WebM WebVTT: not worth failing over
+                try:
+                    amap[s.index] = _text_subtitle_stream(out, s)
+                except (av.FFmpegError, ValueError):
+                    dropped.append(s.codec_context.name)
+                continue
+            raise VideoError(
+                f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
+                f"({_msg(e)}); use .mkv, or --no-audio"
+            ) from None
+    return amap, dropped
 
 
 def _quality_options(codec: str, opts: VideoOptions) -> dict:
@@ -1243,10 +1275,19 @@ def check_encoder(name: str) -> None:
 PROBE_SIZE = (128, 96)  # SQCIF: H.263 takes only a few sizes, this one among them
 
 
+# Encoders that print to fd 2 themselves, not through FFmpeg's log (which av.logging.Capture takes):
+# "x264 [error]: invalid preset 'fastest'", x265's and SVT-AV1's banners and settings.
+SELF_PRINTING_ENCODERS = {"libx264", "libx264rgb", "libx265", "libsvtav1"}
+
+
 @contextmanager
-def _stderr_muted():
-    """fd 2 to /dev/null: x264 and x265 print some errors and their settings there themselves, not
-    through FFmpeg's log ("x264 [error]: invalid preset 'fastest'"), around the one-line error said."""
+def _stderr_muted(codec: str):
+    """fd 2 to /dev/null while `codec` is probed, where it prints there itself (SELF_PRINTING_ENCODERS),
+    around the one-line error said. fd 2 is the whole process's: another thread's output meanwhile is
+    lost, so the others (FFmpeg's own encoders, libvpx: their lines are captured) are not muted."""
+    if codec not in SELF_PRINTING_ENCODERS:
+        yield
+        return
     sys.stderr.flush()
     try:
         saved = os.dup(2)
@@ -1283,7 +1324,7 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
             cc.pix_fmt, cc.time_base = fmt, Fraction(1, 25)
             cc.options = {k: str(v) for k, v in options.items() if v is not None}
             error = None
-            with _stderr_muted(), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
+            with _stderr_muted(codec), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
                 try:
                     cc.open()
                     unused = set(cc.options or {})
@@ -1347,25 +1388,34 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
 
     levels = av.logging.get_level(), _libav_level()  # set back once the probe and input are closed
     probe = _temp_path(dst)
+    out = vs = None
     try:
-        try:
-            out = av.open(str(probe), "w")
-        except (av.FFmpegError, ValueError) as e:
-            raise VideoError(
-                f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
-            ) from None
-        try:
+        # x265 prints its settings as it opens and "encoded 0 frames" as it is freed, which is when the
+        # probe's last reference goes: muted until then (below, on an error too).
+        with _stderr_muted(codec):
             try:
-                vs = out.add_stream(codec, rate=25)
-            except (av.FFmpegError, ValueError) as e:
-                raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
-            single = out.format.name == "image2"
-            if src is not None and (single or (audio and dst.suffix.lower() not in SILENT_SUFFIXES)):
-                with _stderr_muted():  # (x264 and x265 print their settings, opening and closing)
+                try:
+                    out = av.open(str(probe), "w")
+                except (av.FFmpegError, ValueError) as e:
+                    raise VideoError(
+                        f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
+                    ) from None
+                try:
+                    vs = out.add_stream(codec, rate=25)
+                except (av.FFmpegError, ValueError) as e:
+                    raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
+                if src is not None:
                     _check_streams_fit(src, out, vs, dst, audio)
-                    out.close()  # (x265 says "encoded 0 frames"; closing again below does nothing)
-        finally:
-            out.close()
+            except VideoError as e:  # (its traceback's frames, and its context's, hold the probe: dropped)
+                e.__context__ = None
+                raise e.with_traceback(None) from None
+            finally:
+                if out is not None:
+                    try:
+                        out.close()
+                    except av.FFmpegError:  # a trailer without frames (GIF refuses one): no matter here
+                        pass
+                out = vs = None
     finally:
         probe.unlink(missing_ok=True)
         _logging_back(*levels)
@@ -1390,19 +1440,17 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
                 f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
                 "write a video container (.mp4, .mkv)"
             )
+        # The streams transcode copies, added as _open_output adds them (subtitles converted or dropped,
+        # a cover picture where the container keeps one): subtitles and covers were left out, so a
+        # subtitle stream the muxer refuses failed only once the model had loaded.
         astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
-        if not astreams:
-            return
-        for s in astreams:
-            try:
+        astreams += list(inp.streams.subtitles)
+        _add_copied_streams(out, astreams, dst)
+        for s in inp.streams.video:
+            if is_cover(s) and out.format.name in COVER_FORMATS and s.codec_context.name in COVER_CODECS:
                 out.add_stream_from_template(s)
-            except (av.FFmpegError, ValueError) as e:
-                raise VideoError(
-                    f"{dst}: cannot copy audio ({s.codec_context.name}) into this container "
-                    f"({_msg(e)}); use .mkv, or --no-audio"
-                ) from None
-        # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there), which needs
-        # the video encoder open: on a small frame, where it opens here at all.
+        # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there, Ogg H.264),
+        # which needs the video encoder open: on a small frame, where it opens here at all.
         if not _open_probe_encoder(vs):
             return
         with _ffmpeg_reasons():
@@ -1410,9 +1458,10 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
                 out.start_encoding()
             except av.FFmpegError as e:
                 what = " and ".join(f"{s.codec_context.name} {s.type}" for s in out.streams)
-                raise VideoError(
-                    f"{dst}: this container cannot hold {what} ({_msg(e)}); use .mkv, or --no-audio"
-                ) from None
+                hint = (
+                    "; use .mkv, or --no-audio" if any(s.type == "audio" for s in astreams) else "; use .mkv"
+                )
+                raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     finally:
         inp.close()
 
@@ -1454,7 +1503,13 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
             raise VideoError(f"{name}: is a URL; qairn video {verb} local files only")
-    src = Path(src)
+    # "-", the usual name for standard input, was taken as a file ("-: no such file", once the model
+    # had loaded): it is read as /dev/stdin, a pipe (a container that needs no seeking: .mkv, .ts, .y4m).
+    src = Path("/dev/stdin") if str(src) == "-" else Path(src)
+    if src == Path("/dev/stdin") and os.isatty(0):  # (it waited for a video typed in, silently)
+        raise VideoError(
+            f"{src}: standard input is a terminal; pipe a video into it (... | qairn video - OUT)"
+        )
     dst = Path(dst) if dst is not None else None
     if opts.codec is not None and not opts.score_only:
         check_encoder(opts.codec)
@@ -1472,6 +1527,9 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     csv_path = None
     if opts.write_quality:
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
+        if beside == src and opts.quality_csv is None and src.exists() and not src.is_file():
+            # (a pipe's trace went beside it: /dev/stdin.quality.csv, written into /dev as root)
+            raise VideoError(f"{src}: is not a file, so the trace has no place beside it; give --quality-csv")
         csv_path = Path(opts.quality_csv or f"{beside}.quality.csv")
         _check_writable(csv_path, "quality trace", opts.overwrite)
         if opts.plot:
@@ -1487,15 +1545,17 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     return src, dst, csv_path
 
 
-def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict:
-    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary."""
+def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=None) -> dict:
+    """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary.
+    inp: src already opened (_open_input), as the CLI opens it before the model loads (a pipe can be read
+    once only); it is closed here."""
     import av
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts)
     # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     log_levels = av.logging.get_level(), _libav_level()
-    inp = _open_input(src)
+    inp = _open_input(src) if inp is None else inp
     out = tmp = None
     try:
         videos = [s for s in inp.streams.video if not is_cover(s)]
@@ -1522,8 +1582,12 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
         lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
         counts: dict = {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
-        frames = _decode(inp, vstream, astreams + covers, pending_audio, src, counts)
+        frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
         first = next(frames, None)
+        if first is None and "unreadable" in counts:
+            raise VideoError(
+                f"{src}: corrupt or truncated video: no frame could be read ({counts['unreadable'][1]})"
+            )
         if first is None and counts["lost"]:  # (it is not empty: "has no frames" said it was)
             raise VideoError(f"{src}: no frame could be decoded: {_lost_packets(counts)}")
         if first is None:
@@ -1651,8 +1715,14 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             )
         # Packets are compared, so that an edit list's hidden pre-roll is not taken for truncation; the
         # note says the frames decoded (an MP4's index lists packets cut off too: 4 counted, 3 decoded).
+        unreadable = counts.get("unreadable")
         short = vstream.frames and counts.get("packets", 0) < vstream.frames
-        if short:
+        if unreadable:  # a demux error mid-file: this says where the frames end (not also "truncated?")
+            notes.append(
+                f"{src}: cannot be read past {unreadable[0]:.3f} s, after {counted(len(rows), 'frame')} "
+                f"({unreadable[1]})"
+            )
+        elif short:
             notes.append(
                 f"{src}: the header says {counted(vstream.frames, 'frame')}, {len(rows)} decoded (truncated?)"
             )
@@ -1687,7 +1757,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
                 f"{src}: skipped {counted(len(lost_cues), 'subtitle cue')} that could not be read "
                 f"(first at {t:.3f} s: {reason})"
             )
-        if opts.strict and (corrupt or short or damaged is not None or lost or lost_cues):
+        if opts.strict and (corrupt or short or damaged is not None or lost or lost_cues or unreadable):
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
@@ -1887,7 +1957,11 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=path_arg, help="video file (anything FFmpeg reads; a local file, not a URL)")
+    p.add_argument(
+        "input",
+        type=path_arg,
+        help="video file (anything FFmpeg reads; a local file, not a URL); - or /dev/stdin: a pipe",
+    )
     p.add_argument(
         "output",
         nargs="?",
@@ -1986,7 +2060,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="fail (writing nothing) when the input is damaged: frames the decoder flags, packets the "
-        "demuxer flags as cut short or damaged, packets the decoder refuses (skipped), subtitle cues that "
+        "demuxer flags as cut short or damaged, a file the demuxer cannot read past some point (the frames "
+        "before it are kept), packets the decoder refuses (skipped), subtitle cues that "
         "cannot be read for conversion (skipped), or fewer frames (or, where it keeps no count, less "
         "time) than the header says; by default these are warnings",
     )
@@ -2038,6 +2113,10 @@ def main(argv: list[str] | None = None) -> int:
             f"qairn: warning: --score-only writes no video: {args.output} is ignored (the trace: {trace})",
             file=sys.stderr,
         )
+    # SVT-AV1 printed some 20 lines of banner and settings on every run (x265 is given log-level=error).
+    # It reads its level from the environment once, as the process first opens it: errors only, unless
+    # the user set one.
+    os.environ.setdefault("SVT_LOG", "1")
     try:
         import av  # noqa: F401
     except ImportError:  # 2, as every qairn command's missing optional package: the user's to install
@@ -2045,12 +2124,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    opened = None
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        check_paths(args.input, args.output, opts)  # before the model loads; transcode checks again
+        src, _, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
+        # The input is opened before the model loads and the run reads that: a pipe (which can be read
+        # once only, so no check had looked at it) that is empty or carries no video, and a missing
+        # file, failed only after the model had loaded.
+        opened = _open_input(src)
         restorer = make_restorer(args)
-        summary = transcode(restorer, args.input, args.output, opts)
+        summary = transcode(restorer, args.input, args.output, opts, inp=opened)
     except KeyboardInterrupt:
         print("qairn: interrupted; no output written", file=sys.stderr)
         return 130
@@ -2061,6 +2145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qairn: error: {_msg(e)}", file=sys.stderr)
         return 1
     finally:
+        if opened is not None:  # (closed by transcode where it ran; closing again does nothing)
+            opened.close()
         if main_thread:
             signal.signal(signal.SIGTERM, old)
     for n in summary["notes"]:
