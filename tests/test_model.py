@@ -151,6 +151,7 @@ def test_save_load_rebuilds_architecture(tmp_path):
     assert meta["format"] == "qairn" and json.loads(meta["training"])["steps"] == 12
     m2 = qairn.load_model(path)
     assert m2.config == m.config and m2.config.p == 4.0
+    assert not any(module.training for module in m2.modules())  # loaded for inference (eval mode)
     x = torch.rand(1, 3, 24, 40)
     torch.testing.assert_close(m(x)[0], m2(x)[0])
 
