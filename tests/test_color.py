@@ -100,21 +100,26 @@ def test_jpeg_is_bt601_full_range(images):
         assert (err <= 1) if ok_ else (err > 5), f"{matrix}: max error {err}"
 
 
-def test_chroma_upsampling_matches_libjpeg(images):
+@pytest.mark.parametrize("odd", [False, True], ids=["even", "odd"])
+def test_chroma_upsampling_matches_libjpeg(images, odd):
     """The JPEG's raw 4:2:0 chroma (FFmpeg's mjpeg decoder, no conversion) upsampled by us matches
-    libjpeg's "fancy" upsampled chroma (the IDCTs of the two decoders differ by one code value)."""
+    libjpeg's "fancy" upsampled chroma (the IDCTs of the two decoders differ by one code value). Odd
+    sides too: there the upsampled plane has a row (column) too many, cut at the far end (cut at the
+    near end, the chroma moved by one pixel passed the even size)."""
     av = pytest.importorskip("av")
     import io
 
     from PIL import Image
 
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(images[0][..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 50])
+    bgr = np.ascontiguousarray(images[0][: 101 if odd else None, : 77 if odd else None, ::-1])
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 50])
     with av.open(io.BytesIO(buf.tobytes()), format="mjpeg") as c:
         frame = next(c.decode(video=0))
     assert frame.format.name == "yuvj420p"
     im = Image.open(io.BytesIO(buf.tobytes()))
     im.draft("YCbCr", im.size)
     h, w = im.size[1], im.size[0]
+    assert (h % 2, w % 2) == ((1, 1) if odd else (0, 0))
     for k in (1, 2):
         raw = torch.from_numpy(_planes(frame)[k].copy())[None].float()
         ours = color.upsample(raw, h, w)[0].round().numpy()

@@ -166,6 +166,12 @@ def test_psnr_b_sides_under_two_blocks():
     v[:, 8:] = 110
     y = metrics.rgb_to_y_studio(gray(v))
     assert metrics.blocking_effect_factor(y) == pytest.approx(3 / math.log2(12) * 12 * 64 / 48, abs=1e-12)
+    # Rows as columns: the same edges across a 12 px high image (the row boundary mask had no such
+    # guard tested: it summed the edge at row 8 of a 12 px high image over a count of 0: BEF 643).
+    for v in (np.full((12, 12), 100), np.full((12, 40), 100)):
+        v[:, 8:] = 110
+        y = metrics.rgb_to_y_studio(gray(v))
+        assert metrics.blocking_effect_factor(y.T) == metrics.blocking_effect_factor(y)
     # One pixel thin: no pairs in one direction and eta = log2 8 / log2 1 undefined (was ZeroDivisionError).
     v = np.full((1, 20), 100)
     v[:, 8:] = 110

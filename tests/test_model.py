@@ -151,6 +151,7 @@ def test_save_load_rebuilds_architecture(tmp_path):
     assert meta["format"] == "qairn" and json.loads(meta["training"])["steps"] == 12
     m2 = qairn.load_model(path)
     assert m2.config == m.config and m2.config.p == 4.0
+    assert not any(module.training for module in m2.modules())  # loaded for inference (eval mode)
     x = torch.rand(1, 3, 24, 40)
     torch.testing.assert_close(m(x)[0], m2(x)[0])
 
@@ -180,6 +181,22 @@ def test_save_fp16_loads_as_fp32(tmp_path):
     assert all(p.dtype == torch.float32 for p in m2.parameters())
     x = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(m(x)[0], m2(x)[0], atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_writes_the_dtype_asked_for(tmp_path, dtype):
+    """The file holds dtype= itself: the round trip above passed with the dtype dropped (an fp32 file)
+    or replaced (fp16 for bf16), which only the stored tensors show."""
+    from safetensors import safe_open
+
+    m = lively_model()
+    path = save_weights(m, tmp_path / "w.safetensors", dtype=dtype)
+    with safe_open(str(path), framework="pt") as f:
+        stored = {f.get_tensor(k).dtype for k in f.keys()}
+    assert stored == {dtype}
+    m2 = load_model(path)
+    for name, p in m.state_dict().items():
+        torch.testing.assert_close(m2.state_dict()[name], p.to(dtype).float(), atol=0, rtol=0)
 
 
 def test_load_refuses_foreign_files(tmp_path):

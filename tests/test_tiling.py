@@ -55,6 +55,21 @@ def test_plan_axis_by_hand():
     assert ax.starts == (0, 144) and ax.cores == ((0, 192), (192, 400))
 
 
+def test_tile_origins_are_the_even_spread_rounded_to_the_nearest_step():
+    """Origin i is i * (length - tile) / (n - 1) rounded to the nearest multiple of 16, not down: rounded
+    down (a floor for round), 144 px in tiles of 64 gave origins 0, 16, 48, 80, as valid a plan by every
+    other check, but lopsided (overlaps 48, 32, 32 instead of 32, 48, 32)."""
+    from qairn.engine.tiling import plan_axis
+
+    assert plan_axis(144, 64, 32).starts == (0, 32, 48, 80)  # the spread is 0, 26.7, 53.3, 80
+    for tile in range(32, 289, 32):
+        for overlap in range(0, tile, 16):
+            for length in range(tile + 16, 3 * tile + 100, 16):
+                starts = plan_axis(length, tile, overlap).starts
+                spread = np.arange(len(starts)) * (length - tile) / (len(starts) - 1)
+                assert np.abs(np.array(starts) - spread).max() <= ALIGN / 2, (length, tile, overlap, starts)
+
+
 def test_blend_weights_are_a_partition_of_unity_for_every_plan():
     """Rounding origins to 16 can make tiles i and i+2 overlap (e.g. 224 px, tile 128, overlap 48 puts
     tiles at 0, 48, 96); blending only neighbours then stacked three weights into bright bands."""

@@ -198,8 +198,14 @@ def test_triton_cores_forms():
     box = torch.tensor([2, 7, 3, 12], dtype=torch.int32, device=DEVICE)
     one = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=gate.as_cores(box, logit))
     assert_forward(one, ideal(logit, skip, dec, 2.0, box.expand(3, 4)), torch.float32)
-    empty = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=torch.tensor([[5, 2, 0, 12]] * 3))
+    # Empty boxes: rows reversed, columns reversed, columns past the image (counts -48 and -64 when
+    # only the rows' extent was clamped at 0).
+    empty_boxes = torch.tensor(
+        [[5, 2, 0, 12], [0, 8, 9, 3], [0, 8, 20, 30]], dtype=torch.int32, device=DEVICE
+    )
+    empty = gate.gated_blend_triton(logit, skip, dec, p=2.0, cores=empty_boxes)
     assert empty[2].tolist() == [0.0] * 3 and empty[3].tolist() == [0] * 3
+    assert gate.pool_reference(torch.sigmoid(logit), 2.0, empty_boxes)[1].tolist() == [0] * 3
 
 
 @needs_triton
