@@ -962,3 +962,15 @@ def test_auto_backend_asks_for_the_triton_gate_in_the_precision_given(monkeypatc
     monkeypatch.setattr(gate, "HAS_TRITON", True)
     monkeypatch.setattr(gate, "load_triton", lambda: None)
     assert resolve_auto("auto", precision, torch.device("cuda", 0)) == (backend, precision)
+
+
+def test_plan_axis_refuses_tiles_that_cannot_advance_instead_of_looping():
+    # plan_axis(64, 32, 32) searched for its tile count forever (mutants16: a broken guard in
+    # plan_tiles hung the suite instead of failing it). Tiles advancing under 16 px are refused.
+    from qairn.engine.tiling import plan_axis
+
+    for length, tile, overlap in ((64, 32, 32), (64, 32, 48), (96, 48, 40)):
+        with pytest.raises(ValueError, match=f"tile {tile} must exceed the overlap {overlap} by 16"):
+            plan_axis(length, tile, overlap)
+    assert plan_axis(64, 32, 16).starts == (0, 16, 32)  # the smallest step still plans
+    assert plan_axis(32, 32, 32).starts == (0,)  # one tile covers the axis: no step needed

@@ -39,6 +39,9 @@ class AxisPlan:
 def plan_axis(length: int, tile: int, overlap: int) -> AxisPlan:
     """Place tiles along one axis of `length` pixels (already a multiple of ALIGN)."""
     assert length % ALIGN == 0 and tile % ALIGN == 0
+    if length > tile and tile - overlap < ALIGN:  # (plan_tiles rounds and refuses these first)
+        # Tiles that advance less than one 16-px step would search for their count forever.
+        raise ValueError(f"tile {tile} must exceed the overlap {overlap} by {ALIGN} or more")
     if length <= tile:
         return AxisPlan(length, length, (0,), ((0, length),), (np.ones(length, np.float32),))
     last = length - tile
