@@ -2745,3 +2745,25 @@ def test_a_missing_pyav_is_exit_2_as_every_missing_optional_package(tmp_path, mo
     err = capsys.readouterr().err
     assert err == "qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'\n"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_onnx_file_given_runs_in_place_of_the_weights(clip, tmp_path, capsys):
+    """qairn video had no --onnx: `--backend onnxruntime` ran qairn's own export of the weights (the
+    shipped ones unless --weights), never a file the user exported and checked. The file's own network
+    runs now: its trace is the eager trace of the weights it was exported from (ONNX Runtime: 1e-4)."""
+    from qairn.export import onnx_export as ox
+    from qairn.weights_io import save_weights
+
+    net = lively_model("tiny", seed=5)
+    save_weights(net, tmp_path / "w.safetensors", training={"steps": 0, "note": "random test model"})
+    onnx_file = ox.export_onnx(net, tmp_path / "w.onnx", outputs="maps")
+    common = [str(clip), "--score-only", "--device", "cpu", "--tile", "0", "--no-plot", "-q"]
+    eager, ort = tmp_path / "eager.csv", tmp_path / "ort.csv"
+    assert main([*common, "--weights", str(tmp_path / "w.safetensors"), "--quality-csv", str(eager)]) == 0
+    given = ["--backend", "onnxruntime", "--onnx", str(onnx_file)]
+    assert main([*common, *given, "--quality-csv", str(ort)]) == 0, capsys.readouterr().err
+    expect, got = read_csv(eager), read_csv(ort)
+    assert len(got) == len(expect) == 6
+    for e, g in zip(expect, got):
+        for q in ("Q1", "Q2", "Q3"):
+            assert abs(float(g[q]) - float(e[q])) < 1e-4, (q, e, g)
