@@ -2767,3 +2767,30 @@ def test_an_onnx_file_given_runs_in_place_of_the_weights(clip, tmp_path, capsys)
     for e, g in zip(expect, got):
         for q in ("Q1", "Q2", "Q3"):
             assert abs(float(g[q]) - float(e[q])) < 1e-4, (q, e, g)
+
+
+@pytest.mark.parametrize(
+    "backend, package", [("onnxruntime",) * 2, ("tensorrt",) * 2, ("onnxruntime", "onnx")]
+)
+def test_a_missing_backend_package_is_exit_2_before_the_model_loads(
+    backend, package, tmp_path, monkeypatch, capsys
+):
+    """`qairn video --backend onnxruntime` without onnxruntime loaded the model, then said what to
+    install with exit 1, a failed run's code, where `qairn restore` in the same case exits 2 (a package
+    to install is the user's to fix). One line, exit 2, and the model never loads."""
+    import qairn.engine.cli as engine_cli
+    from qairn.export.trt_backend import INSTALL_HINT
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    monkeypatch.setitem(sys.modules, package, None)  # import fails, as when it is not installed
+    assert main([str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--backend", backend]) == 2
+    says = {
+        "onnxruntime": "backend 'onnxruntime' needs ONNX Runtime: pip install 'qairn[export]'",
+        "tensorrt": INSTALL_HINT,
+        "onnx": "onnx is not installed (to export and read ONNX files): pip install 'qairn[export]'",
+    }[package]
+    err = capsys.readouterr().err
+    assert err.startswith(f"qairn: error: {says}") and err.count("\n") == 1, err

@@ -330,14 +330,45 @@ def export_file_args(p) -> None:
     )
 
 
+def missing_package(backend: str) -> str | None:
+    """What to install for backend onnxruntime or tensorrt (and onnx, which both read exports with), in
+    the backends' own words, or None: said before the model loads, and with exit 2 in every command
+    (`qairn video` said it only after loading the model, with exit 1)."""
+    if backend not in ("onnxruntime", "tensorrt"):
+        return None
+    from qairn.engine.backends import BackendError
+
+    try:
+        if backend == "onnxruntime":
+            from qairn.export.ort_backend import require_onnxruntime
+
+            require_onnxruntime()
+        else:
+            from qairn.export.trt_backend import import_tensorrt
+
+            import_tensorrt()
+        from qairn.export.onnx_export import require
+
+        require("onnx")
+    except ImportError as e:  # one of qairn's own modules (make_backend's words)
+        return f"backend {backend!r} is not available: {e}"
+    except BackendError as e:
+        return str(e)
+    return None
+
+
 def backend_problem(a) -> str | None:
-    """Why --backend, --onnx, --engine and --weights cannot run together, in one line, or None: found
-    before the model loads, where the Restorer would refuse them after it (or, for --onnx with eager,
-    as an unknown option of that backend), or not at all (--weights beside a file that runs its own)."""
+    """Why --backend, --onnx, --engine and --weights cannot run together (or a package is missing), in
+    one line, or None: found before the model loads, where the Restorer would refuse them after it (or,
+    for --onnx with eager, as an unknown option of that backend), or not at all (--weights beside a file
+    that runs its own)."""
     if a.onnx is not None and a.backend not in ("onnxruntime", "tensorrt"):
         return f"--onnx runs with --backend onnxruntime or tensorrt, not {a.backend}"
     if a.engine is not None and a.backend != "tensorrt":
         return f"--engine runs with --backend tensorrt, not {a.backend}"
+    missing = missing_package(a.backend)
+    if missing:
+        return missing
     # A new --engine path would be built there (minutes), and a folder is no file: the user asked to run
     # a file they have.
     for option, path in (("--onnx", a.onnx), ("--engine", a.engine)):
