@@ -1,8 +1,10 @@
 import json
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -1928,3 +1930,127 @@ def test_python_dash_m_qairn_runs_the_command_line():
     assert helped.returncode == 0 and helped.stdout.startswith("usage: qairn {restore,score,"), helped.stderr
     bad = subprocess.run([*run_m, "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+# ---- --onnx and --engine: running a file the user exported ---------------------------------------
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_weights, tmp_path_factory):
+    """tiny_weights exported as `qairn export onnx --maps` writes it (unverified: about a second)."""
+    from qairn.export import onnx_export as ox
+    from qairn.weights_io import load_model
+
+    folder = tmp_path_factory.mktemp("onnx")
+    return ox.export_onnx(load_model(tiny_weights), folder / "tiny.onnx", outputs="maps")
+
+
+def test_score_and_restore_run_a_given_onnx_file_as_the_library_does(workdir, tiny_onnx, capsys):
+    """`--backend onnxruntime` ran qairn's own cached export of the weights (the shipped ones without
+    --weights): a file exported and checked for deployment could not be run from the command line
+    ('unrecognized arguments: --onnx'). It runs now as Restorer(backend="onnxruntime", onnx=F) runs it,
+    and the --json rows name that file, not the shipped weights that did not run."""
+    import hashlib
+
+    import qairn
+    from qairn.engine.cli import json_quality
+
+    img = read_image(workdir / "a.jpg")
+    r = qairn.Restorer(device="cpu", backend="onnxruntime", onnx=tiny_onnx)
+    expect_q, expect_image = json_quality(r.score(img)), r.restore(img).image
+    file = {
+        "p": r.p,
+        "weights": os.path.abspath(tiny_onnx),
+        "weights_sha256": hashlib.sha256(Path(tiny_onnx).read_bytes()).hexdigest()[:16],
+    }
+    given = ["--backend", "onnxruntime", "--onnx", tiny_onnx]
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", *given, "--json")
+    assert rc == 0, err
+    row = json.loads(out)
+    assert {k: row[k] for k in expect_q} == expect_q
+    assert {k: row[k] for k in file} == file
+    rc, out, err = run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "r.png", *given, "--json", "-")
+    assert rc == 0, err
+    [record] = json.loads(out)
+    assert {k: record[k] for k in expect_q} == expect_q
+    assert {k: record[k] for k in file} == file
+    assert np.array_equal(read_image(workdir / "r.png"), expect_image)
+
+
+def model_not_loaded(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.mark.parametrize("command", ["score", "restore", "video"])
+def test_export_files_that_cannot_run_are_one_line_before_the_model_loads(
+    command, workdir, tiny_weights, tiny_onnx, capsys, monkeypatch
+):
+    """--onnx and --engine as the Restorer takes them: --onnx with onnxruntime or tensorrt, --engine with
+    tensorrt; a file that is not there (an --engine path the Restorer would build an engine at, for
+    minutes) or a folder; --weights beside an --onnx file, whose own network and weights would run
+    (the Restorer only checks that the two are the same network). Each is refused in one line, exit 2,
+    before the model loads."""
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", model_not_loaded)
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.9.0"))  # none here
+    engine = workdir / "q.engine"
+    engine.write_bytes(b"engine")
+    (workdir / "folder.onnx").mkdir()
+    where = {"score": [], "restore": ["-o", workdir / "o.png"], "video": [workdir / "o.mp4"]}[command]
+    src = workdir / ("in.mp4" if command == "video" else "a.jpg")
+    ort, trt = ["--backend", "onnxruntime"], ["--backend", "tensorrt"]
+    typo, folder, new = workdir / "typo.onnx", workdir / "folder.onnx", workdir / "new.engine"
+    for extra, says in (
+        (["--onnx", tiny_onnx], "--onnx runs with --backend onnxruntime or tensorrt, not auto"),
+        (["--backend", "eager", "--onnx", tiny_onnx], "--onnx runs with --backend onnxruntime or tensorrt, "
+         "not eager"),
+        ([*ort, "--engine", engine], "--engine runs with --backend tensorrt, not onnxruntime"),
+        ([*ort, "--onnx", typo], f"--onnx {typo}: no such file"),
+        ([*trt, "--onnx", folder], f"--onnx {folder}: is a directory"),
+        ([*trt, "--engine", new], f"--engine {new}: no such file (build one: qairn export tensorrt WEIGHTS "
+         f"-o {new})"),
+        (
+            [*ort, "--onnx", tiny_onnx, "--weights", tiny_weights],
+            f"--weights with --onnx {tiny_onnx}: the file's own network and weights run, not {tiny_weights}; "
+            "drop --weights",
+        ),
+    ):  # fmt: skip
+        rc, out, err = run(capsys, command, src, *where, *extra)
+        assert (rc, out, err) == (2, "", f"qairn: error: {says}\n")
+    assert sorted(p.name for p in workdir.iterdir()) == ["a.jpg", "b.png", "folder.onnx", "q.engine"]
+
+
+def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
+    workdir, tiny_onnx, capsys, monkeypatch
+):
+    """No TensorRT or GPU here: a stand-in Restorer records what the command line gives it. --engine and
+    --onnx reach it as engine= and onnx=, exactly as given; the row names the engine, the file that ran."""
+    import hashlib
+
+    made = []
+
+    class Stand:
+        p = 4.0
+
+        def __init__(self, **options):
+            made.append(options)
+
+        def score(self, img, **kwargs):
+            return {"Q1": 0.25, "Q2": 0.5, "Q3": 0.75}
+
+    monkeypatch.setattr("qairn.engine.restorer.Restorer", Stand)
+    monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(__version__="10.9.0"))  # none here
+    engine = workdir / "q.engine"
+    engine.write_bytes(b"engine")
+    given = ["--device", "cuda", "--backend", "tensorrt", "--engine", engine]
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", *given, "--onnx", tiny_onnx, "--json")
+    assert rc == 0, err
+    row = json.loads(out)
+    assert (row["weights"], row["p"]) == (os.path.abspath(engine), 4.0)
+    assert row["weights_sha256"] == hashlib.sha256(b"engine").hexdigest()[:16]
+    common = dict(device="cuda", backend="tensorrt", precision="auto", tile="auto", overlap=None)
+    assert made == [dict(weights=None, **common, cuda_graph=False, onnx=str(tiny_onnx), engine=str(engine))]
+    # An engine alone is checked against (and built from) the weights' export: --weights goes with it.
+    made.clear()
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", *given, "--weights", workdir / "w.safetensors")
+    assert rc == 0, err
+    assert made == [
+        dict(weights=str(workdir / "w.safetensors"), **common, cuda_graph=False, engine=str(engine))
+    ]

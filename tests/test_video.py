@@ -2953,3 +2953,52 @@ def test_a_missing_pyav_is_exit_2_as_every_missing_optional_package(tmp_path, mo
     err = capsys.readouterr().err
     assert err == "qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'\n"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_an_onnx_file_given_runs_in_place_of_the_weights(clip, tmp_path, capsys):
+    """qairn video had no --onnx: `--backend onnxruntime` ran qairn's own export of the weights (the
+    shipped ones unless --weights), never a file the user exported and checked. The file's own network
+    runs now: its trace is the eager trace of the weights it was exported from (ONNX Runtime: 1e-4)."""
+    from qairn.export import onnx_export as ox
+    from qairn.weights_io import save_weights
+
+    net = lively_model("tiny", seed=5)
+    save_weights(net, tmp_path / "w.safetensors", training={"steps": 0, "note": "random test model"})
+    onnx_file = ox.export_onnx(net, tmp_path / "w.onnx", outputs="maps")
+    common = [str(clip), "--score-only", "--device", "cpu", "--tile", "0", "--no-plot", "-q"]
+    eager, ort = tmp_path / "eager.csv", tmp_path / "ort.csv"
+    assert main([*common, "--weights", str(tmp_path / "w.safetensors"), "--quality-csv", str(eager)]) == 0
+    given = ["--backend", "onnxruntime", "--onnx", str(onnx_file)]
+    assert main([*common, *given, "--quality-csv", str(ort)]) == 0, capsys.readouterr().err
+    expect, got = read_csv(eager), read_csv(ort)
+    assert len(got) == len(expect) == 6
+    for e, g in zip(expect, got):
+        for q in ("Q1", "Q2", "Q3"):
+            assert abs(float(g[q]) - float(e[q])) < 1e-4, (q, e, g)
+
+
+@pytest.mark.parametrize(
+    "backend, package", [("onnxruntime",) * 2, ("tensorrt",) * 2, ("onnxruntime", "onnx")]
+)
+def test_a_missing_backend_package_is_exit_2_before_the_model_loads(
+    backend, package, tmp_path, monkeypatch, capsys
+):
+    """`qairn video --backend onnxruntime` without onnxruntime loaded the model, then said what to
+    install with exit 1, a failed run's code, where `qairn restore` in the same case exits 2 (a package
+    to install is the user's to fix). One line, exit 2, and the model never loads."""
+    import qairn.engine.cli as engine_cli
+    from qairn.export.trt_backend import INSTALL_HINT
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    monkeypatch.setitem(sys.modules, package, None)  # import fails, as when it is not installed
+    assert main([str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--backend", backend]) == 2
+    says = {
+        "onnxruntime": "backend 'onnxruntime' needs ONNX Runtime: pip install 'qairn[export]'",
+        "tensorrt": INSTALL_HINT,
+        "onnx": "onnx is not installed (to export and read ONNX files): pip install 'qairn[export]'",
+    }[package]
+    err = capsys.readouterr().err
+    assert err.startswith(f"qairn: error: {says}") and err.count("\n") == 1, err

@@ -283,6 +283,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
         choices=["auto", "fp32", "fp16", "bf16"],
         help="auto (default): fp32 on CPU, fp16 on CUDA",
     )
+    export_file_args(p)
     p.add_argument(
         "--fused-conv",
         action="store_true",
@@ -313,6 +314,82 @@ def common_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_PIXELS,
         help=f"refuse images larger than this (default {DEFAULT_MAX_PIXELS})",
     )
+
+
+def export_file_args(p) -> None:
+    """--onnx and --engine, for restore, score and video: run a file the user exported and checked,
+    not qairn's own cached export of the weights."""
+    p.add_argument(
+        "--onnx",
+        type=path_arg,
+        help="onnxruntime/tensorrt: run this `qairn export onnx --maps` file, its own network and weights "
+        "(without --weights)",
+    )
+    p.add_argument(
+        "--engine", type=path_arg, help="tensorrt: run this engine file, from `qairn export tensorrt -o`"
+    )
+
+
+def missing_package(backend: str) -> str | None:
+    """What to install for backend onnxruntime or tensorrt (and onnx, which both read exports with), in
+    the backends' own words, or None: said before the model loads, and with exit 2 in every command
+    (`qairn video` said it only after loading the model, with exit 1)."""
+    if backend not in ("onnxruntime", "tensorrt"):
+        return None
+    from qairn.engine.backends import BackendError
+
+    try:
+        if backend == "onnxruntime":
+            from qairn.export.ort_backend import require_onnxruntime
+
+            require_onnxruntime()
+        else:
+            from qairn.export.trt_backend import import_tensorrt
+
+            import_tensorrt()
+        from qairn.export.onnx_export import require
+
+        require("onnx")
+    except ImportError as e:  # one of qairn's own modules (make_backend's words)
+        return f"backend {backend!r} is not available: {e}"
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+def backend_problem(a) -> str | None:
+    """Why --backend, --onnx, --engine and --weights cannot run together (or a package is missing), in
+    one line, or None: found before the model loads, where the Restorer would refuse them after it (or,
+    for --onnx with eager, as an unknown option of that backend), or not at all (--weights beside a file
+    that runs its own)."""
+    if a.onnx is not None and a.backend not in ("onnxruntime", "tensorrt"):
+        return f"--onnx runs with --backend onnxruntime or tensorrt, not {a.backend}"
+    if a.engine is not None and a.backend != "tensorrt":
+        return f"--engine runs with --backend tensorrt, not {a.backend}"
+    missing = missing_package(a.backend)
+    if missing:
+        return missing
+    # A new --engine path would be built there (minutes), and a folder is no file: the user asked to run
+    # a file they have.
+    for option, path in (("--onnx", a.onnx), ("--engine", a.engine)):
+        if path is not None and not Path(path).is_file():
+            why = "is a directory" if Path(path).is_dir() else "no such file"
+            build = f" (build one: qairn export tensorrt WEIGHTS -o {path})" if option == "--engine" else ""
+            return f"{option} {path}: {why}{build}"
+    if a.onnx is not None and a.weights is not None:
+        from qairn.engine.backends import BackendError
+        from qairn.export.ort_backend import file_config
+
+        try:
+            config = file_config(a.onnx)
+        except BackendError as e:  # not an ONNX file, an unreadable one
+            return str(e)
+        if config is not None:  # the Restorer runs the file's network; the weights would not run
+            return (
+                f"--weights with --onnx {a.onnx}: the file's own network and weights run, not "
+                f"{a.weights}; drop --weights"
+            )
+    return None
 
 
 def check_tile_options(p: argparse.ArgumentParser, a) -> None:
@@ -382,6 +459,7 @@ def make_restorer(a):
         overlap=a.overlap,
         cuda_graph=a.cuda_graph,
         **({"fused_conv": True} if a.fused_conv else {}),
+        **{k: v for k, v in (("onnx", a.onnx), ("engine", a.engine)) if v is not None},
     )
 
 
@@ -537,10 +615,12 @@ def weights_sha256(path: str) -> str:
 
 def scored_by(a, r) -> dict:
     """Which model gave a score, for score --json and restore --json: scores from other weights or
-    another pooling exponent p do not compare (README), and a QC log outlives the run."""
+    another pooling exponent p do not compare (README), and a QC log outlives the run. "weights" names
+    the file that ran: the --engine or --onnx file where one is given, else the weights."""
     from qairn.engine.restorer import default_weights
 
-    path = os.path.abspath(a.weights) if a.weights else str(default_weights())
+    ran = a.engine or a.onnx or a.weights  # an exported file runs its own weights, not the shipped ones
+    path = os.path.abspath(ran) if ran else str(default_weights())
     return {"p": r.p, "weights": path, "weights_sha256": weights_sha256(path)}
 
 
@@ -623,6 +703,9 @@ def main_restore(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
     check_tile_options(p, a)
+    problem = backend_problem(a)
+    if problem:
+        return fatal(problem)
 
     inputs, missing = found_inputs(a.inputs)
     if not inputs:  # a run where every image failed: the closing line, and a --json of no records
@@ -760,6 +843,9 @@ def main_score(argv=None) -> int:
     )
     a = p.parse_args(argv)
     check_tile_options(p, a)
+    problem = backend_problem(a)
+    if problem:
+        return fatal(problem)
 
     inputs, missing = found_inputs(a.inputs)
     if not inputs:

@@ -1952,6 +1952,8 @@ def _value_arg(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qairn.engine.cli import export_file_args  # restore's and score's --onnx and --engine
+
     p = argparse.ArgumentParser(
         prog="qairn video",
         description=__doc__.split("\n\n")[2],
@@ -1982,6 +1984,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "fp32", "fp16", "bf16"),
         help="auto (default): fp32 on CPU, fp16 on CUDA",
     )
+    export_file_args(m)
     m.add_argument(
         "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0: whole frames, auto (default)"
     )
@@ -2077,9 +2080,14 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from qairn.engine.cli import check_tile_options  # before the model loads, as restore and score do
+    # Before the model loads, as restore and score do.
+    from qairn.engine.cli import backend_problem, check_tile_options
 
     check_tile_options(parser, args)
+    problem = backend_problem(args)
+    if problem:  # 2, as restore's: a usage error
+        print(f"qairn: error: {problem}", file=sys.stderr)
+        return 2
     if args.crf is not None and args.bitrate is not None:  # the bitrate won, and the --crf went unsaid
         parser.error("--crf and --bitrate: give one (--crf a constant quality, --bitrate a rate)")
     opts = VideoOptions(

@@ -251,9 +251,14 @@ class OrtBackend(Closing):
         return self.run(x.float().contiguous())
 
 
-def make_backend(model: QAIRN, device: torch.device, precision: str = "fp32", **options) -> OrtBackend:
+def require_onnxruntime() -> None:
+    """A BackendError saying what to install where onnxruntime is not (the command lines ask first)."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         raise BackendError("backend 'onnxruntime' needs ONNX Runtime: pip install 'qairn[export]'") from None
+
+
+def make_backend(model: QAIRN, device: torch.device, precision: str = "fp32", **options) -> OrtBackend:
+    require_onnxruntime()
     return OrtBackend(model, device, precision, **options)
