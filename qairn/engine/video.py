@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qairn.engine.caveats import caveat, flat_frames
 from qairn.engine.color import (
     MATRIX_CODES,
     ColorError,
@@ -74,13 +75,14 @@ class _Job:
     kind: str  # "yuv" or "rgb"
     count: int
     outputs: list  # batched outputs (tensors), on the host when the input was numpy; [] for quality only
-    quality: torch.Tensor  # (3, N)
+    quality: torch.Tensor  # (4, N): Q1, Q2, Q3 and 1 where the frame is flat (one colour)
     event: object = None  # CUDA event to wait on before reading outputs
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
     numpy: bool = True
     maps: list | None = None  # return_maps: [gamma1..3], (N,1,h,w) each; on the host for numpy frames
     info: dict = field(default_factory=dict)  # yuv: the matrix, range and bits, as restore_yuv says them
     depth: int | None = None  # RGB tensor frames: bits= (uint16 codes), given back so
+    size: tuple = (0, 0)  # the frames' (h, w), for their caveat
 
 
 def _key(item):
@@ -212,16 +214,18 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         # A GPU's planes for a CPU Restorer are read on the CPU, as restore_yuv reads them (their codes).
         planes = checked_planes(planes, restorer.device, depth)
         planes = [_to_device(p, restorer.device, copy_in) for p in planes]
+        flat = flat_frames(*planes)  # on the device, handed out with the quality: no sync of its own
         out, q, maps = restore_planes(restorer, *planes, matrix, crange, depth, return_maps, image)
         job = _Job(
             "yuv",
             len(group),
             list(out) if image else [],
-            torch.stack([q["Q1"], q["Q2"], q["Q3"]]),
+            torch.stack([q["Q1"], q["Q2"], q["Q3"], flat.to(q["Q1"].dtype)]),
             meta=[first[0].dtype] * len(group),
             numpy=is_np,
             maps=maps,
             info={"matrix": matrix, "range": crange, "bits": depth},
+            size=tuple(first[0].shape),
         )
         on_host = is_np or first[0].device.type == "cpu"
         home = None if is_np else first[0].device
@@ -238,6 +242,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
                 meta = [m | {"scale": 2.0**depth - 1} for m in meta]
             pixels = _to_device(pixels, restorer.device, copy_in)
+            flat = flat_frames(pixels)  # RGB, alpha aside
             x = to_float(pixels, meta[0]["scale"])
         else:
             if first.ndim != 3 or first.shape[0] != 3:
@@ -246,15 +251,18 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             # A GPU's frames for a CPU Restorer are read on the CPU, as restore() reads them (uint16 codes).
             x = batch_to_float(stack.cpu() if restorer.device.type == "cpu" else stack, channel_order, depth)
             meta = [first.dtype] * len(group)
-        y, q, maps = restorer.restore_tensor(
-            x if is_np else _to_device(x, restorer.device, copy_in), return_maps, image=image
-        )
+        x = x if is_np else _to_device(x, restorer.device, copy_in)
+        flat = flat if is_np else flat_frames(x)
+        y, q, maps = restorer.restore_tensor(x, return_maps, image=image)
         # numpy frames come back as their own integers, converted on the device (a quarter of the
         # float32 bytes over the bus for uint8, and no float work on the host).
         y = to_pixels(y, meta[0]) if is_np and image else y
         outputs = [y] if image else []
-        quality = torch.stack([q["Q1"], q["Q2"], q["Q3"]])
-        job = _Job("rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps, depth=depth)
+        quality = torch.stack([q["Q1"], q["Q2"], q["Q3"], flat.to(q["Q1"].dtype)])
+        size = tuple(first.shape[:2] if is_np else first.shape[-2:])
+        job = _Job(
+            "rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps, depth=depth, size=size
+        )
         on_host = is_np or first.device.type == "cpu"
         home = None if is_np else first.device
     if on_host:
@@ -288,7 +296,7 @@ def _finish(job: _Job, channel_order):
     q = job.quality.float().cpu().numpy()
     for i in range(job.count):
         quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
-        info = dict(job.info)  # each Result its own
+        info = dict(job.info) | {"caveat": caveat(*job.size, bool(q[3, i]))}  # each Result its own
         # As restore() and restore_yuv() give them for one frame: (h,w) float32 arrays for numpy frames,
         # (1,h,w) tensors on the Restorer's device for tensor frames (restore_yuv's for (H,W) planes).
         maps = None
