@@ -240,7 +240,7 @@ def test_quality_plot_of_one_frame_shows_its_point(tmp_path):
     from qairn.engine.video import _write_quality
 
     # A line through one point draws nothing: a one-frame video's plot came out as empty axes.
-    _write_quality([(0, 0, 0.0, 0.8, 0.7, 0.6)], tmp_path / "one.csv", True, "one.mp4")
+    _write_quality([(0, 0, 0.0, 0.8, 0.7, 0.6, None)], tmp_path / "one.csv", True, "one.mp4")
     png = cv2.imread(str(tmp_path / "one.png"))[..., ::-1].astype(int)
     blue = np.abs(png - (31, 119, 180)).sum(-1) < 30  # matplotlib's first line colour
     assert blue.sum() > 10
@@ -2745,3 +2745,45 @@ def test_a_missing_pyav_is_exit_2_as_every_missing_optional_package(tmp_path, mo
     err = capsys.readouterr().err
     assert err == "qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'\n"
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
+    tiny_weights, frames_rgb, tmp_path, capsys
+):
+    """A black frame (a fade, a gap between scenes) holds nothing to judge yet scores high (shipped
+    weights: flat black Q2 0.768, above every LIVE1 JPEG); the trace gave it as a row like any other, so
+    a QC script reading OUT.quality.csv took it for a good frame. The trace's last column, caveat, now
+    says why (empty for the others; the first six columns as they were), the plot marks such frames in
+    grey and the summary line counts them."""
+    from qairn.engine.caveats import caveat
+
+    black = np.zeros_like(frames_rgb[0])
+    src = make_clip(tmp_path / "fade.mp4", [frames_rgb[0], black, frames_rgb[1]], audio=False)
+    trace = tmp_path / "q.csv"
+    rc = main(
+        [
+            str(src),
+            "--score-only",
+            "--weights",
+            str(tiny_weights),
+            "--device",
+            "cpu",
+            "--quality-csv",
+            str(trace),
+        ]
+    )
+    assert rc == 0
+    with open(trace, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"]
+    assert [r["caveat"] for r in read_csv(trace)] == ["", caveat(120, 160, flat=True), ""]
+    err = capsys.readouterr().err
+    assert "; 1 frame with a caveat (its Q says little: see the trace's caveat column);" in err, err
+    from qairn.engine.video import _write_quality
+
+    def grey(png) -> int:  # pixels of the caveat's mid grey (the text's antialiased edges have some too)
+        return int((np.abs(cv2.imread(str(png)).astype(int) - 127).max(-1) < 12).sum())
+
+    quality = [[float(r[k]) for k in ("time", "Q1", "Q2", "Q3")] for r in read_csv(trace)]
+    _write_quality([(i, i, *q, None) for i, q in enumerate(quality)], tmp_path / "plain.csv", True, src.name)
+    assert grey(trace.with_suffix(".png")) > grey(tmp_path / "plain.png") + 40

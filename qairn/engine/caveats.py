@@ -32,11 +32,19 @@ def score_caveat(img: np.ndarray) -> str | None:
 
 
 def flat_frames(*batches: torch.Tensor) -> torch.Tensor:
-    """(N,) bool, on the batches' device (no host sync): whether each frame has one value in every one
-    of batches, each (N, ...): a stack of RGB frames, or a frame's y, u and v planes."""
-    flat = None
-    for b in batches:
-        values = b.flatten(1)
-        one = values.amin(1) == values.amax(1)
-        flat = one if flat is None else flat & one
-    return flat
+    """(N,) bool, on the batches' device: whether each frame has one value in every one of batches,
+    each (N, ...): a stack of RGB frames, or a frame's y, u and v planes. On a GPU all frames at once,
+    left there (deciding anything on the host would sync). On the CPU frame by frame: aminmax(dim=1)
+    of four 1920x1080 uint8 lumas took 10 ms, four single aminmax 0.4 ms (one thread)."""
+    if batches[0].device.type != "cpu":
+        flat = torch.ones(batches[0].shape[0], dtype=torch.bool, device=batches[0].device)
+        for b in batches:
+            lo, hi = torch.aminmax(b.flatten(1), dim=1)
+            flat &= lo == hi
+        return flat
+    return torch.tensor([all(one_value(b[i]) for b in batches) for i in range(batches[0].shape[0])])
+
+
+def one_value(frame: torch.Tensor) -> bool:
+    lo, hi = torch.aminmax(frame)
+    return bool(lo == hi)

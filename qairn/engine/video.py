@@ -13,7 +13,7 @@ Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspe
 order, copies the audio and subtitle streams (text subtitles are converted to the container's own
 SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
 where the container holds them, and writes a per-frame quality trace
-(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3, caveat) and a plot of Q2 (OUT.quality.png).
 A damaged input (frames the decoder flags, packets it refuses, a file cut short) is restored as far as
 it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
@@ -1208,9 +1208,11 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
     """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3"])
+    # caveat last: readers of the first six columns, and DictReader ones, read the trace as before
+    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"])
     for r in rows:
-        w.writerow([r[0], "" if r[1] is None else r[1], f"{r[2]:.6f}", *(f"{q:.6f}" for q in r[3:])])
+        pts, times, quality = "" if r[1] is None else r[1], f"{r[2]:.6f}", (f"{q:.6f}" for q in r[3:6])
+        w.writerow([r[0], pts, times, *quality, r[6] or ""])
     files = [(csv_path, buf.getvalue().encode())]
     if plot:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1222,6 +1224,12 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
         t, q2 = [r[2] for r in rows], [r[4] for r in rows]
         # One frame: a line through one point draws nothing, so the point is marked.
         ax.plot(t, q2, lw=1, marker="o" if len(rows) == 1 else None)
+        # A black frame's high Q says nothing of it (Result.info["caveat"]): marked, not taken for a good one.
+        marked = [(r[2], r[4]) for r in rows if r[6]]
+        if marked:
+            label = f"{counted(len(marked), 'frame')} with a caveat (flat, or under 16 px)"
+            ax.plot(*zip(*marked), ls="none", marker="x", color="0.5", label=label)
+            ax.legend(fontsize=8)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("Q2")
         ax.set_title(f"{title}: mean Q2 {np.mean(q2):.3f}", fontsize=9)
@@ -1588,7 +1596,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             for res in stream:
                 i, pts, t, duration = meta.popleft()
                 q = res.quality
-                rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
+                rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"], res.info["caveat"]))
                 if out is not None:
                     frame = planes_frame(res.image, work_fmt)
                     frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
@@ -1720,6 +1728,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             "notes": notes,
             "codec": None if opts.score_only else codec,
             "pix_fmt": None if opts.score_only else pix_fmt,
+            "caveats": sum(1 for r in rows if r[6]),  # frames whose Q says little (flat, or tiny)
             "mean_quality": {
                 k: float(np.mean([r[j] for r in rows])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
             },
@@ -2074,11 +2083,15 @@ def main(argv: list[str] | None = None) -> int:
     for n in summary["notes"]:
         print(f"qairn: warning: {n}", file=sys.stderr)
     if not args.quiet:
-        mq = summary["mean_quality"]
+        mq, caveats = summary["mean_quality"], summary["caveats"]
+        said = (
+            f"; {counted(caveats, 'frame')} with a caveat (its Q says little: see the trace's caveat column)"
+        )
         print(
             f"qairn: {counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
             f"({summary['matrix']}, {summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
-            f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}; wrote {', '.join(map(str, summary['written']))}",
+            f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}{said if caveats else ''}; "
+            f"wrote {', '.join(map(str, summary['written']))}",
             file=sys.stderr,
         )
     return 0
