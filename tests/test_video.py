@@ -2778,7 +2778,7 @@ def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
     assert header == ["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"]
     assert [r["caveat"] for r in read_csv(trace)] == ["", caveat(120, 160, flat=True), ""]
     err = capsys.readouterr().err
-    assert "; 1 frame with a caveat (its Q says little: see the trace's caveat column);" in err, err
+    assert " (1 frame with a caveat left out: its Q says little, see the trace's caveat column);" in err, err
     from qairn.engine.video import _write_quality
 
     def grey(png) -> int:  # pixels of the caveat's mid grey (the text's antialiased edges have some too)
@@ -2787,3 +2787,26 @@ def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
     quality = [[float(r[k]) for k in ("time", "Q1", "Q2", "Q3")] for r in read_csv(trace)]
     _write_quality([(i, i, *q, None) for i, q in enumerate(quality)], tmp_path / "plain.csv", True, src.name)
     assert grey(trace.with_suffix(".png")) > grey(tmp_path / "plain.png") + 40
+
+
+def test_mean_quality_leaves_out_frames_with_a_caveat(restorer, frames_rgb, tmp_path):
+    """The clip's mean Q took in its black frames, whose Q is high and says nothing (shipped weights: a
+    160x120 clip of two LIVE1 frames and two black ones gave mean Q2 0.726, the photos alone 0.691): a
+    fade to black raised a clip's score. The mean (summary and plot title) now leaves them out;
+    a clip whose every frame has one is averaged whole, as there is nothing else."""
+    black = np.zeros_like(frames_rgb[0])
+    src = make_clip(tmp_path / "fade.mp4", [frames_rgb[0], black, black, frames_rgb[1]], audio=False)
+    s = transcode(
+        restorer, src, None, VideoOptions(score_only=True, quality_csv=tmp_path / "q.csv", plot=False)
+    )
+    rows = read_csv(tmp_path / "q.csv")
+    assert s["caveats"] == 2 and [bool(r["caveat"]) for r in rows] == [False, True, True, False]
+    for k in ("Q1", "Q2", "Q3"):
+        assert s["mean_quality"][k] == pytest.approx(np.mean([float(rows[i][k]) for i in (0, 3)]), abs=1e-6)
+    blacks = make_clip(tmp_path / "black.mp4", [black, black], audio=False)
+    s = transcode(
+        restorer, blacks, None, VideoOptions(score_only=True, quality_csv=tmp_path / "b.csv", plot=False)
+    )
+    rows = read_csv(tmp_path / "b.csv")
+    assert s["caveats"] == 2
+    assert s["mean_quality"]["Q2"] == pytest.approx(np.mean([float(r["Q2"]) for r in rows]), abs=1e-6)

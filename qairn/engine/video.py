@@ -1204,6 +1204,12 @@ def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[P
     return [path for path, _ in files]
 
 
+def _judged(rows: list) -> list:
+    """The trace's rows a clip's mean Q is taken over: those without a caveat. A black frame's high Q says
+    nothing of it, and a fade raised the mean; a clip of such frames only is averaged whole."""
+    return [r for r in rows if not r[6]] or rows
+
+
 def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[tuple[Path, bytes]]:
     """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written."""
     buf = io.StringIO()
@@ -1232,7 +1238,11 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
             ax.legend(fontsize=8)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("Q2")
-        ax.set_title(f"{title}: mean Q2 {np.mean(q2):.3f}", fontsize=9)
+        judged = _judged(rows)
+        left_out = (
+            f" ({counted(len(marked), 'frame')} with a caveat left out)" if len(judged) < len(rows) else ""
+        )
+        ax.set_title(f"{title}: mean Q2 {np.mean([r[4] for r in judged]):.3f}{left_out}", fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         png = io.BytesIO()
@@ -1729,8 +1739,8 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None) -> dict
             "codec": None if opts.score_only else codec,
             "pix_fmt": None if opts.score_only else pix_fmt,
             "caveats": sum(1 for r in rows if r[6]),  # frames whose Q says little (flat, or tiny)
-            "mean_quality": {
-                k: float(np.mean([r[j] for r in rows])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
+            "mean_quality": {  # over the frames without a caveat (_judged)
+                k: float(np.mean([r[j] for r in _judged(rows)])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
             },
         }
     except av.FFmpegError as e:
@@ -2084,9 +2094,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qairn: warning: {n}", file=sys.stderr)
     if not args.quiet:
         mq, caveats = summary["mean_quality"], summary["caveats"]
-        said = (
-            f"; {counted(caveats, 'frame')} with a caveat (its Q says little: see the trace's caveat column)"
-        )
+        said = f"{counted(caveats, 'frame')} with a caveat left out"
+        if caveats == summary["frames"]:
+            said = "every frame has a caveat"
+        said = f" ({said}: its Q says little, see the trace's caveat column)"
         print(
             f"qairn: {counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
             f"({summary['matrix']}, {summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
