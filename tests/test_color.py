@@ -342,7 +342,7 @@ def test_pyav_colorspace_and_color_range_codes_are_taken_as_names():
     u, v = (rng.integers(16, 241, (8, 8), dtype=np.uint8) for _ in "uv")
     want = r.restore_yuv(y, u, v, matrix="bt601", range="full")
     got = r.restore_yuv(y, u, v, matrix=5, range=2)
-    assert got.info == want.info == {"matrix": "bt601", "range": "full", "bits": 8}
+    assert got.info == want.info == {"matrix": "bt601", "range": "full", "bits": 8, "caveat": None}
     assert all(np.array_equal(a, b) for a, b in zip(got.image, want.image))
     (frame,) = r.restore_stream([(y, u, v)], matrix=5, range=2)
     assert frame.info == want.info

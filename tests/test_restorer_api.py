@@ -1123,11 +1123,13 @@ def test_stream_yuv_results_say_the_matrix_range_and_bits_they_ran_with():
     planes = tuple(np.full(s, 512, np.uint16) for s in ((8, 12), (4, 6), (4, 6)))
     options = dict(matrix="bt2020", range="full", bits=10)
     want = r.restore_yuv(*planes, **options).info
-    assert want == {"matrix": "bt2020", "range": "full", "bits": 10}
+    assert want == {"matrix": "bt2020", "range": "full", "bits": 10, "caveat": want["caveat"]}
     for image in (True, False):
         assert [res.info for res in r.restore_stream([planes] * 3, 2, image=image, **options)] == [want] * 3
     rgb = np.zeros((8, 12, 3), np.uint8)
-    assert [res.info for res in r.restore_stream([rgb])] == [r.restore(rgb).info] == [{}]
+    assert (
+        [res.info for res in r.restore_stream([rgb])] == [r.restore(rgb).info] == [{"caveat": want["caveat"]}]
+    )
 
 
 @pytest.mark.parametrize("chroma", [(4, 6), (8, 6)], ids=["420", "422"])
@@ -1293,3 +1295,40 @@ def test_restore_tensor_does_not_advise_uint8_which_it_refuses():
     )
     with pytest.raises(ValueError, match=r"or pass uint8\)$"):  # restore() takes uint8: that advice stays
         r.restore(x)
+
+
+def test_results_carry_a_caveat_for_a_flat_or_tiny_frame():
+    """restore(), restore_yuv() and restore_stream() gave a flat frame's Q (shipped weights: flat black
+    64x64 Q2 0.768, above every LIVE1 JPEG) and a tiny one's (mostly padding) as any other, while `qairn
+    score` warned of both: a transcoder scoring a fade to black took it for a good frame. Each Result's
+    info["caveat"] now says why (None when there is nothing to say), with no warning per frame."""
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    flat_says = (
+        "every pixel has one colour: a flat image holds nothing to judge, its Q1..Q3 say nothing of it"
+    )
+    tiny_says = "12x8 pixels, under the network's 16 on a side: its Q1..Q3 mostly measure the padding"
+    photo = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    black = np.zeros((16, 24, 4), np.uint8)
+    black[..., 3] = np.arange(24, dtype=np.uint8)  # a varied alpha over one colour: still flat
+    tiny = photo[:8, :12]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r.restore(f).info["caveat"] for f in (photo, black, tiny)] == [None, flat_says, tiny_says]
+        stream = r.restore_stream([photo, black[..., :3], photo, tiny], batch=3, image=False)
+        assert [res.info["caveat"] for res in stream] == [None, flat_says, None, tiny_says]
+        t = torch.from_numpy(np.stack([photo, black[..., :3]])).permute(0, 3, 1, 2)
+        assert [res.info["caveat"] for res in r.restore_stream(t)] == [None, flat_says]
+        y, u, v = (
+            np.full((16, 24), 16, np.uint8),
+            np.full((8, 12), 128, np.uint8),
+            np.full((8, 12), 128, np.uint8),
+        )
+        y_photo = photo[..., 0]
+        assert r.restore_yuv(y, u, v).info["caveat"] == flat_says
+        assert r.restore_yuv(y_photo, u, v).info["caveat"] is None
+        assert r.restore_yuv(np.stack([y_photo, y]), np.stack([u, u]), np.stack([v, v])).info["caveat"] == [
+            None,
+            flat_says,
+        ]
+        stream = r.restore_stream([(y, u, v), (y_photo, u, v)], matrix="bt601", range="full")
+        assert [res.info["caveat"] for res in stream] == [flat_says, None]

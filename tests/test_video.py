@@ -242,7 +242,7 @@ def test_quality_plot_of_one_frame_shows_its_point(tmp_path):
     from qairn.engine.video import _write_quality
 
     # A line through one point draws nothing: a one-frame video's plot came out as empty axes.
-    _write_quality([(0, 0, 0.0, 0.8, 0.7, 0.6)], tmp_path / "one.csv", True, "one.mp4")
+    _write_quality([(0, 0, 0.0, 0.8, 0.7, 0.6, None)], tmp_path / "one.csv", True, "one.mp4")
     png = cv2.imread(str(tmp_path / "one.png"))[..., ::-1].astype(int)
     blue = np.abs(png - (31, 119, 180)).sum(-1) < 30  # matplotlib's first line colour
     assert blue.sum() > 10
@@ -3002,3 +3002,68 @@ def test_a_missing_backend_package_is_exit_2_before_the_model_loads(
     }[package]
     err = capsys.readouterr().err
     assert err.startswith(f"qairn: error: {says}") and err.count("\n") == 1, err
+
+
+def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
+    tiny_weights, frames_rgb, tmp_path, capsys
+):
+    """A black frame (a fade, a gap between scenes) holds nothing to judge yet scores high (shipped
+    weights: flat black Q2 0.768, above every LIVE1 JPEG); the trace gave it as a row like any other, so
+    a QC script reading OUT.quality.csv took it for a good frame. The trace's last column, caveat, now
+    says why (empty for the others; the first six columns as they were), the plot marks such frames in
+    grey and the summary line counts them."""
+    from qairn.engine.caveats import caveat
+
+    black = np.zeros_like(frames_rgb[0])
+    src = make_clip(tmp_path / "fade.mp4", [frames_rgb[0], black, frames_rgb[1]], audio=False)
+    trace = tmp_path / "q.csv"
+    rc = main(
+        [
+            str(src),
+            "--score-only",
+            "--weights",
+            str(tiny_weights),
+            "--device",
+            "cpu",
+            "--quality-csv",
+            str(trace),
+        ]
+    )
+    assert rc == 0
+    with open(trace, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"]
+    assert [r["caveat"] for r in read_csv(trace)] == ["", caveat(120, 160, flat=True), ""]
+    err = capsys.readouterr().err
+    assert " (1 frame with a caveat left out: its Q says little, see the trace's caveat column);" in err, err
+    from qairn.engine.video import _write_quality
+
+    def grey(png) -> int:  # pixels of the caveat's mid grey (the text's antialiased edges have some too)
+        return int((np.abs(cv2.imread(str(png)).astype(int) - 127).max(-1) < 12).sum())
+
+    quality = [[float(r[k]) for k in ("time", "Q1", "Q2", "Q3")] for r in read_csv(trace)]
+    _write_quality([(i, i, *q, None) for i, q in enumerate(quality)], tmp_path / "plain.csv", True, src.name)
+    assert grey(trace.with_suffix(".png")) > grey(tmp_path / "plain.png") + 40
+
+
+def test_mean_quality_leaves_out_frames_with_a_caveat(restorer, frames_rgb, tmp_path):
+    """The clip's mean Q took in its black frames, whose Q is high and says nothing (shipped weights: a
+    160x120 clip of two LIVE1 frames and two black ones gave mean Q2 0.726, the photos alone 0.691): a
+    fade to black raised a clip's score. The mean (summary and plot title) now leaves them out;
+    a clip whose every frame has one is averaged whole, as there is nothing else."""
+    black = np.zeros_like(frames_rgb[0])
+    src = make_clip(tmp_path / "fade.mp4", [frames_rgb[0], black, black, frames_rgb[1]], audio=False)
+    s = transcode(
+        restorer, src, None, VideoOptions(score_only=True, quality_csv=tmp_path / "q.csv", plot=False)
+    )
+    rows = read_csv(tmp_path / "q.csv")
+    assert s["caveats"] == 2 and [bool(r["caveat"]) for r in rows] == [False, True, True, False]
+    for k in ("Q1", "Q2", "Q3"):
+        assert s["mean_quality"][k] == pytest.approx(np.mean([float(rows[i][k]) for i in (0, 3)]), abs=1e-6)
+    blacks = make_clip(tmp_path / "black.mp4", [black, black], audio=False)
+    s = transcode(
+        restorer, blacks, None, VideoOptions(score_only=True, quality_csv=tmp_path / "b.csv", plot=False)
+    )
+    rows = read_csv(tmp_path / "b.csv")
+    assert s["caveats"] == 2
+    assert s["mean_quality"]["Q2"] == pytest.approx(np.mean([float(r["Q2"]) for r in rows]), abs=1e-6)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from qairn.engine.caveats import score_caveat
 from qairn.engine.imageio import (
     ALPHA_SUFFIXES,
     DEEP_SUFFIXES,
@@ -37,7 +38,7 @@ from qairn.engine.imageio import (
     write_image,
 )
 from qairn.engine.progress import progress_bar
-from qairn.engine.tiling import ALIGN, overlap_arg, tile_arg
+from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
 
 MIN_MAP_HEIGHT = 96  # smaller images get their quality map enlarged, so that its labels fit
@@ -223,21 +224,6 @@ def quality_map_png(gamma2: np.ndarray, size: tuple[int, int]) -> bytes:
     if not ok:
         raise RuntimeError("could not encode the quality map")
     return buf.tobytes()
-
-
-def score_caveat(img: np.ndarray) -> str | None:
-    """Why img's Q1..Q3 say little of its quality, or None. Under the network's stride (16) on a side,
-    most of what the gates see is the replicate padding: a 1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60
-    with the shipped weights, whatever its colour, as a row like any other. A flat image (one colour;
-    its alpha aside) holds nothing to judge, yet scored like a photo: flat black Q2 0.768, above every
-    LIVE1 JPEG tried, flat white 0.643."""
-    h, w = img.shape[:2]
-    if min(h, w) < ALIGN:
-        return f"{w}x{h} pixels, under the network's {ALIGN} on a side: its Q1..Q3 mostly measure the padding"
-    colour = img if img.ndim == 2 else img[..., : 1 if img.shape[2] <= 2 else 3]  # (gray) + alpha
-    if colour.min() == colour.max():
-        return "every pixel has one colour: a flat image holds nothing to judge, its Q1..Q3 say nothing of it"
-    return None
 
 
 def pixel_count(text: str) -> int:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qairn.engine.caveats import caveat, flat_frames
+
 MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.2627, 0.0593)}
 MATRIX_ALIASES = {
     "601": "bt601",
@@ -317,7 +319,7 @@ def restore_yuv(
     planes = [p.to(dev, non_blocking=p.device.type == "cpu") for p in planes]
     out, q, maps = restore_planes(restorer, *planes, matrix, range, bits, return_maps, image)
     info = {"matrix": matrix, "range": range, "bits": bits}
-    if isinstance(src, torch.Tensor):  # quality and maps stay on the device (no host sync)
+    if isinstance(src, torch.Tensor):  # quality and maps stay on the device (no host sync), no caveat
         out = tuple(o.to(src.device) for o in out) if image else None
         if src.ndim == 2:  # one frame in, one frame out: its batch dimension goes from all of it
             out = tuple(o[0] for o in out) if image else None
@@ -326,6 +328,8 @@ def restore_yuv(
         return Result(out, q, maps, info)
     dtype = src.dtype
     out = tuple(o.cpu().numpy().astype(dtype, copy=False) for o in out) if image else None
+    caveats = [caveat(*y.shape[-2:], flat) for flat in flat_frames(*planes).tolist()]
+    info["caveat"] = caveats[0] if src.ndim == 2 else caveats
     if src.ndim == 2:
         out = tuple(o[0] for o in out) if image else None
         quality = {k: float(t[0]) for k, t in q.items()}

@@ -21,6 +21,7 @@ from qairn.engine.backends import (
     check_switch,
     make_backend,
 )
+from qairn.engine.caveats import score_caveat
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
@@ -189,12 +190,20 @@ def remember(cache: dict, key, make, keep: int, lock):
 class Result:
     """What Restorer.restore returns: the restored image (the input's shape and type), its quality
     {"Q1","Q2","Q3"} and, with return_maps=True, the gamma maps (full, 1/2 and 1/4 resolution).
-    For tensor input the image is on the input's device, the quality and maps on the Restorer's."""
+    For tensor input the image is on the input's device, the quality and maps on the Restorer's.
+
+    info["caveat"]: why the quality says little of this image, or None: under 16 pixels on a side
+    (mostly padding to the gates) or flat (one colour, alpha aside: a black frame scores Q2 0.768,
+    above every LIVE1 JPEG). A field, not a warning: a transcoder's fade to black would warn per frame.
+    Given for numpy input (a list of N for an (N,H,W) batch of planes) and for every restore_stream
+    frame; not for tensors to restore() and restore_yuv(), whose quality stays on the device, unsynced
+    (qairn.engine.caveats.score_caveat takes a numpy image, as score() callers may use)."""
 
     image: np.ndarray | torch.Tensor
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
-    info: dict = field(default_factory=dict)  # restore_yuv, restore_stream's planes: matrix, range, bits
+    # restore_yuv, restore_stream's planes: matrix, range, bits; "caveat" (see above)
+    info: dict = field(default_factory=dict)
 
 
 def finish(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -772,7 +781,8 @@ class Restorer:
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
-        return Result(from_tensor(y, meta) if image else None, quality, maps)
+        info = {"caveat": score_caveat(img)}  # (img was checked by to_tensor)
+        return Result(from_tensor(y, meta) if image else None, quality, maps, info)
 
     def _restore_torch(
         self, t: torch.Tensor, return_maps: bool, order: str, progress=None, image=True, bits=None

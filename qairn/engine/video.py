@@ -13,7 +13,7 @@ Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspe
 order, copies the audio and subtitle streams (text subtitles are converted to the container's own
 SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
 where the container holds them, and writes a per-frame quality trace
-(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3) and a plot of Q2 (OUT.quality.png).
+(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3, caveat) and a plot of Q2 (OUT.quality.png).
 A damaged input (frames the decoder flags, packets it refuses, a file cut short or unreadable past some
 point) is restored as far as it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qairn.engine.caveats import caveat, flat_frames
 from qairn.engine.color import (
     MATRIX_CODES,
     ColorError,
@@ -74,13 +75,14 @@ class _Job:
     kind: str  # "yuv" or "rgb"
     count: int
     outputs: list  # batched outputs (tensors), on the host when the input was numpy; [] for quality only
-    quality: torch.Tensor  # (3, N)
+    quality: torch.Tensor  # (4, N): Q1, Q2, Q3 and 1 where the frame is flat (one colour)
     event: object = None  # CUDA event to wait on before reading outputs
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
     numpy: bool = True
     maps: list | None = None  # return_maps: [gamma1..3], (N,1,h,w) each; on the host for numpy frames
     info: dict = field(default_factory=dict)  # yuv: the matrix, range and bits, as restore_yuv says them
     depth: int | None = None  # RGB tensor frames: bits= (uint16 codes), given back so
+    size: tuple = (0, 0)  # the frames' (h, w), for their caveat
 
 
 def _key(item):
@@ -212,16 +214,18 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         # A GPU's planes for a CPU Restorer are read on the CPU, as restore_yuv reads them (their codes).
         planes = checked_planes(planes, restorer.device, depth)
         planes = [_to_device(p, restorer.device, copy_in) for p in planes]
+        flat = flat_frames(*planes)  # on the device, handed out with the quality: no sync of its own
         out, q, maps = restore_planes(restorer, *planes, matrix, crange, depth, return_maps, image)
         job = _Job(
             "yuv",
             len(group),
             list(out) if image else [],
-            torch.stack([q["Q1"], q["Q2"], q["Q3"]]),
+            torch.stack([q["Q1"], q["Q2"], q["Q3"], flat.to(q["Q1"].dtype)]),
             meta=[first[0].dtype] * len(group),
             numpy=is_np,
             maps=maps,
             info={"matrix": matrix, "range": crange, "bits": depth},
+            size=tuple(first[0].shape),
         )
         on_host = is_np or first[0].device.type == "cpu"
         home = None if is_np else first[0].device
@@ -238,6 +242,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
                 meta = [m | {"scale": 2.0**depth - 1} for m in meta]
             pixels = _to_device(pixels, restorer.device, copy_in)
+            flat = flat_frames(pixels)  # RGB, alpha aside
             x = to_float(pixels, meta[0]["scale"])
         else:
             if first.ndim != 3 or first.shape[0] != 3:
@@ -246,15 +251,18 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             # A GPU's frames for a CPU Restorer are read on the CPU, as restore() reads them (uint16 codes).
             x = batch_to_float(stack.cpu() if restorer.device.type == "cpu" else stack, channel_order, depth)
             meta = [first.dtype] * len(group)
-        y, q, maps = restorer.restore_tensor(
-            x if is_np else _to_device(x, restorer.device, copy_in), return_maps, image=image
-        )
+        x = x if is_np else _to_device(x, restorer.device, copy_in)
+        flat = flat if is_np else flat_frames(x)
+        y, q, maps = restorer.restore_tensor(x, return_maps, image=image)
         # numpy frames come back as their own integers, converted on the device (a quarter of the
         # float32 bytes over the bus for uint8, and no float work on the host).
         y = to_pixels(y, meta[0]) if is_np and image else y
         outputs = [y] if image else []
-        quality = torch.stack([q["Q1"], q["Q2"], q["Q3"]])
-        job = _Job("rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps, depth=depth)
+        quality = torch.stack([q["Q1"], q["Q2"], q["Q3"], flat.to(q["Q1"].dtype)])
+        size = tuple(first.shape[:2] if is_np else first.shape[-2:])
+        job = _Job(
+            "rgb", len(group), outputs, quality, meta=meta, numpy=is_np, maps=maps, depth=depth, size=size
+        )
         on_host = is_np or first.device.type == "cpu"
         home = None if is_np else first.device
     if on_host:
@@ -288,7 +296,7 @@ def _finish(job: _Job, channel_order):
     q = job.quality.float().cpu().numpy()
     for i in range(job.count):
         quality = {f"Q{k + 1}": float(q[k, i]) for k in range(3)}
-        info = dict(job.info)  # each Result its own
+        info = dict(job.info) | {"caveat": caveat(*job.size, bool(q[3, i]))}  # each Result its own
         # As restore() and restore_yuv() give them for one frame: (h,w) float32 arrays for numpy frames,
         # (1,h,w) tensors on the Restorer's device for tensor frames (restore_yuv's for (H,W) planes).
         maps = None
@@ -1228,13 +1236,21 @@ def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[P
     return [path for path, _ in files]
 
 
+def _judged(rows: list) -> list:
+    """The trace's rows a clip's mean Q is taken over: those without a caveat. A black frame's high Q says
+    nothing of it, and a fade raised the mean; a clip of such frames only is averaged whole."""
+    return [r for r in rows if not r[6]] or rows
+
+
 def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[tuple[Path, bytes]]:
     """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3"])
+    # caveat last: readers of the first six columns, and DictReader ones, read the trace as before
+    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"])
     for r in rows:
-        w.writerow([r[0], "" if r[1] is None else r[1], f"{r[2]:.6f}", *(f"{q:.6f}" for q in r[3:])])
+        pts, times, quality = "" if r[1] is None else r[1], f"{r[2]:.6f}", (f"{q:.6f}" for q in r[3:6])
+        w.writerow([r[0], pts, times, *quality, r[6] or ""])
     files = [(csv_path, buf.getvalue().encode())]
     if plot:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1246,9 +1262,19 @@ def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[t
         t, q2 = [r[2] for r in rows], [r[4] for r in rows]
         # One frame: a line through one point draws nothing, so the point is marked.
         ax.plot(t, q2, lw=1, marker="o" if len(rows) == 1 else None)
+        # A black frame's high Q says nothing of it (Result.info["caveat"]): marked, not taken for a good one.
+        marked = [(r[2], r[4]) for r in rows if r[6]]
+        if marked:
+            label = f"{counted(len(marked), 'frame')} with a caveat (flat, or under 16 px)"
+            ax.plot(*zip(*marked), ls="none", marker="x", color="0.5", label=label)
+            ax.legend(fontsize=8)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("Q2")
-        ax.set_title(f"{title}: mean Q2 {np.mean(q2):.3f}", fontsize=9)
+        judged = _judged(rows)
+        left_out = (
+            f" ({counted(len(marked), 'frame')} with a caveat left out)" if len(judged) < len(rows) else ""
+        )
+        ax.set_title(f"{title}: mean Q2 {np.mean([r[4] for r in judged]):.3f}{left_out}", fontsize=9)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         png = io.BytesIO()
@@ -1644,7 +1670,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
             for res in stream:
                 i, pts, t, duration = meta.popleft()
                 q = res.quality
-                rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"]))
+                rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"], res.info["caveat"]))
                 if out is not None:
                     frame = planes_frame(res.image, work_fmt)
                     frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
@@ -1782,8 +1808,9 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
             "notes": notes,
             "codec": None if opts.score_only else codec,
             "pix_fmt": None if opts.score_only else pix_fmt,
-            "mean_quality": {
-                k: float(np.mean([r[j] for r in rows])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
+            "caveats": sum(1 for r in rows if r[6]),  # frames whose Q says little (flat, or tiny)
+            "mean_quality": {  # over the frames without a caveat (_judged)
+                k: float(np.mean([r[j] for r in _judged(rows)])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
             },
         }
     except av.FFmpegError as e:
@@ -2160,11 +2187,16 @@ def main(argv: list[str] | None = None) -> int:
     for n in summary["notes"]:
         print(f"qairn: warning: {n}", file=sys.stderr)
     if not args.quiet:
-        mq = summary["mean_quality"]
+        mq, caveats = summary["mean_quality"], summary["caveats"]
+        said = f"{counted(caveats, 'frame')} with a caveat left out"
+        if caveats == summary["frames"]:
+            said = "every frame has a caveat"
+        said = f" ({said}: its Q says little, see the trace's caveat column)"
         print(
             f"qairn: {counted(summary['frames'], 'frame')} at {summary['fps']:.2f} fps "
             f"({summary['matrix']}, {summary['range']} range, {summary['bits']}-bit); mean Q1/Q2/Q3 "
-            f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}; wrote {', '.join(map(str, summary['written']))}",
+            f"{mq['Q1']:.3f}/{mq['Q2']:.3f}/{mq['Q3']:.3f}{said if caveats else ''}; "
+            f"wrote {', '.join(map(str, summary['written']))}",
             file=sys.stderr,
         )
     return 0
