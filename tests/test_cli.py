@@ -1870,7 +1870,10 @@ def test_a_flat_image_is_scored_with_a_warning(workdir, tiny_weights, capsys):
     cv2.imwrite(str(workdir / "flat.png"), flat)
     rgba = np.concatenate([cv2.imread(str(workdir / "b.png")), np.full((96, 128, 1), 255, np.uint8)], axis=2)
     cv2.imwrite(str(workdir / "opaque.png"), rgba)
-    says = "every pixel has one colour: a flat image holds nothing to judge, its Q1..Q3 say nothing of it"
+    says = (
+        "flat (every channel's standard deviation at most 1/255 of full scale): it holds nothing to judge,"
+        " its Q1..Q3 say nothing of it"
+    )
     rc, out, err = run(
         capsys, "score", workdir / "flat.png", workdir / "opaque.png", "--weights", tiny_weights
     )

@@ -3067,3 +3067,20 @@ def test_mean_quality_leaves_out_frames_with_a_caveat(restorer, frames_rgb, tmp_
     rows = read_csv(tmp_path / "b.csv")
     assert s["caveats"] == 2
     assert s["mean_quality"]["Q2"] == pytest.approx(np.mean([float(r["Q2"]) for r in rows]), abs=1e-6)
+
+
+def test_a_coded_black_frame_a_few_codes_off_has_a_caveat(restorer, frames_rgb, tmp_path):
+    """Only an exactly flat frame had a caveat, and x264 gives a black frame back after a photo with a few
+    chroma samples a code off (here after frames_rgb[4]: Cb, Cr 127..129): its row had none, and its high
+    Q went into the clip's mean (shipped weights, a 320x240 clip: black Q2 0.760, the photos 0.68 and
+    0.71). Flat is now every plane's standard deviation at most 1/255 of full scale (this one's: 0.03)."""
+    black = np.zeros_like(frames_rgb[0])
+    src = make_clip(tmp_path / "fade.mp4", [frames_rgb[4], black, frames_rgb[5]], audio=False)
+    with av.open(str(src)) as c:
+        coded = [f.to_ndarray() for f in c.decode(video=0)][1]
+    assert (coded[:120] == 16).all() and np.ptp(coded[120:]) > 0  # Y all 16; Cb, Cr 128 but a few
+    s = transcode(
+        restorer, src, None, VideoOptions(score_only=True, quality_csv=tmp_path / "q.csv", plot=False)
+    )
+    assert [bool(r["caveat"]) for r in read_csv(tmp_path / "q.csv")] == [False, True, False]
+    assert s["caveats"] == 1

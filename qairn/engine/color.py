@@ -328,7 +328,7 @@ def restore_yuv(
         return Result(out, q, maps, info)
     dtype = src.dtype
     out = tuple(o.cpu().numpy().astype(dtype, copy=False) for o in out) if image else None
-    caveats = [caveat(*y.shape[-2:], flat) for flat in flat_frames(*planes).tolist()]
+    caveats = [caveat(*y.shape[-2:], flat) for flat in flat_frames(*planes, full=2.0**bits - 1).tolist()]
     info["caveat"] = caveats[0] if src.ndim == 2 else caveats
     if src.ndim == 2:
         out = tuple(o[0] for o in out) if image else None

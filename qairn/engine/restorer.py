@@ -21,7 +21,7 @@ from qairn.engine.backends import (
     check_switch,
     make_backend,
 )
-from qairn.engine.caveats import score_caveat
+from qairn.engine.caveats import caveat, flat_frames
 from qairn.engine.color import native
 from qairn.engine.tiling import ALIGN, TilePlan, aligned_tile, ceil_to, plan_tiles
 from qairn.kernels.gate import MAX_POOL_P
@@ -193,11 +193,12 @@ class Result:
     For tensor input the image is on the input's device, the quality and maps on the Restorer's.
 
     info["caveat"]: why the quality says little of this image, or None: under 16 pixels on a side
-    (mostly padding to the gates) or flat (one colour, alpha aside: a black frame scores Q2 0.768,
-    above every LIVE1 JPEG). A field, not a warning: a transcoder's fade to black would warn per frame.
+    (mostly padding to the gates) or flat (every channel's standard deviation at most 1/255 of full
+    scale, alpha aside: a black frame, a lossy codec's a few codes off too, scores Q2 0.76-0.77, above
+    every LIVE1 JPEG). A field, not a warning: a transcoder's fade to black would warn per frame.
     Given for numpy input (a list of N for an (N,H,W) batch of planes) and for every restore_stream
     frame; not for tensors to restore() and restore_yuv(), whose quality stays on the device, unsynced
-    (qairn.engine.caveats.score_caveat takes a numpy image, as score() callers may use)."""
+    (qairn.engine.caveats.score_caveat takes a numpy image and its bits, as score() callers may use)."""
 
     image: np.ndarray | torch.Tensor
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
@@ -777,11 +778,13 @@ class Restorer:
                 _rgb_bits(img.dtype, bits)
             return self._restore_torch(img, return_maps, order, progress, image, bits)
         x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
+        # score_caveat's rule, on the device (its RGB in [0, 1], alpha aside), read with the quality
+        flat = flat_frames(*x.unbind(1), full=1.0)
         # In [0, 1]: made from integers, or its range read by image_array.
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
-        info = {"caveat": score_caveat(img)}  # (img was checked by to_tensor)
+        info = {"caveat": caveat(*x.shape[-2:], bool(flat))}
         return Result(from_tensor(y, meta) if image else None, quality, maps, info)
 
     def _restore_torch(

@@ -75,7 +75,7 @@ class _Job:
     kind: str  # "yuv" or "rgb"
     count: int
     outputs: list  # batched outputs (tensors), on the host when the input was numpy; [] for quality only
-    quality: torch.Tensor  # (4, N): Q1, Q2, Q3 and 1 where the frame is flat (one colour)
+    quality: torch.Tensor  # (4, N): Q1, Q2, Q3 and 1 where the frame is flat (caveats.flat_frames)
     event: object = None  # CUDA event to wait on before reading outputs
     meta: list = field(default_factory=list)  # per-frame: numpy dtype (yuv) or to_tensor meta (rgb)
     numpy: bool = True
@@ -214,7 +214,8 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
         # A GPU's planes for a CPU Restorer are read on the CPU, as restore_yuv reads them (their codes).
         planes = checked_planes(planes, restorer.device, depth)
         planes = [_to_device(p, restorer.device, copy_in) for p in planes]
-        flat = flat_frames(*planes)  # on the device, handed out with the quality: no sync of its own
+        # On the device, handed out with the quality: no sync of its own.
+        flat = flat_frames(*planes, full=2.0**depth - 1)
         out, q, maps = restore_planes(restorer, *planes, matrix, crange, depth, return_maps, image)
         job = _Job(
             "yuv",
@@ -242,7 +243,6 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             if depth is not None:  # 10-bit RGB in uint16 (gbrp10 unpacked): codes 0..1023, given back so
                 meta = [m | {"scale": 2.0**depth - 1} for m in meta]
             pixels = _to_device(pixels, restorer.device, copy_in)
-            flat = flat_frames(pixels)  # RGB, alpha aside
             x = to_float(pixels, meta[0]["scale"])
         else:
             if first.ndim != 3 or first.shape[0] != 3:
@@ -252,7 +252,7 @@ def _launch(restorer, group, matrix, crange, bits, channel_order, streams, image
             x = batch_to_float(stack.cpu() if restorer.device.type == "cpu" else stack, channel_order, depth)
             meta = [first.dtype] * len(group)
         x = x if is_np else _to_device(x, restorer.device, copy_in)
-        flat = flat if is_np else flat_frames(x)
+        flat = flat_frames(*x.unbind(1), full=1.0)  # RGB in [0, 1], alpha aside; on the device, as above
         y, q, maps = restorer.restore_tensor(x, return_maps, image=image)
         # numpy frames come back as their own integers, converted on the device (a quarter of the
         # float32 bytes over the bus for uint8, and no float work on the host).
