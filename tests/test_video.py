@@ -596,6 +596,34 @@ def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mka"]
 
 
+def test_a_pipe_gets_the_stream_checks_before_the_model_loads(
+    tiny_weights, frames_rgb, tmp_path, monkeypatch, capsys
+):
+    """The check of the input's streams against the output container (AAC into .mpg) opened the input
+    again by its name, so a pipe, which can be read once only, was left out: the model loaded, the first
+    frame decoded, and then the same refusal came. The check now reads the input the run reads, opened
+    before the model loads; the run still gets every stream (SRT cues through a pipe into .mp4)."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    aac = make_clip(tmp_path / "aac.mkv", frames_rgb[:2]).read_bytes()
+    srt = srt_clip(tmp_path / "srt.mkv", frames_rgb).read_bytes()
+    out = tmp_path / "o.mpg"
+    with monkeypatch.context() as m, stdin_pipe(aac):
+        m.setattr("qairn.engine.cli.make_restorer", loaded)
+        rc = main(["-", str(out), "--codec", "mpeg2video", "--no-quality", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    says = f"qairn: error: {out}: this container cannot hold mpeg2video video and aac audio ("
+    assert rc == 1 and err.startswith(says) and err.endswith("use .mkv, or --no-audio\n"), err
+    assert err.count("\n") == 1 and not out.exists()
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-quality"]
+    with stdin_pipe(srt):
+        assert main(["-", str(tmp_path / "o.mp4"), *model]) == 0, capsys.readouterr().err
+    streams, cues = subtitle_cues(tmp_path / "o.mp4")
+    assert streams == [("mov_text", "eng")] and [c[2] for c in cues] == [b"\0\5Hello", b"\0\5there"]
+
+
 def test_pipe_example_filter(restorer, frames_rgb):
     """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
     bit-exact frames out, one trace row per frame."""

@@ -1185,7 +1185,7 @@ def _text_subtitle_stream(out, s):
     encoder = TEXT_SUBTITLE_ENCODERS.get(out.format.name)
     if encoder is None or not s.codec_context.codec.text_sub:
         raise ValueError(f"no conversion of {s.codec_context.name} subtitles into {out.format.name}")
-    s.codec_context.open()
+    s.codec_context.open(strict=False)  # (open already where check_container's probe opened it)
     o = out.add_stream(encoder)
     o.time_base = o.codec_context.time_base = s.time_base or Fraction(1, 1000)
     o.codec_context.subtitle_header = s.codec_context.subtitle_header
@@ -1377,12 +1377,12 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
 
 
-def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True) -> None:
+def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True, inp=None) -> None:
     """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
     container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
     the model had loaded. A hidden file beside dst is opened, as the output will be, and removed.
-    src (a file; None: not looked at): its streams, read from their headers, must fit too (see
-    _check_streams_fit)."""
+    src (None: not looked at): its streams, read from their headers, must fit too (see
+    _check_streams_fit); read from inp, src opened already (a pipe, read once only), else opened here."""
     import av
     import av.logging
 
@@ -1405,7 +1405,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 except (av.FFmpegError, ValueError) as e:
                     raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
                 if src is not None:
-                    _check_streams_fit(src, out, vs, dst, audio)
+                    _check_streams_fit(src, inp, out, vs, dst, audio)
             except VideoError as e:  # (its traceback's frames, and its context's, hold the probe: dropped)
                 e.__context__ = None
                 raise e.with_traceback(None) from None
@@ -1421,20 +1421,21 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
         _logging_back(*levels)
 
 
-def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
+def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
     """The input's streams against the output container `out` (a probe with the video stream vs), from
     the input's headers: AAC audio into .webm or .mpg was refused only once the model had loaded and the
     first frame decoded, and a 6-frame video into o.png failed after the whole restore, as "cannot write
-    (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it."""
+    (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it.
+    inp: src opened already (left open), or None: opened here, and closed."""
     import av
 
-    inp = _open_input(src)
+    opened = _open_input(src) if inp is None else inp
     try:
-        videos = [s for s in inp.streams.video if not is_cover(s)]
+        videos = [s for s in opened.streams.video if not is_cover(s)]
         if not videos:  # (transcode says so)
             return
         rate = videos[0].average_rate or videos[0].guessed_rate or Fraction(25)
-        frames = expected_frames(inp, videos[0], rate)
+        frames = expected_frames(opened, videos[0], rate)
         if out.format.name == "image2" and frames is not None and frames > 1:
             raise VideoError(
                 f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
@@ -1443,10 +1444,10 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
         # The streams transcode copies, added as _open_output adds them (subtitles converted or dropped,
         # a cover picture where the container keeps one): subtitles and covers were left out, so a
         # subtitle stream the muxer refuses failed only once the model had loaded.
-        astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
-        astreams += list(inp.streams.subtitles)
+        astreams = list(opened.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
+        astreams += list(opened.streams.subtitles)
         _add_copied_streams(out, astreams, dst)
-        for s in inp.streams.video:
+        for s in opened.streams.video:
             if is_cover(s) and out.format.name in COVER_FORMATS and s.codec_context.name in COVER_CODECS:
                 out.add_stream_from_template(s)
         # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there, Ogg H.264),
@@ -1463,7 +1464,8 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
                 )
                 raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     finally:
-        inp.close()
+        if inp is None:
+            opened.close()
 
 
 def _open_probe_encoder(vs) -> bool:
@@ -1495,10 +1497,12 @@ def check_pix_fmt(codec: str, pix_fmt: str | None, dst: Path) -> None:
         )
 
 
-def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
+def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | None, Path | None]:
     """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
     the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
-    (src, dst, csv_path)."""
+    (src, dst, csv_path).
+    inp: src opened already (_open_input), whose streams are checked against the output container; without
+    it a file is opened for that, and a pipe (which can be read once only) is not looked at."""
     # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
@@ -1520,8 +1524,7 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
         codec = output_codec(dst, opts)
-        # (a pipe is left alone: it can be read once only, by the run)
-        check_container(dst, codec, src if src.is_file() else None, opts.audio)
+        check_container(dst, codec, src if inp is not None or src.is_file() else None, opts.audio, inp)
         check_encoder_options(codec, opts, dst)
         check_pix_fmt(codec, opts.pix_fmt, dst)
     csv_path = None
@@ -1552,7 +1555,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
     import av
 
     opts = opts or VideoOptions()
-    src, dst, csv_path = check_paths(src, dst, opts)
+    src, dst, csv_path = check_paths(src, dst, opts, inp)
     # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src) if inp is None else inp
@@ -2128,11 +2131,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        src, _, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
+        src, dst, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
         # The input is opened before the model loads and the run reads that: a pipe (which can be read
         # once only, so no check had looked at it) that is empty or carries no video, and a missing
         # file, failed only after the model had loaded.
         opened = _open_input(src)
+        if not src.is_file():  # a pipe's streams against the output container (AAC into .mpg), from it
+            check_paths(src, dst, opts, opened)
         restorer = make_restorer(args)
         summary = transcode(restorer, args.input, args.output, opts, inp=opened)
     except KeyboardInterrupt:
