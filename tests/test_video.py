@@ -624,6 +624,26 @@ def test_a_pipe_gets_the_stream_checks_before_the_model_loads(
     assert streams == [("mov_text", "eng")] and [c[2] for c in cues] == [b"\0\5Hello", b"\0\5there"]
 
 
+def test_queued_packets_are_muxed_in_order_from_a_deque():
+    """_mux_audio took each queued audio or subtitle packet with list.pop(0), quadratic in the queue's
+    length (200k packets, audio running ahead of the video: 5.3 s): the queue is now a deque. Every packet
+    of a copied stream comes out once, in the order queued; one of a stream not copied is skipped."""
+    from collections import deque
+
+    from qairn.engine.video import _mux_audio
+
+    codec = SimpleNamespace(codec=SimpleNamespace(id=1))
+    copied, dropped = (SimpleNamespace(index=i, codec_context=codec) for i in (1, 2))
+    muxed = []
+    out = SimpleNamespace(mux=muxed.append)
+    packets = [SimpleNamespace(stream=dropped if k % 7 == 3 else copied, k=k) for k in range(1000)]
+    queue = deque(packets)
+    amap = {1: SimpleNamespace(codec_context=codec)}
+    _mux_audio(out, queue, amap, Path("o.mkv"), [])
+    assert not queue and [p.k for p in muxed] == [k for k in range(1000) if k % 7 != 3]
+    assert all(p.stream is amap[1] for p in muxed)
+
+
 def test_pipe_example_filter(restorer, frames_rgb):
     """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
     bit-exact frames out, one trace row per frame."""
