@@ -644,6 +644,22 @@ def test_queued_packets_are_muxed_in_order_from_a_deque():
     assert all(p.stream is amap[1] for p in muxed)
 
 
+def test_an_output_named_dash_is_refused_as_standard_output(clip, tmp_path, monkeypatch, capsys):
+    """'qairn video in.mp4 -' said "-: cannot write this container (Could not determine output format);
+    use .mp4, .mkv or .mov", as if '-' were a file name with a bad suffix. Writing to standard output is
+    not supported (the output is written under a temporary name, then renamed): one line saying so, and
+    what to do instead, before the model loads; no file '-' is left."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(clip), "-", "--no-quality", "-q"]) == 1
+    said = (
+        "-: qairn video cannot write to standard output; give an output file (out.mkv), or see "
+        "examples/ffmpeg_pipe.py for raw frames on standard output"
+    )
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pipe_example_filter(restorer, frames_rgb):
     """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
     bit-exact frames out, one trace row per frame."""

@@ -1520,6 +1520,11 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
     if not opts.score_only:
         if dst is None:
             raise VideoError("no output file given (use --score-only to write only the quality trace)")
+        if str(dst) == "-":  # (it was "-: cannot write this container": the output is renamed into place)
+            raise VideoError(
+                "-: qairn video cannot write to standard output; give an output file (out.mkv), or see "
+                "examples/ffmpeg_pipe.py for raw frames on standard output"
+            )
         _check_writable(dst, "output video", opts.overwrite)
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
@@ -1970,7 +1975,8 @@ def build_parser() -> argparse.ArgumentParser:
         "output",
         nargs="?",
         type=path_arg,
-        help="output video (.mp4, .mkv, .mov, ...); none with --score-only (ignored, with a warning)",
+        help="output video file (.mp4, .mkv, .mov, ...; not standard output, -); "
+        "none with --score-only (ignored, with a warning)",
     )
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
