@@ -632,14 +632,14 @@ def test_queued_packets_are_muxed_in_order_from_a_deque():
 
     from qairn.engine.video import _mux_audio
 
-    codec = SimpleNamespace(codec=SimpleNamespace(id=1))
+    codec = SimpleNamespace(codec=SimpleNamespace(id=1, canonical_name="aac"))
     copied, dropped = (SimpleNamespace(index=i, codec_context=codec) for i in (1, 2))
     muxed = []
     out = SimpleNamespace(mux=muxed.append)
     packets = [SimpleNamespace(stream=dropped if k % 7 == 3 else copied, k=k) for k in range(1000)]
     queue = deque(packets)
     amap = {1: SimpleNamespace(codec_context=codec)}
-    _mux_audio(out, queue, amap, Path("o.mkv"), [])
+    _mux_audio(out, queue, amap, Path("o.mkv"), [], {})
     assert not queue and [p.k for p in muxed] == [k for k in range(1000) if k % 7 != 3]
     assert all(p.stream is amap[1] for p in muxed)
 
@@ -2419,6 +2419,53 @@ def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
             if p.size
         ]
     assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]
+
+
+def test_a_damaged_pgs_cue_is_not_written_into_the_video_track(restorer, tmp_path):
+    """Matroska's muxer runs FFmpeg's pgs_frame_merge filter on PGS (Blu-ray) subtitles, which gives a
+    display set without a presentation segment no stream and no time: two damaged PGS cues copied into
+    .mkv were written into the output's video track at 0 s, two packets no decoder reads (and a run on
+    that output said "skipped 2 video packets the decoder could not decode"). They are skipped, with the
+    damaged-cue warning; a whole cue is still copied."""
+    pcs = bytes([0x16, 0, 11, 0, 64, 0, 48, 0x10, 0, 0, 0x80, 0, 0, 0])  # 64x48, epoch start, no objects
+    cues = [(0, pcs + bytes([0x80, 0, 0])), (80, b"\x13junk" * 20), (160, bytes([0x15, 0, 9]) + b"cut")]
+    o = av.open(str(tmp_path / "pgs.mkv"), "w", container_options={"fflags": "-autobsf"})  # (kept as is)
+    v = o.add_stream("ffv1", rate=25)
+    v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+    sub = o.add_mux_stream("hdmv_pgs_subtitle")
+    sub.time_base = Fraction(1, 1000)
+    for i in range(6):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 128, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(v.encode(f))
+        for ms, data in [c for c in cues if c[0] == i * 40]:
+            p = av.Packet(data)
+            p.pts = p.dts = ms
+            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
+            o.mux(p)
+    o.mux(v.encode(None))
+    o.close()
+    src = tmp_path / "pgs.mkv"
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="ffv1", write_quality=False))
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        packets = [(p.stream.type, p.pts, bytes(p)) for p in c.demux() if p.size]
+    assert [t for t, _, _ in packets if t == "video"] == ["video"] * 6, packets
+    assert [(pts, data) for t, pts, data in packets if t == "subtitle"] == [(0, cues[0][1])]
+    said = [n for n in s["notes"] if "subtitle" in n.split(": ", 1)[1]]
+    assert said == [
+        f"{src}: skipped 2 subtitle cues that could not be read "
+        "(first at 0.080 s: a PGS display set without its presentation segment)"
+    ], s["notes"]
+    # A set split into a packet per segment (as MPEG-TS carries it) is kept: the filter joins it.
+    from qairn.engine.video import _pgs_whole
+
+    window = bytes([0x17, 0, 1, 0])
+    assert _pgs_whole(pcs, False) == (True, True) and _pgs_whole(window, True) == (True, True)
+    assert _pgs_whole(bytes([0x80, 0, 0]), True) == (True, False) and _pgs_whole(window, False) == (
+        False,
+        False,
+    )
 
 
 def test_a_damaged_subtitle_cue_is_skipped_with_a_warning(restorer, tmp_path):

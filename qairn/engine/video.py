@@ -1589,6 +1589,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
         # (a deque: taken from the front, and long where the audio runs ahead of the video)
         pending_audio: deque = deque()
         lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
+        pgs_sets: dict = {}  # (see _mux_audio)
         counts: dict = {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
@@ -1682,7 +1683,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
                             timing.add(pts, duration)
                         last_pts = frame.pts
                         _mux(out, timing.timed(vs.encode(frame)), dst)
-                    _mux_audio(out, pending_audio, amap, dst, lost_cues)
+                    _mux_audio(out, pending_audio, amap, dst, lost_cues, pgs_sets)
                 bar.update(1)
             # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
             # the bar ends at the frames decoded, redrawn where it was shown at all.
@@ -1695,7 +1696,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
         elapsed = time.perf_counter() - start
         if out is not None:  # the encoder's last frames, and the rest of the audio and subtitles
             _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
-            _mux_audio(out, pending_audio, amap, dst, lost_cues)
+            _mux_audio(out, pending_audio, amap, dst, lost_cues, pgs_sets)
         notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note, data_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
@@ -1897,18 +1898,61 @@ def _mux(out, packets, dst: Path) -> None:
         raise VideoError(f"{dst}: cannot write ({_msg(e)})") from None
 
 
-def _mux_audio(out, pending: deque, amap: dict, dst: Path, lost_cues: list) -> None:
-    """Mux the queued packets of the copied streams, oldest first; lost_cues: see _converted_subtitles."""
+def _mux_audio(out, pending: deque, amap: dict, dst: Path, lost_cues: list, pgs_sets: dict) -> None:
+    """Mux the queued packets of the copied streams, oldest first; lost_cues: see _converted_subtitles;
+    pgs_sets: {source index: whether a PGS display set is open} (see _pgs_whole)."""
     while pending:
         packet = pending.popleft()  # (list.pop(0) took 5.3 s for 200k queued packets: quadratic)
         if packet.stream.index not in amap:  # a subtitle stream the container could not take
             continue
         stream = amap[packet.stream.index]
-        if stream.codec_context.codec.id != packet.stream.codec_context.codec.id:  # text subtitles, converted
+        codec = packet.stream.codec_context.codec
+        if stream.codec_context.codec.id != codec.id:  # text subtitles, converted
             _mux(out, _converted_subtitles(packet, stream, lost_cues), dst)
+        elif codec.canonical_name == "hdmv_pgs_subtitle" and packet.size:
+            whole, pgs_sets[packet.stream.index] = _pgs_whole(
+                bytes(packet), pgs_sets.get(packet.stream.index, False)
+            )
+            if whole:
+                packet.stream = stream
+                _mux(out, packet, dst)
+            else:  # (not muxed: the filter's state is as it was)
+                pts = packet.pts if packet.pts is not None else packet.dts
+                lost_cues.append(
+                    (float(pts * packet.time_base), "a PGS display set without its presentation segment")
+                )
         else:
             packet.stream = stream
             _mux(out, packet, dst)
+
+
+PGS_PRESENTATION, PGS_END = 0x16, 0x80  # the segment types that open and close a display set
+
+
+def _pgs_whole(data: bytes, open_set: bool) -> tuple[bool, bool]:
+    """Read a PGS subtitle packet as FFmpeg's pgs_frame_merge filter does, which the Matroska muxer runs:
+    it joins segments into display sets and writes each out with the stream and time of the packet holding
+    its presentation segment; a set without one got neither, and went into the video track at 0 s.
+    open_set: a set with its presentation segment was left open by the packets before (no end segment).
+    Returns (every set this packet closes or leaves open has its presentation segment: it may be muxed,
+    open_set after it)."""
+    i, n, found = 0, len(data), open_set
+    while i < n:
+        closed = False
+        while i + 3 <= n:
+            kind, length = data[i], int.from_bytes(data[i + 1 : i + 3], "big") + 3
+            if i + length > n or (kind == PGS_PRESENTATION and (found or length < 11)):
+                break
+            found, i = found or kind == PGS_PRESENTATION, i + length
+            if kind == PGS_END:
+                closed = True
+                break
+        if not closed and i != n:  # a segment cut short, or a second presentation: the rest goes out as is
+            closed, i = True, n
+        if not found:
+            return False, open_set
+        found = not closed
+    return True, found
 
 
 # ---- command line ---------------------------------------------------------------------------------------
