@@ -624,6 +624,36 @@ def test_a_pipe_gets_the_stream_checks_before_the_model_loads(
     assert streams == [("mov_text", "eng")] and [c[2] for c in cues] == [b"\0\5Hello", b"\0\5there"]
 
 
+def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path, capsys):
+    """An MP4 whose index (moov) follows its frames, as most cameras and encoders write it, cannot be
+    read from a pipe (its frames lie behind the reader by then): 'cat f.mp4 | qairn video - o.mkv' said
+    "/dev/stdin: corrupt or truncated video: no frame could be read (Invalid data found when processing
+    input)" of an intact file. It now says what is wrong and what to do."""
+    # 3 frames of 160x120 noise, lossless: some 90 kB, more than the reader keeps to seek back in
+    o = av.open(str(tmp_path / "f.mp4"), "w")  # (without +faststart: the index last)
+    s = o.add_stream("libx264", rate=25, options={"qp": "0"})
+    s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts = i
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    data = (tmp_path / "f.mp4").read_bytes()
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-quality"]
+    with stdin_pipe(data):
+        assert main(["-", str(tmp_path / "o.mkv"), *model]) == 1
+    said = (
+        "/dev/stdin: a piped MP4 or MOV needs its index (moov) before its frames, and no frame could be "
+        "read (Invalid data found when processing input); give the file's name instead of a pipe, or "
+        "remux it with +faststart"
+    )
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.mp4"]
+
+
 def test_queued_packets_are_muxed_in_order_from_a_deque():
     """_mux_audio took each queued audio or subtitle packet with list.pop(0), quadratic in the queue's
     length (200k packets, audio running ahead of the video: 5.3 s): the queue is now a deque. Every packet

@@ -1594,6 +1594,18 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
         first = next(frames, None)
+        if (
+            first is None
+            and "unreadable" in counts
+            and not src.is_file()
+            and "mov" in inp.format.name.split(",")
+        ):
+            # (an intact MP4 written the usual way, its index last: its frames are behind a pipe's reader)
+            raise VideoError(
+                f"{src}: a piped MP4 or MOV needs its index (moov) before its frames, and no frame could be "
+                f"read ({counts['unreadable'][1]}); give the file's name instead of a pipe, or remux it with "
+                "+faststart"
+            )
         if first is None and "unreadable" in counts:
             raise VideoError(
                 f"{src}: corrupt or truncated video: no frame could be read ({counts['unreadable'][1]})"
