@@ -1306,6 +1306,27 @@ def test_the_container_check_leaves_no_x265_lines_on_stderr(clip, tmp_path, capf
     assert capfd.readouterr().err == ""
 
 
+def test_an_encoder_that_will_not_open_leaves_only_the_one_line(restorer, tmp_path, capfd):
+    """libx265 refusing an odd-sized 4:2:0 video printed "x265 [error]: Picture width must be an integer
+    multiple of the specified chroma subsampling" (and height) twice on stderr, once per time base
+    tried, above qairn's own line saying the same. The encoder is opened with fd 2 muted, as the probe
+    is."""
+    if "libx265" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx265")
+    o = av.open(str(tmp_path / "odd.mkv"), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt = 65, 49, "yuv420p"
+    f = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 128, np.uint8), format="rgb24")
+    f = f.reformat(format="yuv420p")
+    f.pts = 0
+    o.mux(s.encode(f) + s.encode(None))
+    o.close()
+    capfd.readouterr()
+    with pytest.raises(VideoError, match=r"o\.mkv: libx265 cannot encode 65x49 yuv420p \(4:2:0 and 4:2:2"):
+        transcode(restorer, tmp_path / "odd.mkv", tmp_path / "o.mkv", VideoOptions(codec="libx265"))
+    assert capfd.readouterr().err == "" and leftovers(tmp_path) == []
+
+
 def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
     """FFmpeg's log level is muted while the decoder's threads may log, then set back once the input is
     closed: it was set to INFO, FFmpeg's default, whatever level the caller had set."""

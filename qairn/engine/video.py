@@ -1086,14 +1086,16 @@ def _open_output(
             o.disposition = s.disposition  # default, forced, hearing impaired, ...
     # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
     # (a transport stream's 1/90000): those get one tick per frame, as Y4M and AVI do.
-    for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
-        vs.time_base = cc.time_base = out_tb = tb
-        try:
-            cc.open()
-            error = None
-            break
-        except av.FFmpegError as e:
-            error = e
+    # (x265 printed its reasons for refusing, an odd size, on stderr, twice, above the line that says so)
+    with _stderr_muted(codec):
+        for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
+            vs.time_base = cc.time_base = out_tb = tb
+            try:
+                cc.open()
+                error = None
+                break
+            except av.FFmpegError as e:
+                error = e
     if error is not None:
         out.close()
         import av.video.format
