@@ -624,6 +624,17 @@ def test_a_pipe_gets_the_stream_checks_before_the_model_loads(
     assert streams == [("mov_text", "eng")] and [c[2] for c in cues] == [b"\0\5Hello", b"\0\5there"]
 
 
+def test_a_quality_trace_named_dash_is_refused_as_standard_output(clip, tmp_path, monkeypatch, capsys):
+    """--quality-csv - (standard output, as an operator piping the trace on would write it) wrote files
+    named '-' and '-.png' into the working directory. Refused in one line before the model loads."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(clip), "--score-only", "--quality-csv", "-", "-q"]) == 1
+    said = "-: qairn video cannot write the quality trace to standard output; give --quality-csv a file name"
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path, capsys):
     """An MP4 whose index (moov) follows its frames, as most cameras and encoders write it, cannot be
     read from a pipe (its frames lie behind the reader by then): 'cat f.mp4 | qairn video - o.mkv' said

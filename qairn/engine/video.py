@@ -1536,6 +1536,11 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
         check_pix_fmt(codec, opts.pix_fmt, dst)
     csv_path = None
     if opts.write_quality:
+        if str(opts.quality_csv) == "-":  # (it wrote files named - and -.png into the working directory)
+            raise VideoError(
+                "-: qairn video cannot write the quality trace to standard output; "
+                "give --quality-csv a file name"
+            )
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
         if beside == src and opts.quality_csv is None and src.exists() and not src.is_file():
             # (a pipe's trace went beside it: /dev/stdin.quality.csv, written into /dev as root)
