@@ -635,6 +635,19 @@ def test_a_quality_trace_named_dash_is_refused_as_standard_output(clip, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_file_names_with_a_colon_are_read_and_written_as_files(tiny_weights, tmp_path, monkeypatch, capsys):
+    """FFmpeg takes what comes before a colon for a protocol: 'take1:final.mkv' (and './take1:final.mkv',
+    which Path shortens to that) was "not a readable video (... Protocol not found)", and an output
+    'out:1.mkv' could not be written either. Files are now opened by their absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(flat_clip(tmp_path / "f.mkv"), tmp_path / "take1:final.mkv")
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-plot"]
+    assert main(["./take1:final.mkv", "out:1.mkv", *model]) == 0, capsys.readouterr().err
+    assert (
+        len(decode(tmp_path / "out:1.mkv")[0]) == 2 and len(read_csv(tmp_path / "out:1.mkv.quality.csv")) == 2
+    )
+
+
 def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path, capsys):
     """An MP4 whose index (moov) follows its frames, as most cameras and encoders write it, cannot be
     read from a pipe (its frames lie behind the reader by then): 'cat f.mp4 | qairn video - o.mkv' said

@@ -707,6 +707,13 @@ def _check_writable(path: Path, what: str, overwrite: bool = True) -> None:
         raise VideoError(f"{path}: cannot write the {what}: directory {parent} is not writable")
 
 
+def _av_path(path: Path) -> str:
+    """The name FFmpeg opens `path` by, as a file: it takes what comes before a colon for a protocol
+    ("take1:final.mkv", and "./take1:final.mkv", which Path shortens to that, were "Protocol not
+    found"); an absolute path starts with "/", which no protocol's name holds."""
+    return os.path.abspath(path)
+
+
 def _open_input(src: Path):
     import av
 
@@ -717,7 +724,7 @@ def _open_input(src: Path):
     if src.is_file() and src.stat().st_size == 0:  # a pipe (/dev/stdin) has no size to check
         raise VideoError(f"{src}: empty file (0 bytes)")
     try:
-        inp = av.open(str(src))
+        inp = av.open(_av_path(src))
     except av.FFmpegError as e:
         raise VideoError(
             f"{src}: not a readable video (corrupt, truncated or unknown format: {_msg(e)})"
@@ -924,7 +931,7 @@ def _open_output(
     faststart = tmp.suffix.lower() in FASTSTART_SUFFIXES
     options = {"movflags": "+faststart"} if faststart else {"strict": "-1"} if y4m else {}
     try:
-        out = av.open(str(tmp), "w", options=options)
+        out = av.open(_av_path(tmp), "w", options=options)
     except (av.FFmpegError, ValueError) as e:
         raise VideoError(f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov") from None
     try:
@@ -1397,7 +1404,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
         with _stderr_muted(codec):
             try:
                 try:
-                    out = av.open(str(probe), "w")
+                    out = av.open(_av_path(probe), "w")
                 except (av.FFmpegError, ValueError) as e:
                     raise VideoError(
                         f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
