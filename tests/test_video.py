@@ -596,6 +596,124 @@ def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mka"]
 
 
+def test_a_pipe_gets_the_stream_checks_before_the_model_loads(
+    tiny_weights, frames_rgb, tmp_path, monkeypatch, capsys
+):
+    """The check of the input's streams against the output container (AAC into .mpg) opened the input
+    again by its name, so a pipe, which can be read once only, was left out: the model loaded, the first
+    frame decoded, and then the same refusal came. The check now reads the input the run reads, opened
+    before the model loads; the run still gets every stream (SRT cues through a pipe into .mp4)."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    aac = make_clip(tmp_path / "aac.mkv", frames_rgb[:2]).read_bytes()
+    srt = srt_clip(tmp_path / "srt.mkv", frames_rgb).read_bytes()
+    out = tmp_path / "o.mpg"
+    with monkeypatch.context() as m, stdin_pipe(aac):
+        m.setattr("qairn.engine.cli.make_restorer", loaded)
+        rc = main(["-", str(out), "--codec", "mpeg2video", "--no-quality", "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    says = f"qairn: error: {out}: this container cannot hold mpeg2video video and aac audio ("
+    assert rc == 1 and err.startswith(says) and err.endswith("use .mkv, or --no-audio\n"), err
+    assert err.count("\n") == 1 and not out.exists()
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-quality"]
+    with stdin_pipe(srt):
+        assert main(["-", str(tmp_path / "o.mp4"), *model]) == 0, capsys.readouterr().err
+    streams, cues = subtitle_cues(tmp_path / "o.mp4")
+    assert streams == [("mov_text", "eng")] and [c[2] for c in cues] == [b"\0\5Hello", b"\0\5there"]
+
+
+def test_a_quality_trace_named_dash_is_refused_as_standard_output(clip, tmp_path, monkeypatch, capsys):
+    """--quality-csv - (standard output, as an operator piping the trace on would write it) wrote files
+    named '-' and '-.png' into the working directory. Refused in one line before the model loads."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(clip), "--score-only", "--quality-csv", "-", "-q"]) == 1
+    said = "-: qairn video cannot write the quality trace to standard output; give --quality-csv a file name"
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_names_with_a_colon_are_read_and_written_as_files(tiny_weights, tmp_path, monkeypatch, capsys):
+    """FFmpeg takes what comes before a colon for a protocol: 'take1:final.mkv' (and './take1:final.mkv',
+    which Path shortens to that) was "not a readable video (... Protocol not found)", and an output
+    'out:1.mkv' could not be written either. Files are now opened by their absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(flat_clip(tmp_path / "f.mkv"), tmp_path / "take1:final.mkv")
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-plot"]
+    assert main(["./take1:final.mkv", "out:1.mkv", *model]) == 0, capsys.readouterr().err
+    assert (
+        len(decode(tmp_path / "out:1.mkv")[0]) == 2 and len(read_csv(tmp_path / "out:1.mkv.quality.csv")) == 2
+    )
+
+
+def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path, capsys):
+    """An MP4 whose index (moov) follows its frames, as most cameras and encoders write it, cannot be
+    read from a pipe (its frames lie behind the reader by then): 'cat f.mp4 | qairn video - o.mkv' said
+    "/dev/stdin: corrupt or truncated video: no frame could be read (Invalid data found when processing
+    input)" of an intact file. It now says what is wrong and what to do."""
+    # 3 frames of 160x120 noise, lossless: some 90 kB, more than the reader keeps to seek back in
+    o = av.open(str(tmp_path / "f.mp4"), "w")  # (without +faststart: the index last)
+    s = o.add_stream("libx264", rate=25, options={"qp": "0"})
+    s.width, s.height, s.pix_fmt = 160, 120, "yuv420p"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        f = av.VideoFrame.from_ndarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts = i
+        o.mux(s.encode(f))
+    o.mux(s.encode(None))
+    o.close()
+    data = (tmp_path / "f.mp4").read_bytes()
+    model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-quality"]
+    with stdin_pipe(data):
+        assert main(["-", str(tmp_path / "o.mkv"), *model]) == 1
+    said = (
+        "/dev/stdin: a piped MP4 or MOV needs its index (moov) before its frames, and no frame could be "
+        "read (Invalid data found when processing input); give the file's name instead of a pipe, or "
+        "remux it with +faststart"
+    )
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.mp4"]
+
+
+def test_queued_packets_are_muxed_in_order_from_a_deque():
+    """_mux_audio took each queued audio or subtitle packet with list.pop(0), quadratic in the queue's
+    length (200k packets, audio running ahead of the video: 5.3 s): the queue is now a deque. Every packet
+    of a copied stream comes out once, in the order queued; one of a stream not copied is skipped."""
+    from collections import deque
+
+    from qairn.engine.video import _mux_audio
+
+    codec = SimpleNamespace(codec=SimpleNamespace(id=1, canonical_name="aac"))
+    copied, dropped = (SimpleNamespace(index=i, codec_context=codec) for i in (1, 2))
+    muxed = []
+    out = SimpleNamespace(mux=muxed.append)
+    packets = [SimpleNamespace(stream=dropped if k % 7 == 3 else copied, k=k) for k in range(1000)]
+    queue = deque(packets)
+    amap = {1: SimpleNamespace(codec_context=codec)}
+    _mux_audio(out, queue, amap, Path("o.mkv"), [], {})
+    assert not queue and [p.k for p in muxed] == [k for k in range(1000) if k % 7 != 3]
+    assert all(p.stream is amap[1] for p in muxed)
+
+
+def test_an_output_named_dash_is_refused_as_standard_output(clip, tmp_path, monkeypatch, capsys):
+    """'qairn video in.mp4 -' said "-: cannot write this container (Could not determine output format);
+    use .mp4, .mkv or .mov", as if '-' were a file name with a bad suffix. Writing to standard output is
+    not supported (the output is written under a temporary name, then renamed): one line saying so, and
+    what to do instead, before the model loads; no file '-' is left."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(clip), "-", "--no-quality", "-q"]) == 1
+    said = (
+        "-: qairn video cannot write to standard output; give an output file (out.mkv), or see "
+        "examples/ffmpeg_pipe.py for raw frames on standard output"
+    )
+    assert capsys.readouterr().err == f"qairn: error: {said}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_pipe_example_filter(restorer, frames_rgb):
     """The raw-frame filter of examples/ffmpeg_pipe.py (no FFmpeg needed): odd size, identity model,
     bit-exact frames out, one trace row per frame."""
@@ -1210,6 +1328,27 @@ def test_the_container_check_leaves_no_x265_lines_on_stderr(clip, tmp_path, capf
     with pytest.raises(VideoError, match="this container cannot hold"):  # (Ogg holds no HEVC: refused)
         check_paths(clip, tmp_path / "o.ogg", VideoOptions(codec="libx265"))
     assert capfd.readouterr().err == ""
+
+
+def test_an_encoder_that_will_not_open_leaves_only_the_one_line(restorer, tmp_path, capfd):
+    """libx265 refusing an odd-sized 4:2:0 video printed "x265 [error]: Picture width must be an integer
+    multiple of the specified chroma subsampling" (and height) twice on stderr, once per time base
+    tried, above qairn's own line saying the same. The encoder is opened with fd 2 muted, as the probe
+    is."""
+    if "libx265" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx265")
+    o = av.open(str(tmp_path / "odd.mkv"), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt = 65, 49, "yuv420p"
+    f = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 128, np.uint8), format="rgb24")
+    f = f.reformat(format="yuv420p")
+    f.pts = 0
+    o.mux(s.encode(f) + s.encode(None))
+    o.close()
+    capfd.readouterr()
+    with pytest.raises(VideoError, match=r"o\.mkv: libx265 cannot encode 65x49 yuv420p \(4:2:0 and 4:2:2"):
+        transcode(restorer, tmp_path / "odd.mkv", tmp_path / "o.mkv", VideoOptions(codec="libx265"))
+    assert capfd.readouterr().err == "" and leftovers(tmp_path) == []
 
 
 def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
@@ -2355,6 +2494,53 @@ def test_mov_text_subtitles_go_into_matroska_as_srt(restorer, tmp_path):
             if p.size
         ]
     assert cues == [(0.0, 0.04, b"Hello"), (0.08, 0.04, b"there\nyou <")]
+
+
+def test_a_damaged_pgs_cue_is_not_written_into_the_video_track(restorer, tmp_path):
+    """Matroska's muxer runs FFmpeg's pgs_frame_merge filter on PGS (Blu-ray) subtitles, which gives a
+    display set without a presentation segment no stream and no time: two damaged PGS cues copied into
+    .mkv were written into the output's video track at 0 s, two packets no decoder reads (and a run on
+    that output said "skipped 2 video packets the decoder could not decode"). They are skipped, with the
+    damaged-cue warning; a whole cue is still copied."""
+    pcs = bytes([0x16, 0, 11, 0, 64, 0, 48, 0x10, 0, 0, 0x80, 0, 0, 0])  # 64x48, epoch start, no objects
+    cues = [(0, pcs + bytes([0x80, 0, 0])), (80, b"\x13junk" * 20), (160, bytes([0x15, 0, 9]) + b"cut")]
+    o = av.open(str(tmp_path / "pgs.mkv"), "w", container_options={"fflags": "-autobsf"})  # (kept as is)
+    v = o.add_stream("ffv1", rate=25)
+    v.width, v.height, v.pix_fmt = 64, 48, "yuv420p"
+    sub = o.add_mux_stream("hdmv_pgs_subtitle")
+    sub.time_base = Fraction(1, 1000)
+    for i in range(6):
+        f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 128, np.uint8), format="rgb24")
+        f = f.reformat(format="yuv420p")
+        f.pts, f.time_base = i, Fraction(1, 25)
+        o.mux(v.encode(f))
+        for ms, data in [c for c in cues if c[0] == i * 40]:
+            p = av.Packet(data)
+            p.pts = p.dts = ms
+            p.duration, p.time_base, p.stream = 40, Fraction(1, 1000), sub
+            o.mux(p)
+    o.mux(v.encode(None))
+    o.close()
+    src = tmp_path / "pgs.mkv"
+    s = transcode(restorer, src, tmp_path / "o.mkv", VideoOptions(codec="ffv1", write_quality=False))
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        packets = [(p.stream.type, p.pts, bytes(p)) for p in c.demux() if p.size]
+    assert [t for t, _, _ in packets if t == "video"] == ["video"] * 6, packets
+    assert [(pts, data) for t, pts, data in packets if t == "subtitle"] == [(0, cues[0][1])]
+    said = [n for n in s["notes"] if "subtitle" in n.split(": ", 1)[1]]
+    assert said == [
+        f"{src}: skipped 2 subtitle cues that could not be read "
+        "(first at 0.080 s: a PGS display set without its presentation segment)"
+    ], s["notes"]
+    # A set split into a packet per segment (as MPEG-TS carries it) is kept: the filter joins it.
+    from qairn.engine.video import _pgs_whole
+
+    window = bytes([0x17, 0, 1, 0])
+    assert _pgs_whole(pcs, False) == (True, True) and _pgs_whole(window, True) == (True, True)
+    assert _pgs_whole(bytes([0x80, 0, 0]), True) == (True, False) and _pgs_whole(window, False) == (
+        False,
+        False,
+    )
 
 
 def test_a_damaged_subtitle_cue_is_skipped_with_a_warning(restorer, tmp_path):

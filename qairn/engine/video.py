@@ -715,6 +715,13 @@ def _check_writable(path: Path, what: str, overwrite: bool = True) -> None:
         raise VideoError(f"{path}: cannot write the {what}: directory {parent} is not writable")
 
 
+def _av_path(path: Path) -> str:
+    """The name FFmpeg opens `path` by, as a file: it takes what comes before a colon for a protocol
+    ("take1:final.mkv", and "./take1:final.mkv", which Path shortens to that, were "Protocol not
+    found"); an absolute path starts with "/", which no protocol's name holds."""
+    return os.path.abspath(path)
+
+
 def _open_input(src: Path):
     import av
 
@@ -725,7 +732,7 @@ def _open_input(src: Path):
     if src.is_file() and src.stat().st_size == 0:  # a pipe (/dev/stdin) has no size to check
         raise VideoError(f"{src}: empty file (0 bytes)")
     try:
-        inp = av.open(str(src))
+        inp = av.open(_av_path(src))
     except av.FFmpegError as e:
         raise VideoError(
             f"{src}: not a readable video (corrupt, truncated or unknown format: {_msg(e)})"
@@ -810,7 +817,7 @@ def _libav_level() -> int | None:
         return None
 
 
-def _decode(inp, vstream, copied, pending_audio: list, counts: dict):
+def _decode(inp, vstream, copied, pending_audio: deque, counts: dict):
     """Decoded video frames; the packets of the copied streams (audio, subtitles) are queued in
     pending_audio as they are demuxed.
     counts["packets"]: video packets demuxed, which is what a header's frame count counts (an edit
@@ -891,7 +898,7 @@ def _decode(inp, vstream, copied, pending_audio: list, counts: dict):
         counts.setdefault("lost_reason", "no frame came out of it")
 
 
-def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
+def _copy_pictures(out, inp, pending: deque, amap: dict, dst: Path) -> list[str]:
     """Copy the source's cover pictures (their packets are demuxed first, so they are in `pending`) and
     attachments (fonts for subtitles), where the container holds them; returns notes on what is dropped."""
     import av
@@ -921,7 +928,7 @@ def _copy_pictures(out, inp, pending: list, amap: dict, dst: Path) -> list[str]:
 
 
 def _open_output(
-    tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path, pending: list
+    tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path, pending: deque
 ):
     import av
 
@@ -932,7 +939,7 @@ def _open_output(
     faststart = tmp.suffix.lower() in FASTSTART_SUFFIXES
     options = {"movflags": "+faststart"} if faststart else {"strict": "-1"} if y4m else {}
     try:
-        out = av.open(str(tmp), "w", options=options)
+        out = av.open(_av_path(tmp), "w", options=options)
     except (av.FFmpegError, ValueError) as e:
         raise VideoError(f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov") from None
     try:
@@ -1094,14 +1101,16 @@ def _open_output(
             o.disposition = s.disposition  # default, forced, hearing impaired, ...
     # MPEG-1/2 take only their standard frame rates as time base, MPEG-4 part 2 none finer than 1/65535
     # (a transport stream's 1/90000): those get one tick per frame, as Y4M and AVI do.
-    for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
-        vs.time_base = cc.time_base = out_tb = tb
-        try:
-            cc.open()
-            error = None
-            break
-        except av.FFmpegError as e:
-            error = e
+    # (x265 printed its reasons for refusing, an odd size, on stderr, twice, above the line that says so)
+    with _stderr_muted(codec):
+        for tb in dict.fromkeys([out_tb, Fraction(1) / Fraction(rate)]):
+            vs.time_base = cc.time_base = out_tb = tb
+            try:
+                cc.open()
+                error = None
+                break
+            except av.FFmpegError as e:
+                error = e
     if error is not None:
         out.close()
         import av.video.format
@@ -1193,7 +1202,7 @@ def _text_subtitle_stream(out, s):
     encoder = TEXT_SUBTITLE_ENCODERS.get(out.format.name)
     if encoder is None or not s.codec_context.codec.text_sub:
         raise ValueError(f"no conversion of {s.codec_context.name} subtitles into {out.format.name}")
-    s.codec_context.open()
+    s.codec_context.open(strict=False)  # (open already where check_container's probe opened it)
     o = out.add_stream(encoder)
     o.time_base = o.codec_context.time_base = s.time_base or Fraction(1, 1000)
     o.codec_context.subtitle_header = s.codec_context.subtitle_header
@@ -1403,12 +1412,12 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
 
 
-def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True) -> None:
+def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True, inp=None) -> None:
     """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
     container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
     the model had loaded. A hidden file beside dst is opened, as the output will be, and removed.
-    src (a file; None: not looked at): its streams, read from their headers, must fit too (see
-    _check_streams_fit)."""
+    src (None: not looked at): its streams, read from their headers, must fit too (see
+    _check_streams_fit); read from inp, src opened already (a pipe, read once only), else opened here."""
     import av
     import av.logging
 
@@ -1421,7 +1430,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
         with _stderr_muted(codec):
             try:
                 try:
-                    out = av.open(str(probe), "w")
+                    out = av.open(_av_path(probe), "w")
                 except (av.FFmpegError, ValueError) as e:
                     raise VideoError(
                         f"{dst}: cannot write this container ({_msg(e)}); use .mp4, .mkv or .mov"
@@ -1431,7 +1440,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 except (av.FFmpegError, ValueError) as e:
                     raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
                 if src is not None:
-                    _check_streams_fit(src, out, vs, dst, audio)
+                    _check_streams_fit(src, inp, out, vs, dst, audio)
             except VideoError as e:  # (its traceback's frames, and its context's, hold the probe: dropped)
                 e.__context__ = None
                 raise e.with_traceback(None) from None
@@ -1447,20 +1456,21 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
         _logging_back(*levels)
 
 
-def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
+def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
     """The input's streams against the output container `out` (a probe with the video stream vs), from
     the input's headers: AAC audio into .webm or .mpg was refused only once the model had loaded and the
     first frame decoded, and a 6-frame video into o.png failed after the whole restore, as "cannot write
-    (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it."""
+    (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it.
+    inp: src opened already (left open), or None: opened here, and closed."""
     import av
 
-    inp = _open_input(src)
+    opened = _open_input(src) if inp is None else inp
     try:
-        videos = [s for s in inp.streams.video if not is_cover(s)]
+        videos = [s for s in opened.streams.video if not is_cover(s)]
         if not videos:  # (transcode says so)
             return
         rate = videos[0].average_rate or videos[0].guessed_rate or Fraction(25)
-        frames = expected_frames(inp, videos[0], rate)
+        frames = expected_frames(opened, videos[0], rate)
         if out.format.name == "image2" and frames is not None and frames > 1:
             raise VideoError(
                 f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
@@ -1469,10 +1479,10 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
         # The streams transcode copies, added as _open_output adds them (subtitles converted or dropped,
         # a cover picture where the container keeps one): subtitles and covers were left out, so a
         # subtitle stream the muxer refuses failed only once the model had loaded.
-        astreams = list(inp.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
-        astreams += list(inp.streams.subtitles)
+        astreams = list(opened.streams.audio) if audio and dst.suffix.lower() not in SILENT_SUFFIXES else []
+        astreams += list(opened.streams.subtitles)
         _add_copied_streams(out, astreams, dst)
-        for s in inp.streams.video:
+        for s in opened.streams.video:
             if is_cover(s) and out.format.name in COVER_FORMATS and s.codec_context.name in COVER_CODECS:
                 out.add_stream_from_template(s)
         # The muxer checks its streams as it writes the header (MPEG-PS refuses AAC there, Ogg H.264),
@@ -1489,7 +1499,8 @@ def _check_streams_fit(src: Path, out, vs, dst: Path, audio: bool) -> None:
                 )
                 raise VideoError(f"{dst}: this container cannot hold {what} ({_msg(e)}){hint}") from None
     finally:
-        inp.close()
+        if inp is None:
+            opened.close()
 
 
 def _open_probe_encoder(vs) -> bool:
@@ -1521,10 +1532,12 @@ def check_pix_fmt(codec: str, pix_fmt: str | None, dst: Path) -> None:
         )
 
 
-def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path | None]:
+def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | None, Path | None]:
     """The checks of the file names alone (URLs, a missing or taken output, a trace over a video) and of
     the encoder's name, done before the model is loaded: a mistyped command fails at once. Returns
-    (src, dst, csv_path)."""
+    (src, dst, csv_path).
+    inp: src opened already (_open_input), whose streams are checked against the output container; without
+    it a file is opened for that, and a pipe (which can be read once only) is not looked at."""
     # A URL taken as a path lost its '//' ("http:/host/a.mp4: no such file"): refused, as a URL, first.
     for name, verb in ((src, "reads"), (dst, "writes")):
         if name is not None and URL.match(str(name)):
@@ -1542,16 +1555,25 @@ def check_paths(src, dst, opts: VideoOptions) -> tuple[Path, Path | None, Path |
     if not opts.score_only:
         if dst is None:
             raise VideoError("no output file given (use --score-only to write only the quality trace)")
+        if str(dst) == "-":  # (it was "-: cannot write this container": the output is renamed into place)
+            raise VideoError(
+                "-: qairn video cannot write to standard output; give an output file (out.mkv), or see "
+                "examples/ffmpeg_pipe.py for raw frames on standard output"
+            )
         _check_writable(dst, "output video", opts.overwrite)
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
         codec = output_codec(dst, opts)
-        # (a pipe is left alone: it can be read once only, by the run)
-        check_container(dst, codec, src if src.is_file() else None, opts.audio)
+        check_container(dst, codec, src if inp is not None or src.is_file() else None, opts.audio, inp)
         check_encoder_options(codec, opts, dst)
         check_pix_fmt(codec, opts.pix_fmt, dst)
     csv_path = None
     if opts.write_quality:
+        if str(opts.quality_csv) == "-":  # (it wrote files named - and -.png into the working directory)
+            raise VideoError(
+                "-: qairn video cannot write the quality trace to standard output; "
+                "give --quality-csv a file name"
+            )
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
         if beside == src and opts.quality_csv is None and src.exists() and not src.is_file():
             # (a pipe's trace went beside it: /dev/stdin.quality.csv, written into /dev as root)
@@ -1578,7 +1600,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
     import av
 
     opts = opts or VideoOptions()
-    src, dst, csv_path = check_paths(src, dst, opts)
+    src, dst, csv_path = check_paths(src, dst, opts, inp)
     # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src) if inp is None else inp
@@ -1604,12 +1626,26 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
             astreams = []
         # Subtitles are copied as the audio is (the video's timestamps are kept, so they stay in time).
         astreams += [] if opts.score_only else list(inp.streams.subtitles)
-        pending_audio: list = []
+        # (a deque: taken from the front, and long where the audio runs ahead of the video)
+        pending_audio: deque = deque()
         lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
+        pgs_sets: dict = {}  # (see _mux_audio)
         counts: dict = {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
         first = next(frames, None)
+        if (
+            first is None
+            and "unreadable" in counts
+            and not src.is_file()
+            and "mov" in inp.format.name.split(",")
+        ):
+            # (an intact MP4 written the usual way, its index last: its frames are behind a pipe's reader)
+            raise VideoError(
+                f"{src}: a piped MP4 or MOV needs its index (moov) before its frames, and no frame could be "
+                f"read ({counts['unreadable'][1]}); give the file's name instead of a pipe, or remux it with "
+                "+faststart"
+            )
         if first is None and "unreadable" in counts:
             raise VideoError(
                 f"{src}: corrupt or truncated video: no frame could be read ({counts['unreadable'][1]})"
@@ -1699,7 +1735,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
                             timing.add(pts, duration)
                         last_pts = frame.pts
                         _mux(out, timing.timed(vs.encode(frame)), dst)
-                    _mux_audio(out, pending_audio, amap, dst, lost_cues)
+                    _mux_audio(out, pending_audio, amap, dst, lost_cues, pgs_sets)
                 bar.update(1)
             # The header's count is a guess (an MP4's edit list hides pre-roll frames it counts: 5/8):
             # the bar ends at the frames decoded, redrawn where it was shown at all.
@@ -1712,7 +1748,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
         elapsed = time.perf_counter() - start
         if out is not None:  # the encoder's last frames, and the rest of the audio and subtitles
             _mux(out, timing.timed(vs.encode(None), out.format.name), dst)
-            _mux_audio(out, pending_audio, amap, dst, lost_cues)
+            _mux_audio(out, pending_audio, amap, dst, lost_cues, pgs_sets)
         notes = [f"{src}: {n}" for n in (note, *out_notes, audio_note, video_note, data_note) if n]
         if moved and moved > float(out_tb) / 2:  # (nothing moves with --score-only)
             notes.append(
@@ -1915,18 +1951,61 @@ def _mux(out, packets, dst: Path) -> None:
         raise VideoError(f"{dst}: cannot write ({_msg(e)})") from None
 
 
-def _mux_audio(out, pending: list, amap: dict, dst: Path, lost_cues: list) -> None:
-    """Mux the queued packets of the copied streams; lost_cues: see _converted_subtitles."""
+def _mux_audio(out, pending: deque, amap: dict, dst: Path, lost_cues: list, pgs_sets: dict) -> None:
+    """Mux the queued packets of the copied streams, oldest first; lost_cues: see _converted_subtitles;
+    pgs_sets: {source index: whether a PGS display set is open} (see _pgs_whole)."""
     while pending:
-        packet = pending.pop(0)
+        packet = pending.popleft()  # (list.pop(0) took 5.3 s for 200k queued packets: quadratic)
         if packet.stream.index not in amap:  # a subtitle stream the container could not take
             continue
         stream = amap[packet.stream.index]
-        if stream.codec_context.codec.id != packet.stream.codec_context.codec.id:  # text subtitles, converted
+        codec = packet.stream.codec_context.codec
+        if stream.codec_context.codec.id != codec.id:  # text subtitles, converted
             _mux(out, _converted_subtitles(packet, stream, lost_cues), dst)
+        elif codec.canonical_name == "hdmv_pgs_subtitle" and packet.size:
+            whole, pgs_sets[packet.stream.index] = _pgs_whole(
+                bytes(packet), pgs_sets.get(packet.stream.index, False)
+            )
+            if whole:
+                packet.stream = stream
+                _mux(out, packet, dst)
+            else:  # (not muxed: the filter's state is as it was)
+                pts = packet.pts if packet.pts is not None else packet.dts
+                lost_cues.append(
+                    (float(pts * packet.time_base), "a PGS display set without its presentation segment")
+                )
         else:
             packet.stream = stream
             _mux(out, packet, dst)
+
+
+PGS_PRESENTATION, PGS_END = 0x16, 0x80  # the segment types that open and close a display set
+
+
+def _pgs_whole(data: bytes, open_set: bool) -> tuple[bool, bool]:
+    """Read a PGS subtitle packet as FFmpeg's pgs_frame_merge filter does, which the Matroska muxer runs:
+    it joins segments into display sets and writes each out with the stream and time of the packet holding
+    its presentation segment; a set without one got neither, and went into the video track at 0 s.
+    open_set: a set with its presentation segment was left open by the packets before (no end segment).
+    Returns (every set this packet closes or leaves open has its presentation segment: it may be muxed,
+    open_set after it)."""
+    i, n, found = 0, len(data), open_set
+    while i < n:
+        closed = False
+        while i + 3 <= n:
+            kind, length = data[i], int.from_bytes(data[i + 1 : i + 3], "big") + 3
+            if i + length > n or (kind == PGS_PRESENTATION and (found or length < 11)):
+                break
+            found, i = found or kind == PGS_PRESENTATION, i + length
+            if kind == PGS_END:
+                closed = True
+                break
+        if not closed and i != n:  # a segment cut short, or a second presentation: the rest goes out as is
+            closed, i = True, n
+        if not found:
+            return False, open_set
+        found = not closed
+    return True, found
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -1995,7 +2074,8 @@ def build_parser() -> argparse.ArgumentParser:
         "output",
         nargs="?",
         type=path_arg,
-        help="output video (.mp4, .mkv, .mov, ...); none with --score-only (ignored, with a warning)",
+        help="output video file (.mp4, .mkv, .mov, ...; not standard output, -); "
+        "none with --score-only (ignored, with a warning)",
     )
     m = p.add_argument_group("model")
     m.add_argument("--weights", help="qairn weights (default: the shipped weights)")
@@ -2163,11 +2243,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        src, _, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
+        src, dst, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
         # The input is opened before the model loads and the run reads that: a pipe (which can be read
         # once only, so no check had looked at it) that is empty or carries no video, and a missing
         # file, failed only after the model had loaded.
         opened = _open_input(src)
+        if not src.is_file():  # a pipe's streams against the output container (AAC into .mpg), from it
+            check_paths(src, dst, opts, opened)
         restorer = make_restorer(args)
         summary = transcode(restorer, args.input, args.output, opts, inp=opened)
     except KeyboardInterrupt:
