@@ -1275,6 +1275,8 @@ def test_gate_report_pool_jobs_run_interpreted(monkeypatch):
 
     if not gate.INTERPRETED:
         pytest.skip("the gate kernels run on the CPU only with TRITON_INTERPRET=1 set before import")
+    if problem := gate.installed_interpreter_problem():
+        pytest.skip(problem)
     interpret = os.environ.get("TRITON_INTERPRET")
     try:
         report = bench_script("kernels/gpu_gate_report")  # drops TRITON_INTERPRET on import

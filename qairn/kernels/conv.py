@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qairn.kernels.gate import in_layout, on_device, triton_compiles_for
+from qairn.kernels.gate import check_interpreter, in_layout, on_device, triton_compiles_for
 
 try:
     import triton
@@ -266,6 +266,7 @@ def check_runnable(x: Tensor, weight: Tensor, what: str) -> None:
         raise RuntimeError(f"the Triton {what} needs the triton package (pip install qairn[triton])")
     if not x.is_cuda and not INTERPRETED:
         raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
+    check_interpreter()
     if x.dtype not in TRITON_DTYPES or weight.dtype != x.dtype:
         raise TypeError(
             f"the Triton {what} takes x and weight of one of {', '.join(map(str, TRITON_DTYPES))}, "

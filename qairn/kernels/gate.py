@@ -33,6 +33,7 @@ import functools
 import importlib.util
 import math
 import os
+import re
 import threading
 
 import torch
@@ -416,11 +417,52 @@ def tile_config(c: int, channels_last: bool) -> tuple[int, int, int]:
     return min(block_c, 4), 1024, 4
 
 
+def _major_minor(version: str) -> tuple[int, int] | None:
+    """(3, 6) of "3.6.0", "3.6.0+git1a2b" or "2.4.0rc1"; None where the version says no such thing."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why TRITON_INTERPRET=1 cannot run the kernels with these versions, in one line; None where it can.
+
+    Triton's interpreter before 3.7 takes a runtime int's index as int() of a 1-element array, which
+    numpy 2.4 made a TypeError: every kernel that loops over `range(0, C, BLOCK)` then fails, at its
+    first launch, with InterpreterError("only 0-dimensional arrays can be converted to Python
+    scalars"). Compiled kernels (CUDA without TRITON_INTERPRET) are not affected."""
+    triton_at, numpy_at = _major_minor(triton_version), _major_minor(numpy_version)
+    if triton_at is None or numpy_at is None or triton_at >= (3, 7) or numpy_at < (2, 4):
+        return None
+    return (
+        f"TRITON_INTERPRET=1 cannot run with triton {triton_version} and numpy {numpy_version}: triton's "
+        "interpreter before 3.7 fails on numpy >= 2.4; use numpy < 2.4 or triton >= 3.7"
+    )
+
+
+def installed_interpreter_problem() -> str | None:
+    """interpreter_problem of the installed triton and numpy where the kernels run interpreted; None
+    where they are compiled (or triton is not installed)."""
+    if not INTERPRETED:
+        return None
+    import numpy
+    import triton
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
+def check_interpreter() -> None:
+    """Refuses a launch that triton's interpreter would fail with these versions, in one line."""
+    problem = installed_interpreter_problem()
+    if problem:
+        raise RuntimeError(problem)
+
+
 def _check_runnable(logit: Tensor, skip: Tensor, dec: Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("the Triton gate needs the triton package (pip install qairn[triton])")
     if not skip.is_cuda and not INTERPRETED:
         raise RuntimeError("Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before import")
+    check_interpreter()
     # Each input, not skip's alone: an fp64 logit got fp32 pool sums where the op's fake promises fp64
     # (the op sends such inputs to the reference; this guards calls to the launchers themselves).
     dtypes = [t.dtype for t in (logit, skip, dec)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import lively_model
-from test_conv import DEVICE, needs_triton
+from test_conv import DEVICE, TRITON_RUNS, needs_triton
 
 from qairn.kernels import conv as cv
 from qairn.kernels import conv_transpose as ct
@@ -193,7 +193,7 @@ def test_fused_convs_take_unbatched_input(monkeypatch, kind):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         assert run(m, mode.from_tensor(x)).shape == want.shape
     torch.testing.assert_close(run(m, x), want, **TOL)
-    if cv.HAS_TRITON and (DEVICE == "cuda" or cv.INTERPRETED):  # the Triton launchers behind the op
+    if TRITON_RUNS:  # the Triton launchers behind the op
         monkeypatch.setattr(fuse, "conv_op", cv.conv_triton)
         monkeypatch.setattr(fuse, "conv_transpose_op", ct.conv_transpose_triton)
         torch.testing.assert_close(run(m, x), want, rtol=1e-4, atol=1e-4)

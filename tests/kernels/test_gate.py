@@ -24,13 +24,16 @@ from qairn.kernels import gate
 from qairn.model import minkowski
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_RUNS = gate.HAS_TRITON and (DEVICE == "cuda" or gate.INTERPRETED)
-needs_triton = pytest.mark.skipif(
-    not TRITON_RUNS,
-    reason="triton not installed"
+# Where the kernels run interpreted on a triton and numpy that cannot (gate.interpreter_problem),
+# every Triton-path test skips with that one line instead of failing in the interpreter.
+INTERPRETER_PROBLEM = gate.installed_interpreter_problem()
+TRITON_RUNS = gate.HAS_TRITON and (DEVICE == "cuda" or gate.INTERPRETED) and not INTERPRETER_PROBLEM
+TRITON_SKIP_REASON = (
+    "triton not installed"
     if not gate.HAS_TRITON
-    else "no CUDA, and TRITON_INTERPRET=1 was not set before import",
+    else INTERPRETER_PROBLEM or "no CUDA, and TRITON_INTERPRET=1 was not set before import"
 )
+needs_triton = pytest.mark.skipif(not TRITON_RUNS, reason=TRITON_SKIP_REASON)
 REPO = Path(__file__).resolve().parents[2]
 # Saturated gates (logit +-100) overflow exp and reach log2(0) in the interpreter's numpy, by design.
 pytestmark = pytest.mark.filterwarnings(
@@ -98,6 +101,48 @@ def assert_forward(result, expected, dtype):
         assert pool_count.tolist() == ref_count.tolist()
 
 
+# --- Versions the interpreter cannot run on ---------------------------------------------------------
+
+
+def test_interpreter_problem_names_triton_before_3_7_with_numpy_2_4_or_later():
+    """triton 3.6's interpreter with numpy 2.4 failed every kernel test (231 of them) with
+    InterpreterError("only 0-dimensional arrays can be converted to Python scalars")."""
+    problem = gate.interpreter_problem("3.6.0", "2.4.6")
+    assert problem == (
+        "TRITON_INTERPRET=1 cannot run with triton 3.6.0 and numpy 2.4.6: triton's interpreter before 3.7 "
+        "fails on numpy >= 2.4; use numpy < 2.4 or triton >= 3.7"
+    )
+    assert gate.interpreter_problem("3.2.0+git1a2b3c", "2.5.0rc1")
+    for fine in [("3.6.0", "2.3.5"), ("3.7.0", "2.4.6"), ("3.9.0", "2.5.2"), ("4.0.0", "3.0.0")]:
+        assert gate.interpreter_problem(*fine) is None, fine
+    assert gate.interpreter_problem("unknown", "2.4.6") is None  # only a known bad pair is refused
+
+
+@pytest.mark.skipif(not gate.HAS_TRITON, reason="triton not installed")
+def test_a_launch_on_a_broken_interpreter_raises_the_problem_in_one_line(monkeypatch):
+    """Each launcher (gate forward and backward, conv, transposed conv) refuses, before any kernel
+    runs, where the installed triton and numpy cannot interpret them."""
+    from qairn.kernels import conv as cv
+    from qairn.kernels import conv_transpose as ct
+
+    problem = gate.interpreter_problem("3.6.0", "2.4.6")
+    monkeypatch.setattr(gate, "INTERPRETED", True)
+    monkeypatch.setattr(cv, "INTERPRETED", True)
+    monkeypatch.setattr(gate, "installed_interpreter_problem", lambda: problem)
+    logit, skip, dec = make_inputs((1, 2, 3, 4))
+    x = torch.randn(1, 2, 4, 4)
+    calls = [
+        lambda: gate.gated_blend_triton(logit, skip, dec, p=2.0),
+        lambda: gate.gated_blend_backward_triton(skip, None, None, logit, skip, dec, None, None),
+        lambda: cv.conv_triton(x, torch.randn(3, 2, 3, 3)),
+        lambda: ct.conv_transpose_triton(x, torch.randn(2, 3, 2, 2)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError) as raised:
+            call()
+        assert str(raised.value) == problem
+
+
 # --- Triton forward ---------------------------------------------------------------------------------
 
 
@@ -126,7 +171,7 @@ def test_low_gates_pool_at_large_p(path):
     """Gates all in 0.1-0.2 at p = 64: a bare fp32 gamma**64 is 0 there (Q would be 0); the scaled
     sums keep Q, and through the model's minkowski too."""
     if path == "triton" and not TRITON_RUNS:
-        pytest.skip("triton not installed, or no CUDA and TRITON_INTERPRET=1 not set before import")
+        pytest.skip(TRITON_SKIP_REASON)
     gen = torch.Generator().manual_seed(3)
     g = 0.1 + 0.1 * torch.rand(2, 1, 6, 7, generator=gen)
     logit = torch.log(g / (1 - g)).to(DEVICE)
@@ -170,7 +215,7 @@ def test_a_nan_gate_pools_to_nan_on_every_path(path):
     sum; the reference's scaled powers took NaN > 0 as false and pooled it as a gate of 0, so the CPU,
     the ONNX export and model.minkowski gave a plausible score from a broken map where CUDA gave NaN."""
     if path == "triton" and not TRITON_RUNS:
-        pytest.skip("triton not installed, or no CUDA and TRITON_INTERPRET=1 not set before import")
+        pytest.skip(TRITON_SKIP_REASON)
     logit, skip, dec = make_inputs((2, 2, 3, 4))
     logit[0, 0, 1, 2] = float("nan")
     fn = gate.gated_blend_triton if path == "triton" else gate.gated_blend_reference
