@@ -50,6 +50,7 @@ from qairn.engine.color import (
     check_matrix,
     check_range,
     checked_planes,
+    guessed_matrix,
     native,
     plane_bits,
     restore_planes,
@@ -585,7 +586,7 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
         tag = int(frame.colorspace)
         matrix = COLORSPACES.get(tag)
         if matrix is None:
-            matrix = NEAREST_MATRICES.get(tag) or ("bt709" if frame.height >= 720 else "bt601")
+            matrix = NEAREST_MATRICES.get(tag) or guessed_matrix(frame.height)
             name = MATRIX_NAMES.get(tag, f"code {tag}")
             if frame.format.is_rgb or frame.format.name.startswith(("gray", "ya", "pal")):
                 pass  # no matrix to read: RGB, gray and palette frames are converted into this one
