@@ -1218,6 +1218,24 @@ def test_a_restorer_pickled_from_a_weights_file_carries_the_path_not_the_weights
     np.testing.assert_array_equal(pickle.loads(data).restore(img).image, r.restore(img).image)
 
 
+def test_a_restorer_from_a_relative_path_unpickles_in_another_folder(tmp_path, monkeypatch):
+    """A Restorer(weights="w.safetensors") pickled as the relative path: unpickled where the working
+    folder differs (a pool worker that changed folder, a pickle kept and loaded later) it raised
+    WeightsError "w.safetensors: no such weights file". It now carries the absolute path."""
+    import pickle
+
+    from qairn.weights_io import save_weights
+
+    save_weights(lively_model(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    r = qairn.Restorer(weights="w.safetensors", device="cpu", tile=None)
+    data = pickle.dumps(r)
+    monkeypatch.chdir(tmp_path.parent)
+    back = pickle.loads(data)
+    img = np.random.default_rng(3).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(back.restore(img).image, r.restore(img).image)
+
+
 @pytest.mark.slow  # a spawned worker imports torch: 5 s on a busy 2-core machine
 def test_a_restorer_goes_through_a_spawned_process_pool():
     import concurrent.futures

@@ -53,6 +53,14 @@ def default_weights() -> Path:
     return DEFAULT_WEIGHTS
 
 
+PATH_OPTIONS = ("onnx", "engine", "cache_dir")  # backend options that name files or folders
+
+
+def absolute(path):
+    """A path argument made absolute against this process's folder (None and non-paths as given)."""
+    return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else path
+
+
 def is_int(v) -> bool:
     """An int of any kind (numpy's too), but not a bool: True is an int to Python."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -317,9 +325,10 @@ class Restorer:
     With compile, torch.compile's own per-batch CUDA graphs are turned off: the frame graph holds
     the compiled kernels.
     A Restorer pickles (for process pools) as its arguments, rebuilt where it is unpickled: the weights
-    file's path (read again there), or a model='s weights as they were when the Restorer was made;
-    the device, backend, precision, tile and overlap it runs with. Caches, CUDA graphs, compiled
-    networks and engines are made again. A closed Restorer does not pickle.
+    file's absolute path (read again there; onnx=, engine= and cache_dir= too), or a model='s weights
+    as they were when the Restorer was made; the device, backend, precision, tile and overlap it runs
+    with. Caches, CUDA graphs, compiled networks and engines are made again. A closed Restorer does
+    not pickle.
     """
 
     def __init__(
@@ -354,9 +363,14 @@ class Restorer:
         # What a pickled Restorer carries (__reduce__); the rest is settled after. An in-memory network
         # travels as its weights, copied now: the caller may go on training it, and the Restorer runs
         # (and hands on) the weights it was given.
+        # Files travel as absolute paths: a worker that runs in another folder (or a pickle loaded
+        # later elsewhere) read a relative "w.safetensors" or onnx="q.onnx" against its own.
         self._arguments = dict(
-            weights=weights, tile_batch=tile_batch, channel_order=channel_order, cuda_graph=cuda_graph
-        ) | dict(backend_options)
+            weights=absolute(weights),
+            tile_batch=tile_batch,
+            channel_order=channel_order,
+            cuda_graph=cuda_graph,
+        ) | {k: absolute(v) if k in PATH_OPTIONS else v for k, v in backend_options.items()}
         self._network = None
         if model is not None:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
