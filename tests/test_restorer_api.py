@@ -944,7 +944,7 @@ def test_a_pil_image_or_a_pyav_frame_is_refused_with_how_to_make_an_array():
         r.restore(frame)
     assert str(e.value) == (
         "expected a numpy array or torch tensor, got VideoFrame; give frame.to_ndarray(format='rgb24'), "
-        "or its planes to restore_yuv"
+        "or qairn.engine.video.frame_planes(frame) to restore_yuv"
     )
     with pytest.raises(TypeError) as e:
         r.restore([[1, 2]])
@@ -1036,8 +1036,15 @@ def test_pyav_frames_given_as_the_stream_are_refused_with_how_to_pass_them():
         list(r.restore_stream([frame]))
     assert str(e.value) == (
         "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame; give "
-        "frame.to_ndarray(format='rgb24'), or its planes"
+        "frame.to_ndarray(format='rgb24'), or qairn.engine.video.frame_planes(frame)"
     )
+    frame = av.VideoFrame.from_ndarray(np.zeros((8, 8), np.uint8), format="gray").reformat(format="yuv420p")
+    with pytest.raises(ValueError, match=r"^y, u and v are PyAV VideoPlanes .*frame_planes\(frame\)"):
+        r.restore_yuv(*frame.planes)  # what "or its planes" led to: "must all be numpy arrays or ..."
+    with pytest.raises(TypeError, match=r"^frame 0: .* not VideoPlane; give qairn.engine.video.frame_planes"):
+        list(r.restore_stream([tuple(frame.planes)]))  # was AttributeError: ... has no attribute 'shape'
+    y, u, v = qairn.engine.video.frame_planes(frame)
+    assert (y.shape, u.shape, r.restore_yuv(y, u, v).info["caveat"] is not None) == ((8, 8), (4, 4), True)
 
 
 def test_ten_bit_samples_in_uint16_without_bits_are_warned_of():

@@ -323,6 +323,12 @@ def restore_yuv(
     if all(isinstance(t, np.ndarray) for t in (y, u, v)):  # np.memmap planes of a raw file too
         y, u, v = (native(np.asarray(t)) for t in (y, u, v))  # given back in src's byte order
     elif not all(isinstance(t, torch.Tensor) for t in (y, u, v)):
+        # restore_yuv(*frame.planes): PyAV's planes are buffers with padded rows, of no dtype or shape.
+        if any(hasattr(t, "line_size") for t in (y, u, v)):
+            raise ColorError(
+                "y, u and v are PyAV VideoPlanes (rows padded to line_size), not arrays: give "
+                "qairn.engine.video.frame_planes(frame), the frame's numpy (y, u, v)"
+            )
         raise ColorError("y, u and v must all be numpy arrays or all torch tensors")
     if len({str(p.dtype) for p in (y, u, v)}) != 1:
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")

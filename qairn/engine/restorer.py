@@ -934,7 +934,10 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         if isinstance(img, (str, os.PathLike)):
             hint = "; read the file first: qairn.engine.imageio.read_image(path)"
         elif hasattr(img, "to_ndarray"):
-            hint = "; give frame.to_ndarray(format='rgb24'), or its planes to restore_yuv"
+            hint = (
+                "; give frame.to_ndarray(format='rgb24'), or qairn.engine.video.frame_planes(frame) "
+                "to restore_yuv"
+            )
         elif hasattr(img, "__array_interface__") or hasattr(img, "__array__"):
             hint = "; give np.asarray(img)"
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}{hint}")
