@@ -1,5 +1,6 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -1241,6 +1242,28 @@ def test_a_restorer_from_a_relative_path_unpickles_in_another_folder(tmp_path, m
     back = pickle.loads(data)
     img = np.random.default_rng(3).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     np.testing.assert_array_equal(back.restore(img).image, r.restore(img).image)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_restorer_goes_through_a_forked_process_pool():
+    """multiprocessing.Pool() forks on Linux, and a forked child of a process that had run torch on
+    several threads hung forever at its first parallel op (torch's OpenMP pool does not survive fork):
+    pool.map(r.score, [img]) never returned, the Restorer rebuilt there stuck loading its weights.
+    A Restorer now makes the processes forked after it run torch on one thread."""
+    import multiprocessing
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = np.random.default_rng(4).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # conftest runs tests on one; a transcoder's process runs on all
+    try:
+        torch.isfinite(torch.ones(1_000_000)).all()  # a parallel op, as the parent's own work would run
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.map_async(r.score, [img]).get(timeout=120)  # the old code: TimeoutError
+            assert pool.apply_async(torch.get_num_threads).get(timeout=60) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert got == [r.score(img)]
 
 
 @pytest.mark.slow  # a spawned worker imports torch: 5 s on a busy 2-core machine

@@ -53,6 +53,18 @@ def default_weights() -> Path:
     return DEFAULT_WEIGHTS
 
 
+def one_thread_after_fork() -> None:
+    """Registered (once) by the first Restorer: a process forked from this one runs torch on one
+    thread. torch's OpenMP pool does not survive fork: a child of a process that had run a parallel op
+    hung forever at its first one (multiprocessing.Pool(), Linux's default fork, map(r.score, images):
+    the Restorer rebuilt there never loaded its weights). One thread each is what DataLoader workers
+    get too; a 'spawn' context keeps torch's own thread count."""
+    torch.set_num_threads(1)
+
+
+_FORK_HOOK = []  # [True] once one_thread_after_fork is registered in this process
+
+
 PATH_OPTIONS = ("onnx", "engine", "cache_dir")  # backend options that name files or folders
 
 
@@ -360,6 +372,9 @@ class Restorer:
                 + ("; give a network as model=" if isinstance(weights, QAIRN) else "")
             )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
+        if not _FORK_HOOK and hasattr(os, "register_at_fork"):  # before this process runs torch in parallel
+            os.register_at_fork(after_in_child=one_thread_after_fork)
+            _FORK_HOOK.append(True)
         # What a pickled Restorer carries (__reduce__); the rest is settled after. An in-memory network
         # travels as its weights, copied now: the caller may go on training it, and the Restorer runs
         # (and hands on) the weights it was given.
