@@ -363,3 +363,22 @@ def test_pyav_enum_values_are_taken_as_their_codes():
         "limited",
     )
     assert color.check_matrix("ITU709") == "bt709"  # the enum's name, as a string
+
+
+def test_unspecified_matrix_and_range_codes_name_what_to_pass():
+    """libx264 files made without colour tags decode (PyAV 18) with frame.colorspace 2 and
+    frame.color_range 0: restore_yuv(..., matrix=frame.colorspace, range=frame.color_range) was refused
+    with "name the matrix (codes 1 (bt709), ...)", not saying which one qairn video would take. The
+    refusal now names it for the frame's height, and the range's refusal says to pass 'limited'."""
+    r = identity_restorer()
+    y = np.full((24, 32), 128, np.uint8)
+    u = v = np.full((12, 16), 128, np.uint8)
+    with pytest.raises(color.ColorError, match=r"^colour matrix code 2 .*matrix='bt601' for 24 lines"):
+        r.restore_yuv(y, u, v, matrix=2, range=1)
+    with pytest.raises(color.ColorError, match=r"matrix='bt709' for HD \(720 lines or more\), 'bt601' below"):
+        r.restore_stream([(y, u, v)], matrix=2)
+    with pytest.raises(
+        color.ColorError, match=r"^colour range code 0 \(unspecified\).*pass range='limited'$"
+    ):
+        r.restore_yuv(y, u, v, matrix=1, range=0)
+    assert color.guessed_matrix(720) == "bt709" and color.guessed_matrix(576) == "bt601"

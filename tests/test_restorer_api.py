@@ -1,5 +1,6 @@
 """The Restorer as a library caller meets it: what comes back can be used like any tensor or array."""
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -944,7 +945,7 @@ def test_a_pil_image_or_a_pyav_frame_is_refused_with_how_to_make_an_array():
         r.restore(frame)
     assert str(e.value) == (
         "expected a numpy array or torch tensor, got VideoFrame; give frame.to_ndarray(format='rgb24'), "
-        "or its planes to restore_yuv"
+        "or qairn.engine.video.frame_planes(frame) to restore_yuv"
     )
     with pytest.raises(TypeError) as e:
         r.restore([[1, 2]])
@@ -1036,8 +1037,15 @@ def test_pyav_frames_given_as_the_stream_are_refused_with_how_to_pass_them():
         list(r.restore_stream([frame]))
     assert str(e.value) == (
         "frame 0: stream items are RGB images or (y, u, v) plane tuples, not VideoFrame; give "
-        "frame.to_ndarray(format='rgb24'), or its planes"
+        "frame.to_ndarray(format='rgb24'), or qairn.engine.video.frame_planes(frame)"
     )
+    frame = av.VideoFrame.from_ndarray(np.zeros((8, 8), np.uint8), format="gray").reformat(format="yuv420p")
+    with pytest.raises(ValueError, match=r"^y, u and v are PyAV VideoPlanes .*frame_planes\(frame\)"):
+        r.restore_yuv(*frame.planes)  # what "or its planes" led to: "must all be numpy arrays or ..."
+    with pytest.raises(TypeError, match=r"^frame 0: .* not VideoPlane; give qairn.engine.video.frame_planes"):
+        list(r.restore_stream([tuple(frame.planes)]))  # was AttributeError: ... has no attribute 'shape'
+    y, u, v = qairn.engine.video.frame_planes(frame)
+    assert (y.shape, u.shape, r.restore_yuv(y, u, v).info["caveat"] is not None) == ((8, 8), (4, 4), True)
 
 
 def test_ten_bit_samples_in_uint16_without_bits_are_warned_of():
@@ -1216,6 +1224,46 @@ def test_a_restorer_pickled_from_a_weights_file_carries_the_path_not_the_weights
     assert len(data) < 10_000  # the path, not the tensors
     img = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
     np.testing.assert_array_equal(pickle.loads(data).restore(img).image, r.restore(img).image)
+
+
+def test_a_restorer_from_a_relative_path_unpickles_in_another_folder(tmp_path, monkeypatch):
+    """A Restorer(weights="w.safetensors") pickled as the relative path: unpickled where the working
+    folder differs (a pool worker that changed folder, a pickle kept and loaded later) it raised
+    WeightsError "w.safetensors: no such weights file". It now carries the absolute path."""
+    import pickle
+
+    from qairn.weights_io import save_weights
+
+    save_weights(lively_model(), tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    r = qairn.Restorer(weights="w.safetensors", device="cpu", tile=None)
+    data = pickle.dumps(r)
+    monkeypatch.chdir(tmp_path.parent)
+    back = pickle.loads(data)
+    img = np.random.default_rng(3).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(back.restore(img).image, r.restore(img).image)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_restorer_goes_through_a_forked_process_pool():
+    """multiprocessing.Pool() forks on Linux, and a forked child of a process that had run torch on
+    several threads hung forever at its first parallel op (torch's OpenMP pool does not survive fork):
+    pool.map(r.score, [img]) never returned, the Restorer rebuilt there stuck loading its weights.
+    A Restorer now makes the processes forked after it run torch on one thread."""
+    import multiprocessing
+
+    r = qairn.Restorer(model=lively_model(), device="cpu", tile=None)
+    img = np.random.default_rng(4).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # conftest runs tests on one; a transcoder's process runs on all
+    try:
+        torch.isfinite(torch.ones(1_000_000)).all()  # a parallel op, as the parent's own work would run
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.map_async(r.score, [img]).get(timeout=120)  # the old code: TimeoutError
+            assert pool.apply_async(torch.get_num_threads).get(timeout=60) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert got == [r.score(img)]
 
 
 @pytest.mark.slow  # a spawned worker imports torch: 5 s on a busy 2-core machine

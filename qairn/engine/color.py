@@ -71,15 +71,31 @@ def is_code(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
-def check_matrix(matrix: str | int) -> str:
-    """The matrix's name: from a name or alias, or from an H.273 code (PyAV's frame.colorspace)."""
+def guessed_matrix(lines: int) -> str:
+    """The matrix an untagged Y'CbCr frame of `lines` lines is taken to have, as players do: HD
+    (720 lines or more) BT.709, SD BT.601. qairn video guesses so (with a note); the library does not."""
+    return "bt709" if lines >= 720 else "bt601"
+
+
+def check_matrix(matrix: str | int, lines: int | None = None) -> str:
+    """The matrix's name: from a name or alias, or from an H.273 code (PyAV's frame.colorspace).
+    lines: the frame's height, for the refusal of code 2 (unspecified) to name what to pass."""
     if is_code(matrix):
         code = int(matrix)
         if code in MATRIX_CODES:
             return MATRIX_CODES[code]
         taken = "codes 1 (bt709), 5 and 6 (bt601) and 9 (bt2020)"
         if code == UNSPECIFIED_MATRIX:
-            raise ColorError(f"colour matrix code 2 (unspecified) takes no guess: name the matrix ({taken})")
+            # Most files made without colour tags decode so: the message names the matrix qairn video
+            # would take, for the caller to pass (a library call guessing would do it without a word).
+            if lines is None:
+                advice = "matrix='bt709' for HD (720 lines or more), 'bt601' below, as qairn video assumes"
+            else:
+                advice = f"matrix='{guessed_matrix(lines)}' for {lines} lines, as qairn video assumes"
+            raise ColorError(
+                f"colour matrix code 2 (unspecified) takes no guess: name the matrix, e.g. {advice} "
+                f"(the codes taken are {taken})"
+            )
         raise ColorError(f"colour matrix code {code} is not supported; qairn converts {taken}")
     m = MATRIX_ALIASES.get(str(matrix).lower(), str(matrix).lower())
     if m not in MATRICES:
@@ -96,6 +112,7 @@ def check_range(range: str | int) -> str:
         said = " (unspecified)" if code == UNSPECIFIED_RANGE else ""
         raise ColorError(
             f"colour range code {code}{said} is not one qairn takes: 1 (limited, video's usual) or 2 (full)"
+            + ("; untagged video is limited as qairn video takes it: pass range='limited'" if said else "")
         )
     r = RANGES.get(str(range).lower())
     if r is None:
@@ -300,11 +317,18 @@ def restore_yuv(
     image=False: quality (and maps) only, the image None (restore_planes(image=False))."""
     from qairn.engine.restorer import Result
 
-    matrix, range = check_matrix(matrix), check_range(range)
+    lines = y.shape[-2] if getattr(y, "ndim", 0) >= 2 else None  # for code 2's advice; y is checked below
+    matrix, range = check_matrix(matrix, lines), check_range(range)
     src = y
     if all(isinstance(t, np.ndarray) for t in (y, u, v)):  # np.memmap planes of a raw file too
         y, u, v = (native(np.asarray(t)) for t in (y, u, v))  # given back in src's byte order
     elif not all(isinstance(t, torch.Tensor) for t in (y, u, v)):
+        # restore_yuv(*frame.planes): PyAV's planes are buffers with padded rows, of no dtype or shape.
+        if any(hasattr(t, "line_size") for t in (y, u, v)):
+            raise ColorError(
+                "y, u and v are PyAV VideoPlanes (rows padded to line_size), not arrays: give "
+                "qairn.engine.video.frame_planes(frame), the frame's numpy (y, u, v)"
+            )
         raise ColorError("y, u and v must all be numpy arrays or all torch tensors")
     if len({str(p.dtype) for p in (y, u, v)}) != 1:
         raise ColorError(f"y, u and v differ in dtype: {y.dtype}, {u.dtype}, {v.dtype}")

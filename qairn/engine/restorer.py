@@ -53,6 +53,26 @@ def default_weights() -> Path:
     return DEFAULT_WEIGHTS
 
 
+def one_thread_after_fork() -> None:
+    """Registered (once) by the first Restorer: a process forked from this one runs torch on one
+    thread. torch's OpenMP pool does not survive fork: a child of a process that had run a parallel op
+    hung forever at its first one (multiprocessing.Pool(), Linux's default fork, map(r.score, images):
+    the Restorer rebuilt there never loaded its weights). One thread each is what DataLoader workers
+    get too; a 'spawn' context keeps torch's own thread count."""
+    torch.set_num_threads(1)
+
+
+_FORK_HOOK = []  # [True] once one_thread_after_fork is registered in this process
+
+
+PATH_OPTIONS = ("onnx", "engine", "cache_dir")  # backend options that name files or folders
+
+
+def absolute(path):
+    """A path argument made absolute against this process's folder (None and non-paths as given)."""
+    return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else path
+
+
 def is_int(v) -> bool:
     """An int of any kind (numpy's too), but not a bool: True is an int to Python."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
@@ -317,9 +337,10 @@ class Restorer:
     With compile, torch.compile's own per-batch CUDA graphs are turned off: the frame graph holds
     the compiled kernels.
     A Restorer pickles (for process pools) as its arguments, rebuilt where it is unpickled: the weights
-    file's path (read again there), or a model='s weights as they were when the Restorer was made;
-    the device, backend, precision, tile and overlap it runs with. Caches, CUDA graphs, compiled
-    networks and engines are made again. A closed Restorer does not pickle.
+    file's absolute path (read again there; onnx=, engine= and cache_dir= too), or a model='s weights
+    as they were when the Restorer was made; the device, backend, precision, tile and overlap it runs
+    with. Caches, CUDA graphs, compiled networks and engines are made again. A closed Restorer does
+    not pickle.
     """
 
     def __init__(
@@ -351,12 +372,20 @@ class Restorer:
                 + ("; give a network as model=" if isinstance(weights, QAIRN) else "")
             )
         self.device = resolve_device(device)  # first: a GPU that is not there is refused before any loading
+        if not _FORK_HOOK and hasattr(os, "register_at_fork"):  # before this process runs torch in parallel
+            os.register_at_fork(after_in_child=one_thread_after_fork)
+            _FORK_HOOK.append(True)
         # What a pickled Restorer carries (__reduce__); the rest is settled after. An in-memory network
         # travels as its weights, copied now: the caller may go on training it, and the Restorer runs
         # (and hands on) the weights it was given.
+        # Files travel as absolute paths: a worker that runs in another folder (or a pickle loaded
+        # later elsewhere) read a relative "w.safetensors" or onnx="q.onnx" against its own.
         self._arguments = dict(
-            weights=weights, tile_batch=tile_batch, channel_order=channel_order, cuda_graph=cuda_graph
-        ) | dict(backend_options)
+            weights=absolute(weights),
+            tile_batch=tile_batch,
+            channel_order=channel_order,
+            cuda_graph=cuda_graph,
+        ) | {k: absolute(v) if k in PATH_OPTIONS else v for k, v in backend_options.items()}
         self._network = None
         if model is not None:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -920,7 +949,10 @@ def image_array(img: np.ndarray, order: str = "rgb") -> tuple[np.ndarray, dict]:
         if isinstance(img, (str, os.PathLike)):
             hint = "; read the file first: qairn.engine.imageio.read_image(path)"
         elif hasattr(img, "to_ndarray"):
-            hint = "; give frame.to_ndarray(format='rgb24'), or its planes to restore_yuv"
+            hint = (
+                "; give frame.to_ndarray(format='rgb24'), or qairn.engine.video.frame_planes(frame) "
+                "to restore_yuv"
+            )
         elif hasattr(img, "__array_interface__") or hasattr(img, "__array__"):
             hint = "; give np.asarray(img)"
         raise TypeError(f"expected a numpy array or torch tensor, got {type(img).__name__}{hint}")

@@ -50,6 +50,7 @@ from qairn.engine.color import (
     check_matrix,
     check_range,
     checked_planes,
+    guessed_matrix,
     native,
     plane_bits,
     restore_planes,
@@ -89,6 +90,10 @@ def _key(item):
     if isinstance(item, (tuple, list)):
         if len(item) != 3:
             raise ValueError(f"a Y'CbCr frame is a (y, u, v) tuple, got {counted(len(item), 'plane')}")
+        odd = [type(p).__name__ for p in item if not isinstance(p, (np.ndarray, torch.Tensor))]
+        if odd:  # tuple(frame.planes) met "'VideoPlane' object has no attribute 'shape'"
+            hint = "; give qairn.engine.video.frame_planes(frame)" if odd[0] == "VideoPlane" else ""
+            raise TypeError(f"a Y'CbCr frame's planes are numpy arrays or tensors, not {odd[0]}{hint}")
         return (
             "yuv",
             *((type(p), tuple(p.shape), str(p.dtype), str(getattr(p, "device", ""))) for p in item),
@@ -96,7 +101,11 @@ def _key(item):
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return ("rgb", type(item), tuple(item.shape), str(item.dtype), str(getattr(item, "device", "")))
     # A PyAV frame is what decode() yields: say the calls that turn one into a frame taken here.
-    hint = "; give frame.to_ndarray(format='rgb24'), or its planes" if hasattr(item, "to_ndarray") else ""
+    hint = (
+        "; give frame.to_ndarray(format='rgb24'), or qairn.engine.video.frame_planes(frame)"
+        if hasattr(item, "to_ndarray")
+        else ""
+    )
     raise TypeError(f"stream items are RGB images or (y, u, v) plane tuples, not {type(item).__name__}{hint}")
 
 
@@ -493,7 +502,8 @@ def format_bits(name: str) -> int:
 
 
 def frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Planes of a planar Y'CbCr frame as numpy (uint8, or uint16 for more than 8 bits)."""
+    """Planes of a planar Y'CbCr PyAV frame (yuv420p, yuv422p10le, ...) as numpy (y, u, v): uint8, or
+    uint16 codes for more than 8 bits (then pass bits=format_bits(frame.format.name) to restore_yuv)."""
     dtype = np.uint16 if format_bits(frame.format.name) > 8 else np.uint8
     out = []
     for p in frame.planes[:3]:
@@ -585,7 +595,7 @@ def frame_color(frame, matrix: str | None, crange: str | None) -> tuple[str, str
         tag = int(frame.colorspace)
         matrix = COLORSPACES.get(tag)
         if matrix is None:
-            matrix = NEAREST_MATRICES.get(tag) or ("bt709" if frame.height >= 720 else "bt601")
+            matrix = NEAREST_MATRICES.get(tag) or guessed_matrix(frame.height)
             name = MATRIX_NAMES.get(tag, f"code {tag}")
             if frame.format.is_rgb or frame.format.name.startswith(("gray", "ya", "pal")):
                 pass  # no matrix to read: RGB, gray and palette frames are converted into this one
