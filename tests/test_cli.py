@@ -1484,6 +1484,15 @@ def test_score_json_help_says_the_paths_are_absolute(monkeypatch):
     assert "absolute path" in text
 
 
+def test_json_help_names_what_scored_the_rows(monkeypatch):
+    """restore and score --json rows carry p, weights and weights_sha256 since 0ba7013 (scores from other
+    weights or another p do not compare); both helps still said 'paths and Q1..Q3' only."""
+    for name in ("restore", "score"):
+        p = command_parsers(monkeypatch)[name]
+        text = " ".join(next(a.help for a in p._actions if "--json" in a.option_strings).split())
+        assert "p, weights and weights_sha256" in text, (name, text)
+
+
 def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
     """`qairn score ... | head -1`: exit 141 like other tools, no 'Broken pipe' error or traceback."""
     import subprocess

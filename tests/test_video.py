@@ -540,8 +540,33 @@ def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, 
     with stdin_pipe(b""):
         assert main(["-", "--score-only", *model]) == 1
     err = capsys.readouterr().err
-    said = "/dev/stdin: is not a file, so the trace has no place beside it; give --quality-csv"
+    said = "/dev/stdin: is standard input, so the trace has no place beside it; give --quality-csv"
     assert err == f"qairn: error: {said}\n"
+    assert not Path("/dev/stdin.quality.csv").exists()
+
+
+def test_standard_input_from_a_file_with_score_only_needs_a_quality_csv(
+    tiny_weights, tmp_path, monkeypatch, capsys
+):
+    """'qairn video - --score-only < clip.mkv' (standard input a file, not a pipe) wrote its trace beside
+    /dev/stdin, as for a pipe before: /dev/stdin.quality.csv and .png, into /dev (as root). Refused
+    before the model loads, as a pipe is."""
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
+    clip = flat_clip(tmp_path / "f.mkv", range(2))
+    saved = os.dup(0)
+    with open(clip, "rb") as f:
+        os.dup2(f.fileno(), 0)
+    try:
+        code = main(["-", "--score-only", "--weights", str(tiny_weights), "--device", "cpu", "-q"])
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+    said = "/dev/stdin: is standard input, so the trace has no place beside it; give --quality-csv"
+    assert (code, capsys.readouterr().err) == (1, f"qairn: error: {said}\n")
     assert not Path("/dev/stdin.quality.csv").exists()
 
 

@@ -22,10 +22,11 @@ def caveat(h: int, w: int, flat: bool) -> str | None:
     """Why the Q1..Q3 of an h x w image (flat: see flat_frames) say little of it, or None.
 
     Under the network's stride (16) on a side, most of what the gates see is the replicate padding: a
-    1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60 with the shipped weights, whatever its colour. A flat
-    image (one colour, give or take a code; its alpha aside) holds nothing to judge, yet scored like a
-    photo: flat black Q2 0.768, above every LIVE1 JPEG tried, flat white 0.643. Black fades are common
-    in video, and a lossy codec gives them back a few codes off here and there."""
+    1x1 image scored Q1 0.45, Q2 0.53, Q3 0.60 with the shipped weights in grey or white, 0.57, 0.63,
+    0.59 in black. A flat image (one colour, give or take a code; its alpha aside) holds nothing to
+    judge, yet scored like a photo: flat black Q2 0.768, above every LIVE1 JPEG tried, flat white
+    0.643. Black fades are common in video, and a lossy codec gives them back a few codes off here and
+    there."""
     if min(h, w) < ALIGN:
         return f"{w}x{h} pixels, under the network's {ALIGN} on a side: its Q1..Q3 mostly measure the padding"
     if flat:

@@ -684,7 +684,8 @@ def main_restore(argv=None) -> int:
     p.add_argument(
         "--json",
         type=path_arg,
-        help="write each image's absolute input and output paths and Q1..Q3 to this JSON file (- for stdout)",
+        help="write each image's absolute input and output paths, Q1..Q3 and what scored them (p, weights and"
+        " weights_sha256) to this JSON file (- for stdout)",
     )
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
     a = p.parse_args(argv)
@@ -825,7 +826,8 @@ def main_score(argv=None) -> int:
     p.add_argument(
         "--json",
         action="store_true",
-        help="one JSON object per line (absolute path, Q1..Q3) instead of a table",
+        help="one JSON object per line (absolute path, Q1..Q3 and what scored them: p, weights and"
+        " weights_sha256) instead of a table",
     )
     a = p.parse_args(argv)
     check_tile_options(p, a)

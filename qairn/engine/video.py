@@ -1585,9 +1585,17 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
                 "give --quality-csv a file name"
             )
         beside = src if opts.score_only or dst is None else dst  # --score-only writes no OUT to sit beside
-        if beside == src and opts.quality_csv is None and src.exists() and not src.is_file():
-            # (a pipe's trace went beside it: /dev/stdin.quality.csv, written into /dev as root)
-            raise VideoError(f"{src}: is not a file, so the trace has no place beside it; give --quality-csv")
+        if beside == src and opts.quality_csv is None:
+            # (a pipe's trace went beside it: /dev/stdin.quality.csv, written into /dev as root; so did
+            # that of a file redirected in, which /dev/stdin names as a file)
+            if src == Path("/dev/stdin"):
+                raise VideoError(
+                    f"{src}: is standard input, so the trace has no place beside it; give --quality-csv"
+                )
+            if src.exists() and not src.is_file():
+                raise VideoError(
+                    f"{src}: is not a file, so the trace has no place beside it; give --quality-csv"
+                )
         csv_path = Path(opts.quality_csv or f"{beside}.quality.csv")
         _check_writable(csv_path, "quality trace", opts.overwrite)
         if opts.plot:
