@@ -2033,7 +2033,9 @@ def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
     workdir, tiny_onnx, capsys, monkeypatch
 ):
     """No TensorRT or GPU here: a stand-in Restorer records what the command line gives it. --engine and
-    --onnx reach it as engine= and onnx=, exactly as given; the row names the engine, the file that ran."""
+    --onnx reach it as engine= and onnx=, exactly as given; the row names the engine, the file that ran.
+    --engine comes with rebuild=False: the Restorer rebuilt a stale or foreign engine= file in place,
+    over the user's input; it is refused now (test_export_trt's given_to_run tests)."""
     import hashlib
 
     made = []
@@ -2058,11 +2060,18 @@ def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
     assert (row["weights"], row["p"]) == (os.path.abspath(engine), 4.0)
     assert row["weights_sha256"] == hashlib.sha256(b"engine").hexdigest()[:16]
     common = dict(device="cuda", backend="tensorrt", precision="auto", tile="auto", overlap=None)
-    assert made == [dict(weights=None, **common, cuda_graph=False, onnx=str(tiny_onnx), engine=str(engine))]
+    ran = dict(cuda_graph=False, onnx=str(tiny_onnx), engine=str(engine), rebuild=False)
+    assert made == [dict(weights=None, **common, **ran)]
     # An engine alone is checked against (and built from) the weights' export: --weights goes with it.
     made.clear()
     rc, out, err = run(capsys, "score", workdir / "a.jpg", *given, "--weights", workdir / "w.safetensors")
     assert rc == 0, err
     assert made == [
-        dict(weights=str(workdir / "w.safetensors"), **common, cuda_graph=False, engine=str(engine))
+        dict(
+            weights=str(workdir / "w.safetensors"),
+            **common,
+            cuda_graph=False,
+            engine=str(engine),
+            rebuild=False,
+        )
     ]

@@ -534,7 +534,7 @@ class FakeGpus:
             TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"),
         )
 
-        def get_engine(onnx, spec, path, workspace, folder):
+        def get_engine(onnx, spec, path, workspace, folder, **options):  # rebuild=, unusable=
             fake.seen.append(("build", fake.current))
             fake.specs.append(spec)
             return b"engine", True
@@ -1629,3 +1629,75 @@ def test_an_engine_path_that_is_a_folder_is_refused_before_the_build(tmp_path, m
     with pytest.raises(BackendError, match=f"^{re.escape(says)}$"):
         trt_backend.TrtBackend(model, GPU0, "fp16", engine=runs, onnx=onnx, cache_dir=tmp_path)
     assert list(runs.iterdir()) == []
+
+
+def test_an_engine_given_to_run_is_refused_not_rebuilt_over_when_stale(tmp_path, monkeypatch):
+    """get_engine(rebuild=False), as `qairn score --backend tensorrt --engine F` runs F: an F built
+    for another ONNX (other weights) or TensorRT was rebuilt in place, minutes later, over the user's
+    input. It is refused now in one line, in the sidecar check's words, with the command that rebuilds
+    it, before any build, and F is left as it was; rebuild=True (the library's default) rebuilds."""
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: pytest.fail("built over the user's engine"))
+    engine = tmp_path / "given.engine"
+    trt_engine.store(engine, spec(trt_version="10.3.0", onnx_sha256="cd" * 32), b"theirs")
+    sidecar = trt_engine.sidecar_path(engine).read_bytes()
+    with pytest.raises(trt_engine.EngineError) as e:
+        trt_engine.get_engine(tmp_path / "m.onnx", spec(trt_version="10.9.0"), engine, 1 << 30, rebuild=False)
+    assert str(e.value).splitlines() == [
+        f"{engine}: built for another onnx_sha256, trt_version; an engine given to run is not rebuilt "
+        f"over: rebuild it with qairn export tensorrt WEIGHTS --shape 4,512,512 -o {engine} --overwrite"
+    ]
+    assert engine.read_bytes() == b"theirs" and trt_engine.sidecar_path(engine).read_bytes() == sidecar
+    dynamic = spec(min_shape=(1, 3, 16, 16), max_shape=(4, 3, 2048, 2048), precision="fp32", typing="fp32")
+    assert trt_engine.export_command(engine, dynamic.as_json()) == (
+        "qairn export tensorrt WEIGHTS --precision fp32 --shape 4,512,512 --dynamic --max-shape 4,2048,2048 "
+        f"-o {engine} --overwrite"
+    )
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: b"rebuilt")
+    with pytest.warns(UserWarning, match="rebuilding TensorRT engine"):
+        assert trt_engine.get_engine(tmp_path / "m.onnx", spec(), engine, 1 << 30) == (b"rebuilt", True)
+
+
+def test_a_foreign_engine_given_to_run_is_refused_before_the_export(tmp_path, monkeypatch):
+    """TrtBackend(engine=F, rebuild=False) with F built by another TensorRT: the sidecar alone says so,
+    and F is refused before the ONNX export (seconds) and the build (minutes) that would replace it."""
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)  # TensorRT 10.9 on a "Fake GPU" 9.0
+    monkeypatch.setattr(trt_backend, "cached_onnx", lambda *a, **k: pytest.fail("exported first"))
+    engine = tmp_path / "old.engine"
+    trt_engine.store(engine, spec(gpu_name="Fake GPU", trt_version="10.3.0"), b"theirs")
+    with pytest.raises(trt_engine.EngineError) as e:
+        trt_backend.TrtBackend(lively_model(), GPU0, "fp16", engine=engine, cache_dir=tmp_path, rebuild=False)
+    assert str(e.value).splitlines() == [
+        f"{engine}: built for another trt_version; an engine given to run is not rebuilt over: rebuild it "
+        f"with qairn export tensorrt WEIGHTS --shape 4,512,512 -o {engine} --overwrite"
+    ]
+    assert engine.read_bytes() == b"theirs"
+
+
+def test_an_engine_given_to_run_that_tensorrt_cannot_load_is_refused_not_rebuilt(tmp_path, monkeypatch):
+    """rebuild=False: an engine= file that matches its sidecar but which TensorRT cannot deserialize
+    was warned of as "rebuilding" and rebuilt over; it is refused in one line, no warning, no build."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    model = lively_model()
+    onnx = ox.cached_onnx(model, tmp_path, outputs="maps", precision="fp32")
+    real_get_engine = trt_engine.get_engine
+    gpus = FakeGpus(monkeypatch)
+    monkeypatch.setattr(trt_engine, "get_engine", real_get_engine)
+    builds = []
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: builds.append(a) or b"plan")
+    engine = tmp_path / "given.engine"
+    options = dict(engine=engine, onnx=onnx, shape=(1, 64, 64), cache_dir=tmp_path)
+    trt_backend.TrtBackend(model, GPU0, "fp32", **options)  # built there: the library's engine=
+    gpus.unloadable.add(b"plan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(trt_engine.EngineError) as e:
+            trt_backend.TrtBackend(model, GPU0, "fp32", **options, rebuild=False)
+    assert str(e.value).splitlines() == [
+        f"{engine}: TensorRT could not deserialize it; an engine given to run is not rebuilt over: rebuild "
+        f"it with qairn export tensorrt WEIGHTS --precision fp32 --shape 1,64,64 -o {engine} --overwrite"
+    ]
+    assert len(builds) == 1 and engine.read_bytes() == b"plan"

@@ -446,6 +446,8 @@ def make_restorer(a):
         cuda_graph=a.cuda_graph,
         **({"fused_conv": True} if a.fused_conv else {}),
         **{k: v for k, v in (("onnx", a.onnx), ("engine", a.engine)) if v is not None},
+        # An --engine file is an input, run as it is: a stale or foreign one is refused, not rebuilt over.
+        **({"rebuild": False} if a.engine is not None else {}),
     )
 
 

@@ -25,7 +25,8 @@ runner refer to each other).
 Options: engine=PATH (from `qairn export tensorrt`; validated, rebuilt in place if stale or foreign;
 one without a readable sidecar, as trtexec writes them, is refused, not rebuilt over, and so is a
 folder; a path with no file yet is built there now, for shape= or, as `qairn export tensorrt -o PATH`
-builds, 4,512,512),
+builds, 4,512,512), rebuild=True (False: a stale or foreign engine= file is refused, not rebuilt over:
+the command line's --engine, a file given to run as it is),
 onnx=PATH (a --maps export to build from), cache_dir=DIR, shape=(N,H,W), dynamic=False,
 max_shape=(N,H,W), workspace_gb=4, strongly_typed=None (auto: TensorRT >= 11 always).
 """
@@ -203,6 +204,7 @@ class TrtBackend(Closing):
         max_shape=None,
         workspace_gb: float = 4.0,
         strongly_typed: bool | None = None,
+        rebuild: bool = True,
     ):
         trt = import_tensorrt()
         if device.type != "cuda":
@@ -239,6 +241,30 @@ class TrtBackend(Closing):
                 f"{self.engine_file}: is a directory; give the engine's file name, e.g. "
                 f"{self.engine_file / 'qairn.engine'}"
             )
+        self.trt_version = trt.__version__
+        self.gpu_name, self.capability = trt_engine.gpu_identity(device)
+        self.rebuild = rebuild
+        if recorded is not None:
+            # The user's engine says what it was built as: a precision that differs is refused rather
+            # than rebuilt over their file (before the export: the sidecar alone says so).
+            if recorded.get("precision") not in (None, precision):
+                raise BackendError(
+                    f"{self.engine_file}: a {recorded['precision']} engine; asked for {precision} "
+                    "(pass the matching precision, or another engine file)"
+                )
+            # So is one for another GPU, TensorRT or build code with rebuild=False; one of another ONNX
+            # is known only once it is exported, and get_engine refuses it then, before the build.
+            known = dict(
+                gpu_name=self.gpu_name,
+                compute_capability=self.capability,
+                trt_version=self.trt_version,
+                typing=self.typing,
+                build_version=trt_engine.BUILD_VERSION,
+            )
+            foreign = trt_engine.changed_fields(recorded, known)
+            if foreign and not rebuild:
+                why = f"{self.engine_file}: built for another {', '.join(foreign)}"
+                raise trt_engine.not_rebuilt(self.engine_file, why, recorded | known)
         if onnx is None:
             onnx = cached_onnx(model, cache_dir, outputs="maps", precision=want)
         # One parse serves every check below: a large export takes seconds to load.
@@ -260,19 +286,11 @@ class TrtBackend(Closing):
         # p would pool its gates (onnx= a p = 2 export beside the shipped p = 64 weights).
         self.path, self.network_config = self.onnx, file_config(self.onnx, metadata)
         self.onnx_sha256 = network_sha256(self.onnx, proto)  # with its external weights, if any
-        self.trt_version = trt.__version__
-        self.gpu_name, self.capability = trt_engine.gpu_identity(device)
         self.folder = resolve_cache_dir(cache_dir) / "engines"
         self.workspace = int(workspace_gb * (1 << 30))
         self.engine_file_used = False
         if recorded is not None:
-            # The user's engine says what it was built as: its shapes are taken, and a precision that
-            # differs is refused rather than rebuilt over their file.
-            if recorded.get("precision") not in (None, precision):
-                raise BackendError(
-                    f"{self.engine_file}: a {recorded['precision']} engine; asked for {precision} "
-                    "(pass the matching precision, or another engine file)"
-                )
+            # The user's engine says what it was built as: its shapes are taken.
             if shape is None:
                 shape = tuple(recorded["opt_shape"][i] for i in (0, 2, 3))
             if recorded["min_shape"] != recorded["max_shape"] and not dynamic:
@@ -329,25 +347,30 @@ class TrtBackend(Closing):
 
     def _runner(self, shape) -> TrtRunner:
         spec = self.spec(shape)
-        path = trt_engine.engine_path(self.folder, spec)
+        path, rebuild = trt_engine.engine_path(self.folder, spec), True
         if self.engine_file is not None and not self.engine_file_used:
             recorded = trt_engine.read_spec(self.engine_file)
             if recorded is None or recorded["opt_shape"] == list(spec.opt_shape):
                 # The user's engine file is for this shape (or new): validate it, rebuild it there if stale.
-                path, self.engine_file_used = self.engine_file, True
+                path, self.engine_file_used, rebuild = self.engine_file, True, self.rebuild
         with torch.cuda.device(self.device):  # TensorRT builds for the current CUDA device
-            data, built = trt_engine.get_engine(self.onnx, spec, path, self.workspace, self.folder)
+            data, built = trt_engine.get_engine(
+                self.onnx, spec, path, self.workspace, self.folder, rebuild=rebuild
+            )
         try:
             runner = TrtRunner(data, self.device, path)
         except TrtRuntimeError as e:
             if built:  # built just now and still refused: TensorRT's own failure, not a stale file
                 raise
+            if not rebuild:  # a file given to run as it is: said here, not warned of as being rebuilt
+                why = f"{path}: TensorRT could not deserialize it"
+                raise trt_engine.not_rebuilt(path, why, spec.as_json()) from None
             # Bytes that match their sidecar yet this TensorRT cannot load (a cache shared with another
             # build of the same version string): else every start failed until the file was deleted.
             warn(f"rebuilding TensorRT engine: {e}")
             with torch.cuda.device(self.device):
                 data, built = trt_engine.get_engine(
-                    self.onnx, spec, path, self.workspace, self.folder, unusable=data
+                    self.onnx, spec, path, self.workspace, self.folder, unusable=data, rebuild=rebuild
                 )
             runner = TrtRunner(data, self.device, path)
         runner.spec, runner.built = spec, built

@@ -13,7 +13,8 @@ the TensorRT version, the optimization profile and the precision. Those fields a
 its hash names the file, and a JSON sidecar beside the engine holds the spec and the engine's sha256.
 An engine whose sidecar is missing, different (stale: other ONNX; foreign: other GPU or TensorRT) or
 whose bytes do not hash to the recorded sha256 is rebuilt, never deserialized (a user's engine=
-file without a readable sidecar is refused by the backend instead); one that passes and still fails
+file without a readable sidecar is refused by the backend instead, and so is any stale or foreign one
+with rebuild=False, as the command line's --engine runs it); one that passes and still fails
 to deserialize is rebuilt once by the backend (get_engine's `unusable`). The timing cache (per GPU,
 TensorRT version and build typing, shared by those engines; merged with the file under a lock when
 saved, as other processes save theirs) and the build locks live in the cache folder, also for an engine
@@ -123,12 +124,38 @@ def load_cached(engine: Path, spec: EngineSpec) -> tuple[bytes | None, str]:
         return None, f"{engine}: no readable sidecar {sidecar_path(engine).name}"
     recorded = side.get("spec", {})
     if recorded != spec.as_json():
-        changed = sorted(k for k in spec.as_json() if recorded.get(k) != spec.as_json()[k])
-        return None, f"{engine}: built for another {', '.join(changed)}"
+        return None, f"{engine}: built for another {', '.join(changed_fields(recorded, spec.as_json()))}"
     data = engine.read_bytes()
     if hashlib.sha256(data).hexdigest() != side.get("engine_sha256"):
         return None, f"{engine}: contents do not match the sidecar's sha256"
     return data, "cached"
+
+
+def changed_fields(recorded: dict, spec: dict) -> list[str]:
+    """The fields of `spec` (as_json, or some of them) that a sidecar's `recorded` spec differs in:
+    what makes its engine stale (onnx_sha256, shapes) or foreign (GPU, TensorRT, build)."""
+    return sorted(k for k in spec if recorded.get(k) != spec[k])
+
+
+def export_command(engine: Path, spec: dict) -> str:
+    """The `qairn export tensorrt` command that builds `engine` for `spec` (as_json) here."""
+    n, _, h, w = spec["opt_shape"]
+    options = [f"--precision {spec['precision']}"] if spec["precision"] != "fp16" else []
+    options.append(f"--shape {n},{h},{w}")
+    if spec["min_shape"] != spec["max_shape"]:
+        n, _, h, w = spec["max_shape"]
+        options += ["--dynamic", f"--max-shape {n},{h},{w}"]
+    if spec["typing"] == "strong" and int(spec["trt_version"].split(".")[0]) < 11:
+        options.append("--strongly-typed")  # TensorRT 11 builds nothing else
+    return f"qairn export tensorrt WEIGHTS {' '.join(options)} -o {engine} --overwrite"
+
+
+def not_rebuilt(engine: Path, why: str, spec: dict) -> EngineError:
+    """The refusal of an engine file given to be run as it is (rebuild=False: the command line's
+    --engine, an input) that would be rebuilt over: `why` in load_cached's words, and the rebuild."""
+    return EngineError(
+        f"{why}; an engine given to run is not rebuilt over: rebuild it with {export_command(engine, spec)}"
+    )
 
 
 def store(engine: Path, spec: EngineSpec, data: bytes) -> Path:
@@ -310,14 +337,17 @@ def get_engine(
     workspace_bytes: int,
     folder: Path | None = None,
     unusable: bytes | None = None,
+    rebuild: bool = True,
 ) -> tuple[bytes, bool]:
     """The engine for `spec` at path `engine` and whether it was built now: the cached one if valid
     (False), else a fresh build stored there (True). The build lock and the timing cache live in the
     cache `folder` (default: the engine's own). unusable: cached bytes TensorRT could not deserialize,
-    rebuilt even though they match their sidecar (unless another process has replaced them since)."""
+    rebuilt even though they match their sidecar (unless another process has replaced them since).
+    rebuild=False: an existing `engine` that is not valid for `spec` (or unusable) is refused with
+    EngineError, never rebuilt over: a file the user gave to run as it is."""
     folder = Path(folder) if folder is not None else Path(engine).parent
     with build_lock(Path(engine), folder):
-        return _get_engine(onnx_path, spec, engine, workspace_bytes, folder, unusable)
+        return _get_engine(onnx_path, spec, engine, workspace_bytes, folder, unusable, rebuild)
 
 
 def _get_engine(
@@ -327,10 +357,14 @@ def _get_engine(
     workspace_bytes: int,
     folder: Path,
     unusable: bytes | None,
+    rebuild: bool = True,
 ) -> tuple[bytes, bool]:
     data, why = load_cached(engine, spec)
     if data is not None and data != unusable:
         return data, False
+    if not rebuild and Path(engine).is_file():  # before any build work
+        why = why if data is None else f"{engine}: TensorRT could not deserialize it"
+        raise not_rebuilt(engine, why, spec.as_json())
     if Path(engine).is_file() and data is None:  # unusable ones were warned of by the caller
         warn(f"rebuilding TensorRT engine: {why}")
     log.info(
