@@ -1701,3 +1701,26 @@ def test_an_engine_given_to_run_that_tensorrt_cannot_load_is_refused_not_rebuilt
         f"it with qairn export tensorrt WEIGHTS --precision fp32 --shape 1,64,64 -o {engine} --overwrite"
     ]
     assert len(builds) == 1 and engine.read_bytes() == b"plan"
+
+
+def test_a_strongly_typed_engine_given_to_run_keeps_its_typing(tmp_path, monkeypatch):
+    """An engine built with `qairn export tensorrt --strongly-typed -o F`, then run as engine=F with
+    rebuild=False (`--engine F`, which passes no typing), was refused as "built for another typing"
+    (and with rebuild=True rebuilt as an FP16-flag build over F): its recorded typing is now taken, as
+    its shapes are, so it passes the check and the strongly typed build's fp16 graph is exported."""
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)  # TensorRT 10.9 on a "Fake GPU" 9.0
+    exported = []
+
+    def reached_export(*args, **kwargs):
+        exported.append(kwargs["precision"])
+        raise RuntimeError("reached the export")
+
+    monkeypatch.setattr(trt_backend, "cached_onnx", reached_export)
+    engine = tmp_path / "strong.engine"
+    strong = spec(gpu_name="Fake GPU", trt_version="10.9.0", typing="strong")
+    trt_engine.store(engine, strong, b"theirs")
+    with pytest.raises(RuntimeError, match="reached the export"):
+        trt_backend.TrtBackend(lively_model(), GPU0, "fp16", engine=engine, cache_dir=tmp_path, rebuild=False)
+    assert exported == ["fp16"] and engine.read_bytes() == b"theirs"

@@ -220,12 +220,16 @@ class TrtBackend(Closing):
             # run on one GPU, whichever is current at a later call (another thread's).
             device = torch.device("cuda", torch.cuda.current_device())
         self.device, self.precision = device, precision
+        self.engine_file = Path(engine) if engine is not None else None
+        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
+        if strongly_typed is None and recorded is not None and recorded.get("typing") == "strong":
+            # The user's engine says how it was built, as it says its shapes (below): a strongly typed
+            # one was rebuilt as an FP16-flag build, or with rebuild=False refused as "another typing".
+            strongly_typed = True
         self.typing = trt_engine.build_typing(
             precision, trt.__version__, hasattr(trt.BuilderFlag, "FP16"), strongly_typed
         )
         want = trt_engine.onnx_precision(self.typing)
-        self.engine_file = Path(engine) if engine is not None else None
-        recorded = trt_engine.read_spec(self.engine_file) if self.engine_file is not None else None
         if self.engine_file is not None and self.engine_file.is_file() and recorded is None:
             # Not an engine qairn built (trtexec's), or one whose sidecar was lost: nothing says what it
             # was built for, and the user's file is not ours to rebuild over. Refused before the export.
