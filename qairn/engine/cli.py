@@ -432,21 +432,30 @@ def drop_cuda_only_options(a) -> None:
         a.cuda_graph = False
 
 
+class SetupError(Exception):
+    """The Restorer could not be made from the command line's model options (weights, device, backend,
+    precision): the user's to fix, so exit 2, as a usage error, in every command; a failure during the
+    run is 1."""
+
+
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
     drop_cuda_only_options(a)  # before the model loads
-    return Restorer(
-        weights=a.weights,
-        device=a.device,
-        backend=a.backend,
-        precision=a.precision,
-        tile=a.tile,
-        overlap=a.overlap,
-        cuda_graph=a.cuda_graph,
-        **({"fused_conv": True} if a.fused_conv else {}),
-        **{k: v for k, v in (("onnx", a.onnx), ("engine", a.engine)) if v is not None},
-    )
+    try:
+        return Restorer(
+            weights=a.weights,
+            device=a.device,
+            backend=a.backend,
+            precision=a.precision,
+            tile=a.tile,
+            overlap=a.overlap,
+            cuda_graph=a.cuda_graph,
+            **({"fused_conv": True} if a.fused_conv else {}),
+            **{k: v for k, v in (("onnx", a.onnx), ("engine", a.engine)) if v is not None},
+        )
+    except Exception as e:  # weights/backends/devices: one line, no traceback
+        raise SetupError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
 class TileBar:
@@ -756,8 +765,8 @@ def main_restore(argv=None) -> int:
                 return fatal(f"{e}{more}")
     try:
         r = make_restorer(a)
-    except Exception as e:  # weights/backends/devices: one line, no traceback
-        return fatal(str(e).splitlines()[0])
+    except SetupError as e:
+        return fatal(str(e))
     made = None  # the topmost folder this run makes, removed again if no image is written
     if folder is not None:
         made = next((d for d in [*reversed(folder.parents), folder] if not d.exists()), None)
@@ -841,8 +850,8 @@ def main_score(argv=None) -> int:
         return 1
     try:
         r = make_restorer(a)
-    except Exception as e:
-        return fatal(str(e).splitlines()[0])
+    except SetupError as e:
+        return fatal(str(e))
     failed_names = list(missing)
     if not a.json:
         width = max(columns(str(q)) for q in inputs)

@@ -2206,7 +2206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Before the model loads, as restore and score do.
-    from qairn.engine.cli import backend_problem, check_tile_options
+    from qairn.engine.cli import SetupError, backend_problem, check_tile_options, fatal
 
     check_tile_options(parser, args)
     problem = backend_problem(args)
@@ -2273,6 +2273,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qairn: interrupted; no output written", file=sys.stderr)
         return 130
+    except SetupError as e:  # 2, as restore's: bad weights, device, backend
+        return fatal(str(e))
     except (VideoError, ValueError, RuntimeError, OSError) as e:
         from qairn.engine.cli import debug_traceback  # QAIRN_DEBUG=1, as for images
 
