@@ -308,11 +308,15 @@ def export_file_args(p) -> None:
     p.add_argument(
         "--onnx",
         type=path_arg,
+        metavar="FILE",
         help="onnxruntime/tensorrt: run this `qairn export onnx --maps` file, its own network and weights "
         "(without --weights)",
     )
     p.add_argument(
-        "--engine", type=path_arg, help="tensorrt: run this engine file, from `qairn export tensorrt -o`"
+        "--engine",
+        type=path_arg,
+        metavar="FILE",
+        help="tensorrt: run this engine file, from `qairn export tensorrt -o`",
     )
 
 
