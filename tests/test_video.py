@@ -3321,3 +3321,12 @@ def test_setup_errors_exit_2_as_restore_and_run_failures_1(tiny_weights, tmp_pat
     monkeypatch.setattr("qairn.engine.video.transcode", broken)
     assert main([*common, "--weights", str(tiny_weights), "--device", "cpu"]) == 1
     assert capsys.readouterr().err == "qairn: error: the encoder broke\n"
+
+
+def test_preset_option_takes_the_options_only():
+    """_preset_option(codec, opts) never read its codec (--preset goes to any encoder, the probe says
+    which refuse it); it takes opts alone. A preset in --codec-option wins, as the user's own do."""
+    from qairn.engine.video import _preset_option
+
+    assert _preset_option(VideoOptions(preset="fast")) == {"preset": "fast"}
+    assert _preset_option(VideoOptions(preset="fast", codec_options={"preset": "slow"})) == {}
