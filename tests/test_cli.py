@@ -1493,6 +1493,17 @@ def test_json_help_names_what_scored_the_rows(monkeypatch):
         assert "p, weights and weights_sha256" in text, (name, text)
 
 
+def test_onnx_and_engine_take_a_file_in_the_help(monkeypatch):
+    """-h showed `--onnx ONNX` and `--engine ENGINE` (argparse's upper-cased name), as if the value were
+    a mode; each takes a file."""
+    parsers = command_parsers(monkeypatch)
+    for name in ("restore", "score", "video", "export tensorrt"):
+        usage = " ".join(parsers[name].format_usage().split())
+        assert "[--onnx FILE]" in usage, (name, usage)
+        if name != "export tensorrt":
+            assert "[--engine FILE]" in usage, (name, usage)
+
+
 def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
     """`qairn score ... | head -1`: exit 141 like other tools, no 'Broken pipe' error or traceback."""
     import subprocess

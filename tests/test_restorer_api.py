@@ -209,6 +209,19 @@ def test_stream_batch_is_checked_when_the_stream_is_asked_for(batch):
     assert len(list(r.restore_stream([np.zeros((8, 8, 3), np.uint8)] * 3, batch=np.int64(2)))) == 3
 
 
+def test_a_misspelt_stream_option_is_named_with_the_ones_it_takes():
+    """restore_stream(frames, chanel_order="rgb") raised Python's "restore_stream() got an unexpected
+    keyword argument 'chanel_order'", naming neither Restorer nor the options it takes; as the
+    Restorer's own misspelt option (tile_size=) is, it is now named with the valid ones."""
+    r = qairn.Restorer(model=lively_model(), device="cpu")
+    with pytest.raises(TypeError) as e:
+        r.restore_stream([np.zeros((8, 8, 3), np.uint8)], chanel_order="rgb")  # not iterated
+    assert str(e.value) == (
+        "unknown option chanel_order: restore_stream takes batch, matrix, range, bits, channel_order, "
+        "image, return_maps"
+    )
+
+
 def test_a_tensor_that_requires_grad_is_restored_without_a_warning():
     """The range check turned the input's min and max into floats, and torch warned "Converting a
     tensor with requires_grad=True to a scalar may lead to unexpected behavior" at every call."""

@@ -317,7 +317,7 @@ def test_cli(tiny_weights, clip, tmp_path, capsys):
     )
     from qairn.cli import main as qairn_main
 
-    assert qairn_main(["video", str(clip), str(tmp_path / "y.mp4"), "--weights", str(tmp_path / "nope")]) == 1
+    assert qairn_main(["video", str(clip), str(tmp_path / "y.mp4"), "--weights", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "y.mp4").exists()
 
 
@@ -3107,11 +3107,11 @@ def test_an_output_given_with_score_only_is_said_to_be_ignored(clip, tmp_path, c
 
     monkeypatch.setattr("qairn.engine.restorer.Restorer", restorer)
     out = tmp_path / "out.mp4"
-    assert main([str(clip), str(out), "--score-only", "--no-plot"]) == 1
+    assert main([str(clip), str(out), "--score-only", "--no-plot"]) == 2  # (the stand-in: a setup error)
     err = capsys.readouterr().err
     says = f"qairn: warning: --score-only writes no video: {out} is ignored (the trace: {clip}.quality.csv)"
     assert says in err.splitlines(), err
-    assert main([str(clip), "--score-only", "--no-plot"]) == 1  # no OUT: nothing to say
+    assert main([str(clip), "--score-only", "--no-plot"]) == 2  # no OUT: nothing to say
     assert "warning" not in capsys.readouterr().err
 
 
@@ -3295,3 +3295,38 @@ def test_a_coded_black_frame_a_few_codes_off_has_a_caveat(restorer, frames_rgb, 
     )
     assert [bool(r["caveat"]) for r in read_csv(tmp_path / "q.csv")] == [False, True, False]
     assert s["caveats"] == 1
+
+
+def test_setup_errors_exit_2_as_restore_and_run_failures_1(tiny_weights, tmp_path, capsys, monkeypatch):
+    """A missing or bad --weights file, a device that is not there, a bad --backend: the user's to fix,
+    so exit 2, as `qairn restore` gives for the same mistakes (video gave 1, as for a run that failed).
+    A failure during the run stays 1."""
+    clip = flat_clip(tmp_path / "f.mkv", range(2))
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights")
+    out = tmp_path / "o.mkv"
+    common = [str(clip), str(out), "-q", "--no-plot"]
+    for options in (
+        ["--weights", str(tmp_path / "nope.safetensors")],
+        ["--weights", str(tmp_path / "bad.safetensors")],
+        ["--weights", str(tiny_weights), "--device", "cuda:7"],
+        ["--weights", str(tiny_weights), "--device", "cpu", "--backend", "nope"],
+    ):
+        assert main([*common, *options]) == 2, options
+        err = capsys.readouterr().err
+        assert err.startswith("qairn: error:") and err.count("\n") == 1 and not out.exists(), err
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the encoder broke")
+
+    monkeypatch.setattr("qairn.engine.video.transcode", broken)
+    assert main([*common, "--weights", str(tiny_weights), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == "qairn: error: the encoder broke\n"
+
+
+def test_preset_option_takes_the_options_only():
+    """_preset_option(codec, opts) never read its codec (--preset goes to any encoder, the probe says
+    which refuse it); it takes opts alone. A preset in --codec-option wins, as the user's own do."""
+    from qairn.engine.video import _preset_option
+
+    assert _preset_option(VideoOptions(preset="fast")) == {"preset": "fast"}
+    assert _preset_option(VideoOptions(preset="fast", codec_options={"preset": "slow"})) == {}

@@ -308,11 +308,15 @@ def export_file_args(p) -> None:
     p.add_argument(
         "--onnx",
         type=path_arg,
+        metavar="FILE",
         help="onnxruntime/tensorrt: run this `qairn export onnx --maps` file, its own network and weights "
         "(without --weights)",
     )
     p.add_argument(
-        "--engine", type=path_arg, help="tensorrt: run this engine file, from `qairn export tensorrt -o`"
+        "--engine",
+        type=path_arg,
+        metavar="FILE",
+        help="tensorrt: run this engine file, from `qairn export tensorrt -o`",
     )
 
 
@@ -432,23 +436,33 @@ def drop_cuda_only_options(a) -> None:
         a.cuda_graph = False
 
 
+class SetupError(Exception):
+    """The Restorer could not be made from the command line's model options (weights, device, backend,
+    precision): the user's to fix, so exit 2, as a usage error, in every command; a failure during the
+    run is 1."""
+
+
 def make_restorer(a):
     from qairn.engine.restorer import Restorer
 
     drop_cuda_only_options(a)  # before the model loads
-    return Restorer(
-        weights=a.weights,
-        device=a.device,
-        backend=a.backend,
-        precision=a.precision,
-        tile=a.tile,
-        overlap=a.overlap,
-        cuda_graph=a.cuda_graph,
-        **({"fused_conv": True} if a.fused_conv else {}),
-        **{k: v for k, v in (("onnx", a.onnx), ("engine", a.engine)) if v is not None},
-        # An --engine file is an input, run as it is: a stale or foreign one is refused, not rebuilt over.
-        **({"rebuild": False} if a.engine is not None else {}),
-    )
+    try:
+        return Restorer(
+            weights=a.weights,
+            device=a.device,
+            backend=a.backend,
+            precision=a.precision,
+            tile=a.tile,
+            overlap=a.overlap,
+            cuda_graph=a.cuda_graph,
+            **({"fused_conv": True} if a.fused_conv else {}),
+            **{k: v for k, v in (("onnx", a.onnx), ("engine", a.engine)) if v is not None},
+            # An --engine file is an input, run as it is: a stale or foreign one is refused, not rebuilt
+            # over.
+            **({"rebuild": False} if a.engine is not None else {}),
+        )
+    except Exception as e:  # weights/backends/devices: one line, no traceback
+        raise SetupError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
 class TileBar:
@@ -758,8 +772,8 @@ def main_restore(argv=None) -> int:
                 return fatal(f"{e}{more}")
     try:
         r = make_restorer(a)
-    except Exception as e:  # weights/backends/devices: one line, no traceback
-        return fatal(str(e).splitlines()[0])
+    except SetupError as e:
+        return fatal(str(e))
     made = None  # the topmost folder this run makes, removed again if no image is written
     if folder is not None:
         made = next((d for d in [*reversed(folder.parents), folder] if not d.exists()), None)
@@ -843,8 +857,8 @@ def main_score(argv=None) -> int:
         return 1
     try:
         r = make_restorer(a)
-    except Exception as e:
-        return fatal(str(e).splitlines()[0])
+    except SetupError as e:
+        return fatal(str(e))
     failed_names = list(missing)
     if not a.json:
         width = max(columns(str(q)) for q in inputs)

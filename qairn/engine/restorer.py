@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import os
@@ -884,6 +885,15 @@ class Restorer:
 
         if self.closed:  # here, not at the first frame
             raise RuntimeError("this Restorer was closed")
+        # A misspelt option (chanel_order=) was Python's "restore_stream() got an unexpected keyword
+        # argument": named here with those it takes, as the Restorer's own options are (check_options).
+        own = [k for k in inspect.signature(restore_stream).parameters if k not in ("restorer", "frames")]
+        unknown = sorted(set(options) - set(own))
+        if unknown:
+            raise TypeError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: restore_stream "
+                f"takes {', '.join(own)}"
+            )
         # One frame iterates as its rows: an HxWx3 image ran as H gray "frames" of Wx3, unsaid. A stack
         # of frames (N,H,W,3), or of (3,H,W) tensors, is a stream.
         one_array = isinstance(frames, np.ndarray) and (

@@ -1064,7 +1064,7 @@ def _open_output(
     quality = _quality_options(codec, opts)
     if "qmax" in quality:  # (a fixed qscale needs a quality on each frame, which PyAV cannot set)
         cc.qscale = True
-    options = {**quality, **_preset_option(codec, opts), **opts.codec_options}  # the user's own win
+    options = {**quality, **_preset_option(opts), **opts.codec_options}  # the user's own win
     params, note = hdr_params(first, codec)
     notes += [note] if note else []
     if codec == "libx265":  # else it writes some 25 lines of its settings to stderr on every run
@@ -1199,7 +1199,7 @@ def _quality_options(codec: str, opts: VideoOptions) -> dict:
     return {}
 
 
-def _preset_option(codec: str, opts: VideoOptions) -> dict:
+def _preset_option(opts: VideoOptions) -> dict:
     # (--codec-option preset=... wins, as the user's own options do: --preset is then not checked)
     return {"preset": opts.preset} if opts.preset and "preset" not in opts.codec_options else {}
 
@@ -1405,7 +1405,7 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
         return
     quality = {k: v for k, v in _quality_options(codec, opts).items() if k not in user and v is not None}
     settings = [
-        (f"--preset {opts.preset}", _preset_option(codec, opts)),
+        (f"--preset {opts.preset}", _preset_option(opts)),
         (f"--crf {opts.crf:g}", quality),
         *((f"--codec-option {k}={v}", {k: v}) for k, v in user.items()),
     ]
@@ -2206,7 +2206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Before the model loads, as restore and score do.
-    from qairn.engine.cli import backend_problem, check_tile_options
+    from qairn.engine.cli import SetupError, backend_problem, check_tile_options, fatal
 
     check_tile_options(parser, args)
     problem = backend_problem(args)
@@ -2273,6 +2273,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qairn: interrupted; no output written", file=sys.stderr)
         return 130
+    except SetupError as e:  # 2, as restore's: bad weights, device, backend
+        return fatal(str(e))
     except (VideoError, ValueError, RuntimeError, OSError) as e:
         from qairn.engine.cli import debug_traceback  # QAIRN_DEBUG=1, as for images
 

@@ -162,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
         "--onnx",
         type=Path,
         default=None,
+        metavar="FILE",
         help="build from this --maps export instead of WEIGHTS' (verified against WEIGHTS with --verify-*)",
     )
     t.add_argument(
