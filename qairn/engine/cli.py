@@ -560,11 +560,10 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
     if not dst.parent.is_dir():
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
-    caveat = score_caveat(img)
-    if caveat:
-        warning(f"{src}: {caveat}")
     with TileBar() as tiles:
         res = r.restore(img, return_maps=a.quality_map, progress=tiles, bits=file_bits(img))
+    if res.info["caveat"]:  # score_caveat's, made with the quality: not a second pass over the image
+        warning(f"{src}: {res.info['caveat']}")
     icc = read_icc(src)  # the pixels keep their colour space, so the output keeps its profile
     if icc and not icc_fits(icc, res.image):
         warning(

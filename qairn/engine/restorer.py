@@ -808,13 +808,14 @@ class Restorer:
                 _rgb_bits(img.dtype, bits)
             return self._restore_torch(img, return_maps, order, progress, image, bits)
         x, meta = to_tensor(img, order, self.device, bits)  # integers travel; converted on the device
-        # score_caveat's rule, on the device (its RGB in [0, 1], alpha aside), read with the quality
-        flat = flat_frames(*x.unbind(1), full=1.0)
+        # score_caveat's rule, on the device (its RGB in [0, 1], alpha aside), read with the quality;
+        # not for score() (image=False), which hands out the quality alone.
+        flat = flat_frames(*x.unbind(1), full=1.0) if image else None
         # In [0, 1]: made from integers, or its range read by image_array.
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=True)
         quality = {k: float(v[0]) for k, v in q.items()}
         maps = [m[0, 0].float().cpu().numpy() for m in maps] if maps is not None else None
-        info = {"caveat": caveat(*x.shape[-2:], bool(flat))}
+        info = {"caveat": caveat(*x.shape[-2:], bool(flat))} if image else {}
         return Result(from_tensor(y, meta) if image else None, quality, maps, info)
 
     def _restore_torch(
