@@ -291,18 +291,25 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         torch.set_num_threads(threads)
 
 
-def killed_by(message: str, signals) -> bool:
-    """Is `message` torch's error for a DataLoader worker killed by one of `signals` (the stop signals
+def killed_by(error: BaseException, signals) -> bool:
+    """Is `error` torch's error for a DataLoader worker killed by one of `signals` (the stop signals
     this process received, which reach its workers too when sent to its whole process group)? torch
-    names the signal as strsignal() does: 'DataLoader worker (pid 7) is killed by signal: Terminated.'"""
-    if not message.startswith("DataLoader worker"):
-        return False
+    names the signal as strsignal() does: 'DataLoader worker (pid 7) is killed by signal: Terminated.'
+    When the loader has already seen the worker gone, it raises 'DataLoader worker (pid(s) 7, 8) exited
+    unexpectedly' from that error instead: the whole chain is read (which one comes is a race)."""
     stops = [f"is killed by signal: {signal.strsignal(s)}." for s in signals]
     if signal.SIGINT in signals:
         # Ctrl-C reaches a worker still starting (before torch's loop, which catches it) as a
         # KeyboardInterrupt: multiprocessing ends that process with exit code 1.
         stops.append("exited unexpectedly with exit code 1.")
-    return any(stop in message for stop in stops)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        message = str(error)
+        if message.startswith("DataLoader worker") and any(stop in message for stop in stops):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
@@ -605,7 +612,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             except StopIteration:
                 return
             except RuntimeError as e:
-                if not (stop["flag"] and killed_by(str(e), stop["signals"])):
+                if not (stop["flag"] and killed_by(e, stop["signals"])):
                     raise
                 break
             finally:
