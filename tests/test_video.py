@@ -1394,6 +1394,36 @@ def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
         av.logging.set_libav_level(av.logging.INFO)
 
 
+def test_a_run_that_stops_early_leaves_no_decoder_thread_to_hang_its_free(clip, tmp_path):
+    """CI hung in this file until its 90 minutes were up, and here the file hung 1 run in 2 (in
+    test_ffmpeg_log_level_is_set_back_to_the_callers): a run refused after its first frame left the
+    decoder's frame threads decoding, and the decoder was freed later, with the GIL held (when the garbage
+    collector took the traceback that kept it), while one of its threads, logging through PyAV's
+    callback, waited for the GIL. With the caller's PyAV logging on (av.logging.set_level, PyAV's advice
+    while developing) the first such run hung, each time. A subprocess: a hang fails this test (60 s)
+    instead of holding the suite."""
+    options = {"pix_fmt": "pal8", "write_quality": False}  # (refused once the first frame is decoded)
+    script = f"""
+import av
+from qairn.engine.video import VideoError, VideoOptions, transcode
+options = {options!r}
+for i in range(40):
+    av.logging.set_level(av.logging.ERROR)
+    try:
+        transcode(None, {str(clip)!r}, {str(tmp_path / "o.y4m")!r}, VideoOptions(**options))
+    except VideoError:
+        pass  # (its traceback, the decoder's last reference, goes here: with PyAV's logging on)
+    av.logging.set_level(None)
+print("done")
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("40 refused runs with PyAV's logging on hung (a decoder freed with its threads busy)")
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    assert leftovers(tmp_path) == []
+
+
 def test_y4m_output_without_options_from_packed_and_10_bit_sources(restorer, frames_rgb, tmp_path):
     # Y4M holds raw planar frames only: its default codec is rawvideo, its format the planar one.
     for name, codec, pix_fmt, tag in (

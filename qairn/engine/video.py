@@ -813,6 +813,19 @@ def _logging_back(old, old_libav: int | None) -> None:
         av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
 
 
+def _park_decoder(vstream) -> None:
+    """Let the decoder's frame threads finish the packets they hold, and drop the rest, with the GIL
+    released (PyAV's flush_buffers). A run that stops early (a refusal after the first frame, an error,
+    Ctrl-C) left them decoding; the decoder is freed with the GIL held, whenever its last reference goes
+    (an exception's traceback the caller keeps, the garbage collector), and freeing waits for those
+    threads: one logging an error through PyAV's callback (on while PyAV's logging is, or inside
+    _ffmpeg_reasons) waits for the GIL in turn, and the process hung (1 run in 2 of test_video.py; every
+    time in a loop with av.logging.set_level(ERROR)). Parked threads have nothing to log as they exit."""
+    cc = None if vstream is None else vstream.codec_context
+    if cc is not None and cc.is_decoder:
+        cc.flush_buffers()  # (does nothing where the decoder never opened)
+
+
 def _libav_level() -> int | None:
     """FFmpeg's own log level, which _ffmpeg_reasons mutes: PyAV sets it but cannot read it, so it is read
     through PyAV's own logging module (its symbols include those of the libavutil it was linked with; OpenCV
@@ -1622,7 +1635,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
     # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src) if inp is None else inp
-    out = tmp = None
+    out = tmp = vstream = None
     try:
         videos = [s for s in inp.streams.video if not is_cover(s)]
         if not videos:
@@ -1877,6 +1890,7 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
                 pass
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        _park_decoder(vstream)
         inp.close()
         _logging_back(*log_levels)
 
