@@ -1007,6 +1007,12 @@ def _open_output(
             )
         elif depth < bits:
             notes.append(f"{codec} cannot encode {src_fmt}: writing {depth}-bit {pix_fmt}")
+        if depth > 8 and codec == "libx264" and tmp.suffix.lower() in FASTSTART_SUFFIXES:
+            # Kept as the source's depth, but browsers and phones decode 8-bit H.264 only.
+            notes.append(
+                f"{codec} in {dst.suffix} writes {depth}-bit {pix_fmt}, which many players "
+                "(browsers, phones) cannot play; --pix-fmt yuv420p writes 8-bit"
+            )
     elif supported and pix_fmt not in supported:
         out.close()
         raise VideoError(
