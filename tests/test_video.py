@@ -1376,6 +1376,35 @@ def test_an_encoder_that_will_not_open_leaves_only_the_one_line(restorer, tmp_pa
     assert capfd.readouterr().err == "" and leftovers(tmp_path) == []
 
 
+def test_an_odd_size_the_encoder_refuses_is_refused_before_the_model_loads(tmp_path, monkeypatch, capfd):
+    """A 65x49 4:2:0 source into libx264 or libx265 (4:2:0 output) was refused only once the model had
+    loaded (seconds on a CPU, minutes for a TensorRT build) and the first frame decoded. The stream's
+    header says its size and pixel format: the same line now comes before, and only fd 2's line."""
+    _no_model(monkeypatch)
+    o = av.open(str(tmp_path / "odd.mkv"), "w")
+    s = o.add_stream("ffv1", rate=25)
+    s.width, s.height, s.pix_fmt = 65, 49, "yuv420p"
+    f = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 128, np.uint8), format="rgb24")
+    f = f.reformat(format="yuv420p")
+    f.pts = 0
+    o.mux(s.encode(f) + s.encode(None))
+    o.close()
+    out = tmp_path / "o.mp4"
+    reasons = {"libx264": "width not divisible by 2 (65x49)", "libx265": "Cannot open libx265 encoder."}
+    for codec in [c for c in reasons if c in av.codecs_available]:
+        rc = main([str(tmp_path / "odd.mkv"), str(out), "--codec", codec, "--device", "cpu", "-q"])
+        said = (
+            f"{out}: {codec} cannot encode 65x49 yuv420p (4:2:0 and 4:2:2 need even sizes: try --pix-fmt "
+            "yuv444p) ("
+        )
+        err = capfd.readouterr().err
+        assert rc == 1 and err.startswith(f"qairn: error: {said}") and err.endswith(f"{reasons[codec]})\n"), (
+            err
+        )
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mkv"]
+
+
 def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
     """FFmpeg's log level is muted while the decoder's threads may log, then set back once the input is
     closed: it was set to INFO, FFmpeg's default, whatever level the caller had set."""

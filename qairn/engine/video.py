@@ -950,6 +950,41 @@ def _copy_pictures(out, inp, pending: deque, amap: dict, dst: Path) -> list[str]
     return notes + ([f"{dst.suffix} cannot hold {', '.join(dropped)}: dropped"] if dropped else [])
 
 
+def default_pix_fmt(src_fmt: str, work_fmt: str, supported: set, y4m: bool) -> str:
+    """The pixel format frames of src_fmt (restored in work_fmt) are encoded in without --pix-fmt, by an
+    encoder taking `supported` (empty: any): the source's, else the work format, else the encoder's
+    own planar Y'CbCr formats that lose nothing (ProRes takes only 10-bit 4:2:2 and 4:4:4, DNxHD
+    4:2:2), the smallest first, else yuv420p."""
+    bits = format_bits(work_fmt)
+    sub = PLANAR_YUV.match(work_fmt).group(1)  # "20", "22" or "44" (of 4:2:0, 4:2:2, 4:4:4)
+    keep = sorted(
+        (format_bits(f), m.group(1), f)
+        for f, m in ((f, PLANAR_YUV.match(f)) for f in supported)
+        if m and not f.startswith("yuvj") and format_bits(f) >= bits and m.group(1) >= sub
+    )
+    candidates = (
+        ([] if y4m else [src_fmt])
+        + [work_fmt]
+        + [f for *_, f in keep]
+        + (["yuv420p10le"] if bits > 8 else [])
+        + ["yuv420p"]
+    )
+    # An encoder that takes none of those (gif: palettes only) gets the first of its own formats
+    # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
+    candidates += [f for f in FALLBACK_FORMATS if f in supported]
+    return next((f for f in candidates if not supported or f in supported), "yuv420p")
+
+
+def _cannot_encode(dst: Path, codec: str, width: int, height: int, pix_fmt: str, reason: str) -> VideoError:
+    """The encoder's refusal to open at this size and format; an odd size in a chroma-subsampled format
+    is named as the likely cause (otherwise it lies elsewhere: the encoder's own reason follows, e.g.
+    a --crf outside its range)."""
+    odd = ""
+    if chroma_factors(pix_fmt) != (1, 1) and (width % 2 or height % 2):
+        odd = " (4:2:0 and 4:2:2 need even sizes: try --pix-fmt yuv444p)"
+    return VideoError(f"{dst}: {codec} cannot encode {width}x{height} {pix_fmt}{odd} ({reason})")
+
+
 def _open_output(
     tmp: Path, first, vstream, astreams, opts: VideoOptions, work_fmt: str, color, dst: Path, pending: deque
 ):
@@ -976,25 +1011,7 @@ def _open_output(
     pix_fmt, notes = opts.pix_fmt, []
     if pix_fmt is None:
         src_fmt = first.format.name
-        # Then the encoder's own planar Y'CbCr formats that lose nothing (ProRes takes only 10-bit
-        # 4:2:2 and 4:4:4, DNxHD 4:2:2), the smallest first.
-        sub = PLANAR_YUV.match(work_fmt).group(1)  # "20", "22" or "44" (of 4:2:0, 4:2:2, 4:4:4)
-        keep = sorted(
-            (format_bits(f), m.group(1), f)
-            for f, m in ((f, PLANAR_YUV.match(f)) for f in supported)
-            if m and not f.startswith("yuvj") and format_bits(f) >= bits and m.group(1) >= sub
-        )
-        candidates = (
-            ([] if y4m else [src_fmt])
-            + [work_fmt]
-            + [f for *_, f in keep]
-            + (["yuv420p10le"] if bits > 8 else [])
-            + ["yuv420p"]
-        )
-        # An encoder that takes none of those (gif: palettes only) gets the first of its own formats
-        # that swscale can write, in FALLBACK_FORMATS' order of fidelity.
-        candidates += [f for f in FALLBACK_FORMATS if f in supported]
-        pix_fmt = next((f for f in candidates if not supported or f in supported), "yuv420p")
+        pix_fmt = default_pix_fmt(src_fmt, work_fmt, supported, y4m)
         # MJPEG refuses limited-range Y'CbCr ("Non full-range YUV is non-standard"): an MJPEG .avi of any
         # ordinary source failed. Its full-range twin (yuvj) keeps the levels; swscale converts.
         twin = f"yuvj{pix_fmt[3:]}"  # (yuv420p: yuvj420p)
@@ -1142,20 +1159,7 @@ def _open_output(
                 error = e
     if error is not None:
         out.close()
-        import av.video.format
-
-        # Only a chroma-subsampled format needs even sizes; otherwise the cause is elsewhere (the
-        # encoder's own message follows, e.g. a --crf outside its range).
-        comps = av.video.format.VideoFormat(pix_fmt, 64, 64).components
-        subsampled = len(comps) >= 3 and (comps[1].width, comps[1].height) != (64, 64)
-        odd = (
-            " (4:2:0 and 4:2:2 need even sizes: try --pix-fmt yuv444p)"
-            if subsampled and (first.width % 2 or first.height % 2)
-            else ""
-        )
-        raise VideoError(
-            f"{dst}: {codec} cannot encode {first.width}x{first.height} {pix_fmt}{odd} ({_msg(error)})"
-        ) from None
+        raise _cannot_encode(dst, codec, first.width, first.height, pix_fmt, _msg(error)) from None
     # FFmpeg hands back the options the encoder did not take: a mistyped --codec-option was ignored unsaid.
     unused = [k for k in opts.codec_options if k in (cc.options or {})]
     # (check_encoder_options says so first where the encoder opens on a small frame: not a GPU one
@@ -1441,12 +1445,15 @@ def check_encoder_options(codec: str, opts: VideoOptions, dst) -> None:
             raise EncoderOptionError(f"{dst}: {codec} has no option {k!r} (--codec-option {k}={user[k]})")
 
 
-def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool = True, inp=None) -> None:
+def check_container(
+    dst: Path, codec: str, src: Path | None = None, audio: bool = True, inp=None, pix_fmt: str | None = None
+) -> None:
     """The container dst's name asks for can be written and takes `codec`: o.xyz ("cannot write this
     container") and o.png ("'image2' format does not support 'libx264' codec") were refused only after
     the model had loaded. A hidden file beside dst is opened, as the output will be, and removed.
     src (None: not looked at): its streams, read from their headers, must fit too (see
-    _check_streams_fit); read from inp, src opened already (a pipe, read once only), else opened here."""
+    _check_streams_fit); read from inp, src opened already (a pipe, read once only), else opened here.
+    pix_fmt: --pix-fmt, or None: the one _open_output takes by default."""
     import av
     import av.logging
 
@@ -1469,7 +1476,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 except (av.FFmpegError, ValueError) as e:
                     raise VideoError(f"{dst}: cannot encode with {codec!r} ({_msg(e)})") from None
                 if src is not None:
-                    _check_streams_fit(src, inp, out, vs, dst, audio)
+                    _check_streams_fit(src, inp, out, vs, dst, audio, pix_fmt)
             except VideoError as e:  # (its traceback's frames, and its context's, hold the probe: dropped)
                 e.__context__ = None
                 raise e.with_traceback(None) from None
@@ -1485,12 +1492,12 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
         _logging_back(*levels)
 
 
-def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
+def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool, pix_fmt: str | None) -> None:
     """The input's streams against the output container `out` (a probe with the video stream vs), from
     the input's headers: AAC audio into .webm or .mpg was refused only once the model had loaded and the
     first frame decoded, and a 6-frame video into o.png failed after the whole restore, as "cannot write
     (Invalid argument)". Decided as _open_output decides; what the headers do not say is left to it.
-    inp: src opened already (left open), or None: opened here, and closed."""
+    inp: src opened already (left open), or None: opened here, and closed. pix_fmt: --pix-fmt, or None."""
     import av
 
     opened = _open_input(src) if inp is None else inp
@@ -1505,6 +1512,7 @@ def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
                 f"{dst}: holds one picture, but {src} has {counted(frames, 'frame')}; "
                 "write a video container (.mp4, .mkv)"
             )
+        _check_odd_size(videos[0], vs.codec_context.name, pix_fmt, dst)
         # The streams transcode copies, added as _open_output adds them (subtitles converted or dropped,
         # a cover picture where the container keeps one): subtitles and covers were left out, so a
         # subtitle stream the muxer refuses failed only once the model had loaded.
@@ -1530,6 +1538,44 @@ def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
     finally:
         if inp is None:
             opened.close()
+
+
+def _check_odd_size(vstream, codec: str, pix_fmt: str | None, dst: Path) -> None:
+    """A source of odd width or height, in a chroma-subsampled format its encoder refuses at that size
+    (x264 and x265 4:2:0 at 65x49), from the stream's header: it was refused only once the model had
+    loaded and the first frame decoded. The encoder is opened at the size and at the even size above it,
+    with the pixel format _open_output would take: only a refusal of the odd size alone is said here
+    (an encoder that does not open here at all is left to the run)."""
+    import av
+
+    header = vstream.codec_context
+    width, height = header.width, header.height
+    if header.format is None or not (width % 2 or height % 2):  # (a pipe's MP4 may say no format)
+        return
+    supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
+    y4m = dst.suffix.lower() == ".y4m"
+    pix_fmt = pix_fmt or default_pix_fmt(header.format.name, work_format(header.format), supported, y4m)
+    if chroma_factors(pix_fmt) == (1, 1) or (supported and pix_fmt not in supported):
+        return
+    refused = _open_refusal(codec, pix_fmt, width, height)
+    if refused is not None and _open_refusal(codec, pix_fmt, width + width % 2, height + height % 2) is None:
+        raise _cannot_encode(dst, codec, width, height, pix_fmt, refused)
+
+
+def _open_refusal(codec: str, pix_fmt: str, width: int, height: int) -> str | None:
+    """Why a new `codec` encoder does not open at this size and pixel format, or None if it does."""
+    import av
+
+    cc = av.CodecContext.create(codec, "w")
+    cc.width, cc.height, cc.pix_fmt, cc.time_base = width, height, pix_fmt, Fraction(1, 25)
+    try:
+        with _ffmpeg_reasons():  # (the reason in the run's words: _open_output opens under it too)
+            cc.open()
+    except (av.FFmpegError, ValueError) as e:
+        return _msg(e)
+    finally:
+        cc = None  # freed now, while the caller mutes stderr (x265 speaks as it is freed)
+    return None
 
 
 def _open_probe_encoder(vs) -> bool:
@@ -1593,7 +1639,9 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
         codec = output_codec(dst, opts)
-        check_container(dst, codec, src if inp is not None or src.is_file() else None, opts.audio, inp)
+        check_container(
+            dst, codec, src if inp is not None or src.is_file() else None, opts.audio, inp, opts.pix_fmt
+        )
         check_encoder_options(codec, opts, dst)
         check_pix_fmt(codec, opts.pix_fmt, dst)
     csv_path = None
