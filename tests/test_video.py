@@ -673,11 +673,13 @@ def test_file_names_with_a_colon_are_read_and_written_as_files(tiny_weights, tmp
     )
 
 
-def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path, capsys):
+def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path, monkeypatch, capsys):
     """An MP4 whose index (moov) follows its frames, as most cameras and encoders write it, cannot be
     read from a pipe (its frames lie behind the reader by then): 'cat f.mp4 | qairn video - o.mkv' said
     "/dev/stdin: corrupt or truncated video: no frame could be read (Invalid data found when processing
-    input)" of an intact file. It now says what is wrong and what to do."""
+    input)" of an intact file. It now says what is wrong and what to do, before the model loads: the demuxer
+    reads the index first, so it has met the frames behind it as the input was opened."""
+    _no_model(monkeypatch)
     # 3 frames of 160x120 noise, lossless: some 90 kB, more than the reader keeps to seek back in
     o = av.open(str(tmp_path / "f.mp4"), "w")  # (without +faststart: the index last)
     s = o.add_stream("libx264", rate=25, options={"qp": "0"})
@@ -695,9 +697,8 @@ def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path
     with stdin_pipe(data):
         assert main(["-", str(tmp_path / "o.mkv"), *model]) == 1
     said = (
-        "/dev/stdin: a piped MP4 or MOV needs its index (moov) before its frames, and no frame could be "
-        "read (Invalid data found when processing input); give the file's name instead of a pipe, or "
-        "remux it with +faststart"
+        "/dev/stdin: a piped MP4 or MOV needs its index (moov) before its frames, and this one has it after "
+        "them; give the file's name instead of a pipe, or remux it with +faststart"
     )
     assert capsys.readouterr().err == f"qairn: error: {said}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.mp4"]

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -741,15 +741,29 @@ def _open_input(src: Path):
         raise VideoError(f"{src}: is a directory, not a video")
     if src.is_file() and src.stat().st_size == 0:  # a pipe (/dev/stdin) has no size to check
         raise VideoError(f"{src}: empty file (0 bytes)")
+    piped = not src.is_file()
+    levels = av.logging.get_level(), _libav_level()  # (a pipe's opening is logged: set back after)
     try:
-        inp = av.open(_av_path(src))
+        # A pipe's MP4 with its index (moov) last has been read to its end to find the index; the demuxer
+        # then fails to go back to the first frames ("partial file") as it reads a few while opening.
+        with _ffmpeg_reasons() if piped else nullcontext([]) as logs:
+            inp = av.open(_av_path(src))
     except av.FFmpegError as e:
         raise VideoError(
             f"{src}: not a readable video (corrupt, truncated or unknown format: {_msg(e)})"
         ) from None
+    finally:
+        if piped:
+            _logging_back(*levels)
     if not inp.streams.video:
         inp.close()
         raise VideoError(f"{src}: has no video stream")
+    if piped and "mov" in inp.format.name.split(",") and any("partial file" in str(m) for *_, m in logs):
+        inp.close()
+        raise VideoError(
+            f"{src}: a piped MP4 or MOV needs its index (moov) before its frames, and this one has it after "
+            "them; give the file's name instead of a pipe, or remux it with +faststart"
+        )
     return inp
 
 
@@ -792,8 +806,8 @@ def _ffmpeg_reasons():
     old = av.logging.get_level()
     av.logging.set_level(av.logging.ERROR if old is None else old)
     try:
-        with av.logging.Capture(local=True):
-            yield
+        with av.logging.Capture(local=True) as logs:
+            yield logs  # (level, name, message) of each line
     finally:
         if old is None:
             av.logging.set_libav_level(AV_LOG_QUIET)
