@@ -3182,6 +3182,40 @@ def test_quality_csv_with_no_quality_is_refused(clip, tmp_path, capsys, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_video_says_its_errors_and_warnings_through_the_cli_s_own(clip, tmp_path, capsys, monkeypatch):
+    """qairn video printed its own 'qairn: error:' and 'qairn: warning:' lines (five places) beside
+    restore's and score's fatal(), error() and warning(), which add QAIRN_DEBUG=1's traceback and keep
+    clear of a progress bar: one wording change there would have missed these. Each goes through them."""
+    import qairn.engine.cli as engine_cli
+
+    _no_model(monkeypatch)
+    said = []
+    for name in ("fatal", "error", "warning"):
+        monkeypatch.setattr(engine_cli, name, lambda msg, name=name: said.append((name, msg)) or 2)
+    out, csv_path = str(tmp_path / "o.mp4"), str(tmp_path / "x.csv")
+    for args, rc in (
+        ([out, "--backend", "eager", "--onnx", csv_path], 2),
+        (["--score-only", "--no-quality"], 2),
+        ([out, "--quality-csv", csv_path, "--no-quality"], 2),
+        ([out, "--score-only", "--quality-csv", "-"], 1),
+        ([out, "--codec", "nosuch"], 1),
+    ):
+        assert main([str(clip), *args]) == rc, args
+    assert said == [
+        ("fatal", "--onnx runs with --backend onnxruntime or tensorrt, not eager"),
+        ("fatal", "--score-only with --no-quality has nothing to write"),
+        ("fatal", "--quality-csv with --no-quality: no trace is written"),
+        ("warning", f"--score-only writes no video: {out} is ignored (the trace: -)"),
+        (
+            "error",
+            "-: qairn video cannot write the quality trace to standard output; give --quality-csv a file "
+            "name",
+        ),
+        ("error", "--codec nosuch: this PyAV build has no such encoder"),
+    ]
+    assert capsys.readouterr().err == ""
+
+
 def test_an_output_given_with_score_only_is_said_to_be_ignored(clip, tmp_path, capsys, monkeypatch):
     """qairn video IN OUT --score-only wrote no OUT and put the trace beside IN, without a word: OUT
     looked like the video (or the trace's place) it would write. One warning now, before the model loads."""

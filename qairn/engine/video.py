@@ -2287,14 +2287,14 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Before the model loads, as restore and score do.
-    from qairn.engine.cli import SetupError, backend_problem, check_tile_options, fatal
+    # Before the model loads, as restore and score do; said as they say theirs (fatal: exit 2, a usage
+    # error; error: a failed run's line; warning).
+    from qairn.engine.cli import SetupError, backend_problem, check_tile_options, error, fatal, warning
 
     check_tile_options(parser, args)
     problem = backend_problem(args)
-    if problem:  # 2, as restore's: a usage error
-        print(f"qairn: error: {problem}", file=sys.stderr)
-        return 2
+    if problem:
+        return fatal(problem)
     if args.crf is not None and args.bitrate is not None:  # the bitrate won, and the --crf went unsaid
         parser.error("--crf and --bitrate: give one (--crf a constant quality, --bitrate a rate)")
     opts = VideoOptions(
@@ -2317,17 +2317,12 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
     )
     if args.score_only and args.no_quality:
-        print("qairn: error: --score-only with --no-quality has nothing to write", file=sys.stderr)
-        return 2
+        return fatal("--score-only with --no-quality has nothing to write")
     if args.quality_csv is not None and args.no_quality:  # (it was ignored without a word)
-        print("qairn: error: --quality-csv with --no-quality: no trace is written", file=sys.stderr)
-        return 2
+        return fatal("--quality-csv with --no-quality: no trace is written")
     if args.score_only and args.output is not None:  # (taken for the video, or the trace's place)
         trace = args.quality_csv or f"{args.input}.quality.csv"
-        print(
-            f"qairn: warning: --score-only writes no video: {args.output} is ignored (the trace: {trace})",
-            file=sys.stderr,
-        )
+        warning(f"--score-only writes no video: {args.output} is ignored (the trace: {trace})")
     # SVT-AV1 printed some 20 lines of banner and settings on every run (x265 is given log-level=error).
     # It reads its level from the environment once, as the process first opens it: errors only, unless
     # the user set one.
@@ -2335,8 +2330,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import av  # noqa: F401
     except ImportError:  # 2, as every qairn command's missing optional package: the user's to install
-        print("qairn: error: `qairn video` needs PyAV: pip install 'qairn[video]'", file=sys.stderr)
-        return 2
+        return fatal("`qairn video` needs PyAV: pip install 'qairn[video]'")
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     opened = None
@@ -2358,10 +2352,7 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:  # 2, as restore's: bad weights, device, backend
         return fatal(str(e))
     except (VideoError, ValueError, RuntimeError, OSError) as e:
-        from qairn.engine.cli import debug_traceback  # QAIRN_DEBUG=1, as for images
-
-        debug_traceback()
-        print(f"qairn: error: {_msg(e)}", file=sys.stderr)
+        error(_msg(e))  # (with QAIRN_DEBUG=1 its traceback, as for images)
         return 1
     finally:
         if opened is not None:  # (closed by transcode where it ran; closing again does nothing)
@@ -2369,7 +2360,7 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, old)
     for n in summary["notes"]:
-        print(f"qairn: warning: {n}", file=sys.stderr)
+        warning(n)
     if not args.quiet:
         mq, caveats = summary["mean_quality"], summary["caveats"]
         said = f"{counted(caveats, 'frame')} with a caveat left out"
