@@ -2086,3 +2086,35 @@ def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
             rebuild=False,
         )
     ]
+
+
+def test_an_engine_given_without_its_sidecar_is_told_how_to_go_on_from_the_command_line(
+    workdir, tiny_weights, capsys, monkeypatch
+):
+    """`qairn score --engine F` with F built by trtexec (no sidecar) was told to "pass another engine=
+    path for qairn to build there": the library's keyword, and advice the command line refuses (--engine
+    F: no such file). It is now told to replace F with an engine qairn builds. (A stand-in
+    TensorRT and GPU: the refusal comes before any export or build.)"""
+    import torch
+
+    from qairn.export import trt_backend, trt_engine
+
+    fake = SimpleNamespace(__version__="10.9.0", BuilderFlag=SimpleNamespace(FP16=1))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_backend, "cached_onnx", model_not_loaded)  # (the export: not reached)
+    monkeypatch.setattr(trt_engine, "gpu_identity", lambda device: ("Fake GPU", "9.0"))
+    for name, value in dict(is_available=True, device_count=1, current_device=0).items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, value=value: value)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    engine = workdir / "trtexec.engine"
+    engine.write_bytes(b"trtexec's engine")
+    given = ["--device", "cuda", "--backend", "tensorrt", "--engine", engine, "--weights", tiny_weights]
+    rc, out, err = run(capsys, "score", workdir / "a.jpg", *given)
+    says = (
+        f"{engine}: no readable sidecar trtexec.engine.json, so not an engine qairn can validate (trtexec's?)"
+        f"; an engine given to run needs one: replace it with qairn export tensorrt WEIGHTS -o {engine} "
+        "--overwrite"
+    )
+    assert (rc, out, err) == (2, "", f"qairn: error: {says}\n")
+    assert engine.read_bytes() == b"trtexec's engine"

@@ -233,10 +233,16 @@ class TrtBackend(Closing):
         if self.engine_file is not None and self.engine_file.is_file() and recorded is None:
             # Not an engine qairn built (trtexec's), or one whose sidecar was lost: nothing says what it
             # was built for, and the user's file is not ours to rebuild over. Refused before the export.
+            # (rebuild=False, the command line's --engine: a new path is no way on there, it is refused.)
+            build = f"qairn export tensorrt WEIGHTS -o {self.engine_file} --overwrite"
+            how = (
+                f"pass another engine= path for qairn to build there, or replace it: {build}"
+                if rebuild
+                else f"an engine given to run needs one: replace it with {build}"
+            )
             raise BackendError(
                 f"{self.engine_file}: no readable sidecar {trt_engine.sidecar_path(self.engine_file).name}, "
-                "so not an engine qairn can validate (trtexec's?); pass another engine= path for qairn to "
-                f"build there, or replace it: qairn export tensorrt WEIGHTS -o {self.engine_file} --overwrite"
+                f"so not an engine qairn can validate (trtexec's?); {how}"
             )
         if self.engine_file is not None and self.engine_file.is_dir():
             # A new engine is written there only after its build (minutes), which then failed to rename
