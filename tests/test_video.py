@@ -1699,28 +1699,29 @@ def test_the_bit_depth_note_says_what_is_written(restorer, tmp_path):
         ]
 
 
-def test_10_bit_h264_in_mp4_says_many_players_cannot_play_it(restorer, tmp_path):
-    """A 10-bit source went to 10-bit H.264 (High 10) in .mp4 without a word, which browsers and phones
-    do not play. A note says so and how to get 8-bit; --pix-fmt yuv420p and .mkv (not a player's format)
-    get none."""
-    src = tmp_path / "ten.mkv"
+@pytest.mark.parametrize("pix_fmt", ["yuv420p10le", "yuv444p", "yuv422p"])
+def test_h264_players_cannot_play_in_mp4_is_said(restorer, tmp_path, pix_fmt):
+    """A 10-bit source went to 10-bit H.264 (High 10) in .mp4 without a word, and so did a 4:4:4 one (an
+    RGB source: screen captures, PNG in MOV) or 4:2:2 one, which browsers and phones do not play. A note
+    says so and how to get 8-bit 4:2:0; --pix-fmt yuv420p and .mkv (not a player's format) get none."""
+    src = tmp_path / "in.mkv"
     o = av.open(str(src), "w")
     s = o.add_stream("ffv1", rate=25)
-    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p10le"
+    s.width, s.height, s.pix_fmt = 64, 48, pix_fmt
     s.codec_context.colorspace, s.codec_context.color_range = 1, 1  # BT.709, limited: no guess to note
     f = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 99, np.uint8), format="rgb24")
-    f = f.reformat(format="yuv420p10le")
+    f = f.reformat(format=pix_fmt)
     f.pts, f.time_base = 0, Fraction(1, 25)
     o.mux(s.encode(f) + s.encode(None))
     o.close()
     said = (
-        f"{src}: libx264 in .mp4 writes 10-bit yuv420p10le, which many players (browsers, phones) "
-        "cannot play; --pix-fmt yuv420p writes 8-bit"
+        f"{src}: libx264 in .mp4 writes {pix_fmt}, which many players (browsers, phones) cannot play: they "
+        "take 8-bit 4:2:0 (--pix-fmt yuv420p)"
     )
-    for out, pix_fmt, notes in (("o.mp4", None, [said]), ("p.mp4", "yuv420p", []), ("o.mkv", None, [])):
-        summary = transcode(restorer, src, tmp_path / out, VideoOptions(pix_fmt=pix_fmt, write_quality=False))
+    for out, chosen, notes in (("o.mp4", None, [said]), ("p.mp4", "yuv420p", []), ("o.mkv", None, [])):
+        summary = transcode(restorer, src, tmp_path / out, VideoOptions(pix_fmt=chosen, write_quality=False))
         assert summary["codec"] == "libx264" and summary["notes"] == notes, (out, summary["notes"])
-        assert summary["pix_fmt"] == (pix_fmt or "yuv420p10le")
+        assert summary["pix_fmt"] == (chosen or pix_fmt)
 
 
 def srt_clip(path, frames_rgb, cues=((0, b"Hello"), (40, b"there"))):

@@ -1038,11 +1038,14 @@ def _open_output(
             )
         elif depth < bits:
             notes.append(f"{codec} cannot encode {src_fmt}: writing {depth}-bit {pix_fmt}")
-        if depth > 8 and codec == "libx264" and tmp.suffix.lower() in FASTSTART_SUFFIXES:
-            # Kept as the source's depth, but browsers and phones decode 8-bit H.264 only.
+        # Kept as the source's depth and chroma (an RGB source's: 4:4:4), but browsers and phones play
+        # 8-bit 4:2:0 H.264 only (not High 10, 4:2:2 or 4:4:4). (Gray is left unsaid.)
+        player_format = depth == 8 and chroma_factors(pix_fmt) == (2, 2)
+        gray = len(av.VideoFormat(pix_fmt).components) < 3
+        if codec == "libx264" and tmp.suffix.lower() in FASTSTART_SUFFIXES and not (player_format or gray):
             notes.append(
-                f"{codec} in {dst.suffix} writes {depth}-bit {pix_fmt}, which many players "
-                "(browsers, phones) cannot play; --pix-fmt yuv420p writes 8-bit"
+                f"{codec} in {dst.suffix} writes {pix_fmt}, which many players (browsers, phones) cannot "
+                "play: they take 8-bit 4:2:0 (--pix-fmt yuv420p)"
             )
     elif supported and pix_fmt not in supported:
         out.close()
