@@ -1403,6 +1403,11 @@ def test_an_odd_size_the_encoder_refuses_is_refused_before_the_model_loads(tmp_p
             err
         )
         assert err.count("\n") == 1
+    # A --pix-fmt no encoder takes is still said as check_pix_fmt says it (the size check met PyAV's
+    # "not a pixel format: 'nosuch'" first).
+    assert main([str(tmp_path / "odd.mkv"), str(out), "--pix-fmt", "nosuch", "--device", "cpu", "-q"]) == 1
+    said = f"qairn: error: {out}: libx264 cannot encode pixel format nosuch (it takes gray, "
+    assert capfd.readouterr().err.startswith(said)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mkv"]
 
 

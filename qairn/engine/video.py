@@ -1572,7 +1572,12 @@ def _check_odd_size(vstream, codec: str, pix_fmt: str | None, dst: Path) -> None
     supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
     y4m = dst.suffix.lower() == ".y4m"
     pix_fmt = pix_fmt or default_pix_fmt(header.format.name, work_format(header.format), supported, y4m)
-    if chroma_factors(pix_fmt) == (1, 1) or (supported and pix_fmt not in supported):
+    if supported and pix_fmt not in supported:  # (check_pix_fmt says so)
+        return
+    try:
+        if chroma_factors(pix_fmt) == (1, 1):
+            return
+    except ValueError:  # not a pixel format at all (--pix-fmt nosuch): said by _open_output
         return
     refused = _open_refusal(codec, pix_fmt, width, height)
     if refused is not None and _open_refusal(codec, pix_fmt, width + width % 2, height + height % 2) is None:
