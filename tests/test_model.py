@@ -24,6 +24,28 @@ def test_forward_shapes_and_gamma_scales(h, w):
         assert 0 <= g.min() and g.max() <= 1
 
 
+@pytest.mark.parametrize("h,w,p", [(33, 47, 4.0), (16, 16, 1.0), (5, 70, 32.0)])
+def test_pooled_forward_scores_the_gammas_it_returns(h, w, p):
+    """forward(pool_p=...) takes its sums inside the gates, over each scale's padded map cut to the image
+    (scale_cores): they must pool to the Minkowski mean of the cropped gammas it returns, with the same
+    picture and gammas as the plain call, and image=False must give the same gammas and sums alone."""
+    from qairn.kernels.gate import minkowski_from_sums
+
+    m = lively_model()
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y, gammas = m(x)
+        y_p, gammas_p, pooled = m(x, pool_p=p)
+        none, gammas_q, pooled_q = m(x, pool_p=p, image=False)
+    assert none is None and torch.equal(y, y_p)
+    for g, g_p, g_q, (s, n), (s_q, n_q) in zip(gammas, gammas_p, gammas_q, pooled, pooled_q):
+        assert torch.equal(g, g_p) and torch.equal(g, g_q)
+        assert n.flatten().tolist() == [g[0].numel()] * 2 and torch.equal(n, n_q)
+        q = minkowski_from_sums(s.flatten(), n.flatten(), p)
+        assert torch.allclose(q, minkowski(g, p), rtol=1e-5), (q, minkowski(g, p))
+        assert torch.allclose(s, s_q)
+
+
 def test_padding_is_replicate_and_cropped():
     # An image already a multiple of 16 must give the same top-left result as its padded self.
     m = lively_model()
