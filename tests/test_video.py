@@ -1425,6 +1425,27 @@ print("done")
     assert leftovers(tmp_path) == []
 
 
+def test_two_runs_muting_stderr_at_once_give_it_back():
+    """fd 2 is the process's, muted while x264 or x265 is probed: two runs probing at once (a
+    transcoder's worker threads) each saved fd 2 and put it back, and the second saved the first's
+    /dev/null, so whichever order they ended in, the last one left fd 2 on /dev/null for good: every
+    later error of the process went nowhere. Here the two overlap in one thread, in that order."""
+    from qairn.engine.video import _stderr_muted
+
+    def fd2():
+        st = os.fstat(2)
+        return st.st_dev, st.st_ino
+
+    real = fd2()
+    first, second = _stderr_muted("libx264"), _stderr_muted("libx265")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert fd2() != real  # (the second is still probing)
+    second.__exit__(None, None, None)
+    assert fd2() == real
+
+
 def test_a_kept_exception_keeps_no_decoder_or_encoder(restorer, clip, tmp_path):
     """A transcoder that keeps the exceptions of failed runs (to log them later) kept each run's decoder
     and encoder alive through the frames of the exception's traceback, and with them their threads: 7

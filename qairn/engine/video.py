@@ -1338,6 +1338,16 @@ PROBE_SIZE = (128, 96)  # SQCIF: H.263 takes only a few sizes, this one among th
 SELF_PRINTING_ENCODERS = {"libx264", "libx264rgb", "libx265", "libsvtav1"}
 
 
+class _Muted:
+    """fd 2 while _stderr_muted has it, in any thread: it is the process's, so two runs probing at once (a
+    transcoder's worker threads) share one muting. Each saved it and put it back, and the second saved the
+    first's /dev/null: the last to end left fd 2 there for good."""
+
+    lock = threading.Lock()
+    count = 0  # the threads inside _stderr_muted now
+    saved = None  # the real fd 2 (a duplicate) while count > 0; None where there was no fd 2 to mute
+
+
 @contextmanager
 def _stderr_muted(codec: str):
     """fd 2 to /dev/null while `codec` is probed, where it prints there itself (SELF_PRINTING_ENCODERS),
@@ -1347,18 +1357,25 @@ def _stderr_muted(codec: str):
         yield
         return
     sys.stderr.flush()
+    with _Muted.lock:
+        if _Muted.count == 0:
+            try:
+                _Muted.saved = os.dup(2)
+            except OSError:  # no fd 2 to mute
+                _Muted.saved = None
+            if _Muted.saved is not None:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 2)
+        _Muted.count += 1
     try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 to mute
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _Muted.lock:
+            _Muted.count -= 1
+            if _Muted.count == 0 and _Muted.saved is not None:
+                os.dup2(_Muted.saved, 2)
+                os.close(_Muted.saved)
+                _Muted.saved = None
 
 
 def _probe(codec: str, options: dict) -> tuple[str | None, set]:
