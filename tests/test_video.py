@@ -1395,6 +1395,58 @@ def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
         av.logging.set_libav_level(av.logging.INFO)
 
 
+def test_two_runs_at_once_leave_the_logging_as_they_found_it(restorer, clip, tmp_path):
+    """PyAV's and FFmpeg's logging are the process's. Each run noted their levels as it started and set
+    them back as it ended, and a run turns PyAV's on while it opens its output (for FFmpeg's reasons): a
+    run B started while run A had turned it on, and ending after A, noted it on, and left it on (ERROR)
+    with FFmpeg's own log muted, for good. Here B reads a pipe, fed only once A, held at its first
+    frame meanwhile, has ended."""
+    if ffmpeg_log_level() is None:
+        pytest.skip("FFmpeg's av_log_get_level cannot be looked up through PyAV's module here")
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes (os.mkfifo) on this platform")
+    raw = flat_clip(tmp_path / "b.y4m", codec="rawvideo").read_bytes()
+    pipe = tmp_path / "b.pipe"
+    os.mkfifo(pipe)
+    a_restoring, a_may_end, errors = threading.Event(), threading.Event(), []
+
+    class Held:  # A's restorer, which waits at the first frame
+        def restore_stream(self, planes, **kw):
+            for res in restorer.restore_stream(planes, **kw):
+                a_restoring.set()
+                a_may_end.wait(60)
+                yield res
+
+    def run(runner, src, name):
+        try:
+            transcode(runner, src, tmp_path / name, VideoOptions(write_quality=False))
+        except Exception as e:  # noqa: BLE001  (said by the assert below)
+            errors.append(e)
+        finally:
+            a_restoring.set()
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))  # (where B failed before opening it)
+
+    a = threading.Thread(target=run, args=(Held(), clip, "a.mkv"))
+    a.start()
+    a_restoring.wait(60)
+    b = threading.Thread(target=run, args=(restorer, pipe, "b.mkv"))
+    b.start()
+    try:
+        with open(pipe, "wb") as feed:  # (opened once B opens it to read: B has noted the levels)
+            a_may_end.set()
+            a.join(60)
+            try:
+                feed.write(raw)
+            except BrokenPipeError:
+                pass
+        b.join(60)
+        assert errors == []
+        assert (av.logging.get_level(), ffmpeg_log_level()) == (None, av.logging.INFO)
+    finally:  # (for the tests after this one)
+        av.logging.set_level(None)
+        av.logging.set_libav_level(av.logging.INFO)
+
+
 def test_a_run_that_stops_early_leaves_no_decoder_thread_to_hang_its_free(clip, tmp_path):
     """CI hung in this file until its 90 minutes were up, and here the file hung 1 run in 2 (in
     test_ffmpeg_log_level_is_set_back_to_the_callers): a run refused after its first frame left the

@@ -776,6 +776,29 @@ def _msg(e: Exception) -> str:
 AV_LOG_QUIET = -8  # FFmpeg's level below PANIC: its own callback prints nothing
 
 
+class _Logging:
+    """PyAV's logging and FFmpeg's log level are the process's, shared by runs in several threads at
+    once (a transcoder's worker pool): the first run to start notes them, the last to end sets them
+    back, and PyAV's stays on while any run is inside _ffmpeg_reasons. Each run noted and set back its
+    own: one that started while another had PyAV's on noted it on, and where it ended last it left it
+    on (ERROR) and FFmpeg's own log muted, for good."""
+
+    lock = threading.Lock()
+    runs = 0  # runs between _logging_noted and _logging_back
+    levels = (None, None)  # PyAV's level and FFmpeg's (_libav_level) before the first of them
+    reasons = 0  # runs inside _ffmpeg_reasons
+
+
+def _logging_noted() -> None:
+    """Note PyAV's and FFmpeg's log levels for _logging_back, unless a run in another thread has."""
+    import av.logging
+
+    with _Logging.lock:
+        if _Logging.runs == 0:
+            _Logging.levels = av.logging.get_level(), _libav_level()
+        _Logging.runs += 1
+
+
 @contextmanager
 def _ffmpeg_reasons():
     """Keep FFmpeg's own reason for an error in it ("Invalid argument: Unsupported audio codec. Must be
@@ -789,28 +812,33 @@ def _ffmpeg_reasons():
     _logging_back turns it off once the decoder is closed."""
     import av.logging
 
-    old = av.logging.get_level()
-    av.logging.set_level(av.logging.ERROR if old is None else old)
+    with _Logging.lock:
+        off = _Logging.levels[0] is None  # (as the first run found it)
+        if off and _Logging.reasons == 0:
+            av.logging.set_level(av.logging.ERROR)
+        _Logging.reasons += 1
     try:
         with av.logging.Capture(local=True):
             yield
     finally:
-        if old is None:
-            av.logging.set_libav_level(AV_LOG_QUIET)
-            av.logging.restore_default_callback()
-        else:
-            av.logging.set_level(old)
+        with _Logging.lock:
+            _Logging.reasons -= 1
+            if off and _Logging.reasons == 0:
+                av.logging.set_libav_level(AV_LOG_QUIET)
+                av.logging.restore_default_callback()
 
 
-def _logging_back(old, old_libav: int | None) -> None:
-    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then; old_libav: FFmpeg's, from
-    _libav_level, None for unknown), once no decoder is left."""
+def _logging_back() -> None:
+    """PyAV's logging as the first run found it (_logging_noted), once the last run has ended (its
+    decoder closed). FFmpeg's level was unknown where _libav_level gave None: FFmpeg's default, INFO."""
     import av.logging
 
-    if old is None and av.logging.get_level() is not None:
-        av.logging.set_level(None)
-        # (unknown: FFmpeg's default, INFO)
-        av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
+    with _Logging.lock:
+        _Logging.runs -= 1
+        old, old_libav = _Logging.levels
+        if _Logging.runs == 0 and old is None and av.logging.get_level() is not None:
+            av.logging.set_level(None)
+            av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
 
 
 def _park_decoder(vstream) -> None:
@@ -1388,10 +1416,10 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
     formats = [f.name for f in (av.Codec(codec, "w").video_formats or [])] or ["yuv420p"]
     formats.sort(key=lambda f: f != "yuv420p")
     reason = None
-    levels = av.logging.get_level(), _libav_level()
     # (PyAV drops a line that repeats the one before: the second probe of a run would hear no reason)
     skip_repeated = av.logging.get_skip_repeated()
     av.logging.set_skip_repeated(False)
+    _logging_noted()
     try:
         for fmt in formats:
             cc = av.CodecContext.create(codec, "w")
@@ -1412,7 +1440,7 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
             reason = reason or (own[0].strip() if own else _msg(error))
     finally:
         av.logging.set_skip_repeated(skip_repeated)
-        _logging_back(*levels)
+        _logging_back()
     return reason, set()
 
 
@@ -1461,9 +1489,9 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
     import av
     import av.logging
 
-    levels = av.logging.get_level(), _libav_level()  # set back once the probe and input are closed
     probe = _temp_path(dst)
     out = vs = None
+    _logging_noted()  # set back once the probe and input are closed
     try:
         # x265 prints its settings as it opens and "encoded 0 frames" as it is freed, which is when the
         # probe's last reference goes: muted until then (below, on an error too).
@@ -1493,7 +1521,7 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                 out = vs = None
     finally:
         probe.unlink(missing_ok=True)
-        _logging_back(*levels)
+        _logging_back()
 
 
 def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
@@ -1678,10 +1706,9 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts, inp)
-    # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
-    log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src) if inp is None else inp
     out = tmp = vstream = frames = None
+    _logging_noted()  # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     try:
         videos = [s for s in inp.streams.video if not is_cover(s)]
         if not videos:
@@ -1938,7 +1965,7 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
             tmp.unlink(missing_ok=True)
         _park_decoder(vstream)
         inp.close()
-        _logging_back(*log_levels)
+        _logging_back()
         if frames is not None:  # (held by planes(), which the restorer's frames in a traceback may hold)
             frames.close()
 
