@@ -1447,6 +1447,48 @@ def test_two_runs_at_once_leave_the_logging_as_they_found_it(restorer, clip, tmp
         av.logging.set_libav_level(av.logging.INFO)
 
 
+def test_two_encoder_checks_at_once_leave_repeated_lines_skipped(monkeypatch, tmp_path):
+    """An encoder check turns off PyAV's skipping of repeated log lines (the process's) and set back what
+    it found: a second check started meanwhile (a transcoder's other worker) found it off, and where it
+    ended last it left it off for good. Here each check is held inside its first probe until the other
+    has started."""
+    from qairn.engine import video
+
+    real = video._ffmpeg_reasons
+    inside = {"a": threading.Event(), "b": threading.Event()}
+    may_leave = {"a": threading.Event(), "b": threading.Event()}
+
+    @contextmanager
+    def held():
+        with real():
+            name = threading.current_thread().name
+            if not inside[name].is_set():
+                inside[name].set()
+                may_leave[name].wait(60)
+            yield
+
+    monkeypatch.setattr(video, "_ffmpeg_reasons", held)
+    assert av.logging.get_skip_repeated()
+    checks = {
+        name: threading.Thread(
+            target=video.check_encoder_options,
+            args=("mpeg4", VideoOptions(), tmp_path / f"{name}.mp4"),
+            name=name,
+        )
+        for name in ("a", "b")
+    }
+    try:
+        for name in ("a", "b"):
+            checks[name].start()
+            inside[name].wait(60)
+        for name in ("a", "b"):
+            may_leave[name].set()
+            checks[name].join(60)
+        assert av.logging.get_skip_repeated()
+    finally:
+        av.logging.set_skip_repeated(True)
+
+
 def test_a_run_that_stops_early_leaves_no_decoder_thread_to_hang_its_free(clip, tmp_path):
     """CI hung in this file until its 90 minutes were up, and here the file hung 1 run in 2 (in
     test_ffmpeg_log_level_is_set_back_to_the_callers): a run refused after its first frame left the

@@ -781,11 +781,12 @@ class _Logging:
     once (a transcoder's worker pool): the first run to start notes them, the last to end sets them
     back, and PyAV's stays on while any run is inside _ffmpeg_reasons. Each run noted and set back its
     own: one that started while another had PyAV's on noted it on, and where it ended last it left it
-    on (ERROR) and FFmpeg's own log muted, for good."""
+    on (ERROR) and FFmpeg's own log muted, for good (and _probe's skip_repeated off)."""
 
     lock = threading.Lock()
     runs = 0  # runs between _logging_noted and _logging_back
     levels = (None, None)  # PyAV's level and FFmpeg's (_libav_level) before the first of them
+    skip_repeated = True  # PyAV's, before the first of them
     reasons = 0  # runs inside _ffmpeg_reasons
 
 
@@ -796,6 +797,7 @@ def _logging_noted() -> None:
     with _Logging.lock:
         if _Logging.runs == 0:
             _Logging.levels = av.logging.get_level(), _libav_level()
+            _Logging.skip_repeated = av.logging.get_skip_repeated()
         _Logging.runs += 1
 
 
@@ -835,8 +837,11 @@ def _logging_back() -> None:
 
     with _Logging.lock:
         _Logging.runs -= 1
+        if _Logging.runs:
+            return
+        av.logging.set_skip_repeated(_Logging.skip_repeated)
         old, old_libav = _Logging.levels
-        if _Logging.runs == 0 and old is None and av.logging.get_level() is not None:
+        if old is None and av.logging.get_level() is not None:
             av.logging.set_level(None)
             av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
 
@@ -1416,10 +1421,9 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
     formats = [f.name for f in (av.Codec(codec, "w").video_formats or [])] or ["yuv420p"]
     formats.sort(key=lambda f: f != "yuv420p")
     reason = None
-    # (PyAV drops a line that repeats the one before: the second probe of a run would hear no reason)
-    skip_repeated = av.logging.get_skip_repeated()
-    av.logging.set_skip_repeated(False)
     _logging_noted()
+    # (PyAV drops a line that repeats the one before: the second probe of a run would hear no reason)
+    av.logging.set_skip_repeated(False)
     try:
         for fmt in formats:
             cc = av.CodecContext.create(codec, "w")
@@ -1439,8 +1443,7 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
             own = [line for level, name, line in logs if level <= av.logging.ERROR and name == codec]
             reason = reason or (own[0].strip() if own else _msg(error))
     finally:
-        av.logging.set_skip_repeated(skip_repeated)
-        _logging_back()
+        _logging_back()  # (skip_repeated too)
     return reason, set()
 
 
