@@ -1489,6 +1489,36 @@ def test_two_encoder_checks_at_once_leave_repeated_lines_skipped(monkeypatch, tm
         av.logging.set_skip_repeated(True)
 
 
+@pytest.mark.parametrize("removing", ["check_container", "_transcode"])
+def test_a_second_ctrl_c_while_a_run_cleans_up_still_sets_the_logging_back(
+    restorer, clip, tmp_path, monkeypatch, removing
+):
+    """A second Ctrl-C (or SIGTERM) as a failed run removed its temp file (or the output check its probe)
+    skipped the rest of its cleanup: the decoder was not parked (the hang test_a_run_that_stops_early...
+    is about), the input not closed, and PyAV's logging and FFmpeg's level not set back (ERROR, and
+    QUIET) for the rest of the process."""
+    from pathlib import Path as PathType
+
+    real_unlink = PathType.unlink
+
+    def interrupted(self, *args, **kwargs):
+        real_unlink(self, *args, **kwargs)
+        if ".part" in self.name and sys._getframe(1).f_code.co_name == removing:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PathType, "unlink", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # (refused once the first frame is decoded)
+            transcode(restorer, clip, tmp_path / "o.y4m", VideoOptions(write_quality=False, pix_fmt="pal8"))
+        assert av.logging.get_level() is None
+        if ffmpeg_log_level() is not None:
+            assert ffmpeg_log_level() == av.logging.INFO
+        assert leftovers(tmp_path) == []
+    finally:  # (for the tests after this one)
+        av.logging.set_level(None)
+        av.logging.set_libav_level(av.logging.INFO)
+
+
 def test_a_run_that_stops_early_leaves_no_decoder_thread_to_hang_its_free(clip, tmp_path):
     """CI hung in this file until its 90 minutes were up, and here the file hung 1 run in 2 (in
     test_ffmpeg_log_level_is_set_back_to_the_callers): a run refused after its first frame left the

@@ -1523,8 +1523,10 @@ def check_container(dst: Path, codec: str, src: Path | None = None, audio: bool 
                         pass
                 out = vs = None
     finally:
-        probe.unlink(missing_ok=True)
-        _logging_back()
+        try:
+            probe.unlink(missing_ok=True)
+        finally:  # (a Ctrl-C as it is removed)
+            _logging_back()
 
 
 def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool) -> None:
@@ -1959,18 +1961,28 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
     except av.FFmpegError as e:
         raise VideoError(f"{dst or src}: {_msg(e)}") from None
     finally:
-        if out is not None:
+        # Each step whatever the one before raised: a second Ctrl-C (or SIGTERM) during the first skipped
+        # the rest, leaving the decoder busy (see _park_decoder) and PyAV's logging on for good.
+        try:
+            if out is not None:
+                try:
+                    out.close()
+                except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
+                    pass
+        finally:
             try:
-                out.close()
-            except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
-                pass
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        _park_decoder(vstream)
-        inp.close()
-        _logging_back()
-        if frames is not None:  # (held by planes(), which the restorer's frames in a traceback may hold)
-            frames.close()
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+            finally:
+                try:
+                    _park_decoder(vstream)
+                    inp.close()
+                finally:
+                    _logging_back()
+                    if (
+                        frames is not None
+                    ):  # (held by planes(), which the restorer's frames in a traceback hold)
+                        frames.close()
 
 
 def _lost_packets(counts: dict) -> str:
