@@ -1519,6 +1519,26 @@ def test_a_second_ctrl_c_while_a_run_cleans_up_still_sets_the_logging_back(
         av.logging.set_libav_level(av.logging.INFO)
 
 
+def test_writing_the_outputs_leaves_the_umask_alone(restorer, clip, tmp_path, monkeypatch):
+    """Each output's permissions follow the umask, which os.umask reads only by setting it: it was set to
+    0 for a moment as each file (video, trace, plot) was published, so a file another thread of the
+    process made meanwhile (a transcoder's other worker, a log rotating) was made with mode 0666."""
+    if "Umask:" not in Path("/proc/self/status").read_text():
+        pytest.skip("no Umask line in /proc/self/status (Linux before 4.7, or no /proc): os.umask is used")
+    real_umask = os.umask
+    old = real_umask(0o027)
+    set_to = []
+    monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or real_umask(mask))
+    try:
+        out = tmp_path / "o.mkv"
+        transcode(restorer, clip, out, VideoOptions())
+    finally:
+        real_umask(old)
+    assert set_to == []
+    for path in (out, tmp_path / "o.mkv.quality.csv", tmp_path / "o.mkv.quality.png"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
 def test_a_run_that_stops_early_leaves_no_decoder_thread_to_hang_its_free(clip, tmp_path):
     """CI hung in this file until its 90 minutes were up, and here the file hung 1 run in 2 (in
     test_ffmpeg_log_level_is_set_back_to_the_callers): a run refused after its first frame left the

@@ -55,7 +55,7 @@ from qairn.engine.color import (
     plane_bits,
     restore_planes,
 )
-from qairn.engine.imageio import path_arg, write_atomic
+from qairn.engine.imageio import current_umask, path_arg, write_atomic
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
@@ -700,17 +700,12 @@ def _temp_path(path: Path) -> Path:
 
 def _publish(tmp: Path, path: Path) -> None:
     """Give a finished temp file the permissions a new file would get (mkstemp makes 0600), rename it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    write_atomic(path, data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    write_atomic(path, data)  # (with the permissions a new file gets)
 
 
 def _check_writable(path: Path, what: str, overwrite: bool = True) -> None:
