@@ -245,10 +245,13 @@ def _frames_message(path: Path, frames: int, fmt: str | None = None) -> str:
 
 def _pillow_open(fp, path: Path):
     """Image.open(fp) of the file at path, without the "Corrupt EXIF data" warning Pillow 13 gives a
-    big-endian BigTIFF before it gives up on it (UnidentifiedImageError)."""
+    big-endian BigTIFF before it gives up on it (UnidentifiedImageError). Only such a file's open goes
+    through warnings.catch_warnings: it swaps the process's filter list, so another thread's filter set
+    meanwhile is dropped, and its warnings are ignored meanwhile."""
+    if _magic(path) != b"MM\x00+":
+        return Image.open(fp)
     with warnings.catch_warnings():
-        if _magic(path) == b"MM\x00+":
-            warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")
         return Image.open(fp)
 
 
