@@ -1081,3 +1081,22 @@ def test_a_jpeg_with_a_second_picture_is_not_called_a_moving_picture(tmp_path):
         f"{tmp_path / 'hdr.jpg'}: a JPEG holding 2 pictures (MPO: previews, a depth or HDR gain map, or "
         "a stereo pair's other view); only the first, the photo, is restored"
     ]
+
+
+def test_reading_an_image_leaves_the_warning_filters_alone(tmp_path, monkeypatch):
+    """warnings.catch_warnings swaps the process's filter list, and every image read went through one
+    (for a big-endian BigTIFF's sake): a filter another thread set meanwhile (a transcoder's worker
+    pool) was dropped as the read ended, and one thread's read of such a BigTIFF could leave every
+    warning of the process ignored. Here the other thread's filter is set from inside Image.open."""
+    path = tmp_path / "a.png"
+    cv2.imwrite(str(path), np.full((8, 8, 3), 100, np.uint8))
+    real_open = Image.open
+
+    def open_meanwhile(*args, **kwargs):
+        warnings.filterwarnings("error", message="set by another thread")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_meanwhile)
+    with warnings.catch_warnings():
+        read_image(path)
+        assert any(f[1] is not None and f[1].pattern == "set by another thread" for f in warnings.filters)

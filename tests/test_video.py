@@ -2,6 +2,7 @@
 made here from real images with JPEG artifacts."""
 
 import csv
+import gc
 import importlib.util
 import io
 import os
@@ -1429,6 +1430,150 @@ def test_ffmpeg_log_level_is_set_back_to_the_callers(restorer, clip, tmp_path):
         av.logging.set_libav_level(av.logging.INFO)
 
 
+def test_two_runs_at_once_leave_the_logging_as_they_found_it(restorer, clip, tmp_path):
+    """PyAV's and FFmpeg's logging are the process's. Each run noted their levels as it started and set
+    them back as it ended, and a run turns PyAV's on while it opens its output (for FFmpeg's reasons): a
+    run B started while run A had turned it on, and ending after A, noted it on, and left it on (ERROR)
+    with FFmpeg's own log muted, for good. Here B reads a pipe, fed only once A, held at its first
+    frame meanwhile, has ended."""
+    if ffmpeg_log_level() is None:
+        pytest.skip("FFmpeg's av_log_get_level cannot be looked up through PyAV's module here")
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes (os.mkfifo) on this platform")
+    raw = flat_clip(tmp_path / "b.y4m", codec="rawvideo").read_bytes()
+    pipe = tmp_path / "b.pipe"
+    os.mkfifo(pipe)
+    a_restoring, a_may_end, errors = threading.Event(), threading.Event(), []
+
+    class Held:  # A's restorer, which waits at the first frame
+        def restore_stream(self, planes, **kw):
+            for res in restorer.restore_stream(planes, **kw):
+                a_restoring.set()
+                a_may_end.wait(60)
+                yield res
+
+    def run(runner, src, name):
+        try:
+            transcode(runner, src, tmp_path / name, VideoOptions(write_quality=False))
+        except Exception as e:  # noqa: BLE001  (said by the assert below)
+            errors.append(e)
+        finally:
+            a_restoring.set()
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))  # (where B failed before opening it)
+
+    a = threading.Thread(target=run, args=(Held(), clip, "a.mkv"))
+    a.start()
+    a_restoring.wait(60)
+    b = threading.Thread(target=run, args=(restorer, pipe, "b.mkv"))
+    b.start()
+    try:
+        with open(pipe, "wb") as feed:  # (opened once B opens it to read: B has noted the levels)
+            a_may_end.set()
+            a.join(60)
+            try:
+                feed.write(raw)
+            except BrokenPipeError:
+                pass
+        b.join(60)
+        assert errors == []
+        assert (av.logging.get_level(), ffmpeg_log_level()) == (None, av.logging.INFO)
+    finally:  # (for the tests after this one)
+        av.logging.set_level(None)
+        av.logging.set_libav_level(av.logging.INFO)
+
+
+def test_two_encoder_checks_at_once_leave_repeated_lines_skipped(monkeypatch, tmp_path):
+    """An encoder check turns off PyAV's skipping of repeated log lines (the process's) and set back what
+    it found: a second check started meanwhile (a transcoder's other worker) found it off, and where it
+    ended last it left it off for good. Here each check is held inside its first probe until the other
+    has started."""
+    from qairn.engine import video
+
+    real = video._ffmpeg_reasons
+    inside = {"a": threading.Event(), "b": threading.Event()}
+    may_leave = {"a": threading.Event(), "b": threading.Event()}
+
+    @contextmanager
+    def held():
+        with real():
+            name = threading.current_thread().name
+            if not inside[name].is_set():
+                inside[name].set()
+                may_leave[name].wait(60)
+            yield
+
+    monkeypatch.setattr(video, "_ffmpeg_reasons", held)
+    assert av.logging.get_skip_repeated()
+    checks = {
+        name: threading.Thread(
+            target=video.check_encoder_options,
+            args=("mpeg4", VideoOptions(), tmp_path / f"{name}.mp4"),
+            name=name,
+        )
+        for name in ("a", "b")
+    }
+    try:
+        for name in ("a", "b"):
+            checks[name].start()
+            inside[name].wait(60)
+        for name in ("a", "b"):
+            may_leave[name].set()
+            checks[name].join(60)
+        assert av.logging.get_skip_repeated()
+    finally:
+        av.logging.set_skip_repeated(True)
+
+
+@pytest.mark.parametrize("removing", ["check_container", "_transcode"])
+def test_a_second_ctrl_c_while_a_run_cleans_up_still_sets_the_logging_back(
+    restorer, clip, tmp_path, monkeypatch, removing
+):
+    """A second Ctrl-C (or SIGTERM) as a failed run removed its temp file (or the output check its probe)
+    skipped the rest of its cleanup: the decoder was not parked (the hang test_a_run_that_stops_early...
+    is about), the input not closed, and PyAV's logging and FFmpeg's level not set back (ERROR, and
+    QUIET) for the rest of the process."""
+    from pathlib import Path as PathType
+
+    real_unlink = PathType.unlink
+
+    def interrupted(self, *args, **kwargs):
+        real_unlink(self, *args, **kwargs)
+        if ".part" in self.name and sys._getframe(1).f_code.co_name == removing:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PathType, "unlink", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # (refused once the first frame is decoded)
+            transcode(restorer, clip, tmp_path / "o.y4m", VideoOptions(write_quality=False, pix_fmt="pal8"))
+        assert av.logging.get_level() is None
+        if ffmpeg_log_level() is not None:
+            assert ffmpeg_log_level() == av.logging.INFO
+        assert leftovers(tmp_path) == []
+    finally:  # (for the tests after this one)
+        av.logging.set_level(None)
+        av.logging.set_libav_level(av.logging.INFO)
+
+
+def test_writing_the_outputs_leaves_the_umask_alone(restorer, clip, tmp_path, monkeypatch):
+    """Each output's permissions follow the umask, which os.umask reads only by setting it: it was set to
+    0 for a moment as each file (video, trace, plot) was published, so a file another thread of the
+    process made meanwhile (a transcoder's other worker, a log rotating) was made with mode 0666."""
+    if "Umask:" not in Path("/proc/self/status").read_text():
+        pytest.skip("no Umask line in /proc/self/status (Linux before 4.7, or no /proc): os.umask is used")
+    real_umask = os.umask
+    old = real_umask(0o027)
+    set_to = []
+    monkeypatch.setattr(os, "umask", lambda mask: set_to.append(mask) or real_umask(mask))
+    try:
+        out = tmp_path / "o.mkv"
+        transcode(restorer, clip, out, VideoOptions())
+    finally:
+        real_umask(old)
+    assert set_to == []
+    for path in (out, tmp_path / "o.mkv.quality.csv", tmp_path / "o.mkv.quality.png"):
+        assert path.stat().st_mode & 0o777 == 0o640, path
+
+
 def test_a_run_that_stops_early_leaves_no_decoder_thread_to_hang_its_free(clip, tmp_path):
     """CI hung in this file until its 90 minutes were up, and here the file hung 1 run in 2 (in
     test_ffmpeg_log_level_is_set_back_to_the_callers): a run refused after its first frame left the
@@ -1456,6 +1601,58 @@ print("done")
     except subprocess.TimeoutExpired:
         pytest.fail("40 refused runs with PyAV's logging on hung (a decoder freed with its threads busy)")
     assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]
+    assert leftovers(tmp_path) == []
+
+
+def test_two_runs_muting_stderr_at_once_give_it_back():
+    """fd 2 is the process's, muted while x264 or x265 is probed: two runs probing at once (a
+    transcoder's worker threads) each saved fd 2 and put it back, and the second saved the first's
+    /dev/null, so whichever order they ended in, the last one left fd 2 on /dev/null for good: every
+    later error of the process went nowhere. Here the two overlap in one thread, in that order."""
+    from qairn.engine.video import _stderr_muted
+
+    def fd2():
+        st = os.fstat(2)
+        return st.st_dev, st.st_ino
+
+    real = fd2()
+    first, second = _stderr_muted("libx264"), _stderr_muted("libx265")
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert fd2() != real  # (the second is still probing)
+    second.__exit__(None, None, None)
+    assert fd2() == real
+
+
+def test_a_kept_exception_keeps_no_decoder_or_encoder(restorer, clip, tmp_path):
+    """A transcoder that keeps the exceptions of failed runs (to log them later) kept each run's decoder
+    and encoder alive through the frames of the exception's traceback, and with them their threads: 7
+    a run (the decoder's 3 frame threads, x264's): 37 threads after 5 kept Ctrl-Cs, 310 MB after 50."""
+
+    class Interrupted:  # Ctrl-C in the model, at the third frame
+        def restore_stream(self, planes, **kw):
+            for i, res in enumerate(restorer.restore_stream(planes, **kw)):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield res
+
+    def codec_contexts():
+        gc.collect()
+        return sum(issubclass(type(o), av.codec.context.CodecContext) for o in gc.get_objects())
+
+    before = codec_contexts()
+    kept = []
+    for runner, options, name in (
+        (Interrupted(), {}, "o.mp4"),
+        (restorer, {"pix_fmt": "pal8"}, "o.y4m"),  # (refused once the first frame is decoded)
+    ):
+        try:
+            transcode(runner, clip, tmp_path / name, VideoOptions(write_quality=False, **options))
+        except (KeyboardInterrupt, VideoError) as e:
+            kept.append(e)
+    assert [type(e) for e in kept] == [KeyboardInterrupt, VideoError]
+    assert codec_contexts() == before
     assert leftovers(tmp_path) == []
 
 

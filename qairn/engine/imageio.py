@@ -245,10 +245,13 @@ def _frames_message(path: Path, frames: int, fmt: str | None = None) -> str:
 
 def _pillow_open(fp, path: Path):
     """Image.open(fp) of the file at path, without the "Corrupt EXIF data" warning Pillow 13 gives a
-    big-endian BigTIFF before it gives up on it (UnidentifiedImageError)."""
+    big-endian BigTIFF before it gives up on it (UnidentifiedImageError). Only such a file's open goes
+    through warnings.catch_warnings: it swaps the process's filter list, so another thread's filter set
+    meanwhile is dropped, and its warnings are ignored meanwhile."""
+    if _magic(path) != b"MM\x00+":
+        return Image.open(fp)
     with warnings.catch_warnings():
-        if _magic(path) == b"MM\x00+":
-            warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")
         return Image.open(fp)
 
 
@@ -552,8 +555,21 @@ def _png_gray_alpha(arr: np.ndarray) -> bytes:
     )
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def current_umask() -> int:
+    """The process's umask, read from /proc/self/status (Linux 4.7 on) where it says it: os.umask reads
+    it only by setting it, for a moment, in which a file another thread made got mode 0666 (the
+    transcoder around qairn video's workers, a log rotating). Read each time: a daemon sets its own
+    umask after its imports."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_atomic(path: str | Path, data) -> None:
@@ -569,7 +585,7 @@ def write_atomic(path: str | Path, data) -> None:
             data(f) if callable(data) else f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -55,7 +55,7 @@ from qairn.engine.color import (
     plane_bits,
     restore_planes,
 )
-from qairn.engine.imageio import path_arg, write_atomic
+from qairn.engine.imageio import current_umask, path_arg, write_atomic
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
@@ -700,17 +700,12 @@ def _temp_path(path: Path) -> Path:
 
 def _publish(tmp: Path, path: Path) -> None:
     """Give a finished temp file the permissions a new file would get (mkstemp makes 0600), rename it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    write_atomic(path, data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    write_atomic(path, data)  # (with the permissions a new file gets)
 
 
 def _check_writable(path: Path, what: str, overwrite: bool = True) -> None:
@@ -790,6 +785,31 @@ def _msg(e: Exception) -> str:
 AV_LOG_QUIET = -8  # FFmpeg's level below PANIC: its own callback prints nothing
 
 
+class _Logging:
+    """PyAV's logging and FFmpeg's log level are the process's, shared by runs in several threads at
+    once (a transcoder's worker pool): the first run to start notes them, the last to end sets them
+    back, and PyAV's stays on while any run is inside _ffmpeg_reasons. Each run noted and set back its
+    own: one that started while another had PyAV's on noted it on, and where it ended last it left it
+    on (ERROR) and FFmpeg's own log muted, for good (and _probe's skip_repeated off)."""
+
+    lock = threading.Lock()
+    runs = 0  # runs between _logging_noted and _logging_back
+    levels = (None, None)  # PyAV's level and FFmpeg's (_libav_level) before the first of them
+    skip_repeated = True  # PyAV's, before the first of them
+    reasons = 0  # runs inside _ffmpeg_reasons
+
+
+def _logging_noted() -> None:
+    """Note PyAV's and FFmpeg's log levels for _logging_back, unless a run in another thread has."""
+    import av.logging
+
+    with _Logging.lock:
+        if _Logging.runs == 0:
+            _Logging.levels = av.logging.get_level(), _libav_level()
+            _Logging.skip_repeated = av.logging.get_skip_repeated()
+        _Logging.runs += 1
+
+
 @contextmanager
 def _ffmpeg_reasons():
     """Keep FFmpeg's own reason for an error in it ("Invalid argument: Unsupported audio codec. Must be
@@ -803,28 +823,36 @@ def _ffmpeg_reasons():
     _logging_back turns it off once the decoder is closed."""
     import av.logging
 
-    old = av.logging.get_level()
-    av.logging.set_level(av.logging.ERROR if old is None else old)
+    with _Logging.lock:
+        off = _Logging.levels[0] is None  # (as the first run found it)
+        if off and _Logging.reasons == 0:
+            av.logging.set_level(av.logging.ERROR)
+        _Logging.reasons += 1
     try:
         with av.logging.Capture(local=True) as logs:
             yield logs  # (level, name, message) of each line
     finally:
-        if old is None:
-            av.logging.set_libav_level(AV_LOG_QUIET)
-            av.logging.restore_default_callback()
-        else:
-            av.logging.set_level(old)
+        with _Logging.lock:
+            _Logging.reasons -= 1
+            if off and _Logging.reasons == 0:
+                av.logging.set_libav_level(AV_LOG_QUIET)
+                av.logging.restore_default_callback()
 
 
-def _logging_back(old, old_libav: int | None) -> None:
-    """PyAV's logging as it was before _ffmpeg_reasons (old: its level then; old_libav: FFmpeg's, from
-    _libav_level, None for unknown), once no decoder is left."""
+def _logging_back() -> None:
+    """PyAV's logging as the first run found it (_logging_noted), once the last run has ended (its
+    decoder closed). FFmpeg's level was unknown where _libav_level gave None: FFmpeg's default, INFO."""
     import av.logging
 
-    if old is None and av.logging.get_level() is not None:
-        av.logging.set_level(None)
-        # (unknown: FFmpeg's default, INFO)
-        av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
+    with _Logging.lock:
+        _Logging.runs -= 1
+        if _Logging.runs:
+            return
+        av.logging.set_skip_repeated(_Logging.skip_repeated)
+        old, old_libav = _Logging.levels
+        if old is None and av.logging.get_level() is not None:
+            av.logging.set_level(None)
+            av.logging.set_libav_level(av.logging.INFO if old_libav is None else old_libav)
 
 
 def _park_decoder(vstream) -> None:
@@ -1365,6 +1393,16 @@ PROBE_SIZE = (128, 96)  # SQCIF: H.263 takes only a few sizes, this one among th
 SELF_PRINTING_ENCODERS = {"libx264", "libx264rgb", "libx265", "libsvtav1"}
 
 
+class _Muted:
+    """fd 2 while _stderr_muted has it, in any thread: it is the process's, so two runs probing at once (a
+    transcoder's worker threads) share one muting. Each saved it and put it back, and the second saved the
+    first's /dev/null: the last to end left fd 2 there for good."""
+
+    lock = threading.Lock()
+    count = 0  # the threads inside _stderr_muted now
+    saved = None  # the real fd 2 (a duplicate) while count > 0; None where there was no fd 2 to mute
+
+
 @contextmanager
 def _stderr_muted(codec: str):
     """fd 2 to /dev/null while `codec` is probed, where it prints there itself (SELF_PRINTING_ENCODERS),
@@ -1374,18 +1412,25 @@ def _stderr_muted(codec: str):
         yield
         return
     sys.stderr.flush()
+    with _Muted.lock:
+        if _Muted.count == 0:
+            try:
+                _Muted.saved = os.dup(2)
+            except OSError:  # no fd 2 to mute
+                _Muted.saved = None
+            if _Muted.saved is not None:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 2)
+        _Muted.count += 1
     try:
-        saved = os.dup(2)
-    except OSError:  # no fd 2 to mute
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
         yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _Muted.lock:
+            _Muted.count -= 1
+            if _Muted.count == 0 and _Muted.saved is not None:
+                os.dup2(_Muted.saved, 2)
+                os.close(_Muted.saved)
+                _Muted.saved = None
 
 
 def _probe(codec: str, options: dict) -> tuple[str | None, set]:
@@ -1398,9 +1443,8 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
     formats = [f.name for f in (av.Codec(codec, "w").video_formats or [])] or ["yuv420p"]
     formats.sort(key=lambda f: f != "yuv420p")
     reason = None
-    levels = av.logging.get_level(), _libav_level()
+    _logging_noted()
     # (PyAV drops a line that repeats the one before: the second probe of a run would hear no reason)
-    skip_repeated = av.logging.get_skip_repeated()
     av.logging.set_skip_repeated(False)
     try:
         for fmt in formats:
@@ -1421,8 +1465,7 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
             own = [line for level, name, line in logs if level <= av.logging.ERROR and name == codec]
             reason = reason or (own[0].strip() if own else _msg(error))
     finally:
-        av.logging.set_skip_repeated(skip_repeated)
-        _logging_back(*levels)
+        _logging_back()  # (skip_repeated too)
     return reason, set()
 
 
@@ -1474,9 +1517,9 @@ def check_container(
     import av
     import av.logging
 
-    levels = av.logging.get_level(), _libav_level()  # set back once the probe and input are closed
     probe = _temp_path(dst)
     out = vs = None
+    _logging_noted()  # set back once the probe and input are closed
     try:
         # x265 prints its settings as it opens and "encoded 0 frames" as it is freed, which is when the
         # probe's last reference goes: muted until then (below, on an error too).
@@ -1505,8 +1548,10 @@ def check_container(
                         pass
                 out = vs = None
     finally:
-        probe.unlink(missing_ok=True)
-        _logging_back(*levels)
+        try:
+            probe.unlink(missing_ok=True)
+        finally:  # (a Ctrl-C as it is removed)
+            _logging_back()
 
 
 def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool, pix_fmt: str | None) -> None:
@@ -1704,14 +1749,42 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
     """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary.
     inp: src already opened (_open_input), as the CLI opens it before the model loads (a pipe can be read
     once only); it is closed here."""
+    try:
+        return _transcode(restorer, src, dst, opts, inp)
+    except BaseException as e:
+        # A caller that keeps the exception (a transcoder logging it later) kept, through the frames of
+        # its traceback, the run's decoder and encoder, and their threads: 7 a run, and 6 MB. This
+        # module's frames let their locals go (the traceback still says where it failed); the
+        # restorer's and the caller's keep theirs.
+        _clear_own_frames(e)
+        raise
+
+
+def _clear_own_frames(error: BaseException) -> None:
+    """Clear the locals of this module's frames in the traceback of `error` and of the exceptions it
+    was raised from or during (an FFmpegError under a VideoError holds the same frames)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals is globals():
+                try:
+                    tb.tb_frame.clear()
+                except RuntimeError:  # (still running: transcode's own, which holds nothing)
+                    pass
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+
+
+def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
     import av
 
     opts = opts or VideoOptions()
     src, dst, csv_path = check_paths(src, dst, opts, inp)
-    # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
-    log_levels = av.logging.get_level(), _libav_level()
     inp = _open_input(src) if inp is None else inp
-    out = tmp = vstream = None
+    out = tmp = vstream = frames = None
+    _logging_noted()  # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     try:
         videos = [s for s in inp.streams.video if not is_cover(s)]
         if not videos:
@@ -1959,16 +2032,28 @@ def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=
     except av.FFmpegError as e:
         raise VideoError(f"{dst or src}: {_msg(e)}") from None
     finally:
-        if out is not None:
+        # Each step whatever the one before raised: a second Ctrl-C (or SIGTERM) during the first skipped
+        # the rest, leaving the decoder busy (see _park_decoder) and PyAV's logging on for good.
+        try:
+            if out is not None:
+                try:
+                    out.close()
+                except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
+                    pass
+        finally:
             try:
-                out.close()
-            except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
-                pass
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        _park_decoder(vstream)
-        inp.close()
-        _logging_back(*log_levels)
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+            finally:
+                try:
+                    _park_decoder(vstream)
+                    inp.close()
+                finally:
+                    _logging_back()
+                    if (
+                        frames is not None
+                    ):  # (held by planes(), which the restorer's frames in a traceback hold)
+                        frames.close()
 
 
 def _lost_packets(counts: dict) -> str:
