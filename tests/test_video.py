@@ -703,6 +703,10 @@ def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path
     )
     assert capsys.readouterr().err == f"qairn: error: {said}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.mp4"]
+    # The pipe was opened with PyAV's logging on (its lines are the evidence): set back after, as found.
+    from qairn.engine import video
+
+    assert av.logging.get_level() is None and video._Logging.runs == 0 and video._Logging.reasons == 0
 
 
 def test_queued_packets_are_muxed_in_order_from_a_deque():

@@ -737,7 +737,8 @@ def _open_input(src: Path):
     if src.is_file() and src.stat().st_size == 0:  # a pipe (/dev/stdin) has no size to check
         raise VideoError(f"{src}: empty file (0 bytes)")
     piped = not src.is_file()
-    levels = av.logging.get_level(), _libav_level()  # (a pipe's opening is logged: set back after)
+    if piped:
+        _logging_noted()  # (a pipe's opening is logged: set back after)
     try:
         # A pipe's MP4 with its index (moov) last has been read to its end to find the index; the demuxer
         # then fails to go back to the first frames ("partial file") as it reads a few while opening.
@@ -749,7 +750,7 @@ def _open_input(src: Path):
         ) from None
     finally:
         if piped:
-            _logging_back(*levels)
+            _logging_back()
     if not inp.streams.video:
         inp.close()
         raise VideoError(f"{src}: has no video stream")
