@@ -2051,9 +2051,8 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
                     inp.close()
                 finally:
                     _logging_back()
-                    if (
-                        frames is not None
-                    ):  # (held by planes(), which the restorer's frames in a traceback hold)
+                    # (held by planes(), which the restorer's frames in a traceback hold)
+                    if frames is not None:
                         frames.close()
 
 
