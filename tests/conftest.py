@@ -1,3 +1,5 @@
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +57,17 @@ def tiny_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
     save_weights(lively_model(), path, training={"steps": 0, "note": "random test model"})
     return path
+
+
+def run_in_threads(*targets, timeout: float = 120) -> None:
+    """Run each callable in a thread of its own and wait for them all, at most `timeout` s in all: a
+    deadlock fails the test that made it, not the whole run (pytest-timeout's thread method ends the
+    process). Daemon threads: one left stuck does not hold the interpreter's exit."""
+    threads = [threading.Thread(target=t, daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    assert not stuck, f"{stuck} of {len(threads)} threads still running after {timeout} s (a deadlock?)"

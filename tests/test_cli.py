@@ -1508,14 +1508,22 @@ def test_a_closed_pipe_ends_quietly(workdir, tiny_weights):
     """`qairn score ... | head -1`: exit 141 like other tools, no 'Broken pipe' error or traceback."""
     import subprocess
     import sys
+    import threading
 
     files = [str(workdir / "a.jpg")] * 40  # more rows than the pipe takes before the reader leaves
     cmd = [sys.executable, "-m", "qairn.cli", "score", *files, "--weights", str(tiny_weights)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    p.stdout.readline()
-    p.stdout.close()
-    err = p.stderr.read().decode()
-    assert p.wait() == 141 and "Broken pipe" not in err and "Traceback" not in err, err
+    stuck = threading.Timer(120, p.kill)  # a run that hangs fails (exit -9) instead of holding the suite
+    stuck.start()
+    try:
+        p.stdout.readline()
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        assert p.wait() == 141 and "Broken pipe" not in err and "Traceback" not in err, err
+    finally:
+        stuck.cancel()
+        p.kill()
+        p.wait()
 
 
 def test_the_closing_line_names_at_most_five_failed_images():

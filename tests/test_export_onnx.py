@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import live1_files, lively_model
+from conftest import live1_files, lively_model, run_in_threads
 
 from qairn.export import onnx_export as ox
 from qairn.export.cli import main as export_main
@@ -389,7 +389,7 @@ def test_two_threads_export_to_the_cache_at_once(model, tmp_path):
     "AssertionError: GLOBALS.in_onnx_export must be ..."; both shared one temp name too."""
     import threading
 
-    start, results = threading.Barrier(2), []
+    start, results = threading.Barrier(2, timeout=60), []
 
     def export():
         start.wait()
@@ -398,11 +398,7 @@ def test_two_threads_export_to_the_cache_at_once(model, tmp_path):
         except Exception as e:  # noqa: BLE001 - reported below, with its type
             results.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=export) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(export, export)
     assert len(set(results)) == 1 and isinstance(results[0], os.PathLike), results
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [results[0]]
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import lively_model
+from conftest import lively_model, run_in_threads
 
 import qairn
 from qairn.engine.backends import BackendError
@@ -861,17 +861,13 @@ def test_two_builders_of_one_engine_build_it_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trt_engine, "build_engine", fake_build)
     s, engine = spec(), tmp_path / "e.engine"
-    start, got = threading.Barrier(2), []
+    start, got = threading.Barrier(2, timeout=60), []
 
     def get():
         start.wait()
         got.append(trt_engine.get_engine(tmp_path / "m.onnx", s, engine, 1 << 30)[0])
 
-    threads = [threading.Thread(target=get) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(get, get)
     assert len(builds) == 1 and got == [b"engine 1"] * 2
     assert trt_engine.load_cached(engine, s) == (b"engine 1", "cached")
 

@@ -611,20 +611,23 @@ def test_close_waits_for_a_restore_running_in_another_thread():
     r._calls_changed = Watched(threading.Lock())
     img = np.random.default_rng(0).integers(0, 256, (9, 17, 3), dtype=np.uint8)
     results = []
-    worker = threading.Thread(target=lambda: results.append(r.restore(img)))
+    # Daemon threads, every wait limited: a close() that deadlocks fails this test, not the whole run
+    # (pytest-timeout's thread method ends the process; a thread left waiting would hold its exit).
+    worker = threading.Thread(target=lambda: results.append(r.restore(img)), daemon=True)
     worker.start()
-    inside.wait()
+    assert inside.wait(60), "restore() never reached the backend"
 
     def close():
         r.close()
         settled.set()  # the old close() returned without waiting
 
-    closer = threading.Thread(target=close)
+    closer = threading.Thread(target=close, daemon=True)
     closer.start()
-    settled.wait()
+    assert settled.wait(60), "close() neither waited nor returned"
     release.set()
-    worker.join()
-    closer.join()
+    worker.join(60)
+    closer.join(60)
+    assert not worker.is_alive() and not closer.is_alive(), "restore() and close() hung"
     assert events == ["call ended", "backend closed"]
     assert results[0].image.shape == img.shape
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import lively_model
+from conftest import lively_model, run_in_threads
 
 import qairn
 from qairn.engine.tiling import ALIGN, plan_tiles
@@ -558,7 +558,6 @@ def test_one_frame_graph_from_two_threads(monkeypatch):
     """A frame graph has one static input and output. Two threads restoring frames of one shape with
     one Restorer(cuda_graph=True) swapped results: thread B's frame was copied in between thread A's
     copy and replay (a stand-in replay that yields the GIL first, as a CUDA replay's launch does)."""
-    import threading
     import time
 
     from qairn.engine import restorer as rs
@@ -589,11 +588,7 @@ def test_one_frame_graph_from_two_threads(monkeypatch):
         for _ in range(10):
             wrong[k] += not torch.equal(graphed.restore_tensor(frames[k])[0], want[k])
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(*(lambda k=k: work(k) for k in range(2)))
     assert wrong == [0, 0]
 
 
@@ -736,11 +731,7 @@ def test_one_restorer_from_several_threads():
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads often: without the lock this failed in 6 runs of 6
     try:
-        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_in_threads(*(lambda k=k: work(k) for k in range(4)))
     finally:
         sys.setswitchinterval(interval)
     assert not errors and len(cache) <= 8, errors[:2]
@@ -756,11 +747,7 @@ def test_one_restorer_from_several_threads():
     def run(k):
         got[k] = [r.restore(img).image for img in imgs[k::2]]
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(*(lambda k=k: run(k) for k in range(2)))
     for k in range(2):
         for a, b in zip(got[k], expect[k::2]):
             np.testing.assert_array_equal(a, b)

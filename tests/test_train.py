@@ -559,23 +559,44 @@ def test_sigterm_to_the_process_group_stops_cleanly_with_workers(data, tmp_path)
     assert state(tmp_path / "checkpoint.pt")["step"] >= 1
 
 
-def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2) -> list[str]:
-    """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options."""
+def torchrun_cmd(a: trainer.TrainArgs, nproc: int = 2, script: Path | None = None) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N -m qairn.train.trainer` with a's options (or the
+    script given in place of the trainer: one that patches it, then calls trainer.main)."""
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    return [*run, "-m", "qairn.train.trainer", *cli_args(a)]
+    return [*run, *(["-m", "qairn.train.trainer"] if script is None else [str(script)]), *cli_args(a)]
+
+
+OUT_OF_TIME_ON_RANK_0 = """
+import os, sys, time
+from qairn.train import trainer
+loss_fn, calls, clock = trainer.loss_fn, [], time.time
+def counted(out, clean, w):
+    calls.append(1)
+    return loss_fn(out, clean, w)
+trainer.loss_fn = counted
+# Rank 0's clock jumps 1000 s ahead in its step 3; rank 1's keeps the real time.
+time.time = lambda: clock() + (1000.0 if os.environ["RANK"] == "0" and len(calls) >= 3 else 0.0)
+trainer.main(sys.argv[1:])
+"""
 
 
 def test_ddp_gloo_two_processes_average_gradients(data, tmp_path):
     """torchrun, 2 CPU processes: each rank trains on its own batches, DDP averages the gradients,
-    and the run stops on its time limit at the same step on both ranks (a hang fails the test).
-    The result must equal one process that averages the two ranks' gradients by hand."""
-    a = tiny_args(data, tmp_path, steps=10_000, max_seconds=1.0, log_every=2, ckpt_every=10_000)
-    r = subprocess.run(torchrun_cmd(a), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    and a time limit reached on one rank stops both at the same step (a hang fails the test).
+    The result must equal one process that averages the two ranks' gradients by hand.
+    The limit was real time (--max-seconds 1, at least 2 steps wanted): on a busy machine the first step
+    took over 1 s and the run stopped after it. Rank 0's clock is faked: it passes --max-seconds in
+    step 3; rank 1's real one cannot within the test's 240 s."""
+    a = tiny_args(data, tmp_path / "run", steps=10_000, max_seconds=300.0, log_every=2, ckpt_every=10_000)
+    script = tmp_path / "out_of_time_on_rank_0.py"
+    script.write_text(OUT_OF_TIME_ON_RANK_0)
+    r = subprocess.run(
+        torchrun_cmd(a, script=script), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    ck = state(tmp_path / "checkpoint.pt")
+    ck = state(tmp_path / "run" / "checkpoint.pt")
     steps = ck["step"]
-    assert 2 <= steps < 10_000  # stopped by time, at an agreed step
-    assert steps <= 400, "too many steps to replay in a test"
+    assert steps == 3  # rank 0's time limit, agreed by rank 1
 
     train_files, _ = trainer.split_files(str(data), a.val_holdout)
     ds = JPEGPatches(load_cached(train_files), a.batch, a.patch, (a.qf_min, a.qf_max), a.shift_prob, a.seed)

@@ -501,7 +501,9 @@ def stdin_pipe(data: bytes):
     finally:
         os.dup2(saved, 0)  # (closes the pipe's read end: a writer still waiting gets EPIPE)
         os.close(saved)
-        writer.join()
+        # A read end the run left open (an input never closed) would keep the writer waiting for ever.
+        writer.join(60)
+        assert not writer.is_alive(), "the pipe's writer still waits: the run left standard input open"
 
 
 def test_svt_av1_prints_errors_only_under_the_cli(tiny_weights, tmp_path):
@@ -519,6 +521,7 @@ def test_svt_av1_prints_errors_only_under_the_cli(tiny_weights, tmp_path):
         capture_output=True,
         text=True,
         env=env,
+        timeout=300,
     )
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
