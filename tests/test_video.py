@@ -1364,14 +1364,9 @@ def test_the_container_check_leaves_no_x265_lines_on_stderr(clip, tmp_path, capf
     assert capfd.readouterr().err == ""
 
 
-def test_an_encoder_that_will_not_open_leaves_only_the_one_line(restorer, tmp_path, capfd):
-    """libx265 refusing an odd-sized 4:2:0 video printed "x265 [error]: Picture width must be an integer
-    multiple of the specified chroma subsampling" (and height) twice on stderr, once per time base
-    tried, above qairn's own line saying the same. The encoder is opened with fd 2 muted, as the probe
-    is."""
-    if "libx265" not in av.codecs_available:
-        pytest.skip("this PyAV build has no libx265")
-    o = av.open(str(tmp_path / "odd.mkv"), "w")
+def odd_clip(path):
+    """A one-frame 65x49 yuv420p FFV1 clip: an odd size, which 4:2:0 H.264 and HEVC cannot take."""
+    o = av.open(str(path), "w")
     s = o.add_stream("ffv1", rate=25)
     s.width, s.height, s.pix_fmt = 65, 49, "yuv420p"
     f = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 128, np.uint8), format="rgb24")
@@ -1379,6 +1374,17 @@ def test_an_encoder_that_will_not_open_leaves_only_the_one_line(restorer, tmp_pa
     f.pts = 0
     o.mux(s.encode(f) + s.encode(None))
     o.close()
+    return path
+
+
+def test_an_encoder_that_will_not_open_leaves_only_the_one_line(restorer, tmp_path, capfd):
+    """libx265 refusing an odd-sized 4:2:0 video printed "x265 [error]: Picture width must be an integer
+    multiple of the specified chroma subsampling" (and height) twice on stderr, once per time base
+    tried, above qairn's own line saying the same. The encoder is opened with fd 2 muted, as the probe
+    is."""
+    if "libx265" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libx265")
+    odd_clip(tmp_path / "odd.mkv")
     capfd.readouterr()
     with pytest.raises(VideoError, match=r"o\.mkv: libx265 cannot encode 65x49 yuv420p \(4:2:0 and 4:2:2"):
         transcode(restorer, tmp_path / "odd.mkv", tmp_path / "o.mkv", VideoOptions(codec="libx265"))
@@ -1390,14 +1396,7 @@ def test_an_odd_size_the_encoder_refuses_is_refused_before_the_model_loads(tmp_p
     loaded (seconds on a CPU, minutes for a TensorRT build) and the first frame decoded. The stream's
     header says its size and pixel format: the same line now comes before, and only fd 2's line."""
     _no_model(monkeypatch)
-    o = av.open(str(tmp_path / "odd.mkv"), "w")
-    s = o.add_stream("ffv1", rate=25)
-    s.width, s.height, s.pix_fmt = 65, 49, "yuv420p"
-    f = av.VideoFrame.from_ndarray(np.full((49, 65, 3), 128, np.uint8), format="rgb24")
-    f = f.reformat(format="yuv420p")
-    f.pts = 0
-    o.mux(s.encode(f) + s.encode(None))
-    o.close()
+    odd_clip(tmp_path / "odd.mkv")
     out = tmp_path / "o.mp4"
     reasons = {"libx264": "width not divisible by 2 (65x49)", "libx265": "Cannot open libx265 encoder."}
     for codec in [c for c in reasons if c in av.codecs_available]:
