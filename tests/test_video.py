@@ -1530,7 +1530,7 @@ def test_two_encoder_checks_at_once_leave_repeated_lines_skipped(monkeypatch, tm
         av.logging.set_skip_repeated(True)
 
 
-@pytest.mark.parametrize("removing", ["check_container", "_transcode"])
+@pytest.mark.parametrize("removing", ["remove_probe", "remove_tmp"])  # (check_container's, transcode's)
 def test_a_second_ctrl_c_while_a_run_cleans_up_still_sets_the_logging_back(
     restorer, clip, tmp_path, monkeypatch, removing
 ):

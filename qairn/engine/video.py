@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -1454,7 +1454,7 @@ def _probe(codec: str, options: dict) -> tuple[str | None, set]:
             cc.pix_fmt, cc.time_base = fmt, Fraction(1, 25)
             cc.options = {k: str(v) for k, v in options.items() if v is not None}
             error = None
-            with _stderr_muted(codec), _ffmpeg_reasons(), av.logging.Capture(local=True) as logs:
+            with _stderr_muted(codec), _ffmpeg_reasons() as logs:
                 try:
                     cc.open()
                     unused = set(cc.options or {})
@@ -1549,10 +1549,11 @@ def check_container(
                         pass
                 out = vs = None
     finally:
-        try:
+
+        def remove_probe():
             probe.unlink(missing_ok=True)
-        finally:  # (a Ctrl-C as it is removed)
-            _logging_back()
+
+        _every_step(remove_probe, _logging_back)  # (a Ctrl-C as it is removed)
 
 
 def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool, pix_fmt: str | None) -> None:
@@ -2033,27 +2034,36 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
     except av.FFmpegError as e:
         raise VideoError(f"{dst or src}: {_msg(e)}") from None
     finally:
-        # Each step whatever the one before raised: a second Ctrl-C (or SIGTERM) during the first skipped
-        # the rest, leaving the decoder busy (see _park_decoder) and PyAV's logging on for good.
-        try:
-            if out is not None:
-                try:
-                    out.close()
-                except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
-                    pass
-        finally:
+
+        def close_out():
             try:
-                if tmp is not None:
-                    tmp.unlink(missing_ok=True)
-            finally:
-                try:
-                    _park_decoder(vstream)
-                    inp.close()
-                finally:
-                    _logging_back()
-                    # (held by planes(), which the restorer's frames in a traceback hold)
-                    if frames is not None:
-                        frames.close()
+                out.close()
+            except Exception:  # noqa: BLE001  (closing a half-written container may fail; it is deleted)
+                pass
+
+        def remove_tmp():
+            tmp.unlink(missing_ok=True)
+
+        _every_step(
+            close_out if out is not None else None,
+            remove_tmp if tmp is not None else None,
+            lambda: _park_decoder(vstream),
+            inp.close,
+            _logging_back,
+            # (held by planes(), which the restorer's frames in a traceback hold)
+            frames.close if frames is not None else None,
+        )
+
+
+def _every_step(*steps) -> None:
+    """Run each step (None: none) in order, whatever the ones before raised; what was raised goes on
+    after (the last, the others as its context). A cleanup's steps: a second Ctrl-C (or SIGTERM)
+    during one skipped the rest, leaving the decoder busy (see _park_decoder) and PyAV's logging on
+    for good."""
+    with ExitStack() as stack:
+        for step in reversed(steps):  # (an ExitStack runs its callbacks last in, first out)
+            if step is not None:
+                stack.callback(step)
 
 
 def _lost_packets(counts: dict) -> str:
