@@ -2059,11 +2059,16 @@ def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
 
     made = []
 
+    from qairn.engine.restorer import Restorer
+
     class Stand:
         p = 4.0
+        _network = None
+        scored_by = Restorer.scored_by  # the row's p, weights and weights_sha256, as the Restorer says them
 
         def __init__(self, **options):
             made.append(options)
+            self._arguments = options
 
         def score(self, img, **kwargs):
             return {"Q1": 0.25, "Q2": 0.5, "Q3": 0.75}

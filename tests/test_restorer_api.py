@@ -1453,3 +1453,28 @@ def test_a_nearly_flat_frame_has_the_caveat_and_a_dark_photo_has_none():
     both = [torch.from_numpy(np.stack([a, b[: a.shape[0], : a.shape[1]]])) for a, b in zip((y, u, v), planes)]
     assert flat_frames(*both, full=255, at_once=True).tolist() == [True, False]
     assert flat_frames(*both, full=255, at_once=False).tolist() == [True, False]
+
+
+def test_scored_by_names_the_network_that_scores(tmp_path):
+    """Restorer.scored_by() is what restore --json, score --json and the video trace record: p, the file
+    that runs and its SHA-256. A network given as model= has no file; its tensors are hashed instead, so
+    that two versions of a network being trained are still told apart."""
+    import hashlib
+
+    from qairn.weights_io import save_weights
+
+    model = lively_model()
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path, training={"steps": 0, "note": "test"})
+    by_file = qairn.Restorer(weights=path, device="cpu", tile=None).scored_by()
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    assert by_file == {"p": model.config.p, "weights": str(path.resolve()), "weights_sha256": sha}
+    by_model = qairn.Restorer(model=model, device="cpu", tile=None, p=2.0).scored_by()
+    assert by_model["p"] == 2.0 and by_model["weights"] is None
+    assert by_model == qairn.Restorer(model=model, device="cpu", tile=None, p=2.0).scored_by()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3  # one step of training later
+    assert (
+        qairn.Restorer(model=model, device="cpu", tile=None, p=2.0).scored_by()["weights_sha256"]
+        != by_model["weights_sha256"]
+    )

@@ -5,6 +5,7 @@ import csv
 import gc
 import importlib.util
 import io
+import json
 import os
 import re
 import shutil
@@ -3570,7 +3571,7 @@ def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
     assert rc == 0
     with open(trace, newline="") as f:
         header = next(csv.reader(f))
-    assert header == ["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"]
+    assert header[:7] == ["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"]
     assert [r["caveat"] for r in read_csv(trace)] == ["", caveat(120, 160, flat=True), ""]
     err = capsys.readouterr().err
     assert " (1 frame with a caveat left out: its Q says little, see the trace's caveat column);" in err, err
@@ -3582,6 +3583,51 @@ def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
     quality = [[float(r[k]) for k in ("time", "Q1", "Q2", "Q3")] for r in read_csv(trace)]
     _write_quality([(i, i, *q, None) for i, q in enumerate(quality)], tmp_path / "plain.csv", True, src.name)
     assert grey(trace.with_suffix(".png")) > grey(tmp_path / "plain.png") + 40
+
+
+def test_quality_trace_says_which_weights_and_p_scored_each_frame(tiny_weights, frames_rgb, tmp_path, capsys):
+    """The trace held Q1..Q3 with no word of what scored them, while restore --json and score --json name
+    p, the weights file and its SHA-256: a QC trace outlives the run, and scores from other weights or
+    another p do not compare (README). Its rows now end in the same three values as score --json's, and
+    transcode()'s summary gives them as scored_by."""
+    import hashlib
+
+    from qairn.cli import main as qairn_main
+
+    src = make_clip(tmp_path / "two.mp4", frames_rgb[:2], audio=False)
+    trace = tmp_path / "q.csv"
+    rc = main(
+        [
+            str(src),
+            "--score-only",
+            "--weights",
+            str(tiny_weights),
+            "--device",
+            "cpu",
+            "--quality-csv",
+            str(trace),
+        ]
+    )
+    assert rc == 0
+    with open(trace, newline="") as f:
+        header = next(csv.reader(f))
+    assert header == ["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat", "p", "weights", "weights_sha256"]
+    rows = read_csv(trace)
+    sha = hashlib.sha256(Path(tiny_weights).read_bytes()).hexdigest()[:16]
+    p = qairn.load_model(tiny_weights).config.p
+    assert [(float(r["p"]), r["weights"], r["weights_sha256"]) for r in rows] == [
+        (p, str(Path(tiny_weights).resolve()), sha)
+    ] * 2
+    capsys.readouterr()
+    frame = tmp_path / "f.png"
+    cv2.imwrite(str(frame), frames_rgb[0][..., ::-1])
+    assert qairn_main(["score", str(frame), "--json", "--weights", str(tiny_weights)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["p"], row["weights"], row["weights_sha256"]) == (p, rows[0]["weights"], sha)
+    r = qairn.Restorer(weights=tiny_weights, device="cpu", tile=None, p=3.0)
+    s = transcode(r, src, None, VideoOptions(score_only=True, quality_csv=tmp_path / "p3.csv", plot=False))
+    assert s["scored_by"] == {"p": 3.0, "weights": str(Path(tiny_weights).resolve()), "weights_sha256": sha}
+    assert {r["p"] for r in read_csv(tmp_path / "p3.csv")} == {"3.0"}
 
 
 def test_mean_quality_leaves_out_frames_with_a_caveat(restorer, frames_rgb, tmp_path):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -605,24 +603,7 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         if a.quality_map:
             qm.unlink(missing_ok=True)
         raise
-    return {"path": str(src), "output": str(dst), **json_quality(res.quality), **scored_by(a, r)}
-
-
-@functools.cache
-def weights_sha256(path: str) -> str:
-    """The first 16 hex digits of a weights file's SHA-256: it tells apart files that share a name."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
-def scored_by(a, r) -> dict:
-    """Which model gave a score, for score --json and restore --json: scores from other weights or
-    another pooling exponent p do not compare (README), and a QC log outlives the run. "weights" names
-    the file that ran: the --engine or --onnx file where one is given, else the weights."""
-    from qairn.engine.restorer import default_weights
-
-    ran = a.engine or a.onnx or a.weights  # an exported file runs its own weights, not the shipped ones
-    path = os.path.abspath(ran) if ran else str(default_weights())
-    return {"p": r.p, "weights": path, "weights_sha256": weights_sha256(path)}
+    return {"path": str(src), "output": str(dst), **json_quality(res.quality), **r.scored_by()}
 
 
 def json_quality(quality: dict) -> dict:
@@ -879,7 +860,7 @@ def main_score(argv=None) -> int:
             error(f"{src}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
-            row = {"path": os.path.abspath(src), **json_quality(q), **scored_by(a, r)}
+            row = {"path": os.path.abspath(src), **json_quality(q), **r.scored_by()}
             result(json.dumps(row))
         else:
             result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
 import math
 import numbers
@@ -72,6 +74,22 @@ PATH_OPTIONS = ("onnx", "engine", "cache_dir")  # backend options that name file
 def absolute(path):
     """A path argument made absolute against this process's folder (None and non-paths as given)."""
     return os.path.abspath(path) if isinstance(path, (str, os.PathLike)) else path
+
+
+@functools.cache
+def weights_sha256(path: str) -> str:
+    """The first 16 hex digits of a weights file's SHA-256: it tells apart files that share a name."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def tensors_sha256(state: dict) -> str:
+    """weights_sha256 for a network held in memory: its tensors' names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def is_int(v) -> bool:
@@ -478,6 +496,19 @@ class Restorer:
                 f"{self.backend.path} holds another network than the one given ({'; '.join(differ)}): "
                 "give the weights it was exported from, or neither weights= nor model= to use its own"
             )
+
+    def scored_by(self) -> dict:
+        """Which model gives this Restorer's scores: the pooling exponent `p`, the file that runs as
+        `weights` (an engine= or onnx= file where given, else the weights file; None for a network given
+        as model=) and `weights_sha256`, the first 16 hex digits of that file's SHA-256 (of the
+        network's tensors for model=). Scores from other weights or another p do not compare (README);
+        restore --json, score --json and the video trace record these beside them."""
+        if self._network is not None and self._arguments.get("weights") is None:
+            return {"p": self.p, "weights": None, "weights_sha256": tensors_sha256(self._network[1])}
+        # an exported file runs its own weights, not the shipped ones
+        ran = self._arguments.get("engine") or self._arguments.get("onnx") or self._arguments.get("weights")
+        path = str(ran) if ran else str(default_weights())
+        return {"p": self.p, "weights": path, "weights_sha256": weights_sha256(path)}
 
     def __reduce__(self):
         """Pickled as its arguments (a process pool's worker rebuilds it): caches, graphs, compiled

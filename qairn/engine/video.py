@@ -13,7 +13,7 @@ Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspe
 order, copies the audio and subtitle streams (text subtitles are converted to the container's own
 SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
 where the container holds them, and writes a per-frame quality trace
-(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3, caveat) and a plot of Q2 (OUT.quality.png).
+(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3, caveat, p, weights, weights_sha256) and a plot of Q2 (OUT.quality.png).
 A damaged input (frames the decoder flags, packets it refuses, a file cut short or unreadable past some
 point) is restored as far as it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
@@ -1317,8 +1317,10 @@ def _plot_path(csv_path: Path) -> Path:
     return csv_path.with_suffix(".png") if csv_path.suffix == ".csv" else Path(f"{csv_path}.png")
 
 
-def _write_quality(rows: list, csv_path: Path, plot: bool, title: str) -> list[Path]:
-    files = _quality_files(rows, csv_path, plot, title)
+def _write_quality(
+    rows: list, csv_path: Path, plot: bool, title: str, scored_by: dict | None = None
+) -> list[Path]:
+    files = _quality_files(rows, csv_path, plot, title, scored_by)
     for path, data in files:
         _write_file(path, data)
     return [path for path, _ in files]
@@ -1330,15 +1332,22 @@ def _judged(rows: list) -> list:
     return [r for r in rows if not r[6]] or rows
 
 
-def _quality_files(rows: list, csv_path: Path, plot: bool, title: str) -> list[tuple[Path, bytes]]:
-    """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written."""
+def _quality_files(
+    rows: list, csv_path: Path, plot: bool, title: str, scored_by: dict | None = None
+) -> list[tuple[Path, bytes]]:
+    """The trace (CSV) and its plot (PNG) as (path, bytes), rendered but not written. scored_by
+    (Restorer.scored_by) fills the columns p, weights and weights_sha256 of every row: a trace outlives
+    the run, and scores from other weights or another p do not compare."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    # caveat last: readers of the first six columns, and DictReader ones, read the trace as before
-    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat"])
+    # New columns go last: readers of the first columns by position, and DictReader ones, read the trace
+    # as before (caveat came after Q3, then which model scored it).
+    w.writerow(["frame", "pts", "time", "Q1", "Q2", "Q3", "caveat", "p", "weights", "weights_sha256"])
+    model = scored_by or {}
+    scorer = [model.get("p", ""), model.get("weights") or "", model.get("weights_sha256", "")]
     for r in rows:
         pts, times, quality = "" if r[1] is None else r[1], f"{r[2]:.6f}", (f"{q:.6f}" for q in r[3:6])
-        w.writerow([r[0], pts, times, *quality, r[6] or ""])
+        w.writerow([r[0], pts, times, *quality, r[6] or "", *scorer])
     files = [(csv_path, buf.getvalue().encode())]
     if plot:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -2005,7 +2014,8 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
             raise VideoError(f"{notes[-1]} (--strict)")
         # The trace is drawn before the video is published (a long one takes seconds): Ctrl-C or an error
         # there left the video written under "interrupted; no output written".
-        trace = [] if csv_path is None else _quality_files(rows, csv_path, opts.plot, src.name)
+        scorer = restorer.scored_by()
+        trace = [] if csv_path is None else _quality_files(rows, csv_path, opts.plot, src.name, scorer)
         if out is not None:
             out.close()
             out = None
@@ -2027,6 +2037,7 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
             "codec": None if opts.score_only else codec,
             "pix_fmt": None if opts.score_only else pix_fmt,
             "caveats": sum(1 for r in rows if r[6]),  # frames whose Q says little (flat, or tiny)
+            "scored_by": scorer,  # p, weights, weights_sha256 (Restorer.scored_by)
             "mean_quality": {  # over the frames without a caveat (_judged)
                 k: float(np.mean([r[j] for r in _judged(rows)])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
             },
