@@ -2131,3 +2131,16 @@ def test_an_engine_given_without_its_sidecar_is_told_how_to_go_on_from_the_comma
     )
     assert (rc, out, err) == (2, "", f"qairn: error: {says}\n")
     assert engine.read_bytes() == b"trtexec's engine"
+
+
+def test_one_image_of_several_into_an_output_file_names_that_file(workdir, tiny_weights, capsys):
+    """a.jpg missing.png -o z.png: the one input found goes to z.png, but the closing line said
+    'restored 1 of 2 images into <folder>', as if z.png were not what was written."""
+    out = workdir / "z.png"
+    rc, _, err = run(
+        capsys, "restore", workdir / "a.jpg", workdir / "missing.png", "-o", out, "--weights", tiny_weights
+    )
+    assert rc == 1 and out.is_file()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"qairn: restored 1 of 2 images: {workdir / 'a.jpg'} -> {out} (Q1 "), last
+    assert last.endswith(f", 1 failed ({workdir / 'missing.png'})"), last

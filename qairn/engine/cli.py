@@ -781,20 +781,27 @@ def main_restore(argv=None) -> int:
     json_written = not a.json or write_records(a.json, records)
     if made is not None and not records:  # every image failed: no empty folder left behind (after the
         remove_empty(folder, made)  # JSON, which may lie in it: -o out --json out/q.json)
-    tqdm.write(restore_summary(records, len(inputs) + len(missing), failed_names), file=sys.stderr)
+    tqdm.write(
+        restore_summary(records, len(inputs) + len(missing), failed_names, folder is not None),
+        file=sys.stderr,
+    )
     return 1 if failed_names or not json_written else 0
 
 
 SUMMARY_NAMES = 5  # failed inputs named in the closing line; the rest is "..."
 
 
-def restore_summary(records: list[dict], total: int, failed_names: list[str]) -> str:
+def restore_summary(records: list[dict], total: int, failed_names: list[str], folder=True) -> str:
     """The closing line of `qairn restore`: what was written, with the quality of a single image, and
-    the inputs that failed or were never found."""
-    if len(records) == 1 and total == 1:
+    the inputs that failed or were never found. folder: OUT is a folder, not one output file."""
+    if len(records) == 1 and (total == 1 or not folder):
         r = records[0]
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
-        return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
+        if total == 1:
+            return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
+        # One input of several found (a.png b.png -o z.png, b.png missing): "into ." named z.png's folder.
+        written = f"qairn: restored 1 of {counted(total, 'image')}: {r['path']} -> {r['output']} ({quality})"
+        return written + failures(failed_names)
     where = f" into {Path(records[0]['output']).parent}" if records else ""
     written = f"qairn: restored {len(records)} of {counted(total, 'image')}{where}"
     return written + failures(failed_names)

@@ -13,7 +13,8 @@ Dolby Vision dynamic metadata are dropped, with a warning), rotation, pixel aspe
 order, copies the audio and subtitle streams (text subtitles are converted to the container's own
 SRT, mov_text or WebVTT where it cannot hold them as they are), cover pictures and attachments (fonts)
 where the container holds them, and writes a per-frame quality trace
-(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3, caveat, p, weights, weights_sha256) and a plot of Q2 (OUT.quality.png).
+(OUT.quality.csv: frame, pts, time, Q1, Q2, Q3, caveat, p, weights, weights_sha256) and a plot of Q2
+(OUT.quality.png).
 A damaged input (frames the decoder flags, packets it refuses, a file cut short or unreadable past some
 point) is restored as far as it decodes, with a warning; --strict makes that an error.
 Every file is written under a temporary name and renamed when complete: an error or Ctrl-C leaves no
