@@ -1453,6 +1453,9 @@ def test_two_runs_at_once_leave_the_logging_as_they_found_it(restorer, clip, tmp
     a_restoring, a_may_end, errors = threading.Event(), threading.Event(), []
 
     class Held:  # A's restorer, which waits at the first frame
+        def scored_by(self):  # (the trace's and summary's p and weights)
+            return restorer.scored_by()
+
         def restore_stream(self, planes, **kw):
             for res in restorer.restore_stream(planes, **kw):
                 a_restoring.set()
