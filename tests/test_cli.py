@@ -2144,3 +2144,28 @@ def test_one_image_of_several_into_an_output_file_names_that_file(workdir, tiny_
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"qairn: restored 1 of 2 images: {workdir / 'a.jpg'} -> {out} (Q1 "), last
     assert last.endswith(f", 1 failed ({workdir / 'missing.png'})"), last
+
+
+def test_quiet_restore_and_score_print_their_errors_alone(workdir, tiny_weights, capsys, monkeypatch):
+    """Transcoders call restore and score once per file and want only errors on stderr, but -q, which
+    video takes, was refused ('unrecognized arguments: -q'). It drops the progress bars (stderr played a
+    terminal here, where they draw at once) and the closing line; an error line, a warning and score's
+    table still print."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    model = ["--weights", tiny_weights, "--device", "cpu", "--tile", "32", "--overlap", "0"]
+    a, b, missing = workdir / "a.jpg", workdir / "b.png", workdir / "missing.png"
+    rc, out, err = run(capsys, "restore", a, b, "-o", workdir / "out", *model)
+    assert rc == 0 and "restore:" in err and "tiles:" in err and "qairn: restored 2 of 2" in err, err
+    rc, out, err = run(capsys, "restore", a, b, "-o", workdir / "q", *model, "-q")
+    assert (rc, out, err) == (0, "", "") and (workdir / "q" / "b.png").is_file()
+    rc, out, err = run(capsys, "restore", a, missing, "-o", workdir / "z.png", *model, "--quiet")
+    assert rc == 1 and out == "" and err == f"qairn: error: {missing}: no such file or directory\n"
+    cv2.imwrite(str(workdir / "flat.png"), np.full((32, 32, 3), 128, np.uint8))
+    rc, out, err = run(capsys, "restore", workdir / "flat.png", "-o", workdir / "f.png", *model, "-q")
+    assert rc == 0 and err.startswith("qairn: warning: ") and len(err.splitlines()) == 1, err
+
+    rc, out, err = run(capsys, "score", a, b, *model, "-q")
+    assert rc == 0 and err == "" and len(out.splitlines()) == 3 and out.startswith("path"), out
+    rc, out, err = run(capsys, "score", a, missing, *model, "--json", "-q")
+    assert rc == 1 and json.loads(out)["path"] == str(a), out
+    assert err == f"qairn: error: {missing}: no such file or directory\n"

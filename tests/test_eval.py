@@ -596,3 +596,27 @@ def test_help_names_the_default_data_folder_plainly(capsys, command):
     assert str(Path(qairn.__file__).resolve().parents[2] / "shared" / "data" / "live1") in out.replace(
         "- ", "-"
     )
+
+
+def test_quiet_eval_and_eval_quality_print_their_results_alone(refs, tmp_path, capsys, monkeypatch):
+    """-q, which video takes, was refused by eval and eval-quality ('unrecognized arguments: -q'). It
+    drops the progress bars (stderr plays a terminal here, where they draw at once) and eval-quality's
+    'wrote p=...'; the tables are the results and stay, and an error still says its line."""
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run = ["eval", "--data", str(refs), "--qf", "10", "--jpeg-only", "--crop", "32"]
+    assert cli(run) == 0 and "eval:" in capsys.readouterr().err
+    assert cli([*run, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "(2 images, centre crops of at most 32x32)" in out
+    assert cli(["eval", "--data", str(tmp_path / "nodir"), "--jpeg-only", "-q"]) == 2
+    assert capsys.readouterr() == ("", f"qairn eval: error: {tmp_path / 'nodir'}: no such folder\n")
+
+    w = make_weights(tmp_path / "w.safetensors")
+    val = make_folder(tmp_path / "val", 1, 40, 48, seed=9)
+    sweep = ["eval-quality", "--no-report", "--sweep-p", "--val-data", str(val), "--write-p", str(w)]
+    assert cli([*sweep, "--device", "cpu", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "NOT human opinion scores" in out and "<- chosen" in out, out
+    assert "wrote p=" not in out and "p_sweep" in read_metadata(w)

@@ -761,3 +761,18 @@ def test_a_damaged_file_in_the_onnx_cache_is_exported_again_once(model, tmp_path
     user_file.write_bytes(damaged[: len(damaged) // 2])
     with pytest.raises(ox.ExportError, match=f"^{user_file}: not an ONNX file \\("):
         qairn.Restorer(model=model, device="cpu", backend="onnxruntime", onnx=user_file)
+
+
+def test_quiet_export_prints_its_errors_alone(tiny_weights, tmp_path, capsys, monkeypatch):
+    """-q, which video takes, was refused by export ('unrecognized arguments: -q'). It drops the
+    verification figures of a pass and the closing 'wrote ...'; a failed verification still gives its
+    figures and its error line."""
+    verify = ["--verify-images", str(live1_files()[0]), "--verify-crop", "64", "--verify-qf", "10"]
+    out = tmp_path / "m.onnx"
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), *verify, "-q"]) == 0
+    assert capsys.readouterr() == ("", "") and out.is_file()
+    monkeypatch.setattr(ox, "check_parity", lambda *a: (_ for _ in ()).throw(ox.ExportError("too far")))
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), "--overwrite", *verify, "--quiet"]) == 1
+    said, err = capsys.readouterr()
+    assert said.startswith("fp32 ONNX on ") and len(said.splitlines()) == 1, said
+    assert err == "qairn export: error: verification failed: too far\n"

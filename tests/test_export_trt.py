@@ -1720,3 +1720,24 @@ def test_a_strongly_typed_engine_given_to_run_keeps_its_typing(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="reached the export"):
         trt_backend.TrtBackend(lively_model(), GPU0, "fp16", engine=engine, cache_dir=tmp_path, rebuild=False)
     assert exported == ["fp16"] and engine.read_bytes() == b"theirs"
+
+
+def test_quiet_tensorrt_export_says_nothing_of_its_engine(tiny_weights, tmp_path, monkeypatch, capsys):
+    """-q was refused by `qairn export tensorrt`; it drops the verification figures and the closing
+    'wrote ...' / 'reused cached engine ...' line."""
+    from qairn.export import onnx_export as ox
+    from qairn.export import trt_backend
+
+    fake_tensorrt(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(trt_engine, "build_engine", lambda *a: b"engine")
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda data, device, path: SimpleNamespace(path=path))
+    cache = tmp_path / "cache"
+    onnx = ox.cached_onnx(lively_model(), cache, outputs="maps", precision="fp32")
+    argv = ["tensorrt", str(tiny_weights), "--onnx", str(onnx), "--shape", "1,64,64", "--device", "cuda:0"]
+    argv += ["--cache-dir", str(cache), "--verify-crop", "32", "--verify-limit", "1", "--verify-qf", "10"]
+    assert export_main([*argv, "-q"]) == 0 and capsys.readouterr() == ("", "")
+    assert export_main([*argv, "--quiet"]) == 0 and capsys.readouterr() == ("", "")
+    assert export_main(argv) == 0 and "reused cached engine" in capsys.readouterr().out

@@ -227,7 +227,7 @@ def test_resume_with_another_process_count_says_so(data, tmp_path, capsys):
 def test_train_puts_the_cuda_speed_settings_back(data, tmp_path, monkeypatch):
     # A CUDA run turns on cudnn.benchmark and TF32 for itself; they stayed on for whatever the caller ran
     # next (a validation, an evaluation in the same process). Faked here: the CPU run sets neither.
-    def gpu_like_run(a, explicit=None):
+    def gpu_like_run(a, explicit=None, quiet=False):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         raise KeyboardInterrupt  # and even when it ends early
@@ -1972,3 +1972,34 @@ def test_a_worker_crash_after_a_stop_signal_is_still_an_error(data, tmp_path, mo
     else:
         with pytest.raises(RuntimeError, match=re.escape(died)):
             trainer.train(a)
+
+
+def test_quiet_training_prints_its_notes_and_errors_alone(data, tmp_path, capsys, monkeypatch):
+    """-q, which video takes, was refused by train ('unrecognized arguments: -q'). It drops the progress
+    bar (stderr plays a terminal here, where it draws at once), the validation lines, 'resumed from',
+    the closing steps/s line and the export's; a note and an error still print."""
+    from qairn import cli
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setattr(trainer, "plot_log", lambda *a: None)  # (a second a run: matplotlib)
+    out, w, small = tmp_path / "r", tmp_path / "w.safetensors", make_folder(tmp_path / "d", 5, 64, 80, 1)
+    cv2.imwrite(str(small / "tiny.png"), np.zeros((30, 30, 3), np.uint8))  # (a note: too small to train)
+    run = cli_args(tiny_args(small, out, steps=2, val_every=1, export=str(w)))
+    assert cli.main(["train", *run, "-q"]) == 0
+    said, err = capsys.readouterr()
+    assert said.startswith("note: ") and len(said.splitlines()) == 1 and err == "", (said, err)
+    assert w.is_file() and len((out / "val.csv").read_text().splitlines()) == 3
+    again = ["train", "--out", str(out), "--resume", "--workers", "0", "--threads", "1"]
+    assert cli.main([*again, "--steps", "3", "--quiet"]) == 0
+    said, err = capsys.readouterr()
+    assert err == "" and all(line.startswith(("resume: ", "note: ")) for line in said.splitlines()), said
+    assert cli.main([*again, "--steps", "4"]) == 0
+    said, err = capsys.readouterr()
+    assert "\nresumed from " in said and "\nvalidation at step 4: " in said and "steps/s" in said, said
+    assert "train:" in err, err
+    assert cli.main(["train", "--out", str(tmp_path / "none"), "--resume", "-q"]) == 2
+    none = tmp_path / "none" / "checkpoint.pt"
+    assert capsys.readouterr() == (
+        "",
+        f"qairn train: error: {none}: no checkpoint to resume (is --out right?)\n",
+    )

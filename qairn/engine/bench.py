@@ -43,6 +43,7 @@ from qairn.engine.imageio import (
     save_figure,
     write_atomic,
 )
+from qairn.engine.progress import add_quiet
 from qairn.engine.restorer import DEFAULT_WEIGHTS, Restorer, check_tiling, default_overlap, resolve_device
 from qairn.engine.tiling import plan_tiles
 from qairn.model import PRESETS, QAIRN
@@ -1047,6 +1048,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--env", type=path_arg, metavar="JSON", help="only write the device/versions JSON here ('-': print)"
     )
+    # As every qairn command takes it (scripts pass it to all): bench has no progress bar or closing line
+    # to drop, as its table is its output.
+    add_quiet(p)
     return p
 
 
@@ -1112,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
         "kind": "video" if args.video else "table",
         "complete": False,
         "env": environment(device),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "env")}
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "env", "quiet")}
         | {"cudnn_benchmark": torch.backends.cudnn.benchmark},
         "model": {
             "source": source,

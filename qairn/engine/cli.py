@@ -35,7 +35,7 @@ from qairn.engine.imageio import (
     write_atomic,
     write_image,
 )
-from qairn.engine.progress import progress_bar
+from qairn.engine.progress import add_quiet, progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
 
@@ -465,13 +465,14 @@ def make_restorer(a):
 
 class TileBar:
     """A second, transient bar for the tiles of one large image (a 50 MP photo takes minutes on a
-    CPU with no other sign of life); images restored in one batch never show it."""
+    CPU with no other sign of life); images restored in one batch never show it. quiet: none at all."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.bar = None
+        self.quiet = quiet
 
     def __call__(self, done: int, total: int) -> None:
-        if total == 1:
+        if total == 1 or self.quiet:
             return
         if self.bar is None or self.bar.total != total:  # a retry with smaller tiles starts over
             self.close()
@@ -558,7 +559,7 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
     if not dst.parent.is_dir():
         raise InputError(f"{dst}: output folder does not exist")
     img = read_image(src, a.max_pixels, warn=warning)
-    with TileBar() as tiles:
+    with TileBar(a.quiet) as tiles:
         res = r.restore(img, return_maps=a.quality_map, progress=tiles, bits=file_bits(img))
     if res.info["caveat"]:  # score_caveat's, made with the quality: not a second pass over the image
         warning(f"{src}: {res.info['caveat']}")
@@ -684,6 +685,7 @@ def main_restore(argv=None) -> int:
         " weights_sha256) to this JSON file (- for stdout)",
     )
     p.add_argument("--overwrite", action="store_true", help="allow replacing existing files (and inputs)")
+    add_quiet(p)
     a = p.parse_args(argv)
     check_tile_options(p, a)
     problem = backend_problem(a)
@@ -697,7 +699,8 @@ def main_restore(argv=None) -> int:
             return fatal(f"{a.json}: {problem}")
         if a.json:  # else an earlier run's file stayed, and read as this run's
             write_records(a.json, [])
-        tqdm.write(restore_summary([], len(missing), missing), file=sys.stderr)
+        if not a.quiet:  # (each input's error line has said it)
+            tqdm.write(restore_summary([], len(missing), missing), file=sys.stderr)
         return 1
     try:
         outputs, folder = output_paths(inputs, a.output, a.format)
@@ -762,7 +765,7 @@ def main_restore(argv=None) -> int:
         except OSError as e:
             return fatal(f"{folder}: cannot create the output folder ({e.strerror or e})")
     try:
-        for src, dst in progress_bar(list(zip(inputs, outputs)), desc="restore", unit="img"):
+        for src, dst in progress_bar(list(zip(inputs, outputs)), desc="restore", unit="img", disable=a.quiet):
             try:
                 records.append(restore_one(r, a, src, dst, input_set, taken))
                 continue
@@ -781,10 +784,11 @@ def main_restore(argv=None) -> int:
     json_written = not a.json or write_records(a.json, records)
     if made is not None and not records:  # every image failed: no empty folder left behind (after the
         remove_empty(folder, made)  # JSON, which may lie in it: -o out --json out/q.json)
-    tqdm.write(
-        restore_summary(records, len(inputs) + len(missing), failed_names, folder is not None),
-        file=sys.stderr,
-    )
+    if not a.quiet:  # failures too: each had its error line, and the exit code says 1
+        tqdm.write(
+            restore_summary(records, len(inputs) + len(missing), failed_names, folder is not None),
+            file=sys.stderr,
+        )
     return 1 if failed_names or not json_written else 0
 
 
@@ -832,6 +836,7 @@ def main_score(argv=None) -> int:
         help="one JSON object per line (absolute path, Q1..Q3 and what scored them: p, weights and"
         " weights_sha256) instead of a table",
     )
+    add_quiet(p)
     a = p.parse_args(argv)
     check_tile_options(p, a)
     problem = backend_problem(a)
@@ -840,7 +845,8 @@ def main_score(argv=None) -> int:
 
     inputs, missing = found_inputs(a.inputs)
     if not inputs:
-        tqdm.write(score_summary(len(missing), missing), file=sys.stderr)
+        if not a.quiet:
+            tqdm.write(score_summary(len(missing), missing), file=sys.stderr)
         return 1
     try:
         r = make_restorer(a)
@@ -850,9 +856,9 @@ def main_score(argv=None) -> int:
     if not a.json:
         width = max(columns(str(q)) for q in inputs)
         print(f"{pad('path', width)}  {'Q1':>7} {'Q2':>7} {'Q3':>7}")
-    for src in progress_bar(inputs, desc="score", unit="img", disable=len(inputs) < 2):
+    for src in progress_bar(inputs, desc="score", unit="img", disable=a.quiet or len(inputs) < 2):
         try:
-            with TileBar() as tiles:
+            with TileBar(a.quiet) as tiles:
                 img = read_image(src, a.max_pixels, warn=warning)
                 caveat = score_caveat(img)
                 if caveat:
@@ -872,6 +878,7 @@ def main_score(argv=None) -> int:
         else:
             result(f"{pad(str(src), width)}  {q['Q1']:7.4f} {q['Q2']:7.4f} {q['Q3']:7.4f}")
     if failed_names:
-        tqdm.write(score_summary(len(inputs) + len(missing), failed_names), file=sys.stderr)
+        if not a.quiet:  # (each failure had its error line)
+            tqdm.write(score_summary(len(inputs) + len(missing), failed_names), file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@ now and then (restore, score, eval, eval-quality, video, train)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from tqdm import tqdm
@@ -11,6 +12,19 @@ from tqdm import tqdm
 # every 0.1 s. A run shorter than that writes no bar line at all (tqdm's delay= skips the closing one
 # too): the commands' own closing lines say what was done.
 LOG_EVERY_S = 30
+
+
+# -q/--quiet, the same on every command: scripts that run one thousands of times want errors alone on
+# stderr. Each command reads its own parsed flag (no module-level switch: tests and library callers run
+# main() many times in one process, and a quiet run must not silence the next).
+QUIET_HELP = (
+    "no progress bars and no closing line; errors, warnings and the results themselves (tables, "
+    "--json on stdout) still print"
+)
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
 
 
 class LogLines:

@@ -57,7 +57,7 @@ from qairn.engine.color import (
     restore_planes,
 )
 from qairn.engine.imageio import current_umask, path_arg, write_atomic
-from qairn.engine.progress import progress_bar
+from qairn.engine.progress import add_quiet, progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
 
@@ -2391,7 +2391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "time) than the header says; by default these are warnings",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output video and trace")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    add_quiet(p)
     return p
 
 

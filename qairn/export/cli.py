@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qairn.engine.backends import BackendError
 from qairn.engine.imageio import IMAGE_SUFFIXES, check_writable
+from qairn.engine.progress import add_quiet
 from qairn.engine.tiling import zero_or_more
 from qairn.export import onnx_export as ox
 from qairn.export.trt_backend import TrtRuntimeError
@@ -152,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
         help="torch.onnx exporter (default torchscript; dynamo is slower to export)",
     )
     add_verify_args(o)
+    add_quiet(o)
 
     t = sub.add_parser("tensorrt", help="build a serialized TensorRT engine (needs TensorRT and a CUDA GPU)")
     t.add_argument("weights", type=Path, help="qairn safetensors weights to build the engine for")
@@ -204,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
         help="the CUDA device to build for and run on: cuda or cuda:N (default cuda)",
     )
     add_verify_args(t)
+    add_quiet(t)
     return p
 
 
@@ -235,14 +238,18 @@ def verify_inputs(args) -> tuple[list, str]:
     return ox.jpeg_images(files, qfs, crop), note
 
 
-def verify(path: Path, model, inputs: tuple[list, str]) -> int:
+def verify(path: Path, model, inputs: tuple[list, str], quiet: bool = False) -> int:
+    """Verify the ONNX file at path; its figures are printed, with -q only when they fail (beside the
+    error they explain)."""
     images, note = inputs
     stats = ox.verify_onnx(path, model, images)
-    print(ox.summary(stats, note))
     try:
         ox.check_parity(stats, stats["precision"])
     except ox.ExportError as e:
+        print(ox.summary(stats, note))
         return error(f"verification failed: {e}", 1)
+    if not quiet:
+        print(ox.summary(stats, note))
     return 0
 
 
@@ -276,14 +283,16 @@ def main_onnx(args) -> int:
         fp32_tail=args.fp32_tail,
     )
     try:
-        if rc := verify(path, model, inputs):
+        if rc := verify(path, model, inputs, args.quiet):
             return rc
         path.replace(out)
     finally:
         path.unlink(missing_ok=True)
     shape = f"static {args.static}" if args.static else "dynamic N,H,W"
     outputs = "maps" if args.maps else "sums"
-    print(f"wrote {out} ({precision}, io {args.io}, {outputs}, {shape}, opset {args.opset}; onnx.checker ok)")
+    if not args.quiet:
+        kind = f"{precision}, io {args.io}, {outputs}, {shape}, opset {args.opset}"
+        print(f"wrote {out} ({kind}; onnx.checker ok)")
     return 0
 
 
@@ -334,7 +343,7 @@ def main_tensorrt(args) -> int:
                 f"--onnx {args.onnx} holds another network than {args.weights} "
                 f"(its {', '.join(differ)} differ): give the weights it was exported from"
             )
-        if inputs is not None and verify(args.onnx, model, inputs):
+        if inputs is not None and verify(args.onnx, model, inputs, args.quiet):
             return 1
     strongly_typed = True if args.strongly_typed else None
     typing = trt_engine.build_typing(
@@ -346,7 +355,7 @@ def main_tensorrt(args) -> int:
         onnx = ox.cached_onnx(
             model, args.cache_dir, outputs="maps", precision=trt_engine.onnx_precision(typing)
         )
-        if verify(onnx, model, inputs):
+        if verify(onnx, model, inputs, args.quiet):
             return 1
     if args.shape is None and not args.dynamic:  # a --static export builds its own shape only
         args.shape = ox.static_input_shape(onnx) or trt_backend.DEFAULT_SHAPE
@@ -378,12 +387,13 @@ def main_tensorrt(args) -> int:
         return error(f"{args.output}: the engine went to {path} instead", 1)
     # A valid engine found in the cache (or at -o) was loaded, not written: say so.
     done = "wrote" if replace or runner.built else "reused cached engine"
-    print(
-        f"{done} {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
-        f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
-        f"{trt_engine.sidecar_path(path).name}, timing cache "
-        f"{trt_engine.timing_cache_path(backend.folder, spec)}"
-    )
+    if not args.quiet:
+        print(
+            f"{done} {path} ({spec.precision}, {spec.typing}, TensorRT {spec.trt_version}, {spec.gpu_name} "
+            f"sm{spec.compute_capability}, profile {spec.min_shape}..{spec.max_shape}); sidecar "
+            f"{trt_engine.sidecar_path(path).name}, timing cache "
+            f"{trt_engine.timing_cache_path(backend.folder, spec)}"
+        )
     return 0
 
 

@@ -31,7 +31,7 @@ from qairn.engine.imageio import (
     save_figure,
     write_atomic,
 )
-from qairn.engine.progress import progress_bar
+from qairn.engine.progress import add_quiet, progress_bar
 from qairn.messages import counted
 from qairn.metrics import psnr, psnr_b, ssim
 from qairn.train.data import list_images
@@ -345,6 +345,7 @@ def main_eval(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", type=path_arg, help="write the means per QF and every image's metrics here")
     ap.add_argument("--plot", type=path_arg, help="PNG figure: metrics against QF")
+    add_quiet(ap)
     a = ap.parse_args(argv)
     bad_qf = [q for q in a.qf if not 1 <= q <= 100]
     if bad_qf:
@@ -361,7 +362,7 @@ def main_eval(argv=None) -> int:
     restorer = None
     if not a.jpeg_only:
         restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None)
-    rows = eval_restoration(files, a.qf, restorer, a.workers, a.crop)
+    rows = eval_restoration(files, a.qf, restorer, a.workers, a.crop, progress=not a.quiet)
     summary = summarize(rows, a.qf)
     print(table1(summary, len(files), Path(a.data).name, a.crop))
     result = {
@@ -761,6 +762,7 @@ def main_quality(argv=None) -> int:
         "--json", type=path_arg, help="write the tables, every record and the p sweep (--sweep-p) here"
     )
     ap.add_argument("--plot", type=path_arg, help="PNG figure: Q2 against the level, one line per image")
+    add_quiet(ap)
     a = ap.parse_args(argv)
     check_counts(a)
     check_outputs(a.json, a.plot, a.weights or a.write_p)
@@ -793,7 +795,7 @@ def main_quality(argv=None) -> int:
     }
     print(NOT_HUMAN)
     if a.sweep_p:
-        recs = quality_records(restorer, val, a.crop, P_GRID, a.workers, a.seed)
+        recs = quality_records(restorer, val, a.crop, P_GRID, a.workers, a.seed, progress=not a.quiet)
         sweep = sweep_p(recs, prefer=restorer.p)
         sweep["images"] = [Path(f).name for f in val]
         sweep["crop"] = a.crop
@@ -812,10 +814,11 @@ def main_quality(argv=None) -> int:
         result["p_sweep"] = sweep
         if a.write_p:
             write_p(a.write_p, sweep["p"], sweep)
-            print(f"wrote p={sweep['p']:g} into {a.write_p}")
+            if not a.quiet:
+                print(f"wrote p={sweep['p']:g} into {a.write_p}")
         restorer.p = float(sweep["p"])
     if not a.no_report:
-        recs = quality_records(restorer, files, a.crop, None, a.workers, a.seed)
+        recs = quality_records(restorer, files, a.crop, None, a.workers, a.seed, progress=not a.quiet)
         tables = quality_tables(recs)
         n = len(files)
         print(

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from qairn.engine.imageio import save_figure, write_atomic
-from qairn.engine.progress import progress_bar
+from qairn.engine.progress import add_quiet, progress_bar
 from qairn.messages import counted
 from qairn.metrics import ssim_torch
 from qairn.model import PRESETS, QAIRN, QAIRNConfig, preset
@@ -269,11 +269,14 @@ def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, sa
     return replace(a, **changes)
 
 
-def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
+def train(a: TrainArgs, explicit: set[str] | None = None, quiet: bool = False) -> Path:
     """Train (or resume, a.resume) into a.out. explicit: the options the user gave (the CLI passes
     them); on resume the others come from the checkpoint (resumed_args). The process-wide settings a
     run changes (--threads; on a GPU cudnn.benchmark and TF32, for speed) are put back afterwards: a
-    library caller's own work after train() must not run in TF32, or on one thread, unasked."""
+    library caller's own work after train() must not run in TF32, or on one thread, unasked.
+    quiet (-q): no progress bar, nor validation, resume or closing lines; notes, warnings and errors
+    still print. Not a TrainArgs field: how a run talks is no setting of the weights, which record
+    their arguments."""
     flags = (
         torch.backends.cudnn.benchmark,
         torch.backends.cuda.matmul.allow_tf32,
@@ -281,7 +284,7 @@ def train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     )
     threads = torch.get_num_threads()
     try:
-        return _train(a, explicit)
+        return _train(a, explicit, quiet)
     finally:
         (
             torch.backends.cudnn.benchmark,
@@ -312,7 +315,7 @@ def killed_by(error: BaseException, signals) -> bool:
     return False
 
 
-def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
+def _train(a: TrainArgs, explicit: set[str] | None = None, quiet: bool = False) -> Path:
     if not a.resume:  # a resume is judged once its arguments are merged with the checkpoint's
         check_args(a)
     else:  # but --ddp-timeout is this run's own, and is used before the merge
@@ -418,7 +421,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         step, seconds = ck["step"], ck["seconds"]
         torch.set_rng_state(ck["torch_rng"])
         trained_with = ck["args"]  # what the weights were last trained with, until this run trains
-        if main:
+        if main and not quiet:
             print(f"resumed from {ckpt_path} at step {step} ({seconds / 3600:.2f} h trained)")
         if main and ck.get("world", 1) != world:  # a step is world x --batch patches, rank r's indices
             print(
@@ -438,7 +441,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
         # p pools the quality maps only and was chosen for these weights (the p sweep, after training):
         # the export keeps it. It took the preset's (the shipped file's p is not), and so scored otherwise.
         model.config = config = replace(config, p=start.config.p)
-        if main:
+        if main and not quiet:
             print(f"initialised from {a.init}")
     if a.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -567,9 +570,11 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
             if new:
                 w.writeheader()
             w.writerow(row)
-        tqdm.write(
-            f"validation at step {at_step}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step")
-        )
+        if not quiet:
+            tqdm.write(
+                f"validation at step {at_step}: "
+                + ", ".join(f"{k} {v}" for k, v in row.items() if k != "step")
+            )
 
     stop = {"flag": False, "fetching": False, "signals": set()}
 
@@ -631,7 +636,9 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     writer = csv.writer(logf) if logf else None
     if writer and new_log:
         writer.writerow(["step", "loss", "l1", "ssim", "lr", "patches_per_s", "seconds"])
-    bar = progress_bar(total=a.steps, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    bar = progress_bar(
+        total=a.steps, initial=step, disable=not main or quiet, dynamic_ncols=True, desc="train"
+    )
     t_last, n_last = time.time(), 0
     model.train()
     # Wall time, data waits included: on a GPU the step's host time is only its kernel launches.
@@ -725,7 +732,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
     finally:
         try:
             bar.close()
-            if main and steps_run:
+            if main and steps_run and not quiet:
                 # Training's own rate: with validation inside, a run validating often showed a fraction
                 # of its real steps/s.
                 wall = time.time() - t_run - val_time
@@ -767,6 +774,7 @@ def _train(a: TrainArgs, explicit: set[str] | None = None) -> Path:
                 val_files,
                 device,
                 trained_with=asdict(a) if steps_run else trained_with,
+                quiet=quiet,
             )
     if world > 1:
         dist.destroy_process_group()
@@ -926,6 +934,7 @@ def export_weights(
     val_files: list[Path],
     device: str | torch.device = "cpu",
     trained_with: dict | None = None,
+    quiet: bool = False,
 ) -> Path:
     """Write the shipping file: fp16 when fp16-rounded weights lose < 0.02 dB of restored PSNR on the
     held-out images (QF 10..40), else fp32; the check's numbers go into the metadata."""
@@ -937,7 +946,8 @@ def export_weights(
     # No held-out image (--val-holdout 0), no loss to show ("nan dB ... on 0 images"): the reason instead.
     held_out = counted(len(val_files), "held-out image")
     why = decision.get("reason") or f"{decision['loss_db']:.4f} dB fp16 loss on {held_out}"
-    print(f"export: {decision['dtype']} ({why}) -> {a.export}")
+    if not quiet:
+        print(f"export: {decision['dtype']} ({why}) -> {a.export}")
     summary = {
         "steps": step,
         "seconds": round(seconds, 1),
@@ -1023,14 +1033,16 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_args(p)
-    ns = p.parse_args(argv)
+    add_quiet(p)
+    options = vars(p.parse_args(argv))
+    quiet = options.pop("quiet")
     # Which options were given: the same parser with every default suppressed parses only those.
     probe = argparse.ArgumentParser(add_help=False)
     add_args(probe)
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     explicit = set(vars(probe.parse_known_args(argv)[0]))
-    train(TrainArgs(**vars(ns)), explicit)
+    train(TrainArgs(**options), explicit, quiet)
 
 
 if __name__ == "__main__":
