@@ -1,0 +1,126 @@
+"""qairn's public API called as README.md shows it, from typed code: checked by mypy (tests/test_typing.py),
+never run. Every value is returned from a function that declares its type, or kept in an annotated variable:
+an annotation missing in qairn (the value is Any) fails as "Returning Any", a wrong one as a type error.
+Not collected by pytest (its name does not start with test_)."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+import qairn
+import qairn.engine.video
+from qairn.engine.imageio import read_image
+from qairn.engine.video import VideoOptions, frame_planes, transcode
+from qairn.export.onnx_export import export_onnx
+
+
+def image(path: str) -> np.ndarray:
+    return read_image(path)
+
+
+def restorer() -> qairn.Restorer:
+    return qairn.Restorer(weights=Path("w.safetensors"), device="cpu", backend="eager", precision="fp32")
+
+
+def restored(r: qairn.Restorer, img: np.ndarray) -> qairn.Result:
+    return r.restore(img, return_maps=True, channel_order="bgr", progress=lambda done, total: None, bits=None)
+
+
+def restored_pixels(res: qairn.Result) -> np.ndarray | torch.Tensor:
+    return res.image
+
+
+def quality(res: qairn.Result) -> float:
+    q2: float = res.quality["Q2"]
+    return q2
+
+
+def maps(res: qairn.Result) -> list[np.ndarray] | None:
+    return res.maps
+
+
+def caveat(res: qairn.Result) -> str | None:
+    why: str | None = res.info["caveat"]
+    return why
+
+
+def scores(r: qairn.Restorer, img: np.ndarray) -> dict[str, float]:
+    return r.score(img)
+
+
+def batch_quality(r: qairn.Restorer, batch: torch.Tensor) -> torch.Tensor:
+    y, q, m = r.restore_tensor(batch)
+    q1: torch.Tensor = q["Q1"]
+    return q1
+
+
+def planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return frame_planes(frame)
+
+
+def frame_quality(r: qairn.Restorer, frame: av.VideoFrame) -> qairn.Result:
+    y, u, v = qairn.engine.video.frame_planes(frame)
+    return r.restore_yuv(y, u, v, matrix=frame.colorspace, range=frame.color_range, bits=None)
+
+
+def stream(r: qairn.Restorer, frames: list[np.ndarray]) -> Iterator[qairn.Result]:
+    return r.restore_stream(frames, batch=4, image=False)
+
+
+def closed_after_use(weights: str, img: np.ndarray) -> float:
+    with qairn.Restorer(weights=weights) as r:
+        res = r.restore(img)
+        q: float = res.quality["Q1"]
+    r.close()
+    r.drop_caches()
+    return q
+
+
+def video(r: qairn.Restorer, src: str, dst: str) -> float:
+    summary = transcode(r, src, dst, VideoOptions(codec="libx264", crf=20.0, batch=4))
+    frames: int = summary["frames"]
+    return float(frames)
+
+
+def network(path: str) -> qairn.QAIRN:
+    return qairn.load_model(path, device="cpu")
+
+
+def saved(model: qairn.QAIRN, path: str) -> Path:
+    return qairn.save_weights(model, path)
+
+
+def config() -> qairn.QAIRNConfig:
+    return qairn.preset("small", p=2.0)
+
+
+def pooled(gamma: torch.Tensor) -> torch.Tensor:
+    return qairn.minkowski(gamma, 2.0)
+
+
+def presets() -> dict[str, qairn.QAIRNConfig]:
+    return qairn.PRESETS
+
+
+def exported(model: qairn.QAIRN) -> Path:
+    return export_onnx(model, "q.onnx", outputs="maps", shape=(4, 512, 512))
+
+
+def version() -> str:
+    return qairn.__version__
+
+
+# What a caller catches (README).
+def errors() -> tuple[type[Exception], ...]:
+    return (qairn.ColorError, qairn.WeightsError, qairn.BackendError, qairn.engine.video.VideoError)
+
+
+def caught(path: str) -> str:
+    try:
+        return str(read_image(path).shape)
+    except qairn.ImageError as e:
+        error: ValueError = e
+        return str(error)
