@@ -556,10 +556,10 @@ class Restorer:
             with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
                 torch.cuda.empty_cache()
 
-    def __enter__(self):
+    def __enter__(self) -> Restorer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- tensors -------------------------------------------------------------------------------

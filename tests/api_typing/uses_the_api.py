@@ -79,6 +79,11 @@ def closed_after_use(weights: str, img: np.ndarray) -> float:
     return q
 
 
+def entered(weights: str) -> qairn.Restorer:
+    with qairn.Restorer(weights=weights) as r:  # README: `with Restorer() as r:`
+        return r
+
+
 def video(r: qairn.Restorer, src: str, dst: str) -> float:
     summary = transcode(r, src, dst, VideoOptions(codec="libx264", crf=20.0, batch=4))
     frames: int = summary["frames"]
