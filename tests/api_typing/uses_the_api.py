@@ -118,7 +118,20 @@ def version() -> str:
     return qairn.__version__
 
 
-# What a caller catches (README).
+# What a caller catches (README); the image and video ones load when first asked for.
+def image_error() -> type[ValueError]:
+    return qairn.ImageError
+
+
+def video_error() -> type[RuntimeError]:
+    return qairn.VideoError
+
+
+def misspelt() -> object:
+    # A name qairn lacks is an error (else this ignore is unused: --strict warns of that).
+    return qairn.Restorr  # type: ignore[attr-defined]
+
+
 def errors() -> tuple[type[Exception], ...]:
     return (qairn.ColorError, qairn.WeightsError, qairn.BackendError, qairn.engine.video.VideoError)
 
