@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -244,6 +245,14 @@ class Result:
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
     # restore_yuv, restore_stream's planes: matrix, range, bits; "caveat" (see above)
     info: dict = field(default_factory=dict)
+
+
+class ScoredBy(TypedDict):
+    """Restorer.scored_by(): which model gives the scores (a plain dict at run time)."""
+
+    p: float
+    weights: str | None
+    weights_sha256: str
 
 
 def finish(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -497,7 +506,7 @@ class Restorer:
                 "give the weights it was exported from, or neither weights= nor model= to use its own"
             )
 
-    def scored_by(self) -> dict:
+    def scored_by(self) -> ScoredBy:
         """Which model gives this Restorer's scores: the pooling exponent `p`, the file that runs as
         `weights` (an engine= or onnx= file where given, else the weights file; None for a network given
         as model=) and `weights_sha256`, the first 16 hex digits of that file's SHA-256 (of the

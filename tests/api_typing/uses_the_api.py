@@ -84,6 +84,18 @@ def entered(weights: str) -> qairn.Restorer:
         return r
 
 
+def scored_with_p(r: qairn.Restorer) -> float:
+    return r.scored_by()["p"]
+
+
+def scored_by_weights(r: qairn.Restorer) -> str | None:
+    return r.scored_by()["weights"]
+
+
+def scored_by_sha256(r: qairn.Restorer) -> str:
+    return r.scored_by()["weights_sha256"]
+
+
 def video(r: qairn.Restorer, src: str, dst: str) -> float:
     summary = transcode(r, src, dst, VideoOptions(codec="libx264", crf=20.0, batch=4))
     frames: int = summary["frames"]
