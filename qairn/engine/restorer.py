@@ -226,9 +226,14 @@ def remember(cache: dict, key, make, keep: int, lock):
         return cache[key]
 
 
+# restore_yuv's image: the planes (y, u, v), numpy or tensors as given.
+Planes = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class Result:
-    """What Restorer.restore returns: the restored image (the input's shape and type), its quality
+    """What Restorer.restore returns: the restored image (the input's shape and type; restore_yuv's,
+    the planes (y, u, v); None where only the quality was asked for, image=False), its quality
     {"Q1","Q2","Q3"} and, with return_maps=True, the gamma maps (full, 1/2 and 1/4 resolution).
     For tensor input the image is on the input's device, the quality and maps on the Restorer's.
 
@@ -240,7 +245,7 @@ class Result:
     frame; not for tensors to restore() and restore_yuv(), whose quality stays on the device, unsynced
     (qairn.engine.caveats.score_caveat takes a numpy image and its bits, as score() callers may use)."""
 
-    image: np.ndarray | torch.Tensor
+    image: np.ndarray | torch.Tensor | Planes | None
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
     # restore_yuv, restore_stream's planes: matrix, range, bits; "caveat" (see above)

@@ -29,7 +29,15 @@ def restored(r: qairn.Restorer, img: np.ndarray) -> qairn.Result:
     return r.restore(img, return_maps=True, channel_order="bgr", progress=lambda done, total: None, bits=None)
 
 
-def restored_pixels(res: qairn.Result) -> np.ndarray | torch.Tensor:
+def restored_pixels(res: qairn.Result) -> np.ndarray:
+    # None where only the quality was asked for (image=False); restore_yuv's are the planes (y, u, v).
+    if res.image is None:
+        raise ValueError("scored only")
+    if isinstance(res.image, tuple):
+        luma = res.image[0]
+        return luma if isinstance(luma, np.ndarray) else luma.cpu().numpy()
+    if isinstance(res.image, torch.Tensor):
+        return res.image.cpu().numpy()
     return res.image
 
 
