@@ -442,11 +442,13 @@ class Restorer:
                 model = load_model(weights if weights is not None else default_weights())
             config = model.config
         self.config = config
-        p = config.p if p is None else p
+        # object: any real number (a Fraction, numpy's float64) is taken; type checkers read a float as no
+        # numbers.Real, so the check below raised to them always and every attribute after was untyped.
+        given_p: object = config.p if p is None else p
         # True ran as p = 1 and "64" as 64.0; "high" met float()'s own message.
-        if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise ValueError(f"the Minkowski exponent p must be a positive number, not {p!r}")
-        self.p = float(p)
+        if isinstance(given_p, bool) or not isinstance(given_p, numbers.Real):
+            raise ValueError(f"the Minkowski exponent p must be a positive number, not {given_p!r}")
+        self.p = float(given_p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         if self.p > MAX_POOL_P:

@@ -25,6 +25,19 @@ def restorer() -> qairn.Restorer:
     return qairn.Restorer(weights=Path("w.safetensors"), device="cpu", backend="eager", precision="fp32")
 
 
+def exponent(r: qairn.Restorer) -> float:
+    return r.p  # the Minkowski p that pools the gate maps into Q1..Q3
+
+
+def tiling(r: qairn.Restorer) -> tuple[int | str | None, int]:
+    tile: int | str | None = r.tile
+    return tile, r.overlap
+
+
+def is_closed(r: qairn.Restorer) -> bool:
+    return r.closed
+
+
 def restored(r: qairn.Restorer, img: np.ndarray) -> qairn.Result:
     return r.restore(img, return_maps=True, channel_order="bgr", progress=lambda done, total: None, bits=None)
 
