@@ -40,6 +40,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,6 +61,11 @@ from qairn.engine.imageio import current_umask, path_arg, write_atomic
 from qairn.engine.progress import progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
+
+if TYPE_CHECKING:  # (PyAV is optional, and the restorer module imports this one)
+    import av
+
+    from qairn.engine.restorer import Restorer
 
 
 class VideoError(RuntimeError):
@@ -502,7 +508,7 @@ def format_bits(name: str) -> int:
     return int(m.group(1)) if m else 8
 
 
-def frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def frame_planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Planes of a planar Y'CbCr PyAV frame (yuv420p, yuv422p10le, ...) as numpy (y, u, v): uint8, or
     uint16 codes for more than 8 bits (then pass bits=format_bits(frame.format.name) to restore_yuv)."""
     dtype = np.uint16 if format_bits(frame.format.name) > 8 else np.uint8
@@ -1757,7 +1763,14 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
     return src, dst, csv_path
 
 
-def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=None) -> dict:
+def transcode(
+    restorer: Restorer,
+    src: str | Path,
+    dst: str | Path | None = None,
+    opts: VideoOptions | None = None,
+    *,
+    inp=None,
+) -> dict:
     """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary.
     inp: src already opened (_open_input), as the CLI opens it before the model loads (a pipe can be read
     once only); it is closed here."""

@@ -123,6 +123,16 @@ def video(r: qairn.Restorer, src: str, dst: str) -> float:
     return float(frames)
 
 
+def wrong_arguments(r: qairn.Restorer, model: qairn.QAIRN) -> None:
+    # Each is refused by qairn's annotations (else its ignore is unused: --strict warns of that).
+    transcode(model, "in.mp4", "out.mkv")  # type: ignore[arg-type]
+    transcode(r, 3, "out.mkv")  # type: ignore[arg-type]
+    transcode(r, "in.mp4", ["out.mkv"])  # type: ignore[arg-type]
+    frame_planes("in.mp4")  # type: ignore[arg-type]
+    read_image("a.png", warn="loud")  # type: ignore[arg-type]
+    qairn.save_weights(model, "w.safetensors", dtype="fp16")  # type: ignore[arg-type]
+
+
 def network(path: str) -> qairn.QAIRN:
     return qairn.load_model(path, device="cpu")
 
