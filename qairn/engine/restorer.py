@@ -587,7 +587,7 @@ class Restorer:
         image: bool = True,
         *,
         in_range: bool = False,
-    ) -> tuple[torch.Tensor | None, dict, list | None]:
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], list[torch.Tensor] | None]:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device; return_maps=True: the maps, (N,1,h,w) each (see
         restore). progress(done, total) is called after each batch

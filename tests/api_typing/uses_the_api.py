@@ -74,8 +74,7 @@ def scores(r: qairn.Restorer, img: np.ndarray) -> dict[str, float]:
 
 def batch_quality(r: qairn.Restorer, batch: torch.Tensor) -> torch.Tensor:
     y, q, m = r.restore_tensor(batch)
-    q1: torch.Tensor = q["Q1"]
-    return q1
+    return q["Q1"]  # (N,) on the Restorer's device
 
 
 def planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
