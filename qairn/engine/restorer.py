@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, overload
 
 import numpy as np
 import torch
@@ -886,13 +886,32 @@ class Restorer:
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order, bits) if image else None, q, maps)
 
+    # For type checkers: floats for a numpy image, (N,) tensors for a batch tensor.
+    @overload
+    def score(
+        self,
+        img: np.ndarray,
+        channel_order: str | None = None,
+        progress: Progress | None = None,
+        bits: int | None = None,
+    ) -> dict[str, float]: ...
+
+    @overload
+    def score(
+        self,
+        img: torch.Tensor,
+        channel_order: str | None = None,
+        progress: Progress | None = None,
+        bits: int | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+
     def score(
         self,
         img: np.ndarray | torch.Tensor,
         channel_order: str | None = None,
         progress: Progress | None = None,
         bits: int | None = None,
-    ) -> dict:
+    ) -> dict[str, float] | dict[str, torch.Tensor]:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors), the numbers restore(img).quality
         gives, without making the restored image (the network's tail, the tiles' blend, the copy back).
         img, channel_order, progress and bits: as restore() takes them."""

@@ -68,8 +68,16 @@ def caveat(res: qairn.Result) -> str | None:
     return why
 
 
-def scores(r: qairn.Restorer, img: np.ndarray) -> dict[str, float]:
-    return r.score(img)
+def score(r: qairn.Restorer, img: np.ndarray) -> float:
+    return r.score(img)["Q2"]
+
+
+def batch_score(r: qairn.Restorer, batch: torch.Tensor) -> torch.Tensor:
+    return r.score(batch)["Q2"]  # (N,)
+
+
+def either_score(r: qairn.Restorer, img: np.ndarray | torch.Tensor) -> float | torch.Tensor:
+    return r.score(img)["Q2"]
 
 
 def batch_quality(r: qairn.Restorer, batch: torch.Tensor) -> torch.Tensor:
