@@ -124,10 +124,17 @@ def scored_by_sha256(r: qairn.Restorer) -> str:
     return r.scored_by()["weights_sha256"]
 
 
-def video(r: qairn.Restorer, src: str, dst: str) -> float:
+def video(r: qairn.Restorer, src: str, dst: str) -> list[Path]:
     summary = transcode(r, src, dst, VideoOptions(codec="libx264", crf=20.0, batch=4))
-    frames: int = summary["frames"]
-    return float(frames)
+    return summary["written"]
+
+
+def video_frames(r: qairn.Restorer, src: str) -> int:
+    return transcode(r, src, opts=VideoOptions(score_only=True))["frames"]
+
+
+def video_quality(r: qairn.Restorer, src: str) -> float:
+    return transcode(r, src, opts=VideoOptions(score_only=True))["mean_quality"]["Q2"]
 
 
 def wrong_arguments(r: qairn.Restorer, model: qairn.QAIRN) -> None:
