@@ -22,7 +22,9 @@ class WeightsError(ValueError):
     """A weights file that is missing, unreadable or not a qairn file."""
 
 
-def save_weights(model: QAIRN, path: str | Path, training: dict | None = None, dtype=None) -> Path:
+def save_weights(
+    model: QAIRN, path: str | Path, training: dict | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write model weights + config (+ training summary) to a safetensors file, atomically."""
     path = Path(path)
     # NaN and infinity are not JSON: json.dumps wrote bare NaN, which strict readers refuse.

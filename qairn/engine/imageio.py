@@ -10,6 +10,7 @@ import os
 import struct
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -45,7 +46,9 @@ def _apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](arr)) if orientation in ops else arr
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn=None) -> np.ndarray:
+def read_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, warn: Callable[[str], object] | None = None
+) -> np.ndarray:
     """Read an image as RGB(A) or gray (HxW, or HxWx2 with alpha) numpy, uint8 or uint16, EXIF
     orientation applied; 1-bit and gray-palette images are gray. Of an animation or a multi-page file
     only the first frame is read, and warn(message) says so, as it does of a damaged JPEG decoded as it

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict, overload
 
 import numpy as np
 import torch
@@ -225,9 +226,14 @@ def remember(cache: dict, key, make, keep: int, lock):
         return cache[key]
 
 
+# restore_yuv's image: the planes (y, u, v), numpy or tensors as given.
+Planes = tuple[np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class Result:
-    """What Restorer.restore returns: the restored image (the input's shape and type), its quality
+    """What Restorer.restore returns: the restored image (the input's shape and type; restore_yuv's,
+    the planes (y, u, v); None where only the quality was asked for, image=False), its quality
     {"Q1","Q2","Q3"} and, with return_maps=True, the gamma maps (full, 1/2 and 1/4 resolution).
     For tensor input the image is on the input's device, the quality and maps on the Restorer's.
 
@@ -239,11 +245,19 @@ class Result:
     frame; not for tensors to restore() and restore_yuv(), whose quality stays on the device, unsynced
     (qairn.engine.caveats.score_caveat takes a numpy image and its bits, as score() callers may use)."""
 
-    image: np.ndarray | torch.Tensor
+    image: np.ndarray | torch.Tensor | Planes | None
     quality: dict  # {"Q1","Q2","Q3"}: floats for arrays, (N,) tensors for tensor input
     maps: list | None = None  # [gamma1, gamma2, gamma3] float32, when asked for
     # restore_yuv, restore_stream's planes: matrix, range, bits; "caveat" (see above)
     info: dict = field(default_factory=dict)
+
+
+class ScoredBy(TypedDict):
+    """Restorer.scored_by(): which model gives the scores (a plain dict at run time)."""
+
+    p: float
+    weights: str | None
+    weights_sha256: str
 
 
 def finish(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -428,11 +442,13 @@ class Restorer:
                 model = load_model(weights if weights is not None else default_weights())
             config = model.config
         self.config = config
-        p = config.p if p is None else p
+        # object: any real number (a Fraction, numpy's float64) is taken; type checkers read a float as no
+        # numbers.Real, so the check below raised to them always and every attribute after was untyped.
+        given_p: object = config.p if p is None else p
         # True ran as p = 1 and "64" as 64.0; "high" met float()'s own message.
-        if isinstance(p, bool) or not isinstance(p, numbers.Real):
-            raise ValueError(f"the Minkowski exponent p must be a positive number, not {p!r}")
-        self.p = float(p)
+        if isinstance(given_p, bool) or not isinstance(given_p, numbers.Real):
+            raise ValueError(f"the Minkowski exponent p must be a positive number, not {given_p!r}")
+        self.p = float(given_p)
         if not 0 < self.p < float("inf"):  # p = 0 divided by zero at the first score
             raise ValueError(f"the Minkowski exponent p must be a positive number, not {self.p!r}")
         if self.p > MAX_POOL_P:
@@ -497,7 +513,7 @@ class Restorer:
                 "give the weights it was exported from, or neither weights= nor model= to use its own"
             )
 
-    def scored_by(self) -> dict:
+    def scored_by(self) -> ScoredBy:
         """Which model gives this Restorer's scores: the pooling exponent `p`, the file that runs as
         `weights` (an engine= or onnx= file where given, else the weights file; None for a network given
         as model=) and `weights_sha256`, the first 16 hex digits of that file's SHA-256 (of the
@@ -556,10 +572,10 @@ class Restorer:
             with _CAPTURE_LOCK:  # not while another thread captures (see _CAPTURE_LOCK)
                 torch.cuda.empty_cache()
 
-    def __enter__(self):
+    def __enter__(self) -> Restorer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- tensors -------------------------------------------------------------------------------
@@ -571,7 +587,7 @@ class Restorer:
         image: bool = True,
         *,
         in_range: bool = False,
-    ) -> tuple[torch.Tensor | None, dict, list | None]:
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], list[torch.Tensor] | None]:
         """x: (N,3,H,W) float in [0,1] on any device. Returns (restored, quality dict of (N,) tensors,
         maps or None), all on the engine's device; return_maps=True: the maps, (N,1,h,w) each (see
         restore). progress(done, total) is called after each batch
@@ -870,13 +886,32 @@ class Restorer:
         y, q, maps = self.restore_tensor(x, return_maps, progress, image, in_range=in_range)
         return Result(batch_from_float(y.to(t.device), t.dtype, order, bits) if image else None, q, maps)
 
+    # For type checkers: floats for a numpy image, (N,) tensors for a batch tensor.
+    @overload
+    def score(
+        self,
+        img: np.ndarray,
+        channel_order: str | None = None,
+        progress: Progress | None = None,
+        bits: int | None = None,
+    ) -> dict[str, float]: ...
+
+    @overload
+    def score(
+        self,
+        img: torch.Tensor,
+        channel_order: str | None = None,
+        progress: Progress | None = None,
+        bits: int | None = None,
+    ) -> dict[str, torch.Tensor]: ...
+
     def score(
         self,
         img: np.ndarray | torch.Tensor,
         channel_order: str | None = None,
         progress: Progress | None = None,
         bits: int | None = None,
-    ) -> dict:
+    ) -> dict[str, float] | dict[str, torch.Tensor]:
         """Quality only: {"Q1","Q2","Q3"} (for tensor input, (N,) tensors), the numbers restore(img).quality
         gives, without making the restored image (the network's tail, the tiles' blend, the copy back).
         img, channel_order, progress and bits: as restore() takes them."""

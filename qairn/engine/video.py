@@ -40,6 +40,7 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -60,6 +61,11 @@ from qairn.engine.imageio import current_umask, path_arg, write_atomic
 from qairn.engine.progress import add_quiet, progress_bar
 from qairn.engine.tiling import overlap_arg, tile_arg
 from qairn.messages import counted
+
+if TYPE_CHECKING:  # (PyAV is optional, and the restorer module imports this one)
+    import av
+
+    from qairn.engine.restorer import Restorer, ScoredBy
 
 
 class VideoError(RuntimeError):
@@ -502,7 +508,7 @@ def format_bits(name: str) -> int:
     return int(m.group(1)) if m else 8
 
 
-def frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def frame_planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Planes of a planar Y'CbCr PyAV frame (yuv420p, yuv422p10le, ...) as numpy (y, u, v): uint8, or
     uint16 codes for more than 8 bits (then pass bits=format_bits(frame.format.name) to restore_yuv)."""
     dtype = np.uint16 if format_bits(frame.format.name) > 8 else np.uint8
@@ -1757,7 +1763,32 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
     return src, dst, csv_path
 
 
-def transcode(restorer, src, dst=None, opts: VideoOptions | None = None, *, inp=None) -> dict:
+class TranscodeSummary(TypedDict):
+    """What transcode() returns (a plain dict at run time)."""
+
+    frames: int
+    seconds: float
+    fps: float
+    matrix: str  # the Y'CbCr matrix and range the frames were read with
+    range: str
+    bits: int
+    written: list[Path]  # the video (none with score_only), the quality trace and its plot
+    notes: list[str]  # what was dropped or changed, and damage found in the input
+    codec: str | None  # None with score_only
+    pix_fmt: str | None
+    caveats: int  # frames whose Q says little (flat, or tiny)
+    scored_by: ScoredBy  # Restorer.scored_by()
+    mean_quality: dict[str, float]  # Q1, Q2, Q3 over the frames without a caveat
+
+
+def transcode(
+    restorer: Restorer,
+    src: str | Path,
+    dst: str | Path | None = None,
+    opts: VideoOptions | None = None,
+    *,
+    inp=None,
+) -> TranscodeSummary:
     """Restore every frame of `src` into `dst` (or only score it, opts.score_only). Returns a summary.
     inp: src already opened (_open_input), as the CLI opens it before the model loads (a pipe can be read
     once only); it is closed here."""
@@ -1789,7 +1820,7 @@ def _clear_own_frames(error: BaseException) -> None:
         error = error.__cause__ or error.__context__
 
 
-def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> dict:
+def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeSummary:
     import av
 
     opts = opts or VideoOptions()
