@@ -1975,3 +1975,11 @@ def test_quiet_bench_prints_its_table_as_ever(tmp_path, capsys, monkeypatch):
     missing = tmp_path / "missing.safetensors"
     assert qairn_main([*args, "--weights", str(missing), "--quiet"]) == 2
     assert capsys.readouterr() == ("", f"qairn bench: error: {missing}: no such weights file\n")
+
+
+def test_tile_zero_is_whole_however_it_is_written():
+    """--tiles 00 (or +0) was tile 0, refused later as 'tile must be a positive int', while the help
+    says 0 = whole."""
+    from qairn.engine.bench import parse_tiles
+
+    assert parse_tiles("00,+0,0,Whole,512") == [None, None, None, None, 512]

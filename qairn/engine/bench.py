@@ -940,15 +940,17 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 def parse_tiles(text: str) -> list[int | None]:
     tiles = []
     for t in text.split(","):
-        if t.strip() in ("0", "whole", "none"):
+        if t.strip().lower() in ("whole", "none"):
             tiles.append(None)
             continue
         try:
-            tiles.append(int(t))
+            size = int(t)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected tile sizes (0 = whole), got {t!r}") from None
-        if tiles[-1] < 0:
+        if size < 0:
             raise argparse.ArgumentTypeError(f"tile sizes must not be negative, got {t!r}")
+        # By value: "00" (or "+0") was tile 0, refused later as "must be a positive int" though 0 = whole
+        tiles.append(None if size == 0 else size)
     return tiles
 
 
