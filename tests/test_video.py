@@ -3546,6 +3546,13 @@ def test_a_missing_backend_package_is_exit_2_before_the_model_loads(
     assert err.startswith(f"qairn: error: {says}") and err.count("\n") == 1, err
 
 
+def score_only(src, weights, trace) -> int:
+    """qairn video SRC --score-only on the CPU, its trace into `trace`."""
+    return main(
+        [str(src), "--score-only", "--weights", str(weights), "--device", "cpu", "--quality-csv", str(trace)]
+    )
+
+
 def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
     tiny_weights, frames_rgb, tmp_path, capsys
 ):
@@ -3559,18 +3566,7 @@ def test_quality_trace_marks_and_counts_frames_whose_q_says_little(
     black = np.zeros_like(frames_rgb[0])
     src = make_clip(tmp_path / "fade.mp4", [frames_rgb[0], black, frames_rgb[1]], audio=False)
     trace = tmp_path / "q.csv"
-    rc = main(
-        [
-            str(src),
-            "--score-only",
-            "--weights",
-            str(tiny_weights),
-            "--device",
-            "cpu",
-            "--quality-csv",
-            str(trace),
-        ]
-    )
+    rc = score_only(src, tiny_weights, trace)
     assert rc == 0
     with open(trace, newline="") as f:
         header = next(csv.reader(f))
@@ -3599,18 +3595,7 @@ def test_quality_trace_says_which_weights_and_p_scored_each_frame(tiny_weights, 
 
     src = make_clip(tmp_path / "two.mp4", frames_rgb[:2], audio=False)
     trace = tmp_path / "q.csv"
-    rc = main(
-        [
-            str(src),
-            "--score-only",
-            "--weights",
-            str(tiny_weights),
-            "--device",
-            "cpu",
-            "--quality-csv",
-            str(trace),
-        ]
-    )
+    rc = score_only(src, tiny_weights, trace)
     assert rc == 0
     with open(trace, newline="") as f:
         header = next(csv.reader(f))
