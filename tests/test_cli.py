@@ -2169,3 +2169,31 @@ def test_quiet_restore_and_score_print_their_errors_alone(workdir, tiny_weights,
     rc, out, err = run(capsys, "score", a, missing, *model, "--json", "-q")
     assert rc == 1 and json.loads(out)["path"] == str(a), out
     assert err == f"qairn: error: {missing}: no such file or directory\n"
+
+
+def test_restore_ensemble_changes_the_picture_not_the_scores(workdir, tiny_weights, capsys):
+    """--ensemble 8 averages 8 turned and mirrored passes: another picture, the plain pass's scores."""
+    rows = []
+    for k in (1, 8):
+        out, js = workdir / f"e{k}.png", workdir / f"e{k}.json"
+        rc, _, err = run(
+            capsys,
+            "restore",
+            workdir / "a.jpg",
+            "-o",
+            out,
+            "--json",
+            js,
+            "--weights",
+            tiny_weights,
+            "--ensemble",
+            k,
+        )
+        assert rc == 0, err
+        rows.append(json.loads(js.read_text())[0])
+    assert [rows[1][q] for q in ("Q1", "Q2", "Q3")] == [rows[0][q] for q in ("Q1", "Q2", "Q3")]
+    assert not np.array_equal(cv2.imread(str(workdir / "e1.png")), cv2.imread(str(workdir / "e8.png")))
+    with pytest.raises(SystemExit) as e:
+        run(capsys, "restore", workdir / "a.jpg", "-o", workdir / "e3.png", "--ensemble", 3)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--ensemble: invalid choice: 3 (choose from 1, 2, 4, 8)" in err, err

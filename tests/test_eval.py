@@ -620,3 +620,22 @@ def test_quiet_eval_and_eval_quality_print_their_results_alone(refs, tmp_path, c
     out, err = capsys.readouterr()
     assert err == "" and "NOT human opinion scores" in out and "<- chosen" in out, out
     assert "wrote p=" not in out and "p_sweep" in read_metadata(w)
+
+
+def test_eval_ensemble_restores_as_the_restorer_does_and_says_so(refs, tmp_path):
+    """qairn eval --ensemble 8 measures the self-ensemble (README's LIVE1 figures for it), and its JSON
+    says it ran one."""
+    w = make_weights(tmp_path / "w.safetensors")
+    js = tmp_path / "e.json"
+    args = ["eval", "--data", str(refs), "--qf", "10", "--weights", str(w), "--device", "cpu", "-q"]
+    assert cli([*args, "--ensemble", "8", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["model"]["ensemble"] == 8
+    row = next(r for r in res["images"] if r["image"] == "img01")
+    bgr = cv2.imread(str(refs / "img01.png"))
+    jp = cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 10])[1], cv2.IMREAD_COLOR)[
+        ..., ::-1
+    ]
+    r = qairn.Restorer(weights=w, device="cpu", tile=None, ensemble=8)
+    out = r.restore(np.ascontiguousarray(jp)).image
+    assert row["restored"]["psnr"] == pytest.approx(qairn.metrics.psnr(bgr[..., ::-1], out), abs=1e-9)

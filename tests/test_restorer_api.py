@@ -1478,3 +1478,53 @@ def test_scored_by_names_the_network_that_scores(tmp_path):
         qairn.Restorer(model=model, device="cpu", tile=None, p=2.0).scored_by()["weights_sha256"]
         != by_model["weights_sha256"]
     )
+
+
+def test_oriented_turns_each_of_the_eight_symmetries_back():
+    from qairn.engine.restorer import ENSEMBLE_ORDER, oriented
+
+    x = torch.arange(2 * 3 * 5 * 7, dtype=torch.float32).reshape(2, 3, 5, 7)
+    turned = [oriented(x, sym) for sym in ENSEMBLE_ORDER]
+    assert len({tuple(t.flatten().tolist()) + tuple(t.shape) for t in turned}) == 8  # all different
+    for sym, t in zip(ENSEMBLE_ORDER, turned):
+        assert torch.equal(oriented(t, sym, back=True), x), sym
+
+
+@pytest.mark.parametrize("tile", [None, 32])
+@pytest.mark.parametrize("ensemble", [2, 4, 8])
+def test_ensemble_averages_the_turned_restorations_and_keeps_the_plain_quality(tile, ensemble):
+    """Restorer(ensemble=k): the picture is the mean of k restorations of the image turned and mirrored,
+    each turned back; the quality and maps are the plain pass's, so scores compare with runs without it."""
+    from qairn.engine.restorer import ENSEMBLE_ORDER, oriented
+
+    model = lively_model()
+    x = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    plain = qairn.Restorer(model=model, device="cpu", tile=tile, overlap=8 if tile else None)
+    ens = qairn.Restorer(model=model, device="cpu", tile=tile, overlap=8 if tile else None, ensemble=ensemble)
+    y, q, maps = ens.restore_tensor(x, return_maps=True)
+    y0, q0, maps0 = plain.restore_tensor(x, return_maps=True)
+    by_hand = sum(
+        oriented(plain.restore_tensor(oriented(x, s))[0], s, back=True) for s in ENSEMBLE_ORDER[:ensemble]
+    )
+    torch.testing.assert_close(y, by_hand / ensemble, rtol=0, atol=1e-6)
+    assert (y - y0).abs().max() > 1e-3  # the passes differ: the network is not symmetric
+    assert all(torch.equal(q[k], q0[k]) for k in q0) and all(torch.equal(a, b) for a, b in zip(maps, maps0))
+    assert torch.equal(ens.restore_tensor(x, image=False)[1]["Q2"], q0["Q2"])  # quality only: one pass
+    img = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    seen = []
+    res = ens.restore(img, progress=lambda done, total: seen.append((done, total)))
+    assert res.quality == plain.restore(img).quality
+    assert seen == sorted(seen) and seen[-1][0] == seen[-1][1] and len({t for _, t in seen}) == 1, seen
+
+
+@pytest.mark.parametrize("bad", [0, 3, 16, 2.0, True, "8", None])
+def test_ensemble_takes_1_2_4_or_8(bad):
+    with pytest.raises(ValueError, match=r"ensemble= takes 1, 2, 4, 8 \(passes per image\), not "):
+        qairn.Restorer(model=lively_model(), device="cpu", ensemble=bad)
+
+
+def test_an_ensemble_restorer_pickles_with_its_ensemble():
+    import pickle
+
+    r = pickle.loads(pickle.dumps(qairn.Restorer(model=lively_model(), device="cpu", ensemble=4)))
+    assert r.ensemble == 4

@@ -3691,3 +3691,21 @@ def test_preset_option_takes_the_options_only():
 
     assert _preset_option(VideoOptions(preset="fast")) == {"preset": "fast"}
     assert _preset_option(VideoOptions(preset="fast", codec_options={"preset": "slow"})) == {}
+
+
+def test_an_ensemble_restorer_restores_video_frames_and_scores_them_as_without(frames_rgb, tmp_path):
+    """Restorer(ensemble=...) reaches the frames of a video too (restore_stream goes through
+    restore_tensor), and the trace's scores are the plain pass's."""
+    src = make_clip(tmp_path / "in.mp4", frames_rgb[:2], audio=False)
+    model = lively_model()
+    for k in (1, 2):
+        r = qairn.Restorer(model=model, device="cpu", tile=None, ensemble=k)
+        opts = VideoOptions(codec="ffv1", pix_fmt="yuv444p", quality_csv=tmp_path / f"q{k}.csv", plot=False)
+        transcode(r, src, tmp_path / f"out{k}.mkv", opts)
+    quality = [
+        [(row["Q1"], row["Q2"], row["Q3"]) for row in read_csv(tmp_path / f"q{k}.csv")] for k in (1, 2)
+    ]
+    assert quality[0] == quality[1]
+    plain, ensemble = decode(tmp_path / "out1.mkv")[0], decode(tmp_path / "out2.mkv")[0]
+    assert len(plain) == len(ensemble) == 2
+    assert all(np.abs(y_plane(a) - y_plane(b)).max() > 2 for a, b in zip(plain, ensemble))

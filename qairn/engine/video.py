@@ -2348,6 +2348,9 @@ def build_parser() -> argparse.ArgumentParser:
         "quarter of it in steps of 16, up to 32)",
     )
     m.add_argument("--batch", type=_batch_arg, default=4, help="frames per batch (default 4)")
+    from qairn.engine.cli import ensemble_arg
+
+    ensemble_arg(m)
     m.add_argument(
         "--fused-conv",
         action="store_true",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy import optimize, stats
 
+from qairn.engine.cli import ensemble_arg
 from qairn.engine.imageio import (
     check_distinct,
     check_figure,
@@ -160,10 +161,12 @@ def executor(workers: int):
     ex.shutdown(wait=True)
 
 
-def make_restorer(weights=None, model=None, device="cpu", tile=None, precision="fp32", p=None):
+def make_restorer(weights=None, model=None, device="cpu", tile=None, precision="fp32", p=None, ensemble=1):
     from qairn.engine.restorer import Restorer
 
-    return Restorer(weights=weights, model=model, device=device, tile=tile, precision=precision, p=p)
+    return Restorer(
+        weights=weights, model=model, device=device, tile=tile, precision=precision, p=p, ensemble=ensemble
+    )
 
 
 def describe(restorer) -> dict:
@@ -175,6 +178,7 @@ def describe(restorer) -> dict:
         "p": restorer.p,
         "device": str(restorer.device),
         "tile": restorer.tile,
+        "ensemble": restorer.ensemble,
     }
     if model is not None:
         d["params"] = sum(t.numel() for t in model.parameters())
@@ -339,6 +343,7 @@ def main_eval(argv=None) -> int:
         "--qf", type=int, nargs="+", default=list(QFS), help="JPEG qualities (default 10 20 30 40)"
     )
     model_args(ap)
+    ensemble_arg(ap)
     ap.add_argument("--jpeg-only", action="store_true", help="only the unrestored JPEG (the floor)")
     subset_args(ap)
     ap.add_argument("--workers", type=int, default=1, help="processes for the metrics (default 1)")
@@ -361,7 +366,7 @@ def main_eval(argv=None) -> int:
             raise ValueError(too_small_for_ssim(f, w, h, a.crop))
     restorer = None
     if not a.jpeg_only:
-        restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None)
+        restorer = make_restorer(a.weights, device=a.device, tile=a.tile or None, ensemble=a.ensemble)
     rows = eval_restoration(files, a.qf, restorer, a.workers, a.crop, progress=not a.quiet)
     summary = summarize(rows, a.qf)
     print(table1(summary, len(files), Path(a.data).name, a.crop))
