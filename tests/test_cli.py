@@ -2084,7 +2084,7 @@ def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
     assert (row["weights"], row["p"]) == (os.path.abspath(engine), 4.0)
     assert row["weights_sha256"] == hashlib.sha256(b"engine").hexdigest()[:16]
     common = dict(device="cuda", backend="tensorrt", precision="auto", tile="auto", overlap=None)
-    ran = dict(cuda_graph=False, onnx=str(tiny_onnx), engine=str(engine), rebuild=False)
+    ran = dict(cuda_graph=False, ensemble=1, onnx=str(tiny_onnx), engine=str(engine), rebuild=False)
     assert made == [dict(weights=None, **common, **ran)]
     # An engine alone is checked against (and built from) the weights' export: --weights goes with it.
     made.clear()
@@ -2095,6 +2095,7 @@ def test_tensorrt_files_go_to_the_restorer_and_the_rows_name_the_engine(
             weights=str(workdir / "w.safetensors"),
             **common,
             cuda_graph=False,
+            ensemble=1,
             engine=str(engine),
             rebuild=False,
         )
