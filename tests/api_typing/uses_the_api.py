@@ -25,6 +25,14 @@ def restorer() -> qairn.Restorer:
     return qairn.Restorer(weights=Path("w.safetensors"), device="cpu", backend="eager", precision="fp32")
 
 
+def ensemble_restorer() -> qairn.Restorer:
+    return qairn.Restorer(ensemble=8)  # README: the mean of 8 passes, turned and mirrored
+
+
+def passes(r: qairn.Restorer) -> int:
+    return r.ensemble
+
+
 def exponent(r: qairn.Restorer) -> float:
     return r.p  # the Minkowski p that pools the gate maps into Q1..Q3
 
