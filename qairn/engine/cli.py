@@ -813,14 +813,13 @@ SUMMARY_NAMES = 5  # failed inputs named in the closing line; the rest is "..."
 def restore_summary(records: list[dict], total: int, failed_names: list[str], folder=True) -> str:
     """The closing line of `qairn restore`: what was written, with the quality of a single image, and
     the inputs that failed or were never found. folder: OUT is a folder, not one output file."""
+    # One image written to one named file: the pair, also where others of several failed (a.png b.png
+    # -o z.png, b.png missing: "restored 1 of 2 images into ." named z.png's folder).
     if len(records) == 1 and (total == 1 or not folder):
         r = records[0]
         quality = ", ".join(f"{q} {r[q]:.3f}" for q in ("Q1", "Q2", "Q3"))
-        if total == 1:
-            return f"qairn: restored {r['path']} -> {r['output']} ({quality})"
-        # One input of several found (a.png b.png -o z.png, b.png missing): "into ." named z.png's folder.
-        written = f"qairn: restored 1 of {counted(total, 'image')}: {r['path']} -> {r['output']} ({quality})"
-        return written + failures(failed_names)
+        of = "" if total == 1 else f"1 of {counted(total, 'image')}: "
+        return f"qairn: restored {of}{r['path']} -> {r['output']} ({quality})" + failures(failed_names)
     where = f" into {Path(records[0]['output']).parent}" if records else ""
     written = f"qairn: restored {len(records)} of {counted(total, 'image')}{where}"
     return written + failures(failed_names)

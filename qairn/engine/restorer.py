@@ -449,6 +449,7 @@ class Restorer:
             ensemble=self.ensemble,
         ) | {k: absolute(v) if k in PATH_OPTIONS else v for k, v in backend_options.items()}
         self._network = None
+        self._network_sha256: str | None = None  # (scored_by's, of self._network's tensors)
         if model is not None:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             self._network = model.config, state
@@ -549,7 +550,11 @@ class Restorer:
         network's tensors for model=). Scores from other weights or another p do not compare (README);
         restore --json, score --json and the video trace record these beside them."""
         if self._network is not None and self._arguments.get("weights") is None:
-            return {"p": self.p, "weights": None, "weights_sha256": tensors_sha256(self._network[1])}
+            # Hashed once: the tensors are the Restorer's own copy, made when it was (a transcoder's
+            # every run asks, and the paper preset's 52 M parameters take a while).
+            if self._network_sha256 is None:
+                self._network_sha256 = tensors_sha256(self._network[1])
+            return {"p": self.p, "weights": None, "weights_sha256": self._network_sha256}
         # an exported file runs its own weights, not the shipped ones
         ran = self._arguments.get("engine") or self._arguments.get("onnx") or self._arguments.get("weights")
         path = str(ran) if ran else str(default_weights())

@@ -711,10 +711,6 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    write_atomic(path, data)  # (with the permissions a new file gets)
-
-
 def _check_writable(path: Path, what: str, overwrite: bool = True) -> None:
     if not overwrite and path.is_file():
         raise VideoError(f"{path}: the {what} exists (use --overwrite)")
@@ -1329,7 +1325,7 @@ def _write_quality(
 ) -> list[Path]:
     files = _quality_files(rows, csv_path, plot, title, scored_by)
     for path, data in files:
-        _write_file(path, data)
+        write_atomic(path, data)
     return [path for path, _ in files]
 
 
@@ -2055,7 +2051,7 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
             tmp = None
         written = [dst] if dst is not None and not opts.score_only else []
         for path, data in trace:
-            _write_file(path, data)
+            write_atomic(path, data)
             written.append(path)
         return {
             "frames": len(rows),
