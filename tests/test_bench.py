@@ -303,6 +303,8 @@ def test_table_rows_line_up_and_keep_small_rates():
             FAST + ["--video", "2", "--tiles", "0,16", "--overlap", "0"],
             "--video streams one size at one tile",
         ),
+        # the passes a self-ensemble takes: restore's choices, not 3 of the 8 symmetries
+        (FAST + ["--ensemble", "3"], "argument --ensemble: invalid choice: 3 (choose from 1, 2, 4, 8)"),
     ],
 )
 def test_bad_options_are_refused(args, says, capsys, tmp_path, monkeypatch):
@@ -342,7 +344,7 @@ def test_label_tile_batch_and_onnxruntime_threads(monkeypatch):
         seen.update(kwargs)
 
     monkeypatch.setattr(qb, "Restorer", fake_restorer)
-    args = argparse.Namespace(tile_batch=2, overlap=32)
+    args = argparse.Namespace(tile_batch=2, overlap=32, ensemble=1)
     label = next(k for k, v in qb.SPECS.items() if "tile_batch" in v[2])
     qb.make_restorer(torch.nn.Identity(), label, torch.device("cpu"), 512, args)
     assert seen["tile_batch"] == 2
@@ -542,6 +544,7 @@ def test_video_warm_up_covers_the_last_short_batch(monkeypatch):
         repeats=3,
         case_budget_s=600.0,
         budget_s=0,
+        ensemble=1,
     )
     report = {"results": []}
     qb.run_video(args, qb.bench_model(preset="tiny")[0], torch.device("cpu"), report, lambda r: None)
@@ -1983,3 +1986,51 @@ def test_tile_zero_is_whole_however_it_is_written():
     from qairn.engine.bench import parse_tiles
 
     assert parse_tiles("00,+0,0,Whole,512") == [None, None, None, None, 512]
+
+
+def test_ensemble_runs_the_eager_fp32_reference_and_every_backend_with_it(tmp_path, capsys, monkeypatch):
+    """qairn bench took no --ensemble ('unrecognized arguments'): what restore --ensemble 8 costs per
+    backend could not be timed. Every Restorer, the eager fp32 reference included, now runs that many
+    passes, so PSNR compares the same picture and speedup the same work; the FLOPs timed (hence the
+    compute floor) are the passes' sum, and the table, the JSON and the plot say the ensemble."""
+    tiny = qb.parser().parse_args(["--ensemble", "1"])
+    model, _ = qb.bench_model(preset="tiny")
+    x = qb.synthetic_frame(48, 64, torch.device("cpu"), seed=0)
+    plain = qb.make_restorer(model, "eager-fp32", torch.device("cpu"), 512, tiny).restore_tensor(x)[0]
+    tiny.ensemble = 2
+    ensembled = qb.make_restorer(model, "eager-fp32", torch.device("cpu"), 512, tiny).restore_tensor(x)[0]
+    assert not torch.allclose(plain, ensembled, atol=1e-4)  # else the reference check below proves nothing
+    built, refs, titles = [], [], []
+    restorer = qb.Restorer
+    monkeypatch.setattr(qb, "Restorer", lambda **kw: built.append(kw["ensemble"]) or restorer(**kw))
+    monkeypatch.setattr(qb, "psnr", lambda y, ref: refs.append(ref) or 50.0)
+    monkeypatch.setattr(qb, "gflop_per_mp", lambda model: 10.0)
+    monkeypatch.setattr(qb, "save_figure", lambda fig, path: titles.append(fig.texts[0].get_text()))
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "64x48", "--backends", "eager-bf16-cl", "--ensemble", "2", "--json", str(out)]
+    assert qb.main(TINY + args + ["--plot", str(tmp_path / "b.png")]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["ensemble"] == 2 and built == [2, 2]  # eager fp32 first, then bf16
+    eager, bf16 = report["results"]
+    assert eager["status"] == bf16["status"] == "ok" and "psnr_db" not in eager and bf16["psnr_db"] == 50.0
+    assert len(refs) == 1 and torch.allclose(refs[0], ensembled, atol=1e-5)
+    assert report["model"]["gflop_per_mp"] == 10.0 and report["model"]["gflop_per_mp_timed"] == 20.0
+    peak = max(report["peak_tflops"].values())
+    for r in (eager, bf16):
+        assert r["floor_ms"] == pytest.approx(20.0 * 64 * 48 / 1e6 / peak)
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].endswith(", --ensemble 2 (2 passes per image)"), text
+    assert "10.0 GFLOP/MP a pass, 20.0 timed" in text and "both with --ensemble 2" in text
+    assert "--ensemble 2" in titles[0]
+
+
+def test_ensemble_reaches_the_video_streams_restorer(tmp_path, monkeypatch):
+    built = []
+    restorer = qb.Restorer
+    monkeypatch.setattr(qb, "Restorer", lambda **kw: built.append(kw["ensemble"]) or restorer(**kw))
+    out = tmp_path / "video.json"
+    args = ["--sizes", "16x16", "--tiles", "0", "--video", "2", "--backends", "eager-fp32", "--ensemble", "4"]
+    assert qb.main(TINY + args + ["--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert built == [4] and report["settings"]["ensemble"] == 4
+    assert [r["status"] for r in report["results"]] == ["ok"] * 3

@@ -6,7 +6,9 @@ CPU), median of repeats, peak device memory reserved in one more call after them
 frames per second, speedup over eager fp32, and the PSNR of the output against the eager fp32
 output (a fast backend that changes the picture is wrong, not faster). The model's FLOPs per
 megapixel over the device's measured peak matmul rate give a compute floor; every timing is also
-shown as a fraction of it.
+shown as a fraction of it. `--ensemble N` times N passes per image (Restorer(ensemble=N)) in every
+backend, eager fp32 included: the FLOPs and the floor are N passes', PSNR and speedup are against
+eager fp32 with the same ensemble.
 `--video N` streams N frames through one Restorer instead (steady-state throughput, pinned memory
 and overlapped copies on CUDA). `--env` prints the device and versions only.
 """
@@ -35,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qairn.engine.backends import BackendError
+from qairn.engine.cli import ensemble_arg
 from qairn.engine.imageio import (
     check_distinct,
     check_figure,
@@ -206,6 +209,19 @@ def conv_layers(model: QAIRN, height: int = 512, width: int = 512, batch: int = 
 def gflop_per_mp(model: QAIRN) -> float:
     """Model GFLOPs per megapixel (at 512x512, a multiple of the network stride: no padding)."""
     return sum(c["flops"] for c in conv_layers(model)) / 1e9 / (512 * 512 / 1e6)
+
+
+def timed_gflop_per_mp(report: dict) -> float:
+    """GFLOPs per megapixel of what each case times: the model's, once per --ensemble pass. A report
+    written before --ensemble has no such entry: its runs were one pass."""
+    return report["model"].get("gflop_per_mp_timed", report["model"]["gflop_per_mp"])
+
+
+def ensemble_note(report: dict) -> str:
+    """', --ensemble N (N passes per image)' for an ensemble run, so its table and plot are never read
+    as one pass's numbers; '' for one pass (and for reports written before --ensemble)."""
+    passes = report["settings"].get("ensemble", 1)
+    return f", --ensemble {passes} ({passes} passes per image)" if passes > 1 else ""
 
 
 def preset_gflop_per_mp(name: str) -> float:
@@ -423,6 +439,7 @@ def make_restorer(model: QAIRN, label: str, device: torch.device, tile: int | No
         tile=tile,
         overlap=args.overlap,
         tile_batch=batch,
+        ensemble=args.ensemble,  # eager fp32's too: the reference is the same picture and the same work
         **options,
     )
 
@@ -520,7 +537,7 @@ def time_case(restorer, label, x, tile, device, args, refs, report) -> dict:
     tile_used, overlap_used = restorer.tiling_for(h, w)
     plan = plan_tiles(h, w, tile_used, overlap_used)
     _, peak = peak_for_floor(report["peak_tflops"])
-    floor_ms = report["model"]["gflop_per_mp"] * mp / peak  # GFLOP / (TFLOP/s) = ms
+    floor_ms = timed_gflop_per_mp(report) * mp / peak  # GFLOP / (TFLOP/s) = ms
     return dict(
         ms_median=ms,
         ms_min=min(r["ms"]),
@@ -648,14 +665,16 @@ def header(report: dict) -> str:
     dev, m = report["env"]["device"], report["model"]
     peaks = ", ".join(f"{k} {v:.3g}" for k, v in report["peak_tflops"].items())
     name, peak = peak_for_floor(report["peak_tflops"])
+    gflop, timed = m["gflop_per_mp"], timed_gflop_per_mp(report)
+    flops = f"{gflop:.1f} GFLOP/MP" + (f" a pass, {timed:.1f} timed" if timed != gflop else "")
     return "\n".join(
         [
-            f"qairn bench on {dev['name']} ({dev['type']})",
-            f"model: {m['source']}; {m['params'] / 1e6:.2f} M params, {m['gflop_per_mp']:.1f} GFLOP/MP "
+            f"qairn bench on {dev['name']} ({dev['type']}){ensemble_note(report)}",
+            f"model: {m['source']}; {m['params'] / 1e6:.2f} M params, {flops} "
             f"(presets: {', '.join(f'{k} {v:.1f}' for k, v in m['presets_gflop_per_mp'].items())}; "
             f"FBCNN {FBCNN_GFLOP_PER_MP:.0f})",
             f"measured matmul peak TFLOP/s: {peaks}; compute floor at {name}: "
-            f"{m['gflop_per_mp'] / peak:.3g} ms/MP ({peak * 1e3 / m['gflop_per_mp']:.3g} MP/s)",
+            f"{timed / peak:.3g} ms/MP ({peak * 1e3 / timed:.3g} MP/s)",
         ]
     )
 
@@ -665,10 +684,12 @@ def format_table(report: dict) -> str:
 
 
 def footer(report: dict) -> str:
+    passes = report["settings"].get("ensemble", 1)
+    every, both = (f" (all {passes} passes)", f", both with --ensemble {passes}") if passes > 1 else ("", "")
     lines = []
     lines.append(
-        "%peak = model FLOPs of the image / time / measured peak (tile overlap and padding count "
-        "against it); PSNR against eager fp32 at the same size and tile."
+        f"%peak = model FLOPs of the image{every} / time / measured peak (tile overlap and padding count "
+        f"against it); PSNR against eager fp32 at the same size and tile{both}."
     )
     for size, b in report.get("best", {}).items():
         lines.append(
@@ -702,7 +723,7 @@ def write_plot(report: dict, path: str) -> None:
     labels = list(dict.fromkeys(r["backend"] for r in rows))
     min_psnr = report["settings"]["min_psnr"]
     name, peak = peak_for_floor(report["peak_tflops"])
-    limit = peak * 1e3 / report["model"]["gflop_per_mp"]
+    limit = peak * 1e3 / timed_gflop_per_mp(report)
     fig, axes = plt.subplots(
         1,
         max(1, len(cases)),
@@ -743,7 +764,8 @@ def write_plot(report: dict, path: str) -> None:
     axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
     axes[0][0].set_ylim(max(1, len(labels)) - 0.5, -0.5)  # the first backend (eager fp32) on top
     fig.suptitle(
-        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}\n"
+        f"qairn bench: {report['env']['device']['name']}, {report['model']['source']}"
+        f"{ensemble_note(report)}\n"
         f"MP/s, speedup over eager fp32; dashed: compute limit at the {name} matmul peak ({limit:.3g} MP/s)",
         fontsize=9,
     )
@@ -1050,6 +1072,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--env", type=path_arg, metavar="JSON", help="only write the device/versions JSON here ('-': print)"
     )
+    ensemble_arg(p, "; every backend and the eager fp32 reference run it, FLOPs and floor count every pass")
     # As every qairn command takes it (scripts pass it to all): bench has no progress bar or closing line
     # to drop, as its table is its output.
     add_quiet(p)
@@ -1114,6 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         model, source = bench_model(args.weights, args.preset)
     except WeightsError as e:
         raise SystemExit(str(e)) from None
+    gflop = gflop_per_mp(model)
     report = {
         "kind": "video" if args.video else "table",
         "complete": False,
@@ -1124,7 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
             "source": source,
             "config": json.loads(model.config.to_json()),
             "params": param_count(model),
-            "gflop_per_mp": gflop_per_mp(model),
+            "gflop_per_mp": gflop,  # one pass
+            "gflop_per_mp_timed": gflop * args.ensemble,  # what each case times
             "presets_gflop_per_mp": {k: preset_gflop_per_mp(k) for k in ("small", "paper")},
             "fbcnn_gflop_per_mp": FBCNN_GFLOP_PER_MP,
             "flop_convention": "2 per multiply-accumulate",

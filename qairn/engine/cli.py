@@ -248,16 +248,17 @@ def suffix_arg(text: str) -> str:
     return text if text.startswith(".") else "." + text
 
 
-def ensemble_arg(p) -> None:
-    """--ensemble, for the commands that write pictures (restore, video, eval): score gives the plain
-    pass's quality, which the ensemble leaves as it is."""
+def ensemble_arg(p, note: str = "") -> None:
+    """--ensemble, for the commands that write pictures (restore, video, eval) and bench, which times
+    them (note: what it means there): score gives the plain pass's quality, which the ensemble leaves
+    as it is."""
     p.add_argument(
         "--ensemble",
         type=int,
         choices=(1, 2, 4, 8),
         default=1,
         help="restore each image this many times, turned and mirrored, and average (+0.07 dB on LIVE1 at 8, "
-        "8 times the work; the quality scores stay the plain pass's) (default 1)",
+        f"8 times the work; the quality scores stay the plain pass's){note} (default 1)",
     )
 
 
