@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import struct
 import sys
 import zlib
@@ -13,6 +14,7 @@ from PIL import Image, ImageOps
 
 from qairn.cli import main
 from qairn.engine.imageio import ImageError, encode_image, read_image
+from qairn.engine.jpeg import consistent, read_jpeg
 
 
 @pytest.fixture
@@ -1008,13 +1010,59 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
     rc, out, _ = run(capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights)
     assert rc == 0
     lines = out.strip().splitlines()
-    assert lines[0].split()[-3:] == ["Q1", "Q2", "Q3"] and len(lines) == 3
+    assert lines[0].split()[-4:] == ["Q1", "Q2", "Q3", "QF"] and len(lines) == 3
+    # The last column: the quality the JPEG was saved at, read from its tables ("-": not a JPEG)
+    assert [ln.split()[-1] for ln in lines[1:]] == ["10", "-"]
     rc, out, _ = run(
         capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights, "--json"
     )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
-    keys = {"path", "Q1", "Q2", "Q3", "p", "weights", "weights_sha256"}
+    keys = {"path", "Q1", "Q2", "Q3", "jpeg_quality", "p", "weights", "weights_sha256"}
     assert [set(r) for r in rows] == [keys] * 2
+    assert [r["jpeg_quality"] for r in rows] == [10, None]
+
+
+def test_score_table_marks_a_quality_from_another_encoders_tables(workdir, tiny_weights, capsys):
+    # Pillow's "web_low" tables are no libjpeg quality's: the nearest is given, marked "~"
+    Image.open(workdir / "b.png").save(workdir / "c.jpg", qtables="web_low")
+    rc, out, _ = run(capsys, "score", workdir / "c.jpg", "--weights", tiny_weights)
+    assert rc == 0
+    assert re.fullmatch(r"~\d+", out.strip().splitlines()[1].split()[-1])
+
+
+def test_restore_clips_a_jpegs_restoration_to_its_quantization_bins(workdir, tiny_weights, capsys):
+    # The network's picture is moved back within the bins where the original must lie; --no-jpeg-clip
+    # keeps it as it is, and other inputs are not JPEGs to clip to
+    import qairn
+
+    r = qairn.Restorer(weights=tiny_weights, device="cpu")
+    jpg, png = read_image(workdir / "a.jpg"), read_image(workdir / "b.png")
+    network = r.restore(jpg).image
+    for name, extra, quality, clipped, expect in [
+        ("c.png", [], 10, True, consistent(network, jpg, read_jpeg(workdir / "a.jpg"))),
+        ("d.png", ["--no-jpeg-clip"], 10, False, network),
+    ]:
+        given = [workdir / "a.jpg", "-o", workdir / name, "--weights", tiny_weights, "--json", "-", *extra]
+        rc, out, err = run(capsys, "restore", *given)
+        assert rc == 0, err
+        [record] = json.loads(out)
+        assert (record["jpeg_quality"], record["jpeg_clipped"]) == (quality, clipped)
+        assert np.array_equal(read_image(workdir / name), expect)
+    assert not np.array_equal(read_image(workdir / "c.png"), network)
+    rc, out, err = run(
+        capsys,
+        "restore",
+        workdir / "b.png",
+        "-o",
+        workdir / "e.png",
+        "--weights",
+        tiny_weights,
+        "--json",
+        "-",
+    )
+    [record] = json.loads(out)
+    assert (record["jpeg_quality"], record["jpeg_clipped"]) == (None, False)
+    assert np.array_equal(read_image(workdir / "e.png"), r.restore(png).image)
 
 
 def test_score_and_restore_json_say_which_weights_and_p_gave_the_scores(workdir, tiny_weights, capsys):
@@ -1986,7 +2034,9 @@ def test_score_and_restore_run_a_given_onnx_file_as_the_library_does(workdir, ti
 
     img = read_image(workdir / "a.jpg")
     r = qairn.Restorer(device="cpu", backend="onnxruntime", onnx=tiny_onnx)
-    expect_q, expect_image = json_quality(r.score(img)), r.restore(img).image
+    # restore's picture of a JPEG: the network's, clipped to the file's quantization bins
+    jpeg = read_jpeg(workdir / "a.jpg")
+    expect_q, expect_image = json_quality(r.score(img)), consistent(r.restore(img).image, img, jpeg)
     file = {
         "p": r.p,
         "weights": os.path.abspath(tiny_onnx),

@@ -639,3 +639,26 @@ def test_eval_ensemble_restores_as_the_restorer_does_and_says_so(refs, tmp_path)
     r = qairn.Restorer(weights=w, device="cpu", tile=None, ensemble=8)
     out = r.restore(np.ascontiguousarray(jp)).image
     assert row["restored"]["psnr"] == pytest.approx(qairn.metrics.psnr(bgr[..., ::-1], out), abs=1e-9)
+
+
+def test_eval_jpeg_clip_measures_what_restore_writes_and_says_so(refs, tmp_path, capsys):
+    """qairn eval --jpeg-clip measures the restoration clipped to each JPEG's quantization bins (what
+    `qairn restore` writes for a JPEG file); without it, the network's picture (the paper's protocol)."""
+    from qairn.engine.jpeg import consistent, read_jpeg
+
+    w = make_weights(tmp_path / "w.safetensors")
+    args = ["eval", "--data", str(refs), "--qf", "10", "--weights", str(w), "--device", "cpu", "-q"]
+    bgr = cv2.imread(str(refs / "img01.png"))
+    buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 10])[1]
+    jp = np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+    network = qairn.Restorer(weights=w, device="cpu", tile=None).restore(jp).image
+    clipped = consistent(network, jp, read_jpeg(buf.tobytes()))
+    assert not np.array_equal(clipped, network)
+    for extra, expect, name in (([], network, "plain.json"), (["--jpeg-clip"], clipped, "clip.json")):
+        assert cli([*args, *extra, "--json", str(tmp_path / name)]) == 0
+        res = json.loads((tmp_path / name).read_text())
+        assert res["jpeg_clip"] == bool(extra)
+        row = next(r for r in res["images"] if r["image"] == "img01")
+        assert row["restored"]["psnr"] == pytest.approx(qairn.metrics.psnr(bgr[..., ::-1], expect), abs=1e-9)
+        said = "clipped to each JPEG's quantization bins" in capsys.readouterr().out
+        assert said == bool(extra)

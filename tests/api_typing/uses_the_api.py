@@ -13,6 +13,7 @@ import torch
 import qairn
 import qairn.engine.video
 from qairn.engine.imageio import read_image
+from qairn.engine.jpeg import JpegFile, consistent, read_jpeg
 from qairn.engine.video import VideoOptions, frame_planes, transcode
 from qairn.export.onnx_export import export_onnx
 
@@ -65,6 +66,20 @@ def restored_pixels(res: qairn.Result) -> np.ndarray:
 def quality(res: qairn.Result) -> float:
     q2: float = res.quality["Q2"]
     return q2
+
+
+def as_restore_writes_it(r: qairn.Restorer, path: str) -> np.ndarray:
+    # README: a JPEG file's restoration clipped to its quantization bins, as `qairn restore` writes it
+    img = read_image(path)
+    out = r.restore(img).image
+    assert isinstance(out, np.ndarray)
+    jpeg: JpegFile | None = read_jpeg(path)
+    return consistent(out, img, jpeg) if jpeg is not None else out
+
+
+def saved_quality(path: str) -> tuple[int, bool] | None:
+    jpeg = read_jpeg(path)
+    return None if jpeg is None else (jpeg.quality, jpeg.exact)
 
 
 def maps(res: qairn.Result) -> list[np.ndarray] | None:
