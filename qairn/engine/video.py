@@ -2482,13 +2482,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        src, dst, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
-        # The input is opened before the model loads and the run reads that: a pipe (which can be read
-        # once only, so no check had looked at it) that is empty or carries no video, and a missing
-        # file, failed only after the model had loaded.
-        opened = _open_input(src)
-        if not src.is_file():  # a pipe's streams against the output container (AAC into .mpg), from it
-            check_paths(src, dst, opts, opened)
+        try:
+            # Before the model loads (transcode checks again).
+            src, dst, _ = check_paths(args.input, args.output, opts)
+            # The input is opened before the model loads and the run reads that: a pipe (which can be read
+            # once only, so no check had looked at it) that is empty or carries no video, and a missing
+            # file, failed only after the model had loaded.
+            opened = _open_input(src)
+            if not src.is_file():  # a pipe's streams against the output container (AAC into .mpg), from it
+                check_paths(src, dst, opts, opened)
+        except (VideoError, ValueError, RuntimeError, OSError) as e:
+            # Refused before the model loads and before a frame is decoded, nothing written: 2, as restore's
+            # refusals (it was 1, the code of a run that failed halfway).
+            return fatal(_msg(e))
         restorer = make_restorer(args)
         summary = transcode(restorer, args.input, args.output, opts, inp=opened)
     except KeyboardInterrupt:
