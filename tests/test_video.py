@@ -597,6 +597,27 @@ def test_a_terminal_as_standard_input_is_refused(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == f"qairn: error: {said}\n"
 
 
+def test_a_file_with_only_a_cover_picture_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """An MP4 of audio and its cover picture (an attached picture, which FFmpeg lists as a video stream)
+    was refused only once the model had loaded, with exit 1 (a run that failed), as "has only a cover
+    picture, no video": the headers say so, so it is now refused as the input is opened, exit 2."""
+    _no_model(monkeypatch)
+    src = tmp_path / "song.mp4"
+    with av.open(str(src), "w") as o:
+        a = o.add_stream("aac", rate=16000, layout="mono")
+        c = o.add_stream("mjpeg")
+        c.width, c.height, c.pix_fmt = 32, 32, "yuvj420p"
+        c.disposition = av.stream.Disposition.attached_pic
+        cover = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+        o.mux(c.encode(cover.reformat(format="yuvj420p")) + c.encode(None))
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 16000, 0
+        o.mux(a.encode(f) + a.encode(None))
+    assert main([str(src), str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 2
+    assert capsys.readouterr().err == f"qairn: error: {src}: has only a cover picture, no video\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.mp4"]
+
+
 def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tmp_path, monkeypatch, capsys):
     """A pipe (- or /dev/stdin) can be read once only, so no check looked at it before the model loaded:
     an empty pipe, text, or audio alone through it failed only after the model had loaded (as did a
