@@ -662,3 +662,25 @@ def test_eval_jpeg_clip_measures_what_restore_writes_and_says_so(refs, tmp_path,
         assert row["restored"]["psnr"] == pytest.approx(qairn.metrics.psnr(bgr[..., ::-1], expect), abs=1e-9)
         said = "clipped to each JPEG's quantization bins" in capsys.readouterr().out
         assert said == bool(extra)
+
+
+@pytest.mark.parametrize("cmd", [["eval", "--jpeg-only"], ["eval-quality", "--limit", "1", "--crop", "32"]])
+def test_a_report_that_cannot_be_written_after_the_run_is_a_failed_run(
+    refs, tmp_path, capsys, monkeypatch, cmd
+):
+    """A --json that failed to write once every image had been measured (a full disk) exited 2, the code
+    of a refusal before any work, as "[Errno 28] No space left on device", naming no file. It is a run
+    that failed: exit 1, one line naming the file."""
+    import errno
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ev, "write_atomic", disk_full)
+    w = make_weights(tmp_path / "w.safetensors")
+    js = tmp_path / "r.json"
+    rc = cli([*cmd, "--data", str(refs), "--weights", str(w), "--device", "cpu", "--json", str(js), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err == f"qairn {cmd[0]}: error: {js}: cannot write (No space left on device)\n"
+    assert "Q1" in out or "PSNR" in out  # the run's table was printed: the work had been done
+    assert not js.exists()

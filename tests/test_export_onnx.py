@@ -242,6 +242,24 @@ def test_export_errors_read_as_every_qairn_commands(tiny_weights, tmp_path, caps
     assert capsys.readouterr().err.strip() == "qairn export: error: output 'Q' differs"
 
 
+def test_an_export_that_cannot_be_written_is_a_failed_export(tiny_weights, tmp_path, capsys, monkeypatch):
+    """The ONNX file failing to write once the export ran (a full disk) exited 2, the code of a refusal
+    before any work, as "[Errno 28] No space left on device", naming no file. It is a failed export:
+    exit 1, one line naming the output; nothing is left behind. Refusals (a missing weights file) stay 2."""
+    import errno
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ox, "write_atomic", disk_full)
+    out = tmp_path / "m.onnx"
+    verify = ["--verify-images", str(live1_files()[0]), "--verify-crop", "64", "--verify-qf", "10"]
+    assert export_main(["onnx", str(tiny_weights), "-o", str(out), *verify]) == 1
+    assert capsys.readouterr().err == f"qairn export: error: {out}: cannot write (No space left on device)\n"
+    assert list(tmp_path.iterdir()) == []
+    assert export_main(["onnx", str(tmp_path / "missing.safetensors"), "-o", str(out)]) == 2
+
+
 def test_a_crashed_exports_part_files_are_removed_by_the_next_export(tmp_path):
     """kill -9 during a cached export skips the finally that removes its .part.onnx: the file stayed in
     the cache folder forever. The next export removes part files over an hour old whose writer is gone."""

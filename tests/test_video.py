@@ -279,7 +279,7 @@ def test_cli(tiny_weights, clip, tmp_path, capsys):
     capsys.readouterr()
     before = out.read_bytes()
     again = [str(clip), str(out), "--weights", str(tiny_weights), "--device", "cpu", "--no-plot", "-q"]
-    assert main(again) == 1 and out.read_bytes() == before
+    assert main(again) == 2 and out.read_bytes() == before
     err = capsys.readouterr().err.strip()
     assert err == f"qairn: error: {out}: the output video exists (use --overwrite)"
     assert main([*again, "--overwrite", "--crf", "40", "--preset", "ultrafast"]) == 0
@@ -302,14 +302,14 @@ def test_cli(tiny_weights, clip, tmp_path, capsys):
     )
     assert len(read_csv(tmp_path / "s.csv")) == 6
     capsys.readouterr()
-    assert main([str(tmp_path / "missing.mp4"), str(tmp_path / "x.mp4"), "--weights", str(tiny_weights)]) == 1
+    assert main([str(tmp_path / "missing.mp4"), str(tmp_path / "x.mp4"), "--weights", str(tiny_weights)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qairn: error:") and "missing.mp4: no such file" in err and "\n" not in err
     os.environ["QAIRN_DEBUG"] = "1"  # the same one line, after the traceback
     try:
         assert (
             main([str(tmp_path / "missing.mp4"), str(tmp_path / "x.mp4"), "--weights", str(tiny_weights)])
-            == 1
+            == 2
         )
     finally:
         del os.environ["QAIRN_DEBUG"]
@@ -543,7 +543,7 @@ def test_a_dash_input_reads_standard_input(tiny_weights, tmp_path, monkeypatch, 
 
     monkeypatch.setattr("qairn.engine.cli.make_restorer", loaded)
     with stdin_pipe(b""):
-        assert main(["-", "--score-only", *model]) == 1
+        assert main(["-", "--score-only", *model]) == 2
     err = capsys.readouterr().err
     said = "/dev/stdin: is standard input, so the trace has no place beside it; give --quality-csv"
     assert err == f"qairn: error: {said}\n"
@@ -571,7 +571,7 @@ def test_standard_input_from_a_file_with_score_only_needs_a_quality_csv(
         os.dup2(saved, 0)
         os.close(saved)
     said = "/dev/stdin: is standard input, so the trace has no place beside it; give --quality-csv"
-    assert (code, capsys.readouterr().err) == (1, f"qairn: error: {said}\n")
+    assert (code, capsys.readouterr().err) == (2, f"qairn: error: {said}\n")
     assert not Path("/dev/stdin.quality.csv").exists()
 
 
@@ -588,13 +588,34 @@ def test_a_terminal_as_standard_input_is_refused(tmp_path, monkeypatch, capsys):
     saved = os.dup(0)
     os.dup2(follower, 0)
     try:
-        assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+        assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 2
     finally:
         os.dup2(saved, 0)
         for fd in (saved, leader, follower):
             os.close(fd)
     said = "/dev/stdin: standard input is a terminal; pipe a video into it (... | qairn video - OUT)"
     assert capsys.readouterr().err == f"qairn: error: {said}\n"
+
+
+def test_a_file_with_only_a_cover_picture_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """An MP4 of audio and its cover picture (an attached picture, which FFmpeg lists as a video stream)
+    was refused only once the model had loaded, with exit 1 (a run that failed), as "has only a cover
+    picture, no video": the headers say so, so it is now refused as the input is opened, exit 2."""
+    _no_model(monkeypatch)
+    src = tmp_path / "song.mp4"
+    with av.open(str(src), "w") as o:
+        a = o.add_stream("aac", rate=16000, layout="mono")
+        c = o.add_stream("mjpeg")
+        c.width, c.height, c.pix_fmt = 32, 32, "yuvj420p"
+        c.disposition = av.stream.Disposition.attached_pic
+        cover = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+        o.mux(c.encode(cover.reformat(format="yuvj420p")) + c.encode(None))
+        f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        f.sample_rate, f.pts = 16000, 0
+        o.mux(a.encode(f) + a.encode(None))
+    assert main([str(src), str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 2
+    assert capsys.readouterr().err == f"qairn: error: {src}: has only a cover picture, no video\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["song.mp4"]
 
 
 def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tmp_path, monkeypatch, capsys):
@@ -618,10 +639,10 @@ def test_a_pipe_without_video_is_refused_before_the_model_loads(tiny_weights, tm
     ]
     for data, said in cases:
         with stdin_pipe(data):
-            assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+            assert main(["-", str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"qairn: error: {said}") and err.count("\n") == 1, err
-    assert main([str(tmp_path / "none.mkv"), str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 1
+    assert main([str(tmp_path / "none.mkv"), str(tmp_path / "o.mkv"), "--device", "cpu", "-q"]) == 2
     assert capsys.readouterr().err == f"qairn: error: {tmp_path / 'none.mkv'}: no such file\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mka"]
 
@@ -645,7 +666,7 @@ def test_a_pipe_gets_the_stream_checks_before_the_model_loads(
         rc = main(["-", str(out), "--codec", "mpeg2video", "--no-quality", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     says = f"qairn: error: {out}: this container cannot hold mpeg2video video and aac audio ("
-    assert rc == 1 and err.startswith(says) and err.endswith("use .mkv, or --no-audio\n"), err
+    assert rc == 2 and err.startswith(says) and err.endswith("use .mkv, or --no-audio\n"), err
     assert err.count("\n") == 1 and not out.exists()
     model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-quality"]
     with stdin_pipe(srt):
@@ -659,7 +680,7 @@ def test_a_quality_trace_named_dash_is_refused_as_standard_output(clip, tmp_path
     named '-' and '-.png' into the working directory. Refused in one line before the model loads."""
     _no_model(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    assert main([str(clip), "--score-only", "--quality-csv", "-", "-q"]) == 1
+    assert main([str(clip), "--score-only", "--quality-csv", "-", "-q"]) == 2
     said = "-: qairn video cannot write the quality trace to standard output; give --quality-csv a file name"
     assert capsys.readouterr().err == f"qairn: error: {said}\n"
     assert list(tmp_path.iterdir()) == []
@@ -700,7 +721,7 @@ def test_a_piped_mp4_with_its_index_last_is_named_as_such(tiny_weights, tmp_path
     data = (tmp_path / "f.mp4").read_bytes()
     model = ["--weights", str(tiny_weights), "--device", "cpu", "-q", "--no-quality"]
     with stdin_pipe(data):
-        assert main(["-", str(tmp_path / "o.mkv"), *model]) == 1
+        assert main(["-", str(tmp_path / "o.mkv"), *model]) == 2
     said = (
         "/dev/stdin: a piped MP4 or MOV needs its index (moov) before its frames, and this one has it after "
         "them; give the file's name instead of a pipe, or remux it with +faststart"
@@ -740,7 +761,7 @@ def test_an_output_named_dash_is_refused_as_standard_output(clip, tmp_path, monk
     what to do instead, before the model loads; no file '-' is left."""
     _no_model(monkeypatch)
     monkeypatch.chdir(tmp_path)
-    assert main([str(clip), "-", "--no-quality", "-q"]) == 1
+    assert main([str(clip), "-", "--no-quality", "-q"]) == 2
     said = (
         "-: qairn video cannot write to standard output; give an output file (out.mkv), or see "
         "examples/ffmpeg_pipe.py for raw frames on standard output"
@@ -1407,13 +1428,13 @@ def test_an_odd_size_the_encoder_refuses_is_refused_before_the_model_loads(tmp_p
             "yuv444p) ("
         )
         err = capfd.readouterr().err
-        assert rc == 1 and err.startswith(f"qairn: error: {said}") and err.endswith(f"{reasons[codec]})\n"), (
+        assert rc == 2 and err.startswith(f"qairn: error: {said}") and err.endswith(f"{reasons[codec]})\n"), (
             err
         )
         assert err.count("\n") == 1
     # A --pix-fmt no encoder takes is still said as check_pix_fmt says it (the size check met PyAV's
     # "not a pixel format: 'nosuch'" first).
-    assert main([str(tmp_path / "odd.mkv"), str(out), "--pix-fmt", "nosuch", "--device", "cpu", "-q"]) == 1
+    assert main([str(tmp_path / "odd.mkv"), str(out), "--pix-fmt", "nosuch", "--device", "cpu", "-q"]) == 2
     said = f"qairn: error: {out}: libx264 cannot encode pixel format nosuch (it takes gray, "
     assert capfd.readouterr().err.startswith(said)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.mkv"]
@@ -2935,11 +2956,42 @@ def test_qairn_video_refuses_bad_file_names_before_loading_the_model(clip, tmp_p
     monkeypatch.setattr(engine_cli, "make_restorer", no_model)
     taken = tmp_path / "taken.mp4"
     taken.write_bytes(b"keep")
-    assert main(["http://example.com/a.mp4", str(tmp_path / "o.mp4")]) == 1
-    assert main([str(clip), str(taken)]) == 1
+    assert main(["http://example.com/a.mp4", str(tmp_path / "o.mp4")]) == 2
+    assert main([str(clip), str(taken)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "is a URL" in err[0] and str(taken) in err[1], err
     assert taken.read_bytes() == b"keep"
+
+
+def test_qairn_video_refuses_a_taken_output_with_exit_2_as_restore_does(clip, tmp_path, monkeypatch, capsys):
+    """`qairn video in.mp4 out.mp4` with out.mp4 there exited 1, as a run that failed halfway does, where
+    `qairn restore a.jpg -o out.png` with out.png there exits 2 (refused before work): a script wrapping
+    both could not tell the one from the other. Both say 2 now, in one line, and leave both files as
+    they were."""
+    import qairn.engine.cli as engine_cli
+    from qairn.cli import main as qairn_main
+
+    def no_model(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_cli, "make_restorer", no_model)
+    image = tmp_path / "a.jpg"
+    shutil.copy(REPO / "examples" / "sample_q10.jpg", image)
+    video = tmp_path / "in.mp4"
+    shutil.copy(clip, video)
+    taken_png, taken_mp4 = tmp_path / "out.png", tmp_path / "out.mp4"
+    taken_png.write_bytes(b"keep png")
+    taken_mp4.write_bytes(b"keep mp4")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert qairn_main(["restore", str(image), "-o", str(taken_png)]) == 2
+    assert qairn_main(["video", str(video), str(taken_mp4)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"qairn: error: {taken_png}: output exists (use --overwrite)",
+        f"qairn: error: {taken_mp4}: the output video exists (use --overwrite)",
+    ]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.parametrize(
@@ -2962,7 +3014,7 @@ def test_qairn_video_refuses_an_unknown_or_non_video_codec_before_loading_the_mo
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(engine_cli, "make_restorer", no_model)
-    assert main(["--codec", codec, str(clip), str(tmp_path / "o.mkv")]) == 1
+    assert main(["--codec", codec, str(clip), str(tmp_path / "o.mkv")]) == 2
     assert capsys.readouterr().err.splitlines() == [f"qairn: error: {says}"]
     with pytest.raises(VideoError, match=f"^{says}$"):
         transcode(None, clip, tmp_path / "o.mkv", VideoOptions(codec=codec))
@@ -3194,7 +3246,7 @@ def test_an_encoder_setting_it_refuses_is_named_before_the_model_loads(
 
     monkeypatch.setattr(engine_cli, "make_restorer", no_model)
     capfd.readouterr()
-    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 1
+    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 2
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and re.fullmatch(f"qairn: error: {says}", err[0]), err
     with pytest.raises(ValueError, match=f"^{says}$"):
@@ -3259,7 +3311,7 @@ def test_a_crf_over_the_encoders_top_is_refused_before_the_model_loads(
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(engine_cli, "make_restorer", no_model)
-    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 1
+    assert main(["--codec", codec, *args, str(clip), str(tmp_path / "o.mkv")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"qairn: error: {says}"), err
     with pytest.raises(ValueError, match=rf"^{re.escape(says)} takes 0 to 51 \(51: the smallest, worst\)$"):
@@ -3291,7 +3343,7 @@ def test_a_container_that_cannot_be_written_is_refused_before_the_model_loads(
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(engine_cli, "make_restorer", no_model)
-    assert main([str(clip), str(tmp_path / name)]) == 1
+    assert main([str(clip), str(tmp_path / name)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"qairn: error: {tmp_path / name}: {says}"]
     assert list(tmp_path.iterdir()) == []
 
@@ -3345,7 +3397,7 @@ def test_audio_the_output_cannot_hold_is_refused_before_the_model_loads(
     out = tmp_path / name
     rc = main([str(clip), str(out), "--no-quality", *(["--codec", codec] if codec else [])])
     err = capsys.readouterr().err
-    assert rc == 1 and f"qairn: error: {tmp_path / says}" in err and "use .mkv, or --no-audio" in err, err
+    assert rc == 2 and f"qairn: error: {tmp_path / says}" in err and "use .mkv, or --no-audio" in err, err
     assert "model was loaded" not in err and list(tmp_path.iterdir()) == []
 
 
@@ -3359,7 +3411,7 @@ def test_a_video_into_a_single_image_file_is_refused_before_the_model_loads(
     rc = main([str(clip), str(out), "--codec", "png", "--no-audio", "--no-quality"])
     err = capsys.readouterr().err
     says = f"{out}: holds one picture, but {clip} has 6 frames; write a video container (.mp4, .mkv)"
-    assert rc == 1 and f"qairn: error: {says}" in err and "model was loaded" not in err, err
+    assert rc == 2 and f"qairn: error: {says}" in err and "model was loaded" not in err, err
     assert list(tmp_path.iterdir()) == []
     from qairn.engine.video import check_paths
 
@@ -3379,7 +3431,7 @@ def test_a_pixel_format_the_encoder_does_not_take_is_refused_before_the_model_lo
         )
         err = capsys.readouterr().err
         says = f"qairn: error: {tmp_path / 'o.mp4'}: libx264 cannot encode pixel format {fmt} (it takes gray,"
-        assert rc == 1 and says in err and "model was loaded" not in err, err
+        assert rc == 2 and says in err and "model was loaded" not in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -3410,8 +3462,8 @@ def test_video_says_its_errors_and_warnings_through_the_cli_s_own(clip, tmp_path
         ([out, "--backend", "eager", "--onnx", csv_path], 2),
         (["--score-only", "--no-quality"], 2),
         ([out, "--quality-csv", csv_path, "--no-quality"], 2),
-        ([out, "--score-only", "--quality-csv", "-"], 1),
-        ([out, "--codec", "nosuch"], 1),
+        ([out, "--score-only", "--quality-csv", "-"], 2),
+        ([out, "--codec", "nosuch"], 2),
     ):
         assert main([str(clip), *args]) == rc, args
     assert said == [
@@ -3420,11 +3472,11 @@ def test_video_says_its_errors_and_warnings_through_the_cli_s_own(clip, tmp_path
         ("fatal", "--quality-csv with --no-quality: no trace is written"),
         ("warning", f"--score-only writes no video: {out} is ignored (the trace: -)"),
         (
-            "error",
+            "fatal",
             "-: qairn video cannot write the quality trace to standard output; give --quality-csv a file "
             "name",
         ),
-        ("error", "--codec nosuch: this PyAV build has no such encoder"),
+        ("fatal", "--codec nosuch: this PyAV build has no such encoder"),
     ]
     assert capsys.readouterr().err == ""
 

@@ -757,6 +757,10 @@ def _open_input(src: Path):
     if not inp.streams.video:
         inp.close()
         raise VideoError(f"{src}: has no video stream")
+    # An audio file's picture alone (it was refused only once the model had loaded).
+    if all(is_cover(s) for s in inp.streams.video):
+        inp.close()
+        raise VideoError(f"{src}: has only a cover picture, no video")
     if piped and "mov" in inp.format.name.split(",") and any("partial file" in str(m) for *_, m in logs):
         inp.close()
         raise VideoError(
@@ -1578,9 +1582,7 @@ def _check_streams_fit(src: Path, inp, out, vs, dst: Path, audio: bool, pix_fmt:
 
     opened = _open_input(src) if inp is None else inp
     try:
-        videos = [s for s in opened.streams.video if not is_cover(s)]
-        if not videos:  # (transcode says so)
-            return
+        videos = [s for s in opened.streams.video if not is_cover(s)]  # (one at least: _open_input)
         rate = videos[0].average_rate or videos[0].guessed_rate or Fraction(25)
         frames = expected_frames(opened, videos[0], rate)
         if out.format.name == "image2" and frames is not None and frames > 1:
@@ -1825,9 +1827,7 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
     out = tmp = vstream = frames = None
     _logging_noted()  # PyAV's and FFmpeg's log levels, set back by _logging_back once the input is closed
     try:
-        videos = [s for s in inp.streams.video if not is_cover(s)]
-        if not videos:
-            raise VideoError(f"{src}: has only a cover picture, no video")
+        videos = [s for s in inp.streams.video if not is_cover(s)]  # (one at least: _open_input)
         vstream = videos[0]  # not the cover, listed first in some MP4 files
         vstream.thread_type = "AUTO"
         astreams = list(inp.streams.audio) if opts.audio and not opts.score_only else []
@@ -2482,13 +2482,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from qairn.engine.cli import make_restorer  # the same model options as restore and score
 
-        src, dst, _ = check_paths(args.input, args.output, opts)  # before the model loads; transcode again
-        # The input is opened before the model loads and the run reads that: a pipe (which can be read
-        # once only, so no check had looked at it) that is empty or carries no video, and a missing
-        # file, failed only after the model had loaded.
-        opened = _open_input(src)
-        if not src.is_file():  # a pipe's streams against the output container (AAC into .mpg), from it
-            check_paths(src, dst, opts, opened)
+        try:
+            # Before the model loads (transcode checks again).
+            src, dst, _ = check_paths(args.input, args.output, opts)
+            # The input is opened before the model loads and the run reads that: a pipe (which can be read
+            # once only, so no check had looked at it) that is empty or carries no video, and a missing
+            # file, failed only after the model had loaded.
+            opened = _open_input(src)
+            if not src.is_file():  # a pipe's streams against the output container (AAC into .mpg), from it
+                check_paths(src, dst, opts, opened)
+        except (VideoError, ValueError, RuntimeError, OSError) as e:
+            # Refused before the model loads and before a frame is decoded, nothing written: 2, as restore's
+            # refusals (it was 1, the code of a run that failed halfway).
+            return fatal(_msg(e))
         restorer = make_restorer(args)
         summary = transcode(restorer, args.input, args.output, opts, inp=opened)
     except KeyboardInterrupt:

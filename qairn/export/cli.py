@@ -271,17 +271,20 @@ def main_onnx(args) -> int:
     # replaces nothing and is not left where a deployment would pick it up.
     # Named per process: two exports to one -o (a parallel make) each verify and rename their own file.
     unverified = out.with_name(f".{out.name}.{os.getpid()}.unverified")
-    path = ox.export_onnx(
-        model,
-        unverified,
-        outputs="maps" if args.maps else "sums",
-        precision=precision,
-        io=args.io,
-        shape=args.static,
-        opset=args.opset,
-        exporter=args.exporter,
-        fp32_tail=args.fp32_tail,
-    )
+    try:
+        path = ox.export_onnx(
+            model,
+            unverified,
+            outputs="maps" if args.maps else "sums",
+            precision=precision,
+            io=args.io,
+            shape=args.static,
+            opset=args.opset,
+            exporter=args.exporter,
+            fp32_tail=args.fp32_tail,
+        )
+    except OSError as e:  # a full disk, once the export ran: a failed export (main's 2 is for refusals)
+        return error(f"{out}: cannot write ({e.strerror or e})", 1)
     try:
         if rc := verify(path, model, inputs, args.quiet):
             return rc

@@ -418,13 +418,28 @@ def main_eval(argv=None) -> int:
             f"{result['seconds_per_image']:.3f} s per image ({result['cpu_seconds_per_image']:.3f} CPU s) "
             f"on {restorer.device}"
         )
+    writes = {}
     if a.json:
         # Strict JSON: an image that comes back identical has an infinite PSNR, which json.dumps wrote
         # as the bare word Infinity that jq, JavaScript and most parsers refuse; it is null here.
         result["null_means"] = "an infinite PSNR / PSNR-B: the image equals its reference"
-        write_atomic(a.json, json.dumps(without_nan(result), indent=1, allow_nan=False).encode())
+        report = json.dumps(without_nan(result), indent=1, allow_nan=False).encode()
+        writes[a.json] = lambda: write_atomic(a.json, report)
     if a.plot:
-        plot_restoration(summary, a.plot, len(files), Path(a.data).name, a.crop)
+        writes[a.plot] = lambda: plot_restoration(summary, a.plot, len(files), Path(a.data).name, a.crop)
+    return write_results(ap.prog, writes)
+
+
+def write_results(prog: str, writes: dict) -> int:
+    """Run each write (path -> a function writing it), once the work is done: 0, or 1 with one line
+    naming the file where one fails (a full disk). The qairn command said such an OSError as a usage
+    error, exit 2 (refused before any work), naming no file: "[Errno 28] No space left on device"."""
+    for path, write in writes.items():
+        try:
+            write()
+        except OSError as e:
+            print(f"{prog}: error: {path}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -849,7 +864,8 @@ def main_quality(argv=None) -> int:
             print(sweep["note"])
         result["p_sweep"] = sweep
         if a.write_p:
-            write_p(a.write_p, sweep["p"], sweep)
+            if write_results(ap.prog, {a.write_p: lambda: write_p(a.write_p, sweep["p"], sweep)}):
+                return 1
             if not a.quiet:
                 print(f"wrote p={sweep['p']:g} into {a.write_p}")
         restorer.p = float(sweep["p"])
@@ -874,11 +890,11 @@ def main_quality(argv=None) -> int:
             "tables": tables,
             "records": recs,
         }
-        if a.plot:
-            plot_quality(recs, a.plot)
+    writes = {a.plot: lambda: plot_quality(recs, a.plot)} if a.plot else {}
     if a.json:  # NaN (a correlation over too few points) is not JSON: written as null
-        write_atomic(a.json, json.dumps(without_nan(result), indent=1, allow_nan=False).encode())
-    return 0
+        report = json.dumps(without_nan(result), indent=1, allow_nan=False).encode()
+        writes[a.json] = lambda: write_atomic(a.json, report)
+    return write_results(ap.prog, writes)
 
 
 def without_nan(v):
