@@ -89,7 +89,7 @@ def test_clipped_coefficients_lie_within_half_a_step_of_the_decoded_ones():
     moved = J._blocks_dct(restored + J._clip_plane(restored, decoded, table))
     bins = J._blocks_dct(decoded)
     half = table[None, :, None, :] / 2
-    inside = np.abs(moved - bins)[:2, :, :3] <= half + 1e-9  # the whole blocks (the rest is padding)
+    inside = np.abs(moved - bins)[:2, :, :3] <= half + 1e-3  # whole blocks (the rest is padding); float32
     assert inside.all()
     assert not (np.abs(J._blocks_dct(restored) - bins)[:2, :, :3] <= half).all()  # (they were not)
 
