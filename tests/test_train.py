@@ -1017,6 +1017,19 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         trainer.train(tiny_args(data, tmp_path, resume=True))
 
 
+def test_an_out_that_is_a_file_is_refused_in_one_line_naming_it(data, tmp_path, capsys):
+    """`qairn train --out notes.txt` said "qairn train: error: [Errno 17] File exists: 'notes.txt'",
+    from the run folder's mkdir: neither the option nor the problem. The file is left as it was."""
+    from qairn import cli
+
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    argv = ["train", *cli_args(tiny_args(data, out)), "-q"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr() == ("", f"qairn train: error: --out {out}: is a file, not a run folder\n")
+    assert out.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "kw, says",
     [

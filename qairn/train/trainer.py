@@ -357,6 +357,8 @@ def _train(a: TrainArgs, explicit: set[str] | None = None, quiet: bool = False) 
         torch.set_num_threads(a.threads)
     main = rank == 0
     out = Path(a.out)
+    if out.exists() and not out.is_dir():  # (mkdir said "[Errno 17] File exists", naming no option)
+        raise SystemExit(f"--out {out}: is a file, not a run folder")
     ckpt_path = out / "checkpoint.pt"
     ck = None
     if a.resume:
