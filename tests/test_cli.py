@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import struct
 import sys
 import zlib
@@ -1100,6 +1101,20 @@ def test_a_pipe_is_refused_as_a_pipe(workdir, tiny_weights, capsys):
     assert error_lines(err) == [
         f"qairn: error: {fifo}: not a regular file (a pipe or device); save the image to a file first"
     ]
+
+
+def test_a_dash_is_refused_as_standard_input(workdir, tiny_weights, capsys, monkeypatch):
+    # `cat a.jpg | qairn score -` said "-: no such file or directory", as if a file were missing; `qairn
+    # video -` reads a pipe, so a newcomer tries it here too. A file named "-" is still that file.
+    monkeypatch.chdir(workdir)
+    rc, out, err = run(capsys, "score", "-", "a.jpg", "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert error_lines(err) == [
+        "qairn: error: -: images are not read from standard input; save the image to a file and name it"
+    ]
+    shutil.copy("a.jpg", "-")
+    rc, out, err = run(capsys, "score", "-", "--weights", tiny_weights)
+    assert rc == 0 and out.splitlines()[1].split()[0] == "-", out
 
 
 def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):

@@ -84,6 +84,10 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
             if not imgs:
                 missing.append((str(p), "directory contains no images"))
             paths += imgs
+        elif item == "-" and not p.exists():  # (`qairn video -` reads a pipe; this said "no such file")
+            missing.append(
+                ("-", "images are not read from standard input; save the image to a file and name it")
+            )
         elif not p.exists():
             missing.append((str(p), "no such file or directory"))
         elif not p.is_file():  # a pipe (`cat a.jpg | qairn score /dev/stdin`) was an 'empty file'
