@@ -1117,6 +1117,20 @@ def test_a_dash_is_refused_as_standard_input(workdir, tiny_weights, capsys, monk
     assert rc == 0 and out.splitlines()[1].split()[0] == "-", out
 
 
+def test_a_folder_of_folders_says_they_are_not_searched(workdir, tiny_weights, capsys):
+    # Photos kept in per-day subfolders: "directory contains no images", though it held them.
+    (workdir / "photos" / "day1").mkdir(parents=True)
+    shutil.copy(workdir / "a.jpg", workdir / "photos" / "day1" / "a.jpg")
+    rc, _, err = run(capsys, "score", workdir / "photos", "--weights", tiny_weights)
+    glob = workdir / "photos" / "**" / "*.jpg"
+    assert rc == 1 and error_lines(err) == [
+        f"qairn: error: {workdir / 'photos'}: directory contains no images (its subfolders are not "
+        f"searched: name them, or give a glob such as '{glob}')"
+    ]
+    rc, out, _ = run(capsys, "score", glob, "--weights", tiny_weights)
+    assert rc == 0 and "a.jpg" in out
+
+
 def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
     Image.fromarray((np.random.default_rng(0).random((24, 20)) * 1000).astype(np.int32)).save(
         workdir / "i32.tif"

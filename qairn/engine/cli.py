@@ -78,11 +78,18 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
         if p.is_dir():
             try:
                 imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
+                subfolders = not imgs and any(f.is_dir() and not f.name.startswith(".") for f in p.iterdir())
             except OSError as e:  # an unreadable folder ended the whole run, the other inputs untouched
                 missing.append((str(p), f"cannot read the folder ({e.strerror or e})"))
                 continue
             if not imgs:
-                missing.append((str(p), "directory contains no images"))
+                why = "directory contains no images"
+                if subfolders:  # photos kept in per-day folders: the line alone read as wrong
+                    glob_hint = p / "**" / "*.jpg"
+                    why += (
+                        f" (its subfolders are not searched: name them, or give a glob such as '{glob_hint}')"
+                    )
+                missing.append((str(p), why))
             paths += imgs
         elif item == "-" and not p.exists():  # (`qairn video -` reads a pipe; this said "no such file")
             missing.append(
