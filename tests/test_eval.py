@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -205,6 +206,20 @@ def test_a_folder_given_as_an_output_file_is_refused_before_the_run(refs, tmp_pa
     for args in (["eval", "--jpeg-only", "--json"], ["eval-quality", "--plot"]):
         assert cli(args[:-1] + ["--data", str(refs), args[-1], str(tmp_path / "out")]) == 2
         assert f"{tmp_path / 'out'}: is a directory; give a file name" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_run(refs, tmp_path, capsys, monkeypatch):
+    # A read-only folder (a user's, not root's: faked here) failed only after the whole run, in Python's
+    # words about the temp file: "[Errno 13] Permission denied: '/ro/.r.json.ygu889o9.part'".
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
+    for args in (["eval", "--jpeg-only", "--json"], ["eval-quality", "--plot"]):
+        name = ro / ("r.json" if args[0] == "eval" else "r.png")
+        assert cli(args[:-1] + ["--data", str(refs), args[-1], str(name)]) == 2
+        assert capsys.readouterr() == ("", f"qairn {args[0]}: error: {name}: output folder is not writable\n")
+    assert list(ro.iterdir()) == []
 
 
 def test_identity_model_restores_to_the_jpeg(refs, tmp_path):

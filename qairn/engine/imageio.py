@@ -608,11 +608,14 @@ def path_arg(text: str) -> str:
 
 
 def check_writable(*paths: str | Path | None) -> None:
-    """Refuse, before any work, output paths whose folder is missing (None: not asked for), so a long
-    evaluation or benchmark does not end by failing to write what it measured."""
+    """Refuse, before any work, output paths whose folder is missing or read-only (None: not asked for),
+    so a long evaluation or benchmark does not end by failing to write what it measured."""
     for p in filter(None, paths):
-        if not Path(p).resolve().parent.is_dir():
+        folder = Path(p).resolve().parent
+        if not folder.is_dir():
             raise FileNotFoundError(f"{p}: output folder does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):  # (as restore --json: its mode, a read-only mount)
+            raise PermissionError(f"{p}: output folder is not writable")
         if Path(p).is_dir():  # the rename onto it would fail only after the whole run
             raise IsADirectoryError(f"{p}: is a directory; give a file name")
 
