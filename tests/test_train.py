@@ -1068,6 +1068,18 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     assert not (tmp_path / "x").exists()
 
 
+def test_an_export_into_a_read_only_folder_is_refused_before_training(data, tmp_path, monkeypatch):
+    # Checked only for being there: hours of training ended in "[Errno 13] Permission denied:
+    # '/ro/.w.safetensors.XXXXXXXX.part'". A user's read-only folder (root writes anyway: faked here).
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
+    with pytest.raises(SystemExit, match=f"--export {ro / 'w.safetensors'}: output folder is not writable"):
+        trainer.train(tiny_args(data, tmp_path / "x", export=str(ro / "w.safetensors")))
+    assert not (tmp_path / "x").exists() and list(ro.iterdir()) == []
+
+
 def test_a_resume_refuses_a_bad_ddp_timeout_before_the_process_group(data, tmp_path):
     # A resume's arguments are checked once merged with the checkpoint's, after the process group is
     # made: --ddp-timeout (this run's own) reached timedelta() unchecked, a ValueError traceback.

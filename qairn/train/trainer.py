@@ -250,6 +250,8 @@ def check_args(a: TrainArgs) -> None:
         # Now, not after hours of training; --out's folder and its parents are made before the export.
         if not parent.is_dir() and parent != out and parent not in out.parents:
             raise SystemExit(f"--export {a.export}: output folder does not exist")
+        if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):  # (its mode, a read-only mount)
+            raise SystemExit(f"--export {a.export}: output folder is not writable")
 
 
 def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, say=print) -> TrainArgs:
