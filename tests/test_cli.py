@@ -1131,6 +1131,20 @@ def test_a_folder_of_folders_says_they_are_not_searched(workdir, tiny_weights, c
     assert rc == 0 and "a.jpg" in out
 
 
+def test_a_folder_scan_takes_jfif_and_jpe_jpegs(workdir, tiny_weights, capsys):
+    # Browsers on Windows save JPEGs as .jfif: a folder of them was "directory contains no images",
+    # though each one named on the command line was read.
+    (workdir / "saved").mkdir()
+    shutil.copy(workdir / "a.jpg", workdir / "saved" / "x.jfif")
+    shutil.copy(workdir / "a.jpg", workdir / "saved" / "y.JPE")
+    rc, out, err = run(capsys, "score", workdir / "saved", "--weights", tiny_weights)
+    assert rc == 0 and err == "", err
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [
+        str(workdir / "saved" / "x.jfif"),
+        str(workdir / "saved" / "y.JPE"),
+    ]
+
+
 def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
     Image.fromarray((np.random.default_rng(0).random((24, 20)) * 1000).astype(np.int32)).save(
         workdir / "i32.tif"
