@@ -2006,6 +2006,26 @@ def test_python_dash_m_qairn_runs_the_command_line():
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "typed, hint",
+    [
+        ("resotre", "unknown command 'resotre' (did you mean restore?)"),
+        ("scores", "unknown command 'scores' (did you mean score?)"),
+        # The image given first, as `qairn a.jpg -o out.png`: it is a file, not a command.
+        (
+            "a.jpg",
+            "unknown command 'a.jpg' (a file: the command comes first, e.g. qairn restore a.jpg -o OUT)",
+        ),
+        ("nope", "unknown command 'nope'"),
+    ],
+)
+def test_an_unknown_command_says_what_was_meant(workdir, capsys, monkeypatch, typed, hint):
+    monkeypatch.chdir(workdir)
+    rc, out, err = run(capsys, typed, "-o", "out.png")
+    assert rc == 2 and out == "" and err.splitlines()[0] == f"qairn: {hint}", err
+    assert not (workdir / "out.png").exists()
+
+
 # ---- --onnx and --engine: running a file the user exported ---------------------------------------
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_weights, tmp_path_factory):
