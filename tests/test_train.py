@@ -1068,6 +1068,22 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     assert not (tmp_path / "x").exists()
 
 
+def test_an_out_that_cannot_be_made_is_refused_in_one_line(data, tmp_path, monkeypatch):
+    # mkdir's words: "[Errno 20] Not a directory: 'notes.txt/run'" and, in a user's read-only folder
+    # (root writes anyway: faked here), "[Errno 13] Permission denied: 'ro/run'".
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(SystemExit, match=f"^--out {notes / 'run'}: {notes} is a file, not a folder$"):
+        trainer.train(tiny_args(data, notes / "run"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
+    with pytest.raises(SystemExit, match=f"^--out {ro / 'runs' / 'a'}: {ro} is not writable$"):
+        trainer.train(tiny_args(data, ro / "runs" / "a"))
+    assert notes.read_text() == "mine" and list(ro.iterdir()) == []
+
+
 def test_an_export_into_a_read_only_folder_is_refused_before_training(data, tmp_path, monkeypatch):
     # Checked only for being there: hours of training ended in "[Errno 13] Permission denied:
     # '/ro/.w.safetensors.XXXXXXXX.part'". A user's read-only folder (root writes anyway: faked here).

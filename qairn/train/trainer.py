@@ -361,6 +361,12 @@ def _train(a: TrainArgs, explicit: set[str] | None = None, quiet: bool = False) 
     out = Path(a.out)
     if out.exists() and not out.is_dir():  # (mkdir said "[Errno 17] File exists", naming no option)
         raise SystemExit(f"--out {out}: is a file, not a run folder")
+    # The nearest folder that is there makes the rest: mkdir said "[Errno 13] Permission denied: 'runs'".
+    there = next(p for p in (out, *out.parents) if p.exists())
+    if not there.is_dir():
+        raise SystemExit(f"--out {out}: {there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: {there} is not writable")
     ckpt_path = out / "checkpoint.pt"
     ck = None
     if a.resume:
