@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"qairn: unknown command {name!r}\n{USAGE}", file=sys.stderr)
+        print(f"qairn: unknown command {name!r}{command_hint(name)}\n{USAGE}", file=sys.stderr)
         return 2
     module, func = COMMANDS[name]
     # SIGTERM (kill, a container stopping) ends a run as Ctrl-C does: the half-written temp file is
@@ -92,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
     return int(rc or 0)
+
+
+def command_hint(name: str) -> str:
+    """What an unknown command probably meant: a typo of one (resotre), or the input given first."""
+    import difflib
+
+    close = difflib.get_close_matches(name, COMMANDS, n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    if os.path.isfile(name):
+        return f" (a file: the command comes first, e.g. qairn restore {name} -o OUT)"
+    return ""
 
 
 def _terminate(signum, frame):

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import struct
 import sys
 import zlib
@@ -1150,6 +1151,48 @@ def test_a_pipe_is_refused_as_a_pipe(workdir, tiny_weights, capsys):
     ]
 
 
+def test_a_dash_is_refused_as_standard_input(workdir, tiny_weights, capsys, monkeypatch):
+    # `cat a.jpg | qairn score -` said "-: no such file or directory", as if a file were missing; `qairn
+    # video -` reads a pipe, so a newcomer tries it here too. A file named "-" is still that file.
+    monkeypatch.chdir(workdir)
+    rc, out, err = run(capsys, "score", "-", "a.jpg", "--weights", tiny_weights)
+    assert rc == 1 and "a.jpg" in out
+    assert error_lines(err) == [
+        "qairn: error: -: images are not read from standard input; save the image to a file and name it"
+    ]
+    shutil.copy("a.jpg", "-")
+    rc, out, err = run(capsys, "score", "-", "--weights", tiny_weights)
+    assert rc == 0 and out.splitlines()[1].split()[0] == "-", out
+
+
+def test_a_folder_of_folders_says_they_are_not_searched(workdir, tiny_weights, capsys):
+    # Photos kept in per-day subfolders: "directory contains no images", though it held them.
+    (workdir / "photos" / "day1").mkdir(parents=True)
+    shutil.copy(workdir / "a.jpg", workdir / "photos" / "day1" / "a.jpg")
+    rc, _, err = run(capsys, "score", workdir / "photos", "--weights", tiny_weights)
+    glob = workdir / "photos" / "**" / "*.jpg"
+    assert rc == 1 and error_lines(err) == [
+        f"qairn: error: {workdir / 'photos'}: directory contains no images (its subfolders are not "
+        f"searched: name them, or give a glob such as '{glob}')"
+    ]
+    rc, out, _ = run(capsys, "score", glob, "--weights", tiny_weights)
+    assert rc == 0 and "a.jpg" in out
+
+
+def test_a_folder_scan_takes_jfif_and_jpe_jpegs(workdir, tiny_weights, capsys):
+    # Browsers on Windows save JPEGs as .jfif: a folder of them was "directory contains no images",
+    # though each one named on the command line was read.
+    (workdir / "saved").mkdir()
+    shutil.copy(workdir / "a.jpg", workdir / "saved" / "x.jfif")
+    shutil.copy(workdir / "a.jpg", workdir / "saved" / "y.JPE")
+    rc, out, err = run(capsys, "score", workdir / "saved", "--weights", tiny_weights)
+    assert rc == 0 and err == "", err
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [
+        str(workdir / "saved" / "x.jfif"),
+        str(workdir / "saved" / "y.JPE"),
+    ]
+
+
 def test_score_goes_on_past_an_unsupported_file(workdir, tiny_weights, capsys):
     Image.fromarray((np.random.default_rng(0).random((24, 20)) * 1000).astype(np.int32)).save(
         workdir / "i32.tif"
@@ -2009,6 +2052,26 @@ def test_python_dash_m_qairn_runs_the_command_line():
     assert helped.returncode == 0 and helped.stdout.startswith("usage: qairn {restore,score,"), helped.stderr
     bad = subprocess.run([*run_m, "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "typed, hint",
+    [
+        ("resotre", "unknown command 'resotre' (did you mean restore?)"),
+        ("scores", "unknown command 'scores' (did you mean score?)"),
+        # The image given first, as `qairn a.jpg -o out.png`: it is a file, not a command.
+        (
+            "a.jpg",
+            "unknown command 'a.jpg' (a file: the command comes first, e.g. qairn restore a.jpg -o OUT)",
+        ),
+        ("nope", "unknown command 'nope'"),
+    ],
+)
+def test_an_unknown_command_says_what_was_meant(workdir, capsys, monkeypatch, typed, hint):
+    monkeypatch.chdir(workdir)
+    rc, out, err = run(capsys, typed, "-o", "out.png")
+    assert rc == 2 and out == "" and err.splitlines()[0] == f"qairn: {hint}", err
+    assert not (workdir / "out.png").exists()
 
 
 # ---- --onnx and --engine: running a file the user exported ---------------------------------------

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import cv2
@@ -205,6 +206,34 @@ def test_a_folder_given_as_an_output_file_is_refused_before_the_run(refs, tmp_pa
     for args in (["eval", "--jpeg-only", "--json"], ["eval-quality", "--plot"]):
         assert cli(args[:-1] + ["--data", str(refs), args[-1], str(tmp_path / "out")]) == 2
         assert f"{tmp_path / 'out'}: is a directory; give a file name" in capsys.readouterr().err
+
+
+def test_a_report_named_like_one_of_its_images_is_refused_before_the_run(tmp_path, capsys):
+    # `qairn eval --data refs --plot refs/img00.png` replaced that reference image with the figure.
+    refs = make_folder(tmp_path / "refs", 2, 48, 64, seed=5)
+    before = {f.name: f.read_bytes() for f in refs.iterdir()}
+    for args in (["eval", "--jpeg-only", "--plot"], ["eval-quality", "--json"]):
+        image = refs / "img01.png"
+        assert cli(args[:-1] + ["--data", str(refs), "--limit", "1", args[-1], str(image)]) == 2
+        assert capsys.readouterr() == (
+            "",
+            f"qairn {args[0]}: error: {args[-1]} {image}: is one of the images read; write to another file\n",
+        )
+    assert {f.name: f.read_bytes() for f in refs.iterdir()} == before
+
+
+def test_an_unwritable_output_folder_is_refused_before_the_run(refs, tmp_path, capsys, monkeypatch):
+    # A read-only folder (a user's, not root's: faked here) failed only after the whole run, in Python's
+    # words about the temp file: "[Errno 13] Permission denied: '/ro/.r.json.ygu889o9.part'".
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
+    for args in (["eval", "--jpeg-only", "--json"], ["eval-quality", "--plot"]):
+        name = ro / ("r.json" if args[0] == "eval" else "r.png")
+        assert cli(args[:-1] + ["--data", str(refs), args[-1], str(name)]) == 2
+        assert capsys.readouterr() == ("", f"qairn {args[0]}: error: {name}: output folder is not writable\n")
+    assert list(ro.iterdir()) == []
 
 
 def test_identity_model_restores_to_the_jpeg(refs, tmp_path):

@@ -39,6 +39,17 @@ def test_a_gpu_that_is_not_there_is_refused_at_construction(monkeypatch, count, 
     assert str(e.value) == says
 
 
+@pytest.mark.parametrize("count, device", [(1, "cuda:3"), (0, "cuda"), (0, 1), (0, "gpu")])
+def test_a_device_that_cannot_run_is_a_backend_error(monkeypatch, count, device):
+    """README's "what a caller catches": BackendError covers a device that cannot run. cuda:3 on a
+    one-GPU machine raised a bare ValueError, which `except qairn.BackendError` let through (it stays a
+    ValueError too, as the Restorer's other argument checks)."""
+    fake_gpus(monkeypatch, count)
+    with pytest.raises(qairn.BackendError) as e:
+        qairn.Restorer(model=lively_model(), device=device)
+    assert isinstance(e.value, ValueError)
+
+
 def test_devices_that_are_there(monkeypatch):
     fake_gpus(monkeypatch, 2, current=1)
     assert rs.resolve_device("cuda:1") == torch.device("cuda", 1)

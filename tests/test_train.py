@@ -1017,6 +1017,19 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(data, tmp_path):
         trainer.train(tiny_args(data, tmp_path, resume=True))
 
 
+def test_an_out_that_is_a_file_is_refused_in_one_line_naming_it(data, tmp_path, capsys):
+    """`qairn train --out notes.txt` said "qairn train: error: [Errno 17] File exists: 'notes.txt'",
+    from the run folder's mkdir: neither the option nor the problem. The file is left as it was."""
+    from qairn import cli
+
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    argv = ["train", *cli_args(tiny_args(data, out)), "-q"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr() == ("", f"qairn train: error: --out {out}: is a file, not a run folder\n")
+    assert out.read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     "kw, says",
     [
@@ -1053,6 +1066,34 @@ def test_bad_training_arguments_are_refused_before_any_work(data, tmp_path, kw, 
     with pytest.raises(SystemExit, match=says):
         trainer.train(tiny_args(data, tmp_path / "x", **kw))
     assert not (tmp_path / "x").exists()
+
+
+def test_an_out_that_cannot_be_made_is_refused_in_one_line(data, tmp_path, monkeypatch):
+    # mkdir's words: "[Errno 20] Not a directory: 'notes.txt/run'" and, in a user's read-only folder
+    # (root writes anyway: faked here), "[Errno 13] Permission denied: 'ro/run'".
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(SystemExit, match=f"^--out {notes / 'run'}: {notes} is a file, not a folder$"):
+        trainer.train(tiny_args(data, notes / "run"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
+    with pytest.raises(SystemExit, match=f"^--out {ro / 'runs' / 'a'}: {ro} is not writable$"):
+        trainer.train(tiny_args(data, ro / "runs" / "a"))
+    assert notes.read_text() == "mine" and list(ro.iterdir()) == []
+
+
+def test_an_export_into_a_read_only_folder_is_refused_before_training(data, tmp_path, monkeypatch):
+    # Checked only for being there: hours of training ended in "[Errno 13] Permission denied:
+    # '/ro/.w.safetensors.XXXXXXXX.part'". A user's read-only folder (root writes anyway: faked here).
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != ro and real_access(path, mode))
+    with pytest.raises(SystemExit, match=f"--export {ro / 'w.safetensors'}: output folder is not writable"):
+        trainer.train(tiny_args(data, tmp_path / "x", export=str(ro / "w.safetensors")))
+    assert not (tmp_path / "x").exists() and list(ro.iterdir()) == []
 
 
 def test_a_resume_refuses_a_bad_ddp_timeout_before_the_process_group(data, tmp_path):

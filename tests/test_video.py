@@ -421,6 +421,19 @@ def test_bad_inputs_fail_clearly_and_write_nothing(restorer, clip, frames_rgb, t
     ]
 
 
+def test_the_input_as_output_is_refused_as_the_input_not_as_an_existing_file(restorer, clip):
+    """`qairn video in.mp4 in.mp4` said "the output video exists (use --overwrite)", and with
+    --overwrite, "is the input file": the advice only led to a second refusal. The same for a quality
+    trace named like the input. Without --overwrite, the refusal that stands is said first."""
+    before = clip.read_bytes()
+    with pytest.raises(VideoError, match="is the input file; write to another file"):
+        transcode(restorer, clip, clip, VideoOptions(overwrite=False))
+    trace = VideoOptions(score_only=True, quality_csv=clip, overwrite=False)
+    with pytest.raises(VideoError, match="the quality trace would replace the input video"):
+        transcode(restorer, clip, None, trace)
+    assert clip.read_bytes() == before
+
+
 def test_unwritable_output_and_interrupt_leave_nothing(restorer, clip, tmp_path, monkeypatch):
     with pytest.raises(VideoError, match="does not exist"):
         transcode(restorer, clip, tmp_path / "no" / "such" / "dir.mp4")

@@ -61,6 +61,11 @@ class UnknownOptionError(BackendError, ValueError):
     argument checks raise) as well as a BackendError, which callers caught before it was both."""
 
 
+class DeviceError(BackendError, ValueError):
+    """A device that is not a device name, or not on this machine (cuda:3 with one GPU): a BackendError,
+    as the README's "what a caller catches" says, and a ValueError, as it was before it was both."""
+
+
 class Closing:
     """`with backend:` for backends whose close() frees an engine's memory at once."""
 

@@ -78,12 +78,23 @@ def expand_inputs(items: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
         if p.is_dir():
             try:
                 imgs = sorted(f for f in p.iterdir() if f.is_file() and scanned_image(f))
+                subfolders = not imgs and any(f.is_dir() and not f.name.startswith(".") for f in p.iterdir())
             except OSError as e:  # an unreadable folder ended the whole run, the other inputs untouched
                 missing.append((str(p), f"cannot read the folder ({e.strerror or e})"))
                 continue
             if not imgs:
-                missing.append((str(p), "directory contains no images"))
+                why = "directory contains no images"
+                if subfolders:  # photos kept in per-day folders: the line alone read as wrong
+                    glob_hint = p / "**" / "*.jpg"
+                    why += (
+                        f" (its subfolders are not searched: name them, or give a glob such as '{glob_hint}')"
+                    )
+                missing.append((str(p), why))
             paths += imgs
+        elif item == "-" and not p.exists():  # (`qairn video -` reads a pipe; this said "no such file")
+            missing.append(
+                ("-", "images are not read from standard input; save the image to a file and name it")
+            )
         elif not p.exists():
             missing.append((str(p), "no such file or directory"))
         elif not p.is_file():  # a pipe (`cat a.jpg | qairn score /dev/stdin`) was an 'empty file'

@@ -22,7 +22,9 @@ from qairn.messages import warn
 # We check the pixel count ourselves (configurable) before decoding; PIL's own guard is disabled.
 Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 200_000_000
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2", ".gif"}
+# .jfif and .jpe are JPEGs too (browsers on Windows save .jfif): a folder of them was "contains no images".
+JPEG_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".jpe"}
+IMAGE_SUFFIXES = {".png", *JPEG_SUFFIXES, ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".jp2", ".gif"}
 WRITE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 ALPHA_SUFFIXES = {".png", ".webp", ".tif", ".tiff"}  # the others are written without an alpha channel
 DEEP_SUFFIXES = {".png", ".tif", ".tiff"}  # the others are written at 8 bits
@@ -608,11 +610,14 @@ def path_arg(text: str) -> str:
 
 
 def check_writable(*paths: str | Path | None) -> None:
-    """Refuse, before any work, output paths whose folder is missing (None: not asked for), so a long
-    evaluation or benchmark does not end by failing to write what it measured."""
+    """Refuse, before any work, output paths whose folder is missing or read-only (None: not asked for),
+    so a long evaluation or benchmark does not end by failing to write what it measured."""
     for p in filter(None, paths):
-        if not Path(p).resolve().parent.is_dir():
+        folder = Path(p).resolve().parent
+        if not folder.is_dir():
             raise FileNotFoundError(f"{p}: output folder does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):  # (as restore --json: its mode, a read-only mount)
+            raise PermissionError(f"{p}: output folder is not writable")
         if Path(p).is_dir():  # the rename onto it would fail only after the whole run
             raise IsADirectoryError(f"{p}: is a directory; give a file name")
 
@@ -707,10 +712,42 @@ EXIF_SUFFIXES = {".png", ".jpg", ".jpeg"}  # where write_image keeps EXIF metada
 # the file's own layout: sizes, sample format, compression, strips and tiles, colour map, ICC profile
 # (kept on its own). The layout tags do not describe the restored file and are dropped.
 TIFF_LAYOUT_TAGS = {
-    0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0111, 0x0115, 0x0116, 0x0117, 0x0118,
-    0x0119, 0x011C, 0x013D, 0x0140, 0x0141, 0x0142, 0x0143, 0x0144, 0x0145, 0x014A, 0x0152, 0x0153,
-    0x0154, 0x0155, 0x015B, 0x0200, 0x0201, 0x0202, 0x0211, 0x0212, 0x0213, 0x0214, 0x8773,
-}  # fmt: skip
+    0x00FE,
+    0x00FF,
+    0x0100,
+    0x0101,
+    0x0102,
+    0x0103,
+    0x0106,
+    0x0111,
+    0x0115,
+    0x0116,
+    0x0117,
+    0x0118,
+    0x0119,
+    0x011C,
+    0x013D,
+    0x0140,
+    0x0141,
+    0x0142,
+    0x0143,
+    0x0144,
+    0x0145,
+    0x014A,
+    0x0152,
+    0x0153,
+    0x0154,
+    0x0155,
+    0x015B,
+    0x0200,
+    0x0201,
+    0x0202,
+    0x0211,
+    0x0212,
+    0x0213,
+    0x0214,
+    0x8773,
+}
 
 
 def read_exif(path: str | Path, size: tuple[int, int] | None = None) -> bytes | None:

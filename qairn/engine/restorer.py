@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from qairn.engine.backends import (
     BACKENDS,
     PRECISIONS,
+    DeviceError,
     UnknownOptionError,
     check_switch,
     make_backend,
@@ -132,17 +133,17 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):  # torch's own message lists some twenty device types
-        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
+        raise DeviceError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or auto") from None
     if device.type != "cuda":
         return device
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
-        raise ValueError(f"device {str(device)!r} requested, but this machine has no CUDA device")
+        raise DeviceError(f"device {str(device)!r} requested, but this machine has no CUDA device")
     if device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     if device.index >= count:
         there = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise ValueError(
+        raise DeviceError(
             f"device {str(device)!r} requested, but this machine has {count} CUDA "
             f"device{'s' if count > 1 else ''} ({there})"
         )

@@ -1718,9 +1718,10 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
                 "-: qairn video cannot write to standard output; give an output file (out.mkv), or see "
                 "examples/ffmpeg_pipe.py for raw frames on standard output"
             )
-        _check_writable(dst, "output video", opts.overwrite)
+        # The input first: "exists (use --overwrite)" only led to this refusal on the next try.
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise VideoError(f"{dst}: is the input file; write to another file")
+        _check_writable(dst, "output video", opts.overwrite)
         codec = output_codec(dst, opts)
         check_container(
             dst, codec, src if inp is not None or src.is_file() else None, opts.audio, inp, opts.pix_fmt
@@ -1747,17 +1748,18 @@ def check_paths(src, dst, opts: VideoOptions, inp=None) -> tuple[Path, Path | No
                     f"{src}: is not a file, so the trace has no place beside it; give --quality-csv"
                 )
         csv_path = Path(opts.quality_csv or f"{beside}.quality.csv")
-        _check_writable(csv_path, "quality trace", opts.overwrite)
-        if opts.plot:
-            _check_writable(_plot_path(csv_path), "quality plot", opts.overwrite)
         # The trace and plot are written last: one named like the input or the output video
         # (--quality-csv OUT) would replace it, even without --overwrite, as OUT did not exist yet.
+        # Said before "exists (use --overwrite)", which only led to this refusal on the next try.
         taken = {src.resolve(): "input video"}
         if not opts.score_only:
             taken[dst.resolve()] = "output video"
         for path in [csv_path] + ([_plot_path(csv_path)] if opts.plot else []):
             if path.resolve() in taken:
                 raise VideoError(f"{path}: the quality trace would replace the {taken[path.resolve()]}")
+        _check_writable(csv_path, "quality trace", opts.overwrite)
+        if opts.plot:
+            _check_writable(_plot_path(csv_path), "quality plot", opts.overwrite)
     return src, dst, csv_path
 
 

@@ -333,6 +333,15 @@ def check_outputs(json_path: str | None, plot: str | None, weights: str | None) 
     check_distinct({"--json": json_path, "--plot": plot}, {"the weights file": weights})
 
 
+def check_not_images(outputs: dict, images: list[Path]) -> None:
+    """--json and --plot ({flag: path or None}) against every image read, --limit or not: `--data live1
+    --plot live1/bikes.png` replaced that reference image with the figure."""
+    read = {Path(f).resolve() for f in images}
+    for flag, out in outputs.items():
+        if out and Path(out).resolve() in read:
+            raise SystemExit(f"{flag} {out}: is one of the images read; write to another file")
+
+
 # option -> what its 0 means
 COUNTS = {"limit": "all", "crop": "all", "threads": "torch's default", "tile": "whole images"}
 
@@ -383,7 +392,9 @@ def main_eval(argv=None) -> int:
     check_outputs(a.json, a.plot, a.weights)
     if a.threads:
         torch.set_num_threads(a.threads)
-    files = list_images(a.data)[: a.limit or None]
+    images = list_images(a.data)
+    check_not_images({"--json": a.json, "--plot": a.plot}, images)
+    files = images[: a.limit or None]
     for f, w, h in header_sizes(files, a.crop):  # before any work (read_reference checks it again)
         if min(w, h) < SSIM_MIN:
             raise ValueError(too_small_for_ssim(f, w, h, a.crop))
@@ -836,7 +847,9 @@ def main_quality(argv=None) -> int:
     )
     if any(Path(f).resolve().parent == Path(a.data).resolve() for f in val):
         raise SystemExit("refusing to choose p on the report's own images")
-    files = [] if a.no_report else list_images(a.data)[: a.limit or None]
+    images = [] if a.no_report else list_images(a.data)
+    check_not_images({"--json": a.json, "--plot": a.plot}, [*val, *images])
+    files = images[: a.limit or None]
     check_quality_sizes([*val, *files], a.crop)
     restorer = make_restorer(weights, device=a.device, tile=a.tile or None)
     result = {

@@ -250,6 +250,8 @@ def check_args(a: TrainArgs) -> None:
         # Now, not after hours of training; --out's folder and its parents are made before the export.
         if not parent.is_dir() and parent != out and parent not in out.parents:
             raise SystemExit(f"--export {a.export}: output folder does not exist")
+        if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):  # (its mode, a read-only mount)
+            raise SystemExit(f"--export {a.export}: output folder is not writable")
 
 
 def resumed_args(a: TrainArgs, saved: dict, explicit: set[str] | None = None, say=print) -> TrainArgs:
@@ -357,6 +359,14 @@ def _train(a: TrainArgs, explicit: set[str] | None = None, quiet: bool = False) 
         torch.set_num_threads(a.threads)
     main = rank == 0
     out = Path(a.out)
+    if out.exists() and not out.is_dir():  # (mkdir said "[Errno 17] File exists", naming no option)
+        raise SystemExit(f"--out {out}: is a file, not a run folder")
+    # The nearest folder that is there makes the rest: mkdir said "[Errno 13] Permission denied: 'runs'".
+    there = next(p for p in (out, *out.parents) if p.exists())
+    if not there.is_dir():
+        raise SystemExit(f"--out {out}: {there} is a file, not a folder")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise SystemExit(f"--out {out}: {there} is not writable")
     ckpt_path = out / "checkpoint.pt"
     ck = None
     if a.resume:
