@@ -1066,6 +1066,19 @@ def test_restore_clips_a_jpegs_restoration_to_its_quantization_bins(workdir, tin
     assert np.array_equal(read_image(workdir / "e.png"), r.restore(png).image)
 
 
+def test_restore_warns_of_a_jpeg_saved_at_quality_95_or_more(workdir, tiny_weights, capsys):
+    # On LIVE1 such restorations gained nothing even clipped (QF 98: -0.22 dB in the mean): say so
+    bgr = cv2.imread(str(workdir / "b.png"))
+    for qf in (90, 97):
+        cv2.imwrite(str(workdir / f"q{qf}.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, qf])
+    rc, _, err = run(capsys, "restore", workdir / "q90.jpg", workdir / "q97.jpg", "-o", workdir / "out")
+    assert rc == 0
+    said = [ln for ln in err.splitlines() if "qairn: warning:" in ln]
+    assert len(said) == 1 and "q97.jpg: a JPEG saved at quality 97" in said[0] and "+0.01 dB at 95" in said[0]
+    rc, _, err = run(capsys, "restore", workdir / "q97.jpg", "-o", workdir / "raw.png", "--no-jpeg-clip")
+    assert rc == 0 and "-2.02 at 98, unclipped" in err
+
+
 def test_score_and_restore_json_say_which_weights_and_p_gave_the_scores(workdir, tiny_weights, capsys):
     # The rows held only the path and Q1..Q3: a QC log could not tell scores of other weights (or
     # another p) from these, though the README says they do not compare.
