@@ -65,6 +65,16 @@ def test_chroma_subsampling_is_read(crop, sampling, factors):
     assert J.read_jpeg(encode(crop, 50, sampling)).factors == ((1, 1), factors, factors)
 
 
+def test_a_phones_mpo_has_its_first_pictures_tables(crop):
+    # Phones save a photo with its previews or a depth map after it (MPO); Pillow names the format
+    # "MPO", and read_image restores the first picture, a JPEG like any other: it was left unclipped.
+    mpo = io.BytesIO()
+    second = Image.fromarray(np.ascontiguousarray(crop[::-1]))
+    Image.fromarray(crop).save(mpo, "MPO", save_all=True, append_images=[second], quality=93)
+    found = J.read_jpeg(mpo.getvalue())
+    assert found is not None and (found.quality, found.exact, found.factors[1]) == (93, True, (2, 2))
+
+
 def test_what_is_not_a_ycbcr_or_gray_jpeg_has_no_tables(crop, tmp_path):
     png = tmp_path / "a.png"
     Image.fromarray(crop).save(png)

@@ -96,12 +96,14 @@ def estimate_quality(luma: np.ndarray, chroma: np.ndarray | None = None) -> tupl
 
 
 def read_jpeg(source: str | Path | bytes) -> JpegFile | None:
-    """The quantization of a JPEG (a file, or its bytes) read as Y'CbCr or gray, or None: not a JPEG,
-    or one whose pixels are not Y'CbCr/gray (CMYK, YCCK, RGB stored as is), or an unusual layout
-    (subsampling other than a whole number of pixels)."""
+    """The quantization of a JPEG (a file, or its bytes; of an MPO its first picture) read as Y'CbCr or
+    gray, or None: not a JPEG, or one whose pixels are not Y'CbCr/gray (CMYK, YCCK, RGB stored as is),
+    or an unusual layout (subsampling other than a whole number of pixels)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+            # MPO: a phone's JPEG with previews or a depth map after it; read_image takes the first
+            # picture, whose tables these are
+            if im.format not in ("JPEG", "MPO") or im.mode not in ("L", "RGB"):
                 return None
             if im.mode == "RGB" and im.info.get("adobe_transform") == 0:  # RGB coded as RGB
                 return None
