@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -84,6 +85,19 @@ def test_what_is_not_a_ycbcr_or_gray_jpeg_has_no_tables(crop, tmp_path):
     assert J.read_jpeg(cmyk.getvalue()) is None
     assert J.read_jpeg(b"not an image") is None
     assert J.read_jpeg(tmp_path / "missing.jpg") is None
+
+
+def test_a_table_with_a_step_of_zero_has_no_bins(crop):
+    # A broken DQT: libjpeg decodes such a coefficient as 0 whatever was stored, so the original's is
+    # not known. It was read as quality 1 with a numpy "divide by zero" warning, and clipping pinned
+    # that coefficient of the restoration to 0.
+    data = bytearray(encode(crop, 80))
+    dqt = data.index(b"\xff\xdb")
+    data[dqt + 5 + 63] = 0  # the luma table's last step (the highest frequencies)
+    assert decode(bytes(data)).shape == crop.shape  # the file still decodes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert J.read_jpeg(bytes(data)) is None
 
 
 def test_the_decoded_picture_is_kept_as_it_is(crop):

@@ -98,7 +98,8 @@ def estimate_quality(luma: np.ndarray, chroma: np.ndarray | None = None) -> tupl
 def read_jpeg(source: str | Path | bytes) -> JpegFile | None:
     """The quantization of a JPEG (a file, or its bytes; of an MPO its first picture) read as Y'CbCr or
     gray, or None: not a JPEG, or one whose pixels are not Y'CbCr/gray (CMYK, YCCK, RGB stored as is),
-    or an unusual layout (subsampling other than a whole number of pixels)."""
+    or an unusual layout (subsampling other than a whole number of pixels), or a broken table (a step
+    of 0)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             # MPO: a phone's JPEG with previews or a depth map after it; read_image takes the first
@@ -119,6 +120,8 @@ def read_jpeg(source: str | Path | bytes) -> JpegFile | None:
     if any(hmax % c[1] or vmax % c[2] for c in layer):
         return None
     tables = tuple(np.asarray(qtables[c[3]], np.float32).reshape(8, 8) for c in layer)
+    if any((t == 0).any() for t in tables):  # a broken table: libjpeg decodes such a coefficient as 0
+        return None  # whatever was stored, so there is no bin to keep it in
     quality, exact = estimate_quality(tables[0], tables[1] if len(tables) > 1 else None)
     factors = tuple((hmax // c[1], vmax // c[2]) for c in layer)
     return JpegFile(tables, factors, quality, exact, orientation if orientation in range(1, 9) else 1)
