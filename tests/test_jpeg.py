@@ -100,6 +100,15 @@ def test_a_table_with_a_step_of_zero_has_no_bins(crop):
         assert J.read_jpeg(bytes(data)) is None
 
 
+def test_a_sampling_factor_of_zero_is_no_jpeg_to_clip(crop):
+    # A damaged frame header (libjpeg refuses it: read_image fails the file) made read_jpeg raise
+    # ZeroDivisionError instead of answering None.
+    data = bytearray(encode(crop, 80))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 11] = 0x20  # Y's sampling factors: 2 across, 0 down
+    assert J.read_jpeg(bytes(data)) is None
+
+
 def test_the_decoded_picture_is_kept_as_it_is(crop):
     for data in (encode(crop, 30), encode(crop[..., 1], 30)):
         dec = decode(data)

@@ -116,6 +116,8 @@ def read_jpeg(source: str | Path | bytes) -> JpegFile | None:
         return None
     if len(layer) != (1 if im.mode == "L" else 3) or any(c[3] not in qtables for c in layer):
         return None
+    if any(not (1 <= c[1] <= 4 and 1 <= c[2] <= 4) for c in layer):  # JPEG's range (a damaged header)
+        return None
     hmax, vmax = max(c[1] for c in layer), max(c[2] for c in layer)
     if any(hmax % c[1] or vmax % c[2] for c in layer):
         return None
