@@ -188,6 +188,21 @@ def test_bands_give_what_one_pass_gives(crop, monkeypatch):
     assert np.abs(banded.astype(int) - whole).max() <= 1 and (banded != whole).mean() < 1e-3
 
 
+@pytest.mark.parametrize("fy", [3, 4])
+def test_bands_start_on_whole_blocks_of_chroma_samples_3_or_4_rows_tall(crop, monkeypatch, fy):
+    # JPEG's sampling factors go up to 4 (libjpeg decodes such files; Pillow and OpenCV write none):
+    # a chroma block is then 24 or 32 rows tall, and bands cut at multiples of 16 cut through them.
+    data = encode(crop, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)  # narrow bins: the grid matters
+    dec = decode(data)
+    jpeg = dataclasses.replace(J.read_jpeg(data), factors=((1, 1), (1, fy), (1, fy)))
+    rng = np.random.default_rng(4)
+    restored = np.clip(dec + rng.normal(0, 6, dec.shape), 0, 255).astype(np.uint8)
+    whole = J.consistent(restored, dec, jpeg)
+    monkeypatch.setattr(J, "BAND_ROWS", 16)
+    banded = J.consistent(restored, dec, jpeg)
+    assert np.abs(banded.astype(int) - whole).max() <= 1 and (banded != whole).mean() < 1e-3
+
+
 def test_a_picture_that_does_not_fit_the_jpeg_is_refused(crop):
     data = encode(crop, 40)
     dec = decode(data)

@@ -54,7 +54,7 @@ DCT8 = np.array(
     dtype=np.float32,
 )
 
-BAND_ROWS = 512  # consistent() works on bands of this many rows (a multiple of 16: whole blocks)
+BAND_ROWS = 512  # consistent() works on bands of this many rows (rounded up to whole blocks)
 BAND_CONTEXT = 16  # rows of context either side (8 chroma rows; across the unfancy solve a sample's
 # weight falls sixfold per row: 6**-8, nothing of the band's cut edge reaches its kept rows)
 
@@ -210,12 +210,14 @@ def consistent(restored: np.ndarray, decoded: np.ndarray, jpeg: JpegFile) -> np.
     r, d = _apply_orientation(restored, undo), _apply_orientation(decoded, undo)
     out = np.empty_like(r)
     # In bands of rows, with context above and below (the unfancy solve reaches a few rows across):
-    # float copies of a whole 50 MP photo took some 6 GB. Bands start on whole blocks of every
-    # component (16 rows covers 4:2:0).
-    for top in range(0, r.shape[0], BAND_ROWS):
-        lo, hi = max(0, top - BAND_CONTEXT), min(r.shape[0], top + BAND_ROWS + BAND_CONTEXT)
+    # float copies of a whole 50 MP photo took some 6 GB. Bands and their context start on whole
+    # blocks of every component: 16 rows for 4:2:0, 24 or 32 for chroma samples 3 or 4 rows tall.
+    block = 8 * max(fy for _, fy in jpeg.factors)
+    rows, context = -(-BAND_ROWS // block) * block, -(-BAND_CONTEXT // block) * block
+    for top in range(0, r.shape[0], rows):
+        lo, hi = max(0, top - context), min(r.shape[0], top + rows + context)
         band = _consistent_band(r[lo:hi].astype(np.float32), d[lo:hi].astype(np.float32), jpeg)
-        out[top : top + BAND_ROWS] = band[top - lo : top - lo + BAND_ROWS]
+        out[top : top + rows] = band[top - lo : top - lo + rows]
     return _apply_orientation(out, jpeg.orientation)
 
 
