@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -65,6 +66,16 @@ def test_chroma_subsampling_is_read(crop, sampling, factors):
     assert J.read_jpeg(encode(crop, 50, sampling)).factors == ((1, 1), factors, factors)
 
 
+def test_a_phones_mpo_has_its_first_pictures_tables(crop):
+    # Phones save a photo with its previews or a depth map after it (MPO); Pillow names the format
+    # "MPO", and read_image restores the first picture, a JPEG like any other: it was left unclipped.
+    mpo = io.BytesIO()
+    second = Image.fromarray(np.ascontiguousarray(crop[::-1]))
+    Image.fromarray(crop).save(mpo, "MPO", save_all=True, append_images=[second], quality=93)
+    found = J.read_jpeg(mpo.getvalue())
+    assert found is not None and (found.quality, found.exact, found.factors[1]) == (93, True, (2, 2))
+
+
 def test_what_is_not_a_ycbcr_or_gray_jpeg_has_no_tables(crop, tmp_path):
     png = tmp_path / "a.png"
     Image.fromarray(crop).save(png)
@@ -74,6 +85,28 @@ def test_what_is_not_a_ycbcr_or_gray_jpeg_has_no_tables(crop, tmp_path):
     assert J.read_jpeg(cmyk.getvalue()) is None
     assert J.read_jpeg(b"not an image") is None
     assert J.read_jpeg(tmp_path / "missing.jpg") is None
+
+
+def test_a_table_with_a_step_of_zero_has_no_bins(crop):
+    # A broken DQT: libjpeg decodes such a coefficient as 0 whatever was stored, so the original's is
+    # not known. It was read as quality 1 with a numpy "divide by zero" warning, and clipping pinned
+    # that coefficient of the restoration to 0.
+    data = bytearray(encode(crop, 80))
+    dqt = data.index(b"\xff\xdb")
+    data[dqt + 5 + 63] = 0  # the luma table's last step (the highest frequencies)
+    assert decode(bytes(data)).shape == crop.shape  # the file still decodes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert J.read_jpeg(bytes(data)) is None
+
+
+def test_a_sampling_factor_of_zero_is_no_jpeg_to_clip(crop):
+    # A damaged frame header (libjpeg refuses it: read_image fails the file) made read_jpeg raise
+    # ZeroDivisionError instead of answering None.
+    data = bytearray(encode(crop, 80))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 11] = 0x20  # Y's sampling factors: 2 across, 0 down
+    assert J.read_jpeg(bytes(data)) is None
 
 
 def test_the_decoded_picture_is_kept_as_it_is(crop):
@@ -152,6 +185,21 @@ def test_bands_give_what_one_pass_gives(crop, monkeypatch):
     whole = J.consistent(restored, dec, J.read_jpeg(data))
     monkeypatch.setattr(J, "BAND_ROWS", 16)
     banded = J.consistent(restored, dec, J.read_jpeg(data))
+    assert np.abs(banded.astype(int) - whole).max() <= 1 and (banded != whole).mean() < 1e-3
+
+
+@pytest.mark.parametrize("fy", [3, 4])
+def test_bands_start_on_whole_blocks_of_chroma_samples_3_or_4_rows_tall(crop, monkeypatch, fy):
+    # JPEG's sampling factors go up to 4 (libjpeg decodes such files; Pillow and OpenCV write none):
+    # a chroma block is then 24 or 32 rows tall, and bands cut at multiples of 16 cut through them.
+    data = encode(crop, 90, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)  # narrow bins: the grid matters
+    dec = decode(data)
+    jpeg = dataclasses.replace(J.read_jpeg(data), factors=((1, 1), (1, fy), (1, fy)))
+    rng = np.random.default_rng(4)
+    restored = np.clip(dec + rng.normal(0, 6, dec.shape), 0, 255).astype(np.uint8)
+    whole = J.consistent(restored, dec, jpeg)
+    monkeypatch.setattr(J, "BAND_ROWS", 16)
+    banded = J.consistent(restored, dec, jpeg)
     assert np.abs(banded.astype(int) - whole).max() <= 1 and (banded != whole).mean() < 1e-3
 
 

@@ -58,7 +58,7 @@ DCT8 = np.array(
 # JPEG: +0.01 dB at 95, -0.22 at 98; unclipped -0.61 and -2.02): `qairn restore` says so per file.
 HIGH_QUALITY = 95
 
-BAND_ROWS = 512  # consistent() works on bands of this many rows (a multiple of 16: whole blocks)
+BAND_ROWS = 512  # consistent() works on bands of this many rows (rounded up to whole blocks)
 BAND_CONTEXT = 16  # rows of context either side (8 chroma rows; across the unfancy solve a sample's
 # weight falls sixfold per row: 6**-8, nothing of the band's cut edge reaches its kept rows)
 
@@ -100,12 +100,15 @@ def estimate_quality(luma: np.ndarray, chroma: np.ndarray | None = None) -> tupl
 
 
 def read_jpeg(source: str | Path | bytes) -> JpegFile | None:
-    """The quantization of a JPEG (a file, or its bytes) read as Y'CbCr or gray, or None: not a JPEG,
-    or one whose pixels are not Y'CbCr/gray (CMYK, YCCK, RGB stored as is), or an unusual layout
-    (subsampling other than a whole number of pixels)."""
+    """The quantization of a JPEG (a file, or its bytes; of an MPO its first picture) read as Y'CbCr or
+    gray, or None: not a JPEG, or one whose pixels are not Y'CbCr/gray (CMYK, YCCK, RGB stored as is),
+    or an unusual layout (subsampling other than a whole number of pixels), or a broken table (a step
+    of 0)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+            # MPO: a phone's JPEG with previews or a depth map after it; read_image takes the first
+            # picture, whose tables these are
+            if im.format not in ("JPEG", "MPO") or im.mode not in ("L", "RGB"):
                 return None
             if im.mode == "RGB" and im.info.get("adobe_transform") == 0:  # RGB coded as RGB
                 return None
@@ -117,10 +120,14 @@ def read_jpeg(source: str | Path | bytes) -> JpegFile | None:
         return None
     if len(layer) != (1 if im.mode == "L" else 3) or any(c[3] not in qtables for c in layer):
         return None
+    if any(not (1 <= c[1] <= 4 and 1 <= c[2] <= 4) for c in layer):  # JPEG's range (a damaged header)
+        return None
     hmax, vmax = max(c[1] for c in layer), max(c[2] for c in layer)
     if any(hmax % c[1] or vmax % c[2] for c in layer):
         return None
     tables = tuple(np.asarray(qtables[c[3]], np.float32).reshape(8, 8) for c in layer)
+    if any((t == 0).any() for t in tables):  # a broken table: libjpeg decodes such a coefficient as 0
+        return None  # whatever was stored, so there is no bin to keep it in
     quality, exact = estimate_quality(tables[0], tables[1] if len(tables) > 1 else None)
     factors = tuple((hmax // c[1], vmax // c[2]) for c in layer)
     return JpegFile(tables, factors, quality, exact, orientation if orientation in range(1, 9) else 1)
@@ -207,12 +214,14 @@ def consistent(restored: np.ndarray, decoded: np.ndarray, jpeg: JpegFile) -> np.
     r, d = _apply_orientation(restored, undo), _apply_orientation(decoded, undo)
     out = np.empty_like(r)
     # In bands of rows, with context above and below (the unfancy solve reaches a few rows across):
-    # float copies of a whole 50 MP photo took some 6 GB. Bands start on whole blocks of every
-    # component (16 rows covers 4:2:0).
-    for top in range(0, r.shape[0], BAND_ROWS):
-        lo, hi = max(0, top - BAND_CONTEXT), min(r.shape[0], top + BAND_ROWS + BAND_CONTEXT)
+    # float copies of a whole 50 MP photo took some 6 GB. Bands and their context start on whole
+    # blocks of every component: 16 rows for 4:2:0, 24 or 32 for chroma samples 3 or 4 rows tall.
+    block = 8 * max(fy for _, fy in jpeg.factors)
+    rows, context = -(-BAND_ROWS // block) * block, -(-BAND_CONTEXT // block) * block
+    for top in range(0, r.shape[0], rows):
+        lo, hi = max(0, top - context), min(r.shape[0], top + rows + context)
         band = _consistent_band(r[lo:hi].astype(np.float32), d[lo:hi].astype(np.float32), jpeg)
-        out[top : top + BAND_ROWS] = band[top - lo : top - lo + BAND_ROWS]
+        out[top : top + rows] = band[top - lo : top - lo + rows]
     return _apply_orientation(out, jpeg.orientation)
 
 
