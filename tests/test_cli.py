@@ -1018,9 +1018,9 @@ def test_score_table_and_json(workdir, tiny_weights, capsys):
         capsys, "score", workdir / "a.jpg", workdir / "b.png", "--weights", tiny_weights, "--json"
     )
     rows = [json.loads(ln) for ln in out.strip().splitlines()]
-    keys = {"path", "Q1", "Q2", "Q3", "jpeg_quality", "p", "weights", "weights_sha256"}
+    keys = {"path", "Q1", "Q2", "Q3", "jpeg_quality", "jpeg_quality_exact", "p", "weights", "weights_sha256"}
     assert [set(r) for r in rows] == [keys] * 2
-    assert [r["jpeg_quality"] for r in rows] == [10, None]
+    assert [(r["jpeg_quality"], r["jpeg_quality_exact"]) for r in rows] == [(10, True), (None, None)]
 
 
 def test_score_table_marks_a_quality_from_another_encoders_tables(workdir, tiny_weights, capsys):
@@ -1028,7 +1028,11 @@ def test_score_table_marks_a_quality_from_another_encoders_tables(workdir, tiny_
     Image.open(workdir / "b.png").save(workdir / "c.jpg", qtables="web_low")
     rc, out, _ = run(capsys, "score", workdir / "c.jpg", "--weights", tiny_weights)
     assert rc == 0
-    assert re.fullmatch(r"~\d+", out.strip().splitlines()[1].split()[-1])
+    shown = out.strip().splitlines()[1].split()[-1]
+    assert re.fullmatch(r"~\d+", shown)
+    rc, out, _ = run(capsys, "score", workdir / "c.jpg", "--weights", tiny_weights, "--json")
+    row = json.loads(out)  # the ~ as a key of its own
+    assert (row["jpeg_quality"], row["jpeg_quality_exact"]) == (int(shown[1:]), False)
 
 
 def test_restore_clips_a_jpegs_restoration_to_its_quantization_bins(workdir, tiny_weights, capsys):

@@ -648,10 +648,16 @@ def restore_one(r, a, src: Path, dst: Path, input_set: set[Path], taken: set[Pat
         "path": str(src),
         "output": str(dst),
         **json_quality(res.quality),
-        "jpeg_quality": jpeg and jpeg.quality,
+        **jpeg_record(jpeg),
         "jpeg_clipped": clipped,
         **r.scored_by(),
     }
+
+
+def jpeg_record(jpeg) -> dict:
+    """What restore --json and score --json say of a JPEG input's tables (nulls for other files): the
+    libjpeg quality they are, or are nearest, and whether they are exactly libjpeg's (the table's ~)."""
+    return {"jpeg_quality": jpeg and jpeg.quality, "jpeg_quality_exact": jpeg and jpeg.exact}
 
 
 def json_quality(quality: dict) -> dict:
@@ -930,7 +936,7 @@ def main_score(argv=None) -> int:
             continue
         jpeg = read_jpeg(src)  # the quality it was saved at, beside the quality it shows
         if a.json:  # absolute, as in restore --json: the lines are read later, from elsewhere
-            quality = {**json_quality(q), "jpeg_quality": jpeg and jpeg.quality}
+            quality = {**json_quality(q), **jpeg_record(jpeg)}
             result(json.dumps({"path": os.path.abspath(src), **quality, **r.scored_by()}))
         else:
             saved = "-" if jpeg is None else f"{'' if jpeg.exact else '~'}{jpeg.quality}"
