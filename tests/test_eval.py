@@ -713,3 +713,11 @@ def test_a_report_that_cannot_be_written_after_the_run_is_a_failed_run(
     assert rc == 1 and err == f"qairn {cmd[0]}: error: {js}: cannot write (No space left on device)\n"
     assert "Q1" in out or "PSNR" in out  # the run's table was printed: the work had been done
     assert not js.exists()
+
+
+def test_eval_refuses_jpeg_clip_with_jpeg_only(refs, capsys):
+    # --jpeg-only measures the JPEGs alone: a --jpeg-clip beside it was ignored without a word
+    with pytest.raises(SystemExit) as e:
+        cli(["eval", "--data", str(refs), "--qf", "10", "--jpeg-only", "--jpeg-clip"])
+    assert e.value.code == 2
+    assert "--jpeg-clip with --jpeg-only: nothing is restored to clip" in capsys.readouterr().err

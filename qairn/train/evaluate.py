@@ -388,6 +388,8 @@ def main_eval(argv=None) -> int:
     if bad_qf:
         raise SystemExit(f"--qf {' '.join(map(str, bad_qf))}: JPEG quality factors are 1..100")
     a.qf = list(dict.fromkeys(a.qf))  # --qf 10 10 measured every image twice at 10
+    if a.jpeg_clip and a.jpeg_only:  # (the clip was ignored without a word)
+        ap.error("--jpeg-clip with --jpeg-only: nothing is restored to clip")
     check_counts(a)
     check_outputs(a.json, a.plot, a.weights)
     if a.threads:
