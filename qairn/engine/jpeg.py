@@ -5,10 +5,10 @@ A JPEG keeps each 8x8 block's DCT coefficients divided by its quantization table
 original picture's coefficients lie within half a step of the decoded picture's. Projecting a restored
 picture back into those bins (clipping each coefficient to them) can only bring it nearer the original
 (a projection onto a convex set that holds the original; up to rounding, and to how well the decoder's
-chroma upsampling is undone), and it keeps the network from inventing
-detail the file rules out. That matters most for high-quality files, where the bins are narrow and the
-network, trained on QF 5..95, overshoots: on 12 LIVE1 images at QF 95 restoring alone lost 0.82 dB
-against the JPEG, 0.37 dB after the projection; at QF 10-40 it adds about 0.01 dB.
+chroma upsampling is undone), and it keeps the network from inventing detail the file rules out. That
+matters most for high-quality files, where the bins are narrow and the network, trained on QF 5..95,
+overshoots: on LIVE1 (29 images) at QF 95 restoring alone lost 0.61 dB against the JPEG, and gained
+0.01 dB after the projection; at QF 10-40 the projection adds 0.008 dB, on every image.
 """
 
 from __future__ import annotations
