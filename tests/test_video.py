@@ -3774,3 +3774,68 @@ def test_an_ensemble_restorer_restores_video_frames_and_scores_them_as_without(f
     plain, ensemble = decode(tmp_path / "out1.mkv")[0], decode(tmp_path / "out2.mkv")[0]
     assert len(plain) == len(ensemble) == 2
     assert all(np.abs(y_plane(a) - y_plane(b)).max() > 2 for a, b in zip(plain, ensemble))
+
+
+def test_motion_jpeg_frames_are_clipped_to_their_own_jpegs_bins(tmp_path, frames_rgb, tiny_weights):
+    """Each Motion JPEG frame is a JPEG: its restoration is clipped to that JPEG's quantization bins, in
+    its own planes (as `qairn restore` does for a JPEG file); jpeg_clip=False keeps the network's."""
+    from qairn.engine.jpeg import consistent_planes, read_jpeg
+    from qairn.engine.video import frame_planes
+
+    src = make_clip(tmp_path / "m.mkv", frames_rgb[:3], codec="mjpeg", pix_fmt="yuvj420p", audio=False)
+    r = qairn.Restorer(weights=tiny_weights, device="cpu", tile=None)
+    made = {}
+    for name, clip in (("clipped.mkv", True), ("network.mkv", False)):
+        opts = VideoOptions(codec="ffv1", audio=False, write_quality=False, jpeg_clip=clip)
+        made[name] = transcode(r, src, tmp_path / name, opts)["jpeg_clipped"]
+    assert made == {"clipped.mkv": 3, "network.mkv": 0}
+
+    def planes(path):
+        with av.open(str(path)) as c:
+            return [frame_planes(f) for f in c.decode(video=0)]
+
+    with av.open(str(src)) as c:
+        tables = [read_jpeg(bytes(p)) for p in c.demux(video=0) if p.size]
+    decoded, clipped, network = (
+        planes(src),
+        planes(tmp_path / "clipped.mkv"),
+        planes(tmp_path / "network.mkv"),
+    )
+    assert len(tables) == len(decoded) == len(clipped) == len(network) == 3
+    for d, c, n, jpeg in zip(decoded, clipped, network, tables):
+        assert all(map(np.array_equal, c, consistent_planes(n, d, jpeg)))
+        assert not all(map(np.array_equal, c, n))
+
+
+def test_other_codecs_are_not_clipped(tmp_path, frames_rgb, tiny_weights):
+    src = make_clip(tmp_path / "h.mkv", frames_rgb[:2], codec="ffv1", audio=False)
+    r = qairn.Restorer(weights=tiny_weights, device="cpu", tile=None)
+    opts = VideoOptions(codec="ffv1", audio=False, write_quality=False)
+    assert transcode(r, src, tmp_path / "o.mkv", opts)["jpeg_clipped"] == 0
+
+
+def test_video_cli_no_jpeg_clip_writes_the_networks_frames(tmp_path, frames_rgb, tiny_weights):
+    src = make_clip(tmp_path / "m.mkv", frames_rgb[:2], codec="mjpeg", pix_fmt="yuvj420p", audio=False)
+    r = qairn.Restorer(weights=tiny_weights, device="cpu", tile=None)
+    opts = VideoOptions(codec="ffv1", audio=False, write_quality=False)
+    transcode(r, src, tmp_path / "lib.mkv", replace(opts, jpeg_clip=False))
+    transcode(r, src, tmp_path / "lib_clipped.mkv", opts)
+    given = [
+        "--weights",
+        str(tiny_weights),
+        "--device",
+        "cpu",
+        "--tile",
+        "0",
+        "--codec",
+        "ffv1",
+        "--no-audio",
+    ]
+    assert main([str(src), str(tmp_path / "cli.mkv"), *given, "--no-quality", "--no-jpeg-clip", "-q"]) == 0
+
+    def first_luma(path):
+        with av.open(str(path)) as c:
+            return next(c.decode(video=0)).to_ndarray()[: frames_rgb[0].shape[0]]
+
+    assert np.array_equal(first_luma(tmp_path / "cli.mkv"), first_luma(tmp_path / "lib.mkv"))
+    assert not np.array_equal(first_luma(tmp_path / "cli.mkv"), first_luma(tmp_path / "lib_clipped.mkv"))

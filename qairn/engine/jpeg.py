@@ -140,6 +140,30 @@ def jpeg_fits(jpeg: JpegFile, img: np.ndarray) -> bool:
     return img.dtype == np.uint8 and channels == len(jpeg.tables) and img.ndim in (2, 3)
 
 
+def planes_fit(restored, decoded, jpeg: JpegFile) -> bool:
+    """Whether (y, u, v) planes are a colour JPEG's own components, at their own sizes (a Motion JPEG
+    frame as the decoder gives it), restored and decoded alike: uint8 numpy."""
+    if len(jpeg.tables) != 3 or len(restored) != 3 or len(decoded) != 3:
+        return False
+    h, w = decoded[0].shape
+    sizes = [(-(-h // fy), -(-w // fx)) for fx, fy in jpeg.factors]
+    return all(
+        isinstance(r, np.ndarray) and r.dtype == d.dtype == np.uint8 and r.shape == d.shape == size
+        for r, d, size in zip(restored, decoded, sizes)
+    )
+
+
+def consistent_planes(restored, decoded, jpeg: JpegFile) -> tuple[np.ndarray, ...]:
+    """`consistent` for Y'CbCr planes at the JPEG's own resolutions (see planes_fit): each clipped to
+    its own bins. Exact, as RGB is not: no colour conversion, and no chroma upsampling to undo."""
+    out = []
+    for r, d, table in zip(restored, decoded, jpeg.tables):
+        r32 = r.astype(np.float32)
+        moved = r32 + _clip_plane(r32, d.astype(np.float32), table)
+        out.append(np.clip(np.rint(moved), 0, 255).astype(np.uint8))
+    return tuple(out)
+
+
 def _pad(plane: np.ndarray, fy: int, fx: int) -> np.ndarray:
     # As an encoder pads a picture to whole blocks: its last row and column repeated.
     h, w = plane.shape

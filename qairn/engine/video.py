@@ -655,6 +655,9 @@ class VideoOptions:
         False  # damaged input (decoder-flagged frames, a cut or refused packet, fewer frames than counted)
     )
     overwrite: bool = True  # replace existing outputs (the CLI asks for --overwrite, as restore does)
+    # Motion JPEG (webcams, IP cameras, AVI captures): each frame restored within its JPEG's
+    # quantization bins, as `qairn restore` does for a JPEG file (qairn.engine.jpeg)
+    jpeg_clip: bool = True
 
     def __post_init__(self):
         # As --crf: nan ended in a bare "cannot convert float NaN to integer" for MPEG-4, -30 was q 2.
@@ -903,6 +906,8 @@ def _decode(inp, vstream, copied, pending_audio: deque, counts: dict):
 
     copy_ids = {s.index for s in copied}
     reorder = inp.format.name in DECODE_ORDER_FORMATS
+    if "jpeg" in counts:
+        from qairn.engine.jpeg import read_jpeg
     # The packet times no frame has taken yet. A frame-threaded decoder reports a damaged packet at a
     # later one (0.24 s for 0.16 s): the earliest time left is the one lost.
     times: list = []
@@ -943,6 +948,8 @@ def _decode(inp, vstream, copied, pending_audio: deque, counts: dict):
             continue
         if packet.size:
             counts["packets"] = counts.get("packets", 0) + 1
+            if "jpeg" in counts and packet.pts is not None:  # Motion JPEG: each packet is a JPEG file
+                counts["jpeg"][packet.pts] = read_jpeg(bytes(packet))
             # Cut short by the end of the file (or flagged by the demuxer): a frame-threaded decoder
             # drops it without an error, so this flag is the one sign of the damage.
             if packet.is_corrupt and "damaged" not in counts:
@@ -1779,6 +1786,7 @@ class TranscodeSummary(TypedDict):
     caveats: int  # frames whose Q says little (flat, or tiny)
     scored_by: ScoredBy  # Restorer.scored_by()
     mean_quality: dict[str, float]  # Q1, Q2, Q3 over the frames without a caveat
+    jpeg_clipped: int  # Motion JPEG frames restored within their JPEG's quantization bins
 
 
 def transcode(
@@ -1851,7 +1859,8 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
         pending_audio: deque = deque()
         lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
         pgs_sets: dict = {}  # (see _mux_audio)
-        counts: dict = {}
+        # counts["jpeg"]: a Motion JPEG packet's tables by its time, filled as packets are demuxed
+        counts: dict = {"jpeg": {}} if opts.jpeg_clip and vstream.codec_context.name == "mjpeg" else {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
         first = next(frames, None)
@@ -1887,7 +1896,11 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
                 out, vs, amap, codec, pix_fmt, out_notes, out_tb = _open_output(
                     tmp, first, vstream, astreams, opts, work_fmt, (matrix, crange), dst, pending_audio
                 )
+        from qairn.engine.jpeg import consistent_planes, planes_fit  # (scipy: not before parsing)
+
         meta: deque = deque()
+        clips: deque = deque()  # per frame: (decoded planes, its JPEG's tables) to clip to, or None
+        clipped = [0]  # frames clipped
         corrupt, resized = [], []  # resized: the first frame of another size than the first
         dynamic = set()  # "HDR10+", "Dolby Vision": per-frame metadata the output does not get
         last_duration = [0.0]  # of the newest frame decoded: a slideshow's last frame may last seconds
@@ -1903,9 +1916,18 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
                 t = float(pts * tb) if pts is not None else i / float(rate)
                 meta.append((i, pts, t, frame.duration))
                 last_duration[0] = float(frame.duration * tb) if frame.duration else 0.0
+                jpeg = None
+                if "jpeg" in counts and out is not None:
+                    jpeg = counts["jpeg"].pop(pts, None)
+                    if len(counts["jpeg"]) > 64:  # times no frame took (a frame the decoder refused)
+                        for k in [k for k in counts["jpeg"] if pts is None or k < pts]:
+                            del counts["jpeg"][k]
                 if frame.format.name != work_fmt:
                     frame = _reformat(frame, work_fmt, matrix, crange)
-                yield frame_planes(frame)
+                    jpeg = None  # (its planes are no longer the JPEG's own)
+                decoded = frame_planes(frame)
+                clips.append((decoded, jpeg) if jpeg is not None else None)
+                yield decoded
 
         timing = _Durations()
         rows, first_tick, moved = [], 0, 0.0  # moved: the most a frame is moved by one tick per frame
@@ -1928,8 +1950,13 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
                 i, pts, t, duration = meta.popleft()
                 q = res.quality
                 rows.append((i, pts, t, q["Q1"], q["Q2"], q["Q3"], res.info["caveat"]))
+                clip = clips.popleft()
                 if out is not None:
-                    frame = planes_frame(res.image, work_fmt)
+                    image = res.image
+                    if clip is not None and planes_fit(image, *clip):
+                        image = consistent_planes(image, *clip)
+                        clipped[0] += 1
+                    frame = planes_frame(image, work_fmt)
                     frame.colorspace, frame.color_range = AV_COLORSPACE[matrix], AV_RANGE[crange]
                     # A stream that changes size (an HLS recording switching bitrates, a TV capture
                     # at an ad break) is restored at each frame's size and scaled to the encoder's.
@@ -2067,6 +2094,7 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
             "codec": None if opts.score_only else codec,
             "pix_fmt": None if opts.score_only else pix_fmt,
             "caveats": sum(1 for r in rows if r[6]),  # frames whose Q says little (flat, or tiny)
+            "jpeg_clipped": clipped[0],
             "scored_by": scorer,  # p, weights, weights_sha256 (Restorer.scored_by)
             "mean_quality": {  # over the frames without a caveat (_judged)
                 k: float(np.mean([r[j] for r in _judged(rows)])) for j, k in ((3, "Q1"), (4, "Q2"), (5, "Q3"))
@@ -2412,6 +2440,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV path (default OUT.quality.csv, or IN.quality.csv with --score-only)",
     )
     q.add_argument("--no-quality", action="store_true", help="write no quality trace")
+    p.add_argument(
+        "--no-jpeg-clip",
+        action="store_true",
+        help="Motion JPEG input: write the network's frames as they are; by default each is clipped to its "
+        "JPEG's quantization bins, as `qairn restore` does to a JPEG file",
+    )
     q.add_argument("--no-plot", action="store_true", help="no PNG plot of Q2 beside the CSV")
     p.add_argument(
         "--strict",
@@ -2456,6 +2490,7 @@ def main(argv: list[str] | None = None) -> int:
         score_only=args.score_only,
         quality_csv=args.quality_csv,
         write_quality=not args.no_quality,
+        jpeg_clip=not args.no_jpeg_clip,
         plot=not args.no_plot,
         matrix=args.matrix,
         range=args.range,
