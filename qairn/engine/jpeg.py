@@ -69,6 +69,11 @@ def ijg_table(base: np.ndarray, quality: int) -> np.ndarray:
     return np.clip((base * scale + 50) // 100, 1, 255)
 
 
+# log of libjpeg's luma and chroma tables at every quality 1..100: (2, 100, 8, 8), made once (a Motion
+# JPEG's tables are read per frame)
+LOG_IJG = np.log([[ijg_table(base, q) for q in range(1, 101)] for base in (IJG_LUMA, IJG_CHROMA)])
+
+
 @dataclass(frozen=True)
 class JpegFile:
     """A JPEG file's quantization, per component in the file's order (Y, then Cb and Cr; Y alone for
@@ -88,15 +93,11 @@ class JpegFile:
 def estimate_quality(luma: np.ndarray, chroma: np.ndarray | None = None) -> tuple[int, bool]:
     """(quality, exact): the libjpeg quality 1..100 whose tables are nearest these (in log steps: a
     step of 2 against 1 counts as 20 against 10), and whether they are exactly its tables."""
-    pairs = [(np.asarray(luma, np.float64), IJG_LUMA)]
+    err = np.abs(np.log(np.asarray(luma, np.float64)) - LOG_IJG[0]).sum(axis=(1, 2))
     if chroma is not None:
-        pairs.append((np.asarray(chroma, np.float64), IJG_CHROMA))
-    best, best_err = 1, np.inf
-    for q in range(1, 101):
-        err = sum(float(np.abs(np.log(t) - np.log(ijg_table(base, q))).sum()) for t, base in pairs)
-        if err < best_err:  # the first of equal ones: q 98-100 all give steps of 1 in places
-            best, best_err = q, err
-    return best, best_err == 0
+        err += np.abs(np.log(np.asarray(chroma, np.float64)) - LOG_IJG[1]).sum(axis=(1, 2))
+    best = int(np.argmin(err))  # the first of equal ones (argmin's): steps of 1 in places from q 98 up
+    return best + 1, bool(err[best] == 0)
 
 
 def read_jpeg(source: str | Path | bytes) -> JpegFile | None:

@@ -1860,7 +1860,8 @@ def _transcode(restorer, src, dst, opts: VideoOptions | None, inp) -> TranscodeS
         lost_cues: list = []  # (time, reason) of the subtitle cues that could not be converted
         pgs_sets: dict = {}  # (see _mux_audio)
         # counts["jpeg"]: a Motion JPEG packet's tables by its time, filled as packets are demuxed
-        counts: dict = {"jpeg": {}} if opts.jpeg_clip and vstream.codec_context.name == "mjpeg" else {}
+        clipping = opts.jpeg_clip and not opts.score_only and vstream.codec_context.name == "mjpeg"
+        counts: dict = {"jpeg": {}} if clipping else {}
         covers = [] if opts.score_only else [s for s in inp.streams.video if is_cover(s)]
         frames = _decode(inp, vstream, astreams + covers, pending_audio, counts)
         first = next(frames, None)
