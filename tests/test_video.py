@@ -3839,3 +3839,15 @@ def test_video_cli_no_jpeg_clip_writes_the_networks_frames(tmp_path, frames_rgb,
 
     assert np.array_equal(first_luma(tmp_path / "cli.mkv"), first_luma(tmp_path / "lib.mkv"))
     assert not np.array_equal(first_luma(tmp_path / "cli.mkv"), first_luma(tmp_path / "lib_clipped.mkv"))
+
+
+def test_score_only_reads_no_motion_jpeg_tables(tmp_path, frames_rgb, tiny_weights, monkeypatch):
+    # --score-only writes no frames to clip: the tables were read per packet and kept, never used
+    import qairn.engine.jpeg as jpeg
+
+    read = []
+    monkeypatch.setattr(jpeg, "read_jpeg", lambda data: read.append(data))
+    src = make_clip(tmp_path / "m.mkv", frames_rgb[:2], codec="mjpeg", pix_fmt="yuvj420p", audio=False)
+    r = qairn.Restorer(weights=tiny_weights, device="cpu", tile=None)
+    transcode(r, src, None, VideoOptions(score_only=True, quality_csv=tmp_path / "q.csv", plot=False))
+    assert read == []
