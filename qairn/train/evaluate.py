@@ -112,26 +112,21 @@ def header_sizes(files, crop: int = 0):
         yield (f, min(w, crop), min(h, crop)) if crop else (f, w, h)
 
 
-def encode_rgb(rgb: np.ndarray, ext: str, params: list[int]) -> np.ndarray:
+def encoded_rgb(rgb: np.ndarray, ext: str, params: list[int]) -> tuple[np.ndarray, bytes]:
+    """rgb through OpenCV's codec (on the BGR array): the decoded RGB, and the file's bytes."""
     ok, buf = cv2.imencode(ext, np.ascontiguousarray(rgb[..., ::-1]), params)
     if not ok:
         raise RuntimeError(f"cv2.imencode({ext!r}) failed")
-    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]), buf.tobytes()
+
+
+def encode_rgb(rgb: np.ndarray, ext: str, params: list[int]) -> np.ndarray:
+    return encoded_rgb(rgb, ext, params)[0]
 
 
 def jpeg_rgb(rgb: np.ndarray, qf: int) -> np.ndarray:
     """The protocol's JPEG: OpenCV's codec on the BGR array, decoded back to RGB."""
     return encode_rgb(rgb, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(qf)])
-
-
-def jpeg_rgb_and_file(rgb: np.ndarray, qf: int):
-    """The protocol's JPEG decoded to RGB, and its tables (qairn.engine.jpeg.JpegFile)."""
-    from qairn.engine.jpeg import read_jpeg
-
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(qf)])
-    if not ok:
-        raise RuntimeError("cv2.imencode('.jpg') failed")
-    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]), read_jpeg(buf.tobytes())
 
 
 def measure(ref: np.ndarray, test: np.ndarray) -> dict:
@@ -201,7 +196,7 @@ def eval_restoration(
 ):
     """Per image and QF: metrics of the JPEG and (when restorer is given) of its restoration; with
     jpeg_clip, the restoration clipped to the JPEG's quantization bins, as `qairn restore` writes it."""
-    from qairn.engine.jpeg import consistent
+    from qairn.engine.jpeg import consistent, read_jpeg
 
     rows, futures = [], []
     with executor(workers) as ex:
@@ -209,14 +204,14 @@ def eval_restoration(
         for f in files:
             ref = read_reference(f, crop)
             for qf in qfs:
-                jp, jpeg = jpeg_rgb_and_file(ref, qf)
+                jp, data = encoded_rgb(ref, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, int(qf)])
                 row = {"image": Path(f).stem, "qf": int(qf)}
                 futures.append((row, "jpeg", ex.submit(measure, ref, jp)))
                 if restorer is not None:
                     t0, c0 = time.perf_counter(), time.process_time()
                     out = restorer.restore(jp).image
                     if jpeg_clip:  # (timed with the network: it is part of what restore does)
-                        out = consistent(out, jp, jpeg)
+                        out = consistent(out, jp, read_jpeg(data))
                     row["seconds"] = time.perf_counter() - t0
                     row["cpu_seconds"] = time.process_time() - c0
                     futures.append((row, "restored", ex.submit(measure, ref, out)))
